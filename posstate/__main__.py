@@ -1,0 +1,6 @@
+"""``python -m posstate``: the same command line as the ``posstate`` console script."""
+
+from posstate._cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Configuration: :class:`StateConfig`, flat and snake_case, from keywords, a mapping or a TOML file.
+
+Field names and defaults follow the reference design (``POSITION_STATE_MANAGER``); times are seconds here,
+milliseconds in the reference's nested upper-case form, which :meth:`StateConfig.from_mapping` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from posstate._errors import PosStateError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+Durability = Literal["snapshot", "sync", "group"]
+
+
+class ConfigError(PosStateError, ValueError):
+    """A configuration value or file is wrong."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        where = f"{path}: " if path is not None else ""
+        super().__init__(f"{where}{message}; see the configuration table in README.md", path=path)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateConfig:
+    """Where the state lives and how it is written. Every field has a safe default."""
+
+    state_file: str = "state/positions.json"
+    backup_dir: str = "state/backups"
+    backup_interval: float = 300.0
+    max_backups: int = 24
+    validation_enabled: bool = True
+    validation_interval: float = 60.0
+    repair_attempts: int = 3
+    atomic_writes: bool = True
+    compression: bool = True
+    compression_level: int = 3
+    encryption: bool = True
+    recovery_max_attempts: int = 3
+    backup_threshold: float = 3600.0
+    # Beyond the reference design.
+    keep_hourly: int = 0
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_within: float = 0.0
+    verify_after_write: bool = True
+    lock_timeout: float = 0.0
+    clock_skew: float = 300.0
+    max_document_bytes: int = 256 * 1024 * 1024
+    durability: Durability = "snapshot"
+    journal_max_bytes: int = 4 * 1024 * 1024
+    journal_max_records: int = 10_000
+    exchange: str | None = None
+    account_id: str | None = None
+    account_mode: Literal["live", "paper"] | None = None
+    periodic_validation: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.atomic_writes:
+            raise ConfigError("atomic_writes=False is not supported: posstate only writes atomically")
+        if not 1 <= self.compression_level <= 22:
+            raise ConfigError(f"compression_level must be 1..22, got {self.compression_level}")
+        if self.max_backups < 1:
+            raise ConfigError(f"max_backups must be >= 1, got {self.max_backups}")
+        for name in ("backup_interval", "validation_interval", "backup_threshold", "keep_within", "lock_timeout", "clock_skew"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        if self.durability not in ("snapshot", "sync", "group"):
+            raise ConfigError(f"durability must be 'snapshot', 'sync' or 'group', got {self.durability!r}")
+        if self.account_mode not in (None, "live", "paper"):
+            raise ConfigError(f"account_mode must be 'live' or 'paper', got {self.account_mode!r}")
+        if (self.exchange is None) != (self.account_id is None):
+            raise ConfigError("give both exchange and account_id, or neither")
+
+    # ------------------------------------------------------------------ derived paths
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_file)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.state_path.parent
+
+    @property
+    def bak_path(self) -> Path:
+        return self.state_path.with_name(self.state_path.name + ".bak")
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state_path.with_name(self.state_path.name + ".lock")
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_path.with_suffix(".journal")
+
+    @property
+    def backup_path(self) -> Path:
+        return Path(self.backup_dir)
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state_dir / "quarantine"
+
+    def replace(self, **changes: Any) -> StateConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def in_dir(cls, state_dir: str | Path, **changes: Any) -> StateConfig:
+        """A config whose state file and backups live in *state_dir* (the CLI's ``--state-dir``)."""
+        d = Path(state_dir)
+        return cls(state_file=str(d / "positions.json"), backup_dir=str(d / "backups"), **changes)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> StateConfig:
+        """Accept flat snake_case fields, or the reference's nested upper-case form (times in ms)."""
+        if "POSITION_STATE_MANAGER" in data:
+            data = data["POSITION_STATE_MANAGER"]
+        if any(k.isupper() for k in data):
+            return cls(**_from_reference(data))
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]!r}")
+        try:
+            return cls(**dict(data))
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> StateConfig:
+        """Read a TOML file: flat fields at the top level or under ``[posstate]``, or the reference form."""
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("config file not found", path=p) from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config ({exc})", path=p) from None
+        if "posstate" in data and isinstance(data["posstate"], dict):
+            data = data["posstate"]
+        try:
+            return cls.from_mapping(data)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).split("; see")[0], path=p) from None
+
+
+_SECONDS_FROM_MS = 1000.0
+
+
+def _from_reference(ref: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    known = {"STATE_FILE", "BACKUP_DIR", "BACKUP_INTERVAL", "MAX_BACKUPS", "VALIDATION", "PERSISTENCE", "RECOVERY"}
+    unknown = sorted(set(ref) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r}")
+    if "STATE_FILE" in ref:
+        out["state_file"] = str(ref["STATE_FILE"])
+    if "BACKUP_DIR" in ref:
+        out["backup_dir"] = str(ref["BACKUP_DIR"])
+    if "BACKUP_INTERVAL" in ref:
+        out["backup_interval"] = float(ref["BACKUP_INTERVAL"]) / _SECONDS_FROM_MS
+    if "MAX_BACKUPS" in ref:
+        out["max_backups"] = int(ref["MAX_BACKUPS"])
+    v = ref.get("VALIDATION", {})
+    if "ENABLED" in v:
+        out["validation_enabled"] = bool(v["ENABLED"])
+    if "INTERVAL" in v:
+        out["validation_interval"] = float(v["INTERVAL"]) / _SECONDS_FROM_MS
+    if "REPAIR_ATTEMPTS" in v:
+        out["repair_attempts"] = int(v["REPAIR_ATTEMPTS"])
+    p = ref.get("PERSISTENCE", {})
+    if "ATOMIC_WRITES" in p:
+        out["atomic_writes"] = bool(p["ATOMIC_WRITES"])
+    if "COMPRESSION" in p:
+        out["compression"] = bool(p["COMPRESSION"])
+    enc = p.get("ENCRYPTION", {})
+    if isinstance(enc, Mapping):
+        if "ENABLED" in enc:
+            out["encryption"] = bool(enc["ENABLED"])
+        algo = str(enc.get("ALGORITHM", "aes-256-gcm")).lower()
+        if algo != "aes-256-gcm":
+            raise ConfigError(f"encryption algorithm {algo!r} is not supported (only aes-256-gcm)")
+    else:
+        out["encryption"] = bool(enc)
+    r = ref.get("RECOVERY", {})
+    if "MAX_ATTEMPTS" in r:
+        out["recovery_max_attempts"] = int(r["MAX_ATTEMPTS"])
+    if "BACKUP_THRESHOLD" in r:
+        out["backup_threshold"] = float(r["BACKUP_THRESHOLD"]) / _SECONDS_FROM_MS
+    return out

@@ -1,0 +1,197 @@
+"""Keys and AES-256-GCM. Works on bytes; knows nothing of files or JSON.
+
+A key is 32 random bytes. A passphrase is stretched with scrypt under a random salt kept in the file header.
+Key material lives only inside :class:`Keyring`; its repr shows the key id, never the key, and no message
+this module builds contains key bytes or a passphrase.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import stat
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from posstate._errors import MissingKeyError
+
+log = logging.getLogger("posstate")
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+SALT_SIZE = 16
+#: scrypt cost as log2(N); with r=8 this is 32 MiB of memory and about 0.1 s, once per manager.
+DEFAULT_SCRYPT_LOG2_N = 15
+_KEY_ID_LABEL = b"posstate/key-id/v1"
+
+
+def generate_key() -> bytes:
+    """Return a new random 32-byte AES-256 key (store it with ``posstate keygen`` or base64 it yourself)."""
+    return os.urandom(KEY_SIZE)
+
+
+def key_id(key: bytes) -> str:
+    """A public 8-byte fingerprint of *key* (hex). It reveals nothing about the key."""
+    return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).digest()[:8].hex()
+
+
+def derive_key(passphrase: str, salt: bytes, log2_n: int = DEFAULT_SCRYPT_LOG2_N) -> bytes:
+    return hashlib.scrypt(
+        passphrase.encode("utf-8"), salt=salt, n=1 << log2_n, r=8, p=1, maxmem=256 * 1024 * 1024, dklen=KEY_SIZE
+    )
+
+
+def decode_key_text(text: str, *, source: str) -> bytes:
+    """Decode base64 key text (as written by ``posstate keygen``); never echo the text in an error."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise MissingKeyError(reason=f"{source} is not valid base64") from None
+    if len(raw) != KEY_SIZE:
+        raise MissingKeyError(reason=f"{source} decodes to {len(raw)} bytes, expected {KEY_SIZE}")
+    return raw
+
+
+def encode_key_text(key: bytes) -> str:
+    return base64.b64encode(key).decode("ascii")
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise MissingKeyError(p, reason="key file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MissingKeyError(p, reason=f"key file unreadable ({type(exc).__name__})") from None
+    try:
+        mode = p.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("key file %s is readable by group or others (mode %o); chmod 600 it", p, mode & 0o777)
+    except OSError:
+        pass
+    return decode_key_text(text, source=f"key file {p}")
+
+
+class Keyring:
+    """The key (or passphrase) a manager encrypts and decrypts with.
+
+    With a passphrase, each salt derives its own key; derived keys are cached per salt so scrypt runs once
+    per salt, not once per save.
+    """
+
+    __slots__ = ("_key", "_passphrase", "_derived", "_lock", "_log2_n", "_salt")
+
+    def __init__(self, *, key: bytes | None = None, passphrase: str | None = None, log2_n: int = DEFAULT_SCRYPT_LOG2_N) -> None:
+        if key is not None and passphrase is not None:
+            raise ValueError("give key= or passphrase=, not both")
+        if key is not None:
+            if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_SIZE:
+                raise MissingKeyError(reason=f"key must be {KEY_SIZE} raw bytes (use generate_key())")
+            key = bytes(key)
+        if passphrase is not None and (not isinstance(passphrase, str) or not passphrase):
+            raise MissingKeyError(reason="passphrase must be a non-empty string")
+        self._key = key
+        self._passphrase = passphrase
+        self._derived: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+        self._log2_n = log2_n
+        self._salt: bytes | None = None
+
+    def __repr__(self) -> str:
+        kind = "key" if self._key is not None else "passphrase"
+        return f"Keyring({kind}, id={self.key_id})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> object:
+        raise TypeError("a Keyring cannot be pickled (it would copy key material)")
+
+    @property
+    def uses_passphrase(self) -> bool:
+        return self._passphrase is not None
+
+    @property
+    def log2_n(self) -> int:
+        return self._log2_n
+
+    def use_salt(self, salt: bytes) -> None:
+        """Adopt the salt of the file just loaded, so later saves need no new scrypt run."""
+        if self._passphrase is not None:
+            self._salt = salt
+
+    def write_material(self) -> tuple[bytes, bytes]:
+        """(key, salt) to encrypt a new file with; salt is empty for a raw key."""
+        if self._key is not None:
+            return self._key, b""
+        if self._salt is None:
+            self._salt = os.urandom(SALT_SIZE)
+        return self.key_for(self._salt, self._log2_n), self._salt
+
+    def key_for(self, salt: bytes, log2_n: int) -> bytes:
+        """The key to decrypt a file with *salt* (ignored for a raw key)."""
+        if self._key is not None:
+            return self._key
+        assert self._passphrase is not None
+        cache_key = salt + bytes([log2_n])
+        with self._lock:
+            found = self._derived.get(cache_key)
+            if found is None:
+                found = derive_key(self._passphrase, salt, log2_n)
+                self._derived[cache_key] = found
+        return found
+
+    @property
+    def key_id(self) -> str:
+        """Id of the key a new file would be written with (for a passphrase: under the current salt)."""
+        if self._key is not None:
+            return key_id(self._key)
+        if self._salt is None:
+            return "passphrase"
+        return key_id(self.key_for(self._salt, self._log2_n))
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        key: bytes | None = None,
+        passphrase: str | None = None,
+        env: Mapping[str, str] | None = None,
+        log2_n: int = DEFAULT_SCRYPT_LOG2_N,
+    ) -> Keyring | None:
+        """Find a key: ``key=``, ``passphrase=``, then POSSTATE_KEY, POSSTATE_KEY_FILE, POSSTATE_PASSPHRASE."""
+        if key is not None or passphrase is not None:
+            return cls(key=key, passphrase=passphrase, log2_n=log2_n)
+        env = os.environ if env is None else env
+        if env.get("POSSTATE_KEY"):
+            return cls(key=decode_key_text(env["POSSTATE_KEY"], source="POSSTATE_KEY"), log2_n=log2_n)
+        if env.get("POSSTATE_KEY_FILE"):
+            return cls(key=read_key_file(env["POSSTATE_KEY_FILE"]), log2_n=log2_n)
+        if env.get("POSSTATE_PASSPHRASE"):
+            return cls(passphrase=env["POSSTATE_PASSPHRASE"], log2_n=log2_n)
+        return None
+
+
+def new_nonce() -> bytes:
+    """A fresh random 96-bit nonce; with one key, 2**32 saves keep the collision chance below 2**-32."""
+    return os.urandom(NONCE_SIZE)
+
+
+def seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    return AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def open_sealed(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
+    """Decrypt and authenticate; None when the tag does not verify (wrong key or altered bytes)."""
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext, aad)
+    except InvalidTag:
+        return None

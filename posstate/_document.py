@@ -1,0 +1,471 @@
+"""The state document: in-memory form (:class:`StateData`), JSON bytes, and validation.
+
+Encoding takes already-valid parts (every :class:`Position` validated itself when it was made, every
+metadata dict when it was set), so a save never re-validates the whole document. Decoding validates all of
+it: a fast path that accepts only what the JSON Schema accepts, jsonschema (the source of truth) when the
+fast path is unsure, then the relationship rules a schema cannot express.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from posstate._errors import CorruptStateError, SchemaValidationError
+from posstate._model import (
+    DECIMAL_FIELDS,
+    MAX_COUNTER,
+    MAX_DECIMAL_LENGTH,
+    MAX_SYMBOL_LENGTH,
+    REQUIRED_FIELDS,
+    Position,
+    PositionKey,
+    parse_position_key,
+    position_key_text,
+)
+from posstate._schema import raise_for_schema
+
+SCHEMA_VERSION = 1
+MAX_JSON_DEPTH = 64
+#: How far in the future ``written_at`` may be before the document is refused (clock skew between hosts).
+DEFAULT_CLOCK_SKEW = 300.0
+
+_TOP_REQUIRED = frozenset({"schema_version", "generation", "written_at", "writer", "positions", "symbol_metadata", "tombstones"})
+_TOP_ALLOWED = _TOP_REQUIRED | {"account", "journal"}
+_ENTRY_KEYS = frozenset({"rev", "position"})
+_META_KEYS = frozenset({"rev", "data"})
+_WRITER_KEYS = frozenset({"host", "pid", "version"})
+_ACCOUNT_KEYS = frozenset({"exchange", "account_id", "mode"})
+_JOURNAL_KEYS = frozenset({"id", "seq"})
+_TOMB_KEYS = frozenset({"positions", "symbol_metadata"})
+_POSITION_ALLOWED = frozenset(DECIMAL_FIELDS) | {"symbol", "side", "margin_mode", "timestamp"}
+_DECIMALS = frozenset(DECIMAL_FIELDS)
+_WRITTEN_AT = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z$")
+_JOURNAL_ID = re.compile(r"^[0-9a-f]{32}$")
+_DECIMAL_CHARS = b"0123456789.,-+eE"
+#: Substrings that Decimal() accepts but the schema's decimal pattern refuses, once values are joined
+#: as ",v1,v2,...," with minus signs dropped: a leading "+", a leading zero before a digit, a point
+#: without digits before or after it.
+_DECIMAL_BAD = (",+", ",.", ".,", ".e", ".E") + tuple(f",0{d}" for d in "0123456789")
+
+
+class _Reject(Exception):
+    """The fast path is not sure; jsonschema decides."""
+
+
+@dataclass(slots=True)
+class StateData:
+    """Everything a state file holds, in memory. The manager owns one and copies it before a change."""
+
+    generation: int = 0
+    written_at: str = ""
+    writer: dict[str, Any] = field(default_factory=dict)
+    account: dict[str, str] | None = None
+    positions: dict[PositionKey, Position] = field(default_factory=dict)
+    position_revs: dict[PositionKey, int] = field(default_factory=dict)
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metadata_revs: dict[str, int] = field(default_factory=dict)
+    position_tombstones: dict[PositionKey, int] = field(default_factory=dict)
+    metadata_tombstones: dict[str, int] = field(default_factory=dict)
+    journal: dict[str, Any] | None = None
+
+    def copy(self) -> StateData:
+        """A copy whose dicts can change without touching this one (values are immutable or copied on set)."""
+        return StateData(
+            generation=self.generation,
+            written_at=self.written_at,
+            writer=dict(self.writer),
+            account=dict(self.account) if self.account is not None else None,
+            positions=dict(self.positions),
+            position_revs=dict(self.position_revs),
+            metadata=dict(self.metadata),
+            metadata_revs=dict(self.metadata_revs),
+            position_tombstones=dict(self.position_tombstones),
+            metadata_tombstones=dict(self.metadata_tombstones),
+            journal=dict(self.journal) if self.journal is not None else None,
+        )
+
+
+def utc_text(ms: int) -> str:
+    dt = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+
+
+def parse_utc_text(text: str) -> float:
+    return datetime.strptime(text.rstrip("Z"), "%Y-%m-%dT%H:%M:%S.%f" if "." in text else "%Y-%m-%dT%H:%M:%S").replace(
+        tzinfo=timezone.utc
+    ).timestamp()
+
+
+# --------------------------------------------------------------------------------------------- metadata
+
+
+def check_json_value(value: Any, where: str = "$", depth: int = 0) -> None:
+    """Refuse what JSON cannot hold exactly: NaN/infinity, non-string keys, huge ints, deep nesting, Decimals."""
+    if depth > MAX_JSON_DEPTH:
+        raise SchemaValidationError(None, where, "maxDepth", f"nested deeper than {MAX_JSON_DEPTH} levels")
+    t = type(value)
+    if value is None or t is bool or t is str:
+        return
+    if t is int:
+        if not -(2**63) <= value < 2**64:
+            raise SchemaValidationError(None, where, "type", "integer does not fit in 64 bits; store it as a string")
+        return
+    if t is float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SchemaValidationError(None, where, "type", f"{value!r} is not a JSON number")
+        return
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                raise SchemaValidationError(None, where, "propertyNames", f"key {k!r} is not a string")
+            check_json_value(v, f"{where}.{k}", depth + 1)
+        return
+    if t is list or t is tuple:
+        for i, v in enumerate(value):
+            check_json_value(v, f"{where}[{i}]", depth + 1)
+        return
+    hint = "; store Decimals as strings" if isinstance(value, Decimal) else ""
+    raise SchemaValidationError(None, where, "type", f"{type(value).__name__} is not JSON{hint}")
+
+
+def clean_metadata(symbol: str, data: Any) -> dict[str, Any]:
+    """Validate a metadata dict and return a private deep copy (the caller's object is never kept)."""
+    if not isinstance(symbol, str) or not 1 <= len(symbol) <= MAX_SYMBOL_LENGTH:
+        raise SchemaValidationError(None, "$.symbol", "type", f"expected a symbol of 1 to {MAX_SYMBOL_LENGTH} characters")
+    if not isinstance(data, dict):
+        raise SchemaValidationError(None, f"$.symbol_metadata[{symbol!r}]", "type", "metadata must be a dict")
+    check_json_value(data, f"$.symbol_metadata[{symbol!r}].data")
+    copied: dict[str, Any] = orjson.loads(orjson.dumps(data))
+    return copied
+
+
+def copy_json(data: dict[str, Any]) -> dict[str, Any]:
+    copied: dict[str, Any] = orjson.loads(orjson.dumps(data))
+    return copied
+
+
+# --------------------------------------------------------------------------------------------- encode
+
+
+def position_entry(position: Position, rev: int) -> dict[str, Any]:
+    """The document form of one position (the manager caches it, so a save does not rebuild it)."""
+    return {"rev": rev, "position": position.to_dict()}
+
+
+def build_document(state: StateData, position_entries: dict[PositionKey, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON-ready dict of *state*; *position_entries* may hold cached :func:`position_entry` dicts."""
+    if position_entries is None:
+        position_entries = {k: position_entry(p, state.position_revs.get(k, 0)) for k, p in state.positions.items()}
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "generation": state.generation,
+        "written_at": state.written_at,
+        "writer": state.writer,
+    }
+    if state.account is not None:
+        doc["account"] = state.account
+    doc["positions"] = {f"{k[0]}|{k[1]}": position_entries[k] for k in state.positions}
+    revs = state.metadata_revs
+    doc["symbol_metadata"] = {s: {"rev": revs.get(s, 0), "data": d} for s, d in state.metadata.items()}
+    doc["tombstones"] = {
+        "positions": {position_key_text(k): r for k, r in state.position_tombstones.items()},
+        "symbol_metadata": dict(state.metadata_tombstones),
+    }
+    if state.journal is not None:
+        doc["journal"] = state.journal
+    return doc
+
+
+def dumps(doc: dict[str, Any]) -> bytes:
+    return orjson.dumps(doc)
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+
+def loads(payload: bytes, *, path: str | Path | None, strict: bool) -> Any:
+    """Parse JSON. ``strict`` also refuses duplicate keys (for payloads no key authenticated)."""
+    try:
+        if strict:
+            return json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        return orjson.loads(payload)
+    except _Duplicate as dup:
+        raise SchemaValidationError(path, "$", "uniqueKeys", f"duplicate key {dup.key!r} in one JSON object") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptStateError(path, f"payload is not valid JSON ({str(exc)[:80]})", kind="damaged") from None
+
+
+class _Duplicate(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _counter(v: Any) -> int:
+    if type(v) is not int or v < 0 or v > MAX_COUNTER:
+        raise _Reject
+    return v  # type: ignore[no-any-return]
+
+
+def decimal_strings_ok(values: list[str]) -> bool:
+    """True only if every value matches the schema's decimal pattern (values already parsed by Decimal()).
+
+    One pass of C-speed string scans over all values at once; see ``_DECIMAL_BAD``.
+    """
+    if not values:
+        return True
+    try:
+        joined = "," + ",".join(values) + ","
+    except TypeError:
+        return False
+    if not joined.isascii() or max(map(len, values)) > MAX_DECIMAL_LENGTH:
+        return False
+    if joined.encode("ascii").translate(None, _DECIMAL_CHARS):
+        return False
+    joined = joined.replace(",-", ",")
+    return not any(bad in joined for bad in _DECIMAL_BAD)
+
+
+def _fast_positions(raw: Any) -> tuple[dict[PositionKey, Position], dict[PositionKey, int]]:
+    if type(raw) is not dict:
+        raise _Reject
+    positions: dict[PositionKey, Position] = {}
+    revs: dict[PositionKey, int] = {}
+    texts: list[str] = []
+    collect = texts.append
+    trusted = Position._trusted
+    for key, entry in raw.items():
+        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
+            raise _Reject
+        p = entry["position"]
+        if type(p) is not dict:
+            raise _Reject
+        names = p.keys()
+        if not names >= REQUIRED_FIELDS or not names <= _POSITION_ALLOWED:
+            raise _Reject
+        sym = p["symbol"]
+        side = p["side"]
+        if type(sym) is not str or type(side) is not str or not 0 < len(sym) <= MAX_SYMBOL_LENGTH:
+            raise _Reject
+        if (side != "long" and side != "short") or key != f"{sym}|{side}" or "\n" in sym:
+            raise _Reject
+        values: dict[str, Any] = {}
+        try:
+            for name, v in p.items():
+                if name in _DECIMALS:
+                    collect(v)
+                    values[name] = Decimal(v)
+                elif name == "timestamp":
+                    if type(v) is not int or v < 0 or v > MAX_COUNTER:
+                        raise _Reject
+                    values[name] = v
+                elif name == "margin_mode":
+                    if v != "cross" and v != "isolated":
+                        raise _Reject
+                    values[name] = v
+                else:
+                    values[name] = v
+        except (InvalidOperation, TypeError, ValueError):
+            raise _Reject from None
+        k: PositionKey = (sym, side)  # type: ignore[assignment]
+        positions[k] = trusted(values)
+        revs[k] = _counter(entry["rev"])
+    if not decimal_strings_ok(texts):
+        raise _Reject
+    return positions, revs
+
+
+def _fast_metadata(raw: Any) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    if type(raw) is not dict:
+        raise _Reject
+    data: dict[str, dict[str, Any]] = {}
+    revs: dict[str, int] = {}
+    for sym, entry in raw.items():
+        if not 0 < len(sym) <= MAX_SYMBOL_LENGTH or type(entry) is not dict or entry.keys() != _META_KEYS:
+            raise _Reject
+        d = entry["data"]
+        if type(d) is not dict:
+            raise _Reject
+        data[sym] = d
+        revs[sym] = _counter(entry["rev"])
+    return data, revs
+
+
+def _fast_tombstones(raw: Any) -> tuple[dict[PositionKey, int], dict[str, int]]:
+    if type(raw) is not dict or raw.keys() != _TOMB_KEYS:
+        raise _Reject
+    tp, tm = raw["positions"], raw["symbol_metadata"]
+    if type(tp) is not dict or type(tm) is not dict:
+        raise _Reject
+    positions: dict[PositionKey, int] = {}
+    for key, rev in tp.items():
+        symbol, side = parse_position_key(key)
+        if side not in ("long", "short") or not 0 < len(symbol) <= MAX_SYMBOL_LENGTH or "\n" in symbol:
+            raise _Reject
+        positions[(symbol, side)] = _counter(rev)
+    metadata: dict[str, int] = {}
+    for sym, rev in tm.items():
+        if not 0 < len(sym) <= MAX_SYMBOL_LENGTH:
+            raise _Reject
+        metadata[sym] = _counter(rev)
+    return positions, metadata
+
+
+def _str(v: Any, lo: int, hi: int) -> str:
+    if type(v) is not str or not lo <= len(v) <= hi:
+        raise _Reject
+    return v  # type: ignore[no-any-return]
+
+
+def _fast_decode(doc: Any) -> StateData:
+    if type(doc) is not dict:
+        raise _Reject
+    names = doc.keys()
+    if not names >= _TOP_REQUIRED or not names <= _TOP_ALLOWED:
+        raise _Reject
+    if type(doc["schema_version"]) is not int or doc["schema_version"] != SCHEMA_VERSION:
+        raise _Reject
+    written_at = doc["written_at"]
+    if type(written_at) is not str or not _WRITTEN_AT.search(written_at):
+        raise _Reject
+    writer = doc["writer"]
+    if type(writer) is not dict or writer.keys() != _WRITER_KEYS:
+        raise _Reject
+    _str(writer["host"], 0, 255)
+    _str(writer["version"], 1, 64)
+    if type(writer["pid"]) is not int or writer["pid"] < 0:
+        raise _Reject
+    account = doc.get("account")
+    if "account" in doc:
+        if type(account) is not dict or account.keys() != _ACCOUNT_KEYS:
+            raise _Reject
+        _str(account["exchange"], 1, 64)
+        _str(account["account_id"], 1, 128)
+        if account["mode"] != "live" and account["mode"] != "paper":
+            raise _Reject
+    journal = doc.get("journal")
+    if "journal" in doc:
+        if type(journal) is not dict or journal.keys() != _JOURNAL_KEYS:
+            raise _Reject
+        if type(journal["id"]) is not str or not _JOURNAL_ID.search(journal["id"]):
+            raise _Reject
+        _counter(journal["seq"])
+    positions, position_revs = _fast_positions(doc["positions"])
+    metadata, metadata_revs = _fast_metadata(doc["symbol_metadata"])
+    tomb_p, tomb_m = _fast_tombstones(doc["tombstones"])
+    return StateData(
+        generation=_counter(doc["generation"]),
+        written_at=written_at,
+        writer=writer,
+        account=account,
+        positions=positions,
+        position_revs=position_revs,
+        metadata=metadata,
+        metadata_revs=metadata_revs,
+        position_tombstones=tomb_p,
+        metadata_tombstones=tomb_m,
+        journal=journal,
+    )
+
+
+def _slow_decode(doc: dict[str, Any], *, path: str | Path | None) -> StateData:
+    """Build from a document jsonschema accepted but the fast path did not (ints written as 1.0 and the like)."""
+    positions: dict[PositionKey, Position] = {}
+    revs: dict[PositionKey, int] = {}
+    for key, entry in doc["positions"].items():
+        raw = dict(entry["position"])
+        if "timestamp" in raw:
+            raw["timestamp"] = int(raw["timestamp"])
+        try:
+            p = Position.from_dict(raw)
+        except SchemaValidationError as exc:
+            raise SchemaValidationError(path, f"$.positions[{key!r}].position{exc.json_path[1:]}", exc.rule, exc.detail) from exc
+        # Keyed by what the position says; relationship_errors() reports a key that disagrees.
+        positions[p.key] = p
+        revs[p.key] = int(entry["rev"])
+    tomb = doc["tombstones"]
+    return StateData(
+        generation=int(doc["generation"]),
+        written_at=doc["written_at"],
+        writer=doc["writer"],
+        account=doc.get("account"),
+        positions=positions,
+        position_revs=revs,
+        metadata={s: e["data"] for s, e in doc["symbol_metadata"].items()},
+        metadata_revs={s: int(e["rev"]) for s, e in doc["symbol_metadata"].items()},
+        position_tombstones={parse_position_key(k): int(r) for k, r in tomb["positions"].items()},
+        metadata_tombstones={s: int(r) for s, r in tomb["symbol_metadata"].items()},
+        journal=doc.get("journal"),
+    )
+
+
+def relationship_errors(doc: dict[str, Any], state: StateData, *, now: float | None = None, skew: float = DEFAULT_CLOCK_SKEW) -> list[tuple[str, str, str]]:
+    """Rules beyond the schema, as (json path, rule, message)."""
+    errors: list[tuple[str, str, str]] = []
+    for key, entry in doc["positions"].items():
+        p = entry["position"]
+        if key != f"{p['symbol']}|{p['side']}":
+            errors.append((f"$.positions[{key!r}]", "key-matches-position", f"key {key!r} does not match symbol {p['symbol']!r} and side {p['side']!r}"))
+    if len(state.positions) != len(doc["positions"]):
+        errors.append(("$.positions", "unique", "two entries hold the same (symbol, side)"))
+    for k, p in state.positions.items():
+        if p.contracts < 0:
+            errors.append((f"$.positions[{position_key_text(k)!r}].position.contracts", "minimum", f"contracts must be >= 0, got {p.contracts}"))
+    for k in state.positions.keys() & state.position_tombstones.keys():
+        errors.append((f"$.tombstones.positions[{position_key_text(k)!r}]", "tombstone-conflict", "a live position also has a tombstone"))
+    for s in state.metadata.keys() & state.metadata_tombstones.keys():
+        errors.append((f"$.tombstones.symbol_metadata[{s!r}]", "tombstone-conflict", "live metadata also has a tombstone"))
+    g = state.generation
+    for k, r in state.position_revs.items():
+        if r > g:
+            errors.append((f"$.positions[{position_key_text(k)!r}].rev", "rev-not-after-generation", f"revision {r} is after generation {g}"))
+    for s, r in state.metadata_revs.items():
+        if r > g:
+            errors.append((f"$.symbol_metadata[{s!r}].rev", "rev-not-after-generation", f"revision {r} is after generation {g}"))
+    now = time.time() if now is None else now
+    try:
+        written = parse_utc_text(state.written_at)
+    except ValueError:
+        errors.append(("$.written_at", "date-time", f"{state.written_at!r} is not a valid UTC time"))
+    else:
+        if written > now + skew:
+            errors.append(("$.written_at", "not-in-future", f"{state.written_at} is in the future (clock now {utc_text(int(now * 1000))})"))
+    return errors
+
+
+def decode_document(
+    doc: Any, *, path: str | Path | None, now: float | None = None, skew: float = DEFAULT_CLOCK_SKEW
+) -> StateData:
+    """Validate a parsed document fully and return it in memory, or raise SchemaValidationError."""
+    try:
+        state = _fast_decode(doc)
+    except _Reject:
+        raise_for_schema(doc, path=path)
+        state = _slow_decode(doc, path=path)
+    problems = relationship_errors(doc, state, now=now, skew=skew)
+    if problems:
+        where, rule, message = problems[0]
+        raise SchemaValidationError(path, where, rule, message, errors=[(w, m) for w, _, m in problems])
+    return state

@@ -1,0 +1,270 @@
+"""The one exception hierarchy of posstate.
+
+Every error the library raises on purpose is a :class:`PosStateError`. Each subclass also inherits the
+builtin exception it means, so callers that only know the builtins (``except OSError``) keep working.
+Attributes are read-only and the message is built from them: what happened, to which file, what to do next.
+Nothing secret (key bytes, passphrases) is ever passed in, so nothing secret can appear in ``str(exc)``.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _show(path: str | Path | None) -> str:
+    return str(path) if path is not None else "<memory>"
+
+
+class PosStateError(Exception):
+    """Base class of every error posstate raises on purpose."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self._path = Path(path) if path is not None else None
+
+    @property
+    def path(self) -> Path | None:
+        """The file the error is about, when there is one."""
+        return self._path
+
+
+class CorruptStateError(PosStateError, ValueError):
+    """A state or backup file is damaged, truncated, or not a posstate file at all."""
+
+    def __init__(
+        self,
+        path: str | Path | None,
+        reason: str,
+        *,
+        next_step: str = "recover with `posstate repair` or restore a backup with `posstate backups restore latest`",
+        kind: str = "damaged",
+    ) -> None:
+        self._reason = reason
+        self._kind = kind
+        super().__init__(f"{_show(path)}: {reason}; {next_step}", path=path)
+
+    @property
+    def reason(self) -> str:
+        """Why the file was judged damaged."""
+        return self._reason
+
+    @property
+    def kind(self) -> str:
+        """One of ``damaged``, ``truncated``, ``not-a-state-file``, ``missing``, ``invalid``."""
+        return self._kind
+
+
+class UnrecoverableStateError(CorruptStateError):
+    """Automatic recovery found no copy it could trust; nothing was started empty."""
+
+    def __init__(self, path: str | Path | None, candidates: Sequence[tuple[str, str]]) -> None:
+        self._candidates = tuple(candidates)
+        listing = "; ".join(f"{name}: {why}" for name, why in self._candidates) or "no candidates"
+        super().__init__(
+            path,
+            f"no copy within the backup threshold could be loaded ({listing})",
+            next_step=(
+                "inspect with `posstate backups list`, then restore an older backup on purpose with "
+                "`posstate backups restore ID --accept-older`"
+            ),
+            kind="unrecoverable",
+        )
+
+    @property
+    def candidates(self) -> tuple[tuple[str, str], ...]:
+        """Every copy that was considered, with the reason it was rejected."""
+        return self._candidates
+
+
+class SchemaValidationError(PosStateError, ValueError):
+    """A document or value breaks the JSON Schema or a relationship rule."""
+
+    def __init__(
+        self,
+        path: str | Path | None,
+        json_path: str,
+        rule: str,
+        message: str,
+        *,
+        errors: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self._json_path = json_path
+        self._rule = rule
+        self._detail = message
+        self._errors = tuple(errors) or ((json_path, message),)
+        super().__init__(
+            f"{_show(path)}: {json_path}: {message} (rule: {rule}); "
+            "fix the value, or for a stored file run `posstate validate` and `posstate repair`",
+            path=path,
+        )
+
+    @property
+    def json_path(self) -> str:
+        """JSON path of the first failing value, like ``$.positions['BTC/USDT|long'].contracts``."""
+        return self._json_path
+
+    @property
+    def rule(self) -> str:
+        """The schema keyword or relationship rule that failed."""
+        return self._rule
+
+    @property
+    def detail(self) -> str:
+        """The validator's message for the first failure."""
+        return self._detail
+
+    @property
+    def errors(self) -> tuple[tuple[str, str], ...]:
+        """Every failure found, as (json path, message)."""
+        return self._errors
+
+
+class WrongKeyError(PosStateError, ValueError):
+    """The checksum holds but authenticated decryption fails: wrong key, or the file was tampered with."""
+
+    def __init__(self, path: str | Path | None, *, file_key_id: str, our_key_id: str | None) -> None:
+        self._file_key_id = file_key_id
+        self._our_key_id = our_key_id
+        if our_key_id is not None and our_key_id != file_key_id:
+            reason = f"written with key id {file_key_id}, but the key given has id {our_key_id}"
+            step = "supply the key with that id (POSSTATE_KEY, POSSTATE_KEY_FILE or --key-file)"
+        else:
+            reason = f"authentication failed under key id {file_key_id} (the file was altered after it was written)"
+            step = "do not trust this file; restore a backup with `posstate backups restore latest`"
+        super().__init__(f"{_show(path)}: {reason}; {step}", path=path)
+
+    @property
+    def file_key_id(self) -> str:
+        """Key id recorded in the file header (not secret)."""
+        return self._file_key_id
+
+    @property
+    def our_key_id(self) -> str | None:
+        """Key id of the key that was tried (not secret)."""
+        return self._our_key_id
+
+
+class MissingKeyError(PosStateError, LookupError):
+    """Encryption is on, or a file is encrypted, and no key or passphrase was supplied."""
+
+    def __init__(self, path: str | Path | None = None, *, reason: str = "encryption is on but no key was supplied") -> None:
+        super().__init__(
+            f"{_show(path)}: {reason}; pass key= or passphrase=, or set POSSTATE_KEY, POSSTATE_KEY_FILE "
+            "or POSSTATE_PASSPHRASE (make a key with `posstate keygen`)",
+            path=path,
+        )
+
+
+class UnsupportedVersionError(PosStateError, ValueError):
+    """The file was written by a newer posstate (container format or schema version)."""
+
+    def __init__(self, path: str | Path | None, *, what: str, found: int, supported: int) -> None:
+        self._what = what
+        self._found = found
+        self._supported = supported
+        super().__init__(
+            f"{_show(path)}: {what} version {found} is newer than this posstate supports ({supported}); "
+            "upgrade posstate to read it, and do not overwrite it with this version",
+            path=path,
+        )
+
+    @property
+    def found(self) -> int:
+        return self._found
+
+    @property
+    def supported(self) -> int:
+        return self._supported
+
+    @property
+    def what(self) -> str:
+        return self._what
+
+
+class StateLockedError(PosStateError, TimeoutError):
+    """Another writer holds the state directory's lock."""
+
+    def __init__(self, path: str | Path | None, *, pid: int | None, host: str | None) -> None:
+        self._pid = pid
+        self._host = host
+        who = f"pid {pid} on host {host}" if pid is not None else "another process (holder unknown)"
+        super().__init__(
+            f"{_show(path)}: locked by {who}; stop that process first, or use a read-only command "
+            "such as `posstate validate` or `posstate show`",
+            path=path,
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def host(self) -> str | None:
+        return self._host
+
+
+class PersistenceError(PosStateError, OSError):
+    """A file operation failed; the previous file is intact and the in-memory state unchanged."""
+
+    def __init__(self, path: str | Path | None, *, operation: str, cause: OSError | None = None, reason: str = "") -> None:
+        self._operation = operation
+        code = cause.errno if cause is not None else None
+        why = reason or (cause.strerror if cause is not None and cause.strerror else str(cause) if cause else "failed")
+        name = _errno.errorcode.get(code, "") if code is not None else ""
+        label = f"{name}: {why}" if name else why
+        OSError.__init__(self, code if code is not None else 0, label)
+        self.args = (
+            f"{_show(path)}: {operation} failed ({label}); the previous file is intact; free space or fix "
+            "permissions and save again (`posstate doctor` checks the directory)",
+        )
+        self._path = Path(path) if path is not None else None
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    @property
+    def operation(self) -> str:
+        """The file operation that failed (write, fsync, rename, ...)."""
+        return self._operation
+
+
+class ConcurrentModificationError(PosStateError, RuntimeError):
+    """The file on disk moved on since this manager last loaded or wrote it."""
+
+    def __init__(self, path: str | Path | None, *, expected: int | None, found: int | None, reason: str = "") -> None:
+        self._expected = expected
+        self._found = found
+        exp = "no file" if expected is None else f"generation {expected}"
+        got = "no file" if found is None else f"generation {found}"
+        why = reason or f"expected {exp} on disk, found {got}"
+        super().__init__(
+            f"{_show(path)}: {why}; another writer bypassed the lock; reload with load_positions() "
+            "and apply your change again",
+            path=path,
+        )
+
+    @property
+    def expected(self) -> int | None:
+        return self._expected
+
+    @property
+    def found(self) -> int | None:
+        return self._found
+
+
+class StateNotFoundError(PosStateError, FileNotFoundError):
+    """A file or backup that was asked for does not exist."""
+
+    def __init__(self, path: str | Path | None, *, what: str = "state file", next_step: str = "") -> None:
+        step = next_step or "check --state-dir or the path, or list backups with `posstate backups list`"
+        super().__init__(f"{_show(path)}: no such {what}; {step}", path=path)
+        self.errno = _errno.ENOENT
+
+
+class ManagerClosedError(PosStateError, RuntimeError):
+    """The manager was closed; its lock is released and it no longer reads or writes."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        super().__init__(f"{_show(path)}: this PositionStateManager is closed; create a new one", path=path)

@@ -1,0 +1,227 @@
+"""Every file-system call posstate makes goes through this module.
+
+Higher layers call the module-level functions below; they delegate to the active :class:`FileOps`
+backend. Tests and the reliability harness swap the backend (see :func:`use`) to record each operation,
+inject an ``OSError`` at operation *k*, or crash the process there, the way SQLite's test VFS does.
+Nothing here knows about JSON, encryption or positions: it moves bytes and names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+StrPath = str | os.PathLike[str]
+
+#: Flags for a new file that must not exist yet and must not be a symlink.
+O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: Flags for reading a file without following a symlink planted in its place.
+O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+class FileOps:
+    """The real operating system. Each method is one system call (or one read of a whole file)."""
+
+    def open(self, path: StrPath, flags: int, mode: int = 0o600) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        getattr(os, "fdatasync", os.fsync)(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def pread(self, fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def ftruncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def replace(self, src: StrPath, dst: StrPath) -> None:
+        os.replace(src, dst)
+
+    def link(self, src: StrPath, dst: StrPath) -> None:
+        os.link(src, dst, follow_symlinks=False)
+
+    def unlink(self, path: StrPath) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, path: StrPath) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read_file(self, path: StrPath, limit: int | None = None) -> bytes:
+        fd = os.open(path, O_READ)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(21, "not a regular file", str(path))
+            want = st.st_size if limit is None else min(st.st_size, limit)
+            chunks: list[bytes] = []
+            got = 0
+            while got < want:
+                chunk = os.read(fd, want - got)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def mkdir(self, path: StrPath, mode: int = 0o700) -> None:
+        os.mkdir(path, mode)
+
+    def listdir(self, path: StrPath) -> list[str]:
+        return os.listdir(path)
+
+    def lstat(self, path: StrPath) -> os.stat_result:
+        return os.lstat(path)
+
+    def stat(self, path: StrPath) -> os.stat_result:
+        return os.stat(path)
+
+
+_active: FileOps = FileOps()
+_swap_lock = threading.Lock()
+
+
+def backend() -> FileOps:
+    """The backend in use."""
+    return _active
+
+
+@contextlib.contextmanager
+def use(ops: FileOps) -> Iterator[FileOps]:
+    """Route every file operation through *ops* inside the ``with`` block (tests, harness, doctor)."""
+    global _active
+    with _swap_lock:
+        previous, _active = _active, ops
+    try:
+        yield ops
+    finally:
+        with _swap_lock:
+            _active = previous
+
+
+def open_(path: StrPath, flags: int, mode: int = 0o600) -> int:
+    return _active.open(path, flags, mode)
+
+
+def write(fd: int, data: bytes | memoryview) -> int:
+    return _active.write(fd, data)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte, looping over short writes; a write that makes no progress is ENOSPC."""
+    view = memoryview(data)
+    while view:
+        n = _active.write(fd, view)
+        if n <= 0:
+            raise OSError(28, "short write made no progress")
+        view = view[n:]
+
+
+def fsync(fd: int) -> None:
+    _active.fsync(fd)
+
+
+def fdatasync(fd: int) -> None:
+    _active.fdatasync(fd)
+
+
+def close(fd: int) -> None:
+    _active.close(fd)
+
+
+def pread(fd: int, size: int, offset: int) -> bytes:
+    return _active.pread(fd, size, offset)
+
+
+def ftruncate(fd: int, size: int) -> None:
+    _active.ftruncate(fd, size)
+
+
+def replace(src: StrPath, dst: StrPath) -> None:
+    _active.replace(src, dst)
+
+
+def link(src: StrPath, dst: StrPath) -> None:
+    _active.link(src, dst)
+
+
+def unlink(path: StrPath) -> None:
+    _active.unlink(path)
+
+
+def fsync_dir(path: StrPath) -> None:
+    _active.fsync_dir(path)
+
+
+def read_file(path: StrPath, limit: int | None = None) -> bytes:
+    return _active.read_file(path, limit)
+
+
+def mkdir(path: StrPath, mode: int = 0o700) -> None:
+    _active.mkdir(path, mode)
+
+
+def listdir(path: StrPath) -> list[str]:
+    return _active.listdir(path)
+
+
+def lstat(path: StrPath) -> os.stat_result:
+    return _active.lstat(path)
+
+
+def stat_(path: StrPath) -> os.stat_result:
+    return _active.stat(path)
+
+
+def exists(path: StrPath) -> bool:
+    """True if a directory entry exists at *path* (a dangling symlink counts: it is not ours to follow)."""
+    try:
+        _active.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def ensure_dir(path: Path) -> None:
+    """Create *path* (and parents) with mode 0700 if missing; refuse anything that is not a directory.
+
+    A directory reached through a symlink the operator made is accepted; files are never followed.
+    """
+    try:
+        st = _active.stat(path)
+    except FileNotFoundError:
+        if path.parent != path:
+            ensure_dir(path.parent)
+        try:
+            _active.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            _active.fsync_dir(path.parent)
+        st = _active.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(20, "not a directory", str(path))
+
+
+def write_all_at(fd: int, data: bytes) -> None:
+    """Write *data* at offset 0 of a file opened for read/write (for small bookkeeping files)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    write_all(fd, data)

@@ -1,0 +1,213 @@
+"""The position record: a ccxt unified position with snake_case names and exact decimals.
+
+Quantities and prices are :class:`~decimal.Decimal` and are written as decimal strings, never binary floats:
+``Decimal("0.00000001")`` saved comes back equal with the same digits. A float from ccxt becomes the
+Decimal of its shortest repr, so ``0.1`` is ``Decimal("0.1")``, not ``0.1000000000000000055...``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal, cast
+
+from posstate._errors import SchemaValidationError
+
+Side = Literal["long", "short"]
+MarginMode = Literal["cross", "isolated"]
+PositionKey = tuple[str, Side]
+
+SIDES: frozenset[str] = frozenset({"long", "short"})
+MARGIN_MODES: frozenset[str] = frozenset({"cross", "isolated"})
+#: Fields holding a Decimal (or None); the order follows the ccxt unified position.
+DECIMAL_FIELDS: tuple[str, ...] = (
+    "contracts",
+    "contract_size",
+    "entry_price",
+    "mark_price",
+    "notional",
+    "leverage",
+    "unrealized_pnl",
+    "realized_pnl",
+    "liquidation_price",
+    "stop_loss_price",
+    "take_profit_price",
+)
+REQUIRED_FIELDS: frozenset[str] = frozenset({"symbol", "side", "contracts", "entry_price"})
+MAX_SYMBOL_LENGTH = 128
+MAX_DECIMAL_LENGTH = 64
+MAX_COUNTER = 2**53 - 1
+
+_CCXT_NAMES: dict[str, str] = {
+    "symbol": "symbol",
+    "side": "side",
+    "contracts": "contracts",
+    "contractSize": "contract_size",
+    "entryPrice": "entry_price",
+    "markPrice": "mark_price",
+    "notional": "notional",
+    "leverage": "leverage",
+    "unrealizedPnl": "unrealized_pnl",
+    "realizedPnl": "realized_pnl",
+    "liquidationPrice": "liquidation_price",
+    "marginMode": "margin_mode",
+    "stopLossPrice": "stop_loss_price",
+    "takeProfitPrice": "take_profit_price",
+    "timestamp": "timestamp",
+}
+
+
+def _bad(field: str, rule: str, message: str) -> SchemaValidationError:
+    return SchemaValidationError(None, f"$.{field}", rule, message)
+
+
+def to_decimal(value: object, field: str) -> Decimal:
+    """Coerce *value* to a finite Decimal: Decimal, int, str, or float (via its shortest repr)."""
+    if isinstance(value, bool):
+        raise _bad(field, "type", f"expected a decimal number, got a bool ({value!r})")
+    if isinstance(value, Decimal):
+        result = value
+    elif isinstance(value, int):
+        result = Decimal(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise _bad(field, "finite", f"expected a finite number, got {value!r}")
+        result = Decimal(repr(value))
+    elif isinstance(value, str):
+        try:
+            result = Decimal(value.strip())
+        except InvalidOperation:
+            raise _bad(field, "pattern", f"{value[:40]!r} is not a decimal number") from None
+    else:
+        raise _bad(field, "type", f"expected a decimal number, got {type(value).__name__}")
+    if not result.is_finite():
+        raise _bad(field, "finite", f"expected a finite number, got {value!r}")
+    if len(str(result)) > MAX_DECIMAL_LENGTH:
+        raise _bad(field, "maxLength", f"more than {MAX_DECIMAL_LENGTH} characters as text")
+    return result
+
+
+@dataclass(frozen=True, kw_only=True)
+class Position:
+    """One open position, keyed by ``(symbol, side)`` so hedge mode can hold a long and a short.
+
+    Only ``symbol``, ``side``, ``contracts`` and ``entry_price`` are required. Numbers may be given as
+    Decimal, int, str or float and are stored as Decimal. An invalid value raises
+    :class:`~posstate.SchemaValidationError` (a ``ValueError``) naming the field, so a Position that exists
+    is always valid and a save never has to re-validate it.
+
+    The class has no ``__slots__`` on purpose: loading 10,000 positions fills each instance's
+    ``__dict__`` in one call after the document was validated, which is what keeps a validated load
+    within a small factor of bare decoding.
+    """
+
+    symbol: str
+    side: Side
+    contracts: Decimal
+    contract_size: Decimal | None = None
+    entry_price: Decimal
+    mark_price: Decimal | None = None
+    notional: Decimal | None = None
+    leverage: Decimal | None = None
+    unrealized_pnl: Decimal | None = None
+    realized_pnl: Decimal | None = None
+    liquidation_price: Decimal | None = None
+    margin_mode: MarginMode | None = None
+    stop_loss_price: Decimal | None = None
+    take_profit_price: Decimal | None = None
+    timestamp: int | None = None
+
+    def __post_init__(self) -> None:
+        sym = self.symbol
+        if not isinstance(sym, str) or not 1 <= len(sym) <= MAX_SYMBOL_LENGTH:
+            raise _bad("symbol", "type", f"expected a symbol of 1 to {MAX_SYMBOL_LENGTH} characters, got {sym!r}")
+        if any(ord(ch) < 0x20 for ch in sym):
+            raise _bad("symbol", "pattern", f"control character in symbol {sym!r}")
+        if self.side not in SIDES or not isinstance(self.side, str):
+            raise _bad("side", "enum", f"expected 'long' or 'short', got {self.side!r}")
+        if self.margin_mode is not None and (not isinstance(self.margin_mode, str) or self.margin_mode not in MARGIN_MODES):
+            raise _bad("margin_mode", "enum", f"expected 'cross', 'isolated' or None, got {self.margin_mode!r}")
+        for name in DECIMAL_FIELDS:
+            value = self.__dict__[name]
+            if value is None:
+                if name in REQUIRED_FIELDS:
+                    raise _bad(name, "required", f"{name} is required")
+                continue
+            if type(value) is not Decimal or not value.is_finite() or len(str(value)) > MAX_DECIMAL_LENGTH:
+                object.__setattr__(self, name, to_decimal(value, name))
+        if self.contracts < 0:
+            raise _bad("contracts", "minimum", f"contracts must be >= 0, got {self.contracts}")
+        ts = self.timestamp
+        if ts is not None:
+            if isinstance(ts, float) and ts.is_integer():
+                ts = int(ts)
+                object.__setattr__(self, "timestamp", ts)
+            if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_COUNTER:
+                raise _bad("timestamp", "type", f"expected milliseconds since the epoch (int >= 0), got {ts!r}")
+
+    @property
+    def key(self) -> PositionKey:
+        """``(symbol, side)``: the identity of a position."""
+        return (self.symbol, self.side)
+
+    def to_dict(self) -> dict[str, str | int]:
+        """The document form: snake_case keys, decimals as strings, absent fields left out."""
+        out: dict[str, str | int] = {}
+        for name, value in self.__dict__.items():
+            if value is None:
+                continue
+            out[name] = value if type(value) is int or name in ("symbol", "side", "margin_mode") else str(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Position:
+        """Build from the document form (or any snake_case mapping); unknown keys are an error."""
+        unknown = set(data) - _FIELD_NAMES
+        if unknown:
+            raise _bad(sorted(unknown)[0], "additionalProperties", f"unknown field {sorted(unknown)[0]!r}")
+        missing = REQUIRED_FIELDS - set(data)
+        if missing:
+            raise _bad(sorted(missing)[0], "required", f"{sorted(missing)[0]} is required")
+        return cls(**data)
+
+    @classmethod
+    def from_ccxt(cls, data: Mapping[str, Any]) -> Position:
+        """Build from a ccxt unified position dict (camelCase); extra keys such as ``info`` are ignored."""
+        kwargs: dict[str, Any] = {}
+        for ccxt_name, name in _CCXT_NAMES.items():
+            value = data.get(ccxt_name)
+            if value is not None:
+                kwargs[name] = value
+        if "margin_mode" not in kwargs and data.get("marginType") is not None:
+            kwargs["margin_mode"] = data["marginType"]
+        if "side" not in kwargs:
+            raise _bad("side", "required", "ccxt position has no side (flat positions report None; skip them)")
+        for name in ("symbol", "contracts", "entry_price"):
+            if name not in kwargs:
+                raise _bad(name, "required", f"ccxt position has no {name}")
+        return cls(**kwargs)
+
+    @classmethod
+    def _trusted(cls, values: dict[str, Any]) -> Position:
+        """Build without checks from values a validator has already proved valid (load fast path)."""
+        obj = object.__new__(cls)
+        state = dict(_NONE_STATE)
+        state.update(values)
+        object.__setattr__(obj, "__dict__", state)
+        return obj
+
+
+_FIELD_NAMES: frozenset[str] = frozenset(f.name for f in fields(Position))
+_NONE_STATE: dict[str, None] = {f.name: None for f in fields(Position)}
+
+
+def position_key_text(key: PositionKey) -> str:
+    """The document key of a position: ``SYMBOL|SIDE``."""
+    return f"{key[0]}|{key[1]}"
+
+
+def parse_position_key(text: str) -> PositionKey:
+    symbol, _, side = text.rpartition("|")
+    return (symbol, cast(Side, side))

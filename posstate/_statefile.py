@@ -1,0 +1,105 @@
+"""Reading and writing one state container file: bytes on disk <-> validated :class:`StateData`.
+
+This is the one place that joins the codec (bytes), the document (JSON) and the file operations, for the
+main file, ``positions.json.bak``, timestamped backups and exports alike. It holds no state of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posstate import _codec, _document, _fileops as fs
+from posstate._crypto import Keyring
+from posstate._document import StateData
+from posstate._errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError
+from posstate._format import Header
+from posstate._version import __version__
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A file that was read and fully validated."""
+
+    path: Path
+    header: Header
+    state: StateData
+    checksum: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOptions:
+    keyring: Keyring | None
+    max_document_bytes: int = _codec.DEFAULT_MAX_DOCUMENT_BYTES
+    clock_skew: float = _document.DEFAULT_CLOCK_SKEW
+
+
+def read_bytes(path: Path, *, what: str = "state file") -> bytes:
+    try:
+        return fs.read_file(path)
+    except FileNotFoundError:
+        raise StateNotFoundError(path, what=what) from None
+    except IsADirectoryError:
+        raise CorruptStateError(path, "is a directory, not a state file", next_step="give the path of a positions file", kind="not-a-state-file") from None
+    except OSError as exc:
+        raise PersistenceError(path, operation="read", cause=exc) from exc
+
+
+def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = None) -> Loaded:
+    """Decode and validate the bytes of a container file."""
+    header, payload = _codec.decode(data, keyring=options.keyring, path=path, max_document_bytes=options.max_document_bytes)
+    doc = _document.loads(payload, path=path, strict=not header.encrypted)
+    state = _document.decode_document(doc, path=path, now=now, skew=options.clock_skew)
+    _check_header_matches(header, state, path)
+    if options.keyring is not None and header.passphrase:
+        options.keyring.use_salt(header.salt)
+    checksum = _codec_checksum(data)
+    return Loaded(path=path, header=header, state=state, checksum=checksum, size=len(data))
+
+
+def read(path: Path, *, options: ReadOptions, what: str = "state file") -> Loaded:
+    return parse(read_bytes(path, what=what), path=path, options=options)
+
+
+def read_document(path: Path, *, options: ReadOptions) -> tuple[Header, Any]:
+    """The decrypted JSON document of a file, parsed but not validated (for export, show, diff)."""
+    data = read_bytes(path)
+    header, payload = _codec.decode(data, keyring=options.keyring, path=path, max_document_bytes=options.max_document_bytes)
+    return header, _document.loads(payload, path=path, strict=not header.encrypted)
+
+
+def _codec_checksum(data: bytes) -> str:
+    from posstate._format import checksum_of
+
+    found = checksum_of(data)
+    assert found is not None  # decode() verified it
+    return found
+
+
+def _check_header_matches(header: Header, state: StateData, path: Path) -> None:
+    if header.generation != state.generation:
+        raise SchemaValidationError(path, "$.generation", "header-matches-document", f"header says generation {header.generation}, document says {state.generation}")
+    if header.position_count != len(state.positions):
+        raise SchemaValidationError(path, "$.positions", "header-matches-document", f"header says {header.position_count} positions, document has {len(state.positions)}")
+
+
+def encode(state: StateData, *, keyring: Keyring | None, compression_level: int | None, entries: dict[Any, Any] | None = None, now_ms: int | None = None) -> tuple[StateData, _codec.Encoded]:
+    """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    state.written_at = _document.utc_text(now_ms)
+    state.writer = {"host": socket.gethostname()[:255], "pid": os.getpid(), "version": __version__}
+    doc = _document.build_document(state, entries)
+    encoded = _codec.encode(
+        _document.dumps(doc),
+        generation=state.generation,
+        written_at_ms=now_ms,
+        position_count=len(state.positions),
+        compression_level=compression_level,
+        keyring=keyring,
+    )
+    return state, encoded
