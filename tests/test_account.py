@@ -20,7 +20,9 @@ def pos(symbol: str, side: str, contracts: str, entry: str = "100", **kw: object
     return Position(symbol=symbol, side=side, contracts=Decimal(contracts), entry_price=Decimal(entry), **kw)  # type: ignore[arg-type]
 
 
-def order(oid: str, *, symbol: str = "BTC/USDT", side: str = "buy", type: str = "limit", status: str = "NEW", **kw: object) -> Order:
+def order(
+    oid: str, *, symbol: str = "BTC/USDT", side: str = "buy", type: str = "limit", status: str = "NEW", **kw: object
+) -> Order:
     kw.setdefault("amount", "1")
     return Order(id=oid, symbol=symbol, side=side, type=type, status=status, **kw)  # type: ignore[arg-type]
 
@@ -217,8 +219,19 @@ def test_delete_and_clear_orders() -> None:
 
 def test_order_from_ccxt_and_validation() -> None:
     """ccxt 'open' maps to NEW or PARTIALLY_FILLED by filled; 'closed' to FILLED; bad values are refused."""
-    raw = {"id": "42", "clientOrderId": "ps1", "symbol": "BTC/USDT", "side": "buy", "type": "limit",
-           "status": "open", "price": 0.1, "amount": 2.5, "filled": 0.0, "timestamp": 1700000000000, "info": {}}
+    raw = {
+        "id": "42",
+        "clientOrderId": "ps1",
+        "symbol": "BTC/USDT",
+        "side": "buy",
+        "type": "limit",
+        "status": "open",
+        "price": 0.1,
+        "amount": 2.5,
+        "filled": 0.0,
+        "timestamp": 1700000000000,
+        "info": {},
+    }
     o = Order.from_ccxt(raw)
     assert (o.status, o.price, o.amount, o.client_order_id) == ("NEW", Decimal("0.1"), Decimal("2.5"), "ps1")
     assert Order.from_ccxt({**raw, "filled": 1}).status == "PARTIALLY_FILLED"

@@ -22,10 +22,10 @@ from posstate import (
     Position,
     PositionStateManager,
     StateConfig,
+    _statefile,
     generate_key,
 )
 from posstate import _fileops as fs
-from posstate import _statefile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,9 @@ def config(tmp_path: Path, **kw: Any) -> StateConfig:
 def on_disk(cfg: StateConfig, key: bytes | None = None) -> _statefile.StateData:
     from posstate._crypto import Keyring
 
-    return _statefile.read(cfg.state_path, options=_statefile.ReadOptions(keyring=Keyring.resolve(key=key, passphrase=None))).state
+    return _statefile.read(
+        cfg.state_path, options=_statefile.ReadOptions(keyring=Keyring.resolve(key=key, passphrase=None))
+    ).state
 
 
 def pos(symbol: str, side: str = "long", contracts: str = "1") -> Position:
@@ -259,7 +261,9 @@ def test_nothing_lost_across_kill_9(tmp_path: Path) -> None:
     manager and store in the parent have every change (write-through made each durable on return)."""
     state_dir = tmp_path / "state"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(state_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(state_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == b"persisted"

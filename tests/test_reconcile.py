@@ -38,7 +38,9 @@ def local_store() -> AccountStateStore:
     s.set_active_position(Position(symbol=BTC, side="long", contracts=Decimal("0.01"), entry_price=Decimal("91250.5")))
     s.set_active_position(Position(symbol=BTC, side="short", contracts=Decimal("0.005"), entry_price=Decimal("92010.0")))
     s.set_active_position(
-        Position(symbol=ETH, side="long", contracts=Decimal("0.5"), entry_price=Decimal("3010.25"), stop_loss_price=Decimal("2900"))
+        Position(
+            symbol=ETH, side="long", contracts=Decimal("0.5"), entry_price=Decimal("3010.25"), stop_loss_price=Decimal("2900")
+        )
     )
     s.set_symbol_metadata(ETH, {"entries_long": 2, "strategy": "grid"})
     s.set_symbol_metadata(BTC, {"entries_long": 1, "entries_short": 1})
