@@ -94,7 +94,7 @@ class PersistedAccountStateStore(AccountStateStore):
                 return False
             try:
                 self._write(ticket.positions, ticket.metadata)
-            except PosStateError as exc:
+            except Exception as exc:
                 self._emit("persistFailed", {"error": f"{type(exc).__name__}: {exc}"})
                 raise
             cleared = self.finish_persist(ticket.token)
@@ -126,6 +126,8 @@ class PersistedAccountStateStore(AccountStateStore):
                 self.flush()
             except PosStateError as exc:
                 log.warning("background persist of account state failed (will retry): %s", exc)
+            except Exception:  # keep the thread alive; the change stays pending
+                log.exception("background persist of account state raised (will retry)")
 
     def close(self) -> None:
         """Stop the background thread and persist what is pending (errors propagate). Idempotent.

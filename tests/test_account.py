@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from posstate import (
     AccountStateStore,
@@ -351,3 +353,22 @@ def test_session_summary() -> None:
     assert summary.if_closed_at_market == 1130
     assert len(summary.active_positions) == 2
     assert summary.to_dict()["locked_margin"] == "30"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**53), max_value=2**53) | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.dictionaries(st.text(max_size=6), json_values, max_size=5))
+def test_metadata_round_trips_as_independent_copies(data: dict[str, object]) -> None:
+    """Any JSON dict set as metadata comes back equal, and two reads are independent copies."""
+    s = AccountStateStore()
+    s.set_symbol_metadata("BTC/USDT", data)
+    first = s.get_symbol_metadata("BTC/USDT")
+    assert first == data
+    assert first is not s.get_symbol_metadata("BTC/USDT")
+    assert s.snapshot().metadata["BTC/USDT"].keys() == data.keys()

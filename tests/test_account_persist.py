@@ -279,3 +279,22 @@ def test_nothing_lost_across_kill_9(tmp_path: Path) -> None:
         p = store.get_active_position("BTC/USDT", "long")
         assert p is not None and str(p.contracts) == "1E-8"
         assert store.get_symbol_metadata("BTC/USDT") == {"entries_long": 1, "trail": {"armed": True}}
+
+
+def test_write_through_failure_raises_and_stays_pending(tmp_path: Path) -> None:
+    """In write-through mode a failed write makes the setter raise PersistenceError; the change is kept in
+    memory and pending, the file keeps the old value, and the next change (fault cleared) writes both."""
+    cfg = config(tmp_path)
+    with PositionStateManager(cfg) as m:
+        store = PersistedAccountStateStore(m)
+        store.set_symbol_metadata("BTC/USDT", {"n": 1})
+        ops = FailFsync()
+        with fs.use(ops):
+            with pytest.raises(PersistenceError):
+                store.set_symbol_metadata_value("BTC/USDT", "n", 2)
+            assert store.get_symbol_metadata("BTC/USDT") == {"n": 2}
+            assert store.is_pending_persist()
+            ops.failing = False
+            store.set_symbol_metadata("ETH/USDT", {"m": 1})
+        assert on_disk(cfg).metadata == {"BTC/USDT": {"n": 2}, "ETH/USDT": {"m": 1}}
+        assert not store.is_pending_persist()
