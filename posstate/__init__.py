@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from posstate._account import AccountStateStore
+from posstate._account_feed import UpdateQueue
+from posstate._account_persist import PersistedAccountStateStore
+from posstate._account_types import AccountSnapshot, AccountUpdate, ActivePositionCounts, Order, SessionSummary
 from posstate._config import ConfigError, StateConfig
 from posstate._crypto import generate_key
 from posstate._errors import (
@@ -9,38 +13,62 @@ from posstate._errors import (
     CorruptStateError,
     ManagerClosedError,
     MissingKeyError,
+    OrderIntentNotFoundError,
     PersistenceError,
     PosStateError,
     SchemaValidationError,
+    StaleReportError,
     StateLockedError,
     StateNotFoundError,
+    SymbolMetadataNotFoundError,
     UnrecoverableStateError,
     UnsupportedVersionError,
     WrongKeyError,
 )
 from posstate._manager import PositionStateManager
 from posstate._model import Position
+from posstate._orders import OrderIntent, OrderIntents, make_client_order_id
+from posstate._reconcile import AppliedReconciliation, ReconciliationReport
+from posstate._reconcile_file import ReconcileFileResult, reconcile_file
 from posstate._validate import ValidationReport
 from posstate._version import __version__
 
 __all__ = [
+    "AccountSnapshot",
+    "AccountStateStore",
+    "AccountUpdate",
+    "ActivePositionCounts",
+    "AppliedReconciliation",
     "ConcurrentModificationError",
     "ConfigError",
     "CorruptStateError",
     "ManagerClosedError",
     "MissingKeyError",
+    "Order",
+    "OrderIntent",
+    "OrderIntentNotFoundError",
+    "OrderIntents",
+    "PersistedAccountStateStore",
     "PersistenceError",
     "PosStateError",
     "Position",
     "PositionStateManager",
+    "ReconcileFileResult",
+    "ReconciliationReport",
     "SchemaValidationError",
+    "SessionSummary",
+    "StaleReportError",
     "StateConfig",
     "StateLockedError",
     "StateNotFoundError",
+    "SymbolMetadataNotFoundError",
     "UnrecoverableStateError",
     "UnsupportedVersionError",
+    "UpdateQueue",
     "ValidationReport",
     "WrongKeyError",
     "__version__",
     "generate_key",
+    "make_client_order_id",
+    "reconcile_file",
 ]

@@ -268,3 +268,37 @@ class ManagerClosedError(PosStateError, RuntimeError):
 
     def __init__(self, path: str | Path | None) -> None:
         super().__init__(f"{_show(path)}: this PositionStateManager is closed; create a new one", path=path)
+
+
+class SymbolMetadataNotFoundError(PosStateError, LookupError):
+    """A per-symbol metadata value was set before the symbol's metadata was initialised."""
+
+    def __init__(self, symbol: str) -> None:
+        self._symbol = symbol
+        super().__init__(
+            f"<memory>: symbol {symbol!r} has no metadata yet; initialise it with set_symbol_metadata() "
+            "before calling set_symbol_metadata_value()"
+        )
+
+    @property
+    def symbol(self) -> str:
+        return self._symbol
+
+
+class StaleReportError(PosStateError, RuntimeError):
+    """A reconciliation report no longer describes the store: its positions changed since the report was made."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"<memory>: {reason}; call reconcile() again and apply the new report")
+
+
+class OrderIntentNotFoundError(PosStateError, LookupError):
+    """No order intent was recorded under this client order id."""
+
+    def __init__(self, client_order_id: str) -> None:
+        self._client_order_id = client_order_id
+        super().__init__(f"<state>: no order intent {client_order_id!r}; record() it before marking it")
+
+    @property
+    def client_order_id(self) -> str:
+        return self._client_order_id

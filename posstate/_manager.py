@@ -325,10 +325,22 @@ class PositionStateManager:
                 self._apply_position(st, entries, p)
             return self._commit(st, entries)
 
-    def save(self) -> int:
-        """Write the in-memory state durably; returns the new generation."""
+    def save(self, *, expected_generation: int | None = None) -> int:
+        """Write the in-memory state durably; returns the new generation.
+
+        With *expected_generation* (optimistic concurrency), the save is refused with
+        :class:`~posstate.ConcurrentModificationError` unless the state is still at that generation, i.e.
+        nobody saved since the caller read :attr:`generation`.
+        """
         with self._lock:
             self._ensure_loaded()
+            if expected_generation is not None and expected_generation != self._state.generation:
+                raise ConcurrentModificationError(
+                    self._path,
+                    expected=expected_generation,
+                    found=self._state.generation,
+                    reason=f"save expected generation {expected_generation}, but the state is at generation {self._state.generation}",
+                )
             return self._commit(self._state.copy(), dict(self._entries))
 
     async def asave_positions(self, positions: PositionsInput) -> int:
@@ -337,8 +349,8 @@ class PositionStateManager:
     async def aload_positions(self) -> dict[PositionKey, Position]:
         return await asyncio.to_thread(self.load_positions)
 
-    async def asave(self) -> int:
-        return await asyncio.to_thread(self.save)
+    async def asave(self, *, expected_generation: int | None = None) -> int:
+        return await asyncio.to_thread(lambda: self.save(expected_generation=expected_generation))
 
     def _commit(self, st: StateData, entries: dict[PositionKey, dict[str, Any]]) -> int:
         """Write *st* as the next generation; adopt it in memory only once it is durable."""
