@@ -238,10 +238,9 @@ class ConcurrentModificationError(PosStateError, RuntimeError):
         self._found = found
         exp = "no file" if expected is None else f"generation {expected}"
         got = "no file" if found is None else f"generation {found}"
-        why = reason or f"expected {exp} on disk, found {got}"
+        why = reason or f"expected {exp} on disk, found {got}; another writer bypassed the lock"
         super().__init__(
-            f"{_show(path)}: {why}; another writer bypassed the lock; reload with load_positions() "
-            "and apply your change again",
+            f"{_show(path)}: {why}; reload with load_positions() and apply your change again",
             path=path,
         )
 

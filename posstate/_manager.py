@@ -411,7 +411,7 @@ class PositionStateManager:
             data = fs.read_file(path)
         except FileNotFoundError:
             if None not in self._expected_on_disk:
-                raise ConcurrentModificationError(path, expected=self._state.generation, found=None, reason="the state file disappeared since it was loaded") from None
+                raise ConcurrentModificationError(path, expected=self._state.generation, found=None, reason="the state file disappeared since it was loaded (another writer bypassed the lock)") from None
             return
         recorded = _format.checksum_of(data)
         intact = recorded is not None and _format.hashlib.sha256(data[: -_format.TRAILER_SIZE]).hexdigest() == recorded
