@@ -17,6 +17,7 @@ from posstate import _atomic, _backups, _codec, _document, _fileops as fs, _rete
 from posstate._backups import BackupInfo
 from posstate._document import StateData
 from posstate._errors import PersistenceError, PosStateError, StaleBackupError
+from posstate._recovery import main_header
 from posstate._validate import ValidationReport, validate_file
 
 if TYPE_CHECKING:
@@ -215,6 +216,9 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
     loaded = _statefile.read(info.path, options=mgr._read, what="backup")
     mgr._check_account(loaded.state)
     known = [h for h in (_header_of(mgr.path), _header_of(cfg.bak_path)) if h is not None]
+    claimed = main_header(mgr.path, mgr.config.clock_skew)  # a damaged state file still tells when it was written
+    if claimed is not None:
+        known.append(claimed)
     known += [(b.generation, int(b.written_at.timestamp() * 1000)) for b in backups if b.valid and b.generation is not None and b.written_at]
     last_save_ms = max((ms for _, ms in known), default=loaded.header.written_at_ms)
     if mgr._loaded and mgr._state.generation > 0:

@@ -246,36 +246,43 @@ def write_backup(
         raise PersistenceError(backup_dir, operation="create backup directory", cause=exc) from exc
     stamp_ms = now_ms if written_at_ms is None else min(written_at_ms, now_ms)
     _, encoded = _statefile.encode(state.copy(), keyring=keyring, compression_level=compression_level, now_ms=stamp_ms)
-    target: Path | None = None
     try:
-        for seq in range(1, 10_000):
-            backup_id = stamp if seq == 1 else f"{stamp}_{seq}"
-            candidate = backup_dir / file_name(backup_id)
-            if fs.exists(candidate):
-                continue
-            try:
-                _atomic.write_new_file(candidate, encoded.data)
-            except _atomic.WriteFailed as wf:
-                if wf.step == "link" and isinstance(wf.cause, FileExistsError):
-                    continue  # another name in the same second appeared meanwhile
-                if wf.renamed:
-                    _quiet_unlink(candidate)
-                raise PersistenceError(candidate, operation=f"backup {wf.step}", cause=wf.cause) from wf.cause
-            target = candidate
-            break
-        else:  # pragma: no cover - ten thousand backups in one second
-            raise PersistenceError(backup_dir, operation="backup name", reason="no free backup name in this second")
-        try:
-            data = fs.read_file(target)
-            if data != encoded.data:
-                raise OSError(5, "backup read back differs from what was written")
-            _statefile.parse(data, path=target, options=options)
-        except (OSError, PosStateError) as exc:
-            _quiet_unlink(target)
-            cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
-            raise PersistenceError(target, operation="verify backup", cause=cause) from exc
+        return _write_verified(encoded, stamp=stamp, stamp_ms=stamp_ms, backup_dir=backup_dir, options=options)
+    except PersistenceError:
+        raise
+    except OSError as exc:
+        raise PersistenceError(backup_dir, operation="backup", cause=exc) from exc
     finally:
         sweep_temps(backup_dir)
+
+
+def _write_verified(encoded: _codec.Encoded, *, stamp: str, stamp_ms: int, backup_dir: Path, options: _statefile.ReadOptions) -> BackupInfo:
+    for seq in range(1, 10_000):
+        backup_id = stamp if seq == 1 else f"{stamp}_{seq}"
+        candidate = backup_dir / file_name(backup_id)
+        if fs.exists(candidate):
+            continue
+        try:
+            _atomic.write_new_file(candidate, encoded.data)
+        except _atomic.WriteFailed as wf:
+            if wf.step == "link" and isinstance(wf.cause, FileExistsError):
+                continue  # another name in the same second appeared meanwhile
+            if wf.renamed:
+                _quiet_unlink(candidate)
+            raise PersistenceError(candidate, operation=f"backup {wf.step}", cause=wf.cause) from wf.cause
+        target = candidate
+        break
+    else:  # pragma: no cover - ten thousand backups in one second
+        raise PersistenceError(backup_dir, operation="backup name", reason="no free backup name in this second")
+    try:
+        data = fs.read_file(target)
+        if data != encoded.data:
+            raise OSError(5, "backup read back differs from what was written")
+        _statefile.parse(data, path=target, options=options)
+    except (OSError, PosStateError) as exc:
+        _quiet_unlink(target)
+        cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
+        raise PersistenceError(target, operation="verify backup", cause=cause) from exc
     return BackupInfo(
         id=backup_id,
         path=target,

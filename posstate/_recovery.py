@@ -123,7 +123,7 @@ def _load_candidate(mgr: PositionStateManager, name: str, path: Path) -> _Candid
     return cand
 
 
-def _main_header(path: Path, skew: float) -> tuple[int, int] | None:
+def main_header(path: Path, skew: float) -> tuple[int, int] | None:
     """(generation, written ms) the damaged state file claims, if its header parses and is plausible."""
     try:
         data = fs.read_file(path)
@@ -181,7 +181,7 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
     for bid, _created in _backups.names_only(cfg.backup_path):
         cands.append(_load_candidate(mgr, f"backup {bid}", cfg.backup_path / _backups.file_name(bid)))
     known = [(c.generation, c.written_ms) for c in cands if c.generation is not None and c.written_ms is not None]
-    claimed = _main_header(path, cfg.clock_skew)
+    claimed = main_header(path, cfg.clock_skew)
     if claimed is not None:
         known.append(claimed)
     newest_ms = max((ms for _, ms in known), default=None)
