@@ -286,6 +286,8 @@ def test_restore_while_another_process_holds_the_lock(tmp_path: Path) -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(timeout=30)
+        if child.stdout is not None:
+            child.stdout.close()
     with manager(tmp_path) as m:  # lock freed: now the restore runs
         assert m.restore_from_backup("latest").source_generation == 1
 
