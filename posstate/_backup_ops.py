@@ -195,8 +195,7 @@ def _link_as_backup(mgr: PositionStateManager) -> str | None:
     bdir = mgr.config.backup_path
     fs.ensure_dir(bdir)
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
-    for seq in range(1, 10_000):
-        bid = stamp if seq == 1 else f"{stamp}_{seq}"
+    for bid in _backups.fresh_ids(bdir, stamp):
         try:
             fs.link(path, bdir / _backups.file_name(bid))
         except FileExistsError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -214,6 +215,16 @@ def sweep_temps(backup_dir: Path) -> None:
                 log.warning("cannot remove leftover backup temp %s: %s", n, exc)
 
 
+def fresh_ids(backup_dir: Path, stamp: str) -> Iterator[str]:
+    """Ids for a new backup in the second *stamp*, each sorting after every backup already there.
+
+    A name freed by pruning is never reused, so the newest backup always has the greatest id.
+    """
+    taken = [_order(bid)[1] for bid, _ in names_only(backup_dir) if bid[:15] == stamp]
+    for seq in range(max(taken, default=0) + 1, 10_000):
+        yield stamp if seq == 1 else f"{stamp}_{seq}"
+
+
 def _quiet_unlink(path: Path) -> None:
     try:
         fs.unlink(path)
@@ -257,8 +268,7 @@ def write_backup(
 
 
 def _write_verified(encoded: _codec.Encoded, *, stamp: str, stamp_ms: int, backup_dir: Path, options: _statefile.ReadOptions) -> BackupInfo:
-    for seq in range(1, 10_000):
-        backup_id = stamp if seq == 1 else f"{stamp}_{seq}"
+    for backup_id in fresh_ids(backup_dir, stamp):
         candidate = backup_dir / file_name(backup_id)
         if fs.exists(candidate):
             continue
