@@ -6,6 +6,7 @@ they use the manager's read options, keyring and event bus, and its save path (`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posstate import _atomic, _backups, _codec, _document, _fileops as fs, _retention, _statefile
+from posstate import _atomic, _backups, _codec, _document, _retention, _statefile
+from posstate import _fileops as fs
 from posstate._backups import BackupInfo
 from posstate._document import StateData
 from posstate._errors import PersistenceError, PosStateError, StaleBackupError
@@ -73,13 +75,21 @@ def create(mgr: PositionStateManager, state: StateData | None = None, *, prune: 
             written_at_ms=_state_ms(state),
         )
     except (PosStateError, OSError) as exc:
-        mgr._events.emit("backupFailed", {"path": str(cfg.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")})
+        mgr._events.emit(
+            "backupFailed", {"path": str(cfg.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")}
+        )
         log.warning("backup failed: %s", exc)
         raise
     mgr._last_backup_at = info.created_at.timestamp()
     mgr._events.emit(
         "backupCreated",
-        {"path": str(info.path), "backup_id": info.id, "generation": info.generation, "positions": info.position_count, "bytes": info.size},
+        {
+            "path": str(info.path),
+            "backup_id": info.id,
+            "generation": info.generation,
+            "positions": info.position_count,
+            "bytes": info.size,
+        },
     )
     if prune:
         try:
@@ -113,10 +123,8 @@ def after_save(mgr: PositionStateManager, state: StateData) -> None:
         mgr._last_backup_at = last
     if now - last < mgr.config.backup_interval:
         return
-    try:
+    with contextlib.suppress(PosStateError, OSError):  # reported as backupFailed; the save itself succeeded
         create(mgr, state)
-    except (PosStateError, OSError):
-        pass  # reported as backupFailed by create(); the save itself succeeded
 
 
 def list_all(mgr: PositionStateManager) -> list[BackupInfo]:
@@ -131,7 +139,11 @@ def validate(mgr: PositionStateManager, backup_id: str) -> ValidationReport:
 def _policy(mgr: PositionStateManager) -> _retention.Policy:
     c = mgr.config
     return _retention.Policy(
-        max_backups=c.max_backups, keep_within=c.keep_within, keep_hourly=c.keep_hourly, keep_daily=c.keep_daily, keep_weekly=c.keep_weekly
+        max_backups=c.max_backups,
+        keep_within=c.keep_within,
+        keep_hourly=c.keep_hourly,
+        keep_daily=c.keep_daily,
+        keep_weekly=c.keep_weekly,
     )
 
 
@@ -174,7 +186,9 @@ def prune_backups(mgr: PositionStateManager, *, dry_run: bool) -> _retention.Pru
     gens = [d.backup.generation for d in kept if d.backup.generation is not None]
     mgr._tombstone_floor = min(gens) if gens else None
     if done_r or done_q:
-        mgr._events.emit("backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)})
+        mgr._events.emit(
+            "backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)}
+        )
     return result
 
 
@@ -218,7 +232,11 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
     claimed = main_header(mgr.path, mgr.config.clock_skew)  # a damaged state file still tells when it was written
     if claimed is not None:
         known.append(claimed)
-    known += [(b.generation, int(b.written_at.timestamp() * 1000)) for b in backups if b.valid and b.generation is not None and b.written_at]
+    known += [
+        (b.generation, int(b.written_at.timestamp() * 1000))
+        for b in backups
+        if b.valid and b.generation is not None and b.written_at
+    ]
     last_save_ms = max((ms for _, ms in known), default=loaded.header.written_at_ms)
     if mgr._loaded and mgr._state.generation > 0:
         ms = _state_ms(mgr._state)
@@ -254,7 +272,9 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
     mgr._highest_generation = max(mgr._highest_generation, highest)
     generation = mgr._commit(st, entries)
     mgr._loaded = True
-    result = RestoreResult(backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre)
+    result = RestoreResult(
+        backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre
+    )
     mgr._events.emit("backupRestored", {"path": str(mgr.path), "backup_id": info.id, **result.to_dict()})
     return result
 
@@ -263,4 +283,3 @@ def _format_checksum(data: bytes) -> str | None:
     from posstate._format import checksum_of
 
     return checksum_of(data)
-

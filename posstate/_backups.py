@@ -7,6 +7,7 @@ in ``backup_dir``, with ``_2``, ``_3``... when several fall in one second. Its i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -16,7 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from posstate import _atomic, _codec, _fileops as fs, _statefile
+from posstate import _atomic, _codec, _statefile
+from posstate import _fileops as fs
 from posstate._crypto import Keyring
 from posstate._document import StateData
 from posstate._errors import (
@@ -111,7 +113,9 @@ def _ms_to_dt(ms: int) -> datetime:
 
 def inspect_file(path: Path, backup_id: str, created: datetime) -> BackupInfo:
     """Read one backup's bytes and check everything that needs no key."""
-    base = BackupInfo(id=backup_id, path=path, created_at=created, generation=None, size=0, position_count=None, key_id=None, valid=False)
+    base = BackupInfo(
+        id=backup_id, path=path, created_at=created, generation=None, size=0, position_count=None, key_id=None, valid=False
+    )
     try:
         data = fs.read_file(path)
     except IsADirectoryError:
@@ -189,7 +193,9 @@ def resolve(backups: list[BackupInfo], ident: str, *, backup_dir: Path) -> Backu
         for b in backups:
             if b.valid:
                 return b
-        raise StateNotFoundError(backup_dir, what="valid backup", next_step="no backup can be restored; list them with `posstate backups list`")
+        raise StateNotFoundError(
+            backup_dir, what="valid backup", next_step="no backup can be restored; list them with `posstate backups list`"
+        )
     for b in backups:
         if b.id == ident:
             return b
@@ -197,7 +203,9 @@ def resolve(backups: list[BackupInfo], ident: str, *, backup_dir: Path) -> Backu
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise StateNotFoundError(backup_dir / file_name(ident), what="backup", next_step="list backups with `posstate backups list`")
+        raise StateNotFoundError(
+            backup_dir / file_name(ident), what="backup", next_step="list backups with `posstate backups list`"
+        )
     raise AmbiguousBackupError(backup_dir, prefix=ident, matches=[b.id for b in matches])
 
 
@@ -226,10 +234,8 @@ def fresh_ids(backup_dir: Path, stamp: str) -> Iterator[str]:
 
 
 def _quiet_unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fs.unlink(path)
-    except OSError:
-        pass
 
 
 def write_backup(
@@ -267,7 +273,9 @@ def write_backup(
         sweep_temps(backup_dir)
 
 
-def _write_verified(encoded: _codec.Encoded, *, stamp: str, stamp_ms: int, backup_dir: Path, options: _statefile.ReadOptions) -> BackupInfo:
+def _write_verified(
+    encoded: _codec.Encoded, *, stamp: str, stamp_ms: int, backup_dir: Path, options: _statefile.ReadOptions
+) -> BackupInfo:
     for backup_id in fresh_ids(backup_dir, stamp):
         candidate = backup_dir / file_name(backup_id)
         if fs.exists(candidate):

@@ -198,8 +198,13 @@ class PositionStateManager:
         source = self.last_recovery.source if self.last_recovery is not None else "recovery"
         self._events.emit(
             "stateLoaded",
-            {"path": str(self._path), "generation": state.generation, "positions": len(state.positions), "source": f"recovery: {source}",
-             "duration_ms": round((time.perf_counter() - started) * 1000, 3)},
+            {
+                "path": str(self._path),
+                "generation": state.generation,
+                "positions": len(state.positions),
+                "source": f"recovery: {source}",
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
         )
         return state
 
@@ -484,7 +489,7 @@ class PositionStateManager:
         both = set(wanted) & set(gone)
         if both:
             sym, side = sorted(both)[0]
-            raise SchemaValidationError(None, f"$[{sym}|{side}]", "unique", f"{sym} {side} is both upserted and deleted in one batch")
+            raise SchemaValidationError(None, f"$[{sym}|{side}]", "unique", f"{sym} {side} is both upserted and deleted in a batch")
         with self._lock:
             self._ensure_loaded()
             st = self._state.copy()

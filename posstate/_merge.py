@@ -32,7 +32,14 @@ class MergeDecision:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "key": self.key, "source": self.source, "outcome": self.outcome, "rev": self.rev, "reason": self.reason}
+        return {
+            "kind": self.kind,
+            "key": self.key,
+            "source": self.source,
+            "outcome": self.outcome,
+            "rev": self.rev,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +55,9 @@ class MergeResult:
         return tuple(d for d in self.decisions if d.source == "backup")
 
 
-def _entry(live: Mapping[Any, Any], revs: Mapping[Any, int], tombs: Mapping[Any, int], key: Hashable) -> tuple[int, bool, Any] | None:
+def _entry(
+    live: Mapping[Any, Any], revs: Mapping[Any, int], tombs: Mapping[Any, int], key: Hashable
+) -> tuple[int, bool, Any] | None:
     if key in live:
         return (revs.get(key, 0), True, live[key])
     if key in tombs:
@@ -87,7 +96,9 @@ def merge_states(current: StateData, backup: StateData) -> MergeResult:
         journal=dict(current.journal) if current.journal is not None else None,
     )
     decisions: list[MergeDecision] = []
-    pkeys: set[PositionKey] = set(current.positions) | set(current.position_tombstones) | set(backup.positions) | set(backup.position_tombstones)
+    pkeys: set[PositionKey] = (
+        set(current.positions) | set(current.position_tombstones) | set(backup.positions) | set(backup.position_tombstones)
+    )
     for key in sorted(pkeys):
         cur = _entry(current.positions, current.position_revs, current.position_tombstones, key)
         bak = _entry(backup.positions, backup.position_revs, backup.position_tombstones, key)
@@ -99,7 +110,9 @@ def merge_states(current: StateData, backup: StateData) -> MergeResult:
         else:
             out.position_tombstones[key] = rev
         decisions.append(MergeDecision("position", position_key_text(key), source, "live" if live else "deleted", rev, reason))
-    mkeys: set[str] = set(current.metadata) | set(current.metadata_tombstones) | set(backup.metadata) | set(backup.metadata_tombstones)
+    mkeys: set[str] = (
+        set(current.metadata) | set(current.metadata_tombstones) | set(backup.metadata) | set(backup.metadata_tombstones)
+    )
     for sym in sorted(mkeys):
         cur = _entry(current.metadata, current.metadata_revs, current.metadata_tombstones, sym)
         bak = _entry(backup.metadata, backup.metadata_revs, backup.metadata_tombstones, sym)

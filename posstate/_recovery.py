@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posstate import _atomic, _backups, _codec, _fileops as fs, _format, _statefile
+from posstate import _atomic, _backups, _codec, _format, _statefile
+from posstate import _fileops as fs
 from posstate._document import StateData
 from posstate._errors import (
     CorruptStateError,
@@ -168,8 +169,13 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
             mgr._check_account(loaded.state)
             mgr._adopt(loaded.state, loaded.checksum)
             mgr.last_recovery = RecoveryReport(
-                source="state file (re-read)", source_path=path, generation=loaded.state.generation,
-                new_generation=loaded.state.generation, age=0.0, generations_lost=0, reason=reason,
+                source="state file (re-read)",
+                source_path=path,
+                generation=loaded.state.generation,
+                new_generation=loaded.state.generation,
+                age=0.0,
+                generations_lost=0,
+                reason=reason,
             )
             return loaded.state
     cands: list[_Candidate] = []
@@ -236,7 +242,13 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
     )
     mgr.last_recovery = report
     mgr._events.emit("stateRepaired", {"path": str(path), "operation": "recovery", **report.to_dict()})
-    log.warning("recovered %s from %s (generation %s, %s generations lost)", path, best.name, best.state.generation, report.generations_lost)
+    log.warning(
+        "recovered %s from %s (generation %s, %s generations lost)",
+        path,
+        best.name,
+        best.state.generation,
+        report.generations_lost,
+    )
     return mgr._state
 
 

@@ -115,7 +115,7 @@ def _lenient(doc: Any, header_generation: int, decisions: list[RepairDecision]) 
         decisions.append(RepairDecision("position", key_text, "kept", "state file", "valid"))
     bad_m: list[str] = []
     meta = doc.get("symbol_metadata")
-    for sym, entry in (meta.items() if isinstance(meta, dict) else ()):
+    for sym, entry in meta.items() if isinstance(meta, dict) else ():
         try:
             st.metadata[sym], st.metadata_revs[sym] = _parse_metadata(sym, entry, generation)
         except ValueError as exc:
@@ -125,14 +125,23 @@ def _lenient(doc: Any, header_generation: int, decisions: list[RepairDecision]) 
         decisions.append(RepairDecision("metadata", sym, "kept", "state file", "valid"))
     tombs = doc.get("tombstones")
     tp = tombs.get("positions") if isinstance(tombs, dict) else None
-    for key_text, r in (tp.items() if isinstance(tp, dict) else ()):
+    for key_text, r in tp.items() if isinstance(tp, dict) else ():
         k = parse_position_key(key_text) if isinstance(key_text, str) else None
-        if k is None or k[1] not in ("long", "short") or not k[0] or type(r) is not int or not 0 <= r <= generation or k in st.positions:
-            decisions.append(RepairDecision("tombstone", str(key_text), "dropped", "", "invalid, or conflicts with a live position"))
+        if (
+            k is None
+            or k[1] not in ("long", "short")
+            or not k[0]
+            or type(r) is not int
+            or not 0 <= r <= generation
+            or k in st.positions
+        ):
+            decisions.append(
+                RepairDecision("tombstone", str(key_text), "dropped", "", "invalid, or conflicts with a live position")
+            )
             continue
         st.position_tombstones[k] = r
     tm = tombs.get("symbol_metadata") if isinstance(tombs, dict) else None
-    for sym, r in (tm.items() if isinstance(tm, dict) else ()):
+    for sym, r in tm.items() if isinstance(tm, dict) else ():
         if type(r) is not int or not 0 <= r <= generation or sym in st.metadata:
             decisions.append(RepairDecision("tombstone", str(sym), "dropped", "", "invalid, or conflicts with live metadata"))
             continue
@@ -141,7 +150,11 @@ def _lenient(doc: Any, header_generation: int, decisions: list[RepairDecision]) 
     jr = doc.get("journal")
     if isinstance(jr, dict) and set(jr) == {"id", "seq"} and isinstance(jr["id"], str) and type(jr["seq"]) is int:
         st.journal = dict(jr)
-    if isinstance(acc, dict) and set(acc) == {"exchange", "account_id", "mode"} and all(isinstance(v, str) and v for v in acc.values()):
+    if (
+        isinstance(acc, dict)
+        and set(acc) == {"exchange", "account_id", "mode"}
+        and all(isinstance(v, str) and v for v in acc.values())
+    ):
         st.account = dict(acc)
     return st, bad_p, bad_m
 
@@ -150,7 +163,9 @@ def _sources(mgr: PositionStateManager) -> list[tuple[str, StateData]]:
     """Valid copies to take entries from, highest generation first."""
     out: list[tuple[str, StateData]] = []
     cfg = mgr.config
-    paths = [(cfg.bak_path.name, cfg.bak_path)] + [(f"backup {bid}", cfg.backup_path / _backups.file_name(bid)) for bid, _ in _backups.names_only(cfg.backup_path)]
+    paths = [(cfg.bak_path.name, cfg.bak_path)] + [
+        (f"backup {bid}", cfg.backup_path / _backups.file_name(bid)) for bid, _ in _backups.names_only(cfg.backup_path)
+    ]
     for name, path in paths:
         try:
             out.append((name, _statefile.read(path, options=mgr._read).state))
@@ -160,7 +175,9 @@ def _sources(mgr: PositionStateManager) -> list[tuple[str, StateData]]:
     return out
 
 
-def _fill(st: StateData, bad_p: list[str], bad_m: list[str], sources: list[tuple[str, StateData]], decisions: list[RepairDecision]) -> None:
+def _fill(
+    st: StateData, bad_p: list[str], bad_m: list[str], sources: list[tuple[str, StateData]], decisions: list[RepairDecision]
+) -> None:
     for key_text in bad_p:
         key = parse_position_key(key_text) if isinstance(key_text, str) else ("", "long")
         if key in st.positions:
@@ -169,7 +186,9 @@ def _fill(st: StateData, bad_p: list[str], bad_m: list[str], sources: list[tuple
             if key in src.positions:
                 st.positions[key] = src.positions[key]
                 st.position_revs[key] = src.position_revs.get(key, 0)
-                decisions.append(RepairDecision("position", key_text, "restored", name, f"taken from {name} (generation {src.generation})"))
+                decisions.append(
+                    RepairDecision("position", key_text, "restored", name, f"taken from {name} (generation {src.generation})")
+                )
                 break
             if key in src.position_tombstones:
                 decisions.append(RepairDecision("position", key_text, "dropped", name, f"closed in {name}; not resurrected"))
@@ -181,7 +200,9 @@ def _fill(st: StateData, bad_p: list[str], bad_m: list[str], sources: list[tuple
             if sym in src.metadata:
                 st.metadata[sym] = src.metadata[sym]
                 st.metadata_revs[sym] = src.metadata_revs.get(sym, 0)
-                decisions.append(RepairDecision("metadata", sym, "restored", name, f"taken from {name} (generation {src.generation})"))
+                decisions.append(
+                    RepairDecision("metadata", sym, "restored", name, f"taken from {name} (generation {src.generation})")
+                )
                 break
             if sym in src.metadata_tombstones:
                 decisions.append(RepairDecision("metadata", sym, "dropped", name, f"deleted in {name}; not resurrected"))
@@ -199,7 +220,9 @@ def repair(mgr: PositionStateManager) -> RepairReport:
     quarantined: Path | None = None
     for round_no in range(1, rounds + 1):
         data = _statefile.read_bytes(path)
-        header, payload = _codec.decode(data, keyring=mgr._read.keyring, path=path, max_document_bytes=mgr._read.max_document_bytes)
+        header, payload = _codec.decode(
+            data, keyring=mgr._read.keyring, path=path, max_document_bytes=mgr._read.max_document_bytes
+        )
         doc = _document.loads(payload, path=path, strict=not header.encrypted)
         try:
             loaded = _statefile.parse(data, path=path, options=mgr._read)
@@ -207,14 +230,22 @@ def repair(mgr: PositionStateManager) -> RepairReport:
             problem = f"{exc.json_path}: {exc.detail}"
         else:
             return RepairReport(
-                repaired=round_no > 1, decisions=tuple(decisions), rounds=round_no - 1,
-                generation=loaded.state.generation, quarantined=quarantined, problems=tuple(problems),
+                repaired=round_no > 1,
+                decisions=tuple(decisions),
+                rounds=round_no - 1,
+                generation=loaded.state.generation,
+                quarantined=quarantined,
+                problems=tuple(problems),
             )
         problems.append(problem)
         st, bad_p, bad_m = _lenient(doc, header.generation, decisions)
         _fill(st, bad_p, bad_m, _sources(mgr) if (bad_p or bad_m) else [], decisions)
         if st.account is None and mgr.config.exchange is not None:
-            st.account = {"exchange": mgr.config.exchange, "account_id": str(mgr.config.account_id), "mode": mgr.config.account_mode or "live"}
+            st.account = {
+                "exchange": mgr.config.exchange,
+                "account_id": str(mgr.config.account_id),
+                "mode": mgr.config.account_mode or "live",
+            }
         try:
             moved = _atomic.move_aside(path, mgr.config.quarantine_dir, label="repair")
         except OSError as exc:
@@ -228,13 +259,25 @@ def repair(mgr: PositionStateManager) -> RepairReport:
             mgr._loaded = False
             raise
         report = RepairReport(
-            repaired=True, decisions=tuple(decisions), rounds=round_no, generation=new_gen, quarantined=quarantined, problems=tuple(problems)
+            repaired=True,
+            decisions=tuple(decisions),
+            rounds=round_no,
+            generation=new_gen,
+            quarantined=quarantined,
+            problems=tuple(problems),
         )
         mgr._events.emit(
             "stateRepaired",
-            {"path": str(path), "operation": "repair", "generation": new_gen, "round": round_no,
-             "kept": sum(d.action == "kept" for d in decisions), "restored": sum(d.action == "restored" for d in decisions),
-             "dropped": sum(d.action == "dropped" for d in decisions), "problem": problems[0]},
+            {
+                "path": str(path),
+                "operation": "repair",
+                "generation": new_gen,
+                "round": round_no,
+                "kept": sum(d.action == "kept" for d in decisions),
+                "restored": sum(d.action == "restored" for d in decisions),
+                "dropped": sum(d.action == "dropped" for d in decisions),
+                "problem": problems[0],
+            },
         )
         try:
             _statefile.read(path, options=mgr._read)
@@ -243,4 +286,3 @@ def repair(mgr: PositionStateManager) -> RepairReport:
         return report
     mgr._events.emit("recoveryError", {"path": str(path), "reason": f"still invalid after {rounds} repair rounds"})
     raise CorruptStateError(path, f"still invalid after {rounds} repair rounds", kind="invalid")
-

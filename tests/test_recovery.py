@@ -19,8 +19,12 @@ from posstate import (
     StateConfig,
     UnrecoverableStateError,
     WrongKeyError,
+    _backups,
+    _codec,
+    _document,
+    _statefile,
 )
-from posstate import _backups, _codec, _document, _fileops as fs, _statefile
+from posstate import _fileops as fs
 from posstate._crypto import Keyring
 from posstate._document import StateData
 
@@ -82,8 +86,12 @@ def quarantined(cfg: StateConfig) -> list[str]:
 def write_doc(cfg: StateConfig, doc: dict[str, Any], *, generation: int, count: int) -> None:
     """Write an encrypted container holding *doc* as-is (it may break the schema) as the state file."""
     enc = _codec.encode(
-        _document.dumps(doc), generation=generation, written_at_ms=int(time.time() * 1000), position_count=count,
-        compression_level=3, keyring=Keyring.resolve(key=KEY, passphrase=None),
+        _document.dumps(doc),
+        generation=generation,
+        written_at_ms=int(time.time() * 1000),
+        position_count=count,
+        compression_level=3,
+        keyring=Keyring.resolve(key=KEY, passphrase=None),
     )
     cfg.state_path.write_bytes(enc.data)
 
@@ -91,8 +99,15 @@ def write_doc(cfg: StateConfig, doc: dict[str, Any], *, generation: int, count: 
 # ------------------------------------------------------------------------------------------ failure paths
 
 
-@pytest.mark.parametrize("damage", [pytest.param(flip, id="bit-flip"), pytest.param(truncate, id="truncated"),
-                                    pytest.param(zero_tail, id="zero-filled-tail"), pytest.param(delete, id="deleted")])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(flip, id="bit-flip"),
+        pytest.param(truncate, id="truncated"),
+        pytest.param(zero_tail, id="zero-filled-tail"),
+        pytest.param(delete, id="deleted"),
+    ],
+)
 def test_damaged_state_file_is_recovered_from_the_newest_backup(tmp_path: Path, damage: Callable[[Path], None]) -> None:
     """A damaged or missing state file: stateCorrupted, recovery from the newest copy, quarantine, stateRepaired."""
     cfg = history(tmp_path)
@@ -165,8 +180,15 @@ def test_valid_but_too_old_backup_is_refused_then_restored_on_purpose(tmp_path: 
         m.load_positions()
         then = time.time() - 7200
         st = StateData(generation=1, positions={pos().key: pos(contracts="9")}, position_revs={pos().key: 1})
-        old = _backups.write_backup(st, backup_dir=cfg.backup_path, keyring=m._write_keyring, compression_level=3, options=m._read,
-                                    now=then, written_at_ms=int(then * 1000))
+        old = _backups.write_backup(
+            st,
+            backup_dir=cfg.backup_path,
+            keyring=m._write_keyring,
+            compression_level=3,
+            options=m._read,
+            now=then,
+            written_at_ms=int(then * 1000),
+        )
         m.save_positions([pos(contracts="1")])
     flip(cfg.state_path)
     with PositionStateManager(cfg, key=KEY) as m:
@@ -206,9 +228,15 @@ def test_damaged_main_with_only_wrong_key_copies_quarantines_nothing(tmp_path: P
 def test_schema_invalid_state_file_is_recovered(tmp_path: Path) -> None:
     """A file that decrypts but breaks a relationship rule is recovered from a backup like a damaged one."""
     cfg = history(tmp_path)
-    doc = _document.build_document(StateData(generation=4, written_at="2020-01-01T00:00:00.000Z",
-                                             writer={"host": "h", "pid": 1, "version": "0"},
-                                             positions={pos().key: pos()}, position_revs={pos().key: 99}))
+    doc = _document.build_document(
+        StateData(
+            generation=4,
+            written_at="2020-01-01T00:00:00.000Z",
+            writer={"host": "h", "pid": 1, "version": "0"},
+            positions={pos().key: pos()},
+            position_revs={pos().key: 99},
+        )
+    )
     write_doc(cfg, doc, generation=4, count=1)
     with PositionStateManager(cfg, key=KEY) as m:
         seen = record(m, "stateCorrupted")
@@ -285,11 +313,22 @@ def test_repair_refuses_a_file_that_does_not_decrypt(tmp_path: Path) -> None:
 def test_repair_keeps_valid_restores_invalid_from_backup_and_drops_the_rest(tmp_path: Path) -> None:
     """Per entry: valid kept, invalid taken from the newest backup holding it, otherwise dropped; all reported."""
     cfg = history(tmp_path)
-    st = StateData(generation=4, written_at="2020-01-01T00:00:00.000Z", writer={"host": "h", "pid": 1, "version": "0"},
-                   positions={pos().key: pos(contracts="4")}, position_revs={pos().key: 4})
+    st = StateData(
+        generation=4,
+        written_at="2020-01-01T00:00:00.000Z",
+        writer={"host": "h", "pid": 1, "version": "0"},
+        positions={pos().key: pos(contracts="4")},
+        position_revs={pos().key: 4},
+    )
     doc = _document.build_document(st)
-    doc["positions"]["ETH/USDT|short"] = {"rev": 4, "position": {"symbol": "ETH/USDT", "side": "short", "contracts": "-5", "entry_price": "1"}}
-    doc["positions"]["SOL/USDT|long"] = {"rev": 4, "position": {"symbol": "SOL/USDT", "side": "long", "contracts": "1", "entry_price": "x"}}
+    doc["positions"]["ETH/USDT|short"] = {
+        "rev": 4,
+        "position": {"symbol": "ETH/USDT", "side": "short", "contracts": "-5", "entry_price": "1"},
+    }
+    doc["positions"]["SOL/USDT|long"] = {
+        "rev": 4,
+        "position": {"symbol": "SOL/USDT", "side": "long", "contracts": "1", "entry_price": "x"},
+    }
     write_doc(cfg, doc, generation=4, count=3)
     with PositionStateManager(cfg, key=KEY) as m:
         seen = record(m, "stateRepaired")

@@ -7,8 +7,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from posstate import BackupInfo, Position, PositionStateManager, StateConfig
-from posstate import _backups, _statefile
+from posstate import BackupInfo, Position, PositionStateManager, StateConfig, _backups, _statefile
 from posstate._crypto import Keyring
 from posstate._retention import Policy, plan
 
@@ -18,8 +17,18 @@ NOW = datetime(2026, 3, 18, 12, 30, tzinfo=timezone.utc)  # a Wednesday
 
 def info(when: datetime, *, valid: bool = True, damaged: bool = False, gen: int = 1) -> BackupInfo:
     bid = when.strftime("%Y%m%d_%H%M%S")
-    return BackupInfo(id=bid, path=Path(f"/nowhere/positions_{bid}.json"), created_at=when, generation=gen, size=100,
-                      position_count=1, key_id=None, valid=valid, damaged=damaged, reason="" if valid else "bad")
+    return BackupInfo(
+        id=bid,
+        path=Path(f"/nowhere/positions_{bid}.json"),
+        created_at=when,
+        generation=gen,
+        size=100,
+        position_count=1,
+        key_id=None,
+        valid=valid,
+        damaged=damaged,
+        reason="" if valid else "bad",
+    )
 
 
 def actions(decisions: list[Any]) -> dict[str, str]:
@@ -40,7 +49,7 @@ def test_damaged_backups_never_push_good_ones_out() -> None:
 
 def test_unreadable_backup_is_kept_and_fills_no_slot() -> None:
     """A backup this key cannot read (not damaged) is kept untouched and does not count towards max_backups."""
-    bs = [info(NOW, valid=False, damaged=False)] + every(timedelta(minutes=5), 2, NOW - timedelta(minutes=5))
+    bs = [info(NOW, valid=False, damaged=False), *every(timedelta(minutes=5), 2, NOW - timedelta(minutes=5))]
     decisions = plan(bs, policy=Policy(max_backups=1), now=NOW)
     assert [d.action for d in decisions] == ["keep", "keep", "remove"]
     assert "fills no slot" in decisions[0].reason and "newest valid" in decisions[1].reason
@@ -117,8 +126,13 @@ def test_other_key_backup_is_kept_untouched(tmp_path: Path) -> None:
     """A backup written with another key is neither removed nor quarantined by pruning."""
     with manager(tmp_path, max_backups=1) as m:
         m.save_positions([pos("1")])
-        foreign = _backups.write_backup(m._state, backup_dir=tmp_path / "state/backups", keyring=Keyring.resolve(key=bytes(32), passphrase=None),
-                                        compression_level=3, options=_statefile.ReadOptions(keyring=Keyring.resolve(key=bytes(32), passphrase=None)))
+        foreign = _backups.write_backup(
+            m._state,
+            backup_dir=tmp_path / "state/backups",
+            keyring=Keyring.resolve(key=bytes(32), passphrase=None),
+            compression_level=3,
+            options=_statefile.ReadOptions(keyring=Keyring.resolve(key=bytes(32), passphrase=None)),
+        )
         m.save_positions([pos("2")])
         m.save_positions([pos("3")])
         result = m.prune_old_backups()
@@ -145,4 +159,6 @@ def test_tombstones_are_kept_as_long_as_the_oldest_backup(tmp_path: Path) -> Non
         assert ("ETH/USDT", "short") in m._state.position_tombstones
         m.save_positions([pos("4")])  # gen 4: floor became 2 after the last prune, tombstone rev 2 <= 2 dropped
         assert ("ETH/USDT", "short") not in m._state.position_tombstones
-        assert all(("ETH/USDT", "short") not in _statefile.read(b.path, options=m._read).state.positions for b in m.list_backups())
+        assert all(
+            ("ETH/USDT", "short") not in _statefile.read(b.path, options=m._read).state.positions for b in m.list_backups()
+        )
