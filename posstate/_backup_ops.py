@@ -18,7 +18,7 @@ from posstate import _atomic, _backups, _codec, _document, _retention, _statefil
 from posstate import _fileops as fs
 from posstate._backups import BackupInfo
 from posstate._document import StateData
-from posstate._errors import PersistenceError, PosStateError, StaleBackupError
+from posstate._errors import PersistenceError, PosStateError, StaleBackupError, StateNotFoundError
 from posstate._recovery import main_header
 from posstate._validate import ValidationReport, validate_file
 
@@ -105,8 +105,8 @@ def _saved_state(mgr: PositionStateManager) -> StateData:
     mgr._ensure_loaded()
     if not mgr._dirty and mgr._state.generation > 0:
         return mgr._state
-    if mgr._state.generation == 0 and not fs.exists(mgr.path):
-        return mgr._state
+    if not fs.exists(mgr.path):
+        raise StateNotFoundError(mgr.path, what="saved state", next_step="save the state before backing it up")
     return _statefile.read(mgr.path, options=mgr._read).state
 
 

@@ -219,6 +219,15 @@ def test_list_backups_marks_damaged_and_truncated_files(tmp_path: Path) -> None:
         assert listed[2].valid and not listed[2].damaged and listed[2].generation == 1
 
 
+def test_create_backup_of_nothing_saved_is_refused(tmp_path: Path) -> None:
+    """create_backup() before any save raises StateNotFoundError and writes no backup."""
+    with manager(tmp_path) as m:
+        failed = record(m, "backupFailed")
+        with pytest.raises(StateNotFoundError):
+            m.create_backup()
+        assert failed and backup_names(m) == []
+
+
 def test_restore_validates_first_and_refuses_a_damaged_backup(tmp_path: Path) -> None:
     """Restoring a damaged backup raises CorruptStateError and changes nothing."""
     with manager(tmp_path) as m:
