@@ -42,7 +42,7 @@ class PeriodicValidator:
                 log.exception("periodic validation raised")
             self.runs += 1
 
-    def stop(self, *, timeout: float | None = 10.0) -> None:
+    def stop(self, *, timeout: float | None = 2.0) -> None:
         """Ask the thread to stop and wait for it (not when called from the thread itself)."""
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:

@@ -307,6 +307,59 @@ def test_restore_while_another_process_holds_the_lock(tmp_path: Path) -> None:
         assert m.restore_from_backup("latest").source_generation == 1
 
 
+_SAVER = """
+import sys
+from posstate import Position, PositionStateManager, StateConfig
+m = PositionStateManager(StateConfig.in_dir(sys.argv[1], backup_interval=0.0, max_backups=5), key=bytes(range(32)))
+i = 0
+while True:
+    i += 1
+    m.save_positions([Position(symbol="BTC/USDT", side="long", contracts=str(i), entry_price="1")])
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_save_and_backup_loop_leaves_only_whole_backups(tmp_path: Path) -> None:
+    """SIGKILL a child saving (and backing up, and pruning) in a loop: every backup left is whole and valid."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.Popen([sys.executable, "-c", _SAVER, str(tmp_path / "state")], stdout=subprocess.PIPE, env=env)
+    assert child.stdout is not None
+    acknowledged = 0
+    while acknowledged < 25:
+        acknowledged = int(child.stdout.readline())
+    child.kill()
+    child.wait(timeout=30)
+    child.stdout.close()
+    with manager(tmp_path, max_backups=5) as m:
+        contracts = m.get_position("BTC/USDT", "long").contracts  # type: ignore[union-attr]
+        assert contracts >= acknowledged
+        infos = m.list_backups()
+        assert infos and all(b.valid for b in infos)
+        assert all(m.validate_backup(b.id).valid for b in infos)
+        m.create_backup()  # sweeps any temp a killed backup left
+        assert [n for n in backup_names(m) if n.startswith(".")] == []
+
+
+def test_stats_logger_gets_backup_events(tmp_path: Path) -> None:
+    """The stats logger receives STATE_MANAGEMENT records for backupCreated and backupRestored."""
+
+    class Stats:
+        def __init__(self) -> None:
+            self.records: list[dict[str, Any]] = []
+
+        def log_stats(self, stats: dict[str, Any]) -> None:
+            self.records.append(stats)
+
+    stats = Stats()
+    cfg = StateConfig.in_dir(tmp_path / "state", backup_interval=0.0)
+    with PositionStateManager(cfg, key=KEY, stats_logger=stats) as m:
+        m.save_positions([pos()])
+        m.restore_from_backup("latest")
+    events = [r["event"] for r in stats.records]
+    assert "backupCreated" in events and "backupRestored" in events
+    assert all(r["type"] == "STATE_MANAGEMENT" and "timestamp" in r for r in stats.records)
+
+
 # ------------------------------------------------------------------------------------------ happy paths
 
 
