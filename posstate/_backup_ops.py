@@ -214,7 +214,9 @@ def _link_as_backup(mgr: PositionStateManager) -> str | None:
             fs.link(path, bdir / _backups.file_name(bid))
         except FileExistsError:
             continue
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _atomic._NO_LINKS:
+                raise
             _atomic.write_new_file(bdir / _backups.file_name(bid), fs.read_file(path))
         fs.fsync_dir(bdir)
         return bid
@@ -250,6 +252,8 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
     previous = mgr._state if mgr._loaded else None
     try:
         pre = _link_as_backup(mgr)
+    except _atomic.WriteFailed as wf:
+        raise PersistenceError(cfg.backup_path, operation=f"pre-restore backup {wf.step}", cause=wf.cause) from wf.cause
     except OSError as exc:
         raise PersistenceError(cfg.backup_path, operation="pre-restore backup", cause=exc) from exc
     if not mgr._loaded:

@@ -312,27 +312,3 @@ def _write_verified(
         valid=True,
         written_at=_ms_to_dt(stamp_ms),
     )
-
-
-def keep_copy(path: Path, into: Path, *, label: str) -> Path | None:
-    """Keep what *path* holds now under a new unique name in *into* (hard link, else a fsynced copy).
-
-    Used for the pre-restore copy of the state file; *path* itself stays. Returns None if *path* is absent.
-    """
-    if not fs.exists(path):
-        return None
-    fs.ensure_dir(into)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for attempt in range(1000):
-        dest = into / f"{path.name}.{stamp}.{label}{'' if attempt == 0 else f'.{attempt}'}"
-        if fs.exists(dest):
-            continue
-        try:
-            fs.link(path, dest)
-        except FileExistsError:
-            continue
-        except OSError:
-            _atomic.write_new_file(dest, fs.read_file(path))
-        fs.fsync_dir(into)
-        return dest
-    raise FileExistsError(17, "no free name", str(into))  # pragma: no cover

@@ -19,6 +19,7 @@ from posstate import (
     BackupInfo,
     CorruptStateError,
     PersistenceError,
+    PosStateError,
     Position,
     PositionStateManager,
     StaleBackupError,
@@ -185,6 +186,39 @@ def test_fault_at_each_file_operation_of_create_backup_leaves_no_partial_backup(
             assert m.path.read_bytes() == main_before
             m.off("backupFailed")
         assert failures >= 5
+
+
+def test_fault_at_each_file_operation_of_restore_loses_nothing(tmp_path: Path) -> None:
+    """EIO at every file operation of a restore: afterwards the state is the old one or the restored one."""
+    old, new = {pos().key: pos(contracts="2")}, {pos().key: pos(contracts="1")}
+
+    def setup(where: Path) -> PositionStateManager:
+        m = manager(where, backup_interval=1e9)
+        m.save_positions([pos(contracts="1")])
+        m.save_positions([pos(contracts="2")])
+        return m
+
+    with setup(tmp_path / "probe") as m:
+        probe = FailAt(0)
+        with fs.use(probe):
+            m.restore_from_backup("latest")
+    total = len(probe.ops)
+    outcomes = set()
+    for k in range(1, total + 1):
+        where = tmp_path / f"k{k}"
+        with setup(where) as m:
+            before_backups = {b.id for b in m.list_backups()}
+            with fs.use(FailAt(k)):
+                try:
+                    m.restore_from_backup("latest")
+                    outcomes.add("ok")
+                except PosStateError:  # PersistenceError, or a read error that hid the backup
+                    outcomes.add("failed")
+                    assert m.get_positions() in (old, new)
+        with manager(where) as fresh:
+            assert fresh.get_positions() in (old, new), f"fault at op {k}"
+            assert before_backups <= {b.id for b in fresh.list_backups()}  # no backup lost
+    assert outcomes == {"ok", "failed"}
 
 
 def test_failed_timed_backup_never_fails_the_save(tmp_path: Path) -> None:
