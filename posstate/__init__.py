@@ -6,9 +6,12 @@ from posstate._account import AccountStateStore
 from posstate._account_feed import UpdateQueue
 from posstate._account_persist import PersistedAccountStateStore
 from posstate._account_types import AccountSnapshot, AccountUpdate, ActivePositionCounts, Order, SessionSummary
+from posstate._backup_ops import RestoreResult
+from posstate._backups import BackupInfo
 from posstate._config import ConfigError, StateConfig
 from posstate._crypto import generate_key
 from posstate._errors import (
+    AmbiguousBackupError,
     ConcurrentModificationError,
     CorruptStateError,
     ManagerClosedError,
@@ -17,6 +20,7 @@ from posstate._errors import (
     PersistenceError,
     PosStateError,
     SchemaValidationError,
+    StaleBackupError,
     StaleReportError,
     StateLockedError,
     StateNotFoundError,
@@ -26,10 +30,14 @@ from posstate._errors import (
     WrongKeyError,
 )
 from posstate._manager import PositionStateManager
+from posstate._merge import MergeDecision, MergeResult
 from posstate._model import Position
 from posstate._orders import OrderIntent, OrderIntents, make_client_order_id
 from posstate._reconcile import AppliedReconciliation, ReconciliationReport
 from posstate._reconcile_file import ReconcileFileResult, reconcile_file
+from posstate._recovery import RecoveryReport
+from posstate._repair import RepairDecision, RepairReport
+from posstate._retention import PruneDecision, PruneResult
 from posstate._validate import ValidationReport
 from posstate._version import __version__
 
@@ -38,11 +46,15 @@ __all__ = [
     "AccountStateStore",
     "AccountUpdate",
     "ActivePositionCounts",
+    "AmbiguousBackupError",
     "AppliedReconciliation",
+    "BackupInfo",
     "ConcurrentModificationError",
     "ConfigError",
     "CorruptStateError",
     "ManagerClosedError",
+    "MergeDecision",
+    "MergeResult",
     "MissingKeyError",
     "Order",
     "OrderIntent",
@@ -53,10 +65,17 @@ __all__ = [
     "PosStateError",
     "Position",
     "PositionStateManager",
+    "PruneDecision",
+    "PruneResult",
     "ReconcileFileResult",
     "ReconciliationReport",
+    "RecoveryReport",
+    "RepairDecision",
+    "RepairReport",
+    "RestoreResult",
     "SchemaValidationError",
     "SessionSummary",
+    "StaleBackupError",
     "StaleReportError",
     "StateConfig",
     "StateLockedError",

@@ -301,3 +301,53 @@ class OrderIntentNotFoundError(PosStateError, LookupError):
     @property
     def client_order_id(self) -> str:
         return self._client_order_id
+class AmbiguousBackupError(PosStateError, LookupError):
+    """A backup id prefix matches more than one backup."""
+
+    def __init__(self, path: str | Path | None, *, prefix: str, matches: Sequence[str]) -> None:
+        self._prefix = prefix
+        self._matches = tuple(matches)
+        shown = ", ".join(self._matches[:5]) + (" ..." if len(self._matches) > 5 else "")
+        super().__init__(
+            f"{_show(path)}: backup id {prefix!r} matches {len(self._matches)} backups ({shown}); "
+            "give more digits of the id (`posstate backups list` shows them)",
+            path=path,
+        )
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def matches(self) -> tuple[str, ...]:
+        """Every backup id the prefix matched, newest first."""
+        return self._matches
+
+
+class StaleBackupError(PosStateError, ValueError):
+    """A restore was refused: the backup is older than ``backup_threshold`` relative to the last save."""
+
+    def __init__(self, path: str | Path | None, *, backup_id: str, age: float, threshold: float) -> None:
+        self._backup_id = backup_id
+        self._age = age
+        self._threshold = threshold
+        super().__init__(
+            f"{_show(path)}: backup {backup_id} is {age:.0f} s older than the last save, over the backup threshold "
+            f"of {threshold:.0f} s; restoring it brings back stale positions, and stale positions lead to duplicate "
+            "orders; reconcile with the exchange first, then restore on purpose with accept_older=True "
+            f"(`posstate backups restore {backup_id} --accept-older`)",
+            path=path,
+        )
+
+    @property
+    def backup_id(self) -> str:
+        return self._backup_id
+
+    @property
+    def age(self) -> float:
+        """Seconds between the backup's write time and the last save."""
+        return self._age
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold

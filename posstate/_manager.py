@@ -10,7 +10,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from posstate import _atomic, _document, _fileops as fs, _format, _statefile
+from posstate import _atomic, _backup_ops, _document, _fileops as fs, _format, _merge, _periodic, _recovery, _repair, _statefile
+from posstate._backup_ops import RestoreResult
+from posstate._backups import BackupInfo
 from posstate._config import StateConfig
 from posstate._crypto import Keyring
 from posstate._document import StateData
@@ -25,7 +27,11 @@ from posstate._errors import (
 )
 from posstate._events import EventBus, Handler, StatsLogger
 from posstate._lock import WriterLock
+from posstate._merge import MergeResult
 from posstate._model import Position, PositionKey, Side
+from posstate._recovery import RecoveryReport
+from posstate._repair import RepairReport
+from posstate._retention import PruneResult
 from posstate._validate import ValidationIssue, ValidationReport, validate_file
 
 log = logging.getLogger("posstate")
@@ -69,6 +75,11 @@ class PositionStateManager:
         # save time was written by someone who bypassed the lock.
         self._expected_on_disk: set[str | None] = set()
         self._highest_generation = 0
+        #: The report of the last automatic recovery (see docs/RECOVERY.md), or None.
+        self.last_recovery: RecoveryReport | None = None
+        self._last_backup_at: float | None = None  # creation time of the newest backup (None: not looked yet)
+        self._tombstone_floor: int | None = None  # generation of the oldest backup kept (None: unknown)
+        self._validator: _periodic.PeriodicValidator | None = None
         try:
             fs.ensure_dir(cfg.state_dir)
         except OSError as exc:
@@ -79,6 +90,9 @@ class PositionStateManager:
         except BaseException:
             self._writer_lock.release()
             raise
+        self._validator = _periodic.start_for(
+            self.validate_state, enabled=cfg.validation_enabled and cfg.periodic_validation, interval=cfg.validation_interval
+        )
 
     # ------------------------------------------------------------------------------------------ basics
     def __repr__(self) -> str:
@@ -126,6 +140,8 @@ class PositionStateManager:
 
     def _on_close(self) -> None:
         """Hook for subclasses and mixins (background validation, journal) to stop their work."""
+        if self._validator is not None:
+            self._validator.stop()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -154,11 +170,11 @@ class PositionStateManager:
             loaded = _statefile.read(self._path, options=self._read)
         except CorruptStateError as exc:
             self._events.emit("stateCorrupted", {"path": str(self._path), "reason": exc.reason, "kind": exc.kind})
-            raise
+            return self._recovered(exc, started)
         except SchemaValidationError as exc:
             self._events.emit("validationError", {"path": str(self._path), "json_path": exc.json_path, "rule": exc.rule, "reason": exc.detail})
             self._events.emit("stateCorrupted", {"path": str(self._path), "reason": str(exc), "kind": "invalid"})
-            raise
+            return self._recovered(exc, started)
         except PersistenceError as exc:
             self._events.emit("persistenceError", {"path": str(self._path), "operation": exc.operation, "reason": str(exc)})
             raise
@@ -175,6 +191,22 @@ class PositionStateManager:
             },
         )
         return loaded.state
+
+    def _recovered(self, exc: PosStateError, started: float) -> StateData:
+        """Automatic recovery (docs/RECOVERY.md); raises UnrecoverableStateError when no copy can be trusted."""
+        state = _recovery.recover(self, exc)
+        source = self.last_recovery.source if self.last_recovery is not None else "recovery"
+        self._events.emit(
+            "stateLoaded",
+            {
+                "path": str(self._path),
+                "generation": state.generation,
+                "positions": len(state.positions),
+                "source": f"recovery: {source}",
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+        )
+        return state
 
     def _fresh_or_missing(self) -> StateData:
         others = [p for p in (self.config.bak_path,) if fs.exists(p)] + self._backup_files()
@@ -357,6 +389,7 @@ class PositionStateManager:
         started = time.perf_counter()
         generation = max(st.generation, self._highest_generation) + 1
         st.generation = generation
+        _merge.drop_old_tombstones(st, floor=self._tombstone_floor)
         st, encoded = _statefile.encode(st, keyring=self._write_keyring, compression_level=self.config.compression_level if self.config.compression else None, entries=entries)
         self._highest_generation = generation
         self._write_main(encoded)
@@ -379,6 +412,7 @@ class PositionStateManager:
 
     def _after_save(self, state: StateData) -> None:
         """Hook run after every successful save (timed backups live here)."""
+        _backup_ops.after_save(self, state)
 
     def _write_main(self, encoded: Any) -> None:
         path = self._path
@@ -453,6 +487,102 @@ class PositionStateManager:
             except OSError as exc:
                 raise PersistenceError(tmp, operation="clean up leftover temp file", cause=exc) from exc
 
+    # ------------------------------------------------------------------------------------------ batch save
+    def batch_save_positions(self, upserts: PositionsInput = (), *, deletes: Iterable[PositionKey] = ()) -> int:
+        """Apply many changes and write them in ONE save; returns the new generation.
+
+        *upserts* (Positions, or a mapping whose values are Positions) are added or replaced; *deletes* are
+        ``(symbol, side)`` keys to close (absent keys are ignored). Positions not named stay as they are
+        (unlike :meth:`save_positions`, which replaces all). Everything is checked before anything changes;
+        if the save fails, nothing changes in memory or on disk.
+        """
+        wanted = _normalize(upserts)
+        gone = [(str(k[0]), k[1]) for k in deletes]
+        both = set(wanted) & set(gone)
+        if both:
+            sym, side = sorted(both)[0]
+            raise SchemaValidationError(None, f"$[{sym}|{side}]", "unique", f"{sym} {side} is both upserted and deleted in a batch")
+        with self._lock:
+            self._ensure_loaded()
+            st = self._state.copy()
+            entries = dict(self._entries)
+            for key in gone:
+                self._remove_position(st, entries, key)
+            for p in wanted.values():
+                self._apply_position(st, entries, p)
+            return self._commit(st, entries)
+
+    # ------------------------------------------------------------------------------------------ backups and recovery
+    # Thin delegations: the work lives in _backup_ops, _retention, _recovery, _repair and _merge.
+    def create_backup(self) -> BackupInfo:
+        """Write a verified timestamped backup of the last saved state now (then apply retention)."""
+        with self._lock:
+            self._check_open()
+            return _backup_ops.create(self)
+
+    def list_backups(self) -> list[BackupInfo]:
+        """Every timestamped backup, newest first, read from headers (damaged ones listed as damaged)."""
+        with self._lock:
+            self._check_open()
+            return _backup_ops.list_all(self)
+
+    def validate_backup(self, backup_id: str) -> ValidationReport:
+        """Fully validate one backup (id, unique prefix or ``latest``); never writes."""
+        with self._lock:
+            self._check_open()
+            return _backup_ops.validate(self, backup_id)
+
+    def prune_old_backups(self, *, dry_run: bool = False) -> PruneResult:
+        """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones."""
+        with self._lock:
+            self._check_open()
+            return _backup_ops.prune_backups(self, dry_run=dry_run)
+
+    def restore_from_backup(self, backup_id: str, *, accept_older: bool = False) -> RestoreResult:
+        """Make a backup (id, unique prefix or ``latest``) the current state, as a new generation.
+
+        Refuses a backup older than ``backup_threshold`` relative to the last save with
+        :class:`~posstate.StaleBackupError` unless *accept_older* (stale positions lead to duplicate orders).
+        """
+        with self._lock:
+            self._check_open()
+            return _backup_ops.restore(self, backup_id, accept_older=accept_older)
+
+    def attempt_recovery(self) -> RecoveryReport | None:
+        """Reload the state file, recovering it from the best copy if it cannot be loaded.
+
+        Returns the recovery report, or None when the state file was fine. Unsaved changes are discarded.
+        """
+        with self._lock:
+            self._check_open()
+            before = self.last_recovery
+            self._load_main()
+            return self.last_recovery if self.last_recovery is not before else None
+
+    def repair_state(self) -> RepairReport:
+        """Repair a state file that decrypts but fails validation, entry by entry (docs/RECOVERY.md)."""
+        with self._lock:
+            self._check_open()
+            return _repair.repair(self)
+
+    def merge_states(self, current: StateData | str, backup: StateData | str) -> MergeResult:
+        """Merge two states by per-entry revision (ties go to *current*); nothing is written.
+
+        Each argument is a state, ``"current"`` (the state in memory) or a backup id / prefix / ``latest``.
+        """
+        with self._lock:
+            self._check_open()
+            return _merge.merge_states(self._state_for(current), self._state_for(backup))
+
+    def _state_for(self, which: StateData | str) -> StateData:
+        if isinstance(which, StateData):
+            return which
+        if which == "current":
+            self._ensure_loaded()
+            return self._state.copy()
+        info = _backups_resolve(self, which)
+        return _statefile.read(info.path, options=self._read, what="backup").state
+
     # ------------------------------------------------------------------------------------------ validation
     def validate_state(self, positions: PositionsInput | None = None) -> ValidationReport:
         """Validate *positions*, or (by default) the state file on disk, fully; emits stateValidated or
@@ -470,6 +600,12 @@ class PositionStateManager:
             first = report.errors[0] if report.errors else ValidationIssue("$", "contents not checked")
             self._events.emit("validationError", {"path": str(self._path), "json_path": first.path, "reason": first.message})
         return report
+
+
+def _backups_resolve(mgr: PositionStateManager, ident: str) -> BackupInfo:
+    from posstate._backups import resolve
+
+    return resolve(_backup_ops.list_all(mgr), ident, backup_dir=mgr.config.backup_path)
 
 
 def _atomic_quiet_unlink(path: Path) -> None:

@@ -1,0 +1,289 @@
+"""The manager's backup operations: create (timed and on demand), list, validate, prune, restore.
+
+These functions run under the manager's lock (the manager's public methods hold it and delegate here);
+they use the manager's read options, keyring and event bus, and its save path (``_commit``) for restores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posstate import _atomic, _backups, _codec, _document, _retention, _statefile
+from posstate import _fileops as fs
+from posstate._backups import BackupInfo
+from posstate._document import StateData
+from posstate._errors import PersistenceError, PosStateError, StaleBackupError, StateNotFoundError
+from posstate._recovery import main_header
+from posstate._validate import ValidationReport, validate_file
+
+if TYPE_CHECKING:
+    from posstate._manager import PositionStateManager
+
+log = logging.getLogger("posstate")
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    """What :meth:`PositionStateManager.restore_from_backup` did."""
+
+    backup: BackupInfo
+    generation: int  # generation of the restored state as now written
+    source_generation: int  # generation the backup held
+    age: float  # seconds between the backup's write time and the last save (negative: newer)
+    pre_restore_backup: str | None  # id of the backup that keeps the file that was replaced
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup.id,
+            "generation": self.generation,
+            "source_generation": self.source_generation,
+            "age": round(self.age, 3),
+            "pre_restore_backup": self.pre_restore_backup,
+        }
+
+
+def _compression(mgr: PositionStateManager) -> int | None:
+    return mgr.config.compression_level if mgr.config.compression else None
+
+
+def _state_ms(state: StateData) -> int | None:
+    try:
+        return int(_document.parse_utc_text(state.written_at) * 1000)
+    except ValueError:
+        return None
+
+
+def create(mgr: PositionStateManager, state: StateData | None = None, *, prune: bool = True) -> BackupInfo:
+    """Write a verified backup of *state* (default: the last saved state); emit backupCreated or backupFailed."""
+    cfg = mgr.config
+    try:
+        if state is None:
+            state = _saved_state(mgr)
+        info = _backups.write_backup(
+            state,
+            backup_dir=cfg.backup_path,
+            keyring=mgr._write_keyring,
+            compression_level=_compression(mgr),
+            options=mgr._read,
+            now=time.time(),
+            written_at_ms=_state_ms(state),
+        )
+    except (PosStateError, OSError) as exc:
+        mgr._events.emit(
+            "backupFailed", {"path": str(cfg.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")}
+        )
+        log.warning("backup failed: %s", exc)
+        raise
+    mgr._last_backup_at = info.created_at.timestamp()
+    mgr._events.emit(
+        "backupCreated",
+        {
+            "path": str(info.path),
+            "backup_id": info.id,
+            "generation": info.generation,
+            "positions": info.position_count,
+            "bytes": info.size,
+        },
+    )
+    if prune:
+        try:
+            prune_backups(mgr, dry_run=False)
+        except (PosStateError, OSError) as exc:
+            mgr._events.emit("error", {"context": "prune after backup", "error": str(exc)})
+            log.warning("pruning after backup failed: %s", exc)
+    return info
+
+
+def _saved_state(mgr: PositionStateManager) -> StateData:
+    """The last durable state: memory when it has no unsaved change, else the (validated) file on disk."""
+    mgr._ensure_loaded()
+    if not mgr._dirty and mgr._state.generation > 0:
+        return mgr._state
+    if not fs.exists(mgr.path):
+        raise StateNotFoundError(mgr.path, what="saved state", next_step="save the state before backing it up")
+    return _statefile.read(mgr.path, options=mgr._read).state
+
+
+def after_save(mgr: PositionStateManager, state: StateData) -> None:
+    """Timed backup: after a save, back up if the newest backup is older than ``backup_interval``.
+
+    A failing backup is reported (``backupFailed``) and never fails the save that triggered it.
+    """
+    now = time.time()
+    last = mgr._last_backup_at
+    if last is None:
+        found = _backups.names_only(mgr.config.backup_path)
+        last = found[0][1].timestamp() if found else float("-inf")
+        mgr._last_backup_at = last
+    if now - last < mgr.config.backup_interval:
+        return
+    with contextlib.suppress(PosStateError, OSError):  # reported as backupFailed; the save itself succeeded
+        create(mgr, state)
+
+
+def list_all(mgr: PositionStateManager) -> list[BackupInfo]:
+    return _backups.scan(mgr.config.backup_path)
+
+
+def validate(mgr: PositionStateManager, backup_id: str) -> ValidationReport:
+    info = _backups.resolve(list_all(mgr), backup_id, backup_dir=mgr.config.backup_path)
+    return validate_file(info.path, options=mgr._read)
+
+
+def _policy(mgr: PositionStateManager) -> _retention.Policy:
+    c = mgr.config
+    return _retention.Policy(
+        max_backups=c.max_backups,
+        keep_within=c.keep_within,
+        keep_hourly=c.keep_hourly,
+        keep_daily=c.keep_daily,
+        keep_weekly=c.keep_weekly,
+    )
+
+
+def prune_backups(mgr: PositionStateManager, *, dry_run: bool) -> _retention.PruneResult:
+    """Apply retention; only fully validated backups fill slots; damaged ones go to quarantine."""
+    cfg = mgr.config
+    checked = [_backups.full_check(b, options=mgr._read)[0] for b in list_all(mgr)]
+    decisions = _retention.plan(checked, policy=_policy(mgr), now=datetime.now(timezone.utc))
+    kept = tuple(d for d in decisions if d.action == "keep")
+    removed = tuple(d for d in decisions if d.action == "remove")
+    quarantined = tuple(d for d in decisions if d.action == "quarantine")
+    result = _retention.PruneResult(kept=kept, removed=removed, quarantined=quarantined, dry_run=dry_run)
+    if dry_run:
+        return result
+    newest = next((d.backup for d in kept if d.backup.valid), None)
+    done_q: list[str] = []
+    for d in quarantined:
+        try:
+            _atomic.move_aside(d.backup.path, cfg.quarantine_dir, label="damaged-backup")
+            done_q.append(d.backup.id)
+        except OSError as exc:
+            raise PersistenceError(d.backup.path, operation="quarantine damaged backup", cause=exc) from exc
+    done_r: list[str] = []
+    if removed:
+        # Redundant only while the backups that make it so are still there.
+        if newest is None or not fs.exists(newest.path):
+            raise PersistenceError(cfg.backup_path, operation="prune", reason="the newest valid backup vanished; nothing removed")
+        for d in removed:
+            try:
+                fs.unlink(d.backup.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise PersistenceError(d.backup.path, operation="remove redundant backup", cause=exc) from exc
+            done_r.append(d.backup.id)
+        try:
+            fs.fsync_dir(cfg.backup_path)
+        except OSError as exc:
+            raise PersistenceError(cfg.backup_path, operation="fsync backup directory", cause=exc) from exc
+    gens = [d.backup.generation for d in kept if d.backup.generation is not None]
+    mgr._tombstone_floor = min(gens) if gens else None
+    if done_r or done_q:
+        mgr._events.emit(
+            "backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)}
+        )
+    return result
+
+
+def _header_of(path: Path) -> tuple[int, int] | None:
+    """(generation, written_at ms) of a file whose checksum holds, else None."""
+    try:
+        h = _codec.inspect(fs.read_file(path), path=path)
+    except (OSError, PosStateError):
+        return None
+    return (h.generation, h.written_at_ms)
+
+
+def _link_as_backup(mgr: PositionStateManager) -> str | None:
+    """Keep the state file about to be replaced as a timestamped backup (a hard link; it is intact)."""
+    path = mgr.path
+    if _header_of(path) is None:
+        return None  # missing, or damaged: the save path sets a damaged file aside in quarantine
+    bdir = mgr.config.backup_path
+    fs.ensure_dir(bdir)
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
+    for bid in _backups.fresh_ids(bdir, stamp):
+        try:
+            fs.link(path, bdir / _backups.file_name(bid))
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in _atomic._NO_LINKS:
+                raise
+            _atomic.write_new_file(bdir / _backups.file_name(bid), fs.read_file(path))
+        fs.fsync_dir(bdir)
+        return bid
+    raise PersistenceError(bdir, operation="pre-restore backup", reason="no free backup name")  # pragma: no cover
+
+
+def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) -> RestoreResult:
+    """Validate a backup, keep the current file as a backup, write the backup's state as a new generation."""
+    cfg = mgr.config
+    backups = list_all(mgr)
+    info = _backups.resolve(backups, backup_id, backup_dir=cfg.backup_path)
+    loaded = _statefile.read(info.path, options=mgr._read, what="backup")
+    mgr._check_account(loaded.state)
+    known = [h for h in (_header_of(mgr.path), _header_of(cfg.bak_path)) if h is not None]
+    claimed = main_header(mgr.path, mgr.config.clock_skew)  # a damaged state file still tells when it was written
+    if claimed is not None:
+        known.append(claimed)
+    known += [
+        (b.generation, int(b.written_at.timestamp() * 1000))
+        for b in backups
+        if b.valid and b.generation is not None and b.written_at
+    ]
+    last_save_ms = max((ms for _, ms in known), default=loaded.header.written_at_ms)
+    if mgr._loaded and mgr._state.generation > 0:
+        ms = _state_ms(mgr._state)
+        if ms is not None:
+            last_save_ms = max(last_save_ms, ms)
+    age = (last_save_ms - loaded.header.written_at_ms) / 1000
+    if age > cfg.backup_threshold and not accept_older:
+        raise StaleBackupError(info.path, backup_id=info.id, age=age, threshold=cfg.backup_threshold)
+    highest = max([mgr._highest_generation, loaded.state.generation] + [g for g, _ in known])
+    on_disk = _header_of(mgr.path)
+    previous = mgr._state if mgr._loaded else None
+    try:
+        pre = _link_as_backup(mgr)
+    except _atomic.WriteFailed as wf:
+        raise PersistenceError(cfg.backup_path, operation=f"pre-restore backup {wf.step}", cause=wf.cause) from wf.cause
+    except OSError as exc:
+        raise PersistenceError(cfg.backup_path, operation="pre-restore backup", cause=exc) from exc
+    if not mgr._loaded:
+        # We hold the lock, so the file on disk is the last one written here: adopt its checksum.
+        data = fs.read_file(mgr.path) if on_disk is not None else None
+        mgr._expected_on_disk = {None if data is None else _format_checksum(data)}
+    st = loaded.state.copy()
+    # The restore is the newest decision: its entries outrank everything older in a merge, and whatever
+    # the replaced state held that the backup lacks gets a tombstone, so no merge brings it back.
+    rev = highest + 1
+    st.generation = highest
+    st.position_revs = dict.fromkeys(st.positions, rev)
+    st.metadata_revs = dict.fromkeys(st.metadata, rev)
+    if previous is not None:
+        for k in previous.positions.keys() - st.positions.keys():
+            st.position_tombstones[k] = rev
+        for s in previous.metadata.keys() - st.metadata.keys():
+            st.metadata_tombstones[s] = rev
+    entries = {k: _document.position_entry(p, rev) for k, p in st.positions.items()}
+    mgr._highest_generation = max(mgr._highest_generation, highest)
+    generation = mgr._commit(st, entries)
+    mgr._loaded = True
+    result = RestoreResult(
+        backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre
+    )
+    mgr._events.emit("backupRestored", {"path": str(mgr.path), "backup_id": info.id, **result.to_dict()})
+    return result
+
+
+def _format_checksum(data: bytes) -> str | None:
+    from posstate._format import checksum_of
+
+    return checksum_of(data)

@@ -1,0 +1,261 @@
+"""Automatic recovery of a state file that cannot be loaded (see docs/RECOVERY.md for the order).
+
+1. Read the state file once more (a transient read problem is not corruption).
+2. Gather every other copy: the in-memory state (if it has no unsaved change), ``positions.json.bak`` and
+   every timestamped backup. Validate each fully. Only copies written within ``backup_threshold`` of the
+   newest copy known (by write time) are eligible; among them the highest generation wins, so a ``.bak``
+   never beats a newer timestamped backup.
+3. Move the damaged state file to ``state/quarantine/`` (timestamped name; never deleted), write the chosen
+   state as the new state file with a new generation, emit ``stateRepaired``, record ``last_recovery``.
+4. If no copy is eligible: :class:`UnrecoverableStateError` listing every candidate and why it was refused.
+   Nothing is quarantined then, and nothing ever starts empty.
+
+A wrong key is not corruption: :class:`WrongKeyError` from the state file propagates before any of this.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posstate import _atomic, _backups, _codec, _format, _statefile
+from posstate import _fileops as fs
+from posstate._document import StateData
+from posstate._errors import (
+    CorruptStateError,
+    PersistenceError,
+    PosStateError,
+    SchemaValidationError,
+    StateNotFoundError,
+    UnrecoverableStateError,
+    WrongKeyError,
+)
+
+if TYPE_CHECKING:
+    from posstate._manager import PositionStateManager
+
+log = logging.getLogger("posstate")
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What the last automatic recovery did (``PositionStateManager.last_recovery``)."""
+
+    source: str  # "state file (re-read)", "memory", "positions.json.bak" or "backup <id>"
+    source_path: Path | None
+    generation: int  # generation of the copy used
+    new_generation: int  # generation written as the new state file
+    age: float  # seconds between the copy's write time and the recovery
+    generations_lost: int | None  # newest generation known minus the one recovered (None: unknown)
+    reason: str  # why the state file could not be loaded
+    quarantined: Path | None = None
+    attempts: int = 1
+    candidates: tuple[tuple[str, str], ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "source_path": str(self.source_path) if self.source_path else None,
+            "generation": self.generation,
+            "new_generation": self.new_generation,
+            "age": round(self.age, 3),
+            "generations_lost": self.generations_lost,
+            "reason": self.reason,
+            "quarantined": str(self.quarantined) if self.quarantined else None,
+            "attempts": self.attempts,
+            "candidates": [list(c) for c in self.candidates],
+        }
+
+
+@dataclass(slots=True)
+class _Candidate:
+    name: str
+    path: Path | None
+    state: StateData | None = None
+    generation: int | None = None
+    written_ms: int | None = None
+    verdict: str = ""
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, CorruptStateError):
+        return exc.reason
+    if isinstance(exc, SchemaValidationError):
+        return f"invalid: {exc.json_path}: {exc.detail}"
+    if isinstance(exc, WrongKeyError):
+        return f"written with another key (key id {exc.file_key_id})"
+    if isinstance(exc, StateNotFoundError):
+        return "missing"
+    return str(exc).split("; ")[0]
+
+
+def _inspect(path: Path, cand: _Candidate) -> bytes | None:
+    try:
+        data = fs.read_file(path)
+    except FileNotFoundError:
+        cand.verdict = "missing"
+        return None
+    except OSError as exc:
+        cand.verdict = f"cannot be read ({exc.strerror or exc})"
+        return None
+    try:
+        h = _codec.inspect(data, path=path)
+        cand.generation, cand.written_ms = h.generation, h.written_at_ms
+    except PosStateError:
+        pass
+    return data
+
+
+def _load_candidate(mgr: PositionStateManager, name: str, path: Path) -> _Candidate:
+    cand = _Candidate(name, path)
+    data = _inspect(path, cand)
+    if data is None:
+        return cand
+    try:
+        loaded = _statefile.parse(data, path=path, options=mgr._read)
+        mgr._check_account(loaded.state)
+    except PosStateError as exc:
+        cand.verdict = _why(exc)
+        return cand
+    cand.state = loaded.state
+    return cand
+
+
+def main_header(path: Path, skew: float) -> tuple[int, int] | None:
+    """(generation, written ms) the damaged state file claims, if its header parses and is plausible."""
+    try:
+        data = fs.read_file(path)
+        h = _format.parse_header(data)
+    except (OSError, _format.FormatProblem):
+        return None
+    if h.written_at_ms > (time.time() + skew) * 1000:
+        return None
+    return (h.generation, h.written_at_ms)
+
+
+def recover(mgr: PositionStateManager, error: PosStateError) -> StateData:
+    """Bring the state back from the best copy, within ``recovery_max_attempts``; see the module docstring."""
+    attempts = max(1, mgr.config.recovery_max_attempts)
+    last: PosStateError | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            return _attempt(mgr, error, attempt)
+        except WrongKeyError:
+            raise
+        except UnrecoverableStateError as exc:
+            mgr._events.emit("recoveryError", {"path": str(mgr.path), "reason": str(exc), "attempt": attempt})
+            raise
+        except (PersistenceError, CorruptStateError) as exc:
+            last = exc
+            log.warning("recovery attempt %s of %s failed: %s", attempt, attempts, exc)
+    assert last is not None
+    mgr._events.emit("recoveryError", {"path": str(mgr.path), "reason": str(last), "attempts": attempts})
+    raise last
+
+
+def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> StateData:
+    cfg = mgr.config
+    path = mgr.path
+    reason = _why(error)
+    if attempt == 1 and fs.exists(path):
+        try:
+            loaded = _statefile.read(path, options=mgr._read)
+        except (CorruptStateError, SchemaValidationError, PersistenceError):
+            pass
+        else:
+            mgr._check_account(loaded.state)
+            mgr._adopt(loaded.state, loaded.checksum)
+            mgr.last_recovery = RecoveryReport(
+                source="state file (re-read)",
+                source_path=path,
+                generation=loaded.state.generation,
+                new_generation=loaded.state.generation,
+                age=0.0,
+                generations_lost=0,
+                reason=reason,
+            )
+            return loaded.state
+    cands: list[_Candidate] = []
+    if mgr._loaded and not mgr._dirty and mgr._state.generation > 0:
+        st = mgr._state
+        ms = _statefile_ms(st)
+        cands.append(_Candidate("memory", None, st.copy(), st.generation, ms))
+    cands.append(_load_candidate(mgr, cfg.bak_path.name, cfg.bak_path))
+    for bid, _created in _backups.names_only(cfg.backup_path):
+        cands.append(_load_candidate(mgr, f"backup {bid}", cfg.backup_path / _backups.file_name(bid)))
+    known = [(c.generation, c.written_ms) for c in cands if c.generation is not None and c.written_ms is not None]
+    claimed = main_header(path, cfg.clock_skew)
+    if claimed is not None:
+        known.append(claimed)
+    newest_ms = max((ms for _, ms in known), default=None)
+    newest_gen = max((g for g, _ in known), default=None)
+    floor_ms = None if newest_ms is None else newest_ms - cfg.backup_threshold * 1000
+    eligible: list[_Candidate] = []
+    for c in cands:
+        if c.state is None:
+            continue
+        if floor_ms is not None and c.written_ms is not None and c.written_ms < floor_ms:
+            c.verdict = (
+                f"valid but too old: written {(newest_ms or 0) / 1000 - c.written_ms / 1000:.0f} s before the newest copy known "
+                f"(backup_threshold {cfg.backup_threshold:.0f} s)"
+            )
+            continue
+        eligible.append(c)
+    listing = [(path.name, reason)]
+    if not eligible:
+        listing += [(c.name, c.verdict or "not usable") for c in cands]
+        raise UnrecoverableStateError(path, listing)
+    best = max(eligible, key=lambda c: (c.generation or 0, c.written_ms or 0, c.name != cfg.bak_path.name))
+    for c in eligible:
+        c.verdict = "chosen" if c is best else f"valid, older than the chosen copy (generation {c.generation})"
+    listing += [(c.name, c.verdict) for c in cands]
+    quarantined: Path | None = None
+    if fs.exists(path):
+        try:
+            quarantined = _atomic.move_aside(path, cfg.quarantine_dir, label="corrupt")
+        except OSError as exc:
+            raise PersistenceError(path, operation="quarantine damaged state file", cause=exc) from exc
+        log.warning("moved damaged state file %s to %s", path, quarantined)
+    assert best.state is not None
+    mgr._highest_generation = max(mgr._highest_generation, newest_gen or 0, best.state.generation)
+    mgr._adopt(best.state, None)
+    try:
+        new_gen = mgr._commit(mgr._state.copy(), dict(mgr._entries))
+    except BaseException:
+        mgr._loaded = False
+        raise
+    now_ms = time.time() * 1000
+    report = RecoveryReport(
+        source=best.name,
+        source_path=best.path,
+        generation=best.state.generation,
+        new_generation=new_gen,
+        age=max(0.0, (now_ms - (best.written_ms or now_ms)) / 1000),
+        generations_lost=None if newest_gen is None else max(0, newest_gen - best.state.generation),
+        reason=reason,
+        quarantined=quarantined,
+        attempts=attempt,
+        candidates=tuple(listing),
+    )
+    mgr.last_recovery = report
+    mgr._events.emit("stateRepaired", {"path": str(path), "operation": "recovery", **report.to_dict()})
+    log.warning(
+        "recovered %s from %s (generation %s, %s generations lost)",
+        path,
+        best.name,
+        best.state.generation,
+        report.generations_lost,
+    )
+    return mgr._state
+
+
+def _statefile_ms(state: StateData) -> int | None:
+    from posstate._document import parse_utc_text
+
+    try:
+        return int(parse_utc_text(state.written_at) * 1000)
+    except ValueError:
+        return None
