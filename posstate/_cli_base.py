@@ -229,7 +229,7 @@ class PosstateGroup(click.Group):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             hint = f"see `{exc.ctx.command_path} --help`" if exc.ctx is not None else "see `posstate --help`"
-            click.echo(error_line(f"{exc.format_message()}; {hint}"), err=True)
+            click.echo(error_line(f"{exc.format_message().rstrip('.')}; {hint}"), err=True)
             code = EXIT_USAGE
         except click.ClickException as exc:
             click.echo(error_line(exc.format_message()), err=True)
@@ -243,17 +243,25 @@ class PosstateGroup(click.Group):
         return code
 
 
+def cli_message(exc: BaseException) -> str:
+    """The error's message, with library wording (``key=``) put in command-line terms (``--key-file``)."""
+    text = str(exc)
+    if isinstance(exc, MissingKeyError):
+        text = text.replace("pass key= or passphrase=, or set", "pass --key-file FILE, or set")
+    return text
+
+
 def _report(ctx: click.Context, exc: BaseException, *, unexpected: bool = False) -> None:
     env = ctx.find_object(Env)
     if env is not None and env.debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    message = str(exc)
+    message = cli_message(exc)
     if unexpected:
         message = f"unexpected {type(exc).__name__}: {message}; rerun with --debug for the traceback and report it"
     click.echo(error_line(message), err=True)
 
 
-@click.group(cls=PosstateGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.group(name="posstate", cls=PosstateGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="posstate")
 @common_options(top=True)
 def cli() -> None:
