@@ -45,7 +45,13 @@ CLEAN_ENV = {"POSSTATE_KEY": None, "POSSTATE_KEY_FILE": None, "POSSTATE_PASSPHRA
 
 # ------------------------------------------------------------------------------------------ helpers
 def pos(symbol: str, side: str = "long", contracts: str = "1", entry: str = "100", **kw: str) -> Position:
-    return Position(symbol=symbol, side=side, contracts=Decimal(contracts), entry_price=Decimal(entry), **{k: Decimal(v) for k, v in kw.items()})  # type: ignore[arg-type]
+    return Position(
+        symbol=symbol,
+        side=side,
+        contracts=Decimal(contracts),
+        entry_price=Decimal(entry),
+        **{k: Decimal(v) for k, v in kw.items()},
+    )  # type: ignore[arg-type]
 
 
 def write_key(path: Path, key: bytes) -> Path:
@@ -54,7 +60,9 @@ def write_key(path: Path, key: bytes) -> Path:
     return path
 
 
-def make_state(state_dir: Path, key: bytes, positions: list[Position], metadata: dict[str, dict[str, object]] | None = None) -> Path:
+def make_state(
+    state_dir: Path, key: bytes, positions: list[Position], metadata: dict[str, dict[str, object]] | None = None
+) -> Path:
     with PositionStateManager(StateConfig.in_dir(state_dir), key=key) as m:
         m.load_positions()
         for p in positions:
@@ -81,7 +89,10 @@ def state(tmp_path: Path, key: bytes) -> Path:
     make_state(
         tmp_path / "state",
         key,
-        [pos("BTC/USDT", "long", "0.5", "60000", mark_price="61000", unrealized_pnl="500", leverage="5"), pos("ETH/USDT", "short", "2", "3000")],
+        [
+            pos("BTC/USDT", "long", "0.5", "60000", mark_price="61000", unrealized_pnl="500", leverage="5"),
+            pos("ETH/USDT", "short", "2", "3000"),
+        ],
         {"BTC/USDT": {"entries_long": 1}},
     )
     return tmp_path / "state"
@@ -150,15 +161,41 @@ def test_validate_key_from_environment(state: Path, key: bytes) -> None:
 @pytest.mark.parametrize(
     ("name", "content", "code", "message"),
     [
-        pytest.param("random", os.urandom(300).replace(b"P", b"Q"), 1, "not a posstate file (no PSTATE magic); if it is a state document, load it with `posstate import FILE`", id="random-bytes"),
-        pytest.param("empty", b"", 1, "file is empty (0 bytes); recover with `posstate repair` or restore a backup with `posstate backups restore latest`", id="empty"),
-        pytest.param("plain.json", b'{"positions": {}}', 1, "plain JSON, not a posstate container; if it is a state document, load it with `posstate import FILE`", id="json"),
+        pytest.param(
+            "random",
+            os.urandom(300).replace(b"P", b"Q"),
+            1,
+            "not a posstate file (no PSTATE magic); if it is a state document, load it with `posstate import FILE`",
+            id="random-bytes",
+        ),
+        pytest.param(
+            "empty",
+            b"",
+            1,
+            "file is empty (0 bytes); recover with `posstate repair` or restore a backup with `posstate backups restore latest`",
+            id="empty",
+        ),
+        pytest.param(
+            "plain.json",
+            b'{"positions": {}}',
+            1,
+            "plain JSON, not a posstate container; if it is a state document, load it with `posstate import FILE`",
+            id="json",
+        ),
         pytest.param("adir", None, 1, "is a directory, not a state file; give the path of a positions file", id="directory"),
-        pytest.param("missing", "absent", 6, "no such state file; check --state-dir or the path, or list backups with `posstate backups list`", id="missing"),
+        pytest.param(
+            "missing",
+            "absent",
+            6,
+            "no such state file; check --state-dir or the path, or list backups with `posstate backups list`",
+            id="missing",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["validate", "show"])
-def test_bad_files_get_their_error_and_code(tmp_path: Path, key_file: Path, name: str, content: bytes | str | None, code: int, message: str, command: str) -> None:
+def test_bad_files_get_their_error_and_code(
+    tmp_path: Path, key_file: Path, name: str, content: bytes | str | None, code: int, message: str, command: str
+) -> None:
     """Random bytes, empty file, a directory, plain JSON, a missing file: each its own line and exit code."""
     target = tmp_path / name
     if content is None:
@@ -211,7 +248,9 @@ def test_validate_json_report(state: Path, key_file: Path) -> None:
 
 def test_validate_json_report_lists_schema_errors(tmp_path: Path, key: bytes, key_file: Path) -> None:
     """A decrypting file whose document breaks a rule: valid false, the JSON path in errors, exit 1."""
-    st = _statefile.read(make_state(tmp_path / "s", key, [pos("A", contracts="1")]), options=_statefile.ReadOptions(keyring=Keyring(key=key))).state
+    st = _statefile.read(
+        make_state(tmp_path / "s", key, [pos("A", contracts="1")]), options=_statefile.ReadOptions(keyring=Keyring(key=key))
+    ).state
     st.generation = 5
     st.position_revs = {("A", "long"): 9}  # a revision after the generation: a relationship error
     _, enc = _statefile.encode(st, keyring=Keyring(key=key), compression_level=3)
@@ -308,8 +347,14 @@ def test_diff_text_and_json(tmp_path: Path, key: bytes, key_file: Path) -> None:
     assert d["identical"] is False
     assert [p["symbol"] for p in d["positions"]["added"]] == ["C"]
     assert [p["symbol"] for p in d["positions"]["removed"]] == ["B"]
-    assert d["positions"]["changed"] == [{"key": "A|long", "symbol": "A", "side": "long", "fields": {"contracts": {"old": "1", "new": "2"}}}]
-    assert d["symbol_metadata"] == {"added": {"C": {"y": True}}, "removed": {"B": {"x": 1}}, "changed": {"A": {"n": {"old": 1, "new": 2}}}}
+    assert d["positions"]["changed"] == [
+        {"key": "A|long", "symbol": "A", "side": "long", "fields": {"contracts": {"old": "1", "new": "2"}}}
+    ]
+    assert d["symbol_metadata"] == {
+        "added": {"C": {"y": True}},
+        "removed": {"B": {"x": 1}},
+        "changed": {"A": {"n": {"old": 1, "new": 2}}},
+    }
 
 
 def test_diff_identical_and_missing(state: Path, key_file: Path, tmp_path: Path) -> None:
@@ -319,7 +364,10 @@ def test_diff_identical_and_missing(state: Path, key_file: Path, tmp_path: Path)
     assert r.exit_code == 0 and "no differences" in r.stdout
     r = run(["--key-file", str(key_file), "diff", p, str(tmp_path / "nope")])
     assert r.exit_code == 6
-    assert err_line(r) == f"Error: {tmp_path}/nope: no such state file; check --state-dir or the path, or list backups with `posstate backups list`"
+    assert (
+        err_line(r) == f"Error: {tmp_path}/nope: no such state file; check --state-dir or the path, "
+        "or list backups with `posstate backups list`"
+    )
 
 
 # ------------------------------------------------------------------------------------------ keygen
@@ -411,7 +459,9 @@ def test_import_refuses_duplicate_keys(state: Path, key_file: Path, tmp_path: Pa
         pytest.param(None, 2, "is a posstate state file, not an exported JSON document", id="container"),
     ],
 )
-def test_import_refuses_bad_documents(state: Path, key_file: Path, tmp_path: Path, content: bytes | None, code: int, expect: str) -> None:
+def test_import_refuses_bad_documents(
+    state: Path, key_file: Path, tmp_path: Path, content: bytes | None, code: int, expect: str
+) -> None:
     """Not JSON, schema-invalid, or a container instead of an export: refused, state untouched."""
     before = (state / "positions.json").read_bytes()
     src = tmp_path / "in.json"
@@ -431,7 +481,9 @@ def _export(state: Path, key_file: Path, tmp_path: Path) -> Path:
     return out
 
 
-def test_import_needs_yes_without_terminal_and_asks_on_one(state: Path, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_import_needs_yes_without_terminal_and_asks_on_one(
+    state: Path, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No terminal and no --yes: exit 2; on a terminal a 'no' aborts (exit 1) and nothing is written."""
     src = _export(state, key_file, tmp_path)
     before = (state / "positions.json").read_bytes()

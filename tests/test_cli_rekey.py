@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from posstate import _codec, _fileops as fs
+from posstate import _codec
+from posstate import _fileops as fs
 from posstate._config import StateConfig
 from posstate._crypto import Keyring, generate_key, key_id
 from posstate._errors import WrongKeyError
@@ -76,7 +77,9 @@ def test_rekey_dry_run_changes_nothing(tmp_path: Path, keys: tuple[bytes, Path, 
     state = tmp_path / "state"
     build(state, old)
     before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
-    r = run(["--state-dir", str(state), "--key-file", str(old_file), "rekey", "--new-key-file", str(new_file), "--dry-run", "--json"])
+    r = run(
+        ["--state-dir", str(state), "--key-file", str(old_file), "rekey", "--new-key-file", str(new_file), "--dry-run", "--json"]
+    )
     assert r.exit_code == 0, r.stderr
     assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before
     assert '"rekeyed": 0' in r.stdout and r.stdout.count('"action": "rekey"') == 4
@@ -105,10 +108,28 @@ def test_rekey_refused_while_locked(tmp_path: Path, keys: tuple[bytes, Path, byt
 @pytest.mark.parametrize(
     ("setup", "code", "line"),
     [
-        pytest.param("same-key", 2, "Error: {old_file}: this is the key in use (key id {old_id}); make a new one with `posstate keygen --out FILE`", id="same-key"),
-        pytest.param("no-yes", 2, "Error: rekey needs confirmation and there is no terminal to ask on; rerun with --yes", id="no-yes"),
-        pytest.param("no-old-key", 3, "Error: {state}/positions.json: this command needs the key and none was supplied; pass --key-file FILE, or set POSSTATE_KEY, POSSTATE_KEY_FILE or POSSTATE_PASSPHRASE (make a key with `posstate keygen`)", id="no-old-key"),
-        pytest.param("no-state", 6, "Error: {state}/positions.json: no such state file; nothing to rekey; check --state-dir or --config", id="no-state"),
+        pytest.param(
+            "same-key",
+            2,
+            "Error: {old_file}: this is the key in use (key id {old_id}); make a new one with `posstate keygen --out FILE`",
+            id="same-key",
+        ),
+        pytest.param(
+            "no-yes", 2, "Error: rekey needs confirmation and there is no terminal to ask on; rerun with --yes", id="no-yes"
+        ),
+        pytest.param(
+            "no-old-key",
+            3,
+            "Error: {state}/positions.json: this command needs the key and none was supplied; pass --key-file FILE, "
+            "or set POSSTATE_KEY, POSSTATE_KEY_FILE or POSSTATE_PASSPHRASE (make a key with `posstate keygen`)",
+            id="no-old-key",
+        ),
+        pytest.param(
+            "no-state",
+            6,
+            "Error: {state}/positions.json: no such state file; nothing to rekey; check --state-dir or --config",
+            id="no-state",
+        ),
         pytest.param("no-dir", 6, "Error: {state}: no such state directory; check --state-dir or --config", id="no-dir"),
     ],
 )
@@ -129,7 +150,9 @@ def test_rekey_refusals(tmp_path: Path, keys: tuple[bytes, Path, bytes, Path], s
     r = run(args)
     assert r.exit_code == code
     assert err_line(r) == line.format(old_file=old_file, old_id=key_id(old), state=state)
-    after = {p: p.read_bytes() for p in state.rglob("*") if p.is_file() and p.name != "positions.json.lock"} if state.exists() else {}
+    after = (
+        {p: p.read_bytes() for p in state.rglob("*") if p.is_file() and p.name != "positions.json.lock"} if state.exists() else {}
+    )
     assert after == {p: b for p, b in before.items() if p.name != "positions.json.lock"}
 
 
@@ -143,7 +166,9 @@ def test_rekey_skips_unreadable_and_finishes_after_rerun(tmp_path: Path, keys: t
     args = ["--state-dir", str(state), "--key-file", str(old_file), "rekey", "--new-key-file", str(new_file), "--yes"]
     r = run(args)
     assert r.exit_code == 1
-    assert err_line(r).startswith(f"Error: 1 file(s) could not be read with the old key and were left as they are (first: {damaged}: ")
+    assert err_line(r).startswith(
+        f"Error: 1 file(s) could not be read with the old key and were left as they are (first: {damaged}: "
+    )
     assert damaged.read_bytes() == b"PSTATE01 cut"
     assert all(readable_with(p, new) == new for p in files)
     r = run(args)
@@ -246,14 +271,19 @@ with fs.use(KillAt()):
 
 
 @pytest.mark.parametrize("kill_at", [1, 3])
-def test_rekey_killed_midway_leaves_every_file_readable(tmp_path: Path, keys: tuple[bytes, Path, bytes, Path], kill_at: int) -> None:
+def test_rekey_killed_midway_leaves_every_file_readable(
+    tmp_path: Path, keys: tuple[bytes, Path, bytes, Path], kill_at: int
+) -> None:
     """A real child killed with SIGKILL before its k-th rename: each file opens with one of the keys; rekey again finishes."""
     old, old_file, new, new_file = keys
     state = tmp_path / "state"
     files = build(state, old)
     before = documents(files, old)
     args = ["--state-dir", str(state), "--key-file", str(old_file), "rekey", "--new-key-file", str(new_file), "--yes"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")} | {"PYTHONPATH": str(ROOT), "KILL_AT": str(kill_at)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")} | {
+        "PYTHONPATH": str(ROOT),
+        "KILL_AT": str(kill_at),
+    }
     child = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, timeout=60)
     assert child.returncode == -signal.SIGKILL, child.stderr
     under_new = [p for p in files if readable_with(p, old, new) == new]
