@@ -235,7 +235,10 @@ class PosstateGroup(click.Group):
             click.echo(error_line(exc.format_message()), err=True)
             code = exc.exit_code
         except click.exceptions.Abort:
-            click.echo(error_line("aborted; nothing was changed"), err=True)
+            # Ctrl-C or end of input outside a prompt: whatever was written is complete (writes are atomic).
+            click.echo(
+                error_line("interrupted; no file is left half-written (every write is atomic); rerun the command"), err=True
+            )
             code = EXIT_INVALID
         code = code if isinstance(code, int) else EXIT_OK
         if standalone_mode:
@@ -284,7 +287,12 @@ def confirm(*, yes: bool, prompt: str, what: str) -> None:
         return
     if not is_terminal():
         raise CliError(f"{what} needs confirmation and there is no terminal to ask on; rerun with --yes")
-    click.confirm(prompt, abort=True, err=True)
+    try:
+        agreed = click.confirm(prompt, err=True)
+    except click.exceptions.Abort:
+        agreed = False
+    if not agreed:
+        raise CliError(f"{what} not confirmed; nothing was changed", code=EXIT_INVALID)
 
 
 def refuse_if_locked(cfg: StateConfig) -> None:

@@ -493,11 +493,26 @@ def test_import_needs_yes_without_terminal_and_asks_on_one(
     monkeypatch.setattr(_cli_base, "is_terminal", lambda: True)
     r = run([*keyed(state, key_file), "import", str(src)], input="n\n")
     assert r.exit_code == 1
-    assert r.stderr.splitlines()[-1] == "Error: aborted; nothing was changed"
+    assert r.stderr.splitlines()[-1] == "Error: import not confirmed; nothing was changed"
     assert (state / "positions.json").read_bytes() == before
     r = run([*keyed(state, key_file), "import", str(src)], input="y\n")
     assert r.exit_code == 0, r.stderr
     assert (state / "positions.json").read_bytes() != before
+
+
+def test_import_into_an_empty_directory(tmp_path: Path, key: bytes, key_file: Path, state: Path) -> None:
+    """Importing into a directory with no state starts it: generation 1, encrypted, the same positions."""
+    src = tmp_path / "exp.json"
+    assert run([*keyed(state, key_file), "export", "--out", str(src)]).exit_code == 0
+    fresh = tmp_path / "fresh"
+    r = run([*keyed(fresh, key_file), "import", str(src), "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.strip().endswith("as generation 1 (encrypted)")
+    ro = _statefile.ReadOptions(keyring=Keyring(key=key))
+    assert (
+        _statefile.read(fresh / "positions.json", options=ro).state.positions
+        == _statefile.read(state / "positions.json", options=ro).state.positions
+    )
 
 
 def test_import_dry_run_writes_nothing(state: Path, key_file: Path, tmp_path: Path) -> None:
