@@ -202,6 +202,9 @@ def common_options(*, top: bool = False) -> Callable[[F], F]:
 
 
 # ------------------------------------------------------------------------------------------ the group
+_NoArgsIsHelp: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", type("_Never", (click.UsageError,), {}))
+
+
 class PosstateGroup(click.Group):
     """Turns every error into one ``Error:`` line and its exit code; a traceback only with --debug."""
 
@@ -227,6 +230,9 @@ class PosstateGroup(click.Group):
     ) -> Any:
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as exc:  # bare `posstate`: the help, as asked
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else "")
+            code = EXIT_OK
         except click.UsageError as exc:
             hint = f"see `{exc.ctx.command_path} --help`" if exc.ctx is not None else "see `posstate --help`"
             click.echo(error_line(f"{exc.format_message().rstrip('.')}; {hint}"), err=True)

@@ -54,6 +54,11 @@ def pos(symbol: str, side: str = "long", contracts: str = "1", entry: str = "100
     )  # type: ignore[arg-type]
 
 
+def snapshot(directory: Path) -> dict[Path, bytes]:
+    """Every file under *directory* with its bytes."""
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def write_key(path: Path, key: bytes) -> Path:
     path.write_text(encode_key_text(key) + "\n")
     path.chmod(0o600)
@@ -63,7 +68,8 @@ def write_key(path: Path, key: bytes) -> Path:
 def make_state(
     state_dir: Path, key: bytes, positions: list[Position], metadata: dict[str, dict[str, object]] | None = None
 ) -> Path:
-    with PositionStateManager(StateConfig.in_dir(state_dir), key=key) as m:
+    # No timed backups: each test decides which backup files exist.
+    with PositionStateManager(StateConfig.in_dir(state_dir, backup_interval=1e9), key=key) as m:
         m.load_positions()
         for p in positions:
             m.set_position(p)
@@ -270,10 +276,10 @@ def test_validate_takes_no_lock_and_writes_nothing(state: Path, key_file: Path) 
     cfg = StateConfig.in_dir(state)
     lock = WriterLock(cfg.lock_path, state_path=cfg.state_path)
     try:
-        before = {p.name: p.read_bytes() for p in state.iterdir()}
+        before = snapshot(state)
         r = run([*keyed(state, key_file), "validate"])
         assert r.exit_code == 0
-        assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+        assert snapshot(state) == before
     finally:
         lock.release()
 
@@ -518,11 +524,11 @@ def test_import_into_an_empty_directory(tmp_path: Path, key: bytes, key_file: Pa
 def test_import_dry_run_writes_nothing(state: Path, key_file: Path, tmp_path: Path) -> None:
     """--dry-run shows the changes and leaves the directory exactly as it was."""
     src = _export(state, key_file, tmp_path)
-    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    before = snapshot(state)
     r = run([*keyed(state, key_file), "import", str(src), "--dry-run"])
     assert r.exit_code == 0, r.stderr
     assert '    contracts: "2" -> "9"' in r.stdout
-    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    assert snapshot(state) == before
 
 
 def test_import_refused_while_locked(state: Path, key_file: Path, tmp_path: Path) -> None:
@@ -630,10 +636,11 @@ def test_version() -> None:
     assert r.exit_code == 0 and r.stdout.strip() == f"posstate, version {__version__}"
 
 
-def test_help_lists_exit_codes() -> None:
-    """--help documents every exit code 0..6."""
-    r = run(["--help"])
-    assert r.exit_code == 0
+@pytest.mark.parametrize("args", [["--help"], []], ids=["--help", "no-args"])
+def test_help_lists_exit_codes(args: list[str]) -> None:
+    """--help (or no arguments at all) prints the help with every exit code 0..6."""
+    r = run(args)
+    assert r.exit_code == 0 and r.stderr == ""
     for code in range(7):
         assert re.search(rf"^\s+{code}\s+\S", r.stdout, re.M), code
 

@@ -28,10 +28,10 @@ def keys(tmp_path: Path) -> tuple[bytes, Path, bytes, Path]:
 
 
 def build(state: Path, key: bytes) -> list[Path]:
-    """A state file, its .bak and two timestamped backups; returns the four paths."""
+    """A state file, its .bak and (at least) two timestamped backups; returns their paths."""
     make_state(state, key, [pos("A")], {"A": {"n": 1}})
     make_state(state, key, [pos("B", "short")])
-    (state / "backups").mkdir(mode=0o700)
+    (state / "backups").mkdir(mode=0o700, exist_ok=True)
     for stamp in ("20260101_000000", "20260102_000000"):
         shutil.copyfile(state / "positions.json.bak", state / "backups" / f"positions_{stamp}.json")
     return [state / "positions.json", state / "positions.json.bak", *sorted((state / "backups").iterdir())]
@@ -63,7 +63,9 @@ def test_rekey_reencrypts_every_file(tmp_path: Path, keys: tuple[bytes, Path, by
     before = documents(files, old)
     r = run(["--state-dir", str(state), "--key-file", str(old_file), "rekey", "--new-key-file", str(new_file), "--yes"])
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == f"re-encrypted 4 file(s) under key id {key_id(new)}; use {new_file} from now on"
+    assert (
+        r.stdout.splitlines()[-1] == f"re-encrypted {len(files)} file(s) under key id {key_id(new)}; use {new_file} from now on"
+    )
     assert documents(files, new) == before
     for p in files:
         assert readable_with(p, old) is None
@@ -75,14 +77,14 @@ def test_rekey_dry_run_changes_nothing(tmp_path: Path, keys: tuple[bytes, Path, 
     """--dry-run lists the plan and leaves every byte (and no lock file beyond the bot's) as it was."""
     old, old_file, _new, new_file = keys
     state = tmp_path / "state"
-    build(state, old)
+    files = build(state, old)
     before = {p: p.read_bytes() for p in state.rglob("*") if p.is_file()}
     r = run(
         ["--state-dir", str(state), "--key-file", str(old_file), "rekey", "--new-key-file", str(new_file), "--dry-run", "--json"]
     )
     assert r.exit_code == 0, r.stderr
     assert {p: p.read_bytes() for p in state.rglob("*") if p.is_file()} == before
-    assert '"rekeyed": 0' in r.stdout and r.stdout.count('"action": "rekey"') == 4
+    assert '"rekeyed": 0' in r.stdout and r.stdout.count('"action": "rekey"') == len(files)
 
 
 def test_rekey_refused_while_locked(tmp_path: Path, keys: tuple[bytes, Path, bytes, Path]) -> None:
@@ -172,7 +174,7 @@ def test_rekey_skips_unreadable_and_finishes_after_rerun(tmp_path: Path, keys: t
     assert damaged.read_bytes() == b"PSTATE01 cut"
     assert all(readable_with(p, new) == new for p in files)
     r = run(args)
-    assert r.stdout.count("already under the new key") == 4
+    assert r.stdout.count("already under the new key") == len(files)
 
 
 class FailAt(fs.FileOps):
