@@ -7,6 +7,7 @@ code in one place, :func:`exit_code_for`.
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -155,8 +156,29 @@ def _setter(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     def store(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
         if value not in (None, False):
             setattr(ctx.ensure_object(Env), name, value)
+            if name == "debug":
+                show_logs(debug=True)
 
     return store
+
+
+class _EchoHandler(logging.Handler):
+    """The library's log records on stderr, through click (so a test runner's stderr is the one used)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+        except Exception:  # pragma: no cover - logging must never break a command
+            self.handleError(record)
+
+
+def show_logs(*, debug: bool) -> None:
+    """Print the library's warnings (and with --debug everything) on stderr; installed once per process."""
+    log = logging.getLogger("posstate")
+    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
+        log.addHandler(_EchoHandler())
+    if debug or log.level == logging.NOTSET:
+        log.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def common_options(*, top: bool = False) -> Callable[[F], F]:
@@ -220,6 +242,14 @@ class PosstateGroup(click.Group):
             _report(ctx, exc, unexpected=True)
             raise click.exceptions.Exit(EXIT_INVALID) from None
 
+    def _usage_path(self, exc: click.UsageError, args: Sequence[str] | None) -> str:
+        """The command the user was typing, for the help hint (click leaves ``ctx`` unset for some errors)."""
+        if exc.ctx is not None and exc.ctx.command is not self:
+            return exc.ctx.command_path
+        words = list(sys.argv[1:] if args is None else args)
+        name = next((w for w in words if w in self.commands), None)
+        return f"posstate {name}" if name else "posstate"
+
     def main(
         self,
         args: Sequence[str] | None = None,
@@ -234,7 +264,7 @@ class PosstateGroup(click.Group):
             click.echo(exc.ctx.get_help() if exc.ctx is not None else "")
             code = EXIT_OK
         except click.UsageError as exc:
-            hint = f"see `{exc.ctx.command_path} --help`" if exc.ctx is not None else "see `posstate --help`"
+            hint = f"see `{self._usage_path(exc, args)} --help`"
             click.echo(error_line(f"{exc.format_message().rstrip('.')}; {hint}"), err=True)
             code = EXIT_USAGE
         except click.ClickException as exc:
@@ -279,6 +309,7 @@ def cli() -> None:
     Read-only commands (validate, show, diff, watch) take no lock and never write. Commands that replace
     files ask for confirmation on a terminal (or need --yes) and refuse while a bot holds the writer lock.
     """
+    show_logs(debug=False)
 
 
 # ------------------------------------------------------------------------------------------ helpers

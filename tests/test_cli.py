@@ -556,6 +556,21 @@ def test_usage_error_is_one_line_exit_2() -> None:
     assert err_line(r) == "Error: No such option '--bogus'; see `posstate validate --help`"
 
 
+def test_missing_option_value_points_at_the_command_help() -> None:
+    """An option without its value after the command name: the hint names that command's help."""
+    r = run(["validate", "--state-dir"])
+    assert r.exit_code == 2
+    assert err_line(r) == "Error: Option '--state-dir' requires an argument; see `posstate validate --help`"
+
+
+def test_loose_key_file_is_warned_about(state: Path, key_file: Path) -> None:
+    """A key file readable by others works, with one warning line on stderr (the library's log, shown by the CLI)."""
+    key_file.chmod(0o644)
+    r = run([*keyed(state, key_file), "validate"])
+    assert r.exit_code == 0
+    assert r.stderr == f"warning: key file {key_file} is readable by group or others (mode 644); chmod 600 it\n"
+
+
 def test_unknown_command_exit_2() -> None:
     """An unknown command: exit 2, one line."""
     r = run(["frobnicate"])
@@ -597,6 +612,7 @@ def test_bad_key_file_exit_3(state: Path, tmp_path: Path) -> None:
     """A key file that is not 32 bytes of base64: exit 3, and the file's text is never echoed."""
     kf = tmp_path / "bad.key"
     kf.write_text("c2VjcmV0LXRleHQ=\n")
+    kf.chmod(0o600)
     r = run([*keyed(state, kf), "validate"])
     assert r.exit_code == 3
     assert err_line(r) == (
