@@ -157,7 +157,7 @@ def _setter(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
         if value not in (None, False):
             setattr(ctx.ensure_object(Env), name, value)
             if name == "debug":
-                show_logs(debug=True)
+                show_logs(debug=True)  # --debug after the command name
 
     return store
 
@@ -173,12 +173,28 @@ class _EchoHandler(logging.Handler):
 
 
 def show_logs(*, debug: bool) -> None:
-    """Print the library's warnings (and with --debug everything) on stderr; installed once per process."""
+    """With --debug, show the library's debug and info records too (inside :func:`log_scope`)."""
     log = logging.getLogger("posstate")
-    if not any(isinstance(h, _EchoHandler) for h in log.handlers):
-        log.addHandler(_EchoHandler())
-    if debug or log.level == logging.NOTSET:
-        log.setLevel(logging.DEBUG if debug else logging.WARNING)
+    for h in log.handlers:
+        if isinstance(h, _EchoHandler) and debug:
+            h.setLevel(logging.DEBUG)
+            log.setLevel(logging.DEBUG)
+
+
+@contextmanager
+def log_scope(*, debug: bool) -> Iterator[None]:
+    """Show the library's warnings on stderr for one command; leave the logger as it was afterwards
+    (the CLI runs in-process under tests, next to code that inspects posstate's logging)."""
+    log = logging.getLogger("posstate")
+    level = log.level
+    handler = _EchoHandler(logging.WARNING)
+    log.addHandler(handler)
+    try:
+        show_logs(debug=debug)
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def common_options(*, top: bool = False) -> Callable[[F], F]:
@@ -232,7 +248,8 @@ class PosstateGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with log_scope(debug=env_of(ctx).debug):
+                return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except (PosStateError, CliError) as exc:
@@ -309,7 +326,6 @@ def cli() -> None:
     Read-only commands (validate, show, diff, watch) take no lock and never write. Commands that replace
     files ask for confirmation on a terminal (or need --yes) and refuse while a bot holds the writer lock.
     """
-    show_logs(debug=False)
 
 
 # ------------------------------------------------------------------------------------------ helpers

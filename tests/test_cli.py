@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 import socket
@@ -569,6 +570,15 @@ def test_loose_key_file_is_warned_about(state: Path, key_file: Path) -> None:
     r = run([*keyed(state, key_file), "validate"])
     assert r.exit_code == 0
     assert r.stderr == f"warning: key file {key_file} is readable by group or others (mode 644); chmod 600 it\n"
+
+
+def test_cli_leaves_the_library_logger_as_it_was(state: Path, key_file: Path) -> None:
+    """In-process runs (--debug included) restore the posstate logger's handlers and level afterwards."""
+    log = logging.getLogger("posstate")
+    before = (list(log.handlers), log.level)
+    assert run(["--debug", *keyed(state, key_file), "validate"]).exit_code == 0
+    assert run([*keyed(state, key_file), "validate", "--debug"]).exit_code == 0
+    assert (list(log.handlers), log.level) == before
 
 
 def test_unknown_command_exit_2() -> None:
