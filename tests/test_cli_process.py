@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from test_cli import ROOT, make_state, pos, run, write_key
 
 from posstate import _atomic, _cli_watch, _statefile
 from posstate._config import StateConfig
 from posstate._crypto import Keyring
 from posstate._manager import PositionStateManager
-from tests.test_cli import ROOT, make_state, pos, run, write_key
 
 DEADLINE = 30.0
 

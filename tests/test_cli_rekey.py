@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import ROOT, err_line, make_state, pos, run, write_key
 
 from posstate import _codec
 from posstate import _fileops as fs
@@ -18,7 +19,6 @@ from posstate._config import StateConfig
 from posstate._crypto import Keyring, generate_key, key_id
 from posstate._errors import WrongKeyError
 from posstate._lock import WriterLock
-from tests.test_cli import ROOT, err_line, make_state, pos, run, write_key
 
 
 @pytest.fixture
