@@ -104,6 +104,7 @@ def run_demo(*, state_dir: str | None = None, saves: int | None = None, seed: in
     finally:
         bot.send_signal(signal.SIGKILL)
         bot.wait()
+        bot.stdout.close()
     echo(f"[operator] SIGKILL sent to the bot (pid {bot.pid}); its last acknowledged save was generation {last}")
     echo("[operator] restarting: a new manager opens the same directory")
     with PositionStateManager(StateConfig.in_dir(workdir), key=key) as m:

@@ -1,0 +1,222 @@
+"""Text and JSON rendering for the command line: tables, validation reports, diffs. No click, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from posstate._document import StateData
+from posstate._model import DECIMAL_FIELDS, Position, PositionKey, position_key_text
+from posstate._validate import ValidationReport
+
+
+def to_json(data: Any) -> str:
+    """Indented JSON; Decimals as strings (the way the state document stores them)."""
+    return orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
+    """Plain aligned columns; columns whose index is in *right* are right-aligned."""
+    body = [list(r) for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+
+    def fmt(cells: Sequence[str]) -> str:
+        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)]
+        return "  ".join(out).rstrip()
+
+    return [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
+
+
+def _num(value: Decimal | None) -> str:
+    return "-" if value is None else str(value)
+
+
+POSITION_COLUMNS = ("symbol", "side", "contracts", "entry", "mark", "uPnL", "leverage")
+
+
+def position_rows(positions: Mapping[PositionKey, Position]) -> list[list[str]]:
+    return [
+        [p.symbol, p.side, _num(p.contracts), _num(p.entry_price), _num(p.mark_price), _num(p.unrealized_pnl), _num(p.leverage)]
+        for _, p in sorted(positions.items())
+    ]
+
+
+def show_lines(path: str, state: StateData, *, symbol: str | None) -> list[str]:
+    """The text of ``posstate show``: a summary line, the positions table, the symbol metadata."""
+    positions = {k: p for k, p in state.positions.items() if symbol is None or k[0] == symbol}
+    metadata = {s: d for s, d in state.metadata.items() if symbol is None or s == symbol}
+    writer = state.writer
+    lines = [
+        f"{path}: generation {state.generation}, written {state.written_at} by pid {writer.get('pid')} on "
+        f"{writer.get('host')} (posstate {writer.get('version')})"
+    ]
+    if state.account:
+        lines.append(
+            f"account: {state.account.get('account_id')} on {state.account.get('exchange')} ({state.account.get('mode')})"
+        )
+    lines.append("")
+    if positions:
+        lines += table(POSITION_COLUMNS, position_rows(positions), right=frozenset({2, 3, 4, 5, 6}))
+    else:
+        lines.append("no open positions" + (f" for {symbol}" if symbol else ""))
+    lines.append("")
+    if metadata:
+        lines.append("symbol metadata:")
+        for sym in sorted(metadata):
+            lines.append(f"  {sym}: {orjson.dumps(metadata[sym], option=orjson.OPT_SORT_KEYS).decode()}")
+    else:
+        lines.append("no symbol metadata" + (f" for {symbol}" if symbol else ""))
+    return lines
+
+
+def filter_document(doc: Any, symbol: str) -> Any:
+    """The state document with only *symbol*'s positions and metadata (for ``show --symbol --json``)."""
+    if not isinstance(doc, dict):
+        return doc
+    out = dict(doc)
+    if isinstance(doc.get("positions"), dict):
+        out["positions"] = {k: v for k, v in doc["positions"].items() if k.rsplit("|", 1)[0] == symbol}
+    if isinstance(doc.get("symbol_metadata"), dict):
+        out["symbol_metadata"] = {k: v for k, v in doc["symbol_metadata"].items() if k == symbol}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ validate
+def _verdict(ok: bool | None) -> str:
+    return "ok" if ok else ("-" if ok is None else "FAIL")
+
+
+def validate_lines(report: ValidationReport) -> list[str]:
+    """Each check with its verdict, then one summary line."""
+    lines = [report.path]
+    width = max(len(c.name) for c in report.checks)
+    for c in report.checks:
+        lines.append(f"  {_verdict(c.ok):<4}  {c.name:<{width}}  {c.detail}".rstrip())
+    for issue in report.errors[1:]:
+        lines.append(f"        also: {issue.path}: {issue.message}")
+    if report.valid:
+        extra = f", key id {report.key_id}" if report.key_id else ""
+        lines.append(f"VALID: generation {report.generation}, {report.positions} positions{extra}")
+    elif report.error is None and not report.contents_checked:
+        lines.append("NOT CHECKED: header and checksum are fine, but without a key the contents were NOT checked")
+    else:
+        lines.append("INVALID")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ diff
+@dataclass(frozen=True, slots=True)
+class StateDiff:
+    added: dict[PositionKey, Position]
+    removed: dict[PositionKey, Position]
+    changed: dict[PositionKey, dict[str, tuple[Any, Any]]]
+    meta_added: dict[str, dict[str, Any]]
+    meta_removed: dict[str, dict[str, Any]]
+    meta_changed: dict[str, dict[str, tuple[Any, Any]]]
+
+    @property
+    def identical(self) -> bool:
+        return not (self.added or self.removed or self.changed or self.meta_added or self.meta_removed or self.meta_changed)
+
+
+_MISSING = object()
+
+
+def _fields(p: Position) -> dict[str, Any]:
+    return p.to_dict()
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name, _MISSING), new.get(name, _MISSING)
+        if a != b or type(a) is not type(b):
+            out[name] = (None if a is _MISSING else a, None if b is _MISSING else b)
+    return out
+
+
+def diff_states(a: StateData, b: StateData) -> StateDiff:
+    """What changed from *a* to *b*: positions by (symbol, side) field by field, metadata key by key."""
+    changed = {}
+    for k in sorted(a.positions.keys() & b.positions.keys()):
+        delta = _changes(_fields(a.positions[k]), _fields(b.positions[k]))
+        if delta:
+            changed[k] = delta
+    meta_changed = {}
+    for s in sorted(a.metadata.keys() & b.metadata.keys()):
+        delta = _changes(a.metadata[s], b.metadata[s])
+        if delta:
+            meta_changed[s] = delta
+    return StateDiff(
+        added={k: b.positions[k] for k in sorted(b.positions.keys() - a.positions.keys())},
+        removed={k: a.positions[k] for k in sorted(a.positions.keys() - b.positions.keys())},
+        changed=changed,
+        meta_added={s: b.metadata[s] for s in sorted(b.metadata.keys() - a.metadata.keys())},
+        meta_removed={s: a.metadata[s] for s in sorted(a.metadata.keys() - b.metadata.keys())},
+        meta_changed=meta_changed,
+    )
+
+
+def _brief(p: Position) -> str:
+    d = _fields(p)
+    rest = " ".join(f"{n}={d[n]}" for n in DECIMAL_FIELDS if n in d)
+    return f"{p.symbol} {p.side}  {rest}"
+
+
+def _compact(value: Any) -> str:
+    return "(absent)" if value is None else orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def diff_lines(d: StateDiff, *, a_label: str, b_label: str) -> list[str]:
+    lines = [f"--- {a_label}", f"+++ {b_label}"]
+    if d.identical:
+        lines.append("no differences in positions or symbol metadata")
+        return lines
+    for p in d.added.values():
+        lines.append(f"+ {_brief(p)}")
+    for p in d.removed.values():
+        lines.append(f"- {_brief(p)}")
+    for k, delta in d.changed.items():
+        lines.append(f"~ {k[0]} {k[1]}")
+        lines += [f"    {name}: {_compact(old)} -> {_compact(new)}" for name, (old, new) in delta.items()]
+    if d.meta_added or d.meta_removed or d.meta_changed:
+        lines.append("symbol metadata:")
+        lines += [f"+ {s}: {_compact(v)}" for s, v in d.meta_added.items()]
+        lines += [f"- {s}: {_compact(v)}" for s, v in d.meta_removed.items()]
+        for s, delta in d.meta_changed.items():
+            lines.append(f"~ {s}")
+            lines += [f"    {name}: {_compact(old)} -> {_compact(new)}" for name, (old, new) in delta.items()]
+    return lines
+
+
+def diff_json(d: StateDiff, *, a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    def fields(delta: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
+        return {name: {"old": old, "new": new} for name, (old, new) in delta.items()}
+
+    return {
+        "a": dict(a),
+        "b": dict(b),
+        "identical": d.identical,
+        "positions": {
+            "added": [p.to_dict() for p in d.added.values()],
+            "removed": [p.to_dict() for p in d.removed.values()],
+            "changed": [
+                {"key": position_key_text(k), "symbol": k[0], "side": k[1], "fields": fields(v)} for k, v in d.changed.items()
+            ],
+        },
+        "symbol_metadata": {
+            "added": dict(d.meta_added),
+            "removed": dict(d.meta_removed),
+            "changed": {s: fields(v) for s, v in d.meta_changed.items()},
+        },
+    }
