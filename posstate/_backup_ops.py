@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from posstate import _atomic, _backups, _codec, _document, _retention, _statefile
 from posstate import _fileops as fs
 from posstate._backups import BackupInfo
+from posstate._config import StateConfig
 from posstate._document import StateData
 from posstate._errors import PersistenceError, PosStateError, StaleBackupError, StateNotFoundError
 from posstate._recovery import main_header
@@ -136,8 +137,7 @@ def validate(mgr: PositionStateManager, backup_id: str) -> ValidationReport:
     return validate_file(info.path, options=mgr._read)
 
 
-def _policy(mgr: PositionStateManager) -> _retention.Policy:
-    c = mgr.config
+def _policy(c: StateConfig) -> _retention.Policy:
     return _retention.Policy(
         max_backups=c.max_backups,
         keep_within=c.keep_within,
@@ -147,15 +147,22 @@ def _policy(mgr: PositionStateManager) -> _retention.Policy:
     )
 
 
-def prune_backups(mgr: PositionStateManager, *, dry_run: bool) -> _retention.PruneResult:
-    """Apply retention; only fully validated backups fill slots; damaged ones go to quarantine."""
-    cfg = mgr.config
-    checked = [_backups.full_check(b, options=mgr._read)[0] for b in list_all(mgr)]
-    decisions = _retention.plan(checked, policy=_policy(mgr), now=datetime.now(timezone.utc))
+def plan_prune(cfg: StateConfig, options: _statefile.ReadOptions, *, dry_run: bool = True) -> _retention.PruneResult:
+    """What retention would keep, remove and quarantine now, each with its reason. Reads and fully
+    validates every backup; writes nothing and takes no lock (``posstate backups prune --dry-run``)."""
+    checked = [_backups.full_check(b, options=options)[0] for b in _backups.scan(cfg.backup_path)]
+    decisions = _retention.plan(checked, policy=_policy(cfg), now=datetime.now(timezone.utc))
     kept = tuple(d for d in decisions if d.action == "keep")
     removed = tuple(d for d in decisions if d.action == "remove")
     quarantined = tuple(d for d in decisions if d.action == "quarantine")
-    result = _retention.PruneResult(kept=kept, removed=removed, quarantined=quarantined, dry_run=dry_run)
+    return _retention.PruneResult(kept=kept, removed=removed, quarantined=quarantined, dry_run=dry_run)
+
+
+def prune_backups(mgr: PositionStateManager, *, dry_run: bool) -> _retention.PruneResult:
+    """Apply retention; only fully validated backups fill slots; damaged ones go to quarantine."""
+    cfg = mgr.config
+    result = plan_prune(cfg, mgr._read, dry_run=dry_run)
+    kept, removed, quarantined = result.kept, result.removed, result.quarantined
     if dry_run:
         return result
     newest = next((d.backup for d in kept if d.backup.valid), None)

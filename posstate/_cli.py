@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from posstate import _document, _statefile
+from posstate import _cli_backups, _cli_reconcile, _cli_repair, _document, _statefile  # noqa: F401 (commands register on cli)
 from posstate import _fileops as fs
 from posstate._cli_base import (
     EXIT_INVALID,

@@ -8,6 +8,8 @@ code in one place, :func:`exit_code_for`.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -18,16 +20,18 @@ from typing import Any, TypeVar
 
 import click
 
-from posstate import _atomic, _statefile
+from posstate import _atomic, _backups, _statefile
 from posstate import _fileops as fs
 from posstate._cli_format import to_json
 from posstate._config import ConfigError, StateConfig
 from posstate._crypto import Keyring, read_key_file
 from posstate._errors import (
+    AmbiguousBackupError,
     ConcurrentModificationError,
     MissingKeyError,
     PersistenceError,
     PosStateError,
+    StaleBackupError,
     StateLockedError,
     StateNotFoundError,
     UnsupportedVersionError,
@@ -61,6 +65,7 @@ Exit codes:
 #: Most specific first; the first class an error is an instance of decides. Anything else PosStateError: 1.
 _EXIT_MAP: tuple[tuple[type[BaseException], int], ...] = (
     (ConfigError, EXIT_USAGE),
+    (AmbiguousBackupError, EXIT_USAGE),  # a backup id prefix that names several backups: give more digits
     (MissingKeyError, EXIT_KEY),
     (WrongKeyError, EXIT_KEY),
     (UnsupportedVersionError, EXIT_VERSION),
@@ -304,6 +309,8 @@ def cli_message(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, MissingKeyError):
         text = text.replace("pass key= or passphrase=, or set", "pass --key-file FILE, or set")
+    if isinstance(exc, StaleBackupError):
+        text = re.sub(r"with accept_older=True \((`[^`]*`)\)", r"with \1", text)
     return text
 
 
@@ -368,8 +375,26 @@ def writer_lock(cfg: StateConfig) -> Iterator[WriterLock]:
 
 
 def state_path_arg(env: Env, path: str | None) -> Path:
-    """A PATH argument, or the configured state file. (Backup ids will resolve here too.)"""
-    return Path(path) if path else env.config().state_path
+    """A PATH argument, or the configured state file.
+
+    An argument that names no existing file and has no ``/`` is taken as a backup id (full id, unique
+    prefix, ``positions_<id>.json`` or ``latest``) in the state directory's ``backups/``. Read-only: no lock.
+    """
+    if not path:
+        return env.config().state_path
+    given = Path(path)
+    if fs.exists(given) or "/" in path or os.sep in path:
+        return given
+    backup_dir = env.config().backup_path
+    try:
+        return _backups.resolve(_backups.scan(backup_dir), path, backup_dir=backup_dir).path
+    except StateNotFoundError:
+        raise StateNotFoundError(
+            given,
+            what="file or backup",
+            next_step=f"no file of that name and no backup with that id in {backup_dir}; "
+            "list backups with `posstate backups list`",
+        ) from None
 
 
 def write_new_output(out: Path, data: bytes) -> None:

@@ -1,16 +1,22 @@
-"""Text and JSON rendering for the command line: tables, validation reports, diffs. No click, no I/O."""
+"""Text and JSON rendering for the command line: tables, validation reports, diffs, backups, repair and
+reconcile reports. No click, no I/O."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
+from posstate._backups import BackupInfo
 from posstate._document import StateData
+from posstate._errors import MissingKeyError, UnsupportedVersionError, WrongKeyError
 from posstate._model import DECIMAL_FIELDS, Position, PositionKey, position_key_text
+from posstate._reconcile import AppliedReconciliation, ReconciliationReport
+from posstate._repair import RepairDecision
+from posstate._retention import PruneResult
 from posstate._validate import ValidationReport
 
 
@@ -220,3 +226,132 @@ def diff_json(d: StateDiff, *, a: Mapping[str, Any], b: Mapping[str, Any]) -> di
             "changed": {s: fields(v) for s, v in d.meta_changed.items()},
         },
     }
+
+
+# ------------------------------------------------------------------------------------------ backups
+def _when(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+def _opt(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def backup_verdict(info: BackupInfo) -> str:
+    """``yes`` (header and checksum hold), ``DAMAGED`` (corrupt on disk) or ``no`` (unreadable here)."""
+    return "yes" if info.valid else ("DAMAGED" if info.damaged else "no")
+
+
+def backup_json(info: BackupInfo) -> dict[str, Any]:
+    """One ``backups list --json`` object: BackupInfo's fields plus ``positions``."""
+    out = info.to_dict()
+    out["positions"] = info.position_count
+    return out
+
+
+def backups_table(infos: Sequence[BackupInfo]) -> list[str]:
+    """``posstate backups list``: newest first; a backup that is not valid says why."""
+    rows = [
+        [
+            b.id,
+            _when(b.created_at),
+            _opt(b.generation),
+            _opt(b.position_count),
+            str(b.size),
+            backup_verdict(b),
+            b.reason,
+        ]
+        for b in infos
+    ]
+    return table(("id", "created_at (UTC)", "generation", "positions", "size", "valid", "note"), rows, right=frozenset({2, 3, 4}))
+
+
+def prune_lines(result: PruneResult) -> list[str]:
+    """Every backup with what retention does (or would do) with it, and why; then a summary line."""
+    dry = result.dry_run
+    verbs = {"keep": "keep", "remove": "remove" if dry else "removed", "quarantine": "quarantine" if dry else "quarantined"}
+    lines = [f"  {verbs[d.action]:<11}  {d.backup.id}  {d.reason}" for d in result.decisions]
+    counts = f"{len(result.kept)} kept, {len(result.removed)} removed, {len(result.quarantined)} quarantined"
+    lines.append(f"dry run: would leave {counts}; nothing was changed" if dry else counts)
+    return lines
+
+
+VerifyVerdict = Literal["ok", "DAMAGED", "KEY", "NEWER", "NOT CHECKED"]
+
+
+def verify_verdict(report: ValidationReport) -> tuple[VerifyVerdict, str]:
+    """One backup's verdict for ``backups verify`` and a short detail."""
+    if report.valid:
+        return "ok", f"generation {report.generation}, {report.positions} positions"
+    err = report.error
+    if isinstance(err, (WrongKeyError, MissingKeyError)):
+        return "KEY", str(err).split("; ")[0]
+    if isinstance(err, UnsupportedVersionError):
+        return "NEWER", str(err).split("; ")[0]
+    if err is None and not report.contents_checked:
+        return "NOT CHECKED", "header and checksum fine; no key, contents not checked"
+    detail = report.errors[0].message if report.errors else (str(err).split("; ")[0] if err else "failed a check")
+    return "DAMAGED", detail
+
+
+# ------------------------------------------------------------------------------------------ repair
+def candidate_lines(candidates: Iterable[Sequence[str]]) -> list[str]:
+    return [f"  {name}: {verdict}" for name, verdict in candidates]
+
+
+def repair_decision_lines(decisions: Iterable[RepairDecision]) -> list[str]:
+    out = []
+    for d in decisions:
+        where = f" from {d.source}" if d.action == "restored" else ""
+        out.append(f"  {d.action:<8}  {d.kind} {d.key}{where}: {d.reason}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reconcile
+RECONCILE_COLUMNS = ("difference", "symbol", "side", "local contracts", "exchange contracts", "local entry", "exchange entry")
+
+
+def reconcile_rows(report: ReconciliationReport) -> list[list[str]]:
+    """One row per difference, in the order: missing, stale, size, within tolerance, side, entry price."""
+    rows: list[list[str]] = []
+    for p in report.missing_locally:
+        rows.append(["missing locally", p.symbol, p.side, "-", str(p.contracts), "-", str(p.entry_price)])
+    for p in report.stale_locally:
+        rows.append(["stale locally", p.symbol, p.side, str(p.contracts), "-", str(p.entry_price), "-"])
+    for m in report.size_mismatches:
+        rows.append(["size mismatch", m.symbol, m.side, str(m.local_contracts), str(m.exchange_contracts), "", ""])
+    for m in report.size_within_tolerance:
+        rows.append(["size (within tolerance)", m.symbol, m.side, str(m.local_contracts), str(m.exchange_contracts), "", ""])
+    for s in report.side_mismatches:
+        for p in s.local:
+            rows.append(["side mismatch (local)", s.symbol, p.side, str(p.contracts), "-", str(p.entry_price), "-"])
+        for p in s.exchange:
+            rows.append(["side mismatch (exchange)", s.symbol, p.side, "-", str(p.contracts), "-", str(p.entry_price)])
+    for e in report.entry_price_differences:
+        rows.append(["entry price", e.symbol, e.side, "", "", str(e.local_entry_price), str(e.exchange_entry_price)])
+    return rows
+
+
+def reconcile_lines(report: ReconciliationReport, *, state: str, exchange: str) -> list[str]:
+    """``posstate reconcile``: a summary line, the differences table, the verdict."""
+    lines = [
+        f"{state} vs {exchange}: {len(report.exchange_positions)} open exchange positions "
+        f"({report.skipped_flat} flat skipped); tolerance {report.tolerance} contracts, "
+        f"price tolerance {report.price_tolerance}",
+        "",
+    ]
+    rows = reconcile_rows(report)
+    if rows:
+        lines += table(RECONCILE_COLUMNS, rows, right=frozenset({3, 4, 5, 6}))
+        lines.append("")
+    lines.append("IN SYNC" if report.in_sync else "OUT OF SYNC")
+    return lines
+
+
+def applied_lines(applied: AppliedReconciliation, generation: int | None) -> list[str]:
+    def keys(ks: Iterable[PositionKey]) -> str:
+        return ", ".join(f"{s} {side}" for s, side in ks) or "none"
+
+    lines = [f"  added:   {keys(applied.added)}", f"  removed: {keys(applied.removed)}", f"  updated: {keys(applied.updated)}"]
+    lines.append(f"saved as generation {generation}" if generation is not None else "nothing to save: the state already matched")
+    return lines

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posstate import _atomic, _backups, _codec, _format, _statefile
 from posstate import _fileops as fs
+from posstate._config import StateConfig
 from posstate._document import StateData
 from posstate._errors import (
     CorruptStateError,
@@ -109,14 +111,14 @@ def _inspect(path: Path, cand: _Candidate) -> bytes | None:
     return data
 
 
-def _load_candidate(mgr: PositionStateManager, name: str, path: Path) -> _Candidate:
+def _load_candidate(options: _statefile.ReadOptions, check: Callable[[StateData], None], name: str, path: Path) -> _Candidate:
     cand = _Candidate(name, path)
     data = _inspect(path, cand)
     if data is None:
         return cand
     try:
-        loaded = _statefile.parse(data, path=path, options=mgr._read)
-        mgr._check_account(loaded.state)
+        loaded = _statefile.parse(data, path=path, options=options)
+        check(loaded.state)
     except PosStateError as exc:
         cand.verdict = _why(exc)
         return cand
@@ -183,35 +185,10 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
         st = mgr._state
         ms = _statefile_ms(st)
         cands.append(_Candidate("memory", None, st.copy(), st.generation, ms))
-    cands.append(_load_candidate(mgr, cfg.bak_path.name, cfg.bak_path))
-    for bid, _created in _backups.names_only(cfg.backup_path):
-        cands.append(_load_candidate(mgr, f"backup {bid}", cfg.backup_path / _backups.file_name(bid)))
-    known = [(c.generation, c.written_ms) for c in cands if c.generation is not None and c.written_ms is not None]
-    claimed = main_header(path, cfg.clock_skew)
-    if claimed is not None:
-        known.append(claimed)
-    newest_ms = max((ms for _, ms in known), default=None)
-    newest_gen = max((g for g, _ in known), default=None)
-    floor_ms = None if newest_ms is None else newest_ms - cfg.backup_threshold * 1000
-    eligible: list[_Candidate] = []
-    for c in cands:
-        if c.state is None:
-            continue
-        if floor_ms is not None and c.written_ms is not None and c.written_ms < floor_ms:
-            c.verdict = (
-                f"valid but too old: written {(newest_ms or 0) / 1000 - c.written_ms / 1000:.0f} s before the newest copy known "
-                f"(backup_threshold {cfg.backup_threshold:.0f} s)"
-            )
-            continue
-        eligible.append(c)
-    listing = [(path.name, reason)]
-    if not eligible:
-        listing += [(c.name, c.verdict or "not usable") for c in cands]
+    cands += _file_candidates(cfg, mgr._read, mgr._check_account)
+    best, listing, newest_gen = _select(cands, cfg, reason)
+    if best is None:
         raise UnrecoverableStateError(path, listing)
-    best = max(eligible, key=lambda c: (c.generation or 0, c.written_ms or 0, c.name != cfg.bak_path.name))
-    for c in eligible:
-        c.verdict = "chosen" if c is best else f"valid, older than the chosen copy (generation {c.generation})"
-    listing += [(c.name, c.verdict) for c in cands]
     quarantined: Path | None = None
     if fs.exists(path):
         try:
@@ -250,6 +227,85 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
         report.generations_lost,
     )
     return mgr._state
+
+
+def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: Callable[[StateData], None]) -> list[_Candidate]:
+    """``positions.json.bak`` and every timestamped backup, each read and validated (nothing written)."""
+    cands = [_load_candidate(options, check, cfg.bak_path.name, cfg.bak_path)]
+    for bid, _created in _backups.names_only(cfg.backup_path):
+        cands.append(_load_candidate(options, check, f"backup {bid}", cfg.backup_path / _backups.file_name(bid)))
+    return cands
+
+
+def _select(
+    cands: list[_Candidate], cfg: StateConfig, reason: str
+) -> tuple[_Candidate | None, list[tuple[str, str]], int | None]:
+    """The copy recovery uses (None: none eligible), every candidate with its verdict, the newest generation known."""
+    path = cfg.state_path
+    known = [(c.generation, c.written_ms) for c in cands if c.generation is not None and c.written_ms is not None]
+    claimed = main_header(path, cfg.clock_skew)
+    if claimed is not None:
+        known.append(claimed)
+    newest_ms = max((ms for _, ms in known), default=None)
+    newest_gen = max((g for g, _ in known), default=None)
+    floor_ms = None if newest_ms is None else newest_ms - cfg.backup_threshold * 1000
+    eligible: list[_Candidate] = []
+    for c in cands:
+        if c.state is None:
+            continue
+        if floor_ms is not None and c.written_ms is not None and c.written_ms < floor_ms:
+            c.verdict = (
+                f"valid but too old: written {(newest_ms or 0) / 1000 - c.written_ms / 1000:.0f} s before the newest copy known "
+                f"(backup_threshold {cfg.backup_threshold:.0f} s)"
+            )
+            continue
+        eligible.append(c)
+    listing = [(path.name, reason)]
+    if not eligible:
+        listing += [(c.name, c.verdict or "not usable") for c in cands]
+        return None, listing, newest_gen
+    best = max(eligible, key=lambda c: (c.generation or 0, c.written_ms or 0, c.name != cfg.bak_path.name))
+    for c in eligible:
+        c.verdict = "chosen" if c is best else f"valid, older than the chosen copy (generation {c.generation})"
+    listing += [(c.name, c.verdict) for c in cands]
+    return best, listing, newest_gen
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPlan:
+    """What automatic recovery would do now (:func:`plan`); nothing was written to produce it."""
+
+    reason: str  # why the state file cannot be loaded
+    source: str | None  # the copy recovery would use, or None: it would raise UnrecoverableStateError
+    source_path: Path | None
+    generation: int | None  # generation of that copy
+    generations_lost: int | None
+    candidates: tuple[tuple[str, str], ...]  # the state file and every copy, each with its verdict
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reason": self.reason,
+            "source": self.source,
+            "source_path": str(self.source_path) if self.source_path else None,
+            "generation": self.generation,
+            "generations_lost": self.generations_lost,
+            "candidates": [list(c) for c in self.candidates],
+        }
+
+
+def plan(
+    cfg: StateConfig, options: _statefile.ReadOptions, *, reason: str, check: Callable[[StateData], None] | None = None
+) -> RecoveryPlan:
+    """Dry run of recovery steps 2-4 for a state file that cannot be loaded (*reason*): read and validate
+    every copy and say which one recovery would choose, and why each other one would not be. Reads only:
+    takes no lock, moves and writes nothing. *check* refuses another account's state (as the manager does).
+    """
+    cands = _file_candidates(cfg, options, check or (lambda _state: None))
+    best, listing, newest_gen = _select(cands, cfg, reason)
+    if best is None or best.state is None:
+        return RecoveryPlan(reason, None, None, None, None, tuple(listing))
+    lost = None if newest_gen is None else max(0, newest_gen - best.state.generation)
+    return RecoveryPlan(reason, best.name, best.path, best.state.generation, lost, tuple(listing))
 
 
 def _statefile_ms(state: StateData) -> int | None:

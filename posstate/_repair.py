@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from posstate import _atomic, _backups, _codec, _document, _statefile
+from posstate._config import StateConfig
 from posstate._document import StateData
 from posstate._errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError
 from posstate._model import MAX_COUNTER, Position, PositionKey, parse_position_key
@@ -159,16 +160,15 @@ def _lenient(doc: Any, header_generation: int, decisions: list[RepairDecision]) 
     return st, bad_p, bad_m
 
 
-def _sources(mgr: PositionStateManager) -> list[tuple[str, StateData]]:
+def _sources(cfg: StateConfig, options: _statefile.ReadOptions) -> list[tuple[str, StateData]]:
     """Valid copies to take entries from, highest generation first."""
     out: list[tuple[str, StateData]] = []
-    cfg = mgr.config
     paths = [(cfg.bak_path.name, cfg.bak_path)] + [
         (f"backup {bid}", cfg.backup_path / _backups.file_name(bid)) for bid, _ in _backups.names_only(cfg.backup_path)
     ]
     for name, path in paths:
         try:
-            out.append((name, _statefile.read(path, options=mgr._read).state))
+            out.append((name, _statefile.read(path, options=options).state))
         except PosStateError:
             continue
     out.sort(key=lambda s: s[1].generation, reverse=True)
@@ -239,7 +239,7 @@ def repair(mgr: PositionStateManager) -> RepairReport:
             )
         problems.append(problem)
         st, bad_p, bad_m = _lenient(doc, header.generation, decisions)
-        _fill(st, bad_p, bad_m, _sources(mgr) if (bad_p or bad_m) else [], decisions)
+        _fill(st, bad_p, bad_m, _sources(mgr.config, mgr._read) if (bad_p or bad_m) else [], decisions)
         if st.account is None and mgr.config.exchange is not None:
             st.account = {
                 "exchange": mgr.config.exchange,
@@ -286,3 +286,38 @@ def repair(mgr: PositionStateManager) -> RepairReport:
         return report
     mgr._events.emit("recoveryError", {"path": str(path), "reason": f"still invalid after {rounds} repair rounds"})
     raise CorruptStateError(path, f"still invalid after {rounds} repair rounds", kind="invalid")
+
+
+@dataclass(frozen=True, slots=True)
+class RepairPlan:
+    """What :func:`repair` would decide in its first round (:func:`plan`); nothing was written.
+
+    ``problem`` is None when the file passes every check (nothing to repair).
+    """
+
+    problem: str | None
+    generation: int
+    decisions: tuple[RepairDecision, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"problem": self.problem, "generation": self.generation, "decisions": [d.to_dict() for d in self.decisions]}
+
+
+def plan(cfg: StateConfig, options: _statefile.ReadOptions) -> RepairPlan:
+    """Dry run of :func:`repair`'s first round: the same per-entry decisions, computed from the state file
+    and the backups; reads only (no lock, no quarantine, no write). Raises what decoding raises when the
+    file does not even decrypt."""
+    path = cfg.state_path
+    data = _statefile.read_bytes(path)
+    header, payload = _codec.decode(data, keyring=options.keyring, path=path, max_document_bytes=options.max_document_bytes)
+    doc = _document.loads(payload, path=path, strict=not header.encrypted)
+    try:
+        loaded = _statefile.parse(data, path=path, options=options)
+    except SchemaValidationError as exc:
+        problem = f"{exc.json_path}: {exc.detail}"
+    else:
+        return RepairPlan(None, loaded.state.generation, ())
+    decisions: list[RepairDecision] = []
+    st, bad_p, bad_m = _lenient(doc, header.generation, decisions)
+    _fill(st, bad_p, bad_m, _sources(cfg, options) if (bad_p or bad_m) else [], decisions)
+    return RepairPlan(problem, header.generation, tuple(decisions))

@@ -76,7 +76,8 @@ def validate_file(path: Path, *, options: _statefile.ReadOptions) -> ValidationR
     def finish(error: PosStateError | None, issues: list[ValidationIssue], contents: bool) -> ValidationReport:
         done = {c.name for c in checks}
         rest = [Check(n, None, "not run") for n in CHECK_NAMES if n not in done]
-        valid = error is None and contents and all(c.ok for c in checks)
+        # ok=None: not applicable (a plain or uncompressed file), not a failure
+        valid = error is None and contents and all(c.ok is not False for c in checks)
         return ValidationReport(
             path=str(path),
             valid=valid,

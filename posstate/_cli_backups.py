@@ -1,0 +1,283 @@
+"""``posstate backups list|create|restore|prune|verify``: thin commands over the manager's backup methods.
+
+``list`` and ``verify`` only read (no lock, like ``validate``); ``create``, ``restore`` and ``prune`` go
+through :class:`PositionStateManager` (which takes the writer lock, so they refuse while a bot runs).
+Dry runs read only: they take no lock, but refuse like a write would while a bot holds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from posstate import _backup_ops, _backups, _cli_base
+from posstate import _fileops as fs
+from posstate._cli_base import (
+    EXIT_INVALID,
+    EXIT_KEY,
+    EXIT_VERSION,
+    CliError,
+    Env,
+    cli,
+    common_options,
+    confirm,
+    env_of,
+    json_out,
+    refuse_if_locked,
+)
+from posstate._cli_format import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
+from posstate._config import StateConfig
+from posstate._errors import StateNotFoundError
+from posstate._retention import PruneResult
+from posstate._validate import ValidationReport, validate_file
+
+if TYPE_CHECKING:
+    from posstate._manager import PositionStateManager
+
+__all__ = ["backups"]
+
+
+def require_state_dir(cfg: StateConfig) -> None:
+    """A mistyped --state-dir is an error, not an empty directory to create."""
+    if not fs.exists(cfg.state_dir):
+        raise StateNotFoundError(cfg.state_dir, what="state directory", next_step="check --state-dir or --config")
+
+
+def open_manager(env: Env) -> PositionStateManager:
+    """The manager for a command that writes: it takes the writer lock (StateLockedError, exit 5, if held)."""
+    from posstate._manager import PositionStateManager
+
+    return PositionStateManager(env.config(), **env.manager_kwargs())
+
+
+def _refuse_invalid(report: ValidationReport, what: str) -> None:
+    """Raise the report's own error (its exit code), or a generic one."""
+    if report.valid:
+        return
+    if report.error is not None:
+        raise report.error
+    if not report.contents_checked:
+        raise CliError(
+            f"{report.path}: the contents were NOT checked: no key was given; rerun with --key-file FILE or set "
+            "POSSTATE_KEY, POSSTATE_KEY_FILE or POSSTATE_PASSPHRASE",
+            code=EXIT_KEY,
+        )
+    raise CliError(f"{report.path}: {what} did not pass every check; see `posstate validate {report.path}`", code=EXIT_INVALID)
+
+
+@cli.group()
+@common_options()
+def backups() -> None:
+    """List, create, restore, prune and verify the timestamped backups (state/backups/).
+
+    Backup ids are the YYYYMMDD_HHMMSS[_N] part of the file name; a unique prefix or `latest` works too.
+    """
+
+
+# ------------------------------------------------------------------------------------------ list
+@backups.command(name="list")
+@common_options()
+@click.pass_context
+def list_(ctx: click.Context) -> None:
+    """List the backups, newest first: id, creation time, generation, positions, size, valid.
+
+    Reads headers and checksums only (no lock, nothing decrypted); `backups verify` checks contents.
+    """
+    env = env_of(ctx)
+    cfg = env.config()
+    require_state_dir(cfg)
+    infos = _backups.scan(cfg.backup_path)
+    if env.json:
+        json_out([backup_json(b) for b in infos])
+        return
+    if not infos:
+        click.echo(f"no backups in {cfg.backup_path}; make one with `posstate backups create`")
+        return
+    for line in backups_table(infos):
+        click.echo(line)
+    damaged = sum(1 for b in infos if b.damaged)
+    click.echo(f"{len(infos)} backups in {cfg.backup_path}" + (f", {damaged} DAMAGED" if damaged else ""))
+
+
+# ------------------------------------------------------------------------------------------ create
+@backups.command()
+@common_options()
+@click.pass_context
+def create(ctx: click.Context) -> None:
+    """Back up the saved state now (written, read back and validated), then apply retention.
+
+    Refused while a bot holds the writer lock, and when the state file does not validate (run
+    `posstate repair` first).
+    """
+    env = env_of(ctx)
+    cfg = env.config()
+    require_state_dir(cfg)
+    with open_manager(env) as m:
+        if not fs.exists(cfg.state_path):
+            raise StateNotFoundError(cfg.state_path, next_step="nothing to back up yet; the bot saves it first")
+        _refuse_invalid(validate_file(cfg.state_path, options=env.read_options()), "the state file")
+        info = m.create_backup()
+    if env.json:
+        json_out(backup_json(info))
+    else:
+        click.echo(
+            f"created backup {info.id}: generation {info.generation}, {info.position_count} positions, "
+            f"{info.size} bytes, {info.path}"
+        )
+
+
+# ------------------------------------------------------------------------------------------ restore
+@backups.command()
+@click.argument("backup_id", metavar="ID")
+@click.option("--accept-older", is_flag=True, help="Restore even if the backup is older than backup_threshold.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--dry-run", is_flag=True, help="Validate the backup and say what would be restored; write nothing.")
+@common_options()
+@click.pass_context
+def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, dry_run: bool) -> None:
+    """Make backup ID (full id, unique prefix or `latest`) the current state, as a new generation.
+
+    The backup is validated first and the current file is kept as a pre-restore backup. A backup older
+    than backup_threshold relative to the last save is refused unless --accept-older (stale positions lead
+    to duplicate orders). Refused while a bot holds the writer lock.
+    """
+    env = env_of(ctx)
+    cfg = env.config()
+    require_state_dir(cfg)
+    if dry_run:
+        refuse_if_locked(cfg)
+        info = _backups.resolve(_backups.scan(cfg.backup_path), backup_id, backup_dir=cfg.backup_path)
+        report = validate_file(info.path, options=env.read_options())
+        if env.json:
+            json_out({"dry_run": True, "backup": backup_json(info), "validation": report.to_dict()})
+        else:
+            for line in validate_lines(report):
+                click.echo(line)
+        _refuse_invalid(report, f"backup {info.id}")
+        click.echo(
+            f"dry run: would restore backup {info.id} (generation {report.generation}, {report.positions} positions) "
+            f"into {cfg.state_path} as a new generation; nothing was written",
+            err=True,
+        )
+        return
+    with open_manager(env) as m:
+        info = _backups.resolve(m.list_backups(), backup_id, backup_dir=cfg.backup_path)
+        report = m.validate_backup(info.id)
+        _refuse_invalid(report, f"backup {info.id}")
+        confirm(
+            yes=yes,
+            prompt=f"Replace the state in {cfg.state_path} with backup {info.id} "
+            f"(generation {report.generation}, {report.positions} positions)?",
+            what="restore",
+        )
+        result = m.restore_from_backup(info.id, accept_older=accept_older)
+    if env.json:
+        json_out({**result.to_dict(), "path": str(cfg.state_path)})
+        return
+    kept = f"; the replaced file is kept as backup {result.pre_restore_backup}" if result.pre_restore_backup else ""
+    click.echo(
+        f"restored backup {info.id} (generation {result.source_generation}, {result.age:.0f} s older than the last save) "
+        f"into {cfg.state_path} as generation {result.generation}{kept}"
+    )
+
+
+# ------------------------------------------------------------------------------------------ prune
+@backups.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--dry-run", is_flag=True, help="Say what would be kept, removed and quarantined; change nothing.")
+@common_options()
+@click.pass_context
+def prune(ctx: click.Context, yes: bool, dry_run: bool) -> None:
+    """Apply the retention rules: print every backup kept, removed or quarantined, with the reason.
+
+    Every backup is validated first; only valid ones fill a slot; damaged ones go to quarantine, never
+    deleted; the newest valid backup is always kept. Refused while a bot holds the writer lock.
+    """
+    env = env_of(ctx)
+    cfg = env.config()
+    require_state_dir(cfg)
+    result: PruneResult
+    if dry_run:
+        refuse_if_locked(cfg)
+        result = _backup_ops.plan_prune(cfg, env.read_options(), dry_run=True)
+    else:
+        with open_manager(env) as m:
+            planned = m.prune_old_backups(dry_run=True)
+            if planned.removed or planned.quarantined:
+                if not yes and _cli_base.is_terminal():  # show what the question is about
+                    for line in prune_lines(planned)[:-1]:
+                        click.echo(line, err=True)
+                confirm(
+                    yes=yes,
+                    prompt=f"Remove {len(planned.removed)} and quarantine {len(planned.quarantined)} backup(s)?",
+                    what="prune",
+                )
+                result = m.prune_old_backups()
+            else:
+                result = dataclasses.replace(planned, dry_run=False)
+    if env.json:
+        json_out(result.to_dict())
+        return
+    if not result.decisions:
+        click.echo(f"no backups in {cfg.backup_path}; nothing to prune")
+        return
+    for line in prune_lines(result):
+        click.echo(line)
+
+
+# ------------------------------------------------------------------------------------------ verify
+@backups.command()
+@common_options()
+@click.pass_context
+def verify(ctx: click.Context) -> None:
+    """Validate every backup fully (checksum, decryption, schema, relationships); no lock, no writes.
+
+    Exit 1 if any backup is damaged, 3 if one cannot be checked with the key given, 4 if one is from a
+    newer posstate. A progress bar is shown on a terminal.
+    """
+    env = env_of(ctx)
+    cfg = env.config()
+    require_state_dir(cfg)
+    infos = _backups.scan(cfg.backup_path)
+    if not infos:
+        raise StateNotFoundError(
+            cfg.backup_path, what="backups", next_step="nothing to verify; make one with `posstate backups create`"
+        )
+    options = env.read_options()
+    reports: list[ValidationReport] = []
+    if sys.stderr.isatty() and not env.json:
+        with click.progressbar(infos, label="verifying", file=sys.stderr) as bar:
+            reports = [validate_file(b.path, options=options) for b in bar]
+    else:
+        reports = [validate_file(b.path, options=options) for b in infos]
+    verdicts = [verify_verdict(r) for r in reports]
+    if env.json:
+        json_out(
+            {
+                "valid": all(v == "ok" for v, _ in verdicts),
+                "backups": [
+                    {"id": b.id, "verdict": v, "detail": d, **r.to_dict()}
+                    for b, r, (v, d) in zip(infos, reports, verdicts, strict=True)
+                ],
+            }
+        )
+    else:
+        for b, (v, d) in zip(infos, verdicts, strict=True):
+            click.echo(f"  {v:<11}  {b.id}  {d}")
+        ok = sum(1 for v, _ in verdicts if v == "ok")
+        click.echo(f"{ok} of {len(infos)} backups valid")
+    for verdict, code, what in (
+        ("DAMAGED", EXIT_INVALID, "damaged; move them to quarantine with `posstate backups prune`"),
+        ("KEY", EXIT_KEY, "not readable with the key given (another key?); check --key-file"),
+        ("NOT CHECKED", EXIT_KEY, "NOT checked: no key was given; rerun with --key-file FILE"),
+        ("NEWER", EXIT_VERSION, "written by a newer posstate; upgrade posstate"),
+    ):
+        bad = [(b, d) for b, (v, d) in zip(infos, verdicts, strict=True) if v == verdict]
+        if bad:
+            first, detail = bad[0]
+            raise CliError(
+                f"{cfg.backup_path}: {len(bad)} of {len(infos)} backups {what} (first: {first.id}: {detail})", code=code
+            )
