@@ -230,15 +230,11 @@ def _link_as_backup(mgr: PositionStateManager) -> str | None:
     raise PersistenceError(bdir, operation="pre-restore backup", reason="no free backup name")  # pragma: no cover
 
 
-def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) -> RestoreResult:
-    """Validate a backup, keep the current file as a backup, write the backup's state as a new generation."""
-    cfg = mgr.config
-    backups = list_all(mgr)
-    info = _backups.resolve(backups, backup_id, backup_dir=cfg.backup_path)
-    loaded = _statefile.read(info.path, options=mgr._read, what="backup")
-    mgr._check_account(loaded.state)
-    known = [h for h in (_header_of(mgr.path), _header_of(cfg.bak_path)) if h is not None]
-    claimed = main_header(mgr.path, mgr.config.clock_skew)  # a damaged state file still tells when it was written
+def known_saves(cfg: StateConfig, backups: list[BackupInfo]) -> list[tuple[int, int]]:
+    """(generation, written ms) of every copy whose header can be trusted: the state file, its ``.bak``, what
+    a damaged state file's header claims, and every backup. Reads headers only."""
+    known = [h for h in (_header_of(cfg.state_path), _header_of(cfg.bak_path)) if h is not None]
+    claimed = main_header(cfg.state_path, cfg.clock_skew)  # a damaged state file still tells when it was written
     if claimed is not None:
         known.append(claimed)
     known += [
@@ -246,6 +242,24 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
         for b in backups
         if b.valid and b.generation is not None and b.written_at
     ]
+    return known
+
+
+def backup_age(cfg: StateConfig, backups: list[BackupInfo], written_at_ms: int) -> float:
+    """Seconds between a backup written at *written_at_ms* and the last save known on disk: what
+    :func:`restore` compares with ``backup_threshold`` (for dry runs; no lock, no writes)."""
+    last_save_ms = max((ms for _, ms in known_saves(cfg, backups)), default=written_at_ms)
+    return (last_save_ms - written_at_ms) / 1000
+
+
+def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) -> RestoreResult:
+    """Validate a backup, keep the current file as a backup, write the backup's state as a new generation."""
+    cfg = mgr.config
+    backups = list_all(mgr)
+    info = _backups.resolve(backups, backup_id, backup_dir=cfg.backup_path)
+    loaded = _statefile.read(info.path, options=mgr._read, what="backup")
+    mgr._check_account(loaded.state)
+    known = known_saves(cfg, backups)
     last_save_ms = max((ms for _, ms in known), default=loaded.header.written_at_ms)
     if mgr._loaded and mgr._state.generation > 0:
         ms = _state_ms(mgr._state)

@@ -30,7 +30,7 @@ from posstate._cli_base import (
 )
 from posstate._cli_format import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
 from posstate._config import StateConfig
-from posstate._errors import StateNotFoundError
+from posstate._errors import StaleBackupError, StateNotFoundError
 from posstate._retention import PruneResult
 from posstate._validate import ValidationReport, validate_file
 
@@ -134,7 +134,9 @@ def create(ctx: click.Context) -> None:
 @click.argument("backup_id", metavar="ID")
 @click.option("--accept-older", is_flag=True, help="Restore even if the backup is older than backup_threshold.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.option("--dry-run", is_flag=True, help="Validate the backup and say what would be restored; write nothing.")
+@click.option(
+    "--dry-run", is_flag=True, help="Validate the backup, apply the age rule, say what would be restored; write nothing."
+)
 @common_options()
 @click.pass_context
 def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, dry_run: bool) -> None:
@@ -149,17 +151,21 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
     require_state_dir(cfg)
     if dry_run:
         refuse_if_locked(cfg)
-        info = _backups.resolve(_backups.scan(cfg.backup_path), backup_id, backup_dir=cfg.backup_path)
+        found = _backups.scan(cfg.backup_path)
+        info = _backups.resolve(found, backup_id, backup_dir=cfg.backup_path)
         report = validate_file(info.path, options=env.read_options())
+        age = None if info.written_at is None else _backup_ops.backup_age(cfg, found, int(info.written_at.timestamp() * 1000))
         if env.json:
-            json_out({"dry_run": True, "backup": backup_json(info), "validation": report.to_dict()})
+            json_out({"dry_run": True, "backup": backup_json(info), "age": age, "validation": report.to_dict()})
         else:
             for line in validate_lines(report):
                 click.echo(line)
         _refuse_invalid(report, f"backup {info.id}")
+        if age is not None and age > cfg.backup_threshold and not accept_older:
+            raise StaleBackupError(info.path, backup_id=info.id, age=age, threshold=cfg.backup_threshold)
         click.echo(
-            f"dry run: would restore backup {info.id} (generation {report.generation}, {report.positions} positions) "
-            f"into {cfg.state_path} as a new generation; nothing was written",
+            f"dry run: would restore backup {info.id} (generation {report.generation}, {report.positions} positions, "
+            f"{age or 0:.0f} s older than the last save) into {cfg.state_path} as a new generation; nothing was written",
             err=True,
         )
         return

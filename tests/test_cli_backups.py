@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -249,6 +250,11 @@ def test_stale_backup_refused_then_accepted_with_accept_older(state: Path, key: 
         f"`posstate backups restore {old.id} --accept-older`"
     )
     assert snapshot(state) == before
+    r = run([*keyed(state, key_file), "backups", "restore", old.id, "--dry-run"])
+    assert r.exit_code == 1 and err_line(r) == line  # the dry run applies the same age rule
+    r = run([*keyed(state, key_file), "backups", "restore", old.id, "--dry-run", "--accept-older"])
+    assert r.exit_code == 0 and r.stderr.startswith(f"dry run: would restore backup {old.id} (generation 1, 1 positions, ")
+    assert snapshot(state) == before
     r = run([*keyed(state, key_file), "backups", "restore", old.id, "--accept-older", "--yes"])
     assert r.exit_code == 0, r.stderr
     assert positions_of(state, key) == {("DOGE/USDT", "long")}
@@ -277,9 +283,10 @@ def test_restore_dry_run_validates_and_writes_nothing(state: Path, key_file: Pat
     r = run([*keyed(state, key_file), "backups", "restore", "latest", "--dry-run"])
     assert r.exit_code == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "VALID: generation 2, 2 positions, key id " + Keyring(key=_key_of(key_file)).key_id
-    assert r.stderr.strip() == (
-        f"dry run: would restore backup {newest} (generation 2, 2 positions) into {state}/positions.json as a new "
-        "generation; nothing was written"
+    assert re.fullmatch(
+        rf"dry run: would restore backup {newest} \(generation 2, 2 positions, \d+ s older than the last save\) into "
+        rf"{state}/positions.json as a new generation; nothing was written",
+        r.stderr.strip(),
     )
     assert snapshot(state) == before and sorted(p.name for p in state.rglob("*")) == listing
     flip(state / "backups" / f"positions_{newest}.json")
@@ -381,6 +388,24 @@ def test_prune_dry_run_removes_nothing_then_prune_removes(state: Path, key: byte
     assert r.exit_code == 0, r.stderr
     assert r.stdout.splitlines()[-1] == f"1 kept, {len(rest)} removed, 0 quarantined"
     assert ids(state) == [newest]
+
+
+def test_prune_on_a_terminal_shows_the_plan_and_asks(
+    state: Path, key: bytes, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal prune shows what it would remove and asks: 'n' is exit 1 with nothing removed."""
+    monkeypatch.setattr(_cli_base, "is_terminal", lambda: True)
+    newest, older = ids(state)
+    before = snapshot(state)
+    r = run([*keyed(state, key_file), "--config", str(_keep_one(tmp_path)), "backups", "prune"], input="n\n")
+    assert r.exit_code == 1
+    err = r.stderr.splitlines()
+    assert err[:2] == [
+        f"  keep         {newest}  newest valid backup (never pruned)",
+        f"  remove       {older}  redundant: not selected by any retention rule (max_backups=1)",
+    ]
+    assert err[-1] == "Error: prune not confirmed; nothing was changed"
+    assert snapshot(state) == before
 
 
 def test_prune_quarantines_a_damaged_backup(state: Path, key_file: Path) -> None:
