@@ -12,8 +12,16 @@ import orjson
 import pytest
 import zstandard
 
-from posstate import CorruptStateError, MissingKeyError, UnsupportedVersionError, WrongKeyError, generate_key
-from posstate import _codec, _crypto, _format
+from posstate import (
+    CorruptStateError,
+    MissingKeyError,
+    UnsupportedVersionError,
+    WrongKeyError,
+    _codec,
+    _crypto,
+    _format,
+    generate_key,
+)
 from posstate._format import HEADER_SIZE, OFFSETS, TRAILER_SIZE
 
 DOC = orjson.dumps({"hello": "world", "n": [1, 2, 3], "pad": "x" * 200})
@@ -40,15 +48,26 @@ def _set_field(data: bytes, name: str, value: int) -> bytes:
 
 def _container(payload: bytes, *, flags: int) -> bytes:
     header = _format.Header(
-        format_version=1, flags=flags, key_id="0" * 16, nonce=bytes(12), salt=bytes(16), kdf_log2_n=0,
-        schema_version=1, generation=1, written_at_ms=0, position_count=0, payload_length=len(payload),
+        format_version=1,
+        flags=flags,
+        key_id="0" * 16,
+        nonce=bytes(12),
+        salt=bytes(16),
+        kdf_log2_n=0,
+        schema_version=1,
+        generation=1,
+        written_at_ms=0,
+        position_count=0,
+        payload_length=len(payload),
     )
     body = _format.pack_header(header) + payload
     return body + _format.trailer_for(body)
 
 
 def _encode(*, level: int | None = 3, keyring: _crypto.Keyring | None = None, document: bytes = DOC) -> bytes:
-    return _codec.encode(document, generation=7, written_at_ms=1_700_000_000_123, position_count=2, compression_level=level, keyring=keyring).data
+    return _codec.encode(
+        document, generation=7, written_at_ms=1_700_000_000_123, position_count=2, compression_level=level, keyring=keyring
+    ).data
 
 
 def test_header_fields_sit_at_their_offsets() -> None:
@@ -93,7 +112,9 @@ def test_key_id_is_hmac_of_label() -> None:
 def test_nonce_is_fresh_per_write() -> None:
     """Two encodings with one key use different nonces (and so different ciphertexts)."""
     kr = _keyring()
-    a, b = (_codec.encode(DOC, generation=1, written_at_ms=0, position_count=0, compression_level=3, keyring=kr) for _ in range(2))
+    a, b = (
+        _codec.encode(DOC, generation=1, written_at_ms=0, position_count=0, compression_level=3, keyring=kr) for _ in range(2)
+    )
     assert a.header.nonce != b.header.nonce and a.data != b.data
 
 
@@ -220,7 +241,9 @@ def test_every_truncation_is_detected() -> None:
         assert info.value.kind == "truncated", n
 
 
-@pytest.mark.parametrize("extra", [b"\n", b"garbage", b"\x00" * 4096, b"trailer-copy"], ids=["newline", "text", "zeros", "trailer"])
+@pytest.mark.parametrize(
+    "extra", [b"\n", b"garbage", b"\x00" * 4096, b"trailer-copy"], ids=["newline", "text", "zeros", "trailer"]
+)
 def test_appended_bytes_are_detected(extra: bytes) -> None:
     """Bytes after the trailer (including a second copy of the trailer) are damage."""
     kr = _keyring()

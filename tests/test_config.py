@@ -49,7 +49,11 @@ def test_derived_paths(tmp_path: Path) -> None:
     c = StateConfig.in_dir(tmp_path / "s")
     d = tmp_path / "s"
     assert (c.state_path, c.bak_path, c.lock_path, c.backup_path, c.quarantine_dir) == (
-        d / "positions.json", d / "positions.json.bak", d / "positions.json.lock", d / "backups", d / "quarantine",
+        d / "positions.json",
+        d / "positions.json.bak",
+        d / "positions.json.lock",
+        d / "backups",
+        d / "quarantine",
     )
 
 
@@ -63,7 +67,11 @@ def test_from_mapping_reference_form() -> None:
                 "BACKUP_INTERVAL": 60000,
                 "MAX_BACKUPS": 10,
                 "VALIDATION": {"ENABLED": False, "INTERVAL": 5000, "REPAIR_ATTEMPTS": 5},
-                "PERSISTENCE": {"ATOMIC_WRITES": True, "COMPRESSION": False, "ENCRYPTION": {"ENABLED": False, "ALGORITHM": "aes-256-gcm"}},
+                "PERSISTENCE": {
+                    "ATOMIC_WRITES": True,
+                    "COMPRESSION": False,
+                    "ENCRYPTION": {"ENABLED": False, "ALGORITHM": "aes-256-gcm"},
+                },
                 "RECOVERY": {"MAX_ATTEMPTS": 7, "BACKUP_THRESHOLD": 7200000},
             }
         }
@@ -86,7 +94,7 @@ def test_from_file_toml(tmp_path: Path) -> None:
     c = StateConfig.from_file(f)
     assert (c.state_file, c.max_backups, c.encryption) == ("x/positions.json", 5, False)
     g = tmp_path / "ref.toml"
-    g.write_text('[POSITION_STATE_MANAGER]\nBACKUP_INTERVAL = 1500\n[POSITION_STATE_MANAGER.PERSISTENCE]\nCOMPRESSION = false\n')
+    g.write_text("[POSITION_STATE_MANAGER]\nBACKUP_INTERVAL = 1500\n[POSITION_STATE_MANAGER.PERSISTENCE]\nCOMPRESSION = false\n")
     c = StateConfig.from_file(g)
     assert (c.backup_interval, c.compression) == (1.5, False)
 

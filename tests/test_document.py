@@ -12,17 +12,51 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posstate import CorruptStateError, Position, SchemaValidationError
-from posstate import _document, _schema
+from posstate import CorruptStateError, Position, SchemaValidationError, _document, _schema
 from posstate._document import StateData, _Reject
 
 DECIMAL_RE = re.compile(_schema.schema()["$defs"]["decimal"]["pattern"])
 NOW = 1_800_000_000.0
 
 NASTY_DECIMALS = [
-    "01", "+1", ".5", "5.", "1_0", " 1", "1 ", "1\n", "NaN", "nan", "Infinity", "-Infinity", "sNaN", "1e5", "1E+5", "1e-05",
-    "-0", "0", "-0.0", "00", "-01", "1.e5", "1e", "-", "", "0x10", "١٢", "٣.٥", "１", "1,0", "1.5.5", "--1", "1" * 65,
-    "0." + "0" * 62, "1E+999999", "-.5", "1.0", "0e0",
+    "01",
+    "+1",
+    ".5",
+    "5.",
+    "1_0",
+    " 1",
+    "1 ",
+    "1\n",
+    "NaN",
+    "nan",
+    "Infinity",
+    "-Infinity",
+    "sNaN",
+    "1e5",
+    "1E+5",
+    "1e-05",
+    "-0",
+    "0",
+    "-0.0",
+    "00",
+    "-01",
+    "1.e5",
+    "1e",
+    "-",
+    "",
+    "0x10",
+    "\u0661\u0662",  # Arabic-Indic digits
+    "\u0663.\u0665",  # Arabic-Indic digits
+    "\uff11",  # fullwidth one
+    "1,0",
+    "1.5.5",
+    "--1",
+    "1" * 65,
+    "0." + "0" * 62,
+    "1E+999999",
+    "-.5",
+    "1.0",
+    "0e0",
 ]
 NASTY = st.one_of(
     st.sampled_from(NASTY_DECIMALS),
@@ -46,8 +80,23 @@ def positions(draw: st.DrawFn, generation: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for _ in range(draw(st.integers(0, 3))):
         sym, side = draw(symbols), draw(st.sampled_from(["long", "short"]))
-        p: dict[str, Any] = {"symbol": sym, "side": side, "contracts": draw(decimal_text.filter(lambda s: not s.startswith("-"))), "entry_price": draw(decimal_text)}
-        for name in ("contract_size", "mark_price", "notional", "leverage", "unrealized_pnl", "realized_pnl", "liquidation_price", "stop_loss_price", "take_profit_price"):
+        p: dict[str, Any] = {
+            "symbol": sym,
+            "side": side,
+            "contracts": draw(decimal_text.filter(lambda s: not s.startswith("-"))),
+            "entry_price": draw(decimal_text),
+        }
+        for name in (
+            "contract_size",
+            "mark_price",
+            "notional",
+            "leverage",
+            "unrealized_pnl",
+            "realized_pnl",
+            "liquidation_price",
+            "stop_loss_price",
+            "take_profit_price",
+        ):
             if draw(st.booleans()):
                 p[name] = draw(decimal_text)
         if draw(st.booleans()):
@@ -69,14 +118,29 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
         "written_at": draw(st.sampled_from(["2024-01-02T03:04:05Z", "2024-01-02T03:04:05.123Z", "1999-12-31T23:59:59.999999Z"])),
         "writer": {"host": draw(st.text(max_size=8)), "pid": draw(st.integers(0, 2**31)), "version": "0.1.0"},
         "positions": pos,
-        "symbol_metadata": {s: {"rev": draw(st.integers(0, g)), "data": {"entries": draw(st.integers(0, 9)), "note": draw(st.text(max_size=5))}} for s in meta_syms},
+        "symbol_metadata": {
+            s: {"rev": draw(st.integers(0, g)), "data": {"entries": draw(st.integers(0, 9)), "note": draw(st.text(max_size=5))}}
+            for s in meta_syms
+        },
         "tombstones": {
-            "positions": {f"{s}|short": draw(st.integers(0, g)) for s in draw(st.lists(symbols, max_size=2, unique=True)) if f"{s}|short" not in pos},
-            "symbol_metadata": {s + "-gone": draw(st.integers(0, g)) for s in draw(st.lists(symbols, max_size=2, unique=True)) if s + "-gone" not in meta_syms},
+            "positions": {
+                f"{s}|short": draw(st.integers(0, g))
+                for s in draw(st.lists(symbols, max_size=2, unique=True))
+                if f"{s}|short" not in pos
+            },
+            "symbol_metadata": {
+                s + "-gone": draw(st.integers(0, g))
+                for s in draw(st.lists(symbols, max_size=2, unique=True))
+                if s + "-gone" not in meta_syms
+            },
         },
     }
     if draw(st.booleans()):
-        doc["account"] = {"exchange": "binance", "account_id": draw(st.text(min_size=1, max_size=8)), "mode": draw(st.sampled_from(["live", "paper"]))}
+        doc["account"] = {
+            "exchange": "binance",
+            "account_id": draw(st.text(min_size=1, max_size=8)),
+            "mode": draw(st.sampled_from(["live", "paper"])),
+        }
     if draw(st.booleans()):
         doc["journal"] = {"id": "0123456789abcdef0123456789abcdef", "seq": draw(st.integers(0, 99))}
     return doc
@@ -133,7 +197,9 @@ def test_fast_path_never_accepts_what_the_schema_refuses(doc: dict[str, Any], da
         elif action == "delete":
             del container[key]
         elif isinstance(container, dict):
-            container[data.draw(st.sampled_from(["extra", "rev", "position", "data", "symbol", "side", "contracts", "timestamp"]))] = data.draw(NASTY)
+            container[
+                data.draw(st.sampled_from(["extra", "rev", "position", "data", "symbol", "side", "contracts", "timestamp"]))
+            ] = data.draw(NASTY)
     fast = _fast(doc)
     if fast is not None:
         assert _schema_ok(doc), f"fast path accepted a document jsonschema refuses: {_schema.schema_errors(doc)[0].message}"
@@ -160,7 +226,11 @@ def _decimal_parses(s: str) -> bool:
 
 
 @settings(max_examples=800, deadline=None)
-@given(st.one_of(st.text(max_size=12), st.text(alphabet="0123456789.-+eE_ ,", max_size=12), st.sampled_from(NASTY_DECIMALS), decimal_text))
+@given(
+    st.one_of(
+        st.text(max_size=12), st.text(alphabet="0123456789.-+eE_ ,", max_size=12), st.sampled_from(NASTY_DECIMALS), decimal_text
+    )
+)
 def test_decimal_strings_ok_matches_schema_pattern(s: str) -> None:
     """For any string Decimal() parses: decimal_strings_ok says yes exactly when the schema's pattern does."""
     if not _decimal_parses(s):
@@ -268,10 +338,30 @@ def test_rev_after_generation() -> None:
 @pytest.mark.parametrize(
     ("mutate", "json_path", "rule"),
     [
-        pytest.param(lambda d: d["positions"]["BTC/USDT|long"]["position"].update(contracts=1.5), "$.positions['BTC/USDT|long'].position.contracts", "type", id="float"),
-        pytest.param(lambda d: d["positions"]["BTC/USDT|long"]["position"].update(mark_price="01"), "$.positions['BTC/USDT|long'].position.mark_price", "pattern", id="pattern"),
-        pytest.param(lambda d: d["positions"]["BTC/USDT|long"]["position"].update(side="flat"), "$.positions['BTC/USDT|long'].position.side", "enum", id="enum"),
-        pytest.param(lambda d: d["positions"]["BTC/USDT|long"]["position"].pop("entry_price"), "$.positions['BTC/USDT|long'].position", "required", id="required"),
+        pytest.param(
+            lambda d: d["positions"]["BTC/USDT|long"]["position"].update(contracts=1.5),
+            "$.positions['BTC/USDT|long'].position.contracts",
+            "type",
+            id="float",
+        ),
+        pytest.param(
+            lambda d: d["positions"]["BTC/USDT|long"]["position"].update(mark_price="01"),
+            "$.positions['BTC/USDT|long'].position.mark_price",
+            "pattern",
+            id="pattern",
+        ),
+        pytest.param(
+            lambda d: d["positions"]["BTC/USDT|long"]["position"].update(side="flat"),
+            "$.positions['BTC/USDT|long'].position.side",
+            "enum",
+            id="enum",
+        ),
+        pytest.param(
+            lambda d: d["positions"]["BTC/USDT|long"]["position"].pop("entry_price"),
+            "$.positions['BTC/USDT|long'].position",
+            "required",
+            id="required",
+        ),
         pytest.param(lambda d: d.update(extra=1), "$", "additionalProperties", id="extra"),
         pytest.param(lambda d: d.update(generation=-1), "$.generation", "minimum", id="generation"),
         pytest.param(lambda d: d.update(written_at="yesterday"), "$.written_at", "pattern", id="written_at"),

@@ -27,9 +27,9 @@ from posstate import (
     PositionStateManager,
     SchemaValidationError,
     StateConfig,
+    _fileops,
     generate_key,
 )
-from posstate import _fileops
 
 Factory = Callable[..., PositionStateManager]
 
@@ -40,10 +40,21 @@ def pos(symbol: str = "BTC/USDT", side: str = "long", contracts: str = "1", pric
 
 def full_position(symbol: str = "ETH/USDT:USDT", side: str = "short") -> Position:
     return Position(
-        symbol=symbol, side=side, contracts=Decimal("12.5"), contract_size=Decimal("0.01"), entry_price=Decimal("2050.55"),  # type: ignore[arg-type]
-        mark_price=Decimal("2049.1"), notional=Decimal("256.1375"), leverage=Decimal(20), unrealized_pnl=Decimal("0.18125"),
-        realized_pnl=Decimal("-1.2"), liquidation_price=Decimal("2150"), margin_mode="isolated", stop_loss_price=Decimal("2100"),
-        take_profit_price=Decimal("1900.5"), timestamp=1_700_000_000_000,
+        symbol=symbol,
+        side=side,
+        contracts=Decimal("12.5"),
+        contract_size=Decimal("0.01"),
+        entry_price=Decimal("2050.55"),  # type: ignore[arg-type]
+        mark_price=Decimal("2049.1"),
+        notional=Decimal("256.1375"),
+        leverage=Decimal(20),
+        unrealized_pnl=Decimal("0.18125"),
+        realized_pnl=Decimal("-1.2"),
+        liquidation_price=Decimal("2150"),
+        margin_mode="isolated",
+        stop_loss_price=Decimal("2100"),
+        take_profit_price=Decimal("1900.5"),
+        timestamp=1_700_000_000_000,
     )
 
 
@@ -112,7 +123,12 @@ def test_metadata_outlives_position(manager: Factory) -> None:
     """Closing (deleting) a position keeps its symbol's metadata, across save and reload."""
     m = manager()
     m.set_position(pos("SOL/USDT"))
-    meta = {"entries": {"long": 2, "short": 0}, "trailing": {"active": True, "peak": "101.5"}, "first_open": 1700000000000, "strategy": "s1"}
+    meta = {
+        "entries": {"long": 2, "short": 0},
+        "trailing": {"active": True, "peak": "101.5"},
+        "first_open": 1700000000000,
+        "strategy": "s1",
+    }
     m.set_symbol_metadata("SOL/USDT", meta)
     m.save()
     m.delete_position("SOL/USDT", "long")
@@ -169,7 +185,9 @@ def test_decimals_round_trip_through_file(values: list[Decimal]) -> None:
     key = generate_key()
     with tempfile.TemporaryDirectory() as d:
         cfg = StateConfig.in_dir(Path(d) / "state")
-        ps = [Position(symbol=f"S{i}", side="long", contracts=abs(v), entry_price=v, realized_pnl=v) for i, v in enumerate(values)]
+        ps = [
+            Position(symbol=f"S{i}", side="long", contracts=abs(v), entry_price=v, realized_pnl=v) for i, v in enumerate(values)
+        ]
         with PositionStateManager(cfg, key=key) as m:
             m.save_positions(ps)
         with PositionStateManager(cfg, key=key) as m:

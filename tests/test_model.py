@@ -52,7 +52,10 @@ def test_from_ccxt_maps_every_field_and_ignores_extras() -> None:
     assert p.stop_loss_price == Decimal(36000)
     assert p.margin_mode == "cross"
     assert p.timestamp == 1700000000000
-    assert all(type(getattr(p, n)) is Decimal for n in ("contract_size", "mark_price", "unrealized_pnl", "liquidation_price", "take_profit_price"))
+    assert all(
+        type(getattr(p, n)) is Decimal
+        for n in ("contract_size", "mark_price", "unrealized_pnl", "liquidation_price", "take_profit_price")
+    )
 
 
 def test_from_ccxt_without_side_is_refused() -> None:

@@ -46,8 +46,22 @@ SCRIPT = textwrap.dedent(
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(ROOT)],
-        check=True, capture_output=True, cwd=out,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=out,
     )
     (found,) = out.glob("posstate-*.whl")
     return found
@@ -67,12 +81,15 @@ def test_installed_wheel_loads_and_saves(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     work = tmp_path / "work"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
     env["PYTHONPATH"] = str(target)
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(target), str(work)], cwd=work, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(target), str(work)], cwd=work, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK ")
