@@ -422,3 +422,22 @@ def test_metadata_too_deep() -> None:
         node = node["a"]
     with pytest.raises(SchemaValidationError, match="deeper"):
         _document.clean_metadata("S", deep)
+
+
+@pytest.mark.parametrize("field", ["contracts", "mark_price", "timestamp", "margin_mode", "symbol", "side"])
+def test_null_values_are_not_absent_values(field: str) -> None:
+    """A field present as null is a schema error, not a missing optional field: the fast path refuses it."""
+    doc = _valid_doc()
+    doc["positions"]["BTC/USDT|long"]["position"][field] = None
+    assert _fast(doc) is None
+    assert not _schema_ok(doc)
+
+
+def test_fast_path_keeps_the_document_entries() -> None:
+    """The fast path hands back the document's own entry dicts, equal in meaning to position_entry()."""
+    doc = _valid_doc()
+    state = _document._fast_decode(doc)
+    assert state.entries is not None
+    k = ("BTC/USDT", "long")
+    assert state.entries[k] is doc["positions"]["BTC/USDT|long"]
+    assert state.entries[k] == _document.position_entry(state.positions[k], state.position_revs[k])
