@@ -53,9 +53,12 @@ _WRITTEN_AT = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2
 _JOURNAL_ID = re.compile(r"^[0-9a-f]{32}$")
 _DECIMAL_CHARS = b"0123456789.,-+eE"
 #: Substrings that Decimal() accepts but the schema's decimal pattern refuses, once values are joined
-#: as ",v1,v2,...," with minus signs dropped: a leading "+", a leading zero before a digit, a point
-#: without digits before or after it.
-_DECIMAL_BAD = (",+", ",.", ".,", ".e", ".E") + tuple(f",0{d}" for d in "0123456789")
+#: as ",v1,v2,...," with minus signs dropped, digits 1-9 written as "1" and "E" as "e": a leading "+",
+#: a leading zero before a digit, a point without digits before or after it.
+_DECIMAL_BAD = (b",.", b".,", b",00", b",01")
+#: The same for characters that are rare in a document, so their scan is skipped when the character is absent.
+_DECIMAL_BAD_RARE = ((b"+", b",+"), (b"e", b".e"))
+_DECIMAL_CLASSES = bytes.maketrans(b"23456789E", b"11111111e")
 
 
 class _Reject(Exception):
@@ -247,10 +250,15 @@ def decimal_strings_ok(values: list[str]) -> bool:
         return False
     if not joined.isascii() or max(map(len, values)) > MAX_DECIMAL_LENGTH:
         return False
-    if joined.encode("ascii").translate(None, _DECIMAL_CHARS):
+    raw = joined.encode("ascii")
+    if raw.translate(None, _DECIMAL_CHARS):
         return False
-    joined = joined.replace(",-", ",")
-    return not any(bad in joined for bad in _DECIMAL_BAD)
+    # Eight C-speed scans of the whole text instead of a regex per value (a 10,000-position load has
+    # 110,000 decimals); every 2-byte search is a full pass, so the classes above keep their number low.
+    raw = raw.translate(_DECIMAL_CLASSES).replace(b",-", b",")
+    if any(bad in raw for bad in _DECIMAL_BAD):
+        return False
+    return not any(ch in raw and bad in raw for ch, bad in _DECIMAL_BAD_RARE)
 
 
 def _fast_positions(raw: Any) -> tuple[dict[PositionKey, Position], dict[PositionKey, int], dict[PositionKey, dict[str, Any]]]:
