@@ -234,7 +234,7 @@ def _no_constant(name: str) -> Any:
 def _counter(v: Any) -> int:
     if type(v) is not int or v < 0 or v > MAX_COUNTER:
         raise _Reject
-    return v  # type: ignore[no-any-return]
+    return v
 
 
 def decimal_strings_ok(values: list[str]) -> bool:
@@ -366,7 +366,7 @@ def _fast_tombstones(raw: Any) -> tuple[dict[PositionKey, int], dict[str, int]]:
 def _str(v: Any, lo: int, hi: int) -> str:
     if type(v) is not str or not lo <= len(v) <= hi:
         raise _Reject
-    return v  # type: ignore[no-any-return]
+    return v
 
 
 def _fast_decode(doc: Any) -> StateData:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -10,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from posstate import _atomic, _document, _fileops as fs, _format, _statefile
+from posstate import _atomic, _codec, _document, _fileops as fs, _format, _statefile
 from posstate._config import StateConfig
 from posstate._crypto import Keyring
 from posstate._document import StateData
@@ -405,7 +406,7 @@ class PositionStateManager:
                 raise ConcurrentModificationError(path, expected=self._state.generation, found=None, reason="the state file disappeared since it was loaded") from None
             return
         recorded = _format.checksum_of(data)
-        intact = recorded is not None and _format.hashlib.sha256(data[: -_format.TRAILER_SIZE]).hexdigest() == recorded
+        intact = recorded is not None and hashlib.sha256(data[: -_format.TRAILER_SIZE]).hexdigest() == recorded
         if intact and recorded in self._expected_on_disk:
             _atomic.keep_previous(path, self.config.bak_path)
             return
@@ -425,7 +426,7 @@ class PositionStateManager:
         if data != encoded.data:
             raise OSError(5, "file read back differs from what was written")
         try:
-            _statefile._codec.decode(data, keyring=self._keyring, path=self._path, max_document_bytes=self.config.max_document_bytes)
+            _codec.decode(data, keyring=self._keyring, path=self._path, max_document_bytes=self.config.max_document_bytes)
         except PosStateError as exc:
             raise OSError(5, f"file read back does not decode ({exc})") from exc
 
