@@ -349,3 +349,47 @@ def test_passphrase_files() -> None:
         _codec.decode(data, keyring=_crypto.Keyring(passphrase="pw-two", log2_n=10))
     with pytest.raises(WrongKeyError):
         _codec.decode(data, keyring=_keyring())
+
+
+FORMAT_MD = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
+
+
+def test_format_md_offsets_match_a_real_file() -> None:
+    """The header table in docs/FORMAT.md gives each field's real offset and width in a file the codec wrote."""
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ?(\w*) ?\|", FORMAT_MD.read_text(encoding="utf-8"), flags=re.M)
+    table = {name or "newline": (int(off), int(width)) for off, width, name in rows}
+    assert table["magic"] == (0, 6) and table["version"] == (6, 2) and table["newline"] == (HEADER_SIZE - 1, 1)
+    assert {k: v for k, v in table.items() if k in OFFSETS} == OFFSETS
+    kr = _crypto.Keyring(passphrase="pw", log2_n=10)
+    enc = _codec.encode(
+        DOC, generation=0x1234, written_at_ms=1_700_000_000_000, position_count=9, compression_level=3, keyring=kr
+    )
+    data, h = enc.data, enc.header
+
+    def at(name: str) -> bytes:
+        off, width = table[name]
+        return data[off : off + width]
+
+    assert at("magic") == b"PSTATE" and at("version") == b"01" and at("newline") == b"\n"
+    assert int(at("f"), 16) == h.flags == 7
+    assert at("k").decode() == h.key_id
+    assert bytes.fromhex(at("n").decode()) == h.nonce and bytes.fromhex(at("s").decode()) == h.salt
+    assert int(at("w"), 16) == 10 and int(at("v"), 16) == 1
+    assert int(at("g"), 16) == 0x1234 and int(at("t"), 16) == 1_700_000_000_000 and int(at("c"), 16) == 9
+    assert int(at("l"), 16) == len(data) - HEADER_SIZE - TRAILER_SIZE
+    # Payload = AES-GCM(zstd(document)) with the header line as AAD, exactly as documented.
+    key = _crypto.derive_key("pw", h.salt, 10)
+    plain = _crypto.open_sealed(key, h.nonce, data[HEADER_SIZE:-TRAILER_SIZE], data[:HEADER_SIZE])
+    assert plain is not None and zstandard.ZstdDecompressor().decompress(plain) == DOC
+    assert _crypto.key_id(key) == h.key_id
+
+
+def test_format_md_flag_values() -> None:
+    """The flag table in docs/FORMAT.md matches the constants."""
+    text = FORMAT_MD.read_text(encoding="utf-8")
+    for value, name in (
+        (_format.FLAG_COMPRESSED, "compressed"),
+        (_format.FLAG_ENCRYPTED, "encrypted"),
+        (_format.FLAG_PASSPHRASE, "passphrase"),
+    ):
+        assert f"| `{value:#04x}` | {name} |" in text
