@@ -39,8 +39,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from posstate import Position, PositionStateManager, StateConfig, generate_key  # noqa: E402
-from posstate import _document, _format  # noqa: E402
+from posstate import Position, PositionStateManager, StateConfig, _document, _format, generate_key
 
 BASES = ["BTC", "ETH", "SOL", "XRP", "DOGE", "ADA", "AVAX", "LINK", "DOT", "MATIC", "LTC", "TRX", "ATOM", "NEAR", "APT"]
 
@@ -80,7 +79,11 @@ def make_position(rng: random.Random, i: int, side: str) -> Position:
 def make_metadata(rng: random.Random, i: int) -> dict[str, object]:
     return {
         "entries": {"long": rng.randrange(5), "short": rng.randrange(5)},
-        "trailing_stop": {"active": rng.random() < 0.5, "peak": str(_dec(rng, 1, 70000, 2)), "distance_pct": rng.choice([0.5, 1.0, 2.5])},
+        "trailing_stop": {
+            "active": rng.random() < 0.5,
+            "peak": str(_dec(rng, 1, 70000, 2)),
+            "distance_pct": rng.choice([0.5, 1.0, 2.5]),
+        },
         "first_open_ms": 1_700_000_000_000 + rng.randrange(10**10),
         "last_close_price": str(_dec(rng, 1, 70000, 4)),
         "strategy_id": f"strat-{rng.randrange(20)}",
@@ -101,7 +104,7 @@ def populate(m: PositionStateManager, n: int, rng: random.Random) -> list[Positi
 
 def stats(samples: list[float]) -> tuple[float, float]:
     s = sorted(samples)
-    p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    p99 = s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
     return statistics.median(s) * 1000, p99 * 1000
 
 
@@ -226,7 +229,8 @@ def main() -> None:
             (f"save 1,000 positions, 1 changed ({size_save / 1024:.0f} KiB)", save_lib, save_floor, 2.0),
             (f"load+validate 10,000 positions ({size_load / 1024:.0f} KiB)", load_lib, load_floor, 3.0),
         ]
-        print(f"posstate benchmark  (python {sys.version.split()[0]}, {os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.2f}, dir {base})")
+        load_avg = os.getloadavg()[0]
+        print(f"posstate benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cpus, load avg {load_avg:.2f}, dir {base})")
         print(f"{'operation':<46} {'posstate med/p99 ms':>20} {'floor med/p99 ms':>18} {'ratio':>6} {'target':>7}")
         for name, lib, flo, target in rows:
             lm_, lp = stats(lib)

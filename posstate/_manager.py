@@ -382,6 +382,9 @@ class PositionStateManager:
                 _atomic_quiet_unlink(tmp)
                 raise
             _atomic.commit(tmp, path)
+            # From here the new file is (or may be) on disk: if verifying it fails, the next save must
+            # still recognise it as our own, not as another writer's.
+            self._expected_on_disk.add(encoded.checksum)
             if self.config.verify_after_write:
                 self._verify_written(encoded)
         except _atomic.WriteFailed as wf:

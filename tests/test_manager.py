@@ -465,3 +465,34 @@ def test_unencrypted_uncompressed_state(manager: Factory, cfg: StateConfig) -> N
         assert '"contracts":"0.5"' in plain.state_path.read_text()
     finally:
         m.close()
+
+
+class _FailReadAfterRename(_fileops.FileOps):
+    """EIO on any read of the state file once the rename has happened (the verify step)."""
+
+    def __init__(self) -> None:
+        self.renamed = False
+
+    def replace(self, src: Any, dst: Any) -> None:
+        super().replace(src, dst)
+        if str(dst).endswith("positions.json"):
+            self.renamed = True
+
+    def read_file(self, path: Any, limit: int | None = None) -> bytes:
+        if self.renamed and str(path).endswith("positions.json"):
+            raise OSError(errno.EIO, "Input/output error")
+        return super().read_file(path, limit)
+
+
+def test_failed_verify_then_next_save_succeeds(manager: Factory, cfg: StateConfig) -> None:
+    """EIO while re-reading the new file: PersistenceError; once the fault clears the next save succeeds
+    (the file this manager itself renamed into place is not mistaken for another writer's)."""
+    m = manager()
+    m.save_positions([pos("A")])
+    with _fileops.use(_FailReadAfterRename()), pytest.raises(PersistenceError) as info:
+        m.save_positions([pos("B")])
+    assert info.value.errno == errno.EIO
+    assert set(m.get_positions()) == {("A", "long")}
+    m.save_positions([pos("C")])
+    m.close()
+    assert set(manager().load_positions()) == {("C", "long")}
