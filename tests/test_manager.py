@@ -496,3 +496,22 @@ def test_failed_verify_then_next_save_succeeds(manager: Factory, cfg: StateConfi
     m.save_positions([pos("C")])
     m.close()
     assert set(manager().load_positions()) == {("C", "long")}
+
+
+@pytest.mark.parametrize(("field", "value"), [("generation", 9), ("position_count", 5)])
+def test_header_must_match_document(cfg: StateConfig, field: str, value: int) -> None:
+    """A file whose header disagrees with its document (generation, position count) is refused on load."""
+    from posstate import _codec, _document
+    from posstate._document import StateData
+
+    st_ = StateData(generation=1, written_at="2024-01-01T00:00:00.000Z", writer={"host": "h", "pid": 1, "version": "0"})
+    st_.positions[("A", "long")] = pos("A")
+    st_.position_revs[("A", "long")] = 1
+    kw = {"generation": 1, "position_count": 1, field: value}
+    enc = _codec.encode(_document.dumps(_document.build_document(st_)), written_at_ms=0, compression_level=None, keyring=None, **kw)
+    plain = cfg.replace(encryption=False)
+    plain.state_dir.mkdir(parents=True)
+    plain.state_path.write_bytes(enc.data)
+    with PositionStateManager(plain) as m, pytest.raises(SchemaValidationError) as info:
+        m.load_positions()
+    assert info.value.rule == "header-matches-document"

@@ -83,6 +83,9 @@ def test_frozen() -> None:
     ("kwargs", "json_path", "rule"),
     [
         pytest.param({"side": "flat"}, "$.side", "enum", id="side"),
+        pytest.param({"side": ["long"]}, "$.side", "enum", id="side-unhashable"),
+        pytest.param({"margin_mode": {}}, "$.margin_mode", "enum", id="margin-unhashable"),
+        pytest.param({"symbol": 5}, "$.symbol", "type", id="symbol-int"),
         pytest.param({"symbol": ""}, "$.symbol", "type", id="empty-symbol"),
         pytest.param({"symbol": "X" * 129}, "$.symbol", "type", id="long-symbol"),
         pytest.param({"symbol": "A\nB"}, "$.symbol", "pattern", id="control-char"),
