@@ -508,7 +508,9 @@ def test_header_must_match_document(cfg: StateConfig, field: str, value: int) ->
     st_.positions[("A", "long")] = pos("A")
     st_.position_revs[("A", "long")] = 1
     kw = {"generation": 1, "position_count": 1, field: value}
-    enc = _codec.encode(_document.dumps(_document.build_document(st_)), written_at_ms=0, compression_level=None, keyring=None, **kw)
+    enc = _codec.encode(
+        _document.dumps(_document.build_document(st_)), written_at_ms=0, compression_level=None, keyring=None, **kw
+    )
     plain = cfg.replace(encryption=False)
     plain.state_dir.mkdir(parents=True)
     plain.state_path.write_bytes(enc.data)
