@@ -21,6 +21,7 @@ import orjson
 
 from posstate._errors import CorruptStateError, SchemaValidationError
 from posstate._model import (
+    _NONE_STATE,
     DECIMAL_FIELDS,
     MAX_COUNTER,
     MAX_DECIMAL_LENGTH,
@@ -28,7 +29,6 @@ from posstate._model import (
     REQUIRED_FIELDS,
     Position,
     PositionKey,
-    _NONE_STATE,
     parse_position_key,
     position_key_text,
 )
@@ -80,10 +80,10 @@ class StateData:
     position_tombstones: dict[PositionKey, int] = field(default_factory=dict)
     metadata_tombstones: dict[str, int] = field(default_factory=dict)
     journal: dict[str, Any] | None = None
-    #: The decoded document's own position entries (``{"rev": r, "position": {...}}``), equal in meaning to
-    #: :func:`position_entry` of each position; set only by the fast path so a loader can reuse them instead
-    #: of rebuilding 10,000 dicts. Not kept up to date: whoever adopts the state takes it and clears it.
-    entries: dict[PositionKey, dict[str, Any]] | None = None
+    #: The decoded document's own position entries (``{"rev": r, "position": {...}}``) with the Position
+    #: built from each; set only by the fast path so a loader can reuse them instead of rebuilding 10,000
+    #: dicts. Consume it with :func:`adopt_entries`, which ignores any entry whose position was replaced.
+    entries: dict[PositionKey, tuple[Position, dict[str, Any]]] | None = None
 
     def copy(self) -> StateData:
         """A copy whose dicts can change without touching this one (values are immutable or copied on set)."""
@@ -167,6 +167,26 @@ def copy_json(data: dict[str, Any]) -> dict[str, Any]:
 def position_entry(position: Position, rev: int) -> dict[str, Any]:
     """The document form of one position (the manager caches it, so a save does not rebuild it)."""
     return {"rev": rev, "position": position.to_dict()}
+
+
+def adopt_entries(state: StateData) -> dict[PositionKey, dict[str, Any]]:
+    """The :func:`position_entry` dict of every position in *state*, reusing the decoder's own entries.
+
+    An entry is reused only while the position is the very object decoded from it and its rev is
+    unchanged (a Position is immutable, so any change replaced the object); otherwise it is rebuilt.
+    Clears ``state.entries``.
+    """
+    cached, state.entries = state.entries, None
+    revs = state.position_revs
+    out: dict[PositionKey, dict[str, Any]] = {}
+    for k, p in state.positions.items():
+        rev = revs.get(k, 0)
+        hit = cached.get(k) if cached is not None else None
+        if hit is not None and hit[0] is p and hit[1]["rev"] == rev:
+            out[k] = hit[1]
+        else:
+            out[k] = position_entry(p, rev)
+    return out
 
 
 def build_document(state: StateData, position_entries: dict[PositionKey, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -261,7 +281,9 @@ def decimal_strings_ok(values: list[str]) -> bool:
     return not any(ch in raw and bad in raw for ch, bad in _DECIMAL_BAD_RARE)
 
 
-def _fast_positions(raw: Any) -> tuple[dict[PositionKey, Position], dict[PositionKey, int], dict[PositionKey, dict[str, Any]]]:
+def _fast_positions(
+    raw: Any,
+) -> tuple[dict[PositionKey, Position], dict[PositionKey, int], dict[PositionKey, tuple[Position, dict[str, Any]]]]:
     """Positions, revisions and the raw entries of a document's ``positions``, or _Reject.
 
     The hot loop of a validated load: each check is the cheapest test that refuses everything the schema
@@ -272,7 +294,7 @@ def _fast_positions(raw: Any) -> tuple[dict[PositionKey, Position], dict[Positio
         raise _Reject
     positions: dict[PositionKey, Position] = {}
     revs: dict[PositionKey, int] = {}
-    entries: dict[PositionKey, dict[str, Any]] = {}
+    entries: dict[PositionKey, tuple[Position, dict[str, Any]]] = {}
     texts: list[str] = []
     collect = texts.append
     new = object.__new__
@@ -319,7 +341,7 @@ def _fast_positions(raw: Any) -> tuple[dict[PositionKey, Position], dict[Positio
             k: PositionKey = (sym, side)  # type: ignore[assignment]
             positions[k] = obj
             revs[k] = rev
-            entries[k] = entry
+            entries[k] = (obj, entry)
     except (InvalidOperation, TypeError, ValueError):
         raise _Reject from None
     if not decimal_strings_ok(texts):

@@ -213,10 +213,7 @@ class PositionStateManager:
 
     def _adopt(self, state: StateData, checksum: str | None) -> None:
         self._state = state
-        entries, state.entries = state.entries, None  # the decoder's own entry dicts, when it kept them
-        if entries is None:
-            entries = {k: _document.position_entry(p, state.position_revs.get(k, 0)) for k, p in state.positions.items()}
-        self._entries = entries
+        self._entries = _document.adopt_entries(state)
         self._expected_on_disk = {checksum}
         self._highest_generation = max(self._highest_generation, state.generation)
         self._loaded = True

@@ -434,10 +434,19 @@ def test_null_values_are_not_absent_values(field: str) -> None:
 
 
 def test_fast_path_keeps_the_document_entries() -> None:
-    """The fast path hands back the document's own entry dicts, equal in meaning to position_entry()."""
+    """The fast path keeps the document's own entry dicts; adopt_entries reuses them only while still valid."""
     doc = _valid_doc()
+    doc["positions"]["ETH/USDT|short"] = {
+        "rev": 5,
+        "position": {"symbol": "ETH/USDT", "side": "short", "contracts": "2", "entry_price": "3000"},
+    }
     state = _document._fast_decode(doc)
     assert state.entries is not None
-    k = ("BTC/USDT", "long")
-    assert state.entries[k] is doc["positions"]["BTC/USDT|long"]
-    assert state.entries[k] == _document.position_entry(state.positions[k], state.position_revs[k])
+    btc, eth = ("BTC/USDT", "long"), ("ETH/USDT", "short")
+    state.positions[eth] = Position(symbol="ETH/USDT", side="short", contracts=Decimal(9), entry_price=Decimal(1))
+    entries = _document.adopt_entries(state)
+    assert state.entries is None
+    assert entries[btc] is doc["positions"]["BTC/USDT|long"]  # reused
+    assert entries[btc] == _document.position_entry(state.positions[btc], 5)
+    assert entries[eth] == _document.position_entry(state.positions[eth], 5)  # rebuilt: the position changed
+    assert entries[eth]["position"]["contracts"] == "9"
