@@ -450,3 +450,21 @@ def test_fast_path_keeps_the_document_entries() -> None:
     assert entries[btc] == _document.position_entry(state.positions[btc], 5)
     assert entries[eth] == _document.position_entry(state.positions[eth], 5)  # rebuilt: the position changed
     assert entries[eth]["position"]["contracts"] == "9"
+
+
+def test_pause_gc_restores_the_collector() -> None:
+    """pause_gc turns the collector off inside and restores the caller's setting, also on an exception."""
+    import gc
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), _document.pause_gc():
+        assert not gc.isenabled()
+        raise RuntimeError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _document.pause_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
