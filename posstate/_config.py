@@ -127,7 +127,13 @@ class StateConfig:
         if "POSITION_STATE_MANAGER" in data:
             data = data["POSITION_STATE_MANAGER"]
         if any(k.isupper() for k in data):
-            return cls(**_from_reference(data))
+            try:
+                converted = _from_reference(data)
+            except ConfigError:
+                raise
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise ConfigError(f"bad value in the reference form ({exc})") from None
+            return cls(**converted)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

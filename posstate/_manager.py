@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -10,7 +11,19 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from posstate import _atomic, _backup_ops, _document, _fileops as fs, _format, _merge, _periodic, _recovery, _repair, _statefile
+from posstate import (
+    _atomic,
+    _backup_ops,
+    _codec,
+    _document,
+    _format,
+    _merge,
+    _periodic,
+    _recovery,
+    _repair,
+    _statefile,
+)
+from posstate import _fileops as fs
 from posstate._backup_ops import RestoreResult
 from posstate._backups import BackupInfo
 from posstate._config import StateConfig
@@ -244,7 +257,7 @@ class PositionStateManager:
 
     def _adopt(self, state: StateData, checksum: str | None) -> None:
         self._state = state
-        self._entries = {k: _document.position_entry(p, state.position_revs.get(k, 0)) for k, p in state.positions.items()}
+        self._entries = _document.adopt_entries(state)
         self._expected_on_disk = {checksum}
         self._highest_generation = max(self._highest_generation, state.generation)
         self._loaded = True
@@ -424,6 +437,9 @@ class PositionStateManager:
                 _atomic_quiet_unlink(tmp)
                 raise
             _atomic.commit(tmp, path)
+            # From here the new file is (or may be) on disk: if verifying it fails, the next save must
+            # still recognise it as our own, not as another writer's.
+            self._expected_on_disk.add(encoded.checksum)
             if self.config.verify_after_write:
                 self._verify_written(encoded)
         except _atomic.WriteFailed as wf:
@@ -448,7 +464,7 @@ class PositionStateManager:
                 raise ConcurrentModificationError(path, expected=self._state.generation, found=None, reason="the state file disappeared since it was loaded (another writer bypassed the lock)") from None
             return
         recorded = _format.checksum_of(data)
-        intact = recorded is not None and _format.hashlib.sha256(data[: -_format.TRAILER_SIZE]).hexdigest() == recorded
+        intact = recorded is not None and hashlib.sha256(data[: -_format.TRAILER_SIZE]).hexdigest() == recorded
         if intact and recorded in self._expected_on_disk:
             _atomic.keep_previous(path, self.config.bak_path)
             return
@@ -468,7 +484,7 @@ class PositionStateManager:
         if data != encoded.data:
             raise OSError(5, "file read back differs from what was written")
         try:
-            _statefile._codec.decode(data, keyring=self._keyring, path=self._path, max_document_bytes=self.config.max_document_bytes)
+            _codec.decode(data, keyring=self._keyring, path=self._path, max_document_bytes=self.config.max_document_bytes)
         except PosStateError as exc:
             raise OSError(5, f"file read back does not decode ({exc})") from exc
 

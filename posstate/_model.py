@@ -125,7 +125,7 @@ class Position:
             raise _bad("symbol", "type", f"expected a symbol of 1 to {MAX_SYMBOL_LENGTH} characters, got {sym!r}")
         if any(ord(ch) < 0x20 for ch in sym):
             raise _bad("symbol", "pattern", f"control character in symbol {sym!r}")
-        if self.side not in SIDES or not isinstance(self.side, str):
+        if not isinstance(self.side, str) or self.side not in SIDES:
             raise _bad("side", "enum", f"expected 'long' or 'short', got {self.side!r}")
         if self.margin_mode is not None and (not isinstance(self.margin_mode, str) or self.margin_mode not in MARGIN_MODES):
             raise _bad("margin_mode", "enum", f"expected 'cross', 'isolated' or None, got {self.margin_mode!r}")

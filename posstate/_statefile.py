@@ -53,8 +53,9 @@ def read_bytes(path: Path, *, what: str = "state file") -> bytes:
 def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = None) -> Loaded:
     """Decode and validate the bytes of a container file."""
     header, payload = _codec.decode(data, keyring=options.keyring, path=path, max_document_bytes=options.max_document_bytes)
-    doc = _document.loads(payload, path=path, strict=not header.encrypted)
-    state = _document.decode_document(doc, path=path, now=now, skew=options.clock_skew)
+    with _document.pause_gc():
+        doc = _document.loads(payload, path=path, strict=not header.encrypted)
+        state = _document.decode_document(doc, path=path, now=now, skew=options.clock_skew)
     _check_header_matches(header, state, path)
     if options.keyring is not None and header.passphrase:
         options.keyring.use_salt(header.salt)

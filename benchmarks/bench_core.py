@@ -1,0 +1,246 @@
+"""Benchmark: a durable save of 1,000 positions and a validated load of 10,000, each against a bare floor.
+
+Run from the repository root::
+
+    python benchmarks/bench_core.py            # default: temp dir on the file system of /tmp
+    python benchmarks/bench_core.py --dir DIR  # put the state files on another file system
+
+The floor is bare code doing the same work with the same libraries, measured in the same run and
+interleaved with the library's runs (so a busy machine slows both alike):
+
+* save floor: orjson.dumps of the same document, zstd level 3, AES-256-GCM, write a temp file, fsync,
+  rename, fsync the directory.
+* load floor: read the file, SHA-256, AES-GCM decrypt, zstd decompress, orjson.loads.
+
+The library's save also keeps ``positions.json.bak`` (a hard link), checks the file it replaces and
+re-reads what it wrote (``verify_after_write``); its load validates the whole document (schema-equivalent
+fast path plus relationship rules) and builds 10,000 ``Position`` objects. Targets: save <= 2x its floor,
+load <= 3x its floor. Nothing here asserts: it prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import zstandard
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from posstate import Position, PositionStateManager, StateConfig, _document, _format, generate_key
+
+BASES = ["BTC", "ETH", "SOL", "XRP", "DOGE", "ADA", "AVAX", "LINK", "DOT", "MATIC", "LTC", "TRX", "ATOM", "NEAR", "APT"]
+
+
+def _dec(rng: random.Random, lo: float, hi: float, places: int) -> Decimal:
+    return Decimal(f"{rng.uniform(lo, hi):.{places}f}")
+
+
+def make_position(rng: random.Random, i: int, side: str) -> Position:
+    price_places = rng.choice([1, 2, 4, 6, 8])
+    entry = _dec(rng, 0.0001, 70000, price_places)
+    mark = entry * (Decimal(1) + _dec(rng, -0.05, 0.05, 4))
+    contracts = _dec(rng, 0.001, 5000, rng.choice([0, 3, 8]))
+    size = Decimal(rng.choice(["1", "0.01", "0.001", "10", "100"]))
+    lev = Decimal(rng.choice([1, 2, 3, 5, 10, 20, 25, 50, 75, 125]))
+    notional = contracts * size * mark
+    sign = 1 if side == "long" else -1
+    return Position(
+        symbol=f"{BASES[i % len(BASES)]}{i}/USDT:USDT",
+        side=side,  # type: ignore[arg-type]
+        contracts=contracts,
+        contract_size=size,
+        entry_price=entry,
+        mark_price=mark.quantize(Decimal(10) ** -price_places),
+        notional=notional.quantize(Decimal("0.0001")),
+        leverage=lev,
+        unrealized_pnl=(sign * (mark - entry) * contracts * size).quantize(Decimal("0.000001")),
+        realized_pnl=_dec(rng, -500, 500, 6),
+        liquidation_price=(entry * (Decimal(1) - sign / lev)).quantize(Decimal(10) ** -price_places),
+        margin_mode=rng.choice(["cross", "isolated"]),
+        stop_loss_price=(entry * Decimal("0.95")).quantize(Decimal(10) ** -price_places),
+        take_profit_price=(entry * Decimal("1.1")).quantize(Decimal(10) ** -price_places),
+        timestamp=1_700_000_000_000 + rng.randrange(10**10),
+    )
+
+
+def make_metadata(rng: random.Random, i: int) -> dict[str, object]:
+    return {
+        "entries": {"long": rng.randrange(5), "short": rng.randrange(5)},
+        "trailing_stop": {
+            "active": rng.random() < 0.5,
+            "peak": str(_dec(rng, 1, 70000, 2)),
+            "distance_pct": rng.choice([0.5, 1.0, 2.5]),
+        },
+        "first_open_ms": 1_700_000_000_000 + rng.randrange(10**10),
+        "last_close_price": str(_dec(rng, 1, 70000, 4)),
+        "strategy_id": f"strat-{rng.randrange(20)}",
+    }
+
+
+def populate(m: PositionStateManager, n: int, rng: random.Random) -> list[Position]:
+    ps = []
+    for i in range(n):
+        side = "long" if i % 3 else "short"
+        ps.append(make_position(rng, i, side))
+        if side == "long":
+            m.set_symbol_metadata(ps[-1].symbol, make_metadata(rng, i))
+    for p in ps:
+        m.set_position(p)
+    return ps
+
+
+def stats(samples: list[float]) -> tuple[float, float]:
+    s = sorted(samples)
+    p99 = s[min(len(s) - 1, round(0.99 * (len(s) - 1)))]
+    return statistics.median(s) * 1000, p99 * 1000
+
+
+def floor_save(doc: dict[str, object], key: bytes, path: Path, cctx: zstandard.ZstdCompressor) -> None:
+    payload = cctx.compress(orjson.dumps(doc))
+    nonce = os.urandom(12)
+    head = b"H" * _format.HEADER_SIZE
+    body = head + AESGCM(key).encrypt(nonce, payload, head)
+    data = body + b"\nsha256=" + hashlib.sha256(body).hexdigest().encode() + b"\n"
+    tmp = path.with_name(f".floor.{os.urandom(8).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def floor_load(path: Path, key: bytes, dctx: zstandard.ZstdDecompressor) -> object:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if hashlib.sha256(data[: -_format.TRAILER_SIZE]).hexdigest().encode() != data[-65:-1]:
+        raise ValueError("checksum")
+    head = data[: _format.HEADER_SIZE]
+    nonce = _format.parse_header(data).nonce
+    plain = AESGCM(key).decrypt(nonce, data[_format.HEADER_SIZE : -_format.TRAILER_SIZE], head)
+    return orjson.loads(dctx.decompress(plain))
+
+
+def interleave(lib: Callable[[], object], floor: Callable[[], object], rounds: int) -> tuple[list[float], list[float]]:
+    a: list[float] = []
+    b: list[float] = []
+    clock = time.perf_counter
+    for _ in range(rounds):
+        t = clock()
+        lib()
+        a.append(clock() - t)
+        t = clock()
+        floor()
+        b.append(clock() - t)
+    return a, b
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", type=Path, default=None, help="directory for the state files (default: a temp dir)")
+    ap.add_argument("--save-rounds", type=int, default=300)
+    ap.add_argument("--load-rounds", type=int, default=40)
+    ap.add_argument("--profile", choices=["save", "load"], default=None, help="cProfile one side instead of the table")
+    args = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="posstate-bench-", dir=args.dir))
+    rng = random.Random(20240601)
+    key = generate_key()
+    try:
+        # ---------------------------------------------------------------- (a) save of 1,000 positions
+        cfg = StateConfig.in_dir(base / "save")
+        m = PositionStateManager(cfg, key=key)
+        ps = populate(m, 1000, rng)
+        m.save()
+        doc = _document.build_document(m._state)
+        floor_path = base / "floor-save.json"
+        cctx = zstandard.ZstdCompressor(level=3)
+        counter = [0]
+
+        def lib_save() -> None:
+            counter[0] += 1
+            old = ps[counter[0] % len(ps)]
+            m.set_position(Position(**{**old.__dict__, "mark_price": old.mark_price + counter[0]}))  # type: ignore[arg-type,operator]
+            m.save()
+
+        def bare_save() -> None:
+            floor_save(doc, key, floor_path, cctx)
+
+        # ---------------------------------------------------------------- (b) load of 10,000 positions
+        cfg_l = StateConfig.in_dir(base / "load")
+        with PositionStateManager(cfg_l, key=key) as w:
+            populate(w, 10_000, rng)
+            w.save()
+        lm = PositionStateManager(cfg_l, key=key)
+        dctx = zstandard.ZstdDecompressor()
+
+        def lib_load() -> None:
+            assert len(lm.load_positions()) == 10_000
+
+        def bare_load() -> None:
+            floor_load(cfg_l.state_path, key, dctx)
+
+        if args.profile:
+            import cProfile
+            import pstats
+
+            fn = lib_save if args.profile == "save" else lib_load
+            for _ in range(5):
+                fn()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.save_rounds if args.profile == "save" else args.load_rounds):
+                fn()
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+            return
+
+        for _ in range(10):  # warm up caches, imports, the page cache
+            lib_save()
+            bare_save()
+        lib_load()
+        bare_load()
+        save_lib, save_floor = interleave(lib_save, bare_save, args.save_rounds)
+        load_lib, load_floor = interleave(lib_load, bare_load, args.load_rounds)
+        m.close()
+        lm.close()
+        size_save = cfg.state_path.stat().st_size
+        size_load = cfg_l.state_path.stat().st_size
+
+        rows = [
+            (f"save 1,000 positions, 1 changed ({size_save / 1024:.0f} KiB)", save_lib, save_floor, 2.0),
+            (f"load+validate 10,000 positions ({size_load / 1024:.0f} KiB)", load_lib, load_floor, 3.0),
+        ]
+        load_avg = os.getloadavg()[0]
+        print(f"posstate benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cpus, load avg {load_avg:.2f}, dir {base})")
+        print(f"{'operation':<46} {'posstate med/p99 ms':>20} {'floor med/p99 ms':>18} {'ratio':>6} {'target':>7}")
+        for name, lib, flo, target in rows:
+            lm_, lp = stats(lib)
+            fm, fp = stats(flo)
+            ratio = lm_ / fm
+            verdict = "ok" if ratio <= target else "MISSED"
+            print(f"{name:<46} {lm_:>9.2f} / {lp:>7.2f} {fm:>8.2f} / {fp:>7.2f} {ratio:>6.2f} {'<=' + str(target):>5} {verdict}")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Shared fixtures: a key, a config in a temp state directory, and a manager factory (closed at teardown)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posstate import PositionStateManager, StateConfig, generate_key
+
+_KEY_ENV = ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE")
+
+
+@pytest.fixture(autouse=True)
+def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never pick up a key from the developer's environment."""
+    for name in _KEY_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def key() -> bytes:
+    return generate_key()
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> StateConfig:
+    return StateConfig.in_dir(tmp_path / "state")
+
+
+@pytest.fixture
+def manager(cfg: StateConfig, key: bytes) -> Iterator[Callable[..., PositionStateManager]]:
+    """``manager(config=None, **kw)``: a PositionStateManager on ``cfg`` with ``key`` unless overridden."""
+    made: list[PositionStateManager] = []
+
+    def make(config: StateConfig | None = None, **kw: Any) -> PositionStateManager:
+        if "passphrase" not in kw:
+            kw.setdefault("key", key)
+        m = PositionStateManager(config if config is not None else cfg, **kw)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
