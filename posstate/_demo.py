@@ -87,23 +87,32 @@ def run_demo(*, state_dir: str | None = None, saves: int | None = None, seed: in
     assert bot.stdout is not None
     acks: dict[int, str] = {}
     last = 0
+
+    def record(line: str) -> None:
+        nonlocal last
+        kind, *rest = line.split() or [""]
+        if kind == "START":
+            echo(f"[bot] started at generation {rest[0]} with {rest[1]} positions")
+        elif kind == "ACK" and len(rest) == 2:
+            last = int(rest[0])
+            acks[last] = rest[1]
+            if len(acks) % 20 == 0:
+                echo(f"[bot] saved generation {last}")
+
     try:
         for line in bot.stdout:
-            kind, *rest = line.split()
-            if kind == "START":
-                echo(f"[bot] started at generation {rest[0]} with {rest[1]} positions")
-            elif kind == "ACK":
-                last = int(rest[0])
-                acks[last] = rest[1]
-                if len(acks) % 20 == 0:
-                    echo(f"[bot] saved generation {last}")
-                if len(acks) >= kill_after:
-                    # Let it run into its next save before the kill, so the kill may land mid-write.
-                    time.sleep(rng.random() * 0.002)
-                    break
+            record(line)
+            if len(acks) >= kill_after:
+                # Let it run into its next save before the kill, so the kill may land mid-write.
+                time.sleep(rng.random() * 0.002)
+                break
     finally:
         bot.send_signal(signal.SIGKILL)
         bot.wait()
+        # The bot may have acknowledged more saves than we had read: they are still in the pipe.
+        for line in bot.stdout:
+            if line.endswith("\n"):  # a line cut by the kill was never an acknowledgement
+                record(line)
         bot.stdout.close()
     echo(f"[operator] SIGKILL sent to the bot (pid {bot.pid}); its last acknowledged save was generation {last}")
     echo("[operator] restarting: a new manager opens the same directory")
