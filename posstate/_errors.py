@@ -124,10 +124,16 @@ class SchemaValidationError(PosStateError, ValueError):
 class WrongKeyError(PosStateError, ValueError):
     """The checksum holds but authenticated decryption fails: wrong key, or the file was tampered with."""
 
-    def __init__(self, path: str | Path | None, *, file_key_id: str, our_key_id: str | None) -> None:
+    def __init__(self, path: str | Path | None, *, file_key_id: str, our_key_id: str | None, downgrade: bool = False) -> None:
         self._file_key_id = file_key_id
         self._our_key_id = our_key_id
-        if our_key_id is not None and our_key_id != file_key_id:
+        if downgrade:
+            reason = "the file is not encrypted, but encryption is on (a plaintext file is not trusted: anyone could write one)"
+            step = (
+                "restore an encrypted backup with `posstate backups restore latest`, or, to adopt this file on purpose, "
+                "export it with encryption off and `posstate import` it"
+            )
+        elif our_key_id is not None and our_key_id != file_key_id:
             reason = f"written with key id {file_key_id}, but the key given has id {our_key_id}"
             step = "supply the key with that id (POSSTATE_KEY, POSSTATE_KEY_FILE or --key-file)"
         else:

@@ -76,7 +76,12 @@ class PositionStateManager:
             raise MissingKeyError(self._path)
         self._keyring = keyring
         self._write_keyring = keyring if cfg.encryption else None
-        self._read = _statefile.ReadOptions(keyring=keyring, max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
+        self._read = _statefile.ReadOptions(
+            keyring=keyring,
+            max_document_bytes=cfg.max_document_bytes,
+            clock_skew=cfg.clock_skew,
+            require_encryption=cfg.encryption,
+        )
         self._events = EventBus(stats_logger)
         self._lock = threading.RLock()
         self._closed = False

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posstate import _codec, _document, _fileops as fs
+from posstate import _codec, _document
+from posstate import _fileops as fs
 from posstate._crypto import Keyring
 from posstate._document import StateData
-from posstate._errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError
+from posstate._errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError, WrongKeyError
 from posstate._format import Header
 from posstate._version import __version__
 
@@ -37,6 +38,8 @@ class ReadOptions:
     keyring: Keyring | None
     max_document_bytes: int = _codec.DEFAULT_MAX_DOCUMENT_BYTES
     clock_skew: float = _document.DEFAULT_CLOCK_SKEW
+    #: Refuse files that are not encrypted (a manager with encryption on: no downgrade to plaintext).
+    require_encryption: bool = False
 
 
 def read_bytes(path: Path, *, what: str = "state file") -> bytes:
@@ -53,6 +56,8 @@ def read_bytes(path: Path, *, what: str = "state file") -> bytes:
 def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = None) -> Loaded:
     """Decode and validate the bytes of a container file."""
     header, payload = _codec.decode(data, keyring=options.keyring, path=path, max_document_bytes=options.max_document_bytes)
+    if options.require_encryption and not header.encrypted:
+        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
     with _document.pause_gc():
         doc = _document.loads(payload, path=path, strict=not header.encrypted)
         state = _document.decode_document(doc, path=path, now=now, skew=options.clock_skew)

@@ -28,6 +28,7 @@ from posstate import (
     SchemaValidationError,
     StateConfig,
     UnrecoverableStateError,
+    WrongKeyError,
     _fileops,
     generate_key,
 )
@@ -521,3 +522,14 @@ def test_header_must_match_document(cfg: StateConfig, field: str, value: int) ->
         m.load_positions()
     # Refused as invalid, and with no other copy to recover from, never loaded as an empty state.
     assert "header says" in str(info.value) and info.value.candidates[0][0] == "positions.json"
+
+
+def test_encrypted_manager_refuses_a_plaintext_state_file(cfg: StateConfig, key: bytes) -> None:
+    """With encryption on, a plaintext file (valid checksum, planted by anyone) is refused, not loaded or re-encrypted."""
+    with PositionStateManager(cfg.replace(encryption=False)) as plain:
+        plain.save_positions([pos("FAKE")])
+    planted = cfg.state_path.read_bytes()
+    with PositionStateManager(cfg, key=key) as m, pytest.raises(WrongKeyError, match="not encrypted"):
+        m.load_positions()
+    assert cfg.state_path.read_bytes() == planted  # nothing quarantined, nothing rewritten
+    assert not cfg.quarantine_dir.exists()
