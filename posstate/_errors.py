@@ -268,3 +268,10 @@ class ManagerClosedError(PosStateError, RuntimeError):
 
     def __init__(self, path: str | Path | None) -> None:
         super().__init__(f"{_show(path)}: this PositionStateManager is closed; create a new one", path=path)
+
+
+class TransactionError(PosStateError, RuntimeError):
+    """An operation that cannot run inside ``PositionStateManager.transaction()`` was called there."""
+
+    def __init__(self, path: str | Path | None, reason: str) -> None:
+        super().__init__(f"{_show(path)}: {reason}; call it after the `with manager.transaction():` block ends", path=path)
