@@ -104,6 +104,9 @@ class Rotation:
         self._tmp = tmp
 
     def abort(self) -> None:
+        """The snapshot write failed. It may still have been renamed into place (a failed directory fsync
+        or read-back), naming a journal that never started: never append to the old journal again."""
+        self._journal._needs_rotation = True
         if self._tmp is not None:
             try:
                 fs.unlink(self._tmp)
@@ -304,7 +307,7 @@ class Journal:
         try:
             compact()
         except (PosStateError, OSError) as exc:
-            if must:
+            if must or self._needs_rotation:
                 raise
             self._compact_retry_at = self._records + max(16, self._max_records // 10)
             log.warning("%s: journal compaction failed, still appending (%s)", self.path, exc)

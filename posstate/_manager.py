@@ -465,6 +465,7 @@ class PositionStateManager:
                 raise
             _atomic.commit(tmp, path)
             if self.config.verify_after_write:
+                self._expected_on_disk.add(encoded.checksum)  # renamed: a failed read-back leaves this file on disk
                 self._verify_written(encoded)
         except _atomic.WriteFailed as wf:
             if wf.renamed:
