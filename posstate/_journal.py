@@ -10,6 +10,7 @@ journal (:meth:`Journal.begin_rotation`). docs/JOURNAL.md has the format and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -44,7 +45,10 @@ def _journal_error(path: Path, reason: str) -> CorruptStateError:
     return CorruptStateError(
         path,
         reason,
-        next_step="the journal was kept as is; inspect it with `posstate validate`, or restore a backup with `posstate backups restore latest`",
+        next_step=(
+            "the journal was kept as is; inspect it with `posstate validate`, "
+            "or restore a backup with `posstate backups restore latest`"
+        ),
         kind="journal",
     )
 
@@ -86,7 +90,9 @@ def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> b
     if keyring is None:
         raise MissingKeyError(path, reason=f"the journal is encrypted (key id {header.key_id}) and no key was supplied")
     if header.passphrase != keyring.uses_passphrase:
-        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id="not a " + ("passphrase" if header.passphrase else "raw key"))
+        raise WrongKeyError(
+            path, file_key_id=header.key_id, our_key_id="not a " + ("passphrase" if header.passphrase else "raw key")
+        )
     key = keyring.key_for(header.salt, header.kdf_log2_n)
     ours = key_id(key)
     if ours != header.key_id:
@@ -108,10 +114,8 @@ class Rotation:
         or read-back), naming a journal that never started: never append to the old journal again."""
         self._journal._needs_rotation = True
         if self._tmp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 fs.unlink(self._tmp)
-            except OSError:
-                pass
 
     def finish(self) -> None:
         """Called once the snapshot is durable. Never raises: a failure only forces another rotation."""
@@ -186,6 +190,7 @@ class Journal:
         CorruptStateError(kind="journal"); a journal of another snapshot whose records the snapshot already
         holds is ignored (it is replaced at the next rotation).
         """
+        self.drain()  # a reload must not drop records still waiting for their group sync
         self._detach()
         self._sweep_temps()
         snap = st.journal or {}
@@ -256,9 +261,24 @@ class Journal:
         except OSError as exc:
             raise PersistenceError(self.path, operation="cut torn journal record", cause=exc) from exc
         self._end = sc.good_end
-        log.warning("%s: cut a torn last record (%d bytes at %d: %s); copy kept at %s", self.path, len(data) - sc.good_end, sc.good_end, sc.bad_reason, dest)
+        log.warning(
+            "%s: cut a torn last record (%d bytes at %d: %s); copy kept at %s",
+            self.path,
+            len(data) - sc.good_end,
+            sc.good_end,
+            sc.bad_reason,
+            dest,
+        )
         if self._emit is not None:
-            self._emit("stateRepaired", {"path": str(self.path), "reason": f"torn last journal record cut ({sc.bad_reason})", "quarantined": str(dest), "bytes_cut": len(data) - sc.good_end})
+            self._emit(
+                "stateRepaired",
+                {
+                    "path": str(self.path),
+                    "reason": f"torn last journal record cut ({sc.bad_reason})",
+                    "quarantined": str(dest),
+                    "bytes_cut": len(data) - sc.good_end,
+                },
+            )
 
     def _quarantine_copy(self, data: bytes, *, label: str) -> Path:
         try:
@@ -339,7 +359,9 @@ class Journal:
         seq = self._last_seq + 1
         self._last_seq = seq
         kind = jf.KIND_OP if len(ops) == 1 else jf.KIND_TRANSACTION
-        frame = sealer.frame(seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload)
+        frame = sealer.frame(
+            seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
+        )
         step = "journal write"
         try:
             fs.write_all(fd, frame)
@@ -358,10 +380,8 @@ class Journal:
         append to this journal again (the next change rotates; a failed fsync is never just retried)."""
         self._needs_rotation = True
         if self._fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 fs.ftruncate(self._fd, self._end)
-            except OSError:
-                pass
 
     def settle(self, seq: int | None, rollback: Callable[[], None]) -> None:
         """Group mode: return once record *seq* is durable. One caller (the leader) syncs for everyone
@@ -410,6 +430,8 @@ class Journal:
 
     def rollback(self, st: StateData, entries: Entries) -> None:
         """Undo, newest first, every change whose group sync failed (caller holds the manager lock)."""
+        if self._failure is None:  # fast path; a failure set right after this is caught by settle()
+            return
         with self._cond:
             if self._failure is None:
                 return
@@ -456,7 +478,12 @@ class Journal:
             kid = key_id(key)
             log2_n = self._write_keyring.log2_n if salt else 0
         header = jf.new_header(
-            base_generation=st.generation, base_seq=self._last_seq, created_ms=int(time.time() * 1000), key_id=kid, salt=salt, kdf_log2_n=log2_n
+            base_generation=st.generation,
+            base_seq=self._last_seq,
+            created_ms=int(time.time() * 1000),
+            key_id=kid,
+            salt=salt,
+            kdf_log2_n=log2_n,
         )
         st.journal = {"id": header.id_hex, "seq": self._last_seq}
         try:
@@ -502,10 +529,8 @@ class Journal:
         self._needs_rotation = True
         self._end = self._records = 0
         if fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 fs.close(fd)
-            except OSError:
-                pass
 
     def close(self) -> None:
         try:

@@ -90,7 +90,12 @@ def history(config: StateConfig, *, keyring: Keyring | None = None, symbol: str 
     st: StateData | None = None
     snap_seq = 0
     try:
-        loaded = _statefile.read(config.state_path, options=_statefile.ReadOptions(keyring=keyring, max_document_bytes=config.max_document_bytes, clock_skew=config.clock_skew))
+        loaded = _statefile.read(
+            config.state_path,
+            options=_statefile.ReadOptions(
+                keyring=keyring, max_document_bytes=config.max_document_bytes, clock_skew=config.clock_skew
+            ),
+        )
         if loaded.state.journal is not None and loaded.state.journal.get("id") == header.id_hex:
             st = loaded.state
             snap_seq = int(loaded.state.journal["seq"])
@@ -146,22 +151,41 @@ def check(path: Path, *, keyring: Keyring | None, snapshot_journal: dict[str, An
         header = jf.parse_header(data)
     except jf.JournalProblem as exc:
         return JournalCheck(path=str(path), exists=True, valid=False, contents_checked=False, problem=str(exc))
-    base = {"journal_id": header.id_hex, "base_generation": header.base_generation, "base_seq": header.base_seq}
     matches = None if snapshot_journal is None else snapshot_journal.get("id") == header.id_hex
+
+    def report(
+        *, valid: bool, checked: bool, sc: jf.Scan | None, records: int, last: int | None, problem: str = ""
+    ) -> JournalCheck:
+        torn = len(data) - sc.good_end if sc is not None and sc.bad_offset is not None and sc.bad_is_tail else 0
+        return JournalCheck(
+            path=str(path),
+            exists=True,
+            valid=valid,
+            contents_checked=checked,
+            journal_id=header.id_hex,
+            base_generation=header.base_generation,
+            base_seq=header.base_seq,
+            records=records,
+            last_seq=last,
+            torn_bytes=torn,
+            matches_snapshot=matches,
+            problem=problem,
+        )
+
     if header.encrypted and keyring is None:
         sc = jf.scan(data, header)
         ok = sc.bad_offset is None or sc.bad_is_tail
-        return JournalCheck(
-            path=str(path), exists=True, valid=ok, contents_checked=False, records=len(sc.records),
-            last_seq=sc.records[-1].seq if sc.records else header.base_seq, torn_bytes=len(data) - sc.good_end if sc.bad_offset is not None else 0,
-            matches_snapshot=matches, problem="" if ok else f"damage at byte {sc.bad_offset}: {sc.bad_reason}", **base,  # type: ignore[arg-type]
+        last = sc.records[-1].seq if sc.records else header.base_seq
+        return report(
+            valid=ok,
+            checked=False,
+            sc=sc,
+            records=len(sc.records),
+            last=last,
+            problem="" if ok else f"damage at byte {sc.bad_offset}: {sc.bad_reason}",
         )
     try:
-        _, records, sc = read_records(data, path=path, keyring=keyring)
+        _, recs, sc = read_records(data, path=path, keyring=keyring)
     except PosStateError as exc:
-        return JournalCheck(path=str(path), exists=True, valid=False, contents_checked=True, matches_snapshot=matches, problem=str(exc), **base)  # type: ignore[arg-type]
-    return JournalCheck(
-        path=str(path), exists=True, valid=True, contents_checked=True, records=len(records),
-        last_seq=records[-1][0].seq if records else header.base_seq, torn_bytes=len(data) - sc.good_end if sc.bad_offset is not None else 0,
-        matches_snapshot=matches, **base,  # type: ignore[arg-type]
-    )
+        return report(valid=False, checked=True, sc=None, records=0, last=None, problem=str(exc))
+    return report(valid=True, checked=True, sc=sc, records=len(recs), last=recs[-1][0].seq if recs else header.base_seq)

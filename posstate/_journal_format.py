@@ -72,7 +72,9 @@ class JournalHeader:
         return self.journal_id.hex()
 
 
-def new_header(*, base_generation: int, base_seq: int, created_ms: int, key_id: str | None, salt: bytes = b"", kdf_log2_n: int = 0) -> JournalHeader:
+def new_header(
+    *, base_generation: int, base_seq: int, created_ms: int, key_id: str | None, salt: bytes = b"", kdf_log2_n: int = 0
+) -> JournalHeader:
     """A header for a new journal: fresh random id and nonce prefix."""
     flags = 0
     if key_id is not None:
@@ -82,7 +84,20 @@ def new_header(*, base_generation: int, base_seq: int, created_ms: int, key_id: 
     kid = bytes.fromhex(key_id) if key_id is not None else bytes(8)
     journal_id = os.urandom(16)
     prefix = os.urandom(4)
-    head = _HEAD.pack(MAGIC, VERSION, flags, kdf_log2_n, 0, prefix, journal_id, kid, salt.ljust(16, b"\0"), base_generation, base_seq, created_ms)
+    head = _HEAD.pack(
+        MAGIC,
+        VERSION,
+        flags,
+        kdf_log2_n,
+        0,
+        prefix,
+        journal_id,
+        kid,
+        salt.ljust(16, b"\0"),
+        base_generation,
+        base_seq,
+        created_ms,
+    )
     raw = head + hashlib.sha256(head).digest()[:8]
     return parse_header(raw)
 
@@ -95,7 +110,7 @@ def parse_header(data: bytes) -> JournalHeader:
         raise JournalProblem("not a posstate journal (bad magic)")
     if hashlib.sha256(raw[:88]).digest()[:8] != raw[88:]:
         raise JournalProblem("journal header checksum mismatch (damaged on disk)")
-    magic, version, flags, log2_n, _res, prefix, jid, kid, salt, base_gen, base_seq, created = _HEAD.unpack(raw[:88])
+    _magic, version, flags, log2_n, _res, prefix, jid, kid, salt, base_gen, base_seq, created = _HEAD.unpack(raw[:88])
     if version != VERSION:
         raise JournalProblem(f"journal format version {version} is not supported (this posstate reads {VERSION})")
     if flags & ~(FLAG_ENCRYPTED | FLAG_PASSPHRASE):
@@ -191,7 +206,16 @@ def _frame_at(data: bytes, off: int) -> tuple[RawRecord | None, str]:
     seq, gen, t, kind = _BODY.unpack_from(body, 0)
     if kind not in (KIND_OP, KIND_TRANSACTION):
         return None, f"unknown record kind {kind}"
-    return RawRecord(offset=off, end=end, seq=seq, generation=gen, time_ms=t, kind=kind, fixed=bytes(body[:BODY_FIXED]), payload=bytes(body[BODY_FIXED:])), ""
+    return RawRecord(
+        offset=off,
+        end=end,
+        seq=seq,
+        generation=gen,
+        time_ms=t,
+        kind=kind,
+        fixed=bytes(body[:BODY_FIXED]),
+        payload=bytes(body[BODY_FIXED:]),
+    ), ""
 
 
 def scan(data: bytes, header: JournalHeader) -> Scan:
@@ -208,7 +232,10 @@ def scan(data: bytes, header: JournalHeader) -> Scan:
         rec, why = _frame_at(data, off)
         if rec is not None and (rec.seq != expect or rec.generation != header.base_generation):
             # A checksummed frame with the wrong numbers is not a torn write: it is damage or a foreign record.
-            why = f"record sequence {rec.seq} (generation {rec.generation}) where {expect} (generation {header.base_generation}) was expected"
+            why = (
+                f"record sequence {rec.seq} (generation {rec.generation}) where {expect} "
+                f"(generation {header.base_generation}) was expected"
+            )
             return Scan(tuple(records), off, off, why, False)
         if rec is None:
             return Scan(tuple(records), off, off, why, not _valid_frame_after(data, off + 1))

@@ -73,8 +73,14 @@ def apply(st: StateData, entries: Entries, op: Op) -> Undo:
             key = op.position.key
         else:
             key = (j["symbol"], j["side"])
-        undo: Undo = ("p", key, st.positions.get(key), st.position_revs.get(key), entries.get(key),
-                      st.position_tombstones.get(key))
+        undo: Undo = (
+            "p",
+            key,
+            st.positions.get(key),
+            st.position_revs.get(key),
+            entries.get(key),
+            st.position_tombstones.get(key),
+        )
         if name == SET_POSITION:
             assert op.position is not None and op.entry is not None
             st.positions[key] = op.position

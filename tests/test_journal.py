@@ -17,9 +17,11 @@ from posstate import (
     StateConfig,
     TransactionError,
     WrongKeyError,
+    _journal,
     generate_key,
 )
-from posstate import _fileops as fs, _journal, _journal_format as jf
+from posstate import _fileops as fs
+from posstate import _journal_format as jf
 from posstate._crypto import Keyring
 from posstate._model import Position
 
@@ -38,8 +40,15 @@ def make(tmp_path: Path, key: bytes | None = KEY, **kw: Any) -> PositionStateMan
 
 def snapshot(m: PositionStateManager) -> tuple[Any, ...]:
     st = m._state
-    return (dict(st.positions), dict(st.position_revs), dict(st.metadata), dict(st.metadata_revs),
-            dict(st.position_tombstones), dict(st.metadata_tombstones), {k: dict(v) for k, v in m._entries.items()})
+    return (
+        dict(st.positions),
+        dict(st.position_revs),
+        dict(st.metadata),
+        dict(st.metadata_revs),
+        dict(st.position_tombstones),
+        dict(st.metadata_tombstones),
+        {k: dict(v) for k, v in m._entries.items()},
+    )
 
 
 def test_default_durability_is_sync() -> None:
@@ -152,7 +161,11 @@ def test_history_reports_old_and_new_values(tmp_path: Path) -> None:
         m.delete_position("A", "long")
     entries = _journal.history(cfg, keyring=Keyring(key=KEY))
     assert [(e.op, e.key) for e in entries] == [
-        ("set_position", "A|long"), ("set_position", "A|long"), ("set_symbol_metadata", "B"), ("delete_position", "A|long")]
+        ("set_position", "A|long"),
+        ("set_position", "A|long"),
+        ("set_symbol_metadata", "B"),
+        ("delete_position", "A|long"),
+    ]
     assert entries[0].old is None and entries[0].new is not None and entries[0].new["contracts"] == "1"
     assert entries[1].old is not None and entries[1].old["contracts"] == "1"
     assert entries[3].old is not None and entries[3].old["contracts"] == "2" and entries[3].new is None
@@ -198,8 +211,9 @@ def test_tampered_encrypted_record_is_wrong_key_not_torn(tmp_path: Path) -> None
     body_start = off + jf.FRAME_HEAD
     data[-1] ^= 1
     import hashlib
-    length = bytes(data[off:off + 4])
-    data[off + 8:off + 16] = hashlib.sha256(length + bytes(data[body_start:])).digest()[:8]
+
+    length = bytes(data[off : off + 4])
+    data[off + 8 : off + 16] = hashlib.sha256(length + bytes(data[body_start:])).digest()[:8]
     cfg.journal_path.write_bytes(bytes(data))
     with make(tmp_path) as m2, pytest.raises(WrongKeyError):
         m2.load_positions()
@@ -348,3 +362,30 @@ def test_missing_snapshot_with_journal_is_not_a_fresh_start(tmp_path: Path) -> N
     cfg.state_path.unlink()
     with make(tmp_path) as m2, pytest.raises(CorruptStateError):
         m2.load_positions()
+
+
+def test_passphrase_journal_round_trip(tmp_path: Path) -> None:
+    """With a passphrase the journal records its salt and replays under the same passphrase only."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with PositionStateManager(cfg, passphrase="correct horse") as m:
+        m.set_position(pos("A", contracts="3"))
+    header = jf.parse_header(cfg.journal_path.read_bytes())
+    assert header.passphrase and header.salt
+    with PositionStateManager(cfg, passphrase="correct horse") as m2:
+        assert m2.load_positions()[("A", "long")].contracts == Decimal(3)
+    with pytest.raises(WrongKeyError):
+        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(passphrase="wrong"))
+
+
+def test_reload_in_group_mode_keeps_pending_records(tmp_path: Path) -> None:
+    """load_positions() in group mode syncs records written so far before re-reading the journal."""
+    with make(tmp_path, durability="group") as m:
+        m.set_position(pos("A"))
+        with m._lock:
+            ticket = m._change(__import__("posstate._journal_ops", fromlist=["x"]).set_position(pos("B"), m._next_rev()))
+        assert ticket is not None
+        m.load_positions()
+        assert set(m.get_positions()) == {("A", "long"), ("B", "long")}
+        m._journal.settle(ticket, m._rollback_journal)
+    with make(tmp_path) as m2:
+        assert set(m2.load_positions()) == {("A", "long"), ("B", "long")}

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -54,7 +53,9 @@ def test_sigkill_loses_no_acknowledged_update(tmp_path: Path, mode: str) -> None
     last: dict[str, int] = {}
     start = 1
     for _round in range(4):
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), mode, str(start)], stdout=subprocess.PIPE, env=env, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(tmp_path), mode, str(start)], stdout=subprocess.PIPE, env=env, text=True
+        )
         assert child.stdout is not None
         assert child.stdout.readline().strip() == "ready"
         deadline = time.monotonic() + rng.uniform(0.2, 0.8)

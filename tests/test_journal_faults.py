@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from posstate import CorruptStateError, PersistenceError, PositionStateManager, StateConfig
-from posstate import _fileops as fs, _journal_format as jf
+from posstate import _fileops as fs
+from posstate import _journal_format as jf
 from posstate._model import Position
 
 KEY = bytes(range(32))
@@ -138,15 +139,33 @@ class FaultAt(fs.FileOps):
     def __getattribute__(self, name: str) -> Any:
         attr = super().__getattribute__(name)
         if name in _OPS:
+
             def wrapped(*a: Any, **kw: Any) -> Any:
                 self._step(name)
                 return attr(*a, **kw)
+
             return wrapped
         return attr
 
 
-_OPS = {"open", "write", "fsync", "fdatasync", "close", "pread", "ftruncate", "replace", "link", "unlink", "fsync_dir",
-        "read_file", "mkdir", "listdir", "lstat", "stat"}
+_OPS = {
+    "open",
+    "write",
+    "fsync",
+    "fdatasync",
+    "close",
+    "pread",
+    "ftruncate",
+    "replace",
+    "link",
+    "unlink",
+    "fsync_dir",
+    "read_file",
+    "mkdir",
+    "listdir",
+    "lstat",
+    "stat",
+}
 
 
 def _scenario(d: Path, kind: str) -> None:
@@ -256,3 +275,32 @@ def test_crash_at_each_compaction_step(tmp_path: Path) -> None:
         k += 1
         assert k < 80
     assert k > 10  # the compaction really had that many steps to crash at
+
+
+@pytest.mark.parametrize("op", ["write", "fsync", "ftruncate", "fdatasync", "link"])
+def test_failure_while_cutting_torn_tail(tmp_path: Path, op: str) -> None:
+    """If copying to quarantine or truncating fails, load raises PersistenceError and no byte is lost (the
+    journal keeps them, or the quarantine copy does); the next load (fault cleared) cuts the tail as usual."""
+    snap, journal, ends = _three_records(tmp_path)
+    cfg = StateConfig.in_dir(tmp_path)
+    torn = journal[: ends[2] - 5]
+    _restore(tmp_path, snap, torn)
+
+    class FailOp(fs.FileOps):
+        pass
+
+    def fail(*a: Any, **kw: Any) -> Any:
+        raise OSError(errno.EIO, f"injected EIO at {op}")
+
+    setattr(FailOp, op, fail)
+    with make(tmp_path) as m:
+        with fs.use(FailOp()), pytest.raises(PersistenceError):
+            m.load_positions()
+        now = cfg.journal_path.read_bytes()
+        if op == "fdatasync":  # cut, but not known durable: the quarantine copy holds every byte
+            assert now == torn[: ends[1]]
+            assert [p.read_bytes() for p in cfg.quarantine_dir.iterdir()] == [torn]
+        else:
+            assert now == torn
+        assert contracts(m) == {"S0": 1, "S1": 2}
+    assert cfg.journal_path.stat().st_size == ends[1]
