@@ -100,26 +100,33 @@ def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> b
     return key
 
 
-class Rotation:
-    """A compaction in progress: the new journal's header sits fsynced in a temp file until the snapshot
-    that names it is durable; :meth:`finish` then renames it into place."""
+def _temp_seq(data: bytes) -> int:
+    """The sequence number of the record in a journal-creation temp (0 if no record got that far)."""
+    start = jf.HEADER_SIZE + jf.FRAME_HEAD
+    try:
+        jf.parse_header(data)
+    except jf.JournalProblem:
+        return 0
+    if len(data) < start + 8:
+        return 0
+    return int.from_bytes(data[start : start + 8], "big")
 
-    def __init__(self, journal: Journal, header: jf.JournalHeader | None, tmp: Path | None) -> None:
+
+class Rotation:
+    """A compaction in progress: the snapshot being written names the next journal (*header*)."""
+
+    def __init__(self, journal: Journal, header: jf.JournalHeader | None) -> None:
         self._journal = journal
         self._header = header
-        self._tmp = tmp
 
     def abort(self) -> None:
         """The snapshot write failed. It may still have been renamed into place (a failed directory fsync
         or read-back), naming a journal that never started: never append to the old journal again."""
         self._journal._needs_rotation = True
-        if self._tmp is not None:
-            with contextlib.suppress(OSError):
-                fs.unlink(self._tmp)
 
     def finish(self) -> None:
-        """Called once the snapshot is durable. Never raises: a failure only forces another rotation."""
-        self._journal._install(self._header, self._tmp)
+        """Called once the snapshot is durable. Never raises."""
+        self._journal._install(self._header)
 
 
 class Journal:
@@ -149,6 +156,8 @@ class Journal:
         self._fd: int | None = None
         self._header: jf.JournalHeader | None = None
         self._sealer: jf.Sealer | None = None
+        # The journal the snapshot on disk names but that has no file yet: created with the first record.
+        self._next_header: jf.JournalHeader | None = None
         self._end = 0
         self._records = 0
         self._last_seq = 0  # highest sequence number ever handed out (burned even if its write failed)
@@ -164,7 +173,8 @@ class Journal:
     # ------------------------------------------------------------------------------------------ status
     @property
     def journal_id(self) -> str | None:
-        return self._header.id_hex if self._header is not None else None
+        found = self._header or self._next_header
+        return found.id_hex if found is not None else None
 
     @property
     def last_seq(self) -> int:
@@ -192,14 +202,15 @@ class Journal:
         """
         self.drain()  # a reload must not drop records still waiting for their group sync
         self._detach()
-        self._sweep_temps()
+        leftover = self._sweep_temps()
         snap = st.journal or {}
         snap_seq = int(snap.get("seq", 0))
-        self._last_seq = snap_seq
+        self._last_seq = max(snap_seq, leftover)
         self._needs_rotation = True
         try:
             data = fs.read_file(self.path)
         except FileNotFoundError:
+            self._plan_file(st)
             return 0
         except OSError as exc:
             raise PersistenceError(self.path, operation="read journal", cause=exc) from exc
@@ -212,8 +223,9 @@ class Journal:
                     f"journal {header.id_hex} holds records up to {last}, but the snapshot (generation {st.generation}) "
                     f"belongs to journal {snap.get('id')} and holds only up to {snap_seq}",
                 )
-            self._last_seq = max(snap_seq, last)
+            self._last_seq = max(snap_seq, last, leftover)
             log.info("journal %s is older than the snapshot and fully contained in it", self.path)
+            self._plan_file(st)
             return 0
         max_rev = 0
         for rec, ops in records:
@@ -222,7 +234,7 @@ class Journal:
             for op in ops:
                 jops.apply(st, {}, op)
                 max_rev = max(max_rev, op.json["rev"])
-        self._last_seq = max(snap_seq, last)
+        self._last_seq = max(snap_seq, last, leftover)
         self._header = header
         self._records = len(records)
         if sc.bad_offset is not None:
@@ -230,15 +242,39 @@ class Journal:
             self._last_seq += 1  # the torn record used the next number: never reuse it (nor its nonce)
             return max_rev
         self._end = len(data)
-        if self.active:
+        # Continue this file only if no other file used a number past its end (else compact first).
+        if self.active and self._last_seq == last:
             try:
                 self._fd = fs.open_(self.path, O_APPEND, 0o600)
             except OSError as exc:
                 raise PersistenceError(self.path, operation="open journal", cause=exc) from exc
             self._sealer = jf.Sealer(header, self._write_key(header))
-            self._needs_rotation = False
+            self._needs_rotation = header.encrypted and self._write_keyring is None  # encryption was turned off
             self._written_seq = self._durable_seq = self._last_seq
         return max_rev
+
+    def _plan_file(self, st: StateData) -> None:
+        """The snapshot names a journal whose file is missing or is an older, redundant journal: the next
+        record creates it (no compaction needed). A snapshot naming no journal needs a compaction first."""
+        if not self.active or st.journal is None:
+            return
+        self._install(self._header_for(bytes.fromhex(st.journal["id"]), st.generation))
+
+    def _header_for(self, journal_id: bytes | None, generation: int) -> jf.JournalHeader:
+        key, salt, kid, log2_n = None, b"", None, 0
+        if self._write_keyring is not None:
+            key, salt = self._write_keyring.write_material()
+            kid = key_id(key)
+            log2_n = self._write_keyring.log2_n if salt else 0
+        return jf.new_header(
+            base_generation=generation,
+            base_seq=self._last_seq,
+            created_ms=int(time.time() * 1000),
+            key_id=kid,
+            salt=salt,
+            kdf_log2_n=log2_n,
+            journal_id=journal_id,
+        )
 
     def _write_key(self, header: jf.JournalHeader) -> bytes | None:
         if self._write_keyring is None:
@@ -296,23 +332,31 @@ class Journal:
         except OSError as exc:
             raise PersistenceError(self.path, operation="copy journal to quarantine", cause=exc) from exc
 
-    def _sweep_temps(self) -> None:
-        """Header-only temps of an unfinished rotation are redundant; anything else goes to quarantine."""
+    def _sweep_temps(self) -> int:
+        """Set aside temps of a journal creation a crash interrupted (quarantine; empty ones are deleted).
+
+        Returns the highest sequence number such a temp holds: its record was encrypted under the journal id
+        the snapshot names, so the re-created journal must start after it (a nonce is never used twice).
+        """
         try:
             names = fs.listdir(self.path.parent)
         except OSError:
-            return
+            return 0
+        highest = 0
         for name in names:
             if not _atomic.is_temp_of(name, self.path):
                 continue
             tmp = self.path.parent / name
             try:
-                if fs.lstat(tmp).st_size <= jf.HEADER_SIZE:
+                data = fs.read_file(tmp)
+                if len(data) <= jf.HEADER_SIZE:
                     fs.unlink(tmp)
-                else:
-                    _atomic.move_aside(tmp, self._quarantine, label="leftover")
+                    continue
+                highest = max(highest, _temp_seq(data))
+                _atomic.move_aside(tmp, self._quarantine, label="leftover")
             except OSError as exc:
                 raise PersistenceError(tmp, operation="clean up leftover journal temp", cause=exc) from exc
+        return highest
 
     # ------------------------------------------------------------------------------------------ changes
     def prepare(self, st: StateData, entries: Entries, *, compact: Callable[[], object]) -> None:
@@ -320,7 +364,7 @@ class Journal:
         if not self.active:
             return
         self.rollback(st, entries)
-        must = self._needs_rotation or self._fd is None
+        must = self._needs_rotation or (self._fd is None and self._next_header is None)
         due = self._end >= self._max_bytes or self._records >= self._max_records
         if not must and not (due and self._records >= self._compact_retry_at):
             return
@@ -352,6 +396,8 @@ class Journal:
         return None
 
     def _write(self, ops: Sequence[Op]) -> int:
+        if self._next_header is not None and not self._needs_rotation:
+            return self._create(ops)
         fd, sealer, header = self._fd, self._sealer, self._header
         if fd is None or sealer is None or header is None or self._needs_rotation:
             raise PersistenceError(self.path, operation="journal append", reason="no usable journal (the last rotation failed)")
@@ -373,6 +419,40 @@ class Journal:
             raise PersistenceError(self.path, operation=step, cause=exc) from exc
         self._end += len(frame)
         self._records += 1
+        return seq
+
+    def _create(self, ops: Sequence[Op]) -> int:
+        """Create the journal the snapshot names, holding its header and this first record: a fsynced temp
+        renamed over the old (redundant) journal, then the directory fsynced."""
+        header = self._next_header
+        assert header is not None
+        if header.base_seq != self._last_seq:  # numbers burned by failed attempts are skipped, never reused
+            header = self._header_for(header.journal_id, header.base_generation)
+            self._next_header = header
+        sealer = jf.Sealer(header, self._write_key(header))
+        seq = self._last_seq + 1
+        self._last_seq = seq
+        payload = orjson.dumps([op.json for op in ops])
+        kind = jf.KIND_OP if len(ops) == 1 else jf.KIND_TRANSACTION
+        frame = sealer.frame(
+            seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
+        )
+        try:
+            tmp = _atomic.write_temp(self.path, header.raw + frame)
+            _atomic.commit(tmp, self.path)
+            fd = fs.open_(self.path, O_APPEND, 0o600)
+        except _atomic.WriteFailed as wf:
+            raise PersistenceError(self.path, operation=f"create journal ({wf.step})", cause=wf.cause) from wf.cause
+        except OSError as exc:
+            raise PersistenceError(self.path, operation="open new journal", cause=exc) from exc
+        self._detach()
+        self._fd, self._header, self._sealer = fd, header, sealer
+        self._next_header = None
+        self._needs_rotation = False
+        self._end = jf.HEADER_SIZE + len(frame)
+        self._records = 1
+        with self._cond:
+            self._written_seq = self._durable_seq = seq
         return seq
 
     def _fail_file(self) -> None:
@@ -462,38 +542,25 @@ class Journal:
     def begin_rotation(self, st: StateData) -> Rotation | None:
         """Called by the save path with the snapshot about to be written (generation already set).
 
-        Journal modes: write the next journal's header to a fsynced temp and record its id and the last
-        sequence number in the snapshot. Snapshot mode: if a journal from an earlier session was replayed,
-        record it as folded in (it is removed once the snapshot is durable).
+        Journal modes: record a new journal id and the last sequence number in the snapshot; no file is
+        written here (the first record after the save creates the journal, so a save costs no extra sync).
+        Snapshot mode: if a journal from an earlier session was replayed, record it as folded in (it is
+        removed once the snapshot is durable).
         """
         if not self.active:
             if self._header is None:
                 return None
             st.journal = {"id": self._header.id_hex, "seq": self._last_seq}
-            return Rotation(self, None, None)
+            return Rotation(self, None)
         self.drain()
-        key, salt, kid, log2_n = None, b"", None, 0
-        if self._write_keyring is not None:
-            key, salt = self._write_keyring.write_material()
-            kid = key_id(key)
-            log2_n = self._write_keyring.log2_n if salt else 0
-        header = jf.new_header(
-            base_generation=st.generation,
-            base_seq=self._last_seq,
-            created_ms=int(time.time() * 1000),
-            key_id=kid,
-            salt=salt,
-            kdf_log2_n=log2_n,
-        )
+        header = self._header_for(None, st.generation)
         st.journal = {"id": header.id_hex, "seq": self._last_seq}
-        try:
-            tmp = _atomic.write_temp(self.path, header.raw)
-        except _atomic.WriteFailed as wf:
-            raise PersistenceError(self.path, operation=f"new journal {wf.step}", cause=wf.cause) from wf.cause
-        return Rotation(self, header, tmp)
+        return Rotation(self, header)
 
-    def _install(self, header: jf.JournalHeader | None, tmp: Path | None) -> None:
-        if header is None or tmp is None:  # snapshot mode: the replayed journal is now redundant
+    def _install(self, header: jf.JournalHeader | None) -> None:
+        """The snapshot naming *header* is durable: the old journal is redundant; the next record creates
+        the new one. Snapshot mode (*header* None): delete the replayed journal the snapshot now holds."""
+        if header is None:
             try:
                 fs.unlink(self.path)
                 fs.fsync_dir(self.path.parent)
@@ -503,29 +570,18 @@ class Journal:
                 log.warning("%s: could not remove the folded-in journal (%s); it is skipped on load", self.path, exc)
             self._detach()
             return
-        try:
-            _atomic.commit(tmp, self.path)
-            fd = fs.open_(self.path, O_APPEND, 0o600)
-        except (_atomic.WriteFailed, OSError) as exc:
-            log.warning("%s: could not start the new journal (%s); the next change retries", self.path, exc)
-            self._detach()
-            return
         self._detach()
-        self._fd = fd
-        self._header = header
-        self._sealer = jf.Sealer(header, self._write_key(header))
-        self._end = jf.HEADER_SIZE
-        self._records = 0
+        self._next_header = header
+        self._needs_rotation = False
         self._compact_retry_at = 0
         with self._cond:
             self._written_seq = self._durable_seq = self._last_seq
             self._failure = None
             self._pending = []
-        self._needs_rotation = self._write_keyring is None and header.encrypted
 
     def _detach(self) -> None:
         fd, self._fd = self._fd, None
-        self._header = self._sealer = None
+        self._header = self._sealer = self._next_header = None
         self._needs_rotation = True
         self._end = self._records = 0
         if fd is not None:

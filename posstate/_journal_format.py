@@ -73,16 +73,24 @@ class JournalHeader:
 
 
 def new_header(
-    *, base_generation: int, base_seq: int, created_ms: int, key_id: str | None, salt: bytes = b"", kdf_log2_n: int = 0
+    *,
+    base_generation: int,
+    base_seq: int,
+    created_ms: int,
+    key_id: str | None,
+    salt: bytes = b"",
+    kdf_log2_n: int = 0,
+    journal_id: bytes | None = None,
 ) -> JournalHeader:
-    """A header for a new journal: fresh random id and nonce prefix."""
+    """A header for a new journal: a fresh random nonce prefix, and a fresh random id unless *journal_id*
+    is given (the journal a durable snapshot already names, created only now)."""
     flags = 0
     if key_id is not None:
         flags |= FLAG_ENCRYPTED
         if salt:
             flags |= FLAG_PASSPHRASE
     kid = bytes.fromhex(key_id) if key_id is not None else bytes(8)
-    journal_id = os.urandom(16)
+    journal_id = os.urandom(16) if journal_id is None else journal_id
     prefix = os.urandom(4)
     head = _HEAD.pack(
         MAGIC,

@@ -276,7 +276,7 @@ def test_nonces_never_repeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         armed = True
 
         def write(self, fd: int, data: bytes | memoryview) -> int:
-            if self.armed and os.readlink(f"/proc/self/fd/{fd}").endswith(".journal"):
+            if self.armed and "positions.journal" in os.readlink(f"/proc/self/fd/{fd}"):
                 FailOnce.armed = False
                 super().write(fd, bytes(data)[:10])
                 raise OSError(28, "No space left on device")
@@ -389,3 +389,47 @@ def test_reload_in_group_mode_keeps_pending_records(tmp_path: Path) -> None:
         m._journal.settle(ticket, m._rollback_journal)
     with make(tmp_path) as m2:
         assert set(m2.load_positions()) == {("A", "long"), ("B", "long")}
+
+
+def test_save_costs_no_extra_sync_and_next_change_creates_journal(tmp_path: Path) -> None:
+    """In sync mode save() does the same syncs as in snapshot mode (the next journal is only named); the
+    first change after it, even in a new process, creates that journal without another snapshot."""
+
+    class Syncs(fs.FileOps):
+        def __init__(self) -> None:
+            self.n = 0
+
+        def fsync(self, fd: int) -> None:
+            self.n += 1
+            super().fsync(fd)
+
+        def fdatasync(self, fd: int) -> None:
+            self.n += 1
+            super().fdatasync(fd)
+
+        def fsync_dir(self, path: Any) -> None:
+            self.n += 1
+            super().fsync_dir(path)
+
+    counts = {}
+    for mode in ("snapshot", "sync"):
+        d = tmp_path / mode
+        with make(d, durability=mode) as m:
+            m.set_position(pos("A"))
+            m.save()
+            m.set_position(pos("B"))
+            counter = Syncs()
+            with fs.use(counter):
+                m.save()
+            counts[mode] = counter.n
+    assert counts["sync"] == counts["snapshot"]
+    cfg = StateConfig.in_dir(tmp_path / "sync")
+    with make(tmp_path / "sync") as m2:
+        m2.load_positions()
+        gen = m2.generation
+        named = (m2._state.journal or {})["id"]
+        m2.set_position(pos("C"))
+        assert m2.generation == gen
+        assert jf.parse_header(cfg.journal_path.read_bytes()).id_hex == named
+    with make(tmp_path / "sync") as m3:
+        assert set(m3.load_positions()) == {("A", "long"), ("B", "long"), ("C", "long")}

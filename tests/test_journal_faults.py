@@ -17,6 +17,7 @@ import pytest
 from posstate import CorruptStateError, PersistenceError, PositionStateManager, StateConfig
 from posstate import _fileops as fs
 from posstate import _journal_format as jf
+from posstate._journal import _temp_seq
 from posstate._model import Position
 
 KEY = bytes(range(32))
@@ -257,6 +258,7 @@ def test_crash_at_each_compaction_step(tmp_path: Path) -> None:
     _scenario(base, "compaction")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     k = 0
+    leftovers_checked = 0
     finished = False
     while not finished:
         d = tmp_path / f"k{k}"
@@ -272,9 +274,17 @@ def test_crash_at_each_compaction_step(tmp_path: Path) -> None:
             m.set_position(pos("Z", 5))
         with make(d, journal_max_records=3) as m2:
             assert contracts(m2)["Z"] == 5
+        # A record a crashed journal creation left in a temp is never re-numbered under the same journal id.
+        current = jf.parse_header(StateConfig.in_dir(d).journal_path.read_bytes())
+        for left in StateConfig.in_dir(d).quarantine_dir.glob("*journal*leftover*"):
+            data = left.read_bytes()
+            if len(data) > jf.HEADER_SIZE + jf.FRAME_HEAD + 8 and jf.parse_header(data).journal_id == current.journal_id:
+                assert current.base_seq >= _temp_seq(data), k
+                leftovers_checked += 1
         k += 1
         assert k < 80
     assert k > 10  # the compaction really had that many steps to crash at
+    assert leftovers_checked > 0  # some crash left a journal-creation temp with a record in it
 
 
 @pytest.mark.parametrize("op", ["write", "fsync", "ftruncate", "fdatasync", "link"])
