@@ -78,9 +78,10 @@ def run_size(n: int, iterations: int, snapshot_iterations: int, root: Path) -> d
     db.execute("COMMIT")
     upsert = "INSERT INTO positions (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v"
 
-    # Warm up (first journal record after the save; page cache) and size the floor's record.
-    size_before = journal.config.journal_path.stat().st_size
+    # Warm up (the first record after a save creates the journal file) and size the floor's record.
     journal.set_position(position(0, 2))
+    size_before = journal.config.journal_path.stat().st_size
+    journal.set_position(position(0, 3))
     record_bytes = journal.config.journal_path.stat().st_size - size_before
     floor_fd = os.open(root / f"floor-{n}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     payload = os.urandom(record_bytes)

@@ -183,8 +183,9 @@ def _scenario(d: Path, kind: str) -> None:
             m.set_position(pos("C", 3))
 
 
+@pytest.mark.parametrize("mode", ["sync", "group"])
 @pytest.mark.parametrize("kind", ["append", "first", "compaction"])
-def test_oserror_at_each_file_operation(tmp_path: Path, kind: str) -> None:
+def test_oserror_at_each_file_operation(tmp_path: Path, kind: str, mode: str) -> None:
     """OSError at each file operation of an update: PersistenceError with memory unchanged (or success),
     the next update succeeds once the fault clears, and a reopened manager sees every acknowledged change."""
     base = tmp_path / "base"
@@ -192,7 +193,7 @@ def test_oserror_at_each_file_operation(tmp_path: Path, kind: str) -> None:
     probe = tmp_path / "probe"
     shutil.copytree(base, probe)
     counter = FaultAt(None)
-    with make(probe, journal_max_records=3) as m:
+    with make(probe, journal_max_records=3, durability=mode) as m:
         m.load_positions()
         with fs.use(counter):
             m.set_position(pos("X", 7))
@@ -201,7 +202,7 @@ def test_oserror_at_each_file_operation(tmp_path: Path, kind: str) -> None:
     for k in range(total):
         d = tmp_path / f"k{k}"
         shutil.copytree(base, d)
-        with make(d, journal_max_records=3) as m:
+        with make(d, journal_max_records=3, durability=mode) as m:
             m.load_positions()
             before = memory(m)
             acked = True
