@@ -433,3 +433,47 @@ def test_save_costs_no_extra_sync_and_next_change_creates_journal(tmp_path: Path
         assert jf.parse_header(cfg.journal_path.read_bytes()).id_hex == named
     with make(tmp_path / "sync") as m3:
         assert set(m3.load_positions()) == {("A", "long"), ("B", "long"), ("C", "long")}
+
+
+def test_plain_journal_is_readable_and_private(tmp_path: Path) -> None:
+    """With encryption off the record payload is plain JSON; the journal file is mode 0600."""
+    cfg = StateConfig.in_dir(tmp_path, encryption=False)
+    with PositionStateManager(cfg) as m:
+        m.set_position(pos("PLAIN/USDT"))
+    data = cfg.journal_path.read_bytes()
+    assert b'"symbol":"PLAIN/USDT"' in data
+    assert cfg.journal_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_journal_damage_emits_state_corrupted(tmp_path: Path) -> None:
+    """Damage in the middle of the journal is reported as a stateCorrupted event of kind journal."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+    data = bytearray(cfg.journal_path.read_bytes())
+    data[jf.HEADER_SIZE + 30] ^= 1
+    cfg.journal_path.write_bytes(bytes(data))
+    events: list[dict[str, Any]] = []
+    with make(tmp_path) as m2:
+        m2.on("stateCorrupted", events.append)
+        with pytest.raises(CorruptStateError):
+            m2.load_positions()
+    assert events and events[0]["kind"] == "journal"
+    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    assert not report.valid and "damaged" in report.problem
+
+
+def test_torn_tail_left_out_of_history_and_reported_by_check(tmp_path: Path) -> None:
+    """history() leaves a torn last record out; check() calls the journal valid and counts the torn bytes."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+    data = cfg.journal_path.read_bytes()
+    cfg.journal_path.write_bytes(data[:-7])
+    entries = _journal.history(cfg, keyring=Keyring(key=KEY))
+    assert [e.key for e in entries] == ["A|long"]
+    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    assert report.valid and report.records == 1 and report.torn_bytes > 0
+    assert cfg.journal_path.read_bytes() == data[:-7]
