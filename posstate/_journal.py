@@ -158,6 +158,10 @@ class Journal:
         self._sealer: jf.Sealer | None = None
         # The journal the snapshot on disk names but that has no file yet: created with the first record.
         self._next_header: jf.JournalHeader | None = None
+        # True once the file now at self.path was replayed (or found redundant or absent), so that a durable
+        # snapshot of memory makes it redundant: only then may a new journal be renamed over it. Otherwise
+        # (the load failed on it) it goes to quarantine first.
+        self._replace_ok = False
         self._end = 0
         self._records = 0
         self._last_seq = 0  # highest sequence number ever handed out (burned even if its write failed)
@@ -202,6 +206,7 @@ class Journal:
         """
         self.drain()  # a reload must not drop records still waiting for their group sync
         self._detach()
+        self._replace_ok = False
         leftover = self._sweep_temps()
         snap = st.journal or {}
         snap_seq = int(snap.get("seq", 0))
@@ -210,6 +215,7 @@ class Journal:
         try:
             data = fs.read_file(self.path)
         except FileNotFoundError:
+            self._replace_ok = True
             self._plan_file(st)
             return 0
         except OSError as exc:
@@ -225,6 +231,7 @@ class Journal:
                 )
             self._last_seq = max(snap_seq, last, leftover)
             log.info("journal %s is older than the snapshot and fully contained in it", self.path)
+            self._replace_ok = True
             self._plan_file(st)
             return 0
         max_rev = 0
@@ -237,6 +244,7 @@ class Journal:
         self._last_seq = max(snap_seq, last, leftover)
         self._header = header
         self._records = len(records)
+        self._replace_ok = True  # replayed in full: once a snapshot holds memory, the file is redundant
         if sc.bad_offset is not None:
             self._cut_torn_tail(data, sc)
             self._last_seq += 1  # the torn record used the next number: never reuse it (nor its nonce)
@@ -438,6 +446,10 @@ class Journal:
             seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
         )
         try:
+            if not self._replace_ok and fs.exists(self.path):
+                dest = _atomic.move_aside(self.path, self._quarantine, label="replaced")
+                log.warning("%s: journal not known to be folded into the snapshot; kept at %s", self.path, dest)
+            self._replace_ok = True
             tmp = _atomic.write_temp(self.path, header.raw + frame)
             _atomic.commit(tmp, self.path)
             fd = fs.open_(self.path, O_APPEND, 0o600)

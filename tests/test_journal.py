@@ -477,3 +477,28 @@ def test_torn_tail_left_out_of_history_and_reported_by_check(tmp_path: Path) -> 
     report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
     assert report.valid and report.records == 1 and report.torn_bytes > 0
     assert cfg.journal_path.read_bytes() == data[:-7]
+
+
+def test_unreadable_journal_is_quarantined_not_replaced(tmp_path: Path) -> None:
+    """If a load failed on the journal and the state is then saved anyway (as a fallback recovery would),
+    the damaged journal is moved to quarantine before a new one takes its name, never overwritten."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+    data = bytearray(cfg.journal_path.read_bytes())
+    data[jf.HEADER_SIZE + 30] ^= 1
+    cfg.journal_path.write_bytes(bytes(data))
+    with make(tmp_path) as m2:
+        with pytest.raises(CorruptStateError):
+            m2.load_positions()
+        # A fallback: adopt the snapshot alone and carry on.
+        from posstate import _statefile
+
+        loaded = _statefile.read(cfg.state_path, options=m2._read)
+        m2._adopt(loaded.state, loaded.checksum)
+        m2.set_position(pos("C"))
+    kept = [p.read_bytes() for p in cfg.quarantine_dir.iterdir() if "journal" in p.name]
+    assert kept == [bytes(data)]
+    with make(tmp_path) as m3:
+        assert ("C", "long") in m3.load_positions()
