@@ -172,6 +172,9 @@ class Journal:
         self._durable_seq = 0
         self._syncing = False
         self._failure: tuple[int, PersistenceError] | None = None
+        # (lo, hi, cause): records lo < seq <= hi failed in a group sync. Kept for good: a waiter that wakes
+        # after the journal was already rotated must still learn that its record failed.
+        self._failed_ranges: list[tuple[int, int, OSError]] = []
         self._pending: list[tuple[int, list[Undo]]] = []
 
     # ------------------------------------------------------------------------------------------ status
@@ -485,11 +488,13 @@ class Journal:
             err: PersistenceError | None = None
             with self._cond:
                 while True:
+                    failed = next((cause for lo, hi, cause in self._failed_ranges if lo < seq <= hi), None)
+                    if failed is not None:
+                        err = PersistenceError(self.path, operation="journal fdatasync (group commit)", cause=failed)
+                        err.__cause__ = failed
+                        break
                     if self._durable_seq >= seq:
                         return
-                    if self._failure is not None and seq > self._failure[0]:
-                        err = self._failure[1]
-                        break
                     if not self._syncing:
                         break
                     self._cond.wait()
@@ -503,11 +508,13 @@ class Journal:
 
     def _sync_as_leader(self, target: int, fd: int | None) -> None:
         failure: PersistenceError | None = None
+        cause: OSError | None = None
         try:
             if fd is None:
                 raise OSError(9, "journal closed")
             fs.fdatasync(fd)
         except OSError as exc:
+            cause = exc
             failure = PersistenceError(self.path, operation="journal fdatasync", cause=exc)
             failure.__cause__ = exc
         with self._cond:
@@ -516,7 +523,9 @@ class Journal:
                 self._durable_seq = max(self._durable_seq, target)
                 self._pending = [p for p in self._pending if p[0] > self._durable_seq]
             else:
+                assert cause is not None
                 self._failure = (self._durable_seq, failure)
+                self._failed_ranges.append((self._durable_seq, self._written_seq, cause))
                 self._needs_rotation = True
             self._cond.notify_all()
 

@@ -315,3 +315,51 @@ def test_failure_while_cutting_torn_tail(tmp_path: Path, op: str) -> None:
             assert now == torn
         assert contracts(m) == {"S0": 1, "S1": 2}
     assert cfg.journal_path.stat().st_size == ends[1]
+
+
+@pytest.mark.parametrize("fail_at", [2, 5, 9])
+def test_group_sync_failure_with_eight_threads(tmp_path: Path, fail_at: int) -> None:
+    """A group fdatasync fails while 8 threads write: every caller whose call returned has its change on
+    disk, every caller that got PersistenceError has it undone in memory, and a reopened manager agrees."""
+    import threading
+
+    class FailSync(fs.FileOps):
+        def __init__(self) -> None:
+            self.n = 0
+            self.lock = threading.Lock()
+
+        def fdatasync(self, fd: int) -> None:
+            with self.lock:
+                self.n += 1
+                hit = self.n == fail_at
+            if hit:
+                raise OSError(errno.EIO, "injected EIO at fdatasync")
+            super().fdatasync(fd)
+
+    last_ok: dict[str, int] = {}
+    failures = []
+    with make(tmp_path, durability="group") as m:
+        m.set_position(pos("warmup", 1))
+        barrier = threading.Barrier(8)
+
+        def work(t: int) -> None:
+            barrier.wait()
+            for i in range(1, 16):
+                try:
+                    m.set_position(pos(f"T{t}", i))
+                except PersistenceError:
+                    failures.append((t, i))
+                else:
+                    last_ok[f"T{t}"] = i
+
+        with fs.use(FailSync()):
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        in_memory = {k: v for k, v in contracts(m).items() if k != "warmup"}
+    assert failures, "the injected failure hit no caller"
+    assert in_memory == last_ok
+    with make(tmp_path) as m2:
+        assert {k: v for k, v in contracts(m2).items() if k != "warmup"} == last_ok
