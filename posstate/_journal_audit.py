@@ -19,7 +19,7 @@ from posstate import _journal_ops as jops
 from posstate import _statefile
 from posstate._crypto import Keyring
 from posstate._document import StateData
-from posstate._errors import PosStateError, StateNotFoundError
+from posstate._errors import CorruptStateError, PosStateError, SchemaValidationError, StateNotFoundError
 
 if TYPE_CHECKING:
     from posstate._config import StateConfig
@@ -99,8 +99,8 @@ def history(config: StateConfig, *, keyring: Keyring | None = None, symbol: str 
         if loaded.state.journal is not None and loaded.state.journal.get("id") == header.id_hex:
             st = loaded.state
             snap_seq = int(loaded.state.journal["seq"])
-    except StateNotFoundError:
-        pass
+    except (StateNotFoundError, CorruptStateError, SchemaValidationError):
+        pass  # no usable snapshot: the changes are still listed, with old values unknown
     out: list[HistoryEntry] = []
     for rec, ops in records:
         known = st is not None and rec.seq > snap_seq

@@ -502,3 +502,15 @@ def test_unreadable_journal_is_quarantined_not_replaced(tmp_path: Path) -> None:
     assert kept == [bytes(data)]
     with make(tmp_path) as m3:
         assert ("C", "long") in m3.load_positions()
+
+
+def test_history_without_a_usable_snapshot_marks_old_values_unknown(tmp_path: Path) -> None:
+    """With the snapshot damaged, history() still lists the journal's changes, old values marked unknown."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+    data = bytearray(cfg.state_path.read_bytes())
+    data[200] ^= 1
+    cfg.state_path.write_bytes(bytes(data))
+    entries = _journal.history(cfg, keyring=Keyring(key=KEY))
+    assert [(e.key, e.old_known, e.old) for e in entries] == [("A|long", False, None)]
