@@ -147,6 +147,7 @@ class Journal:
     ) -> None:
         self.path = path
         self.mode = mode
+        self.active = mode != "snapshot"  # the mode never changes: a plain attribute keeps the hot path short
         self._quarantine = quarantine_dir
         self._read_keyring = read_keyring
         self._write_keyring = write_keyring
@@ -194,10 +195,6 @@ class Journal:
     @property
     def records(self) -> int:
         return self._records
-
-    @property
-    def active(self) -> bool:
-        return self.mode != "snapshot"
 
     # ------------------------------------------------------------------------------------------ recovery
     def recover(self, st: StateData) -> int:
@@ -413,8 +410,7 @@ class Journal:
         if fd is None or sealer is None or header is None or self._needs_rotation:
             raise PersistenceError(self.path, operation="journal append", reason="no usable journal (the last rotation failed)")
         payload = orjson.dumps([op.json for op in ops])
-        seq = self._last_seq + 1
-        self._last_seq = seq
+        seq = self._last_seq = self._last_seq + 1
         kind = jf.KIND_OP if len(ops) == 1 else jf.KIND_TRANSACTION
         frame = sealer.frame(
             seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
