@@ -57,7 +57,7 @@ class StateConfig:
     lock_timeout: float = 0.0
     clock_skew: float = 300.0
     max_document_bytes: int = 256 * 1024 * 1024
-    durability: Durability = "snapshot"
+    durability: Durability = "sync"
     journal_max_bytes: int = 4 * 1024 * 1024
     journal_max_records: int = 10_000
     exchange: str | None = None

@@ -42,7 +42,7 @@ def _bot(state_dir: str, seed: int) -> int:
     """The bot: open, scale and close positions on a random walk; save after each tick; report each save."""
     rng = random.Random(seed)
     out = sys.stdout
-    with PositionStateManager(StateConfig.in_dir(state_dir, backup_interval=3600)) as m:
+    with PositionStateManager(StateConfig.in_dir(state_dir, backup_interval=3600, durability="snapshot")) as m:
         positions = m.load_positions()
         out.write(f"START {m.generation} {len(positions)}\n")
         out.flush()

@@ -357,3 +357,8 @@ class StaleBackupError(PosStateError, ValueError):
     @property
     def threshold(self) -> float:
         return self._threshold
+class TransactionError(PosStateError, RuntimeError):
+    """An operation that cannot run inside ``PositionStateManager.transaction()`` was called there."""
+
+    def __init__(self, path: str | Path | None, reason: str) -> None:
+        super().__init__(f"{_show(path)}: {reason}; call it after the `with manager.transaction():` block ends", path=path)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from posstate import (
     _codec,
     _document,
     _format,
+    _journal,
     _merge,
     _periodic,
     _recovery,
@@ -24,6 +26,7 @@ from posstate import (
     _statefile,
 )
 from posstate import _fileops as fs
+from posstate import _journal_ops as _jops
 from posstate._backup_ops import RestoreResult
 from posstate._backups import BackupInfo
 from posstate._config import StateConfig
@@ -37,6 +40,7 @@ from posstate._errors import (
     PersistenceError,
     PosStateError,
     SchemaValidationError,
+    TransactionError,
 )
 from posstate._events import EventBus, Handler, StatsLogger
 from posstate._lock import WriterLock
@@ -98,6 +102,18 @@ class PositionStateManager:
         self._last_backup_at: float | None = None  # creation time of the newest backup (None: not looked yet)
         self._tombstone_floor: int | None = None  # generation of the oldest backup kept (None: unknown)
         self._validator: _periodic.PeriodicValidator | None = None
+        # Write-ahead journal (docs/JOURNAL.md): records each change durably in the "sync"/"group" modes.
+        self._journal = _journal.Journal(
+            cfg.journal_path,
+            mode=cfg.durability,
+            quarantine_dir=cfg.quarantine_dir,
+            read_keyring=keyring,
+            write_keyring=self._write_keyring,
+            max_bytes=cfg.journal_max_bytes,
+            max_records=cfg.journal_max_records,
+            emit=self._events.emit,
+        )
+        self._txn: list[tuple[_jops.Op, _jops.Undo]] | None = None
         try:
             fs.ensure_dir(cfg.state_dir)
         except OSError as exc:
@@ -153,6 +169,7 @@ class PositionStateManager:
             if self._closed:
                 return
             self._closed = True
+            self._journal.close()
             self._on_close()
             self._writer_lock.release()
 
@@ -174,6 +191,7 @@ class PositionStateManager:
         """
         with self._lock:
             self._check_open()
+            self._no_transaction()
             loaded = self._load_main()
             return dict(loaded.positions)
 
@@ -182,10 +200,12 @@ class PositionStateManager:
         try:
             if not fs.exists(self._path):
                 state = self._fresh_or_missing()
+                self._journal.recover(state)
                 self._adopt(state, None)
                 self._events.emit("stateLoaded", {"path": str(self._path), "generation": 0, "positions": 0, "source": "fresh"})
                 return state
             loaded = _statefile.read(self._path, options=self._read)
+            replayed_rev = self._journal.recover(loaded.state)
         except CorruptStateError as exc:
             self._events.emit("stateCorrupted", {"path": str(self._path), "reason": exc.reason, "kind": exc.kind})
             return self._recovered(exc, started)
@@ -198,6 +218,9 @@ class PositionStateManager:
             raise
         self._check_account(loaded.state)
         self._adopt(loaded.state, loaded.checksum)
+        # Journal records replayed: memory is ahead of the snapshot, and later generations must exceed their revs.
+        self._dirty = replayed_rev > 0
+        self._highest_generation = max(self._highest_generation, replayed_rev - 1)
         self._events.emit(
             "stateLoaded",
             {
@@ -227,7 +250,7 @@ class PositionStateManager:
         return state
 
     def _fresh_or_missing(self) -> StateData:
-        others = [p for p in (self.config.bak_path,) if fs.exists(p)] + self._backup_files()
+        others = [p for p in (self.config.bak_path, self.config.journal_path) if fs.exists(p)] + self._backup_files()
         if others:
             raise CorruptStateError(
                 self._path,
@@ -290,27 +313,29 @@ class PositionStateManager:
             raise SchemaValidationError(None, "$", "type", f"expected a Position, got {type(position).__name__}")
         with self._lock:
             self._ensure_loaded()
-            self._apply_position(self._state, self._entries, position)
-            self._dirty = True
+            key = position.key
+            if self._state.positions.get(key) == position and key in self._entries:
+                return
+            ticket = self._change(_jops.set_position(position, self._next_rev()))
+        self._journal.settle(ticket, self._rollback_journal)
 
     def delete_position(self, symbol: str, side: Side) -> bool:
         """Remove a position (its symbol's metadata stays). Returns False if there was none."""
         with self._lock:
             self._ensure_loaded()
-            removed = self._remove_position(self._state, self._entries, (symbol, side))
-            self._dirty = self._dirty or removed
-            return removed
+            if (symbol, side) not in self._state.positions:
+                return False
+            ticket = self._change(_jops.delete_position((symbol, side), self._next_rev()))
+        self._journal.settle(ticket, self._rollback_journal)
+        return True
 
     def set_symbol_metadata(self, symbol: str, data: Mapping[str, Any]) -> None:
         """Replace the bot's own data for *symbol* (a JSON-able dict; a private copy is kept)."""
         clean = _document.clean_metadata(symbol, data)
         with self._lock:
             self._ensure_loaded()
-            st = self._state
-            st.metadata[symbol] = clean
-            st.metadata_revs[symbol] = self._next_rev()
-            st.metadata_tombstones.pop(symbol, None)
-            self._dirty = True
+            ticket = self._change(_jops.set_metadata(symbol, clean, self._next_rev()))
+        self._journal.settle(ticket, self._rollback_journal)
 
     def get_symbol_metadata(self, symbol: str) -> dict[str, Any] | None:
         """A copy of *symbol*'s metadata (editing it changes nothing until you set it), or None."""
@@ -327,14 +352,65 @@ class PositionStateManager:
     def delete_symbol_metadata(self, symbol: str) -> bool:
         with self._lock:
             self._ensure_loaded()
-            st = self._state
-            if symbol not in st.metadata:
+            if symbol not in self._state.metadata:
                 return False
-            del st.metadata[symbol]
-            st.metadata_revs.pop(symbol, None)
-            st.metadata_tombstones[symbol] = self._next_rev()
+            ticket = self._change(_jops.delete_metadata(symbol, self._next_rev()))
+        self._journal.settle(ticket, self._rollback_journal)
+        return True
+
+    # ------------------------------------------------------------------------------------------ journal
+    def _change(self, op: _jops.Op) -> int | None:
+        """Apply *op* in memory and (journal modes) record it durably; all or nothing. Lock held."""
+        if self._txn is not None:
+            self._txn.append((op, _jops.apply(self._state, self._entries, op)))
             self._dirty = True
-            return True
+            return None
+        return self._record([op])
+
+    def _record(self, ops: list[_jops.Op]) -> int | None:
+        self._journal.prepare(self._state, self._entries, compact=self._compact_journal)
+        rev = self._next_rev()  # a compaction in prepare() moved the generation on
+        for op in ops:
+            _jops.restamp(op, rev)
+        ticket = self._journal.append(self._state, self._entries, ops)
+        self._dirty = True
+        return ticket
+
+    def _compact_journal(self) -> int:
+        return self._commit(self._state.copy(), dict(self._entries))
+
+    def _rollback_journal(self) -> None:
+        with self._lock:
+            self._journal.rollback(self._state, self._entries)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group changes into one journal record: all or nothing. An exception inside the block discards
+        every change made in it, in memory too. Other threads wait until the block ends."""
+        ticket = None
+        with self._lock:
+            self._ensure_loaded()
+            if self._txn is not None:  # nested: part of the outer transaction
+                yield
+                return
+            self._txn = []
+            try:
+                yield
+            except BaseException:
+                done, self._txn = self._txn, None
+                for _, u in reversed(done):
+                    _jops.undo(self._state, self._entries, u)
+                raise
+            done, self._txn = self._txn, None
+            if done:
+                for _, u in reversed(done):
+                    _jops.undo(self._state, self._entries, u)
+                ticket = self._record([op for op, _ in done])
+        self._journal.settle(ticket, self._rollback_journal)
+
+    def _no_transaction(self) -> None:
+        if self._txn is not None:
+            raise TransactionError(self._path, "save, save_positions and load_positions cannot run inside transaction()")
 
     def _next_rev(self) -> int:
         return max(self._state.generation, self._highest_generation) + 1
@@ -367,6 +443,8 @@ class PositionStateManager:
         wanted = _normalize(positions)
         with self._lock:
             self._ensure_loaded()
+            self._no_transaction()
+            self._journal.drain()
             st = self._state.copy()
             entries = dict(self._entries)
             for key in [k for k in st.positions if k not in wanted]:
@@ -391,6 +469,8 @@ class PositionStateManager:
                     found=self._state.generation,
                     reason=f"save expected generation {expected_generation}, but the state is at generation {self._state.generation}",
                 )
+            self._no_transaction()
+            self._journal.drain()
             return self._commit(self._state.copy(), dict(self._entries))
 
     async def asave_positions(self, positions: PositionsInput) -> int:
@@ -408,9 +488,17 @@ class PositionStateManager:
         generation = max(st.generation, self._highest_generation) + 1
         st.generation = generation
         _merge.drop_old_tombstones(st, floor=self._tombstone_floor)
-        st, encoded = _statefile.encode(st, keyring=self._write_keyring, compression_level=self.config.compression_level if self.config.compression else None, entries=entries)
-        self._highest_generation = generation
-        self._write_main(encoded)
+        rotation = self._journal.begin_rotation(st)  # compaction: the snapshot names the next journal
+        try:
+            st, encoded = _statefile.encode(st, keyring=self._write_keyring, compression_level=self.config.compression_level if self.config.compression else None, entries=entries)
+            self._highest_generation = generation
+            self._write_main(encoded)
+        except BaseException:
+            if rotation is not None:
+                rotation.abort()
+            raise
+        if rotation is not None:
+            rotation.finish()
         self._state = st
         self._entries = entries
         self._expected_on_disk = {encoded.checksum}
@@ -446,6 +534,7 @@ class PositionStateManager:
             # still recognise it as our own, not as another writer's.
             self._expected_on_disk.add(encoded.checksum)
             if self.config.verify_after_write:
+                self._expected_on_disk.add(encoded.checksum)  # renamed: a failed read-back leaves this file on disk
                 self._verify_written(encoded)
         except _atomic.WriteFailed as wf:
             if wf.renamed:

@@ -1,0 +1,613 @@
+"""The write-ahead journal: durable updates by appending one record and syncing once.
+
+The manager holds one :class:`Journal`. Every change goes through :meth:`Journal.append` (memory first,
+then the record; on any failure memory is put back and :class:`~posstate.PersistenceError` raised).
+``durability="sync"`` syncs each record before returning; ``"group"`` lets concurrent callers share one
+``fdatasync`` (leader/follower, :meth:`Journal.settle`); ``"snapshot"`` records nothing and only replays a
+journal an earlier session left. Compaction is a normal atomic save of the snapshot that also starts a new
+journal (:meth:`Journal.begin_rotation`). docs/JOURNAL.md has the format and the crash analysis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from posstate import _atomic
+from posstate import _fileops as fs
+from posstate import _journal_format as jf
+from posstate import _journal_ops as jops
+from posstate._crypto import Keyring, key_id
+from posstate._document import StateData
+from posstate._errors import CorruptStateError, MissingKeyError, PersistenceError, PosStateError, WrongKeyError
+from posstate._journal_audit import HistoryEntry, JournalCheck, check, history
+from posstate._journal_ops import Entries, Op, Undo
+
+log = logging.getLogger("posstate")
+
+Mode = Literal["snapshot", "sync", "group"]
+Emit = Callable[[str, dict[str, Any]], None]
+O_APPEND = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+O_RDWR = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+__all__ = ["HistoryEntry", "Journal", "JournalCheck", "check", "history", "read_records"]
+
+
+def _journal_error(path: Path, reason: str) -> CorruptStateError:
+    return CorruptStateError(
+        path,
+        reason,
+        next_step=(
+            "the journal was kept as is; inspect it with `posstate validate`, "
+            "or restore a backup with `posstate backups restore latest`"
+        ),
+        kind="journal",
+    )
+
+
+def read_records(
+    data: bytes, *, path: Path, keyring: Keyring | None
+) -> tuple[jf.JournalHeader, list[tuple[jf.RawRecord, list[Op]]], jf.Scan]:
+    """Parse, authenticate and validate a whole journal. Damage before the last record raises
+    CorruptStateError(kind="journal"); a torn last record is reported in the returned Scan, not raised."""
+    try:
+        header = jf.parse_header(data)
+    except jf.JournalProblem as exc:
+        raise _journal_error(path, str(exc)) from None
+    sealer = jf.Sealer(header, _key_for(header, keyring, path))
+    sc = jf.scan(data, header)
+    if sc.bad_offset is not None and not sc.bad_is_tail:
+        seq = sc.records[-1].seq + 1 if sc.records else header.base_seq + 1
+        raise _journal_error(
+            path, f"record {seq} at byte {sc.bad_offset} is damaged ({sc.bad_reason}) and records follow it; replay stopped there"
+        )
+    out: list[tuple[jf.RawRecord, list[Op]]] = []
+    for rec in sc.records:
+        plain = sealer.open(rec)
+        if plain is None:
+            raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None)
+        try:
+            raw_ops = orjson.loads(plain)
+        except orjson.JSONDecodeError:
+            raise _journal_error(path, f"record {rec.seq} is not valid JSON") from None
+        if type(raw_ops) is not list or not raw_ops or (rec.kind == jf.KIND_OP and len(raw_ops) != 1):
+            raise _journal_error(path, f"record {rec.seq} holds no valid operation list")
+        out.append((rec, [jops.from_json(j, path=path, seq=rec.seq) for j in raw_ops]))
+    return header, out, sc
+
+
+def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> bytes | None:
+    if not header.encrypted:
+        return None
+    if keyring is None:
+        raise MissingKeyError(path, reason=f"the journal is encrypted (key id {header.key_id}) and no key was supplied")
+    if header.passphrase != keyring.uses_passphrase:
+        raise WrongKeyError(
+            path, file_key_id=header.key_id, our_key_id="not a " + ("passphrase" if header.passphrase else "raw key")
+        )
+    key = keyring.key_for(header.salt, header.kdf_log2_n)
+    ours = key_id(key)
+    if ours != header.key_id:
+        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=ours)
+    return key
+
+
+def _temp_seq(data: bytes) -> int:
+    """The sequence number of the record in a journal-creation temp (0 if no record got that far)."""
+    start = jf.HEADER_SIZE + jf.FRAME_HEAD
+    try:
+        jf.parse_header(data)
+    except jf.JournalProblem:
+        return 0
+    if len(data) < start + 8:
+        return 0
+    return int.from_bytes(data[start : start + 8], "big")
+
+
+class Rotation:
+    """A compaction in progress: the snapshot being written names the next journal (*header*)."""
+
+    def __init__(self, journal: Journal, header: jf.JournalHeader | None) -> None:
+        self._journal = journal
+        self._header = header
+
+    def abort(self) -> None:
+        """The snapshot write failed. It may still have been renamed into place (a failed directory fsync
+        or read-back), naming a journal that never started: never append to the old journal again."""
+        self._journal._needs_rotation = True
+
+    def finish(self) -> None:
+        """Called once the snapshot is durable. Never raises."""
+        self._journal._install(self._header)
+
+
+class Journal:
+    """The journal file of one state directory, owned by one manager (callers hold the manager's lock,
+    except around :meth:`settle`)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        mode: Mode,
+        quarantine_dir: Path,
+        read_keyring: Keyring | None,
+        write_keyring: Keyring | None,
+        max_bytes: int,
+        max_records: int,
+        emit: Emit | None = None,
+    ) -> None:
+        self.path = path
+        self.mode = mode
+        self.active = mode != "snapshot"  # the mode never changes: a plain attribute keeps the hot path short
+        self._quarantine = quarantine_dir
+        self._read_keyring = read_keyring
+        self._write_keyring = write_keyring
+        self._max_bytes = max_bytes
+        self._max_records = max_records
+        self._emit = emit
+        self._fd: int | None = None
+        self._header: jf.JournalHeader | None = None
+        self._sealer: jf.Sealer | None = None
+        # The journal the snapshot on disk names but that has no file yet: created with the first record.
+        self._next_header: jf.JournalHeader | None = None
+        # True once the file now at self.path was replayed (or found redundant or absent), so that a durable
+        # snapshot of memory makes it redundant: only then may a new journal be renamed over it. Otherwise
+        # (the load failed on it) it goes to quarantine first.
+        self._replace_ok = False
+        self._end = 0
+        self._records = 0
+        self._last_seq = 0  # highest sequence number ever handed out (burned even if its write failed)
+        self._needs_rotation = True
+        self._compact_retry_at = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._written_seq = 0
+        self._durable_seq = 0
+        self._syncing = False
+        self._failure: tuple[int, PersistenceError] | None = None
+        # (lo, hi, cause): records lo < seq <= hi failed in a group sync. Kept for good: a waiter that wakes
+        # after the journal was already rotated must still learn that its record failed.
+        self._failed_ranges: list[tuple[int, int, OSError]] = []
+        self._pending: list[tuple[int, list[Undo]]] = []
+
+    # ------------------------------------------------------------------------------------------ status
+    @property
+    def journal_id(self) -> str | None:
+        found = self._header or self._next_header
+        return found.id_hex if found is not None else None
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def size(self) -> int:
+        return self._end
+
+    @property
+    def records(self) -> int:
+        return self._records
+
+    # ------------------------------------------------------------------------------------------ recovery
+    def recover(self, st: StateData) -> int:
+        """Replay the journal into the freshly loaded snapshot *st*; return the highest revision replayed.
+
+        A torn last record is cut off after the journal is copied to quarantine; damage before it raises
+        CorruptStateError(kind="journal"); a journal of another snapshot whose records the snapshot already
+        holds is ignored (it is replaced at the next rotation).
+        """
+        self.drain()  # a reload must not drop records still waiting for their group sync
+        self._detach()
+        self._replace_ok = False
+        leftover = self._sweep_temps()
+        snap = st.journal or {}
+        snap_seq = int(snap.get("seq", 0))
+        self._last_seq = max(snap_seq, leftover)
+        self._needs_rotation = True
+        try:
+            data = fs.read_file(self.path)
+        except FileNotFoundError:
+            self._replace_ok = True
+            self._plan_file(st)
+            return 0
+        except OSError as exc:
+            raise PersistenceError(self.path, operation="read journal", cause=exc) from exc
+        header, records, sc = read_records(data, path=self.path, keyring=self._read_keyring)
+        last = records[-1][0].seq if records else header.base_seq
+        if header.id_hex != snap.get("id"):
+            if last > snap_seq:
+                raise _journal_error(
+                    self.path,
+                    f"journal {header.id_hex} holds records up to {last}, but the snapshot (generation {st.generation}) "
+                    f"belongs to journal {snap.get('id')} and holds only up to {snap_seq}",
+                )
+            self._last_seq = max(snap_seq, last, leftover)
+            log.info("journal %s is older than the snapshot and fully contained in it", self.path)
+            self._replace_ok = True
+            self._plan_file(st)
+            return 0
+        max_rev = 0
+        for rec, ops in records:
+            if rec.seq <= snap_seq:
+                continue
+            for op in ops:
+                jops.apply(st, {}, op)
+                max_rev = max(max_rev, op.json["rev"])
+        self._last_seq = max(snap_seq, last, leftover)
+        self._header = header
+        self._records = len(records)
+        self._replace_ok = True  # replayed in full: once a snapshot holds memory, the file is redundant
+        if sc.bad_offset is not None:
+            self._cut_torn_tail(data, sc)
+            self._last_seq += 1  # the torn record used the next number: never reuse it (nor its nonce)
+            return max_rev
+        self._end = len(data)
+        # Continue this file only if no other file used a number past its end (else compact first).
+        if self.active and self._last_seq == last:
+            try:
+                self._fd = fs.open_(self.path, O_APPEND, 0o600)
+            except OSError as exc:
+                raise PersistenceError(self.path, operation="open journal", cause=exc) from exc
+            self._sealer = jf.Sealer(header, self._write_key(header))
+            self._needs_rotation = header.encrypted and self._write_keyring is None  # encryption was turned off
+            self._written_seq = self._durable_seq = self._last_seq
+        return max_rev
+
+    def _plan_file(self, st: StateData) -> None:
+        """The snapshot names a journal whose file is missing or is an older, redundant journal: the next
+        record creates it (no compaction needed). A snapshot naming no journal needs a compaction first."""
+        if not self.active or st.journal is None:
+            return
+        self._install(self._header_for(bytes.fromhex(st.journal["id"]), st.generation))
+
+    def _header_for(self, journal_id: bytes | None, generation: int) -> jf.JournalHeader:
+        key, salt, kid, log2_n = None, b"", None, 0
+        if self._write_keyring is not None:
+            key, salt = self._write_keyring.write_material()
+            kid = key_id(key)
+            log2_n = self._write_keyring.log2_n if salt else 0
+        return jf.new_header(
+            base_generation=generation,
+            base_seq=self._last_seq,
+            created_ms=int(time.time() * 1000),
+            key_id=kid,
+            salt=salt,
+            kdf_log2_n=log2_n,
+            journal_id=journal_id,
+        )
+
+    def _write_key(self, header: jf.JournalHeader) -> bytes | None:
+        if self._write_keyring is None:
+            if header.encrypted:
+                self._needs_rotation = True
+            return None
+        if not header.encrypted:
+            return None
+        return _key_for(header, self._write_keyring, self.path)
+
+    def _cut_torn_tail(self, data: bytes, sc: jf.Scan) -> None:
+        dest = self._quarantine_copy(data, label="torn")
+        try:
+            fd = fs.open_(self.path, O_RDWR, 0o600)
+            try:
+                fs.ftruncate(fd, sc.good_end)
+                fs.fdatasync(fd)
+            finally:
+                fs.close(fd)
+        except OSError as exc:
+            raise PersistenceError(self.path, operation="cut torn journal record", cause=exc) from exc
+        self._end = sc.good_end
+        log.warning(
+            "%s: cut a torn last record (%d bytes at %d: %s); copy kept at %s",
+            self.path,
+            len(data) - sc.good_end,
+            sc.good_end,
+            sc.bad_reason,
+            dest,
+        )
+        if self._emit is not None:
+            self._emit(
+                "stateRepaired",
+                {
+                    "path": str(self.path),
+                    "reason": f"torn last journal record cut ({sc.bad_reason})",
+                    "quarantined": str(dest),
+                    "bytes_cut": len(data) - sc.good_end,
+                },
+            )
+
+    def _quarantine_copy(self, data: bytes, *, label: str) -> Path:
+        try:
+            fs.ensure_dir(self._quarantine)
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            for attempt in range(1000):
+                dest = self._quarantine / f"{self.path.name}.{stamp}.{label}{'' if attempt == 0 else f'.{attempt}'}"
+                try:
+                    _atomic.write_new_file(dest, data)
+                    return dest
+                except _atomic.WriteFailed as wf:
+                    if not isinstance(wf.cause, FileExistsError):
+                        raise wf.cause from wf
+            raise FileExistsError(17, "no free quarantine name", str(self._quarantine))
+        except OSError as exc:
+            raise PersistenceError(self.path, operation="copy journal to quarantine", cause=exc) from exc
+
+    def _sweep_temps(self) -> int:
+        """Set aside temps of a journal creation a crash interrupted (quarantine; empty ones are deleted).
+
+        Returns the highest sequence number such a temp holds: its record was encrypted under the journal id
+        the snapshot names, so the re-created journal must start after it (a nonce is never used twice).
+        """
+        try:
+            names = fs.listdir(self.path.parent)
+        except OSError:
+            return 0
+        highest = 0
+        for name in names:
+            if not _atomic.is_temp_of(name, self.path):
+                continue
+            tmp = self.path.parent / name
+            try:
+                data = fs.read_file(tmp)
+                if len(data) <= jf.HEADER_SIZE:
+                    fs.unlink(tmp)
+                    continue
+                highest = max(highest, _temp_seq(data))
+                _atomic.move_aside(tmp, self._quarantine, label="leftover")
+            except OSError as exc:
+                raise PersistenceError(tmp, operation="clean up leftover journal temp", cause=exc) from exc
+        return highest
+
+    # ------------------------------------------------------------------------------------------ changes
+    def prepare(self, st: StateData, entries: Entries, *, compact: Callable[[], object]) -> None:
+        """Before a change: undo records a failed group sync left in memory, and compact when due."""
+        if not self.active:
+            return
+        self.rollback(st, entries)
+        must = self._needs_rotation or (self._fd is None and self._next_header is None)
+        due = self._end >= self._max_bytes or self._records >= self._max_records
+        if not must and not (due and self._records >= self._compact_retry_at):
+            return
+        try:
+            compact()
+        except (PosStateError, OSError) as exc:
+            if must or self._needs_rotation:
+                raise
+            self._compact_retry_at = self._records + max(16, self._max_records // 10)
+            log.warning("%s: journal compaction failed, still appending (%s)", self.path, exc)
+
+    def append(self, st: StateData, entries: Entries, ops: Sequence[Op]) -> int | None:
+        """Apply *ops* to memory and record them as one record; all or nothing. Returns the sequence
+        number to :meth:`settle` on in group mode, else None (sync mode returns once the record is durable)."""
+        undos = [jops.apply(st, entries, op) for op in ops]
+        if not self.active:
+            return None
+        try:
+            seq = self._write(ops)
+        except BaseException:
+            for u in reversed(undos):
+                jops.undo(st, entries, u)
+            raise
+        if self.mode == "group":
+            with self._cond:
+                self._written_seq = seq
+                self._pending.append((seq, undos))
+            return seq
+        return None
+
+    def _write(self, ops: Sequence[Op]) -> int:
+        if self._next_header is not None and not self._needs_rotation:
+            return self._create(ops)
+        fd, sealer, header = self._fd, self._sealer, self._header
+        if fd is None or sealer is None or header is None or self._needs_rotation:
+            raise PersistenceError(self.path, operation="journal append", reason="no usable journal (the last rotation failed)")
+        payload = orjson.dumps([op.json for op in ops])
+        seq = self._last_seq = self._last_seq + 1
+        kind = jf.KIND_OP if len(ops) == 1 else jf.KIND_TRANSACTION
+        frame = sealer.frame(
+            seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
+        )
+        step = "journal write"
+        try:
+            fs.write_all(fd, frame)
+            if self.mode == "sync":
+                step = "journal fdatasync"
+                fs.fdatasync(fd)
+        except OSError as exc:
+            self._fail_file()
+            raise PersistenceError(self.path, operation=step, cause=exc) from exc
+        self._end += len(frame)
+        self._records += 1
+        return seq
+
+    def _create(self, ops: Sequence[Op]) -> int:
+        """Create the journal the snapshot names, holding its header and this first record: a fsynced temp
+        renamed over the old (redundant) journal, then the directory fsynced."""
+        header = self._next_header
+        assert header is not None
+        if header.base_seq != self._last_seq:  # numbers burned by failed attempts are skipped, never reused
+            header = self._header_for(header.journal_id, header.base_generation)
+            self._next_header = header
+        sealer = jf.Sealer(header, self._write_key(header))
+        seq = self._last_seq + 1
+        self._last_seq = seq
+        payload = orjson.dumps([op.json for op in ops])
+        kind = jf.KIND_OP if len(ops) == 1 else jf.KIND_TRANSACTION
+        frame = sealer.frame(
+            seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
+        )
+        try:
+            if not self._replace_ok and fs.exists(self.path):
+                dest = _atomic.move_aside(self.path, self._quarantine, label="replaced")
+                log.warning("%s: journal not known to be folded into the snapshot; kept at %s", self.path, dest)
+            self._replace_ok = True
+            tmp = _atomic.write_temp(self.path, header.raw + frame)
+            _atomic.commit(tmp, self.path)
+            fd = fs.open_(self.path, O_APPEND, 0o600)
+        except _atomic.WriteFailed as wf:
+            raise PersistenceError(self.path, operation=f"create journal ({wf.step})", cause=wf.cause) from wf.cause
+        except OSError as exc:
+            raise PersistenceError(self.path, operation="open new journal", cause=exc) from exc
+        self._detach()
+        self._fd, self._header, self._sealer = fd, header, sealer
+        self._next_header = None
+        self._needs_rotation = False
+        self._end = jf.HEADER_SIZE + len(frame)
+        self._records = 1
+        with self._cond:
+            self._written_seq = self._durable_seq = seq
+        return seq
+
+    def _fail_file(self) -> None:
+        """After a failed write or sync the file's tail is unknown: cut it back if we can, and never
+        append to this journal again (the next change rotates; a failed fsync is never just retried)."""
+        self._needs_rotation = True
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                fs.ftruncate(self._fd, self._end)
+
+    def settle(self, seq: int | None, rollback: Callable[[], None]) -> None:
+        """Group mode: return once record *seq* is durable. One caller (the leader) syncs for everyone
+        written so far; the others wait. On failure every record not yet durable is rolled back in memory
+        (*rollback* takes the manager's lock) and PersistenceError raised."""
+        if seq is None:
+            return
+        while True:
+            err: PersistenceError | None = None
+            with self._cond:
+                while True:
+                    failed = next((cause for lo, hi, cause in self._failed_ranges if lo < seq <= hi), None)
+                    if failed is not None:
+                        err = PersistenceError(self.path, operation="journal fdatasync (group commit)", cause=failed)
+                        err.__cause__ = failed
+                        break
+                    if self._durable_seq >= seq:
+                        return
+                    if not self._syncing:
+                        break
+                    self._cond.wait()
+                if err is None:
+                    self._syncing = True
+                    target, fd = self._written_seq, self._fd
+            if err is not None:
+                rollback()
+                raise err
+            self._sync_as_leader(target, fd)
+
+    def _sync_as_leader(self, target: int, fd: int | None) -> None:
+        failure: PersistenceError | None = None
+        cause: OSError | None = None
+        try:
+            if fd is None:
+                raise OSError(9, "journal closed")
+            fs.fdatasync(fd)
+        except OSError as exc:
+            cause = exc
+            failure = PersistenceError(self.path, operation="journal fdatasync", cause=exc)
+            failure.__cause__ = exc
+        with self._cond:
+            self._syncing = False
+            if failure is None:
+                self._durable_seq = max(self._durable_seq, target)
+                self._pending = [p for p in self._pending if p[0] > self._durable_seq]
+            else:
+                assert cause is not None
+                self._failure = (self._durable_seq, failure)
+                self._failed_ranges.append((self._durable_seq, self._written_seq, cause))
+                self._needs_rotation = True
+            self._cond.notify_all()
+
+    def rollback(self, st: StateData, entries: Entries) -> None:
+        """Undo, newest first, every change whose group sync failed (caller holds the manager lock)."""
+        if self._failure is None:  # fast path; a failure set right after this is caught by settle()
+            return
+        with self._cond:
+            if self._failure is None:
+                return
+            floor = self._failure[0]
+            failed = [p for p in self._pending if p[0] > floor]
+            self._pending = [p for p in self._pending if p[0] <= floor]
+        for _, undos in reversed(failed):
+            for u in reversed(undos):
+                jops.undo(st, entries, u)
+
+    def drain(self) -> None:
+        """Make every record written so far durable (group mode), before a snapshot copies memory."""
+        if self.mode != "group":
+            return
+        while True:
+            with self._cond:
+                while self._syncing:
+                    self._cond.wait()
+                if self._failure is not None and any(p[0] > self._failure[0] for p in self._pending):
+                    raise self._failure[1]
+                if self._durable_seq >= self._written_seq:
+                    return
+                self._syncing = True
+                target, fd = self._written_seq, self._fd
+            self._sync_as_leader(target, fd)
+
+    # ------------------------------------------------------------------------------------------ rotation
+    def begin_rotation(self, st: StateData) -> Rotation | None:
+        """Called by the save path with the snapshot about to be written (generation already set).
+
+        Journal modes: record a new journal id and the last sequence number in the snapshot; no file is
+        written here (the first record after the save creates the journal, so a save costs no extra sync).
+        Snapshot mode: if a journal from an earlier session was replayed, record it as folded in (it is
+        removed once the snapshot is durable).
+        """
+        if not self.active:
+            if self._header is None:
+                return None
+            st.journal = {"id": self._header.id_hex, "seq": self._last_seq}
+            return Rotation(self, None)
+        self.drain()
+        header = self._header_for(None, st.generation)
+        st.journal = {"id": header.id_hex, "seq": self._last_seq}
+        return Rotation(self, header)
+
+    def _install(self, header: jf.JournalHeader | None) -> None:
+        """The snapshot naming *header* is durable: the old journal is redundant; the next record creates
+        the new one. Snapshot mode (*header* None): delete the replayed journal the snapshot now holds."""
+        if header is None:
+            try:
+                fs.unlink(self.path)
+                fs.fsync_dir(self.path.parent)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("%s: could not remove the folded-in journal (%s); it is skipped on load", self.path, exc)
+            self._detach()
+            return
+        self._detach()
+        self._next_header = header
+        self._needs_rotation = False
+        self._compact_retry_at = 0
+        with self._cond:
+            self._written_seq = self._durable_seq = self._last_seq
+            self._failure = None
+            self._pending = []
+
+    def _detach(self) -> None:
+        fd, self._fd = self._fd, None
+        self._header = self._sealer = self._next_header = None
+        self._needs_rotation = True
+        self._end = self._records = 0
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fs.close(fd)
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        except PersistenceError as exc:
+            log.warning("%s: journal sync at close failed (%s)", self.path, exc)
+        self._detach()

@@ -1,0 +1,191 @@
+"""Read-only views of the journal: the audit trail (:func:`history`) and the check ``validate`` runs (:func:`check`).
+
+Records store only new values. Old values are reconstructed: :func:`history` loads the snapshot the journal
+belongs to and replays the records in order, so each entry's ``old`` is the value just before that record.
+Records the snapshot already contains (or a journal of another snapshot) have ``old_known=False``.
+Nothing here writes, truncates or moves a file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from posstate import _fileops as fs
+from posstate import _journal_format as jf
+from posstate import _journal_ops as jops
+from posstate import _statefile
+from posstate._crypto import Keyring
+from posstate._document import StateData
+from posstate._errors import CorruptStateError, PosStateError, SchemaValidationError, StateNotFoundError
+
+if TYPE_CHECKING:
+    from posstate._config import StateConfig
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One change recorded in the journal. ``old``/``new`` are the document form (None: absent)."""
+
+    seq: int
+    time_ms: int
+    op: str
+    symbol: str
+    side: str | None  # None for symbol metadata
+    key: str  # "SYMBOL|side" for a position, "SYMBOL" for metadata
+    old: dict[str, Any] | None
+    new: dict[str, Any] | None
+    rev: int
+    transaction: bool
+    old_known: bool
+
+    @property
+    def time(self) -> datetime:
+        return datetime.fromtimestamp(self.time_ms / 1000, tz=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalCheck:
+    """What :func:`check` found. ``valid`` is False for damage before the last record or a key problem;
+    a torn last record (``torn_bytes`` > 0) is what a crash mid-append leaves and is cut off on the next load."""
+
+    path: str
+    exists: bool
+    valid: bool
+    contents_checked: bool
+    journal_id: str | None = None
+    base_generation: int | None = None
+    base_seq: int | None = None
+    records: int = 0
+    last_seq: int | None = None
+    torn_bytes: int = 0
+    matches_snapshot: bool | None = None
+    problem: str = ""
+
+
+def _value(st: StateData, symbol: str, side: str | None) -> dict[str, Any] | None:
+    if side is None:
+        found = st.metadata.get(symbol)
+        return dict(found) if found is not None else None
+    p = st.positions.get((symbol, side))  # type: ignore[arg-type]
+    return dict(p.to_dict()) if p is not None else None
+
+
+def history(config: StateConfig, *, keyring: Keyring | None = None, symbol: str | None = None) -> tuple[HistoryEntry, ...]:
+    """The changes in the journal, oldest first (only those for *symbol* if given).
+
+    Raises CorruptStateError(kind="journal") for damage before the last record; a torn last record is
+    left out. Without a journal the history is empty.
+    """
+    from posstate._journal import read_records
+
+    path = config.journal_path
+    try:
+        data = fs.read_file(path)
+    except FileNotFoundError:
+        return ()
+    header, records, _ = read_records(data, path=path, keyring=keyring)
+    st: StateData | None = None
+    snap_seq = 0
+    try:
+        loaded = _statefile.read(
+            config.state_path,
+            options=_statefile.ReadOptions(
+                keyring=keyring, max_document_bytes=config.max_document_bytes, clock_skew=config.clock_skew
+            ),
+        )
+        if loaded.state.journal is not None and loaded.state.journal.get("id") == header.id_hex:
+            st = loaded.state
+            snap_seq = int(loaded.state.journal["seq"])
+    except (StateNotFoundError, CorruptStateError, SchemaValidationError):
+        pass  # no usable snapshot: the changes are still listed, with old values unknown
+    out: list[HistoryEntry] = []
+    for rec, ops in records:
+        known = st is not None and rec.seq > snap_seq
+        for op in ops:
+            sym, side = jops.key_of(op)
+            old = _value(st, sym, side) if known and st is not None else None
+            if known and st is not None:
+                jops.apply(st, {}, op)
+            name = op.json["op"]
+            if name == jops.SET_POSITION:
+                assert op.position is not None
+                new: dict[str, Any] | None = dict(op.position.to_dict())
+            elif name == jops.SET_METADATA:
+                new = dict(op.json["data"])
+            else:
+                new = None
+            if symbol is not None and sym != symbol:
+                continue
+            out.append(
+                HistoryEntry(
+                    seq=rec.seq,
+                    time_ms=rec.time_ms,
+                    op=name,
+                    symbol=sym,
+                    side=side,
+                    key=f"{sym}|{side}" if side is not None else sym,
+                    old=old,
+                    new=new,
+                    rev=op.json["rev"],
+                    transaction=rec.kind == jf.KIND_TRANSACTION,
+                    old_known=known,
+                )
+            )
+    return tuple(out)
+
+
+def check(path: Path, *, keyring: Keyring | None, snapshot_journal: dict[str, Any] | None = None) -> JournalCheck:
+    """Check a journal file without changing it (for ``posstate validate``). Never raises for bad content."""
+    from posstate._journal import read_records
+
+    try:
+        data = fs.read_file(path)
+    except FileNotFoundError:
+        return JournalCheck(path=str(path), exists=False, valid=True, contents_checked=False)
+    except OSError as exc:
+        return JournalCheck(path=str(path), exists=True, valid=False, contents_checked=False, problem=f"cannot read ({exc})")
+    try:
+        header = jf.parse_header(data)
+    except jf.JournalProblem as exc:
+        return JournalCheck(path=str(path), exists=True, valid=False, contents_checked=False, problem=str(exc))
+    matches = None if snapshot_journal is None else snapshot_journal.get("id") == header.id_hex
+
+    def report(
+        *, valid: bool, checked: bool, sc: jf.Scan | None, records: int, last: int | None, problem: str = ""
+    ) -> JournalCheck:
+        torn = len(data) - sc.good_end if sc is not None and sc.bad_offset is not None and sc.bad_is_tail else 0
+        return JournalCheck(
+            path=str(path),
+            exists=True,
+            valid=valid,
+            contents_checked=checked,
+            journal_id=header.id_hex,
+            base_generation=header.base_generation,
+            base_seq=header.base_seq,
+            records=records,
+            last_seq=last,
+            torn_bytes=torn,
+            matches_snapshot=matches,
+            problem=problem,
+        )
+
+    if header.encrypted and keyring is None:
+        sc = jf.scan(data, header)
+        ok = sc.bad_offset is None or sc.bad_is_tail
+        last = sc.records[-1].seq if sc.records else header.base_seq
+        return report(
+            valid=ok,
+            checked=False,
+            sc=sc,
+            records=len(sc.records),
+            last=last,
+            problem="" if ok else f"damage at byte {sc.bad_offset}: {sc.bad_reason}",
+        )
+    try:
+        _, recs, sc = read_records(data, path=path, keyring=keyring)
+    except PosStateError as exc:
+        return report(valid=False, checked=True, sc=None, records=0, last=None, problem=str(exc))
+    return report(valid=True, checked=True, sc=sc, records=len(recs), last=recs[-1][0].seq if recs else header.base_seq)

@@ -1,0 +1,263 @@
+"""The journal's bytes: a fixed header, then framed records. Works on bytes; knows nothing of files or JSON.
+
+Layout (all integers big-endian; see docs/JOURNAL.md for the byte-by-byte table):
+
+* header, 96 bytes: magic ``PSJRNL``, version, flags, KDF cost, a random 32-bit nonce prefix, the 128-bit
+  journal id, the key id, the passphrase salt, the snapshot generation and last sequence number the journal
+  starts from, its creation time, and a truncated SHA-256 of the 88 bytes before it.
+* each record: ``length`` (u32) + ``crc32(length)`` (u32) + ``SHA-256(length field + body)[:8]`` + body, where
+  body = ``seq`` (u64) + ``generation`` (u64) + ``time_ms`` (u64) + ``kind`` (u8) + payload. The payload is
+  the JSON list of operations, sealed with AES-256-GCM when the journal is encrypted: the key is a per-journal
+  subkey (HMAC-SHA256 of the master key and the journal id), the nonce is the header's prefix followed by the
+  64-bit sequence number, and the associated data is the header plus the 25 body bytes before the payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"PSJRNL"
+VERSION = 1
+HEADER_SIZE = 96
+FRAME_HEAD = 16  # length, crc32(length), checksum
+BODY_FIXED = 25  # seq, generation, time_ms, kind
+TAG_SIZE = 16
+MAX_BODY = 64 * 1024 * 1024
+FLAG_ENCRYPTED = 0x01
+FLAG_PASSPHRASE = 0x02
+KIND_OP = 1
+KIND_TRANSACTION = 2
+_SUBKEY_LABEL = b"posstate/journal-key/v1"
+_HEAD = struct.Struct(">6sHHBB4s16s8s16sQQQ8x")  # 88 bytes, then 8 bytes of checksum
+_FRAME = struct.Struct(">II8s")
+_BODY = struct.Struct(">QQQB")
+_U32 = struct.Struct(">I")
+
+
+class JournalProblem(Exception):
+    """Bytes that are not a valid journal header or record (the caller names the file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JournalHeader:
+    journal_id: bytes  # 16 bytes
+    nonce_prefix: bytes  # 4 bytes
+    flags: int
+    kdf_log2_n: int
+    key_id: str  # hex, all zeros when plain
+    salt: bytes
+    base_generation: int
+    base_seq: int
+    created_ms: int
+    raw: bytes  # the 96 header bytes (AES-GCM associated data)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.flags & FLAG_ENCRYPTED)
+
+    @property
+    def passphrase(self) -> bool:
+        return bool(self.flags & FLAG_PASSPHRASE)
+
+    @property
+    def id_hex(self) -> str:
+        return self.journal_id.hex()
+
+
+def new_header(
+    *,
+    base_generation: int,
+    base_seq: int,
+    created_ms: int,
+    key_id: str | None,
+    salt: bytes = b"",
+    kdf_log2_n: int = 0,
+    journal_id: bytes | None = None,
+) -> JournalHeader:
+    """A header for a new journal: a fresh random nonce prefix, and a fresh random id unless *journal_id*
+    is given (the journal a durable snapshot already names, created only now)."""
+    flags = 0
+    if key_id is not None:
+        flags |= FLAG_ENCRYPTED
+        if salt:
+            flags |= FLAG_PASSPHRASE
+    kid = bytes.fromhex(key_id) if key_id is not None else bytes(8)
+    journal_id = os.urandom(16) if journal_id is None else journal_id
+    prefix = os.urandom(4)
+    head = _HEAD.pack(
+        MAGIC,
+        VERSION,
+        flags,
+        kdf_log2_n,
+        0,
+        prefix,
+        journal_id,
+        kid,
+        salt.ljust(16, b"\0"),
+        base_generation,
+        base_seq,
+        created_ms,
+    )
+    raw = head + hashlib.sha256(head).digest()[:8]
+    return parse_header(raw)
+
+
+def parse_header(data: bytes) -> JournalHeader:
+    if len(data) < HEADER_SIZE:
+        raise JournalProblem(f"file is {len(data)} bytes, shorter than the {HEADER_SIZE}-byte journal header")
+    raw = bytes(data[:HEADER_SIZE])
+    if raw[:6] != MAGIC:
+        raise JournalProblem("not a posstate journal (bad magic)")
+    if hashlib.sha256(raw[:88]).digest()[:8] != raw[88:]:
+        raise JournalProblem("journal header checksum mismatch (damaged on disk)")
+    _magic, version, flags, log2_n, _res, prefix, jid, kid, salt, base_gen, base_seq, created = _HEAD.unpack(raw[:88])
+    if version != VERSION:
+        raise JournalProblem(f"journal format version {version} is not supported (this posstate reads {VERSION})")
+    if flags & ~(FLAG_ENCRYPTED | FLAG_PASSPHRASE):
+        raise JournalProblem(f"unknown journal flags {flags:#x}")
+    return JournalHeader(
+        journal_id=jid,
+        nonce_prefix=prefix,
+        flags=flags,
+        kdf_log2_n=log2_n,
+        key_id=kid.hex(),
+        salt=salt if flags & FLAG_PASSPHRASE else b"",
+        base_generation=base_gen,
+        base_seq=base_seq,
+        created_ms=created,
+        raw=raw,
+    )
+
+
+def subkey(master: bytes, journal_id: bytes) -> bytes:
+    """The per-journal AES key: a nonce can only repeat if a 128-bit random journal id repeats too."""
+    return hmac.new(master, _SUBKEY_LABEL + journal_id, hashlib.sha256).digest()
+
+
+class Sealer:
+    """Frames (and, with a key, seals) records of one journal. Cheap per record: one encrypt, one hash."""
+
+    __slots__ = ("_aead", "_header")
+
+    def __init__(self, header: JournalHeader, master_key: bytes | None) -> None:
+        self._header = header
+        self._aead = AESGCM(subkey(master_key, header.journal_id)) if master_key is not None else None
+
+    def frame(self, *, seq: int, generation: int, time_ms: int, kind: int, payload: bytes) -> bytes:
+        fixed = _BODY.pack(seq, generation, time_ms, kind)
+        if self._aead is not None:
+            nonce = self._header.nonce_prefix + seq.to_bytes(8, "big")
+            payload = self._aead.encrypt(nonce, payload, self._header.raw + fixed)
+        body = fixed + payload
+        length = _U32.pack(len(body))
+        check = hashlib.sha256(length + body).digest()[:8]
+        return length + _U32.pack(zlib.crc32(length)) + check + body
+
+    def open(self, rec: RawRecord) -> bytes | None:
+        """The plaintext payload, or None when authentication fails (wrong key or tampering)."""
+        if self._aead is None:
+            return rec.payload
+        nonce = self._header.nonce_prefix + rec.seq.to_bytes(8, "big")
+        try:
+            return self._aead.decrypt(nonce, rec.payload, self._header.raw + rec.fixed)
+        except InvalidTag:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    offset: int
+    end: int
+    seq: int
+    generation: int
+    time_ms: int
+    kind: int
+    fixed: bytes
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """What a pass over the records found. ``bad_offset`` is where the first bad frame starts (None: clean)."""
+
+    records: tuple[RawRecord, ...]
+    good_end: int
+    bad_offset: int | None
+    bad_reason: str
+    bad_is_tail: bool  # True: nothing valid follows the bad bytes (a torn last append)
+
+
+def _frame_at(data: bytes, off: int) -> tuple[RawRecord | None, str]:
+    """Parse the frame at *off*; (record, "") or (None, why)."""
+    size = len(data)
+    if size - off < FRAME_HEAD:
+        return None, "frame header cut short"
+    length, crc, check = _FRAME.unpack_from(data, off)
+    if zlib.crc32(data[off : off + 4]) != crc:
+        return None, "frame length field damaged"
+    if length < BODY_FIXED or length > MAX_BODY:
+        return None, f"frame length {length} out of range"
+    end = off + FRAME_HEAD + length
+    if end > size:
+        return None, "record cut short"
+    body = data[off + FRAME_HEAD : end]
+    if hashlib.sha256(data[off : off + 4] + body).digest()[:8] != check:
+        return None, "record checksum mismatch"
+    seq, gen, t, kind = _BODY.unpack_from(body, 0)
+    if kind not in (KIND_OP, KIND_TRANSACTION):
+        return None, f"unknown record kind {kind}"
+    return RawRecord(
+        offset=off,
+        end=end,
+        seq=seq,
+        generation=gen,
+        time_ms=t,
+        kind=kind,
+        fixed=bytes(body[:BODY_FIXED]),
+        payload=bytes(body[BODY_FIXED:]),
+    ), ""
+
+
+def scan(data: bytes, header: JournalHeader) -> Scan:
+    """Walk the frames after the header. At the first bad frame, decide: torn tail or damage in the middle.
+
+    A bad frame counts as a torn tail only if no valid frame starts anywhere after it (a crash mid-append
+    leaves garbage or zeros at the very end, never a good record behind it). Sequence numbers must run on
+    from the header's ``base_seq`` without gaps, and every record carries the header's base generation.
+    """
+    records: list[RawRecord] = []
+    off = HEADER_SIZE
+    expect = header.base_seq + 1
+    while off < len(data):
+        rec, why = _frame_at(data, off)
+        if rec is not None and (rec.seq != expect or rec.generation != header.base_generation):
+            # A checksummed frame with the wrong numbers is not a torn write: it is damage or a foreign record.
+            why = (
+                f"record sequence {rec.seq} (generation {rec.generation}) where {expect} "
+                f"(generation {header.base_generation}) was expected"
+            )
+            return Scan(tuple(records), off, off, why, False)
+        if rec is None:
+            return Scan(tuple(records), off, off, why, not _valid_frame_after(data, off + 1))
+        records.append(rec)
+        expect += 1
+        off = rec.end
+    return Scan(tuple(records), off, None, "", False)
+
+
+def _valid_frame_after(data: bytes, start: int) -> bool:
+    size = len(data)
+    for off in range(start, size - FRAME_HEAD - BODY_FIXED + 1):
+        if zlib.crc32(data[off : off + 4]) == _U32.unpack_from(data, off + 4)[0]:
+            rec, _ = _frame_at(data, off)
+            if rec is not None:
+                return True
+    return False

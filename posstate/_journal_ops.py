@@ -1,0 +1,177 @@
+"""Journal operations: what one change is, how it applies to the in-memory state, and how it is undone.
+
+An operation is the JSON the journal records (``{"op": "set_position", "rev": 7, "position": {...}}``).
+Applying it to a :class:`~posstate._document.StateData` returns an undo record, so a transaction or a failed
+append can put memory back exactly as it was. Replay applies the same JSON after validating it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from posstate import _document
+from posstate._document import StateData
+from posstate._errors import CorruptStateError, PosStateError
+from posstate._model import MAX_COUNTER, Position, PositionKey
+
+SET_POSITION = "set_position"
+DELETE_POSITION = "delete_position"
+SET_METADATA = "set_symbol_metadata"
+DELETE_METADATA = "delete_symbol_metadata"
+OP_NAMES = frozenset({SET_POSITION, DELETE_POSITION, SET_METADATA, DELETE_METADATA})
+
+Entries = dict[PositionKey, dict[str, Any]]
+#: ("p", key, position, rev, entry, tombstone) or ("m", symbol, data, rev, tombstone): what was there before.
+Undo = tuple[Any, ...]
+
+
+class Op:
+    """One change, with the objects memory needs (the Position, the cached document entry) beside its JSON."""
+
+    __slots__ = ("entry", "json", "position")
+
+    def __init__(self, json: dict[str, Any], position: Position | None = None, entry: dict[str, Any] | None = None) -> None:
+        self.json = json
+        self.position = position
+        self.entry = entry
+
+
+def set_position(position: Position, rev: int) -> Op:
+    pdict = position.to_dict()
+    return Op({"op": SET_POSITION, "rev": rev, "position": pdict}, position, {"rev": rev, "position": pdict})
+
+
+def delete_position(key: PositionKey, rev: int) -> Op:
+    return Op({"op": DELETE_POSITION, "rev": rev, "symbol": key[0], "side": key[1]})
+
+
+def set_metadata(symbol: str, data: dict[str, Any], rev: int) -> Op:
+    return Op({"op": SET_METADATA, "rev": rev, "symbol": symbol, "data": data})
+
+
+def delete_metadata(symbol: str, rev: int) -> Op:
+    return Op({"op": DELETE_METADATA, "rev": rev, "symbol": symbol})
+
+
+def restamp(op: Op, rev: int) -> None:
+    """Give *op* revision *rev* (set just before it is recorded, after any compaction)."""
+    op.json["rev"] = rev
+    if op.entry is not None:
+        op.entry["rev"] = rev
+
+
+def apply(st: StateData, entries: Entries, op: Op) -> Undo:
+    """Apply *op* to memory; return what undoes it."""
+    j = op.json
+    name = j["op"]
+    rev = j["rev"]
+    if name in (SET_POSITION, DELETE_POSITION):
+        key: PositionKey
+        if name == SET_POSITION:
+            assert op.position is not None and op.entry is not None
+            key = op.position.key
+        else:
+            key = (j["symbol"], j["side"])
+        undo: Undo = (
+            "p",
+            key,
+            st.positions.get(key),
+            st.position_revs.get(key),
+            entries.get(key),
+            st.position_tombstones.get(key),
+        )
+        if name == SET_POSITION:
+            assert op.position is not None and op.entry is not None
+            st.positions[key] = op.position
+            st.position_revs[key] = rev
+            entries[key] = op.entry
+            st.position_tombstones.pop(key, None)
+        else:
+            st.positions.pop(key, None)
+            st.position_revs.pop(key, None)
+            entries.pop(key, None)
+            st.position_tombstones[key] = rev
+        return undo
+    symbol = j["symbol"]
+    undo = ("m", symbol, st.metadata.get(symbol), st.metadata_revs.get(symbol), st.metadata_tombstones.get(symbol))
+    if name == SET_METADATA:
+        st.metadata[symbol] = j["data"]
+        st.metadata_revs[symbol] = rev
+        st.metadata_tombstones.pop(symbol, None)
+    else:
+        st.metadata.pop(symbol, None)
+        st.metadata_revs.pop(symbol, None)
+        st.metadata_tombstones[symbol] = rev
+    return undo
+
+
+def _restore(d: dict[Any, Any], k: Any, v: Any) -> None:
+    if v is None:
+        d.pop(k, None)
+    else:
+        d[k] = v
+
+
+def undo(st: StateData, entries: Entries, u: Undo) -> None:
+    """Put back what :func:`apply` changed (apply undos newest first)."""
+    if u[0] == "p":
+        _, key, pos, rev, entry, tomb = u
+        _restore(st.positions, key, pos)
+        _restore(st.position_revs, key, rev)
+        _restore(entries, key, entry)
+        _restore(st.position_tombstones, key, tomb)
+    else:
+        _, sym, data, rev, tomb = u
+        _restore(st.metadata, sym, data)
+        _restore(st.metadata_revs, sym, rev)
+        _restore(st.metadata_tombstones, sym, tomb)
+
+
+def _counter(v: Any) -> int:
+    if type(v) is not int or not 0 <= v <= MAX_COUNTER:
+        raise ValueError(f"revision {v!r} is not a counter")
+    return int(v)
+
+
+def from_json(j: Any, *, path: Path, seq: int) -> Op:
+    """Validate one recorded operation (replay trusts nothing it did not check) and rebuild it."""
+    try:
+        if type(j) is not dict or j.get("op") not in OP_NAMES:
+            raise ValueError("not an operation")
+        name = j["op"]
+        rev = _counter(j["rev"])
+        if name == SET_POSITION:
+            if set(j) != {"op", "rev", "position"} or type(j["position"]) is not dict:
+                raise ValueError("bad set_position fields")
+            p = Position.from_dict(j["position"])
+            return set_position(p, rev)
+        if name == DELETE_POSITION:
+            if set(j) != {"op", "rev", "symbol", "side"} or j["side"] not in ("long", "short") or type(j["symbol"]) is not str:
+                raise ValueError("bad delete_position fields")
+            return delete_position((j["symbol"], j["side"]), rev)
+        if name == SET_METADATA:
+            if set(j) != {"op", "rev", "symbol", "data"}:
+                raise ValueError("bad set_symbol_metadata fields")
+            return set_metadata(j["symbol"], _document.clean_metadata(j["symbol"], j["data"]), rev)
+        if set(j) != {"op", "rev", "symbol"} or type(j["symbol"]) is not str:
+            raise ValueError("bad delete_symbol_metadata fields")
+        return delete_metadata(j["symbol"], rev)
+    except (ValueError, KeyError, TypeError, PosStateError) as exc:
+        raise CorruptStateError(
+            path,
+            f"journal record {seq} holds an invalid operation ({str(exc)[:120]})",
+            next_step="the journal was written by another program or damaged; run `posstate validate`",
+            kind="journal",
+        ) from None
+
+
+def key_of(op: Op) -> tuple[str, str | None]:
+    """(symbol, side) the operation touches; side None for metadata."""
+    j = op.json
+    if j["op"] == SET_POSITION:
+        assert op.position is not None
+        return op.position.symbol, op.position.side
+    if j["op"] == DELETE_POSITION:
+        return j["symbol"], j["side"]
+    return j["symbol"], None

@@ -1,0 +1,516 @@
+"""The write-ahead journal through the public API: round trips, replay, transactions, modes, audit trail."""
+
+from __future__ import annotations
+
+import os
+import threading
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posstate import (
+    CorruptStateError,
+    MissingKeyError,
+    PositionStateManager,
+    StateConfig,
+    TransactionError,
+    WrongKeyError,
+    _journal,
+    generate_key,
+)
+from posstate import _fileops as fs
+from posstate import _journal_format as jf
+from posstate._crypto import Keyring
+from posstate._model import Position
+
+KEY = bytes(range(32))
+
+
+def pos(symbol: str = "BTC/USDT", side: str = "long", contracts: str = "1", price: str = "100") -> Position:
+    return Position(symbol=symbol, side=side, contracts=Decimal(contracts), entry_price=Decimal(price))  # type: ignore[arg-type]
+
+
+def make(tmp_path: Path, key: bytes | None = KEY, **kw: Any) -> PositionStateManager:
+    if key is None:
+        kw.setdefault("encryption", False)
+    return PositionStateManager(StateConfig.in_dir(tmp_path, **kw), key=key)
+
+
+def snapshot(m: PositionStateManager) -> tuple[Any, ...]:
+    st = m._state
+    return (
+        dict(st.positions),
+        dict(st.position_revs),
+        dict(st.metadata),
+        dict(st.metadata_revs),
+        dict(st.position_tombstones),
+        dict(st.metadata_tombstones),
+        {k: dict(v) for k, v in m._entries.items()},
+    )
+
+
+def test_default_durability_is_sync() -> None:
+    """A default StateConfig journals every change (durability="sync")."""
+    assert StateConfig().durability == "sync"
+
+
+@pytest.mark.parametrize("key", [pytest.param(KEY, id="encrypted"), pytest.param(None, id="plain")])
+def test_every_op_type_round_trips(tmp_path: Path, key: bytes | None) -> None:
+    """All four operations and a transaction come back after reopening, without any save()."""
+    with make(tmp_path, key) as m:
+        m.set_position(pos("BTC/USDT", "long", "1.00000001"))
+        m.set_position(pos("BTC/USDT", "short", "2"))
+        m.set_position(pos("ETH/USDT", "long", "3"))
+        m.set_symbol_metadata("BTC/USDT", {"entries": {"long": 2}, "trail": None})
+        m.set_symbol_metadata("ETH/USDT", {"x": [1, 2.5, "s"]})
+        assert m.delete_position("BTC/USDT", "short") is True
+        assert m.delete_position("BTC/USDT", "short") is False
+        assert m.delete_symbol_metadata("ETH/USDT") is True
+        with m.transaction():
+            m.set_position(pos("SOL/USDT", "long", "5"))
+            m.set_symbol_metadata("SOL/USDT", {"strategy": "s1"})
+        expected = snapshot(m)
+    with make(tmp_path, key) as m2:
+        m2.load_positions()
+        assert snapshot(m2) == expected
+        assert m2.get_position("BTC/USDT", "long") == pos("BTC/USDT", "long", "1.00000001")
+        assert str(m2.get_position("BTC/USDT", "long").contracts) == "1.00000001"  # type: ignore[union-attr]
+        assert m2.dirty is True
+
+
+def test_replay_then_save_then_reopen(tmp_path: Path) -> None:
+    """A replayed state saves as a snapshot that loads to the same state (revisions stay valid)."""
+    with make(tmp_path) as m:
+        for i in range(5):
+            m.set_position(pos(f"S{i}", contracts=str(i)))
+    with make(tmp_path) as m2:
+        m2.load_positions()
+        m2.save()
+        expected = snapshot(m2)
+    with make(tmp_path) as m3:
+        m3.load_positions()
+        assert snapshot(m3) == expected
+        assert m3.dirty is False
+
+
+def test_snapshot_mode_records_nothing_and_folds_old_journal(tmp_path: Path) -> None:
+    """durability="snapshot" never appends; its save folds in (and removes) a journal left by sync mode."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+    assert cfg.journal_path.exists()
+    with make(tmp_path, durability="snapshot") as m2:
+        assert set(m2.load_positions()) == {("A", "long")}
+        m2.set_position(pos("B"))
+        m2.save()
+    assert not cfg.journal_path.exists()
+    with make(tmp_path, durability="snapshot") as m3:
+        assert set(m3.load_positions()) == {("A", "long"), ("B", "long")}
+        m3.set_position(pos("C"))
+    with make(tmp_path) as m4:
+        assert set(m4.load_positions()) == {("A", "long"), ("B", "long")}
+
+
+def test_transaction_exception_discards_everything(tmp_path: Path) -> None:
+    """An exception inside transaction() leaves memory and the journal exactly as before."""
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_symbol_metadata("A", {"n": 1})
+        before = snapshot(m)
+        size = m._journal.size
+        with pytest.raises(RuntimeError, match="boom"), m.transaction():
+            m.set_position(pos("A", contracts="9"))
+            m.delete_symbol_metadata("A")
+            m.set_position(pos("B"))
+            m.delete_position("A", "long")
+            raise RuntimeError("boom")
+        assert snapshot(m) == before
+        assert m._journal.size == size
+    with make(tmp_path) as m2:
+        m2.load_positions()
+        assert set(m2.get_positions()) == {("A", "long")}
+        assert m2.get_symbol_metadata("A") == {"n": 1}
+
+
+def test_transaction_is_one_record_and_nested_joins(tmp_path: Path) -> None:
+    """A transaction (even with a nested one inside) is a single record of kind transaction."""
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        records = m._journal.records
+        with m.transaction():
+            m.set_position(pos("B"))
+            with m.transaction():
+                m.set_position(pos("C"))
+            assert m.get_position("C", "long") is not None
+        assert m._journal.records == records + 1
+        with pytest.raises(TransactionError), m.transaction():
+            m.save()
+    entries = _journal.history(StateConfig.in_dir(tmp_path), keyring=Keyring(key=KEY))
+    assert [(e.key, e.transaction) for e in entries][-2:] == [("B|long", True), ("C|long", True)]
+
+
+def test_history_reports_old_and_new_values(tmp_path: Path) -> None:
+    """history() gives time, key, old and new value per change, filterable by symbol."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A", contracts="1"))
+        m.set_position(pos("A", contracts="2"))
+        m.set_symbol_metadata("B", {"v": 1})
+        m.delete_position("A", "long")
+    entries = _journal.history(cfg, keyring=Keyring(key=KEY))
+    assert [(e.op, e.key) for e in entries] == [
+        ("set_position", "A|long"),
+        ("set_position", "A|long"),
+        ("set_symbol_metadata", "B"),
+        ("delete_position", "A|long"),
+    ]
+    assert entries[0].old is None and entries[0].new is not None and entries[0].new["contracts"] == "1"
+    assert entries[1].old is not None and entries[1].old["contracts"] == "1"
+    assert entries[3].old is not None and entries[3].old["contracts"] == "2" and entries[3].new is None
+    assert all(e.old_known for e in entries)
+    assert entries[0].time.year >= 2024
+    only_b = _journal.history(cfg, keyring=Keyring(key=KEY), symbol="B")
+    assert [e.key for e in only_b] == ["B"]
+
+
+def test_check_reports_a_healthy_journal(tmp_path: Path) -> None:
+    """check() reads a journal without changing it and says it is valid and bound to the snapshot."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+        snap_journal = dict(m._state.journal or {})
+    before = cfg.journal_path.read_bytes()
+    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY), snapshot_journal=snap_journal)
+    assert report.valid and report.contents_checked and report.records == 2 and report.matches_snapshot
+    keyless = _journal.check(cfg.journal_path, keyring=None)
+    assert keyless.valid and not keyless.contents_checked
+    assert cfg.journal_path.read_bytes() == before
+
+
+def test_wrong_key_and_missing_key(tmp_path: Path) -> None:
+    """A journal read with another key raises WrongKeyError; without a key, MissingKeyError."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+    with pytest.raises(WrongKeyError):
+        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(key=generate_key()))
+    with pytest.raises(MissingKeyError):
+        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=None)
+
+
+def test_tampered_encrypted_record_is_wrong_key_not_torn(tmp_path: Path) -> None:
+    """A record whose checksum was fixed up after tampering fails AES-GCM: WrongKeyError, not silent loss."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+    data = bytearray(cfg.journal_path.read_bytes())
+    off = jf.HEADER_SIZE
+    body_start = off + jf.FRAME_HEAD
+    data[-1] ^= 1
+    import hashlib
+
+    length = bytes(data[off : off + 4])
+    data[off + 8 : off + 16] = hashlib.sha256(length + bytes(data[body_start:])).digest()[:8]
+    cfg.journal_path.write_bytes(bytes(data))
+    with make(tmp_path) as m2, pytest.raises(WrongKeyError):
+        m2.load_positions()
+
+
+def test_group_mode_eight_threads(tmp_path: Path) -> None:
+    """Eight threads in group mode: every record durable, state equals the serial result, fewer syncs than records."""
+    syncs = []
+
+    class CountingOps(fs.FileOps):
+        def fdatasync(self, fd: int) -> None:
+            syncs.append(fd)
+            super().fdatasync(fd)
+
+    per_thread = 25
+    with make(tmp_path, durability="group") as m:
+        m.set_position(pos("warmup"))
+        barrier = threading.Barrier(8)
+
+        def work(t: int) -> None:
+            barrier.wait()
+            for i in range(per_thread):
+                m.set_position(pos(f"T{t}", contracts=str(i)))
+                m.set_symbol_metadata(f"T{t}", {"i": i})
+
+        with fs.use(CountingOps()):
+            threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+        expected = {f"T{t}": str(per_thread - 1) for t in range(8)}
+        assert {k[0]: str(p.contracts) for k, p in m.get_positions().items() if k[0] != "warmup"} == expected
+        records = 8 * per_thread * 2
+        assert len(syncs) <= records
+    with make(tmp_path) as m2:
+        m2.load_positions()
+        assert {k[0]: str(p.contracts) for k, p in m2.get_positions().items() if k[0] != "warmup"} == expected
+        assert m2.get_symbol_metadata("T3") == {"i": per_thread - 1}
+
+
+def test_nonces_never_repeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across records, failed appends, compactions and reopenings, no (key, nonce) pair is used twice."""
+    used: list[tuple[bytes, bytes]] = []
+    real = jf.AESGCM
+
+    class Recording:
+        def __init__(self, key: bytes) -> None:
+            self.inner = real(key)
+            self.k = key
+
+        def encrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
+            used.append((self.k, nonce))
+            return self.inner.encrypt(nonce, data, aad)
+
+        def decrypt(self, nonce: bytes, data: bytes, aad: bytes | None) -> bytes:
+            return self.inner.decrypt(nonce, data, aad)
+
+    class FailOnce(fs.FileOps):
+        armed = True
+
+        def write(self, fd: int, data: bytes | memoryview) -> int:
+            if self.armed and "positions.journal" in os.readlink(f"/proc/self/fd/{fd}"):
+                FailOnce.armed = False
+                super().write(fd, bytes(data)[:10])
+                raise OSError(28, "No space left on device")
+            return super().write(fd, data)
+
+    monkeypatch.setattr(jf, "AESGCM", Recording)
+    cfg = StateConfig.in_dir(tmp_path, journal_max_records=7)
+    for round_ in range(3):
+        with PositionStateManager(cfg, key=KEY) as m:
+            m.load_positions()
+            for i in range(10):
+                if round_ == 1 and i == 4:
+                    with fs.use(FailOnce()), pytest.raises(OSError):
+                        m.set_position(pos("A", contracts="99"))
+                m.set_position(pos("A", contracts=str(i)))
+    assert len(used) >= 30
+    assert len(set(used)) == len(used)
+    assert len({n for _, n in used}) == len(used)  # even ignoring the per-journal key, nonces differ
+
+
+def test_compaction_by_record_count_and_size(tmp_path: Path) -> None:
+    """Passing journal_max_records or journal_max_bytes writes a snapshot and starts a new journal."""
+    with make(tmp_path, journal_max_records=5) as m:
+        ids = set()
+        for i in range(12):
+            m.set_position(pos("A", contracts=str(i)))
+            ids.add(m._journal.journal_id)
+        assert len(ids) >= 3
+        assert m._journal.records <= 5
+    with make(tmp_path, journal_max_bytes=600) as m:
+        gen = m.generation
+        for i in range(10):
+            m.set_position(pos("B", contracts=str(i)))
+        assert m.generation > gen + 1
+    with make(tmp_path) as m2:
+        m2.load_positions()
+        assert m2.get_position("A", "long").contracts == Decimal(11)  # type: ignore[union-attr]
+        assert m2.get_position("B", "long").contracts == Decimal(9)  # type: ignore[union-attr]
+
+
+def test_stale_journal_after_snapshot_is_skipped(tmp_path: Path) -> None:
+    """A journal older than the snapshot (crash between snapshot rename and journal rename) is not replayed."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A", contracts="1"))
+        m.set_position(pos("A", contracts="2"))
+    old_journal = cfg.journal_path.read_bytes()
+    with make(tmp_path) as m:
+        m.load_positions()
+        m.set_position(pos("A", contracts="3"))
+        m.save()  # snapshot names a new journal
+    cfg.journal_path.write_bytes(old_journal)
+    with make(tmp_path) as m2:
+        m2.load_positions()
+        assert m2.get_position("A", "long").contracts == Decimal(3)  # type: ignore[union-attr]
+        m2.set_position(pos("A", contracts="4"))
+    with make(tmp_path) as m3:
+        assert m3.load_positions()[("A", "long")].contracts == Decimal(4)
+
+
+def test_journal_of_another_snapshot_with_newer_records_is_refused(tmp_path: Path) -> None:
+    """A journal holding records the snapshot lacks, under another id, is corruption, not skipped."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.save()
+    snap = cfg.state_path.read_bytes()
+    with make(tmp_path) as m:
+        m.load_positions()
+        m.save()
+        m.set_position(pos("B"))
+    cfg.state_path.write_bytes(snap)
+    with make(tmp_path) as m2, pytest.raises(CorruptStateError) as info:
+        m2.load_positions()
+    assert info.value.kind == "journal"
+
+
+def test_missing_snapshot_with_journal_is_not_a_fresh_start(tmp_path: Path) -> None:
+    """A journal without its snapshot raises CorruptStateError instead of starting empty."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+    cfg.state_path.unlink()
+    with make(tmp_path) as m2, pytest.raises(CorruptStateError):
+        m2.load_positions()
+
+
+def test_passphrase_journal_round_trip(tmp_path: Path) -> None:
+    """With a passphrase the journal records its salt and replays under the same passphrase only."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with PositionStateManager(cfg, passphrase="correct horse") as m:
+        m.set_position(pos("A", contracts="3"))
+    header = jf.parse_header(cfg.journal_path.read_bytes())
+    assert header.passphrase and header.salt
+    with PositionStateManager(cfg, passphrase="correct horse") as m2:
+        assert m2.load_positions()[("A", "long")].contracts == Decimal(3)
+    with pytest.raises(WrongKeyError):
+        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(passphrase="wrong"))
+
+
+def test_reload_in_group_mode_keeps_pending_records(tmp_path: Path) -> None:
+    """load_positions() in group mode syncs records written so far before re-reading the journal."""
+    with make(tmp_path, durability="group") as m:
+        m.set_position(pos("A"))
+        with m._lock:
+            ticket = m._change(__import__("posstate._journal_ops", fromlist=["x"]).set_position(pos("B"), m._next_rev()))
+        assert ticket is not None
+        m.load_positions()
+        assert set(m.get_positions()) == {("A", "long"), ("B", "long")}
+        m._journal.settle(ticket, m._rollback_journal)
+    with make(tmp_path) as m2:
+        assert set(m2.load_positions()) == {("A", "long"), ("B", "long")}
+
+
+def test_save_costs_no_extra_sync_and_next_change_creates_journal(tmp_path: Path) -> None:
+    """In sync mode save() does the same syncs as in snapshot mode (the next journal is only named); the
+    first change after it, even in a new process, creates that journal without another snapshot."""
+
+    class Syncs(fs.FileOps):
+        def __init__(self) -> None:
+            self.n = 0
+
+        def fsync(self, fd: int) -> None:
+            self.n += 1
+            super().fsync(fd)
+
+        def fdatasync(self, fd: int) -> None:
+            self.n += 1
+            super().fdatasync(fd)
+
+        def fsync_dir(self, path: Any) -> None:
+            self.n += 1
+            super().fsync_dir(path)
+
+    counts = {}
+    for mode in ("snapshot", "sync"):
+        d = tmp_path / mode
+        with make(d, durability=mode) as m:
+            m.set_position(pos("A"))
+            m.save()
+            m.set_position(pos("B"))
+            counter = Syncs()
+            with fs.use(counter):
+                m.save()
+            counts[mode] = counter.n
+    assert counts["sync"] == counts["snapshot"]
+    cfg = StateConfig.in_dir(tmp_path / "sync")
+    with make(tmp_path / "sync") as m2:
+        m2.load_positions()
+        gen = m2.generation
+        named = (m2._state.journal or {})["id"]
+        m2.set_position(pos("C"))
+        assert m2.generation == gen
+        assert jf.parse_header(cfg.journal_path.read_bytes()).id_hex == named
+    with make(tmp_path / "sync") as m3:
+        assert set(m3.load_positions()) == {("A", "long"), ("B", "long"), ("C", "long")}
+
+
+def test_plain_journal_is_readable_and_private(tmp_path: Path) -> None:
+    """With encryption off the record payload is plain JSON; the journal file is mode 0600."""
+    cfg = StateConfig.in_dir(tmp_path, encryption=False)
+    with PositionStateManager(cfg) as m:
+        m.set_position(pos("PLAIN/USDT"))
+    data = cfg.journal_path.read_bytes()
+    assert b'"symbol":"PLAIN/USDT"' in data
+    assert cfg.journal_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_journal_damage_emits_state_corrupted(tmp_path: Path) -> None:
+    """Damage in the middle of the journal is reported as a stateCorrupted event of kind journal."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+    data = bytearray(cfg.journal_path.read_bytes())
+    data[jf.HEADER_SIZE + 30] ^= 1
+    cfg.journal_path.write_bytes(bytes(data))
+    events: list[dict[str, Any]] = []
+    with make(tmp_path) as m2:
+        m2.on("stateCorrupted", events.append)
+        with pytest.raises(CorruptStateError):
+            m2.load_positions()
+    assert events and events[0]["kind"] == "journal"
+    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    assert not report.valid and "damaged" in report.problem
+
+
+def test_torn_tail_left_out_of_history_and_reported_by_check(tmp_path: Path) -> None:
+    """history() leaves a torn last record out; check() calls the journal valid and counts the torn bytes."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+    data = cfg.journal_path.read_bytes()
+    cfg.journal_path.write_bytes(data[:-7])
+    entries = _journal.history(cfg, keyring=Keyring(key=KEY))
+    assert [e.key for e in entries] == ["A|long"]
+    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    assert report.valid and report.records == 1 and report.torn_bytes > 0
+    assert cfg.journal_path.read_bytes() == data[:-7]
+
+
+def test_unreadable_journal_is_quarantined_not_replaced(tmp_path: Path) -> None:
+    """If a load failed on the journal and the state is then saved anyway (as a fallback recovery would),
+    the damaged journal is moved to quarantine before a new one takes its name, never overwritten."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+    data = bytearray(cfg.journal_path.read_bytes())
+    data[jf.HEADER_SIZE + 30] ^= 1
+    cfg.journal_path.write_bytes(bytes(data))
+    with make(tmp_path) as m2:
+        with pytest.raises(CorruptStateError):
+            m2.load_positions()
+        # A fallback: adopt the snapshot alone and carry on.
+        from posstate import _statefile
+
+        loaded = _statefile.read(cfg.state_path, options=m2._read)
+        m2._adopt(loaded.state, loaded.checksum)
+        m2.set_position(pos("C"))
+    kept = [p.read_bytes() for p in cfg.quarantine_dir.iterdir() if "journal" in p.name]
+    assert kept == [bytes(data)]
+    with make(tmp_path) as m3:
+        assert ("C", "long") in m3.load_positions()
+
+
+def test_history_without_a_usable_snapshot_marks_old_values_unknown(tmp_path: Path) -> None:
+    """With the snapshot damaged, history() still lists the journal's changes, old values marked unknown."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+    data = bytearray(cfg.state_path.read_bytes())
+    data[200] ^= 1
+    cfg.state_path.write_bytes(bytes(data))
+    entries = _journal.history(cfg, keyring=Keyring(key=KEY))
+    assert [(e.key, e.old_known, e.old) for e in entries] == [("A|long", False, None)]
