@@ -19,7 +19,14 @@ from posstate import _fileops as fs
 from posstate._backups import BackupInfo
 from posstate._config import StateConfig
 from posstate._document import StateData
-from posstate._errors import PersistenceError, PosStateError, StaleBackupError, StateNotFoundError
+from posstate._errors import (
+    CorruptStateError,
+    PersistenceError,
+    PosStateError,
+    SchemaValidationError,
+    StaleBackupError,
+    StateNotFoundError,
+)
 from posstate._recovery import main_header
 from posstate._validate import ValidationReport, validate_file
 
@@ -102,8 +109,14 @@ def create(mgr: PositionStateManager, state: StateData | None = None, *, prune: 
 
 
 def _saved_state(mgr: PositionStateManager) -> StateData:
-    """The last durable state: memory when it has no unsaved change, else the (validated) file on disk."""
+    """The last durable state: memory when it has no unsaved change, else the (validated) file on disk.
+
+    In the journal modes every change is durable when its call returns, so the journal is first folded into
+    a snapshot (a compaction): a backup is always a compacted snapshot, never one missing journaled changes.
+    """
     mgr._ensure_loaded()
+    if mgr._dirty and mgr.config.durability != "snapshot":
+        mgr.save()
     if not mgr._dirty and mgr._state.generation > 0:
         return mgr._state
     if not fs.exists(mgr.path):
@@ -252,6 +265,22 @@ def backup_age(cfg: StateConfig, backups: list[BackupInfo], written_at_ms: int) 
     return (last_save_ms - written_at_ms) / 1000
 
 
+def _settle_journal(mgr: PositionStateManager) -> None:
+    """Before a restore: fold the journal's acknowledged records into the state file (a compaction), so the
+    pre-restore backup holds every change. If the state cannot be loaded at all, the operator is restoring on
+    purpose: the journal is kept in quarantine and the restore goes on without it."""
+    try:
+        mgr._ensure_loaded()
+    except (CorruptStateError, SchemaValidationError):
+        if fs.exists(mgr.config.journal_path):
+            moved = _atomic.move_aside(mgr.config.journal_path, mgr.config.quarantine_dir, label="journal-before-restore")
+            log.warning("state could not be loaded before the restore; journal kept at %s", moved)
+        mgr._journal.recover(StateData())
+        return
+    if mgr._dirty and mgr.config.durability != "snapshot":
+        mgr.save()
+
+
 def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) -> RestoreResult:
     """Validate a backup, keep the current file as a backup, write the backup's state as a new generation."""
     cfg = mgr.config
@@ -268,6 +297,8 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
     age = (last_save_ms - loaded.header.written_at_ms) / 1000
     if age > cfg.backup_threshold and not accept_older:
         raise StaleBackupError(info.path, backup_id=info.id, age=age, threshold=cfg.backup_threshold)
+    _settle_journal(mgr)
+    known = known_saves(cfg, list_all(mgr))
     highest = max([mgr._highest_generation, loaded.state.generation] + [g for g, _ in known])
     on_disk = _header_of(mgr.path)
     previous = mgr._state if mgr._loaded else None

@@ -84,6 +84,55 @@ def read_records(
     return header, out, sc
 
 
+def replay_prefix(path: Path, *, keyring: Keyring | None, state: StateData) -> tuple[int, int, str]:
+    """Apply to *state* the journal records that can be trusted, stopping at the first one that cannot.
+
+    Read-only (for recovery, when the journal is damaged before its last record): returns (records applied,
+    highest revision applied, what stopped the replay or ""). Nothing is applied when the journal belongs to
+    another snapshot or its header cannot be read. A record is applied whole or not at all.
+    """
+    try:
+        data = fs.read_file(path)
+    except FileNotFoundError:
+        return 0, 0, "no journal"
+    except OSError as exc:
+        return 0, 0, f"journal unreadable ({exc.strerror or exc})"
+    try:
+        header = jf.parse_header(data)
+    except jf.JournalProblem as exc:
+        return 0, 0, f"journal header damaged ({exc})"
+    snap = state.journal or {}
+    if header.id_hex != snap.get("id"):
+        return 0, 0, f"journal {header.id_hex} belongs to another snapshot"
+    try:
+        sealer = jf.Sealer(header, _key_for(header, keyring, path))
+    except (MissingKeyError, WrongKeyError) as exc:
+        return 0, 0, str(exc)
+    sc = jf.scan(data, header)
+    snap_seq = int(snap.get("seq", 0))
+    applied = max_rev = 0
+    for rec in sc.records:
+        plain = sealer.open(rec)
+        if plain is None:
+            return applied, max_rev, f"record {rec.seq} fails authentication"
+        try:
+            raw_ops = orjson.loads(plain)
+            if type(raw_ops) is not list or not raw_ops:
+                raise ValueError("no operations")
+            ops = [jops.from_json(j, path=path, seq=rec.seq) for j in raw_ops]
+        except (ValueError, TypeError, CorruptStateError):
+            return applied, max_rev, f"record {rec.seq} holds no valid operation list"
+        if rec.seq <= snap_seq:
+            continue
+        for op in ops:
+            jops.apply(state, {}, op)
+            max_rev = max(max_rev, int(op.json["rev"]))
+        applied += 1
+    if sc.bad_offset is not None:
+        return applied, max_rev, f"byte {sc.bad_offset}: {sc.bad_reason}"
+    return applied, max_rev, ""
+
+
 def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> bytes | None:
     if not header.encrypted:
         return None

@@ -197,16 +197,12 @@ class PositionStateManager:
 
     def _load_main(self) -> StateData:
         started = time.perf_counter()
+        fresh = not fs.exists(self._path)
         try:
-            if not fs.exists(self._path):
-                state = self._fresh_or_missing()
-                self._journal.recover(state)
-                self._adopt(state, None)
-                self._events.emit("stateLoaded", {"path": str(self._path), "generation": 0, "positions": 0, "source": "fresh"})
-                return state
-            loaded = _statefile.read(self._path, options=self._read)
-            replayed_rev = self._journal.recover(loaded.state)
+            state = self._read_current()
         except CorruptStateError as exc:
+            if exc.kind == "account":
+                raise  # another account's state: not damage, nothing to recover
             self._events.emit("stateCorrupted", {"path": str(self._path), "reason": exc.reason, "kind": exc.kind})
             return self._recovered(exc, started)
         except SchemaValidationError as exc:
@@ -216,21 +212,35 @@ class PositionStateManager:
         except PersistenceError as exc:
             self._events.emit("persistenceError", {"path": str(self._path), "operation": exc.operation, "reason": str(exc)})
             raise
-        self._check_account(loaded.state)
-        self._adopt(loaded.state, loaded.checksum)
-        # Journal records replayed: memory is ahead of the snapshot, and later generations must exceed their revs.
-        self._dirty = replayed_rev > 0
-        self._highest_generation = max(self._highest_generation, replayed_rev - 1)
         self._events.emit(
             "stateLoaded",
             {
                 "path": str(self._path),
-                "generation": loaded.state.generation,
-                "positions": len(loaded.state.positions),
-                "source": "file",
+                "generation": state.generation,
+                "positions": len(state.positions),
+                "source": "fresh" if fresh else "file",
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             },
         )
+        return state
+
+    def _read_current(self) -> StateData:
+        """Read the state file, replay its journal and adopt the result; raise the typed error of what is wrong.
+
+        Used by a load and by recovery's re-read, so neither can adopt a snapshot without its journal.
+        """
+        if not fs.exists(self._path):
+            state = self._fresh_or_missing()
+            self._journal.recover(state)
+            self._adopt(state, None)
+            return state
+        loaded = _statefile.read(self._path, options=self._read)
+        self._check_account(loaded.state)
+        replayed_rev = self._journal.recover(loaded.state)
+        self._adopt(loaded.state, loaded.checksum)
+        # Journal records replayed: memory is ahead of the snapshot, and later generations must exceed their revs.
+        self._dirty = replayed_rev > 0
+        self._highest_generation = max(self._highest_generation, replayed_rev - 1)
         return loaded.state
 
     def _recovered(self, exc: PosStateError, started: float) -> StateData:
@@ -280,7 +290,7 @@ class PositionStateManager:
                 f"state belongs to account {state.account.get('account_id')!r} on {state.account.get('exchange')!r}, "
                 f"but this manager is configured for {cfg.account_id!r} on {cfg.exchange!r}",
                 next_step="check state_file / --state-dir: this is another account's state",
-                kind="invalid",
+                kind="account",
             )
 
     def _adopt(self, state: StateData, checksum: str | None) -> None:

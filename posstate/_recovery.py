@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posstate import _atomic, _backups, _codec, _format, _statefile
+from posstate import _atomic, _backups, _codec, _format, _journal, _statefile
 from posstate import _fileops as fs
 from posstate._config import StateConfig
 from posstate._document import StateData
@@ -56,6 +56,7 @@ class RecoveryReport:
     quarantined: Path | None = None
     attempts: int = 1
     candidates: tuple[tuple[str, str], ...] = field(default=())
+    journal: str = ""  # what happened to the write-ahead journal, if there was one
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +70,7 @@ class RecoveryReport:
             "quarantined": str(self.quarantined) if self.quarantined else None,
             "attempts": self.attempts,
             "candidates": [list(c) for c in self.candidates],
+            "journal": self.journal,
         }
 
 
@@ -80,6 +82,9 @@ class _Candidate:
     generation: int | None = None
     written_ms: int | None = None
     verdict: str = ""
+    rank: int = 0  # among copies of one generation, more is newer (journal records replayed; memory highest)
+    checksum: str | None = None
+    max_rev: int = 0
 
 
 def _why(exc: BaseException) -> str:
@@ -123,6 +128,7 @@ def _load_candidate(options: _statefile.ReadOptions, check: Callable[[StateData]
         cand.verdict = _why(exc)
         return cand
     cand.state = loaded.state
+    cand.checksum = loaded.checksum
     return cand
 
 
@@ -164,41 +170,52 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
     reason = _why(error)
     if attempt == 1 and fs.exists(path):
         try:
-            loaded = _statefile.read(path, options=mgr._read)
+            state = mgr._read_current()  # the state file and its journal, exactly as a load reads them
         except (CorruptStateError, SchemaValidationError, PersistenceError):
             pass
         else:
-            mgr._check_account(loaded.state)
-            mgr._adopt(loaded.state, loaded.checksum)
             mgr.last_recovery = RecoveryReport(
                 source="state file (re-read)",
                 source_path=path,
-                generation=loaded.state.generation,
-                new_generation=loaded.state.generation,
+                generation=state.generation,
+                new_generation=state.generation,
                 age=0.0,
                 generations_lost=0,
                 reason=reason,
             )
-            return loaded.state
+            return state
     cands: list[_Candidate] = []
-    if mgr._loaded and not mgr._dirty and mgr._state.generation > 0:
+    # Memory holds the last durable state when nothing is unsaved, and always in the journal modes (each change
+    # was durable when its call returned), so it outranks every file of the same generation.
+    if mgr._loaded and mgr._state.generation > 0 and (not mgr._dirty or cfg.durability != "snapshot"):
         st = mgr._state
-        ms = _statefile_ms(st)
-        cands.append(_Candidate("memory", None, st.copy(), st.generation, ms))
+        cands.append(_Candidate("memory", None, st.copy(), st.generation, _statefile_ms(st), rank=1 << 62))
     cands += _file_candidates(cfg, mgr._read, mgr._check_account)
     best, listing, newest_gen = _select(cands, cfg, reason)
     if best is None:
         raise UnrecoverableStateError(path, listing)
+    assert best.state is not None
+    journal_note = ""
+    if fs.exists(cfg.journal_path):
+        # Its trustworthy records are in the chosen copy (or cannot be applied to it): keep it as evidence.
+        try:
+            moved = _atomic.move_aside(cfg.journal_path, cfg.quarantine_dir, label="journal")
+        except OSError as exc:
+            raise PersistenceError(cfg.journal_path, operation="quarantine journal", cause=exc) from exc
+        journal_note = f"journal moved to {moved}"
+        log.warning("moved journal %s to %s", cfg.journal_path, moved)
+    mgr._journal.recover(StateData())  # no journal file now: the save below starts a new one
     quarantined: Path | None = None
-    if fs.exists(path):
+    if best.path == path and best.checksum is not None:
+        pass  # the state file itself is intact (its journal was not): it becomes the .bak of the new save
+    elif fs.exists(path):
         try:
             quarantined = _atomic.move_aside(path, cfg.quarantine_dir, label="corrupt")
         except OSError as exc:
             raise PersistenceError(path, operation="quarantine damaged state file", cause=exc) from exc
         log.warning("moved damaged state file %s to %s", path, quarantined)
-    assert best.state is not None
-    mgr._highest_generation = max(mgr._highest_generation, newest_gen or 0, best.state.generation)
-    mgr._adopt(best.state, None)
+    mgr._highest_generation = max(mgr._highest_generation, newest_gen or 0, best.state.generation, best.max_rev - 1)
+    mgr._adopt(best.state, best.checksum if best.path == path else None)
     try:
         new_gen = mgr._commit(mgr._state.copy(), dict(mgr._entries))
     except BaseException:
@@ -216,6 +233,7 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
         quarantined=quarantined,
         attempts=attempt,
         candidates=tuple(listing),
+        journal=journal_note,
     )
     mgr.last_recovery = report
     mgr._events.emit("stateRepaired", {"path": str(path), "operation": "recovery", **report.to_dict()})
@@ -230,11 +248,26 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
 
 
 def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: Callable[[StateData], None]) -> list[_Candidate]:
-    """``positions.json.bak`` and every timestamped backup, each read and validated (nothing written)."""
-    cands = [_load_candidate(options, check, cfg.bak_path.name, cfg.bak_path)]
+    """The state file with the trustworthy part of its journal, ``positions.json.bak`` and every timestamped
+    backup, each read and validated (nothing written)."""
+    cands = [
+        _load_candidate(options, check, cfg.state_path.name, cfg.state_path),
+        _load_candidate(options, check, cfg.bak_path.name, cfg.bak_path),
+    ]
     for bid, _created in _backups.names_only(cfg.backup_path):
         cands.append(_load_candidate(options, check, f"backup {bid}", cfg.backup_path / _backups.file_name(bid)))
-    return cands
+    return [_with_journal(c, cfg, options) for c in cands]
+
+
+def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOptions) -> _Candidate:
+    """Replay onto a copy whose snapshot names the journal on disk that journal's trustworthy records."""
+    if cand.state is None or cand.state.journal is None or not fs.exists(cfg.journal_path):
+        return cand
+    applied, max_rev, stopped = _journal.replay_prefix(cfg.journal_path, keyring=options.keyring, state=cand.state)
+    if applied or stopped.startswith(("byte", "record")):
+        cand.rank, cand.max_rev = applied, max_rev
+        cand.name = f"{cand.name} + {applied} journal records" + (f" (replay stopped at {stopped})" if stopped else "")
+    return cand
 
 
 def _select(
@@ -260,11 +293,11 @@ def _select(
             )
             continue
         eligible.append(c)
-    listing = [(path.name, reason)]
+    listing: list[tuple[str, str]] = []
     if not eligible:
         listing += [(c.name, c.verdict or "not usable") for c in cands]
         return None, listing, newest_gen
-    best = max(eligible, key=lambda c: (c.generation or 0, c.written_ms or 0, c.name != cfg.bak_path.name))
+    best = max(eligible, key=lambda c: (c.generation or 0, c.rank, c.written_ms or 0, c.name != cfg.bak_path.name))
     for c in eligible:
         c.verdict = "chosen" if c is best else f"valid, older than the chosen copy (generation {c.generation})"
     listing += [(c.name, c.verdict) for c in cands]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +17,7 @@ from posstate import (
     PositionStateManager,
     StateConfig,
     TransactionError,
+    UnrecoverableStateError,
     WrongKeyError,
     _journal,
     generate_key,
@@ -338,7 +340,8 @@ def test_stale_journal_after_snapshot_is_skipped(tmp_path: Path) -> None:
 
 
 def test_journal_of_another_snapshot_with_newer_records_is_refused(tmp_path: Path) -> None:
-    """A journal holding records the snapshot lacks, under another id, is corruption, not skipped."""
+    """A journal holding records the snapshot lacks, under another id, is corruption: never replayed onto the
+    wrong snapshot, kept in quarantine, and the load reports what recovery used."""
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
         m.set_position(pos("A"))
@@ -349,19 +352,39 @@ def test_journal_of_another_snapshot_with_newer_records_is_refused(tmp_path: Pat
         m.save()
         m.set_position(pos("B"))
     cfg.state_path.write_bytes(snap)
-    with make(tmp_path) as m2, pytest.raises(CorruptStateError) as info:
-        m2.load_positions()
-    assert info.value.kind == "journal"
+    foreign = cfg.journal_path.read_bytes()
+    events: list[dict[str, Any]] = []
+    with make(tmp_path) as m2:
+        m2.on("stateCorrupted", events.append)
+        positions = m2.load_positions()
+        assert ("B", "long") not in positions and ("A", "long") in positions
+        assert m2.last_recovery is not None and "journal moved to" in m2.last_recovery.journal
+    assert events and events[0]["kind"] == "journal"
+    assert [p.read_bytes() for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.journal")] == [foreign]
 
 
 def test_missing_snapshot_with_journal_is_not_a_fresh_start(tmp_path: Path) -> None:
-    """A journal without its snapshot raises CorruptStateError instead of starting empty."""
+    """A journal without its snapshot is never a fresh start: recovery takes the backup of that same snapshot
+    and replays the journal onto it, so the acknowledged change survives the lost state file."""
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
         m.set_position(pos("A"))
     cfg.state_path.unlink()
-    with make(tmp_path) as m2, pytest.raises(CorruptStateError):
+    with make(tmp_path) as m2:
+        assert ("A", "long") in m2.load_positions()
+        assert m2.last_recovery is not None and "1 journal records" in m2.last_recovery.source
+
+
+def test_missing_snapshot_and_backups_with_journal_is_unrecoverable(tmp_path: Path) -> None:
+    """Only a journal left (snapshot and every copy gone): UnrecoverableStateError, never an empty start."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+    cfg.state_path.unlink()
+    shutil.rmtree(cfg.backup_path)
+    with make(tmp_path) as m2, pytest.raises(UnrecoverableStateError):
         m2.load_positions()
+    assert cfg.journal_path.exists()  # nothing chosen, so nothing moved
 
 
 def test_passphrase_journal_round_trip(tmp_path: Path) -> None:
@@ -457,10 +480,10 @@ def test_journal_damage_emits_state_corrupted(tmp_path: Path) -> None:
     events: list[dict[str, Any]] = []
     with make(tmp_path) as m2:
         m2.on("stateCorrupted", events.append)
-        with pytest.raises(CorruptStateError):
-            m2.load_positions()
+        m2.load_positions()
     assert events and events[0]["kind"] == "journal"
-    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    (kept,) = [p for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.journal")]
+    report = _journal.check(kept, keyring=Keyring(key=KEY))
     assert not report.valid and "damaged" in report.problem
 
 
@@ -480,7 +503,7 @@ def test_torn_tail_left_out_of_history_and_reported_by_check(tmp_path: Path) -> 
 
 
 def test_unreadable_journal_is_quarantined_not_replaced(tmp_path: Path) -> None:
-    """If a load failed on the journal and the state is then saved anyway (as a fallback recovery would),
+    """If a load failed on the journal and the state is then saved anyway (a fallback by hand),
     the damaged journal is moved to quarantine before a new one takes its name, never overwritten."""
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
@@ -491,7 +514,7 @@ def test_unreadable_journal_is_quarantined_not_replaced(tmp_path: Path) -> None:
     cfg.journal_path.write_bytes(bytes(data))
     with make(tmp_path) as m2:
         with pytest.raises(CorruptStateError):
-            m2.load_positions()
+            m2._read_current()  # the load's first step, before automatic recovery
         # A fallback: adopt the snapshot alone and carry on.
         from posstate import _statefile
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from posstate import CorruptStateError, PersistenceError, PositionStateManager, StateConfig
+from posstate import PersistenceError, PositionStateManager, StateConfig
 from posstate import _fileops as fs
 from posstate import _journal_format as jf
 from posstate._journal import _temp_seq
@@ -90,39 +90,48 @@ def test_clean_journal_is_left_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "where",
+    ("where", "kept"),
     [
-        pytest.param("payload", id="payload-byte"),
-        pytest.param("length", id="length-field"),
-        pytest.param("checksum", id="checksum-field"),
-        pytest.param("header", id="journal-header"),
+        pytest.param("payload", {}, id="payload-byte-record-1"),
+        pytest.param("length", {}, id="length-field-record-1"),
+        pytest.param("checksum", {}, id="checksum-field-record-1"),
+        pytest.param("header", {}, id="journal-header"),
+        pytest.param("payload-2", {"S0": 1}, id="payload-byte-record-2"),
     ],
 )
-def test_damage_before_last_record_is_corruption(tmp_path: Path, where: str) -> None:
-    """Damage in the first record (records follow it) raises CorruptStateError(kind="journal") and
-    changes nothing on disk."""
+def test_damage_before_last_record_is_not_skipped(tmp_path: Path, where: str, kept: dict[str, int]) -> None:
+    """Damage with records after it: replay stops there (never skips over it), the load is reported as
+    corrupt (kind journal), recovery keeps the trustworthy prefix, and the damaged journal is kept byte for
+    byte in quarantine. The records after the damage are reported lost, never replayed out of order."""
     snap, journal, ends = _three_records(tmp_path)
     cfg = StateConfig.in_dir(tmp_path)
     data = bytearray(journal)
     first = jf.HEADER_SIZE
-    offset = {"payload": ends[0] - 3, "length": first + 1, "checksum": first + 9, "header": 40}[where]
+    offset = {"payload": ends[0] - 3, "length": first + 1, "checksum": first + 9, "header": 40, "payload-2": ends[1] - 3}[where]
     data[offset] ^= 0x40
     _restore(tmp_path, snap, bytes(data))
-    with make(tmp_path) as m, pytest.raises(CorruptStateError) as info:
-        m.load_positions()
-    assert info.value.kind == "journal"
-    assert cfg.journal_path.read_bytes() == bytes(data)
-    assert not cfg.quarantine_dir.exists()
+    events: list[dict[str, Any]] = []
+    with make(tmp_path) as m:
+        m.on("stateCorrupted", events.append)
+        assert contracts(m) == kept
+        report = m.last_recovery
+        assert report is not None and "journal moved to" in report.journal
+    assert events and events[0]["kind"] == "journal"
+    assert [p.read_bytes() for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.journal")] == [bytes(data)]
+    with make(tmp_path) as m2:  # the recovered state is a clean state again
+        assert contracts(m2) == kept and m2.last_recovery is None
 
 
-def test_sequence_gap_is_corruption(tmp_path: Path) -> None:
-    """A record cut out of the middle (a valid frame with the wrong sequence number) is not skipped."""
+def test_sequence_gap_is_not_skipped(tmp_path: Path) -> None:
+    """A record cut out of the middle (a valid frame with the wrong sequence number) stops the replay there:
+    the record after the gap is not applied, and the loss is reported."""
     snap, journal, ends = _three_records(tmp_path)
     spliced = journal[: ends[0]] + journal[ends[1] :]
     _restore(tmp_path, snap, spliced)
-    with make(tmp_path) as m, pytest.raises(CorruptStateError) as info:
-        m.load_positions()
-    assert info.value.kind == "journal"
+    with make(tmp_path) as m:
+        assert contracts(m) == {"S0": 1}
+        report = m.last_recovery
+        assert report is not None and "journal records (replay stopped at" in report.source and "expected" in report.source
 
 
 class FaultAt(fs.FileOps):
