@@ -379,7 +379,13 @@ class PositionStateManager:
                 raise
             _atomic.commit(tmp, path)
             if self.config.verify_after_write:
-                self._verify_written(encoded)
+                try:
+                    self._verify_written(encoded)
+                except OSError:
+                    # The new file is in place even though reading it back failed: the next save must
+                    # accept it as ours, not report a concurrent modification.
+                    self._expected_on_disk.add(encoded.checksum)
+                    raise
         except _atomic.WriteFailed as wf:
             if wf.renamed:
                 self._expected_on_disk.add(encoded.checksum)

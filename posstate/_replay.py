@@ -19,6 +19,7 @@ can bring those back, so they need the backups issue's automatic recovery.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,6 +237,23 @@ def materialize(state: CrashState, into: Path) -> None:
             os.close(fd)
 
 
+def damage_cases(data: bytes, *, bit_step: int = 1, seed: int = 0) -> Iterator[tuple[str, str, bytes]]:
+    """(family, label, damaged bytes): every *bit_step*-th single-bit flip, every truncation length, appended
+    garbage, and each 512-byte sector zeroed."""
+    for bit in range(0, len(data) * 8, bit_step):
+        buf = bytearray(data)
+        buf[bit // 8] ^= 1 << (bit % 8)
+        yield "bit-flip", f"bit {bit}", bytes(buf)
+    for n in range(len(data)):
+        yield "truncation", f"length {n}", data[:n]
+    rnd = random.Random(seed)
+    for extra in (b"\n", b"\0", bytes(512), rnd.randbytes(4096), data):
+        yield "appended", f"+{len(extra)} bytes", data + extra
+    for start in range(0, len(data), 512):
+        end = min(start + 512, len(data))
+        yield "sector-zeroed", f"sector {start // 512}", data[:start] + bytes(end - start) + data[end:]
+
+
 @dataclass(frozen=True, slots=True)
 class Recorded:
     """A recorded save: the directory before it, its operations, and the old and new fingerprints."""
@@ -294,6 +312,7 @@ def load_state(state: CrashState, into: Path, *, key: bytes, old: Seen, new: See
 
 
 __all__ = [
+    "damage_cases",
     "Outcome",
     "Recorded",
     "load_state",
