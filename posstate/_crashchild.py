@@ -235,8 +235,59 @@ def soak(state_dir: Path, *, key: bytes, kills: int, seed: int = 0, max_delay: f
     return cases
 
 
+def contend(state_dir: Path, *, attempts: int) -> tuple[list[int], int]:
+    """Try *attempts* times to take the lock and increment a counter kept in the state; return (values
+    written, refusals). Used by the two-process concurrency test: no write may be lost or interleaved."""
+    from posstate._errors import StateLockedError
+
+    written: list[int] = []
+    refused = 0
+    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9)
+    for _ in range(attempts):
+        try:
+            m = PositionStateManager(cfg)
+        except StateLockedError as exc:
+            refused += 1
+            sys.stdout.write(f"refused {exc.pid}\n")
+            continue
+        with m:
+            m.load_positions()
+            counter = m.get_symbol_metadata("COUNTER") or {"n": 0}
+            n = int(counter["n"]) + 1
+            m.set_symbol_metadata("COUNTER", {"n": n, "pid": os.getpid()})
+            m.save()
+        written.append(n)
+        sys.stdout.write(f"wrote {n}\n")
+    sys.stdout.flush()
+    return written, refused
+
+
+def run_contenders(state_dir: Path, *, key: bytes, processes: int = 2, attempts: int) -> list[str]:
+    """Run *processes* contending children at once; return all their output lines."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "posstate._crashchild", str(state_dir), "--contend", str(attempts)],
+            env=_child_env(key),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    lines: list[str] = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"contender failed (rc {p.returncode}): {err[-2000:]}")
+        lines.extend(out.splitlines())
+    return lines
+
+
 def _run(args: argparse.Namespace) -> int:
     out = sys.stdout
+    if args.contend:
+        contend(Path(args.dir), attempts=args.contend)
+        return 0
     ops: HarnessOps | None = None
     if args.crash_at:
         action: Action = "crash_after" if args.crash_when == "after" else "crash_before"
@@ -268,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posstate._crashchild")
     parser.add_argument("dir")
     parser.add_argument("--saves", type=int, default=0, help="stop after N saves (0: forever)")
+    parser.add_argument("--contend", type=int, default=0, help="contend for the lock N times (concurrency test)")
     parser.add_argument("--crash-save", type=int, default=1)
     parser.add_argument("--crash-at", type=int, default=0)
     parser.add_argument("--crash-when", choices=("before", "after"), default="before")
