@@ -177,16 +177,23 @@ def check_after_kill(
     return CrashCase(label, acked, pending, seen, error)
 
 
-def crash_matrix(work: Path, *, key: bytes, warmup: int = 2, max_ops: int = 64) -> list[CrashCase]:
+def crash_matrix(
+    work: Path, *, key: bytes, warmup: int = 2, max_ops: int = 64, only: frozenset[int] | None = None
+) -> list[CrashCase]:
     """SIGKILL before and after every mutating operation of a steady-state save (a .bak already exists).
 
-    Each case starts from a copy of the same warmed-up directory; the child acks one save, then dies
+    *only* restricts the kills to those operation numbers. Each case starts from a copy of the same
+    warmed-up directory; the child acks one save, then dies
     inside the next one at operation *k*. Stops when *k* is past the last operation of the save.
     """
     base = work / "base"
     run_child(base, key=key, saves=warmup)
     cases: list[CrashCase] = []
     for k in range(1, max_ops + 1):
+        if only is not None and k not in only:
+            if k > max(only):
+                break
+            continue
         finished = False
         for when in ("before", "after"):
             d = work / f"k{k}-{when}"
