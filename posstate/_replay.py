@@ -304,10 +304,11 @@ def load_state(state: CrashState, into: Path, *, key: bytes, old: Seen, new: See
         seen = fresh_load(into, key=key, backup_interval=1e9)
     except PosStateError as exc:
         return Outcome(state, "error", f"{type(exc).__name__}: {exc}")
-    if seen == old:
-        return Outcome(state, "old")
-    if seen == new:
-        return Outcome(state, "new")
+    # Compare contents; a recovery that rewrote the file may give the recovered state a newer generation.
+    if seen.digest == old.digest and seen.generation >= old.generation:
+        return Outcome(state, "old", "" if seen == old else f"recovered as generation {seen.generation}")
+    if seen.digest == new.digest and seen.generation >= new.generation:
+        return Outcome(state, "new", "" if seen == new else f"recovered as generation {seen.generation}")
     return Outcome(state, "other", repr(seen))
 
 
