@@ -418,14 +418,14 @@ def family_concurrency(work: Path, full: bool) -> list[Row]:
         with PositionStateManager(StateConfig.in_dir(work / name, backup_interval=1e9), key=key) as m:
             m.load_positions()
             if parallel:
-                ts = [threading.Thread(target=updates, args=(m, t)) for t in range(8)]
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join()
+                ts = [threading.Thread(target=updates, args=(m, n)) for n in range(8)]
+                for th in ts:
+                    th.start()
+                for th in ts:
+                    th.join()
             else:
-                for t in range(8):
-                    updates(m, t)
+                for n in range(8):
+                    updates(m, n)
             m.save()
         with PositionStateManager(StateConfig.in_dir(work / name, backup_interval=1e9), key=key) as m:
             results.append(digest(m.load_positions(), m.get_all_symbol_metadata()))
