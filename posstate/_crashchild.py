@@ -235,8 +235,11 @@ def soak(state_dir: Path, *, key: bytes, kills: int, seed: int = 0, max_delay: f
         # The kill lands at a random moment of the following save(s): that is the point of the soak.
         time.sleep(rng.uniform(0, max_delay))
         proc.send_signal(signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=60)
-        lines.extend(rest.splitlines())
+        proc.wait(timeout=60)
+        # Read the rest through the same buffered reader: communicate() with a timeout reads the raw pipe
+        # and would miss lines already buffered by readline() (a "pending" line, say).
+        lines.extend(proc.stdout.read().splitlines())
+        proc.stdout.close()
         acked, pending = _parse(lines)
         cases.append(check_after_kill(state_dir, key=key, label=f"soak kill {i}", acked=acked, pending=pending))
     return cases
