@@ -49,7 +49,7 @@ from posstate import (
 from posstate._crashchild import CrashCase, crash_matrix, digest, run_contenders, save_step, soak, workload
 from posstate._crypto import Keyring
 from posstate._harness import ERRNOS, MUTATING_AND_READS, Fault, HarnessOps
-from posstate._replay import crash_states, damage_cases, load_state, lying_disk_states, record_save
+from posstate._replay import crash_states, damage_cases, load_state, lying_disk_states, record_save, sized_state
 from posstate._statefile import ReadOptions, parse, read, read_document
 
 
@@ -203,27 +203,9 @@ def family_faults(work: Path, full: bool) -> list[Row]:
 
 # --------------------------------------------------------------------------------------------- damage
 def _damage_file(work: Path, key: bytes) -> tuple[Path, bytes, dict[Any, Position]]:
-    r = random.Random(11)
-
-    def positions(step: int) -> list[Position]:
-        return [
-            Position(
-                symbol=f"S{i}/USDT",
-                side="long",
-                contracts=Decimal(r.randint(1, 10**9)) / 10**4,
-                entry_price=Decimal(r.randint(1, 10**9)) / 10**3,
-                mark_price=Decimal(r.randint(1, 10**9)) / 10**3 + step,
-            )
-            for i in range(148)
-        ]
-
     d = work / "damage-src"
-    first = positions(1)
-    with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key) as m:
-        m.load_positions()
-        m.save_positions(first)
-        m.save_positions(positions(2))
-    return d, (d / "positions.json").read_bytes(), {p.key: p for p in first}
+    data, bak_positions = sized_state(d, key=key, size=4096)
+    return d, data, bak_positions
 
 
 def family_damage(work: Path, full: bool) -> list[Row]:

@@ -23,6 +23,7 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from posstate import _fileops
 from posstate._config import StateConfig
@@ -252,6 +253,48 @@ def damage_cases(data: bytes, *, bit_step: int = 1, seed: int = 0) -> Iterator[t
     for start in range(0, len(data), 512):
         end = min(start + 512, len(data))
         yield "sector-zeroed", f"sector {start // 512}", data[:start] + bytes(end - start) + data[end:]
+
+
+def sized_state(state_dir: Path, *, key: bytes, size: int = 4096) -> tuple[bytes, dict[Any, Any]]:
+    """Write a state file of exactly *size* bytes (encrypted, uncompressed, a padded metadata entry) over
+    a valid ``.bak``; return the file's bytes and the ``.bak``'s positions (what recovery must bring back)."""
+    from decimal import Decimal
+
+    from posstate._crypto import Keyring
+    from posstate._model import Position
+    from posstate._statefile import ReadOptions, read
+
+    rnd = random.Random(11)
+    positions = [
+        Position(
+            symbol=f"S{i}/USDT",
+            side="long",
+            contracts=Decimal(rnd.randint(1, 10**9)) / 10**4,
+            entry_price=Decimal(rnd.randint(1, 10**9)) / 10**3,
+        )
+        for i in range(20)
+    ]
+    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9, compression=False)
+    with PositionStateManager(cfg, key=key) as m:
+        m.load_positions()
+        pad = 0
+        for _ in range(6):
+            m.set_symbol_metadata("PAD", {"pad": "p" * pad})
+            m.save_positions(positions)
+            got = len(_fileops.read_file(state_dir / "positions.json"))
+            if got == size:
+                break
+            pad += size - got
+            if pad < 0:
+                raise ValueError(f"cannot make a state file as small as {size} bytes")
+        else:
+            raise RuntimeError(f"could not make a state file of exactly {size} bytes")
+        # Keep a different, valid state as the .bak, then write the sized one again over it (header
+        # fields are fixed-width, so the size is the same).
+        m.save_positions(positions[:10])
+        m.save_positions(positions)
+    bak = read(state_dir / "positions.json.bak", options=ReadOptions(keyring=Keyring(key=key)))
+    return _fileops.read_file(state_dir / "positions.json"), dict(bak.state.positions)
 
 
 @dataclass(frozen=True, slots=True)
