@@ -16,7 +16,6 @@ from posstate._crypto import Keyring
 from posstate._replay import damage_cases, sized_state
 from posstate._statefile import ReadOptions, parse
 
-
 State = tuple[Path, bytes, bytes, dict[Any, Position]]
 
 
