@@ -89,7 +89,7 @@ def mount_of(path: Path, mounts_text: str | None = None) -> tuple[str, str]:
 
 def _existing(path: Path) -> Path:
     p = path
-    while not p.exists() and p.parent != p:
+    while not fs.exists(p) and p.parent != p:
         p = p.parent
     return p
 
@@ -161,13 +161,17 @@ def _check_space(path: Path, min_free: int) -> Finding:
 
 def _check_permissions(state_dir: Path) -> list[Finding]:
     out: list[Finding] = []
-    if not state_dir.exists():
+    if not fs.exists(state_dir):
         return [Finding("permissions", "ok", f"{state_dir} does not exist yet; it will be created 0700")]
     targets = [state_dir] + [state_dir / n for n in ("positions.json", "positions.json.bak", "positions.json.journal")]
     backups = state_dir / "backups"
-    if backups.is_dir():
+    try:
+        names = fs.listdir(backups)
+    except OSError:
+        names = []
+    else:
         targets.append(backups)
-        targets.extend(sorted(backups.iterdir()))
+    targets.extend(backups / n for n in sorted(names))
     bad = []
     for p in targets:
         try:
@@ -175,12 +179,13 @@ def _check_permissions(state_dir: Path) -> list[Finding]:
         except OSError:
             continue
         mode = stat.S_IMODE(st.st_mode)
+        fix = 700 if stat.S_ISDIR(st.st_mode) else 600
         if stat.S_ISLNK(st.st_mode):
             bad.append(("unsafe", f"{p} is a symlink (posstate never follows one)"))
         elif mode & 0o022:
-            bad.append(("unsafe", f"{p} is writable by group or others (mode {mode:o}); chmod {700 if p.is_dir() else 600} it"))
+            bad.append(("unsafe", f"{p} is writable by group or others (mode {mode:o}); chmod {fix} it"))
         elif mode & 0o044:
-            bad.append(("warn", f"{p} is readable by group or others (mode {mode:o}); chmod {700 if p.is_dir() else 600} it"))
+            bad.append(("warn", f"{p} is readable by group or others (mode {mode:o}); chmod {fix} it"))
         if st.st_uid != os.getuid():
             bad.append(("warn", f"{p} belongs to uid {st.st_uid}, not to this user ({os.getuid()})"))
     for status, detail in bad:
