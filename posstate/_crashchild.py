@@ -127,7 +127,8 @@ class CrashCase:
         if self.loaded is None:
             return False
         got = (self.loaded.generation, self.loaded.digest)
-        return got == self.acked or got == self.pending or (self.acked is None and self.pending is None and got[0] == 0)
+        nothing_acked = self.acked is None and got == (0, digest({}, {}))  # before the first save: empty
+        return got == self.acked or got == self.pending or nothing_acked
 
 
 def _child_env(key: bytes) -> dict[str, str]:
@@ -180,14 +181,17 @@ def check_after_kill(
 def crash_matrix(
     work: Path, *, key: bytes, warmup: int = 2, max_ops: int = 64, only: frozenset[int] | None = None
 ) -> list[CrashCase]:
-    """SIGKILL before and after every mutating operation of a steady-state save (a .bak already exists).
+    """SIGKILL before and after every mutating operation of a save.
 
-    *only* restricts the kills to those operation numbers. Each case starts from a copy of the same
-    warmed-up directory; the child acks one save, then dies
-    inside the next one at operation *k*. Stops when *k* is past the last operation of the save.
+    With *warmup* > 0 it is a steady-state save (a file and a ``.bak`` exist): each case starts from a copy
+    of the same warmed-up directory, the child acks one save, then dies inside the next one at operation
+    *k*. With ``warmup=0`` it is the very first save into an empty directory. *only* restricts the kills to
+    those operation numbers. Stops when *k* is past the last operation of the save.
     """
     base = work / "base"
-    run_child(base, key=key, saves=warmup)
+    if warmup:
+        run_child(base, key=key, saves=warmup)
+    saves, crash_save = (2, 2) if warmup else (1, 1)
     cases: list[CrashCase] = []
     for k in range(1, max_ops + 1):
         if only is not None and k not in only:
@@ -197,8 +201,9 @@ def crash_matrix(
         finished = False
         for when in ("before", "after"):
             d = work / f"k{k}-{when}"
-            shutil.copytree(base, d)
-            run = run_child(d, key=key, saves=2, crash_save=2, crash_at=k, crash_when=when)
+            if warmup:
+                shutil.copytree(base, d)
+            run = run_child(d, key=key, saves=saves, crash_save=crash_save, crash_at=k, crash_when=when)
             if run.returncode == 0:
                 finished = True
                 shutil.rmtree(d)

@@ -28,6 +28,15 @@ def test_kill_before_and_after_every_operation_of_a_save(tmp_path: Path, key: by
     assert all(c.pending is not None and c.acked is not None for c in cases)
 
 
+def test_kill_at_every_operation_of_the_first_save(tmp_path: Path, key: bytes) -> None:
+    """The very first save into an empty directory: a kill leaves an empty fresh start or the new state."""
+    cases = crash_matrix(tmp_path, key=key, warmup=0)
+    assert len(cases) >= 10
+    assert [c for c in cases if not c.ok] == []
+    assert {c.loaded.generation for c in cases if c.loaded is not None} == {0, 1}
+    assert all(c.acked is None for c in cases)
+
+
 def test_soak_random_kills(tmp_path: Path, key: bytes) -> None:
     """Kills at random moments of a save loop never lose an acknowledged save nor leave a mix."""
     cases = soak(tmp_path / "state", key=key, kills=8, seed=1)

@@ -119,3 +119,64 @@ def test_persistent_enospc_reports_errno_and_operation(tmp_path: Path) -> None:
     assert info.value.errno == errno.ENOSPC
     assert info.value.operation == "write"
     assert "previous file is intact" in str(info.value)
+
+
+def _first_save_case(d: Path, key: bytes, fault: Fault) -> str:
+    new = {p.key: p for p in workload(1)[0]}
+    with PositionStateManager(_config(d), key=key) as m:
+        m.load_positions()
+        ops = HarnessOps(fault=fault)
+        with _fileops.use(ops):
+            try:
+                m.save_positions(new.values())
+                outcome = "succeeded"
+            except PersistenceError:
+                outcome = "failed"
+                assert m.get_positions() == {} and m.generation == 0
+        assert ops.fired >= 1
+        if (d / "positions.json").exists():
+            on_disk = read(d / "positions.json", options=ReadOptions(keyring=m._keyring))
+            assert (on_disk.state.generation, on_disk.state.positions) == (1, new)
+        else:
+            assert outcome == "failed"
+        final = {p.key: p for p in workload(2)[0]}
+        m.save_positions(final.values())
+    with PositionStateManager(_config(d), key=key) as m2:
+        assert _temps(d) == []
+        assert m2.load_positions() == final
+    return outcome
+
+
+@pytest.mark.parametrize("persistent", [pytest.param(False, id="once"), pytest.param(True, id="every-time-after")])
+def test_errno_at_every_operation_of_the_first_save(tmp_path: Path, persistent: bool) -> None:
+    """The first save into an empty directory: each errno at each op leaves no file or the new one."""
+    key = generate_key()
+    with PositionStateManager(_config(tmp_path / "probe"), key=key) as m:
+        m.load_positions()
+        probe = HarnessOps()
+        with _fileops.use(probe):
+            m.save_positions(workload(1)[0])
+    n = sum(op.name in MUTATING_AND_READS for op in probe.ops)
+    assert n >= 6
+    for name, code in sorted(ERRNOS.items()):
+        outcomes = [
+            _first_save_case(tmp_path / f"{name}{k}", key, Fault(at=k, errno=code, persistent=persistent, ops=MUTATING_AND_READS))
+            for k in range(1, n + 1)
+        ]
+        assert outcomes[0] == "failed"
+
+
+@pytest.mark.parametrize("op", ["mkdir", "fsync_dir"])
+def test_fault_creating_the_state_directory(tmp_path: Path, op: str) -> None:
+    """A fault while creating the state directory is a PersistenceError; the next attempt works."""
+    key = generate_key()
+    d = tmp_path / "new" / "state"
+    with (
+        _fileops.use(HarnessOps(fault=Fault(at=1, errno=errno.EIO, ops=frozenset({op})))),
+        pytest.raises(PersistenceError) as info,
+    ):
+        PositionStateManager(_config(d), key=key)
+    assert info.value.operation == "create state directory"
+    with PositionStateManager(_config(d), key=key) as m:
+        m.load_positions()
+        assert m.save() == 1
