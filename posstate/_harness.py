@@ -68,6 +68,7 @@ class Op:
     fd: int | None = None
     data: bytes | None = None
     faulted: str | None = None  # the action taken at this op, if any
+    error: int | None = None  # errno of a real OSError the operating system raised (ENOENT, EEXIST...)
 
 
 @dataclass(slots=True)
@@ -145,7 +146,11 @@ class HarnessOps(FileOps):
         action = self._before("open", path, flags=flags)
         if action == "skip":
             raise self._error("open", path)  # an open cannot be skipped; treat as a failure
-        fd = super().open(path, flags, mode)
+        try:
+            fd = super().open(path, flags, mode)
+        except OSError as exc:
+            self._record("open", action, path=str(path), flags=flags, error=exc.errno)
+            raise
         self._fds[fd] = _FdInfo(str(path))
         self._record("open", action, path=str(path), flags=flags, fd=fd)
         self._after(action)
@@ -234,7 +239,11 @@ class HarnessOps(FileOps):
 
     def read_file(self, path: StrPath, limit: int | None = None) -> bytes:
         action = self._before("read_file", path)
-        out = super().read_file(path, limit)
+        try:
+            out = super().read_file(path, limit)
+        except OSError as exc:
+            self._record("read_file", action, path=str(path), error=exc.errno)
+            raise
         self._record("read_file", action, path=str(path), size=len(out))
         self._after(action)
         return out

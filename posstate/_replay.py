@@ -77,7 +77,7 @@ class _Sim:
 
     def apply(self, op: Op) -> None:
         name = op.name
-        if op.faulted in ("skip", "raise"):
+        if op.faulted in ("skip", "raise") or op.error is not None:
             return  # the call did not happen (a mutation turned it into a no-op, or it failed)
         if name == "open":
             rel = self.rel(op.path)

@@ -94,3 +94,15 @@ def test_counting_can_be_paused(tmp_path: Path) -> None:
             with pytest.raises(PersistenceError):
                 save_step(m, 3)
     assert ops.fired == 1
+
+
+def test_real_errors_are_recorded(tmp_path: Path) -> None:
+    """An error from the operating system itself (the first save's read of a missing file) is recorded."""
+    m = PositionStateManager(StateConfig.in_dir(tmp_path / "s", backup_interval=1e9), key=generate_key())
+    with m:
+        m.load_positions()
+        ops = HarnessOps()
+        with _fileops.use(ops):
+            save_step(m, 1)
+    reads = [op for op in ops.ops if op.name == "read_file"]
+    assert reads[0].error == errno.ENOENT and reads[-1].error is None
