@@ -80,7 +80,10 @@ def _crash_row(name: str, cases: list[CrashCase]) -> Row:
 
 def family_crash(work: Path, full: bool) -> list[Row]:
     key = generate_key()
-    rows = [_crash_row("crash: SIGKILL before/after each op", crash_matrix(work / "matrix", key=key))]
+    rows = [
+        _crash_row("crash: SIGKILL before/after each op", crash_matrix(work / "matrix", key=key)),
+        _crash_row("crash: same, during the first save", crash_matrix(work / "first", key=key, warmup=0)),
+    ]
     kills = 200 if full else 10
     rows.append(_crash_row("crash: SIGKILL at random (soak)", soak(work / "soak" / "s", key=key, kills=kills, seed=7)))
     return rows
