@@ -101,12 +101,14 @@ class _Sim:
             self.fds.pop(op.fd or -1, None)
         elif name == "replace":
             src, dst = self.rel(op.path), self.rel(op.dst)
-            self.names[dst] = self.names.pop(src)
-            self.pending.append(("replace", src, dst, 0))
+            if src in self.names:  # a file outside the snapshot (not ours to model) is left alone
+                self.names[dst] = self.names.pop(src)
+                self.pending.append(("replace", src, dst, 0))
         elif name == "link":
             src, dst = self.rel(op.path), self.rel(op.dst)
-            self.names[dst] = self.names[src]
-            self.pending.append(("link", src, dst, 0))
+            if src in self.names:
+                self.names[dst] = self.names[src]
+                self.pending.append(("link", src, dst, 0))
         elif name == "unlink":
             rel = self.rel(op.path)
             self.names.pop(rel, None)
@@ -216,12 +218,12 @@ def _product(choices: list[list[tuple[str, str, bytes]]]) -> Iterator[list[tuple
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    """The regular files directly in *root* (the lock file excluded: it holds no state)."""
+    """The regular files under *root* by relative path (backups and quarantine included; the lock file
+    excluded: it holds no state)."""
     out: dict[str, bytes] = {}
-    for entry in sorted(os.listdir(root)):
-        p = root / entry
-        if p.is_file() and not p.is_symlink() and not entry.endswith(".lock"):
-            out[entry] = p.read_bytes()
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink() and not p.name.endswith(".lock"):
+            out[str(p.relative_to(root))] = p.read_bytes()
     return out
 
 

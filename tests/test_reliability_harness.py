@@ -26,7 +26,8 @@ def test_records_every_operation_of_a_save_with_paths_and_sizes(tmp_path: Path) 
         with _fileops.use(ops):
             save_step(m, 2)
     names = [op.name for op in ops.ops]
-    assert names == ["open", "write", "fsync", "close", "read_file", "link", "replace", "replace", "fsync_dir", "read_file"]
+    core = ["open", "write", "fsync", "close", "read_file", "link", "replace", "replace", "fsync_dir", "read_file"]
+    assert names[: len(core)] == core  # (a timed backup, once it exists, may follow)
     write = ops.ops[1]
     data = (tmp_path / "s" / "positions.json").read_bytes()
     assert write.size == len(data) and write.offset == 0 and write.data == data
