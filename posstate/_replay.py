@@ -1,0 +1,371 @@
+"""Power-loss replay (the ALICE idea): every on-disk state a power cut during a recorded save could leave.
+
+Input: the files of the state directory before the save and the operations :class:`~posstate._harness.HarnessOps`
+recorded during it (with ``keep_data=True``). The model, close to ext4 with ``data=ordered``:
+
+* file contents: bytes written since the last fsync/fdatasync of that file may be lost; a file whose
+  unsynced writes are lost can be left empty, zero-filled to its new length, or torn at a 512- or 4096-byte
+  boundary (the head of the new bytes, then nothing or zeros);
+* directory operations (create, link, rename, unlink) reach the disk in the order they were made; those
+  after the last directory fsync may be lost, any number of them from the end;
+* every prefix of the operation list is a possible crash point.
+
+These are the *honest* states (``kind="honest"``): a correct writer must load the old or the new state from
+each, and the new one once the save has returned. ``lying_disk_states`` adds what a disk that ignores
+flushes can leave on top (the renamed file damaged although it was fsynced): only recovery from ``.bak``
+can bring those back, so they need the backups issue's automatic recovery.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from posstate import _fileops
+from posstate._config import StateConfig
+from posstate._crashchild import Seen, fresh_load, save_step, workload_digest
+from posstate._errors import PosStateError
+from posstate._harness import Fault, HarnessOps, Op
+from posstate._manager import PositionStateManager
+
+SECTORS = (512, 4096)
+
+
+@dataclass(slots=True)
+class _Inode:
+    durable: bytes = b""
+    current: bytes = b""
+
+    @property
+    def synced(self) -> bool:
+        return self.durable == self.current
+
+
+@dataclass(frozen=True, slots=True)
+class CrashState:
+    """One possible disk after a power cut: relative file name -> bytes."""
+
+    prefix: int  # how many recorded operations had run
+    complete: bool  # the save had returned (every op ran): the new state was acknowledged
+    files: Mapping[str, bytes]
+    label: str
+    kind: str = "honest"  # or "lying-disk"
+
+
+@dataclass(slots=True)
+class _Sim:
+    root: str
+    inodes: dict[int, _Inode] = field(default_factory=dict)
+    names: dict[str, int] = field(default_factory=dict)  # namespace as the process saw it
+    durable_names: dict[str, int] = field(default_factory=dict)
+    pending: list[tuple[str, str, str | None, int]] = field(default_factory=list)  # dir ops since the last dir fsync
+    fds: dict[int, int] = field(default_factory=dict)
+    next_ino: int = 0
+
+    def rel(self, path: str | None) -> str:
+        assert path is not None
+        return os.path.relpath(path, self.root)
+
+    def new_inode(self, data: bytes) -> int:
+        self.next_ino += 1
+        self.inodes[self.next_ino] = _Inode(data, data)
+        return self.next_ino
+
+    def apply(self, op: Op) -> None:
+        name = op.name
+        if op.faulted in ("skip", "raise") or op.error is not None:
+            return  # the call did not happen (a mutation turned it into a no-op, or it failed)
+        if name == "open":
+            rel = self.rel(op.path)
+            flags = op.flags or 0
+            if rel not in self.names and flags & os.O_CREAT:
+                ino = self.new_inode(b"")
+                self.names[rel] = ino
+                self.pending.append(("create", rel, None, ino))
+            if op.fd is not None and rel in self.names:
+                self.fds[op.fd] = self.names[rel]
+        elif name == "write" and op.fd in self.fds:
+            node = self.inodes[self.fds[op.fd]]
+            data = op.data or b""
+            off = op.offset or 0
+            cur = node.current.ljust(off, b"\0")
+            node.current = cur[:off] + data + cur[off + len(data) :]
+        elif name in ("fsync", "fdatasync") and op.fd in self.fds:
+            node = self.inodes[self.fds[op.fd]]
+            node.durable = node.current
+        elif name == "close":
+            self.fds.pop(op.fd or -1, None)
+        elif name == "replace":
+            src, dst = self.rel(op.path), self.rel(op.dst)
+            if src in self.names:  # a file outside the snapshot (not ours to model) is left alone
+                self.names[dst] = self.names.pop(src)
+                self.pending.append(("replace", src, dst, 0))
+        elif name == "link":
+            src, dst = self.rel(op.path), self.rel(op.dst)
+            if src in self.names:
+                self.names[dst] = self.names[src]
+                self.pending.append(("link", src, dst, 0))
+        elif name == "unlink":
+            rel = self.rel(op.path)
+            self.names.pop(rel, None)
+            self.pending.append(("unlink", rel, None, 0))
+        elif name == "fsync_dir":
+            self.durable_names = dict(self.names)
+            self.pending = []
+
+    def namespaces(self) -> Iterator[tuple[int, dict[str, int]]]:
+        """The durable namespace with each in-order prefix of the pending directory operations applied."""
+        ns = dict(self.durable_names)
+        yield 0, dict(ns)
+        for i, (kind, a, b, ino) in enumerate(self.pending, 1):
+            if kind == "create":
+                ns[a] = ino
+            elif kind == "replace" and b is not None and a in ns:
+                ns[b] = ns.pop(a)
+            elif kind == "link" and b is not None and a in ns:
+                ns[b] = ns[a]
+            elif kind == "unlink":
+                ns.pop(a, None)
+            yield i, dict(ns)
+
+
+def _content_variants(node: _Inode) -> list[tuple[str, bytes]]:
+    """What a power cut can leave in a file whose latest writes were not fsynced."""
+    if node.synced:
+        return [("synced", node.current)]
+    new, old = node.current, node.durable
+    out: list[tuple[str, bytes]] = [("unsynced-old", old), ("unsynced-new", new)]
+    if old:
+        return out  # our writer only ever writes new files; an in-place rewrite is modelled as old/new
+    out.append(("empty", b""))
+    out.append(("zero-filled", bytes(len(new))))
+    for sector in SECTORS:
+        for cut in range(sector, len(new), sector):
+            out.append((f"torn@{cut}", new[:cut]))
+            out.append((f"torn@{cut}+zeros", new[:cut] + bytes(len(new) - cut)))
+    return out
+
+
+def _damaged(data: bytes) -> list[tuple[str, bytes]]:
+    """A fsynced file a lying disk lost anyway: empty, zero-filled, torn at sector boundaries."""
+    out: list[tuple[str, bytes]] = [("lie-empty", b""), ("lie-zero-filled", bytes(len(data)))]
+    for sector in SECTORS:
+        for cut in range(sector, len(data), sector):
+            out.append((f"lie-torn@{cut}", data[:cut]))
+            out.append((f"lie-torn@{cut}+zeros", data[:cut] + bytes(len(data) - cut)))
+    return out
+
+
+def _simulate(before: Mapping[str, bytes], ops: Sequence[Op], root: str) -> Iterator[tuple[int, _Sim]]:
+    sim = _Sim(root=root)
+    for rel, data in before.items():
+        ino = sim.new_inode(data)
+        sim.names[rel] = ino
+    sim.durable_names = dict(sim.names)
+    yield 0, sim
+    for p, op in enumerate(ops, 1):
+        sim.apply(op)
+        yield p, sim
+
+
+def crash_states(before: Mapping[str, bytes], ops: Sequence[Op], root: str | Path) -> Iterator[CrashState]:
+    """Every honest crash state of the recorded operations (see the module docstring)."""
+    n = len(ops)
+    seen: set[tuple[int, tuple[tuple[str, bytes], ...]]] = set()
+    for p, sim in _simulate(before, ops, str(root)):
+        for j, ns in sim.namespaces():
+            choices: list[list[tuple[str, str, bytes]]] = []
+            for rel, ino in sorted(ns.items()):
+                node = sim.inodes.get(ino)
+                if node is None:
+                    continue
+                choices.append([(rel, label, data) for label, data in _content_variants(node)])
+            for combo in _product(choices):
+                files = {rel: data for rel, _, data in combo}
+                key = (p == n, tuple(sorted(files.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                labels = ",".join(f"{rel}={label}" for rel, label, _ in combo if label != "synced")
+                yield CrashState(prefix=p, complete=p == n, files=files, label=f"ops={p} dirops={j} {labels}".strip())
+
+
+def lying_disk_states(before: Mapping[str, bytes], ops: Sequence[Op], root: str | Path, *, target: str) -> Iterator[CrashState]:
+    """The final state of the save with *target* (relative name) damaged although it was fsynced."""
+    final: _Sim | None = None
+    for _, sim in _simulate(before, ops, str(root)):
+        final = sim
+    assert final is not None
+    files = {rel: final.inodes[ino].current for rel, ino in final.names.items() if ino in final.inodes}
+    if target not in files:
+        return
+    for label, data in _damaged(files[target]):
+        yield CrashState(prefix=len(ops), complete=True, files={**files, target: data}, label=label, kind="lying-disk")
+
+
+def _product(choices: list[list[tuple[str, str, bytes]]]) -> Iterator[list[tuple[str, str, bytes]]]:
+    if not choices:
+        yield []
+        return
+    head, rest = choices[0], choices[1:]
+    for item in head:
+        for tail in _product(rest):
+            yield [item, *tail]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """The regular files under *root* by relative path (backups and quarantine included; the lock file
+    excluded: it holds no state)."""
+    out: dict[str, bytes] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink() and not p.name.endswith(".lock"):
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def materialize(state: CrashState, into: Path) -> None:
+    """Write *state*'s files into the empty directory *into* (mode 0700, files 0600)."""
+    into.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for rel, data in state.files.items():
+        p = into / rel
+        p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def damage_cases(data: bytes, *, bit_step: int = 1, seed: int = 0) -> Iterator[tuple[str, str, bytes]]:
+    """(family, label, damaged bytes): every *bit_step*-th single-bit flip, every truncation length, appended
+    garbage, and each 512-byte sector zeroed."""
+    for bit in range(0, len(data) * 8, bit_step):
+        buf = bytearray(data)
+        buf[bit // 8] ^= 1 << (bit % 8)
+        yield "bit-flip", f"bit {bit}", bytes(buf)
+    for n in range(len(data)):
+        yield "truncation", f"length {n}", data[:n]
+    rnd = random.Random(seed)
+    for extra in (b"\n", b"\0", bytes(512), rnd.randbytes(4096), data):
+        yield "appended", f"+{len(extra)} bytes", data + extra
+    for start in range(0, len(data), 512):
+        end = min(start + 512, len(data))
+        yield "sector-zeroed", f"sector {start // 512}", data[:start] + bytes(end - start) + data[end:]
+
+
+def sized_state(state_dir: Path, *, key: bytes, size: int = 4096) -> tuple[bytes, dict[Any, Any]]:
+    """Write a state file of exactly *size* bytes (encrypted, uncompressed, a padded metadata entry) over
+    a valid ``.bak``; return the file's bytes and the ``.bak``'s positions (what recovery must bring back)."""
+    from decimal import Decimal
+
+    from posstate._crypto import Keyring
+    from posstate._model import Position
+    from posstate._statefile import ReadOptions, read
+
+    rnd = random.Random(11)
+    positions = [
+        Position(
+            symbol=f"S{i}/USDT",
+            side="long",
+            contracts=Decimal(rnd.randint(1, 10**9)) / 10**4,
+            entry_price=Decimal(rnd.randint(1, 10**9)) / 10**3,
+        )
+        for i in range(20)
+    ]
+    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9, compression=False)
+    with PositionStateManager(cfg, key=key) as m:
+        m.load_positions()
+        pad = 0
+        for _ in range(6):
+            m.set_symbol_metadata("PAD", {"pad": "p" * pad})
+            m.save_positions(positions)
+            got = len(_fileops.read_file(state_dir / "positions.json"))
+            if got == size:
+                break
+            pad += size - got
+            if pad < 0:
+                raise ValueError(f"cannot make a state file as small as {size} bytes")
+        else:
+            raise RuntimeError(f"could not make a state file of exactly {size} bytes")
+        # Keep a different, valid state as the .bak, then write the sized one again over it (header
+        # fields are fixed-width, so the size is the same).
+        m.save_positions(positions[:10])
+        m.save_positions(positions)
+    bak = read(state_dir / "positions.json.bak", options=ReadOptions(keyring=Keyring(key=key)))
+    return _fileops.read_file(state_dir / "positions.json"), dict(bak.state.positions)
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A recorded save: the directory before it, its operations, and the old and new fingerprints."""
+
+    root: Path
+    before: dict[str, bytes]
+    ops: list[Op]
+    old: Seen
+    new: Seen
+
+
+def record_save(state_dir: Path, *, key: bytes, warmup: int = 2, fault: Fault | None = None) -> Recorded:
+    """Warm *state_dir* up with *warmup* saves, then record the next save (optionally with a fault)."""
+    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.load_positions()
+        for _ in range(warmup):
+            save_step(m, m.generation + 1)
+    old = fresh_load(state_dir, key=key)
+    with PositionStateManager(cfg, key=key) as m:
+        m.load_positions()
+        before = snapshot(state_dir)
+        ops = HarnessOps(keep_data=True, fault=fault)
+        step = m.generation + 1
+        with _fileops.use(ops):
+            gen = save_step(m, step)
+    return Recorded(state_dir, before, list(ops.ops), old, Seen(gen, workload_digest(step)))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a fresh manager made of one crash state."""
+
+    state: CrashState
+    result: str  # "old", "new", "error" or "other" (a state that is neither: a mix or an older one)
+    detail: str = ""
+
+    @property
+    def lost(self) -> bool:
+        """Acknowledged data lost: an error, a foreign state, or the old state after the save returned."""
+        return self.result in ("error", "other") or (self.state.complete and self.result != "new")
+
+
+def load_state(state: CrashState, into: Path, *, key: bytes, old: Seen, new: Seen) -> Outcome:
+    """Materialize *state* in the empty directory *into*, load it with a fresh manager, classify."""
+    materialize(state, into)
+    try:
+        seen = fresh_load(into, key=key, backup_interval=1e9)
+    except PosStateError as exc:
+        return Outcome(state, "error", f"{type(exc).__name__}: {exc}")
+    # Compare contents; a recovery that rewrote the file may give the recovered state a newer generation.
+    if seen.digest == old.digest and seen.generation >= old.generation:
+        return Outcome(state, "old", "" if seen == old else f"recovered as generation {seen.generation}")
+    if seen.digest == new.digest and seen.generation >= new.generation:
+        return Outcome(state, "new", "" if seen == new else f"recovered as generation {seen.generation}")
+    return Outcome(state, "other", repr(seen))
+
+
+__all__ = [
+    "damage_cases",
+    "Outcome",
+    "Recorded",
+    "load_state",
+    "record_save",
+    "CrashState",
+    "crash_states",
+    "lying_disk_states",
+    "materialize",
+    "snapshot",
+]
