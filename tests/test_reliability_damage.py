@@ -70,7 +70,6 @@ def _recovery_dirs(state: State, work: Path, sample: int) -> list[tuple[str, Pat
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 3 recovery")
 def test_damaged_state_file_with_intact_bak_is_recovered(state: State, tmp_path: Path) -> None:
     """With an intact .bak, a load after any damage returns the .bak's positions (never an error, never empty)."""
     _, key, _, want = state

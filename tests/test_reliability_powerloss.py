@@ -47,7 +47,6 @@ def test_replay_model_includes_torn_and_zero_filled_files(tmp_path: Path, key: b
         assert word in labels
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 3 recovery")
 def test_lying_disk_damaged_state_file_recovers_from_bak(tmp_path: Path, key: bytes) -> None:
     """The renamed file empty, zero-filled or torn at 512/4096 despite fsync: recovery loads old or new."""
     rec = record_save(tmp_path / "s", key=key)
