@@ -67,10 +67,18 @@ def write_key(path: Path, key: bytes) -> Path:
 
 
 def make_state(
-    state_dir: Path, key: bytes, positions: list[Position], metadata: dict[str, dict[str, object]] | None = None
+    state_dir: Path,
+    key: bytes,
+    positions: list[Position],
+    metadata: dict[str, dict[str, object]] | None = None,
+    *,
+    durability: str | None = None,
 ) -> Path:
+    """Write a state holding *positions* and *metadata* with one save() (default durability unless given:
+    in "sync" mode a fresh state's first change also writes a base snapshot, and a journal is left beside it)."""
     # No timed backups: each test decides which backup files exist.
-    with PositionStateManager(StateConfig.in_dir(state_dir, backup_interval=1e9), key=key) as m:
+    extra = {} if durability is None else {"durability": durability}
+    with PositionStateManager(StateConfig.in_dir(state_dir, backup_interval=1e9, **extra), key=key) as m:
         m.load_positions()
         for p in positions:
             m.set_position(p)
