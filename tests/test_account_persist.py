@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,6 @@ from posstate import (
     Position,
     PositionStateManager,
     StateConfig,
-    _statefile,
     generate_key,
 )
 from posstate import _fileops as fs
@@ -35,12 +37,30 @@ def config(tmp_path: Path, **kw: Any) -> StateConfig:
     return StateConfig.in_dir(tmp_path / "state", **kw)
 
 
-def on_disk(cfg: StateConfig, key: bytes | None = None) -> _statefile.StateData:
-    from posstate._crypto import Keyring
+DURABILITIES = pytest.mark.parametrize("durability", ["sync", "snapshot"])
 
-    return _statefile.read(
-        cfg.state_path, options=_statefile.ReadOptions(keyring=Keyring.resolve(key=key, passphrase=None))
-    ).state
+
+@dataclass(frozen=True)
+class Durable:
+    positions: dict[Any, Position]
+    metadata: dict[str, dict[str, Any]]
+
+
+def durable(cfg: StateConfig, key: bytes | None = None) -> Durable:
+    """What a fresh manager loads if the process died now: the state file and its journal are copied aside
+    (the live manager keeps its writer lock) and opened by a new manager, with real file operations."""
+    scratch = Path(tempfile.mkdtemp(dir=cfg.state_dir.parent, prefix="reopened-"))
+    with fs.use(fs.FileOps()):
+        for src in (cfg.state_path, cfg.journal_path):
+            if src.exists():
+                shutil.copyfile(src, scratch / src.name)
+        with PositionStateManager(StateConfig.in_dir(scratch, encryption=cfg.encryption), key=key) as m:
+            return Durable(m.get_positions(), m.get_all_symbol_metadata())
+
+
+def files(cfg: StateConfig) -> dict[str, bytes]:
+    """The bytes of the state file and the journal (those that exist)."""
+    return {p.name: p.read_bytes() for p in (cfg.state_path, cfg.journal_path) if p.exists()}
 
 
 def pos(symbol: str, side: str = "long", contracts: str = "1") -> Position:
@@ -48,7 +68,8 @@ def pos(symbol: str, side: str = "long", contracts: str = "1") -> Position:
 
 
 class FailFsync(fs.FileOps):
-    """Real file operations, except fsync fails with ENOSPC while ``failing`` is set."""
+    """Real file operations, except fsync and fdatasync (the journal's sync) fail with ENOSPC while
+    ``failing`` is set."""
 
     def __init__(self) -> None:
         self.failing = True
@@ -57,6 +78,35 @@ class FailFsync(fs.FileOps):
         if self.failing:
             raise OSError(errno.ENOSPC, "No space left on device")
         super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        if self.failing:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().fdatasync(fd)
+
+
+class HoldSync(fs.FileOps):
+    """Real file operations; the first fsync/fdatasync made by thread *holder* (the one that makes the
+    persist durable) blocks, before syncing, until ``release`` is set: that write is in flight."""
+
+    def __init__(self) -> None:
+        self.holder: int | None = None
+        self.in_flight, self.release = threading.Event(), threading.Event()
+        self.problems: list[str] = []
+
+    def _hold(self) -> None:
+        if threading.get_ident() == self.holder and not self.in_flight.is_set():
+            self.in_flight.set()
+            if not self.release.wait(30):
+                self.problems.append("edit never happened")
+
+    def fsync(self, fd: int) -> None:
+        self._hold()
+        super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self._hold()
+        super().fdatasync(fd)
 
 
 # ------------------------------------------------------------------------------------------ protocol
@@ -93,35 +143,39 @@ def test_returned_metadata_are_copies() -> None:
     assert not s.is_pending_persist()
 
 
-def test_edit_while_write_in_flight_is_not_lost(tmp_path: Path) -> None:
-    """A metadata edit made while a persist is being written (held open inside the save) keeps the store
-    pending; the file has the old value, and the next flush writes the edit. Events, not sleeps."""
-    cfg = config(tmp_path)
+@DURABILITIES
+def test_edit_while_write_in_flight_is_not_lost(tmp_path: Path, durability: str) -> None:
+    """A metadata edit made while a persist is being written (held inside the sync that makes n=1 durable:
+    the snapshot's fsync, or the journal record's fdatasync) keeps the store pending; a reopened manager has
+    the old value, and the next flush writes the edit. Events, not sleeps."""
+    cfg = config(tmp_path, durability=durability)
     with PositionStateManager(cfg) as m:
         store = PersistedAccountStateStore(m, write_through=False)
-        store.set_symbol_metadata("BTC/USDT", {"n": 1})
-        in_flight, edited = threading.Event(), threading.Event()
-        problems: list[str] = []
+        store.set_symbol_metadata("BTC/USDT", {"n": 0})
+        assert store.flush() is True  # the state (and in sync mode the journal) exists: n=1 is one plain write
+        store.set_symbol_metadata_value("BTC/USDT", "n", 1)
+        ops = HoldSync()
 
-        def hold_save(_: dict[str, Any]) -> None:
-            if not in_flight.is_set():
-                in_flight.set()
-                if not edited.wait(30):
-                    problems.append("edit never happened")
+        def flush_in_thread() -> None:
+            ops.holder = threading.get_ident()
+            try:
+                assert store.flush() is True
+            except BaseException as exc:  # surfaced through ops.problems
+                ops.problems.append(repr(exc))
 
-        m.on("stateSaved", hold_save)
-        flusher = threading.Thread(target=store.flush)
-        flusher.start()
-        assert in_flight.wait(30)
-        store.set_symbol_metadata_value("BTC/USDT", "n", 2)  # the write of n=1 is in flight now
-        edited.set()
-        flusher.join()
-        assert problems == []
+        with fs.use(ops):
+            flusher = threading.Thread(target=flush_in_thread)
+            flusher.start()
+            assert ops.in_flight.wait(30)
+            store.set_symbol_metadata_value("BTC/USDT", "n", 2)  # the write of n=1 is in flight now
+            ops.release.set()
+            flusher.join()
+        assert ops.problems == []
         assert store.is_pending_persist()
-        assert on_disk(cfg).metadata["BTC/USDT"] == {"n": 1}
+        assert durable(cfg).metadata["BTC/USDT"] == {"n": 1}
         assert store.flush() is True
         assert not store.is_pending_persist()
-        assert on_disk(cfg).metadata["BTC/USDT"] == {"n": 2}
+        assert durable(cfg).metadata["BTC/USDT"] == {"n": 2}
 
 
 # ------------------------------------------------------------------------------------------ persisted store
@@ -140,36 +194,38 @@ def test_restore_does_not_mark_pending_and_hides_reserved(tmp_path: Path) -> Non
         assert store.get_active_position("BTC/USDT", "long") == pos("BTC/USDT")
         assert store.get_all_symbol_metadata() == {"BTC/USDT": {"entries": 2}}
         store.set_symbol_metadata("ETH/USDT", {"x": 1})
-    state = on_disk(cfg)
+    state = durable(cfg)
     assert set(state.metadata) == {"BTC/USDT", "ETH/USDT", "__posstate_orders__"}
 
 
-def test_write_through_is_durable_on_return(tmp_path: Path) -> None:
-    """With write_through (the default), each position or metadata change is in the file when the call returns;
-    balance and price ticks are not persisted."""
-    cfg = config(tmp_path)
+@DURABILITIES
+def test_write_through_is_durable_on_return(tmp_path: Path, durability: str) -> None:
+    """With write_through (the default), each position or metadata change is durable (a reopened manager has
+    it) when the call returns; balance and price ticks are not persisted (no file changes)."""
+    cfg = config(tmp_path, durability=durability)
     with PositionStateManager(cfg) as m:
         store = PersistedAccountStateStore(m)
         store.set_active_position(pos("BTC/USDT", "short", "2"))
-        assert on_disk(cfg).positions[("BTC/USDT", "short")].contracts == 2
+        assert durable(cfg).positions[("BTC/USDT", "short")].contracts == 2
         store.set_symbol_metadata("BTC/USDT", {"first_open": 1})
         store.set_symbol_metadata_value("BTC/USDT", "entries", 1)
-        assert on_disk(cfg).metadata["BTC/USDT"] == {"first_open": 1, "entries": 1}
-        generation = m.generation
+        assert durable(cfg).metadata["BTC/USDT"] == {"first_open": 1, "entries": 1}
+        generation, before = m.generation, files(cfg)
         store.set_wallet_balance(10)
         store.process_price_event("BTC/USDT", 90)
-        assert m.generation == generation
+        assert m.generation == generation and files(cfg) == before
         store.delete_active_position("BTC/USDT", "short")
         store.delete_symbol_metadata("BTC/USDT")
-        state = on_disk(cfg)
+        state = durable(cfg)
         assert state.positions == {} and state.metadata == {}
         assert not store.is_pending_persist()
 
 
-def test_failed_persist_stays_pending_then_succeeds(tmp_path: Path) -> None:
-    """ENOSPC at fsync: flush raises PersistenceError, the file keeps the previous value, the change stays
-    pending (persistFailed event), and the next flush after the fault clears writes it."""
-    cfg = config(tmp_path)
+@DURABILITIES
+def test_failed_persist_stays_pending_then_succeeds(tmp_path: Path, durability: str) -> None:
+    """ENOSPC at fsync/fdatasync: flush raises PersistenceError, a reopened manager has the previous value, the
+    change stays pending (persistFailed event), and the next flush after the fault clears writes it."""
+    cfg = config(tmp_path, durability=durability)
     with PositionStateManager(cfg) as m:
         store = PersistedAccountStateStore(m, write_through=False)
         store.set_symbol_metadata("BTC/USDT", {"n": 1})
@@ -182,12 +238,12 @@ def test_failed_persist_stays_pending_then_succeeds(tmp_path: Path) -> None:
             with pytest.raises(PersistenceError):
                 store.flush()
             assert store.is_pending_persist()
-            assert on_disk(cfg).metadata["BTC/USDT"] == {"n": 1}
+            assert durable(cfg).metadata["BTC/USDT"] == {"n": 1}
             ops.failing = False
             assert store.flush() is True
         assert len(failures) == 1
         assert not store.is_pending_persist()
-        assert on_disk(cfg).metadata["BTC/USDT"] == {"n": 2}
+        assert durable(cfg).metadata["BTC/USDT"] == {"n": 2}
 
 
 def test_background_persist_thread(tmp_path: Path) -> None:
@@ -200,20 +256,21 @@ def test_background_persist_thread(tmp_path: Path) -> None:
         store.on("persisted", lambda _: persisted.set())
         store.set_symbol_metadata("BTC/USDT", {"n": 1})
         assert persisted.wait(30)
-        assert on_disk(cfg).metadata["BTC/USDT"] == {"n": 1}
+        assert durable(cfg).metadata["BTC/USDT"] == {"n": 1}
         store.close()
         assert store._thread is not None and not store._thread.is_alive()
         store.close()  # idempotent
 
 
-def test_close_flushes_pending(tmp_path: Path) -> None:
-    """Without write-through or a thread, close() persists what is pending."""
-    cfg = config(tmp_path)
+@DURABILITIES
+def test_close_flushes_pending(tmp_path: Path, durability: str) -> None:
+    """Without write-through or a thread, nothing is written until close(), which persists what is pending."""
+    cfg = config(tmp_path, durability=durability)
     with PositionStateManager(cfg) as m:
         with PersistedAccountStateStore(m, write_through=False) as store:
             store.set_symbol_metadata("BTC/USDT", {"n": 1})
-            assert not cfg.state_path.exists()
-        assert on_disk(cfg).metadata["BTC/USDT"] == {"n": 1}
+            assert files(cfg) == {} and durable(cfg).metadata == {}
+        assert durable(cfg).metadata["BTC/USDT"] == {"n": 1}
 
 
 def test_journal_durability_relies_on_mutators(tmp_path: Path) -> None:
@@ -281,10 +338,11 @@ def test_nothing_lost_across_kill_9(tmp_path: Path) -> None:
         assert store.get_symbol_metadata("BTC/USDT") == {"entries_long": 1, "trail": {"armed": True}}
 
 
-def test_write_through_failure_raises_and_stays_pending(tmp_path: Path) -> None:
+@DURABILITIES
+def test_write_through_failure_raises_and_stays_pending(tmp_path: Path, durability: str) -> None:
     """In write-through mode a failed write makes the setter raise PersistenceError; the change is kept in
-    memory and pending, the file keeps the old value, and the next change (fault cleared) writes both."""
-    cfg = config(tmp_path)
+    memory and pending, a reopened manager has the old value, and the next change (fault cleared) writes both."""
+    cfg = config(tmp_path, durability=durability)
     with PositionStateManager(cfg) as m:
         store = PersistedAccountStateStore(m)
         store.set_symbol_metadata("BTC/USDT", {"n": 1})
@@ -294,7 +352,8 @@ def test_write_through_failure_raises_and_stays_pending(tmp_path: Path) -> None:
                 store.set_symbol_metadata_value("BTC/USDT", "n", 2)
             assert store.get_symbol_metadata("BTC/USDT") == {"n": 2}
             assert store.is_pending_persist()
+            assert durable(cfg).metadata == {"BTC/USDT": {"n": 1}}
             ops.failing = False
             store.set_symbol_metadata("ETH/USDT", {"m": 1})
-        assert on_disk(cfg).metadata == {"BTC/USDT": {"n": 2}, "ETH/USDT": {"m": 1}}
+        assert durable(cfg).metadata == {"BTC/USDT": {"n": 2}, "ETH/USDT": {"m": 1}}
         assert not store.is_pending_persist()

@@ -35,7 +35,7 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate._format import TRAILER_SIZE, trailer_for
+from posstate._format import TRAILER_SIZE, parse_header, trailer_for
 from posstate._lock import WriterLock
 from posstate._manager import PositionStateManager
 from posstate._model import Position
@@ -67,10 +67,18 @@ def write_key(path: Path, key: bytes) -> Path:
 
 
 def make_state(
-    state_dir: Path, key: bytes, positions: list[Position], metadata: dict[str, dict[str, object]] | None = None
+    state_dir: Path,
+    key: bytes,
+    positions: list[Position],
+    metadata: dict[str, dict[str, object]] | None = None,
+    *,
+    durability: str | None = None,
 ) -> Path:
+    """Write a state holding *positions* and *metadata* with one save() (default durability unless given:
+    in "sync" mode a fresh state's first change also writes a base snapshot, and a journal is left beside it)."""
     # No timed backups: each test decides which backup files exist.
-    with PositionStateManager(StateConfig.in_dir(state_dir, backup_interval=1e9), key=key) as m:
+    extra = {} if durability is None else {"durability": durability}
+    with PositionStateManager(StateConfig.in_dir(state_dir, backup_interval=1e9, **extra), key=key) as m:
         m.load_positions()
         for p in positions:
             m.set_position(p)
@@ -78,6 +86,11 @@ def make_state(
             m.set_symbol_metadata(sym, data)
         m.save()
     return state_dir / "positions.json"
+
+
+def generation_of(path: Path) -> int:
+    """The generation in a state file's header (read directly, no key needed)."""
+    return parse_header(path.read_bytes()).generation
 
 
 @pytest.fixture
@@ -129,7 +142,7 @@ def test_validate_valid_file_prints_every_check_ok(state: Path, key_file: Path) 
     lines = r.stdout.splitlines()
     for name in ("read", "header", "checksum", "version", "decryption", "decompression", "json", "schema", "relationships"):
         assert any(re.match(rf"\s+ok\s+{name}\b", line) for line in lines), (name, r.stdout)
-    assert lines[-1].startswith("VALID: generation 1, 2 positions")
+    assert lines[-1].startswith(f"VALID: generation {generation_of(state / 'positions.json')}, 2 positions")
     assert r.stderr == ""
 
 
@@ -291,7 +304,7 @@ def test_show_table_and_metadata(state: Path, key_file: Path) -> None:
     r = run([*keyed(state, key_file), "show"])
     assert r.exit_code == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].startswith(f"{state}/positions.json: generation 1, written ")
+    assert lines[0].startswith(f"{state}/positions.json: generation {generation_of(state / 'positions.json')}, written ")
     head = next(i for i, line in enumerate(lines) if line.startswith("symbol"))
     assert lines[head].split() == ["symbol", "side", "contracts", "entry", "mark", "uPnL", "leverage"]
     assert lines[head + 2].split() == ["BTC/USDT", "long", "0.5", "60000", "61000", "500", "5"]
@@ -337,8 +350,8 @@ def test_diff_text_and_json(tmp_path: Path, key: bytes, key_file: Path) -> None:
     r = run(["--key-file", str(key_file), "diff", str(a), str(b)])
     assert r.exit_code == 0, r.stderr
     assert r.stdout.splitlines() == [
-        f"--- {a} (generation 1)",
-        f"+++ {b} (generation 1)",
+        f"--- {a} (generation {generation_of(a)})",
+        f"+++ {b} (generation {generation_of(b)})",
         "+ C short  contracts=1 entry_price=100",
         "- B long  contracts=1 entry_price=100",
         "~ A long",
@@ -435,11 +448,13 @@ def test_export_edit_import_round_trip(state: Path, key: bytes, key_file: Path, 
     doc["symbol_metadata"]["SOL/USDT"] = {"rev": 1, "data": {"strategy": "s1"}}
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(doc))
+    before = generation_of(state / "positions.json")
     r = run([*keyed(state, key_file), "import", str(edited), "--yes"])
     assert r.exit_code == 0, r.stderr
     assert "~ ETH/USDT short" in r.stdout and "- BTC/USDT long" in r.stdout
     loaded = _statefile.read(state / "positions.json", options=_statefile.ReadOptions(keyring=Keyring(key=key)))
-    assert loaded.header.encrypted and loaded.state.generation == 2
+    assert loaded.header.encrypted and loaded.state.generation == before + 1
+    assert r.stderr.strip().endswith(f"as generation {before + 1} (encrypted)")
     assert loaded.state.positions == {("ETH/USDT", "short"): pos("ETH/USDT", "short", "3.25", "3000")}
     assert loaded.state.metadata == {"BTC/USDT": {"entries_long": 1}, "SOL/USDT": {"strategy": "s1"}}
 
@@ -508,13 +523,14 @@ def test_import_needs_yes_without_terminal_and_asks_on_one(
 
 
 def test_import_into_an_empty_directory(tmp_path: Path, key: bytes, key_file: Path, state: Path) -> None:
-    """Importing into a directory with no state starts it: generation 1, encrypted, the same positions."""
+    """Importing into a directory with no state starts it: encrypted, the same positions, and the message names
+    the generation written (a fresh state in sync mode first writes a base snapshot, so it is not pinned to 1)."""
     src = tmp_path / "exp.json"
     assert run([*keyed(state, key_file), "export", "--out", str(src)]).exit_code == 0
     fresh = tmp_path / "fresh"
     r = run([*keyed(fresh, key_file), "import", str(src), "--yes"])
     assert r.exit_code == 0, r.stderr
-    assert r.stderr.strip().endswith("as generation 1 (encrypted)")
+    assert r.stderr.strip().endswith(f"as generation {generation_of(fresh / 'positions.json')} (encrypted)")
     ro = _statefile.ReadOptions(keyring=Keyring(key=key))
     assert (
         _statefile.read(fresh / "positions.json", options=ro).state.positions

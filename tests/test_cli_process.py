@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
-from test_cli import ROOT, make_state, pos, run, write_key
+from test_cli import ROOT, generation_of, make_state, pos, run, write_key
 
 from posstate import _atomic, _cli_watch, _statefile
 from posstate._config import StateConfig
@@ -118,7 +118,7 @@ def test_validate_as_a_process(tmp_path: Path, key: bytes) -> None:
         timeout=60,
     )
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.splitlines()[-1].startswith("VALID: generation 1, 1 positions")
+    assert ok.stdout.splitlines()[-1].startswith(f"VALID: generation {generation_of(path)}, 1 positions")
     path.write_bytes(path.read_bytes()[:-10])
     bad = subprocess.run(
         [sys.executable, "-m", "posstate", "validate", str(path)],
@@ -161,9 +161,9 @@ def test_watch_reports_a_save_and_exits_0_on_ctrl_c(tmp_path: Path, key: bytes, 
     with PositionStateManager(StateConfig.in_dir(state, backup_interval=1e9), key=key) as m:
         m.load_positions()
         m.set_position(pos("B", "short"))
-        m.save()
+        saved = m.save()
     rec = w.record(lambda r: r["file"] == "positions.json")
-    assert (rec["generation"], rec["status"], rec["flags"], rec["positions"]) == (2, "valid", [], 2)
+    assert (rec["generation"], rec["status"], rec["flags"], rec["positions"]) == (saved, "valid", [], 2)
     assert rec["writer_pid"] == os.getpid()
     w.p.send_signal(signal.SIGINT)
     assert w.p.wait(timeout=DEADLINE) == 0
@@ -200,7 +200,7 @@ def test_watch_flags_unexpected_writer_and_damage(tmp_path: Path, key: bytes, pr
         _, enc = _statefile.encode(st, keyring=Keyring(key=key), compression_level=3)
         _atomic.write_file(path, enc.data)  # bypasses the lock: the writer pid is ours, the holder is the child
         rec = w.record(lambda r: r["file"] == "positions.json")
-        assert rec["flags"] == ["unexpected-writer"] and rec["generation"] == 2
+        assert rec["flags"] == ["unexpected-writer"] and rec["generation"] == st.generation
         assert f"held by pid {holder.pid}" in rec["detail"]
         with open(path, "r+b") as fh:
             fh.seek(200)

@@ -60,6 +60,17 @@ def saved(state: Path, key: bytes) -> StateData:
     return _statefile.read(state / "positions.json", options=_statefile.ReadOptions(keyring=Keyring(key=key))).state
 
 
+def reopened(state: Path, key: bytes) -> tuple[set[tuple[str, str]], dict[str, dict[str, object]]]:
+    """The positions and metadata a restarted bot loads (the state file plus its journal)."""
+    with PositionStateManager(StateConfig.in_dir(state, backup_interval=1e9), key=key) as m:
+        return set(m.get_positions()), m.get_all_symbol_metadata()
+
+
+def state_files(state: Path) -> dict[str, bytes]:
+    """The bytes of the state file and the journal (those that exist)."""
+    return {n: (state / n).read_bytes() for n in ("positions.json", "positions.journal") if (state / n).exists()}
+
+
 def reconcile(state: Path, key_file: Path, fixture: str, *extra: str, input: str | None = None):  # type: ignore[no-untyped-def]
     return run([*keyed(state, key_file), "reconcile", "--positions", str(DATA / fixture), *extra], input=input)
 
@@ -98,40 +109,45 @@ def test_closed_while_down_without_apply_exit_1_writes_nothing(state: Path, key_
 
 
 def test_apply_with_yes_saves_and_keeps_metadata(state: Path, key: bytes, key_file: Path) -> None:
-    """--apply --yes: the DOGE short opened by hand is added, saved as the next generation, exit 0; metadata kept."""
+    """--apply --yes: the DOGE short opened by hand is added, exit 0, metadata kept; a restarted bot loads it,
+    and the state file holds it as the next generation, the one the output names."""
+    before = saved(state, key).generation
     r = reconcile(state, key_file, "ccxt_opened_by_hand.json", "--apply", "--yes")
     assert r.exit_code == 0, r.stderr
     assert ["missing", "locally", DOGE, "short", "-", "1200.0", "-", "0.16234"] in [
         line.split() for line in r.stdout.splitlines()
     ]
-    assert r.stdout.splitlines()[-5:] == [
+    assert r.stdout.splitlines()[-5:-1] == [
         "applied:",
         f"  added:   {DOGE} short",
         "  removed: none",
         f"  updated: {BTC} long, {BTC} short, {ETH} long",  # the exchange's mark price, PnL, leverage ...
-        "saved as generation 2",
     ]
-    st = saved(state, key)
-    assert st.generation == 2 and set(st.positions) == {(BTC, "long"), (BTC, "short"), (ETH, "long"), (DOGE, "short")}
-    assert st.metadata[ETH] == {"entries_long": 2}
+    book = {(BTC, "long"), (BTC, "short"), (ETH, "long"), (DOGE, "short")}
+    positions, metadata = reopened(state, key)
+    assert positions == book and metadata[ETH] == {"entries_long": 2}
+    st = saved(state, key)  # "saved as generation N": that generation of the state file holds the applied book
+    assert r.stdout.splitlines()[-1] == f"saved as generation {st.generation}" and st.generation == before + 1
+    assert set(st.positions) == book and st.metadata[ETH] == {"entries_long": 2}
     r = reconcile(state, key_file, "ccxt_opened_by_hand.json", "--apply", "--yes")
     assert r.exit_code == 0 and r.stdout.splitlines()[-2:] == ["IN SYNC", "nothing to apply"]
 
 
 def test_apply_confirmation(state: Path, key: bytes, key_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--apply without a terminal needs --yes (exit 2); on a terminal 'n' is exit 1 and 'y' applies (exit 0)."""
-    before = (state / "positions.json").read_bytes()
+    before = state_files(state)
     r = reconcile(state, key_file, "ccxt_closed_while_down.json", "--apply")
     assert r.exit_code == 2
     assert err_line(r) == ("Error: reconcile --apply needs confirmation and there is no terminal to ask on; rerun with --yes")
     monkeypatch.setattr(_cli_base, "is_terminal", lambda: True)
     r = reconcile(state, key_file, "ccxt_closed_while_down.json", "--apply", input="n\n")
     assert r.exit_code == 1 and r.stderr.splitlines()[-1] == "Error: reconcile --apply not confirmed; nothing was changed"
-    assert (state / "positions.json").read_bytes() == before
+    assert state_files(state) == before
     r = reconcile(state, key_file, "ccxt_closed_while_down.json", "--apply", input="y\n")
     assert r.exit_code == 0, r.stderr
     assert f"  removed: {ETH} long" in r.stdout.splitlines()
-    assert (ETH, "long") not in saved(state, key).positions
+    positions, _ = reopened(state, key)
+    assert (ETH, "long") not in positions and (BTC, "long") in positions
 
 
 def test_tolerances(state: Path, key_file: Path) -> None:

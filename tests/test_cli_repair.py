@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import err_line, make_state, pos, run, write_key
+from test_cli import err_line, generation_of, make_state, pos, run, write_key
 
 from posstate import _cli_base, _codec, _document, _statefile
 from posstate._config import StateConfig
@@ -32,11 +32,15 @@ def key_file(tmp_path: Path, key: bytes) -> Path:
 
 
 @pytest.fixture
-def state(tmp_path: Path, key: bytes) -> Path:
-    """Three saves: backup of generation 1 (first save), .bak = generation 2 (BTC 2), main = generation 3 (BTC 3)."""
+def state(tmp_path: Path, key: bytes, request: pytest.FixtureRequest) -> Path:
+    """Three saves: backup of generation 1 (first save), .bak = generation 2 (BTC 2), main = generation 3 (BTC 3).
+
+    Written in "snapshot" mode (one generation per save, no journal) unless parametrized indirectly with
+    another durability; repair itself runs in the default "sync" mode."""
+    durability = getattr(request, "param", "snapshot")
     d = tmp_path / "state"
-    make_state(d, key, [pos("BTC/USDT", "long", "1")])
-    with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key) as m:
+    make_state(d, key, [pos("BTC/USDT", "long", "1")], durability=durability)
+    with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9, durability=durability), key=key) as m:
         m.load_positions()
         for n in ("2", "3"):
             m.set_position(pos("BTC/USDT", "long", n))
@@ -148,12 +152,16 @@ def test_repair_needs_yes_and_can_be_declined(state: Path, key_file: Path, monke
     assert tree(state) == before
 
 
-def test_repair_of_a_valid_file_changes_nothing(state: Path, key_file: Path) -> None:
-    """A valid state file: 'nothing to repair', exit 0, no file touched."""
+@pytest.mark.parametrize("state", ["snapshot", "sync"], indirect=True)
+def test_repair_of_a_valid_file_changes_nothing(state: Path, key_file: Path, request: pytest.FixtureRequest) -> None:
+    """A valid state file (written in either mode; in sync mode with its journal beside it): 'nothing to
+    repair', exit 0, no file touched."""
     before = tree(state)
+    assert ("positions.journal" in before) == (request.node.callspec.params["state"] == "sync")
+    generation = generation_of(state / "positions.json")
     r = run([*keyed(state, key_file), "repair", "--yes"])
     assert r.exit_code == 0
-    assert r.stdout.splitlines() == [f"{state}/positions.json: valid (generation 3, 1 positions)", "nothing to repair"]
+    assert r.stdout.splitlines() == [f"{state}/positions.json: valid (generation {generation}, 1 positions)", "nothing to repair"]
     assert tree(state) == before
 
 

@@ -93,13 +93,16 @@ def test_set_get_delete_position_and_save(manager: Factory) -> None:
     m = manager()
     m.set_position(pos("A"))
     assert m.get_position("A", "long") == pos("A") and m.dirty
-    assert m.save() == 1 and not m.dirty
+    before = m.generation  # sync mode: a fresh state's first change wrote a base snapshot
+    first = m.save()
+    assert first == before + 1 == m.generation and not m.dirty
     assert m.delete_position("A", "long") is True
     assert m.delete_position("A", "long") is False
     assert m.get_position("A", "long") is None
-    assert m.save() == 2
+    assert m.save() == first + 1 == m.generation and not m.dirty
     m.close()
-    assert manager().load_positions() == {}
+    again = manager()
+    assert again.load_positions() == {} and again.generation == first + 1
 
 
 def test_set_position_requires_position(manager: Factory) -> None:
@@ -268,7 +271,7 @@ def test_failed_save_changes_nothing(manager: Factory, cfg: StateConfig) -> None
     m = manager()
     m.save_positions([pos("A")])
     m.set_symbol_metadata("A", {"n": 1})
-    m.save()
+    saved = m.save()
     before = cfg.state_path.read_bytes()
     events: list[dict[str, Any]] = []
     m.on("persistenceError", events.append)
@@ -276,10 +279,11 @@ def test_failed_save_changes_nothing(manager: Factory, cfg: StateConfig) -> None
         m.save_positions([pos("B")])
     assert info.value.errno == errno.ENOSPC and info.value.operation == "fsync" and isinstance(info.value, OSError)
     assert cfg.state_path.read_bytes() == before
-    assert set(m.get_positions()) == {("A", "long")} and m.generation == 2
-    assert sorted(os.listdir(cfg.state_dir)) == ["backups", "positions.json", "positions.json.bak", "positions.json.lock"]
+    assert set(m.get_positions()) == {("A", "long")} and m.generation == saved
+    listing = ["backups", "positions.journal", "positions.json", "positions.json.bak", "positions.json.lock"]
+    assert sorted(os.listdir(cfg.state_dir)) == listing  # the journal of the sync-mode metadata change; no temp
     assert events and events[0]["operation"] == "fsync"
-    assert m.save_positions([pos("B")]) > 2  # a failed attempt's generation is never reused
+    assert m.save_positions([pos("B")]) > saved + 1  # a failed attempt's generation is never reused
     m.close()
     assert set(manager().load_positions()) == {("B", "long")}
 

@@ -269,6 +269,7 @@ def test_asave_expected_generation(tmp_path: Path) -> None:
 
     with PositionStateManager(config(tmp_path)) as m:
         m.set_symbol_metadata("A", {"n": 1})
-        assert asyncio.run(m.asave(expected_generation=m.generation)) == 1
+        seen = m.generation
+        assert asyncio.run(m.asave(expected_generation=seen)) == seen + 1 == m.generation
         with pytest.raises(ConcurrentModificationError):
-            asyncio.run(m.asave(expected_generation=0))
+            asyncio.run(m.asave(expected_generation=seen))  # stale now
