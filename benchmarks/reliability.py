@@ -135,7 +135,7 @@ def family_powerloss(work: Path, full: bool) -> list[Row]:
 # --------------------------------------------------------------------------------------------- faults
 def _fault_case(d: Path, key: bytes, fault: Fault) -> tuple[bool, bool, bool]:
     """(detected, recovered, lost) for one fault during a save."""
-    cfg = StateConfig.in_dir(d, backup_interval=1e9)
+    cfg = StateConfig.in_dir(d, backup_interval=1e9, durability="snapshot")
     with PositionStateManager(cfg, key=key) as m:
         m.load_positions()
         save_step(m, 1)
@@ -384,7 +384,7 @@ def family_concurrency(work: Path, full: bool) -> list[Row]:
     # A value written twice is a lost update; a gap would be a write that vanished.
     procs.lost = (len(wrote) - len(set(wrote))) + len(set(range(1, max(wrote, default=0) + 1)) ^ set(wrote))
     procs.note = f"{len(wrote)} writes, {refused} refused with StateLockedError"
-    with PositionStateManager(StateConfig.in_dir(work / "procs", backup_interval=1e9), key=key) as m:
+    with PositionStateManager(StateConfig.in_dir(work / "procs", backup_interval=1e9, durability="snapshot"), key=key) as m:
         m.load_positions()
         counter = m.get_symbol_metadata("COUNTER") or {"n": 0}
         procs.lost += counter["n"] != len(wrote)
@@ -400,7 +400,7 @@ def family_concurrency(work: Path, full: bool) -> list[Row]:
 
     results = []
     for name, parallel in (("par", True), ("ser", False)):
-        with PositionStateManager(StateConfig.in_dir(work / name, backup_interval=1e9), key=key) as m:
+        with PositionStateManager(StateConfig.in_dir(work / name, backup_interval=1e9, durability="snapshot"), key=key) as m:
             m.load_positions()
             if parallel:
                 ts = [threading.Thread(target=updates, args=(m, n)) for n in range(8)]
@@ -412,7 +412,7 @@ def family_concurrency(work: Path, full: bool) -> list[Row]:
                 for n in range(8):
                     updates(m, n)
             m.save()
-        with PositionStateManager(StateConfig.in_dir(work / name, backup_interval=1e9), key=key) as m:
+        with PositionStateManager(StateConfig.in_dir(work / name, backup_interval=1e9, durability="snapshot"), key=key) as m:
             results.append(digest(m.load_positions(), m.get_all_symbol_metadata()))
     same = results[0] == results[1]
     threads.detected = threads.tried if same else 0

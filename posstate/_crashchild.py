@@ -257,7 +257,7 @@ def contend(state_dir: Path, *, attempts: int) -> tuple[list[int], int]:
 
     written: list[int] = []
     refused = 0
-    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9)
+    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9, durability="snapshot")
     for _ in range(attempts):
         try:
             m = PositionStateManager(cfg)
@@ -307,7 +307,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.crash_at:
         action: Action = "crash_after" if args.crash_when == "after" else "crash_before"
         ops = HarnessOps(fault=Fault(at=args.crash_at, action=action, ops=MUTATING), counting=False)
-    with PositionStateManager(StateConfig.in_dir(args.dir, backup_interval=1e9)) as m:
+    with PositionStateManager(StateConfig.in_dir(args.dir, backup_interval=1e9, durability="snapshot")) as m:
         m.load_positions()
         start = m.generation
         out.write(f"start {start}\n")

@@ -276,7 +276,7 @@ def sized_state(state_dir: Path, *, key: bytes, size: int = 4096) -> tuple[bytes
         )
         for i in range(20)
     ]
-    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9, compression=False)
+    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9, compression=False, durability="snapshot")
     with PositionStateManager(cfg, key=key) as m:
         m.load_positions()
         pad = 0
@@ -312,7 +312,7 @@ class Recorded:
 
 def record_save(state_dir: Path, *, key: bytes, warmup: int = 2, fault: Fault | None = None) -> Recorded:
     """Warm *state_dir* up with *warmup* saves, then record the next save (optionally with a fault)."""
-    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9)
+    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9, durability="snapshot")
     with PositionStateManager(cfg, key=key) as m:
         m.load_positions()
         for _ in range(warmup):
@@ -346,7 +346,7 @@ def load_state(state: CrashState, into: Path, *, key: bytes, old: Seen, new: See
     """Materialize *state* in the empty directory *into*, load it with a fresh manager, classify."""
     materialize(state, into)
     try:
-        seen = fresh_load(into, key=key, backup_interval=1e9)
+        seen = fresh_load(into, key=key, backup_interval=1e9, durability="snapshot")
     except PosStateError as exc:
         return Outcome(state, "error", f"{type(exc).__name__}: {exc}")
     # Compare contents; a recovery that rewrote the file may give the recovered state a newer generation.

@@ -16,7 +16,7 @@ ATTEMPTS = int(os.environ.get("POSSTATE_RELIABILITY_ATTEMPTS", "150"))  # 1,000 
 
 
 def _cfg(d: Path) -> StateConfig:
-    return StateConfig.in_dir(d, backup_interval=1e9)
+    return StateConfig.in_dir(d, backup_interval=1e9, durability="snapshot")
 
 
 def test_second_process_is_refused_while_the_first_holds_the_lock(tmp_path: Path) -> None:

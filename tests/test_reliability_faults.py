@@ -16,7 +16,7 @@ WRITES = frozenset({"write"})
 
 
 def _config(d: Path) -> StateConfig:
-    return StateConfig.in_dir(d, backup_interval=1e9)
+    return StateConfig.in_dir(d, backup_interval=1e9, durability="snapshot")
 
 
 def _warm(d: Path, key: bytes) -> PositionStateManager:

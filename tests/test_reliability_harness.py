@@ -13,7 +13,7 @@ from posstate._harness import MUTATING, Fault, HarnessOps
 
 
 def _manager(d: Path) -> PositionStateManager:
-    m = PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=generate_key())
+    m = PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9, durability="snapshot"), key=generate_key())
     m.load_positions()
     save_step(m, 1)
     return m
@@ -99,7 +99,7 @@ def test_counting_can_be_paused(tmp_path: Path) -> None:
 
 def test_real_errors_are_recorded(tmp_path: Path) -> None:
     """An error from the operating system itself (the first save's read of a missing file) is recorded."""
-    m = PositionStateManager(StateConfig.in_dir(tmp_path / "s", backup_interval=1e9), key=generate_key())
+    m = PositionStateManager(StateConfig.in_dir(tmp_path / "s", backup_interval=1e9, durability="snapshot"), key=generate_key())
     with m:
         m.load_positions()
         ops = HarnessOps()
