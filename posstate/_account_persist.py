@@ -103,18 +103,20 @@ class PersistedAccountStateStore(AccountStateStore):
 
     def _write(self, positions: dict[Any, Any], metadata: dict[str, dict[str, Any]]) -> None:
         m = self._manager
-        current = m.get_positions()
-        for key in [k for k in current if k not in positions]:
-            m.delete_position(key[0], key[1])
-        for key, p in positions.items():
-            if current.get(key) != p:
-                m.set_position(p)
-        stored = m.get_all_symbol_metadata()
-        for symbol in [s for s in stored if s not in metadata and not is_reserved(s)]:
-            m.delete_symbol_metadata(symbol)
-        for symbol, data in metadata.items():
-            if stored.get(symbol) != data:
-                m.set_symbol_metadata(symbol, data)
+        # One transaction: in the journal modes the whole flush is one record, durable all or nothing.
+        with m.transaction():
+            current = m.get_positions()
+            for key in [k for k in current if k not in positions]:
+                m.delete_position(key[0], key[1])
+            for key, p in positions.items():
+                if current.get(key) != p:
+                    m.set_position(p)
+            stored = m.get_all_symbol_metadata()
+            for symbol in [s for s in stored if s not in metadata and not is_reserved(s)]:
+                m.delete_symbol_metadata(symbol)
+            for symbol, data in metadata.items():
+                if stored.get(symbol) != data:
+                    m.set_symbol_metadata(symbol, data)
         if m.config.durability == "snapshot":
             m.save()
 

@@ -82,5 +82,8 @@ def reconcile_file(
         if not apply:
             return ReconcileFileResult(report, None, None)
         applied = store.apply_reconciliation(report)
-        wrote = store.flush()
-        return ReconcileFileResult(report, applied, manager.generation if wrote else None)
+        if not store.flush():
+            return ReconcileFileResult(report, applied, None)
+        # An operator's reconciliation ends in a snapshot of its own (in the journal modes the flush was one
+        # durable record; this folds it in), so the generation reported is the one on disk.
+        return ReconcileFileResult(report, applied, manager.save())
