@@ -9,6 +9,7 @@ under a name no other file has (``link`` refuses to overwrite), never to the bin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import secrets
 import time
@@ -40,17 +41,14 @@ def is_temp_of(name: str, target: Path) -> bool:
 
 
 def _quiet_close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         fs.close(fd)
-    except OSError:
-        pass
 
 
-def _quiet_unlink(path: Path) -> None:
-    try:
+def quiet_unlink(path: Path) -> None:
+    """Remove a temp file of ours, ignoring errors (cleanup after a failure must not mask the failure)."""
+    with contextlib.suppress(OSError):
         fs.unlink(path)
-    except OSError:
-        pass
 
 
 def write_temp(target: Path, data: bytes) -> Path:
@@ -68,16 +66,16 @@ def write_temp(target: Path, data: bytes) -> Path:
         fs.fsync(fd)
     except OSError as exc:
         _quiet_close(fd)
-        _quiet_unlink(tmp)
+        quiet_unlink(tmp)
         raise WriteFailed(step, exc, renamed=False) from exc
     except BaseException:
         _quiet_close(fd)
-        _quiet_unlink(tmp)
+        quiet_unlink(tmp)
         raise
     try:
         fs.close(fd)
     except OSError as exc:
-        _quiet_unlink(tmp)
+        quiet_unlink(tmp)
         raise WriteFailed("close", exc, renamed=False) from exc
     return tmp
 
@@ -96,7 +94,7 @@ def keep_previous(path: Path, keep_as: Path) -> None:
     try:
         fs.replace(tmp, keep_as)
     except BaseException:
-        _quiet_unlink(tmp)
+        quiet_unlink(tmp)
         raise
 
 
@@ -105,7 +103,7 @@ def commit(tmp: Path, target: Path) -> None:
     try:
         fs.replace(tmp, target)
     except OSError as exc:
-        _quiet_unlink(tmp)
+        quiet_unlink(tmp)
         raise WriteFailed("rename", exc, renamed=False) from exc
     try:
         fs.fsync_dir(target.parent)
@@ -125,9 +123,9 @@ def write_new_file(target: Path, data: bytes) -> None:
     try:
         fs.link(tmp, target)
     except OSError as exc:
-        _quiet_unlink(tmp)
+        quiet_unlink(tmp)
         raise WriteFailed("link", exc, renamed=False) from exc
-    _quiet_unlink(tmp)
+    quiet_unlink(tmp)
     try:
         fs.fsync_dir(target.parent)
     except OSError as exc:

@@ -7,7 +7,6 @@ in ``backup_dir``, with ``_2``, ``_3``... when several fall in one second. Its i
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -233,11 +232,6 @@ def fresh_ids(backup_dir: Path, stamp: str) -> Iterator[str]:
         yield stamp if seq == 1 else f"{stamp}_{seq}"
 
 
-def _quiet_unlink(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fs.unlink(path)
-
-
 def write_backup(
     state: StateData,
     *,
@@ -286,7 +280,7 @@ def _write_verified(
             if wf.step == "link" and isinstance(wf.cause, FileExistsError):
                 continue  # another name in the same second appeared meanwhile
             if wf.renamed:
-                _quiet_unlink(candidate)
+                _atomic.quiet_unlink(candidate)
             raise PersistenceError(candidate, operation=f"backup {wf.step}", cause=wf.cause) from wf.cause
         target = candidate
         break
@@ -298,7 +292,7 @@ def _write_verified(
             raise OSError(5, "backup read back differs from what was written")
         _statefile.parse(data, path=target, options=options)
     except (OSError, PosStateError) as exc:
-        _quiet_unlink(target)
+        _atomic.quiet_unlink(target)  # our own copy of a state still in memory: redundant by construction
         cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
         raise PersistenceError(target, operation="verify backup", cause=cause) from exc
     return BackupInfo(

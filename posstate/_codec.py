@@ -106,9 +106,13 @@ def inspect(data: bytes, *, path: str | Path | None = None) -> Header:
         header = _format.check_file(data)
     except _format.FormatProblem as problem:
         if problem.kind == "unsupported-format":
-            raise UnsupportedVersionError(path, what="container format", found=problem.found, supported=_format.FORMAT_VERSION) from None
+            raise UnsupportedVersionError(
+                path, what="container format", found=problem.found, supported=_format.FORMAT_VERSION
+            ) from None
         if problem.kind == "unsupported-flags":
-            raise UnsupportedVersionError(path, what="container flags", found=problem.found, supported=_format.KNOWN_FLAGS) from None
+            raise UnsupportedVersionError(
+                path, what="container flags", found=problem.found, supported=_format.KNOWN_FLAGS
+            ) from None
         step = (
             "if it is a state document, load it with `posstate import FILE`"
             if problem.kind == "not-a-state-file"
@@ -145,7 +149,9 @@ def decode(
     if header.compressed:
         payload = _inflate(payload, path=path, cap=max_document_bytes)
     elif len(payload) > max_document_bytes:
-        raise CorruptStateError(path, f"document of {len(payload)} bytes is over the {max_document_bytes}-byte cap", kind="damaged")
+        raise CorruptStateError(
+            path, f"document of {len(payload)} bytes is over the {max_document_bytes}-byte cap", kind="damaged"
+        )
     return header, payload
 
 

@@ -88,7 +88,7 @@ class Keyring:
     per salt, not once per save.
     """
 
-    __slots__ = ("_key", "_passphrase", "_derived", "_lock", "_log2_n", "_salt")
+    __slots__ = ("_derived", "_key", "_lock", "_log2_n", "_passphrase", "_salt")
 
     def __init__(self, *, key: bytes | None = None, passphrase: str | None = None, log2_n: int = DEFAULT_SCRYPT_LOG2_N) -> None:
         if key is not None and passphrase is not None:
@@ -112,7 +112,7 @@ class Keyring:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str | tuple[object, ...]:
         raise TypeError("a Keyring cannot be pickled (it would copy key material)")
 
     @property

@@ -23,8 +23,9 @@ from pathlib import Path
 from posstate._config import StateConfig
 from posstate._crypto import encode_key_text, generate_key
 from posstate._manager import PositionStateManager
-from posstate._model import Position, PositionKey
+from posstate._model import Position, PositionKey, Side
 
+SIDES: tuple[Side, Side] = ("long", "short")
 SYMBOLS = ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT", "XRP/USDT:USDT", "DOGE/USDT:USDT")
 
 
@@ -49,17 +50,25 @@ def _bot(state_dir: str, seed: int) -> int:
         price = {s: Decimal(rng.randint(1, 60000)) for s in SYMBOLS}
         while True:
             sym = rng.choice(SYMBOLS)
-            side = rng.choice(("long", "short"))
+            side: Side = rng.choice(SIDES)
             price[sym] = (price[sym] * Decimal(rng.randint(990, 1010)) / 1000).quantize(Decimal("0.01"))
-            current = m.get_position(sym, side)  # type: ignore[arg-type]
+            current = m.get_position(sym, side)
             meta = m.get_symbol_metadata(sym) or {"entries_long": 0, "entries_short": 0}
             if current is not None and rng.random() < 0.3:
-                m.delete_position(sym, side)  # type: ignore[arg-type]
+                m.delete_position(sym, side)
                 meta["last_close_price"] = str(price[sym])
             else:
                 size = (current.contracts if current else Decimal(0)) + Decimal(rng.randint(1, 100)) / 100
                 m.set_position(
-                    Position(symbol=sym, side=side, contracts=size, entry_price=price[sym], mark_price=price[sym], leverage=5, timestamp=int(time.time() * 1000))  # type: ignore[arg-type]
+                    Position(
+                        symbol=sym,
+                        side=side,
+                        contracts=size,
+                        entry_price=price[sym],
+                        mark_price=price[sym],
+                        leverage=Decimal(5),
+                        timestamp=int(time.time() * 1000),
+                    )
                 )
                 meta[f"entries_{side}"] = int(meta.get(f"entries_{side}", 0)) + 1
                 meta.setdefault("first_open_ms", int(time.time() * 1000))
@@ -69,7 +78,9 @@ def _bot(state_dir: str, seed: int) -> int:
             out.flush()
 
 
-def run_demo(*, state_dir: str | None = None, saves: int | None = None, seed: int | None = None, echo: Callable[[str], None] = print) -> bool:
+def run_demo(
+    *, state_dir: str | None = None, saves: int | None = None, seed: int | None = None, echo: Callable[[str], None] = print
+) -> bool:
     """Run the demo; returns True when the restarted bot holds exactly what it last saved."""
     rng = random.Random(seed)
     workdir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="posstate-demo-"))
@@ -77,7 +88,9 @@ def run_demo(*, state_dir: str | None = None, saves: int | None = None, seed: in
     env = dict(os.environ, POSSTATE_KEY=encode_key_text(key))
     kill_after = saves if saves is not None else rng.randint(40, 120)
     echo(f"posstate demo: state in {workdir} (AES-256-GCM key generated for this run)")
-    echo(f"[operator] starting the bot; it saves after every trade and will be killed with SIGKILL after about {kill_after} saves")
+    echo(
+        f"[operator] starting the bot; it saves after every trade and will be killed with SIGKILL after about {kill_after} saves"
+    )
     bot = subprocess.Popen(
         [sys.executable, "-m", "posstate._demo", "bot", str(workdir), str(rng.randint(0, 2**31))],
         stdout=subprocess.PIPE,

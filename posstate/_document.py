@@ -111,9 +111,11 @@ def utc_text(ms: int) -> str:
 
 
 def parse_utc_text(text: str) -> float:
-    return datetime.strptime(text.rstrip("Z"), "%Y-%m-%dT%H:%M:%S.%f" if "." in text else "%Y-%m-%dT%H:%M:%S").replace(
-        tzinfo=timezone.utc
-    ).timestamp()
+    return (
+        datetime.strptime(text.rstrip("Z"), "%Y-%m-%dT%H:%M:%S.%f" if "." in text else "%Y-%m-%dT%H:%M:%S")
+        .replace(tzinfo=timezone.utc)
+        .timestamp()
+    )
 
 
 # --------------------------------------------------------------------------------------------- metadata
@@ -477,26 +479,48 @@ def _slow_decode(doc: dict[str, Any], *, path: str | Path | None) -> StateData:
     )
 
 
-def relationship_errors(doc: dict[str, Any], state: StateData, *, now: float | None = None, skew: float = DEFAULT_CLOCK_SKEW) -> list[tuple[str, str, str]]:
+def relationship_errors(
+    doc: dict[str, Any], state: StateData, *, now: float | None = None, skew: float = DEFAULT_CLOCK_SKEW
+) -> list[tuple[str, str, str]]:
     """Rules beyond the schema, as (json path, rule, message)."""
     errors: list[tuple[str, str, str]] = []
     for key, entry in doc["positions"].items():
         p = entry["position"]
         if key != f"{p['symbol']}|{p['side']}":
-            errors.append((f"$.positions[{key!r}]", "key-matches-position", f"key {key!r} does not match symbol {p['symbol']!r} and side {p['side']!r}"))
+            errors.append(
+                (
+                    f"$.positions[{key!r}]",
+                    "key-matches-position",
+                    f"key {key!r} does not match symbol {p['symbol']!r} and side {p['side']!r}",
+                )
+            )
     if len(state.positions) != len(doc["positions"]):
         errors.append(("$.positions", "unique", "two entries hold the same (symbol, side)"))
     for k, p in state.positions.items():
         if p.contracts < 0:
-            errors.append((f"$.positions[{position_key_text(k)!r}].position.contracts", "minimum", f"contracts must be >= 0, got {p.contracts}"))
+            errors.append(
+                (
+                    f"$.positions[{position_key_text(k)!r}].position.contracts",
+                    "minimum",
+                    f"contracts must be >= 0, got {p.contracts}",
+                )
+            )
     for k in state.positions.keys() & state.position_tombstones.keys():
-        errors.append((f"$.tombstones.positions[{position_key_text(k)!r}]", "tombstone-conflict", "a live position also has a tombstone"))
+        errors.append(
+            (f"$.tombstones.positions[{position_key_text(k)!r}]", "tombstone-conflict", "a live position also has a tombstone")
+        )
     for s in state.metadata.keys() & state.metadata_tombstones.keys():
         errors.append((f"$.tombstones.symbol_metadata[{s!r}]", "tombstone-conflict", "live metadata also has a tombstone"))
     g = state.generation
     for k, r in state.position_revs.items():
         if r > g:
-            errors.append((f"$.positions[{position_key_text(k)!r}].rev", "rev-not-after-generation", f"revision {r} is after generation {g}"))
+            errors.append(
+                (
+                    f"$.positions[{position_key_text(k)!r}].rev",
+                    "rev-not-after-generation",
+                    f"revision {r} is after generation {g}",
+                )
+            )
     for s, r in state.metadata_revs.items():
         if r > g:
             errors.append((f"$.symbol_metadata[{s!r}].rev", "rev-not-after-generation", f"revision {r} is after generation {g}"))
@@ -507,7 +531,9 @@ def relationship_errors(doc: dict[str, Any], state: StateData, *, now: float | N
         errors.append(("$.written_at", "date-time", f"{state.written_at!r} is not a valid UTC time"))
     else:
         if written > now + skew:
-            errors.append(("$.written_at", "not-in-future", f"{state.written_at} is in the future (clock now {utc_text(int(now * 1000))})"))
+            errors.append(
+                ("$.written_at", "not-in-future", f"{state.written_at} is in the future (clock now {utc_text(int(now * 1000))})")
+            )
     return errors
 
 

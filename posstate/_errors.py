@@ -307,6 +307,8 @@ class OrderIntentNotFoundError(PosStateError, LookupError):
     @property
     def client_order_id(self) -> str:
         return self._client_order_id
+
+
 class AmbiguousBackupError(PosStateError, LookupError):
     """A backup id prefix matches more than one backup."""
 
@@ -357,6 +359,8 @@ class StaleBackupError(PosStateError, ValueError):
     @property
     def threshold(self) -> float:
         return self._threshold
+
+
 class TransactionError(PosStateError, RuntimeError):
     """An operation that cannot run inside ``PositionStateManager.transaction()`` was called there."""
 

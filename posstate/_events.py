@@ -75,6 +75,8 @@ class EventBus:
                     self.emit("error", {"context": f"handler:{event}", "error": f"{type(exc).__name__}: {exc}"})
         if self._stats is not None:
             try:
-                self._stats.log_stats({"type": "STATE_MANAGEMENT", "event": event, "timestamp": int(time.time() * 1000), **payload})
+                self._stats.log_stats(
+                    {"type": "STATE_MANAGEMENT", "event": event, "timestamp": int(time.time() * 1000), **payload}
+                )
             except Exception:
                 log.exception("stats_logger.log_stats raised for %s", event)

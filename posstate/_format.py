@@ -14,7 +14,8 @@ The trailer layout is frozen for all format versions: it is checked before the v
 
 from __future__ import annotations
 
-import hashlib  # noqa: F401  (used by the manager through this module)
+import contextlib
+import hashlib
 from dataclasses import dataclass
 
 MAGIC = b"PSTATE"
@@ -187,17 +188,15 @@ def check_file(data: bytes) -> Header:
     if not data:
         raise FormatProblem("truncated", "file is empty (0 bytes)")
     if not data.startswith(MAGIC):
-        if data[:len(MAGIC)] == MAGIC[: len(data)]:
+        if data[: len(MAGIC)] == MAGIC[: len(data)]:
             raise FormatProblem("truncated", f"file is cut short ({len(data)} bytes)")
         head = data.lstrip()[:1]
         if head in (b"{", b"["):
             raise FormatProblem("not-a-state-file", "plain JSON, not a posstate container")
         raise FormatProblem("not-a-state-file", "not a posstate file (no PSTATE magic)")
     expected_size: int | None = None
-    try:
+    with contextlib.suppress(FormatProblem):
         expected_size = parse_header(data).file_size
-    except FormatProblem:
-        pass
     recorded = checksum_of(data)
     if recorded is None or hashlib.sha256(data[:-TRAILER_SIZE]).hexdigest() != recorded:
         if expected_size is not None and len(data) < expected_size:

@@ -131,7 +131,10 @@ class PositionStateManager:
     # ------------------------------------------------------------------------------------------ basics
     def __repr__(self) -> str:
         key = self._keyring.key_id if self._keyring is not None else "none"
-        return f"PositionStateManager(path={str(self._path)!r}, generation={self._state.generation}, key_id={key}, closed={self._closed})"
+        return (
+            f"PositionStateManager(path={str(self._path)!r}, generation={self._state.generation}, "
+            f"key_id={key}, closed={self._closed})"
+        )
 
     def __enter__(self) -> PositionStateManager:
         return self
@@ -206,7 +209,9 @@ class PositionStateManager:
             self._events.emit("stateCorrupted", {"path": str(self._path), "reason": exc.reason, "kind": exc.kind})
             return self._recovered(exc, started)
         except SchemaValidationError as exc:
-            self._events.emit("validationError", {"path": str(self._path), "json_path": exc.json_path, "rule": exc.rule, "reason": exc.detail})
+            self._events.emit(
+                "validationError", {"path": str(self._path), "json_path": exc.json_path, "rule": exc.rule, "reason": exc.detail}
+            )
             self._events.emit("stateCorrupted", {"path": str(self._path), "reason": str(exc), "kind": "invalid"})
             return self._recovered(exc, started)
         except PersistenceError as exc:
@@ -269,7 +274,11 @@ class PositionStateManager:
             )
         state = StateData()
         if self.config.exchange is not None:
-            state.account = {"exchange": self.config.exchange, "account_id": str(self.config.account_id), "mode": self.config.account_mode or "live"}
+            state.account = {
+                "exchange": self.config.exchange,
+                "account_id": str(self.config.account_id),
+                "mode": self.config.account_mode or "live",
+            }
         return state
 
     def _backup_files(self) -> list[Path]:
@@ -477,7 +486,9 @@ class PositionStateManager:
                     self._path,
                     expected=expected_generation,
                     found=self._state.generation,
-                    reason=f"save expected generation {expected_generation}, but the state is at generation {self._state.generation}",
+                    reason=(
+                        f"save expected generation {expected_generation}, but the state is at generation {self._state.generation}"
+                    ),
                 )
             self._no_transaction()
             self._journal.drain()
@@ -500,7 +511,12 @@ class PositionStateManager:
         _merge.drop_old_tombstones(st, floor=self._tombstone_floor)
         rotation = self._journal.begin_rotation(st)  # compaction: the snapshot names the next journal
         try:
-            st, encoded = _statefile.encode(st, keyring=self._write_keyring, compression_level=self.config.compression_level if self.config.compression else None, entries=entries)
+            st, encoded = _statefile.encode(
+                st,
+                keyring=self._write_keyring,
+                compression_level=self.config.compression_level if self.config.compression else None,
+                entries=entries,
+            )
             self._highest_generation = generation
             self._write_main(encoded)
         except BaseException:
@@ -537,7 +553,7 @@ class PositionStateManager:
             try:
                 self._prepare_replace()
             except BaseException:
-                _atomic_quiet_unlink(tmp)
+                _atomic.quiet_unlink(tmp)
                 raise
             _atomic.commit(tmp, path)
             # From here the new file is (or may be) on disk: if verifying it fails, the next save must
@@ -555,7 +571,9 @@ class PositionStateManager:
 
     def _persistence_failed(self, step: str, cause: OSError) -> PersistenceError:
         err = PersistenceError(self._path, operation=step, cause=cause)
-        self._events.emit("persistenceError", {"path": str(self._path), "operation": step, "errno": cause.errno, "reason": str(err)})
+        self._events.emit(
+            "persistenceError", {"path": str(self._path), "operation": step, "errno": cause.errno, "reason": str(err)}
+        )
         return err
 
     def _prepare_replace(self) -> None:
@@ -565,7 +583,12 @@ class PositionStateManager:
             data = fs.read_file(path)
         except FileNotFoundError:
             if None not in self._expected_on_disk:
-                raise ConcurrentModificationError(path, expected=self._state.generation, found=None, reason="the state file disappeared since it was loaded (another writer bypassed the lock)") from None
+                raise ConcurrentModificationError(
+                    path,
+                    expected=self._state.generation,
+                    found=None,
+                    reason="the state file disappeared since it was loaded (another writer bypassed the lock)",
+                ) from None
             return
         recorded = _format.checksum_of(data)
         intact = recorded is not None and hashlib.sha256(data[: -_format.TRAILER_SIZE]).hexdigest() == recorded
@@ -581,7 +604,9 @@ class PositionStateManager:
             raise ConcurrentModificationError(path, expected=self._state.generation, found=found)
         # The file we are about to replace is damaged on disk: keep the good .bak, set the damaged one aside.
         dest = _atomic.move_aside(path, self.config.quarantine_dir, label="damaged")
-        self._events.emit("stateCorrupted", {"path": str(path), "reason": "damaged on disk before save", "quarantined": str(dest)})
+        self._events.emit(
+            "stateCorrupted", {"path": str(path), "reason": "damaged on disk before save", "quarantined": str(dest)}
+        )
 
     def _verify_written(self, encoded: Any) -> None:
         data = fs.read_file(self._path)
@@ -621,7 +646,9 @@ class PositionStateManager:
         both = set(wanted) & set(gone)
         if both:
             sym, side = sorted(both)[0]
-            raise SchemaValidationError(None, f"$[{sym}|{side}]", "unique", f"{sym} {side} is both upserted and deleted in a batch")
+            raise SchemaValidationError(
+                None, f"$[{sym}|{side}]", "unique", f"{sym} {side} is both upserted and deleted in a batch"
+            )
         with self._lock:
             self._ensure_loaded()
             st = self._state.copy()
@@ -711,11 +738,20 @@ class PositionStateManager:
             try:
                 _normalize(positions)
             except SchemaValidationError as exc:
-                return ValidationReport(path="<positions>", valid=False, contents_checked=True, checks=(), errors=(ValidationIssue(exc.json_path, exc.detail, exc.rule),), error=exc)
+                return ValidationReport(
+                    path="<positions>",
+                    valid=False,
+                    contents_checked=True,
+                    checks=(),
+                    errors=(ValidationIssue(exc.json_path, exc.detail, exc.rule),),
+                    error=exc,
+                )
             return ValidationReport(path="<positions>", valid=True, contents_checked=True, checks=())
         report = validate_file(self._path, options=self._read)
         if report.valid:
-            self._events.emit("stateValidated", {"path": str(self._path), "generation": report.generation, "positions": report.positions})
+            self._events.emit(
+                "stateValidated", {"path": str(self._path), "generation": report.generation, "positions": report.positions}
+            )
         else:
             first = report.errors[0] if report.errors else ValidationIssue("$", "contents not checked")
             self._events.emit("validationError", {"path": str(self._path), "json_path": first.path, "reason": first.message})
@@ -726,13 +762,6 @@ def _backups_resolve(mgr: PositionStateManager, ident: str) -> BackupInfo:
     from posstate._backups import resolve
 
     return resolve(_backup_ops.list_all(mgr), ident, backup_dir=mgr.config.backup_path)
-
-
-def _atomic_quiet_unlink(path: Path) -> None:
-    try:
-        fs.unlink(path)
-    except OSError:
-        pass
 
 
 def _normalize(positions: PositionsInput) -> dict[PositionKey, Position]:

@@ -141,7 +141,7 @@ class Position:
             raise _bad("contracts", "minimum", f"contracts must be >= 0, got {self.contracts}")
         ts = self.timestamp
         if ts is not None:
-            if isinstance(ts, float) and ts.is_integer():
+            if isinstance(ts, float) and float(ts).is_integer():
                 ts = int(ts)
                 object.__setattr__(self, "timestamp", ts)
             if isinstance(ts, bool) or not isinstance(ts, int) or not 0 <= ts <= MAX_COUNTER:

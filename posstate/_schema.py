@@ -22,20 +22,20 @@ STATE_SCHEMA = "state.schema.json"
 
 def schema_text(name: str = STATE_SCHEMA) -> str:
     """The text of a schema file, from the installed package or, in a checkout, from ``schemas/``."""
-    packaged = importlib.resources.files("posstate").joinpath("schemas", name)
+    packaged = importlib.resources.files("posstate").joinpath("schemas").joinpath(name)
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
     checkout = Path(__file__).resolve().parent.parent / "schemas" / name
     return checkout.read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schema(name: str = STATE_SCHEMA) -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads(schema_text(name))
     return loaded
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def validator(name: str = STATE_SCHEMA) -> jsonschema.protocols.Validator:
     s = schema(name)
     cls = jsonschema.validators.validator_for(s)
@@ -51,7 +51,7 @@ def schema_errors(document: Any, name: str = STATE_SCHEMA) -> list[jsonschema.Va
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
-    message = error.message
+    message = str(error.message)
     return message if len(message) <= 200 else message[:197] + "..."
 
 

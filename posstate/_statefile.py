@@ -48,7 +48,9 @@ def read_bytes(path: Path, *, what: str = "state file") -> bytes:
     except FileNotFoundError:
         raise StateNotFoundError(path, what=what) from None
     except IsADirectoryError:
-        raise CorruptStateError(path, "is a directory, not a state file", next_step="give the path of a positions file", kind="not-a-state-file") from None
+        raise CorruptStateError(
+            path, "is a directory, not a state file", next_step="give the path of a positions file", kind="not-a-state-file"
+        ) from None
     except OSError as exc:
         raise PersistenceError(path, operation="read", cause=exc) from exc
 
@@ -89,12 +91,29 @@ def _codec_checksum(data: bytes) -> str:
 
 def _check_header_matches(header: Header, state: StateData, path: Path) -> None:
     if header.generation != state.generation:
-        raise SchemaValidationError(path, "$.generation", "header-matches-document", f"header says generation {header.generation}, document says {state.generation}")
+        raise SchemaValidationError(
+            path,
+            "$.generation",
+            "header-matches-document",
+            f"header says generation {header.generation}, document says {state.generation}",
+        )
     if header.position_count != len(state.positions):
-        raise SchemaValidationError(path, "$.positions", "header-matches-document", f"header says {header.position_count} positions, document has {len(state.positions)}")
+        raise SchemaValidationError(
+            path,
+            "$.positions",
+            "header-matches-document",
+            f"header says {header.position_count} positions, document has {len(state.positions)}",
+        )
 
 
-def encode(state: StateData, *, keyring: Keyring | None, compression_level: int | None, entries: dict[Any, Any] | None = None, now_ms: int | None = None) -> tuple[StateData, _codec.Encoded]:
+def encode(
+    state: StateData,
+    *,
+    keyring: Keyring | None,
+    compression_level: int | None,
+    entries: dict[Any, Any] | None = None,
+    now_ms: int | None = None,
+) -> tuple[StateData, _codec.Encoded]:
     """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     state.written_at = _document.utc_text(now_ms)

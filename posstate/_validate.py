@@ -121,11 +121,23 @@ def validate_file(path: Path, *, options: _statefile.ReadOptions) -> ValidationR
         checks.append(Check("decryption", False, str(exc)))
         return finish(exc, [ValidationIssue("$", str(exc), "decryption")], False)
     except CorruptStateError as exc:
-        checks.append(Check("decryption", True if header.encrypted else None, "AES-GCM tag verified" if header.encrypted else "not encrypted"))
+        checks.append(
+            Check(
+                "decryption", True if header.encrypted else None, "AES-GCM tag verified" if header.encrypted else "not encrypted"
+            )
+        )
         checks.append(Check("decompression", False, exc.reason))
         return finish(exc, [ValidationIssue("$", exc.reason, "decompression")], False)
-    checks.append(Check("decryption", True if header.encrypted else None, "AES-GCM tag verified" if header.encrypted else "not encrypted"))
-    checks.append(Check("decompression", True if header.compressed else None, f"{len(payload)} bytes of JSON" if header.compressed else "not compressed"))
+    checks.append(
+        Check("decryption", True if header.encrypted else None, "AES-GCM tag verified" if header.encrypted else "not encrypted")
+    )
+    checks.append(
+        Check(
+            "decompression",
+            True if header.compressed else None,
+            f"{len(payload)} bytes of JSON" if header.compressed else "not compressed",
+        )
+    )
     try:
         doc = _document.loads(payload, path=path, strict=not header.encrypted)
     except (CorruptStateError, SchemaValidationError) as exc:
