@@ -166,7 +166,8 @@ def main() -> None:
     key = generate_key()
     try:
         # ---------------------------------------------------------------- (a) save of 1,000 positions
-        cfg = StateConfig.in_dir(base / "save")
+        # The snapshot save path (what every save and compaction runs); bench_journal.py measures the journal.
+        cfg = StateConfig.in_dir(base / "save", durability="snapshot")
         m = PositionStateManager(cfg, key=key)
         ps = populate(m, 1000, rng)
         m.save()
@@ -185,7 +186,7 @@ def main() -> None:
             floor_save(doc, key, floor_path, cctx)
 
         # ---------------------------------------------------------------- (b) load of 10,000 positions
-        cfg_l = StateConfig.in_dir(base / "load")
+        cfg_l = StateConfig.in_dir(base / "load", durability="snapshot")
         with PositionStateManager(cfg_l, key=key) as w:
             populate(w, 10_000, rng)
             w.save()
