@@ -214,14 +214,32 @@ def rekey(ctx: click.Context, new_key_file: str, yes: bool, dry_run: bool) -> No
 
     if dry_run:
         refuse_if_locked(cfg)
+        action, why = _cli_rekey.journal_action(cfg, old=old)
+        if action != "none" and not env.json:
+            click.echo(f"  journal     {cfg.journal_path}  ({why})")
         items = plan()
         done = 0
     else:
+        if _cli_rekey.journal_action(cfg, old=old)[0] == "fold":
+            confirm(yes=yes, prompt=f"Save the journal's changes into {cfg.state_path} first?", what="rekey")
+            from posstate._manager import PositionStateManager
+
+            with PositionStateManager(cfg.replace(durability="snapshot"), **env.manager_kwargs()) as m:
+                m.load_positions()
+                if m.dirty:
+                    m.save()  # snapshot durability: the journal is folded into this save and removed
         with writer_lock(cfg):
+            action, why = _cli_rekey.journal_action(cfg, old=old)
+            if action == "fold":  # a bot wrote between the fold and the lock: start again
+                raise CliError(f"{cfg.journal_path}: {why.split(':')[0]} appeared meanwhile; rerun rekey", code=EXIT_INVALID)
             items = plan()
             todo = sum(1 for i in items if i.action == "rekey")
-            if todo:
+            if todo or action == "set aside":
                 confirm(yes=yes, prompt=f"Re-encrypt {todo} file(s) under key id {new.key_id}?", what="rekey")
+            if action == "set aside":  # under the old key, a load with the new one would refuse it
+                moved = _cli_rekey.set_journal_aside(cfg)
+                if not env.json:
+                    click.echo(f"  journal     moved to {moved} (the state file holds all of it)")
             if todo and sys.stderr.isatty():
                 with click.progressbar(length=len(items), label="rekeying", file=sys.stderr) as bar:
                     done = _cli_rekey.run(items, old=old, new=new, cfg=cfg, progress=lambda _i: bar.update(1))

@@ -438,7 +438,9 @@ def test_history_without_journal_and_damaged(tmp_path: Path, key: bytes, key_fil
     empty.mkdir()
     r = run([*keyed(empty, key_file), "history"])
     assert r.exit_code == 0
-    assert r.stdout.strip() == f"no journal at {empty / 'positions.journal'}: no changes recorded since the last snapshot (durability 'sync')"
+    assert r.stdout.strip() == (
+        f"no journal at {empty / 'positions.journal'}: no changes recorded since the last snapshot (durability 'sync')"
+    )
     other = run(["--state-dir", str(state), "--key-file", str(write_key(tmp_path / "o.key", generate_key())), "history"])
     assert other.exit_code == 3 and "written with key id" in err_line(other)
     flip_middle_record(state / "positions.journal")
@@ -457,7 +459,9 @@ def test_doctor_ok_on_a_local_directory(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[-1] == "verdict: ok - safe for posstate state"
-    for check in ("filesystem", "directory fsync", "exclusive lock", "free space", "permissions", "fault self-test", "crash self-test"):
+    checks = ("filesystem", "directory fsync", "exclusive lock", "free space", "permissions", "fault self-test")
+    checks += ("crash self-test",)
+    for check in checks:
         assert any(f"] {check}" in line for line in lines), check
     assert list(d.iterdir()) == []
     j = json.loads(run(["--state-dir", str(d), "doctor", "--json"]).stdout)
@@ -489,3 +493,52 @@ def test_doctor_unsafe_exits_1(tmp_path: Path) -> None:
     itself = run(["--state-dir", str(afile), "doctor"])  # click refuses a file for --state-dir: usage error
     assert itself.exit_code == 2
     assert err_line(itself).startswith("Error: Invalid value for '--state-dir'")
+
+
+# ------------------------------------------------------------------------------------------ repair / rekey
+def test_repair_recovers_a_damaged_journal(state: Path, key: bytes, key_file: Path) -> None:
+    """repair no longer calls a state with a damaged journal valid: --dry-run shows the recovery, the real
+    run recovers as a load would (journal to quarantine) and show/validate then pass."""
+    flip_middle_record(state / "positions.journal")
+    before = files_of(state)
+    dry = run([*keyed(state, key_file), "repair", "--dry-run"])
+    assert dry.exit_code == 0, dry.stderr
+    assert dry.stdout.splitlines()[0].startswith(f"{state / 'positions.json'}: the snapshot is valid but its journal is not")
+    assert files_of(state) == before
+    r = run([*keyed(state, key_file), "repair", "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert any(p.name.startswith("positions.journal.") for p in (state / "quarantine").iterdir())
+    assert run([*keyed(state, key_file), "validate"]).exit_code == 0
+    assert _positions(state, key) == {("A", "long"): pos("A", "1"), ("B", "long"): pos("B", "2")}
+
+
+def test_rekey_folds_the_journal_first(state: Path, key: bytes, key_file: Path, tmp_path: Path) -> None:
+    """rekey with journal records not yet in the snapshot: they are saved into it first, so after the rekey
+    a load with the new key has every change (the journal under the old key would be refused)."""
+    expected = _positions(state, key)
+    new_key = generate_key()
+    new_file = write_key(tmp_path / "new.key", new_key)
+    dry = run([*keyed(state, key_file), "rekey", "--new-key-file", str(new_file), "--dry-run"])
+    assert dry.exit_code == 0 and "4 journal records not yet in the state file" in dry.stdout
+    r = run([*keyed(state, key_file), "rekey", "--new-key-file", str(new_file), "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert not (state / "positions.journal").exists()
+    with PositionStateManager(config(state), key=new_key) as m:
+        assert m.load_positions() == expected
+    assert run(["--state-dir", str(state), "--key-file", str(new_file), "validate"]).exit_code == 0
+
+
+def test_rekey_sets_a_redundant_journal_aside(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """A journal the snapshot already holds (after a save) is moved to quarantine, not left under the old key."""
+    d = tmp_path / "state"
+    with PositionStateManager(config(d), key=key) as m:
+        m.set_position(pos("A"))
+        m.save()
+    old_journal = (d / "positions.journal").read_bytes()
+    new_key = generate_key()
+    r = run([*keyed(d, key_file), "rekey", "--new-key-file", str(write_key(tmp_path / "n.key", new_key)), "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert not (d / "positions.journal").exists()
+    assert [p.read_bytes() for p in (d / "quarantine").iterdir()] == [old_journal]
+    with PositionStateManager(config(d), key=new_key) as m:
+        assert m.load_positions() == {("A", "long"): pos("A")}
