@@ -225,11 +225,6 @@ def test_sync_mode_state_create_list_restore(tmp_path: Path, key: bytes, key_fil
         assert set(m.get_positions()) == {("BTC/USDT", "long"), ("ETH/USDT", "short"), ("SOL/USDT", "long")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: create_backup copies the last snapshot; a change the journal made durable after the last "
-    "save is not in the backup (docs/JOURNAL.md, 'Not covered / integration points')",
-)
 def test_sync_mode_backup_holds_journaled_changes(tmp_path: Path, key: bytes, key_file: Path) -> None:
     """In sync mode a change is durable on return: `backups create` run after it (no save between) holds it."""
     d = tmp_path / "sync"
