@@ -32,7 +32,7 @@ from posstate._cli_base import (
     writer_lock,
 )
 from posstate._cli_format import diff_json, diff_lines, diff_states, filter_document, show_lines, to_json, validate_lines
-from posstate._cli_journal import journal_check, journal_exit_error, read_state, state_config_for
+from posstate._cli_journal import journal_check, journal_exit_error, journal_refusal, read_state, state_config_for
 from posstate._config import StateConfig
 from posstate._crypto import Keyring, encode_key_text, generate_key, key_id, read_key_file
 from posstate._current import read_current
@@ -357,12 +357,21 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
                 click.echo(line)
         return changes.identical
 
+    def current_state() -> StateData:
+        """The state on disk with its journal; a journal a load would have to recover from is refused."""
+        if not fs.exists(cfg.state_path):
+            return StateData()
+        cur = read_current(cfg, env.read_options())
+        if cur.error is not None:
+            raise journal_refusal(cur.error, cfg)
+        return cur.state
+
     if dry_run:
         refuse_if_locked(cfg)
-        exists = fs.exists(cfg.state_path)
-        preview(read_current(cfg, env.read_options()).state if exists else StateData())
+        preview(current_state())
         click.echo("dry run: nothing was written", err=True)
         return
+    current_state()  # refuse a damaged journal before the manager's load recovers from it unasked
     # One snapshot, all or nothing: the changes are made inside one transaction (memory only) and written
     # by one save. Snapshot durability, so no journal record is written first: a failure anywhere before
     # the save's rename leaves every file as it was (a journal a bot left is replayed on load and folded in).

@@ -27,7 +27,16 @@ from posstate._document import StateData
 from posstate._errors import CorruptStateError, MissingKeyError, PosStateError, WrongKeyError
 from posstate._validate import Check
 
-__all__ = ["ReadState", "doctor", "history", "journal_check", "read_state", "state_config_for"]
+__all__ = [
+    "ReadState",
+    "doctor",
+    "history",
+    "journal_check",
+    "journal_exit_error",
+    "journal_refusal",
+    "read_state",
+    "state_config_for",
+]
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -92,7 +101,8 @@ def read_state(env: Env, target: Path, *, snapshot_only: bool = False) -> ReadSt
 
 
 def journal_refusal(error: PosStateError, cfg: StateConfig) -> PosStateError:
-    """The error to stop a read-only command with when the journal cannot be replayed in full."""
+    """The error to stop a command with when the journal cannot be replayed in full (its next step says how
+    a load recovers, and how to see the snapshot alone)."""
     if isinstance(error, CorruptStateError) and error.kind == "journal":
         return CorruptStateError(
             cfg.journal_path,

@@ -171,6 +171,10 @@ def test_show_refuses_a_damaged_journal(state: Path, key_file: Path) -> None:
     assert line.startswith(f"Error: {journal}: record 3 at byte {jf.HEADER_SIZE} is damaged")
     assert "`posstate repair --dry-run`" in line and "--snapshot-only" in line
     assert run([*keyed(state, key_file), "export", "--out", "-"]).exit_code == 1
+    src = _import_doc(state.parent)
+    for args in (["--dry-run"], ["--yes"]):  # import refuses too, before any load could recover unasked
+        refused = run([*keyed(state, key_file), "import", str(src), *args])
+        assert refused.exit_code == 1 and err_line(refused) == line, args
     assert run([*keyed(state, key_file), "show", "--snapshot-only"]).exit_code == 0
     assert files_of(state) == before
 
@@ -542,3 +546,15 @@ def test_rekey_sets_a_redundant_journal_aside(tmp_path: Path, key: bytes, key_fi
     assert [p.read_bytes() for p in (d / "quarantine").iterdir()] == [old_journal]
     with PositionStateManager(config(d), key=new_key) as m:
         assert m.load_positions() == {("A", "long"): pos("A")}
+
+
+def test_validate_without_key_checks_the_journal_framing(state: Path) -> None:
+    """No key: exit 3 as before, and the journal line says framing and checksums hold, contents NOT checked;
+    framing damage without a key is still found (exit 1)."""
+    r = run(["--state-dir", str(state), "validate"])
+    assert r.exit_code == 3
+    assert "  -     journal        4 records, framing and checksums ok; contents NOT checked (no key)" in r.stdout.splitlines()
+    flip_middle_record(state / "positions.journal")
+    bad = run(["--state-dir", str(state), "validate"])
+    assert bad.exit_code == 1 and any(x.startswith("  FAIL  journal") for x in bad.stdout.splitlines())
+    assert err_line(bad).startswith(f"Error: {state / 'positions.journal'}: damage at byte {jf.HEADER_SIZE}")
