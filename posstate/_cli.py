@@ -7,18 +7,20 @@ The group, the common options and the error mapping live in :mod:`posstate._cli_
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from posstate import _cli_backups, _cli_reconcile, _cli_repair, _document, _statefile  # noqa: F401 (commands register on cli)
+from posstate import _cli_backups, _cli_journal, _cli_reconcile, _cli_repair, _document, _statefile  # noqa: F401 (commands register on cli)
 from posstate import _fileops as fs
 from posstate._cli_base import (
     EXIT_INVALID,
     EXIT_KEY,
     CliError,
+    Env,
     cli,
     common_options,
     confirm,
@@ -30,9 +32,12 @@ from posstate._cli_base import (
     writer_lock,
 )
 from posstate._cli_format import diff_json, diff_lines, diff_states, filter_document, show_lines, to_json, validate_lines
+from posstate._cli_journal import journal_check, journal_exit_error, journal_refusal, read_state, state_config_for
+from posstate._config import StateConfig
 from posstate._crypto import Keyring, encode_key_text, generate_key, key_id, read_key_file
+from posstate._current import read_current
 from posstate._document import StateData
-from posstate._errors import CorruptStateError, StateNotFoundError
+from posstate._errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError, StateNotFoundError
 from posstate._validate import validate_file
 
 __all__ = ["cli", "main"]
@@ -54,8 +59,17 @@ def validate(ctx: click.Context, path: str | None) -> None:
     env = env_of(ctx)
     target = state_path_arg(env, path)
     report = validate_file(target, options=env.read_options())
+    cfg = state_config_for(env, target) if not isinstance(report.error, StateNotFoundError) else None
+    verdict = journal_check(env, cfg, snapshot_valid=report.valid) if cfg is not None else None
+    if verdict is not None:
+        report = dataclasses.replace(
+            report, checks=(*report.checks, verdict.check), valid=report.valid and verdict.check.ok is not False
+        )
     if env.json:
-        json_out(report.to_dict())
+        out = report.to_dict()
+        if verdict is not None:
+            out["journal"] = verdict.data
+        json_out(out)
     else:
         for line in validate_lines(report):
             click.echo(line)
@@ -63,6 +77,9 @@ def validate(ctx: click.Context, path: str | None) -> None:
         return
     if report.error is not None:
         raise report.error
+    journal_error = journal_exit_error(verdict, cfg) if verdict is not None and cfg is not None else None
+    if journal_error is not None:
+        raise journal_error
     if not report.contents_checked:
         raise CliError(
             f"{target}: header and checksum are fine, but the contents were NOT checked: the file is encrypted "
@@ -74,26 +91,32 @@ def validate(ctx: click.Context, path: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ show
+_SNAPSHOT_ONLY = click.option(
+    "--snapshot-only", is_flag=True, help="Read the state file alone, without replaying its journal."
+)
+
+
 @cli.command()
 @click.argument("path", required=False, type=_PATH)
 @click.option("--symbol", help="Only this symbol's positions and metadata.")
+@_SNAPSHOT_ONLY
 @common_options()
 @click.pass_context
-def show(ctx: click.Context, path: str | None, symbol: str | None) -> None:
+def show(ctx: click.Context, path: str | None, symbol: str | None, snapshot_only: bool) -> None:
     """Show the positions (symbol, side, contracts, entry, mark, uPnL, leverage) and symbol metadata.
 
-    Reads PATH (default: the state file), validated in full; takes no lock. --json prints the decrypted
-    state document.
+    Reads PATH (default: the state file), validated in full, with its journal replayed (the state a
+    restarted bot loads); takes no lock, never writes. --json prints the decrypted state document.
     """
     env = env_of(ctx)
     target = state_path_arg(env, path)
-    options = env.read_options()
-    loaded = _statefile.read(target, options=options)
+    got = read_state(env, target, snapshot_only=snapshot_only)
     if env.json:
-        _, doc = _statefile.read_document(target, options=options)
+        doc = got.document()
         json_out(filter_document(doc, symbol) if symbol else doc)
         return
-    for line in show_lines(str(target), loaded.state, symbol=symbol):
+    journal = got.current.applied if got.current is not None else None
+    for line in show_lines(str(target), got.state, symbol=symbol, journal_records=journal):
         click.echo(line)
 
 
@@ -101,26 +124,29 @@ def show(ctx: click.Context, path: str | None, symbol: str | None) -> None:
 @cli.command()
 @click.argument("a", type=_PATH)
 @click.argument("b", type=_PATH)
+@_SNAPSHOT_ONLY
 @common_options()
 @click.pass_context
-def diff(ctx: click.Context, a: str, b: str) -> None:
+def diff(ctx: click.Context, a: str, b: str, snapshot_only: bool) -> None:
     """Compare two state files: positions added, removed and changed (field by field), metadata changes.
 
-    Exit 0 whether or not they differ (see "identical" in --json).
+    The state file is read with its journal replayed (as a restarted bot loads it). Exit 0 whether or
+    not they differ (see "identical" in --json).
     """
     env = env_of(ctx)
-    options = env.read_options()
-    left = _statefile.read(state_path_arg(env, a), options=options)
-    right = _statefile.read(state_path_arg(env, b), options=options)
+    left = read_state(env, state_path_arg(env, a), snapshot_only=snapshot_only)
+    right = read_state(env, state_path_arg(env, b), snapshot_only=snapshot_only)
     d = diff_states(left.state, right.state)
     if env.json:
         json_out(
-            diff_json(d, a={"path": a, "generation": left.state.generation}, b={"path": b, "generation": right.state.generation})
+            diff_json(
+                d,
+                a={"path": a, "generation": left.generation, "journal_records": left.journal_records},
+                b={"path": b, "generation": right.generation, "journal_records": right.journal_records},
+            )
         )
         return
-    for line in diff_lines(
-        d, a_label=f"{a} (generation {left.state.generation})", b_label=f"{b} (generation {right.state.generation})"
-    ):
+    for line in diff_lines(d, a_label=left.label(a), b_label=right.label(b)):
         click.echo(line)
 
 
@@ -188,14 +214,32 @@ def rekey(ctx: click.Context, new_key_file: str, yes: bool, dry_run: bool) -> No
 
     if dry_run:
         refuse_if_locked(cfg)
+        action, why = _cli_rekey.journal_action(cfg, old=old)
+        if action != "none" and not env.json:
+            click.echo(f"  journal     {cfg.journal_path}  ({why})")
         items = plan()
         done = 0
     else:
+        if _cli_rekey.journal_action(cfg, old=old)[0] == "fold":
+            confirm(yes=yes, prompt=f"Save the journal's changes into {cfg.state_path} first?", what="rekey")
+            from posstate._manager import PositionStateManager
+
+            with PositionStateManager(cfg.replace(durability="snapshot"), **env.manager_kwargs()) as m:
+                m.load_positions()
+                if m.dirty:
+                    m.save()  # snapshot durability: the journal is folded into this save and removed
         with writer_lock(cfg):
+            action, why = _cli_rekey.journal_action(cfg, old=old)
+            if action == "fold":  # a bot wrote between the fold and the lock: start again
+                raise CliError(f"{cfg.journal_path}: {why.split(':')[0]} appeared meanwhile; rerun rekey", code=EXIT_INVALID)
             items = plan()
             todo = sum(1 for i in items if i.action == "rekey")
-            if todo:
+            if todo or action == "set aside":
                 confirm(yes=yes, prompt=f"Re-encrypt {todo} file(s) under key id {new.key_id}?", what="rekey")
+            if action == "set aside":  # under the old key, a load with the new one would refuse it
+                moved = _cli_rekey.set_journal_aside(cfg)
+                if not env.json:
+                    click.echo(f"  journal     moved to {moved} (the state file holds all of it)")
             if todo and sys.stderr.isatty():
                 with click.progressbar(length=len(items), label="rekeying", file=sys.stderr) as bar:
                     done = _cli_rekey.run(items, old=old, new=new, cfg=cfg, progress=lambda _i: bar.update(1))
@@ -231,16 +275,29 @@ def rekey(ctx: click.Context, new_key_file: str, yes: bool, dry_run: bool) -> No
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False, allow_dash=True), help="New file for the JSON (0600; '-' for stdout)."
 )
+@_SNAPSHOT_ONLY
 @common_options()
 @click.pass_context
-def export(ctx: click.Context, path: str | None, out: str) -> None:
+def export(ctx: click.Context, path: str | None, out: str, snapshot_only: bool) -> None:
     """Write the decrypted state document of PATH (default: the state file) as plain JSON.
 
-    The output is NOT encrypted: it is created 0600 and an existing file is never overwritten.
+    The state file is exported with its journal replayed (the state a restarted bot loads). The output
+    is NOT encrypted: it is created 0600 and an existing file is never overwritten.
     """
     env = env_of(ctx)
     target = state_path_arg(env, path)
-    header, doc = _statefile.read_document(target, options=env.read_options())
+    try:
+        got = read_state(env, target, snapshot_only=snapshot_only)
+    except SchemaValidationError:  # a document that does not validate is still exported, with a warning
+        got = None
+    if got is not None:
+        doc = got.document()
+        described = got.label(str(target))
+        count = len(got.state.positions)
+    else:
+        header, doc = _statefile.read_document(target, options=env.read_options())
+        described = f"{target} (generation {header.generation})"
+        count = header.position_count
     problem = None
     try:
         _document.decode_document(doc, path=target, skew=env.config().clock_skew)
@@ -251,11 +308,7 @@ def export(ctx: click.Context, path: str | None, out: str) -> None:
         click.echo(text, nl=False)
     else:
         write_new_output(Path(out), text.encode("utf-8"))
-        click.echo(
-            f"exported generation {header.generation} ({header.position_count} positions) from {target} to {out} "
-            "(plain JSON: keep it safe)",
-            err=True,
-        )
+        click.echo(f"exported {described}, {count} positions, to {out} (plain JSON: keep it safe)", err=True)
     if problem:
         click.echo(f"warning: the document does not validate ({problem}); `posstate import` will refuse it until fixed", err=True)
 
@@ -304,36 +357,69 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
                 click.echo(line)
         return changes.identical
 
+    def current_state() -> StateData:
+        """The state on disk with its journal; a journal a load would have to recover from is refused."""
+        if not fs.exists(cfg.state_path):
+            return StateData()
+        cur = read_current(cfg, env.read_options())
+        if cur.error is not None:
+            raise journal_refusal(cur.error, cfg)
+        return cur.state
+
     if dry_run:
         refuse_if_locked(cfg)
-        exists = fs.exists(cfg.state_path)
-        preview(_statefile.read(cfg.state_path, options=env.read_options()).state if exists else StateData())
+        preview(current_state())
         click.echo("dry run: nothing was written", err=True)
         return
-    with PositionStateManager(cfg, **env.manager_kwargs()) as m:
-        positions = m.get_positions()  # loads (and validates) the current state
+    current_state()  # refuse a damaged journal before the manager's load recovers from it unasked
+    # One snapshot, all or nothing: the changes are made inside one transaction (memory only) and written
+    # by one save. Snapshot durability, so no journal record is written first: a failure anywhere before
+    # the save's rename leaves every file as it was (a journal a bot left is replayed on load and folded in).
+    with PositionStateManager(cfg.replace(durability="snapshot"), **env.manager_kwargs()) as m:
+        positions = m.get_positions()  # loads (and validates) the current state, its journal replayed
         current = StateData(generation=m.generation, positions=positions, metadata=m.get_all_symbol_metadata())
         identical = preview(current)
         if identical:
             click.echo("nothing to import: the state already holds these positions and metadata", err=True)
             return
         confirm(yes=yes, prompt=f"Replace the state in {cfg.state_path} with {file}?", what="import")
-        for k in current.positions.keys() - incoming.positions.keys():
-            m.delete_position(*k)
-        for p in incoming.positions.values():
-            m.set_position(p)
-        for s in current.metadata.keys() - incoming.metadata.keys():
-            m.delete_symbol_metadata(s)
-        for s, d in incoming.metadata.items():
-            if current.metadata.get(s) != d:
-                m.set_symbol_metadata(s, d)
-        generation = m.save()
+        with m.transaction():
+            for k in current.positions.keys() - incoming.positions.keys():
+                m.delete_position(*k)
+            for p in incoming.positions.values():
+                m.set_position(p)
+            for s in current.metadata.keys() - incoming.metadata.keys():
+                m.delete_symbol_metadata(s)
+            for s, d in incoming.metadata.items():
+                if current.metadata.get(s) != d:
+                    m.set_symbol_metadata(s, d)
+        try:
+            generation = m.save()
+        except PersistenceError as exc:
+            raise _import_failed(exc, env, cfg, incoming) from exc
     how = "encrypted" if cfg.encryption else "NOT encrypted (encryption is off in the config)"
     click.echo(
         f"imported {len(incoming.positions)} positions and metadata for {len(incoming.metadata)} symbols "
         f"into {cfg.state_path} as generation {generation} ({how})",
         err=True,
     )
+
+
+def _import_failed(exc: PersistenceError, env: Env, cfg: StateConfig, incoming: StateData) -> Exception:
+    """Say whether the failed save left the import on disk (a failure after the rename) or nothing at all."""
+    try:
+        on_disk = read_current(cfg, env.read_options())
+    except (PosStateError, OSError):
+        return CliError(f"{exc}; could not read the state back afterwards: check it with `posstate validate`", code=EXIT_INVALID)
+    landed = on_disk.state.positions == incoming.positions and on_disk.state.metadata == incoming.metadata
+    if landed:
+        return CliError(
+            f"{cfg.state_path}: import: the new state file was renamed into place, then {exc.operation} failed "
+            f"({exc.strerror}); the import IS on disk (generation {on_disk.generation}) but may not survive a power "
+            "loss yet; check the disk and run `posstate validate`",
+            code=EXIT_INVALID,
+        )
+    return CliError(f"{exc}; nothing was imported (the state on disk is unchanged)", code=EXIT_INVALID)
 
 
 # ------------------------------------------------------------------------------------------ watch

@@ -57,8 +57,11 @@ def position_rows(positions: Mapping[PositionKey, Position]) -> list[list[str]]:
     ]
 
 
-def show_lines(path: str, state: StateData, *, symbol: str | None) -> list[str]:
-    """The text of ``posstate show``: a summary line, the positions table, the symbol metadata."""
+def show_lines(path: str, state: StateData, *, symbol: str | None, journal_records: int | None = None) -> list[str]:
+    """The text of ``posstate show``: a summary line, the positions table, the symbol metadata.
+
+    *journal_records*: how many journal records were replayed onto the snapshot (None: not a state file
+    with a journal, e.g. a backup)."""
     positions = {k: p for k, p in state.positions.items() if symbol is None or k[0] == symbol}
     metadata = {s: d for s, d in state.metadata.items() if symbol is None or s == symbol}
     writer = state.writer
@@ -66,6 +69,11 @@ def show_lines(path: str, state: StateData, *, symbol: str | None) -> list[str]:
         f"{path}: generation {state.generation}, written {state.written_at} by pid {writer.get('pid')} on "
         f"{writer.get('host')} (posstate {writer.get('version')})"
     ]
+    if journal_records:
+        plural = "s" if journal_records != 1 else ""
+        lines.append(f"journal: {journal_records} change record{plural} since that snapshot, replayed (as a restart loads them)")
+    elif journal_records == 0:
+        lines.append("journal: no changes since that snapshot")
     if state.account:
         lines.append(
             f"account: {state.account.get('account_id')} on {state.account.get('exchange')} ({state.account.get('mode')})"

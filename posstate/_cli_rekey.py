@@ -19,6 +19,7 @@ from posstate import _atomic, _codec, _statefile
 from posstate import _fileops as fs
 from posstate._config import StateConfig
 from posstate._crypto import Keyring
+from posstate._current import read_current
 from posstate._errors import CorruptStateError, PersistenceError, PosStateError, WrongKeyError
 
 Action = Literal["rekey", "already", "plain", "unreadable"]
@@ -121,3 +122,31 @@ def run(
             done += 1
         progress(item)
     return done
+
+
+JournalAction = Literal["none", "fold", "set aside"]
+
+
+def journal_action(cfg: StateConfig, *, old: Keyring) -> tuple[JournalAction, str]:
+    """What rekey must do with the journal first (reads only). A journal stays under the old key, and a load
+    with the new key refuses it, so: ``fold`` when it holds changes the snapshot lacks (a snapshot-mode save
+    folds them in and removes it), ``set aside`` (to quarantine) when the snapshot already holds all of it.
+    A damaged journal or one under another key raises its error: repair first."""
+    if not fs.exists(cfg.journal_path):
+        return "none", ""
+    options = _statefile.ReadOptions(keyring=old, max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
+    cur = read_current(cfg, options)
+    if cur.error is not None:
+        raise cur.error
+    if cur.applied:
+        return "fold", f"{cur.applied} journal records not yet in the state file: saved into it first, then the journal removed"
+    return "set aside", "journal already held by the state file: moved to quarantine (it stays under the old key)"
+
+
+def set_journal_aside(cfg: StateConfig) -> Path:
+    """Move the (verified redundant) journal to quarantine, never deleting it. The caller holds the lock."""
+    try:
+        dest = _atomic.move_aside(cfg.journal_path, cfg.quarantine_dir, label="rekeyed")
+    except OSError as exc:
+        raise PersistenceError(cfg.journal_path, operation="rekey: quarantine journal", cause=exc) from exc
+    return dest

@@ -2,7 +2,10 @@
 
 What is done depends on what is wrong with the state file (checked first with ``validate_file``):
 
-* it passes every check: nothing (exit 0);
+* it passes every check and so does its journal: nothing (exit 0);
+* it passes, but its journal is damaged before the last record (or belongs to another snapshot and holds
+  newer records): ``attempt_recovery()``, as a bot's load would (snapshot plus the trustworthy records, or
+  a copy; the journal goes to quarantine);
 * it decrypts but fails the schema or relationship checks: ``repair_state()`` (keep each valid entry,
   take each invalid one from the newest backup that has it, drop the rest);
 * it is damaged (checksum, truncation, ...), or missing while ``.bak`` or backups exist:
@@ -25,6 +28,7 @@ from posstate._cli_backups import open_manager, require_state_dir
 from posstate._cli_base import EXIT_INVALID, CliError, cli, common_options, confirm, env_of, json_out, refuse_if_locked
 from posstate._cli_format import candidate_lines, repair_decision_lines
 from posstate._config import StateConfig
+from posstate._current import read_current
 from posstate._errors import (
     CorruptStateError,
     MissingKeyError,
@@ -50,6 +54,11 @@ def diagnose(cfg: StateConfig, options: ReadOptions) -> tuple[Diagnosis, str, st
         raise StateNotFoundError(path, next_step="nothing to repair: there is no state file, no .bak and no backup")
     report = validate_file(path, options=options)
     if report.valid:
+        journal = read_current(cfg, options).error  # the snapshot is fine; a load also replays its journal
+        if isinstance(journal, CorruptStateError):
+            return "recover", f"the snapshot is valid but its journal is not: {journal.reason}", journal.reason
+        if journal is not None:
+            raise journal  # a journal under another key: nothing is repaired with the wrong key
         return "valid", f"valid (generation {report.generation}, {report.positions} positions)", ""
     err = report.error
     if isinstance(err, SchemaValidationError):

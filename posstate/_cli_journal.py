@@ -1,0 +1,351 @@
+"""The journal on the command line: ``posstate history`` and ``posstate doctor``, and the helpers that make
+``show``, ``export``, ``diff`` and ``validate`` read the state file together with its journal.
+
+Since the write-ahead journal the state a restarted bot loads is the snapshot plus the journal's records
+(:func:`posstate._current.read_current`, read-only). Backups and ``.bak`` have no journal and are read as
+they are.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from posstate import _fileops as fs
+from posstate import _statefile
+from posstate._cli_base import EXIT_INVALID, CliError, Env, cli, common_options, env_of, json_out
+from posstate._cli_format import table
+from posstate._config import StateConfig
+from posstate._current import Current, read_current
+from posstate._document import StateData
+from posstate._errors import CorruptStateError, MissingKeyError, PosStateError, WrongKeyError
+from posstate._validate import Check
+
+__all__ = [
+    "ReadState",
+    "doctor",
+    "history",
+    "journal_check",
+    "journal_exit_error",
+    "journal_refusal",
+    "read_state",
+    "state_config_for",
+]
+
+
+# ------------------------------------------------------------------------------------------ reading
+def state_config_for(env: Env, target: Path) -> StateConfig | None:
+    """The config whose state file *target* is (its journal lies beside it), or None for a backup or any
+    other copy. The configured state file, or a file of the same name in another directory."""
+    cfg = env.config()
+    if os.path.abspath(target) == os.path.abspath(cfg.state_path):
+        return cfg
+    if target.name == cfg.state_path.name:
+        return cfg.replace(state_file=str(target), backup_dir=str(target.parent / "backups"))
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadState:
+    """What ``show``/``export``/``diff`` display: the state, its label and (for the state file) the journal."""
+
+    path: Path
+    state: StateData
+    generation: int
+    current: Current | None  # None: a backup, a .bak, or --snapshot-only
+    options: _statefile.ReadOptions
+
+    @property
+    def journal_records(self) -> int:
+        return self.current.applied if self.current is not None else 0
+
+    def label(self, shown: str) -> str:
+        if self.current is None or not self.current.applied:
+            return f"{shown} (generation {self.generation})"
+        return (
+            f"{shown} (generation {self.current.loaded.state.generation} + {self.current.applied} journal "
+            f"record{'s' if self.current.applied != 1 else ''})"
+        )
+
+    def document(self) -> Any:
+        """The decrypted document: the file's own, or (journal records replayed) what a save would write."""
+        if self.current is not None and self.current.applied:
+            return self.current.document()
+        _, doc = _statefile.read_document(self.path, options=self.options)
+        return doc
+
+
+def read_state(env: Env, target: Path, *, snapshot_only: bool = False) -> ReadState:
+    """*target* read as a restarted bot would load it: with its journal when it is a state file.
+
+    A damaged journal (or one a load would refuse) raises its typed error: the state cannot be shown as a
+    bot would load it. A torn last record is a warning on stderr (a load cuts it off by itself).
+    """
+    options = env.read_options()
+    cfg = None if snapshot_only else state_config_for(env, target)
+    if cfg is None:
+        loaded = _statefile.read(target, options=options)
+        return ReadState(target, loaded.state, loaded.state.generation, None, options)
+    cur = read_current(cfg, options)
+    if cur.error is not None:
+        raise journal_refusal(cur.error, cfg)
+    for note in cur.notes:
+        click.echo(f"warning: {cfg.journal_path}: {note}", err=True)
+    return ReadState(target, cur.state, cur.generation, cur, options)
+
+
+def journal_refusal(error: PosStateError, cfg: StateConfig) -> PosStateError:
+    """The error to stop a command with when the journal cannot be replayed in full (its next step says how
+    a load recovers, and how to see the snapshot alone)."""
+    if isinstance(error, CorruptStateError) and error.kind == "journal":
+        return CorruptStateError(
+            cfg.journal_path,
+            error.reason,
+            next_step=(
+                "the state a bot would load cannot be shown: its next load recovers (snapshot plus the records "
+                "before the damage, or a backup) and quarantines the journal; see what it would choose with "
+                "`posstate repair --dry-run`, or look at the snapshot alone with --snapshot-only"
+            ),
+            kind="journal",
+        )
+    return error
+
+
+# ------------------------------------------------------------------------------------------ validate
+@dataclass(frozen=True, slots=True)
+class JournalVerdict:
+    check: Check
+    data: dict[str, Any]
+    error: PosStateError | None  # the typed error for the exit code (damage: 1; key: 3)
+
+
+def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> JournalVerdict:
+    """The ``journal`` line of ``posstate validate`` for the state file of *cfg*.
+
+    With a valid snapshot the journal is checked against it (id, sequence numbers) and replayed read-only,
+    as a load would; otherwise its framing, checksums and (with a key) records are checked on their own.
+    A torn last record is ok (a load cuts it off); damage before the last record FAILs (exit 1), a wrong
+    key FAILs (exit 3). Never writes.
+    """
+    from posstate._journal_audit import check
+
+    keyring = env.keyring()
+    options = env.read_options()
+    cur: Current | None = None
+    snapshot_journal = None
+    if snapshot_valid:
+        try:
+            cur = read_current(cfg, options)
+            snapshot_journal = cur.loaded.state.journal
+        except PosStateError:
+            cur = None  # the snapshot changed under us; its own check reports it
+    jc = check(cfg.journal_path, keyring=keyring, snapshot_journal=snapshot_journal)
+    data = asdict(jc)
+    data["applied"] = cur.applied if cur is not None else None
+    torn = f"; torn last record ({jc.torn_bytes} bytes) ignored, a load cuts it off" if jc.torn_bytes else ""
+    if not jc.exists:
+        detail = f"no journal at {cfg.journal_path} (nothing recorded since the snapshot)"
+        return JournalVerdict(Check("journal", True, detail), data, None)
+    error: PosStateError | None = cur.error if cur is not None else None
+    if error is None and not jc.valid:
+        typed = _typed(cfg, keyring) if jc.contents_checked else None
+        error = typed or CorruptStateError(cfg.journal_path, jc.problem, kind="journal")
+    if error is not None:
+        data["valid"] = False
+        data["problem"] = str(error)
+        return JournalVerdict(Check("journal", False, _first(str(error))), data, error)
+    if not jc.contents_checked:
+        return JournalVerdict(
+            Check("journal", None, f"{jc.records} records, framing and checksums ok; contents NOT checked (no key){torn}"),
+            data,
+            None,
+        )
+    if cur is None:
+        detail = f"{jc.records} records intact (not matched: the snapshot did not validate){torn}"
+        return JournalVerdict(Check("journal", True, detail), data, None)
+    if jc.matches_snapshot is False:
+        detail = f"{jc.records} records of an older journal, all held by the snapshot (ignored; replaced by the next change)"
+    else:
+        detail = f"{jc.records} records, {cur.applied} after the snapshot (replayed on load){torn}"
+    return JournalVerdict(Check("journal", True, detail), data, None)
+
+
+def _typed(cfg: StateConfig, keyring: Any) -> PosStateError | None:
+    """The typed error behind a failed check (wrong key vs damage), read again without a snapshot."""
+    from posstate._journal import read_records
+
+    try:
+        read_records(fs.read_file(cfg.journal_path), path=cfg.journal_path, keyring=keyring)
+    except PosStateError as exc:
+        return exc
+    except OSError:
+        return None
+    return None
+
+
+def _first(text: str) -> str:
+    return text.split("; ")[0]
+
+
+def journal_exit_error(verdict: JournalVerdict, cfg: StateConfig) -> PosStateError | None:
+    """What ``validate`` exits with for a failed journal check: a key problem keeps its class (exit 3),
+    anything else is exit 1."""
+    err = verdict.error
+    if err is None or isinstance(err, (WrongKeyError, MissingKeyError)):
+        return err
+    reason = err.reason if isinstance(err, CorruptStateError) else str(err)
+    return CorruptStateError(
+        cfg.journal_path,
+        reason,
+        next_step="a bot's next load stops here and recovers (the snapshot plus the records before the damage, or a "
+        "backup) and quarantines the journal; see what it would choose with `posstate repair --dry-run`",
+        kind="journal",
+    )
+
+
+# ------------------------------------------------------------------------------------------ history
+def _compact(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def change_text(old: dict[str, Any] | None, new: dict[str, Any] | None, *, known: bool) -> str:
+    """old -> new in one cell: changed fields only when both exist, else the whole value."""
+    if not known:
+        return ("removed" if new is None else f"set to {_compact(new)}") + " (old value unknown)"
+    if old is None and new is None:
+        return "(absent) -> (absent)"
+    if old is None:
+        return f"(absent) -> {_compact(new)}"
+    if new is None:
+        return f"{_compact(old)} -> (absent)"
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not changed:
+        return "unchanged"
+
+    def cell(d: dict[str, Any], k: str) -> str:
+        return _compact(d[k]) if k in d else "(absent)"
+
+    return ", ".join(f"{k}: {cell(old, k)} -> {cell(new, k)}" for k in changed)
+
+
+@cli.command()
+@click.option("--symbol", help="Only this symbol's changes.")
+@common_options()
+@click.pass_context
+def history(ctx: click.Context, symbol: str | None) -> None:
+    """List the changes recorded in the journal since the last snapshot: time, key, old and new values.
+
+    Oldest first; read-only (no lock). Old values are rebuilt by replaying the journal on its snapshot.
+    A damaged journal is an error (exit 1); without a journal there is nothing to list (exit 0).
+    """
+    from posstate._journal_audit import check
+    from posstate._journal_audit import history as journal_history
+
+    env = env_of(ctx)
+    cfg = env.config()
+    path = cfg.journal_path
+    if not fs.exists(path):
+        if env.json:
+            json_out([])
+        click.echo(
+            f"no journal at {path}: no changes recorded since the last snapshot (durability {cfg.durability!r})",
+            err=env.json,
+        )
+        return
+    keyring = env.keyring()
+    entries = journal_history(cfg, keyring=keyring, symbol=symbol)
+    jc = check(path, keyring=keyring)
+    if jc.torn_bytes:
+        click.echo(f"warning: {path}: torn last record ({jc.torn_bytes} bytes) left out; a load cuts it off", err=True)
+    if env.json:
+        json_out(
+            [
+                {
+                    "seq": e.seq,
+                    "time": e.time.isoformat().replace("+00:00", "Z"),
+                    "time_ms": e.time_ms,
+                    "op": e.op,
+                    "symbol": e.symbol,
+                    "side": e.side,
+                    "key": e.key,
+                    "old": e.old,
+                    "new": e.new,
+                    "old_known": e.old_known,
+                    "rev": e.rev,
+                    "transaction": e.transaction,
+                }
+                for e in entries
+            ]
+        )
+        return
+    if not entries:
+        click.echo(f"{path}: no changes recorded" + (f" for {symbol}" if symbol else "") + " since the last snapshot")
+        return
+    rows = [
+        [
+            str(e.seq),
+            e.time.strftime("%Y-%m-%d %H:%M:%S.") + f"{e.time_ms % 1000:03d}",
+            e.op + (" (txn)" if e.transaction else ""),
+            e.key,
+            change_text(e.old, e.new, known=e.old_known),
+        ]
+        for e in entries
+    ]
+    click.echo(f"{path}: {len(entries)} change{'s' if len(entries) != 1 else ''}" + (f" for {symbol}" if symbol else ""))
+    for line in table(("seq", "time (UTC)", "op", "key", "old -> new"), rows, right=frozenset({0})):
+        click.echo(line)
+
+
+# ------------------------------------------------------------------------------------------ doctor
+@cli.command()
+@common_options()
+@click.pass_context
+def doctor(ctx: click.Context) -> None:
+    """Check that the state directory is a safe place for a bot's state (no key needed).
+
+    File-system type, directory fsync, lock exclusivity against another process, free space, permissions,
+    and a short crash (SIGKILL) and fault (ENOSPC, EIO) self-test in a scratch subdirectory that is
+    removed afterwards. Exit 1 when anything is unsafe.
+    """
+    from posstate._doctor import format_report, run_doctor
+
+    env = env_of(ctx)
+    state_dir = env.config().state_dir
+    try:
+        is_dir = stat.S_ISDIR(fs.stat_(state_dir).st_mode)
+    except FileNotFoundError:
+        is_dir = True  # not created yet: the doctor checks the nearest existing parent
+    except NotADirectoryError:
+        raise CliError(
+            f"{state_dir}: a parent of this path is a file, not a directory; choose a directory with --state-dir",
+            code=EXIT_INVALID,
+        ) from None
+    if not is_dir:
+        raise CliError(f"{state_dir}: exists but is not a directory; choose a directory with --state-dir", code=EXIT_INVALID)
+    report = run_doctor(state_dir)
+    if env.json:
+        json_out(
+            {
+                "state_dir": str(report.state_dir),
+                "filesystem": report.filesystem,
+                "mount_point": report.mount_point,
+                "verdict": report.verdict,
+                "ok": report.ok,
+                "findings": [{"check": f.check, "status": f.status, "detail": f.detail} for f in report.findings],
+            }
+        )
+    else:
+        click.echo(format_report(report))
+    if not report.ok:
+        bad = [f for f in report.findings if f.status == "unsafe"]
+        raise CliError(
+            f"{state_dir}: unsafe for posstate state: {len(bad)} finding(s) marked UNSAFE (first: {bad[0].check}: "
+            f"{bad[0].detail}); fix them and rerun `posstate doctor`",
+            code=EXIT_INVALID,
+        )

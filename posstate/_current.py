@@ -1,0 +1,127 @@
+"""The current state as a restarted bot would load it: the snapshot plus its journal, read-only.
+
+Since the write-ahead journal, the state on disk is ``positions.json`` (the snapshot) with the records of
+``positions.journal`` after the snapshot's ``journal.seq`` replayed on top (only if the journal's id is the
+one the snapshot names). :func:`read_current` reads both and never writes: it does not cut a torn tail,
+quarantine a damaged journal or start a new one (a load does those). What it finds wrong with the journal
+is returned, never hidden: ``error`` is the typed error a load would raise (damage before the last record,
+another snapshot's journal holding newer records, a wrong or missing key), ``notes`` what a load repairs by
+itself (a torn last record). An older journal the snapshot already holds (normal between a save and the
+next change) is ignored, as a load ignores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from posstate import _document, _statefile
+from posstate import _fileops as fs
+from posstate import _journal_ops as jops
+from posstate._document import StateData
+from posstate._errors import CorruptStateError, MissingKeyError, PersistenceError, PosStateError, WrongKeyError
+
+if TYPE_CHECKING:
+    from posstate._config import StateConfig
+
+__all__ = ["Current", "read_current"]
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """The snapshot (``loaded``, untouched) and ``state``: a copy with the journal's records replayed.
+
+    ``applied`` counts the records replayed (those after the snapshot's sequence number); ``last_seq`` is
+    the last one applied (None when none was); ``max_rev`` the highest revision they set. When ``error``
+    is set the journal could not be replayed in full: ``state`` then holds the snapshot plus the records
+    before the problem (a best effort for display, not what a load adopts: a load raises ``error`` and
+    runs recovery).
+    """
+
+    loaded: _statefile.Loaded
+    state: StateData
+    applied: int = 0
+    last_seq: int | None = None
+    max_rev: int = 0
+    notes: tuple[str, ...] = ()
+    error: PosStateError | None = field(default=None, compare=False)
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """What is wrong with the journal, as text (empty when the replay is complete)."""
+        return (str(self.error),) if self.error is not None else ()
+
+    @property
+    def generation(self) -> int:
+        """The snapshot's generation, raised to the highest revision replayed (what a save would write)."""
+        return max(self.state.generation, self.max_rev)
+
+    def document(self) -> dict[str, Any]:
+        """The state document of ``state``: the snapshot's own document when nothing was replayed; else
+        the document a compaction would write now (generation raised to the highest revision replayed,
+        ``journal.seq`` the last record applied) so it passes the same validation (``import`` accepts it)."""
+        st = self.state.copy()
+        st.generation = self.generation
+        if self.last_seq is not None and st.journal is not None:
+            st.journal = {**st.journal, "seq": self.last_seq}
+        return _document.build_document(st)
+
+
+def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Current:
+    """Read the state file and replay its journal, read-only (see the module docstring).
+
+    Raises what reading the snapshot raises (StateNotFoundError, CorruptStateError, WrongKeyError, ...);
+    journal problems are returned in ``Current.error`` / ``Current.notes``, not raised.
+    """
+    from posstate._journal import read_records, replay_prefix
+
+    loaded = _statefile.read(config.state_path, options=options)
+    state = loaded.state.copy()
+    path = config.journal_path
+    try:
+        data = fs.read_file(path)
+    except FileNotFoundError:
+        return Current(loaded=loaded, state=state)
+    except OSError as exc:
+        return Current(loaded=loaded, state=state, error=PersistenceError(path, operation="read journal", cause=exc))
+    snap = loaded.state.journal or {}
+    snap_seq = int(snap.get("seq", 0))
+    try:
+        header, records, sc = read_records(data, path=path, keyring=options.keyring)
+    except (MissingKeyError, WrongKeyError) as exc:
+        return Current(loaded=loaded, state=state, error=exc)
+    except CorruptStateError as exc:
+        # Damage before the last record: show the trustworthy prefix, and say the replay stopped.
+        applied, max_rev, _ = replay_prefix(path, keyring=options.keyring, state=state)
+        return Current(loaded=loaded, state=state, applied=applied, max_rev=max_rev, error=exc)
+    last = records[-1][0].seq if records else header.base_seq
+    if header.id_hex != snap.get("id"):
+        if last > snap_seq:
+            err = CorruptStateError(
+                path,
+                f"journal {header.id_hex} holds records up to {last}, but the snapshot (generation "
+                f"{loaded.state.generation}) belongs to journal {snap.get('id')} and holds only up to {snap_seq}",
+                next_step="a load moves this journal to quarantine and recovers; see what it would choose with "
+                "`posstate repair --dry-run`",
+                kind="journal",
+            )
+            return Current(loaded=loaded, state=state, error=err)
+        # An older journal the snapshot holds in full: normal between a save and the next change.
+        return Current(loaded=loaded, state=state)
+    applied = max_rev = 0
+    last_applied: int | None = None
+    for rec, ops in records:
+        if rec.seq <= snap_seq:
+            continue
+        for op in ops:
+            jops.apply(state, {}, op)
+            max_rev = max(max_rev, int(op.json["rev"]))
+        applied += 1
+        last_applied = rec.seq
+    notes: tuple[str, ...] = ()
+    if sc.bad_offset is not None:
+        notes = (
+            f"torn last record ({len(data) - sc.good_end} bytes from byte {sc.good_end}: {sc.bad_reason}) ignored: "
+            "a crash mid-append, never acknowledged; the next load cuts it off (after copying the journal to quarantine)",
+        )
+    return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, notes=notes)
