@@ -163,7 +163,7 @@ def _check_permissions(state_dir: Path) -> list[Finding]:
     out: list[Finding] = []
     if not fs.exists(state_dir):
         return [Finding("permissions", "ok", f"{state_dir} does not exist yet; it will be created 0700")]
-    targets = [state_dir] + [state_dir / n for n in ("positions.json", "positions.json.bak", "positions.json.journal")]
+    targets = [state_dir] + [state_dir / n for n in ("positions.json", "positions.json.bak", "positions.journal")]
     backups = state_dir / "backups"
     try:
         names = fs.listdir(backups)

@@ -214,17 +214,23 @@ class StateLockedError(PosStateError, TimeoutError):
 class PersistenceError(PosStateError, OSError):
     """A file operation failed; the previous file is intact and the in-memory state unchanged."""
 
-    def __init__(self, path: str | Path | None, *, operation: str, cause: OSError | None = None, reason: str = "") -> None:
+    def __init__(
+        self,
+        path: str | Path | None,
+        *,
+        operation: str,
+        cause: OSError | None = None,
+        reason: str = "",
+        outcome: str = "the previous file is intact",
+        next_step: str = "free space or fix permissions and save again (`posstate doctor` checks the directory)",
+    ) -> None:
         self._operation = operation
         code = cause.errno if cause is not None else None
         why = reason or (cause.strerror if cause is not None and cause.strerror else str(cause) if cause else "failed")
         name = _errno.errorcode.get(code, "") if code is not None else ""
         label = f"{name}: {why}" if name else why
         OSError.__init__(self, code if code is not None else 0, label)
-        self.args = (
-            f"{_show(path)}: {operation} failed ({label}); the previous file is intact; free space or fix "
-            "permissions and save again (`posstate doctor` checks the directory)",
-        )
+        self.args = (f"{_show(path)}: {operation} failed ({label}); {outcome}; {next_step}",)
         self._path = Path(path) if path is not None else None
 
     def __str__(self) -> str:

@@ -195,7 +195,7 @@ def exists(path: StrPath) -> bool:
     """True if a directory entry exists at *path* (a dangling symlink counts: it is not ours to follow)."""
     try:
         _active.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a parent is a file
         return False
     return True
 

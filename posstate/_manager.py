@@ -565,12 +565,17 @@ class PositionStateManager:
         except _atomic.WriteFailed as wf:
             if wf.renamed:
                 self._expected_on_disk.add(encoded.checksum)
-            raise self._persistence_failed(wf.step, wf.cause) from wf.cause
+            raise self._persistence_failed(wf.step, wf.cause, renamed=wf.renamed) from wf.cause
         except OSError as exc:
             raise self._persistence_failed("save", exc) from exc
 
-    def _persistence_failed(self, step: str, cause: OSError) -> PersistenceError:
-        err = PersistenceError(self._path, operation=step, cause=cause)
+    def _persistence_failed(self, step: str, cause: OSError, *, renamed: bool = False) -> PersistenceError:
+        outcome = (
+            "the new file is in place but its durability is not confirmed (the previous one is kept as .bak)"
+            if renamed
+            else "the previous file is intact"
+        )
+        err = PersistenceError(self._path, operation=step, cause=cause, outcome=outcome)
         self._events.emit(
             "persistenceError", {"path": str(self._path), "operation": step, "errno": cause.errno, "reason": str(err)}
         )

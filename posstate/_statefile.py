@@ -6,6 +6,7 @@ main file, ``positions.json.bak``, timestamped backups and exports alike. It hol
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -52,7 +53,11 @@ def read_bytes(path: Path, *, what: str = "state file") -> bytes:
             path, "is a directory, not a state file", next_step="give the path of a positions file", kind="not-a-state-file"
         ) from None
     except OSError as exc:
-        raise PersistenceError(path, operation="read", cause=exc) from exc
+        if exc.errno == errno.ELOOP:
+            step = "it is a symlink, which posstate never follows; put the real file there"
+        else:
+            step = "check permissions and the disk (`posstate doctor` checks the directory)"
+        raise PersistenceError(path, operation="read", cause=exc, outcome="nothing was changed", next_step=step) from exc
 
 
 def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = None) -> Loaded:

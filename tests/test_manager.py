@@ -537,3 +537,32 @@ def test_encrypted_manager_refuses_a_plaintext_state_file(cfg: StateConfig, key:
         m.load_positions()
     assert cfg.state_path.read_bytes() == planted  # nothing quarantined, nothing rewritten
     assert not cfg.quarantine_dir.exists()
+
+
+class _FailFsyncDir(_fileops.FileOps):
+    def fsync_dir(self, path: Any) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_failure_after_the_rename_says_so_and_the_next_save_succeeds(manager: Factory, cfg: StateConfig) -> None:
+    """fsync of the directory fails after the rename: the error says the new file is in place (not 'intact'),
+    and the next save accepts that file as this manager's own."""
+    m = manager(cfg.replace(durability="snapshot"))
+    m.save_positions([pos("A")])
+    with _fileops.use(_FailFsyncDir()), pytest.raises(PersistenceError) as info:
+        m.save_positions([pos("B")])
+    assert info.value.operation == "fsync_dir" and "the new file is in place" in str(info.value)
+    m.save_positions([pos("C")])
+    m.close()
+    assert set(manager().load_positions()) == {("C", "long")}
+
+
+def test_symlink_at_the_state_path_is_not_followed(manager: Factory, cfg: StateConfig, tmp_path: Path) -> None:
+    """A symlink planted at positions.json is refused (ELOOP) with a message that says what it is."""
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    target = tmp_path / "elsewhere.json"
+    target.write_bytes(b"{}")
+    cfg.state_path.symlink_to(target)
+    with pytest.raises(PersistenceError, match="symlink, which posstate never follows"):
+        manager().load_positions()
+    assert target.read_bytes() == b"{}"
