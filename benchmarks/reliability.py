@@ -133,7 +133,7 @@ def family_powerloss(work: Path, full: bool) -> list[Row]:
         else:
             mutation.lost += 1
     mutation.note = "a missing fsync that the replay does not notice counts as lost"
-    lying.note = "renamed file empty/zeroed/torn despite fsync; recovered needs issue 3's recovery from .bak"
+    lying.note = "renamed file empty/zeroed/torn despite fsync; recovered from .bak (issue 3)"
     return [honest, lying, mutation]
 
 
