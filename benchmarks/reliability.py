@@ -507,7 +507,7 @@ def family_journal_powerloss(work: Path, full: bool) -> list[Row]:
     key = generate_key()
     rows = []
     with _fast_dir(work) as fast:
-        for kind in ("append", "compaction"):
+        for kind in ("append", "compaction", "first"):
             row = Row(f"journal power loss: every crash state, {kind}")
             rec = rj.record_update(fast / f"rec-{kind}" / "s", key=key, kind=kind)
             for o in rj.replay(rec, fast / f"w-{kind}", key=key):
@@ -517,11 +517,12 @@ def family_journal_powerloss(work: Path, full: bool) -> list[Row]:
                 row.lost += o.lost
             rows.append(row)
         rows[0].note = "appended record lost, zero-filled, torn at a sector boundary or mid-record"
+        rows[2].note = "the very first update: first snapshot (and timed backup), then the first journal"
         mutation = Row("journal power loss: each sync removed (mutation)", recovered=None, must_recover=False)
         sync_ops = frozenset({"fsync", "fdatasync", "fsync_dir"})
-        for kind in ("append", "compaction"):
+        for kind in ("append", "compaction", "first"):
             probe = rj.record_update(fast / f"probe-{kind}" / "s", key=key, kind=kind)
-            for k in rj.sync_sites(probe.ops):
+            for k in rj.sync_sites(probe.ops, probe.root):
                 rec = rj.record_update(
                     fast / f"mut-{kind}{k}" / "s", key=key, kind=kind, fault=Fault(at=k, action="skip", ops=sync_ops)
                 )
@@ -531,8 +532,8 @@ def family_journal_powerloss(work: Path, full: bool) -> list[Row]:
                 else:
                     mutation.lost += 1
         mutation.note = (
-            "the append's fdatasync; a compaction's file fsyncs and its last directory fsync (the snapshot's own "
-            "directory fsync is covered by the save's mutation row: the journal's later one persists the rename too)"
+            "the append's fdatasync; each state/journal file fsync of a compaction and of the first update, and their "
+            "last directory fsync (an earlier directory fsync is persisted by the later one; see the journal section)"
         )
         rows.append(mutation)
     return rows

@@ -28,7 +28,10 @@ Positions = dict[PositionKey, Position]
 
 def warm(state_dir: Path, *, key: bytes, kind: str, max_records: int = 6, at_least: int = 3) -> int:
     """Make *state_dir* a sync-mode state whose next update is an append (*kind* "append") or compacts
-    ("compaction"), after at least *at_least* updates; return the number of updates made."""
+    ("compaction"), after at least *at_least* updates; return the number of updates made. *kind* "first"
+    leaves it empty: the next update is the very first (the first snapshot, then the first journal)."""
+    if kind == "first":
+        return 0
     with PositionStateManager(config(state_dir, max_records=max_records), key=key) as m:
         i = counters(m.load_positions()).get(0, 0)
         while True:
@@ -81,13 +84,22 @@ def record_update(state_dir: Path, *, key: bytes, kind: str, max_records: int = 
 SYNC_OPS = frozenset({"fsync", "fdatasync", "fsync_dir"})
 
 
-def sync_sites(ops: list[Op]) -> list[int]:
+def sync_sites(ops: list[Op], root: Path) -> list[int]:
     """The syncs of an update whose removal a replay of that update can notice, as 1-based counts among
-    SYNC_OPS (for ``Fault(action="skip", ops=SYNC_OPS)``). A directory fsync followed by another one in the
-    same update is left out: the later one persists every earlier directory operation too (metadata reaches
-    the disk in order), so only a replay of a save on its own can notice it (the snapshot families do)."""
+    SYNC_OPS (for ``Fault(action="skip", ops=SYNC_OPS)``). Left out: syncs of files outside *root* itself
+    (a timed backup's: the load of the acked state does not read it), and a directory fsync followed by
+    another one in the same update (the later one persists every earlier directory operation too, since
+    metadata reaches the disk in order; only a replay of a save on its own can notice it, as the snapshot
+    families do)."""
     syncs = [op for op in ops if op.name in SYNC_OPS]
-    return [k for k, op in enumerate(syncs, 1) if op.name != "fsync_dir" or not any(o.name == "fsync_dir" for o in syncs[k:])]
+    out = []
+    for k, op in enumerate(syncs, 1):
+        if op.name == "fsync_dir":
+            if not any(o.name == "fsync_dir" for o in syncs[k:]):
+                out.append(k)
+        elif op.path is not None and Path(op.path).parent == root:
+            out.append(k)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

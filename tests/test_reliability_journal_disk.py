@@ -22,7 +22,7 @@ def key() -> bytes:
     return generate_key()
 
 
-@pytest.mark.parametrize("kind", ["append", "compaction"])
+@pytest.mark.parametrize("kind", ["append", "compaction", "first"])
 def test_every_power_loss_state_of_an_update_loads_old_or_new(tmp_path: Path, key: bytes, kind: str) -> None:
     """Each prefix of the ops, unsynced appends dropped/zeroed/torn, unsynced dir ops lost: old or new; new once acked."""
     rec = rj.record_update(tmp_path / "s", key=key, kind=kind)
@@ -43,13 +43,14 @@ def test_removing_the_fdatasync_of_an_append_is_noticed(tmp_path: Path, key: byt
     assert any(o.lost for o in rj.replay(rec, tmp_path / "w", key=key))
 
 
-def test_removing_each_sync_of_a_compaction_is_noticed(tmp_path: Path, key: bytes) -> None:
-    """Mutation check over a compacting update: each file fsync and the final directory fsync matter."""
-    probe = rj.record_update(tmp_path / "p", key=key, kind="compaction")
-    sites = rj.sync_sites(probe.ops)
-    assert len(sites) >= 3  # snapshot temp fsync, journal temp fsync, the directory fsync after the rename
+@pytest.mark.parametrize("kind", ["compaction", "first"])
+def test_removing_each_sync_of_a_compaction_is_noticed(tmp_path: Path, key: bytes, kind: str) -> None:
+    """Mutation check over a compacting (or the very first) update: each file fsync and the final directory fsync matter."""
+    probe = rj.record_update(tmp_path / "p", key=key, kind=kind)
+    sites = rj.sync_sites(probe.ops, probe.root)
+    assert len(sites) == 3  # snapshot temp fsync, journal temp fsync, the directory fsync after the rename
     for k in sites:
-        rec = rj.record_update(tmp_path / f"m{k}", key=key, kind="compaction", fault=Fault(at=k, action="skip", ops=SYNC_OPS))
+        rec = rj.record_update(tmp_path / f"m{k}", key=key, kind=kind, fault=Fault(at=k, action="skip", ops=SYNC_OPS))
         skipped = [op for op in rec.ops if op.faulted == "skip"]
         assert len(skipped) == 1
         assert any(o.lost for o in rj.replay(rec, tmp_path / f"w{k}", key=key)), f"{skipped[0].name} {skipped[0].path}"
