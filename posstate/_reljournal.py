@@ -1,5 +1,6 @@
 """In-process reliability checks of the write-ahead journal (``durability="sync"``): power-loss replay of
-an append and of a compaction, I/O faults at each of their operations, and damage to a journal file.
+an append, of a compaction and of the very first update, I/O faults at each operation of an append and of a
+compaction, and damage to a journal file.
 
 Used by ``tests/test_reliability_journal_*.py`` and ``benchmarks/reliability.py``; the process-crash side
 is :mod:`posstate._crashjournal`. The workload is :func:`posstate._crashjournal.update_position`: update *i*
