@@ -75,6 +75,7 @@ class Op:
 class _FdInfo:
     path: str
     offset: int = 0
+    append: bool = False  # O_APPEND: every write goes to the end of the file (recorded with offset None)
 
 
 @dataclass
@@ -137,6 +138,11 @@ class HarnessOps(FileOps):
         info = self._fds.get(fd)
         return info.path if info else None
 
+    def open_files(self) -> dict[int, tuple[str, bool]]:
+        """Descriptors opened through this backend and still open: fd -> (path, opened with O_APPEND)."""
+        with self._lock:
+            return {fd: (info.path, info.append) for fd, info in self._fds.items()}
+
     def named(self, names: Iterable[str]) -> list[Op]:
         wanted = set(names)
         return [op for op in self.ops if op.name in wanted]
@@ -151,7 +157,7 @@ class HarnessOps(FileOps):
         except OSError as exc:
             self._record("open", action, path=str(path), flags=flags, error=exc.errno)
             raise
-        self._fds[fd] = _FdInfo(str(path))
+        self._fds[fd] = _FdInfo(str(path), append=bool(flags & os.O_APPEND))
         self._record("open", action, path=str(path), flags=flags, fd=fd)
         self._after(action)
         return fd
@@ -165,7 +171,7 @@ class HarnessOps(FileOps):
             first = self.fault is not None and self.counted == self.fault.at
             chunk = chunk[: len(chunk) // 2] if first else b""
         n = len(chunk) if action == "skip" or not chunk else super().write(fd, chunk)
-        offset = info.offset if info else None
+        offset = info.offset if info and not info.append else None
         if info:
             info.offset += n
         self._record("write", action, path=path, fd=fd, size=n, offset=offset, data=chunk[:n] if self.keep_data else None)

@@ -64,6 +64,7 @@ class _Sim:
     durable_names: dict[str, int] = field(default_factory=dict)
     pending: list[tuple[str, str, str | None, int]] = field(default_factory=list)  # dir ops since the last dir fsync
     fds: dict[int, int] = field(default_factory=dict)
+    appends: set[int] = field(default_factory=set)  # descriptors opened with O_APPEND
     next_ino: int = 0
 
     def rel(self, path: str | None) -> str:
@@ -88,12 +89,20 @@ class _Sim:
                 self.pending.append(("create", rel, None, ino))
             if op.fd is not None and rel in self.names:
                 self.fds[op.fd] = self.names[rel]
+                if flags & os.O_APPEND:
+                    self.appends.add(op.fd)
+                else:
+                    self.appends.discard(op.fd)
         elif name == "write" and op.fd in self.fds:
             node = self.inodes[self.fds[op.fd]]
             data = op.data or b""
-            off = op.offset or 0
+            off = len(node.current) if op.fd in self.appends else (op.offset or 0)
             cur = node.current.ljust(off, b"\0")
             node.current = cur[:off] + data + cur[off + len(data) :]
+        elif name == "ftruncate" and op.fd in self.fds:
+            node = self.inodes[self.fds[op.fd]]
+            size = op.size or 0
+            node.current = node.current[:size].ljust(size, b"\0")
         elif name in ("fsync", "fdatasync") and op.fd in self.fds:
             node = self.inodes[self.fds[op.fd]]
             node.durable = node.current
@@ -139,8 +148,22 @@ def _content_variants(node: _Inode) -> list[tuple[str, bytes]]:
         return [("synced", node.current)]
     new, old = node.current, node.durable
     out: list[tuple[str, bytes]] = [("unsynced-old", old), ("unsynced-new", new)]
+    if old and len(new) > len(old) and new.startswith(old):
+        # An append (the journal): the file grew but the new bytes may not have reached the disk. The size
+        # may have (zeros), or only the sectors before a boundary; "torn@mid" cuts inside the new bytes even
+        # when no sector boundary falls there (stricter than a disk, which tears at sector boundaries).
+        grown = len(new) - len(old)
+        out.append(("append-zeros", old + bytes(grown)))
+        cuts = {len(old) + grown // 2: "torn@mid"}
+        for sector in SECTORS:
+            for cut in range((len(old) // sector + 1) * sector, len(new), sector):
+                cuts.setdefault(cut, f"torn@{cut}")
+        for cut, label in sorted(cuts.items()):
+            out.append((label, new[:cut]))
+            out.append((f"{label}+zeros", new[:cut] + bytes(len(new) - cut)))
+        return out
     if old:
-        return out  # our writer only ever writes new files; an in-place rewrite is modelled as old/new
+        return out  # an in-place rewrite (a cut-back journal) is modelled as old/new
     out.append(("empty", b""))
     out.append(("zero-filled", bytes(len(new))))
     for sector in SECTORS:
@@ -160,23 +183,34 @@ def _damaged(data: bytes) -> list[tuple[str, bytes]]:
     return out
 
 
-def _simulate(before: Mapping[str, bytes], ops: Sequence[Op], root: str) -> Iterator[tuple[int, _Sim]]:
+def _simulate(
+    before: Mapping[str, bytes], ops: Sequence[Op], root: str, open_fds: Mapping[int, tuple[str, bool]] | None = None
+) -> Iterator[tuple[int, _Sim]]:
     sim = _Sim(root=root)
     for rel, data in before.items():
         ino = sim.new_inode(data)
         sim.names[rel] = ino
     sim.durable_names = dict(sim.names)
+    for fd, (path, append) in (open_fds or {}).items():  # descriptors opened before the recording started
+        rel = sim.rel(path)
+        if rel in sim.names:
+            sim.fds[fd] = sim.names[rel]
+            if append:
+                sim.appends.add(fd)
     yield 0, sim
     for p, op in enumerate(ops, 1):
         sim.apply(op)
         yield p, sim
 
 
-def crash_states(before: Mapping[str, bytes], ops: Sequence[Op], root: str | Path) -> Iterator[CrashState]:
-    """Every honest crash state of the recorded operations (see the module docstring)."""
+def crash_states(
+    before: Mapping[str, bytes], ops: Sequence[Op], root: str | Path, *, open_fds: Mapping[int, tuple[str, bool]] | None = None
+) -> Iterator[CrashState]:
+    """Every honest crash state of the recorded operations (see the module docstring). *open_fds* names the
+    descriptors already open when the recording of *ops* started (``HarnessOps.open_files()``)."""
     n = len(ops)
     seen: set[tuple[int, tuple[tuple[str, bytes], ...]]] = set()
-    for p, sim in _simulate(before, ops, str(root)):
+    for p, sim in _simulate(before, ops, str(root), open_fds):
         for j, ns in sim.namespaces():
             choices: list[list[tuple[str, str, bytes]]] = []
             for rel, ino in sorted(ns.items()):

@@ -20,7 +20,7 @@ def _load() -> ModuleType:
 
 
 def test_bounded_reliability_run_loses_nothing() -> None:
-    """Every family runs; lost == 0 and detected == tried everywhere; crash/fault families fully recovered."""
+    """Every family runs; lost == 0; detected == tried except the one documented limit; crash/fault families recovered."""
     bench = _load()
     rows = bench.run(full=False)
     assert {r.family.split(":")[0] for r in rows} == {
@@ -31,10 +31,18 @@ def test_bounded_reliability_run_loses_nothing() -> None:
         "hostile",
         "concurrency",
         "security",
+        "journal crash",
+        "journal power loss",
+        "journal I/O fault",
+        "journal damage",
     }
+    # The one documented limit: a journal cut exactly between two records is a valid shorter journal.
+    assert [r.family for r in rows if r.known_limit] == ["journal damage: cut at a record boundary"]
     for r in rows:
         assert r.tried > 0, r.family
         assert r.lost == 0, (r.family, r)
+        if r.known_limit:
+            continue  # detected is 0 there by design; lost == 0 still says nothing invented was loaded
         assert r.detected == r.tried, (r.family, r)
         if r.must_recover:
             assert r.recovered == r.tried, (r.family, r)

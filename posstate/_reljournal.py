@@ -1,0 +1,330 @@
+"""In-process reliability checks of the write-ahead journal (``durability="sync"``): power-loss replay of
+an append, of a compaction and of the very first update, I/O faults at each operation of an append and of a
+compaction, and damage to a journal file.
+
+Used by ``tests/test_reliability_journal_*.py`` and ``benchmarks/reliability.py``; the process-crash side
+is :mod:`posstate._crashjournal`. The workload is :func:`posstate._crashjournal.update_position`: update *i*
+sets one position, so the state after updates 1..*i* is :func:`~posstate._crashjournal.expected_positions`.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from posstate import _fileops
+from posstate import _journal_format as jf
+from posstate._crashjournal import config, counters, expected_positions, update_position
+from posstate._errors import PersistenceError, PosStateError
+from posstate._harness import Fault, HarnessOps, Op
+from posstate._manager import PositionStateManager
+from posstate._model import Position, PositionKey
+from posstate._replay import CrashState, crash_states, materialize, snapshot
+
+Positions = dict[PositionKey, Position]
+
+
+def warm(state_dir: Path, *, key: bytes, kind: str, max_records: int = 6, at_least: int = 3) -> int:
+    """Make *state_dir* a sync-mode state whose next update is an append (*kind* "append") or compacts
+    ("compaction"), after at least *at_least* updates; return the number of updates made. *kind* "first"
+    leaves it empty: the next update is the very first (the first snapshot, then the first journal)."""
+    if kind == "first":
+        return 0
+    with PositionStateManager(config(state_dir, max_records=max_records), key=key) as m:
+        i = counters(m.load_positions()).get(0, 0)
+        while True:
+            due = m._journal.records >= max_records  # what Journal.prepare() checks
+            if i >= at_least and due == (kind == "compaction"):
+                return i
+            i += 1
+            m.set_position(update_position(0, i))
+
+
+# ----------------------------------------------------------------------------------------------- power loss
+@dataclass(frozen=True, slots=True)
+class RecordedUpdate:
+    """One recorded update: the directory before it, its operations, the descriptors already open, and
+    the states before and after."""
+
+    root: Path
+    before: dict[str, bytes]
+    ops: list[Op]
+    open_fds: dict[int, tuple[str, bool]]
+    old: Positions
+    new: Positions
+    returned: bool  # the update returned (it was acknowledged)
+
+    def states(self) -> Iterator[CrashState]:
+        return crash_states(self.before, self.ops, self.root, open_fds=self.open_fds)
+
+
+def record_update(state_dir: Path, *, key: bytes, kind: str, max_records: int = 6, fault: Fault | None = None) -> RecordedUpdate:
+    """Warm *state_dir* up (see :func:`warm`), then record the next update (optionally with a fault)."""
+    warm(state_dir, key=key, kind=kind, max_records=max_records)
+    ops = HarnessOps(keep_data=True, fault=fault, counting=False)
+    with _fileops.use(ops), PositionStateManager(config(state_dir, max_records=max_records), key=key) as m:
+        old = m.load_positions()
+        i = counters(old).get(0, 0) + 1
+        before = snapshot(state_dir)
+        mark = len(ops.ops)
+        open_fds = ops.open_files()
+        ops.counting = True
+        try:
+            m.set_position(update_position(0, i))
+            returned = True
+        except PersistenceError:
+            returned = False
+        ops.counting = False
+        recorded = list(ops.ops[mark:])
+    return RecordedUpdate(state_dir, before, recorded, open_fds, old, expected_positions(i), returned)
+
+
+SYNC_OPS = frozenset({"fsync", "fdatasync", "fsync_dir"})
+
+
+def sync_sites(ops: list[Op], root: Path) -> list[int]:
+    """The syncs of an update whose removal a replay of that update can notice, as 1-based counts among
+    SYNC_OPS (for ``Fault(action="skip", ops=SYNC_OPS)``). Left out: syncs of files outside *root* itself
+    (a timed backup's: the load of the acked state does not read it), and a directory fsync followed by
+    another one in the same update (the later one persists every earlier directory operation too, since
+    metadata reaches the disk in order; only a replay of a save on its own can notice it, as the snapshot
+    families do)."""
+    syncs = [op for op in ops if op.name in SYNC_OPS]
+    out = []
+    for k, op in enumerate(syncs, 1):
+        if op.name == "fsync_dir":
+            if not any(o.name == "fsync_dir" for o in syncs[k:]):
+                out.append(k)
+        elif op.path is not None and Path(op.path).parent == root:
+            out.append(k)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: CrashState
+    result: str  # "old", "new", "error" or "other"
+    detail: str = ""
+
+    @property
+    def lost(self) -> bool:
+        return self.result in ("error", "other") or (self.state.complete and self.result != "new")
+
+
+def load_state(state: CrashState, into: Path, *, key: bytes, old: Positions, new: Positions) -> Outcome:
+    """Materialize *state* in the empty directory *into*, load it in sync mode with a fresh manager, classify."""
+    materialize(state, into)
+    try:
+        with PositionStateManager(config(into), key=key) as m:
+            got = m.load_positions()
+    except PosStateError as exc:
+        return Outcome(state, "error", f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(into, ignore_errors=True)
+    if got == old:
+        return Outcome(state, "old")
+    if got == new:
+        return Outcome(state, "new")
+    return Outcome(state, "other", f"{len(got)} positions")
+
+
+def replay(rec: RecordedUpdate, work: Path, *, key: bytes) -> list[Outcome]:
+    return [load_state(st, work / f"c{i}", key=key, old=rec.old, new=rec.new) for i, st in enumerate(rec.states())]
+
+
+# ----------------------------------------------------------------------------------------------- I/O faults
+@dataclass(frozen=True, slots=True)
+class FaultResult:
+    outcome: str  # "failed", "succeeded" or "wrong-error: ..."
+    fired: bool
+    detected: bool  # a PersistenceError (or success), memory right, disk the acked or the in-flight state
+    recovered: bool  # ... and the next update succeeded, a fresh manager loads it, no temp left
+    lost: bool
+    detail: str = ""
+
+
+def _temps(d: Path) -> list[str]:
+    return [p.name for p in d.iterdir() if p.name.startswith((".positions.json", ".positions.journal"))]
+
+
+def fault_case(base: Path, d: Path, *, key: bytes, fault: Fault, max_records: int = 6) -> FaultResult:
+    """One fault during an update made from a copy of *base* (see module docstring for the promises)."""
+    shutil.copytree(base, d)
+    cfg = config(d, max_records=max_records)
+    m = PositionStateManager(cfg, key=key)
+    try:
+        old = m.load_positions()
+        i = counters(old).get(0, 0) + 1
+        new = expected_positions(i)
+        ops = HarnessOps(fault=fault)
+        outcome = "succeeded"
+        with _fileops.use(ops):
+            try:
+                m.set_position(update_position(0, i))
+            except PersistenceError:
+                outcome = "failed"
+            except Exception as exc:  # anything else breaks the promise of a typed error
+                outcome = f"wrong-error: {type(exc).__name__}: {exc}"
+        memory = m.get_positions()
+        memory_ok = memory == (new if outcome == "succeeded" else old)
+        copy = d.with_name(d.name + "-disk")  # the manager holds the lock: load a copy of what is on disk
+        shutil.copytree(d, copy)
+        try:
+            with PositionStateManager(config(copy, max_records=max_records), key=key) as m2:
+                disk = m2.load_positions()
+            disk_ok = disk == new or (disk == old and outcome != "succeeded")
+            disk_note = "" if disk == memory else "disk holds the failed (in-flight) update"
+        except PosStateError as exc:
+            disk_ok, disk_note = False, f"{type(exc).__name__}: {exc}"
+        shutil.rmtree(copy)
+        # The fault clears: the same manager takes the next update.
+        try:
+            m.set_position(update_position(0, i + 1))
+            final = m.get_positions()
+            next_ok = final == {**memory, update_position(0, i + 1).key: update_position(0, i + 1)}
+        except PosStateError as exc:
+            next_ok, final = False, {}
+            disk_note += f"; next update failed: {exc}"
+    finally:
+        m.close()
+    with PositionStateManager(cfg, key=key) as m3:
+        reloaded = m3.load_positions()  # journal temps are swept at load, snapshot temps at open
+        after_ok = _temps(d) == [] and reloaded == final
+    detected = outcome in ("failed", "succeeded") and memory_ok and disk_ok
+    shutil.rmtree(d)
+    return FaultResult(
+        outcome, ops.fired > 0, detected, detected and next_ok and after_ok, not disk_ok or not after_ok, disk_note
+    )
+
+
+def ops_of_update(work: Path, *, key: bytes, kind: str, counted: frozenset[str], max_records: int = 6) -> tuple[Path, int]:
+    """Warm a base directory for *kind* and count the operations (among *counted*) its next update makes."""
+    base = work / f"base-{kind}"
+    warm(base, key=key, kind=kind, max_records=max_records)
+    probe = work / f"probe-{kind}"
+    shutil.copytree(base, probe)
+    with PositionStateManager(config(probe, max_records=max_records), key=key) as m:
+        i = counters(m.load_positions()).get(0, 0) + 1
+        ops = HarnessOps()
+        with _fileops.use(ops):
+            m.set_position(update_position(0, i))
+    shutil.rmtree(probe)
+    return base, sum(op.name in counted for op in ops.ops)
+
+
+# ----------------------------------------------------------------------------------------------- damage
+@dataclass(frozen=True, slots=True)
+class JournalFile:
+    """A state directory (snapshot + journal) whose journal holds updates 1..records, all acknowledged."""
+
+    files: dict[str, bytes]
+    journal: bytes
+    records: int
+    boundaries: tuple[int, ...]  # byte offsets where a record ends (a cut there leaves a valid journal)
+    prefixes: tuple[Positions, ...] = field(default=())  # the state after 0..records updates
+
+
+def journal_file(state_dir: Path, *, key: bytes, size: int = 2048) -> JournalFile:
+    """Make a journal of about *size* bytes (whole records) over its snapshot (the empty state)."""
+    with PositionStateManager(config(state_dir, max_records=10_000), key=key) as m:
+        m.load_positions()
+        i = 0
+        while True:
+            i += 1
+            m.set_position(update_position(0, i))
+            if m._journal.size >= size:
+                break
+    files = snapshot(state_dir)
+    data = files["positions.journal"]
+    boundaries = _boundaries(data)
+    assert len(boundaries) == i and boundaries[-1] == len(data), (boundaries, i, len(data))
+    prefixes = tuple(expected_positions(k) if k else {} for k in range(i + 1))
+    return JournalFile(files, data, i, (jf.HEADER_SIZE, *boundaries), prefixes)
+
+
+def _boundaries(data: bytes) -> tuple[int, ...]:
+    """End offset of each record, read from the frame lengths."""
+    out = []
+    pos = jf.HEADER_SIZE
+    while pos + jf.FRAME_HEAD <= len(data):
+        n = int.from_bytes(data[pos : pos + 4], "big")
+        pos += jf.FRAME_HEAD + n
+        out.append(pos)
+    return tuple(out)
+
+
+def journal_damage(jfile: JournalFile, *, bit_step: int = 1, seed: int = 0) -> Iterator[tuple[str, str, bytes]]:
+    """(family, label, damaged journal): every *bit_step*-th single-bit flip, every truncation length that
+    cuts inside the header or a record, every cut at a record boundary (a valid shorter journal: reported
+    apart), and appended garbage."""
+    data = jfile.journal
+    for bit in range(0, len(data) * 8, bit_step):
+        buf = bytearray(data)
+        buf[bit // 8] ^= 1 << (bit % 8)
+        yield "bit-flip", f"bit {bit}", bytes(buf)
+    cuts = set(jfile.boundaries)
+    for n in range(len(data)):
+        yield ("cut at a record boundary" if n in cuts else "truncation"), f"length {n}", data[:n]
+    rnd = random.Random(seed)
+    last = data[jfile.boundaries[-2] :]
+    for label, extra in (
+        ("newline", b"\n"),
+        ("one zero byte", b"\0"),
+        ("512 zeros", bytes(512)),
+        ("64 random bytes", rnd.randbytes(64)),
+        ("4096 random bytes", rnd.randbytes(4096)),
+        ("the last record again", last),
+        ("the whole journal again", data),
+    ):
+        yield "appended", label, data + extra
+
+
+@dataclass(frozen=True, slots=True)
+class DamageResult:
+    detected: bool  # reported: stateCorrupted / stateRepaired event, last_recovery, or a typed error
+    recovered: bool  # loaded the full acknowledged state
+    invented: bool  # loaded something that was never acknowledged (or a non-PosStateError)
+    records: int | None  # how many of the acknowledged records the loaded state holds
+    detail: str = ""
+
+
+def load_damaged(jfile: JournalFile, damaged: bytes, into: Path, *, key: bytes) -> DamageResult:
+    """Write the state directory with the damaged journal into *into*, load it with a fresh manager."""
+    materialize(CrashState(0, True, {**jfile.files, "positions.journal": damaged}, "damaged"), into)
+    events: list[str] = []
+    try:
+        with PositionStateManager(config(into, max_records=10_000), key=key) as m:
+            m.on("stateCorrupted", lambda _payload: events.append("stateCorrupted"))
+            m.on("stateRepaired", lambda _payload: events.append("stateRepaired"))
+            got = m.load_positions()
+            reported = bool(events) or m.last_recovery is not None
+    except PosStateError as exc:
+        return DamageResult(True, False, False, None, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:
+        return DamageResult(False, False, True, None, f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(into, ignore_errors=True)
+    k = next((n for n, p in enumerate(jfile.prefixes) if p == got), None)
+    return DamageResult(reported, k == jfile.records, k is None, k, ",".join(events))
+
+
+__all__ = [
+    "DamageResult",
+    "FaultResult",
+    "JournalFile",
+    "Outcome",
+    "RecordedUpdate",
+    "fault_case",
+    "journal_damage",
+    "journal_file",
+    "load_damaged",
+    "load_state",
+    "ops_of_update",
+    "record_update",
+    "replay",
+    "sync_sites",
+    "warm",
+]
