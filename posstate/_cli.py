@@ -91,9 +91,7 @@ def validate(ctx: click.Context, path: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ show
-_SNAPSHOT_ONLY = click.option(
-    "--snapshot-only", is_flag=True, help="Read the state file alone, without replaying its journal."
-)
+_SNAPSHOT_ONLY = click.option("--snapshot-only", is_flag=True, help="Read the state file alone, without replaying its journal.")
 
 
 @cli.command()
