@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,18 @@ def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def key() -> bytes:
     return generate_key()
+
+
+def write_key(path: Path, key: bytes) -> Path:
+    """Store *key* as base64 in a 0600 file, as `posstate keygen --out` does."""
+    path.write_text(base64.b64encode(key).decode() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, key: bytes) -> Path:
+    return write_key(tmp_path / "k.key", key)
 
 
 @pytest.fixture

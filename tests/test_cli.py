@@ -94,16 +94,6 @@ def generation_of(path: Path) -> int:
 
 
 @pytest.fixture
-def key() -> bytes:
-    return generate_key()
-
-
-@pytest.fixture
-def key_file(tmp_path: Path, key: bytes) -> Path:
-    return write_key(tmp_path / "k.key", key)
-
-
-@pytest.fixture
 def state(tmp_path: Path, key: bytes) -> Path:
     """A state dir whose file holds two positions and metadata for one symbol."""
     make_state(

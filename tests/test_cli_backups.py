@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import ROOT, err_line, generation_of, make_state, pos, run, snapshot, write_key
+from test_cli import ROOT, err_line, generation_of, make_state, pos, run, snapshot
 
 from posstate import _backups, _cli_base, _statefile
 from posstate._backups import BackupInfo
 from posstate._cli_base import exit_code_for
 from posstate._config import StateConfig
-from posstate._crypto import Keyring, generate_key
+from posstate._crypto import Keyring
 from posstate._document import StateData
 from posstate._errors import AmbiguousBackupError, StaleBackupError
 from posstate._manager import PositionStateManager
@@ -28,16 +28,6 @@ HOLDER = (
     "import sys; from pathlib import Path; from posstate._lock import WriterLock; "
     "l = WriterLock(Path(sys.argv[1]), state_path=Path(sys.argv[2])); print('locked', flush=True); sys.stdin.read()"
 )
-
-
-@pytest.fixture
-def key() -> bytes:
-    return generate_key()
-
-
-@pytest.fixture
-def key_file(tmp_path: Path, key: bytes) -> Path:
-    return write_key(tmp_path / "k.key", key)
 
 
 @pytest.fixture

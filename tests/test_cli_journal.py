@@ -75,16 +75,6 @@ def journaled_state(state_dir: Path, key: bytes) -> None:
 
 
 @pytest.fixture
-def key() -> bytes:
-    return generate_key()
-
-
-@pytest.fixture
-def key_file(tmp_path: Path, key: bytes) -> Path:
-    return write_key(tmp_path / "k.key", key)
-
-
-@pytest.fixture
 def state(tmp_path: Path, key: bytes) -> Path:
     journaled_state(tmp_path / "state", key)
     return tmp_path / "state"

@@ -10,11 +10,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from test_cli import err_line, run, write_key
+from test_cli import err_line, run
 
 from posstate import _cli_base, _statefile
 from posstate._config import StateConfig
-from posstate._crypto import Keyring, generate_key
+from posstate._crypto import Keyring
 from posstate._document import StateData
 from posstate._lock import WriterLock
 from posstate._manager import PositionStateManager
@@ -22,16 +22,6 @@ from posstate._model import Position
 
 DATA = Path(__file__).parent / "data"
 BTC, ETH, DOGE = "BTC/USDT:USDT", "ETH/USDT:USDT", "DOGE/USDT:USDT"
-
-
-@pytest.fixture
-def key() -> bytes:
-    return generate_key()
-
-
-@pytest.fixture
-def key_file(tmp_path: Path, key: bytes) -> Path:
-    return write_key(tmp_path / "k.key", key)
 
 
 @pytest.fixture

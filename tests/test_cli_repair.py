@@ -22,16 +22,6 @@ from posstate._manager import PositionStateManager
 
 
 @pytest.fixture
-def key() -> bytes:
-    return generate_key()
-
-
-@pytest.fixture
-def key_file(tmp_path: Path, key: bytes) -> Path:
-    return write_key(tmp_path / "k.key", key)
-
-
-@pytest.fixture
 def state(tmp_path: Path, key: bytes, request: pytest.FixtureRequest) -> Path:
     """Three saves: backup of generation 1 (first save), .bak = generation 2 (BTC 2), main = generation 3 (BTC 3).
 
