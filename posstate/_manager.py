@@ -45,7 +45,7 @@ from posstate._errors import (
 from posstate._events import EventBus, Handler, StatsLogger
 from posstate._lock import WriterLock
 from posstate._merge import MergeResult
-from posstate._model import Position, PositionKey, Side
+from posstate._model import Position, PositionKey, Side, check_key
 from posstate._recovery import RecoveryReport
 from posstate._repair import RepairReport
 from posstate._retention import PruneResult
@@ -317,9 +317,10 @@ class PositionStateManager:
 
     # ------------------------------------------------------------------------------------------ in memory
     def get_position(self, symbol: str, side: Side) -> Position | None:
+        key = check_key(symbol, side)
         with self._lock:
             self._ensure_loaded()
-            return self._state.positions.get((symbol, side))
+            return self._state.positions.get(key)
 
     def get_positions(self) -> dict[PositionKey, Position]:
         with self._lock:
@@ -340,11 +341,12 @@ class PositionStateManager:
 
     def delete_position(self, symbol: str, side: Side) -> bool:
         """Remove a position (its symbol's metadata stays). Returns False if there was none."""
+        key = check_key(symbol, side)
         with self._lock:
             self._ensure_loaded()
-            if (symbol, side) not in self._state.positions:
+            if key not in self._state.positions:
                 return False
-            ticket = self._change(_jops.delete_position((symbol, side), self._next_rev()))
+            ticket = self._change(_jops.delete_position(key, self._next_rev()))
         self._journal.settle(ticket, self._rollback_journal)
         return True
 
@@ -409,8 +411,15 @@ class PositionStateManager:
         ticket = None
         with self._lock:
             self._ensure_loaded()
-            if self._txn is not None:  # nested: part of the outer transaction
-                yield
+            if self._txn is not None:  # nested: part of the outer transaction, all or nothing on its own
+                mark = len(self._txn)
+                try:
+                    yield
+                except BaseException:
+                    for _, u in reversed(self._txn[mark:]):
+                        _jops.undo(self._state, self._entries, u)
+                    del self._txn[mark:]
+                    raise
                 return
             self._txn = []
             try:
@@ -647,7 +656,11 @@ class PositionStateManager:
         if the save fails, nothing changes in memory or on disk.
         """
         wanted = _normalize(upserts)
-        gone = [(str(k[0]), k[1]) for k in deletes]
+        gone: list[PositionKey] = []
+        for k in deletes:
+            if not isinstance(k, tuple) or len(k) != 2:
+                raise SchemaValidationError(None, "$.deletes", "type", f"expected (symbol, side) pairs, got {k!r}")
+            gone.append(check_key(k[0], k[1]))
         both = set(wanted) & set(gone)
         if both:
             sym, side = sorted(both)[0]

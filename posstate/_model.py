@@ -175,6 +175,8 @@ class Position:
     @classmethod
     def from_ccxt(cls, data: Mapping[str, Any]) -> Position:
         """Build from a ccxt unified position dict (camelCase); extra keys such as ``info`` are ignored."""
+        if not isinstance(data, Mapping):
+            raise _bad("position", "type", f"expected a ccxt position dict, got {type(data).__name__}")
         kwargs: dict[str, Any] = {}
         for ccxt_name, name in _CCXT_NAMES.items():
             value = data.get(ccxt_name)
@@ -201,6 +203,15 @@ class Position:
 
 _FIELD_NAMES: frozenset[str] = frozenset(f.name for f in fields(Position))
 _NONE_STATE: dict[str, None] = {f.name: None for f in fields(Position)}
+
+
+def check_key(symbol: object, side: object) -> PositionKey:
+    """A (symbol, side) key given by a caller, checked: SchemaValidationError rather than a TypeError later."""
+    if not isinstance(symbol, str) or not 1 <= len(symbol) <= MAX_SYMBOL_LENGTH:
+        raise _bad("symbol", "type", f"expected a symbol of 1 to {MAX_SYMBOL_LENGTH} characters, got {symbol!r}")
+    if not isinstance(side, str) or side not in SIDES:
+        raise _bad("side", "enum", f"expected 'long' or 'short', got {side!r}")
+    return (symbol, cast(Side, side))
 
 
 def position_key_text(key: PositionKey) -> str:

@@ -146,29 +146,22 @@ def main_header(path: Path, skew: float) -> tuple[int, int] | None:
 
 def recover(mgr: PositionStateManager, error: PosStateError) -> StateData:
     """Bring the state back from the best copy, within ``recovery_max_attempts``; see the module docstring."""
-    attempts = max(1, mgr.config.recovery_max_attempts)
-    last: PosStateError | None = None
-    for attempt in range(1, attempts + 1):
-        try:
-            return _attempt(mgr, error, attempt)
-        except WrongKeyError:
-            raise
-        except UnrecoverableStateError as exc:
-            mgr._events.emit("recoveryError", {"path": str(mgr.path), "reason": str(exc), "attempt": attempt})
-            raise
-        except (PersistenceError, CorruptStateError) as exc:
-            last = exc
-            log.warning("recovery attempt %s of %s failed: %s", attempt, attempts, exc)
-    assert last is not None
-    mgr._events.emit("recoveryError", {"path": str(mgr.path), "reason": str(last), "attempts": attempts})
-    raise last
+    try:
+        return _attempt(mgr, error, max(1, mgr.config.recovery_max_attempts))
+    except WrongKeyError:
+        raise
+    except (PersistenceError, CorruptStateError) as exc:
+        attempts = max(1, mgr.config.recovery_max_attempts)
+        mgr._events.emit("recoveryError", {"path": str(mgr.path), "reason": str(exc), "attempts": attempts})
+        raise
 
 
-def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> StateData:
+def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> StateData:
+    """Choose the copy once (before anything is moved), then write it, retrying only that write."""
     cfg = mgr.config
     path = mgr.path
     reason = _why(error)
-    if attempt == 1 and fs.exists(path):
+    if fs.exists(path):
         try:
             state = mgr._read_current()  # the state file and its journal, exactly as a load reads them
         except (CorruptStateError, SchemaValidationError, PersistenceError):
@@ -216,11 +209,18 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempt: int) -> S
         log.warning("moved damaged state file %s to %s", path, quarantined)
     mgr._highest_generation = max(mgr._highest_generation, newest_gen or 0, best.state.generation, best.max_rev - 1)
     mgr._adopt(best.state, best.checksum if best.path == path else None)
-    try:
-        new_gen = mgr._commit(mgr._state.copy(), dict(mgr._entries))
-    except BaseException:
-        mgr._loaded = False
-        raise
+    chosen, entries = mgr._state.copy(), dict(mgr._entries)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            new_gen = mgr._commit(chosen.copy(), dict(entries))
+            break
+        except (PersistenceError, CorruptStateError) as exc:
+            if attempt >= attempts:
+                mgr._loaded = False
+                raise
+            log.warning("writing the recovered state failed (attempt %s of %s): %s", attempt, attempts, exc)
     now_ms = time.time() * 1000
     report = RecoveryReport(
         source=best.name,

@@ -1,0 +1,96 @@
+"""Regressions found in review: recovery retries, nested transactions, bad input at the API boundary."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posstate import MissingKeyError, Position, PositionStateManager, SchemaValidationError, StateConfig
+from posstate import _fileops as fs
+
+KEY = bytes(range(32))
+
+
+def pos(symbol: str, contracts: str = "1") -> Position:
+    return Position(symbol=symbol, side="long", contracts=contracts, entry_price="100")
+
+
+def held(m: PositionStateManager) -> dict[str, str]:
+    return {k[0]: str(p.contracts) for k, p in m.get_positions().items()}
+
+
+class _FailFirstStateTemp(fs.FileOps):
+    """ENOSPC on the first temp file of the state file (the first write of the recovered state)."""
+
+    def __init__(self) -> None:
+        self.hit = False
+
+    def open(self, path: Any, flags: int, mode: int = 0o600) -> int:
+        p = str(path)
+        if not self.hit and p.endswith(".tmp") and "/.positions.json." in p:
+            self.hit = True
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().open(path, flags, mode)
+
+
+@pytest.mark.parametrize("durability", ["sync", "snapshot"])
+def test_a_failed_write_of_the_recovered_state_retries_the_same_copy(tmp_path: Path, durability: str) -> None:
+    """The first write of the recovered state fails: the retry writes the copy chosen first (memory, newest),
+    not an older one recomputed after the damaged file and the journal were set aside."""
+    cfg = StateConfig.in_dir(tmp_path / "state", durability=durability, backup_interval=1e9)
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([pos("A", "1")])
+        m.save_positions([pos("A", "2")])
+        m.set_position(pos("X", "9"))
+        if durability == "snapshot":
+            m.save()
+        data = bytearray(cfg.state_path.read_bytes())
+        data[250] ^= 4
+        cfg.state_path.write_bytes(bytes(data))
+        ops = _FailFirstStateTemp()
+        with fs.use(ops):
+            report = m.attempt_recovery()
+        assert ops.hit and report is not None and report.attempts == 2 and report.source == "memory"
+        assert held(m) == {"A": "2", "X": "9"}
+    with PositionStateManager(cfg, key=KEY) as m2:
+        assert held(m2) == {"A": "2", "X": "9"}
+
+
+def test_a_failing_nested_transaction_discards_only_its_own_changes(tmp_path: Path) -> None:
+    """An inner transaction that raises is undone on its own; the outer one commits the rest."""
+    cfg = StateConfig.in_dir(tmp_path / "state")
+    with PositionStateManager(cfg, key=KEY) as m:
+        with m.transaction():
+            m.set_position(pos("A"))
+            with pytest.raises(RuntimeError), m.transaction():
+                m.set_position(pos("B"))
+                raise RuntimeError("inner block fails")
+        assert set(held(m)) == {"A"}
+    with PositionStateManager(cfg, key=KEY) as m2:
+        assert set(held(m2)) == {"A"}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda m: m.get_position(["a"], "long"), id="get-unhashable-symbol"),
+        pytest.param(lambda m: m.get_position("A", "up"), id="get-bad-side"),
+        pytest.param(lambda m: m.delete_position(None, "long"), id="delete-no-symbol"),
+        pytest.param(lambda m: m.batch_save_positions(deletes=[("A",)]), id="batch-short-key"),
+        pytest.param(lambda m: m.batch_save_positions(deletes=[("A", "up")]), id="batch-bad-side"),
+        pytest.param(lambda m: Position.from_ccxt(None), id="from-ccxt-none"),
+    ],
+)
+def test_bad_input_at_the_api_is_a_schema_error(tmp_path: Path, call: Any) -> None:
+    """Malformed keys and arguments raise SchemaValidationError (a PosStateError), not TypeError/IndexError."""
+    with PositionStateManager(StateConfig.in_dir(tmp_path / "state"), key=KEY) as m, pytest.raises(SchemaValidationError):
+        call(m)
+
+
+def test_key_and_passphrase_together_is_a_key_error(tmp_path: Path) -> None:
+    """Both key= and passphrase=: MissingKeyError (a PosStateError) naming the conflict, nothing created."""
+    with pytest.raises(MissingKeyError, match="not both"):
+        PositionStateManager(StateConfig.in_dir(tmp_path / "state"), key=KEY, passphrase="x")
