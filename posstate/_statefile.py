@@ -7,6 +7,8 @@ main file, ``positions.json.bak``, timestamped backups and exports alike. It hol
 from __future__ import annotations
 
 import errno
+import logging
+import math
 import os
 import socket
 import time
@@ -21,6 +23,8 @@ from posstate._document import StateData
 from posstate._errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError, WrongKeyError
 from posstate._format import Header
 from posstate._version import __version__
+
+log = logging.getLogger("posstate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +71,13 @@ def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = 
         raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
     with _document.pause_gc():
         doc = _document.loads(payload, path=path, strict=not header.encrypted)
-        state = _document.decode_document(doc, path=path, now=now, skew=options.clock_skew)
+        # A file AES-GCM authenticated was written by a holder of the key: a written_at in the future means
+        # this host's clock moved back, not that the file is bad, so it is a warning there, not invalidity
+        # (refusing it would make recovery roll an authentic state back to an older copy).
+        skew = math.inf if header.encrypted else options.clock_skew
+        state = _document.decode_document(doc, path=path, now=now, skew=skew)
+        if header.encrypted and header.written_at_ms > ((time.time() if now is None else now) + options.clock_skew) * 1000:
+            log.warning("%s: written at %s, in the future by this host's clock (clock moved back?)", path, state.written_at)
     _check_header_matches(header, state, path)
     if options.keyring is not None and header.passphrase:
         options.keyring.use_salt(header.salt)

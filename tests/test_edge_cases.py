@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from posstate import MissingKeyError, Position, PositionStateManager, SchemaValidationError, StateConfig
+from posstate import CorruptStateError, MissingKeyError, Position, PositionStateManager, SchemaValidationError, StateConfig
 from posstate import _fileops as fs
 
 KEY = bytes(range(32))
@@ -94,3 +94,29 @@ def test_key_and_passphrase_together_is_a_key_error(tmp_path: Path) -> None:
     """Both key= and passphrase=: MissingKeyError (a PosStateError) naming the conflict, nothing created."""
     with pytest.raises(MissingKeyError, match="not both"):
         PositionStateManager(StateConfig.in_dir(tmp_path / "state"), key=KEY, passphrase="x")
+
+
+def test_a_clock_stepped_back_does_not_roll_an_authentic_state_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saves made while the clock was 30 min ahead load normally once it is corrected (AES-GCM says the key
+    holder wrote them): no recovery to an older copy, a warning only. A plaintext file keeps the check."""
+    import time
+
+    real = time.time
+    cfg = StateConfig.in_dir(tmp_path / "state", backup_interval=1e9)
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([pos("A", "1")])
+    monkeypatch.setattr(time, "time", lambda: real() + 1800)
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([pos("A", "2")])
+        m.save_positions([pos("A", "3"), pos("B", "5")])
+    monkeypatch.setattr(time, "time", real)
+    with PositionStateManager(cfg, key=KEY) as m:
+        assert held(m) == {"A": "3", "B": "5"} and m.last_recovery is None
+
+    plain = StateConfig.in_dir(tmp_path / "plain", backup_interval=1e9, encryption=False, durability="snapshot")
+    monkeypatch.setattr(time, "time", lambda: real() + 1800)
+    with PositionStateManager(plain) as m:
+        m.save_positions([pos("A", "1")])
+    monkeypatch.setattr(time, "time", real)
+    with PositionStateManager(plain) as m, pytest.raises(CorruptStateError, match="in the future"):
+        m.load_positions()
