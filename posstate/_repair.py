@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from posstate import _atomic, _backups, _codec, _document, _statefile
+from posstate import _atomic, _backups, _codec, _document, _journal, _statefile
+from posstate import _fileops as fs
 from posstate._config import StateConfig
 from posstate._document import StateData
 from posstate._errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError
@@ -30,7 +31,7 @@ Action = Literal["kept", "restored", "dropped"]
 
 @dataclass(frozen=True, slots=True)
 class RepairDecision:
-    kind: Literal["position", "metadata", "tombstone"]
+    kind: Literal["position", "metadata", "tombstone", "journal"]
     key: str
     action: Action
     source: str  # "state file", "backup <id>", "positions.json.bak", or "" when dropped
@@ -246,6 +247,22 @@ def repair(mgr: PositionStateManager) -> RepairReport:
                 "account_id": str(mgr.config.account_id),
                 "mode": mgr.config.account_mode or "live",
             }
+        jpath = mgr.config.journal_path
+        if st.journal is not None and fs.exists(jpath):
+            # Changes acknowledged in the journal after this snapshot are part of the state: replay the
+            # trustworthy ones onto the repaired snapshot, then keep the journal file as evidence.
+            applied, max_rev, stopped = _journal.replay_prefix(jpath, keyring=mgr._read.keyring, state=st)
+            mgr._highest_generation = max(mgr._highest_generation, max_rev - 1)
+            why = f"{applied} journal records replayed onto the repaired snapshot" + (
+                f" (stopped at {stopped})" if stopped else ""
+            )
+            decisions.append(RepairDecision("journal", jpath.name, "kept", jpath.name, why))
+        if fs.exists(jpath):
+            try:
+                _atomic.move_aside(jpath, mgr.config.quarantine_dir, label="journal")
+            except OSError as exc:
+                raise PersistenceError(jpath, operation="quarantine journal before repair", cause=exc) from exc
+        mgr._journal.recover(StateData())  # no journal file now: the save below starts a new one
         try:
             moved = _atomic.move_aside(path, mgr.config.quarantine_dir, label="repair")
         except OSError as exc:

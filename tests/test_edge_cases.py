@@ -120,3 +120,40 @@ def test_a_clock_stepped_back_does_not_roll_an_authentic_state_back(tmp_path: Pa
     monkeypatch.setattr(time, "time", real)
     with PositionStateManager(plain) as m, pytest.raises(CorruptStateError, match="in the future"):
         m.load_positions()
+
+
+def test_repair_keeps_changes_acknowledged_in_the_journal(tmp_path: Path) -> None:
+    """repair_state() on a snapshot that decrypts but fails the schema replays the journal's acknowledged
+    records onto the repaired snapshot (a decision says so) and keeps the journal file in quarantine."""
+    import orjson
+
+    from posstate import _codec, _document
+    from posstate._crypto import Keyring
+
+    cfg = StateConfig.in_dir(tmp_path / "state", durability="sync", backup_interval=0.0)
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([pos("BTC/USDT")])
+        m.save_positions([pos("BTC/USDT", "2")])
+        m.set_position(pos("SOL/USDT", "7"))  # acknowledged: durable in the journal only
+    kr = Keyring(key=KEY)
+    header, payload = _codec.decode(cfg.state_path.read_bytes(), keyring=kr, path=cfg.state_path)
+    doc = orjson.loads(payload)
+    bad = {"symbol": "ETH/USDT", "side": "long", "contracts": "1", "entry_price": "x"}
+    doc["positions"]["ETH/USDT|long"] = {"rev": header.generation, "position": bad}
+    enc = _codec.encode(
+        _document.dumps(doc),
+        generation=header.generation,
+        written_at_ms=header.written_at_ms,
+        position_count=2,
+        compression_level=3,
+        keyring=kr,
+    )
+    cfg.state_path.write_bytes(enc.data)
+    with PositionStateManager(cfg, key=KEY) as m:
+        report = m.repair_state()
+        assert any(d.kind == "journal" and d.reason.startswith("1 journal records") for d in report.decisions)
+        assert held(m) == {"BTC/USDT": "2", "SOL/USDT": "7"}
+        m.set_position(pos("XRP/USDT"))
+    with PositionStateManager(cfg, key=KEY) as m2:
+        assert set(held(m2)) == {"BTC/USDT", "SOL/USDT", "XRP/USDT"}
+    assert any(p.name.startswith("positions.journal") for p in cfg.quarantine_dir.iterdir())
