@@ -217,9 +217,11 @@ class Journal:
         self._last_seq = 0  # highest sequence number ever handed out (burned even if its write failed)
         self._needs_rotation = True
         self._compact_retry_at = 0
-        self._cond = threading.Condition(threading.Lock())
+        self._cond = threading.Condition(threading.RLock())  # re-entrant: append() holds it around _create()
         self._written_seq = 0
         self._durable_seq = 0
+        self._durable_end = 0  # byte offset just after the last durable record (group mode cuts back to it)
+        self._seq_end: dict[int, int] = {}  # group mode: byte offset just after each record not yet durable
         self._syncing = False
         self._failure: tuple[int, PersistenceError] | None = None
         # (lo, hi, cause): records lo < seq <= hi failed in a group sync. Kept for good: a waiter that wakes
@@ -308,6 +310,7 @@ class Journal:
             self._sealer = jf.Sealer(header, self._write_key(header))
             self._needs_rotation = header.encrypted and self._write_keyring is None  # encryption was turned off
             self._written_seq = self._durable_seq = self._last_seq
+            self._durable_end = self._end
         return max_rev
 
     def _plan_file(self, st: StateData) -> None:
@@ -440,16 +443,20 @@ class Journal:
         if not self.active:
             return None
         try:
-            seq = self._write(ops)
+            if self.mode == "group":
+                # Under the group lock: a failed group sync (which cuts the file back and marks the journal
+                # for rotation under the same lock) can never interleave with this write.
+                with self._cond:
+                    seq = self._write(ops)
+                    self._written_seq = seq
+                    self._seq_end[seq] = self._end
+                    self._pending.append((seq, undos))
+                return seq
+            self._write(ops)
         except BaseException:
             for u in reversed(undos):
                 jops.undo(st, entries, u)
             raise
-        if self.mode == "group":
-            with self._cond:
-                self._written_seq = seq
-                self._pending.append((seq, undos))
-            return seq
         return None
 
     def _write(self, ops: Sequence[Op]) -> int:
@@ -513,6 +520,7 @@ class Journal:
         self._records = 1
         with self._cond:
             self._written_seq = self._durable_seq = seq
+            self._durable_end = self._end
         return seq
 
     def _fail_file(self) -> None:
@@ -565,13 +573,25 @@ class Journal:
         with self._cond:
             self._syncing = False
             if failure is None:
-                self._durable_seq = max(self._durable_seq, target)
+                if target > self._durable_seq:
+                    self._durable_seq = target
+                    self._durable_end = self._seq_end.get(target, self._durable_end)
+                self._seq_end = {k: v for k, v in self._seq_end.items() if k > self._durable_seq}
                 self._pending = [p for p in self._pending if p[0] > self._durable_seq]
             else:
                 assert cause is not None
                 self._failure = (self._durable_seq, failure)
                 self._failed_ranges.append((self._durable_seq, self._written_seq, cause))
                 self._needs_rotation = True
+                # Cut the records that never became durable off the file, so nothing (a later drain, the
+                # close, a reload) can make them durable or replay them: their callers were told they failed.
+                # A failed sync is never just retried; the next change starts a new journal.
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        fs.ftruncate(fd, self._durable_end)
+                self._end = self._durable_end
+                self._written_seq = self._durable_seq
+                self._seq_end = {}
             self._cond.notify_all()
 
     def rollback(self, st: StateData, entries: Entries) -> None:
@@ -642,6 +662,8 @@ class Journal:
         self._compact_retry_at = 0
         with self._cond:
             self._written_seq = self._durable_seq = self._last_seq
+            self._durable_end = 0
+            self._seq_end = {}
             self._failure = None
             self._pending = []
 
@@ -653,6 +675,11 @@ class Journal:
         if fd is not None:
             with contextlib.suppress(OSError):
                 fs.close(fd)
+
+    @property
+    def failed(self) -> bool:
+        """A group sync failed since the last rotation (the next change, or close, compacts)."""
+        return self._failure is not None
 
     def close(self) -> None:
         try:

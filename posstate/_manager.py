@@ -171,6 +171,13 @@ class PositionStateManager:
         with self._lock:
             if self._closed:
                 return
+            if self._loaded and self._journal.failed:
+                # A group sync failed: fold memory (without the failed changes) into a snapshot, so the
+                # journal is redundant whatever its tail holds. Best effort: the disk may still be failing.
+                try:
+                    self._commit(self._state.copy(), dict(self._entries))
+                except (PosStateError, OSError) as exc:
+                    log.warning("%s: snapshot at close after a failed group sync failed (%s)", self._path, exc)
             self._closed = True
             self._journal.close()
             self._on_close()

@@ -157,3 +157,32 @@ def test_repair_keeps_changes_acknowledged_in_the_journal(tmp_path: Path) -> Non
     with PositionStateManager(cfg, key=KEY) as m2:
         assert set(held(m2)) == {"BTC/USDT", "SOL/USDT", "XRP/USDT"}
     assert any(p.name.startswith("positions.journal") for p in cfg.quarantine_dir.iterdir())
+
+
+class _FailFirstDatasync(fs.FileOps):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def fdatasync(self, fd: int) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        super().fdatasync(fd)
+
+
+@pytest.mark.parametrize("durability", ["sync", "group"])
+def test_a_change_whose_sync_failed_never_comes_back(tmp_path: Path, durability: str) -> None:
+    """The journal sync of X fails: the caller gets PersistenceError, memory drops X, and X does not reappear
+    after close and reopen with no later change (a failed fsync is never just retried, even by close)."""
+    from posstate import PersistenceError
+
+    cfg = StateConfig.in_dir(tmp_path / "state", durability=durability, backup_interval=1e9)
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.set_position(pos("A"))
+        ops = _FailFirstDatasync()
+        with fs.use(ops):
+            with pytest.raises(PersistenceError):
+                m.set_position(pos("X", "9"))
+            assert set(held(m)) == {"A"}
+    with PositionStateManager(cfg, key=KEY) as m2:
+        assert set(held(m2)) == {"A"}
