@@ -21,6 +21,8 @@ StrPath = str | os.PathLike[str]
 O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 #: Flags for reading a file without following a symlink planted in its place.
 O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: os.fdatasync where the platform has it (Linux), else os.fsync; looked up once, not per sync.
+_os_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
 class FileOps:
@@ -36,7 +38,7 @@ class FileOps:
         os.fsync(fd)
 
     def fdatasync(self, fd: int) -> None:
-        getattr(os, "fdatasync", os.fsync)(fd)
+        _os_fdatasync(fd)
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -127,12 +129,19 @@ def write(fd: int, data: bytes | memoryview) -> int:
 
 def write_all(fd: int, data: bytes) -> None:
     """Write every byte, looping over short writes; a write that makes no progress is ENOSPC."""
+    if not data:
+        return
+    n = _active.write(fd, data)
+    if n == len(data):  # the usual case: one call, no memoryview
+        return
     view = memoryview(data)
-    while view:
-        n = _active.write(fd, view)
+    while True:
         if n <= 0:
             raise OSError(28, "short write made no progress")
         view = view[n:]
+        if not view:
+            return
+        n = _active.write(fd, view)
 
 
 def fsync(fd: int) -> None:

@@ -423,7 +423,8 @@ class Journal:
         """Before a change: undo records a failed group sync left in memory, and compact when due."""
         if not self.active:
             return
-        self.rollback(st, entries)
+        if self._failure is not None:  # same test as rollback()'s fast path, without the call
+            self.rollback(st, entries)
         must = self._needs_rotation or (self._fd is None and self._next_header is None)
         due = self._end >= self._max_bytes or self._records >= self._max_records
         if not must and not (due and self._records >= self._compact_retry_at):
@@ -439,7 +440,7 @@ class Journal:
     def append(self, st: StateData, entries: Entries, ops: Sequence[Op]) -> int | None:
         """Apply *ops* to memory and record them as one record; all or nothing. Returns the sequence
         number to :meth:`settle` on in group mode, else None (sync mode returns once the record is durable)."""
-        undos = [jops.apply(st, entries, op) for op in ops]
+        undos = [jops.apply(st, entries, ops[0])] if len(ops) == 1 else [jops.apply(st, entries, op) for op in ops]
         if not self.active:
             return None
         try:
@@ -465,9 +466,13 @@ class Journal:
         fd, sealer, header = self._fd, self._sealer, self._header
         if fd is None or sealer is None or header is None or self._needs_rotation:
             raise PersistenceError(self.path, operation="journal append", reason="no usable journal (the last rotation failed)")
-        payload = orjson.dumps([op.json for op in ops])
+        if len(ops) == 1:
+            payload = orjson.dumps([ops[0].json])
+            kind = jf.KIND_OP
+        else:
+            payload = orjson.dumps([op.json for op in ops])
+            kind = jf.KIND_TRANSACTION
         seq = self._last_seq = self._last_seq + 1
-        kind = jf.KIND_OP if len(ops) == 1 else jf.KIND_TRANSACTION
         frame = sealer.frame(
             seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
         )

@@ -40,6 +40,9 @@ _HEAD = struct.Struct(">6sHHBB4s16s8s16sQQQ8x")  # 88 bytes, then 8 bytes of che
 _FRAME = struct.Struct(">II8s")
 _BODY = struct.Struct(">QQQB")
 _U32 = struct.Struct(">I")
+_pack_body = _BODY.pack
+_pack_u32 = _U32.pack
+_sha256 = hashlib.sha256
 
 
 class JournalProblem(Exception):
@@ -145,21 +148,24 @@ def subkey(master: bytes, journal_id: bytes) -> bytes:
 class Sealer:
     """Frames (and, with a key, seals) records of one journal. Cheap per record: one encrypt, one hash."""
 
-    __slots__ = ("_aead", "_header")
+    __slots__ = ("_aead", "_encrypt", "_header", "_prefix", "_raw")
 
     def __init__(self, header: JournalHeader, master_key: bytes | None) -> None:
         self._header = header
         self._aead = AESGCM(subkey(master_key, header.journal_id)) if master_key is not None else None
+        # Bound once: frame() runs for every durable change.
+        self._encrypt = self._aead.encrypt if self._aead is not None else None
+        self._prefix = header.nonce_prefix
+        self._raw = header.raw
 
     def frame(self, *, seq: int, generation: int, time_ms: int, kind: int, payload: bytes) -> bytes:
-        fixed = _BODY.pack(seq, generation, time_ms, kind)
-        if self._aead is not None:
-            nonce = self._header.nonce_prefix + seq.to_bytes(8, "big")
-            payload = self._aead.encrypt(nonce, payload, self._header.raw + fixed)
+        fixed = _pack_body(seq, generation, time_ms, kind)
+        encrypt = self._encrypt
+        if encrypt is not None:
+            payload = encrypt(self._prefix + seq.to_bytes(8, "big"), payload, self._raw + fixed)
         body = fixed + payload
-        length = _U32.pack(len(body))
-        check = hashlib.sha256(length + body).digest()[:8]
-        return length + _U32.pack(zlib.crc32(length)) + check + body
+        length = _pack_u32(len(body))
+        return b"".join((length, _pack_u32(zlib.crc32(length)), _sha256(length + body).digest()[:8], body))
 
     def open(self, rec: RawRecord) -> bytes | None:
         """The plaintext payload, or None when authentication fails (wrong key or tampering)."""

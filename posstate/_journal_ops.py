@@ -66,32 +66,30 @@ def apply(st: StateData, entries: Entries, op: Op) -> Undo:
     j = op.json
     name = j["op"]
     rev = j["rev"]
-    if name in (SET_POSITION, DELETE_POSITION):
-        key: PositionKey
-        if name == SET_POSITION:
-            assert op.position is not None and op.entry is not None
-            key = op.position.key
-        else:
-            key = (j["symbol"], j["side"])
-        undo: Undo = (
+    if name == SET_POSITION:  # the common case, first and without the generic branches below
+        position = op.position
+        assert position is not None and op.entry is not None
+        key: PositionKey = (position.symbol, position.side)
+        positions = st.positions
+        revs = st.position_revs
+        # pop() returns the tombstone that was there: the same undo record as a get() before the pop.
+        undo: Undo = ("p", key, positions.get(key), revs.get(key), entries.get(key), st.position_tombstones.pop(key, None))
+        positions[key] = position
+        revs[key] = rev
+        entries[key] = op.entry
+        return undo
+    if name == DELETE_POSITION:
+        key = (j["symbol"], j["side"])
+        # pop() returns what was there: the same undo record as get() before removing.
+        undo = (
             "p",
             key,
-            st.positions.get(key),
-            st.position_revs.get(key),
-            entries.get(key),
+            st.positions.pop(key, None),
+            st.position_revs.pop(key, None),
+            entries.pop(key, None),
             st.position_tombstones.get(key),
         )
-        if name == SET_POSITION:
-            assert op.position is not None and op.entry is not None
-            st.positions[key] = op.position
-            st.position_revs[key] = rev
-            entries[key] = op.entry
-            st.position_tombstones.pop(key, None)
-        else:
-            st.positions.pop(key, None)
-            st.position_revs.pop(key, None)
-            entries.pop(key, None)
-            st.position_tombstones[key] = rev
+        st.position_tombstones[key] = rev
         return undo
     symbol = j["symbol"]
     undo = ("m", symbol, st.metadata.get(symbol), st.metadata_revs.get(symbol), st.metadata_tombstones.get(symbol))

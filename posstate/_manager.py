@@ -340,11 +340,19 @@ class PositionStateManager:
             raise SchemaValidationError(None, "$", "type", f"expected a Position, got {type(position).__name__}")
         with self._lock:
             self._ensure_loaded()
-            key = position.key
-            if self._state.positions.get(key) == position and key in self._entries:
+            key = (position.symbol, position.side)
+            old = self._state.positions.get(key)
+            # Same as ``old == position`` (dataclass equality over every field; every field is always in a
+            # Position's __dict__), without building two tuples of fifteen fields.
+            if (
+                old is not None
+                and (old is position or (old.__class__ is position.__class__ and old.__dict__ == position.__dict__))
+                and key in self._entries
+            ):
                 return
             ticket = self._change(_jops.set_position(position, self._next_rev()))
-        self._journal.settle(ticket, self._rollback_journal)
+        if ticket is not None:
+            self._journal.settle(ticket, self._rollback_journal)
 
     def delete_position(self, symbol: str, side: Side) -> bool:
         """Remove a position (its symbol's metadata stays). Returns False if there was none."""
@@ -354,7 +362,8 @@ class PositionStateManager:
             if key not in self._state.positions:
                 return False
             ticket = self._change(_jops.delete_position(key, self._next_rev()))
-        self._journal.settle(ticket, self._rollback_journal)
+        if ticket is not None:
+            self._journal.settle(ticket, self._rollback_journal)
         return True
 
     def set_symbol_metadata(self, symbol: str, data: Mapping[str, Any]) -> None:
@@ -363,7 +372,8 @@ class PositionStateManager:
         with self._lock:
             self._ensure_loaded()
             ticket = self._change(_jops.set_metadata(symbol, clean, self._next_rev()))
-        self._journal.settle(ticket, self._rollback_journal)
+        if ticket is not None:
+            self._journal.settle(ticket, self._rollback_journal)
 
     def get_symbol_metadata(self, symbol: str) -> dict[str, Any] | None:
         """A copy of *symbol*'s metadata (editing it changes nothing until you set it), or None."""
@@ -383,7 +393,8 @@ class PositionStateManager:
             if symbol not in self._state.metadata:
                 return False
             ticket = self._change(_jops.delete_metadata(symbol, self._next_rev()))
-        self._journal.settle(ticket, self._rollback_journal)
+        if ticket is not None:
+            self._journal.settle(ticket, self._rollback_journal)
         return True
 
     # ------------------------------------------------------------------------------------------ journal
@@ -399,7 +410,8 @@ class PositionStateManager:
         self._journal.prepare(self._state, self._entries, compact=self._compact_journal)
         rev = self._next_rev()  # a compaction in prepare() moved the generation on
         for op in ops:
-            _jops.restamp(op, rev)
+            if op.json["rev"] != rev:
+                _jops.restamp(op, rev)
         ticket = self._journal.append(self._state, self._entries, ops)
         self._dirty = True
         return ticket
