@@ -8,11 +8,12 @@ from posstate._account_persist import PersistedAccountStateStore
 from posstate._account_types import AccountSnapshot, AccountUpdate, ActivePositionCounts, Order, SessionSummary
 from posstate._backup_ops import RestoreResult
 from posstate._backups import BackupInfo
-from posstate._config import ConfigError, StateConfig
+from posstate._config import StateConfig
 from posstate._crypto import generate_key
 from posstate._errors import (
     AmbiguousBackupError,
     ConcurrentModificationError,
+    ConfigError,
     CorruptStateError,
     ManagerClosedError,
     MissingKeyError,

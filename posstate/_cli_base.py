@@ -23,11 +23,12 @@ import click
 from posstate import _atomic, _backups, _statefile
 from posstate import _fileops as fs
 from posstate._cli_format import to_json
-from posstate._config import ConfigError, StateConfig
+from posstate._config import StateConfig
 from posstate._crypto import Keyring, read_key_file
 from posstate._errors import (
     AmbiguousBackupError,
     ConcurrentModificationError,
+    ConfigError,
     MissingKeyError,
     PersistenceError,
     PosStateError,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posstate._errors import PosStateError
+from posstate._errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,14 +21,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 Durability = Literal["snapshot", "sync", "group"]
-
-
-class ConfigError(PosStateError, ValueError):
-    """A configuration value or file is wrong."""
-
-    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
-        where = f"{path}: " if path is not None else ""
-        super().__init__(f"{where}{message}; see the configuration table in README.md", path=path)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

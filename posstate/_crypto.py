@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from posstate._errors import MissingKeyError
+from posstate._errors import ConfigError, MissingKeyError
 
 log = logging.getLogger("posstate")
 
@@ -92,7 +92,7 @@ class Keyring:
 
     def __init__(self, *, key: bytes | None = None, passphrase: str | None = None, log2_n: int = DEFAULT_SCRYPT_LOG2_N) -> None:
         if key is not None and passphrase is not None:
-            raise MissingKeyError(reason="give key= or passphrase=, not both")
+            raise ConfigError("give key= or passphrase=, not both")
         if key is not None:
             if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_SIZE:
                 raise MissingKeyError(reason=f"key must be {KEY_SIZE} raw bytes (use generate_key())")

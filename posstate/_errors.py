@@ -372,3 +372,11 @@ class TransactionError(PosStateError, RuntimeError):
 
     def __init__(self, path: str | Path | None, reason: str) -> None:
         super().__init__(f"{_show(path)}: {reason}; call it after the `with manager.transaction():` block ends", path=path)
+
+
+class ConfigError(PosStateError, ValueError):
+    """A configuration value or file is wrong."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        where = f"{path}: " if path is not None else ""
+        super().__init__(f"{where}{message}; see the configuration table in README.md", path=path)

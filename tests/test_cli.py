@@ -16,10 +16,10 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from posstate import _cli_base, _errors, _statefile
+from posstate import ConfigError, _cli_base, _errors, _statefile
 from posstate._cli import cli
 from posstate._cli_base import exit_code_for
-from posstate._config import ConfigError, StateConfig
+from posstate._config import StateConfig
 from posstate._crypto import Keyring, encode_key_text, generate_key, key_id
 from posstate._errors import (
     ConcurrentModificationError,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from posstate import CorruptStateError, MissingKeyError, Position, PositionStateManager, SchemaValidationError, StateConfig
+from posstate import ConfigError, CorruptStateError, Position, PositionStateManager, SchemaValidationError, StateConfig
 from posstate import _fileops as fs
 
 KEY = bytes(range(32))
@@ -90,9 +90,9 @@ def test_bad_input_at_the_api_is_a_schema_error(tmp_path: Path, call: Any) -> No
         call(m)
 
 
-def test_key_and_passphrase_together_is_a_key_error(tmp_path: Path) -> None:
-    """Both key= and passphrase=: MissingKeyError (a PosStateError) naming the conflict, nothing created."""
-    with pytest.raises(MissingKeyError, match="not both"):
+def test_key_and_passphrase_together_is_a_config_error(tmp_path: Path) -> None:
+    """Both key= and passphrase=: ConfigError (a PosStateError and a ValueError) naming the conflict."""
+    with pytest.raises(ConfigError, match="not both"):
         PositionStateManager(StateConfig.in_dir(tmp_path / "state"), key=KEY, passphrase="x")
 
 
