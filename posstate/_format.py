@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from dataclasses import dataclass
 
 MAGIC = b"PSTATE"
@@ -93,6 +94,15 @@ class FormatProblem(Exception):
         self.kind = kind  # not-a-state-file | truncated | damaged | unsupported-format | unsupported-flags
         self.reason = reason
         self.found = found
+
+
+def _is_json(data: bytes) -> bool:
+    """Only for the error message: call a file plain JSON only if it really parses as JSON."""
+    try:
+        json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return True
 
 
 def pack_header(h: Header) -> bytes:
@@ -190,8 +200,7 @@ def check_file(data: bytes) -> Header:
     if not data.startswith(MAGIC):
         if data[: len(MAGIC)] == MAGIC[: len(data)]:
             raise FormatProblem("truncated", f"file is cut short ({len(data)} bytes)")
-        head = data.lstrip()[:1]
-        if head in (b"{", b"["):
+        if data.lstrip()[:1] in (b"{", b"[") and _is_json(data):
             raise FormatProblem("not-a-state-file", "plain JSON, not a posstate container")
         raise FormatProblem("not-a-state-file", "not a posstate file (no PSTATE magic)")
     expected_size: int | None = None

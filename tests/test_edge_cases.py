@@ -186,3 +186,20 @@ def test_a_change_whose_sync_failed_never_comes_back(tmp_path: Path, durability:
             assert set(held(m)) == {"A"}
     with PositionStateManager(cfg, key=KEY) as m2:
         assert set(held(m2)) == {"A"}
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        pytest.param(b"[\x93\x00garbage", "no PSTATE magic", id="bracket-then-binary"),
+        pytest.param(b" {not json", "no PSTATE magic", id="brace-then-text"),
+        pytest.param(b'{"positions": {}}', "plain JSON", id="real-json-object"),
+        pytest.param(b"[1, 2]", "plain JSON", id="real-json-array"),
+    ],
+)
+def test_only_real_json_is_called_plain_json(data: bytes, reason: str) -> None:
+    """Random bytes that happen to start with '[' or '{' are 'not a posstate file', not 'plain JSON'."""
+    from posstate import _format
+
+    with pytest.raises(_format.FormatProblem, match=reason):
+        _format.check_file(data)
