@@ -8,10 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from posstate import PositionStateManager, StateConfig, generate_key
 
 _KEY_ENV = ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE")
+
+
+# No per-example deadline: a loaded CI machine must not turn a slow example into a failure. Examples stay
+# random (a failure they find is a real bug, reported with its reproduction blob).
+settings.register_profile("posstate", deadline=None, print_blob=True)
+settings.load_profile("posstate")
 
 
 @pytest.fixture(autouse=True)
