@@ -191,15 +191,6 @@ class Position:
                 raise _bad(name, "required", f"ccxt position has no {name}")
         return cls(**kwargs)
 
-    @classmethod
-    def _trusted(cls, values: dict[str, Any]) -> Position:
-        """Build without checks from values a validator has already proved valid (load fast path)."""
-        obj = object.__new__(cls)
-        state = dict(_NONE_STATE)
-        state.update(values)
-        object.__setattr__(obj, "__dict__", state)
-        return obj
-
 
 _FIELD_NAMES: frozenset[str] = frozenset(f.name for f in fields(Position))
 _NONE_STATE: dict[str, None] = {f.name: None for f in fields(Position)}

@@ -145,10 +145,3 @@ def test_decimal_dict_round_trip_keeps_digits(d: Decimal) -> None:
     back = Position.from_dict(p.to_dict())
     assert back.entry_price.as_tuple() == d.as_tuple()
     assert back.contracts.as_tuple() == abs(d).as_tuple()
-
-
-def test_trusted_equals_checked() -> None:
-    """Position._trusted builds the same value as the checked constructor."""
-    p = Position(symbol="A", side="long", contracts=Decimal("1.5"), entry_price=Decimal(2), timestamp=5)
-    q = Position._trusted({"symbol": "A", "side": "long", "contracts": Decimal("1.5"), "entry_price": Decimal(2), "timestamp": 5})
-    assert p == q and hash(p) == hash(q) and repr(p) == repr(q)
