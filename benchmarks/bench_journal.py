@@ -1,7 +1,8 @@
 """Latency of one durable position update: journal (durability="sync") vs snapshot rewrite vs SQLite vs the floor.
 
 For states of 10, 1,000 and 100,000 positions this measures, in one run and interleaved round-robin so that
-machine noise hits every method alike:
+machine noise hits every method alike (a fresh random order each round, so no method always
+follows the same one):
 
 * journal  -- ``manager.set_position(p)`` with ``durability="sync"`` (encrypted, the default config): returns
   once the record is on disk;
@@ -145,7 +146,9 @@ def run_size(n: int, iterations: int, snapshot_iterations: int, root: Path) -> d
         for fn in methods.values():  # warm-up
             fn(position(1 % n, 3))
         for it in range(iterations):
-            for name, fn in methods.items():
+            order = list(methods.items())
+            rng.shuffle(order)  # a fresh order each round: no method always runs right after the same one
+            for name, fn in order:
                 if name == "snapshot" and it >= snapshot_iterations:
                     continue
                 # The caller's Position is built before the clock starts: the timed work is the store's
