@@ -516,7 +516,7 @@ def family_journal_powerloss(work: Path, full: bool) -> list[Row]:
                 row.recovered = (row.recovered or 0) + (not o.lost)
                 row.lost += o.lost
             rows.append(row)
-        rows[0].note = "appended record lost, zero-filled, torn at a sector boundary or mid-record"
+        rows[0].note = "record written over the zeros: lost, or only a sector-aligned head or tail of it (or half) landed"
         rows[2].note = "the very first update: first snapshot (and timed backup), then the first journal"
         mutation = Row("journal power loss: each sync removed (mutation)", recovered=None, must_recover=False)
         sync_ops = frozenset({"fsync", "fdatasync", "fsync_dir"})
@@ -584,13 +584,15 @@ def family_journal_damage(work: Path, full: bool) -> list[Row]:
         for n, (family, _label, damaged) in enumerate(cases):
             if not full and family == "truncation" and n % 17:
                 continue
-            row = rows.setdefault(family, Row(f"journal damage: {family}", must_recover=False))
+            # Garbage in the zeros after the last record is a torn tail: cut, and every record kept.
+            recover = family == "bit-flip in the zeros written ahead"
+            row = rows.setdefault(family, Row(f"journal damage: {family}", must_recover=recover))
             r = rj.load_damaged(jfile, damaged, fast / f"d{n}", key=key)
             row.tried += 1
             row.detected += r.detected
             row.recovered = (row.recovered or 0) + r.recovered
             row.lost += r.invented
-    size = f"{len(jfile.journal)}-byte journal, {jfile.records} records"
+    size = f"{len(jfile.journal)}-byte journal, {jfile.records} records, then {jfile.padding} zero bytes"
     for row in rows.values():
         row.note = f"{size}; recovered = all {jfile.records} acked records loaded"
     cut = rows["cut at a record boundary"]
@@ -599,7 +601,9 @@ def family_journal_damage(work: Path, full: bool) -> list[Row]:
         f"{size}: a cut there leaves a valid shorter journal; loads the snapshot + the first records "
         "(an acked state, nothing invented) without a report: undetectable without a record count kept elsewhere"
     )
-    return [rows[k] for k in ("bit-flip", "truncation", "appended", "cut at a record boundary")]
+    rows["truncation"].note += "; cut files, and records torn over the zeros"
+    order = ("bit-flip", "bit-flip in the zeros written ahead", "truncation", "appended", "cut at a record boundary")
+    return [rows[k] for k in order]
 
 
 FAMILIES: dict[str, Callable[[Path, bool], list[Row]]] = {

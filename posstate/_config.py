@@ -52,6 +52,7 @@ class StateConfig:
     durability: Durability = "sync"
     journal_max_bytes: int = 4 * 1024 * 1024
     journal_max_records: int = 10_000
+    journal_preallocate: int = 1024 * 1024
     exchange: str | None = None
     account_id: str | None = None
     account_mode: Literal["live", "paper"] | None = None
@@ -67,6 +68,8 @@ class StateConfig:
         for name in ("backup_interval", "validation_interval", "backup_threshold", "keep_within", "lock_timeout", "clock_skew"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
+        if self.journal_preallocate < 0:
+            raise ConfigError(f"journal_preallocate must be >= 0 bytes, got {self.journal_preallocate}")
         if self.durability not in ("snapshot", "sync", "group"):
             raise ConfigError(f"durability must be 'snapshot', 'sync' or 'group', got {self.durability!r}")
         if self.account_mode not in (None, "live", "paper"):

@@ -34,6 +34,9 @@ class FileOps:
     def write(self, fd: int, data: bytes | memoryview) -> int:
         return os.write(fd, data)
 
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
@@ -142,6 +145,24 @@ def write_all(fd: int, data: bytes) -> None:
         if not view:
             return
         n = _active.write(fd, view)
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write every byte of *data* at *offset* (the file position is left alone), looping over short writes;
+    a write that makes no progress is ENOSPC. The descriptor must not be O_APPEND (Linux would append)."""
+    if not data:
+        return
+    n = _active.pwrite(fd, data, offset)
+    if n == len(data):  # the usual case: one call, no memoryview
+        return
+    view = memoryview(data)
+    while True:
+        if n <= 0:
+            raise OSError(28, "short write made no progress")
+        view, offset = view[n:], offset + n
+        if not view:
+            return
+        n = _active.pwrite(fd, view, offset)
 
 
 def fsync(fd: int) -> None:

@@ -178,6 +178,21 @@ class HarnessOps(FileOps):
         self._after(action)
         return n
 
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """Counted and recorded as a ``write`` (with its offset), so every fault matrix over writes covers
+        positioned writes too (the journal's records)."""
+        info = self._fds.get(fd)
+        path = info.path if info else None
+        action = self._before("write", path, fd=fd, size=len(data), offset=offset)
+        chunk = bytes(data)
+        if action == "short":
+            first = self.fault is not None and self.counted == self.fault.at
+            chunk = chunk[: len(chunk) // 2] if first else b""
+        n = len(chunk) if action == "skip" or not chunk else super().pwrite(fd, chunk, offset)
+        self._record("write", action, path=path, fd=fd, size=n, offset=offset, data=chunk[:n] if self.keep_data else None)
+        self._after(action)
+        return n
+
     def _simple(self, name: str, fd: int, call: str) -> None:
         path = self.path_of(fd)
         action = self._before(name, path, fd=fd)

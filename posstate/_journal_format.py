@@ -5,11 +5,13 @@ Layout (all integers big-endian; see docs/JOURNAL.md for the byte-by-byte table)
 * header, 96 bytes: magic ``PSJRNL``, version, flags, KDF cost, a random 32-bit nonce prefix, the 128-bit
   journal id, the key id, the passphrase salt, the snapshot generation and last sequence number the journal
   starts from, its creation time, and a truncated SHA-256 of the 88 bytes before it.
-* each record: ``length`` (u32) + ``crc32(length)`` (u32) + ``SHA-256(length field + body)[:8]`` + body, where
-  body = ``seq`` (u64) + ``generation`` (u64) + ``time_ms`` (u64) + ``kind`` (u8) + payload. The payload is
+* the records, each: ``length`` (u32) + ``crc32(length)`` (u32) + ``SHA-256(length field + body)[:8]`` +
+  body, where body = ``seq`` (u64) + ``generation`` (u64) + ``time_ms`` (u64) + ``kind`` (u8) + payload. The payload is
   the JSON list of operations, sealed with AES-256-GCM when the journal is encrypted: the key is a per-journal
   subkey (HMAC-SHA256 of the master key and the journal id), the nonce is the header's prefix followed by the
   64-bit sequence number, and the associated data is the header plus the 25 body bytes before the payload.
+* zero bytes up to the end of the file: space written ahead of time, which the next records overwrite in
+  place (a length field of zero followed by nothing but zeros ends the records).
 """
 
 from __future__ import annotations
@@ -235,14 +237,20 @@ def _frame_at(data: bytes, off: int) -> tuple[RawRecord | None, str]:
 def scan(data: bytes, header: JournalHeader) -> Scan:
     """Walk the frames after the header. At the first bad frame, decide: torn tail or damage in the middle.
 
-    A bad frame counts as a torn tail only if no valid frame starts anywhere after it (a crash mid-append
-    leaves garbage or zeros at the very end, never a good record behind it). Sequence numbers must run on
-    from the header's ``base_seq`` without gaps, and every record carries the header's base generation.
+    The records end where only zero bytes remain (the file is preallocated with zeros, which records then
+    overwrite in place; a journal without padding simply ends after its last record). A bad frame counts as
+    a torn tail only if no valid frame starts anywhere after it (a crash mid-write leaves garbage followed by
+    zeros or the end of the file, never a good record behind it). Sequence numbers must run on from the
+    header's ``base_seq`` without gaps, and every record carries the header's base generation.
     """
     records: list[RawRecord] = []
     off = HEADER_SIZE
+    size = len(data)
     expect = header.base_seq + 1
-    while off < len(data):
+    while off < size:
+        head = data[off : off + 4]
+        if head.count(0) == len(head) and data.count(0, off) == size - off:
+            break  # a zero length field and only zeros after it: the padding after the last record
         rec, why = _frame_at(data, off)
         if rec is not None and (rec.seq != expect or rec.generation != header.base_generation):
             # A checksummed frame with the wrong numbers is not a torn write: it is damage or a foreign record.
@@ -260,8 +268,11 @@ def scan(data: bytes, header: JournalHeader) -> Scan:
 
 
 def _valid_frame_after(data: bytes, start: int) -> bool:
-    size = len(data)
-    for off in range(start, size - FRAME_HEAD - BODY_FIXED + 1):
+    # A valid frame has a non-zero length field, so it starts at or before the last non-zero byte: the
+    # search stops there instead of walking the whole zero padding.
+    last_nonzero = len(data.rstrip(b"\0")) - 1
+    stop = min(len(data) - FRAME_HEAD - BODY_FIXED, last_nonzero)
+    for off in range(start, stop + 1):
         if zlib.crc32(data[off : off + 4]) == _U32.unpack_from(data, off + 4)[0]:
             rec, _ = _frame_at(data, off)
             if rec is not None:

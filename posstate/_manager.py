@@ -111,6 +111,7 @@ class PositionStateManager:
             write_keyring=self._write_keyring,
             max_bytes=cfg.journal_max_bytes,
             max_records=cfg.journal_max_records,
+            preallocate=cfg.journal_preallocate,
             emit=self._events.emit,
         )
         self._txn: list[tuple[_jops.Op, _jops.Undo]] | None = None

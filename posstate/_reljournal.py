@@ -221,10 +221,11 @@ class JournalFile:
     """A state directory (snapshot + journal) whose journal holds updates 1..records, all acknowledged."""
 
     files: dict[str, bytes]
-    journal: bytes
+    journal: bytes  # the header and the records (the file goes on with *padding* zero bytes)
     records: int
     boundaries: tuple[int, ...]  # byte offsets where a record ends (a cut there leaves a valid journal)
     prefixes: tuple[Positions, ...] = field(default=())  # the state after 0..records updates
+    padding: int = 0  # the zeros written ahead of the next record, after the last one
 
 
 def journal_file(state_dir: Path, *, key: bytes, size: int = 2048) -> JournalFile:
@@ -237,12 +238,15 @@ def journal_file(state_dir: Path, *, key: bytes, size: int = 2048) -> JournalFil
             m.set_position(update_position(0, i))
             if m._journal.size >= size:
                 break
+        end = m._journal.size
     files = snapshot(state_dir)
-    data = files["positions.journal"]
+    raw = files["positions.journal"]
+    data = raw[:end]
+    assert not any(raw[end:]), "the file goes on with zeros only"
     boundaries = _boundaries(data)
     assert len(boundaries) == i and boundaries[-1] == len(data), (boundaries, i, len(data))
     prefixes = tuple(expected_positions(k) if k else {} for k in range(i + 1))
-    return JournalFile(files, data, i, (jf.HEADER_SIZE, *boundaries), prefixes)
+    return JournalFile(files, data, i, (jf.HEADER_SIZE, *boundaries), prefixes, len(raw) - end)
 
 
 def _boundaries(data: bytes) -> tuple[int, ...]:
@@ -257,29 +261,41 @@ def _boundaries(data: bytes) -> tuple[int, ...]:
 
 
 def journal_damage(jfile: JournalFile, *, bit_step: int = 1, seed: int = 0) -> Iterator[tuple[str, str, bytes]]:
-    """(family, label, damaged journal): every *bit_step*-th single-bit flip, every truncation length that
-    cuts inside the header or a record, every cut at a record boundary (a valid shorter journal: reported
-    apart), and appended garbage."""
+    """(family, label, damaged journal file): every *bit_step*-th single-bit flip of the records; bit flips
+    in the zeros after them; every truncation length that cuts inside the header or a record, both as a
+    shorter file and as a record torn over the zeros (the rest of the file still zeros); every cut at a
+    record boundary (a valid shorter journal: reported apart, as is a cut whose last bytes are all zeros,
+    which carry nothing of the next record); and garbage written after the last record (zeros written there
+    are no damage: they are what the file holds anyway)."""
     data = jfile.journal
+    pad = bytes(jfile.padding)
     for bit in range(0, len(data) * 8, bit_step):
         buf = bytearray(data)
         buf[bit // 8] ^= 1 << (bit % 8)
-        yield "bit-flip", f"bit {bit}", bytes(buf)
+        yield "bit-flip", f"bit {bit}", bytes(buf) + pad
+    if pad:
+        for bit in range(0, len(pad) * 8, max(1, len(pad) * 8 // (64 if bit_step > 1 else 1024))):
+            buf = bytearray(pad)
+            buf[bit // 8] ^= 1 << (bit % 8)
+            yield "bit-flip in the zeros written ahead", f"bit {bit}", data + bytes(buf)
     cuts = set(jfile.boundaries)
     for n in range(len(data)):
-        yield ("cut at a record boundary" if n in cuts else "truncation"), f"length {n}", data[:n]
+        start = max(b for b in (0, *jfile.boundaries) if b <= n)
+        family = "cut at a record boundary" if n in cuts or (start >= jf.HEADER_SIZE and not any(data[start:n])) else "truncation"
+        yield family, f"length {n}", data[:n]
+        if pad:
+            yield family, f"length {n}, then zeros", data[:n] + bytes(len(data) - n) + pad
     rnd = random.Random(seed)
     last = data[jfile.boundaries[-2] :]
     for label, extra in (
         ("newline", b"\n"),
-        ("one zero byte", b"\0"),
-        ("512 zeros", bytes(512)),
+        ("one 0x01 byte", b"\1"),
         ("64 random bytes", rnd.randbytes(64)),
         ("4096 random bytes", rnd.randbytes(4096)),
         ("the last record again", last),
         ("the whole journal again", data),
     ):
-        yield "appended", label, data + extra
+        yield "appended", label, data + extra + pad[len(extra) :]
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ recorded during it (with ``keep_data=True``). The model, close to ext4 with ``da
 
 * file contents: bytes written since the last fsync/fdatasync of that file may be lost; a file whose
   unsynced writes are lost can be left empty, zero-filled to its new length, or torn at a 512- or 4096-byte
-  boundary (the head of the new bytes, then nothing or zeros);
+  boundary (the head of the new bytes, then nothing or zeros); bytes rewritten in place (the journal's
+  records over its zeros) can land as any sector-aligned head or tail of the changed range;
 * directory operations (create, link, rename, unlink) reach the disk in the order they were made; those
   after the last directory fsync may be lost, any number of them from the end;
 * every prefix of the operation list is a possible crash point.
@@ -162,8 +163,26 @@ def _content_variants(node: _Inode) -> list[tuple[str, bytes]]:
             out.append((label, new[:cut]))
             out.append((f"{label}+zeros", new[:cut] + bytes(len(new) - cut)))
         return out
+    if old and len(new) >= len(old):
+        # Bytes rewritten in place (journal records over the zeros written ahead of them), perhaps growing the
+        # file: the disk may hold the new size with the old bytes (zeros), or any sector-aligned head or tail
+        # of the changed range, since the sectors of one write reach the disk in no set order.
+        base = old + bytes(len(new) - len(old))
+        if len(new) > len(old):
+            out.append(("grown-zeros", base))
+        lo = _common_prefix(base, new)
+        hi = len(new) - _common_prefix(base[::-1], new[::-1])
+        cuts = {(lo + hi) // 2: "mid"}
+        for sector in SECTORS:
+            for cut in range((lo // sector + 1) * sector, hi, sector):
+                cuts.setdefault(cut, str(cut))
+        for cut, label in sorted(cuts.items()):
+            if lo < cut < hi:
+                out.append((f"overwrite-head@{label}", new[:cut] + base[cut:]))
+                out.append((f"overwrite-tail@{label}", base[:cut] + new[cut:]))
+        return out
     if old:
-        return out  # an in-place rewrite (a cut-back journal) is modelled as old/new
+        return out  # a file cut back (a journal's failed tail) is modelled as old/new
     out.append(("empty", b""))
     out.append(("zero-filled", bytes(len(new))))
     for sector in SECTORS:
@@ -171,6 +190,19 @@ def _content_variants(node: _Inode) -> list[tuple[str, bytes]]:
             out.append((f"torn@{cut}", new[:cut]))
             out.append((f"torn@{cut}+zeros", new[:cut] + bytes(len(new) - cut)))
     return out
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """Length of the common head of *a* and *b* (binary search over slice compares, which run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    va, vb = memoryview(a), memoryview(b)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if va[lo:mid] == vb[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _damaged(data: bytes) -> list[tuple[str, bytes]]:

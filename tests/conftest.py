@@ -65,3 +65,17 @@ def manager(cfg: StateConfig, key: bytes) -> Iterator[Callable[..., PositionStat
     yield make
     for m in made:
         m.close()
+
+
+def _journal_records(path: Path) -> bytes:
+    from posstate import _journal_format as jf
+
+    data = path.read_bytes()
+    return data[: jf.scan(data, jf.parse_header(data)).good_end]
+
+
+@pytest.fixture
+def journal_records() -> Callable[[Path], bytes]:
+    """A journal file's bytes up to the end of its last record, without the zeros written ahead of it
+    (tests that cut or flip "the last bytes" mean the last record's, not the padding's)."""
+    return _journal_records

@@ -96,6 +96,10 @@ class FailAt(fs.FileOps):
         self._tick("write")
         return super().write(fd, data)
 
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        self._tick("write")
+        return super().pwrite(fd, data, offset)
+
     def fsync(self, fd: int) -> None:
         self._tick("fsync")
         super().fsync(fd)

@@ -199,6 +199,10 @@ class FailAt(fs.FileOps):
         self._tick()
         return super().write(fd, data)
 
+    def pwrite(self, fd, data, offset):  # type: ignore[no-untyped-def]
+        self._tick()
+        return super().pwrite(fd, data, offset)
+
     def fsync(self, fd):  # type: ignore[no-untyped-def]
         self._tick()
         super().fsync(fd)

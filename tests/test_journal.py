@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -203,12 +204,12 @@ def test_wrong_key_and_missing_key(tmp_path: Path) -> None:
         _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=None)
 
 
-def test_tampered_encrypted_record_is_wrong_key_not_torn(tmp_path: Path) -> None:
+def test_tampered_encrypted_record_is_wrong_key_not_torn(tmp_path: Path, journal_records: Callable[[Path], bytes]) -> None:
     """A record whose checksum was fixed up after tampering fails AES-GCM: WrongKeyError, not silent loss."""
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
         m.set_position(pos("A"))
-    data = bytearray(cfg.journal_path.read_bytes())
+    data = bytearray(journal_records(cfg.journal_path))
     off = jf.HEADER_SIZE
     body_start = off + jf.FRAME_HEAD
     data[-1] ^= 1
@@ -283,6 +284,13 @@ def test_nonces_never_repeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                 super().write(fd, bytes(data)[:10])
                 raise OSError(28, "No space left on device")
             return super().write(fd, data)
+
+        def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+            if self.armed and "positions.journal" in os.readlink(f"/proc/self/fd/{fd}"):
+                FailOnce.armed = False
+                super().pwrite(fd, bytes(data)[:10], offset)
+                raise OSError(28, "No space left on device")
+            return super().pwrite(fd, data, offset)
 
     monkeypatch.setattr(jf, "AESGCM", Recording)
     cfg = StateConfig.in_dir(tmp_path, journal_max_records=7)
@@ -487,13 +495,13 @@ def test_journal_damage_emits_state_corrupted(tmp_path: Path) -> None:
     assert not report.valid and "damaged" in report.problem
 
 
-def test_torn_tail_left_out_of_history_and_reported_by_check(tmp_path: Path) -> None:
+def test_torn_tail_left_out_of_history_and_reported_by_check(tmp_path: Path, journal_records: Callable[[Path], bytes]) -> None:
     """history() leaves a torn last record out; check() calls the journal valid and counts the torn bytes."""
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
         m.set_position(pos("A"))
         m.set_position(pos("B"))
-    data = cfg.journal_path.read_bytes()
+    data = journal_records(cfg.journal_path)
     cfg.journal_path.write_bytes(data[:-7])
     entries = _journal.history(cfg, keyring=Keyring(key=KEY))
     assert [e.key for e in entries] == ["A|long"]

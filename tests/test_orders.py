@@ -54,6 +54,9 @@ class FailWrite(fs.FileOps):
     def write(self, fd: int, data: bytes | memoryview) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
 
 # ------------------------------------------------------------------------------------------ ids
 def test_client_order_id_is_deterministic_and_exchange_safe() -> None:
