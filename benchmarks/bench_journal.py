@@ -82,11 +82,12 @@ def run_size(n: int, iterations: int, snapshot_iterations: int, root: Path) -> d
     db.execute("COMMIT")
     upsert = "INSERT INTO positions (k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v"
 
-    # Warm up (the first record after a save creates the journal file) and size the floor's record.
+    # Warm up (the first record after a save creates the journal file) and size the floor's record (the
+    # journal's logical size: the file itself is longer, by the zeros written ahead).
     journal.set_position(position(0, 2))
-    size_before = journal.config.journal_path.stat().st_size
+    size_before = journal._journal.size
     journal.set_position(position(0, 3))
-    record_bytes = journal.config.journal_path.stat().st_size - size_before
+    record_bytes = journal._journal.size - size_before
     floor_fd = os.open(root / f"floor-{n}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     payload = os.urandom(record_bytes)
 

@@ -443,6 +443,32 @@ class Journal:
             self._compact_retry_at = self._records + max(16, self._max_records // 10)
             log.warning("%s: journal compaction failed, still appending (%s)", self.path, exc)
 
+    def append_now(self, st: StateData, entries: Entries, op: Op) -> bool:
+        """``durability="sync"``'s common case in one call: nothing to compact or roll back, a journal open.
+        Apply *op* to memory and make its record durable, all or nothing; False (nothing done) when the
+        general path (:meth:`prepare`, then :meth:`append`) is needed.
+
+        The same work as that path, in fewer calls: after each blocking ``fdatasync`` the processor's caches
+        are cold, and then every Python call costs several times what it costs warm (docs/JOURNAL.md).
+        """
+        if (
+            self.mode != "sync"
+            or self._needs_rotation
+            or self._fd is None
+            or self._sealer is None
+            or self._next_header is not None
+            or self._end >= self._max_bytes
+            or self._records >= self._max_records
+        ):
+            return False
+        undo = jops.apply(st, entries, op)
+        try:
+            self._write_record(jf.KIND_OP, orjson.dumps([op.json]))
+        except BaseException:
+            jops.undo(st, entries, undo)
+            raise
+        return True
+
     def append(self, st: StateData, entries: Entries, ops: Sequence[Op]) -> int | None:
         """Apply *ops* to memory and record them as one record; all or nothing. Returns the sequence
         number to :meth:`settle` on in group mode, else None (sync mode returns once the record is durable)."""
@@ -473,11 +499,14 @@ class Journal:
         if fd is None or sealer is None or header is None or self._needs_rotation:
             raise PersistenceError(self.path, operation="journal append", reason="no usable journal (the last rotation failed)")
         if len(ops) == 1:
-            payload = orjson.dumps([ops[0].json])
-            kind = jf.KIND_OP
-        else:
-            payload = orjson.dumps([op.json for op in ops])
-            kind = jf.KIND_TRANSACTION
+            return self._write_record(jf.KIND_OP, orjson.dumps([ops[0].json]))
+        return self._write_record(jf.KIND_TRANSACTION, orjson.dumps([op.json for op in ops]))
+
+    def _write_record(self, kind: int, payload: bytes) -> int:
+        """Frame *payload* as the next record and write it at the end of the records (sync mode: and sync).
+        The caller checked that a journal is open and usable."""
+        fd, sealer, header = self._fd, self._sealer, self._header
+        assert fd is not None and sealer is not None and header is not None
         seq = self._last_seq = self._last_seq + 1
         frame = sealer.frame(
             seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload

@@ -351,7 +351,11 @@ class PositionStateManager:
                 and key in self._entries
             ):
                 return
-            ticket = self._change(_jops.set_position(position, self._next_rev()))
+            op = _jops.set_position(position, self._next_rev())
+            if self._txn is None and self._journal.append_now(self._state, self._entries, op):
+                self._dirty = True
+                return
+            ticket = self._change(op)
         if ticket is not None:
             self._journal.settle(ticket, self._rollback_journal)
 

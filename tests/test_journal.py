@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from posstate import (
+    ConfigError,
     CorruptStateError,
     MissingKeyError,
     PositionStateManager,
@@ -545,3 +547,91 @@ def test_history_without_a_usable_snapshot_marks_old_values_unknown(tmp_path: Pa
     cfg.state_path.write_bytes(bytes(data))
     entries = _journal.history(cfg, keyring=Keyring(key=KEY))
     assert [(e.key, e.old_known, e.old) for e in entries] == [("A|long", False, None)]
+
+
+# ------------------------------------------------------------------------------------------ space written ahead
+class _Writes(fs.FileOps):
+    """Records (offset, length) of each positioned write and the size of the journal file at each sync."""
+
+    def __init__(self, journal: Path) -> None:
+        self.journal = journal
+        self.writes: list[tuple[int, int]] = []
+        self.sizes: list[int] = []
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        self.writes.append((offset, len(data)))
+        return super().pwrite(fd, data, offset)
+
+    def fdatasync(self, fd: int) -> None:
+        super().fdatasync(fd)
+        self.sizes.append(self.journal.stat().st_size)
+
+
+def test_records_overwrite_the_zeros_written_ahead(tmp_path: Path) -> None:
+    """A new journal comes with 64 KiB of zeros; each record is written in place over them (the file keeps
+    its size, so fdatasync has no metadata to commit) until they run out; then the next record brings more,
+    doubling up to journal_preallocate. Every record loads back."""
+    cfg = StateConfig.in_dir(tmp_path, journal_preallocate=256 * 1024)
+    rec = _Writes(cfg.journal_path)
+    with make(tmp_path, journal_preallocate=256 * 1024) as m:
+        m.set_position(pos("A", contracts="0"))  # creates the journal (a temp renamed into place)
+        first = cfg.journal_path.stat().st_size
+        assert 64 * 1024 < first <= 64 * 1024 + 4096
+        with fs.use(rec):
+            for i in range(1, 1500):
+                m.set_position(pos("A", contracts=str(i)))
+        end = m._journal.size
+    grown = sorted(set(rec.sizes))
+    assert grown[0] == first and len(grown) >= 3  # kept its size for hundreds of records, then grew
+    assert all(b - a <= 256 * 1024 + 4096 for a, b in itertools.pairwise(grown))  # at most journal_preallocate at a time
+    assert sum(1 for _off, n in rec.writes if n > 4096) == len(grown) - 1  # one write with zeros per growth
+    assert [off for off, _n in rec.writes] == sorted(off for off, _n in rec.writes)  # each at the end of the records
+    data = cfg.journal_path.read_bytes()
+    assert len(data) == grown[-1] and not any(data[end:])
+    with make(tmp_path) as m2:
+        assert m2.get_position("A", "long").contracts == 1499
+
+
+def test_preallocate_zero_grows_the_file_with_each_record(tmp_path: Path) -> None:
+    """journal_preallocate=0: no zeros written ahead; the file ends at its last record and loads the same."""
+    cfg = StateConfig.in_dir(tmp_path, journal_preallocate=0)
+    with make(tmp_path, journal_preallocate=0) as m:
+        sizes = []
+        for i in range(5):
+            m.set_position(pos("A", contracts=str(i)))
+            sizes.append(cfg.journal_path.stat().st_size)
+        assert sizes == sorted(set(sizes)) and sizes[-1] == m._journal.size
+    with make(tmp_path) as m2:  # a journal without padding and one with it read the same way
+        assert m2.get_position("A", "long").contracts == 4
+        m2.set_position(pos("A", contracts="9"))
+    with make(tmp_path) as m3:
+        assert m3.get_position("A", "long").contracts == 9
+
+
+def test_preallocate_must_not_be_negative(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="journal_preallocate"):
+        StateConfig.in_dir(tmp_path, journal_preallocate=-1)
+
+
+def test_sync_fast_path_and_general_path_write_the_same_records(tmp_path: Path) -> None:
+    """set_position in sync mode takes the one-call path (append_now) unless a compaction is due or a
+    transaction is open; both paths record the same operations, and a reload sees the same state."""
+    seen: list[bool] = []
+    with make(tmp_path / "a", journal_max_records=4) as m:
+        real = m._journal.append_now
+
+        def spy(*a: Any) -> bool:
+            took = real(*a)
+            seen.append(took)
+            return took
+
+        m._journal.append_now = spy  # type: ignore[method-assign]
+        for i in range(10):
+            m.set_position(pos(f"S{i % 3}", contracts=str(i)))
+        with m.transaction():
+            m.set_position(pos("T", contracts="1"))
+        state = {k: p.contracts for k, p in m.get_positions().items()}
+    assert True in seen and False in seen  # compactions were due now and then: the general path ran
+    assert len(seen) == 10  # inside the transaction append_now is not asked
+    with make(tmp_path / "a") as m2:
+        assert {k: p.contracts for k, p in m2.get_positions().items()} == state
