@@ -121,7 +121,7 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
     notes: tuple[str, ...] = ()
     if sc.bad_offset is not None:
         notes = (
-            f"torn last record ({len(data) - sc.good_end} bytes from byte {sc.good_end}: {sc.bad_reason}) ignored: "
+            f"torn last record ({sc.torn_bytes} bytes from byte {sc.good_end}: {sc.bad_reason}) ignored: "
             "a crash mid-append, never acknowledged; the next load cuts it off (after copying the journal to quarantine)",
         )
     return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, notes=notes)

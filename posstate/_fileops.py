@@ -12,7 +12,7 @@ import contextlib
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 StrPath = str | os.PathLike[str]
@@ -135,16 +135,8 @@ def write_all(fd: int, data: bytes) -> None:
     if not data:
         return
     n = _active.write(fd, data)
-    if n == len(data):  # the usual case: one call, no memoryview
-        return
-    view = memoryview(data)
-    while True:
-        if n <= 0:
-            raise OSError(28, "short write made no progress")
-        view = view[n:]
-        if not view:
-            return
-        n = _active.write(fd, view)
+    if n != len(data):  # rare: the usual case is one call, no memoryview
+        _finish(lambda view, _at: _active.write(fd, view), data, n, 0)
 
 
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -153,8 +145,12 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     if not data:
         return
     n = _active.pwrite(fd, data, offset)
-    if n == len(data):  # the usual case: one call, no memoryview
-        return
+    if n != len(data):
+        _finish(lambda view, at: _active.pwrite(fd, view, at), data, n, offset)
+
+
+def _finish(write_at: Callable[[memoryview, int], int], data: bytes, n: int, offset: int) -> None:
+    """The rest of a write whose first call wrote only *n* bytes (*offset*: where *data* started)."""
     view = memoryview(data)
     while True:
         if n <= 0:
@@ -162,7 +158,7 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[n:], offset + n
         if not view:
             return
-        n = _active.pwrite(fd, view, offset)
+        n = write_at(view, offset)
 
 
 def fsync(fd: int) -> None:

@@ -366,7 +366,7 @@ class Journal:
         log.warning(
             "%s: cut a torn last record (%d bytes at %d: %s); copy kept at %s",
             self.path,
-            len(data) - sc.good_end,
+            sc.torn_bytes,
             sc.good_end,
             sc.bad_reason,
             dest,

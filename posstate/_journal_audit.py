@@ -156,7 +156,7 @@ def check(path: Path, *, keyring: Keyring | None, snapshot_journal: dict[str, An
     def report(
         *, valid: bool, checked: bool, sc: jf.Scan | None, records: int, last: int | None, problem: str = ""
     ) -> JournalCheck:
-        torn = len(data) - sc.good_end if sc is not None and sc.bad_offset is not None and sc.bad_is_tail else 0
+        torn = sc.torn_bytes if sc is not None and sc.bad_offset is not None and sc.bad_is_tail else 0
         return JournalCheck(
             path=str(path),
             exists=True,

@@ -201,6 +201,7 @@ class Scan:
     bad_offset: int | None
     bad_reason: str
     bad_is_tail: bool  # True: nothing valid follows the bad bytes (a torn last append)
+    torn_bytes: int = 0  # a torn tail: its bytes up to the last non-zero one (the zeros after it are space)
 
 
 def _frame_at(data: bytes, off: int) -> tuple[RawRecord | None, str]:
@@ -260,7 +261,9 @@ def scan(data: bytes, header: JournalHeader) -> Scan:
             )
             return Scan(tuple(records), off, off, why, False)
         if rec is None:
-            return Scan(tuple(records), off, off, why, not _valid_frame_after(data, off + 1))
+            if _valid_frame_after(data, off + 1):
+                return Scan(tuple(records), off, off, why, False)
+            return Scan(tuple(records), off, off, why, True, max(1, len(data.rstrip(b"\0")) - off))
         records.append(rec)
         expect += 1
         off = rec.end
