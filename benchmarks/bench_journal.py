@@ -10,6 +10,8 @@ follows the same one):
 * sqlite   -- stdlib sqlite3, WAL, ``synchronous=FULL``, one autocommit upsert of the same position JSON into
   a table keyed by ``symbol|side``;
 * floor    -- a bare ``write`` + ``fdatasync`` of as many bytes as one journal record, on an O_APPEND file;
+* floor-ow -- the same bytes written in place over zeros already on disk (``pwrite`` + ``fdatasync``): the
+  lower bound of what the journal does (it writes its records over zeros it wrote ahead);
 * ``*-cpu`` rows: journal, SQLite (``synchronous=OFF``) and floor with the sync taken out, to show the CPU
   cost each adds on top of the one disk flush that dominates the others.
 
@@ -90,6 +92,10 @@ def run_size(n: int, iterations: int, snapshot_iterations: int, root: Path) -> d
     record_bytes = journal._journal.size - size_before
     floor_fd = os.open(root / f"floor-{n}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     payload = os.urandom(record_bytes)
+    ow_fd = os.open(root / f"floor-ow-{n}", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(ow_fd, bytes(record_bytes * (iterations + 2)))
+    os.fsync(ow_fd)
+    ow_at = [0]
 
     def do_journal(p: Position) -> None:
         journal.set_position(p)
@@ -104,6 +110,11 @@ def run_size(n: int, iterations: int, snapshot_iterations: int, root: Path) -> d
     def do_floor(p: Position) -> None:
         os.write(floor_fd, payload)
         os.fdatasync(floor_fd)
+
+    def do_floor_ow(p: Position) -> None:
+        os.pwrite(ow_fd, payload, ow_at[0])
+        ow_at[0] += record_bytes
+        os.fdatasync(ow_fd)
 
     # The same work with the sync taken out: what each method costs in CPU on top of the disk flush.
     db_off = sqlite3.connect(str(root / f"sqlite-off-{n}.db"), isolation_level=None)
@@ -139,7 +150,7 @@ def run_size(n: int, iterations: int, snapshot_iterations: int, root: Path) -> d
     # Two phases, each interleaved round-robin: durable updates, then the CPU-only variants (kept apart so
     # unsynced writes never add to the dirty data a synced method has to flush).
     phases: list[dict[str, Callable[[Position], None]]] = [
-        {"floor": do_floor, "journal": do_journal, "sqlite": do_sqlite, "snapshot": do_snapshot},
+        {"floor": do_floor, "floor-ow": do_floor_ow, "journal": do_journal, "sqlite": do_sqlite, "snapshot": do_snapshot},
         {"floor-cpu": do_floor_cpu, "journal-cpu": do_journal_cpu, "sqlite-cpu": do_sqlite_cpu},
     ]
     times: dict[str, list[float]] = {name: [] for phase in phases for name in phase}
@@ -159,6 +170,7 @@ def run_size(n: int, iterations: int, snapshot_iterations: int, root: Path) -> d
                 fn(p)
                 times[name].append(time.perf_counter() - t0)
     os.close(floor_fd)
+    os.close(ow_fd)
     os.close(cpu_floor_fd)
     cpu_journal.close()
     db.close()
@@ -186,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             snap_iters = max(5, min(iterations, 2_000_000 // (n * 100) if n > 100 else iterations))
             times = run_size(n, iterations, snap_iters, root)
             floor = statistics.median(times["floor"])
-            for name in ("floor", "journal", "sqlite", "snapshot", "floor-cpu", "journal-cpu", "sqlite-cpu"):
+            for name in ("floor", "floor-ow", "journal", "sqlite", "snapshot", "floor-cpu", "journal-cpu", "sqlite-cpu"):
                 vals = times[name]
                 med = statistics.median(vals)
                 ratio = f"{med / floor:>12.2f}x" if not name.endswith("-cpu") else f"{'':>13}"
