@@ -15,7 +15,7 @@ import errno as _errno
 import os
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -164,31 +164,25 @@ class HarnessOps(FileOps):
 
     def write(self, fd: int, data: bytes | memoryview) -> int:
         info = self._fds.get(fd)
-        path = info.path if info else None
-        action = self._before("write", path, fd=fd, size=len(data))
-        chunk = bytes(data)
-        if action == "short":
-            first = self.fault is not None and self.counted == self.fault.at
-            chunk = chunk[: len(chunk) // 2] if first else b""
-        n = len(chunk) if action == "skip" or not chunk else super().write(fd, chunk)
         offset = info.offset if info and not info.append else None
+        n = self._write(fd, data, offset, lambda chunk: FileOps.write(self, fd, chunk))
         if info:
             info.offset += n
-        self._record("write", action, path=path, fd=fd, size=n, offset=offset, data=chunk[:n] if self.keep_data else None)
-        self._after(action)
         return n
 
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         """Counted and recorded as a ``write`` (with its offset), so every fault matrix over writes covers
         positioned writes too (the journal's records)."""
-        info = self._fds.get(fd)
-        path = info.path if info else None
+        return self._write(fd, data, offset, lambda chunk: FileOps.pwrite(self, fd, chunk, offset))
+
+    def _write(self, fd: int, data: bytes | memoryview, offset: int | None, call: Callable[[bytes], int]) -> int:
+        path = self.path_of(fd)
         action = self._before("write", path, fd=fd, size=len(data), offset=offset)
         chunk = bytes(data)
         if action == "short":
             first = self.fault is not None and self.counted == self.fault.at
             chunk = chunk[: len(chunk) // 2] if first else b""
-        n = len(chunk) if action == "skip" or not chunk else super().pwrite(fd, chunk, offset)
+        n = len(chunk) if action == "skip" or not chunk else call(chunk)
         self._record("write", action, path=path, fd=fd, size=n, offset=offset, data=chunk[:n] if self.keep_data else None)
         self._after(action)
         return n
