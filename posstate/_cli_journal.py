@@ -24,7 +24,7 @@ from posstate._cli_format import table
 from posstate._config import StateConfig
 from posstate._current import Current, read_current
 from posstate._document import StateData
-from posstate._errors import CorruptStateError, MissingKeyError, PosStateError, WrongKeyError
+from posstate._errors import CorruptStateError, MissingKeyError, PosStateError, UnsupportedVersionError, WrongKeyError
 from posstate._validate import Check
 
 __all__ = [
@@ -134,6 +134,7 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     key FAILs (exit 3). Never writes.
     """
     from posstate._journal_audit import check
+    from posstate._journal_format import VERSION
 
     keyring = env.keyring()
     options = env.read_options()
@@ -153,6 +154,8 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
         detail = f"no journal at {cfg.journal_path} (nothing recorded since the snapshot)"
         return JournalVerdict(Check("journal", True, detail), data, None)
     error: PosStateError | None = cur.error if cur is not None else None
+    if error is None and jc.newer_version is not None:
+        error = UnsupportedVersionError(cfg.journal_path, what="journal format", found=jc.newer_version, supported=VERSION)
     if error is None and not jc.valid:
         typed = _typed(cfg, keyring) if jc.contents_checked else None
         error = typed or CorruptStateError(cfg.journal_path, jc.problem, kind="journal")
@@ -194,10 +197,10 @@ def _first(text: str) -> str:
 
 
 def journal_exit_error(verdict: JournalVerdict, cfg: StateConfig) -> PosStateError | None:
-    """What ``validate`` exits with for a failed journal check: a key problem keeps its class (exit 3),
-    anything else is exit 1."""
+    """What ``validate`` exits with for a failed journal check: a key problem (exit 3) and a journal written
+    by a newer posstate (exit 4) keep their class, anything else is exit 1."""
     err = verdict.error
-    if err is None or isinstance(err, (WrongKeyError, MissingKeyError)):
+    if err is None or isinstance(err, (WrongKeyError, MissingKeyError, UnsupportedVersionError)):
         return err
     reason = err.reason if isinstance(err, CorruptStateError) else str(err)
     return CorruptStateError(

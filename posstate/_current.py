@@ -19,7 +19,14 @@ from posstate import _document, _statefile
 from posstate import _fileops as fs
 from posstate import _journal_ops as jops
 from posstate._document import StateData
-from posstate._errors import CorruptStateError, MissingKeyError, PersistenceError, PosStateError, WrongKeyError
+from posstate._errors import (
+    CorruptStateError,
+    MissingKeyError,
+    PersistenceError,
+    PosStateError,
+    UnsupportedVersionError,
+    WrongKeyError,
+)
 
 if TYPE_CHECKING:
     from posstate._config import StateConfig
@@ -88,7 +95,7 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
     snap_seq = int(snap.get("seq", 0))
     try:
         header, records, sc = read_records(data, path=path, keyring=options.keyring)
-    except (MissingKeyError, WrongKeyError) as exc:
+    except (MissingKeyError, WrongKeyError, UnsupportedVersionError) as exc:
         return Current(loaded=loaded, state=state, error=exc)
     except CorruptStateError as exc:
         # Damage before the last record: show the trustworthy prefix, and say the replay stopped.

@@ -27,7 +27,14 @@ from posstate import _journal_format as jf
 from posstate import _journal_ops as jops
 from posstate._crypto import Keyring, key_id
 from posstate._document import StateData
-from posstate._errors import CorruptStateError, MissingKeyError, PersistenceError, PosStateError, WrongKeyError
+from posstate._errors import (
+    CorruptStateError,
+    MissingKeyError,
+    PersistenceError,
+    PosStateError,
+    UnsupportedVersionError,
+    WrongKeyError,
+)
 from posstate._journal_audit import HistoryEntry, JournalCheck, check, history
 from posstate._journal_ops import Entries, Op, Undo
 
@@ -63,6 +70,9 @@ def read_records(
     CorruptStateError(kind="journal"); a torn last record is reported in the returned Scan, not raised."""
     try:
         header = jf.parse_header(data)
+    except jf.JournalTooNew as exc:
+        # Not damage: recovering from it would drop the records a newer posstate acknowledged.
+        raise UnsupportedVersionError(path, what="journal format", found=exc.found, supported=jf.VERSION) from None
     except jf.JournalProblem as exc:
         raise _journal_error(path, str(exc)) from None
     sealer = jf.Sealer(header, _key_for(header, keyring, path))
@@ -102,6 +112,8 @@ def replay_prefix(path: Path, *, keyring: Keyring | None, state: StateData) -> t
         return 0, 0, f"journal unreadable ({exc.strerror or exc})"
     try:
         header = jf.parse_header(data)
+    except jf.JournalTooNew as exc:
+        return 0, 0, str(exc)
     except jf.JournalProblem as exc:
         return 0, 0, f"journal header damaged ({exc})"
     snap = state.journal or {}
@@ -154,9 +166,8 @@ def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> b
 
 def _temp_seq(data: bytes) -> int:
     """The sequence number of the record in a journal-creation temp (0 if no record got that far)."""
-    start = jf.HEADER_SIZE + jf.FRAME_HEAD
     try:
-        jf.parse_header(data)
+        start = jf.HEADER_SIZE + jf.parse_header(data).frame_head
     except jf.JournalProblem:
         return 0
     if len(data) < start + 8:

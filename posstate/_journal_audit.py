@@ -63,6 +63,7 @@ class JournalCheck:
     torn_bytes: int = 0
     matches_snapshot: bool | None = None
     problem: str = ""
+    newer_version: int | None = None  # the header is intact but of a journal format newer than this posstate
 
 
 def _value(st: StateData, symbol: str, side: str | None) -> dict[str, Any] | None:
@@ -149,6 +150,10 @@ def check(path: Path, *, keyring: Keyring | None, snapshot_journal: dict[str, An
         return JournalCheck(path=str(path), exists=True, valid=False, contents_checked=False, problem=f"cannot read ({exc})")
     try:
         header = jf.parse_header(data)
+    except jf.JournalTooNew as exc:
+        return JournalCheck(
+            path=str(path), exists=True, valid=False, contents_checked=False, problem=str(exc), newer_version=exc.found
+        )
     except jf.JournalProblem as exc:
         return JournalCheck(path=str(path), exists=True, valid=False, contents_checked=False, problem=str(exc))
     matches = None if snapshot_journal is None else snapshot_journal.get("id") == header.id_hex

@@ -4,6 +4,7 @@ transaction and one save, `history` and `doctor` (CliRunner: exit codes and the 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -233,6 +234,24 @@ def test_validate_journal_of_another_key_exit_3(state: Path, key_file: Path, tmp
     line = err_line(r)
     assert line.startswith(f"Error: {state / 'positions.journal'}: written with key id ")
     assert any(x.startswith("  FAIL  journal") for x in r.stdout.splitlines())
+
+
+def test_validate_and_show_refuse_a_newer_journal_format_exit_4(state: Path, key_file: Path) -> None:
+    """A journal whose intact header names a newer format: validate FAILs the journal line and exits 4 (not
+    1: it is not damage), and show refuses with exit 4; neither changes a file."""
+    journal = state / "positions.journal"
+    data = journal.read_bytes()
+    head = bytearray(data[:88])
+    head[6:8] = (jf.VERSION + 1).to_bytes(2, "big")
+    journal.write_bytes(bytes(head) + hashlib.sha256(bytes(head)).digest()[:8] + data[jf.HEADER_SIZE :])
+    before = files_of(state)
+    r = run([*keyed(state, key_file), "validate"])
+    assert r.exit_code == 4
+    assert any(x.startswith("  FAIL  journal") for x in r.stdout.splitlines())
+    assert err_line(r).startswith(f"Error: {journal}: journal format version {jf.VERSION + 1} is newer than this posstate")
+    shown = run([*keyed(state, key_file), "show"])
+    assert shown.exit_code == 4 and err_line(shown).startswith(f"Error: {journal}: journal format version")
+    assert files_of(state) == before
 
 
 def test_validate_without_a_journal_and_of_a_backup(tmp_path: Path, key: bytes, key_file: Path) -> None:

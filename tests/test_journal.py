@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import os
 import shutil
 import threading
+import zlib
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +24,7 @@ from posstate import (
     StateConfig,
     TransactionError,
     UnrecoverableStateError,
+    UnsupportedVersionError,
     WrongKeyError,
     _journal,
     generate_key,
@@ -215,10 +219,8 @@ def test_tampered_encrypted_record_is_wrong_key_not_torn(tmp_path: Path, journal
     off = jf.HEADER_SIZE
     body_start = off + jf.FRAME_HEAD
     data[-1] ^= 1
-    import hashlib
-
     length = bytes(data[off : off + 4])
-    data[off + 8 : off + 16] = hashlib.sha256(length + bytes(data[body_start:])).digest()[:8]
+    data[off + 8 : off + 12] = zlib.crc32(bytes(data[body_start:]), zlib.crc32(length)).to_bytes(4, "big")
     cfg.journal_path.write_bytes(bytes(data))
     with make(tmp_path) as m2, pytest.raises(WrongKeyError):
         m2.load_positions()
@@ -639,3 +641,107 @@ def test_sync_fast_path_and_general_path_write_the_same_records(tmp_path: Path) 
     assert len(seen) == 10  # inside the transaction append_now is not asked
     with make(tmp_path / "a") as m2:
         assert {k: p.contracts for k, p in m2.get_positions().items()} == state
+
+
+def _header_version(data: bytes, version: int) -> bytes:
+    """*data* with its header naming journal format *version*, the header checksum made to match."""
+    head = bytearray(data[:88])
+    head[6:8] = version.to_bytes(2, "big")
+    return bytes(head) + hashlib.sha256(bytes(head)).digest()[:8] + data[jf.HEADER_SIZE :]
+
+
+def test_frames_are_length_crc_of_length_and_crc_of_length_and_body(tmp_path: Path) -> None:
+    """Version 2 framing, read off the file independently of the reader: 12 bytes of head, then the body."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+        end = m._journal.size
+    data = cfg.journal_path.read_bytes()
+    assert jf.parse_header(data).version == jf.VERSION == 2
+    off, frames = jf.HEADER_SIZE, 0
+    while off < end:
+        length = data[off : off + 4]
+        body = data[off + 12 : off + 12 + int.from_bytes(length, "big")]
+        assert data[off + 4 : off + 8] == zlib.crc32(length).to_bytes(4, "big")
+        assert data[off + 8 : off + 12] == zlib.crc32(length + body).to_bytes(4, "big")
+        off += 12 + len(body)
+        frames += 1
+    assert (off, frames) == (end, 2)
+
+
+def test_version_1_journals_are_replayed_and_continued_in_their_own_framing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A journal in version 1 (the 0.1.0 development format: 16-byte frame head, truncated SHA-256 check)
+    replays; records added to it keep its framing; the next compaction starts a version-2 journal."""
+    cfg = StateConfig.in_dir(tmp_path)
+    monkeypatch.setattr(jf, "new_header", functools.partial(jf.new_header, version=1))
+    with make(tmp_path, journal_max_records=4) as m:
+        m.set_position(pos("A", contracts="1"))
+        m.set_position(pos("B", contracts="2"))
+    monkeypatch.undo()
+    data = cfg.journal_path.read_bytes()
+    header = jf.parse_header(data)
+    assert (header.version, header.frame_head) == (1, 16)
+    off = jf.HEADER_SIZE
+    n = int.from_bytes(data[off : off + 4], "big")
+    assert data[off + 8 : off + 16] == hashlib.sha256(data[off : off + 4] + data[off + 16 : off + 16 + n]).digest()[:8]
+
+    with make(tmp_path, journal_max_records=4) as m:
+        assert {k[0]: p.contracts for k, p in m.get_positions().items()} == {"A": 1, "B": 2}
+        m.set_position(pos("C", contracts="3"))  # continues the version-1 file
+    data = cfg.journal_path.read_bytes()
+    assert jf.parse_header(data).journal_id == header.journal_id
+    assert [r.seq for r in jf.scan(data, jf.parse_header(data)).records] == [1, 2, 3]
+    # A torn record over the zeros after it is cut in version-1 framing too.
+    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    assert report.valid and report.records == 3
+
+    with make(tmp_path, journal_max_records=4) as m:
+        m.set_position(pos("D", contracts="4"))
+        m.set_position(pos("E", contracts="5"))  # past four records: compacted into a version-2 journal
+    assert jf.parse_header(cfg.journal_path.read_bytes()).version == jf.VERSION
+    with make(tmp_path) as m:
+        assert {k[0]: int(p.contracts) for k, p in m.get_positions().items()} == {"A": 1, "B": 2, "C": 3, "D": 4, "E": 5}
+
+
+def test_version_1_torn_tail_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, journal_records: Callable[[Path], bytes]
+) -> None:
+    """A version-1 journal whose last record was torn over its zeros loses only that record."""
+    cfg = StateConfig.in_dir(tmp_path)
+    monkeypatch.setattr(jf, "new_header", functools.partial(jf.new_header, version=1))
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        m.set_position(pos("B"))
+    monkeypatch.undo()
+    cfg.journal_path.write_bytes(journal_records(cfg.journal_path)[:-5] + bytes(4096))
+    with make(tmp_path) as m:
+        assert sorted(k[0] for k in m.get_positions()) == ["A"]
+    assert any(p.name.startswith("positions.journal") for p in cfg.quarantine_dir.iterdir())
+
+
+def test_a_newer_journal_format_is_refused_not_recovered(tmp_path: Path) -> None:
+    """An intact header naming a newer journal format is not damage: the load raises UnsupportedVersionError
+    and changes no file (recovering would drop the changes a newer posstate acknowledged); check() says so."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+    cfg.journal_path.write_bytes(_header_version(cfg.journal_path.read_bytes(), jf.VERSION + 1))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    events: list[dict[str, Any]] = []
+    with make(tmp_path) as m2:
+        m2.on("stateCorrupted", events.append)
+        with pytest.raises(UnsupportedVersionError) as info:
+            m2.load_positions()
+    assert (info.value.what, info.value.found, info.value.supported) == ("journal format", jf.VERSION + 1, jf.VERSION)
+    assert str(cfg.journal_path) in str(info.value) and "upgrade posstate" in str(info.value)
+    assert events == []
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    assert not report.valid and report.newer_version == jf.VERSION + 1
+    # Version 0 never existed: that is no newer reader's file, it is a bad one.
+    with pytest.raises(jf.JournalProblem, match="does not exist") as bad:
+        jf.parse_header(_header_version(cfg.journal_path.read_bytes(), 0))
+    assert not isinstance(bad.value, jf.JournalTooNew)
