@@ -10,7 +10,7 @@ Layout (all integers big-endian; see docs/JOURNAL.md for the byte-by-byte table)
   the JSON list of operations, sealed with AES-256-GCM when the journal is encrypted: the key is a per-journal
   subkey (HMAC-SHA256 of the master key and the journal id), the nonce is the header's prefix followed by the
   64-bit sequence number, and the associated data is the header plus the 25 body bytes before the payload.
-  Version 1 (the 0.1.0 development format, still read and continued) had a 16-byte frame head whose check
+  Version 1 (the first journal format, still read and continued) had a 16-byte frame head whose check
   was ``SHA-256(length field + body)[:8]``; version 2 checks with CRC-32, which costs a third as much right
   after a blocking ``fdatasync`` (docs/JOURNAL.md, "Speed").
 * zero bytes up to the end of the file: space written ahead of time, which the next records overwrite in
@@ -77,7 +77,7 @@ class JournalHeader:
     base_seq: int
     created_ms: int
     raw: bytes  # the 96 header bytes (AES-GCM associated data)
-    version: int = VERSION
+    version: int  # 1 or 2: decides the framing of the records (frame_head, Sealer)
 
     @property
     def frame_head(self) -> int:
@@ -236,7 +236,8 @@ class Scan:
 
 
 def _frame_at(data: bytes, off: int, head: int) -> tuple[RawRecord | None, str]:
-    """Parse the frame at *off* (*head*: the version's frame-head size); (record, "") or (None, why)."""
+    """Parse the frame at *off*; (record, "") or (None, why). *head* is the journal's ``frame_head``, which
+    also says how its frames are checked (12 bytes: CRC-32; 16 bytes: version 1's SHA-256)."""
     size = len(data)
     if size - off < head:
         return None, "frame header cut short"

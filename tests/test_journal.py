@@ -673,7 +673,7 @@ def test_frames_are_length_crc_of_length_and_crc_of_length_and_body(tmp_path: Pa
 def test_version_1_journals_are_replayed_and_continued_in_their_own_framing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A journal in version 1 (the 0.1.0 development format: 16-byte frame head, truncated SHA-256 check)
+    """A journal in version 1 (the first journal format: 16-byte frame head, truncated SHA-256 check)
     replays; records added to it keep its framing; the next compaction starts a version-2 journal."""
     cfg = StateConfig.in_dir(tmp_path)
     monkeypatch.setattr(jf, "new_header", functools.partial(jf.new_header, version=1))
