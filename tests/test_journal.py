@@ -745,3 +745,16 @@ def test_a_newer_journal_format_is_refused_not_recovered(tmp_path: Path) -> None
     with pytest.raises(jf.JournalProblem, match="does not exist") as bad:
         jf.parse_header(_header_version(cfg.journal_path.read_bytes(), 0))
     assert not isinstance(bad.value, jf.JournalTooNew)
+
+
+def test_recovery_replays_nothing_from_a_newer_journal_format(tmp_path: Path) -> None:
+    """Recovery's read-only replay (used when the snapshot itself is damaged) applies no record of a journal
+    in a newer format and names the version as the reason, not header damage."""
+    cfg = StateConfig.in_dir(tmp_path)
+    with make(tmp_path) as m:
+        m.set_position(pos("A"))
+        state = m._state.copy()
+    cfg.journal_path.write_bytes(_header_version(cfg.journal_path.read_bytes(), jf.VERSION + 1))
+    applied, max_rev, why = _journal.replay_prefix(cfg.journal_path, keyring=Keyring(key=KEY), state=state)
+    assert (applied, max_rev) == (0, 0)
+    assert why == f"journal format version {jf.VERSION + 1} is newer than this posstate reads ({jf.VERSION})"
