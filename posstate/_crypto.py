@@ -30,6 +30,11 @@ NONCE_SIZE = 12
 SALT_SIZE = 16
 #: scrypt cost as log2(N); with r=8 this is 32 MiB of memory and about 0.1 s, once per manager.
 DEFAULT_SCRYPT_LOG2_N = 15
+#: The scrypt costs a file may name (a format rule, docs/FORMAT.md): a header is read before anything
+#: authenticates it, so its cost is checked against this range before scrypt runs. 2**17 with r=8 needs
+#: 128 MiB, the most the 256 MiB ``maxmem`` below allows; 2**10 is the cheapest posstate accepts.
+MIN_SCRYPT_LOG2_N = 10
+MAX_SCRYPT_LOG2_N = 17
 _KEY_ID_LABEL = b"posstate/key-id/v1"
 
 
@@ -43,7 +48,14 @@ def key_id(key: bytes) -> str:
     return hmac.new(key, _KEY_ID_LABEL, hashlib.sha256).digest()[:8].hex()
 
 
+def scrypt_cost_ok(log2_n: object) -> bool:
+    """True when *log2_n* is a scrypt cost a file may name (see ``MIN_SCRYPT_LOG2_N``)."""
+    return type(log2_n) is int and MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N
+
+
 def derive_key(passphrase: str, salt: bytes, log2_n: int = DEFAULT_SCRYPT_LOG2_N) -> bytes:
+    if not scrypt_cost_ok(log2_n):  # the parsers refuse such a header first; this is the last line
+        raise ValueError(f"scrypt cost 2**{log2_n} is outside 2**{MIN_SCRYPT_LOG2_N}..2**{MAX_SCRYPT_LOG2_N}")
     return hashlib.scrypt(
         passphrase.encode("utf-8"), salt=salt, n=1 << log2_n, r=8, p=1, maxmem=256 * 1024 * 1024, dklen=KEY_SIZE
     )
@@ -99,6 +111,10 @@ class Keyring:
             key = bytes(key)
         if passphrase is not None and (not isinstance(passphrase, str) or not passphrase):
             raise MissingKeyError(reason="passphrase must be a non-empty string")
+        if not scrypt_cost_ok(log2_n):
+            raise ConfigError(
+                f"log2_n must be an int from {MIN_SCRYPT_LOG2_N} to {MAX_SCRYPT_LOG2_N} (the scrypt cost files may name)"
+            )
         self._key = key
         self._passphrase = passphrase
         self._derived: dict[bytes, bytes] = {}

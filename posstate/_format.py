@@ -19,6 +19,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from posstate._crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
+
 MAGIC = b"PSTATE"
 FORMAT_VERSION = 1
 FLAG_COMPRESSED = 0x01
@@ -159,6 +161,7 @@ def parse_header(data: bytes) -> Header:
             raise FormatProblem("damaged", f"header field {name} is not hex") from None
     if values["f"] & ~KNOWN_FLAGS:
         raise FormatProblem("unsupported-flags", f"unknown flags {values['f']:#04x}", found=values["f"])
+    _check_kdf_cost(values["w"], passphrase=bool(values["f"] & FLAG_PASSPHRASE))
     return Header(
         format_version=version,
         flags=values["f"],
@@ -172,6 +175,17 @@ def parse_header(data: bytes) -> Header:
         position_count=values["c"],
         payload_length=values["l"],
     )
+
+
+def _check_kdf_cost(log2_n: int, *, passphrase: bool) -> None:
+    """The scrypt cost is read before anything authenticates the header: bound it before any KDF runs
+    (a crafted cost would otherwise ask for gigabytes of memory or hours of CPU)."""
+    if passphrase and not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
+        raise FormatProblem(
+            "damaged", f"scrypt cost log2(N) = {log2_n} is outside {MIN_SCRYPT_LOG2_N}..{MAX_SCRYPT_LOG2_N} (header field w)"
+        )
+    if not passphrase and log2_n != 0:
+        raise FormatProblem("damaged", f"scrypt cost log2(N) = {log2_n} without the passphrase flag (header field w must be 0)")
 
 
 def trailer_for(body: bytes) -> bytes:
