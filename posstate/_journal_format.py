@@ -2,17 +2,21 @@
 
 Layout (all integers big-endian; see docs/JOURNAL.md for the byte-by-byte table):
 
-* header, 96 bytes: magic ``PSJRNL``, version, flags, KDF cost, a random 32-bit nonce prefix, the 128-bit
-  journal id, the key id, the passphrase salt, the snapshot generation and last sequence number the journal
-  starts from, its creation time, and a truncated SHA-256 of the 88 bytes before it.
+* header, 96 bytes: magic ``PSJRNL``, version, flags, KDF cost, 4 reserved bytes (versions 1 and 2: a
+  random nonce prefix), the 128-bit journal id, the key id, the passphrase salt, the snapshot generation and
+  last sequence number the journal starts from, its creation time, and a truncated SHA-256 of the 88 bytes
+  before it.
 * the records, each: ``length`` (u32) + ``crc32(length field)`` (u32) + ``crc32(length field + body)`` (u32)
   + body, where body = ``seq`` (u64) + ``generation`` (u64) + ``time_ms`` (u64) + ``kind`` (u8) + payload. The payload is
   the JSON list of operations, sealed with AES-256-GCM when the journal is encrypted: the key is a per-journal
-  subkey (HMAC-SHA256 of the master key and the journal id), the nonce is the header's prefix followed by the
-  64-bit sequence number, and the associated data is the header plus the 25 body bytes before the payload.
-  Version 1 (the first journal format, still read and continued) had a 16-byte frame head whose check
-  was ``SHA-256(length field + body)[:8]``; version 2 checks with CRC-32, which costs a third as much right
-  after a blocking ``fdatasync`` (docs/JOURNAL.md, "Speed").
+  subkey (HMAC-SHA256 of the master key and the journal id), the associated data is the header plus the 25
+  body bytes before the payload, and (version 3) the payload is a fresh random 96-bit nonce followed by the
+  ciphertext and tag. A random nonce per record is what keeps a nonce from repeating when a directory is
+  copied or reverted, a journal cut and continued, or an old backup restored: nothing on disk can make two
+  writers pick the same one (versions 1 and 2 used the header's prefix + the sequence number, which such a
+  copy repeats; they are still read, never appended to when encrypted).
+  Version 1 had a 16-byte frame head whose check was ``SHA-256(length field + body)[:8]``; versions 2 and 3
+  check with CRC-32, which costs a third as much right after a blocking ``fdatasync`` (docs/JOURNAL.md, "Speed").
 * zero bytes up to the end of the file: space written ahead of time, which the next records overwrite in
   place (a length field of zero followed by nothing but zeros ends the records).
 """
@@ -29,8 +33,13 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from posstate._crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
+
 MAGIC = b"PSJRNL"
-VERSION = 2  # what new journals are written in; version 1 is still read (and continued, in its own framing)
+VERSION = 3  # what new journals are written in; versions 1 and 2 are still read (continued only when plain)
+#: The first version whose encrypted records carry their own random nonce (see Sealer).
+RANDOM_NONCE_VERSION = 3
+NONCE_SIZE = 12
 HEADER_SIZE = 96
 FRAME_HEAD = 12  # version 2: length, crc32(length field), crc32(length field + body)
 FRAME_HEAD_V1 = 16  # version 1: length, crc32(length field), SHA-256(length field + body)[:8]
@@ -50,6 +59,7 @@ _pack_body = _BODY.pack
 _pack_u32 = _U32.pack
 _unpack_u32 = _U32.unpack_from
 _crc32 = zlib.crc32
+_urandom = os.urandom
 _sha256 = hashlib.sha256
 
 
@@ -68,7 +78,7 @@ class JournalTooNew(JournalProblem):
 @dataclass(frozen=True, slots=True)
 class JournalHeader:
     journal_id: bytes  # 16 bytes
-    nonce_prefix: bytes  # 4 bytes
+    nonce_prefix: bytes  # 4 bytes (versions 1 and 2; zeros in version 3)
     flags: int
     kdf_log2_n: int
     key_id: str  # hex, all zeros when plain
@@ -77,7 +87,7 @@ class JournalHeader:
     base_seq: int
     created_ms: int
     raw: bytes  # the 96 header bytes (AES-GCM associated data)
-    version: int  # 1 or 2: decides the framing of the records (frame_head, Sealer)
+    version: int  # 1, 2 or 3: decides the framing of the records (frame_head) and the nonces (Sealer)
 
     @property
     def frame_head(self) -> int:
@@ -87,6 +97,12 @@ class JournalHeader:
     @property
     def encrypted(self) -> bool:
         return bool(self.flags & FLAG_ENCRYPTED)
+
+    @property
+    def appendable(self) -> bool:
+        """May records be added to this journal? Not to an encrypted journal of version 1 or 2: its nonces
+        are the header's prefix + the sequence number, which a copy of the file would repeat."""
+        return not self.encrypted or self.version >= RANDOM_NONCE_VERSION
 
     @property
     def passphrase(self) -> bool:
@@ -108,9 +124,9 @@ def new_header(
     journal_id: bytes | None = None,
     version: int = VERSION,
 ) -> JournalHeader:
-    """A header for a new journal: a fresh random nonce prefix, and a fresh random id unless *journal_id*
-    is given (the journal a durable snapshot already names, created only now). *version* other than the
-    current one is for tests of reading older journals."""
+    """A header for a new journal: a fresh random id unless *journal_id* is given (the journal a durable
+    snapshot already names, created only now). *version* other than the current one is for tests of
+    reading older journals (those get a random nonce prefix, as they had)."""
     flags = 0
     if key_id is not None:
         flags |= FLAG_ENCRYPTED
@@ -118,7 +134,7 @@ def new_header(
             flags |= FLAG_PASSPHRASE
     kid = bytes.fromhex(key_id) if key_id is not None else bytes(8)
     journal_id = os.urandom(16) if journal_id is None else journal_id
-    prefix = os.urandom(4)
+    prefix = os.urandom(4) if version < RANDOM_NONCE_VERSION else bytes(4)
     head = _HEAD.pack(
         MAGIC,
         version,
@@ -152,6 +168,13 @@ def parse_header(data: bytes) -> JournalHeader:
         raise JournalProblem(f"journal format version {version} does not exist")
     if flags & ~(FLAG_ENCRYPTED | FLAG_PASSPHRASE):
         raise JournalProblem(f"unknown journal flags {flags:#x}")
+    # The header is read before anything authenticates it: bound the scrypt cost before any KDF runs.
+    if flags & FLAG_PASSPHRASE and not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
+        raise JournalProblem(f"scrypt cost log2(N) = {log2_n} is outside {MIN_SCRYPT_LOG2_N}..{MAX_SCRYPT_LOG2_N}")
+    if not flags & FLAG_PASSPHRASE and log2_n != 0:
+        raise JournalProblem(f"scrypt cost log2(N) = {log2_n} without the passphrase flag (must be 0)")
+    if flags & FLAG_PASSPHRASE and not flags & FLAG_ENCRYPTED:
+        raise JournalProblem("passphrase flag without the encrypted flag")
     return JournalHeader(
         journal_id=jid,
         nonce_prefix=prefix,
@@ -174,9 +197,12 @@ def subkey(master: bytes, journal_id: bytes) -> bytes:
 
 class Sealer:
     """Frames (and, with a key, seals) records of one journal, in that journal's version. Cheap per record:
-    one encrypt and two CRC-32s (version 1: a SHA-256 instead of the second CRC)."""
+    12 random bytes, one encrypt and two CRC-32s (version 1: a SHA-256 instead of the second CRC).
 
-    __slots__ = ("_aead", "_encrypt", "_header", "_prefix", "_raw", "_v1")
+    Version 3 draws each record's nonce from ``os.urandom`` (never from a buffer or a counter kept in
+    memory or on disk: a forked process, a reverted VM or a copied directory would repeat those)."""
+
+    __slots__ = ("_aead", "_encrypt", "_header", "_prefix", "_random", "_raw", "_v1")
 
     def __init__(self, header: JournalHeader, master_key: bytes | None) -> None:
         self._header = header
@@ -184,6 +210,7 @@ class Sealer:
         # Bound once: frame() runs for every durable change.
         self._encrypt = self._aead.encrypt if self._aead is not None else None
         self._prefix = header.nonce_prefix
+        self._random = header.version >= RANDOM_NONCE_VERSION
         self._raw = header.raw
         self._v1 = header.version == 1
 
@@ -191,7 +218,11 @@ class Sealer:
         fixed = _pack_body(seq, generation, time_ms, kind)
         encrypt = self._encrypt
         if encrypt is not None:
-            payload = encrypt(self._prefix + seq.to_bytes(8, "big"), payload, self._raw + fixed)
+            if self._random:
+                nonce = _urandom(NONCE_SIZE)
+                payload = nonce + encrypt(nonce, payload, self._raw + fixed)
+            else:  # versions 1 and 2, only for tests that write them: Journal never appends to such a file
+                payload = encrypt(self._prefix + seq.to_bytes(8, "big"), payload, self._raw + fixed)
         body = fixed + payload
         length = _pack_u32(len(body))
         length_crc = _crc32(length)
@@ -204,9 +235,15 @@ class Sealer:
         """The plaintext payload, or None when authentication fails (wrong key or tampering)."""
         if self._aead is None:
             return rec.payload
-        nonce = self._header.nonce_prefix + rec.seq.to_bytes(8, "big")
+        sealed = rec.payload
+        if self._random:
+            if len(sealed) < NONCE_SIZE + TAG_SIZE:
+                return None
+            nonce, sealed = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
+        else:
+            nonce = self._header.nonce_prefix + rec.seq.to_bytes(8, "big")
         try:
-            return self._aead.decrypt(nonce, rec.payload, self._header.raw + rec.fixed)
+            return self._aead.decrypt(nonce, sealed, self._header.raw + rec.fixed)
         except InvalidTag:
             return None
 
@@ -235,40 +272,51 @@ class Scan:
     torn_bytes: int = 0  # a torn tail: its bytes up to the last non-zero one (the zeros after it are space)
 
 
-def _frame_at(data: bytes, off: int, head: int) -> tuple[RawRecord | None, str]:
-    """Parse the frame at *off*; (record, "") or (None, why). *head* is the journal's ``frame_head``, which
-    also says how its frames are checked (12 bytes: CRC-32; 16 bytes: version 1's SHA-256)."""
+def _frame_at(data: bytes, off: int, head: int) -> tuple[RawRecord | None, str, bool]:
+    """Parse the frame at *off*; (record, "", False) or (None, why, forged). *head* is the journal's
+    ``frame_head``, which also says how its frames are checked (12 bytes: CRC-32; 16 bytes: version 1's SHA-256).
+
+    *forged* is True when the frame cannot be what a torn write leaves: its length field passes its CRC
+    (so these 8 bytes were written as they are) but names a length no writer produces (below the 25 fixed
+    body bytes, 0 and 1 included, or above ``MAX_BODY``). That is damage, never a torn last record to cut
+    quietly. A record whose valid length runs past the end of the file stays a torn last record: an append
+    that grows the file (``journal_preallocate=0``, or a record past the zeros written ahead) leaves exactly
+    that when the power fails, and nothing in the bytes tells it from a crafted one (docs/JOURNAL.md)."""
     size = len(data)
     if size - off < head:
-        return None, "frame header cut short"
+        return None, "frame header cut short", False
     length, crc = _LENGTH.unpack_from(data, off)
     if _crc32(data[off : off + 4]) != crc:
-        return None, "frame length field damaged"
+        return None, "frame length field damaged", False
     if length < BODY_FIXED or length > MAX_BODY:
-        return None, f"frame length {length} out of range"
+        return None, f"frame length {length} out of range ({BODY_FIXED}..{MAX_BODY}) with a valid length check", True
     end = off + head + length
     if end > size:
-        return None, "record cut short"
+        return None, "record cut short", False
     body = data[off + head : end]
     if head == FRAME_HEAD:
         intact = _crc32(body, crc) == _unpack_u32(data, off + 8)[0]
     else:
         intact = _sha256(data[off : off + 4] + body).digest()[:8] == data[off + 8 : off + 16]
     if not intact:
-        return None, "record checksum mismatch"
+        return None, "record checksum mismatch", False
     seq, gen, t, kind = _BODY.unpack_from(body, 0)
     if kind not in (KIND_OP, KIND_TRANSACTION):
-        return None, f"unknown record kind {kind}"
-    return RawRecord(
-        offset=off,
-        end=end,
-        seq=seq,
-        generation=gen,
-        time_ms=t,
-        kind=kind,
-        fixed=bytes(body[:BODY_FIXED]),
-        payload=bytes(body[BODY_FIXED:]),
-    ), ""
+        return None, f"unknown record kind {kind}", False
+    return (
+        RawRecord(
+            offset=off,
+            end=end,
+            seq=seq,
+            generation=gen,
+            time_ms=t,
+            kind=kind,
+            fixed=bytes(body[:BODY_FIXED]),
+            payload=bytes(body[BODY_FIXED:]),
+        ),
+        "",
+        False,
+    )
 
 
 def scan(data: bytes, header: JournalHeader) -> Scan:
@@ -277,8 +325,10 @@ def scan(data: bytes, header: JournalHeader) -> Scan:
     The records end where only zero bytes remain (the file is preallocated with zeros, which records then
     overwrite in place; a journal without padding simply ends after its last record). A bad frame counts as
     a torn tail only if no valid frame starts anywhere after it (a crash mid-write leaves garbage followed by
-    zeros or the end of the file, never a good record behind it). Sequence numbers must run on from the
-    header's ``base_seq`` without gaps, and every record carries the header's base generation.
+    zeros or the end of the file, never a good record behind it) and its length field is not one that passes
+    its CRC yet names an impossible length (see ``_frame_at``: such a frame was written on purpose or by a
+    lying disk, and cutting it would drop the record it stands for without a word). Sequence numbers must
+    run on from the header's ``base_seq`` without gaps, and every record carries the header's base generation.
     """
     records: list[RawRecord] = []
     off = HEADER_SIZE
@@ -289,7 +339,7 @@ def scan(data: bytes, header: JournalHeader) -> Scan:
         head = data[off : off + 4]
         if head.count(0) == len(head) and data.count(0, off) == size - off:
             break  # a zero length field and only zeros after it: the padding after the last record
-        rec, why = _frame_at(data, off, fhead)
+        rec, why, forged = _frame_at(data, off, fhead)
         if rec is not None and (rec.seq != expect or rec.generation != header.base_generation):
             # A checksummed frame with the wrong numbers is not a torn write: it is damage or a foreign record.
             why = (
@@ -298,7 +348,7 @@ def scan(data: bytes, header: JournalHeader) -> Scan:
             )
             return Scan(tuple(records), off, off, why, False)
         if rec is None:
-            if _valid_frame_after(data, off + 1, fhead):
+            if forged or _valid_frame_after(data, off + 1, fhead):
                 return Scan(tuple(records), off, off, why, False)
             return Scan(tuple(records), off, off, why, True, max(1, len(data.rstrip(b"\0")) - off))
         records.append(rec)
@@ -314,7 +364,7 @@ def _valid_frame_after(data: bytes, start: int, head: int) -> bool:
     stop = min(len(data) - head - BODY_FIXED, last_nonzero)
     for off in range(start, stop + 1):
         if _crc32(data[off : off + 4]) == _unpack_u32(data, off + 4)[0]:
-            rec, _ = _frame_at(data, off, head)
+            rec, _, _ = _frame_at(data, off, head)
             if rec is not None:
                 return True
     return False
