@@ -436,7 +436,7 @@ def watch(ctx: click.Context, max_events: int | None, timeout: float | None) -> 
 
     env = env_of(ctx)
     cfg = env.config()
-    watcher = Watcher(cfg=cfg, keyring=env.keyring())
+    watcher = Watcher(cfg=cfg, keyring=env.keyring(), require_encryption=env.require_encryption())
     watcher.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     count = 0

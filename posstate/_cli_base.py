@@ -141,10 +141,18 @@ class Env:
         """Keyword arguments for PositionStateManager: the --key-file key, else the manager reads the env."""
         return {"key": read_key_file(self.key_file)} if self.key_file else {}
 
+    def require_encryption(self) -> bool:
+        """A key was given and encryption is on: a plaintext state file or journal is refused (exit 3), as the
+        library refuses it, never shown or reported valid (anyone can write a plaintext file)."""
+        return self.config().encryption and self.keyring() is not None
+
     def read_options(self) -> _statefile.ReadOptions:
         cfg = self.config()
         return _statefile.ReadOptions(
-            keyring=self.keyring(), max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew
+            keyring=self.keyring(),
+            max_document_bytes=cfg.max_document_bytes,
+            clock_skew=cfg.clock_skew,
+            require_encryption=self.require_encryption(),
         )
 
     def require_keyring(self, path: Path | None = None) -> Keyring:

@@ -146,7 +146,9 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
             snapshot_journal = cur.loaded.state.journal
         except PosStateError:
             cur = None  # the snapshot changed under us; its own check reports it
-    jc = check(cfg.journal_path, keyring=keyring, snapshot_journal=snapshot_journal)
+    jc = check(
+        cfg.journal_path, keyring=keyring, snapshot_journal=snapshot_journal, require_encryption=options.require_encryption
+    )
     data = asdict(jc)
     data["applied"] = cur.applied if cur is not None else None
     torn = f"; torn last record ({jc.torn_bytes} bytes) ignored, a load cuts it off" if jc.torn_bytes else ""
@@ -157,7 +159,7 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     if error is None and jc.newer_version is not None:
         error = UnsupportedVersionError(cfg.journal_path, what="journal format", found=jc.newer_version, supported=VERSION)
     if error is None and not jc.valid:
-        typed = _typed(cfg, keyring) if jc.contents_checked else None
+        typed = _typed(cfg, keyring, options.require_encryption) if jc.contents_checked else None
         error = typed or CorruptStateError(cfg.journal_path, jc.problem, kind="journal")
     if error is not None:
         data["valid"] = False
@@ -179,12 +181,14 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     return JournalVerdict(Check("journal", True, detail), data, None)
 
 
-def _typed(cfg: StateConfig, keyring: Any) -> PosStateError | None:
+def _typed(cfg: StateConfig, keyring: Any, require_encryption: bool) -> PosStateError | None:
     """The typed error behind a failed check (wrong key vs damage), read again without a snapshot."""
     from posstate._journal import read_records
 
     try:
-        read_records(fs.read_file(cfg.journal_path), path=cfg.journal_path, keyring=keyring)
+        read_records(
+            fs.read_file(cfg.journal_path), path=cfg.journal_path, keyring=keyring, require_encryption=require_encryption
+        )
     except PosStateError as exc:
         return exc
     except OSError:
@@ -262,8 +266,9 @@ def history(ctx: click.Context, symbol: str | None) -> None:
         )
         return
     keyring = env.keyring()
-    entries = journal_history(cfg, keyring=keyring, symbol=symbol)
-    jc = check(path, keyring=keyring)
+    required = env.require_encryption()
+    entries = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required)
+    jc = check(path, keyring=keyring, require_encryption=required)
     if jc.torn_bytes:
         click.echo(f"warning: {path}: torn last record ({jc.torn_bytes} bytes) left out; a load cuts it off", err=True)
     if env.json:

@@ -60,6 +60,8 @@ class _Queue(FileSystemEventHandler):
 class Watcher:
     cfg: StateConfig
     keyring: Keyring | None
+    #: A key was given and encryption is on: a plaintext state file or journal is a key problem.
+    require_encryption: bool = False
     _seen: dict[Path, str | None] = field(default_factory=dict)
     _q: queue.Queue[tuple[str, str]] = field(default_factory=queue.Queue)
     _observer: Any = None
@@ -68,6 +70,8 @@ class Watcher:
         d = self.cfg.state_dir
         if not fs.exists(d):
             raise StateNotFoundError(d, what="state directory", next_step="check --state-dir or --config")
+        if self.require_encryption:
+            self._refuse_plaintext()
         for p in self._files():
             self._seen[p] = self._checksum(p)
         self._observer = Observer()
@@ -102,6 +106,24 @@ class Watcher:
                 return record
 
     # ---------------------------------------------------------------------------------------- internals
+    def _refuse_plaintext(self) -> None:
+        """WrongKeyError (exit 3) for a plaintext state file or journal: a load with this key refuses them,
+        so watching them as if they were the bot's state would report forged files as valid."""
+        from posstate import _journal_format as jf
+
+        state, journal = self.cfg.state_path, self.cfg.journal_path
+        plain: list[tuple[Path, str]] = []
+        with contextlib.suppress(OSError, PosStateError):  # absent or damaged: the records say so later
+            header = _codec.inspect(fs.read_file(state), path=state)
+            if not header.encrypted:
+                plain.append((state, header.key_id))
+        with contextlib.suppress(OSError, jf.JournalProblem):
+            jheader = jf.parse_header(fs.read_file(journal))
+            if not jheader.encrypted:
+                plain.append((journal, jheader.key_id))
+        if plain:
+            raise WrongKeyError(plain[0][0], file_key_id=plain[0][1], our_key_id=None, downgrade=True)
+
     def _files(self) -> list[Path]:
         out = [p for p in (self.cfg.state_path, self.cfg.bak_path) if fs.exists(p)]
         for d in (self.cfg.backup_path, self.cfg.quarantine_dir):
@@ -172,7 +194,10 @@ class Watcher:
                 label, "changed", role=role, status="unchecked", detail="checksum ok; no key, contents not checked", **base
             )
         options = _statefile.ReadOptions(
-            keyring=self.keyring, max_document_bytes=self.cfg.max_document_bytes, clock_skew=self.cfg.clock_skew
+            keyring=self.keyring,
+            max_document_bytes=self.cfg.max_document_bytes,
+            clock_skew=self.cfg.clock_skew,
+            require_encryption=self.require_encryption,
         )
         try:
             loaded = _statefile.parse(data, path=path, options=options)

@@ -94,12 +94,16 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
     snap = loaded.state.journal or {}
     snap_seq = int(snap.get("seq", 0))
     try:
-        header, records, sc = read_records(data, path=path, keyring=options.keyring)
+        header, records, sc = read_records(
+            data, path=path, keyring=options.keyring, require_encryption=options.require_encryption
+        )
     except (MissingKeyError, WrongKeyError, UnsupportedVersionError) as exc:
         return Current(loaded=loaded, state=state, error=exc)
     except CorruptStateError as exc:
         # Damage before the last record: show the trustworthy prefix, and say the replay stopped.
-        applied, max_rev, _ = replay_prefix(path, keyring=options.keyring, state=state)
+        applied, max_rev, _ = replay_prefix(
+            path, keyring=options.keyring, state=state, require_encryption=options.require_encryption
+        )
         return Current(loaded=loaded, state=state, applied=applied, max_rev=max_rev, error=exc)
     last = records[-1][0].seq if records else header.base_seq
     if header.id_hex != snap.get("id"):

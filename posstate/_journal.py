@@ -64,10 +64,12 @@ def _journal_error(path: Path, reason: str) -> CorruptStateError:
 
 
 def read_records(
-    data: bytes, *, path: Path, keyring: Keyring | None
+    data: bytes, *, path: Path, keyring: Keyring | None, require_encryption: bool = False
 ) -> tuple[jf.JournalHeader, list[tuple[jf.RawRecord, list[Op]]], jf.Scan]:
     """Parse, authenticate and validate a whole journal. Damage before the last record raises
-    CorruptStateError(kind="journal"); a torn last record is reported in the returned Scan, not raised."""
+    CorruptStateError(kind="journal"); a torn last record is reported in the returned Scan, not raised.
+    With *require_encryption* (encryption on) a plaintext journal is WrongKeyError, as a plaintext state
+    file is: anyone can write one, so its records are never trusted."""
     try:
         header = jf.parse_header(data)
     except jf.JournalTooNew as exc:
@@ -75,12 +77,14 @@ def read_records(
         raise UnsupportedVersionError(path, what="journal format", found=exc.found, supported=jf.VERSION) from None
     except jf.JournalProblem as exc:
         raise _journal_error(path, str(exc)) from None
+    _refuse_plain(header, path, require_encryption)
     sealer = jf.Sealer(header, _key_for(header, keyring, path))
     sc = jf.scan(data, header)
     if sc.bad_offset is not None and not sc.bad_is_tail:
         seq = sc.records[-1].seq + 1 if sc.records else header.base_seq + 1
         raise _journal_error(
-            path, f"record {seq} at byte {sc.bad_offset} is damaged ({sc.bad_reason}) and records follow it; replay stopped there"
+            path,
+            f"record {seq} at byte {sc.bad_offset} is damaged ({sc.bad_reason}), not a torn last record; replay stopped there",
         )
     out: list[tuple[jf.RawRecord, list[Op]]] = []
     for rec in sc.records:
@@ -97,12 +101,15 @@ def read_records(
     return header, out, sc
 
 
-def replay_prefix(path: Path, *, keyring: Keyring | None, state: StateData) -> tuple[int, int, str]:
+def replay_prefix(
+    path: Path, *, keyring: Keyring | None, state: StateData, require_encryption: bool = False
+) -> tuple[int, int, str]:
     """Apply to *state* the journal records that can be trusted, stopping at the first one that cannot.
 
     Read-only (for recovery, when the journal is damaged before its last record): returns (records applied,
     highest revision applied, what stopped the replay or ""). Nothing is applied when the journal belongs to
-    another snapshot or its header cannot be read. A record is applied whole or not at all.
+    another snapshot, its header cannot be read, or (*require_encryption*) it is not encrypted. A record is
+    applied whole or not at all.
     """
     try:
         data = fs.read_file(path)
@@ -120,6 +127,7 @@ def replay_prefix(path: Path, *, keyring: Keyring | None, state: StateData) -> t
     if header.id_hex != snap.get("id"):
         return 0, 0, f"journal {header.id_hex} belongs to another snapshot"
     try:
+        _refuse_plain(header, path, require_encryption)
         sealer = jf.Sealer(header, _key_for(header, keyring, path))
     except (MissingKeyError, WrongKeyError) as exc:
         return 0, 0, str(exc)
@@ -146,6 +154,11 @@ def replay_prefix(path: Path, *, keyring: Keyring | None, state: StateData) -> t
     if sc.bad_offset is not None:
         return applied, max_rev, f"byte {sc.bad_offset}: {sc.bad_reason}"
     return applied, max_rev, ""
+
+
+def _refuse_plain(header: jf.JournalHeader, path: Path, require_encryption: bool) -> None:
+    if require_encryption and not header.encrypted:
+        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
 
 
 def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> bytes | None:
@@ -288,7 +301,9 @@ class Journal:
             return 0
         except OSError as exc:
             raise PersistenceError(self.path, operation="read journal", cause=exc) from exc
-        header, records, sc = read_records(data, path=self.path, keyring=self._read_keyring)
+        header, records, sc = read_records(
+            data, path=self.path, keyring=self._read_keyring, require_encryption=self._write_keyring is not None
+        )
         last = records[-1][0].seq if records else header.base_seq
         if header.id_hex != snap.get("id"):
             if last > snap_seq:
@@ -318,14 +333,16 @@ class Journal:
             self._last_seq += 1  # the torn record used the next number: never reuse it (nor its nonce)
             return max_rev
         self._end, self._alloc = sc.good_end, len(data)
-        # Continue this file only if no other file used a number past its end (else compact first).
-        if self.active and self._last_seq == last:
+        # Continue this file only if no other file used a number past its end, it is sealed as this manager
+        # writes (encrypted exactly when encryption is on), and its nonces are random per record (an
+        # encrypted version 1 or 2 journal is replayed, then the next change compacts into a new journal).
+        if self.active and self._last_seq == last and header.encrypted == (self._write_keyring is not None) and header.appendable:
             try:
                 self._fd = fs.open_(self.path, O_WRITE, 0o600)
             except OSError as exc:
                 raise PersistenceError(self.path, operation="open journal", cause=exc) from exc
             self._sealer = jf.Sealer(header, self._write_key(header))
-            self._needs_rotation = header.encrypted and self._write_keyring is None  # encryption was turned off
+            self._needs_rotation = False
             self._written_seq = self._durable_seq = self._last_seq
             self._durable_end = self._end
         return max_rev
@@ -358,8 +375,8 @@ class Journal:
             if header.encrypted:
                 self._needs_rotation = True
             return None
-        if not header.encrypted:
-            return None
+        if not header.encrypted:  # never a plaintext record while encryption is on
+            raise WrongKeyError(self.path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
         return _key_for(header, self._write_keyring, self.path)
 
     def _cut_torn_tail(self, data: bytes, sc: jf.Scan) -> None:

@@ -74,11 +74,14 @@ def _value(st: StateData, symbol: str, side: str | None) -> dict[str, Any] | Non
     return dict(p.to_dict()) if p is not None else None
 
 
-def history(config: StateConfig, *, keyring: Keyring | None = None, symbol: str | None = None) -> tuple[HistoryEntry, ...]:
+def history(
+    config: StateConfig, *, keyring: Keyring | None = None, symbol: str | None = None, require_encryption: bool = False
+) -> tuple[HistoryEntry, ...]:
     """The changes in the journal, oldest first (only those for *symbol* if given).
 
     Raises CorruptStateError(kind="journal") for damage before the last record; a torn last record is
-    left out. Without a journal the history is empty.
+    left out. Without a journal the history is empty. With *require_encryption* a plaintext journal (or
+    state file) is WrongKeyError, as a load with encryption on refuses it.
     """
     from posstate._journal import read_records
 
@@ -87,14 +90,17 @@ def history(config: StateConfig, *, keyring: Keyring | None = None, symbol: str 
         data = fs.read_file(path)
     except FileNotFoundError:
         return ()
-    header, records, _ = read_records(data, path=path, keyring=keyring)
+    header, records, _ = read_records(data, path=path, keyring=keyring, require_encryption=require_encryption)
     st: StateData | None = None
     snap_seq = 0
     try:
         loaded = _statefile.read(
             config.state_path,
             options=_statefile.ReadOptions(
-                keyring=keyring, max_document_bytes=config.max_document_bytes, clock_skew=config.clock_skew
+                keyring=keyring,
+                max_document_bytes=config.max_document_bytes,
+                clock_skew=config.clock_skew,
+                require_encryption=require_encryption,
             ),
         )
         if loaded.state.journal is not None and loaded.state.journal.get("id") == header.id_hex:
@@ -138,8 +144,11 @@ def history(config: StateConfig, *, keyring: Keyring | None = None, symbol: str 
     return tuple(out)
 
 
-def check(path: Path, *, keyring: Keyring | None, snapshot_journal: dict[str, Any] | None = None) -> JournalCheck:
-    """Check a journal file without changing it (for ``posstate validate``). Never raises for bad content."""
+def check(
+    path: Path, *, keyring: Keyring | None, snapshot_journal: dict[str, Any] | None = None, require_encryption: bool = False
+) -> JournalCheck:
+    """Check a journal file without changing it (for ``posstate validate``). Never raises for bad content.
+    With *require_encryption* a plaintext journal is not valid (a load with encryption on refuses it)."""
     from posstate._journal import read_records
 
     try:
@@ -190,7 +199,7 @@ def check(path: Path, *, keyring: Keyring | None, snapshot_journal: dict[str, An
             problem="" if ok else f"damage at byte {sc.bad_offset}: {sc.bad_reason}",
         )
     try:
-        _, recs, sc = read_records(data, path=path, keyring=keyring)
+        _, recs, sc = read_records(data, path=path, keyring=keyring, require_encryption=require_encryption)
     except PosStateError as exc:
         return report(valid=False, checked=True, sc=None, records=0, last=None, problem=str(exc))
     return report(valid=True, checked=True, sc=sc, records=len(recs), last=recs[-1][0].seq if recs else header.base_seq)

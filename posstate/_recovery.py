@@ -263,7 +263,9 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
     """Replay onto a copy whose snapshot names the journal on disk that journal's trustworthy records."""
     if cand.state is None or cand.state.journal is None or not fs.exists(cfg.journal_path):
         return cand
-    applied, max_rev, stopped = _journal.replay_prefix(cfg.journal_path, keyring=options.keyring, state=cand.state)
+    applied, max_rev, stopped = _journal.replay_prefix(
+        cfg.journal_path, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption
+    )
     if applied or stopped.startswith(("byte", "record")):
         cand.rank, cand.max_rev = applied, max_rev
         cand.name = f"{cand.name} + {applied} journal records" + (f" (replay stopped at {stopped})" if stopped else "")

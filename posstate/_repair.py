@@ -251,7 +251,9 @@ def repair(mgr: PositionStateManager) -> RepairReport:
         if st.journal is not None and fs.exists(jpath):
             # Changes acknowledged in the journal after this snapshot are part of the state: replay the
             # trustworthy ones onto the repaired snapshot, then keep the journal file as evidence.
-            applied, max_rev, stopped = _journal.replay_prefix(jpath, keyring=mgr._read.keyring, state=st)
+            applied, max_rev, stopped = _journal.replay_prefix(
+                jpath, keyring=mgr._read.keyring, state=st, require_encryption=mgr._read.require_encryption
+            )
             mgr._highest_generation = max(mgr._highest_generation, max_rev - 1)
             why = f"{applied} journal records replayed onto the repaired snapshot" + (
                 f" (stopped at {stopped})" if stopped else ""

@@ -128,6 +128,10 @@ def validate_file(path: Path, *, options: _statefile.ReadOptions) -> ValidationR
         )
         checks.append(Check("decompression", False, exc.reason))
         return finish(exc, [ValidationIssue("$", exc.reason, "decompression")], False)
+    if options.require_encryption and not header.encrypted:
+        plain = WrongKeyError(path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
+        checks.append(Check("decryption", False, str(plain)))
+        return finish(plain, [ValidationIssue("$", str(plain), "decryption")], False)
     checks.append(
         Check("decryption", True if header.encrypted else None, "AES-GCM tag verified" if header.encrypted else "not encrypted")
     )
