@@ -32,6 +32,7 @@ from posstate._errors import (
     MissingKeyError,
     PersistenceError,
     PosStateError,
+    StateLockedError,
     UnsupportedVersionError,
     WrongKeyError,
 )
@@ -219,6 +220,9 @@ class Journal:
         self._max_records = max_records
         self._preallocate = preallocate
         self._emit = emit
+        #: Called before each record is written and before each group sync; raises (StateLockedError)
+        #: when this process no longer owns the state's writer lock, so nothing more is written.
+        self.guard: Callable[[], None] | None = None
         self._fd: int | None = None
         self._header: jf.JournalHeader | None = None
         self._sealer: jf.Sealer | None = None
@@ -240,7 +244,7 @@ class Journal:
         self._durable_end = 0  # byte offset just after the last durable record (group mode cuts back to it)
         self._seq_end: dict[int, int] = {}  # group mode: byte offset just after each record not yet durable
         self._syncing = False
-        self._failure: tuple[int, PersistenceError] | None = None
+        self._failure: tuple[int, PosStateError] | None = None
         # (lo, hi, cause): records lo < seq <= hi failed in a group sync. Kept for good: a waiter that wakes
         # after the journal was already rotated must still learn that its record failed.
         self._failed_ranges: list[tuple[int, int, OSError]] = []
@@ -518,6 +522,8 @@ class Journal:
         The caller checked that a journal is open and usable."""
         fd, sealer, header = self._fd, self._sealer, self._header
         assert fd is not None and sealer is not None and header is not None
+        if self.guard is not None:
+            self.guard()
         seq = self._last_seq = self._last_seq + 1
         frame = sealer.frame(
             seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
@@ -559,6 +565,8 @@ class Journal:
         renamed over the old (redundant) journal, then the directory fsynced."""
         header = self._next_header
         assert header is not None
+        if self.guard is not None:
+            self.guard()
         if header.base_seq != self._last_seq:  # numbers burned by failed attempts are skipped, never reused
             header = self._header_for(header.journal_id, header.base_generation)
             self._next_header = header
@@ -611,10 +619,13 @@ class Journal:
         if seq is None:
             return
         while True:
-            err: PersistenceError | None = None
+            err: PosStateError | None = None
             with self._cond:
                 while True:
                     failed = next((cause for lo, hi, cause in self._failed_ranges if lo < seq <= hi), None)
+                    if isinstance(failed, StateLockedError):
+                        err = failed  # the lock was lost before the sync: say so, not "the disk failed"
+                        break
                     if failed is not None:
                         err = PersistenceError(self.path, operation="journal fdatasync (group commit)", cause=failed)
                         err.__cause__ = failed
@@ -633,12 +644,16 @@ class Journal:
             self._sync_as_leader(target, fd)
 
     def _sync_as_leader(self, target: int, fd: int | None) -> None:
-        failure: PersistenceError | None = None
+        failure: PosStateError | None = None
         cause: OSError | None = None
         try:
             if fd is None:
                 raise OSError(9, "journal closed")
+            if self.guard is not None:
+                self.guard()
             fs.fdatasync(fd)
+        except StateLockedError as exc:
+            cause = failure = exc
         except OSError as exc:
             cause = exc
             failure = PersistenceError(self.path, operation="journal fdatasync", cause=exc)
@@ -658,8 +673,9 @@ class Journal:
                 self._needs_rotation = True
                 # Cut the records that never became durable off the file, so nothing (a later drain, the
                 # close, a reload) can make them durable or replay them: their callers were told they failed.
-                # A failed sync is never just retried; the next change starts a new journal.
-                if fd is not None:
+                # A failed sync is never just retried; the next change starts a new journal. A lost lock
+                # leaves the file alone: the next writer may already be appending to it.
+                if fd is not None and not isinstance(cause, StateLockedError):
                     with contextlib.suppress(OSError):
                         fs.ftruncate(fd, self._durable_end)
                 self._end = self._alloc = self._durable_end
