@@ -127,6 +127,7 @@ class PositionStateManager:
             max_records=cfg.journal_max_records,
             preallocate=cfg.journal_preallocate,
             emit=self._events.emit,
+            legacy_path=cfg.legacy_journal_path,
         )
         self._txn: list[tuple[_jops.Op, _jops.Undo]] | None = None
         try:

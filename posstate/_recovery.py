@@ -261,9 +261,12 @@ def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: C
 
 def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOptions) -> _Candidate:
     """Replay onto a copy whose snapshot names the journal on disk that journal's trustworthy records."""
-    if cand.state is None or cand.state.journal is None or not fs.exists(cfg.journal_path):
+    if cand.state is None or cand.state.journal is None:
         return cand
-    applied, max_rev, stopped = _journal.replay_prefix(cfg.journal_path, keyring=options.keyring, state=cand.state)
+    path = _journal.journal_file(cfg.journal_path, cfg.legacy_journal_path, cand.state.journal)
+    if not fs.exists(path):
+        return cand
+    applied, max_rev, stopped = _journal.replay_prefix(path, keyring=options.keyring, state=cand.state)
     if applied or stopped.startswith(("byte", "record")):
         cand.rank, cand.max_rev = applied, max_rev
         cand.name = f"{cand.name} + {applied} journal records" + (f" (replay stopped at {stopped})" if stopped else "")

@@ -199,3 +199,102 @@ def test_forked_manager_refuses_and_close_is_inert(cfg: StateConfig, key: bytes)
     m._forked = m._closed = False
     m.close()
     assert not is_locked(cfg.lock_path)
+
+
+# ------------------------------------------------------------------------------------------ 12.7 two state files
+LEGACY = ROOT / "tests" / "data" / "legacy_journal"
+LEGACY_KEY = bytes(range(32))
+
+
+def test_two_state_files_in_one_directory_share_nothing(tmp_path: Path, key: bytes) -> None:
+    """issue 12.7: positions.json and positions.dat in one directory each keep their own acknowledged positions
+    across restarts (own journal, lock, .bak), and neither load needs recovery."""
+    d = tmp_path / "state"
+    a_cfg = StateConfig.in_dir(d)
+    b_cfg = a_cfg.replace(state_file=str(d / "positions.dat"))
+    assert len({a_cfg.journal_path, b_cfg.journal_path, a_cfg.lock_path, b_cfg.lock_path, a_cfg.bak_path, b_cfg.bak_path}) == 6
+    a, b = PositionStateManager(a_cfg, key=key), PositionStateManager(b_cfg, key=key)
+    a.set_position(pos("AAA", 1))
+    b.set_position(pos("BBB", 2))
+    a.save()
+    a.set_position(pos("AA2", 3))
+    b.set_position(pos("BB2", 4))
+    a.close()
+    b.close()
+    for _ in range(2):
+        with PositionStateManager(a_cfg, key=key) as a, PositionStateManager(b_cfg, key=key) as b:
+            assert contracts(a) == {"AAA": 1, "AA2": 3}
+            assert contracts(b) == {"BBB": 2, "BB2": 4}
+            assert a.last_recovery is None and b.last_recovery is None
+    assert not (d / "positions.journal").exists()
+
+
+def _legacy_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir(mode=0o700)
+    for name in ("positions.json", "positions.journal"):
+        (d / name).write_bytes((LEGACY / name).read_bytes())
+        (d / name).chmod(0o600)
+    return d
+
+
+@pytest.mark.parametrize("durability", ["sync", "group", "snapshot"])
+def test_journal_under_the_old_name_is_read_once_and_retired(tmp_path: Path, durability: str) -> None:
+    """issue 12.7: a directory written by posstate 0.1.0 (journal at positions.journal) loads with every
+    acknowledged record; the next journal gets the new name and the old file goes to quarantine, not the bin."""
+    d = _legacy_dir(tmp_path)
+    cfg = StateConfig.in_dir(d, durability=durability)
+    old = (d / "positions.journal").read_bytes()
+    with PositionStateManager(cfg, key=LEGACY_KEY) as m:
+        assert contracts(m) == {"B": 2, "C": 3}
+        assert m.get_symbol_metadata("C") == {"note": "acknowledged"}
+        assert m.last_recovery is None
+        assert (d / "positions.journal").exists()  # nothing is retired before a snapshot holds it
+        m.set_position(pos("D", 4))
+        if durability == "snapshot":
+            m.save()
+    assert not (d / "positions.journal").exists()
+    kept = list((d / "quarantine").glob("positions.journal.*.old-name"))
+    assert len(kept) == 1 and kept[0].read_bytes() == old
+    assert (d / "positions.json.journal").exists() == (durability != "snapshot")
+    with PositionStateManager(cfg, key=LEGACY_KEY) as m:
+        assert contracts(m) == {"B": 2, "C": 3, "D": 4}
+        assert m.last_recovery is None
+
+
+def test_old_name_read_by_the_read_only_view(tmp_path: Path) -> None:
+    """issue 12.7: `posstate show`/`validate` (read_current) replay the journal under the old name like a load."""
+    from posstate._crypto import Keyring
+    from posstate._current import read_current
+    from posstate._statefile import ReadOptions
+
+    d = _legacy_dir(tmp_path)
+    cfg = StateConfig.in_dir(d)
+    cur = read_current(cfg, ReadOptions(keyring=Keyring.resolve(key=LEGACY_KEY), max_document_bytes=1 << 20, clock_skew=300))
+    assert cur.error is None and cur.applied == 4
+    assert {k[0] for k in cur.state.positions} == {"B", "C"}
+
+
+def test_old_name_of_another_state_file_is_left_alone(tmp_path: Path) -> None:
+    """issue 12.7: positions.dat never adopts positions.journal (the old name it shares with positions.json):
+    only the journal whose id the snapshot names is read."""
+    d = _legacy_dir(tmp_path)
+    old = (d / "positions.journal").read_bytes()
+    dat = StateConfig.in_dir(d).replace(state_file=str(d / "positions.dat"))
+    with PositionStateManager(dat, key=LEGACY_KEY) as m:
+        assert contracts(m) == {}
+        m.set_position(pos("X", 9))
+    with PositionStateManager(dat, key=LEGACY_KEY) as m:
+        assert contracts(m) == {"X": 9}
+    assert (d / "positions.journal").read_bytes() == old
+    with PositionStateManager(StateConfig.in_dir(d), key=LEGACY_KEY) as m:
+        assert contracts(m) == {"B": 2, "C": 3}
+
+
+@pytest.mark.parametrize("name", ["positions.json.journal", "positions.json.lock", "x.bak", "y.tmp"])
+def test_state_file_named_like_a_companion_is_refused(tmp_path: Path, name: str) -> None:
+    """issue 12.7: a state file may not be named like another state file's journal, lock, .bak or temp."""
+    from posstate import ConfigError
+
+    with pytest.raises(ConfigError):
+        StateConfig(state_file=str(tmp_path / name))
