@@ -7,6 +7,7 @@ milliseconds in the reference's nested upper-case form, which :meth:`StateConfig
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,22 @@ def state_file_path(state_path: Path, role: Role) -> Path:
     tools all come here (through :class:`StateConfig`).
     """
     return state_path.with_name(f"{state_path.name}.{role}")
+
+
+#: The state file name whose backups and quarantined files sit directly in the backup and quarantine
+#: directories (the layout every release used); any other state file gets a folder of its own in each.
+DEFAULT_STATE_NAME = "positions.json"
+# A backup's file name (_backups._NAME): a state file may not be named so (its own backup folder would be
+# taken for a backup of positions.json).
+_BACKUP_NAME = re.compile(r"positions_[0-9]{8}_[0-9]{6}(?:_[0-9]{1,6})?\.json")
+
+
+def state_folder(base: Path, state_path: Path) -> Path:
+    """The folder of *base* (the backup or the quarantine directory) that holds *state_path*'s files: *base*
+    itself for ``positions.json``, ``base/<whole state file name>`` for any other (``backups/positions.dat``),
+    so two state files configured with one backup directory never list, prune, restore or recover from each
+    other's backups (issue 12.7)."""
+    return base if state_path.name == DEFAULT_STATE_NAME else base / state_path.name
 
 
 def legacy_journal_path(state_path: Path) -> Path | None:
@@ -99,10 +116,11 @@ class StateConfig:
         if (self.exchange is None) != (self.account_id is None):
             raise ConfigError("give both exchange and account_id, or neither")
         name = Path(self.state_file).name
-        if name.endswith(tuple(f".{r}" for r in _ROLES)) or name.endswith(".tmp") or not name.strip("."):
+        companion = name.endswith(tuple(f".{r}" for r in _ROLES)) or name.endswith(".tmp")
+        if companion or not name.strip(".") or _BACKUP_NAME.fullmatch(name):
             raise ConfigError(
-                f"state_file {name!r}: a name ending in .bak, .lock, .journal or .tmp would be another state file's "
-                "companion; choose another name"
+                f"state_file {name!r}: a name ending in .bak, .lock, .journal or .tmp, or named like a backup, "
+                "would be taken for another state file's companion; choose another name"
             )
 
     # ------------------------------------------------------------------ derived paths
@@ -132,11 +150,11 @@ class StateConfig:
 
     @property
     def backup_path(self) -> Path:
-        return Path(self.backup_dir)
+        return state_folder(Path(self.backup_dir), self.state_path)
 
     @property
     def quarantine_dir(self) -> Path:
-        return self.state_dir / "quarantine"
+        return state_folder(self.state_dir / "quarantine", self.state_path)
 
     def replace(self, **changes: Any) -> StateConfig:
         return dataclasses.replace(self, **changes)

@@ -165,7 +165,7 @@ def _check_permissions(state_dir: Path) -> list[Finding]:
         return [Finding("permissions", "ok", f"{state_dir} does not exist yet; it will be created 0700")]
     cfg = StateConfig.in_dir(state_dir)
     targets = [state_dir, cfg.state_path, cfg.bak_path, cfg.journal_path]
-    backups = state_dir / "backups"
+    backups = cfg.backup_path
     try:
         names = fs.listdir(backups)
     except OSError:

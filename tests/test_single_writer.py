@@ -298,3 +298,27 @@ def test_state_file_named_like_a_companion_is_refused(tmp_path: Path, name: str)
 
     with pytest.raises(ConfigError):
         StateConfig(state_file=str(tmp_path / name))
+
+
+def test_two_state_files_never_take_each_others_backups(tmp_path: Path, key: bytes) -> None:
+    """issue 12.7: with one backup_dir configured for both, positions.dat never lists, restores, prunes or
+    recovers from positions.json's backups (each state file has its own backups and quarantine)."""
+    d = tmp_path / "state"
+    a_cfg = StateConfig.in_dir(d, durability="snapshot")
+    b_cfg = a_cfg.replace(state_file=str(d / "positions.dat"))
+    assert a_cfg.backup_path != b_cfg.backup_path and a_cfg.quarantine_dir != b_cfg.quarantine_dir
+    with PositionStateManager(a_cfg, key=key) as a:
+        a.save_positions([pos("AAA", 1)])
+        a.create_backup()
+    with PositionStateManager(b_cfg, key=key) as b:
+        assert b.list_backups() == []
+        assert contracts(b) == {}  # a fresh start: positions.json's backups are not this state's
+        assert b.last_recovery is None
+        b.save_positions([pos("BBB", 2)])
+        b.create_backup()
+        assert b.list_backups() and {i.path.parent for i in b.list_backups()} == {b_cfg.backup_path}
+        b.restore_from_backup("latest")
+        assert contracts(b) == {"BBB": 2}
+    with PositionStateManager(a_cfg, key=key) as a:
+        assert {i.path.parent for i in a.list_backups()} == {a_cfg.backup_path}
+        assert contracts(a) == {"AAA": 1}
