@@ -37,7 +37,13 @@ def temp_name(target: Path) -> Path:
 
 
 def is_temp_of(name: str, target: Path) -> bool:
-    return name.startswith(f".{target.name}.") and name.endswith(TEMP_SUFFIX)
+    """True for a name :func:`temp_name` makes for *target*, and only those: ``.positions.json.<16 hex>.tmp``
+    is the state file's, ``.positions.json.journal.<16 hex>.tmp`` the journal's, never the state file's."""
+    prefix = f".{target.name}."
+    if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
+        return False
+    token = name[len(prefix) : -len(TEMP_SUFFIX)]
+    return len(token) == 16 and all(c in "0123456789abcdef" for c in token)
 
 
 def _quiet_close(fd: int) -> None:

@@ -7,6 +7,7 @@ milliseconds in the reference's nested upper-case form, which :meth:`StateConfig
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,44 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 Durability = Literal["snapshot", "sync", "group"]
+#: The files that belong to one state file and sit beside it.
+Role = Literal["bak", "lock", "journal"]
+_ROLES: tuple[Role, ...] = ("bak", "lock", "journal")
+
+
+def state_file_path(state_path: Path, role: Role) -> Path:
+    """The file of *role* that belongs to the state file *state_path*: its whole name plus ``.<role>``.
+
+    ``positions.json`` has ``positions.json.bak``, ``positions.json.lock`` and ``positions.json.journal``, and
+    ``positions.dat`` its own three, so two state files in one directory never share one (issue 12.7). Temp
+    files (``.<name>.<16 hex>.tmp``) and quarantined copies (``<name>.<stamp>.<label>``) are named after
+    these whole names too. The one place these names are made: the manager, the CLI and the read-only
+    tools all come here (through :class:`StateConfig`).
+    """
+    return state_path.with_name(f"{state_path.name}.{role}")
+
+
+#: The state file name whose backups and quarantined files sit directly in the backup and quarantine
+#: directories (the layout every release used); any other state file gets a folder of its own in each.
+DEFAULT_STATE_NAME = "positions.json"
+# A backup's file name (_backups._NAME): a state file may not be named so (its own backup folder would be
+# taken for a backup of positions.json).
+_BACKUP_NAME = re.compile(r"positions_[0-9]{8}_[0-9]{6}(?:_[0-9]{1,6})?\.json")
+
+
+def state_folder(base: Path, state_path: Path) -> Path:
+    """The folder of *base* (the backup or the quarantine directory) that holds *state_path*'s files: *base*
+    itself for ``positions.json``, ``base/<whole state file name>`` for any other (``backups/positions.dat``),
+    so two state files configured with one backup directory never list, prune, restore or recover from each
+    other's backups (issue 12.7)."""
+    return base if state_path.name == DEFAULT_STATE_NAME else base / state_path.name
+
+
+def legacy_journal_path(state_path: Path) -> Path | None:
+    """Where posstate up to 0.1.0 kept the journal (the state file's suffix replaced: ``positions.journal``);
+    None when that is the current name. Read once, if the snapshot names it, then retired (docs/JOURNAL.md)."""
+    old = state_path.with_suffix(".journal")
+    return None if old == state_file_path(state_path, "journal") else old
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +115,13 @@ class StateConfig:
             raise ConfigError(f"account_mode must be 'live' or 'paper', got {self.account_mode!r}")
         if (self.exchange is None) != (self.account_id is None):
             raise ConfigError("give both exchange and account_id, or neither")
+        name = Path(self.state_file).name
+        companion = name.endswith(tuple(f".{r}" for r in _ROLES)) or name.endswith(".tmp")
+        if companion or not name.strip(".") or _BACKUP_NAME.fullmatch(name):
+            raise ConfigError(
+                f"state_file {name!r}: a name ending in .bak, .lock, .journal or .tmp, or named like a backup, "
+                "would be taken for another state file's companion; choose another name"
+            )
 
     # ------------------------------------------------------------------ derived paths
     @property
@@ -88,23 +134,27 @@ class StateConfig:
 
     @property
     def bak_path(self) -> Path:
-        return self.state_path.with_name(self.state_path.name + ".bak")
+        return state_file_path(self.state_path, "bak")
 
     @property
     def lock_path(self) -> Path:
-        return self.state_path.with_name(self.state_path.name + ".lock")
+        return state_file_path(self.state_path, "lock")
 
     @property
     def journal_path(self) -> Path:
-        return self.state_path.with_suffix(".journal")
+        return state_file_path(self.state_path, "journal")
+
+    @property
+    def legacy_journal_path(self) -> Path | None:
+        return legacy_journal_path(self.state_path)
 
     @property
     def backup_path(self) -> Path:
-        return Path(self.backup_dir)
+        return state_folder(Path(self.backup_dir), self.state_path)
 
     @property
     def quarantine_dir(self) -> Path:
-        return self.state_dir / "quarantine"
+        return state_folder(self.state_dir / "quarantine", self.state_path)
 
     def replace(self, **changes: Any) -> StateConfig:
         return dataclasses.replace(self, **changes)

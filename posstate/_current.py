@@ -1,13 +1,14 @@
 """The current state as a restarted bot would load it: the snapshot plus its journal, read-only.
 
 Since the write-ahead journal, the state on disk is ``positions.json`` (the snapshot) with the records of
-``positions.journal`` after the snapshot's ``journal.seq`` replayed on top (only if the journal's id is the
-one the snapshot names). :func:`read_current` reads both and never writes: it does not cut a torn tail,
-quarantine a damaged journal or start a new one (a load does those). What it finds wrong with the journal
-is returned, never hidden: ``error`` is the typed error a load would raise (damage before the last record,
-another snapshot's journal holding newer records, a wrong or missing key), ``notes`` what a load repairs by
-itself (a torn last record). An older journal the snapshot already holds (normal between a save and the
-next change) is ignored, as a load ignores it.
+``positions.json.journal`` after the snapshot's ``journal.seq`` replayed on top (only if the journal's id is
+the one the snapshot names; ``positions.journal``, the name posstate up to 0.1.0 used, is read when the
+snapshot names it and the new name does not exist, as a load does). :func:`read_current` reads both and never
+writes: it does not cut a torn tail, quarantine a damaged journal or start a new one (a load does those). What
+it finds wrong with the journal is returned, never hidden: ``error`` is the typed error a load would raise
+(damage before the last record, another snapshot's journal holding newer records, a wrong or missing key),
+``notes`` what a load repairs by itself (a torn last record). An older journal the snapshot already holds
+(normal between a save and the next change) is ignored, as a load ignores it.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
     Raises what reading the snapshot raises (StateNotFoundError, CorruptStateError, WrongKeyError, ...);
     journal problems are returned in ``Current.error`` / ``Current.notes``, not raised.
     """
-    from posstate._journal import read_records, replay_prefix
+    from posstate._journal import journal_file, read_records, replay_prefix
 
     loaded = _statefile.read(config.state_path, options=options)
     state = loaded.state.copy()
-    path = config.journal_path
+    path = journal_file(config.journal_path, config.legacy_journal_path, loaded.state.journal)
     try:
         data = fs.read_file(path)
     except FileNotFoundError:

@@ -163,8 +163,9 @@ def _check_permissions(state_dir: Path) -> list[Finding]:
     out: list[Finding] = []
     if not fs.exists(state_dir):
         return [Finding("permissions", "ok", f"{state_dir} does not exist yet; it will be created 0700")]
-    targets = [state_dir] + [state_dir / n for n in ("positions.json", "positions.json.bak", "positions.journal")]
-    backups = state_dir / "backups"
+    cfg = StateConfig.in_dir(state_dir)
+    targets = [state_dir, cfg.state_path, cfg.bak_path, cfg.journal_path]
+    backups = cfg.backup_path
     try:
         names = fs.listdir(backups)
     except OSError:
@@ -260,7 +261,7 @@ def run_doctor(state_dir: str | Path, *, self_test: bool = True, min_free_bytes:
     findings: list[Finding] = [_check_filesystem(fstype, mnt)]
     if where != target:
         findings.append(Finding("directory", "ok", f"{target} does not exist yet; checked {where} instead"))
-    elif is_locked(target / "positions.json.lock"):
+    elif is_locked(StateConfig.in_dir(target).lock_path):
         findings.append(Finding("directory", "ok", "a writer holds the lock now (a bot is running here)"))
     scratch = where / f".posstate-doctor-{secrets.token_hex(6)}"
     try:

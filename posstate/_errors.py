@@ -192,15 +192,20 @@ class UnsupportedVersionError(PosStateError, ValueError):
 class StateLockedError(PosStateError, TimeoutError):
     """Another writer holds the state directory's lock."""
 
-    def __init__(self, path: str | Path | None, *, pid: int | None, host: str | None) -> None:
+    def __init__(
+        self, path: str | Path | None, *, pid: int | None, host: str | None, reason: str = "", next_step: str = ""
+    ) -> None:
         self._pid = pid
         self._host = host
+        self._reason = reason
         who = f"pid {pid} on host {host}" if pid is not None else "another process (holder unknown)"
-        super().__init__(
-            f"{_show(path)}: locked by {who}; stop that process first, or use a read-only command "
-            "such as `posstate validate` or `posstate show`",
-            path=path,
-        )
+        step = next_step or "stop that process first, or use a read-only command such as `posstate validate` or `posstate show`"
+        super().__init__(f"{_show(path)}: {reason or f'locked by {who}'}; {step}", path=path)
+
+    @property
+    def reason(self) -> str:
+        """Why this manager may not write, when it is not simply "another process holds the lock" ("" then)."""
+        return self._reason
 
     @property
     def pid(self) -> int | None:

@@ -99,6 +99,9 @@ class FileOps:
     def stat(self, path: StrPath) -> os.stat_result:
         return os.stat(path)
 
+    def fstat(self, fd: int) -> os.stat_result:
+        return os.fstat(fd)
+
 
 _active: FileOps = FileOps()
 _swap_lock = threading.Lock()
@@ -215,6 +218,10 @@ def lstat(path: StrPath) -> os.stat_result:
 
 def stat_(path: StrPath) -> os.stat_result:
     return _active.stat(path)
+
+
+def fstat(fd: int) -> os.stat_result:
+    return _active.fstat(fd)
 
 
 def exists(path: StrPath) -> bool:

@@ -32,6 +32,7 @@ from posstate._errors import (
     MissingKeyError,
     PersistenceError,
     PosStateError,
+    StateLockedError,
     UnsupportedVersionError,
     WrongKeyError,
 )
@@ -161,6 +162,21 @@ def _refuse_plain(header: jf.JournalHeader, path: Path, require_encryption: bool
         raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
 
 
+def journal_file(path: Path, legacy: Path | None, snapshot_journal: dict[str, Any] | None) -> Path:
+    """The journal file to read for a snapshot naming *snapshot_journal*: *path*, unless it does not exist
+    and the file at the old name *legacy* (``positions.journal``, posstate up to 0.1.0) is the journal the
+    snapshot names (same id in its header). Only then is the old file ours: another state file of the same
+    directory (``positions.dat``) used the same old name."""
+    if legacy is None or snapshot_journal is None or fs.exists(path):
+        return path
+    try:
+        head = fs.read_file(legacy, jf.HEADER_SIZE)
+        found = jf.parse_header(head).id_hex
+    except (OSError, jf.JournalProblem):
+        return path
+    return legacy if found == snapshot_journal.get("id") else path
+
+
 def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> bytes | None:
     if not header.encrypted:
         return None
@@ -175,6 +191,13 @@ def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> b
     if ours != header.key_id:
         raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=ours)
     return key
+
+
+def _header_id(data: bytes) -> str | None:
+    try:
+        return jf.parse_header(data).id_hex
+    except jf.JournalProblem:
+        return None
 
 
 def _temp_seq(data: bytes) -> int:
@@ -221,8 +244,11 @@ class Journal:
         max_records: int,
         preallocate: int = 1024 * 1024,
         emit: Emit | None = None,
+        legacy_path: Path | None = None,
     ) -> None:
         self.path = path
+        self._legacy = legacy_path  # the old name (positions.journal): read once, never written
+        self._legacy_read: Path | None = None  # replayed from the old name: retired once a snapshot holds it
         self.mode = mode
         self.active = mode != "snapshot"  # the mode never changes: a plain attribute keeps the hot path short
         self._quarantine = quarantine_dir
@@ -232,6 +258,9 @@ class Journal:
         self._max_records = max_records
         self._preallocate = preallocate
         self._emit = emit
+        #: Called before each record is written and before each group sync; raises (StateLockedError)
+        #: when this process no longer owns the state's writer lock, so nothing more is written.
+        self.guard: Callable[[], None] | None = None
         self._fd: int | None = None
         self._header: jf.JournalHeader | None = None
         self._sealer: jf.Sealer | None = None
@@ -253,7 +282,7 @@ class Journal:
         self._durable_end = 0  # byte offset just after the last durable record (group mode cuts back to it)
         self._seq_end: dict[int, int] = {}  # group mode: byte offset just after each record not yet durable
         self._syncing = False
-        self._failure: tuple[int, PersistenceError] | None = None
+        self._failure: tuple[int, PosStateError] | None = None
         # (lo, hi, cause): records lo < seq <= hi failed in a group sync. Kept for good: a waiter that wakes
         # after the journal was already rotated must still learn that its record failed.
         self._failed_ranges: list[tuple[int, int, OSError]] = []
@@ -288,21 +317,23 @@ class Journal:
         self.drain()  # a reload must not drop records still waiting for their group sync
         self._detach()
         self._replace_ok = False
-        leftover = self._sweep_temps()
+        self._legacy_read = None
         snap = st.journal or {}
+        src = journal_file(self.path, self._legacy, st.journal)
+        leftover = self._sweep_temps(snap.get("id"))
         snap_seq = int(snap.get("seq", 0))
         self._last_seq = max(snap_seq, leftover)
         self._needs_rotation = True
         try:
-            data = fs.read_file(self.path)
+            data = fs.read_file(src)
         except FileNotFoundError:
             self._replace_ok = True
             self._plan_file(st)
             return 0
         except OSError as exc:
-            raise PersistenceError(self.path, operation="read journal", cause=exc) from exc
+            raise PersistenceError(src, operation="read journal", cause=exc) from exc
         header, records, sc = read_records(
-            data, path=self.path, keyring=self._read_keyring, require_encryption=self._write_keyring is not None
+            data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None
         )
         last = records[-1][0].seq if records else header.base_seq
         if header.id_hex != snap.get("id"):
@@ -328,6 +359,13 @@ class Journal:
         self._header = header
         self._records = len(records)
         self._replace_ok = True  # replayed in full: once a snapshot holds memory, the file is redundant
+        if src != self.path:
+            # The journal under the old name: replayed, never continued (the next change compacts, and the
+            # next journal has the new name); retired once the snapshot that holds it is durable (_install).
+            self._legacy_read = src
+            self._last_seq += sc.bad_offset is not None  # a torn record used the next number: never reuse it
+            log.info("%s: journal read under its old name %s; the next save retires it", self.path, src.name)
+            return max_rev
         if sc.bad_offset is not None:
             self._cut_torn_tail(data, sc)
             self._last_seq += 1  # the torn record used the next number: never reuse it (nor its nonce)
@@ -426,11 +464,13 @@ class Journal:
         except OSError as exc:
             raise PersistenceError(self.path, operation="copy journal to quarantine", cause=exc) from exc
 
-    def _sweep_temps(self) -> int:
+    def _sweep_temps(self, snap_id: str | None = None) -> int:
         """Set aside temps of a journal creation a crash interrupted (quarantine; empty ones are deleted).
 
         Returns the highest sequence number such a temp holds: its record was encrypted under the journal id
         the snapshot names, so the re-created journal must start after it (a nonce is never used twice).
+        Temps of the old journal name count only when their header names the snapshot's journal *snap_id*
+        (others may be another state file's).
         """
         try:
             names = fs.listdir(self.path.parent)
@@ -438,11 +478,14 @@ class Journal:
             return 0
         highest = 0
         for name in names:
-            if not _atomic.is_temp_of(name, self.path):
+            legacy = self._legacy is not None and _atomic.is_temp_of(name, self._legacy)
+            if not (_atomic.is_temp_of(name, self.path) or legacy):
                 continue
             tmp = self.path.parent / name
             try:
                 data = fs.read_file(tmp)
+                if legacy and (len(data) < jf.HEADER_SIZE or _header_id(data) != snap_id):
+                    continue
                 if len(data) <= jf.HEADER_SIZE:
                     fs.unlink(tmp)
                     continue
@@ -535,6 +578,8 @@ class Journal:
         The caller checked that a journal is open and usable."""
         fd, sealer, header = self._fd, self._sealer, self._header
         assert fd is not None and sealer is not None and header is not None
+        if self.guard is not None:
+            self.guard()
         seq = self._last_seq = self._last_seq + 1
         frame = sealer.frame(
             seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
@@ -576,6 +621,8 @@ class Journal:
         renamed over the old (redundant) journal, then the directory fsynced."""
         header = self._next_header
         assert header is not None
+        if self.guard is not None:
+            self.guard()
         if header.base_seq != self._last_seq:  # numbers burned by failed attempts are skipped, never reused
             header = self._header_for(header.journal_id, header.base_generation)
             self._next_header = header
@@ -628,10 +675,13 @@ class Journal:
         if seq is None:
             return
         while True:
-            err: PersistenceError | None = None
+            err: PosStateError | None = None
             with self._cond:
                 while True:
                     failed = next((cause for lo, hi, cause in self._failed_ranges if lo < seq <= hi), None)
+                    if isinstance(failed, StateLockedError):
+                        err = failed  # the lock was lost before the sync: say so, not "the disk failed"
+                        break
                     if failed is not None:
                         err = PersistenceError(self.path, operation="journal fdatasync (group commit)", cause=failed)
                         err.__cause__ = failed
@@ -650,12 +700,16 @@ class Journal:
             self._sync_as_leader(target, fd)
 
     def _sync_as_leader(self, target: int, fd: int | None) -> None:
-        failure: PersistenceError | None = None
+        failure: PosStateError | None = None
         cause: OSError | None = None
         try:
             if fd is None:
                 raise OSError(9, "journal closed")
+            if self.guard is not None:
+                self.guard()
             fs.fdatasync(fd)
+        except StateLockedError as exc:
+            cause = failure = exc
         except OSError as exc:
             cause = exc
             failure = PersistenceError(self.path, operation="journal fdatasync", cause=exc)
@@ -675,8 +729,9 @@ class Journal:
                 self._needs_rotation = True
                 # Cut the records that never became durable off the file, so nothing (a later drain, the
                 # close, a reload) can make them durable or replay them: their callers were told they failed.
-                # A failed sync is never just retried; the next change starts a new journal.
-                if fd is not None:
+                # A failed sync is never just retried; the next change starts a new journal. A lost lock
+                # leaves the file alone: the next writer may already be appending to it.
+                if fd is not None and not isinstance(cause, StateLockedError):
                     with contextlib.suppress(OSError):
                         fs.ftruncate(fd, self._durable_end)
                 self._end = self._alloc = self._durable_end
@@ -736,6 +791,7 @@ class Journal:
     def _install(self, header: jf.JournalHeader | None) -> None:
         """The snapshot naming *header* is durable: the old journal is redundant; the next record creates
         the new one. Snapshot mode (*header* None): delete the replayed journal the snapshot now holds."""
+        self._retire_legacy()
         if header is None:
             try:
                 fs.unlink(self.path)
@@ -756,6 +812,19 @@ class Journal:
             self._seq_end = {}
             self._failure = None
             self._pending = []
+
+    def _retire_legacy(self) -> None:
+        """A durable snapshot holds the journal read under the old name: move it to quarantine (kept, not
+        deleted). Never raises: left in place it is harmless (its id is no longer the snapshot's)."""
+        old, self._legacy_read = self._legacy_read, None
+        if old is None:
+            return
+        try:
+            dest = _atomic.move_aside(old, self._quarantine, label="old-name")
+        except OSError as exc:
+            log.warning("%s: could not retire the journal under its old name (%s); it is ignored on load", old, exc)
+            return
+        log.info("%s: journal under its old name is held by the snapshot; kept at %s", old, dest)
 
     def _detach(self) -> None:
         fd, self._fd = self._fd, None

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from posstate._errors import (
     TransactionError,
 )
 from posstate._events import EventBus, Handler, StatsLogger
-from posstate._lock import WriterLock
+from posstate._lock import WriterLock, forked_error
 from posstate._merge import MergeResult
 from posstate._model import Position, PositionKey, Side, check_key
 from posstate._recovery import RecoveryReport
@@ -54,6 +56,18 @@ from posstate._validate import ValidationIssue, ValidationReport, validate_file
 log = logging.getLogger("posstate")
 
 PositionsInput = Iterable[Position] | Mapping[Any, Position]
+
+# Managers alive in this process: a forked child turns each into a closed one that never writes (issue 12.6).
+_live: weakref.WeakSet[PositionStateManager] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for m in list(_live):
+        m._orphan()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class PositionStateManager:
@@ -113,6 +127,7 @@ class PositionStateManager:
             max_records=cfg.journal_max_records,
             preallocate=cfg.journal_preallocate,
             emit=self._events.emit,
+            legacy_path=cfg.legacy_journal_path,
         )
         self._txn: list[tuple[_jops.Op, _jops.Undo]] | None = None
         try:
@@ -120,6 +135,9 @@ class PositionStateManager:
         except OSError as exc:
             raise PersistenceError(cfg.state_dir, operation="create state directory", cause=exc) from exc
         self._writer_lock = WriterLock(cfg.lock_path, state_path=self._path, timeout=cfg.lock_timeout)
+        self._journal.guard = self._writer_lock.check  # before each record and group sync: still the owner?
+        self._forked = False
+        _live.add(self)
         try:
             self._sweep_temps()
         except BaseException:
@@ -168,7 +186,15 @@ class PositionStateManager:
         self._events.off(event, handler)
 
     def close(self) -> None:
-        """Release the writer lock. Unsaved changes are not written (call :meth:`save` first)."""
+        """Release the writer lock. Unsaved changes are not written (call :meth:`save` first).
+
+        In a forked child of the process that created the manager this does nothing to the files and
+        leaves the parent's lock held."""
+        if self._closed:
+            return
+        if not self._writer_lock.held:  # a fork the at-fork hook did not see (forked from C)
+            self._orphan()
+            return
         with self._lock:
             if self._closed:
                 return
@@ -191,7 +217,16 @@ class PositionStateManager:
 
     def _check_open(self) -> None:
         if self._closed:
+            if self._forked:
+                raise forked_error(self._path, owner=self._writer_lock.owner_pid)
             raise ManagerClosedError(self._path)
+
+    def _orphan(self) -> None:
+        """In a forked child: refuse every call from now on, and never touch the files or the lock (flock is
+        shared with the parent; closing the child's copies of the descriptors leaves it held)."""
+        self._lock = threading.RLock()  # another thread of the parent may have held it at fork()
+        self._forked = True
+        self._closed = True
 
     # ------------------------------------------------------------------------------------------ reading
     def load_positions(self) -> dict[PositionKey, Position]:
@@ -207,6 +242,7 @@ class PositionStateManager:
             return dict(loaded.positions)
 
     def _load_main(self) -> StateData:
+        self._writer_lock.check()  # a load may cut a torn journal tail or quarantine files
         started = time.perf_counter()
         fresh = not fs.exists(self._path)
         try:
@@ -539,6 +575,7 @@ class PositionStateManager:
     def _commit(self, st: StateData, entries: dict[PositionKey, dict[str, Any]]) -> int:
         """Write *st* as the next generation; adopt it in memory only once it is durable."""
         started = time.perf_counter()
+        self._writer_lock.check()
         generation = max(st.generation, self._highest_generation) + 1
         st.generation = generation
         _merge.drop_old_tombstones(st, floor=self._tombstone_floor)

@@ -261,10 +261,13 @@ def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: C
 
 def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOptions) -> _Candidate:
     """Replay onto a copy whose snapshot names the journal on disk that journal's trustworthy records."""
-    if cand.state is None or cand.state.journal is None or not fs.exists(cfg.journal_path):
+    if cand.state is None or cand.state.journal is None:
+        return cand
+    path = _journal.journal_file(cfg.journal_path, cfg.legacy_journal_path, cand.state.journal)
+    if not fs.exists(path):
         return cand
     applied, max_rev, stopped = _journal.replay_prefix(
-        cfg.journal_path, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption
+        path, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption
     )
     if applied or stopped.startswith(("byte", "record")):
         cand.rank, cand.max_rev = applied, max_rev

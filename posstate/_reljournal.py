@@ -147,7 +147,7 @@ class FaultResult:
 
 
 def _temps(d: Path) -> list[str]:
-    return [p.name for p in d.iterdir() if p.name.startswith((".positions.json", ".positions.journal"))]
+    return [p.name for p in d.iterdir() if p.name.startswith(".positions.json")]
 
 
 def fault_case(base: Path, d: Path, *, key: bytes, fault: Fault, max_records: int = 6) -> FaultResult:
@@ -240,7 +240,7 @@ def journal_file(state_dir: Path, *, key: bytes, size: int = 2048) -> JournalFil
                 break
         end = m._journal.size
     files = snapshot(state_dir)
-    raw = files["positions.journal"]
+    raw = files["positions.json.journal"]
     data = raw[:end]
     assert not any(raw[end:]), "the file goes on with zeros only"
     boundaries = _boundaries(data)
@@ -309,7 +309,7 @@ class DamageResult:
 
 def load_damaged(jfile: JournalFile, damaged: bytes, into: Path, *, key: bytes) -> DamageResult:
     """Write the state directory with the damaged journal into *into*, load it with a fresh manager."""
-    materialize(CrashState(0, True, {**jfile.files, "positions.journal": damaged}, "damaged"), into)
+    materialize(CrashState(0, True, {**jfile.files, "positions.json.journal": damaged}, "damaged"), into)
     events: list[str] = []
     try:
         with PositionStateManager(config(into, max_records=10_000), key=key) as m:

@@ -193,7 +193,7 @@ def test_sync_mode_state_create_list_restore(tmp_path: Path, key: bytes, key_fil
     with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key) as m:
         m.set_position(pos("ETH/USDT", "short", "2"))
         saved = m.save()
-    assert (d / "positions.journal").exists() and generation_of(d / "positions.json") == saved
+    assert (d / "positions.json.journal").exists() and generation_of(d / "positions.json") == saved
     before = ids(d)
     r = run([*keyed(d, key_file), "backups", "create"])
     assert r.exit_code == 0, r.stderr

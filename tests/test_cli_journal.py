@@ -154,7 +154,7 @@ def test_diff_sees_journaled_changes(state: Path, key_file: Path, tmp_path: Path
 def test_show_refuses_a_damaged_journal(state: Path, key_file: Path) -> None:
     """A journal damaged before its last record is reported (exit 1), never silently skipped; the snapshot
     alone stays viewable with --snapshot-only; nothing is written."""
-    journal = state / "positions.journal"
+    journal = state / "positions.json.journal"
     flip_middle_record(journal)
     before = files_of(state)
     r = run([*keyed(state, key_file), "show"])
@@ -173,7 +173,7 @@ def test_show_refuses_a_damaged_journal(state: Path, key_file: Path) -> None:
 
 def test_read_current_reports_damage_and_keeps_the_prefix(state: Path, key: bytes) -> None:
     """read_current never raises for journal damage: error set, state = snapshot + records before it."""
-    flip_middle_record(state / "positions.journal")
+    flip_middle_record(state / "positions.json.journal")
     cur = read_current(config(state), ReadOptions(keyring=Keyring(key=key)))
     assert cur.error is not None and cur.problems and cur.applied == 0
     assert set(cur.state.positions) == {("A", "long"), ("B", "long")}
@@ -198,7 +198,7 @@ def test_validate_torn_tail_is_a_note_and_nothing_is_cut(
     state: Path, key_file: Path, journal_records: Callable[[Path], bytes]
 ) -> None:
     """A torn last record: exit 0, the check says a load cuts it off; validate itself leaves it in place."""
-    journal = state / "positions.journal"
+    journal = state / "positions.json.journal"
     journal.write_bytes(journal_records(journal)[:-7] + bytes(100))  # torn over the zeros written ahead
     before = files_of(state)
     r = run([*keyed(state, key_file), "validate"])
@@ -212,13 +212,13 @@ def test_validate_torn_tail_is_a_note_and_nothing_is_cut(
 
 def test_validate_damaged_middle_exit_1(state: Path, key_file: Path) -> None:
     """Damage before the last record: the journal check FAILs and validate exits 1 with one Error line."""
-    flip_middle_record(state / "positions.journal")
+    flip_middle_record(state / "positions.json.journal")
     r = run([*keyed(state, key_file), "validate"])
     assert r.exit_code == 1
     assert any(x.startswith("  FAIL  journal") for x in r.stdout.splitlines())
     assert r.stdout.splitlines()[-1] == "INVALID"
     line = err_line(r)
-    assert line.startswith(f"Error: {state / 'positions.journal'}: record 3 at byte {jf.HEADER_SIZE} is damaged")
+    assert line.startswith(f"Error: {state / 'positions.json.journal'}: record 3 at byte {jf.HEADER_SIZE} is damaged")
     assert line.endswith("see what it would choose with `posstate repair --dry-run`")
     j = json.loads(run([*keyed(state, key_file), "validate", "--json"]).stdout)
     assert j["valid"] is False and j["checks"][-1]["ok"] is False
@@ -228,18 +228,18 @@ def test_validate_journal_of_another_key_exit_3(state: Path, key_file: Path, tmp
     """A journal written under another key: FAIL and exit 3 (a key problem), naming both key ids."""
     other = tmp_path / "other"
     journaled_state(other, generate_key())
-    shutil.copyfile(other / "positions.journal", state / "positions.journal")
+    shutil.copyfile(other / "positions.json.journal", state / "positions.json.journal")
     r = run([*keyed(state, key_file), "validate"])
     assert r.exit_code == 3
     line = err_line(r)
-    assert line.startswith(f"Error: {state / 'positions.journal'}: written with key id ")
+    assert line.startswith(f"Error: {state / 'positions.json.journal'}: written with key id ")
     assert any(x.startswith("  FAIL  journal") for x in r.stdout.splitlines())
 
 
 def test_validate_and_show_refuse_a_newer_journal_format_exit_4(state: Path, key_file: Path) -> None:
     """A journal whose intact header names a newer format: validate FAILs the journal line and exits 4 (not
     1: it is not damage), and show refuses with exit 4; neither changes a file."""
-    journal = state / "positions.journal"
+    journal = state / "positions.json.journal"
     data = journal.read_bytes()
     head = bytearray(data[:88])
     head[6:8] = (jf.VERSION + 1).to_bytes(2, "big")
@@ -261,7 +261,7 @@ def test_validate_without_a_journal_and_of_a_backup(tmp_path: Path, key: bytes, 
         m.set_position(pos("A"))
         m.save()
     r = run([*keyed(d, key_file), "validate"])
-    assert r.exit_code == 0 and f"  ok    journal        no journal at {d / 'positions.journal'}" in r.stdout
+    assert r.exit_code == 0 and f"  ok    journal        no journal at {d / 'positions.json.journal'}" in r.stdout
     bak = run([*keyed(d, key_file), "validate", str(d / "positions.json.bak")]) if (d / "positions.json.bak").exists() else None
     copy = tmp_path / "copy.json"
     shutil.copyfile(d / "positions.json", copy)
@@ -419,7 +419,7 @@ def test_import_fault_at_the_rename_leaves_everything_as_it_was(state: Path, key
         "nothing was imported (the state on disk is unchanged)"
     )
     after = files_of(state)
-    for name in ("positions.json", "positions.journal"):
+    for name in ("positions.json", "positions.json.journal"):
         assert after[state / name] == before[state / name], name
     assert after[state / "positions.json.bak"] == before[state / "positions.json"]  # .bak = the previous file
     assert not [p for p in after if p not in before and p.name != "positions.json.bak"]  # no temp left
@@ -431,7 +431,7 @@ def test_history_lists_changes_with_old_and_new(state: Path, key_file: Path) -> 
     r = run([*keyed(state, key_file), "history"])
     assert r.exit_code == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == f"{state / 'positions.journal'}: 5 changes"
+    assert lines[0] == f"{state / 'positions.json.journal'}: 5 changes"
     rows = lines[3:]
     assert len(rows) == 5
     assert rows[0].split()[3:] == ["set_position", "A|long", "contracts:", '"1"', "->", '"3"']
@@ -459,14 +459,14 @@ def test_history_without_journal_and_damaged(tmp_path: Path, key: bytes, key_fil
     r = run([*keyed(empty, key_file), "history"])
     assert r.exit_code == 0
     assert r.stdout.strip() == (
-        f"no journal at {empty / 'positions.journal'}: no changes recorded since the last snapshot (durability 'sync')"
+        f"no journal at {empty / 'positions.json.journal'}: no changes recorded since the last snapshot (durability 'sync')"
     )
     other = run(["--state-dir", str(state), "--key-file", str(write_key(tmp_path / "o.key", generate_key())), "history"])
     assert other.exit_code == 3 and "written with key id" in err_line(other)
-    flip_middle_record(state / "positions.journal")
+    flip_middle_record(state / "positions.json.journal")
     bad = run([*keyed(state, key_file), "history"])
     assert bad.exit_code == 1
-    assert err_line(bad).startswith(f"Error: {state / 'positions.journal'}: record 3 at byte {jf.HEADER_SIZE} is damaged")
+    assert err_line(bad).startswith(f"Error: {state / 'positions.json.journal'}: record 3 at byte {jf.HEADER_SIZE} is damaged")
 
 
 # ------------------------------------------------------------------------------------------ doctor
@@ -519,7 +519,7 @@ def test_doctor_unsafe_exits_1(tmp_path: Path) -> None:
 def test_repair_recovers_a_damaged_journal(state: Path, key: bytes, key_file: Path) -> None:
     """repair no longer calls a state with a damaged journal valid: --dry-run shows the recovery, the real
     run recovers as a load would (journal to quarantine) and show/validate then pass."""
-    flip_middle_record(state / "positions.journal")
+    flip_middle_record(state / "positions.json.journal")
     before = files_of(state)
     dry = run([*keyed(state, key_file), "repair", "--dry-run"])
     assert dry.exit_code == 0, dry.stderr
@@ -527,7 +527,7 @@ def test_repair_recovers_a_damaged_journal(state: Path, key: bytes, key_file: Pa
     assert files_of(state) == before
     r = run([*keyed(state, key_file), "repair", "--yes"])
     assert r.exit_code == 0, r.stderr
-    assert any(p.name.startswith("positions.journal.") for p in (state / "quarantine").iterdir())
+    assert any(p.name.startswith("positions.json.journal.") for p in (state / "quarantine").iterdir())
     assert run([*keyed(state, key_file), "validate"]).exit_code == 0
     assert _positions(state, key) == {("A", "long"): pos("A", "1"), ("B", "long"): pos("B", "2")}
 
@@ -542,7 +542,7 @@ def test_rekey_folds_the_journal_first(state: Path, key: bytes, key_file: Path, 
     assert dry.exit_code == 0 and "4 journal records not yet in the state file" in dry.stdout
     r = run([*keyed(state, key_file), "rekey", "--new-key-file", str(new_file), "--yes"])
     assert r.exit_code == 0, r.stderr
-    assert not (state / "positions.journal").exists()
+    assert not (state / "positions.json.journal").exists()
     with PositionStateManager(config(state), key=new_key) as m:
         assert m.load_positions() == expected
     assert run(["--state-dir", str(state), "--key-file", str(new_file), "validate"]).exit_code == 0
@@ -554,11 +554,11 @@ def test_rekey_sets_a_redundant_journal_aside(tmp_path: Path, key: bytes, key_fi
     with PositionStateManager(config(d), key=key) as m:
         m.set_position(pos("A"))
         m.save()
-    old_journal = (d / "positions.journal").read_bytes()
+    old_journal = (d / "positions.json.journal").read_bytes()
     new_key = generate_key()
     r = run([*keyed(d, key_file), "rekey", "--new-key-file", str(write_key(tmp_path / "n.key", new_key)), "--yes"])
     assert r.exit_code == 0, r.stderr
-    assert not (d / "positions.journal").exists()
+    assert not (d / "positions.json.journal").exists()
     assert [p.read_bytes() for p in (d / "quarantine").iterdir()] == [old_journal]
     with PositionStateManager(config(d), key=new_key) as m:
         assert m.load_positions() == {("A", "long"): pos("A")}
@@ -570,7 +570,7 @@ def test_validate_without_key_checks_the_journal_framing(state: Path) -> None:
     r = run(["--state-dir", str(state), "validate"])
     assert r.exit_code == 3
     assert "  -     journal        4 records, framing and checksums ok; contents NOT checked (no key)" in r.stdout.splitlines()
-    flip_middle_record(state / "positions.journal")
+    flip_middle_record(state / "positions.json.journal")
     bad = run(["--state-dir", str(state), "validate"])
     assert bad.exit_code == 1 and any(x.startswith("  FAIL  journal") for x in bad.stdout.splitlines())
-    assert err_line(bad).startswith(f"Error: {state / 'positions.journal'}: damage at byte {jf.HEADER_SIZE}")
+    assert err_line(bad).startswith(f"Error: {state / 'positions.json.journal'}: damage at byte {jf.HEADER_SIZE}")

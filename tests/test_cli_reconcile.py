@@ -58,7 +58,7 @@ def reopened(state: Path, key: bytes) -> tuple[set[tuple[str, str]], dict[str, d
 
 def state_files(state: Path) -> dict[str, bytes]:
     """The bytes of the state file and the journal (those that exist)."""
-    return {n: (state / n).read_bytes() for n in ("positions.json", "positions.journal") if (state / n).exists()}
+    return {n: (state / n).read_bytes() for n in ("positions.json", "positions.json.journal") if (state / n).exists()}
 
 
 def reconcile(state: Path, key_file: Path, fixture: str, *extra: str, input: str | None = None):  # type: ignore[no-untyped-def]

@@ -147,7 +147,7 @@ def test_repair_of_a_valid_file_changes_nothing(state: Path, key_file: Path, req
     """A valid state file (written in either mode; in sync mode with its journal beside it): 'nothing to
     repair', exit 0, no file touched."""
     before = tree(state)
-    assert ("positions.journal" in before) == (request.node.callspec.params["state"] == "sync")
+    assert ("positions.json.journal" in before) == (request.node.callspec.params["state"] == "sync")
     generation = generation_of(state / "positions.json")
     r = run([*keyed(state, key_file), "repair", "--yes"])
     assert r.exit_code == 0

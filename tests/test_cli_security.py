@@ -94,7 +94,7 @@ def test_crafted_frame_is_exit_1_not_no_changes(tmp_path: Path, name: str, lengt
         m.set_position(pos("A"))
         m.save()
         m.set_position(pos("B"))
-    path = state / "positions.journal"
+    path = state / "positions.json.journal"
     data = path.read_bytes()
     last = jf.scan(data, jf.parse_header(data)).records[-1]
     path.write_bytes(_crafted(data, last.offset, length))

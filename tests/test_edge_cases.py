@@ -156,7 +156,7 @@ def test_repair_keeps_changes_acknowledged_in_the_journal(tmp_path: Path) -> Non
         m.set_position(pos("XRP/USDT"))
     with PositionStateManager(cfg, key=KEY) as m2:
         assert set(held(m2)) == {"BTC/USDT", "SOL/USDT", "XRP/USDT"}
-    assert any(p.name.startswith("positions.journal") for p in cfg.quarantine_dir.iterdir())
+    assert any(p.name.startswith("positions.json.journal") for p in cfg.quarantine_dir.iterdir())
 
 
 class _FailFirstDatasync(fs.FileOps):

@@ -283,14 +283,14 @@ def test_nonces_never_repeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         armed = True
 
         def write(self, fd: int, data: bytes | memoryview) -> int:
-            if self.armed and "positions.journal" in os.readlink(f"/proc/self/fd/{fd}"):
+            if self.armed and "positions.json.journal" in os.readlink(f"/proc/self/fd/{fd}"):
                 FailOnce.armed = False
                 super().write(fd, bytes(data)[:10])
                 raise OSError(28, "No space left on device")
             return super().write(fd, data)
 
         def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
-            if self.armed and "positions.journal" in os.readlink(f"/proc/self/fd/{fd}"):
+            if self.armed and "positions.json.journal" in os.readlink(f"/proc/self/fd/{fd}"):
                 FailOnce.armed = False
                 super().pwrite(fd, bytes(data)[:10], offset)
                 raise OSError(28, "No space left on device")
@@ -372,7 +372,7 @@ def test_journal_of_another_snapshot_with_newer_records_is_refused(tmp_path: Pat
         assert ("B", "long") not in positions and ("A", "long") in positions
         assert m2.last_recovery is not None and "journal moved to" in m2.last_recovery.journal
     assert events and events[0]["kind"] == "journal"
-    assert [p.read_bytes() for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.journal")] == [foreign]
+    assert [p.read_bytes() for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.json.journal")] == [foreign]
 
 
 def test_missing_snapshot_with_journal_is_not_a_fresh_start(tmp_path: Path) -> None:
@@ -494,7 +494,7 @@ def test_journal_damage_emits_state_corrupted(tmp_path: Path) -> None:
         m2.on("stateCorrupted", events.append)
         m2.load_positions()
     assert events and events[0]["kind"] == "journal"
-    (kept,) = [p for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.journal")]
+    (kept,) = [p for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.json.journal")]
     report = _journal.check(kept, keyring=Keyring(key=KEY))
     assert not report.valid and "damaged" in report.problem
 
@@ -720,7 +720,7 @@ def test_version_1_torn_tail_is_cut(
     cfg.journal_path.write_bytes(journal_records(cfg.journal_path)[:-5] + bytes(4096))
     with make(tmp_path) as m:
         assert sorted(k[0] for k in m.get_positions()) == ["A"]
-    assert any(p.name.startswith("positions.journal") for p in cfg.quarantine_dir.iterdir())
+    assert any(p.name.startswith("positions.json.journal") for p in cfg.quarantine_dir.iterdir())
 
 
 def test_a_newer_journal_format_is_refused_not_recovered(tmp_path: Path) -> None:

@@ -134,7 +134,7 @@ def test_damage_before_last_record_is_not_skipped(tmp_path: Path, where: str, ke
         report = m.last_recovery
         assert report is not None and "journal moved to" in report.journal
     assert events and events[0]["kind"] == "journal"
-    assert [p.read_bytes() for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.journal")] == [bytes(data)]
+    assert [p.read_bytes() for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.json.journal")] == [bytes(data)]
     with make(tmp_path) as m2:  # the recovered state is a clean state again
         assert contracts(m2) == kept and m2.last_recovery is None
 

@@ -77,7 +77,7 @@ def forge_journal(d: Path, symbols: list[str], *, key: bytes | None = None, zero
         for i, sym in enumerate(symbols)
     )
     data = header.raw + frames + bytes(zero_pad)
-    (d / "positions.journal").write_bytes(data)
+    (d / "positions.json.journal").write_bytes(data)
     return data
 
 
@@ -98,7 +98,7 @@ def test_plain_journal_with_the_real_id_is_refused_not_replayed(tmp_path: Path) 
     before = files(tmp_path)
     with make(tmp_path) as m, pytest.raises(WrongKeyError, match="not encrypted") as info:
         m.load_positions()
-    assert info.value.path == tmp_path / "positions.journal"
+    assert info.value.path == tmp_path / "positions.json.journal"
     assert files(tmp_path) == before  # nothing saved, moved or cut
     with make(tmp_path) as m, pytest.raises(WrongKeyError):
         m.save()  # no way around it: a save loads first
@@ -137,14 +137,14 @@ def test_no_plaintext_record_is_ever_appended_under_encryption(tmp_path: Path) -
     forge_journal(tmp_path, [], zero_pad=4096)
     with make(tmp_path) as m, pytest.raises(WrongKeyError):
         m.set_position(pos("SECRET"))
-    assert b"SECRET" not in (tmp_path / "positions.journal").read_bytes()
+    assert b"SECRET" not in (tmp_path / "positions.json.journal").read_bytes()
     assert b"SECRET" not in (tmp_path / "positions.json").read_bytes()
 
 
 def test_journal_refuses_to_seal_a_plain_header_with_a_write_key(tmp_path: Path) -> None:
     """issue 12.1: the open-for-append path itself refuses a plaintext journal while encryption is on."""
     j = _journal.Journal(
-        tmp_path / "positions.journal",
+        tmp_path / "positions.json.journal",
         mode="sync",
         quarantine_dir=tmp_path / "q",
         read_keyring=Keyring(key=KEY),
@@ -203,8 +203,8 @@ def test_copied_directory_both_copies_writing_never_repeat_a_nonce(tmp_path: Pat
     _write(a, "A")
     _write(b, "B")
     assert (
-        jf.parse_header((a / "positions.journal").read_bytes()).journal_id
-        == jf.parse_header((b / "positions.journal").read_bytes()).journal_id
+        jf.parse_header((a / "positions.json.journal").read_bytes()).journal_id
+        == jf.parse_header((b / "positions.json.journal").read_bytes()).journal_id
     )  # the same journal, continued by both: only the nonces keep them apart
     assert len(sealed) >= 9
     _no_repeats(sealed)
@@ -232,7 +232,7 @@ def test_journal_cut_at_a_record_boundary_and_continued_never_repeats_a_nonce(
     """issue 12.3: a journal cut exactly at a record boundary loads as a shorter journal; the records written
     after it reuse the cut records' sequence numbers, never their nonces."""
     _write(tmp_path, "A", 4)
-    path = tmp_path / "positions.journal"
+    path = tmp_path / "positions.json.journal"
     data = path.read_bytes()
     records = jf.scan(data, jf.parse_header(data)).records
     path.write_bytes(data[: records[1].end] + bytes(len(data) - records[1].end))
@@ -299,7 +299,7 @@ def test_encrypted_version_2_journal_is_replayed_then_never_appended_to(tmp_path
     monkeypatch.setattr(jf, "new_header", functools.partial(jf.new_header, version=2))
     _write(tmp_path, "A", 2)
     monkeypatch.undo()
-    path = tmp_path / "positions.journal"
+    path = tmp_path / "positions.json.journal"
     old = path.read_bytes()
     assert jf.parse_header(old).version == 2
     with make(tmp_path) as m:
@@ -316,7 +316,7 @@ def test_version_3_records_carry_their_own_nonce(tmp_path: Path) -> None:
     """issue 12.3: the byte layout of an encrypted version-3 record: 25 fixed bytes, a 12-byte nonce, the
     ciphertext and its tag; the nonce is not derived from anything in the file."""
     _write(tmp_path, "A", 2)
-    data = (tmp_path / "positions.journal").read_bytes()
+    data = (tmp_path / "positions.json.journal").read_bytes()
     header = jf.parse_header(data)
     assert header.version == 3 and header.raw[12:16] == bytes(4)
     recs = jf.scan(data, header).records
@@ -431,7 +431,7 @@ def test_crafted_frame_is_damage_not_a_torn_tail(tmp_path: Path, case: str) -> N
     """issue 12.13: a frame whose length passes its CRC but is 0, 1, past the end of the file or past the
     record limit is damage (scan), not a torn last record to cut quietly."""
     _write(tmp_path, "A", 3)
-    data = (tmp_path / "positions.journal").read_bytes()
+    data = (tmp_path / "positions.json.journal").read_bytes()
     crafted = dict(_frame_cases(data))[case]
     sc = jf.scan(crafted, jf.parse_header(crafted))
     assert sc.bad_offset is not None and not sc.bad_is_tail
@@ -443,13 +443,13 @@ def test_crafted_frame_is_reported_by_the_load(tmp_path: Path, case: str) -> Non
     """issue 12.13: the load reports it (recovery: last_recovery names the journal damage, the journal is kept
     in quarantine) and keeps the records before it; it never reads as "no changes since the snapshot"."""
     _write(tmp_path, "A", 3)
-    path = tmp_path / "positions.journal"
+    path = tmp_path / "positions.json.journal"
     path.write_bytes(dict(_frame_cases(path.read_bytes()))[case])
     with make(tmp_path) as m:
         assert held(m) == {"A": "2"}
         report = m.last_recovery
         assert report is not None and "frame length" in report.reason and "journal moved to" in report.journal
-    assert any(p.name.startswith("positions.journal") for p in (tmp_path / "quarantine").iterdir())
+    assert any(p.name.startswith("positions.json.journal") for p in (tmp_path / "quarantine").iterdir())
 
 
 @pytest.mark.parametrize(
@@ -460,7 +460,7 @@ def test_what_a_torn_append_leaves_stays_a_torn_tail(tmp_path: Path, case: str) 
     (the record's first sector never reached the disk) and a valid length running past the end of the file
     (an append that grew the file, cut by a power loss) are what a torn append leaves: a torn last record."""
     _write(tmp_path, "A", 3)
-    data = (tmp_path / "positions.journal").read_bytes()
+    data = (tmp_path / "positions.json.journal").read_bytes()
     header = jf.parse_header(data)
     assert len(jf.scan(data, header).records) == 3 and jf.scan(data, header).bad_offset is None
     torn = dict(_frame_cases(data))[case]

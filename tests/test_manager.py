@@ -280,7 +280,7 @@ def test_failed_save_changes_nothing(manager: Factory, cfg: StateConfig) -> None
     assert info.value.errno == errno.ENOSPC and info.value.operation == "fsync" and isinstance(info.value, OSError)
     assert cfg.state_path.read_bytes() == before
     assert set(m.get_positions()) == {("A", "long")} and m.generation == saved
-    listing = ["backups", "positions.journal", "positions.json", "positions.json.bak", "positions.json.lock"]
+    listing = ["backups", "positions.json", "positions.json.bak", "positions.json.journal", "positions.json.lock"]
     assert sorted(os.listdir(cfg.state_dir)) == listing  # the journal of the sync-mode metadata change; no temp
     assert events and events[0]["operation"] == "fsync"
     assert m.save_positions([pos("B")]) > saved + 1  # a failed attempt's generation is never reused

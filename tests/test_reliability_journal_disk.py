@@ -132,12 +132,12 @@ def test_torn_tail_repair_keeps_a_quarantine_copy(jfile: rj.JournalFile, key: by
     from posstate._replay import CrashState, materialize
 
     damaged = jfile.journal + b"\0" * 40 + b"\1" + bytes(jfile.padding)  # garbage after the last record
-    materialize(CrashState(0, True, {**jfile.files, "positions.journal": damaged}, "torn"), tmp_path / "s")
+    materialize(CrashState(0, True, {**jfile.files, "positions.json.journal": damaged}, "torn"), tmp_path / "s")
     with PositionStateManager(config(tmp_path / "s", max_records=10_000), key=key) as m:
         assert m.load_positions() == jfile.prefixes[-1]
     copies = [p.read_bytes() for p in (tmp_path / "s" / "quarantine").iterdir()]
     assert copies == [damaged]
-    assert (tmp_path / "s" / "positions.journal").read_bytes() == jfile.journal  # cut back to the last record
+    assert (tmp_path / "s" / "positions.json.journal").read_bytes() == jfile.journal  # cut back to the last record
 
 
 def test_harness_records_a_record_write_and_the_replay_models_it(tmp_path: Path, key: bytes) -> None:
@@ -145,15 +145,15 @@ def test_harness_records_a_record_write_and_the_replay_models_it(tmp_path: Path,
     written ahead (the file keeps its size), and the replay offers the old file, the new one, and every
     sector-aligned head and tail of the record (plus one cut mid-record)."""
     rec = rj.record_update(tmp_path / "s", key=key, kind="append")
-    fd, (path, append) = next(iter((fd, v) for fd, v in rec.open_fds.items() if v[0].endswith("positions.journal")))
-    assert not append and Path(path).name == "positions.journal"
+    fd, (path, append) = next(iter((fd, v) for fd, v in rec.open_fds.items() if v[0].endswith("positions.json.journal")))
+    assert not append and Path(path).name == "positions.json.journal"
     write = next(op for op in rec.ops if op.name == "write")
     assert write.fd == fd and write.offset is not None and write.data
-    old = rec.before["positions.journal"]
+    old = rec.before["positions.json.journal"]
     off, end = write.offset, write.offset + len(write.data)
     assert end <= len(old) and not any(old[off:end])  # written over zeros, inside the file
     new = old[:off] + write.data + old[end:]
-    journals = {st.files["positions.journal"] for st in rec.states()}
+    journals = {st.files["positions.json.journal"] for st in rec.states()}
     assert old in journals and new in journals
     heads = [j for j in journals if j not in (old, new) and j[:off] == old[:off] and j[end:] == old[end:]]
     assert any(j[off : off + 16] == new[off : off + 16] for j in heads)  # the record's head only
