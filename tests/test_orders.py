@@ -291,7 +291,7 @@ def test_client_order_id_pinned_for_ordinary_values() -> None:
 @pytest.mark.parametrize(
     ("a", "b"),
     [
-        pytest.param("1E-99999999", "0", id="tiny-vs-zero"),
+        pytest.param("1E-999", "0", id="tiny-vs-zero"),
         pytest.param("1" * 29, "1" * 28 + "0", id="29-digits"),
         pytest.param("1.0000000000000000000000000001", "1", id="28-places"),
         pytest.param("1E+101", "1E+102", id="huge-exponents"),
@@ -303,14 +303,25 @@ def test_client_order_id_never_rounds(a: str, b: str) -> None:
     assert make_client_order_id(**{**ORDER, "price": a}) != make_client_order_id(**{**ORDER, "price": b})
 
 
-@pytest.mark.parametrize("value", ["1E+999999999", "-1E+999999999", "1E-999999999", "9" * 60])
-def test_client_order_id_never_overflows(value: str) -> None:
-    """issue 12.18: an extreme exponent gives an id (or a SchemaValidationError), never decimal.Overflow."""
-    cid = make_client_order_id(**{**ORDER, "amount": value, "price": value})
-    assert SAFE.match(cid)
+@pytest.mark.parametrize("value", ["1E+999999999", "-1E+999999999", "1E-999999999", "1E-99999999", "1E+1000"])
+def test_client_order_id_refuses_extreme_exponents(value: str) -> None:
+    """issue 12.18: an amount or price whose exponent is beyond +-999 (the schema's decimal rule) is a
+    SchemaValidationError, never decimal.Overflow and never the id of another amount (1E-99999999 was 0's)."""
+    with pytest.raises(SchemaValidationError, match="exponent"):
+        make_client_order_id(**{**ORDER, "amount": value})
+    with pytest.raises(SchemaValidationError, match="exponent"):
+        make_client_order_id(**{**ORDER, "price": value})
 
 
-_DECIMALS = st.decimals(allow_nan=False, allow_infinity=False).filter(lambda d: len(str(d)) <= 64)
+@pytest.mark.parametrize(
+    "value", ["1E+999", "-1E-999", "9" * 60, "0.000000000000000000000000000000000000000000000000000000000001"]
+)
+def test_client_order_id_extreme_but_valid_values(value: str) -> None:
+    """issue 12.18: the largest and smallest amounts a document can hold give an id, without decimal.Overflow."""
+    assert SAFE.match(make_client_order_id(**{**ORDER, "amount": value, "price": value}))
+
+
+_DECIMALS = st.decimals(allow_nan=False, allow_infinity=False).filter(lambda d: len(str(d)) <= 64 and abs(d.adjusted()) <= 999)
 
 
 @settings(max_examples=300, deadline=None)
@@ -324,7 +335,7 @@ def test_client_order_id_distinct_values_distinct_ids(a: Decimal, b: Decimal) ->
 @settings(max_examples=200, deadline=None)
 @given(
     digits=st.integers(min_value=0, max_value=10**40),
-    exponent=st.integers(min_value=-(10**9), max_value=10**9),
+    exponent=st.one_of(st.integers(min_value=-1100, max_value=1100), st.integers(min_value=-(10**9), max_value=10**9)),
     zeros=st.integers(min_value=0, max_value=5),
     negative=st.booleans(),
 )
@@ -334,5 +345,9 @@ def test_client_order_id_equal_values_equal_ids(digits: int, exponent: int, zero
     a = f"{sign}{digits}E{exponent}"
     b = f"{sign}{digits}{'0' * zeros}E{exponent - zeros}"
     if len(a) > 64 or len(b) > 64:
+        return
+    if abs(Decimal(a).adjusted()) > 999:  # refused, alike: see test_client_order_id_refuses_extreme_exponents
+        with pytest.raises(SchemaValidationError):
+            make_client_order_id(**{**ORDER, "amount": b})
         return
     assert make_client_order_id(**{**ORDER, "amount": a}) == make_client_order_id(**{**ORDER, "amount": b})
