@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -90,30 +92,26 @@ def hostile(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Ca
         s.close()
 
 
-def _short_dir(tmp_path: Path) -> Path:
-    # AF_UNIX paths are limited to ~108 bytes; pytest's tmp_path can be longer.
-    d = Path(f"/tmp/ps-{os.getpid()}-{abs(hash(tmp_path)) % 10**8}")
-    d.mkdir(exist_ok=True)
-    return d
+@pytest.fixture
+def short_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory with a short path (AF_UNIX socket paths are limited to ~108 bytes; tmp_path can be longer)."""
+    d = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d)
 
 
 # ------------------------------------------------------------------------------------------ issue 12.14
-def test_read_file_refuses_non_regular_files(hostile: tuple[Callable[[Path], None], str], tmp_path: Path) -> None:
+def test_read_file_refuses_non_regular_files(hostile: tuple[Callable[[Path], None], str], short_dir: Path) -> None:
     """issue 12.14: the file layer refuses a FIFO, socket, directory or device before reading, naming what it is."""
     make, words = hostile
-    d = _short_dir(tmp_path)
-    path = d / "x"
+    path = short_dir / "x"
     make(path)
-    try:
-        with pytest.raises(fs.NotRegularFileError) as info:
-            fs.read_file(path)
-        assert words in str(info.value)
-        assert words == "directory" or "directory" not in str(info.value)
-    finally:
-        if path.is_dir():
-            path.rmdir()
-        else:
-            path.unlink()
+    with pytest.raises(fs.NotRegularFileError) as info:
+        fs.read_file(path)
+    assert words in str(info.value)
+    assert words == "directory" or "directory" not in str(info.value)
 
 
 def test_dev_null_is_a_device_not_a_directory() -> None:
@@ -126,10 +124,10 @@ def test_dev_null_is_a_device_not_a_directory() -> None:
     assert not report.valid and "character device" in str(report.error)
 
 
-def test_manager_refuses_non_regular_state_file(hostile: tuple[Callable[[Path], None], str], tmp_path: Path) -> None:
+def test_manager_refuses_non_regular_state_file(hostile: tuple[Callable[[Path], None], str], short_dir: Path) -> None:
     """issue 12.14: a non-regular file at the state path is a CorruptStateError at once: no hang, no recovery."""
     make, words = hostile
-    d = _short_dir(tmp_path) / "state"
+    d = short_dir / "state"
     d.mkdir()
     make(d / "positions.json")
     with PositionStateManager(StateConfig.in_dir(d, encryption=False)) as m:
@@ -140,10 +138,10 @@ def test_manager_refuses_non_regular_state_file(hostile: tuple[Callable[[Path], 
     assert not (d / "quarantine").exists()
 
 
-def test_manager_refuses_non_regular_journal(hostile: tuple[Callable[[Path], None], str], tmp_path: Path) -> None:
+def test_manager_refuses_non_regular_journal(hostile: tuple[Callable[[Path], None], str], short_dir: Path) -> None:
     """issue 12.14: a non-regular file at the journal path is a typed error at once (no hang)."""
     make, words = hostile
-    d = _short_dir(tmp_path) / "state"
+    d = short_dir / "state"
     with PositionStateManager(StateConfig.in_dir(d, encryption=False)) as m:
         m.set_position(Position(symbol="BTC", side="long", contracts=1, entry_price=1))
         m.save()
