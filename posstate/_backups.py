@@ -117,8 +117,8 @@ def inspect_file(path: Path, backup_id: str, created: datetime) -> BackupInfo:
     )
     try:
         data = fs.read_file(path)
-    except IsADirectoryError:
-        return replace(base, damaged=True, reason="not a regular file")
+    except fs.NotRegularFileError as exc:
+        return replace(base, damaged=True, reason=str(exc.strerror))
     except OSError as exc:
         return replace(base, reason=f"cannot be read ({exc.strerror or exc})")
     base = replace(base, size=len(data))

@@ -328,7 +328,7 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
     env = env_of(ctx)
     cfg = env.config()
     src = Path(file)
-    data = _statefile.read_bytes(src, what="file to import")
+    data = _statefile.read_bytes(src, what="file to import", max_size=cfg.max_document_bytes)
     if data.startswith(b"PSTATE"):
         raise CliError(
             f"{src}: is a posstate state file, not an exported JSON document; "

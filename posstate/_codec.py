@@ -25,6 +25,13 @@ DEFAULT_MAX_DOCUMENT_BYTES = 256 * 1024 * 1024
 _local = threading.local()
 
 
+def max_file_bytes(max_document_bytes: int) -> int:
+    """Largest container file a reader with this document cap reads: the document, zstd's worst-case growth
+    (1/128 is more than its bound) and 64 KiB for header, trailer and tag. A larger file is refused from its
+    size before a byte is read (an 8 GiB sparse file must not become an 8 GiB allocation)."""
+    return max_document_bytes + (max_document_bytes >> 7) + 65536
+
+
 def _compressor(level: int) -> zstandard.ZstdCompressor:
     cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
     if cache is None:

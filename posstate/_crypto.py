@@ -21,6 +21,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from posstate import _fileops as fs
 from posstate._errors import ConfigError, MissingKeyError
 
 log = logging.getLogger("posstate")
@@ -76,12 +77,18 @@ def encode_key_text(key: bytes) -> str:
     return base64.b64encode(key).decode("ascii")
 
 
+#: A key file holds 44 characters of base64; anything past this size is refused before it is read.
+MAX_KEY_FILE_BYTES = 4096
+
+
 def read_key_file(path: str | os.PathLike[str]) -> bytes:
     p = Path(path)
     try:
-        text = p.read_text(encoding="ascii")
+        text = fs.read_file(p, max_size=MAX_KEY_FILE_BYTES).decode("ascii")
     except FileNotFoundError:
         raise MissingKeyError(p, reason="key file not found") from None
+    except (fs.NotRegularFileError, fs.FileTooLargeError) as exc:
+        raise MissingKeyError(p, reason=f"key file {exc.strerror}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise MissingKeyError(p, reason=f"key file unreadable ({type(exc).__name__})") from None
     try:

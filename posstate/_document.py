@@ -25,20 +25,22 @@ import orjson
 from posstate._errors import CorruptStateError, SchemaValidationError
 from posstate._model import (
     _NONE_STATE,
+    BAD_TEXT,
     DECIMAL_FIELDS,
     MAX_COUNTER,
     MAX_DECIMAL_LENGTH,
     MAX_SYMBOL_LENGTH,
     REQUIRED_FIELDS,
+    SURROGATE,
     Position,
     PositionKey,
+    check_text,
     parse_position_key,
     position_key_text,
 )
-from posstate._schema import raise_for_schema
+from posstate._schema import MAX_JSON_DEPTH, raise_for_schema
 
 SCHEMA_VERSION = 1
-MAX_JSON_DEPTH = 64
 #: How far in the future ``written_at`` may be before the document is refused (clock skew between hosts).
 DEFAULT_CLOCK_SKEW = 300.0
 
@@ -52,8 +54,10 @@ _JOURNAL_KEYS = frozenset({"id", "seq"})
 _TOMB_KEYS = frozenset({"positions", "symbol_metadata"})
 _POSITION_ALLOWED = frozenset(DECIMAL_FIELDS) | {"symbol", "side", "margin_mode", "timestamp"}
 _DECIMALS = frozenset(DECIMAL_FIELDS)
-_WRITTEN_AT = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z$")
-_JOURNAL_ID = re.compile(r"^[0-9a-f]{32}$")
+# The schema's patterns, character for character (a test holds them equal): "$(?!\n)" is an end of text that a
+# trailing newline does not pass, in Python's re as in ECMA-262.
+_WRITTEN_AT = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?Z$(?!\n)")
+_JOURNAL_ID = re.compile(r"^[0-9a-f]{32}$(?!\n)")
 _DECIMAL_CHARS = b"0123456789.,-+eE"
 #: Substrings that Decimal() accepts but the schema's decimal pattern refuses, once values are joined
 #: as ",v1,v2,...," with minus signs dropped, digits 1-9 written as "1" and "E" as "e": a leading "+",
@@ -62,6 +66,9 @@ _DECIMAL_BAD = (b",.", b".,", b",00", b",01")
 #: The same for characters that are rare in a document, so their scan is skipped when the character is absent.
 _DECIMAL_BAD_RARE = ((b"+", b",+"), (b"e", b".e"))
 _DECIMAL_CLASSES = bytes.maketrans(b"23456789E", b"11111111e")
+#: In that form: an exponent of four digits or more (the schema allows three), and a negative zero.
+_DECIMAL_LONG_EXPONENT = re.compile(rb"e[-+]?[01]{4}")
+_DECIMAL_NEGATIVE_ZERO = re.compile(rb",-0[.0]*(?:e[-+]?[01]+)?,")
 
 
 class _Reject(Exception):
@@ -121,12 +128,16 @@ def parse_utc_text(text: str) -> float:
 # --------------------------------------------------------------------------------------------- metadata
 
 
-def check_json_value(value: Any, where: str = "$", depth: int = 0) -> None:
-    """Refuse what JSON cannot hold exactly: NaN/infinity, non-string keys, huge ints, deep nesting, Decimals."""
-    if depth > MAX_JSON_DEPTH:
-        raise SchemaValidationError(None, where, "maxDepth", f"nested deeper than {MAX_JSON_DEPTH} levels")
+def check_json_value(value: Any, where: str = "$", depth: int = 1) -> None:
+    """Refuse what JSON cannot hold exactly or posstate cannot write back: NaN/infinity, non-string keys, huge ints,
+    Decimals, nesting deeper than MAX_JSON_DEPTH levels (*value* is level *depth*), keys that are not text
+    (controls, lone surrogates, bidi overrides) and strings holding a lone surrogate."""
     t = type(value)
-    if value is None or t is bool or t is str:
+    if value is None or t is bool:
+        return
+    if t is str:
+        if SURROGATE.search(value) is not None:
+            raise SchemaValidationError(None, where, "pattern", "string holds a lone surrogate (not valid Unicode text)")
         return
     if t is int:
         if not -(2**63) <= value < 2**64:
@@ -136,10 +147,13 @@ def check_json_value(value: Any, where: str = "$", depth: int = 0) -> None:
         if value != value or value in (float("inf"), float("-inf")):
             raise SchemaValidationError(None, where, "type", f"{value!r} is not a JSON number")
         return
+    if (t is dict or t is list or t is tuple) and depth > MAX_JSON_DEPTH:
+        raise SchemaValidationError(None, where, "maxDepth", f"nested deeper than {MAX_JSON_DEPTH} levels")
     if t is dict:
         for k, v in value.items():
             if type(k) is not str:
                 raise SchemaValidationError(None, where, "propertyNames", f"key {k!r} is not a string")
+            check_text(k, where, "key")
             check_json_value(v, f"{where}.{k}", depth + 1)
         return
     if t is list or t is tuple:
@@ -154,6 +168,7 @@ def clean_metadata(symbol: str, data: Any) -> dict[str, Any]:
     """Validate a metadata dict and return a private deep copy (the caller's object is never kept)."""
     if not isinstance(symbol, str) or not 1 <= len(symbol) <= MAX_SYMBOL_LENGTH:
         raise SchemaValidationError(None, "$.symbol", "type", f"expected a symbol of 1 to {MAX_SYMBOL_LENGTH} characters")
+    check_text(symbol, "$.symbol")
     if not isinstance(data, dict):
         raise SchemaValidationError(None, f"$.symbol_metadata[{symbol!r}]", "type", "metadata must be a dict")
     check_json_value(data, f"$.symbol_metadata[{symbol!r}].data")
@@ -233,8 +248,14 @@ def loads(payload: bytes, *, path: str | Path | None, strict: bool) -> Any:
         return orjson.loads(payload)
     except _Duplicate as dup:
         raise SchemaValidationError(path, "$", "uniqueKeys", f"duplicate key {dup.key!r} in one JSON object") from None
+    except RecursionError:  # the stdlib parser recurses per level (orjson refuses past 1024 levels itself)
+        raise CorruptStateError(path, _TOO_DEEP, kind="damaged") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptStateError(path, f"payload is not valid JSON ({str(exc)[:80]})", kind="damaged") from None
+        why = _TOO_DEEP if "depth limit" in str(exc) else f"payload is not valid JSON ({str(exc)[:80]})"
+        raise CorruptStateError(path, why, kind="damaged") from None
+
+
+_TOO_DEEP = f"payload is not valid JSON (nested too deep to parse; the schema allows {MAX_JSON_DEPTH} levels in metadata)"
 
 
 class _Duplicate(ValueError):
@@ -263,27 +284,42 @@ def _counter(v: Any) -> int:
 
 
 def decimal_strings_ok(values: list[str]) -> bool:
-    """True only if every value matches the schema's decimal pattern (values already parsed by Decimal()).
+    """True only if every value matches the schema's decimal pattern (values already parsed by Decimal())."""
+    return _decimal_scan(values) != _DECIMALS_BAD
+
+
+_DECIMALS_BAD, _DECIMALS_OK, _DECIMALS_NEGATIVE_ZERO = 0, 1, 2
+
+
+def _decimal_scan(values: list[str]) -> int:
+    """_DECIMALS_BAD unless every value matches the schema's decimal pattern; then _DECIMALS_NEGATIVE_ZERO if one is
+    a negative zero (valid, but read as 0: the fast path leaves that to Position), else _DECIMALS_OK.
 
     One pass of C-speed string scans over all values at once; see ``_DECIMAL_BAD``.
     """
     if not values:
-        return True
+        return _DECIMALS_OK
     try:
         joined = "," + ",".join(values) + ","
     except TypeError:
-        return False
+        return _DECIMALS_BAD
     if not joined.isascii() or max(map(len, values)) > MAX_DECIMAL_LENGTH:
-        return False
+        return _DECIMALS_BAD
     raw = joined.encode("ascii")
     if raw.translate(None, _DECIMAL_CHARS):
-        return False
+        return _DECIMALS_BAD
     # Eight C-speed scans of the whole text instead of a regex per value (a 10,000-position load has
     # 110,000 decimals); every 2-byte search is a full pass, so the classes above keep their number low.
-    raw = raw.translate(_DECIMAL_CLASSES).replace(b",-", b",")
+    raw = raw.translate(_DECIMAL_CLASSES)
+    if b"e" in raw and _DECIMAL_LONG_EXPONENT.search(raw):
+        return _DECIMALS_BAD
+    negative_zero = b",-0" in raw and _DECIMAL_NEGATIVE_ZERO.search(raw) is not None
+    raw = raw.replace(b",-", b",")
     if any(bad in raw for bad in _DECIMAL_BAD):
-        return False
-    return not any(ch in raw and bad in raw for ch, bad in _DECIMAL_BAD_RARE)
+        return _DECIMALS_BAD
+    if any(ch in raw and bad in raw for ch, bad in _DECIMAL_BAD_RARE):
+        return _DECIMALS_BAD
+    return _DECIMALS_NEGATIVE_ZERO if negative_zero else _DECIMALS_OK
 
 
 def _fast_positions(
@@ -302,6 +338,8 @@ def _fast_positions(
     entries: dict[PositionKey, tuple[Position, dict[str, Any]]] = {}
     texts: list[str] = []
     collect = texts.append
+    symbols: list[str] = []
+    collect_symbol = symbols.append
     new = object.__new__
     set_dict = object.__setattr__
     none_state = _NONE_STATE
@@ -322,8 +360,9 @@ def _fast_positions(
             side = p["side"]
             if type(sym) is not str or type(side) is not str or not 0 < len(sym) <= MAX_SYMBOL_LENGTH:
                 raise _Reject
-            if (side != "long" and side != "short") or key != f"{sym}|{side}" or "\n" in sym:
+            if (side != "long" and side != "short") or key != f"{sym}|{side}":
                 raise _Reject
+            collect_symbol(sym)
             state = {**none_state, **p}
             for name in decimals:
                 if name in p:  # present: must be a decimal string (null is refused by Decimal(None))
@@ -349,9 +388,39 @@ def _fast_positions(
             entries[k] = (obj, entry)
     except (InvalidOperation, TypeError, ValueError):
         raise _Reject from None
-    if not decimal_strings_ok(texts):
+    if _decimal_scan(texts) != _DECIMALS_OK or not _texts_ok(symbols):
         raise _Reject
     return positions, revs, entries
+
+
+def _texts_ok(texts: list[str]) -> bool:
+    """No control, lone surrogate or bidi character in any of *texts* (one regex scan over all of them)."""
+    return BAD_TEXT.search("".join(texts)) is None
+
+
+def _json_ok(data: dict[str, Any]) -> bool:
+    """A metadata ``data`` object within the schema's json0..json31 rules: at most MAX_JSON_DEPTH levels, keys
+    are text, no string holds a lone surrogate. Iterative; keys and strings are checked in two scans at the end."""
+    keys: list[str] = []
+    strings: list[str] = []
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, level = pop()
+        if level > MAX_JSON_DEPTH:
+            return False
+        if type(node) is dict:
+            keys.extend(node)
+            values: Any = node.values()
+        else:
+            values = node
+        for v in values:
+            t = type(v)
+            if t is dict or t is list:
+                push((v, level + 1))
+            elif t is str:
+                strings.append(v)
+    return _texts_ok(keys) and SURROGATE.search("".join(strings)) is None
 
 
 def _fast_metadata(raw: Any) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
@@ -363,10 +432,12 @@ def _fast_metadata(raw: Any) -> tuple[dict[str, dict[str, Any]], dict[str, int]]
         if not 0 < len(sym) <= MAX_SYMBOL_LENGTH or type(entry) is not dict or entry.keys() != _META_KEYS:
             raise _Reject
         d = entry["data"]
-        if type(d) is not dict:
+        if type(d) is not dict or not _json_ok(d):
             raise _Reject
         data[sym] = d
         revs[sym] = _counter(entry["rev"])
+    if not _texts_ok(list(data)):
+        raise _Reject
     return data, revs
 
 
@@ -379,7 +450,7 @@ def _fast_tombstones(raw: Any) -> tuple[dict[PositionKey, int], dict[str, int]]:
     positions: dict[PositionKey, int] = {}
     for key, rev in tp.items():
         symbol, side = parse_position_key(key)
-        if side not in ("long", "short") or not 0 < len(symbol) <= MAX_SYMBOL_LENGTH or "\n" in symbol:
+        if side not in ("long", "short") or not 0 < len(symbol) <= MAX_SYMBOL_LENGTH:
             raise _Reject
         positions[(symbol, side)] = _counter(rev)
     metadata: dict[str, int] = {}
@@ -387,11 +458,13 @@ def _fast_tombstones(raw: Any) -> tuple[dict[PositionKey, int], dict[str, int]]:
         if not 0 < len(sym) <= MAX_SYMBOL_LENGTH:
             raise _Reject
         metadata[sym] = _counter(rev)
+    if not _texts_ok([s for s, _ in positions]) or not _texts_ok(list(metadata)):
+        raise _Reject
     return positions, metadata
 
 
 def _str(v: Any, lo: int, hi: int) -> str:
-    if type(v) is not str or not lo <= len(v) <= hi:
+    if type(v) is not str or not lo <= len(v) <= hi or BAD_TEXT.search(v) is not None:
         raise _Reject
     return v
 

@@ -9,6 +9,8 @@ Nothing here knows about JSON, encryption or positions: it moves bytes and names
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import stat
 import threading
@@ -21,8 +23,42 @@ StrPath = str | os.PathLike[str]
 O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 #: Flags for reading a file without following a symlink planted in its place.
 O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+#: Largest file read_file reads unless the caller gives its own cap (state files: see _codec.max_file_bytes).
+DEFAULT_MAX_READ_BYTES = 1024**3
 #: os.fdatasync where the platform has it (Linux), else os.fsync; looked up once, not per sync.
 _os_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+class NotRegularFileError(OSError):
+    """A path holds a directory, FIFO, socket or device: posstate reads and replaces regular files only."""
+
+    def __init__(self, path: StrPath, kind: str) -> None:
+        super().__init__(errno.EISDIR if kind == "a directory" else errno.EINVAL, f"is {kind}, not a regular file", str(path))
+        self.kind = kind
+
+
+class FileTooLargeError(OSError):
+    """A file is larger than the reader's cap; refused from its size, before any byte is read."""
+
+    def __init__(self, path: StrPath, size: int, cap: int) -> None:
+        super().__init__(errno.EFBIG, f"is {size} bytes, over the {cap}-byte cap", str(path))
+        self.size = size
+        self.cap = cap
+
+
+def file_kind(mode: int) -> str:
+    """What a file of st_mode *mode* is, in words for an error message."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symlink"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 class FileOps:
@@ -68,12 +104,23 @@ class FileOps:
         finally:
             os.close(fd)
 
-    def read_file(self, path: StrPath, limit: int | None = None) -> bytes:
-        fd = os.open(path, O_READ)
+    def read_file(self, path: StrPath, limit: int | None = None, max_size: int | None = DEFAULT_MAX_READ_BYTES) -> bytes:
+        """The bytes of a regular file (at most *limit* of them). Anything else is NotRegularFileError before a
+        byte is read, and a file over *max_size* bytes FileTooLargeError: opened with O_NONBLOCK, so a FIFO
+        never blocks the open, then checked with fstat (the file opened, not a name that could change)."""
+        try:
+            fd = os.open(path, O_READ | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # ENXIO: a socket (it cannot be opened at all)
+                raise
+            raise NotRegularFileError(path, file_kind(os.lstat(path).st_mode)) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise IsADirectoryError(21, "not a regular file", str(path))
+                raise NotRegularFileError(path, file_kind(st.st_mode))
+            if max_size is not None and st.st_size > max_size:
+                raise FileTooLargeError(path, st.st_size, max_size)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             want = st.st_size if limit is None else min(st.st_size, limit)
             chunks: list[bytes] = []
             got = 0
@@ -200,8 +247,9 @@ def fsync_dir(path: StrPath) -> None:
     _active.fsync_dir(path)
 
 
-def read_file(path: StrPath, limit: int | None = None) -> bytes:
-    return _active.read_file(path, limit)
+def read_file(path: StrPath, limit: int | None = None, max_size: int | None = DEFAULT_MAX_READ_BYTES) -> bytes:
+    """A regular file's bytes; NotRegularFileError or FileTooLargeError (both OSError) before reading otherwise."""
+    return _active.read_file(path, limit, max_size=max_size)
 
 
 def mkdir(path: StrPath, mode: int = 0o700) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from posstate._fileops import FileOps, StrPath
+from posstate._fileops import DEFAULT_MAX_READ_BYTES, FileOps, StrPath
 
 #: Operations that change something on disk (or that a crash between them can expose).
 MUTATING: frozenset[str] = frozenset(
@@ -252,10 +252,10 @@ class HarnessOps(FileOps):
         self._record("fsync_dir", action, path=str(path))
         self._after(action)
 
-    def read_file(self, path: StrPath, limit: int | None = None) -> bytes:
+    def read_file(self, path: StrPath, limit: int | None = None, max_size: int | None = DEFAULT_MAX_READ_BYTES) -> bytes:
         action = self._before("read_file", path)
         try:
-            out = super().read_file(path, limit)
+            out = super().read_file(path, limit, max_size)
         except OSError as exc:
             self._record("read_file", action, path=str(path), error=exc.errno)
             raise

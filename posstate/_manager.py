@@ -248,8 +248,8 @@ class PositionStateManager:
         try:
             state = self._read_current()
         except CorruptStateError as exc:
-            if exc.kind == "account":
-                raise  # another account's state: not damage, nothing to recover
+            if exc.kind in ("account", "not-a-regular-file"):
+                raise  # another account's state, or a FIFO/device/directory there: not damage, nothing to recover
             self._events.emit("stateCorrupted", {"path": str(self._path), "reason": exc.reason, "kind": exc.kind})
             return self._recovered(exc, started)
         except SchemaValidationError as exc:

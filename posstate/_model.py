@@ -8,6 +8,7 @@ Decimal of its shortest repr, so ``0.1`` is ``Decimal("0.1")``, not ``0.10000000
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
@@ -38,7 +39,16 @@ DECIMAL_FIELDS: tuple[str, ...] = (
 REQUIRED_FIELDS: frozenset[str] = frozenset({"symbol", "side", "contracts", "entry_price"})
 MAX_SYMBOL_LENGTH = 128
 MAX_DECIMAL_LENGTH = 64
+#: Largest exponent a decimal's text may show (``1E+999``): three digits, the schema's decimal pattern.
+MAX_DECIMAL_EXPONENT = 999
 MAX_COUNTER = 2**53 - 1
+#: What no symbol or key may hold (docs/FORMAT.md, the schema's ``text`` pattern uses the same class): C0 and C1
+#: controls and DEL, lone surrogates (orjson cannot write them: every later save would fail), and the bidi
+#: embeddings, overrides and isolates that make a name display as another one.
+BAD_TEXT_CLASS = r"\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069"
+BAD_TEXT = re.compile(f"[{BAD_TEXT_CLASS}]")
+#: Lone surrogates: refused in every string (other controls are fine in metadata values).
+SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 _CCXT_NAMES: dict[str, str] = {
     "symbol": "symbol",
@@ -63,8 +73,25 @@ def _bad(field: str, rule: str, message: str) -> SchemaValidationError:
     return SchemaValidationError(None, f"$.{field}", rule, message)
 
 
+def check_text(value: str, where: str, what: str = "symbol") -> str:
+    """*value* if it holds no control, lone surrogate or bidi character (see ``BAD_TEXT``), else SchemaValidationError."""
+    found = BAD_TEXT.search(value)
+    if found is not None:
+        raise SchemaValidationError(
+            None,
+            where,
+            "pattern",
+            f"{what} holds the character U+{ord(found.group()):04X} (controls, lone surrogates and bidi overrides are refused)",
+        )
+    return value
+
+
 def to_decimal(value: object, field: str) -> Decimal:
-    """Coerce *value* to a finite Decimal: Decimal, int, str, or float (via its shortest repr)."""
+    """Coerce *value* to a finite Decimal: Decimal, int, str, or float (via its shortest repr).
+
+    The result's text is at most MAX_DECIMAL_LENGTH characters with an exponent of at most three digits, and
+    a negative zero becomes zero (``-0.00`` becomes ``0.00``): one text per value, which the schema accepts.
+    """
     if isinstance(value, bool):
         raise _bad(field, "type", f"expected a decimal number, got a bool ({value!r})")
     if isinstance(value, Decimal):
@@ -86,6 +113,10 @@ def to_decimal(value: object, field: str) -> Decimal:
         raise _bad(field, "finite", f"expected a finite number, got {value!r}")
     if len(str(result)) > MAX_DECIMAL_LENGTH:
         raise _bad(field, "maxLength", f"more than {MAX_DECIMAL_LENGTH} characters as text")
+    if not -MAX_DECIMAL_EXPONENT <= result.adjusted() <= MAX_DECIMAL_EXPONENT:
+        raise _bad(field, "pattern", f"exponent of {str(result)[:40]} is beyond +-{MAX_DECIMAL_EXPONENT}")
+    if result.is_zero() and result.is_signed():
+        result = result.copy_abs()
     return result
 
 
@@ -123,8 +154,7 @@ class Position:
         sym = self.symbol
         if not isinstance(sym, str) or not 1 <= len(sym) <= MAX_SYMBOL_LENGTH:
             raise _bad("symbol", "type", f"expected a symbol of 1 to {MAX_SYMBOL_LENGTH} characters, got {sym!r}")
-        if any(ord(ch) < 0x20 for ch in sym):
-            raise _bad("symbol", "pattern", f"control character in symbol {sym!r}")
+        check_text(sym, "$.symbol")
         if not isinstance(self.side, str) or self.side not in SIDES:
             raise _bad("side", "enum", f"expected 'long' or 'short', got {self.side!r}")
         if self.margin_mode is not None and (not isinstance(self.margin_mode, str) or self.margin_mode not in MARGIN_MODES):
@@ -135,7 +165,13 @@ class Position:
                 if name in REQUIRED_FIELDS:
                     raise _bad(name, "required", f"{name} is required")
                 continue
-            if type(value) is not Decimal or not value.is_finite() or len(str(value)) > MAX_DECIMAL_LENGTH:
+            if (
+                type(value) is not Decimal
+                or not value.is_finite()
+                or len(str(value)) > MAX_DECIMAL_LENGTH
+                or not -MAX_DECIMAL_EXPONENT <= value.adjusted() <= MAX_DECIMAL_EXPONENT
+                or (value.is_signed() and value.is_zero())
+            ):
                 object.__setattr__(self, name, to_decimal(value, name))
         if self.contracts < 0:
             raise _bad("contracts", "minimum", f"contracts must be >= 0, got {self.contracts}")
@@ -200,6 +236,7 @@ def check_key(symbol: object, side: object) -> PositionKey:
     """A (symbol, side) key given by a caller, checked: SchemaValidationError rather than a TypeError later."""
     if not isinstance(symbol, str) or not 1 <= len(symbol) <= MAX_SYMBOL_LENGTH:
         raise _bad("symbol", "type", f"expected a symbol of 1 to {MAX_SYMBOL_LENGTH} characters, got {symbol!r}")
+    check_text(symbol, "$.symbol")
     if not isinstance(side, str) or side not in SIDES:
         raise _bad("side", "enum", f"expected 'long' or 'short', got {side!r}")
     return (symbol, cast(Side, side))

@@ -34,13 +34,34 @@ _PREFIX = re.compile(r"^[A-Za-z0-9]{0,8}$")
 MAX_ID_LENGTH = 32
 
 
+#: Exponents (after trailing zeros are stripped) written in fixed point; others as DIGITS"E"EXPONENT.
+_FIXED_POINT_EXPONENTS = range(-100, 101)
+
+
 def _canonical_decimal(value: Decimal | int | str | float | None, name: str) -> str:
+    """One text per number, built exactly from the digits (no Decimal context: nothing rounds, nothing overflows).
+
+    Same number, same text: 1, 1.0 and 1E0 hash alike, and -0 is 0. Different numbers, different texts: a
+    context's ``normalize()`` would round a 29th digit away and flush 1E-99999999 to 0. Ordinary values keep
+    the fixed-point text earlier versions wrote, so their ids did not change; an exponent beyond +-100 is
+    written as ``DIGITS E EXPONENT``, which has an ``E`` and so never equals a fixed-point text.
+    """
     if value is None:
         return "-"
-    dec = to_decimal(value, name)
-    # Same number, same text: 1, 1.0 and 1E0 hash alike.
-    text = format(dec.normalize(), "f")
-    return "0" if text in ("-0", "0") else text
+    sign, digit_tuple, exponent = to_decimal(value, name).as_tuple()
+    assert isinstance(exponent, int)  # to_decimal refuses NaN and infinities
+    digits = "".join(map(str, digit_tuple)).lstrip("0")
+    if not digits:
+        return "0"
+    stripped = digits.rstrip("0")
+    exponent += len(digits) - len(stripped)
+    minus = "-" if sign else ""
+    if exponent not in _FIXED_POINT_EXPONENTS:
+        return f"{minus}{stripped}E{exponent}"
+    if exponent >= 0:
+        return minus + stripped + "0" * exponent
+    whole, frac = stripped[:exponent], stripped[exponent:]
+    return f"{minus}{whole or '0'}.{frac.rjust(-exponent, '0')}"
 
 
 def make_client_order_id(

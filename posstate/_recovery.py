@@ -99,9 +99,9 @@ def _why(exc: BaseException) -> str:
     return str(exc).split("; ")[0]
 
 
-def _inspect(path: Path, cand: _Candidate) -> bytes | None:
+def _inspect(path: Path, cand: _Candidate, max_size: int | None = fs.DEFAULT_MAX_READ_BYTES) -> bytes | None:
     try:
-        data = fs.read_file(path)
+        data = fs.read_file(path, max_size=max_size)
     except FileNotFoundError:
         cand.verdict = "missing"
         return None
@@ -118,7 +118,7 @@ def _inspect(path: Path, cand: _Candidate) -> bytes | None:
 
 def _load_candidate(options: _statefile.ReadOptions, check: Callable[[StateData], None], name: str, path: Path) -> _Candidate:
     cand = _Candidate(name, path)
-    data = _inspect(path, cand)
+    data = _inspect(path, cand, options.max_file_bytes)
     if data is None:
         return cand
     try:

@@ -18,6 +18,10 @@ import jsonschema
 from posstate._errors import SchemaValidationError
 
 STATE_SCHEMA = "state.schema.json"
+#: Levels of objects and arrays a metadata ``data`` object may nest, itself included (the schema's json0..json31).
+MAX_JSON_DEPTH = 32
+#: Levels the whole document may nest: the document, ``symbol_metadata`` and an entry hold the ``data`` object.
+MAX_DOCUMENT_DEPTH = MAX_JSON_DEPTH + 3
 
 
 def schema_text(name: str = STATE_SCHEMA) -> str:
@@ -43,8 +47,50 @@ def validator(name: str = STATE_SCHEMA) -> jsonschema.protocols.Validator:
     return cls(s)
 
 
+def too_deep(value: Any, limit: int) -> list[str | int] | None:
+    """The JSON path (as keys) of the first object or array nested deeper than *limit* levels, else None.
+
+    Iterative, so a value nested 100,000 levels costs no Python recursion (jsonschema recurses, and the
+    ``repr`` in its messages too; both only ever see values this check passed).
+    """
+    stack: list[tuple[Any, int, tuple[str | int, ...]]] = [(value, 1, ())]
+    while stack:
+        node, level, where = stack.pop()
+        if type(node) is dict:
+            items: Any = node.items()
+        elif type(node) is list:
+            items = enumerate(node)
+        else:
+            continue
+        if level > limit:
+            return list(where)
+        stack.extend((v, level + 1, (*where, k)) for k, v in items if type(v) is dict or type(v) is list)
+    return None
+
+
+def _depth_errors(document: Any) -> list[jsonschema.ValidationError]:
+    """The nesting rule, checked before jsonschema runs (see :func:`too_deep`)."""
+    where: list[str | int] | None = None
+    limit = MAX_JSON_DEPTH
+    if type(document) is dict and type(document.get("symbol_metadata")) is dict:
+        for sym, entry in document["symbol_metadata"].items():
+            if type(entry) is dict and type(entry.get("data")) is dict:
+                inner = too_deep(entry["data"], MAX_JSON_DEPTH)
+                if inner is not None:
+                    where = ["symbol_metadata", sym, "data", *inner]
+                    break
+    if where is None:
+        where, limit = too_deep(document, MAX_DOCUMENT_DEPTH), MAX_DOCUMENT_DEPTH
+    if where is None:
+        return []
+    return [jsonschema.ValidationError(f"nested deeper than {limit} levels", validator="maxDepth", path=where)]
+
+
 def schema_errors(document: Any, name: str = STATE_SCHEMA) -> list[jsonschema.ValidationError]:
     """Every schema error, most relevant first (jsonschema's own ordering)."""
+    deep = _depth_errors(document)
+    if deep:
+        return deep
     errors = list(validator(name).iter_errors(document))
     errors.sort(key=jsonschema.exceptions.relevance)
     return errors

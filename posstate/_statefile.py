@@ -46,15 +46,35 @@ class ReadOptions:
     #: Refuse files that are not encrypted (a manager with encryption on: no downgrade to plaintext).
     require_encryption: bool = False
 
+    @property
+    def max_file_bytes(self) -> int:
+        """The largest file read under these options (see :func:`posstate._codec.max_file_bytes`)."""
+        return _codec.max_file_bytes(self.max_document_bytes)
 
-def read_bytes(path: Path, *, what: str = "state file") -> bytes:
+
+def read_bytes(path: Path, *, what: str = "state file", max_size: int | None = None) -> bytes:
+    """The bytes of a regular file of at most *max_size* bytes (default: the container cap of the default
+    ``max_document_bytes``). A directory, FIFO, socket or device is CorruptStateError(kind="not-a-regular-file")
+    and a larger file CorruptStateError(kind="too-large"), both before a byte is read."""
+    cap = _codec.max_file_bytes(_codec.DEFAULT_MAX_DOCUMENT_BYTES) if max_size is None else max_size
     try:
-        return fs.read_file(path)
+        return fs.read_file(path, max_size=cap)
     except FileNotFoundError:
         raise StateNotFoundError(path, what=what) from None
-    except IsADirectoryError:
+    except fs.NotRegularFileError as exc:
+        step = "give the path of a positions file" if what == "state file" else f"give the path of a regular {what}"
         raise CorruptStateError(
-            path, "is a directory, not a state file", next_step="give the path of a positions file", kind="not-a-state-file"
+            path,
+            f"is {exc.kind}, not a {what}",
+            next_step=f"{step} (posstate reads regular files only)",
+            kind="not-a-regular-file",
+        ) from None
+    except fs.FileTooLargeError as exc:
+        raise CorruptStateError(
+            path,
+            f"{exc.strerror} for a {what} (max_document_bytes); refused before reading",
+            next_step="if the file is yours, raise max_document_bytes; else restore a backup (`posstate backups restore latest`)",
+            kind="too-large",
         ) from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
@@ -86,12 +106,12 @@ def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = 
 
 
 def read(path: Path, *, options: ReadOptions, what: str = "state file") -> Loaded:
-    return parse(read_bytes(path, what=what), path=path, options=options)
+    return parse(read_bytes(path, what=what, max_size=options.max_file_bytes), path=path, options=options)
 
 
 def read_document(path: Path, *, options: ReadOptions) -> tuple[Header, Any]:
     """The decrypted JSON document of a file, parsed but not validated (for export, show, diff)."""
-    data = read_bytes(path)
+    data = read_bytes(path, max_size=options.max_file_bytes)
     header, payload = _codec.decode(data, keyring=options.keyring, path=path, max_document_bytes=options.max_document_bytes)
     return header, _document.loads(payload, path=path, strict=not header.encrypted)
 

@@ -91,7 +91,7 @@ def validate_file(path: Path, *, options: _statefile.ReadOptions) -> ValidationR
         )
 
     try:
-        data = _statefile.read_bytes(path)
+        data = _statefile.read_bytes(path, max_size=options.max_file_bytes)
     except (StateNotFoundError, CorruptStateError, PersistenceError) as exc:
         checks.append(Check("read", False, str(exc)))
         return finish(exc, [ValidationIssue("$", str(exc), "read")], False)

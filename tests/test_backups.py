@@ -124,9 +124,9 @@ class FailAt(fs.FileOps):
         self._tick("fsync_dir")
         super().fsync_dir(path)
 
-    def read_file(self, path: fs.StrPath, limit: int | None = None) -> bytes:
+    def read_file(self, path: fs.StrPath, limit: int | None = None, max_size: int | None = fs.DEFAULT_MAX_READ_BYTES) -> bytes:
         self._tick("read_file")
-        return super().read_file(path, limit)
+        return super().read_file(path, limit, max_size)
 
     def mkdir(self, path: fs.StrPath, mode: int = 0o700) -> None:
         self._tick("mkdir")

@@ -192,7 +192,13 @@ def test_validate_key_from_environment(state: Path, key: bytes) -> None:
             "plain JSON, not a posstate container; if it is a state document, load it with `posstate import FILE`",
             id="json",
         ),
-        pytest.param("adir", None, 1, "is a directory, not a state file; give the path of a positions file", id="directory"),
+        pytest.param(
+            "adir",
+            None,
+            1,
+            "is a directory, not a state file; give the path of a positions file (posstate reads regular files only)",
+            id="directory",
+        ),
         pytest.param(
             "missing",
             "absent",

@@ -21,7 +21,9 @@ SIDES = st.sampled_from(["long", "short"])
 op = st.one_of(
     st.tuples(st.just("set"), SYMBOLS, SIDES, st.decimals(min_value=0, max_value=10**6, places=8, allow_nan=False)),
     st.tuples(st.just("del"), SYMBOLS, SIDES),
-    st.tuples(st.just("meta"), SYMBOLS, st.dictionaries(st.text(max_size=5), st.integers(-5, 5), max_size=3)),
+    st.tuples(
+        st.just("meta"), SYMBOLS, st.dictionaries(st.text(alphabet="abcXYZ_ 1é", max_size=5), st.integers(-5, 5), max_size=3)
+    ),
     st.tuples(st.just("undmeta"), SYMBOLS),
 )
 step = st.one_of(op, st.tuples(st.just("txn"), st.lists(op, min_size=1, max_size=4), st.booleans()))

@@ -486,10 +486,10 @@ class _FailReadAfterRename(_fileops.FileOps):
         if str(dst).endswith("positions.json"):
             self.renamed = True
 
-    def read_file(self, path: Any, limit: int | None = None) -> bytes:
+    def read_file(self, path: Any, limit: int | None = None, max_size: int | None = _fileops.DEFAULT_MAX_READ_BYTES) -> bytes:
         if self.renamed and str(path).endswith("positions.json"):
             raise OSError(errno.EIO, "Input/output error")
-        return super().read_file(path, limit)
+        return super().read_file(path, limit, max_size)
 
 
 def test_failed_verify_then_next_save_succeeds(manager: Factory, cfg: StateConfig) -> None:

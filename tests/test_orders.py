@@ -276,3 +276,78 @@ def test_asave_expected_generation(tmp_path: Path) -> None:
         assert asyncio.run(m.asave(expected_generation=seen)) == seen + 1 == m.generation
         with pytest.raises(ConcurrentModificationError):
             asyncio.run(m.asave(expected_generation=seen))  # stale now
+
+
+# ------------------------------------------------------------------------------------------ issue 12.18
+def test_client_order_id_pinned_for_ordinary_values() -> None:
+    """issue 12.18: the canonical form of ordinary amounts and prices did not change (ids made before still match)."""
+    assert make_client_order_id(**ORDER) == "ps26102f48a1c4c6635c6bd402cd3c89"
+    assert (
+        make_client_order_id(**{**ORDER, "amount": "100", "price": None, "type": "market"}) == "ps962da1a315e683ddcf2287a1e21cb9"
+    )
+    assert make_client_order_id(**{**ORDER, "amount": "-0", "price": "1E+3"}) == "ps3d3dc2e4b43f0c3f0b7473e404ad28"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        pytest.param("1E-999", "0", id="tiny-vs-zero"),
+        pytest.param("1" * 29, "1" * 28 + "0", id="29-digits"),
+        pytest.param("1.0000000000000000000000000001", "1", id="28-places"),
+        pytest.param("1E+101", "1E+102", id="huge-exponents"),
+    ],
+)
+def test_client_order_id_never_rounds(a: str, b: str) -> None:
+    """issue 12.18: amounts that differ beyond a Decimal context's precision or exponent range give different ids."""
+    assert make_client_order_id(**{**ORDER, "amount": a}) != make_client_order_id(**{**ORDER, "amount": b})
+    assert make_client_order_id(**{**ORDER, "price": a}) != make_client_order_id(**{**ORDER, "price": b})
+
+
+@pytest.mark.parametrize("value", ["1E+999999999", "-1E+999999999", "1E-999999999", "1E-99999999", "1E+1000"])
+def test_client_order_id_refuses_extreme_exponents(value: str) -> None:
+    """issue 12.18: an amount or price whose exponent is beyond +-999 (the schema's decimal rule) is a
+    SchemaValidationError, never decimal.Overflow and never the id of another amount (1E-99999999 was 0's)."""
+    with pytest.raises(SchemaValidationError, match="exponent"):
+        make_client_order_id(**{**ORDER, "amount": value})
+    with pytest.raises(SchemaValidationError, match="exponent"):
+        make_client_order_id(**{**ORDER, "price": value})
+
+
+@pytest.mark.parametrize(
+    "value", ["1E+999", "-1E-999", "9" * 60, "0.000000000000000000000000000000000000000000000000000000000001"]
+)
+def test_client_order_id_extreme_but_valid_values(value: str) -> None:
+    """issue 12.18: the largest and smallest amounts a document can hold give an id, without decimal.Overflow."""
+    assert SAFE.match(make_client_order_id(**{**ORDER, "amount": value, "price": value}))
+
+
+_DECIMALS = st.decimals(allow_nan=False, allow_infinity=False).filter(lambda d: len(str(d)) <= 64 and abs(d.adjusted()) <= 999)
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=_DECIMALS, b=_DECIMALS)
+def test_client_order_id_distinct_values_distinct_ids(a: Decimal, b: Decimal) -> None:
+    """issue 12.18: two amounts give the same id exactly when they are the same number (1.0 and 1.00 alike)."""
+    same = make_client_order_id(**{**ORDER, "amount": a}) == make_client_order_id(**{**ORDER, "amount": b})
+    assert same == (a == b), (a, b)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    digits=st.integers(min_value=0, max_value=10**40),
+    exponent=st.one_of(st.integers(min_value=-1100, max_value=1100), st.integers(min_value=-(10**9), max_value=10**9)),
+    zeros=st.integers(min_value=0, max_value=5),
+    negative=st.booleans(),
+)
+def test_client_order_id_equal_values_equal_ids(digits: int, exponent: int, zeros: int, negative: bool) -> None:
+    """issue 12.18: the same number written with trailing zeros (1.0 vs 1.00, 1E3 vs 10E2) gives the same id."""
+    sign = "-" if negative else ""
+    a = f"{sign}{digits}E{exponent}"
+    b = f"{sign}{digits}{'0' * zeros}E{exponent - zeros}"
+    if len(a) > 64 or len(b) > 64:
+        return
+    if abs(Decimal(a).adjusted()) > 999:  # refused, alike: see test_client_order_id_refuses_extreme_exponents
+        with pytest.raises(SchemaValidationError):
+            make_client_order_id(**{**ORDER, "amount": b})
+        return
+    assert make_client_order_id(**{**ORDER, "amount": a}) == make_client_order_id(**{**ORDER, "amount": b})

@@ -280,8 +280,8 @@ class _FlakyRead(fs.FileOps):
         self.target = str(target)
         self.flaked = False
 
-    def read_file(self, path: fs.StrPath, limit: int | None = None) -> bytes:
-        data = super().read_file(path, limit)
+    def read_file(self, path: fs.StrPath, limit: int | None = None, max_size: int | None = fs.DEFAULT_MAX_READ_BYTES) -> bytes:
+        data = super().read_file(path, limit, max_size)
         if str(path) == self.target and not self.flaked:
             self.flaked = True
             return data[:100]
