@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from posstate._crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
+from posstate._model import MAX_COUNTER
 
 MAGIC = b"PSJRNL"
 VERSION = 3  # what new journals are written in; versions 1 and 2 are still read (continued only when plain)
@@ -46,6 +47,10 @@ FRAME_HEAD_V1 = 16  # version 1: length, crc32(length field), SHA-256(length fie
 BODY_FIXED = 25  # seq, generation, time_ms, kind
 TAG_SIZE = 16
 MAX_BODY = 64 * 1024 * 1024
+#: The largest base_seq / base_generation a header may name (a format rule). Half of what a snapshot's
+#: ``journal.seq`` may hold: a journal continued from it can never hand out a number its next snapshot
+#: could not store (a header with no records is authenticated by nothing; see parse_header).
+MAX_BASE = (MAX_COUNTER + 1) // 2
 FLAG_ENCRYPTED = 0x01
 FLAG_PASSPHRASE = 0x02
 KIND_OP = 1
@@ -175,6 +180,10 @@ def parse_header(data: bytes) -> JournalHeader:
         raise JournalProblem(f"scrypt cost log2(N) = {log2_n} without the passphrase flag (must be 0)")
     if flags & FLAG_PASSPHRASE and not flags & FLAG_ENCRYPTED:
         raise JournalProblem("passphrase flag without the encrypted flag")
+    # Nothing authenticates a header until a record names it (AES-GCM associated data), and a journal with
+    # no records is continued: bound the numbers the writer would go on from.
+    if base_seq > MAX_BASE or base_gen > MAX_BASE:
+        raise JournalProblem(f"base sequence {base_seq} or generation {base_gen} out of range (0..{MAX_BASE})")
     return JournalHeader(
         journal_id=jid,
         nonce_prefix=prefix,
