@@ -235,7 +235,7 @@ def rekey(ctx: click.Context, new_key_file: str, yes: bool, dry_run: bool) -> No
             if todo or action == "set aside":
                 confirm(yes=yes, prompt=f"Re-encrypt {todo} file(s) under key id {new.key_id}?", what="rekey")
             if action == "set aside":  # under the old key, a load with the new one would refuse it
-                moved = _cli_rekey.set_journal_aside(cfg)
+                moved = _cli_rekey.set_journal_aside(cfg, old)
                 if not env.json:
                     click.echo(f"  journal     moved to {moved} (the state file holds all of it)")
             if todo and sys.stderr.isatty():

@@ -21,10 +21,17 @@ from posstate import _fileops as fs
 from posstate import _statefile
 from posstate._cli_base import EXIT_INVALID, CliError, Env, cli, common_options, env_of, json_out
 from posstate._cli_format import table
-from posstate._config import StateConfig
+from posstate._config import StateConfig, state_file_path
 from posstate._current import Current, read_current
 from posstate._document import StateData
-from posstate._errors import CorruptStateError, MissingKeyError, PosStateError, UnsupportedVersionError, WrongKeyError
+from posstate._errors import (
+    ConfigError,
+    CorruptStateError,
+    MissingKeyError,
+    PosStateError,
+    UnsupportedVersionError,
+    WrongKeyError,
+)
 from posstate._validate import Check
 
 __all__ = [
@@ -42,13 +49,35 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ reading
 def state_config_for(env: Env, target: Path) -> StateConfig | None:
     """The config whose state file *target* is (its journal lies beside it), or None for a backup or any
-    other copy. The configured state file, or a file of the same name in another directory."""
+    other copy. The configured state file, a file of the same name in another directory, or any file with its
+    own lock or journal beside it (``positions.dat`` beside ``positions.dat.journal``: a second state file of
+    the directory, whose bot replays that journal, so the CLI does too)."""
     cfg = env.config()
     if os.path.abspath(target) == os.path.abspath(cfg.state_path):
         return cfg
-    if target.name == cfg.state_path.name:
-        return cfg.replace(state_file=str(target), backup_dir=str(target.parent / "backups"))
+    if target.name == cfg.state_path.name or any(fs.exists(state_file_path(target, role)) for role in ("journal", "lock")):
+        try:
+            return cfg.replace(state_file=str(target), backup_dir=str(target.parent / "backups"))
+        except ConfigError:
+            return None  # not a name a state file can have (a .bak, a backup): a copy
     return None
+
+
+def journal_read_path(cfg: StateConfig, options: _statefile.ReadOptions, snapshot_journal: Any = False) -> Path:
+    """The journal file a load of *cfg*'s state file reads: ``cfg.journal_path``, or the old name
+    (``positions.journal`` of posstate 0.1.0) when only it exists and its id is the one the snapshot names.
+    *snapshot_journal*: the snapshot's ``journal`` field if already read (False: read the snapshot here)."""
+    from posstate._journal import journal_file
+
+    legacy = cfg.legacy_journal_path
+    if legacy is None or fs.exists(cfg.journal_path) or not fs.exists(legacy):
+        return cfg.journal_path
+    if snapshot_journal is False:
+        try:
+            snapshot_journal = _statefile.read(cfg.state_path, options=options).state.journal
+        except PosStateError:
+            return cfg.journal_path
+    return journal_file(cfg.journal_path, legacy, snapshot_journal)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,21 +175,20 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
             snapshot_journal = cur.loaded.state.journal
         except PosStateError:
             cur = None  # the snapshot changed under us; its own check reports it
-    jc = check(
-        cfg.journal_path, keyring=keyring, snapshot_journal=snapshot_journal, require_encryption=options.require_encryption
-    )
+    path = journal_read_path(cfg, options, snapshot_journal if cur is not None else None)
+    jc = check(path, keyring=keyring, snapshot_journal=snapshot_journal, require_encryption=options.require_encryption)
     data = asdict(jc)
     data["applied"] = cur.applied if cur is not None else None
     torn = f"; torn last record ({jc.torn_bytes} bytes) ignored, a load cuts it off" if jc.torn_bytes else ""
     if not jc.exists:
-        detail = f"no journal at {cfg.journal_path} (nothing recorded since the snapshot)"
+        detail = f"no journal at {path} (nothing recorded since the snapshot)"
         return JournalVerdict(Check("journal", True, detail), data, None)
     error: PosStateError | None = cur.error if cur is not None else None
     if error is None and jc.newer_version is not None:
-        error = UnsupportedVersionError(cfg.journal_path, what="journal format", found=jc.newer_version, supported=VERSION)
+        error = UnsupportedVersionError(path, what="journal format", found=jc.newer_version, supported=VERSION)
     if error is None and not jc.valid:
-        typed = _typed(cfg, keyring, options.require_encryption) if jc.contents_checked else None
-        error = typed or CorruptStateError(cfg.journal_path, jc.problem, kind="journal")
+        typed = _typed(path, keyring, options.require_encryption) if jc.contents_checked else None
+        error = typed or CorruptStateError(path, jc.problem, kind="journal")
     if error is not None:
         data["valid"] = False
         data["problem"] = str(error)
@@ -181,14 +209,12 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     return JournalVerdict(Check("journal", True, detail), data, None)
 
 
-def _typed(cfg: StateConfig, keyring: Any, require_encryption: bool) -> PosStateError | None:
+def _typed(path: Path, keyring: Any, require_encryption: bool) -> PosStateError | None:
     """The typed error behind a failed check (wrong key vs damage), read again without a snapshot."""
     from posstate._journal import read_records
 
     try:
-        read_records(
-            fs.read_file(cfg.journal_path), path=cfg.journal_path, keyring=keyring, require_encryption=require_encryption
-        )
+        read_records(fs.read_file(path), path=path, keyring=keyring, require_encryption=require_encryption)
     except PosStateError as exc:
         return exc
     except OSError:
@@ -256,7 +282,7 @@ def history(ctx: click.Context, symbol: str | None) -> None:
 
     env = env_of(ctx)
     cfg = env.config()
-    path = cfg.journal_path
+    path = journal_read_path(cfg, env.read_options())
     if not fs.exists(path):
         if env.json:
             json_out([])
@@ -267,7 +293,7 @@ def history(ctx: click.Context, symbol: str | None) -> None:
         return
     keyring = env.keyring()
     required = env.require_encryption()
-    entries = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required)
+    entries = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path)
     jc = check(path, keyring=keyring, require_encryption=required)
     if jc.torn_bytes:
         click.echo(f"warning: {path}: torn last record ({jc.torn_bytes} bytes) left out; a load cuts it off", err=True)

@@ -132,9 +132,9 @@ def journal_action(cfg: StateConfig, *, old: Keyring) -> tuple[JournalAction, st
     with the new key refuses it, so: ``fold`` when it holds changes the snapshot lacks (a snapshot-mode save
     folds them in and removes it), ``set aside`` (to quarantine) when the snapshot already holds all of it.
     A damaged journal or one under another key raises its error: repair first."""
-    if not fs.exists(cfg.journal_path):
-        return "none", ""
     options = _statefile.ReadOptions(keyring=old, max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
+    if not fs.exists(journal_path(cfg, old)):
+        return "none", ""
     cur = read_current(cfg, options)
     if cur.error is not None:
         raise cur.error
@@ -143,10 +143,20 @@ def journal_action(cfg: StateConfig, *, old: Keyring) -> tuple[JournalAction, st
     return "set aside", "journal already held by the state file: moved to quarantine (it stays under the old key)"
 
 
-def set_journal_aside(cfg: StateConfig) -> Path:
+def journal_path(cfg: StateConfig, old: Keyring) -> Path:
+    """The journal a load reads: ``cfg.journal_path``, or the old name (``positions.journal`` of 0.1.0) when
+    the snapshot names that file's journal (it is under the old key too, so it is folded or set aside alike)."""
+    from posstate._cli_journal import journal_read_path
+
+    options = _statefile.ReadOptions(keyring=old, max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
+    return journal_read_path(cfg, options)
+
+
+def set_journal_aside(cfg: StateConfig, old: Keyring) -> Path:
     """Move the (verified redundant) journal to quarantine, never deleting it. The caller holds the lock."""
+    path = journal_path(cfg, old)
     try:
-        dest = _atomic.move_aside(cfg.journal_path, cfg.quarantine_dir, label="rekeyed")
+        dest = _atomic.move_aside(path, cfg.quarantine_dir, label="rekeyed")
     except OSError as exc:
-        raise PersistenceError(cfg.journal_path, operation="rekey: quarantine journal", cause=exc) from exc
+        raise PersistenceError(path, operation="rekey: quarantine journal", cause=exc) from exc
     return dest

@@ -25,6 +25,9 @@ Durability = Literal["snapshot", "sync", "group"]
 #: The files that belong to one state file and sit beside it.
 Role = Literal["bak", "lock", "journal"]
 _ROLES: tuple[Role, ...] = ("bak", "lock", "journal")
+#: Folders of the state directory (``StateConfig.in_dir``'s backups, every state file's quarantine): no state
+#: file may take their names.
+_FOLDERS = ("backups", "quarantine")
 
 
 def state_file_path(state_path: Path, role: Role) -> Path:
@@ -122,6 +125,14 @@ class StateConfig:
                 f"state_file {name!r}: a name ending in .bak, .lock, .journal or .tmp, or named like a backup, "
                 "would be taken for another state file's companion; choose another name"
             )
+        if name in _FOLDERS:
+            raise ConfigError(
+                f"state_file {name!r}: the state directory's {name}/ folder (positions.json's backups and quarantined "
+                "files go there); choose another name"
+            )
+        state, backups = Path(self.state_file), Path(self.backup_dir)
+        if state == backups or state in backups.parents:
+            raise ConfigError(f"backup_dir {self.backup_dir!r} is inside the state file {self.state_file!r}; choose another")
 
     # ------------------------------------------------------------------ derived paths
     @property

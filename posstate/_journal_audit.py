@@ -75,17 +75,23 @@ def _value(st: StateData, symbol: str, side: str | None) -> dict[str, Any] | Non
 
 
 def history(
-    config: StateConfig, *, keyring: Keyring | None = None, symbol: str | None = None, require_encryption: bool = False
+    config: StateConfig,
+    *,
+    keyring: Keyring | None = None,
+    symbol: str | None = None,
+    require_encryption: bool = False,
+    path: Path | None = None,
 ) -> tuple[HistoryEntry, ...]:
     """The changes in the journal, oldest first (only those for *symbol* if given).
 
     Raises CorruptStateError(kind="journal") for damage before the last record; a torn last record is
     left out. Without a journal the history is empty. With *require_encryption* a plaintext journal (or
-    state file) is WrongKeyError, as a load with encryption on refuses it.
+    state file) is WrongKeyError, as a load with encryption on refuses it. *path*: the journal file a load
+    reads, when it is not ``config.journal_path`` (the old name, ``positions.journal``).
     """
     from posstate._journal import read_records
 
-    path = config.journal_path
+    path = config.journal_path if path is None else path
     try:
         data = fs.read_file(path)
     except FileNotFoundError:

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -39,12 +40,17 @@ def read_holder(lock_path: Path) -> tuple[int | None, str | None]:
 
 
 def is_locked(lock_path: Path) -> bool:
-    """True if some process holds the writer lock now (a probe that takes and drops a shared lock)."""
+    """True if some process holds the writer lock now (a probe that takes and drops a shared lock).
+
+    Never blocks: opened non-blocking (a FIFO planted at the path would block a plain open), and anything
+    but a regular file is not a lock a writer can hold (:class:`WriterLock` refuses it), so False."""
     try:
-        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:  # missing, a symlink (ELOOP), unreadable: nobody holds a lock a writer could take there
         return False
     try:
+        if not stat.S_ISREG(fs.fstat(fd).st_mode):
+            return False
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
@@ -90,11 +96,21 @@ class WriterLock:
 
     def _open_and_lock(self, deadline: float) -> int:
         lock_path = self.path
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = fs.open_(lock_path, flags, 0o600)
+            regular = stat.S_ISREG(fs.fstat(fd).st_mode)
         except OSError as exc:
             raise PersistenceError(lock_path, operation="open lock file", cause=exc) from exc
+        if not regular:  # a FIFO or a device planted at the path: never the lock (a probe of it could block)
+            os.close(fd)
+            raise PersistenceError(
+                lock_path,
+                operation="open lock file",
+                reason="not a regular file",
+                outcome="nothing was written",
+                next_step="remove what is at the lock path (no writer can hold a lock there) and start again",
+            )
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
