@@ -680,8 +680,8 @@ class Journal:
             else "recorded in this process only: a reopen in this process reports it, after a restart it will not be reported"
         )
         return (
-            f"the outcome is unknown: journal {span} could not be cut off and may be on disk while memory keeps "
-            f"the old value ({where})"
+            f"the outcome is unknown: journal {span} may be on disk (it could not be undone there) while memory "
+            f"keeps the old value ({where})"
         )
 
     def settle(self, seq: int | None, rollback: Callable[[], None]) -> None:
