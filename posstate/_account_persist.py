@@ -88,6 +88,10 @@ class PersistedAccountStateStore(AccountStateStore):
         Raises the manager's error (e.g. :class:`~posstate.PersistenceError`) if the write fails; the
         changes stay pending and the next flush writes them.
         """
+        # Inside the manager's transaction() the write would be undone with it while this store counts it
+        # as persisted: refused (TransactionError), like every other writer there.
+        with self._manager._lock:  # another thread's transaction is not ours: wait for it to end
+            self._manager._check_writable("a flush of the account store (reconcile apply, write-through)")
         with self._persist_lock:
             ticket = self.begin_persist()
             if not ticket.pending:

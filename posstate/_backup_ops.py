@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posstate import _atomic, _backups, _codec, _document, _retention, _statefile
+from posstate import _atomic, _backups, _codec, _document, _journal, _retention, _statefile
 from posstate import _fileops as fs
 from posstate._backups import BackupInfo
 from posstate._config import StateConfig
@@ -245,7 +245,8 @@ def _link_as_backup(mgr: PositionStateManager) -> str | None:
 
 def known_saves(cfg: StateConfig, backups: list[BackupInfo]) -> list[tuple[int, int]]:
     """(generation, written ms) of every copy whose header can be trusted: the state file, its ``.bak``, what
-    a damaged state file's header claims, and every backup. Reads headers only."""
+    a damaged state file's header claims, every backup, and the newest journal record (generation 0: a
+    record names no generation of its own). Reads headers and record frames only."""
     known = [h for h in (_header_of(cfg.state_path), _header_of(cfg.bak_path)) if h is not None]
     claimed = main_header(cfg.state_path, cfg.clock_skew)  # a damaged state file still tells when it was written
     if claimed is not None:
@@ -255,6 +256,10 @@ def known_saves(cfg: StateConfig, backups: list[BackupInfo]) -> list[tuple[int, 
         for b in backups
         if b.valid and b.generation is not None and b.written_at
     ]
+    # Journaled changes are acknowledged saves too (issue 12.11): the newest record's time counts.
+    times = _journal.record_times(cfg.journal_path, cfg.legacy_journal_path)
+    if times:
+        known.append((0, max(times.values())))
     return known
 
 
@@ -294,6 +299,8 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
         ms = _state_ms(mgr._state)
         if ms is not None:
             last_save_ms = max(last_save_ms, ms)
+    if mgr._journal.last_time_ms:  # the newest change this manager journaled or replayed
+        last_save_ms = max(last_save_ms, mgr._journal.last_time_ms)
     age = (last_save_ms - loaded.header.written_at_ms) / 1000
     if age > cfg.backup_threshold and not accept_older:
         raise StaleBackupError(info.path, backup_id=info.id, age=age, threshold=cfg.backup_threshold)

@@ -217,7 +217,12 @@ class StateLockedError(PosStateError, TimeoutError):
 
 
 class PersistenceError(PosStateError, OSError):
-    """A file operation failed; the previous file is intact and the in-memory state unchanged."""
+    """A file operation failed; the previous file is intact and the in-memory state unchanged.
+
+    Unless :attr:`outcome_unknown` is True: then posstate could not prove the failed change was undone on
+    disk (memory holds the old value, the disk may hold the new one), the manager accepts no further change
+    (:class:`OutcomeUnknownError`) and the next load reports the change (docs/JOURNAL.md, "Outcome unknown").
+    """
 
     def __init__(
         self,
@@ -228,8 +233,12 @@ class PersistenceError(PosStateError, OSError):
         reason: str = "",
         outcome: str = "the previous file is intact",
         next_step: str = "free space or fix permissions and save again (`posstate doctor` checks the directory)",
+        outcome_unknown: bool = False,
     ) -> None:
         self._operation = operation
+        self._outcome_unknown = outcome_unknown
+        if outcome_unknown:
+            next_step = "reopen the manager (a new PositionStateManager) to load what is on disk"
         code = cause.errno if cause is not None else None
         why = reason or (cause.strerror if cause is not None and cause.strerror else str(cause) if cause else "failed")
         name = _errno.errorcode.get(code, "") if code is not None else ""
@@ -245,6 +254,11 @@ class PersistenceError(PosStateError, OSError):
     def operation(self) -> str:
         """The file operation that failed (write, fsync, rename, ...)."""
         return self._operation
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """True when the change may be on disk although it was reported as failed (memory keeps the old value)."""
+        return self._outcome_unknown
 
 
 class ConcurrentModificationError(PosStateError, RuntimeError):
@@ -268,6 +282,29 @@ class ConcurrentModificationError(PosStateError, RuntimeError):
     @property
     def found(self) -> int | None:
         return self._found
+
+
+class OutcomeUnknownError(PosStateError, RuntimeError):
+    """A change this manager reported as failed may still be on disk: it accepts no further change.
+
+    Raised by every writer after a :class:`PersistenceError` with ``outcome_unknown=True``. Reads still work
+    and return memory, which holds the value from before the failed change.
+    """
+
+    def __init__(self, path: str | Path | None, *, operation: str = "") -> None:
+        self._operation = operation
+        what = f" ({operation})" if operation else ""
+        super().__init__(
+            f"{_show(path)}: the outcome of an earlier failed change{what} is unknown (it may be on disk while this "
+            "manager's memory holds the old value), so this manager accepts no further change; reopen the manager "
+            "(a new PositionStateManager) to load what is on disk",
+            path=path,
+        )
+
+    @property
+    def operation(self) -> str:
+        """The file operation whose failure left the outcome unknown."""
+        return self._operation
 
 
 class StateNotFoundError(PosStateError, FileNotFoundError):

@@ -29,6 +29,7 @@ EVENTS: frozenset[str] = frozenset(
         "validationError",
         "persistenceError",
         "recoveryError",
+        "outcomeUnknown",
     }
 )
 

@@ -189,6 +189,11 @@ def write_all(fd: int, data: bytes) -> None:
         _finish(lambda view, _at: _active.write(fd, view), data, n, 0)
 
 
+def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """One ``pwrite`` call: returns how many bytes it wrote; a call that raises wrote nothing."""
+    return _active.pwrite(fd, data, offset)
+
+
 def pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """Write every byte of *data* at *offset* (the file position is left alone), looping over short writes;
     a write that makes no progress is ENOSPC. The descriptor must not be O_APPEND (Linux would append)."""

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import orjson
 
-from posstate import _atomic
+from posstate import _atomic, _unknown
 from posstate import _fileops as fs
 from posstate import _journal_format as jf
 from posstate import _journal_ops as jops
@@ -49,7 +49,7 @@ O_RDWR = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 _FIRST_PAD = 64 * 1024  # zeros written with a new journal's first record (see Journal._padding)
 
-__all__ = ["HistoryEntry", "Journal", "JournalCheck", "check", "history", "read_records"]
+__all__ = ["HistoryEntry", "Journal", "JournalCheck", "check", "history", "read_records", "record_times"]
 
 
 def _journal_error(path: Path, reason: str) -> CorruptStateError:
@@ -177,6 +177,27 @@ def journal_file(path: Path, legacy: Path | None, snapshot_journal: dict[str, An
     return legacy if found == snapshot_journal.get("id") else path
 
 
+def record_times(*paths: Path | None) -> dict[int, int]:
+    """Sequence number -> time (ms) of every record the journals at *paths* frame, read-only and keyless.
+
+    For the stale-backup guard and recovery's threshold: an acknowledged change is as new as its record. The
+    times are not authenticated here (a forged later time can only make a backup look older, i.e. refuse
+    more restores). Anything unreadable gives what could be read, or nothing.
+    """
+    times: dict[int, int] = {}
+    for path in paths:  # the journal's name, then the old name (posstate up to 0.1.0), whichever exist
+        if path is None:
+            continue
+        try:
+            data = fs.read_file(path)
+            header = jf.parse_header(data)
+        except (OSError, jf.JournalProblem):
+            continue
+        for rec in jf.scan(data, header).records:
+            times[rec.seq] = max(rec.time_ms, times.get(rec.seq, 0))
+    return times
+
+
 def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> bytes | None:
     if not header.encrypted:
         return None
@@ -245,6 +266,7 @@ class Journal:
         preallocate: int = 1024 * 1024,
         emit: Emit | None = None,
         legacy_path: Path | None = None,
+        on_unknown: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
         self.path = path
         self._legacy = legacy_path  # the old name (positions.journal): read once, never written
@@ -261,6 +283,14 @@ class Journal:
         #: Called before each record is written and before each group sync; raises (StateLockedError)
         #: when this process no longer owns the state's writer lock, so nothing more is written.
         self.guard: Callable[[], None] | None = None
+        # Called (without the manager's lock) when a failed change may still be on disk; returns True if
+        # that was recorded durably (docs/JOURNAL.md, "Outcome unknown").
+        self._on_unknown = on_unknown
+        #: (journal id, first, last sequence number) the last recover() replayed from this file, or None.
+        self.replayed: tuple[str, int, int] | None = None
+        #: Time (ms) of the newest record written or replayed by this manager (0: none): an acknowledged
+        #: change, which the stale-backup guard counts (issue 12.11).
+        self.last_time_ms = 0
         self._fd: int | None = None
         self._header: jf.JournalHeader | None = None
         self._sealer: jf.Sealer | None = None
@@ -285,7 +315,8 @@ class Journal:
         self._failure: tuple[int, PosStateError] | None = None
         # (lo, hi, cause): records lo < seq <= hi failed in a group sync. Kept for good: a waiter that wakes
         # after the journal was already rotated must still learn that its record failed.
-        self._failed_ranges: list[tuple[int, int, OSError]] = []
+        # The last item is the outcome text when the records may still be on disk (the cut failed), else None.
+        self._failed_ranges: list[tuple[int, int, OSError, str | None]] = []
         self._pending: list[tuple[int, list[Undo]]] = []
 
     # ------------------------------------------------------------------------------------------ status
@@ -318,6 +349,7 @@ class Journal:
         self._detach()
         self._replace_ok = False
         self._legacy_read = None
+        self.replayed = None
         snap = st.journal or {}
         src = journal_file(self.path, self._legacy, st.journal)
         leftover = self._sweep_temps(snap.get("id"))
@@ -349,12 +381,17 @@ class Journal:
             self._plan_file(st)
             return 0
         max_rev = 0
+        first = 0
         for rec, ops in records:
             if rec.seq <= snap_seq:
                 continue
             for op in ops:
                 jops.apply(st, {}, op)
                 max_rev = max(max_rev, op.json["rev"])
+            first = first or rec.seq
+            self.last_time_ms = max(self.last_time_ms, rec.time_ms)
+        if first:
+            self.replayed = (header.id_hex, first, last)
         self._last_seq = max(snap_seq, last, leftover)
         self._header = header
         self._records = len(records)
@@ -581,9 +618,8 @@ class Journal:
         if self.guard is not None:
             self.guard()
         seq = self._last_seq = self._last_seq + 1
-        frame = sealer.frame(
-            seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
-        )
+        now_ms = int(time.time() * 1000)
+        frame = sealer.frame(seq=seq, generation=header.base_generation, time_ms=now_ms, kind=kind, payload=payload)
         end = self._end
         new_end = end + len(frame)
         alloc = self._alloc
@@ -592,17 +628,23 @@ class Journal:
             alloc = new_end + pad
             frame += bytes(pad)
         step = "journal write"
+        wrote = 0  # bytes of the frame the first write call took: a call that fails writes nothing
         try:
-            fs.pwrite_all(fd, frame, end)
+            wrote = fs.pwrite(fd, frame, end)
+            if wrote != len(frame):
+                fs.pwrite_all(fd, frame[wrote:], end + wrote)
             if self.mode == "sync":
                 step = "journal fdatasync"
                 fs.fdatasync(fd)
         except OSError as exc:
-            self._fail_file()
-            raise PersistenceError(self.path, operation=step, cause=exc) from exc
+            # The record is gone for sure if no byte of it was written, or once the cut is durable.
+            if self._fail_file() or wrote <= 0:
+                raise PersistenceError(self.path, operation=step, cause=exc) from exc
+            raise self._unknown_error(step, exc, seq, seq) from exc
         self._end = new_end
         self._alloc = alloc
         self._records += 1
+        self.last_time_ms = now_ms
         return seq
 
     def _padding(self, alloc: int) -> int:
@@ -631,9 +673,9 @@ class Journal:
         self._last_seq = seq
         payload = orjson.dumps([op.json for op in ops])
         kind = jf.KIND_OP if len(ops) == 1 else jf.KIND_TRANSACTION
-        frame = sealer.frame(
-            seq=seq, generation=header.base_generation, time_ms=int(time.time() * 1000), kind=kind, payload=payload
-        )
+        now_ms = int(time.time() * 1000)
+        frame = sealer.frame(seq=seq, generation=header.base_generation, time_ms=now_ms, kind=kind, payload=payload)
+        committed = False
         try:
             if not self._replace_ok and fs.exists(self.path):
                 dest = _atomic.move_aside(self.path, self._quarantine, label="replaced")
@@ -642,10 +684,15 @@ class Journal:
             pad = self._padding(0)
             tmp = _atomic.write_temp(self.path, header.raw + frame + bytes(pad))
             _atomic.commit(tmp, self.path)
+            committed = True
             fd = fs.open_(self.path, O_WRITE, 0o600)
         except _atomic.WriteFailed as wf:
+            if wf.renamed:  # the new journal, holding this record, is in place: it may survive
+                raise self._unknown_error(f"create journal ({wf.step})", wf.cause, seq, seq, header) from wf.cause
             raise PersistenceError(self.path, operation=f"create journal ({wf.step})", cause=wf.cause) from wf.cause
         except OSError as exc:
+            if committed:  # the new journal, holding this record, is durably in place
+                raise self._unknown_error("open new journal", exc, seq, seq, header) from exc
             raise PersistenceError(self.path, operation="open new journal", cause=exc) from exc
         self._detach()
         self._fd, self._header, self._sealer = fd, header, sealer
@@ -654,19 +701,58 @@ class Journal:
         self._end = jf.HEADER_SIZE + len(frame)
         self._alloc = self._end + pad
         self._records = 1
+        self.last_time_ms = now_ms
         with self._cond:
             self._written_seq = self._durable_seq = seq
             self._durable_end = self._end
         return seq
 
-    def _fail_file(self) -> None:
+    def _fail_file(self) -> bool:
         """After a failed write or sync the file's tail is unknown: cut it back if we can, and never
-        append to this journal again (the next change rotates; a failed fsync is never just retried)."""
+        append to this journal again (the next change rotates; a failed fsync is never just retried).
+        Returns True only when the cut is durable (truncated and synced): the failed record is gone."""
         self._needs_rotation = True
         self._alloc = self._end
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                fs.ftruncate(self._fd, self._end)
+        return self._cut(self._fd, self._end)
+
+    @staticmethod
+    def _cut(fd: int | None, end: int) -> bool:
+        if fd is None:
+            return False
+        try:
+            fs.ftruncate(fd, end)
+            fs.fdatasync(fd)
+        except OSError:
+            return False
+        return True
+
+    def _unknown_error(
+        self, step: str, cause: OSError, lo: int, hi: int, header: jf.JournalHeader | None = None
+    ) -> PersistenceError:
+        """Records *lo*..*hi* failed but may be on disk: record that (marker file) and say so."""
+        outcome = self._unknown_outcome(lo, hi, header)
+        err = PersistenceError(self.path, operation=step, cause=cause, outcome=outcome, outcome_unknown=True)
+        err.__cause__ = cause
+        return err
+
+    def _unknown_outcome(self, lo: int, hi: int, header: jf.JournalHeader | None = None) -> str:
+        found = header or self._header
+        journal_id = found.id_hex if found is not None else None
+        span = f"record {lo}" if lo == hi else f"records {lo}-{hi}"
+        durable = False
+        if self._on_unknown is not None:
+            durable = self._on_unknown(
+                _unknown.journal_entry(journal_id=journal_id, seq_lo=lo, seq_hi=hi, operation=f"journal {span}")
+            )
+        where = (
+            "recorded for the next load to report"
+            if durable
+            else "recorded in this process only: a reopen in this process reports it, after a restart it will not be reported"
+        )
+        return (
+            f"the outcome is unknown: journal {span} may be on disk (it could not be undone there) while memory "
+            f"keeps the old value ({where})"
+        )
 
     def settle(self, seq: int | None, rollback: Callable[[], None]) -> None:
         """Group mode: return once record *seq* is durable. One caller (the leader) syncs for everyone
@@ -678,12 +764,17 @@ class Journal:
             err: PosStateError | None = None
             with self._cond:
                 while True:
-                    failed = next((cause for lo, hi, cause in self._failed_ranges if lo < seq <= hi), None)
-                    if isinstance(failed, StateLockedError):
-                        err = failed  # the lock was lost before the sync: say so, not "the disk failed"
-                        break
-                    if failed is not None:
-                        err = PersistenceError(self.path, operation="journal fdatasync (group commit)", cause=failed)
+                    hit = next((r for r in self._failed_ranges if r[0] < seq <= r[1]), None)
+                    if hit is not None:
+                        failed, outcome = hit[2], hit[3]
+                        if isinstance(failed, StateLockedError):
+                            err = failed  # the lock was lost before the sync: say so, not "the disk failed"
+                            break
+                        op = "journal fdatasync (group commit)"
+                        if outcome is None:
+                            err = PersistenceError(self.path, operation=op, cause=failed)
+                        else:
+                            err = PersistenceError(self.path, operation=op, cause=failed, outcome=outcome, outcome_unknown=True)
                         err.__cause__ = failed
                         break
                     if self._durable_seq >= seq:
@@ -700,7 +791,6 @@ class Journal:
             self._sync_as_leader(target, fd)
 
     def _sync_as_leader(self, target: int, fd: int | None) -> None:
-        failure: PosStateError | None = None
         cause: OSError | None = None
         try:
             if fd is None:
@@ -708,32 +798,40 @@ class Journal:
             if self.guard is not None:
                 self.guard()
             fs.fdatasync(fd)
-        except StateLockedError as exc:
-            cause = failure = exc
-        except OSError as exc:
+        except OSError as exc:  # StateLockedError too (a TimeoutError): the lock was lost before the sync
             cause = exc
-            failure = PersistenceError(self.path, operation="journal fdatasync", cause=exc)
-            failure.__cause__ = exc
         with self._cond:
             self._syncing = False
-            if failure is None:
+            if cause is None:
                 if target > self._durable_seq:
                     self._durable_seq = target
                     self._durable_end = self._seq_end.get(target, self._durable_end)
                 self._seq_end = {k: v for k, v in self._seq_end.items() if k > self._durable_seq}
                 self._pending = [p for p in self._pending if p[0] > self._durable_seq]
             else:
-                assert cause is not None
-                self._failure = (self._durable_seq, failure)
-                self._failed_ranges.append((self._durable_seq, self._written_seq, cause))
                 self._needs_rotation = True
-                # Cut the records that never became durable off the file, so nothing (a later drain, the
-                # close, a reload) can make them durable or replay them: their callers were told they failed.
-                # A failed sync is never just retried; the next change starts a new journal. A lost lock
-                # leaves the file alone: the next writer may already be appending to it.
-                if fd is not None and not isinstance(cause, StateLockedError):
-                    with contextlib.suppress(OSError):
-                        fs.ftruncate(fd, self._durable_end)
+                lo, hi = self._durable_seq, self._written_seq
+                failure: PosStateError
+                outcome: str | None = None
+                if isinstance(cause, StateLockedError):
+                    # A lost lock leaves the file alone: the next writer may already be appending to it.
+                    failure = cause
+                else:
+                    # Cut the records that never became durable off the file, so nothing (a later drain, the
+                    # close, a reload) can make them durable or replay them: their callers were told they
+                    # failed. A failed sync is never just retried; the next change starts a new journal. If
+                    # the cut cannot be made durable, every one of those records may be on disk: outcome unknown.
+                    if not self._cut(fd, self._durable_end):
+                        outcome = self._unknown_outcome(lo + 1, hi)
+                    if outcome is None:
+                        failure = PersistenceError(self.path, operation="journal fdatasync", cause=cause)
+                    else:
+                        failure = PersistenceError(
+                            self.path, operation="journal fdatasync", cause=cause, outcome=outcome, outcome_unknown=True
+                        )
+                    failure.__cause__ = cause
+                self._failure = (lo, failure)
+                self._failed_ranges.append((lo, hi, cause, outcome))
                 self._end = self._alloc = self._durable_end
                 self._written_seq = self._durable_seq
                 self._seq_end = {}

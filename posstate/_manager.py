@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from posstate import (
     _recovery,
     _repair,
     _statefile,
+    _unknown,
 )
 from posstate import _fileops as fs
 from posstate import _journal_ops as _jops
@@ -39,6 +41,7 @@ from posstate._errors import (
     CorruptStateError,
     ManagerClosedError,
     MissingKeyError,
+    OutcomeUnknownError,
     PersistenceError,
     PosStateError,
     SchemaValidationError,
@@ -116,6 +119,9 @@ class PositionStateManager:
         self._last_backup_at: float | None = None  # creation time of the newest backup (None: not looked yet)
         self._tombstone_floor: int | None = None  # generation of the oldest backup kept (None: unknown)
         self._validator: _periodic.PeriodicValidator | None = None
+        # Set when a failed change may still be on disk (PersistenceError.outcome_unknown): from then on every
+        # writer raises OutcomeUnknownError until the manager is reopened. Holds the operation that failed.
+        self._doubt: str | None = None
         # Write-ahead journal (docs/JOURNAL.md): records each change durably in the "sync"/"group" modes.
         self._journal = _journal.Journal(
             cfg.journal_path,
@@ -128,6 +134,7 @@ class PositionStateManager:
             preallocate=cfg.journal_preallocate,
             emit=self._events.emit,
             legacy_path=cfg.legacy_journal_path,
+            on_unknown=self._note_unknown,
         )
         self._txn: list[tuple[_jops.Op, _jops.Undo]] | None = None
         try:
@@ -167,7 +174,9 @@ class PositionStateManager:
 
     @property
     def generation(self) -> int:
-        """Generation of the state in memory (the last one loaded or saved)."""
+        """Generation of the state in memory: the last one loaded or saved, moved on by every acknowledged
+        journaled change (``durability="sync"``/``"group"``) to that change's revision. Pass it to
+        ``save(expected_generation=...)``."""
         return self._state.generation
 
     @property
@@ -228,6 +237,21 @@ class PositionStateManager:
         self._forked = True
         self._closed = True
 
+    def _check_writable(self, what: str | None = None) -> None:
+        """Before a change: the manager is open, no earlier change's outcome is unknown, and (*what* given:
+        a writer that cannot run inside a transaction) no transaction is open in this thread."""
+        self._check_open()
+        if self._doubt is not None:
+            raise OutcomeUnknownError(self._path, operation=self._doubt)
+        if what is not None and self._txn is not None:
+            raise TransactionError(self._path, f"{what} cannot run inside transaction()")
+
+    def _note_unknown(self, entry: dict[str, Any]) -> bool:
+        """A failed change may still be on disk: refuse every later change, and record it for the next load.
+        Called without the manager's lock (a group-commit leader); returns True if the record is durable."""
+        self._doubt = str(entry.get("operation", "change"))
+        return _unknown.record(self._path, entry)
+
     # ------------------------------------------------------------------------------------------ reading
     def load_positions(self) -> dict[PositionKey, Position]:
         """Read the state file (fully validated) into memory and return its positions.
@@ -236,13 +260,67 @@ class PositionStateManager:
         raises :class:`~posstate.CorruptStateError`, never an empty state.
         """
         with self._lock:
-            self._check_open()
-            self._no_transaction()
+            self._check_writable("load_positions")  # a load may write (recovery, or a change in doubt)
             loaded = self._load_main()
             return dict(loaded.positions)
 
     def _load_main(self) -> StateData:
         self._writer_lock.check()  # a load may cut a torn journal tail or quarantine files
+        before = self.last_recovery
+        state = self._load_snapshot()
+        doubts = _unknown.pending(self._path)
+        if doubts:
+            state = self._report_unknown(doubts, recovered=self.last_recovery is not before)
+        return state
+
+    def _report_unknown(self, doubts: list[dict[str, Any]], *, recovered: bool) -> StateData:
+        """Report the changes an earlier manager could not prove undone (event ``outcomeUnknown`` and
+        ``last_recovery.unknown_outcomes``), each with whether this load found it on disk; once this load's
+        state is durable (a save), forget them (docs/JOURNAL.md, "Outcome unknown")."""
+        loaded = self._state.generation
+        replayed = self._journal.replayed
+        changes = []
+        for d in doubts:
+            found: bool | None = None
+            if recovered:
+                found = None  # recovery chose among several copies: whether the change is in it is not known
+            elif d.get("kind") == "journal":
+                found = (
+                    replayed is not None
+                    and replayed[0] == d.get("journal_id")
+                    and replayed[1] <= int(d.get("seq_hi", 0))
+                    and int(d.get("seq_lo", 0)) <= replayed[2]
+                )
+            elif d.get("kind") == "snapshot":
+                found = loaded >= int(d.get("generation", 0))
+            changes.append({**d, "found_on_disk": found})
+        generation = loaded
+        cleared = False
+        try:
+            generation = self._commit(self._state.copy(), dict(self._entries))  # what was loaded is now durable
+            _unknown.clear(self._path)
+            cleared = True
+        except (PosStateError, OSError) as exc:
+            log.warning("%s: could not make the loaded state durable; the change in doubt stays recorded (%s)", self._path, exc)
+        report = self.last_recovery if recovered else None
+        if report is None:
+            report = RecoveryReport(
+                source="state file",
+                source_path=self._path,
+                generation=loaded,
+                new_generation=generation,
+                age=0.0,
+                generations_lost=0,
+                reason="a change reported as failed may have reached the disk (its outcome was unknown)",
+            )
+        self.last_recovery = dataclasses.replace(report, unknown_outcomes=tuple(changes))
+        self._events.emit(
+            "outcomeUnknown", {"path": str(self._path), "generation": generation, "changes": changes, "cleared": cleared}
+        )
+        log.warning("%s: %d change(s) whose outcome was unknown: %s", self._path, len(changes), changes)
+        return self._state
+
+    def _load_snapshot(self) -> StateData:
         started = time.perf_counter()
         fresh = not fs.exists(self._path)
         try:
@@ -286,6 +364,7 @@ class PositionStateManager:
         loaded = _statefile.read(self._path, options=self._read)
         self._check_account(loaded.state)
         replayed_rev = self._journal.recover(loaded.state)
+        loaded.state.generation = max(loaded.state.generation, replayed_rev)  # as the changes set it (issue 12.10)
         self._adopt(loaded.state, loaded.checksum)
         # Journal records replayed: memory is ahead of the snapshot, and later generations must exceed their revs.
         self._dirty = replayed_rev > 0
@@ -376,6 +455,8 @@ class PositionStateManager:
         if not isinstance(position, Position):
             raise SchemaValidationError(None, "$", "type", f"expected a Position, got {type(position).__name__}")
         with self._lock:
+            if self._doubt is not None:
+                self._check_writable()
             self._ensure_loaded()
             key = (position.symbol, position.side)
             old = self._state.positions.get(key)
@@ -390,6 +471,7 @@ class PositionStateManager:
             op = _jops.set_position(position, self._next_rev())
             if self._txn is None and self._journal.append_now(self._state, self._entries, op):
                 self._dirty = True
+                self._state.generation = op.json["rev"]  # an acknowledged change moves the generation
                 return
             ticket = self._change(op)
         if ticket is not None:
@@ -399,6 +481,7 @@ class PositionStateManager:
         """Remove a position (its symbol's metadata stays). Returns False if there was none."""
         key = check_key(symbol, side)
         with self._lock:
+            self._check_writable()
             self._ensure_loaded()
             if key not in self._state.positions:
                 return False
@@ -411,6 +494,7 @@ class PositionStateManager:
         """Replace the bot's own data for *symbol* (a JSON-able dict; a private copy is kept)."""
         clean = _document.clean_metadata(symbol, data)
         with self._lock:
+            self._check_writable()
             self._ensure_loaded()
             ticket = self._change(_jops.set_metadata(symbol, clean, self._next_rev()))
         if ticket is not None:
@@ -430,6 +514,7 @@ class PositionStateManager:
 
     def delete_symbol_metadata(self, symbol: str) -> bool:
         with self._lock:
+            self._check_writable()
             self._ensure_loaded()
             if symbol not in self._state.metadata:
                 return False
@@ -455,6 +540,10 @@ class PositionStateManager:
                 _jops.restamp(op, rev)
         ticket = self._journal.append(self._state, self._entries, ops)
         self._dirty = True
+        if self._journal.active:
+            # Each journaled change moves the generation to its revision, so that save(expected_generation=)
+            # sees it (docs/JOURNAL.md, "Generation"); a reload computes the same from the records.
+            self._state.generation = rev
         return ticket
 
     def _compact_journal(self) -> int:
@@ -470,6 +559,7 @@ class PositionStateManager:
         every change made in it, in memory too. Other threads wait until the block ends."""
         ticket = None
         with self._lock:
+            self._check_writable()
             self._ensure_loaded()
             if self._txn is not None:  # nested: part of the outer transaction, all or nothing on its own
                 mark = len(self._txn)
@@ -495,10 +585,6 @@ class PositionStateManager:
                     _jops.undo(self._state, self._entries, u)
                 ticket = self._record([op for op, _ in done])
         self._journal.settle(ticket, self._rollback_journal)
-
-    def _no_transaction(self) -> None:
-        if self._txn is not None:
-            raise TransactionError(self._path, "save, save_positions and load_positions cannot run inside transaction()")
 
     def _next_rev(self) -> int:
         return max(self._state.generation, self._highest_generation) + 1
@@ -530,8 +616,8 @@ class PositionStateManager:
         """
         wanted = _normalize(positions)
         with self._lock:
+            self._check_writable("save_positions")
             self._ensure_loaded()
-            self._no_transaction()
             self._journal.drain()
             st = self._state.copy()
             entries = dict(self._entries)
@@ -549,6 +635,7 @@ class PositionStateManager:
         nobody saved since the caller read :attr:`generation`.
         """
         with self._lock:
+            self._check_writable("save")
             self._ensure_loaded()
             if expected_generation is not None and expected_generation != self._state.generation:
                 raise ConcurrentModificationError(
@@ -559,7 +646,6 @@ class PositionStateManager:
                         f"save expected generation {expected_generation}, but the state is at generation {self._state.generation}"
                     ),
                 )
-            self._no_transaction()
             self._journal.drain()
             return self._commit(self._state.copy(), dict(self._entries))
 
@@ -588,7 +674,10 @@ class PositionStateManager:
                 entries=entries,
             )
             self._highest_generation = generation
-            self._write_main(encoded)
+            saved = st
+            # If the new file may be in place although the save failed, memory must hold the same
+            # positions and metadata, or the outcome is unknown (see _persistence_failed).
+            self._write_main(encoded, differs=lambda: _differs(saved, self._state))
         except BaseException:
             if rotation is not None:
                 rotation.abort()
@@ -616,8 +705,9 @@ class PositionStateManager:
         """Hook run after every successful save (timed backups live here)."""
         _backup_ops.after_save(self, state)
 
-    def _write_main(self, encoded: Any) -> None:
+    def _write_main(self, encoded: Any, *, differs: Callable[[], bool] | None = None) -> None:
         path = self._path
+        renamed = False
         try:
             tmp = _atomic.write_temp(path, encoded.data)
             try:
@@ -626,6 +716,7 @@ class PositionStateManager:
                 _atomic.quiet_unlink(tmp)
                 raise
             _atomic.commit(tmp, path)
+            renamed = True
             # From here the new file is (or may be) on disk: if verifying it fails, the next save must
             # still recognise it as our own, not as another writer's.
             self._expected_on_disk.add(encoded.checksum)
@@ -635,19 +726,35 @@ class PositionStateManager:
         except _atomic.WriteFailed as wf:
             if wf.renamed:
                 self._expected_on_disk.add(encoded.checksum)
-            raise self._persistence_failed(wf.step, wf.cause, renamed=wf.renamed) from wf.cause
+            raise self._persistence_failed(wf.step, wf.cause, renamed=wf.renamed, differs=differs) from wf.cause
         except OSError as exc:
-            raise self._persistence_failed("save", exc) from exc
+            raise self._persistence_failed("save", exc, renamed=renamed, differs=differs) from exc
 
-    def _persistence_failed(self, step: str, cause: OSError, *, renamed: bool = False) -> PersistenceError:
+    def _persistence_failed(
+        self, step: str, cause: OSError, *, renamed: bool = False, differs: Callable[[], bool] | None = None
+    ) -> PersistenceError:
         outcome = (
             "the new file is in place but its durability is not confirmed (the previous one is kept as .bak)"
             if renamed
             else "the previous file is intact"
         )
-        err = PersistenceError(self._path, operation=step, cause=cause, outcome=outcome)
+        unknown = renamed and differs is not None and differs()
+        if unknown:
+            # The new file may survive while memory keeps the old positions: the bot must be told.
+            entry = _unknown.snapshot_entry(generation=self._highest_generation, operation=f"save ({step})")
+            where = (
+                "recorded for the next load to report"
+                if self._note_unknown(entry)
+                else "recorded in this process only: a reopen in this process reports it, after a restart it will not be reported"
+            )
+            outcome = (
+                f"the outcome is unknown: the new file (generation {self._highest_generation}) may be in place while "
+                f"memory keeps the old positions ({where})"
+            )
+        err = PersistenceError(self._path, operation=step, cause=cause, outcome=outcome, outcome_unknown=unknown)
         self._events.emit(
-            "persistenceError", {"path": str(self._path), "operation": step, "errno": cause.errno, "reason": str(err)}
+            "persistenceError",
+            {"path": str(self._path), "operation": step, "errno": cause.errno, "reason": str(err), "outcome_unknown": unknown},
         )
         return err
 
@@ -729,6 +836,7 @@ class PositionStateManager:
                 None, f"$[{sym}|{side}]", "unique", f"{sym} {side} is both upserted and deleted in a batch"
             )
         with self._lock:
+            self._check_writable("batch_save_positions")
             self._ensure_loaded()
             st = self._state.copy()
             entries = dict(self._entries)
@@ -743,7 +851,7 @@ class PositionStateManager:
     def create_backup(self) -> BackupInfo:
         """Write a verified timestamped backup of the last saved state now (then apply retention)."""
         with self._lock:
-            self._check_open()
+            self._check_writable("create_backup")  # in the journal modes it saves first
             return _backup_ops.create(self)
 
     def list_backups(self) -> list[BackupInfo]:
@@ -761,7 +869,10 @@ class PositionStateManager:
     def prune_old_backups(self, *, dry_run: bool = False) -> PruneResult:
         """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones."""
         with self._lock:
-            self._check_open()
+            if dry_run:
+                self._check_open()
+            else:
+                self._check_writable()
             return _backup_ops.prune_backups(self, dry_run=dry_run)
 
     def restore_from_backup(self, backup_id: str, *, accept_older: bool = False) -> RestoreResult:
@@ -771,7 +882,7 @@ class PositionStateManager:
         :class:`~posstate.StaleBackupError` unless *accept_older* (stale positions lead to duplicate orders).
         """
         with self._lock:
-            self._check_open()
+            self._check_writable("restore_from_backup")
             return _backup_ops.restore(self, backup_id, accept_older=accept_older)
 
     def attempt_recovery(self) -> RecoveryReport | None:
@@ -780,7 +891,7 @@ class PositionStateManager:
         Returns the recovery report, or None when the state file was fine. Unsaved changes are discarded.
         """
         with self._lock:
-            self._check_open()
+            self._check_writable("attempt_recovery")
             before = self.last_recovery
             self._load_main()
             return self.last_recovery if self.last_recovery is not before else None
@@ -788,7 +899,7 @@ class PositionStateManager:
     def repair_state(self) -> RepairReport:
         """Repair a state file that decrypts but fails validation, entry by entry (docs/RECOVERY.md)."""
         with self._lock:
-            self._check_open()
+            self._check_writable("repair_state")
             return _repair.repair(self)
 
     def merge_states(self, current: StateData | str, backup: StateData | str) -> MergeResult:
@@ -835,6 +946,11 @@ class PositionStateManager:
             first = report.errors[0] if report.errors else ValidationIssue("$", "contents not checked")
             self._events.emit("validationError", {"path": str(self._path), "json_path": first.path, "reason": first.message})
         return report
+
+
+def _differs(a: StateData, b: StateData) -> bool:
+    """True when *a* and *b* hold different positions or metadata (what the bot sees)."""
+    return a.positions != b.positions or a.metadata != b.metadata
 
 
 def _backups_resolve(mgr: PositionStateManager, ident: str) -> BackupInfo:

@@ -57,6 +57,11 @@ class RecoveryReport:
     attempts: int = 1
     candidates: tuple[tuple[str, str], ...] = field(default=())
     journal: str = ""  # what happened to the write-ahead journal, if there was one
+    # Changes an earlier manager reported as failed but could not prove undone (PersistenceError.outcome_unknown):
+    # each a dict with "kind" ("journal": "journal_id", "seq_lo", "seq_hi"; "snapshot": "generation"),
+    # "operation", "time_ms" and "found_on_disk" (True: this load holds the change; False: it does not;
+    # None: recovery chose among copies and cannot tell).
+    unknown_outcomes: tuple[dict[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +76,7 @@ class RecoveryReport:
             "attempts": self.attempts,
             "candidates": [list(c) for c in self.candidates],
             "journal": self.journal,
+            "unknown_outcomes": [dict(c) for c in self.unknown_outcomes],
         }
 
 
@@ -85,6 +91,13 @@ class _Candidate:
     rank: int = 0  # among copies of one generation, more is newer (journal records replayed; memory highest)
     checksum: str | None = None
     max_rev: int = 0
+    changed_ms: int | None = None  # time of the newest journal record replayed onto it, if any
+
+    @property
+    def newest_ms(self) -> int | None:
+        """When the newest change this copy holds was made (its write time, or a later replayed record's)."""
+        times = [t for t in (self.written_ms, self.changed_ms) if t is not None]
+        return max(times) if times else None
 
 
 def _why(exc: BaseException) -> str:
@@ -182,7 +195,9 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> 
     # was durable when its call returned), so it outranks every file of the same generation.
     if mgr._loaded and mgr._state.generation > 0 and (not mgr._dirty or cfg.durability != "snapshot"):
         st = mgr._state
-        cands.append(_Candidate("memory", None, st.copy(), st.generation, _statefile_ms(st), rank=1 << 62))
+        mem = _Candidate("memory", None, st.copy(), st.generation, _statefile_ms(st), rank=1 << 62)
+        mem.changed_ms = mgr._journal.last_time_ms or None  # its newest journaled change
+        cands.append(mem)
     cands += _file_candidates(cfg, mgr._read, mgr._check_account)
     best, listing, newest_gen = _select(cands, cfg, reason)
     if best is None:
@@ -256,10 +271,11 @@ def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: C
     ]
     for bid, _created in _backups.names_only(cfg.backup_path):
         cands.append(_load_candidate(options, check, f"backup {bid}", cfg.backup_path / _backups.file_name(bid)))
-    return [_with_journal(c, cfg, options) for c in cands]
+    times = _journal.record_times(cfg.journal_path, cfg.legacy_journal_path)
+    return [_with_journal(c, cfg, options, times) for c in cands]
 
 
-def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOptions) -> _Candidate:
+def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOptions, times: dict[int, int]) -> _Candidate:
     """Replay onto a copy whose snapshot names the journal on disk that journal's trustworthy records."""
     if cand.state is None or cand.state.journal is None:
         return cand
@@ -269,6 +285,9 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
     applied, max_rev, stopped = _journal.replay_prefix(
         path, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption
     )
+    if applied:  # records are applied in sequence from the one after the snapshot's, without gaps
+        first = int(cand.state.journal.get("seq", 0)) + 1
+        cand.changed_ms = max((times[q] for q in range(first, first + applied) if q in times), default=None)
     if applied or stopped.startswith(("byte", "record")):
         cand.rank, cand.max_rev = applied, max_rev
         cand.name = f"{cand.name} + {applied} journal records" + (f" (replay stopped at {stopped})" if stopped else "")
@@ -278,34 +297,53 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
 def _select(
     cands: list[_Candidate], cfg: StateConfig, reason: str
 ) -> tuple[_Candidate | None, list[tuple[str, str]], int | None]:
-    """The copy recovery uses (None: none eligible), every candidate with its verdict, the newest generation known."""
+    """The copy recovery uses (None: none eligible), every candidate with its verdict, the newest generation known.
+
+    The highest generation wins (then the most journal records replayed): never the clock (issue 12.12). The
+    clock only decides whether that copy is too stale to use automatically: when what it would lose (a newer
+    generation the damaged file claims, journal records after the last one it holds: acknowledged changes,
+    issue 12.11) was made more than ``backup_threshold`` after its own newest change, recovery refuses rather
+    than bring back stale positions. Copies whose clock disagrees with their generation get a warning.
+    """
     path = cfg.state_path
     known = [(c.generation, c.written_ms) for c in cands if c.generation is not None and c.written_ms is not None]
     claimed = main_header(path, cfg.clock_skew)
     if claimed is not None:
         known.append(claimed)
-    newest_ms = max((ms for _, ms in known), default=None)
     newest_gen = max((g for g, _ in known), default=None)
-    floor_ms = None if newest_ms is None else newest_ms - cfg.backup_threshold * 1000
-    eligible: list[_Candidate] = []
-    for c in cands:
-        if c.state is None:
+    valid = [c for c in cands if c.state is not None]
+    if not valid:
+        return None, [(c.name, c.verdict or "not usable") for c in cands], newest_gen
+    best = max(valid, key=lambda c: (c.generation or 0, c.rank, c.path == path, c.name != cfg.bak_path.name))
+    best_ms = best.newest_ms
+    # What choosing *best* would lose: every newer generation known, and every journal record after the last
+    # one it holds (sequence numbers go on across journals). Memory holds every acknowledged change.
+    lost_ms = [ms for g, ms in known if g > (best.generation or 0)]
+    if claimed is not None and claimed[0] >= (best.generation or 0) and best.path != path:
+        lost_ms.append(claimed[1])  # the damaged file is at least as new as the copy that replaces it
+    if best.name != "memory" and best.state is not None:
+        held = int((best.state.journal or {}).get("seq", 0)) + (best.rank if best.changed_ms is not None else 0)
+        lost_ms += [t for q, t in _journal.record_times(cfg.journal_path, cfg.legacy_journal_path).items() if q > held]
+    newest_ms = max(lost_ms, default=None)
+    stale = newest_ms is not None and best_ms is not None and best_ms < newest_ms - cfg.backup_threshold * 1000
+    for c in valid:
+        if c is best:
+            c.verdict = "chosen"
+            if stale:
+                c.verdict = (
+                    f"valid but too old: its newest change is {(newest_ms or 0) / 1000 - (best_ms or 0) / 1000:.0f} s before "
+                    f"the newest change known (backup_threshold {cfg.backup_threshold:.0f} s)"
+                )
             continue
-        if floor_ms is not None and c.written_ms is not None and c.written_ms < floor_ms:
-            c.verdict = (
-                f"valid but too old: written {(newest_ms or 0) / 1000 - c.written_ms / 1000:.0f} s before the newest copy known "
-                f"(backup_threshold {cfg.backup_threshold:.0f} s)"
-            )
-            continue
-        eligible.append(c)
-    listing: list[tuple[str, str]] = []
-    if not eligible:
-        listing += [(c.name, c.verdict or "not usable") for c in cands]
+        c.verdict = f"valid, older than the chosen copy (generation {c.generation})"
+        c_ms = c.newest_ms
+        if c_ms is not None and best_ms is not None and c_ms > best_ms:
+            # A lower generation written "later": the clock stepped back (or forward) between the saves.
+            c.verdict += "; warning: its clock time is later than the chosen copy's (clock stepped?)"
+            log.warning("%s: %s has a lower generation but a later time than %s; the clock moved", path, c.name, best.name)
+    listing = [(c.name, c.verdict or "not usable") for c in cands]
+    if stale:
         return None, listing, newest_gen
-    best = max(eligible, key=lambda c: (c.generation or 0, c.rank, c.written_ms or 0, c.name != cfg.bak_path.name))
-    for c in eligible:
-        c.verdict = "chosen" if c is best else f"valid, older than the chosen copy (generation {c.generation})"
-    listing += [(c.name, c.verdict) for c in cands]
     return best, listing, newest_gen
 
 

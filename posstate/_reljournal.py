@@ -18,7 +18,7 @@ from pathlib import Path
 from posstate import _fileops
 from posstate import _journal_format as jf
 from posstate._crashjournal import config, counters, expected_positions, update_position
-from posstate._errors import PersistenceError, PosStateError
+from posstate._errors import OutcomeUnknownError, PersistenceError, PosStateError
 from posstate._harness import Fault, HarnessOps, Op
 from posstate._manager import PositionStateManager
 from posstate._model import Position, PositionKey
@@ -164,8 +164,9 @@ def fault_case(base: Path, d: Path, *, key: bytes, fault: Fault, max_records: in
         with _fileops.use(ops):
             try:
                 m.set_position(update_position(0, i))
-            except PersistenceError:
-                outcome = "failed"
+            except PersistenceError as exc:
+                # outcome_unknown: the update may be on disk; the bot was told, and the next load reports it.
+                outcome = "unknown" if exc.outcome_unknown else "failed"
             except Exception as exc:  # anything else breaks the promise of a typed error
                 outcome = f"wrong-error: {type(exc).__name__}: {exc}"
         memory = m.get_positions()
@@ -176,12 +177,26 @@ def fault_case(base: Path, d: Path, *, key: bytes, fault: Fault, max_records: in
             with PositionStateManager(config(copy, max_records=max_records), key=key) as m2:
                 disk = m2.load_positions()
             disk_ok = disk == new or (disk == old and outcome != "succeeded")
-            disk_note = "" if disk == memory else "disk holds the failed (in-flight) update"
+            disk_note = "" if disk == memory or outcome == "unknown" else "disk holds the failed (in-flight) update"
         except PosStateError as exc:
             disk_ok, disk_note = False, f"{type(exc).__name__}: {exc}"
         shutil.rmtree(copy)
-        # The fault clears: the same manager takes the next update.
+        # The fault clears: the same manager takes the next update (after an unknown outcome it refuses,
+        # and a reopened one loads what is on disk and reports the update in doubt).
         try:
+            if outcome == "unknown":
+                try:
+                    m.set_position(update_position(0, i + 1))
+                except OutcomeUnknownError:
+                    pass
+                else:
+                    raise PersistenceError(d, operation="update", reason="accepted a change after an unknown outcome")
+                m.close()
+                m = PositionStateManager(cfg, key=key)
+                memory = m.load_positions()
+                report = m.last_recovery
+                if report is None or not report.unknown_outcomes:
+                    raise PersistenceError(d, operation="load", reason="the update in doubt was not reported")
             m.set_position(update_position(0, i + 1))
             final = m.get_positions()
             next_ok = final == {**memory, update_position(0, i + 1).key: update_position(0, i + 1)}
@@ -193,7 +208,7 @@ def fault_case(base: Path, d: Path, *, key: bytes, fault: Fault, max_records: in
     with PositionStateManager(cfg, key=key) as m3:
         reloaded = m3.load_positions()  # journal temps are swept at load, snapshot temps at open
         after_ok = _temps(d) == [] and reloaded == final
-    detected = outcome in ("failed", "succeeded") and memory_ok and disk_ok
+    detected = outcome in ("failed", "succeeded", "unknown") and memory_ok and disk_ok
     shutil.rmtree(d)
     return FaultResult(
         outcome, ops.fired > 0, detected, detected and next_ok and after_ok, not disk_ok or not after_ok, disk_note

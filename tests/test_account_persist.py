@@ -71,16 +71,19 @@ class FailFsync(fs.FileOps):
     """Real file operations, except fsync and fdatasync (the journal's sync) fail with ENOSPC while
     ``failing`` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, once: bool = False) -> None:
         self.failing = True
+        self.once = once  # fail one sync only (then the cut of the failed record is durable: outcome known)
 
     def fsync(self, fd: int) -> None:
         if self.failing:
+            self.failing = not self.once
             raise OSError(errno.ENOSPC, "No space left on device")
         super().fsync(fd)
 
     def fdatasync(self, fd: int) -> None:
         if self.failing:
+            self.failing = not self.once
             raise OSError(errno.ENOSPC, "No space left on device")
         super().fdatasync(fd)
 
@@ -233,10 +236,11 @@ def test_failed_persist_stays_pending_then_succeeds(tmp_path: Path, durability: 
         failures: list[dict[str, Any]] = []
         store.on("persistFailed", failures.append)
         store.set_symbol_metadata("BTC/USDT", {"n": 2})
-        ops = FailFsync()
+        ops = FailFsync(once=True)
         with fs.use(ops):
-            with pytest.raises(PersistenceError):
+            with pytest.raises(PersistenceError) as info:
                 store.flush()
+            assert not info.value.outcome_unknown
             assert store.is_pending_persist()
             assert durable(cfg).metadata["BTC/USDT"] == {"n": 1}
             ops.failing = False
@@ -346,7 +350,7 @@ def test_write_through_failure_raises_and_stays_pending(tmp_path: Path, durabili
     with PositionStateManager(cfg) as m:
         store = PersistedAccountStateStore(m)
         store.set_symbol_metadata("BTC/USDT", {"n": 1})
-        ops = FailFsync()
+        ops = FailFsync(once=True)
         with fs.use(ops):
             with pytest.raises(PersistenceError):
                 store.set_symbol_metadata_value("BTC/USDT", "n", 2)

@@ -144,7 +144,7 @@ def test_diff_sees_journaled_changes(state: Path, key_file: Path, tmp_path: Path
     r = run([*keyed(state, key_file), "diff", str(copy), str(state / "positions.json")])
     assert r.exit_code == 0, r.stderr
     assert "+ C long" in r.stdout and "- B long" in r.stdout and "~ A long" in r.stdout
-    assert r.stdout.splitlines()[1].endswith("(generation 2 + 4 journal records)")
+    assert r.stdout.splitlines()[1].endswith("(generation 4 + 4 journal records)")
     j = json.loads(run([*keyed(state, key_file), "diff", "--json", str(copy), str(state / "positions.json")]).stdout)
     assert not j["identical"] and j["b"]["journal_records"] == 4 and j["a"]["journal_records"] == 0
     same = run([*keyed(state, key_file), "diff", "--snapshot-only", str(copy), str(state / "positions.json")])

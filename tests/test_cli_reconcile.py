@@ -117,7 +117,8 @@ def test_apply_with_yes_saves_and_keeps_metadata(state: Path, key: bytes, key_fi
     positions, metadata = reopened(state, key)
     assert positions == book and metadata[ETH] == {"entries_long": 2}
     st = saved(state, key)  # "saved as generation N": that generation of the state file holds the applied book
-    assert r.stdout.splitlines()[-1] == f"saved as generation {st.generation}" and st.generation == before + 1
+    # Past the applied record's generation (a journaled change moves it, issue 12.10), then one save.
+    assert r.stdout.splitlines()[-1] == f"saved as generation {st.generation}" and st.generation > before
     assert set(st.positions) == book and st.metadata[ETH] == {"entries_long": 2}
     r = reconcile(state, key_file, "ccxt_opened_by_hand.json", "--apply", "--yes")
     assert r.exit_code == 0 and r.stdout.splitlines()[-2:] == ["IN SYNC", "nothing to apply"]

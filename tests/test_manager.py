@@ -22,6 +22,7 @@ from posstate import (
     ConcurrentModificationError,
     CorruptStateError,
     ManagerClosedError,
+    OutcomeUnknownError,
     PersistenceError,
     Position,
     PositionStateManager,
@@ -99,10 +100,13 @@ def test_set_get_delete_position_and_save(manager: Factory) -> None:
     assert m.delete_position("A", "long") is True
     assert m.delete_position("A", "long") is False
     assert m.get_position("A", "long") is None
-    assert m.save() == first + 1 == m.generation and not m.dirty
+    changed = m.generation  # the journaled delete moved it on (issue 12.10)
+    assert changed > first
+    second = m.save()
+    assert second == changed + 1 == m.generation and not m.dirty
     m.close()
     again = manager()
-    assert again.load_positions() == {} and again.generation == first + 1
+    assert again.load_positions() == {} and again.generation == second
 
 
 def test_set_position_requires_position(manager: Factory) -> None:
@@ -369,7 +373,7 @@ def test_async_methods(manager: Factory) -> None:
         return g1, g2, loaded, ticks
 
     g1, g2, loaded, ticks = asyncio.run(main())
-    assert (g1, g2) == (1, 2) and set(loaded) == {("A", "long"), ("B", "long")}
+    assert (g1, g2) == (1, 3) and set(loaded) == {("A", "long"), ("B", "long")}
     assert ticks > 0
 
 
@@ -493,17 +497,35 @@ class _FailReadAfterRename(_fileops.FileOps):
 
 
 def test_failed_verify_then_next_save_succeeds(manager: Factory, cfg: StateConfig) -> None:
-    """EIO while re-reading the new file: PersistenceError; once the fault clears the next save succeeds
-    (the file this manager itself renamed into place is not mistaken for another writer's)."""
+    """EIO while re-reading the new file of a save of memory: PersistenceError; once the fault clears the
+    next save succeeds (the file this manager itself renamed into place is not mistaken for another writer's)."""
     m = manager()
     m.save_positions([pos("A")])
     with _fileops.use(_FailReadAfterRename()), pytest.raises(PersistenceError) as info:
-        m.save_positions([pos("B")])
-    assert info.value.errno == errno.EIO
+        m.save()
+    assert info.value.errno == errno.EIO and not info.value.outcome_unknown
     assert set(m.get_positions()) == {("A", "long")}
     m.save_positions([pos("C")])
     m.close()
     assert set(manager().load_positions()) == {("C", "long")}
+
+
+def test_failed_verify_of_a_change_is_outcome_unknown(manager: Factory, cfg: StateConfig) -> None:
+    """issue 12.8: EIO re-reading the new file of save_positions([B]): B is in place while memory keeps A, so
+    the error says the outcome is unknown, the manager refuses further changes, and the next load reports it."""
+    m = manager()
+    m.save_positions([pos("A")])
+    with _fileops.use(_FailReadAfterRename()), pytest.raises(PersistenceError) as info:
+        m.save_positions([pos("B")])
+    assert info.value.errno == errno.EIO and info.value.outcome_unknown
+    assert set(m.get_positions()) == {("A", "long")}
+    with pytest.raises(OutcomeUnknownError):
+        m.save_positions([pos("C")])
+    m.close()
+    m2 = manager()
+    assert set(m2.load_positions()) == {("B", "long")}
+    assert m2.last_recovery is not None
+    assert [c["found_on_disk"] for c in m2.last_recovery.unknown_outcomes] == [True]
 
 
 @pytest.mark.parametrize(("field", "value"), [("generation", 9), ("position_count", 5)])
@@ -545,16 +567,50 @@ class _FailFsyncDir(_fileops.FileOps):
 
 
 def test_failure_after_the_rename_says_so_and_the_next_save_succeeds(manager: Factory, cfg: StateConfig) -> None:
-    """fsync of the directory fails after the rename: the error says the new file is in place (not 'intact'),
-    and the next save accepts that file as this manager's own."""
+    """fsync of the directory fails after the rename of a save of memory: the error says the new file is in
+    place (not 'intact'), and the next save accepts that file as this manager's own."""
     m = manager(cfg.replace(durability="snapshot"))
     m.save_positions([pos("A")])
+    m.set_position(pos("B"))
     with _fileops.use(_FailFsyncDir()), pytest.raises(PersistenceError) as info:
-        m.save_positions([pos("B")])
+        m.save()
     assert info.value.operation == "fsync_dir" and "the new file is in place" in str(info.value)
+    assert not info.value.outcome_unknown  # memory holds exactly what may be on disk
     m.save_positions([pos("C")])
     m.close()
     assert set(manager().load_positions()) == {("C", "long")}
+
+
+def test_snapshot_rename_then_failure_is_outcome_unknown(manager: Factory, cfg: StateConfig) -> None:
+    """issue 12.8: snapshot mode, save_positions([B]) renamed into place, then the directory fsync (and the
+    marker write) fail: outcome_unknown, memory keeps A, no further change, and a reopen in this process
+    reports B as found on disk (the error says a restart would not)."""
+    scfg = cfg.replace(durability="snapshot")
+    m = manager(scfg)
+    m.save_positions([pos("A")])
+    events: list[dict[str, object]] = []
+    with _fileops.use(_FailFsyncDir()), pytest.raises(PersistenceError) as info:
+        m.save_positions([pos("B")])
+    err = info.value
+    assert err.outcome_unknown and "outcome is unknown" in str(err) and "after a restart it will not be reported" in str(err)
+    assert "reopen the manager (a new PositionStateManager)" in str(err)
+    assert set(m.get_positions()) == {("A", "long")}  # reads work and return memory: the old value
+    for writer in (lambda: m.save(), lambda: m.set_position(pos("C")), lambda: m.batch_save_positions([pos("C")])):
+        with pytest.raises(OutcomeUnknownError, match="reopen the manager"):
+            writer()
+    m.close()
+    m2 = manager(scfg)
+    m2.on("outcomeUnknown", events.append)
+    assert set(m2.load_positions()) == {("B", "long")}
+    report = m2.last_recovery
+    assert report is not None and [(c["kind"], c["found_on_disk"]) for c in report.unknown_outcomes] == [("snapshot", True)]
+    assert len(events) == 1 and events[0]["cleared"] is True
+    m2.set_position(pos("C"))
+    m2.save()
+    m2.close()
+    m3 = manager(scfg)
+    assert set(m3.load_positions()) == {("B", "long"), ("C", "long")}
+    assert m3.last_recovery is None  # reported once, then forgotten
 
 
 def test_symlink_at_the_state_path_is_not_followed(manager: Factory, cfg: StateConfig, tmp_path: Path) -> None:

@@ -68,7 +68,10 @@ def test_errno_at_every_operation_of_an_update(tmp_path: Path, key: bytes, kind:
             r = rj.fault_case(base, tmp_path / f"{name}{k}", key=key, fault=Fault(at=k, errno=code, persistent=persistent))
             assert r.fired and r.detected and r.recovered and not r.lost, (name, k, r)
             outcomes[r.outcome] += 1
-    assert outcomes["failed"] > 0 and set(outcomes) <= {"failed", "succeeded"}
+    # "unknown" (issue 12.8): the cut of a failed record failed too; the bot was told, a reopen reports it.
+    assert outcomes["failed"] > 0 and set(outcomes) <= {"failed", "succeeded", "unknown"}
+    if persistent and kind == "append":
+        assert outcomes["unknown"] > 0
 
 
 @pytest.mark.parametrize("kind", ["append", "compaction"])
