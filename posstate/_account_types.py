@@ -7,6 +7,7 @@ one else references, and metadata are frozen deeply (dicts become mapping proxie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from decimal import Decimal
@@ -60,6 +61,16 @@ def thaw_json(value: Any) -> Any:
     if isinstance(value, tuple):
         return [thaw_json(v) for v in value]
     return value
+
+
+def _ccxt_timestamp(ts: Any) -> int | None:
+    """ccxt's millisecond timestamp as an int; None when absent or not a number. NaN and infinity are
+    SchemaValidationError (never a ValueError or OverflowError from int())."""
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return None
+    if isinstance(ts, float) and not math.isfinite(ts):
+        raise SchemaValidationError(None, "$.timestamp", "type", f"expected milliseconds since the epoch, got {ts!r}")
+    return int(ts)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,6 +127,8 @@ class Order:
     @classmethod
     def from_ccxt(cls, data: Mapping[str, Any]) -> Order:
         """Build from a ccxt unified order dict (``open`` becomes NEW or PARTIALLY_FILLED by ``filled``)."""
+        if not isinstance(data, Mapping):
+            raise SchemaValidationError(None, "$", "type", f"expected a ccxt order dict, got {type(data).__name__}")
         filled = to_decimal(data.get("filled") or 0, "filled")
         raw = str(data.get("status") or "open")
         status = ("PARTIALLY_FILLED" if filled > 0 else "NEW") if raw == "open" else _CCXT_STATUS.get(raw, raw)
@@ -130,7 +143,7 @@ class Order:
             price=data.get("price"),
             amount=to_decimal(data.get("amount") if data.get("amount") is not None else 0, "amount"),
             filled=filled,
-            timestamp=int(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None,
+            timestamp=_ccxt_timestamp(ts),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ milliseconds in the reference's nested upper-case form, which :meth:`StateConfig
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posstate._errors import ConfigError
+from posstate._model import BAD_TEXT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -101,6 +103,7 @@ class StateConfig:
     periodic_validation: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not self.atomic_writes:
             raise ConfigError("atomic_writes=False is not supported: posstate only writes atomically")
         if not 1 <= self.compression_level <= 22:
@@ -118,6 +121,17 @@ class StateConfig:
             raise ConfigError(f"account_mode must be 'live' or 'paper', got {self.account_mode!r}")
         if (self.exchange is None) != (self.account_id is None):
             raise ConfigError("give both exchange and account_id, or neither")
+        if self.max_document_bytes < 1:
+            raise ConfigError(f"max_document_bytes must be >= 1, got {self.max_document_bytes}")
+        # Written into every state document: the schema's account rules, checked here rather than by a save whose
+        # file then cannot be loaded (or, with a lone surrogate, cannot be written at all).
+        for name, longest in (("exchange", 64), ("account_id", 128)):
+            value = getattr(self, name)
+            if value is not None and (not 1 <= len(value) <= longest or BAD_TEXT.search(value) is not None):
+                raise ConfigError(
+                    f"{name} must be 1 to {longest} characters with no control, lone surrogate or bidi character, "
+                    f"got {value[:80]!r}"
+                )
         name = Path(self.state_file).name
         companion = name.endswith(tuple(f".{r}" for r in _ROLES)) or name.endswith(".tmp")
         if companion or not name.strip(".") or _BACKUP_NAME.fullmatch(name):
@@ -216,6 +230,46 @@ class StateConfig:
             return cls.from_mapping(data)
         except ConfigError as exc:
             raise ConfigError(str(exc).split("; see")[0], path=p) from None
+
+
+_INT_FIELDS = (
+    "max_backups",
+    "repair_attempts",
+    "compression_level",
+    "recovery_max_attempts",
+    "keep_hourly",
+    "keep_daily",
+    "keep_weekly",
+    "max_document_bytes",
+    "journal_max_bytes",
+    "journal_max_records",
+    "journal_preallocate",
+)
+_SECONDS_FIELDS = ("backup_interval", "validation_interval", "backup_threshold", "keep_within", "lock_timeout", "clock_skew")
+_BOOL_FIELDS = ("validation_enabled", "atomic_writes", "compression", "encryption", "verify_after_write", "periodic_validation")
+
+
+def _check_types(cfg: StateConfig) -> None:
+    """ConfigError for a value of the wrong type (a TOML ``"3"`` or ``3.5`` where a count belongs, ``nan`` seconds),
+    rather than a TypeError from deep inside the first save, or a NaN that silently turns a check off."""
+    for name in _INT_FIELDS:
+        value = getattr(cfg, name)
+        if type(value) is not int:
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    for name in _SECONDS_FIELDS:
+        value = getattr(cfg, name)
+        if type(value) not in (int, float) or value != value:  # NaN: every comparison with it is False
+            raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
+    for name in _BOOL_FIELDS:
+        if type(getattr(cfg, name)) is not bool:
+            raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    for name in ("state_file", "backup_dir"):
+        if not isinstance(getattr(cfg, name), (str, os.PathLike)) or not str(getattr(cfg, name)):
+            raise ConfigError(f"{name} must be a non-empty path, got {getattr(cfg, name)!r}")
+    for name in ("exchange", "account_id", "account_mode", "durability"):
+        value = getattr(cfg, name)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
 
 
 _SECONDS_FROM_MS = 1000.0

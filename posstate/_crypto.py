@@ -118,6 +118,10 @@ class Keyring:
             key = bytes(key)
         if passphrase is not None and (not isinstance(passphrase, str) or not passphrase):
             raise MissingKeyError(reason="passphrase must be a non-empty string")
+        if passphrase is not None and any("\ud800" <= ch <= "\udfff" for ch in passphrase):
+            # Not Unicode text (e.g. POSSTATE_PASSPHRASE holding bytes that are not UTF-8): it has no UTF-8 form to derive
+            # a key from. Refused here, never a UnicodeEncodeError at the first save.
+            raise MissingKeyError(reason="passphrase is not valid Unicode text (a lone surrogate; set it as UTF-8)")
         if not scrypt_cost_ok(log2_n):
             raise ConfigError(
                 f"log2_n must be an int from {MIN_SCRYPT_LOG2_N} to {MAX_SCRYPT_LOG2_N} (the scrypt cost files may name)"

@@ -28,6 +28,7 @@ from posstate._model import (
     BAD_TEXT,
     DECIMAL_FIELDS,
     MAX_COUNTER,
+    MAX_DECIMAL_EXPONENT,
     MAX_DECIMAL_LENGTH,
     MAX_SYMBOL_LENGTH,
     REQUIRED_FIELDS,
@@ -244,7 +245,13 @@ def loads(payload: bytes, *, path: str | Path | None, strict: bool) -> Any:
     """Parse JSON. ``strict`` also refuses duplicate keys (for payloads no key authenticated)."""
     try:
         if strict:
-            return json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+            return json.loads(
+                payload.decode("utf-8"),
+                object_pairs_hook=_no_duplicates,
+                parse_constant=_no_constant,
+                parse_int=_int64,
+                parse_float=_finite_float,
+            )
         return orjson.loads(payload)
     except _Duplicate as dup:
         raise SchemaValidationError(path, "$", "uniqueKeys", f"duplicate key {dup.key!r} in one JSON object") from None
@@ -277,6 +284,28 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _int64(text: str) -> int:
+    """An integer the writer (orjson) can write back: -2**63 .. 2**64-1, like the values the setters accept; a
+    bigger one would load and then make every later save raise TypeError."""
+    if len(text) > 21:
+        raise ValueError("integer does not fit in 64 bits")
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise ValueError("integer does not fit in 64 bits")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """A finite float: ``1e400`` is infinity as a double, which orjson refuses to read and writes as null."""
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise ValueError("number is infinity when parsed as double")
+    return value
+
+
+_INF = float("inf")
+
+
 def _counter(v: Any) -> int:
     if type(v) is not int or v < 0 or v > MAX_COUNTER:
         raise _Reject
@@ -288,12 +317,13 @@ def decimal_strings_ok(values: list[str]) -> bool:
     return _decimal_scan(values) != _DECIMALS_BAD
 
 
-_DECIMALS_BAD, _DECIMALS_OK, _DECIMALS_NEGATIVE_ZERO = 0, 1, 2
+_DECIMALS_BAD, _DECIMALS_OK, _DECIMALS_NEGATIVE_ZERO, _DECIMALS_EXPONENT = 0, 1, 2, 3
 
 
 def _decimal_scan(values: list[str]) -> int:
     """_DECIMALS_BAD unless every value matches the schema's decimal pattern; then _DECIMALS_NEGATIVE_ZERO if one is
-    a negative zero (valid, but read as 0: the fast path leaves that to Position), else _DECIMALS_OK.
+    a negative zero (valid, but read as 0: the fast path leaves that to Position), else _DECIMALS_EXPONENT if one
+    has an exponent (its value must be checked, see :func:`_exponents_ok`), else _DECIMALS_OK.
 
     One pass of C-speed string scans over all values at once; see ``_DECIMAL_BAD``.
     """
@@ -319,7 +349,22 @@ def _decimal_scan(values: list[str]) -> int:
         return _DECIMALS_BAD
     if any(ch in raw and bad in raw for ch, bad in _DECIMAL_BAD_RARE):
         return _DECIMALS_BAD
-    return _DECIMALS_NEGATIVE_ZERO if negative_zero else _DECIMALS_OK
+    if negative_zero:
+        return _DECIMALS_NEGATIVE_ZERO
+    return _DECIMALS_EXPONENT if b"e" in raw else _DECIMALS_OK
+
+
+def _exponents_ok(texts: list[str]) -> bool:
+    """True if every text with an exponent has a value Position accepts: its adjusted exponent within
+    +-MAX_DECIMAL_EXPONENT and its own text (``str(Decimal)``, what a save writes) at most MAX_DECIMAL_LENGTH
+    characters. The pattern bounds the written exponent only: ``0.001E-999`` is 1E-1002 and ``1.5e-6`` is written
+    ``0.0000015``, longer. Texts without an exponent never grow and stay within +-64 (no check needed)."""
+    for text in texts:
+        if "e" in text or "E" in text:
+            value = Decimal(text)
+            if not -MAX_DECIMAL_EXPONENT <= value.adjusted() <= MAX_DECIMAL_EXPONENT or len(str(value)) > MAX_DECIMAL_LENGTH:
+                return False
+    return True
 
 
 def _fast_positions(
@@ -388,7 +433,10 @@ def _fast_positions(
             entries[k] = (obj, entry)
     except (InvalidOperation, TypeError, ValueError):
         raise _Reject from None
-    if _decimal_scan(texts) != _DECIMALS_OK or not _texts_ok(symbols):
+    scan = _decimal_scan(texts)
+    if scan == _DECIMALS_EXPONENT and _exponents_ok(texts):
+        scan = _DECIMALS_OK
+    if scan != _DECIMALS_OK or not _texts_ok(symbols):
         raise _Reject
     return positions, revs, entries
 

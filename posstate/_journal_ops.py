@@ -13,7 +13,7 @@ from typing import Any
 from posstate import _document
 from posstate._document import StateData
 from posstate._errors import CorruptStateError, PosStateError
-from posstate._model import MAX_COUNTER, Position, PositionKey
+from posstate._model import MAX_COUNTER, Position, PositionKey, check_key
 
 SET_POSITION = "set_position"
 DELETE_POSITION = "delete_position"
@@ -145,15 +145,17 @@ def from_json(j: Any, *, path: Path, seq: int) -> Op:
             p = Position.from_dict(j["position"])
             return set_position(p, rev)
         if name == DELETE_POSITION:
-            if set(j) != {"op", "rev", "symbol", "side"} or j["side"] not in ("long", "short") or type(j["symbol"]) is not str:
+            if set(j) != {"op", "rev", "symbol", "side"}:
                 raise ValueError("bad delete_position fields")
-            return delete_position((j["symbol"], j["side"]), rev)
+            # check_key: the tombstone it leaves is written into the next snapshot, which must be valid
+            return delete_position(check_key(j["symbol"], j["side"]), rev)
         if name == SET_METADATA:
             if set(j) != {"op", "rev", "symbol", "data"}:
                 raise ValueError("bad set_symbol_metadata fields")
             return set_metadata(j["symbol"], _document.clean_metadata(j["symbol"], j["data"]), rev)
-        if set(j) != {"op", "rev", "symbol"} or type(j["symbol"]) is not str:
+        if set(j) != {"op", "rev", "symbol"}:
             raise ValueError("bad delete_symbol_metadata fields")
+        check_key(j["symbol"], "long")  # the symbol rule (its tombstone goes into the next snapshot)
         return delete_metadata(j["symbol"], rev)
     except (ValueError, KeyError, TypeError, PosStateError) as exc:
         raise CorruptStateError(

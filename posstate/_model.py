@@ -94,9 +94,9 @@ def to_decimal(value: object, field: str) -> Decimal:
     """
     if isinstance(value, bool):
         raise _bad(field, "type", f"expected a decimal number, got a bool ({value!r})")
-    if isinstance(value, Decimal):
+    if type(value) is Decimal:
         result = value
-    elif isinstance(value, int):
+    elif isinstance(value, (Decimal, int)):  # a Decimal subclass could choose its own text (__str__): keep the value
         result = Decimal(value)
     elif isinstance(value, float):
         if not math.isfinite(value):
@@ -200,9 +200,11 @@ class Position:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Position:
         """Build from the document form (or any snake_case mapping); unknown keys are an error."""
-        unknown = set(data) - _FIELD_NAMES
+        if not isinstance(data, Mapping):
+            raise _bad("position", "type", f"expected a position mapping, got {type(data).__name__}")
+        unknown = sorted(map(str, set(data) - _FIELD_NAMES))
         if unknown:
-            raise _bad(sorted(unknown)[0], "additionalProperties", f"unknown field {sorted(unknown)[0]!r}")
+            raise _bad(unknown[0], "additionalProperties", f"unknown field {unknown[0]!r}")
         missing = REQUIRED_FIELDS - set(data)
         if missing:
             raise _bad(sorted(missing)[0], "required", f"{sorted(missing)[0]} is required")

@@ -26,11 +26,11 @@ from typing import Any, Literal
 
 from posstate._errors import OrderIntentNotFoundError, SchemaValidationError
 from posstate._manager import PositionStateManager
-from posstate._model import to_decimal
+from posstate._model import SURROGATE, to_decimal
 
 INTENTS_KEY = "__posstate_orders__"
 IntentState = Literal["recorded", "sent", "filled"]
-_PREFIX = re.compile(r"^[A-Za-z0-9]{0,8}$")
+_PREFIX = re.compile(r"[A-Za-z0-9]{0,8}")
 MAX_ID_LENGTH = 32
 
 
@@ -81,11 +81,13 @@ def make_client_order_id(
     timestamp: the same (strategy, signal, order) gives the same id in any process, before and after a
     crash. Make *signal* unique per decision (e.g. the candle time and rule that fired).
     """
-    if not _PREFIX.match(prefix):
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise SchemaValidationError(None, "$.prefix", "pattern", f"prefix must be up to 8 letters or digits, got {prefix!r}")
     for name, value in (("strategy", strategy), ("signal", signal), ("symbol", symbol), ("side", side), ("type", type)):
         if not isinstance(value, str) or not value:
             raise SchemaValidationError(None, f"$.{name}", "type", f"{name} must be a non-empty string, got {value!r}")
+        if SURROGATE.search(value) is not None:  # not Unicode text: it has no UTF-8 form to hash
+            raise SchemaValidationError(None, f"$.{name}", "pattern", f"{name} holds a lone surrogate (not valid Unicode text)")
     amount_text, price_text = _canonical_decimal(amount, "amount"), _canonical_decimal(price, "price")
     parts = (strategy, signal, symbol, side.lower(), type.lower(), amount_text, price_text)
     # Length-prefixed fields: no two different tuples give the same text.
@@ -112,20 +114,32 @@ class OrderIntent:
     exchange_order_id: str | None = None
 
     @classmethod
-    def _from_json(cls, cid: str, d: dict[str, Any]) -> OrderIntent:
-        return cls(
-            client_order_id=cid,
-            strategy=d["strategy"],
-            signal=d["signal"],
-            symbol=d["symbol"],
-            side=d["side"],
-            type=d["type"],
-            amount=Decimal(d["amount"]),
-            price=Decimal(d["price"]) if d.get("price") is not None else None,
-            state=d["state"],
-            recorded_at=d["recorded_at"],
-            exchange_order_id=d.get("exchange_order_id"),
-        )
+    def _from_json(cls, cid: str, d: Any) -> OrderIntent:
+        """Rebuild a stored intent; one that is not what :meth:`OrderIntents.record` writes (a state file edited by
+        hand or by another program) is SchemaValidationError, never a KeyError or decimal error."""
+        try:
+            if type(d["recorded_at"]) is not int:
+                raise TypeError("recorded_at")
+            return cls(
+                client_order_id=cid,
+                strategy=d["strategy"],
+                signal=d["signal"],
+                symbol=d["symbol"],
+                side=d["side"],
+                type=d["type"],
+                amount=to_decimal(d["amount"], "amount"),
+                price=to_decimal(d["price"], "price") if d.get("price") is not None else None,
+                state=d["state"],
+                recorded_at=d["recorded_at"],
+                exchange_order_id=d.get("exchange_order_id"),
+            )
+        except (KeyError, TypeError, AttributeError, SchemaValidationError) as exc:
+            raise SchemaValidationError(
+                None,
+                f"$.symbol_metadata[{INTENTS_KEY!r}].data.intents[{cid!r}]",
+                "type",
+                f"stored order intent is not one posstate records ({type(exc).__name__})",
+            ) from None
 
 
 class OrderIntents:
@@ -221,7 +235,8 @@ class OrderIntents:
     def all(self) -> list[OrderIntent]:
         with self._lock:
             intents = self._load()
-        return [OrderIntent._from_json(c, d) for c, d in sorted(intents.items(), key=lambda kv: (kv[1]["recorded_at"], kv[0]))]
+        found = [OrderIntent._from_json(c, d) for c, d in intents.items()]
+        return sorted(found, key=lambda i: (i.recorded_at, i.client_order_id))
 
     def unconfirmed(self) -> list[OrderIntent]:
         """Intents still ``recorded``: after a restart, confirm each with the exchange."""
@@ -232,6 +247,7 @@ class OrderIntents:
             intents = self._load()
             if cid not in intents:
                 raise OrderIntentNotFoundError(cid)
+            OrderIntent._from_json(cid, intents[cid])  # a stored entry that is not an intent: typed error, not a TypeError
             entry = dict(intents[cid])
             entry["state"] = state
             if exchange_order_id is not None:

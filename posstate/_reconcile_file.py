@@ -49,6 +49,10 @@ def read_exchange_positions(path: str | Path) -> list[Any]:
         data = json.loads(raw.decode("utf-8"), parse_float=Decimal)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SchemaValidationError(p, "$", "json", f"not valid JSON ({exc})") from exc
+    except RecursionError:  # the stdlib parser recurses once per level of nesting
+        raise SchemaValidationError(p, "$", "json", "not valid JSON (nested too deep to parse)") from None
+    except ValueError as exc:  # an integer of more digits than int() converts (sys.get_int_max_str_digits)
+        raise SchemaValidationError(p, "$", "json", f"not valid JSON ({str(exc)[:80]})") from None
     if isinstance(data, dict) and isinstance(data.get("positions"), list):
         data = data["positions"]
     if not isinstance(data, list):
