@@ -1,0 +1,74 @@
+"""Adversarial review of issue 12.8-12.12 (outcome unknown, writers in transactions, generation, stale
+backups, clock): each test names the threat it proves posstate now withstands."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from posstate import (
+    ConcurrentModificationError,
+    CorruptStateError,
+    PersistenceError,
+    PosStateError,
+    Position,
+    PositionStateManager,
+    StateConfig,
+    TransactionError,
+    _unknown,
+)
+from posstate import _fileops as fs
+
+KEY = bytes(range(32))
+
+
+def pos(symbol: str, contracts: int) -> Position:
+    return Position(symbol=symbol, side="long", contracts=Decimal(contracts), entry_price=Decimal("10"))
+
+
+def make(d: Path, **kw: Any) -> PositionStateManager:
+    return PositionStateManager(StateConfig.in_dir(d, **kw), key=KEY)
+
+
+def contracts(m: PositionStateManager) -> dict[str, int]:
+    return {k[0]: int(p.contracts) for k, p in m.get_positions().items()}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry() -> Iterator[None]:
+    _unknown.forget_all()
+    yield
+    _unknown.forget_all()
+
+
+# ------------------------------------------------------------------------------------------ forged marker
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param({"kind": "snapshot", "generation": "x"}, id="generation-str"),
+        pytest.param({"kind": "snapshot", "generation": None}, id="generation-null"),
+        pytest.param({"kind": "snapshot", "generation": [1]}, id="generation-list"),
+        pytest.param({"kind": "snapshot", "generation": "9" * 5000}, id="generation-huge-str"),
+        pytest.param({"kind": "journal", "journal_id": None, "seq_lo": "a", "seq_hi": {}}, id="seq-junk"),
+    ],
+)
+def test_forged_marker_never_raises_a_builtin_error(tmp_path: Path, entry: dict[str, Any]) -> None:
+    """issue 12.8 (attacker plants positions.json.unknown): a marker with junk fields never makes a load
+    raise a builtin ValueError/TypeError (the bot could not start); the load reports it and goes on."""
+    with make(tmp_path) as m:
+        m.set_position(pos("A", 1))
+    marker = _unknown.marker_path(StateConfig.in_dir(tmp_path).state_path)
+    marker.write_bytes(orjson.dumps({"version": 1, "changes": [entry]}))
+    with make(tmp_path) as m2:
+        assert contracts(m2) == {"A": 1}
+        report = m2.last_recovery
+        assert report is not None and len(report.unknown_outcomes) == 1
+    assert not marker.exists()
