@@ -16,11 +16,9 @@ import pytest
 
 from posstate import (
     ConcurrentModificationError,
-    CorruptStateError,
-    PersistenceError,
-    PosStateError,
     Position,
     PositionStateManager,
+    PosStateError,
     StateConfig,
     TransactionError,
     _unknown,
@@ -118,3 +116,71 @@ def test_group_rollback_moves_the_generation(tmp_path: Path) -> None:
         assert contracts(m) == {"A": 2}  # rolled back: not what the reader saw
         with pytest.raises(ConcurrentModificationError):
             m.save(expected_generation=seen_gen)
+
+
+# ------------------------------------------------------------------------------------------ transactions and asyncio
+def test_async_writer_inside_transaction_is_refused_not_deadlocked(tmp_path: Path) -> None:
+    """issue 12.9: `await manager.asave()` (and the other async writers) inside transaction() raises
+    TransactionError at once; it never waits forever for the lock its own caller holds."""
+
+    async def main(m: PositionStateManager) -> list[str]:
+        refused = []
+        with m.transaction():
+            m.set_position(pos("A", 2))
+            for name, call in {
+                "asave": lambda: m.asave(),
+                "asave_positions": lambda: m.asave_positions([]),
+                "aload_positions": lambda: m.aload_positions(),
+            }.items():
+                try:
+                    await asyncio.wait_for(call(), 5)
+                except TransactionError:
+                    refused.append(name)
+        return refused
+
+    with make(tmp_path) as m:
+        m.set_position(pos("A", 1))
+        assert asyncio.run(main(m)) == ["asave", "asave_positions", "aload_positions"]
+        assert contracts(m) == {"A": 2}
+
+
+def test_other_task_never_joins_a_suspended_transaction(tmp_path: Path) -> None:
+    """issue 12.9 (second writer, asyncio): while one task's transaction() is suspended at an await, another
+    task on the same thread never has its change silently folded into that transaction (acknowledged, then
+    undone when the first task's block aborts): it is refused or it is durable."""
+
+    async def main(m: PositionStateManager) -> str:
+        inside = asyncio.Event()
+        done = asyncio.Event()
+        outcome = "durable"
+
+        async def first() -> None:
+            try:
+                with m.transaction():
+                    m.set_position(pos("A", 2))
+                    inside.set()
+                    await done.wait()
+                    raise RuntimeError("abort the block")
+            except RuntimeError:
+                pass
+
+        async def second() -> None:
+            nonlocal outcome
+            await inside.wait()
+            try:
+                m.set_position(pos("B", 1))  # returns: acknowledged (durability="sync")
+            except TransactionError:
+                outcome = "refused"
+            done.set()
+
+        await asyncio.gather(first(), second())
+        return outcome
+
+    with make(tmp_path) as m:
+        m.set_position(pos("A", 1))
+        outcome = asyncio.run(main(m))
+    with make(tmp_path) as m2:
+        if outcome == "durable":
+            assert contracts(m2) == {"A": 1, "B": 1}  # the acknowledged change survived
+        else:
+            assert contracts(m2) == {"A": 1}
