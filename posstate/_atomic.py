@@ -109,6 +109,12 @@ def commit(tmp: Path, target: Path) -> None:
     try:
         fs.replace(tmp, target)
     except OSError as exc:
+        # A rename that reports an error may still have taken effect (an NFS retransmission, a lying disk):
+        # only the temp still at its own name proves it did not (issue 12.8).
+        try:
+            fs.lstat(tmp)
+        except OSError:
+            raise WriteFailed("rename", exc, renamed=True) from exc
         quiet_unlink(tmp)
         raise WriteFailed("rename", exc, renamed=False) from exc
     try:

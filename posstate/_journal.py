@@ -850,6 +850,8 @@ class Journal:
         for _, undos in reversed(failed):
             for u in reversed(undos):
                 jops.undo(st, entries, u)
+        if failed:  # other threads saw these changes at their generation: a rollback is a change too (12.10)
+            st.generation += 1
 
     def drain(self) -> None:
         """Make every record written so far durable (group mode), before a snapshot copies memory."""

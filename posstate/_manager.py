@@ -137,6 +137,9 @@ class PositionStateManager:
             on_unknown=self._note_unknown,
         )
         self._txn: list[tuple[_jops.Op, _jops.Undo]] | None = None
+        # Who opened the transaction (thread, asyncio task): another task of the same thread re-enters the lock,
+        # and must never have its changes folded into a block it does not own (issue 12.9).
+        self._txn_owner: tuple[int, object] | None = None
         try:
             fs.ensure_dir(cfg.state_dir)
         except OSError as exc:
@@ -527,6 +530,7 @@ class PositionStateManager:
     def _change(self, op: _jops.Op) -> int | None:
         """Apply *op* in memory and (journal modes) record it durably; all or nothing. Lock held."""
         if self._txn is not None:
+            self._check_txn_owner()
             self._txn.append((op, _jops.apply(self._state, self._entries, op)))
             self._dirty = True
             return None
@@ -562,6 +566,7 @@ class PositionStateManager:
             self._check_writable()
             self._ensure_loaded()
             if self._txn is not None:  # nested: part of the outer transaction, all or nothing on its own
+                self._check_txn_owner()
                 mark = len(self._txn)
                 try:
                     yield
@@ -572,6 +577,7 @@ class PositionStateManager:
                     raise
                 return
             self._txn = []
+            self._txn_owner = _txn_owner()
             try:
                 yield
             except BaseException:
@@ -585,6 +591,23 @@ class PositionStateManager:
                     _jops.undo(self._state, self._entries, u)
                 ticket = self._record([op for op, _ in done])
         self._journal.settle(ticket, self._rollback_journal)
+
+    def _check_txn_owner(self) -> None:
+        """Inside a transaction (lock held): refuse a change from another asyncio task of this thread, which
+        the re-entrant lock lets in while the owner's block waits at an ``await``."""
+        if self._txn_owner != _txn_owner():
+            raise TransactionError(
+                self._path,
+                "another asyncio task's transaction() is open (awaiting inside its block); this change cannot join it",
+            )
+
+    def _refuse_async_in_txn(self, what: str) -> None:
+        """An async writer awaited inside a transaction of this thread would wait for the lock this thread
+        holds, forever if the block's own task awaits it (directly, or through wait_for/gather, which run it
+        in another task): refuse it at once (issue 12.9)."""
+        owner = self._txn_owner
+        if self._txn is not None and owner is not None and owner[0] == threading.get_ident():
+            raise TransactionError(self._path, f"{what} cannot run inside transaction()")
 
     def _next_rev(self) -> int:
         return max(self._state.generation, self._highest_generation) + 1
@@ -650,12 +673,15 @@ class PositionStateManager:
             return self._commit(self._state.copy(), dict(self._entries))
 
     async def asave_positions(self, positions: PositionsInput) -> int:
+        self._refuse_async_in_txn("asave_positions")
         return await asyncio.to_thread(self.save_positions, positions)
 
     async def aload_positions(self) -> dict[PositionKey, Position]:
+        self._refuse_async_in_txn("aload_positions")
         return await asyncio.to_thread(self.load_positions)
 
     async def asave(self, *, expected_generation: int | None = None) -> int:
+        self._refuse_async_in_txn("asave")
         return await asyncio.to_thread(lambda: self.save(expected_generation=expected_generation))
 
     def _commit(self, st: StateData, entries: dict[PositionKey, dict[str, Any]]) -> int:
@@ -946,6 +972,15 @@ class PositionStateManager:
             first = report.errors[0] if report.errors else ValidationIssue("$", "contents not checked")
             self._events.emit("validationError", {"path": str(self._path), "json_path": first.path, "reason": first.message})
         return report
+
+
+def _txn_owner() -> tuple[int, object]:
+    """(thread, running asyncio task or None): who is calling."""
+    try:
+        task: object = asyncio.current_task()
+    except RuntimeError:  # no event loop running in this thread
+        task = None
+    return threading.get_ident(), task
 
 
 def _differs(a: StateData, b: StateData) -> bool:

@@ -93,7 +93,32 @@ def _read_marker(marker: Path) -> list[dict[str, Any]]:
     if not isinstance(changes, list):
         # Unreadable: still a sign that a change was in doubt; report it without details.
         return [{"kind": "unreadable", "operation": "unknown"}]
-    return [c for c in changes if isinstance(c, dict) and c.get("kind") in ("journal", "snapshot")]
+    return [_clean(c) for c in changes if isinstance(c, dict) and c.get("kind") in ("journal", "snapshot")]
+
+
+_INT_FIELDS = {"journal": ("seq_lo", "seq_hi"), "snapshot": ("generation",)}
+_MAX_INT = 2**63 - 1
+
+
+def _clean(entry: dict[str, Any]) -> dict[str, Any]:
+    """The marker is not authenticated: keep only the fields posstate writes, with the types it writes them
+    in; an entry with a missing or malformed number is reported as unreadable (never a builtin error)."""
+    kind = entry["kind"]
+    out: dict[str, Any] = {"kind": kind}
+    for name in _INT_FIELDS[kind]:
+        value = entry.get(name)
+        if type(value) is not int or not 0 <= value <= _MAX_INT:
+            return {"kind": "unreadable", "operation": "unknown (malformed marker entry)"}
+        out[name] = value
+    if kind == "journal":
+        jid = entry.get("journal_id")
+        out["journal_id"] = jid if isinstance(jid, str) and len(jid) <= 64 else None
+    op = entry.get("operation")
+    out["operation"] = op[:200] if isinstance(op, str) else "unknown"
+    t = entry.get("time_ms")
+    if type(t) is int and 0 <= t <= _MAX_INT:
+        out["time_ms"] = t
+    return out
 
 
 def pending(state_path: Path) -> list[dict[str, Any]]:
