@@ -270,6 +270,31 @@ def backup_age(cfg: StateConfig, backups: list[BackupInfo], written_at_ms: int) 
     return (last_save_ms - written_at_ms) / 1000
 
 
+def check_fresh(
+    known: list[tuple[int, int]],
+    *,
+    path: Path,
+    backup_id: str,
+    generation: int,
+    written_ms: int,
+    threshold: float,
+    accept_older: bool = False,
+) -> float:
+    """The age of a backup (*generation*, written at *written_ms*) against the newest of *known* (generation,
+    ms) saves and changes; raise StaleBackupError when it is over *threshold*, or when a save of a higher
+    generation is dated before the backup (the clock was wrong when one of them was written: how much the
+    backup would lose cannot be told from the times, issue 12.11/12.12)."""
+    last_ms = max((ms for _, ms in known), default=written_ms)
+    age = (last_ms - written_ms) / 1000
+    if accept_older:
+        return age
+    if age > threshold:
+        raise StaleBackupError(path, backup_id=backup_id, age=age, threshold=threshold)
+    if any(g > generation and ms < written_ms for g, ms in known):
+        raise StaleBackupError(path, backup_id=backup_id, age=age, threshold=threshold, clock_wrong=True)
+    return age
+
+
 def _settle_journal(mgr: PositionStateManager) -> None:
     """Before a restore: fold the journal's acknowledged records into the state file (a compaction), so the
     pre-restore backup holds every change. If the state cannot be loaded at all, the operator is restoring on
@@ -294,16 +319,23 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
     loaded = _statefile.read(info.path, options=mgr._read, what="backup")
     mgr._check_account(loaded.state)
     known = known_saves(cfg, backups)
-    last_save_ms = max((ms for _, ms in known), default=loaded.header.written_at_ms)
     if mgr._loaded and mgr._state.generation > 0:
         ms = _state_ms(mgr._state)
         if ms is not None:
-            last_save_ms = max(last_save_ms, ms)
-    if mgr._journal.last_time_ms:  # the newest change this manager journaled or replayed
-        last_save_ms = max(last_save_ms, mgr._journal.last_time_ms)
-    age = (last_save_ms - loaded.header.written_at_ms) / 1000
-    if age > cfg.backup_threshold and not accept_older:
-        raise StaleBackupError(info.path, backup_id=info.id, age=age, threshold=cfg.backup_threshold)
+            known.append((mgr._state.generation, ms))
+        if mgr._journal.last_time_ms:  # the newest change this manager journaled or replayed (12.10: its generation)
+            known.append((mgr._state.generation, mgr._journal.last_time_ms))
+    elif mgr._journal.last_time_ms:
+        known.append((0, mgr._journal.last_time_ms))
+    age = check_fresh(
+        known,
+        path=info.path,
+        backup_id=info.id,
+        generation=loaded.state.generation,
+        written_ms=loaded.header.written_at_ms,
+        threshold=cfg.backup_threshold,
+        accept_older=accept_older,
+    )
     _settle_journal(mgr)
     known = known_saves(cfg, list_all(mgr))
     highest = max([mgr._highest_generation, loaded.state.generation] + [g for g, _ in known])

@@ -30,7 +30,7 @@ from posstate._cli_base import (
 )
 from posstate._cli_format import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
 from posstate._config import StateConfig
-from posstate._errors import StaleBackupError, StateNotFoundError
+from posstate._errors import StateNotFoundError
 from posstate._retention import PruneResult
 from posstate._validate import ValidationReport, validate_file
 
@@ -161,8 +161,15 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
             for line in validate_lines(report):
                 click.echo(line)
         _refuse_invalid(report, f"backup {info.id}")
-        if age is not None and age > cfg.backup_threshold and not accept_older:
-            raise StaleBackupError(info.path, backup_id=info.id, age=age, threshold=cfg.backup_threshold)
+        if info.written_at is not None and report.generation is not None and not accept_older:
+            _backup_ops.check_fresh(
+                _backup_ops.known_saves(cfg, found),
+                path=info.path,
+                backup_id=info.id,
+                generation=report.generation,
+                written_ms=int(info.written_at.timestamp() * 1000),
+                threshold=cfg.backup_threshold,
+            )
         click.echo(
             f"dry run: would restore backup {info.id} (generation {report.generation}, {report.positions} positions, "
             f"{age or 0:.0f} s older than the last save) into {cfg.state_path} as a new generation; nothing was written",

@@ -383,17 +383,31 @@ class AmbiguousBackupError(PosStateError, LookupError):
 class StaleBackupError(PosStateError, ValueError):
     """A restore was refused: the backup is older than ``backup_threshold`` relative to the last save."""
 
-    def __init__(self, path: str | Path | None, *, backup_id: str, age: float, threshold: float) -> None:
+    def __init__(
+        self, path: str | Path | None, *, backup_id: str, age: float, threshold: float, clock_wrong: bool = False
+    ) -> None:
         self._backup_id = backup_id
         self._age = age
         self._threshold = threshold
+        self._clock_wrong = clock_wrong
+        if clock_wrong:
+            what = (
+                f"backup {backup_id} is older than a later save that is dated before it (the clock was wrong when one "
+                "of them was written), so how much it would lose cannot be told"
+            )
+        else:
+            what = f"backup {backup_id} is {age:.0f} s older than the last save, over the backup threshold of {threshold:.0f} s"
         super().__init__(
-            f"{_show(path)}: backup {backup_id} is {age:.0f} s older than the last save, over the backup threshold "
-            f"of {threshold:.0f} s; restoring it brings back stale positions, and stale positions lead to duplicate "
+            f"{_show(path)}: {what}; restoring it brings back stale positions, and stale positions lead to duplicate "
             "orders; reconcile with the exchange first, then restore on purpose with accept_older=True "
             f"(`posstate backups restore {backup_id} --accept-older`)",
             path=path,
         )
+
+    @property
+    def clock_wrong(self) -> bool:
+        """True when the refusal is because a later generation is dated before the backup (a wrong clock)."""
+        return self._clock_wrong
 
     @property
     def backup_id(self) -> str:

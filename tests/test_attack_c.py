@@ -189,13 +189,6 @@ def test_other_task_never_joins_a_suspended_transaction(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ wrong clock
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12.11/12.12 open: the stale-backup guard trusts a backup's time even when a change of a higher "
-    "generation carries an earlier time (the clock was ahead when the backup was written); fix: in "
-    "_backup_ops.restore (and backup_age), a backup whose generation is below a known save/journaled change "
-    "whose time is not after the backup's has an unknown age: refuse without accept_older",
-)
 def test_future_dated_backup_is_not_fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """issue 12.11/12.12 (clock ahead when a backup was written): a backup that lacks a later journaled close
     is not restored as "age 0" because its time is in the future; the closed position never comes back."""
