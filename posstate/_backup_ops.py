@@ -295,20 +295,33 @@ def check_fresh(
     return age
 
 
-def _settle_journal(mgr: PositionStateManager) -> None:
+def _settle_journal(mgr: PositionStateManager, backup_journal: dict[str, Any] | None) -> None:
     """Before a restore: fold the journal's acknowledged records into the state file (a compaction), so the
     pre-restore backup holds every change. If the state cannot be loaded at all, the operator is restoring on
-    purpose: the journal is kept in quarantine and the restore goes on without it."""
+    purpose: the journal is kept in quarantine and the restore goes on without it. A journal under the old
+    name (``positions.journal``) that the backup's snapshot names (*backup_journal*) is set aside either way:
+    a load after the restore would replay its records, newer than the backup, onto the restored state."""
+    cfg = mgr.config
+    legacy = cfg.legacy_journal_path
     try:
         mgr._ensure_loaded()
     except (CorruptStateError, SchemaValidationError):
-        if fs.exists(mgr.config.journal_path):
-            moved = _atomic.move_aside(mgr.config.journal_path, mgr.config.quarantine_dir, label="journal-before-restore")
+        for jpath in _journal.journal_files_of(cfg.journal_path, legacy, [backup_journal]):
+            moved = _atomic.move_aside(jpath, cfg.quarantine_dir, label="journal-before-restore")
             log.warning("state could not be loaded before the restore; journal kept at %s", moved)
         mgr._journal.recover(StateData())
         return
     if mgr._dirty and mgr.config.durability != "snapshot":
         mgr.save()
+    if legacy is None:
+        return
+    try:
+        if _journal.journal_file(cfg.journal_path, legacy, backup_journal) != legacy:
+            return
+        moved = _atomic.move_aside(legacy, cfg.quarantine_dir, label="journal-before-restore")
+    except OSError as exc:
+        raise PersistenceError(legacy, operation="quarantine journal before restore", cause=exc) from exc
+    log.warning("journal under the old name %s names the restored backup's journal; kept at %s", legacy.name, moved)
 
 
 def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) -> RestoreResult:
@@ -336,7 +349,7 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
         threshold=cfg.backup_threshold,
         accept_older=accept_older,
     )
-    _settle_journal(mgr)
+    _settle_journal(mgr, loaded.state.journal)
     known = known_saves(cfg, list_all(mgr))
     highest = max([mgr._highest_generation, loaded.state.generation] + [g for g, _ in known])
     on_disk = _header_of(mgr.path)

@@ -64,13 +64,14 @@ def state_config_for(env: Env, target: Path) -> StateConfig | None:
 
 
 def journal_read_path(cfg: StateConfig, options: _statefile.ReadOptions, snapshot_journal: Any = False) -> Path:
-    """The journal file a load of *cfg*'s state file reads: ``cfg.journal_path``, or the old name
-    (``positions.journal`` of posstate 0.1.0) when only it exists and its id is the one the snapshot names.
+    """The journal file a load of *cfg*'s state file reads (``_journal.journal_file`` decides, as for a load):
+    ``cfg.journal_path``, or the old name (``positions.journal`` of posstate 0.1.0) when its header names the
+    snapshot's journal. CorruptStateError when both names hold that journal with records past the snapshot.
     *snapshot_journal*: the snapshot's ``journal`` field if already read (False: read the snapshot here)."""
     from posstate._journal import journal_file
 
     legacy = cfg.legacy_journal_path
-    if legacy is None or fs.exists(cfg.journal_path) or not fs.exists(legacy):
+    if legacy is None or not fs.exists(legacy):
         return cfg.journal_path
     if snapshot_journal is False:
         try:
@@ -175,7 +176,10 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
             snapshot_journal = cur.loaded.state.journal
         except PosStateError:
             cur = None  # the snapshot changed under us; its own check reports it
-    path = journal_read_path(cfg, options, snapshot_journal if cur is not None else None)
+    try:
+        path = journal_read_path(cfg, options, snapshot_journal if cur is not None else None)
+    except CorruptStateError:
+        path = cfg.journal_path  # both names hold the snapshot's journal: read_current reported it in cur.error
     jc = check(path, keyring=keyring, snapshot_journal=snapshot_journal, require_encryption=options.require_encryption)
     data = asdict(jc)
     data["applied"] = cur.applied if cur is not None else None

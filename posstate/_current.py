@@ -85,7 +85,10 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
 
     loaded = _statefile.read(config.state_path, options=options)
     state = loaded.state.copy()
-    path = journal_file(config.journal_path, config.legacy_journal_path, loaded.state.journal)
+    try:
+        path = journal_file(config.journal_path, config.legacy_journal_path, loaded.state.journal)
+    except CorruptStateError as exc:  # both journal names hold the snapshot's journal, both past it
+        return Current(loaded=loaded, state=state, error=exc)
     try:
         data = fs.read_file(path)
     except FileNotFoundError:

@@ -91,7 +91,13 @@ def read_records(
     for rec in sc.records:
         plain = sealer.open(rec)
         if plain is None:
-            raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None)
+            # The key id matched (_key_for), so this is not another key: the record was tampered with, or
+            # (version 3) spliced from another copy of this journal. Damage: a load recovers the records before it.
+            raise _journal_error(
+                path,
+                f"record {rec.seq} at byte {rec.offset} fails authentication (tampered with, or taken from another "
+                "copy of this journal); replay stopped there",
+            )
         try:
             raw_ops = orjson.loads(plain)
         except orjson.JSONDecodeError:
@@ -163,18 +169,63 @@ def _refuse_plain(header: jf.JournalHeader, path: Path, require_encryption: bool
 
 
 def journal_file(path: Path, legacy: Path | None, snapshot_journal: dict[str, Any] | None) -> Path:
-    """The journal file to read for a snapshot naming *snapshot_journal*: *path*, unless it does not exist
-    and the file at the old name *legacy* (``positions.journal``, posstate up to 0.1.0) is the journal the
-    snapshot names (same id in its header). Only then is the old file ours: another state file of the same
-    directory (``positions.dat``) used the same old name."""
-    if legacy is None or snapshot_journal is None or fs.exists(path):
+    """The one place that decides which journal file a load of the snapshot naming *snapshot_journal* reads
+    (every reader and writer asks here): *path* (``positions.json.journal``) or the old name *legacy*
+    (``positions.journal``, posstate up to 0.1.0).
+
+    Whichever file's header names the snapshot's journal id is the one: the old name only then (another state
+    file of the directory, ``positions.dat``, used the same old name). If both name it, the one holding
+    records past the snapshot's sequence number; if both do, neither can be chosen without losing
+    acknowledged records: CorruptStateError(kind="journal") naming both files. Otherwise *path*.
+    Reads headers only, and the records (keyless frames) only when both headers name the snapshot's journal.
+    """
+    if legacy is None or snapshot_journal is None or not fs.exists(legacy):
         return path
+    want = snapshot_journal.get("id")
+    if _file_id(legacy) != want:
+        return path
+    if _file_id(path) != want:
+        return legacy  # the new name is missing, damaged, or an older journal: the old name holds the snapshot's
+    snap_seq = int(snapshot_journal.get("seq", 0))
+    ahead = [p for p in (path, legacy) if _last_framed_seq(p) > snap_seq]
+    if len(ahead) == 2:
+        raise CorruptStateError(
+            path,
+            f"both {path.name} and {legacy.name} are journal {want} and both hold records past the snapshot "
+            f"(sequence {snap_seq}); neither can be replayed without dropping the other's",
+            next_step=f"keep the one the bot last wrote and move the other ({path} or {legacy}) out of the directory",
+            kind="journal",
+        )
+    return ahead[0] if ahead else path
+
+
+def journal_files_of(path: Path, legacy: Path | None, snapshot_journals: Sequence[dict[str, Any] | None]) -> list[Path]:
+    """The journal files on disk that belong to this state file, for moving aside (recovery, repair, restore):
+    *path* if it exists, and the old name *legacy* when :func:`journal_file` picks it for any of
+    *snapshot_journals* (only then is it ours, not another state file's)."""
+    found = [path] if fs.exists(path) else []
+    if legacy is not None and any(journal_file(path, legacy, j) == legacy for j in snapshot_journals if j is not None):
+        found.append(legacy)
+    return found
+
+
+def _file_id(path: Path) -> str | None:
+    """The journal id in the header of the file at *path* (None: missing, unreadable or not a journal)."""
     try:
-        head = fs.read_file(legacy, jf.HEADER_SIZE)
-        found = jf.parse_header(head).id_hex
+        return _header_id(fs.read_file(path, jf.HEADER_SIZE))
+    except OSError:
+        return None
+
+
+def _last_framed_seq(path: Path) -> int:
+    """The sequence number of the last intact frame at *path* (keyless; 0 when none can be read)."""
+    try:
+        data = fs.read_file(path)
+        header = jf.parse_header(data)
     except (OSError, jf.JournalProblem):
-        return path
-    return legacy if found == snapshot_journal.get("id") else path
+        return 0
+    records = jf.scan(data, header).records
+    return records[-1].seq if records else 0
 
 
 def record_times(*paths: Path | None) -> dict[int, int]:
@@ -221,15 +272,23 @@ def _header_id(data: bytes) -> str | None:
         return None
 
 
-def _temp_seq(data: bytes) -> int:
-    """The sequence number of the record in a journal-creation temp (0 if no record got that far)."""
+def _temp_seq(data: bytes, snap_id: str | None) -> int:
+    """The sequence number of the record in a journal-creation temp, counted only when the temp's header
+    parses and names the snapshot's journal *snap_id* and the number is one a header may name (at most
+    ``jf.MAX_BASE``); else 0. Nothing authenticates a temp (anyone can plant one): it may only keep the
+    sequence moving forward within what a snapshot holds, never past it. (With a random nonce per record
+    the bump is no longer what keeps a nonce unique; it keeps sequence numbers from being handed out twice.)"""
     try:
-        start = jf.HEADER_SIZE + jf.parse_header(data).frame_head
+        header = jf.parse_header(data)
     except jf.JournalProblem:
         return 0
+    if snap_id is None or header.id_hex != snap_id:
+        return 0
+    start = jf.HEADER_SIZE + header.frame_head
     if len(data) < start + 8:
         return 0
-    return int.from_bytes(data[start : start + 8], "big")
+    seq = int.from_bytes(data[start : start + 8], "big")
+    return seq if seq <= jf.MAX_BASE else 0
 
 
 class Rotation:
@@ -397,6 +456,9 @@ class Journal:
         self._records = len(records)
         self._replace_ok = True  # replayed in full: once a snapshot holds memory, the file is redundant
         if src != self.path:
+            # A file at the new name was not replayed (another journal id, or nothing past the snapshot): it
+            # goes to quarantine, not under a rename, when the next journal is created.
+            self._replace_ok = not fs.exists(self.path)
             # The journal under the old name: replayed, never continued (the next change compacts, and the
             # next journal has the new name); retired once the snapshot that holds it is durable (_install).
             self._legacy_read = src
@@ -411,12 +473,21 @@ class Journal:
         # Continue this file only if no other file used a number past its end, it is sealed as this manager
         # writes (encrypted exactly when encryption is on), and its nonces are random per record (an
         # encrypted version 1 or 2 journal is replayed, then the next change compacts into a new journal).
-        if self.active and self._last_seq == last and header.encrypted == (self._write_keyring is not None) and header.appendable:
+        # A journal with no records is never continued (issue 12 review): nothing authenticates its header, and
+        # its numbers would steer what the bot writes; the next change rotates to a new journal instead.
+        if (
+            self.active
+            and records
+            and self._last_seq == last
+            and header.encrypted == (self._write_keyring is not None)
+            and header.appendable
+        ):
             try:
                 self._fd = fs.open_(self.path, O_WRITE, 0o600)
             except OSError as exc:
                 raise PersistenceError(self.path, operation="open journal", cause=exc) from exc
-            self._sealer = jf.Sealer(header, self._write_key(header))
+            # Version 3 chains each record to the one before: the next one follows the last good record.
+            self._sealer = jf.Sealer(header, self._write_key(header), after=records[-1][0])
             self._needs_rotation = False
             self._written_seq = self._durable_seq = self._last_seq
             self._durable_end = self._end
@@ -504,10 +575,9 @@ class Journal:
     def _sweep_temps(self, snap_id: str | None = None) -> int:
         """Set aside temps of a journal creation a crash interrupted (quarantine; empty ones are deleted).
 
-        Returns the highest sequence number such a temp holds: its record was encrypted under the journal id
-        the snapshot names, so the re-created journal must start after it (a nonce is never used twice).
-        Temps of the old journal name count only when their header names the snapshot's journal *snap_id*
-        (others may be another state file's).
+        Returns the highest sequence number such a temp holds under the journal id the snapshot names
+        (*snap_id*; bounded, see :func:`_temp_seq`), so the re-created journal starts after it. Temps of the
+        old journal name are touched only when their header names *snap_id* (others may be another state file's).
         """
         try:
             names = fs.listdir(self.path.parent)
@@ -526,7 +596,7 @@ class Journal:
                 if len(data) <= jf.HEADER_SIZE:
                     fs.unlink(tmp)
                     continue
-                highest = max(highest, _temp_seq(data))
+                highest = max(highest, _temp_seq(data, snap_id))
                 _atomic.move_aside(tmp, self._quarantine, label="leftover")
             except OSError as exc:
                 raise PersistenceError(tmp, operation="clean up leftover journal temp", cause=exc) from exc
@@ -921,6 +991,8 @@ class Journal:
             return
         try:
             dest = _atomic.move_aside(old, self._quarantine, label="old-name")
+        except FileNotFoundError:
+            return  # already set aside (a restore or a repair moved it)
         except OSError as exc:
             log.warning("%s: could not retire the journal under its old name (%s); it is ignored on load", old, exc)
             return

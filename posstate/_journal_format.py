@@ -10,9 +10,12 @@ Layout (all integers big-endian; see docs/JOURNAL.md for the byte-by-byte table)
   + body, where body = ``seq`` (u64) + ``generation`` (u64) + ``time_ms`` (u64) + ``kind`` (u8) + payload. The payload is
   the JSON list of operations, sealed with AES-256-GCM when the journal is encrypted: the key is a per-journal
   subkey (HMAC-SHA256 of the master key and the journal id), the associated data is the header plus the 25
-  body bytes before the payload, and (version 3) the payload is a fresh random 96-bit nonce followed by the
-  ciphertext and tag. A random nonce per record is what keeps a nonce from repeating when a directory is
-  copied or reverted, a journal cut and continued, or an old backup restored: nothing on disk can make two
+  body bytes before the payload (version 3: the header, the previous record's 16-byte GCM tag, 16 zero bytes
+  for the first record, then the 25 bytes), and (version 3) the payload is a fresh random 96-bit nonce
+  followed by the ciphertext and tag. The chained tag makes a record authentic only after the record its
+  writer wrote before it: records of two copies of one journal never splice (a plaintext journal is not
+  chained). A random nonce per record is what keeps a nonce from repeating when a directory is copied or
+  reverted, a journal cut and continued, or an old backup restored: nothing on disk can make two
   writers pick the same one (versions 1 and 2 used the header's prefix + the sequence number, which such a
   copy repeats; they are still read, never appended to when encrypted).
   Version 1 had a 16-byte frame head whose check was ``SHA-256(length field + body)[:8]``; versions 2 and 3
@@ -46,6 +49,8 @@ FRAME_HEAD = 12  # version 2: length, crc32(length field), crc32(length field + 
 FRAME_HEAD_V1 = 16  # version 1: length, crc32(length field), SHA-256(length field + body)[:8]
 BODY_FIXED = 25  # seq, generation, time_ms, kind
 TAG_SIZE = 16
+#: Version 3: what the first record's associated data holds where later records hold the previous tag.
+FIRST_LINK = bytes(TAG_SIZE)
 MAX_BODY = 64 * 1024 * 1024
 #: The largest base_seq / base_generation a header may name (a format rule). Half of what a snapshot's
 #: ``journal.seq`` may hold: a journal continued from it can never hand out a number its next snapshot
@@ -211,9 +216,9 @@ class Sealer:
     Version 3 draws each record's nonce from ``os.urandom`` (never from a buffer or a counter kept in
     memory or on disk: a forked process, a reverted VM or a copied directory would repeat those)."""
 
-    __slots__ = ("_aead", "_encrypt", "_header", "_prefix", "_random", "_raw", "_v1")
+    __slots__ = ("_aead", "_encrypt", "_header", "_prefix", "_prev", "_random", "_raw", "_v1")
 
-    def __init__(self, header: JournalHeader, master_key: bytes | None) -> None:
+    def __init__(self, header: JournalHeader, master_key: bytes | None, *, after: RawRecord | None = None) -> None:
         self._header = header
         self._aead = AESGCM(subkey(master_key, header.journal_id)) if master_key is not None else None
         # Bound once: frame() runs for every durable change.
@@ -222,6 +227,17 @@ class Sealer:
         self._random = header.version >= RANDOM_NONCE_VERSION
         self._raw = header.raw
         self._v1 = header.version == 1
+        # Version 3 chains the records: each one's associated data holds the GCM tag of the record before it
+        # (FIRST_LINK before the first), so records of two copies of one journal never splice (docs/JOURNAL.md).
+        self._prev = FIRST_LINK
+        if after is not None:
+            self.follow(after)
+
+    def follow(self, rec: RawRecord) -> None:
+        """The next record written or opened comes after *rec* (the last good record of a journal that is
+        continued): chain to its tag. Nothing to do for a plaintext journal or versions 1 and 2."""
+        if self._random and self._aead is not None and len(rec.payload) >= NONCE_SIZE + TAG_SIZE:
+            self._prev = rec.payload[-TAG_SIZE:]
 
     def frame(self, *, seq: int, generation: int, time_ms: int, kind: int, payload: bytes) -> bytes:
         fixed = _pack_body(seq, generation, time_ms, kind)
@@ -229,7 +245,9 @@ class Sealer:
         if encrypt is not None:
             if self._random:
                 nonce = _urandom(NONCE_SIZE)
-                payload = nonce + encrypt(nonce, payload, self._raw + fixed)
+                sealed = encrypt(nonce, payload, self._raw + self._prev + fixed)
+                self._prev = sealed[-TAG_SIZE:]
+                payload = nonce + sealed
             else:  # versions 1 and 2, only for tests that write them: Journal never appends to such a file
                 payload = encrypt(self._prefix + seq.to_bytes(8, "big"), payload, self._raw + fixed)
         body = fixed + payload
@@ -241,7 +259,9 @@ class Sealer:
         return b"".join((length, _pack_u32(length_crc), _pack_u32(_crc32(body, length_crc)), body))
 
     def open(self, rec: RawRecord) -> bytes | None:
-        """The plaintext payload, or None when authentication fails (wrong key or tampering)."""
+        """The plaintext payload, or None when authentication fails (tampering, a record spliced from another
+        copy of this journal, or a wrong key). Records are opened in order: version 3 chains each to the one
+        before (the chain moves on only past a record that opened)."""
         if self._aead is None:
             return rec.payload
         sealed = rec.payload
@@ -249,12 +269,17 @@ class Sealer:
             if len(sealed) < NONCE_SIZE + TAG_SIZE:
                 return None
             nonce, sealed = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
+            aad = self._header.raw + self._prev + rec.fixed
         else:
             nonce = self._header.nonce_prefix + rec.seq.to_bytes(8, "big")
+            aad = self._header.raw + rec.fixed
         try:
-            return self._aead.decrypt(nonce, sealed, self._header.raw + rec.fixed)
+            plain = self._aead.decrypt(nonce, sealed, aad)
         except InvalidTag:
             return None
+        if self._random:
+            self._prev = sealed[-TAG_SIZE:]
+        return plain
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,14 +204,16 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> 
         raise UnrecoverableStateError(path, listing)
     assert best.state is not None
     journal_note = ""
-    if fs.exists(cfg.journal_path):
-        # Its trustworthy records are in the chosen copy (or cannot be applied to it): keep it as evidence.
+    # Its trustworthy records are in the chosen copy (or cannot be applied to it): keep it as evidence. The old
+    # name (positions.journal) too when a copy's snapshot names it (else it may be another state file's).
+    journals = [c.state.journal if c.state is not None else None for c in cands]
+    for jpath in _journal.journal_files_of(cfg.journal_path, cfg.legacy_journal_path, journals):
         try:
-            moved = _atomic.move_aside(cfg.journal_path, cfg.quarantine_dir, label="journal")
+            moved = _atomic.move_aside(jpath, cfg.quarantine_dir, label="journal")
         except OSError as exc:
-            raise PersistenceError(cfg.journal_path, operation="quarantine journal", cause=exc) from exc
-        journal_note = f"journal moved to {moved}"
-        log.warning("moved journal %s to %s", cfg.journal_path, moved)
+            raise PersistenceError(jpath, operation="quarantine journal", cause=exc) from exc
+        journal_note = "; ".join(filter(None, (journal_note, f"journal moved to {moved}")))
+        log.warning("moved journal %s to %s", jpath, moved)
     mgr._journal.recover(StateData())  # no journal file now: the save below starts a new one
     quarantined: Path | None = None
     if best.path == path and best.checksum is not None:

@@ -247,7 +247,8 @@ def repair(mgr: PositionStateManager) -> RepairReport:
                 "account_id": str(mgr.config.account_id),
                 "mode": mgr.config.account_mode or "live",
             }
-        jpath = mgr.config.journal_path
+        cfg = mgr.config
+        jpath = _journal.journal_file(cfg.journal_path, cfg.legacy_journal_path, st.journal)
         if st.journal is not None and fs.exists(jpath):
             # Changes acknowledged in the journal after this snapshot are part of the state: replay the
             # trustworthy ones onto the repaired snapshot, then keep the journal file as evidence.
@@ -259,11 +260,11 @@ def repair(mgr: PositionStateManager) -> RepairReport:
                 f" (stopped at {stopped})" if stopped else ""
             )
             decisions.append(RepairDecision("journal", jpath.name, "kept", jpath.name, why))
-        if fs.exists(jpath):
+        for jp in _journal.journal_files_of(cfg.journal_path, cfg.legacy_journal_path, [st.journal]):
             try:
-                _atomic.move_aside(jpath, mgr.config.quarantine_dir, label="journal")
+                _atomic.move_aside(jp, cfg.quarantine_dir, label="journal")
             except OSError as exc:
-                raise PersistenceError(jpath, operation="quarantine journal before repair", cause=exc) from exc
+                raise PersistenceError(jp, operation="quarantine journal before repair", cause=exc) from exc
         mgr._journal.recover(StateData())  # no journal file now: the save below starts a new one
         try:
             moved = _atomic.move_aside(path, mgr.config.quarantine_dir, label="repair")

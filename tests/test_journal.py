@@ -210,8 +210,10 @@ def test_wrong_key_and_missing_key(tmp_path: Path) -> None:
         _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=None)
 
 
-def test_tampered_encrypted_record_is_wrong_key_not_torn(tmp_path: Path, journal_records: Callable[[Path], bytes]) -> None:
-    """A record whose checksum was fixed up after tampering fails AES-GCM: WrongKeyError, not silent loss."""
+def test_tampered_encrypted_record_is_damage_not_torn(tmp_path: Path, journal_records: Callable[[Path], bytes]) -> None:
+    """A record whose checksum was fixed up after tampering fails AES-GCM under the right key: damage
+    (CorruptStateError, kind journal), reported by the load that recovers without it; never a silent cut.
+    (Issue 12 review: the same verdict as a record spliced from another copy of the journal.)"""
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
         m.set_position(pos("A"))
@@ -222,8 +224,14 @@ def test_tampered_encrypted_record_is_wrong_key_not_torn(tmp_path: Path, journal
     length = bytes(data[off : off + 4])
     data[off + 8 : off + 12] = zlib.crc32(bytes(data[body_start:]), zlib.crc32(length)).to_bytes(4, "big")
     cfg.journal_path.write_bytes(bytes(data))
-    with make(tmp_path) as m2, pytest.raises(WrongKeyError):
+    with pytest.raises(CorruptStateError, match="fails authentication") as info:
+        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(key=KEY))
+    assert info.value.kind == "journal"
+    with make(tmp_path) as m2:
         m2.load_positions()
+        assert ("A", "long") not in m2.get_positions()
+        assert m2.last_recovery is not None and "fails authentication" in m2.last_recovery.reason
+    assert any(p.name.startswith("positions.json.journal") for p in cfg.quarantine_dir.iterdir())
 
 
 def test_group_mode_eight_threads(tmp_path: Path) -> None:

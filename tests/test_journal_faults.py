@@ -322,7 +322,7 @@ def test_crash_at_each_compaction_step(tmp_path: Path) -> None:
         for left in StateConfig.in_dir(d).quarantine_dir.glob("*journal*leftover*"):
             data = left.read_bytes()
             if len(data) > jf.HEADER_SIZE + jf.FRAME_HEAD + 8 and jf.parse_header(data).journal_id == current.journal_id:
-                assert current.base_seq >= _temp_seq(data), k
+                assert current.base_seq >= _temp_seq(data, current.id_hex), k
                 leftovers_checked += 1
         k += 1
         assert k < 80

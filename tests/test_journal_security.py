@@ -314,7 +314,8 @@ def test_encrypted_version_2_journal_is_replayed_then_never_appended_to(tmp_path
 
 def test_version_3_records_carry_their_own_nonce(tmp_path: Path) -> None:
     """issue 12.3: the byte layout of an encrypted version-3 record: 25 fixed bytes, a 12-byte nonce, the
-    ciphertext and its tag; the nonce is not derived from anything in the file."""
+    ciphertext and its tag; the nonce is not derived from anything in the file; the associated data is the
+    header, the previous record's tag (16 zero bytes for the first) and the 25 fixed bytes (review: chained)."""
     _write(tmp_path, "A", 2)
     data = (tmp_path / "positions.json.journal").read_bytes()
     header = jf.parse_header(data)
@@ -325,7 +326,10 @@ def test_version_3_records_carry_their_own_nonce(tmp_path: Path) -> None:
     subkey = jf.subkey(KEY, header.journal_id)
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    plain = AESGCM(subkey).decrypt(recs[0].payload[:12], recs[0].payload[12:], header.raw + recs[0].fixed)
+    plain = AESGCM(subkey).decrypt(recs[0].payload[:12], recs[0].payload[12:], header.raw + bytes(16) + recs[0].fixed)
+    assert orjson.loads(plain)[0]["op"] == "set_position"
+    prev_tag = recs[0].payload[-16:]
+    plain = AESGCM(subkey).decrypt(recs[1].payload[:12], recs[1].payload[12:], header.raw + prev_tag + recs[1].fixed)
     assert orjson.loads(plain)[0]["op"] == "set_position"
 
 
