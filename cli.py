@@ -1,6 +1,6 @@
 """Run the posstate command line from a checkout: ``python cli.py --help``."""
 
-from posstate._cli import main
+from posstate.cli.main import main
 
 if __name__ == "__main__":
     main()

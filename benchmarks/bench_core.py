@@ -39,7 +39,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from posstate import Position, PositionStateManager, StateConfig, _document, _format, generate_key
+from posstate import Position, PositionStateManager, StateConfig, generate_key
+from posstate.model import document as _document
+from posstate.storage import container as _format
 
 BASES = ["BTC", "ETH", "SOL", "XRP", "DOGE", "ADA", "AVAX", "LINK", "DOT", "MATIC", "LTC", "TRX", "ATOM", "NEAR", "APT"]
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import orjson
 
 from posstate import Position, PositionStateManager, StateConfig
-from posstate import _fileops as fs
+from posstate.storage import fileops as fs
 
 KEY = bytes(range(32))
 

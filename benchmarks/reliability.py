@@ -43,18 +43,18 @@ from posstate import (
     PosStateError,
     SchemaValidationError,
     StateConfig,
-    _codec,
-    _fileops,
-    _format,
     generate_key,
 )
-from posstate import _reljournal as rj
-from posstate._crashchild import CrashCase, crash_matrix, digest, run_contenders, save_step, soak, workload
-from posstate._crashjournal import JournalCase, journal_matrix, journal_soak
-from posstate._crypto import Keyring
-from posstate._harness import ERRNOS, MUTATING_AND_READS, Fault, HarnessOps
-from posstate._replay import crash_states, damage_cases, load_state, lying_disk_states, record_save, sized_state
-from posstate._statefile import ReadOptions, parse, read, read_document
+from posstate.selftest import reljournal as rj
+from posstate.selftest.crashchild import CrashCase, crash_matrix, digest, run_contenders, save_step, soak, workload
+from posstate.selftest.crashjournal import JournalCase, journal_matrix, journal_soak
+from posstate.selftest.harness import ERRNOS, MUTATING_AND_READS, Fault, HarnessOps
+from posstate.selftest.replay import crash_states, damage_cases, load_state, lying_disk_states, record_save, sized_state
+from posstate.storage import codec as _codec
+from posstate.storage import container as _format
+from posstate.storage import fileops as _fileops
+from posstate.storage.crypto import Keyring
+from posstate.storage.statefile import ReadOptions, parse, read, read_document
 
 
 @dataclass

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from posstate._account import AccountStateStore
-from posstate._account_feed import UpdateQueue
-from posstate._account_persist import PersistedAccountStateStore
-from posstate._account_types import AccountSnapshot, AccountUpdate, ActivePositionCounts, Order, SessionSummary
-from posstate._backup_ops import RestoreResult
-from posstate._backups import BackupInfo
-from posstate._config import StateConfig
-from posstate._crypto import generate_key
-from posstate._errors import (
+from posstate.account.feed import UpdateQueue
+from posstate.account.persist import PersistedAccountStateStore
+from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
+from posstate.account.reconcile_file import ReconcileFileResult, reconcile_file
+from posstate.account.store import AccountStateStore
+from posstate.account.types import AccountSnapshot, AccountUpdate, ActivePositionCounts, Order, SessionSummary
+from posstate.backup.backups import BackupInfo
+from posstate.backup.ops import RestoreResult
+from posstate.backup.recovery import RecoveryReport
+from posstate.backup.repair import RepairDecision, RepairReport
+from posstate.backup.retention import PruneDecision, PruneResult
+from posstate.core.config import StateConfig
+from posstate.core.errors import (
     AmbiguousBackupError,
     ConcurrentModificationError,
     ConfigError,
@@ -32,17 +36,13 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate._manager import PositionStateManager
-from posstate._merge import MergeDecision, MergeResult
-from posstate._model import Position
-from posstate._orders import OrderIntent, OrderIntents, make_client_order_id
-from posstate._reconcile import AppliedReconciliation, ReconciliationReport
-from posstate._reconcile_file import ReconcileFileResult, reconcile_file
-from posstate._recovery import RecoveryReport
-from posstate._repair import RepairDecision, RepairReport
-from posstate._retention import PruneDecision, PruneResult
-from posstate._validate import ValidationReport
-from posstate._version import __version__
+from posstate.core.version import __version__
+from posstate.manager.manager import PositionStateManager
+from posstate.manager.orders import OrderIntent, OrderIntents, make_client_order_id
+from posstate.model.merge import MergeDecision, MergeResult
+from posstate.model.position import Position
+from posstate.storage.crypto import generate_key
+from posstate.storage.validate import ValidationReport
 
 __all__ = [
     "AccountSnapshot",

@@ -1,6 +1,6 @@
 """``python -m posstate``: the same command line as the ``posstate`` console script."""
 
-from posstate._cli import main
+from posstate.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -68,7 +68,7 @@ def manager(cfg: StateConfig, key: bytes) -> Iterator[Callable[..., PositionStat
 
 
 def _journal_records(path: Path) -> bytes:
-    from posstate import _journal_format as jf
+    from posstate.journal import format as jf
 
     data = path.read_bytes()
     return data[: jf.scan(data, jf.parse_header(data)).good_end]

@@ -16,7 +16,7 @@ from posstate import (
     SchemaValidationError,
     SymbolMetadataNotFoundError,
 )
-from posstate._model import BAD_TEXT
+from posstate.model.position import BAD_TEXT
 
 
 def pos(symbol: str, side: str, contracts: str, entry: str = "100", **kw: object) -> Position:

@@ -27,7 +27,7 @@ from posstate import (
     StateConfig,
     generate_key,
 )
-from posstate import _fileops as fs
+from posstate.storage import fileops as fs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -142,7 +142,7 @@ def test_restore_refuses_backup_older_than_journaled_change(tmp_path: Path, monk
 
 def test_backup_age_for_dry_runs_counts_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """issue 12.11: backup_age (the CLI's dry run, no manager) measures from the newest journal record too."""
-    from posstate import _backup_ops
+    from posstate.backup import ops as _backup_ops
 
     cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9)
     with PositionStateManager(cfg, key=KEY) as m:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from test_journal_security import KEY, authentic, held, make, pos, snapshot_journal
 
-from posstate import CorruptStateError, PosStateError, _crypto
-from posstate import _journal_format as jf
+from posstate import CorruptStateError, PosStateError
+from posstate.journal import format as jf
+from posstate.storage import crypto as _crypto
 
 HUGE = 2**60  # above the 2**53 - 1 a snapshot's journal.seq may hold
 

@@ -15,8 +15,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from posstate import ConfigError, PersistenceError, Position, PositionStateManager, StateConfig
-from posstate._cli import cli
-from posstate._lock import WriterLock, is_locked
+from posstate.cli.main import cli
+from posstate.storage.lock import WriterLock, is_locked
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGACY = ROOT / "tests" / "data" / "legacy_journal"

@@ -23,9 +23,9 @@ from posstate import (
     StaleBackupError,
     StateConfig,
     TransactionError,
-    _unknown,
 )
-from posstate import _fileops as fs
+from posstate.storage import fileops as fs
+from posstate.storage import unknown as _unknown
 
 KEY = bytes(range(32))
 

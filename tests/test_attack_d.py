@@ -19,14 +19,14 @@ from posstate import (
     PositionStateManager,
     SchemaValidationError,
     StateConfig,
-    _codec,
-    _document,
-    _schema,
 )
-from posstate import _journal_ops as jops
-from posstate._account_types import Order
-from posstate._orders import OrderIntents, make_client_order_id
-from posstate._reconcile_file import read_exchange_positions
+from posstate.account.reconcile_file import read_exchange_positions
+from posstate.account.types import Order
+from posstate.manager.orders import OrderIntents, make_client_order_id
+from posstate.model import document as _document
+from posstate.model import ops as jops
+from posstate.model import schema as _schema
+from posstate.storage import codec as _codec
 
 NOW = 1_800_000_000.0
 

@@ -26,11 +26,11 @@ from posstate import (
     StateConfig,
     StateLockedError,
     StateNotFoundError,
-    _backups,
-    _statefile,
 )
-from posstate import _fileops as fs
-from posstate._crypto import Keyring
+from posstate.backup import backups as _backups
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 KEY = bytes(range(32))
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def backup_names(mgr: PositionStateManager) -> list[str]:
 
 def old_backup(mgr: PositionStateManager, positions: list[Position], *, age: float) -> BackupInfo:
     """Write a valid backup whose state was saved *age* seconds ago."""
-    from posstate._document import StateData
+    from posstate.model.document import StateData
 
     st = StateData(generation=1, positions={p.key: p for p in positions}, position_revs={p.key: 1 for p in positions})
     then = time.time() - age

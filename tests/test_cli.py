@@ -16,12 +16,13 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from posstate import ConfigError, _cli_base, _errors, _statefile
-from posstate._cli import cli
-from posstate._cli_base import exit_code_for
-from posstate._config import StateConfig
-from posstate._crypto import Keyring, encode_key_text, generate_key, key_id
-from posstate._errors import (
+from posstate import ConfigError
+from posstate.cli import base as _cli_base
+from posstate.cli.base import exit_code_for
+from posstate.cli.main import cli
+from posstate.core import errors as _errors
+from posstate.core.config import StateConfig
+from posstate.core.errors import (
     ConcurrentModificationError,
     CorruptStateError,
     ManagerClosedError,
@@ -35,10 +36,12 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate._format import TRAILER_SIZE, parse_header, trailer_for
-from posstate._lock import WriterLock
-from posstate._manager import PositionStateManager
-from posstate._model import Position
+from posstate.manager.manager import PositionStateManager
+from posstate.model.position import Position
+from posstate.storage import statefile as _statefile
+from posstate.storage.container import TRAILER_SIZE, parse_header, trailer_for
+from posstate.storage.crypto import Keyring, encode_key_text, generate_key, key_id
+from posstate.storage.lock import WriterLock
 
 ROOT = Path(__file__).resolve().parent.parent
 CLEAN_ENV = {"POSSTATE_KEY": None, "POSSTATE_KEY_FILE": None, "POSSTATE_PASSPHRASE": None, "POSSTATE_DIR": None}
@@ -660,7 +663,7 @@ def test_unexpected_exception_is_one_line(tmp_path: Path, key_file: Path, monkey
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr("posstate._cli.validate_file", boom)
+    monkeypatch.setattr("posstate.cli.main.validate_file", boom)
     r = run(["--key-file", str(key_file), "validate", str(tmp_path)])
     assert r.exit_code == 1
     assert err_line(r) == "Error: unexpected RuntimeError: kaboom; rerun with --debug for the traceback and report it"

@@ -15,17 +15,19 @@ from pathlib import Path
 import pytest
 from test_cli import ROOT, err_line, generation_of, make_state, pos, run, snapshot
 
-from posstate import _backups, _cli_base, _statefile
-from posstate._backups import BackupInfo
-from posstate._cli_base import exit_code_for
-from posstate._config import StateConfig
-from posstate._crypto import Keyring
-from posstate._document import StateData
-from posstate._errors import AmbiguousBackupError, StaleBackupError
-from posstate._manager import PositionStateManager
+from posstate.backup import backups as _backups
+from posstate.backup.backups import BackupInfo
+from posstate.cli import base as _cli_base
+from posstate.cli.base import exit_code_for
+from posstate.core.config import StateConfig
+from posstate.core.errors import AmbiguousBackupError, StaleBackupError
+from posstate.manager.manager import PositionStateManager
+from posstate.model.document import StateData
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 HOLDER = (
-    "import sys; from pathlib import Path; from posstate._lock import WriterLock; "
+    "import sys; from pathlib import Path; from posstate.storage.lock import WriterLock; "
     "l = WriterLock(Path(sys.argv[1]), state_path=Path(sys.argv[2])); print('locked', flush=True); sys.stdin.read()"
 )
 
@@ -333,7 +335,7 @@ def test_restore_dry_run_validates_and_writes_nothing(state: Path, key_file: Pat
 
 
 def _key_of(key_file: Path) -> bytes:
-    from posstate._crypto import read_key_file
+    from posstate.storage.crypto import read_key_file
 
     return read_key_file(key_file)
 

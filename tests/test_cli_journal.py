@@ -16,17 +16,17 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from posstate import _document
-from posstate import _fileops as fs
-from posstate import _journal_format as jf
-from posstate._cli import cli
-from posstate._config import StateConfig
-from posstate._crypto import Keyring, encode_key_text, generate_key
-from posstate._current import read_current
-from posstate._format import parse_header
-from posstate._manager import PositionStateManager
-from posstate._model import Position
-from posstate._statefile import ReadOptions
+from posstate.cli.main import cli
+from posstate.core.config import StateConfig
+from posstate.journal import format as jf
+from posstate.journal.current import read_current
+from posstate.manager.manager import PositionStateManager
+from posstate.model import document as _document
+from posstate.model.position import Position
+from posstate.storage import fileops as fs
+from posstate.storage.container import parse_header
+from posstate.storage.crypto import Keyring, encode_key_text, generate_key
+from posstate.storage.statefile import ReadOptions
 
 CLEAN_ENV = {"POSSTATE_KEY": None, "POSSTATE_KEY_FILE": None, "POSSTATE_PASSPHRASE": None, "POSSTATE_DIR": None}
 

@@ -17,10 +17,12 @@ from typing import IO, Any
 import pytest
 from test_cli import ROOT, generation_of, make_state, pos, run, write_key
 
-from posstate import _atomic, _cli_watch, _statefile
-from posstate._config import StateConfig
-from posstate._crypto import Keyring
-from posstate._manager import PositionStateManager
+from posstate.cli import watch_cmd as _cli_watch
+from posstate.core.config import StateConfig
+from posstate.manager.manager import PositionStateManager
+from posstate.storage import atomic as _atomic
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 DEADLINE = 30.0
 
@@ -100,7 +102,7 @@ def proc() -> Iterator[list[Proc]]:
 
 @pytest.fixture
 def key() -> bytes:
-    from posstate._crypto import generate_key
+    from posstate.storage.crypto import generate_key
 
     return generate_key()
 
@@ -170,7 +172,7 @@ def test_watch_reports_a_save_and_exits_0_on_ctrl_c(tmp_path: Path, key: bytes, 
 
 
 HOLDER = (
-    "import sys; from pathlib import Path; from posstate._lock import WriterLock; "
+    "import sys; from pathlib import Path; from posstate.storage.lock import WriterLock; "
     "l = WriterLock(Path(sys.argv[1]), state_path=Path(sys.argv[2])); print('locked', flush=True); sys.stdin.read()"
 )
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 from test_cli import err_line, run
 
-from posstate import _cli_base, _statefile
-from posstate._config import StateConfig
-from posstate._crypto import Keyring
-from posstate._document import StateData
-from posstate._lock import WriterLock
-from posstate._manager import PositionStateManager
-from posstate._model import Position
+from posstate.cli import base as _cli_base
+from posstate.core.config import StateConfig
+from posstate.manager.manager import PositionStateManager
+from posstate.model.document import StateData
+from posstate.model.position import Position
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
+from posstate.storage.lock import WriterLock
 
 DATA = Path(__file__).parent / "data"
 BTC, ETH, DOGE = "BTC/USDT:USDT", "ETH/USDT:USDT", "DOGE/USDT:USDT"

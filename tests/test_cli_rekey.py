@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from test_cli import ROOT, err_line, make_state, pos, run, write_key
 
-from posstate import _codec
-from posstate import _fileops as fs
-from posstate._config import StateConfig
-from posstate._crypto import Keyring, generate_key, key_id
-from posstate._errors import WrongKeyError
-from posstate._lock import WriterLock
+from posstate.core.config import StateConfig
+from posstate.core.errors import WrongKeyError
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage.crypto import Keyring, generate_key, key_id
+from posstate.storage.lock import WriterLock
 
 
 @pytest.fixture
@@ -260,8 +260,8 @@ def test_rekey_fault_at_every_file_operation(tmp_path: Path, keys: tuple[bytes, 
 
 CHILD = """
 import os, signal, sys
-from posstate import _fileops as fs
-from posstate._cli import main
+from posstate.storage import fileops as fs
+from posstate.cli.main import main
 
 class KillAt(fs.FileOps):
     n = 0

@@ -13,12 +13,15 @@ from typing import Any
 import pytest
 from test_cli import err_line, generation_of, make_state, pos, run, write_key
 
-from posstate import _cli_base, _codec, _document, _statefile
-from posstate._config import StateConfig
-from posstate._crypto import Keyring, generate_key
-from posstate._document import StateData
-from posstate._lock import WriterLock
-from posstate._manager import PositionStateManager
+from posstate.cli import base as _cli_base
+from posstate.core.config import StateConfig
+from posstate.manager.manager import PositionStateManager
+from posstate.model import document as _document
+from posstate.model.document import StateData
+from posstate.storage import codec as _codec
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring, generate_key
+from posstate.storage.lock import WriterLock
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from test_cli import CLEAN_ENV, ROOT, err_line, run, write_key
 from test_journal_security import KEY, _crafted, authentic, forge_journal, pos
 
 from posstate import PositionStateManager, StateConfig
-from posstate import _journal_format as jf
+from posstate.journal import format as jf
 
 COMMANDS = {
     "validate": ["validate"],

@@ -12,17 +12,11 @@ import orjson
 import pytest
 import zstandard
 
-from posstate import (
-    CorruptStateError,
-    MissingKeyError,
-    UnsupportedVersionError,
-    WrongKeyError,
-    _codec,
-    _crypto,
-    _format,
-    generate_key,
-)
-from posstate._format import HEADER_SIZE, OFFSETS, TRAILER_SIZE
+from posstate import CorruptStateError, MissingKeyError, UnsupportedVersionError, WrongKeyError, generate_key
+from posstate.storage import codec as _codec
+from posstate.storage import container as _format
+from posstate.storage import crypto as _crypto
+from posstate.storage.container import HEADER_SIZE, OFFSETS, TRAILER_SIZE
 
 DOC = orjson.dumps({"hello": "world", "n": [1, 2, 3], "pad": "x" * 200})
 

@@ -12,9 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posstate import CorruptStateError, Position, SchemaValidationError, _document, _schema
-from posstate._document import StateData, _Reject
-from posstate._model import BAD_TEXT
+from posstate import CorruptStateError, Position, SchemaValidationError
+from posstate.model import document as _document
+from posstate.model import schema as _schema
+from posstate.model.document import StateData, _Reject
+from posstate.model.position import BAD_TEXT
 
 DECIMAL_RE = re.compile(_schema.schema()["$defs"]["decimal"]["pattern"])
 NOW = 1_800_000_000.0

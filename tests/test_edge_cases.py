@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from posstate import ConfigError, CorruptStateError, Position, PositionStateManager, SchemaValidationError, StateConfig
-from posstate import _fileops as fs
+from posstate.storage import fileops as fs
 
 KEY = bytes(range(32))
 
@@ -127,8 +127,9 @@ def test_repair_keeps_changes_acknowledged_in_the_journal(tmp_path: Path) -> Non
     records onto the repaired snapshot (a decision says so) and keeps the journal file in quarantine."""
     import orjson
 
-    from posstate import _codec, _document
-    from posstate._crypto import Keyring
+    from posstate.model import document as _document
+    from posstate.storage import codec as _codec
+    from posstate.storage.crypto import Keyring
 
     cfg = StateConfig.in_dir(tmp_path / "state", durability="sync", backup_interval=0.0)
     with PositionStateManager(cfg, key=KEY) as m:
@@ -199,7 +200,7 @@ def test_a_change_whose_sync_failed_never_comes_back(tmp_path: Path, durability:
 )
 def test_only_real_json_is_called_plain_json(data: bytes, reason: str) -> None:
     """Random bytes that happen to start with '[' or '{' are 'not a posstate file', not 'plain JSON'."""
-    from posstate import _format
+    from posstate.storage import container as _format
 
     with pytest.raises(_format.FormatProblem, match=reason):
         _format.check_file(data)

@@ -14,22 +14,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posstate import (
-    CorruptStateError,
-    Position,
-    PositionStateManager,
-    PosStateError,
-    SchemaValidationError,
-    StateConfig,
-    _codec,
-    _document,
-    _schema,
-    _statefile,
-    _validate,
-)
-from posstate._crypto import Keyring, generate_key
-from posstate._document import MAX_JSON_DEPTH, StateData, _Reject
-from posstate._model import BAD_TEXT
+from posstate import CorruptStateError, Position, PositionStateManager, PosStateError, SchemaValidationError, StateConfig
+from posstate.model import document as _document
+from posstate.model import schema as _schema
+from posstate.model.document import MAX_JSON_DEPTH, StateData, _Reject
+from posstate.model.position import BAD_TEXT
+from posstate.storage import codec as _codec
+from posstate.storage import statefile as _statefile
+from posstate.storage import validate as _validate
+from posstate.storage.crypto import Keyring, generate_key
 
 NOW = 1_800_000_000.0
 KEYRING = Keyring(key=generate_key())

@@ -15,19 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from posstate import (
-    CorruptStateError,
-    MissingKeyError,
-    PersistenceError,
-    Position,
-    PositionStateManager,
-    StateConfig,
-    _codec,
-    _statefile,
-    _validate,
-)
-from posstate import _fileops as fs
-from posstate._crypto import encode_key_text, generate_key, read_key_file
+from posstate import CorruptStateError, MissingKeyError, PersistenceError, Position, PositionStateManager, StateConfig
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage import validate as _validate
+from posstate.storage.crypto import encode_key_text, generate_key, read_key_file
 
 ROOT = Path(__file__).resolve().parent.parent
 #: A hang must fail the test, not the suite.

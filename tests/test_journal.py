@@ -26,13 +26,13 @@ from posstate import (
     UnrecoverableStateError,
     UnsupportedVersionError,
     WrongKeyError,
-    _journal,
     generate_key,
 )
-from posstate import _fileops as fs
-from posstate import _journal_format as jf
-from posstate._crypto import Keyring
-from posstate._model import Position
+from posstate.journal import format as jf
+from posstate.journal import journal as _journal
+from posstate.model.position import Position
+from posstate.storage import fileops as fs
+from posstate.storage.crypto import Keyring
 
 KEY = bytes(range(32))
 
@@ -425,7 +425,7 @@ def test_reload_in_group_mode_keeps_pending_records(tmp_path: Path) -> None:
     with make(tmp_path, durability="group") as m:
         m.set_position(pos("A"))
         with m._lock:
-            ticket = m._change(__import__("posstate._journal_ops", fromlist=["x"]).set_position(pos("B"), m._next_rev()))
+            ticket = m._change(__import__("posstate.model.ops", fromlist=["x"]).set_position(pos("B"), m._next_rev()))
         assert ticket is not None
         m.load_positions()
         assert set(m.get_positions()) == {("A", "long"), ("B", "long")}
@@ -540,7 +540,7 @@ def test_unreadable_journal_is_quarantined_not_replaced(tmp_path: Path) -> None:
         with pytest.raises(CorruptStateError):
             m2._read_current()  # the load's first step, before automatic recovery
         # A fallback: adopt the snapshot alone and carry on.
-        from posstate import _statefile
+        from posstate.storage import statefile as _statefile
 
         loaded = _statefile.read(cfg.state_path, options=m2._read)
         m2._adopt(loaded.state, loaded.checksum)

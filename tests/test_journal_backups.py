@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from posstate import PositionStateManager, StateConfig, _statefile
-from posstate._crypto import Keyring
-from posstate._model import Position
+from posstate import PositionStateManager, StateConfig
+from posstate.model.position import Position
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 KEY = bytes(range(32))
 

@@ -11,9 +11,11 @@ import orjson
 import pytest
 from test_journal_security import KEY, authentic, held, make, pos, snapshot_journal
 
-from posstate import CorruptStateError, PositionStateManager, StateConfig, _crypto, _journal
-from posstate import _journal_format as jf
-from posstate import _journal_ops as jops
+from posstate import CorruptStateError, PositionStateManager, StateConfig
+from posstate.journal import format as jf
+from posstate.journal import journal as _journal
+from posstate.model import ops as jops
+from posstate.storage import crypto as _crypto
 
 ROOT = Path(__file__).resolve().parent.parent
 LEGACY = ROOT / "tests" / "data" / "legacy_journal"
@@ -185,8 +187,9 @@ def _legacy_dir(tmp_path: Path) -> Path:
 def test_repair_of_a_damaged_old_layout_snapshot_replays_the_old_named_journal(tmp_path: Path) -> None:
     """review 4: repair_state() on a 0.1.0 directory replays positions.journal onto the repaired snapshot
     and keeps it in quarantine (it read only positions.json.journal before)."""
-    from posstate import _codec, _document
-    from posstate._crypto import Keyring
+    from posstate.model import document as _document
+    from posstate.storage import codec as _codec
+    from posstate.storage.crypto import Keyring
 
     d = _legacy_dir(tmp_path)
     cfg = StateConfig.in_dir(d)

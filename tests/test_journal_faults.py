@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from posstate import OutcomeUnknownError, PersistenceError, PositionStateManager, StateConfig
-from posstate import _fileops as fs
-from posstate import _journal_format as jf
-from posstate._journal import _temp_seq
-from posstate._model import Position
+from posstate.journal import format as jf
+from posstate.journal.journal import _temp_seq
+from posstate.model.position import Position
+from posstate.storage import fileops as fs
 
 KEY = bytes(range(32))
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,7 +266,7 @@ _CHILD = textwrap.dedent(
     import os, sys
     from decimal import Decimal
     from posstate import PositionStateManager, StateConfig, Position
-    from posstate import _fileops as fs
+    from posstate.storage import fileops as fs
 
     d, k = sys.argv[1], int(sys.argv[2])
 

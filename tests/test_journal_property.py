@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from posstate import PositionStateManager, StateConfig
-from posstate._model import Position
+from posstate.model.position import Position
 
 KEY = bytes(range(32))
 SYMBOLS = st.sampled_from(["A/USDT", "B/USDT", "C/USDT"])

@@ -14,22 +14,16 @@ from typing import Any
 import orjson
 import pytest
 
-from posstate import (
-    ConfigError,
-    CorruptStateError,
-    PositionStateManager,
-    StateConfig,
-    WrongKeyError,
-    _crypto,
-    _journal,
-    _statefile,
-)
-from posstate import _journal_format as jf
-from posstate import _journal_ops as jops
-from posstate._crypto import Keyring
-from posstate._current import read_current
-from posstate._format import OFFSETS, trailer_for
-from posstate._model import Position
+from posstate import ConfigError, CorruptStateError, PositionStateManager, StateConfig, WrongKeyError
+from posstate.journal import format as jf
+from posstate.journal import journal as _journal
+from posstate.journal.current import read_current
+from posstate.model import ops as jops
+from posstate.model.position import Position
+from posstate.storage import crypto as _crypto
+from posstate.storage import statefile as _statefile
+from posstate.storage.container import OFFSETS, trailer_for
+from posstate.storage.crypto import Keyring
 
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -266,7 +260,7 @@ def test_rekey_and_the_snapshot_codec_use_fresh_nonces(tmp_path: Path, sealed: l
     a rekey the new key's files and journal use fresh nonces."""
     from click.testing import CliRunner
 
-    from posstate._cli import cli
+    from posstate.cli.main import cli
 
     _write(tmp_path, "A")
     with make(tmp_path) as m:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from posstate import MissingKeyError, Position, PositionStateManager, StateConfig, WrongKeyError, _crypto, generate_key
-from posstate._format import OFFSETS
+from posstate import MissingKeyError, Position, PositionStateManager, StateConfig, WrongKeyError, generate_key
+from posstate.storage import crypto as _crypto
+from posstate.storage.container import OFFSETS
 
 P = Position(symbol="BTC/USDT", side="long", contracts=Decimal(1), entry_price=Decimal(2))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from posstate import PositionStateManager, StateConfig, StateLockedError
-from posstate._lock import is_locked, read_holder
+from posstate.storage.lock import is_locked, read_holder
 
 ROOT = Path(__file__).resolve().parent.parent
 

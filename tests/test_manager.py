@@ -30,9 +30,9 @@ from posstate import (
     StateConfig,
     UnrecoverableStateError,
     WrongKeyError,
-    _fileops,
     generate_key,
 )
+from posstate.storage import fileops as _fileops
 
 Factory = Callable[..., PositionStateManager]
 
@@ -531,8 +531,9 @@ def test_failed_verify_of_a_change_is_outcome_unknown(manager: Factory, cfg: Sta
 @pytest.mark.parametrize(("field", "value"), [("generation", 9), ("position_count", 5)])
 def test_header_must_match_document(cfg: StateConfig, field: str, value: int) -> None:
     """A file whose header disagrees with its document (generation, position count) is refused on load."""
-    from posstate import _codec, _document
-    from posstate._document import StateData
+    from posstate.model import document as _document
+    from posstate.model.document import StateData
+    from posstate.storage import codec as _codec
 
     st_ = StateData(generation=1, written_at="2024-01-01T00:00:00.000Z", writer={"host": "h", "pid": 1, "version": "0"})
     st_.positions[("A", "long")] = pos("A")

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posstate import MergeResult, Position, PositionStateManager, StateConfig
-from posstate._document import StateData
-from posstate._merge import drop_old_tombstones, merge_states
+from posstate.model.document import StateData
+from posstate.model.merge import drop_old_tombstones, merge_states
 
 KEYS = [("BTC/USDT", "long"), ("BTC/USDT", "short"), ("ETH/USDT", "long")]
 SYMBOLS = ["BTC/USDT", "ETH/USDT"]

@@ -29,7 +29,7 @@ from posstate import (
     StateConfig,
     make_client_order_id,
 )
-from posstate import _fileops as fs
+from posstate.storage import fileops as fs
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER: dict[str, Any] = {

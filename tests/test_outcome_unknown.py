@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
-from posstate import OutcomeUnknownError, PersistenceError, Position, PositionStateManager, StateConfig, _unknown
-from posstate import _fileops as fs
-from posstate._harness import Fault, HarnessOps
+from posstate import OutcomeUnknownError, PersistenceError, Position, PositionStateManager, StateConfig
+from posstate.selftest.harness import Fault, HarnessOps
+from posstate.storage import fileops as fs
+from posstate.storage import unknown as _unknown
 
 KEY = bytes(range(32))
 #: A disk that fails every sync and every truncate from now on; writes still reach the page cache.

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from posstate import Position, PositionStateManager, StateConfig
-from posstate._periodic import PeriodicValidator, start_for
+from posstate.manager.periodic import PeriodicValidator, start_for
 
 KEY = bytes(range(32))
 

@@ -19,14 +19,14 @@ from posstate import (
     StateConfig,
     UnrecoverableStateError,
     WrongKeyError,
-    _backups,
-    _codec,
-    _document,
-    _statefile,
 )
-from posstate import _fileops as fs
-from posstate._crypto import Keyring
-from posstate._document import StateData
+from posstate.backup import backups as _backups
+from posstate.model import document as _document
+from posstate.model.document import StateData
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from posstate import Position, PositionStateManager, StateConfig, StateLockedError, generate_key
-from posstate._crashchild import digest, run_contenders
+from posstate.selftest.crashchild import digest, run_contenders
 
 ATTEMPTS = int(os.environ.get("POSSTATE_RELIABILITY_ATTEMPTS", "150"))  # 1,000 in benchmarks/reliability.py --full
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from posstate import generate_key
-from posstate._crashchild import crash_matrix, run_child, soak
+from posstate.selftest.crashchild import crash_matrix, run_child, soak
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from posstate import CorruptStateError, Position, PositionStateManager, StateConfig, generate_key
-from posstate._crypto import Keyring
-from posstate._replay import damage_cases, sized_state
-from posstate._statefile import ReadOptions, parse
+from posstate.selftest.replay import damage_cases, sized_state
+from posstate.storage.crypto import Keyring
+from posstate.storage.statefile import ReadOptions, parse
 
 State = tuple[Path, bytes, bytes, dict[Any, Position]]
 

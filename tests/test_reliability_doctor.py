@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from posstate import _fileops
-from posstate._doctor import _check_dir_fsync, _check_filesystem, format_report, mount_of, run_doctor
-from posstate._harness import Fault, HarnessOps
+from posstate.selftest.doctor import _check_dir_fsync, _check_filesystem, format_report, mount_of, run_doctor
+from posstate.selftest.harness import Fault, HarnessOps
+from posstate.storage import fileops as _fileops
 
 MOUNTS = """\
 /dev/sda1 / ext4 rw,relatime 0 0

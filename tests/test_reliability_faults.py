@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from posstate import OutcomeUnknownError, PersistenceError, PositionStateManager, StateConfig, _fileops, generate_key
-from posstate._crashchild import digest, save_step, workload
-from posstate._harness import ERRNOS, MUTATING_AND_READS, Fault, HarnessOps
-from posstate._statefile import ReadOptions, read
+from posstate import OutcomeUnknownError, PersistenceError, PositionStateManager, StateConfig, generate_key
+from posstate.selftest.crashchild import digest, save_step, workload
+from posstate.selftest.harness import ERRNOS, MUTATING_AND_READS, Fault, HarnessOps
+from posstate.storage import fileops as _fileops
+from posstate.storage.statefile import ReadOptions, read
 
 WRITES = frozenset({"write"})
 

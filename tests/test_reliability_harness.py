@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from posstate import PersistenceError, PositionStateManager, StateConfig, _fileops, generate_key
-from posstate._crashchild import save_step
-from posstate._harness import MUTATING, Fault, HarnessOps
+from posstate import PersistenceError, PositionStateManager, StateConfig, generate_key
+from posstate.selftest.crashchild import save_step
+from posstate.selftest.harness import MUTATING, Fault, HarnessOps
+from posstate.storage import fileops as _fileops
 
 
 def _manager(d: Path) -> PositionStateManager:

@@ -13,18 +13,11 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from posstate import (
-    CorruptStateError,
-    Position,
-    PositionStateManager,
-    PosStateError,
-    SchemaValidationError,
-    StateConfig,
-    _codec,
-    _format,
-)
-from posstate._crypto import Keyring
-from posstate._statefile import ReadOptions, parse, read_document
+from posstate import CorruptStateError, Position, PositionStateManager, PosStateError, SchemaValidationError, StateConfig
+from posstate.storage import codec as _codec
+from posstate.storage import container as _format
+from posstate.storage.crypto import Keyring
+from posstate.storage.statefile import ReadOptions, parse, read_document
 
 KEY = bytes(range(32))
 PLAIN = ReadOptions(keyring=None)

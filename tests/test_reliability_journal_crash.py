@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from posstate import generate_key
-from posstate._crashjournal import expected_positions, journal_matrix, journal_soak, parse_lines, run_child
+from posstate.selftest.crashjournal import expected_positions, journal_matrix, journal_soak, parse_lines, run_child
 
 
 @pytest.fixture

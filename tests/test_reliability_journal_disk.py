@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from posstate import _reljournal as rj
 from posstate import generate_key
-from posstate._harness import ERRNOS, MUTATING_AND_READS, Fault
+from posstate.selftest import reljournal as rj
+from posstate.selftest.harness import ERRNOS, MUTATING_AND_READS, Fault
 
 SYNC_OPS = rj.SYNC_OPS
 WRITES = frozenset({"write"})
@@ -130,9 +130,9 @@ def test_cut_at_a_record_boundary_loads_an_acked_prefix(jfile: rj.JournalFile, k
 
 def test_torn_tail_repair_keeps_a_quarantine_copy(jfile: rj.JournalFile, key: bytes, tmp_path: Path) -> None:
     """A torn last record is cut only after a copy of the whole journal went to quarantine."""
-    from posstate._crashjournal import config
-    from posstate._manager import PositionStateManager
-    from posstate._replay import CrashState, materialize
+    from posstate.manager.manager import PositionStateManager
+    from posstate.selftest.crashjournal import config
+    from posstate.selftest.replay import CrashState, materialize
 
     damaged = jfile.journal + b"\0" * 40 + b"\1" + bytes(jfile.padding)  # garbage after the last record
     materialize(CrashState(0, True, {**jfile.files, "positions.json.journal": damaged}, "torn"), tmp_path / "s")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from posstate import generate_key
-from posstate._harness import Fault
-from posstate._replay import Recorded, crash_states, load_state, lying_disk_states, record_save
+from posstate.selftest.harness import Fault
+from posstate.selftest.replay import Recorded, crash_states, load_state, lying_disk_states, record_save
 
 SYNC_OPS = frozenset({"fsync", "fdatasync", "fsync_dir"})
 

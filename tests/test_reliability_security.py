@@ -13,21 +13,13 @@ from typing import Any
 
 import pytest
 
-from posstate import (
-    PersistenceError,
-    Position,
-    PositionStateManager,
-    PosStateError,
-    StateConfig,
-    WrongKeyError,
-    _atomic,
-    _codec,
-    _fileops,
-    generate_key,
-)
-from posstate._crypto import Keyring
-from posstate._events import EVENTS
-from posstate._harness import Fault, HarnessOps
+from posstate import PersistenceError, Position, PositionStateManager, PosStateError, StateConfig, WrongKeyError, generate_key
+from posstate.core.events import EVENTS
+from posstate.selftest.harness import Fault, HarnessOps
+from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as _fileops
+from posstate.storage.crypto import Keyring
 
 
 def _cfg(d: Path, **kw: Any) -> StateConfig:

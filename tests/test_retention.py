@@ -7,9 +7,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from posstate import BackupInfo, Position, PositionStateManager, StateConfig, _backups, _statefile
-from posstate._crypto import Keyring
-from posstate._retention import Policy, plan
+from posstate import BackupInfo, Position, PositionStateManager, StateConfig
+from posstate.backup import backups as _backups
+from posstate.backup.retention import Policy, plan
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 KEY = bytes(range(32))
 NOW = datetime(2026, 3, 18, 12, 30, tzinfo=timezone.utc)  # a Wednesday

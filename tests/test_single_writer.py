@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from posstate import Position, PositionStateManager, StateConfig, StateLockedError
-from posstate import _fileops as fs
-from posstate._lock import WriterLock, is_locked
+from posstate.storage import fileops as fs
+from posstate.storage.lock import WriterLock, is_locked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -264,9 +264,9 @@ def test_journal_under_the_old_name_is_read_once_and_retired(tmp_path: Path, dur
 
 def test_old_name_read_by_the_read_only_view(tmp_path: Path) -> None:
     """issue 12.7: `posstate show`/`validate` (read_current) replay the journal under the old name like a load."""
-    from posstate._crypto import Keyring
-    from posstate._current import read_current
-    from posstate._statefile import ReadOptions
+    from posstate.journal.current import read_current
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions
 
     d = _legacy_dir(tmp_path)
     cfg = StateConfig.in_dir(d)

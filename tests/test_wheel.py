@@ -19,7 +19,9 @@ SCRIPT = textwrap.dedent(
     from decimal import Decimal
     from pathlib import Path
     import posstate
-    from posstate import Position, PositionStateManager, StateConfig, _document, _schema
+    from posstate import Position, PositionStateManager, StateConfig
+    from posstate.model import document as _document
+    from posstate.model import schema as _schema
 
     here = Path(posstate.__file__).resolve().parent
     assert str(here).startswith(sys.argv[1]), here

@@ -1,1 +1,3 @@
-"""The account store: types, update feed, persistence through a manager, reconciliation, the reconcile file. Imports manager and below."""
+"""The account store: types, update feed, persistence through a manager, reconciliation, the reconcile file.
+Imports manager and below.
+"""

@@ -16,7 +16,7 @@ import queue
 import threading
 from collections.abc import Iterable
 
-from posstate._account_types import AccountUpdate
+from posstate.account.types import AccountUpdate
 
 log = logging.getLogger("posstate")
 

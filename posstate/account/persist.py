@@ -22,10 +22,10 @@ import logging
 import threading
 from typing import Any
 
-from posstate._account import AccountStateStore
-from posstate._account_types import is_reserved
-from posstate._errors import PosStateError
-from posstate._manager import PositionStateManager
+from posstate.account.store import AccountStateStore
+from posstate.account.types import is_reserved
+from posstate.core.errors import PosStateError
+from posstate.manager.manager import PositionStateManager
 
 log = logging.getLogger("posstate")
 

@@ -15,11 +15,11 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from posstate._errors import SchemaValidationError
-from posstate._model import Position, PositionKey, Side, to_decimal
+from posstate.core.errors import SchemaValidationError
+from posstate.model.position import Position, PositionKey, Side, to_decimal
 
 if TYPE_CHECKING:
-    from posstate._account import AccountStateStore
+    from posstate.account.store import AccountStateStore
 
 #: Local fields kept when the exchange does not report them (the bot's own SL/TP, a known contract size).
 KEEP_LOCAL_IF_MISSING: tuple[str, ...] = ("contract_size", "leverage", "margin_mode", "stop_loss_price", "take_profit_price")

@@ -8,12 +8,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from posstate import _fileops as fs
-from posstate._account_persist import PersistedAccountStateStore
-from posstate._config import StateConfig
-from posstate._errors import PersistenceError, SchemaValidationError, StateNotFoundError
-from posstate._manager import PositionStateManager
-from posstate._reconcile import AppliedReconciliation, ReconciliationReport
+from posstate.account.persist import PersistedAccountStateStore
+from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
+from posstate.core.config import StateConfig
+from posstate.core.errors import PersistenceError, SchemaValidationError, StateNotFoundError
+from posstate.manager.manager import PositionStateManager
+from posstate.storage import fileops as fs
 
 
 @dataclass(frozen=True, slots=True)

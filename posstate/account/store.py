@@ -24,9 +24,9 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any
 
-from posstate import _document
-from posstate._account_feed import UpdateFeed, UpdateQueue
-from posstate._account_types import (
+from posstate.account.feed import UpdateFeed, UpdateQueue
+from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport, fingerprint, merged, reconcile
+from posstate.account.types import (
     EMPTY,
     AccountSnapshot,
     AccountUpdate,
@@ -39,9 +39,9 @@ from posstate._account_types import (
     normalize_side,
     thaw_json,
 )
-from posstate._errors import SchemaValidationError, StaleReportError, SymbolMetadataNotFoundError
-from posstate._model import Position, PositionKey, to_decimal
-from posstate._reconcile import AppliedReconciliation, ReconciliationReport, fingerprint, merged, reconcile
+from posstate.core.errors import SchemaValidationError, StaleReportError, SymbolMetadataNotFoundError
+from posstate.model import document as _document
+from posstate.model.position import Position, PositionKey, to_decimal
 
 log = logging.getLogger("posstate")
 
@@ -109,7 +109,7 @@ class AccountStateStore:
         return self._snap.version
 
     def subscribe(self, *, maxsize: int = 1024) -> UpdateQueue:
-        """A bounded queue receiving every later change (see :mod:`posstate._account_feed` for the policy:
+        """A bounded queue receiving every later change (see :mod:`posstate.account.feed` for the policy:
         a subscriber whose queue is full is dropped with a final ``resync`` update; the writer never blocks)."""
         with self._lock:
             return self._feed.add(maxsize, start_version=self._snap.version)

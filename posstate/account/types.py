@@ -14,8 +14,8 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
-from posstate._errors import SchemaValidationError
-from posstate._model import Position, PositionKey, Side, to_decimal
+from posstate.core.errors import SchemaValidationError
+from posstate.model.position import Position, PositionKey, Side, to_decimal
 
 #: Symbol-metadata names starting with this are reserved for posstate itself (order intents live under
 #: ``__posstate_orders__``); the account store refuses them and hides them on restore.

@@ -1,1 +1,3 @@
-"""Backups, retention, recovery and repair, working on the small StateFiles interface (never on the manager). Imports journal, storage, model, core."""
+"""Backups, retention, recovery and repair, working on the small StateFiles interface (never on the manager).
+Imports journal, storage, model, core.
+"""

@@ -16,11 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from posstate import _atomic, _codec, _statefile
-from posstate import _fileops as fs
-from posstate._crypto import Keyring
-from posstate._document import StateData
-from posstate._errors import (
+from posstate.core.errors import (
     AmbiguousBackupError,
     CorruptStateError,
     MissingKeyError,
@@ -31,6 +27,12 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
+from posstate.model.document import StateData
+from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 log = logging.getLogger("posstate")
 

@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posstate import _atomic, _backups, _codec, _document, _journal, _retention, _statefile
-from posstate import _fileops as fs
-from posstate._backups import BackupInfo
-from posstate._config import StateConfig
-from posstate._document import StateData
-from posstate._errors import (
+from posstate.backup import backups as _backups
+from posstate.backup import retention as _retention
+from posstate.backup.backups import BackupInfo
+from posstate.backup.recovery import main_header
+from posstate.core.config import StateConfig
+from posstate.core.errors import (
     CorruptStateError,
     PersistenceError,
     PosStateError,
@@ -27,11 +27,17 @@ from posstate._errors import (
     StaleBackupError,
     StateNotFoundError,
 )
-from posstate._recovery import main_header
-from posstate._validate import ValidationReport, validate_file
+from posstate.journal import journal as _journal
+from posstate.model import document as _document
+from posstate.model.document import StateData
+from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.validate import ValidationReport, validate_file
 
 if TYPE_CHECKING:
-    from posstate._manager import PositionStateManager
+    from posstate.manager.manager import PositionStateManager
 
 log = logging.getLogger("posstate")
 
@@ -388,6 +394,6 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
 
 
 def _format_checksum(data: bytes) -> str | None:
-    from posstate._format import checksum_of
+    from posstate.storage.container import checksum_of
 
     return checksum_of(data)

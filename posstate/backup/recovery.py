@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posstate import _atomic, _backups, _codec, _format, _journal, _statefile
-from posstate import _fileops as fs
-from posstate._config import StateConfig
-from posstate._document import StateData
-from posstate._errors import (
+from posstate.backup import backups as _backups
+from posstate.core.config import StateConfig
+from posstate.core.errors import (
     CorruptStateError,
     PersistenceError,
     PosStateError,
@@ -35,9 +33,16 @@ from posstate._errors import (
     UnrecoverableStateError,
     WrongKeyError,
 )
+from posstate.journal import journal as _journal
+from posstate.model.document import StateData
+from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import container as _format
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
 
 if TYPE_CHECKING:
-    from posstate._manager import PositionStateManager
+    from posstate.manager.manager import PositionStateManager
 
 log = logging.getLogger("posstate")
 
@@ -387,7 +392,7 @@ def plan(
 
 
 def _statefile_ms(state: StateData) -> int | None:
-    from posstate._document import parse_utc_text
+    from posstate.model.document import parse_utc_text
 
     try:
         return int(parse_utc_text(state.written_at) * 1000)

@@ -14,15 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from posstate import _atomic, _backups, _codec, _document, _journal, _statefile
-from posstate import _fileops as fs
-from posstate._config import StateConfig
-from posstate._document import StateData
-from posstate._errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError
-from posstate._model import MAX_COUNTER, Position, PositionKey, parse_position_key
+from posstate.backup import backups as _backups
+from posstate.core.config import StateConfig
+from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError
+from posstate.journal import journal as _journal
+from posstate.model import document as _document
+from posstate.model.document import StateData
+from posstate.model.position import MAX_COUNTER, Position, PositionKey, parse_position_key
+from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
 
 if TYPE_CHECKING:
-    from posstate._manager import PositionStateManager
+    from posstate.manager.manager import PositionStateManager
 
 log = logging.getLogger("posstate")
 

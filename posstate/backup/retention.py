@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from posstate._backups import BackupInfo
+from posstate.backup.backups import BackupInfo
 
 Action = Literal["keep", "remove", "quarantine"]
 

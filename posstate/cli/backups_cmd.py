@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from posstate import _backup_ops, _backups, _cli_base
-from posstate import _fileops as fs
-from posstate._cli_base import (
+from posstate.backup import backups as _backups
+from posstate.backup import ops as _backup_ops
+from posstate.backup.retention import PruneResult
+from posstate.cli import base as _cli_base
+from posstate.cli.base import (
     EXIT_INVALID,
     EXIT_KEY,
     EXIT_VERSION,
@@ -28,14 +30,14 @@ from posstate._cli_base import (
     json_out,
     refuse_if_locked,
 )
-from posstate._cli_format import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
-from posstate._config import StateConfig
-from posstate._errors import StateNotFoundError
-from posstate._retention import PruneResult
-from posstate._validate import ValidationReport, validate_file
+from posstate.cli.render import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
+from posstate.core.config import StateConfig
+from posstate.core.errors import StateNotFoundError
+from posstate.storage import fileops as fs
+from posstate.storage.validate import ValidationReport, validate_file
 
 if TYPE_CHECKING:
-    from posstate._manager import PositionStateManager
+    from posstate.manager.manager import PositionStateManager
 
 __all__ = ["backups"]
 
@@ -48,7 +50,7 @@ def require_state_dir(cfg: StateConfig) -> None:
 
 def open_manager(env: Env) -> PositionStateManager:
     """The manager for a command that writes: it takes the writer lock (StateLockedError, exit 5, if held)."""
-    from posstate._manager import PositionStateManager
+    from posstate.manager.manager import PositionStateManager
 
     return PositionStateManager(env.config(), **env.manager_kwargs())
 

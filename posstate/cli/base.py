@@ -1,6 +1,6 @@
 """The command line's frame: the click group, common options, error mapping and shared helpers.
 
-Commands live in :mod:`posstate._cli` (and later ``_cli_*`` modules) and stay thin: parse, call the library,
+Commands live in :mod:`posstate.cli.main` (and later ``_cli_*`` modules) and stay thin: parse, call the library,
 print. Every :class:`~posstate.PosStateError` becomes one ``Error: ...`` line on stderr and a documented exit
 code in one place, :func:`exit_code_for`.
 """
@@ -20,12 +20,10 @@ from typing import Any, TypeVar
 
 import click
 
-from posstate import _atomic, _backups, _statefile
-from posstate import _fileops as fs
-from posstate._cli_format import to_json
-from posstate._config import StateConfig
-from posstate._crypto import Keyring, read_key_file
-from posstate._errors import (
+from posstate.backup import backups as _backups
+from posstate.cli.render import to_json
+from posstate.core.config import StateConfig
+from posstate.core.errors import (
     AmbiguousBackupError,
     ConcurrentModificationError,
     ConfigError,
@@ -38,8 +36,12 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate._lock import WriterLock, is_locked, read_holder
-from posstate._version import __version__
+from posstate.core.version import __version__
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring, read_key_file
+from posstate.storage.lock import WriterLock, is_locked, read_holder
 
 F = TypeVar("F", bound=Callable[..., Any])
 

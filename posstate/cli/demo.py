@@ -1,6 +1,6 @@
 """The README's main job: a bot saving positions is killed with SIGKILL mid-run and resumes from its last save.
 
-``run_demo()`` plays the operator: it starts a real bot process (``python -m posstate._demo bot DIR``) that
+``run_demo()`` plays the operator: it starts a real bot process (``python -m posstate.cli.demo bot DIR``) that
 trades a few symbols and saves after every change, reads each generation the bot reports as saved, kills
 it with SIGKILL at a random moment (possibly in the middle of a save), starts a fresh manager on the same
 directory and checks that it holds exactly the last acknowledged save (or the one that was in flight).
@@ -20,10 +20,10 @@ from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
-from posstate._config import StateConfig
-from posstate._crypto import encode_key_text, generate_key
-from posstate._manager import PositionStateManager
-from posstate._model import Position, PositionKey, Side
+from posstate.core.config import StateConfig
+from posstate.manager.manager import PositionStateManager
+from posstate.model.position import Position, PositionKey, Side
+from posstate.storage.crypto import encode_key_text, generate_key
 
 SIDES: tuple[Side, Side] = ("long", "short")
 SYMBOLS = ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT", "XRP/USDT:USDT", "DOGE/USDT:USDT")
@@ -92,7 +92,7 @@ def run_demo(
         f"[operator] starting the bot; it saves after every trade and will be killed with SIGKILL after about {kill_after} saves"
     )
     bot = subprocess.Popen(
-        [sys.executable, "-m", "posstate._demo", "bot", str(workdir), str(rng.randint(0, 2**31))],
+        [sys.executable, "-m", "posstate.cli.demo", "bot", str(workdir), str(rng.randint(0, 2**31))],
         stdout=subprocess.PIPE,
         env=env,
         text=True,

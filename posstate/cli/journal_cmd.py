@@ -2,7 +2,7 @@
 ``show``, ``export``, ``diff`` and ``validate`` read the state file together with its journal.
 
 Since the write-ahead journal the state a restarted bot loads is the snapshot plus the journal's records
-(:func:`posstate._current.read_current`, read-only). Backups and ``.bak`` have no journal and are read as
+(:func:`posstate.journal.current.read_current`, read-only). Backups and ``.bak`` have no journal and are read as
 they are.
 """
 
@@ -17,14 +17,10 @@ from typing import Any
 import click
 import orjson
 
-from posstate import _fileops as fs
-from posstate import _statefile
-from posstate._cli_base import EXIT_INVALID, CliError, Env, cli, common_options, env_of, json_out
-from posstate._cli_format import table
-from posstate._config import StateConfig, state_file_path
-from posstate._current import Current, read_current
-from posstate._document import StateData
-from posstate._errors import (
+from posstate.cli.base import EXIT_INVALID, CliError, Env, cli, common_options, env_of, json_out
+from posstate.cli.render import table
+from posstate.core.config import StateConfig, state_file_path
+from posstate.core.errors import (
     ConfigError,
     CorruptStateError,
     MissingKeyError,
@@ -32,7 +28,11 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate._validate import Check
+from posstate.journal.current import Current, read_current
+from posstate.model.document import StateData
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.validate import Check
 
 __all__ = [
     "ReadState",
@@ -68,7 +68,7 @@ def journal_read_path(cfg: StateConfig, options: _statefile.ReadOptions, snapsho
     ``cfg.journal_path``, or the old name (``positions.journal`` of posstate 0.1.0) when its header names the
     snapshot's journal. CorruptStateError when both names hold that journal with records past the snapshot.
     *snapshot_journal*: the snapshot's ``journal`` field if already read (False: read the snapshot here)."""
-    from posstate._journal import journal_file
+    from posstate.journal.journal import journal_file
 
     legacy = cfg.legacy_journal_path
     if legacy is None or not fs.exists(legacy):
@@ -163,8 +163,8 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     A torn last record is ok (a load cuts it off); damage before the last record FAILs (exit 1), a wrong
     key FAILs (exit 3). Never writes.
     """
-    from posstate._journal_audit import check
-    from posstate._journal_format import VERSION
+    from posstate.journal.audit import check
+    from posstate.journal.format import VERSION
 
     keyring = env.keyring()
     options = env.read_options()
@@ -215,7 +215,7 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
 
 def _typed(path: Path, keyring: Any, require_encryption: bool) -> PosStateError | None:
     """The typed error behind a failed check (wrong key vs damage), read again without a snapshot."""
-    from posstate._journal import read_records
+    from posstate.journal.journal import read_records
 
     try:
         read_records(fs.read_file(path), path=path, keyring=keyring, require_encryption=require_encryption)
@@ -281,8 +281,8 @@ def history(ctx: click.Context, symbol: str | None) -> None:
     Oldest first; read-only (no lock). Old values are rebuilt by replaying the journal on its snapshot.
     A damaged journal is an error (exit 1); without a journal there is nothing to list (exit 0).
     """
-    from posstate._journal_audit import check
-    from posstate._journal_audit import history as journal_history
+    from posstate.journal.audit import check
+    from posstate.journal.audit import history as journal_history
 
     env = env_of(ctx)
     cfg = env.config()
@@ -351,7 +351,7 @@ def doctor(ctx: click.Context) -> None:
     and a short crash (SIGKILL) and fault (ENOSPC, EIO) self-test in a scratch subdirectory that is
     removed afterwards. Exit 1 when anything is unsafe.
     """
-    from posstate._doctor import format_report, run_doctor
+    from posstate.selftest.doctor import format_report, run_doctor
 
     env = env_of(ctx)
     state_dir = env.config().state_dir

@@ -1,8 +1,8 @@
 """The ``posstate`` command line. Commands are thin: parse, call the library, print.
 
-The group, the common options and the error mapping live in :mod:`posstate._cli_base`; rendering in
-:mod:`posstate._cli_format`; the work of ``rekey`` and ``watch`` in :mod:`posstate._cli_rekey` and
-:mod:`posstate._cli_watch`. New command groups (``backups``, ``repair``, ...) are added the same way.
+The group, the common options and the error mapping live in :mod:`posstate.cli.base`; rendering in
+:mod:`posstate.cli.render`; the work of ``rekey`` and ``watch`` in :mod:`posstate.cli.rekey_cmd` and
+:mod:`posstate.cli.watch_cmd`. New command groups (``backups``, ``repair``, ...) are added the same way.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from pathlib import Path
 
 import click
 
-from posstate import _cli_backups, _cli_journal, _cli_reconcile, _cli_repair, _document, _statefile  # noqa: F401 (commands register on cli)
-from posstate import _fileops as fs
-from posstate._cli_base import (
+from posstate.cli import backups_cmd, journal_cmd, reconcile_cmd, repair_cmd  # noqa: F401 (commands register on cli)
+from posstate.cli.base import (
     EXIT_INVALID,
     EXIT_KEY,
     CliError,
@@ -31,14 +30,17 @@ from posstate._cli_base import (
     write_new_output,
     writer_lock,
 )
-from posstate._cli_format import diff_json, diff_lines, diff_states, filter_document, show_lines, to_json, validate_lines
-from posstate._cli_journal import journal_check, journal_exit_error, journal_refusal, read_state, state_config_for
-from posstate._config import StateConfig
-from posstate._crypto import Keyring, encode_key_text, generate_key, key_id, read_key_file
-from posstate._current import read_current
-from posstate._document import StateData
-from posstate._errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError, StateNotFoundError
-from posstate._validate import validate_file
+from posstate.cli.journal_cmd import journal_check, journal_exit_error, journal_refusal, read_state, state_config_for
+from posstate.cli.render import diff_json, diff_lines, diff_states, filter_document, show_lines, to_json, validate_lines
+from posstate.core.config import StateConfig
+from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError, StateNotFoundError
+from posstate.journal.current import read_current
+from posstate.model import document as _document
+from posstate.model.document import StateData
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring, encode_key_text, generate_key, key_id, read_key_file
+from posstate.storage.validate import validate_file
 
 __all__ = ["cli", "main"]
 
@@ -187,7 +189,7 @@ def rekey(ctx: click.Context, new_key_file: str, yes: bool, dry_run: bool) -> No
     Each file is verified under the new key before it replaces the old one; an interruption leaves every
     file readable with one of the two keys (run rekey again to finish). Refused while a bot holds the lock.
     """
-    from posstate import _cli_rekey
+    from posstate.cli import rekey_cmd as _cli_rekey
 
     env = env_of(ctx)
     cfg = env.config()
@@ -220,7 +222,7 @@ def rekey(ctx: click.Context, new_key_file: str, yes: bool, dry_run: bool) -> No
     else:
         if _cli_rekey.journal_action(cfg, old=old)[0] == "fold":
             confirm(yes=yes, prompt=f"Save the journal's changes into {cfg.state_path} first?", what="rekey")
-            from posstate._manager import PositionStateManager
+            from posstate.manager.manager import PositionStateManager
 
             with PositionStateManager(cfg.replace(durability="snapshot"), **env.manager_kwargs()) as m:
                 m.load_positions()
@@ -323,7 +325,7 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
     The document is checked strictly (duplicate keys refused, schema, relationships), then written through
     the normal atomic save as the next generation. Refused while a bot holds the writer lock.
     """
-    from posstate._manager import PositionStateManager
+    from posstate.manager.manager import PositionStateManager
 
     env = env_of(ctx)
     cfg = env.config()
@@ -432,7 +434,7 @@ def watch(ctx: click.Context, max_events: int | None, timeout: float | None) -> 
     Damaged files, quarantined files and unexpected writers (a fresh file whose writer is not the lock
     holder) are flagged in capitals. --json prints one JSON object per line. Ctrl-C exits 0.
     """
-    from posstate._cli_watch import Watcher, record_line
+    from posstate.cli.watch_cmd import Watcher, record_line
 
     env = env_of(ctx)
     cfg = env.config()
@@ -479,7 +481,7 @@ def to_json_line(record: dict[str, object]) -> str:
 @click.pass_context
 def demo(ctx: click.Context, demo_dir: str | None, saves: int | None, seed: int | None) -> None:
     """Kill a saving bot with SIGKILL mid-run, restart it, and show it resumed from its last save."""
-    from posstate._demo import run_demo
+    from posstate.cli.demo import run_demo
 
     ok = run_demo(state_dir=demo_dir, saves=saves, seed=seed, echo=click.echo)
     ctx.exit(0 if ok else EXIT_INVALID)

@@ -12,11 +12,11 @@ from typing import Any
 
 import click
 
-from posstate._cli_backups import require_state_dir
-from posstate._cli_base import EXIT_INVALID, CliError, cli, common_options, confirm, env_of, json_out
-from posstate._cli_format import applied_lines, reconcile_lines
-from posstate._reconcile import ReconciliationReport
-from posstate._reconcile_file import ReconcileFileResult, reconcile_file
+from posstate.account.reconcile import ReconciliationReport
+from posstate.account.reconcile_file import ReconcileFileResult, reconcile_file
+from posstate.cli.backups_cmd import require_state_dir
+from posstate.cli.base import EXIT_INVALID, CliError, cli, common_options, confirm, env_of, json_out
+from posstate.cli.render import applied_lines, reconcile_lines
 
 __all__ = ["reconcile"]
 

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from posstate import _atomic, _codec, _statefile
-from posstate import _fileops as fs
-from posstate._config import StateConfig
-from posstate._crypto import Keyring
-from posstate._current import read_current
-from posstate._errors import CorruptStateError, PersistenceError, PosStateError, WrongKeyError
+from posstate.core.config import StateConfig
+from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, WrongKeyError
+from posstate.journal.current import read_current
+from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 Action = Literal["rekey", "already", "plain", "unreadable"]
 
@@ -146,7 +148,7 @@ def journal_action(cfg: StateConfig, *, old: Keyring) -> tuple[JournalAction, st
 def journal_path(cfg: StateConfig, old: Keyring) -> Path:
     """The journal a load reads: ``cfg.journal_path``, or the old name (``positions.journal`` of 0.1.0) when
     the snapshot names that file's journal (it is under the old key too, so it is folded or set aside alike)."""
-    from posstate._cli_journal import journal_read_path
+    from posstate.cli.journal_cmd import journal_read_path
 
     options = _statefile.ReadOptions(keyring=old, max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
     return journal_read_path(cfg, options)

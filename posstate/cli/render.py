@@ -10,14 +10,14 @@ from typing import Any, Literal
 
 import orjson
 
-from posstate._backups import BackupInfo
-from posstate._document import StateData
-from posstate._errors import MissingKeyError, UnsupportedVersionError, WrongKeyError
-from posstate._model import DECIMAL_FIELDS, Position, PositionKey, position_key_text
-from posstate._reconcile import AppliedReconciliation, ReconciliationReport
-from posstate._repair import RepairDecision
-from posstate._retention import PruneResult
-from posstate._validate import ValidationReport
+from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
+from posstate.backup.backups import BackupInfo
+from posstate.backup.repair import RepairDecision
+from posstate.backup.retention import PruneResult
+from posstate.core.errors import MissingKeyError, UnsupportedVersionError, WrongKeyError
+from posstate.model.document import StateData
+from posstate.model.position import DECIMAL_FIELDS, Position, PositionKey, position_key_text
+from posstate.storage.validate import ValidationReport
 
 
 def to_json(data: Any) -> str:

@@ -22,22 +22,24 @@ from typing import Any, Literal
 
 import click
 
-from posstate import _backups, _recovery, _repair
-from posstate import _fileops as fs
-from posstate._cli_backups import open_manager, require_state_dir
-from posstate._cli_base import EXIT_INVALID, CliError, cli, common_options, confirm, env_of, json_out, refuse_if_locked
-from posstate._cli_format import candidate_lines, repair_decision_lines
-from posstate._config import StateConfig
-from posstate._current import read_current
-from posstate._errors import (
+from posstate.backup import backups as _backups
+from posstate.backup import recovery as _recovery
+from posstate.backup import repair as _repair
+from posstate.cli.backups_cmd import open_manager, require_state_dir
+from posstate.cli.base import EXIT_INVALID, CliError, cli, common_options, confirm, env_of, json_out, refuse_if_locked
+from posstate.cli.render import candidate_lines, repair_decision_lines
+from posstate.core.config import StateConfig
+from posstate.core.errors import (
     CorruptStateError,
     MissingKeyError,
     SchemaValidationError,
     StateNotFoundError,
     UnrecoverableStateError,
 )
-from posstate._statefile import ReadOptions
-from posstate._validate import validate_file
+from posstate.journal.current import read_current
+from posstate.storage import fileops as fs
+from posstate.storage.statefile import ReadOptions
+from posstate.storage.validate import validate_file
 
 __all__ = ["repair"]
 

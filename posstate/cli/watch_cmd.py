@@ -20,11 +20,8 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from posstate import _codec, _statefile
-from posstate import _fileops as fs
-from posstate._config import StateConfig
-from posstate._crypto import Keyring
-from posstate._errors import (
+from posstate.core.config import StateConfig
+from posstate.core.errors import (
     CorruptStateError,
     MissingKeyError,
     PosStateError,
@@ -33,7 +30,11 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate._lock import is_locked, read_holder
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
+from posstate.storage.lock import is_locked, read_holder
 
 #: A file whose header says it was written this recently is checked against the lock holder.
 RECENT_MS = 60_000
@@ -109,7 +110,7 @@ class Watcher:
     def _refuse_plaintext(self) -> None:
         """WrongKeyError (exit 3) for a plaintext state file or journal: a load with this key refuses them,
         so watching them as if they were the bot's state would report forged files as valid."""
-        from posstate import _journal_format as jf
+        from posstate.journal import format as jf
 
         state, journal = self.cfg.state_path, self.cfg.journal_path
         plain: list[tuple[Path, str]] = []

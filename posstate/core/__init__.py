@@ -1,1 +1,3 @@
-"""The bottom layer: errors, configuration, version, events. Every layer may import it; it imports nothing of posstate."""
+"""The bottom layer: errors, configuration, version, events. Every layer may import it; it imports nothing of
+posstate.
+"""

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from posstate._errors import ConfigError
-from posstate._model import BAD_TEXT
+from posstate.core.errors import ConfigError
+from posstate.model.position import BAD_TEXT
 
 if sys.version_info >= (3, 11):
     import tomllib

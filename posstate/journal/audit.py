@@ -13,16 +13,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posstate import _fileops as fs
-from posstate import _journal_format as jf
-from posstate import _journal_ops as jops
-from posstate import _statefile
-from posstate._crypto import Keyring
-from posstate._document import StateData
-from posstate._errors import CorruptStateError, PosStateError, SchemaValidationError, StateNotFoundError
+from posstate.core.errors import CorruptStateError, PosStateError, SchemaValidationError, StateNotFoundError
+from posstate.journal import format as jf
+from posstate.model import ops as jops
+from posstate.model.document import StateData
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 if TYPE_CHECKING:
-    from posstate._config import StateConfig
+    from posstate.core.config import StateConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ def history(
     state file) is WrongKeyError, as a load with encryption on refuses it. *path*: the journal file a load
     reads, when it is not ``config.journal_path`` (the old name, ``positions.journal``).
     """
-    from posstate._journal import read_records
+    from posstate.journal.journal import read_records
 
     path = config.journal_path if path is None else path
     try:
@@ -155,7 +155,7 @@ def check(
 ) -> JournalCheck:
     """Check a journal file without changing it (for ``posstate validate``). Never raises for bad content.
     With *require_encryption* a plaintext journal is not valid (a load with encryption on refuses it)."""
-    from posstate._journal import read_records
+    from posstate.journal.journal import read_records
 
     try:
         data = fs.read_file(path)

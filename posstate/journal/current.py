@@ -16,11 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from posstate import _document, _statefile
-from posstate import _fileops as fs
-from posstate import _journal_ops as jops
-from posstate._document import StateData
-from posstate._errors import (
+from posstate.core.errors import (
     CorruptStateError,
     MissingKeyError,
     PersistenceError,
@@ -28,9 +24,14 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
+from posstate.model import document as _document
+from posstate.model import ops as jops
+from posstate.model.document import StateData
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
 
 if TYPE_CHECKING:
-    from posstate._config import StateConfig
+    from posstate.core.config import StateConfig
 
 __all__ = ["Current", "read_current"]
 
@@ -81,7 +82,7 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
     Raises what reading the snapshot raises (StateNotFoundError, CorruptStateError, WrongKeyError, ...);
     journal problems are returned in ``Current.error`` / ``Current.notes``, not raised.
     """
-    from posstate._journal import journal_file, read_records, replay_prefix
+    from posstate.journal.journal import journal_file, read_records, replay_prefix
 
     loaded = _statefile.read(config.state_path, options=options)
     state = loaded.state.copy()

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from posstate._crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
-from posstate._model import MAX_COUNTER
+from posstate.model.position import MAX_COUNTER
+from posstate.storage.crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
 
 MAGIC = b"PSJRNL"
 VERSION = 3  # what new journals are written in; versions 1 and 2 are still read (continued only when plain)

@@ -21,13 +21,7 @@ from typing import Any, Literal
 
 import orjson
 
-from posstate import _atomic, _unknown
-from posstate import _fileops as fs
-from posstate import _journal_format as jf
-from posstate import _journal_ops as jops
-from posstate._crypto import Keyring, key_id
-from posstate._document import StateData
-from posstate._errors import (
+from posstate.core.errors import (
     CorruptStateError,
     MissingKeyError,
     PersistenceError,
@@ -36,8 +30,15 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate._journal_audit import HistoryEntry, JournalCheck, check, history
-from posstate._journal_ops import Entries, Op, Undo
+from posstate.journal import format as jf
+from posstate.journal.audit import HistoryEntry, JournalCheck, check, history
+from posstate.model import ops as jops
+from posstate.model.document import StateData
+from posstate.model.ops import Entries, Op, Undo
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+from posstate.storage import unknown as _unknown
+from posstate.storage.crypto import Keyring, key_id
 
 log = logging.getLogger("posstate")
 

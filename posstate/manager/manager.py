@@ -15,28 +15,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from posstate import (
-    _atomic,
-    _backup_ops,
-    _codec,
-    _document,
-    _format,
-    _journal,
-    _merge,
-    _periodic,
-    _recovery,
-    _repair,
-    _statefile,
-    _unknown,
-)
-from posstate import _fileops as fs
-from posstate import _journal_ops as _jops
-from posstate._backup_ops import RestoreResult
-from posstate._backups import BackupInfo
-from posstate._config import StateConfig
-from posstate._crypto import Keyring
-from posstate._document import StateData
-from posstate._errors import (
+from posstate.backup import ops as _backup_ops
+from posstate.backup import recovery as _recovery
+from posstate.backup import repair as _repair
+from posstate.backup.backups import BackupInfo
+from posstate.backup.ops import RestoreResult
+from posstate.backup.recovery import RecoveryReport
+from posstate.backup.repair import RepairReport
+from posstate.backup.retention import PruneResult
+from posstate.core.config import StateConfig
+from posstate.core.errors import (
     ConcurrentModificationError,
     CorruptStateError,
     ManagerClosedError,
@@ -47,14 +35,24 @@ from posstate._errors import (
     SchemaValidationError,
     TransactionError,
 )
-from posstate._events import EventBus, Handler, StatsLogger
-from posstate._lock import WriterLock, forked_error
-from posstate._merge import MergeResult
-from posstate._model import Position, PositionKey, Side, check_key
-from posstate._recovery import RecoveryReport
-from posstate._repair import RepairReport
-from posstate._retention import PruneResult
-from posstate._validate import ValidationIssue, ValidationReport, validate_file
+from posstate.core.events import EventBus, Handler, StatsLogger
+from posstate.journal import journal as _journal
+from posstate.manager import periodic as _periodic
+from posstate.model import document as _document
+from posstate.model import merge as _merge
+from posstate.model import ops as _jops
+from posstate.model.document import StateData
+from posstate.model.merge import MergeResult
+from posstate.model.position import Position, PositionKey, Side, check_key
+from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import container as _format
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage import unknown as _unknown
+from posstate.storage.crypto import Keyring
+from posstate.storage.lock import WriterLock, forked_error
+from posstate.storage.validate import ValidationIssue, ValidationReport, validate_file
 
 log = logging.getLogger("posstate")
 
@@ -989,7 +987,7 @@ def _differs(a: StateData, b: StateData) -> bool:
 
 
 def _backups_resolve(mgr: PositionStateManager, ident: str) -> BackupInfo:
-    from posstate._backups import resolve
+    from posstate.backup.backups import resolve
 
     return resolve(_backup_ops.list_all(mgr), ident, backup_dir=mgr.config.backup_path)
 

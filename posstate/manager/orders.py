@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-from posstate._errors import OrderIntentNotFoundError, SchemaValidationError
-from posstate._manager import PositionStateManager
-from posstate._model import SURROGATE, to_decimal
+from posstate.core.errors import OrderIntentNotFoundError, SchemaValidationError
+from posstate.manager.manager import PositionStateManager
+from posstate.model.position import SURROGATE, to_decimal
 
 INTENTS_KEY = "__posstate_orders__"
 IntentState = Literal["recorded", "sent", "filled"]

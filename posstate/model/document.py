@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from posstate._errors import CorruptStateError, SchemaValidationError
-from posstate._model import (
+from posstate.core.errors import CorruptStateError, SchemaValidationError
+from posstate.model.position import (
     _NONE_STATE,
     BAD_TEXT,
     DECIMAL_FIELDS,
@@ -39,7 +39,7 @@ from posstate._model import (
     parse_position_key,
     position_key_text,
 )
-from posstate._schema import MAX_JSON_DEPTH, raise_for_schema
+from posstate.model.schema import MAX_JSON_DEPTH, raise_for_schema
 
 SCHEMA_VERSION = 1
 #: How far in the future ``written_at`` may be before the document is refused (clock skew between hosts).

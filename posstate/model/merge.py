@@ -13,8 +13,8 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from posstate._document import StateData
-from posstate._model import Position, PositionKey, position_key_text
+from posstate.model.document import StateData
+from posstate.model.position import Position, PositionKey, position_key_text
 
 Source = Literal["current", "backup", "both"]
 Outcome = Literal["live", "deleted"]

@@ -1,7 +1,7 @@
 """Journal operations: what one change is, how it applies to the in-memory state, and how it is undone.
 
 An operation is the JSON the journal records (``{"op": "set_position", "rev": 7, "position": {...}}``).
-Applying it to a :class:`~posstate._document.StateData` returns an undo record, so a transaction or a failed
+Applying it to a :class:`~posstate.model.document.StateData` returns an undo record, so a transaction or a failed
 append can put memory back exactly as it was. Replay applies the same JSON after validating it.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from posstate import _document
-from posstate._document import StateData
-from posstate._errors import CorruptStateError, PosStateError
-from posstate._model import MAX_COUNTER, Position, PositionKey, check_key
+from posstate.core.errors import CorruptStateError, PosStateError
+from posstate.model import document as _document
+from posstate.model.document import StateData
+from posstate.model.position import MAX_COUNTER, Position, PositionKey, check_key
 
 SET_POSITION = "set_position"
 DELETE_POSITION = "delete_position"

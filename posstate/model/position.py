@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, cast
 
-from posstate._errors import SchemaValidationError
+from posstate.core.errors import SchemaValidationError
 
 Side = Literal["long", "short"]
 MarginMode = Literal["cross", "isolated"]

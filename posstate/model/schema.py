@@ -15,7 +15,7 @@ from typing import Any
 
 import jsonschema
 
-from posstate._errors import SchemaValidationError
+from posstate.core.errors import SchemaValidationError
 
 STATE_SCHEMA = "state.schema.json"
 #: Levels of objects and arrays a metadata ``data`` object may nest, itself included (the schema's json0..json31).
@@ -29,7 +29,7 @@ def schema_text(name: str = STATE_SCHEMA) -> str:
     packaged = importlib.resources.files("posstate").joinpath("schemas").joinpath(name)
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    checkout = Path(__file__).resolve().parent.parent / "schemas" / name
+    checkout = Path(__file__).resolve().parents[2] / "schemas" / name
     return checkout.read_text(encoding="utf-8")
 
 

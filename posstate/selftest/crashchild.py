@@ -1,6 +1,6 @@
 """The process the crash tests kill: it saves in a loop and reports each save it was told is durable.
 
-Run as ``python -m posstate._crashchild DIR [--saves N] [--crash-save S --crash-at K --crash-when before|after]``
+Run as ``python -m posstate.selftest.crashchild DIR [--saves N] [--crash-save S --crash-at K --crash-when before|after]``
 with the key in ``POSSTATE_KEY``. Before each save it prints ``pending GEN DIGEST``, after it returns
 ``ack GEN DIGEST`` (one flushed line each). With ``--crash-at`` it installs :class:`HarnessOps` during save
 number *S* and SIGKILLs itself before or after the *K*-th mutating file operation of that save, so the
@@ -26,12 +26,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from posstate import _fileops
-from posstate._config import StateConfig
-from posstate._errors import PosStateError
-from posstate._harness import MUTATING, Action, Fault, HarnessOps
-from posstate._manager import PositionStateManager
-from posstate._model import Position, PositionKey
+from posstate.core.config import StateConfig
+from posstate.core.errors import PosStateError
+from posstate.manager.manager import PositionStateManager
+from posstate.model.position import Position, PositionKey
+from posstate.selftest.harness import MUTATING, Action, Fault, HarnessOps
+from posstate.storage import fileops as _fileops
 
 SYMBOLS = tuple(f"C{n:02d}/USDT:USDT" for n in range(12))
 
@@ -134,7 +134,7 @@ class CrashCase:
 def _child_env(key: bytes) -> dict[str, str]:
     env = dict(os.environ)
     env["POSSTATE_KEY"] = base64.b64encode(key).decode("ascii")
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -157,7 +157,7 @@ def run_child(
     state_dir: Path, *, key: bytes, saves: int, crash_save: int = 1, crash_at: int = 0, crash_when: str = "before"
 ) -> ChildRun:
     """Run the child to completion or to its own SIGKILL (deterministic crash at an operation)."""
-    cmd = [sys.executable, "-m", "posstate._crashchild", str(state_dir), "--saves", str(saves)]
+    cmd = [sys.executable, "-m", "posstate.selftest.crashchild", str(state_dir), "--saves", str(saves)]
     if crash_at:
         cmd += ["--crash-save", str(crash_save), "--crash-at", str(crash_at), "--crash-when", crash_when]
     proc = subprocess.run(cmd, env=_child_env(key), capture_output=True, text=True, timeout=120, check=False)
@@ -221,7 +221,7 @@ def soak(state_dir: Path, *, key: bytes, kills: int, seed: int = 0, max_delay: f
     cases: list[CrashCase] = []
     for i in range(kills):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "posstate._crashchild", str(state_dir), "--saves", "0"],
+            [sys.executable, "-m", "posstate.selftest.crashchild", str(state_dir), "--saves", "0"],
             env=_child_env(key),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -253,7 +253,7 @@ def soak(state_dir: Path, *, key: bytes, kills: int, seed: int = 0, max_delay: f
 def contend(state_dir: Path, *, attempts: int) -> tuple[list[int], int]:
     """Try *attempts* times to take the lock and increment a counter kept in the state; return (values
     written, refusals). Used by the two-process concurrency test: no write may be lost or interleaved."""
-    from posstate._errors import StateLockedError
+    from posstate.core.errors import StateLockedError
 
     written: list[int] = []
     refused = 0
@@ -281,7 +281,7 @@ def run_contenders(state_dir: Path, *, key: bytes, processes: int = 2, attempts:
     """Run *processes* contending children at once; return all their output lines."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "posstate._crashchild", str(state_dir), "--contend", str(attempts)],
+            [sys.executable, "-m", "posstate.selftest.crashchild", str(state_dir), "--contend", str(attempts)],
             env=_child_env(key),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -331,7 +331,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posstate._crashchild")
+    parser = argparse.ArgumentParser(prog="python -m posstate.selftest.crashchild")
     parser.add_argument("dir")
     parser.add_argument("--saves", type=int, default=0, help="stop after N saves (0: forever)")
     parser.add_argument("--contend", type=int, default=0, help="contend for the lock N times (concurrency test)")

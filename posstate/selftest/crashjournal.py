@@ -1,11 +1,11 @@
 """The process the journal crash tests kill: durable updates in ``"sync"`` (or ``"group"``) mode.
 
-Run as ``python -m posstate._crashjournal DIR [--updates N] [--max-records R] [--mode sync|group]
+Run as ``python -m posstate.selftest.crashjournal DIR [--updates N] [--max-records R] [--mode sync|group]
 [--threads T] [--crash-update U --crash-at K --crash-when before|after] [--probe]`` with the key in
 ``POSSTATE_KEY``. Update *i* sets one position (:func:`update_position`); the child prints ``pending T I``
 before the call and ``ack T I`` once it returns (T is the thread number, 0 in sync mode). A small
 ``journal_max_records`` makes compactions happen during the run. With ``--crash-at`` the child installs
-:class:`~posstate._harness.HarnessOps` during update *U* only and SIGKILLs itself before or after the *K*-th
+:class:`~posstate.selftest.harness.HarnessOps` during update *U* only and SIGKILLs itself before or after the *K*-th
 mutating file operation of that update (an append: write + fdatasync; a compaction: the snapshot save and
 the creation of the next journal). ``--probe`` prints the mutating operations of each update instead.
 
@@ -29,13 +29,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from posstate import _fileops
-from posstate._config import StateConfig
-from posstate._crashchild import _child_env
-from posstate._errors import PosStateError
-from posstate._harness import MUTATING, Action, Fault, HarnessOps
-from posstate._manager import PositionStateManager
-from posstate._model import Position, PositionKey
+from posstate.core.config import StateConfig
+from posstate.core.errors import PosStateError
+from posstate.manager.manager import PositionStateManager
+from posstate.model.position import Position, PositionKey
+from posstate.selftest.crashchild import _child_env
+from posstate.selftest.harness import MUTATING, Action, Fault, HarnessOps
+from posstate.storage import fileops as _fileops
 
 #: Symbols a single-threaded run cycles through (update i sets symbol i % len).
 CYCLE = 5
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posstate._crashjournal")
+    parser = argparse.ArgumentParser(prog="python -m posstate.selftest.crashjournal")
     parser.add_argument("dir")
     parser.add_argument("--updates", type=int, default=0, help="stop after N updates per thread (0: forever)")
     parser.add_argument("--max-records", type=int, default=6)
@@ -194,7 +194,7 @@ def run_child(
     cmd = [
         sys.executable,
         "-m",
-        "posstate._crashjournal",
+        "posstate.selftest.crashjournal",
         str(state_dir),
         "--updates",
         str(updates),
@@ -304,7 +304,7 @@ def journal_soak(
         cmd = [
             sys.executable,
             "-m",
-            "posstate._crashjournal",
+            "posstate.selftest.crashjournal",
             str(state_dir),
             "--updates",
             "0",

@@ -22,14 +22,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from posstate import _fileops as fs
-from posstate._config import StateConfig
-from posstate._crypto import generate_key
-from posstate._errors import PersistenceError, PosStateError
-from posstate._harness import Fault, HarnessOps
-from posstate._lock import WriterLock, is_locked
-from posstate._manager import PositionStateManager
-from posstate._model import Position
+from posstate.core.config import StateConfig
+from posstate.core.errors import PersistenceError, PosStateError
+from posstate.manager.manager import PositionStateManager
+from posstate.model.position import Position
+from posstate.selftest.harness import Fault, HarnessOps
+from posstate.storage import fileops as fs
+from posstate.storage.crypto import generate_key
+from posstate.storage.lock import WriterLock, is_locked
 
 Status = Literal["ok", "warn", "unsafe"]
 
@@ -230,9 +230,9 @@ def _fault_self_test(scratch: Path) -> Finding:
 
 
 def _crash_self_test(scratch: Path) -> Finding:
-    from posstate._crashchild import crash_matrix
-    from posstate._harness import MUTATING
-    from posstate._replay import record_save
+    from posstate.selftest.crashchild import crash_matrix
+    from posstate.selftest.harness import MUTATING
+    from posstate.selftest.replay import record_save
 
     key = generate_key()
     # Kill around the steps that matter most (the temp fsync, the renames, the directory fsync), found by

@@ -1,6 +1,6 @@
 """A recording, fault-injecting file-operations backend (the idea of SQLite's test VFS).
 
-:class:`HarnessOps` subclasses :class:`posstate._fileops.FileOps`; install it with
+:class:`HarnessOps` subclasses :class:`posstate.storage.fileops.FileOps`; install it with
 ``with _fileops.use(ops):``. It records every operation (name, path, sizes, offsets, and optionally the
 bytes written) and can, at the *k*-th counted operation, raise a chosen ``OSError`` (once, or every time
 after), perform a short write, skip the call (turn it into a no-op: used to prove that each fsync
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from posstate._fileops import DEFAULT_MAX_READ_BYTES, FileOps, StrPath
+from posstate.storage.fileops import DEFAULT_MAX_READ_BYTES, FileOps, StrPath
 
 #: Operations that change something on disk (or that a crash between them can expose).
 MUTATING: frozenset[str] = frozenset(

@@ -3,8 +3,8 @@ an append, of a compaction and of the very first update, I/O faults at each oper
 compaction, and damage to a journal file.
 
 Used by ``tests/test_reliability_journal_*.py`` and ``benchmarks/reliability.py``; the process-crash side
-is :mod:`posstate._crashjournal`. The workload is :func:`posstate._crashjournal.update_position`: update *i*
-sets one position, so the state after updates 1..*i* is :func:`~posstate._crashjournal.expected_positions`.
+is :mod:`posstate.selftest.crashjournal`. The workload is :func:`posstate.selftest.crashjournal.update_position`: update *i*
+sets one position, so the state after updates 1..*i* is :func:`~posstate.selftest.crashjournal.expected_positions`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posstate import _fileops
-from posstate import _journal_format as jf
-from posstate._crashjournal import config, counters, expected_positions, update_position
-from posstate._errors import OutcomeUnknownError, PersistenceError, PosStateError
-from posstate._harness import Fault, HarnessOps, Op
-from posstate._manager import PositionStateManager
-from posstate._model import Position, PositionKey
-from posstate._replay import CrashState, crash_states, materialize, snapshot
+from posstate.core.errors import OutcomeUnknownError, PersistenceError, PosStateError
+from posstate.journal import format as jf
+from posstate.manager.manager import PositionStateManager
+from posstate.model.position import Position, PositionKey
+from posstate.selftest.crashjournal import config, counters, expected_positions, update_position
+from posstate.selftest.harness import Fault, HarnessOps, Op
+from posstate.selftest.replay import CrashState, crash_states, materialize, snapshot
+from posstate.storage import fileops as _fileops
 
 Positions = dict[PositionKey, Position]
 

@@ -1,6 +1,6 @@
 """Power-loss replay (the ALICE idea): every on-disk state a power cut during a recorded save could leave.
 
-Input: the files of the state directory before the save and the operations :class:`~posstate._harness.HarnessOps`
+Input: the files of the state directory before the save and the operations :class:`~posstate.selftest.harness.HarnessOps`
 recorded during it (with ``keep_data=True``). The model, close to ext4 with ``data=ordered``:
 
 * file contents: bytes written since the last fsync/fdatasync of that file may be lost; a file whose
@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posstate import _fileops
-from posstate._config import StateConfig
-from posstate._crashchild import Seen, fresh_load, save_step, workload_digest
-from posstate._errors import PosStateError
-from posstate._harness import Fault, HarnessOps, Op
-from posstate._manager import PositionStateManager
+from posstate.core.config import StateConfig
+from posstate.core.errors import PosStateError
+from posstate.manager.manager import PositionStateManager
+from posstate.selftest.crashchild import Seen, fresh_load, save_step, workload_digest
+from posstate.selftest.harness import Fault, HarnessOps, Op
+from posstate.storage import fileops as _fileops
 
 SECTORS = (512, 4096)
 
@@ -328,9 +328,9 @@ def sized_state(state_dir: Path, *, key: bytes, size: int = 4096) -> tuple[bytes
     a valid ``.bak``; return the file's bytes and the ``.bak``'s positions (what recovery must bring back)."""
     from decimal import Decimal
 
-    from posstate._crypto import Keyring
-    from posstate._model import Position
-    from posstate._statefile import ReadOptions, read
+    from posstate.model.position import Position
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions, read
 
     rnd = random.Random(11)
     positions = [

@@ -1,6 +1,6 @@
 """Durable file primitives: temp write + fsync, keep-previous, rename, directory fsync, move aside.
 
-Every step is one call through :mod:`posstate._fileops`, so the harness can fail or crash at any of them.
+Every step is one call through :mod:`posstate.storage.fileops`, so the harness can fail or crash at any of them.
 The rules: a temp file is created O_CREAT|O_EXCL|O_NOFOLLOW with mode 0600 under an unpredictable name in
 the target's own directory; it is fsynced before it is renamed; the directory is fsynced after; nothing is
 ever overwritten except by ``rename`` of a complete, fsynced file; a file set aside goes to quarantine
@@ -15,7 +15,7 @@ import secrets
 import time
 from pathlib import Path
 
-from posstate import _fileops as fs
+from posstate.storage import fileops as fs
 
 TEMP_SUFFIX = ".tmp"
 #: errno values meaning "this file system has no hard links": fall back to writing a copy.

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import zstandard
 
-from posstate import _crypto, _format
-from posstate._errors import CorruptStateError, MissingKeyError, UnsupportedVersionError, WrongKeyError
-from posstate._format import Header
+from posstate.core.errors import CorruptStateError, MissingKeyError, UnsupportedVersionError, WrongKeyError
+from posstate.storage import container as _format
+from posstate.storage import crypto as _crypto
+from posstate.storage.container import Header
 
 SCHEMA_VERSION = 1
 #: Largest document a reader will decompress (a zstd bomb is refused before it is inflated).

@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from posstate._crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
+from posstate.storage.crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
 
 MAGIC = b"PSTATE"
 FORMAT_VERSION = 1

@@ -21,8 +21,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from posstate import _fileops as fs
-from posstate._errors import ConfigError, MissingKeyError
+from posstate.core.errors import ConfigError, MissingKeyError
+from posstate.storage import fileops as fs
 
 log = logging.getLogger("posstate")
 

@@ -26,8 +26,8 @@ import stat
 import time
 from pathlib import Path
 
-from posstate import _fileops as fs
-from posstate._errors import PersistenceError, StateLockedError
+from posstate.core.errors import PersistenceError, StateLockedError
+from posstate.storage import fileops as fs
 
 
 def read_holder(lock_path: Path) -> tuple[int | None, str | None]:

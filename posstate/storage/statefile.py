@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posstate import _codec, _document
-from posstate import _fileops as fs
-from posstate._crypto import Keyring
-from posstate._document import StateData
-from posstate._errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError, WrongKeyError
-from posstate._format import Header
-from posstate._version import __version__
+from posstate.core.errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError, WrongKeyError
+from posstate.core.version import __version__
+from posstate.model import document as _document
+from posstate.model.document import StateData
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage.container import Header
+from posstate.storage.crypto import Keyring
 
 log = logging.getLogger("posstate")
 
@@ -48,7 +49,7 @@ class ReadOptions:
 
     @property
     def max_file_bytes(self) -> int:
-        """The largest file read under these options (see :func:`posstate._codec.max_file_bytes`)."""
+        """The largest file read under these options (see :func:`posstate.storage.codec.max_file_bytes`)."""
         return _codec.max_file_bytes(self.max_document_bytes)
 
 
@@ -117,7 +118,7 @@ def read_document(path: Path, *, options: ReadOptions) -> tuple[Header, Any]:
 
 
 def _codec_checksum(data: bytes) -> str:
-    from posstate._format import checksum_of
+    from posstate.storage.container import checksum_of
 
     found = checksum_of(data)
     assert found is not None  # decode() verified it

@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 
-from posstate import _atomic
-from posstate import _fileops as fs
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
 
 log = logging.getLogger("posstate")
 

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posstate import _codec, _document, _statefile
-from posstate._errors import (
+from posstate.core.errors import (
     CorruptStateError,
     MissingKeyError,
     PersistenceError,
@@ -21,7 +20,10 @@ from posstate._errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate._format import Header
+from posstate.model import document as _document
+from posstate.storage import codec as _codec
+from posstate.storage import statefile as _statefile
+from posstate.storage.container import Header
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +151,7 @@ def validate_file(path: Path, *, options: _statefile.ReadOptions) -> ValidationR
         return finish(exc, [ValidationIssue("$", str(exc), "json")], True)
     checks.append(Check("json", True))
     try:
-        from posstate._schema import raise_for_schema
+        from posstate.model.schema import raise_for_schema
 
         raise_for_schema(doc, path=path)
     except SchemaValidationError as exc:
