@@ -1,7 +1,7 @@
-"""The manager's backup operations: create (timed and on demand), list, validate, prune, restore.
+"""Backup operations on a state directory: create (timed and on demand), list, validate, prune, restore.
 
-These functions run under the manager's lock (the manager's public methods hold it and delegate here);
-they use the manager's read options, keyring and event bus, and its save path (``_commit``) for restores.
+These functions work on :class:`~posstate.backup.files.StateFiles` (the manager implements it and holds its
+lock while it delegates here): its read options, keyring and event callback, and its commit for restores.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from posstate.storage import statefile as _statefile
 from posstate.storage.validate import ValidationReport, validate_file
 
 if TYPE_CHECKING:
-    from posstate.manager.manager import PositionStateManager
+    from posstate.backup.files import StateFiles
 
 log = logging.getLogger("posstate")
 
@@ -62,8 +62,8 @@ class RestoreResult:
         }
 
 
-def _compression(mgr: PositionStateManager) -> int | None:
-    return mgr.config.compression_level if mgr.config.compression else None
+def _compression(files: StateFiles) -> int | None:
+    return files.config.compression_level if files.config.compression else None
 
 
 def _state_ms(state: StateData) -> int | None:
@@ -73,29 +73,29 @@ def _state_ms(state: StateData) -> int | None:
         return None
 
 
-def create(mgr: PositionStateManager, state: StateData | None = None, *, prune: bool = True) -> BackupInfo:
+def create(files: StateFiles, state: StateData | None = None, *, prune: bool = True) -> BackupInfo:
     """Write a verified backup of *state* (default: the last saved state); emit backupCreated or backupFailed."""
-    cfg = mgr.config
+    cfg = files.config
     try:
         if state is None:
-            state = _saved_state(mgr)
+            state = _saved_state(files)
         info = _backups.write_backup(
             state,
             backup_dir=cfg.backup_path,
-            keyring=mgr._write_keyring,
-            compression_level=_compression(mgr),
-            options=mgr._read,
+            keyring=files.write_keyring,
+            compression_level=_compression(files),
+            options=files.read,
             now=time.time(),
             written_at_ms=_state_ms(state),
         )
     except (PosStateError, OSError) as exc:
-        mgr._events.emit(
+        files.emit(
             "backupFailed", {"path": str(cfg.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")}
         )
         log.warning("backup failed: %s", exc)
         raise
-    mgr._last_backup_at = info.created_at.timestamp()
-    mgr._events.emit(
+    files.last_backup_at = info.created_at.timestamp()
+    files.emit(
         "backupCreated",
         {
             "path": str(info.path),
@@ -107,53 +107,54 @@ def create(mgr: PositionStateManager, state: StateData | None = None, *, prune: 
     )
     if prune:
         try:
-            prune_backups(mgr, dry_run=False)
+            prune_backups(files, dry_run=False)
         except (PosStateError, OSError) as exc:
-            mgr._events.emit("error", {"context": "prune after backup", "error": str(exc)})
+            files.emit("error", {"context": "prune after backup", "error": str(exc)})
             log.warning("pruning after backup failed: %s", exc)
     return info
 
 
-def _saved_state(mgr: PositionStateManager) -> StateData:
+def _saved_state(files: StateFiles) -> StateData:
     """The last durable state: memory when it has no unsaved change, else the (validated) file on disk.
 
     In the journal modes every change is durable when its call returns, so the journal is first folded into
     a snapshot (a compaction): a backup is always a compacted snapshot, never one missing journaled changes.
     """
-    mgr._ensure_loaded()
-    if mgr._dirty and mgr.config.durability != "snapshot":
-        mgr.save()
-    if not mgr._dirty and mgr._state.generation > 0:
-        return mgr._state
-    if not fs.exists(mgr.path):
-        raise StateNotFoundError(mgr.path, what="saved state", next_step="save the state before backing it up")
-    return _statefile.read(mgr.path, options=mgr._read).state
+    files.ensure_loaded()
+    if files.unsaved() and files.config.durability != "snapshot":
+        files.save()
+    memory = files.snapshot()
+    if not files.unsaved() and memory is not None and memory.generation > 0:
+        return memory
+    if not fs.exists(files.config.state_path):
+        raise StateNotFoundError(files.config.state_path, what="saved state", next_step="save the state before backing it up")
+    return _statefile.read(files.config.state_path, options=files.read).state
 
 
-def after_save(mgr: PositionStateManager, state: StateData) -> None:
+def after_save(files: StateFiles, state: StateData) -> None:
     """Timed backup: after a save, back up if the newest backup is older than ``backup_interval``.
 
     A failing backup is reported (``backupFailed``) and never fails the save that triggered it.
     """
     now = time.time()
-    last = mgr._last_backup_at
+    last = files.last_backup_at
     if last is None:
-        found = _backups.names_only(mgr.config.backup_path)
+        found = _backups.names_only(files.config.backup_path)
         last = found[0][1].timestamp() if found else float("-inf")
-        mgr._last_backup_at = last
-    if now - last < mgr.config.backup_interval:
+        files.last_backup_at = last
+    if now - last < files.config.backup_interval:
         return
     with contextlib.suppress(PosStateError, OSError):  # reported as backupFailed; the save itself succeeded
-        create(mgr, state)
+        create(files, state)
 
 
-def list_all(mgr: PositionStateManager) -> list[BackupInfo]:
-    return _backups.scan(mgr.config.backup_path)
+def list_all(files: StateFiles) -> list[BackupInfo]:
+    return _backups.scan(files.config.backup_path)
 
 
-def validate(mgr: PositionStateManager, backup_id: str) -> ValidationReport:
-    info = _backups.resolve(list_all(mgr), backup_id, backup_dir=mgr.config.backup_path)
-    return validate_file(info.path, options=mgr._read)
+def validate(files: StateFiles, backup_id: str) -> ValidationReport:
+    info = _backups.resolve(list_all(files), backup_id, backup_dir=files.config.backup_path)
+    return validate_file(info.path, options=files.read)
 
 
 def _policy(c: StateConfig) -> _retention.Policy:
@@ -177,10 +178,10 @@ def plan_prune(cfg: StateConfig, options: _statefile.ReadOptions, *, dry_run: bo
     return _retention.PruneResult(kept=kept, removed=removed, quarantined=quarantined, dry_run=dry_run)
 
 
-def prune_backups(mgr: PositionStateManager, *, dry_run: bool) -> _retention.PruneResult:
+def prune_backups(files: StateFiles, *, dry_run: bool) -> _retention.PruneResult:
     """Apply retention; only fully validated backups fill slots; damaged ones go to quarantine."""
-    cfg = mgr.config
-    result = plan_prune(cfg, mgr._read, dry_run=dry_run)
+    cfg = files.config
+    result = plan_prune(cfg, files.read, dry_run=dry_run)
     kept, removed, quarantined = result.kept, result.removed, result.quarantined
     if dry_run:
         return result
@@ -210,11 +211,9 @@ def prune_backups(mgr: PositionStateManager, *, dry_run: bool) -> _retention.Pru
         except OSError as exc:
             raise PersistenceError(cfg.backup_path, operation="fsync backup directory", cause=exc) from exc
     gens = [d.backup.generation for d in kept if d.backup.generation is not None]
-    mgr._tombstone_floor = min(gens) if gens else None
+    files.tombstone_floor = min(gens) if gens else None
     if done_r or done_q:
-        mgr._events.emit(
-            "backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)}
-        )
+        files.emit("backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)})
     return result
 
 
@@ -227,12 +226,12 @@ def _header_of(path: Path) -> tuple[int, int] | None:
     return (h.generation, h.written_at_ms)
 
 
-def _link_as_backup(mgr: PositionStateManager) -> str | None:
+def _link_as_backup(files: StateFiles) -> str | None:
     """Keep the state file about to be replaced as a timestamped backup (a hard link; it is intact)."""
-    path = mgr.path
+    path = files.config.state_path
     if _header_of(path) is None:
         return None  # missing, or damaged: the save path sets a damaged file aside in quarantine
-    bdir = mgr.config.backup_path
+    bdir = files.config.backup_path
     fs.ensure_dir(bdir)
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
     for bid in _backups.fresh_ids(bdir, stamp):
@@ -301,24 +300,24 @@ def check_fresh(
     return age
 
 
-def _settle_journal(mgr: PositionStateManager, backup_journal: dict[str, Any] | None) -> None:
+def _settle_journal(files: StateFiles, backup_journal: dict[str, Any] | None) -> None:
     """Before a restore: fold the journal's acknowledged records into the state file (a compaction), so the
     pre-restore backup holds every change. If the state cannot be loaded at all, the operator is restoring on
     purpose: the journal is kept in quarantine and the restore goes on without it. A journal under the old
     name (``positions.journal``) that the backup's snapshot names (*backup_journal*) is set aside either way:
     a load after the restore would replay its records, newer than the backup, onto the restored state."""
-    cfg = mgr.config
+    cfg = files.config
     legacy = cfg.legacy_journal_path
     try:
-        mgr._ensure_loaded()
+        files.ensure_loaded()
     except (CorruptStateError, SchemaValidationError):
         for jpath in _journal.journal_files_of(cfg.journal_path, legacy, [backup_journal]):
             moved = _atomic.move_aside(jpath, cfg.quarantine_dir, label="journal-before-restore")
             log.warning("state could not be loaded before the restore; journal kept at %s", moved)
-        mgr._journal.recover(StateData())
+        files.journal.recover(StateData())
         return
-    if mgr._dirty and mgr.config.durability != "snapshot":
-        mgr.save()
+    if files.unsaved() and files.config.durability != "snapshot":
+        files.save()
     if legacy is None:
         return
     try:
@@ -330,22 +329,23 @@ def _settle_journal(mgr: PositionStateManager, backup_journal: dict[str, Any] | 
     log.warning("journal under the old name %s names the restored backup's journal; kept at %s", legacy.name, moved)
 
 
-def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) -> RestoreResult:
+def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> RestoreResult:
     """Validate a backup, keep the current file as a backup, write the backup's state as a new generation."""
-    cfg = mgr.config
-    backups = list_all(mgr)
+    cfg = files.config
+    backups = list_all(files)
     info = _backups.resolve(backups, backup_id, backup_dir=cfg.backup_path)
-    loaded = _statefile.read(info.path, options=mgr._read, what="backup")
-    mgr._check_account(loaded.state)
+    loaded = _statefile.read(info.path, options=files.read, what="backup")
+    files.check_account(loaded.state)
     known = known_saves(cfg, backups)
-    if mgr._loaded and mgr._state.generation > 0:
-        ms = _state_ms(mgr._state)
+    memory = files.snapshot()
+    if memory is not None and memory.generation > 0:
+        ms = _state_ms(memory)
         if ms is not None:
-            known.append((mgr._state.generation, ms))
-        if mgr._journal.last_time_ms:  # the newest change this manager journaled or replayed (12.10: its generation)
-            known.append((mgr._state.generation, mgr._journal.last_time_ms))
-    elif mgr._journal.last_time_ms:
-        known.append((0, mgr._journal.last_time_ms))
+            known.append((memory.generation, ms))
+        if files.journal.last_time_ms:  # the newest change this manager journaled or replayed (12.10: its generation)
+            known.append((memory.generation, files.journal.last_time_ms))
+    elif files.journal.last_time_ms:
+        known.append((0, files.journal.last_time_ms))
     age = check_fresh(
         known,
         path=info.path,
@@ -355,21 +355,21 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
         threshold=cfg.backup_threshold,
         accept_older=accept_older,
     )
-    _settle_journal(mgr, loaded.state.journal)
-    known = known_saves(cfg, list_all(mgr))
-    highest = max([mgr._highest_generation, loaded.state.generation] + [g for g, _ in known])
-    on_disk = _header_of(mgr.path)
-    previous = mgr._state if mgr._loaded else None
+    _settle_journal(files, loaded.state.journal)
+    known = known_saves(cfg, list_all(files))
+    highest = max([files.highest_generation, loaded.state.generation] + [g for g, _ in known])
+    on_disk = _header_of(files.config.state_path)
+    previous = files.snapshot()
     try:
-        pre = _link_as_backup(mgr)
+        pre = _link_as_backup(files)
     except _atomic.WriteFailed as wf:
         raise PersistenceError(cfg.backup_path, operation=f"pre-restore backup {wf.step}", cause=wf.cause) from wf.cause
     except OSError as exc:
         raise PersistenceError(cfg.backup_path, operation="pre-restore backup", cause=exc) from exc
-    if not mgr._loaded:
+    if previous is None:
         # We hold the lock, so the file on disk is the last one written here: adopt its checksum.
-        data = fs.read_file(mgr.path) if on_disk is not None else None
-        mgr._expected_on_disk = {None if data is None else _format_checksum(data)}
+        data = fs.read_file(files.config.state_path) if on_disk is not None else None
+        files.expect_on_disk(None if data is None else _format_checksum(data))
     st = loaded.state.copy()
     # The restore is the newest decision: its entries outrank everything older in a merge, and whatever
     # the replaced state held that the backup lacks gets a tombstone, so no merge brings it back.
@@ -383,13 +383,13 @@ def restore(mgr: PositionStateManager, backup_id: str, *, accept_older: bool) ->
         for s in previous.metadata.keys() - st.metadata.keys():
             st.metadata_tombstones[s] = rev
     entries = {k: _document.position_entry(p, rev) for k, p in st.positions.items()}
-    mgr._highest_generation = max(mgr._highest_generation, highest)
-    generation = mgr._commit(st, entries)
-    mgr._loaded = True
+    files.raise_generation(highest)
+    generation = files.commit(st, entries)
+    files.set_loaded(True)
     result = RestoreResult(
         backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre
     )
-    mgr._events.emit("backupRestored", {"path": str(mgr.path), "backup_id": info.id, **result.to_dict()})
+    files.emit("backupRestored", {"path": str(files.config.state_path), "backup_id": info.id, **result.to_dict()})
     return result
 
 

@@ -42,7 +42,7 @@ from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 
 if TYPE_CHECKING:
-    from posstate.manager.manager import PositionStateManager
+    from posstate.backup.files import StateFiles
 
 log = logging.getLogger("posstate")
 
@@ -162,30 +162,31 @@ def main_header(path: Path, skew: float) -> tuple[int, int] | None:
     return (h.generation, h.written_at_ms)
 
 
-def recover(mgr: PositionStateManager, error: PosStateError) -> StateData:
-    """Bring the state back from the best copy, within ``recovery_max_attempts``; see the module docstring."""
+def recover(files: StateFiles, error: PosStateError) -> RecoveryReport:
+    """Bring the state back from the best copy, within ``recovery_max_attempts``; see the module docstring.
+    The recovered state is the one in memory afterwards (``files.snapshot()``); returns what was done."""
     try:
-        return _attempt(mgr, error, max(1, mgr.config.recovery_max_attempts))
+        return _attempt(files, error, max(1, files.config.recovery_max_attempts))
     except WrongKeyError:
         raise
     except (PersistenceError, CorruptStateError) as exc:
-        attempts = max(1, mgr.config.recovery_max_attempts)
-        mgr._events.emit("recoveryError", {"path": str(mgr.path), "reason": str(exc), "attempts": attempts})
+        attempts = max(1, files.config.recovery_max_attempts)
+        files.emit("recoveryError", {"path": str(files.config.state_path), "reason": str(exc), "attempts": attempts})
         raise
 
 
-def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> StateData:
+def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> RecoveryReport:
     """Choose the copy once (before anything is moved), then write it, retrying only that write."""
-    cfg = mgr.config
-    path = mgr.path
+    cfg = files.config
+    path = cfg.state_path
     reason = _why(error)
     if fs.exists(path):
         try:
-            state = mgr._read_current()  # the state file and its journal, exactly as a load reads them
+            state = files.read_current()  # the state file and its journal, exactly as a load reads them
         except (CorruptStateError, SchemaValidationError, PersistenceError):
             pass
         else:
-            mgr.last_recovery = RecoveryReport(
+            return RecoveryReport(
                 source="state file (re-read)",
                 source_path=path,
                 generation=state.generation,
@@ -194,16 +195,15 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> 
                 generations_lost=0,
                 reason=reason,
             )
-            return state
     cands: list[_Candidate] = []
     # Memory holds the last durable state when nothing is unsaved, and always in the journal modes (each change
     # was durable when its call returned), so it outranks every file of the same generation.
-    if mgr._loaded and mgr._state.generation > 0 and (not mgr._dirty or cfg.durability != "snapshot"):
-        st = mgr._state
+    st = files.snapshot()
+    if st is not None and st.generation > 0 and (not files.unsaved() or cfg.durability != "snapshot"):
         mem = _Candidate("memory", None, st.copy(), st.generation, _statefile_ms(st), rank=1 << 62)
-        mem.changed_ms = mgr._journal.last_time_ms or None  # its newest journaled change
+        mem.changed_ms = files.journal.last_time_ms or None  # its newest journaled change
         cands.append(mem)
-    cands += _file_candidates(cfg, mgr._read, mgr._check_account)
+    cands += _file_candidates(cfg, files.read, files.check_account)
     best, listing, newest_gen = _select(cands, cfg, reason)
     if best is None:
         raise UnrecoverableStateError(path, listing)
@@ -219,7 +219,7 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> 
             raise PersistenceError(jpath, operation="quarantine journal", cause=exc) from exc
         journal_note = "; ".join(filter(None, (journal_note, f"journal moved to {moved}")))
         log.warning("moved journal %s to %s", jpath, moved)
-    mgr._journal.recover(StateData())  # no journal file now: the save below starts a new one
+    files.journal.recover(StateData())  # no journal file now: the save below starts a new one
     quarantined: Path | None = None
     if best.path == path and best.checksum is not None:
         pass  # the state file itself is intact (its journal was not): it becomes the .bak of the new save
@@ -229,18 +229,17 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> 
         except OSError as exc:
             raise PersistenceError(path, operation="quarantine damaged state file", cause=exc) from exc
         log.warning("moved damaged state file %s to %s", path, quarantined)
-    mgr._highest_generation = max(mgr._highest_generation, newest_gen or 0, best.state.generation, best.max_rev - 1)
-    mgr._adopt(best.state, best.checksum if best.path == path else None)
-    chosen, entries = mgr._state.copy(), dict(mgr._entries)
+    files.raise_generation(max(newest_gen or 0, best.state.generation, best.max_rev - 1))
+    chosen, entries = files.adopt(best.state, best.checksum if best.path == path else None)
     attempt = 0
     while True:
         attempt += 1
         try:
-            new_gen = mgr._commit(chosen.copy(), dict(entries))
+            new_gen = files.commit(chosen.copy(), dict(entries))
             break
         except (PersistenceError, CorruptStateError) as exc:
             if attempt >= attempts:
-                mgr._loaded = False
+                files.set_loaded(False)
                 raise
             log.warning("writing the recovered state failed (attempt %s of %s): %s", attempt, attempts, exc)
     now_ms = time.time() * 1000
@@ -257,8 +256,7 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> 
         candidates=tuple(listing),
         journal=journal_note,
     )
-    mgr.last_recovery = report
-    mgr._events.emit("stateRepaired", {"path": str(path), "operation": "recovery", **report.to_dict()})
+    files.emit("stateRepaired", {"path": str(path), "operation": "recovery", **report.to_dict()})
     log.warning(
         "recovered %s from %s (generation %s, %s generations lost)",
         path,
@@ -266,7 +264,7 @@ def _attempt(mgr: PositionStateManager, error: PosStateError, attempts: int) -> 
         best.state.generation,
         report.generations_lost,
     )
-    return mgr._state
+    return report
 
 
 def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: Callable[[StateData], None]) -> list[_Candidate]:

@@ -27,7 +27,7 @@ from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 
 if TYPE_CHECKING:
-    from posstate.manager.manager import PositionStateManager
+    from posstate.backup.files import StateFiles
 
 log = logging.getLogger("posstate")
 
@@ -217,21 +217,22 @@ def _fill(
             decisions.append(RepairDecision("metadata", sym, "dropped", "", "no valid backup holds it"))
 
 
-def repair(mgr: PositionStateManager) -> RepairReport:
+def repair(files: StateFiles) -> RepairReport:
     """See the module docstring. Raises what decoding raises when the file does not even decrypt."""
-    path = mgr.path
-    rounds = max(1, mgr.config.repair_attempts)
+    cfg = files.config
+    path = cfg.state_path
+    rounds = max(1, cfg.repair_attempts)
     decisions: list[RepairDecision] = []
     problems: list[str] = []
     quarantined: Path | None = None
     for round_no in range(1, rounds + 1):
         data = _statefile.read_bytes(path)
         header, payload = _codec.decode(
-            data, keyring=mgr._read.keyring, path=path, max_document_bytes=mgr._read.max_document_bytes
+            data, keyring=files.read.keyring, path=path, max_document_bytes=files.read.max_document_bytes
         )
         doc = _document.loads(payload, path=path, strict=not header.encrypted)
         try:
-            loaded = _statefile.parse(data, path=path, options=mgr._read)
+            loaded = _statefile.parse(data, path=path, options=files.read)
         except SchemaValidationError as exc:
             problem = f"{exc.json_path}: {exc.detail}"
         else:
@@ -245,22 +246,21 @@ def repair(mgr: PositionStateManager) -> RepairReport:
             )
         problems.append(problem)
         st, bad_p, bad_m = _lenient(doc, header.generation, decisions)
-        _fill(st, bad_p, bad_m, _sources(mgr.config, mgr._read) if (bad_p or bad_m) else [], decisions)
-        if st.account is None and mgr.config.exchange is not None:
+        _fill(st, bad_p, bad_m, _sources(cfg, files.read) if (bad_p or bad_m) else [], decisions)
+        if st.account is None and cfg.exchange is not None:
             st.account = {
-                "exchange": mgr.config.exchange,
-                "account_id": str(mgr.config.account_id),
-                "mode": mgr.config.account_mode or "live",
+                "exchange": cfg.exchange,
+                "account_id": str(cfg.account_id),
+                "mode": cfg.account_mode or "live",
             }
-        cfg = mgr.config
         jpath = _journal.journal_file(cfg.journal_path, cfg.legacy_journal_path, st.journal)
         if st.journal is not None and fs.exists(jpath):
             # Changes acknowledged in the journal after this snapshot are part of the state: replay the
             # trustworthy ones onto the repaired snapshot, then keep the journal file as evidence.
             applied, max_rev, stopped = _journal.replay_prefix(
-                jpath, keyring=mgr._read.keyring, state=st, require_encryption=mgr._read.require_encryption
+                jpath, keyring=files.read.keyring, state=st, require_encryption=files.read.require_encryption
             )
-            mgr._highest_generation = max(mgr._highest_generation, max_rev - 1)
+            files.raise_generation(max_rev - 1)
             why = f"{applied} journal records replayed onto the repaired snapshot" + (
                 f" (stopped at {stopped})" if stopped else ""
             )
@@ -270,18 +270,17 @@ def repair(mgr: PositionStateManager) -> RepairReport:
                 _atomic.move_aside(jp, cfg.quarantine_dir, label="journal")
             except OSError as exc:
                 raise PersistenceError(jp, operation="quarantine journal before repair", cause=exc) from exc
-        mgr._journal.recover(StateData())  # no journal file now: the save below starts a new one
+        files.journal.recover(StateData())  # no journal file now: the save below starts a new one
         try:
-            moved = _atomic.move_aside(path, mgr.config.quarantine_dir, label="repair")
+            moved = _atomic.move_aside(path, cfg.quarantine_dir, label="repair")
         except OSError as exc:
             raise PersistenceError(path, operation="quarantine before repair", cause=exc) from exc
         quarantined = quarantined or moved
-        mgr._highest_generation = max(mgr._highest_generation, header.generation, st.generation)
-        mgr._adopt(st, None)
+        files.raise_generation(max(header.generation, st.generation))
         try:
-            new_gen = mgr._commit(mgr._state.copy(), dict(mgr._entries))
+            new_gen = files.commit(*files.adopt(st, None))
         except BaseException:
-            mgr._loaded = False
+            files.set_loaded(False)
             raise
         report = RepairReport(
             repaired=True,
@@ -291,7 +290,7 @@ def repair(mgr: PositionStateManager) -> RepairReport:
             quarantined=quarantined,
             problems=tuple(problems),
         )
-        mgr._events.emit(
+        files.emit(
             "stateRepaired",
             {
                 "path": str(path),
@@ -305,11 +304,11 @@ def repair(mgr: PositionStateManager) -> RepairReport:
             },
         )
         try:
-            _statefile.read(path, options=mgr._read)
+            _statefile.read(path, options=files.read)
         except PosStateError:
             continue  # another round on what was written
         return report
-    mgr._events.emit("recoveryError", {"path": str(path), "reason": f"still invalid after {rounds} repair rounds"})
+    files.emit("recoveryError", {"path": str(path), "reason": f"still invalid after {rounds} repair rounds"})
     raise CorruptStateError(path, f"still invalid after {rounds} repair rounds", kind="invalid")
 
 

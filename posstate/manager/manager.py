@@ -38,6 +38,7 @@ from posstate.core.errors import (
 from posstate.core.events import EventBus, Handler, StatsLogger
 from posstate.journal import journal as _journal
 from posstate.manager import periodic as _periodic
+from posstate.manager.files import ManagerFiles
 from posstate.model import document as _document
 from posstate.model import merge as _merge
 from posstate.model import ops as _jops
@@ -114,8 +115,8 @@ class PositionStateManager:
         self._highest_generation = 0
         #: The report of the last automatic recovery (see docs/RECOVERY.md), or None.
         self.last_recovery: RecoveryReport | None = None
-        self._last_backup_at: float | None = None  # creation time of the newest backup (None: not looked yet)
-        self._tombstone_floor: int | None = None  # generation of the oldest backup kept (None: unknown)
+        # What backups, recovery and repair see of this manager (posstate.backup works on that interface only).
+        self._files = ManagerFiles(self)
         self._validator: _periodic.PeriodicValidator | None = None
         # Set when a failed change may still be on disk (PersistenceError.outcome_unknown): from then on every
         # writer raises OutcomeUnknownError until the manager is reopened. Holds the operation that failed.
@@ -374,8 +375,9 @@ class PositionStateManager:
 
     def _recovered(self, exc: PosStateError, started: float) -> StateData:
         """Automatic recovery (docs/RECOVERY.md); raises UnrecoverableStateError when no copy can be trusted."""
-        state = _recovery.recover(self, exc)
-        source = self.last_recovery.source if self.last_recovery is not None else "recovery"
+        self.last_recovery = report = _recovery.recover(self._files, exc)
+        state = self._state
+        source = report.source
         self._events.emit(
             "stateLoaded",
             {
@@ -688,7 +690,7 @@ class PositionStateManager:
         self._writer_lock.check()
         generation = max(st.generation, self._highest_generation) + 1
         st.generation = generation
-        _merge.drop_old_tombstones(st, floor=self._tombstone_floor)
+        _merge.drop_old_tombstones(st, floor=self._files.tombstone_floor)
         rotation = self._journal.begin_rotation(st)  # compaction: the snapshot names the next journal
         try:
             st, encoded = _statefile.encode(
@@ -727,7 +729,7 @@ class PositionStateManager:
 
     def _after_save(self, state: StateData) -> None:
         """Hook run after every successful save (timed backups live here)."""
-        _backup_ops.after_save(self, state)
+        _backup_ops.after_save(self._files, state)
 
     def _write_main(self, encoded: Any, *, differs: Callable[[], bool] | None = None) -> None:
         path = self._path
@@ -876,19 +878,19 @@ class PositionStateManager:
         """Write a verified timestamped backup of the last saved state now (then apply retention)."""
         with self._lock:
             self._check_writable("create_backup")  # in the journal modes it saves first
-            return _backup_ops.create(self)
+            return _backup_ops.create(self._files)
 
     def list_backups(self) -> list[BackupInfo]:
         """Every timestamped backup, newest first, read from headers (damaged ones listed as damaged)."""
         with self._lock:
             self._check_open()
-            return _backup_ops.list_all(self)
+            return _backup_ops.list_all(self._files)
 
     def validate_backup(self, backup_id: str) -> ValidationReport:
         """Fully validate one backup (id, unique prefix or ``latest``); never writes."""
         with self._lock:
             self._check_open()
-            return _backup_ops.validate(self, backup_id)
+            return _backup_ops.validate(self._files, backup_id)
 
     def prune_old_backups(self, *, dry_run: bool = False) -> PruneResult:
         """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones."""
@@ -897,7 +899,7 @@ class PositionStateManager:
                 self._check_open()
             else:
                 self._check_writable()
-            return _backup_ops.prune_backups(self, dry_run=dry_run)
+            return _backup_ops.prune_backups(self._files, dry_run=dry_run)
 
     def restore_from_backup(self, backup_id: str, *, accept_older: bool = False) -> RestoreResult:
         """Make a backup (id, unique prefix or ``latest``) the current state, as a new generation.
@@ -907,7 +909,7 @@ class PositionStateManager:
         """
         with self._lock:
             self._check_writable("restore_from_backup")
-            return _backup_ops.restore(self, backup_id, accept_older=accept_older)
+            return _backup_ops.restore(self._files, backup_id, accept_older=accept_older)
 
     def attempt_recovery(self) -> RecoveryReport | None:
         """Reload the state file, recovering it from the best copy if it cannot be loaded.
@@ -924,7 +926,7 @@ class PositionStateManager:
         """Repair a state file that decrypts but fails validation, entry by entry (docs/RECOVERY.md)."""
         with self._lock:
             self._check_writable("repair_state")
-            return _repair.repair(self)
+            return _repair.repair(self._files)
 
     def merge_states(self, current: StateData | str, backup: StateData | str) -> MergeResult:
         """Merge two states by per-entry revision (ties go to *current*); nothing is written.
@@ -989,7 +991,7 @@ def _differs(a: StateData, b: StateData) -> bool:
 def _backups_resolve(mgr: PositionStateManager, ident: str) -> BackupInfo:
     from posstate.backup.backups import resolve
 
-    return resolve(_backup_ops.list_all(mgr), ident, backup_dir=mgr.config.backup_path)
+    return resolve(_backup_ops.list_all(mgr._files), ident, backup_dir=mgr.config.backup_path)
 
 
 def _normalize(positions: PositionsInput) -> dict[PositionKey, Position]:

@@ -1,0 +1,91 @@
+"""StateFiles: the small interface backups, recovery and repair work on, instead of the manager.
+
+Backups, recovery and repair need the state directory's paths and policy, the read options, the journal, an
+event callback, and a handful of operations on the state the owner holds in memory (load it, adopt a copy,
+commit a generation). The manager implements this protocol (``posstate.manager.files.ManagerFiles``) and
+calls these modules with it; they never see the manager itself, so the layers stay one way
+(manager -> backup -> journal -> storage).
+
+Every method runs under the owner's lock: the owner's public methods hold it while they delegate here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from posstate.core.config import StateConfig
+from posstate.journal.journal import Journal
+from posstate.model.document import StateData
+from posstate.model.ops import Entries
+from posstate.storage.crypto import Keyring
+from posstate.storage.statefile import ReadOptions
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+class StateFiles(Protocol):
+    """The state directory and the state held in memory for it, as the backup layer needs them."""
+
+    #: Creation time of the newest backup (None: not looked up yet); timed backups compare it with the clock.
+    last_backup_at: float | None
+    #: Generation of the oldest backup kept (None: unknown); commits drop tombstones older than it.
+    tombstone_floor: int | None
+
+    @property
+    def config(self) -> StateConfig:
+        """Paths (state file, .bak, journal, backups, quarantine) and policy."""
+
+    @property
+    def read(self) -> ReadOptions:
+        """How to read and check a state file (keyring, size cap, clock skew, encryption required)."""
+
+    @property
+    def write_keyring(self) -> Keyring | None:
+        """The key new files are sealed with (None: plain files)."""
+
+    @property
+    def journal(self) -> Journal:
+        """The write-ahead journal of this state file."""
+
+    @property
+    def highest_generation(self) -> int:
+        """The highest generation known to be used: a new one must exceed it."""
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        """Report an event to the owner's handlers (docs/RECOVERY.md lists them)."""
+
+    def snapshot(self) -> StateData | None:
+        """The state in memory, or None when nothing is loaded."""
+
+    def unsaved(self) -> bool:
+        """True when memory holds changes not yet in a snapshot."""
+
+    def ensure_loaded(self) -> None:
+        """Load the state (with recovery) if it is not loaded yet."""
+
+    def save(self) -> int:
+        """Write memory as the next generation (folds the journal into a snapshot); returns it."""
+
+    def read_current(self) -> StateData:
+        """Read the state file and replay its journal, exactly as a load does, and adopt the result."""
+
+    def check_account(self, state: StateData) -> None:
+        """Raise CorruptStateError when *state* belongs to another account than the configured one."""
+
+    def adopt(self, state: StateData, checksum: str | None) -> tuple[StateData, Entries]:
+        """Make *state* the state in memory (*checksum*: its file's trailer, None: not on disk as is);
+        returns a copy of it and of its entries, ready for :meth:`commit`."""
+
+    def commit(self, state: StateData, entries: Entries) -> int:
+        """Write *state* durably as the next generation and adopt it in memory; returns the generation."""
+
+    def raise_generation(self, at_least: int) -> None:
+        """Note that generation *at_least* is used (the next commit goes above it)."""
+
+    def set_loaded(self, loaded: bool) -> None:
+        """Mark memory as loaded (after a restore) or not (a failed write: the next call reloads)."""
+
+    def expect_on_disk(self, checksum: str | None) -> None:
+        """The state file on disk is ours with this trailer checksum (None: no file); anything else at the
+        next save was written by someone who bypassed the lock."""

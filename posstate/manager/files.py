@@ -1,0 +1,89 @@
+"""ManagerFiles: the manager seen through :class:`~posstate.backup.files.StateFiles`.
+
+Backups, recovery and repair (``posstate.backup``) work on that small interface; this adapter is the only
+place that maps it onto the manager's in-memory state, its journal and its commit path. It holds no state of
+its own except the two backup bookkeeping values the backup layer owns.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from posstate.core.config import StateConfig
+from posstate.journal.journal import Journal
+from posstate.model.document import StateData
+from posstate.model.ops import Entries
+from posstate.storage.crypto import Keyring
+from posstate.storage.statefile import ReadOptions
+
+if TYPE_CHECKING:
+    from posstate.manager.manager import PositionStateManager
+
+
+class ManagerFiles:
+    """Implements StateFiles for one manager; every call runs under the manager's lock."""
+
+    __slots__ = ("_m", "last_backup_at", "tombstone_floor")
+
+    def __init__(self, manager: PositionStateManager) -> None:
+        self._m = manager
+        self.last_backup_at: float | None = None  # creation time of the newest backup (None: not looked yet)
+        self.tombstone_floor: int | None = None  # generation of the oldest backup kept (None: unknown)
+
+    @property
+    def config(self) -> StateConfig:
+        return self._m.config
+
+    @property
+    def read(self) -> ReadOptions:
+        return self._m._read
+
+    @property
+    def write_keyring(self) -> Keyring | None:
+        return self._m._write_keyring
+
+    @property
+    def journal(self) -> Journal:
+        return self._m._journal
+
+    @property
+    def highest_generation(self) -> int:
+        return self._m._highest_generation
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        self._m._events.emit(event, data)
+
+    def snapshot(self) -> StateData | None:
+        return self._m._state if self._m._loaded else None
+
+    def unsaved(self) -> bool:
+        return self._m._dirty
+
+    def ensure_loaded(self) -> None:
+        self._m._ensure_loaded()
+
+    def save(self) -> int:
+        return self._m.save()
+
+    def read_current(self) -> StateData:
+        return self._m._read_current()
+
+    def check_account(self, state: StateData) -> None:
+        self._m._check_account(state)
+
+    def adopt(self, state: StateData, checksum: str | None) -> tuple[StateData, Entries]:
+        m = self._m
+        m._adopt(state, checksum)
+        return m._state.copy(), dict(m._entries)
+
+    def commit(self, state: StateData, entries: Entries) -> int:
+        return self._m._commit(state, entries)
+
+    def raise_generation(self, at_least: int) -> None:
+        self._m._highest_generation = max(self._m._highest_generation, at_least)
+
+    def set_loaded(self, loaded: bool) -> None:
+        self._m._loaded = loaded
+
+    def expect_on_disk(self, checksum: str | None) -> None:
+        self._m._expected_on_disk = {checksum}
