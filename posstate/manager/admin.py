@@ -1,0 +1,135 @@
+"""Backups, recovery, repair, merge and validation of a manager's state: thin delegations to posstate.backup
+(which works on the manager's StateFiles) under the manager's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from posstate.backup import ops as _backup_ops
+from posstate.backup import repair as _repair
+from posstate.backup.backups import BackupInfo
+from posstate.backup.ops import RestoreResult
+from posstate.backup.recovery import RecoveryReport
+from posstate.backup.repair import RepairReport
+from posstate.backup.retention import PruneResult
+from posstate.core.errors import (
+    SchemaValidationError,
+)
+from posstate.manager.changes import InMemoryChanges
+from posstate.manager.commit import PositionsInput, _normalize
+from posstate.model import merge as _merge
+from posstate.model.document import StateData
+from posstate.model.merge import MergeResult
+from posstate.storage import statefile as _statefile
+from posstate.storage.validate import ValidationIssue, ValidationReport, validate_file
+
+log = logging.getLogger("posstate")
+
+
+class StateMaintenance(InMemoryChanges):
+    """Backups (create, list, validate, prune, restore), recovery, repair, merge, validation."""
+
+    def create_backup(self) -> BackupInfo:
+        """Write a verified timestamped backup of the last saved state now (then apply retention)."""
+        with self._lock:
+            self._check_writable("create_backup")  # in the journal modes it saves first
+            return _backup_ops.create(self._files)
+
+    def list_backups(self) -> list[BackupInfo]:
+        """Every timestamped backup, newest first, read from headers (damaged ones listed as damaged)."""
+        with self._lock:
+            self._check_open()
+            return _backup_ops.list_all(self._files)
+
+    def validate_backup(self, backup_id: str) -> ValidationReport:
+        """Fully validate one backup (id, unique prefix or ``latest``); never writes."""
+        with self._lock:
+            self._check_open()
+            return _backup_ops.validate(self._files, backup_id)
+
+    def prune_old_backups(self, *, dry_run: bool = False) -> PruneResult:
+        """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones."""
+        with self._lock:
+            if dry_run:
+                self._check_open()
+            else:
+                self._check_writable()
+            return _backup_ops.prune_backups(self._files, dry_run=dry_run)
+
+    def restore_from_backup(self, backup_id: str, *, accept_older: bool = False) -> RestoreResult:
+        """Make a backup (id, unique prefix or ``latest``) the current state, as a new generation.
+
+        Refuses a backup older than ``backup_threshold`` relative to the last save with
+        :class:`~posstate.StaleBackupError` unless *accept_older* (stale positions lead to duplicate orders).
+        """
+        with self._lock:
+            self._check_writable("restore_from_backup")
+            return _backup_ops.restore(self._files, backup_id, accept_older=accept_older)
+
+    def attempt_recovery(self) -> RecoveryReport | None:
+        """Reload the state file, recovering it from the best copy if it cannot be loaded.
+
+        Returns the recovery report, or None when the state file was fine. Unsaved changes are discarded.
+        """
+        with self._lock:
+            self._check_writable("attempt_recovery")
+            before = self.last_recovery
+            self._load_main()
+            return self.last_recovery if self.last_recovery is not before else None
+
+    def repair_state(self) -> RepairReport:
+        """Repair a state file that decrypts but fails validation, entry by entry (docs/RECOVERY.md)."""
+        with self._lock:
+            self._check_writable("repair_state")
+            return _repair.repair(self._files)
+
+    def merge_states(self, current: StateData | str, backup: StateData | str) -> MergeResult:
+        """Merge two states by per-entry revision (ties go to *current*); nothing is written.
+
+        Each argument is a state, ``"current"`` (the state in memory) or a backup id / prefix / ``latest``.
+        """
+        with self._lock:
+            self._check_open()
+            return _merge.merge_states(self._state_for(current), self._state_for(backup))
+
+    def _state_for(self, which: StateData | str) -> StateData:
+        if isinstance(which, StateData):
+            return which
+        if which == "current":
+            self._ensure_loaded()
+            return self._state.copy()
+        info = _backups_resolve(self, which)
+        return _statefile.read(info.path, options=self._read, what="backup").state
+
+    def validate_state(self, positions: PositionsInput | None = None) -> ValidationReport:
+        """Validate *positions*, or (by default) the state file on disk, fully; emits stateValidated or
+        validationError. Never writes."""
+        if positions is not None:
+            try:
+                _normalize(positions)
+            except SchemaValidationError as exc:
+                return ValidationReport(
+                    path="<positions>",
+                    valid=False,
+                    contents_checked=True,
+                    checks=(),
+                    errors=(ValidationIssue(exc.json_path, exc.detail, exc.rule),),
+                    error=exc,
+                )
+            return ValidationReport(path="<positions>", valid=True, contents_checked=True, checks=())
+        report = validate_file(self._path, options=self._read)
+        if report.valid:
+            self._events.emit(
+                "stateValidated", {"path": str(self._path), "generation": report.generation, "positions": report.positions}
+            )
+        else:
+            first = report.errors[0] if report.errors else ValidationIssue("$", "contents not checked")
+            self._events.emit("validationError", {"path": str(self._path), "json_path": first.path, "reason": first.message})
+        return report
+
+
+def _backups_resolve(mgr: StateMaintenance, ident: str) -> BackupInfo:
+    from posstate.backup.backups import resolve
+
+    return resolve(_backup_ops.list_all(mgr._files), ident, backup_dir=mgr.config.backup_path)
