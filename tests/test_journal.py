@@ -28,8 +28,9 @@ from posstate import (
     WrongKeyError,
     generate_key,
 )
+from posstate.journal import audit as _audit
 from posstate.journal import format as jf
-from posstate.journal import journal as _journal
+from posstate.journal import records as _records
 from posstate.model.position import Position
 from posstate.storage import fileops as fs
 from posstate.storage.crypto import Keyring
@@ -156,7 +157,7 @@ def test_transaction_is_one_record_and_nested_joins(tmp_path: Path) -> None:
         assert m._journal.records == records + 1
         with pytest.raises(TransactionError), m.transaction():
             m.save()
-    entries = _journal.history(StateConfig.in_dir(tmp_path), keyring=Keyring(key=KEY))
+    entries = _audit.history(StateConfig.in_dir(tmp_path), keyring=Keyring(key=KEY))
     assert [(e.key, e.transaction) for e in entries][-2:] == [("B|long", True), ("C|long", True)]
 
 
@@ -168,7 +169,7 @@ def test_history_reports_old_and_new_values(tmp_path: Path) -> None:
         m.set_position(pos("A", contracts="2"))
         m.set_symbol_metadata("B", {"v": 1})
         m.delete_position("A", "long")
-    entries = _journal.history(cfg, keyring=Keyring(key=KEY))
+    entries = _audit.history(cfg, keyring=Keyring(key=KEY))
     assert [(e.op, e.key) for e in entries] == [
         ("set_position", "A|long"),
         ("set_position", "A|long"),
@@ -180,7 +181,7 @@ def test_history_reports_old_and_new_values(tmp_path: Path) -> None:
     assert entries[3].old is not None and entries[3].old["contracts"] == "2" and entries[3].new is None
     assert all(e.old_known for e in entries)
     assert entries[0].time.year >= 2024
-    only_b = _journal.history(cfg, keyring=Keyring(key=KEY), symbol="B")
+    only_b = _audit.history(cfg, keyring=Keyring(key=KEY), symbol="B")
     assert [e.key for e in only_b] == ["B"]
 
 
@@ -192,9 +193,9 @@ def test_check_reports_a_healthy_journal(tmp_path: Path) -> None:
         m.set_position(pos("B"))
         snap_journal = dict(m._state.journal or {})
     before = cfg.journal_path.read_bytes()
-    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY), snapshot_journal=snap_journal)
+    report = _audit.check(cfg.journal_path, keyring=Keyring(key=KEY), snapshot_journal=snap_journal)
     assert report.valid and report.contents_checked and report.records == 2 and report.matches_snapshot
-    keyless = _journal.check(cfg.journal_path, keyring=None)
+    keyless = _audit.check(cfg.journal_path, keyring=None)
     assert keyless.valid and not keyless.contents_checked
     assert cfg.journal_path.read_bytes() == before
 
@@ -205,9 +206,9 @@ def test_wrong_key_and_missing_key(tmp_path: Path) -> None:
     with make(tmp_path) as m:
         m.set_position(pos("A"))
     with pytest.raises(WrongKeyError):
-        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(key=generate_key()))
+        _records.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(key=generate_key()))
     with pytest.raises(MissingKeyError):
-        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=None)
+        _records.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=None)
 
 
 def test_tampered_encrypted_record_is_damage_not_torn(tmp_path: Path, journal_records: Callable[[Path], bytes]) -> None:
@@ -225,7 +226,7 @@ def test_tampered_encrypted_record_is_damage_not_torn(tmp_path: Path, journal_re
     data[off + 8 : off + 12] = zlib.crc32(bytes(data[body_start:]), zlib.crc32(length)).to_bytes(4, "big")
     cfg.journal_path.write_bytes(bytes(data))
     with pytest.raises(CorruptStateError, match="fails authentication") as info:
-        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(key=KEY))
+        _records.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(key=KEY))
     assert info.value.kind == "journal"
     with make(tmp_path) as m2:
         m2.load_positions()
@@ -417,7 +418,7 @@ def test_passphrase_journal_round_trip(tmp_path: Path) -> None:
     with PositionStateManager(cfg, passphrase="correct horse") as m2:
         assert m2.load_positions()[("A", "long")].contracts == Decimal(3)
     with pytest.raises(WrongKeyError):
-        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(passphrase="wrong"))
+        _records.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(passphrase="wrong"))
 
 
 def test_reload_in_group_mode_keeps_pending_records(tmp_path: Path) -> None:
@@ -503,7 +504,7 @@ def test_journal_damage_emits_state_corrupted(tmp_path: Path) -> None:
         m2.load_positions()
     assert events and events[0]["kind"] == "journal"
     (kept,) = [p for p in cfg.quarantine_dir.iterdir() if p.name.startswith("positions.json.journal")]
-    report = _journal.check(kept, keyring=Keyring(key=KEY))
+    report = _audit.check(kept, keyring=Keyring(key=KEY))
     assert not report.valid and "damaged" in report.problem
 
 
@@ -518,9 +519,9 @@ def test_torn_tail_left_out_of_history_and_reported_by_check(tmp_path: Path, jou
     data = journal_records(cfg.journal_path)
     torn = data[:-7] + bytes(4096)
     cfg.journal_path.write_bytes(torn)
-    entries = _journal.history(cfg, keyring=Keyring(key=KEY))
+    entries = _audit.history(cfg, keyring=Keyring(key=KEY))
     assert [e.key for e in entries] == ["A|long"]
-    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    report = _audit.check(cfg.journal_path, keyring=Keyring(key=KEY))
     assert report.valid and report.records == 1
     assert 0 < report.torn_bytes <= len(data) - 7 - first_end  # (fewer if the cut record ends in zero bytes)
     assert cfg.journal_path.read_bytes() == torn
@@ -559,7 +560,7 @@ def test_history_without_a_usable_snapshot_marks_old_values_unknown(tmp_path: Pa
     data = bytearray(cfg.state_path.read_bytes())
     data[200] ^= 1
     cfg.state_path.write_bytes(bytes(data))
-    entries = _journal.history(cfg, keyring=Keyring(key=KEY))
+    entries = _audit.history(cfg, keyring=Keyring(key=KEY))
     assert [(e.key, e.old_known, e.old) for e in entries] == [("A|long", False, None)]
 
 
@@ -704,7 +705,7 @@ def test_version_1_journals_are_replayed_and_continued_in_their_own_framing(
     assert jf.parse_header(data).journal_id == header.journal_id
     assert [r.seq for r in jf.scan(data, jf.parse_header(data)).records] == [1, 2, 3]
     # A torn record over the zeros after it is cut in version-1 framing too.
-    report = _journal.check(cfg.journal_path, keyring=None)
+    report = _audit.check(cfg.journal_path, keyring=None)
     assert report.valid and report.records == 3
 
     with make(tmp_path, None, journal_max_records=4) as m:
@@ -748,7 +749,7 @@ def test_a_newer_journal_format_is_refused_not_recovered(tmp_path: Path) -> None
     assert str(cfg.journal_path) in str(info.value) and "upgrade posstate" in str(info.value)
     assert events == []
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
-    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY))
+    report = _audit.check(cfg.journal_path, keyring=Keyring(key=KEY))
     assert not report.valid and report.newer_version == jf.VERSION + 1
     # Version 0 never existed: that is no newer reader's file, it is a bad one.
     with pytest.raises(jf.JournalProblem, match="does not exist") as bad:
@@ -764,6 +765,6 @@ def test_recovery_replays_nothing_from_a_newer_journal_format(tmp_path: Path) ->
         m.set_position(pos("A"))
         state = m._state.copy()
     cfg.journal_path.write_bytes(_header_version(cfg.journal_path.read_bytes(), jf.VERSION + 1))
-    applied, max_rev, why = _journal.replay_prefix(cfg.journal_path, keyring=Keyring(key=KEY), state=state)
+    applied, max_rev, why = _records.replay_prefix(cfg.journal_path, keyring=Keyring(key=KEY), state=state)
     assert (applied, max_rev) == (0, 0)
     assert why == f"journal format version {jf.VERSION + 1} is newer than this posstate reads ({jf.VERSION})"

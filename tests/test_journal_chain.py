@@ -12,8 +12,9 @@ import pytest
 from test_journal_security import KEY, authentic, held, make, pos, snapshot_journal
 
 from posstate import CorruptStateError, PositionStateManager, StateConfig
+from posstate.journal import files as _jfiles
 from posstate.journal import format as jf
-from posstate.journal import journal as _journal
+from posstate.journal import records as _records
 from posstate.model import ops as jops
 from posstate.storage import crypto as _crypto
 
@@ -73,7 +74,7 @@ def test_chain_continues_across_reloads(tmp_path: Path) -> None:
             m.load_positions()
             m.set_position(pos(sym))
     path = tmp_path / "positions.json.journal"
-    header, records, _ = _journal.read_records(path.read_bytes(), path=path, keyring=_crypto.Keyring(key=KEY))
+    header, records, _ = _records.read_records(path.read_bytes(), path=path, keyring=_crypto.Keyring(key=KEY))
     assert len(records) == 3 and header.version == 3
     with make(tmp_path) as m:
         assert set(held(m)) == {"A", "B", "C", "D"} and m.last_recovery is None
@@ -170,7 +171,7 @@ def test_both_names_holding_the_snapshots_journal_past_it_are_refused(tmp_path: 
     cfg = StateConfig.in_dir(d)
     _, snap = snapshot_journal(d)
     with pytest.raises(CorruptStateError, match=r"positions\.journal") as info:
-        _journal.journal_file(cfg.journal_path, cfg.legacy_journal_path, snap)
+        _jfiles.journal_file(cfg.journal_path, cfg.legacy_journal_path, snap)
     assert info.value.kind == "journal" and "positions.json.journal" in str(info.value)
     with make(d) as m, pytest.raises(CorruptStateError, match="both"):
         m.load_positions()

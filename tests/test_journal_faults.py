@@ -16,7 +16,7 @@ import pytest
 
 from posstate import OutcomeUnknownError, PersistenceError, PositionStateManager, StateConfig
 from posstate.journal import format as jf
-from posstate.journal.journal import _temp_seq
+from posstate.journal.files import _temp_seq
 from posstate.model.position import Position
 from posstate.storage import fileops as fs
 

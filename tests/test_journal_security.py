@@ -15,8 +15,10 @@ import orjson
 import pytest
 
 from posstate import ConfigError, CorruptStateError, PositionStateManager, StateConfig, WrongKeyError
+from posstate.journal import audit as _audit
 from posstate.journal import format as jf
 from posstate.journal import journal as _journal
+from posstate.journal import records as _records
 from posstate.journal.current import read_current
 from posstate.model import ops as jops
 from posstate.model.position import Position
@@ -109,10 +111,10 @@ def test_plain_journal_is_refused_by_read_current_and_recovery_replay(tmp_path: 
     cur = read_current(cfg, options)
     assert isinstance(cur.error, WrongKeyError) and "FORGED" not in {k[0] for k in cur.state.positions}
     state = _statefile.read(cfg.state_path, options=options).state
-    applied, _, why = _journal.replay_prefix(cfg.journal_path, keyring=Keyring(key=KEY), state=state, require_encryption=True)
+    applied, _, why = _records.replay_prefix(cfg.journal_path, keyring=Keyring(key=KEY), state=state, require_encryption=True)
     assert applied == 0 and "not encrypted" in why
     assert "FORGED" not in {k[0] for k in state.positions}
-    report = _journal.check(cfg.journal_path, keyring=Keyring(key=KEY), require_encryption=True)
+    report = _audit.check(cfg.journal_path, keyring=Keyring(key=KEY), require_encryption=True)
     assert not report.valid and "not encrypted" in report.problem
 
 
@@ -382,9 +384,9 @@ def test_crafted_scrypt_cost_in_the_journal_header_is_corrupt_state(tmp_path: Pa
         m.set_position(pos("A"))
     _journal_with_cost(cfg.journal_path, cost)
     with pytest.raises(CorruptStateError, match="scrypt cost") as info:
-        _journal.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(passphrase="pw"))
+        _records.read_records(cfg.journal_path.read_bytes(), path=cfg.journal_path, keyring=Keyring(passphrase="pw"))
     assert info.value.kind == "journal"
-    report = _journal.check(cfg.journal_path, keyring=Keyring(passphrase="pw"))
+    report = _audit.check(cfg.journal_path, keyring=Keyring(passphrase="pw"))
     assert not report.valid and "scrypt cost" in report.problem
 
 

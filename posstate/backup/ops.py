@@ -27,7 +27,7 @@ from posstate.core.errors import (
     StaleBackupError,
     StateNotFoundError,
 )
-from posstate.journal import journal as _journal
+from posstate.journal import files as _jfiles
 from posstate.model import document as _document
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
@@ -262,7 +262,7 @@ def known_saves(cfg: StateConfig, backups: list[BackupInfo]) -> list[tuple[int, 
         if b.valid and b.generation is not None and b.written_at
     ]
     # Journaled changes are acknowledged saves too (issue 12.11): the newest record's time counts.
-    times = _journal.record_times(cfg.journal_path, cfg.legacy_journal_path)
+    times = _jfiles.record_times(cfg.journal_path, cfg.legacy_journal_path)
     if times:
         known.append((0, max(times.values())))
     return known
@@ -311,7 +311,7 @@ def _settle_journal(files: StateFiles, backup_journal: dict[str, Any] | None) ->
     try:
         files.ensure_loaded()
     except (CorruptStateError, SchemaValidationError):
-        for jpath in _journal.journal_files_of(cfg.journal_path, legacy, [backup_journal]):
+        for jpath in _jfiles.journal_files_of(cfg.journal_path, legacy, [backup_journal]):
             moved = _atomic.move_aside(jpath, cfg.quarantine_dir, label="journal-before-restore")
             log.warning("state could not be loaded before the restore; journal kept at %s", moved)
         files.journal.recover(StateData())
@@ -321,7 +321,7 @@ def _settle_journal(files: StateFiles, backup_journal: dict[str, Any] | None) ->
     if legacy is None:
         return
     try:
-        if _journal.journal_file(cfg.journal_path, legacy, backup_journal) != legacy:
+        if _jfiles.journal_file(cfg.journal_path, legacy, backup_journal) != legacy:
             return
         moved = _atomic.move_aside(legacy, cfg.quarantine_dir, label="journal-before-restore")
     except OSError as exc:

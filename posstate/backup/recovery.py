@@ -33,7 +33,8 @@ from posstate.core.errors import (
     UnrecoverableStateError,
     WrongKeyError,
 )
-from posstate.journal import journal as _journal
+from posstate.journal import files as _jfiles
+from posstate.journal import records as _records
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
 from posstate.storage import codec as _codec
@@ -212,7 +213,7 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
     # Its trustworthy records are in the chosen copy (or cannot be applied to it): keep it as evidence. The old
     # name (positions.journal) too when a copy's snapshot names it (else it may be another state file's).
     journals = [c.state.journal if c.state is not None else None for c in cands]
-    for jpath in _journal.journal_files_of(cfg.journal_path, cfg.legacy_journal_path, journals):
+    for jpath in _jfiles.journal_files_of(cfg.journal_path, cfg.legacy_journal_path, journals):
         try:
             moved = _atomic.move_aside(jpath, cfg.quarantine_dir, label="journal")
         except OSError as exc:
@@ -276,7 +277,7 @@ def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: C
     ]
     for bid, _created in _backups.names_only(cfg.backup_path):
         cands.append(_load_candidate(options, check, f"backup {bid}", cfg.backup_path / _backups.file_name(bid)))
-    times = _journal.record_times(cfg.journal_path, cfg.legacy_journal_path)
+    times = _jfiles.record_times(cfg.journal_path, cfg.legacy_journal_path)
     return [_with_journal(c, cfg, options, times) for c in cands]
 
 
@@ -284,10 +285,10 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
     """Replay onto a copy whose snapshot names the journal on disk that journal's trustworthy records."""
     if cand.state is None or cand.state.journal is None:
         return cand
-    path = _journal.journal_file(cfg.journal_path, cfg.legacy_journal_path, cand.state.journal)
+    path = _jfiles.journal_file(cfg.journal_path, cfg.legacy_journal_path, cand.state.journal)
     if not fs.exists(path):
         return cand
-    applied, max_rev, stopped = _journal.replay_prefix(
+    applied, max_rev, stopped = _records.replay_prefix(
         path, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption
     )
     if applied:  # records are applied in sequence from the one after the snapshot's, without gaps
@@ -328,7 +329,7 @@ def _select(
         lost_ms.append(claimed[1])  # the damaged file is at least as new as the copy that replaces it
     if best.name != "memory" and best.state is not None:
         held = int((best.state.journal or {}).get("seq", 0)) + (best.rank if best.changed_ms is not None else 0)
-        lost_ms += [t for q, t in _journal.record_times(cfg.journal_path, cfg.legacy_journal_path).items() if q > held]
+        lost_ms += [t for q, t in _jfiles.record_times(cfg.journal_path, cfg.legacy_journal_path).items() if q > held]
     newest_ms = max(lost_ms, default=None)
     stale = newest_ms is not None and best_ms is not None and best_ms < newest_ms - cfg.backup_threshold * 1000
     for c in valid:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from posstate.backup import backups as _backups
 from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError
-from posstate.journal import journal as _journal
+from posstate.journal import files as _jfiles
+from posstate.journal import records as _records
 from posstate.model import document as _document
 from posstate.model.document import StateData
 from posstate.model.position import MAX_COUNTER, Position, PositionKey, parse_position_key
@@ -253,11 +254,11 @@ def repair(files: StateFiles) -> RepairReport:
                 "account_id": str(cfg.account_id),
                 "mode": cfg.account_mode or "live",
             }
-        jpath = _journal.journal_file(cfg.journal_path, cfg.legacy_journal_path, st.journal)
+        jpath = _jfiles.journal_file(cfg.journal_path, cfg.legacy_journal_path, st.journal)
         if st.journal is not None and fs.exists(jpath):
             # Changes acknowledged in the journal after this snapshot are part of the state: replay the
             # trustworthy ones onto the repaired snapshot, then keep the journal file as evidence.
-            applied, max_rev, stopped = _journal.replay_prefix(
+            applied, max_rev, stopped = _records.replay_prefix(
                 jpath, keyring=files.read.keyring, state=st, require_encryption=files.read.require_encryption
             )
             files.raise_generation(max_rev - 1)
@@ -265,7 +266,7 @@ def repair(files: StateFiles) -> RepairReport:
                 f" (stopped at {stopped})" if stopped else ""
             )
             decisions.append(RepairDecision("journal", jpath.name, "kept", jpath.name, why))
-        for jp in _journal.journal_files_of(cfg.journal_path, cfg.legacy_journal_path, [st.journal]):
+        for jp in _jfiles.journal_files_of(cfg.journal_path, cfg.legacy_journal_path, [st.journal]):
             try:
                 _atomic.move_aside(jp, cfg.quarantine_dir, label="journal")
             except OSError as exc:

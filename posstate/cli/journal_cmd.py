@@ -68,7 +68,7 @@ def journal_read_path(cfg: StateConfig, options: _statefile.ReadOptions, snapsho
     ``cfg.journal_path``, or the old name (``positions.journal`` of posstate 0.1.0) when its header names the
     snapshot's journal. CorruptStateError when both names hold that journal with records past the snapshot.
     *snapshot_journal*: the snapshot's ``journal`` field if already read (False: read the snapshot here)."""
-    from posstate.journal.journal import journal_file
+    from posstate.journal.files import journal_file
 
     legacy = cfg.legacy_journal_path
     if legacy is None or not fs.exists(legacy):
@@ -215,7 +215,7 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
 
 def _typed(path: Path, keyring: Any, require_encryption: bool) -> PosStateError | None:
     """The typed error behind a failed check (wrong key vs damage), read again without a snapshot."""
-    from posstate.journal.journal import read_records
+    from posstate.journal.records import read_records
 
     try:
         read_records(fs.read_file(path), path=path, keyring=keyring, require_encryption=require_encryption)

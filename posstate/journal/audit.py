@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from posstate.core.errors import CorruptStateError, PosStateError, SchemaValidationError, StateNotFoundError
 from posstate.journal import format as jf
+from posstate.journal.records import read_records
 from posstate.model import ops as jops
 from posstate.model.document import StateData
 from posstate.storage import fileops as fs
@@ -89,7 +90,6 @@ def history(
     state file) is WrongKeyError, as a load with encryption on refuses it. *path*: the journal file a load
     reads, when it is not ``config.journal_path`` (the old name, ``positions.journal``).
     """
-    from posstate.journal.journal import read_records
 
     path = config.journal_path if path is None else path
     try:
@@ -155,7 +155,6 @@ def check(
 ) -> JournalCheck:
     """Check a journal file without changing it (for ``posstate validate``). Never raises for bad content.
     With *require_encryption* a plaintext journal is not valid (a load with encryption on refuses it)."""
-    from posstate.journal.journal import read_records
 
     try:
         data = fs.read_file(path)

@@ -24,6 +24,8 @@ from posstate.core.errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
+from posstate.journal.files import journal_file
+from posstate.journal.records import read_records, replay_prefix
 from posstate.model import document as _document
 from posstate.model import ops as jops
 from posstate.model.document import StateData
@@ -82,7 +84,6 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
     Raises what reading the snapshot raises (StateNotFoundError, CorruptStateError, WrongKeyError, ...);
     journal problems are returned in ``Current.error`` / ``Current.notes``, not raised.
     """
-    from posstate.journal.journal import journal_file, read_records, replay_prefix
 
     loaded = _statefile.read(config.state_path, options=options)
     state = loaded.state.copy()

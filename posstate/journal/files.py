@@ -1,0 +1,134 @@
+"""Which journal file belongs to a snapshot, and what can be read from journal files without a key (ids,
+record times, leftover temps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from posstate.core.errors import (
+    CorruptStateError,
+)
+from posstate.journal import format as jf
+from posstate.storage import fileops as fs
+
+log = logging.getLogger("posstate")
+
+Mode = Literal["snapshot", "sync", "group"]
+Emit = Callable[[str, dict[str, Any]], None]
+# Records are written at an offset (pwrite), never with O_APPEND: they overwrite the zeros written ahead.
+O_WRITE = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+O_RDWR = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+_FIRST_PAD = 64 * 1024  # zeros written with a new journal's first record (see Journal._padding)
+
+
+def journal_file(path: Path, legacy: Path | None, snapshot_journal: dict[str, Any] | None) -> Path:
+    """The one place that decides which journal file a load of the snapshot naming *snapshot_journal* reads
+    (every reader and writer asks here): *path* (``positions.json.journal``) or the old name *legacy*
+    (``positions.journal``, posstate up to 0.1.0).
+
+    Whichever file's header names the snapshot's journal id is the one: the old name only then (another state
+    file of the directory, ``positions.dat``, used the same old name). If both name it, the one holding
+    records past the snapshot's sequence number; if both do, neither can be chosen without losing
+    acknowledged records: CorruptStateError(kind="journal") naming both files. Otherwise *path*.
+    Reads headers only, and the records (keyless frames) only when both headers name the snapshot's journal.
+    """
+    if legacy is None or snapshot_journal is None or not fs.exists(legacy):
+        return path
+    want = snapshot_journal.get("id")
+    if _file_id(legacy) != want:
+        return path
+    if _file_id(path) != want:
+        return legacy  # the new name is missing, damaged, or an older journal: the old name holds the snapshot's
+    snap_seq = int(snapshot_journal.get("seq", 0))
+    ahead = [p for p in (path, legacy) if _last_framed_seq(p) > snap_seq]
+    if len(ahead) == 2:
+        raise CorruptStateError(
+            path,
+            f"both {path.name} and {legacy.name} are journal {want} and both hold records past the snapshot "
+            f"(sequence {snap_seq}); neither can be replayed without dropping the other's",
+            next_step=f"keep the one the bot last wrote and move the other ({path} or {legacy}) out of the directory",
+            kind="journal",
+        )
+    return ahead[0] if ahead else path
+
+
+def journal_files_of(path: Path, legacy: Path | None, snapshot_journals: Sequence[dict[str, Any] | None]) -> list[Path]:
+    """The journal files on disk that belong to this state file, for moving aside (recovery, repair, restore):
+    *path* if it exists, and the old name *legacy* when :func:`journal_file` picks it for any of
+    *snapshot_journals* (only then is it ours, not another state file's)."""
+    found = [path] if fs.exists(path) else []
+    if legacy is not None and any(journal_file(path, legacy, j) == legacy for j in snapshot_journals if j is not None):
+        found.append(legacy)
+    return found
+
+
+def _file_id(path: Path) -> str | None:
+    """The journal id in the header of the file at *path* (None: missing, unreadable or not a journal)."""
+    try:
+        return _header_id(fs.read_file(path, jf.HEADER_SIZE))
+    except OSError:
+        return None
+
+
+def _last_framed_seq(path: Path) -> int:
+    """The sequence number of the last intact frame at *path* (keyless; 0 when none can be read)."""
+    try:
+        data = fs.read_file(path)
+        header = jf.parse_header(data)
+    except (OSError, jf.JournalProblem):
+        return 0
+    records = jf.scan(data, header).records
+    return records[-1].seq if records else 0
+
+
+def record_times(*paths: Path | None) -> dict[int, int]:
+    """Sequence number -> time (ms) of every record the journals at *paths* frame, read-only and keyless.
+
+    For the stale-backup guard and recovery's threshold: an acknowledged change is as new as its record. The
+    times are not authenticated here (a forged later time can only make a backup look older, i.e. refuse
+    more restores). Anything unreadable gives what could be read, or nothing.
+    """
+    times: dict[int, int] = {}
+    for path in paths:  # the journal's name, then the old name (posstate up to 0.1.0), whichever exist
+        if path is None:
+            continue
+        try:
+            data = fs.read_file(path)
+            header = jf.parse_header(data)
+        except (OSError, jf.JournalProblem):
+            continue
+        for rec in jf.scan(data, header).records:
+            times[rec.seq] = max(rec.time_ms, times.get(rec.seq, 0))
+    return times
+
+
+def _header_id(data: bytes) -> str | None:
+    try:
+        return jf.parse_header(data).id_hex
+    except jf.JournalProblem:
+        return None
+
+
+def _temp_seq(data: bytes, snap_id: str | None) -> int:
+    """The sequence number of the record in a journal-creation temp, counted only when the temp's header
+    parses and names the snapshot's journal *snap_id* and the number is one a header may name (at most
+    ``jf.MAX_BASE``); else 0. Nothing authenticates a temp (anyone can plant one): it may only keep the
+    sequence moving forward within what a snapshot holds, never past it. (With a random nonce per record
+    the bump is no longer what keeps a nonce unique; it keeps sequence numbers from being handed out twice.)"""
+    try:
+        header = jf.parse_header(data)
+    except jf.JournalProblem:
+        return 0
+    if snap_id is None or header.id_hex != snap_id:
+        return 0
+    start = jf.HEADER_SIZE + header.frame_head
+    if len(data) < start + 8:
+        return 0
+    seq = int.from_bytes(data[start : start + 8], "big")
+    return seq if seq <= jf.MAX_BASE else 0

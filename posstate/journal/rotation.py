@@ -1,0 +1,113 @@
+"""Rotation: a compaction (an atomic snapshot save) starts a new journal that the snapshot names."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Literal
+
+from posstate.core.errors import (
+    PersistenceError,
+)
+from posstate.journal import format as jf
+from posstate.journal.groupsync import JournalGroupSync
+from posstate.model.document import StateData
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+
+log = logging.getLogger("posstate")
+
+Mode = Literal["snapshot", "sync", "group"]
+Emit = Callable[[str, dict[str, Any]], None]
+# Records are written at an offset (pwrite), never with O_APPEND: they overwrite the zeros written ahead.
+O_WRITE = os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+O_RDWR = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+_FIRST_PAD = 64 * 1024  # zeros written with a new journal's first record (see Journal._padding)
+
+
+class Rotation:
+    """A compaction in progress: the snapshot being written names the next journal (*header*)."""
+
+    def __init__(self, journal: JournalRotation, header: jf.JournalHeader | None) -> None:
+        self._journal = journal
+        self._header = header
+
+    def abort(self) -> None:
+        """The snapshot write failed. It may still have been renamed into place (a failed directory fsync
+        or read-back), naming a journal that never started: never append to the old journal again."""
+        self._journal._needs_rotation = True
+
+    def finish(self) -> None:
+        """Called once the snapshot is durable. Never raises."""
+        self._journal._install(self._header)
+
+
+class JournalRotation(JournalGroupSync):
+    """begin_rotation / install of the next journal, and close."""
+
+    def begin_rotation(self, st: StateData) -> Rotation | None:
+        """Called by the save path with the snapshot about to be written (generation already set).
+
+        Journal modes: record a new journal id and the last sequence number in the snapshot; no file is
+        written here (the first record after the save creates the journal, so a save costs no extra sync).
+        Snapshot mode: if a journal from an earlier session was replayed, record it as folded in (it is
+        removed once the snapshot is durable).
+        """
+        if not self.active:
+            if self._header is None:
+                return None
+            st.journal = {"id": self._header.id_hex, "seq": self._last_seq}
+            return Rotation(self, None)
+        self.drain()
+        header = self._header_for(None, st.generation)
+        st.journal = {"id": header.id_hex, "seq": self._last_seq}
+        return Rotation(self, header)
+
+    def _install(self, header: jf.JournalHeader | None) -> None:
+        """The snapshot naming *header* is durable: the old journal is redundant; the next record creates
+        the new one. Snapshot mode (*header* None): delete the replayed journal the snapshot now holds."""
+        self._retire_legacy()
+        if header is None:
+            try:
+                fs.unlink(self.path)
+                fs.fsync_dir(self.path.parent)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("%s: could not remove the folded-in journal (%s); it is skipped on load", self.path, exc)
+            self._detach()
+            return
+        self._detach()
+        self._next_header = header
+        self._needs_rotation = False
+        self._compact_retry_at = 0
+        with self._cond:
+            self._written_seq = self._durable_seq = self._last_seq
+            self._durable_end = 0
+            self._seq_end = {}
+            self._failure = None
+            self._pending = []
+
+    def _retire_legacy(self) -> None:
+        """A durable snapshot holds the journal read under the old name: move it to quarantine (kept, not
+        deleted). Never raises: left in place it is harmless (its id is no longer the snapshot's)."""
+        old, self._legacy_read = self._legacy_read, None
+        if old is None:
+            return
+        try:
+            dest = _atomic.move_aside(old, self._quarantine, label="old-name")
+        except FileNotFoundError:
+            return  # already set aside (a restore or a repair moved it)
+        except OSError as exc:
+            log.warning("%s: could not retire the journal under its old name (%s); it is ignored on load", old, exc)
+            return
+        log.info("%s: journal under its old name is held by the snapshot; kept at %s", old, dest)
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        except PersistenceError as exc:
+            log.warning("%s: journal sync at close failed (%s)", self.path, exc)
+        self._detach()
