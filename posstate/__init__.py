@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from posstate.account.feed import UpdateQueue
-from posstate.account.persist import PersistedAccountStateStore
-from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
-from posstate.account.reconcile_file import ReconcileFileResult, reconcile_file
-from posstate.account.store import AccountStateStore
-from posstate.account.types import AccountSnapshot, AccountUpdate, ActivePositionCounts, Order, SessionSummary
-from posstate.backup.backups import BackupInfo
-from posstate.backup.ops import RestoreResult
-from posstate.backup.recovery import RecoveryReport
-from posstate.backup.repair import RepairDecision, RepairReport
-from posstate.backup.retention import PruneDecision, PruneResult
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     AmbiguousBackupError,
@@ -37,12 +29,71 @@ from posstate.core.errors import (
     WrongKeyError,
 )
 from posstate.core.version import __version__
-from posstate.manager.manager import PositionStateManager
-from posstate.manager.orders import OrderIntent, OrderIntents, make_client_order_id
-from posstate.model.merge import MergeDecision, MergeResult
 from posstate.model.position import Position
-from posstate.storage.crypto import generate_key
-from posstate.storage.validate import ValidationReport
+
+if TYPE_CHECKING:  # what the names below resolve to, for type checkers and IDEs
+    from posstate.account.feed import UpdateQueue
+    from posstate.account.persist import PersistedAccountStateStore
+    from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
+    from posstate.account.reconcile_file import ReconcileFileResult, reconcile_file
+    from posstate.account.store import AccountStateStore
+    from posstate.account.types import AccountSnapshot, AccountUpdate, ActivePositionCounts, Order, SessionSummary
+    from posstate.backup.backups import BackupInfo
+    from posstate.backup.ops import RestoreResult
+    from posstate.backup.recovery import RecoveryReport
+    from posstate.backup.repair import RepairDecision, RepairReport
+    from posstate.backup.retention import PruneDecision, PruneResult
+    from posstate.manager.manager import PositionStateManager
+    from posstate.manager.orders import OrderIntent, OrderIntents, make_client_order_id
+    from posstate.model.merge import MergeDecision, MergeResult
+    from posstate.storage.crypto import generate_key
+    from posstate.storage.validate import ValidationReport
+
+# Loaded on first use (PEP 562), so ``import posstate`` stays cheap: the manager, backups, the journal and the
+# account store (and what they import) load when a program first names them. docs/ARCHITECTURE.md, "Import cost".
+_LAZY = {
+    "AccountSnapshot": "posstate.account.types",
+    "AccountStateStore": "posstate.account.store",
+    "AccountUpdate": "posstate.account.types",
+    "ActivePositionCounts": "posstate.account.types",
+    "AppliedReconciliation": "posstate.account.reconcile",
+    "BackupInfo": "posstate.backup.backups",
+    "MergeDecision": "posstate.model.merge",
+    "MergeResult": "posstate.model.merge",
+    "Order": "posstate.account.types",
+    "OrderIntent": "posstate.manager.orders",
+    "OrderIntents": "posstate.manager.orders",
+    "PersistedAccountStateStore": "posstate.account.persist",
+    "PositionStateManager": "posstate.manager.manager",
+    "PruneDecision": "posstate.backup.retention",
+    "PruneResult": "posstate.backup.retention",
+    "ReconcileFileResult": "posstate.account.reconcile_file",
+    "ReconciliationReport": "posstate.account.reconcile",
+    "RecoveryReport": "posstate.backup.recovery",
+    "RepairDecision": "posstate.backup.repair",
+    "RepairReport": "posstate.backup.repair",
+    "RestoreResult": "posstate.backup.ops",
+    "SessionSummary": "posstate.account.types",
+    "UpdateQueue": "posstate.account.feed",
+    "ValidationReport": "posstate.storage.validate",
+    "generate_key": "posstate.storage.crypto",
+    "make_client_order_id": "posstate.manager.orders",
+    "reconcile_file": "posstate.account.reconcile_file",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'posstate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "AccountSnapshot",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posstate.core.errors import ConfigError
-from posstate.model.position import BAD_TEXT
+from posstate.core.text import BAD_TEXT
 
 if sys.version_info >= (3, 11):
     import tomllib

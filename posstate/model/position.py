@@ -15,6 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, cast
 
 from posstate.core.errors import SchemaValidationError
+from posstate.core.text import BAD_TEXT as BAD_TEXT  # re-exported: the model's text rule
 
 Side = Literal["long", "short"]
 MarginMode = Literal["cross", "isolated"]
@@ -42,11 +43,6 @@ MAX_DECIMAL_LENGTH = 64
 #: Largest exponent a decimal's text may show (``1E+999``): three digits, the schema's decimal pattern.
 MAX_DECIMAL_EXPONENT = 999
 MAX_COUNTER = 2**53 - 1
-#: What no symbol or key may hold (docs/FORMAT.md, the schema's ``text`` pattern uses the same class): C0 and C1
-#: controls and DEL, lone surrogates (orjson cannot write them: every later save would fail), and the bidi
-#: embeddings, overrides and isolates that make a name display as another one.
-BAD_TEXT_CLASS = r"\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069"
-BAD_TEXT = re.compile(f"[{BAD_TEXT_CLASS}]")
 #: Lone surrogates: refused in every string (other controls are fine in metadata values).
 SURROGATE = re.compile(r"[\ud800-\udfff]")
 

@@ -11,11 +11,12 @@ import functools
 import importlib.resources
 import json
 from pathlib import Path
-from typing import Any
-
-import jsonschema
+from typing import TYPE_CHECKING, Any
 
 from posstate.core.errors import SchemaValidationError
+
+if TYPE_CHECKING:
+    import jsonschema
 
 STATE_SCHEMA = "state.schema.json"
 #: Levels of objects and arrays a metadata ``data`` object may nest, itself included (the schema's json0..json31).
@@ -42,6 +43,8 @@ def schema(name: str = STATE_SCHEMA) -> dict[str, Any]:
 @functools.cache
 def validator(name: str = STATE_SCHEMA) -> jsonschema.protocols.Validator:
     s = schema(name)
+    import jsonschema  # loaded only when a document needs the full check (import posstate stays fast)
+
     cls = jsonschema.validators.validator_for(s)
     cls.check_schema(s)
     return cls(s)
@@ -83,6 +86,8 @@ def _depth_errors(document: Any) -> list[jsonschema.ValidationError]:
         where, limit = too_deep(document, MAX_DOCUMENT_DEPTH), MAX_DOCUMENT_DEPTH
     if where is None:
         return []
+    import jsonschema
+
     return [jsonschema.ValidationError(f"nested deeper than {limit} levels", validator="maxDepth", path=where)]
 
 
@@ -92,6 +97,8 @@ def schema_errors(document: Any, name: str = STATE_SCHEMA) -> list[jsonschema.Va
     if deep:
         return deep
     errors = list(validator(name).iter_errors(document))
+    import jsonschema
+
     errors.sort(key=jsonschema.exceptions.relevance)
     return errors
 
@@ -106,6 +113,8 @@ def raise_for_schema(document: Any, *, path: str | Path | None, name: str = STAT
     errors = schema_errors(document, name)
     if not errors:
         return
+    import jsonschema
+
     best = jsonschema.exceptions.best_match(errors)
     assert best is not None
     listed = [(e.json_path, _describe(e)) for e in errors]

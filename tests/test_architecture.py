@@ -1,0 +1,248 @@
+"""The layers of posstate (docs/ARCHITECTURE.md), checked on the source: imports flow one way, no cycles.
+
+The import graph is read with ``ast`` from every module under posstate/, module-level and function-level imports
+alike. ``if TYPE_CHECKING:`` imports never run, so they may close a cycle, but they still may not point upward.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "posstate"
+
+#: Each subpackage and its rank: a module may import its own package and packages of a lower rank only.
+#: selftest (test machinery) may import anything; only the CLI imports it, inside a function (on demand).
+#: "posstate" is the package itself (__init__ re-exports the public names, __main__ runs the CLI).
+LAYERS = {
+    "core": 0,
+    "model": 1,
+    "storage": 2,
+    "journal": 3,
+    "backup": 4,
+    "manager": 5,
+    "account": 6,
+    "cli": 7,
+    "selftest": 8,
+    "posstate": 9,
+}
+RUNTIME_LIBS_ONLY_FOR_CLI = ("click",)
+
+
+@dataclass(frozen=True)
+class Edge:
+    src: str  # importing module, e.g. posstate.manager.commit
+    dst: str  # imported module (or package), e.g. posstate.storage.fileops
+    line: int
+    type_checking: bool  # inside `if TYPE_CHECKING:`
+    in_function: bool  # inside a function body (runs on demand)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _resolve(name: str, known: dict[str, Path]) -> str:
+    """The module a dotted import name refers to (``from posstate.storage import fileops`` -> the module)."""
+    return name if name in known else name.rsplit(".", 1)[0] if name.rsplit(".", 1)[0] in known else name
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _edges_of(module: str, path: Path, known: dict[str, Path]) -> list[Edge]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    out: list[Edge] = []
+
+    def visit(node: ast.AST, tc: bool, fn: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            child_tc = tc or (isinstance(node, ast.If) and _is_type_checking(node.test) and child in node.body)
+            child_fn = fn or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    out.append(Edge(module, _resolve(alias.name, known), child.lineno, child_tc, child_fn))
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = module.split(".")
+                    base = base[: len(base) - child.level + (1 if is_pkg else 0)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                for alias in child.names:
+                    full = f"{target}.{alias.name}"
+                    out.append(Edge(module, full if full in known else target, child.lineno, child_tc, child_fn))
+            visit(child, child_tc, child_fn)
+
+    visit(tree, False, False)
+    return out
+
+
+def _graph() -> list[Edge]:
+    known = _modules()
+    return [e for m, p in known.items() for e in _edges_of(m, p, known)]
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else "posstate"
+
+
+def _cycles(nodes: set[str], edges: set[tuple[str, str]]) -> list[list[str]]:
+    """Strongly connected components with more than one node (Tarjan), or a node importing itself."""
+    succ: dict[str, list[str]] = {n: [] for n in nodes}
+    for a, b in edges:
+        succ[a].append(b)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    found: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in succ[v]:
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or (v, v) in edges:
+                found.append(sorted(comp))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for n in sorted(nodes):
+        if n not in index:
+            strong(n)
+    return found
+
+
+def _internal(edges: list[Edge]) -> list[Edge]:
+    return [e for e in edges if e.dst == "posstate" or e.dst.startswith("posstate.")]
+
+
+def test_every_subpackage_is_in_the_layer_table() -> None:
+    """issue 13.2: each folder under posstate/ has a declared layer (a new folder must be placed on purpose)."""
+    folders = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(LAYERS) - {"posstate"}
+    assert not [p.name for p in PKG.glob("_*.py") if p.name not in ("__init__.py", "__main__.py")], "flat modules left"
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """issue 13.2: no cycle in the module import graph (TYPE_CHECKING-only imports excluded: they never run)."""
+    edges = {(e.src, e.dst) for e in _internal(_graph()) if not e.type_checking and e.dst != e.src}
+    nodes = set(_modules())
+    edges = {(a, b) for a, b in edges if b in nodes and b != "posstate"}  # importing the package itself: see below
+    assert _cycles(nodes, edges) == []
+
+
+def test_no_import_cycle_between_packages() -> None:
+    """issue 13.2: no cycle between the layer packages either."""
+    edges = {(_layer(e.src), _layer(e.dst)) for e in _internal(_graph()) if not e.type_checking}
+    edges = {(a, b) for a, b in edges if a != b}
+    assert _cycles(set(LAYERS), edges) == []
+
+
+def test_imports_never_point_upward() -> None:
+    """issue 13.2: a module imports only its own package or lower layers, TYPE_CHECKING imports included;
+    selftest is imported only by the CLI and only inside a function (the doctor command, on demand)."""
+    bad = []
+    for e in _internal(_graph()):
+        src, dst = _layer(e.src), _layer(e.dst)
+        if dst == "selftest" and src not in ("selftest",):
+            if src != "cli" or not e.in_function or e.type_checking:
+                bad.append(f"{e.src}:{e.line} imports {e.dst} (only the CLI may, inside a function)")
+            continue
+        if src == "selftest" or src == dst:
+            continue
+        if LAYERS[dst] > LAYERS[src]:
+            bad.append(f"{e.src}:{e.line} imports {e.dst} ({src} is below {dst})")
+    assert bad == []
+
+
+def test_only_the_cli_imports_click() -> None:
+    """issue 13.2: click is the CLI's dependency; no other package imports it, even lazily."""
+    bad = [
+        f"{e.src}:{e.line}"
+        for e in _graph()
+        if e.dst.split(".")[0] in RUNTIME_LIBS_ONLY_FOR_CLI and _layer(e.src) not in ("cli", "selftest")
+    ]
+    assert bad == []
+
+
+def test_the_runtime_never_imports_selftest() -> None:
+    """issue 13.5: no runtime module (anything but cli and selftest) imports posstate.selftest at all."""
+    bad = [
+        f"{e.src}:{e.line}"
+        for e in _internal(_graph())
+        if _layer(e.dst) == "selftest" and _layer(e.src) not in ("cli", "selftest")
+    ]
+    assert bad == []
+
+
+def test_the_layer_walk_sees_an_upward_import(tmp_path: Path) -> None:
+    """issue 13.2: the checker itself works: a function-level upward import in a storage module is seen."""
+    known = _modules()
+    probe = tmp_path / "fileops.py"
+    probe.write_text(
+        (PKG / "storage" / "fileops.py").read_text() + "\n\ndef _x() -> None:\n    from posstate.manager import base\n"
+    )
+    edges = _edges_of("posstate.storage.fileops", probe, known)
+    up = [e for e in edges if e.dst == "posstate.manager.base"]
+    assert up and up[0].in_function and LAYERS[_layer(up[0].dst)] > LAYERS[_layer(up[0].src)]
+
+
+LAZY = ("jsonschema", "asyncio", "click", "watchdog", "posstate.selftest", "posstate.account")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        pytest.param("import posstate", id="import-posstate"),
+        pytest.param("from posstate import Position, PositionStateManager, StateConfig", id="import-manager"),
+    ],
+)
+def test_import_loads_no_heavy_or_test_module(code: str) -> None:
+    """issue 13.5/13.6: importing posstate (and the manager) loads none of jsonschema, asyncio, click,
+    watchdog, the account store or the test machinery; they load when used."""
+    probe = code + f"; import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {LAZY!r} or m.startswith({LAZY!r})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_lazy_public_names_resolve_and_all_is_sorted() -> None:
+    """issue 13.1/13.6: every name in posstate.__all__ resolves (lazily loaded ones too); __all__ is sorted."""
+    code = (
+        "import posstate; names = posstate.__all__; "
+        "assert names == sorted(names), names; "
+        "missing = [n for n in names if getattr(posstate, n, None) is None]; "
+        "assert not missing, missing; "
+        "assert set(names) <= set(dir(posstate)); print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
