@@ -16,6 +16,12 @@ The library's save also keeps ``positions.json.bak`` (a hard link), checks the f
 re-reads what it wrote (``verify_after_write``); its load validates the whole document (schema-equivalent
 fast path plus relationship rules) and builds 10,000 ``Position`` objects. Targets: save <= 2x its floor,
 load <= 3x its floor. Nothing here asserts: it prints a table.
+
+Import cost (issue 13.6): the median of ``--import-rounds`` fresh interpreters each timing ``import posstate``,
+against the same for its runtime dependencies (cryptography's AESGCM, zstandard, orjson), alternated so a
+busy machine slows both alike; target <= 2x. It also prints the first use of the manager
+(``from posstate import PositionStateManager``), which loads the manager, backups, journal and storage.
+``python benchmarks/bench_core.py --imports-only`` prints this section alone.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -156,13 +163,53 @@ def interleave(lib: Callable[[], object], floor: Callable[[], object], rounds: i
     return a, b
 
 
+DEPS_IMPORT = "from cryptography.hazmat.primitives.ciphers.aead import AESGCM; import zstandard, orjson"
+IMPORTS = [
+    ("import posstate", "import posstate"),
+    ("from posstate import PositionStateManager", "from posstate import Position, PositionStateManager, StateConfig"),
+]
+
+
+def _import_ms(code: str) -> float:
+    """Milliseconds one fresh interpreter spends running *code* (the interpreter's own start is not counted)."""
+    probe = f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    return float(out.stdout) * 1000
+
+
+def import_table(rounds: int) -> None:
+    """Print the import cost of posstate against its runtime dependencies (medians of fresh interpreters)."""
+    deps: list[float] = []
+    ours: dict[str, list[float]] = {name: [] for name, _ in IMPORTS}
+    for _ in range(rounds):
+        deps.append(_import_ms(DEPS_IMPORT))
+        for name, code in IMPORTS:
+            ours[name].append(_import_ms(code))
+    floor = statistics.median(deps)
+    print(
+        f"{'import (fresh interpreter, median of ' + str(rounds) + ')':<46} {'ms':>9} {'deps ms':>9} {'ratio':>6} {'target':>7}"
+    )
+    print(f"{'cryptography AESGCM + zstandard + orjson':<46} {floor:>9.1f}")
+    for name, samples in ours.items():
+        med = statistics.median(samples)
+        target = "<=2.0" if name == "import posstate" else ""
+        verdict = ("ok" if med / floor <= 2.0 else "MISSED") if target else ""
+        print(f"{name:<46} {med:>9.1f} {floor:>9.1f} {med / floor:>6.2f} {target:>7} {verdict}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=None, help="directory for the state files (default: a temp dir)")
     ap.add_argument("--save-rounds", type=int, default=300)
     ap.add_argument("--load-rounds", type=int, default=40)
     ap.add_argument("--profile", choices=["save", "load"], default=None, help="cProfile one side instead of the table")
+    ap.add_argument("--import-rounds", type=int, default=21, help="fresh interpreters per import measurement")
+    ap.add_argument("--imports-only", action="store_true", help="print only the import cost")
     args = ap.parse_args()
+    if args.imports_only:
+        import_table(args.import_rounds)
+        return
     base = Path(tempfile.mkdtemp(prefix="posstate-bench-", dir=args.dir))
     rng = random.Random(20240601)
     key = generate_key()
@@ -241,6 +288,8 @@ def main() -> None:
             ratio = lm_ / fm
             verdict = "ok" if ratio <= target else "MISSED"
             print(f"{name:<46} {lm_:>9.2f} / {lp:>7.2f} {fm:>8.2f} / {fp:>7.2f} {ratio:>6.2f} {'<=' + str(target):>5} {verdict}")
+        print()
+        import_table(args.import_rounds)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
