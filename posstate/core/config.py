@@ -18,11 +18,6 @@ from typing import Any, Literal
 from posstate.core.errors import ConfigError
 from posstate.core.text import BAD_TEXT
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 Durability = Literal["snapshot", "sync", "group"]
 #: The files that belong to one state file and sit beside it.
 Role = Literal["bak", "lock", "journal"]
@@ -216,6 +211,11 @@ class StateConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> StateConfig:
         """Read a TOML file: flat fields at the top level or under ``[posstate]``, or the reference form."""
+        if sys.version_info >= (3, 11):  # loaded here: most programs build their config in code
+            import tomllib
+        else:  # pragma: no cover - exercised on Python 3.10 only
+            import tomli as tomllib
+
         p = Path(path)
         try:
             with p.open("rb") as fh:

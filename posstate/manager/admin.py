@@ -5,51 +5,63 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from posstate.backup import ops as _backup_ops
-from posstate.backup import repair as _repair
-from posstate.backup.backups import BackupInfo
-from posstate.backup.ops import RestoreResult
-from posstate.backup.recovery import RecoveryReport
-from posstate.backup.repair import RepairReport
-from posstate.backup.retention import PruneResult
 from posstate.core.errors import (
     SchemaValidationError,
 )
 from posstate.manager.changes import InMemoryChanges
 from posstate.manager.commit import PositionsInput, _normalize
-from posstate.model import merge as _merge
 from posstate.model.document import StateData
-from posstate.model.merge import MergeResult
 from posstate.storage import statefile as _statefile
-from posstate.storage.validate import ValidationIssue, ValidationReport, validate_file
+
+if TYPE_CHECKING:
+    from posstate.backup.backups import BackupInfo
+    from posstate.backup.ops import RestoreResult
+    from posstate.backup.recovery import RecoveryReport
+    from posstate.backup.repair import RepairReport
+    from posstate.backup.retention import PruneResult
+    from posstate.model.merge import MergeResult
+    from posstate.storage.validate import ValidationReport
 
 log = logging.getLogger("posstate")
 
 
 class StateMaintenance(InMemoryChanges):
-    """Backups (create, list, validate, prune, restore), recovery, repair, merge, validation."""
+    """Backups (create, list, validate, prune, restore), recovery, repair, merge, validation.
+
+    Each method imports the module it delegates to when first called: a bot that only loads and saves
+    positions never pays for backups, retention, repair, merge or offline validation (issue 13.6).
+    """
 
     def create_backup(self) -> BackupInfo:
         """Write a verified timestamped backup of the last saved state now (then apply retention)."""
+        from posstate.backup import ops as _backup_ops
+
         with self._lock:
             self._check_writable("create_backup")  # in the journal modes it saves first
             return _backup_ops.create(self._files)
 
     def list_backups(self) -> list[BackupInfo]:
         """Every timestamped backup, newest first, read from headers (damaged ones listed as damaged)."""
+        from posstate.backup import ops as _backup_ops
+
         with self._lock:
             self._check_open()
             return _backup_ops.list_all(self._files)
 
     def validate_backup(self, backup_id: str) -> ValidationReport:
         """Fully validate one backup (id, unique prefix or ``latest``); never writes."""
+        from posstate.backup import ops as _backup_ops
+
         with self._lock:
             self._check_open()
             return _backup_ops.validate(self._files, backup_id)
 
     def prune_old_backups(self, *, dry_run: bool = False) -> PruneResult:
         """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones."""
+        from posstate.backup import ops as _backup_ops
+
         with self._lock:
             if dry_run:
                 self._check_open()
@@ -63,6 +75,8 @@ class StateMaintenance(InMemoryChanges):
         Refuses a backup older than ``backup_threshold`` relative to the last save with
         :class:`~posstate.StaleBackupError` unless *accept_older* (stale positions lead to duplicate orders).
         """
+        from posstate.backup import ops as _backup_ops
+
         with self._lock:
             self._check_writable("restore_from_backup")
             return _backup_ops.restore(self._files, backup_id, accept_older=accept_older)
@@ -80,6 +94,8 @@ class StateMaintenance(InMemoryChanges):
 
     def repair_state(self) -> RepairReport:
         """Repair a state file that decrypts but fails validation, entry by entry (docs/RECOVERY.md)."""
+        from posstate.backup import repair as _repair
+
         with self._lock:
             self._check_writable("repair_state")
             return _repair.repair(self._files)
@@ -89,6 +105,8 @@ class StateMaintenance(InMemoryChanges):
 
         Each argument is a state, ``"current"`` (the state in memory) or a backup id / prefix / ``latest``.
         """
+        from posstate.model import merge as _merge
+
         with self._lock:
             self._check_open()
             return _merge.merge_states(self._state_for(current), self._state_for(backup))
@@ -105,6 +123,8 @@ class StateMaintenance(InMemoryChanges):
     def validate_state(self, positions: PositionsInput | None = None) -> ValidationReport:
         """Validate *positions*, or (by default) the state file on disk, fully; emits stateValidated or
         validationError. Never writes."""
+        from posstate.storage.validate import ValidationIssue, ValidationReport, validate_file
+
         if positions is not None:
             try:
                 _normalize(positions)
@@ -130,6 +150,7 @@ class StateMaintenance(InMemoryChanges):
 
 
 def _backups_resolve(mgr: StateMaintenance, ident: str) -> BackupInfo:
+    from posstate.backup import ops as _backup_ops
     from posstate.backup.backups import resolve
 
     return resolve(_backup_ops.list_all(mgr._files), ident, backup_dir=mgr.config.backup_path)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from posstate.backup.files import StateFiles
-from posstate.backup.recovery import RecoveryReport
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     ManagerClosedError,
@@ -39,10 +38,11 @@ from posstate.storage import statefile as _statefile
 from posstate.storage import unknown as _unknown
 from posstate.storage.crypto import Keyring
 from posstate.storage.lock import WriterLock, forked_error
-from posstate.storage.validate import ValidationReport
 
 if TYPE_CHECKING:
+    from posstate.backup.recovery import RecoveryReport
     from posstate.manager.manager import PositionStateManager
+    from posstate.storage.validate import ValidationReport
 
 log = logging.getLogger("posstate")
 _M = TypeVar("_M", bound="ManagerCore")

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from posstate.backup import ops as _backup_ops
 from posstate.core.errors import (
     ConcurrentModificationError,
     PersistenceError,
@@ -19,7 +18,6 @@ from posstate.core.errors import (
 )
 from posstate.manager.loading import StateLoading
 from posstate.model import document as _document
-from posstate.model import merge as _merge
 from posstate.model.document import StateData
 from posstate.model.position import Position, PositionKey, check_key
 from posstate.storage import atomic as _atomic
@@ -136,7 +134,10 @@ class DurableCommit(StateLoading):
         self._writer_lock.check()
         generation = max(st.generation, self._highest_generation) + 1
         st.generation = generation
-        _merge.drop_old_tombstones(st, floor=self._files.tombstone_floor)
+        if self._files.tombstone_floor is not None:  # known once backups were listed (merge loads then)
+            from posstate.model import merge as _merge
+
+            _merge.drop_old_tombstones(st, floor=self._files.tombstone_floor)
         rotation = self._journal.begin_rotation(st)  # compaction: the snapshot names the next journal
         try:
             st, encoded = _statefile.encode(
@@ -174,7 +175,9 @@ class DurableCommit(StateLoading):
         return generation
 
     def _after_save(self, state: StateData) -> None:
-        """Hook run after every successful save (timed backups live here)."""
+        """Hook run after every successful save (timed backups live here; loaded on the first save)."""
+        from posstate.backup import ops as _backup_ops
+
         _backup_ops.after_save(self._files, state)
 
     def _write_main(self, encoded: Any, *, differs: Callable[[], bool] | None = None) -> None:

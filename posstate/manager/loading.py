@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posstate.backup import recovery as _recovery
-from posstate.backup.recovery import RecoveryReport
 from posstate.core.errors import (
     CorruptStateError,
     PersistenceError,
@@ -83,6 +81,8 @@ class StateLoading(ManagerCore):
             log.warning("%s: could not make the loaded state durable; the change in doubt stays recorded (%s)", self._path, exc)
         report = self.last_recovery if recovered else None
         if report is None:
+            from posstate.backup.recovery import RecoveryReport
+
             report = RecoveryReport(
                 source="state file",
                 source_path=self._path,
@@ -152,6 +152,8 @@ class StateLoading(ManagerCore):
 
     def _recovered(self, exc: PosStateError, started: float) -> StateData:
         """Automatic recovery (docs/RECOVERY.md); raises UnrecoverableStateError when no copy can be trusted."""
+        from posstate.backup import recovery as _recovery  # only a damaged file pays for recovery
+
         self.last_recovery = report = _recovery.recover(self._files, exc)
         state = self._state
         source = report.source

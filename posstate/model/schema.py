@@ -8,7 +8,6 @@ only ever accepts what jsonschema accepts (a property test holds it to that) and
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,8 @@ MAX_DOCUMENT_DEPTH = MAX_JSON_DEPTH + 3
 
 def schema_text(name: str = STATE_SCHEMA) -> str:
     """The text of a schema file, from the installed package or, in a checkout, from ``schemas/``."""
+    import importlib.resources  # only when a schema is read (an error's words, `posstate doctor`)
+
     packaged = importlib.resources.files("posstate").joinpath("schemas").joinpath(name)
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import socket
 import stat
 import time
 from pathlib import Path
@@ -90,7 +89,7 @@ class WriterLock:
         self._fd, self._ident = fd, ident
         try:
             fs.ftruncate(fd, 0)
-            fs.write_all_at(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            fs.write_all_at(fd, f"{os.getpid()} {_hostname()}\n".encode())
         except OSError:
             pass  # the holder line is a courtesy for error messages; the flock is what excludes
 
@@ -200,10 +199,16 @@ def forked_error(state_path: Path, *, owner: int) -> StateLockedError:
     return StateLockedError(
         state_path,
         pid=owner,
-        host=socket.gethostname(),
+        host=_hostname(),
         reason=(
             f"this manager belongs to pid {owner}; pid {os.getpid()} is a forked child that shares its lock "
             "and never reads, writes or releases it"
         ),
         next_step="use a manager only in the process that created it (create managers after fork(), not before)",
     )
+
+
+def _hostname() -> str:
+    import socket  # loaded when a lock is first taken, not when posstate is imported
+
+    return socket.gethostname()

@@ -10,7 +10,6 @@ import errno
 import logging
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +152,8 @@ def encode(
     """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     state.written_at = _document.utc_text(now_ms)
+    import socket  # loaded on the first save, not when posstate is imported
+
     state.writer = {"host": socket.gethostname()[:255], "pid": os.getpid(), "version": __version__}
     doc = _document.build_document(state, entries)
     encoded = _codec.encode(
