@@ -24,6 +24,7 @@ from posstate.account.reconcile_file import read_exchange_positions
 from posstate.account.types import Order
 from posstate.manager.orders import OrderIntents, make_client_order_id
 from posstate.model import document as _document
+from posstate.model import fastpath as _fastpath
 from posstate.model import ops as jops
 from posstate.model import schema as _schema
 from posstate.storage import codec as _codec
@@ -88,7 +89,7 @@ def test_decimal_the_schema_pattern_accepts_but_position_cannot_write_is_refused
 def test_fast_path_still_accepts_ordinary_exponents() -> None:
     """issue 12.17: the extra exponent check refuses only out-of-range values: 1.5E-7, 1E+999, 0E-999 still load fast."""
     for text in ["1.5E-7", "1E+999", "-9.99E-999", "0E-999", "1e5"]:
-        state = _document._fast_decode(_doc(mark_price=text))
+        state = _fastpath._fast_decode(_doc(mark_price=text))
         p = state.positions[("BTC", "long")]
         assert Position(**p.to_dict()) == p  # what a save writes is a valid Position again
 

@@ -14,8 +14,11 @@ from hypothesis import strategies as st
 
 from posstate import CorruptStateError, Position, SchemaValidationError
 from posstate.model import document as _document
+from posstate.model import fastpath as _fastpath
+from posstate.model import rules as _rules
 from posstate.model import schema as _schema
-from posstate.model.document import StateData, _Reject
+from posstate.model.document import StateData
+from posstate.model.fastpath import _Reject
 from posstate.model.position import BAD_TEXT
 
 DECIMAL_RE = re.compile(_schema.schema()["$defs"]["decimal"]["pattern"])
@@ -169,7 +172,7 @@ def _slots(node: Any, out: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
 
 def _fast(doc: Any) -> StateData | None:
     try:
-        return _document._fast_decode(doc)
+        return _fastpath._fast_decode(doc)
     except _Reject:
         return None
 
@@ -185,7 +188,7 @@ def test_valid_documents_take_the_fast_path(doc: dict[str, Any]) -> None:
     assert _schema_ok(doc)
     fast = _fast(doc)
     assert fast is not None, "fast path refused a valid document"
-    slow = _document._slow_decode(doc, path=None)
+    slow = _rules._slow_decode(doc, path=None)
     assert fast.positions == slow.positions and fast.position_revs == slow.position_revs
     assert fast.metadata == slow.metadata and fast.position_tombstones == slow.position_tombstones
     assert _document.decode_document(doc, path=None, now=NOW).positions == slow.positions
@@ -249,20 +252,20 @@ def test_decimal_strings_ok_matches_schema_pattern(s: str) -> None:
     if not _decimal_parses(s):
         return
     schema_says = bool(DECIMAL_RE.search(s)) and len(s) <= 64
-    ok = _document.decimal_strings_ok([s])
+    ok = _fastpath.decimal_strings_ok([s])
     if ok:
         assert schema_says
     if schema_says and DECIMAL_RE.fullmatch(s):
         assert ok
     # Joined with valid neighbours, the verdict must not change.
-    assert _document.decimal_strings_ok(["1", s, "-2.5"]) == ok
+    assert _fastpath.decimal_strings_ok(["1", s, "-2.5"]) == ok
 
 
 def test_decimal_strings_ok_refuses_non_strings() -> None:
     """Numbers (ints, floats) are never decimal strings."""
-    assert not _document.decimal_strings_ok(["1", 2])  # type: ignore[list-item]
-    assert not _document.decimal_strings_ok([1.5])  # type: ignore[list-item]
-    assert _document.decimal_strings_ok([])
+    assert not _fastpath.decimal_strings_ok(["1", 2])  # type: ignore[list-item]
+    assert not _fastpath.decimal_strings_ok([1.5])  # type: ignore[list-item]
+    assert _fastpath.decimal_strings_ok([])
 
 
 # ------------------------------------------------------------------------------------------- relationships
@@ -453,7 +456,7 @@ def test_fast_path_keeps_the_document_entries() -> None:
         "rev": 5,
         "position": {"symbol": "ETH/USDT", "side": "short", "contracts": "2", "entry_price": "3000"},
     }
-    state = _document._fast_decode(doc)
+    state = _fastpath._fast_decode(doc)
     assert state.entries is not None
     btc, eth = ("BTC/USDT", "long"), ("ETH/USDT", "short")
     state.positions[eth] = Position(symbol="ETH/USDT", side="short", contracts=Decimal(9), entry_price=Decimal(1))

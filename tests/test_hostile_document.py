@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 
 from posstate import CorruptStateError, Position, PositionStateManager, PosStateError, SchemaValidationError, StateConfig
 from posstate.model import document as _document
+from posstate.model import fastpath as _fastpath
 from posstate.model import schema as _schema
-from posstate.model.document import MAX_JSON_DEPTH, StateData, _Reject
+from posstate.model.document import MAX_JSON_DEPTH, StateData
+from posstate.model.fastpath import _Reject
 from posstate.model.position import BAD_TEXT
 from posstate.storage import codec as _codec
 from posstate.storage import statefile as _statefile
@@ -104,7 +106,7 @@ def _parse(data: bytes, *, encrypted: bool) -> _statefile.Loaded:
 
 def _fast(doc: Any) -> StateData | None:
     try:
-        return _document._fast_decode(doc)
+        return _fastpath._fast_decode(doc)
     except _Reject:
         return None
 
@@ -289,8 +291,8 @@ def test_schema_patterns_have_no_python_only_end_anchor() -> None:
     for pattern in found:
         assert pattern.endswith("$(?!\\n)") or pattern == any_text, pattern
         assert re.search(pattern, "a\n") is None or pattern == any_text
-    assert _document._WRITTEN_AT.pattern == _schema.schema()["properties"]["written_at"]["pattern"]
-    assert _document._JOURNAL_ID.pattern == _schema.schema()["properties"]["journal"]["properties"]["id"]["pattern"]
+    assert _fastpath._WRITTEN_AT.pattern == _schema.schema()["properties"]["written_at"]["pattern"]
+    assert _fastpath._JOURNAL_ID.pattern == _schema.schema()["properties"]["journal"]["properties"]["id"]["pattern"]
     text = _schema.schema()["$defs"]["text"]["pattern"]
     for code in range(0x3000):
         ch = chr(code)
