@@ -663,7 +663,7 @@ def test_unexpected_exception_is_one_line(tmp_path: Path, key_file: Path, monkey
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr("posstate.cli.main.validate_file", boom)
+    monkeypatch.setattr("posstate.cli.inspect_cmd.validate_file", boom)
     r = run(["--key-file", str(key_file), "validate", str(tmp_path)])
     assert r.exit_code == 1
     assert err_line(r) == "Error: unexpected RuntimeError: kaboom; rerun with --debug for the traceback and report it"

@@ -17,7 +17,7 @@ from typing import IO, Any
 import pytest
 from test_cli import ROOT, generation_of, make_state, pos, run, write_key
 
-from posstate.cli import watch_cmd as _cli_watch
+from posstate.cli import watcher as _cli_watch
 from posstate.core.config import StateConfig
 from posstate.manager.manager import PositionStateManager
 from posstate.storage import atomic as _atomic

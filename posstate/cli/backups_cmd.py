@@ -17,19 +17,8 @@ from posstate.backup import backups as _backups
 from posstate.backup import ops as _backup_ops
 from posstate.backup.retention import PruneResult
 from posstate.cli import base as _cli_base
-from posstate.cli.base import (
-    EXIT_INVALID,
-    EXIT_KEY,
-    EXIT_VERSION,
-    CliError,
-    Env,
-    cli,
-    common_options,
-    confirm,
-    env_of,
-    json_out,
-    refuse_if_locked,
-)
+from posstate.cli.base import EXIT_INVALID, EXIT_KEY, EXIT_VERSION, CliError, cli, confirm, json_out, refuse_if_locked
+from posstate.cli.options import Env, common_options, env_of
 from posstate.cli.render import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
 from posstate.core.config import StateConfig
 from posstate.core.errors import StateNotFoundError

@@ -1,26 +1,26 @@
-"""The command line's frame: the click group, common options, error mapping and shared helpers.
+"""The command line's frame: the click group, error mapping (exit codes) and shared helpers.
 
-Commands live in :mod:`posstate.cli.main` (and later ``_cli_*`` modules) and stay thin: parse, call the library,
+The context and common options are :mod:`posstate.cli.options`. Commands live in ``posstate/cli/*_cmd.py``,
+registered by :mod:`posstate.cli.main`, and stay thin: parse, call the library,
 print. Every :class:`~posstate.PosStateError` becomes one ``Error: ...`` line on stderr and a documented exit
 code in one place, :func:`exit_code_for`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from posstate.backup import backups as _backups
+from posstate.cli.options import Env, common_options, env_of, log_scope
 from posstate.cli.render import to_json
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
@@ -39,8 +39,6 @@ from posstate.core.errors import (
 from posstate.core.version import __version__
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
-from posstate.storage import statefile as _statefile
-from posstate.storage.crypto import Keyring, read_key_file
 from posstate.storage.lock import WriterLock, is_locked, read_holder
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -102,157 +100,6 @@ class CliError(Exception):
 def error_line(message: str) -> str:
     """``Error: ...`` on exactly one line."""
     return "Error: " + " ".join(str(message).split())
-
-
-# ------------------------------------------------------------------------------------------ context
-@dataclass
-class Env:
-    """What the common options say; the config and keyring are built on first use."""
-
-    state_dir: str | None = None
-    config_file: str | None = None
-    key_file: str | None = None
-    json: bool = False
-    debug: bool = False
-    _config: StateConfig | None = field(default=None, repr=False)
-    _keyring: Keyring | None = field(default=None, repr=False)
-    _keyring_done: bool = field(default=False, repr=False)
-
-    def config(self) -> StateConfig:
-        if self._config is None:
-            cfg = StateConfig.from_file(self.config_file) if self.config_file else None
-            if cfg is None:
-                cfg = StateConfig.in_dir(self.state_dir or "state")
-            elif self.state_dir:
-                d = Path(self.state_dir)
-                cfg = cfg.replace(state_file=str(d / cfg.state_path.name), backup_dir=str(d / "backups"))
-            self._config = cfg
-        return self._config
-
-    def keyring(self) -> Keyring | None:
-        """The key from --key-file, else POSSTATE_KEY / POSSTATE_KEY_FILE / POSSTATE_PASSPHRASE, else None."""
-        if not self._keyring_done:
-            if self.key_file:
-                self._keyring = Keyring(key=read_key_file(self.key_file))
-            else:
-                self._keyring = Keyring.resolve()
-            self._keyring_done = True
-        return self._keyring
-
-    def manager_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for PositionStateManager: the --key-file key, else the manager reads the env."""
-        return {"key": read_key_file(self.key_file)} if self.key_file else {}
-
-    def require_encryption(self) -> bool:
-        """A key was given and encryption is on: a plaintext state file or journal is refused (exit 3), as the
-        library refuses it, never shown or reported valid (anyone can write a plaintext file)."""
-        return self.config().encryption and self.keyring() is not None
-
-    def read_options(self) -> _statefile.ReadOptions:
-        cfg = self.config()
-        return _statefile.ReadOptions(
-            keyring=self.keyring(),
-            max_document_bytes=cfg.max_document_bytes,
-            clock_skew=cfg.clock_skew,
-            require_encryption=self.require_encryption(),
-        )
-
-    def require_keyring(self, path: Path | None = None) -> Keyring:
-        found = self.keyring()
-        if found is None:
-            raise MissingKeyError(path, reason="this command needs the key and none was supplied")
-        return found
-
-
-def env_of(ctx: click.Context) -> Env:
-    return ctx.ensure_object(Env)
-
-
-def _setter(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
-    def store(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
-        if value not in (None, False):
-            setattr(ctx.ensure_object(Env), name, value)
-            if name == "debug":
-                show_logs(debug=True)  # --debug after the command name
-
-    return store
-
-
-class _EchoHandler(logging.Handler):
-    """The library's log records on stderr, through click (so a test runner's stderr is the one used)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
-        except Exception:  # pragma: no cover - logging must never break a command
-            self.handleError(record)
-
-
-def show_logs(*, debug: bool) -> None:
-    """With --debug, show the library's debug and info records too (inside :func:`log_scope`)."""
-    log = logging.getLogger("posstate")
-    for h in log.handlers:
-        if isinstance(h, _EchoHandler) and debug:
-            h.setLevel(logging.DEBUG)
-            log.setLevel(logging.DEBUG)
-
-
-@contextmanager
-def log_scope(*, debug: bool) -> Iterator[None]:
-    """Show the library's warnings on stderr for one command; leave the logger as it was afterwards
-    (the CLI runs in-process under tests, next to code that inspects posstate's logging)."""
-    log = logging.getLogger("posstate")
-    level = log.level
-    handler = _EchoHandler(logging.WARNING)
-    log.addHandler(handler)
-    try:
-        show_logs(debug=debug)
-        yield
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-
-
-def common_options(*, top: bool = False) -> Callable[[F], F]:
-    """--state-dir, --config, --key-file, --json, --debug: accepted before or after the command name."""
-
-    def deco(f: F) -> F:
-        opts = [
-            click.option(
-                "--state-dir",
-                type=click.Path(file_okay=False),
-                envvar="POSSTATE_DIR" if top else None,
-                show_envvar=top,
-                expose_value=False,
-                callback=_setter("state_dir"),
-                help="State directory (default ./state; overrides the paths of --config).",
-            ),
-            click.option(
-                "--config",
-                type=click.Path(dir_okay=False),
-                expose_value=False,
-                callback=_setter("config_file"),
-                help="TOML file with StateConfig fields.",
-            ),
-            click.option(
-                "--key-file",
-                type=click.Path(dir_okay=False),
-                expose_value=False,
-                callback=_setter("key_file"),
-                help="File holding the base64 key (else POSSTATE_KEY, POSSTATE_KEY_FILE, POSSTATE_PASSPHRASE).",
-            ),
-            click.option(
-                "--json", "json_", is_flag=True, expose_value=False, callback=_setter("json"), help="Print data as JSON."
-            ),
-            click.option(
-                "--debug", is_flag=True, expose_value=False, callback=_setter("debug"), help="Show a traceback on errors."
-            ),
-        ]
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-
-    return deco
 
 
 # ------------------------------------------------------------------------------------------ the group

@@ -17,7 +17,8 @@ from typing import Any
 import click
 import orjson
 
-from posstate.cli.base import EXIT_INVALID, CliError, Env, cli, common_options, env_of, json_out
+from posstate.cli.base import EXIT_INVALID, CliError, cli, json_out
+from posstate.cli.options import Env, common_options, env_of
 from posstate.cli.render import table
 from posstate.core.config import StateConfig, state_file_path
 from posstate.core.errors import (

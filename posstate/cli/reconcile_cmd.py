@@ -15,7 +15,8 @@ import click
 from posstate.account.reconcile import ReconciliationReport
 from posstate.account.reconcile_file import ReconcileFileResult, reconcile_file
 from posstate.cli.backups_cmd import require_state_dir
-from posstate.cli.base import EXIT_INVALID, CliError, cli, common_options, confirm, env_of, json_out
+from posstate.cli.base import EXIT_INVALID, CliError, cli, confirm, json_out
+from posstate.cli.options import common_options, env_of
 from posstate.cli.render import applied_lines, reconcile_lines
 
 __all__ = ["reconcile"]

@@ -26,7 +26,8 @@ from posstate.backup import backups as _backups
 from posstate.backup import recovery as _recovery
 from posstate.backup import repair as _repair
 from posstate.cli.backups_cmd import open_manager, require_state_dir
-from posstate.cli.base import EXIT_INVALID, CliError, cli, common_options, confirm, env_of, json_out, refuse_if_locked
+from posstate.cli.base import EXIT_INVALID, CliError, cli, confirm, json_out, refuse_if_locked
+from posstate.cli.options import common_options, env_of
 from posstate.cli.render import candidate_lines, repair_decision_lines
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
