@@ -49,7 +49,8 @@ from posstate.selftest import reljournal as rj
 from posstate.selftest.crashchild import CrashCase, crash_matrix, digest, run_contenders, save_step, soak, workload
 from posstate.selftest.crashjournal import JournalCase, journal_matrix, journal_soak
 from posstate.selftest.harness import ERRNOS, MUTATING_AND_READS, Fault, HarnessOps
-from posstate.selftest.replay import crash_states, damage_cases, load_state, lying_disk_states, record_save, sized_state
+from posstate.selftest.replay import crash_states, lying_disk_states
+from posstate.selftest.scenarios import damage_cases, load_state, record_save, sized_state
 from posstate.storage import codec as _codec
 from posstate.storage import container as _format
 from posstate.storage import fileops as _fileops

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from posstate import CorruptStateError, Position, PositionStateManager, StateConfig, generate_key
-from posstate.selftest.replay import damage_cases, sized_state
+from posstate.selftest.scenarios import damage_cases, sized_state
 from posstate.storage.crypto import Keyring
 from posstate.storage.statefile import ReadOptions, parse
 

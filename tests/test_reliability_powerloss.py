@@ -9,7 +9,8 @@ import pytest
 
 from posstate import generate_key
 from posstate.selftest.harness import Fault
-from posstate.selftest.replay import Recorded, crash_states, load_state, lying_disk_states, record_save
+from posstate.selftest.replay import crash_states, lying_disk_states
+from posstate.selftest.scenarios import Recorded, load_state, record_save
 
 SYNC_OPS = frozenset({"fsync", "fdatasync", "fsync_dir"})
 

@@ -232,7 +232,7 @@ def _fault_self_test(scratch: Path) -> Finding:
 def _crash_self_test(scratch: Path) -> Finding:
     from posstate.selftest.crashchild import crash_matrix
     from posstate.selftest.harness import MUTATING
-    from posstate.selftest.replay import record_save
+    from posstate.selftest.scenarios import record_save
 
     key = generate_key()
     # Kill around the steps that matter most (the temp fsync, the renames, the directory fsync), found by
