@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import pytest
-
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "reliability.py"
 
 
@@ -52,11 +50,6 @@ def test_bounded_reliability_run_loses_nothing() -> None:
     assert "| family" in bench.table(rows)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12.8: under a persistent EIO an update reported failed (PersistenceError, outcome not told "
-    "unknown) is loaded after a restart: the rollback truncate fails too, or the new file was already renamed",
-)
 def test_bounded_persistent_faults_lose_nothing() -> None:
     """issue 12.8: from each operation of a snapshot save, an append (sync, group) and a compaction on, every
     file operation fails (rollback included) until the process crashes or closes; on a healthy disk the
