@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/reliability.py            # bounded run (about a minute)
     PYTHONPATH=. python benchmarks/reliability.py --full     # the large counts (32,768 bit flips, 100,000 fuzz cases...)
     PYTHONPATH=. python benchmarks/reliability.py --only jcrash jpowerloss jfaults jdamage   # the journal families
+    PYTHONPATH=. python benchmarks/reliability.py --only pfaults   # persistent faults (the rollback path fails too)
 
 Prints one row per family: cases tried, detected, recovered, lost.
 
@@ -46,6 +47,7 @@ from posstate import (
     generate_key,
 )
 from posstate.selftest import reljournal as rj
+from posstate.selftest import relpersist as rp
 from posstate.selftest.crashchild import CrashCase, crash_matrix, digest, run_contenders, save_step, soak, workload
 from posstate.selftest.crashjournal import JournalCase, journal_matrix, journal_soak
 from posstate.selftest.harness import ERRNOS, MUTATING_AND_READS, Fault, HarnessOps
@@ -615,6 +617,44 @@ def family_journal_damage(work: Path, full: bool) -> list[Row]:
     return [rows[k] for k in order]
 
 
+def family_persistent_faults(work: Path, full: bool) -> list[Row]:
+    """Every counted operation from the k-th on fails (the rollback path included) until the process ends;
+    then a manager opens the directory on a healthy disk (issue 12.8)."""
+    key = generate_key()
+    rows: list[Row] = []
+    names = ("EIO", "EROFS", "ENOSPC") if full else ("EIO",)
+    with _fast_dir(work) as fast:
+        for kind, mode in rp.KINDS:
+            base, n_ops = rp.persistent_base(fast, key=key, kind=kind, mode=mode)
+            what = "snapshot save" if kind == "save" else f"{kind}, {mode}"
+            row = Row(f"persistent fault: from each op on, {what}")
+            unknown = came_back = 0
+            for name in names:
+                for k in range(1, n_ops + 1):
+                    for ending in rp.ENDINGS:
+                        r = rp.persistent_fault_case(
+                            base,
+                            fast / f"p-{kind}-{mode}-{name}-{k}-{ending}",
+                            key=key,
+                            kind=kind,
+                            mode=mode,
+                            at=k,
+                            errno=ERRNOS[name],
+                            ending=ending,
+                        )
+                        row.tried += 1
+                        row.detected += r.detected
+                        row.recovered = (row.recovered or 0) + (not r.lost)
+                        row.lost += r.lost
+                        unknown += r.unknown
+                        came_back += r.loaded == "the update reported failed came back"
+            row.note = f"{'/'.join(names)}; crash, or retry + close, while failing; {unknown} told outcome unknown"
+            if came_back:
+                row.note += f"; {came_back} reported failed came back (issue 12.8)"
+            rows.append(row)
+    return rows
+
+
 FAMILIES: dict[str, Callable[[Path, bool], list[Row]]] = {
     "crash": family_crash,
     "powerloss": family_powerloss,
@@ -627,6 +667,7 @@ FAMILIES: dict[str, Callable[[Path, bool], list[Row]]] = {
     "jpowerloss": family_journal_powerloss,
     "jfaults": family_journal_faults,
     "jdamage": family_journal_damage,
+    "pfaults": family_persistent_faults,
 }
 
 

@@ -62,6 +62,8 @@ class BackupInfo:
     damaged: bool = False
     reason: str = ""
     written_at: datetime | None = None
+    #: The file could not be read (an I/O error, not damage): ``latest`` never skips past it.
+    unreadable: bool = False
 
     @property
     def sort_key(self) -> tuple[str, int]:
@@ -122,7 +124,7 @@ def inspect_file(path: Path, backup_id: str, created: datetime) -> BackupInfo:
     except fs.NotRegularFileError as exc:
         return replace(base, damaged=True, reason=str(exc.strerror))
     except OSError as exc:
-        return replace(base, reason=f"cannot be read ({exc.strerror or exc})")
+        return replace(base, reason=f"cannot be read ({exc.strerror or exc})", unreadable=True)
     base = replace(base, size=len(data))
     try:
         header = _codec.inspect(data, path=path)
@@ -194,6 +196,16 @@ def resolve(backups: list[BackupInfo], ident: str, *, backup_dir: Path) -> Backu
         for b in backups:
             if b.valid:
                 return b
+            if b.unreadable:
+                # Skipping it would restore an older backup, in which a position closed since may be open.
+                raise PersistenceError(
+                    b.path,
+                    operation="read the newest backup",
+                    reason=b.reason,
+                    outcome="nothing was restored",
+                    next_step="fix the disk and try again, or restore an older backup by its id on purpose "
+                    "(`posstate backups list`)",
+                )
         raise StateNotFoundError(
             backup_dir, what="valid backup", next_step="no backup can be restored; list them with `posstate backups list`"
         )
