@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import typing as _typing
 
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
@@ -31,7 +31,7 @@ from posstate.core.errors import (
 from posstate.core.version import __version__
 from posstate.model.position import Position
 
-if TYPE_CHECKING:  # what the names below resolve to, for type checkers and IDEs
+if _typing.TYPE_CHECKING:  # what the names below resolve to, for type checkers and IDEs
     from posstate.account.feed import UpdateQueue
     from posstate.account.persist import PersistedAccountStateStore
     from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
@@ -82,17 +82,24 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'posstate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # once loaded, a plain module attribute
-    return value
+# Hidden from type checkers: a module-level ``__getattr__`` would make every attribute of posstate (a typo
+# too) type as Any; the imports above give them the real names and types instead.
+if not _typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> object:
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'posstate' has no attribute {name!r}")
+        value = getattr(_importlib.import_module(module), name)
+        globals()[name] = value  # once loaded, a plain module attribute
+        return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    # What it listed before the layers: not the subpackages (core, model, ... become attributes once
+    # imported; nothing outside imports them), but every public name, loaded or not.
+    names = {n for n, v in globals().items() if n.startswith("_") or not isinstance(v, type(_typing))}
+    return sorted(names | set(__all__))
 
 
 __all__ = [

@@ -7,6 +7,7 @@ alike. ``if TYPE_CHECKING:`` imports never run, so they may close a cycle, but t
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -186,11 +187,23 @@ def test_imports_never_point_upward() -> None:
 
 def test_only_the_cli_imports_click() -> None:
     """issue 13.2: click is the CLI's dependency; no other package imports it, even lazily."""
-    bad = [
-        f"{e.src}:{e.line}"
-        for e in _graph()
-        if e.dst.split(".")[0] in RUNTIME_LIBS_ONLY_FOR_CLI and _layer(e.src) not in ("cli", "selftest")
-    ]
+    bad = [f"{e.src}:{e.line}" for e in _graph() if e.dst.split(".")[0] in RUNTIME_LIBS_ONLY_FOR_CLI and _layer(e.src) != "cli"]
+    assert bad == []
+
+
+def test_no_import_by_name_outside_the_package_init() -> None:
+    """issue 13.2: the graph above sees import statements only; an ``importlib.import_module`` or
+    ``__import__`` call would hide an edge from it, so only posstate/__init__.py (the lazy names) makes one."""
+    bad = []
+    for module, path in _modules().items():
+        if module == "posstate":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+                if name in ("import_module", "__import__"):
+                    bad.append(f"{module}:{node.lineno}")
     assert bad == []
 
 
@@ -246,6 +259,45 @@ def test_lazy_public_names_resolve_and_all_is_sorted() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_dir_lists_the_public_names_and_not_the_layers() -> None:
+    """issue 13.1: dir(posstate) lists every public name before it is loaded, and no subpackage or helper
+    import after (the public part of dir() is __all__, as with the flat modules)."""
+    code = (
+        "import posstate; before = set(dir(posstate)); posstate.PositionStateManager; posstate.AccountStateStore; "
+        "public = {n for n in dir(posstate) if not n.startswith('_')} - {'annotations'}; "
+        "assert set(posstate.__all__) <= before, set(posstate.__all__) - before; "
+        "names = {n for n in posstate.__all__ if not n.startswith('_')}; "
+        "assert public == names, public ^ names; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_type_checkers_see_the_public_names_and_refuse_a_typo(tmp_path: Path) -> None:
+    """issue 13.6: the lazy names keep their types under mypy, and an unknown name is still an error
+    (a module-level __getattr__ visible to mypy would type every attribute of posstate, a typo too, as Any)."""
+    pytest.importorskip("mypy")
+    user = tmp_path / "user.py"
+    user.write_text(
+        "import posstate\n"
+        "from posstate import PositionStateManager\n"
+        "reveal_type(posstate.generate_key)\n"
+        "reveal_type(PositionStateManager.load_positions)\n"
+        "posstate.PositionStateManagr\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), "--follow-imports=silent", str(user)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "MYPYPATH": str(ROOT)},
+    )
+    assert 'Revealed type is "def () -> bytes"' in out.stdout, out.stdout
+    assert "posstate.model.position.Position" in out.stdout, out.stdout
+    assert 'Module has no attribute "PositionStateManagr"' in out.stdout, out.stdout
 
 
 #: Modules allowed over MAX_LINES, each with its reason (issue 13.3: "no module over ~400 lines").
