@@ -314,3 +314,27 @@ def test_no_module_is_over_the_line_limit() -> None:
     long = {str(p.relative_to(ROOT)): n for p in sorted(PKG.rglob("*.py")) if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert set(long) <= set(LONG_MODULES), long
     assert all(LONG_MODULES.values())
+
+
+def _doc_texts() -> list[tuple[str, str]]:
+    return [(str(p.relative_to(ROOT)), p.read_text()) for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
+
+
+def test_docs_name_only_modules_that_exist() -> None:
+    """issue 13.7: README and docs/*.md name the layered modules: no flat-layout reference (`_codec.decode`),
+    and every `posstate.x.y` name and `posstate/x/y.py` path they give exists (checked on the source)."""
+    import re
+
+    bad = []
+    for name, text in _doc_texts():
+        bad += [f"{name}: {m}" for m in re.findall(r"`(_[a-z][a-z_]*\.[A-Za-z_]+)", text)]
+        for ref in set(re.findall(r"`(posstate/[A-Za-z_/]+\.py)`", text)):
+            if not (ROOT / ref).is_file():
+                bad.append(f"{name}: {ref}")
+        for ref in set(re.findall(r"`(posstate\.[A-Za-z_.]+[A-Za-z_])`", text)):
+            parts = ref.split(".")
+            i = max(i for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in _modules())
+            source = _modules()[".".join(parts[:i])].read_text()
+            if any(not re.search(rf"\b{re.escape(attr)}\b", source) for attr in parts[i:]):
+                bad.append(f"{name}: {ref}")
+    assert bad == []

@@ -65,7 +65,7 @@ def state_config_for(env: Env, target: Path) -> StateConfig | None:
 
 
 def journal_read_path(cfg: StateConfig, options: _statefile.ReadOptions, snapshot_journal: Any = False) -> Path:
-    """The journal file a load of *cfg*'s state file reads (``_journal.journal_file`` decides, as for a load):
+    """The journal file a load of *cfg*'s state file reads (``posstate.journal.files.journal_file`` decides, as for a load):
     ``cfg.journal_path``, or the old name (``positions.journal`` of posstate 0.1.0) when its header names the
     snapshot's journal. CorruptStateError when both names hold that journal with records past the snapshot.
     *snapshot_journal*: the snapshot's ``journal`` field if already read (False: read the snapshot here)."""

@@ -42,7 +42,7 @@ def state_file_path(state_path: Path, role: Role) -> Path:
 #: The state file name whose backups and quarantined files sit directly in the backup and quarantine
 #: directories (the layout every release used); any other state file gets a folder of its own in each.
 DEFAULT_STATE_NAME = "positions.json"
-# A backup's file name (_backups._NAME): a state file may not be named so (its own backup folder would be
+# A backup's file name (posstate.backup.backups._NAME): a state file may not be named so (its own backup folder would be
 # taken for a backup of positions.json).
 _BACKUP_NAME = re.compile(r"positions_[0-9]{8}_[0-9]{6}(?:_[0-9]{1,6})?\.json")
 

@@ -326,7 +326,7 @@ def journal_soak(
         time.sleep(rng.uniform(0, max_delay))  # the kill lands at a random moment of the next update(s)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
-        lines.extend(proc.stdout.read().splitlines())  # through the same buffered reader (see _crashchild.soak)
+        lines.extend(proc.stdout.read().splitlines())  # through the same buffered reader (see crashchild.soak)
         proc.stdout.close()
         rep = parse_lines(lines)
         case = check_after_kill(

@@ -1,7 +1,7 @@
 """A recording, fault-injecting file-operations backend (the idea of SQLite's test VFS).
 
 :class:`HarnessOps` subclasses :class:`posstate.storage.fileops.FileOps`; install it with
-``with _fileops.use(ops):``. It records every operation (name, path, sizes, offsets, and optionally the
+``with posstate.storage.fileops.use(ops):``. It records every operation (name, path, sizes, offsets, and optionally the
 bytes written) and can, at the *k*-th counted operation, raise a chosen ``OSError`` (once, or every time
 after), perform a short write, skip the call (turn it into a no-op: used to prove that each fsync
 matters), or kill the process with SIGKILL before or after the call. ``posstate doctor`` and

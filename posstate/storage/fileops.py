@@ -23,7 +23,7 @@ StrPath = str | os.PathLike[str]
 O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 #: Flags for reading a file without following a symlink planted in its place.
 O_READ = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-#: Largest file read_file reads unless the caller gives its own cap (state files: see _codec.max_file_bytes).
+#: Largest file read_file reads unless the caller gives its own cap (state files: see codec.max_file_bytes).
 DEFAULT_MAX_READ_BYTES = 1024**3
 #: os.fdatasync where the platform has it (Linux), else os.fsync; looked up once, not per sync.
 _os_fdatasync = getattr(os, "fdatasync", os.fsync)
