@@ -122,3 +122,27 @@ def test_records_of_two_copies_of_one_journal_do_not_splice(tmp_path: Path) -> N
         m.load_positions()
         got = held(m)
     assert got.get("X") != "2" or got.get("Y") != "3"  # never the mixed history neither copy wrote
+
+
+def test_planted_backup_header_with_a_huge_generation_cannot_break_a_restore(tmp_path: Path) -> None:
+    """T1 (found with the damage family of `reliability.py --full`): a file planted in the backup folder whose
+    keyless header claims a generation no journal can follow never becomes the number a restore writes
+    above; the restore of a real backup succeeds (before: a foreign JournalProblem)."""
+    from posstate.backup import backups as _backups
+    from posstate.storage.container import OFFSETS
+
+    authentic(tmp_path)
+    with make(tmp_path) as m:
+        m.load_positions()
+        real = m.create_backup()
+    fake = bytearray(real.path.read_bytes())
+    start, width = OFFSETS["g"]
+    fake[start : start + width] = f"{2**60:0{width}x}".encode()
+    body = bytes(fake[:-73])
+    fake = bytearray(body + b"\nsha256=" + hashlib.sha256(body).hexdigest().encode() + b"\n")
+    planted = real.path.parent / _backups.file_name("20000101_000000")
+    planted.write_bytes(bytes(fake))
+    with make(tmp_path) as m:
+        m.load_positions()
+        m.restore_from_backup(real.id, accept_older=True)
+        assert m.generation < 100

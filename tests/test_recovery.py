@@ -356,3 +356,27 @@ def test_attempt_recovery_is_none_for_a_good_file_and_a_report_for_a_bad_one(tmp
         report = m.attempt_recovery()
         assert report is not None and report is m.last_recovery
         assert report.source == "memory" and report.generation == 3 and report.new_generation == 4
+
+
+@pytest.mark.parametrize("bit", [pytest.param(60, id="beyond-the-format"), pytest.param(40, id="far-beyond-every-copy")])
+def test_a_flipped_high_bit_in_a_damaged_generation_does_not_steer_recovery(tmp_path: Path, bit: int) -> None:
+    """Found by `reliability.py --full` (damage family): a bit flip in the damaged state file's header
+    generation (checksum no longer matches) is not a generation recovery may number its save above: the
+    recovered state continues from the trustworthy copies (before: a foreign JournalProblem escaped the load,
+    the new generation no journal header can hold)."""
+    from posstate.storage.container import OFFSETS
+
+    cfg = history(tmp_path, saves=3, durability="sync")
+    data = bytearray(cfg.state_path.read_bytes())
+    start, width = OFFSETS["g"]
+    value = int(data[start : start + width], 16) | (1 << bit)
+    data[start : start + width] = f"{value:0{width}x}".encode()
+    cfg.state_path.write_bytes(bytes(data))
+    with PositionStateManager(cfg, key=KEY) as m:
+        got = m.load_positions()
+        assert m.last_recovery is not None
+        assert got[("BTC/USDT", "long")].contracts == 3
+        assert m.generation < 100
+        m.set_position(pos(contracts="4"))
+    with PositionStateManager(cfg, key=KEY) as m:
+        assert m.load_positions()[("BTC/USDT", "long")].contracts == 4

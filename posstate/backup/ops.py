@@ -28,6 +28,7 @@ from posstate.core.errors import (
     StateNotFoundError,
 )
 from posstate.journal import files as _jfiles
+from posstate.journal import format as _jformat
 from posstate.model import document as _document
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
@@ -265,7 +266,9 @@ def known_saves(cfg: StateConfig, backups: list[BackupInfo]) -> list[tuple[int, 
     times = _jfiles.record_times(cfg.journal_path, cfg.legacy_journal_path)
     if times:
         known.append((0, max(times.values())))
-    return known
+    # Headers read without the key are not authenticated: a generation no save can reach (a flipped bit, a
+    # planted file) must not become the number the next save is written above.
+    return [(g, ms) for g, ms in known if g <= _jformat.MAX_BASE]
 
 
 def backup_age(cfg: StateConfig, backups: list[BackupInfo], written_at_ms: int) -> float:

@@ -34,6 +34,7 @@ from posstate.core.errors import (
     WrongKeyError,
 )
 from posstate.journal import files as _jfiles
+from posstate.journal import format as _jformat
 from posstate.journal import records as _records
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
@@ -151,6 +152,11 @@ def _load_candidate(options: _statefile.ReadOptions, check: Callable[[StateData]
     return cand
 
 
+#: How far beyond the newest trustworthy copy a damaged state file's claimed generation may be and still be
+#: believed (2**32 saves: more than any bot makes between two copies).
+_CLAIM_SLACK = 2**32
+
+
 def main_header(path: Path, skew: float) -> tuple[int, int] | None:
     """(generation, written ms) the damaged state file claims, if its header parses and is plausible."""
     try:
@@ -159,6 +165,8 @@ def main_header(path: Path, skew: float) -> tuple[int, int] | None:
     except (OSError, _format.FormatProblem):
         return None
     if h.written_at_ms > (time.time() + skew) * 1000:
+        return None
+    if h.generation > _jformat.MAX_BASE:  # a flipped high bit: no real save got there (a journal could not follow it)
         return None
     return (h.generation, h.written_at_ms)
 
@@ -314,6 +322,11 @@ def _select(
     path = cfg.state_path
     known = [(c.generation, c.written_ms) for c in cands if c.generation is not None and c.written_ms is not None]
     claimed = main_header(path, cfg.clock_skew)
+    trusted = max((g for g, _ in known), default=0)
+    if claimed is not None and claimed[0] > trusted + _CLAIM_SLACK:
+        # An unauthenticated header of a damaged file: a generation this far beyond every copy that can be
+        # trusted is damage itself (a flipped bit), not saves we lost; it must not steer the new generation.
+        claimed = None
     if claimed is not None:
         known.append(claimed)
     newest_gen = max((g for g, _ in known), default=None)
