@@ -236,12 +236,23 @@ def sweep_temps(backup_dir: Path) -> None:
                 log.warning("cannot remove leftover backup temp %s: %s", n, exc)
 
 
+def stamp_at(now: float) -> str:
+    """The name part for a backup made at *now* (``time.time()``: every backup name is read off this one clock;
+    ``time.gmtime()`` without an argument reads a coarser clock that can still show the previous second)."""
+    return time.strftime(_STAMP, time.gmtime(now))
+
+
 def fresh_ids(backup_dir: Path, stamp: str) -> Iterator[str]:
     """Ids for a new backup in the second *stamp*, each sorting after every backup already there.
 
-    A name freed by pruning is never reused, so the newest backup always has the greatest id.
+    A name freed by pruning is never reused, and when the newest name is of a later second than *stamp* (the
+    clock was stepped back) the ids continue that second: the newest backup always has the greatest id, the
+    one ``latest`` restores.
     """
-    taken = [_order(bid)[1] for bid, _ in names_only(backup_dir) if bid[:15] == stamp]
+    existing = names_only(backup_dir)
+    if existing and existing[0][0][:15] > stamp:
+        stamp = existing[0][0][:15]
+    taken = [_order(bid)[1] for bid, _ in existing if bid[:15] == stamp]
     for seq in range(max(taken, default=0) + 1, 10_000):
         yield stamp if seq == 1 else f"{stamp}_{seq}"
 
@@ -264,7 +275,7 @@ def write_backup(
     """
     now = time.time() if now is None else now
     now_ms = int(now * 1000)
-    stamp = time.strftime(_STAMP, time.gmtime(now))
+    stamp = stamp_at(now)
     try:
         fs.ensure_dir(backup_dir)
     except OSError as exc:
@@ -312,7 +323,7 @@ def _write_verified(
     return BackupInfo(
         id=backup_id,
         path=target,
-        created_at=datetime.strptime(stamp, _STAMP).replace(tzinfo=timezone.utc),
+        created_at=datetime.strptime(backup_id[:15], _STAMP).replace(tzinfo=timezone.utc),
         generation=encoded.header.generation,
         size=len(encoded.data),
         position_count=encoded.header.position_count,

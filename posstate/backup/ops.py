@@ -234,8 +234,7 @@ def _link_as_backup(files: StateFiles) -> str | None:
         return None  # missing, or damaged: the save path sets a damaged file aside in quarantine
     bdir = files.config.backup_path
     fs.ensure_dir(bdir)
-    stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
-    for bid in _backups.fresh_ids(bdir, stamp):
+    for bid in _backups.fresh_ids(bdir, _backups.stamp_at(time.time())):
         try:
             fs.link(path, bdir / _backups.file_name(bid))
         except FileExistsError:
