@@ -102,8 +102,7 @@ class BackupService:
         Returns what was left behind (also logged and emitted as ``backupFailed``), or None."""
         timeout = CLOSE_TIMEOUT if timeout is None else timeout
         with self._cond:
-            self._closing = True
-            self._wanted = False
+            self._closing = True  # no new request; one already asked for still runs (within the timeout)
             thread = self._thread
         if thread is None:
             return None
@@ -130,7 +129,7 @@ class BackupService:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._closing or not self._wanted:
+                if not self._wanted or self._cancelled:
                     self._thread = None
                     self._wanted = False
                     self._cond.notify_all()
