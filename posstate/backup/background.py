@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,7 @@ class BackupService:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._wanted = False
+        self._busy = False
         self._durable_generation = 0
         self._closing = False
         self._cancelled = False
@@ -83,19 +85,27 @@ class BackupService:
             if self._closing or self.clock() < self._retry_at:
                 return False
             self._wanted = True
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="posstate-backup", daemon=True)
+            if self._thread is None:  # started once, then it waits for work: a request is only a notify
+                # The thread holds the service weakly: a manager dropped without close() is still collected
+                # (and its writer lock freed); the finalizer wakes the thread to end.
+                self._thread = threading.Thread(
+                    target=_worker, args=(weakref.ref(self), self._cond), name="posstate-backup", daemon=True
+                )
+                weakref.finalize(self, _wake, self._cond)
                 self._thread.start()
+            else:
+                self._cond.notify_all()
             return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no background backup runs or is asked for; False if *timeout* passed first."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._thread is None and not self._wanted, timeout)
+            return self._cond.wait_for(lambda: not self._busy and not self._wanted, timeout)
 
     @property
     def running(self) -> bool:
-        return self._thread is not None
+        """True while a background backup is being taken."""
+        return self._busy
 
     def close(self, timeout: float | None = None) -> str | None:
         """Refuse new backups; wait up to *timeout* (default :data:`CLOSE_TIMEOUT`) for a running one.
@@ -103,6 +113,7 @@ class BackupService:
         timeout = CLOSE_TIMEOUT if timeout is None else timeout
         with self._cond:
             self._closing = True  # no new request; one already asked for still runs (within the timeout)
+            self._cond.notify_all()
             thread = self._thread
         if thread is None:
             return None
@@ -126,20 +137,26 @@ class BackupService:
         return left
 
     # ------------------------------------------------------------------ the thread
-    def _run(self) -> None:
-        while True:
+    def _next(self) -> bool:
+        """Under the condition: take the next request (True), or say the thread should end (False)."""
+        if not self._wanted or self._cancelled:
+            self._wanted = False
+            self._cond.notify_all()
+            return False
+        self._wanted = False
+        self._busy = True
+        return True
+
+    def _run_one(self) -> None:
+        try:
+            self._once()
+        except BaseException as exc:  # a bug must not kill the thread silently  # pragma: no cover
+            log.exception("background backup failed unexpectedly")
+            self._failed(exc, "backup")
+        finally:
             with self._cond:
-                if not self._wanted or self._cancelled:
-                    self._thread = None
-                    self._wanted = False
-                    self._cond.notify_all()
-                    return
-                self._wanted = False
-            try:
-                self._once()
-            except BaseException as exc:  # a bug must not kill the thread silently  # pragma: no cover
-                log.exception("background backup failed unexpectedly")
-                self._failed(exc, "backup")
+                self._busy = False
+                self._cond.notify_all()
 
     def _due(self) -> bool:
         last = self._files.last_backup_at
@@ -198,3 +215,26 @@ class BackupService:
         self._retry_at = self.clock() + cfg.backup_interval
         self._files.emit("backupFailed", {"path": str(cfg.backup_path), "reason": str(exc), "operation": operation})
         log.warning("background backup failed (retried at the first snapshot after %g s): %s", cfg.backup_interval, exc)
+
+
+def _wake(cond: threading.Condition) -> None:
+    with cond:
+        cond.notify_all()
+
+
+def _worker(ref: weakref.ref[BackupService], cond: threading.Condition) -> None:
+    """The background thread: wait for a request, run it, until the service closes or is collected."""
+    while True:
+        with cond:
+            while True:
+                svc = ref()
+                if svc is None:
+                    return
+                if svc._wanted or svc._closing:
+                    break
+                del svc  # never wait holding the service: its manager may be dropped meanwhile
+                cond.wait()
+            if not svc._next():
+                return
+        svc._run_one()
+        del svc
