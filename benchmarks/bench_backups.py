@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from posstate import Position, PositionStateManager, StateConfig  # noqa: E402
-from posstate.backup import background as _background  # noqa: E402
-from posstate.backup import backups as _backups  # noqa: E402
-from posstate.backup import ops as _backup_ops  # noqa: E402
-from posstate.backup import prune as _prune  # noqa: E402
+from posstate import Position, PositionStateManager, StateConfig
+from posstate.backup import background as _background
+from posstate.backup import backups as _backups
+from posstate.backup import ops as _backup_ops
+from posstate.backup import prune as _prune
 
 KEY = bytes(range(32))
 

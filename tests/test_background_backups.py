@@ -266,7 +266,7 @@ def test_restore_verify_and_recovery_never_use_the_cache(tmp_path: Path) -> None
 
 def _ops_of_one_background_backup(d: Path, counted: frozenset[str]) -> int:
     with _with_backups(d, 2) as m:
-        ops = HarnessOps()
+        ops = HarnessOps(ignore_threads=frozenset())
         with fs.use(ops):
             request_backup(m)
             assert m.wait_for_backups(30)
@@ -286,7 +286,7 @@ def test_fault_at_each_operation_of_a_background_backup(tmp_path: Path, persiste
         with _with_backups(d, 2) as m:
             before_state, before_list = m.path.read_bytes(), listing(d)
             failed, created = record(m, "backupFailed"), record(m, "backupCreated")
-            ops = HarnessOps(fault=Fault(at=k, persistent=persistent, ops=MUTATING_AND_READS))
+            ops = HarnessOps(fault=Fault(at=k, persistent=persistent, ops=MUTATING_AND_READS), ignore_threads=frozenset())
             with fs.use(ops):
                 request_backup(m)
                 assert m.wait_for_backups(30)
@@ -387,7 +387,7 @@ d, at, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 m = PositionStateManager(StateConfig.in_dir(d, backup_interval=0.0, durability="snapshot"), key=bytes(range(32)))
 m.load_positions()
 fault = None if at == 0 else Fault(at=at, action="crash_" + when, ops=MUTATING_AND_READS)
-ops = HarnessOps(fault=fault)
+ops = HarnessOps(fault=fault, ignore_threads=frozenset())
 with fs.use(ops):
     m._files.last_backup_at = float("-inf")
     _backup_ops.after_save(m._files, m._state)
