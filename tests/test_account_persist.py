@@ -233,6 +233,7 @@ def test_failed_persist_stays_pending_then_succeeds(tmp_path: Path, durability: 
         store = PersistedAccountStateStore(m, write_through=False)
         store.set_symbol_metadata("BTC/USDT", {"n": 1})
         store.flush()
+        assert m.wait_for_backups(30)  # the first timed backup runs in the background (issue 14.2)
         failures: list[dict[str, Any]] = []
         store.on("persistFailed", failures.append)
         store.set_symbol_metadata("BTC/USDT", {"n": 2})
@@ -350,6 +351,7 @@ def test_write_through_failure_raises_and_stays_pending(tmp_path: Path, durabili
     with PositionStateManager(cfg) as m:
         store = PersistedAccountStateStore(m)
         store.set_symbol_metadata("BTC/USDT", {"n": 1})
+        assert m.wait_for_backups(30)  # the first timed backup runs in the background (issue 14.2)
         ops = FailFsync(once=True)
         with fs.use(ops):
             with pytest.raises(PersistenceError):

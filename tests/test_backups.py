@@ -164,6 +164,7 @@ def test_fault_at_each_file_operation_of_create_backup_leaves_no_partial_backup(
     """EIO at every file operation of create_backup: either PersistenceError and no new file, or a valid backup."""
     with manager(tmp_path, backup_interval=1e9) as m:
         m.save_positions([pos()])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         main_before = m.path.read_bytes()
         probe = FailAt(0)
         with fs.use(probe):
@@ -199,7 +200,9 @@ def test_fault_at_each_file_operation_of_restore_loses_nothing(tmp_path: Path) -
     def setup(where: Path) -> PositionStateManager:
         m = manager(where, backup_interval=1e9)
         m.save_positions([pos(contracts="1")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.save_positions([pos(contracts="2")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         return m
 
     with setup(tmp_path / "probe") as m:
@@ -231,11 +234,13 @@ def test_failed_timed_backup_never_fails_the_save(tmp_path: Path) -> None:
         failed = record(m, "backupFailed")
         with fs.use(FailInDir(m.config.backup_path)):
             gen = m.save_positions([pos()])
+            assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         assert gen == 1
         assert failed and "ENOSPC" in failed[0]["reason"]
         assert [n for n in backup_names(m) if n.endswith(".json") or n.startswith(".")] == []
         assert _statefile.read(m.path, options=m._read).state.generation == 1
         m.save_positions([pos(contracts="2")])  # fault cleared: the next save makes the backup
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         assert len(m.list_backups()) == 1
 
 
@@ -244,6 +249,7 @@ def test_list_backups_marks_damaged_and_truncated_files(tmp_path: Path) -> None:
     with manager(tmp_path) as m:
         for i in range(3):
             m.save_positions([pos(contracts=str(i + 1))])
+            assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         infos = m.list_backups()
         assert len(infos) == 3
         flip = bytearray(infos[0].path.read_bytes())
@@ -270,7 +276,9 @@ def test_restore_validates_first_and_refuses_a_damaged_backup(tmp_path: Path) ->
     """Restoring a damaged backup raises CorruptStateError and changes nothing."""
     with manager(tmp_path) as m:
         m.save_positions([pos()])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.save_positions([pos(contracts="5")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         target = m.list_backups()[-1]
         data = bytearray(target.path.read_bytes())
         data[-80] ^= 1
@@ -288,6 +296,7 @@ def test_restore_refuses_a_backup_older_than_threshold_unless_accept_older(tmp_p
         m.load_positions()  # fresh start before the old backup appears
         old = old_backup(m, [pos(contracts="9")], age=7200)
         m.save_positions([pos(contracts="1")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         with pytest.raises(StaleBackupError) as info:
             m.restore_from_backup(old.id)
         assert "duplicate orders" in str(info.value) and "--accept-older" in str(info.value)
@@ -302,7 +311,9 @@ def test_ambiguous_and_unknown_backup_ids(tmp_path: Path) -> None:
     """A prefix matching two backups raises AmbiguousBackupError; an unknown id StateNotFoundError."""
     with manager(tmp_path) as m:
         m.save_positions([pos()])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.save_positions([pos(contracts="2")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         ids = [b.id for b in m.list_backups()]
         common = ids[0][:14]  # the ids differ only after the second
         with pytest.raises(AmbiguousBackupError) as info:
@@ -326,6 +337,7 @@ def test_restore_while_another_process_holds_the_lock(tmp_path: Path) -> None:
     """While a child process holds the writer lock, a manager for a restore cannot even be created."""
     with manager(tmp_path) as m:
         m.save_positions([pos()])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     child = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(tmp_path / "state")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
@@ -353,6 +365,7 @@ i = 0
 while True:
     i += 1
     m.save_positions([Position(symbol="BTC/USDT", side="long", contracts=str(i), entry_price="1")])
+    assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
     print(i, flush=True)
 """
 
@@ -392,6 +405,7 @@ def test_stats_logger_gets_backup_events(tmp_path: Path) -> None:
     cfg = StateConfig.in_dir(tmp_path / "state", backup_interval=0.0)
     with PositionStateManager(cfg, key=KEY, stats_logger=stats) as m:
         m.save_positions([pos()])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.restore_from_backup("latest")
     events = [r["event"] for r in stats.records]
     assert "backupCreated" in events and "backupRestored" in events
@@ -405,6 +419,7 @@ def test_backup_name_mode_and_container(tmp_path: Path) -> None:
     """create_backup writes positions_YYYYMMDD_HHMMSS.json, mode 0600, a container that reads back."""
     with manager(tmp_path, backup_interval=1e9) as m:
         m.save_positions([pos()])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         info = m.create_backup()
         assert re.fullmatch(r"[0-9]{8}_[0-9]{6}(_[0-9]+)?", info.id)
         assert info.path.name == f"positions_{info.id}.json"
@@ -419,6 +434,7 @@ def test_same_second_backups_get_suffixes(tmp_path: Path) -> None:
     """Three backups in one second are named ID, ID_2, ID_3 and listed newest first."""
     with manager(tmp_path, backup_interval=1e9) as m:
         m.save_positions([pos()])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         now = time.time()
         where = tmp_path / "other"
         made = [
@@ -438,10 +454,12 @@ def test_save_makes_a_backup_only_when_the_newest_is_older_than_the_interval(tmp
         created = record(m, "backupCreated")
         for i in range(3):
             m.save_positions([pos(contracts=str(i + 1))])
+            assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         assert len(created) == 1 and len(m.list_backups()) == 1
     with manager(tmp_path / "b", backup_interval=0) as m:
         for i in range(3):
             m.save_positions([pos(contracts=str(i + 1))])
+            assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         assert [b.generation for b in m.list_backups()] == [3, 2, 1]
 
 
@@ -450,9 +468,12 @@ def test_restore_by_prefix_and_latest_keeps_pre_restore_backup(tmp_path: Path) -
     with manager(tmp_path, backup_interval=1e9) as m:
         restored = record(m, "backupRestored")
         m.save_positions([pos(contracts="1")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         first = m.create_backup()
         m.save_positions([pos(contracts="2"), pos("ETH/USDT", "short")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.save_positions([pos(contracts="3")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         result = m.restore_from_backup(first.id[:15] if "_" not in first.id[15:] else first.id)
         assert m.get_positions() == {pos().key: pos(contracts="1")}
         assert result.generation == 4 and restored and restored[0]["backup_id"] == first.id
@@ -471,6 +492,7 @@ def test_restore_works_when_the_state_file_is_damaged(tmp_path: Path) -> None:
     """A damaged state file does not block a restore; it is quarantined, not deleted."""
     with manager(tmp_path, backup_interval=1e9) as m:
         m.save_positions([pos()])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.create_backup()
     data = bytearray((tmp_path / "state/positions.json").read_bytes())
     data[190] ^= 0xFF
@@ -485,6 +507,7 @@ def test_batch_save_is_one_write(tmp_path: Path) -> None:
     """batch_save_positions applies upserts and deletes in one save (one generation, one stateSaved)."""
     with manager(tmp_path, backup_interval=1e9) as m:
         m.save_positions([pos(), pos("ETH/USDT", "short")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         saved = record(m, "stateSaved")
         gen = m.batch_save_positions([pos("SOL/USDT", "long"), pos(contracts="7")], deletes=[("ETH/USDT", "short")])
         assert gen == 2 and len(saved) == 1

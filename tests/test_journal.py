@@ -461,6 +461,7 @@ def test_save_costs_no_extra_sync_and_next_change_creates_journal(tmp_path: Path
         with make(d, durability=mode) as m:
             m.set_position(pos("A"))
             m.save()
+            assert m.wait_for_backups(30)  # the first timed backup runs in the background (issue 14.2)
             m.set_position(pos("B"))
             counter = Syncs()
             with fs.use(counter):

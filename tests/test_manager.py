@@ -308,6 +308,7 @@ def test_events_and_stats_logger(manager: Factory, key: bytes) -> None:
     m.on("stateSaved", got.append)
     m.on("stateLoaded", got.append)
     m.save_positions([pos("A"), pos("B")])
+    assert m.wait_for_backups(30)  # the timed backup runs in the background (issue 14.2)
     assert [e["event"] for e in got] == ["stateLoaded", "stateSaved"]
     saved = got[1]
     assert saved["generation"] == 1 and saved["positions"] == 2 and saved["path"] == str(m.path) and saved["bytes"] > 0

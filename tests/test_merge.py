@@ -118,7 +118,9 @@ def test_manager_merge_states_with_backup_ids(tmp_path: Path) -> None:
     cfg = StateConfig.in_dir(tmp_path / "state", backup_interval=0.0)
     with PositionStateManager(cfg, key=bytes(range(32))) as m:
         m.save_positions([position(KEYS[0], 1), position(KEYS[2], 1)])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.save_positions([position(KEYS[0], 2)])
+        assert m.wait_for_backups(30)
         oldest = m.list_backups()[-1].id
         before = cfg.state_path.read_bytes()
         result = m.merge_states("current", oldest)

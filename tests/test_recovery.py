@@ -54,6 +54,7 @@ def history(tmp_path: Path, saves: int = 3, **kw: Any) -> StateConfig:
     with PositionStateManager(cfg, key=KEY) as m:
         for i in range(1, saves + 1):
             m.save_positions([pos(contracts=str(i)), pos("ETH/USDT", "short", str(i))])
+            assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
     return cfg
 
 
@@ -190,6 +191,7 @@ def test_valid_but_too_old_backup_is_refused_then_restored_on_purpose(tmp_path: 
             written_at_ms=int(then * 1000),
         )
         m.save_positions([pos(contracts="1")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
     flip(cfg.state_path)
     with PositionStateManager(cfg, key=KEY) as m:
         with pytest.raises(UnrecoverableStateError) as info:

@@ -25,6 +25,7 @@ def _warm(d: Path, key: bytes) -> PositionStateManager:
     m.load_positions()
     save_step(m, 1)
     save_step(m, 2)
+    assert m.wait_for_backups(30)  # the first timed backup runs in the background (issue 14.2)
     return m
 
 

@@ -17,6 +17,7 @@ def _manager(d: Path) -> PositionStateManager:
     m = PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9, durability="snapshot"), key=generate_key())
     m.load_positions()
     save_step(m, 1)
+    assert m.wait_for_backups(30)  # the first timed backup runs in the background (issue 14.2)
     return m
 
 

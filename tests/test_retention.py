@@ -105,6 +105,7 @@ def test_prune_with_damaged_backups_in_the_mix(tmp_path: Path) -> None:
     with manager(tmp_path, max_backups=10) as m:
         for i in range(5):
             m.save_positions([pos(str(i + 1))])
+            assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
     names = sorted(os.listdir(tmp_path / "state/backups"))
     for n in names[-2:]:  # damage the two newest
         p = tmp_path / "state/backups" / n
@@ -128,6 +129,7 @@ def test_other_key_backup_is_kept_untouched(tmp_path: Path) -> None:
     """A backup written with another key is neither removed nor quarantined by pruning."""
     with manager(tmp_path, max_backups=1) as m:
         m.save_positions([pos("1")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         foreign = _backups.write_backup(
             m._state,
             backup_dir=tmp_path / "state/backups",
@@ -136,7 +138,9 @@ def test_other_key_backup_is_kept_untouched(tmp_path: Path) -> None:
             options=_statefile.ReadOptions(keyring=Keyring.resolve(key=bytes(32), passphrase=None)),
         )
         m.save_positions([pos("2")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.save_positions([pos("3")])
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         result = m.prune_old_backups()
         assert foreign.path.exists()
         assert any(d.backup.id == foreign.id and "another key" in d.reason for d in result.kept)
@@ -148,6 +152,7 @@ def test_prune_runs_after_each_backup(tmp_path: Path) -> None:
     with manager(tmp_path, max_backups=2) as m:
         for i in range(4):
             m.save_positions([pos(str(i + 1))])
+            assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         assert [b.generation for b in m.list_backups()] == [4, 3]
 
 
@@ -156,10 +161,14 @@ def test_tombstones_are_kept_as_long_as_the_oldest_backup(tmp_path: Path) -> Non
     with manager(tmp_path, max_backups=2) as m:
         other = Position(symbol="ETH/USDT", side="short", contracts="1", entry_price="5")
         m.save_positions([pos("1"), other])  # gen 1
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.save_positions([pos("2")])  # gen 2: ETH closed, tombstone rev 2
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         m.save_positions([pos("3")])  # gen 3: backups 3, 2 (oldest backup is generation 2, it reflects the close)
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         assert ("ETH/USDT", "short") in m._state.position_tombstones
         m.save_positions([pos("4")])  # gen 4: floor became 2 after the last prune, tombstone rev 2 <= 2 dropped
+        assert m.wait_for_backups(30)  # timed backups run in the background (issue 14.2)
         assert ("ETH/USDT", "short") not in m._state.position_tombstones
         assert all(
             ("ETH/USDT", "short") not in _statefile.read(b.path, options=m._read).state.positions for b in m.list_backups()

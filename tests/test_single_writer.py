@@ -133,6 +133,7 @@ _FORK = textwrap.dedent(
     m.set_position(pos("A", 1))
     if sys.argv[3] == "group":
         m.save()
+    assert m.wait_for_backups(30)  # the parent's first timed backup runs in the background (issue 14.2)
     before = files()
     pid = os.fork()
     if pid == 0:

@@ -12,7 +12,7 @@ Every method runs under the owner's lock: the owner's public methods hold it whi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from posstate.core.config import StateConfig
 from posstate.journal.journal import Journal
@@ -20,6 +20,9 @@ from posstate.model.document import StateData
 from posstate.model.ops import Entries
 from posstate.storage.crypto import Keyring
 from posstate.storage.statefile import ReadOptions
+
+if TYPE_CHECKING:
+    from posstate.backup.background import BackupService
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -31,6 +34,8 @@ class StateFiles(Protocol):
     last_backup_at: float | None
     #: Generation of the oldest backup kept (None: unknown); commits drop tombstones older than it.
     tombstone_floor: int | None
+    #: The background backup thread, its folder lock and verified-backup cache (None: not started yet).
+    backups: BackupService | None
 
     @property
     def config(self) -> StateConfig:

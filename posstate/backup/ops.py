@@ -6,18 +6,22 @@ lock while it delegates here): its read options, keyring and event callback, and
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posstate.backup import background as _background
 from posstate.backup import backups as _backups
+from posstate.backup import prune as _prune
 from posstate.backup import retention as _retention
+from posstate.backup import snapcopy as _snapcopy
 from posstate.backup.backups import BackupInfo
+from posstate.backup.prune import plan_prune
 from posstate.backup.recovery import main_header
+from posstate.backup.verified import VerifiedCache
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     CorruptStateError,
@@ -36,6 +40,8 @@ from posstate.storage import codec as _codec
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.validate import ValidationReport, validate_file
+
+__all__ = ["RestoreResult", "after_save", "create", "exclusive", "plan_prune", "prune_backups", "restore", "validate"]
 
 if TYPE_CHECKING:
     from posstate.backup.files import StateFiles
@@ -74,148 +80,115 @@ def _state_ms(state: StateData) -> int | None:
         return None
 
 
-def create(files: StateFiles, state: StateData | None = None, *, prune: bool = True) -> BackupInfo:
-    """Write a verified backup of *state* (default: the last saved state); emit backupCreated or backupFailed."""
+def exclusive(files: StateFiles) -> threading.RLock:
+    """The backup folder's lock: explicit backup operations take it before the owner's lock, so they never
+    interleave with a background backup (posstate/backup/background.py)."""
+    return _background.service(files).folder_lock
+
+
+def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
+    """Write a verified backup of the last saved state now; emit backupCreated or backupFailed.
+
+    In the journal modes the journal is first folded into a snapshot, so the backup holds every
+    acknowledged change. The backup is a verified copy of the state file (never encoded again); if the state
+    file does not verify but memory holds exactly the last save, memory is encoded instead.
+    """
     cfg = files.config
+    svc = _background.service(files)
+    with svc.folder_lock:
+        try:
+            info = _create_now(files, svc.cache)
+        except (PosStateError, OSError) as exc:
+            files.emit(
+                "backupFailed",
+                {"path": str(cfg.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")},
+            )
+            log.warning("backup failed: %s", exc)
+            raise
+        files.last_backup_at = info.created_at.timestamp()
+        files.emit(
+            "backupCreated",
+            {
+                "path": str(info.path),
+                "backup_id": info.id,
+                "generation": info.generation,
+                "positions": info.position_count,
+                "bytes": info.size,
+            },
+        )
+        if prune:
+            try:
+                prune_backups(files, dry_run=False)
+            except (PosStateError, OSError) as exc:
+                files.emit("error", {"context": "prune after backup", "error": str(exc)})
+                log.warning("pruning after backup failed: %s", exc)
+    return info
+
+
+def _create_now(files: StateFiles, cache: VerifiedCache) -> BackupInfo:
+    """The last durable state as a new backup: in the journal modes, fold the journal into a snapshot first."""
+    cfg = files.config
+    files.ensure_loaded()
+    if files.unsaved() and cfg.durability != "snapshot":
+        files.save()
     try:
-        if state is None:
-            state = _saved_state(files)
-        info = _backups.write_backup(
-            state,
+        return _snapcopy.copy_state_file(
+            cfg.state_path, cfg.backup_path, options=files.read, cache=cache, check_account=files.check_account
+        )
+    except StateNotFoundError:
+        raise StateNotFoundError(cfg.state_path, what="saved state", next_step="save the state before backing it up") from None
+    except (CorruptStateError, SchemaValidationError):
+        memory = files.snapshot()
+        if files.unsaved() or memory is None or memory.generation == 0:
+            raise
+        log.warning("%s does not verify; backing up the last save from memory instead", cfg.state_path)
+        return _backups.write_backup(
+            memory,
             backup_dir=cfg.backup_path,
             keyring=files.write_keyring,
             compression_level=_compression(files),
             options=files.read,
             now=time.time(),
-            written_at_ms=_state_ms(state),
+            written_at_ms=_state_ms(memory),
         )
-    except (PosStateError, OSError) as exc:
-        files.emit(
-            "backupFailed", {"path": str(cfg.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")}
-        )
-        log.warning("backup failed: %s", exc)
-        raise
-    files.last_backup_at = info.created_at.timestamp()
-    files.emit(
-        "backupCreated",
-        {
-            "path": str(info.path),
-            "backup_id": info.id,
-            "generation": info.generation,
-            "positions": info.position_count,
-            "bytes": info.size,
-        },
-    )
-    if prune:
-        try:
-            prune_backups(files, dry_run=False)
-        except (PosStateError, OSError) as exc:
-            files.emit("error", {"context": "prune after backup", "error": str(exc)})
-            log.warning("pruning after backup failed: %s", exc)
-    return info
-
-
-def _saved_state(files: StateFiles) -> StateData:
-    """The last durable state: memory when it has no unsaved change, else the (validated) file on disk.
-
-    In the journal modes every change is durable when its call returns, so the journal is first folded into
-    a snapshot (a compaction): a backup is always a compacted snapshot, never one missing journaled changes.
-    """
-    files.ensure_loaded()
-    if files.unsaved() and files.config.durability != "snapshot":
-        files.save()
-    memory = files.snapshot()
-    if not files.unsaved() and memory is not None and memory.generation > 0:
-        return memory
-    if not fs.exists(files.config.state_path):
-        raise StateNotFoundError(files.config.state_path, what="saved state", next_step="save the state before backing it up")
-    return _statefile.read(files.config.state_path, options=files.read).state
 
 
 def after_save(files: StateFiles, state: StateData) -> None:
-    """Timed backup: after a save, back up if the newest backup is older than ``backup_interval``.
-
-    A failing backup is reported (``backupFailed``) and never fails the save that triggered it.
-    """
-    now = time.time()
+    """A snapshot of *state* is durable: if the newest backup is older than ``backup_interval``, ask the
+    background thread for a timed backup (a copy of that snapshot). Returns at once; the caller of a save or
+    compaction never waits for a backup, and a failing backup is reported (``backupFailed``) by the thread.
+    Safe from any thread (a background compaction calls it too)."""
+    svc = _background.service(files)
+    svc.note_snapshot(state.generation)
     last = files.last_backup_at
     if last is None:
         found = _backups.names_only(files.config.backup_path)
         last = found[0][1].timestamp() if found else float("-inf")
         files.last_backup_at = last
-    if now - last < files.config.backup_interval:
+    if svc.clock() - last < files.config.backup_interval:
         return
-    with contextlib.suppress(PosStateError, OSError):  # reported as backupFailed; the save itself succeeded
-        create(files, state)
+    svc.request()
+
+
+def wait_for_backups(files: StateFiles, timeout: float | None = None) -> bool:
+    """Wait until no background backup runs (True), or *timeout* seconds passed (False)."""
+    svc = files.backups
+    return True if svc is None else svc.wait_idle(timeout)
 
 
 def list_all(files: StateFiles) -> list[BackupInfo]:
     return _backups.scan(files.config.backup_path)
 
 
+def prune_backups(files: StateFiles, *, dry_run: bool) -> _retention.PruneResult:
+    """Apply retention with this owner's verified-backup cache (a backup unchanged since its last full
+    check is not decrypted again); damaged backups go to quarantine."""
+    return _prune.prune_backups(files, dry_run=dry_run, cache=_background.service(files).cache)
+
+
 def validate(files: StateFiles, backup_id: str) -> ValidationReport:
     info = _backups.resolve(list_all(files), backup_id, backup_dir=files.config.backup_path)
     return validate_file(info.path, options=files.read)
-
-
-def _policy(c: StateConfig) -> _retention.Policy:
-    return _retention.Policy(
-        max_backups=c.max_backups,
-        keep_within=c.keep_within,
-        keep_hourly=c.keep_hourly,
-        keep_daily=c.keep_daily,
-        keep_weekly=c.keep_weekly,
-    )
-
-
-def plan_prune(cfg: StateConfig, options: _statefile.ReadOptions, *, dry_run: bool = True) -> _retention.PruneResult:
-    """What retention would keep, remove and quarantine now, each with its reason. Reads and fully
-    validates every backup; writes nothing and takes no lock (``posstate backups prune --dry-run``)."""
-    checked = [_backups.full_check(b, options=options)[0] for b in _backups.scan(cfg.backup_path)]
-    decisions = _retention.plan(checked, policy=_policy(cfg), now=datetime.now(timezone.utc))
-    kept = tuple(d for d in decisions if d.action == "keep")
-    removed = tuple(d for d in decisions if d.action == "remove")
-    quarantined = tuple(d for d in decisions if d.action == "quarantine")
-    return _retention.PruneResult(kept=kept, removed=removed, quarantined=quarantined, dry_run=dry_run)
-
-
-def prune_backups(files: StateFiles, *, dry_run: bool) -> _retention.PruneResult:
-    """Apply retention; only fully validated backups fill slots; damaged ones go to quarantine."""
-    cfg = files.config
-    result = plan_prune(cfg, files.read, dry_run=dry_run)
-    kept, removed, quarantined = result.kept, result.removed, result.quarantined
-    if dry_run:
-        return result
-    newest = next((d.backup for d in kept if d.backup.valid), None)
-    done_q: list[str] = []
-    for d in quarantined:
-        try:
-            _atomic.move_aside(d.backup.path, cfg.quarantine_dir, label="damaged-backup")
-            done_q.append(d.backup.id)
-        except OSError as exc:
-            raise PersistenceError(d.backup.path, operation="quarantine damaged backup", cause=exc) from exc
-    done_r: list[str] = []
-    if removed:
-        # Redundant only while the backups that make it so are still there.
-        if newest is None or not fs.exists(newest.path):
-            raise PersistenceError(cfg.backup_path, operation="prune", reason="the newest valid backup vanished; nothing removed")
-        for d in removed:
-            try:
-                fs.unlink(d.backup.path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise PersistenceError(d.backup.path, operation="remove redundant backup", cause=exc) from exc
-            done_r.append(d.backup.id)
-        try:
-            fs.fsync_dir(cfg.backup_path)
-        except OSError as exc:
-            raise PersistenceError(cfg.backup_path, operation="fsync backup directory", cause=exc) from exc
-    gens = [d.backup.generation for d in kept if d.backup.generation is not None]
-    files.tombstone_floor = min(gens) if gens else None
-    if done_r or done_q:
-        files.emit("backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)})
-    return result
 
 
 def _header_of(path: Path) -> tuple[int, int] | None:

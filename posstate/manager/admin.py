@@ -38,9 +38,17 @@ class StateMaintenance(InMemoryChanges):
         """Write a verified timestamped backup of the last saved state now (then apply retention)."""
         from posstate.backup import ops as _backup_ops
 
-        with self._lock:
+        with _backup_ops.exclusive(self._files), self._lock:  # the folder first: a background backup may run
             self._check_writable("create_backup")  # in the journal modes it saves first
             return _backup_ops.create(self._files)
+
+    def wait_for_backups(self, timeout: float | None = None) -> bool:
+        """Wait until no timed backup runs in the background; False if *timeout* seconds passed first.
+
+        Timed backups (``backup_interval``) run on a background thread; close() waits for one too (bounded)."""
+        from posstate.backup import ops as _backup_ops
+
+        return _backup_ops.wait_for_backups(self._files, timeout)
 
     def list_backups(self) -> list[BackupInfo]:
         """Every timestamped backup, newest first, read from headers (damaged ones listed as damaged)."""
@@ -62,7 +70,7 @@ class StateMaintenance(InMemoryChanges):
         """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones."""
         from posstate.backup import ops as _backup_ops
 
-        with self._lock:
+        with _backup_ops.exclusive(self._files), self._lock:
             if dry_run:
                 self._check_open()
             else:
@@ -77,7 +85,7 @@ class StateMaintenance(InMemoryChanges):
         """
         from posstate.backup import ops as _backup_ops
 
-        with self._lock:
+        with _backup_ops.exclusive(self._files), self._lock:
             self._check_writable("restore_from_backup")
             return _backup_ops.restore(self._files, backup_id, accept_older=accept_older)
 
@@ -86,7 +94,9 @@ class StateMaintenance(InMemoryChanges):
 
         Returns the recovery report, or None when the state file was fine. Unsaved changes are discarded.
         """
-        with self._lock:
+        from posstate.backup import ops as _backup_ops
+
+        with _backup_ops.exclusive(self._files), self._lock:
             self._check_writable("attempt_recovery")
             before = self.last_recovery
             self._load_main()
@@ -94,9 +104,10 @@ class StateMaintenance(InMemoryChanges):
 
     def repair_state(self) -> RepairReport:
         """Repair a state file that decrypts but fails validation, entry by entry (docs/RECOVERY.md)."""
+        from posstate.backup import ops as _backup_ops
         from posstate.backup import repair as _repair
 
-        with self._lock:
+        with _backup_ops.exclusive(self._files), self._lock:
             self._check_writable("repair_state")
             return _repair.repair(self._files)
 

@@ -191,6 +191,8 @@ class ManagerCore:
         if not self._writer_lock.held:  # a fork the at-fork hook did not see (forked from C)
             self._orphan()
             return
+        if self._files.backups is not None:  # before the lock: a backup's event handler may need it
+            self._files.backups.close()  # bounded wait; says what it left (docs/RECOVERY.md)
         with self._lock:
             if self._closed:
                 return

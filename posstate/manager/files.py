@@ -17,18 +17,20 @@ from posstate.storage.crypto import Keyring
 from posstate.storage.statefile import ReadOptions
 
 if TYPE_CHECKING:
+    from posstate.backup.background import BackupService
     from posstate.manager.manager import PositionStateManager
 
 
 class ManagerFiles:
     """Implements StateFiles for one manager; every call runs under the manager's lock."""
 
-    __slots__ = ("_m", "last_backup_at", "tombstone_floor")
+    __slots__ = ("_m", "backups", "last_backup_at", "tombstone_floor")
 
     def __init__(self, manager: PositionStateManager) -> None:
         self._m = manager
         self.last_backup_at: float | None = None  # creation time of the newest backup (None: not looked yet)
         self.tombstone_floor: int | None = None  # generation of the oldest backup kept (None: unknown)
+        self.backups: BackupService | None = None  # the background backup thread (started on the first save)
 
     @property
     def config(self) -> StateConfig:

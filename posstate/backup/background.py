@@ -1,0 +1,240 @@
+"""Timed backups on a background thread: the caller of a save or compaction never waits for a backup.
+
+One :class:`BackupService` per manager (created on its first save). A save or compaction whose snapshot is
+durable calls :func:`posstate.backup.ops.after_save`, which notes the snapshot's generation and, when the
+newest backup is older than ``backup_interval``, asks the service for a backup: a flag under a condition,
+and a thread started if none runs. That is all the caller pays. The thread (one at a time; requests made
+while it runs fold into one) takes the service's folder lock, copies the newest durable snapshot (the state
+file) into the backup folder, verified (:mod:`posstate.backup.snapcopy`), then applies retention with the
+verified-backup cache (:mod:`posstate.backup.verified`). Explicit backup operations (create, prune, restore,
+recovery, repair) take the same folder lock first, so they never interleave with a background backup.
+
+A failure is reported (``backupFailed`` event, a warning in the log) and retried at the first snapshot after
+``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) lets a running
+backup finish for a bounded time; past it the backup is cancelled before it gets its name, and close() says
+so in the log and in a ``backupFailed`` event. A SIGKILL at any step leaves no new backup or a whole,
+verified one; a temp file is swept by the next backup (docs/RECOVERY.md, docs/JOURNAL.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from posstate.backup import snapcopy as _snapcopy
+from posstate.backup.verified import VerifiedCache
+from posstate.core.errors import PosStateError
+
+if TYPE_CHECKING:
+    from posstate.backup.files import StateFiles
+
+log = logging.getLogger("posstate")
+
+#: How long close() waits for a running background backup before cancelling it (seconds).
+CLOSE_TIMEOUT = 30.0
+
+_create_lock = threading.Lock()
+
+
+def service(files: StateFiles) -> BackupService:
+    """The backup service of *files*, created on first use (thread-safe)."""
+    svc = files.backups
+    if svc is None:
+        with _create_lock:
+            svc = files.backups
+            if svc is None:
+                svc = files.backups = BackupService(files)
+    return svc
+
+
+class BackupService:
+    """The background backup thread of one manager, its folder lock and its verified-backup cache."""
+
+    def __init__(self, files: StateFiles) -> None:
+        self._files = files
+        #: Held by the background backup and by every explicit backup operation (taken before the manager's lock).
+        self.folder_lock = threading.RLock()
+        self.cache = VerifiedCache()
+        #: The clock timed backups compare with (tests replace it).
+        self.clock: Callable[[], float] = time.time
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._wanted = False
+        self._busy = False
+        self._durable_generation = 0
+        self._closing = False
+        self._cancelled = False
+        self._gate = threading.Lock()
+        self._retry_at = float("-inf")
+        #: Backups taken and failed in the background (for tests and the benchmark).
+        self.taken = 0
+        self.failed = 0
+
+    def note_snapshot(self, generation: int) -> None:
+        """A snapshot of *generation* is durable (the state file holds it or a newer one)."""
+        if generation > self._durable_generation:
+            self._durable_generation = generation
+
+    def request(self) -> bool:
+        """Ask for a timed backup; returns at once. False when closing or waiting to retry after a failure."""
+        with self._cond:
+            if self._closing or self.clock() < self._retry_at:
+                return False
+            self._wanted = True
+            if self._thread is None:  # started once, then it waits for work: a request is only a notify
+                # The thread holds the service weakly: a manager dropped without close() is still collected
+                # (and its writer lock freed); the finalizer wakes the thread to end.
+                self._thread = threading.Thread(
+                    target=_worker, args=(weakref.ref(self), self._cond), name="posstate-backup", daemon=True
+                )
+                weakref.finalize(self, _wake, self._cond)
+                self._thread.start()
+            else:
+                self._cond.notify_all()
+            return True
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no background backup runs or is asked for; False if *timeout* passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._busy and not self._wanted, timeout)
+
+    @property
+    def running(self) -> bool:
+        """True while a background backup is being taken."""
+        return self._busy
+
+    def close(self, timeout: float | None = None) -> str | None:
+        """Refuse new backups; wait up to *timeout* (default :data:`CLOSE_TIMEOUT`) for a running one.
+        Returns what was left behind (also logged and emitted as ``backupFailed``), or None."""
+        timeout = CLOSE_TIMEOUT if timeout is None else timeout
+        with self._cond:
+            self._closing = True  # no new request; one already asked for still runs (within the timeout)
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is None:
+            return None
+        thread.join(timeout)
+        if not thread.is_alive():
+            return None
+        if self._gate.acquire(timeout=max(timeout, 0.001)):
+            self._cancelled = True
+            self._gate.release()
+            left = (
+                f"a background backup was still running after {timeout:g} s and was cancelled before it got its "
+                "name: no backup was added; its temp file, if any, is removed by the next backup"
+            )
+        else:
+            left = (
+                f"a background backup was still running after {timeout:g} s and could not be cancelled (a file "
+                "operation is stuck): it may still add a backup, which is whole and verified if it appears"
+            )
+        log.warning("%s: close: %s", self._files.config.backup_path, left)
+        self._files.emit("backupFailed", {"path": str(self._files.config.backup_path), "reason": left, "operation": "close"})
+        return left
+
+    # ------------------------------------------------------------------ the thread
+    def _next(self) -> bool:
+        """Under the condition: take the next request (True), or say the thread should end (False)."""
+        if not self._wanted or self._cancelled:
+            self._wanted = False
+            self._cond.notify_all()
+            return False
+        self._wanted = False
+        self._busy = True
+        return True
+
+    def _run_one(self) -> None:
+        try:
+            self._once()
+        except BaseException as exc:  # a bug must not kill the thread silently  # pragma: no cover
+            log.exception("background backup failed unexpectedly")
+            self._failed(exc, "backup")
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _due(self) -> bool:
+        last = self._files.last_backup_at
+        return last is None or self.clock() - last >= self._files.config.backup_interval
+
+    def _once(self) -> None:
+        files = self._files
+        cfg = files.config
+        with self.folder_lock:
+            if not self._due():  # an explicit backup may have been taken meanwhile
+                return
+            try:
+                info = _snapcopy.copy_state_file(
+                    cfg.state_path,
+                    cfg.backup_path,
+                    options=files.read,
+                    cache=self.cache,
+                    check_account=files.check_account,
+                    max_generation=self._durable_generation,
+                    gate=self._gate,
+                    cancelled=lambda: self._cancelled,
+                )
+            except _snapcopy.Newer as newer:
+                # A save renamed a newer snapshot but has not returned: its own after_save asks again.
+                log.debug("background backup skipped: generation %s is not durable yet", newer)
+                return
+            except _snapcopy.Cancelled:
+                return  # close() reports it
+            except (PosStateError, OSError) as exc:
+                self._failed(exc, getattr(exc, "operation", "backup"))
+                return
+            self.taken += 1
+            files.last_backup_at = info.created_at.timestamp()
+            files.emit(
+                "backupCreated",
+                {
+                    "path": str(info.path),
+                    "backup_id": info.id,
+                    "generation": info.generation,
+                    "positions": info.position_count,
+                    "bytes": info.size,
+                    "background": True,
+                },
+            )
+            from posstate.backup.prune import prune_backups
+
+            try:
+                prune_backups(files, dry_run=False, cache=self.cache)
+            except (PosStateError, OSError) as exc:
+                files.emit("error", {"context": "prune after background backup", "error": str(exc)})
+                log.warning("pruning after a background backup failed: %s", exc)
+
+    def _failed(self, exc: BaseException, operation: str) -> None:
+        self.failed += 1
+        cfg = self._files.config
+        self._retry_at = self.clock() + cfg.backup_interval
+        self._files.emit("backupFailed", {"path": str(cfg.backup_path), "reason": str(exc), "operation": operation})
+        log.warning("background backup failed (retried at the first snapshot after %g s): %s", cfg.backup_interval, exc)
+
+
+def _wake(cond: threading.Condition) -> None:
+    with cond:
+        cond.notify_all()
+
+
+def _worker(ref: weakref.ref[BackupService], cond: threading.Condition) -> None:
+    """The background thread: wait for a request, run it, until the service closes or is collected."""
+    while True:
+        with cond:
+            while True:
+                svc = ref()
+                if svc is None:
+                    return
+                if svc._wanted or svc._closing:
+                    break
+                del svc  # never wait holding the service: its manager may be dropped meanwhile
+                cond.wait()
+            if not svc._next():
+                return
+        svc._run_one()
+        del svc

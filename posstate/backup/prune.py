@@ -1,0 +1,89 @@
+"""Apply retention to a backup folder: plan (every backup's full verdict), then remove and quarantine.
+
+A manager passes its :class:`~posstate.backup.verified.VerifiedCache`, so a backup fully checked once is not
+decrypted again while its trailer, size, mtime, ctime and inode are unchanged; without a cache (``posstate
+backups prune --dry-run``, no manager) every backup is read and validated fully.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from posstate.backup import backups as _backups
+from posstate.backup import retention as _retention
+from posstate.backup.verified import VerifiedCache, check_all
+from posstate.core.config import StateConfig
+from posstate.core.errors import PersistenceError
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+
+if TYPE_CHECKING:
+    from posstate.backup.files import StateFiles
+
+
+def _policy(c: StateConfig) -> _retention.Policy:
+    return _retention.Policy(
+        max_backups=c.max_backups,
+        keep_within=c.keep_within,
+        keep_hourly=c.keep_hourly,
+        keep_daily=c.keep_daily,
+        keep_weekly=c.keep_weekly,
+    )
+
+
+def plan_prune(
+    cfg: StateConfig, options: _statefile.ReadOptions, *, dry_run: bool = True, cache: VerifiedCache | None = None
+) -> _retention.PruneResult:
+    """What retention would keep, remove and quarantine now, each with its reason. Every backup's verdict
+    is a full check (decrypt + validate), from *cache* while the file is unchanged since; writes nothing and
+    takes no lock (``posstate backups prune --dry-run``)."""
+    if cache is None:
+        checked = [_backups.full_check(b, options=options)[0] for b in _backups.scan(cfg.backup_path)]
+    else:
+        checked = check_all(cfg.backup_path, options=options, cache=cache)
+    decisions = _retention.plan(checked, policy=_policy(cfg), now=datetime.now(timezone.utc))
+    kept = tuple(d for d in decisions if d.action == "keep")
+    removed = tuple(d for d in decisions if d.action == "remove")
+    quarantined = tuple(d for d in decisions if d.action == "quarantine")
+    return _retention.PruneResult(kept=kept, removed=removed, quarantined=quarantined, dry_run=dry_run)
+
+
+def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | None = None) -> _retention.PruneResult:
+    """Apply retention; only fully validated backups fill slots; damaged ones go to quarantine."""
+    cfg = files.config
+    result = plan_prune(cfg, files.read, dry_run=dry_run, cache=cache)
+    kept, removed, quarantined = result.kept, result.removed, result.quarantined
+    if dry_run:
+        return result
+    newest = next((d.backup for d in kept if d.backup.valid), None)
+    done_q: list[str] = []
+    for d in quarantined:
+        try:
+            _atomic.move_aside(d.backup.path, cfg.quarantine_dir, label="damaged-backup")
+            done_q.append(d.backup.id)
+        except OSError as exc:
+            raise PersistenceError(d.backup.path, operation="quarantine damaged backup", cause=exc) from exc
+    done_r: list[str] = []
+    if removed:
+        # Redundant only while the backups that make it so are still there.
+        if newest is None or not fs.exists(newest.path):
+            raise PersistenceError(cfg.backup_path, operation="prune", reason="the newest valid backup vanished; nothing removed")
+        for d in removed:
+            try:
+                fs.unlink(d.backup.path)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise PersistenceError(d.backup.path, operation="remove redundant backup", cause=exc) from exc
+            done_r.append(d.backup.id)
+        try:
+            fs.fsync_dir(cfg.backup_path)
+        except OSError as exc:
+            raise PersistenceError(cfg.backup_path, operation="fsync backup directory", cause=exc) from exc
+    gens = [d.backup.generation for d in kept if d.backup.generation is not None]
+    files.tombstone_floor = min(gens) if gens else None
+    if done_r or done_q:
+        files.emit("backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)})
+    return result

@@ -1,0 +1,139 @@
+"""A backup as a copy of the state file: the newest durable snapshot, verified, never encoded again.
+
+The steps (docs/RECOVERY.md, "Backups"): sweep temps a killed backup left; read the state file once; check
+its header and SHA-256 checksum, then (with the key) decrypt and validate those bytes, and check the account;
+write them to a temp file in the backup folder and fsync it; link the temp to the backup's timestamped name
+(never replacing a file) and remove the temp; fsync the folder; read the backup back and require the same
+bytes with a holding checksum. A SIGKILL at any step leaves either no backup or a whole copy of bytes that
+were fully verified before they got the name (a temp, never listed as a backup, is swept by the next backup).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from posstate.backup import backups as _backups
+from posstate.backup.backups import BackupInfo
+from posstate.backup.verified import VerifiedCache, probe
+from posstate.core.errors import PersistenceError, PosStateError
+from posstate.model.document import StateData
+from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+
+
+class Cancelled(Exception):
+    """The owner closed while this backup ran: it stopped before giving the backup its name."""
+
+
+class Newer(Exception):
+    """The state file holds a snapshot newer than the newest one known durable (a save in progress)."""
+
+
+def copy_state_file(
+    state_path: Path,
+    backup_dir: Path,
+    *,
+    options: _statefile.ReadOptions,
+    cache: VerifiedCache,
+    check_account: Callable[[StateData], None],
+    max_generation: int | None = None,
+    gate: threading.Lock | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+    now: float | None = None,
+) -> BackupInfo:
+    """Copy the state file into *backup_dir* as a new verified timestamped backup; return its info.
+
+    *max_generation*: refuse (:class:`Newer`) a file of a higher generation (its save has not returned yet).
+    *gate*/*cancelled*: the name is given under *gate* and only if not *cancelled* (:class:`Cancelled`).
+    On failure nothing new is listed in *backup_dir* (PersistenceError names the step; a source that does
+    not verify raises what reading it raises: CorruptStateError, WrongKeyError ...).
+    """
+    _backups.sweep_temps(backup_dir)
+    data = _statefile.read_bytes(state_path, what="saved state", max_size=options.max_file_bytes)
+    header = _codec.inspect(data, path=state_path)  # header + checksum, no key needed
+    if max_generation is not None and header.generation > max_generation:
+        raise Newer(header.generation)
+    loaded = _statefile.parse(data, path=state_path, options=options)  # decrypt + validate, once
+    check_account(loaded.state)
+    now = time.time() if now is None else now
+    stamp = _backups.stamp_at(now)
+    try:
+        fs.ensure_dir(backup_dir)
+    except OSError as exc:
+        raise PersistenceError(backup_dir, operation="create backup directory", cause=exc) from exc
+    try:
+        target, backup_id = _place(data, backup_dir, stamp, gate=gate, cancelled=cancelled)
+    finally:
+        _backups.sweep_temps(backup_dir)  # a temp whose removal failed (the backup itself may be in place)
+    try:
+        seen = probe(target)  # before the read-back: a change after it is never trusted from the cache
+        back = fs.read_file(target, max_size=options.max_file_bytes)
+        if back != data:
+            raise OSError(5, "backup read back differs from the verified state file")
+        _codec.inspect(back, path=target)
+    except (OSError, PosStateError) as exc:
+        _atomic.quiet_unlink(target)  # a copy of a file still in place: redundant by construction
+        with contextlib.suppress(OSError):
+            fs.fsync_dir(backup_dir)
+        cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
+        raise PersistenceError(target, operation="verify backup", cause=cause) from exc
+    info = BackupInfo(
+        id=backup_id,
+        path=target,
+        created_at=datetime.strptime(backup_id[:15], "%Y%m%d_%H%M%S").replace(tzinfo=timezone.utc),  # the id used
+        generation=header.generation,
+        size=len(data),
+        position_count=header.position_count,
+        key_id=header.key_id if header.encrypted else None,
+        valid=True,
+        written_at=datetime.fromtimestamp(header.written_at_ms / 1000, tz=timezone.utc),
+    )
+    if seen is not None:
+        cache.remember(target.name, seen, info)
+    return info
+
+
+def _place(
+    data: bytes, backup_dir: Path, stamp: str, *, gate: threading.Lock | None, cancelled: Callable[[], bool]
+) -> tuple[Path, str]:
+    """Write *data* to an fsynced temp, link it to the first free name of *stamp*, drop the temp, fsync the
+    folder. Returns the backup's path and id."""
+    first = backup_dir / _backups.file_name(stamp)
+    try:
+        tmp = _atomic.write_temp(first, data)
+    except _atomic.WriteFailed as wf:
+        raise PersistenceError(first, operation=f"backup {wf.step}", cause=wf.cause) from wf.cause
+    try:
+        for backup_id in _backups.fresh_ids(backup_dir, stamp):
+            target = backup_dir / _backups.file_name(backup_id)
+            with gate if gate is not None else contextlib.nullcontext():
+                if cancelled():
+                    raise Cancelled(str(target))
+                try:
+                    fs.link(tmp, target)
+                except FileExistsError:
+                    continue  # another backup took this name in this second
+                except OSError as exc:
+                    if exc.errno not in _atomic._NO_LINKS:
+                        raise PersistenceError(target, operation="backup link", cause=exc) from exc
+                    _atomic.commit(tmp, target)  # no hard links here: rename (we hold the folder)
+            break
+        else:  # pragma: no cover - ten thousand backups in one second
+            raise PersistenceError(backup_dir, operation="backup name", reason="no free backup name in this second")
+    except _atomic.WriteFailed as wf:
+        raise PersistenceError(backup_dir, operation=f"backup {wf.step}", cause=wf.cause) from wf.cause
+    finally:
+        _atomic.quiet_unlink(tmp)
+    try:
+        fs.fsync_dir(backup_dir)
+    except OSError as exc:
+        _atomic.quiet_unlink(target)
+        raise PersistenceError(backup_dir, operation="backup fsync_dir", cause=exc) from exc
+    return target, backup_id

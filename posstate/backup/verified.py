@@ -1,0 +1,126 @@
+"""The verified-backup cache: a backup fully checked once is not decrypted again while it is unchanged.
+
+Pruning needs every backup's full verdict (only a backup that decrypts and validates fills a retention
+slot), and decrypting every backup on every prune costs seconds per backup at 100,000 positions. A manager
+remembers, per backup file name, the verdict of its last full check together with what the file looked like
+*before* that check read it: its keyless SHA-256 trailer, size, mtime, ctime and inode. A later prune trusts
+the verdict only while all five still match (four syscalls per backup: open, fstat, pread of the trailer,
+close); anything else, a rewrite, a bit flip that reset the mtime (the ctime moves), a file renamed over it
+(the inode changes), is checked fully again.
+
+The cache lives in memory, one per manager, and is never written to disk: nothing on disk can plant a
+verdict. Full verification always happens, cache or not, when a backup is created, on ``backups verify``,
+and before a backup is used to restore, recover or repair (those paths read and validate the file itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from posstate.backup import backups as _backups
+from posstate.backup.backups import BackupInfo
+from posstate.core.errors import PersistenceError
+from posstate.storage import container as _format
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What a backup file looks like without reading its body: the identity a cached verdict is bound to."""
+
+    trailer: bytes
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+
+def probe(path: Path) -> Probe | None:
+    """The trailer and metadata of *path*, from one descriptor (None: not a readable regular file)."""
+    try:
+        fd = fs.open_(path, fs.O_READ | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        st = fs.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < _format.TRAILER_SIZE:
+            return None
+        tail = fs.pread(fd, _format.TRAILER_SIZE, st.st_size - _format.TRAILER_SIZE)
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            fs.close(fd)
+    return Probe(trailer=tail, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+
+
+class VerifiedCache:
+    """Full verdicts by backup file name, each bound to the :class:`Probe` taken before its check.
+
+    Not thread-safe on its own: the backup service uses it under its directory lock."""
+
+    __slots__ = ("_entries", "full_checks")
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Probe, BackupInfo]] = {}
+        #: How many full checks (decrypt + validate) this cache has run: tests and benchmarks read it.
+        self.full_checks = 0
+
+    def remember(self, name: str, seen: Probe, info: BackupInfo) -> None:
+        self._entries[name] = (seen, info)
+
+    def lookup(self, name: str, seen: Probe | None) -> BackupInfo | None:
+        """The cached verdict for *name*, only if the file still looks exactly as when it was checked."""
+        entry = self._entries.get(name)
+        if entry is None or seen is None or entry[0] != seen:
+            return None
+        return entry[1]
+
+    def forget(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    def keep_only(self, names: set[str]) -> None:
+        for gone in [n for n in self._entries if n not in names]:
+            del self._entries[gone]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: VerifiedCache) -> list[BackupInfo]:
+    """Every backup in *backup_dir*, newest first, each with its full verdict: from *cache* when the file is
+    unchanged since it was checked, else read, decrypted and validated now (and remembered)."""
+    try:
+        names = fs.listdir(backup_dir)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise PersistenceError(backup_dir, operation="list backups", cause=exc) from exc
+    out: list[BackupInfo] = []
+    present: set[str] = set()
+    for name in names:
+        parsed = _backups.parse_name(name)
+        if parsed is None:
+            continue
+        present.add(name)
+        path = backup_dir / name
+        seen = probe(path)  # before the read: a change after it never gets the old verdict
+        cached = cache.lookup(name, seen)
+        if cached is not None:
+            out.append(cached)
+            continue
+        info, _ = _backups.full_check(_backups.inspect_file(path, parsed[0], parsed[1]), options=options)
+        cache.full_checks += 1
+        if seen is not None and not info.unreadable:
+            cache.remember(name, seen, info)
+        else:
+            cache.forget(name)
+        out.append(info)
+    cache.keep_only(present)
+    out.sort(key=lambda b: b.sort_key, reverse=True)
+    return out
