@@ -19,6 +19,7 @@ verified one; a temp file is swept by the next backup (docs/RECOVERY.md, docs/JO
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -73,6 +74,16 @@ class BackupService:
         #: Backups taken and failed in the background (for tests and the benchmark).
         self.taken = 0
         self.failed = 0
+        _services.add(self)
+
+    def _orphan(self) -> None:
+        """In a forked child (see :func:`_after_fork_in_child`)."""
+        self.folder_lock = threading.RLock()
+        self._cond = threading.Condition()
+        self._gate = threading.Lock()
+        self._thread = None
+        self._busy = self._wanted = False
+        self._closing = True
 
     def note_snapshot(self, generation: int) -> None:
         """A snapshot of *generation* is durable (the state file holds it or a newer one)."""
@@ -82,20 +93,31 @@ class BackupService:
     def request(self) -> bool:
         """Ask for a timed backup; returns at once. False when closing or waiting to retry after a failure."""
         with self._cond:
-            if self._closing or self.clock() < self._retry_at:
+            now = self.clock()
+            interval = self._files.config.backup_interval
+            if self._retry_at > now + interval:  # the clock was stepped back after the failure: wait from now
+                self._retry_at = now + interval
+            if self._closing or now < self._retry_at:
                 return False
             self._wanted = True
-            if self._thread is None:  # started once, then it waits for work: a request is only a notify
-                # The thread holds the service weakly: a manager dropped without close() is still collected
-                # (and its writer lock freed); the finalizer wakes the thread to end.
-                self._thread = threading.Thread(
-                    target=_worker, args=(weakref.ref(self), self._cond), name="posstate-backup", daemon=True
-                )
-                weakref.finalize(self, _wake, self._cond)
-                self._thread.start()
-            else:
+            if self._thread is not None:  # started once, then it waits for work: a request is only a notify
                 self._cond.notify_all()
-            return True
+                return True
+            # The thread holds the service weakly: a manager dropped without close() is still collected
+            # (and its writer lock freed); the finalizer wakes the thread to end (never in a forked child).
+            thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._cond), name="posstate-backup", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no thread can be started now: the caller's save stands; reported below
+                self._wanted = False
+                failed: RuntimeError | None = exc
+            else:
+                self._thread, failed = thread, None
+                weakref.finalize(self, _wake, self._cond, os.getpid())
+        if failed is not None:
+            self._failed(failed, "start backup thread")
+            return False
+        return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no background backup runs or is asked for; False if *timeout* passed first."""
@@ -159,8 +181,7 @@ class BackupService:
                 self._cond.notify_all()
 
     def _due(self) -> bool:
-        last = self._files.last_backup_at
-        return last is None or self.clock() - last >= self._files.config.backup_interval
+        return due(self._files, self.clock())
 
     def _once(self) -> None:
         files = self._files
@@ -189,7 +210,8 @@ class BackupService:
                 self._failed(exc, getattr(exc, "operation", "backup"))
                 return
             self.taken += 1
-            files.last_backup_at = info.created_at.timestamp()
+            # The name's second may be later than now (the clock was stepped back): count the interval from now.
+            files.last_backup_at = min(info.created_at.timestamp(), self.clock())
             files.emit(
                 "backupCreated",
                 {
@@ -217,9 +239,35 @@ class BackupService:
         log.warning("background backup failed (retried at the first snapshot after %g s): %s", cfg.backup_interval, exc)
 
 
-def _wake(cond: threading.Condition) -> None:
+def due(files: StateFiles, now: float) -> bool:
+    """A timed backup is due: none yet, or ``backup_interval`` passed since the newest. A newest backup dated
+    after *now* (the clock was stepped back, or a later name was planted) counts as taken now: the interval
+    restarts from the new time instead of waiting for the clock to catch up."""
+    last = files.last_backup_at
+    if last is not None and last > now:
+        files.last_backup_at = last = now
+    return last is None or now - last >= files.config.backup_interval
+
+
+def _wake(cond: threading.Condition, pid: int) -> None:
+    if os.getpid() != pid:  # a forked child: the thread is not here, and the parent's thread may hold *cond*
+        return
     with cond:
         cond.notify_all()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no backup thread: fresh locks (one may be held by a thread of the parent that does
+    not exist here), nothing running, and no new backup (the child never writes, issue 12.6)."""
+    global _create_lock
+    _create_lock = threading.Lock()
+    for svc in list(_services):
+        svc._orphan()
+
+
+_services: weakref.WeakSet[BackupService] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _worker(ref: weakref.ref[BackupService], cond: threading.Condition) -> None:

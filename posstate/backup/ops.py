@@ -105,7 +105,7 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
             )
             log.warning("backup failed: %s", exc)
             raise
-        files.last_backup_at = info.created_at.timestamp()
+        files.last_backup_at = min(info.created_at.timestamp(), svc.clock())  # a later name: the clock went back
         files.emit(
             "backupCreated",
             {
@@ -165,7 +165,7 @@ def after_save(files: StateFiles, state: StateData) -> None:
         found = _backups.names_only(files.config.backup_path)
         last = found[0][1].timestamp() if found else float("-inf")
         files.last_backup_at = last
-    if svc.clock() - last < files.config.backup_interval:
+    if not _background.due(files, svc.clock()):
         return
     svc.request()
 
