@@ -103,8 +103,9 @@ class BackupService:
             if self._thread is not None:  # started once, then it waits for work: a request is only a notify
                 self._cond.notify_all()
                 return True
-            # The thread holds the service weakly: a manager dropped without close() is still collected
-            # (and its writer lock freed); the finalizer wakes the thread to end (never in a forked child).
+            # The thread holds the service weakly: a manager dropped without close() is still collected (its
+            # writer lock stays held until the process ends); the finalizer wakes the thread to end (never in a
+            # forked child).
             thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._cond), name="posstate-backup", daemon=True)
             try:
                 thread.start()
