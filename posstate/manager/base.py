@@ -255,10 +255,8 @@ class ManagerCore:
             except OSError as exc:
                 raise PersistenceError(tmp, operation="clean up leftover temp file", cause=exc) from exc
 
-    # Implemented further down the chain (manager/commit.py, manager/admin.py); declared here for the
-    # lifecycle code that calls them.
-    def _commit(self, st: StateData, entries: dict[PositionKey, dict[str, Any]]) -> int:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # defined further down the chain (manager/commit.py, manager/admin.py)
 
-    def validate_state(self, positions: PositionsInput | None = None) -> ValidationReport:
-        raise NotImplementedError
+        def _commit(self, st: StateData, entries: dict[PositionKey, dict[str, Any]]) -> int: ...
+
+        def validate_state(self, positions: PositionsInput | None = None) -> ValidationReport: ...
