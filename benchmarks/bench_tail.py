@@ -72,18 +72,18 @@ def prepare(d: Path, n: int, mode: str, backup_interval: float) -> PositionState
     cfg = StateConfig.in_dir(d, durability=mode, backup_interval=backup_interval)  # type: ignore[arg-type]
     m = PositionStateManager(cfg, key=KEY)
     m.save_positions([position(i, 1) for i in range(n)])
-    state = m._state.copy()  # noqa: SLF001 (benchmark setup: the 24 backups, written without pruning)
+    state = m._state.copy()
     now = time.time()
     for k in range(24):
         _backups.write_backup(
             state,
             backup_dir=cfg.backup_path,
-            keyring=m._write_keyring,  # noqa: SLF001
+            keyring=m._write_keyring,
             compression_level=cfg.compression_level,
-            options=m._read,  # noqa: SLF001
+            options=m._read,
             now=now - 3600 * (24 - k),
         )
-    m._files.last_backup_at = None  # noqa: SLF001 (look again: the newest is an hour old, a backup is due)
+    m._files.last_backup_at = None
     return m
 
 
@@ -140,9 +140,9 @@ def run_floor(d: Path, calls: int, record_bytes: int) -> list[float]:
 
 
 def record_bytes(m: PositionStateManager) -> int:
-    before = m._journal.size  # noqa: SLF001
+    before = m._journal.size
     m.set_position(position(0, 999_999))
-    return max(64, m._journal.size - before)  # noqa: SLF001
+    return max(64, m._journal.size - before)
 
 
 def main() -> int:
@@ -175,8 +175,18 @@ def main() -> int:
             if n == max(sizes):
                 for name, vals in (("sync", ts), (f"group x{THREADS}", tg)):
                     st = stats(vals)
-                    targets.append((f"{name} @ {n:,}: max {st['max'] * 1e3:.2f} ms <= 2x floor max {fstat['max'] * 1e3:.2f} ms", st["max"] <= 2 * fstat["max"]))
-                    targets.append((f"{name} @ {n:,}: p99.9 {st['p99.9'] * 1e3:.3f} ms <= 1.5x floor p99.9 {fstat['p99.9'] * 1e3:.3f} ms", st["p99.9"] <= 1.5 * fstat["p99.9"]))
+                    targets.append(
+                        (
+                            f"{name} @ {n:,}: max {st['max'] * 1e3:.2f} ms <= 2x floor max {fstat['max'] * 1e3:.2f} ms",
+                            st["max"] <= 2 * fstat["max"],
+                        )
+                    )
+                    targets.append(
+                        (
+                            f"{name} @ {n:,}: p99.9 {st['p99.9'] * 1e3:.3f} ms <= 1.5x floor p99.9 {fstat['p99.9'] * 1e3:.3f} ms",
+                            st["p99.9"] <= 1.5 * fstat["p99.9"],
+                        )
+                    )
             shutil.rmtree(root / f"sync-{n}", ignore_errors=True)
             shutil.rmtree(root / f"group-{n}", ignore_errors=True)
     finally:
