@@ -96,6 +96,10 @@ def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = 
         # (refusing it would make recovery roll an authentic state back to an older copy).
         skew = math.inf if header.encrypted else options.clock_skew
         state = _document.decode_document(doc, path=path, now=now, skew=skew)
+        # Free the parsed document while the collector is still paused: what the state did not take from it
+        # (every position's dicts) is then gone before the collector's first pass, which otherwise walks
+        # it all once more only to find it garbage (issue 14.5).
+        del doc
         if header.encrypted and header.written_at_ms > ((time.time() if now is None else now) + options.clock_skew) * 1000:
             log.warning("%s: written at %s, in the future by this host's clock (clock moved back?)", path, state.written_at)
     _check_header_matches(header, state, path)
@@ -155,9 +159,13 @@ def encode(
     import socket  # loaded on the first save, not when posstate is imported
 
     state.writer = {"host": socket.gethostname()[:255], "pid": os.getpid(), "version": __version__}
-    doc = _document.build_document(state, entries)
+    # Every position's entry is built here (issue 14.4: none is kept between saves); the collector is paused
+    # meanwhile, as for a load: these objects hold no cycle and are freed by reference counting, but a
+    # collection triggered while they are made would walk the whole state in memory for nothing.
+    with _document.pause_gc():
+        text = _document.dumps(_document.build_document(state, entries))
     encoded = _codec.encode(
-        _document.dumps(doc),
+        text,
         generation=state.generation,
         written_at_ms=now_ms,
         position_count=len(state.positions),
