@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from test_journal_security import KEY, authentic, held, make, pos, snapshot_jour
 
 from posstate import CorruptStateError, PosStateError
 from posstate.journal import format as jf
+from posstate.selftest.harness import copy_tree
 from posstate.storage import crypto as _crypto
 
 HUGE = 2**60  # above the 2**53 - 1 a snapshot's journal.seq may hold
@@ -106,7 +106,7 @@ def test_records_of_two_copies_of_one_journal_do_not_splice(tmp_path: Path) -> N
     attacker must not build a history neither copy wrote by taking record 2 from one and record 3 from the other."""
     a, b = tmp_path / "a", tmp_path / "b"
     authentic(a)  # the journal exists (one record) before the copy
-    shutil.copytree(a, b)
+    copy_tree(a, b)
     for d, tag in ((a, "X"), (b, "Y")):
         with make(d) as m:
             m.load_positions()

@@ -19,7 +19,7 @@ from posstate import CorruptStateError, Position, PositionStateManager, StateCon
 from posstate.backup import background as _background
 from posstate.backup import backups as _backups
 from posstate.backup import ops as _backup_ops
-from posstate.selftest.harness import MUTATING, MUTATING_AND_READS, Fault, HarnessOps
+from posstate.selftest.harness import MUTATING, MUTATING_AND_READS, Fault, HarnessOps, copy_tree
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 
@@ -405,7 +405,7 @@ def test_sigkill_at_every_operation_of_a_background_backup(tmp_path: Path) -> No
         pass
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     probe = tmp_path / "probe"
-    shutil.copytree(seed, probe)
+    copy_tree(seed, probe)
     out = subprocess.run([sys.executable, "-c", _CHILD, str(probe), "0", "before"], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     total = int(out.stdout.strip())
@@ -414,7 +414,7 @@ def test_sigkill_at_every_operation_of_a_background_backup(tmp_path: Path) -> No
     for k in range(1, total + 1):
         for when in ("before", "after"):
             d = tmp_path / f"k{k}{when}"
-            shutil.copytree(seed, d)
+            copy_tree(seed, d)
             run = subprocess.run([sys.executable, "-c", _CHILD, str(d), str(k), when], env=env, capture_output=True)
             assert run.returncode == -signal.SIGKILL, (k, when, run.stderr)
             assert (d / "positions.json").read_bytes() == state_bytes

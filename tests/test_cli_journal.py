@@ -23,6 +23,7 @@ from posstate.journal.current import read_current
 from posstate.manager.manager import PositionStateManager
 from posstate.model import document as _document
 from posstate.model.position import Position
+from posstate.selftest.harness import copy_tree
 from posstate.storage import fileops as fs
 from posstate.storage.container import parse_header
 from posstate.storage.crypto import Keyring, encode_key_text, generate_key
@@ -365,7 +366,7 @@ def test_import_failure_at_any_step_is_all_or_nothing(state: Path, key: bytes, k
     the old one ("nothing was imported") or the whole new one; the message says which; a rerun succeeds."""
     src = _import_doc(tmp_path)
     template = tmp_path / "template"
-    shutil.copytree(state, template)
+    copy_tree(state, template)
     old = _positions(state, key)
     new = {("X", "long"): pos("X", "7"), ("A", "long"): pos("A", "9")}
     rec = Recorder()
@@ -376,7 +377,7 @@ def test_import_failure_at_any_step_is_all_or_nothing(state: Path, key: bytes, k
     outcomes = set()
     for k in range(1, total + 1):
         work = tmp_path / f"run{k}"
-        shutil.copytree(template, work)
+        copy_tree(template, work)
         with fs.use(Recorder(fail_at=k)):
             r = run([*keyed(work, key_file), "import", str(src), "--yes"])
         on_disk = _positions(work, key)

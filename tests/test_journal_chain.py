@@ -16,6 +16,7 @@ from posstate.journal import files as _jfiles
 from posstate.journal import format as jf
 from posstate.journal import records as _records
 from posstate.model import ops as jops
+from posstate.selftest.harness import copy_tree
 from posstate.storage import crypto as _crypto
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def _two_copies_spliced(tmp_path: Path) -> Path:
     with copy B's record 3 (authentic records, header identical in both)."""
     a, b = tmp_path / "a", tmp_path / "b"
     authentic(a)
-    shutil.copytree(a, b)
+    copy_tree(a, b)
     for d, tag in ((a, "X"), (b, "Y")):
         with make(d) as m:
             m.load_positions()

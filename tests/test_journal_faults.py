@@ -18,6 +18,7 @@ from posstate import OutcomeUnknownError, PersistenceError, PositionStateManager
 from posstate.journal import format as jf
 from posstate.journal.files import _temp_seq
 from posstate.model.position import Position
+from posstate.selftest.harness import copy_tree
 from posstate.storage import fileops as fs
 
 KEY = bytes(range(32))
@@ -218,7 +219,7 @@ def test_oserror_at_each_file_operation(tmp_path: Path, kind: str, mode: str) ->
     base = tmp_path / "base"
     _scenario(base, kind)
     probe = tmp_path / "probe"
-    shutil.copytree(base, probe)
+    copy_tree(base, probe)
     counter = FaultAt(None)
     with make(probe, journal_max_records=3, durability=mode) as m:
         m.load_positions()
@@ -228,7 +229,7 @@ def test_oserror_at_each_file_operation(tmp_path: Path, kind: str, mode: str) ->
     assert total >= 2
     for k in range(total):
         d = tmp_path / f"k{k}"
-        shutil.copytree(base, d)
+        copy_tree(base, d)
         unknown = False
         with make(d, journal_max_records=3, durability=mode) as m:
             m.load_positions()
@@ -305,7 +306,7 @@ def test_crash_at_each_compaction_step(tmp_path: Path) -> None:
     finished = False
     while not finished:
         d = tmp_path / f"k{k}"
-        shutil.copytree(base, d)
+        copy_tree(base, d)
         out = subprocess.run([sys.executable, "-c", _CHILD, str(d), str(k)], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode in (0, 3), out.stderr
         finished = out.returncode == 0

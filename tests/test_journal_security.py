@@ -22,6 +22,7 @@ from posstate.journal import records as _records
 from posstate.journal.current import read_current
 from posstate.model import ops as jops
 from posstate.model.position import Position
+from posstate.selftest.harness import copy_tree
 from posstate.storage import crypto as _crypto
 from posstate.storage import statefile as _statefile
 from posstate.storage.container import OFFSETS, trailer_for
@@ -195,7 +196,7 @@ def test_copied_directory_both_copies_writing_never_repeat_a_nonce(tmp_path: Pat
     """issue 12.3: a state directory copied to a second machine, both copies go on writing the same journal."""
     a, b = tmp_path / "a", tmp_path / "b"
     _write(a, "X")
-    shutil.copytree(a, b)
+    copy_tree(a, b)
     _write(a, "A")
     _write(b, "B")
     assert (
@@ -213,11 +214,11 @@ def test_reverted_vm_mid_session_never_repeats_a_nonce(tmp_path: Path, sealed: l
     with make(a) as m:
         m.set_position(pos("X", "1"))
         m.set_position(pos("X", "2"))
-        shutil.copytree(a, saved, ignore=shutil.ignore_patterns("*.lock"))  # the VM's disk at this instant
+        copy_tree(a, saved, ignore=shutil.ignore_patterns("*.lock"))  # the VM's disk at this instant
         m.set_position(pos("X", "3"))
         m.set_position(pos("X", "4"))
     shutil.rmtree(a)
-    shutil.copytree(saved, a)
+    copy_tree(saved, a)
     _write(a, "Y", 2)
     _no_repeats(sealed)
 
@@ -244,10 +245,10 @@ def test_old_backup_restored_and_continued_never_repeats_a_nonce(tmp_path: Path,
     posstate's own backup restore, then writing goes on."""
     d, old = tmp_path / "s", tmp_path / "old"
     _write(d, "A")
-    shutil.copytree(d, old)
+    copy_tree(d, old)
     _write(d, "B")
     shutil.rmtree(d)
-    shutil.copytree(old, d)
+    copy_tree(old, d)
     _write(d, "C")
     with make(d) as m:
         m.create_backup()

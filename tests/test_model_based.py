@@ -43,7 +43,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from posstate import PersistenceError, PositionStateManager, PosStateError, StateConfig, generate_key
 from posstate.model.position import Position, PositionKey
-from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps
+from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps, copy_tree
 from posstate.storage import fileops as fs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -416,7 +416,7 @@ class ManagerMachine(RuleBasedStateMachine):
         and a new one starts on what the disk holds: a copy of the directory, opened by a fresh manager."""
         assert self.m is not None
         crashed = self.dir / f"s{len(list(self.dir.iterdir()))}"
-        shutil.copytree(self.state_dir, crashed)
+        copy_tree(self.state_dir, crashed)
         self.m.close()
         self.state_dir = crashed
         self._open()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import collections
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from posstate import CorruptStateError, Position, PositionStateManager, StateConfig, generate_key
+from posstate.selftest.harness import copy_tree
 from posstate.selftest.scenarios import damage_cases, sized_state
 from posstate.storage.crypto import Keyring
 from posstate.storage.statefile import ReadOptions, parse
@@ -64,7 +64,7 @@ def _recovery_dirs(state: State, work: Path, sample: int) -> list[tuple[str, Pat
     out = []
     for i, (family, label, damaged) in enumerate(picks):
         case = work / f"c{i}"
-        shutil.copytree(d, case)
+        copy_tree(d, case)
         (case / "positions.json").write_bytes(damaged)
         out.append((f"{family} {label}", case))
     return out

@@ -30,7 +30,7 @@ from posstate.core.config import StateConfig
 from posstate.core.errors import PosStateError
 from posstate.manager.manager import PositionStateManager
 from posstate.model.position import Position, PositionKey
-from posstate.selftest.harness import MUTATING, Action, Fault, HarnessOps
+from posstate.selftest.harness import MUTATING, Action, Fault, HarnessOps, copy_tree
 from posstate.storage import fileops as _fileops
 
 SYMBOLS = tuple(f"C{n:02d}/USDT:USDT" for n in range(12))
@@ -202,7 +202,7 @@ def crash_matrix(
         for when in ("before", "after"):
             d = work / f"k{k}-{when}"
             if warmup:
-                shutil.copytree(base, d)
+                copy_tree(base, d)
             run = run_child(d, key=key, saves=saves, crash_save=crash_save, crash_at=k, crash_when=when)
             if run.returncode == 0:
                 finished = True

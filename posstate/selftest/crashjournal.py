@@ -34,7 +34,7 @@ from posstate.core.errors import PosStateError
 from posstate.manager.manager import PositionStateManager
 from posstate.model.position import Position, PositionKey
 from posstate.selftest.crashchild import _child_env
-from posstate.selftest.harness import MUTATING, Action, Fault, HarnessOps
+from posstate.selftest.harness import MUTATING, Action, Fault, HarnessOps, copy_tree
 from posstate.storage import fileops as _fileops
 
 #: Symbols a single-threaded run cycles through (update i sets symbol i % len).
@@ -231,7 +231,7 @@ def check_after_kill(
 def probe_updates(base: Path, work: Path, *, key: bytes, updates: int, max_records: int) -> dict[int, list[str]]:
     """The mutating operations of each update a child makes from a copy of *base* (deterministic)."""
     d = work / "probe"
-    shutil.copytree(base, d)
+    copy_tree(base, d)
     _, rep = run_child(d, key=key, updates=updates, max_records=max_records, extra=("--probe",))
     shutil.rmtree(d)
     return rep.ops
@@ -271,7 +271,7 @@ def journal_matrix(
                 continue
             for when in ("before", "after"):
                 d = work / f"{kind}-k{k}-{when}"
-                shutil.copytree(base, d)
+                copy_tree(base, d)
                 extra = ("--crash-update", str(u), "--crash-at", str(k), "--crash-when", when)
                 rc, rep = run_child(d, key=key, updates=u, max_records=max_records, extra=extra)
                 if rc == 0:

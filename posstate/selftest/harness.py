@@ -11,8 +11,10 @@ is armed.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -285,3 +287,16 @@ def crash() -> None:
 
 
 __all__ = ["ERRNOS", "MUTATING", "MUTATING_AND_READS", "Action", "Fault", "HarnessOps", "Op", "crash"]
+
+
+def _copy_if_present(src: str, dst: str) -> None:
+    # Renamed or removed while the tree was copied (a temp of a background backup): not in the image.
+    with contextlib.suppress(FileNotFoundError):
+        shutil.copy2(src, dst)
+
+
+def copy_tree(src: StrPath, dst: StrPath, **kw: object) -> None:
+    """``shutil.copytree`` of a directory a live manager may be writing (its background backup thread makes and
+    removes temps): a file that vanishes between the listing and the copy is simply not in the copy, as if
+    the image had been taken a moment later for that file."""
+    shutil.copytree(src, dst, copy_function=_copy_if_present, **kw)  # type: ignore[arg-type]

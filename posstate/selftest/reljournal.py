@@ -20,7 +20,7 @@ from posstate.journal import format as jf
 from posstate.manager.manager import PositionStateManager
 from posstate.model.position import Position, PositionKey
 from posstate.selftest.crashjournal import config, counters, expected_positions, update_position
-from posstate.selftest.harness import Fault, HarnessOps, Op
+from posstate.selftest.harness import Fault, HarnessOps, Op, copy_tree
 from posstate.selftest.replay import CrashState, crash_states, materialize, snapshot
 from posstate.storage import fileops as _fileops
 
@@ -152,7 +152,7 @@ def _temps(d: Path) -> list[str]:
 
 def fault_case(base: Path, d: Path, *, key: bytes, fault: Fault, max_records: int = 6) -> FaultResult:
     """One fault during an update made from a copy of *base* (see module docstring for the promises)."""
-    shutil.copytree(base, d)
+    copy_tree(base, d)
     cfg = config(d, max_records=max_records)
     m = PositionStateManager(cfg, key=key)
     try:
@@ -172,7 +172,7 @@ def fault_case(base: Path, d: Path, *, key: bytes, fault: Fault, max_records: in
         memory = m.get_positions()
         memory_ok = memory == (new if outcome == "succeeded" else old)
         copy = d.with_name(d.name + "-disk")  # the manager holds the lock: load a copy of what is on disk
-        shutil.copytree(d, copy)
+        copy_tree(d, copy)
         try:
             with PositionStateManager(config(copy, max_records=max_records), key=key) as m2:
                 disk = m2.load_positions()
@@ -220,7 +220,7 @@ def ops_of_update(work: Path, *, key: bytes, kind: str, counted: frozenset[str],
     base = work / f"base-{kind}"
     warm(base, key=key, kind=kind, max_records=max_records)
     probe = work / f"probe-{kind}"
-    shutil.copytree(base, probe)
+    copy_tree(base, probe)
     with PositionStateManager(config(probe, max_records=max_records), key=key) as m:
         i = counters(m.load_positions()).get(0, 0) + 1
         ops = HarnessOps()

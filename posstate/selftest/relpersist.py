@@ -22,7 +22,7 @@ from posstate.manager.manager import PositionStateManager
 from posstate.model.position import Position, PositionKey
 from posstate.selftest.crashchild import save_step, workload
 from posstate.selftest.crashjournal import config, counters, update_position
-from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps
+from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps, copy_tree
 from posstate.selftest.reljournal import warm
 from posstate.storage import fileops as _fileops
 
@@ -104,7 +104,7 @@ def persistent_base(work: Path, *, key: bytes, kind: str, mode: str, max_records
     else:
         warm(base, key=key, kind=kind, max_records=max_records)
     probe = work / f"probe-{kind}-{mode}"
-    shutil.copytree(base, probe)
+    copy_tree(base, probe)
     ops = HarnessOps()
     with PositionStateManager(_config(probe, kind, mode, max_records), key=key) as m:
         _, attempts = _attempts(m, kind)
@@ -133,7 +133,7 @@ def persistent_fault_case(
     """From a copy of *base*, every counted file operation from the *at*-th on fails with *errno*, from the
     update (*kind*, *mode*) until the process ends (*ending*); then a fresh manager opens the directory on
     a healthy disk and must load what the callers were told."""
-    shutil.copytree(base, d)
+    copy_tree(base, d)
     crashed = d.with_name(d.name + "-crash")
     ops = HarnessOps(fault=Fault(at=at, errno=errno, persistent=True, ops=MUTATING_AND_READS))
     outcomes: list[str] = []
@@ -158,7 +158,7 @@ def persistent_fault_case(
                 m.close()  # never raises: a snapshot it cannot write at close is logged
         target = d
         if ending == "crash":  # the process dies here; the next one starts on what the disk holds
-            shutil.copytree(d, crashed)
+            copy_tree(d, crashed)
             target = crashed
     finally:
         m.close()
