@@ -28,34 +28,16 @@ import sys
 import tempfile
 import threading
 import time
-from decimal import Decimal
 from pathlib import Path
 
-from posstate import Position, PositionStateManager, StateConfig
+from bench_journal import pct, position  # the same positions and percentiles as the journal benchmark
+
+from posstate import PositionStateManager, StateConfig
 from posstate.backup import backups as _backups
 from posstate.storage import fileops as fs
 
 KEY = bytes(range(32))
 THREADS = 4
-
-
-def position(i: int, contracts: int) -> Position:
-    return Position(
-        symbol=f"SYM{i:06d}/USDT:USDT",
-        side="long",
-        contracts=Decimal(contracts),
-        contract_size=Decimal("0.001"),
-        entry_price=Decimal("43125.5") + i,
-        mark_price=Decimal("43200.1"),
-        leverage=Decimal(5),
-        margin_mode="cross",
-        timestamp=1_700_000_000_000 + i,
-    )
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def stats(values: list[float]) -> dict[str, float]:
