@@ -161,3 +161,17 @@ def test_harness_records_a_record_write_and_the_replay_models_it(tmp_path: Path,
     heads = [j for j in journals if j not in (old, new) and j[:off] == old[:off] and j[end:] == old[end:]]
     assert any(j[off : off + 16] == new[off : off + 16] for j in heads)  # the record's head only
     assert any(not any(j[off : off + 16]) and any(j[off:end]) for j in heads)  # its tail only: length field zero
+
+
+def test_zeros_over_a_record_tail_that_was_zeros_is_a_boundary_cut() -> None:
+    """Seen in CI: a record whose last byte was 0x00, cut one byte short and zero-filled, is byte for byte
+    the cut at the record's end (a valid shorter journal), so the generator must not call it a truncation."""
+    head = bytes(range(1, 97))
+    rec1, rec2 = b"\x07" * 19 + b"\x00", b"\x09" * 20
+    data = head + rec1 + rec2
+    jfile = rj.JournalFile({}, data, 2, (96, 116, 136), padding=8)
+    families = {label: family for family, label, _ in rj.journal_damage(jfile, bit_step=10**9)}
+    assert families["length 115, then zeros"] == "cut at a record boundary"
+    assert families["length 115"] == "truncation"  # a shorter file still cuts the record
+    assert families["length 114, then zeros"] == "truncation"
+    assert families["length 135, then zeros"] == "truncation"
