@@ -46,7 +46,7 @@ if _typing.TYPE_CHECKING:  # what the names below resolve to, for type checkers 
     from posstate.manager.manager import PositionStateManager
     from posstate.manager.orders import OrderIntent, OrderIntents, make_client_order_id
     from posstate.model.merge import MergeDecision, MergeResult
-    from posstate.storage.crypto import generate_key
+    from posstate.storage.crypto import generate_key, load_key
     from posstate.storage.validate import ValidationReport
 
 # Loaded on first use (PEP 562), so ``import posstate`` stays cheap: the manager, backups, the journal and the
@@ -77,6 +77,7 @@ _LAZY = {
     "UpdateQueue": "posstate.account.feed",
     "ValidationReport": "posstate.storage.validate",
     "generate_key": "posstate.storage.crypto",
+    "load_key": "posstate.storage.crypto",
     "make_client_order_id": "posstate.manager.orders",
     "reconcile_file": "posstate.account.reconcile_file",
 }
@@ -151,6 +152,7 @@ __all__ = [
     "WrongKeyError",
     "__version__",
     "generate_key",
+    "load_key",
     "make_client_order_id",
     "reconcile_file",
 ]
