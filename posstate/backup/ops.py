@@ -357,6 +357,10 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
             st.position_tombstones[k] = rev
         for s in previous.metadata.keys() - st.metadata.keys():
             st.metadata_tombstones[s] = rev
+        if previous.bot_metadata is not None and st.bot_metadata is None:
+            st.bot_metadata = {}  # the backup had none: an empty one at the restore's rev, so no merge brings it back
+    if st.bot_metadata is not None:
+        st.bot_metadata_rev = rev
     entries = {k: _document.position_entry(p, rev) for k, p in st.positions.items()}
     files.raise_generation(highest)
     generation = files.commit(st, entries)

@@ -110,6 +110,24 @@ class InMemoryChanges(DurableCommit):
             self._journal.settle(ticket, self._rollback_journal)
         return True
 
+    def set_bot_metadata(self, data: Mapping[str, Any]) -> None:
+        """Replace the bot's own data that belongs to no symbol (a step counter, a strategy's global state):
+        a JSON-able dict, checked and copied like symbol metadata, journaled like every change (issue 15.7)."""
+        clean = _document.clean_bot_metadata(data)
+        with self._lock:
+            self._check_writable()
+            self._ensure_loaded()
+            ticket = self._change(_jops.set_bot_metadata(clean, self._next_rev()))
+        if ticket is not None:
+            self._journal.settle(ticket, self._rollback_journal)
+
+    def get_bot_metadata(self) -> dict[str, Any] | None:
+        """A copy of the bot-wide metadata (editing it changes nothing until you set it), or None if never set."""
+        with self._lock:
+            self._ensure_loaded()
+            found = self._state.bot_metadata
+            return _document.copy_json(found) if found is not None else None
+
     def _change(self, op: _jops.Op) -> int | None:
         """Apply *op* in memory and (journal modes) record it durably; all or nothing. Lock held."""
         if self._txn is not None:

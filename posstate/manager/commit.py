@@ -276,8 +276,8 @@ class DurableCommit(StateLoading):
 
 
 def _differs(a: StateData, b: StateData) -> bool:
-    """True when *a* and *b* hold different positions or metadata (what the bot sees)."""
-    return a.positions != b.positions or a.metadata != b.metadata
+    """True when *a* and *b* hold different positions or metadata, bot-wide included (what the bot sees)."""
+    return a.positions != b.positions or a.metadata != b.metadata or a.bot_metadata != b.bot_metadata
 
 
 def _normalize(positions: PositionsInput) -> dict[PositionKey, Position]:

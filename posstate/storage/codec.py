@@ -19,7 +19,7 @@ from posstate.storage import container as _format
 from posstate.storage import crypto as _crypto
 from posstate.storage.container import Header
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this release reads (model/state.py); 1 is written when no bot metadata is held
 #: Largest document a reader will decompress (a zstd bomb is refused before it is inflated).
 DEFAULT_MAX_DOCUMENT_BYTES = 256 * 1024 * 1024
 
