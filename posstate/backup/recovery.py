@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posstate.backup import backups as _backups
+from posstate.backup import seen as _seen
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     CorruptStateError,
@@ -213,9 +214,11 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         mem.changed_ms = files.journal.last_time_ms or None  # its newest journaled change
         cands.append(mem)
     cands += _file_candidates(cfg, files.read, files.check_account)
-    best, listing, newest_gen = _select(cands, cfg, reason)
+    journal_rev = _journal_rev(cfg, files.read)
+    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=journal_rev)
     if best is None:
         raise UnrecoverableStateError(path, listing)
+    blind = _blind(cands, cfg, main_header(path, cfg.clock_skew))  # before the damaged file is moved
     assert best.state is not None
     journal_note = ""
     # Its trustworthy records are in the chosen copy (or cannot be applied to it): keep it as evidence. The old
@@ -238,7 +241,15 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         except OSError as exc:
             raise PersistenceError(path, operation="quarantine damaged state file", cause=exc) from exc
         log.warning("moved damaged state file %s to %s", path, quarantined)
-    files.raise_generation(max(newest_gen or 0, best.state.generation, best.max_rev - 1))
+    # Above every generation this directory has seen, quarantined copies included: no number is ever given
+    # to a second, different content (issue 15.4).
+    trusted = max([newest_gen or 0, best.state.generation, best.max_rev])
+    if blind:
+        # The damaged file's own number is unknown; every save takes the highest number known + 1, so it was
+        # at most trusted + 1: skip that one too.
+        trusted += 1
+    seen = _seen.quarantined_max(cfg, files.read, trusted=trusted, slack=_CLAIM_SLACK)
+    files.raise_generation(max(trusted, seen, files.highest_generation))
     chosen, entries = files.adopt(best.state, best.checksum if best.path == path else None)
     attempt = 0
     while True:
@@ -258,7 +269,7 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         generation=best.state.generation,
         new_generation=new_gen,
         age=max(0.0, (now_ms - (best.written_ms or now_ms)) / 1000),
-        generations_lost=None if newest_gen is None else max(0, newest_gen - best.state.generation),
+        generations_lost=_lost(newest_gen, best),
         reason=reason,
         quarantined=quarantined,
         attempts=attempt,
@@ -274,6 +285,31 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         report.generations_lost,
     )
     return report
+
+
+def _effective(cand: _Candidate) -> int:
+    """The generation *cand* holds: its snapshot's, raised to the highest journal revision replayed onto it."""
+    return max(cand.generation or 0, cand.max_rev)
+
+
+def _lost(newest_gen: int | None, best: _Candidate) -> int | None:
+    """Generations known above the recovered copy (None: nothing tells): the damaged file's claim, newer
+    copies, and journal records the copy does not hold, against what it holds with its journal replayed."""
+    return None if newest_gen is None else max(0, newest_gen - _effective(best))
+
+
+def _blind(cands: list[_Candidate], cfg: StateConfig, claimed: tuple[int, int] | None) -> bool:
+    """True when the state file is there, cannot be used, and its header does not say its generation."""
+    state = next((c for c in cands if c.path == cfg.state_path), None)
+    return (
+        claimed is None and state is not None and state.state is None and state.generation is None and state.verdict != "missing"
+    )
+
+
+def _journal_rev(cfg: StateConfig, options: _statefile.ReadOptions) -> int:
+    """The highest revision of an authenticated record in the journal files on disk (any snapshot's)."""
+    paths = [cfg.journal_path] + ([cfg.legacy_journal_path] if cfg.legacy_journal_path is not None else [])
+    return max(_seen.journal_max_rev(p, options) for p in paths)
 
 
 def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: Callable[[StateData], None]) -> list[_Candidate]:
@@ -309,7 +345,7 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
 
 
 def _select(
-    cands: list[_Candidate], cfg: StateConfig, reason: str
+    cands: list[_Candidate], cfg: StateConfig, reason: str, *, journal_rev: int = 0
 ) -> tuple[_Candidate | None, list[tuple[str, str]], int | None]:
     """The copy recovery uses (None: none eligible), every candidate with its verdict, the newest generation known.
 
@@ -330,6 +366,14 @@ def _select(
     if claimed is not None:
         known.append(claimed)
     newest_gen = max((g for g, _ in known), default=None)
+    # Journal records are acknowledged changes, each at its own revision (issue 15.4): the newest one known
+    # counts whether or not any copy can replay it.
+    revs = [c.max_rev for c in cands] + [journal_rev]
+    if _blind(cands, cfg, claimed):
+        # The damaged state file tells no generation, but it replaced its .bak: it was at least one above it.
+        revs += [g + 1 for c in cands if c.path == cfg.bak_path and (g := c.generation) is not None]
+    if max(revs) > (newest_gen or 0):
+        newest_gen = max(revs)
     valid = [c for c in cands if c.state is not None]
     if not valid:
         return None, [(c.name, c.verdict or "not usable") for c in cands], newest_gen
@@ -396,10 +440,10 @@ def plan(
     takes no lock, moves and writes nothing. *check* refuses another account's state (as the manager does).
     """
     cands = _file_candidates(cfg, options, check or (lambda _state: None))
-    best, listing, newest_gen = _select(cands, cfg, reason)
+    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=_journal_rev(cfg, options))
     if best is None or best.state is None:
         return RecoveryPlan(reason, None, None, None, None, tuple(listing))
-    lost = None if newest_gen is None else max(0, newest_gen - best.state.generation)
+    lost = _lost(newest_gen, best)
     return RecoveryPlan(reason, best.name, best.path, best.state.generation, lost, tuple(listing))
 
 
