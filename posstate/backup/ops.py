@@ -106,6 +106,8 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
             log.warning("backup failed: %s", exc)
             raise
         files.last_backup_at = min(info.created_at.timestamp(), svc.clock())  # a later name: the clock went back
+        if info.generation is not None:
+            svc.backed_generation = max(svc.backed_generation, info.generation)
         files.emit(
             "backupCreated",
             {
@@ -168,6 +170,27 @@ def after_save(files: StateFiles, state: StateData) -> None:
     if not _background.due(files, svc.clock()):
         return
     svc.request()
+
+
+def arm(files: StateFiles) -> None:
+    """After a load in the journal modes: start the backup thread's timer, which backs up acknowledged changes
+    no snapshot holds yet once ``backup_interval`` has passed (issue 15.2). Nothing in snapshot mode or with
+    ``backup_interval=0`` (a backup at every snapshot, as before)."""
+    cfg = files.config
+    if cfg.durability == "snapshot" or cfg.backup_interval <= 0:
+        return
+    svc = _background.service(files)
+    found = _backups.names_only(cfg.backup_path)
+    if files.last_backup_at is None:
+        files.last_backup_at = found[0][1].timestamp() if found else float("-inf")
+    if found:  # what the newest backup holds needs no second backup (its header only; nothing decrypted)
+        newest = _backups.inspect_file(cfg.backup_path / _backups.file_name(found[0][0]), *found[0])
+        if newest.valid and newest.generation is not None:
+            svc.backed_generation = max(svc.backed_generation, newest.generation)
+    state = files.snapshot()
+    if state is not None and not files.unsaved():  # memory is the snapshot just loaded
+        svc.note_snapshot(state.generation)
+    svc.start()
 
 
 def wait_for_backups(files: StateFiles, timeout: float | None = None) -> bool:

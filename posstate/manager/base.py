@@ -192,6 +192,8 @@ class ManagerCore:
             self._orphan()
             return
         if self._files.backups is not None:  # before the lock: a backup's event handler may need it
+            if self._loaded and self._doubt is None:
+                self._files.backups.final_backup()  # journaled changes no backup holds yet (issue 15.2)
             self._files.backups.close()  # bounded wait; says what it left (docs/RECOVERY.md)
         with self._lock:
             if self._closed:

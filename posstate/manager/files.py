@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from posstate.core.config import StateConfig
+from posstate.core.errors import PosStateError
 from posstate.journal.journal import Journal
 from posstate.model.document import StateData
 from posstate.model.ops import Entries
@@ -86,6 +87,25 @@ class ManagerFiles:
 
     def set_loaded(self, loaded: bool) -> None:
         self._m._loaded = loaded
+
+    def acknowledged(self) -> StateData | None:
+        m = self._m
+        with m._lock:
+            if not m._loaded or m._closed or m._doubt is not None or m._txn is not None:
+                return None
+            journal = m._journal
+            try:
+                journal.drain()  # group mode: what memory holds is written; make it durable before copying
+            except PosStateError:
+                return None
+            if journal.failed:
+                return None
+            st = m._state.copy()
+            # Under the lock: a record appended after the copy must not be counted as folded into it.
+            jid, last_seq = journal.journal_id, journal.last_seq
+        if st.journal is not None and jid is not None and st.journal.get("id") == jid:
+            st.journal = {**st.journal, "seq": max(int(st.journal.get("seq", 0)), last_seq)}
+        return st
 
     def expect_on_disk(self, checksum: str | None) -> None:
         self._m._expected_on_disk = {checksum}

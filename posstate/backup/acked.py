@@ -1,0 +1,123 @@
+"""Backups of the acknowledged state: the snapshot plus every journaled change, not only the last snapshot.
+
+In the journal modes a change is acknowledged once its journal record is durable; the state file (the
+snapshot) only catches up at the next compaction. A backup that copies the state file would miss those
+changes, so (issue 15.2, 15.3):
+
+* the owner of the writer lock backs up what it holds in memory (:func:`from_memory`): under its lock it makes
+  every written record durable (group mode), then copies the state, which is exactly the acknowledged state;
+  the copy is encoded and written outside that lock, so the bot never waits for the backup's writes;
+* anyone else (``posstate backups create`` while a bot runs) reads the state file and its journal without the
+  writer lock (:func:`online`): the snapshot, the journal, then the snapshot's bytes once more; when a
+  compaction replaced the snapshot in between (or the journal no longer belongs to it) the read is retried, so
+  the backup is always one consistent state: the snapshot plus a prefix of its acknowledged records (a record
+  being appended at that moment is a torn tail and is left out, as a load leaves it out).
+
+Either way the backup is the state as a compaction would write it now (generation raised to the highest
+revision it holds, ``journal.seq`` the last record folded in), written to a temp file, fsynced, linked to its
+timestamped name and read back (:func:`posstate.backup.backups.write_backup`): a reader never sees a partial
+backup, and a kill leaves no backup or a whole one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from posstate.backup import backups as _backups
+from posstate.backup.backups import BackupInfo
+from posstate.core.config import StateConfig
+from posstate.core.errors import CorruptStateError, PosStateError
+from posstate.journal.current import Current, read_current
+from posstate.model.document import StateData
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
+
+if TYPE_CHECKING:
+    from posstate.backup.files import StateFiles
+
+__all__ = ["as_compacted", "consistent_current", "from_memory", "online"]
+
+log = logging.getLogger("posstate")
+
+#: How many times an online read is retried when a compaction replaces the snapshot under it.
+ATTEMPTS = 20
+
+
+def as_compacted(cur: Current) -> StateData:
+    """The state *cur* holds, as a compaction would write it: generation raised to the highest revision
+    replayed, ``journal.seq`` the last record applied."""
+    st = cur.state.copy()
+    st.generation = cur.generation
+    if cur.last_seq is not None and st.journal is not None:
+        st.journal = {**st.journal, "seq": cur.last_seq}
+    return st
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(fs.read_file(path)).hexdigest()
+    except OSError:
+        return None
+
+
+def consistent_current(cfg: StateConfig, options: _statefile.ReadOptions, *, attempts: int = ATTEMPTS) -> Current:
+    """The snapshot and its journal as one consistent state, read without the writer lock (module docstring).
+
+    Raises what reading the snapshot raises; a journal problem that persists across every attempt (damage a
+    load would have to recover from) is raised too: such a state is not backed up online."""
+    last: PosStateError | None = None
+    for _ in range(max(1, attempts)):
+        before = _digest(cfg.state_path)
+        cur = read_current(cfg, options)
+        after = _digest(cfg.state_path)
+        if before is None or before != after:
+            continue  # a compaction renamed a new snapshot while we read: read again
+        if cur.error is None:
+            return cur
+        last = cur.error  # e.g. the next journal already started before the new snapshot was in place
+    if last is not None:
+        raise last
+    raise CorruptStateError(
+        cfg.state_path,
+        f"the state file changed under every one of {attempts} reads (a writer compacting without pause?)",
+        next_step="retry `posstate backups create`",
+        kind="busy",
+    )
+
+
+def online(
+    cfg: StateConfig, options: _statefile.ReadOptions, *, write_keyring: Keyring | None, now: float | None = None
+) -> BackupInfo:
+    """A new verified backup of the acknowledged state on disk, taken without the writer lock (while a bot
+    runs). Retention is not applied (that replaces files: the lock holder's job)."""
+    cur = consistent_current(cfg, options)
+    return _backups.write_backup(
+        as_compacted(cur),
+        backup_dir=cfg.backup_path,
+        keyring=write_keyring,
+        compression_level=cfg.compression_level if cfg.compression else None,
+        options=options,
+        now=time.time() if now is None else now,
+    )
+
+
+def from_memory(files: StateFiles, *, now: float | None = None) -> BackupInfo | None:
+    """A new verified backup of the acknowledged state the owner holds in memory (None: nothing loaded, or
+    memory may hold an unacknowledged change). The owner's lock is held only to copy the state."""
+    state = files.acknowledged()
+    if state is None:
+        return None
+    cfg = files.config
+    return _backups.write_backup(
+        state,
+        backup_dir=cfg.backup_path,
+        keyring=files.write_keyring,
+        compression_level=cfg.compression_level if cfg.compression else None,
+        options=files.read,
+        now=time.time() if now is None else now,
+    )
