@@ -103,6 +103,7 @@ def online(
         compression_level=cfg.compression_level if cfg.compression else None,
         options=options,
         now=time.time() if now is None else now,
+        online=True,
     )
 
 

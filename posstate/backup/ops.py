@@ -20,7 +20,7 @@ from posstate.backup import retention as _retention
 from posstate.backup import snapcopy as _snapcopy
 from posstate.backup.backups import BackupInfo
 from posstate.backup.prune import plan_prune
-from posstate.backup.recovery import main_header
+from posstate.backup.seen import main_header
 from posstate.backup.verified import VerifiedCache
 from posstate.core.config import StateConfig
 from posstate.core.errors import (

@@ -24,6 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from posstate.backup import backups as _backups
 from posstate.backup import seen as _seen
+from posstate.backup.seen import CLAIM_SLACK as _CLAIM_SLACK
+from posstate.backup.seen import blind as _blind
+from posstate.backup.seen import journal_rev as _journal_rev
+from posstate.backup.seen import lost as _lost
+from posstate.backup.seen import main_header
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     CorruptStateError,
@@ -35,12 +40,10 @@ from posstate.core.errors import (
     WrongKeyError,
 )
 from posstate.journal import files as _jfiles
-from posstate.journal import format as _jformat
 from posstate.journal import records as _records
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
 from posstate.storage import codec as _codec
-from posstate.storage import container as _format
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 
@@ -151,25 +154,6 @@ def _load_candidate(options: _statefile.ReadOptions, check: Callable[[StateData]
     cand.state = loaded.state
     cand.checksum = loaded.checksum
     return cand
-
-
-#: How far beyond the newest trustworthy copy a damaged state file's claimed generation may be and still be
-#: believed (2**32 saves: more than any bot makes between two copies).
-_CLAIM_SLACK = 2**32
-
-
-def main_header(path: Path, skew: float) -> tuple[int, int] | None:
-    """(generation, written ms) the damaged state file claims, if its header parses and is plausible."""
-    try:
-        data = fs.read_file(path)
-        h = _format.parse_header(data)
-    except (OSError, _format.FormatProblem):
-        return None
-    if h.written_at_ms > (time.time() + skew) * 1000:
-        return None
-    if h.generation > _jformat.MAX_BASE:  # a flipped high bit: no real save got there (a journal could not follow it)
-        return None
-    return (h.generation, h.written_at_ms)
 
 
 def recover(files: StateFiles, error: PosStateError) -> RecoveryReport:
@@ -285,31 +269,6 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         report.generations_lost,
     )
     return report
-
-
-def _effective(cand: _Candidate) -> int:
-    """The generation *cand* holds: its snapshot's, raised to the highest journal revision replayed onto it."""
-    return max(cand.generation or 0, cand.max_rev)
-
-
-def _lost(newest_gen: int | None, best: _Candidate) -> int | None:
-    """Generations known above the recovered copy (None: nothing tells): the damaged file's claim, newer
-    copies, and journal records the copy does not hold, against what it holds with its journal replayed."""
-    return None if newest_gen is None else max(0, newest_gen - _effective(best))
-
-
-def _blind(cands: list[_Candidate], cfg: StateConfig, claimed: tuple[int, int] | None) -> bool:
-    """True when the state file is there, cannot be used, and its header does not say its generation."""
-    state = next((c for c in cands if c.path == cfg.state_path), None)
-    return (
-        claimed is None and state is not None and state.state is None and state.generation is None and state.verdict != "missing"
-    )
-
-
-def _journal_rev(cfg: StateConfig, options: _statefile.ReadOptions) -> int:
-    """The highest revision of an authenticated record in the journal files on disk (any snapshot's)."""
-    paths = [cfg.journal_path] + ([cfg.legacy_journal_path] if cfg.legacy_journal_path is not None else [])
-    return max(_seen.journal_max_rev(p, options) for p in paths)
 
 
 def _file_candidates(cfg: StateConfig, options: _statefile.ReadOptions, check: Callable[[StateData], None]) -> list[_Candidate]:

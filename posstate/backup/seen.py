@@ -10,7 +10,10 @@ implausibly far above every trustworthy one (a flipped bit) is ignored, as for a
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Protocol
 
 from posstate.core.config import StateConfig
 from posstate.journal import format as _jformat
@@ -20,7 +23,53 @@ from posstate.storage import container as _format
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 
-__all__ = ["journal_max_rev", "quarantined_max"]
+__all__ = ["CLAIM_SLACK", "blind", "journal_max_rev", "journal_rev", "lost", "main_header", "quarantined_max"]
+
+#: How far beyond the newest trustworthy copy a damaged state file's claimed generation may be and still be
+#: believed (2**32 saves: more than any bot makes between two copies).
+CLAIM_SLACK = 2**32
+
+
+class _Copy(Protocol):
+    path: Path | None
+    state: Any
+    generation: int | None
+    verdict: str
+    max_rev: int
+
+
+def lost(newest_gen: int | None, best: _Copy) -> int | None:
+    """Generations known above the recovered copy (None: nothing tells): the damaged file's claim, newer
+    copies, and journal records the copy does not hold, against what it holds with its journal replayed."""
+    return None if newest_gen is None else max(0, newest_gen - max(best.generation or 0, best.max_rev))
+
+
+def main_header(path: Path, skew: float) -> tuple[int, int] | None:
+    """(generation, written ms) the damaged state file claims, if its header parses and is plausible."""
+    try:
+        data = fs.read_file(path)
+        h = _format.parse_header(data)
+    except (OSError, _format.FormatProblem):
+        return None
+    if h.written_at_ms > (time.time() + skew) * 1000:
+        return None
+    if h.generation > _jformat.MAX_BASE:  # a flipped high bit: no real save got there (a journal could not follow it)
+        return None
+    return (h.generation, h.written_at_ms)
+
+
+def blind(copies: Iterable[_Copy], cfg: StateConfig, claimed: tuple[int, int] | None) -> bool:
+    """True when the state file is there, cannot be used, and its header does not say its generation."""
+    state = next((c for c in copies if c.path == cfg.state_path), None)
+    return (
+        claimed is None and state is not None and state.state is None and state.generation is None and state.verdict != "missing"
+    )
+
+
+def journal_rev(cfg: StateConfig, options: _statefile.ReadOptions) -> int:
+    """The highest revision of an authenticated record in the journal files on disk (any snapshot's)."""
+    paths = [cfg.journal_path] + ([cfg.legacy_journal_path] if cfg.legacy_journal_path is not None else [])
+    return max(journal_max_rev(p, options) for p in paths)
 
 
 def journal_max_rev(path: Path, options: _statefile.ReadOptions) -> int:

@@ -26,8 +26,8 @@ from posstate.cli.restore_preview import show_restore_preview
 from posstate.core.config import StateConfig
 from posstate.core.errors import StaleBackupError, StateLockedError, StateNotFoundError
 from posstate.model.document import StateData
-from posstate.storage import statefile as _statefile
 from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
 from posstate.storage.validate import ValidationReport, validate_file
 
 if TYPE_CHECKING:
@@ -243,9 +243,7 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
             )
         if not yes and not _cli_base.is_terminal():
             confirm(yes=yes, prompt="", what="restore")  # no one to show the changes to: refuse now
-        current = StateData(
-            positions=m.get_positions(), metadata=m.get_all_symbol_metadata(), bot_metadata=m.get_bot_metadata()
-        )
+        current = StateData(positions=m.get_positions(), metadata=m.get_all_symbol_metadata(), bot_metadata=m.get_bot_metadata())
         preview = show_restore_preview(
             current,
             _statefile.read(info.path, options=env.read_options(), what="backup").state,
