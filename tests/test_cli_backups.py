@@ -292,7 +292,8 @@ def test_stale_backup_refused_then_accepted_with_accept_older(state: Path, key: 
     r = run([*keyed(state, key_file), "backups", "restore", old.id, "--dry-run"])
     assert r.exit_code == 1 and err_line(r) == line  # the dry run applies the same age rule
     r = run([*keyed(state, key_file), "backups", "restore", old.id, "--dry-run", "--accept-older"])
-    assert r.exit_code == 0 and r.stderr.splitlines()[-1].startswith(f"dry run: would restore backup {old.id} (generation 1, 1 positions, ")
+    assert r.exit_code == 0
+    assert r.stderr.splitlines()[-1].startswith(f"dry run: would restore backup {old.id} (generation 1, 1 positions, ")
     assert r.stderr.startswith(f"WARNING: backup {old.id} holds 1 position(s) but the current state holds 2")  # issue 15.2
     assert snapshot(state) == before
     r = run([*keyed(state, key_file), "backups", "restore", old.id, "--accept-older", "--yes"])

@@ -257,3 +257,21 @@ def test_online_backup_refuses_without_the_key(tmp_path: Path, key: bytes, key_f
     r = CliRunner(env={"POSSTATE_KEY": None}).invoke(cli, ["--state-dir", str(tmp_path / "state"), "backups", "create"])
     assert r.exit_code == 3, r.output
     assert not list((tmp_path / "state" / "backups").glob(".online-*"))
+
+
+def test_online_temps_are_swept_only_when_old(tmp_path: Path, key: bytes) -> None:
+    """issue 15.3: the lock holder's sweep leaves a young online-backup temp alone (one may be in progress) and
+    removes one an hour old (a killed online backup's); neither is ever listed as a backup."""
+    cfg = StateConfig.in_dir(tmp_path / "state", durability="snapshot")
+    cfg.backup_path.mkdir(parents=True)
+    young = cfg.backup_path / ".online-positions_20260101_000000.json.0123456789abcdef.tmp"
+    old = cfg.backup_path / ".online-positions_20250101_000000.json.fedcba9876543210.tmp"
+    young.write_bytes(b"x")
+    old.write_bytes(b"y")
+    os.utime(old, (1.0, 1.0))
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.save()
+        m.create_backup()
+        assert all(b.path not in (young, old) for b in m.list_backups())
+    assert young.exists() and not old.exists()

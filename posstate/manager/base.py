@@ -2,7 +2,7 @@
 
 PositionStateManager is built as a chain of classes, one concern each, every one adding to the one before:
 ManagerCore (here) -> StateLoading (loading.py) -> DurableCommit (commit.py) -> InMemoryChanges
-(changes.py) -> StateMaintenance (admin.py) -> PositionStateManager (manager.py).
+(changes.py) -> StateMaintenance (admin.py) -> AsyncChanges (aio.py) -> PositionStateManager (manager.py).
 """
 
 from __future__ import annotations
