@@ -43,6 +43,7 @@ if _typing.TYPE_CHECKING:  # what the names below resolve to, for type checkers 
     from posstate.backup.recovery import RecoveryReport
     from posstate.backup.repair import RepairDecision, RepairReport
     from posstate.backup.retention import PruneDecision, PruneResult
+    from posstate.manager.aio import StagedChanges
     from posstate.manager.manager import PositionStateManager
     from posstate.manager.orders import OrderIntent, OrderIntents, make_client_order_id
     from posstate.model.merge import MergeDecision, MergeResult
@@ -74,6 +75,7 @@ _LAZY = {
     "RepairReport": "posstate.backup.repair",
     "RestoreResult": "posstate.backup.ops",
     "SessionSummary": "posstate.account.types",
+    "StagedChanges": "posstate.manager.aio",
     "UpdateQueue": "posstate.account.feed",
     "ValidationReport": "posstate.storage.validate",
     "generate_key": "posstate.storage.crypto",
@@ -138,6 +140,7 @@ __all__ = [
     "RestoreResult",
     "SchemaValidationError",
     "SessionSummary",
+    "StagedChanges",
     "StaleBackupError",
     "StaleReportError",
     "StateConfig",
