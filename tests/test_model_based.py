@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from posstate import PersistenceError, PositionStateManager, PosStateError, StateConfig, generate_key
+from posstate.backup import backups as _backups
 from posstate.model.position import Position, PositionKey
 from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps, copy_tree
 from posstate.storage import fileops as fs
@@ -405,8 +406,11 @@ class ManagerMachine(RuleBasedStateMachine):
     def reopen(self, fault: FaultSpec) -> None:
         """Close (while the disk may still be failing), then reopen on a healthy disk."""
         assert self.m is not None
+        newest = _backups.names_only(self._config().backup_path)[:1]
         with self._faulted(self._fault(fault)):
             self.m.close()  # never raises: a failed fold at close is logged, the journal keeps the changes
+        if _backups.names_only(self._config().backup_path)[:1] != newest:
+            self.latest = [self.acked, *self.maybe]  # a clean close backed up the acknowledged state (issue 15.2)
         self._open()
         self._loaded_matches("reopen")
 
