@@ -71,7 +71,7 @@ class ManagerCore:
         self,
         config: StateConfig | None = None,
         *,
-        key: bytes | None = None,
+        key: bytes | str | None = None,
         passphrase: str | None = None,
         stats_logger: StatsLogger | None = None,
     ) -> None:

@@ -156,13 +156,14 @@ class Keyring:
 
     __slots__ = ("_derived", "_key", "_lock", "_log2_n", "_passphrase", "_salt")
 
-    def __init__(self, *, key: bytes | None = None, passphrase: str | None = None, log2_n: int = DEFAULT_SCRYPT_LOG2_N) -> None:
+    def __init__(
+        self, *, key: bytes | str | None = None, passphrase: str | None = None, log2_n: int = DEFAULT_SCRYPT_LOG2_N
+    ) -> None:
         if key is not None and passphrase is not None:
             raise ConfigError("give key= or passphrase=, not both")
         self._key: bytes | None = None  # set before any check, so a repr of a half-built Keyring works
         self._passphrase: str | None = None
-        if key is not None:
-            key = coerce_key(key)
+        raw = coerce_key(key) if key is not None else None  # 32 raw bytes, or keygen's base64 text (issue 15.5)
         if passphrase is not None and (not isinstance(passphrase, str) or not passphrase):
             got = "an empty string" if isinstance(passphrase, str) else f"a {type(passphrase).__name__}"
             raise ConfigError(f"passphrase= must be a non-empty string, got {got}")
@@ -174,7 +175,7 @@ class Keyring:
             raise ConfigError(
                 f"log2_n must be an int from {MIN_SCRYPT_LOG2_N} to {MAX_SCRYPT_LOG2_N} (the scrypt cost files may name)"
             )
-        self._key = key
+        self._key = raw
         self._passphrase = passphrase
         self._derived: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
@@ -237,7 +238,7 @@ class Keyring:
     def resolve(
         cls,
         *,
-        key: bytes | None = None,
+        key: bytes | str | None = None,
         passphrase: str | None = None,
         env: Mapping[str, str] | None = None,
         log2_n: int = DEFAULT_SCRYPT_LOG2_N,
