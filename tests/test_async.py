@@ -247,3 +247,30 @@ def test_async_writers_inside_a_sync_transaction_are_refused(tmp_path: Path, key
             return refused
 
         assert len(asyncio.run(main())) == 4
+
+
+def test_cancelled_asave_waits_for_the_whole_save(tmp_path: Path, key: bytes) -> None:
+    """issue 15.6: asave() (snapshot mode) cancelled mid-fsync: CancelledError only once the save is whole."""
+    with make(tmp_path, key, durability="snapshot") as m:
+        m.set_position(pos("A", 1))
+        m.save()
+        m.set_position(pos("A", 2))
+        gate = _GatedSync()
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            gate.armed = True
+            task = asyncio.ensure_future(m.asave())
+            assert await loop.run_in_executor(None, gate.entered.wait, 10)
+            task.cancel()
+            await asyncio.sleep(0)
+            assert not task.done()
+            gate.release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        with fs.use(gate):
+            asyncio.run(main())
+        assert not m.dirty
+    with make(tmp_path, key, durability="snapshot") as m2:
+        assert m2.get_position("A", "long") == pos("A", 2)

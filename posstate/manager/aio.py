@@ -27,8 +27,9 @@ from typing import Any, TypeVar
 
 from posstate.core.errors import SchemaValidationError
 from posstate.manager.admin import StateMaintenance
+from posstate.manager.commit import PositionsInput
 from posstate.model import document as _document
-from posstate.model.position import Position, Side, check_key
+from posstate.model.position import Position, PositionKey, Side, check_key
 
 _T = TypeVar("_T")
 
@@ -118,6 +119,19 @@ class AsyncChanges(StateMaintenance):
         """:meth:`set_bot_metadata` off the event loop."""
         clean = _document.clean_bot_metadata(data)
         await self._off_loop("aset_bot_metadata", self.set_bot_metadata, clean)
+
+    # The saves and the load (changes.py) with the same cancellation rule as the writers above.
+    async def asave(self, *, expected_generation: int | None = None) -> int:
+        """:meth:`save` off the event loop."""
+        return await self._off_loop("asave", lambda: self.save(expected_generation=expected_generation))
+
+    async def asave_positions(self, positions: PositionsInput) -> int:
+        """:meth:`save_positions` off the event loop."""
+        return await self._off_loop("asave_positions", self.save_positions, positions)
+
+    async def aload_positions(self) -> dict[PositionKey, Position]:
+        """:meth:`load_positions` off the event loop (a first load may recover, and write)."""
+        return await self._off_loop("aload_positions", self.load_positions)
 
     @contextlib.asynccontextmanager
     async def atransaction(self) -> AsyncIterator[StagedChanges]:
