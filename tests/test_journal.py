@@ -392,8 +392,11 @@ def test_missing_snapshot_with_journal_is_not_a_fresh_start(tmp_path: Path) -> N
     and replays the journal onto it, so the acknowledged change survives the lost state file."""
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
+        m.set_position(pos("B"))
+        m.save()
+        m.create_backup()  # a backup of the snapshot the journal below belongs to
         m.set_position(pos("A"))
-    as_if_killed(cfg)  # the close backup (issue 15.2) would hold A: recover from the snapshot's backup + journal
+    as_if_killed(cfg)  # a backup holding A (the close's, a timed one) would do: recover from the snapshot's + journal
     cfg.state_path.unlink()
     with make(tmp_path) as m2:
         assert ("A", "long") in m2.load_positions()

@@ -291,9 +291,18 @@ class ManagerMachine(RuleBasedStateMachine):
         self.maybe = []
         self.blocked = False
 
+    def _close(self) -> None:
+        """Close the manager; a clean close may back up the acknowledged state (issue 15.2): then that backup
+        is the newest."""
+        assert self.m is not None
+        newest = _backups.names_only(self._config().backup_path)[:1]
+        self.m.close()
+        if _backups.names_only(self._config().backup_path)[:1] != newest:
+            self.latest = [self.acked, *self.maybe]
+
     def _reopen_and_check(self, label: str) -> None:
         assert self.m is not None
-        self.m.close()
+        self._close()
         self._open()
         self._loaded_matches(label)
 
@@ -406,11 +415,8 @@ class ManagerMachine(RuleBasedStateMachine):
     def reopen(self, fault: FaultSpec) -> None:
         """Close (while the disk may still be failing), then reopen on a healthy disk."""
         assert self.m is not None
-        newest = _backups.names_only(self._config().backup_path)[:1]
         with self._faulted(self._fault(fault)):
-            self.m.close()  # never raises: a failed fold at close is logged, the journal keeps the changes
-        if _backups.names_only(self._config().backup_path)[:1] != newest:
-            self.latest = [self.acked, *self.maybe]  # a clean close backed up the acknowledged state (issue 15.2)
+            self._close()  # never raises: a failed fold at close is logged, the journal keeps the changes
         self._open()
         self._loaded_matches("reopen")
 
@@ -439,7 +445,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.kills += 1
         self._reopen_and_check("reopen before the child")
         assert self.m is not None
-        self.m.close()
+        self._close()
         acked, pending = run_child(self.state_dir, self.durability, todo, min(acks, len(todo)), crash)
         note(f"child: {todo}, kill {crash or 'by the parent'} after {acks} acks: acknowledged {acked}, in flight {pending}")
         for c in todo[:acked]:
