@@ -211,6 +211,7 @@ def test_missing_file_with_bak_is_not_a_fresh_start(manager: Factory, cfg: State
     """State file gone while positions.json.bak exists: recovered from the .bak, never started empty."""
     m = manager(cfg.replace(backup_interval=1e9))
     m.save_positions([pos("A")])
+    assert m.wait_for_backups(30)  # the first timed backup holds generation 1, not a later save (a race under load)
     m.save_positions([pos("B")])
     m.close()
     assert cfg.bak_path.exists()
