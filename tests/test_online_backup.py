@@ -275,3 +275,23 @@ def test_online_temps_are_swept_only_when_old(tmp_path: Path, key: bytes) -> Non
         m.create_backup()
         assert all(b.path not in (young, old) for b in m.list_backups())
     assert young.exists() and not old.exists()
+
+
+def test_restore_preview_reads_a_damaged_state_without_recovering_it(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 15.2: the diff shown before the question reads the current state read-only: a damaged state file is
+    not recovered (nothing moved or written) before the operator answers; answered no, nothing changed."""
+    state = tmp_path / "state"
+    cfg = StateConfig.in_dir(state)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.save()
+        backup = m.create_backup()
+    cfg.state_path.write_bytes(b"\0" * 64)
+    before = sorted(p.name for p in state.rglob("*"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_cli_base, "is_terminal", lambda: True)
+        mp.setattr("click.confirm", lambda *a, **k: False)
+        r = CliRunner().invoke(cli, ["--state-dir", str(state), "--key-file", str(key_file), "backups", "restore", backup.id])
+    assert r.exit_code == 1, r.output
+    assert "the current state cannot be read" in r.stderr and "+ A long" in r.stderr
+    assert sorted(p.name for p in state.rglob("*")) == before and cfg.state_path.read_bytes() == b"\0" * 64

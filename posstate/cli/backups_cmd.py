@@ -24,7 +24,7 @@ from posstate.cli.options import Env, common_options, env_of
 from posstate.cli.render import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
 from posstate.cli.restore_preview import show_restore_preview
 from posstate.core.config import StateConfig
-from posstate.core.errors import StaleBackupError, StateLockedError, StateNotFoundError
+from posstate.core.errors import PosStateError, StaleBackupError, StateLockedError, StateNotFoundError
 from posstate.model.document import StateData
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
@@ -153,12 +153,20 @@ def _online_backup(env: Env, cfg: StateConfig) -> _backups.BackupInfo:
 
 
 def _current_state(env: Env, cfg: StateConfig) -> StateData:
-    """The state a restore would replace, its journal replayed (empty when there is no state file)."""
+    """The state a restore would replace, its journal replayed, read only (empty when there is no state file,
+    or when it cannot be read: restoring is then the way out, and the diff shows everything as added)."""
     from posstate.journal.current import read_current
 
     if not fs.exists(cfg.state_path):
         return StateData()
-    return read_current(cfg, env.read_options()).state
+    try:
+        cur = read_current(cfg, env.read_options())
+    except PosStateError as exc:
+        click.echo(f"the current state cannot be read ({exc}); the changes below are against nothing", err=True)
+        return StateData()
+    state = cur.state.copy()
+    state.generation = cur.generation
+    return state
 
 
 # ------------------------------------------------------------------------------------------ restore
@@ -243,11 +251,11 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
             )
         if not yes and not _cli_base.is_terminal():
             confirm(yes=yes, prompt="", what="restore")  # no one to show the changes to: refuse now
-        current = StateData(positions=m.get_positions(), metadata=m.get_all_symbol_metadata(), bot_metadata=m.get_bot_metadata())
+        current = _current_state(env, cfg)  # read only: a state that needs recovery is not recovered before asking
         preview = show_restore_preview(
             current,
             _statefile.read(info.path, options=env.read_options(), what="backup").state,
-            current_label=f"{cfg.state_path} (current, generation {m.generation})",
+            current_label=f"{cfg.state_path} (current, generation {current.generation})",
             backup_label=f"backup {info.id} (generation {report.generation})",
             backup_id=info.id,
             as_json=env.json,
