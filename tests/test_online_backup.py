@@ -295,3 +295,21 @@ def test_restore_preview_reads_a_damaged_state_without_recovering_it(tmp_path: P
     assert r.exit_code == 1, r.output
     assert "the current state cannot be read" in r.stderr and "+ A long" in r.stderr
     assert sorted(p.name for p in state.rglob("*")) == before and cfg.state_path.read_bytes() == b"\0" * 64
+
+
+def test_a_planted_newest_backup_does_not_silence_the_close_backup(tmp_path: Path, key: bytes) -> None:
+    """issue 15.2 (T1): a file planted in backups/ whose (unauthenticated) header claims a generation above the
+    state's does not make close() believe its changes are backed up already."""
+    cfg = StateConfig.in_dir(tmp_path / "state")
+    other = StateConfig.in_dir(tmp_path / "other")
+    with PositionStateManager(other, key=key) as o:
+        for i in range(30):
+            o.save_positions([pos("Z", i + 1)])
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+    planted = cfg.backup_path / "positions_29990101_000000.json"  # sorts newest
+    planted.write_bytes(other.state_path.read_bytes())
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 2))
+        want = m.generation
+    assert any(b.generation == want for b in _backups.scan(cfg.backup_path) if b.path != planted)

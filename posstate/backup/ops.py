@@ -183,11 +183,12 @@ def arm(files: StateFiles) -> None:
     found = _backups.names_only(cfg.backup_path)
     if files.last_backup_at is None:
         files.last_backup_at = found[0][1].timestamp() if found else float("-inf")
-    if found:  # what the newest backup holds needs no second backup (its header only; nothing decrypted)
-        newest = _backups.inspect_file(cfg.backup_path / _backups.file_name(found[0][0]), *found[0])
-        if newest.valid and newest.generation is not None:
-            svc.backed_generation = max(svc.backed_generation, newest.generation)
     state = files.snapshot()
+    if found and state is not None:  # what the newest backup holds needs no second backup (nothing decrypted)
+        newest = _backups.inspect_file(cfg.backup_path / _backups.file_name(found[0][0]), *found[0])
+        # An unauthenticated header: a planted "newest backup" above memory must not silence timed backups.
+        if newest.valid and newest.generation is not None and newest.generation <= state.generation:
+            svc.backed_generation = max(svc.backed_generation, newest.generation)
     if state is not None and not files.unsaved():  # memory is the snapshot just loaded
         svc.note_snapshot(state.generation)
     svc.start()
