@@ -20,7 +20,6 @@ asyncio is imported inside the coroutines: a program that never awaits them neve
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
@@ -77,6 +76,7 @@ class AsyncChanges(StateMaintenance):
         """Run ``fn(*args)`` in the loop's default executor; a cancelled caller still waits for it to finish."""
         self._refuse_async_in_txn(what)
         import asyncio  # loaded already: this coroutine runs in its event loop
+        import contextvars  # so is this (asyncio needs it)
 
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(None, functools.partial(contextvars.copy_context().run, fn, *args))
