@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from posstate.manager.manager import PositionStateManager
 
 
+#: How often acknowledged() drains the group journal outside the manager's lock before it drains under it.
+_SETTLE_TRIES = 3
+
+
 class ManagerFiles:
     """Implements StateFiles for one manager; every call runs under the manager's lock."""
 
@@ -89,20 +93,35 @@ class ManagerFiles:
         self._m._loaded = loaded
 
     def acknowledged(self) -> StateData | None:
+        """A copy of memory holding durable changes only, or None (nothing loaded, a transaction open, a failed
+        sync). Group mode: pending records are made durable *outside* the manager's lock (the bot's threads
+        never wait for an fdatasync behind a backup); the lock is held for the copy alone, taken only when no
+        record was written since (a few tries, then the drain is done under the lock: bounded)."""
         m = self._m
-        with m._lock:
-            if not m._loaded or m._closed or m._doubt is not None or m._txn is not None:
-                return None
-            journal = m._journal
+        journal = m._journal
+        for attempt in range(_SETTLE_TRIES):
             try:
-                journal.drain()  # group mode: what memory holds is written; make it durable before copying
+                journal.drain()  # group mode: make what memory holds durable, without the manager's lock
             except PosStateError:
                 return None
-            if journal.failed:
-                return None
-            st = m._state.copy()
-            # Under the lock: a record appended after the copy must not be counted as folded into it.
-            jid, last_seq = journal.journal_id, journal.last_seq
+            with m._lock:
+                if not m._loaded or m._closed or m._doubt is not None or m._txn is not None:
+                    return None
+                if not journal.settled():
+                    if attempt + 1 < _SETTLE_TRIES:
+                        continue  # a writer appended meanwhile: drain again outside the lock
+                    try:
+                        journal.drain()  # the last try: under the lock, so no writer can append again
+                    except PosStateError:
+                        return None
+                if journal.failed:
+                    return None
+                st = m._state.copy()
+                # Under the lock: a record appended after the copy must not be counted as folded into it.
+                jid, last_seq = journal.journal_id, journal.last_seq
+            break
+        else:  # pragma: no cover - every path above returns or breaks
+            return None
         if st.journal is not None and jid is not None and st.journal.get("id") == jid:
             st.journal = {**st.journal, "seq": max(int(st.journal.get("seq", 0)), last_seq)}
         return st
