@@ -69,3 +69,117 @@ def test_acknowledged_copy_never_waits_for_a_group_sync_under_the_managers_lock(
         assert free, "the manager's lock was held while waiting for a group fdatasync"
         assert got and got[0] is not None
         assert int(got[0].positions[("A", "long")].contracts) == 3
+
+
+class _StuckBackup(fs.FileOps):
+    """The background backup thread blocks at its first fsync until released (a stuck disk)."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def fsync(self, fd: int) -> None:
+        if threading.current_thread().name == "posstate-backup" and not self.reached.is_set():
+            self.reached.set()
+            assert self.release.wait(60)
+        super().fsync(fd)
+
+
+def test_close_backup_is_bounded_when_a_background_backup_is_stuck(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 15.2 attack: close() with journaled changes no backup holds, while a timed backup is stuck in a file
+    operation: the close backup gives up within close()'s bound (it never waits on the folder lock forever),
+    close() releases the writer lock and reports what it left."""
+    from posstate.backup import background as _background
+
+    monkeypatch.setattr(_background, "CLOSE_TIMEOUT", 0.05)
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    m = PositionStateManager(cfg, key=key)
+    failed: list[dict[str, Any]] = []
+    m.on("backupFailed", failed.append)
+    m.set_position(pos("A", 1))
+    m.set_position(pos("A", 2))
+    assert m.wait_for_backups(30)  # the first snapshot's timed backup is done: the next one is ours
+    stuck = _StuckBackup()
+    with fs.use(stuck):
+        svc = _background.service(m._files)
+        m._files.last_backup_at = float("-inf")
+        svc.request()
+        assert stuck.reached.wait(30)
+        m.set_position(pos("A", 3))  # memory is ahead of anything a backup holds: close wants a backup
+        closer = threading.Thread(target=m.close)
+        closer.start()
+        closer.join(20)
+        done = not closer.is_alive()
+        stuck.release.set()
+        closer.join(60)
+    assert done, "close() waited for a stuck background backup without bound"
+    assert m.closed
+    assert any(f["operation"] == "close" for f in failed)
+    with PositionStateManager(cfg, key=key) as again:  # the writer lock was released
+        assert int(again.get_position("A", "long").contracts) == 3  # type: ignore[union-attr]
+
+
+def test_close_releases_the_lock_when_the_close_backup_raises_unexpectedly(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15.2 attack: the close backup failing with an unexpected exception (a bug, MemoryError) never
+    keeps the writer lock or the journal open: close() finishes, reports backupFailed, and raises nothing."""
+    from posstate.backup import acked as _acked
+
+    def boom(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("boom")
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    m = PositionStateManager(cfg, key=key)
+    failed: list[dict[str, Any]] = []
+    m.on("backupFailed", failed.append)
+    m.set_position(pos("A", 1))
+    m.set_position(pos("A", 2))
+    monkeypatch.setattr(_acked, "from_memory", boom)
+    m.close()
+    assert m.closed
+    assert failed and failed[-1]["operation"] == "close"
+    with PositionStateManager(cfg, key=key) as again:
+        assert int(again.get_position("A", "long").contracts) == 2  # type: ignore[union-attr]
+
+
+class _FullBackupFolder(fs.FileOps):
+    """ENOSPC for every write into the backup folder (the disk filled up): the state file itself is fine."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+        self.fds: set[int] = set()
+        self.fired = 0
+
+    def open(self, path: fs.StrPath, flags: int, mode: int = 0o600) -> int:
+        fd = super().open(path, flags, mode)
+        if str(path).startswith(self.folder):
+            self.fds.add(fd)
+        return fd
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if fd in self.fds:
+            self.fired += 1
+            raise OSError(28, "injected ENOSPC")
+        return super().write(fd, data)
+
+
+def test_close_backup_on_a_full_disk_releases_everything_and_reports(tmp_path: Path, key: bytes) -> None:
+    """issue 15.2 attack: the backup at close() hits ENOSPC: close() still closes the journal and releases the
+    writer lock, reports backupFailed (operation "close"), leaves no temp, and the state loads whole."""
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    m = PositionStateManager(cfg, key=key)
+    failed: list[dict[str, Any]] = []
+    m.on("backupFailed", failed.append)
+    m.set_position(pos("A", 1))
+    m.set_position(pos("A", 2))
+    assert m.wait_for_backups(30)
+    before = sorted(p.name for p in cfg.backup_path.iterdir())
+    full = _FullBackupFolder(cfg.backup_path)
+    with fs.use(full):
+        m.close()
+    assert m.closed and full.fired
+    assert failed and failed[-1]["operation"] == "close" and "ENOSPC" in failed[-1]["reason"]
+    assert sorted(p.name for p in cfg.backup_path.iterdir()) == before  # no temp, no partial backup
+    with PositionStateManager(cfg, key=key) as again:
+        assert int(again.get_position("A", "long").contracts) == 2  # type: ignore[union-attr]

@@ -239,20 +239,38 @@ class BackupService:
             self._wanted = True
         self._timer_at = now + max(self._files.config.backup_interval / 8, 0.001)  # nothing came of it: later
 
-    def final_backup(self) -> BackupInfo | None:
+    def final_backup(self, timeout: float | None = None) -> BackupInfo | None:
         """From a clean close(), before :meth:`close`: back up the acknowledged state in memory when it holds
-        journaled changes no backup holds (issue 15.2). Never raises; a failure is reported as ever."""
-        if self._journaled() <= self.backed_generation or self._files.journal.failed:
+        journaled changes no backup holds (issue 15.2). Never raises (close() must still release the lock): a
+        failure is reported as ever. A background backup holding the folder past *timeout* (default
+        :data:`CLOSE_TIMEOUT`; a stuck disk) makes it give up and say so, as close() does."""
+        timeout = CLOSE_TIMEOUT if timeout is None else timeout
+        try:
+            if self._journaled() <= self.backed_generation or self._files.journal.failed:
+                return None
+            if not self.folder_lock.acquire(timeout=max(timeout, 0.001)):
+                left = (
+                    f"a background backup still ran after {timeout:g} s, so the backup of the acknowledged state at "
+                    "close was not taken (the state file and its journal hold every acknowledged change)"
+                )
+                log.warning("%s: close: %s", self._files.config.backup_path, left)
+                self._files.emit("backupFailed", {"path": str(self._files.config.backup_path), "reason": left, "operation": "close"})
+                return None
+            try:
+                return self._from_memory("close")
+            finally:
+                self.folder_lock.release()
+        except Exception as exc:  # a bug must not keep close() from releasing the writer lock
+            log.exception("the backup at close failed unexpectedly")
+            self._failed(exc, "close")
             return None
-        with self.folder_lock:
-            return self._from_memory("close")
 
     def _from_memory(self, operation: str) -> BackupInfo | None:
         files = self._files
         try:
             info = _acked.from_memory(files, now=self.clock())
         except (PosStateError, OSError) as exc:
-            self._failed(exc, getattr(exc, "operation", operation))
+            self._failed(exc, "close" if operation == "close" else getattr(exc, "operation", operation))
             return None
         if info is None:
             return None
