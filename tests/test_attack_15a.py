@@ -183,3 +183,35 @@ def test_close_backup_on_a_full_disk_releases_everything_and_reports(tmp_path: P
     assert sorted(p.name for p in cfg.backup_path.iterdir()) == before  # no temp, no partial backup
     with PositionStateManager(cfg, key=key) as again:
         assert int(again.get_position("A", "long").contracts) == 2  # type: ignore[union-attr]
+
+
+def test_backups_verify_is_not_fooled_by_a_backup_the_bot_pruned_meanwhile(
+    tmp_path: Path, key: bytes, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15.3 attack: `backups verify` beside a running bot: a backup retention removed between the listing
+    and its check is said to be gone, not DAMAGED, and verify exits 0 (no false alarm at 3 a.m.)."""
+    from click.testing import CliRunner
+
+    from posstate.cli import backups_cmd
+    from posstate.cli.main import cli
+
+    state = tmp_path / "state"
+    with PositionStateManager(StateConfig.in_dir(state, backup_interval=1e9), key=key) as m:
+        m.set_position(pos("A", 1))
+        first = m.create_backup()
+        m.set_position(pos("A", 2))
+        m.create_backup()
+    real = backups_cmd.validate_file
+
+    def pruned_meanwhile(path: Path, **kw: Any) -> Any:
+        if path == first.path and path.exists():
+            path.unlink()  # the bot's retention, between the listing and this check
+        return real(path, **kw)
+
+    monkeypatch.setattr(backups_cmd, "validate_file", pruned_meanwhile)
+    base = ["--state-dir", str(state), "--key-file", str(key_file)]
+    r = CliRunner().invoke(cli, [*base, "backups", "verify"])
+    assert r.exit_code == 0, r.output
+    assert "gone" in r.output and "DAMAGED" not in r.output
+    r = CliRunner().invoke(cli, [*base, "--json", "backups", "verify"])
+    assert r.exit_code == 0, r.output

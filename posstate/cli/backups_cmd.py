@@ -346,6 +346,13 @@ def verify(ctx: click.Context) -> None:
             reports = [validate_file(b.path, options=options) for b in bar]
     else:
         reports = [validate_file(b.path, options=options) for b in infos]
+    # A backup removed since it was listed (a running bot's retention) is gone, not damaged (issue 15.3).
+    gone = [b for b, r in zip(infos, reports, strict=True) if isinstance(r.error, StateNotFoundError)]
+    if gone:
+        for b in gone:
+            click.echo(f"  {'gone':<11}  {b.id}  removed since it was listed (retention by the running bot)", err=True)
+        kept = [(b, r) for b, r in zip(infos, reports, strict=True) if not isinstance(r.error, StateNotFoundError)]
+        infos, reports = [b for b, _ in kept], [r for _, r in kept]
     verdicts = [verify_verdict(r) for r in reports]
     if env.json:
         json_out(
