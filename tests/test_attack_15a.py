@@ -215,3 +215,25 @@ def test_backups_verify_is_not_fooled_by_a_backup_the_bot_pruned_meanwhile(
     assert "gone" in r.output and "DAMAGED" not in r.output
     r = CliRunner().invoke(cli, [*base, "--json", "backups", "verify"])
     assert r.exit_code == 0, r.output
+
+
+def test_online_temp_dated_far_in_the_future_is_swept(tmp_path: Path, key: bytes) -> None:
+    """issue 15.3 attack (wrong clock, planted file): an online-backup temp whose time is over an hour in the
+    future (the clock was stepped back, or it was planted so) is garbage, not "young": the lock holder sweeps it;
+    one dated now is left alone."""
+    import os
+    import time
+
+    cfg = StateConfig.in_dir(tmp_path / "state", durability="snapshot", backup_interval=1e9)
+    cfg.backup_path.mkdir(parents=True)
+    future = cfg.backup_path / ".online-positions_20990101_000000.json.0123456789abcdef.tmp"
+    young = cfg.backup_path / ".online-positions_20260101_000000.json.fedcba9876543210.tmp"
+    future.write_bytes(b"x")
+    young.write_bytes(b"y")
+    ahead = time.time() + 2 * 86400
+    os.utime(future, (ahead, ahead))
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.save()
+        m.create_backup()
+    assert young.exists() and not future.exists()

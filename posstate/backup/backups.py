@@ -230,7 +230,8 @@ ONLINE_TEMP_MAX_AGE = 3600.0
 
 def sweep_temps(backup_dir: Path) -> None:
     """Remove temp files a failed or crashed backup left (the caller holds the writer lock). An online
-    backup's temp (written without the lock, maybe now) is removed only once it is an hour old."""
+    backup's temp (written without the lock, maybe now) is removed only once its time is over an hour from now
+    (either way)."""
     try:
         names = fs.listdir(backup_dir)
     except OSError:
@@ -238,7 +239,9 @@ def sweep_temps(backup_dir: Path) -> None:
     for n in names:
         if n.startswith(f".{ONLINE_TEMP_PREFIX}positions_") and n.endswith(_atomic.TEMP_SUFFIX):
             try:
-                if time.time() - fs.lstat(backup_dir / n).st_mtime < ONLINE_TEMP_MAX_AGE:
+                # Dated over an hour ahead is no writer's "now" either (a clock stepped back, a planted file):
+                # garbage, or it would never be swept.
+                if abs(time.time() - fs.lstat(backup_dir / n).st_mtime) < ONLINE_TEMP_MAX_AGE:
                     continue
             except OSError:
                 continue
