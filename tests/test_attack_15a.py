@@ -237,3 +237,31 @@ def test_online_temp_dated_far_in_the_future_is_swept(tmp_path: Path, key: bytes
         m.save()
         m.create_backup()
     assert young.exists() and not future.exists()
+
+
+@pytest.mark.parametrize("how", ["single", "transaction"])
+def test_first_bot_metadata_goes_into_a_schema_2_snapshot_not_only_the_journal(tmp_path: Path, key: bytes, how: str) -> None:
+    """issue 15.7 attack (an older reader): the first bot metadata is written into a snapshot (schema 2), never
+    only as a journal record over a schema-1 snapshot: the release before it takes an unknown record for damage,
+    "recovers" without it and drops every later acknowledged change (0 generations lost), while a schema-2
+    snapshot makes it refuse the file (UnsupportedVersionError) and touch nothing."""
+    from posstate.storage import codec as _codec
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.set_position(pos("A", 2))  # journaled over the first snapshot (schema 1)
+        if how == "single":
+            m.set_bot_metadata({"step": 1})
+        else:
+            with m.transaction():
+                m.set_position(pos("B", 1))
+                m.set_bot_metadata({"step": 1})
+        header = _codec.inspect(cfg.state_path.read_bytes())
+        assert header.schema_version == 2, "bot metadata sits only in the journal over a schema-1 snapshot"
+        m.set_bot_metadata({"step": 2})  # later ones are journaled as usual
+        m.set_position(pos("C", 1))
+    with PositionStateManager(cfg, key=key) as again:
+        assert again.get_bot_metadata() == {"step": 2}
+        assert again.get_position("C", "long") is not None
+        assert again.last_recovery is None

@@ -138,6 +138,8 @@ class InMemoryChanges(DurableCommit):
         return self._record([op])
 
     def _record(self, ops: list[_jops.Op]) -> int | None:
+        if self._state.bot_metadata is None and self._journal.active and any(op.json["op"] == _jops.SET_BOT_METADATA for op in ops):
+            return self._record_as_snapshot(ops)
         self._journal.prepare(self._state, self._entries, compact=self._compact_journal)
         rev = self._next_rev()  # a compaction in prepare() moved the generation on
         for op in ops:
@@ -192,6 +194,20 @@ class InMemoryChanges(DurableCommit):
                     _jops.undo(self._state, self._entries, u)
                 ticket = self._record([op for op, _ in done])
         self._journal.settle(ticket, self._rollback_journal)
+
+    def _record_as_snapshot(self, ops: list[_jops.Op]) -> None:
+        """The first bot metadata goes into a snapshot (schema 2), never only into the journal over a schema-1
+        snapshot: the release before it would take the unknown record for damage and recover without it (and
+        without every change after it); a schema-2 snapshot makes it refuse the file instead (issue 15.7).
+        All or nothing, as a save: memory adopts the changes only once the snapshot is durable. Lock held."""
+        self._journal.drain()
+        st, entries = self._state.copy(), dict(self._entries)
+        rev = self._next_rev()
+        for op in ops:
+            if op.json["rev"] != rev:
+                _jops.restamp(op, rev)
+            _jops.apply(st, entries, op)
+        self._commit(st, entries)
 
     def _check_txn_owner(self) -> None:
         """Inside a transaction (lock held): refuse a change from another asyncio task of this thread, which
