@@ -265,3 +265,42 @@ def test_first_bot_metadata_goes_into_a_schema_2_snapshot_not_only_the_journal(t
         assert again.get_bot_metadata() == {"step": 2}
         assert again.get_position("C", "long") is not None
         assert again.last_recovery is None
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["quarantined", "quarantined-and-live"])
+def test_planted_journal_with_a_huge_revision_cannot_push_generations_out_of_range(tmp_path: Path, live: bool) -> None:
+    """issue 15.4 attack (keyless, an attacker who can write the directory): a journal planted in quarantine
+    (and one at the live name) whose records claim revisions near 2**53 does not push the generation past what
+    a journal can be created at: after the recovery the bot still saves and journals."""
+    import shutil
+
+    from posstate.journal import format as _jformat
+
+    def cfg(d: Path) -> StateConfig:
+        return StateConfig.in_dir(d, encryption=False, backup_interval=1e9)
+
+    evil, victim = tmp_path / "evil", tmp_path / "victim"
+    with PositionStateManager(cfg(evil)) as m:
+        m.set_position(pos("A", 1))
+        m._files.raise_generation(2**53 - 10)
+        m.set_position(pos("A", 2))
+        m.set_position(pos("A", 3))
+        shutil.copy(evil / "positions.json.journal", tmp_path / "planted")
+    with PositionStateManager(cfg(victim)) as m:
+        m.set_position(pos("B", 1))
+        m.save()
+        m.create_backup()
+    (victim / "quarantine").mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "planted", victim / "quarantine" / "positions.json.journal.20260101T000000Z.journal")
+    if live:
+        shutil.copy(tmp_path / "planted", victim / "positions.json.journal")
+    (victim / "positions.json").write_bytes(b"garbage" * 10)
+    with PositionStateManager(cfg(victim)) as m:
+        m.load_positions()
+        assert m.generation <= _jformat.MAX_BASE
+        for i in range(3):
+            m.set_position(pos("B", i + 5))
+        m.save()
+        m.set_position(pos("B", 9))
+    with PositionStateManager(cfg(victim)) as m:
+        assert int(m.get_position("B", "long").contracts) == 9  # type: ignore[union-attr]

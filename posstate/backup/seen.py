@@ -69,7 +69,9 @@ def blind(copies: Iterable[_Copy], cfg: StateConfig, claimed: tuple[int, int] | 
 def journal_rev(cfg: StateConfig, options: _statefile.ReadOptions) -> int:
     """The highest revision of an authenticated record in the journal files on disk (any snapshot's)."""
     paths = [cfg.journal_path] + ([cfg.legacy_journal_path] if cfg.legacy_journal_path is not None else [])
-    return max(journal_max_rev(p, options) for p in paths)
+    # Without a key a record only carries a checksum: one planted with a revision no save can reach must not
+    # push the next generation past what a journal can start at (it would brick every later save).
+    return max((rev for p in paths if (rev := journal_max_rev(p, options)) <= _jformat.MAX_BASE), default=0)
 
 
 def journal_max_rev(path: Path, options: _statefile.ReadOptions) -> int:
@@ -106,7 +108,9 @@ def quarantined_max(cfg: StateConfig, options: _statefile.ReadOptions, *, truste
             continue
         path = qdir / name
         if name.startswith(journal_prefix):
-            best = max(best, journal_max_rev(path, options))
+            rev = journal_max_rev(path, options)
+            if rev <= min(trusted + slack, _jformat.MAX_BASE):  # as for headers below (a keyless planted record)
+                best = max(best, rev)
             continue
         try:
             generation = _format.parse_header(fs.read_file(path, max_size=options.max_file_bytes)).generation
