@@ -304,3 +304,73 @@ def test_planted_journal_with_a_huge_revision_cannot_push_generations_out_of_ran
         m.set_position(pos("B", 9))
     with PositionStateManager(cfg(victim)) as m:
         assert int(m.get_position("B", "long").contracts) == 9  # type: ignore[union-attr]
+
+
+def test_nested_atransaction_is_part_of_the_outer_block(tmp_path: Path, key: bytes) -> None:
+    """issue 15.6 attack: an atransaction() nested in another (same task) is part of the outer block, as a nested
+    transaction() is: the outer block raising afterwards applies neither; a raising inner block drops only its
+    own changes; a successful pair is one journal record."""
+    import asyncio
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+
+        async def outer_raises() -> None:
+            async with m.atransaction() as tx:
+                tx.set_position(pos("B", 1))
+                async with m.atransaction() as inner:
+                    inner.set_position(pos("C", 1))
+                raise RuntimeError("abort")
+
+        with pytest.raises(RuntimeError):
+            asyncio.run(outer_raises())
+        assert set(m.get_positions()) == {("A", "long")}
+
+        before = m._journal.records
+
+        async def inner_raises() -> None:
+            async with m.atransaction() as tx:
+                tx.set_position(pos("B", 2))
+                with pytest.raises(RuntimeError):
+                    async with m.atransaction() as inner:
+                        inner.set_position(pos("C", 2))
+                        raise RuntimeError("inner only")
+                async with m.atransaction() as inner:
+                    inner.set_position(pos("D", 2))
+
+        asyncio.run(inner_raises())
+        assert set(m.get_positions()) == {("A", "long"), ("B", "long"), ("D", "long")}
+        assert m._journal.records == before + 1
+
+
+def test_async_writers_inside_an_atransaction_block_are_refused(tmp_path: Path, key: bytes) -> None:
+    """issue 15.6 attack: `await m.aset_position(p)` inside `async with m.atransaction()` would apply at once,
+    outside the block's all-or-nothing (kept when the block then raises): refused with TransactionError that
+    says to use tx.set_position; nothing applied."""
+    import asyncio
+
+    from posstate import TransactionError
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+
+        async def mixed() -> None:
+            async with m.atransaction() as tx:
+                tx.set_position(pos("B", 1))
+                await m.aset_position(pos("C", 1))
+                raise RuntimeError("never reached")
+
+        with pytest.raises(TransactionError, match="tx"):
+            asyncio.run(mixed())
+        assert set(m.get_positions()) == {("A", "long")}
+
+        async def other_task_may_write() -> None:  # another task's writer is not inside the block
+            async with m.atransaction() as tx:
+                tx.set_position(pos("B", 1))
+                await asyncio.ensure_future(asyncio.to_thread(lambda: None))
+            await m.aset_position(pos("C", 1))
+
+        asyncio.run(other_task_may_write())
+        assert set(m.get_positions()) == {("A", "long"), ("B", "long"), ("C", "long")}

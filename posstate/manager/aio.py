@@ -24,7 +24,7 @@ import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
-from posstate.core.errors import SchemaValidationError
+from posstate.core.errors import SchemaValidationError, TransactionError
 from posstate.manager.admin import StateMaintenance
 from posstate.manager.commit import PositionsInput
 from posstate.model import document as _document
@@ -72,10 +72,23 @@ class StagedChanges:
 class AsyncChanges(StateMaintenance):
     """The asyncio twins of the single-entry writers and of transaction() (see the module docstring)."""
 
+    def _staging(self) -> dict[object, StagedChanges]:
+        """The open atransaction() blocks of this manager, by the asyncio task that runs each."""
+        found: dict[object, StagedChanges] | None = self.__dict__.get("_astaged")
+        if found is None:
+            found = self.__dict__.setdefault("_astaged", {})
+        return found
+
     async def _off_loop(self, what: str, fn: Callable[..., _T], *args: Any) -> _T:
         """Run ``fn(*args)`` in the loop's default executor; a cancelled caller still waits for it to finish."""
         self._refuse_async_in_txn(what)
         import asyncio  # loaded already: this coroutine runs in its event loop
+
+        if what != "atransaction" and asyncio.current_task() in self._staging():
+            # It would apply at once, outside the block's all-or-nothing (and stay if the block then raised).
+            raise TransactionError(
+                self.config.state_path, f"{what} cannot run inside atransaction(): stage it on the block's tx instead"
+            )
         import contextvars  # so is this (asyncio needs it)
 
         loop = asyncio.get_running_loop()
@@ -138,10 +151,27 @@ class AsyncChanges(StateMaintenance):
         """``async with manager.atransaction() as tx:`` stage changes on *tx* (``tx.set_position(p)``, ...);
         at the end of the block they are applied as one transaction (one journal record, all or nothing) in a
         worker thread. An exception or a cancellation inside the block applies nothing."""
+        import asyncio  # loaded already: this coroutine runs in its event loop
+
+        task = asyncio.current_task()
+        open_blocks = self._staging()
+        outer = open_blocks.get(task)
+        if outer is not None:  # nested in this task's block: part of it, as a nested transaction() is
+            mark = len(outer._ops)
+            try:
+                yield outer
+            except BaseException:
+                del outer._ops[mark:]  # the inner block's own changes only
+                raise
+            return
         self._refuse_async_in_txn("atransaction")
         self._check_writable()
         staged = StagedChanges()
-        yield staged
+        open_blocks[task] = staged
+        try:
+            yield staged
+        finally:
+            open_blocks.pop(task, None)
         if staged:
             await self._off_loop("atransaction", self._apply_staged, staged._ops)
 
