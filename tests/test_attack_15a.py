@@ -172,8 +172,8 @@ def test_close_backup_on_a_full_disk_releases_everything_and_reports(tmp_path: P
     failed: list[dict[str, Any]] = []
     m.on("backupFailed", failed.append)
     m.set_position(pos("A", 1))
-    m.set_position(pos("A", 2))
-    assert m.wait_for_backups(30)
+    assert m.wait_for_backups(30)  # the first snapshot's timed backup
+    m.set_position(pos("A", 2))  # journaled: no backup holds it, none is due
     before = sorted(p.name for p in cfg.backup_path.iterdir())
     full = _FullBackupFolder(cfg.backup_path)
     with fs.use(full):
@@ -374,3 +374,136 @@ def test_async_writers_inside_an_atransaction_block_are_refused(tmp_path: Path, 
 
         asyncio.run(other_task_may_write())
         assert set(m.get_positions()) == {("A", "long"), ("B", "long"), ("C", "long")}
+
+
+def test_online_read_that_loses_every_race_says_busy_not_damaged(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15.3 attack: a bot that compacts between every snapshot read and journal read of an online backup
+    (a new snapshot each time) exhausts the retries: the error says the state kept changing and to try again
+    (StateLockedError, exit 5), never that the journal is damaged and `posstate repair` should run."""
+    from posstate import CorruptStateError, StateLockedError
+    from posstate.backup import acked as _acked
+    from posstate.journal import current as _current
+    from posstate.storage import statefile as _statefile
+    from posstate.storage.crypto import Keyring
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.set_position(pos("A", 2))
+    real = _current.read_current
+    calls = 0
+
+    def churning(config: StateConfig, options: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        cur = real(config, options)
+        loaded = type(cur.loaded)(**{**{f: getattr(cur.loaded, f) for f in cur.loaded.__dataclass_fields__}, "checksum": f"c{calls}"})
+        err = CorruptStateError(config.journal_path, "journal X holds records up to 9, but the snapshot belongs to Y", kind="journal")
+        return type(cur)(loaded=loaded, state=cur.state, error=err)
+
+    monkeypatch.setattr(_acked, "read_current", churning)
+    options = _statefile.ReadOptions(keyring=Keyring(key=key))
+    with pytest.raises(StateLockedError) as info:
+        _acked.consistent_current(cfg, options)
+    assert calls == _acked.ATTEMPTS
+    assert "repair" not in str(info.value) and "try again" in str(info.value)
+
+
+def test_online_read_of_a_journal_not_its_snapshots_is_reported_at_once(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15.3 attack: the same snapshot read twice with a journal that is not its own is real damage (no
+    compaction happened in between): reported after the second read, not retried twenty times."""
+    from posstate import CorruptStateError
+    from posstate.backup import acked as _acked
+    from posstate.journal import current as _current
+    from posstate.storage import statefile as _statefile
+    from posstate.storage.crypto import Keyring
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.set_position(pos("A", 2))
+    real = _current.read_current
+    calls = 0
+
+    def damaged(config: StateConfig, options: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        cur = real(config, options)
+        err = CorruptStateError(config.journal_path, "journal X holds records up to 9, but the snapshot belongs to Y", kind="journal")
+        return type(cur)(loaded=cur.loaded, state=cur.state, error=err)
+
+    monkeypatch.setattr(_acked, "read_current", damaged)
+    with pytest.raises(CorruptStateError):
+        _acked.consistent_current(cfg, _statefile.ReadOptions(keyring=Keyring(key=key)))
+    assert calls == 2
+
+
+def test_clean_close_after_a_save_still_leaves_a_fresh_backup(tmp_path: Path, key: bytes) -> None:
+    """issue 15.2 attack: in a journal mode, when the last change before a clean close() went into a snapshot
+    (save(), a compaction, the first bot metadata) and no timed backup was due, close() still leaves a backup
+    of that state: "nothing journaled" is not "backed up"."""
+    from posstate.backup import backups as _backups
+
+    cfg = StateConfig.in_dir(tmp_path / "state")
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        assert m.wait_for_backups(30)
+        m.set_position(pos("B", 2))
+        m.save()
+        want = m.generation
+    newest = _backups.scan(cfg.backup_path)[0]
+    assert newest.generation == want
+
+
+def test_create_backup_inside_a_transaction_never_deadlocks_with_a_timed_backup(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 15.2 attack: a timed backup of memory holds the backup folder and wants the manager's lock, while
+    the bot, inside transaction() (holding that lock), calls create_backup() (which wants the folder): the
+    timed backup gives up its turn instead of waiting forever; the bot's call returns (here: refused, as any
+    backup inside a transaction is) and the manager keeps working."""
+    from posstate import PosStateError
+    from posstate.backup import background as _background
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9)
+    m = PositionStateManager(cfg, key=key)
+    m.set_position(pos("A", 1))
+    m.set_position(pos("A", 2))
+    assert m.wait_for_backups(30)
+    wants_lock = threading.Event()
+    from posstate.manager.files import ManagerFiles
+
+    real = ManagerFiles.acknowledged
+
+    def acknowledged(self: ManagerFiles) -> Any:
+        wants_lock.set()
+        return real(self)
+
+    monkeypatch.setattr(ManagerFiles, "acknowledged", acknowledged)
+    outcome: list[object] = []
+
+    def bot() -> None:
+        with m.transaction():
+            m.set_position(pos("B", 1))
+            svc = _background.service(m._files)
+            m._files.last_backup_at = float("-inf")
+            svc.request()
+            assert wants_lock.wait(30)  # the timed backup holds the folder and waits for our lock
+            try:
+                m.create_backup()
+                outcome.append("created")
+            except PosStateError as exc:
+                outcome.append(exc)
+        outcome.append("done")
+
+    t = threading.Thread(target=bot, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "deadlock: create_backup() inside transaction() against a timed backup of memory"
+    assert outcome[-1] == "done"
+    m.set_position(pos("C", 1))
+    m.close()

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from posstate.backup import backups as _backups
 from posstate.backup.backups import BackupInfo
 from posstate.core.config import StateConfig
-from posstate.core.errors import PosStateError
+from posstate.core.errors import StateLockedError
 from posstate.journal.current import Current, read_current
 from posstate.model.document import StateData
 from posstate.storage import statefile as _statefile
@@ -62,16 +62,28 @@ def consistent_current(cfg: StateConfig, options: _statefile.ReadOptions, *, att
     snapshot is current, so the snapshot with the records read after it is a state the bot acknowledged (or
     was acknowledging: a record whose sync was still running is included). A journal that no longer belongs
     to the snapshot (a compaction replaced both in between) is what :func:`read_current` reports as an
-    error: then both are read again. A journal problem that persists across every attempt (damage a load
-    would have to recover from) is raised: such a state is not backed up online."""
-    last: PosStateError | None = None
-    for _ in range(max(1, attempts)):
+    error: then both are read again. The same snapshot read twice with a journal problem is damage a load
+    would have to recover from: raised (not backed up online). A new snapshot at every one of *attempts*
+    reads is a busy bot: StateLockedError, "try again" (never a hint to repair what is not damaged)."""
+    seen: str | None = None
+    tries = max(1, attempts)
+    for _ in range(tries):
         cur = read_current(cfg, options)
         if cur.error is None:
             return cur
-        last = cur.error
-    assert last is not None
-    raise last
+        if cur.loaded.checksum == seen:
+            # The same snapshot twice, its journal still wrong: no compaction ran in between (a compaction
+            # always writes a new snapshot first), so this is what a load would have to recover from.
+            raise cur.error
+        seen = cur.loaded.checksum
+    # A new snapshot at every read: the bot compacts faster than the two files can be read. Busy, not damaged.
+    raise StateLockedError(
+        cfg.state_path,
+        pid=None,
+        host=None,
+        reason=f"the running bot replaced the state file during each of {tries} reads of it and its journal",
+        next_step="try again in a moment (or when the bot is less busy); nothing was written",
+    )
 
 
 def online(

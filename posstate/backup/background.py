@@ -240,13 +240,18 @@ class BackupService:
         self._timer_at = now + max(self._files.config.backup_interval / 8, 0.001)  # nothing came of it: later
 
     def final_backup(self, timeout: float | None = None) -> BackupInfo | None:
-        """From a clean close(), before :meth:`close`: back up the acknowledged state in memory when it holds
-        journaled changes no backup holds (issue 15.2). Never raises (close() must still release the lock): a
+        """From a clean close(), before :meth:`close` (journal modes): back up the acknowledged state in memory
+        when no backup holds it (issue 15.2). Never raises (close() must still release the lock): a
         failure is reported as ever. A background backup holding the folder past *timeout* (default
         :data:`CLOSE_TIMEOUT`; a stuck disk) makes it give up and say so, as close() does."""
         timeout = CLOSE_TIMEOUT if timeout is None else timeout
         try:
-            if self._journaled() <= self.backed_generation or self._files.journal.failed:
+            # Whatever holds it (the journal, or a snapshot written since the newest backup: a save, a
+            # compaction), an acknowledged state no backup holds gets one.
+            st = self._files.snapshot()
+            if self._files.config.durability == "snapshot" or st is None or self._files.journal.failed:
+                return None
+            if st.generation <= self.backed_generation:
                 return None
             if not self.folder_lock.acquire(timeout=max(timeout, 0.001)):
                 left = (

@@ -389,6 +389,10 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
     files.raise_generation(highest)
     generation = files.commit(st, entries)
     files.set_loaded(True)
+    # What was restored is what that backup holds: no backup at close() for it (issue 15.2), so "latest" stays
+    # the backup just restored or the pre-restore one, as an operator expects.
+    svc = _background.service(files)
+    svc.backed_generation = max(svc.backed_generation, generation)
     result = RestoreResult(
         backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre
     )

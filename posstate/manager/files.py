@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 #: How often acknowledged() drains the group journal outside the manager's lock before it drains under it.
 _SETTLE_TRIES = 3
+#: How long acknowledged() waits for the manager's lock before the backup gives up its turn (seconds).
+_LOCK_WAIT = 2.0
 
 
 class ManagerFiles:
@@ -104,7 +106,11 @@ class ManagerFiles:
                 journal.drain()  # group mode: make what memory holds durable, without the manager's lock
             except PosStateError:
                 return None
-            with m._lock:
+            # Bounded: the caller holds the backup folder, and a lock holder may be waiting for that folder
+            # (create_backup() inside transaction()): giving up this turn is what breaks the cycle.
+            if not m._lock.acquire(timeout=_LOCK_WAIT):
+                return None
+            try:
                 if not m._loaded or m._closed or m._doubt is not None or m._txn is not None:
                     return None
                 if not journal.settled():
@@ -119,6 +125,8 @@ class ManagerFiles:
                 st = m._state.copy()
                 # Under the lock: a record appended after the copy must not be counted as folded into it.
                 jid, last_seq = journal.journal_id, journal.last_seq
+            finally:
+                m._lock.release()
             break
         else:  # pragma: no cover - every path above returns or breaks
             return None
