@@ -507,3 +507,18 @@ def test_create_backup_inside_a_transaction_never_deadlocks_with_a_timed_backup(
     assert outcome[-1] == "done"
     m.set_position(pos("C", 1))
     m.close()
+
+
+def test_restore_warns_when_it_drops_positions_even_at_the_same_count() -> None:
+    """issue 15.2 attack: a backup holding as many positions as the current state, but other ones, still drops
+    open positions: the loud warning names how many, not only when the count is lower."""
+    from posstate.cli.restore_preview import fewer_positions_warning
+    from posstate.model.document import StateData
+
+    cur = StateData(positions={("BTC/USDT", "long"): pos("BTC/USDT", 1), ("ETH/USDT", "long"): pos("ETH/USDT", 1)})
+    bak = StateData(positions={("BTC/USDT", "long"): pos("BTC/USDT", 1), ("SOL/USDT", "long"): pos("SOL/USDT", 1)})
+    warning = fewer_positions_warning(cur, bak, "20260101_000000")
+    assert warning is not None and "drops 1 open position" in warning and "ETH/USDT" in warning
+    assert fewer_positions_warning(cur, cur, "x") is None
+    fewer = fewer_positions_warning(cur, StateData(positions={("BTC/USDT", "long"): pos("BTC/USDT", 1)}), "b")
+    assert fewer is not None and fewer.startswith("WARNING: backup b holds 1 position(s) but the current state holds 2")

@@ -18,13 +18,21 @@ __all__ = ["fewer_positions_warning", "show_restore_preview"]
 
 
 def fewer_positions_warning(current: StateData, backup: StateData, backup_id: str) -> str | None:
-    """The warning when *backup* holds fewer positions than *current*, else None."""
+    """The warning when restoring *backup* drops positions *current* holds (fewer of them, or as many but other
+    ones), else None."""
     have, get = len(current.positions), len(backup.positions)
-    if get >= have:
+    dropped = sorted(current.positions.keys() - backup.positions.keys())
+    if not dropped:
         return None
+    shown = ", ".join(f"{s} {side}" for s, side in dropped[:5]) + (", ..." if len(dropped) > 5 else "")
+    head = (
+        f"WARNING: backup {backup_id} holds {get} position(s) but the current state holds {have}"
+        if get < have
+        else f"WARNING: backup {backup_id} lacks position(s) the current state holds"
+    )
     return (
-        f"WARNING: backup {backup_id} holds {get} position(s) but the current state holds {have}: restoring it drops "
-        f"{have - get} open position(s) from the state (the exchange may still hold them; reconcile after restoring)"
+        f"{head}: restoring it drops {len(dropped)} open position(s) from the state ({shown}; the exchange may "
+        "still hold them; reconcile after restoring)"
     )
 
 
