@@ -522,3 +522,30 @@ def test_restore_warns_when_it_drops_positions_even_at_the_same_count() -> None:
     assert fewer_positions_warning(cur, cur, "x") is None
     fewer = fewer_positions_warning(cur, StateData(positions={("BTC/USDT", "long"): pos("BTC/USDT", 1)}), "b")
     assert fewer is not None and fewer.startswith("WARNING: backup b holds 1 position(s) but the current state holds 2")
+
+
+def test_infinite_backup_interval_never_kills_the_backup_thread(tmp_path: Path, key: bytes) -> None:
+    """issue 15.2 attack (hostile config): backup_interval=inf (an "infinite" interval: timed backups never due)
+    in a journal mode does not kill the backup thread with an OverflowError in its timer wait: a backup asked
+    for later still runs."""
+    from posstate.backup import background as _background
+
+    died: list[BaseException | None] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: died.append(args.exc_value)
+    try:
+        cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=float("inf"))
+        with PositionStateManager(cfg, key=key) as m:
+            m.set_position(pos("A", 1))
+            m.set_position(pos("A", 2))
+            assert m.wait_for_backups(30)
+            svc = _background.service(m._files)
+            m._files.last_backup_at = float("-inf")
+            taken = svc.taken
+            assert svc.request()
+            assert m.wait_for_backups(30)
+            assert svc.taken == taken + 1
+            assert svc._thread is not None and svc._thread.is_alive()
+    finally:
+        threading.excepthook = old_hook
+    assert died == []

@@ -46,6 +46,8 @@ log = logging.getLogger("posstate")
 
 #: How long close() waits for a running background backup before cancelling it (seconds).
 CLOSE_TIMEOUT = 30.0
+#: The longest single wait of the timer (seconds).
+_MAX_TIMER_WAIT = 86400.0
 
 _create_lock = threading.Lock()
 
@@ -228,7 +230,9 @@ class BackupService:
         now = self.clock()
         last = self._files.last_backup_at
         due_at = now + interval if last is None else min(last, now) + interval
-        return max(max(due_at, self._timer_at, self._retry_at) - now, 0.001)
+        # At most a day at a time (the loop computes it again): an infinite or huge interval must not reach
+        # Condition.wait, which raises OverflowError past the platform's time_t and would kill the thread.
+        return min(max(max(due_at, self._timer_at, self._retry_at) - now, 0.001), _MAX_TIMER_WAIT)
 
     def timer_fired(self) -> None:
         """Under the condition: the timer ran out; ask for a backup when one is due and memory is ahead."""
