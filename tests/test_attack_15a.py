@@ -549,3 +549,27 @@ def test_infinite_backup_interval_never_kills_the_backup_thread(tmp_path: Path, 
     finally:
         threading.excepthook = old_hook
     assert died == []
+
+
+def test_first_bot_metadata_snapshot_failing_changes_nothing(tmp_path: Path, key: bytes) -> None:
+    """issue 15.7 attack (disk full): the first bot metadata, written as a snapshot, fails with ENOSPC: a
+    PersistenceError (outcome known), memory and disk without it; the next try succeeds."""
+    import errno
+
+    from posstate import PersistenceError
+    from posstate.selftest.harness import Fault, HarnessOps
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="group", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.set_position(pos("A", 2))
+        gen = m.generation
+        full = HarnessOps(fault=Fault(at=1, errno=errno.ENOSPC, persistent=True, ops=frozenset({"write"})))
+        with fs.use(full), pytest.raises(PersistenceError) as info:
+            m.set_bot_metadata({"step": 1})
+        assert not info.value.outcome_unknown
+        assert m.get_bot_metadata() is None and m.generation == gen
+        m.set_bot_metadata({"step": 2})
+    with PositionStateManager(cfg, key=key) as again:
+        assert again.get_bot_metadata() == {"step": 2}
+        assert int(again.get_position("A", "long").contracts) == 2  # type: ignore[union-attr]

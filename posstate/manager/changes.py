@@ -200,6 +200,7 @@ class InMemoryChanges(DurableCommit):
         snapshot: the release before it would take the unknown record for damage and recover without it (and
         without every change after it); a schema-2 snapshot makes it refuse the file instead (issue 15.7).
         All or nothing, as a save: memory adopts the changes only once the snapshot is durable. Lock held."""
+        self._journal.prepare(self._state, self._entries, compact=self._compact_journal)  # a failed sync's undo
         self._journal.drain()
         st, entries = self._state.copy(), dict(self._entries)
         rev = self._next_rev()
