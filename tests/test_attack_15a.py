@@ -85,7 +85,9 @@ class _StuckBackup(fs.FileOps):
         super().fsync(fd)
 
 
-def test_close_backup_is_bounded_when_a_background_backup_is_stuck(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_close_backup_is_bounded_when_a_background_backup_is_stuck(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """issue 15.2 attack: close() with journaled changes no backup holds, while a timed backup is stuck in a file
     operation: the close backup gives up within close()'s bound (it never waits on the folder lock forever),
     close() releases the writer lock and reports what it left."""
@@ -399,8 +401,12 @@ def test_online_read_that_loses_every_race_says_busy_not_damaged(
         nonlocal calls
         calls += 1
         cur = real(config, options)
-        loaded = type(cur.loaded)(**{**{f: getattr(cur.loaded, f) for f in cur.loaded.__dataclass_fields__}, "checksum": f"c{calls}"})
-        err = CorruptStateError(config.journal_path, "journal X holds records up to 9, but the snapshot belongs to Y", kind="journal")
+        loaded = type(cur.loaded)(
+            **{**{f: getattr(cur.loaded, f) for f in cur.loaded.__dataclass_fields__}, "checksum": f"c{calls}"}
+        )
+        err = CorruptStateError(
+            config.journal_path, "journal X holds records up to 9, but the snapshot belongs to Y", kind="journal"
+        )
         return type(cur)(loaded=loaded, state=cur.state, error=err)
 
     monkeypatch.setattr(_acked, "read_current", churning)
@@ -433,7 +439,9 @@ def test_online_read_of_a_journal_not_its_snapshots_is_reported_at_once(
         nonlocal calls
         calls += 1
         cur = real(config, options)
-        err = CorruptStateError(config.journal_path, "journal X holds records up to 9, but the snapshot belongs to Y", kind="journal")
+        err = CorruptStateError(
+            config.journal_path, "journal X holds records up to 9, but the snapshot belongs to Y", kind="journal"
+        )
         return type(cur)(loaded=cur.loaded, state=cur.state, error=err)
 
     monkeypatch.setattr(_acked, "read_current", damaged)

@@ -262,8 +262,9 @@ class BackupService:
                     f"a background backup still ran after {timeout:g} s, so the backup of the acknowledged state at "
                     "close was not taken (the state file and its journal hold every acknowledged change)"
                 )
-                log.warning("%s: close: %s", self._files.config.backup_path, left)
-                self._files.emit("backupFailed", {"path": str(self._files.config.backup_path), "reason": left, "operation": "close"})
+                where = str(self._files.config.backup_path)
+                log.warning("%s: close: %s", where, left)
+                self._files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
                 return None
             try:
                 return self._from_memory("close")

@@ -138,8 +138,10 @@ class InMemoryChanges(DurableCommit):
         return self._record([op])
 
     def _record(self, ops: list[_jops.Op]) -> int | None:
-        if self._state.bot_metadata is None and self._journal.active and any(op.json["op"] == _jops.SET_BOT_METADATA for op in ops):
-            return self._record_as_snapshot(ops)
+        first_bot_metadata = self._state.bot_metadata is None and self._journal.active
+        if first_bot_metadata and any(op.json["op"] == _jops.SET_BOT_METADATA for op in ops):
+            self._record_as_snapshot(ops)
+            return None
         self._journal.prepare(self._state, self._entries, compact=self._compact_journal)
         rev = self._next_rev()  # a compaction in prepare() moved the generation on
         for op in ops:
