@@ -43,10 +43,11 @@ if _typing.TYPE_CHECKING:  # what the names below resolve to, for type checkers 
     from posstate.backup.recovery import RecoveryReport
     from posstate.backup.repair import RepairDecision, RepairReport
     from posstate.backup.retention import PruneDecision, PruneResult
+    from posstate.manager.aio import StagedChanges
     from posstate.manager.manager import PositionStateManager
     from posstate.manager.orders import OrderIntent, OrderIntents, make_client_order_id
     from posstate.model.merge import MergeDecision, MergeResult
-    from posstate.storage.crypto import generate_key
+    from posstate.storage.crypto import generate_key, load_key
     from posstate.storage.validate import ValidationReport
 
 # Loaded on first use (PEP 562), so ``import posstate`` stays cheap: the manager, backups, the journal and the
@@ -74,9 +75,11 @@ _LAZY = {
     "RepairReport": "posstate.backup.repair",
     "RestoreResult": "posstate.backup.ops",
     "SessionSummary": "posstate.account.types",
+    "StagedChanges": "posstate.manager.aio",
     "UpdateQueue": "posstate.account.feed",
     "ValidationReport": "posstate.storage.validate",
     "generate_key": "posstate.storage.crypto",
+    "load_key": "posstate.storage.crypto",
     "make_client_order_id": "posstate.manager.orders",
     "reconcile_file": "posstate.account.reconcile_file",
 }
@@ -137,6 +140,7 @@ __all__ = [
     "RestoreResult",
     "SchemaValidationError",
     "SessionSummary",
+    "StagedChanges",
     "StaleBackupError",
     "StaleReportError",
     "StateConfig",
@@ -151,6 +155,7 @@ __all__ = [
     "WrongKeyError",
     "__version__",
     "generate_key",
+    "load_key",
     "make_client_order_id",
     "reconcile_file",
 ]

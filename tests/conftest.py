@@ -23,9 +23,10 @@ settings.load_profile("posstate")
 
 @pytest.fixture(autouse=True)
 def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tests never pick up a key from the developer's environment."""
+    """Tests never pick up a key or a state directory from the developer's environment."""
     for name in _KEY_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("POSSTATE_DIR", raising=False)  # StateConfig() reads it (issue 15.1)
 
 
 @pytest.fixture

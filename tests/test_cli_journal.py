@@ -28,6 +28,7 @@ from posstate.storage import fileops as fs
 from posstate.storage.container import parse_header
 from posstate.storage.crypto import Keyring, encode_key_text, generate_key
 from posstate.storage.statefile import ReadOptions
+from tests.killed import as_if_killed
 
 CLEAN_ENV = {"POSSTATE_KEY": None, "POSSTATE_KEY_FILE": None, "POSSTATE_PASSPHRASE": None, "POSSTATE_DIR": None}
 
@@ -520,6 +521,7 @@ def test_doctor_unsafe_exits_1(tmp_path: Path) -> None:
 def test_repair_recovers_a_damaged_journal(state: Path, key: bytes, key_file: Path) -> None:
     """repair no longer calls a state with a damaged journal valid: --dry-run shows the recovery, the real
     run recovers as a load would (journal to quarantine) and show/validate then pass."""
+    as_if_killed(StateConfig.in_dir(state))  # what the journal alone gives (no close backup, issue 15.2)
     flip_middle_record(state / "positions.json.journal")
     before = files_of(state)
     dry = run([*keyed(state, key_file), "repair", "--dry-run"])

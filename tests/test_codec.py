@@ -85,7 +85,7 @@ def test_header_fields_sit_at_their_offsets() -> None:
     assert field("n").to_bytes(12, "big") == h.nonce and h.nonce != bytes(12)
     assert field("s").to_bytes(16, "big") == h.salt and h.salt != bytes(16)
     assert field("w") == 10
-    assert field("v") == _codec.SCHEMA_VERSION
+    assert field("v") == _codec.PLAIN_SCHEMA_VERSION  # a document without bot metadata (issue 15.7)
     assert field("g") == 7
     assert field("t") == 1_700_000_000_123
     assert field("c") == 2
@@ -260,12 +260,13 @@ def test_newer_format_version_is_unsupported() -> None:
 
 
 def test_newer_schema_version_is_unsupported() -> None:
-    """A valid file whose header says schema version 2 raises UnsupportedVersionError before decrypting."""
+    """A valid file whose header says schema version 3 raises UnsupportedVersionError before decrypting (2 is
+    this release's, issue 15.7)."""
     kr = _keyring()
-    data = _set_field(_encode(keyring=kr), "v", 2)
+    data = _set_field(_encode(keyring=kr), "v", 3)
     with pytest.raises(UnsupportedVersionError) as info:
         _codec.decode(data, keyring=None)
-    assert (info.value.what, info.value.found) == ("schema", 2)
+    assert (info.value.what, info.value.found) == ("schema", 3)
 
 
 def test_unknown_flag_is_unsupported() -> None:

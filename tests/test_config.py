@@ -12,7 +12,7 @@ from posstate import ConfigError, StateConfig
 
 DEFAULTS = {
     "state_file": "state/positions.json",
-    "backup_dir": "state/backups",
+    "backup_dir": None,  # backups/ beside the state file (issue 15.1)
     "backup_interval": 300.0,
     "max_backups": 24,
     "validation_enabled": True,
@@ -33,6 +33,7 @@ def test_defaults_named_in_the_issue() -> None:
     for name, value in DEFAULTS.items():
         assert getattr(c, name) == value, name
     assert c.verify_after_write is True
+    assert c.backup_path == Path("state/backups")
 
 
 def test_frozen_and_keyword_only() -> None:

@@ -34,6 +34,7 @@ from posstate.journal import records as _records
 from posstate.model.position import Position
 from posstate.storage import fileops as fs
 from posstate.storage.crypto import Keyring
+from tests.killed import as_if_killed
 
 KEY = bytes(range(32))
 
@@ -218,6 +219,7 @@ def test_tampered_encrypted_record_is_damage_not_torn(tmp_path: Path, journal_re
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
         m.set_position(pos("A"))
+    as_if_killed(cfg)  # the close backup (issue 15.2) would hold A: this is about the journal alone
     data = bytearray(journal_records(cfg.journal_path))
     off = jf.HEADER_SIZE
     body_start = off + jf.FRAME_HEAD
@@ -372,6 +374,7 @@ def test_journal_of_another_snapshot_with_newer_records_is_refused(tmp_path: Pat
         m.load_positions()
         m.save()
         m.set_position(pos("B"))
+    as_if_killed(cfg)  # the close backup (issue 15.2) would hold B: this is about the journal alone
     cfg.state_path.write_bytes(snap)
     foreign = cfg.journal_path.read_bytes()
     events: list[dict[str, Any]] = []
@@ -389,7 +392,11 @@ def test_missing_snapshot_with_journal_is_not_a_fresh_start(tmp_path: Path) -> N
     and replays the journal onto it, so the acknowledged change survives the lost state file."""
     cfg = StateConfig.in_dir(tmp_path)
     with make(tmp_path) as m:
+        m.set_position(pos("B"))
+        m.save()
+        m.create_backup()  # a backup of the snapshot the journal below belongs to
         m.set_position(pos("A"))
+    as_if_killed(cfg)  # a backup holding A (the close's, a timed one) would do: recover from the snapshot's + journal
     cfg.state_path.unlink()
     with make(tmp_path) as m2:
         assert ("A", "long") in m2.load_positions()

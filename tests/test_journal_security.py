@@ -27,6 +27,7 @@ from posstate.storage import crypto as _crypto
 from posstate.storage import statefile as _statefile
 from posstate.storage.container import OFFSETS, trailer_for
 from posstate.storage.crypto import Keyring
+from tests.killed import as_if_killed
 
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
@@ -444,6 +445,7 @@ def test_crafted_frame_is_reported_by_the_load(tmp_path: Path, case: str) -> Non
     """issue 12.13: the load reports it (recovery: last_recovery names the journal damage, the journal is kept
     in quarantine) and keeps the records before it; it never reads as "no changes since the snapshot"."""
     _write(tmp_path, "A", 3)
+    as_if_killed(StateConfig.in_dir(tmp_path))  # the close backup (issue 15.2) would hold all three records
     path = tmp_path / "positions.json.journal"
     path.write_bytes(dict(_frame_cases(path.read_bytes()))[case])
     with make(tmp_path) as m:

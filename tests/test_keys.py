@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from posstate import MissingKeyError, Position, PositionStateManager, StateConfig, WrongKeyError, generate_key
+from posstate import ConfigError, MissingKeyError, Position, PositionStateManager, StateConfig, WrongKeyError, generate_key
 from posstate.storage import crypto as _crypto
 from posstate.storage.container import OFFSETS
 
@@ -39,8 +39,8 @@ def test_no_key_needed_without_encryption(cfg: StateConfig) -> None:
 
 @pytest.mark.parametrize("bad", [b"short", b"x" * 33, "not-bytes"], ids=["short", "long", "str"])
 def test_bad_raw_key(cfg: StateConfig, bad: object) -> None:
-    """A key that is not 32 bytes is refused without echoing it."""
-    with pytest.raises(MissingKeyError) as info:
+    """A key that is not 32 bytes (nor a key's base64 text) is a ConfigError, without echoing it (issue 15.5)."""
+    with pytest.raises(ConfigError) as info:
         PositionStateManager(cfg, key=bad)  # type: ignore[arg-type]
     assert "32 raw bytes" in str(info.value) and str(bad) not in str(info.value)
 

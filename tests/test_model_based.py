@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from posstate import PersistenceError, PositionStateManager, PosStateError, StateConfig, generate_key
+from posstate.backup import backups as _backups
 from posstate.model.position import Position, PositionKey
 from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps, copy_tree
 from posstate.storage import fileops as fs
@@ -290,9 +291,18 @@ class ManagerMachine(RuleBasedStateMachine):
         self.maybe = []
         self.blocked = False
 
+    def _close(self) -> None:
+        """Close the manager; a clean close may back up the acknowledged state (issue 15.2): then that backup
+        is the newest."""
+        assert self.m is not None
+        newest = _backups.names_only(self._config().backup_path)[:1]
+        self.m.close()
+        if _backups.names_only(self._config().backup_path)[:1] != newest:
+            self.latest = [self.acked, *self.maybe]
+
     def _reopen_and_check(self, label: str) -> None:
         assert self.m is not None
-        self.m.close()
+        self._close()
         self._open()
         self._loaded_matches(label)
 
@@ -406,7 +416,7 @@ class ManagerMachine(RuleBasedStateMachine):
         """Close (while the disk may still be failing), then reopen on a healthy disk."""
         assert self.m is not None
         with self._faulted(self._fault(fault)):
-            self.m.close()  # never raises: a failed fold at close is logged, the journal keeps the changes
+            self._close()  # never raises: a failed fold at close is logged, the journal keeps the changes
         self._open()
         self._loaded_matches("reopen")
 
@@ -435,7 +445,7 @@ class ManagerMachine(RuleBasedStateMachine):
         self.kills += 1
         self._reopen_and_check("reopen before the child")
         assert self.m is not None
-        self.m.close()
+        self._close()
         acked, pending = run_child(self.state_dir, self.durability, todo, min(acks, len(todo)), crash)
         note(f"child: {todo}, kill {crash or 'by the parent'} after {acks} acks: acknowledged {acked}, in flight {pending}")
         for c in todo[:acked]:

@@ -212,3 +212,36 @@ def test_outcome_unknown_blocks_every_writer(tmp_path: Path) -> None:
                 call()
             assert contracts(m) == {"A": 5}, name
         assert m.get_position("A", "long") is not None and m.prune_old_backups(dry_run=True) is not None
+
+
+def test_snapshot_mode_save_rename_done_dir_fsync_failed(tmp_path: Path) -> None:
+    """issue 15 attack (12.8 in snapshot mode): save() of unsaved changes renamed into place, the directory
+    fsync fails: the new file may load after a crash, so the outcome is unknown (not "failed, known")."""
+    with make(tmp_path, durability="snapshot") as m:
+        m.save_positions([pos("A", 1)])
+        m.set_position(pos("A", 2))  # snapshot mode: in memory only until save()
+        with fs.use(persistent(frozenset({"fsync_dir"}))), pytest.raises(PersistenceError) as info:
+            m.save()
+        assert info.value.operation == "fsync_dir"
+        assert info.value.outcome_unknown
+        with pytest.raises(OutcomeUnknownError):
+            m.set_position(pos("A", 3))
+    with make(tmp_path, durability="snapshot") as m2:
+        assert contracts(m2) == {"A": 2}  # the "failed" save's file: the caller was told it may be there
+        report = m2.last_recovery
+        assert report is not None
+        assert [(c["kind"], c["found_on_disk"]) for c in report.unknown_outcomes] == [("snapshot", True)]
+
+
+def test_snapshot_mode_save_of_nothing_new_dir_fsync_failed_is_known(tmp_path: Path) -> None:
+    """issue 15 attack: a save() with no unsaved change whose directory fsync fails rewrites the same content:
+    failed, outcome known (old and new file hold the same positions), and the manager still accepts changes."""
+    with make(tmp_path, durability="snapshot") as m:
+        m.save_positions([pos("A", 1)])
+        with fs.use(persistent(frozenset({"fsync_dir"}))), pytest.raises(PersistenceError) as info:
+            m.save()
+        assert not info.value.outcome_unknown
+        m.set_position(pos("A", 2))
+        m.save()
+    with make(tmp_path, durability="snapshot") as m2:
+        assert contracts(m2) == {"A": 2}

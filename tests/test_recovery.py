@@ -145,8 +145,9 @@ def test_damaged_bak_and_main_fall_back_to_timestamped_backup(tmp_path: Path) ->
 
 
 def test_bak_is_used_when_it_is_the_newest_copy(tmp_path: Path) -> None:
-    """With one old timestamped backup, the .bak (one generation back) wins; one generation is reported lost."""
-    cfg = history(tmp_path, saves=4, backup_interval=1e9)
+    """With one old timestamped backup, the .bak (one generation back) wins; one generation is reported lost.
+    (Snapshot mode: in the journal modes a clean close backs up the last save, issue 15.2.)"""
+    cfg = history(tmp_path, saves=4, backup_interval=1e9, durability="snapshot")
     flip(cfg.state_path, 300)
     with PositionStateManager(cfg, key=KEY) as m:
         assert m.load_positions()[("BTC/USDT", "long")].contracts == 3
@@ -175,8 +176,9 @@ def test_all_copies_damaged_raises_unrecoverable_and_never_starts_empty(tmp_path
 
 
 def test_valid_but_too_old_backup_is_refused_then_restored_on_purpose(tmp_path: Path) -> None:
-    """Only a two-hour-old backup survives: recovery refuses it; restore needs accept_older=True."""
-    cfg = config(tmp_path, backup_interval=1e9, backup_threshold=3600)
+    """Only a two-hour-old backup survives: recovery refuses it; restore needs accept_older=True. (Snapshot
+    mode: in the journal modes a clean close backs up the last save, issue 15.2.)"""
+    cfg = config(tmp_path, backup_interval=1e9, backup_threshold=3600, durability="snapshot")
     with PositionStateManager(cfg, key=KEY) as m:
         m.load_positions()
         then = time.time() - 7200

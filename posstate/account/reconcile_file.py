@@ -67,7 +67,7 @@ def reconcile_file(
     apply: bool = False,
     tolerance: Decimal | int | str | float = 0,
     price_tolerance: Decimal | int | str | float = 0,
-    key: bytes | None = None,
+    key: bytes | str | None = None,
     passphrase: str | None = None,
 ) -> ReconcileFileResult:
     """Reconcile the saved state with an exchange positions JSON file.

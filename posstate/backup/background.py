@@ -9,6 +9,13 @@ file) into the backup folder, verified (:mod:`posstate.backup.snapcopy`), then a
 verified-backup cache (:mod:`posstate.backup.verified`). Explicit backup operations (create, prune, restore,
 recovery, repair) take the same folder lock first, so they never interleave with a background backup.
 
+In the journal modes a change is acknowledged long before a compaction puts it into a snapshot, so the thread
+also keeps a timer (issue 15.2): when ``backup_interval`` has passed since the newest backup and memory holds
+acknowledged changes no backup holds, it backs up the acknowledged state from memory
+(:func:`posstate.backup.acked.from_memory`: the owner's lock only while the state is copied), and so does a
+clean :meth:`BackupService.final_backup` from the manager's close(). ``backup_interval=0`` keeps the old
+meaning (a backup at every snapshot) and runs no timer.
+
 A failure is reported (``backupFailed`` event, a warning in the log) and retried at the first snapshot after
 ``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) lets a running
 backup finish for a bounded time; past it the backup is cancelled before it gets its name, and close() says
@@ -26,17 +33,21 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from posstate.backup import acked as _acked
 from posstate.backup import snapcopy as _snapcopy
 from posstate.backup.verified import VerifiedCache
 from posstate.core.errors import PosStateError
 
 if TYPE_CHECKING:
+    from posstate.backup.backups import BackupInfo
     from posstate.backup.files import StateFiles
 
 log = logging.getLogger("posstate")
 
 #: How long close() waits for a running background backup before cancelling it (seconds).
 CLOSE_TIMEOUT = 30.0
+#: The longest single wait of the timer (seconds).
+_MAX_TIMER_WAIT = 86400.0
 
 _create_lock = threading.Lock()
 
@@ -71,6 +82,9 @@ class BackupService:
         self._cancelled = False
         self._gate = threading.Lock()
         self._retry_at = float("-inf")
+        #: Generation of the newest backup this service took (memory or snapshot): the timer's "nothing new".
+        self.backed_generation = 0
+        self._timer_at = float("-inf")
         #: Backups taken and failed in the background (for tests and the benchmark).
         self.taken = 0
         self.failed = 0
@@ -103,22 +117,35 @@ class BackupService:
             if self._thread is not None:  # started once, then it waits for work: a request is only a notify
                 self._cond.notify_all()
                 return True
-            # The thread holds the service weakly: a manager dropped without close() is still collected (its
-            # writer lock stays held until the process ends); the finalizer wakes the thread to end (never in a
-            # forked child).
-            thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._cond), name="posstate-backup", daemon=True)
-            try:
-                thread.start()
-            except RuntimeError as exc:  # no thread can be started now: the caller's save stands; reported below
-                self._wanted = False
-                failed: RuntimeError | None = exc
-            else:
-                self._thread, failed = thread, None
-                weakref.finalize(self, _wake, self._cond, os.getpid())
+            failed = self._start_thread()
         if failed is not None:
             self._failed(failed, "start backup thread")
             return False
         return True
+
+    def start(self) -> None:
+        """Start the thread without a request (journal modes: its timer looks for changes to back up)."""
+        with self._cond:
+            if self._closing or self._thread is not None:
+                return
+            failed = self._start_thread()
+        if failed is not None:
+            self._failed(failed, "start backup thread")
+
+    def _start_thread(self) -> RuntimeError | None:
+        """Under the condition: start the thread; the error if none can be started (reported by the caller)."""
+        # The thread holds the service weakly: a manager dropped without close() is still collected (its
+        # writer lock stays held until the process ends); the finalizer wakes the thread to end (never in a
+        # forked child).
+        thread = threading.Thread(target=_worker, args=(weakref.ref(self), self._cond), name="posstate-backup", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread can be started now: the caller's save stands; reported below
+            self._wanted = False
+            return exc
+        self._thread = thread
+        weakref.finalize(self, _wake, self._cond, os.getpid())
+        return None
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no background backup runs or is asked for; False if *timeout* passed first."""
@@ -184,11 +211,117 @@ class BackupService:
     def _due(self) -> bool:
         return due(self._files, self.clock())
 
+    def _journaled(self) -> int:
+        """The generation of memory when it holds acknowledged changes beyond the durable snapshot (journal
+        modes), else 0. Read without the owner's lock: only a hint; the copy itself is taken under it."""
+        if self._files.config.durability == "snapshot":
+            return 0
+        st = self._files.snapshot()
+        generation = st.generation if st is not None else 0
+        return generation if generation > self._durable_generation else 0
+
+    def timer_wait(self) -> float | None:
+        """Seconds until the timer looks for acknowledged changes to back up (None: no timer). Once a backup
+        is due it looks every eighth of the interval, so a change is backed up at most ``backup_interval`` * 9/8
+        after the newest backup (or soon after the change itself, when that comes later)."""
+        interval = self._files.config.backup_interval
+        if self._closing or interval <= 0 or self._files.config.durability == "snapshot":
+            return None
+        now = self.clock()
+        last = self._files.last_backup_at
+        due_at = now + interval if last is None else min(last, now) + interval
+        # At most a day at a time (the loop computes it again): an infinite or huge interval must not reach
+        # Condition.wait, which raises OverflowError past the platform's time_t and would kill the thread.
+        return min(max(max(due_at, self._timer_at, self._retry_at) - now, 0.001), _MAX_TIMER_WAIT)
+
+    def timer_fired(self) -> None:
+        """Under the condition: the timer ran out; ask for a backup when one is due and memory is ahead."""
+        now = self.clock()
+        if self._closing or now < max(self._timer_at, self._retry_at):
+            return
+        if self._journaled() > self.backed_generation and self._due():
+            self._wanted = True
+        self._timer_at = now + max(self._files.config.backup_interval / 8, 0.001)  # nothing came of it: later
+
+    def final_backup(self, timeout: float | None = None) -> BackupInfo | None:
+        """From a clean close(), before :meth:`close` (journal modes): back up the acknowledged state in memory
+        when no backup holds it (issue 15.2). Never raises (close() must still release the lock): a
+        failure is reported as ever. A background backup holding the folder past *timeout* (default
+        :data:`CLOSE_TIMEOUT`; a stuck disk) makes it give up and say so, as close() does."""
+        timeout = CLOSE_TIMEOUT if timeout is None else timeout
+        try:
+            # Whatever holds it (the journal, or a snapshot written since the newest backup: a save, a
+            # compaction), an acknowledged state no backup holds gets one.
+            st = self._files.snapshot()
+            if self._files.config.durability == "snapshot" or st is None or self._files.journal.failed:
+                return None
+            if st.generation <= self.backed_generation:
+                return None
+            if not self.folder_lock.acquire(timeout=max(timeout, 0.001)):
+                left = (
+                    f"a background backup still ran after {timeout:g} s, so the backup of the acknowledged state at "
+                    "close was not taken (the state file and its journal hold every acknowledged change)"
+                )
+                where = str(self._files.config.backup_path)
+                log.warning("%s: close: %s", where, left)
+                self._files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
+                return None
+            try:
+                return self._from_memory("close")
+            finally:
+                self.folder_lock.release()
+        except Exception as exc:  # a bug must not keep close() from releasing the writer lock
+            log.exception("the backup at close failed unexpectedly")
+            self._failed(exc, "close")
+            return None
+
+    def _from_memory(self, operation: str) -> BackupInfo | None:
+        files = self._files
+        try:
+            info = _acked.from_memory(files, now=self.clock())
+        except (PosStateError, OSError) as exc:
+            self._failed(exc, "close" if operation == "close" else getattr(exc, "operation", operation))
+            return None
+        if info is None:
+            return None
+        self._took(info, extra={"acknowledged": True, "operation": operation})
+        return info
+
+    def _took(self, info: BackupInfo, *, extra: dict[str, object]) -> None:
+        files = self._files
+        self.taken += 1
+        if info.generation is not None:
+            self.backed_generation = max(self.backed_generation, info.generation)
+        # The name's second may be later than now (the clock was stepped back): count the interval from now.
+        files.last_backup_at = min(info.created_at.timestamp(), self.clock())
+        files.emit(
+            "backupCreated",
+            {
+                "path": str(info.path),
+                "backup_id": info.id,
+                "generation": info.generation,
+                "positions": info.position_count,
+                "bytes": info.size,
+                "background": True,
+                **extra,
+            },
+        )
+        from posstate.backup.prune import prune_backups
+
+        try:
+            prune_backups(files, dry_run=False, cache=self.cache)
+        except (PosStateError, OSError) as exc:
+            files.emit("error", {"context": "prune after background backup", "error": str(exc)})
+            log.warning("pruning after a background backup failed: %s", exc)
+
     def _once(self) -> None:
         files = self._files
         cfg = files.config
         with self.folder_lock:
             if not self._due():  # an explicit backup may have been taken meanwhile
+                return
+            if self._journaled():  # memory holds acknowledged changes the snapshot lacks: back those up
+                self._from_memory("backup")
                 return
             try:
                 info = _snapcopy.copy_state_file(
@@ -210,27 +343,7 @@ class BackupService:
             except (PosStateError, OSError) as exc:
                 self._failed(exc, getattr(exc, "operation", "backup"))
                 return
-            self.taken += 1
-            # The name's second may be later than now (the clock was stepped back): count the interval from now.
-            files.last_backup_at = min(info.created_at.timestamp(), self.clock())
-            files.emit(
-                "backupCreated",
-                {
-                    "path": str(info.path),
-                    "backup_id": info.id,
-                    "generation": info.generation,
-                    "positions": info.position_count,
-                    "bytes": info.size,
-                    "background": True,
-                },
-            )
-            from posstate.backup.prune import prune_backups
-
-            try:
-                prune_backups(files, dry_run=False, cache=self.cache)
-            except (PosStateError, OSError) as exc:
-                files.emit("error", {"context": "prune after background backup", "error": str(exc)})
-                log.warning("pruning after a background backup failed: %s", exc)
+            self._took(info, extra={})
 
     def _failed(self, exc: BaseException, operation: str) -> None:
         self.failed += 1
@@ -281,8 +394,14 @@ def _worker(ref: weakref.ref[BackupService], cond: threading.Condition) -> None:
                     return
                 if svc._wanted or svc._closing:
                     break
+                timeout = svc.timer_wait()
                 del svc  # never wait holding the service: its manager may be dropped meanwhile
-                cond.wait()
+                if not cond.wait(timeout) and timeout is not None:
+                    svc = ref()
+                    if svc is None:
+                        return
+                    svc.timer_fired()
+                    del svc
             if not svc._next():
                 return
         svc._run_one()

@@ -222,18 +222,35 @@ def resolve(backups: list[BackupInfo], ident: str, *, backup_dir: Path) -> Backu
     raise AmbiguousBackupError(backup_dir, prefix=ident, matches=[b.id for b in matches])
 
 
+#: The temp files of backups written without the writer lock start ``.online-positions_``.
+ONLINE_TEMP_PREFIX = "online-"
+#: An online backup's temp older than this (seconds) was left by a killed writer: the lock holder sweeps it.
+ONLINE_TEMP_MAX_AGE = 3600.0
+
+
 def sweep_temps(backup_dir: Path) -> None:
-    """Remove temp files a failed or crashed backup left (the caller holds the writer lock)."""
+    """Remove temp files a failed or crashed backup left (the caller holds the writer lock). An online
+    backup's temp (written without the lock, maybe now) is removed only once its time is over an hour from now
+    (either way)."""
     try:
         names = fs.listdir(backup_dir)
     except OSError:
         return
     for n in names:
-        if n.startswith(".positions_") and n.endswith(_atomic.TEMP_SUFFIX):
+        if n.startswith(f".{ONLINE_TEMP_PREFIX}positions_") and n.endswith(_atomic.TEMP_SUFFIX):
             try:
-                fs.unlink(backup_dir / n)
-            except OSError as exc:
-                log.warning("cannot remove leftover backup temp %s: %s", n, exc)
+                # Dated over an hour ahead is no writer's "now" either (a clock stepped back, a planted file):
+                # garbage, or it would never be swept.
+                if abs(time.time() - fs.lstat(backup_dir / n).st_mtime) < ONLINE_TEMP_MAX_AGE:
+                    continue
+            except OSError:
+                continue
+        elif not (n.startswith(".positions_") and n.endswith(_atomic.TEMP_SUFFIX)):
+            continue
+        try:
+            fs.unlink(backup_dir / n)
+        except OSError as exc:
+            log.warning("cannot remove leftover backup temp %s: %s", n, exc)
 
 
 def stamp_at(now: float) -> str:
@@ -266,12 +283,15 @@ def write_backup(
     options: _statefile.ReadOptions,
     now: float | None = None,
     written_at_ms: int | None = None,
+    online: bool = False,
 ) -> BackupInfo:
     """Write *state* as a new timestamped backup, read it back and validate it; return its info.
 
     On any failure nothing is left in *backup_dir* (no temp, no partial or unverified backup) and a
     :class:`PersistenceError` says which step failed. *state* itself is not modified. The header's
     ``written_at`` is *written_at_ms* (when the state was saved) if given; the name records *now*.
+    *online*: written without the writer lock (``posstate backups create`` while a bot runs): its temp file
+    is named so that the lock holder's sweep leaves it alone while it is young (:func:`sweep_temps`).
     """
     now = time.time() if now is None else now
     now_ms = int(now * 1000)
@@ -283,24 +303,32 @@ def write_backup(
     stamp_ms = now_ms if written_at_ms is None else min(written_at_ms, now_ms)
     _, encoded = _statefile.encode(state.copy(), keyring=keyring, compression_level=compression_level, now_ms=stamp_ms)
     try:
-        return _write_verified(encoded, stamp=stamp, stamp_ms=stamp_ms, backup_dir=backup_dir, options=options)
+        return _write_verified(encoded, stamp=stamp, stamp_ms=stamp_ms, backup_dir=backup_dir, options=options, online=online)
     except PersistenceError:
         raise
     except OSError as exc:
         raise PersistenceError(backup_dir, operation="backup", cause=exc) from exc
     finally:
-        sweep_temps(backup_dir)
+        if not online:  # without the lock a sweep could remove another writer's temp in use
+            sweep_temps(backup_dir)
 
 
 def _write_verified(
-    encoded: _codec.Encoded, *, stamp: str, stamp_ms: int, backup_dir: Path, options: _statefile.ReadOptions
+    encoded: _codec.Encoded,
+    *,
+    stamp: str,
+    stamp_ms: int,
+    backup_dir: Path,
+    options: _statefile.ReadOptions,
+    online: bool = False,
 ) -> BackupInfo:
     for backup_id in fresh_ids(backup_dir, stamp):
         candidate = backup_dir / file_name(backup_id)
         if fs.exists(candidate):
             continue
         try:
-            _atomic.write_new_file(candidate, encoded.data)
+            temp_for = backup_dir / f"{ONLINE_TEMP_PREFIX}{candidate.name}" if online else None
+            _atomic.write_new_file(candidate, encoded.data, temp_for=temp_for)
         except _atomic.WriteFailed as wf:
             if wf.step == "link" and isinstance(wf.cause, FileExistsError):
                 continue  # another name in the same second appeared meanwhile

@@ -91,6 +91,11 @@ class StateFiles(Protocol):
     def set_loaded(self, loaded: bool) -> None:
         """Mark memory as loaded (after a restore) or not (a failed write: the next call reloads)."""
 
+    def acknowledged(self) -> StateData | None:
+        """Under the owner's lock: a copy of the acknowledged state (every written journal record made durable
+        first; ``journal.seq`` the last one), or None when nothing is loaded or memory may hold a change that
+        was not acknowledged (a failed group sync not yet rolled back, an outcome in doubt). Issue 15.2."""
+
     def expect_on_disk(self, checksum: str | None) -> None:
         """The state file on disk is ours with this trailer checksum (None: no file); anything else at the
         next save was written by someone who bypassed the lock."""

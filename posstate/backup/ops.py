@@ -20,7 +20,7 @@ from posstate.backup import retention as _retention
 from posstate.backup import snapcopy as _snapcopy
 from posstate.backup.backups import BackupInfo
 from posstate.backup.prune import plan_prune
-from posstate.backup.recovery import main_header
+from posstate.backup.seen import main_header
 from posstate.backup.verified import VerifiedCache
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
@@ -106,6 +106,8 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
             log.warning("backup failed: %s", exc)
             raise
         files.last_backup_at = min(info.created_at.timestamp(), svc.clock())  # a later name: the clock went back
+        if info.generation is not None:
+            svc.backed_generation = max(svc.backed_generation, info.generation)
         files.emit(
             "backupCreated",
             {
@@ -168,6 +170,28 @@ def after_save(files: StateFiles, state: StateData) -> None:
     if not _background.due(files, svc.clock()):
         return
     svc.request()
+
+
+def arm(files: StateFiles) -> None:
+    """After a load in the journal modes: start the backup thread's timer, which backs up acknowledged changes
+    no snapshot holds yet once ``backup_interval`` has passed (issue 15.2). Nothing in snapshot mode or with
+    ``backup_interval=0`` (a backup at every snapshot, as before)."""
+    cfg = files.config
+    if cfg.durability == "snapshot" or cfg.backup_interval <= 0:
+        return
+    svc = _background.service(files)
+    found = _backups.names_only(cfg.backup_path)
+    if files.last_backup_at is None:
+        files.last_backup_at = found[0][1].timestamp() if found else float("-inf")
+    state = files.snapshot()
+    if found and state is not None:  # what the newest backup holds needs no second backup (nothing decrypted)
+        newest = _backups.inspect_file(cfg.backup_path / _backups.file_name(found[0][0]), *found[0])
+        # An unauthenticated header: a planted "newest backup" above memory must not silence timed backups.
+        if newest.valid and newest.generation is not None and newest.generation <= state.generation:
+            svc.backed_generation = max(svc.backed_generation, newest.generation)
+    if state is not None and not files.unsaved():  # memory is the snapshot just loaded
+        svc.note_snapshot(state.generation)
+    svc.start()
 
 
 def wait_for_backups(files: StateFiles, timeout: float | None = None) -> bool:
@@ -357,10 +381,18 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
             st.position_tombstones[k] = rev
         for s in previous.metadata.keys() - st.metadata.keys():
             st.metadata_tombstones[s] = rev
+        if previous.bot_metadata is not None and st.bot_metadata is None:
+            st.bot_metadata = {}  # the backup had none: an empty one at the restore's rev, so no merge brings it back
+    if st.bot_metadata is not None:
+        st.bot_metadata_rev = rev
     entries = {k: _document.position_entry(p, rev) for k, p in st.positions.items()}
     files.raise_generation(highest)
     generation = files.commit(st, entries)
     files.set_loaded(True)
+    # What was restored is what that backup holds: no backup at close() for it (issue 15.2), so "latest" stays
+    # the backup just restored or the pre-restore one, as an operator expects.
+    svc = _background.service(files)
+    svc.backed_generation = max(svc.backed_generation, generation)
     result = RestoreResult(
         backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre
     )

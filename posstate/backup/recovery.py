@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posstate.backup import backups as _backups
+from posstate.backup import seen as _seen
+from posstate.backup.seen import CLAIM_SLACK as _CLAIM_SLACK
+from posstate.backup.seen import blind as _blind
+from posstate.backup.seen import journal_rev as _journal_rev
+from posstate.backup.seen import lost as _lost
+from posstate.backup.seen import main_header
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     CorruptStateError,
@@ -34,12 +40,10 @@ from posstate.core.errors import (
     WrongKeyError,
 )
 from posstate.journal import files as _jfiles
-from posstate.journal import format as _jformat
 from posstate.journal import records as _records
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
 from posstate.storage import codec as _codec
-from posstate.storage import container as _format
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 
@@ -152,25 +156,6 @@ def _load_candidate(options: _statefile.ReadOptions, check: Callable[[StateData]
     return cand
 
 
-#: How far beyond the newest trustworthy copy a damaged state file's claimed generation may be and still be
-#: believed (2**32 saves: more than any bot makes between two copies).
-_CLAIM_SLACK = 2**32
-
-
-def main_header(path: Path, skew: float) -> tuple[int, int] | None:
-    """(generation, written ms) the damaged state file claims, if its header parses and is plausible."""
-    try:
-        data = fs.read_file(path)
-        h = _format.parse_header(data)
-    except (OSError, _format.FormatProblem):
-        return None
-    if h.written_at_ms > (time.time() + skew) * 1000:
-        return None
-    if h.generation > _jformat.MAX_BASE:  # a flipped high bit: no real save got there (a journal could not follow it)
-        return None
-    return (h.generation, h.written_at_ms)
-
-
 def recover(files: StateFiles, error: PosStateError) -> RecoveryReport:
     """Bring the state back from the best copy, within ``recovery_max_attempts``; see the module docstring.
     The recovered state is the one in memory afterwards (``files.snapshot()``); returns what was done."""
@@ -213,9 +198,11 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         mem.changed_ms = files.journal.last_time_ms or None  # its newest journaled change
         cands.append(mem)
     cands += _file_candidates(cfg, files.read, files.check_account)
-    best, listing, newest_gen = _select(cands, cfg, reason)
+    journal_rev = _journal_rev(cfg, files.read)
+    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=journal_rev)
     if best is None:
         raise UnrecoverableStateError(path, listing)
+    blind = _blind(cands, cfg, main_header(path, cfg.clock_skew))  # before the damaged file is moved
     assert best.state is not None
     journal_note = ""
     # Its trustworthy records are in the chosen copy (or cannot be applied to it): keep it as evidence. The old
@@ -238,7 +225,15 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         except OSError as exc:
             raise PersistenceError(path, operation="quarantine damaged state file", cause=exc) from exc
         log.warning("moved damaged state file %s to %s", path, quarantined)
-    files.raise_generation(max(newest_gen or 0, best.state.generation, best.max_rev - 1))
+    # Above every generation this directory has seen, quarantined copies included: no number is ever given
+    # to a second, different content (issue 15.4).
+    trusted = max([newest_gen or 0, best.state.generation, best.max_rev])
+    if blind:
+        # The damaged file's own number is unknown; every save takes the highest number known + 1, so it was
+        # at most trusted + 1: skip that one too.
+        trusted += 1
+    seen = _seen.quarantined_max(cfg, files.read, trusted=trusted, slack=_CLAIM_SLACK)
+    files.raise_generation(max(trusted, seen, files.highest_generation))
     chosen, entries = files.adopt(best.state, best.checksum if best.path == path else None)
     attempt = 0
     while True:
@@ -258,7 +253,7 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         generation=best.state.generation,
         new_generation=new_gen,
         age=max(0.0, (now_ms - (best.written_ms or now_ms)) / 1000),
-        generations_lost=None if newest_gen is None else max(0, newest_gen - best.state.generation),
+        generations_lost=_lost(newest_gen, best),
         reason=reason,
         quarantined=quarantined,
         attempts=attempt,
@@ -309,7 +304,7 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
 
 
 def _select(
-    cands: list[_Candidate], cfg: StateConfig, reason: str
+    cands: list[_Candidate], cfg: StateConfig, reason: str, *, journal_rev: int = 0
 ) -> tuple[_Candidate | None, list[tuple[str, str]], int | None]:
     """The copy recovery uses (None: none eligible), every candidate with its verdict, the newest generation known.
 
@@ -330,6 +325,14 @@ def _select(
     if claimed is not None:
         known.append(claimed)
     newest_gen = max((g for g, _ in known), default=None)
+    # Journal records are acknowledged changes, each at its own revision (issue 15.4): the newest one known
+    # counts whether or not any copy can replay it.
+    revs = [c.max_rev for c in cands] + [journal_rev]
+    if _blind(cands, cfg, claimed):
+        # The damaged state file tells no generation, but it replaced its .bak: it was at least one above it.
+        revs += [g + 1 for c in cands if c.path == cfg.bak_path and (g := c.generation) is not None]
+    if max(revs) > (newest_gen or 0):
+        newest_gen = max(revs)
     valid = [c for c in cands if c.state is not None]
     if not valid:
         return None, [(c.name, c.verdict or "not usable") for c in cands], newest_gen
@@ -396,10 +399,10 @@ def plan(
     takes no lock, moves and writes nothing. *check* refuses another account's state (as the manager does).
     """
     cands = _file_candidates(cfg, options, check or (lambda _state: None))
-    best, listing, newest_gen = _select(cands, cfg, reason)
+    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=_journal_rev(cfg, options))
     if best is None or best.state is None:
         return RecoveryPlan(reason, None, None, None, None, tuple(listing))
-    lost = None if newest_gen is None else max(0, newest_gen - best.state.generation)
+    lost = _lost(newest_gen, best)
     return RecoveryPlan(reason, best.name, best.path, best.state.generation, lost, tuple(listing))
 
 

@@ -1,8 +1,10 @@
 """``posstate backups list|create|restore|prune|verify``: thin commands over the manager's backup methods.
 
-``list`` and ``verify`` only read (no lock, like ``validate``); ``create``, ``restore`` and ``prune`` go
-through :class:`PositionStateManager` (which takes the writer lock, so they refuse while a bot runs).
-Dry runs read only: they take no lock, but refuse like a write would while a bot holds it.
+``list`` and ``verify`` only read (no lock, like ``validate``). ``create`` goes through
+:class:`PositionStateManager` when the writer lock is free; while a bot holds it, it backs up the snapshot and
+its journal read without the lock (a consistent state, written atomically: :mod:`posstate.backup.acked`).
+``restore`` and ``prune`` replace files and need the lock (they refuse while a bot runs). Dry runs read only:
+they take no lock, but refuse like a write would while a bot holds it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from posstate.cli import base as _cli_base
 from posstate.cli.base import EXIT_INVALID, EXIT_KEY, EXIT_VERSION, CliError, cli, confirm, json_out, refuse_if_locked
 from posstate.cli.options import Env, common_options, env_of
 from posstate.cli.render import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
+from posstate.cli.restore_preview import show_restore_preview
 from posstate.core.config import StateConfig
-from posstate.core.errors import StateNotFoundError
+from posstate.core.errors import PosStateError, StaleBackupError, StateLockedError, StateNotFoundError
+from posstate.model.document import StateData
 from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
 from posstate.storage.validate import ValidationReport, validate_file
 
 if TYPE_CHECKING:
@@ -98,15 +103,30 @@ def list_(ctx: click.Context) -> None:
 @common_options()
 @click.pass_context
 def create(ctx: click.Context) -> None:
-    """Back up the saved state now (written, read back and validated), then apply retention.
+    """Back up the state now (written, read back and validated), then apply retention.
 
-    Refused while a bot holds the writer lock, and when the state file does not validate (run
-    `posstate repair` first).
+    In the journal modes the backup holds every acknowledged change. While a bot holds the writer lock the
+    state file and its journal are read without it (a consistent snapshot, as borg and restic back up live
+    data) and retention is left to the bot. Refused when the state file does not validate (run `posstate
+    repair` first).
     """
     env = env_of(ctx)
     cfg = env.config()
     require_state_dir(cfg)
-    with open_manager(env) as m:
+    try:
+        manager = open_manager(env)
+    except StateLockedError as locked:
+        info = _online_backup(env, cfg)
+        if env.json:
+            json_out({**backup_json(info), "online": True, "holder_pid": locked.pid})
+        else:
+            click.echo(
+                f"created backup {info.id} of the running bot's state (pid {locked.pid} holds the writer lock; read "
+                f"without it): generation {info.generation}, {info.position_count} positions, {info.size} bytes, "
+                f"{info.path}; retention is left to the bot"
+            )
+        return
+    with manager as m:
         if not fs.exists(cfg.state_path):
             raise StateNotFoundError(cfg.state_path, next_step="nothing to back up yet; the bot saves it first")
         _refuse_invalid(validate_file(cfg.state_path, options=env.read_options()), "the state file")
@@ -118,6 +138,35 @@ def create(ctx: click.Context) -> None:
             f"created backup {info.id}: generation {info.generation}, {info.position_count} positions, "
             f"{info.size} bytes, {info.path}"
         )
+
+
+def _online_backup(env: Env, cfg: StateConfig) -> _backups.BackupInfo:
+    """`backups create` while a bot holds the lock: the snapshot and its journal, read without the lock."""
+    from posstate.backup import acked as _acked
+
+    if not fs.exists(cfg.state_path):
+        raise StateNotFoundError(cfg.state_path, next_step="nothing to back up yet; the bot saves it first")
+    options = env.read_options()
+    _refuse_invalid(validate_file(cfg.state_path, options=options), "the state file")
+    keyring = options.keyring if cfg.encryption else None
+    return _acked.online(cfg, options, write_keyring=keyring)
+
+
+def _current_state(env: Env, cfg: StateConfig) -> StateData:
+    """The state a restore would replace, its journal replayed, read only (empty when there is no state file,
+    or when it cannot be read: restoring is then the way out, and the diff shows everything as added)."""
+    from posstate.journal.current import read_current
+
+    if not fs.exists(cfg.state_path):
+        return StateData()
+    try:
+        cur = read_current(cfg, env.read_options())
+    except PosStateError as exc:
+        click.echo(f"the current state cannot be read ({exc}); the changes below are against nothing", err=True)
+        return StateData()
+    state = cur.state.copy()
+    state.generation = cur.generation
+    return state
 
 
 # ------------------------------------------------------------------------------------------ restore
@@ -133,6 +182,8 @@ def create(ctx: click.Context) -> None:
 def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, dry_run: bool) -> None:
     """Make backup ID (full id, unique prefix or `latest`) the current state, as a new generation.
 
+    What the restore would change (positions added, removed and changed, as `diff` prints them) is shown
+    before it asks, with a warning when the backup holds fewer positions than the current state.
     The backup is validated first and the current file is kept as a pre-restore backup. A backup older
     than backup_threshold relative to the last save is refused unless --accept-older (stale positions lead
     to duplicate orders). Refused while a bot holds the writer lock.
@@ -146,21 +197,38 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
         info = _backups.resolve(found, backup_id, backup_dir=cfg.backup_path)
         report = validate_file(info.path, options=env.read_options())
         age = None if info.written_at is None else _backup_ops.backup_age(cfg, found, int(info.written_at.timestamp() * 1000))
+        stale: Exception | None = None
+        if info.written_at is not None and report.generation is not None and not accept_older:
+            try:
+                _backup_ops.check_fresh(
+                    _backup_ops.known_saves(cfg, found),
+                    path=info.path,
+                    backup_id=info.id,
+                    generation=report.generation,
+                    written_ms=int(info.written_at.timestamp() * 1000),
+                    threshold=cfg.backup_threshold,
+                )
+            except StaleBackupError as exc:
+                stale = exc
+        preview: dict[str, object] = {}
+        if report.valid and stale is None:
+            preview = show_restore_preview(
+                _current_state(env, cfg),
+                _statefile.read(info.path, options=env.read_options(), what="backup").state,
+                current_label=f"{cfg.state_path} (current)",
+                backup_label=f"backup {info.id}",
+                backup_id=info.id,
+                as_json=env.json,
+                err=False,
+            )
         if env.json:
-            json_out({"dry_run": True, "backup": backup_json(info), "age": age, "validation": report.to_dict()})
+            json_out({"dry_run": True, "backup": backup_json(info), "age": age, "validation": report.to_dict(), **preview})
         else:
             for line in validate_lines(report):
                 click.echo(line)
         _refuse_invalid(report, f"backup {info.id}")
-        if info.written_at is not None and report.generation is not None and not accept_older:
-            _backup_ops.check_fresh(
-                _backup_ops.known_saves(cfg, found),
-                path=info.path,
-                backup_id=info.id,
-                generation=report.generation,
-                written_ms=int(info.written_at.timestamp() * 1000),
-                threshold=cfg.backup_threshold,
-            )
+        if stale is not None:
+            raise stale
         click.echo(
             f"dry run: would restore backup {info.id} (generation {report.generation}, {report.positions} positions, "
             f"{age or 0:.0f} s older than the last save) into {cfg.state_path} as a new generation; nothing was written",
@@ -171,6 +239,27 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
         info = _backups.resolve(m.list_backups(), backup_id, backup_dir=cfg.backup_path)
         report = m.validate_backup(info.id)
         _refuse_invalid(report, f"backup {info.id}")
+        if not accept_older and report.generation is not None and info.written_at is not None:
+            # Refuse a stale backup before showing what it would change (the restore itself checks again).
+            _backup_ops.check_fresh(
+                _backup_ops.known_saves(cfg, m.list_backups()),
+                path=info.path,
+                backup_id=info.id,
+                generation=report.generation,
+                written_ms=int(info.written_at.timestamp() * 1000),
+                threshold=cfg.backup_threshold,
+            )
+        if not yes and not _cli_base.is_terminal():
+            confirm(yes=yes, prompt="", what="restore")  # no one to show the changes to: refuse now
+        current = _current_state(env, cfg)  # read only: a state that needs recovery is not recovered before asking
+        preview = show_restore_preview(
+            current,
+            _statefile.read(info.path, options=env.read_options(), what="backup").state,
+            current_label=f"{cfg.state_path} (current, generation {current.generation})",
+            backup_label=f"backup {info.id} (generation {report.generation})",
+            backup_id=info.id,
+            as_json=env.json,
+        )
         confirm(
             yes=yes,
             prompt=f"Replace the state in {cfg.state_path} with backup {info.id} "
@@ -179,7 +268,7 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
         )
         result = m.restore_from_backup(info.id, accept_older=accept_older)
     if env.json:
-        json_out({**result.to_dict(), "path": str(cfg.state_path)})
+        json_out({**result.to_dict(), "path": str(cfg.state_path), **preview})
         return
     kept = f"; the replaced file is kept as backup {result.pre_restore_backup}" if result.pre_restore_backup else ""
     click.echo(
@@ -257,6 +346,13 @@ def verify(ctx: click.Context) -> None:
             reports = [validate_file(b.path, options=options) for b in bar]
     else:
         reports = [validate_file(b.path, options=options) for b in infos]
+    # A backup removed since it was listed (a running bot's retention) is gone, not damaged (issue 15.3).
+    gone = [b for b, r in zip(infos, reports, strict=True) if isinstance(r.error, StateNotFoundError)]
+    if gone:
+        for b in gone:
+            click.echo(f"  {'gone':<11}  {b.id}  removed since it was listed (retention by the running bot)", err=True)
+        kept = [(b, r) for b, r in zip(infos, reports, strict=True) if not isinstance(r.error, StateNotFoundError)]
+        infos, reports = [b for b, _ in kept], [r for _, r in kept]
     verdicts = [verify_verdict(r) for r in reports]
     if env.json:
         json_out(

@@ -4,7 +4,7 @@ reconcile reports. No click, no I/O."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -90,6 +90,8 @@ def show_lines(path: str, state: StateData, *, symbol: str | None, journal_recor
             lines.append(f"  {sym}: {orjson.dumps(metadata[sym], option=orjson.OPT_SORT_KEYS).decode()}")
     else:
         lines.append("no symbol metadata" + (f" for {symbol}" if symbol else ""))
+    if state.bot_metadata is not None and symbol is None:
+        lines.append(f"bot metadata: {orjson.dumps(state.bot_metadata, option=orjson.OPT_SORT_KEYS).decode()}")
     return lines
 
 
@@ -137,10 +139,20 @@ class StateDiff:
     meta_added: dict[str, dict[str, Any]]
     meta_removed: dict[str, dict[str, Any]]
     meta_changed: dict[str, dict[str, tuple[Any, Any]]]
+    #: Bot-wide metadata (issue 15.7), key by key (a side that has none counts as empty).
+    bot_changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
-        return not (self.added or self.removed or self.changed or self.meta_added or self.meta_removed or self.meta_changed)
+        return not (
+            self.added
+            or self.removed
+            or self.changed
+            or self.meta_added
+            or self.meta_removed
+            or self.meta_changed
+            or self.bot_changed
+        )
 
 
 _MISSING = object()
@@ -178,6 +190,7 @@ def diff_states(a: StateData, b: StateData) -> StateDiff:
         meta_added={s: b.metadata[s] for s in sorted(b.metadata.keys() - a.metadata.keys())},
         meta_removed={s: a.metadata[s] for s in sorted(a.metadata.keys() - b.metadata.keys())},
         meta_changed=meta_changed,
+        bot_changed=_changes(a.bot_metadata or {}, b.bot_metadata or {}),
     )
 
 
@@ -210,6 +223,9 @@ def diff_lines(d: StateDiff, *, a_label: str, b_label: str) -> list[str]:
         for s, delta in d.meta_changed.items():
             lines.append(f"~ {s}")
             lines += [f"    {name}: {_compact(old)} -> {_compact(new)}" for name, (old, new) in delta.items()]
+    if d.bot_changed:
+        lines.append("bot metadata:")
+        lines += [f"    {name}: {_compact(old)} -> {_compact(new)}" for name, (old, new) in d.bot_changed.items()]
     return lines
 
 
@@ -233,6 +249,7 @@ def diff_json(d: StateDiff, *, a: Mapping[str, Any], b: Mapping[str, Any]) -> di
             "removed": dict(d.meta_removed),
             "changed": {s: fields(v) for s, v in d.meta_changed.items()},
         },
+        "bot_metadata": {"changed": fields(d.bot_changed)},
     }
 
 

@@ -136,7 +136,12 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
     # the save's rename leaves every file as it was (a journal a bot left is replayed on load and folded in).
     with PositionStateManager(cfg.replace(durability="snapshot"), **env.manager_kwargs()) as m:
         positions = m.get_positions()  # loads (and validates) the current state, its journal replayed
-        current = StateData(generation=m.generation, positions=positions, metadata=m.get_all_symbol_metadata())
+        current = StateData(
+            generation=m.generation,
+            positions=positions,
+            metadata=m.get_all_symbol_metadata(),
+            bot_metadata=m.get_bot_metadata(),
+        )
         identical = preview(current)
         if identical:
             click.echo("nothing to import: the state already holds these positions and metadata", err=True)
@@ -152,6 +157,8 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
             for s, d in incoming.metadata.items():
                 if current.metadata.get(s) != d:
                     m.set_symbol_metadata(s, d)
+            if (incoming.bot_metadata or {}) != (current.bot_metadata or {}):
+                m.set_bot_metadata(incoming.bot_metadata or {})
         try:
             generation = m.save()
         except PersistenceError as exc:

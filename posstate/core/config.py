@@ -11,7 +11,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +55,17 @@ def state_folder(base: Path, state_path: Path) -> Path:
     return base if state_path.name == DEFAULT_STATE_NAME else base / state_path.name
 
 
+#: The environment variable naming the state directory, for the library as for the CLI's ``--state-dir``.
+STATE_DIR_ENV = "POSSTATE_DIR"
+
+
+def default_state_file() -> str:
+    """``$POSSTATE_DIR/positions.json`` when that variable is set (the CLI's ``--state-dir`` reads it too),
+    else ``state/positions.json``: read when a :class:`StateConfig` is made without a ``state_file``."""
+    base = os.environ.get(STATE_DIR_ENV)
+    return str(Path(base) / DEFAULT_STATE_NAME) if base else "state/positions.json"
+
+
 def legacy_journal_path(state_path: Path) -> Path | None:
     """Where posstate up to 0.1.0 kept the journal (the state file's suffix replaced: ``positions.journal``);
     None when that is the current name. Read once, if the snapshot names it, then retired (docs/JOURNAL.md)."""
@@ -66,8 +77,10 @@ def legacy_journal_path(state_path: Path) -> Path | None:
 class StateConfig:
     """Where the state lives and how it is written. Every field has a safe default."""
 
-    state_file: str = "state/positions.json"
-    backup_dir: str = "state/backups"
+    state_file: str = field(default_factory=default_state_file)
+    #: None (the default): ``backups/`` beside the state file, so two state files in two directories never
+    #: share (or trip over) each other's backups (issue 15.1).
+    backup_dir: str | None = None
     backup_interval: float = 300.0
     max_backups: int = 24
     validation_enabled: bool = True
@@ -139,7 +152,7 @@ class StateConfig:
                 f"state_file {name!r}: the state directory's {name}/ folder (positions.json's backups and quarantined "
                 "files go there); choose another name"
             )
-        state, backups = Path(self.state_file), Path(self.backup_dir)
+        state, backups = Path(self.state_file), self.backup_base
         if state == backups or state in backups.parents:
             raise ConfigError(f"backup_dir {self.backup_dir!r} is inside the state file {self.state_file!r}; choose another")
 
@@ -169,8 +182,13 @@ class StateConfig:
         return legacy_journal_path(self.state_path)
 
     @property
+    def backup_base(self) -> Path:
+        """The backup directory: ``backup_dir``, or ``backups/`` beside the state file when it is None."""
+        return self.state_dir / "backups" if self.backup_dir is None else Path(self.backup_dir)
+
+    @property
     def backup_path(self) -> Path:
-        return state_folder(Path(self.backup_dir), self.state_path)
+        return state_folder(self.backup_base, self.state_path)
 
     @property
     def quarantine_dir(self) -> Path:
@@ -264,8 +282,11 @@ def _check_types(cfg: StateConfig) -> None:
         if type(getattr(cfg, name)) is not bool:
             raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
     for name in ("state_file", "backup_dir"):
-        if not isinstance(getattr(cfg, name), (str, os.PathLike)) or not str(getattr(cfg, name)):
-            raise ConfigError(f"{name} must be a non-empty path, got {getattr(cfg, name)!r}")
+        value = getattr(cfg, name)
+        if name == "backup_dir" and value is None:
+            continue
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise ConfigError(f"{name} must be a non-empty path, got {value!r}")
     for name in ("exchange", "account_id", "account_mode", "durability"):
         value = getattr(cfg, name)
         if value is not None and not isinstance(value, str):

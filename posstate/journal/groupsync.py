@@ -133,6 +133,15 @@ class JournalGroupSync(JournalBase):
         if failed:  # other threads saw these changes at their generation: a rollback is a change too (12.10)
             st.generation += 1
 
+    def settled(self) -> bool:
+        """True when every record written so far is durable and none failed (always outside group mode). With
+        the manager's lock held this says memory holds durable changes only, so a copy of it may be backed up
+        (posstate/manager/files.py ``acknowledged``) without waiting for a sync under that lock."""
+        if self.mode != "group":
+            return True
+        with self._cond:
+            return self._failure is None and not self._syncing and self._durable_seq >= self._written_seq
+
     def drain(self) -> None:
         """Make every record written so far durable (group mode), before a snapshot copies memory."""
         if self.mode != "group":

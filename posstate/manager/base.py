@@ -2,7 +2,7 @@
 
 PositionStateManager is built as a chain of classes, one concern each, every one adding to the one before:
 ManagerCore (here) -> StateLoading (loading.py) -> DurableCommit (commit.py) -> InMemoryChanges
-(changes.py) -> StateMaintenance (admin.py) -> PositionStateManager (manager.py).
+(changes.py) -> StateMaintenance (admin.py) -> AsyncChanges (aio.py) -> PositionStateManager (manager.py).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class ManagerCore:
         self,
         config: StateConfig | None = None,
         *,
-        key: bytes | None = None,
+        key: bytes | str | None = None,
         passphrase: str | None = None,
         stats_logger: StatsLogger | None = None,
     ) -> None:
@@ -192,6 +192,8 @@ class ManagerCore:
             self._orphan()
             return
         if self._files.backups is not None:  # before the lock: a backup's event handler may need it
+            if self._loaded and self._doubt is None:
+                self._files.backups.final_backup()  # journaled changes no backup holds yet (issue 15.2)
             self._files.backups.close()  # bounded wait; says what it left (docs/RECOVERY.md)
         with self._lock:
             if self._closed:

@@ -110,6 +110,24 @@ class InMemoryChanges(DurableCommit):
             self._journal.settle(ticket, self._rollback_journal)
         return True
 
+    def set_bot_metadata(self, data: Mapping[str, Any]) -> None:
+        """Replace the bot's own data that belongs to no symbol (a step counter, a strategy's global state):
+        a JSON-able dict, checked and copied like symbol metadata, journaled like every change (issue 15.7)."""
+        clean = _document.clean_bot_metadata(data)
+        with self._lock:
+            self._check_writable()
+            self._ensure_loaded()
+            ticket = self._change(_jops.set_bot_metadata(clean, self._next_rev()))
+        if ticket is not None:
+            self._journal.settle(ticket, self._rollback_journal)
+
+    def get_bot_metadata(self) -> dict[str, Any] | None:
+        """A copy of the bot-wide metadata (editing it changes nothing until you set it), or None if never set."""
+        with self._lock:
+            self._ensure_loaded()
+            found = self._state.bot_metadata
+            return _document.copy_json(found) if found is not None else None
+
     def _change(self, op: _jops.Op) -> int | None:
         """Apply *op* in memory and (journal modes) record it durably; all or nothing. Lock held."""
         if self._txn is not None:
@@ -120,6 +138,10 @@ class InMemoryChanges(DurableCommit):
         return self._record([op])
 
     def _record(self, ops: list[_jops.Op]) -> int | None:
+        first_bot_metadata = self._state.bot_metadata is None and self._journal.active
+        if first_bot_metadata and any(op.json["op"] == _jops.SET_BOT_METADATA for op in ops):
+            self._record_as_snapshot(ops)
+            return None
         self._journal.prepare(self._state, self._entries, compact=self._compact_journal)
         rev = self._next_rev()  # a compaction in prepare() moved the generation on
         for op in ops:
@@ -174,6 +196,21 @@ class InMemoryChanges(DurableCommit):
                     _jops.undo(self._state, self._entries, u)
                 ticket = self._record([op for op, _ in done])
         self._journal.settle(ticket, self._rollback_journal)
+
+    def _record_as_snapshot(self, ops: list[_jops.Op]) -> None:
+        """The first bot metadata goes into a snapshot (schema 2), never only into the journal over a schema-1
+        snapshot: the release before it would take the unknown record for damage and recover without it (and
+        without every change after it); a schema-2 snapshot makes it refuse the file instead (issue 15.7).
+        All or nothing, as a save: memory adopts the changes only once the snapshot is durable. Lock held."""
+        self._journal.prepare(self._state, self._entries, compact=self._compact_journal)  # a failed sync's undo
+        self._journal.drain()
+        st, entries = self._state.copy(), dict(self._entries)
+        rev = self._next_rev()
+        for op in ops:
+            if op.json["rev"] != rev:
+                _jops.restamp(op, rev)
+            _jops.apply(st, entries, op)
+        self._commit(st, entries)
 
     def _check_txn_owner(self) -> None:
         """Inside a transaction (lock held): refuse a change from another asyncio task of this thread, which

@@ -138,6 +138,9 @@ class DurableCommit(StateLoading):
             from posstate.model import merge as _merge
 
             _merge.drop_old_tombstones(st, floor=self._files.tombstone_floor)
+        # Snapshot mode: unsaved changes make the new file differ from the one it replaces, so a failure after
+        # the rename leaves the outcome unknown even though memory holds what was written (issue 12.8).
+        unsaved = self.config.durability == "snapshot" and self._dirty
         rotation = self._journal.begin_rotation(st)  # compaction: the snapshot names the next journal
         try:
             st, encoded = _statefile.encode(
@@ -150,7 +153,7 @@ class DurableCommit(StateLoading):
             saved = st
             # If the new file may be in place although the save failed, memory must hold the same
             # positions and metadata, or the outcome is unknown (see _persistence_failed).
-            self._write_main(encoded, differs=lambda: _differs(saved, self._state))
+            self._write_main(encoded, differs=lambda: unsaved or _differs(saved, self._state))
         except BaseException:
             if rotation is not None:
                 rotation.abort()
@@ -223,8 +226,8 @@ class DurableCommit(StateLoading):
                 else "recorded in this process only: a reopen in this process reports it, after a restart it will not be reported"
             )
             outcome = (
-                f"the outcome is unknown: the new file (generation {self._highest_generation}) may be in place while "
-                f"memory keeps the old positions ({where})"
+                f"the outcome is unknown: the new file (generation {self._highest_generation}) may or may not survive "
+                f"a crash, so what memory holds may differ from what loads next ({where})"
             )
         err = PersistenceError(self._path, operation=step, cause=cause, outcome=outcome, outcome_unknown=unknown)
         self._events.emit(
@@ -276,8 +279,8 @@ class DurableCommit(StateLoading):
 
 
 def _differs(a: StateData, b: StateData) -> bool:
-    """True when *a* and *b* hold different positions or metadata (what the bot sees)."""
-    return a.positions != b.positions or a.metadata != b.metadata
+    """True when *a* and *b* hold different positions or metadata, bot-wide included (what the bot sees)."""
+    return a.positions != b.positions or a.metadata != b.metadata or a.bot_metadata != b.bot_metadata
 
 
 def _normalize(positions: PositionsInput) -> dict[PositionKey, Position]:

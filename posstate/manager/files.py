@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from posstate.core.config import StateConfig
+from posstate.core.errors import PosStateError
 from posstate.journal.journal import Journal
 from posstate.model.document import StateData
 from posstate.model.ops import Entries
@@ -19,6 +20,12 @@ from posstate.storage.statefile import ReadOptions
 if TYPE_CHECKING:
     from posstate.backup.background import BackupService
     from posstate.manager.manager import PositionStateManager
+
+
+#: How often acknowledged() drains the group journal outside the manager's lock before it drains under it.
+_SETTLE_TRIES = 3
+#: How long acknowledged() waits for the manager's lock before the backup gives up its turn (seconds).
+_LOCK_WAIT = 2.0
 
 
 class ManagerFiles:
@@ -86,6 +93,46 @@ class ManagerFiles:
 
     def set_loaded(self, loaded: bool) -> None:
         self._m._loaded = loaded
+
+    def acknowledged(self) -> StateData | None:
+        """A copy of memory holding durable changes only, or None (nothing loaded, a transaction open, a failed
+        sync). Group mode: pending records are made durable *outside* the manager's lock (the bot's threads
+        never wait for an fdatasync behind a backup); the lock is held for the copy alone, taken only when no
+        record was written since (a few tries, then the drain is done under the lock: bounded)."""
+        m = self._m
+        journal = m._journal
+        for attempt in range(_SETTLE_TRIES):
+            try:
+                journal.drain()  # group mode: make what memory holds durable, without the manager's lock
+            except PosStateError:
+                return None
+            # Bounded: the caller holds the backup folder, and a lock holder may be waiting for that folder
+            # (create_backup() inside transaction()): giving up this turn is what breaks the cycle.
+            if not m._lock.acquire(timeout=_LOCK_WAIT):
+                return None
+            try:
+                if not m._loaded or m._closed or m._doubt is not None or m._txn is not None:
+                    return None
+                if not journal.settled():
+                    if attempt + 1 < _SETTLE_TRIES:
+                        continue  # a writer appended meanwhile: drain again outside the lock
+                    try:
+                        journal.drain()  # the last try: under the lock, so no writer can append again
+                    except PosStateError:
+                        return None
+                if journal.failed:
+                    return None
+                st = m._state.copy()
+                # Under the lock: a record appended after the copy must not be counted as folded into it.
+                jid, last_seq = journal.journal_id, journal.last_seq
+            finally:
+                m._lock.release()
+            break
+        else:  # pragma: no cover - every path above returns or breaks
+            return None
+        if st.journal is not None and jid is not None and st.journal.get("id") == jid:
+            st.journal = {**st.journal, "seq": max(int(st.journal.get("seq", 0)), last_seq)}
+        return st
 
     def expect_on_disk(self, checksum: str | None) -> None:
         self._m._expected_on_disk = {checksum}

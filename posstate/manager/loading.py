@@ -219,3 +219,7 @@ class StateLoading(ManagerCore):
         self._check_open()
         if not self._loaded:
             self._load_main()
+            if self.config.durability != "snapshot" and self.config.backup_interval > 0:
+                from posstate.backup import ops as _backup_ops  # the journal modes' backup timer (issue 15.2)
+
+                _backup_ops.arm(self._files)

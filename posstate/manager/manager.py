@@ -2,15 +2,15 @@
 
 The class is assembled from one module per concern (see posstate/manager/base.py for the chain):
 lifecycle and events (base), loading (loading), the durable commit path (commit), the state in memory and its
-changes (changes), backups/recovery/validation (admin).
+changes (changes), backups/recovery/validation (admin), the asyncio writers (aio).
 """
 
 from __future__ import annotations
 
-from posstate.manager.admin import StateMaintenance
+from posstate.manager.aio import AsyncChanges
 
 
-class PositionStateManager(StateMaintenance):
+class PositionStateManager(AsyncChanges):
     """Crash-safe, encrypted, backed-up position state for one bot.
 
     Creating a manager takes the state directory's writer lock (a second writer gets

@@ -41,6 +41,7 @@ __all__ = [
     "adopt_entries",
     "build_document",
     "check_json_value",
+    "clean_bot_metadata",
     "clean_metadata",
     "copy_json",
     "decode_document",
@@ -104,6 +105,15 @@ def clean_metadata(symbol: str, data: Any) -> dict[str, Any]:
     return copied
 
 
+def clean_bot_metadata(data: Any) -> dict[str, Any]:
+    """Validate bot-wide metadata (the rules of a symbol's metadata) and return a private deep copy."""
+    if not isinstance(data, dict):
+        raise SchemaValidationError(None, "$.bot_metadata", "type", f"bot metadata must be a dict, got {type(data).__name__}")
+    check_json_value(data, "$.bot_metadata.data")
+    copied: dict[str, Any] = orjson.loads(orjson.dumps(data))
+    return copied
+
+
 def copy_json(data: dict[str, Any]) -> dict[str, Any]:
     copied: dict[str, Any] = orjson.loads(orjson.dumps(data))
     return copied
@@ -142,7 +152,7 @@ def build_document(state: StateData, position_entries: dict[PositionKey, dict[st
     if position_entries is None:
         position_entries = {k: position_entry(p, state.position_revs.get(k, 0)) for k, p in state.positions.items()}
     doc: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": state.schema_version,
         "generation": state.generation,
         "written_at": state.written_at,
         "writer": state.writer,
@@ -158,6 +168,8 @@ def build_document(state: StateData, position_entries: dict[PositionKey, dict[st
     }
     if state.journal is not None:
         doc["journal"] = state.journal
+    if state.bot_metadata is not None:
+        doc["bot_metadata"] = {"rev": state.bot_metadata_rev, "data": state.bot_metadata}
     return doc
 
 

@@ -29,7 +29,7 @@ from posstate.model.schema import MAX_JSON_DEPTH
 from posstate.model.state import SCHEMA_VERSION, StateData
 
 _TOP_REQUIRED = frozenset({"schema_version", "generation", "written_at", "writer", "positions", "symbol_metadata", "tombstones"})
-_TOP_ALLOWED = _TOP_REQUIRED | {"account", "journal"}
+_TOP_ALLOWED = _TOP_REQUIRED | {"account", "journal", "bot_metadata"}
 _ENTRY_KEYS = frozenset({"rev", "position"})
 _META_KEYS = frozenset({"rev", "data"})
 _WRITER_KEYS = frozenset({"host", "pid", "version"})
@@ -276,8 +276,19 @@ def _fast_decode(doc: Any) -> StateData:
     names = doc.keys()
     if not names >= _TOP_REQUIRED or not names <= _TOP_ALLOWED:
         raise _Reject
-    if type(doc["schema_version"]) is not int or doc["schema_version"] != SCHEMA_VERSION:
+    version = doc["schema_version"]
+    if type(version) is not int or not 1 <= version <= SCHEMA_VERSION:
         raise _Reject
+    bot = doc.get("bot_metadata")
+    bot_rev = 0
+    if bot is not None or "bot_metadata" in doc:
+        # Version 2 holds bot metadata; a version 1 document never does (issue 15.7).
+        if version < 2 or type(bot) is not dict or bot.keys() != _META_KEYS or type(bot["data"]) is not dict:
+            raise _Reject
+        if not _json_ok(bot["data"]):
+            raise _Reject
+        bot_rev = _counter(bot["rev"])
+        bot = bot["data"]
     written_at = doc["written_at"]
     if type(written_at) is not str or not _WRITTEN_AT.search(written_at):
         raise _Reject
@@ -319,4 +330,6 @@ def _fast_decode(doc: Any) -> StateData:
         metadata_tombstones=tomb_m,
         journal=journal,
         entries=entries,
+        bot_metadata=bot,
+        bot_metadata_rev=bot_rev,
     )

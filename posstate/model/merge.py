@@ -24,7 +24,7 @@ Outcome = Literal["live", "deleted"]
 class MergeDecision:
     """The verdict for one key: where the winning entry came from and why."""
 
-    kind: Literal["position", "metadata"]
+    kind: Literal["position", "metadata", "bot_metadata"]
     key: str
     source: Source
     outcome: Outcome
@@ -123,6 +123,12 @@ def merge_states(current: StateData, backup: StateData) -> MergeResult:
         else:
             out.metadata_tombstones[sym] = rev
         decisions.append(MergeDecision("metadata", sym, source, "live" if live else "deleted", rev, reason))
+    cur_b = (current.bot_metadata_rev, True, current.bot_metadata) if current.bot_metadata is not None else None
+    bak_b = (backup.bot_metadata_rev, True, backup.bot_metadata) if backup.bot_metadata is not None else None
+    if cur_b is not None or bak_b is not None:
+        source, (rev, _, value), reason = _pick(cur_b, bak_b)
+        out.bot_metadata, out.bot_metadata_rev = value, rev
+        decisions.append(MergeDecision("bot_metadata", "", source, "live", rev, reason))
     return MergeResult(out, tuple(decisions))
 
 

@@ -19,10 +19,12 @@ SET_POSITION = "set_position"
 DELETE_POSITION = "delete_position"
 SET_METADATA = "set_symbol_metadata"
 DELETE_METADATA = "delete_symbol_metadata"
-OP_NAMES = frozenset({SET_POSITION, DELETE_POSITION, SET_METADATA, DELETE_METADATA})
+SET_BOT_METADATA = "set_bot_metadata"
+OP_NAMES = frozenset({SET_POSITION, DELETE_POSITION, SET_METADATA, DELETE_METADATA, SET_BOT_METADATA})
 
 Entries = dict[PositionKey, dict[str, Any]]
-#: ("p", key, position, rev, entry, tombstone) or ("m", symbol, data, rev, tombstone): what was there before.
+#: ("p", key, position, rev, entry, tombstone), ("m", symbol, data, rev, tombstone) or ("b", data, rev): what
+#: was there before.
 Undo = tuple[Any, ...]
 
 
@@ -52,6 +54,10 @@ def set_metadata(symbol: str, data: dict[str, Any], rev: int) -> Op:
 
 def delete_metadata(symbol: str, rev: int) -> Op:
     return Op({"op": DELETE_METADATA, "rev": rev, "symbol": symbol})
+
+
+def set_bot_metadata(data: dict[str, Any], rev: int) -> Op:
+    return Op({"op": SET_BOT_METADATA, "rev": rev, "data": data})
 
 
 def restamp(op: Op, rev: int) -> None:
@@ -91,6 +97,11 @@ def apply(st: StateData, entries: Entries, op: Op) -> Undo:
         )
         st.position_tombstones[key] = rev
         return undo
+    if name == SET_BOT_METADATA:
+        undo = ("b", st.bot_metadata, st.bot_metadata_rev)
+        st.bot_metadata = j["data"]
+        st.bot_metadata_rev = rev
+        return undo
     symbol = j["symbol"]
     undo = ("m", symbol, st.metadata.get(symbol), st.metadata_revs.get(symbol), st.metadata_tombstones.get(symbol))
     if name == SET_METADATA:
@@ -119,6 +130,8 @@ def undo(st: StateData, entries: Entries, u: Undo) -> None:
         _restore(st.position_revs, key, rev)
         _restore(entries, key, entry)
         _restore(st.position_tombstones, key, tomb)
+    elif u[0] == "b":
+        st.bot_metadata, st.bot_metadata_rev = u[1], u[2]
     else:
         _, sym, data, rev, tomb = u
         _restore(st.metadata, sym, data)
@@ -149,6 +162,10 @@ def from_json(j: Any, *, path: Path, seq: int) -> Op:
                 raise ValueError("bad delete_position fields")
             # check_key: the tombstone it leaves is written into the next snapshot, which must be valid
             return delete_position(check_key(j["symbol"], j["side"]), rev)
+        if name == SET_BOT_METADATA:
+            if set(j) != {"op", "rev", "data"}:
+                raise ValueError("bad set_bot_metadata fields")
+            return set_bot_metadata(_document.clean_bot_metadata(j["data"]), rev)
         if name == SET_METADATA:
             if set(j) != {"op", "rev", "symbol", "data"}:
                 raise ValueError("bad set_symbol_metadata fields")
@@ -167,8 +184,10 @@ def from_json(j: Any, *, path: Path, seq: int) -> Op:
 
 
 def key_of(op: Op) -> tuple[str, str | None]:
-    """(symbol, side) the operation touches; side None for metadata."""
+    """(symbol, side) the operation touches; side None for metadata; ("", None) for bot metadata."""
     j = op.json
+    if j["op"] == SET_BOT_METADATA:
+        return "", None
     if j["op"] == SET_POSITION:
         assert op.position is not None
         return op.position.symbol, op.position.side

@@ -41,6 +41,8 @@ def _slow_decode(doc: dict[str, Any], *, path: str | Path | None) -> StateData:
         position_tombstones={parse_position_key(k): int(r) for k, r in tomb["positions"].items()},
         metadata_tombstones={s: int(r) for s, r in tomb["symbol_metadata"].items()},
         journal=doc.get("journal"),
+        bot_metadata=doc["bot_metadata"]["data"] if "bot_metadata" in doc else None,
+        bot_metadata_rev=int(doc["bot_metadata"]["rev"]) if "bot_metadata" in doc else 0,
     )
 
 
@@ -89,6 +91,10 @@ def relationship_errors(
     for s, r in state.metadata_revs.items():
         if r > g:
             errors.append((f"$.symbol_metadata[{s!r}].rev", "rev-not-after-generation", f"revision {r} is after generation {g}"))
+    if state.bot_metadata_rev > g:
+        errors.append(
+            ("$.bot_metadata.rev", "rev-not-after-generation", f"revision {state.bot_metadata_rev} is after generation {g}")
+        )
     now = time.time() if now is None else now
     try:
         written = parse_utc_text(state.written_at)

@@ -8,7 +8,11 @@ from typing import Any
 
 from posstate.model.position import Position, PositionKey
 
-SCHEMA_VERSION = 1
+#: The newest document schema this release reads. Version 2 adds ``bot_metadata`` (issue 15.7); a document
+#: without it is written as version 1, which every earlier release reads.
+SCHEMA_VERSION = 2
+#: The version a document without bot metadata is written as.
+SCHEMA_VERSION_PLAIN = 1
 #: How far in the future ``written_at`` may be before the document is refused (clock skew between hosts).
 DEFAULT_CLOCK_SKEW = 300.0
 
@@ -28,6 +32,9 @@ class StateData:
     position_tombstones: dict[PositionKey, int] = field(default_factory=dict)
     metadata_tombstones: dict[str, int] = field(default_factory=dict)
     journal: dict[str, Any] | None = None
+    #: The bot's own data that belongs to no symbol (``set_bot_metadata``), None when never set; its revision.
+    bot_metadata: dict[str, Any] | None = None
+    bot_metadata_rev: int = 0
     #: The decoded document's own position entries (``{"rev": r, "position": {...}}``) with the Position
     #: built from each; set only by the fast path so a loader can reuse them instead of rebuilding 10,000
     #: dicts. Consume it with :func:`adopt_entries`, which ignores any entry whose position was replaced.
@@ -47,7 +54,14 @@ class StateData:
             position_tombstones=dict(self.position_tombstones),
             metadata_tombstones=dict(self.metadata_tombstones),
             journal=dict(self.journal) if self.journal is not None else None,
+            bot_metadata=self.bot_metadata,  # replaced, never changed in place (like metadata values)
+            bot_metadata_rev=self.bot_metadata_rev,
         )
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version this state is written as: 2 only when it holds bot metadata."""
+        return SCHEMA_VERSION if self.bot_metadata is not None else SCHEMA_VERSION_PLAIN
 
 
 def utc_text(ms: int) -> str:

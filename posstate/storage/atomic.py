@@ -129,9 +129,11 @@ def write_file(target: Path, data: bytes) -> None:
     commit(tmp, target)
 
 
-def write_new_file(target: Path, data: bytes) -> None:
-    """Durably create *target*, refusing to replace an existing file (``link`` fails on EEXIST)."""
-    tmp = write_temp(target, data)
+def write_new_file(target: Path, data: bytes, *, temp_for: Path | None = None) -> None:
+    """Durably create *target*, refusing to replace an existing file (``link`` fails on EEXIST). *temp_for*:
+    name the temp file after that path instead of *target* (a writer that does not own the folder keeps its
+    temp out of the owner's sweep)."""
+    tmp = write_temp(temp_for if temp_for is not None else target, data)
     try:
         fs.link(tmp, target)
     except OSError as exc:

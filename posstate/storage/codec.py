@@ -19,7 +19,9 @@ from posstate.storage import container as _format
 from posstate.storage import crypto as _crypto
 from posstate.storage.container import Header
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this release reads (model/state.py)
+#: What a document without bot metadata is written as (every earlier release reads it).
+PLAIN_SCHEMA_VERSION = 1
 #: Largest document a reader will decompress (a zstd bomb is refused before it is inflated).
 DEFAULT_MAX_DOCUMENT_BYTES = 256 * 1024 * 1024
 
@@ -67,7 +69,7 @@ def encode(
     position_count: int,
     compression_level: int | None,
     keyring: _crypto.Keyring | None,
-    schema_version: int = SCHEMA_VERSION,
+    schema_version: int = PLAIN_SCHEMA_VERSION,
 ) -> Encoded:
     """Build a container. ``compression_level=None`` stores the JSON uncompressed; ``keyring=None`` plain."""
     payload = document

@@ -100,6 +100,53 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
     return decode_key_text(text, source=f"key file {p}")
 
 
+def coerce_key(key: object, *, argument: str = "key=") -> bytes:
+    """The 32 raw key bytes from *key*: those bytes, or the base64 text ``posstate keygen`` writes (a str, or
+    the bytes of a key file, newline and all). Anything else is a ConfigError naming *argument*; the value is
+    never echoed (issue 15.5)."""
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        raw = bytes(key)
+        if len(raw) == KEY_SIZE:
+            return raw
+        decoded = _b64_key(raw)  # a key file's bytes
+        if decoded is None:
+            raise ConfigError(
+                f"{argument} must be the {KEY_SIZE} raw bytes of a key or its base64 text (from `posstate keygen` or "
+                f"generate_key()), got {len(raw)} bytes"
+            )
+        return decoded
+    if isinstance(key, str):
+        try:
+            raw = base64.b64decode(key.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(
+                f"{argument} text is not the base64 of a key (as `posstate keygen` writes it); pass the {KEY_SIZE} raw "
+                "bytes from generate_key() or posstate.load_key(path)"
+            ) from None
+        if len(raw) != KEY_SIZE:
+            raise ConfigError(f"{argument} base64 text decodes to {len(raw)} bytes, expected {KEY_SIZE}")
+        return raw
+    raise ConfigError(
+        f"{argument} must be {KEY_SIZE} raw bytes or the base64 text of a key, got a {type(key).__name__}; "
+        "read a key file with posstate.load_key(path)"
+    )
+
+
+def _b64_key(data: bytes) -> bytes | None:
+    try:
+        raw = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw if len(raw) == KEY_SIZE else None
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """The 32 raw bytes of the key in the file *path* (base64 text, as ``posstate keygen --out`` writes it):
+    ``PositionStateManager(config, key=posstate.load_key("bot.key"))``. A missing or malformed file is a
+    :class:`~posstate.MissingKeyError` naming it; a file others can read is logged as a warning."""
+    return read_key_file(path)
+
+
 class Keyring:
     """The key (or passphrase) a manager encrypts and decrypts with.
 
@@ -109,15 +156,17 @@ class Keyring:
 
     __slots__ = ("_derived", "_key", "_lock", "_log2_n", "_passphrase", "_salt")
 
-    def __init__(self, *, key: bytes | None = None, passphrase: str | None = None, log2_n: int = DEFAULT_SCRYPT_LOG2_N) -> None:
+    def __init__(
+        self, *, key: bytes | str | None = None, passphrase: str | None = None, log2_n: int = DEFAULT_SCRYPT_LOG2_N
+    ) -> None:
         if key is not None and passphrase is not None:
             raise ConfigError("give key= or passphrase=, not both")
-        if key is not None:
-            if not isinstance(key, (bytes, bytearray)) or len(key) != KEY_SIZE:
-                raise MissingKeyError(reason=f"key must be {KEY_SIZE} raw bytes (use generate_key())")
-            key = bytes(key)
+        self._key: bytes | None = None  # set before any check, so a repr of a half-built Keyring works
+        self._passphrase: str | None = None
+        raw = coerce_key(key) if key is not None else None  # 32 raw bytes, or keygen's base64 text (issue 15.5)
         if passphrase is not None and (not isinstance(passphrase, str) or not passphrase):
-            raise MissingKeyError(reason="passphrase must be a non-empty string")
+            got = "an empty string" if isinstance(passphrase, str) else f"a {type(passphrase).__name__}"
+            raise ConfigError(f"passphrase= must be a non-empty string, got {got}")
         if passphrase is not None and any("\ud800" <= ch <= "\udfff" for ch in passphrase):
             # Not Unicode text (e.g. POSSTATE_PASSPHRASE holding bytes that are not UTF-8): it has no UTF-8 form to derive
             # a key from. Refused here, never a UnicodeEncodeError at the first save.
@@ -126,7 +175,7 @@ class Keyring:
             raise ConfigError(
                 f"log2_n must be an int from {MIN_SCRYPT_LOG2_N} to {MAX_SCRYPT_LOG2_N} (the scrypt cost files may name)"
             )
-        self._key = key
+        self._key = raw
         self._passphrase = passphrase
         self._derived: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
@@ -189,7 +238,7 @@ class Keyring:
     def resolve(
         cls,
         *,
-        key: bytes | None = None,
+        key: bytes | str | None = None,
         passphrase: str | None = None,
         env: Mapping[str, str] | None = None,
         log2_n: int = DEFAULT_SCRYPT_LOG2_N,

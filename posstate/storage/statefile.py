@@ -163,5 +163,6 @@ def encode(
         position_count=len(state.positions),
         compression_level=compression_level,
         keyring=keyring,
+        schema_version=state.schema_version,
     )
     return state, encoded

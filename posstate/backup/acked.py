@@ -1,0 +1,120 @@
+"""Backups of the acknowledged state: the snapshot plus every journaled change, not only the last snapshot.
+
+In the journal modes a change is acknowledged once its journal record is durable; the state file (the
+snapshot) only catches up at the next compaction. A backup that copies the state file would miss those
+changes, so (issue 15.2, 15.3):
+
+* the owner of the writer lock backs up what it holds in memory (:func:`from_memory`): under its lock it makes
+  every written record durable (group mode), then copies the state, which is exactly the acknowledged state;
+  the copy is encoded and written outside that lock, so the bot never waits for the backup's writes;
+* anyone else (``posstate backups create`` while a bot runs) reads the state file and its journal without the
+  writer lock (:func:`online`): the snapshot, then the journal; when a compaction replaced both in between
+  (the journal no longer belongs to the snapshot) the read is retried, so the backup is always one consistent
+  state: the snapshot plus a prefix of its records (a record being appended at that moment is a torn tail and
+  is left out, as a load leaves it out).
+
+Either way the backup is the state as a compaction would write it now (generation raised to the highest
+revision it holds, ``journal.seq`` the last record folded in), written to a temp file, fsynced, linked to its
+timestamped name and read back (:func:`posstate.backup.backups.write_backup`): a reader never sees a partial
+backup, and a kill leaves no backup or a whole one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from posstate.backup import backups as _backups
+from posstate.backup.backups import BackupInfo
+from posstate.core.config import StateConfig
+from posstate.core.errors import StateLockedError
+from posstate.journal.current import Current, read_current
+from posstate.model.document import StateData
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
+
+if TYPE_CHECKING:
+    from posstate.backup.files import StateFiles
+
+__all__ = ["as_compacted", "consistent_current", "from_memory", "online"]
+
+log = logging.getLogger("posstate")
+
+#: How many times an online read is retried when a compaction replaces the snapshot under it.
+ATTEMPTS = 20
+
+
+def as_compacted(cur: Current) -> StateData:
+    """The state *cur* holds, as a compaction would write it: generation raised to the highest revision
+    replayed, ``journal.seq`` the last record applied."""
+    st = cur.state.copy()
+    st.generation = cur.generation
+    if cur.last_seq is not None and st.journal is not None:
+        st.journal = {**st.journal, "seq": cur.last_seq}
+    return st
+
+
+def consistent_current(cfg: StateConfig, options: _statefile.ReadOptions, *, attempts: int = ATTEMPTS) -> Current:
+    """The snapshot and its journal as one consistent state, read without the writer lock (module docstring).
+
+    The snapshot is read whole (a rename replaces it atomically) and the journal is append-only while that
+    snapshot is current, so the snapshot with the records read after it is a state the bot acknowledged (or
+    was acknowledging: a record whose sync was still running is included). A journal that no longer belongs
+    to the snapshot (a compaction replaced both in between) is what :func:`read_current` reports as an
+    error: then both are read again. The same snapshot read twice with a journal problem is damage a load
+    would have to recover from: raised (not backed up online). A new snapshot at every one of *attempts*
+    reads is a busy bot: StateLockedError, "try again" (never a hint to repair what is not damaged)."""
+    seen: str | None = None
+    tries = max(1, attempts)
+    for _ in range(tries):
+        cur = read_current(cfg, options)
+        if cur.error is None:
+            return cur
+        if cur.loaded.checksum == seen:
+            # The same snapshot twice, its journal still wrong: no compaction ran in between (a compaction
+            # always writes a new snapshot first), so this is what a load would have to recover from.
+            raise cur.error
+        seen = cur.loaded.checksum
+    # A new snapshot at every read: the bot compacts faster than the two files can be read. Busy, not damaged.
+    raise StateLockedError(
+        cfg.state_path,
+        pid=None,
+        host=None,
+        reason=f"the running bot replaced the state file during each of {tries} reads of it and its journal",
+        next_step="try again in a moment (or when the bot is less busy); nothing was written",
+    )
+
+
+def online(
+    cfg: StateConfig, options: _statefile.ReadOptions, *, write_keyring: Keyring | None, now: float | None = None
+) -> BackupInfo:
+    """A new verified backup of the acknowledged state on disk, taken without the writer lock (while a bot
+    runs). Retention is not applied (that replaces files: the lock holder's job)."""
+    cur = consistent_current(cfg, options)
+    return _backups.write_backup(
+        as_compacted(cur),
+        backup_dir=cfg.backup_path,
+        keyring=write_keyring,
+        compression_level=cfg.compression_level if cfg.compression else None,
+        options=options,
+        now=time.time() if now is None else now,
+        online=True,
+    )
+
+
+def from_memory(files: StateFiles, *, now: float | None = None) -> BackupInfo | None:
+    """A new verified backup of the acknowledged state the owner holds in memory (None: nothing loaded, or
+    memory may hold an unacknowledged change). The owner's lock is held only to copy the state."""
+    state = files.acknowledged()
+    if state is None:
+        return None
+    cfg = files.config
+    return _backups.write_backup(
+        state,
+        backup_dir=cfg.backup_path,
+        keyring=files.write_keyring,
+        compression_level=cfg.compression_level if cfg.compression else None,
+        options=files.read,
+        now=time.time() if now is None else now,
+    )
