@@ -343,7 +343,7 @@ def history(ctx: click.Context, symbol: str | None) -> None:
 
 # ------------------------------------------------------------------------------------------ doctor
 @cli.command()
-@common_options()
+@common_options(hide=("key-file",))
 @click.pass_context
 def doctor(ctx: click.Context) -> None:
     """Check that the state directory is a safe place for a bot's state (no key needed).

@@ -10,6 +10,7 @@ from posstate.cli.base import (
     cli,
 )
 from posstate.cli.options import common_options, env_of
+from posstate.cli.output import paint
 
 
 # ------------------------------------------------------------------------------------------ watch
@@ -41,7 +42,7 @@ def watch(ctx: click.Context, max_events: int | None, timeout: float | None) -> 
             record = watcher.next_record(wait)
             if record is None:
                 continue
-            click.echo(to_json_line(record) if env.json else record_line(record))
+            click.echo(to_json_line(record) if env.json else paint(record_line(record)))
             count += 1
     except KeyboardInterrupt:
         pass
