@@ -303,6 +303,9 @@ def write_new_output(out: Path, data: bytes) -> None:
     try:
         _atomic.write_new_file(out, data)
     except _atomic.WriteFailed as wf:
+        if isinstance(wf.cause, FileExistsError) and not _regular_or_absent(out):
+            kind = fs.file_kind(fs.stat_(out).st_mode)
+            raise CliError(f"{out}: is {kind}, not a path for a new file; choose a regular file path") from None
         if isinstance(wf.cause, FileExistsError):
             raise CliError(
                 f"{out}: already exists; refusing to overwrite it; choose another path or move it away first"
@@ -310,6 +313,15 @@ def write_new_output(out: Path, data: bytes) -> None:
         if isinstance(wf.cause, FileNotFoundError):
             raise StateNotFoundError(out.parent, what="directory", next_step="create it first or choose another path") from None
         raise PersistenceError(out, operation=wf.step, cause=wf.cause) from wf.cause
+
+
+def _regular_or_absent(path: Path) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(fs.stat_(path).st_mode)
+    except OSError:
+        return True
 
 
 def json_out(data: Any) -> None:

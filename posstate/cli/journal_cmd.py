@@ -298,7 +298,8 @@ def history(ctx: click.Context, symbol: str | None) -> None:
         return
     keyring = env.keyring()
     required = env.require_encryption()
-    entries = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path)
+    listed = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path)
+    entries, held = _since_snapshot(cfg, env, listed)
     jc = check(path, keyring=keyring, require_encryption=required)
     if jc.torn_bytes:
         click.echo(f"warning: {path}: torn last record ({jc.torn_bytes} bytes) left out; a load cuts it off", err=True)
@@ -324,7 +325,8 @@ def history(ctx: click.Context, symbol: str | None) -> None:
         )
         return
     if not entries:
-        click.echo(f"{path}: no changes recorded" + (f" for {symbol}" if symbol else "") + " since the last snapshot")
+        already = f" ({held} older record{'s' if held != 1 else ''} already in the snapshot)" if held else ""
+        click.echo(f"{path}: no changes recorded" + (f" for {symbol}" if symbol else "") + f" since the last snapshot{already}")
         return
     rows = [
         [
@@ -339,6 +341,23 @@ def history(ctx: click.Context, symbol: str | None) -> None:
     click.echo(f"{path}: {len(entries)} change{'s' if len(entries) != 1 else ''}" + (f" for {symbol}" if symbol else ""))
     for line in table(("seq", "time (UTC)", "op", "key", "old -> new"), rows, right=frozenset({0})):
         click.echo(line)
+
+
+def _since_snapshot(cfg: StateConfig, env: Env, entries: Any) -> tuple[list[Any], int]:
+    """The entries a restart would replay (those after the snapshot), as ``show`` counts them, and how many
+    records were left out because the snapshot already holds them (issue 15.11: after ``save()`` both say the
+    journal is empty). Without a readable snapshot every entry is kept (old values unknown)."""
+    try:
+        cur = read_current(cfg, env.read_options())
+    except PosStateError:
+        return list(entries), 0
+    if cur.error is not None:
+        return list(entries), 0  # history itself reported any damage; keep what it listed
+    snap = cur.loaded.state.journal
+    if not cur.applied or snap is None:
+        return [], len({e.seq for e in entries})
+    after = int(snap["seq"])
+    return [e for e in entries if e.seq > after], len({e.seq for e in entries if e.seq <= after})
 
 
 # ------------------------------------------------------------------------------------------ doctor

@@ -64,6 +64,7 @@ class Env:
 
     def config(self) -> StateConfig:
         if self._config is None:
+            _state_dir_kind(self.state_dir or "state")
             path = self.config_path()
             cfg = StateConfig.from_file(_config_file(path)) if path else None
             if cfg is None:
@@ -126,6 +127,19 @@ class Env:
 
 def env_of(ctx: click.Context) -> Env:
     return ctx.ensure_object(Env)
+
+
+def _state_dir_kind(path: str) -> None:
+    """A state directory that exists but is not a directory (``--state-dir /dev/null``) is named for what it is
+    (ConfigError, exit 2) instead of failing later with ENOTDIR on a file inside it, or waiting on it (watch)."""
+    import stat
+
+    try:
+        st = fs.stat_(path)
+    except OSError:
+        return  # absent (commands say "no such state directory") or unreadable (their own error)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"is {fs.file_kind(st.st_mode)}, not a directory (give a state directory)", path=path)
 
 
 def _config_file(path: str) -> str:
