@@ -1,4 +1,4 @@
-"""``posstate demo``: kill a saving bot mid-run and show it resumed (the demo itself: :mod:`posstate.cli.demo`)."""
+"""``posstate demo``: crash, damage and the operator's view in under a minute (the demo itself: :mod:`posstate.cli.demo`)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,15 @@ from posstate.cli.base import (
     help="Directory for the demo state (default: a new temp dir).",
 )
 @click.option(
-    "--saves", type=click.IntRange(1, 100000), default=None, help="Kill the bot after this many saves (default: random 40-120)."
+    "--saves", type=click.IntRange(1, 100000), default=None, help="Kill the bot after this many trades (default: random 40-120)."
 )
 @click.option("--seed", type=int, default=None, help="Random seed, to replay a run.")
 @click.pass_context
 def demo(ctx: click.Context, demo_dir: str | None, saves: int | None, seed: int | None) -> None:
-    """Kill a saving bot with SIGKILL mid-run, restart it, and show it resumed from its last save."""
+    """The whole story in under a minute: a trading bot killed with SIGKILL resumes exactly; its damaged state
+    file is recovered at the next start from the newest trustworthy copy; then the operator's view (validate,
+    backups list, a restore with its diff). The directory and its key file are left for you to explore.
+    """
     from posstate.cli.demo import run_demo
 
     ok = run_demo(state_dir=demo_dir, saves=saves, seed=seed, echo=click.echo)
