@@ -359,3 +359,32 @@ def test_config_that_is_a_device_is_refused(state_dir: Path) -> None:
     r = run(["--config", "/dev/null", "--state-dir", str(state_dir), "show"])
     assert r.exit_code == 2
     assert r.stderr.startswith("Error: /dev/null: is a character device, not a config file")
+
+
+def test_tables_are_laid_out_by_rich_and_print_symbols_verbatim(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 15.10: tables come from rich (a kept library, not hand padding); a symbol that looks like rich markup
+    is printed exactly, numbers are right-aligned, nothing is cut to a terminal width."""
+    long_symbol = "[bold]1000PEPE/USDT:USDT[/bold]" + "X" * 90  # wider than any terminal with the other columns
+    make_state(
+        tmp_path / "state", key, [pos(long_symbol, "long", "1250000", "0.0123"), pos("BTC/USDT:USDT", "long", "0.5", "97250.5")]
+    )
+    probe = (
+        "import sys; from posstate.cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit:\n"
+        "    print('rich loaded' if 'rich.table' in sys.modules else 'no rich', file=sys.stderr)\n"
+        "    raise\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe, "--state-dir", str(tmp_path / "state"), "--key-file", str(key_file), "show"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "rich loaded"
+    lines = r.stdout.splitlines()
+    rows = [next(line for line in lines if line.startswith(s)) for s in (long_symbol + " ", "BTC/USDT:USDT ")]
+    header = next(line for line in r.stdout.splitlines() if line.startswith("symbol"))
+    end = header.index("contracts") + len("contracts")
+    assert rows[0][:end].endswith("1250000") and rows[1][:end].endswith("0.5")  # right-aligned under the header

@@ -3,6 +3,7 @@ reconcile reports. No click, no I/O."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,15 +33,37 @@ def _default(value: Any) -> Any:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
-    """Plain aligned columns; columns whose index is in *right* are right-aligned."""
-    body = [list(r) for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+    """Aligned columns laid out by rich (issue 15.10: a kept library, not hand padding): two spaces between
+    columns, a dashed line under the headers, columns whose index is in *right* right-aligned. Plain text
+    (no colour, no markup: a symbol such as ``[x]`` is printed as it is), never wrapped or cut."""
+    import io
 
-    def fmt(cells: Sequence[str]) -> str:
-        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)]
-        return "  ".join(out).rstrip()
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
-    return [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
+    t = Table(box=_dashed_box(), show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="", highlight=False)
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="right" if i in right else "left", no_wrap=True)
+    for r in rows:
+        t.add_row(*(Text(c) for c in r))
+    buf = io.StringIO()
+    console = Console(
+        file=buf, width=_UNLIMITED, color_system=None, force_terminal=False, highlight=False, emoji=False, markup=False
+    )
+    console.print(t)
+    return [line.rstrip() for line in buf.getvalue().splitlines()]
+
+
+@functools.cache
+def _dashed_box() -> Any:
+    from rich.box import Box
+
+    # rich's box spec: eight rows of four characters (edges, horizontal, divider); only the header rule is drawn.
+    return Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
+
+
+_UNLIMITED = 100_000  # characters: a table is never wrapped or cut to a terminal's width
 
 
 def _num(value: Decimal | None) -> str:
