@@ -388,3 +388,30 @@ def test_tables_are_laid_out_by_rich_and_print_symbols_verbatim(tmp_path: Path, 
     header = next(line for line in r.stdout.splitlines() if line.startswith("symbol"))
     end = header.index("contracts") + len("contracts")
     assert rows[0][:end].endswith("1250000") and rows[1][:end].endswith("0.5")  # right-aligned under the header
+
+
+def test_quiet_never_hides_a_question(state_dir: Path, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 15.10: under --quiet a confirmation prompt is still shown on a terminal (only notes are dropped)."""
+    src = tmp_path / "exp.json"
+    assert run(["--state-dir", str(state_dir), "--key-file", str(key_file), "export", "--out", str(src)]).exit_code == 0
+    doc = json.loads(src.read_text())
+    doc["positions"] = {k: v for k, v in doc["positions"].items() if k.startswith("BTC")}  # the import closes ETH
+    src.write_text(json.dumps(doc))
+    monkeypatch.setattr(_cli_base, "is_terminal", lambda: True)
+    r = run(["-q", "--state-dir", str(state_dir), "--key-file", str(key_file), "import", str(src)], input="n\n")
+    assert r.exit_code == 1
+    assert "[y/N]" in r.stderr
+    assert r.stderr.splitlines()[-1] == "Error: import not confirmed; nothing was changed"
+
+
+def test_json_interrupted(state_dir: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 15.9: Ctrl-C under --json is a JSON error of type Interrupted (exit 1)."""
+    from posstate.cli import inspect_cmd
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inspect_cmd, "read_state", interrupted)
+    r = run(["--json", "--state-dir", str(state_dir), "--key-file", str(key_file), "show"])
+    assert r.exit_code == 1
+    assert _error_doc(r.stdout)["type"] == "Interrupted"
