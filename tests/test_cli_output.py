@@ -46,7 +46,14 @@ def big_state(tmp_path: Path, key: bytes) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ 8: a closed pipe
-@pytest.mark.parametrize("command", [pytest.param(["show"], id="show"), pytest.param(["--json", "show"], id="show-json")])
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(["show"], id="show"),
+        pytest.param(["--json", "show"], id="show-json"),
+        pytest.param(["export", "--out", "-"], id="export-stdout"),
+    ],
+)
 def test_closed_pipe_ends_quietly_with_141(big_state: Path, key_file: Path, command: list[str]) -> None:
     """issue 15.8: `posstate show | head -1` with a real pipe closed early: exit 141 (128 + SIGPIPE), nothing on stderr."""
     with subprocess.Popen(

@@ -47,15 +47,18 @@ def closed_pipe() -> int:
 
 
 # ------------------------------------------------------------------------------------------ JSON documents
-def echo_json(data: Any) -> None:
-    """*data* as indented JSON on stdout, written in pieces of at most PIPE_BUF bytes: CPython can lose the
-    EPIPE of one large write to a pipe whose reader left (a short write, then success), so a big document
-    would end with status 0 and no sign that it was cut."""
-    text = to_json(data)
+def echo_text(text: str) -> None:
+    """*text* on stdout in pieces of at most PIPE_BUF bytes: CPython can lose the EPIPE of one large write to a
+    pipe whose reader left (a short write, then success), so a big document would end with status 0 and no
+    sign that it was cut."""
     step = 1024  # characters: at most 4096 bytes of UTF-8
     for at in range(0, len(text), step):
         click.echo(text[at : at + step], nl=False)
-    click.echo()
+
+
+def echo_json(data: Any) -> None:
+    """*data* as indented JSON on stdout (see :func:`echo_text`)."""
+    echo_text(to_json(data) + "\n")
 
 
 def hold_json(env: Env | None, data: Any) -> None:
