@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
-# The demo: a bot saving positions is killed with SIGKILL mid-run, restarted, and resumes from its last save.
+# The demo (under a minute): a trading bot killed with SIGKILL resumes exactly; its damaged state file is
+# recovered at the next start; then the operator's view (validate, backups list, a restore with its diff).
 source "$(dirname "$0")/_venv.sh"
 exec posstate demo "$@"
