@@ -219,7 +219,8 @@ def _report(ctx: click.Context, exc: BaseException, *, unexpected: bool = False)
         message = f"unexpected {type(exc).__name__}: {message}; rerun with --debug for the traceback and report it"
     click.echo(_out.error_prefix(error_line(message)), err=True)
     if env is not None and env.json:
-        _out.print_json_error(env, message=message, code=exit_code_for(exc), kind=_out.error_type(exc))
+        kind = "CliError" if isinstance(exc, CliError) else _out.error_type(exc)
+        _out.print_json_error(env, message=message, code=exit_code_for(exc), kind=kind)
 
 
 @click.group(name="posstate", cls=PosstateGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)

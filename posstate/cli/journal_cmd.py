@@ -19,6 +19,7 @@ import orjson
 
 from posstate.cli.base import EXIT_INVALID, CliError, cli, json_out
 from posstate.cli.options import Env, common_options, env_of
+from posstate.cli.output import paint
 from posstate.cli.render import table
 from posstate.core.config import StateConfig, state_file_path
 from posstate.core.errors import (
@@ -399,7 +400,7 @@ def doctor(ctx: click.Context) -> None:
             }
         )
     else:
-        click.echo(format_report(report))
+        click.echo("\n".join(paint(line) for line in format_report(report).splitlines()))
     if not report.ok:
         bad = [f for f in report.findings if f.status == "unsafe"]
         raise CliError(

@@ -80,15 +80,14 @@ def flush_json(env: Env | None) -> None:
 
 def error_type(exc: BaseException) -> str:
     """The ``type`` of a JSON error: the PosStateError class (public API), ``UsageError`` for any bad usage,
-    ``CliError`` for a refusal of the command line itself, ``Interrupted``, or ``InternalError``."""
+    ``Interrupted``, or ``InternalError`` (``CliError``, a refusal of the command line itself, is named by
+    :mod:`posstate.cli.base`, which defines it)."""
     if isinstance(exc, PosStateError):
         return type(exc).__name__
     if isinstance(exc, click.UsageError):
         return "UsageError"
     if isinstance(exc, (click.exceptions.Abort, KeyboardInterrupt)):
         return "Interrupted"
-    if type(exc).__name__ == "CliError":
-        return "CliError"
     if isinstance(exc, click.ClickException):
         return "UsageError"
     return "InternalError"
