@@ -5,13 +5,17 @@ a passphrase tried on a key-encrypted file is said in words, and in-memory value
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from test_cli import make_state, pos, run
+from test_cli import ROOT, make_state, pos, run
 from test_cli_process import DEADLINE, Proc
 
 from posstate import PositionStateManager, StateConfig
@@ -206,3 +210,26 @@ def test_stored_file_errors_still_suggest_repair(tmp_path: Path) -> None:
     """issue 15.11: the same error about a file on disk keeps its next step."""
     err = SchemaValidationError(tmp_path / "positions.json", "$.x", "type", "bad")
     assert "posstate repair" in str(err)
+
+
+# ------------------------------------------------------------------------------------------ as real processes
+def _posstate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    child = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
+    child.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", "posstate", *args], env=child, capture_output=True, text=True, timeout=120)
+
+
+def test_checks_as_real_processes(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 15.11 as real processes: history after save, an empty file, /dev/null, a passphrase on a key file."""
+    state = tmp_path / "state"
+    make_state(state, key, [pos("BTC/USDT:USDT", "long", "0.1", "97000")])
+    hist = _posstate("--state-dir", str(state), "--key-file", str(key_file), "history")
+    assert hist.returncode == 0 and "no changes recorded since the last snapshot" in hist.stdout
+    empty = tmp_path / "empty.json"
+    empty.write_bytes(b"")
+    v = _posstate("validate", str(empty))
+    assert v.returncode == 1 and "magic present" not in v.stdout and re.search(r"FAIL\s+header\s+file is empty", v.stdout)
+    dev = _posstate("--state-dir", "/dev/null", "show")
+    assert dev.returncode == 2 and dev.stderr.startswith("Error: /dev/null: is a character device, not a directory")
+    pw = _posstate("--state-dir", str(state), "show", POSSTATE_PASSPHRASE="correct horse")
+    assert pw.returncode == 3 and "encrypted with a key file" in pw.stderr and "a passphrase was given" in pw.stderr

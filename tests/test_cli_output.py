@@ -422,3 +422,28 @@ def test_json_interrupted(state_dir: Path, key_file: Path, monkeypatch: pytest.M
     r = run(["--json", "--state-dir", str(state_dir), "--key-file", str(key_file), "show"])
     assert r.exit_code == 1
     assert _error_doc(r.stdout)["type"] == "Interrupted"
+
+
+def test_config_precedence_as_a_process(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 15.10 as a real process: posstate.toml in the state directory, POSSTATE_CONFIG over it, --config over both."""
+    book = tmp_path / "book"
+    make_state(book, key, [pos("SOL/USDT:USDT", "long", "12", "181.42")])
+    (book / "positions.json").rename(book / "book.json")
+    _toml(book / "posstate.toml", state_file="book.json")
+    other = _toml(tmp_path / "other.toml", state_file=str(tmp_path / "elsewhere" / "positions.json"))
+    found = posstate("--state-dir", str(book), "--key-file", str(key_file), "-v", "show")
+    assert found.returncode == 0 and found.stdout.startswith(f"{book}/book.json: generation")
+    assert f"config file {book}/posstate.toml (from state directory)" in found.stderr
+    env = posstate("--key-file", str(key_file), "show", POSSTATE_CONFIG=str(other))
+    assert env.returncode == 6 and f"{tmp_path}/elsewhere/positions.json" in env.stderr
+    flag = posstate(
+        "--config",
+        str(book / "posstate.toml"),
+        "--state-dir",
+        str(book),
+        "--key-file",
+        str(key_file),
+        "show",
+        POSSTATE_CONFIG=str(other),
+    )
+    assert flag.returncode == 0, flag.stderr
