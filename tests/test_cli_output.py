@@ -447,3 +447,25 @@ def test_config_precedence_as_a_process(tmp_path: Path, key: bytes, key_file: Pa
         POSSTATE_CONFIG=str(other),
     )
     assert flag.returncode == 0, flag.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [pytest.param(["show", "nosuch"], id="command-error"), pytest.param(["show", "--bogus"], id="usage-error")],
+)
+def test_error_line_with_no_reader_is_141_too(state_dir: Path, args: list[str]) -> None:
+    """issue 15.8: an error whose stderr is a pipe nobody reads (closed before the command starts, as in
+    `posstate show nosuch 2>&1 >/dev/null | true`) also ends with 141, not 1 and a complaint."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "posstate", *args],
+            env=child_env(POSSTATE_DIR=str(state_dir)),
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141

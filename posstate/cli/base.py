@@ -141,11 +141,9 @@ class PosstateGroup(click.Group):
         except (click.exceptions.Abort, click.ClickException):
             raise
         except (PosStateError, CliError) as exc:
-            _report(ctx, exc)
-            raise click.exceptions.Exit(exit_code_for(exc)) from None
+            raise click.exceptions.Exit(_report(ctx, exc)) from None
         except Exception as exc:
-            _report(ctx, exc, unexpected=True)
-            raise click.exceptions.Exit(EXIT_INVALID) from None
+            raise click.exceptions.Exit(_report(ctx, exc, unexpected=True)) from None
 
     def _usage_path(self, exc: click.UsageError, args: Sequence[str] | None) -> str:
         """The command the user was typing, for the help hint (click leaves ``ctx`` unset for some errors)."""
@@ -196,7 +194,7 @@ def _fail(exc: BaseException, message: str, code: int, words: list[str]) -> int:
         if (env is not None and env.json) or _out.wants_json(words):
             _out.print_json_error(env, message=message, code=code, kind=_out.error_type(exc))
     except BrokenPipeError:
-        return _out.closed_pipe()
+        return _out.closed_pipe(stderr=True)
     return code
 
 
@@ -210,17 +208,23 @@ def cli_message(exc: BaseException) -> str:
     return text
 
 
-def _report(ctx: click.Context, exc: BaseException, *, unexpected: bool = False) -> None:
+def _report(ctx: click.Context, exc: BaseException, *, unexpected: bool = False) -> int:
+    """Print the error (stderr; and stdout under --json); its exit code, or 141 when the reader is gone."""
     env = ctx.find_object(Env)
-    if env is not None and env.debug:
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    code = EXIT_INVALID if unexpected else exit_code_for(exc)
     message = cli_message(exc)
     if unexpected:
         message = f"unexpected {type(exc).__name__}: {message}; rerun with --debug for the traceback and report it"
-    click.echo(_out.error_prefix(error_line(message)), err=True)
-    if env is not None and env.json:
-        kind = "CliError" if isinstance(exc, CliError) else _out.error_type(exc)
-        _out.print_json_error(env, message=message, code=exit_code_for(exc), kind=kind)
+    try:
+        if env is not None and env.debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        click.echo(_out.error_prefix(error_line(message)), err=True)
+        if env is not None and env.json:
+            kind = "CliError" if isinstance(exc, CliError) else _out.error_type(exc)
+            _out.print_json_error(env, message=message, code=code, kind=kind)
+    except BrokenPipeError:  # `posstate ... 2>&1 >/dev/null | true`: nobody reads the error either
+        return _out.closed_pipe(stderr=True)
+    return code
 
 
 @click.group(name="posstate", cls=PosstateGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)

@@ -35,14 +35,17 @@ EXIT_CLOSED_PIPE = 141
 
 
 # ------------------------------------------------------------------------------------------ a closed pipe
-def closed_pipe() -> int:
-    """After a BrokenPipeError on stdout: point stdout at /dev/null (so nothing else fails on the way out) and
-    return the exit status. Under a test runner stdout has no file descriptor; there is nothing to redirect."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        return EXIT_CLOSED_PIPE
-    fs.redirect_to_devnull(fd)
+def closed_pipe(*, stderr: bool = False) -> int:
+    """After a BrokenPipeError on stdout (and, with *stderr*, possibly on stderr: the error line had no reader
+    either): point the stream at /dev/null, so nothing else fails on the way out, and return the exit status.
+    Under a test runner the streams have no file descriptor; there is nothing to redirect."""
+    for stream in (sys.stdout, sys.__stderr__ if stderr else None):
+        try:
+            fd = stream.fileno() if stream is not None else -1
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            continue
+        if fd >= 0:
+            fs.redirect_to_devnull(fd)
     return EXIT_CLOSED_PIPE
 
 
