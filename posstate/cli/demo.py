@@ -258,7 +258,7 @@ def _act_operator(d: _Demo) -> None:
         older, trade = d.backups[-2] if len(d.backups) > 1 else d.backups[-1]
         d.echo(f"[operator] roll back to backup {older} (after trade #{trade}): first what it changes, then the restore")
         d.command("diff", str(d.state / "positions.json"), older)
-        d.command("backups", "restore", older, "--yes", "--accept-older")
+        d.command("backups", "restore", older, "--yes")
         d.command("show")
 
 
