@@ -235,6 +235,9 @@ def cli() -> None:
 
     Read-only commands (validate, show, diff, watch) take no lock and never write. Commands that replace
     files ask for confirmation on a terminal (or need --yes) and refuse while a bot holds the writer lock.
+
+    Configuration: flags > environment (POSSTATE_DIR, POSSTATE_CONFIG, POSSTATE_KEY_FILE, ...) > the config
+    file (--config, else POSSTATE_CONFIG, else posstate.toml in the state directory).
     """
 
 
