@@ -5,11 +5,13 @@ and the options several commands share (a state path argument, ``--snapshot-only
 Configuration precedence (issue 15.10): flags > environment > file. The state directory is ``--state-dir``,
 else ``POSSTATE_DIR``, else ``./state``; the config file is ``--config``, else ``POSSTATE_CONFIG``, else
 ``posstate.toml`` in the state directory when it exists. A state directory from a flag or the environment
-places the config file's state file (and its backups) there.
+places the config file's state file (and its backups) there. The state directory's own file may not loosen a
+check (:mod:`posstate.cli.dirconfig`): anyone who can write the directory could have written it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
+from posstate.cli.dirconfig import read_state_dir_config
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     ConfigError,
@@ -66,7 +69,10 @@ class Env:
         if self._config is None:
             _state_dir_kind(self.state_dir or "state")
             path = self.config_path()
-            cfg = StateConfig.from_file(_config_file(path)) if path else None
+            if path and self.config_source == "state directory":
+                cfg: StateConfig | None = read_state_dir_config(path)  # planted by anyone who can write the directory
+            else:
+                cfg = StateConfig.from_file(_config_file(path)) if path else None
             if cfg is None:
                 cfg = StateConfig.in_dir(self.state_dir or "state")
             elif self.state_dir or self.config_source == "state directory":
@@ -136,7 +142,10 @@ def _state_dir_kind(path: str) -> None:
 
     try:
         st = fs.stat_(path)
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            too_long = "a name in this path is longer than the file system allows; give a state directory"
+            raise ConfigError(too_long, path=path) from None
         return  # absent (commands say "no such state directory") or unreadable (their own error)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"is {fs.file_kind(st.st_mode)}, not a directory (give a state directory)", path=path)

@@ -1,0 +1,202 @@
+"""An outside review of issue 15.8-15.12 (the command line as a Unix tool, the demo), tried as an attacker who can
+write the state directory but has no key, with hostile arguments, and as a newcomer following the README."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import ROOT, make_state, pos, run
+
+from posstate import PositionStateManager, StateConfig
+from posstate.storage.container import parse_header
+
+
+def _forged_plaintext(state_dir: Path, tmp_path: Path) -> None:
+    """An attacker without the key replaces the state file with a plaintext one of its choosing."""
+    forged = tmp_path / "forged"
+    with PositionStateManager(StateConfig.in_dir(forged, encryption=False)) as m:
+        m.set_position(pos("EVIL/USDT:USDT", "long", "1000", "1"))
+        m.save()
+    (state_dir / "positions.json").write_bytes((forged / "positions.json").read_bytes())
+    for name in ("positions.json.bak", "positions.json.journal"):
+        (state_dir / name).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, key: bytes) -> Path:
+    make_state(tmp_path / "state", key, [pos("BTC/USDT:USDT", "long", "0.5", "97338.1")])
+    return tmp_path / "state"
+
+
+# ------------------------------------------------------------------------------------------ posstate.toml
+@pytest.mark.parametrize(
+    "toml",
+    [
+        pytest.param("encryption = false\n", id="flat"),
+        pytest.param("[posstate]\nencryption = false\n", id="table"),
+        pytest.param("[POSITION_STATE_MANAGER.PERSISTENCE]\nENCRYPTION = false\n", id="reference-form"),
+    ],
+)
+def test_state_dir_config_cannot_turn_encryption_off(state_dir: Path, tmp_path: Path, key_file: Path, toml: str) -> None:
+    """issue 15.10 (review): a posstate.toml planted in the state directory cannot make validate call a forged
+    plaintext state VALID (it is refused, exit 2, naming the file and what to do)."""
+    _forged_plaintext(state_dir, tmp_path)
+    (state_dir / "posstate.toml").write_text(toml)
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "validate"])
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert "VALID" not in r.stdout
+    assert r.stderr.startswith(f"Error: {state_dir}/posstate.toml: ") and "--config" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+def test_state_dir_config_cannot_make_a_command_write_plaintext(state_dir: Path, tmp_path: Path, key_file: Path) -> None:
+    """issue 15.10 (review): with `encryption = false` planted in the state directory, `reconcile --apply` writes
+    nothing (before: it wrote the state file in plaintext, readable by the attacker and refused by the bot)."""
+    (state_dir / "posstate.toml").write_text("encryption = false\n")
+    exchange = tmp_path / "exchange.json"
+    exchange.write_text("[]")
+    before = (state_dir / "positions.json").read_bytes()
+    r = run(
+        [
+            "--state-dir",
+            str(state_dir),
+            "--key-file",
+            str(key_file),
+            "reconcile",
+            "--positions",
+            str(exchange),
+            "--apply",
+            "--yes",
+        ]
+    )
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert (state_dir / "positions.json").read_bytes() == before
+    assert parse_header(before).encrypted
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param("verify_after_write = false", id="verify_after_write"),
+        pytest.param("validation_enabled = false", id="validation_enabled"),
+        pytest.param('durability = "snapshot"', id="durability"),
+        pytest.param(f"max_document_bytes = {2**62}", id="max_document_bytes"),
+        pytest.param("clock_skew = 1e12", id="clock_skew"),
+        pytest.param("lock_timeout = 1e9", id="lock_timeout"),
+    ],
+)
+def test_state_dir_config_cannot_loosen_any_check(state_dir: Path, key_file: Path, line: str) -> None:
+    """issue 15.10 (review): a posstate.toml in the state directory may not loosen a check, a write or a bound
+    (each is exit 2 naming the setting); the same file named with --config is the operator's choice and is used."""
+    toml = state_dir / "posstate.toml"
+    toml.write_text(line + "\n")
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "show"])
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert line.split(" ")[0] in r.stderr
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "--config", str(toml), "show"])
+    assert r.exit_code == 0, r.stderr
+
+
+def test_state_dir_config_may_tighten_and_name_its_state_file(state_dir: Path, key_file: Path) -> None:
+    """issue 15.10 (review): what a state directory's posstate.toml may set it still sets: stricter bounds, the
+    state file's name (in that directory only), retention; its backup_dir is that directory's backups/."""
+    (state_dir / "positions.json").rename(state_dir / "book.json")
+    (state_dir / "posstate.toml").write_text(
+        'state_file = "/etc/book.json"\nbackup_dir = "/tmp/elsewhere"\nencryption = true\nclock_skew = 10.0\nmax_backups = 5\n'
+    )
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "--verbose", "show"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.startswith(f"{state_dir}/book.json: generation")
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "backups", "create"])
+    assert r.exit_code == 0, r.stderr
+    assert list((state_dir / "backups" / "book.json").glob("positions_*.json"))
+    assert not Path("/tmp/elsewhere").exists()
+
+
+def test_state_dir_config_symlink_is_not_followed(state_dir: Path, tmp_path: Path, key_file: Path) -> None:
+    """issue 15.10 (review): a posstate.toml in the state directory that is a symlink (to a file the operator can
+    read and the attacker cannot) is refused, never read, as every other planted file."""
+    secret = tmp_path / "secret.toml"
+    secret.write_text("not_for_the_attacker = 1\n")
+    (state_dir / "posstate.toml").symlink_to(secret)
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "--json", "show"])
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert "is a symlink, never followed" in r.stderr and "not_for_the_attacker" not in r.stdout + r.stderr
+    assert json.loads(r.stdout)["error"]["type"] == "ConfigError"
+
+
+# ------------------------------------------------------------------------------------------ hostile arguments
+def _process(*args: str, **env: str) -> subprocess.CompletedProcess[bytes]:
+    child = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
+    child.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", "posstate", *args], env=child, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--json", "show", "/tmp/\udcff\udcfe"], id="path-arg"),
+        pytest.param(["--json", "--state-dir", "/tmp/\udcff\udcfe", "show"], id="state-dir"),
+    ],
+)
+def test_json_error_for_a_path_that_is_not_utf8(args: list[str]) -> None:
+    """issue 15.9 (review): a path argument that is not UTF-8 (bytes 0xff 0xfe) gives one JSON error document and
+    one Error: line, not a TypeError traceback from the JSON encoder and an empty stdout."""
+    r = _process(*[os.fsencode(a).decode("utf-8", "surrogateescape") for a in args])
+    assert b"Traceback" not in r.stderr
+    assert r.returncode == 6, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["error"]["exit_code"] == 6 and "\\xff\\xfe" in doc["error"]["message"]
+    assert r.stderr.decode("utf-8", "replace").startswith("Error: ")
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        pytest.param(["show", "a" * 300], 6, id="show"),
+        pytest.param(["diff", "a" * 300, "latest"], 6, id="diff"),
+        pytest.param(["--state-dir", "/tmp/" + "a" * 300, "show"], 2, id="state-dir"),
+        pytest.param(["doctor", "--state-dir", "/tmp/" + "a" * 300], 2, id="doctor"),
+    ],
+)
+def test_a_name_too_long_is_a_typed_error(state_dir: Path, key_file: Path, args: list[str], code: int) -> None:
+    """issue 15.11 (review): a path with a name over NAME_MAX is named for what it is (a file argument: not found,
+    exit 6; a state directory: a usage error, exit 2), never "unexpected OSError ... report it"."""
+    r = run(["--key-file", str(key_file), *args], env={"POSSTATE_DIR": str(state_dir)})
+    assert r.exit_code == code, r.stderr
+    assert "unexpected" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("Error: ")
+
+
+# ------------------------------------------------------------------------------------------ the demo
+def test_demo_says_how_to_reach_posstate_when_it_is_not_on_the_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 15.12 (review): after `bash scripts/demo.sh` from a fresh clone, `posstate` is in .venv/bin, not on the
+    PATH: the commands the demo prints to explore must work as printed (it prints the PATH to use)."""
+    console_script = Path(sys.executable).parent / "posstate"
+    if not console_script.exists():
+        pytest.skip(f"no posstate console script beside {sys.executable} (posstate not installed in this venv)")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    r = run(["demo", "--state-dir", str(tmp_path / "demo"), "--saves", "30", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    explore = r.stdout.split("== Explore it yourself", 1)[1].strip().splitlines()
+    assert explore[0].strip() == f'export PATH="{console_script.parent}:$PATH"', explore
+    # the printed commands work as printed in a shell without posstate on its PATH
+    child = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
+    child.update(PYTHONPATH=str(ROOT), PATH="/usr/bin:/bin")
+    script = "\n".join(line.strip() for line in explore[:3])
+    done = subprocess.run(["bash", "-c", script], env=child, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "generation" in done.stdout
+
+
+def test_demo_prints_no_path_when_posstate_is_on_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 15.12 (review): with the running posstate on the PATH the demo prints no PATH line."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:/usr/bin:/bin")
+    r = run(["demo", "--state-dir", str(tmp_path / "demo"), "--saves", "5", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert "export PATH=" not in r.stdout
