@@ -22,8 +22,33 @@ from posstate.storage.validate import ValidationReport
 
 
 def to_json(data: Any) -> str:
-    """Indented JSON; Decimals as strings (the way the state document stores them)."""
-    return orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
+    """Indented JSON; Decimals as strings (the way the state document stores them). A string that is not valid
+    UTF-8 (a path given as undecodable bytes, which Python holds as lone surrogates) is written with those bytes
+    as ``\\xff`` escapes rather than failing the whole document."""
+    try:
+        return orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
+    except TypeError as exc:
+        if "surrogates" not in str(exc):
+            raise
+        return orjson.dumps(_printable(data), option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
+
+
+def _printable(value: Any) -> Any:
+    """*value* with every string made valid UTF-8 (undecodable bytes as ``\\xNN``, other lone surrogates as ``\\uNNNN``)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, Mapping):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
 
 
 def _default(value: Any) -> Any:
