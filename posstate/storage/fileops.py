@@ -283,6 +283,10 @@ def exists(path: StrPath) -> bool:
         _active.lstat(path)
     except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a parent is a file
         return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # no entry can have that name
+            return False
+        raise
     return True
 
 
