@@ -279,6 +279,9 @@ def run_demo(
     ok = _act_damage(d) and ok
     _act_operator(d)
     echo("\n== Explore it yourself")
+    reach = path_hint()
+    if reach:
+        echo(f"    {reach}")
     echo(f"    export POSSTATE_DIR={d.state} POSSTATE_KEY_FILE={d.key_file}")
     for line in (
         "posstate show                 # the positions a restarted bot loads",
@@ -289,6 +292,21 @@ def run_demo(
     ):
         echo(f"    {line}")
     return ok
+
+
+def path_hint() -> str | None:
+    """``export PATH=...`` when the ``posstate`` beside this interpreter is not the one the shell would run (after
+    ``bash scripts/demo.sh`` from a fresh clone it is in ``.venv/bin``, which is not on the PATH), so the
+    commands printed to explore work as printed; None when it is."""
+    import shutil
+
+    here = Path(sys.executable).parent / "posstate"
+    if not fs.exists(here):
+        return None
+    found = shutil.which("posstate")
+    if found is not None and Path(found).resolve() == here.resolve():
+        return None
+    return f'export PATH="{here.parent}:$PATH"'
 
 
 def main(argv: list[str]) -> int:
