@@ -200,3 +200,17 @@ def test_demo_prints_no_path_when_posstate_is_on_it(tmp_path: Path, monkeypatch:
     r = run(["demo", "--state-dir", str(tmp_path / "demo"), "--saves", "5", "--seed", "3"])
     assert r.exit_code == 0, r.output
     assert "export PATH=" not in r.stdout
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_history_with_a_journal_that_is_not_a_file_is_a_typed_error(state_dir: Path, key_file: Path, kind: str) -> None:
+    """issue 15.11 (review): `history` with a FIFO (or a directory) planted as the journal is one Error: line naming
+    what it is, exit 1, and a JSON error under --json, never "unexpected NotRegularFileError" (and never a hang)."""
+    journal = state_dir / "positions.json.journal"
+    journal.unlink(missing_ok=True)
+    os.mkfifo(journal) if kind == "fifo" else journal.mkdir()
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "--json", "history"])
+    assert r.exit_code == 1, r.stderr
+    assert "unexpected" not in r.stderr and len(r.stderr.splitlines()) == 1
+    assert f"{journal}: read journal failed" in r.stderr
+    assert json.loads(r.stdout)["error"]["type"] == "PersistenceError"
