@@ -214,3 +214,13 @@ def test_history_with_a_journal_that_is_not_a_file_is_a_typed_error(state_dir: P
     assert "unexpected" not in r.stderr and len(r.stderr.splitlines()) == 1
     assert f"{journal}: read journal failed" in r.stderr
     assert json.loads(r.stdout)["error"]["type"] == "PersistenceError"
+
+
+def test_export_to_a_file_under_json_prints_one_document(state_dir: Path, key_file: Path, tmp_path: Path) -> None:
+    """issue 15.9 (review): `export --out FILE --json` prints one JSON document saying what it wrote (stdout was
+    empty: the one command whose --json run printed nothing to parse)."""
+    out = tmp_path / "out.json"
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "--json", "export", "--out", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout) == {"exported": str(state_dir / "positions.json"), "out": str(out), "positions": 1, "valid": True}
+    assert json.loads(out.read_text())["positions"]

@@ -69,6 +69,8 @@ def export(ctx: click.Context, path: str | None, out: str, snapshot_only: bool) 
     else:
         write_new_output(Path(out), text.encode("utf-8"))
         click.echo(f"exported {described}, {count} positions, to {out} (plain JSON: keep it safe)", err=True)
+        if env.json:  # --json: one document on stdout, as every other command
+            json_out({"exported": str(target), "out": out, "positions": count, "valid": problem is None})
     if problem:
         click.echo(f"warning: the document does not validate ({problem}); `posstate import` will refuse it until fixed", err=True)
 
