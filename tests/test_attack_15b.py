@@ -224,3 +224,66 @@ def test_export_to_a_file_under_json_prints_one_document(state_dir: Path, key_fi
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout) == {"exported": str(state_dir / "positions.json"), "out": str(out), "positions": 1, "valid": True}
     assert json.loads(out.read_text())["positions"]
+
+
+# ------------------------------------------------------------------------------------------ watch
+def _forged_generation(path: Path, generation: int) -> None:
+    """The state file with its keyless header claiming *generation* and the SHA-256 trailer recomputed: what an
+    attacker without the key can write (it fails authentication)."""
+    from posstate.storage import container as _format
+
+    data = path.read_bytes()
+    start, width = _format.OFFSETS["g"]
+    head = bytearray(data[: _format.HEADER_SIZE])
+    head[start : start + width] = b"%0*x" % (width, generation)
+    body = bytes(head) + data[_format.HEADER_SIZE : -_format.TRAILER_SIZE]
+    _put(path, body + _format.trailer_for(body))
+
+
+def _put(path: Path, data: bytes) -> None:
+    """Replace *path* by a rename, as an attacker (or a save) would: one change for watch to see."""
+    tmp = path.with_name("planted")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+@pytest.mark.parametrize("when", ["at-start", "while-watching"])
+def test_watch_counter_is_not_poisoned_by_a_forged_header(tmp_path: Path, key: bytes, when: str) -> None:
+    """issue 15.11 (review): a state file whose unauthenticated header claims a huge generation (flagged as a key
+    problem) does not raise watch's highest generation: the bot's next genuine save is not flagged
+    generation-backwards (a false alarm that says a rollback happened), and a real rollback still is."""
+    from posstate.cli import watcher as _cli_watch
+    from posstate.storage.crypto import Keyring
+
+    state = tmp_path / "state"
+    make_state(state, key, [pos("A/USDT:USDT")])
+    cfg = StateConfig.in_dir(state, backup_interval=1e9, durability="snapshot")
+    genuine = (state / "positions.json").read_bytes()
+    if when == "at-start":
+        _forged_generation(state / "positions.json", 2**40)
+    w = _cli_watch.Watcher(cfg=StateConfig.in_dir(state), keyring=Keyring(key=key))
+    w.start()
+
+    def next_state_record() -> dict[str, object]:
+        while True:
+            rec = w.next_record(30)
+            assert rec is not None, "no record for positions.json"
+            if rec["file"] == "positions.json":
+                return rec
+
+    try:
+        if when == "while-watching":
+            _forged_generation(state / "positions.json", 2**40)
+            assert "key" in next_state_record()["flags"]
+        _put(state / "positions.json", genuine)  # the authentic file back (as the bot's last save)
+        next_state_record()
+        with PositionStateManager(cfg, key=key) as m:
+            m.load_positions()
+            m.set_position(pos("B/USDT:USDT"))
+            m.save()
+        rec = next_state_record()
+        assert rec["status"] == "valid" and "generation-backwards" not in rec["flags"], rec
+        _put(state / "positions.json", genuine)  # a real rollback is still flagged
+        assert "generation-backwards" in next_state_record()["flags"]
+    finally:
+        w.stop()

@@ -80,7 +80,9 @@ class Watcher:
         for p in self._files():
             self._seen[p] = self._checksum(p)
         with contextlib.suppress(OSError, PosStateError):
-            self._generations[self.cfg.state_path] = _codec.inspect(fs.read_file(self.cfg.state_path)).generation
+            first = self._describe("", "state", self.cfg.state_path, fs.read_file(self.cfg.state_path))
+            if first["status"] in _COUNTED:
+                self._generations[self.cfg.state_path] = first["generation"]
         self._observer = Observer()
         self._observer.schedule(_Queue(self._q), str(d), recursive=True)
         if fs.exists(self.cfg.backup_path) and not _inside(self.cfg.backup_path, d):
@@ -188,7 +190,7 @@ class Watcher:
             )
         record = self._describe(label, role, path, data)
         gen = record.get("generation")
-        if role == "state" and isinstance(gen, int):
+        if role == "state" and isinstance(gen, int) and record["status"] in _COUNTED:
             highest = self._generations.get(path)
             if highest is not None and gen < highest:
                 record["flags"] = [*record["flags"], "generation-backwards"]
@@ -237,6 +239,12 @@ class Watcher:
         return _record(
             label, "changed", role=role, status="valid", detail=detail, flags=flags, writer_pid=writer.get("pid"), **base
         )
+
+
+#: The statuses whose generation counts towards the highest seen: an authenticated file, or any file when there
+#: is no key to authenticate with. A header that fails authentication (anyone can write one) never raises the
+#: count, or every later genuine save would be flagged as going backwards.
+_COUNTED = ("valid", "unchecked")
 
 
 def _mark(data: bytes) -> str:
