@@ -287,3 +287,20 @@ def test_watch_counter_is_not_poisoned_by_a_forged_header(tmp_path: Path, key: b
         assert "generation-backwards" in next_state_record()["flags"]
     finally:
         w.stop()
+
+
+# ------------------------------------------------------------------------------------------ keys in words
+def test_a_wrong_passphrase_is_called_a_wrong_passphrase(tmp_path: Path) -> None:
+    """issue 15.11 (review): the wrong passphrase on a passphrase-encrypted state (and journal) says the passphrase is
+    not the one the file was written with and points at POSSTATE_PASSPHRASE, not "supply the key with that id
+    (POSSTATE_KEY, POSSTATE_KEY_FILE or --key-file)", which sends the operator looking for a key file that never
+    existed."""
+    state = tmp_path / "state"
+    with PositionStateManager(StateConfig.in_dir(state, backup_interval=1e9), passphrase="correct horse") as m:
+        m.load_positions()
+        m.set_position(pos("A/USDT:USDT"))  # journaled: the journal is checked too
+    for args in (["validate"], ["history"], ["show"]):
+        r = run(["--state-dir", str(state), *args], env={"POSSTATE_PASSPHRASE": "battery staple"})
+        assert r.exit_code == 3, (args, r.stderr)
+        assert "not the passphrase" in r.stderr and "POSSTATE_PASSPHRASE" in r.stderr, (args, r.stderr)
+        assert "--key-file" not in r.stderr, (args, r.stderr)

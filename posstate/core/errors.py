@@ -140,6 +140,7 @@ class WrongKeyError(PosStateError, ValueError):
         our_key_id: str | None,
         downgrade: bool = False,
         given: str | None = None,
+        passphrase: bool = False,
     ) -> None:
         self._file_key_id = file_key_id
         self._our_key_id = our_key_id
@@ -155,6 +156,11 @@ class WrongKeyError(PosStateError, ValueError):
                 "restore an encrypted backup with `posstate backups restore latest`, or, to adopt this file on purpose, "
                 "export it with encryption off and `posstate import` it"
             )
+        elif passphrase and our_key_id is not None and our_key_id != file_key_id:  # *passphrase*: the file's
+            reason = (
+                f"written with a passphrase (key id {file_key_id}), and the one given is not the passphrase it was written with"
+            )
+            step = "supply the right passphrase (POSSTATE_PASSPHRASE, or passphrase=)"
         elif our_key_id is not None and our_key_id != file_key_id:
             reason = f"written with key id {file_key_id}, but the key given has id {our_key_id}"
             step = "supply the key with that id (POSSTATE_KEY, POSSTATE_KEY_FILE or --key-file)"

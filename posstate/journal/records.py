@@ -177,5 +177,5 @@ def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> b
     key = keyring.key_for(header.salt, header.kdf_log2_n)
     ours = key_id(key)
     if ours != header.key_id:
-        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=ours)
+        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=ours, passphrase=header.passphrase)
     return key

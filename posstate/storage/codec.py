@@ -152,7 +152,7 @@ def decode(
         head = data[: _format.HEADER_SIZE]
         plain = _crypto.open_sealed(key, header.nonce, payload, head)
         if plain is None:
-            raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=_crypto.key_id(key))
+            raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=_crypto.key_id(key), passphrase=header.passphrase)
         payload = plain
     if header.compressed:
         payload = _inflate(payload, path=path, cap=max_document_bytes)
