@@ -304,3 +304,13 @@ def test_a_wrong_passphrase_is_called_a_wrong_passphrase(tmp_path: Path) -> None
         assert r.exit_code == 3, (args, r.stderr)
         assert "not the passphrase" in r.stderr and "POSSTATE_PASSPHRASE" in r.stderr, (args, r.stderr)
         assert "--key-file" not in r.stderr, (args, r.stderr)
+
+
+def test_demo_under_json_prints_one_document(tmp_path: Path) -> None:
+    """issue 15.9/15.12 (review): `posstate --json demo` tells its story on stderr and prints one JSON document on
+    stdout (it printed the whole story on stdout: the one command whose --json output was not JSON)."""
+    r = run(["--json", "demo", "--state-dir", str(tmp_path / "demo"), "--saves", "5", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc == {"ok": True, "state_dir": str(tmp_path / "demo" / "state"), "key_file": str(tmp_path / "demo" / "demo.key")}
+    assert "== 1. SIGKILL" in r.stderr

@@ -6,8 +6,11 @@ import click
 
 from posstate.cli.base import (
     EXIT_INVALID,
+    CliError,
     cli,
+    json_out,
 )
+from posstate.cli.options import env_of
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -29,7 +32,16 @@ def demo(ctx: click.Context, demo_dir: str | None, saves: int | None, seed: int 
     file is recovered at the next start from the newest trustworthy copy; then the operator's view (validate,
     backups list, a restore with its diff). The directory and its key file are left for you to explore.
     """
+    import tempfile
+    from pathlib import Path
+
     from posstate.cli.demo import run_demo
 
-    ok = run_demo(state_dir=demo_dir, saves=saves, seed=seed, echo=click.echo)
-    ctx.exit(0 if ok else EXIT_INVALID)
+    env = env_of(ctx)
+    workdir = Path(demo_dir) if demo_dir else Path(tempfile.mkdtemp(prefix="posstate-demo-"))
+    # --json: the story goes to stderr and stdout holds one document, as for every other command
+    ok = run_demo(state_dir=str(workdir), saves=saves, seed=seed, echo=lambda line: click.echo(line, err=env.json))
+    if env.json:
+        json_out({"ok": ok, "state_dir": str(workdir / "state"), "key_file": str(workdir / "demo.key")})
+    if not ok:
+        raise CliError("a check of the demo failed (see the FAILED line above)", code=EXIT_INVALID)
