@@ -102,6 +102,16 @@ def test_state_dir_config_cannot_loosen_any_check(state_dir: Path, key_file: Pat
     assert r.exit_code == 0, r.stderr
 
 
+def test_state_dir_config_cannot_name_itself_the_state_file(state_dir: Path, key_file: Path) -> None:
+    """issue 15.10 (review): a state directory's posstate.toml naming itself as the state file is refused (exit 2):
+    a restore or repair would otherwise write the state over it."""
+    (state_dir / "posstate.toml").write_text('state_file = "posstate.toml"\n')
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "backups", "restore", "latest", "--yes"])
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert "names itself as the state file" in r.stderr
+    assert (state_dir / "posstate.toml").read_text() == 'state_file = "posstate.toml"\n'
+
+
 def test_state_dir_config_may_tighten_and_name_its_state_file(state_dir: Path, key_file: Path) -> None:
     """issue 15.10 (review): what a state directory's posstate.toml may set it still sets: stricter bounds, the
     state file's name (in that directory only), retention; its backup_dir is that directory's backups/."""

@@ -88,6 +88,8 @@ def _build(data: Any, path: Path) -> StateConfig:
 
 
 def _refuse_loosening(cfg: StateConfig, path: Path) -> None:
+    if cfg.state_path.name == path.name:  # a restore or repair would write the state over the config file
+        raise ConfigError(f"names itself as the state file (state_file = {cfg.state_file!r}); choose another name", path=path)
     for name in _MUST_STAY_ON:
         if not getattr(cfg, name):
             raise ConfigError(f"sets {name} = false, which a config file in the state directory may not; {_HOW}", path=path)
