@@ -324,3 +324,36 @@ def test_demo_under_json_prints_one_document(tmp_path: Path) -> None:
     doc = json.loads(r.stdout)
     assert doc == {"ok": True, "state_dir": str(tmp_path / "demo" / "state"), "key_file": str(tmp_path / "demo" / "demo.key")}
     assert "== 1. SIGKILL" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ stdout that fails
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        pytest.param(["show"], 1, id="show"),
+        pytest.param(["--json", "show"], 1, id="show-json"),
+        pytest.param(["--json", "show", "/nonexistent/x"], 6, id="json-error"),
+        pytest.param(["backups", "list"], 1, id="backups-list"),
+        pytest.param(["export", "--out", "-"], 1, id="export-stdout"),
+        pytest.param(["--help"], 1, id="help"),
+        pytest.param(["show", "--help"], 1, id="command-help"),
+        pytest.param(["--version"], 1, id="version"),
+        pytest.param([], 1, id="bare"),
+        pytest.param(["--json", "bogus"], 2, id="json-usage-error"),
+    ],
+)
+def test_stdout_on_a_full_disk_is_one_error_line(state_dir: Path, key_file: Path, args: list[str], code: int) -> None:
+    """issue 15.8/15.9 (review): stdout that fails with ENOSPC (`> /dev/full`) is one Error: line naming stdout and
+    exit 1 (a command's own error keeps its code), never "unexpected OSError ... report it", and under --json never
+    a traceback from writing the JSON error to the same full stdout."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
+    child.update(PYTHONPATH=str(ROOT), POSSTATE_DIR=str(state_dir), POSSTATE_KEY_FILE=str(key_file))
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(
+            [sys.executable, "-m", "posstate", *args], env=child, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr and "unexpected" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("Error: "), r.stderr
+    if code == 1:
+        assert r.stderr.startswith("Error: <stdout>: write failed (ENOSPC"), r.stderr

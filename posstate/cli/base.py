@@ -162,11 +162,27 @@ class PosstateGroup(click.Group):
         **extra: Any,
     ) -> Any:
         words = list(sys.argv[1:] if args is None else args)
+        with _out.guarded_stdout() as stdout:
+            code = self._main(words, args, prog_name, complete_var, **extra)
+            if stdout is not None and stdout.failed is not None and code == EXIT_OK:  # a failure something swallowed
+                code = _fail(stdout.failed, str(stdout.failed), EXIT_INVALID, [])
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def _main(
+        self, words: list[str], args: Sequence[str] | None, prog_name: str | None, complete_var: str | None, **extra: Any
+    ) -> int:
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _NoArgsIsHelp as exc:  # bare `posstate`: the help, as asked
-            click.echo(exc.ctx.get_help() if exc.ctx is not None else "")
-            code = EXIT_OK
+            try:
+                click.echo(exc.ctx.get_help() if exc.ctx is not None else "")
+                code = EXIT_OK
+            except BrokenPipeError:
+                code = _out.closed_pipe()
+            except PosStateError as failed:  # stdout cannot be written
+                code = _fail(failed, cli_message(failed), exit_code_for(failed), words)
         except click.UsageError as exc:
             hint = f"see `{self._usage_path(exc, args)} --help`"
             text = re.sub(r"\. Did you mean (.*)\?$", r" (did you mean \1?)", exc.format_message().strip())
@@ -179,10 +195,9 @@ class PosstateGroup(click.Group):
             code = _fail(exc, message, EXIT_INVALID, words)
         except BrokenPipeError:
             code = _out.closed_pipe()
-        code = code if isinstance(code, int) else EXIT_OK
-        if standalone_mode:
-            sys.exit(code)
-        return code
+        except PosStateError as exc:  # outside a command: stdout failing under --help, --version or bare `posstate`
+            code = _fail(exc, cli_message(exc), exit_code_for(exc), words)
+        return code if isinstance(code, int) else EXIT_OK
 
 
 def _fail(exc: BaseException, message: str, code: int, words: list[str]) -> int:
@@ -195,6 +210,8 @@ def _fail(exc: BaseException, message: str, code: int, words: list[str]) -> int:
             _out.print_json_error(env, message=message, code=code, kind=_out.error_type(exc))
     except BrokenPipeError:
         return _out.closed_pipe(stderr=True)
+    except OSError:  # stdout cannot be written (full disk): the Error: line on stderr says what happened
+        pass
     return code
 
 
@@ -224,6 +241,8 @@ def _report(ctx: click.Context, exc: BaseException, *, unexpected: bool = False)
             _out.print_json_error(env, message=message, code=code, kind=kind)
     except BrokenPipeError:  # `posstate ... 2>&1 >/dev/null | true`: nobody reads the error either
         return _out.closed_pipe(stderr=True)
+    except OSError:  # stdout cannot be written (full disk): the Error: line on stderr says what happened
+        pass
     return code
 
 

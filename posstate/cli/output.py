@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -27,7 +28,7 @@ import click
 
 from posstate.cli.options import Env
 from posstate.cli.render import to_json
-from posstate.core.errors import PosStateError
+from posstate.core.errors import PersistenceError, PosStateError
 from posstate.storage import fileops as fs
 
 #: The exit status of a command whose reader closed the pipe: 128 + SIGPIPE (13).
@@ -47,6 +48,98 @@ def closed_pipe(*, stderr: bool = False) -> int:
         if fd >= 0:
             fs.redirect_to_devnull(fd)
     return EXIT_CLOSED_PIPE
+
+
+# ------------------------------------------------------------------------------------------ stdout that fails
+class _GuardedStdout(io.TextIOBase):
+    """stdout while the command line runs: a write that fails for another reason than a closed pipe (ENOSPC on
+    ``> /dev/full``, EIO) becomes a PersistenceError naming ``<stdout>`` (one ``Error:`` line, exit 1); every
+    later write raises it again (see :func:`guarded_stdout` for the end of the run)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.failed: PersistenceError | None = None
+
+    def write(self, s: str) -> int:
+        return int(self.guard(lambda: self._real.write(s)))
+
+    def flush(self) -> None:
+        self.guard(self._real.flush)
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return bool(self._real.isatty())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self._real, "encoding", "utf-8"))
+
+    @property
+    def buffer(self) -> Any:  # click writes bytes through it
+        return _GuardedBytes(self)
+
+    def fileno(self) -> int:
+        return int(self._real.fileno())
+
+    def guard(self, op: Any) -> Any:
+        if self.failed is not None:
+            raise self.failed
+        try:
+            return op()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            if isinstance(exc, PosStateError):
+                raise
+            self.failed = PersistenceError(
+                "<stdout>",
+                operation="write",
+                cause=exc,
+                outcome="the output is incomplete",
+                next_step="send it where it can be written (free space, or redirect stdout elsewhere)",
+            )
+            raise self.failed from None
+
+
+class _GuardedBytes(io.RawIOBase):
+    def __init__(self, text: _GuardedStdout) -> None:
+        self._text = text
+        self._real = getattr(text._real, "buffer", None)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        data = bytes(b)
+        if self._real is None:
+            return len(data)
+        return int(self._text.guard(lambda: self._real.write(data)))
+
+    def flush(self) -> None:
+        if self._real is not None:
+            self._text.guard(self._real.flush)
+
+
+@contextmanager
+def guarded_stdout() -> Iterator[_GuardedStdout | None]:
+    """While the command line runs, a failing stdout is a PersistenceError (see :class:`_GuardedStdout`). Yields
+    the guard (None when stdout is closed, ``>&-``): its ``failed`` error, if any, is what the run must end
+    with; stdout is then pointed at /dev/null so the interpreter's last flush cannot fail again."""
+    real = sys.stdout
+    if real is None:
+        yield None
+        return
+    guard = _GuardedStdout(real)
+    sys.stdout = guard
+    try:
+        yield guard
+    finally:
+        sys.stdout = real
+        if guard.failed is not None:
+            with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation, OSError):
+                fs.redirect_to_devnull(real.fileno())
 
 
 # ------------------------------------------------------------------------------------------ JSON documents
