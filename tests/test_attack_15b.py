@@ -316,10 +316,13 @@ def test_a_wrong_passphrase_is_called_a_wrong_passphrase(tmp_path: Path) -> None
         assert "--key-file" not in r.stderr, (args, r.stderr)
 
 
-def test_demo_under_json_prints_one_document(tmp_path: Path) -> None:
-    """issue 15.9/15.12 (review): `posstate --json demo` tells its story on stderr and prints one JSON document on
-    stdout (it printed the whole story on stdout: the one command whose --json output was not JSON)."""
-    r = run(["--json", "demo", "--state-dir", str(tmp_path / "demo"), "--saves", "5", "--seed", "3"])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_demo_under_json_prints_one_document(tmp_path: Path, where: str) -> None:
+    """issue 15.9/15.12 (review): `posstate --json demo` (or `demo --json`: common options go before or after the
+    command name) tells its story on stderr and prints one JSON document on stdout (it printed the whole story on
+    stdout, and `demo --json` was "No such option")."""
+    args = ["demo", "--state-dir", str(tmp_path / "demo"), "--saves", "5", "--seed", "3"]
+    r = run(["--json", *args] if where == "before" else [*args, "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc == {"ok": True, "state_dir": str(tmp_path / "demo" / "state"), "key_file": str(tmp_path / "demo" / "demo.key")}

@@ -10,7 +10,7 @@ from posstate.cli.base import (
     cli,
     json_out,
 )
-from posstate.cli.options import env_of
+from posstate.cli.options import common_options, env_of
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -26,6 +26,7 @@ from posstate.cli.options import env_of
     "--saves", type=click.IntRange(1, 100000), default=None, help="Kill the bot after this many trades (default: random 40-120)."
 )
 @click.option("--seed", type=int, default=None, help="Random seed, to replay a run.")
+@common_options(omit=("state-dir",), hide=("config", "key-file"))
 @click.pass_context
 def demo(ctx: click.Context, demo_dir: str | None, saves: int | None, seed: int | None) -> None:
     """The whole story in under a minute: a trading bot killed with SIGKILL resumes exactly; its damaged state

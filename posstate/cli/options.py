@@ -229,10 +229,15 @@ def log_scope(*, debug: bool, verbose: bool = False) -> Iterator[None]:
         log.setLevel(level)
 
 
-def common_options(*, top: bool = False, hide: tuple[str, ...] = ()) -> Callable[[F], F]:
+#: The first three common options, in order: the ones a command may *omit* (it defines its own).
+_PATH_OPTIONS = ("state-dir", "config", "key-file")
+
+
+def common_options(*, top: bool = False, hide: tuple[str, ...] = (), omit: tuple[str, ...] = ()) -> Callable[[F], F]:
     """--state-dir, --config, --key-file, --json, --quiet, --verbose, --color/--no-color, --debug: accepted
     before or after the command name. *hide*: options that mean nothing to this command (``keygen
-    --state-dir``), still accepted but left out of its --help."""
+    --state-dir``), still accepted but left out of its --help. *omit*: options the command defines itself with
+    another meaning (``demo --state-dir``)."""
 
     def deco(f: F) -> F:
         opts = [
@@ -294,7 +299,8 @@ def common_options(*, top: bool = False, hide: tuple[str, ...] = ()) -> Callable
                 "--debug", is_flag=True, expose_value=False, callback=_setter("debug"), help="Show a traceback on errors."
             ),
         ]
-        for opt in reversed(opts):
+        kept = [o for n, o in zip(_PATH_OPTIONS, opts, strict=False) if n not in omit] + opts[len(_PATH_OPTIONS) :]
+        for opt in reversed(kept):
             f = opt(f)
         return f
 
