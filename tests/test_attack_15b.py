@@ -360,3 +360,18 @@ def test_stdout_on_a_full_disk_is_one_error_line(state_dir: Path, key_file: Path
     assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("Error: "), r.stderr
     if code == 1:
         assert r.stderr.startswith("Error: <stdout>: write failed (ENOSPC"), r.stderr
+
+
+# ------------------------------------------------------------------------------------------ colour
+@pytest.mark.parametrize(("value", "coloured"), [("", True), ("0", False), ("false", False), ("1", False)])
+def test_no_color_counts_only_when_not_empty(state_dir: Path, key_file: Path, value: str, coloured: bool) -> None:
+    """issue 15.10 (review): NO_COLOR turns colour off when set to any non-empty value, "0" and "false" included
+    (no-color.org); set but empty it does not."""
+    from click.testing import CliRunner
+
+    from posstate.cli.main import cli
+
+    args = ["--state-dir", str(state_dir), "--key-file", str(key_file), "validate"]
+    r = CliRunner().invoke(cli, args, env={"NO_COLOR": value, "POSSTATE_KEY": None, "POSSTATE_DIR": None}, color=True)
+    assert r.exit_code == 0, r.stderr
+    assert ("\x1b[" in r.stdout) is coloured
