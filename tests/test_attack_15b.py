@@ -375,3 +375,20 @@ def test_no_color_counts_only_when_not_empty(state_dir: Path, key_file: Path, va
     r = CliRunner().invoke(cli, args, env={"NO_COLOR": value, "POSSTATE_KEY": None, "POSSTATE_DIR": None}, color=True)
     assert r.exit_code == 0, r.stderr
     assert ("\x1b[" in r.stdout) is coloured
+
+
+def test_closed_stdout_is_an_error_not_a_silent_success(state_dir: Path, key_file: Path) -> None:
+    """issue 15.8 (review): `posstate show >&-` (stdout closed: Python makes sys.stdout None and click drops every
+    write) is one Error: line naming stdout and exit 1, not nothing printed and exit 0."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
+    child.update(PYTHONPATH=str(ROOT), POSSTATE_DIR=str(state_dir), POSSTATE_KEY_FILE=str(key_file))
+    for args in ("show", "--json show"):
+        r = subprocess.run(
+            ["bash", "-c", f'exec "{sys.executable}" -m posstate {args} >&-'],
+            env=child,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith("Error: <stdout>: write failed (EBADF") and len(r.stderr.splitlines()) == 1, r.stderr

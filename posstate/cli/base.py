@@ -164,7 +164,7 @@ class PosstateGroup(click.Group):
         words = list(sys.argv[1:] if args is None else args)
         with _out.guarded_stdout() as stdout:
             code = self._main(words, args, prog_name, complete_var, **extra)
-            if stdout is not None and stdout.failed is not None and code == EXIT_OK:  # a failure something swallowed
+            if stdout.failed is not None and code == EXIT_OK:  # a failure something swallowed
                 code = _fail(stdout.failed, str(stdout.failed), EXIT_INVALID, [])
         if standalone_mode:
             sys.exit(code)

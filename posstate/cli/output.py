@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import re
@@ -61,6 +62,12 @@ class _GuardedStdout(io.TextIOBase):
         self.failed: PersistenceError | None = None
 
     def write(self, s: str) -> int:
+        if not isinstance(s, str):  # a text stream, as click's probe with b"" must find
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if not s:  # click probes a stream with an empty write: nothing is lost if it fails
+            with contextlib.suppress(OSError):
+                self._real.write(s)
+            return 0
         return int(self.guard(lambda: self._real.write(s)))
 
     def flush(self) -> None:
@@ -122,22 +129,36 @@ class _GuardedBytes(io.RawIOBase):
             self._text.guard(self._real.flush)
 
 
+class _ClosedStdout(io.TextIOBase):
+    """What stdout is when the process started with it closed (``posstate show >&-``): Python leaves
+    ``sys.stdout`` None and click drops every write to it silently, so the output would vanish with exit 0."""
+
+    def write(self, s: str) -> int:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("stdout is closed")
+
+
 @contextmanager
-def guarded_stdout() -> Iterator[_GuardedStdout | None]:
-    """While the command line runs, a failing stdout is a PersistenceError (see :class:`_GuardedStdout`). Yields
-    the guard (None when stdout is closed, ``>&-``): its ``failed`` error, if any, is what the run must end
-    with; stdout is then pointed at /dev/null so the interpreter's last flush cannot fail again."""
+def guarded_stdout() -> Iterator[_GuardedStdout]:
+    """While the command line runs, a failing stdout is a PersistenceError (see :class:`_GuardedStdout`), a
+    closed one too (``>&-``). Yields the guard: its ``failed`` error, if any, is what the run must end with;
+    stdout is then pointed at /dev/null so the interpreter's last flush cannot fail again."""
     real = sys.stdout
-    if real is None:
-        yield None
-        return
-    guard = _GuardedStdout(real)
+    guard = _GuardedStdout(real if real is not None else _ClosedStdout())
     sys.stdout = guard
     try:
         yield guard
     finally:
         sys.stdout = real
-        if guard.failed is not None:
+        if guard.failed is not None and real is not None:
             with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation, OSError):
                 fs.redirect_to_devnull(real.fileno())
 
