@@ -204,6 +204,22 @@ def test_demo_says_how_to_reach_posstate_when_it_is_not_on_the_path(tmp_path: Pa
     assert "generation" in done.stdout
 
 
+def test_demo_sh_passes_the_callers_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 15.12 (review): scripts/demo.sh puts .venv/bin on its own PATH before it runs the demo, so the demo
+    judges by the caller's PATH, which the script saves in POSSTATE_DEMO_CALLER_PATH (it printed no PATH line from a
+    fresh clone, where the caller's shell has no posstate)."""
+    script = (ROOT / "scripts" / "demo.sh").read_text()
+    assert script.index('export POSSTATE_DEMO_CALLER_PATH="$PATH"') < script.index("source ")
+    console_script = Path(sys.executable).parent / "posstate"
+    if not console_script.exists():
+        pytest.skip(f"no posstate console script beside {sys.executable} (posstate not installed in this venv)")
+    monkeypatch.setenv("PATH", f"{console_script.parent}:/usr/bin:/bin")  # as _venv.sh leaves it
+    monkeypatch.setenv("POSSTATE_DEMO_CALLER_PATH", "/usr/bin:/bin")
+    r = run(["demo", "--state-dir", str(tmp_path / "demo"), "--saves", "5", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert f'export PATH="{console_script.parent}:$PATH"' in r.stdout
+
+
 def test_demo_prints_no_path_when_posstate_is_on_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """issue 15.12 (review): with the running posstate on the PATH the demo prints no PATH line."""
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:/usr/bin:/bin")

@@ -295,15 +295,17 @@ def run_demo(
 
 
 def path_hint() -> str | None:
-    """``export PATH=...`` when the ``posstate`` beside this interpreter is not the one the shell would run (after
-    ``bash scripts/demo.sh`` from a fresh clone it is in ``.venv/bin``, which is not on the PATH), so the
-    commands printed to explore work as printed; None when it is."""
+    """``export PATH=...`` when the ``posstate`` beside this interpreter is not the one the caller's shell would
+    run (after ``bash scripts/demo.sh`` from a fresh clone it is in ``.venv/bin``, which is not on the caller's
+    PATH), so the commands printed to explore work as printed; None when it is. The caller's PATH is
+    ``POSSTATE_DEMO_CALLER_PATH`` when set (scripts/demo.sh saves it before putting ``.venv/bin`` on its own
+    PATH), else ``PATH``."""
     import shutil
 
     here = Path(sys.executable).parent / "posstate"
     if not fs.exists(here):
         return None
-    found = shutil.which("posstate")
+    found = shutil.which("posstate", path=os.environ.get("POSSTATE_DEMO_CALLER_PATH") or os.environ.get("PATH"))
     if found is not None and Path(found).resolve() == here.resolve():
         return None
     return f'export PATH="{here.parent}:$PATH"'
