@@ -33,7 +33,7 @@ LAYERS = {
     "selftest": 8,
     "posstate": 9,
 }
-RUNTIME_LIBS_ONLY_FOR_CLI = ("click",)
+RUNTIME_LIBS_ONLY_FOR_CLI = ("click", "rich")
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,7 @@ def test_the_layer_walk_sees_an_upward_import(tmp_path: Path) -> None:
     assert up and up[0].in_function and LAYERS[_layer(up[0].dst)] > LAYERS[_layer(up[0].src)]
 
 
-LAZY = ("jsonschema", "asyncio", "click", "watchdog", "posstate.selftest", "posstate.account")
+LAZY = ("jsonschema", "asyncio", "click", "rich", "watchdog", "posstate.selftest", "posstate.account")
 
 
 @pytest.mark.parametrize(

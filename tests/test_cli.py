@@ -569,7 +569,7 @@ def test_usage_error_is_one_line_exit_2() -> None:
     """An unknown option: exit 2 and one Error line pointing at the command's help."""
     r = run(["validate", "--bogus"])
     assert r.exit_code == 2
-    assert err_line(r) == "Error: No such option '--bogus'; see `posstate validate --help`"
+    assert err_line(r) == "Error: No such option '--bogus' (did you mean '--verbose'?); see `posstate validate --help`"
 
 
 def test_missing_option_value_points_at_the_command_help() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from posstate.account.persist import PersistedAccountStateStore
 from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
 from posstate.core.config import StateConfig
-from posstate.core.errors import PersistenceError, SchemaValidationError, StateNotFoundError
+from posstate.core.errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError
 from posstate.manager.manager import PositionStateManager
 from posstate.storage import fileops as fs
 
@@ -43,6 +43,13 @@ def read_exchange_positions(path: str | Path) -> list[Any]:
     except FileNotFoundError:
         step = "save ccxt fetch_positions() output as JSON there"
         raise StateNotFoundError(p, what="exchange positions file", next_step=step) from None
+    except fs.NotRegularFileError as exc:  # /dev/null, a FIFO, a directory: say so, not "free space"
+        raise CorruptStateError(
+            p,
+            f"is {exc.kind}, not a file of exchange positions",
+            next_step="give the JSON file that ccxt fetch_positions() returned",
+            kind="not-a-state-file",
+        ) from None
     except OSError as exc:
         raise PersistenceError(p, operation="read exchange positions file", cause=exc) from exc
     try:

@@ -105,7 +105,12 @@ def _parse_metadata(sym: Any, entry: Any, generation: int) -> tuple[dict[str, An
 def _lenient(doc: Any, header_generation: int, decisions: list[RepairDecision]) -> tuple[StateData, list[str], list[str]]:
     """The valid parts of *doc*; returns (state, invalid position keys, invalid metadata symbols)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("positions"), dict):
-        raise CorruptStateError(None, "the document has no readable positions object", kind="invalid")
+        raise CorruptStateError(
+            None,
+            "the document has no readable positions object",
+            next_step="restore a backup with `posstate backups restore latest`",
+            kind="invalid",
+        )
     gen = doc.get("generation")
     generation = gen if type(gen) is int and 0 <= gen <= MAX_COUNTER else header_generation
     st = StateData(generation=generation)

@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import click
 
 from posstate.backup import backups as _backups
+from posstate.cli import output as _out
 from posstate.cli.options import Env, common_options, env_of, log_scope
-from posstate.cli.render import to_json
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     AmbiguousBackupError,
@@ -51,6 +51,8 @@ EXIT_KEY = 3
 EXIT_VERSION = 4
 EXIT_LOCKED = 5
 EXIT_NOT_FOUND = 6
+#: The reader closed the pipe (``posstate show | head -1``): 128 + SIGPIPE, as a shell reports it.
+EXIT_CLOSED_PIPE = 141
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -61,7 +63,10 @@ Exit codes:
   3  key problem (missing key, wrong key, tampered file, contents not checked)
   4  unsupported container format or schema version (newer posstate)
   5  state locked by another process (the message names its pid and host)
-  6  not found (no state file, no such backup, no such file)"""
+  6  not found (no state file, no such backup, no such file)
+  141  the reader closed the pipe (posstate show | head -1); no message
+With --json an error is JSON on stdout too:
+  {"error": {"message": ..., "exit_code": ..., "type": ...}}"""
 
 #: Most specific first; the first class an error is an instance of decides. Anything else PosStateError: 1.
 _EXIT_MAP: tuple[tuple[type[BaseException], int], ...] = (
@@ -107,20 +112,38 @@ _NoArgsIsHelp: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpE
 
 
 class PosstateGroup(click.Group):
-    """Turns every error into one ``Error:`` line and its exit code; a traceback only with --debug."""
+    """Turns every error into one ``Error:`` line and its exit code (and, under --json, a JSON document on
+    stdout); a traceback only with --debug; a closed pipe ends quietly (:mod:`posstate.cli.output`)."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        if "color" not in extra and _out.color_choice() is False:
+            extra["color"] = False  # NO_COLOR; --color given later wins
+        return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: click.Context) -> Any:
+        env = env_of(ctx)
         try:
-            with log_scope(debug=env_of(ctx).debug):
-                return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            with _out.quiet_stderr(env), log_scope(debug=env.debug, verbose=env.verbose):
+                if env.quiet and env.verbose:
+                    raise click.UsageError("--quiet and --verbose contradict each other; give one", ctx=ctx)
+                result = super().invoke(ctx)
+            _out.flush_json(env)
+            return result
+        except click.exceptions.Exit as done:
+            if done.exit_code == _out.EXIT_CLOSED_PIPE:
+                raise
+            _out.flush_json(env)
+            raise
+        except BrokenPipeError:
+            raise click.exceptions.Exit(_out.closed_pipe()) from None
+        except (click.exceptions.Abort, click.ClickException):
             raise
         except (PosStateError, CliError) as exc:
-            _report(ctx, exc)
-            raise click.exceptions.Exit(exit_code_for(exc)) from None
+            raise click.exceptions.Exit(_report(ctx, exc)) from None
         except Exception as exc:
-            _report(ctx, exc, unexpected=True)
-            raise click.exceptions.Exit(EXIT_INVALID) from None
+            raise click.exceptions.Exit(_report(ctx, exc, unexpected=True)) from None
 
     def _usage_path(self, exc: click.UsageError, args: Sequence[str] | None) -> str:
         """The command the user was typing, for the help hint (click leaves ``ctx`` unset for some errors)."""
@@ -138,28 +161,58 @@ class PosstateGroup(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except _NoArgsIsHelp as exc:  # bare `posstate`: the help, as asked
-            click.echo(exc.ctx.get_help() if exc.ctx is not None else "")
-            code = EXIT_OK
-        except click.UsageError as exc:
-            hint = f"see `{self._usage_path(exc, args)} --help`"
-            click.echo(error_line(f"{exc.format_message().rstrip('.')}; {hint}"), err=True)
-            code = EXIT_USAGE
-        except click.ClickException as exc:
-            click.echo(error_line(exc.format_message()), err=True)
-            code = exc.exit_code
-        except click.exceptions.Abort:
-            # Ctrl-C or end of input outside a prompt: whatever was written is complete (writes are atomic).
-            click.echo(
-                error_line("interrupted; no file is left half-written (every write is atomic); rerun the command"), err=True
-            )
-            code = EXIT_INVALID
-        code = code if isinstance(code, int) else EXIT_OK
+        words = list(sys.argv[1:] if args is None else args)
+        with _out.guarded_stdout() as stdout:
+            code = self._main(words, args, prog_name, complete_var, **extra)
+            if stdout.failed is not None and code == EXIT_OK:  # a failure something swallowed
+                code = _fail(stdout.failed, str(stdout.failed), EXIT_INVALID, [])
         if standalone_mode:
             sys.exit(code)
         return code
+
+    def _main(
+        self, words: list[str], args: Sequence[str] | None, prog_name: str | None, complete_var: str | None, **extra: Any
+    ) -> int:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NoArgsIsHelp as exc:  # bare `posstate`: the help, as asked
+            try:
+                click.echo(exc.ctx.get_help() if exc.ctx is not None else "")
+                code = EXIT_OK
+            except BrokenPipeError:
+                code = _out.closed_pipe()
+            except PosStateError as failed:  # stdout cannot be written
+                code = _fail(failed, cli_message(failed), exit_code_for(failed), words)
+        except click.UsageError as exc:
+            hint = f"see `{self._usage_path(exc, args)} --help`"
+            text = re.sub(r"\. Did you mean (.*)\?$", r" (did you mean \1?)", exc.format_message().strip())
+            code = _fail(exc, f"{text.rstrip('.')}; {hint}", EXIT_USAGE, words)
+        except click.ClickException as exc:
+            code = _fail(exc, exc.format_message(), exc.exit_code, words)
+        except click.exceptions.Abort as exc:
+            # Ctrl-C or end of input outside a prompt: whatever was written is complete (writes are atomic).
+            message = "interrupted; no file is left half-written (every write is atomic); rerun the command"
+            code = _fail(exc, message, EXIT_INVALID, words)
+        except BrokenPipeError:
+            code = _out.closed_pipe()
+        except PosStateError as exc:  # outside a command: stdout failing under --help, --version or bare `posstate`
+            code = _fail(exc, cli_message(exc), exit_code_for(exc), words)
+        return code if isinstance(code, int) else EXIT_OK
+
+
+def _fail(exc: BaseException, message: str, code: int, words: list[str]) -> int:
+    """An error raised outside a command (bad usage, interrupt): the ``Error:`` line, and JSON under --json."""
+    ctx = getattr(exc, "ctx", None)
+    env = ctx.find_object(Env) if isinstance(ctx, click.Context) else None
+    try:
+        click.echo(_out.error_prefix(error_line(message)), err=True)
+        if (env is not None and env.json) or _out.wants_json(words):
+            _out.print_json_error(env, message=message, code=code, kind=_out.error_type(exc))
+    except BrokenPipeError:
+        return _out.closed_pipe(stderr=True)
+    except OSError:  # stdout cannot be written (full disk): the Error: line on stderr says what happened
+        pass
+    return code
 
 
 def cli_message(exc: BaseException) -> str:
@@ -172,14 +225,25 @@ def cli_message(exc: BaseException) -> str:
     return text
 
 
-def _report(ctx: click.Context, exc: BaseException, *, unexpected: bool = False) -> None:
+def _report(ctx: click.Context, exc: BaseException, *, unexpected: bool = False) -> int:
+    """Print the error (stderr; and stdout under --json); its exit code, or 141 when the reader is gone."""
     env = ctx.find_object(Env)
-    if env is not None and env.debug:
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    code = EXIT_INVALID if unexpected else exit_code_for(exc)
     message = cli_message(exc)
     if unexpected:
         message = f"unexpected {type(exc).__name__}: {message}; rerun with --debug for the traceback and report it"
-    click.echo(error_line(message), err=True)
+    try:
+        if env is not None and env.debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        click.echo(_out.error_prefix(error_line(message)), err=True)
+        if env is not None and env.json:
+            kind = "CliError" if isinstance(exc, CliError) else _out.error_type(exc)
+            _out.print_json_error(env, message=message, code=code, kind=kind)
+    except BrokenPipeError:  # `posstate ... 2>&1 >/dev/null | true`: nobody reads the error either
+        return _out.closed_pipe(stderr=True)
+    except OSError:  # stdout cannot be written (full disk): the Error: line on stderr says what happened
+        pass
+    return code
 
 
 @click.group(name="posstate", cls=PosstateGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
@@ -190,6 +254,9 @@ def cli() -> None:
 
     Read-only commands (validate, show, diff, watch) take no lock and never write. Commands that replace
     files ask for confirmation on a terminal (or need --yes) and refuse while a bot holds the writer lock.
+
+    Configuration: flags > environment (POSSTATE_DIR, POSSTATE_CONFIG, POSSTATE_KEY_FILE, ...) > the config
+    file (--config, else POSSTATE_CONFIG, else posstate.toml in the state directory).
     """
 
 
@@ -205,8 +272,11 @@ def confirm(*, yes: bool, prompt: str, what: str) -> None:
         return
     if not is_terminal():
         raise CliError(f"{what} needs confirmation and there is no terminal to ask on; rerun with --yes")
+    ctx = click.get_current_context(silent=True)
+    env = ctx.find_object(Env) if ctx is not None else None
     try:
-        agreed = click.confirm(prompt, err=True)
+        with _out.unquieted(env):  # --quiet drops notes, never a question
+            agreed = click.confirm(prompt, err=True)
     except click.exceptions.Abort:
         agreed = False
     if not agreed:
@@ -260,6 +330,9 @@ def write_new_output(out: Path, data: bytes) -> None:
     try:
         _atomic.write_new_file(out, data)
     except _atomic.WriteFailed as wf:
+        if isinstance(wf.cause, FileExistsError) and not _regular_or_absent(out):
+            kind = fs.file_kind(fs.stat_(out).st_mode)
+            raise CliError(f"{out}: is {kind}, not a path for a new file; choose a regular file path") from None
         if isinstance(wf.cause, FileExistsError):
             raise CliError(
                 f"{out}: already exists; refusing to overwrite it; choose another path or move it away first"
@@ -269,5 +342,16 @@ def write_new_output(out: Path, data: bytes) -> None:
         raise PersistenceError(out, operation=wf.step, cause=wf.cause) from wf.cause
 
 
+def _regular_or_absent(path: Path) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(fs.stat_(path).st_mode)
+    except OSError:
+        return True
+
+
 def json_out(data: Any) -> None:
-    click.echo(to_json(data))
+    """A command's JSON document (held until the command ends, so a failure can add its ``error``)."""
+    ctx = click.get_current_context(silent=True)
+    _out.hold_json(ctx.find_object(Env) if ctx is not None else None, data)

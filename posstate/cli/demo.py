@@ -1,9 +1,18 @@
-"""The README's main job: a bot saving positions is killed with SIGKILL mid-run and resumes from its last save.
+"""``posstate demo``: the whole story in under a minute (issue 15.12), played by a real bot process and an
+operator (this process).
 
-``run_demo()`` plays the operator: it starts a real bot process (``python -m posstate.cli.demo bot DIR``) that
-trades a few symbols and saves after every change, reads each generation the bot reports as saved, kills
-it with SIGKILL at a random moment (possibly in the middle of a save), starts a fresh manager on the same
-directory and checks that it holds exactly the last acknowledged save (or the one that was in flight).
+1. **Crash.** A bot (``python -m posstate.cli.demo bot STATE SEED``) trades five perpetuals at realistic
+   prices, one journaled transaction per trade (position and symbol metadata together), and prints an
+   acknowledgement after each change returns; every 25 trades it takes a backup. It is killed with SIGKILL
+   at a random moment (possibly mid-write); a new manager on the same directory must hold exactly the last
+   acknowledged trade (or the one in flight, which then completed).
+2. **Damage.** The restarted bot trades on and stops; then bytes in the middle of its state file are
+   overwritten, as a bad disk or a careless ``dd`` would. The next start recovers by itself from the newest
+   trustworthy copy and says what it used and what it set aside.
+3. **The operator's view.** ``posstate validate``, ``posstate backups list``, and a restore of an older
+   backup with its diff (what the restore changes), each run as a real command.
+
+It leaves the directory and a key file behind and prints the commands to explore them.
 """
 
 from __future__ import annotations
@@ -19,14 +28,27 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from posstate.core.config import StateConfig
 from posstate.manager.manager import PositionStateManager
 from posstate.model.position import Position, PositionKey, Side
-from posstate.storage.crypto import encode_key_text, generate_key
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+from posstate.storage.crypto import encode_key_text, generate_key, read_key_file
 
 SIDES: tuple[Side, Side] = ("long", "short")
-SYMBOLS = ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT", "XRP/USDT:USDT", "DOGE/USDT:USDT")
+#: symbol -> (a realistic price, its tick, a typical order size in contracts, the size step)
+MARKETS: dict[str, tuple[Decimal, Decimal, Decimal, Decimal]] = {
+    "BTC/USDT:USDT": (Decimal("97250.0"), Decimal("0.1"), Decimal("0.050"), Decimal("0.001")),
+    "ETH/USDT:USDT": (Decimal("3412.50"), Decimal("0.01"), Decimal("1.50"), Decimal("0.01")),
+    "SOL/USDT:USDT": (Decimal("181.420"), Decimal("0.001"), Decimal("25.0"), Decimal("0.1")),
+    "XRP/USDT:USDT": (Decimal("2.2150"), Decimal("0.0001"), Decimal("2500"), Decimal("1")),
+    "DOGE/USDT:USDT": (Decimal("0.32150"), Decimal("0.00001"), Decimal("15000"), Decimal("1")),
+}
+SYMBOLS = tuple(MARKETS)
+BACKUP_EVERY = 25  # trades between the bot's backups (a real bot's are timed; this keeps the demo short)
+MORE_TRADES = 30  # trades after the restart, before the damage
 
 
 def state_digest(positions: dict[PositionKey, Position], metadata: dict[str, dict[str, object]]) -> str:
@@ -39,117 +61,259 @@ def state_digest(positions: dict[PositionKey, Position], metadata: dict[str, dic
     return h.hexdigest()[:16]
 
 
-def _bot(state_dir: str, seed: int) -> int:
-    """The bot: open, scale and close positions on a random walk; save after each tick; report each save."""
+def last_trade(metadata: dict[str, dict[str, Any]]) -> int:
+    """The number of the last trade the state holds (each trade records it in its symbol's metadata)."""
+    return max((int(d.get("last_trade", 0)) for d in metadata.values()), default=0)
+
+
+def _trade(m: PositionStateManager, rng: random.Random, prices: dict[str, Decimal], n: int) -> None:
+    """One trade: open, add to or close a position, and its symbol's metadata, in one journaled transaction."""
+    sym = rng.choice(SYMBOLS)
+    side: Side = rng.choice(SIDES)
+    _, tick, size, step = MARKETS[sym]
+    prices[sym] = (prices[sym] * Decimal(rng.randint(9985, 10015)) / 10000).quantize(tick)
+    price = prices[sym]
+    current = m.get_position(sym, side)
+    meta = dict(m.get_symbol_metadata(sym) or {"entries_long": 0, "entries_short": 0})
+    meta.update(last_trade=n, last_price=str(price))
+    with m.transaction():
+        if current is not None and rng.random() < 0.3:
+            m.delete_position(sym, side)
+            meta["closes"] = int(meta.get("closes", 0)) + 1
+        else:
+            add = (size * Decimal(rng.randint(20, 200)) / 100).quantize(step)
+            held = current.contracts if current else Decimal(0)
+            entry = ((current.entry_price * held + price * add) / (held + add)).quantize(tick) if current else price
+            m.set_position(
+                Position(
+                    symbol=sym,
+                    side=side,
+                    contracts=held + add,
+                    entry_price=entry,
+                    mark_price=price,
+                    leverage=Decimal(5),
+                    timestamp=int(time.time() * 1000),
+                )
+            )
+            meta[f"entries_{side}"] = int(meta.get(f"entries_{side}", 0)) + 1
+        m.set_symbol_metadata(sym, meta)
+
+
+def _bot(state_dir: str, seed: int, trades: int | None = None) -> int:
+    """The bot: trade on a random walk, acknowledge each change once it returned, back up now and then.
+    The key comes from POSSTATE_KEY_FILE, as a deployed bot's would. *trades*: stop after that many."""
     rng = random.Random(seed)
     out = sys.stdout
-    with PositionStateManager(StateConfig.in_dir(state_dir, backup_interval=3600, durability="snapshot")) as m:
-        positions = m.load_positions()
-        out.write(f"START {m.generation} {len(positions)}\n")
+    cfg = StateConfig.in_dir(state_dir, backup_interval=1e9)
+    with PositionStateManager(cfg) as m:
+        m.load_positions()
+        n = last_trade(m.get_all_symbol_metadata())
+        out.write(f"START {n} {len(m.get_positions())}\n")
         out.flush()
-        price = {s: Decimal(rng.randint(1, 60000)) for s in SYMBOLS}
-        while True:
-            sym = rng.choice(SYMBOLS)
-            side: Side = rng.choice(SIDES)
-            price[sym] = (price[sym] * Decimal(rng.randint(990, 1010)) / 1000).quantize(Decimal("0.01"))
-            current = m.get_position(sym, side)
-            meta = m.get_symbol_metadata(sym) or {"entries_long": 0, "entries_short": 0}
-            if current is not None and rng.random() < 0.3:
-                m.delete_position(sym, side)
-                meta["last_close_price"] = str(price[sym])
-            else:
-                size = (current.contracts if current else Decimal(0)) + Decimal(rng.randint(1, 100)) / 100
-                m.set_position(
-                    Position(
-                        symbol=sym,
-                        side=side,
-                        contracts=size,
-                        entry_price=price[sym],
-                        mark_price=price[sym],
-                        leverage=Decimal(5),
-                        timestamp=int(time.time() * 1000),
-                    )
-                )
-                meta[f"entries_{side}"] = int(meta.get(f"entries_{side}", 0)) + 1
-                meta.setdefault("first_open_ms", int(time.time() * 1000))
-            m.set_symbol_metadata(sym, meta)
-            generation = m.save()
-            out.write(f"ACK {generation} {state_digest(m.get_positions(), m.get_all_symbol_metadata())}\n")
+        prices = {s: MARKETS[s][0] for s in SYMBOLS}
+        for sym, data in m.get_all_symbol_metadata().items():
+            if sym in prices and "last_price" in data:
+                prices[sym] = Decimal(str(data["last_price"]))
+        done = 0
+        while trades is None or done < trades:
+            n += 1
+            _trade(m, rng, prices, n)
+            out.write(f"ACK {n} {state_digest(m.get_positions(), m.get_all_symbol_metadata())}\n")
             out.flush()
+            done += 1
+            if n % BACKUP_EVERY == 0:
+                info = m.create_backup()
+                out.write(f"BACKUP {info.id} {n}\n")
+                out.flush()
+    return 0
+
+
+class _Demo:
+    """The operator's side: start, kill and restart the bot, damage its file, run the commands."""
+
+    def __init__(self, workdir: Path, rng: random.Random, echo: Callable[[str], None]) -> None:
+        self.workdir = workdir
+        self.state = workdir / "state"
+        self.key_file = workdir / "demo.key"
+        self.rng = rng
+        self.echo = echo
+        self.acks: dict[int, str] = {}
+        self.backups: list[tuple[str, int]] = []
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_") and k != "NO_COLOR"}
+        env.update(POSSTATE_DIR=str(self.state), POSSTATE_KEY_FILE=str(self.key_file), NO_COLOR="1")
+        return env
+
+    def bot(self, *extra: str) -> subprocess.Popen[str]:
+        args = [sys.executable, "-m", "posstate.cli.demo", "bot", str(self.state), str(self.rng.randint(0, 2**31)), *extra]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, env=self.env(), text=True)
+
+    def record(self, line: str) -> None:
+        kind, *rest = line.split() or [""]
+        if kind == "START":
+            self.echo(f"[bot] started: {rest[1]} open positions, last trade #{rest[0]}")
+        elif kind == "ACK" and len(rest) == 2:
+            self.acks[int(rest[0])] = rest[1]
+            if int(rest[0]) % 20 == 0:
+                self.echo(f"[bot] trade #{rest[0]} acknowledged (journaled and fsynced)")
+        elif kind == "BACKUP" and len(rest) == 2:
+            self.backups.append((rest[0], int(rest[1])))
+            self.echo(f"[bot] backup {rest[0]} taken after trade #{rest[1]}")
+
+    def load(self) -> tuple[dict[PositionKey, Position], dict[str, dict[str, Any]], Any]:
+        with PositionStateManager(StateConfig.in_dir(self.state, backup_interval=1e9), key=read_key_file(self.key_file)) as m:
+            positions = m.load_positions()
+            return dict(positions), m.get_all_symbol_metadata(), m.last_recovery
+
+    def command(self, *args: str) -> None:
+        """Run ``posstate ARGS`` as the operator would, and show it with its output."""
+        self.echo(f"$ posstate {' '.join(args)}")
+        r = subprocess.run(
+            [sys.executable, "-m", "posstate", *args], env=self.env(), capture_output=True, text=True, timeout=120, check=False
+        )
+        for line in (r.stdout + r.stderr).splitlines():
+            self.echo(f"    {line}")
+
+    def positions_table(self, positions: dict[PositionKey, Position]) -> None:
+        for (sym, side), p in sorted(positions.items()):
+            self.echo(f"    {sym:<15} {side:<5} {p.contracts!s:>10} @ {p.entry_price!s:<10}")
+
+
+def _act_crash(d: _Demo, kill_after: int) -> bool:
+    d.echo(f"\n== 1. SIGKILL: the bot is killed mid-run after about {kill_after} trades, then restarted")
+    bot = d.bot()
+    assert bot.stdout is not None
+    try:
+        for line in bot.stdout:
+            d.record(line)
+            if len(d.acks) >= kill_after:
+                time.sleep(d.rng.random() * 0.002)  # let it run into its next change, so the kill may land mid-write
+                break
+    finally:
+        bot.send_signal(signal.SIGKILL)
+        bot.wait()
+        for line in bot.stdout:  # acknowledged before the kill but not yet read
+            if line.endswith("\n"):
+                d.record(line)
+        bot.stdout.close()
+    last = max(d.acks)
+    d.echo(f"[operator] kill -9 {bot.pid}; the last trade the bot acknowledged was #{last}")
+    positions, metadata, _ = d.load()
+    held = last_trade(metadata)
+    d.echo(f"[operator] restarted: {len(positions)} open positions, last trade #{held}")
+    d.positions_table(positions)
+    if held == last and state_digest(positions, metadata) == d.acks[last]:
+        d.echo(f"[operator] OK: exactly the state after trade #{last}, position for position")
+        return True
+    if held == last + 1:
+        d.echo(f"[operator] OK: trade #{held} was in flight at the kill and had completed; nothing acknowledged was lost")
+        return True
+    d.echo(f"[operator] FAILED: expected the state after trade #{last} (or #{last + 1} in flight), found #{held}")
+    return False
+
+
+def _act_damage(d: _Demo) -> bool:
+    d.echo(f"\n== 2. Damage: the bot trades on ({MORE_TRADES} trades), stops, and its state file is overwritten in the middle")
+    bot = d.bot(str(MORE_TRADES))
+    out, _ = bot.communicate(timeout=120)
+    for line in out.splitlines(keepends=True):
+        d.record(line)
+    before, before_meta, _ = d.load()
+    path = d.state / "positions.json"
+    data = bytearray(fs.read_file(path))
+    mid = len(data) // 2
+    data[mid : mid + 16] = b"\x00" * 16
+    _atomic.write_file(path, bytes(data))
+    d.echo(f"[operator] 16 bytes at offset {mid} of {path.name} overwritten with zeros")
+    positions, metadata, report = d.load()
+    if report is None:
+        d.echo("[operator] FAILED: the damaged file loaded without a recovery")
+        return False
+    d.echo(f"[bot] started: the state file was damaged ({report.reason})")
+    d.echo(
+        f"[bot] recovered automatically from {report.source} (generation {report.generation}), "
+        f"written as generation {report.new_generation}"
+    )
+    if report.quarantined is not None:
+        d.echo(f"[bot] the damaged file was kept for inspection: {report.quarantined}")
+    if report.journal:
+        d.echo(f"[bot] journal: {report.journal}")
+    same = state_digest(positions, metadata) == state_digest(before, before_meta)
+    lost = last_trade(before_meta) - last_trade(metadata)
+    if same:
+        d.echo(
+            f"[operator] OK: nothing lost; {len(positions)} positions, last trade #{last_trade(metadata)}, as before the damage"
+        )
+    else:
+        d.echo(f"[operator] OK: recovered the newest trustworthy copy; the last {lost} trade(s) before the damage are not in it")
+    return True
+
+
+def _act_operator(d: _Demo) -> None:
+    d.echo("\n== 3. The operator's view")
+    d.command("validate")
+    d.command("backups", "list")
+    if d.backups:
+        older, trade = d.backups[-2] if len(d.backups) > 1 else d.backups[-1]
+        d.echo(f"[operator] roll back to backup {older} (after trade #{trade}): first what it changes, then the restore")
+        d.command("diff", str(d.state / "positions.json"), older)
+        d.command("backups", "restore", older, "--yes")
+        d.command("show")
 
 
 def run_demo(
     *, state_dir: str | None = None, saves: int | None = None, seed: int | None = None, echo: Callable[[str], None] = print
 ) -> bool:
-    """Run the demo; returns True when the restarted bot holds exactly what it last saved."""
+    """Run the demo; True when every check held. *saves*: trades before the kill (default random 40-120)."""
     rng = random.Random(seed)
     workdir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="posstate-demo-"))
-    key = generate_key()
-    env = dict(os.environ, POSSTATE_KEY=encode_key_text(key))
-    kill_after = saves if saves is not None else rng.randint(40, 120)
-    echo(f"posstate demo: state in {workdir} (AES-256-GCM key generated for this run)")
-    echo(
-        f"[operator] starting the bot; it saves after every trade and will be killed with SIGKILL after about {kill_after} saves"
-    )
-    bot = subprocess.Popen(
-        [sys.executable, "-m", "posstate.cli.demo", "bot", str(workdir), str(rng.randint(0, 2**31))],
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    assert bot.stdout is not None
-    acks: dict[int, str] = {}
-    last = 0
+    fs.ensure_dir(workdir)
+    d = _Demo(workdir, rng, echo)
+    if not fs.exists(d.key_file):  # a directory from an earlier run keeps its key
+        _atomic.write_new_file(d.key_file, (encode_key_text(generate_key()) + "\n").encode("ascii"))
+    echo(f"posstate demo in {workdir}: state in state/, its AES-256-GCM key in demo.key")
+    echo("[operator] the bot trades 5 perpetuals, one journaled transaction per trade, and acknowledges each")
+    echo("           change once it returned (on disk, fsynced); every 25 trades it takes a backup")
+    ok = _act_crash(d, saves if saves is not None else rng.randint(40, 120))
+    ok = _act_damage(d) and ok
+    _act_operator(d)
+    echo("\n== Explore it yourself")
+    reach = path_hint()
+    if reach:
+        echo(f"    {reach}")
+    echo(f"    export POSSTATE_DIR={d.state} POSSTATE_KEY_FILE={d.key_file}")
+    for line in (
+        "posstate show                 # the positions a restarted bot loads",
+        "posstate history              # changes journaled since the last snapshot",
+        "posstate backups list         # every backup, newest first",
+        "posstate validate --json      # every check, as monitoring reads it",
+        f"ls {d.state / 'quarantine'}   # the damaged file, set aside, never deleted",
+    ):
+        echo(f"    {line}")
+    return ok
 
-    def record(line: str) -> None:
-        nonlocal last
-        kind, *rest = line.split() or [""]
-        if kind == "START":
-            echo(f"[bot] started at generation {rest[0]} with {rest[1]} positions")
-        elif kind == "ACK" and len(rest) == 2:
-            last = int(rest[0])
-            acks[last] = rest[1]
-            if len(acks) % 20 == 0:
-                echo(f"[bot] saved generation {last}")
 
-    try:
-        for line in bot.stdout:
-            record(line)
-            if len(acks) >= kill_after:
-                # Let it run into its next save before the kill, so the kill may land mid-write.
-                time.sleep(rng.random() * 0.002)
-                break
-    finally:
-        bot.send_signal(signal.SIGKILL)
-        bot.wait()
-        # The bot may have acknowledged more saves than we had read: they are still in the pipe.
-        for line in bot.stdout:
-            if line.endswith("\n"):  # a line cut by the kill was never an acknowledgement
-                record(line)
-        bot.stdout.close()
-    echo(f"[operator] SIGKILL sent to the bot (pid {bot.pid}); its last acknowledged save was generation {last}")
-    echo("[operator] restarting: a new manager opens the same directory")
-    with PositionStateManager(StateConfig.in_dir(workdir), key=key) as m:
-        positions = m.load_positions()
-        metadata = m.get_all_symbol_metadata()
-        gen = m.generation
-    echo(f"[bot] resumed from generation {gen}: {len(positions)} open positions, metadata for {len(metadata)} symbols")
-    for (sym, side), p in sorted(positions.items()):
-        meta = metadata.get(sym, {})
-        echo(f"    {sym:<16} {side:<5} {p.contracts!s:>8} @ {p.entry_price!s:<10} entries={meta.get('entries_' + side, 0)}")
-    if gen == last and state_digest(positions, metadata) == acks[last]:
-        echo(f"[operator] OK: exactly the last acknowledged save (generation {gen}), byte for byte")
-        return True
-    if gen == last + 1:
-        echo(f"[operator] OK: the save in flight at the kill (generation {gen}) had completed; nothing acknowledged was lost")
-        return True
-    echo(f"[operator] FAILED: expected generation {last} (or {last + 1} in flight), found {gen}")
-    return False
+def path_hint() -> str | None:
+    """``export PATH=...`` when the ``posstate`` beside this interpreter is not the one the caller's shell would
+    run (after ``bash scripts/demo.sh`` from a fresh clone it is in ``.venv/bin``, which is not on the caller's
+    PATH), so the commands printed to explore work as printed; None when it is. The caller's PATH is
+    ``POSSTATE_DEMO_CALLER_PATH`` when set (scripts/demo.sh saves it before putting ``.venv/bin`` on its own
+    PATH), else ``PATH``."""
+    import shutil
+
+    here = Path(sys.executable).parent / "posstate"
+    if not fs.exists(here):
+        return None
+    found = shutil.which("posstate", path=os.environ.get("POSSTATE_DEMO_CALLER_PATH") or os.environ.get("PATH"))
+    if found is not None and Path(found).resolve() == here.resolve():
+        return None
+    return f'export PATH="{here.parent}:$PATH"'
 
 
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "bot":
-        return _bot(argv[1], int(argv[2]) if len(argv) > 2 else 0)
+        return _bot(argv[1], int(argv[2]) if len(argv) > 2 else 0, int(argv[3]) if len(argv) > 3 else None)
     return 0 if run_demo() else 1
 
 

@@ -1,4 +1,4 @@
-"""``posstate demo``: kill a saving bot mid-run and show it resumed (the demo itself: :mod:`posstate.cli.demo`)."""
+"""``posstate demo``: crash, damage and the operator's view in under a minute (the demo itself: :mod:`posstate.cli.demo`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import click
 
 from posstate.cli.base import (
     EXIT_INVALID,
+    CliError,
     cli,
+    json_out,
 )
+from posstate.cli.options import common_options, env_of
 
 
 # ------------------------------------------------------------------------------------------ demo
@@ -20,13 +23,26 @@ from posstate.cli.base import (
     help="Directory for the demo state (default: a new temp dir).",
 )
 @click.option(
-    "--saves", type=click.IntRange(1, 100000), default=None, help="Kill the bot after this many saves (default: random 40-120)."
+    "--saves", type=click.IntRange(1, 100000), default=None, help="Kill the bot after this many trades (default: random 40-120)."
 )
 @click.option("--seed", type=int, default=None, help="Random seed, to replay a run.")
+@common_options(omit=("state-dir",), hide=("config", "key-file"))
 @click.pass_context
 def demo(ctx: click.Context, demo_dir: str | None, saves: int | None, seed: int | None) -> None:
-    """Kill a saving bot with SIGKILL mid-run, restart it, and show it resumed from its last save."""
+    """The whole story in under a minute: a trading bot killed with SIGKILL resumes exactly; its damaged state
+    file is recovered at the next start from the newest trustworthy copy; then the operator's view (validate,
+    backups list, a restore with its diff). The directory and its key file are left for you to explore.
+    """
+    import tempfile
+    from pathlib import Path
+
     from posstate.cli.demo import run_demo
 
-    ok = run_demo(state_dir=demo_dir, saves=saves, seed=seed, echo=click.echo)
-    ctx.exit(0 if ok else EXIT_INVALID)
+    env = env_of(ctx)
+    workdir = Path(demo_dir) if demo_dir else Path(tempfile.mkdtemp(prefix="posstate-demo-"))
+    # --json: the story goes to stderr and stdout holds one document, as for every other command
+    ok = run_demo(state_dir=str(workdir), saves=saves, seed=seed, echo=lambda line: click.echo(line, err=env.json))
+    if env.json:
+        json_out({"ok": ok, "state_dir": str(workdir / "state"), "key_file": str(workdir / "demo.key")})
+    if not ok:
+        raise CliError("a check of the demo failed (see the FAILED line above)", code=EXIT_INVALID)

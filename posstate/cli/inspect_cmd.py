@@ -16,6 +16,7 @@ from posstate.cli.base import (
 )
 from posstate.cli.journal_cmd import journal_check, journal_exit_error, read_state, state_config_for
 from posstate.cli.options import PATH_ARG, SNAPSHOT_ONLY, common_options, env_of
+from posstate.cli.output import paint
 from posstate.cli.render import diff_json, diff_lines, diff_states, filter_document, show_lines, validate_lines
 from posstate.core.errors import StateNotFoundError
 from posstate.storage.validate import validate_file
@@ -48,7 +49,7 @@ def validate(ctx: click.Context, path: str | None) -> None:
         json_out(out)
     else:
         for line in validate_lines(report):
-            click.echo(line)
+            click.echo(paint(line))
     if report.valid:
         return
     if report.error is not None:
@@ -120,4 +121,4 @@ def diff(ctx: click.Context, a: str, b: str, snapshot_only: bool) -> None:
         )
         return
     for line in diff_lines(d, a_label=left.label(a), b_label=right.label(b)):
-        click.echo(line)
+        click.echo(paint(line))

@@ -19,6 +19,7 @@ import orjson
 
 from posstate.cli.base import EXIT_INVALID, CliError, cli, json_out
 from posstate.cli.options import Env, common_options, env_of
+from posstate.cli.output import paint
 from posstate.cli.render import table
 from posstate.core.config import StateConfig, state_file_path
 from posstate.core.errors import (
@@ -298,7 +299,8 @@ def history(ctx: click.Context, symbol: str | None) -> None:
         return
     keyring = env.keyring()
     required = env.require_encryption()
-    entries = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path)
+    listed = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path)
+    entries, held = _since_snapshot(cfg, env, listed)
     jc = check(path, keyring=keyring, require_encryption=required)
     if jc.torn_bytes:
         click.echo(f"warning: {path}: torn last record ({jc.torn_bytes} bytes) left out; a load cuts it off", err=True)
@@ -324,7 +326,8 @@ def history(ctx: click.Context, symbol: str | None) -> None:
         )
         return
     if not entries:
-        click.echo(f"{path}: no changes recorded" + (f" for {symbol}" if symbol else "") + " since the last snapshot")
+        already = f" ({held} older record{'s' if held != 1 else ''} already in the snapshot)" if held else ""
+        click.echo(f"{path}: no changes recorded" + (f" for {symbol}" if symbol else "") + f" since the last snapshot{already}")
         return
     rows = [
         [
@@ -341,9 +344,26 @@ def history(ctx: click.Context, symbol: str | None) -> None:
         click.echo(line)
 
 
+def _since_snapshot(cfg: StateConfig, env: Env, entries: Any) -> tuple[list[Any], int]:
+    """The entries a restart would replay (those after the snapshot), as ``show`` counts them, and how many
+    records were left out because the snapshot already holds them (issue 15.11: after ``save()`` both say the
+    journal is empty). Without a readable snapshot every entry is kept (old values unknown)."""
+    try:
+        cur = read_current(cfg, env.read_options())
+    except PosStateError:
+        return list(entries), 0
+    if cur.error is not None:
+        return list(entries), 0  # history itself reported any damage; keep what it listed
+    snap = cur.loaded.state.journal
+    if not cur.applied or snap is None:
+        return [], len({e.seq for e in entries})
+    after = int(snap["seq"])
+    return [e for e in entries if e.seq > after], len({e.seq for e in entries if e.seq <= after})
+
+
 # ------------------------------------------------------------------------------------------ doctor
 @cli.command()
-@common_options()
+@common_options(hide=("key-file",))
 @click.pass_context
 def doctor(ctx: click.Context) -> None:
     """Check that the state directory is a safe place for a bot's state (no key needed).
@@ -380,7 +400,7 @@ def doctor(ctx: click.Context) -> None:
             }
         )
     else:
-        click.echo(format_report(report))
+        click.echo("\n".join(paint(line) for line in format_report(report).splitlines()))
     if not report.ok:
         bad = [f for f in report.findings if f.status == "unsafe"]
         raise CliError(

@@ -26,7 +26,7 @@ from posstate.storage.crypto import Keyring, encode_key_text, generate_key, key_
 # ------------------------------------------------------------------------------------------ keys
 @cli.command()
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the key to this new file (mode 0600; never overwritten).")
-@common_options()
+@common_options(hide=("state-dir", "config", "key-file"))
 @click.pass_context
 def keygen(ctx: click.Context, out: str | None) -> None:
     """Make a new random AES-256 key (base64). Without --out it is printed to stdout."""

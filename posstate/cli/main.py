@@ -20,8 +20,11 @@ from posstate.cli import (  # noqa: F401 (commands register on cli)
     watch_cmd,
 )
 from posstate.cli.base import cli
+from posstate.cli.examples import add_examples
 
 __all__ = ["cli", "main"]
+
+add_examples(cli)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from posstate.account.reconcile_file import ReconcileFileResult, reconcile_file
 from posstate.cli.backups_cmd import require_state_dir
 from posstate.cli.base import EXIT_INVALID, CliError, cli, confirm, json_out
 from posstate.cli.options import common_options, env_of
+from posstate.cli.output import paint
 from posstate.cli.render import applied_lines, reconcile_lines
 
 __all__ = ["reconcile"]
@@ -93,7 +94,7 @@ def reconcile(
         assert result.applied is not None
         click.echo("applied:")
         for line in applied_lines(result.applied, result.generation):
-            click.echo(line)
+            click.echo(paint(line))
         return
     if env.json:
         json_out(result.to_dict())
@@ -111,4 +112,4 @@ def reconcile(
 
 def _show(report: ReconciliationReport, state: object, exchange: str) -> None:
     for line in reconcile_lines(report, state=str(state), exchange=exchange):
-        click.echo(line)
+        click.echo(paint(line))

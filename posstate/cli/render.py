@@ -3,6 +3,7 @@ reconcile reports. No click, no I/O."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -21,8 +22,33 @@ from posstate.storage.validate import ValidationReport
 
 
 def to_json(data: Any) -> str:
-    """Indented JSON; Decimals as strings (the way the state document stores them)."""
-    return orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
+    """Indented JSON; Decimals as strings (the way the state document stores them). A string that is not valid
+    UTF-8 (a path given as undecodable bytes, which Python holds as lone surrogates) is written with those bytes
+    as ``\\xff`` escapes rather than failing the whole document."""
+    try:
+        return orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
+    except TypeError as exc:
+        if "surrogates" not in str(exc):
+            raise
+        return orjson.dumps(_printable(data), option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
+
+
+def _printable(value: Any) -> Any:
+    """*value* with every string made valid UTF-8 (undecodable bytes as ``\\xNN``, other lone surrogates as ``\\uNNNN``)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, Mapping):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
 
 
 def _default(value: Any) -> Any:
@@ -32,15 +58,37 @@ def _default(value: Any) -> Any:
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
-    """Plain aligned columns; columns whose index is in *right* are right-aligned."""
-    body = [list(r) for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in body]) for i, h in enumerate(headers)]
+    """Aligned columns laid out by rich (issue 15.10: a kept library, not hand padding): two spaces between
+    columns, a dashed line under the headers, columns whose index is in *right* right-aligned. Plain text
+    (no colour, no markup: a symbol such as ``[x]`` is printed as it is), never wrapped or cut."""
+    import io
 
-    def fmt(cells: Sequence[str]) -> str:
-        out = [c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(cells)]
-        return "  ".join(out).rstrip()
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
-    return [fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in body]
+    t = Table(box=_dashed_box(), show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="", highlight=False)
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="right" if i in right else "left", no_wrap=True)
+    for r in rows:
+        t.add_row(*(Text(c) for c in r))
+    buf = io.StringIO()
+    console = Console(
+        file=buf, width=_UNLIMITED, color_system=None, force_terminal=False, highlight=False, emoji=False, markup=False
+    )
+    console.print(t)
+    return [line.rstrip() for line in buf.getvalue().splitlines()]
+
+
+@functools.cache
+def _dashed_box() -> Any:
+    from rich.box import Box
+
+    # rich's box spec: eight rows of four characters (edges, horizontal, divider); only the header rule is drawn.
+    return Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
+
+
+_UNLIMITED = 100_000  # characters: a table is never wrapped or cut to a terminal's width
 
 
 def _num(value: Decimal | None) -> str:

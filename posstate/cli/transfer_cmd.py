@@ -18,6 +18,7 @@ from posstate.cli.base import (
 )
 from posstate.cli.journal_cmd import journal_refusal, read_state
 from posstate.cli.options import PATH_ARG, SNAPSHOT_ONLY, Env, common_options, env_of
+from posstate.cli.output import echo_text
 from posstate.cli.render import diff_json, diff_lines, diff_states, to_json
 from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError
@@ -64,10 +65,12 @@ def export(ctx: click.Context, path: str | None, out: str, snapshot_only: bool) 
         problem = str(exc)
     text = to_json(doc) + "\n"
     if out == "-":
-        click.echo(text, nl=False)
+        echo_text(text)
     else:
         write_new_output(Path(out), text.encode("utf-8"))
         click.echo(f"exported {described}, {count} positions, to {out} (plain JSON: keep it safe)", err=True)
+        if env.json:  # --json: one document on stdout, as every other command
+            json_out({"exported": str(target), "out": out, "positions": count, "valid": problem is None})
     if problem:
         click.echo(f"warning: the document does not validate ({problem}); `posstate import` will refuse it until fixed", err=True)
 

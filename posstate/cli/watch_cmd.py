@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from collections.abc import Callable
 
 import click
 
@@ -10,6 +13,7 @@ from posstate.cli.base import (
     cli,
 )
 from posstate.cli.options import common_options, env_of
+from posstate.cli.output import paint
 
 
 # ------------------------------------------------------------------------------------------ watch
@@ -21,8 +25,9 @@ from posstate.cli.options import common_options, env_of
 def watch(ctx: click.Context, max_events: int | None, timeout: float | None) -> None:
     """Follow the state directory: one line per change with the file, its generation and whether it validates.
 
-    Damaged files, quarantined files and unexpected writers (a fresh file whose writer is not the lock
-    holder) are flagged in capitals. --json prints one JSON object per line. Ctrl-C exits 0.
+    Damaged files, quarantined files, unexpected writers (a fresh file whose writer is not the lock
+    holder) and a generation going backwards (an older copy put in place of the state file) are flagged in
+    capitals. --json prints one JSON object per line. Ctrl-C or SIGTERM exits 0.
     """
     from posstate.cli.watcher import Watcher, record_line
 
@@ -32,7 +37,9 @@ def watch(ctx: click.Context, max_events: int | None, timeout: float | None) -> 
     watcher.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     count = 0
+    restore: Callable[[], object] = lambda: None  # noqa: E731
     try:
+        restore = _stop_on_sigterm()
         click.echo(f"watching {cfg.state_dir} (Ctrl-C to stop)", err=True)
         while max_events is None or count < max_events:
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
@@ -41,12 +48,30 @@ def watch(ctx: click.Context, max_events: int | None, timeout: float | None) -> 
             record = watcher.next_record(wait)
             if record is None:
                 continue
-            click.echo(to_json_line(record) if env.json else record_line(record))
+            click.echo(to_json_line(record) if env.json else paint(record_line(record)))
             count += 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped):
         pass
     finally:
+        restore()
         watcher.stop()
+
+
+class _Stopped(Exception):
+    """SIGTERM arrived: stop as on Ctrl-C (exit 0), as service managers stop a follower."""
+
+
+def _stop_on_sigterm() -> Callable[[], object]:
+    """Make SIGTERM end ``watch`` like Ctrl-C; returns what puts the previous handler back. Only the main
+    thread may set handlers (a test runner thread leaves SIGTERM alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def to_json_line(record: dict[str, object]) -> str:

@@ -4,7 +4,9 @@ The watchdog observer thread only queues paths; the caller's thread reads and va
 Ctrl-C lands in the caller. A file is reported when its bytes change (its trailer checksum differs from the
 last one reported), so a save's rename, the ``.bak`` link and a backup each give one record; temp files and
 the lock file are ignored. A writer is flagged as unexpected when another process holds the writer lock and
-the file was just written (within ``RECENT_MS``) by a different pid or host: someone bypassed the lock.
+the file was just written (within ``RECENT_MS``) by a different pid or host: someone bypassed the lock. A
+state file whose generation is below the highest seen is flagged ``generation-backwards`` (an older copy was
+put in its place).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Watcher:
     #: A key was given and encryption is on: a plaintext state file or journal is a key problem.
     require_encryption: bool = False
     _seen: dict[Path, str | None] = field(default_factory=dict)
+    #: The highest generation seen per state file: a lower one later means an older copy replaced it.
+    _generations: dict[Path, int] = field(default_factory=dict)
     _q: queue.Queue[tuple[str, str]] = field(default_factory=queue.Queue)
     _observer: Any = None
 
@@ -75,6 +79,10 @@ class Watcher:
             self._refuse_plaintext()
         for p in self._files():
             self._seen[p] = self._checksum(p)
+        with contextlib.suppress(OSError, PosStateError):
+            first = self._describe("", "state", self.cfg.state_path, fs.read_file(self.cfg.state_path))
+            if first["status"] in _COUNTED:
+                self._generations[self.cfg.state_path] = first["generation"]
         self._observer = Observer()
         self._observer.schedule(_Queue(self._q), str(d), recursive=True)
         if fs.exists(self.cfg.backup_path) and not _inside(self.cfg.backup_path, d):
@@ -180,7 +188,18 @@ class Watcher:
             return _record(
                 label, "quarantined", role=role, status="quarantined", detail="a file was set aside", flags=["quarantined"]
             )
-        return self._describe(label, role, path, data)
+        record = self._describe(label, role, path, data)
+        gen = record.get("generation")
+        if role == "state" and isinstance(gen, int) and record["status"] in _COUNTED:
+            highest = self._generations.get(path)
+            if highest is not None and gen < highest:
+                record["flags"] = [*record["flags"], "generation-backwards"]
+                record["detail"] += (
+                    f"; generation went backwards from {highest} to {gen} (an older copy, such as the .bak or a "
+                    "backup, replaced the state file: a bot would resume from stale positions)"
+                )
+            self._generations[path] = max(gen, highest or 0)
+        return record
 
     def _describe(self, label: str, role: str, path: Path, data: bytes) -> dict[str, Any]:
         try:
@@ -220,6 +239,12 @@ class Watcher:
         return _record(
             label, "changed", role=role, status="valid", detail=detail, flags=flags, writer_pid=writer.get("pid"), **base
         )
+
+
+#: The statuses whose generation counts towards the highest seen: an authenticated file, or any file when there
+#: is no key to authenticate with. A header that fails authentication (anyone can write one) never raises the
+#: count, or every later genuine save would be flagged as going backwards.
+_COUNTED = ("valid", "unchecked")
 
 
 def _mark(data: bytes) -> str:

@@ -38,11 +38,17 @@ class CorruptStateError(PosStateError, ValueError):
         path: str | Path | None,
         reason: str,
         *,
-        next_step: str = "recover with `posstate repair` or restore a backup with `posstate backups restore latest`",
+        next_step: str | None = None,
         kind: str = "damaged",
     ) -> None:
         self._reason = reason
         self._kind = kind
+        if next_step is None:  # bytes in memory are the caller's: no file to repair
+            next_step = (
+                "recover with `posstate repair` or restore a backup with `posstate backups restore latest`"
+                if path is not None
+                else "the bytes given (in memory, no file) are not a valid state; check where they came from"
+            )
         super().__init__(f"{_show(path)}: {reason}; {next_step}", path=path)
 
     @property
@@ -94,11 +100,13 @@ class SchemaValidationError(PosStateError, ValueError):
         self._rule = rule
         self._detail = message
         self._errors = tuple(errors) or ((json_path, message),)
-        super().__init__(
-            f"{_show(path)}: {json_path}: {message} (rule: {rule}); "
-            "fix the value, or for a stored file run `posstate validate` and `posstate repair`",
-            path=path,
+        # A value in memory (path None) is the caller's to fix; only a stored file has something to repair.
+        step = (
+            ", or for a stored file run `posstate validate` and `posstate repair`"
+            if path is not None
+            else " (nothing was stored)"
         )
+        super().__init__(f"{_show(path)}: {json_path}: {message} (rule: {rule}); fix the value{step}", path=path)
 
     @property
     def json_path(self) -> str:
@@ -124,15 +132,35 @@ class SchemaValidationError(PosStateError, ValueError):
 class WrongKeyError(PosStateError, ValueError):
     """The checksum holds but authenticated decryption fails: wrong key, or the file was tampered with."""
 
-    def __init__(self, path: str | Path | None, *, file_key_id: str, our_key_id: str | None, downgrade: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path | None,
+        *,
+        file_key_id: str,
+        our_key_id: str | None,
+        downgrade: bool = False,
+        given: str | None = None,
+        passphrase: bool = False,
+    ) -> None:
         self._file_key_id = file_key_id
         self._our_key_id = our_key_id
-        if downgrade:
+        if given == "passphrase":  # a passphrase tried on a file written with a raw key
+            reason = f"encrypted with a key file (key id {file_key_id}), but a passphrase was given"
+            step = "supply that key (POSSTATE_KEY, POSSTATE_KEY_FILE or --key-file) instead of the passphrase"
+        elif given == "key":  # a raw key tried on a file written with a passphrase
+            reason = "encrypted with a passphrase, but a key file was given (a raw key)"
+            step = "supply the passphrase (POSSTATE_PASSPHRASE) instead of the key"
+        elif downgrade:
             reason = "the file is not encrypted, but encryption is on (a plaintext file is not trusted: anyone could write one)"
             step = (
                 "restore an encrypted backup with `posstate backups restore latest`, or, to adopt this file on purpose, "
                 "export it with encryption off and `posstate import` it"
             )
+        elif passphrase and our_key_id is not None and our_key_id != file_key_id:  # *passphrase*: the file's
+            reason = (
+                f"written with a passphrase (key id {file_key_id}), and the one given is not the passphrase it was written with"
+            )
+            step = "supply the right passphrase (POSSTATE_PASSPHRASE, or passphrase=)"
         elif our_key_id is not None and our_key_id != file_key_id:
             reason = f"written with key id {file_key_id}, but the key given has id {our_key_id}"
             step = "supply the key with that id (POSSTATE_KEY, POSSTATE_KEY_FILE or --key-file)"
@@ -140,6 +168,12 @@ class WrongKeyError(PosStateError, ValueError):
             reason = f"authentication failed under key id {file_key_id} (the file was altered after it was written)"
             step = "do not trust this file; restore a backup with `posstate backups restore latest`"
         super().__init__(f"{_show(path)}: {reason}; {step}", path=path)
+        self._given = given
+
+    @property
+    def given(self) -> str | None:
+        """``"passphrase"`` or ``"key"`` when the kind of secret given does not match the file's, else None."""
+        return self._given
 
     @property
     def file_key_id(self) -> str:

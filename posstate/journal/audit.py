@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from posstate.core.errors import CorruptStateError, PosStateError, SchemaValidationError, StateNotFoundError
+from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError, StateNotFoundError
 from posstate.journal import format as jf
 from posstate.journal.records import read_records
 from posstate.model import ops as jops
@@ -75,6 +75,10 @@ def _value(st: StateData, symbol: str, side: str | None) -> dict[str, Any] | Non
     return dict(p.to_dict()) if p is not None else None
 
 
+#: What to do about a journal path that cannot be read (a load refuses it the same way).
+_UNREADABLE_JOURNAL = "move it away if it is not a journal (a bot's next load refuses it too), or fix permissions"
+
+
 def history(
     config: StateConfig,
     *,
@@ -96,6 +100,10 @@ def history(
         data = fs.read_file(path)
     except FileNotFoundError:
         return ()
+    except OSError as exc:  # a FIFO, a directory, a device planted as the journal; a read error
+        raise PersistenceError(
+            path, operation="read journal", cause=exc, outcome="nothing was changed", next_step=_UNREADABLE_JOURNAL
+        ) from exc
     header, records, _ = read_records(data, path=path, keyring=keyring, require_encryption=require_encryption)
     st: StateData | None = None
     snap_seq = 0

@@ -173,11 +173,9 @@ def _key_for(header: jf.JournalHeader, keyring: Keyring | None, path: Path) -> b
     if keyring is None:
         raise MissingKeyError(path, reason=f"the journal is encrypted (key id {header.key_id}) and no key was supplied")
     if header.passphrase != keyring.uses_passphrase:
-        raise WrongKeyError(
-            path, file_key_id=header.key_id, our_key_id="not a " + ("passphrase" if header.passphrase else "raw key")
-        )
+        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None, given="key" if header.passphrase else "passphrase")
     key = keyring.key_for(header.salt, header.kdf_log2_n)
     ours = key_id(key)
     if ours != header.key_id:
-        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=ours)
+        raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=ours, passphrase=header.passphrase)
     return key

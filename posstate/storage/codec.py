@@ -148,13 +148,13 @@ def decode(
         if keyring is None:
             raise MissingKeyError(path, reason=f"the file is encrypted (key id {header.key_id}) and no key was supplied")
         if header.passphrase != keyring.uses_passphrase:
-            want = "a passphrase" if header.passphrase else "a raw key"
-            raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=f"not {want}")
+            given = "key" if header.passphrase else "passphrase"
+            raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None, given=given)
         key = keyring.key_for(header.salt, header.kdf_log2_n)
         head = data[: _format.HEADER_SIZE]
         plain = _crypto.open_sealed(key, header.nonce, payload, head)
         if plain is None:
-            raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=_crypto.key_id(key))
+            raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=_crypto.key_id(key), passphrase=header.passphrase)
         payload = plain
     if header.compressed:
         payload = _inflate(payload, path=path, cap=max_document_bytes)

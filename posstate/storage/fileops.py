@@ -283,6 +283,10 @@ def exists(path: StrPath) -> bool:
         _active.lstat(path)
     except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a parent is a file
         return False
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # no entry can have that name
+            return False
+        raise
     return True
 
 
@@ -311,3 +315,13 @@ def write_all_at(fd: int, data: bytes) -> None:
     """Write *data* at offset 0 of a file opened for read/write (for small bookkeeping files)."""
     os.lseek(fd, 0, os.SEEK_SET)
     write_all(fd, data)
+
+
+def redirect_to_devnull(fd: int) -> None:
+    """Point *fd* at /dev/null (the command line's stdout after its reader closed the pipe: whatever is still
+    buffered is discarded instead of failing again at exit). Not routed through the backend: no state file."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)

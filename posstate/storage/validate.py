@@ -23,7 +23,7 @@ from posstate.core.errors import (
 from posstate.model import document as _document
 from posstate.storage import codec as _codec
 from posstate.storage import statefile as _statefile
-from posstate.storage.container import Header
+from posstate.storage.container import MAGIC, Header
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,8 @@ def validate_file(path: Path, *, options: _statefile.ReadOptions) -> ValidationR
     try:
         header = _codec.inspect(data, path=path)
     except CorruptStateError as exc:
-        name = "header" if exc.kind == "not-a-state-file" else "checksum"
+        # The header check passes only when the magic is really there: an empty or cut-to-nothing file fails it.
+        name = "checksum" if exc.kind != "not-a-state-file" and data.startswith(MAGIC) else "header"
         if name == "checksum":
             checks.append(Check("header", True, "PSTATE magic present"))
         checks.append(Check(name, False, exc.reason))
