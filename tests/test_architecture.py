@@ -27,6 +27,7 @@ LAYERS = {
     "storage": 2,
     "journal": 3,
     "backup": 4,
+    "replica": 4,
     "manager": 5,
     "account": 6,
     "cli": 7,
