@@ -64,8 +64,11 @@ class Shipped:
         return max(0.0, (now if now is not None else time.time()) - self.oldest_unshipped_ms / 1000)
 
 
-def compare(local: LocalFiles, snaps: Sequence[_names.Snapshot], ranges: Sequence[_names.Range]) -> Shipped:
-    """Compare *local* with a listing (split by :func:`posstate.replica.names.split`)."""
+def compare(local: LocalFiles, snaps: Sequence[_names.Snapshot], ranges: Sequence[_names.Range], *, epoch: int = 0) -> Shipped:
+    """Compare *local* with a listing (split by :func:`posstate.replica.names.split`). Only objects shipped under
+    fencing *epoch* or later count: a writer that took the lease ships what it restored again under its own
+    epoch, so a restore never needs an object of an epoch older than its snapshot's."""
+    snaps = [s for s in snaps if s.epoch >= epoch]
     snap = None
     oldest: int | None = None
     if local.snapshot is not None:
@@ -75,7 +78,7 @@ def compare(local: LocalFiles, snaps: Sequence[_names.Snapshot], ranges: Sequenc
             oldest = _container.parse_header(local.snapshot).written_at_ms
     offset = 0
     if local.journal is not None and local.header is not None:
-        for r in _names.chain(ranges, local.header.id_hex):
+        for r in _names.chain(ranges, local.header.id_hex, floor=(epoch, 0)):
             if r.end > len(local.journal) or _names.digest(local.journal[r.start : r.end]) != r.digest:
                 break
             offset = r.end

@@ -76,13 +76,20 @@ def load_snapshot(
     return data, loaded
 
 
+def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _statefile.Loaded) -> list[_names.Range]:
+    """The ranges of the journal the snapshot names, shipped under its fencing epoch or later (a stale
+    writer's late objects of an older epoch are never used)."""
+    jid = (loaded.state.journal or {}).get("id")
+    if not jid:
+        return []
+    return [r for r in _names.chain(ranges, str(jid), floor=(snap.epoch, 0)) if r.base_generation == snap.generation]
+
+
 def load_journal(
-    client: ReplicaClient, ranges: list[_names.Range], loaded: _statefile.Loaded, options: _statefile.ReadOptions
+    client: ReplicaClient, chain: list[_names.Range], loaded: _statefile.Loaded, options: _statefile.ReadOptions
 ) -> tuple[bytes, list[tuple[jf.RawRecord, list[Any]]]]:
     """The snapshot's journal as the chain of its ranges: downloaded, checked, every record authenticated."""
-    journal = loaded.state.journal or {}
-    jid = journal.get("id")
-    chain = [r for r in _names.chain(ranges, str(jid)) if r.base_generation == loaded.state.generation] if jid else []
+    jid = (loaded.state.journal or {}).get("id")
     if not chain:
         return b"", []
     data = b"".join(_fetch(client, r.key, r.digest) for r in chain)
@@ -141,15 +148,9 @@ def restore(
     snaps, ranges, _ = _names.split(o.key for o in client.list())
     snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
     data, loaded = load_snapshot(client, snap, options)
-    jbytes, records = load_journal(client, ranges, loaded, options)
-    used = (
-        1
-        + sum(
-            1 for r in _names.chain(ranges, str((loaded.state.journal or {}).get("id"))) if r.base_generation == snap.generation
-        )
-        if jbytes
-        else 1
-    )
+    chain = journal_chain(ranges, snap, loaded)
+    jbytes, records = load_journal(client, chain, loaded, options)
+    used = 1 + len(chain)
     kept = 0
     for rec, ops in records:
         revs = [int(op.json["rev"]) for op in ops]
@@ -196,10 +197,9 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[di
             rows.append({"key": snap.key, "ok": False, "reason": str(exc)})
             continue
         rows.append({"key": snap.key, "ok": True, "reason": f"generation {snap.generation}, epoch {snap.epoch}"})
-        jid = str((loaded.state.journal or {}).get("id"))
-        chain = [r for r in _names.chain(ranges, jid) if r.base_generation == snap.generation]
+        chain = journal_chain(ranges, snap, loaded)
         try:
-            _, records = load_journal(client, ranges, loaded, options)
+            _, records = load_journal(client, chain, loaded, options)
         except PosStateError as exc:
             rows.extend({"key": r.key, "ok": False, "reason": str(exc)} for r in chain if r.key not in used)
             used.update(r.key for r in chain)

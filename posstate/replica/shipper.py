@@ -226,7 +226,7 @@ class Shipper:
         if self.session is None:
             self.session = 1 + max([s.session for s in snaps] + [r.session for r in ranges] + [0])
         local = _local.read_local(self._state_path, self._journal_path)
-        found = _local.compare(local, snaps, ranges)
+        found = _local.compare(local, snaps, ranges, epoch=self.epoch)
         lost = []
         if (
             self._snap is not None
@@ -241,8 +241,7 @@ class Shipper:
         if lost:
             log.warning("replica %s: shipped objects are missing (%s); shipping them again", self.client.url, "; ".join(lost))
             self._emit("replicaReseeded", {"url": self.client.url, "missing": lost})
-        # A copy shipped under an older fencing epoch is shipped again under ours (restore prefers the newer epoch).
-        self._snap = found.snapshot if found.snapshot is not None and found.snapshot.epoch >= self.epoch else None
+        self._snap = found.snapshot
         self._jid, self._joff = jid, found.journal_offset
         if self._policy is not None and found.snapshot is not None:
             plan = _prune.plan(objects, policy=self._policy, current_journal=jid)
