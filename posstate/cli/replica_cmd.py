@@ -27,7 +27,7 @@ ENDPOINT = click.option(
 
 
 def _client(env: Env, url: str | None, endpoint: str | None) -> ReplicaClient:
-    from posstate.replica.client import open_client
+    from posstate.replica.clients import open_client
 
     cfg = env.config() if env.config_file or url is None else None
     found = url or (cfg.replica_url if cfg is not None else None)

@@ -18,7 +18,7 @@ from posstate.core.config import StateConfig
 from posstate.core.errors import LeaseLostError, PosStateError
 from posstate.replica import names as _names
 from posstate.replica import prune as _prune
-from posstate.replica.client import open_client
+from posstate.replica.clients import open_client
 from posstate.replica.lease import Lease
 from posstate.replica.shipper import Shipper
 from posstate.storage import atomic as _atomic

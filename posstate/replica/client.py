@@ -1,9 +1,9 @@
-"""The one interface every replica backend implements, and the factory that picks one from a URL.
+"""The one interface every replica backend implements.
 
-Network (or mounted-disk) calls to a replica go through :class:`ReplicaClient` only, so tests can fail any of
-them. Keys are relative to the URL's prefix. Every failure to reach or use the replica is a
-:class:`~posstate.ReplicaError`; a missing object is :class:`ObjectMissing`; a conditional write whose
-condition does not hold is :class:`PreconditionFailed`.
+Network (or mounted-disk) calls to a replica go through :class:`ReplicaClient` only, so tests can fail any
+of them (``posstate/replica/clients.py`` picks the implementation for a URL). Keys are relative to the URL's
+prefix. Every failure to reach or use the replica is a :class:`~posstate.ReplicaError`; a missing object is
+:class:`ObjectMissing`; a conditional write whose condition does not hold is :class:`PreconditionFailed`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from posstate.core.errors import ConfigError, ReplicaError
+from posstate.core.errors import ReplicaError
 
 
 class ObjectMissing(ReplicaError):
@@ -65,16 +65,3 @@ class ReplicaClient(Protocol):
 
 def md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
-def open_client(url: str, *, endpoint_url: str | None = None) -> ReplicaClient:
-    """The client for *url* (``s3://bucket/prefix`` or ``file:///path``); boto3 is imported only for s3://."""
-    if url.startswith("file://"):
-        from posstate.replica.file import FileClient
-
-        return FileClient(url)
-    if url.startswith("s3://"):
-        from posstate.replica.s3 import S3Client
-
-        return S3Client(url, endpoint_url=endpoint_url)
-    raise ConfigError(f"replica_url {url!r}: only s3://BUCKET/PREFIX and file:///PATH are supported")

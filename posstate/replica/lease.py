@@ -143,7 +143,13 @@ class Lease:
                 if 0 < left <= 2 * max(prev.ttl, self.ttl):
                     raise self._locked(prev, f"lease live for {left:.0f} more s")
                 if not self._unchanged_for_ttl(etag):
-                    continue  # renewed while we watched: a live holder (the loop refuses above, or watches again)
+                    # Renewed (or released) while we watched: if released, take it; else its holder is alive,
+                    # whatever its clock says.
+                    again = self.client.get_versioned(_names.LEASE)
+                    rec = LeaseRecord.parse(again[0]) if again is not None else None
+                    if again is None or (rec is not None and rec.released):
+                        continue
+                    raise self._locked(rec, "renewed while this process watched it; its holder's clock may be wrong")
             self.epoch = max(floor, prev.epoch if prev is not None else 0) + 1
             start = self._mono()
             try:
