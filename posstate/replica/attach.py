@@ -51,6 +51,7 @@ class Replication:
         self.client = open_client(config.replica_url, endpoint_url=config.replica_endpoint_url)
         self.lease: Lease | None = None
         self.restored: dict[str, Any] | None = None
+        self.took_over = False
         if config.replica_lease:
             self._take_lease(emit, options)
         self.shipper = Shipper(
@@ -67,6 +68,10 @@ class Replication:
             pause=self._lapsed,
         )
         self.shipper.start()
+        if self.took_over:
+            # Ship the restored state under the new epoch before the first change: from then on a restore
+            # never uses the old holder's objects, whatever it uploads late.
+            self.shipper.flush(config.replica_lease_ttl)
 
     def _take_lease(self, emit: Emit, options: _statefile.ReadOptions) -> None:
         cfg = self.config
@@ -77,6 +82,7 @@ class Replication:
         try:
             we_were_last = prev is not None and marker is not None and prev.dir_id == dir_id and prev.epoch == marker.get("epoch")
             someone_else = prev is not None and not we_were_last
+            self.took_over = someone_else
             snaps, _, _ = _names.split(o.key for o in self.client.list())
             if snaps and (someone_else or not fs.exists(cfg.state_path)):
                 from posstate.replica.restore import restore
