@@ -292,14 +292,21 @@ def test_bucket_emptied_under_a_running_bot_is_reported_and_reseeded(s3_server: 
         assert set(held(r)) == {"A/USDT", "B/USDT", "C/USDT"}
 
 
-def test_file_replica_round_trip(tmp_path: Path, key: bytes) -> None:
-    """issue 16.1: file:// shares the ReplicaClient interface: ship, restore, continue."""
+@pytest.mark.parametrize("durability", ["sync", "group", "snapshot"])
+def test_file_replica_round_trip(tmp_path: Path, key: bytes, durability: str) -> None:
+    """issue 16.1: file:// shares the ReplicaClient interface: ship, restore, continue, in every durability mode."""
     url = f"file://{tmp_path}/mnt/prefix"
-    _ship_some(tmp_path, url, None, key)
+    with PositionStateManager(rcfg(tmp_path / "a", url, durability=durability), key=key) as m:
+        for i in range(6):
+            m.set_position(pos(f"B{i}/USDT", i + 1))
+        if durability == "snapshot":
+            m.save()
+        assert m.flush_replica(30)
+        want = held(m)
     cfg, result = restore_into(tmp_path / "b", url, None, key)
     assert result.generation > 0
     with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=key) as r:
-        assert len(held(r)) == 6
+        assert held(r) == want
 
 
 # ------------------------------------------------------------------ 16.5 retention, 16.6 flush and close
@@ -350,3 +357,30 @@ def test_restore_with_the_wrong_key_writes_nothing(tmp_path: Path, key: bytes) -
     with pytest.raises(WrongKeyError):
         restore_into(tmp_path / "b", url, None, generate_key())
     assert not (tmp_path / "b" / "positions.json").exists()
+
+
+def test_a_record_the_local_disk_lost_is_superseded_by_the_restarted_writer(tmp_path: Path, key: bytes) -> None:
+    """issue 16.2: a power loss takes the last record from the local journal while the replica already holds it;
+    the restarted writer ships its own bytes from there under a new session, and a restore follows it."""
+    from posstate.journal import format as jf
+
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+        data = cfg.journal_path.read_bytes()
+        cut = jf.scan(data, jf.parse_header(data)).good_end
+        m.set_position(pos("LOST/USDT"))
+        assert m.flush_replica(30)
+    with cfg.journal_path.open("r+b") as fh:  # the power loss: the last record never reached the disk
+        fh.truncate(cut)
+    with PositionStateManager(cfg, key=key) as m:
+        assert "LOST/USDT" not in held(m)
+        m.set_position(pos("AFTER/USDT"))
+        assert m.flush_replica(30)
+    _, ranges, _ = _names.split(o.key for o in client(url).list())
+    assert len({r.session for r in ranges}) == 2
+    restored, _ = restore_into(tmp_path / "b", url, None, key)
+    with PositionStateManager(StateConfig.in_dir(restored.state_dir), key=key) as r:
+        assert set(held(r)) == {"A/USDT", "AFTER/USDT"}

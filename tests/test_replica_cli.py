@@ -176,3 +176,28 @@ def test_prune_dry_run_lists_and_prune_removes(s3_server: Any, tmp_path: Path, k
     assert r.exit_code == 0, r.output
     with PositionStateManager(StateConfig.in_dir(new), key=key) as m2:
         assert set(held(m2)) == {f"A{i}/USDT" for i in range(4)}
+
+
+def test_restore_at_a_time_cuts_the_journal_there(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 16.3: `replica restore --at TIME` restores the state as of that time (records after it left out)."""
+    import time
+    from datetime import datetime, timezone
+
+    url = f"file://{tmp_path}/rep"
+    with PositionStateManager(rcfg(tmp_path / "bot", url), key=key) as m:
+        m.set_position(pos("A/USDT"))
+        m.save()
+        m.set_position(pos("B/USDT"))
+        at = time.time()
+        while time.time() < at + 0.002:  # the next record's millisecond stamp is after `at`
+            pass
+        m.set_position(pos("C/USDT"))
+        assert m.flush_replica(30)
+    when = datetime.fromtimestamp(at, tz=timezone.utc).isoformat()
+    new = tmp_path / "new"
+    r = run(["replica", "restore", url, "--at", when, "--state-dir", str(new), "--key-file", str(key_file)])
+    assert r.exit_code == 0, r.output
+    with PositionStateManager(StateConfig.in_dir(new), key=key) as m2:
+        assert set(held(m2)) == {"A/USDT", "B/USDT"}
+    r = run(["replica", "restore", url, "--at", "yesterday", "--state-dir", str(tmp_path / "x"), "--key-file", str(key_file)])
+    assert r.exit_code == 2
