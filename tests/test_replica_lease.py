@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def _open_when_free(cfg: StateConfig, key: bytes, *, within: float = 60.0) -> tu
             refused.append(exc)
             if time.monotonic() > deadline:
                 raise
+            threading.Event().wait(0.2)  # poll interval between attempts (each attempt itself waits on the lease)
 
 
 def test_two_processes_racing_for_the_lease_exactly_one_wins(s3_server: Any, tmp_path: Path, key: bytes) -> None:
@@ -107,7 +109,7 @@ def test_takeover_after_the_ttl_restores_and_takes_the_next_epoch(s3_server: Any
     """issue 16.4: the holder is SIGKILLed; another machine is refused while the lease is live, then takes it over
     after the TTL with the next epoch, restores what the replica holds and goes on."""
     url = s3_server.bucket()
-    kid = _child(tmp_path / "m1", url, s3_server.url, key, ttl=2, n=5)
+    kid = _child(tmp_path / "m1", url, s3_server.url, key, ttl=4, n=5)  # renewals have 3 s of margin under load
     try:
         assert kid.stdout is not None
         assert kid.stdout.readline().split() == ["ok", "1"]
@@ -116,7 +118,7 @@ def test_takeover_after_the_ttl_restores_and_takes_the_next_epoch(s3_server: Any
         kid.wait(30)
     finally:
         _finish(kid)
-    m, refused = _open_when_free(lcfg(tmp_path / "m2", url, s3_server.url), key)
+    m, refused = _open_when_free(lcfg(tmp_path / "m2", url, s3_server.url, ttl=30), key)
     try:
         assert all(e.pid == kid.pid for e in refused)
         assert m.replica_status()["epoch"] == 2  # type: ignore[index]
@@ -135,7 +137,7 @@ def test_a_stale_writer_raises_lease_lost_and_its_late_objects_are_ignored(s3_se
     """issue 16.4: a writer whose renewals stopped (a paused process) raises LeaseLostError on its next change once
     another machine took the lease; a journal object it uploads late (older epoch) is never used by restore."""
     url = s3_server.bucket()
-    a = PositionStateManager(lcfg(tmp_path / "a", url, s3_server.url, replica_interval=3600), key=key)
+    a = PositionStateManager(lcfg(tmp_path / "a", url, s3_server.url, ttl=3, replica_interval=3600), key=key)
     b = None
     try:
         a.set_position(pos("X/USDT"))
@@ -144,7 +146,7 @@ def test_a_stale_writer_raises_lease_lost_and_its_late_objects_are_ignored(s3_se
         lease = a._replica.lease  # type: ignore[union-attr]
         assert lease is not None
         lease._stop.set()  # the process "pauses": no more renewals
-        b, _ = _open_when_free(lcfg(tmp_path / "b", url, s3_server.url), key)
+        b, _ = _open_when_free(lcfg(tmp_path / "b", url, s3_server.url, ttl=30), key)
         with pytest.raises(LeaseLostError):
             a.set_position(pos("NOPE/USDT"))
         with pytest.raises(LeaseLostError):

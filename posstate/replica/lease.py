@@ -142,7 +142,8 @@ class Lease:
                 left = prev.expires_at - self._clock()
                 if 0 < left <= 2 * max(prev.ttl, self.ttl):
                     raise self._locked(prev, f"lease live for {left:.0f} more s")
-                if not self._unchanged_for_ttl(etag):
+                # The holder trusts 3/4 of *its* TTL after a renewal: watching one whole TTL of its own outlasts that.
+                if not self._unchanged_for(etag, max(prev.ttl, 0.5)):
                     # Renewed (or released) while we watched: if released, take it; else its holder is alive,
                     # whatever its clock says.
                     again = self.client.get_versioned(_names.LEASE)
@@ -163,11 +164,11 @@ class Lease:
         snaps, ranges, _ = _names.split(o.key for o in self.client.list())
         return max([s.epoch for s in snaps] + [r.epoch for r in ranges] + [0])
 
-    def _unchanged_for_ttl(self, etag: str) -> bool:
-        """Watch the lease for one TTL on our monotonic clock; False as soon as it changes."""
-        until = self._mono() + self.ttl
+    def _unchanged_for(self, etag: str, ttl: float) -> bool:
+        """Watch the lease for *ttl* seconds on our monotonic clock; False as soon as it changes."""
+        until = self._mono() + ttl
         while self._mono() < until:
-            if self._stop.wait(min(self.ttl / 5, max(0.0, until - self._mono()))):
+            if self._stop.wait(min(ttl / 5, max(0.0, until - self._mono()))):
                 return False
             found = self.client.get_versioned(_names.LEASE)
             if found is None or found[1] != etag:
