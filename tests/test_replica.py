@@ -399,3 +399,19 @@ def test_an_upload_whose_etag_differs_from_what_was_sent_is_an_error(s3_server: 
     monkeypatch.setattr(c._s3, "put_object", lambda **kw: {**real(**kw), "ETag": '"' + "0" * 32 + '"'})
     with pytest.raises(ReplicaError, match="arrived damaged"):
         c.put("snapshots/bad", b"payload")
+
+
+def test_boto3_is_imported_only_for_an_s3_replica(tmp_path: Path) -> None:
+    """issue 16.1: boto3 is optional and loaded lazily: a manager with a file:// replica never imports it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from posstate import PositionStateManager, StateConfig, generate_key; "
+        f"cfg = StateConfig.in_dir({str(tmp_path)!r}, replica_url='file://{tmp_path}/rep'); "
+        "m = PositionStateManager(cfg, key=generate_key()); m.save(); assert m.flush_replica(30); m.close(); "
+        "print([n for n in sys.modules if n.split('.')[0] in ('boto3', 'botocore')])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "[]"
