@@ -201,3 +201,15 @@ def test_restore_at_a_time_cuts_the_journal_there(tmp_path: Path, key: bytes, ke
         assert set(held(m2)) == {"A/USDT", "B/USDT"}
     r = run(["replica", "restore", url, "--at", "yesterday", "--state-dir", str(tmp_path / "x"), "--key-file", str(key_file)])
     assert r.exit_code == 2
+
+
+def test_replica_errors_map_to_documented_exit_codes() -> None:
+    """issue 16.4: LeaseLostError is exit 5 (another writer), ReplicaError exit 1; neither message holds more than
+    the URL and the object."""
+    from posstate import LeaseLostError, ReplicaError
+    from posstate.cli.base import exit_code_for
+
+    lost = LeaseLostError("state/positions.json", url="s3://b/p", epoch=3, reason="another writer took the lease")
+    assert exit_code_for(lost) == 5 and lost.epoch == 3 and "s3://b/p" in str(lost)
+    down = ReplicaError("s3://b/p", "upload failed", key="snapshots/x")
+    assert exit_code_for(down) == 1 and str(down).startswith("s3://b/p/snapshots/x: upload failed")
