@@ -415,3 +415,20 @@ def test_boto3_is_imported_only_for_an_s3_replica(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_state_file_damaged_on_disk_is_never_shipped(tmp_path: Path, key: bytes) -> None:
+    """issue 16.2: a state file whose keyless checksum fails (bit rot) is not uploaded over a good replica: the
+    replica keeps the last good snapshot, and a restore still succeeds."""
+    from posstate.replica.local import read_local
+
+    url = f"file://{tmp_path}/rep"
+    _ship_some(tmp_path, url, None, key)
+    state = tmp_path / "a" / "positions.json"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    state.write_bytes(bytes(data))
+    assert read_local(state, state.with_name("positions.json.journal")).snapshot is None
+    restored, _ = restore_into(tmp_path / "b", url, None, key)
+    with PositionStateManager(StateConfig.in_dir(restored.state_dir), key=key) as r:
+        assert len(held(r)) == 6

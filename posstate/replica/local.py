@@ -4,6 +4,8 @@ digest only (nothing is downloaded, no key is needed). Shared by the shipper and
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +15,8 @@ from posstate.journal import format as jf
 from posstate.replica import names as _names
 from posstate.storage import container as _container
 from posstate.storage import fileops as fs
+
+log = logging.getLogger("posstate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +43,9 @@ def read_local(state_path: Path, journal_path: Path) -> LocalFiles:
         gen: int | None = _container.parse_header(snap).generation
     except (OSError, _container.FormatProblem):
         return LocalFiles(None, None, None, None, ())
+    if not _intact(snap):  # damaged on disk: never shipped (a restore would refuse it); the next save replaces it
+        log.warning("%s: damaged on disk (checksum); not shipped to the replica", state_path)
+        return LocalFiles(None, None, None, None, ())
     try:
         data = fs.read_file(journal_path, max_size=None)
         header = jf.parse_header(data)
@@ -47,6 +54,12 @@ def read_local(state_path: Path, journal_path: Path) -> LocalFiles:
     if header.base_generation != gen:
         return LocalFiles(snap, gen, None, None, ())
     return LocalFiles(snap, gen, data, header, jf.scan(data, header).records)
+
+
+def _intact(data: bytes) -> bool:
+    """The keyless SHA-256 trailer holds (the file is as its writer wrote it)."""
+    recorded = _container.checksum_of(data)
+    return recorded is not None and hashlib.sha256(data[: -_container.TRAILER_SIZE]).hexdigest() == recorded
 
 
 @dataclass(frozen=True, slots=True)
