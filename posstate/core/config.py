@@ -334,8 +334,8 @@ def _check_replica(cfg: StateConfig) -> None:
             raise ConfigError(f"replica_url {url!r}: a file:// URL needs an absolute path (file:///mnt/disk/prefix)")
     else:
         raise ConfigError(f"replica_url {url!r}: only s3://BUCKET/PREFIX and file:///PATH are supported")
-    if cfg.replica_lease and cfg.replica_lease_ttl < 1:
-        raise ConfigError(f"replica_lease_ttl must be >= 1 s, got {cfg.replica_lease_ttl}")
+    if cfg.replica_lease and not 1 <= cfg.replica_lease_ttl <= 86400:  # a longer one is a damaged lease record
+        raise ConfigError(f"replica_lease_ttl must be between 1 s and 86400 s (a day), got {cfg.replica_lease_ttl}")
 
 
 _SECONDS_FROM_MS = 1000.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -29,11 +30,12 @@ from typing import Any
 
 from posstate.core.errors import ReplicaError, StateLockedError
 from posstate.replica import names as _names
-from posstate.replica.client import PreconditionFailed, ReplicaClient
+from posstate.replica.client import ObjectMissing, PreconditionFailed, ReplicaClient
 
 log = logging.getLogger("posstate")
 
 _SAFETY = 0.75  # the part of the TTL a holder trusts after the start of its last renewal
+MAX_TTL = 86400.0  # the longest TTL a lease may name (StateConfig refuses a longer replica_lease_ttl)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +58,18 @@ class LeaseRecord:
         """The record, or None when the object is not one (damaged, or written by someone else)."""
         try:
             d = json.loads(data)
+            ttl, renewed, expires = float(d["ttl"]), float(d["renewed_at"]), float(d["expires_at"])
+            if not all(math.isfinite(v) for v in (ttl, renewed, expires)) or not 0 < ttl <= MAX_TTL:
+                return None  # a NaN or absurd TTL would make a contender skip its watch or wait for ever
             return cls(
                 epoch=int(d["epoch"]),
                 host=str(d["host"])[:255],
                 pid=int(d["pid"]),
                 dir_id=str(d["dir_id"])[:64],
                 token=str(d["token"])[:64],
-                ttl=float(d["ttl"]),
-                renewed_at=float(d["renewed_at"]),
-                expires_at=float(d["expires_at"]),
+                ttl=ttl,
+                renewed_at=renewed,
+                expires_at=expires,
                 released=bool(d.get("released", False)),
             )
         except (ValueError, KeyError, TypeError):
@@ -124,56 +129,79 @@ class Lease:
         """Take the lease with the next epoch; the previous holder's record (None: there was none).
 
         StateLockedError while another holder's lease is live. May wait one TTL watching a lease that looks
-        expired (its holder's clock may be wrong), never longer."""
-        floor = self._highest_epoch()
+        expired (its holder's clock may be wrong), released, damaged or absent from a replica that holds
+        objects (anyone with write access to the bucket can delete or forge it: only a whole TTL without a
+        change proves its holder stopped), never longer."""
+        floor, used = self._highest_epoch()
         while True:
             found = self.client.get_versioned(_names.LEASE)
             if found is None:
+                # An empty replica is new: take it at once. One that holds objects had a writer: its lease was
+                # deleted (a bucket attacker, an operator), so watch it stay absent for one TTL (ours: the
+                # holder's is gone with its record; every writer of a replica must use the same TTL).
+                if used and not self._unchanged_for(None, self.ttl):
+                    continue  # it appeared meanwhile: look at it
                 self.epoch = floor + 1
                 try:
                     self._took(self.client.put_if(_names.LEASE, self._record().to_bytes(), etag=None), self._mono())
                 except PreconditionFailed:
                     continue  # another writer created it a moment ago: look at theirs
+                self._mark()
                 return None
             data, etag = found
             prev = LeaseRecord.parse(data)
             ours = prev is not None and prev.host == self.host and prev.dir_id == self.dir_id
-            if prev is not None and not prev.released and not ours:
-                left = prev.expires_at - self._clock()
-                if 0 < left <= 2 * max(prev.ttl, self.ttl):
-                    raise self._locked(prev, f"lease live for {left:.0f} more s")
-                # The holder trusts 3/4 of *its* TTL after a renewal: watching one whole TTL of its own outlasts that.
-                if not self._unchanged_for(etag, max(prev.ttl, 0.5)):
-                    # Renewed (or released) while we watched: if released, take it; else its holder is alive,
-                    # whatever its clock says.
+            if not ours:
+                if prev is not None and not prev.released:
+                    left = prev.expires_at - self._clock()
+                    if 0 < left <= 2 * max(prev.ttl, self.ttl):
+                        raise self._locked(prev, f"lease live for {left:.0f} more s")
+                # Expired, released, damaged: none of it is authenticated (the bucket may have written it), so
+                # watch it unchanged for one whole TTL (the holder's when the record names one, which outlasts
+                # the 3/4 of it the holder trusts after a renewal); a live holder's renewal interrupts that.
+                if not self._unchanged_for(etag, prev.ttl if prev is not None else self.ttl):
                     again = self.client.get_versioned(_names.LEASE)
                     rec = LeaseRecord.parse(again[0]) if again is not None else None
-                    if again is None or (rec is not None and rec.released):
+                    if rec is None or rec.released:
                         continue
                     raise self._locked(rec, "renewed while this process watched it; its holder's clock may be wrong")
             self.epoch = max(floor, prev.epoch if prev is not None else 0) + 1
             start = self._mono()
             try:
                 self._took(self.client.put_if(_names.LEASE, self._record().to_bytes(), etag=etag), start)
-            except PreconditionFailed:
+            except (PreconditionFailed, ObjectMissing):
                 raise self._locked(prev, "another writer took it first") from None
+            self._mark()
             return prev
 
-    def _highest_epoch(self) -> int:
-        """The highest epoch any object in the replica was shipped under (a damaged lease must not reset it)."""
-        snaps, ranges, _ = _names.split(o.key for o in self.client.list())
-        return max([s.epoch for s in snaps] + [r.epoch for r in ranges] + [0])
+    def _highest_epoch(self) -> tuple[int, bool]:
+        """The highest epoch any object in the replica was shipped under (a damaged lease must not reset it),
+        and whether the replica holds any object besides the lease (a writer was here)."""
+        keys = [o.key for o in self.client.list()]
+        snaps, ranges, other = _names.split(keys)
+        marks = _names.epoch_marks(keys)
+        return max([s.epoch for s in snaps] + [r.epoch for r in ranges] + marks + [0]), bool(snaps or ranges or other or marks)
 
-    def _unchanged_for(self, etag: str, ttl: float) -> bool:
-        """Watch the lease for *ttl* seconds on our monotonic clock; False as soon as it changes."""
+    def _unchanged_for(self, etag: str | None, ttl: float) -> bool:
+        """Watch the lease for *ttl* seconds on our monotonic clock (*etag* None: absent); False as soon as it
+        changes."""
         until = self._mono() + ttl
         while self._mono() < until:
             if self._stop.wait(min(ttl / 5, max(0.0, until - self._mono()))):
                 return False
             found = self.client.get_versioned(_names.LEASE)
-            if found is None or found[1] != etag:
+            if (found[1] if found is not None else None) != etag:
                 return False
         return True
+
+    def _mark(self) -> None:
+        """Leave ``epochs/<epoch>`` (a taken epoch is never handed out again, even with the lease deleted);
+        without it the lease is given back and the error raised."""
+        try:
+            self.client.put(_names.epoch_key(self.epoch), b"")
+        except ReplicaError:
+            self.release()
+            raise
 
     def _took(self, etag: str, start: float) -> None:
         self._etag = etag
@@ -200,7 +228,7 @@ class Lease:
         start = self._mono()
         try:
             etag = self.client.put_if(_names.LEASE, self._record().to_bytes(), etag=self._etag)
-        except PreconditionFailed:
+        except (PreconditionFailed, ObjectMissing):  # S3 answers If-Match on a deleted object with 404
             found = self.client.get_versioned(_names.LEASE)
             rec = LeaseRecord.parse(found[0]) if found is not None else None
             if found is not None and rec is not None and rec.token == self.token and rec.epoch == self.epoch:

@@ -4,6 +4,8 @@
 * ``journal/<base generation:20>-<journal id:32>/<start:16x>-<end:16x>-<epoch:10>-<session:10>-<sha256:32>.psj``:
   bytes ``start`` to ``end`` of that journal file (``start`` 0 includes its header), cut at record boundaries.
 * ``lease.json``: the writer's lease (docs/REPLICATION.md, "One writer").
+* ``epochs/<epoch:10>``: empty, written by each writer that takes the lease, so the next epoch is above it even
+  when that writer shipped nothing before its lease object was deleted.
 
 Every object is immutable once written (a name is never reused for other bytes: the digest is part of it).
 *epoch* is the fencing epoch of the writer that shipped it (0 without a lease); *session* counts the writer's
@@ -22,8 +24,10 @@ from dataclasses import dataclass
 SNAPSHOTS = "snapshots/"
 JOURNAL = "journal/"
 LEASE = "lease.json"
+EPOCHS = "epochs/"
 
 _SNAP = re.compile(r"snapshots/(\d{20})-(\d{10})-(\d{10})-([0-9a-f]{32})\.pss")
+_EPOCH = re.compile(r"epochs/(\d{10})")
 _RANGE = re.compile(r"journal/(\d{20})-([0-9a-f]{32})/([0-9a-f]{16})-([0-9a-f]{16})-(\d{10})-(\d{10})-([0-9a-f]{32})\.psj")
 
 
@@ -72,6 +76,15 @@ class Range:
         return (self.epoch, self.session)
 
 
+def epoch_key(epoch: int) -> str:
+    return f"{EPOCHS}{epoch:010d}"
+
+
+def epoch_marks(keys: Iterable[str]) -> list[int]:
+    """The epochs of the ``epochs/`` marks among *keys*."""
+    return [int(m[1]) for m in map(_EPOCH.fullmatch, keys) if m]
+
+
 def parse(key: str) -> Snapshot | Range | None:
     """What the object *key* holds, or None for a name posstate never writes (ignored, reported by verify)."""
     m = _SNAP.fullmatch(key)
@@ -97,7 +110,7 @@ def split(keys: Iterable[str]) -> tuple[list[Snapshot], list[Range], list[str]]:
             snaps.append(found)
         elif isinstance(found, Range):
             ranges.append(found)
-        elif key != LEASE:
+        elif key != LEASE and not _EPOCH.fullmatch(key):
             other.append(key)
     snaps.sort(key=lambda s: s.order)
     ranges.sort(key=lambda r: (r.base_generation, r.journal_id, r.start, r.writer))
