@@ -85,6 +85,28 @@ def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _st
     return [r for r in _names.chain(ranges, str(jid), floor=(snap.epoch, 0)) if r.base_generation == snap.generation]
 
 
+def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> str | None:
+    """Why the chain of the snapshot's journal ends early (None: it does not): a range of that journal by a
+    writer no older than the chain's last one lies beyond its end, so one at the chain's end is missing
+    (deleted from the bucket, or not listed yet). Superseded ranges of older sessions are not a gap."""
+    if not jid:
+        return None
+    end = chain[-1].end if chain else 0
+    low = chain[-1].writer if chain else (snap.epoch, 0)
+    after = [
+        r for r in ranges if r.journal_id == jid and r.base_generation == snap.generation and r.writer >= low and r.end > end
+    ]
+    if not after:
+        return None
+    return f"journal range at byte {end:016x} missing: the replica holds later ranges ({after[0].key}) but none starting there"
+
+
+def newer_than(ranges: list[_names.Range], snap: _names.Snapshot) -> _names.Range | None:
+    """A journal range of a later generation than *snap* shipped under its epoch or later: the snapshot it
+    follows (shipped before it) is gone from the listing, so *snap* is not the newest state."""
+    return next((r for r in ranges if r.base_generation > snap.generation and r.epoch >= snap.epoch), None)
+
+
 def load_journal(
     client: ReplicaClient, chain: list[_names.Range], loaded: _statefile.Loaded, options: _statefile.ReadOptions
 ) -> tuple[bytes, list[tuple[jf.RawRecord, list[Any]]]]:
@@ -147,8 +169,23 @@ def restore(
         )
     snaps, ranges, _ = _names.split(o.key for o in client.list())
     snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
+    newer = newer_than(ranges, snap) if at_generation is None and at_time is None else None
+    if newer is not None:
+        raise CorruptStateError(
+            _where(client, newer.folder),
+            f"journal of generation {newer.base_generation} without its snapshot (deleted, or not listed yet): "
+            f"the newest snapshot listed, generation {snap.generation}, is older than the replica's state",
+            next_step=f"retry later; to restore that older state anyway: `posstate replica restore --at {snap.generation}`",
+        )
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
+    gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
+    if gap is not None:
+        raise CorruptStateError(
+            _where(client, snap.key),
+            gap,
+            next_step="retry later; to restore the state before the gap: `posstate replica restore --at GENERATION`",
+        )
     jbytes, records = load_journal(client, chain, loaded, options)
     used = 1 + len(chain)
     kept = 0
@@ -198,6 +235,9 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[di
             continue
         rows.append({"key": snap.key, "ok": True, "reason": f"generation {snap.generation}, epoch {snap.epoch}"})
         chain = journal_chain(ranges, snap, loaded)
+        gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
+        if gap is not None:
+            rows.append({"key": snap.key, "ok": False, "reason": gap})
         try:
             _, records = load_journal(client, chain, loaded, options)
         except PosStateError as exc:
