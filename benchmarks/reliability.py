@@ -655,6 +655,84 @@ def family_persistent_faults(work: Path, full: bool) -> list[Row]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------- replica (issue 16)
+def _replica_source(work: Path, key: bytes, name: str) -> tuple[str, dict[Any, Position]]:
+    """A bot that shipped a snapshot and journal ranges to a file:// replica; (url, what it acknowledged)."""
+    url = f"file://{work / name / 'replica'}"
+    cfg = StateConfig.in_dir(work / name / "bot", replica_url=url, replica_interval=0.05, replica_batch_bytes=600)
+    with PositionStateManager(cfg, key=key) as m:
+        for i in range(6):
+            m.set_position(Position(symbol=f"R{i}/USDT", side="long", contracts=Decimal(i + 1), entry_price=Decimal(10)))
+            if i == 2:
+                m.save()
+        if not m.flush_replica(60):
+            raise RuntimeError("replica flush timed out")
+        return url, m.get_positions()
+
+
+def _positions(state_dir: Path, key: bytes) -> dict[Any, Position]:
+    with PositionStateManager(StateConfig.in_dir(state_dir), key=key) as m:
+        return m.get_positions()
+
+
+def family_replica(work: Path, full: bool) -> list[Row]:
+    """Every object of a replica tampered with (each byte position class: header, middle, tail) is refused by
+    restore; an upload failing at each file operation of the replica disk is shipped again and restores whole."""
+    from posstate.replica.clients import open_client
+    from posstate.replica.restore import restore, verify
+
+    key = generate_key()
+    opts = ReadOptions(keyring=Keyring(key=key), require_encryption=True)
+    tamper = Row("replica: object tampered in the bucket", recovered=None, must_recover=False)
+    url, want = _replica_source(work, key, "src")
+    client = open_client(url)
+    objects = [o.key for o in client.list()]
+    for n, obj in enumerate(objects):
+        original = client.get(obj)
+        for where in (0, len(original) // 2, len(original) - 1) if full else (len(original) // 2,):
+            tamper.tried += 1
+            data = bytearray(original)
+            data[where] ^= 0x01
+            client.put(obj, bytes(data))
+            flagged = {row["key"] for row in verify(client, options=opts) if not row["ok"]}
+            tamper.detected += obj in flagged  # `posstate replica verify` names it
+            try:
+                restore(client, StateConfig.in_dir(work / f"t{n}-{where}"), options=opts)
+            except PosStateError:
+                pass  # refused: nothing written
+            else:  # a restore that does not use the object (an older snapshot's journal) must still be whole
+                tamper.lost += _positions(work / f"t{n}-{where}", key) != want
+            client.put(obj, original)
+    tamper.note = f"{len(objects)} objects; verify names each changed one, restore refuses or avoids it"
+    faults = Row("replica: upload fault at each disk operation")
+    for k in range(1, 13 if full else 7):
+        faults.tried += 1
+        d = work / f"f{k}"
+        url = f"file://{d / 'replica'}"
+        # Only the shipper thread's operations count: those are the uploads to the replica disk.
+        ops = HarnessOps(
+            fault=Fault(at=k, ops=frozenset({"open", "write", "fsync", "replace", "fsync_dir"})),
+            ignore_threads=frozenset({"MainThread", "posstate-backup", "posstate-lease"}),
+        )
+        cfg = StateConfig.in_dir(d / "bot", replica_url=url, replica_interval=0.05)
+        with _fileops.use(ops), PositionStateManager(cfg, key=key) as m:
+            m.set_position(Position(symbol="F/USDT", side="long", contracts=Decimal(k), entry_price=Decimal(10)))
+            m.save()
+            m.set_position(Position(symbol="G/USDT", side="long", contracts=Decimal(k), entry_price=Decimal(10)))
+            shipped = m.flush_replica(60)
+            want = m.get_positions()
+        faults.detected += shipped
+        try:
+            restore(open_client(url), StateConfig.in_dir(d / "restored"), options=opts)
+            got = _positions(d / "restored", key)
+        except PosStateError:
+            got = None
+        faults.recovered = (faults.recovered or 0) + (got == want)
+        faults.lost += got is not None and got != want
+    faults.note = "a failed upload is retried; the restore equals the acknowledged state"
+    return [tamper, faults]
+
+
 FAMILIES: dict[str, Callable[[Path, bool], list[Row]]] = {
     "crash": family_crash,
     "powerloss": family_powerloss,
@@ -668,6 +746,7 @@ FAMILIES: dict[str, Callable[[Path, bool], list[Row]]] = {
     "jfaults": family_journal_faults,
     "jdamage": family_journal_damage,
     "pfaults": family_persistent_faults,
+    "replica": family_replica,
 }
 
 

@@ -27,6 +27,7 @@ LAYERS = {
     "storage": 2,
     "journal": 3,
     "backup": 4,
+    "replica": 4,
     "manager": 5,
     "account": 6,
     "cli": 7,
@@ -229,7 +230,7 @@ def test_the_layer_walk_sees_an_upward_import(tmp_path: Path) -> None:
     assert up and up[0].in_function and LAYERS[_layer(up[0].dst)] > LAYERS[_layer(up[0].src)]
 
 
-LAZY = ("jsonschema", "asyncio", "click", "rich", "watchdog", "posstate.selftest", "posstate.account")
+LAZY = ("jsonschema", "asyncio", "click", "rich", "watchdog", "posstate.selftest", "posstate.account", "posstate.replica", "boto3")
 
 
 @pytest.mark.parametrize(

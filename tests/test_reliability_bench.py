@@ -35,6 +35,7 @@ def test_bounded_reliability_run_loses_nothing() -> None:
         "journal power loss",
         "journal I/O fault",
         "journal damage",
+        "replica",
     }
     # The one documented limit: a journal cut exactly between two records is a valid shorter journal.
     assert [r.family for r in rows if r.known_limit] == ["journal damage: cut at a record boundary"]

@@ -27,6 +27,7 @@ from posstate.core.errors import (
     AmbiguousBackupError,
     ConcurrentModificationError,
     ConfigError,
+    LeaseLostError,
     MissingKeyError,
     PersistenceError,
     PosStateError,
@@ -76,6 +77,7 @@ _EXIT_MAP: tuple[tuple[type[BaseException], int], ...] = (
     (WrongKeyError, EXIT_KEY),
     (UnsupportedVersionError, EXIT_VERSION),
     (StateLockedError, EXIT_LOCKED),
+    (LeaseLostError, EXIT_LOCKED),  # another machine holds the replica lease
     (ConcurrentModificationError, EXIT_LOCKED),
     (StateNotFoundError, EXIT_NOT_FOUND),
     (PersistenceError, EXIT_INVALID),

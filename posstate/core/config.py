@@ -20,8 +20,8 @@ from posstate.core.text import BAD_TEXT
 
 Durability = Literal["snapshot", "sync", "group"]
 #: The files that belong to one state file and sit beside it.
-Role = Literal["bak", "lock", "journal"]
-_ROLES: tuple[Role, ...] = ("bak", "lock", "journal")
+Role = Literal["bak", "lock", "journal", "replica"]
+_ROLES: tuple[Role, ...] = ("bak", "lock", "journal", "replica")
 #: Folders of the state directory (``StateConfig.in_dir``'s backups, every state file's quarantine): no state
 #: file may take their names.
 _FOLDERS = ("backups", "quarantine")
@@ -109,9 +109,18 @@ class StateConfig:
     account_id: str | None = None
     account_mode: Literal["live", "paper"] | None = None
     periodic_validation: bool = False
+    # Off the machine (docs/REPLICATION.md).
+    replica_url: str | None = None
+    replica_endpoint_url: str | None = None
+    replica_interval: float = 10.0
+    replica_batch_bytes: int = 1024 * 1024
+    replica_lease: bool = False
+    replica_lease_ttl: float = 30.0
+    replica_close_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _check_replica(self)
         if not self.atomic_writes:
             raise ConfigError("atomic_writes=False is not supported: posstate only writes atomically")
         if not 1 <= self.compression_level <= 22:
@@ -144,7 +153,7 @@ class StateConfig:
         companion = name.endswith(tuple(f".{r}" for r in _ROLES)) or name.endswith(".tmp")
         if companion or not name.strip(".") or _BACKUP_NAME.fullmatch(name):
             raise ConfigError(
-                f"state_file {name!r}: a name ending in .bak, .lock, .journal or .tmp, or named like a backup, "
+                f"state_file {name!r}: a name ending in .bak, .lock, .journal, .replica or .tmp, or named like a backup, "
                 "would be taken for another state file's companion; choose another name"
             )
         if name in _FOLDERS:
@@ -176,6 +185,11 @@ class StateConfig:
     @property
     def journal_path(self) -> Path:
         return state_file_path(self.state_path, "journal")
+
+    @property
+    def replica_marker_path(self) -> Path:
+        """The replica marker (``positions.json.replica``): which lease epoch this directory last held."""
+        return state_file_path(self.state_path, "replica")
 
     @property
     def legacy_journal_path(self) -> Path | None:
@@ -262,9 +276,28 @@ _INT_FIELDS = (
     "journal_max_bytes",
     "journal_max_records",
     "journal_preallocate",
+    "replica_batch_bytes",
 )
-_SECONDS_FIELDS = ("backup_interval", "validation_interval", "backup_threshold", "keep_within", "lock_timeout", "clock_skew")
-_BOOL_FIELDS = ("validation_enabled", "atomic_writes", "compression", "encryption", "verify_after_write", "periodic_validation")
+_SECONDS_FIELDS = (
+    "backup_interval",
+    "validation_interval",
+    "backup_threshold",
+    "keep_within",
+    "lock_timeout",
+    "clock_skew",
+    "replica_interval",
+    "replica_lease_ttl",
+    "replica_close_timeout",
+)
+_BOOL_FIELDS = (
+    "validation_enabled",
+    "atomic_writes",
+    "compression",
+    "encryption",
+    "verify_after_write",
+    "periodic_validation",
+    "replica_lease",
+)
 
 
 def _check_types(cfg: StateConfig) -> None:
@@ -287,10 +320,43 @@ def _check_types(cfg: StateConfig) -> None:
             continue
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise ConfigError(f"{name} must be a non-empty path, got {value!r}")
-    for name in ("exchange", "account_id", "account_mode", "durability"):
+    for name in ("exchange", "account_id", "account_mode", "durability", "replica_url", "replica_endpoint_url"):
         value = getattr(cfg, name)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
+
+
+def _check_replica(cfg: StateConfig) -> None:
+    """The replica settings (docs/REPLICATION.md): a URL posstate can ship to, and boto3 installed for s3://."""
+    for name in ("replica_interval", "replica_lease_ttl", "replica_close_timeout"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0")
+    if cfg.replica_batch_bytes < 1:
+        raise ConfigError(f"replica_batch_bytes must be >= 1, got {cfg.replica_batch_bytes}")
+    url = cfg.replica_url
+    if url is None:
+        if cfg.replica_lease:
+            raise ConfigError("replica_lease=True needs a replica_url")
+        return
+    if url.startswith("s3://"):
+        bucket = url[5:].split("/", 1)[0]
+        if "@" in bucket or ":" in bucket:
+            raise ConfigError("replica_url must not hold credentials; boto3 reads them from its usual chain")
+        if not bucket:
+            raise ConfigError(f"replica_url {url!r}: no bucket; use s3://BUCKET/PREFIX")
+        import importlib.util  # loaded here: only a replica URL needs it
+
+        if importlib.util.find_spec("boto3") is None:
+            raise ConfigError(
+                f"replica_url {url!r} needs boto3, which is not installed; install it with `pip install posstate[s3]`"
+            )
+    elif url.startswith("file://"):
+        if not url[7:].startswith("/"):
+            raise ConfigError(f"replica_url {url!r}: a file:// URL needs an absolute path (file:///mnt/disk/prefix)")
+    else:
+        raise ConfigError(f"replica_url {url!r}: only s3://BUCKET/PREFIX and file:///PATH are supported")
+    if cfg.replica_lease and not 1 <= cfg.replica_lease_ttl <= 86400:  # a longer one is a damaged lease record
+        raise ConfigError(f"replica_lease_ttl must be between 1 s and 86400 s (a day), got {cfg.replica_lease_ttl}")
 
 
 _SECONDS_FROM_MS = 1000.0

@@ -470,3 +470,57 @@ class ConfigError(PosStateError, ValueError):
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         where = f"{path}: " if path is not None else ""
         super().__init__(f"{where}{message}; see the configuration table in README.md", path=path)
+
+
+class LeaseLostError(PosStateError, RuntimeError):
+    """This writer no longer holds the replica lease (another machine took it, or it could not renew it in
+    time): it accepts no further change and never ships again (docs/REPLICATION.md, "One writer")."""
+
+    def __init__(self, path: str | Path | None, *, url: str, epoch: int, reason: str) -> None:
+        self._url = url
+        self._epoch = epoch
+        self._reason = reason
+        super().__init__(
+            f"{_show(path)}: lost the replica lease of {url} (epoch {epoch}: {reason}), so this manager accepts no "
+            "further change; stop this process, and let the lease holder write (`posstate replica status` names it)",
+            path=path,
+        )
+
+    @property
+    def url(self) -> str:
+        """The replica whose lease was lost (never holds credentials)."""
+        return self._url
+
+    @property
+    def epoch(self) -> int:
+        """The fencing epoch this writer held."""
+        return self._epoch
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+class ReplicaError(PosStateError, OSError):
+    """The replica could not be reached or read, or holds an object that fails its check."""
+
+    def __init__(self, url: str, reason: str, *, key: str | None = None, next_step: str = "") -> None:
+        self._url = url
+        self._key = key
+        self._reason = reason
+        where = f"{url}/{key}" if key else url
+        step = next_step or "check the replica URL, the network and the credentials (boto3's usual chain), then retry"
+        super().__init__(f"{where}: {reason}; {step}")
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    @property
+    def key(self) -> str | None:
+        """The object the error is about, when there is one."""
+        return self._key
+
+    @property
+    def reason(self) -> str:
+        return self._reason

@@ -30,6 +30,12 @@ EVENTS: frozenset[str] = frozenset(
         "persistenceError",
         "recoveryError",
         "outcomeUnknown",
+        "replicaLagging",
+        "replicaResumed",
+        "replicaReseeded",
+        "replicaRestored",
+        "replicaClosed",
+        "leaseLost",
     }
 )
 

@@ -42,6 +42,7 @@ from posstate.storage.lock import WriterLock, forked_error
 if TYPE_CHECKING:
     from posstate.backup.recovery import RecoveryReport
     from posstate.manager.manager import PositionStateManager
+    from posstate.replica.attach import Replication
     from posstate.storage.validate import ValidationReport
 
 log = logging.getLogger("posstate")
@@ -133,8 +134,16 @@ class ManagerCore:
         self._journal.guard = self._writer_lock.check  # before each record and group sync: still the owner?
         self._forked = False
         _live.add(self)
+        # Off the machine (docs/REPLICATION.md): the lease, a takeover's restore, the shipper thread.
+        self._replica: Replication | None = None
         try:
             self._sweep_temps()
+            if cfg.replica_url is not None:
+                from posstate.replica.attach import Replication
+
+                journal = self._journal
+                self._replica = Replication(cfg, emit=self._events.emit, journal_size=lambda: journal.size, options=self._read)
+                self._journal.guard = self._replica.guarded(self._writer_lock.check)
         except BaseException:
             self._writer_lock.release()
             raise
@@ -214,6 +223,25 @@ class ManagerCore:
         """Hook for subclasses and mixins (background validation, journal) to stop their work."""
         if self._validator is not None:
             self._validator.stop()
+        if self._replica is not None:
+            left = self._replica.close(self.config.replica_close_timeout)
+            if left is not None:
+                log.warning("%s: closed with replication behind: %s", self._path, left)
+            self._events.emit("replicaClosed", {"path": str(self._path), "left_behind": left})
+
+    def flush_replica(self, timeout: float | None = None) -> bool:
+        """Wait until everything acknowledged so far is in the replica (a listing confirms it); True when it
+        is, False when *timeout* (seconds) passed first or shipping stopped. True at once without a replica."""
+        if self._replica is None:
+            return True
+        with self._lock:
+            self._check_open()
+            self._journal.drain()  # group mode: acknowledged records are on disk before the shipper reads them
+        return self._replica.flush(timeout)
+
+    def replica_status(self) -> dict[str, Any] | None:
+        """The replication lag as this manager sees it (records and seconds not yet shipped), or None."""
+        return self._replica.status() if self._replica is not None else None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -132,6 +132,8 @@ class DurableCommit(StateLoading):
         """Write *st* as the next generation; adopt it in memory only once it is durable."""
         started = time.perf_counter()
         self._writer_lock.check()
+        if self._replica is not None:
+            self._replica.fence()  # a writer that lost its replica lease saves nothing (LeaseLostError)
         generation = max(st.generation, self._highest_generation) + 1
         st.generation = generation
         if self._files.tombstone_floor is not None:  # known once backups were listed (merge loads then)
@@ -182,6 +184,8 @@ class DurableCommit(StateLoading):
         from posstate.backup import ops as _backup_ops
 
         _backup_ops.after_save(self._files, state)
+        if self._replica is not None:
+            self._replica.notify()  # the shipper's one hook: a durable snapshot to ship (never waits)
 
     def _write_main(self, encoded: Any, *, differs: Callable[[], bool] | None = None) -> None:
         path = self._path

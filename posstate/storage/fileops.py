@@ -140,6 +140,9 @@ class FileOps:
     def listdir(self, path: StrPath) -> list[str]:
         return os.listdir(path)
 
+    def rmdir(self, path: StrPath) -> None:
+        os.rmdir(path)
+
     def lstat(self, path: StrPath) -> os.stat_result:
         return os.lstat(path)
 
@@ -263,6 +266,10 @@ def mkdir(path: StrPath, mode: int = 0o700) -> None:
 
 def listdir(path: StrPath) -> list[str]:
     return _active.listdir(path)
+
+
+def rmdir(path: StrPath) -> None:
+    _active.rmdir(path)
 
 
 def lstat(path: StrPath) -> os.stat_result:

@@ -1,0 +1,139 @@
+"""The file client: a replica on a mounted disk (``file:///mnt/other-disk/prefix``), through fileops.
+
+Each object is one file under the prefix directory, written as posstate writes every file (temp, fsync,
+rename, directory fsync), so a half-written object is only ever a temp (never listed) and read back after
+the rename to check it. Conditional writes (the lease) hold a ``mkdir`` mutex around read-compare-replace;
+the version tag is the SHA-256 of the content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import stat
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from posstate.core.errors import ReplicaError
+from posstate.replica.client import ObjectInfo, ObjectMissing, PreconditionFailed
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+
+_MUTEX_STALE = 30.0  # seconds after which a mutex left by a crashed writer is broken
+_Objects = list[ObjectInfo]
+
+
+class FileClient:
+    """A :class:`~posstate.replica.client.ReplicaClient` for ``file:///path``."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._root = Path(url[len("file://") :])
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise ReplicaError(self._url, "invalid object name", key=key)
+        return self._root.joinpath(*parts)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        try:
+            fs.ensure_dir(path.parent)
+            _atomic.write_file(path, data)
+            back = fs.read_file(path)
+        except (OSError, _atomic.WriteFailed) as exc:
+            raise ReplicaError(self._url, f"upload failed ({exc})", key=key) from exc
+        if hashlib.sha256(back).digest() != hashlib.sha256(data).digest():
+            raise ReplicaError(self._url, "upload read back differs from what was written", key=key)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return fs.read_file(self._path(key), max_size=None)
+        except FileNotFoundError:
+            raise ObjectMissing(self._url, "download: no such object", key=key) from None
+        except OSError as exc:
+            raise ReplicaError(self._url, f"download failed ({exc})", key=key) from exc
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        out: _Objects = []
+        try:
+            if not fs.exists(self._root):
+                return []
+            self._walk(self._root, "", prefix, out)
+        except OSError as exc:
+            raise ReplicaError(self._url, f"list failed ({exc})") from exc
+        return sorted(out, key=lambda o: o.key)
+
+    def _walk(self, folder: Path, rel: str, prefix: str, out: _Objects) -> None:
+        for name in fs.listdir(folder):
+            if name.startswith("."):  # temps (.<name>.<hex>.tmp) and mutexes are never objects
+                continue
+            key = f"{rel}{name}"
+            st = fs.lstat(folder / name)
+            if stat.S_ISDIR(st.st_mode):
+                if prefix.startswith(key + "/") or key.startswith(prefix) or not prefix:
+                    self._walk(folder / name, key + "/", prefix, out)
+            elif key.startswith(prefix):
+                out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)))
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            try:
+                fs.unlink(self._path(key))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ReplicaError(self._url, f"delete failed ({exc})", key=key) from exc
+
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            data = self.get(key)
+        except ObjectMissing:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_if(self, key: str, data: bytes, *, etag: str | None) -> str:
+        path = self._path(key)
+        mutex = path.with_name(f".{path.name}.mutex")
+        try:
+            fs.ensure_dir(path.parent)
+            self._take_mutex(mutex)
+        except OSError as exc:
+            raise ReplicaError(self._url, f"conditional write failed ({exc})", key=key) from exc
+        try:
+            found = self.get_versioned(key)
+            if (found is None) != (etag is None) or (found is not None and found[1] != etag):
+                raise PreconditionFailed(self._url, "conditional write: the object changed", key=key)
+            try:
+                _atomic.write_file(path, data)
+            except (OSError, _atomic.WriteFailed) as exc:
+                raise ReplicaError(self._url, f"conditional write failed ({exc})", key=key) from exc
+            return hashlib.sha256(data).hexdigest()
+        finally:
+            with contextlib.suppress(OSError):
+                fs.rmdir(mutex)
+
+    @staticmethod
+    def _take_mutex(mutex: Path) -> None:
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                fs.mkdir(mutex, 0o700)
+                return
+            except FileExistsError:
+                try:
+                    if time.time() - fs.lstat(mutex).st_mtime > _MUTEX_STALE:
+                        fs.rmdir(mutex)
+                        continue
+                except FileNotFoundError:
+                    continue
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)

@@ -1,0 +1,136 @@
+"""The names of the objects in a replica: what each holds, read from its key without downloading it.
+
+* ``snapshots/<generation:20>-<epoch:10>-<session:10>-<sha256:32>.pss``: a state file, byte for byte.
+* ``journal/<base generation:20>-<journal id:32>/<start:16x>-<end:16x>-<epoch:10>-<session:10>-<sha256:32>.psj``:
+  bytes ``start`` to ``end`` of that journal file (``start`` 0 includes its header), cut at record boundaries.
+* ``lease.json``: the writer's lease (docs/REPLICATION.md, "One writer").
+* ``epochs/<epoch:10>``: empty, written by each writer that takes the lease, so the next epoch is above it even
+  when that writer shipped nothing before its lease object was deleted.
+
+Every object is immutable once written (a name is never reused for other bytes: the digest is part of it).
+*epoch* is the fencing epoch of the writer that shipped it (0 without a lease); *session* counts the writer's
+starts, so a restart that re-ships a range after a power loss supersedes the range it replaces. The digest
+lets a listing be compared with the local files without a download; it proves nothing about who wrote the
+bytes (anyone with write access to the bucket can name an object): the key does, at restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+SNAPSHOTS = "snapshots/"
+JOURNAL = "journal/"
+LEASE = "lease.json"
+EPOCHS = "epochs/"
+
+_SNAP = re.compile(r"snapshots/(\d{20})-(\d{10})-(\d{10})-([0-9a-f]{32})\.pss")
+_EPOCH = re.compile(r"epochs/(\d{10})")
+_RANGE = re.compile(r"journal/(\d{20})-([0-9a-f]{32})/([0-9a-f]{16})-([0-9a-f]{16})-(\d{10})-(\d{10})-([0-9a-f]{32})\.psj")
+
+
+def digest(data: bytes) -> str:
+    """The 128-bit SHA-256 prefix that names *data*."""
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    generation: int
+    epoch: int
+    session: int
+    digest: str
+
+    @property
+    def key(self) -> str:
+        return f"{SNAPSHOTS}{self.generation:020d}-{self.epoch:010d}-{self.session:010d}-{self.digest}.pss"
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """Newest last: a later fencing epoch wins over any generation of an older one."""
+        return (self.epoch, self.generation, self.session)
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    base_generation: int
+    journal_id: str
+    start: int
+    end: int
+    epoch: int
+    session: int
+    digest: str
+
+    @property
+    def folder(self) -> str:
+        return f"{JOURNAL}{self.base_generation:020d}-{self.journal_id}/"
+
+    @property
+    def key(self) -> str:
+        return f"{self.folder}{self.start:016x}-{self.end:016x}-{self.epoch:010d}-{self.session:010d}-{self.digest}.psj"
+
+    @property
+    def writer(self) -> tuple[int, int]:
+        return (self.epoch, self.session)
+
+
+def epoch_key(epoch: int) -> str:
+    return f"{EPOCHS}{epoch:010d}"
+
+
+def epoch_marks(keys: Iterable[str]) -> list[int]:
+    """The epochs of the ``epochs/`` marks among *keys*."""
+    return [int(m[1]) for m in map(_EPOCH.fullmatch, keys) if m]
+
+
+def parse(key: str) -> Snapshot | Range | None:
+    """What the object *key* holds, or None for a name posstate never writes (ignored, reported by verify)."""
+    m = _SNAP.fullmatch(key)
+    if m:
+        return Snapshot(int(m[1]), int(m[2]), int(m[3]), m[4])
+    m = _RANGE.fullmatch(key)
+    if m:
+        start, end = int(m[3], 16), int(m[4], 16)
+        if end <= start:
+            return None
+        return Range(int(m[1]), m[2], start, end, int(m[5]), int(m[6]), m[7])
+    return None
+
+
+def split(keys: Iterable[str]) -> tuple[list[Snapshot], list[Range], list[str]]:
+    """Snapshots (oldest first), journal ranges (by journal, then offset) and the names that are neither."""
+    snaps: list[Snapshot] = []
+    ranges: list[Range] = []
+    other: list[str] = []
+    for key in keys:
+        found = parse(key)
+        if isinstance(found, Snapshot):
+            snaps.append(found)
+        elif isinstance(found, Range):
+            ranges.append(found)
+        elif key != LEASE and not _EPOCH.fullmatch(key):
+            other.append(key)
+    snaps.sort(key=lambda s: s.order)
+    ranges.sort(key=lambda r: (r.base_generation, r.journal_id, r.start, r.writer))
+    return snaps, ranges, other
+
+
+def chain(ranges: Sequence[Range], journal_id: str, *, floor: tuple[int, int] = (0, 0)) -> list[Range]:
+    """The ranges of journal *journal_id* a restore uses, in order: from offset 0, at each offset the range of
+    the newest writer (epoch, then session) no older than the one before it. A stale writer's range (an
+    older epoch) is never used after a newer writer's, nor one older than *floor*; a gap ends the chain."""
+    by_start: dict[int, list[Range]] = {}
+    for r in ranges:
+        if r.journal_id == journal_id and r.writer >= floor:
+            by_start.setdefault(r.start, []).append(r)
+    out: list[Range] = []
+    off, low = 0, floor
+    while True:
+        cands = [r for r in by_start.get(off, ()) if r.writer >= low]
+        if not cands:
+            return out
+        best = max(cands, key=lambda r: (r.writer, r.end))
+        out.append(best)
+        off, low = best.end, best.writer

@@ -1,0 +1,262 @@
+"""Restore anywhere: rebuild a state directory from a replica, verifying every object on the way, and
+``verify`` (every object read and checked, like ``restic check --read-data``).
+
+A restore takes the newest snapshot (the highest fencing epoch first, then the highest generation; or the
+newest at or before ``--at``), checks its bytes against the digest in its name and decrypts it with the key
+(AES-GCM: the bucket cannot forge one), then the journal ranges of the journal it names, chained from offset 0
+(:func:`posstate.replica.names.chain`), each checked against its digest, and all of them replayed with the key
+(every record authenticated and chained to the one before). Anything that fails is an error naming the
+object: nothing is written then. The files are written as posstate writes every file, then read back as a
+load would (snapshot + journal) before the restore reports success.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from posstate.core.config import StateConfig
+from posstate.core.errors import CorruptStateError, StateNotFoundError
+from posstate.journal import format as jf
+from posstate.journal.current import read_current
+from posstate.journal.records import read_records
+from posstate.replica import names as _names
+from posstate.replica.client import ReplicaClient
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+
+log = logging.getLogger("posstate")
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    url: str
+    state_file: str
+    snapshot: str
+    snapshot_generation: int
+    generation: int
+    records: int
+    objects: int
+    bytes: int
+    epoch: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _where(client: ReplicaClient, key: str) -> str:
+    return f"{client.url.rstrip('/')}/{key}"
+
+
+def _fetch(client: ReplicaClient, key: str, want: str) -> bytes:
+    data = client.get(key)
+    if _names.digest(data) != want:
+        raise CorruptStateError(
+            _where(client, key),
+            "content differs from the SHA-256 in its name (changed or damaged after upload)",
+            next_step="do not use this object; restore an older snapshot with `posstate replica restore --at GENERATION`",
+        )
+    return data
+
+
+def load_snapshot(
+    client: ReplicaClient, snap: _names.Snapshot, options: _statefile.ReadOptions
+) -> tuple[bytes, _statefile.Loaded]:
+    """Download, check and decrypt one snapshot (WrongKeyError, CorruptStateError, ... name the object)."""
+    data = _fetch(client, snap.key, snap.digest)
+    loaded = _statefile.parse(data, path=Path(_where(client, snap.key)), options=options)
+    if loaded.state.generation != snap.generation:
+        raise CorruptStateError(
+            _where(client, snap.key), f"holds generation {loaded.state.generation}, its name says {snap.generation}"
+        )
+    return data, loaded
+
+
+def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _statefile.Loaded) -> list[_names.Range]:
+    """The ranges of the journal the snapshot names, shipped under its fencing epoch or later (a stale
+    writer's late objects of an older epoch are never used)."""
+    jid = (loaded.state.journal or {}).get("id")
+    if not jid:
+        return []
+    return [r for r in _names.chain(ranges, str(jid), floor=(snap.epoch, 0)) if r.base_generation == snap.generation]
+
+
+def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> str | None:
+    """Why the chain of the snapshot's journal ends early (None: it does not): a range of that journal by a
+    writer no older than the chain's last one lies beyond its end, so one at the chain's end is missing
+    (deleted from the bucket, or not listed yet). Superseded ranges of older sessions are not a gap."""
+    if not jid:
+        return None
+    end = chain[-1].end if chain else 0
+    low = chain[-1].writer if chain else (snap.epoch, 0)
+    after = [
+        r for r in ranges if r.journal_id == jid and r.base_generation == snap.generation and r.writer >= low and r.end > end
+    ]
+    if not after:
+        return None
+    return f"journal range at byte {end:016x} missing: the replica holds later ranges ({after[0].key}) but none starting there"
+
+
+def newer_than(ranges: list[_names.Range], snap: _names.Snapshot) -> _names.Range | None:
+    """A journal range of a later generation than *snap* shipped under its epoch or later: the snapshot it
+    follows (shipped before it) is gone from the listing, so *snap* is not the newest state."""
+    return next((r for r in ranges if r.base_generation > snap.generation and r.epoch >= snap.epoch), None)
+
+
+def load_journal(
+    client: ReplicaClient, chain: list[_names.Range], loaded: _statefile.Loaded, options: _statefile.ReadOptions
+) -> tuple[bytes, list[tuple[jf.RawRecord, list[Any]]]]:
+    """The snapshot's journal as the chain of its ranges: downloaded, checked, every record authenticated."""
+    jid = (loaded.state.journal or {}).get("id")
+    if not chain:
+        return b"", []
+    data = b"".join(_fetch(client, r.key, r.digest) for r in chain)
+    where = Path(_where(client, chain[0].folder))
+    header, records, sc = read_records(data, path=where, keyring=options.keyring, require_encryption=options.require_encryption)
+    if sc.bad_offset is not None:
+        bad = next(r for r in chain if r.start <= sc.bad_offset < r.end)
+        raise CorruptStateError(_where(client, bad.key), f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason})")
+    if header.id_hex != jid or header.base_generation != loaded.state.generation:
+        raise CorruptStateError(where, f"journal {header.id_hex} does not follow snapshot generation {loaded.state.generation}")
+    return data, records
+
+
+def choose(
+    client: ReplicaClient, snaps: list[_names.Snapshot], *, at_generation: int | None, at_time: datetime | None
+) -> _names.Snapshot:
+    cands = [s for s in snaps if at_generation is None or s.generation <= at_generation]
+    if at_time is not None:
+        from posstate.storage import container as _container
+
+        stamp = at_time.timestamp() * 1000
+        for s in reversed(cands):
+            head = _container.parse_header(_fetch(client, s.key, s.digest))
+            if head.written_at_ms <= stamp:
+                return s
+        cands = []
+    if not cands:
+        raise StateNotFoundError(
+            client.url,
+            what="snapshot in the replica" + (" at or before that point" if at_generation or at_time else ""),
+            next_step="list what the replica holds with `posstate replica list`",
+        )
+    newest = max(s.order[0] for s in cands)  # the newest fencing epoch, then its newest generation
+    return max((s for s in cands if s.epoch == newest), key=lambda s: (s.generation, s.session))
+
+
+def restore(
+    client: ReplicaClient,
+    config: StateConfig,
+    *,
+    options: _statefile.ReadOptions,
+    at_generation: int | None = None,
+    at_time: datetime | None = None,
+    replace: bool = False,
+) -> RestoreResult:
+    """Rebuild *config*'s state directory from the replica. The directory must hold no state file or journal
+    (``replace``: move them to quarantine first; the lease takeover does)."""
+    existing = [p for p in (config.state_path, config.journal_path, config.bak_path) if fs.exists(p)]
+    if existing and not replace:
+        raise CorruptStateError(
+            existing[0],
+            "the state directory is not empty",
+            next_step="restore into an empty directory (--state-dir)",
+            kind="exists",
+        )
+    snaps, ranges, _ = _names.split(o.key for o in client.list())
+    snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
+    newer = newer_than(ranges, snap) if at_generation is None and at_time is None else None
+    if newer is not None:
+        raise CorruptStateError(
+            _where(client, newer.folder),
+            f"journal of generation {newer.base_generation} without its snapshot (deleted, or not listed yet): "
+            f"the newest snapshot listed, generation {snap.generation}, is older than the replica's state",
+            next_step=f"retry later; to restore that older state anyway: `posstate replica restore --at {snap.generation}`",
+        )
+    data, loaded = load_snapshot(client, snap, options)
+    chain = journal_chain(ranges, snap, loaded)
+    gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
+    if gap is not None:
+        raise CorruptStateError(
+            _where(client, snap.key),
+            gap,
+            next_step="retry later; to restore the state before the gap: `posstate replica restore --at GENERATION`",
+        )
+    jbytes, records = load_journal(client, chain, loaded, options)
+    used = 1 + len(chain)
+    kept = 0
+    for rec, ops in records:
+        revs = [int(op.json["rev"]) for op in ops]
+        if (at_generation is not None and max(revs, default=0) > at_generation) or (
+            at_time is not None and rec.time_ms > at_time.timestamp() * 1000
+        ):
+            jbytes = jbytes[: rec.offset]
+            break
+        kept += 1
+    fs.ensure_dir(config.state_dir)
+    for p in existing:
+        _atomic.move_aside(p, config.quarantine_dir, label="before-replica-restore")
+    _atomic.write_file(config.state_path, data)
+    if jbytes and kept:
+        _atomic.write_file(config.journal_path, jbytes)
+    current = read_current(config, options)
+    if current.error is not None:
+        raise current.error
+    return RestoreResult(
+        url=client.url,
+        state_file=str(config.state_path),
+        snapshot=snap.key,
+        snapshot_generation=snap.generation,
+        generation=current.generation,
+        records=current.applied,
+        objects=used,
+        bytes=len(data) + (len(jbytes) if kept else 0),
+        epoch=snap.epoch,
+    )
+
+
+def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[dict[str, Any]]:
+    """Read and check every object: each snapshot decrypted, each journal replayed; one row per object."""
+    from posstate.core.errors import PosStateError
+
+    objects = client.list()
+    snaps, ranges, other = _names.split(o.key for o in objects)
+    rows: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for snap in snaps:
+        try:
+            _, loaded = load_snapshot(client, snap, options)
+        except PosStateError as exc:
+            rows.append({"key": snap.key, "ok": False, "reason": str(exc)})
+            continue
+        rows.append({"key": snap.key, "ok": True, "reason": f"generation {snap.generation}, epoch {snap.epoch}"})
+        chain = journal_chain(ranges, snap, loaded)
+        gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
+        if gap is not None:
+            rows.append({"key": snap.key, "ok": False, "reason": gap})
+        try:
+            _, records = load_journal(client, chain, loaded, options)
+        except PosStateError as exc:
+            rows.extend({"key": r.key, "ok": False, "reason": str(exc)} for r in chain if r.key not in used)
+            used.update(r.key for r in chain)
+            continue
+        for r in chain:
+            if r.key not in used:
+                rows.append(
+                    {"key": r.key, "ok": True, "reason": f"journal of generation {snap.generation}, {len(records)} records"}
+                )
+                used.add(r.key)
+    for r in ranges:
+        if r.key in used:
+            continue
+        try:
+            _fetch(client, r.key, r.digest)
+            rows.append({"key": r.key, "ok": True, "reason": "not used by any restore (superseded, or its snapshot is gone)"})
+        except PosStateError as exc:
+            rows.append({"key": r.key, "ok": False, "reason": str(exc)})
+    rows.extend({"key": k, "ok": False, "reason": "not a name posstate writes (ignored by restore)"} for k in other)
+    return rows

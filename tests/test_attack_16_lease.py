@@ -1,0 +1,99 @@
+"""Issue 16 attack: the lease object deleted, damaged or forged "released" by someone with write access to the
+bucket (no key), and a lease record with a hostile TTL. At no moment may two writers both hold a valid lease."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from replica_util import client
+
+from posstate import StateLockedError
+from posstate.replica import names as _names
+from posstate.replica.lease import Lease, LeaseRecord
+
+
+def _holder(c: Any, ttl: float = 2.0) -> Lease:
+    holder = Lease(c, ttl=ttl, dir_id="a" * 32)
+    holder.acquire()
+    holder.start()
+    c.put("snapshots/other-object-so-the-replica-is-not-empty", b"x")
+    return holder
+
+
+def test_lease_deleted_by_the_bucket_never_lets_a_second_writer_in_while_the_holder_writes(s3_server: Any) -> None:
+    """issue 16.4 attack: lease.json deleted under a live holder: a contender waits until the holder has stopped."""
+    c = client(s3_server.bucket(), s3_server.url)
+    holder = _holder(c)
+    try:
+        c.delete([_names.LEASE])
+        contender = Lease(c, ttl=2.0, dir_id="b" * 32)
+        contender.acquire()
+        assert holder.check() is not None, "two writers: the contender took the lease while the holder's was valid"
+        assert contender.epoch > holder.epoch
+    finally:
+        holder.release()
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        pytest.param(b"not json", id="damaged"),
+        pytest.param(None, id="forged-released"),
+    ],
+)
+def test_lease_replaced_by_the_bucket_never_lets_a_second_writer_in_while_the_holder_writes(
+    s3_server: Any, planted: bytes | None
+) -> None:
+    """issue 16.4 attack: lease.json overwritten (garbage, or a forged "released" record): no overlap of writers."""
+    c = client(s3_server.bucket(), s3_server.url)
+    holder = _holder(c)
+    try:
+        if planted is None:
+            rec = LeaseRecord(holder.epoch, "evil", 1, "e" * 32, "t", 2.0, 0.0, 0.0, released=True)
+            planted = rec.to_bytes()
+        c.put(_names.LEASE, planted)
+        contender = Lease(c, ttl=2.0, dir_id="b" * 32)
+        contender.acquire()
+        assert holder.check() is not None, "two writers: the contender took the lease while the holder's was valid"
+    finally:
+        holder.release()
+
+
+def test_holder_whose_lease_object_vanished_stops_for_good(s3_server: Any) -> None:
+    """issue 16.4 attack: a renewal that finds lease.json gone means the lease is lost (not a retryable error)."""
+    c = client(s3_server.bucket(), s3_server.url)
+    holder = Lease(c, ttl=30.0, dir_id="a" * 32)
+    holder.acquire()
+    c.delete([_names.LEASE])
+    assert holder.renew() is False
+    assert holder.lost is not None and "gone" in holder.lost
+
+
+@pytest.mark.parametrize(
+    "ttl", [pytest.param("NaN", id="nan"), pytest.param("Infinity", id="inf"), pytest.param(1e12, id="huge")]
+)
+def test_a_planted_lease_with_a_hostile_ttl_never_hangs_or_skips_the_watch(s3_server: Any, ttl: Any) -> None:
+    """issue 16.4 attack: a lease record with a NaN, infinite or absurd TTL is treated as damaged: the contender
+    watches its own TTL (no instant takeover, no endless wait)."""
+    c = client(s3_server.bucket(), s3_server.url)
+    holder = _holder(c)
+    try:
+        body = json.loads(LeaseRecord(holder.epoch, "evil", 1, "e" * 32, "t", 2.0, 0.0, 0.0).to_bytes())
+        body["ttl"] = ttl
+        c.put(_names.LEASE, json.dumps(body).encode())
+        contender = Lease(c, ttl=2.0, dir_id="b" * 32)
+        contender.acquire()
+        assert holder.check() is not None
+    finally:
+        holder.release()
+
+
+def test_a_fresh_replica_is_taken_at_once(s3_server: Any) -> None:
+    """issue 16.4: an empty replica (no objects, no lease) is taken at once; a live holder still refuses others."""
+    c = client(s3_server.bucket(), s3_server.url)
+    first = Lease(c, ttl=600.0, dir_id="a" * 32)
+    assert first.acquire() is None and first.epoch == 1
+    with pytest.raises(StateLockedError):
+        Lease(c, ttl=600.0, dir_id="b" * 32).acquire()

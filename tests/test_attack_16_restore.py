@@ -1,0 +1,85 @@
+"""Issue 16 attack: someone with write access to the replica (no key) deletes objects so that a restore would
+silently give an older state: a range in the middle of the journal, or the newest snapshot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from replica_util import client, held, pos, rcfg, restore_into
+
+from posstate import CorruptStateError, PositionStateManager, StateConfig
+from posstate.replica import names as _names
+
+
+def _ship(tmp_path: Path, url: str, key: bytes, *, snapshots: int = 1) -> None:
+    """Several snapshots, each followed by journal records shipped one object per record."""
+    with PositionStateManager(rcfg(tmp_path / "a", url, replica_batch_bytes=1), key=key) as m:
+        for s in range(snapshots):
+            m.set_position(pos(f"S{s}/USDT"))
+            m.save()
+            for i in range(4):
+                m.set_position(pos(f"R{s}-{i}/USDT"))
+            assert m.flush_replica(30)
+
+
+def test_a_range_deleted_in_the_middle_of_the_journal_fails_the_restore(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: a gap in the journal's ranges (one deleted, or not listed yet) is an error naming it,
+    not a restore that silently stops before the gap (nothing written)."""
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    c = client(url)
+    _, ranges, _ = _names.split(o.key for o in c.list())
+    assert len(ranges) >= 3
+    victim = ranges[1]
+    c.delete([victim.key])
+    with pytest.raises(CorruptStateError, match="missing") as info:
+        restore_into(tmp_path / "b", url, None, key)
+    assert f"{victim.start:016x}" in str(info.value)
+    assert not (tmp_path / "b" / "positions.json").exists()
+
+
+def test_the_newest_snapshot_deleted_fails_the_restore(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: with the newest snapshot deleted while its journal ranges remain, a restore refuses
+    (the replica was rolled back) instead of giving the older snapshot's state; --at that older one still works."""
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key, snapshots=2)
+    c = client(url)
+    snaps, _, _ = _names.split(o.key for o in c.list())
+    assert len(snaps) >= 2
+    c.delete([snaps[-1].key])
+    with pytest.raises(CorruptStateError, match="older than the replica") as info:
+        restore_into(tmp_path / "b", url, None, key)
+    assert "--at" in str(info.value)
+    assert not (tmp_path / "b" / "positions.json").exists()
+    cfg, result = restore_into(tmp_path / "c", url, None, key, at_generation=snaps[-2].generation)
+    assert result.snapshot == snaps[-2].key
+    with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=key) as r:
+        assert "S0/USDT" in held(r)
+
+
+def test_a_longer_range_of_an_older_session_is_superseded_not_a_gap(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3: a range an older session shipped beyond where the newer session's chain ends (a long record
+    the local disk lost after shipping, replaced by a shorter one) is superseded, not a gap."""
+    from posstate.journal import format as jf
+
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+        data = cfg.journal_path.read_bytes()
+        cut = jf.scan(data, jf.parse_header(data)).good_end
+        m.set_position(pos("LOST" + "X" * 100 + "/USDT"))
+        assert m.flush_replica(30)
+    with cfg.journal_path.open("r+b") as fh:  # the power loss: the last record never reached the disk
+        fh.truncate(cut)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("B/USDT"))
+        assert m.flush_replica(30)
+    _, ranges, _ = _names.split(o.key for o in client(url).list())
+    old = [r for r in ranges if r.start == cut]
+    assert len(old) == 2 and old[0].end > old[1].end and old[0].session < old[1].session
+    restored, _ = restore_into(tmp_path / "b", url, None, key)
+    with PositionStateManager(StateConfig.in_dir(restored.state_dir), key=key) as r:
+        assert set(held(r)) == {"A/USDT", "B/USDT"}
