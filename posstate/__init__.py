@@ -14,6 +14,7 @@ from posstate.core.errors import (
     ManagerClosedError,
     MissingKeyError,
     OrderIntentNotFoundError,
+    OrderTransitionError,
     OutcomeUnknownError,
     PersistenceError,
     PosStateError,
@@ -24,6 +25,7 @@ from posstate.core.errors import (
     StateNotFoundError,
     SymbolMetadataNotFoundError,
     TransactionError,
+    UnknownOrderError,
     UnrecoverableStateError,
     UnsupportedVersionError,
     WrongKeyError,
@@ -32,7 +34,12 @@ from posstate.core.version import __version__
 from posstate.model.position import Position
 
 if _typing.TYPE_CHECKING:  # what the names below resolve to, for type checkers and IDEs
+    from posstate.account.balances import Balance
+    from posstate.account.exchange import ExchangeAccountStateStore
     from posstate.account.feed import UpdateQueue
+    from posstate.account.ingest import SyncReport
+    from posstate.account.ledger import FillResult
+    from posstate.account.ledgertypes import Fill, OrderRecord
     from posstate.account.persist import PersistedAccountStateStore
     from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
     from posstate.account.reconcile_file import ReconcileFileResult, reconcile_file
@@ -57,6 +64,12 @@ _LAZY = {
     "AccountUpdate": "posstate.account.types",
     "ActivePositionCounts": "posstate.account.types",
     "AppliedReconciliation": "posstate.account.reconcile",
+    "Balance": "posstate.account.balances",
+    "ExchangeAccountStateStore": "posstate.account.exchange",
+    "Fill": "posstate.account.ledgertypes",
+    "FillResult": "posstate.account.ledger",
+    "OrderRecord": "posstate.account.ledgertypes",
+    "SyncReport": "posstate.account.ingest",
     "BackupInfo": "posstate.backup.backups",
     "MergeDecision": "posstate.model.merge",
     "MergeResult": "posstate.model.merge",
@@ -110,9 +123,13 @@ __all__ = [
     "AmbiguousBackupError",
     "AppliedReconciliation",
     "BackupInfo",
+    "Balance",
     "ConcurrentModificationError",
     "ConfigError",
     "CorruptStateError",
+    "ExchangeAccountStateStore",
+    "Fill",
+    "FillResult",
     "ManagerClosedError",
     "MergeDecision",
     "MergeResult",
@@ -121,6 +138,8 @@ __all__ = [
     "OrderIntent",
     "OrderIntentNotFoundError",
     "OrderIntents",
+    "OrderRecord",
+    "OrderTransitionError",
     "OutcomeUnknownError",
     "PersistedAccountStateStore",
     "PersistenceError",
@@ -143,7 +162,9 @@ __all__ = [
     "StateLockedError",
     "StateNotFoundError",
     "SymbolMetadataNotFoundError",
+    "SyncReport",
     "TransactionError",
+    "UnknownOrderError",
     "UnrecoverableStateError",
     "UnsupportedVersionError",
     "UpdateQueue",

@@ -436,3 +436,36 @@ class ConfigError(PosStateError, ValueError):
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         where = f"{path}: " if path is not None else ""
         super().__init__(f"{where}{message}; see the configuration table in README.md", path=path)
+
+
+class OrderTransitionError(PosStateError, ValueError):
+    """An order ledger change that its lifecycle does not allow (a fill past the amount, a second answer to an
+    order already closed, a fill for an order never sent). Nothing was written."""
+
+    def __init__(self, order: str, reason: str) -> None:
+        self._order = order
+        self._reason = reason
+        super().__init__(f"<ledger>: order {order!r}: {reason}; nothing was recorded (reconcile with the exchange)")
+
+    @property
+    def order(self) -> str:
+        return self._order
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+class UnknownOrderError(PosStateError, LookupError):
+    """The order ledger holds no order with this client or exchange id."""
+
+    def __init__(self, order: str) -> None:
+        self._order = order
+        super().__init__(
+            f"<ledger>: no order {order!r} in the ledger; record its intent first, or adopt it from the exchange "
+            "with set_open_orders()/apply_order_update()"
+        )
+
+    @property
+    def order(self) -> str:
+        return self._order

@@ -1,0 +1,243 @@
+"""Order lifecycle methods of :class:`~posstate.account.exchange.ExchangeAccountStateStore`: intents, submission
+outcomes (accountstate 1.0's ``recordOrderAccepted``/``Rejected``/``StatusUnknown``/``Cancelled`` in
+snake_case), fills and the event history. Each call that changes an order is one journal record, durable
+when it returns; a call that changes nothing (a replayed fill, a repeated answer) writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from posstate.account import epochs, ledgerformat
+from posstate.account import lifecycle as lc
+from posstate.account.ledgerbase import LedgerCore
+from posstate.account.lifecycle import Fill, OrderRecord
+from posstate.core.errors import OrderTransitionError, SchemaValidationError
+from posstate.manager.orders import make_client_order_id
+from posstate.model.position import Position
+
+
+@dataclass(frozen=True, slots=True)
+class FillResult:
+    """What :meth:`apply_fill` did. ``duplicate``: the trade id was seen before, nothing changed.
+    ``position_refused``: the fill counted on its order but was refused for the position (stale epoch)."""
+
+    order: OrderRecord
+    applied: bool
+    duplicate: bool = False
+    position_refused: str | None = None
+    position: Position | None = None
+
+
+class OrderLedger(LedgerCore):
+    """Orders: ``recorded -> sent -> accepted | rejected | unknown -> partially_filled -> filled | cancelled | expired``."""
+
+    # ------------------------------------------------------------------------------------ writing one event
+    def _append(
+        self,
+        key: str,
+        kind: str,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        lifecycles: dict[str, dict[str, Any]] | None = None,
+        positions: Mapping[Any, Position | None] | None = None,
+    ) -> dict[str, Any]:
+        """Append one event to order *key* and write it (with *lifecycles*/*positions*) as one record.
+        Validates the transition first: a refused event writes nothing. Caller holds ``_ledger_lock``."""
+        item = self._orders.get(key)
+        version = int(item["order"]["version"]) + 1 if item is not None else 1
+        event = {"v": version, "type": kind, "at": self._now(), **(fields or {})}
+        order = lc.apply_event(item["order"] if item is not None else None, event)
+        events = lc.fold_fills([*(item["events"] if item is not None else ()), event])
+        self._write_ledger(orders={key: {"order": order, "events": events}}, lifecycles=lifecycles, positions=positions)
+        return order
+
+    # ------------------------------------------------------------------------------------ intents and outcomes
+    def record_order_intent(
+        self,
+        *,
+        strategy: str,
+        signal: str,
+        symbol: str,
+        side: str,
+        type: str,
+        amount: Decimal | int | str | float,
+        price: Decimal | int | str | float | None = None,
+        reduce_only: bool = False,
+        position_side: str | None = None,
+        client_order_id: str | None = None,
+        prefix: str = "ps",
+    ) -> OrderRecord:
+        """Record the decision to place an order, durably, before anything is sent (status ``recorded``).
+
+        The client order id is :func:`~posstate.make_client_order_id` of the decision unless given, so the same
+        decision after a restart finds the same order: recording it again returns the stored order and writes
+        nothing. The order belongs to its position's current epoch (or, flat, to the next one it opens)."""
+        cid = client_order_id or make_client_order_id(
+            strategy=strategy, signal=signal, symbol=symbol, side=side, type=type, amount=amount, price=price, prefix=prefix
+        )
+        with self._ledger_lock:
+            found = self._orders.get(cid)
+            if found is not None:
+                return OrderRecord.from_json(found["order"])
+            base = lc.new_order(
+                client_order_id=cid,
+                exchange_order_id=None,
+                origin="local",
+                symbol=symbol,
+                side=side,
+                type=type,
+                amount=amount,
+                price=price,
+                reduce_only=reduce_only,
+                position_side=position_side,
+                epoch=0,
+                status="recorded",
+                strategy=strategy,
+                signal=signal,
+            )
+            base["epoch"] = epochs.epoch_for_order(epochs.get(self._lifecycles, (symbol, base["position_side"])), base)
+            return OrderRecord.from_json(self._append(cid, "order_placed", {"order": base}))
+
+    def record_order_sent(self, order_id: str) -> OrderRecord:
+        """Mark the order ``sent``, durably, just before the request goes out. Refused (OrderTransitionError) for
+        an order sent before: after a crash nobody knows whether it arrived, so confirm it by client id and never
+        send it again. A reduce-only order large enough to close its open position moves it to ``closing``."""
+        with self._ledger_lock:
+            key = self._find(order_id)
+            order = self._orders[key]["order"]
+            if order["status"] != "recorded":
+                raise OrderTransitionError(
+                    key, f"already sent (status {order['status']}); confirm it by client id, never send it again"
+                )
+            lifecycles = None
+            pkey = (order["symbol"], order["position_side"])
+            life = epochs.get(self._lifecycles, pkey)
+            held = self._snap.positions.get(pkey)
+            if (
+                order["reduce_only"]
+                and life["state"] == "open"
+                and life["epoch"] == order["epoch"]
+                and (held is None or Decimal(order["amount"]) >= held.contracts)
+            ):
+                lifecycles = dict(self._lifecycles)
+                lifecycles[epochs.key_text(pkey)] = epochs.record(
+                    life, "position_modified", self._now(), held, state="closing", order=key
+                )
+            done = self._append(key, "order_sent", lifecycles=lifecycles)
+            self._inflight.add(key)
+            return OrderRecord.from_json(done)
+
+    def _outcome(self, order_id: str, kind: str, to: str, fields: Mapping[str, Any]) -> OrderRecord:
+        with self._ledger_lock:
+            key = self._find(order_id)
+            order = self._orders[key]["order"]
+            if order["status"] == to and all(order.get(k) == v for k, v in fields.items() if k != "reason"):
+                return OrderRecord.from_json(order)  # the same answer again: nothing to record
+            done = self._append(key, kind, dict(fields))
+            self._inflight.discard(key)
+            return OrderRecord.from_json(done)
+
+    def record_order_accepted(
+        self, order_id: str, *, exchange_order_id: str | None = None, order: Mapping[str, Any] | None = None
+    ) -> OrderRecord:
+        """The exchange accepted the order (``sent`` or ``unknown`` -> ``accepted``); *order* may be its ccxt answer.
+        An acceptance arriving after a fill only records the exchange id."""
+        if order is not None and exchange_order_id is None:
+            exchange_order_id = str(order.get("id")) if order.get("id") is not None else None
+        with self._ledger_lock:
+            key = self._find(order_id)
+            current = self._orders[key]["order"]
+            if current["status"] in ("partially_filled", "filled", "cancelled", "expired", "accepted"):
+                if exchange_order_id and current.get("exchange_order_id") != exchange_order_id:
+                    return OrderRecord.from_json(self._append(key, "order_updated", {"exchange_order_id": exchange_order_id}))
+                return OrderRecord.from_json(current)
+            fields = {"exchange_order_id": exchange_order_id} if exchange_order_id else {}
+            return self._outcome(key, "order_accepted", "accepted", fields)
+
+    def record_order_rejected(self, order_id: str, *, reason: str) -> OrderRecord:
+        """The exchange refused the order (or it was found not to exist): ``rejected``, final."""
+        return self._outcome(order_id, "order_rejected", "rejected", {"reason": _reason(reason)})
+
+    def record_order_status_unknown(self, order_id: str, *, reason: str) -> OrderRecord:
+        """Nobody knows whether the order reached the exchange (a timeout, a network error, a crash after
+        ``sent``). It stays ``unknown`` across any restart until resolved against the exchange, blocks
+        :meth:`ready_to_trade`, and is never sent again."""
+        return self._outcome(order_id, "order_status_unknown", "unknown", {"reason": _reason(reason)})
+
+    def record_order_cancelled(self, order_id: str, *, reason: str | None = None) -> OrderRecord:
+        """The order was cancelled (by the bot, the exchange or by hand). Later fills still count on it."""
+        return self._outcome(order_id, "order_cancelled", "cancelled", {"reason": _reason(reason)} if reason else {})
+
+    def record_order_expired(self, order_id: str) -> OrderRecord:
+        return self._outcome(order_id, "order_expired", "expired", {})
+
+    # ------------------------------------------------------------------------------------ fills
+    def apply_fill(self, fill: Fill | Mapping[str, Any]) -> FillResult:
+        """Apply one execution (a :class:`Fill` or a ccxt trade dict) to its order, found by client order id or
+        exchange order id. A trade id the order has seen changes nothing (``duplicate=True``); a fill past the
+        order's amount is OrderTransitionError; a fill for an order the ledger does not hold is UnknownOrderError.
+
+        The fill also moves the order's position (an opening fill grows it at the average entry price, a
+        reducing one shrinks or closes it), unless the order's epoch is older than the position's or already
+        closed: then the fill counts on the order and the position is left alone (``position_refused``, and a
+        ``staleUpdate`` event), so a late fill never reopens a closed position. All in one journal record."""
+        f = fill if isinstance(fill, Fill) else Fill.from_ccxt(fill)
+        with self._ledger_lock:
+            key = self._find(f.client_order_id or f.order_id or "")
+            item = self._orders[key]
+            order = item["order"]
+            if f.trade_id in order["trade_ids"] or any(
+                e.get("type") == "order_fills_folded" and f.trade_id in e["trade_ids"] for e in item["events"]
+            ):
+                self._emit("duplicateFill", {"order": key, "trade_id": f.trade_id})
+                return FillResult(OrderRecord.from_json(order), applied=False, duplicate=True)
+            if f.symbol is not None and f.symbol != order["symbol"]:
+                raise OrderTransitionError(key, f"fill {f.trade_id!r} is for {f.symbol}, the order for {order['symbol']}")
+            kind = lc.fill_event_type(order, f)
+            at = self._now()
+            pkey = (order["symbol"], order["position_side"])
+            life = epochs.get(self._lifecycles, pkey)
+            effect = epochs.fill_effect(life, self._snap.positions.get(pkey), order, f.amount, f.price, f.timestamp or at)
+            if effect.refused is not None:
+                done = self._append(key, kind, {"fill": f.execution()})
+                self._emit("staleUpdate", {"order": key, "trade_id": f.trade_id, "reason": effect.refused})
+                return FillResult(OrderRecord.from_json(done), applied=True, position_refused=effect.refused)
+            lifecycles = dict(self._lifecycles)
+            lifecycles[epochs.key_text(pkey)] = effect.lifecycle
+            done = self._append(key, kind, {"fill": f.execution()}, lifecycles=lifecycles, positions={pkey: effect.position})
+            return FillResult(OrderRecord.from_json(done), applied=True, position=effect.position)
+
+    # ------------------------------------------------------------------------------------ history
+    def order_events(self, order_id: str | None = None) -> list[dict[str, Any]]:
+        """Stored events of every order (or one), each with its ``order`` key and per-order version ``v``."""
+        with self._ledger_lock:
+            if order_id is not None:
+                order_id = self._find(order_id)
+            entries = {
+                ledgerformat.order_entry_name(k): ledgerformat.order_entry(i["order"], i["events"])
+                for k, i in self._orders.items()
+            }
+        return ledgerformat.order_history(entries, order_id)
+
+    def position_events(self) -> list[dict[str, Any]]:
+        with self._ledger_lock:
+            return ledgerformat.position_history({ledgerformat.LIFECYCLES: {"positions": self._lifecycles}})
+
+    def reconstruct_order(self, order_id: str) -> OrderRecord:
+        """The order rebuilt from its stored events alone; equals :meth:`get_ledger_order` (the invariant the
+        load checks)."""
+        with self._ledger_lock:
+            key = self._find(order_id)
+            rebuilt = lc.reconstruct(self._orders[key]["events"])
+        assert rebuilt is not None
+        return OrderRecord.from_json(rebuilt)
+
+
+def _reason(reason: Any) -> str:
+    if not isinstance(reason, str) or not reason:
+        raise SchemaValidationError(None, "$.reason", "type", "a reason is a non-empty string")
+    return reason[:500]

@@ -1,0 +1,272 @@
+"""The durable part of :class:`~posstate.account.exchange.ExchangeAccountStateStore`: loading the ledger, writing one
+change as one journal record, readiness and the load-time invariants.
+
+Every ledger change is written before memory changes: one ``manager.transaction()`` holding the entries it
+touches (an order, the position lifecycles, the balances) and the position it moves, which the journal's
+durabilities record as one record, durable when the call returns (``durability="snapshot"``: followed by
+``manager.save()``). If the write fails the call raises and neither the ledger nor the store changed; under
+``"snapshot"`` the manager's memory is put back too, so the next save cannot write what the bot was told failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from posstate.account import epochs, ledgerformat
+from posstate.account.balances import Balance
+from posstate.account.lifecycle import OrderRecord
+from posstate.account.persist import PersistedAccountStateStore
+from posstate.account.storebase import _proxy
+from posstate.core.errors import UnknownOrderError
+from posstate.manager.manager import PositionStateManager
+from posstate.model.position import Position, PositionKey
+
+log = logging.getLogger("posstate")
+
+Subject = Literal["positions", "open_orders", "balances"]
+SUBJECTS: tuple[str, ...] = ("positions", "open_orders", "balances")
+#: Why a subject is not trusted: ``startup``, ``restored_from_backup``, ``recovered``, ``submission_unknown``,
+#: ``stream_gap``; ``invariant_violation`` when the loaded ledger breaks an invariant (see ``violations``).
+READINESS_REASONS: tuple[str, ...] = (
+    "startup",
+    "restored_from_backup",
+    "recovered",
+    "submission_unknown",
+    "stream_gap",
+    "invariant_violation",
+)
+LEDGER_EVENTS: frozenset[str] = frozenset({"invariantViolation", "staleUpdate", "orderAdopted", "duplicateFill"})
+
+
+class LedgerCore(PersistedAccountStateStore):
+    """Ledger memory, its durable write, readiness and invariants (the methods live in ledger.py and ingest.py)."""
+
+    def __init__(
+        self,
+        manager: PositionStateManager,
+        *,
+        write_through: bool = True,
+        persist_interval: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._clock = clock
+        self._orders: dict[str, dict[str, Any]] = {}
+        self._lifecycles: dict[str, dict[str, Any]] = {}
+        self._balances: dict[str, dict[str, Any]] = {}
+        self._blocked: dict[str, str] = {}
+        self._inflight: set[str] = set()
+        self._ledger_lock = threading.RLock()
+        self.violations: tuple[ledgerformat.Violation, ...] = ()
+        super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
+        self._settle_after_restart()
+        manager.on("backupRestored", self._on_backup_restored)
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    def on(self, event: str, handler: Any) -> None:
+        if event in LEDGER_EVENTS:
+            with self._lock:
+                self._handlers.setdefault(event, []).append(handler)
+            return
+        super().on(event, handler)
+
+    # ------------------------------------------------------------------------------------ load
+    def restore(self, *, reason: str | None = None) -> None:
+        """Load positions, metadata and the ledger from the manager. Every subject becomes untrusted (reason
+        ``recovered`` when the manager recovered its state, else ``startup``) and the invariants are checked."""
+        super().restore()
+        with self._ledger_lock:
+            entries = {n: d for n, d in self._manager.get_all_symbol_metadata().items() if ledgerformat.is_ledger_entry(n)}
+            orders, _ = ledgerformat.load_orders(entries)
+            self._orders = orders
+            life = entries.get(ledgerformat.LIFECYCLES) or {}
+            self._lifecycles = dict(life.get("positions", {})) if isinstance(life, Mapping) else {}
+            bal = entries.get(ledgerformat.BALANCES) or {}
+            self._balances = dict(bal.get("assets", {})) if isinstance(bal, Mapping) else {}
+            self._inflight = set()
+            why = reason or ("recovered" if self._manager.last_recovery is not None else "startup")
+            self._blocked = dict.fromkeys(SUBJECTS, why)
+            self.violations = tuple(ledgerformat.check(entries, self._manager.get_positions()))
+        for v in self.violations:
+            log.warning("order ledger invariant broken: %s %s: %s", v.code, v.subject, v.detail)
+            self._emit("invariantViolation", v.to_dict())
+
+    def _on_backup_restored(self, event: Mapping[str, Any]) -> None:
+        # Inside the manager's restore (its lock held by this thread): reload memory only; orders left "sent"
+        # count as unknown submissions until the bot resolves them (see readiness()).
+        self.restore(reason="restored_from_backup")
+
+    def record_order_status_unknown(self, order_id: str, *, reason: str) -> OrderRecord:
+        raise NotImplementedError  # ledger.py
+
+    def _settle_after_restart(self) -> None:
+        """Orders a killed process left ``sent`` become ``unknown``, durably: nobody knows whether they reached
+        the exchange. They are never sent again by posstate; the bot resolves them by client id."""
+        stuck = [k for k, item in self._orders.items() if item["order"]["status"] == "sent"]
+        for key in stuck:
+            try:
+                self.record_order_status_unknown(key, reason="restart: sent before the process ended, no answer recorded")
+            except Exception:  # still counted as unknown by readiness(); the next call retries nothing on its own
+                log.exception("could not record order %s as unknown after restart", key)
+
+    # ------------------------------------------------------------------------------------ durable write
+    def _write_ledger(
+        self,
+        *,
+        orders: Mapping[str, dict[str, Any]] | None = None,
+        lifecycles: dict[str, dict[str, Any]] | None = None,
+        balances: dict[str, dict[str, Any]] | None = None,
+        positions: Mapping[PositionKey, Position | None] | None = None,
+        source: str = "local",
+    ) -> None:
+        """Write these entries (and positions) as one journal record, then take them into memory. Caller holds
+        ``_ledger_lock``. Order values are ``{"order", "events"}``."""
+        m = self._manager
+        writes: dict[str, dict[str, Any]] = {}
+        for key, item in (orders or {}).items():
+            writes[ledgerformat.order_entry_name(key)] = ledgerformat.order_entry(item["order"], item["events"])
+        if lifecycles is not None:
+            writes[ledgerformat.LIFECYCLES] = {"format": ledgerformat.LEDGER_FORMAT, "positions": lifecycles}
+        if balances is not None:
+            writes[ledgerformat.BALANCES] = {"format": ledgerformat.LEDGER_FORMAT, "assets": balances}
+        moves = dict(positions or {})
+        with self._persist_lock:
+            snapshot_mode = m.config.durability == "snapshot"
+            before_meta = {n: m.get_symbol_metadata(n) for n in writes} if snapshot_mode else {}
+            before_pos = {k: m.get_position(k[0], k[1]) for k in moves} if snapshot_mode else {}
+            try:
+                with m.transaction():
+                    for name, data in writes.items():
+                        m.set_symbol_metadata(name, data)
+                    for pkey, p in moves.items():
+                        if p is None:
+                            m.delete_position(pkey[0], pkey[1])
+                        else:
+                            m.set_position(p)
+                if snapshot_mode:
+                    m.save()
+            except BaseException:
+                if snapshot_mode:
+                    self._put_back(before_meta, before_pos)
+                raise
+            for key, item in (orders or {}).items():
+                self._orders[key] = item
+            if lifecycles is not None:
+                self._lifecycles = lifecycles
+            if balances is not None:
+                self._balances = balances
+            if moves:
+                with self._lock:
+                    current = dict(self._snap.positions)
+                    for pkey, p in moves.items():
+                        if p is None:
+                            current.pop(pkey, None)
+                        else:
+                            current[pkey] = p
+                    self._commit([("position", k, p) for k, p in moves.items()], source=source, positions=_proxy(current))
+
+    def _put_back(self, meta: Mapping[str, dict[str, Any] | None], positions: Mapping[PositionKey, Position | None]) -> None:
+        m = self._manager
+        try:
+            with m.transaction():
+                for name, data in meta.items():
+                    if data is None:
+                        m.delete_symbol_metadata(name)
+                    else:
+                        m.set_symbol_metadata(name, data)
+                for key, p in positions.items():
+                    if p is None:
+                        m.delete_position(key[0], key[1])
+                    else:
+                        m.set_position(p)
+        except Exception:  # the manager refuses changes (outcome unknown): it will say so itself
+            log.exception("could not put the manager's memory back after a failed ledger write")
+
+    # ------------------------------------------------------------------------------------ reads
+    def _find(self, order_id: str) -> str:
+        """The ledger key of an order named by its key, client order id or exchange order id."""
+        with self._ledger_lock:
+            if order_id in self._orders:
+                return order_id
+            if "x:" + order_id in self._orders:
+                return "x:" + order_id
+            for key, item in self._orders.items():
+                o = item["order"]
+                if order_id in (o.get("client_order_id"), o.get("exchange_order_id")):
+                    return key
+        raise UnknownOrderError(order_id)
+
+    def get_ledger_order(self, order_id: str) -> OrderRecord | None:
+        """The ledger's order (by client order id, exchange id or key), or None."""
+        try:
+            key = self._find(order_id)
+        except UnknownOrderError:
+            return None
+        return OrderRecord.from_json(self._orders[key]["order"])
+
+    def get_ledger_orders(self, *, status: str | None = None, symbol: str | None = None) -> list[OrderRecord]:
+        with self._ledger_lock:
+            items = [i["order"] for i in self._orders.values()]
+        found = [
+            OrderRecord.from_json(o)
+            for o in items
+            if (status is None or o["status"] == status) and (symbol is None or o["symbol"] == symbol)
+        ]
+        return sorted(found, key=lambda o: (o.created_at, o.key))
+
+    def unknown_orders(self) -> list[OrderRecord]:
+        """Orders whose outcome nobody knows: ``unknown``, and ``sent`` orders this process did not send."""
+        with self._ledger_lock:
+            keys = [
+                k
+                for k, i in self._orders.items()
+                if i["order"]["status"] == "unknown" or (i["order"]["status"] == "sent" and k not in self._inflight)
+            ]
+            return [OrderRecord.from_json(self._orders[k]["order"]) for k in sorted(keys)]
+
+    def get_balances(self) -> dict[str, Balance]:
+        """Every asset's balance, keyed ``USDT`` (trading) or ``USDT.FUNDING``."""
+        with self._ledger_lock:
+            return {k: Balance.from_json(v) for k, v in self._balances.items()}
+
+    def get_balance(self, asset: str, *, source: str = "trading") -> Balance | None:
+        key = asset.upper() if source == "trading" else f"{asset.upper()}.FUNDING"
+        found = self._balances.get(key)
+        return Balance.from_json(found) if found is not None else None
+
+    def position_lifecycle(self, symbol: str, side: str) -> dict[str, Any]:
+        """``{"epoch", "state", "version", "events"}`` of (symbol, side); epoch 0 and ``closed`` when never opened."""
+        with self._ledger_lock:
+            return epochs.get(self._lifecycles, (symbol, side))  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------------ readiness
+    def readiness(self) -> dict[str, str]:
+        """The subjects that block trading, each with its reason (empty when ready)."""
+        with self._ledger_lock:
+            out = dict(self._blocked)
+            if self.unknown_orders():
+                out["open_orders"] = "submission_unknown"
+            if self.violations:
+                out["ledger"] = "invariant_violation"
+        return out
+
+    def ready_to_trade(self) -> bool:
+        """False until positions, open orders and balances were reconciled with the exchange since the last
+        start, restore or recovery, while any submission's outcome is unknown, and after a stream gap."""
+        return not self.readiness()
+
+    def record_stream_gap(self, *, subjects: tuple[str, ...] = SUBJECTS, reason: str = "stream_gap") -> None:
+        """The private stream reconnected or missed messages: the subjects are untrusted until reconciled."""
+        with self._ledger_lock:
+            for s in subjects:
+                if s not in SUBJECTS:
+                    raise ValueError(f"unknown subject {s!r}; known: {', '.join(SUBJECTS)}")
+                self._blocked[s] = reason
+
+    def _trust(self, subject: str) -> None:
+        self._blocked.pop(subject, None)

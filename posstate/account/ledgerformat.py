@@ -1,0 +1,252 @@
+"""Where the order ledger lives in the state document, and the checks a loaded ledger must pass.
+
+The ledger is kept in the manager's own state document, as symbol-metadata entries under reserved names
+(``__posstate_``, which the account store refuses and hides), so it shares the state file's atomic save,
+encryption, authentication, backups and journal, and one ledger change is one journal record together with
+the position it moves:
+
+* ``__posstate_order__<key>``: one order, ``{"format": 1, "order": {...}, "events": [...]}`` (the key is the
+  client order id, or ``x:`` + the exchange id for an adopted order; a key too long for a name is hashed);
+* ``__posstate_lifecycles__``: ``{"format": 1, "positions": {"SYMBOL|side": {"epoch", "state", "version",
+  "events"}}}``;
+* ``__posstate_balances__``: ``{"format": 1, "assets": {"USDT": {"asset", "total", "available", "source",
+  "updated_at"}}}``.
+
+schemas/ledger-1.schema.json describes these entries. Everything here is pure (no I/O).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from posstate.account import lifecycle as lc
+from posstate.account.lifecycle import LIVE
+from posstate.core.errors import OrderTransitionError
+from posstate.model.position import MAX_SYMBOL_LENGTH, Position, PositionKey
+
+LEDGER_FORMAT = 1
+ORDER_PREFIX = "__posstate_order__"
+LIFECYCLES = "__posstate_lifecycles__"
+BALANCES = "__posstate_balances__"
+LEGACY_INTENTS = "__posstate_orders__"
+
+#: Fields (at any depth of a ledger entry) that hold decimals as text.
+DECIMAL_KEYS: frozenset[str] = frozenset(
+    {
+        "amount",
+        "price",
+        "filled",
+        "cost",
+        "average_price",
+        "fee",
+        "exchange_filled",
+        "contracts",
+        "entry_price",
+        "total",
+        "available",
+    }
+)
+
+
+def order_entry_name(key: str) -> str:
+    name = ORDER_PREFIX + key
+    if len(name) <= MAX_SYMBOL_LENGTH:
+        return name
+    return ORDER_PREFIX + "h" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:40]
+
+
+def is_ledger_entry(name: str) -> bool:
+    return name.startswith(ORDER_PREFIX) or name in (LIFECYCLES, BALANCES)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """One broken invariant of a loaded ledger (reported, never repaired)."""
+
+    code: str
+    subject: str
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "subject": self.subject, "detail": self.detail}
+
+
+def looks_binary_float(text: str) -> bool:
+    """A decimal text a binary float made (``0.30000000000000004``, ``0.1000000000000000055511151231257827``):
+    17 or more significant digits that are exactly a double, or a double's shortest repr."""
+    try:
+        d = Decimal(text)
+    except (InvalidOperation, TypeError, ValueError):
+        return False
+    if not d.is_finite() or len(d.as_tuple().digits) < 17:
+        return False
+    f = float(d)
+    return Decimal(f) == d or Decimal(repr(f)) == d
+
+
+def _floats(value: Any, where: str, out: list[Violation]) -> None:
+    if isinstance(value, float):
+        out.append(Violation("binary_float", where, f"a JSON number ({value!r}) where a decimal string belongs"))
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            if k in DECIMAL_KEYS and isinstance(v, str) and looks_binary_float(v):
+                out.append(
+                    Violation("binary_float", f"{where}.{k}", f"{v!r} is a binary float's text, not the exchange's decimal")
+                )
+            else:
+                _floats(v, f"{where}.{k}", out)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _floats(v, f"{where}[{i}]", out)
+
+
+def load_orders(entries: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Violation]]:
+    """The orders of the ledger entries (key -> ``{"order", "events"}``) and the entries that are not orders."""
+    orders: dict[str, dict[str, Any]] = {}
+    bad: list[Violation] = []
+    for name, entry in entries.items():
+        if not name.startswith(ORDER_PREFIX):
+            continue
+        try:
+            if entry.get("format") != LEDGER_FORMAT:
+                raise ValueError(f"format {entry.get('format')!r}")
+            order, events = entry["order"], entry["events"]
+            key = order["key"]
+            if order_entry_name(key) != name:
+                raise ValueError("entry name does not match the order's key")
+            lc.OrderRecord.from_json(order)
+            orders[key] = {"order": order, "events": list(events)}
+        except (KeyError, TypeError, ValueError, AttributeError, InvalidOperation) as exc:
+            bad.append(
+                Violation("malformed", name, f"not an order entry posstate writes ({type(exc).__name__}: {str(exc)[:80]})")
+            )
+    return orders, bad
+
+
+def check(entries: Mapping[str, Any], positions: Mapping[PositionKey, Position]) -> list[Violation]:
+    """Every invariant of the ledger in *entries* (the state's reserved metadata) against *positions*.
+
+    No two live orders share a client order id; every live order has its intent (an ``order_placed`` or
+    ``order_adopted`` event first); no fill belongs to an order the ledger never sent; an order equals the
+    order its events rebuild; no position is open in a closed epoch; no decimal is a binary float's text.
+    """
+    orders, out = load_orders(entries)
+    seen_cids: dict[str, str] = {}
+    for key, item in sorted(orders.items()):
+        order, events = item["order"], item["events"]
+        subject = f"order {key}"
+        cid = order.get("client_order_id")
+        if order["status"] in LIVE and cid:
+            if cid in seen_cids:
+                out.append(
+                    Violation(
+                        "duplicate_client_id", subject, f"live orders {seen_cids[cid]!r} and {key!r} share client id {cid!r}"
+                    )
+                )
+            seen_cids.setdefault(cid, key)
+        first = events[0]["type"] if events and isinstance(events[0], Mapping) else None
+        if first not in ("order_placed", "order_adopted"):
+            out.append(
+                Violation("no_intent", subject, "the order's events do not start with its intent (order_placed/order_adopted)")
+            )
+            continue
+        sent = order["origin"] == "exchange" or any(e.get("type") == "order_sent" for e in events)
+        if int(order.get("fill_count", 0)) and not sent:
+            out.append(Violation("fill_for_unknown_order", subject, "fills recorded for an order the ledger never sent"))
+        try:
+            rebuilt = lc.reconstruct(events)
+        except (OrderTransitionError, KeyError, TypeError, ValueError, InvalidOperation) as exc:
+            out.append(Violation("events_disagree", subject, f"its events do not replay ({str(exc)[:100]})"))
+            continue
+        if rebuilt != order:
+            diff = sorted(k for k in set(order) | set(rebuilt or {}) if order.get(k) != (rebuilt or {}).get(k))
+            out.append(Violation("events_disagree", subject, f"stored order differs from its events in {', '.join(diff)}"))
+    lifecycles = entries.get(LIFECYCLES, {}).get("positions", {}) if isinstance(entries.get(LIFECYCLES), Mapping) else {}
+    for text, state in sorted(lifecycles.items()):
+        symbol, _, side = text.rpartition("|")
+        p = positions.get((symbol, side))
+        if p is not None and p.contracts != 0 and state.get("state") == "closed":
+            out.append(
+                Violation("position_in_closed_epoch", f"position {text}", f"open position in closed epoch {state.get('epoch')}")
+            )
+    for name in sorted(entries):
+        if is_ledger_entry(name):
+            _floats(entries[name], name, out)
+    return out
+
+
+def order_history(entries: Mapping[str, Any], order_id: str | None = None) -> list[dict[str, Any]]:
+    """Every stored event of every order (or of the order whose key, client id or exchange id is *order_id*),
+    each with its ``order`` key, oldest first per order."""
+    orders, _ = load_orders(entries)
+    out: list[dict[str, Any]] = []
+    for key, item in sorted(orders.items(), key=lambda kv: (kv[1]["order"].get("created_at", 0), kv[0])):
+        o = item["order"]
+        if order_id is not None and order_id not in (key, o.get("client_order_id"), o.get("exchange_order_id")):
+            continue
+        out.extend({"order": key, **e} for e in item["events"])
+    return out
+
+
+def position_history(entries: Mapping[str, Any]) -> list[dict[str, Any]]:
+    lifecycles = entries.get(LIFECYCLES, {}).get("positions", {}) if isinstance(entries.get(LIFECYCLES), Mapping) else {}
+    return [{"position": k, **e} for k, v in sorted(lifecycles.items()) for e in v.get("events", [])]
+
+
+def migrate_intents(metadata: Mapping[str, Any], *, now: int) -> dict[str, dict[str, Any]]:
+    """Ledger order entries for the order intents an older posstate recorded (``__posstate_orders__``, written
+    by ``OrderIntents``) that the ledger does not hold yet. Pure: the caller writes the result.
+
+    ``recorded`` (perhaps sent, nobody knows) becomes ``unknown``: confirm it by client id, never send it again;
+    ``sent`` becomes ``accepted``; ``filled`` stays a closed order with no fill details (its fills came before
+    the ledger). The legacy entry itself is left as it is.
+    """
+    legacy = metadata.get(LEGACY_INTENTS)
+    intents = legacy.get("intents") if isinstance(legacy, Mapping) else None
+    if not isinstance(intents, Mapping):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for cid, d in sorted(intents.items()):
+        name = order_entry_name(cid)
+        if name in metadata or not isinstance(d, Mapping):
+            continue
+        at = d.get("recorded_at") if type(d.get("recorded_at")) is int else now
+        base = lc.new_order(
+            client_order_id=cid,
+            exchange_order_id=d.get("exchange_order_id"),
+            origin="local",
+            symbol=d["symbol"],
+            side=d["side"],
+            type=d["type"],
+            amount=d["amount"],
+            price=d.get("price"),
+            reduce_only=False,
+            position_side=None,
+            epoch=0,
+            status="recorded",
+            strategy=d.get("strategy"),
+            signal=d.get("signal"),
+        )
+        events: list[dict[str, Any]] = [
+            {"v": 1, "type": "order_placed", "at": at, "order": base, "migrated": True},
+            {"v": 2, "type": "order_sent", "at": at},
+        ]
+        state = d.get("state")
+        if state == "recorded":
+            events.append({"v": 3, "type": "order_status_unknown", "at": now, "reason": "migrated: recorded before the ledger"})
+        else:
+            events.append({"v": 3, "type": "order_accepted", "at": now, "exchange_order_id": d.get("exchange_order_id")})
+            if state == "filled":
+                events.append({"v": 4, "type": "order_updated", "at": now, "status": "filled"})
+        order = lc.reconstruct(events)
+        assert order is not None
+        out[name] = {"format": LEDGER_FORMAT, "order": order, "events": events}
+    return out
+
+
+def order_entry(order: Mapping[str, Any], events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    return {"format": LEDGER_FORMAT, "order": dict(order), "events": list(events)}

@@ -1,0 +1,191 @@
+"""Records of the order ledger: a fill (a ccxt trade), an execution an order keeps, and the read-only view of
+a stored order. Statuses are defined here; the lifecycle rules are in lifecycle.py."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from posstate.core.errors import SchemaValidationError
+from posstate.model.position import to_decimal
+
+TERMINAL: frozenset[str] = frozenset({"rejected", "filled", "cancelled", "expired"})
+#: Orders that may be resting on the exchange (``unknown``: nobody knows yet).
+LIVE: frozenset[str] = frozenset({"sent", "accepted", "unknown", "partially_filled"})
+_ZERO = Decimal(0)
+
+
+def _opt_text(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # exchanges' numeric ids (Binance trade ids)
+    if not isinstance(value, str) or not value:
+        raise SchemaValidationError(None, f"$.{name}", "type", f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _ms(value: Any, name: str = "timestamp") -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SchemaValidationError(None, f"$.{name}", "type", f"expected milliseconds since the epoch, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------- fills
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fill:
+    """One execution (a ccxt trade). ``trade_id`` is the exchange's id: the key of de-duplication."""
+
+    trade_id: str
+    price: Decimal
+    amount: Decimal
+    order_id: str | None = None
+    client_order_id: str | None = None
+    symbol: str | None = None
+    side: str | None = None
+    fee: Decimal = _ZERO
+    fee_currency: str | None = None
+    timestamp: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trade_id", _opt_text(self.trade_id, "trade_id"))
+        if self.trade_id is None:
+            raise SchemaValidationError(None, "$.trade_id", "required", "a fill needs the exchange's trade id")
+        for name in ("price", "amount", "fee"):
+            object.__setattr__(self, name, to_decimal(getattr(self, name), name))
+        if self.amount <= 0 or self.price < 0:
+            raise SchemaValidationError(None, "$.amount", "minimum", "a fill has a positive amount and a price >= 0")
+        object.__setattr__(self, "order_id", _opt_text(self.order_id, "order_id"))
+        object.__setattr__(self, "timestamp", _ms(self.timestamp))
+
+    @classmethod
+    def from_ccxt(cls, trade: Mapping[str, Any]) -> Fill:
+        """From a ccxt unified trade (``fetch_my_trades``, ``watch_my_trades``): id, order, price, amount, fee."""
+        if not isinstance(trade, Mapping):
+            raise SchemaValidationError(None, "$", "type", f"expected a ccxt trade dict, got {type(trade).__name__}")
+        fee = trade.get("fee") or {}
+        info = trade.get("info") or {}
+        cid = trade.get("clientOrderId") or (info.get("clientOrderId") if isinstance(info, Mapping) else None)
+        return cls(
+            trade_id=trade.get("id"),  # type: ignore[arg-type]
+            order_id=trade.get("order"),
+            client_order_id=cid or None,
+            symbol=trade.get("symbol"),
+            side=trade.get("side"),
+            price=trade.get("price"),  # type: ignore[arg-type]
+            amount=trade.get("amount"),  # type: ignore[arg-type]
+            fee=(fee.get("cost") if isinstance(fee, Mapping) else None) or _ZERO,
+            fee_currency=fee.get("currency") if isinstance(fee, Mapping) else None,
+            timestamp=trade.get("timestamp"),
+        )
+
+    def execution(self) -> dict[str, Any]:
+        """The JSON an order keeps for this fill."""
+        return {
+            "trade_id": self.trade_id,
+            "price": str(self.price),
+            "amount": str(self.amount),
+            "fee": str(self.fee),
+            "fee_currency": self.fee_currency,
+            "timestamp": self.timestamp,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    trade_id: str
+    price: Decimal
+    amount: Decimal
+    fee: Decimal
+    fee_currency: str | None
+    timestamp: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderRecord:
+    """One order of the ledger, as stored (a read-only view; decimals are Decimal)."""
+
+    key: str
+    client_order_id: str | None
+    exchange_order_id: str | None
+    origin: str
+    symbol: str
+    side: str
+    type: str
+    amount: Decimal
+    price: Decimal | None
+    reduce_only: bool
+    position_side: str
+    epoch: int
+    status: str
+    reason: str | None
+    filled: Decimal
+    average_price: Decimal | None
+    fees: Mapping[str, Decimal]
+    fill_count: int
+    trade_ids: tuple[str, ...]
+    executions: tuple[Execution, ...]
+    exchange_filled: Decimal | None
+    created_at: int
+    updated_at: int
+    version: int
+
+    @property
+    def is_live(self) -> bool:
+        """May be resting on the exchange (``sent``, ``accepted``, ``unknown``, ``partially_filled``)."""
+        return self.status in LIVE
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.amount - self.filled
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> OrderRecord:
+        price = d.get("price")
+        avg = d.get("average_price")
+        ex = d.get("exchange_filled")
+        return cls(
+            key=d["key"],
+            client_order_id=d.get("client_order_id"),
+            exchange_order_id=d.get("exchange_order_id"),
+            origin=d["origin"],
+            symbol=d["symbol"],
+            side=d["side"],
+            type=d["type"],
+            amount=Decimal(d["amount"]),
+            price=Decimal(price) if price is not None else None,
+            reduce_only=bool(d["reduce_only"]),
+            position_side=d["position_side"],
+            epoch=int(d["epoch"]),
+            status=d["status"],
+            reason=d.get("reason"),
+            filled=Decimal(d["filled"]),
+            average_price=Decimal(avg) if avg is not None else None,
+            fees={c: Decimal(v) for c, v in d["fees"].items()},
+            fill_count=int(d["fill_count"]),
+            trade_ids=tuple(d["trade_ids"]),
+            executions=tuple(
+                Execution(
+                    e["trade_id"],
+                    Decimal(e["price"]),
+                    Decimal(e["amount"]),
+                    Decimal(e["fee"]),
+                    e.get("fee_currency"),
+                    e.get("timestamp"),
+                )
+                for e in d["executions"]
+            ),
+            exchange_filled=Decimal(ex) if ex is not None else None,
+            created_at=int(d["created_at"]),
+            updated_at=int(d["updated_at"]),
+            version=int(d["version"]),
+        )
