@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from posstate.account import epochs
@@ -176,7 +177,9 @@ class AccountIngest(OrderLedger):
                 else:
                     unresolved.append(key)
                     if order["status"] != "unknown":
-                        self._append(key, "order_status_unknown", {"reason": "not among the exchange's open orders"})
+                        self._append(
+                            key, "order_updated", {"status": "unknown", "reason": "not among the exchange's open orders"}
+                        )
             self._trust("open_orders")
         return SyncReport(adopted=tuple(adopted), found=tuple(found), not_found=tuple(not_found), unresolved=tuple(unresolved))
 
@@ -239,9 +242,11 @@ class AccountIngest(OrderLedger):
         if o.filled and order.get("exchange_filled") != str(o.filled):
             fields["exchange_filled"] = str(o.filled)
         status = order["status"]
-        if to == "accepted" and status in ("sent", "unknown"):
-            self._append(key, "order_accepted", fields)
-            return
+        if to in ("accepted", "partially_filled") and status in ("sent", "unknown"):
+            if to == "accepted" and Decimal(order["filled"]) == 0:
+                self._append(key, "order_accepted", fields)
+                return
+            to = "partially_filled"  # found partly filled (by the exchange's word or by fills we hold)
         if (
             to != status
             and status in lc.LIVE

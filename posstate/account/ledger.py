@@ -213,7 +213,7 @@ class OrderLedger(LedgerCore):
 
     # ------------------------------------------------------------------------------------ history
     def order_events(self, order_id: str | None = None) -> list[dict[str, Any]]:
-        """Stored events of every order (or one), each with its ``order`` key and per-order version ``v``."""
+        """Stored events of every order (or one), each with its ``order_key`` and per-order version ``v``."""
         with self._ledger_lock:
             if order_id is not None:
                 order_id = self._find(order_id)

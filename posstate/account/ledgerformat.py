@@ -181,14 +181,14 @@ def check(entries: Mapping[str, Any], positions: Mapping[PositionKey, Position])
 
 def order_history(entries: Mapping[str, Any], order_id: str | None = None) -> list[dict[str, Any]]:
     """Every stored event of every order (or of the order whose key, client id or exchange id is *order_id*),
-    each with its ``order`` key, oldest first per order."""
+    each with its ``order_key``, oldest first per order."""
     orders, _ = load_orders(entries)
     out: list[dict[str, Any]] = []
     for key, item in sorted(orders.items(), key=lambda kv: (kv[1]["order"].get("created_at", 0), kv[0])):
         o = item["order"]
         if order_id is not None and order_id not in (key, o.get("client_order_id"), o.get("exchange_order_id")):
             continue
-        out.extend({"order": key, **e} for e in item["events"])
+        out.extend({"order_key": key, **e} for e in item["events"])
     return out
 
 
