@@ -118,6 +118,8 @@ class OrderRecord:
     client_order_id: str | None
     exchange_order_id: str | None
     origin: str
+    strategy: str | None
+    signal: str | None
     symbol: str
     side: str
     type: str
@@ -158,6 +160,8 @@ class OrderRecord:
             client_order_id=d.get("client_order_id"),
             exchange_order_id=d.get("exchange_order_id"),
             origin=d["origin"],
+            strategy=d.get("strategy"),
+            signal=d.get("signal"),
             symbol=d["symbol"],
             side=d["side"],
             type=d["type"],
