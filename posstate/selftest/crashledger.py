@@ -54,7 +54,7 @@ BALANCE: dict[str, Any] = {
 
 
 def config(state_dir: str | Path, durability: str) -> StateConfig:
-    return StateConfig.in_dir(state_dir, encryption=False, backup_interval=1e9, durability=durability)  # type: ignore[arg-type]
+    return StateConfig.in_dir(state_dir, encryption=False, backup_interval=1e9, durability=durability)
 
 
 class _Clock:
