@@ -37,6 +37,16 @@ def get(lifecycles: Mapping[str, Any], key: PositionKey) -> dict[str, Any]:
     return dict(found) if found is not None else empty()
 
 
+def adopt_open(lifecycles: dict[str, Any], positions: Mapping[PositionKey, Position], at: int) -> dict[str, Any]:
+    """*lifecycles* with an open epoch 1 for every open position that has none (a state written before the
+    ledger, or positions set through the plain store API)."""
+    out = dict(lifecycles)
+    for key, p in positions.items():
+        if p.contracts != 0 and key_text(key) not in out:
+            out[key_text(key)] = record(empty(), "position_opened", at, p, source="restore")
+    return out
+
+
 def epoch_for_order(lc: Mapping[str, Any], order: Mapping[str, Any]) -> int:
     """The epoch an order belongs to: the open position's, or (flat) the next one for an opening order."""
     if lc["state"] != "closed":
@@ -92,7 +102,17 @@ def fill_effect(
         if lc["state"] == "closed":
             if epoch <= lc["epoch"]:
                 return FillEffect(current, lc, f"late fill for epoch {epoch}, which is closed", changed=False)
-            pos = Position(symbol=order["symbol"], side=order["position_side"], contracts=amount, entry_price=price, timestamp=at)
+            held = current.contracts if current is not None else _ZERO  # a position set without the ledger
+            if held:
+                assert current is not None
+                size = held + amount
+                pos = dataclasses.replace(
+                    current, contracts=size, entry_price=(current.entry_price * held + price * amount) / size, timestamp=at
+                )
+            else:
+                pos = Position(
+                    symbol=order["symbol"], side=order["position_side"], contracts=amount, entry_price=price, timestamp=at
+                )
             return FillEffect(pos, record(lc, "position_opened", at, pos, epoch=epoch, order=order["key"]))
         if epoch < lc["epoch"]:
             return FillEffect(current, lc, f"late fill for epoch {epoch}; the position is at epoch {lc['epoch']}", changed=False)

@@ -62,6 +62,7 @@ class LedgerCore(PersistedAccountStateStore):
         self._ledger_lock = threading.RLock()
         self.violations: tuple[ledgerformat.Violation, ...] = ()
         super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
+        self._import_legacy_intents()
         self._settle_after_restart()
         manager.on("backupRestored", self._on_backup_restored)
 
@@ -85,7 +86,9 @@ class LedgerCore(PersistedAccountStateStore):
             orders, _ = ledgerformat.load_orders(entries)
             self._orders = orders
             life = entries.get(ledgerformat.LIFECYCLES) or {}
-            self._lifecycles = dict(life.get("positions", {})) if isinstance(life, Mapping) else {}
+            stored = dict(life.get("positions", {})) if isinstance(life, Mapping) else {}
+            # In memory only: written with the next change of a lifecycle.
+            self._lifecycles = epochs.adopt_open(stored, self._manager.get_positions(), self._now())
             bal = entries.get(ledgerformat.BALANCES) or {}
             self._balances = dict(bal.get("assets", {})) if isinstance(bal, Mapping) else {}
             self._inflight = set()
@@ -103,6 +106,24 @@ class LedgerCore(PersistedAccountStateStore):
 
     def record_order_status_unknown(self, order_id: str, *, reason: str) -> OrderRecord:
         raise NotImplementedError  # ledger.py
+
+    def _import_legacy_intents(self) -> None:
+        """Take the order intents an older posstate recorded (``OrderIntents``) into the ledger, in one record:
+        a ``recorded`` one (perhaps sent) becomes ``unknown``. The legacy entry is left as it is."""
+        with self._ledger_lock:
+            migrated = ledgerformat.migrate_intents(
+                self._manager.get_all_symbol_metadata(), now=self._now(), positions=self._manager.get_positions()
+            )
+            if not migrated:
+                return
+            orders = {}
+            for entry in migrated.values():
+                order = entry["order"]
+                order["epoch"] = entry["events"][0]["order"]["epoch"] = epochs.epoch_for_order(
+                    epochs.get(self._lifecycles, (order["symbol"], order["position_side"])), order
+                )
+                orders[order["key"]] = {"order": order, "events": entry["events"]}
+            self._write_ledger(orders=orders)
 
     def _settle_after_restart(self) -> None:
         """Orders a killed process left ``sent`` become ``unknown``, durably: nobody knows whether they reached

@@ -12,7 +12,7 @@ the position it moves:
 * ``__posstate_balances__``: ``{"format": 1, "assets": {"USDT": {"asset", "total", "available", "source",
   "updated_at"}}}``.
 
-schemas/ledger-1.schema.json describes these entries. Everything here is pure (no I/O).
+schemas/ledger.schema.json (``$id`` ledger-1) describes these entries. Everything here is pure (no I/O).
 """
 
 from __future__ import annotations
@@ -197,14 +197,19 @@ def position_history(entries: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"position": k, **e} for k, v in sorted(lifecycles.items()) for e in v.get("events", [])]
 
 
-def migrate_intents(metadata: Mapping[str, Any], *, now: int) -> dict[str, dict[str, Any]]:
+def migrate_intents(
+    metadata: Mapping[str, Any], *, now: int, positions: Mapping[PositionKey, Position] | None = None
+) -> dict[str, dict[str, Any]]:
     """Ledger order entries for the order intents an older posstate recorded (``__posstate_orders__``, written
     by ``OrderIntents``) that the ledger does not hold yet. Pure: the caller writes the result.
 
     ``recorded`` (perhaps sent, nobody knows) becomes ``unknown``: confirm it by client id, never send it again;
     ``sent`` becomes ``accepted``; ``filled`` stays a closed order with no fill details (its fills came before
-    the ledger). The legacy entry itself is left as it is.
+    the ledger). The legacy entry itself is left as it is. An intent does not say which position it serves:
+    read in one-way mode, a sell while *positions* hold only a long on its symbol reduces that long (a buy while
+    only a short is held reduces the short); anything else opens a position on its own side.
     """
+    held = {k for k, p in (positions or {}).items() if p.contracts != 0}
     legacy = metadata.get(LEGACY_INTENTS)
     intents = legacy.get("intents") if isinstance(legacy, Mapping) else None
     if not isinstance(intents, Mapping):
@@ -224,7 +229,7 @@ def migrate_intents(metadata: Mapping[str, Any], *, now: int) -> dict[str, dict[
             type=d["type"],
             amount=d["amount"],
             price=d.get("price"),
-            reduce_only=False,
+            reduce_only=_reduces(held, d["symbol"], d["side"]),
             position_side=None,
             epoch=0,
             status="recorded",
@@ -246,6 +251,11 @@ def migrate_intents(metadata: Mapping[str, Any], *, now: int) -> dict[str, dict[
         assert order is not None
         out[name] = {"format": LEDGER_FORMAT, "order": order, "events": events}
     return out
+
+
+def _reduces(held: set[PositionKey], symbol: str, side: str) -> bool:
+    long_, short = (symbol, "long") in held, (symbol, "short") in held
+    return (side == "sell" and long_ and not short) or (side == "buy" and short and not long_)
 
 
 def order_entry(order: Mapping[str, Any], events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
