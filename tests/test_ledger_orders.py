@@ -134,6 +134,26 @@ def test_refused_transitions_write_nothing(store: ExchangeAccountStateStore) -> 
     assert [e["type"] for e in store.order_events(cid)] == ["order_placed", "order_sent", "order_rejected"]
 
 
+def test_forget_only_finished_orders(tmp_path: Path) -> None:
+    """issue 17.1: an unknown order is never forgotten; a finished one is removed durably with its events."""
+    cfg = config(tmp_path / "state", durability="sync")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m, clock=Clock())
+        cid, done = intent(s, "u"), intent(s, "d")
+        s.record_order_sent(cid)
+        s.record_order_status_unknown(cid, reason="timeout")
+        with pytest.raises(OrderTransitionError, match="only a finished order"):
+            s.forget_order(cid)
+        s.record_order_sent(done)
+        s.record_order_rejected(done, reason="post only would cross")
+        assert s.forget_order(done) and s.get_ledger_order(done) is None
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m, clock=Clock())
+        assert [o.key for o in s.get_ledger_orders()] == [cid]
+        s.close()
+
+
 def test_fill_past_amount_refused(store: ExchangeAccountStateStore) -> None:
     """issue 17.2: fills summing past the order's amount are refused and leave the order as it was."""
     cid = intent(store)

@@ -217,7 +217,8 @@ def test_invariants_checked_at_restore(cfg: StateConfig, key: bytes) -> None:
 
 
 def test_cli_history_orders(cfg: StateConfig, key: bytes, tmp_path: Path) -> None:
-    """issue 17.3: `posstate history --orders [--id ID]` prints the ledger's events, oldest first per order."""
+    """issue 17.3: `posstate history --orders [--id ID]` prints the ledger's events, oldest first per order; validate
+    checks the ledger's invariants (issue 17.7)."""
     for s in opened(cfg, key):
         cid = entry(s)
         s.record_order_sent(cid)
@@ -237,3 +238,7 @@ def test_cli_history_orders(cfg: StateConfig, key: bytes, tmp_path: Path) -> Non
     assert r.exit_code == 0 and "trade 698759: 0.004 @ 91000.0" in r.stdout and other in r.stdout
     r = cli_run([*base, "history", "--orders", "--id", "nope"])
     assert r.exit_code == 1 and r.stderr.startswith("Error: ") and "no order 'nope'" in r.stderr
+    r = cli_run([*base, "validate", "--json"])
+    assert r.exit_code == 0, r.output
+    checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
+    assert checks["ledger"]["ok"] is True and checks["ledger"]["detail"] == "2 orders, invariants hold"

@@ -211,6 +211,18 @@ class OrderLedger(LedgerCore):
             done = self._append(key, kind, {"fill": f.execution()}, lifecycles=lifecycles, positions={pkey: effect.position})
             return FillResult(OrderRecord.from_json(done), applied=True, position=effect.position)
 
+    def forget_order(self, order_id: str) -> bool:
+        """Remove a finished order (``rejected``, ``filled``, ``cancelled``, ``expired``) and its events from the
+        ledger, durably, to keep the document small. A live or unknown order is refused: it is never forgotten."""
+        with self._ledger_lock:
+            key = self._find(order_id)
+            status = self._orders[key]["order"]["status"]
+            if status not in lc.TERMINAL:
+                raise OrderTransitionError(key, f"is {status}; only a finished order can be forgotten")
+            self._write_ledger(orders={key: None})
+            self._inflight.discard(key)
+            return True
+
     # ------------------------------------------------------------------------------------ history
     def order_events(self, order_id: str | None = None) -> list[dict[str, Any]]:
         """Stored events of every order (or one), each with its ``order_key`` and per-order version ``v``."""

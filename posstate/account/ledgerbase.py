@@ -139,18 +139,19 @@ class LedgerCore(PersistedAccountStateStore):
     def _write_ledger(
         self,
         *,
-        orders: Mapping[str, dict[str, Any]] | None = None,
+        orders: Mapping[str, dict[str, Any] | None] | None = None,
         lifecycles: dict[str, dict[str, Any]] | None = None,
         balances: dict[str, dict[str, Any]] | None = None,
         positions: Mapping[PositionKey, Position | None] | None = None,
         source: str = "local",
     ) -> None:
         """Write these entries (and positions) as one journal record, then take them into memory. Caller holds
-        ``_ledger_lock``. Order values are ``{"order", "events"}``."""
+        ``_ledger_lock``. Order values are ``{"order", "events"}``, or None to remove the order."""
         m = self._manager
-        writes: dict[str, dict[str, Any]] = {}
+        writes: dict[str, dict[str, Any] | None] = {}
         for key, item in (orders or {}).items():
-            writes[ledgerformat.order_entry_name(key)] = ledgerformat.order_entry(item["order"], item["events"])
+            name = ledgerformat.order_entry_name(key)
+            writes[name] = ledgerformat.order_entry(item["order"], item["events"]) if item is not None else None
         if lifecycles is not None:
             writes[ledgerformat.LIFECYCLES] = {"format": ledgerformat.LEDGER_FORMAT, "positions": lifecycles}
         if balances is not None:
@@ -163,7 +164,10 @@ class LedgerCore(PersistedAccountStateStore):
             try:
                 with m.transaction():
                     for name, data in writes.items():
-                        m.set_symbol_metadata(name, data)
+                        if data is None:
+                            m.delete_symbol_metadata(name)
+                        else:
+                            m.set_symbol_metadata(name, data)
                     for pkey, p in moves.items():
                         if p is None:
                             m.delete_position(pkey[0], pkey[1])
@@ -176,7 +180,10 @@ class LedgerCore(PersistedAccountStateStore):
                     self._put_back(before_meta, before_pos)
                 raise
             for key, item in (orders or {}).items():
-                self._orders[key] = item
+                if item is None:
+                    self._orders.pop(key, None)
+                else:
+                    self._orders[key] = item
             if lifecycles is not None:
                 self._lifecycles = lifecycles
             if balances is not None:

@@ -46,7 +46,8 @@ def validate(ctx: click.Context, path: str | None) -> None:
         from posstate.cli.ledger_cmd import ledger_check
 
         check, violations = ledger_check(read_state(env, target).state)
-        report = dataclasses.replace(report, checks=(*report.checks, check), valid=check.ok is not False)
+        if check is not None:
+            report = dataclasses.replace(report, checks=(*report.checks, check), valid=check.ok is not False)
     if env.json:
         out = report.to_dict()
         if verdict is not None:

@@ -22,9 +22,12 @@ def ledger_entries(state: StateData) -> dict[str, Any]:
     return {n: d for n, d in state.metadata.items() if ledgerformat.is_ledger_entry(n)}
 
 
-def ledger_check(state: StateData) -> tuple[Check, list[dict[str, str]]]:
-    """The ``ledger`` line of ``validate``: every invariant, each violation listed (never repaired)."""
+def ledger_check(state: StateData) -> tuple[Check | None, list[dict[str, str]]]:
+    """The ``ledger`` line of ``validate``: every invariant, each violation listed (never repaired). None for a
+    state without a ledger (no line, as before the ledger existed)."""
     entries = ledger_entries(state)
+    if not entries:
+        return None, []
     violations = ledgerformat.check(entries, state.positions)
     orders = sum(1 for n in entries if n.startswith(ledgerformat.ORDER_PREFIX))
     if not violations:
