@@ -67,7 +67,7 @@ class AccountIngest(OrderLedger):
         fields the exchange does not report (SL/TP, ...) are kept. Positions become trusted."""
         remote, _ = parse_exchange_positions(snapshot)
         symbols = _coverage_symbols(coverage)
-        with self._ledger_lock:
+        with self._ledger():
             current = dict(self._snap.positions)
             keys = set(remote)
             if mode == "replace":
@@ -89,7 +89,7 @@ class AccountIngest(OrderLedger):
         refused and reported (``staleUpdate``)."""
         pos = position if isinstance(position, Position) else _parse_one(position)
         key = pos.key
-        with self._ledger_lock:
+        with self._ledger():
             life = epochs.get(self._lifecycles, key)
             why = epochs.stale_reason(life, epoch) if epoch is not None else None
             if why is not None:
@@ -149,7 +149,7 @@ class AccountIngest(OrderLedger):
         else:
             raise SchemaValidationError(None, "$.mode", "enum", f"mode is 'replace' or 'replace-symbols', got {mode!r}")
         adopted, found, not_found, unresolved = [], [], [], []
-        with self._ledger_lock:
+        with self._ledger():
             seen: set[str] = set()
             for o in live:
                 key = self._match(o)
@@ -187,7 +187,7 @@ class AccountIngest(OrderLedger):
         """One order from the private stream (ccxt ``watch_orders``): its status and the exchange's filled
         amount; an unknown live order is adopted. Fills come through :meth:`apply_fill` (trade ids)."""
         o = order if isinstance(order, Order) else Order.from_ccxt(order)
-        with self._ledger_lock:
+        with self._ledger():
             key = self._match(o)
             if key is None:
                 if not o.is_active:
@@ -274,7 +274,7 @@ class AccountIngest(OrderLedger):
             if not isinstance(raw, (list, tuple, set, frozenset)):
                 raise SchemaValidationError(None, "$.coverage.assets", "type", "coverage names the assets the response covers")
             assets = {str(a).upper() for a in raw}
-        with self._ledger_lock:
+        with self._ledger():
             balances = {
                 k: v
                 for k, v in self._balances.items()
@@ -300,7 +300,7 @@ class AccountIngest(OrderLedger):
     ) -> Balance:
         """One asset's new balance from the stream (a :class:`Balance`, or *asset* with *total* and/or
         *available*; what is not given stays as it was)."""
-        with self._ledger_lock:
+        with self._ledger():
             if isinstance(asset, Balance):
                 b = asset
             else:

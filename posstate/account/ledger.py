@@ -79,7 +79,7 @@ class OrderLedger(LedgerCore):
         cid = client_order_id or make_client_order_id(
             strategy=strategy, signal=signal, symbol=symbol, side=side, type=type, amount=amount, price=price, prefix=prefix
         )
-        with self._ledger_lock:
+        with self._ledger():
             found = self._orders.get(cid)
             if found is not None:
                 return OrderRecord.from_json(found["order"])
@@ -106,7 +106,7 @@ class OrderLedger(LedgerCore):
         """Mark the order ``sent``, durably, just before the request goes out. Refused (OrderTransitionError) for
         an order sent before: after a crash nobody knows whether it arrived, so confirm it by client id and never
         send it again. A reduce-only order large enough to close its open position moves it to ``closing``."""
-        with self._ledger_lock:
+        with self._ledger():
             key = self._find(order_id)
             order = self._orders[key]["order"]
             if order["status"] != "recorded":
@@ -132,7 +132,7 @@ class OrderLedger(LedgerCore):
             return OrderRecord.from_json(done)
 
     def _outcome(self, order_id: str, kind: str, to: str, fields: Mapping[str, Any]) -> OrderRecord:
-        with self._ledger_lock:
+        with self._ledger():
             key = self._find(order_id)
             order = self._orders[key]["order"]
             if order["status"] == to and all(order.get(k) == v for k, v in fields.items() if k != "reason"):
@@ -148,7 +148,7 @@ class OrderLedger(LedgerCore):
         An acceptance arriving after a fill only records the exchange id."""
         if order is not None and exchange_order_id is None:
             exchange_order_id = str(order.get("id")) if order.get("id") is not None else None
-        with self._ledger_lock:
+        with self._ledger():
             key = self._find(order_id)
             current = self._orders[key]["order"]
             if current["status"] in ("partially_filled", "filled", "cancelled", "expired", "accepted"):
@@ -186,7 +186,7 @@ class OrderLedger(LedgerCore):
         closed: then the fill counts on the order and the position is left alone (``position_refused``, and a
         ``staleUpdate`` event), so a late fill never reopens a closed position. All in one journal record."""
         f = fill if isinstance(fill, Fill) else Fill.from_ccxt(fill)
-        with self._ledger_lock:
+        with self._ledger():
             key = self._find(f.client_order_id or f.order_id or "")
             item = self._orders[key]
             order = item["order"]
@@ -214,7 +214,7 @@ class OrderLedger(LedgerCore):
     def forget_order(self, order_id: str) -> bool:
         """Remove a finished order (``rejected``, ``filled``, ``cancelled``, ``expired``) and its events from the
         ledger, durably, to keep the document small. A live or unknown order is refused: it is never forgotten."""
-        with self._ledger_lock:
+        with self._ledger():
             key = self._find(order_id)
             status = self._orders[key]["order"]["status"]
             if status not in lc.TERMINAL:
@@ -226,7 +226,7 @@ class OrderLedger(LedgerCore):
     # ------------------------------------------------------------------------------------ history
     def order_events(self, order_id: str | None = None) -> list[dict[str, Any]]:
         """Stored events of every order (or one), each with its ``order_key`` and per-order version ``v``."""
-        with self._ledger_lock:
+        with self._ledger():
             if order_id is not None:
                 order_id = self._find(order_id)
             entries = {
@@ -236,13 +236,13 @@ class OrderLedger(LedgerCore):
         return ledgerformat.order_history(entries, order_id)
 
     def position_events(self) -> list[dict[str, Any]]:
-        with self._ledger_lock:
+        with self._ledger():
             return ledgerformat.position_history({ledgerformat.LIFECYCLES: {"positions": self._lifecycles}})
 
     def reconstruct_order(self, order_id: str) -> OrderRecord:
         """The order rebuilt from its stored events alone; equals :meth:`get_ledger_order` (the invariant the
         load checks)."""
-        with self._ledger_lock:
+        with self._ledger():
             key = self._find(order_id)
             rebuilt = lc.reconstruct(self._orders[key]["events"])
         assert rebuilt is not None

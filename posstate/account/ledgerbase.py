@@ -10,10 +10,11 @@ durabilities record as one record, durable when the call returns (``durability="
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from posstate.account import epochs, ledgerformat
@@ -60,7 +61,8 @@ class LedgerCore(PersistedAccountStateStore):
         self._blocked: dict[str, str] = {}
         self._inflight: set[str] = set()
         self._ledger_lock = threading.RLock()
-        self.violations: tuple[ledgerformat.Violation, ...] = ()
+        self._violations: tuple[ledgerformat.Violation, ...] = ()
+        self._reload: str | None = None  # a reason: reload the ledger at the next ledger call (see _ledger())
         super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
         self._import_legacy_intents()
         self._settle_after_restart()
@@ -76,11 +78,31 @@ class LedgerCore(PersistedAccountStateStore):
             return
         super().on(event, handler)
 
+    @contextlib.contextmanager
+    def _ledger(self) -> Iterator[None]:
+        """Hold the ledger lock, reloading first if a restore happened since (see _on_backup_restored)."""
+        with self._ledger_lock:
+            if self._reload is not None:
+                reason, self._reload = self._reload, None
+                self._load_ledger(reason)
+            yield
+
+    @property
+    def violations(self) -> tuple[ledgerformat.Violation, ...]:
+        """The invariants the loaded ledger breaks (checked at every load and restore; never repaired)."""
+        with self._ledger():
+            return self._violations
+
     # ------------------------------------------------------------------------------------ load
     def restore(self, *, reason: str | None = None) -> None:
         """Load positions, metadata and the ledger from the manager. Every subject becomes untrusted (reason
         ``recovered`` when the manager recovered its state, else ``startup``) and the invariants are checked."""
         super().restore()
+        with self._ledger_lock:
+            self._reload = None
+            self._load_ledger(reason)
+
+    def _load_ledger(self, reason: str | None) -> None:
         with self._ledger_lock:
             entries = {n: d for n, d in self._manager.get_all_symbol_metadata().items() if ledgerformat.is_ledger_entry(n)}
             orders, _ = ledgerformat.load_orders(entries)
@@ -94,15 +116,17 @@ class LedgerCore(PersistedAccountStateStore):
             self._inflight = set()
             why = reason or ("recovered" if self._manager.last_recovery is not None else "startup")
             self._blocked = dict.fromkeys(SUBJECTS, why)
-            self.violations = tuple(ledgerformat.check(entries, self._manager.get_positions()))
-        for v in self.violations:
+            self._violations = tuple(ledgerformat.check(entries, self._manager.get_positions()))
+        for v in self._violations:
             log.warning("order ledger invariant broken: %s %s: %s", v.code, v.subject, v.detail)
             self._emit("invariantViolation", v.to_dict())
 
     def _on_backup_restored(self, event: Mapping[str, Any]) -> None:
-        # Inside the manager's restore (its lock held by this thread): reload memory only; orders left "sent"
-        # count as unknown submissions until the bot resolves them (see readiness()).
-        self.restore(reason="restored_from_backup")
+        # Inside the manager's restore, its lock held by this thread: positions and metadata are reloaded now;
+        # the ledger at its next call (taking the ledger lock here, under the manager's, could deadlock with a
+        # ledger write waiting for the manager). Orders left "sent" count as unknown (see unknown_orders()).
+        PersistedAccountStateStore.restore(self)
+        self._reload = "restored_from_backup"
 
     def record_order_status_unknown(self, order_id: str, *, reason: str) -> OrderRecord:
         raise NotImplementedError  # ledger.py
@@ -110,7 +134,7 @@ class LedgerCore(PersistedAccountStateStore):
     def _import_legacy_intents(self) -> None:
         """Take the order intents an older posstate recorded (``OrderIntents``) into the ledger, in one record:
         a ``recorded`` one (perhaps sent) becomes ``unknown``. The legacy entry is left as it is."""
-        with self._ledger_lock:
+        with self._ledger():
             migrated = ledgerformat.migrate_intents(
                 self._manager.get_all_symbol_metadata(), now=self._now(), positions=self._manager.get_positions()
             )
@@ -218,7 +242,7 @@ class LedgerCore(PersistedAccountStateStore):
     # ------------------------------------------------------------------------------------ reads
     def _find(self, order_id: str) -> str:
         """The ledger key of an order named by its key, client order id or exchange order id."""
-        with self._ledger_lock:
+        with self._ledger():
             if order_id in self._orders:
                 return order_id
             if "x:" + order_id in self._orders:
@@ -238,7 +262,7 @@ class LedgerCore(PersistedAccountStateStore):
         return OrderRecord.from_json(self._orders[key]["order"])
 
     def get_ledger_orders(self, *, status: str | None = None, symbol: str | None = None) -> list[OrderRecord]:
-        with self._ledger_lock:
+        with self._ledger():
             items = [i["order"] for i in self._orders.values()]
         found = [
             OrderRecord.from_json(o)
@@ -249,7 +273,7 @@ class LedgerCore(PersistedAccountStateStore):
 
     def unknown_orders(self) -> list[OrderRecord]:
         """Orders whose outcome nobody knows: ``unknown``, and ``sent`` orders this process did not send."""
-        with self._ledger_lock:
+        with self._ledger():
             keys = [
                 k
                 for k, i in self._orders.items()
@@ -259,7 +283,7 @@ class LedgerCore(PersistedAccountStateStore):
 
     def get_balances(self) -> dict[str, Balance]:
         """Every asset's balance, keyed ``USDT`` (trading) or ``USDT.FUNDING``."""
-        with self._ledger_lock:
+        with self._ledger():
             return {k: Balance.from_json(v) for k, v in self._balances.items()}
 
     def get_balance(self, asset: str, *, source: str = "trading") -> Balance | None:
@@ -269,17 +293,17 @@ class LedgerCore(PersistedAccountStateStore):
 
     def position_lifecycle(self, symbol: str, side: str) -> dict[str, Any]:
         """``{"epoch", "state", "version", "events"}`` of (symbol, side); epoch 0 and ``closed`` when never opened."""
-        with self._ledger_lock:
+        with self._ledger():
             return epochs.get(self._lifecycles, (symbol, side))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------ readiness
     def readiness(self) -> dict[str, str]:
         """The subjects that block trading, each with its reason (empty when ready)."""
-        with self._ledger_lock:
+        with self._ledger():
             out = dict(self._blocked)
             if self.unknown_orders():
                 out["open_orders"] = "submission_unknown"
-            if self.violations:
+            if self._violations:
                 out["ledger"] = "invariant_violation"
         return out
 
@@ -290,7 +314,7 @@ class LedgerCore(PersistedAccountStateStore):
 
     def record_stream_gap(self, *, subjects: tuple[str, ...] = SUBJECTS, reason: str = "stream_gap") -> None:
         """The private stream reconnected or missed messages: the subjects are untrusted until reconciled."""
-        with self._ledger_lock:
+        with self._ledger():
             for s in subjects:
                 if s not in SUBJECTS:
                     raise ValueError(f"unknown subject {s!r}; known: {', '.join(SUBJECTS)}")
