@@ -12,7 +12,17 @@ from typing import Any
 
 import pytest
 
-from posstate import Balance, ExchangeAccountStateStore, Position, PositionStateManager, SchemaValidationError, StateConfig
+from posstate import (
+    Balance,
+    ExchangeAccountStateStore,
+    PersistenceError,
+    Position,
+    PositionStateManager,
+    SchemaValidationError,
+    StateConfig,
+)
+from posstate.selftest.harness import MUTATING, Fault, HarnessOps
+from posstate.storage import fileops as fs
 
 DATA = json.loads((Path(__file__).parent / "data" / "ccxt_ledger.json").read_text())
 BN, BY = DATA["binance"], DATA["bybit"]
@@ -90,6 +100,17 @@ def test_stale_tagged_update_refused(store: ExchangeAccountStateStore) -> None:
     assert store.position_lifecycle(BTC, "long")["epoch"] == 2
     assert store.apply_position_update({**BN["positions_open"][0], "contracts": 0.02}, epoch=1).refused
     assert len(events) == 2
+
+
+def test_failed_open_orders_write_changes_nothing(store: ExchangeAccountStateStore) -> None:
+    """issue 17.8: a reconciliation whose write fails leaves every order (and the adoption) as it was."""
+    cid = binance_entry(store)
+    with fs.use(HarnessOps(fault=Fault(at=1, action="raise", ops=MUTATING))), pytest.raises(PersistenceError):
+        store.set_open_orders(with_cid(BN["open_orders_partial"], cid) + BN["open_orders_other"])
+    assert [o.key for o in store.get_ledger_orders()] == [cid]
+    o = store.get_ledger_order(cid)
+    assert o is not None and o.exchange_filled is None
+    assert store.readiness()["open_orders"] == "startup"
 
 
 # ------------------------------------------------------------------------------------------------ epochs
@@ -218,6 +239,27 @@ def test_per_symbol_open_orders_keep_other_symbols(store: ExchangeAccountStateSt
     assert o is not None and o.status == "unknown"
     e = store.get_ledger_order(eth.key)
     assert e is not None and e.status == "accepted"
+
+
+def test_open_orders_one_record_and_dry_run(cfg: StateConfig, store: ExchangeAccountStateStore) -> None:
+    """issue 17.6: reconcile_open_orders reports and writes nothing; set_open_orders applies it as one journal record."""
+    from posstate.journal import format as jf
+
+    def records() -> int:
+        data = cfg.journal_path.read_bytes()
+        return len(jf.scan(data, jf.parse_header(data)).records)
+
+    cid = binance_entry(store)
+    other = store.record_order_intent(strategy="g", signal="x", symbol=BTC, side="buy", type="limit", amount="1", price="1")
+    store.record_order_sent(other.key)
+    store.record_order_status_unknown(other.key, reason="timeout")
+    before = records()
+    payload = with_cid(BN["open_orders_partial"], cid) + BN["open_orders_other"]
+    plan = store.reconcile_open_orders(payload, closed_orders=[])
+    assert (plan.adopted, plan.found, plan.not_found) == (("web_Xy12Zq",), (), (other.key,))
+    assert records() == before and len(store.get_ledger_orders()) == 2
+    assert store.set_open_orders(payload, closed_orders=[]) == plan
+    assert records() == before + 1 and len(store.get_ledger_orders()) == 3
 
 
 def test_adopt_and_stream_updates(store: ExchangeAccountStateStore) -> None:

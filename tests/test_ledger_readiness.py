@@ -242,3 +242,33 @@ def test_cli_history_orders(cfg: StateConfig, key: bytes, tmp_path: Path) -> Non
     assert r.exit_code == 0, r.output
     checks = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
     assert checks["ledger"]["ok"] is True and checks["ledger"]["detail"] == "2 orders, invariants hold"
+
+
+def test_cli_reconcile_with_orders(cfg: StateConfig, key: bytes, tmp_path: Path) -> None:
+    """issue 17.6: `posstate reconcile --orders` joins the order ledger to the position reconciliation: a plan that
+    writes nothing (exit 1), then --apply resolves the unknown submission by client id and adopts the other order."""
+    for s in opened(cfg, key):
+        cid = entry(s)
+        s.record_order_sent(cid)  # and the bot died before the answer
+    positions = tmp_path / "positions.json"
+    positions.write_text(json.dumps(BN["positions_flat"]))
+    orders = tmp_path / "orders.json"
+    orders.write_text(json.dumps(with_cid(BN["open_orders_partial"], cid) + BN["open_orders_other"]))
+    base = ["--state-dir", str(cfg.state_dir), "--key-file", str(write_key(tmp_path / "k.key", key))]
+    before = cfg.state_path.read_bytes(), cfg.journal_path.read_bytes()
+    r = cli_run([*base, "reconcile", "--positions", str(positions), "--orders", str(orders)])
+    assert r.exit_code == 1, r.output
+    assert f"orders found on the exchange (unknown -> accepted): {cid}" in r.stdout
+    assert "orders adopted (only the exchange had them): web_Xy12Zq" in r.stdout
+    assert (cfg.state_path.read_bytes(), cfg.journal_path.read_bytes()) == before
+    r = cli_run([*base, "--json", "reconcile", "--positions", str(positions), "--orders", str(orders), "--apply", "--yes"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["orders"]["found"] == [cid] and out["orders"]["adopted"] == ["web_Xy12Zq"]
+    for s in opened(cfg, key):
+        o = s.get_ledger_order(cid)
+        assert o is not None and o.status == "partially_filled" and s.unknown_orders() == []
+    r = cli_run([*base, "reconcile", "--positions", str(positions), "--orders", str(orders)])
+    assert r.exit_code == 0 and "orders: IN SYNC" in r.stdout
+    r = cli_run([*base, "reconcile", "--positions", str(positions), "--closed-orders", str(orders)])
+    assert r.exit_code == 2 and "needs --orders" in r.stderr

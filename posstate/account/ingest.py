@@ -137,7 +137,35 @@ class AccountIngest(OrderLedger):
         that the response lacks are looked up in *closed_orders* (ccxt ``fetch_closed_orders``/``fetch_order``
         by client id): found, they take the exchange's final status; not found, an ``unknown`` submission becomes
         ``rejected`` (``not_found``: it never arrived) when *closed_orders* was given, and every other stays or
-        becomes ``unknown`` (``unresolved``) until the bot asks the exchange. Open orders become trusted."""
+        becomes ``unknown`` (``unresolved``) until the bot asks the exchange. Open orders become trusted. All of
+        it is one journal record."""
+        with self._ledger():
+            report = self._open_orders(orders, mode=mode, coverage=coverage, closed_orders=closed_orders, dry=False)
+            self._trust("open_orders")
+        return report
+
+    def reconcile_open_orders(
+        self,
+        orders: Iterable[Mapping[str, Any] | Order],
+        *,
+        mode: Literal["replace", "replace-symbols"] = "replace",
+        coverage: Mapping[str, Any] | None = None,
+        closed_orders: Iterable[Mapping[str, Any] | Order] | None = None,
+    ) -> SyncReport:
+        """What :meth:`set_open_orders` would do with these responses, changing nothing (the orders half of
+        ``posstate reconcile``)."""
+        with self._ledger():
+            return self._open_orders(orders, mode=mode, coverage=coverage, closed_orders=closed_orders, dry=True)
+
+    def _open_orders(
+        self,
+        orders: Iterable[Mapping[str, Any] | Order],
+        *,
+        mode: str,
+        coverage: Mapping[str, Any] | None,
+        closed_orders: Iterable[Mapping[str, Any] | Order] | None,
+        dry: bool,
+    ) -> SyncReport:
         live = [o if isinstance(o, Order) else Order.from_ccxt(o) for o in orders]
         done = [o if isinstance(o, Order) else Order.from_ccxt(o) for o in (closed_orders or ())]
         if mode == "replace-symbols":
@@ -148,8 +176,11 @@ class AccountIngest(OrderLedger):
             symbols = None
         else:
             raise SchemaValidationError(None, "$.mode", "enum", f"mode is 'replace' or 'replace-symbols', got {mode!r}")
-        adopted, found, not_found, unresolved = [], [], [], []
-        with self._ledger():
+        adopted: list[str] = []
+        found: list[str] = []
+        not_found: list[str] = []
+        unresolved: list[str] = []
+        with self._one_record(dry=dry):
             seen: set[str] = set()
             for o in live:
                 key = self._match(o)
@@ -180,14 +211,13 @@ class AccountIngest(OrderLedger):
                         self._append(
                             key, "order_updated", {"status": "unknown", "reason": "not among the exchange's open orders"}
                         )
-            self._trust("open_orders")
         return SyncReport(adopted=tuple(adopted), found=tuple(found), not_found=tuple(not_found), unresolved=tuple(unresolved))
 
     def apply_order_update(self, order: Mapping[str, Any] | Order) -> SyncReport:
         """One order from the private stream (ccxt ``watch_orders``): its status and the exchange's filled
         amount; an unknown live order is adopted. Fills come through :meth:`apply_fill` (trade ids)."""
         o = order if isinstance(order, Order) else Order.from_ccxt(order)
-        with self._ledger():
+        with self._ledger(), self._one_record():
             key = self._match(o)
             if key is None:
                 if not o.is_active:
@@ -229,7 +259,7 @@ class AccountIngest(OrderLedger):
         self._append(key, "order_adopted", fields)
         if o.filled:
             self._append(key, "order_updated", {"exchange_filled": str(o.filled), "status": "partially_filled"})
-        self._emit("orderAdopted", {"order": key, "symbol": o.symbol})
+        self._notify("orderAdopted", {"order": key, "symbol": o.symbol})
         return key
 
     def _take_exchange_word(self, key: str, o: Order) -> None:

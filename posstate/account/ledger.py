@@ -6,7 +6,8 @@ when it returns; a call that changes nothing (a replayed fill, a repeated answer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -52,8 +53,44 @@ class OrderLedger(LedgerCore):
         event = {"v": version, "type": kind, "at": self._now(), **(fields or {})}
         order = lc.apply_event(item["order"] if item is not None else None, event)
         events = lc.fold_fills([*(item["events"] if item is not None else ()), event])
+        if self._batch is not None:  # inside _one_record(): written together at its end
+            assert lifecycles is None and positions is None
+            self._batch[key] = self._orders[key] = {"order": order, "events": events}
+            return order
         self._write_ledger(orders={key: {"order": order, "events": events}}, lifecycles=lifecycles, positions=positions)
         return order
+
+    @contextlib.contextmanager
+    def _one_record(self, *, dry: bool = False) -> Iterator[None]:
+        """Order changes made inside are written together as one journal record at the end (nothing written and
+        memory put back on an exception, or with *dry*: a plan of what the calls would do). Ledger lock held."""
+        if self._batch is not None:
+            yield
+            return
+        saved, inflight = dict(self._orders), set(self._inflight)
+        self._batch, self._deferred = {}, []
+        try:
+            yield
+            batch, deferred = self._batch, self._deferred
+            self._orders, self._inflight = saved, inflight
+            self._batch = None
+            if batch and not dry:
+                self._write_ledger(orders=batch)
+        except BaseException:
+            self._orders, self._inflight = saved, inflight
+            raise
+        finally:
+            self._batch, self._deferred = None, []
+        if not dry:
+            for event, payload in deferred:
+                self._emit(event, payload)
+
+    def _notify(self, event: str, payload: dict[str, Any]) -> None:
+        """Emit *event* now, or once the record of the surrounding _one_record() is durable."""
+        if self._batch is not None:
+            self._deferred.append((event, payload))
+        else:
+            self._emit(event, payload)
 
     # ------------------------------------------------------------------------------------ intents and outcomes
     def record_order_intent(

@@ -46,6 +46,9 @@ LEDGER_EVENTS: frozenset[str] = frozenset({"invariantViolation", "staleUpdate", 
 class LedgerCore(PersistedAccountStateStore):
     """Ledger memory, its durable write, readiness and invariants (the methods live in ledger.py and ingest.py)."""
 
+    #: Take legacy intents in and turn orders left ``sent`` into ``unknown`` when opened (a read-only plan does not).
+    _settle_on_open = True
+
     def __init__(
         self,
         manager: PositionStateManager,
@@ -62,10 +65,13 @@ class LedgerCore(PersistedAccountStateStore):
         self._inflight: set[str] = set()
         self._ledger_lock = threading.RLock()
         self._violations: tuple[ledgerformat.Violation, ...] = ()
+        self._batch: dict[str, dict[str, Any] | None] | None = None  # see OrderLedger._one_record
+        self._deferred: list[tuple[str, dict[str, Any]]] = []
         self._reload: str | None = None  # a reason: reload the ledger at the next ledger call (see _ledger())
         super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
-        self._import_legacy_intents()
-        self._settle_after_restart()
+        if self._settle_on_open:
+            self._import_legacy_intents()
+            self._settle_after_restart()
         manager.on("backupRestored", self._on_backup_restored)
 
     def _now(self) -> int:
