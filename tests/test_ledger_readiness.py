@@ -134,7 +134,8 @@ def test_readiness_reasons(cfg: StateConfig, key: bytes) -> None:
 
 
 def test_recovered_state_is_not_trusted(cfg: StateConfig, key: bytes) -> None:
-    """issue 17.6: after the manager recovered a damaged state file, every subject is untrusted with reason recovered."""
+    """issue 17.6: after the manager recovered a damaged state file (at start or live), or read its state again,
+    every subject is untrusted (recovered, startup)."""
     snap = cfg.replace(durability="snapshot")
     for s in opened(snap, key):
         s.set_active_position(Position(symbol=BTC, side="long", contracts=1, entry_price=1))
@@ -144,6 +145,20 @@ def test_recovered_state_is_not_trusted(cfg: StateConfig, key: bytes) -> None:
     snap.state_path.write_bytes(bytes(data))
     for s in opened(snap, key):
         assert s.manager.last_recovery is not None
+        assert set(s.readiness().values()) == {"recovered"}
+        s.set_positions([{"symbol": BTC, "side": "long", "contracts": 1, "entryPrice": 1}])
+        s.set_open_orders([])
+        s.set_balances(BN["balance"])
+        assert s.ready_to_trade()
+        s.manager.load_positions()  # the manager reads its state again: so does the store, trusting nothing
+        assert set(s.readiness().values()) == {"startup"}
+        s.set_positions([{"symbol": BTC, "side": "long", "contracts": 1, "entryPrice": 1}])
+        s.set_open_orders([])
+        s.set_balances(BN["balance"])
+        data = bytearray(snap.state_path.read_bytes())
+        data[-5] ^= 0xFF
+        snap.state_path.write_bytes(bytes(data))
+        assert s.manager.attempt_recovery() is not None  # a live recovery
         assert set(s.readiness().values()) == {"recovered"}
 
 

@@ -67,12 +67,16 @@ class LedgerCore(PersistedAccountStateStore):
         self._violations: tuple[ledgerformat.Violation, ...] = ()
         self._batch: dict[str, dict[str, Any] | None] | None = None  # see OrderLedger._one_record
         self._deferred: list[tuple[str, dict[str, Any]]] = []
-        self._reload: str | None = None  # a reason: reload the ledger at the next ledger call (see _ledger())
+        self._reload: str | None = None
+        self._recovery_seen: Any = None  # a reason: reload the ledger at the next ledger call (see _ledger())
         super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
         if self._settle_on_open:
             self._import_legacy_intents()
             self._settle_after_restart()
+        self._recovery_seen = manager.last_recovery
         manager.on("backupRestored", self._on_backup_restored)
+        manager.on("stateLoaded", self._on_reloaded)
+        manager.on("stateRepaired", self._on_reloaded)
 
     def _now(self) -> int:
         return int(self._clock() * 1000)
@@ -121,6 +125,7 @@ class LedgerCore(PersistedAccountStateStore):
             self._balances = dict(bal.get("assets", {})) if isinstance(bal, Mapping) else {}
             self._inflight = set()
             why = reason or ("recovered" if self._manager.last_recovery is not None else "startup")
+            self._recovery_seen = self._manager.last_recovery
             self._blocked = dict.fromkeys(SUBJECTS, why)
             self._violations = tuple(ledgerformat.check(entries, self._manager.get_positions()))
         for v in self._violations:
@@ -132,7 +137,19 @@ class LedgerCore(PersistedAccountStateStore):
         # the ledger at its next call (taking the ledger lock here, under the manager's, could deadlock with a
         # ledger write waiting for the manager). Orders left "sent" count as unknown (see unknown_orders()).
         PersistedAccountStateStore.restore(self)
-        self._reload = "restored_from_backup"
+        self._request_reload("restored_from_backup")
+
+    def _on_reloaded(self, event: Mapping[str, Any]) -> None:
+        # The manager read its state again (load_positions, attempt_recovery, repair_state): so does the store.
+        recovered = self._manager.last_recovery is not None and self._manager.last_recovery is not self._recovery_seen
+        PersistedAccountStateStore.restore(self)
+        self._request_reload("recovered" if recovered or event.get("event") == "stateRepaired" else "startup")
+
+    def _request_reload(self, reason: str) -> None:
+        """Reload the ledger at its next call, for the strongest reason asked since (a restore, a recovery, a load)."""
+        rank = ("startup", "recovered", "restored_from_backup")
+        if self._reload is None or rank.index(reason) > rank.index(self._reload):
+            self._reload = reason
 
     def record_order_status_unknown(self, order_id: str, *, reason: str) -> OrderRecord:
         raise NotImplementedError  # ledger.py
