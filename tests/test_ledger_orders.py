@@ -119,7 +119,8 @@ def test_failed_write_changes_nothing(tmp_path: Path, durability: str) -> None:
 
 
 def test_refused_transitions_write_nothing(store: ExchangeAccountStateStore) -> None:
-    """issue 17.1: a second send, an acceptance of a rejected order and a fill for a never-sent order are refused."""
+    """issue 17.1: a second send, an acceptance of a rejected order, a fill for a never-sent order and a client id
+    reused for another order are refused."""
     cid = intent(store)
     with pytest.raises(OrderTransitionError, match="never sent or rejected"):
         store.apply_fill(Fill(trade_id="t0", client_order_id=cid, price=1, amount="0.001"))
@@ -131,6 +132,10 @@ def test_refused_transitions_write_nothing(store: ExchangeAccountStateStore) -> 
         store.record_order_cancelled(cid)
     with pytest.raises(UnknownOrderError):
         store.record_order_accepted("nope")
+    with pytest.raises(OrderTransitionError, match="already names another order"):
+        store.record_order_intent(
+            strategy="x", signal="y", symbol=BTC, side="sell", type="limit", amount=1, price=2, client_order_id=cid
+        )
     assert [e["type"] for e in store.order_events(cid)] == ["order_placed", "order_sent", "order_rejected"]
 
 

@@ -163,7 +163,8 @@ def test_new_epoch_refuses_old_orders_fills(store: ExchangeAccountStateStore) ->
 
 
 def test_open_closing_closed(store: ExchangeAccountStateStore) -> None:
-    """issue 17.4: a reduce-only order that covers the position moves it to closing; its fill closes the epoch."""
+    """issue 17.4: a reduce-only order that covers the position moves it to closing (back to open if it is
+    cancelled); its fill closes the epoch."""
     binance_entry(store)
     for t in BN["my_trades"]:
         store.apply_fill(t)
@@ -171,17 +172,20 @@ def test_open_closing_closed(store: ExchangeAccountStateStore) -> None:
         strategy="grid", signal="tp", symbol=BTC, side="sell", type="limit", amount="0.010", price="95000", reduce_only=True
     )
     assert close.position_side == "long" and close.epoch == 1
+    first = store.record_order_intent(
+        strategy="grid", signal="sl", symbol=BTC, side="sell", type="market", amount="0.010", reduce_only=True
+    )
+    store.record_order_sent(first.key)
+    assert store.position_lifecycle(BTC, "long")["state"] == "closing"
+    store.record_order_cancelled(first.key)  # the stop was cancelled: the position is open again
+    assert store.position_lifecycle(BTC, "long")["state"] == "open"
     store.record_order_sent(close.key)
     assert store.position_lifecycle(BTC, "long")["state"] == "closing"
     store.apply_fill({"id": "c1", "clientOrderId": close.key, "price": 95000, "amount": 0.01})
     life = store.position_lifecycle(BTC, "long")
     assert (life["epoch"], life["state"]) == (1, "closed")
-    assert [e["type"] for e in store.position_events()] == [
-        "position_opened",
-        "position_modified",
-        "position_modified",
-        "position_closed",
-    ]
+    kinds = [e["type"] for e in store.position_events()]
+    assert kinds == ["position_opened"] + ["position_modified"] * 4 + ["position_closed"]
     assert store.get_active_position(BTC, "long") is None
 
 

@@ -118,8 +118,6 @@ class OrderLedger(LedgerCore):
         )
         with self._ledger():
             found = self._orders.get(cid)
-            if found is not None:
-                return OrderRecord.from_json(found["order"])
             base = lc.new_order(
                 client_order_id=cid,
                 exchange_order_id=None,
@@ -136,6 +134,11 @@ class OrderLedger(LedgerCore):
                 strategy=strategy,
                 signal=signal,
             )
+            if found is not None:
+                same = ("symbol", "side", "type", "amount", "price", "reduce_only", "position_side")
+                if any(found["order"][k] != base[k] for k in same):
+                    raise OrderTransitionError(cid, "this client order id already names another order in the ledger")
+                return OrderRecord.from_json(found["order"])
             base["epoch"] = epochs.epoch_for_order(epochs.get(self._lifecycles, (symbol, base["position_side"])), base)
             return OrderRecord.from_json(self._append(cid, "order_placed", {"order": base}))
 
@@ -174,9 +177,27 @@ class OrderLedger(LedgerCore):
             order = self._orders[key]["order"]
             if order["status"] == to and all(order.get(k) == v for k, v in fields.items() if k != "reason"):
                 return OrderRecord.from_json(order)  # the same answer again: nothing to record
-            done = self._append(key, kind, dict(fields))
+            lifecycles = self._closing_ended(key) if to in lc.TERMINAL and to != "filled" else None
+            done = self._append(key, kind, dict(fields), lifecycles=lifecycles)
             self._inflight.discard(key)
             return OrderRecord.from_json(done)
+
+    def _closing_ended(self, key: str) -> dict[str, dict[str, Any]] | None:
+        """The lifecycles with the position back to ``open`` when *key* was the last live reduce-only order of
+        a ``closing`` position and ends without filling it (None: nothing changes)."""
+        order = self._orders[key]["order"]
+        pkey = (order["symbol"], order["position_side"])
+        life = epochs.get(self._lifecycles, pkey)
+        if not order["reduce_only"] or life["state"] != "closing" or life["epoch"] != order["epoch"]:
+            return None
+        for other_key, item in self._orders.items():
+            o = item["order"]
+            if other_key != key and o["reduce_only"] and o["status"] in lc.LIVE and (o["symbol"], o["position_side"]) == pkey:
+                return None
+        lifecycles = dict(self._lifecycles)
+        held = self._snap.positions.get(pkey)
+        lifecycles[epochs.key_text(pkey)] = epochs.record(life, "position_modified", self._now(), held, state="open", order=key)
+        return lifecycles
 
     def record_order_accepted(
         self, order_id: str, *, exchange_order_id: str | None = None, order: Mapping[str, Any] | None = None

@@ -67,8 +67,8 @@ class LedgerCore(PersistedAccountStateStore):
         self._violations: tuple[ledgerformat.Violation, ...] = ()
         self._batch: dict[str, dict[str, Any] | None] | None = None  # see OrderLedger._one_record
         self._deferred: list[tuple[str, dict[str, Any]]] = []
-        self._reload: str | None = None
-        self._recovery_seen: Any = None  # a reason: reload the ledger at the next ledger call (see _ledger())
+        self._reload: str | None = None  # a reason: reload the ledger at the next ledger call (see _ledger())
+        self._recovery_seen: Any = None  # the manager's last_recovery when the ledger was loaded
         super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
         if self._settle_on_open:
             self._import_legacy_intents()
