@@ -20,6 +20,7 @@ from posstate import (
     OrderTransitionError,
     PersistenceError,
     PositionStateManager,
+    SchemaValidationError,
     StateConfig,
     UnknownOrderError,
 )
@@ -168,6 +169,30 @@ def test_fill_past_amount_refused(store: ExchangeAccountStateStore) -> None:
         store.apply_fill(Fill(trade_id="b", client_order_id=cid, price=91000, amount="0.005"))
     o = store.get_ledger_order(cid)
     assert o is not None and o.filled == Decimal("0.006") and o.trade_ids == ("a",)
+
+
+@pytest.mark.parametrize(
+    "trade",
+    [
+        pytest.param({"order": "1", "price": 1, "amount": 1}, id="no-trade-id"),
+        pytest.param({"id": "t", "order": "1", "price": "nan", "amount": 1}, id="nan-price"),
+        pytest.param({"id": "t", "order": "1", "price": 1, "amount": -1}, id="negative-amount"),
+        pytest.param({"id": "t", "order": "1", "price": 1, "amount": 1, "timestamp": float("inf")}, id="infinite-time"),
+        pytest.param({"id": "t" * 257, "order": "1", "price": 1, "amount": 1}, id="huge-id"),
+        pytest.param({"id": "t\ud800", "order": "1", "price": 1, "amount": 1}, id="lone-surrogate"),
+        pytest.param({"id": "t", "order": "1", "price": 1, "amount": 1, "fee": {"cost": "x"}}, id="bad-fee"),
+        pytest.param(["not", "a", "trade"], id="not-a-dict"),
+    ],
+)
+def test_hostile_fill_payloads_are_typed_errors(store: ExchangeAccountStateStore, trade: Any) -> None:
+    """issue 17.2: a malformed ccxt trade is a SchemaValidationError (a PosStateError), and changes nothing."""
+    cid = intent(store)
+    store.record_order_sent(cid)
+    store.record_order_accepted(cid, exchange_order_id="1")
+    with pytest.raises(SchemaValidationError):
+        store.apply_fill(trade)
+    o = store.get_ledger_order(cid)
+    assert o is not None and o.fill_count == 0 and o.status == "accepted"
 
 
 def test_fill_for_unknown_order_refused(store: ExchangeAccountStateStore) -> None:

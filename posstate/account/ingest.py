@@ -19,7 +19,7 @@ from posstate.account.ledger import OrderLedger
 from posstate.account.reconcile import merged, parse_exchange_positions
 from posstate.account.types import Order
 from posstate.core.errors import SchemaValidationError
-from posstate.model.position import Position, PositionKey
+from posstate.model.position import Position, PositionKey, to_decimal
 
 _CCXT_TO_LEDGER = {"NEW": "accepted", "PARTIALLY_FILLED": "partially_filled", "FILLED": "filled", "CANCELED": "cancelled"}
 _CCXT_TO_LEDGER.update({"EXPIRED": "expired", "REJECTED": "rejected", "PENDING_CANCEL": "accepted"})
@@ -358,6 +358,6 @@ def _parse_one(data: Mapping[str, Any]) -> Position:
     if not isinstance(data, Mapping):
         raise SchemaValidationError(None, "$", "type", f"expected a ccxt position dict, got {type(data).__name__}")
     contracts = data.get("contracts")
-    if contracts is None or str(contracts) in ("0", "0.0"):
+    if contracts is None or to_decimal(contracts, "contracts") == 0:  # flat: the entry price may be absent
         return Position.from_ccxt({**data, "contracts": 0, "entryPrice": data.get("entryPrice") or 0})
     return Position.from_ccxt(data)

@@ -10,7 +10,10 @@ from decimal import Decimal
 from typing import Any
 
 from posstate.core.errors import SchemaValidationError
-from posstate.model.position import to_decimal
+from posstate.model.position import SURROGATE, to_decimal
+
+#: Longest exchange or trade id kept (the ledger schema's ``id``).
+MAX_ID_LENGTH = 256
 
 TERMINAL: frozenset[str] = frozenset({"rejected", "filled", "cancelled", "expired"})
 #: Orders that may be resting on the exchange (``unknown``: nobody knows yet).
@@ -21,10 +24,14 @@ _ZERO = Decimal(0)
 def _opt_text(value: Any, name: str) -> str | None:
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # exchanges' numeric ids (Binance trade ids)
     if not isinstance(value, str) or not value:
-        raise SchemaValidationError(None, f"$.{name}", "type", f"{name} must be a non-empty string, got {value!r}")
+        raise SchemaValidationError(None, f"$.{name}", "type", f"{name} must be a non-empty string, got {str(value)[:40]!r}")
+    if len(value) > MAX_ID_LENGTH or SURROGATE.search(value) is not None:
+        raise SchemaValidationError(
+            None, f"$.{name}", "maxLength", f"{name} is not an id of 1 to {MAX_ID_LENGTH} characters of text"
+        )
     return value
 
 
