@@ -4,6 +4,7 @@ the one in flight, an order left ``sent`` is ``unknown`` and blocks trading, and
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -77,13 +78,37 @@ def crash_every_op(tmp_path: Path, durability: str, steps: range) -> int:
 
 
 def test_sigkill_at_every_step_sync(tmp_path: Path) -> None:
-    """SIGKILL before and after every file operation of every step (durability sync): the state after each restart
-    is the last acknowledged step or the one in flight; unknown outcomes are kept and never re-sent."""
+    """issue 17.1 (tests): SIGKILL before and after every file operation of every step (durability sync): each
+    restart holds the last acknowledged step or the one in flight; unknown outcomes are kept and never re-sent."""
     kills = crash_every_op(tmp_path, "sync", range(1, STEPS + 1))
     assert kills >= 2 * 2 * (STEPS - 1)  # every step that writes was killed at least at its write and its fdatasync
 
 
 def test_sigkill_snapshot_mode(tmp_path: Path) -> None:
-    """The same under durability snapshot (each change is a full atomic save), for the send and the closing fill."""
+    """issue 17.1 (tests): the same under durability snapshot (each change a full atomic save), send and closing fill."""
     kills = crash_every_op(tmp_path, "snapshot", range(2, 3)) + crash_every_op(tmp_path, "snapshot", range(9, 10))
     assert kills >= 2 * 2 * 6
+
+
+def test_killed_after_sent_reconciles_by_client_id(tmp_path: Path) -> None:
+    """issue 17.6 (tests): a bot SIGKILLed between record_order_sent and the exchange's answer restarts not ready,
+    with the order unknown; binance's fetch_open_orders finds it by client id; it is never sent again."""
+    data = json.loads((ROOT / "tests" / "data" / "ccxt_ledger.json").read_text())["binance"]
+    d = tmp_path / "state"
+    rc, acked, pending = run_child(d, "sync", 3, 1, "before")  # dies at the first write of the answer
+    assert rc == -signal.SIGKILL and (acked, pending) == (2, 3)
+    with PositionStateManager(config(d, "sync")) as m:
+        s = ExchangeAccountStateStore(m)
+        try:
+            (order,) = s.unknown_orders()
+            assert not s.ready_to_trade() and s.readiness()["open_orders"] == "submission_unknown"
+            with pytest.raises(OrderTransitionError):
+                s.record_order_sent(order.key)
+            payload = json.loads(json.dumps(data["open_orders_partial"]).replace('"CID"', json.dumps(order.key)))
+            s.set_positions(data["positions_flat"])
+            s.set_balances(data["balance"])
+            assert s.set_open_orders(payload).found == (order.key,)
+            found = s.get_ledger_order(order.key)
+            assert found is not None and found.status == "partially_filled" and s.ready_to_trade()
+        finally:
+            s.close()
