@@ -52,6 +52,29 @@ def test_broken_entries_fail_the_schema_and_the_invariants(tmp_path: Path) -> No
     assert "binary_float" in {v.code for v in ledgerformat.check(bad, {})}
 
 
+@pytest.mark.parametrize(
+    "entries",
+    [
+        pytest.param({"__posstate_lifecycles__": {"format": 1, "positions": ["x"]}}, id="lifecycles-list"),
+        pytest.param({"__posstate_lifecycles__": {"format": 1, "positions": {"B|long": {"epoch": "1"}}}}, id="bad-lifecycle"),
+        pytest.param({"__posstate_balances__": {"format": 1, "assets": {"USDT": {"total": "x"}}}}, id="bad-balance"),
+        pytest.param({"__posstate_balances__": {"format": 2, "assets": {}}}, id="newer-format"),
+        pytest.param({"__posstate_order__a": {"format": 1, "order": [], "events": {}}}, id="order-of-lists"),
+    ],
+)
+def test_malformed_ledger_entries_are_reported_at_load(tmp_path: Path, entries: dict[str, Any]) -> None:
+    """issue 17.7: a ledger entry of the wrong shape is reported (malformed) at load, never a builtin error."""
+    cfg = StateConfig.in_dir(tmp_path / "s", encryption=False, backup_interval=1e9)
+    with PositionStateManager(cfg) as m:
+        for name, data in entries.items():
+            m.set_symbol_metadata(name, data)
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        assert [v.code for v in s.violations] == ["malformed"]
+        assert s.readiness()["ledger"] == "invariant_violation"
+        s.close()
+
+
 def test_state_from_current_main_loads_unchanged(tmp_path: Path) -> None:
     """issue 17.9: positions and metadata written by the current main load unchanged; its order intents become
     ledger orders (recorded -> unknown, sent -> accepted, filled -> filled); the legacy entry stays as it was."""

@@ -295,7 +295,7 @@ class OrderLedger(LedgerCore):
 
     def position_events(self) -> list[dict[str, Any]]:
         with self._ledger():
-            return ledgerformat.position_history({ledgerformat.LIFECYCLES: {"positions": self._lifecycles}})
+            return ledgerformat.position_history(self._lifecycles)
 
     def reconstruct_order(self, order_id: str) -> OrderRecord:
         """The order rebuilt from its stored events alone; equals :meth:`get_ledger_order` (the invariant the

@@ -117,12 +117,10 @@ class LedgerCore(PersistedAccountStateStore):
             entries = {n: d for n, d in self._manager.get_all_symbol_metadata().items() if ledgerformat.is_ledger_entry(n)}
             orders, _ = ledgerformat.load_orders(entries)
             self._orders = orders
-            life = entries.get(ledgerformat.LIFECYCLES) or {}
-            stored = dict(life.get("positions", {})) if isinstance(life, Mapping) else {}
+            stored, _ = ledgerformat.load_lifecycles(entries)
             # In memory only: written with the next change of a lifecycle.
             self._lifecycles = epochs.adopt_open(stored, self._manager.get_positions(), self._now())
-            bal = entries.get(ledgerformat.BALANCES) or {}
-            self._balances = dict(bal.get("assets", {})) if isinstance(bal, Mapping) else {}
+            self._balances, _ = ledgerformat.load_balances(entries)
             self._inflight = set()
             why = reason or ("recovered" if self._manager.last_recovery is not None else "startup")
             self._recovery_seen = self._manager.last_recovery

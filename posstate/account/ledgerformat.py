@@ -127,6 +127,51 @@ def load_orders(entries: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], 
     return orders, bad
 
 
+def load_lifecycles(entries: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Violation]]:
+    """The position lifecycles of the ledger entries; a malformed entry or lifecycle is reported and left out."""
+    entry = entries.get(LIFECYCLES)
+    if entry is None:
+        return {}, []
+    if not isinstance(entry, Mapping) or entry.get("format") != LEDGER_FORMAT or not isinstance(entry.get("positions"), Mapping):
+        return {}, [Violation("malformed", LIFECYCLES, "not a lifecycles entry posstate writes")]
+    out: dict[str, dict[str, Any]] = {}
+    bad: list[Violation] = []
+    for text, life in entry["positions"].items():
+        ok = (
+            isinstance(life, Mapping)
+            and type(life.get("epoch")) is int
+            and life.get("state") in ("open", "closing", "closed")
+            and type(life.get("version")) is int
+            and isinstance(life.get("events"), list)
+            and "|" in text
+        )
+        if ok:
+            out[text] = dict(life)
+        else:
+            bad.append(Violation("malformed", f"{LIFECYCLES} {text}", "not a position lifecycle posstate writes"))
+    return out, bad
+
+
+def load_balances(entries: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[Violation]]:
+    """The balances of the ledger entries; a malformed one is reported and left out."""
+    from posstate.account.balances import Balance
+
+    entry = entries.get(BALANCES)
+    if entry is None:
+        return {}, []
+    if not isinstance(entry, Mapping) or entry.get("format") != LEDGER_FORMAT or not isinstance(entry.get("assets"), Mapping):
+        return {}, [Violation("malformed", BALANCES, "not a balances entry posstate writes")]
+    out: dict[str, dict[str, Any]] = {}
+    bad: list[Violation] = []
+    for key, value in entry["assets"].items():
+        try:
+            Balance.from_json(value)
+            out[key] = dict(value)
+        except (KeyError, TypeError, ValueError, AttributeError, InvalidOperation):
+            bad.append(Violation("malformed", f"{BALANCES} {key}", "not a balance posstate writes"))
+    return out, bad
+
+
 def check(entries: Mapping[str, Any], positions: Mapping[PositionKey, Position]) -> list[Violation]:
     """Every invariant of the ledger in *entries* (the state's reserved metadata) against *positions*.
 
@@ -165,10 +210,12 @@ def check(entries: Mapping[str, Any], positions: Mapping[PositionKey, Position])
         if rebuilt != order:
             diff = sorted(k for k in set(order) | set(rebuilt or {}) if order.get(k) != (rebuilt or {}).get(k))
             out.append(Violation("events_disagree", subject, f"stored order differs from its events in {', '.join(diff)}"))
-    lifecycles = entries.get(LIFECYCLES, {}).get("positions", {}) if isinstance(entries.get(LIFECYCLES), Mapping) else {}
+    lifecycles, bad_life = load_lifecycles(entries)
+    out.extend(bad_life)
+    out.extend(load_balances(entries)[1])
     for text, state in sorted(lifecycles.items()):
         symbol, _, side = text.rpartition("|")
-        p = positions.get((symbol, side))
+        p = positions.get((symbol, side))  # type: ignore[arg-type]
         if p is not None and p.contracts != 0 and state.get("state") == "closed":
             out.append(
                 Violation("position_in_closed_epoch", f"position {text}", f"open position in closed epoch {state.get('epoch')}")
@@ -192,8 +239,8 @@ def order_history(entries: Mapping[str, Any], order_id: str | None = None) -> li
     return out
 
 
-def position_history(entries: Mapping[str, Any]) -> list[dict[str, Any]]:
-    lifecycles = entries.get(LIFECYCLES, {}).get("positions", {}) if isinstance(entries.get(LIFECYCLES), Mapping) else {}
+def position_history(lifecycles: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The kept events of every position lifecycle, each with its ``position`` (``SYMBOL|side``)."""
     return [{"position": k, **e} for k, v in sorted(lifecycles.items()) for e in v.get("events", [])]
 
 
