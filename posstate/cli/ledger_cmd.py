@@ -31,7 +31,7 @@ def ledger_check(state: StateData) -> tuple[Check | None, list[dict[str, str]]]:
     violations = ledgerformat.check(entries, state.positions)
     orders = sum(1 for n in entries if n.startswith(ledgerformat.ORDER_PREFIX))
     if not violations:
-        return Check("ledger", True, f"{orders} orders, invariants hold"), []
+        return Check("ledger", True, f"{orders} order{'s' if orders != 1 else ''}, invariants hold"), []
     first = violations[0]
     detail = f"{len(violations)} invariant violation(s); first: {first.code} {first.subject}: {first.detail}"
     return Check("ledger", False, detail), [v.to_dict() for v in violations]
