@@ -123,7 +123,7 @@ def test_refused_transitions_write_nothing(store: ExchangeAccountStateStore) -> 
     """issue 17.1: a second send, an acceptance of a rejected order, a fill for a never-sent order and a client id
     reused for another order are refused."""
     cid = intent(store)
-    with pytest.raises(OrderTransitionError, match="never sent or rejected"):
+    with pytest.raises(OrderTransitionError, match="never sent, or rejected"):
         store.apply_fill(Fill(trade_id="t0", client_order_id=cid, price=1, amount="0.001"))
     store.record_order_sent(cid)
     with pytest.raises(OrderTransitionError, match="never send it again"):
@@ -158,6 +158,16 @@ def test_forget_only_finished_orders(tmp_path: Path) -> None:
         s = ExchangeAccountStateStore(m, clock=Clock())
         assert [o.key for o in s.get_ledger_orders()] == [cid]
         s.close()
+
+
+def test_fill_for_an_intent_cancelled_before_sending_refused(store: ExchangeAccountStateStore) -> None:
+    """issue 17.7: an intent abandoned before it was sent takes no fill (found by the invariant property test)."""
+    cid = intent(store)
+    store.record_order_cancelled(cid, reason="signal gone")
+    with pytest.raises(OrderTransitionError, match="never sent"):
+        store.apply_fill(Fill(trade_id="x", client_order_id=cid, price=1, amount="0.001"))
+    o = store.get_ledger_order(cid)
+    assert o is not None and o.sent_at is None and o.fill_count == 0 and store.violations == ()
 
 
 def test_fill_past_amount_refused(store: ExchangeAccountStateStore) -> None:

@@ -11,15 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from posstate import (
     Balance,
     ExchangeAccountStateStore,
+    Fill,
+    OrderTransitionError,
     PersistenceError,
     Position,
     PositionStateManager,
     SchemaValidationError,
     StateConfig,
+    UnknownOrderError,
 )
 from posstate.selftest.harness import MUTATING, Fault, HarnessOps
 from posstate.storage import fileops as fs
@@ -298,3 +303,71 @@ def test_bybit_short_lifecycle(store: ExchangeAccountStateStore) -> None:
     assert report.opened == () and report.closed == ()
     p = store.get_active_position(ETH, "short")
     assert p is not None and p.leverage == Decimal("5.0") and p.entry_price == Decimal("3200.5")
+
+
+_OPS = st.sampled_from(["entry", "send", "fill", "late", "reduce", "reduce_fill", "flat", "open", "tagged", "cancel"])
+
+
+@settings(max_examples=40)
+@given(ops=st.lists(_OPS, max_size=30), sizes=st.lists(st.integers(1, 4), min_size=30, max_size=30))
+def test_no_sequence_breaks_an_invariant(ops: list[str], sizes: list[int]) -> None:
+    """issue 17.4/17.7: whatever the order of fills, snapshots, tagged updates and cancels, a reload finds no broken
+    invariant, and a position is never open while its lifecycle says closed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config(Path(tmp) / "state")
+        with PositionStateManager(cfg) as m:
+            s = ExchangeAccountStateStore(m, clock=Clock())
+            orders: list[str] = []
+            trade = 0
+            for op, size in zip(ops, sizes, strict=False):
+                try:
+                    if op == "entry":
+                        orders.append(
+                            s.record_order_intent(
+                                strategy="p",
+                                signal=str(len(orders)),
+                                symbol=BTC,
+                                side="buy",
+                                type="limit",
+                                amount=size * 2,
+                                price=100,
+                            ).key
+                        )
+                    elif op == "reduce":
+                        orders.append(
+                            s.record_order_intent(
+                                strategy="p",
+                                signal=str(len(orders)),
+                                symbol=BTC,
+                                side="sell",
+                                type="market",
+                                amount=size,
+                                reduce_only=True,
+                            ).key
+                        )
+                    elif op == "send" and orders:
+                        s.record_order_sent(orders[-1])
+                    elif op in ("fill", "late", "reduce_fill") and orders:
+                        trade += 1
+                        key = orders[0] if op == "late" else orders[-1]
+                        s.apply_fill(Fill(trade_id=str(trade), client_order_id=key, price=100 + size, amount=1))
+                    elif op == "flat":
+                        s.set_positions(BN["positions_flat"])
+                    elif op == "open":
+                        s.set_positions(BN["positions_open"])
+                    elif op == "tagged":
+                        s.apply_position_update({**BN["positions_open"][0], "contracts": size}, epoch=1)
+                    elif op == "cancel" and orders:
+                        s.record_order_cancelled(orders[-1])
+                except (OrderTransitionError, UnknownOrderError):
+                    pass
+                life = s.position_lifecycle(BTC, "long")
+                held = s.get_active_position(BTC, "long")
+                assert not (held is not None and held.contracts != 0 and life["state"] == "closed"), (op, life)
+            s.close()
+        with PositionStateManager(cfg) as m:
+            s = ExchangeAccountStateStore(m, clock=Clock())
+            assert s.violations == ()
+            s.close()

@@ -147,6 +147,8 @@ class OrderRecord:
     created_at: int
     updated_at: int
     version: int
+    #: When the order went out (``record_order_sent``; adopted orders: when adopted); None: never sent.
+    sent_at: int | None = None
 
     @property
     def is_live(self) -> bool:
@@ -199,4 +201,5 @@ class OrderRecord:
             created_at=int(d["created_at"]),
             updated_at=int(d["updated_at"]),
             version=int(d["version"]),
+            sent_at=d.get("sent_at"),
         )

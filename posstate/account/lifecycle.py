@@ -176,6 +176,7 @@ def apply_event(order: dict[str, Any] | None, event: Mapping[str, Any]) -> dict[
             executions=[],
             exchange_filled=None,
             created_at=at,
+            sent_at=at if kind == "order_adopted" else None,
         )
         return _stamp(base, event)
     if order is None:
@@ -189,6 +190,8 @@ def apply_event(order: dict[str, Any] | None, event: Mapping[str, Any]) -> dict[
             raise OrderTransitionError(key, f"cannot go from {status} to {to}")
         out["status"] = to
         out["reason"] = event.get("reason")
+        if kind == "order_sent":
+            out["sent_at"] = at
         if event.get("exchange_order_id"):
             out["exchange_order_id"] = event["exchange_order_id"]
         return _stamp(out, event)
@@ -222,8 +225,8 @@ def apply_event(order: dict[str, Any] | None, event: Mapping[str, Any]) -> dict[
             cost = Decimal(execution["price"]) * amount
             fees = {execution.get("fee_currency") or "?": execution["fee"]}
             ids, count = [execution["trade_id"]], 1
-        if status not in _FILL_MOVES and status not in _FILL_LATE:
-            raise OrderTransitionError(key, f"a fill for an order that is {status} (never sent or rejected)")
+        if status not in _FILL_MOVES and (status not in _FILL_LATE or order.get("sent_at") is None):
+            raise OrderTransitionError(key, f"a fill for an order that is {status} (never sent, or rejected)")
         seen = set(order["trade_ids"])
         if any(i in seen for i in ids):
             raise OrderTransitionError(key, "a fill applied twice")
