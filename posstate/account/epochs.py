@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
+from posstate.account.ledgertypes import tidy
 from posstate.account.lifecycle import is_opening
 from posstate.model.position import Position, PositionKey
 
@@ -107,7 +108,7 @@ def fill_effect(
                 assert current is not None
                 size = held + amount
                 pos = dataclasses.replace(
-                    current, contracts=size, entry_price=(current.entry_price * held + price * amount) / size, timestamp=at
+                    current, contracts=size, entry_price=tidy((current.entry_price * held + price * amount) / size), timestamp=at
                 )
             else:
                 pos = Position(
@@ -119,7 +120,7 @@ def fill_effect(
         held = current.contracts if current is not None else _ZERO
         entry = current.entry_price if current is not None else price
         size = held + amount
-        new_entry = (entry * held + price * amount) / size
+        new_entry = tidy((entry * held + price * amount) / size)
         if current is None:
             pos = Position(
                 symbol=order["symbol"], side=order["position_side"], contracts=size, entry_price=new_entry, timestamp=at

@@ -82,7 +82,10 @@ def looks_binary_float(text: str) -> bool:
         d = Decimal(text)
     except (InvalidOperation, TypeError, ValueError):
         return False
-    if not d.is_finite() or len(d.as_tuple().digits) < 17:
+    if not d.is_finite():
+        return False
+    digits = "".join(map(str, d.as_tuple().digits)).rstrip("0")  # 6.50000 is a division's text, not a float's
+    if len(digits) < 17:
         return False
     f = float(d)
     return Decimal(f) == d or Decimal(repr(f)) == d

@@ -21,6 +21,17 @@ LIVE: frozenset[str] = frozenset({"sent", "accepted", "unknown", "partially_fill
 _ZERO = Decimal(0)
 
 
+def tidy(value: Decimal) -> Decimal:
+    """*value* without trailing zeros after the point (``6.50000`` -> ``6.5``, ``100.0`` -> ``100``): what a
+    division leaves, written the way an exchange writes prices."""
+    exponent = value.as_tuple().exponent
+    if not isinstance(exponent, int) or exponent >= 0:
+        return value
+    n = value.normalize()
+    n_exponent = n.as_tuple().exponent
+    return n if isinstance(n_exponent, int) and n_exponent <= 0 else value.quantize(Decimal(1))
+
+
 def _opt_text(value: Any, name: str) -> str | None:
     if value is None:
         return None

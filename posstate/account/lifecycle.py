@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
-from posstate.account.ledgertypes import LIVE, TERMINAL, Execution, Fill, OrderRecord, _opt_text
+from posstate.account.ledgertypes import LIVE, TERMINAL, Execution, Fill, OrderRecord, _opt_text, tidy
 from posstate.core.errors import OrderTransitionError, SchemaValidationError
 from posstate.model.position import to_decimal
 
@@ -236,7 +236,7 @@ def apply_event(order: dict[str, Any] | None, event: Mapping[str, Any]) -> dict[
         total_cost = Decimal(order["cost"]) + cost
         out["filled"] = str(filled)
         out["cost"] = str(total_cost)
-        out["average_price"] = str(total_cost / filled) if filled else None
+        out["average_price"] = str(tidy(total_cost / filled)) if filled else None
         merged = dict(order["fees"])
         for cur, fee in fees.items():
             merged[cur] = str(Decimal(merged.get(cur, "0")) + Decimal(fee))
