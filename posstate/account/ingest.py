@@ -80,7 +80,8 @@ class AccountIngest(OrderLedger):
             elif mode != "upsert":
                 raise SchemaValidationError(None, "$.mode", "enum", f"mode is 'replace' or 'upsert', got {mode!r}")
             report = self._positions_to(current, {k: remote.get(k) for k in sorted(keys)})
-            self._trust("positions")
+            if symbols is None:  # a response covering some symbols says nothing of the others
+                self._trust("positions")
             return report
 
     def apply_position_update(self, position: Position | Mapping[str, Any], *, epoch: int | None = None) -> SyncReport:
@@ -141,7 +142,8 @@ class AccountIngest(OrderLedger):
         it is one journal record."""
         with self._ledger():
             report = self._open_orders(orders, mode=mode, coverage=coverage, closed_orders=closed_orders, dry=False)
-            self._trust("open_orders")
+            if mode == "replace":  # a per-symbol response says nothing of the other symbols' orders
+                self._trust("open_orders")
         return report
 
     def reconcile_open_orders(
@@ -316,7 +318,8 @@ class AccountIngest(OrderLedger):
             changed = tuple(sorted(k for k in balances if self._balances.get(k) != balances[k]))
             if balances != self._balances:
                 self._write_ledger(balances=balances)
-            self._trust("balances")
+            if assets is None:  # a response covering some assets says nothing of the others
+                self._trust("balances")
         return SyncReport(closed=removed, modified=changed)
 
     def apply_balance_update(

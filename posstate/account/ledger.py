@@ -15,10 +15,11 @@ from typing import Any
 from posstate.account import epochs, ledgerformat
 from posstate.account import lifecycle as lc
 from posstate.account.ledgerbase import LedgerCore
+from posstate.account.ledgertypes import MAX_ID_LENGTH
 from posstate.account.lifecycle import Fill, OrderRecord
 from posstate.core.errors import OrderTransitionError, SchemaValidationError
 from posstate.manager.orders import make_client_order_id
-from posstate.model.position import Position
+from posstate.model.position import SURROGATE, Position, to_decimal
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,12 @@ class OrderLedger(LedgerCore):
         The client order id is :func:`~posstate.make_client_order_id` of the decision unless given, so the same
         decision after a restart finds the same order: recording it again returns the stored order and writes
         nothing. The order belongs to its position's current epoch (or, flat, to the next one it opens)."""
+        if client_order_id is not None:
+            _check_client_id(client_order_id)
+        if to_decimal(amount, "amount") <= 0:
+            raise SchemaValidationError(None, "$.amount", "minimum", "an order's amount is greater than zero")
+        if price is not None and to_decimal(price, "price") < 0:
+            raise SchemaValidationError(None, "$.price", "minimum", "an order's price is zero or more")
         cid = client_order_id or make_client_order_id(
             strategy=strategy, signal=signal, symbol=symbol, side=side, type=type, amount=amount, price=price, prefix=prefix
         )
@@ -305,6 +312,26 @@ class OrderLedger(LedgerCore):
             rebuilt = lc.reconstruct(self._orders[key]["events"])
         assert rebuilt is not None
         return OrderRecord.from_json(rebuilt)
+
+
+def _check_client_id(cid: Any) -> None:
+    """A client order id the bot chooses: plain text the exchange echoes back unchanged, never an adopted order's
+    key (``x:`` + an exchange id, which would take that order's fills)."""
+    if (
+        not isinstance(cid, str)
+        or not cid
+        or cid != cid.strip()
+        or len(cid) > MAX_ID_LENGTH
+        or SURROGATE.search(cid) is not None
+        or cid.startswith("x:")
+    ):
+        raise SchemaValidationError(
+            None,
+            "$.client_order_id",
+            "pattern",
+            f"a client order id is 1 to {MAX_ID_LENGTH} characters of text without surrounding spaces, not starting "
+            f"with 'x:'; got {str(cid)[:40]!r}",
+        )
 
 
 def _reason(reason: Any) -> str:

@@ -37,13 +37,14 @@ def _opt_text(value: Any, name: str) -> str | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)  # exchanges' numeric ids (Binance trade ids)
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value.strip():
         raise SchemaValidationError(None, f"$.{name}", "type", f"{name} must be a non-empty string, got {str(value)[:40]!r}")
-    if len(value) > MAX_ID_LENGTH or SURROGATE.search(value) is not None:
+    text: str = value.strip()  # " 123" and "123" are one trade: a padded replay must not count twice
+    if len(text) > MAX_ID_LENGTH or SURROGATE.search(text) is not None:
         raise SchemaValidationError(
             None, f"$.{name}", "maxLength", f"{name} is not an id of 1 to {MAX_ID_LENGTH} characters of text"
         )
-    return value
+    return text
 
 
 def _ms(value: Any, name: str = "timestamp") -> int | None:
@@ -83,6 +84,7 @@ class Fill:
         if self.amount <= 0 or self.price < 0:
             raise SchemaValidationError(None, "$.amount", "minimum", "a fill has a positive amount and a price >= 0")
         object.__setattr__(self, "order_id", _opt_text(self.order_id, "order_id"))
+        object.__setattr__(self, "client_order_id", _opt_text(self.client_order_id, "client_order_id"))
         object.__setattr__(self, "timestamp", _ms(self.timestamp))
 
     @classmethod

@@ -225,8 +225,12 @@ def apply_event(order: dict[str, Any] | None, event: Mapping[str, Any]) -> dict[
             cost = Decimal(execution["price"]) * amount
             fees = {execution.get("fee_currency") or "?": execution["fee"]}
             ids, count = [execution["trade_id"]], 1
-        if status not in _FILL_MOVES and (status not in _FILL_LATE or order.get("sent_at") is None):
-            raise OrderTransitionError(key, f"a fill for an order that is {status} (never sent, or rejected)")
+        sent = order.get("sent_at") is not None
+        # A rejected order that was sent (an unknown submission resolved "not found", an error answer to a request
+        # that did arrive) and fills: the exchange's trade proves it exists, so the fill counts and moves it.
+        moves = status in _FILL_MOVES or (status == "rejected" and sent)
+        if not moves and (status not in _FILL_LATE or not sent):
+            raise OrderTransitionError(key, f"a fill for an order that is {status} (never sent)")
         seen = set(order["trade_ids"])
         if any(i in seen for i in ids):
             raise OrderTransitionError(key, "a fill applied twice")
@@ -245,7 +249,7 @@ def apply_event(order: dict[str, Any] | None, event: Mapping[str, Any]) -> dict[
         out["trade_ids"] = list(order["trade_ids"]) + ids
         if execution is not None:
             out["executions"] = [*order["executions"], execution][-EXECUTION_BUFFER:]
-        if status in _FILL_MOVES:
+        if moves:
             out["status"] = "filled" if filled == Decimal(order["amount"]) else "partially_filled"
             out["reason"] = None
         return _stamp(out, event)
