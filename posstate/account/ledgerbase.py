@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from posstate.account.balances import Balance
 from posstate.account.lifecycle import OrderRecord
 from posstate.account.persist import PersistedAccountStateStore
 from posstate.account.storebase import _proxy
-from posstate.core.errors import UnknownOrderError
+from posstate.core.errors import LedgerOwnershipError, MalformedLedgerEntryError, SchemaValidationError, UnknownOrderError
 from posstate.manager.manager import PositionStateManager
 from posstate.model.position import Position, PositionKey
 
@@ -41,6 +42,22 @@ READINESS_REASONS: tuple[str, ...] = (
     "invariant_violation",
 )
 LEDGER_EVENTS: frozenset[str] = frozenset({"invariantViolation", "staleUpdate", "orderAdopted", "duplicateFill"})
+
+# The open ledger store of each manager: a second one would write from a memory without the first one's orders.
+_OWNERS: weakref.WeakKeyDictionary[PositionStateManager, LedgerCore] = weakref.WeakKeyDictionary()
+_OWNERS_LOCK = threading.Lock()
+
+
+def _claim(manager: PositionStateManager, store: LedgerCore) -> None:
+    with _OWNERS_LOCK:
+        owner = _OWNERS.get(manager)
+        if owner is not None and owner is not store and not owner._closed:
+            raise LedgerOwnershipError(
+                manager.config.state_path,
+                "another ExchangeAccountStateStore is open on this manager (one ledger, one writer); use that one, "
+                "or close() it before opening another",
+            )
+        _OWNERS[manager] = store
 
 
 class LedgerCore(PersistedAccountStateStore):
@@ -69,10 +86,19 @@ class LedgerCore(PersistedAccountStateStore):
         self._deferred: list[tuple[str, dict[str, Any]]] = []
         self._reload: str | None = None  # a reason: reload the ledger at the next ledger call (see _ledger())
         self._recovery_seen: Any = None  # the manager's last_recovery when the ledger was loaded
-        super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
-        if self._settle_on_open:
-            self._import_legacy_intents()
-            self._settle_after_restart()
+        self._unreadable = ledgerformat.Unreadable()  # what the load left out: never overwritten (see _write_ledger)
+        self._closed = False
+        _claim(manager, self)
+        try:
+            super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
+            if self._settle_on_open:
+                self._import_legacy_intents()
+                self._settle_after_restart()
+        except BaseException:
+            with _OWNERS_LOCK:
+                if _OWNERS.get(manager) is self:
+                    del _OWNERS[manager]
+            raise
         self._recovery_seen = manager.last_recovery
         manager.on("backupRestored", self._on_backup_restored)
         manager.on("stateLoaded", self._on_reloaded)
@@ -117,9 +143,12 @@ class LedgerCore(PersistedAccountStateStore):
             entries = {n: d for n, d in self._manager.get_all_symbol_metadata().items() if ledgerformat.is_ledger_entry(n)}
             orders, _ = ledgerformat.load_orders(entries)
             self._orders = orders
+            self._unreadable = ledgerformat.unreadable(entries)
             stored, _ = ledgerformat.load_lifecycles(entries)
-            # In memory only: written with the next change of a lifecycle.
-            self._lifecycles = epochs.adopt_open(stored, self._manager.get_positions(), self._now())
+            # In memory only: written with the next change of a lifecycle. A malformed lifecycle is not adopted.
+            bad_life = self._unreadable.lifecycles or {}
+            positions = {k: p for k, p in self._manager.get_positions().items() if epochs.key_text(k) not in bad_life}
+            self._lifecycles = epochs.adopt_open(stored, positions, self._now())
             self._balances, _ = ledgerformat.load_balances(entries)
             self._inflight = set()
             why = reason or ("recovered" if self._manager.last_recovery is not None else "startup")
@@ -193,14 +222,22 @@ class LedgerCore(PersistedAccountStateStore):
         """Write these entries (and positions) as one journal record, then take them into memory. Caller holds
         ``_ledger_lock``. Order values are ``{"order", "events"}``, or None to remove the order."""
         m = self._manager
+        if self._closed:
+            raise LedgerOwnershipError(
+                m.config.state_path, "this ExchangeAccountStateStore is closed; open a new one on the manager"
+            )
         writes: dict[str, dict[str, Any] | None] = {}
         for key, item in (orders or {}).items():
             name = ledgerformat.order_entry_name(key)
+            if name in self._unreadable.orders:  # a new intent with its client id would forget the stored order
+                raise MalformedLedgerEntryError(name, "the stored order entry could not be read at load")
             writes[name] = ledgerformat.order_entry(item["order"], item["events"]) if item is not None else None
         if lifecycles is not None:
-            writes[ledgerformat.LIFECYCLES] = {"format": ledgerformat.LEDGER_FORMAT, "positions": lifecycles}
+            kept = self._unreadable.keep("lifecycles", lifecycles)
+            writes[ledgerformat.LIFECYCLES] = {"format": ledgerformat.LEDGER_FORMAT, "positions": kept}
         if balances is not None:
-            writes[ledgerformat.BALANCES] = {"format": ledgerformat.LEDGER_FORMAT, "assets": balances}
+            kept = self._unreadable.keep("balances", balances)
+            writes[ledgerformat.BALANCES] = {"format": ledgerformat.LEDGER_FORMAT, "assets": kept}
         moves = dict(positions or {})
         with self._persist_lock:
             snapshot_mode = m.config.durability == "snapshot"
@@ -263,6 +300,8 @@ class LedgerCore(PersistedAccountStateStore):
     # ------------------------------------------------------------------------------------ reads
     def _find(self, order_id: str) -> str:
         """The ledger key of an order named by its key, client order id or exchange order id."""
+        if not isinstance(order_id, str):
+            raise SchemaValidationError(None, "$.order_id", "type", f"an order id is a string, got {type(order_id).__name__}")
         with self._ledger():
             if order_id in self._orders:
                 return order_id

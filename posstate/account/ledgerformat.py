@@ -175,6 +175,51 @@ def load_balances(entries: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]]
     return out, bad
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """The parts of the ledger a load left out of memory, kept so that no later write drops them: the names of
+    malformed order entries, and the raw malformed position lifecycles and balances (``None``: the whole
+    lifecycles or balances entry is not one posstate writes). Writes that would overwrite them are refused."""
+
+    orders: frozenset[str] = frozenset()
+    lifecycles: Mapping[str, Any] | None = None
+    balances: Mapping[str, Any] | None = None
+
+    def keep(self, what: str, new: Mapping[str, Any]) -> dict[str, Any]:
+        """*new* (the lifecycles' ``positions`` or the balances' ``assets`` to write) with the malformed items
+        put back as they were. Raises MalformedLedgerEntryError when *new* would replace one, or the whole
+        entry is unreadable."""
+        from posstate.core.errors import MalformedLedgerEntryError
+
+        entry = LIFECYCLES if what == "lifecycles" else BALANCES
+        bad = self.lifecycles if what == "lifecycles" else self.balances
+        if bad is None:
+            raise MalformedLedgerEntryError(entry, "not an entry of ledger format 1")
+        clash = sorted(k for k in bad if k in new)
+        if clash:
+            raise MalformedLedgerEntryError(f"{entry} {clash[0]}", "its stored item is malformed")
+        return {**new, **bad}
+
+
+def unreadable(entries: Mapping[str, Any]) -> Unreadable:
+    """What :func:`load_orders`, :func:`load_lifecycles` and :func:`load_balances` leave out of *entries*."""
+    _, bad_orders = load_orders(entries)
+    out: dict[str, Mapping[str, Any] | None] = {}
+    for what, entry, loader, field_name in (
+        ("lifecycles", LIFECYCLES, load_lifecycles, "positions"),
+        ("balances", BALANCES, load_balances, "assets"),
+    ):
+        raw = entries.get(entry)
+        loaded, bad = loader(entries)
+        if raw is None:
+            out[what] = {}
+        elif any(v.subject == entry for v in bad):
+            out[what] = None
+        else:
+            out[what] = {k: v for k, v in raw[field_name].items() if k not in loaded}
+    return Unreadable(frozenset(v.subject for v in bad_orders), out["lifecycles"], out["balances"])
+
+
 def check(entries: Mapping[str, Any], positions: Mapping[PositionKey, Position]) -> list[Violation]:
     """Every invariant of the ledger in *entries* (the state's reserved metadata) against *positions*.
 

@@ -469,3 +469,32 @@ class UnknownOrderError(PosStateError, LookupError):
     @property
     def order(self) -> str:
         return self._order
+
+
+class LedgerOwnershipError(PosStateError, RuntimeError):
+    """The order ledger of a manager has one writer: a second ``ExchangeAccountStateStore`` on the same manager,
+    or a store already closed, would write from a memory that does not hold the other's orders (and send one
+    twice). Nothing was written."""
+
+    def __init__(self, path: str | Path | None, reason: str) -> None:
+        self._reason = reason
+        super().__init__(f"{_show(path)}: {reason}; nothing was recorded", path=path)
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+class MalformedLedgerEntryError(OrderTransitionError):
+    """A ledger change would overwrite an entry the ledger could not read (left out of memory at load and reported
+    as ``malformed``): the entry is kept as it is and the change is not recorded."""
+
+    def __init__(self, entry: str, detail: str) -> None:
+        self._order = entry
+        self._reason = f"malformed entry: {detail}"
+        PosStateError.__init__(
+            self,
+            f"<ledger>: entry {entry!r} is malformed ({detail}); it is kept as it is and this change, which would "
+            "overwrite it, was not recorded; see `posstate validate`, then fix or remove the entry "
+            "(`posstate export`, edit, `posstate import`) with the bot stopped",
+        )

@@ -1,0 +1,264 @@
+"""Issue 17 attack: the order ledger's promises that lose money (a second send, a forgotten or overwritten order,
+a fill counted twice or lost, readiness claimed before reconciliation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posstate import (
+    ExchangeAccountStateStore,
+    Fill,
+    LedgerOwnershipError,
+    OrderTransitionError,
+    PositionStateManager,
+    PosStateError,
+    SchemaValidationError,
+    StateConfig,
+)
+from posstate.account import ledgerformat as lf
+
+BTC = "BTC/USDT:USDT"
+ETH = "ETH/USDT:USDT"
+
+
+def config(path: Path, **kw: Any) -> StateConfig:
+    kw.setdefault("encryption", False)
+    kw.setdefault("backup_interval", 1e9)
+    kw.setdefault("durability", "sync")
+    return StateConfig.in_dir(path, **kw)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ExchangeAccountStateStore]:
+    with PositionStateManager(config(tmp_path / "state")) as m:
+        s = ExchangeAccountStateStore(m)
+        yield s
+        s.close()
+
+
+def intent(store: ExchangeAccountStateStore, signal: str = "c1", **kw: Any) -> str:
+    args: dict[str, Any] = {
+        "strategy": "grid",
+        "signal": signal,
+        "symbol": BTC,
+        "side": "buy",
+        "type": "limit",
+        "amount": "1",
+        "price": "100",
+    }
+    args.update(kw)
+    return store.record_order_intent(**args).key
+
+
+def filled_order(store: ExchangeAccountStateStore, signal: str = "c1", xid: str = "9001") -> str:
+    cid = intent(store, signal)
+    store.record_order_sent(cid)
+    store.record_order_accepted(cid, exchange_order_id=xid)
+    store.apply_fill(Fill(trade_id=f"t-{xid}", order_id=xid, price=100, amount=1))
+    return cid
+
+
+# ------------------------------------------------------------------------------------------------ malformed entries
+
+
+def test_malformed_order_entry_is_not_overwritten_by_a_new_intent(tmp_path: Path) -> None:
+    """issue 17.7: an order entry left out of memory as malformed is never overwritten by the same decision recorded
+    again (that would forget a filled order and let it be sent a second time)."""
+    cfg = config(tmp_path / "state")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        cid = filled_order(s)
+        name = lf.order_entry_name(cid)
+        entry = m.get_symbol_metadata(name)
+        assert entry is not None
+        entry["order"]["amount"] = "not a number"  # damaged by hand, or by a newer posstate
+        m.set_symbol_metadata(name, entry)
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        assert [v.code for v in s.violations] == ["malformed"]
+        with pytest.raises(OrderTransitionError, match="malformed"):
+            intent(s)
+        kept = m.get_symbol_metadata(name)
+        assert kept is not None and kept["order"]["status"] == "filled" and kept["order"]["amount"] == "not a number"
+        s.close()
+
+
+def test_malformed_lifecycle_kept_at_the_next_lifecycle_write(tmp_path: Path) -> None:
+    """issue 17.7: a malformed position lifecycle left out of memory is still in the state after another
+    position's lifecycle is written (never silently dropped), and a change to it is refused."""
+    cfg = config(tmp_path / "state")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        filled_order(s)
+        life = m.get_symbol_metadata(lf.LIFECYCLES)
+        assert life is not None
+        bad = {"epoch": "7", "state": "closed", "version": 3, "events": []}
+        life["positions"][f"{ETH}|long"] = bad
+        m.set_symbol_metadata(lf.LIFECYCLES, life)
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        s.set_positions([{"symbol": "SOL/USDT:USDT", "side": "long", "contracts": 1, "entryPrice": 10}], mode="upsert")
+        stored = m.get_symbol_metadata(lf.LIFECYCLES)
+        assert stored is not None and stored["positions"][f"{ETH}|long"] == bad
+        assert "SOL/USDT:USDT|long" in stored["positions"]
+        with pytest.raises(OrderTransitionError, match="malformed"):
+            s.set_positions([{"symbol": ETH, "side": "long", "contracts": 1, "entryPrice": 10}], mode="upsert")
+        stored = m.get_symbol_metadata(lf.LIFECYCLES)
+        assert stored is not None and stored["positions"][f"{ETH}|long"] == bad
+        s.close()
+
+
+@pytest.mark.parametrize("entry", [lf.LIFECYCLES, lf.BALANCES])
+def test_unreadable_lifecycles_or_balances_entry_not_replaced(tmp_path: Path, entry: str) -> None:
+    """issue 17.7: a lifecycles or balances entry that is not what posstate writes is refused a rewrite (which would
+    drop every epoch or balance it holds), not silently replaced."""
+    cfg = config(tmp_path / "state")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        filled_order(s)
+        s.set_balances({"USDT": {"total": 100, "free": 90}})
+        m.set_symbol_metadata(entry, {"format": 99, "data": "from a newer posstate"})
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        with pytest.raises(OrderTransitionError, match="malformed"):
+            if entry == lf.LIFECYCLES:
+                s.set_positions([{"symbol": ETH, "side": "long", "contracts": 1, "entryPrice": 10}], mode="upsert")
+            else:
+                s.set_balances({"USDT": {"total": 50, "free": 50}})
+        assert m.get_symbol_metadata(entry) == {"format": 99, "data": "from a newer posstate"}
+        s.close()
+
+
+def test_malformed_balance_kept_at_the_next_balance_write(tmp_path: Path) -> None:
+    """issue 17.7: a malformed balance left out of memory stays in the state when another asset is written."""
+    cfg = config(tmp_path / "state")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        s.set_balances({"USDT": {"total": 100, "free": 90}, "BNB": {"total": 2, "free": 2}})
+        bal = m.get_symbol_metadata(lf.BALANCES)
+        assert bal is not None
+        bal["assets"]["BNB"]["total"] = "two"
+        m.set_symbol_metadata(lf.BALANCES, bal)
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        s.apply_balance_update("USDT", total=80, available=80)
+        stored = m.get_symbol_metadata(lf.BALANCES)
+        assert stored is not None and stored["assets"]["BNB"]["total"] == "two"
+        s.close()
+
+
+# ------------------------------------------------------------------------------------------------ one writer
+
+
+def test_second_ledger_store_on_one_manager_refused(tmp_path: Path) -> None:
+    """issue 17.1: a second ExchangeAccountStateStore on the same manager is refused: with its own memory it would
+    send an order the first one already sent."""
+    with PositionStateManager(config(tmp_path / "state")) as m:
+        a = ExchangeAccountStateStore(m)
+        cid = intent(a)
+        with pytest.raises(LedgerOwnershipError):
+            ExchangeAccountStateStore(m)
+        a.record_order_sent(cid)
+        a.close()
+        with pytest.raises(LedgerOwnershipError):
+            a.record_order_accepted(cid, exchange_order_id="1")  # a closed store writes nothing
+        b = ExchangeAccountStateStore(m)  # once the first is closed
+        with pytest.raises(OrderTransitionError):
+            b.record_order_sent(cid)
+        b.close()
+
+
+# ------------------------------------------------------------------------------------------------ readiness
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda s: s.set_positions([], coverage={"symbols": [ETH]}), id="positions"),
+        pytest.param(lambda s: s.set_open_orders([], mode="replace-symbols", coverage={"symbols": [ETH]}), id="open_orders"),
+        pytest.param(lambda s: s.set_balances({"total": {}, "free": {}}, coverage={"assets": ["ETH"]}), id="balances"),
+    ],
+)
+def test_partial_snapshot_does_not_make_ready(store: ExchangeAccountStateStore, call: Any) -> None:
+    """issue 17.6: a snapshot covering some symbols or assets only does not trust the whole subject."""
+    subject = {"positions": "positions", "open_orders": "open_orders", "balances": "balances"}
+    before = store.readiness()
+    call(store)
+    after = store.readiness()
+    assert after == before and set(subject) <= set(after)
+
+
+# ------------------------------------------------------------------------------------------------ fills
+
+
+def test_fill_after_not_found_rejection_is_counted(store: ExchangeAccountStateStore) -> None:
+    """issue 17.2: an unknown order resolved "not found" (absent from the closed orders the bot passed) that then
+    fills is counted on its order and its position, not refused: the exchange's trade proves it arrived."""
+    cid = intent(store)
+    store.record_order_sent(cid)
+    store.record_order_status_unknown(cid, reason="timeout")
+    report = store.set_open_orders([], closed_orders=[])
+    assert report.not_found == (cid,)
+    result = store.apply_fill({"id": "late-1", "order": "42", "clientOrderId": cid, "symbol": BTC, "price": 100, "amount": 1})
+    assert result.applied and result.order.status == "filled"
+    p = store.get_active_position(BTC, "long")
+    assert p is not None and p.contracts == Decimal(1)
+    assert store.violations == ()
+
+
+@pytest.mark.parametrize("variant", [" t-1", "t-1 ", "\tt-1\n"])
+def test_trade_id_whitespace_is_the_same_fill(store: ExchangeAccountStateStore, variant: str) -> None:
+    """issue 17.2: a trade id with surrounding whitespace is the same trade: the replay changes nothing."""
+    cid = intent(store, amount="3")
+    store.record_order_sent(cid)
+    store.record_order_accepted(cid, exchange_order_id="7")
+    assert store.apply_fill(Fill(trade_id="t-1", order_id="7", price=100, amount=1)).applied
+    again = store.apply_fill(Fill(trade_id=variant, order_id=" 7", price=100, amount=1))
+    assert again.duplicate and not again.applied
+    o = store.get_ledger_order(cid)
+    assert o is not None and o.filled == Decimal(1) and o.trade_ids == ("t-1",)
+
+
+@pytest.mark.parametrize(
+    "trade",
+    [
+        pytest.param({"id": "t", "clientOrderId": 12345, "price": 1, "amount": 1}, id="int-client-id"),
+        pytest.param({"id": "t", "clientOrderId": {"a": 1}, "price": 1, "amount": 1}, id="dict-client-id"),
+        pytest.param({"id": "t", "order": ["1"], "price": 1, "amount": 1}, id="list-order-id"),
+    ],
+)
+def test_hostile_fill_ids_are_typed_errors(store: ExchangeAccountStateStore, trade: Any) -> None:
+    """issue 17.2: a ccxt trade whose client or order id is not text is a typed error (PosStateError), not a TypeError."""
+    with pytest.raises(PosStateError):
+        store.apply_fill(trade)
+
+
+# ------------------------------------------------------------------------------------------------ intents
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param({"amount": "-1"}, id="negative-amount"),
+        pytest.param({"amount": 0}, id="zero-amount"),
+        pytest.param({"price": "-5"}, id="negative-price"),
+        pytest.param({"client_order_id": 123}, id="int-client-id"),
+        pytest.param({"client_order_id": " a "}, id="padded-client-id"),
+        pytest.param({"client_order_id": "x:1"}, id="adopted-key-prefix"),
+    ],
+)
+def test_hostile_intents_refused(store: ExchangeAccountStateStore, kw: dict[str, Any]) -> None:
+    """issue 17.1: an intent with a non-positive amount, a negative price or a client id that is not plain text
+    (or looks like an adopted order's key) is a SchemaValidationError and records nothing."""
+    with pytest.raises(SchemaValidationError):
+        intent(store, **kw)
+    assert store.get_ledger_orders() == []
