@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from posstate import (
     ExchangeAccountStateStore,
@@ -19,8 +20,11 @@ from posstate import (
     PosStateError,
     SchemaValidationError,
     StateConfig,
+    generate_key,
 )
 from posstate.account import ledgerformat as lf
+from posstate.cli.main import cli
+from tests.conftest import write_key
 
 BTC = "BTC/USDT:USDT"
 ETH = "ETH/USDT:USDT"
@@ -262,3 +266,57 @@ def test_hostile_intents_refused(store: ExchangeAccountStateStore, kw: dict[str,
     with pytest.raises(SchemaValidationError):
         intent(store, **kw)
     assert store.get_ledger_orders() == []
+
+
+# ------------------------------------------------------------------------------------------------ restore
+
+
+def _order_after_backup(s: ExchangeAccountStateStore, m: PositionStateManager) -> tuple[str, str]:
+    """A backup, then an order sent and filled after it: (backup id, client id)."""
+    m.save()
+    backup = m.create_backup()
+    cid = filled_order(s)
+    return backup.id, cid
+
+
+def test_restore_keeps_orders_newer_than_the_backup(tmp_path: Path) -> None:
+    """issue 17.6: restoring an older backup under a live store keeps the orders sent since (the exchange does not
+    roll back): the same decision recorded again finds the filled order and cannot be sent a second time."""
+    cfg = config(tmp_path / "state")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        backup_id, cid = _order_after_backup(s, m)
+        m.restore_from_backup(backup_id, accept_older=True)
+        assert s.readiness()["positions"] == "restored_from_backup"
+        o = s.get_ledger_order(cid)
+        assert o is not None and o.status == "filled" and o.trade_ids == ("t-9001",)
+        with pytest.raises(OrderTransitionError, match="never send it again"):
+            s.record_order_sent(intent(s))
+        s.close()
+    with PositionStateManager(cfg) as m:  # durable: a restart finds it too
+        s = ExchangeAccountStateStore(m)
+        o = s.get_ledger_order(cid)
+        assert o is not None and o.status == "filled"
+        s.close()
+
+
+def test_cli_restore_keeps_orders_newer_than_the_backup(tmp_path: Path) -> None:
+    """issue 17.6: `posstate backups restore` of an older backup keeps the ledger orders written since, and says so."""
+    key = generate_key()
+    cfg = config(tmp_path / "state", encryption=True)
+    with PositionStateManager(cfg, key=key) as m:
+        s = ExchangeAccountStateStore(m)
+        backup_id, cid = _order_after_backup(s, m)
+        s.close()
+    kf = write_key(tmp_path / "k.key", key)
+    env = {"POSSTATE_KEY": None, "POSSTATE_KEY_FILE": None, "POSSTATE_PASSPHRASE": None, "POSSTATE_DIR": None}
+    args = ["--state-dir", str(cfg.state_dir), "--key-file", str(kf), "backups", "restore", backup_id]
+    r = CliRunner().invoke(cli, [*args, "--yes", "--accept-older"], env=env, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "kept 1 ledger orders newer than the backup" in r.stderr and cid in r.stderr
+    with PositionStateManager(cfg, key=key) as m:
+        assert m.get_positions() == {}  # the backup's positions (reconcile them with the exchange)
+        s = ExchangeAccountStateStore(m)
+        o = s.get_ledger_order(cid)
+        assert o is not None and o.status == "filled"
+        s.close()

@@ -274,6 +274,24 @@ def check(entries: Mapping[str, Any], positions: Mapping[PositionKey, Position])
     return out
 
 
+def carry_orders(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The order entries of *before* (a state's metadata before a restore, a recovery or a repair) that *after*
+    lacks or holds at an older version. An order is the exchange's fact: rolling the state back does not take
+    it back, and an order forgotten this way would be sent again when the same decision is recorded anew. A
+    malformed entry in *after* is left as it is. Pure: the caller writes the result."""
+    old, _ = load_orders({n: e for n, e in before.items() if n.startswith(ORDER_PREFIX)})
+    new, _ = load_orders({n: e for n, e in after.items() if n.startswith(ORDER_PREFIX)})
+    out: dict[str, dict[str, Any]] = {}
+    for key, item in sorted(old.items()):
+        name = order_entry_name(key)
+        if name in after and key not in new:
+            continue
+        cur = new.get(key)
+        if cur is None or int(cur["order"]["version"]) < int(item["order"]["version"]):
+            out[name] = order_entry(item["order"], item["events"])
+    return out
+
+
 def order_history(entries: Mapping[str, Any], order_id: str | None = None) -> list[dict[str, Any]]:
     """Every stored event of every order (or of the order whose key, client id or exchange id is *order_id*),
     each with its ``order_key``, oldest first per order."""
