@@ -320,3 +320,28 @@ def test_cli_restore_keeps_orders_newer_than_the_backup(tmp_path: Path) -> None:
         o = s.get_ledger_order(cid)
         assert o is not None and o.status == "filled"
         s.close()
+
+
+@pytest.mark.parametrize("how", ["watch_orders", "closed_orders"])
+def test_fills_after_the_exchange_said_filled_are_counted(store: ExchangeAccountStateStore, how: str) -> None:
+    """issue 17.2: the order stream (or fetch_closed_orders) reporting an order closed before its trades arrive is the
+    usual order of two ccxt streams: the trades still count on the order and open the position."""
+    cid = intent(store, amount="2")
+    store.record_order_sent(cid)
+    store.record_order_accepted(cid, exchange_order_id="5")
+    closed = {"id": "5", "clientOrderId": cid, "symbol": BTC, "side": "buy", "type": "limit", "status": "closed"}
+    closed.update(amount=2, filled=2, price=100)
+    if how == "watch_orders":
+        store.apply_order_update(closed)
+    else:
+        store.set_open_orders([], closed_orders=[closed])
+    assert store.get_ledger_order(cid).status == "filled"  # type: ignore[union-attr]
+    for n in (1, 2):
+        assert store.apply_fill({"id": f"t{n}", "order": "5", "symbol": BTC, "price": 100, "amount": 1}).applied
+    o = store.get_ledger_order(cid)
+    assert o is not None and o.status == "filled" and o.filled == Decimal(2)
+    p = store.get_active_position(BTC, "long")
+    assert p is not None and p.contracts == Decimal(2)
+    with pytest.raises(OrderTransitionError, match="exceed"):
+        store.apply_fill({"id": "t3", "order": "5", "symbol": BTC, "price": 100, "amount": 1})
+    assert store.violations == ()

@@ -41,10 +41,11 @@ ORDER_LIFECYCLE: tuple[str, ...] = (
     "cancelled",
     "expired",
 )
-#: Statuses a fill may move on (``partially_filled`` or ``filled``); after a cancel or expiry a late fill counts
-#: without changing the status.
+#: Statuses a fill may move on (``partially_filled`` or ``filled``); after a cancel or expiry, or once the
+#: exchange said ``filled`` (``watch_orders`` often reports the closed order before ``watch_my_trades`` brings its
+#: trades), a late fill counts without changing the status.
 _FILL_MOVES: frozenset[str] = frozenset({"sent", "accepted", "unknown", "partially_filled"})
-_FILL_LATE: frozenset[str] = frozenset({"cancelled", "expired"})
+_FILL_LATE: frozenset[str] = frozenset({"cancelled", "expired", "filled"})
 #: Status changes an answer (not a fill) may make.
 _NEXT: dict[str, frozenset[str]] = {
     "recorded": frozenset({"sent", "rejected", "cancelled"}),
