@@ -345,3 +345,21 @@ def test_fills_after_the_exchange_said_filled_are_counted(store: ExchangeAccount
     with pytest.raises(OrderTransitionError, match="exceed"):
         store.apply_fill({"id": "t3", "order": "5", "symbol": BTC, "price": 100, "amount": 1})
     assert store.violations == ()
+
+
+def test_fill_refused_for_its_position_untrusts_positions(store: ExchangeAccountStateStore) -> None:
+    """issue 17.4/17.6: a new trade of an older epoch's order is refused for the position but is real on the
+    exchange (a resting entry that filled after the close): positions are untrusted until the next snapshot."""
+    old = intent(store, "old", amount="2")
+    store.record_order_sent(old)
+    store.record_order_accepted(old, exchange_order_id="11")
+    store.apply_fill(Fill(trade_id="o1", order_id="11", price=100, amount=1))
+    store.set_positions([])  # closed on the exchange: epoch 1 closed
+    store.set_open_orders([])  # the old order is not open any more: it becomes unknown (unresolved)
+    store.set_balances({"USDT": {"total": 100, "free": 100}})
+    assert "positions" not in store.readiness()
+    late = store.apply_fill(Fill(trade_id="o2", order_id="11", price=100, amount=1))
+    assert late.position_refused is not None
+    assert store.readiness()["positions"] == "stale_fill"
+    store.set_positions([{"symbol": BTC, "side": "long", "contracts": 1, "entryPrice": 100}])
+    assert "positions" not in store.readiness()

@@ -269,6 +269,10 @@ class OrderLedger(LedgerCore):
             effect = epochs.fill_effect(life, self._snap.positions.get(pkey), order, f.amount, f.price, f.timestamp or at)
             if effect.refused is not None:
                 done = self._append(key, kind, {"fill": f.execution()})
+                # A new trade of an older epoch's order is real on the exchange (a resting entry that filled after
+                # the close, a reduce-only order that hit the next position): the ledger's position may be wrong
+                # now, so positions are untrusted until the next set_positions().
+                self._blocked["positions"] = "stale_fill"
                 self._emit("staleUpdate", {"order": key, "trade_id": f.trade_id, "reason": effect.refused})
                 return FillResult(OrderRecord.from_json(done), applied=True, position_refused=effect.refused)
             lifecycles = dict(self._lifecycles)

@@ -38,7 +38,8 @@ log = logging.getLogger("posstate")
 Subject = Literal["positions", "open_orders", "balances"]
 SUBJECTS: tuple[str, ...] = ("positions", "open_orders", "balances")
 #: Why a subject is not trusted: ``startup``, ``restored_from_backup``, ``recovered``, ``submission_unknown``,
-#: ``stream_gap``; ``invariant_violation`` when the loaded ledger breaks an invariant (see ``violations``).
+#: ``stream_gap``; ``invariant_violation`` when the loaded ledger breaks an invariant (see ``violations``);
+#: ``stale_fill`` when a fill was refused for its position (the exchange's position may differ from the ledger's).
 READINESS_REASONS: tuple[str, ...] = (
     "startup",
     "restored_from_backup",
@@ -46,6 +47,7 @@ READINESS_REASONS: tuple[str, ...] = (
     "submission_unknown",
     "stream_gap",
     "invariant_violation",
+    "stale_fill",
 )
 LEDGER_EVENTS: frozenset[str] = frozenset({"invariantViolation", "staleUpdate", "orderAdopted", "duplicateFill"})
 
