@@ -16,6 +16,7 @@ from posstate import (
     Fill,
     LedgerOwnershipError,
     OrderTransitionError,
+    Position,
     PositionStateManager,
     PosStateError,
     SchemaValidationError,
@@ -363,3 +364,33 @@ def test_fill_refused_for_its_position_untrusts_positions(store: ExchangeAccount
     assert store.readiness()["positions"] == "stale_fill"
     store.set_positions([{"symbol": BTC, "side": "long", "contracts": 1, "entryPrice": 100}])
     assert "positions" not in store.readiness()
+
+
+def test_cli_import_of_an_older_export_keeps_newer_orders(tmp_path: Path) -> None:
+    """issue 17.1: `posstate import` of a document written before an order was sent keeps that order (and says so):
+    the same decision recorded again finds it instead of sending it a second time."""
+    key = generate_key()
+    cfg = config(tmp_path / "state", encryption=True)
+    kf = write_key(tmp_path / "k.key", key)
+    env = {"POSSTATE_KEY": None, "POSSTATE_KEY_FILE": None, "POSSTATE_PASSPHRASE": None, "POSSTATE_DIR": None}
+    base = ["--state-dir", str(cfg.state_dir), "--key-file", str(kf)]
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(Position(symbol=ETH, side="long", contracts=Decimal(1), entry_price=Decimal(10)))
+        m.save()
+    old = tmp_path / "old.json"
+    r = CliRunner().invoke(cli, [*base, "export", "--out", str(old)], env=env, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    with PositionStateManager(cfg, key=key) as m:
+        s = ExchangeAccountStateStore(m)
+        cid = filled_order(s)
+        s.close()
+    r = CliRunner().invoke(cli, [*base, "import", str(old), "--yes"], env=env, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "keeping 1 ledger orders" in r.stderr and cid in r.stderr
+    with PositionStateManager(cfg, key=key) as m:
+        s = ExchangeAccountStateStore(m)
+        o = s.get_ledger_order(cid)
+        assert o is not None and o.status == "filled"
+        with pytest.raises(OrderTransitionError, match="never send it again"):
+            s.record_order_sent(intent(s))
+        s.close()
