@@ -8,6 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from click.testing import CliRunner
 
@@ -25,6 +26,7 @@ from posstate import (
 )
 from posstate.account import ledgerformat as lf
 from posstate.cli.main import cli
+from posstate.model.schema import schema
 from tests.conftest import write_key
 
 BTC = "BTC/USDT:USDT"
@@ -393,4 +395,44 @@ def test_cli_import_of_an_older_export_keeps_newer_orders(tmp_path: Path) -> Non
         assert o is not None and o.status == "filled"
         with pytest.raises(OrderTransitionError, match="never send it again"):
             s.record_order_sent(intent(s))
+        s.close()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1_763_700_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_forgotten_order_is_not_sent_again(tmp_path: Path) -> None:
+    """issue 17.1: after forget_order() of a sent order, the same decision recorded again (a restarted bot replaying
+    its last candle) is refused, also after a restart; an intent never sent may be recorded again; the memory is
+    kept 7 days."""
+    cfg = config(tmp_path / "state")
+    clock = _Clock()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m, clock=clock)
+        cid = filled_order(s)
+        never = intent(s, "never-sent")
+        s.record_order_cancelled(never)
+        s.forget_order(cid)
+        s.forget_order(never)
+        with pytest.raises(OrderTransitionError, match="forget_order"):
+            intent(s)
+        entries = {n: d for n, d in m.get_all_symbol_metadata().items() if lf.is_ledger_entry(n)}
+        assert list(entries[lf.FORGOTTEN]["orders"]) == [cid]
+        jsonschema.Draft202012Validator(schema("ledger.schema.json")).validate(entries)
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m, clock=clock)
+        with pytest.raises(OrderTransitionError, match="forget_order"):
+            intent(s)
+        assert intent(s, "never-sent") == never  # never sent: recording it again is safe
+        assert s.violations == ()
+        clock.t += 8 * 24 * 3600
+        other = filled_order(s, "other", xid="9002")
+        s.forget_order(other)  # prunes client ids forgotten more than 7 days ago
+        assert intent(s) == cid
         s.close()

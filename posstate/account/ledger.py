@@ -141,6 +141,12 @@ class OrderLedger(LedgerCore):
                 strategy=strategy,
                 signal=signal,
             )
+            if found is None and cid in (self._forgotten or {}):
+                raise OrderTransitionError(
+                    cid,
+                    "an order with this client id was recorded before and removed with forget_order(); it may have "
+                    "been sent: never send it again (record a new decision instead)",
+                )
             if found is not None:
                 same = ("symbol", "side", "type", "amount", "price", "reduce_only", "position_side")
                 if any(found["order"][k] != base[k] for k in same):
@@ -282,13 +288,21 @@ class OrderLedger(LedgerCore):
 
     def forget_order(self, order_id: str) -> bool:
         """Remove a finished order (``rejected``, ``filled``, ``cancelled``, ``expired``) and its events from the
-        ledger, durably, to keep the document small. A live or unknown order is refused: it is never forgotten."""
+        ledger, durably, to keep the document small. A live or unknown order is refused: it is never forgotten.
+        The client id of an order that was sent is remembered for ``ledgerformat.FORGOTTEN_KEEP_MS`` (7 days):
+        recording the same decision again within that time is refused instead of sending it a second time."""
         with self._ledger():
             key = self._find(order_id)
             status = self._orders[key]["order"]["status"]
             if status not in lc.TERMINAL:
                 raise OrderTransitionError(key, f"is {status}; only a finished order can be forgotten")
-            self._write_ledger(orders={key: None})
+            now = self._now()
+            forgotten = {c: at for c, at in (self._forgotten or {}).items() if now - at < ledgerformat.FORGOTTEN_KEEP_MS}
+            order = self._orders[key]["order"]
+            cid = order.get("client_order_id")
+            if cid and order.get("sent_at") is not None:  # an intent never sent may be recorded again
+                forgotten[cid] = now
+            self._write_ledger(orders={key: None}, forgotten=forgotten)
             self._inflight.discard(key)
             return True
 

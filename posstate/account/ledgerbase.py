@@ -86,6 +86,7 @@ class LedgerCore(PersistedAccountStateStore):
         self._orders: dict[str, dict[str, Any]] = {}
         self._lifecycles: dict[str, dict[str, Any]] = {}
         self._balances: dict[str, dict[str, Any]] = {}
+        self._forgotten: dict[str, int] | None = {}  # None: the entry is malformed (never overwritten)
         self._blocked: dict[str, str] = {}
         self._inflight: set[str] = set()
         self._ledger_lock = threading.RLock()
@@ -161,6 +162,7 @@ class LedgerCore(PersistedAccountStateStore):
             positions = {k: p for k, p in self._manager.get_positions().items() if epochs.key_text(k) not in bad_life}
             self._lifecycles = epochs.adopt_open(stored, positions, self._now())
             self._balances, _ = ledgerformat.load_balances(entries)
+            self._forgotten, _ = ledgerformat.load_forgotten(entries)
             self._inflight = set()
             why = reason or ("recovered" if self._manager.last_recovery is not None else "startup")
             self._recovery_seen = self._manager.last_recovery
@@ -261,6 +263,7 @@ class LedgerCore(PersistedAccountStateStore):
         lifecycles: dict[str, dict[str, Any]] | None = None,
         balances: dict[str, dict[str, Any]] | None = None,
         positions: Mapping[PositionKey, Position | None] | None = None,
+        forgotten: dict[str, int] | None = None,
         source: str = "local",
     ) -> None:
         """Write these entries (and positions) as one journal record, then take them into memory. Caller holds
@@ -282,6 +285,10 @@ class LedgerCore(PersistedAccountStateStore):
         if balances is not None:
             kept = self._unreadable.keep("balances", balances)
             writes[ledgerformat.BALANCES] = {"format": ledgerformat.LEDGER_FORMAT, "assets": kept}
+        if forgotten is not None:
+            if self._forgotten is None:
+                raise MalformedLedgerEntryError(ledgerformat.FORGOTTEN, "not an entry of ledger format 1")
+            writes[ledgerformat.FORGOTTEN] = {"format": ledgerformat.LEDGER_FORMAT, "orders": forgotten}
         moves = dict(positions or {})
         with self._persist_lock:
             snapshot_mode = m.config.durability == "snapshot"
@@ -314,6 +321,8 @@ class LedgerCore(PersistedAccountStateStore):
                 self._lifecycles = lifecycles
             if balances is not None:
                 self._balances = balances
+            if forgotten is not None:
+                self._forgotten = forgotten
             if moves:
                 with self._lock:
                     current = dict(self._snap.positions)

@@ -10,7 +10,10 @@ the position it moves:
 * ``__posstate_lifecycles__``: ``{"format": 1, "positions": {"SYMBOL|side": {"epoch", "state", "version",
   "events"}}}``;
 * ``__posstate_balances__``: ``{"format": 1, "assets": {"USDT": {"asset", "total", "available", "source",
-  "updated_at"}}}``.
+  "updated_at"}}}``;
+* ``__posstate_forgotten__``: ``{"format": 1, "orders": {"<client order id>": <ms forgotten>}}``, the client ids
+  of orders ``forget_order`` removed in the last :data:`FORGOTTEN_KEEP_MS`: the same decision recorded again is
+  refused instead of being sent a second time.
 
 schemas/ledger.schema.json (``$id`` ledger-1) describes these entries. Everything here is pure (no I/O).
 """
@@ -33,6 +36,9 @@ ORDER_PREFIX = "__posstate_order__"
 LIFECYCLES = "__posstate_lifecycles__"
 BALANCES = "__posstate_balances__"
 LEGACY_INTENTS = "__posstate_orders__"
+FORGOTTEN = "__posstate_forgotten__"
+#: How long the client id of a forgotten order is remembered (a decision replayed later is sent again).
+FORGOTTEN_KEEP_MS = 7 * 24 * 3600 * 1000
 
 #: Fields (at any depth of a ledger entry) that hold decimals as text.
 DECIMAL_KEYS: frozenset[str] = frozenset(
@@ -60,7 +66,23 @@ def order_entry_name(key: str) -> str:
 
 
 def is_ledger_entry(name: str) -> bool:
-    return name.startswith(ORDER_PREFIX) or name in (LIFECYCLES, BALANCES)
+    return name.startswith(ORDER_PREFIX) or name in (LIFECYCLES, BALANCES, FORGOTTEN)
+
+
+def load_forgotten(entries: Mapping[str, Any]) -> tuple[dict[str, int] | None, list[Violation]]:
+    """The client ids of forgotten orders (id -> ms); None, reported, when the entry is not one posstate writes."""
+    entry = entries.get(FORGOTTEN)
+    if entry is None:
+        return {}, []
+    ok = (
+        isinstance(entry, Mapping)
+        and entry.get("format") == LEDGER_FORMAT
+        and isinstance(entry.get("orders"), Mapping)
+        and all(isinstance(k, str) and type(v) is int for k, v in entry["orders"].items())
+    )
+    if not ok:
+        return None, [Violation("malformed", FORGOTTEN, "not a forgotten-orders entry posstate writes")]
+    return dict(entry["orders"]), []
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +283,7 @@ def check(entries: Mapping[str, Any], positions: Mapping[PositionKey, Position])
     lifecycles, bad_life = load_lifecycles(entries)
     out.extend(bad_life)
     out.extend(load_balances(entries)[1])
+    out.extend(load_forgotten(entries)[1])
     for text, state in sorted(lifecycles.items()):
         symbol, _, side = text.rpartition("|")
         p = positions.get((symbol, side))  # type: ignore[arg-type]
