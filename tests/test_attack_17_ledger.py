@@ -436,3 +436,21 @@ def test_forgotten_order_is_not_sent_again(tmp_path: Path) -> None:
         s.forget_order(other)  # prunes client ids forgotten more than 7 days ago
         assert intent(s) == cid
         s.close()
+
+
+@pytest.mark.parametrize("how", ["set_open_orders", "apply_order_update", "apply_fill"])
+def test_recorded_order_found_on_the_exchange_is_sent(store: ExchangeAccountStateStore, how: str) -> None:
+    """issue 17.1: an order the ledger holds as recorded (a lost write of record_order_sent, a bot that skipped it)
+    that the exchange reports by client id was sent: it cannot be sent again and its fills count."""
+    cid = intent(store, amount="2")
+    live = {"id": "3", "clientOrderId": cid, "symbol": BTC, "side": "buy", "type": "limit", "status": "open"}
+    live.update(amount=2, filled=0, price=100)
+    if how == "set_open_orders":
+        assert store.set_open_orders([live]).found == (cid,)
+    elif how == "apply_order_update":
+        store.apply_order_update(live)
+    result = store.apply_fill({"id": "t1", "order": "3", "clientOrderId": cid, "symbol": BTC, "price": 100, "amount": 1})
+    assert result.applied and result.order.filled == Decimal(1)
+    with pytest.raises(OrderTransitionError, match="never send it again"):
+        store.record_order_sent(cid)
+    assert store.violations == ()

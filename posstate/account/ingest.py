@@ -191,7 +191,7 @@ class AccountIngest(OrderLedger):
                     seen.add(adopted[-1])
                     continue
                 seen.add(key)
-                if self._orders[key]["order"]["status"] in ("unknown", "sent"):
+                if self._orders[key]["order"]["status"] in ("unknown", "sent", "recorded"):
                     found.append(key)
                 self._take_exchange_word(key, o)
             closed_by_key = {k: o for o in done if (k := self._match(o)) is not None}
@@ -227,7 +227,7 @@ class AccountIngest(OrderLedger):
                 return SyncReport(adopted=(self._adopt(o),))
             was = self._orders[key]["order"]["status"]
             self._take_exchange_word(key, o)
-            return SyncReport(found=(key,) if was in ("unknown", "sent") else (), modified=(key,))
+            return SyncReport(found=(key,) if was in ("unknown", "sent", "recorded") else (), modified=(key,))
 
     def _match(self, o: Order) -> str | None:
         for ident in (o.client_order_id, o.id):
@@ -266,6 +266,10 @@ class AccountIngest(OrderLedger):
 
     def _take_exchange_word(self, key: str, o: Order) -> None:
         """Record what the exchange says about order *key* (status, its id, its filled amount) if it differs."""
+        if self._orders[key]["order"]["status"] == "recorded":
+            # The exchange holds an order with our client id: it was sent (a lost write, a bot that skipped
+            # record_order_sent). Left "recorded" it could be sent a second time, and its fills would be refused.
+            self._append(key, "order_sent", {"reason": "found on the exchange by client id"})
         order = self._orders[key]["order"]
         to = _CCXT_TO_LEDGER.get(o.status, "accepted")
         fields: dict[str, Any] = {}

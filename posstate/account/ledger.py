@@ -268,6 +268,8 @@ class OrderLedger(LedgerCore):
                 return FillResult(OrderRecord.from_json(order), applied=False, duplicate=True)
             if f.symbol is not None and f.symbol != order["symbol"]:
                 raise OrderTransitionError(key, f"fill {f.trade_id!r} is for {f.symbol}, the order for {order['symbol']}")
+            if order["status"] == "recorded":  # a trade of our client id: the order was sent (see _take_exchange_word)
+                order = self._append(key, "order_sent", {"reason": f"a trade ({f.trade_id}) names it: it was sent"})
             kind = lc.fill_event_type(order, f)
             at = self._now()
             pkey = (order["symbol"], order["position_side"])
