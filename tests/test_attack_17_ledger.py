@@ -454,3 +454,28 @@ def test_recorded_order_found_on_the_exchange_is_sent(store: ExchangeAccountStat
     with pytest.raises(OrderTransitionError, match="never send it again"):
         store.record_order_sent(cid)
     assert store.violations == ()
+
+
+def test_ledger_arithmetic_ignores_the_bots_decimal_context(tmp_path: Path) -> None:
+    """issue 17.2/17.7: a bot that lowers decimal.getcontext().prec (common) changes no total, average or position,
+    and the stored orders still equal their events when loaded under the default context."""
+    import decimal
+
+    cfg = config(tmp_path / "state")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        with decimal.localcontext() as ctx:
+            ctx.prec = 6
+            cid = intent(s, amount="1.0000001", price="91234.5")
+            s.record_order_sent(cid)
+            s.apply_fill(Fill(trade_id="1", client_order_id=cid, price="91234.5", amount="0.5000001"))
+            s.apply_fill(Fill(trade_id="2", client_order_id=cid, price="91234.7", amount="0.5"))
+        o = s.get_ledger_order(cid)
+        assert o is not None and o.status == "filled" and o.filled == Decimal("1.0000001")
+        p = s.get_active_position(BTC, "long")
+        assert p is not None and p.contracts == Decimal("1.0000001")
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        assert s.violations == ()
+        s.close()

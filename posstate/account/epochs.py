@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
-from posstate.account.ledgertypes import tidy
+from posstate.account.ledgertypes import ledger_arithmetic, tidy
 from posstate.account.lifecycle import is_opening
 from posstate.model.position import Position, PositionKey
 
@@ -94,6 +94,7 @@ class FillEffect:
     changed: bool = True
 
 
+@ledger_arithmetic
 def fill_effect(
     lc: dict[str, Any], current: Position | None, order: Mapping[str, Any], amount: Decimal, price: Decimal, at: int
 ) -> FillEffect:

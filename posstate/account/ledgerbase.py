@@ -14,11 +14,10 @@ import contextlib
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
-from posstate.account import epochs, ledgerformat
+from posstate.account import epochs, ledgerformat, ledgerowner
 from posstate.account.balances import Balance
 from posstate.account.lifecycle import OrderRecord
 from posstate.account.persist import PersistedAccountStateStore
@@ -51,22 +50,6 @@ READINESS_REASONS: tuple[str, ...] = (
 )
 LEDGER_EVENTS: frozenset[str] = frozenset({"invariantViolation", "staleUpdate", "orderAdopted", "duplicateFill"})
 
-# The open ledger store of each manager: a second one would write from a memory without the first one's orders.
-_OWNERS: weakref.WeakKeyDictionary[PositionStateManager, LedgerCore] = weakref.WeakKeyDictionary()
-_OWNERS_LOCK = threading.Lock()
-
-
-def _claim(manager: PositionStateManager, store: LedgerCore) -> None:
-    with _OWNERS_LOCK:
-        owner = _OWNERS.get(manager)
-        if owner is not None and owner is not store and not owner._closed:
-            raise LedgerOwnershipError(
-                manager.config.state_path,
-                "another ExchangeAccountStateStore is open on this manager (one ledger, one writer); use that one, "
-                "or close() it before opening another",
-            )
-        _OWNERS[manager] = store
-
 
 class LedgerCore(PersistedAccountStateStore):
     """Ledger memory, its durable write, readiness and invariants (the methods live in ledger.py and ingest.py)."""
@@ -98,16 +81,14 @@ class LedgerCore(PersistedAccountStateStore):
         self._unreadable = ledgerformat.Unreadable()  # what the load left out: never overwritten (see _write_ledger)
         self._carry: dict[str, dict[str, Any]] = {}  # order entries held before a reload (see _carry_forward)
         self._closed = False
-        _claim(manager, self)
+        ledgerowner.claim(manager, self)
         try:
             super().__init__(manager, write_through=write_through, persist_interval=persist_interval, restore=True)
             if self._settle_on_open:
                 self._import_legacy_intents()
                 self._settle_after_restart()
         except BaseException:
-            with _OWNERS_LOCK:
-                if _OWNERS.get(manager) is self:
-                    del _OWNERS[manager]
+            ledgerowner.release(manager, self)
             raise
         self._recovery_seen = manager.last_recovery
         manager.on("backupRestored", self._on_backup_restored)

@@ -3,11 +3,13 @@ a stored order. Statuses are defined here; the lifecycle rules are in lifecycle.
 
 from __future__ import annotations
 
+import decimal
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from posstate.core.errors import SchemaValidationError
 from posstate.model.position import SURROGATE, to_decimal
@@ -20,7 +22,35 @@ TERMINAL: frozenset[str] = frozenset({"rejected", "filled", "cancelled", "expire
 LIVE: frozenset[str] = frozenset({"sent", "accepted", "unknown", "partially_filled"})
 _ZERO = Decimal(0)
 
+#: The ledger's arithmetic context: Python's default, fixed, so that a bot that changes its own decimal context
+#: (``getcontext().prec = 8`` is common) changes no stored total, average or position, and a stored order still
+#: equals its events when loaded under any context.
+LEDGER_CONTEXT = decimal.Context(
+    prec=28,
+    rounding=decimal.ROUND_HALF_EVEN,
+    Emin=-999999,
+    Emax=999999,
+    capitals=1,
+    clamp=0,
+    flags=[],
+    traps=[decimal.InvalidOperation, decimal.DivisionByZero, decimal.Overflow],
+)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
+
+def ledger_arithmetic(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run *fn* under :data:`LEDGER_CONTEXT` (a copy, local to the call and the thread)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with decimal.localcontext(LEDGER_CONTEXT):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@ledger_arithmetic
 def tidy(value: Decimal) -> Decimal:
     """*value* without trailing zeros after the point (``6.50000`` -> ``6.5``, ``100.0`` -> ``100``): what a
     division leaves, written the way an exchange writes prices."""

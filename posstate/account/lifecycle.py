@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any, Literal
 
-from posstate.account.ledgertypes import LIVE, TERMINAL, Execution, Fill, OrderRecord, _opt_text, tidy
+from posstate.account.ledgertypes import LIVE, TERMINAL, Execution, Fill, OrderRecord, _opt_text, ledger_arithmetic, tidy
 from posstate.core.errors import OrderTransitionError, SchemaValidationError
 from posstate.model.position import to_decimal
 
@@ -157,6 +157,7 @@ def is_opening(order: Mapping[str, Any]) -> bool:
     return (order["side"] == "buy") == (order["position_side"] == "long") and not order["reduce_only"]
 
 
+@ledger_arithmetic
 def apply_event(order: dict[str, Any] | None, event: Mapping[str, Any]) -> dict[str, Any]:
     """The order after *event* (a new dict; *order* is not changed). Raises OrderTransitionError when the
     lifecycle does not allow it; the caller checks before it writes, so a stored event always applies."""
@@ -263,12 +264,14 @@ def _stamp(order: dict[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
     return order
 
 
+@ledger_arithmetic
 def fill_event_type(order: Mapping[str, Any], fill: Fill) -> str:
     """``order_filled`` when *fill* completes the order, else ``order_partially_filled``."""
     done = Decimal(order["filled"]) + fill.amount >= Decimal(order["amount"])
     return "order_filled" if done else "order_partially_filled"
 
 
+@ledger_arithmetic
 def fold_fills(events: list[dict[str, Any]], keep: int = EXECUTION_BUFFER) -> list[dict[str, Any]]:
     """*events* with all but the *keep* newest fill events merged into one ``order_fills_folded`` event (placed
     where the last of them was, so versions stay in order). Rebuilding from the result gives the same order:
