@@ -479,3 +479,32 @@ def test_ledger_arithmetic_ignores_the_bots_decimal_context(tmp_path: Path) -> N
         s = ExchangeAccountStateStore(m)
         assert s.violations == ()
         s.close()
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        pytest.param({"c": "CID", "t": 77}, id="binance-user-data-stream"),
+        pytest.param({"orderLinkId": "CID", "execId": "e77"}, id="bybit"),
+    ],
+)
+def test_trade_of_an_unknown_submission_finds_its_order(store: ExchangeAccountStateStore, info: dict[str, Any]) -> None:
+    """issue 17.1/17.2: create_order timed out (the order's exchange id never reached the ledger) and the order
+    filled: its trade names the client id only in the raw payload; it still finds the order and counts."""
+    cid = intent(store)
+    store.record_order_sent(cid)
+    store.record_order_status_unknown(cid, reason="timeout")
+    raw = {k: (cid if v == "CID" else v) for k, v in info.items()}
+    trade = {"id": "77", "order": "8888", "symbol": BTC, "side": "buy", "price": 100, "amount": 1, "info": raw}
+    result = store.apply_fill(trade)
+    assert result.applied and result.order.status == "filled"
+
+
+def test_fill_with_a_foreign_client_id_falls_back_to_the_order_id(store: ExchangeAccountStateStore) -> None:
+    """issue 17.2: a trade whose client id the ledger does not know (set by the exchange's UI) but whose order id it
+    does still finds its order."""
+    cid = intent(store)
+    store.record_order_sent(cid)
+    store.record_order_accepted(cid, exchange_order_id="31")
+    trade = {"id": "t31", "order": "31", "clientOrderId": "web_x1", "symbol": BTC, "price": 100, "amount": 1}
+    assert store.apply_fill(trade).applied

@@ -17,7 +17,7 @@ from posstate.account import lifecycle as lc
 from posstate.account.ledgerbase import LedgerCore
 from posstate.account.ledgertypes import MAX_ID_LENGTH
 from posstate.account.lifecycle import Fill, OrderRecord
-from posstate.core.errors import OrderTransitionError, SchemaValidationError
+from posstate.core.errors import OrderTransitionError, SchemaValidationError, UnknownOrderError
 from posstate.manager.orders import make_client_order_id
 from posstate.model.position import SURROGATE, Position, to_decimal
 
@@ -258,7 +258,7 @@ class OrderLedger(LedgerCore):
         ``staleUpdate`` event), so a late fill never reopens a closed position. All in one journal record."""
         f = fill if isinstance(fill, Fill) else Fill.from_ccxt(fill)
         with self._ledger():
-            key = self._find(f.client_order_id or f.order_id or "")
+            key = self._fill_order(f)
             item = self._orders[key]
             order = item["order"]
             if f.trade_id in order["trade_ids"] or any(
@@ -287,6 +287,17 @@ class OrderLedger(LedgerCore):
             lifecycles[epochs.key_text(pkey)] = effect.lifecycle
             done = self._append(key, kind, {"fill": f.execution()}, lifecycles=lifecycles, positions={pkey: effect.position})
             return FillResult(OrderRecord.from_json(done), applied=True, position=effect.position)
+
+    def _fill_order(self, f: Fill) -> str:
+        """The key of the order a fill names: by its client order id, else (an id the ledger does not know, or
+        none) by the exchange's order id."""
+        if f.client_order_id:
+            try:
+                return self._find(f.client_order_id)
+            except UnknownOrderError:
+                if not f.order_id:
+                    raise
+        return self._find(f.order_id or "")
 
     def forget_order(self, order_id: str) -> bool:
         """Remove a finished order (``rejected``, ``filled``, ``cancelled``, ``expired``) and its events from the

@@ -124,7 +124,11 @@ class Fill:
             raise SchemaValidationError(None, "$", "type", f"expected a ccxt trade dict, got {type(trade).__name__}")
         fee = trade.get("fee") or {}
         info = trade.get("info") or {}
-        cid = trade.get("clientOrderId") or (info.get("clientOrderId") if isinstance(info, Mapping) else None)
+        # The unified trade has no client id; the raw payload often does (binance's user-data stream "c",
+        # bybit's "orderLinkId"): with it a trade of an order whose acceptance was lost still finds its order.
+        cid = trade.get("clientOrderId")
+        if not cid and isinstance(info, Mapping):
+            cid = info.get("clientOrderId") or info.get("orderLinkId") or info.get("c")
         return cls(
             trade_id=trade.get("id"),  # type: ignore[arg-type]
             order_id=trade.get("order"),
