@@ -508,3 +508,16 @@ def test_fill_with_a_foreign_client_id_falls_back_to_the_order_id(store: Exchang
     store.record_order_accepted(cid, exchange_order_id="31")
     trade = {"id": "t31", "order": "31", "clientOrderId": "web_x1", "symbol": BTC, "price": 100, "amount": 1}
     assert store.apply_fill(trade).applied
+
+
+def test_same_decision_written_differently_returns_the_stored_order(store: ExchangeAccountStateStore) -> None:
+    """issue 17.1: the same decision recorded after a restart with its amount or price written differently ("0.01"
+    for "0.010", a float) has the same client id and returns the stored order, not an error."""
+    cid = intent(store, amount="0.010", price="91000")
+    store.record_order_sent(cid)
+    again = store.record_order_intent(
+        strategy="grid", signal="c1", symbol=BTC, side="buy", type="limit", amount="0.01", price=91000.0
+    )
+    assert again.key == cid and again.status == "sent"
+    with pytest.raises(OrderTransitionError, match="already names another order"):
+        intent(store, amount="0.010", price="91000", side="sell", client_order_id=cid)

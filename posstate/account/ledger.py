@@ -148,8 +148,10 @@ class OrderLedger(LedgerCore):
                     "been sent: never send it again (record a new decision instead)",
                 )
             if found is not None:
-                same = ("symbol", "side", "type", "amount", "price", "reduce_only", "position_side")
-                if any(found["order"][k] != base[k] for k in same):
+                same = ("symbol", "side", "type", "reduce_only", "position_side")
+                if any(found["order"][k] != base[k] for k in same) or any(
+                    _value(found["order"][k]) != _value(base[k]) for k in ("amount", "price")
+                ):  # amounts compare by value: "0.010" and "0.01" are one decision (one client id)
                     raise OrderTransitionError(cid, "this client order id already names another order in the ledger")
                 return OrderRecord.from_json(found["order"])
             base["epoch"] = epochs.epoch_for_order(epochs.get(self._lifecycles, (symbol, base["position_side"])), base)
@@ -343,6 +345,10 @@ class OrderLedger(LedgerCore):
             rebuilt = lc.reconstruct(self._orders[key]["events"])
         assert rebuilt is not None
         return OrderRecord.from_json(rebuilt)
+
+
+def _value(text: str | None) -> Decimal | None:
+    return Decimal(text) if text is not None else None
 
 
 def _check_client_id(cid: Any) -> None:
