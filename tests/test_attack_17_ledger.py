@@ -521,3 +521,19 @@ def test_same_decision_written_differently_returns_the_stored_order(store: Excha
     assert again.key == cid and again.status == "sent"
     with pytest.raises(OrderTransitionError, match="already names another order"):
         intent(store, amount="0.010", price="91000", side="sell", client_order_id=cid)
+
+
+def test_adopted_orders_client_id_cannot_take_another_orders_key(store: ExchangeAccountStateStore) -> None:
+    """issue 17.6/17.8: an order on the exchange whose client id looks like an adopted order's key ("x:1") stays a
+    separate order from the exchange's order 1, whose fills stay its own; a client id past 256 characters is refused."""
+    base = {"symbol": BTC, "side": "buy", "type": "limit", "status": "open", "amount": 2, "filled": 0, "price": 100}
+    store.apply_order_update({**base, "id": "5", "clientOrderId": "x:1"})
+    store.apply_order_update({**base, "id": "1"})
+    assert sorted(o.exchange_order_id or "" for o in store.get_ledger_orders()) == ["1", "5"]
+    result = store.apply_fill({"id": "f1", "order": "1", "symbol": BTC, "price": 100, "amount": 1})
+    assert result.order.exchange_order_id == "1"
+    o5 = store.get_ledger_order("5")
+    assert o5 is not None and o5.filled == 0 and o5.client_order_id == "x:1"
+    with pytest.raises(SchemaValidationError):
+        store.apply_order_update({**base, "id": "6", "clientOrderId": "a" * 300})
+    assert store.get_ledger_order("6") is None

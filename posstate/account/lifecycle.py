@@ -89,8 +89,10 @@ _ZERO = Decimal(0)
 
 
 def order_key(client_order_id: str | None, exchange_order_id: str | None) -> str:
-    """The ledger key of an order: its client order id, else ``x:`` + the exchange's id (an adopted order)."""
-    if client_order_id:
+    """The ledger key of an order: its client order id, else ``x:`` + the exchange's id (an adopted order). A client
+    id that itself starts with ``x:`` (only the exchange's, for an adopted order: the bot's are refused) is not a
+    key: it would name the adopted order whose exchange id follows, and take its fills."""
+    if client_order_id and not client_order_id.startswith("x:"):
         return client_order_id
     if exchange_order_id:
         return "x:" + exchange_order_id
@@ -133,6 +135,7 @@ def new_order(
         position_side = ("short" if low == "buy" else "long") if reduce_only else ("long" if low == "buy" else "short")
     if position_side not in ("long", "short"):
         raise SchemaValidationError(None, "$.position_side", "enum", f"expected 'long' or 'short', got {position_side!r}")
+    client_order_id = _opt_text(client_order_id, "client_order_id")  # bounded like every id (schema "id")
     return {
         "key": order_key(client_order_id, exchange_order_id),
         "client_order_id": client_order_id,
