@@ -60,7 +60,9 @@ def _differs(report: ReconciliationReport) -> bool:
     "--closed-orders",
     "closed_file",
     type=click.Path(dir_okay=False),
-    help="With --orders: ccxt fetch_closed_orders() JSON, to resolve orders no longer open.",
+    help="With --orders: the closed orders (ccxt fetch_order by client id of each unknown order, or a "
+    "fetch_closed_orders() list that reaches back past them), to resolve orders no longer open. An unknown "
+    "order in neither file is taken as never arrived (rejected).",
 )
 @click.option("--apply", is_flag=True, help="Make the saved positions match the exchange (symbol metadata is kept).")
 @click.option(
