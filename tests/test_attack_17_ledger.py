@@ -26,7 +26,9 @@ from posstate import (
 )
 from posstate.account import ledgerformat as lf
 from posstate.cli.main import cli
+from posstate.journal.current import read_current
 from posstate.model.schema import schema
+from posstate.storage.statefile import ReadOptions
 from tests.conftest import write_key
 
 BTC = "BTC/USDT:USDT"
@@ -537,3 +539,18 @@ def test_adopted_orders_client_id_cannot_take_another_orders_key(store: Exchange
     with pytest.raises(SchemaValidationError):
         store.apply_order_update({**base, "id": "6", "clientOrderId": "a" * 300})
     assert store.get_ledger_order("6") is None
+
+
+@pytest.mark.parametrize("durability", ["sync", "snapshot"])
+def test_restore_keeps_newer_orders_before_the_next_ledger_call(tmp_path: Path, durability: str) -> None:
+    """issue 17.6: the orders a live store keeps across a restore of an older backup are on disk when
+    restore_from_backup returns (a kill before the bot's next ledger call loses none)."""
+    cfg = config(tmp_path / "state", durability=durability)
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        backup_id, cid = _order_after_backup(s, m)
+        m.restore_from_backup(backup_id, accept_older=True)
+        on_disk = read_current(cfg, ReadOptions(keyring=None)).state.metadata  # what a restart after a kill now would load
+        entry = on_disk.get(lf.order_entry_name(cid))
+        assert entry is not None and entry["order"]["status"] == "filled"
+        s.close()

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
-from posstate.account import epochs, ledgerformat, ledgerowner
+from posstate.account import epochs, ledgercarry, ledgerformat, ledgerowner
 from posstate.account.balances import Balance
 from posstate.account.lifecycle import OrderRecord
 from posstate.account.persist import PersistedAccountStateStore
@@ -25,7 +25,6 @@ from posstate.account.storebase import _proxy
 from posstate.core.errors import (
     LedgerOwnershipError,
     MalformedLedgerEntryError,
-    PosStateError,
     SchemaValidationError,
     UnknownOrderError,
 )
@@ -79,7 +78,7 @@ class LedgerCore(PersistedAccountStateStore):
         self._reload: str | None = None  # a reason: reload the ledger at the next ledger call (see _ledger())
         self._recovery_seen: Any = None  # the manager's last_recovery when the ledger was loaded
         self._unreadable = ledgerformat.Unreadable()  # what the load left out: never overwritten (see _write_ledger)
-        self._carry: dict[str, dict[str, Any]] = {}  # order entries held before a reload (see _carry_forward)
+        self._carry: dict[str, dict[str, Any]] = {}  # order entries held before a reload (see ledgercarry.py)
         self._closed = False
         ledgerowner.claim(manager, self)
         try:
@@ -113,7 +112,7 @@ class LedgerCore(PersistedAccountStateStore):
                 reason, self._reload = self._reload, None
                 self._load_ledger(reason)
             if self._carry:
-                self._carry_forward()
+                ledgercarry.carry_forward(self)
             yield
 
     @property
@@ -157,47 +156,18 @@ class LedgerCore(PersistedAccountStateStore):
         # Inside the manager's restore, its lock held by this thread: positions and metadata are reloaded now;
         # the ledger at its next call (taking the ledger lock here, under the manager's, could deadlock with a
         # ledger write waiting for the manager). Orders left "sent" count as unknown (see unknown_orders()).
-        self._remember_orders()
+        ledgercarry.remember(self)
+        ledgercarry.carry_now(self)
         PersistedAccountStateStore.restore(self)
         self._request_reload("restored_from_backup")
 
     def _on_reloaded(self, event: Mapping[str, Any]) -> None:
         # The manager read its state again (load_positions, attempt_recovery, repair_state): so does the store.
         recovered = self._manager.last_recovery is not None and self._manager.last_recovery is not self._recovery_seen
-        self._remember_orders()
+        ledgercarry.remember(self)
+        ledgercarry.carry_now(self)
         PersistedAccountStateStore.restore(self)
         self._request_reload("recovered" if recovered or event.get("event") == "stateRepaired" else "startup")
-
-    def _remember_orders(self) -> None:
-        """Keep the orders held now, to carry forward those the reloaded state lacks (see _carry_forward). Runs
-        under the manager's lock, without the ledger lock: one dict copy, which the GIL makes atomic."""
-        held = dict(self._orders)
-        self._carry.update(
-            {ledgerformat.order_entry_name(k): ledgerformat.order_entry(i["order"], i["events"]) for k, i in held.items()}
-        )
-
-    def _carry_forward(self) -> None:
-        """Write back the orders this store held before a restore, recovery or repair that the reloaded state lacks
-        or holds at an older version (ledgerformat.carry_orders): the exchange does not roll back, and a forgotten
-        order would be sent again when its decision is recorded anew. Memory holds them even if the write fails
-        (then ``ledger`` blocks readiness and the next ledger call retries). Caller holds the ledger lock."""
-        entries = {n: d for n, d in self._manager.get_all_symbol_metadata().items() if ledgerformat.is_ledger_entry(n)}
-        keep = ledgerformat.carry_orders(self._carry, entries)
-        if not keep:
-            self._carry = {}
-            self._blocked.pop("ledger", None)
-            return
-        orders = {e["order"]["key"]: {"order": e["order"], "events": e["events"]} for e in keep.values()}
-        self._orders.update(orders)
-        try:
-            self._write_ledger(orders=orders)
-        except PosStateError as exc:
-            self._blocked["ledger"] = "restored_from_backup"
-            log.warning("could not write back %d orders the reloaded state lacks (will retry): %s", len(orders), exc)
-            return
-        self._carry = {}
-        self._blocked.pop("ledger", None)
-        log.warning("kept %d orders the reloaded state lacked or held older: %s", len(orders), ", ".join(sorted(orders)))
 
     def _request_reload(self, reason: str) -> None:
         """Reload the ledger at its next call, for the strongest reason asked since (a restore, a recovery, a load)."""
