@@ -554,3 +554,22 @@ def test_restore_keeps_newer_orders_before_the_next_ledger_call(tmp_path: Path, 
         entry = on_disk.get(lf.order_entry_name(cid))
         assert entry is not None and entry["order"]["status"] == "filled"
         s.close()
+
+
+@pytest.mark.parametrize("how", ["set_open_orders", "apply_order_update"])
+def test_not_found_order_that_appears_later_is_live_again(store: ExchangeAccountStateStore, how: str) -> None:
+    """issue 17.6: an unknown submission resolved "not found" (binance answers -2013 for a moment after a timeout)
+    that the exchange then lists as open is live again (accepted), not left rejected while it rests there."""
+    cid = intent(store)
+    store.record_order_sent(cid)
+    store.record_order_status_unknown(cid, reason="timeout")
+    assert store.set_open_orders([], closed_orders=[]).not_found == (cid,)
+    live = {"id": "21", "clientOrderId": cid, "symbol": BTC, "side": "buy", "type": "limit", "status": "open"}
+    live.update(amount=1, filled=0, price=100)
+    if how == "set_open_orders":
+        assert cid in store.set_open_orders([live]).found
+    else:
+        store.apply_order_update(live)
+    o = store.get_ledger_order(cid)
+    assert o is not None and o.status == "accepted" and o.is_live and o.exchange_order_id == "21"
+    assert store.violations == ()

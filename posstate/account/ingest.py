@@ -191,7 +191,7 @@ class AccountIngest(OrderLedger):
                     seen.add(adopted[-1])
                     continue
                 seen.add(key)
-                if self._orders[key]["order"]["status"] in ("unknown", "sent", "recorded"):
+                if self._orders[key]["order"]["status"] in ("unknown", "sent", "recorded", "rejected"):
                     found.append(key)
                 self._take_exchange_word(key, o)
             closed_by_key = {k: o for o in done if (k := self._match(o)) is not None}
@@ -227,7 +227,7 @@ class AccountIngest(OrderLedger):
                 return SyncReport(adopted=(self._adopt(o),))
             was = self._orders[key]["order"]["status"]
             self._take_exchange_word(key, o)
-            return SyncReport(found=(key,) if was in ("unknown", "sent", "recorded") else (), modified=(key,))
+            return SyncReport(found=(key,) if was in ("unknown", "sent", "recorded", "rejected") else (), modified=(key,))
 
     def _match(self, o: Order) -> str | None:
         for ident in (o.client_order_id, o.id):
@@ -278,6 +278,12 @@ class AccountIngest(OrderLedger):
         if o.filled and order.get("exchange_filled") != str(o.filled):
             fields["exchange_filled"] = str(o.filled)
         status = order["status"]
+        if status == "rejected" and order.get("sent_at") is not None and to in ("accepted", "partially_filled"):
+            # Taken as never arrived ("not found" by client id, which an exchange may answer for a moment after a
+            # timeout), now listed as open: live again, or the bot would replace an order that rests there.
+            reason = "listed open by the exchange after it was not found"
+            self._append(key, "order_updated", {"status": to, "reason": reason, **fields})
+            return
         if to in ("accepted", "partially_filled") and status in ("sent", "unknown"):
             if to == "accepted" and Decimal(order["filled"]) == 0:
                 self._append(key, "order_accepted", fields)

@@ -205,7 +205,9 @@ def apply_event(order: dict[str, Any] | None, event: Mapping[str, Any]) -> dict[
         if new_status is not None and new_status != status:
             # The exchange's word on an order: from a live status to another live one or to its end (a filled
             # order whose fills the ledger has not seen, an order closed while the bot was down).
-            if status not in LIVE or new_status not in _UPDATE_TO:
+            # A sent order taken as rejected ("not found" by client id) that the exchange then lists is live again.
+            revived = status == "rejected" and order.get("sent_at") is not None and new_status in LIVE
+            if not revived and (status not in LIVE or new_status not in _UPDATE_TO):
                 raise OrderTransitionError(key, f"an exchange update cannot move {status} to {new_status}")
             out["status"] = new_status
             out["reason"] = event.get("reason")
