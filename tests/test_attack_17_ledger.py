@@ -573,3 +573,23 @@ def test_not_found_order_that_appears_later_is_live_again(store: ExchangeAccount
     o = store.get_ledger_order(cid)
     assert o is not None and o.status == "accepted" and o.is_live and o.exchange_order_id == "21"
     assert store.violations == ()
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        pytest.param("timeout\ud800", id="lone-surrogate"),
+        pytest.param("\x1b[2J\x1b[31mfake\x00", id="terminal-escapes"),
+        pytest.param(TimeoutError("read timed out"), id="exception-object"),
+    ],
+)
+def test_unknown_outcome_recorded_whatever_its_reason_text(store: ExchangeAccountStateStore, reason: Any) -> None:
+    """issue 17.1: record_order_status_unknown(reason=str(exc)) records the unknown outcome even when the exchange's
+    message holds text the state cannot store (a lone surrogate) or a terminal escape (kept out of `history`), or
+    when the bot passes the exception itself: refusing it would leave the order counted as in flight."""
+    cid = intent(store)
+    store.record_order_sent(cid)
+    o = store.record_order_status_unknown(cid, reason=reason)
+    assert o.status == "unknown" and o.reason
+    assert not any(ch in o.reason for ch in ("\ud800", "\x1b", "\x00"))
+    assert [u.key for u in store.unknown_orders()] == [cid]

@@ -18,6 +18,7 @@ from posstate.account.ledgerbase import LedgerCore
 from posstate.account.ledgertypes import MAX_ID_LENGTH
 from posstate.account.lifecycle import Fill, OrderRecord
 from posstate.core.errors import OrderTransitionError, SchemaValidationError, UnknownOrderError
+from posstate.core.text import BAD_TEXT
 from posstate.manager.orders import make_client_order_id
 from posstate.model.position import SURROGATE, Position, to_decimal
 
@@ -372,6 +373,10 @@ def _check_client_id(cid: Any) -> None:
 
 
 def _reason(reason: Any) -> str:
-    if not isinstance(reason, str) or not reason:
-        raise SchemaValidationError(None, "$.reason", "type", "a reason is a non-empty string")
-    return reason[:500]
+    """The reason an outcome is stored with: any object's text (``reason=exc`` works), its first 500 characters,
+    with what the state cannot store or a terminal must not print (controls, lone surrogates, bidi overrides)
+    replaced by ``?``. An outcome is never refused for its reason: refused, the order would stay counted as in
+    flight."""
+    text = reason if isinstance(reason, str) else str(reason) if reason is not None else ""
+    text = BAD_TEXT.sub("?", text[:500]).strip()
+    return text or "no reason given"
