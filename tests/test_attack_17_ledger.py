@@ -593,3 +593,29 @@ def test_unknown_outcome_recorded_whatever_its_reason_text(store: ExchangeAccoun
     assert o.status == "unknown" and o.reason
     assert not any(ch in o.reason for ch in ("\ud800", "\x1b", "\x00"))
     assert [u.key for u in store.unknown_orders()] == [cid]
+
+
+def test_binary_float_arithmetic_refused_at_the_call_not_reported_after_restart(tmp_path: Path) -> None:
+    """issue 17.7: an amount, price, fill or balance computed with float arithmetic (0.1 + 0.2) is refused when
+    given (SchemaValidationError, nothing stored) instead of being stored and blocking trading at every later
+    start as a binary_float violation; ordinary floats (0.1, a ccxt price) are taken."""
+    cfg = config(tmp_path / "state")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        with pytest.raises(SchemaValidationError, match="binary float"):
+            intent(s, amount=0.1 + 0.2)
+        with pytest.raises(SchemaValidationError, match="binary float"):
+            intent(s, price=91000.1 * 3)
+        cid = intent(s, amount=0.5, price=91000.1)
+        s.record_order_sent(cid)
+        with pytest.raises(SchemaValidationError, match="binary float"):
+            s.apply_fill({"id": "f", "clientOrderId": cid, "price": 91000.1, "amount": 0.1 + 0.2})
+        s.apply_fill({"id": "g", "clientOrderId": cid, "price": 91000.1, "amount": 0.3})
+        with pytest.raises(SchemaValidationError, match="binary float"):
+            s.apply_balance_update("USDT", total=0.1 + 0.2)
+        assert [o.key for o in s.get_ledger_orders()] == [cid]
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        assert s.violations == ()
+        s.close()

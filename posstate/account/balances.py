@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
+from posstate.account.ledgertypes import ledger_decimal
 from posstate.core.errors import SchemaValidationError
 from posstate.model.position import check_text, to_decimal
 
@@ -32,8 +33,8 @@ class Balance:
             )
         check_text(self.asset, "$.asset", "asset")
         object.__setattr__(self, "asset", self.asset.upper())
-        object.__setattr__(self, "total", to_decimal(self.total, "total"))
-        object.__setattr__(self, "available", to_decimal(self.available, "available"))
+        object.__setattr__(self, "total", ledger_decimal(self.total, "total"))
+        object.__setattr__(self, "available", ledger_decimal(self.available, "available"))
         if self.source not in ("trading", "funding"):
             raise SchemaValidationError(None, "$.source", "enum", f"expected 'trading' or 'funding', got {self.source!r}")
 

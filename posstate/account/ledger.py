@@ -15,12 +15,12 @@ from typing import Any
 from posstate.account import epochs, ledgerformat
 from posstate.account import lifecycle as lc
 from posstate.account.ledgerbase import LedgerCore
-from posstate.account.ledgertypes import MAX_ID_LENGTH
+from posstate.account.ledgertypes import MAX_ID_LENGTH, ledger_decimal
 from posstate.account.lifecycle import Fill, OrderRecord
 from posstate.core.errors import OrderTransitionError, SchemaValidationError, UnknownOrderError
 from posstate.core.text import BAD_TEXT
 from posstate.manager.orders import make_client_order_id
-from posstate.model.position import SURROGATE, Position, to_decimal
+from posstate.model.position import SURROGATE, Position
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +117,9 @@ class OrderLedger(LedgerCore):
         nothing. The order belongs to its position's current epoch (or, flat, to the next one it opens)."""
         if client_order_id is not None:
             _check_client_id(client_order_id)
-        if to_decimal(amount, "amount") <= 0:
+        if ledger_decimal(amount, "amount") <= 0:
             raise SchemaValidationError(None, "$.amount", "minimum", "an order's amount is greater than zero")
-        if price is not None and to_decimal(price, "price") < 0:
+        if price is not None and ledger_decimal(price, "price") < 0:
             raise SchemaValidationError(None, "$.price", "minimum", "an order's price is zero or more")
         cid = client_order_id or make_client_order_id(
             strategy=strategy, signal=signal, symbol=symbol, side=side, type=type, amount=amount, price=price, prefix=prefix

@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import InvalidOperation
 from typing import Any
 
 from posstate.account import lifecycle as lc
+from posstate.account.ledgertypes import looks_binary_float
 from posstate.account.lifecycle import LIVE
 from posstate.core.errors import OrderTransitionError
 from posstate.model.position import MAX_SYMBOL_LENGTH, Position, PositionKey
@@ -95,22 +96,6 @@ class Violation:
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "subject": self.subject, "detail": self.detail}
-
-
-def looks_binary_float(text: str) -> bool:
-    """A decimal text a binary float made (``0.30000000000000004``, ``0.1000000000000000055511151231257827``):
-    17 or more significant digits that are exactly a double, or a double's shortest repr."""
-    try:
-        d = Decimal(text)
-    except (InvalidOperation, TypeError, ValueError):
-        return False
-    if not d.is_finite():
-        return False
-    digits = "".join(map(str, d.as_tuple().digits)).rstrip("0")  # 6.50000 is a division's text, not a float's
-    if len(digits) < 17:
-        return False
-    f = float(d)
-    return Decimal(f) == d or Decimal(repr(f)) == d
 
 
 def _floats(value: Any, where: str, out: list[Violation]) -> None:

@@ -8,7 +8,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, ParamSpec, TypeVar
 
 from posstate.core.errors import SchemaValidationError
@@ -62,6 +62,38 @@ def tidy(value: Decimal) -> Decimal:
     return n if isinstance(n_exponent, int) and n_exponent <= 0 else value.quantize(Decimal(1))
 
 
+def looks_binary_float(text: str) -> bool:
+    """A decimal text a binary float made (``0.30000000000000004``, ``0.1000000000000000055511151231257827``):
+    17 or more significant digits that are exactly a double, or a double's shortest repr."""
+    try:
+        d = Decimal(text)
+    except (InvalidOperation, TypeError, ValueError):
+        return False
+    if not d.is_finite():
+        return False
+    digits = "".join(map(str, d.as_tuple().digits)).rstrip("0")  # 6.50000 is a division's text, not a float's
+    if len(digits) < 17:
+        return False
+    f = float(d)
+    return Decimal(f) == d or Decimal(repr(f)) == d
+
+
+def ledger_decimal(value: Any, name: str) -> Decimal:
+    """*value* as a Decimal (:func:`~posstate.model.position.to_decimal`), refusing a binary float's text
+    (``0.1 + 0.2`` gives ``0.30000000000000004``): stored, the ledger's invariant would report it at the next
+    load and block trading until fixed by hand; refused here, the bot rounds it to the exchange's precision first."""
+    result = to_decimal(value, name)
+    if looks_binary_float(str(result)):
+        raise SchemaValidationError(
+            None,
+            f"$.{name}",
+            "pattern",
+            f"{name} {str(result)[:40]} is a binary float's arithmetic, not a decimal the exchange uses; round it "
+            "first (ccxt: exchange.amount_to_precision / price_to_precision)",
+        )
+    return result
+
+
 def _opt_text(value: Any, name: str) -> str | None:
     if value is None:
         return None
@@ -110,7 +142,7 @@ class Fill:
         if self.trade_id is None:
             raise SchemaValidationError(None, "$.trade_id", "required", "a fill needs the exchange's trade id")
         for name in ("price", "amount", "fee"):
-            object.__setattr__(self, name, to_decimal(getattr(self, name), name))
+            object.__setattr__(self, name, ledger_decimal(getattr(self, name), name))
         if self.amount <= 0 or self.price < 0:
             raise SchemaValidationError(None, "$.amount", "minimum", "a fill has a positive amount and a price >= 0")
         object.__setattr__(self, "order_id", _opt_text(self.order_id, "order_id"))
