@@ -619,3 +619,34 @@ def test_binary_float_arithmetic_refused_at_the_call_not_reported_after_restart(
         s = ExchangeAccountStateStore(m)
         assert s.violations == ()
         s.close()
+
+
+def test_sent_order_whose_answer_never_came_blocks_readiness(tmp_path: Path) -> None:
+    """issue 17.6: an order this process sent whose answer it never recorded (the request raised something the bot
+    did not catch) counts as unknown after a minute: it blocks ready_to_trade() and set_open_orders resolves it."""
+    clock = _Clock()
+    with PositionStateManager(config(tmp_path / "state")) as m:
+        s = ExchangeAccountStateStore(m, clock=clock)
+        s.set_positions([])
+        s.set_open_orders([])
+        s.set_balances({"USDT": {"total": 100, "free": 100}})
+        cid = intent(s)
+        s.record_order_sent(cid)
+        assert s.ready_to_trade() and s.unknown_orders() == []  # waiting for the answer
+        clock.t += 61
+        assert [o.key for o in s.unknown_orders()] == [cid]
+        assert s.readiness() == {"open_orders": "submission_unknown"}
+        assert s.set_open_orders([], closed_orders=[]).not_found == (cid,)
+        s.close()
+
+
+def test_acceptance_after_a_not_found_resolution_wins(store: ExchangeAccountStateStore) -> None:
+    """issue 17.1: the exchange's answer that arrives after the order was resolved "not found" (a slow request, a
+    clock jump) makes it accepted again instead of raising, so the bot tracks the order that rests there."""
+    cid = intent(store)
+    store.record_order_sent(cid)
+    store.record_order_status_unknown(cid, reason="timeout")
+    store.set_open_orders([], closed_orders=[])
+    o = store.record_order_accepted(cid, exchange_order_id="44")
+    assert o.status == "accepted" and o.exchange_order_id == "44" and o.is_live
+    assert store.violations == ()

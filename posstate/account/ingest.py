@@ -199,7 +199,7 @@ class AccountIngest(OrderLedger):
                 order = item["order"]
                 if key in seen or order["status"] not in lc.LIVE or (symbols is not None and order["symbol"] not in symbols):
                     continue
-                if order["status"] == "sent" and key in self._inflight:
+                if order["status"] == "sent" and self._in_flight(key):
                     continue  # this process is waiting for the answer
                 if key in closed_by_key:
                     found.append(key)

@@ -230,6 +230,12 @@ class OrderLedger(LedgerCore):
                     return OrderRecord.from_json(self._append(key, "order_updated", {"exchange_order_id": exchange_order_id}))
                 return OrderRecord.from_json(current)
             fields = {"exchange_order_id": exchange_order_id} if exchange_order_id else {}
+            if current["status"] == "rejected" and current.get("sent_at") is not None:
+                # Taken as never arrived (resolved "not found" while the request was still out): the answer wins.
+                reason = "accepted by the exchange after it was taken as rejected"
+                return OrderRecord.from_json(
+                    self._append(key, "order_updated", {"status": "accepted", "reason": reason, **fields})
+                )
             return self._outcome(key, "order_accepted", "accepted", fields)
 
     def record_order_rejected(self, order_id: str, *, reason: str) -> OrderRecord:

@@ -47,6 +47,8 @@ READINESS_REASONS: tuple[str, ...] = (
     "invariant_violation",
     "stale_fill",
 )
+#: How long an order this process sent counts as waiting for its answer (then it is unknown: ``unknown_orders()``).
+INFLIGHT_MS = 60_000
 LEDGER_EVENTS: frozenset[str] = frozenset({"invariantViolation", "staleUpdate", "orderAdopted", "duplicateFill"})
 
 
@@ -341,9 +343,15 @@ class LedgerCore(PersistedAccountStateStore):
             keys = [
                 k
                 for k, i in self._orders.items()
-                if i["order"]["status"] == "unknown" or (i["order"]["status"] == "sent" and k not in self._inflight)
+                if i["order"]["status"] == "unknown" or (i["order"]["status"] == "sent" and not self._in_flight(k))
             ]
             return [OrderRecord.from_json(self._orders[k]["order"]) for k in sorted(keys)]
+
+    def _in_flight(self, key: str) -> bool:
+        """This process sent order *key* and may still get its answer: not longer than INFLIGHT_MS ago (a bot
+        whose request raised something it did not catch never records the answer: the order is unknown then)."""
+        sent_at = self._orders[key]["order"].get("sent_at")
+        return key in self._inflight and sent_at is not None and self._now() - int(sent_at) < INFLIGHT_MS
 
     def get_balances(self) -> dict[str, Balance]:
         """Every asset's balance, keyed ``USDT`` (trading) or ``USDT.FUNDING``."""
