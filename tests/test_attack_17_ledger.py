@@ -650,3 +650,67 @@ def test_acceptance_after_a_not_found_resolution_wins(store: ExchangeAccountStat
     o = store.record_order_accepted(cid, exchange_order_id="44")
     assert o.status == "accepted" and o.exchange_order_id == "44" and o.is_live
     assert store.violations == ()
+
+
+def test_accepted_order_missing_everywhere_is_never_taken_as_never_arrived(store: ExchangeAccountStateStore) -> None:
+    """issue 17.6: an order the exchange acknowledged (it has an exchange id) that is neither open nor in the closed
+    orders the bot passed stays unknown (unresolved): absence from a list never proves an acknowledged order did
+    not exist, and taking it as rejected would invite a second order."""
+    cid = intent(store)
+    store.record_order_sent(cid)
+    store.record_order_accepted(cid, exchange_order_id="51")
+    first = store.set_open_orders([], closed_orders=[])
+    second = store.set_open_orders([], closed_orders=[])
+    assert first.unresolved == (cid,) and second.not_found == () and second.unresolved == (cid,)
+    o = store.get_ledger_order(cid)
+    assert o is not None and o.status == "unknown"
+
+
+def test_account_md_startup_recipe_makes_the_store_ready(store: ExchangeAccountStateStore) -> None:
+    """issue 17.6 (docs): the startup recipe of docs/ACCOUNT.md, followed literally with a fake exchange, resolves an
+    unknown submission that never arrived and an accepted order that filled while the bot was down, and ends ready."""
+    lost = intent(store, "lost")
+    store.record_order_sent(lost)
+    store.record_order_status_unknown(lost, reason="timeout")
+    done = intent(store, "done")
+    store.record_order_sent(done)
+    store.record_order_accepted(done, exchange_order_id="61")
+    filled = {"id": "61", "clientOrderId": done, "symbol": BTC, "side": "buy", "type": "limit", "status": "closed"}
+    filled.update(amount=1, filled=1, price=100)
+
+    class OrderNotFound(Exception):
+        pass
+
+    class Exchange:
+        def fetch_positions(self) -> list[Any]:
+            return []
+
+        def fetch_open_orders(self) -> list[Any]:
+            return []
+
+        def fetch_balance(self) -> dict[str, Any]:
+            return {"USDT": {"total": 100, "free": 100}}
+
+        def fetch_order(self, order_id: str | None, symbol: str, params: Any = None) -> dict[str, Any]:
+            if order_id == "61":
+                return filled
+            raise OrderNotFound(order_id)
+
+    def find_order(exchange: Exchange, order: Any) -> Any:
+        try:
+            if order.exchange_order_id:
+                return exchange.fetch_order(order.exchange_order_id, order.symbol)
+            return exchange.fetch_order(None, order.symbol, {"clientOrderId": order.client_order_id})
+        except OrderNotFound:
+            return None
+
+    exchange = Exchange()
+    store.set_positions(exchange.fetch_positions())
+    open_orders = exchange.fetch_open_orders()
+    store.set_open_orders(open_orders)
+    closed = [o for o in (find_order(exchange, u) for u in store.unknown_orders()) if o]
+    store.set_open_orders(open_orders, closed_orders=closed)
+    store.set_balances(exchange.fetch_balance())
+    assert store.ready_to_trade(), store.readiness()
+    assert store.get_ledger_order(lost).status == "rejected"  # type: ignore[union-attr]
+    assert store.get_ledger_order(done).status == "filled"  # type: ignore[union-attr]

@@ -204,7 +204,9 @@ class AccountIngest(OrderLedger):
                 if key in closed_by_key:
                     found.append(key)
                     self._take_exchange_word(key, closed_by_key[key])
-                elif order["status"] in ("unknown", "sent") and closed_orders is not None:
+                elif order["status"] in ("unknown", "sent") and closed_orders is not None and not order.get("exchange_order_id"):
+                    # Never acknowledged and in neither list: it never arrived. An order the exchange acknowledged
+                    # (it has an exchange id) may be closed beyond the list the bot passed: it stays unresolved.
                     not_found.append(key)
                     self._append(key, "order_rejected", {"reason": "not found on the exchange by client id"})
                 else:
