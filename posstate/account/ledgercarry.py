@@ -25,9 +25,8 @@ def remember(store: LedgerCore) -> None:
     """Keep the orders *store* holds now. Runs under the manager's lock, without the ledger lock: one dict copy,
     which the GIL makes atomic."""
     held = dict(store._orders)
-    store._carry.update(
-        {ledgerformat.order_entry_name(k): ledgerformat.order_entry(i["order"], i["events"]) for k, i in held.items()}
-    )
+    entries = {ledgerformat.order_entry_name(k): ledgerformat.order_entry(i["order"], i["events"]) for k, i in held.items()}
+    store._carry = {**store._carry, **entries}  # rebound, never changed in place: the bot's thread may be reading it
 
 
 def carry_now(store: LedgerCore) -> None:
