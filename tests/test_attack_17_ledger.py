@@ -714,3 +714,24 @@ def test_account_md_startup_recipe_makes_the_store_ready(store: ExchangeAccountS
     assert store.ready_to_trade(), store.readiness()
     assert store.get_ledger_order(lost).status == "rejected"  # type: ignore[union-attr]
     assert store.get_ledger_order(done).status == "filled"  # type: ignore[union-attr]
+
+
+def test_restore_keeps_the_forgotten_client_ids(tmp_path: Path) -> None:
+    """issue 17.1: a restore of a backup older than a forget_order() keeps the forgotten client id: the same decision
+    recorded again is still refused."""
+    cfg = config(tmp_path / "state")
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        m.save()
+        backup = m.create_backup()
+        cid = filled_order(s)
+        s.forget_order(cid)
+        m.restore_from_backup(backup.id, accept_older=True)
+        with pytest.raises(OrderTransitionError, match="forget_order"):
+            intent(s)
+        s.close()
+    with PositionStateManager(cfg) as m:
+        s = ExchangeAccountStateStore(m)
+        with pytest.raises(OrderTransitionError, match="forget_order"):
+            intent(s)
+        s.close()

@@ -26,6 +26,8 @@ def remember(store: LedgerCore) -> None:
     which the GIL makes atomic."""
     held = dict(store._orders)
     entries = {ledgerformat.order_entry_name(k): ledgerformat.order_entry(i["order"], i["events"]) for k, i in held.items()}
+    if store._forgotten:
+        entries[ledgerformat.FORGOTTEN] = {"format": ledgerformat.LEDGER_FORMAT, "orders": dict(store._forgotten)}
     store._carry = {**store._carry, **entries}  # rebound, never changed in place: the bot's thread may be reading it
 
 
@@ -56,10 +58,11 @@ def carry_forward(store: LedgerCore) -> None:
         store._carry = {}
         store._blocked.pop("ledger", None)
         return
+    forgotten = keep.pop(ledgerformat.FORGOTTEN, None)
     orders = {e["order"]["key"]: {"order": e["order"], "events": e["events"]} for e in keep.values()}
     store._orders.update(orders)
     try:
-        store._write_ledger(orders=orders)
+        store._write_ledger(orders=orders, forgotten=forgotten["orders"] if forgotten else None)
     except PosStateError as exc:
         store._blocked["ledger"] = "restored_from_backup"
         log.warning("could not write back %d orders the reloaded state lacks (will retry): %s", len(orders), exc)

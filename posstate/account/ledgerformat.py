@@ -297,6 +297,13 @@ def carry_orders(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[st
         cur = new.get(key)
         if cur is None or int(cur["order"]["version"]) < int(item["order"]["version"]):
             out[name] = order_entry(item["order"], item["events"])
+    # The client ids of forgotten orders too: lost, the same decision could be recorded and sent again.
+    old_ids, _ = load_forgotten(before)
+    new_ids, _ = load_forgotten(after)
+    if old_ids and new_ids is not None:
+        merged = {**old_ids, **{c: max(at, old_ids.get(c, at)) for c, at in new_ids.items()}}
+        if merged != new_ids:
+            out[FORGOTTEN] = {"format": LEDGER_FORMAT, "orders": merged}
     return out
 
 

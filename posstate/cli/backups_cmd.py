@@ -203,7 +203,7 @@ def _keep_newer_orders(m: PositionStateManager, before: dict[str, Any]) -> list[
     keep = ledgerformat.carry_orders(before, m.get_all_symbol_metadata())
     if not keep:
         return []
-    keys = sorted(e["order"]["key"] for e in keep.values())
+    keys = sorted(e["order"]["key"] for n, e in keep.items() if n != ledgerformat.FORGOTTEN)
     try:
         with m.transaction():
             for name, entry in keep.items():

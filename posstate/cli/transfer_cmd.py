@@ -174,12 +174,13 @@ def _keep_ledger_orders(current: StateData, incoming: StateData) -> None:
     keep = ledgerformat.carry_orders(current.metadata, incoming.metadata)
     if keep:
         incoming.metadata.update(keep)
-        keys = sorted(e["order"]["key"] for e in keep.values())
-        click.echo(
-            f"keeping {len(keys)} ledger orders the document lacks or holds older (the exchange does not roll "
-            f"back): {', '.join(keys)}",
-            err=True,
-        )
+        keys = sorted(e["order"]["key"] for n, e in keep.items() if n != ledgerformat.FORGOTTEN)
+        if keys:
+            click.echo(
+                f"keeping {len(keys)} ledger orders the document lacks or holds older (the exchange does not roll "
+                f"back): {', '.join(keys)}",
+                err=True,
+            )
 
 
 def _import_failed(exc: PersistenceError, env: Env, cfg: StateConfig, incoming: StateData) -> Exception:
