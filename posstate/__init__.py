@@ -12,9 +12,12 @@ from posstate.core.errors import (
     ConfigError,
     CorruptStateError,
     LeaseLostError,
+    LedgerOwnershipError,
+    MalformedLedgerEntryError,
     ManagerClosedError,
     MissingKeyError,
     OrderIntentNotFoundError,
+    OrderTransitionError,
     OutcomeUnknownError,
     PersistenceError,
     PosStateError,
@@ -26,6 +29,7 @@ from posstate.core.errors import (
     StateNotFoundError,
     SymbolMetadataNotFoundError,
     TransactionError,
+    UnknownOrderError,
     UnrecoverableStateError,
     UnsupportedVersionError,
     WrongKeyError,
@@ -34,7 +38,12 @@ from posstate.core.version import __version__
 from posstate.model.position import Position
 
 if _typing.TYPE_CHECKING:  # what the names below resolve to, for type checkers and IDEs
+    from posstate.account.balances import Balance
+    from posstate.account.exchange import ExchangeAccountStateStore
     from posstate.account.feed import UpdateQueue
+    from posstate.account.ingest import SyncReport
+    from posstate.account.ledger import FillResult
+    from posstate.account.ledgertypes import Fill, OrderRecord
     from posstate.account.persist import PersistedAccountStateStore
     from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
     from posstate.account.reconcile_file import ReconcileFileResult, reconcile_file
@@ -60,6 +69,12 @@ _LAZY = {
     "AccountUpdate": "posstate.account.types",
     "ActivePositionCounts": "posstate.account.types",
     "AppliedReconciliation": "posstate.account.reconcile",
+    "Balance": "posstate.account.balances",
+    "ExchangeAccountStateStore": "posstate.account.exchange",
+    "Fill": "posstate.account.ledgertypes",
+    "FillResult": "posstate.account.ledger",
+    "OrderRecord": "posstate.account.ledgertypes",
+    "SyncReport": "posstate.account.ingest",
     "BackupInfo": "posstate.backup.backups",
     "MergeDecision": "posstate.model.merge",
     "MergeResult": "posstate.model.merge",
@@ -115,10 +130,16 @@ __all__ = [
     "AmbiguousBackupError",
     "AppliedReconciliation",
     "BackupInfo",
+    "Balance",
     "ConcurrentModificationError",
     "ConfigError",
     "CorruptStateError",
     "LeaseLostError",
+    "ExchangeAccountStateStore",
+    "Fill",
+    "FillResult",
+    "LedgerOwnershipError",
+    "MalformedLedgerEntryError",
     "ManagerClosedError",
     "MergeDecision",
     "MergeResult",
@@ -127,6 +148,8 @@ __all__ = [
     "OrderIntent",
     "OrderIntentNotFoundError",
     "OrderIntents",
+    "OrderRecord",
+    "OrderTransitionError",
     "OutcomeUnknownError",
     "PersistedAccountStateStore",
     "PersistenceError",
@@ -151,7 +174,9 @@ __all__ = [
     "StateLockedError",
     "StateNotFoundError",
     "SymbolMetadataNotFoundError",
+    "SyncReport",
     "TransactionError",
+    "UnknownOrderError",
     "UnrecoverableStateError",
     "UnsupportedVersionError",
     "UpdateQueue",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -266,15 +266,45 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
             f"(generation {report.generation}, {report.positions} positions)?",
             what="restore",
         )
+        before = m.get_all_symbol_metadata()
         result = m.restore_from_backup(info.id, accept_older=accept_older)
+        orders = _keep_newer_orders(m, before)
     if env.json:
-        json_out({**result.to_dict(), "path": str(cfg.state_path), **preview})
+        json_out({**result.to_dict(), "path": str(cfg.state_path), **preview, "orders_kept": orders})
         return
     kept = f"; the replaced file is kept as backup {result.pre_restore_backup}" if result.pre_restore_backup else ""
     click.echo(
         f"restored backup {info.id} (generation {result.source_generation}, {result.age:.0f} s older than the last save) "
         f"into {cfg.state_path} as generation {result.generation}{kept}"
     )
+    if orders:
+        click.echo(
+            f"kept {len(orders)} ledger orders newer than the backup (the exchange does not roll back; an order "
+            f"forgotten here would be sent again): {', '.join(orders)}",
+            err=True,
+        )
+
+
+def _keep_newer_orders(m: PositionStateManager, before: dict[str, Any]) -> list[str]:
+    """Write back the order-ledger entries the restored backup lacks or holds older (one save); their keys."""
+    from posstate.account import ledgerformat
+
+    keep = ledgerformat.carry_orders(before, m.get_all_symbol_metadata())
+    if not keep:
+        return []
+    keys = sorted(e["order"]["key"] for n, e in keep.items() if n != ledgerformat.FORGOTTEN)
+    try:
+        with m.transaction():
+            for name, entry in keep.items():
+                m.set_symbol_metadata(name, entry)
+        m.save()
+    except PosStateError as exc:
+        raise CliError(
+            f"{exc}; the backup was restored but {len(keys)} ledger orders newer than it ({', '.join(keys)}) could not "
+            "be written back: do not start the bot; fix the disk and restore the pre-restore backup",
+            code=EXIT_INVALID,
+        ) from exc
+    return keys
 
 
 # ------------------------------------------------------------------------------------------ prune

@@ -42,10 +42,19 @@ def validate(ctx: click.Context, path: str | None) -> None:
         report = dataclasses.replace(
             report, checks=(*report.checks, verdict.check), valid=report.valid and verdict.check.ok is not False
         )
+    violations = None
+    if report.valid and report.contents_checked:  # the order ledger's invariants (issue 17.7), reported, not repaired
+        from posstate.cli.ledger_cmd import ledger_check
+
+        check, violations = ledger_check(read_state(env, target).state)
+        if check is not None:
+            report = dataclasses.replace(report, checks=(*report.checks, check), valid=check.ok is not False)
     if env.json:
         out = report.to_dict()
         if verdict is not None:
             out["journal"] = verdict.data
+        if violations:
+            out["ledger_violations"] = violations
         json_out(out)
     else:
         for line in validate_lines(report):

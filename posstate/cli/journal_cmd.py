@@ -275,19 +275,28 @@ def change_text(old: dict[str, Any] | None, new: dict[str, Any] | None, *, known
 
 @cli.command()
 @click.option("--symbol", help="Only this symbol's changes.")
+@click.option("--orders", is_flag=True, help="The order ledger's events instead (every order, or --id).")
+@click.option("--id", "order_id", help="With --orders: only this order (client order id, exchange id or key).")
 @common_options()
 @click.pass_context
-def history(ctx: click.Context, symbol: str | None) -> None:
+def history(ctx: click.Context, symbol: str | None, orders: bool, order_id: str | None) -> None:
     """List the changes recorded in the journal since the last snapshot: time, key, old and new values.
 
     Oldest first; read-only (no lock). Old values are rebuilt by replaying the journal on its snapshot.
     A damaged journal is an error (exit 1); without a journal there is nothing to list (exit 0).
+    With --orders: every event of the order ledger (all kept, not only since the snapshot), oldest first.
     """
     from posstate.journal.audit import check
     from posstate.journal.audit import history as journal_history
 
     env = env_of(ctx)
     cfg = env.config()
+    if orders or order_id is not None:
+        from posstate.cli.ledger_cmd import print_order_history
+
+        got = read_state(env, cfg.state_path)
+        print_order_history(env, got.state, path=cfg.state_path, order_id=order_id)
+        return
     path = journal_read_path(cfg, env.read_options())
     if not fs.exists(path):
         if env.json:

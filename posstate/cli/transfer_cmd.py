@@ -107,6 +107,7 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
     incoming = _document.decode_document(doc, path=src, skew=cfg.clock_skew)
 
     def preview(current: StateData) -> bool:
+        _keep_ledger_orders(current, incoming)
         changes = diff_states(current, incoming)
         a = {"path": str(cfg.state_path), "generation": current.generation}
         b = {"path": file, "generation": incoming.generation}
@@ -172,6 +173,24 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
         f"into {cfg.state_path} as generation {generation} ({how})",
         err=True,
     )
+
+
+def _keep_ledger_orders(current: StateData, incoming: StateData) -> None:
+    """Put the order-ledger entries the document lacks or holds older back into it: an order is the exchange's
+    fact, and one forgotten here would be sent again when its decision is recorded anew (forget finished orders
+    with ``forget_order``)."""
+    from posstate.account import ledgerformat
+
+    keep = ledgerformat.carry_orders(current.metadata, incoming.metadata)
+    if keep:
+        incoming.metadata.update(keep)
+        keys = sorted(e["order"]["key"] for n, e in keep.items() if n != ledgerformat.FORGOTTEN)
+        if keys:
+            click.echo(
+                f"keeping {len(keys)} ledger orders the document lacks or holds older (the exchange does not roll "
+                f"back): {', '.join(keys)}",
+                err=True,
+            )
 
 
 def _import_failed(exc: PersistenceError, env: Env, cfg: StateConfig, incoming: StateData) -> Exception:

@@ -524,3 +524,65 @@ class ReplicaError(PosStateError, OSError):
     @property
     def reason(self) -> str:
         return self._reason
+
+
+class OrderTransitionError(PosStateError, ValueError):
+    """An order ledger change that its lifecycle does not allow (a fill past the amount, a second answer to an
+    order already closed, a fill for an order never sent). Nothing was written."""
+
+    def __init__(self, order: str, reason: str) -> None:
+        self._order = order
+        self._reason = reason
+        super().__init__(f"<ledger>: order {order!r}: {reason}; nothing was recorded (reconcile with the exchange)")
+
+    @property
+    def order(self) -> str:
+        return self._order
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+class UnknownOrderError(PosStateError, LookupError):
+    """The order ledger holds no order with this client or exchange id."""
+
+    def __init__(self, order: str) -> None:
+        self._order = order
+        super().__init__(
+            f"<ledger>: no order {order!r} in the ledger; record its intent first, or adopt it from the exchange "
+            "with set_open_orders()/apply_order_update()"
+        )
+
+    @property
+    def order(self) -> str:
+        return self._order
+
+
+class LedgerOwnershipError(PosStateError, RuntimeError):
+    """The order ledger of a manager has one writer: a second ``ExchangeAccountStateStore`` on the same manager,
+    or a store already closed, would write from a memory that does not hold the other's orders (and send one
+    twice). Nothing was written."""
+
+    def __init__(self, path: str | Path | None, reason: str) -> None:
+        self._reason = reason
+        super().__init__(f"{_show(path)}: {reason}; nothing was recorded", path=path)
+
+    @property
+    def reason(self) -> str:
+        return self._reason
+
+
+class MalformedLedgerEntryError(OrderTransitionError):
+    """A ledger change would overwrite an entry the ledger could not read (left out of memory at load and reported
+    as ``malformed``): the entry is kept as it is and the change is not recorded."""
+
+    def __init__(self, entry: str, detail: str) -> None:
+        self._order = entry
+        self._reason = f"malformed entry: {detail}"
+        PosStateError.__init__(
+            self,
+            f"<ledger>: entry {entry!r} is malformed ({detail}); it is kept as it is and this change, which would "
+            "overwrite it, was not recorded; see `posstate validate`, then fix or remove the entry "
+            "(`posstate export`, edit, `posstate import`) with the bot stopped",
+        )
