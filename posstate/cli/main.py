@@ -16,6 +16,7 @@ from posstate.cli import (  # noqa: F401 (commands register on cli)
     keys_cmd,
     reconcile_cmd,
     repair_cmd,
+    serve_cmd,
     transfer_cmd,
     watch_cmd,
 )

@@ -17,18 +17,11 @@ from posstate.backup.retention import PruneResult
 from posstate.core.errors import MissingKeyError, UnsupportedVersionError, WrongKeyError
 from posstate.model.document import StateData
 from posstate.model.position import DECIMAL_FIELDS, Position, PositionKey, position_key_text
+
+# The JSON shapes the CLI shares with the HTTP API live one layer down (posstate/serve/shapes.py).
+from posstate.serve.shapes import backup_json as backup_json
+from posstate.serve.shapes import to_json as to_json
 from posstate.storage.validate import ValidationReport
-
-
-def to_json(data: Any) -> str:
-    """Indented JSON; Decimals as strings (the way the state document stores them)."""
-    return orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
@@ -248,13 +241,6 @@ def _opt(value: object) -> str:
 def backup_verdict(info: BackupInfo) -> str:
     """``yes`` (header and checksum hold), ``DAMAGED`` (corrupt on disk) or ``no`` (unreadable here)."""
     return "yes" if info.valid else ("DAMAGED" if info.damaged else "no")
-
-
-def backup_json(info: BackupInfo) -> dict[str, Any]:
-    """One ``backups list --json`` object: BackupInfo's fields plus ``positions``."""
-    out = info.to_dict()
-    out["positions"] = info.position_count
-    return out
 
 
 def backups_table(infos: Sequence[BackupInfo]) -> list[str]:

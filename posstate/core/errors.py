@@ -436,3 +436,16 @@ class ConfigError(PosStateError, ValueError):
     def __init__(self, message: str, *, path: str | Path | None = None) -> None:
         where = f"{path}: " if path is not None else ""
         super().__init__(f"{where}{message}; see the configuration table in README.md", path=path)
+
+
+class ServeError(ConfigError):
+    """``serve`` cannot start: an address it may not bind without a token, a token file it refuses, a port in
+    use, or the ``serve`` extra not installed. (A ConfigError: the CLI's exit code 2.)"""
+
+    def __init__(self, reason: str, *, next_step: str, path: str | Path | None = None) -> None:
+        self._reason = reason
+        PosStateError.__init__(self, f"{reason}; {next_step}", path=path)
+
+    @property
+    def reason(self) -> str:
+        return self._reason

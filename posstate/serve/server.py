@@ -1,0 +1,224 @@
+"""Run the server: uvicorn in a background thread (``manager.serve()``, ``store.serve()``, tests) or in the
+caller's thread (``posstate serve``), plus the poll thread that reads the source.
+
+Safe by default: a loopback address needs no token (and answers only to a loopback ``Host``); any other
+address needs a token file, whose token every route and the WebSocket then require. The token is never
+logged, echoed or put in a URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from posstate.account.store import AccountStateStore
+from posstate.core.config import StateConfig
+from posstate.core.errors import ServeError
+from posstate.manager.manager import PositionStateManager
+from posstate.serve.app import AppState, build_app
+from posstate.serve.health import HealthLimits
+from posstate.serve.sources import DirectorySource, ManagerSource, Source, StoreSource
+from posstate.serve.stream import StreamOptions
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+
+log = logging.getLogger("posstate")
+DEFAULT_PORT = 8787
+#: A shorter token is refused: it could be guessed over the network.
+MIN_TOKEN_CHARS = 16
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token in *path* (surrounding whitespace ignored). Refused: a missing, empty or short token,
+    or a file other users may read."""
+    p = Path(path)
+    try:
+        text = fs.read_file(p, max_size=4096).decode("utf-8").strip()
+        mode = fs.stat_(p).st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServeError(f"cannot read the token file ({type(exc).__name__})", next_step="check --token-file", path=p) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ServeError("the token file is readable by other users", next_step=f"run `chmod 600 {p}`", path=p)
+    if len(text) < MIN_TOKEN_CHARS or any(c.isspace() for c in text):
+        raise ServeError(
+            f"the token must be one word of at least {MIN_TOKEN_CHARS} characters",
+            next_step="write one, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`",
+            path=p,
+        )
+    return text
+
+
+class StateServer:
+    """A running read-only server over one source (see docs/SERVE.md). Use as a context manager or call
+    :meth:`stop`; ``url`` is known once the constructor returns (the socket is bound there)."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        token: str | None = None,
+        poll_interval: float = 0.05,
+        stream: StreamOptions | None = None,
+        limits: HealthLimits | None = None,
+    ) -> None:
+        loopback = is_loopback(host)
+        if not loopback and token is None:
+            raise ServeError(
+                f"refusing to listen on {host} without a token: only 127.0.0.1 (this machine) is served openly",
+                next_step="pass --token-file FILE (token_file=) or bind 127.0.0.1",
+            )
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+        self.source = source
+        self._poll_interval = poll_interval
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host.strip("[]"), port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror})", next_step="choose another --port") from None
+        self._sock = sock
+        self.host, self.port = host, sock.getsockname()[1]
+        shown = f"[{host.strip('[]')}]" if ":" in host else host
+        hosts = frozenset({f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]", shown)}) if loopback else None
+        self._state = AppState(source, stream=stream or StreamOptions(), limits=limits or HealthLimits())
+        self._state.on_loop = self._set_loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        app = build_app(self._state, token=token, hosts=hosts)
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            ws="websockets-sansio",
+            ws_max_size=64 * 1024,
+            server_header=False,
+            proxy_headers=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poller = threading.Thread(target=self._poll_loop, name="posstate-serve-poll", daemon=True)
+        self._stopped = False
+        source.poll()  # the first view before anyone connects
+        self._poller.start()
+
+    @property
+    def url(self) -> str:
+        shown = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
+        return f"http://{shown}:{self.port}"
+
+    def _set_loop(self, loop: Any) -> None:
+        self._loop = loop
+
+    def _poll_loop(self) -> None:
+        last = self.source.view().version
+        while not self._stop.wait(self._poll_interval):
+            try:
+                self.source.poll()
+            except Exception:  # the poll thread must outlive any one bad read
+                log.exception("posstate serve: reading the state failed")
+                continue
+            version = self.source.view().version
+            loop = self._loop
+            if version != last and loop is not None:
+                last = version
+                with contextlib.suppress(RuntimeError):  # the loop closed (stopping)
+                    loop.call_soon_threadsafe(self._state.wakeup.notify)
+
+    # ---------------------------------------------------------------------------------------- running
+    def start(self) -> StateServer:
+        """Run uvicorn in a background thread; returns once it accepts connections."""
+        self._thread = threading.Thread(target=self._run, name="posstate-serve", daemon=True)
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise ServeError("the server stopped while starting", next_step="see the log for the cause")
+            self._thread.join(0.01)
+        return self
+
+    def _run(self) -> None:
+        self._server.run(sockets=[self._sock])
+
+    def serve_forever(self) -> None:
+        """Run in this thread until Ctrl-C or SIGTERM (uvicorn handles both here), then stop."""
+        try:
+            self._run()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop serving: close every stream, stop the poll thread, stop listening. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._stop.set()
+        if self._poller.is_alive() and self._poller is not threading.current_thread():
+            self._poller.join(timeout=10)
+        self._sock.close()
+        self._state.metrics.close()
+        self.source.close()
+
+    def __enter__(self) -> StateServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def source_for(target: Any, *, read: _statefile.ReadOptions | None = None) -> Source:
+    """The source of a manager, an account store (persisted or not) or a StateConfig (read from disk)."""
+    if isinstance(target, AccountStateStore):
+        return StoreSource(target)
+    if isinstance(target, PositionStateManager):
+        return ManagerSource(target)
+    if isinstance(target, StateConfig):
+        options = read or _statefile.ReadOptions(
+            keyring=None, max_document_bytes=target.max_document_bytes, clock_skew=target.clock_skew
+        )
+        return DirectorySource(target, options)
+    raise TypeError(f"cannot serve a {type(target).__name__}: give a PositionStateManager, an AccountStateStore or a StateConfig")
+
+
+def serve_state(
+    target: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    token_file: str | Path | None = None,
+    token: str | None = None,
+    **options: Any,
+) -> StateServer:
+    """Start serving *target* read-only from background threads and return the running :class:`StateServer`
+    (``manager.serve()`` and ``store.serve()`` call this). *options*: ``poll_interval``, ``stream``
+    (:class:`StreamOptions`), ``limits`` (:class:`HealthLimits`), ``read`` (read options for a StateConfig)."""
+    if token_file is not None:
+        token = read_token(token_file)
+    read = options.pop("read", None)
+    return StateServer(source_for(target, read=read), host=host, port=port, token=token, **options).start()
