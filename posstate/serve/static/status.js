@@ -57,11 +57,16 @@
     $("version").textContent = "version " + v;
   }
 
+  function setBalance(b) {
+    $("balance").textContent = b === null || b === undefined ? "" : "balance " + b;
+  }
+
   function applySnapshot(m) {
     state.positions = new Map(Object.entries(m.positions).map(([k, e]) => [k, e.position]));
     state.orders = new Map(Object.entries(m.orders));
     state.metadata = new Map(Object.entries(m.symbol_metadata).map(([s, e]) => [s, e.data]));
     setVersion(m.version);
+    setBalance(m.balances.wallet);
     renderPositions(); renderOrders(); renderMetadata();
   }
 
@@ -76,6 +81,7 @@
       case "metadata.update":
         if (m.data) state.metadata.set(m.symbol, m.data); else state.metadata.delete(m.symbol);
         renderMetadata(); break;
+      case "balance.update": if (m.name === "wallet") setBalance(m.balance); break;
       case "resync": return; // the server closes; we reconnect and get a fresh snapshot
       default: break;
     }
