@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -181,10 +182,17 @@ class ManagerSource(Source):
 
 # ------------------------------------------------------------------------------------------ account store
 class StoreSource(Source):
-    """A live :class:`~posstate.AccountStateStore`: balances, positions, orders, leverage, metadata. Each
-    stream subscribes to the store's own feed (its policy: a full queue drops the subscriber with a resync)."""
+    """A live :class:`~posstate.AccountStateStore`: balances, positions, orders, leverage, metadata.
+
+    The server takes one subscription to the store's feed, whatever the number of clients, so a write costs
+    the bot one ``put_nowait`` more; the poll thread drains it and fans the updates out to the clients' own
+    queues (the same policy one level down: a full client queue drops that client with a resync). If the
+    server's own subscription is ever dropped (``SUBSCRIPTION`` updates between two polls), every client
+    gets ``resync`` and the server subscribes again."""
 
     kind: SourceKind = "store"
+    #: Room in the server's one subscription to the store (updates between two polls).
+    SUBSCRIPTION = 65536
 
     def __init__(self, store: AccountStateStore) -> None:
         manager = getattr(store, "manager", None)
@@ -194,14 +202,12 @@ class StoreSource(Source):
         self._mine = ManagerSource(self._manager) if self._manager is not None else None
         if self._mine is not None:
             self.stats = self._mine.stats
-        self._seen_version = -1
-        self._changed_at = time.time()
+        self._sub = store.subscribe(maxsize=self.SUBSCRIPTION)
+        self._view = self._view_of(time.time())
         self.ready = True
 
-    def view(self) -> View:
+    def _view_of(self, changed_at: float) -> View:
         snap = self._store.snapshot()
-        if snap.version != self._seen_version:  # first seen here (the poll thread usually sees it first)
-            self._seen_version, self._changed_at = snap.version, time.time()
         return View(
             "store",
             snap.version,
@@ -212,30 +218,36 @@ class StoreSource(Source):
             balance=snap.balance,
             previous_balance=snap.previous_balance,
             leverage=snap.leverage,
-            changed_at=self._changed_at,
+            changed_at=changed_at,
         )
 
-    def open_stream(self, maxsize: int) -> tuple[UpdateQueue, View]:
-        q = self._store.subscribe(maxsize=maxsize)
-        with self._lock:
-            self._streams.add(q)
-        return q, self.view()
-
-    def close_stream(self, q: UpdateQueue) -> None:
-        self._store.unsubscribe(q)
-        with self._lock:
-            self._streams.discard(q)
-
     def poll(self) -> None:
-        self.view()
+        updates: list[AccountUpdate] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                updates.append(self._sub.get_nowait())
+        resync = [u for u in updates if u.kind == "resync"]
+        if resync:  # the poll thread fell SUBSCRIPTION updates behind: every client starts again
+            log.warning("posstate serve: fell behind the account store; every stream client is sent resync")
+            self._store.unsubscribe(self._sub)
+            self._sub = self._store.subscribe(maxsize=self.SUBSCRIPTION)
+            updates = [resync[-1]]
+        with self._lock:
+            if updates:
+                self._feed.publish(updates)
+            if self._store.version != self._view.version:
+                self._view = self._view_of(time.time())
+            elif self._manager is not None and self._manager.generation != self._view.generation:
+                self._view = dataclasses.replace(self._view, generation=self._manager.generation)
         self.stats.updates = self._store.version
         if self._mine is not None:
-            self.problem = self._mine.problem if not self._manager_closed() else "the manager is closed"
+            self.problem = "the manager is closed" if self._manager_closed() else self._mine.problem
 
     def _manager_closed(self) -> bool:
         return self._manager is not None and self._manager.closed
 
     def close(self) -> None:
+        self._store.unsubscribe(self._sub)
         if self._mine is not None:
             self._mine.close()
 
