@@ -366,3 +366,13 @@ def test_no_key_is_ever_served(manager: Any, key: bytes) -> None:
         assert key not in body
         assert not any(f.encode() in body for f in forms)
     assert generate_key() != key
+
+
+def test_serve_without_the_extra_says_how_to_install_it(cfg: StateConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.1: `posstate serve` without the serve extra is one Error line naming `pip install 'posstate[serve]'` (exit 2)."""
+    for name in [n for n in sys.modules if n == "posstate.serve.server" or n.startswith("posstate.serve.app")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    res = CliRunner().invoke(cli, ["serve", "--port", "0", "--state-dir", str(cfg.state_dir)])
+    assert res.exit_code == 2
+    assert res.output.count("Error:") == 1 and "pip install 'posstate[serve]'" in res.output

@@ -113,6 +113,8 @@ class StateServer:
             log_level="warning",
             access_log=False,
             lifespan="on",
+            # websockets-sansio waits for the socket to drain before each send (write flow control since
+            # uvicorn 0.52.1): a client that stops reading blocks its own stream task, never the bot.
             ws="websockets-sansio",
             ws_max_size=64 * 1024,
             server_header=False,
