@@ -110,7 +110,7 @@ def report(source: Source, backups: BackupCache, limits: HealthLimits, *, client
         "backups": len(infos),
         # No replica transport exists yet: the field is here so monitors can rely on its place.
         "replica": {"configured": False, "lag_seconds": None},
-        "stream": {"clients": clients, "dropped": source.stats.drops},
+        "stream": {"clients": clients, "dropped": source.dropped},
     }
     return healthy, body
 

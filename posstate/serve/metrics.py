@@ -38,7 +38,7 @@ class _SourceCollector(Collector):
             ("compactions", st.compactions, "Journal compactions seen (a new journal started)"),
             ("backups", st.backups, "Backups created"),
             ("recoveries", st.recoveries, "Automatic recoveries"),
-            ("stream_drops", st.drops, "Stream clients dropped for falling behind (sent resync)"),
+            ("stream_drops", s.dropped, "Stream clients dropped for falling behind (resync) or not reading"),
             ("stream_heartbeat_timeouts", st.heartbeat_timeouts, "Stream clients dropped for sending no heartbeat"),
         ):
             c = CounterMetricFamily(f"posstate_{name}", doc)

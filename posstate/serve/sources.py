@@ -46,7 +46,7 @@ class Stats:
     compactions: int = 0
     backups: int = 0
     recoveries: int = 0
-    drops: int = 0
+    send_timeouts: int = 0  # clients closed because they stopped reading their socket
     heartbeat_timeouts: int = 0
     last_save: float | None = None  # wall time of the last save seen (None: use the state file's time)
 
@@ -83,6 +83,12 @@ class Source:
         self._feed.remove(q)
         with self._lock:
             self._streams.discard(q)
+
+    @property
+    def dropped(self) -> int:
+        """Stream clients dropped so far: queues the fan-out found full (each got ``resync``) plus clients that
+        stopped reading their socket."""
+        return self._feed.dropped_count + self.stats.send_timeouts
 
     def streams(self) -> list[UpdateQueue]:
         with self._lock:

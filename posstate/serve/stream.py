@@ -138,7 +138,6 @@ class _Client:
                 except queue.Empty:
                     break
                 if update.kind == "resync":
-                    self.source.stats.drops += 1
                     await self.send({"topic": "resync", "version": update.version, "reason": "fell behind; reconnect"})
                     return CLOSE_RESYNC
                 if update.version <= start:
@@ -173,7 +172,7 @@ async def run_stream(ws: WebSocket, source: Source, options: StreamOptions, wake
         await client.send(snapshot)
         code = await client.pump(q, view.version)
     except asyncio.TimeoutError:  # the client stopped reading: dropped like a full queue, without the message
-        source.stats.drops += 1
+        source.stats.send_timeouts += 1
         code = CLOSE_RESYNC
     except (WebSocketDisconnect, RuntimeError, OSError):
         code = None
