@@ -40,6 +40,7 @@ class _SourceCollector(Collector):
             ("recoveries", st.recoveries, "Automatic recoveries"),
             ("stream_drops", s.dropped, "Stream clients dropped for falling behind (resync) or not reading"),
             ("stream_heartbeat_timeouts", st.heartbeat_timeouts, "Stream clients dropped for sending no heartbeat"),
+            ("connections_refused", st.connections_refused, "Connections closed at once: max_connections were open"),
         ):
             c = CounterMetricFamily(f"posstate_{name}", doc)
             c.add_metric([], value)

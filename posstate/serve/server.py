@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import signal
 import socket
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,51 @@ log = logging.getLogger("posstate")
 DEFAULT_PORT = 8787
 #: A shorter token is refused: it could be guessed over the network.
 MIN_TOKEN_CHARS = 16
+#: Open connections (HTTP and WebSocket) past which a new one is closed at once: the server runs in the bot's
+#: process, and its file descriptors are the bot's (a local process opening thousands of idle connections
+#: made the bot's saves fail with EMFILE).
+DEFAULT_MAX_CONNECTIONS = 128
+#: Seconds a new connection may stay silent before its first request (then uvicorn's keep-alive timeout).
+IDLE_TIMEOUT = 5.0
+
+
+def _capped_http(stats: Any, max_connections: int) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection at once past *max_connections* (counted in
+    ``stats.connections_refused``) and closing one that sends nothing for IDLE_TIMEOUT seconds."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    base: Any = AutoHTTPProtocol
+
+    class CappedHTTP(base):  # type: ignore[misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                stats.connections_refused += 1
+                transport.abort()  # frees the descriptor now; nothing was read or sent
+                return
+            # the timer uvicorn arms after each response, armed for the first request too (any byte
+            # received cancels it, as it does between requests)
+            self.timeout_keep_alive_task = self.loop.call_later(IDLE_TIMEOUT, self.timeout_keep_alive_handler)
+
+    return CappedHTTP
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that SIGINT and SIGTERM only ask it to stop: uvicorn raises the signal again
+    once it stopped, which killed ``posstate serve`` (SIGTERM) before its own clean-up, or made Ctrl-C an error."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 def is_loopback(host: str) -> bool:
@@ -80,6 +127,7 @@ class StateServer:
         poll_interval: float = 0.05,
         stream: StreamOptions | None = None,
         limits: HealthLimits | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         loopback = is_loopback(host)
         if not loopback and token is None:
@@ -89,6 +137,8 @@ class StateServer:
             )
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self.source = source
         self._poll_interval = poll_interval
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -110,6 +160,7 @@ class StateServer:
         app = build_app(self._state, token=token, hosts=hosts)
         config = uvicorn.Config(
             app,
+            http=_capped_http(source.stats, max_connections),
             log_level="warning",
             access_log=False,
             lifespan="on",
@@ -117,10 +168,12 @@ class StateServer:
             # uvicorn 0.52.1): a client that stops reading blocks its own stream task, never the bot.
             ws="websockets-sansio",
             ws_max_size=64 * 1024,
+            # stop() (and SIGTERM) never waits forever for a stream task: they are cancelled after this
+            timeout_graceful_shutdown=5,
             server_header=False,
             proxy_headers=False,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _Server(config)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._poller = threading.Thread(target=self._poll_loop, name="posstate-serve-poll", daemon=True)

@@ -48,6 +48,7 @@ class Stats:
     recoveries: int = 0
     send_timeouts: int = 0  # clients closed because they stopped reading their socket
     heartbeat_timeouts: int = 0
+    connections_refused: int = 0  # connections closed at once: max_connections were open
     last_save: float | None = None  # wall time of the last save seen (None: use the state file's time)
 
 
@@ -281,7 +282,10 @@ class DirectorySource(Source):
 
     def __init__(self, config: StateConfig, options: _statefile.ReadOptions) -> None:
         super().__init__(config)
-        self._options = options
+        # With encryption on, a plaintext state file or journal is refused even without a key (the CLI's
+        # read-only commands require it only when a key is given): anyone who can write the directory can
+        # write one, and a server left running must not turn a "no key" 503 into a healthy forged state.
+        self._options = dataclasses.replace(options, require_encryption=True) if config.encryption else options
         self._sig: tuple[Any, ...] | None = None
         self._snapshot_generation: int | None = None
 

@@ -1,0 +1,225 @@
+"""Issue 18 attack: the server against a hostile local process, a key-less attacker who writes the state
+directory, and an operator stopping `posstate serve` (real uvicorn server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posstate import AccountStateStore, PositionStateManager, StateConfig
+from tests.conftest import write_key
+from tests.serve_support import pos, require, run, serving, ws_url
+
+require("starlette", "uvicorn", "prometheus_client", "httpx", "websockets")
+
+import httpx  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
+from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+from posstate.serve import server as _server  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the server closed *sock* (EOF or reset) within *timeout* seconds (a hang guard)."""
+    ready, _, _ = select.select([sock], [], [], timeout)
+    if not ready:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_cannot_take_the_bots_file_descriptors() -> None:
+    """issue 18.3 attack: connections past max_connections are closed at once, so a local process opening
+    thousands of idle TCP connections to manager.serve() cannot exhaust the bot's file descriptors (its
+    saves failed with EMFILE before)."""
+    store = AccountStateStore()
+    with serving(store, max_connections=4) as server:
+        socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(12)]
+        try:
+            closed = [s for s in socks[4:] if _closed_by_peer(s, 10.0)]
+            assert len(closed) == 8
+            assert len(server._server.server_state.connections) <= 4
+            assert server.source.stats.connections_refused >= 8
+        finally:
+            for s in socks:
+                s.close()
+        text = httpx.get(server.url + "/metrics").text
+    assert "posstate_connections_refused_total" in text
+
+
+def test_a_connection_that_never_sends_a_request_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.3 attack: a connection that sends nothing is closed after IDLE_TIMEOUT, freeing its slot
+    (before, it was held forever: a few of them took every connection the server allows)."""
+    monkeypatch.setattr(_server, "IDLE_TIMEOUT", 0.2)
+    with serving(AccountStateStore(), max_connections=2) as server:
+        idle = socket.create_connection(("127.0.0.1", server.port))
+        try:
+            assert _closed_by_peer(idle, 20.0)
+        finally:
+            idle.close()
+        assert httpx.get(server.url + "/api/health").status_code == 200
+
+
+def _plaintext_state(tmp_path: Path) -> bytes:
+    """A valid plaintext state file holding a forged position, written without any key."""
+    plain = StateConfig.in_dir(tmp_path / "forger", encryption=False)
+    with PositionStateManager(plain) as m:
+        m.load_positions()
+        m.set_position(pos("FORGED/USDT", 999))
+        m.save()
+    return plain.state_path.read_bytes()
+
+
+def test_a_plaintext_state_file_in_an_encrypted_directory_is_never_served_without_a_key(
+    manager: Any, cfg: StateConfig, tmp_path: Path
+) -> None:
+    """issue 18.4 attack: an attacker without the key replaces the encrypted state file with a plaintext one;
+    a server reading the directory without a key (no key: 503 before) must not turn healthy and serve the
+    forged positions (anyone can write a plaintext file)."""
+    m = manager()
+    m.load_positions()
+    m.set_position(pos("BTC/USDT", 1))
+    m.save()
+    m.close()
+    forged = _plaintext_state(tmp_path)
+    for path in (cfg.journal_path, cfg.legacy_journal_path):
+        if path is not None and path.exists():
+            path.unlink()
+    cfg.state_path.write_bytes(forged)
+    with serving(cfg) as server:
+        health = httpx.get(server.url + "/api/health")
+        snap = httpx.get(server.url + "/api/account/snapshot").json()
+    assert health.status_code == 503, health.text
+    assert any("plaintext" in r or "not encrypted" in r for r in health.json()["reasons"]), health.json()
+    assert "FORGED/USDT|long" not in snap["positions"]
+
+
+def test_posstate_serve_without_a_key_refuses_a_plaintext_state_file(manager: Any, cfg: StateConfig, tmp_path: Path) -> None:
+    """issue 18.4 attack: the same through `posstate serve` with no key in the environment."""
+    m = manager()
+    m.load_positions()
+    m.save()
+    m.close()
+    cfg.state_path.write_bytes(_plaintext_state(tmp_path))
+    for path in (cfg.journal_path, cfg.legacy_journal_path):
+        if path is not None and path.exists():
+            path.unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
+    proc, url = _start_cli(cfg, env=env)
+    try:
+        health = httpx.get(url + "/api/health")
+        snap = httpx.get(url + "/api/account/snapshot").json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        _close(proc)
+    assert health.status_code == 503, health.text
+    assert "FORGED/USDT|long" not in snap["positions"]
+
+
+def _start_cli(cfg: StateConfig, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "posstate", "serve", "--port", "0", "--state-dir", str(cfg.state_dir), *extra],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**(env if env is not None else os.environ), "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert "read-only at http://127.0.0.1:" in line, line
+    return proc, line.split(" at ", 1)[1].split(" ", 1)[0]
+
+
+def _close(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    return out, err
+
+
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGINT, id="ctrl-c")])
+def test_posstate_serve_stops_cleanly_on_sigterm_and_ctrl_c(
+    manager: Any, cfg: StateConfig, key: bytes, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """issue 18.1 attack: SIGTERM (systemd, docker stop) and Ctrl-C stop `posstate serve` with exit 0 after it
+    closed its streams (SIGTERM killed the process by the signal before, skipping the stop; Ctrl-C was
+    `Error: interrupted`, exit 1)."""
+    m = manager()
+    m.load_positions()
+    m.save()
+    m.close()
+    proc, url = _start_cli(cfg, "--key-file", str(write_key(tmp_path / "k.key", key)))
+
+    async def watch() -> int | None:
+        async with connect(url.replace("http://", "ws://") + "/api/account/stream") as ws:
+            assert json.loads(await ws.recv())["topic"] == "snapshot"
+            proc.send_signal(sig)
+            try:
+                while True:
+                    await ws.recv()
+            except ConnectionClosed:
+                return ws.close_code
+
+    try:
+        code = run(watch())
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _, err = _close(proc)
+    assert code == 1012  # the stream was told the server is going away
+    assert rc == 0, err
+    assert "Error" not in err and "Traceback" not in err
+
+
+def test_a_binary_or_garbage_websocket_message_gets_an_error_and_a_proper_close() -> None:
+    """issue 18.3 attack: a binary frame is answered with an error message and a close (1003), not a dropped
+    TCP connection (before: KeyError in the reader, the socket cut without a close frame, 1006)."""
+    with serving(AccountStateStore()) as server:
+
+        async def send_binary() -> tuple[list[dict[str, Any]], int | None]:
+            got: list[dict[str, Any]] = []
+            async with connect(ws_url(server)) as ws:
+                assert json.loads(await ws.recv())["topic"] == "snapshot"
+                await ws.send(b"\x00\xffnot text")
+                try:
+                    while True:
+                        got.append(json.loads(await ws.recv()))
+                except ConnectionClosed:
+                    return got, ws.close_code
+
+        got, code = run(send_binary())
+    assert code == 1003
+    assert [g["topic"] for g in got if g["topic"] != "heartbeat"] == ["error"]
+
+
+def test_bearer_scheme_is_case_insensitive(tmp_path: Path) -> None:
+    """issue 18.4 attack: `bearer TOKEN` (RFC 9110: the scheme is case-insensitive) is accepted; a wrong token
+    in any case is not."""
+    token = "k" * 32
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    with serving(AccountStateStore(), token_file=token_file) as server:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert httpx.get(server.url + "/api/health", headers={"Authorization": f"{scheme} {token}"}).status_code == 200
+            assert httpx.get(server.url + "/api/health", headers={"Authorization": f"{scheme} {token}x"}).status_code == 401
+        assert httpx.get(server.url + "/api/health", headers={"Authorization": f"Basic {token}"}).status_code == 401
+        assert httpx.get(server.url + "/api/health", headers={"Authorization": token}).status_code == 401
