@@ -58,7 +58,7 @@ class Guard:
 
     def __init__(self, app: ASGIApp, *, token: str | None, hosts: frozenset[str] | None) -> None:
         self.app = app
-        self._token = f"Bearer {token}".encode() if token is not None else None
+        self._token = token.encode() if token is not None else None
         self._hosts = hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,8 +85,12 @@ class Guard:
         origin = headers.get(b"origin")
         if scope["type"] == "websocket" and origin is not None and urlsplit(origin.decode("latin-1")).netloc.lower() != host:
             return 403, "cross-origin WebSocket refused"
-        if self._token is not None and not hmac.compare_digest(headers.get(b"authorization", b""), self._token):
-            return 401, "missing or wrong bearer token"
+        if self._token is not None:
+            # RFC 9110: the scheme is case-insensitive ("bearer" from some clients); the token is compared
+            # in constant time whatever the scheme, so the answer's timing says nothing about it
+            scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")
+            if not hmac.compare_digest(credentials, self._token) or scheme.lower() != b"bearer":
+                return 401, "missing or wrong bearer token"
         return None
 
 

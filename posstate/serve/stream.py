@@ -6,7 +6,8 @@ On connect the client gets ``{"topic": "snapshot", ...}``, then one message per 
 the URL, or a message ``{"type": "subscribe", "topics": [...], "symbols": [...]}`` at any time (answered with
 ``{"topic": "subscribed", ...}``). Heartbeats go both ways: the server sends ``{"topic": "heartbeat"}`` every
 ``heartbeat_interval`` seconds; a client that sends nothing (any message counts, ``{"type": "heartbeat"}`` is
-the usual one) for ``client_timeout`` seconds is closed with code 4408.
+the usual one) for ``client_timeout`` seconds is closed with code 4408. Messages are JSON text: a binary message
+is answered with ``{"topic": "error"}`` and closed with code 1003.
 
 Backpressure is the account feed's policy: each client has a bounded queue the writer never waits for; when
 it is full the writer drops the client and queues ``resync`` last; the client is sent ``{"topic": "resync"}``
@@ -33,6 +34,7 @@ from posstate.serve.view import messages, symbol_of
 
 CLOSE_HEARTBEAT = 4408
 CLOSE_RESYNC = 4409
+CLOSE_UNSUPPORTED = 1003  # RFC 6455: a data type the endpoint cannot accept (a binary message)
 _ALWAYS = frozenset({"resync", "heartbeat", "snapshot", "subscribed", "error"})
 
 
@@ -95,6 +97,8 @@ class _Client:
         self.filter = _Filter()
         self.heard = time.monotonic()
         self.gone = False
+        #: The close code the reader decided on (None: the client went away, or nothing to say).
+        self.close_code: int | None = None
         self.orders: dict[str, Order] = {}
 
     async def send(self, message: dict[str, Any]) -> None:
@@ -102,12 +106,20 @@ class _Client:
             await asyncio.wait_for(self.ws.send_text(to_bytes(message).decode("utf-8")), self.options.send_timeout)
 
     async def receive(self) -> None:
-        """Read the client's messages: any message is a heartbeat; ``subscribe`` sets the filter."""
+        """Read the client's messages: any message is a heartbeat; ``subscribe`` sets the filter; a binary
+        message is answered with ``error`` and the close code 1003 (text JSON only)."""
         try:
             while True:
-                text = await self.ws.receive_text()
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
                 self.heard = time.monotonic()
                 self.wakeup.notify()
+                text = message.get("text")
+                if text is None:
+                    await self.send({"topic": "error", "reason": "binary messages are not accepted: send JSON text"})
+                    self.close_code = CLOSE_UNSUPPORTED
+                    break
                 try:
                     msg = orjson.loads(text)
                     if not isinstance(msg, dict):
@@ -152,7 +164,7 @@ class _Client:
                 beat = now
                 await self.send({"topic": "heartbeat", "version": self.source.view().version, "time": time.time()})
             await self.wakeup.wait(min(opts.heartbeat_interval - (now - beat), opts.client_timeout - (now - self.heard)))
-        return None
+        return self.close_code
 
 
 async def run_stream(ws: WebSocket, source: Source, options: StreamOptions, wakeup: Wakeup) -> None:
