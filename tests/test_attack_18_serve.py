@@ -223,3 +223,41 @@ def test_bearer_scheme_is_case_insensitive(tmp_path: Path) -> None:
             assert httpx.get(server.url + "/api/health", headers={"Authorization": f"{scheme} {token}x"}).status_code == 401
         assert httpx.get(server.url + "/api/health", headers={"Authorization": f"Basic {token}"}).status_code == 401
         assert httpx.get(server.url + "/api/health", headers={"Authorization": token}).status_code == 401
+
+
+def test_an_endless_request_header_is_refused_not_buffered() -> None:
+    """issue 18.3 attack: a client sending one endless header line is answered 400 and cut off after a few
+    KiB (before: httptools buffered all of it, growing the bot's memory by every byte sent, no token needed)."""
+    with serving(AccountStateStore()) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        try:
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Fill: ")
+            sent, cut = 0, False
+            chunk = b"a" * 65536
+            while sent < 64 * 1024 * 1024 and not cut:
+                try:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+                except OSError:  # reset or broken pipe: the server stopped reading and closed
+                    cut = True
+            if not cut:
+                ready, _, _ = select.select([sock], [], [], 10.0)
+                cut = bool(ready) and sock.recv(64).startswith(b"HTTP/1.1 4")
+        finally:
+            sock.close()
+    assert cut and sent < 16 * 1024 * 1024
+
+
+def test_serving_configures_no_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.1 attack: store.serve() inside a bot adds no logging handler (the library never configures
+    logging; uvicorn's default dictConfig put its own stderr handlers on the "uvicorn" loggers before)."""
+    import logging
+
+    names = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+    for name in names:
+        monkeypatch.setattr(logging.getLogger(name), "handlers", [])
+    root_handlers = list(logging.getLogger().handlers)
+    with serving(AccountStateStore()) as server:
+        assert httpx.get(server.url + "/api/health").status_code == 200
+    assert {name: logging.getLogger(name).handlers for name in names} == {name: [] for name in names}
+    assert logging.getLogger().handlers == root_handlers

@@ -46,11 +46,15 @@ IDLE_TIMEOUT = 5.0
 
 
 def _capped_http(stats: Any, max_connections: int) -> type[asyncio.Protocol]:
-    """uvicorn's HTTP protocol, closing a connection at once past *max_connections* (counted in
-    ``stats.connections_refused``) and closing one that sends nothing for IDLE_TIMEOUT seconds."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    """uvicorn's h11 HTTP protocol, closing a connection at once past *max_connections* (counted in
+    ``stats.connections_refused``) and closing one that sends nothing for IDLE_TIMEOUT seconds.
 
-    base: Any = AutoHTTPProtocol
+    h11, not httptools (uvicorn's choice when installed): h11 refuses a request head over 16 KiB with 400,
+    httptools buffers an endless header line without limit (one client could grow the bot's memory by
+    every byte it sent). Only the handshake of a stream is parsed here, so its speed does not matter."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    base: Any = H11Protocol
 
     class CappedHTTP(base):  # type: ignore[misc]
         def connection_made(self, transport: asyncio.Transport) -> None:
@@ -161,7 +165,9 @@ class StateServer:
         config = uvicorn.Config(
             app,
             http=_capped_http(source.stats, max_connections),
-            log_level="warning",
+            # the library never configures logging: no uvicorn dictConfig, no level set (the bot's own setup decides)
+            log_config=None,
+            log_level=None,
             access_log=False,
             lifespan="on",
             # websockets-sansio waits for the socket to drain before each send (write flow control since
