@@ -261,3 +261,58 @@ def test_serving_configures_no_logging(monkeypatch: pytest.MonkeyPatch) -> None:
         assert httpx.get(server.url + "/api/health").status_code == 200
     assert {name: logging.getLogger(name).handlers for name in names} == {name: [] for name in names}
     assert logging.getLogger().handlers == root_handlers
+
+
+_NAN, _INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"poll_interval": _NAN}, id="poll-nan"),
+        pytest.param({"poll_interval": _INF}, id="poll-inf"),
+        pytest.param({"poll_interval": 1e300}, id="poll-huge"),
+        pytest.param({"max_connections": 0}, id="connections-0"),
+        pytest.param({"stream": {"queue_size": 0}}, id="queue-0-unbounded"),
+        pytest.param({"stream": {"heartbeat_interval": _NAN}}, id="heartbeat-nan"),
+        pytest.param({"stream": {"client_timeout": -1.0}}, id="client-timeout-negative"),
+        pytest.param({"stream": {"send_timeout": _INF}}, id="send-timeout-inf"),
+        pytest.param({"limits": {"max_save_age": _NAN}}, id="save-age-nan"),
+        pytest.param({"limits": {"max_backup_age": -5.0}}, id="backup-age-negative"),
+    ],
+)
+def test_hostile_server_options_are_a_typed_error_before_anything_listens(options: dict[str, Any]) -> None:
+    """issue 18 attack: NaN, infinite, huge, negative or zero options are ServeError (a ValueError) before
+    the server listens (before: NaN ages never turned health to 503, an infinite poll interval killed the
+    poll thread with a traceback, queue_size=0 was an unbounded queue)."""
+    from posstate.core.errors import ServeError
+    from posstate.serve.health import HealthLimits
+    from posstate.serve.stream import StreamOptions
+
+    built: dict[str, Any] = dict(options)
+    with pytest.raises(ServeError) as info:
+        if "stream" in built:
+            built["stream"] = StreamOptions(**built["stream"])
+        if "limits" in built:
+            built["limits"] = HealthLimits(**built["limits"])
+        with serving(AccountStateStore(), **built):
+            pass
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("option", ["--poll-interval", "--max-save-age", "--max-backup-age"])
+def test_posstate_serve_refuses_nan_and_inf_options(cfg: StateConfig, option: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18 attack: `posstate serve --poll-interval nan` (click's FloatRange lets NaN and inf through) is
+    one Error line, exit 2, and nothing listens."""
+    from click.testing import CliRunner
+
+    from posstate.cli.main import cli
+
+    served: list[Any] = []
+    monkeypatch.setattr(_server.StateServer, "serve_forever", lambda self: served.append(self) or self.stop())
+
+    for value in ("nan", "inf"):
+        res = CliRunner().invoke(cli, ["serve", "--port", "0", "--state-dir", str(cfg.state_dir), option, value])
+        assert res.exit_code == 2, res.output
+        assert res.output.count("Error:") == 1 and "serving" not in res.output
+    assert served == []

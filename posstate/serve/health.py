@@ -15,6 +15,7 @@ from typing import Any
 
 from posstate.backup.backups import BackupInfo, names_only, scan
 from posstate.core.errors import PosStateError
+from posstate.serve import options as _options
 from posstate.serve.shapes import backup_json
 from posstate.serve.sources import Source
 from posstate.storage import fileops as fs
@@ -27,6 +28,11 @@ class HealthLimits:
 
     max_save_age: float | None = None
     max_backup_age: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_save_age", "max_backup_age"):
+            if getattr(self, name) is not None:
+                _options.seconds(name, getattr(self, name), zero_ok=True)
 
 
 class BackupCache:

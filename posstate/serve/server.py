@@ -26,6 +26,7 @@ from posstate.account.store import AccountStateStore
 from posstate.core.config import StateConfig
 from posstate.core.errors import ServeError
 from posstate.manager.manager import PositionStateManager
+from posstate.serve import options as _options
 from posstate.serve.app import AppState, build_app
 from posstate.serve.health import HealthLimits
 from posstate.serve.sources import DirectorySource, ManagerSource, Source, StoreSource
@@ -139,10 +140,8 @@ class StateServer:
                 f"refusing to listen on {host} without a token: only 127.0.0.1 (this machine) is served openly",
                 next_step="pass --token-file FILE (token_file=) or bind 127.0.0.1",
             )
-        if poll_interval <= 0:
-            raise ValueError(f"poll_interval must be > 0 seconds, got {poll_interval}")
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        poll_interval = _options.seconds("poll_interval", poll_interval)
+        max_connections = _options.count("max_connections", max_connections)
         self.source = source
         self._poll_interval = poll_interval
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -28,6 +28,7 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from posstate.account.types import AccountUpdate, Order
+from posstate.serve import options as _options
 from posstate.serve.shapes import to_bytes
 from posstate.serve.sources import Source
 from posstate.serve.view import messages, symbol_of
@@ -44,6 +45,11 @@ class StreamOptions:
     heartbeat_interval: float = 15.0
     client_timeout: float = 45.0
     send_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _options.count("queue_size", self.queue_size)
+        for name in ("heartbeat_interval", "client_timeout", "send_timeout"):
+            _options.seconds(name, getattr(self, name))
 
 
 class Wakeup:
