@@ -112,7 +112,7 @@ def read_token(path: str | Path) -> str:
     if len(text) < MIN_TOKEN_CHARS or any(c.isspace() for c in text):
         raise ServeError(
             f"the token must be one word of at least {MIN_TOKEN_CHARS} characters",
-            next_step="write one, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`",
+            next_step="write one, e.g. `(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)`",
             path=p,
         )
     return text
