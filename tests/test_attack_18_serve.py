@@ -316,3 +316,42 @@ def test_posstate_serve_refuses_nan_and_inf_options(cfg: StateConfig, option: st
         assert res.exit_code == 2, res.output
         assert res.output.count("Error:") == 1 and "serving" not in res.output
     assert served == []
+
+
+def test_a_state_rolled_back_to_an_older_authentic_copy_turns_health_503(
+    manager: Any, cfg: StateConfig, key: bytes, tmp_path: Path
+) -> None:
+    """issue 18 attack (T1 rollback): while `posstate serve` runs it remembers the highest generation it read;
+    an older authentic state file put back (the journal deleted) is 503 naming both generations, until the
+    bot writes past it (before: served as healthy, the closed position back on every dashboard)."""
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions
+
+    m = manager()
+    m.load_positions()
+    m.set_position(pos("BTC/USDT", 1))
+    m.save()
+    old = cfg.state_path.read_bytes()
+    m.delete_position("BTC/USDT", "long")
+    m.set_position(pos("ETH/USDT", 2))
+    m.save()
+    read = ReadOptions(keyring=Keyring(key=key), max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
+    with serving(cfg, read=read) as server:
+        assert httpx.get(server.url + "/api/health").status_code == 200
+        newer = httpx.get(server.url + "/api/health").json()["generation"]
+        cfg.state_path.write_bytes(old)  # the attacker's older authentic copy, journal gone
+        for path in (cfg.journal_path, cfg.legacy_journal_path):
+            if path is not None and path.exists():
+                path.unlink()
+        server.source.poll()
+        sick = httpx.get(server.url + "/api/health")
+        assert sick.status_code == 503, sick.text
+        assert any("went back" in r and str(newer) in r for r in sick.json()["reasons"]), sick.json()
+        m.close()
+        with PositionStateManager(cfg, key=key) as again:  # the bot writes on past the highest generation
+            again.load_positions()
+            while again.generation <= newer:
+                again.set_position(pos("SOL/USDT", again.generation + 1))
+                again.save()
+        server.source.poll()
+        assert httpx.get(server.url + "/api/health").status_code == 200

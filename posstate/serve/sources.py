@@ -288,6 +288,9 @@ class DirectorySource(Source):
         self._options = dataclasses.replace(options, require_encryption=True) if config.encryption else options
         self._sig: tuple[Any, ...] | None = None
         self._snapshot_generation: int | None = None
+        #: The highest generation read so far: a lower one later is an older copy put back (SECURITY.md
+        #: T1 "Rollback": the one counter kept outside the directory, for as long as the server runs).
+        self._highest: int | None = None
 
     def poll(self) -> None:
         cfg = self.config
@@ -306,6 +309,8 @@ class DirectorySource(Source):
                 continue  # written while read: read again (a save between the snapshot and the journal)
             self._note_files(sig)
             self._sig = sig
+            if cur is not None:
+                problem = self._rollback(cur.generation, problem)
             self.problem = problem
             if cur is not None:
                 if self._snapshot_generation is not None and cur.loaded.state.generation != self._snapshot_generation:
@@ -315,6 +320,20 @@ class DirectorySource(Source):
                 st.generation = cur.generation
                 self._publish(_view_of_state("directory", st))
             return
+
+    def _rollback(self, generation: int, problem: str | None) -> str | None:
+        """*problem*, or the rollback, while the generation is below the highest read (until the bot writes past it)."""
+        if self._highest is None or generation > self._highest:
+            self._highest = generation
+        if generation >= self._highest:
+            return problem
+        assert self.config is not None
+        rolled = (
+            f"{self.config.state_path}: generation went back from {self._highest} to {generation} while served "
+            "(an older copy replaced the state file: a rollback, or a recovery that lost changes); compare with "
+            "`posstate backups list` and restore the newest with `posstate backups restore`"
+        )
+        return rolled if problem is None else f"{problem}; {rolled}"
 
     def _note_files(self, sig: tuple[Any, ...]) -> None:
         """A journal replaced by a new one (another inode) is a compaction."""
