@@ -355,3 +355,37 @@ def test_a_state_rolled_back_to_an_older_authentic_copy_turns_health_503(
                 again.save()
         server.source.poll()
         assert httpx.get(server.url + "/api/health").status_code == 200
+
+
+@pytest.mark.parametrize("how", ["key-file", "POSSTATE_KEY", "POSSTATE_PASSPHRASE"])
+def test_the_key_is_refused_as_the_bearer_token(
+    cfg: StateConfig, key: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """issue 18.4 attack: `--token-file` naming the key file (or a file holding the key or passphrase) is
+    refused: every client would send the state's key in clear in each request (before: served, the key
+    became the token)."""
+    import base64
+
+    from click.testing import CliRunner
+
+    from posstate.cli.main import cli
+
+    served: list[Any] = []
+    monkeypatch.setattr(_server.StateServer, "serve_forever", lambda self: served.append(self) or self.stop())
+    for name in ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE"):
+        monkeypatch.delenv(name, raising=False)
+    key_file = write_key(tmp_path / "bot.key", key)
+    args = ["serve", "--host", "0.0.0.0", "--port", "0", "--state-dir", str(cfg.state_dir), "--token-file"]
+    if how == "key-file":
+        args += [str(key_file), "--key-file", str(key_file)]
+    else:
+        secret = base64.b64encode(key).decode() if how == "POSSTATE_KEY" else "operator-passphrase-long-enough"
+        monkeypatch.setenv(how, secret)
+        token_file = tmp_path / "api.token"
+        token_file.write_text(secret + "\n")
+        token_file.chmod(0o600)
+        args.append(str(token_file))
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    assert res.output.count("Error:") == 1 and "key" in res.output and served == []
+    assert base64.b64encode(key).decode() not in res.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from posstate.cli.base import cli
@@ -43,7 +45,7 @@ def serve(
     """
     try:
         from posstate.serve.health import HealthLimits
-        from posstate.serve.server import StateServer, read_token, source_for
+        from posstate.serve.server import StateServer, read_token, refuse_the_key_as_token, source_for
     except ImportError as exc:
         raise ServeError(
             f"the serve extra is not installed ({exc.name} is missing)", next_step="pip install 'posstate[serve]'"
@@ -51,6 +53,8 @@ def serve(
     env = env_of(ctx)
     cfg = env.config()
     token = read_token(token_file) if token_file else None
+    if token is not None:
+        refuse_the_key_as_token(token, env.keyring(), passphrase=os.environ.get("POSSTATE_PASSPHRASE") or None)
     server = StateServer(
         source_for(cfg, read=env.read_options()),
         host=host,

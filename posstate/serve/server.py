@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import ipaddress
 import logging
 import signal
@@ -24,15 +25,17 @@ import uvicorn
 
 from posstate.account.store import AccountStateStore
 from posstate.core.config import StateConfig
-from posstate.core.errors import ServeError
+from posstate.core.errors import PosStateError, ServeError
 from posstate.manager.manager import PositionStateManager
 from posstate.serve import options as _options
 from posstate.serve.app import AppState, build_app
 from posstate.serve.health import HealthLimits
 from posstate.serve.sources import DirectorySource, ManagerSource, Source, StoreSource
 from posstate.serve.stream import StreamOptions
+from posstate.storage import crypto as _crypto
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 log = logging.getLogger("posstate")
 DEFAULT_PORT = 8787
@@ -116,6 +119,23 @@ def read_token(path: str | Path) -> str:
             path=p,
         )
     return text
+
+
+def refuse_the_key_as_token(token: str, keyring: Keyring | None, *, passphrase: str | None = None) -> None:
+    """ServeError when *token* is the state's key (its base64 text, as in a key file) or *passphrase*:
+    every client would send it in clear in each request. Compared by key id and in constant time."""
+    if keyring is None:
+        return
+    same = passphrase is not None and hmac.compare_digest(token.encode(), passphrase.encode())
+    if not same and not keyring.uses_passphrase:
+        with contextlib.suppress(PosStateError):
+            same = _crypto.key_id(_crypto.decode_key_text(token, source="the token")) == keyring.key_id
+    if same:
+        raise ServeError(
+            "the token file holds the state's key: every client would send the key in each request",
+            next_step="make a separate token, e.g. `(umask 077; python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))' > api.token)`",
+        )
 
 
 class StateServer:
