@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -389,3 +390,38 @@ def test_the_key_is_refused_as_the_bearer_token(
     assert res.exit_code == 2, res.output
     assert res.output.count("Error:") == 1 and "key" in res.output and served == []
     assert base64.b64encode(key).decode() not in res.output
+
+
+def test_repeated_snapshot_requests_serialize_the_state_once_per_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.3 attack: a client hammering /api/account/snapshot and /api/positions costs one serialization
+    per state version, not one per request (each was O(state) CPU in the bot's process, under its GIL)."""
+    from posstate.serve.view import View
+
+    calls: list[str] = []
+    snapshot_json, positions_json = View.snapshot_json, View.positions_json
+
+    def counted_snapshot(self: View, **kw: Any) -> dict[str, Any]:
+        calls.append("snapshot")
+        return snapshot_json(self, **kw)
+
+    def counted_positions(self: View) -> dict[str, Any]:
+        calls.append("positions")
+        return positions_json(self)
+
+    monkeypatch.setattr(View, "snapshot_json", counted_snapshot)
+    monkeypatch.setattr(View, "positions_json", counted_positions)
+    store = AccountStateStore()
+    store.set_active_position(pos("BTC/USDT", 1))
+    with serving(store) as server, httpx.Client() as client:
+        bodies = {client.get(server.url + "/api/account/snapshot").content for _ in range(20)}
+        assert len({client.get(server.url + "/api/positions").content for _ in range(20)}) == 1
+        assert len(bodies) == 1 and calls.count("snapshot") == 1 and calls.count("positions") == 1
+        version = store.version
+        store.set_active_position(pos("BTC/USDT", 2))
+        changed = threading.Event()
+        for _ in range(2000):  # the poll thread publishes the change (a hang guard, not a timing)
+            if server.source.view().version != version or changed.wait(0.01):
+                break
+        after = client.get(server.url + "/api/account/snapshot").json()
+    assert after["positions"]["BTC/USDT|long"]["position"]["contracts"] == "2"
+    assert calls.count("snapshot") == 2

@@ -31,6 +31,7 @@ from posstate.serve.metrics import CONTENT_TYPE, Metrics
 from posstate.serve.shapes import order_json, to_bytes
 from posstate.serve.sources import Source
 from posstate.serve.stream import StreamOptions, Wakeup, run_stream
+from posstate.serve.view import View
 from posstate.storage import fileops as fs
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -129,11 +130,23 @@ def build_app(state: AppState, *, token: str | None, hosts: frozenset[str] | Non
 
         return endpoint
 
+    # One serialization per view (the view is immutable): a client hammering these routes costs the bot's
+    # process O(state) CPU once per change, not once per request.
+    cached: dict[str, tuple[View, bytes]] = {}
+
+    def body_of(name: str, build: Callable[[View], Any]) -> Response:
+        view = source.view()
+        hit = cached.get(name)
+        if hit is None or hit[0] is not view:
+            hit = (view, to_bytes(build(view)))
+            cached[name] = hit
+        return Response(hit[1], media_type="application/json", headers=_HEADERS)
+
     def snapshot(_request: Request) -> Response:
-        return _json(source.view().snapshot_json())
+        return body_of("snapshot", lambda v: v.snapshot_json())
 
     def positions(_request: Request) -> Response:
-        return _json(source.view().positions_json())
+        return body_of("positions", lambda v: v.positions_json())
 
     def order(request: Request) -> Response:
         order_id = request.path_params["order_id"]
