@@ -425,3 +425,29 @@ def test_repeated_snapshot_requests_serialize_the_state_once_per_version(monkeyp
         after = client.get(server.url + "/api/account/snapshot").json()
     assert after["positions"]["BTC/USDT|long"]["position"]["contracts"] == "2"
     assert calls.count("snapshot") == 2
+
+
+def test_token_files_refused_with_the_reason(tmp_path: Path) -> None:
+    """issue 18.4 attack: a symlinked, missing, FIFO or binary token file is refused naming why (before:
+    "cannot read the token file (OSError)"), and never waits on a FIFO."""
+    from posstate.core.errors import ServeError
+
+    real = tmp_path / "real.token"
+    real.write_text("k" * 32)
+    real.chmod(0o600)
+    link = tmp_path / "link.token"
+    link.symlink_to(real)
+    fifo = tmp_path / "fifo.token"
+    os.mkfifo(fifo, 0o600)
+    binary = tmp_path / "binary.token"
+    binary.write_bytes(b"\xff\xfe" * 20)
+    binary.chmod(0o600)
+    for path, reason in (
+        (link, "symbolic link"),
+        (tmp_path / "missing.token", "does not exist"),
+        (fifo, "not a regular file"),
+        (binary, "UTF-8"),
+    ):
+        with pytest.raises(ServeError, match=reason) as info:
+            _server.read_token(path)
+        assert "k" * 32 not in str(info.value)

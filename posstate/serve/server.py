@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import ipaddress
 import logging
@@ -108,8 +109,18 @@ def read_token(path: str | Path) -> str:
     try:
         text = fs.read_file(p, max_size=4096).decode("utf-8").strip()
         mode = fs.stat_(p).st_mode
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ServeError(f"cannot read the token file ({type(exc).__name__})", next_step="check --token-file", path=p) from None
+    except UnicodeDecodeError:
+        raise ServeError("the token file is not UTF-8 text", next_step="write the token as text", path=p) from None
+    except OSError as exc:
+        if isinstance(exc, (fs.NotRegularFileError, fs.FileTooLargeError)):
+            why = exc.strerror  # "is a FIFO, not a regular file", "is N bytes, over the 4096-byte cap"
+        elif exc.errno == errno.ELOOP:
+            why = "is a symbolic link, which posstate never follows"
+        elif exc.errno == errno.ENOENT:
+            why = "does not exist"
+        else:
+            why = f"cannot be read ({exc.strerror or type(exc).__name__})"
+        raise ServeError(f"the token file {why}", next_step="give --token-file the path of a regular 0600 file", path=p) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ServeError("the token file is readable by other users", next_step=f"run `chmod 600 {p}`", path=p)
     if len(text) < MIN_TOKEN_CHARS or any(c.isspace() for c in text):
