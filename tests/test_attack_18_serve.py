@@ -451,3 +451,70 @@ def test_token_files_refused_with_the_reason(tmp_path: Path) -> None:
         with pytest.raises(ServeError, match=reason) as info:
             _server.read_token(path)
         assert "k" * 32 not in str(info.value)
+
+
+class _NoWrites:
+    """A FileOps that records every operation that could change or lock the directory (by name)."""
+
+    WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.bad: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self.base, name)
+        if name in ("write", "pwrite", "fsync", "fdatasync", "ftruncate", "replace", "link", "unlink", "fsync_dir", "mkdir"):
+
+            def refused(*args: Any, **kw: Any) -> Any:
+                self.bad.append(f"{name}{args[:1]}")
+                return real(*args, **kw)
+
+            return refused
+        if name == "open":
+
+            def opened(path: Any, flags: int, mode: int = 0o600) -> int:
+                if flags & self.WRITING:
+                    self.bad.append(f"open({path}, {flags:#o})")
+                return int(real(path, flags, mode))
+
+            return opened
+        return real
+
+
+def test_serving_a_directory_never_writes_or_locks_it(
+    manager: Any, cfg: StateConfig, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 18.1 attack: every route, the stream and the poll thread over a directory (a change, a damaged
+    file, a rollback) make no writing file operation and take no flock, recorded through storage/fileops."""
+    import fcntl
+
+    from posstate.storage import fileops as fs
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions
+
+    m = manager()
+    m.load_positions()
+    m.set_position(pos("BTC/USDT", 1))
+    m.save()
+    m.close()
+    good = cfg.state_path.read_bytes()
+    locks: list[Any] = []
+    real_flock = fcntl.flock
+    monkeypatch.setattr(fcntl, "flock", lambda fd, op: locks.append(op) or real_flock(fd, op))
+    recorder = _NoWrites(fs.backend())
+    read = ReadOptions(keyring=Keyring(key=key), max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
+    with fs.use(recorder), serving(cfg, read=read) as server:  # type: ignore[arg-type]
+        paths = ("/", "/static/status.js", "/api/account/snapshot", "/api/positions", "/api/health", "/api/backups", "/metrics")
+        for path in paths:
+            assert httpx.get(server.url + path).status_code == 200, path
+
+        async def stream() -> str:
+            async with connect(ws_url(server)) as ws:
+                return str(json.loads(await ws.recv())["topic"])
+
+        assert run(stream()) == "snapshot"
+        cfg.state_path.write_bytes(good[:-7])  # damaged: read, refused, reported
+        server.source.poll()
+        assert httpx.get(server.url + "/api/health").status_code == 503
+    assert recorder.bad == [] and locks == []
