@@ -310,7 +310,12 @@ def test_posstate_serve_refuses_nan_and_inf_options(cfg: StateConfig, option: st
     from posstate.cli.main import cli
 
     served: list[Any] = []
-    monkeypatch.setattr(_server.StateServer, "serve_forever", lambda self: served.append(self) or self.stop())
+
+    def fake_serve_forever(self: Any) -> None:
+        served.append(self)
+        self.stop()
+
+    monkeypatch.setattr(_server.StateServer, "serve_forever", fake_serve_forever)
 
     for value in ("nan", "inf"):
         res = CliRunner().invoke(cli, ["serve", "--port", "0", "--state-dir", str(cfg.state_dir), option, value])
@@ -372,7 +377,12 @@ def test_the_key_is_refused_as_the_bearer_token(
     from posstate.cli.main import cli
 
     served: list[Any] = []
-    monkeypatch.setattr(_server.StateServer, "serve_forever", lambda self: served.append(self) or self.stop())
+
+    def fake_serve_forever(self: Any) -> None:
+        served.append(self)
+        self.stop()
+
+    monkeypatch.setattr(_server.StateServer, "serve_forever", fake_serve_forever)
     for name in ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE"):
         monkeypatch.delenv(name, raising=False)
     key_file = write_key(tmp_path / "bot.key", key)
@@ -501,7 +511,12 @@ def test_serving_a_directory_never_writes_or_locks_it(
     good = cfg.state_path.read_bytes()
     locks: list[Any] = []
     real_flock = fcntl.flock
-    monkeypatch.setattr(fcntl, "flock", lambda fd, op: locks.append(op) or real_flock(fd, op))
+
+    def recorded_flock(fd: Any, op: int) -> None:
+        locks.append(op)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", recorded_flock)
     recorder = _NoWrites(fs.backend())
     read = ReadOptions(keyring=Keyring(key=key), max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
     with fs.use(recorder), serving(cfg, read=read) as server:  # type: ignore[arg-type]
