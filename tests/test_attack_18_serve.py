@@ -533,3 +533,35 @@ def test_serving_a_directory_never_writes_or_locks_it(
         server.source.poll()
         assert httpx.get(server.url + "/api/health").status_code == 503
     assert recorder.bad == [] and locks == []
+
+
+@pytest.mark.parametrize("host", ["::", "0.0.0.0", "0", "::ffff:127.0.0.1", "127.1", "", "myhost.example"])
+def test_every_spelling_of_a_non_loopback_address_needs_a_token(host: str) -> None:
+    """issue 18.4 attack: wildcard and odd spellings (`::`, `0`, a v4-mapped address, `127.1`, empty, a name)
+    are refused without a token before anything listens; only a literal loopback address or `localhost` is open."""
+    from posstate.core.errors import ServeError
+
+    with pytest.raises(ServeError, match="without a token"), serving(AccountStateStore(), host=host):
+        pass
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.2"])
+def test_other_loopback_addresses_serve_and_check_the_host_header(host: str) -> None:
+    """issue 18.4 attack: `localhost` and 127.0.0.2 serve without a token, and still refuse a foreign Host."""
+    with serving(AccountStateStore(), host=host) as server:
+        assert httpx.get(server.url + "/api/health").status_code == 200
+        assert httpx.get(server.url + "/api/health", headers={"Host": f"evil.example:{server.port}"}).status_code == 403
+
+
+def test_no_method_or_unknown_path_passes_the_token_check(tmp_path: Path) -> None:
+    """issue 18.4 attack: HEAD, OPTIONS, POST and unknown paths (404/405 pages, path tricks) are 401 without
+    the token, like GET: the guard runs before routing."""
+    token_file = tmp_path / "token"
+    token_file.write_text("z" * 32)
+    token_file.chmod(0o600)
+    with serving(AccountStateStore(), host="0.0.0.0", token_file=token_file) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        for method in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "DELETE", "PATCH"):
+            for path in ("/", "/nope", "/static/../api/positions", "/static/status.js", "/metrics/", "/api/account/stream"):
+                assert httpx.request(method, url + path).status_code == 401, (method, path)
+        assert httpx.head(url + "/api/health", headers={"Authorization": "Bearer " + "z" * 32}).status_code == 200
