@@ -565,3 +565,35 @@ def test_no_method_or_unknown_path_passes_the_token_check(tmp_path: Path) -> Non
             for path in ("/", "/nope", "/static/../api/positions", "/static/status.js", "/metrics/", "/api/account/stream"):
                 assert httpx.request(method, url + path).status_code == 401, (method, path)
         assert httpx.head(url + "/api/health", headers={"Authorization": "Bearer " + "z" * 32}).status_code == 200
+
+
+def test_reconnecting_stream_clients_serialize_the_snapshot_once_per_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.3 attack: a client connecting and disconnecting the stream in a loop costs one snapshot
+    serialization per state version (each connect was O(state) on the server's event loop, in the bot's
+    process); a symbol filter still gets its own cut snapshot."""
+    from posstate.serve.view import View
+
+    calls: list[Any] = []
+    snapshot_json = View.snapshot_json
+
+    def counted(self: View, **kw: Any) -> dict[str, Any]:
+        calls.append(kw.get("symbols"))
+        return snapshot_json(self, **kw)
+
+    monkeypatch.setattr(View, "snapshot_json", counted)
+    store = AccountStateStore()
+    store.set_active_position(pos("BTC/USDT", 1))
+    store.set_active_position(pos("ETH/USDT", 1))
+    with serving(store) as server:
+
+        async def first(query: str = "") -> dict[str, Any]:
+            async with connect(ws_url(server, query)) as ws:
+                return dict(json.loads(await ws.recv()))
+
+        snaps = [run(first()) for _ in range(10)]
+        assert httpx.get(server.url + "/api/account/snapshot").json() == {k: v for k, v in snaps[0].items() if k != "topic"}
+        cut = run(first("symbols=ETH/USDT"))
+    assert all(s == snaps[0] for s in snaps) and snaps[0]["topic"] == "snapshot"
+    assert set(snaps[0]["positions"]) == {"BTC/USDT|long", "ETH/USDT|long"}
+    assert set(cut["positions"]) == {"ETH/USDT|long"}
+    assert [c for c in calls if c is None] == [None] and len(calls) == 2

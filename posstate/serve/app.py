@@ -116,6 +116,20 @@ class AppState:
         self.metrics = Metrics(source, self.health)
         self.pages = {name: fs.read_file(STATIC / name) for name in _PAGE_TYPES}
         self.on_loop: Callable[[Any], None] = lambda _loop: None
+        self._bodies: dict[str, tuple[View, bytes]] = {}
+
+    def body(self, name: str, view: View, build: Callable[[View], Any]) -> bytes:
+        """``build(view)`` as JSON, serialized once per view (views are immutable): a client hammering a
+        route, or reconnecting the stream, costs the bot's process O(state) CPU once per change, not per
+        request. (Two threads may both build it once; either result is the same.)"""
+        hit = self._bodies.get(name)
+        if hit is None or hit[0] is not view:
+            hit = (view, to_bytes(build(view)))
+            self._bodies[name] = hit
+        return hit[1]
+
+    def snapshot_body(self, view: View) -> bytes:
+        return self.body("snapshot", view, lambda v: v.snapshot_json())
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         return _health.report(self.source, self.backups, self.limits, clients=len(self.source.streams()))
@@ -130,23 +144,12 @@ def build_app(state: AppState, *, token: str | None, hosts: frozenset[str] | Non
 
         return endpoint
 
-    # One serialization per view (the view is immutable): a client hammering these routes costs the bot's
-    # process O(state) CPU once per change, not once per request.
-    cached: dict[str, tuple[View, bytes]] = {}
-
-    def body_of(name: str, build: Callable[[View], Any]) -> Response:
-        view = source.view()
-        hit = cached.get(name)
-        if hit is None or hit[0] is not view:
-            hit = (view, to_bytes(build(view)))
-            cached[name] = hit
-        return Response(hit[1], media_type="application/json", headers=_HEADERS)
-
     def snapshot(_request: Request) -> Response:
-        return body_of("snapshot", lambda v: v.snapshot_json())
+        return Response(state.snapshot_body(source.view()), media_type="application/json", headers=_HEADERS)
 
     def positions(_request: Request) -> Response:
-        return body_of("positions", lambda v: v.positions_json())
+        body = state.body("positions", source.view(), lambda v: v.positions_json())
+        return Response(body, media_type="application/json", headers=_HEADERS)
 
     def order(request: Request) -> Response:
         order_id = request.path_params["order_id"]
@@ -167,7 +170,7 @@ def build_app(state: AppState, *, token: str | None, hosts: frozenset[str] | Non
         return Response(state.metrics.render(), media_type=CONTENT_TYPE, headers={"cache-control": "no-store"})
 
     async def stream(ws: WebSocket) -> None:
-        await run_stream(ws, source, state.stream, state.wakeup)
+        await run_stream(ws, source, state.stream, state.wakeup, snapshot_body=state.snapshot_body)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

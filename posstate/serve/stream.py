@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import queue
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,7 @@ from posstate.account.types import AccountUpdate, Order
 from posstate.serve import options as _options
 from posstate.serve.shapes import to_bytes
 from posstate.serve.sources import Source
-from posstate.serve.view import messages, symbol_of
+from posstate.serve.view import View, messages, symbol_of
 
 CLOSE_HEARTBEAT = 4408
 CLOSE_RESYNC = 4409
@@ -173,8 +174,17 @@ class _Client:
         return self.close_code
 
 
-async def run_stream(ws: WebSocket, source: Source, options: StreamOptions, wakeup: Wakeup) -> None:
-    """Serve one accepted-to-be WebSocket until it closes, falls behind or stops sending heartbeats."""
+async def run_stream(
+    ws: WebSocket,
+    source: Source,
+    options: StreamOptions,
+    wakeup: Wakeup,
+    *,
+    snapshot_body: Callable[[View], bytes] | None = None,
+) -> None:
+    """Serve one accepted-to-be WebSocket until it closes, falls behind or stops sending heartbeats.
+    *snapshot_body*: the view's snapshot JSON (``GET /api/account/snapshot``), serialized once per view, sent
+    as the first message when no symbol filter cuts it."""
     client = _Client(ws, source, options, wakeup)
     try:
         client.filter = _Filter(_names(ws.query_params.get("topics")), _names(ws.query_params.get("symbols")))
@@ -186,8 +196,11 @@ async def run_stream(ws: WebSocket, source: Source, options: StreamOptions, wake
     reader = asyncio.ensure_future(client.receive())
     code: int | None = None
     try:
-        snapshot = {"topic": "snapshot", **view.snapshot_json(symbols=client.filter.symbols)}
-        await client.send(snapshot)
+        if snapshot_body is not None and client.filter.symbols is None:
+            text = '{"topic":"snapshot",' + snapshot_body(view).decode("utf-8")[1:]
+            await asyncio.wait_for(ws.send_text(text), options.send_timeout)
+        else:
+            await client.send({"topic": "snapshot", **view.snapshot_json(symbols=client.filter.symbols)})
         code = await client.pump(q, view.version)
     except asyncio.TimeoutError:  # the client stopped reading: dropped like a full queue, without the message
         source.stats.send_timeouts += 1
