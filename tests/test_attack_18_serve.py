@@ -597,3 +597,42 @@ def test_reconnecting_stream_clients_serialize_the_snapshot_once_per_version(mon
     assert set(snaps[0]["positions"]) == {"BTC/USDT|long", "ETH/USDT|long"}
     assert set(cut["positions"]) == {"ETH/USDT|long"}
     assert [c for c in calls if c is None] == [None] and len(calls) == 2
+
+
+def test_a_planted_or_damaged_backup_does_not_count_as_the_newest(
+    manager: Any, cfg: StateConfig, key: bytes, tmp_path: Path
+) -> None:
+    """issue 18.2 attack: with --max-backup-age, a file planted in backups/ under a fresh name (a plaintext
+    backup anyone can write, or garbage) does not count as the newest backup: with the key the newest is
+    authenticated, and a damaged one never counts (before: any file with a fresh name silenced the alarm)."""
+    import time as _time
+
+    from posstate.serve.health import HealthLimits
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions
+
+    m = manager()
+    m.load_positions()
+    m.save()
+    m.close()
+    backups = cfg.state_dir / "backups"
+    for old in backups.glob("positions_*.json"):
+        old.unlink()  # the bot's backups are gone (or never made): the alarm must ring
+    plain = StateConfig.in_dir(tmp_path / "forger", encryption=False)
+    with PositionStateManager(plain) as p:
+        p.load_positions()
+        p.set_position(pos("FORGED/USDT", 1))
+        p.save()
+    stamp = _time.strftime("%Y%m%d_%H%M%S", _time.gmtime())
+    read = ReadOptions(keyring=Keyring(key=key), max_document_bytes=cfg.max_document_bytes, clock_skew=cfg.clock_skew)
+    with serving(cfg, read=read, limits=HealthLimits(max_backup_age=3600)) as server:
+        assert httpx.get(server.url + "/api/health").status_code == 503
+        (backups / f"positions_{stamp}.json").write_bytes(plain.state_path.read_bytes())
+        forged = httpx.get(server.url + "/api/health")
+        (backups / f"positions_{stamp}_9.json").write_bytes(b"garbage" * 100)
+        damaged = httpx.get(server.url + "/api/health")
+        listed = httpx.get(server.url + "/api/backups").json()["backups"]
+    assert forged.status_code == 503, forged.text
+    assert damaged.status_code == 503, damaged.text
+    assert forged.json()["newest_backup"] is None and damaged.json()["newest_backup"] is None
+    assert [b["valid"] for b in listed] == [False, False]

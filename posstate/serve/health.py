@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from posstate.backup.backups import BackupInfo, names_only, scan
+from posstate.backup.backups import BackupInfo, full_check, names_only, scan
 from posstate.core.errors import PosStateError
 from posstate.serve import options as _options
 from posstate.serve.shapes import backup_json
 from posstate.serve.sources import Source
 from posstate.storage import fileops as fs
+from posstate.storage.statefile import ReadOptions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,10 +55,23 @@ class BackupCache:
                     infos = scan(cfg.backup_path)
                 except PosStateError:
                     infos = []
+                if source.backup_read is not None:
+                    self._authenticate_newest(infos, source.backup_read)
                 if self._names is not None and source.kind == "directory":
                     source.stats.backups += len(set(names) - set(self._names))
                 self._names, self._infos = names, infos
             return list(self._infos)
+
+    @staticmethod
+    def _authenticate_newest(infos: list[BackupInfo], options: ReadOptions) -> None:
+        """Decrypt and validate backups newest first until one passes (usually one): a file planted under a
+        fresh name (a plaintext or forged backup: its header and checksum need no key) is marked invalid
+        instead of counting as the newest backup."""
+        for i, info in enumerate(infos):
+            if info.valid:
+                infos[i] = full_check(info, options=options)[0]
+                if infos[i].valid:
+                    return
 
 
 def _age(t: float | None, now: float) -> float | None:
@@ -87,7 +101,9 @@ def report(source: Source, backups: BackupCache, limits: HealthLimits, *, client
                 with contextlib.suppress(OSError):
                     journal_bytes += fs.stat_(path).st_size
     infos = backups.get(source)
-    newest = infos[0] if infos else None
+    # the newest backup that is valid (authenticated when the source has the key): a damaged or planted
+    # file under a fresh name must not keep --max-backup-age quiet
+    newest = next((b for b in infos if b.valid), None)
     newest_at = newest.created_at.timestamp() if newest is not None else None
     if not source.ready:
         reasons.append("the state has not been read yet")

@@ -64,6 +64,8 @@ class Source:
         self.problem: str | None = None
         #: True once the state was read at least once.
         self.ready = False
+        #: Read options with the key, to authenticate the newest backup (None: headers and checksums only).
+        self.backup_read: _statefile.ReadOptions | None = None
         self._lock = threading.Lock()
         self._view = View(self.kind, 0)
         self._feed = UpdateFeed()
@@ -286,6 +288,7 @@ class DirectorySource(Source):
         # read-only commands require it only when a key is given): anyone who can write the directory can
         # write one, and a server left running must not turn a "no key" 503 into a healthy forged state.
         self._options = dataclasses.replace(options, require_encryption=True) if config.encryption else options
+        self.backup_read = self._options if options.keyring is not None else None
         self._sig: tuple[Any, ...] | None = None
         self._snapshot_generation: int | None = None
         #: The highest generation read so far: a lower one later is an older copy put back (SECURITY.md
