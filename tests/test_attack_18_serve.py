@@ -636,3 +636,36 @@ def test_a_planted_or_damaged_backup_does_not_count_as_the_newest(
     assert damaged.status_code == 503, damaged.text
     assert forged.json()["newest_backup"] is None and damaged.json()["newest_backup"] is None
     assert [b["valid"] for b in listed] == [False, False]
+
+
+def test_manager_closed_while_serving_then_stopped_with_a_client_connected(manager: Any) -> None:
+    """issue 18.1 attack: the bot closes its manager while clients are connected, then stops the server: health
+    turns 503 ("closed"), stop() returns, the client gets 1012, and no server thread is left."""
+    m: PositionStateManager = manager()
+    m.load_positions()
+    m.set_position(pos("BTC/USDT", 1))
+    server = m.serve(port=0, poll_interval=0.01)
+    try:
+
+        async def scenario() -> int | None:
+            async with connect(ws_url(server)) as ws:
+                assert json.loads(await ws.recv())["topic"] == "snapshot"
+                m.close()
+                server.source.poll()  # what the poll thread does next (not waiting for it)
+                health = httpx.get(server.url + "/api/health")
+                assert health.status_code == 503 and "closed" in " ".join(health.json()["reasons"])
+                stopper = threading.Thread(target=server.stop)
+                stopper.start()
+                try:
+                    while True:
+                        await ws.recv()
+                except ConnectionClosed:
+                    pass
+                stopper.join(30)
+                assert not stopper.is_alive()
+                return ws.close_code
+
+        assert run(scenario()) == 1012
+    finally:
+        server.stop()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("posstate-serve")]
