@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib as _importlib
 import typing as _typing
 
+from posstate.core import serving as _serving
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     AmbiguousBackupError,
@@ -23,6 +24,7 @@ from posstate.core.errors import (
     PosStateError,
     ReplicaError,
     SchemaValidationError,
+    ServeError,
     StaleBackupError,
     StaleReportError,
     StateLockedError,
@@ -58,6 +60,7 @@ if _typing.TYPE_CHECKING:  # what the names below resolve to, for type checkers 
     from posstate.manager.manager import PositionStateManager
     from posstate.manager.orders import OrderIntent, OrderIntents, make_client_order_id
     from posstate.model.merge import MergeDecision, MergeResult
+    from posstate.serve.server import StateServer, serve_state
     from posstate.storage.crypto import generate_key, load_key
     from posstate.storage.validate import ValidationReport
 
@@ -93,12 +96,14 @@ _LAZY = {
     "RestoreResult": "posstate.backup.ops",
     "SessionSummary": "posstate.account.types",
     "StagedChanges": "posstate.manager.aio",
+    "StateServer": "posstate.serve.server",
     "UpdateQueue": "posstate.account.feed",
     "ValidationReport": "posstate.storage.validate",
     "generate_key": "posstate.storage.crypto",
     "load_key": "posstate.storage.crypto",
     "make_client_order_id": "posstate.manager.orders",
     "reconcile_file": "posstate.account.reconcile_file",
+    "serve_state": "posstate.serve.server",
 }
 
 
@@ -113,6 +118,14 @@ if not _typing.TYPE_CHECKING:
         value = getattr(_importlib.import_module(module), name)
         globals()[name] = value  # once loaded, a plain module attribute
         return value
+
+
+def _serve(target: object, **options: _typing.Any) -> _typing.Any:
+    """``manager.serve()`` / ``store.serve()`` (posstate/core/serving.py): the server loads on first use."""
+    return _importlib.import_module("posstate.serve.server").serve_state(target, **options)
+
+
+_serving.register(_serve)
 
 
 def __dir__() -> list[str]:
@@ -166,6 +179,7 @@ __all__ = [
     "ReplicaError",
     "RestoreResult",
     "SchemaValidationError",
+    "ServeError",
     "SessionSummary",
     "StagedChanges",
     "StaleBackupError",
@@ -173,6 +187,7 @@ __all__ = [
     "StateConfig",
     "StateLockedError",
     "StateNotFoundError",
+    "StateServer",
     "SymbolMetadataNotFoundError",
     "SyncReport",
     "TransactionError",
@@ -187,4 +202,5 @@ __all__ = [
     "load_key",
     "make_client_order_id",
     "reconcile_file",
+    "serve_state",
 ]

@@ -30,9 +30,10 @@ LAYERS = {
     "replica": 4,
     "manager": 5,
     "account": 6,
-    "cli": 7,
-    "selftest": 8,
-    "posstate": 9,
+    "serve": 7,
+    "cli": 8,
+    "selftest": 9,
+    "posstate": 10,
 }
 RUNTIME_LIBS_ONLY_FOR_CLI = ("click", "rich")
 
@@ -192,6 +193,17 @@ def test_only_the_cli_imports_click() -> None:
     assert bad == []
 
 
+def test_only_the_server_imports_the_web_stack() -> None:
+    """issue 18.1: starlette, uvicorn and prometheus-client (the ``serve`` extra) are imported by posstate/serve
+    only, and its JSON shapes (which the CLI imports) import none of them: the CLI runs without the extra."""
+    web = ("starlette", "uvicorn", "prometheus_client", "websockets")
+    edges = _graph()
+    bad = [f"{e.src}:{e.line}" for e in edges if e.dst.split(".")[0] in web and _layer(e.src) != "serve"]
+    bad += [f"{e.src}:{e.line}" for e in edges if e.src == "posstate.serve.shapes" and e.dst.split(".")[0] in web]
+    shapes_deps = {e.dst for e in edges if e.src == "posstate.serve.shapes" and e.dst.startswith("posstate.serve")}
+    assert bad == [] and shapes_deps == set()
+
+
 def test_no_import_by_name_outside_the_package_init() -> None:
     """issue 13.2: the graph above sees import statements only; an ``importlib.import_module`` or
     ``__import__`` call would hide an edge from it, so only posstate/__init__.py (the lazy names) makes one."""
@@ -230,7 +242,21 @@ def test_the_layer_walk_sees_an_upward_import(tmp_path: Path) -> None:
     assert up and up[0].in_function and LAYERS[_layer(up[0].dst)] > LAYERS[_layer(up[0].src)]
 
 
-LAZY = ("jsonschema", "asyncio", "click", "rich", "watchdog", "posstate.selftest", "posstate.account", "posstate.replica", "boto3")
+LAZY = (
+    "jsonschema",
+    "asyncio",
+    "click",
+    "rich",
+    "watchdog",
+    "posstate.selftest",
+    "posstate.account",
+    "posstate.replica",
+    "boto3",
+    "posstate.serve",
+    "starlette",
+    "uvicorn",
+    "prometheus_client",
+)
 
 
 @pytest.mark.parametrize(

@@ -31,10 +31,11 @@ from posstate.account.types import (
     normalize_side,
 )
 from posstate.core.errors import SchemaValidationError, StaleReportError
+from posstate.core.serving import Servable
 from posstate.model.position import Position, PositionKey, to_decimal
 
 
-class AccountStateStore(StoreOrders, StoreMetadata):
+class AccountStateStore(StoreOrders, StoreMetadata, Servable):
     """In-memory account state; thread-safe; lock-free reads. See the module docstring."""
 
     #: Whether position changes count as changes to persist (the persisted store says yes; accountstate no).

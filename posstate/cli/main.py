@@ -17,6 +17,7 @@ from posstate.cli import (  # noqa: F401 (commands register on cli)
     reconcile_cmd,
     repair_cmd,
     replica_cmd,
+    serve_cmd,
     transfer_cmd,
     watch_cmd,
 )

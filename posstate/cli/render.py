@@ -18,43 +18,11 @@ from posstate.backup.retention import PruneResult
 from posstate.core.errors import MissingKeyError, UnsupportedVersionError, WrongKeyError
 from posstate.model.document import StateData
 from posstate.model.position import DECIMAL_FIELDS, Position, PositionKey, position_key_text
+
+# The JSON shapes the CLI shares with the HTTP API live one layer down (posstate/serve/shapes.py).
+from posstate.serve.shapes import backup_json as backup_json
+from posstate.serve.shapes import to_json as to_json
 from posstate.storage.validate import ValidationReport
-
-
-def to_json(data: Any) -> str:
-    """Indented JSON; Decimals as strings (the way the state document stores them). A string that is not valid
-    UTF-8 (a path given as undecodable bytes, which Python holds as lone surrogates) is written with those bytes
-    as ``\\xff`` escapes rather than failing the whole document."""
-    try:
-        return orjson.dumps(data, option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
-    except TypeError as exc:
-        if "surrogates" not in str(exc):
-            raise
-        return orjson.dumps(_printable(data), option=orjson.OPT_INDENT_2, default=_default).decode("utf-8")
-
-
-def _printable(value: Any) -> Any:
-    """*value* with every string made valid UTF-8 (undecodable bytes as ``\\xNN``, other lone surrogates as ``\\uNNNN``)."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            try:
-                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            except UnicodeEncodeError:
-                return value.encode("utf-8", "backslashreplace").decode("utf-8")
-        return value
-    if isinstance(value, Mapping):
-        return {_printable(k): _printable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_printable(v) for v in value]
-    return value
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
@@ -313,13 +281,6 @@ def _opt(value: object) -> str:
 def backup_verdict(info: BackupInfo) -> str:
     """``yes`` (header and checksum hold), ``DAMAGED`` (corrupt on disk) or ``no`` (unreadable here)."""
     return "yes" if info.valid else ("DAMAGED" if info.damaged else "no")
-
-
-def backup_json(info: BackupInfo) -> dict[str, Any]:
-    """One ``backups list --json`` object: BackupInfo's fields plus ``positions``."""
-    out = info.to_dict()
-    out["positions"] = info.position_count
-    return out
 
 
 def backups_table(infos: Sequence[BackupInfo]) -> list[str]:

@@ -586,3 +586,16 @@ class MalformedLedgerEntryError(OrderTransitionError):
             "overwrite it, was not recorded; see `posstate validate`, then fix or remove the entry "
             "(`posstate export`, edit, `posstate import`) with the bot stopped",
         )
+
+
+class ServeError(ConfigError):
+    """``serve`` cannot start: an address it may not bind without a token, a token file it refuses, a port in
+    use, or the ``serve`` extra not installed. (A ConfigError: the CLI's exit code 2.)"""
+
+    def __init__(self, reason: str, *, next_step: str, path: str | Path | None = None) -> None:
+        self._reason = reason
+        PosStateError.__init__(self, f"{reason}; {next_step}", path=path)
+
+    @property
+    def reason(self) -> str:
+        return self._reason

@@ -7,10 +7,12 @@ changes (changes), backups/recovery/validation (admin), the asyncio writers (aio
 
 from __future__ import annotations
 
+from posstate.core.serving import Servable
 from posstate.manager.aio import AsyncChanges
+from posstate.model.document import StateData
 
 
-class PositionStateManager(AsyncChanges):
+class PositionStateManager(AsyncChanges, Servable):
     """Crash-safe, encrypted, backed-up position state for one bot.
 
     Creating a manager takes the state directory's writer lock (a second writer gets
@@ -18,3 +20,9 @@ class PositionStateManager(AsyncChanges):
     first use. Every save is atomic and durable when it returns; a failed save leaves the previous file
     intact and the in-memory state unchanged. All methods are thread-safe.
     """
+
+    def state_copy(self) -> StateData | None:
+        """A private copy of the state in memory, or None before the first load (this never loads it).
+        Holds the manager's lock only to copy the maps; for readers in other threads (``serve()``)."""
+        with self._lock:
+            return self._state.copy() if self._loaded and not self._closed else None
