@@ -126,7 +126,7 @@ def _with_orders(
     apply: bool,
     tolerance: Decimal | int | str | float,
     price_tolerance: Decimal | int | str | float,
-    key: bytes | None,
+    key: bytes | str | None,
     passphrase: str | None,
 ) -> ReconcileFileResult:
     with PositionStateManager(config, key=key, passphrase=passphrase) as manager:
