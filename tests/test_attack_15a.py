@@ -581,3 +581,27 @@ def test_first_bot_metadata_snapshot_failing_changes_nothing(tmp_path: Path, key
     with PositionStateManager(cfg, key=key) as again:
         assert again.get_bot_metadata() == {"step": 2}
         assert int(again.get_position("A", "long").contracts) == 2  # type: ignore[union-attr]
+
+
+def test_restore_preview_says_when_the_current_journal_cannot_be_replayed(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 15.2 attack: the diff before a restore is against the current state with its journal replayed;
+    when the journal is damaged part-way the preview says it shows only what could be read (it never passes a
+    partial state off as the current one)."""
+    from click.testing import CliRunner
+
+    from posstate.cli.main import cli
+
+    state = tmp_path / "state"
+    cfg = StateConfig.in_dir(state, backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        old = m.create_backup()
+        for i in range(2, 6):
+            m.set_position(pos("B", i))  # journal records
+    data = bytearray(cfg.journal_path.read_bytes())
+    data[120] ^= 0x40  # inside an early record: damage before the last one
+    cfg.journal_path.write_bytes(bytes(data))
+    r = CliRunner().invoke(
+        cli, ["--state-dir", str(state), "--key-file", str(key_file), "backups", "restore", old.id, "--dry-run"]
+    )
+    assert "could not be replayed in full" in r.output + r.stderr, r.output

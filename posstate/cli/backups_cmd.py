@@ -164,6 +164,12 @@ def _current_state(env: Env, cfg: StateConfig) -> StateData:
     except PosStateError as exc:
         click.echo(f"the current state cannot be read ({exc}); the changes below are against nothing", err=True)
         return StateData()
+    if cur.error is not None:  # a load would recover; the diff is against what could be read, and says so
+        click.echo(
+            f"the current state's journal could not be replayed in full ({str(cur.error).split('; ')[0]}); the "
+            "changes below are against the snapshot plus the records before the problem",
+            err=True,
+        )
     state = cur.state.copy()
     state.generation = cur.generation
     return state
