@@ -605,3 +605,45 @@ def test_restore_preview_says_when_the_current_journal_cannot_be_replayed(tmp_pa
         cli, ["--state-dir", str(state), "--key-file", str(key_file), "backups", "restore", old.id, "--dry-run"]
     )
     assert "could not be replayed in full" in r.output + r.stderr, r.output
+
+
+class _CutOnFirstSync(fs.FileOps):
+    """At the first fdatasync, cut the journal back to *size* first: the bot's failed group sync cutting its
+    unacknowledged records off, between the online backup's read and its confirmation."""
+
+    def __init__(self, journal: Path, size: int) -> None:
+        self.journal = journal
+        self.size = size
+        self.cut = False
+
+    def fdatasync(self, fd: int) -> None:
+        if not self.cut:
+            self.cut = True
+            import os
+
+            os.truncate(self.journal, self.size)
+        super().fdatasync(fd)
+
+
+def test_online_backup_never_holds_a_record_cut_after_it_was_read(tmp_path: Path, key: bytes) -> None:
+    """issue 15.3 attack (a record never acknowledged): the online backup makes the journal records it read
+    durable itself and reads again; a record the bot cut off meanwhile (its sync failed: the caller was told
+    it failed) is not in the backup."""
+    from posstate.backup import acked as _acked
+    from posstate.storage import statefile as _statefile
+    from posstate.storage.crypto import Keyring
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9, journal_preallocate=0)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.set_position(pos("A", 2))
+        size = cfg.journal_path.stat().st_size
+        m.set_position(pos("A", 3))  # the record the bot will "fail" and cut
+    keyring = Keyring(key=key)
+    options = _statefile.ReadOptions(keyring=keyring)
+    ops = _CutOnFirstSync(cfg.journal_path, size)
+    with fs.use(ops):
+        info = _acked.online(cfg, options, write_keyring=keyring)
+    assert ops.cut
+    got = _statefile.read(info.path, options=options, what="backup").state
+    assert int(got.positions[("A", "long")].contracts) == 2
