@@ -647,3 +647,32 @@ def test_online_backup_never_holds_a_record_cut_after_it_was_read(tmp_path: Path
     assert ops.cut
     got = _statefile.read(info.path, options=options, what="backup").state
     assert int(got.positions[("A", "long")].contracts) == 2
+
+
+def test_quarantined_header_claiming_2_62_does_not_push_generations(tmp_path: Path, key: bytes) -> None:
+    """issue 15.4 attack: a quarantined state-file copy whose (keyless, unauthenticated) header claims generation
+    2**62 is not believed: after the recovery the generation stays within what a journal can start at, and the
+    bot saves and journals on."""
+    import re
+
+    from posstate.journal import format as _jformat
+
+    cfg = StateConfig.in_dir(tmp_path / "s", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.save()
+        m.create_backup()
+    data = cfg.state_path.read_bytes()
+    lied = re.sub(rb" g=[0-9a-f]+", lambda mt: b" g=" + b"%0*x" % (len(mt.group(0)) - 3, 2**62), data, count=1)
+    assert lied != data
+    cfg.quarantine_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.quarantine_dir / "positions.json.20260101T000000Z.corrupt").write_bytes(lied)
+    cfg.state_path.write_bytes(b"\0" * 200)
+    with PositionStateManager(cfg, key=key) as m:
+        m.load_positions()
+        assert m.generation <= _jformat.MAX_BASE
+        m.set_position(pos("A", 2))
+        m.save()
+        m.set_position(pos("A", 3))
+    with PositionStateManager(cfg, key=key) as m:
+        assert int(m.get_position("A", "long").contracts) == 3  # type: ignore[union-attr]
