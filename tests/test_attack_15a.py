@@ -218,6 +218,14 @@ def test_backups_verify_is_not_fooled_by_a_backup_the_bot_pruned_meanwhile(
     r = CliRunner().invoke(cli, [*base, "--json", "backups", "verify"])
     assert r.exit_code == 0, r.output
 
+    def all_pruned(path: Path, **kw: Any) -> Any:
+        path.unlink(missing_ok=True)
+        return real(path, **kw)
+
+    monkeypatch.setattr(backups_cmd, "validate_file", all_pruned)
+    r = CliRunner().invoke(cli, [*base, "backups", "verify"])
+    assert r.exit_code == 6 and "removed meanwhile" in r.output + r.stderr  # nothing checked is not "valid"
+
 
 def test_online_temp_dated_far_in_the_future_is_swept(tmp_path: Path, key: bytes) -> None:
     """issue 15.3 attack (wrong clock, planted file): an online-backup temp whose time is over an hour in the

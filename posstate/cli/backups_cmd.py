@@ -359,6 +359,10 @@ def verify(ctx: click.Context) -> None:
             click.echo(f"  {'gone':<11}  {b.id}  removed since it was listed (retention by the running bot)", err=True)
         kept = [(b, r) for b, r in zip(infos, reports, strict=True) if not isinstance(r.error, StateNotFoundError)]
         infos, reports = [b for b, _ in kept], [r for _, r in kept]
+        if not infos:
+            raise StateNotFoundError(
+                cfg.backup_path, what="backups", next_step="every one listed was removed meanwhile; run it again"
+            )
     verdicts = [verify_verdict(r) for r in reports]
     if env.json:
         json_out(
