@@ -218,6 +218,14 @@ def test_backups_verify_is_not_fooled_by_a_backup_the_bot_pruned_meanwhile(
     r = CliRunner().invoke(cli, [*base, "--json", "backups", "verify"])
     assert r.exit_code == 0, r.output
 
+    def all_pruned(path: Path, **kw: Any) -> Any:
+        path.unlink(missing_ok=True)
+        return real(path, **kw)
+
+    monkeypatch.setattr(backups_cmd, "validate_file", all_pruned)
+    r = CliRunner().invoke(cli, [*base, "backups", "verify"])
+    assert r.exit_code == 6 and "removed meanwhile" in r.output + r.stderr  # nothing checked is not "valid"
+
 
 def test_online_temp_dated_far_in_the_future_is_swept(tmp_path: Path, key: bytes) -> None:
     """issue 15.3 attack (wrong clock, planted file): an online-backup temp whose time is over an hour in the
@@ -581,3 +589,98 @@ def test_first_bot_metadata_snapshot_failing_changes_nothing(tmp_path: Path, key
     with PositionStateManager(cfg, key=key) as again:
         assert again.get_bot_metadata() == {"step": 2}
         assert int(again.get_position("A", "long").contracts) == 2  # type: ignore[union-attr]
+
+
+def test_restore_preview_says_when_the_current_journal_cannot_be_replayed(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 15.2 attack: the diff before a restore is against the current state with its journal replayed;
+    when the journal is damaged part-way the preview says it shows only what could be read (it never passes a
+    partial state off as the current one)."""
+    from click.testing import CliRunner
+
+    from posstate.cli.main import cli
+
+    state = tmp_path / "state"
+    cfg = StateConfig.in_dir(state, backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        old = m.create_backup()
+        for i in range(2, 6):
+            m.set_position(pos("B", i))  # journal records
+    data = bytearray(cfg.journal_path.read_bytes())
+    data[120] ^= 0x40  # inside an early record: damage before the last one
+    cfg.journal_path.write_bytes(bytes(data))
+    r = CliRunner().invoke(
+        cli, ["--state-dir", str(state), "--key-file", str(key_file), "backups", "restore", old.id, "--dry-run"]
+    )
+    assert "could not be replayed in full" in r.output + r.stderr, r.output
+
+
+class _CutOnFirstSync(fs.FileOps):
+    """At the first fdatasync, cut the journal back to *size* first: the bot's failed group sync cutting its
+    unacknowledged records off, between the online backup's read and its confirmation."""
+
+    def __init__(self, journal: Path, size: int) -> None:
+        self.journal = journal
+        self.size = size
+        self.cut = False
+
+    def fdatasync(self, fd: int) -> None:
+        if not self.cut:
+            self.cut = True
+            import os
+
+            os.truncate(self.journal, self.size)
+        super().fdatasync(fd)
+
+
+def test_online_backup_never_holds_a_record_cut_after_it_was_read(tmp_path: Path, key: bytes) -> None:
+    """issue 15.3 attack (a record never acknowledged): the online backup makes the journal records it read
+    durable itself and reads again; a record the bot cut off meanwhile (its sync failed: the caller was told
+    it failed) is not in the backup."""
+    from posstate.backup import acked as _acked
+    from posstate.storage import statefile as _statefile
+    from posstate.storage.crypto import Keyring
+
+    cfg = StateConfig.in_dir(tmp_path / "s", durability="sync", backup_interval=1e9, journal_preallocate=0)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.set_position(pos("A", 2))
+        size = cfg.journal_path.stat().st_size
+        m.set_position(pos("A", 3))  # the record the bot will "fail" and cut
+    keyring = Keyring(key=key)
+    options = _statefile.ReadOptions(keyring=keyring)
+    ops = _CutOnFirstSync(cfg.journal_path, size)
+    with fs.use(ops):
+        info = _acked.online(cfg, options, write_keyring=keyring)
+    assert ops.cut
+    got = _statefile.read(info.path, options=options, what="backup").state
+    assert int(got.positions[("A", "long")].contracts) == 2
+
+
+def test_quarantined_header_claiming_2_62_does_not_push_generations(tmp_path: Path, key: bytes) -> None:
+    """issue 15.4 attack: a quarantined state-file copy whose (keyless, unauthenticated) header claims generation
+    2**62 is not believed: after the recovery the generation stays within what a journal can start at, and the
+    bot saves and journals on."""
+    import re
+
+    from posstate.journal import format as _jformat
+
+    cfg = StateConfig.in_dir(tmp_path / "s", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A", 1))
+        m.save()
+        m.create_backup()
+    data = cfg.state_path.read_bytes()
+    lied = re.sub(rb" g=[0-9a-f]+", lambda mt: b" g=" + b"%0*x" % (len(mt.group(0)) - 3, 2**62), data, count=1)
+    assert lied != data
+    cfg.quarantine_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.quarantine_dir / "positions.json.20260101T000000Z.corrupt").write_bytes(lied)
+    cfg.state_path.write_bytes(b"\0" * 200)
+    with PositionStateManager(cfg, key=key) as m:
+        m.load_positions()
+        assert m.generation <= _jformat.MAX_BASE
+        m.set_position(pos("A", 2))
+        m.save()
+        m.set_position(pos("A", 3))
+    with PositionStateManager(cfg, key=key) as m:
+        assert int(m.get_position("A", "long").contracts) == 3  # type: ignore[union-attr]

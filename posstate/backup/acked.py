@@ -23,21 +23,24 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from posstate.backup import backups as _backups
 from posstate.backup.backups import BackupInfo
 from posstate.core.config import StateConfig
-from posstate.core.errors import StateLockedError
+from posstate.core.errors import PersistenceError, StateLockedError
+from posstate.journal import files as _jfiles
 from posstate.journal.current import Current, read_current
 from posstate.model.document import StateData
+from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
 
 if TYPE_CHECKING:
     from posstate.backup.files import StateFiles
 
-__all__ = ["as_compacted", "consistent_current", "from_memory", "online"]
+__all__ = ["as_compacted", "confirmed_current", "consistent_current", "from_memory", "online"]
 
 log = logging.getLogger("posstate")
 
@@ -60,7 +63,8 @@ def consistent_current(cfg: StateConfig, options: _statefile.ReadOptions, *, att
 
     The snapshot is read whole (a rename replaces it atomically) and the journal is append-only while that
     snapshot is current, so the snapshot with the records read after it is a state the bot acknowledged (or
-    was acknowledging: a record whose sync was still running is included). A journal that no longer belongs
+    was acknowledging: a record whose sync was still running is included; :func:`confirmed_current` settles
+    those). A journal that no longer belongs
     to the snapshot (a compaction replaced both in between) is what :func:`read_current` reports as an
     error: then both are read again. The same snapshot read twice with a journal problem is damage a load
     would have to recover from: raised (not backed up online). A new snapshot at every one of *attempts*
@@ -86,12 +90,58 @@ def consistent_current(cfg: StateConfig, options: _statefile.ReadOptions, *, att
     )
 
 
+def confirmed_current(cfg: StateConfig, options: _statefile.ReadOptions, *, attempts: int = ATTEMPTS) -> Current:
+    """:func:`consistent_current`, with the journal records it replayed made durable and read again.
+
+    A record the bot wrote but whose ``fdatasync`` is still running is not acknowledged yet; if that sync
+    fails, the bot cuts the record off and tells its caller the change failed. So the online reader syncs
+    the journal itself (an error there: no backup) and reads again: the same snapshot with at least the
+    records it holds means none of them was cut; otherwise it starts over. (A sync of the bot's that fails
+    *after* this one succeeded, for later pages, may still cut records this backup holds: docs/SECURITY.md.)"""
+    for _ in range(max(1, attempts)):
+        cur = consistent_current(cfg, options, attempts=attempts)
+        if not cur.applied:
+            return cur  # the snapshot alone: a whole, durable file (saves replace it by rename)
+        path = _jfiles.journal_file(cfg.journal_path, cfg.legacy_journal_path, cur.loaded.state.journal)
+        try:
+            _sync(path)
+        except FileNotFoundError:
+            continue  # replaced meanwhile (a compaction, a rotation after a failed sync): read again
+        except OSError as exc:
+            raise PersistenceError(
+                path,
+                operation="sync journal for online backup",
+                cause=exc,
+                outcome="no backup was written",
+                next_step="check the disk (`posstate doctor`), then try again",
+            ) from exc
+        again = read_current(cfg, options)
+        if again.error is None and again.loaded.checksum == cur.loaded.checksum and (again.last_seq or 0) >= (cur.last_seq or 0):
+            return cur
+    raise StateLockedError(
+        cfg.state_path,
+        pid=None,
+        host=None,
+        reason=f"the running bot changed its journal under each of {max(1, attempts)} confirmed reads",
+        next_step="try again in a moment (or when the bot is less busy); nothing was written",
+    )
+
+
+def _sync(path: Path) -> None:
+    """fdatasync *path* through a read-only descriptor (what was written to it is on disk once it returns)."""
+    fd = fs.open_(path, fs.O_READ)
+    try:
+        fs.fdatasync(fd)
+    finally:
+        fs.close(fd)
+
+
 def online(
     cfg: StateConfig, options: _statefile.ReadOptions, *, write_keyring: Keyring | None, now: float | None = None
 ) -> BackupInfo:
     """A new verified backup of the acknowledged state on disk, taken without the writer lock (while a bot
     runs). Retention is not applied (that replaces files: the lock holder's job)."""
-    cur = consistent_current(cfg, options)
+    cur = confirmed_current(cfg, options)
     return _backups.write_backup(
         as_compacted(cur),
         backup_dir=cfg.backup_path,

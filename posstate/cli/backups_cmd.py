@@ -164,6 +164,12 @@ def _current_state(env: Env, cfg: StateConfig) -> StateData:
     except PosStateError as exc:
         click.echo(f"the current state cannot be read ({exc}); the changes below are against nothing", err=True)
         return StateData()
+    if cur.error is not None:  # a load would recover; the diff is against what could be read, and says so
+        click.echo(
+            f"the current state's journal could not be replayed in full ({str(cur.error).split('; ')[0]}); the "
+            "changes below are against the snapshot plus the records before the problem",
+            err=True,
+        )
     state = cur.state.copy()
     state.generation = cur.generation
     return state
@@ -383,6 +389,10 @@ def verify(ctx: click.Context) -> None:
             click.echo(f"  {'gone':<11}  {b.id}  removed since it was listed (retention by the running bot)", err=True)
         kept = [(b, r) for b, r in zip(infos, reports, strict=True) if not isinstance(r.error, StateNotFoundError)]
         infos, reports = [b for b, _ in kept], [r for _, r in kept]
+        if not infos:
+            raise StateNotFoundError(
+                cfg.backup_path, what="backups", next_step="every one listed was removed meanwhile; run it again"
+            )
     verdicts = [verify_verdict(r) for r in reports]
     if env.json:
         json_out(
