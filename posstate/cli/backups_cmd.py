@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -20,6 +20,7 @@ from posstate.backup import ops as _backup_ops
 from posstate.backup.retention import PruneResult
 from posstate.cli import base as _cli_base
 from posstate.cli.base import EXIT_INVALID, EXIT_KEY, EXIT_VERSION, CliError, cli, confirm, json_out, refuse_if_locked
+from posstate.cli.ledger_cmd import keep_newer_orders
 from posstate.cli.options import Env, common_options, env_of
 from posstate.cli.render import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
 from posstate.cli.restore_preview import show_restore_preview
@@ -274,7 +275,7 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
         )
         before = m.get_all_symbol_metadata()
         result = m.restore_from_backup(info.id, accept_older=accept_older)
-        orders = _keep_newer_orders(m, before)
+        orders = keep_newer_orders(m, before)
     if env.json:
         json_out({**result.to_dict(), "path": str(cfg.state_path), **preview, "orders_kept": orders})
         return
@@ -289,28 +290,6 @@ def restore(ctx: click.Context, backup_id: str, accept_older: bool, yes: bool, d
             f"forgotten here would be sent again): {', '.join(orders)}",
             err=True,
         )
-
-
-def _keep_newer_orders(m: PositionStateManager, before: dict[str, Any]) -> list[str]:
-    """Write back the order-ledger entries the restored backup lacks or holds older (one save); their keys."""
-    from posstate.account import ledgerformat
-
-    keep = ledgerformat.carry_orders(before, m.get_all_symbol_metadata())
-    if not keep:
-        return []
-    keys = sorted(e["order"]["key"] for n, e in keep.items() if n != ledgerformat.FORGOTTEN)
-    try:
-        with m.transaction():
-            for name, entry in keep.items():
-                m.set_symbol_metadata(name, entry)
-        m.save()
-    except PosStateError as exc:
-        raise CliError(
-            f"{exc}; the backup was restored but {len(keys)} ledger orders newer than it ({', '.join(keys)}) could not "
-            "be written back: do not start the bot; fix the disk and restore the pre-restore backup",
-            code=EXIT_INVALID,
-        ) from exc
-    return keys
 
 
 # ------------------------------------------------------------------------------------------ prune

@@ -42,6 +42,19 @@ EXAMPLES: dict[str, tuple[str, ...]] = {
     "backups restore": ("posstate backups restore latest --dry-run && posstate backups restore latest --yes",),
     "backups prune": ("posstate backups prune --dry-run",),
     "backups verify": ("posstate backups verify || echo 'a backup is damaged'",),
+    "replica": ("posstate replica status s3://my-bucket/bot1   # how far behind, who holds the lease",),
+    "replica status": ("posstate replica status s3://my-bucket/bot1 --json | jq .seconds_behind",),
+    "replica list": ("posstate replica list s3://my-bucket/bot1   # snapshots and journal ranges",),
+    "replica verify": ("posstate replica verify s3://my-bucket/bot1 || echo 'an object is damaged'",),
+    "replica restore": (
+        "posstate replica restore s3://my-bucket/bot1 --state-dir /srv/bot/state   # an empty directory",
+        "posstate replica restore s3://my-bucket/bot1 --state-dir /tmp/then --at 2026-01-31T12:00:00Z",
+    ),
+    "replica prune": ("posstate replica prune s3://my-bucket/bot1 --dry-run",),
+    "serve": (
+        "posstate serve --state-dir /srv/bot/state   # http://127.0.0.1:8787/",
+        "posstate serve --host 0.0.0.0 --token-file ~/.config/posstate.token   # the LAN: bearer token required",
+    ),
 }
 
 

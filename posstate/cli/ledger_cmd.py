@@ -4,16 +4,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from posstate.account import ledgerformat
-from posstate.cli.base import CliError, json_out
+from posstate.cli.base import EXIT_INVALID, CliError, json_out
 from posstate.cli.options import Env
 from posstate.cli.render import table
+from posstate.core.errors import PosStateError
 from posstate.model.document import StateData
 from posstate.storage.validate import Check
+
+if TYPE_CHECKING:
+    from posstate.manager.manager import PositionStateManager
 
 _SHOWN = ("type", "status", "reason", "exchange_order_id", "exchange_filled")
 
@@ -65,3 +69,23 @@ def print_order_history(env: Env, state: StateData, *, path: Path, order_id: str
     click.echo(f"{path}: {len(events)} order event{'s' if len(events) != 1 else ''}")
     for line in table(("order", "v", "at (ms)", "event", "detail"), rows, right=frozenset({1})):
         click.echo(line)
+
+
+def keep_newer_orders(m: PositionStateManager, before: dict[str, Any]) -> list[str]:
+    """Write back the order-ledger entries the restored backup lacks or holds older (one save); their keys."""
+    keep = ledgerformat.carry_orders(before, m.get_all_symbol_metadata())
+    if not keep:
+        return []
+    keys = sorted(e["order"]["key"] for n, e in keep.items() if n != ledgerformat.FORGOTTEN)
+    try:
+        with m.transaction():
+            for name, entry in keep.items():
+                m.set_symbol_metadata(name, entry)
+        m.save()
+    except PosStateError as exc:
+        raise CliError(
+            f"{exc}; the backup was restored but {len(keys)} ledger orders newer than it ({', '.join(keys)}) could not "
+            "be written back: do not start the bot; fix the disk and restore the pre-restore backup",
+            code=EXIT_INVALID,
+        ) from exc
+    return keys
