@@ -92,14 +92,40 @@ def test_state_dir_config_cannot_make_a_command_write_plaintext(state_dir: Path,
 )
 def test_state_dir_config_cannot_loosen_any_check(state_dir: Path, key_file: Path, line: str) -> None:
     """issue 15.10 (review): a posstate.toml in the state directory may not loosen a check, a write or a bound
-    (each is exit 2 naming the setting); the same file named with --config is the operator's choice and is used."""
+    (each is exit 2 naming the setting); the same settings in a file the operator names with --config, outside the
+    state directory, are the operator's choice and are used."""
     toml = state_dir / "posstate.toml"
     toml.write_text(line + "\n")
     r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "show"])
     assert r.exit_code == 2, r.stdout + r.stderr
     assert line.split(" ")[0] in r.stderr
-    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "--config", str(toml), "show"])
+    mine = state_dir.parent / "mine.toml"  # the operator's own file, outside the state directory
+    mine.write_text(line + "\n")
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "--config", str(mine), "show"])
     assert r.exit_code == 0, r.stderr
+
+
+@pytest.mark.parametrize("how", ["--config", "POSSTATE_CONFIG", "symlink-to-outside"])
+def test_a_named_config_in_the_state_dir_gets_the_same_limits(state_dir: Path, tmp_path: Path, key_file: Path, how: str) -> None:
+    """issue 15.10 (review): a config file the operator names (--config, POSSTATE_CONFIG=$POSSTATE_DIR/posstate.toml)
+    but that sits in the state directory is as writable by the attacker as one found there: `encryption = false` in
+    it is refused (exit 2), also when the attacker made it a symlink to a file of its own outside the directory."""
+    _forged_plaintext(state_dir, tmp_path)
+    toml = state_dir / "posstate.toml"
+    if how == "symlink-to-outside":
+        evil = tmp_path / "evil.toml"
+        evil.write_text("encryption = false\n")
+        toml.symlink_to(evil)
+    else:
+        toml.write_text("encryption = false\n")
+    args = ["--state-dir", str(state_dir), "--key-file", str(key_file)]
+    if how == "POSSTATE_CONFIG":
+        r = run([*args, "validate"], env={"POSSTATE_CONFIG": str(toml)})
+    else:
+        r = run([*args, "--config", str(toml), "validate"])
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert "VALID" not in r.stdout
+    assert "outside the state directory" in r.stderr
 
 
 def test_state_dir_config_cannot_name_itself_the_state_file(state_dir: Path, key_file: Path) -> None:
