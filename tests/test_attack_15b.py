@@ -105,7 +105,7 @@ def test_state_dir_config_cannot_loosen_any_check(state_dir: Path, key_file: Pat
     assert r.exit_code == 0, r.stderr
 
 
-@pytest.mark.parametrize("how", ["--config", "POSSTATE_CONFIG", "symlink-to-outside"])
+@pytest.mark.parametrize("how", ["--config", "POSSTATE_CONFIG", "symlink-to-outside", "in-backups"])
 def test_a_named_config_in_the_state_dir_gets_the_same_limits(state_dir: Path, tmp_path: Path, key_file: Path, how: str) -> None:
     """issue 15.10 (review): a config file the operator names (--config, POSSTATE_CONFIG=$POSSTATE_DIR/posstate.toml)
     but that sits in the state directory is as writable by the attacker as one found there: `encryption = false` in
@@ -116,6 +116,10 @@ def test_a_named_config_in_the_state_dir_gets_the_same_limits(state_dir: Path, t
         evil = tmp_path / "evil.toml"
         evil.write_text("encryption = false\n")
         toml.symlink_to(evil)
+    elif how == "in-backups":
+        toml = state_dir / "backups" / "bot.toml"
+        toml.parent.mkdir(exist_ok=True)
+        toml.write_text("encryption = false\n")
     else:
         toml.write_text("encryption = false\n")
     args = ["--state-dir", str(state_dir), "--key-file", str(key_file)]

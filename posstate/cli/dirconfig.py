@@ -55,9 +55,10 @@ def in_state_dir(path: str | Path, state_dir: Path) -> bool:
     whoever can write the directory can replace it, however it was named. The file's own name is not resolved (a
     symlink planted there is still a file in the state directory)."""
     try:
-        return Path(path).absolute().parent.resolve() == state_dir.resolve()
+        parent, top = Path(path).absolute().parent.resolve(), state_dir.resolve()
     except (OSError, RuntimeError):  # a symlink loop in the directories
         return False
+    return parent == top or top in parent.parents  # backups/, quarantine/ are the attacker's too
 
 
 def check_named_in_state_dir(cfg: StateConfig, path: str | Path) -> None:
