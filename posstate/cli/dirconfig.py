@@ -1,11 +1,12 @@
 """A ``posstate.toml`` found in the state directory (issue 15.10; review): read as what it is, a file anyone who
 can write the state directory could have planted (T1 in docs/SECURITY.md), not as the operator's word.
 
-A config file the operator names (``--config``, ``POSSTATE_CONFIG``) is trusted like a flag, unless it sits in
-the state directory itself (``POSSTATE_CONFIG=$POSSTATE_DIR/posstate.toml``): whoever can write the directory
-can replace it however it is named, so it gets the same limits. The one found in the state directory may set where the state file is (its name, in that directory), retention, intervals,
-compression, the account, and may make any check stricter; it may not loosen one. Refused, each with a
-``ConfigError`` (exit 2) naming the file and the setting:
+A config file the operator names (``--config``, ``POSSTATE_CONFIG``) is trusted like a flag, unless it sits
+under the state directory (``POSSTATE_CONFIG=$POSSTATE_DIR/posstate.toml``): whoever can write the directory
+can replace it however it is named, so it gets the same limits. A config file in the state directory may set
+where the state file is (its name, in that directory), retention, intervals, compression, the account, and
+may make any check stricter; it may not loosen one. Refused, each with a ``ConfigError`` (exit 2) naming the
+file and the setting:
 
 - ``encryption``, ``verify_after_write``, ``validation_enabled`` set to false (before this, a planted
   ``encryption = false`` made ``validate`` call a forged plaintext state VALID and ``reconcile --apply`` write
