@@ -438,3 +438,35 @@ def test_closed_stdout_is_an_error_not_a_silent_success(state_dir: Path, key_fil
         )
         assert r.returncode == 1, r.stderr
         assert r.stderr.startswith("Error: <stdout>: write failed (EBADF") and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+# ------------------------------------------------------------------------------------------ terminal escapes
+def test_planted_file_names_cannot_drive_the_terminal(tmp_path: Path, key: bytes) -> None:
+    """issue 15.11 (review): a file the attacker plants in quarantine/ (or backups/) with terminal escape sequences
+    in its name is printed by `watch` with those bytes escaped (\\x1b), never raw to the operator's terminal (it
+    could retitle the window, clear the screen, or hide the line that flags the attack)."""
+    from posstate.cli import watcher as _cli_watch
+    from posstate.storage.crypto import Keyring
+
+    state = tmp_path / "state"
+    make_state(state, key, [pos("A/USDT:USDT")])
+    (state / "quarantine").mkdir(exist_ok=True)
+    w = _cli_watch.Watcher(cfg=StateConfig.in_dir(state), keyring=Keyring(key=key))
+    w.start()
+    try:
+        (state / "quarantine" / "x\x1b]2;pwned\x07\x1b[2J\x9b1m\u202e").write_bytes(b"planted")
+        rec = w.next_record(30)
+        assert rec is not None
+    finally:
+        w.stop()
+    line = _cli_watch.record_line(rec)
+    assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in line), repr(line)
+    assert "\\x1b]2;pwned" in line
+
+
+def test_error_line_escapes_control_characters(state_dir: Path, key_file: Path) -> None:
+    """issue 15.11 (review): the Error: line never carries a control character from a path or a message (a
+    name with ESC sequences is shown escaped)."""
+    r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "show", "/tmp/\x1b]2;pwned\x07x"])
+    assert r.exit_code == 6
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\\x1b]2;pwned\\x07x" in r.stderr
