@@ -478,3 +478,40 @@ def test_error_line_escapes_control_characters(state_dir: Path, key_file: Path) 
     r = run(["--state-dir", str(state_dir), "--key-file", str(key_file), "show", "/tmp/\x1b]2;pwned\x07x"])
     assert r.exit_code == 6
     assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\\x1b]2;pwned\\x07x" in r.stderr
+
+
+def test_demo_refuses_a_directory_that_is_not_its_own(tmp_path: Path, key: bytes) -> None:
+    """issue 15.12 (review): `posstate demo --state-dir /srv/bot` (a real bot's directory: ./state inside) is
+    refused, exit 2, with nothing written there: the demo damages and restores its state on purpose (it used to
+    write demo.key there, start its bot on the real state and end in a traceback)."""
+    real = tmp_path / "bot"
+    make_state(real / "state", key, [pos("BTC/USDT:USDT", "long", "0.5", "97338.1")])
+    before = {p: p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    r = run(["demo", "--state-dir", str(real), "--saves", "5"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith(f"Error: {real}: not empty and not a demo directory")
+    assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file()} == before
+
+
+def test_demo_whose_bot_cannot_start_fails_in_one_line(tmp_path: Path) -> None:
+    """issue 15.12 (review): a demo directory whose state its key cannot open (demo.key replaced) ends with a
+    FAILED line and one Error: line, exit 1: no traceback from the bot process, no "unexpected ValueError"."""
+    workdir = tmp_path / "demo"
+    assert run(["demo", "--state-dir", str(workdir), "--saves", "5", "--seed", "1"]).exit_code == 0
+    from posstate import generate_key
+    from posstate.storage.crypto import encode_key_text
+
+    (workdir / "demo.key").write_text(encode_key_text(generate_key()) + "\n")
+    child = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
+    child.update(PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, "-m", "posstate", "demo", "--state-dir", str(workdir), "--saves", "5"],
+        env=child,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and "unexpected" not in r.stderr
+    assert "[operator] FAILED: " in r.stdout and "[bot] stopped: " in r.stdout
+    assert r.stderr.startswith("Error: a check of the demo failed") and len(r.stderr.splitlines()) == 1, r.stderr
