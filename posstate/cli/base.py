@@ -105,8 +105,8 @@ class CliError(Exception):
 
 
 def error_line(message: str) -> str:
-    """``Error: ...`` on exactly one line."""
-    return "Error: " + " ".join(str(message).split())
+    """``Error: ...`` on exactly one line, with no control character (:func:`~posstate.cli.output.printable`)."""
+    return "Error: " + _out.printable(" ".join(str(message).split()))
 
 
 # ------------------------------------------------------------------------------------------ the group

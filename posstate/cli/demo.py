@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from posstate.core.config import StateConfig
+from posstate.core.errors import PosStateError
 from posstate.manager.manager import PositionStateManager
 from posstate.model.position import Position, PositionKey, Side
 from posstate.storage import atomic as _atomic
@@ -128,6 +129,10 @@ def _bot(state_dir: str, seed: int, trades: int | None = None) -> int:
     return 0
 
 
+class _BotStopped(Exception):
+    """The bot process stopped on an error (it printed ``ERROR <message>``) or before its first trade."""
+
+
 class _Demo:
     """The operator's side: start, kill and restart the bot, damage its file, run the commands."""
 
@@ -157,6 +162,9 @@ class _Demo:
             self.acks[int(rest[0])] = rest[1]
             if int(rest[0]) % 20 == 0:
                 self.echo(f"[bot] trade #{rest[0]} acknowledged (journaled and fsynced)")
+        elif kind == "ERROR":
+            self.echo(f"[bot] stopped: {' '.join(rest)}")
+            raise _BotStopped(" ".join(rest))
         elif kind == "BACKUP" and len(rest) == 2:
             self.backups.append((rest[0], int(rest[1])))
             self.echo(f"[bot] backup {rest[0]} taken after trade #{rest[1]}")
@@ -197,6 +205,8 @@ def _act_crash(d: _Demo, kill_after: int) -> bool:
             if line.endswith("\n"):
                 d.record(line)
         bot.stdout.close()
+    if not d.acks:
+        raise _BotStopped(f"the bot stopped before its first trade (exit status {bot.returncode})")
     last = max(d.acks)
     d.echo(f"[operator] kill -9 {bot.pid}; the last trade the bot acknowledged was #{last}")
     positions, metadata, _ = d.load()
@@ -275,8 +285,12 @@ def run_demo(
     echo(f"posstate demo in {workdir}: state in state/, its AES-256-GCM key in demo.key")
     echo("[operator] the bot trades 5 perpetuals, one journaled transaction per trade, and acknowledges each")
     echo("           change once it returned (on disk, fsynced); every 25 trades it takes a backup")
-    ok = _act_crash(d, saves if saves is not None else rng.randint(40, 120))
-    ok = _act_damage(d) and ok
+    try:
+        ok = _act_crash(d, saves if saves is not None else rng.randint(40, 120))
+        ok = _act_damage(d) and ok
+    except (_BotStopped, PosStateError) as exc:
+        echo(f"[operator] FAILED: {' '.join(str(exc).split())}")
+        return False
     _act_operator(d)
     echo("\n== Explore it yourself")
     reach = path_hint()
@@ -313,7 +327,11 @@ def path_hint() -> str | None:
 
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "bot":
-        return _bot(argv[1], int(argv[2]) if len(argv) > 2 else 0, int(argv[3]) if len(argv) > 3 else None)
+        try:
+            return _bot(argv[1], int(argv[2]) if len(argv) > 2 else 0, int(argv[3]) if len(argv) > 3 else None)
+        except PosStateError as exc:  # one line for the operator's side to show, not a traceback
+            sys.stdout.write("ERROR " + " ".join(str(exc).split()) + "\n")
+            return 1
     return 0 if run_demo() else 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from posstate.cli.base import (
@@ -34,11 +36,12 @@ def demo(ctx: click.Context, demo_dir: str | None, saves: int | None, seed: int 
     backups list, a restore with its diff). The directory and its key file are left for you to explore.
     """
     import tempfile
-    from pathlib import Path
 
     from posstate.cli.demo import run_demo
 
     env = env_of(ctx)
+    if demo_dir:
+        _refuse_foreign_dir(Path(demo_dir))
     workdir = Path(demo_dir) if demo_dir else Path(tempfile.mkdtemp(prefix="posstate-demo-"))
     # --json: the story goes to stderr and stdout holds one document, as for every other command
     ok = run_demo(state_dir=str(workdir), saves=saves, seed=seed, echo=lambda line: click.echo(line, err=env.json))
@@ -46,3 +49,22 @@ def demo(ctx: click.Context, demo_dir: str | None, saves: int | None, seed: int 
         json_out({"ok": ok, "state_dir": str(workdir / "state"), "key_file": str(workdir / "demo.key")})
     if not ok:
         raise CliError("a check of the demo failed (see the FAILED line above)", code=EXIT_INVALID)
+
+
+def _refuse_foreign_dir(workdir: Path) -> None:
+    """The demo damages and restores the state in its directory on purpose: it runs only in a new or empty
+    directory, or one an earlier demo left (it holds ``demo.key``), never in a real bot's (``--state-dir
+    /srv/bot`` would otherwise put ``demo.key`` there and start a bot on ``/srv/bot/state``)."""
+    from posstate.storage import fileops as fs
+
+    try:
+        entries = fs.listdir(workdir)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CliError(f"{workdir}: cannot list it ({exc.strerror}); give a new or empty directory") from None
+    if entries and "demo.key" not in entries:
+        raise CliError(
+            f"{workdir}: not empty and not a demo directory (no demo.key); the demo damages and restores the state "
+            "in its directory on purpose: give a new or empty directory"
+        )

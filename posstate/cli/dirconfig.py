@@ -1,10 +1,12 @@
 """A ``posstate.toml`` found in the state directory (issue 15.10; review): read as what it is, a file anyone who
 can write the state directory could have planted (T1 in docs/SECURITY.md), not as the operator's word.
 
-A config file the operator names (``--config``, ``POSSTATE_CONFIG``) is trusted like a flag. The one found in
-the state directory may set where the state file is (its name, in that directory), retention, intervals,
-compression, the account, and may make any check stricter; it may not loosen one. Refused, each with a
-``ConfigError`` (exit 2) naming the file and the setting:
+A config file the operator names (``--config``, ``POSSTATE_CONFIG``) is trusted like a flag, unless it sits
+under the state directory (``POSSTATE_CONFIG=$POSSTATE_DIR/posstate.toml``): whoever can write the directory
+can replace it however it is named, so it gets the same limits. A config file in the state directory may set
+where the state file is (its name, in that directory), retention, intervals, compression, the account, and
+may make any check stricter; it may not loosen one. Refused, each with a ``ConfigError`` (exit 2) naming the
+file and the setting:
 
 - ``encryption``, ``verify_after_write``, ``validation_enabled`` set to false (before this, a planted
   ``encryption = false`` made ``validate`` call a forged plaintext state VALID and ``reconcile --apply`` write
@@ -21,6 +23,7 @@ would otherwise have its setting names echoed in an error), as a regular file of
 from __future__ import annotations
 
 import errno
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,10 @@ _HOW = (
     "to mean it, name the file with --config or POSSTATE_CONFIG "
     "(a file you name is trusted, one found in the state directory is not)"
 )
+_HOW_NAMED = (
+    "keep a config file that must do so outside the state directory (anyone who can write the directory can "
+    "replace a file in it, however it is named)"
+)
 _DEFAULTS = StateConfig()
 #: Checks a state directory's config may not turn off.
 _MUST_STAY_ON = ("encryption", "verify_after_write", "validation_enabled")
@@ -42,6 +49,33 @@ _MUST_STAY_ON = ("encryption", "verify_after_write", "validation_enabled")
 _AT_MOST_DEFAULT = ("max_document_bytes", "clock_skew", "backup_threshold", "lock_timeout")
 #: Durability modes that keep a change durable when the call returns.
 _DURABLE = ("sync", "group")
+
+
+def in_state_dir(path: str | Path, state_dir: Path) -> bool:
+    """True when the config file *path* sits in *state_dir* (``POSSTATE_CONFIG=$POSSTATE_DIR/posstate.toml``):
+    whoever can write the directory can replace it, however it was named. The file's own name is not resolved (a
+    symlink planted there is still a file in the state directory)."""
+    try:
+        parent, top = Path(path).absolute().parent.resolve(), state_dir.resolve()
+    except (OSError, RuntimeError):  # a symlink loop in the directories
+        return False
+    return parent == top or top in parent.parents  # backups/, quarantine/ are the attacker's too
+
+
+def check_named_in_state_dir(cfg: StateConfig, path: str | Path) -> None:
+    """A config file the operator named that sits in the state directory gets the limits of one found there
+    (:func:`in_state_dir`): not a symlink, nothing loosened. ConfigError (exit 2) otherwise."""
+    p = Path(path)
+    try:
+        link = stat.S_ISLNK(fs.lstat(p).st_mode)
+    except OSError:
+        link = False  # gone since it was read: the read already had its say
+    if link:
+        raise ConfigError(
+            f"is a symlink in the state directory (anyone who can write the directory could point it at any file); {_HOW_NAMED}",
+            path=p,
+        )
+    _refuse_loosening(cfg, p, _HOW_NAMED)
 
 
 def read_state_dir_config(path: str | Path) -> StateConfig:
@@ -63,7 +97,7 @@ def read_state_dir_config(path: str | Path) -> StateConfig:
             ) from None
         raise ConfigError(f"cannot read config ({exc.strerror})", path=p) from None
     cfg = _build(_parse(data, p), p)
-    _refuse_loosening(cfg, p)
+    _refuse_loosening(cfg, p, _HOW)
     return cfg
 
 
@@ -87,21 +121,21 @@ def _build(data: Any, path: Path) -> StateConfig:
         raise ConfigError(str(exc).split("; see")[0], path=path) from None
 
 
-def _refuse_loosening(cfg: StateConfig, path: Path) -> None:
+def _refuse_loosening(cfg: StateConfig, path: Path, how: str) -> None:
     if cfg.state_path.name == path.name:  # a restore or repair would write the state over the config file
         raise ConfigError(f"names itself as the state file (state_file = {cfg.state_file!r}); choose another name", path=path)
     for name in _MUST_STAY_ON:
         if not getattr(cfg, name):
-            raise ConfigError(f"sets {name} = false, which a config file in the state directory may not; {_HOW}", path=path)
+            raise ConfigError(f"sets {name} = false, which a config file in the state directory may not; {how}", path=path)
     if cfg.durability not in _DURABLE:
         raise ConfigError(
-            f"sets durability = {cfg.durability!r}, which a config file in the state directory may not; {_HOW}", path=path
+            f"sets durability = {cfg.durability!r}, which a config file in the state directory may not; {how}", path=path
         )
     for name in _AT_MOST_DEFAULT:
         value, default = getattr(cfg, name), getattr(_DEFAULTS, name)
         if value > default:
             raise ConfigError(
                 f"sets {name} = {value!r}, above its default {default!r}, which a config file in the state directory "
-                f"may not; {_HOW}",
+                f"may not; {how}",
                 path=path,
             )

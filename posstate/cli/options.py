@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from posstate.cli.dirconfig import read_state_dir_config
+from posstate.cli.dirconfig import check_named_in_state_dir, in_state_dir, read_state_dir_config
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     ConfigError,
@@ -78,6 +78,8 @@ class Env:
             elif self.state_dir or self.config_source == "state directory":
                 d = Path(self.state_dir or "state")
                 cfg = cfg.replace(state_file=str(d / cfg.state_path.name), backup_dir=str(d / "backups"))
+            if path and self.config_source != "state directory" and in_state_dir(path, cfg.state_dir):
+                check_named_in_state_dir(cfg, path)  # named, but as writable as the directory: the same limits
             self._config = cfg
             if self.verbose:
                 where = f"{self.state_dir} (from {self.state_dir_source})" if self.state_dir else "./state (the default)"

@@ -308,6 +308,18 @@ def unquieted(env: Env | None) -> Iterator[None]:
         sys.stderr = quiet
 
 
+# ------------------------------------------------------------------------------------------ terminal safety
+#: C0 and C1 controls, DEL, and the bidi overrides: what a terminal may act on or reorder rather than show.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """*text* with every control character escaped (``\\x1b``, ``\\u202e``): a file name the attacker chose
+    (a planted ``quarantine/`` file, a path in an error) can then never drive the operator's terminal (retitle it,
+    clear it, hide a line). Colour is added after this, by :func:`paint` and :func:`error_prefix`."""
+    return _CONTROLS.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
 # ------------------------------------------------------------------------------------------ colour
 def color_choice(env_vars: Any = None) -> bool | None:
     """False when ``NO_COLOR`` is set to anything non-empty (no-color.org); None: let click decide (colour

@@ -22,6 +22,7 @@ from typing import Any
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from posstate.cli.output import printable
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     CorruptStateError,
@@ -282,4 +283,4 @@ def record_line(r: dict[str, Any]) -> str:
     """One line: time, file, generation, verdict, flags in capitals, detail."""
     gen = f"generation {r['generation']}" if r.get("generation") is not None else r["event"]
     flags = "".join(f" [{f.upper()}]" for f in r["flags"])
-    return f"{r['time']} {r['file']}: {gen}, {r['status']}{flags} ({r['detail']})"
+    return printable(f"{r['time']} {r['file']}: {gen}, {r['status']}{flags} ({r['detail']})")
