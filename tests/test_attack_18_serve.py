@@ -669,3 +669,44 @@ def test_manager_closed_while_serving_then_stopped_with_a_client_connected(manag
     finally:
         server.stop()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("posstate-serve")]
+
+
+def test_a_forked_child_does_not_keep_the_port(recwarn: pytest.WarningsRecorder) -> None:
+    """issue 18.1 attack: a bot that forks a worker while serving, then stops the server: the port is free
+    again (a new server can listen there), a new client is refused, not left hanging in the listen backlog
+    of the child's copy of the socket, and a client connected at the fork sees its connection end (before:
+    none of these until the worker exited)."""
+    import warnings
+
+    store = AccountStateStore()
+    server = _server.serve_state(store, port=0)
+    port = server.port
+    client = socket.create_connection(("127.0.0.1", port))  # a keep-alive client, connected at the fork
+    client.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):  # the whole response (a small JSON body)
+        answer += client.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running (Python 3.12+)
+        pid = os.fork()
+    if pid == 0:  # the worker: waits until the parent is done, never touches the server
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        server.stop()
+        assert _closed_by_peer(client, 10.0)  # its connection really ends (the child's copy is closed too)
+        client.close()
+        probe = socket.socket()
+        probe.settimeout(10)
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(("127.0.0.1", port))
+        probe.close()
+        again = _server.serve_state(store, port=port)
+        again.stop()
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hmac
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import stat
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +152,33 @@ def refuse_the_key_as_token(token: str, keyring: Keyring | None, *, passphrase: 
         )
 
 
+def _close_in_child(ref: weakref.ref[StateServer]) -> None:
+    """In a forked child: close the child's copy of a running server's listening socket. The event loop holds
+    a reference on the socket object (its close() only marks it), so the descriptor is closed here, once
+    checked to be that socket still (same inode), and detached so the child never closes its number again."""
+    server = ref()
+    if server is None:
+        return
+    fd = server._sock.fileno()
+    with contextlib.suppress(OSError):
+        if fd >= 0 and fs.fstat(fd).st_ino == server._sock_inode:
+            server._sock.detach()
+            socket.close(fd)
+    # and its copies of the open connections (else a connection the parent closes never ends for the client)
+    for conn in list(server._server.server_state.connections):
+        transport: Any = getattr(conn, "transport", None)
+        with contextlib.suppress(Exception):  # a connection closed meanwhile, or no transport yet
+            ends = (transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
+            fd = transport.get_extra_info("socket").fileno()
+            probe = socket.socket(fileno=fd)  # takes no ownership until checked: detached below
+            try:
+                same = (probe.getsockname(), probe.getpeername()) == ends
+            finally:
+                probe.detach()
+            if same:
+                socket.close(fd)
+
+
 class StateServer:
     """A running read-only server over one source (see docs/SERVE.md). Use as a context manager or call
     :meth:`stop`; ``url`` is known once the constructor returns (the socket is bound there)."""
@@ -185,6 +215,11 @@ class StateServer:
             sock.close()
             raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror})", next_step="choose another --port") from None
         self._sock = sock
+        self._sock_inode = fs.fstat(sock.fileno()).st_ino
+        # A child forked while this serves (a bot's worker) would keep the listening socket: after stop()
+        # the port stays taken and new clients hang in its backlog. The child closes its copy (a closed
+        # socket object closes nothing: the hook checks it is still that socket).
+        os.register_at_fork(after_in_child=functools.partial(_close_in_child, weakref.ref(self)))
         self.host, self.port = host, sock.getsockname()[1]
         shown = f"[{host.strip('[]')}]" if ":" in host else host
         hosts = frozenset({f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]", shown)}) if loopback else None
