@@ -710,3 +710,15 @@ def test_a_forked_child_does_not_keep_the_port(recwarn: pytest.WarningsRecorder)
     finally:
         os.close(w)
         os.waitpid(pid, 0)
+
+
+def test_port_80_accepts_the_host_header_without_the_port() -> None:
+    """issue 18.4 attack: on port 80 a browser sends `Host: 127.0.0.1` (no default port), which must be
+    accepted (before: every page request 403); other ports still need it, and foreign names never pass."""
+    assert "127.0.0.1" in _server.loopback_hosts("127.0.0.1", 80)
+    assert "localhost" in _server.loopback_hosts("127.0.0.1", 80)
+    assert "127.0.0.1:80" in _server.loopback_hosts("127.0.0.1", 80)
+    assert "127.0.0.1" not in _server.loopback_hosts("127.0.0.1", 8787)
+    assert "127.0.0.2:8787" in _server.loopback_hosts("127.0.0.2", 8787)
+    assert "[::1]:8787" in _server.loopback_hosts("::1", 8787)
+    assert not any("evil" in h for h in _server.loopback_hosts("127.0.0.1", 80))

@@ -105,6 +105,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def loopback_hosts(host: str, port: int) -> frozenset[str]:
+    """The ``Host`` headers a loopback server answers to: its loopback names with the port, and without it
+    on port 80 (browsers leave the default port out)."""
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    names = ("127.0.0.1", "localhost", "[::1]", shown)
+    return frozenset({f"{h}:{port}" for h in names} | (set(names) if port == 80 else set()))
+
+
 def read_token(path: str | Path) -> str:
     """The bearer token in *path* (surrounding whitespace ignored). Refused: a missing, empty or short token,
     or a file other users may read."""
@@ -217,12 +225,11 @@ class StateServer:
         self._sock = sock
         self._sock_inode = fs.fstat(sock.fileno()).st_ino
         # A child forked while this serves (a bot's worker) would keep the listening socket: after stop()
-        # the port stays taken and new clients hang in its backlog. The child closes its copy (a closed
-        # socket object closes nothing: the hook checks it is still that socket).
+        # the port stays taken and new clients hang in its backlog. The child closes its copies
+        # (:func:`_close_in_child`).
         os.register_at_fork(after_in_child=functools.partial(_close_in_child, weakref.ref(self)))
         self.host, self.port = host, sock.getsockname()[1]
-        shown = f"[{host.strip('[]')}]" if ":" in host else host
-        hosts = frozenset({f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]", shown)}) if loopback else None
+        hosts = loopback_hosts(host, self.port) if loopback else None
         self._state = AppState(source, stream=stream or StreamOptions(), limits=limits or HealthLimits())
         self._state.on_loop = self._set_loop
         self._loop: asyncio.AbstractEventLoop | None = None
