@@ -722,3 +722,16 @@ def test_port_80_accepts_the_host_header_without_the_port() -> None:
     assert "127.0.0.2:8787" in _server.loopback_hosts("127.0.0.2", 8787)
     assert "[::1]:8787" in _server.loopback_hosts("::1", 8787)
     assert not any("evil" in h for h in _server.loopback_hosts("127.0.0.1", 80))
+
+
+@pytest.mark.parametrize(
+    "token", ["", "short", "sixteen chars ok but spaced", "x" * 15, "\u00a0" * 20, "\u00e9" * 20, "tab\there-is-long-enough"]
+)
+def test_a_weak_token_given_directly_is_refused(token: str) -> None:
+    """issue 18.4 attack: `serve(token=...)` (the library's direct form) obeys the token-file rules: empty,
+    short or spaced tokens are ServeError before anything listens (before: any token was taken, the empty
+    one letting `Authorization: Bearer` in)."""
+    from posstate.core.errors import ServeError
+
+    with pytest.raises(ServeError, match="at least"), serving(AccountStateStore(), host="0.0.0.0", token=token):
+        pass

@@ -134,11 +134,17 @@ def read_token(path: str | Path) -> str:
         raise ServeError(f"the token file {why}", next_step="give --token-file the path of a regular 0600 file", path=p) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ServeError("the token file is readable by other users", next_step=f"run `chmod 600 {p}`", path=p)
-    if len(text) < MIN_TOKEN_CHARS or any(c.isspace() for c in text):
+    return check_token(text, path=p)
+
+
+def check_token(text: str, *, path: Path | None = None) -> str:
+    """*text* if it is a usable bearer token: one word of at least MIN_TOKEN_CHARS printable ASCII characters
+    (what an HTTP header carries as is)."""
+    if len(text) < MIN_TOKEN_CHARS or not all(c.isascii() and c.isprintable() and not c.isspace() for c in text):
         raise ServeError(
-            f"the token must be one word of at least {MIN_TOKEN_CHARS} characters",
+            f"the token must be one word of at least {MIN_TOKEN_CHARS} printable ASCII characters",
             next_step="write one, e.g. `(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)`",
-            path=p,
+            path=path,
         )
     return text
 
@@ -209,6 +215,8 @@ class StateServer:
                 f"refusing to listen on {host} without a token: only 127.0.0.1 (this machine) is served openly",
                 next_step="pass --token-file FILE (token_file=) or bind 127.0.0.1",
             )
+        if token is not None:
+            token = check_token(token)
         poll_interval = _options.seconds("poll_interval", poll_interval)
         max_connections = _options.count("max_connections", max_connections)
         self.source = source
