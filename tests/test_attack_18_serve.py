@@ -644,7 +644,7 @@ def test_manager_closed_while_serving_then_stopped_with_a_client_connected(manag
     m: PositionStateManager = manager()
     m.load_positions()
     m.set_position(pos("BTC/USDT", 1))
-    server = m.serve(port=0, poll_interval=0.01)
+    server: Any = m.serve(port=0, poll_interval=0.01)
     try:
 
         async def scenario() -> int | None:
@@ -735,3 +735,32 @@ def test_a_weak_token_given_directly_is_refused(token: str) -> None:
 
     with pytest.raises(ServeError, match="at least"), serving(AccountStateStore(), host="0.0.0.0", token=token):
         pass
+
+
+def test_a_server_that_fails_to_start_frees_its_port_and_the_bots_hooks(manager: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.1 attack: when uvicorn fails to start, serve() raises ServeError and leaves nothing behind: the
+    port is free and the manager carries none of the server's event handlers (before: the bound socket and
+    six handlers stayed for the life of the bot)."""
+    import uvicorn
+
+    from posstate.core.errors import ServeError
+
+    m: PositionStateManager = manager()
+    m.load_positions()
+    before = {event: list(handlers) for event, handlers in m._events._handlers.items()}
+
+    async def failing_startup(self: Any, sockets: Any = None) -> None:
+        raise SystemExit(3)  # what uvicorn does when its startup fails
+
+    with socket.socket() as free:  # a port nobody uses, to check it is free again afterwards
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setattr(uvicorn.Server, "startup", failing_startup)
+    with pytest.raises(ServeError, match="stopped while starting"):
+        m.serve(port=port)
+    assert {event: list(handlers) for event, handlers in m._events._handlers.items() if handlers} == {
+        e: h for e, h in before.items() if h
+    }
+    with socket.socket() as again:  # no SO_REUSEADDR: fails while any socket still listens there
+        again.bind(("127.0.0.1", port))
+        again.listen(1)

@@ -264,6 +264,7 @@ class StateServer:
         self._thread: threading.Thread | None = None
         self._poller = threading.Thread(target=self._poll_loop, name="posstate-serve-poll", daemon=True)
         self._stopped = False
+        self._start_failed = False
         source.poll()  # the first view before anyone connects
         self._poller.start()
 
@@ -297,17 +298,27 @@ class StateServer:
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
-                raise ServeError("the server stopped while starting", next_step="see the log for the cause")
+                self._start_failed = True
+                self._raise_if_start_failed()
             self._thread.join(0.01)
         return self
 
     def _run(self) -> None:
-        self._server.run(sockets=[self._sock])
+        try:
+            self._server.run(sockets=[self._sock])
+        except SystemExit:  # uvicorn's way to report a failed startup (its log says why)
+            self._start_failed = True
+
+    def _raise_if_start_failed(self) -> None:
+        if self._start_failed:
+            self.stop()  # the socket, the poll thread and the source's hooks on the bot's objects
+            raise ServeError("the server stopped while starting", next_step="see the log for the cause")
 
     def serve_forever(self) -> None:
         """Run in this thread until Ctrl-C or SIGTERM (uvicorn handles both here), then stop."""
         try:
             self._run()
+            self._raise_if_start_failed()
         finally:
             self.stop()
 
