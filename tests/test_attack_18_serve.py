@@ -644,7 +644,7 @@ def test_manager_closed_while_serving_then_stopped_with_a_client_connected(manag
     m: PositionStateManager = manager()
     m.load_positions()
     m.set_position(pos("BTC/USDT", 1))
-    server = m.serve(port=0, poll_interval=0.01)
+    server: Any = m.serve(port=0, poll_interval=0.01)
     try:
 
         async def scenario() -> int | None:
@@ -669,3 +669,98 @@ def test_manager_closed_while_serving_then_stopped_with_a_client_connected(manag
     finally:
         server.stop()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("posstate-serve")]
+
+
+def test_a_forked_child_does_not_keep_the_port(recwarn: pytest.WarningsRecorder) -> None:
+    """issue 18.1 attack: a bot that forks a worker while serving, then stops the server: the port is free
+    again (a new server can listen there), a new client is refused, not left hanging in the listen backlog
+    of the child's copy of the socket, and a client connected at the fork sees its connection end (before:
+    none of these until the worker exited)."""
+    import warnings
+
+    store = AccountStateStore()
+    server = _server.serve_state(store, port=0)
+    port = server.port
+    client = socket.create_connection(("127.0.0.1", port))  # a keep-alive client, connected at the fork
+    client.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):  # the whole response (a small JSON body)
+        answer += client.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running (Python 3.12+)
+        pid = os.fork()
+    if pid == 0:  # the worker: waits until the parent is done, never touches the server
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        server.stop()
+        assert _closed_by_peer(client, 10.0)  # its connection really ends (the child's copy is closed too)
+        client.close()
+        probe = socket.socket()
+        probe.settimeout(10)
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(("127.0.0.1", port))
+        probe.close()
+        again = _server.serve_state(store, port=port)
+        again.stop()
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
+
+
+def test_port_80_accepts_the_host_header_without_the_port() -> None:
+    """issue 18.4 attack: on port 80 a browser sends `Host: 127.0.0.1` (no default port), which must be
+    accepted (before: every page request 403); other ports still need it, and foreign names never pass."""
+    assert "127.0.0.1" in _server.loopback_hosts("127.0.0.1", 80)
+    assert "localhost" in _server.loopback_hosts("127.0.0.1", 80)
+    assert "127.0.0.1:80" in _server.loopback_hosts("127.0.0.1", 80)
+    assert "127.0.0.1" not in _server.loopback_hosts("127.0.0.1", 8787)
+    assert "127.0.0.2:8787" in _server.loopback_hosts("127.0.0.2", 8787)
+    assert "[::1]:8787" in _server.loopback_hosts("::1", 8787)
+    assert not any("evil" in h for h in _server.loopback_hosts("127.0.0.1", 80))
+
+
+@pytest.mark.parametrize(
+    "token", ["", "short", "sixteen chars ok but spaced", "x" * 15, "\u00a0" * 20, "\u00e9" * 20, "tab\there-is-long-enough"]
+)
+def test_a_weak_token_given_directly_is_refused(token: str) -> None:
+    """issue 18.4 attack: `serve(token=...)` (the library's direct form) obeys the token-file rules: empty,
+    short or spaced tokens are ServeError before anything listens (before: any token was taken, the empty
+    one letting `Authorization: Bearer` in)."""
+    from posstate.core.errors import ServeError
+
+    with pytest.raises(ServeError, match="at least"), serving(AccountStateStore(), host="0.0.0.0", token=token):
+        pass
+
+
+def test_a_server_that_fails_to_start_frees_its_port_and_the_bots_hooks(manager: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.1 attack: when uvicorn fails to start, serve() raises ServeError and leaves nothing behind: the
+    port is free and the manager carries none of the server's event handlers (before: the bound socket and
+    six handlers stayed for the life of the bot)."""
+    import uvicorn
+
+    from posstate.core.errors import ServeError
+
+    m: PositionStateManager = manager()
+    m.load_positions()
+    before = {event: list(handlers) for event, handlers in m._events._handlers.items()}
+
+    async def failing_startup(self: Any, sockets: Any = None) -> None:
+        raise SystemExit(3)  # what uvicorn does when its startup fails
+
+    with socket.socket() as free:  # a port nobody uses, to check it is free again afterwards
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setattr(uvicorn.Server, "startup", failing_startup)
+    with pytest.raises(ServeError, match="stopped while starting"):
+        m.serve(port=port)
+    assert {event: list(handlers) for event, handlers in m._events._handlers.items() if handlers} == {
+        e: h for e, h in before.items() if h
+    }
+    with socket.socket() as again:  # no SO_REUSEADDR: fails while any socket still listens there
+        again.bind(("127.0.0.1", port))
+        again.listen(1)

@@ -90,7 +90,7 @@ class Guard:
             # RFC 9110: the scheme is case-insensitive ("bearer" from some clients); the token is compared
             # in constant time whatever the scheme, so the answer's timing says nothing about it
             scheme, _, credentials = headers.get(b"authorization", b"").partition(b" ")
-            if not hmac.compare_digest(credentials, self._token) or scheme.lower() != b"bearer":
+            if not hmac.compare_digest(credentials, self._token) or scheme.lower() != b"bearer" or not credentials:
                 return 401, "missing or wrong bearer token"
         return None
 

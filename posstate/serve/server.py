@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hmac
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import stat
 import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,6 +105,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def loopback_hosts(host: str, port: int) -> frozenset[str]:
+    """The ``Host`` headers a loopback server answers to: its loopback names with the port, and without it
+    on port 80 (browsers leave the default port out)."""
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    names = ("127.0.0.1", "localhost", "[::1]", shown)
+    return frozenset({f"{h}:{port}" for h in names} | (set(names) if port == 80 else set()))
+
+
 def read_token(path: str | Path) -> str:
     """The bearer token in *path* (surrounding whitespace ignored). Refused: a missing, empty or short token,
     or a file other users may read."""
@@ -123,11 +134,17 @@ def read_token(path: str | Path) -> str:
         raise ServeError(f"the token file {why}", next_step="give --token-file the path of a regular 0600 file", path=p) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ServeError("the token file is readable by other users", next_step=f"run `chmod 600 {p}`", path=p)
-    if len(text) < MIN_TOKEN_CHARS or any(c.isspace() for c in text):
+    return check_token(text, path=p)
+
+
+def check_token(text: str, *, path: Path | None = None) -> str:
+    """*text* if it is a usable bearer token: one word of at least MIN_TOKEN_CHARS printable ASCII characters
+    (what an HTTP header carries as is)."""
+    if len(text) < MIN_TOKEN_CHARS or not all(c.isascii() and c.isprintable() and not c.isspace() for c in text):
         raise ServeError(
-            f"the token must be one word of at least {MIN_TOKEN_CHARS} characters",
+            f"the token must be one word of at least {MIN_TOKEN_CHARS} printable ASCII characters",
             next_step="write one, e.g. `(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)`",
-            path=p,
+            path=path,
         )
     return text
 
@@ -147,6 +164,33 @@ def refuse_the_key_as_token(token: str, keyring: Keyring | None, *, passphrase: 
             next_step="make a separate token, e.g. `(umask 077; python3 -c 'import secrets; "
             "print(secrets.token_urlsafe(32))' > api.token)`",
         )
+
+
+def _close_in_child(ref: weakref.ref[StateServer]) -> None:
+    """In a forked child: close the child's copy of a running server's listening socket. The event loop holds
+    a reference on the socket object (its close() only marks it), so the descriptor is closed here, once
+    checked to be that socket still (same inode), and detached so the child never closes its number again."""
+    server = ref()
+    if server is None:
+        return
+    fd = server._sock.fileno()
+    with contextlib.suppress(OSError):
+        if fd >= 0 and fs.fstat(fd).st_ino == server._sock_inode:
+            server._sock.detach()
+            socket.close(fd)
+    # and its copies of the open connections (else a connection the parent closes never ends for the client)
+    for conn in list(server._server.server_state.connections):
+        transport: Any = getattr(conn, "transport", None)
+        with contextlib.suppress(Exception):  # a connection closed meanwhile, or no transport yet
+            ends = (transport.get_extra_info("sockname"), transport.get_extra_info("peername"))
+            fd = transport.get_extra_info("socket").fileno()
+            probe = socket.socket(fileno=fd)  # takes no ownership until checked: detached below
+            try:
+                same = (probe.getsockname(), probe.getpeername()) == ends
+            finally:
+                probe.detach()
+            if same:
+                socket.close(fd)
 
 
 class StateServer:
@@ -171,6 +215,8 @@ class StateServer:
                 f"refusing to listen on {host} without a token: only 127.0.0.1 (this machine) is served openly",
                 next_step="pass --token-file FILE (token_file=) or bind 127.0.0.1",
             )
+        if token is not None:
+            token = check_token(token)
         poll_interval = _options.seconds("poll_interval", poll_interval)
         max_connections = _options.count("max_connections", max_connections)
         self.source = source
@@ -185,9 +231,13 @@ class StateServer:
             sock.close()
             raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror})", next_step="choose another --port") from None
         self._sock = sock
+        self._sock_inode = fs.fstat(sock.fileno()).st_ino
+        # A child forked while this serves (a bot's worker) would keep the listening socket: after stop()
+        # the port stays taken and new clients hang in its backlog. The child closes its copies
+        # (:func:`_close_in_child`).
+        os.register_at_fork(after_in_child=functools.partial(_close_in_child, weakref.ref(self)))
         self.host, self.port = host, sock.getsockname()[1]
-        shown = f"[{host.strip('[]')}]" if ":" in host else host
-        hosts = frozenset({f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]", shown)}) if loopback else None
+        hosts = loopback_hosts(host, self.port) if loopback else None
         self._state = AppState(source, stream=stream or StreamOptions(), limits=limits or HealthLimits())
         self._state.on_loop = self._set_loop
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -214,6 +264,7 @@ class StateServer:
         self._thread: threading.Thread | None = None
         self._poller = threading.Thread(target=self._poll_loop, name="posstate-serve-poll", daemon=True)
         self._stopped = False
+        self._start_failed = False
         source.poll()  # the first view before anyone connects
         self._poller.start()
 
@@ -247,17 +298,27 @@ class StateServer:
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
-                raise ServeError("the server stopped while starting", next_step="see the log for the cause")
+                self._start_failed = True
+                self._raise_if_start_failed()
             self._thread.join(0.01)
         return self
 
     def _run(self) -> None:
-        self._server.run(sockets=[self._sock])
+        try:
+            self._server.run(sockets=[self._sock])
+        except SystemExit:  # uvicorn's way to report a failed startup (its log says why)
+            self._start_failed = True
+
+    def _raise_if_start_failed(self) -> None:
+        if self._start_failed:
+            self.stop()  # the socket, the poll thread and the source's hooks on the bot's objects
+            raise ServeError("the server stopped while starting", next_step="see the log for the cause")
 
     def serve_forever(self) -> None:
         """Run in this thread until Ctrl-C or SIGTERM (uvicorn handles both here), then stop."""
         try:
             self._run()
+            self._raise_if_start_failed()
         finally:
             self.stop()
 

@@ -334,7 +334,8 @@ class DirectorySource(Source):
         rolled = (
             f"{self.config.state_path}: generation went back from {self._highest} to {generation} while served "
             "(an older copy replaced the state file: a rollback, or a recovery that lost changes); compare with "
-            "`posstate backups list` and restore the newest with `posstate backups restore`"
+            "`posstate backups list` and restore the newest with `posstate backups restore` (a state reset on "
+            "purpose: restart the server)"
         )
         return rolled if problem is None else f"{problem}; {rolled}"
 
