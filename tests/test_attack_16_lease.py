@@ -97,3 +97,31 @@ def test_a_fresh_replica_is_taken_at_once(s3_server: Any) -> None:
     assert first.acquire() is None and first.epoch == 1
     with pytest.raises(StateLockedError):
         Lease(c, ttl=600.0, dir_id="b" * 32).acquire()
+
+
+def test_a_writer_whose_lease_lapsed_never_deletes_from_the_replica(tmp_path: Any, key: bytes) -> None:
+    """issue 16.4/16.5 attack: a writer whose lease was not renewed in time (paused, partitioned) applies no
+    retention: deleting objects is as fenced as uploading them."""
+    from replica_util import pos, rcfg
+
+    from posstate import PositionStateManager
+
+    url = f"file://{tmp_path}/rep"
+    m = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=30, max_backups=1), key=key)
+    try:
+        m.set_position(pos("A/USDT"))
+        m.save()
+        assert m.flush_replica(30)
+        c = client(url)
+        snaps, _, _ = _names.split(o.key for o in c.list())
+        data = c.get(snaps[-1].key)
+        old = _names.Snapshot(1, snaps[-1].epoch, 0, _names.digest(data))  # an older snapshot retention would remove
+        c.put(old.key, data)
+        lease = m._replica.lease  # type: ignore[union-attr]
+        assert lease is not None
+        lease._stop.set()
+        lease._valid_until = 0.0  # lapsed: not renewed in time
+        m.flush_replica(5)  # a listing, and with it retention, runs on every flush
+        assert old.key in {o.key for o in c.list()}
+    finally:
+        m.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,10 +147,11 @@ class Replication:
 
     def close(self, timeout: float) -> str | None:
         """Flush with a bounded wait, stop shipping, release the lease; what was left behind (None: nothing)."""
+        deadline = time.monotonic() + timeout
         try:
             left = self.shipper.close(timeout)
         except PosStateError as exc:  # pragma: no cover - close never raises
             left = str(exc)
         if self.lease is not None:
-            self.lease.release()
+            self.lease.release(max(1.0, deadline - time.monotonic()))
         return left

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from posstate.core.errors import ReplicaError
+from posstate.replica import client as _client
 from posstate.replica.client import ObjectInfo, ObjectMissing, PreconditionFailed
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
@@ -40,6 +41,19 @@ class FileClient:
         parts = key.split("/")
         if any(p in ("", ".", "..") for p in parts):
             raise ReplicaError(self._url, "invalid object name", key=key)
+        # A folder below the root replaced by a symlink (someone with write access to the replica disk) must
+        # not make posstate write or delete objects elsewhere.
+        folder = self._root
+        for part in parts[:-1]:
+            folder = folder / part
+            try:
+                mode = fs.lstat(folder).st_mode
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                raise ReplicaError(self._url, f"cannot inspect {part}/ ({exc})", key=key) from exc
+            if stat.S_ISLNK(mode):
+                raise ReplicaError(self._url, f"{part}/ is a symbolic link, not a folder of the replica", key=key)
         return self._root.joinpath(*parts)
 
     def put(self, key: str, data: bytes) -> None:
@@ -54,8 +68,9 @@ class FileClient:
             raise ReplicaError(self._url, "upload read back differs from what was written", key=key)
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            return fs.read_file(self._path(key), max_size=None)
+            return fs.read_file(path, max_size=_client.MAX_OBJECT_BYTES)
         except FileNotFoundError:
             raise ObjectMissing(self._url, "download: no such object", key=key) from None
         except OSError as exc:
@@ -67,6 +82,8 @@ class FileClient:
             if not fs.exists(self._root):
                 return []
             self._walk(self._root, "", prefix, out)
+        except ReplicaError:
+            raise
         except OSError as exc:
             raise ReplicaError(self._url, f"list failed ({exc})") from exc
         return sorted(out, key=lambda o: o.key)
@@ -82,11 +99,18 @@ class FileClient:
                     self._walk(folder / name, key + "/", prefix, out)
             elif key.startswith(prefix):
                 out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)))
+                if len(out) > _client.MAX_LISTED:
+                    raise ReplicaError(
+                        self._url,
+                        f"list: more than {_client.MAX_LISTED} objects (not all posstate's)",
+                        next_step="remove the files posstate did not write (`posstate replica verify` names them)",
+                    )
 
     def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
+            path = self._path(key)
             try:
-                fs.unlink(self._path(key))
+                fs.unlink(path)
             except FileNotFoundError:
                 continue
             except OSError as exc:

@@ -253,16 +253,35 @@ class Lease:
             if self.lost is not None:
                 return
 
-    def release(self) -> None:
-        """Stop renewing and mark the lease released, so another machine may take it at once. Best effort."""
+    def release(self, timeout: float = 5.0) -> None:
+        """Stop renewing and mark the lease released, so the next writer need not wait for it to expire. Best
+        effort and bounded by *timeout* seconds (a replica that does not answer must not hold up close():
+        the write goes on in the background and the lease expires after its TTL anyway)."""
         self._stop.set()
+        deadline = self._mono() + timeout
         if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            self._thread.join(timeout=max(0.0, deadline - self._mono()))
         if self.lost is None and self.check() is None and self._etag is not None:
-            try:
-                self.client.put_if(_names.LEASE, self._record(released=True).to_bytes(), etag=self._etag)
-            except ReplicaError as exc:
-                log.warning("replica %s: could not release the lease (%s); it expires after %g s", self.client.url, exc, self.ttl)
+            record, etag, done = self._record(released=True).to_bytes(), self._etag, threading.Event()
+
+            def put() -> None:
+                try:
+                    self.client.put_if(_names.LEASE, record, etag=etag)
+                except ReplicaError as exc:
+                    log.warning(
+                        "replica %s: could not release the lease (%s); it expires after %g s", self.client.url, exc, self.ttl
+                    )
+                finally:
+                    done.set()
+
+            threading.Thread(target=put, name="posstate-lease-release", daemon=True).start()
+            if not done.wait(max(0.0, deadline - self._mono())):
+                log.warning(
+                    "replica %s: the lease release did not finish in %g s; it expires after %g s",
+                    self.client.url,
+                    timeout,
+                    self.ttl,
+                )
         self.lost = self.lost or "released"
 
 
