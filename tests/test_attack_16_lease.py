@@ -4,6 +4,7 @@ bucket (no key), and a lease record with a hostile TTL. At no moment may two wri
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -125,3 +126,65 @@ def test_a_writer_whose_lease_lapsed_never_deletes_from_the_replica(tmp_path: An
         assert old.key in {o.key for o in c.list()}
     finally:
         m.close()
+
+
+def test_a_replayed_lease_record_of_this_directory_is_not_taken_back_at_once(s3_server: Any) -> None:
+    """issue 16.4 attack: the bucket writes back an old lease record of directory C (its host and directory id)
+    after H took over: C restarting must not take it at once as its own while H still holds a valid lease."""
+    c = client(s3_server.bucket(), s3_server.url)
+    first = Lease(c, ttl=1.0, dir_id="c" * 32, clock=lambda: time.time() - 3600)  # its record looks expired
+    first.acquire()  # C holds epoch 1, then dies without releasing
+    found = c.get_versioned(_names.LEASE)
+    assert found is not None
+    old_record = found[0]
+    h = Lease(c, ttl=1.0, dir_id="h" * 32)
+    h.acquire()  # H takes over after watching one TTL: epoch 2
+    h.start()
+    try:
+        c.put(_names.LEASE, old_record)  # the replay
+        again = Lease(c, ttl=1.0, dir_id="c" * 32)
+        again.acquire()
+        assert h.check() is not None, "two writers: C took back a replayed record while H's lease was valid"
+        assert again.epoch > h.epoch
+    finally:
+        h.release()
+
+
+def test_a_restart_fed_its_own_replayed_record_restores_the_newer_holders_state(
+    s3_server: Any, tmp_path: Any, key: bytes
+) -> None:
+    """issue 16.4 attack: C dies, H takes over and writes, the bucket writes C's old lease record back: C
+    restarting waits out H, then restores H's state (not its own older files) under the next epoch."""
+    import os
+    import signal
+
+    from replica_util import held, pos
+    from test_replica_lease import _child, _finish, _open_when_free, lcfg
+
+    url = s3_server.bucket()
+    kid = _child(tmp_path / "c", url, s3_server.url, key, ttl=1, n=2)
+    try:
+        assert kid.stdout is not None
+        assert kid.stdout.readline().split() == ["ok", "1"]
+        assert kid.stdout.readline().strip() == "flushed"
+        c = client(url, s3_server.url)
+        found = c.get_versioned(_names.LEASE)
+        assert found is not None
+        old_record = found[0]
+        os.kill(kid.pid, signal.SIGKILL)
+        kid.wait(30)
+    finally:
+        _finish(kid)
+    h, _ = _open_when_free(lcfg(tmp_path / "h", url, s3_server.url, ttl=1), key)
+    try:
+        h.set_position(pos("H/USDT"))
+        assert h.flush_replica(30)
+        c.put(_names.LEASE, old_record)  # the replay
+        m, _ = _open_when_free(lcfg(tmp_path / "c", url, s3_server.url, ttl=1), key)
+        try:
+            assert "H/USDT" in held(m)
+            assert m.replica_status()["epoch"] == 3  # type: ignore[index]
+        finally:
+            m.close()
+    finally:
+        h.close()

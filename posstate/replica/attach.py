@@ -81,7 +81,15 @@ class Replication:
         lease = Lease(self.client, ttl=cfg.replica_lease_ttl, dir_id=dir_id, path=self._path, emit=emit)
         prev = lease.acquire()
         try:
-            we_were_last = prev is not None and marker is not None and prev.dir_id == dir_id and prev.epoch == marker.get("epoch")
+            # The last holder was this directory: its record, its epoch, and no epoch after it (an old record of
+            # ours written back by the bucket after another machine took over is not "us").
+            we_were_last = (
+                prev is not None
+                and marker is not None
+                and prev.dir_id == dir_id
+                and prev.epoch == marker.get("epoch")
+                and prev.epoch == lease.epoch - 1
+            )
             someone_else = prev is not None and not we_were_last
             self.took_over = someone_else
             snaps, _, _ = _names.split(o.key for o in self.client.list())

@@ -150,7 +150,9 @@ class Lease:
                 return None
             data, etag = found
             prev = LeaseRecord.parse(data)
-            ours = prev is not None and prev.host == self.host and prev.dir_id == self.dir_id
+            # Our own record (a restart of this directory: its writer lock proves the old process is gone),
+            # unless a later epoch exists: then it is a replay of an old record by the bucket.
+            ours = prev is not None and prev.host == self.host and prev.dir_id == self.dir_id and prev.epoch >= floor
             if not ours:
                 if prev is not None and not prev.released:
                     left = prev.expires_at - self._clock()
