@@ -188,3 +188,13 @@ def test_a_restart_fed_its_own_replayed_record_restores_the_newer_holders_state(
             m.close()
     finally:
         h.close()
+
+
+def test_a_planted_lease_with_a_huge_epoch_never_pushes_epochs_past_a_name(s3_server: Any) -> None:
+    """issue 16.4 attack: lease.json naming epoch 10**12 is damaged: the next epoch still fits an object name."""
+    c = client(s3_server.bucket(), s3_server.url)
+    c.put(_names.LEASE, LeaseRecord(10**12, "evil", 1, "e" * 32, "t", 1.0, 0.0, 0.0).to_bytes())
+    contender = Lease(c, ttl=1.0, dir_id="b" * 32)
+    contender.acquire()
+    assert contender.epoch <= _names.MAX_COUNTER
+    assert _names.parse(_names.Snapshot(1, contender.epoch, 1, "0" * 32).key) is not None

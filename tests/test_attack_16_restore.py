@@ -83,3 +83,19 @@ def test_a_longer_range_of_an_older_session_is_superseded_not_a_gap(tmp_path: Pa
     restored, _ = restore_into(tmp_path / "b", url, None, key)
     with PositionStateManager(StateConfig.in_dir(restored.state_dir), key=key) as r:
         assert set(held(r)) == {"A/USDT", "B/USDT"}
+
+
+@pytest.mark.parametrize("field", ["session", "epoch"])
+def test_a_planted_name_with_a_huge_counter_never_breaks_replication(tmp_path: Path, key: bytes, field: str) -> None:
+    """issue 16.2 attack: a name planted with session or epoch 9999999999 must not push the writer's own counter
+    past the 10 digits of a name (its objects would no longer parse: shipped for ever, never restored)."""
+    url = f"file://{tmp_path}/rep"
+    c = client(url)
+    kw = {"session": 9_999_999_999, "epoch": 0} if field == "session" else {"session": 1, "epoch": 9_999_999_999}
+    c.put(_names.Snapshot(generation=0, digest="0" * 32, **kw).key, b"x")
+    with PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=field == "epoch", replica_lease_ttl=1), key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+    keys = [o.key for o in c.list()]
+    mine = [k for k in keys if k.startswith(("snapshots/", "journal/")) and "9999999999" not in k]
+    assert mine and all(_names.parse(k) is not None for k in mine), mine

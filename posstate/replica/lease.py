@@ -60,7 +60,9 @@ class LeaseRecord:
             d = json.loads(data)
             ttl, renewed, expires = float(d["ttl"]), float(d["renewed_at"]), float(d["expires_at"])
             if not all(math.isfinite(v) for v in (ttl, renewed, expires)) or not 0 < ttl <= MAX_TTL:
-                return None  # a NaN or absurd TTL would make a contender skip its watch or wait for ever
+                return None
+            if not 0 <= int(d["epoch"]) <= _names.MAX_COUNTER:
+                return None  # damaged: an epoch no name can hold  # a NaN or absurd TTL would make a contender skip its watch or wait for ever
             return cls(
                 epoch=int(d["epoch"]),
                 host=str(d["host"])[:255],
@@ -141,7 +143,7 @@ class Lease:
                 # holder's is gone with its record; every writer of a replica must use the same TTL).
                 if used and not self._unchanged_for(None, self.ttl):
                     continue  # it appeared meanwhile: look at it
-                self.epoch = floor + 1
+                self.epoch = _names.next_counter(floor, url=self.client.url, what="epoch")
                 try:
                     self._took(self.client.put_if(_names.LEASE, self._record().to_bytes(), etag=None), self._mono())
                 except PreconditionFailed:
@@ -167,7 +169,7 @@ class Lease:
                     if rec is None or rec.released:
                         continue
                     raise self._locked(rec, "renewed while this process watched it; its holder's clock may be wrong")
-            self.epoch = max(floor, prev.epoch if prev is not None else 0) + 1
+            self.epoch = _names.next_counter(max(floor, prev.epoch if prev is not None else 0), url=self.client.url, what="epoch")
             start = self._mono()
             try:
                 self._took(self.client.put_if(_names.LEASE, self._record().to_bytes(), etag=etag), start)

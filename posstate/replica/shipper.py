@@ -225,7 +225,8 @@ class Shipper:
         self.requests += 1
         snaps, ranges, _ = _names.split(o.key for o in objects)
         if self.session is None:
-            self.session = 1 + max([s.session for s in snaps] + [r.session for r in ranges] + [0])
+            highest = max([s.session for s in snaps] + [r.session for r in ranges] + [0])
+            self.session = _names.next_counter(highest, url=self.client.url, what="session")
         local = _local.read_local(self._state_path, self._journal_path)
         found = _local.compare(local, snaps, ranges, epoch=self.epoch)
         lost = []
