@@ -59,10 +59,12 @@ class LeaseRecord:
         try:
             d = json.loads(data)
             ttl, renewed, expires = float(d["ttl"]), float(d["renewed_at"]), float(d["expires_at"])
+            # A NaN or absurd TTL would make a contender skip its watch or wait for ever; an epoch no name can
+            # hold would push the next one past the names' ten digits: damaged, both.
             if not all(math.isfinite(v) for v in (ttl, renewed, expires)) or not 0 < ttl <= MAX_TTL:
                 return None
             if not 0 <= int(d["epoch"]) <= _names.MAX_COUNTER:
-                return None  # damaged: an epoch no name can hold  # a NaN or absurd TTL would make a contender skip its watch or wait for ever
+                return None
             return cls(
                 epoch=int(d["epoch"]),
                 host=str(d["host"])[:255],
