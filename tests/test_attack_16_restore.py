@@ -99,3 +99,19 @@ def test_a_planted_name_with_a_huge_counter_never_breaks_replication(tmp_path: P
     keys = [o.key for o in c.list()]
     mine = [k for k in keys if k.startswith(("snapshots/", "journal/")) and "9999999999" not in k]
     assert mine and all(_names.parse(k) is not None for k in mine), mine
+
+
+def test_restore_at_a_generation_before_a_gap_succeeds_and_beyond_it_fails(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: with a range deleted, `--at` a generation the chain reaches before the gap restores
+    (as the error's next step says); `--at` one beyond the gap still fails (nothing silently cut)."""
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    c = client(url)
+    snaps, ranges, _ = _names.split(o.key for o in c.list())
+    c.delete([ranges[2].key])
+    gen = snaps[-1].generation
+    _, result = restore_into(tmp_path / "b", url, None, key, at_generation=gen + 1)
+    assert result.generation == gen + 1
+    with pytest.raises(CorruptStateError, match="missing"):
+        restore_into(tmp_path / "c", url, None, key, at_generation=gen + 3)
+    assert not (tmp_path / "c" / "positions.json").exists()

@@ -148,6 +148,15 @@ def choose(
     return max((s for s in cands if s.epoch == newest), key=lambda s: (s.generation, s.session))
 
 
+def _gap_error(client: ReplicaClient, snap: _names.Snapshot, gap: str) -> CorruptStateError:
+    return CorruptStateError(
+        _where(client, snap.key),
+        gap,
+        next_step="retry later; to restore the state before the gap: `posstate replica restore --at GENERATION` "
+        "(a generation before it; `posstate replica verify` names the ranges)",
+    )
+
+
 def restore(
     client: ReplicaClient,
     config: StateConfig,
@@ -180,12 +189,8 @@ def restore(
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
     gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
-    if gap is not None:
-        raise CorruptStateError(
-            _where(client, snap.key),
-            gap,
-            next_step="retry later; to restore the state before the gap: `posstate replica restore --at GENERATION`",
-        )
+    if gap is not None and at_generation is None and at_time is None:
+        raise _gap_error(client, snap, gap)
     jbytes, records = load_journal(client, chain, loaded, options)
     used = 1 + len(chain)
     kept = 0
@@ -197,6 +202,9 @@ def restore(
             jbytes = jbytes[: rec.offset]
             break
         kept += 1
+    else:
+        if gap is not None:  # --at a point the chain does not reach before its gap
+            raise _gap_error(client, snap, gap)
     fs.ensure_dir(config.state_dir)
     for p in existing:
         _atomic.move_aside(p, config.quarantine_dir, label="before-replica-restore")
