@@ -115,3 +115,35 @@ def test_restore_at_a_generation_before_a_gap_succeeds_and_beyond_it_fails(tmp_p
     with pytest.raises(CorruptStateError, match="missing"):
         restore_into(tmp_path / "c", url, None, key, at_generation=gen + 3)
     assert not (tmp_path / "c" / "positions.json").exists()
+
+
+@pytest.mark.parametrize("field", ["session", "epoch"])
+def test_a_range_copied_under_a_higher_writer_never_cuts_the_restore_short(tmp_path: Path, key: bytes, field: str) -> None:
+    """issue 16.3 attack: a journal range copied (same bytes) under a higher session or epoch in its name must not
+    make the restore stop there silently: the writer's later ranges are still followed."""
+    import dataclasses
+
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    c = client(url)
+    _, ranges, _ = _names.split(o.key for o in c.list())
+    victim = ranges[1]
+    c.put(dataclasses.replace(victim, **{field: getattr(victim, field) + 5}).key, c.get(victim.key))
+    cfg, _ = restore_into(tmp_path / "b", url, None, key)
+    with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=key) as r:
+        assert {f"R0-{i}/USDT" for i in range(4)} <= set(held(r))
+
+
+def test_the_last_range_copied_under_a_higher_writer_still_shows_a_gap_after_it(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: a range copied under a higher session, and the range after the original deleted: the
+    later ranges of the original's writer still reveal the gap (an error, not a silent cut)."""
+    import dataclasses
+
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    c = client(url)
+    _, ranges, _ = _names.split(o.key for o in c.list())
+    c.put(dataclasses.replace(ranges[1], session=ranges[1].session + 5).key, c.get(ranges[1].key))
+    c.delete([ranges[2].key])
+    with pytest.raises(CorruptStateError, match="missing"):
+        restore_into(tmp_path / "b", url, None, key)

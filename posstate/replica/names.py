@@ -154,4 +154,8 @@ def chain(ranges: Sequence[Range], journal_id: str, *, floor: tuple[int, int] = 
             return out
         best = max(cands, key=lambda r: (r.writer, r.end))
         out.append(best)
-        off, low = best.end, best.writer
+        # The same bytes under several writers' names (a takeover ships them again; a bucket attacker can copy
+        # a range under a higher session or epoch): the oldest of those writers bounds what may follow, so a
+        # copy never hides the ranges its original's writer shipped after it.
+        low = min(r.writer for r in cands if r.end == best.end and r.digest == best.digest)
+        off = best.end

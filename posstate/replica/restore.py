@@ -92,7 +92,14 @@ def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_na
     if not jid:
         return None
     end = chain[-1].end if chain else 0
-    low = chain[-1].writer if chain else (snap.epoch, 0)
+    low = (snap.epoch, 0)
+    if chain:  # the oldest writer of the last range's bytes (a copy under a higher name hides nothing)
+        last = chain[-1]
+        low = min(
+            r.writer
+            for r in ranges
+            if r.journal_id == jid and (r.start, r.end, r.digest) == (last.start, last.end, last.digest) and r.writer >= low
+        )
     after = [
         r for r in ranges if r.journal_id == jid and r.base_generation == snap.generation and r.writer >= low and r.end > end
     ]
