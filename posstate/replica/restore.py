@@ -215,9 +215,11 @@ def restore(
     fs.ensure_dir(config.state_dir)
     for p in existing:
         _atomic.move_aside(p, config.quarantine_dir, label="before-replica-restore")
-    _atomic.write_file(config.state_path, data)
+    # The journal first, the state file last: a restore killed in between leaves a journal without its
+    # state file, which no manager opens (loud), never a state file that opens without the journal's changes.
     if jbytes and kept:
         _atomic.write_file(config.journal_path, jbytes)
+    _atomic.write_file(config.state_path, data)
     current = read_current(config, options)
     if current.error is not None:
         raise current.error
