@@ -196,3 +196,45 @@ def test_close_is_bounded_when_the_replica_stops_answering(
     closer.join(20)  # boto3 alone would wait 2 x 20 s read timeouts on the lease release
     assert not closer.is_alive(), "close() waited on a replica that does not answer"
     assert ev.wait("replicaClosed", 1)["left_behind"]
+
+
+def test_a_file_replica_conditional_write_is_never_broken_by_a_clock_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.4 attack (wrong clock, file://): writer A paused inside its conditional write of the lease; writer
+    B, whose clock is a minute ahead, must not break in and write too (both would hold the lease)."""
+    url = f"file://{tmp_path}/rep"
+    a, b = FileClient(url), FileClient(url)
+    etag = a.put_if("lease.json", b"v0", etag=None)
+    inside, resume = threading.Event(), threading.Event()
+    real = FileClient.get_versioned
+
+    def paused(key: str) -> Any:
+        found = real(a, key)
+        inside.set()
+        resume.wait(30)  # A is paused (SIGSTOP) between its read and its write
+        return found
+
+    monkeypatch.setattr(a, "get_versioned", paused)
+    results: dict[str, Any] = {}
+
+    def run_a() -> None:
+        try:
+            results["a"] = a.put_if("lease.json", b"from a", etag=etag)
+        except ReplicaError as exc:
+            results["a"] = exc
+
+    t = threading.Thread(target=run_a)
+    t.start()
+    assert inside.wait(30)
+    monkeypatch.setattr(FileClient, "LOCK_WAIT", 1.0, raising=False)
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 60)
+    try:
+        results["b"] = b.put_if("lease.json", b"from b", etag=etag)
+    except ReplicaError as exc:
+        results["b"] = exc
+    resume.set()
+    t.join(30)
+    won = [k for k, v in results.items() if isinstance(v, str)]
+    assert len(won) <= 1, f"both conditional writes succeeded: {results}"

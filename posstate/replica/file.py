@@ -2,14 +2,17 @@
 
 Each object is one file under the prefix directory, written as posstate writes every file (temp, fsync,
 rename, directory fsync), so a half-written object is only ever a temp (never listed) and read back after
-the rename to check it. Conditional writes (the lease) hold a ``mkdir`` mutex around read-compare-replace;
-the version tag is the SHA-256 of the content.
+the rename to check it. Conditional writes (the lease) hold an exclusive ``flock`` on a lock file beside the
+object around read-compare-replace (released by the kernel when its holder dies: no clock decides it is
+gone); the version tag is the SHA-256 of the content.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
 import stat
 import time
 from collections.abc import Sequence
@@ -22,12 +25,13 @@ from posstate.replica.client import ObjectInfo, ObjectMissing, PreconditionFaile
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
 
-_MUTEX_STALE = 30.0  # seconds after which a mutex left by a crashed writer is broken
 _Objects = list[ObjectInfo]
 
 
 class FileClient:
     """A :class:`~posstate.replica.client.ReplicaClient` for ``file:///path``."""
+
+    LOCK_WAIT = 10.0  # seconds a conditional write waits for another one on the same object
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -125,10 +129,9 @@ class FileClient:
 
     def put_if(self, key: str, data: bytes, *, etag: str | None) -> str:
         path = self._path(key)
-        mutex = path.with_name(f".{path.name}.mutex")
         try:
             fs.ensure_dir(path.parent)
-            self._take_mutex(mutex)
+            fd = self._lock(path.with_name(f".{path.name}.lock"))
         except OSError as exc:
             raise ReplicaError(self._url, f"conditional write failed ({exc})", key=key) from exc
         try:
@@ -142,22 +145,23 @@ class FileClient:
             return hashlib.sha256(data).hexdigest()
         finally:
             with contextlib.suppress(OSError):
-                fs.rmdir(mutex)
+                fs.close(fd)  # releases the flock
 
-    @staticmethod
-    def _take_mutex(mutex: Path) -> None:
-        deadline = time.monotonic() + 10.0
+    def _lock(self, lock_path: Path) -> int:
+        """An exclusive ``flock`` on the lock file beside the object, waited for at most :attr:`LOCK_WAIT` s.
+        The kernel (or the NFS lock manager) drops it when its holder dies, so no clock decides that a
+        holder is gone: one paused inside its read-compare-write keeps the others out (they fail, retry)."""
+        fd = fs.open_(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.LOCK_WAIT
         while True:
             try:
-                fs.mkdir(mutex, 0o700)
-                return
-            except FileExistsError:
-                try:
-                    if time.time() - fs.lstat(mutex).st_mtime > _MUTEX_STALE:
-                        fs.rmdir(mutex)
-                        continue
-                except FileNotFoundError:
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
                 if time.monotonic() > deadline:
+                    fs.close(fd)
                     raise
                 time.sleep(0.01)
+            except OSError:
+                fs.close(fd)
+                raise
