@@ -238,3 +238,29 @@ def test_a_file_replica_conditional_write_is_never_broken_by_a_clock_ahead(
     t.join(30)
     won = [k for k, v in results.items() if isinstance(v, str)]
     assert len(won) <= 1, f"both conditional writes succeeded: {results}"
+
+
+def test_names_and_lease_text_from_the_bucket_never_reach_a_terminal_raw(s3_server: Any, tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: an object name or a lease host holding a newline or an escape sequence (the bucket
+    chooses them) is shown escaped: `replica list`/`verify` cannot be made to print a forged "ok" line, and a
+    StateLockedError never carries terminal control characters."""
+    from test_cli import run
+
+    from posstate import StateLockedError
+    from posstate.core.text import BAD_TEXT
+    from posstate.replica import names as _names
+    from posstate.replica.lease import Lease, LeaseRecord
+
+    url = f"file://{tmp_path}/rep"
+    with PositionStateManager(rcfg(tmp_path / "a", url), key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+    (tmp_path / "rep" / "junk\x1b[2J\nok  forged: all fine").write_bytes(b"x")
+    result = run(["replica", "list", url])
+    assert "\nok  forged" not in result.output and "\x1b" not in result.output
+    c = client(s3_server.bucket(), s3_server.url)
+    rec = LeaseRecord(1, "evil\x1b[2J\nhost", 1, "e" * 32, "t", 600.0, time.time(), time.time() + 600)
+    c.put(_names.LEASE, rec.to_bytes())
+    with pytest.raises(StateLockedError) as info:
+        Lease(c, ttl=600.0, dir_id="b" * 32).acquire()
+    assert not BAD_TEXT.search(str(info.value)) and not BAD_TEXT.search(str(info.value.host))

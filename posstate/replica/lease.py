@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from posstate.core.errors import ReplicaError, StateLockedError
+from posstate.core.text import BAD_TEXT
 from posstate.replica import names as _names
 from posstate.replica.client import ObjectMissing, PreconditionFailed, ReplicaClient
 
@@ -67,10 +68,10 @@ class LeaseRecord:
                 return None
             return cls(
                 epoch=int(d["epoch"]),
-                host=str(d["host"])[:255],
+                host=_clean(d["host"], 255),  # the bucket writes these: they reach messages and terminals
                 pid=int(d["pid"]),
-                dir_id=str(d["dir_id"])[:64],
-                token=str(d["token"])[:64],
+                dir_id=_clean(d["dir_id"], 64),
+                token=_clean(d["token"], 64),
                 ttl=ttl,
                 renewed_at=renewed,
                 expires_at=expires,
@@ -78,6 +79,10 @@ class LeaseRecord:
             )
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def _clean(value: object, limit: int) -> str:
+    return BAD_TEXT.sub("?", str(value)[:limit])
 
 
 class Lease:
