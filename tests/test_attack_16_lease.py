@@ -198,3 +198,18 @@ def test_a_planted_lease_with_a_huge_epoch_never_pushes_epochs_past_a_name(s3_se
     contender.acquire()
     assert contender.epoch <= _names.MAX_COUNTER
     assert _names.parse(_names.Snapshot(1, contender.epoch, 1, "0" * 32).key) is not None
+
+
+def test_a_cloned_machine_with_the_same_host_and_directory_never_takes_a_live_lease(s3_server: Any) -> None:
+    """issue 16.4 attack (a second machine): a VM cloned from a running bot has the same hostname and a copy of
+    its directory (the same directory id), but another boot: it must be refused while the lease is live, not
+    take it at once as "its own" restart."""
+    c = client(s3_server.bucket(), s3_server.url)
+    holder = Lease(c, ttl=600.0, dir_id="a" * 32)
+    holder.boot = "boot-of-the-original"
+    holder.acquire()
+    clone = Lease(c, ttl=600.0, dir_id="a" * 32)
+    clone.boot = "boot-of-the-clone"
+    with pytest.raises(StateLockedError):
+        clone.acquire()
+    assert holder.check() is None

@@ -50,6 +50,7 @@ class LeaseRecord:
     renewed_at: float
     expires_at: float
     released: bool = False
+    boot: str = ""  # the holder's kernel boot id: a restart of the same directory on the same boot is "ours"
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -76,9 +77,24 @@ class LeaseRecord:
                 renewed_at=renewed,
                 expires_at=expires,
                 released=bool(d.get("released", False)),
+                boot=_clean(d.get("boot", ""), 64),
             )
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def _boot_id() -> str:
+    """This kernel boot's id (Linux; "" elsewhere): another machine, a clone included, has another."""
+    from posstate.storage import fileops as fs
+
+    try:  # a /proc file's size is 0: read it by descriptor
+        fd = fs.open_("/proc/sys/kernel/random/boot_id", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _clean(fs.pread(fd, 64, 0).decode("ascii", "replace").strip(), 64)
+        finally:
+            fs.close(fd)
+    except OSError:
+        return ""
 
 
 def _clean(value: object, limit: int) -> str:
@@ -107,6 +123,7 @@ class Lease:
         self._clock = clock
         self._mono = monotonic
         self.host = socket.gethostname()
+        self.boot = _boot_id()
         self.pid = os.getpid()
         self.token = secrets.token_hex(16)
         self.epoch = 0
@@ -120,7 +137,16 @@ class Lease:
     def _record(self, *, released: bool = False) -> LeaseRecord:
         now = self._clock()
         return LeaseRecord(
-            self.epoch, self.host, self.pid, self.dir_id, self.token, self.ttl, now, 0.0 if released else now + self.ttl, released
+            self.epoch,
+            self.host,
+            self.pid,
+            self.dir_id,
+            self.token,
+            self.ttl,
+            now,
+            0.0 if released else now + self.ttl,
+            released,
+            self.boot,
         )
 
     def _locked(self, rec: LeaseRecord | None, why: str) -> StateLockedError:
@@ -161,7 +187,14 @@ class Lease:
             prev = LeaseRecord.parse(data)
             # Our own record (a restart of this directory: its writer lock proves the old process is gone),
             # unless a later epoch exists: then it is a replay of an old record by the bucket.
-            ours = prev is not None and prev.host == self.host and prev.dir_id == self.dir_id and prev.epoch >= floor
+            # A VM cloned from a running bot has the same host name and directory id: only the same boot counts.
+            ours = (
+                prev is not None
+                and prev.host == self.host
+                and prev.dir_id == self.dir_id
+                and prev.boot == self.boot
+                and prev.epoch >= floor
+            )
             if not ours:
                 if prev is not None and not prev.released:
                     left = prev.expires_at - self._clock()
