@@ -178,3 +178,22 @@ def test_a_restore_killed_between_its_two_files_never_opens_as_an_older_state(
     except PosStateError:
         return  # refused loudly: fine
     assert {f"R0-{i}/USDT" for i in range(4)} <= got, "opened as an older state, the journal's changes gone"
+
+
+def test_a_chain_of_huge_ranges_is_refused_before_it_is_downloaded(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.3 attack: journal ranges whose listed sizes add up to more than posstate ever reads are refused
+    from the listing, before any of them is downloaded into memory."""
+    from posstate.replica.file import FileClient
+    from posstate.storage import fileops as fs
+
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    monkeypatch.setattr(fs, "DEFAULT_MAX_READ_BYTES", 100)
+    fetched: list[str] = []
+    real = FileClient.get
+    monkeypatch.setattr(FileClient, "get", lambda self, k: fetched.append(k) or real(self, k))
+    with pytest.raises(CorruptStateError, match="more than a journal"):
+        restore_into(tmp_path / "b", url, None, key)
+    assert not [k for k in fetched if k.startswith("journal/")]

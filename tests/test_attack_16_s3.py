@@ -264,3 +264,13 @@ def test_names_and_lease_text_from_the_bucket_never_reach_a_terminal_raw(s3_serv
     with pytest.raises(StateLockedError) as info:
         Lease(c, ttl=600.0, dir_id="b" * 32).acquire()
     assert not BAD_TEXT.search(str(info.value)) and not BAD_TEXT.search(str(info.value.host))
+
+
+@pytest.mark.parametrize("key", ["../../etc/x", "snapshots/../../x", "/etc/x", "snapshots//x", "./x"])
+def test_a_file_replica_refuses_names_that_leave_its_folder(tmp_path: Path, key: str) -> None:
+    """issue 16.1 attack: object names with path traversal never reach a path outside the replica's folder."""
+    f = FileClient(f"file://{tmp_path}/rep")
+    for call in (lambda: f.put(key, b"x"), lambda: f.get(key), lambda: f.delete([key]), lambda: f.put_if(key, b"x", etag=None)):
+        with pytest.raises(ReplicaError, match="invalid object name"):
+            call()
+    assert not (tmp_path / "etc").exists() and not (tmp_path / "x").exists()

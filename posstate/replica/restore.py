@@ -183,7 +183,9 @@ def restore(
             next_step="restore into an empty directory (--state-dir)",
             kind="exists",
         )
-    snaps, ranges, _ = _names.split(o.key for o in client.list())
+    objects = client.list()
+    sizes = {o.key: o.size for o in objects}
+    snaps, ranges, _ = _names.split(sizes)
     snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
     newer = newer_than(ranges, snap) if at_generation is None and at_time is None else None
     if newer is not None:
@@ -198,6 +200,13 @@ def restore(
     gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
     if gap is not None and at_generation is None and at_time is None:
         raise _gap_error(client, snap, gap)
+    listed = sum(sizes.get(r.key, 0) for r in chain)
+    if listed > fs.DEFAULT_MAX_READ_BYTES:  # a chain of planted ranges must not be downloaded into memory
+        raise CorruptStateError(
+            _where(client, chain[0].folder),
+            f"the journal's ranges hold {listed} bytes, more than a journal posstate reads ({fs.DEFAULT_MAX_READ_BYTES})",
+            next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
+        )
     jbytes, records = load_journal(client, chain, loaded, options)
     used = 1 + len(chain)
     kept = 0
