@@ -83,3 +83,117 @@ def test_a_longer_range_of_an_older_session_is_superseded_not_a_gap(tmp_path: Pa
     restored, _ = restore_into(tmp_path / "b", url, None, key)
     with PositionStateManager(StateConfig.in_dir(restored.state_dir), key=key) as r:
         assert set(held(r)) == {"A/USDT", "B/USDT"}
+
+
+@pytest.mark.parametrize("field", ["session", "epoch"])
+def test_a_planted_name_with_a_huge_counter_never_breaks_replication(tmp_path: Path, key: bytes, field: str) -> None:
+    """issue 16.2 attack: a name planted with session or epoch 9999999999 must not push the writer's own counter
+    past the 10 digits of a name (its objects would no longer parse: shipped for ever, never restored)."""
+    url = f"file://{tmp_path}/rep"
+    c = client(url)
+    kw = {"session": 9_999_999_999, "epoch": 0} if field == "session" else {"session": 1, "epoch": 9_999_999_999}
+    c.put(_names.Snapshot(generation=0, digest="0" * 32, **kw).key, b"x")
+    with PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=field == "epoch", replica_lease_ttl=1), key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+    keys = [o.key for o in c.list()]
+    mine = [k for k in keys if k.startswith(("snapshots/", "journal/")) and "9999999999" not in k]
+    assert mine and all(_names.parse(k) is not None for k in mine), mine
+
+
+def test_restore_at_a_generation_before_a_gap_succeeds_and_beyond_it_fails(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: with a range deleted, `--at` a generation the chain reaches before the gap restores
+    (as the error's next step says); `--at` one beyond the gap still fails (nothing silently cut)."""
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    c = client(url)
+    snaps, ranges, _ = _names.split(o.key for o in c.list())
+    c.delete([ranges[2].key])
+    gen = snaps[-1].generation
+    _, result = restore_into(tmp_path / "b", url, None, key, at_generation=gen + 1)
+    assert result.generation == gen + 1
+    with pytest.raises(CorruptStateError, match="missing"):
+        restore_into(tmp_path / "c", url, None, key, at_generation=gen + 3)
+    assert not (tmp_path / "c" / "positions.json").exists()
+
+
+@pytest.mark.parametrize("field", ["session", "epoch"])
+def test_a_range_copied_under_a_higher_writer_never_cuts_the_restore_short(tmp_path: Path, key: bytes, field: str) -> None:
+    """issue 16.3 attack: a journal range copied (same bytes) under a higher session or epoch in its name must not
+    make the restore stop there silently: the writer's later ranges are still followed."""
+    import dataclasses
+
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    c = client(url)
+    _, ranges, _ = _names.split(o.key for o in c.list())
+    victim = ranges[1]
+    c.put(dataclasses.replace(victim, **{field: getattr(victim, field) + 5}).key, c.get(victim.key))
+    cfg, _ = restore_into(tmp_path / "b", url, None, key)
+    with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=key) as r:
+        assert {f"R0-{i}/USDT" for i in range(4)} <= set(held(r))
+
+
+def test_the_last_range_copied_under_a_higher_writer_still_shows_a_gap_after_it(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: a range copied under a higher session, and the range after the original deleted: the
+    later ranges of the original's writer still reveal the gap (an error, not a silent cut)."""
+    import dataclasses
+
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    c = client(url)
+    _, ranges, _ = _names.split(o.key for o in c.list())
+    c.put(dataclasses.replace(ranges[1], session=ranges[1].session + 5).key, c.get(ranges[1].key))
+    c.delete([ranges[2].key])
+    with pytest.raises(CorruptStateError, match="missing"):
+        restore_into(tmp_path / "b", url, None, key)
+
+
+def test_a_restore_killed_between_its_two_files_never_opens_as_an_older_state(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.3 attack (SIGKILL mid-restore): a restore that dies after writing one of its two files must not
+    leave a directory that opens without the journal's acknowledged changes: the state file is written last."""
+    from posstate import PosStateError
+    from posstate.replica import restore as _restore
+
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    real = _restore._atomic.write_file
+    calls: list[Path] = []
+
+    def dies_on_the_second(path: Path, data: bytes, *a: object, **kw: object) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")  # the process dies here: nothing after this runs
+        real(path, data, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_restore._atomic, "write_file", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        restore_into(tmp_path / "b", url, None, key)
+    monkeypatch.setattr(_restore._atomic, "write_file", real)
+    try:
+        with PositionStateManager(StateConfig.in_dir(tmp_path / "b"), key=key) as m:
+            got = set(held(m))
+    except PosStateError:
+        return  # refused loudly: fine
+    assert {f"R0-{i}/USDT" for i in range(4)} <= got, "opened as an older state, the journal's changes gone"
+
+
+def test_a_chain_of_huge_ranges_is_refused_before_it_is_downloaded(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.3 attack: journal ranges whose listed sizes add up to more than posstate ever reads are refused
+    from the listing, before any of them is downloaded into memory."""
+    from posstate.replica.file import FileClient
+    from posstate.storage import fileops as fs
+
+    url = f"file://{tmp_path}/rep"
+    _ship(tmp_path, url, key)
+    monkeypatch.setattr(fs, "DEFAULT_MAX_READ_BYTES", 100)
+    fetched: list[str] = []
+    real = FileClient.get
+    monkeypatch.setattr(FileClient, "get", lambda self, k: fetched.append(k) or real(self, k))
+    with pytest.raises(CorruptStateError, match="more than a journal"):
+        restore_into(tmp_path / "b", url, None, key)
+    assert not [k for k in fetched if k.startswith("journal/")]

@@ -387,16 +387,17 @@ def test_a_record_the_local_disk_lost_is_superseded_by_the_restarted_writer(tmp_
 
 
 def test_an_upload_whose_etag_differs_from_what_was_sent_is_an_error(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """issue 16.2: each S3 upload is checked after the PUT (the ETag against the MD5 sent); a mismatch is a
-    ReplicaError, so the shipper retries it rather than counting it shipped."""
+    """issue 16.2: each S3 upload is checked after the PUT: an ETag that is not the MD5 sent (it may be an SSE-KMS
+    one) sends a HEAD, and an object whose SHA-256 there differs is a ReplicaError, so the shipper retries it."""
     from posstate import ReplicaError
     from posstate.replica.s3 import S3Client
 
     c = client(s3_server.bucket(), s3_server.url)
     assert isinstance(c, S3Client)
     c.put("snapshots/ok", b"payload")  # a real PUT passes its check
-    real = c._s3.put_object
+    real, head = c._s3.put_object, c._s3.head_object
     monkeypatch.setattr(c._s3, "put_object", lambda **kw: {**real(**kw), "ETag": '"' + "0" * 32 + '"'})
+    monkeypatch.setattr(c._s3, "head_object", lambda **kw: {**head(**kw), "Metadata": {"sha256": "0" * 64}})
     with pytest.raises(ReplicaError, match="arrived damaged"):
         c.put("snapshots/bad", b"payload")
 

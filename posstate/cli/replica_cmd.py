@@ -16,6 +16,7 @@ import click
 
 from posstate.cli.base import EXIT_INVALID, CliError, cli, json_out
 from posstate.cli.options import Env, common_options, env_of
+from posstate.core.text import BAD_TEXT
 from posstate.replica.client import ReplicaClient
 
 __all__ = ["replica"]
@@ -24,6 +25,12 @@ URL = click.argument("url", required=False)
 ENDPOINT = click.option(
     "--endpoint-url", default=None, help="S3-compatible endpoint (else replica_endpoint_url, AWS_ENDPOINT_URL)."
 )
+
+
+def _shown(text: object) -> str:
+    """*text* from the replica (object names, lease fields: the bucket chooses them) with control and bidi
+    characters escaped, so it cannot forge an output line or drive the terminal."""
+    return BAD_TEXT.sub(lambda m: ascii(m.group())[1:-1], str(text))
 
 
 def _client(env: Env, url: str | None, endpoint: str | None) -> ReplicaClient:
@@ -95,7 +102,7 @@ def status(ctx: click.Context, url: str | None, endpoint_url: str | None) -> Non
         click.echo("lease:           none")
     else:
         state = "released" if lease["released"] else f"expires in {lease['expires_in']} s (holder's clock)"
-        click.echo(f"lease:           epoch {lease['epoch']}, pid {lease['pid']} on {lease['host']}, {state}")
+        click.echo(f"lease:           epoch {lease['epoch']}, pid {lease['pid']} on {_shown(lease['host'])}, {state}")
 
 
 @replica.command(name="list")
@@ -139,7 +146,7 @@ def list_(ctx: click.Context, url: str | None, endpoint_url: str | None) -> None
     for j in journals.values():
         click.echo(f"journal {j['journal']} (after generation {j['base_generation']}): {j['ranges']} ranges, {j['bytes']} bytes")
     for key in other:
-        click.echo(f"unknown object (ignored): {key}")
+        click.echo(f"unknown object (ignored): {_shown(key)}")
 
 
 @replica.command()
@@ -160,7 +167,7 @@ def verify(ctx: click.Context, url: str | None, endpoint_url: str | None) -> Non
         json_out({"url": client.url, "objects": rows, "ok": not bad})
     else:
         for r in rows:
-            click.echo(f"{'ok ' if r['ok'] else 'BAD'} {r['key']}: {r['reason']}")
+            click.echo(f"{'ok ' if r['ok'] else 'BAD'} {_shown(r['key'])}: {_shown(r['reason'])}")
         click.echo(f"{len(rows)} objects, {len(bad)} bad")
     if bad:
         raise click.exceptions.Exit(EXIT_INVALID)
@@ -235,5 +242,5 @@ def prune(ctx: click.Context, url: str | None, dry_run: bool, endpoint_url: str 
         return
     verb = "would remove" if dry_run else "removed"
     for key in plan.remove:
-        click.echo(f"{verb} {key}: {plan.reasons[key]}")
+        click.echo(f"{verb} {_shown(key)}: {plan.reasons[key]}")
     click.echo(f"kept {len(plan.keep)} objects, {verb} {len(plan.remove)}")

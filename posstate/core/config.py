@@ -326,6 +326,9 @@ def _check_types(cfg: StateConfig) -> None:
             raise ConfigError(f"{name} must be a string, got {value!r}")
 
 
+_URL_USERINFO = re.compile(r"(?i)^([a-z][a-z0-9+.-]*://)[^/@]*@")
+
+
 def _check_replica(cfg: StateConfig) -> None:
     """The replica settings (docs/REPLICATION.md): a URL posstate can ship to, and boto3 installed for s3://."""
     for name in ("replica_interval", "replica_lease_ttl", "replica_close_timeout"):
@@ -333,7 +336,12 @@ def _check_replica(cfg: StateConfig) -> None:
             raise ConfigError(f"{name} must be >= 0")
     if cfg.replica_batch_bytes < 1:
         raise ConfigError(f"replica_batch_bytes must be >= 1, got {cfg.replica_batch_bytes}")
+    endpoint = cfg.replica_endpoint_url
+    if endpoint is not None and "@" in endpoint.split("://", 1)[-1].split("/", 1)[0]:
+        raise ConfigError("replica_endpoint_url must not hold credentials; boto3 reads them from its usual chain")
     url = cfg.replica_url
+    if url is not None and _URL_USERINFO.match(url):  # https://KEY:SECRET@..., file://user:pass@...: never echoed
+        raise ConfigError("replica_url must not hold credentials; boto3 reads them from its usual chain")
     if url is None:
         if cfg.replica_lease:
             raise ConfigError("replica_lease=True needs a replica_url")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,15 @@ class Replication:
         lease = Lease(self.client, ttl=cfg.replica_lease_ttl, dir_id=dir_id, path=self._path, emit=emit)
         prev = lease.acquire()
         try:
-            we_were_last = prev is not None and marker is not None and prev.dir_id == dir_id and prev.epoch == marker.get("epoch")
+            # The last holder was this directory: its record, its epoch, and no epoch after it (an old record of
+            # ours written back by the bucket after another machine took over is not "us").
+            we_were_last = (
+                prev is not None
+                and marker is not None
+                and prev.dir_id == dir_id
+                and prev.epoch == marker.get("epoch")
+                and prev.epoch == lease.epoch - 1
+            )
             someone_else = prev is not None and not we_were_last
             self.took_over = someone_else
             snaps, _, _ = _names.split(o.key for o in self.client.list())
@@ -146,10 +155,11 @@ class Replication:
 
     def close(self, timeout: float) -> str | None:
         """Flush with a bounded wait, stop shipping, release the lease; what was left behind (None: nothing)."""
+        deadline = time.monotonic() + timeout
         try:
             left = self.shipper.close(timeout)
         except PosStateError as exc:  # pragma: no cover - close never raises
             left = str(exc)
         if self.lease is not None:
-            self.lease.release()
+            self.lease.release(max(1.0, deadline - time.monotonic()))
         return left

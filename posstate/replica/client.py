@@ -9,12 +9,32 @@ prefix. Every failure to reach or use the replica is a :class:`~posstate.Replica
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from posstate.core.errors import ReplicaError
+
+#: The largest object a client downloads (an attacker's huge object must not exhaust memory): posstate's
+#: own objects are state files and journal ranges, far smaller.
+MAX_OBJECT_BYTES = 1024**3
+#: The most objects a listing returns (a bucket flooded with names must not exhaust memory); prune keeps a
+#: replica far below it.
+MAX_LISTED = 1_000_000
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"']*@")
+
+
+def scrub(text: str) -> str:
+    """*text* with the user:password of any URL in it masked (an endpoint URL given with credentials, or one
+    boto3 read from AWS_ENDPOINT_URL, must not reach an error, a log line or an event)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def has_userinfo(url: str) -> bool:
+    return scrub(url) != url
 
 
 class ObjectMissing(ReplicaError):
@@ -46,10 +66,12 @@ class ReplicaClient(Protocol):
         """Store *data* at *key* atomically (never listed half-written) and check it arrived intact."""
         ...
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ReplicaError for one over :data:`MAX_OBJECT_BYTES` (nothing more is read)."""
+        ...
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        """Every complete object under *prefix*, sorted by key."""
+        """Every complete object under *prefix*, sorted by key; ReplicaError past :data:`MAX_LISTED` of them."""
         ...
 
     def delete(self, keys: Sequence[str]) -> None: ...

@@ -2,14 +2,17 @@
 
 Each object is one file under the prefix directory, written as posstate writes every file (temp, fsync,
 rename, directory fsync), so a half-written object is only ever a temp (never listed) and read back after
-the rename to check it. Conditional writes (the lease) hold a ``mkdir`` mutex around read-compare-replace;
-the version tag is the SHA-256 of the content.
+the rename to check it. Conditional writes (the lease) hold an exclusive ``flock`` on a lock file beside the
+object around read-compare-replace (released by the kernel when its holder dies: no clock decides it is
+gone); the version tag is the SHA-256 of the content.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
 import stat
 import time
 from collections.abc import Sequence
@@ -17,16 +20,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from posstate.core.errors import ReplicaError
+from posstate.replica import client as _client
 from posstate.replica.client import ObjectInfo, ObjectMissing, PreconditionFailed
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
 
-_MUTEX_STALE = 30.0  # seconds after which a mutex left by a crashed writer is broken
 _Objects = list[ObjectInfo]
 
 
 class FileClient:
     """A :class:`~posstate.replica.client.ReplicaClient` for ``file:///path``."""
+
+    LOCK_WAIT = 10.0  # seconds a conditional write waits for another one on the same object
 
     def __init__(self, url: str) -> None:
         self._url = url
@@ -40,6 +45,19 @@ class FileClient:
         parts = key.split("/")
         if any(p in ("", ".", "..") for p in parts):
             raise ReplicaError(self._url, "invalid object name", key=key)
+        # A folder below the root replaced by a symlink (someone with write access to the replica disk) must
+        # not make posstate write or delete objects elsewhere.
+        folder = self._root
+        for part in parts[:-1]:
+            folder = folder / part
+            try:
+                mode = fs.lstat(folder).st_mode
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                raise ReplicaError(self._url, f"cannot inspect {part}/ ({exc})", key=key) from exc
+            if stat.S_ISLNK(mode):
+                raise ReplicaError(self._url, f"{part}/ is a symbolic link, not a folder of the replica", key=key)
         return self._root.joinpath(*parts)
 
     def put(self, key: str, data: bytes) -> None:
@@ -54,8 +72,9 @@ class FileClient:
             raise ReplicaError(self._url, "upload read back differs from what was written", key=key)
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            return fs.read_file(self._path(key), max_size=None)
+            return fs.read_file(path, max_size=_client.MAX_OBJECT_BYTES)
         except FileNotFoundError:
             raise ObjectMissing(self._url, "download: no such object", key=key) from None
         except OSError as exc:
@@ -67,6 +86,8 @@ class FileClient:
             if not fs.exists(self._root):
                 return []
             self._walk(self._root, "", prefix, out)
+        except ReplicaError:
+            raise
         except OSError as exc:
             raise ReplicaError(self._url, f"list failed ({exc})") from exc
         return sorted(out, key=lambda o: o.key)
@@ -82,11 +103,18 @@ class FileClient:
                     self._walk(folder / name, key + "/", prefix, out)
             elif key.startswith(prefix):
                 out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=timezone.utc)))
+                if len(out) > _client.MAX_LISTED:
+                    raise ReplicaError(
+                        self._url,
+                        f"list: more than {_client.MAX_LISTED} objects (not all posstate's)",
+                        next_step="remove the files posstate did not write (`posstate replica verify` names them)",
+                    )
 
     def delete(self, keys: Sequence[str]) -> None:
         for key in keys:
+            path = self._path(key)
             try:
-                fs.unlink(self._path(key))
+                fs.unlink(path)
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -101,10 +129,9 @@ class FileClient:
 
     def put_if(self, key: str, data: bytes, *, etag: str | None) -> str:
         path = self._path(key)
-        mutex = path.with_name(f".{path.name}.mutex")
         try:
             fs.ensure_dir(path.parent)
-            self._take_mutex(mutex)
+            fd = self._lock(path.with_name(f".{path.name}.lock"))
         except OSError as exc:
             raise ReplicaError(self._url, f"conditional write failed ({exc})", key=key) from exc
         try:
@@ -118,22 +145,23 @@ class FileClient:
             return hashlib.sha256(data).hexdigest()
         finally:
             with contextlib.suppress(OSError):
-                fs.rmdir(mutex)
+                fs.close(fd)  # releases the flock
 
-    @staticmethod
-    def _take_mutex(mutex: Path) -> None:
-        deadline = time.monotonic() + 10.0
+    def _lock(self, lock_path: Path) -> int:
+        """An exclusive ``flock`` on the lock file beside the object, waited for at most :attr:`LOCK_WAIT` s.
+        The kernel (or the NFS lock manager) drops it when its holder dies, so no clock decides that a
+        holder is gone: one paused inside its read-compare-write keeps the others out (they fail, retry)."""
+        fd = fs.open_(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.LOCK_WAIT
         while True:
             try:
-                fs.mkdir(mutex, 0o700)
-                return
-            except FileExistsError:
-                try:
-                    if time.time() - fs.lstat(mutex).st_mtime > _MUTEX_STALE:
-                        fs.rmdir(mutex)
-                        continue
-                except FileNotFoundError:
-                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
                 if time.monotonic() > deadline:
+                    fs.close(fd)
                     raise
                 time.sleep(0.01)
+            except OSError:
+                fs.close(fd)
+                raise

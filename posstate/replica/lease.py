@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from posstate.core.errors import ReplicaError, StateLockedError
+from posstate.core.text import BAD_TEXT
 from posstate.replica import names as _names
 from posstate.replica.client import ObjectMissing, PreconditionFailed, ReplicaClient
 
@@ -49,6 +50,7 @@ class LeaseRecord:
     renewed_at: float
     expires_at: float
     released: bool = False
+    boot: str = ""  # the holder's kernel boot id: a restart of the same directory on the same boot is "ours"
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -59,21 +61,44 @@ class LeaseRecord:
         try:
             d = json.loads(data)
             ttl, renewed, expires = float(d["ttl"]), float(d["renewed_at"]), float(d["expires_at"])
+            # A NaN or absurd TTL would make a contender skip its watch or wait for ever; an epoch no name can
+            # hold would push the next one past the names' ten digits: damaged, both.
             if not all(math.isfinite(v) for v in (ttl, renewed, expires)) or not 0 < ttl <= MAX_TTL:
-                return None  # a NaN or absurd TTL would make a contender skip its watch or wait for ever
+                return None
+            if not 0 <= int(d["epoch"]) <= _names.MAX_COUNTER:
+                return None
             return cls(
                 epoch=int(d["epoch"]),
-                host=str(d["host"])[:255],
+                host=_clean(d["host"], 255),  # the bucket writes these: they reach messages and terminals
                 pid=int(d["pid"]),
-                dir_id=str(d["dir_id"])[:64],
-                token=str(d["token"])[:64],
+                dir_id=_clean(d["dir_id"], 64),
+                token=_clean(d["token"], 64),
                 ttl=ttl,
                 renewed_at=renewed,
                 expires_at=expires,
                 released=bool(d.get("released", False)),
+                boot=_clean(d.get("boot", ""), 64),
             )
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def _boot_id() -> str:
+    """This kernel boot's id (Linux; "" elsewhere): another machine, a clone included, has another."""
+    from posstate.storage import fileops as fs
+
+    try:  # a /proc file's size is 0: read it by descriptor
+        fd = fs.open_("/proc/sys/kernel/random/boot_id", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return _clean(fs.pread(fd, 64, 0).decode("ascii", "replace").strip(), 64)
+        finally:
+            fs.close(fd)
+    except OSError:
+        return ""
+
+
+def _clean(value: object, limit: int) -> str:
+    return BAD_TEXT.sub("?", str(value)[:limit])
 
 
 class Lease:
@@ -98,6 +123,7 @@ class Lease:
         self._clock = clock
         self._mono = monotonic
         self.host = socket.gethostname()
+        self.boot = _boot_id()
         self.pid = os.getpid()
         self.token = secrets.token_hex(16)
         self.epoch = 0
@@ -111,7 +137,16 @@ class Lease:
     def _record(self, *, released: bool = False) -> LeaseRecord:
         now = self._clock()
         return LeaseRecord(
-            self.epoch, self.host, self.pid, self.dir_id, self.token, self.ttl, now, 0.0 if released else now + self.ttl, released
+            self.epoch,
+            self.host,
+            self.pid,
+            self.dir_id,
+            self.token,
+            self.ttl,
+            now,
+            0.0 if released else now + self.ttl,
+            released,
+            self.boot,
         )
 
     def _locked(self, rec: LeaseRecord | None, why: str) -> StateLockedError:
@@ -141,7 +176,7 @@ class Lease:
                 # holder's is gone with its record; every writer of a replica must use the same TTL).
                 if used and not self._unchanged_for(None, self.ttl):
                     continue  # it appeared meanwhile: look at it
-                self.epoch = floor + 1
+                self.epoch = _names.next_counter(floor, url=self.client.url, what="epoch")
                 try:
                     self._took(self.client.put_if(_names.LEASE, self._record().to_bytes(), etag=None), self._mono())
                 except PreconditionFailed:
@@ -150,7 +185,16 @@ class Lease:
                 return None
             data, etag = found
             prev = LeaseRecord.parse(data)
-            ours = prev is not None and prev.host == self.host and prev.dir_id == self.dir_id
+            # Our own record (a restart of this directory: its writer lock proves the old process is gone),
+            # unless a later epoch exists: then it is a replay of an old record by the bucket.
+            # A VM cloned from a running bot has the same host name and directory id: only the same boot counts.
+            ours = (
+                prev is not None
+                and prev.host == self.host
+                and prev.dir_id == self.dir_id
+                and prev.boot == self.boot
+                and prev.epoch >= floor
+            )
             if not ours:
                 if prev is not None and not prev.released:
                     left = prev.expires_at - self._clock()
@@ -165,7 +209,7 @@ class Lease:
                     if rec is None or rec.released:
                         continue
                     raise self._locked(rec, "renewed while this process watched it; its holder's clock may be wrong")
-            self.epoch = max(floor, prev.epoch if prev is not None else 0) + 1
+            self.epoch = _names.next_counter(max(floor, prev.epoch if prev is not None else 0), url=self.client.url, what="epoch")
             start = self._mono()
             try:
                 self._took(self.client.put_if(_names.LEASE, self._record().to_bytes(), etag=etag), start)
@@ -253,16 +297,35 @@ class Lease:
             if self.lost is not None:
                 return
 
-    def release(self) -> None:
-        """Stop renewing and mark the lease released, so another machine may take it at once. Best effort."""
+    def release(self, timeout: float = 5.0) -> None:
+        """Stop renewing and mark the lease released, so the next writer need not wait for it to expire. Best
+        effort and bounded by *timeout* seconds (a replica that does not answer must not hold up close():
+        the write goes on in the background and the lease expires after its TTL anyway)."""
         self._stop.set()
+        deadline = self._mono() + timeout
         if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            self._thread.join(timeout=max(0.0, deadline - self._mono()))
         if self.lost is None and self.check() is None and self._etag is not None:
-            try:
-                self.client.put_if(_names.LEASE, self._record(released=True).to_bytes(), etag=self._etag)
-            except ReplicaError as exc:
-                log.warning("replica %s: could not release the lease (%s); it expires after %g s", self.client.url, exc, self.ttl)
+            record, etag, done = self._record(released=True).to_bytes(), self._etag, threading.Event()
+
+            def put() -> None:
+                try:
+                    self.client.put_if(_names.LEASE, record, etag=etag)
+                except ReplicaError as exc:
+                    log.warning(
+                        "replica %s: could not release the lease (%s); it expires after %g s", self.client.url, exc, self.ttl
+                    )
+                finally:
+                    done.set()
+
+            threading.Thread(target=put, name="posstate-lease-release", daemon=True).start()
+            if not done.wait(max(0.0, deadline - self._mono())):
+                log.warning(
+                    "replica %s: the lease release did not finish in %g s; it expires after %g s",
+                    self.client.url,
+                    timeout,
+                    self.ttl,
+                )
         self.lost = self.lost or "released"
 
 

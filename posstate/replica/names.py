@@ -31,6 +31,25 @@ _EPOCH = re.compile(r"epochs/(\d{10})")
 _RANGE = re.compile(r"journal/(\d{20})-([0-9a-f]{32})/([0-9a-f]{16})-([0-9a-f]{16})-(\d{10})-(\d{10})-([0-9a-f]{32})\.psj")
 
 
+#: The highest epoch or session a name may carry: a name above it is not one posstate writes (one planted
+#: with 9999999999 would otherwise push the writer's next counter past the ten digits of a name).
+MAX_COUNTER = 999_999_999
+
+
+def next_counter(highest: int, *, url: str, what: str) -> int:
+    """*highest* + 1, or ReplicaError when that is past :data:`MAX_COUNTER` (loud, never a name that no
+    longer parses)."""
+    from posstate.core.errors import ReplicaError
+
+    if highest + 1 > MAX_COUNTER:
+        raise ReplicaError(
+            url,
+            f"the next {what} would be {highest + 1}, past the {MAX_COUNTER} a name can hold (an object planted with it?)",
+            next_step="remove the objects or the lease record with that number (`posstate replica list`), then retry",
+        )
+    return highest + 1
+
+
 def digest(data: bytes) -> str:
     """The 128-bit SHA-256 prefix that names *data*."""
     return hashlib.sha256(data).hexdigest()[:32]
@@ -82,18 +101,20 @@ def epoch_key(epoch: int) -> str:
 
 def epoch_marks(keys: Iterable[str]) -> list[int]:
     """The epochs of the ``epochs/`` marks among *keys*."""
-    return [int(m[1]) for m in map(_EPOCH.fullmatch, keys) if m]
+    return [int(m[1]) for m in map(_EPOCH.fullmatch, keys) if m and int(m[1]) <= MAX_COUNTER]
 
 
 def parse(key: str) -> Snapshot | Range | None:
     """What the object *key* holds, or None for a name posstate never writes (ignored, reported by verify)."""
     m = _SNAP.fullmatch(key)
     if m:
+        if max(int(m[2]), int(m[3])) > MAX_COUNTER:
+            return None
         return Snapshot(int(m[1]), int(m[2]), int(m[3]), m[4])
     m = _RANGE.fullmatch(key)
     if m:
         start, end = int(m[3], 16), int(m[4], 16)
-        if end <= start:
+        if end <= start or max(int(m[5]), int(m[6])) > MAX_COUNTER:
             return None
         return Range(int(m[1]), m[2], start, end, int(m[5]), int(m[6]), m[7])
     return None
@@ -133,4 +154,8 @@ def chain(ranges: Sequence[Range], journal_id: str, *, floor: tuple[int, int] = 
             return out
         best = max(cands, key=lambda r: (r.writer, r.end))
         out.append(best)
-        off, low = best.end, best.writer
+        # The same bytes under several writers' names (a takeover ships them again; a bucket attacker can copy
+        # a range under a higher session or epoch): the oldest of those writers bounds what may follow, so a
+        # copy never hides the ranges its original's writer shipped after it.
+        low = min(r.writer for r in cands if r.end == best.end and r.digest == best.digest)
+        off = best.end

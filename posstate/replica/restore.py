@@ -92,7 +92,14 @@ def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_na
     if not jid:
         return None
     end = chain[-1].end if chain else 0
-    low = chain[-1].writer if chain else (snap.epoch, 0)
+    low = (snap.epoch, 0)
+    if chain:  # the oldest writer of the last range's bytes (a copy under a higher name hides nothing)
+        last = chain[-1]
+        low = min(
+            r.writer
+            for r in ranges
+            if r.journal_id == jid and (r.start, r.end, r.digest) == (last.start, last.end, last.digest) and r.writer >= low
+        )
     after = [
         r for r in ranges if r.journal_id == jid and r.base_generation == snap.generation and r.writer >= low and r.end > end
     ]
@@ -148,6 +155,15 @@ def choose(
     return max((s for s in cands if s.epoch == newest), key=lambda s: (s.generation, s.session))
 
 
+def _gap_error(client: ReplicaClient, snap: _names.Snapshot, gap: str) -> CorruptStateError:
+    return CorruptStateError(
+        _where(client, snap.key),
+        gap,
+        next_step="retry later; to restore the state before the gap: `posstate replica restore --at GENERATION` "
+        "(a generation before it; `posstate replica verify` names the ranges)",
+    )
+
+
 def restore(
     client: ReplicaClient,
     config: StateConfig,
@@ -167,7 +183,9 @@ def restore(
             next_step="restore into an empty directory (--state-dir)",
             kind="exists",
         )
-    snaps, ranges, _ = _names.split(o.key for o in client.list())
+    objects = client.list()
+    sizes = {o.key: o.size for o in objects}
+    snaps, ranges, _ = _names.split(sizes)
     snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
     newer = newer_than(ranges, snap) if at_generation is None and at_time is None else None
     if newer is not None:
@@ -180,11 +198,14 @@ def restore(
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
     gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
-    if gap is not None:
+    if gap is not None and at_generation is None and at_time is None:
+        raise _gap_error(client, snap, gap)
+    listed = sum(sizes.get(r.key, 0) for r in chain)
+    if listed > fs.DEFAULT_MAX_READ_BYTES:  # a chain of planted ranges must not be downloaded into memory
         raise CorruptStateError(
-            _where(client, snap.key),
-            gap,
-            next_step="retry later; to restore the state before the gap: `posstate replica restore --at GENERATION`",
+            _where(client, chain[0].folder),
+            f"the journal's ranges hold {listed} bytes, more than a journal posstate reads ({fs.DEFAULT_MAX_READ_BYTES})",
+            next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
         )
     jbytes, records = load_journal(client, chain, loaded, options)
     used = 1 + len(chain)
@@ -197,12 +218,17 @@ def restore(
             jbytes = jbytes[: rec.offset]
             break
         kept += 1
+    else:
+        if gap is not None:  # --at a point the chain does not reach before its gap
+            raise _gap_error(client, snap, gap)
     fs.ensure_dir(config.state_dir)
     for p in existing:
         _atomic.move_aside(p, config.quarantine_dir, label="before-replica-restore")
-    _atomic.write_file(config.state_path, data)
+    # The journal first, the state file last: a restore killed in between leaves a journal without its
+    # state file, which no manager opens (loud), never a state file that opens without the journal's changes.
     if jbytes and kept:
         _atomic.write_file(config.journal_path, jbytes)
+    _atomic.write_file(config.state_path, data)
     current = read_current(config, options)
     if current.error is not None:
         raise current.error

@@ -8,15 +8,16 @@ not an MD5 (SSE-KMS), by a HEAD of its size and the SHA-256 kept in its metadata
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from posstate.core.errors import ConfigError, ReplicaError
-from posstate.replica.client import ObjectInfo, ObjectMissing, PreconditionFailed, md5_hex
+from posstate.replica import client as _client
+from posstate.replica.client import ObjectInfo, ObjectMissing, PreconditionFailed, md5_hex, scrub
 
-_MD5 = re.compile(r"[0-9a-f]{32}")
+_LEASE_MAX = 64 * 1024  # a lease record is a few hundred bytes; more is a damaged (or hostile) one
 
 
 def _boto3() -> Any:
@@ -72,20 +73,27 @@ class S3Client:
                 return ObjectMissing(self._url, f"{what}: no such object", key=key)
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
                 return PreconditionFailed(self._url, f"{what}: the object changed (conditional write refused)", key=key)
-        # The message names the operation and the service's code; boto's own text can hold the endpoint only.
-        return ReplicaError(self._url, f"{what} failed ({code or type(exc).__name__}: {exc})", key=key)
+        # The message names the operation and the service's code; boto's own text can hold the endpoint URL,
+        # whose user:password (if any: AWS_ENDPOINT_URL is not checked by posstate) is masked.
+        return ReplicaError(self._url, f"{what} failed ({code or type(exc).__name__}: {scrub(str(exc))})", key=key)
 
     def put(self, key: str, data: bytes) -> None:
         sha = hashlib.sha256(data).hexdigest()
+        md5 = md5_hex(data)
         try:
-            resp = self._s3.put_object(Bucket=self._bucket, Key=self._prefix + key, Body=data, Metadata={"sha256": sha})
+            resp = self._s3.put_object(
+                Bucket=self._bucket,
+                Key=self._prefix + key,
+                Body=data,
+                Metadata={"sha256": sha},
+                ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode(),  # the service refuses a damaged body
+            )
         except self._errors as exc:
             raise self._fail(exc, key, "upload") from exc
-        etag = str(resp.get("ETag", "")).strip('"')
-        if _MD5.fullmatch(etag):
-            if etag != md5_hex(data):
-                raise ReplicaError(self._url, "upload arrived damaged (ETag differs from the MD5 sent)", key=key)
+        if str(resp.get("ETag", "")).strip('"') == md5:
             return
+        # Not the MD5 sent: SSE-KMS and SSE-C ETags are 32 hex digits that are not an MD5, multipart-style ones
+        # end in -N. The service checked Content-MD5; check that the object it lists is the one sent.
         try:
             head = self._s3.head_object(Bucket=self._bucket, Key=self._prefix + key)
         except self._errors as exc:
@@ -96,9 +104,17 @@ class S3Client:
     def get(self, key: str) -> bytes:
         try:
             resp = self._s3.get_object(Bucket=self._bucket, Key=self._prefix + key)
-            return bytes(resp["Body"].read())
+            size = int(resp.get("ContentLength") or 0)
+            if size > _client.MAX_OBJECT_BYTES:
+                resp["Body"].close()
+                raise ReplicaError(self._url, f"download: {size} bytes, more than posstate ever writes", key=key)
+            data = bytes(resp["Body"].read(_client.MAX_OBJECT_BYTES + 1))
+            resp["Body"].close()
         except self._errors as exc:
             raise self._fail(exc, key, "download") from exc
+        if len(data) > _client.MAX_OBJECT_BYTES:
+            raise ReplicaError(self._url, "download: more bytes than posstate ever writes", key=key)
+        return data
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         out: _Objects = []
@@ -107,6 +123,12 @@ class S3Client:
             for page in pages:
                 for obj in page.get("Contents", ()):
                     out.append(ObjectInfo(str(obj["Key"])[len(self._prefix) :], int(obj["Size"]), obj.get("LastModified")))
+                if len(out) > _client.MAX_LISTED:
+                    raise ReplicaError(
+                        self._url,
+                        f"list: more than {_client.MAX_LISTED} objects (not all posstate's)",
+                        next_step="remove the objects posstate did not write (`posstate replica verify` names them)",
+                    )
         except self._errors as exc:
             raise self._fail(exc, None, "list") from exc
         return sorted(out, key=lambda o: o.key)
@@ -122,7 +144,9 @@ class S3Client:
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         try:
             resp = self._s3.get_object(Bucket=self._bucket, Key=self._prefix + key)
-            return bytes(resp["Body"].read()), str(resp["ETag"])
+            data = bytes(resp["Body"].read(_LEASE_MAX))  # more is cut, so it parses as damaged
+            resp["Body"].close()
+            return data, str(resp["ETag"])
         except self._errors as exc:
             err = self._fail(exc, key, "read")
             if isinstance(err, ObjectMissing):

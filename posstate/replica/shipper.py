@@ -105,14 +105,15 @@ class Shipper:
     def close(self, timeout: float) -> str | None:
         """Flush with a bounded wait, then stop the thread; what was left behind (None: nothing)."""
         left = None
+        deadline = time.monotonic() + timeout
         alive = self._thread is not None and self._thread.is_alive() and self.fenced is None
         if alive and not self.flush(timeout):
             left = self.lag_text()
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=max(timeout, 1.0))
+        if self._thread is not None:  # a thread stuck in a request to a dead replica is a daemon: not waited for
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 0.5)
         return left
 
     def status(self) -> dict[str, Any]:
@@ -224,7 +225,8 @@ class Shipper:
         self.requests += 1
         snaps, ranges, _ = _names.split(o.key for o in objects)
         if self.session is None:
-            self.session = 1 + max([s.session for s in snaps] + [r.session for r in ranges] + [0])
+            highest = max([s.session for s in snaps] + [r.session for r in ranges] + [0])
+            self.session = _names.next_counter(highest, url=self.client.url, what="session")
         local = _local.read_local(self._state_path, self._journal_path)
         found = _local.compare(local, snaps, ranges, epoch=self.epoch)
         lost = []
@@ -246,6 +248,7 @@ class Shipper:
         if self._policy is not None and found.snapshot is not None:
             plan = _prune.plan(objects, policy=self._policy, current_journal=jid)
             if plan.remove:
+                self._guard()  # a writer that lost (or could not renew) its lease deletes nothing either
                 self.client.delete(plan.remove)
                 self.requests += 1
         self._check_due = False
