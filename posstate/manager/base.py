@@ -196,6 +196,13 @@ class ManagerCore:
         with self._lock:
             if self._closed:
                 return
+            if not self._finish_compaction(timeout=self._close_wait):
+                log.warning(
+                    "%s: closed while a background compaction was still writing (waited %.0f s); the journal segments "
+                    "stay on disk and the next load replays them",
+                    self._path,
+                    self._close_wait,
+                )
             if self._loaded and self._journal.failed:
                 # A group sync failed: fold memory (without the failed changes) into a snapshot, so the
                 # journal is redundant whatever its tail holds. Best effort: the disk may still be failing.
@@ -254,6 +261,17 @@ class ManagerCore:
                     log.info("moved leftover temp file %s to %s", tmp, dest)
             except OSError as exc:
                 raise PersistenceError(tmp, operation="clean up leftover temp file", cause=exc) from exc
+
+    #: How long close() waits for a background compaction in flight (manager/compaction.py).
+    _close_wait = 30.0
+
+    def _halt_compaction(self, *, timeout: float | None = None) -> bool:
+        """Give up a pending background compaction (manager/compaction.py); True when none is in flight."""
+        return True
+
+    def _finish_compaction(self, *, timeout: float) -> bool:
+        """close(): let a pending background compaction finish (at most *timeout*), then stop it."""
+        return True
 
     if TYPE_CHECKING:  # defined further down the chain (manager/commit.py, manager/admin.py)
 

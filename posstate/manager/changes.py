@@ -15,7 +15,8 @@ from posstate.core.errors import (
     SchemaValidationError,
     TransactionError,
 )
-from posstate.manager.commit import DurableCommit, PositionsInput
+from posstate.manager.commit import PositionsInput
+from posstate.manager.compaction import BackgroundCompaction
 from posstate.model import document as _document
 from posstate.model import ops as _jops
 from posstate.model.position import Position, PositionKey, Side, check_key
@@ -23,7 +24,7 @@ from posstate.model.position import Position, PositionKey, Side, check_key
 log = logging.getLogger("posstate")
 
 
-class InMemoryChanges(DurableCommit):
+class InMemoryChanges(BackgroundCompaction):
     """get/set/delete of positions and metadata, each all or nothing; transaction() groups them."""
 
     def get_position(self, symbol: str, side: Side) -> Position | None:
@@ -114,13 +115,14 @@ class InMemoryChanges(DurableCommit):
         """Apply *op* in memory and (journal modes) record it durably; all or nothing. Lock held."""
         if self._txn is not None:
             self._check_txn_owner()
+            self._journal.remember(self._state, self._entries, op)
             self._txn.append((op, _jops.apply(self._state, self._entries, op)))
             self._dirty = True
             return None
         return self._record([op])
 
     def _record(self, ops: list[_jops.Op]) -> int | None:
-        self._journal.prepare(self._state, self._entries, compact=self._compact_journal)
+        self._journal.prepare(self._state, self._entries, compact=self._compact_journal, rotate=self._rotate_journal)
         rev = self._next_rev()  # a compaction in prepare() moved the generation on
         for op in ops:
             if op.json["rev"] != rev:

@@ -132,6 +132,7 @@ class DurableCommit(StateLoading):
         """Write *st* as the next generation; adopt it in memory only once it is durable."""
         started = time.perf_counter()
         self._writer_lock.check()
+        self._halt_compaction()  # a snapshot of memory holds every segment: a pending background one is given up
         generation = max(st.generation, self._highest_generation) + 1
         st.generation = generation
         if self._files.tombstone_floor is not None:  # known once backups were listed (merge loads then)
