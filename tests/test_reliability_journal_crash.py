@@ -28,6 +28,7 @@ def test_kill_before_and_after_every_operation_of_an_append_and_a_compaction(tmp
     for cases in (append, compaction):
         acked, in_flight = cases[0].allowed[0]
         assert {c.loaded[0] for c in cases if c.loaded is not None} == {acked, in_flight}
+
     # The compaction's new record only counts once the new journal's rename is durable.
     # (issue 14: the rotation creates the new segment: its rename is the first point the record can survive.)
     def op_of(label: str) -> tuple[int, bool]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 
@@ -138,7 +139,14 @@ class Journal(JournalRecover):
             key = op.position.key if op.position is not None else (j["symbol"], j["side"])
             tag: tuple[str, Any] = ("p", key)
             if tag not in pre:
-                pre[tag] = ("p", key, st.positions.get(key), st.position_revs.get(key), entries.get(key), st.position_tombstones.get(key))
+                pre[tag] = (
+                    "p",
+                    key,
+                    st.positions.get(key),
+                    st.position_revs.get(key),
+                    entries.get(key),
+                    st.position_tombstones.get(key),
+                )
             return
         sym = j["symbol"]
         if ("m", sym) not in pre:

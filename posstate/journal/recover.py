@@ -174,10 +174,14 @@ class JournalRecover(JournalRotation):
                 )
             if prev_last is not None and header.base_seq < prev_last and last > snap_seq:
                 raise _journal_error(
-                    src, f"segment {header.id_hex} starts after record {header.base_seq}, before the end of the one it follows ({prev_last})"
+                    src,
+                    f"segment {header.id_hex} starts after record {header.base_seq}, "
+                    f"before the end of the one it follows ({prev_last})",
                 )
             if sc.bad_offset is not None and i < len(chain) - 1:
-                raise _journal_error(src, f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason}) and a later segment follows")
+                raise _journal_error(
+                    src, f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason}) and a later segment follows"
+                )
             for rec, ops in records:
                 if rec.seq <= snap_seq:
                     continue

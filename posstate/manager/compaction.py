@@ -198,7 +198,9 @@ class BackgroundCompaction(DurableCommit):
             if err is not None:
                 job.attempts += 1
                 pause = min(RETRY_MAX, RETRY_FIRST * 2 ** (job.attempts - 1))
-                log.warning("%s: background compaction failed (attempt %d, retry in %.0f s): %s", self._path, job.attempts, pause, err)
+                log.warning(
+                    "%s: background compaction failed (attempt %d, retry in %.0f s): %s", self._path, job.attempts, pause, err
+                )
                 self._events.emit(
                     "error", {"context": "background compaction", "error": str(err), "attempt": job.attempts, "retry_in_s": pause}
                 )

@@ -111,6 +111,7 @@ class HarnessOps(FileOps):
         if self.skip_thread_prefix is not None and name.startswith(self.skip_thread_prefix):
             return False
         return self.thread_prefix is None or name.startswith(self.thread_prefix)
+
     _fds: dict[int, _FdInfo] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
