@@ -158,7 +158,13 @@ class BackgroundCompaction(DurableCommit):
         if job is not None and job.attempts == 0:
             self._bg_wake.set()
             job.done.wait(timeout)
-        return self._halt_compaction(timeout=max(0.0, deadline - time.monotonic()))
+        if not self._halt_compaction(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        thread = self._bg_thread  # still running the after-save hook of a finished compaction: let it end
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            return not thread.is_alive()
+        return True
 
     # ----------------------------------------------------------------------------------- background thread
     def _bg_start(self) -> None:

@@ -71,6 +71,7 @@ class Op:
     data: bytes | None = None
     faulted: str | None = None  # the action taken at this op, if any
     error: int | None = None  # errno of a real OSError the operating system raised (ENOENT, EEXIST...)
+    thread: str = ""  # name of the thread that made it (the background compaction's: "posstate-compact-...")
 
 
 @dataclass(slots=True)
@@ -103,6 +104,8 @@ class HarnessOps(FileOps):
     thread_prefix: str | None = None
     #: Leave out the operations of threads whose name starts with this (the caller's operations only).
     skip_thread_prefix: str | None = None
+    #: Record them, but never count them (a power-loss replay needs every write; faults hit the caller's).
+    uncounted_thread_prefix: str | None = None
 
     def _mine(self) -> bool:
         name = threading.current_thread().name
@@ -121,6 +124,8 @@ class HarnessOps(FileOps):
         f = self.fault
         if not self._mine():
             return None
+        if self.uncounted_thread_prefix is not None and threading.current_thread().name.startswith(self.uncounted_thread_prefix):
+            return None
         with self._lock:
             if not self.counting or f is None or name not in f.ops:
                 return None
@@ -135,7 +140,7 @@ class HarnessOps(FileOps):
         if not self._mine():
             return
         with self._lock:
-            self.ops.append(Op(index=len(self.ops), name=name, faulted=action, **kw))  # type: ignore[arg-type]
+            self.ops.append(Op(index=len(self.ops), name=name, faulted=action, thread=threading.current_thread().name, **kw))  # type: ignore[arg-type]
 
     def _error(self, name: str, path: object) -> OSError:
         assert self.fault is not None
