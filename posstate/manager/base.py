@@ -1,8 +1,8 @@
 """The manager's lifecycle: its attributes, the writer lock, events, close, and what a fork does to it.
 
 PositionStateManager is built as a chain of classes, one concern each, every one adding to the one before:
-ManagerCore (here) -> StateLoading (loading.py) -> DurableCommit (commit.py) -> InMemoryChanges
-(changes.py) -> StateMaintenance (admin.py) -> PositionStateManager (manager.py).
+ManagerCore (here) -> StateLoading (loading.py) -> DurableCommit (commit.py) -> BackgroundCompaction
+(compaction.py) -> InMemoryChanges (changes.py) -> StateMaintenance (admin.py) -> PositionStateManager (manager.py).
 """
 
 from __future__ import annotations
