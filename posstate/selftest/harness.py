@@ -125,6 +125,11 @@ class HarnessOps(FileOps):
         if not self._mine():
             return None
         if self.uncounted_thread_prefix is not None and threading.current_thread().name.startswith(self.uncounted_thread_prefix):
+            # Never counted; failed too once a persistent fault has started (a disk that stays broken).
+            if f is not None and f.persistent and name in f.ops and self.counting and self.counted >= f.at:
+                with self._lock:
+                    self.fired += 1
+                return f.action
             return None
         with self._lock:
             if not self.counting or f is None or name not in f.ops:
