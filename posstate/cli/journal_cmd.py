@@ -82,6 +82,22 @@ def journal_read_path(cfg: StateConfig, options: _statefile.ReadOptions, snapsho
     return journal_file(cfg.journal_path, legacy, snapshot_journal)
 
 
+def journal_segments(cfg: StateConfig, options: _statefile.ReadOptions, first: Path) -> list[Path]:
+    """The journal files a load replays, in order (issue 14: *first*, then the ``.next`` segment a background
+    compaction started, when it links to *first*; see ``posstate.journal.files.segment_chain``)."""
+    from posstate.journal.files import segment_chain
+
+    try:
+        snapshot_journal = _statefile.read(cfg.state_path, options=options).state.journal
+    except PosStateError:
+        snapshot_journal = None
+    try:
+        chain = segment_chain(cfg.journal_path, cfg.legacy_journal_path, snapshot_journal)
+    except CorruptStateError:
+        return [first]
+    return chain if first in chain or len(chain) == 1 else [first]
+
+
 @dataclass(frozen=True, slots=True)
 class ReadState:
     """What ``show``/``export``/``diff`` display: the state, its label and (for the state file) the journal."""
@@ -184,6 +200,19 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     jc = check(path, keyring=keyring, snapshot_journal=snapshot_journal, require_encryption=options.require_encryption)
     data = asdict(jc)
     data["applied"] = cur.applied if cur is not None else None
+    # issue 14: the segment a background compaction started after *path* is checked too (records only)
+    segs = [
+        check(p, keyring=keyring, require_encryption=options.require_encryption)
+        for p in journal_segments(cfg, options, path)
+        if p != path
+    ]
+    data["segments"] = [asdict(x) for x in segs]
+    seg_text = "".join(f"; segment {Path(x.path).name}: {x.records} records" for x in segs if x.exists)
+    bad_seg = next((x for x in segs if not x.valid), None)
+    if (bad_seg is not None and jc.valid) or (not jc.exists and segs and segs[0].exists):
+        jc = bad_seg or segs[0]  # the first file missing: the snapshot's journal had no record past it
+        path = Path(jc.path)
+        seg_text = ""
     torn = f"; torn last record ({jc.torn_bytes} bytes) ignored, a load cuts it off" if jc.torn_bytes else ""
     if not jc.exists:
         detail = f"no journal at {path} (nothing recorded since the snapshot)"
@@ -210,7 +239,7 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     if jc.matches_snapshot is False:
         detail = f"{jc.records} records of an older journal, all held by the snapshot (ignored; replaced by the next change)"
     else:
-        detail = f"{jc.records} records, {cur.applied} after the snapshot (replayed on load){torn}"
+        detail = f"{jc.records} records{seg_text}, {cur.applied} after the snapshot (replayed on load){torn}"
     return JournalVerdict(Check("journal", True, detail), data, None)
 
 
@@ -288,7 +317,8 @@ def history(ctx: click.Context, symbol: str | None) -> None:
     env = env_of(ctx)
     cfg = env.config()
     path = journal_read_path(cfg, env.read_options())
-    if not fs.exists(path):
+    chain = journal_segments(cfg, env.read_options(), path)
+    if not any(fs.exists(p) for p in chain):
         if env.json:
             json_out([])
         click.echo(
@@ -298,7 +328,8 @@ def history(ctx: click.Context, symbol: str | None) -> None:
         return
     keyring = env.keyring()
     required = env.require_encryption()
-    entries = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path)
+    entries = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path, segments=chain)
+    path = chain[-1]
     jc = check(path, keyring=keyring, require_encryption=required)
     if jc.torn_bytes:
         click.echo(f"warning: {path}: torn last record ({jc.torn_bytes} bytes) left out; a load cuts it off", err=True)

@@ -118,10 +118,21 @@ class BackgroundCompaction(DurableCommit):
                 if job is None:  # no rotation possible now (no open segment, or records pending): do it here
                     self._commit(self._state.copy(), dict(self._entries))
                     return True
-        self._bg_wake.set()
         if not wait:
+            self._bg_wake.set()
             return True
-        if not job.done.wait(timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._bg_cond:  # an attempt already in flight may have started before the call: wait for the next one
+            while self._bg_busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._bg_cond.wait(left)
+            if self._bg_job is not job:
+                return True  # finished (or given up for a snapshot of memory) meanwhile
+            done = job.done
+        self._bg_wake.set()
+        if not done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
             return False
         if job.error is not None and self._bg_job is job:
             raise job.error
@@ -200,6 +211,9 @@ class BackgroundCompaction(DurableCommit):
                 if finished:
                     self._bg_job = None
                 job.error = err
+                failed_done = job.done
+                if err is not None:  # the next attempt's waiters (compact) wait on a fresh event
+                    job.done = threading.Event()
                 self._bg_cond.notify_all()
             if err is not None:
                 job.attempts += 1
@@ -210,8 +224,7 @@ class BackgroundCompaction(DurableCommit):
                 self._events.emit(
                     "error", {"context": "background compaction", "error": str(err), "attempt": job.attempts, "retry_in_s": pause}
                 )
-                job.done.set()  # compact(wait=True) learns of the failure; the job stays pending
-                job.done = threading.Event()
+                failed_done.set()  # compact(wait=True) learns of the failure; the job stays pending
                 continue
             pause = None
             if finished and saved is not None:
