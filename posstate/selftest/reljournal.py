@@ -283,8 +283,9 @@ def journal_damage(jfile: JournalFile, *, bit_step: int = 1, seed: int = 0) -> I
     in the zeros after them; every truncation length that cuts inside the header or a record, both as a
     shorter file and as a record torn over the zeros (the rest of the file still zeros); every cut at a
     record boundary (a valid shorter journal: reported apart, as is a cut whose last bytes are all zeros,
-    which carry nothing of the next record, and zeros over a record's tail that was all zeros already); and garbage written after the last record (zeros written there
-    are no damage: they are what the file holds anyway)."""
+    which carry nothing of the next record, and zeros over a record's tail that was all zeros already); and
+    garbage written after the last record (zeros written there are no damage: they are what the file holds
+    anyway)."""
     data = jfile.journal
     pad = bytes(jfile.padding)
     for bit in range(0, len(data) * 8, bit_step):
