@@ -22,7 +22,7 @@ from posstate.journal import format as jf
 from posstate.journal.files import next_path
 from posstate.manager.compaction import BackgroundCompaction
 from posstate.model.position import Position
-from posstate.selftest.harness import MUTATING, Fault, HarnessOps
+from posstate.selftest.harness import MUTATING, Fault, HarnessOps, copy_tree
 from posstate.storage import fileops as fs
 
 KEY = bytes(range(32))
@@ -89,7 +89,7 @@ def test_threshold_rotates_to_a_linked_segment_and_the_snapshot_is_written_in_th
         assert cfg.state_path.read_bytes() == before
         assert jf.parse_header(nxt.read_bytes()).journal_id == head.journal_id
         # A crash now: the old snapshot, the old segment and the new one, replayed in order.
-        shutil.copytree(tmp_path, tmp_path.parent / "image", ignore=shutil.ignore_patterns("*.lock"))
+        copy_tree(tmp_path, tmp_path.parent / "image")
         gate.release.set()
         assert m.compact(wait=True)
         assert not nxt.exists()

@@ -321,11 +321,19 @@ def test_nonces_never_repeat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_compaction_by_record_count_and_size(tmp_path: Path) -> None:
-    """Passing journal_max_records or journal_max_bytes writes a snapshot and starts a new journal."""
+    """Passing journal_max_records or journal_max_bytes writes a snapshot and starts a new journal (issue 14:
+    in the background; the test waits for each one, so the next threshold starts the next)."""
+
+    def settle(m: PositionStateManager) -> None:
+        job = m._bg_job
+        if job is not None:
+            assert job.done.wait(60)
+
     with make(tmp_path, journal_max_records=5) as m:
         ids = set()
         for i in range(12):
             m.set_position(pos("A", contracts=str(i)))
+            settle(m)
             ids.add(m._journal.journal_id)
         assert len(ids) >= 3
         assert m._journal.records <= 5
@@ -333,6 +341,7 @@ def test_compaction_by_record_count_and_size(tmp_path: Path) -> None:
         gen = m.generation
         for i in range(10):
             m.set_position(pos("B", contracts=str(i)))
+            settle(m)
         assert m.generation > gen + 1
     with make(tmp_path) as m2:
         m2.load_positions()

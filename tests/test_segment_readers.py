@@ -8,7 +8,6 @@ snapshot, the old segment (records 1-5) and the ``.next`` segment linked to it (
 from __future__ import annotations
 
 import json
-import shutil
 from decimal import Decimal
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from posstate.journal import format as jf
 from posstate.journal.current import read_current
 from posstate.journal.files import next_path
 from posstate.model.position import Position
+from posstate.selftest.harness import copy_tree
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring, encode_key_text
 from posstate.storage.statefile import ReadOptions
@@ -56,7 +56,7 @@ def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         assert gate.entered.wait(60)
         for i, n in ((1, 201), (2, 202), (3, 203)):
             m.set_position(pos(f"S{i}", n))
-        shutil.copytree(live, img, ignore=shutil.ignore_patterns("*.lock"))
+        copy_tree(live, img)
         gate.release.set()
     assert next_path(cfg_of(img).journal_path).exists()
     return img

@@ -200,6 +200,7 @@ class BackupService:
                     max_generation=self._durable_generation,
                     gate=self._gate,
                     cancelled=lambda: self._cancelled,
+                    known=files.wrote,
                 )
             except _snapcopy.Newer as newer:
                 # A save renamed a newer snapshot but has not returned: its own after_save asks again.

@@ -91,6 +91,10 @@ class StateFiles(Protocol):
     def set_loaded(self, loaded: bool) -> None:
         """Mark memory as loaded (after a restore) or not (a failed write: the next call reloads)."""
 
+    def wrote(self, checksum: str) -> bool:
+        """True when a state file with this trailer checksum holds bytes this manager encoded from its validated
+        memory, or loaded and validated (issue 14.3: a background backup of it needs no decrypt and validate)."""
+
     def expect_on_disk(self, checksum: str | None) -> None:
         """The state file on disk is ours with this trailer checksum (None: no file); anything else at the
         next save was written by someone who bypassed the lock."""

@@ -38,6 +38,12 @@ RETRY_MAX = 60.0
 CLOSE_WAIT = 30.0
 
 
+def _pause() -> None:
+    """Between two slices of the snapshot's serialization: hand the GIL to any thread that waits for it (the
+    bot's set_position after its fdatasync), so no caller waits for more than one slice (issue 14.3)."""
+    time.sleep(0)
+
+
 class _Cancelled(Exception):
     """The job was given up (a save, a load or close) while it ran: stop before the next file step."""
 
@@ -265,6 +271,7 @@ class BackgroundCompaction(DurableCommit):
             keyring=self._write_keyring,
             compression_level=self.config.compression_level if self.config.compression else None,
             entries=entries,
+            pause=_pause,
         )
         if job.cancelled:
             raise _Cancelled

@@ -87,5 +87,8 @@ class ManagerFiles:
     def set_loaded(self, loaded: bool) -> None:
         self._m._loaded = loaded
 
+    def wrote(self, checksum: str) -> bool:
+        return checksum in self._m._expected_on_disk
+
     def expect_on_disk(self, checksum: str | None) -> None:
         self._m._expected_on_disk = {checksum}

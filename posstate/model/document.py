@@ -10,9 +10,10 @@ of truth, model/schema.py) when the fast path is unsure, then the relationship r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "StateData",
     "adopt_entries",
+    "dumps_in_slices",
     "build_document",
     "check_json_value",
     "clean_metadata",
@@ -163,6 +165,43 @@ def build_document(state: StateData, position_entries: dict[PositionKey, dict[st
 
 def dumps(doc: dict[str, Any]) -> bytes:
     return orjson.dumps(doc)
+
+
+def dumps_in_slices(
+    state: StateData,
+    position_entries: dict[PositionKey, dict[str, Any]] | None = None,
+    *,
+    pause: Callable[[], None],
+    size: int = 512,
+) -> bytes:
+    """``dumps(build_document(state, position_entries))``, the same bytes, built and serialized *size*
+    positions at a time with *pause* called between slices (issue 14.3: a background compaction hands the GIL
+    to the bot's threads between slices instead of holding it for one O(state) C call; each slice's objects
+    are freed before the next is built)."""
+    positions = state.positions
+    shell = build_document(dataclasses.replace(state, positions={}, entries=None), {})
+    names = list(shell)
+    at = names.index("positions")
+    before = {k: shell[k] for k in names[:at]}
+    after = {k: shell[k] for k in names[at + 1 :]}
+    parts = [orjson.dumps(before)[:-1], b',"positions":{']
+    keys = list(positions)
+    revs = state.position_revs
+    first = True
+    for i in range(0, len(keys), size):
+        chunk = keys[i : i + size]
+        if position_entries is None:
+            part = {f"{k[0]}|{k[1]}": position_entry(positions[k], revs.get(k, 0)) for k in chunk}
+        else:
+            part = {f"{k[0]}|{k[1]}": position_entries[k] for k in chunk}
+        if not first:
+            parts.append(b",")
+        parts.append(orjson.dumps(part)[1:-1])
+        first = False
+        del part
+        pause()
+    parts.append(b"}," + orjson.dumps(after)[1:] if after else b"}}")
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------------------------- decode

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,16 +149,21 @@ def encode(
     compression_level: int | None,
     entries: dict[Any, Any] | None = None,
     now_ms: int | None = None,
+    pause: Callable[[], None] | None = None,
 ) -> tuple[StateData, _codec.Encoded]:
-    """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes."""
+    """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes.
+    *pause*: serialize a slice of positions at a time and call it between slices (the same bytes; issue 14.3)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     state.written_at = _document.utc_text(now_ms)
     import socket  # loaded on the first save, not when posstate is imported
 
     state.writer = {"host": socket.gethostname()[:255], "pid": os.getpid(), "version": __version__}
-    doc = _document.build_document(state, entries)
+    if pause is None:
+        raw = _document.dumps(_document.build_document(state, entries))
+    else:
+        raw = _document.dumps_in_slices(state, entries, pause=pause)
     encoded = _codec.encode(
-        _document.dumps(doc),
+        raw,
         generation=state.generation,
         written_at_ms=now_ms,
         position_count=len(state.positions),
