@@ -83,8 +83,7 @@ def journal_read_path(cfg: StateConfig, options: _statefile.ReadOptions, snapsho
 
 
 def journal_segments(cfg: StateConfig, options: _statefile.ReadOptions, first: Path) -> list[Path]:
-    """The journal files a load replays, in order (issue 14: *first*, then the ``.next`` segment a background
-    compaction started, when it links to *first*; see ``posstate.journal.files.segment_chain``)."""
+    """The journal files a load replays, in order (issue 14: *first*, then a ``.next`` segment linked to it)."""
     from posstate.journal.files import segment_chain
 
     try:
