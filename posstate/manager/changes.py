@@ -19,7 +19,7 @@ from posstate.manager.commit import PositionsInput
 from posstate.manager.compaction import BackgroundCompaction
 from posstate.model import document as _document
 from posstate.model import ops as _jops
-from posstate.model.position import Position, PositionKey, Side, check_key
+from posstate.model.position import Position, PositionKey, Side, check_key, field_values
 
 log = logging.getLogger("posstate")
 
@@ -48,12 +48,10 @@ class InMemoryChanges(BackgroundCompaction):
             self._ensure_loaded()
             key = (position.symbol, position.side)
             old = self._state.positions.get(key)
-            # Same as ``old == position`` (dataclass equality over every field; every field is always in a
-            # Position's __dict__), without building two tuples of fifteen fields.
-            if (
-                old is not None
-                and (old is position or (old.__class__ is position.__class__ and old.__dict__ == position.__dict__))
-                and key in self._entries
+            # Same as ``old == position`` (the dataclass compares the tuples of every field), with the tuples
+            # built by one C call each instead of in Python.
+            if old is not None and (
+                old is position or (old.__class__ is position.__class__ and field_values(old) == field_values(position))
             ):
                 return
             op = _jops.set_position(position, self._next_rev())

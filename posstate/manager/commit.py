@@ -17,7 +17,6 @@ from posstate.core.errors import (
     SchemaValidationError,
 )
 from posstate.manager.loading import StateLoading
-from posstate.model import document as _document
 from posstate.model.document import StateData
 from posstate.model.position import Position, PositionKey, check_key
 from posstate.storage import atomic as _atomic
@@ -40,13 +39,13 @@ class DurableCommit(StateLoading):
 
     def _apply_position(self, st: StateData, entries: dict[PositionKey, dict[str, Any]], position: Position) -> None:
         key = position.key
-        if st.positions.get(key) == position and key in entries:
+        if st.positions.get(key) == position:
             return
         rev = self._next_rev()
         st.positions[key] = position
         st.position_revs[key] = rev
         st.position_tombstones.pop(key, None)
-        entries[key] = _document.position_entry(position, rev)
+        entries.pop(key, None)
 
     def _remove_position(self, st: StateData, entries: dict[PositionKey, dict[str, Any]], key: PositionKey) -> bool:
         if key not in st.positions:
@@ -159,7 +158,7 @@ class DurableCommit(StateLoading):
         if rotation is not None:
             rotation.finish()
         self._state = st
-        self._entries = entries
+        self._entries = {}  # nothing kept per position: the next commit builds its entries (issue 14.4)
         self._expected_on_disk = {encoded.checksum}
         self._dirty = False
         self._events.emit(

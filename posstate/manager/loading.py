@@ -156,7 +156,8 @@ class StateLoading(ManagerCore):
             return state
         loaded = _statefile.read(self._path, options=self._read)
         self._check_account(loaded.state)
-        replayed_rev = self._journal.recover(loaded.state)
+        with _document.pause_gc():  # replay allocates per record: no collector pass over the state just loaded
+            replayed_rev = self._journal.recover(loaded.state)
         loaded.state.generation = max(loaded.state.generation, replayed_rev)  # as the changes set it (issue 12.10)
         self._adopt(loaded.state, loaded.checksum)
         # Journal records replayed: memory is ahead of the snapshot, and later generations must exceed their revs.
@@ -223,7 +224,7 @@ class StateLoading(ManagerCore):
 
     def _adopt(self, state: StateData, checksum: str | None) -> None:
         self._state = state
-        self._entries = _document.adopt_entries(state)
+        self._entries = {}  # no per-position cache (issue 14.4): a save builds each entry from its Position
         self._expected_on_disk = {checksum}
         self._highest_generation = max(self._highest_generation, state.generation)
         self._loaded = True

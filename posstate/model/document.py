@@ -39,7 +39,6 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "SCHEMA_VERSION",
     "StateData",
-    "adopt_entries",
     "dumps_in_slices",
     "build_document",
     "check_json_value",
@@ -115,34 +114,19 @@ def copy_json(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def position_entry(position: Position, rev: int) -> dict[str, Any]:
-    """The document form of one position (the manager caches it, so a save does not rebuild it)."""
+    """The document form of one position."""
     return {"rev": rev, "position": position.to_dict()}
 
 
-def adopt_entries(state: StateData) -> dict[PositionKey, dict[str, Any]]:
-    """The :func:`position_entry` dict of every position in *state*, reusing the decoder's own entries.
-
-    An entry is reused only while the position is the very object decoded from it and its rev is
-    unchanged (a Position is immutable, so any change replaced the object); otherwise it is rebuilt.
-    Clears ``state.entries``.
-    """
-    cached, state.entries = state.entries, None
-    revs = state.position_revs
-    out: dict[PositionKey, dict[str, Any]] = {}
-    for k, p in state.positions.items():
-        rev = revs.get(k, 0)
-        hit = cached.get(k) if cached is not None else None
-        if hit is not None and hit[0] is p and hit[1]["rev"] == rev:
-            out[k] = hit[1]
-        else:
-            out[k] = position_entry(p, rev)
-    return out
-
-
 def build_document(state: StateData, position_entries: dict[PositionKey, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The JSON-ready dict of *state*; *position_entries* may hold cached :func:`position_entry` dicts."""
-    if position_entries is None:
-        position_entries = {k: position_entry(p, state.position_revs.get(k, 0)) for k, p in state.positions.items()}
+    """The JSON-ready dict of *state*.
+
+    Every position's entry is built from its Position here (issue 14.4: the manager keeps no per-position
+    copy of the document form, which doubled the memory of the state); *position_entries* may supply some
+    of them already built (:func:`position_entry`), and is used for the keys it holds.
+    """
+    revs = state.position_revs
+    given = position_entries or {}
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "generation": state.generation,
@@ -151,9 +135,11 @@ def build_document(state: StateData, position_entries: dict[PositionKey, dict[st
     }
     if state.account is not None:
         doc["account"] = state.account
-    doc["positions"] = {f"{k[0]}|{k[1]}": position_entries[k] for k in state.positions}
-    revs = state.metadata_revs
-    doc["symbol_metadata"] = {s: {"rev": revs.get(s, 0), "data": d} for s, d in state.metadata.items()}
+    doc["positions"] = {
+        f"{k[0]}|{k[1]}": given.get(k) or {"rev": revs.get(k, 0), "position": p.to_dict()} for k, p in state.positions.items()
+    }
+    mrevs = state.metadata_revs
+    doc["symbol_metadata"] = {s: {"rev": mrevs.get(s, 0), "data": d} for s, d in state.metadata.items()}
     doc["tombstones"] = {
         "positions": {position_key_text(k): r for k, r in state.position_tombstones.items()},
         "symbol_metadata": dict(state.metadata_tombstones),
@@ -187,13 +173,13 @@ def dumps_in_slices(
     parts = [orjson.dumps(before)[:-1], b',"positions":{']
     keys = list(positions)
     revs = state.position_revs
+    given = position_entries or {}
     first = True
     for i in range(0, len(keys), size):
         chunk = keys[i : i + size]
-        if position_entries is None:
-            part = {f"{k[0]}|{k[1]}": position_entry(positions[k], revs.get(k, 0)) for k in chunk}
-        else:
-            part = {f"{k[0]}|{k[1]}": position_entries[k] for k in chunk}
+        part = {
+            f"{k[0]}|{k[1]}": given.get(k) or {"rev": revs.get(k, 0), "position": positions[k].to_dict()} for k in chunk
+        }
         if not first:
             parts.append(b",")
         parts.append(orjson.dumps(part)[1:-1])

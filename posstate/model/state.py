@@ -28,10 +28,6 @@ class StateData:
     position_tombstones: dict[PositionKey, int] = field(default_factory=dict)
     metadata_tombstones: dict[str, int] = field(default_factory=dict)
     journal: dict[str, Any] | None = None
-    #: The decoded document's own position entries (``{"rev": r, "position": {...}}``) with the Position
-    #: built from each; set only by the fast path so a loader can reuse them instead of rebuilding 10,000
-    #: dicts. Consume it with :func:`adopt_entries`, which ignores any entry whose position was replaced.
-    entries: dict[PositionKey, tuple[Position, dict[str, Any]]] | None = None
 
     def copy(self) -> StateData:
         """A copy whose dicts can change without touching this one (values are immutable or copied on set)."""

@@ -97,6 +97,10 @@ def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = 
         # (refusing it would make recovery roll an authentic state back to an older copy).
         skew = math.inf if header.encrypted else options.clock_skew
         state = _document.decode_document(doc, path=path, now=now, skew=skew)
+        # Free the parsed document while the collector is still paused: what the state did not take from it
+        # (every position's dicts) is then gone before the collector's first pass, which otherwise walks
+        # it all once more only to find it garbage (issue 14.5).
+        del doc
         if header.encrypted and header.written_at_ms > ((time.time() if now is None else now) + options.clock_skew) * 1000:
             log.warning("%s: written at %s, in the future by this host's clock (clock moved back?)", path, state.written_at)
     _check_header_matches(header, state, path)
