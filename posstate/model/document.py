@@ -126,7 +126,7 @@ def build_document(state: StateData, position_entries: dict[PositionKey, dict[st
     of them already built (:func:`position_entry`), and is used for the keys it holds.
     """
     revs = state.position_revs
-    given = position_entries or {}
+    given = position_entries
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "generation": state.generation,
@@ -135,9 +135,14 @@ def build_document(state: StateData, position_entries: dict[PositionKey, dict[st
     }
     if state.account is not None:
         doc["account"] = state.account
-    doc["positions"] = {
-        f"{k[0]}|{k[1]}": given.get(k) or {"rev": revs.get(k, 0), "position": p.to_dict()} for k, p in state.positions.items()
-    }
+    if given:
+        doc["positions"] = {
+            f"{k[0]}|{k[1]}": given.get(k) or {"rev": revs.get(k, 0), "position": p.to_dict()} for k, p in state.positions.items()
+        }
+    else:
+        doc["positions"] = {
+            f"{k[0]}|{k[1]}": {"rev": revs.get(k, 0), "position": p.to_dict()} for k, p in state.positions.items()
+        }
     mrevs = state.metadata_revs
     doc["symbol_metadata"] = {s: {"rev": mrevs.get(s, 0), "data": d} for s, d in state.metadata.items()}
     doc["tombstones"] = {

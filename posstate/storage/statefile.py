@@ -162,12 +162,16 @@ def encode(
     import socket  # loaded on the first save, not when posstate is imported
 
     state.writer = {"host": socket.gethostname()[:255], "pid": os.getpid(), "version": __version__}
-    if pause is None:
-        raw = _document.dumps(_document.build_document(state, entries))
+    if pause is not None:  # a background compaction: each slice is freed before the next is built
+        text = _document.dumps_in_slices(state, entries, pause=pause)
     else:
-        raw = _document.dumps_in_slices(state, entries, pause=pause)
+        # Every position's entry is built here (issue 14.4: none is kept between saves); the collector is paused
+        # meanwhile, as for a load: these objects hold no cycle and are freed by reference counting, but a
+        # collection triggered while they are made would walk the whole state in memory for nothing.
+        with _document.pause_gc():
+            text = _document.dumps(_document.build_document(state, entries))
     encoded = _codec.encode(
-        raw,
+        text,
         generation=state.generation,
         written_at_ms=now_ms,
         position_count=len(state.positions),
