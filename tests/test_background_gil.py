@@ -51,9 +51,9 @@ def test_dumps_in_slices_writes_the_same_bytes(n: int, extras: bool) -> None:
     with and without some entries given, and pauses between slices."""
     st = state_of(n, extras=extras)
     pauses: list[int] = []
-    some = {k: position_entry(p, st.position_revs[k]) for k, p in list(st.positions.items())[::3]}
+    some = {k: (p, position_entry(p, st.position_revs[k])) for k, p in list(st.positions.items())[::3]}
     for entries in (None, some):
-        want = dumps(build_document(st, entries))
+        want = dumps(build_document(st, dict(entries) if entries is not None else None))
         assert dumps_in_slices(st, entries, pause=lambda: pauses.append(1)) == want
     assert len(pauses) == 2 * -(-n // 512)
 

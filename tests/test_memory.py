@@ -13,8 +13,11 @@ import orjson
 import pytest
 
 from posstate import Position, PositionStateManager, StateConfig
+from posstate.model.document import ENTRY_CACHE_POSITIONS
 
-N = 3_000
+#: Above the bounded entry cache (a state of at most ENTRY_CACHE_POSITIONS positions keeps its entries: at most
+#: a few MiB, test_entry_cache.py), so this measures what a large state costs; the issue measures at 100,000.
+N = ENTRY_CACHE_POSITIONS + 1_000
 
 
 def _positions(n: int) -> list[Position]:

@@ -357,9 +357,8 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
             st.position_tombstones[k] = rev
         for s in previous.metadata.keys() - st.metadata.keys():
             st.metadata_tombstones[s] = rev
-    entries = {k: _document.position_entry(p, rev) for k, p in st.positions.items()}
     files.raise_generation(highest)
-    generation = files.commit(st, entries)
+    generation = files.commit(st, {})  # every entry built anew (the commit keeps them if the state is small)
     files.set_loaded(True)
     result = RestoreResult(
         backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre

@@ -31,7 +31,7 @@ from posstate.manager import periodic as _periodic
 from posstate.manager.files import ManagerFiles
 from posstate.model import ops as _jops
 from posstate.model.document import StateData
-from posstate.model.position import Position, PositionKey
+from posstate.model.position import Position
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
@@ -92,7 +92,7 @@ class ManagerCore:
         self._lock = threading.RLock()
         self._closed = False
         self._state = StateData()
-        self._entries: dict[PositionKey, dict[str, Any]] = {}
+        self._entries: _jops.Entries = {}
         self._loaded = False
         self._dirty = False
         # Trailer checksums the main file may legitimately have (None: no file). Anything else on disk at
@@ -275,6 +275,6 @@ class ManagerCore:
 
     if TYPE_CHECKING:  # defined further down the chain (manager/commit.py, manager/admin.py)
 
-        def _commit(self, st: StateData, entries: dict[PositionKey, dict[str, Any]]) -> int: ...
+        def _commit(self, st: StateData, entries: _jops.Entries) -> int: ...
 
         def validate_state(self, positions: PositionsInput | None = None) -> ValidationReport: ...

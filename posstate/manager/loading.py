@@ -224,7 +224,7 @@ class StateLoading(ManagerCore):
 
     def _adopt(self, state: StateData, checksum: str | None) -> None:
         self._state = state
-        self._entries = {}  # no per-position cache (issue 14.4): a save builds each entry from its Position
+        self._entries = {}  # a new state: the next save builds every entry (and keeps them if the state is small)
         self._expected_on_disk = {checksum}
         self._highest_generation = max(self._highest_generation, state.generation)
         self._loaded = True

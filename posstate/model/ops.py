@@ -21,11 +21,10 @@ SET_METADATA = "set_symbol_metadata"
 DELETE_METADATA = "delete_symbol_metadata"
 OP_NAMES = frozenset({SET_POSITION, DELETE_POSITION, SET_METADATA, DELETE_METADATA})
 
-#: Document entries (:func:`~posstate.model.document.position_entry`) a commit may be given instead of building
-#: them from the Positions. The manager keeps none between commits (issue 14.4: a cached entry per position
-#: doubled the memory of the state), so the dict it passes here is empty; :func:`apply` drops the entry of
-#: every position it changes, so an entry found in one is never stale.
-Entries = dict[PositionKey, dict[str, Any]]
+#: The manager's cache of document entries (:func:`~posstate.model.document.build_document`; bounded, issue 14.4).
+#: :func:`apply` drops the entry of every position it changes and :func:`undo` puts it back with the position;
+#: build_document also checks each entry against its Position, so an entry found in one is never stale.
+Entries = _document.Entries
 #: ("p", key, position, rev, entry, tombstone) or ("m", symbol, data, rev, tombstone): what was there before.
 Undo = tuple[Any, ...]
 
