@@ -41,6 +41,11 @@ CLOSE_TIMEOUT = 30.0
 _create_lock = threading.Lock()
 
 
+def _yield_gil() -> None:
+    """Between two slices of a full check: let the bot's threads take the GIL (issue 14.3)."""
+    time.sleep(0)
+
+
 def service(files: StateFiles) -> BackupService:
     """The backup service of *files*, created on first use (thread-safe)."""
     svc = files.backups
@@ -59,7 +64,7 @@ class BackupService:
         self._files = files
         #: Held by the background backup and by every explicit backup operation (taken before the manager's lock).
         self.folder_lock = threading.RLock()
-        self.cache = VerifiedCache()
+        self.cache = VerifiedCache(pause=_yield_gil)  # full checks in slices (issue 14.3)
         #: The clock timed backups compare with (tests replace it).
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()

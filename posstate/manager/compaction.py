@@ -24,6 +24,7 @@ from typing import Any
 
 from posstate.core.errors import PosStateError
 from posstate.manager.commit import DurableCommit
+from posstate.model import document as _document
 from posstate.model import ops as _jops
 from posstate.model.document import StateData
 from posstate.model.ops import Entries, Undo
@@ -266,13 +267,14 @@ class BackgroundCompaction(DurableCommit):
             from posstate.model import merge as _merge
 
             _merge.drop_old_tombstones(st, floor=self._files.tombstone_floor)
-        st, encoded = _statefile.encode(
-            st,
-            keyring=self._write_keyring,
-            compression_level=self.config.compression_level if self.config.compression else None,
-            entries=entries,
-            pause=_pause,
-        )
+        with _document.pause_gc():  # each slice is freed before the next: no collector pass over the heap
+            st, encoded = _statefile.encode(
+                st,
+                keyring=self._write_keyring,
+                compression_level=self.config.compression_level if self.config.compression else None,
+                entries=entries,
+                pause=_pause,
+            )
         if job.cancelled:
             raise _Cancelled
         self._writer_lock.check()
