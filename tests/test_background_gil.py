@@ -20,6 +20,7 @@ from posstate.model.document import build_document, dumps, dumps_in_slices, posi
 from posstate.model.position import Position
 from posstate.model.state import StateData
 from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 KEY = bytes(range(32))
 
@@ -44,7 +45,7 @@ def state_of(n: int, *, extras: bool) -> StateData:
     return st
 
 
-@pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 1500])
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1500])
 @pytest.mark.parametrize("extras", [False, True])
 def test_dumps_in_slices_writes_the_same_bytes(n: int, extras: bool) -> None:
     """issue 14.3: the sliced serialization is byte for byte the document dumps(build_document()) writes,
@@ -55,7 +56,7 @@ def test_dumps_in_slices_writes_the_same_bytes(n: int, extras: bool) -> None:
     for entries in (None, some):
         want = dumps(build_document(st, dict(entries) if entries is not None else None))
         assert dumps_in_slices(st, entries, pause=lambda: pauses.append(1)) == want
-    assert len(pauses) == 2 * -(-n // 128)
+    assert len(pauses) == 2 * -(-n // 64)
 
 
 def test_background_compaction_serializes_in_slices_on_its_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,3 +136,39 @@ def test_a_state_file_not_written_by_this_manager_is_verified_in_full(tmp_path: 
             known=lambda checksum: True,  # even a claim of "known" never passes bytes whose trailer fails
         )
     assert sorted(p.name for p in cfg.backup_path.iterdir()) == before
+
+
+def test_view_copied_in_slices_while_writers_change_it_is_the_state_at_the_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.3: the view of 6,000 positions is copied a slice at a time while changes, deletes and new
+    keys land between slices; the snapshot holds exactly the state at the rotation, and nothing is lost."""
+    cfg = StateConfig.in_dir(tmp_path, backup_interval=1e9, journal_max_records=3)
+    m = PositionStateManager(cfg, key=KEY)
+    m.save_positions([pos(i) for i in range(6000)])
+    for i in range(3):
+        m.set_position(pos(i, 50))
+    at_rotation = dict(m.get_positions())  # the next change rotates: it is the first record after the snapshot
+    calls = {"n": 0}
+    real_pause = _compaction._pause
+
+    def pause() -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:  # between the first and second slice of the positions' copy
+            m.set_position(pos(10, 99))  # a key of a slice not copied yet
+            m.set_position(pos(1, 98))  # a key of the slice already copied
+            m.delete_position("S05000", "long")
+            m.set_position(pos(7000, 1))  # a new key
+        real_pause()
+
+    monkeypatch.setattr(_compaction, "_pause", pause)
+    m.set_position(pos(5999, 60))  # passes the threshold: rotates; the background copies the view
+    assert m.compact(wait=True)
+    want = dict(m.get_positions())
+    m.close()
+    loaded = _statefile.read(cfg.state_path, options=_statefile.ReadOptions(keyring=Keyring(key=KEY)))
+    assert calls["n"] > 1
+    assert loaded.state.positions == at_rotation
+    with PositionStateManager(cfg, key=KEY) as m2:
+        assert m2.load_positions() == want
+    assert want[pos(10).key].contracts == 99 and pos(5000).key not in want and pos(7000).key in want

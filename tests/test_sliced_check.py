@@ -21,7 +21,7 @@ from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
 
 KEY = bytes(range(32))
-N = 700  # more than ten slices of 64
+N = 700  # more than forty slices of 16
 
 
 def base_doc(n: int = N) -> dict[str, Any]:
@@ -126,4 +126,4 @@ def test_sliced_check_gives_the_verdict_of_a_full_read(tmp_path: Path, case: str
     else:
         assert mine == full, (case, full, mine)
     if case == "valid":
-        assert full == "ok" and len(pauses) >= N // 64
+        assert full == "ok" and len(pauses) >= N // 16

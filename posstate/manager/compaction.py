@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from posstate.core.errors import PosStateError
 from posstate.manager.commit import DurableCommit
@@ -43,6 +43,28 @@ def _pause() -> None:
     """Between two slices of the snapshot's serialization: hand the GIL to any thread that waits for it (the
     bot's set_position after its fdatasync), so no caller waits for more than one slice (issue 14.3)."""
     time.sleep(0)
+
+
+_MISSING = object()
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _copy(d: dict[_K, _V], size: int = 4096) -> dict[_K, _V]:
+    """A copy of *d*, which other threads may change meanwhile, *size* keys at a time with the GIL handed
+    back between slices. Each value is what its key held at some moment after the rotation: the caller puts
+    the pre-images back over it."""
+    if len(d) <= size:
+        return dict(d)
+    out: dict[_K, _V] = {}
+    keys = list(d)  # one C call: safe while other threads insert or delete
+    for i in range(0, len(keys), size):
+        for k in keys[i : i + size]:
+            v = d.get(k, _MISSING)
+            if v is not _MISSING:
+                out[k] = v  # type: ignore[assignment]
+        _pause()
+    return out
 
 
 class _Cancelled(Exception):
@@ -287,22 +309,23 @@ class BackgroundCompaction(DurableCommit):
 
     def _bg_view(self, job: Job) -> tuple[StateData, Entries]:
         live = job.live
-        # Each dict copy is one C call (no lock: atomic under the GIL); the pre-images put back every key
-        # changed since the rotation, whatever it held when its dict was copied.
+        # The dicts are copied a slice of keys at a time with the GIL handed back between slices (issue 14.3),
+        # without the manager's lock, while writers go on: the pre-images put back every key changed since
+        # the rotation, whatever it held when its slice was copied (a key added since is removed again).
         view = StateData(
             generation=job.generation,
             written_at=live.written_at,
             writer=dict(live.writer),
             account=dict(live.account) if live.account is not None else None,
-            positions=dict(live.positions),
-            position_revs=dict(live.position_revs),
-            metadata=dict(live.metadata),
-            metadata_revs=dict(live.metadata_revs),
-            position_tombstones=dict(live.position_tombstones),
-            metadata_tombstones=dict(live.metadata_tombstones),
+            positions=_copy(live.positions),
+            position_revs=_copy(live.position_revs),
+            metadata=_copy(live.metadata),
+            metadata_revs=_copy(live.metadata_revs),
+            position_tombstones=_copy(live.position_tombstones),
+            metadata_tombstones=_copy(live.metadata_tombstones),
             journal=dict(job.journal),
         )
-        entries = dict(job.entries)
+        entries = _copy(job.entries)
         pre: list[Undo] = self._journal.stop_capture()
         for undo in pre:
             _jops.undo(view, entries, undo)

@@ -188,7 +188,7 @@ def dumps_in_slices(
     cache: Entries | None = None,
     *,
     pause: Callable[[], None],
-    size: int = 128,
+    size: int = 64,
 ) -> bytes:
     """``dumps(build_document(state, cache))``, the same bytes (*cache* is read, never changed), built and serialized *size*
     positions at a time with *pause* called between slices (issue 14.3: a background compaction hands the GIL

@@ -47,7 +47,7 @@ def _scanner() -> Any:
 
 
 def check_in_slices(
-    path: Path, *, options: ReadOptions, pause: Callable[[], None] = lambda: time.sleep(0), size: int = 64
+    path: Path, *, options: ReadOptions, pause: Callable[[], None] = lambda: time.sleep(0), size: int = 16
 ) -> Header:
     """Verify the state file or backup at *path* as :func:`~posstate.storage.statefile.read` would (the same
     typed errors), a slice of *size* positions at a time, calling *pause* between slices. Returns its header."""
@@ -155,7 +155,7 @@ def _walk(s: str, j: int, scan: Any, starts: list[int], pause: Callable[[], None
             raise _document._Duplicate(key)
         keys.add(key)
         _, end = scan(s, _expect(s, _WS(s, k).end(), ":"))
-        if len(starts) % 64 == 0:
+        if len(starts) % 16 == 0:
             pause()
         j = _WS(s, end).end()
         if s[j : j + 1] == "}":
