@@ -1,4 +1,4 @@
-"""Benchmark: a durable save of 1,000 positions and a validated load of 10,000, each against a bare floor.
+"""Benchmark: a durable save of 1,000 positions, validated loads of 10,000 and 100,000, journal replay and memory.
 
 Run from the repository root::
 
@@ -10,12 +10,26 @@ interleaved with the library's runs (so a busy machine slows both alike):
 
 * save floor: orjson.dumps of the same document, zstd level 3, AES-256-GCM, write a temp file, fsync,
   rename, fsync the directory.
-* load floor: read the file, SHA-256, AES-GCM decrypt, zstd decompress, orjson.loads.
+* load floor (10,000): read the file, SHA-256, AES-GCM decrypt, zstd decompress, orjson.loads.
+* load floor (100,000, issue 14.5): the same, then build every ``Position`` as bare code would,
+  ``Position(**entry["position"])`` into a dict keyed by (symbol, side).
 
 The library's save also keeps ``positions.json.bak`` (a hard link), checks the file it replaces and
 re-reads what it wrote (``verify_after_write``); its load validates the whole document (schema-equivalent
-fast path plus relationship rules) and builds 10,000 ``Position`` objects. Targets: save <= 2x its floor,
-load <= 3x its floor. Nothing here asserts: it prints a table.
+fast path plus relationship rules) and builds the ``Position`` objects. Targets: save <= 2x its floor,
+load of 10,000 <= 3x its floor (which builds no Position), load of 100,000 <= 2x its floor (which does).
+
+Journal replay (issue 14.5): the same 100,000-position state with a 5,000-record journal
+(``durability="sync"``, one ``set_position`` per record) against the same state without one, both loaded
+by the library in the same rounds; target: the journal adds <= 30%.
+
+Memory (issue 14.4): ``tracemalloc`` in two fresh interpreters, one holding a ``PositionStateManager`` that
+loaded 100,000 positions (no metadata), changed one and saved, the other a plain dict of the same
+``Position`` objects (built from the same file by bare code); target: the manager <= 1.3x the plain dict.
+
+The 1,000-position save and the 10,000-position load are measured first, in a process that holds only
+those states (a save builds every position's entry, and allocating them is slower once the process also
+holds the 100,000-position states). Nothing here asserts: it prints a table.
 
 Import cost (issue 13.6): the median of ``--import-rounds`` fresh interpreters each timing ``import posstate``,
 against the same for its runtime dependencies (cryptography's AESGCM, zstandard, orjson), alternated so a
@@ -28,6 +42,7 @@ recovery, repair, merge and offline validation load on first use); same target.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import random
@@ -50,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from posstate import Position, PositionStateManager, StateConfig, generate_key
 from posstate.model import document as _document
 from posstate.storage import container as _format
+from posstate.storage import fileops as _fs
 
 BASES = ["BTC", "ETH", "SOL", "XRP", "DOGE", "ADA", "AVAX", "LINK", "DOT", "MATIC", "LTC", "TRX", "ATOM", "NEAR", "APT"]
 
@@ -150,6 +166,100 @@ def floor_load(path: Path, key: bytes, dctx: zstandard.ZstdDecompressor) -> obje
     return orjson.loads(dctx.decompress(plain))
 
 
+def floor_load_positions(path: Path, key: bytes, dctx: zstandard.ZstdDecompressor) -> dict[tuple[str, str], Position]:
+    """The load floor with the Positions built as bare code would: the public constructor, one per entry."""
+    doc = floor_load(path, key, dctx)
+    assert isinstance(doc, dict)
+    out: dict[tuple[str, str], Position] = {}
+    for entry in doc["positions"].values():
+        p = entry["position"]
+        out[(p["symbol"], p["side"])] = Position(**p)
+    return out
+
+
+class _NoSync(_fs.FileOps):
+    """Set-up only: write the replay benchmark's journal without waiting for the disk 5,000 times."""
+
+    def fsync(self, fd: int) -> None:
+        pass
+
+    def fdatasync(self, fd: int) -> None:
+        pass
+
+    def fsync_dir(self, path: object) -> None:  # type: ignore[override]
+        pass
+
+
+def make_journal(src: Path, dst: Path, key: bytes, records: int, rng: random.Random) -> None:
+    """Copy the state in *src* to *dst* and append *records* journal records (one set_position each) to it."""
+    shutil.copytree(src, dst)
+    with _fs.use(_NoSync()):
+        m = PositionStateManager(StateConfig.in_dir(dst, durability="sync"), key=key)
+        ps = list(m.load_positions().values())
+        for i in range(records):
+            old = ps[rng.randrange(len(ps))]
+            m.set_position(Position(**{**old.to_dict(), "mark_price": str(old.entry_price + i)}))  # type: ignore[arg-type]
+        assert m._journal.records == records, "the journal was compacted while it was written"
+        m.close()  # the records stay in the journal (close() does not compact)
+
+
+MEMORY_CHILD = """
+import gc, sys, tracemalloc
+from dataclasses import replace
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+import bench_core as bc
+from posstate import PositionStateManager, StateConfig
+import zstandard
+mode, path, key = sys.argv[1], Path(sys.argv[2]), bytes.fromhex(sys.argv[3])
+cfg = StateConfig.in_dir(path.parent, durability="snapshot")
+warm = StateConfig.in_dir(Path(sys.argv[5]), durability="snapshot")  # the lazy imports of a load, before counting
+with PositionStateManager(warm, key=key) as w:
+    w.load_positions()
+gc.collect()
+tracemalloc.start()
+before = tracemalloc.get_traced_memory()[0]
+if mode == "manager":
+    held = PositionStateManager(cfg, key=key)
+    one = next(iter(held.load_positions().values()))
+    held.set_position(replace(one, mark_price=one.entry_price + 1))
+    held.save()
+    del one
+else:
+    held = bc.floor_load_positions(path, key, zstandard.ZstdDecompressor())
+gc.collect()
+print(tracemalloc.get_traced_memory()[0] - before)
+"""
+
+
+def memory_bytes(mode: str, path: Path, key: bytes, warm: Path) -> int:
+    """Bytes a fresh interpreter holds (tracemalloc) for *mode*: "manager" or "plain" (see the docstring)."""
+    here = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, mode, str(path), key.hex(), here, str(warm)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return int(out.stdout)
+
+
+def profile(fn: Callable[[], object], rounds: int) -> None:
+    """cProfile *rounds* calls of *fn* (after one call to warm up) and print the 30 costliest functions."""
+    import cProfile
+    import pstats
+
+    fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(rounds):
+        fn()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+
+
 def interleave(lib: Callable[[], object], floor: Callable[[], object], rounds: int) -> tuple[list[float], list[float]]:
     a: list[float] = []
     b: list[float] = []
@@ -204,7 +314,12 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="directory for the state files (default: a temp dir)")
     ap.add_argument("--save-rounds", type=int, default=300)
     ap.add_argument("--load-rounds", type=int, default=40)
-    ap.add_argument("--profile", choices=["save", "load"], default=None, help="cProfile one side instead of the table")
+    ap.add_argument("--big-rounds", type=int, default=7, help="rounds of the 100,000-position loads")
+    ap.add_argument("--big", type=int, default=100_000, help="positions in the large load, replay and memory rows")
+    ap.add_argument("--journal-records", type=int, default=5_000)
+    ap.add_argument(
+        "--profile", choices=["save", "load", "load-big", "replay"], default=None, help="cProfile one side instead of the table"
+    )
     ap.add_argument("--import-rounds", type=int, default=21, help="fresh interpreters per import measurement")
     ap.add_argument("--imports-only", action="store_true", help="print only the import cost")
     args = ap.parse_args()
@@ -229,7 +344,7 @@ def main() -> None:
         def lib_save() -> None:
             counter[0] += 1
             old = ps[counter[0] % len(ps)]
-            m.set_position(Position(**{**old.__dict__, "mark_price": old.mark_price + counter[0]}))  # type: ignore[arg-type,operator]
+            m.set_position(dataclasses.replace(old, mark_price=old.mark_price + counter[0]))  # type: ignore[operator]
             m.save()
 
         def bare_save() -> None:
@@ -249,21 +364,11 @@ def main() -> None:
         def bare_load() -> None:
             floor_load(cfg_l.state_path, key, dctx)
 
-        if args.profile:
-            import cProfile
-            import pstats
-
-            fn = lib_save if args.profile == "save" else lib_load
-            for _ in range(5):
-                fn()
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(args.save_rounds if args.profile == "save" else args.load_rounds):
-                fn()
-            prof.disable()
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        if args.profile in ("save", "load"):
+            profile(*((lib_save, args.save_rounds) if args.profile == "save" else (lib_load, args.load_rounds)))
             return
-
+        # Measured before the 100,000-position states exist: a bot holding 1,000 positions has no other
+        # state in its process (a save builds every entry, and allocating them is slower in a larger heap).
         for _ in range(10):  # warm up caches, imports, the page cache
             lib_save()
             bare_save()
@@ -273,12 +378,61 @@ def main() -> None:
         load_lib, load_floor = interleave(lib_load, bare_load, args.load_rounds)
         m.close()
         lm.close()
+
+        # ------------------------------------------- (c) load of 100,000 positions, (d) with a journal to replay
+        big = args.big
+        cfg_b = StateConfig.in_dir(base / "big", durability="sync")
+        with PositionStateManager(StateConfig.in_dir(base / "big", durability="snapshot"), key=key) as w:
+            populate(w, big, rng)
+            w.save()
+        make_journal(base / "big", base / "replay", key, args.journal_records, rng)
+        cfg_r = StateConfig.in_dir(base / "replay", durability="sync")
+        bm = PositionStateManager(cfg_b, key=key)
+        rm = PositionStateManager(cfg_r, key=key)
+
+        def lib_load_big() -> None:
+            assert len(bm.load_positions()) == big
+
+        def lib_replay() -> None:
+            assert len(rm.load_positions()) == big
+            assert rm._journal.replayed is not None
+
+        def bare_load_big() -> None:
+            assert len(floor_load_positions(cfg_b.state_path, key, dctx)) == big
+
+        if args.profile:
+            profile(*((lib_load_big, args.big_rounds) if args.profile == "load-big" else (lib_replay, args.big_rounds)))
+            return
+        lib_load_big()
+        lib_replay()
+        bare_load_big()
+        big_lib: list[float] = []
+        replay_lib: list[float] = []
+        big_floor: list[float] = []
+        clock = time.perf_counter
+        for _ in range(args.big_rounds):
+            for fn, out in ((lib_load_big, big_lib), (lib_replay, replay_lib), (bare_load_big, big_floor)):
+                t = clock()
+                fn()
+                out.append(clock() - t)
+        bm.close()
+        rm.close()
+
+        # ---------------------------------------------------------------- (e) memory of 100,000 positions
+        mem_dir = base / "memory"
+        with PositionStateManager(StateConfig.in_dir(mem_dir, durability="snapshot"), key=key) as w:
+            w.batch_save_positions(make_position(rng, i, "long" if i % 3 else "short") for i in range(big))
+        mem_manager = memory_bytes("manager", mem_dir / "positions.json", key, base / "load")
+        mem_plain = memory_bytes("plain", mem_dir / "positions.json", key, base / "load")
         size_save = cfg.state_path.stat().st_size
         size_load = cfg_l.state_path.stat().st_size
+        size_big = cfg_b.state_path.stat().st_size
+        size_journal = sum(f.stat().st_size for f in (base / "replay").iterdir() if f.name.startswith("positions.json.journal"))
 
         rows = [
             (f"save 1,000 positions, 1 changed ({size_save / 1024:.0f} KiB)", save_lib, save_floor, 2.0),
             (f"load+validate 10,000 positions ({size_load / 1024:.0f} KiB)", load_lib, load_floor, 3.0),
+            (f"load+validate {big:,} positions ({size_big / 1024 / 1024:.1f} MiB)", big_lib, big_floor, 2.0),
         ]
         load_avg = os.getloadavg()[0]
         print(f"posstate benchmark (python {sys.version.split()[0]}, {os.cpu_count()} cpus, load avg {load_avg:.2f}, dir {base})")
@@ -289,6 +443,20 @@ def main() -> None:
             ratio = lm_ / fm
             verdict = "ok" if ratio <= target else "MISSED"
             print(f"{name:<46} {lm_:>9.2f} / {lp:>7.2f} {fm:>8.2f} / {fp:>7.2f} {ratio:>6.2f} {'<=' + str(target):>5} {verdict}")
+        print()
+        with_journal, without = statistics.median(replay_lib) * 1000, statistics.median(big_lib) * 1000
+        added = (with_journal / without - 1) * 100
+        verdict = "ok" if added <= 30 else "MISSED"
+        print(f"{'journal replay':<46} {'with ms':>9} {'without ms':>11} {'added':>7} {'target':>7}")
+        name = f"load {big:,} + {args.journal_records:,}-record journal ({size_journal / 1024:.0f} KiB)"
+        print(f"{name:<46} {with_journal:>9.1f} {without:>11.1f} {added:>6.1f}% {'<=30%':>7} {verdict}")
+        print()
+        ratio = mem_manager / mem_plain
+        verdict = "ok" if ratio <= 1.3 else "MISSED"
+        head = f"{'memory (tracemalloc, fresh interpreters)':<46} {'posstate MiB':>13} {'plain dict MiB':>15}"
+        print(f"{head} {'ratio':>6} {'target':>7}")
+        name = f"{big:,} positions held (after a load and a save)"
+        print(f"{name:<46} {mem_manager / 2**20:>13.1f} {mem_plain / 2**20:>15.1f} {ratio:>6.2f} {'<=1.3':>7} {verdict}")
         print()
         import_table(args.import_rounds)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import sys
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -449,23 +450,44 @@ def test_null_values_are_not_absent_values(field: str) -> None:
     assert not _schema_ok(doc)
 
 
-def test_fast_path_keeps_the_document_entries() -> None:
-    """The fast path keeps the document's own entry dicts; adopt_entries reuses them only while still valid."""
+def test_fast_path_builds_positions_and_keeps_nothing_of_the_document() -> None:
+    """issue 14.4/14.5: the fast path builds each Position straight into its slots, equal to the constructor's,
+    and keeps no reference to the parsed document's dicts (which a per-position cache used to keep alive)."""
     doc = _valid_doc()
-    doc["positions"]["ETH/USDT|short"] = {
-        "rev": 5,
-        "position": {"symbol": "ETH/USDT", "side": "short", "contracts": "2", "entry_price": "3000"},
-    }
+    eth = {"symbol": "ETH/USDT", "side": "short", "contracts": "2", "entry_price": "3000", "timestamp": 5, "margin_mode": "cross"}
+    doc["positions"]["ETH/USDT|short"] = {"rev": 5, "position": eth}
+    held = [doc["positions"][k] for k in doc["positions"]] + [e["position"] for e in doc["positions"].values()]
+    before = [sys.getrefcount(d) for d in held]
     state = _fastpath._fast_decode(doc)
-    assert state.entries is not None
-    btc, eth = ("BTC/USDT", "long"), ("ETH/USDT", "short")
-    state.positions[eth] = Position(symbol="ETH/USDT", side="short", contracts=Decimal(9), entry_price=Decimal(1))
-    entries = _document.adopt_entries(state)
-    assert state.entries is None
-    assert entries[btc] is doc["positions"]["BTC/USDT|long"]  # reused
-    assert entries[btc] == _document.position_entry(state.positions[btc], 5)
-    assert entries[eth] == _document.position_entry(state.positions[eth], 5)  # rebuilt: the position changed
-    assert entries[eth]["position"]["contracts"] == "9"
+    assert [sys.getrefcount(d) for d in held] == before
+    built = state.positions[("ETH/USDT", "short")]
+    assert built == Position(**eth)  # type: ignore[arg-type]
+    assert built.to_dict() == eth
+    assert not hasattr(built, "__dict__")
+
+
+_A = {"symbol": "A", "side": "long", "contracts": "1", "entry_price": "1"}
+
+
+@pytest.mark.parametrize(
+    "position",
+    [
+        pytest.param({**_A, "notional": None}, id="null-and-absent"),
+        pytest.param({**_A, "timestamp": None}, id="null-timestamp"),
+        pytest.param({**_A, "entry_price": None}, id="null-required"),
+        pytest.param({**_A, "leverage": 5}, id="int-decimal"),
+        pytest.param({**_A, "leverage": True}, id="bool-decimal"),
+        pytest.param({**_A, "margin_mode": ""}, id="empty-margin"),
+        pytest.param({**_A, "timestamp": True}, id="bool-timestamp"),
+    ],
+)
+def test_fast_path_refuses_what_the_schema_refuses_in_a_position(position: dict[str, Any]) -> None:
+    """issue 14.5: the slot-building fast path tells a null from an absent field and checks each value's type
+    before it builds a Position; each of these is refused by jsonschema and by the fast path."""
+    doc = _valid_doc()
+    doc["positions"] = {"A|long": {"rev": 1, "position": position}}
+    assert _fast(doc) is None
+    assert not _schema_ok(doc)
 
 
 def test_pause_gc_restores_the_collector() -> None:

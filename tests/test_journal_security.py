@@ -304,7 +304,7 @@ def test_encrypted_version_2_journal_is_replayed_then_never_appended_to(tmp_path
         assert held(m) == {"A": "2"}
         m.set_position(pos("B"))
     data = path.read_bytes()
-    assert jf.parse_header(data).version == jf.VERSION == 3
+    assert jf.parse_header(data).version == jf.PLAIN_VERSION == 3
     assert jf.parse_header(data).journal_id != jf.parse_header(old).journal_id
     with make(tmp_path) as m:
         assert held(m) == {"A": "2", "B": "1"}

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posstate import Position, SchemaValidationError
+from posstate.model.position import DECIMAL_FIELDS, FIELD_NAMES
 
 CCXT = {
     "info": {"raw": "exchange payload"},
@@ -145,3 +146,36 @@ def test_decimal_dict_round_trip_keeps_digits(d: Decimal) -> None:
     back = Position.from_dict(p.to_dict())
     assert back.entry_price.as_tuple() == d.as_tuple()
     assert back.contracts.as_tuple() == abs(d).as_tuple()
+
+
+_OPTIONAL = st.one_of(
+    st.none(), st.decimals(allow_nan=False, allow_infinity=False, places=4, min_value=-(10**9), max_value=10**9)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {name: _OPTIONAL for name in DECIMAL_FIELDS if name not in ("contracts", "entry_price")},
+        optional={"margin_mode": st.sampled_from(["cross", "isolated"]), "timestamp": st.integers(0, 2**53 - 1)},
+    )
+)
+def test_to_dict_is_every_present_field_in_order(values: dict[str, object]) -> None:
+    """issue 14.4: the field-by-field to_dict (a save builds it for every position) equals a loop over every
+    field: the same keys in field order, decimals as text, None left out (a new field missed there fails)."""
+    p = Position(symbol="S", side="long", contracts=Decimal(1), entry_price=Decimal("2.5"), **values)  # type: ignore[arg-type]
+    expected = {
+        name: str(value) if name in DECIMAL_FIELDS else value for name in FIELD_NAMES if (value := getattr(p, name)) is not None
+    }
+    assert list(p.to_dict().items()) == list(expected.items())
+    assert Position.from_dict(p.to_dict()) == p
+
+
+def test_position_has_slots_and_no_dict() -> None:
+    """issue 14.4: a Position is its fifteen slots (no per-instance __dict__), frozen, and equal by value."""
+    p = Position(symbol="S", side="long", contracts=Decimal(1), entry_price=Decimal(2))
+    assert not hasattr(p, "__dict__")
+    assert Position.__slots__ == FIELD_NAMES
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.contracts = Decimal(3)  # type: ignore[misc]
+    assert p == dataclasses.replace(p) and hash(p) == hash(dataclasses.replace(p))

@@ -138,7 +138,7 @@ for i, c in enumerate(changes):
     say(f"pending {i}")
     ops = None
     if i == crash_change and crash_at:  # SIGKILL itself at the k-th mutating file operation of this change
-        ops = HarnessOps(fault=Fault(at=crash_at, action=crash_when, ops=MUTATING))
+        ops = HarnessOps(fault=Fault(at=crash_at, action=crash_when, ops=MUTATING), skip_thread_prefix="posstate-compact")
     with _fileops.use(ops) if ops is not None else open(os.devnull):
         if c[0] == "set":
             p = Position(symbol=c[1], side=c[2], contracts=Decimal(c[3]), entry_price=Decimal(c[4]), timestamp=1)
@@ -239,7 +239,9 @@ class ManagerMachine(RuleBasedStateMachine):
         if fault is None:
             yield None
             return
-        ops = HarnessOps(fault=fault)
+        # The background compaction's operations (issue 14) are not counted (their order against the step's
+        # varies from run to run); a persistent fault fails them too once it has started.
+        ops = HarnessOps(fault=fault, uncounted_thread_prefix="posstate-compact")
         with fs.use(ops):
             yield ops
 
@@ -372,7 +374,11 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(fault=faults)
     def save(self, fault: FaultSpec) -> None:
         blocked = self.blocked
-        outcome, _ = self._step("save()", fault, lambda m: m.save(), change=False)
+        outcome, exc = self._step("save()", fault, lambda m: m.save(), change=False)
+        if outcome == "failed" and "the new file is in place" in str(exc) and self.mem != self.acked:
+            # Renamed, its directory sync failed: memory still holds those changes (not unknown to the bot),
+            # and a crash now may find the new file (seen by hypothesis under load; not an issue-14 change).
+            self.maybe = [*self.maybe, self.mem]
         if outcome == "ok" and blocked:  # the snapshot now holds memory, whichever state that is
             got = self._view()
             assert got in [self.acked, *self.maybe], f"save() after an unknown outcome wrote {show(got)}"
@@ -426,6 +432,9 @@ class ManagerMachine(RuleBasedStateMachine):
         and a new one starts on what the disk holds: a copy of the directory, opened by a fresh manager."""
         assert self.m is not None
         crashed = self.dir / f"s{len(list(self.dir.iterdir()))}"
+        job = self.m._bg_job  # a copy is no crash image while a background compaction renames files
+        if job is not None:
+            job.done.wait(60)
         copy_tree(self.state_dir, crashed)
         self.m.close()
         self.state_dir = crashed

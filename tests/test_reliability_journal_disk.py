@@ -48,7 +48,9 @@ def test_removing_each_sync_of_a_compaction_is_noticed(tmp_path: Path, key: byte
     """Mutation check over a compacting (or the very first) update: each file fsync and the final directory fsync matter."""
     probe = rj.record_update(tmp_path / "p", key=key, kind=kind)
     sites = rj.sync_sites(probe.ops, probe.root)
-    assert len(sites) == 3  # snapshot temp fsync, journal temp fsync, the directory fsync after the rename
+    # first: snapshot temp fsync, journal temp fsync, the directory fsync after the rename; compaction (issue 14:
+    # a rotation, the snapshot is written in the background): the segment's temp fsync and the directory fsync
+    assert len(sites) == (2 if kind == "compaction" else 3)
     for k in sites:
         rec = rj.record_update(tmp_path / f"m{k}", key=key, kind=kind, fault=Fault(at=k, action="skip", ops=SYNC_OPS))
         skipped = [op for op in rec.ops if op.faulted == "skip"]
@@ -61,7 +63,7 @@ def test_removing_each_sync_of_a_compaction_is_noticed(tmp_path: Path, key: byte
 def test_errno_at_every_operation_of_an_update(tmp_path: Path, key: bytes, kind: str, persistent: bool) -> None:
     """ENOSPC/EIO/EROFS/EDQUOT/EINTR at each op: PersistenceError, memory unchanged, acked state on disk, next update works."""
     base, n = rj.ops_of_update(tmp_path, key=key, kind=kind, counted=MUTATING_AND_READS)
-    assert n >= (2 if kind == "append" else 16)
+    assert n >= (2 if kind == "append" else 8)  # compaction: the rotation (issue 14)
     outcomes: collections.Counter[str] = collections.Counter()
     for name, code in sorted(ERRNOS.items()):
         for k in range(1, n + 1):

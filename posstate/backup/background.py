@@ -52,6 +52,11 @@ _MAX_TIMER_WAIT = 86400.0
 _create_lock = threading.Lock()
 
 
+def _yield_gil() -> None:
+    """Between two slices of a full check: let the bot's threads take the GIL (issue 14.3)."""
+    time.sleep(0)
+
+
 def service(files: StateFiles) -> BackupService:
     """The backup service of *files*, created on first use (thread-safe)."""
     svc = files.backups
@@ -70,7 +75,7 @@ class BackupService:
         self._files = files
         #: Held by the background backup and by every explicit backup operation (taken before the manager's lock).
         self.folder_lock = threading.RLock()
-        self.cache = VerifiedCache()
+        self.cache = VerifiedCache(pause=_yield_gil)  # full checks in slices (issue 14.3)
         #: The clock timed backups compare with (tests replace it).
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()
@@ -333,6 +338,7 @@ class BackupService:
                     max_generation=self._durable_generation,
                     gate=self._gate,
                     cancelled=lambda: self._cancelled,
+                    known=files.wrote,
                 )
             except _snapcopy.Newer as newer:
                 # A save renamed a newer snapshot but has not returned: its own after_save asks again.

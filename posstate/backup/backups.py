@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,10 +27,12 @@ from posstate.core.errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
+from posstate.model import document as _document
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
 from posstate.storage import codec as _codec
 from posstate.storage import fileops as fs
+from posstate.storage import sliced as _sliced
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
 
@@ -170,12 +172,21 @@ def names_only(backup_dir: Path) -> list[tuple[str, datetime]]:
     return out
 
 
-def full_check(info: BackupInfo, *, options: _statefile.ReadOptions) -> tuple[BackupInfo, _statefile.Loaded | None]:
-    """Decrypt and validate a backup; returns the updated info and the loaded state when it is valid."""
+def full_check(
+    info: BackupInfo, *, options: _statefile.ReadOptions, pause: Callable[[], None] | None = None
+) -> tuple[BackupInfo, _statefile.Loaded | None]:
+    """Decrypt and validate a backup; returns the updated info and the loaded state when it is valid.
+    With *pause* (a background thread, issue 14.3) the check runs a slice of positions at a time
+    (:mod:`posstate.storage.sliced`, the same verdict) and no state is returned."""
     if info.damaged:
         return info, None
+    loaded: _statefile.Loaded | None = None
     try:
-        loaded = _statefile.read(info.path, options=options, what="backup")
+        if pause is not None:
+            with _document.pause_gc():  # every slice is freed before the next: no collector pass over the heap
+                _sliced.check_in_slices(info.path, options=options, pause=pause)
+        else:
+            loaded = _statefile.read(info.path, options=options, what="backup")
     except CorruptStateError as exc:
         return replace(info, valid=False, damaged=True, reason=exc.reason), None
     except SchemaValidationError as exc:

@@ -96,6 +96,10 @@ class StateFiles(Protocol):
         first; ``journal.seq`` the last one), or None when nothing is loaded or memory may hold a change that
         was not acknowledged (a failed group sync not yet rolled back, an outcome in doubt). Issue 15.2."""
 
+    def wrote(self, checksum: str) -> bool:
+        """True when a state file with this trailer checksum holds bytes this manager encoded from its validated
+        memory, or loaded and validated (issue 14.3: a background backup of it needs no decrypt and validate)."""
+
     def expect_on_disk(self, checksum: str | None) -> None:
         """The state file on disk is ours with this trailer checksum (None: no file); anything else at the
         next save was written by someone who bypassed the lock."""

@@ -385,9 +385,8 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
             st.bot_metadata = {}  # the backup had none: an empty one at the restore's rev, so no merge brings it back
     if st.bot_metadata is not None:
         st.bot_metadata_rev = rev
-    entries = {k: _document.position_entry(p, rev) for k, p in st.positions.items()}
     files.raise_generation(highest)
-    generation = files.commit(st, entries)
+    generation = files.commit(st, {})  # every entry built anew (the commit keeps them if the state is small)
     files.set_loaded(True)
     # What was restored is what that backup holds: no backup at close() for it (issue 15.2), so "latest" stays
     # the backup just restored or the pre-restore one, as an operator expects.

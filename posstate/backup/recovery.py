@@ -288,11 +288,11 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
     """Replay onto a copy whose snapshot names the journal on disk that journal's trustworthy records."""
     if cand.state is None or cand.state.journal is None:
         return cand
-    path = _jfiles.journal_file(cfg.journal_path, cfg.legacy_journal_path, cand.state.journal)
-    if not fs.exists(path):
+    chain = _jfiles.segment_chain(cfg.journal_path, cfg.legacy_journal_path, cand.state.journal)  # issue 14: segments
+    if not any(fs.exists(p) for p in chain):
         return cand
-    applied, max_rev, stopped = _records.replay_prefix(
-        path, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption
+    applied, max_rev, stopped = _records.replay_chain(
+        chain, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption
     )
     if applied:  # records are applied in sequence from the one after the snapshot's, without gaps
         first = int(cand.state.journal.get("seq", 0)) + 1

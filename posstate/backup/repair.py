@@ -259,12 +259,13 @@ def repair(files: StateFiles) -> RepairReport:
                 "account_id": str(cfg.account_id),
                 "mode": cfg.account_mode or "live",
             }
-        jpath = _jfiles.journal_file(cfg.journal_path, cfg.legacy_journal_path, st.journal)
-        if st.journal is not None and fs.exists(jpath):
+        chain = _jfiles.segment_chain(cfg.journal_path, cfg.legacy_journal_path, st.journal)  # issue 14: segments
+        jpath = next((p for p in chain if fs.exists(p)), chain[0])
+        if st.journal is not None and any(fs.exists(p) for p in chain):
             # Changes acknowledged in the journal after this snapshot are part of the state: replay the
-            # trustworthy ones onto the repaired snapshot, then keep the journal file as evidence.
-            applied, max_rev, stopped = _records.replay_prefix(
-                jpath, keyring=files.read.keyring, state=st, require_encryption=files.read.require_encryption
+            # trustworthy ones onto the repaired snapshot (every segment, in order), then keep the files as evidence.
+            applied, max_rev, stopped = _records.replay_chain(
+                chain, keyring=files.read.keyring, state=st, require_encryption=files.read.require_encryption
             )
             files.raise_generation(max_rev - 1)
             why = f"{applied} journal records replayed onto the repaired snapshot" + (

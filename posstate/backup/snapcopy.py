@@ -26,6 +26,7 @@ from posstate.storage import atomic as _atomic
 from posstate.storage import codec as _codec
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
+from posstate.storage.container import checksum_of
 
 
 class Cancelled(Exception):
@@ -47,6 +48,7 @@ def copy_state_file(
     gate: threading.Lock | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     now: float | None = None,
+    known: Callable[[str], bool] = lambda checksum: False,
 ) -> BackupInfo:
     """Copy the state file into *backup_dir* as a new verified timestamped backup; return its info.
 
@@ -54,14 +56,19 @@ def copy_state_file(
     *gate*/*cancelled*: the name is given under *gate* and only if not *cancelled* (:class:`Cancelled`).
     On failure nothing new is listed in *backup_dir* (PersistenceError names the step; a source that does
     not verify raises what reading it raises: CorruptStateError, WrongKeyError ...).
+    *known*: True for a trailer checksum of bytes the owner encoded from its validated memory (or loaded and
+    validated): such a file, its trailer holding, is those very bytes (SHA-256), so it is not decrypted and
+    validated again (issue 14.3: that is O(state) work that would hold the GIL in one C call).
     """
     _backups.sweep_temps(backup_dir)
     data = _statefile.read_bytes(state_path, what="saved state", max_size=options.max_file_bytes)
     header = _codec.inspect(data, path=state_path)  # header + checksum, no key needed
     if max_generation is not None and header.generation > max_generation:
         raise Newer(header.generation)
-    loaded = _statefile.parse(data, path=state_path, options=options)  # decrypt + validate, once
-    check_account(loaded.state)
+    checksum = checksum_of(data)  # inspect() checked it against the bytes
+    if checksum is None or not known(checksum):
+        loaded = _statefile.parse(data, path=state_path, options=options)  # decrypt + validate, once
+        check_account(loaded.state)
     now = time.time() if now is None else now
     stamp = _backups.stamp_at(now)
     try:

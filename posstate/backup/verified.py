@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,12 +65,15 @@ class VerifiedCache:
 
     Not thread-safe on its own: the backup service uses it under its directory lock."""
 
-    __slots__ = ("_entries", "full_checks")
+    __slots__ = ("_entries", "full_checks", "pause")
 
-    def __init__(self) -> None:
+    def __init__(self, pause: Callable[[], None] | None = None) -> None:
         self._entries: dict[str, tuple[Probe, BackupInfo]] = {}
         #: How many full checks (decrypt + validate) this cache has run: tests and benchmarks read it.
         self.full_checks = 0
+        #: Set by the background backup thread (issue 14.3): its full checks run a slice of positions at a
+        #: time and call this between slices (``backups.full_check``), so the bot's threads get the GIL.
+        self.pause = pause
 
     def remember(self, name: str, seen: Probe, info: BackupInfo) -> None:
         self._entries[name] = (seen, info)
@@ -114,7 +118,7 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
         if cached is not None:
             out.append(cached)
             continue
-        info, _ = _backups.full_check(_backups.inspect_file(path, parsed[0], parsed[1]), options=options)
+        info, _ = _backups.full_check(_backups.inspect_file(path, parsed[0], parsed[1]), options=options, pause=cache.pause)
         cache.full_checks += 1
         if seen is not None and not info.unreadable:
             cache.remember(name, seen, info)

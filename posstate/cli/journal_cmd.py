@@ -83,6 +83,21 @@ def journal_read_path(cfg: StateConfig, options: _statefile.ReadOptions, snapsho
     return journal_file(cfg.journal_path, legacy, snapshot_journal)
 
 
+def journal_segments(cfg: StateConfig, options: _statefile.ReadOptions, first: Path) -> list[Path]:
+    """The journal files a load replays, in order (issue 14: *first*, then a ``.next`` segment linked to it)."""
+    from posstate.journal.files import segment_chain
+
+    try:
+        snapshot_journal = _statefile.read(cfg.state_path, options=options).state.journal
+    except PosStateError:
+        snapshot_journal = None
+    try:
+        chain = segment_chain(cfg.journal_path, cfg.legacy_journal_path, snapshot_journal)
+    except CorruptStateError:
+        return [first]
+    return chain if first in chain or len(chain) == 1 else [first]
+
+
 @dataclass(frozen=True, slots=True)
 class ReadState:
     """What ``show``/``export``/``diff`` display: the state, its label and (for the state file) the journal."""
@@ -185,6 +200,19 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     jc = check(path, keyring=keyring, snapshot_journal=snapshot_journal, require_encryption=options.require_encryption)
     data = asdict(jc)
     data["applied"] = cur.applied if cur is not None else None
+    # issue 14: the segment a background compaction started after *path* is checked too (records only)
+    segs = [
+        check(p, keyring=keyring, require_encryption=options.require_encryption)
+        for p in journal_segments(cfg, options, path)
+        if p != path
+    ]
+    data["segments"] = [asdict(x) for x in segs]
+    seg_text = "".join(f"; segment {Path(x.path).name}: {x.records} records" for x in segs if x.exists)
+    bad_seg = next((x for x in segs if not x.valid), None)
+    if (bad_seg is not None and jc.valid) or (not jc.exists and segs and segs[0].exists):
+        jc = bad_seg or segs[0]  # the first file missing: the snapshot's journal had no record past it
+        path = Path(jc.path)
+        seg_text = ""
     torn = f"; torn last record ({jc.torn_bytes} bytes) ignored, a load cuts it off" if jc.torn_bytes else ""
     if not jc.exists:
         detail = f"no journal at {path} (nothing recorded since the snapshot)"
@@ -211,7 +239,7 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
     if jc.matches_snapshot is False:
         detail = f"{jc.records} records of an older journal, all held by the snapshot (ignored; replaced by the next change)"
     else:
-        detail = f"{jc.records} records, {cur.applied} after the snapshot (replayed on load){torn}"
+        detail = f"{jc.records} records{seg_text}, {cur.applied} after the snapshot (replayed on load){torn}"
     return JournalVerdict(Check("journal", True, detail), data, None)
 
 
@@ -298,7 +326,8 @@ def history(ctx: click.Context, symbol: str | None, orders: bool, order_id: str 
         print_order_history(env, got.state, path=cfg.state_path, order_id=order_id)
         return
     path = journal_read_path(cfg, env.read_options())
-    if not fs.exists(path):
+    chain = journal_segments(cfg, env.read_options(), path)
+    if not any(fs.exists(p) for p in chain):
         if env.json:
             json_out([])
         click.echo(
@@ -308,7 +337,8 @@ def history(ctx: click.Context, symbol: str | None, orders: bool, order_id: str 
         return
     keyring = env.keyring()
     required = env.require_encryption()
-    listed = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path)
+    listed = journal_history(cfg, keyring=keyring, symbol=symbol, require_encryption=required, path=path, segments=chain)
+    path = chain[-1]
     entries, held = _since_snapshot(cfg, env, listed)
     jc = check(path, keyring=keyring, require_encryption=required)
     if jc.torn_bytes:

@@ -8,6 +8,7 @@ Nothing here writes, truncates or moves a file.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,25 +87,36 @@ def history(
     symbol: str | None = None,
     require_encryption: bool = False,
     path: Path | None = None,
+    segments: Sequence[Path] = (),
 ) -> tuple[HistoryEntry, ...]:
     """The changes in the journal, oldest first (only those for *symbol* if given).
 
     Raises CorruptStateError(kind="journal") for damage before the last record; a torn last record is
     left out. Without a journal the history is empty. With *require_encryption* a plaintext journal (or
     state file) is WrongKeyError, as a load with encryption on refuses it. *path*: the journal file a load
-    reads, when it is not ``config.journal_path`` (the old name, ``positions.journal``).
+    reads, when it is not ``config.journal_path`` (the old name, ``positions.journal``). *segments*: the
+    journal's segments in order (``files.segment_chain``, issue 14), read instead of *path* when given.
     """
 
-    path = config.journal_path if path is None else path
-    try:
-        data = fs.read_file(path)
-    except FileNotFoundError:
+    paths = list(segments) if segments else [config.journal_path if path is None else path]
+    header: jf.JournalHeader | None = None
+    records: list[Any] = []
+    for i, seg in enumerate(paths):  # the snapshot's journal, then a segment linked to it (issue 14)
+        try:
+            data = fs.read_file(seg)
+        except FileNotFoundError:
+            if i == 0 and len(paths) > 1:
+                continue
+            break
+        except OSError as exc:  # a FIFO, a directory, a device planted as the journal; a read error
+            raise PersistenceError(
+                seg, operation="read journal", cause=exc, outcome="nothing was changed", next_step=_UNREADABLE_JOURNAL
+            ) from exc
+        h, recs, _ = read_records(data, path=seg, keyring=keyring, require_encryption=require_encryption)
+        header = header or h
+        records.extend(recs)
+    if header is None:
         return ()
-    except OSError as exc:  # a FIFO, a directory, a device planted as the journal; a read error
-        raise PersistenceError(
-            path, operation="read journal", cause=exc, outcome="nothing was changed", next_step=_UNREADABLE_JOURNAL
-        ) from exc
-    header, records, _ = read_records(data, path=path, keyring=keyring, require_encryption=require_encryption)
     st: StateData | None = None
     snap_seq = 0
     try:

@@ -106,6 +106,15 @@ class JournalBase:
         # The last item is the outcome text when the records may still be on disk (the cut failed), else None.
         self._failed_ranges: list[tuple[int, int, OSError, str | None]] = []
         self._pending: list[tuple[int, list[Undo]]] = []
+        # Segments (issue 14): where the next journal is created (self.path, or the ``.next`` segment a
+        # rotation starts); True from a rotation until the background compaction retired the old segment
+        # (no second rotation meanwhile: at most two segments); the pre-images of every key changed since the
+        # rotation while the background builds its view (None: not capturing); True after a load that
+        # replayed more than one segment (the load folds them into a snapshot).
+        self._target = path
+        self.rotating = False
+        self._pre: dict[tuple[str, Any], Undo] | None = None
+        self.fold_needed = False
 
     @property
     def journal_id(self) -> str | None:
@@ -124,7 +133,7 @@ class JournalBase:
     def records(self) -> int:
         return self._records
 
-    def _header_for(self, journal_id: bytes | None, generation: int) -> jf.JournalHeader:
+    def _header_for(self, journal_id: bytes | None, generation: int, prev_id: bytes | None = None) -> jf.JournalHeader:
         key, salt, kid, log2_n = None, b"", None, 0
         if self._write_keyring is not None:
             key, salt = self._write_keyring.write_material()
@@ -138,6 +147,7 @@ class JournalBase:
             salt=salt,
             kdf_log2_n=log2_n,
             journal_id=journal_id,
+            prev_id=prev_id,
         )
 
     def _write_key(self, header: jf.JournalHeader) -> bytes | None:

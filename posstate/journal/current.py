@@ -8,7 +8,9 @@ writes: it does not cut a torn tail, quarantine a damaged journal or start a new
 it finds wrong with the journal is returned, never hidden: ``error`` is the typed error a load would raise
 (damage before the last record, another snapshot's journal holding newer records, a wrong or missing key),
 ``notes`` what a load repairs by itself (a torn last record). An older journal the snapshot already holds
-(normal between a save and the next change) is ignored, as a load ignores it.
+(normal between a save and the next change) is ignored, as a load ignores it. While a background compaction
+is pending (issue 14) the records go on in ``positions.json.journal.next``, a segment linked to the first:
+it is replayed after it, as a load does (``journal.files.segment_chain``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from posstate.core.errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate.journal.files import journal_file
-from posstate.journal.records import read_records, replay_prefix
+from posstate.journal.files import segment_chain
+from posstate.journal.records import read_records, replay_chain
 from posstate.model import document as _document
 from posstate.model import ops as jops
 from posstate.model.document import StateData
@@ -87,58 +89,72 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
 
     loaded = _statefile.read(config.state_path, options=options)
     state = loaded.state.copy()
-    try:
-        path = journal_file(config.journal_path, config.legacy_journal_path, loaded.state.journal)
+    try:  # the snapshot's journal, then the segment a background compaction started after it (issue 14)
+        chain = segment_chain(config.journal_path, config.legacy_journal_path, loaded.state.journal)
     except CorruptStateError as exc:  # both journal names hold the snapshot's journal, both past it
         return Current(loaded=loaded, state=state, error=exc)
-    try:
-        data = fs.read_file(path)
-    except FileNotFoundError:
-        return Current(loaded=loaded, state=state)
-    except OSError as exc:
-        return Current(loaded=loaded, state=state, error=PersistenceError(path, operation="read journal", cause=exc))
     snap = loaded.state.journal or {}
     snap_seq = int(snap.get("seq", 0))
-    try:
-        header, records, sc = read_records(
-            data, path=path, keyring=options.keyring, require_encryption=options.require_encryption
-        )
-    except (MissingKeyError, WrongKeyError, UnsupportedVersionError) as exc:
-        return Current(loaded=loaded, state=state, error=exc)
-    except CorruptStateError as exc:
-        # Damage before the last record: show the trustworthy prefix, and say the replay stopped.
-        applied, max_rev, _ = replay_prefix(
-            path, keyring=options.keyring, state=state, require_encryption=options.require_encryption
-        )
-        return Current(loaded=loaded, state=state, applied=applied, max_rev=max_rev, error=exc)
-    last = records[-1][0].seq if records else header.base_seq
-    if header.id_hex != snap.get("id"):
-        if last > snap_seq:
-            err = CorruptStateError(
-                path,
-                f"journal {header.id_hex} holds records up to {last}, but the snapshot (generation "
-                f"{loaded.state.generation}) belongs to journal {snap.get('id')} and holds only up to {snap_seq}",
-                next_step="a load moves this journal to quarantine and recovers; see what it would choose with "
-                "`posstate repair --dry-run`",
-                kind="journal",
-            )
-            return Current(loaded=loaded, state=state, error=err)
-        # An older journal the snapshot holds in full: normal between a save and the next change.
-        return Current(loaded=loaded, state=state)
     applied = max_rev = 0
     last_applied: int | None = None
-    for rec, ops in records:
-        if rec.seq <= snap_seq:
-            continue
-        for op in ops:
-            jops.apply(state, {}, op)
-            max_rev = max(max_rev, int(op.json["rev"]))
-        applied += 1
-        last_applied = rec.seq
     notes: tuple[str, ...] = ()
-    if sc.bad_offset is not None:
-        notes = (
-            f"torn last record ({sc.torn_bytes} bytes from byte {sc.good_end}: {sc.bad_reason}) ignored: "
-            "a crash mid-append, never acknowledged; the next load cuts it off (after copying the journal to quarantine)",
-        )
+    for i, path in enumerate(chain):
+        try:
+            data = fs.read_file(path)
+        except FileNotFoundError:
+            if len(chain) > 1 and i == 0:
+                continue  # the snapshot's journal had no record past it; the next segment links to its id
+            return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev)
+        except OSError as exc:
+            err: PosStateError = PersistenceError(path, operation="read journal", cause=exc)
+            return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, error=err)
+        try:
+            header, records, sc = read_records(
+                data, path=path, keyring=options.keyring, require_encryption=options.require_encryption
+            )
+        except (MissingKeyError, WrongKeyError, UnsupportedVersionError) as exc:
+            return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, error=exc)
+        except CorruptStateError as exc:
+            # Damage before the last record: show the trustworthy prefix, and say the replay stopped.
+            state = loaded.state.copy()
+            a, r, _ = replay_chain(
+                chain[: i + 1], keyring=options.keyring, state=state, require_encryption=options.require_encryption
+            )
+            return Current(loaded=loaded, state=state, applied=a, max_rev=r, error=exc)
+        last = records[-1][0].seq if records else header.base_seq
+        if i == 0 and header.id_hex != snap.get("id"):
+            if last > snap_seq:
+                err = CorruptStateError(
+                    path,
+                    f"journal {header.id_hex} holds records up to {last}, but the snapshot (generation "
+                    f"{loaded.state.generation}) belongs to journal {snap.get('id')} and holds only up to {snap_seq}",
+                    next_step="a load moves this journal to quarantine and recovers; see what it would choose with "
+                    "`posstate repair --dry-run`",
+                    kind="journal",
+                )
+                return Current(loaded=loaded, state=state, error=err)
+            # An older journal the snapshot holds in full: normal between a save and the next change.
+            return Current(loaded=loaded, state=state)
+        for rec, ops in records:
+            if rec.seq <= snap_seq:
+                continue
+            for op in ops:
+                jops.apply(state, {}, op)
+                max_rev = max(max_rev, int(op.json["rev"]))
+            applied += 1
+            last_applied = rec.seq
+        if sc.bad_offset is not None:
+            note = (
+                f"torn last record ({sc.torn_bytes} bytes from byte {sc.good_end}: {sc.bad_reason}) ignored: "
+                "a crash mid-append, never acknowledged; the next load cuts it off (after copying the journal to quarantine)"
+            )
+            notes = (*notes, note if path == config.journal_path else f"{path.name}: {note}")
+            if i < len(chain) - 1:
+                err = CorruptStateError(
+                    path,
+                    f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason}) and a later segment follows",
+                    next_step="see what a load would choose with `posstate repair --dry-run`",
+                    kind="journal",
+                )
+                return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, error=err)
     return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, notes=notes)

@@ -58,11 +58,46 @@ def journal_file(path: Path, legacy: Path | None, snapshot_journal: dict[str, An
     return ahead[0] if ahead else path
 
 
+def next_path(path: Path) -> Path:
+    """Where the segment a rotation starts is written (``positions.json.journal.next``) while the background
+    compaction that will hold the segment before it runs; renamed over *path* once that snapshot is durable."""
+    return path.with_name(path.name + ".next")
+
+
+def header_of(path: Path) -> jf.JournalHeader | None:
+    """The parsed header of the journal at *path* (None: missing, unreadable, or not a journal header)."""
+    try:
+        return jf.parse_header(fs.read_file(path, jf.HEADER_SIZE))
+    except (OSError, jf.JournalProblem):
+        return None
+
+
+def segment_chain(path: Path, legacy: Path | None, snapshot_journal: dict[str, Any] | None) -> list[Path]:
+    """The journal files a load replays after the snapshot, in order (issue 14): the file that holds the
+    snapshot's journal (:func:`journal_file`, or the ``.next`` segment when a compaction finished but did
+    not yet rename it), then the ``.next`` segment when its header links to that one. Reads headers only;
+    the caller checks the sequence numbers across the files."""
+    first = journal_file(path, legacy, snapshot_journal)
+    nxt = next_path(path)
+    want = (snapshot_journal or {}).get("id")
+    nh = header_of(nxt) if fs.exists(nxt) else None
+    if nh is None:
+        return [first]
+    if want is not None and nh.id_hex == want:
+        return [nxt]
+    fh = header_of(first)
+    if fh is not None and nh.follows(fh):
+        return [first, nxt]
+    if fh is None and want is not None and nh.prev_link == bytes.fromhex(want)[: jf.LINK_SIZE]:
+        return [first, nxt]  # the snapshot's journal has no file (no record past it): the segment follows it
+    return [first]
+
+
 def journal_files_of(path: Path, legacy: Path | None, snapshot_journals: Sequence[dict[str, Any] | None]) -> list[Path]:
     """The journal files on disk that belong to this state file, for moving aside (recovery, repair, restore):
     *path* if it exists, and the old name *legacy* when :func:`journal_file` picks it for any of
     *snapshot_journals* (only then is it ours, not another state file's)."""
-    found = [path] if fs.exists(path) else []
+    found = [p for p in (path, next_path(path)) if fs.exists(p)]
     if legacy is not None and any(journal_file(path, legacy, j) == legacy for j in snapshot_journals if j is not None):
         found.append(legacy)
     return found
@@ -95,7 +130,8 @@ def record_times(*paths: Path | None) -> dict[int, int]:
     more restores). Anything unreadable gives what could be read, or nothing.
     """
     times: dict[int, int] = {}
-    for path in paths:  # the journal's name, then the old name (posstate up to 0.1.0), whichever exist
+    segs = [next_path(p) for p in paths[:1] if p is not None]
+    for path in (*paths, *segs):  # the journal's name, the old name (posstate up to 0.1.0), the next segment
         if path is None:
             continue
         try:

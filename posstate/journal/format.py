@@ -12,14 +12,11 @@ Layout (all integers big-endian; see docs/JOURNAL.md for the byte-by-byte table)
   subkey (HMAC-SHA256 of the master key and the journal id), the associated data is the header plus the 25
   body bytes before the payload (version 3: the header, the previous record's 16-byte GCM tag, 16 zero bytes
   for the first record, then the 25 bytes), and (version 3) the payload is a fresh random 96-bit nonce
-  followed by the ciphertext and tag. The chained tag makes a record authentic only after the record its
-  writer wrote before it: records of two copies of one journal never splice (a plaintext journal is not
-  chained). A random nonce per record is what keeps a nonce from repeating when a directory is copied or
-  reverted, a journal cut and continued, or an old backup restored: nothing on disk can make two
-  writers pick the same one (versions 1 and 2 used the header's prefix + the sequence number, which such a
-  copy repeats; they are still read, never appended to when encrypted).
-  Version 1 had a 16-byte frame head whose check was ``SHA-256(length field + body)[:8]``; versions 2 and 3
-  check with CRC-32, which costs a third as much right after a blocking ``fdatasync`` (docs/JOURNAL.md, "Speed").
+  followed by the ciphertext and tag (chained: records of two copies of one journal never splice; a
+  random nonce per record never repeats when a directory is copied or reverted; versions 1 and 2 used the
+  header's prefix + the sequence number: read, never appended to when encrypted). Version 1 checked frames
+  with ``SHA-256(length field + body)[:8]`` in a 16-byte head; later versions with CRC-32 (docs/JOURNAL.md).
+  Version 4 (a linked segment, issue 14) is version 3 with a link to the segment before it in the header.
 * zero bytes up to the end of the file: space written ahead of time, which the next records overwrite in
   place (a length field of zero followed by nothing but zeros ends the records).
 """
@@ -40,7 +37,11 @@ from posstate.model.position import MAX_COUNTER
 from posstate.storage.crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
 
 MAGIC = b"PSJRNL"
-VERSION = 3  # what new journals are written in; versions 1 and 2 are still read (continued only when plain)
+VERSION = 4  # the newest read; versions 1 and 2 are still read (continued only when plain)
+PLAIN_VERSION = 3  # a journal that starts right after a snapshot
+#: A segment continuing another (issue 14): FLAG_LINKED, the first LINK_SIZE bytes of the previous id in bytes
+#: 12..15 and 80..87; records framed and sealed as in version 3.
+LINKED_VERSION, LINK_SIZE = 4, 12
 #: The first version whose encrypted records carry their own random nonce (see Sealer).
 RANDOM_NONCE_VERSION = 3
 NONCE_SIZE = 12
@@ -58,6 +59,7 @@ MAX_BODY = 64 * 1024 * 1024
 MAX_BASE = (MAX_COUNTER + 1) // 2
 FLAG_ENCRYPTED = 0x01
 FLAG_PASSPHRASE = 0x02
+FLAG_LINKED = 0x04  # version 4 only: the header names the segment before this one
 KIND_OP = 1
 KIND_TRANSACTION = 2
 _SUBKEY_LABEL = b"posstate/journal-key/v1"
@@ -97,7 +99,11 @@ class JournalHeader:
     base_seq: int
     created_ms: int
     raw: bytes  # the 96 header bytes (AES-GCM associated data)
-    version: int  # 1, 2 or 3: decides the framing of the records (frame_head) and the nonces (Sealer)
+    version: int  # 1 to 4: decides the framing of the records (frame_head) and the nonces (Sealer)
+    prev_link: bytes = b""  # version 4: the first 12 bytes of the previous segment's id
+
+    def follows(self, other: JournalHeader) -> bool:  # this segment links to *other* and starts after its base
+        return bool(self.prev_link) and self.prev_link == other.journal_id[:LINK_SIZE] and self.base_seq >= other.base_seq
 
     @property
     def frame_head(self) -> int:
@@ -132,12 +138,15 @@ def new_header(
     salt: bytes = b"",
     kdf_log2_n: int = 0,
     journal_id: bytes | None = None,
-    version: int = VERSION,
+    version: int | None = None,
+    prev_id: bytes | None = None,
 ) -> JournalHeader:
     """A header for a new journal: a fresh random id unless *journal_id* is given (the journal a durable
     snapshot already names, created only now). *version* other than the current one is for tests of
-    reading older journals (those get a random nonce prefix, as they had)."""
-    flags = 0
+    reading older journals (those get a random nonce prefix, as they had). *prev_id* makes a linked segment
+    (version 4) continuing the journal of that id."""
+    version = version or (LINKED_VERSION if prev_id is not None else PLAIN_VERSION)
+    flags = FLAG_LINKED if prev_id is not None else 0
     if key_id is not None:
         flags |= FLAG_ENCRYPTED
         if salt:
@@ -145,6 +154,7 @@ def new_header(
     kid = bytes.fromhex(key_id) if key_id is not None else bytes(8)
     journal_id = os.urandom(16) if journal_id is None else journal_id
     prefix = os.urandom(4) if version < RANDOM_NONCE_VERSION else bytes(4)
+    prefix, tail = (prev_id[:4], prev_id[4:LINK_SIZE]) if prev_id is not None else (prefix, bytes(8))
     head = _HEAD.pack(
         MAGIC,
         version,
@@ -159,6 +169,7 @@ def new_header(
         base_seq,
         created_ms,
     )
+    head = head[:80] + tail  # version 4: bytes 80..87 hold the rest of the link (zeros otherwise)
     raw = head + hashlib.sha256(head).digest()[:8]
     return parse_header(raw)
 
@@ -172,12 +183,16 @@ def parse_header(data: bytes) -> JournalHeader:
     if hashlib.sha256(raw[:88]).digest()[:8] != raw[88:]:
         raise JournalProblem("journal header checksum mismatch (damaged on disk)")
     _magic, version, flags, log2_n, _res, prefix, jid, kid, salt, base_gen, base_seq, created = _HEAD.unpack(raw[:88])
+    tail = raw[80:88]
     if version > VERSION:
         raise JournalTooNew(version)
     if version < 1:
         raise JournalProblem(f"journal format version {version} does not exist")
-    if flags & ~(FLAG_ENCRYPTED | FLAG_PASSPHRASE):
+    if flags & ~(FLAG_ENCRYPTED | FLAG_PASSPHRASE | (FLAG_LINKED if version >= LINKED_VERSION else 0)):
         raise JournalProblem(f"unknown journal flags {flags:#x}")
+    if version >= LINKED_VERSION and not flags & FLAG_LINKED:
+        raise JournalProblem("version 4 journal header without the linked-segment flag")
+    link, prefix = (prefix + tail, bytes(4)) if flags & FLAG_LINKED else (b"", prefix)
     # The header is read before anything authenticates it: bound the scrypt cost before any KDF runs.
     if flags & FLAG_PASSPHRASE and not MIN_SCRYPT_LOG2_N <= log2_n <= MAX_SCRYPT_LOG2_N:
         raise JournalProblem(f"scrypt cost log2(N) = {log2_n} is outside {MIN_SCRYPT_LOG2_N}..{MAX_SCRYPT_LOG2_N}")
@@ -201,6 +216,7 @@ def parse_header(data: bytes) -> JournalHeader:
         created_ms=created,
         raw=raw,
         version=version,
+        prev_link=link,
     )
 
 

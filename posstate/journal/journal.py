@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 
@@ -44,8 +45,15 @@ class Journal(JournalRecover):
 
     The append path lives here; posstate/journal/base.py describes the rest of the chain."""
 
-    def prepare(self, st: StateData, entries: Entries, *, compact: Callable[[], object]) -> None:
-        """Before a change: undo records a failed group sync left in memory, and compact when due."""
+    def prepare(
+        self, st: StateData, entries: Entries, *, compact: Callable[[], object], rotate: Callable[[], object] | None = None
+    ) -> None:
+        """Before a change: undo records a failed group sync left in memory, and compact when due.
+
+        With *rotate* (the manager's background compaction, issue 14) a due compaction only rotates to a new
+        segment here (O(1)) and the snapshot is written by another thread; while that one is pending no second
+        rotation happens (the current segment keeps growing). *compact* (a snapshot on this thread) is left
+        for a journal that cannot be appended to (after a failed write or sync)."""
         if not self.active:
             return
         if self._failure is not None:  # same test as rollback()'s fast path, without the call
@@ -53,6 +61,10 @@ class Journal(JournalRecover):
         must = self._needs_rotation or (self._fd is None and self._next_header is None)
         due = self._end >= self._max_bytes or self._records >= self._max_records
         if not must and not (due and self._records >= self._compact_retry_at):
+            return
+        if not must and rotate is not None:
+            if not self.rotating and self._next_header is None:
+                rotate()
             return
         try:
             compact()
@@ -76,10 +88,11 @@ class Journal(JournalRecover):
             or self._fd is None
             or self._sealer is None
             or self._next_header is not None
-            or self._end >= self._max_bytes
-            or self._records >= self._max_records
+            or ((self._end >= self._max_bytes or self._records >= self._max_records) and not self.rotating)
         ):
             return False
+        if self._pre is not None:
+            self.remember(st, entries, op)
         undo = jops.apply(st, entries, op)
         try:
             self._write_record(jf.KIND_OP, orjson.dumps([op.json]))  # records.encode([op]), one call fewer
@@ -91,6 +104,9 @@ class Journal(JournalRecover):
     def append(self, st: StateData, entries: Entries, ops: Sequence[Op]) -> int | None:
         """Apply *ops* to memory and record them as one record; all or nothing. Returns the sequence
         number to :meth:`settle` on in group mode, else None (sync mode returns once the record is durable)."""
+        if self._pre is not None:
+            for op in ops:
+                self.remember(st, entries, op)
         undos = [jops.apply(st, entries, ops[0])] if len(ops) == 1 else [jops.apply(st, entries, op) for op in ops]
         if not self.active:
             return None
@@ -110,6 +126,31 @@ class Journal(JournalRecover):
                 jops.undo(st, entries, u)
             raise
         return None
+
+    def remember(self, st: StateData, entries: Entries, op: Op) -> None:
+        """While a background compaction builds its view of the state at the rotation point: keep what *op*
+        is about to change, as it is now (the first change of each key only). O(1); called before *op* is
+        applied (the manager's lock held). The view is memory copied later, with these put back."""
+        pre = self._pre
+        if pre is None:
+            return
+        j = op.json
+        if j["op"] in (jops.SET_POSITION, jops.DELETE_POSITION):
+            key = op.position.key if op.position is not None else (j["symbol"], j["side"])
+            tag: tuple[str, Any] = ("p", key)
+            if tag not in pre:
+                pre[tag] = (
+                    "p",
+                    key,
+                    st.positions.get(key),
+                    st.position_revs.get(key),
+                    entries.get(key),
+                    st.position_tombstones.get(key),
+                )
+            return
+        sym = j["symbol"]
+        if ("m", sym) not in pre:
+            pre[("m", sym)] = ("m", sym, st.metadata.get(sym), st.metadata_revs.get(sym), st.metadata_tombstones.get(sym))
 
     def _write(self, ops: Sequence[Op]) -> int:
         if self._next_header is not None and not self._needs_rotation:
@@ -169,14 +210,21 @@ class Journal(JournalRecover):
 
     def _create(self, ops: Sequence[Op]) -> int:
         """Create the journal the snapshot names, holding its header and this first record: a fsynced temp
-        renamed over the old (redundant) journal, then the directory fsynced."""
+        renamed over the old (redundant) journal, then the directory fsynced. Under the group lock: a
+        background compaction retires a segment (renames it) only between two creations."""
+        with self._cond:
+            return self._create_locked(ops)
+
+    def _create_locked(self, ops: Sequence[Op]) -> int:
         header = self._next_header
         assert header is not None
         if self.guard is not None:
             self.guard()
         if header.base_seq != self._last_seq:  # numbers burned by failed attempts are skipped, never reused
-            header = self._header_for(header.journal_id, header.base_generation)
+            prev = self._header.journal_id if header.prev_link and self._header is not None else None
+            header = self._header_for(header.journal_id, header.base_generation, prev)
             self._next_header = header
+        target = self._target
         sealer = jf.Sealer(header, self._write_key(header))
         seq = self._last_seq + 1
         self._last_seq = seq
@@ -185,15 +233,16 @@ class Journal(JournalRecover):
         frame = sealer.frame(seq=seq, generation=header.base_generation, time_ms=now_ms, kind=kind, payload=payload)
         committed = False
         try:
-            if not self._replace_ok and fs.exists(self.path):
-                dest = _atomic.move_aside(self.path, self._quarantine, label="replaced")
-                log.warning("%s: journal not known to be folded into the snapshot; kept at %s", self.path, dest)
-            self._replace_ok = True
+            if (target != self.path or not self._replace_ok) and fs.exists(target):
+                dest = _atomic.move_aside(target, self._quarantine, label="replaced")
+                log.warning("%s: journal not known to be folded into the snapshot; kept at %s", target, dest)
+            if target == self.path:
+                self._replace_ok = True
             pad = self._padding(0)
-            tmp = _atomic.write_temp(self.path, header.raw + frame + bytes(pad))
-            _atomic.commit(tmp, self.path)
+            tmp = _atomic.write_temp(target, header.raw + frame + bytes(pad))
+            _atomic.commit(tmp, target)
             committed = True
-            fd = fs.open_(self.path, O_WRITE, 0o600)
+            fd = fs.open_(target, O_WRITE, 0o600)
         except _atomic.WriteFailed as wf:
             if wf.renamed:  # the new journal, holding this record, is in place: it may survive
                 raise self._unknown_error(f"create journal ({wf.step})", wf.cause, seq, seq, header) from wf.cause

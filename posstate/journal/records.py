@@ -117,40 +117,86 @@ def replay_prefix(
     another snapshot, its header cannot be read, or (*require_encryption*) it is not encrypted. A record is
     applied whole or not at all.
     """
+    applied, max_rev, stopped, _ = _replay_one(path, keyring=keyring, state=state, require_encryption=require_encryption)
+    return applied, max_rev, stopped
+
+
+def replay_chain(
+    paths: Sequence[Path], *, keyring: Keyring | None, state: StateData, require_encryption: bool = False
+) -> tuple[int, int, str]:
+    """:func:`replay_prefix` over the segments of a journal (issue 14, ``files.segment_chain``): the first
+    file is the snapshot's journal, each later one must link to the one before it (format 4 header) and
+    is replayed only when the one before it was replayed to its end. A first file missing (the snapshot's
+    journal had no record past it) is skipped when the next one links to the snapshot's journal id."""
+    applied = max_rev = 0
+    prev: jf.JournalHeader | bytes | None = None
+    for i, path in enumerate(paths):
+        if i == 0 and len(paths) > 1 and not fs.exists(path):
+            want = (state.journal or {}).get("id")
+            prev = bytes.fromhex(want) if isinstance(want, str) else None
+            continue
+        a, r, stopped, header = _replay_one(
+            path, keyring=keyring, state=state, require_encryption=require_encryption, after=prev, segment=i > 0
+        )
+        applied += a
+        max_rev = max(max_rev, r)
+        if stopped:
+            return applied, max_rev, stopped + (f" (segment {path.name})" if i > 0 else "")
+        prev = header
+    return applied, max_rev, ""
+
+
+def _replay_one(
+    path: Path,
+    *,
+    keyring: Keyring | None,
+    state: StateData,
+    require_encryption: bool,
+    after: jf.JournalHeader | bytes | None = None,
+    segment: bool = False,
+) -> tuple[int, int, str, jf.JournalHeader | None]:
     try:
         data = fs.read_file(path)
     except FileNotFoundError:
-        return 0, 0, "no journal"
+        return 0, 0, "no journal", None
     except OSError as exc:
-        return 0, 0, f"journal unreadable ({exc.strerror or exc})"
+        return 0, 0, f"journal unreadable ({exc.strerror or exc})", None
     try:
         header = jf.parse_header(data)
     except jf.JournalTooNew as exc:
-        return 0, 0, str(exc)
+        return 0, 0, str(exc), None
     except jf.JournalProblem as exc:
-        return 0, 0, f"journal header damaged ({exc})"
+        return 0, 0, f"journal header damaged ({exc})", None
     snap = state.journal or {}
-    if header.id_hex != snap.get("id"):
-        return 0, 0, f"journal {header.id_hex} belongs to another snapshot"
+    if segment:  # a later segment: it must continue the one replayed before it
+        linked = (
+            header.follows(after)
+            if isinstance(after, jf.JournalHeader)
+            else bool(after) and header.prev_link == (after or b"")[: jf.LINK_SIZE]
+        )
+        if not linked:
+            return 0, 0, f"segment {header.id_hex} does not continue the journal before it", None
+    elif header.id_hex != snap.get("id"):
+        return 0, 0, f"journal {header.id_hex} belongs to another snapshot", None
     try:
         _refuse_plain(header, path, require_encryption)
         sealer = jf.Sealer(header, _key_for(header, keyring, path))
     except (MissingKeyError, WrongKeyError) as exc:
-        return 0, 0, str(exc)
+        return 0, 0, str(exc), None
     sc = jf.scan(data, header)
     snap_seq = int(snap.get("seq", 0))
     applied = max_rev = 0
     for rec in sc.records:
         plain = sealer.open(rec)
         if plain is None:
-            return applied, max_rev, f"record {rec.seq} fails authentication"
+            return applied, max_rev, f"record {rec.seq} fails authentication", header
         try:
             raw_ops = orjson.loads(plain)
             if type(raw_ops) is not list or not raw_ops:
                 raise ValueError("no operations")
             ops = [jops.from_json(j, path=path, seq=rec.seq) for j in raw_ops]
         except (ValueError, TypeError, CorruptStateError):
-            return applied, max_rev, f"record {rec.seq} holds no valid operation list"
+            return applied, max_rev, f"record {rec.seq} holds no valid operation list", header
         if rec.seq <= snap_seq:
             continue
         for op in ops:
@@ -158,8 +204,8 @@ def replay_prefix(
             max_rev = max(max_rev, int(op.json["rev"]))
         applied += 1
     if sc.bad_offset is not None:
-        return applied, max_rev, f"byte {sc.bad_offset}: {sc.bad_reason}"
-    return applied, max_rev, ""
+        return applied, max_rev, f"byte {sc.bad_offset}: {sc.bad_reason}", header
+    return applied, max_rev, "", header
 
 
 def _refuse_plain(header: jf.JournalHeader, path: Path, require_encryption: bool) -> None:

@@ -15,7 +15,7 @@ from posstate.core.errors import (
     PersistenceError,
 )
 from posstate.journal import format as jf
-from posstate.journal.files import _header_id, _temp_seq, journal_file
+from posstate.journal.files import _header_id, _temp_seq, next_path, segment_chain
 from posstate.journal.records import _journal_error, read_records
 from posstate.journal.rotation import JournalRotation
 from posstate.model import ops as jops
@@ -49,12 +49,19 @@ class JournalRecover(JournalRotation):
         self._replace_ok = False
         self._legacy_read = None
         self.replayed = None
+        self._target = self.path
+        self.rotating = False
+        self._pre = None
+        self.fold_needed = False
         snap = st.journal or {}
-        src = journal_file(self.path, self._legacy, st.journal)
+        chain = segment_chain(self.path, self._legacy, st.journal)
+        src = chain[0]
         leftover = self._sweep_temps(snap.get("id"))
         snap_seq = int(snap.get("seq", 0))
         self._last_seq = max(snap_seq, leftover)
         self._needs_rotation = True
+        if len(chain) > 1 or src == next_path(self.path):
+            return self._recover_chain(st, chain, snap, snap_seq)
         try:
             data = fs.read_file(src)
         except FileNotFoundError:
@@ -133,6 +140,71 @@ class JournalRecover(JournalRotation):
             self._durable_end = self._end
         return max_rev
 
+    def _recover_chain(self, st: StateData, chain: list[Path], snap: dict[str, Any], snap_seq: int) -> int:
+        """Replay the segments of a rotation whose background compaction did not finish (or finished but did
+        not rename the new segment yet), in order: *chain* is one or two files (journal/files.py
+        segment_chain). The load then folds memory into a snapshot (``fold_needed``), which makes every
+        segment redundant. A torn record is cut only at the end of the last segment; anywhere else it is damage."""
+        max_rev = 0
+        first = 0
+        prev_last: int | None = None
+        ours = False
+        replayed_here = False
+        for i, src in enumerate(chain):
+            try:
+                data = fs.read_file(src)
+            except FileNotFoundError:
+                if i == 0:
+                    ours = True  # the snapshot's journal has no file (no record after it): its successor is ours
+                    prev_last = snap_seq
+                    continue
+                raise PersistenceError(src, operation="read journal segment", cause=FileNotFoundError(2, "missing")) from None
+            except OSError as exc:
+                raise PersistenceError(src, operation="read journal", cause=exc) from exc
+            header, records, sc = read_records(
+                data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None
+            )
+            last = records[-1][0].seq if records else header.base_seq
+            ours = ours or header.id_hex == snap.get("id")
+            if not ours and last > snap_seq:
+                raise _journal_error(
+                    src,
+                    f"journal {header.id_hex} holds records up to {last}, but the snapshot (generation {st.generation}) "
+                    f"belongs to journal {snap.get('id')} and holds only up to {snap_seq}",
+                )
+            if prev_last is not None and header.base_seq < prev_last and last > snap_seq:
+                raise _journal_error(
+                    src,
+                    f"segment {header.id_hex} starts after record {header.base_seq}, "
+                    f"before the end of the one it follows ({prev_last})",
+                )
+            if sc.bad_offset is not None and i < len(chain) - 1:
+                raise _journal_error(
+                    src, f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason}) and a later segment follows"
+                )
+            for rec, ops in records:
+                if rec.seq <= snap_seq:
+                    continue
+                for op in ops:
+                    jops.apply(st, {}, op)
+                    max_rev = max(max_rev, op.json["rev"])
+                first = first or rec.seq
+                self.last_time_ms = max(self.last_time_ms, rec.time_ms)
+            if first:
+                self.replayed = (header.id_hex, first, last)
+            prev_last = last
+            self._last_seq = max(self._last_seq, last)
+            if sc.bad_offset is not None:
+                self._cut_torn_tail(data, sc, src)
+                self._last_seq += 1  # the torn record used the next number: never reuse it
+            replayed_here = replayed_here or src == self.path
+        # Every file read is held by memory now; the load folds it into a snapshot, then the next record
+        # creates a new journal over the old name and the ``.next`` segment is removed (_install).
+        self._replace_ok = replayed_here or not fs.exists(self.path)
+        self.fold_needed = self.active
+        log.info("%s: replayed %d journal segments of an unfinished compaction; the load folds them", self.path, len(chain))
+        return max_rev
+
     def _plan_file(self, st: StateData) -> None:
         """The snapshot names a journal whose file is missing or is an older, redundant journal: the next
         record creates it (no compaction needed). A snapshot naming no journal needs a compaction first."""
@@ -140,21 +212,22 @@ class JournalRecover(JournalRotation):
             return
         self._install(self._header_for(bytes.fromhex(st.journal["id"]), st.generation))
 
-    def _cut_torn_tail(self, data: bytes, sc: jf.Scan) -> None:
+    def _cut_torn_tail(self, data: bytes, sc: jf.Scan, path: Path | None = None) -> None:
+        path = self.path if path is None else path
         dest = self._quarantine_copy(data, label="torn")
         try:
-            fd = fs.open_(self.path, O_RDWR, 0o600)
+            fd = fs.open_(path, O_RDWR, 0o600)
             try:
                 fs.ftruncate(fd, sc.good_end)
                 fs.fdatasync(fd)
             finally:
                 fs.close(fd)
         except OSError as exc:
-            raise PersistenceError(self.path, operation="cut torn journal record", cause=exc) from exc
+            raise PersistenceError(path, operation="cut torn journal record", cause=exc) from exc
         self._end = self._alloc = sc.good_end
         log.warning(
             "%s: cut a torn last record (%d bytes at %d: %s); copy kept at %s",
-            self.path,
+            path,
             sc.torn_bytes,
             sc.good_end,
             sc.bad_reason,
@@ -164,7 +237,7 @@ class JournalRecover(JournalRotation):
             self._emit(
                 "stateRepaired",
                 {
-                    "path": str(self.path),
+                    "path": str(path),
                     "reason": f"torn last journal record cut ({sc.bad_reason})",
                     "quarantined": str(dest),
                     "bytes_cut": len(data) - sc.good_end,
@@ -201,7 +274,7 @@ class JournalRecover(JournalRotation):
         highest = 0
         for name in names:
             legacy = self._legacy is not None and _atomic.is_temp_of(name, self._legacy)
-            if not (_atomic.is_temp_of(name, self.path) or legacy):
+            if not (_atomic.is_temp_of(name, self.path) or _atomic.is_temp_of(name, next_path(self.path)) or legacy):
                 continue
             tmp = self.path.parent / name
             try:

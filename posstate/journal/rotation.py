@@ -11,8 +11,10 @@ from posstate.core.errors import (
     PersistenceError,
 )
 from posstate.journal import format as jf
+from posstate.journal.files import next_path
 from posstate.journal.groupsync import JournalGroupSync
 from posstate.model.document import StateData
+from posstate.model.ops import Undo
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
 
@@ -65,10 +67,63 @@ class JournalRotation(JournalGroupSync):
         st.journal = {"id": header.id_hex, "seq": self._last_seq}
         return Rotation(self, header)
 
+    def rotate(self, generation: int) -> dict[str, Any] | None:
+        """Start a new segment (issue 14): the next record creates ``<journal>.next``, whose header links to
+        the current segment, and pre-images of every key changed from now on are kept (:meth:`remember`).
+        Returns the ``journal`` entry of the snapshot that will hold everything up to here (it names the new
+        segment and the last sequence number written), or None when a rotation cannot start now: one is
+        pending, no segment is open, or (group mode) records still wait for their sync (never synced here:
+        the caller holds the manager's lock, and the next change tries again). O(1), no I/O."""
+        if self.rotating or self._fd is None or self._header is None or self._needs_rotation or self._next_header is not None:
+            return None
+        if self.mode == "group":
+            with self._cond:
+                if self._syncing or self._written_seq > self._durable_seq or self._failure is not None:
+                    return None
+        header = self._header_for(None, generation, prev_id=self._header.journal_id)
+        self._next_header = header
+        self._target = next_path(self.path)
+        self.rotating = True
+        self._pre = {}
+        return {"id": header.id_hex, "seq": self._last_seq}
+
+    def stop_capture(self) -> list[Undo]:
+        """The pre-images kept since the rotation (the background compaction's view is built: stop keeping)."""
+        pre, self._pre = self._pre, None
+        return list(pre.values()) if pre is not None else []
+
+    def retire_segment(self) -> None:
+        """The snapshot holding the old segment is durable: the new segment takes the journal's name (the old
+        one, now redundant, is replaced in one rename, then the directory is synced). Raises OSError; until
+        it succeeds a load follows the chain, and no new rotation starts."""
+        nxt = next_path(self.path)
+        with self._cond:  # _create() runs under it too: the segment is never renamed while being created
+            if self._target == nxt:
+                if self._next_header is not None:
+                    # No record since the rotation: the segment has no file yet. The snapshot names it and
+                    # holds the old one, so it is created under the journal's own name, over the old one.
+                    self._target = self.path
+                    self._replace_ok = True
+                    self.rotating = False
+                    return
+                if fs.exists(nxt):
+                    fs.replace(nxt, self.path)
+                self._target = self.path
+                self._replace_ok = True
+        fs.fsync_dir(self.path.parent)
+        self.rotating = False
+
+    def cancel_rotation(self) -> None:
+        """A pending background compaction is given up (a save of memory, a load, close): stop capturing.
+        The segments stay as they are: a snapshot of memory makes them redundant (_install), a load replays them."""
+        self._pre = None
+        self.rotating = False
+
     def _install(self, header: jf.JournalHeader | None) -> None:
         """The snapshot naming *header* is durable: the old journal is redundant; the next record creates
         the new one. Snapshot mode (*header* None): delete the replayed journal the snapshot now holds."""
         self._retire_legacy()
+        self._retire_next()
         if header is None:
             try:
                 fs.unlink(self.path)
@@ -89,6 +144,20 @@ class JournalRotation(JournalGroupSync):
             self._seq_end = {}
             self._failure = None
             self._pending = []
+
+    def _retire_next(self) -> None:
+        """A durable snapshot of memory holds every segment: remove a ``.next`` segment (never raises; left in
+        place it is harmless: its records are all at or below the snapshot's sequence number)."""
+        self._target = self.path
+        self.rotating = False
+        self._pre = None
+        nxt = next_path(self.path)
+        try:
+            if fs.exists(nxt):
+                fs.unlink(nxt)
+                fs.fsync_dir(self.path.parent)
+        except OSError as exc:
+            log.warning("%s: could not remove the folded-in segment (%s); it is skipped on load", nxt, exc)
 
     def _retire_legacy(self) -> None:
         """A durable snapshot holds the journal read under the old name: move it to quarantine (kept, not

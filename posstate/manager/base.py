@@ -1,8 +1,9 @@
 """The manager's lifecycle: its attributes, the writer lock, events, close, and what a fork does to it.
 
 PositionStateManager is built as a chain of classes, one concern each, every one adding to the one before:
-ManagerCore (here) -> StateLoading (loading.py) -> DurableCommit (commit.py) -> InMemoryChanges
-(changes.py) -> StateMaintenance (admin.py) -> AsyncChanges (aio.py) -> PositionStateManager (manager.py).
+ManagerCore (here) -> StateLoading (loading.py) -> DurableCommit (commit.py) -> BackgroundCompaction
+(compaction.py) -> InMemoryChanges (changes.py) -> StateMaintenance (admin.py) -> AsyncChanges (aio.py) ->
+PositionStateManager (manager.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from posstate.manager import periodic as _periodic
 from posstate.manager.files import ManagerFiles
 from posstate.model import ops as _jops
 from posstate.model.document import StateData
-from posstate.model.position import Position, PositionKey
+from posstate.model.position import Position
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
@@ -93,7 +94,7 @@ class ManagerCore:
         self._lock = threading.RLock()
         self._closed = False
         self._state = StateData()
-        self._entries: dict[PositionKey, dict[str, Any]] = {}
+        self._entries: _jops.Entries = {}
         self._loaded = False
         self._dirty = False
         # Trailer checksums the main file may legitimately have (None: no file). Anything else on disk at
@@ -207,6 +208,13 @@ class ManagerCore:
         with self._lock:
             if self._closed:
                 return
+            if not self._finish_compaction(timeout=self._close_wait):
+                log.warning(
+                    "%s: closed while a background compaction was still writing (waited %.0f s); the journal segments "
+                    "stay on disk and the next load replays them",
+                    self._path,
+                    self._close_wait,
+                )
             if self._loaded and self._journal.failed:
                 # A group sync failed: fold memory (without the failed changes) into a snapshot, so the
                 # journal is redundant whatever its tail holds. Best effort: the disk may still be failing.
@@ -285,8 +293,19 @@ class ManagerCore:
             except OSError as exc:
                 raise PersistenceError(tmp, operation="clean up leftover temp file", cause=exc) from exc
 
+    #: How long close() waits for a background compaction in flight (manager/compaction.py).
+    _close_wait = 30.0
+
+    def _halt_compaction(self, *, timeout: float | None = None) -> bool:
+        """Give up a pending background compaction (manager/compaction.py); True when none is in flight."""
+        return True
+
+    def _finish_compaction(self, *, timeout: float) -> bool:
+        """close(): let a pending background compaction finish (at most *timeout*), then stop it."""
+        return True
+
     if TYPE_CHECKING:  # defined further down the chain (manager/commit.py, manager/admin.py)
 
-        def _commit(self, st: StateData, entries: dict[PositionKey, dict[str, Any]]) -> int: ...
+        def _commit(self, st: StateData, entries: _jops.Entries) -> int: ...
 
         def validate_state(self, positions: PositionsInput | None = None) -> ValidationReport: ...

@@ -15,15 +15,16 @@ from posstate.core.errors import (
     SchemaValidationError,
     TransactionError,
 )
-from posstate.manager.commit import DurableCommit, PositionsInput
+from posstate.manager.commit import PositionsInput
+from posstate.manager.compaction import BackgroundCompaction
 from posstate.model import document as _document
 from posstate.model import ops as _jops
-from posstate.model.position import Position, PositionKey, Side, check_key
+from posstate.model.position import Position, PositionKey, Side, check_key, field_values
 
 log = logging.getLogger("posstate")
 
 
-class InMemoryChanges(DurableCommit):
+class InMemoryChanges(BackgroundCompaction):
     """get/set/delete of positions and metadata, each all or nothing; transaction() groups them."""
 
     def get_position(self, symbol: str, side: Side) -> Position | None:
@@ -47,12 +48,10 @@ class InMemoryChanges(DurableCommit):
             self._ensure_loaded()
             key = (position.symbol, position.side)
             old = self._state.positions.get(key)
-            # Same as ``old == position`` (dataclass equality over every field; every field is always in a
-            # Position's __dict__), without building two tuples of fifteen fields.
-            if (
-                old is not None
-                and (old is position or (old.__class__ is position.__class__ and old.__dict__ == position.__dict__))
-                and key in self._entries
+            # Same as ``old == position`` (the dataclass compares the tuples of every field), with the tuples
+            # built by one C call each instead of in Python.
+            if old is not None and (
+                old is position or (old.__class__ is position.__class__ and field_values(old) == field_values(position))
             ):
                 return
             op = _jops.set_position(position, self._next_rev())
@@ -132,6 +131,7 @@ class InMemoryChanges(DurableCommit):
         """Apply *op* in memory and (journal modes) record it durably; all or nothing. Lock held."""
         if self._txn is not None:
             self._check_txn_owner()
+            self._journal.remember(self._state, self._entries, op)
             self._txn.append((op, _jops.apply(self._state, self._entries, op)))
             self._dirty = True
             return None
@@ -142,7 +142,7 @@ class InMemoryChanges(DurableCommit):
         if first_bot_metadata and any(op.json["op"] == _jops.SET_BOT_METADATA for op in ops):
             self._record_as_snapshot(ops)
             return None
-        self._journal.prepare(self._state, self._entries, compact=self._compact_journal)
+        self._journal.prepare(self._state, self._entries, compact=self._compact_journal, rotate=self._rotate_journal)
         rev = self._next_rev()  # a compaction in prepare() moved the generation on
         for op in ops:
             if op.json["rev"] != rev:

@@ -17,8 +17,7 @@ from posstate.core.errors import (
     SchemaValidationError,
 )
 from posstate.manager.loading import StateLoading
-from posstate.model import document as _document
-from posstate.model.document import StateData
+from posstate.model.document import Entries, StateData
 from posstate.model.position import Position, PositionKey, check_key
 from posstate.storage import atomic as _atomic
 from posstate.storage import codec as _codec
@@ -38,17 +37,17 @@ class DurableCommit(StateLoading):
     def _next_rev(self) -> int:
         return max(self._state.generation, self._highest_generation) + 1
 
-    def _apply_position(self, st: StateData, entries: dict[PositionKey, dict[str, Any]], position: Position) -> None:
+    def _apply_position(self, st: StateData, entries: Entries, position: Position) -> None:
         key = position.key
-        if st.positions.get(key) == position and key in entries:
+        if st.positions.get(key) == position:
             return
         rev = self._next_rev()
         st.positions[key] = position
         st.position_revs[key] = rev
         st.position_tombstones.pop(key, None)
-        entries[key] = _document.position_entry(position, rev)
+        entries.pop(key, None)
 
-    def _remove_position(self, st: StateData, entries: dict[PositionKey, dict[str, Any]], key: PositionKey) -> bool:
+    def _remove_position(self, st: StateData, entries: Entries, key: PositionKey) -> bool:
         if key not in st.positions:
             return False
         del st.positions[key]
@@ -128,12 +127,13 @@ class DurableCommit(StateLoading):
             self._journal.drain()
             return self._commit(self._state.copy(), dict(self._entries))
 
-    def _commit(self, st: StateData, entries: dict[PositionKey, dict[str, Any]]) -> int:
+    def _commit(self, st: StateData, entries: Entries) -> int:
         """Write *st* as the next generation; adopt it in memory only once it is durable."""
         started = time.perf_counter()
         self._writer_lock.check()
         if self._replica is not None:
             self._replica.fence()  # a writer that lost its replica lease saves nothing (LeaseLostError)
+        self._halt_compaction()  # a snapshot of memory holds every segment: a pending background one is given up
         generation = max(st.generation, self._highest_generation) + 1
         st.generation = generation
         if self._files.tombstone_floor is not None:  # known once backups were listed (merge loads then)
@@ -163,7 +163,7 @@ class DurableCommit(StateLoading):
         if rotation is not None:
             rotation.finish()
         self._state = st
-        self._entries = entries
+        self._entries = entries  # filled by build_document, and only for a small state (bounded, issue 14.4)
         self._expected_on_disk = {encoded.checksum}
         self._dirty = False
         self._events.emit(

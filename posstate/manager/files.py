@@ -120,7 +120,10 @@ class ManagerFiles:
                         journal.drain()  # the last try: under the lock, so no writer can append again
                     except PosStateError:
                         return None
-                if journal.failed:
+                if journal.failed or journal.rotating:
+                    # A background compaction is pending (issue 14): memory's journal entry still names the old
+                    # segment while records go to the new one; skip this turn rather than back up a state whose
+                    # journal pointer a recovery would replay twice. The next timer tick, or close(), retries.
                     return None
                 st = m._state.copy()
                 # Under the lock: a record appended after the copy must not be counted as folded into it.
@@ -133,6 +136,9 @@ class ManagerFiles:
         if st.journal is not None and jid is not None and st.journal.get("id") == jid:
             st.journal = {**st.journal, "seq": max(int(st.journal.get("seq", 0)), last_seq)}
         return st
+
+    def wrote(self, checksum: str) -> bool:
+        return checksum in self._m._expected_on_disk
 
     def expect_on_disk(self, checksum: str | None) -> None:
         self._m._expected_on_disk = {checksum}

@@ -43,12 +43,26 @@ class StateLoading(ManagerCore):
 
     def _load_main(self) -> StateData:
         self._writer_lock.check()  # a load may cut a torn journal tail or quarantine files
+        self._halt_compaction()  # a reload replaces memory: a pending background compaction is given up
         before = self.last_recovery
         state = self._load_snapshot()
+        if self._journal.fold_needed:
+            state = self._fold_segments(state)
         doubts = _unknown.pending(self._path)
         if doubts:
             state = self._report_unknown(doubts, recovered=self.last_recovery is not before)
         return state
+
+    def _fold_segments(self, state: StateData) -> StateData:
+        """The load replayed the segments of an unfinished background compaction (docs/JOURNAL.md): fold them
+        into a snapshot now (the load is O(state) anyway), so the next change starts a single new journal. If
+        that save fails the segments stay and the next change compacts (the journal is not continued)."""
+        self._journal.fold_needed = False
+        try:
+            self._commit(self._state.copy(), dict(self._entries))
+        except (PosStateError, OSError) as exc:
+            log.warning("%s: folding the journal segments after the load failed (%s); the next change retries", self._path, exc)
+        return self._state
 
     def _report_unknown(self, doubts: list[dict[str, Any]], *, recovered: bool) -> StateData:
         """Report the changes an earlier manager could not prove undone (event ``outcomeUnknown`` and
@@ -142,7 +156,8 @@ class StateLoading(ManagerCore):
             return state
         loaded = _statefile.read(self._path, options=self._read)
         self._check_account(loaded.state)
-        replayed_rev = self._journal.recover(loaded.state)
+        with _document.pause_gc():  # replay allocates per record: no collector pass over the state just loaded
+            replayed_rev = self._journal.recover(loaded.state)
         loaded.state.generation = max(loaded.state.generation, replayed_rev)  # as the changes set it (issue 12.10)
         self._adopt(loaded.state, loaded.checksum)
         # Journal records replayed: memory is ahead of the snapshot, and later generations must exceed their revs.
@@ -209,7 +224,7 @@ class StateLoading(ManagerCore):
 
     def _adopt(self, state: StateData, checksum: str | None) -> None:
         self._state = state
-        self._entries = _document.adopt_entries(state)
+        self._entries = {}  # a new state: the next save builds every entry (and keeps them if the state is small)
         self._expected_on_disk = {checksum}
         self._highest_generation = max(self._highest_generation, state.generation)
         self._loaded = True

@@ -22,26 +22,27 @@ DELETE_METADATA = "delete_symbol_metadata"
 SET_BOT_METADATA = "set_bot_metadata"
 OP_NAMES = frozenset({SET_POSITION, DELETE_POSITION, SET_METADATA, DELETE_METADATA, SET_BOT_METADATA})
 
-Entries = dict[PositionKey, dict[str, Any]]
+#: The manager's cache of document entries (:func:`~posstate.model.document.build_document`; bounded, issue 14.4).
+#: :func:`apply` drops the entry of every position it changes and :func:`undo` puts it back with the position;
+#: build_document also checks each entry against its Position, so an entry found in one is never stale.
+Entries = _document.Entries
 #: ("p", key, position, rev, entry, tombstone), ("m", symbol, data, rev, tombstone) or ("b", data, rev): what
 #: was there before.
 Undo = tuple[Any, ...]
 
 
 class Op:
-    """One change, with the objects memory needs (the Position, the cached document entry) beside its JSON."""
+    """One change, with the Position memory needs beside its JSON."""
 
-    __slots__ = ("entry", "json", "position")
+    __slots__ = ("json", "position")
 
-    def __init__(self, json: dict[str, Any], position: Position | None = None, entry: dict[str, Any] | None = None) -> None:
+    def __init__(self, json: dict[str, Any], position: Position | None = None) -> None:
         self.json = json
         self.position = position
-        self.entry = entry
 
 
 def set_position(position: Position, rev: int) -> Op:
-    pdict = position.to_dict()
-    return Op({"op": SET_POSITION, "rev": rev, "position": pdict}, position, {"rev": rev, "position": pdict})
+    return Op({"op": SET_POSITION, "rev": rev, "position": position.to_dict()}, position)
 
 
 def delete_position(key: PositionKey, rev: int) -> Op:
@@ -63,8 +64,6 @@ def set_bot_metadata(data: dict[str, Any], rev: int) -> Op:
 def restamp(op: Op, rev: int) -> None:
     """Give *op* revision *rev* (set just before it is recorded, after any compaction)."""
     op.json["rev"] = rev
-    if op.entry is not None:
-        op.entry["rev"] = rev
 
 
 def apply(st: StateData, entries: Entries, op: Op) -> Undo:
@@ -74,15 +73,14 @@ def apply(st: StateData, entries: Entries, op: Op) -> Undo:
     rev = j["rev"]
     if name == SET_POSITION:  # the common case, first and without the generic branches below
         position = op.position
-        assert position is not None and op.entry is not None
+        assert position is not None
         key: PositionKey = (position.symbol, position.side)
         positions = st.positions
         revs = st.position_revs
-        # pop() returns the tombstone that was there: the same undo record as a get() before the pop.
-        undo: Undo = ("p", key, positions.get(key), revs.get(key), entries.get(key), st.position_tombstones.pop(key, None))
+        # pop() returns what was there: the same undo record as a get() before the pop.
+        undo: Undo = ("p", key, positions.get(key), revs.get(key), entries.pop(key, None), st.position_tombstones.pop(key, None))
         positions[key] = position
         revs[key] = rev
-        entries[key] = op.entry
         return undo
     if name == DELETE_POSITION:
         key = (j["symbol"], j["side"])

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
+from operator import attrgetter
 from typing import Any, Literal, cast
 
 from posstate.core.errors import SchemaValidationError
@@ -116,7 +117,7 @@ def to_decimal(value: object, field: str) -> Decimal:
     return result
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Position:
     """One open position, keyed by ``(symbol, side)`` so hedge mode can hold a long and a short.
 
@@ -125,9 +126,8 @@ class Position:
     :class:`~posstate.SchemaValidationError` (a ``ValueError``) naming the field, so a Position that exists
     is always valid and a save never has to re-validate it.
 
-    The class has no ``__slots__`` on purpose: loading 10,000 positions fills each instance's
-    ``__dict__`` in one call after the document was validated, which is what keeps a validated load
-    within a small factor of bare decoding.
+    The class has ``__slots__``: a Position is fifteen references and no ``__dict__`` (about 160 bytes
+    instead of 530 besides its values), so holding 100,000 of them costs what the decimals cost.
     """
 
     symbol: str
@@ -156,7 +156,7 @@ class Position:
         if self.margin_mode is not None and (not isinstance(self.margin_mode, str) or self.margin_mode not in MARGIN_MODES):
             raise _bad("margin_mode", "enum", f"expected 'cross', 'isolated' or None, got {self.margin_mode!r}")
         for name in DECIMAL_FIELDS:
-            value = self.__dict__[name]
+            value = getattr(self, name)
             if value is None:
                 if name in REQUIRED_FIELDS:
                     raise _bad(name, "required", f"{name} is required")
@@ -185,12 +185,35 @@ class Position:
         return (self.symbol, self.side)
 
     def to_dict(self) -> dict[str, str | int]:
-        """The document form: snake_case keys, decimals as strings, absent fields left out."""
-        out: dict[str, str | int] = {}
-        for name, value in self.__dict__.items():
-            if value is None:
-                continue
-            out[name] = value if type(value) is int or name in ("symbol", "side", "margin_mode") else str(value)
+        """The document form: snake_case keys in field order, decimals as strings, absent fields left out.
+
+        A save builds this for every position (nothing is kept per position, issue 14.4), so it is written
+        out field by field: half the time of a loop over the fields (a test holds it to that loop's result).
+        """
+        out: dict[str, str | int] = {"symbol": self.symbol, "side": self.side, "contracts": str(self.contracts)}
+        if (v := self.contract_size) is not None:
+            out["contract_size"] = str(v)
+        out["entry_price"] = str(self.entry_price)
+        if (v := self.mark_price) is not None:
+            out["mark_price"] = str(v)
+        if (v := self.notional) is not None:
+            out["notional"] = str(v)
+        if (v := self.leverage) is not None:
+            out["leverage"] = str(v)
+        if (v := self.unrealized_pnl) is not None:
+            out["unrealized_pnl"] = str(v)
+        if (v := self.realized_pnl) is not None:
+            out["realized_pnl"] = str(v)
+        if (v := self.liquidation_price) is not None:
+            out["liquidation_price"] = str(v)
+        if (m := self.margin_mode) is not None:
+            out["margin_mode"] = m
+        if (v := self.stop_loss_price) is not None:
+            out["stop_loss_price"] = str(v)
+        if (v := self.take_profit_price) is not None:
+            out["take_profit_price"] = str(v)
+        if (t := self.timestamp) is not None:
+            out["timestamp"] = t
         return out
 
     @classmethod
@@ -226,8 +249,16 @@ class Position:
         return cls(**kwargs)
 
 
-_FIELD_NAMES: frozenset[str] = frozenset(f.name for f in fields(Position))
-_NONE_STATE: dict[str, None] = {f.name: None for f in fields(Position)}
+#: Every field, in declaration order (the order of a Position's slots and of its document form).
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Position))
+_FIELD_NAMES: frozenset[str] = frozenset(FIELD_NAMES)
+#: ``field_values(p)``: the tuple of every field of *p* in FIELD_NAMES order (one C call). Two Positions are
+#: equal exactly when these tuples are (what the dataclass ``__eq__`` compares, without building them in Python).
+field_values: Any = attrgetter(*FIELD_NAMES)
+#: One setter per field, in FIELD_NAMES order: the slot descriptors themselves (they bypass the frozen
+#: ``__setattr__``). Only the validated-document fast path uses them, to build a Position without running
+#: ``__post_init__`` on values it has already checked (model/fastpath.py).
+SLOT_SETTERS: tuple[Any, ...] = tuple(getattr(Position, name).__set__ for name in FIELD_NAMES)
 
 
 def check_key(symbol: object, side: object) -> PositionKey:

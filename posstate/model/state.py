@@ -35,10 +35,6 @@ class StateData:
     #: The bot's own data that belongs to no symbol (``set_bot_metadata``), None when never set; its revision.
     bot_metadata: dict[str, Any] | None = None
     bot_metadata_rev: int = 0
-    #: The decoded document's own position entries (``{"rev": r, "position": {...}}``) with the Position
-    #: built from each; set only by the fast path so a loader can reuse them instead of rebuilding 10,000
-    #: dicts. Consume it with :func:`adopt_entries`, which ignores any entry whose position was replaced.
-    entries: dict[PositionKey, tuple[Position, dict[str, Any]]] | None = None
 
     def copy(self) -> StateData:
         """A copy whose dicts can change without touching this one (values are immutable or copied on set)."""

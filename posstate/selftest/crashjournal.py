@@ -16,6 +16,7 @@ thread, exactly the last acknowledged update or the one in flight: never older, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 import signal
@@ -39,6 +40,8 @@ from posstate.storage import fileops as _fileops
 
 #: Symbols a single-threaded run cycles through (update i sets symbol i % len).
 CYCLE = 5
+#: The name the background compaction's thread starts with (posstate/manager/compaction.py).
+BG_THREAD = "posstate-compact"
 
 
 def update_position(thread: int, i: int) -> Position:
@@ -84,9 +87,26 @@ def _run(args: argparse.Namespace) -> int:
     out = sys.stdout
     say = threading.Lock()
     ops: HarnessOps | None = None
+    bg: HarnessOps | None = None  # the background compaction's operations (issue 14), for the whole run
     if args.crash_at:
         action: Action = "crash_after" if args.crash_when == "after" else "crash_before"
-        ops = HarnessOps(fault=Fault(at=args.crash_at, action=action, ops=MUTATING), counting=False)
+        fault = Fault(at=args.crash_at, action=action, ops=MUTATING)
+        if args.crash_bg:
+            bg = HarnessOps(fault=fault, thread_prefix=BG_THREAD)
+        else:
+            ops = HarnessOps(fault=fault, counting=False, skip_thread_prefix=BG_THREAD)
+    elif args.probe_bg:
+        bg = HarnessOps(thread_prefix=BG_THREAD)
+    with contextlib.ExitStack() as stack:
+        if bg is not None:
+            stack.enter_context(_fileops.use(bg))
+        _updates(args, out, say, ops)
+    if args.probe_bg and bg is not None:
+        out.write("ops 0 " + ",".join(op.name for op in bg.ops if op.name in MUTATING) + "\n")
+    return 0
+
+
+def _updates(args: argparse.Namespace, out: Any, say: threading.Lock, ops: HarnessOps | None) -> None:
     with PositionStateManager(config(args.dir, mode=args.mode, max_records=args.max_records)) as m:
         start = counters(m.load_positions())
 
@@ -108,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
                         m.set_position(update_position(t, i))
                     ops.counting = False
                 elif args.probe:
-                    probe = HarnessOps()
+                    probe = HarnessOps(skip_thread_prefix=BG_THREAD)
                     with _fileops.use(probe):
                         m.set_position(update_position(t, i))
                     line(f"ops {n} " + ",".join(op.name for op in probe.ops if op.name in MUTATING))
@@ -124,7 +144,6 @@ def _run(args: argparse.Namespace) -> int:
                 th.start()
             for th in threads:
                 th.join()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crash-at", type=int, default=0)
     parser.add_argument("--crash-when", choices=("before", "after"), default="before")
     parser.add_argument("--probe", action="store_true")
+    parser.add_argument("--crash-bg", action="store_true", help="count --crash-at in the background compaction's operations")
+    parser.add_argument("--probe-bg", action="store_true", help="print the background compaction's operations at the end")
     return _run(parser.parse_args(argv))
 
 
@@ -262,7 +283,9 @@ def journal_matrix(
         "compaction": next(n for n, names in sorted(probed.items()) if "replace" in names),
     }
     out: dict[str, list[JournalCase]] = {}
-    for kind in which:
+    if "background" in which:
+        out["background"] = _background_cases(base, work, key=key, before=before, max_records=max_records, only=only)
+    for kind in (k for k in which if k != "background"):
         u = picks[kind]
         n_ops = len(probed[u])
         cases: list[JournalCase] = []
@@ -283,6 +306,34 @@ def journal_matrix(
                 shutil.rmtree(d)
         out[kind] = cases
     return out
+
+
+def _background_cases(
+    base: Path, work: Path, *, key: bytes, before: dict[int, int], max_records: int, only: frozenset[int] | None
+) -> list[JournalCase]:
+    """SIGKILL before and after every mutating operation of a background compaction (issue 14), while the
+    child keeps updating (or, late operations, while close() waits for it)."""
+    updates = max_records + 2
+    d = work / "probe-bg"
+    shutil.copytree(base, d)
+    _, rep = run_child(d, key=key, updates=updates, max_records=max_records, extra=("--probe-bg",))
+    shutil.rmtree(d)
+    names = rep.ops.get(0, [])
+    cases: list[JournalCase] = []
+    for k in range(1, len(names) + 1):
+        if only is not None and k not in only:
+            continue
+        for when in ("before", "after"):
+            d = work / f"background-k{k}-{when}"
+            shutil.copytree(base, d)
+            extra = ("--crash-bg", "--crash-at", str(k), "--crash-when", when)
+            rc, rep = run_child(d, key=key, updates=updates, max_records=max_records, extra=extra)
+            if rc == 0:
+                raise RuntimeError(f"background compaction: operation {k} of {len(names)} was never reached")
+            label = f"background compaction: kill {when} op {k} ({names[k - 1]})"
+            cases.append(check_after_kill(d, key=key, label=label, before=before, rep=rep, mode="sync", max_records=max_records))
+            shutil.rmtree(d)
+    return cases
 
 
 def journal_soak(

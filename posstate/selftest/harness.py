@@ -71,6 +71,7 @@ class Op:
     data: bytes | None = None
     faulted: str | None = None  # the action taken at this op, if any
     error: int | None = None  # errno of a real OSError the operating system raised (ENOENT, EEXIST...)
+    thread: str = ""  # name of the thread that made it (the background compaction's: "posstate-compact-...")
 
 
 @dataclass(slots=True)
@@ -98,6 +99,22 @@ class HarnessOps(FileOps):
     ops: list[Op] = field(default_factory=list)
     counted: int = 0
     fired: int = 0
+    #: Count and record only the operations of threads whose name starts with this (e.g. "posstate-compact",
+    #: the background compaction of issue 14); None: every thread.
+    thread_prefix: str | None = None
+    #: Leave out the operations of threads whose name starts with this (the caller's operations only).
+    skip_thread_prefix: str | None = None
+    #: Record them, but never count them (a power-loss replay needs every write; faults hit the caller's).
+    uncounted_thread_prefix: str | None = None
+
+    def _mine(self) -> bool:
+        name = threading.current_thread().name
+        if name in self.ignore_threads:
+            return False
+        if self.skip_thread_prefix is not None and name.startswith(self.skip_thread_prefix):
+            return False
+        return self.thread_prefix is None or name.startswith(self.thread_prefix)
+
     _fds: dict[int, _FdInfo] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -105,7 +122,14 @@ class HarnessOps(FileOps):
     def _decide(self, name: str) -> Action | None:
         """Count *name* if it is counted; return the fault action to take now, if any."""
         f = self.fault
-        if self.ignore_threads and threading.current_thread().name in self.ignore_threads:
+        if not self._mine():
+            return None
+        if self.uncounted_thread_prefix is not None and threading.current_thread().name.startswith(self.uncounted_thread_prefix):
+            # Never counted; failed too once a persistent fault has started (a disk that stays broken).
+            if f is not None and f.persistent and name in f.ops and self.counting and self.counted >= f.at:
+                with self._lock:
+                    self.fired += 1
+                return f.action
             return None
         with self._lock:
             if not self.counting or f is None or name not in f.ops:
@@ -118,10 +142,10 @@ class HarnessOps(FileOps):
             return None
 
     def _record(self, name: str, action: Action | None = None, **kw: object) -> None:
-        if self.ignore_threads and threading.current_thread().name in self.ignore_threads:
+        if not self._mine():
             return
         with self._lock:
-            self.ops.append(Op(index=len(self.ops), name=name, faulted=action, **kw))  # type: ignore[arg-type]
+            self.ops.append(Op(index=len(self.ops), name=name, faulted=action, thread=threading.current_thread().name, **kw))  # type: ignore[arg-type]
 
     def _error(self, name: str, path: object) -> OSError:
         assert self.fault is not None

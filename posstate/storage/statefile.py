@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ def parse(data: bytes, *, path: Path, options: ReadOptions, now: float | None = 
         # (refusing it would make recovery roll an authentic state back to an older copy).
         skew = math.inf if header.encrypted else options.clock_skew
         state = _document.decode_document(doc, path=path, now=now, skew=skew)
+        # Free the parsed document while the collector is still paused: what the state did not take from it
+        # (every position's dicts) is then gone before the collector's first pass, which otherwise walks
+        # it all once more only to find it garbage (issue 14.5).
+        del doc
         if header.encrypted and header.written_at_ms > ((time.time() if now is None else now) + options.clock_skew) * 1000:
             log.warning("%s: written at %s, in the future by this host's clock (clock moved back?)", path, state.written_at)
     _check_header_matches(header, state, path)
@@ -148,16 +153,25 @@ def encode(
     compression_level: int | None,
     entries: dict[Any, Any] | None = None,
     now_ms: int | None = None,
+    pause: Callable[[], None] | None = None,
 ) -> tuple[StateData, _codec.Encoded]:
-    """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes."""
+    """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes.
+    *pause*: serialize a slice of positions at a time and call it between slices (the same bytes; issue 14.3)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     state.written_at = _document.utc_text(now_ms)
     import socket  # loaded on the first save, not when posstate is imported
 
     state.writer = {"host": socket.gethostname()[:255], "pid": os.getpid(), "version": __version__}
-    doc = _document.build_document(state, entries)
+    if pause is not None:  # a background compaction: each slice is freed before the next is built
+        text = _document.dumps_in_slices(state, entries, pause=pause)
+    else:
+        # Every position's entry is built here (issue 14.4: none is kept between saves); the collector is paused
+        # meanwhile, as for a load: these objects hold no cycle and are freed by reference counting, but a
+        # collection triggered while they are made would walk the whole state in memory for nothing.
+        with _document.pause_gc():
+            text = _document.dumps(_document.build_document(state, entries))
     encoded = _codec.encode(
-        _document.dumps(doc),
+        text,
         generation=state.generation,
         written_at_ms=now_ms,
         position_count=len(state.positions),
