@@ -85,6 +85,28 @@ def test_survives_compaction_backup_and_restore(cfg: StateConfig, key: bytes) ->
         assert m2.get_bot_metadata() == {"step": 9}
 
 
+def test_background_compaction_keeps_bot_metadata_without_a_save(cfg: StateConfig, key: bytes) -> None:
+    """issue 14 x 15.7 (integration review): the snapshot a background compaction writes holds the bot metadata,
+    including a change made while it runs; the retired journal segment is not needed to get it back."""
+    with make(cfg, key, journal_max_records=3) as m:
+        m.set_bot_metadata({"step": 1})  # the first one goes into a schema-2 snapshot
+        m.set_bot_metadata({"step": 2})  # this one only into the journal
+        for i in range(6):  # passes the threshold: a rotation, then the background compaction
+            m.set_position(Position(symbol=f"S{i}USDT", side="long", contracts=Decimal("1"), entry_price=Decimal("10")))
+        m.set_bot_metadata({"step": 3})
+        m.compact(wait=True)
+        snap = _statefile.read(cfg.state_path, options=_statefile.ReadOptions(keyring=_keyring(key)))
+        assert snap.state.bot_metadata in ({"step": 2}, {"step": 3})  # the state at its rotation point
+    with make(cfg, key) as m2:
+        assert m2.get_bot_metadata() == {"step": 3}
+
+
+def _keyring(key: bytes) -> Any:
+    from posstate.storage.crypto import Keyring
+
+    return Keyring(key=key)
+
+
 def test_transaction_rolls_bot_metadata_back(cfg: StateConfig, key: bytes) -> None:
     """issue 15.7: inside a transaction that fails, set_bot_metadata is undone with the rest."""
     with make(cfg, key) as m:

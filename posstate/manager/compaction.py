@@ -324,6 +324,10 @@ class BackgroundCompaction(DurableCommit):
             position_tombstones=_copy(live.position_tombstones),
             metadata_tombstones=_copy(live.metadata_tombstones),
             journal=dict(job.journal),
+            # Issue 15.7: replaced whole by set_bot_metadata (never changed in place); a change since the
+            # rotation is put back by its pre-image below, with its revision.
+            bot_metadata=live.bot_metadata,
+            bot_metadata_rev=live.bot_metadata_rev,
         )
         entries = _copy(job.entries)
         pre: list[Undo] = self._journal.stop_capture()
