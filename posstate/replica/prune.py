@@ -36,9 +36,16 @@ class ReplicaPrunePlan:
 
 
 def plan(
-    objects: Sequence[ObjectInfo], *, policy: Policy, now: datetime | None = None, current_journal: str | None = None
+    objects: Sequence[ObjectInfo],
+    *,
+    policy: Policy,
+    now: datetime | None = None,
+    current_journal: str | None = None,
+    following_journal: str | None = None,
 ) -> ReplicaPrunePlan:
-    """What to keep and remove among *objects* (a listing), newest snapshot first."""
+    """What to keep and remove among *objects* (a listing), newest snapshot first. The ranges of
+    *current_journal* and of *following_journal* (the ``.next`` segment of a pending background compaction,
+    whose snapshot is not written yet) are always kept."""
     now = now or datetime.now(timezone.utc)
     when = {o.key: o.modified or now for o in objects}
     snaps, ranges, _ = _names.split(o.key for o in objects)
@@ -71,7 +78,7 @@ def plan(
     keep = [s.key for s in newest_first if s.key in why]
     remove = [s.key for s in newest_first if s.key not in why]
     for r in ranges:
-        if r.base_generation in kept_gens or r.journal_id == current_journal:
+        if r.base_generation in kept_gens or r.journal_id in (current_journal, following_journal):
             keep.append(r.key)
             why[r.key] = "journal of a kept snapshot"
         else:

@@ -1,0 +1,63 @@
+"""Issue 14 attack: the readers of other issues (online backup, replica shipper and restore, serve) and the
+``.next`` segment a background compaction starts; timed backups and ledger transitions during a rotation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from posstate import PositionStateManager, StateConfig
+from posstate.journal.files import next_path
+from tests.replica_util import held as held_positions
+from tests.replica_util import pos, rcfg, restore_into
+from tests.test_background_compaction import held
+
+
+def test_flush_replica_ships_the_records_of_the_next_segment(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14.1 x 16.6: records acknowledged into ``.next`` while a background compaction is pending are in the
+    replica once flush_replica() says so; a restore after the machine dies mid-compaction holds every one."""
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url, journal_max_records=5, backup_interval=1e9)
+    with held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(5):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        m.set_position(pos("S0/USDT", 100))  # passes the threshold: rotates, this record opens .next
+        assert gate.entered.wait(60)
+        for i in (1, 2, 3):
+            m.set_position(pos(f"S{i}/USDT", 200 + i))
+        assert next_path(cfg.journal_path).exists()
+        assert m.flush_replica(30)
+        assert m.flush_replica(30)  # a second listing applies retention: the segment's ranges are kept
+        want = held_positions(m)
+        # the machine dies here (compaction still pending): restore from the replica alone
+        rcfg_b, _ = restore_into(tmp_path / "b", url, None, key)
+        gate.release.set()
+    with PositionStateManager(StateConfig.in_dir(rcfg_b.state_dir), key=key) as r:
+        assert held_positions(r) == want
+
+
+def test_the_replica_continues_without_gaps_once_the_pending_compaction_finishes(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 16.3: the segment shipped while its compaction was pending becomes the new snapshot's
+    journal; what follows is shipped after it and a restore holds every change."""
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url, journal_max_records=5, backup_interval=1e9)
+    with held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert gate.entered.wait(60)
+        m.set_position(pos("S1/USDT", 201))
+        assert m.flush_replica(30)
+        gate.release.set()
+        assert m.compact(wait=True, timeout=60)
+        assert not next_path(cfg.journal_path).exists()
+        m.set_position(pos("S2/USDT", 202))
+        assert m.flush_replica(30)
+        want = held_positions(m)
+    rcfg_b, _ = restore_into(tmp_path / "b", url, None, key)
+    with PositionStateManager(StateConfig.in_dir(rcfg_b.state_dir), key=key) as r:
+        assert held_positions(r) == want
