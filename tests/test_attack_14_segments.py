@@ -61,3 +61,52 @@ def test_the_replica_continues_without_gaps_once_the_pending_compaction_finishes
     rcfg_b, _ = restore_into(tmp_path / "b", url, None, key)
     with PositionStateManager(StateConfig.in_dir(rcfg_b.state_dir), key=key) as r:
         assert held_positions(r) == want
+
+
+def test_the_online_backup_syncs_every_segment_it_holds(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 15.3: `backups create` beside a running bot makes durable every journal file whose records it
+    backs up, the ``.next`` segment included (a record whose sync later fails is cut by the bot)."""
+    from posstate.backup import acked
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions
+
+    cfg = StateConfig.in_dir(tmp_path / "a", journal_max_records=5, backup_interval=1e9)
+    synced: list[Path] = []
+    real = acked._sync
+    monkeypatch.setattr(acked, "_sync", lambda p: (synced.append(p), real(p))[1])
+    with held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert gate.entered.wait(60)
+        m.set_position(pos("S1/USDT", 201))
+        cur = acked.confirmed_current(cfg, ReadOptions(keyring=Keyring(key=key), require_encryption=True))
+        assert int(cur.state.positions[("S1/USDT", "long")].contracts) == 201
+        gate.release.set()
+    assert next_path(cfg.journal_path) in synced
+
+
+def test_serve_shows_changes_acknowledged_into_the_next_segment(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 18: `posstate serve DIR` re-reads the state when only the ``.next`` segment grew (a pending
+    background compaction), instead of serving the state before it for as long as the compaction is pending."""
+    from posstate.serve.sources import DirectorySource
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions
+
+    cfg = StateConfig.in_dir(tmp_path / "a", journal_max_records=5, backup_interval=1e9)
+    src = DirectorySource(cfg, ReadOptions(keyring=Keyring(key=key)))
+    with held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert gate.entered.wait(60)
+        src.poll()
+        m.set_position(pos("S1/USDT", 201))
+        src.poll()
+        view = src.view()
+        gate.release.set()
+    assert int(view.positions[("S1/USDT", "long")].contracts) == 201
