@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,9 +64,7 @@ def test_the_replica_continues_without_gaps_once_the_pending_compaction_finishes
         assert held_positions(r) == want
 
 
-def test_the_online_backup_syncs_every_segment_it_holds(
-    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_online_backup_syncs_every_segment_it_holds(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     """issue 14.1 x 15.3: `backups create` beside a running bot makes durable every journal file whose records it
     backs up, the ``.next`` segment included (a record whose sync later fails is cut by the bot)."""
     from posstate.backup import acked
@@ -110,3 +109,76 @@ def test_serve_shows_changes_acknowledged_into_the_next_segment(
         view = src.view()
         gate.release.set()
     assert int(view.positions[("S1/USDT", "long")].contracts) == 201
+
+
+def _fail_compactions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from posstate.manager.compaction import BackgroundCompaction
+
+    def attempt(self: Any, job: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BackgroundCompaction, "_bg_attempt", attempt)
+
+
+def test_close_leaves_a_fresh_backup_while_a_background_compaction_is_pending(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 15.2: a clean close() while a background compaction keeps failing (segments pending) still
+    leaves a backup holding every acknowledged change, and a recovery from it replays nothing twice."""
+    _fail_compactions(monkeypatch)
+    cfg = StateConfig.in_dir(tmp_path / "a", journal_max_records=5, backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        m.set_position(pos("S1/USDT", 201))
+        assert next_path(cfg.journal_path).exists()
+        want = held_positions(m)
+        before = set(cfg.backup_path.iterdir())
+    assert set(cfg.backup_path.iterdir()) - before, "close() left no backup of the acknowledged state"
+    monkeypatch.undo()
+    cfg.state_path.write_bytes(b"damaged")  # the next load recovers from the close() backup plus the segments
+    with PositionStateManager(cfg, key=key) as r:
+        assert held_positions(r) == want
+        rep = r.last_recovery
+        assert rep is not None and rep.source.startswith("backup"), rep
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["killed-mid-compaction", "killed-after-rename"])
+def test_recovery_from_a_backup_taken_mid_rotation_replays_each_later_record_once(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, finished: bool
+) -> None:
+    """issue 14.1 x 15.2: a timed backup of memory taken while a background compaction is pending, then more
+    changes, then SIGKILL (a crash image); the state file is lost: recovery from that backup replays exactly the
+    records after it (from .next, or from the journal it was renamed to), none lost, none twice."""
+    from posstate.backup import acked
+    from posstate.selftest.harness import copy_tree
+
+    live, img = tmp_path / "live", tmp_path / "img"
+    cfg = StateConfig.in_dir(live, journal_max_records=5, backup_interval=1e9)
+    with held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert gate.entered.wait(60)
+        m.set_position(pos("S1/USDT", 201))
+        info = acked.from_memory(m._files)  # what the timer's backup does
+        assert info is not None
+        m.set_position(pos("S2/USDT", 202))
+        m.delete_position("S3/USDT", "long")
+        if finished:
+            gate.release.set()
+            assert m.compact(wait=True, timeout=60)
+            m.set_position(pos("S4/USDT", 204))
+        want = held_positions(m)
+        copy_tree(live, img)  # SIGKILL here
+        gate.release.set()
+    icfg = StateConfig.in_dir(img, journal_max_records=5, backup_interval=1e9)
+    icfg.state_path.write_bytes(b"lost")
+    for p in img.glob("positions.json.bak"):
+        p.unlink()
+    with PositionStateManager(icfg, key=key) as r:
+        got = held_positions(r)
+        rep = r.last_recovery
+        assert rep is not None and rep.source.startswith("backup"), rep
+        assert got == want, rep.journal
