@@ -182,3 +182,27 @@ def test_recovery_from_a_backup_taken_mid_rotation_replays_each_later_record_onc
         rep = r.last_recovery
         assert rep is not None and rep.source.startswith("backup"), rep
         assert got == want, rep.journal
+
+
+def test_bot_metadata_survives_a_background_compaction_and_changes_during_it(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 15.7: the background snapshot holds the bot metadata of the rotation point (the view dropped
+    it), and set_bot_metadata() while the compaction is pending neither fails nor leaks into that snapshot."""
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions, read
+
+    cfg = StateConfig.in_dir(tmp_path / "a", journal_max_records=5, backup_interval=1e9)
+    with held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        m.set_bot_metadata({"step": 1})
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert gate.entered.wait(60)
+        m.set_bot_metadata({"step": 2})  # during the rotation
+        gate.release.set()
+        assert m.compact(wait=True, timeout=60)
+        snap = read(cfg.state_path, options=ReadOptions(keyring=Keyring(key=key))).state
+        assert snap.bot_metadata == {"step": 1}, "the snapshot of the rotation point lost or leaked bot metadata"
+    with PositionStateManager(cfg, key=key) as r:
+        assert r.get_bot_metadata() == {"step": 2}

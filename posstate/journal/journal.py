@@ -148,6 +148,10 @@ class Journal(JournalRecover):
                     st.position_tombstones.get(key),
                 )
             return
+        if j["op"] == jops.SET_BOT_METADATA:  # bot-wide metadata (issue 15.7): one value, no symbol
+            if ("b", None) not in pre:
+                pre[("b", None)] = ("b", st.bot_metadata, st.bot_metadata_rev)
+            return
         sym = j["symbol"]
         if ("m", sym) not in pre:
             pre[("m", sym)] = ("m", sym, st.metadata.get(sym), st.metadata_revs.get(sym), st.metadata_tombstones.get(sym))

@@ -324,6 +324,8 @@ class BackgroundCompaction(DurableCommit):
             position_tombstones=_copy(live.position_tombstones),
             metadata_tombstones=_copy(live.metadata_tombstones),
             journal=dict(job.journal),
+            bot_metadata=live.bot_metadata,  # replaced whole by each change, never changed in place
+            bot_metadata_rev=live.bot_metadata_rev,
         )
         entries = _copy(job.entries)
         pre: list[Undo] = self._journal.stop_capture()
