@@ -250,3 +250,41 @@ def test_ledger_transitions_across_a_rotation_are_whole_in_every_image(
             assert snapshot_of(s2) == want, d.name
             assert not s2.violations, d.name
             s2.close()
+
+
+def test_recovery_from_an_online_backup_taken_mid_rotation_replays_the_later_records(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 15.3: `backups create` beside a bot whose compaction is pending holds records of .next; after
+    the compaction renames .next over the journal and the state file is lost, recovery from that backup replays
+    the records written after it (the backup names the segment of its last record, not the snapshot's journal)."""
+    from posstate.backup import acked
+    from posstate.selftest.harness import copy_tree
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions
+
+    cfg = StateConfig.in_dir(tmp_path / "a", journal_max_records=5, backup_interval=1e9)
+    img = StateConfig.in_dir(tmp_path / "img", journal_max_records=5, backup_interval=1e9)
+    with held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert gate.entered.wait(60)
+        m.set_position(pos("S1/USDT", 201))
+        ring = Keyring(key=key)
+        info = acked.online(cfg, ReadOptions(keyring=ring, require_encryption=True), write_keyring=ring)
+        assert info is not None
+        m.set_position(pos("S2/USDT", 202))
+        gate.release.set()
+        assert m.compact(wait=True, timeout=60)
+        m.set_position(pos("S3/USDT", 203))
+        want = held_positions(m)
+        copy_tree(cfg.state_dir, img.state_dir)  # SIGKILL: no backup at close
+    img.state_path.write_bytes(b"lost")
+    for p in img.state_dir.glob("positions.json.bak"):
+        p.unlink()
+    with PositionStateManager(img, key=key) as r:
+        got = held_positions(r)
+        rep = r.last_recovery
+        assert rep is not None and rep.source.startswith("backup"), rep
+        assert got == want, rep.journal

@@ -53,8 +53,7 @@ def as_compacted(cur: Current) -> StateData:
     replayed, ``journal.seq`` the last record applied."""
     st = cur.state.copy()
     st.generation = cur.generation
-    if cur.last_seq is not None and st.journal is not None:
-        st.journal = {**st.journal, "seq": cur.last_seq}
+    st.journal = cur.journal_entry()  # the segment of the last record (issue 14: .next while a compaction is pending)
     return st
 
 
