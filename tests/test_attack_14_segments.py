@@ -288,3 +288,24 @@ def test_recovery_from_an_online_backup_taken_mid_rotation_replays_the_later_rec
         rep = r.last_recovery
         assert rep is not None and rep.source.startswith("backup"), rep
         assert got == want, rep.journal
+
+
+def test_replica_prune_from_the_command_line_keeps_a_pending_compactions_segment() -> None:
+    """issue 14.1 x 16.5: `posstate replica prune` (which knows no local journal) never deletes the ranges of a
+    journal newer than the newest snapshot: the .next segment of a compaction still pending, whose snapshot is
+    not written yet (the shipper had reported those records shipped)."""
+    from posstate.backup.retention import Policy
+    from posstate.replica import names as _names
+    from posstate.replica import prune as _prune
+    from posstate.replica.client import ObjectInfo
+
+    d = "0" * 32
+    old = _names.Snapshot(3, 0, 1, d)
+    snap = _names.Snapshot(5, 0, 1, d)
+    j1 = _names.Range(5, "aa" * 16, 0, 100, 0, 1, d)
+    j2 = _names.Range(9, "bb" * 16, 0, 80, 0, 1, d)  # the segment of the pending compaction (generation 9)
+    stale = _names.Range(3, "cc" * 16, 0, 50, 0, 1, d)
+    objects = [ObjectInfo(o.key, 1) for o in (old, snap, j1, j2, stale)]
+    plan = _prune.plan(objects, policy=Policy(max_backups=1))
+    assert j2.key in plan.keep and j1.key in plan.keep
+    assert old.key in plan.remove and stale.key in plan.remove
