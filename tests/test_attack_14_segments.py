@@ -309,3 +309,32 @@ def test_replica_prune_from_the_command_line_keeps_a_pending_compactions_segment
     plan = _prune.plan(objects, policy=Policy(max_backups=1))
     assert j2.key in plan.keep and j1.key in plan.keep
     assert old.key in plan.remove and stale.key in plan.remove
+
+
+def test_a_planted_huge_segment_is_refused_before_it_is_downloaded(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 16.3 attack: ranges of a journal newer than the snapshot (a would-be pending segment) listed
+    at more than a journal posstate reads are refused from the listing, before any byte of them is downloaded."""
+    from posstate.core.errors import CorruptStateError
+    from posstate.replica import names as _names
+    from posstate.replica.file import FileClient
+    from posstate.storage import fileops as fs
+
+    url = f"file://{tmp_path}/rep"
+    with PositionStateManager(rcfg(tmp_path / "a", url, backup_interval=1e9), key=key) as m:
+        for i in range(3):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert m.flush_replica(30)
+    root = tmp_path / "rep"
+    jbytes = sum(p.stat().st_size for p in (root / "journal").rglob("*.psj"))
+    planted = _names.Range(10**6, "dd" * 16, 0, 4096, 0, 1, "0" * 32)
+    (root / planted.key).parent.mkdir(parents=True)
+    (root / planted.key).write_bytes(bytes(4096))
+    monkeypatch.setattr(fs, "DEFAULT_MAX_READ_BYTES", jbytes + 1024)
+    fetched: list[str] = []
+    real = FileClient.get
+    monkeypatch.setattr(FileClient, "get", lambda self, k: fetched.append(k) or real(self, k))
+    with pytest.raises(CorruptStateError, match="more than a journal"):
+        restore_into(tmp_path / "b", url, None, key)
+    assert planted.key not in fetched

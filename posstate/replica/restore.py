@@ -139,11 +139,14 @@ def following_chain(
     snap: _names.Snapshot,
     loaded: _statefile.Loaded,
     jbytes: bytes,
+    sizes: dict[str, int],
 ) -> list[_names.Range]:
     """The ranges of the segment that continues the snapshot's journal (issue 14: the ``.next`` segment of a
     background compaction whose snapshot never reached the replica), or []: a journal of a later generation,
     shipped under the snapshot's epoch or later, whose header (in its first range) links to the snapshot's
-    journal. Only the first range of each candidate is downloaded here."""
+    journal. Only the first range of each candidate is downloaded here, and only when the candidate's ranges
+    and the journal before it are listed at no more than a journal posstate reads (planted huge ranges are
+    refused before any byte of them is downloaded)."""
     jid = (loaded.state.journal or {}).get("id")
     if not isinstance(jid, str):
         return []
@@ -157,6 +160,14 @@ def following_chain(
         seg = _names.chain(ranges, cand, floor=(snap.epoch, 0))
         if not seg:
             continue
+        listed = len(jbytes) + sum(sizes.get(r.key, 0) for r in seg)
+        if listed > fs.DEFAULT_MAX_READ_BYTES:
+            raise CorruptStateError(
+                _where(client, seg[0].folder),
+                f"the journal's ranges and the segment after it hold {listed} bytes, more than a journal posstate "
+                f"reads ({fs.DEFAULT_MAX_READ_BYTES})",
+                next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
+            )
         try:
             head = jf.parse_header(_fetch(client, seg[0].key, seg[0].digest)[: jf.HEADER_SIZE])
         except jf.JournalProblem:
@@ -267,7 +278,7 @@ def restore(
             next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
         )
     jbytes, records = load_journal(client, chain, loaded, options)
-    seg = following_chain(client, ranges, snap, loaded, jbytes) if gap is None else []
+    seg = following_chain(client, ranges, snap, loaded, jbytes, sizes) if gap is None else []
     if newer is not None:
         rest = [r for r in ranges if r.journal_id not in {s.journal_id for s in seg}]
         newer = newer_than(rest, snap)
