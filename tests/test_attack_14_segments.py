@@ -120,13 +120,14 @@ def _fail_compactions(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(BackgroundCompaction, "_bg_attempt", attempt)
 
 
+@pytest.mark.parametrize("durability", ["sync", "group"])
 def test_close_leaves_a_fresh_backup_while_a_background_compaction_is_pending(
-    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, durability: str
 ) -> None:
     """issue 14.1 x 15.2: a clean close() while a background compaction keeps failing (segments pending) still
     leaves a backup holding every acknowledged change, and a recovery from it replays nothing twice."""
     _fail_compactions(monkeypatch)
-    cfg = StateConfig.in_dir(tmp_path / "a", journal_max_records=5, backup_interval=1e9)
+    cfg = StateConfig.in_dir(tmp_path / "a", journal_max_records=5, backup_interval=1e9, durability=durability)
     with PositionStateManager(cfg, key=key) as m:
         m.save()
         for i in range(6):
