@@ -9,7 +9,6 @@ they are.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ from typing import Any
 import click
 import orjson
 
-from posstate.cli.base import EXIT_INVALID, CliError, cli, json_out
+from posstate.cli.base import cli, json_out
 from posstate.cli.options import Env, common_options, env_of
-from posstate.cli.output import paint
 from posstate.cli.render import table
 from posstate.core.config import StateConfig, state_file_path
 from posstate.core.errors import (
@@ -38,7 +36,6 @@ from posstate.storage.validate import Check
 
 __all__ = [
     "ReadState",
-    "doctor",
     "history",
     "journal_check",
     "journal_exit_error",
@@ -398,52 +395,3 @@ def _since_snapshot(cfg: StateConfig, env: Env, entries: Any) -> tuple[list[Any]
         return [], len({e.seq for e in entries})
     after = int(snap["seq"])
     return [e for e in entries if e.seq > after], len({e.seq for e in entries if e.seq <= after})
-
-
-# ------------------------------------------------------------------------------------------ doctor
-@cli.command()
-@common_options(hide=("key-file",))
-@click.pass_context
-def doctor(ctx: click.Context) -> None:
-    """Check that the state directory is a safe place for a bot's state (no key needed).
-
-    File-system type, directory fsync, lock exclusivity against another process, free space, permissions,
-    and a short crash (SIGKILL) and fault (ENOSPC, EIO) self-test in a scratch subdirectory that is
-    removed afterwards. Exit 1 when anything is unsafe.
-    """
-    from posstate.selftest.doctor import format_report, run_doctor
-
-    env = env_of(ctx)
-    state_dir = env.config().state_dir
-    try:
-        is_dir = stat.S_ISDIR(fs.stat_(state_dir).st_mode)
-    except FileNotFoundError:
-        is_dir = True  # not created yet: the doctor checks the nearest existing parent
-    except NotADirectoryError:
-        raise CliError(
-            f"{state_dir}: a parent of this path is a file, not a directory; choose a directory with --state-dir",
-            code=EXIT_INVALID,
-        ) from None
-    if not is_dir:
-        raise CliError(f"{state_dir}: exists but is not a directory; choose a directory with --state-dir", code=EXIT_INVALID)
-    report = run_doctor(state_dir)
-    if env.json:
-        json_out(
-            {
-                "state_dir": str(report.state_dir),
-                "filesystem": report.filesystem,
-                "mount_point": report.mount_point,
-                "verdict": report.verdict,
-                "ok": report.ok,
-                "findings": [{"check": f.check, "status": f.status, "detail": f.detail} for f in report.findings],
-            }
-        )
-    else:
-        click.echo("\n".join(paint(line) for line in format_report(report).splitlines()))
-    if not report.ok:
-        bad = [f for f in report.findings if f.status == "unsafe"]
-        raise CliError(
-            f"{state_dir}: unsafe for posstate state: {len(bad)} finding(s) marked UNSAFE (first: {bad[0].check}: "
-            f"{bad[0].detail}); fix them and rerun `posstate doctor`",
-            code=EXIT_INVALID,
-        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from posstate.cli import (  # noqa: F401 (commands register on cli)
     backups_cmd,
     demo_cmd,
+    doctor_cmd,
     inspect_cmd,
     journal_cmd,
     keys_cmd,
