@@ -339,3 +339,26 @@ def test_a_planted_huge_segment_is_refused_before_it_is_downloaded(
     with pytest.raises(CorruptStateError, match="more than a journal"):
         restore_into(tmp_path / "b", url, None, key)
     assert planted.key not in fetched
+
+
+def test_replica_verify_authenticates_a_pending_compactions_segment(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 16.3: `posstate replica verify` replays the ranges of a pending compaction's segment with the key
+    (a restore uses them), instead of calling them unused after a digest check only."""
+    from posstate.replica.restore import verify
+    from tests.replica_util import client, options
+
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url, journal_max_records=5, backup_interval=1e9)
+    with held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert gate.entered.wait(60)
+        m.set_position(pos("S1/USDT", 201))
+        assert m.flush_replica(30)
+        rows = verify(client(url), options=options(key))
+        gate.release.set()
+    seg = [r for r in rows if "not used" in r["reason"] or "segment" in r["reason"]]
+    assert seg and all(r["ok"] and "segment" in r["reason"] for r in seg), rows

@@ -323,11 +323,39 @@ def restore(
     )
 
 
+def _verify_segment(
+    client: ReplicaClient,
+    ranges: list[_names.Range],
+    snap: _names.Snapshot,
+    loaded: _statefile.Loaded,
+    jbytes: bytes,
+    sizes: dict[str, int],
+    options: _statefile.ReadOptions,
+    rows: list[dict[str, Any]],
+    used: set[str],
+) -> None:
+    """The segment a restore of *snap* would replay after its journal (issue 14), replayed with the key."""
+    from posstate.core.errors import PosStateError
+
+    try:
+        seg = following_chain(client, ranges, snap, loaded, jbytes, sizes)
+        _, records = load_segment(client, seg, jbytes, loaded, options)
+    except PosStateError as exc:
+        rows.append({"key": snap.key, "ok": False, "reason": f"segment after its journal: {exc}"})
+        return
+    for r in seg:
+        if r.key not in used:
+            reason = f"segment after the journal of generation {snap.generation}, {len(records)} records"
+            rows.append({"key": r.key, "ok": True, "reason": reason})
+            used.add(r.key)
+
+
 def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[dict[str, Any]]:
     """Read and check every object: each snapshot decrypted, each journal replayed; one row per object."""
     from posstate.core.errors import PosStateError
 
     objects = client.list()
+    sizes = {o.key: o.size for o in objects}
     snaps, ranges, other = _names.split(o.key for o in objects)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -343,7 +371,8 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[di
         if gap is not None:
             rows.append({"key": snap.key, "ok": False, "reason": gap})
         try:
-            _, records = load_journal(client, chain, loaded, options)
+            jbytes, records = load_journal(client, chain, loaded, options)
+            _verify_segment(client, ranges, snap, loaded, jbytes, sizes, options, rows, used)
         except PosStateError as exc:
             rows.extend({"key": r.key, "ok": False, "reason": str(exc)} for r in chain if r.key not in used)
             used.update(r.key for r in chain)
