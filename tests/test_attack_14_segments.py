@@ -362,3 +362,28 @@ def test_replica_verify_authenticates_a_pending_compactions_segment(
         gate.release.set()
     seg = [r for r in rows if "not used" in r["reason"] or "segment" in r["reason"]]
     assert seg and all(r["ok"] and "segment" in r["reason"] for r in seg), rows
+
+
+def test_close_backs_up_changes_made_after_a_timed_backup_during_a_pending_compaction(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.1 x 15.2: a timed backup of memory while a compaction is pending, one more change, then close():
+    the backup close() leaves holds that change too (the newest backup is never behind what was acknowledged)."""
+    from posstate.backup import background as _bg
+    from posstate.storage.crypto import Keyring
+    from posstate.storage.statefile import ReadOptions, read
+
+    _fail_compactions(monkeypatch)
+    cfg = StateConfig.in_dir(tmp_path / "a", journal_max_records=5, backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        svc = _bg.service(m._files)
+        with svc.folder_lock:
+            assert svc._from_memory("timer") is not None  # what a timer tick does
+        m.set_position(pos("S5/USDT", 500))
+        want = held_positions(m)
+    newest = max(cfg.backup_path.iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    st = read(newest, options=ReadOptions(keyring=Keyring(key=key))).state
+    assert {k[0]: int(p.contracts) for k, p in st.positions.items()} == want
