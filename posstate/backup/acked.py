@@ -53,8 +53,7 @@ def as_compacted(cur: Current) -> StateData:
     replayed, ``journal.seq`` the last record applied."""
     st = cur.state.copy()
     st.generation = cur.generation
-    if cur.last_seq is not None and st.journal is not None:
-        st.journal = {**st.journal, "seq": cur.last_seq}
+    st.journal = cur.journal_entry()  # the segment of the last record (issue 14: .next while a compaction is pending)
     return st
 
 
@@ -102,9 +101,15 @@ def confirmed_current(cfg: StateConfig, options: _statefile.ReadOptions, *, atte
         cur = consistent_current(cfg, options, attempts=attempts)
         if not cur.applied:
             return cur  # the snapshot alone: a whole, durable file (saves replace it by rename)
-        path = _jfiles.journal_file(cfg.journal_path, cfg.legacy_journal_path, cur.loaded.state.journal)
+        # Every file of the chain (issue 14: the ``.next`` segment of a pending background compaction holds
+        # acknowledged records too, and a record there whose sync fails is cut by the bot like any other).
+        chain = _jfiles.segment_chain(cfg.journal_path, cfg.legacy_journal_path, cur.loaded.state.journal)
+        path = chain[0]
         try:
-            _sync(path)
+            for path in chain:
+                if len(chain) > 1 and path == chain[0] and not fs.exists(path):
+                    continue  # the snapshot's journal had no record past it; the segment follows it
+                _sync(path)
         except FileNotFoundError:
             continue  # replaced meanwhile (a compaction, a rotation after a failed sync): read again
         except OSError as exc:

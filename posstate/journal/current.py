@@ -58,6 +58,18 @@ class Current:
     max_rev: int = 0
     notes: tuple[str, ...] = ()
     error: PosStateError | None = field(default=None, compare=False)
+    #: The id of the journal segment that holds ``last_seq`` (issue 14: the ``.next`` segment of a pending
+    #: background compaction when its records were replayed; None: the snapshot's journal, or none applied).
+    last_journal: str | None = None
+
+    def journal_entry(self) -> dict[str, Any] | None:
+        """The ``journal`` entry of a state holding everything replayed: the segment of the last record applied
+        and its sequence number (a recovery from it replays only what follows, in that segment or the one its
+        compaction renamed it to); the snapshot's own entry when nothing was replayed."""
+        snap = self.state.journal
+        if self.last_seq is None or snap is None:
+            return snap
+        return {**snap, "id": self.last_journal or snap.get("id"), "seq": self.last_seq}
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -75,8 +87,7 @@ class Current:
         ``journal.seq`` the last record applied) so it passes the same validation (``import`` accepts it)."""
         st = self.state.copy()
         st.generation = self.generation
-        if self.last_seq is not None and st.journal is not None:
-            st.journal = {**st.journal, "seq": self.last_seq}
+        st.journal = self.journal_entry()
         return _document.build_document(st)
 
 
@@ -97,6 +108,7 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
     snap_seq = int(snap.get("seq", 0))
     applied = max_rev = 0
     last_applied: int | None = None
+    last_journal: str | None = None
     notes: tuple[str, ...] = ()
     for i, path in enumerate(chain):
         try:
@@ -104,7 +116,9 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
         except FileNotFoundError:
             if len(chain) > 1 and i == 0:
                 continue  # the snapshot's journal had no record past it; the next segment links to its id
-            return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev)
+            return Current(
+                loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, last_journal=last_journal
+            )
         except OSError as exc:
             err: PosStateError = PersistenceError(path, operation="read journal", cause=exc)
             return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, error=err)
@@ -143,6 +157,7 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
                 max_rev = max(max_rev, int(op.json["rev"]))
             applied += 1
             last_applied = rec.seq
+            last_journal = header.id_hex
         if sc.bad_offset is not None:
             note = (
                 f"torn last record ({sc.torn_bytes} bytes from byte {sc.good_end}: {sc.bad_reason}) ignored: "
@@ -157,4 +172,12 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
                     kind="journal",
                 )
                 return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, error=err)
-    return Current(loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, notes=notes)
+    return Current(
+        loaded=loaded,
+        state=state,
+        applied=applied,
+        last_seq=last_applied,
+        max_rev=max_rev,
+        notes=notes,
+        last_journal=last_journal,
+    )

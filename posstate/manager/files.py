@@ -120,10 +120,7 @@ class ManagerFiles:
                         journal.drain()  # the last try: under the lock, so no writer can append again
                     except PosStateError:
                         return None
-                if journal.failed or journal.rotating:
-                    # A background compaction is pending (issue 14): memory's journal entry still names the old
-                    # segment while records go to the new one; skip this turn rather than back up a state whose
-                    # journal pointer a recovery would replay twice. The next timer tick, or close(), retries.
+                if journal.failed:
                     return None
                 st = m._state.copy()
                 # Under the lock: a record appended after the copy must not be counted as folded into it.
@@ -133,8 +130,16 @@ class ManagerFiles:
             break
         else:  # pragma: no cover - every path above returns or breaks
             return None
-        if st.journal is not None and jid is not None and st.journal.get("id") == jid:
-            st.journal = {**st.journal, "seq": max(int(st.journal.get("seq", 0)), last_seq)}
+        if st.journal is not None and jid is not None:
+            if st.journal.get("id") == jid:
+                st.journal = {**st.journal, "seq": max(int(st.journal.get("seq", 0)), last_seq)}
+            else:
+                # Records go to another segment than memory's journal entry names: the ``.next`` segment of a
+                # pending (or given up) background compaction (issue 14). Memory holds every record up to
+                # last_seq, so the backup names that segment and its last record: a recovery from it replays
+                # only what follows (never the old segment's records again), and the segment is found
+                # whether its compaction finished (renamed over the journal) or not (``.next``).
+                st.journal = {"id": jid, "seq": last_seq}
         return st
 
     def wrote(self, checksum: str) -> bool:

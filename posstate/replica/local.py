@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posstate.journal import format as jf
+from posstate.journal.files import next_path
 from posstate.replica import names as _names
 from posstate.storage import container as _container
 from posstate.storage import fileops as fs
@@ -28,11 +29,35 @@ class LocalFiles:
     journal: bytes | None
     header: jf.JournalHeader | None
     records: tuple[jf.RawRecord, ...]
+    #: The ``.next`` segment a pending background compaction started (issue 14), linked to ``header``: its
+    #: records are acknowledged too, so they are shipped as ranges of their own journal (None: no such file).
+    following: Segment | None = None
 
     @property
     def journal_end(self) -> int:
         """Where the last intact record of the snapshot's journal ends (0: no record)."""
         return self.records[-1].end if self.records else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A journal segment that continues the snapshot's journal (``positions.json.journal.next``)."""
+
+    journal: bytes
+    header: jf.JournalHeader
+    records: tuple[jf.RawRecord, ...]
+
+
+def _following(journal_path: Path, header: jf.JournalHeader) -> Segment | None:
+    """The ``.next`` segment when its header links to *header* (read after the journal: it only grows)."""
+    try:
+        data = fs.read_file(next_path(journal_path), max_size=None)
+        nh = jf.parse_header(data)
+    except (OSError, jf.JournalProblem):
+        return None
+    if not nh.follows(header):
+        return None
+    return Segment(data, nh, tuple(jf.scan(data, nh).records))
 
 
 def read_local(state_path: Path, journal_path: Path) -> LocalFiles:
@@ -46,14 +71,22 @@ def read_local(state_path: Path, journal_path: Path) -> LocalFiles:
     if not _intact(snap):  # damaged on disk: never shipped (a restore would refuse it); the next save replaces it
         log.warning("%s: damaged on disk (checksum); not shipped to the replica", state_path)
         return LocalFiles(None, None, None, None, ())
-    try:
-        data = fs.read_file(journal_path, max_size=None)
-        header = jf.parse_header(data)
-    except (OSError, jf.JournalProblem):
+    for path in (journal_path, next_path(journal_path)):
+        # A background compaction that wrote its snapshot but has not renamed ``.next`` over the journal yet
+        # (issue 14): the snapshot's journal is ``.next``, of the snapshot's generation.
+        try:
+            data = fs.read_file(path, max_size=None)
+            header = jf.parse_header(data)
+        except (OSError, jf.JournalProblem):
+            continue
+        if header.base_generation != gen:
+            continue
+        if path != journal_path:
+            return LocalFiles(snap, gen, data, header, jf.scan(data, header).records)
+        break
+    else:
         return LocalFiles(snap, gen, None, None, ())
-    if header.base_generation != gen:
-        return LocalFiles(snap, gen, None, None, ())
-    return LocalFiles(snap, gen, data, header, jf.scan(data, header).records)
+    return LocalFiles(snap, gen, data, header, jf.scan(data, header).records, _following(journal_path, header))
 
 
 def _intact(data: bytes) -> bool:
@@ -70,6 +103,7 @@ class Shipped:
     journal_offset: int  # bytes of the local journal held by a verified chain of ranges from offset 0
     records_behind: int
     oldest_unshipped_ms: int | None  # time of the oldest record (or the snapshot) not in the replica
+    following_offset: int = 0  # bytes of the local ``.next`` segment held by the replica (issue 14)
 
     def lag_seconds(self, now: float | None = None) -> float:
         if self.oldest_unshipped_ms is None:
@@ -89,14 +123,25 @@ def compare(local: LocalFiles, snaps: Sequence[_names.Snapshot], ranges: Sequenc
         snap = next((s for s in reversed(snaps) if s.digest == d and s.generation == local.generation), None)
         if snap is None:
             oldest = _container.parse_header(local.snapshot).written_at_ms
-    offset = 0
+    offset = next_offset = 0
     if local.journal is not None and local.header is not None:
-        for r in _names.chain(ranges, local.header.id_hex, floor=(epoch, 0)):
-            if r.end > len(local.journal) or _names.digest(local.journal[r.start : r.end]) != r.digest:
-                break
-            offset = r.end
+        offset = _shipped(local.journal, local.header.id_hex, ranges, epoch)
     behind = [r for r in local.records if r.end > offset]
+    if local.following is not None:
+        seg = local.following
+        next_offset = _shipped(seg.journal, seg.header.id_hex, ranges, epoch)
+        behind += [r for r in seg.records if r.end > next_offset]
     if behind:
         first = min(r.time_ms for r in behind)
         oldest = first if oldest is None else min(oldest, first)
-    return Shipped(snap, offset, len(behind), oldest)
+    return Shipped(snap, offset, len(behind), oldest, next_offset)
+
+
+def _shipped(journal: bytes, journal_id: str, ranges: Sequence[_names.Range], epoch: int) -> int:
+    """Bytes of *journal* held by a verified chain of its ranges from offset 0."""
+    offset = 0
+    for r in _names.chain(ranges, journal_id, floor=(epoch, 0)):
+        if r.end > len(journal) or _names.digest(journal[r.start : r.end]) != r.digest:
+            break
+        offset = r.end
+    return offset

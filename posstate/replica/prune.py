@@ -3,7 +3,8 @@
 journal ranges that belong to no kept snapshot.
 
 A snapshot's time is the object's upload time (the listing's LastModified). The newest snapshot is always
-kept, and so is every journal range of a kept snapshot's journal; nothing of a newer fencing epoch than the
+kept, and so is every journal range of a kept snapshot's journal and of a journal newer than the newest
+snapshot (the ``.next`` segment of a background compaction still pending); nothing of a newer fencing epoch than the
 newest kept snapshot is ever removed.
 """
 
@@ -36,9 +37,16 @@ class ReplicaPrunePlan:
 
 
 def plan(
-    objects: Sequence[ObjectInfo], *, policy: Policy, now: datetime | None = None, current_journal: str | None = None
+    objects: Sequence[ObjectInfo],
+    *,
+    policy: Policy,
+    now: datetime | None = None,
+    current_journal: str | None = None,
+    following_journal: str | None = None,
 ) -> ReplicaPrunePlan:
-    """What to keep and remove among *objects* (a listing), newest snapshot first."""
+    """What to keep and remove among *objects* (a listing), newest snapshot first. The ranges of
+    *current_journal* and of *following_journal* (the ``.next`` segment of a pending background compaction,
+    whose snapshot is not written yet) are always kept."""
     now = now or datetime.now(timezone.utc)
     when = {o.key: o.modified or now for o in objects}
     snaps, ranges, _ = _names.split(o.key for o in objects)
@@ -70,10 +78,16 @@ def plan(
     kept_gens = {s.generation for s in snaps if s.key in why}
     keep = [s.key for s in newest_first if s.key in why]
     remove = [s.key for s in newest_first if s.key not in why]
+    newest = max((s.generation for s in snaps if s.key in why), default=None)
     for r in ranges:
-        if r.base_generation in kept_gens or r.journal_id == current_journal:
+        if r.base_generation in kept_gens or r.journal_id in (current_journal, following_journal):
             keep.append(r.key)
             why[r.key] = "journal of a kept snapshot"
+        elif newest is not None and r.base_generation > newest:
+            # A journal newer than every snapshot: the segment of a background compaction still pending (its
+            # snapshot is not written yet; issue 14), whose records a writer reported shipped. Never removed.
+            keep.append(r.key)
+            why[r.key] = "journal newer than the newest snapshot (a compaction still pending)"
         else:
             remove.append(r.key)
     reasons = {k: why.get(k, "redundant: not selected by any retention rule") for k in keep + remove}

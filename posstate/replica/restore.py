@@ -22,6 +22,7 @@ from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, StateNotFoundError
 from posstate.journal import format as jf
 from posstate.journal.current import read_current
+from posstate.journal.files import next_path
 from posstate.journal.records import read_records
 from posstate.replica import names as _names
 from posstate.replica.client import ReplicaClient
@@ -132,6 +133,81 @@ def load_journal(
     return data, records
 
 
+def following_chain(
+    client: ReplicaClient,
+    ranges: list[_names.Range],
+    snap: _names.Snapshot,
+    loaded: _statefile.Loaded,
+    jbytes: bytes,
+    sizes: dict[str, int],
+) -> list[_names.Range]:
+    """The ranges of the segment that continues the snapshot's journal (issue 14: the ``.next`` segment of a
+    background compaction whose snapshot never reached the replica), or []: a journal of a later generation,
+    shipped under the snapshot's epoch or later, whose header (in its first range) links to the snapshot's
+    journal. Only the first range of each candidate is downloaded here, and only when the candidate's ranges
+    and the journal before it are listed at no more than a journal posstate reads (planted huge ranges are
+    refused before any byte of them is downloaded)."""
+    jid = (loaded.state.journal or {}).get("id")
+    if not isinstance(jid, str):
+        return []
+    try:
+        prev: jf.JournalHeader | bytes = jf.parse_header(jbytes) if jbytes else bytes.fromhex(jid)
+    except (jf.JournalProblem, ValueError):
+        return []
+    for cand in sorted({r.journal_id for r in ranges if r.base_generation > snap.generation and r.epoch >= snap.epoch}):
+        if cand == jid:
+            continue
+        seg = _names.chain(ranges, cand, floor=(snap.epoch, 0))
+        if not seg:
+            continue
+        listed = len(jbytes) + sum(sizes.get(r.key, 0) for r in seg)
+        if listed > fs.DEFAULT_MAX_READ_BYTES:
+            raise CorruptStateError(
+                _where(client, seg[0].folder),
+                f"the journal's ranges and the segment after it hold {listed} bytes, more than a journal posstate "
+                f"reads ({fs.DEFAULT_MAX_READ_BYTES})",
+                next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
+            )
+        try:
+            head = jf.parse_header(_fetch(client, seg[0].key, seg[0].digest)[: jf.HEADER_SIZE])
+        except jf.JournalProblem:
+            continue
+        linked = head.follows(prev) if isinstance(prev, jf.JournalHeader) else head.prev_link == prev[: jf.LINK_SIZE]
+        if linked and head.id_hex == cand and all(r.base_generation == head.base_generation for r in seg):
+            return seg
+    return []
+
+
+def load_segment(
+    client: ReplicaClient, seg: list[_names.Range], jbytes: bytes, loaded: _statefile.Loaded, options: _statefile.ReadOptions
+) -> tuple[bytes, list[tuple[jf.RawRecord, list[Any]]]]:
+    """The segment :func:`following_chain` found: downloaded, checked, every record authenticated."""
+    if not seg:
+        return b"", []
+    data = b"".join(_fetch(client, r.key, r.digest) for r in seg)
+    where = Path(_where(client, seg[0].folder))
+    _, records, sc = read_records(data, path=where, keyring=options.keyring, require_encryption=options.require_encryption)
+    if sc.bad_offset is not None:
+        bad = next(r for r in seg if r.start <= sc.bad_offset < r.end)
+        raise CorruptStateError(_where(client, bad.key), f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason})")
+    return data, records
+
+
+def _cut(
+    data: bytes, records: list[tuple[jf.RawRecord, list[Any]]], at_generation: int | None, at_time: datetime | None
+) -> tuple[bytes, int, bool]:
+    """*data* cut before the first record past ``--at``: (bytes, records kept, whether none was cut)."""
+    kept = 0
+    for rec, ops in records:
+        revs = [int(op.json["rev"]) for op in ops]
+        if (at_generation is not None and max(revs, default=0) > at_generation) or (
+            at_time is not None and rec.time_ms > at_time.timestamp() * 1000
+        ):
+            return data[: rec.offset], kept, False
+        kept += 1
+    return data, kept, True
+
+
 def choose(
     client: ReplicaClient, snaps: list[_names.Snapshot], *, at_generation: int | None, at_time: datetime | None
 ) -> _names.Snapshot:
@@ -175,7 +251,8 @@ def restore(
 ) -> RestoreResult:
     """Rebuild *config*'s state directory from the replica. The directory must hold no state file or journal
     (``replace``: move them to quarantine first; the lease takeover does)."""
-    existing = [p for p in (config.state_path, config.journal_path, config.bak_path) if fs.exists(p)]
+    nxt = next_path(config.journal_path)
+    existing = [p for p in (config.state_path, config.journal_path, nxt, config.bak_path) if fs.exists(p)]
     if existing and not replace:
         raise CorruptStateError(
             existing[0],
@@ -188,13 +265,6 @@ def restore(
     snaps, ranges, _ = _names.split(sizes)
     snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
     newer = newer_than(ranges, snap) if at_generation is None and at_time is None else None
-    if newer is not None:
-        raise CorruptStateError(
-            _where(client, newer.folder),
-            f"journal of generation {newer.base_generation} without its snapshot (deleted, or not listed yet): "
-            f"the newest snapshot listed, generation {snap.generation}, is older than the replica's state",
-            next_step=f"retry later; to restore that older state anyway: `posstate replica restore --at {snap.generation}`",
-        )
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
     gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
@@ -208,19 +278,25 @@ def restore(
             next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
         )
     jbytes, records = load_journal(client, chain, loaded, options)
-    used = 1 + len(chain)
-    kept = 0
-    for rec, ops in records:
-        revs = [int(op.json["rev"]) for op in ops]
-        if (at_generation is not None and max(revs, default=0) > at_generation) or (
-            at_time is not None and rec.time_ms > at_time.timestamp() * 1000
-        ):
-            jbytes = jbytes[: rec.offset]
-            break
-        kept += 1
-    else:
+    seg = following_chain(client, ranges, snap, loaded, jbytes, sizes) if gap is None else []
+    if newer is not None:
+        rest = [r for r in ranges if r.journal_id not in {s.journal_id for s in seg}]
+        newer = newer_than(rest, snap)
+    if newer is not None:
+        raise CorruptStateError(
+            _where(client, newer.folder),
+            f"journal of generation {newer.base_generation} without its snapshot (deleted, or not listed yet): "
+            f"the newest snapshot listed, generation {snap.generation}, is older than the replica's state",
+            next_step=f"retry later; to restore that older state anyway: `posstate replica restore --at {snap.generation}`",
+        )
+    nbytes, nrecords = load_segment(client, seg, jbytes, loaded, options)
+    used = 1 + len(chain) + len(seg)
+    kept = nkept = 0
+    jbytes, kept, whole = _cut(jbytes, records, at_generation, at_time)
+    if whole:
         if gap is not None:  # --at a point the chain does not reach before its gap
             raise _gap_error(client, snap, gap)
+        nbytes, nkept, _ = _cut(nbytes, nrecords, at_generation, at_time)
     fs.ensure_dir(config.state_dir)
     for p in existing:
         _atomic.move_aside(p, config.quarantine_dir, label="before-replica-restore")
@@ -228,6 +304,8 @@ def restore(
     # state file, which no manager opens (loud), never a state file that opens without the journal's changes.
     if jbytes and kept:
         _atomic.write_file(config.journal_path, jbytes)
+    if nbytes and nkept:  # replayed after the journal, as a load replays an unfinished compaction's segments
+        _atomic.write_file(next_path(config.journal_path), nbytes)
     _atomic.write_file(config.state_path, data)
     current = read_current(config, options)
     if current.error is not None:
@@ -240,9 +318,36 @@ def restore(
         generation=current.generation,
         records=current.applied,
         objects=used,
-        bytes=len(data) + (len(jbytes) if kept else 0),
+        bytes=len(data) + (len(jbytes) if kept else 0) + (len(nbytes) if nkept else 0),
         epoch=snap.epoch,
     )
+
+
+def _verify_segment(
+    client: ReplicaClient,
+    ranges: list[_names.Range],
+    snap: _names.Snapshot,
+    loaded: _statefile.Loaded,
+    jbytes: bytes,
+    sizes: dict[str, int],
+    options: _statefile.ReadOptions,
+    rows: list[dict[str, Any]],
+    used: set[str],
+) -> None:
+    """The segment a restore of *snap* would replay after its journal (issue 14), replayed with the key."""
+    from posstate.core.errors import PosStateError
+
+    try:
+        seg = following_chain(client, ranges, snap, loaded, jbytes, sizes)
+        _, records = load_segment(client, seg, jbytes, loaded, options)
+    except PosStateError as exc:
+        rows.append({"key": snap.key, "ok": False, "reason": f"segment after its journal: {exc}"})
+        return
+    for r in seg:
+        if r.key not in used:
+            reason = f"segment after the journal of generation {snap.generation}, {len(records)} records"
+            rows.append({"key": r.key, "ok": True, "reason": reason})
+            used.add(r.key)
 
 
 def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[dict[str, Any]]:
@@ -250,6 +355,7 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[di
     from posstate.core.errors import PosStateError
 
     objects = client.list()
+    sizes = {o.key: o.size for o in objects}
     snaps, ranges, other = _names.split(o.key for o in objects)
     rows: list[dict[str, Any]] = []
     used: set[str] = set()
@@ -265,7 +371,8 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[di
         if gap is not None:
             rows.append({"key": snap.key, "ok": False, "reason": gap})
         try:
-            _, records = load_journal(client, chain, loaded, options)
+            jbytes, records = load_journal(client, chain, loaded, options)
+            _verify_segment(client, ranges, snap, loaded, jbytes, sizes, options, rows, used)
         except PosStateError as exc:
             rows.extend({"key": r.key, "ok": False, "reason": str(exc)} for r in chain if r.key not in used)
             used.update(r.key for r in chain)

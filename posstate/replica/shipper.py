@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from posstate.backup.retention import Policy
 from posstate.core.errors import ReplicaError
+from posstate.journal import format as jf
 from posstate.replica import local as _local
 from posstate.replica import names as _names
 from posstate.replica import prune as _prune
@@ -73,6 +74,8 @@ class Shipper:
         self._snap: _names.Snapshot | None = None
         self._jid: str | None = None
         self._joff = 0
+        self._nid: str | None = None  # the ``.next`` segment of a pending background compaction (issue 14)
+        self._noff = 0
         self._check_due = True
         self._check_at = 0.0
         self._last_pass = 0.0
@@ -149,6 +152,10 @@ class Shipper:
             oldest = _container.parse_header(local.snapshot).written_at_ms
         off = self._joff if local.header is not None and local.header.id_hex == self._jid else 0
         rest = [r for r in local.records if r.end > off]
+        if local.following is not None:
+            seg = local.following
+            noff = self._noff if seg.header.id_hex == self._nid else 0
+            rest += [r for r in seg.records if r.end > noff]
         if rest:
             first = min(r.time_ms for r in rest)
             oldest = first if oldest is None else min(oldest, first)
@@ -240,13 +247,17 @@ class Shipper:
         jid = local.header.id_hex if local.header is not None else None
         if jid is not None and jid == self._jid and found.journal_offset < self._joff:
             lost.append(f"journal {jid} bytes {found.journal_offset}..{self._joff}")
+        nid = local.following.header.id_hex if local.following is not None else None
+        if nid is not None and nid == self._nid and found.following_offset < self._noff:
+            lost.append(f"journal {nid} bytes {found.following_offset}..{self._noff}")
         if lost:
             log.warning("replica %s: shipped objects are missing (%s); shipping them again", self.client.url, "; ".join(lost))
             self._emit("replicaReseeded", {"url": self.client.url, "missing": lost})
         self._snap = found.snapshot
         self._jid, self._joff = jid, found.journal_offset
+        self._nid, self._noff = nid, found.following_offset
         if self._policy is not None and found.snapshot is not None:
-            plan = _prune.plan(objects, policy=self._policy, current_journal=jid)
+            plan = _prune.plan(objects, policy=self._policy, current_journal=jid, following_journal=nid)
             if plan.remove:
                 self._guard()  # a writer that lost (or could not renew) its lease deletes nothing either
                 self.client.delete(plan.remove)
@@ -274,12 +285,18 @@ class Shipper:
                     continue
                 return
             if local.header.id_hex != self._jid:
-                self._jid, self._joff = local.header.id_hex, 0
-            self._ship_records(local)
+                # The segment shipped while its compaction was pending is now the snapshot's journal (issue 14)
+                off = self._noff if local.header.id_hex == self._nid else 0
+                self._jid, self._joff = local.header.id_hex, off
+            self._joff = self._ship_records(local.journal, local.header, local.generation, local.records, self._joff)
+            seg = local.following
+            if seg is not None:  # records acknowledged into .next while a background compaction is pending
+                if seg.header.id_hex != self._nid:
+                    self._nid, self._noff = seg.header.id_hex, 0
+                self._noff = self._ship_records(seg.journal, seg.header, seg.header.base_generation, seg.records, self._noff)
             return
 
     def _journal_newer(self, generation: int) -> bool:
-        from posstate.journal import format as jf
         from posstate.storage import fileops as fs
 
         try:
@@ -287,24 +304,28 @@ class Shipper:
         except (OSError, jf.JournalProblem):
             return False
 
-    def _ship_records(self, local: _local.LocalFiles) -> None:
-        assert (
-            local.journal is not None and local.header is not None and local.generation is not None and self.session is not None
-        )
-        records = [r for r in local.records if r.end > self._joff]
+    def _ship_records(
+        self, journal: bytes, header: jf.JournalHeader, generation: int, all_records: Sequence[jf.RawRecord], off: int
+    ) -> int:
+        """Upload the records of *journal* past *off* as ranges named by *generation*; the new offset."""
+        assert self.session is not None
+        records = [r for r in all_records if r.end > off]
         while records:
-            limit = self._joff + self._batch
+            limit = off + self._batch
             cut = next((i for i, r in enumerate(records) if r.end > limit), len(records)) or 1
             end = records[cut - 1].end
-            chunk = local.journal[self._joff : end]
-            rng = _names.Range(
-                local.generation, local.header.id_hex, self._joff, end, self.epoch, self.session, _names.digest(chunk)
-            )
+            chunk = journal[off:end]
+            rng = _names.Range(generation, header.id_hex, off, end, self.epoch, self.session, _names.digest(chunk))
             self._guard()
             self.client.put(rng.key, chunk)
             self.requests += 1
-            self._joff = end
+            off = end
+            if header.id_hex == self._jid:
+                self._joff = off  # a failed upload later keeps what arrived
+            elif header.id_hex == self._nid:
+                self._noff = off
             records = records[cut:]
+        return off
 
     def _guard(self) -> None:
         """Before every upload: a writer that lost its lease never ships again, and one whose lease is not

@@ -28,6 +28,7 @@ from posstate.account.types import AccountUpdate
 from posstate.core.config import StateConfig
 from posstate.core.errors import PosStateError
 from posstate.journal.current import read_current
+from posstate.journal.files import next_path
 from posstate.manager.manager import PositionStateManager
 from posstate.model.document import StateData
 from posstate.serve.view import SourceKind, View, changes
@@ -298,7 +299,8 @@ class DirectorySource(Source):
     def poll(self) -> None:
         cfg = self.config
         assert cfg is not None
-        paths = (cfg.state_path, cfg.journal_path, cfg.legacy_journal_path)
+        # The ``.next`` segment too: while a background compaction is pending only it grows (issue 14).
+        paths = (cfg.state_path, cfg.journal_path, cfg.legacy_journal_path, next_path(cfg.journal_path))
         for _ in range(self.RETRIES):
             sig = _signature(*paths)
             if sig == self._sig:
