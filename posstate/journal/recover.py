@@ -88,14 +88,7 @@ class JournalRecover(JournalRotation):
             return 0
         max_rev = 0
         first = 0
-        for rec, ops in records:
-            if rec.seq <= snap_seq:
-                continue
-            for op in ops:
-                jops.apply(st, {}, op)
-                max_rev = max(max_rev, op.json["rev"])
-            first = first or rec.seq
-            self.last_time_ms = max(self.last_time_ms, rec.time_ms)
+        max_rev, first = self._apply_after(st, records, snap_seq, max_rev, first)
         if first:
             self.replayed = (header.id_hex, first, last)
         self._last_seq = max(snap_seq, last, leftover)
@@ -182,14 +175,7 @@ class JournalRecover(JournalRotation):
                 raise _journal_error(
                     src, f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason}) and a later segment follows"
                 )
-            for rec, ops in records:
-                if rec.seq <= snap_seq:
-                    continue
-                for op in ops:
-                    jops.apply(st, {}, op)
-                    max_rev = max(max_rev, op.json["rev"])
-                first = first or rec.seq
-                self.last_time_ms = max(self.last_time_ms, rec.time_ms)
+            max_rev, first = self._apply_after(st, records, snap_seq, max_rev, first)
             if first:
                 self.replayed = (header.id_hex, first, last)
             prev_last = last
@@ -204,6 +190,19 @@ class JournalRecover(JournalRotation):
         self.fold_needed = self.active
         log.info("%s: replayed %d journal segments of an unfinished compaction; the load folds them", self.path, len(chain))
         return max_rev
+
+    def _apply_after(self, st: StateData, records: Any, snap_seq: int, max_rev: int, first: int) -> tuple[int, int]:
+        """Apply to *st* the records after the snapshot's sequence number *snap_seq*; returns the highest
+        revision seen and the first sequence number applied (each carried over from *max_rev*, *first*)."""
+        for rec, ops in records:
+            if rec.seq <= snap_seq:
+                continue
+            for op in ops:
+                jops.apply(st, {}, op)
+                max_rev = max(max_rev, op.json["rev"])
+            first = first or rec.seq
+            self.last_time_ms = max(self.last_time_ms, rec.time_ms)
+        return max_rev, first
 
     def _plan_file(self, st: StateData) -> None:
         """The snapshot names a journal whose file is missing or is an older, redundant journal: the next
