@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from posstate.account import epochs, ledgercarry, ledgerformat, ledgerowner
 from posstate.account.balances import Balance
@@ -177,8 +177,9 @@ class LedgerCore(PersistedAccountStateStore):
         if self._reload is None or rank.index(reason) > rank.index(self._reload):
             self._reload = reason
 
-    def record_order_status_unknown(self, order_id: str, *, reason: str) -> OrderRecord:
-        raise NotImplementedError  # ledger.py
+    if TYPE_CHECKING:  # implemented by the order ledger (ledger.py), the class built on this one
+
+        def record_order_status_unknown(self, order_id: str, *, reason: str) -> OrderRecord: ...
 
     def _import_legacy_intents(self) -> None:
         """Take the order intents an older posstate recorded (``OrderIntents``) into the ledger, in one record:
