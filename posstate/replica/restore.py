@@ -122,12 +122,8 @@ def load_journal(
     jid = (loaded.state.journal or {}).get("id")
     if not chain:
         return b"", []
-    data = b"".join(_fetch(client, r.key, r.digest) for r in chain)
+    data, header, records = _read_ranges(client, chain, options)
     where = Path(_where(client, chain[0].folder))
-    header, records, sc = read_records(data, path=where, keyring=options.keyring, require_encryption=options.require_encryption)
-    if sc.bad_offset is not None:
-        bad = next(r for r in chain if r.start <= sc.bad_offset < r.end)
-        raise CorruptStateError(_where(client, bad.key), f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason})")
     if header.id_hex != jid or header.base_generation != loaded.state.generation:
         raise CorruptStateError(where, f"journal {header.id_hex} does not follow snapshot generation {loaded.state.generation}")
     return data, records
@@ -184,13 +180,22 @@ def load_segment(
     """The segment :func:`following_chain` found: downloaded, checked, every record authenticated."""
     if not seg:
         return b"", []
-    data = b"".join(_fetch(client, r.key, r.digest) for r in seg)
-    where = Path(_where(client, seg[0].folder))
-    _, records, sc = read_records(data, path=where, keyring=options.keyring, require_encryption=options.require_encryption)
-    if sc.bad_offset is not None:
-        bad = next(r for r in seg if r.start <= sc.bad_offset < r.end)
-        raise CorruptStateError(_where(client, bad.key), f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason})")
+    data, _, records = _read_ranges(client, seg, options)
     return data, records
+
+
+def _read_ranges(
+    client: ReplicaClient, ranges: list[_names.Range], options: _statefile.ReadOptions
+) -> tuple[bytes, jf.JournalHeader, list[tuple[jf.RawRecord, list[Any]]]]:
+    """Download *ranges* (each checked against its digest), join them, authenticate every record; a damaged
+    record is named by the object that holds it."""
+    data = b"".join(_fetch(client, r.key, r.digest) for r in ranges)
+    where = Path(_where(client, ranges[0].folder))
+    header, records, sc = read_records(data, path=where, keyring=options.keyring, require_encryption=options.require_encryption)
+    if sc.bad_offset is not None:
+        bad = next(r for r in ranges if r.start <= sc.bad_offset < r.end)
+        raise CorruptStateError(_where(client, bad.key), f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason})")
+    return data, header, records
 
 
 def _cut(
