@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
@@ -95,3 +97,44 @@ def test_installed_wheel_loads_and_saves(wheel: Path, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK ")
+
+
+def test_installed_wheel_runs_the_cli(wheel: Path, tmp_path: Path) -> None:
+    """issue 13 (tests): the console script the wheel installs runs outside the checkout: a missing state is
+    one `Error:` line with its exit code, a saved state validates, and `doctor` loads selftest/ on demand."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    script = target / "bin" / "posstate"
+    assert script.is_file(), sorted(p.name for p in (target / "bin").iterdir()) if (target / "bin").exists() else "no bin/"
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSSTATE_")}
+    env["PYTHONPATH"] = str(target)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(script), *args], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+
+    missing = cli("--state-dir", str(work / "none"), "--json", "validate")
+    assert missing.returncode == 6, missing.stderr
+    assert missing.stderr.startswith("Error: ") and "Traceback" not in missing.stderr, missing.stderr
+    assert json.loads(missing.stdout)["error"]["type"] == "StateNotFoundError"
+
+    made = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(target), str(work)], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr
+    key = work / "bot.key"
+    key.write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+    key.chmod(0o600)
+    version = cli("--version")
+    assert version.returncode == 0 and made.stdout.split()[1] in version.stdout, (version.stdout, version.stderr)
+    checked = cli("--state-dir", str(work / "state"), "--key-file", str(key), "--json", "validate")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["valid"] is True
+    doctor = cli("--json", "doctor", "--state-dir", str(work / "state"))
+    assert doctor.returncode == 0, doctor.stderr
+    assert {f["check"] for f in json.loads(doctor.stdout)["findings"]} >= {"filesystem", "exclusive lock"}
