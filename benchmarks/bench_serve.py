@@ -153,7 +153,7 @@ def scenario(bot: str, calls: int, clients: int, root: Path, poll: float) -> dic
 
 
 def _stream_options() -> Any:
-    from posstate.serve.stream import StreamOptions
+    from posstate import StreamOptions
 
     return StreamOptions(queue_size=4096)
 

@@ -60,7 +60,9 @@ if _typing.TYPE_CHECKING:  # what the names below resolve to, for type checkers 
     from posstate.manager.manager import PositionStateManager
     from posstate.manager.orders import OrderIntent, OrderIntents, make_client_order_id
     from posstate.model.merge import MergeDecision, MergeResult
+    from posstate.serve.health import HealthLimits
     from posstate.serve.server import StateServer, serve_state
+    from posstate.serve.stream import StreamOptions
     from posstate.storage.crypto import generate_key, load_key
     from posstate.storage.validate import ValidationReport
 
@@ -75,6 +77,7 @@ _LAZY = {
     "Balance": "posstate.account.balances",
     "ExchangeAccountStateStore": "posstate.account.exchange",
     "Fill": "posstate.account.ledgertypes",
+    "HealthLimits": "posstate.serve.health",
     "FillResult": "posstate.account.ledger",
     "OrderRecord": "posstate.account.ledgertypes",
     "SyncReport": "posstate.account.ingest",
@@ -97,6 +100,7 @@ _LAZY = {
     "SessionSummary": "posstate.account.types",
     "StagedChanges": "posstate.manager.aio",
     "StateServer": "posstate.serve.server",
+    "StreamOptions": "posstate.serve.stream",
     "UpdateQueue": "posstate.account.feed",
     "ValidationReport": "posstate.storage.validate",
     "generate_key": "posstate.storage.crypto",
@@ -150,6 +154,7 @@ __all__ = [
     "ExchangeAccountStateStore",
     "Fill",
     "FillResult",
+    "HealthLimits",
     "LeaseLostError",
     "LedgerOwnershipError",
     "MalformedLedgerEntryError",
@@ -188,6 +193,7 @@ __all__ = [
     "StateLockedError",
     "StateNotFoundError",
     "StateServer",
+    "StreamOptions",
     "SymbolMetadataNotFoundError",
     "SyncReport",
     "TransactionError",

@@ -365,3 +365,44 @@ def test_docs_name_only_modules_that_exist() -> None:
             if any(not re.search(rf"\b{re.escape(attr)}\b", source) for attr in parts[i:]):
                 bad.append(f"{name}: {ref}")
     assert bad == []
+
+
+def _outside_sources() -> list[Path]:
+    """The code outside the package that uses it as a user would: benchmarks, scripts and the checkout's cli.py.
+    Tests are left out: they test internals, so they import from the subpackages (the issue let their imports
+    move), and a public name imported from its module there is the same object."""
+    return [ROOT / "cli.py", *sorted(p for d in ("benchmarks", "scripts") for p in (ROOT / d).rglob("*.py"))]
+
+
+def test_code_outside_the_package_imports_public_names_from_posstate() -> None:
+    """issue 13.1: benchmarks, scripts, cli.py and the code examples in README and docs/ import a public name from
+    ``posstate``, never from the subpackage that defines it (internal names still come from their module)."""
+    import importlib
+    import re
+
+    import posstate
+
+    public = {name: getattr(posstate, name) for name in posstate.__all__}
+    bad = []
+    for path in _outside_sources():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not (isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("posstate.")):
+                continue
+            for alias in node.names:
+                if alias.name in public and getattr(importlib.import_module(node.module or ""), alias.name) is public[alias.name]:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno} from {node.module} import {alias.name}")
+    for name, text in _doc_texts():
+        for block in re.findall(r"```python\n(.*?)```", text, re.S):
+            bad += [f"{name}: {line.strip()}" for line in block.splitlines() if re.match(r"\s*(from|import) posstate\.", line)]
+    assert bad == []
+
+
+def test_options_a_user_builds_are_public_names() -> None:
+    """issue 13.1: the option records docs/SERVE.md has a bot build for ``serve()`` (StreamOptions, HealthLimits)
+    are public names, so no user imports a subpackage for them."""
+    pytest.importorskip("starlette")
+    import posstate
+    from posstate.serve import health, stream
+
+    assert {"HealthLimits", "StreamOptions"} <= set(posstate.__all__)
+    assert posstate.StreamOptions is stream.StreamOptions and posstate.HealthLimits is health.HealthLimits
