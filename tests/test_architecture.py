@@ -406,3 +406,27 @@ def test_options_a_user_builds_are_public_names() -> None:
 
     assert {"HealthLimits", "StreamOptions"} <= set(posstate.__all__)
     assert posstate.StreamOptions is stream.StreamOptions and posstate.HealthLimits is health.HealthLimits
+
+
+def test_architecture_doc_names_every_layer_and_module() -> None:
+    """issue 13.7: docs/ARCHITECTURE.md's picture shows every layer folder and its table names every module of
+    it (a new module is placed on purpose, as a new folder is); README's Development section names every
+    folder and points to the document."""
+    import re
+
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    picture = text.split("```")[1]
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z]+)/` \(\d+\) \|.*$", text, re.M)}
+    folders = sorted(set(LAYERS) - {"posstate"})
+    bad = [f"picture: {f}/" for f in folders if not re.search(rf"(?<![\w/]){f}/ ", picture)]
+    bad += [f"table: {f}/" for f in folders if f not in rows]
+    bad += [
+        f"table: {p.parent.name}/{p.name}"
+        for p in sorted(PKG.glob("*/*.py"))
+        if p.name != "__init__.py" and f"`{p.name}`" not in rows.get(p.parent.name, "")
+    ]
+    readme = (ROOT / "README.md").read_text().split("## Development", 1)[1].split("\n## ", 1)[0]
+    bad += [f"README Development: {f}/" for f in folders if f"`{f}/`" not in readme]
+    if "(docs/ARCHITECTURE.md)" not in readme:
+        bad.append("README Development: no link to docs/ARCHITECTURE.md")
+    assert bad == []
