@@ -115,6 +115,15 @@ def test_watch_a_device_as_state_dir_is_refused(tmp_path: Path) -> None:
     assert r.stderr.startswith("Error: /dev/null: is a character device, not a directory")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_watch_timeout_that_never_ends_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    """`watch --timeout nan` is refused at once (nan compares false with every deadline: it looped forever)."""
+    args = [sys.executable, str(ROOT / "cli.py"), "--state-dir", str(tmp_path), "watch", "--timeout", value]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=DEADLINE, cwd=ROOT, check=False)
+    assert r.returncode == 2
+    assert "must be a finite number of seconds" in r.stderr
+
+
 # ------------------------------------------------------------------------------------------ validate
 def test_empty_file_fails_the_header_check(tmp_path: Path) -> None:
     """issue 15.11: an empty file fails `header` (no "magic present"); the checksum is not run."""

@@ -262,3 +262,46 @@ def test_demo_command(tmp_path: Path) -> None:
     r = run(["demo", "--state-dir", str(tmp_path / "demo"), "--saves", "3", "--seed", "7"])
     assert r.exit_code == 0, r.output
     assert "[operator] OK:" in r.stdout
+
+
+RESTORE = ("backups", "restore", "latest")
+
+
+def test_sigterm_at_a_prompt_is_one_error_line_and_exit_143(tmp_path: Path, key: bytes) -> None:
+    """SIGTERM to a command waiting at a confirmation (`backups restore` on a terminal) ends it as borg does:
+    one `Error: terminated (SIGTERM)` line, exit 143, nothing changed (it used to die without a word)."""
+    import pty
+
+    key_file = write_key(tmp_path / "k.key", key)
+    state = tmp_path / "s"
+    make_state(state, key, [pos("BTC/USDT")])
+    before = (state / "positions.json").read_bytes()
+    assert run(["--state-dir", str(state), "--key-file", str(key_file), "backups", "create"]).exit_code == 0
+    leader, follower = pty.openpty()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "posstate", "--state-dir", str(state), "--key-file", str(key_file), *RESTORE],
+        env=child_env(),
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    try:
+        seen = b""
+        assert p.stderr is not None
+        while b"[y/N]" not in seen:  # the question is asked: the command waits on the terminal
+            chunk = os.read(p.stderr.fileno(), 4096)
+            assert chunk, f"ended before asking; rc={p.wait()} stderr={seen!r}"
+            seen += chunk
+        p.send_signal(signal.SIGTERM)
+        rest = p.stderr.read()
+        assert p.wait(timeout=DEADLINE) == 143
+    finally:
+        os.close(leader)
+        if p.poll() is None:
+            p.kill()
+        p.communicate()  # closes the pipes
+    errors = [line for line in (seen + rest).decode().splitlines() if line.startswith("Error:")]
+    assert errors == [errors[0]] and errors[0].startswith("Error: terminated (SIGTERM)"), seen + rest
+    assert "Traceback" not in (seen + rest).decode()
+    assert (state / "positions.json").read_bytes() == before

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +56,8 @@ EXIT_LOCKED = 5
 EXIT_NOT_FOUND = 6
 #: The reader closed the pipe (``posstate show | head -1``): 128 + SIGPIPE, as a shell reports it.
 EXIT_CLOSED_PIPE = 141
+#: SIGTERM ended the command (a service manager, ``kill``): 128 + SIGTERM, as borg reports it.
+EXIT_TERMINATED = 143
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -66,6 +70,7 @@ Exit codes:
   5  state locked by another process (the message names its pid and host)
   6  not found (no state file, no such backup, no such file)
   141  the reader closed the pipe (posstate show | head -1); no message
+  143  stopped by SIGTERM (watch and serve exit 0 instead); no file is half-written
 With --json an error is JSON on stdout too:
   {"error": {"message": ..., "exit_code": ..., "type": ...}}"""
 
@@ -192,14 +197,36 @@ class PosstateGroup(click.Group):
         except click.ClickException as exc:
             code = _fail(exc, exc.format_message(), exc.exit_code, words)
         except click.exceptions.Abort as exc:
-            # Ctrl-C or end of input outside a prompt: whatever was written is complete (writes are atomic).
-            message = "interrupted; no file is left half-written (every write is atomic); rerun the command"
-            code = _fail(exc, message, EXIT_INVALID, words)
+            # Ctrl-C, SIGTERM or end of input outside a prompt: whatever was written is complete (writes are atomic).
+            terminated = _terminated(exc)
+            what = "terminated (SIGTERM)" if terminated else "interrupted"
+            message = f"{what}; no file is left half-written (every write is atomic); rerun the command"
+            code = _fail(exc, message, EXIT_TERMINATED if terminated else EXIT_INVALID, words)
         except BrokenPipeError:
             code = _out.closed_pipe()
         except PosStateError as exc:  # outside a command: stdout failing under --help, --version or bare `posstate`
             code = _fail(exc, cli_message(exc), exit_code_for(exc), words)
         return code if isinstance(code, int) else EXIT_OK
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived while a command ran: it unwinds as Ctrl-C does (``finally`` blocks, locks released)."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
+def _terminated(exc: BaseException) -> bool:
+    """Whether an Abort came from SIGTERM (click turns KeyboardInterrupt into Abort, ``from None`` at a prompt)."""
+    return isinstance(exc.__cause__, Terminated) or isinstance(exc.__context__, Terminated)
+
+
+def terminate_like_interrupt() -> None:
+    """Make SIGTERM end a command as Ctrl-C does, with its own exit code (143) and ``Error:`` line. Only the
+    main thread may set handlers; a command that follows (``watch``) or serves (``serve``) installs its own."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
 
 def _fail(exc: BaseException, message: str, code: int, words: list[str]) -> int:
@@ -279,7 +306,10 @@ def confirm(*, yes: bool, prompt: str, what: str) -> None:
     try:
         with _out.unquieted(env):  # --quiet drops notes, never a question
             agreed = click.confirm(prompt, err=True)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if _terminated(exc):
+            click.echo(err=True)  # end the question's line: the Error: line starts a line of its own
+            raise
         agreed = False
     if not agreed:
         raise CliError(f"{what} not confirmed; nothing was changed", code=EXIT_INVALID)

@@ -22,7 +22,7 @@ from posstate.cli import (  # noqa: F401 (commands register on cli)
     transfer_cmd,
     watch_cmd,
 )
-from posstate.cli.base import cli
+from posstate.cli.base import cli, terminate_like_interrupt
 from posstate.cli.examples import add_examples
 
 __all__ = ["cli", "main"]
@@ -32,4 +32,5 @@ add_examples(cli)
 
 def main() -> None:
     """Console-script entry point (``posstate``, ``python -m posstate``, ``python cli.py``)."""
+    terminate_like_interrupt()
     cli(prog_name="posstate")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -17,9 +18,22 @@ from posstate.cli.output import paint
 
 
 # ------------------------------------------------------------------------------------------ watch
+def _finite(value: float | None) -> float | None:
+    """A finite number of seconds or None: ``nan`` compares false with every deadline and would never stop."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number of seconds, got {value}")
+    return value
+
+
 @cli.command()
 @click.option("--max-events", type=click.IntRange(1), hidden=True, help="Stop after this many lines (for tests).")
-@click.option("--timeout", type=click.FloatRange(0), hidden=True, help="Stop after this many seconds (for tests).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0),
+    hidden=True,
+    callback=lambda _ctx, _param, value: _finite(value),
+    help="Stop after this many seconds (for tests).",
+)
 @common_options()
 @click.pass_context
 def watch(ctx: click.Context, max_events: int | None, timeout: float | None) -> None:

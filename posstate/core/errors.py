@@ -29,6 +29,28 @@ class PosStateError(Exception):
         """The file the error is about, when there is one."""
         return self._path
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle by state, not by constructor (the constructors take keyword arguments): an error raised in a
+        worker process (multiprocessing, concurrent.futures) reaches the parent whole, type and attributes."""
+        state = dict(self.__dict__)
+        os_fields = (self.errno, self.strerror, self.filename, self.filename2) if isinstance(self, OSError) else None
+        return (_rebuild, (type(self), self.args, state, os_fields))
+
+
+def _rebuild(
+    cls: type[PosStateError], args: tuple[object, ...], state: dict[str, object], os_fields: tuple[object, ...] | None
+) -> PosStateError:
+    """The unpickling side of :meth:`PosStateError.__reduce__`."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    if os_fields is not None and isinstance(exc, OSError):
+        # Only the fields that were set: OSError's str() shows a filename that is None as "None".
+        for name, value in zip(("errno", "strerror", "filename", "filename2"), os_fields, strict=True):
+            if value is not None:
+                setattr(exc, name, value)
+    return exc
+
 
 class CorruptStateError(PosStateError, ValueError):
     """A state or backup file is damaged, truncated, or not a posstate file at all."""
