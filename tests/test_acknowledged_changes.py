@@ -55,6 +55,7 @@ WRITERS: dict[str, Callable[[PositionStateManager], Any]] = {
     "attempt_recovery": lambda m: m.attempt_recovery(),
     "repair_state": lambda m: m.repair_state(),
     "account_flush": _flush_store,
+    "compact": lambda m: m.compact(),
 }
 
 

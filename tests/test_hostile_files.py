@@ -211,6 +211,54 @@ def test_cli_key_file_fifo(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error:") and "FIFO" in lines[0]
 
 
+def _plain_state_with_a_journal(d: Path) -> None:
+    """A plaintext state directory whose journal holds one change past the snapshot."""
+    with PositionStateManager(StateConfig.in_dir(d, encryption=False, durability="sync", backup_interval=1e9)) as m:
+        m.load_positions()
+        m.save()
+        m.set_position(Position(symbol="BTC", side="long", contracts=1, entry_price=1))
+
+
+def test_cli_history_refuses_non_regular_state_file(hostile: tuple[Callable[[Path], None], str], short_dir: Path) -> None:
+    """issue 12.14: `history` refuses a FIFO, socket, device or directory at the state path (exit 1, one
+    Error: line naming it) like validate/show/diff/export, with or without a journal beside it."""
+    make, words = hostile
+    for journal in (True, False):
+        d = short_dir / f"state{journal}"
+        _plain_state_with_a_journal(d)
+        if not journal:
+            StateConfig.in_dir(d).journal_path.unlink()
+        (d / "positions.json").unlink()
+        make(d / "positions.json")
+        out = _cli("history", "--state-dir", str(d), cwd=short_dir)
+        assert out.returncode == 1, (journal, out.stdout, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:") and words in lines[0], lines
+
+
+def test_watch_reports_non_regular_file_at_the_state_path(hostile: tuple[Callable[[Path], None], str], short_dir: Path) -> None:
+    """issue 12.14: `watch` flags a FIFO, socket, device or directory put at the state path as damaged,
+    naming what it is, never skipping it in silence (nor blocking on it)."""
+    from posstate.cli.watcher import Watcher
+
+    make, words = hostile
+    d = short_dir / "state"
+    _plain_state_with_a_journal(d)
+    w = Watcher(cfg=StateConfig.in_dir(d), keyring=None)
+    w.start()
+    try:
+        (d / "positions.json").unlink()
+        make(d / "positions.json")
+        rec = None
+        while rec is None or rec["status"] == "deleted":
+            rec = w.next_record(TIMEOUT / 2)
+            assert rec is not None, "no record for the non-regular state file"
+    finally:
+        w.stop()
+    assert rec["file"] == "positions.json" and rec["status"] == "damaged" and "damaged" in rec["flags"]
+    assert words in rec["detail"]
+
+
 # ------------------------------------------------------------------------------------------ issue 12.15
 def _sparse(path: Path, size: int = 8 * 1024**3) -> None:
     with open(path, "wb") as fh:

@@ -322,6 +322,7 @@ def history(ctx: click.Context, symbol: str | None, orders: bool, order_id: str 
         got = read_state(env, cfg.state_path)
         print_order_history(env, got.state, path=cfg.state_path, order_id=order_id)
         return
+    _refuse_non_regular_state(cfg)
     path = journal_read_path(cfg, env.read_options())
     chain = journal_segments(cfg, env.read_options(), path)
     if not any(fs.exists(p) for p in chain):
@@ -378,6 +379,18 @@ def history(ctx: click.Context, symbol: str | None, orders: bool, order_id: str 
     click.echo(f"{path}: {len(entries)} change{'s' if len(entries) != 1 else ''}" + (f" for {symbol}" if symbol else ""))
     for line in table(("seq", "time (UTC)", "op", "key", "old -> new"), rows, right=frozenset({0})):
         click.echo(line)
+
+
+def _refuse_non_regular_state(cfg: StateConfig) -> None:
+    """A FIFO, socket, device or directory at the state path is the loader's CorruptStateError (exit 1), as for
+    every other read command (issue 12.14), never "no changes". Probed without reading a byte; an absent or
+    damaged snapshot still leaves the journal to list (old values unknown)."""
+    try:
+        fs.read_file(cfg.state_path, limit=0, max_size=None)
+    except fs.NotRegularFileError:
+        _statefile.read_bytes(cfg.state_path)  # refuses it before reading, with the loader's words
+    except OSError:
+        pass
 
 
 def _since_snapshot(cfg: StateConfig, env: Env, entries: Any) -> tuple[list[Any], int]:

@@ -49,7 +49,9 @@ class _Queue(FileSystemEventHandler):
         self.q = q
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in _KINDS:
+        # A directory's events count too: a directory put at the state path is reported (issue 12.14);
+        # the watcher's role filter drops every other path.
+        if event.event_type not in _KINDS:
             return
         if event.event_type == "moved":
             self.q.put(("gone", str(event.src_path)))
@@ -178,6 +180,10 @@ class Watcher:
     def _changed(self, path: Path, role: str) -> dict[str, Any] | None:
         try:
             data = fs.read_file(path)
+        except (fs.NotRegularFileError, fs.FileTooLargeError) as exc:
+            if role == "quarantine":
+                return None
+            return self._unreadable(path, role, exc)  # a load refuses it: say so (issue 12.14)
         except OSError:
             return None  # gone again already; its removal is reported by its own event
         mark = _mark(data)
@@ -201,6 +207,16 @@ class Watcher:
                 )
             self._generations[path] = max(gen, highest or 0)
         return record
+
+    def _unreadable(self, path: Path, role: str, exc: OSError) -> dict[str, Any] | None:
+        """A FIFO, socket, device, directory or oversized file where a state file, .bak or backup belongs:
+        never opened for reading (nothing blocks), reported once as damaged."""
+        mark = f"unreadable: {exc.strerror}"
+        if self._seen.get(path) == mark:
+            return None
+        self._seen[path] = mark
+        detail = f"{exc.strerror}; a bot's load refuses it"
+        return _record(self._label(path), "changed", role=role, status="damaged", detail=detail, flags=["damaged"])
 
     def _describe(self, label: str, role: str, path: Path, data: bytes) -> dict[str, Any]:
         try:
