@@ -600,7 +600,8 @@ def family_journal_damage(work: Path, full: bool) -> list[Row]:
             row = rows.setdefault(family, Row(f"journal damage: {family}", must_recover=recover))
             r = rj.load_damaged(jfile, damaged, fast / f"d{n}", key=key)
             row.tried += 1
-            row.detected += r.detected
+            # A changed length field (issue 12.13) counts only when reported as damage, not cut as a torn tail.
+            row.detected += r.damage if family == "length field changed" else r.detected
             row.recovered = (row.recovered or 0) + r.recovered
             row.lost += r.invented
     size = f"{len(jfile.journal)}-byte journal, {jfile.records} records, then {jfile.padding} zero bytes"
@@ -613,7 +614,18 @@ def family_journal_damage(work: Path, full: bool) -> list[Row]:
         "(an acked state, nothing invented) without a report: undetectable without a record count kept elsewhere"
     )
     rows["truncation"].note += "; cut files, and records torn over the zeros"
-    order = ("bit-flip", "bit-flip in the zeros written ahead", "truncation", "appended", "cut at a record boundary")
+    rows["length field changed"].note = (
+        f"{size}; each record's length raised past the end, raised, lowered, its CRC recomputed (record checksum "
+        "kept or rewritten): detected = reported as damage (last_recovery), never cut as a torn tail (issue 12.13)"
+    )
+    order = (
+        "bit-flip",
+        "bit-flip in the zeros written ahead",
+        "truncation",
+        "appended",
+        "length field changed",
+        "cut at a record boundary",
+    )
     return [rows[k] for k in order]
 
 

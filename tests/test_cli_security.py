@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from test_cli import CLEAN_ENV, ROOT, err_line, run, write_key
-from test_journal_security import KEY, _crafted, authentic, forge_journal, pos
+from test_journal_security import KEY, _crafted, _raised, authentic, forge_journal, pos
 
 from posstate import PositionStateManager, StateConfig
 from posstate.journal import format as jf
@@ -102,4 +102,26 @@ def test_crafted_frame_is_exit_1_not_no_changes(tmp_path: Path, name: str, lengt
     result = run([*COMMANDS[name], "--state-dir", str(state), "--key-file", str(key_file)])
     assert result.exit_code == 1, result.output
     assert "frame length" in err_line(result)
+    assert "no changes" not in result.output
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["checksum kept", "checksum rewritten"])
+@pytest.mark.parametrize("name", ["validate", "show", "history"])
+def test_a_changed_frame_length_is_exit_1_not_a_torn_tail(tmp_path: Path, name: str, checksum: bool) -> None:
+    """issue 12.13: the last record's length raised past the end of the file (its CRC recomputed, the record
+    checksum kept or rewritten too) hides a whole record: journal damage for validate, show and history with
+    the key (exit 1), never a torn last record left out with a warning."""
+    state = tmp_path / "state"
+    with PositionStateManager(StateConfig.in_dir(state, backup_interval=1e9), key=KEY) as m:
+        m.set_position(pos("A"))
+        m.save()
+        m.set_position(pos("B"))
+    path = state / "positions.json.journal"
+    data = path.read_bytes()
+    last = jf.scan(data, jf.parse_header(data)).records[-1]
+    path.write_bytes(_raised(data[: last.end], last, last.end - last.offset + 100, checksum=checksum))
+    key_file = write_key(tmp_path / "k.key", KEY)
+    result = run([*COMMANDS[name], "--state-dir", str(state), "--key-file", str(key_file)])
+    assert result.exit_code == 1, result.output
+    assert "frame length" in err_line(result) and "torn" not in result.output.replace("not a torn", "")
     assert "no changes" not in result.output

@@ -425,7 +425,14 @@ def _frame_cases(data: bytes) -> list[tuple[str, bytes]]:
     ]
 
 
-CASES = ["length 0", "length 1", "length 24", "past the record limit"]
+CASES = [
+    "length 0",
+    "length 1",
+    "length 24",
+    "past the record limit",
+    "past the end of the file",
+    "past the end of the file, over zeros",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -455,13 +462,12 @@ def test_crafted_frame_is_reported_by_the_load(tmp_path: Path, case: str) -> Non
     assert any(p.name.startswith("positions.json.journal") for p in (tmp_path / "quarantine").iterdir())
 
 
-@pytest.mark.parametrize(
-    "case", ["length 0 before non-zero bytes", "past the end of the file", "past the end of the file, over zeros"]
-)
+@pytest.mark.parametrize("case", ["length 0 before non-zero bytes"])
 def test_what_a_torn_append_leaves_stays_a_torn_tail(tmp_path: Path, case: str) -> None:
     """issue 12.13 (the limit): zeros after the records still end them; a head of zeros before non-zero bytes
-    (the record's first sector never reached the disk) and a valid length running past the end of the file
-    (an append that grew the file, cut by a power loss) are what a torn append leaves: a torn last record."""
+    (the record's first sector never reached the disk) is what a torn append leaves: a torn last record.
+    A valid length running past the end of the file is one only when no whole record hides behind it
+    (test_a_genuine_torn_append_stays_a_torn_tail, test_a_changed_frame_length_is_damage_not_a_torn_tail)."""
     _write(tmp_path, "A", 3)
     data = (tmp_path / "positions.json.journal").read_bytes()
     header = jf.parse_header(data)
@@ -469,3 +475,154 @@ def test_what_a_torn_append_leaves_stays_a_torn_tail(tmp_path: Path, case: str) 
     torn = dict(_frame_cases(data))[case]
     sc = jf.scan(torn, header)
     assert sc.bad_offset is not None and sc.bad_is_tail and len(sc.records) == 2
+
+
+def _raised(data: bytes, rec: jf.RawRecord, length: int, *, checksum: bool = False) -> bytes:
+    """*data* with the frame of *rec* naming *length* (with its valid length CRC); with *checksum* its record
+    checksum rewritten too (an attacker without the key can do both: they are keyless)."""
+    out = _crafted(data, rec.offset, length)
+    return out[: rec.offset + 8] + (b"\xa5" * 4 if checksum else out[rec.offset + 8 : rec.offset + 12]) + out[rec.offset + 12 :]
+
+
+def _broken_checksum(data: bytes, rec: jf.RawRecord) -> bytes:
+    return data[: rec.offset + 8] + bytes(4) + data[rec.offset + 12 :]
+
+
+def _changed_lengths(data: bytes) -> dict[str, tuple[bytes, int, bool]]:
+    """name -> (journal, records before the changed frame, seen without the key): a length field changed
+    (keyless: its CRC recomputed) so that the record no longer checks and would read as a torn append."""
+    first, mid, last = jf.scan(data, jf.parse_header(data)).records
+    grown = data[: last.end]  # no zeros written ahead: the file ends with the last record
+    beyond = len(data) - mid.offset + 50
+    own = last.end - last.offset
+    return {
+        "last, past the end of the file": (_raised(grown, last, own + 100), 2, True),
+        "last, past the zeros": (_raised(data, last, len(data) - last.offset), 2, True),
+        "last, raised within the zeros": (_raised(data, last, own + 100), 2, True),
+        "last, lowered": (_raised(data, last, own - jf.FRAME_HEAD - 10), 2, True),
+        "last, past the end, checksum rewritten": (_raised(grown, last, own + 100, checksum=True), 2, False),
+        "middle, swallowing the rest": (_broken_checksum(_raised(data, mid, beyond), last), 1, True),
+        "middle, swallowing the rest, checksums rewritten": (
+            _broken_checksum(_raised(data, mid, beyond, checksum=True), last),
+            1,
+            False,
+        ),
+        "first, swallowing the rest, checksums rewritten": (
+            _broken_checksum(_broken_checksum(_raised(data, first, beyond + 200, checksum=True), mid), last),
+            0,
+            False,
+        ),
+    }
+
+
+def _torn_appends(data: bytes) -> dict[str, bytes]:
+    """What a power loss during the last append leaves: its frame head, then a strict prefix of its body or
+    zeros, in a file the append grew or over the zeros written ahead."""
+    header = jf.parse_header(data)
+    last = jf.scan(data, header).records[-1]
+    body = last.offset + header.frame_head
+    half = (body + last.end) // 2
+    grown, size = data[: last.end], len(data)
+    return {
+        "grown: half the body": grown[:half],
+        "grown: all but the last byte": grown[:-1],
+        "grown: the head, then zeros": grown[:body] + bytes(last.end - body - 1),
+        "over the zeros: half the body": data[:half] + bytes(size - half),
+        "over the zeros: all but the last 8 bytes": data[: last.end - 8] + bytes(size - last.end + 8),
+        "over the zeros: the head, then zeros": data[:body] + bytes(size - body),
+    }
+
+
+CHANGED = [
+    "last, past the end of the file",
+    "last, past the zeros",
+    "last, raised within the zeros",
+    "last, lowered",
+    "last, past the end, checksum rewritten",
+    "middle, swallowing the rest",
+    "middle, swallowing the rest, checksums rewritten",
+    "first, swallowing the rest, checksums rewritten",
+]
+TORN = [
+    "grown: half the body",
+    "grown: all but the last byte",
+    "grown: the head, then zeros",
+    "over the zeros: half the body",
+    "over the zeros: all but the last 8 bytes",
+    "over the zeros: the head, then zeros",
+]
+
+
+@pytest.mark.parametrize("case", CHANGED)
+def test_a_changed_frame_length_is_damage_not_a_torn_tail(tmp_path: Path, case: str) -> None:
+    """issue 12.13: a length field changed without the key (raised past the end of the file or over the
+    zeros, lowered, or a middle record's swallowing the records after it) leaves a whole record behind it:
+    damage for every keyed reader (scan with the key, read_records, validate's check), and for the keyless
+    scan too unless the record's checksum was rewritten as well; never a torn last record cut quietly."""
+    _write(tmp_path, "A", 3)
+    path = tmp_path / "positions.json.journal"
+    changed, before, keyless = _changed_lengths(path.read_bytes())[case]
+    header = jf.parse_header(changed)
+    sc = jf.scan(changed, header)
+    assert (sc.bad_offset is not None and not sc.bad_is_tail) == keyless, sc
+    keyed = jf.scan(changed, header, jf.Sealer(header, KEY))
+    assert keyed.bad_offset is not None and not keyed.bad_is_tail and len(keyed.records) == before, keyed
+    with pytest.raises(CorruptStateError, match="not a torn last record"):
+        _records.read_records(changed, path=path, keyring=Keyring(key=KEY))
+    path.write_bytes(changed)
+    report = _audit.check(path, keyring=Keyring(key=KEY))
+    assert not report.valid and report.torn_bytes == 0
+
+
+@pytest.mark.parametrize("case", CHANGED)
+def test_a_changed_frame_length_is_reported_by_the_load(tmp_path: Path, case: str) -> None:
+    """issue 12.13: the load keeps the snapshot plus the records before the changed frame, quarantines the
+    journal and says so in last_recovery (not a torn tail cut with only a stateRepaired event)."""
+    _write(tmp_path, "A", 3)
+    as_if_killed(StateConfig.in_dir(tmp_path))
+    path = tmp_path / "positions.json.journal"
+    changed, before, _ = _changed_lengths(path.read_bytes())[case]
+    path.write_bytes(changed)
+    with make(tmp_path) as m:
+        assert held(m) == ({"A": str(before)} if before else {})
+        report = m.last_recovery
+        assert report is not None and "not a torn last record" in report.reason and "journal moved to" in report.journal
+    assert any(p.name.startswith("positions.json.journal") for p in (tmp_path / "quarantine").iterdir())
+
+
+@pytest.mark.parametrize("case", TORN)
+@pytest.mark.parametrize("key", [KEY, None], ids=["encrypted", "plain"])
+def test_a_genuine_torn_append_stays_a_torn_tail(tmp_path: Path, case: str, key: bytes | None) -> None:
+    """issue 12.13 (the limit kept): a real record's frame head followed by a strict prefix of its body, or by
+    zeros, holds no whole record: a torn last record for the keyless scan and the keyed readers alike, cut
+    by the load (the two records before it kept, no last_recovery)."""
+    plain = {} if key else {"encryption": False}
+    with PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=1e9, **plain), key=key) as m:
+        for i in range(3):
+            m.set_position(pos("A", str(i + 1)))
+    as_if_killed(StateConfig.in_dir(tmp_path))
+    path = tmp_path / "positions.json.journal"
+    torn = _torn_appends(path.read_bytes())[case]
+    header = jf.parse_header(torn)
+    for sc in (jf.scan(torn, header), jf.scan(torn, header, jf.Sealer(header, key))):
+        assert sc.bad_offset is not None and sc.bad_is_tail and len(sc.records) == 2, sc
+    path.write_bytes(torn)
+    with PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=1e9, **plain), key=key) as m:
+        assert held(m) == {"A": "2"}
+        assert m.last_recovery is None
+
+
+@pytest.mark.parametrize("checksum", [False, True], ids=["checksum kept", "checksum rewritten"])
+def test_a_changed_frame_length_without_encryption(tmp_path: Path, checksum: bool) -> None:
+    """issue 12.13 (plaintext): a plain record has only its keyless CRC-32. A length changed with the record's
+    checksum left as written is damage; one whose checksum was rewritten too cannot be told from a torn
+    append (nothing authenticates plaintext: anyone can write any record) and stays a torn last record."""
+    with PositionStateManager(StateConfig.in_dir(tmp_path, encryption=False)) as m:
+        for i in range(3):
+            m.set_position(pos("A", str(i + 1)))
+    data = (tmp_path / "positions.json.journal").read_bytes()
+    last = jf.scan(data, jf.parse_header(data)).records[-1]
+    changed = _raised(data[: last.end], last, last.end - last.offset + 100, checksum=checksum)
+    sc = jf.scan(changed, jf.parse_header(changed))
+    assert sc.bad_offset is not None and len(sc.records) == 2
+    assert sc.bad_is_tail == checksum, sc

@@ -100,8 +100,9 @@ def _bit_step() -> int:
 
 def test_journal_damage_is_detected_and_nothing_is_invented(jfile: rj.JournalFile, key: bytes, tmp_path: Path) -> None:
     """Bit flips (sampled; all with POSSTATE_RELIABILITY_FULL=1), in the records and in the zeros after them,
-    every truncation inside a record (a shorter file, or a record torn over the zeros), garbage: reported,
-    and the load is the snapshot plus a prefix of the acked records; garbage alone loses nothing."""
+    every truncation inside a record (a shorter file, or a record torn over the zeros), garbage, each
+    record's length field changed (issue 12.13: damage, not a torn tail): reported, and the load is the
+    snapshot plus a prefix of the acked records; garbage alone loses nothing."""
     assert 1500 <= len(jfile.journal) <= 4096 and jfile.records >= 8 and jfile.padding > 60_000
     tried: collections.Counter[str] = collections.Counter()
     bad = []
@@ -113,8 +114,12 @@ def test_journal_damage_is_detected_and_nothing_is_invented(jfile: rj.JournalFil
         must_recover = family in ("appended", "bit-flip in the zeros written ahead")
         if not r.detected or r.invented or (must_recover and not r.recovered):
             bad.append((family, label, r))
+        # issue 12.13: a changed length field is damage (at least the records before it kept), never a torn tail cut
+        if family == "length field changed" and not (r.damage and (r.records or 0) >= int(label.split()[1].rstrip(":")) - 1):
+            bad.append((family, label, r))
     assert bad == []
     assert tried["appended"] == 6 and tried["bit-flip"] > 250 and tried["truncation"] > 400
+    assert tried["length field changed"] == 4 * jfile.records
     assert tried["bit-flip in the zeros written ahead"] >= 64
 
 

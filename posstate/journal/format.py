@@ -29,10 +29,12 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import partial
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from posstate.journal import tornframe as _tornframe
 from posstate.model.position import MAX_COUNTER
 from posstate.storage.crypto import MAX_SCRYPT_LOG2_N, MIN_SCRYPT_LOG2_N
 
@@ -67,6 +69,7 @@ _HEAD = struct.Struct(">6sHHBB4s16s8s16sQQQ8x")  # 88 bytes, then 8 bytes of che
 _LENGTH = struct.Struct(">II")  # length, crc32(length field): the same in both versions
 _BODY = struct.Struct(">QQQB")
 _U32 = struct.Struct(">I")
+_LENGTH_OK = ("record cut short", "record checksum mismatch")  # a frame whose length field passes its CRC
 _pack_body = _BODY.pack
 _pack_u32 = _U32.pack
 _unpack_u32 = _U32.unpack_from
@@ -280,22 +283,24 @@ class Sealer:
         before (the chain moves on only past a record that opened)."""
         if self._aead is None:
             return rec.payload
-        sealed = rec.payload
-        if self._random:
-            if len(sealed) < NONCE_SIZE + TAG_SIZE:
-                return None
-            nonce, sealed = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:]
-            aad = self._header.raw + self._prev + rec.fixed
-        else:
-            nonce = self._header.nonce_prefix + rec.seq.to_bytes(8, "big")
-            aad = self._header.raw + rec.fixed
-        try:
-            plain = self._aead.decrypt(nonce, sealed, aad)
-        except InvalidTag:
+        plain = self.unseal(rec.fixed, rec.payload, self._prev)
+        if plain is not None and self._random:
+            self._prev = rec.payload[-TAG_SIZE:]
+        return plain
+
+    def unseal(self, fixed: bytes, payload: bytes, prev: bytes) -> bytes | None:
+        """The plaintext of a sealed record read after the record whose tag is *prev* (version 3), or None:
+        it does not authenticate, or the journal is plain. Leaves the chain of :meth:`open` as it is."""
+        if self._aead is None or (self._random and len(payload) < NONCE_SIZE + TAG_SIZE):
             return None
         if self._random:
-            self._prev = sealed[-TAG_SIZE:]
-        return plain
+            nonce, sealed, aad = payload[:NONCE_SIZE], payload[NONCE_SIZE:], self._raw + prev + fixed
+        else:
+            nonce, sealed, aad = self._prefix + fixed[:8], payload, self._raw + fixed
+        try:
+            return self._aead.decrypt(nonce, sealed, aad)
+        except InvalidTag:
+            return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,14 +329,9 @@ class Scan:
 
 def _frame_at(data: bytes, off: int, head: int) -> tuple[RawRecord | None, str, bool]:
     """Parse the frame at *off*; (record, "", False) or (None, why, forged). *head* is the journal's
-    ``frame_head``, which also says how its frames are checked (12 bytes: CRC-32; 16 bytes: version 1's SHA-256).
-
-    *forged* is True when the frame cannot be what a torn write leaves: its length field passes its CRC
-    (so these 8 bytes were written as they are) but names a length no writer produces (below the 25 fixed
-    body bytes, 0 and 1 included, or above ``MAX_BODY``). That is damage, never a torn last record to cut
-    quietly. A record whose valid length runs past the end of the file stays a torn last record: an append
-    that grows the file (``journal_preallocate=0``, or a record past the zeros written ahead) leaves exactly
-    that when the power fails, and nothing in the bytes tells it from a crafted one (docs/JOURNAL.md)."""
+    ``frame_head`` (12 bytes: frames checked with CRC-32; 16 bytes: version 1's SHA-256). *forged*: a torn
+    write cannot leave it: the length field passes its CRC but names a length no writer produces (below the
+    25 fixed body bytes or above ``MAX_BODY``), or the whole frame checks but names no record kind."""
     size = len(data)
     if size - off < head:
         return None, "frame header cut short", False
@@ -342,17 +342,17 @@ def _frame_at(data: bytes, off: int, head: int) -> tuple[RawRecord | None, str, 
         return None, f"frame length {length} out of range ({BODY_FIXED}..{MAX_BODY}) with a valid length check", True
     end = off + head + length
     if end > size:
-        return None, "record cut short", False
+        return None, _LENGTH_OK[0], False
     body = data[off + head : end]
     if head == FRAME_HEAD:
         intact = _crc32(body, crc) == _unpack_u32(data, off + 8)[0]
     else:
         intact = _sha256(data[off : off + 4] + body).digest()[:8] == data[off + 8 : off + 16]
     if not intact:
-        return None, "record checksum mismatch", False
+        return None, _LENGTH_OK[1], False
     seq, gen, t, kind = _BODY.unpack_from(body, 0)
     if kind not in (KIND_OP, KIND_TRANSACTION):
-        return None, f"unknown record kind {kind}", False
+        return None, f"unknown record kind {kind}", True
     return (
         RawRecord(
             offset=off,
@@ -369,17 +369,27 @@ def _frame_at(data: bytes, off: int, head: int) -> tuple[RawRecord | None, str, 
     )
 
 
-def scan(data: bytes, header: JournalHeader) -> Scan:
-    """Walk the frames after the header. At the first bad frame, decide: torn tail or damage in the middle.
+def _whole(data: bytes, head: int, sealer: Sealer | None, start: int, end: int, link: bytes) -> bool:
+    """tornframe.Whole: the frame at *start* read as ending at *end* checks, or authenticates after *link*."""
+    body = data[start + head : end]
+    if end > len(data) or not BODY_FIXED <= len(body) <= MAX_BODY:
+        return False
+    field = _pack_u32(len(body))
+    if head == FRAME_HEAD:
+        ok = _crc32(body, _crc32(field)) == _U32.unpack_from(data, start + 8)[0]
+    else:
+        ok = _sha256(field + body).digest()[:8] == data[start + 8 : start + 16]
+    return bool(ok) or (sealer is not None and sealer.unseal(body[:BODY_FIXED], body[BODY_FIXED:], link) is not None)
 
-    The records end where only zero bytes remain (the file is preallocated with zeros, which records then
-    overwrite in place; a journal without padding simply ends after its last record). A bad frame counts as
-    a torn tail only if no valid frame starts anywhere after it (a crash mid-write leaves garbage followed by
-    zeros or the end of the file, never a good record behind it) and its length field is not one that passes
-    its CRC yet names an impossible length (see ``_frame_at``: such a frame was written on purpose or by a
-    lying disk, and cutting it would drop the record it stands for without a word). Sequence numbers must
-    run on from the header's ``base_seq`` without gaps, and every record carries the header's base generation.
-    """
+
+def scan(data: bytes, header: JournalHeader, sealer: Sealer | None = None) -> Scan:
+    """Walk the frames after the header. At the first bad frame, decide: torn tail or damage in the middle.
+    The records end where only zeros remain (written ahead, overwritten in place). A bad frame is a torn tail
+    only if no whole frame starts after it (a crash leaves garbage then zeros or the end of the file, never a
+    good record behind it), its length field does not pass its CRC while naming an impossible length
+    (``_frame_at``), and no whole record of another length hides behind its valid length field (tornframe.py;
+    with *sealer*, the journal's key, "whole" includes "authenticates"). Sequence numbers run on from
+    ``base_seq`` without gaps, in the header's generation."""
     records: list[RawRecord] = []
     off = HEADER_SIZE
     size = len(data)
@@ -398,23 +408,13 @@ def scan(data: bytes, header: JournalHeader) -> Scan:
             )
             return Scan(tuple(records), off, off, why, False)
         if rec is None:
-            if forged or _valid_frame_after(data, off + 1, fhead):
-                return Scan(tuple(records), off, off, why, False)
+            prev = records[-1].payload[-TAG_SIZE:] if records else FIRST_LINK
+            whole = partial(_whole, data, fhead, sealer)
+            changed = "" if forged else _tornframe.changed_length(data, off, fhead, whole, why in _LENGTH_OK, prev)
+            if forged or changed:
+                return Scan(tuple(records), off, off, f"{why}; {changed}" if changed else why, False)
             return Scan(tuple(records), off, off, why, True, max(1, len(data.rstrip(b"\0")) - off))
         records.append(rec)
         expect += 1
         off = rec.end
     return Scan(tuple(records), off, None, "", False)
-
-
-def _valid_frame_after(data: bytes, start: int, head: int) -> bool:
-    # A valid frame has a non-zero length field, so it starts at or before the last non-zero byte: the
-    # search stops there instead of walking the whole zero padding.
-    last_nonzero = len(data.rstrip(b"\0")) - 1
-    stop = min(len(data) - head - BODY_FIXED, last_nonzero)
-    for off in range(start, stop + 1):
-        if _crc32(data[off : off + 4]) == _unpack_u32(data, off + 4)[0]:
-            rec, _, _ = _frame_at(data, off, head)
-            if rec is not None:
-                return True
-    return False

@@ -85,7 +85,7 @@ def read_records(
         raise _journal_error(path, str(exc)) from None
     _refuse_plain(header, path, require_encryption)
     sealer = jf.Sealer(header, _key_for(header, keyring, path))
-    sc = jf.scan(data, header)
+    sc = jf.scan(data, header, sealer)
     if sc.bad_offset is not None and not sc.bad_is_tail:
         seq = sc.records[-1].seq + 1 if sc.records else header.base_seq + 1
         raise _journal_error(
@@ -183,7 +183,7 @@ def _replay_one(
         sealer = jf.Sealer(header, _key_for(header, keyring, path))
     except (MissingKeyError, WrongKeyError) as exc:
         return 0, 0, str(exc), None
-    sc = jf.scan(data, header)
+    sc = jf.scan(data, header, sealer)
     snap_seq = int(snap.get("seq", 0))
     applied = max_rev = 0
     for rec in sc.records:

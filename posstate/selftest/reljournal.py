@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,8 +284,9 @@ def journal_damage(jfile: JournalFile, *, bit_step: int = 1, seed: int = 0) -> I
     in the zeros after them; every truncation length that cuts inside the header or a record, both as a
     shorter file and as a record torn over the zeros (the rest of the file still zeros); every cut at a
     record boundary (a valid shorter journal: reported apart, as is a cut whose last bytes are all zeros,
-    which carry nothing of the next record, and zeros over a record's tail that was all zeros already); and
-    garbage written after the last record (zeros written there are no damage: they are what the file holds
+    which carry nothing of the next record, and zeros over a record's tail that was all zeros already); each
+    record's length field changed with its CRC recomputed (raised past the end, raised, lowered; issue 12.13);
+    and garbage written after the last record (zeros written there are no damage: they are what the file holds
     anyway)."""
     data = jfile.journal
     pad = bytes(jfile.padding)
@@ -308,6 +310,19 @@ def journal_damage(jfile: JournalFile, *, bit_step: int = 1, seed: int = 0) -> I
             end = min((b for b in jfile.boundaries if b > n), default=len(data))
             zeroed = family if any(data[n:end]) else "cut at a record boundary"
             yield zeroed, f"length {n}, then zeros", data[:n] + bytes(len(data) - n) + pad
+    # Issue 12.13: each record's length field changed without the key (its CRC recomputed), the record's
+    # checksum kept or rewritten too: a whole record hides behind it, so damage, never a torn tail.
+    size = len(data) + len(pad)
+    for i, (start, end) in enumerate(zip(jfile.boundaries, jfile.boundaries[1:], strict=False)):
+        own = end - start - jf.FRAME_HEAD
+        for label, length, rewrite in (
+            ("raised past the end of the file", size - start, False),
+            ("raised by 100", own + 100, False),
+            ("lowered by 10", own - 10, False),
+            ("raised past the end, checksum rewritten", size - start, True),
+        ):
+            if length > jf.BODY_FIXED:
+                yield "length field changed", f"record {i + 1}: {label}", _changed_length(data + pad, start, length, rewrite)
     rnd = random.Random(seed)
     last = data[jfile.boundaries[-2] :]
     for label, extra in (
@@ -321,6 +336,12 @@ def journal_damage(jfile: JournalFile, *, bit_step: int = 1, seed: int = 0) -> I
         yield "appended", label, data + extra + pad[len(extra) :]
 
 
+def _changed_length(data: bytes, at: int, length: int, rewrite: bool) -> bytes:
+    field = length.to_bytes(4, "big")
+    check = b"\xa5" * 4 if rewrite else data[at + 8 : at + 12]
+    return data[:at] + field + zlib.crc32(field).to_bytes(4, "big") + check + data[at + 12 :]
+
+
 @dataclass(frozen=True, slots=True)
 class DamageResult:
     detected: bool  # reported: stateCorrupted / stateRepaired event, last_recovery, or a typed error
@@ -328,6 +349,7 @@ class DamageResult:
     invented: bool  # loaded something that was never acknowledged (or a non-PosStateError)
     records: int | None  # how many of the acknowledged records the loaded state holds
     detail: str = ""
+    damage: bool = False  # reported as damage (last_recovery, stateCorrupted, a typed error), not a torn tail cut
 
 
 def load_damaged(jfile: JournalFile, damaged: bytes, into: Path, *, key: bytes) -> DamageResult:
@@ -340,14 +362,15 @@ def load_damaged(jfile: JournalFile, damaged: bytes, into: Path, *, key: bytes) 
             m.on("stateRepaired", lambda _payload: events.append("stateRepaired"))
             got = m.load_positions()
             reported = bool(events) or m.last_recovery is not None
+            damage = "stateCorrupted" in events or m.last_recovery is not None
     except PosStateError as exc:
-        return DamageResult(True, False, False, None, f"{type(exc).__name__}: {exc}")
+        return DamageResult(True, False, False, None, f"{type(exc).__name__}: {exc}", damage=True)
     except Exception as exc:
         return DamageResult(False, False, True, None, f"{type(exc).__name__}: {exc}")
     finally:
         shutil.rmtree(into, ignore_errors=True)
     k = next((n for n, p in enumerate(jfile.prefixes) if p == got), None)
-    return DamageResult(reported, k == jfile.records, k is None, k, ",".join(events))
+    return DamageResult(reported, k == jfile.records, k is None, k, ",".join(events), damage=damage)
 
 
 __all__ = [
