@@ -65,11 +65,14 @@ async def _clients(url: str, n: int, last: int) -> None:
         ws = conns[k]
         while True:
             msg = json.loads(await ws.recv())
-            if msg["topic"] == "position.update" and msg["position"]:
-                c = int(msg["position"]["contracts"])
-                seen[k].append((c, time.time()))
-                if c == last:
-                    return
+            if msg["topic"] == "batch":
+                now = time.time()
+                for m in msg["messages"]:
+                    if m["topic"] == "position.update" and m["position"]:
+                        c = int(m["position"]["contracts"])
+                        seen[k].append((c, now))
+                        if c == last:
+                            return
             elif msg["topic"] == "heartbeat":
                 await ws.send('{"type":"heartbeat"}')
             elif msg["topic"] == "resync":
