@@ -53,8 +53,8 @@ class _SourceCollector(Collector):
         now = time.time()
         gauges: list[tuple[str, float | int | None, str]] = [
             ("stream_clients", len(queues), "Connected stream clients"),
-            ("stream_queue_items", sum(pending), "Updates queued to stream clients, all clients"),
-            ("stream_queue_use_ratio", use, "Fullest stream client queue, as a fraction of its size"),
+            ("stream_queue_items", sum(pending), "Changes not yet sent to stream clients, all clients"),
+            ("stream_queue_use_ratio", use, "Stream client furthest behind, as a fraction of queue_size"),
             ("snapshot_version", view.version, "Version of the state being served"),
             ("snapshot_version_age_seconds", max(0.0, now - view.changed_at), "Seconds since the served state last changed"),
             ("generation", view.generation, "Generation of the state being served"),

@@ -67,7 +67,7 @@ class Wakeup:
     in its selector, so a waiting bot thread gets the lock after at most one slice."""
 
     #: Tasks woken (so clients sent to) between two pauses.
-    SLICE = 8
+    SLICE = 4
     #: The pause between two slices, in seconds (the selector's resolution is a millisecond).
     GAP = 0.001
 
