@@ -6,13 +6,14 @@ Two bots, each served from inside its own process (``serve()``, background threa
 * manager -- ``PositionStateManager.set_position`` (``durability="sync"``: one fdatasync per call), served by
   the poll thread (``poll_interval`` 0.05 s by default);
 * store   -- ``AccountStateStore.set_active_position`` (memory only, microseconds), whose feed puts each
-  update on every client's queue from the writer's thread.
+  update on the server's one subscription from the writer's thread (the poll thread drains it).
 
 Each runs CALLS writes (a different symbol each time, cycling over 500) three ways: no server, a server with
 0 clients, a server with N clients (default 50). The clients live in another process (as dashboards do) and
-note when each ``position.update`` arrives; the lag is that time minus the moment the write returned (both
-``time.time()`` on this machine). A polled source coalesces changes between two polls, so the manager's
-clients may see fewer updates than were made (counted as ``seen``).
+note when each ``position.update`` arrives (in a ``batch`` message: one per poll); the lag is that time
+minus the moment the write returned (both ``time.time()`` on this machine). A polled source coalesces
+changes between two polls, so the manager's clients may see fewer updates than were made (counted as
+``seen``).
 
 Prints median and p99 (ms) of each, and the issue's target: with N clients within 5% of 0 clients at the
 median and p99 (``met`` or ``MISSED``; this script never fails).
@@ -65,11 +66,14 @@ async def _clients(url: str, n: int, last: int) -> None:
         ws = conns[k]
         while True:
             msg = json.loads(await ws.recv())
-            if msg["topic"] == "position.update" and msg["position"]:
-                c = int(msg["position"]["contracts"])
-                seen[k].append((c, time.time()))
-                if c == last:
-                    return
+            if msg["topic"] == "batch":
+                now = time.time()
+                for m in msg["messages"]:
+                    if m["topic"] == "position.update" and m["position"]:
+                        c = int(m["position"]["contracts"])
+                        seen[k].append((c, now))
+                        if c == last:
+                            return
             elif msg["topic"] == "heartbeat":
                 await ws.send('{"type":"heartbeat"}')
             elif msg["topic"] == "resync":

@@ -51,14 +51,16 @@ def ws_url(server: Any, query: str = "") -> str:
 
 
 async def read_until(ws: Any, done: Callable[[list[dict[str, Any]]], bool], *, timeout: float = 20.0) -> list[dict[str, Any]]:
-    """Messages received (heartbeats left out) until ``done(messages)`` holds; fails after *timeout* seconds
-    without it (a hang guard, not a timing assertion)."""
+    """Messages received (heartbeats left out, the messages of each ``batch`` taken out of it) until
+    ``done(messages)`` holds; fails after *timeout* seconds without it (a hang guard, not a timing assertion)."""
     got: list[dict[str, Any]] = []
 
     async def loop() -> None:
         while not done(got):
             msg = json.loads(await ws.recv())
-            if msg["topic"] != "heartbeat":
+            if msg["topic"] == "batch":
+                got.extend(msg["messages"])
+            elif msg["topic"] != "heartbeat":
                 got.append(msg)
 
     await asyncio.wait_for(loop(), timeout)

@@ -112,7 +112,7 @@ class AppState:
         self.stream = stream
         self.limits = limits
         self.backups = _health.BackupCache()
-        self.wakeup = Wakeup()
+        self.wakeup = Wakeup.for_options(stream)
         self.metrics = Metrics(source, self.health)
         self.pages = {name: fs.read_file(STATIC / name) for name in _PAGE_TYPES}
         self.on_loop: Callable[[Any], None] = lambda _loop: None

@@ -46,14 +46,15 @@ class _SourceCollector(Collector):
             c.add_metric([], value)
             yield c
         queues = s.streams()
-        use = max((q.qsize() / q.maxsize for q in queues if q.maxsize), default=0.0)
+        pending = [s.fanout.pending(q) for q in queues]
+        use = max((n / q.maxsize for n, q in zip(pending, queues, strict=True)), default=0.0)
         healthy, body = self._health()
         view = s.view()
         now = time.time()
         gauges: list[tuple[str, float | int | None, str]] = [
             ("stream_clients", len(queues), "Connected stream clients"),
-            ("stream_queue_items", sum(q.qsize() for q in queues), "Updates queued to stream clients, all clients"),
-            ("stream_queue_use_ratio", use, "Fullest stream client queue, as a fraction of its size"),
+            ("stream_queue_items", sum(pending), "Changes not yet sent to stream clients, all clients"),
+            ("stream_queue_use_ratio", use, "Stream client furthest behind, as a fraction of queue_size"),
             ("snapshot_version", view.version, "Version of the state being served"),
             ("snapshot_version_age_seconds", max(0.0, now - view.changed_at), "Seconds since the served state last changed"),
             ("generation", view.generation, "Generation of the state being served"),

@@ -254,6 +254,8 @@ class StateServer:
             # uvicorn 0.52.1): a client that stops reading blocks its own stream task, never the bot.
             ws="websockets-sansio",
             ws_max_size=64 * 1024,
+            # no permessage-deflate: it compresses every message once per client, in the bot's process
+            ws_per_message_deflate=False,
             # stop() (and SIGTERM) never waits forever for a stream task: they are cancelled after this
             timeout_graceful_shutdown=5,
             server_header=False,

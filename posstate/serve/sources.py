@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from posstate.account.feed import UpdateFeed, UpdateQueue
 from posstate.account.store import AccountStateStore
 from posstate.account.types import AccountUpdate
 from posstate.core.config import StateConfig
@@ -31,6 +30,7 @@ from posstate.journal.current import read_current
 from posstate.journal.files import next_path
 from posstate.manager.manager import PositionStateManager
 from posstate.model.document import StateData
+from posstate.serve.fanout import Fanout, Subscription
 from posstate.serve.view import SourceKind, View, changes
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
@@ -69,34 +69,30 @@ class Source:
         self.backup_read: _statefile.ReadOptions | None = None
         self._lock = threading.Lock()
         self._view = View(self.kind, 0)
-        self._feed = UpdateFeed()
-        self._streams: set[UpdateQueue] = set()
+        #: The stream's shared log (serve/fanout.py): each change encoded once for every client.
+        self.fanout = Fanout()
 
     def view(self) -> View:
         return self._view
 
-    def open_stream(self, maxsize: int) -> tuple[UpdateQueue, View]:
-        """A bounded queue of every later update and the view it starts from (updates with a version at most
-        the view's are already in it)."""
+    def open_stream(self, maxsize: int) -> tuple[Subscription, View]:
+        """A place in the stream's log, reading every later update (at most *maxsize* behind), and the view it
+        starts from (updates with a version at most the view's are already in it)."""
         with self._lock:
-            q = self._feed.add(maxsize, start_version=self._view.version)
-            self._streams.add(q)
-            return q, self._view
+            return self.fanout.add(maxsize), self._view
 
-    def close_stream(self, q: UpdateQueue) -> None:
-        self._feed.remove(q)
-        with self._lock:
-            self._streams.discard(q)
+    def close_stream(self, sub: Subscription) -> None:
+        self.fanout.remove(sub)
 
     @property
     def dropped(self) -> int:
         """Stream clients dropped so far: queues the fan-out found full (each got ``resync``) plus clients that
         stopped reading their socket."""
-        return self._feed.dropped_count + self.stats.send_timeouts
+        return self.fanout.dropped_count + self.stats.send_timeouts
 
-    def streams(self) -> list[UpdateQueue]:
-        with self._lock:
-            return list(self._streams)
+    def streams(self) -> tuple[Subscription, ...]:
+        """The connected stream clients' subscriptions."""
+        return self.fanout.subscriptions()
 
     def poll(self) -> None:
         """Look for changes (the poll thread calls this every ``poll_interval``)."""
@@ -117,19 +113,20 @@ class Source:
             self.ready = True
             if updates:
                 self.stats.updates += len(updates)
-                self._feed.publish(AccountUpdate(kind, version, key, value, "poll") for kind, key, value in updates)  # type: ignore[arg-type]
+                self.fanout.publish(AccountUpdate(kind, version, key, value, "poll") for kind, key, value in updates)  # type: ignore[arg-type]
 
 
 def _view_of_state(kind: SourceKind, st: StateData) -> View:
+    """The view of *st*, a private copy (its maps are taken over, not copied again)."""
     return View(
         kind,
         0,
         generation=st.generation,
-        positions=dict(st.positions),
-        position_revs=dict(st.position_revs),
-        metadata=dict(st.metadata),
-        metadata_revs=dict(st.metadata_revs),
-        account=dict(st.account) if st.account is not None else None,
+        positions=st.positions,
+        position_revs=st.position_revs,
+        metadata=st.metadata,
+        metadata_revs=st.metadata_revs,
+        account=st.account,
     )
 
 
@@ -195,8 +192,8 @@ class StoreSource(Source):
     """A live :class:`~posstate.AccountStateStore`: balances, positions, orders, leverage, metadata.
 
     The server takes one subscription to the store's feed, whatever the number of clients, so a write costs
-    the bot one ``put_nowait`` more; the poll thread drains it and fans the updates out to the clients' own
-    queues (the same policy one level down: a full client queue drops that client with a resync). If the
+    the bot one ``put_nowait`` more; the poll thread drains it and appends the updates to the stream's log as
+    one batch (the same policy one level down: a client too far behind is dropped with a resync). If the
     server's own subscription is ever dropped (``SUBSCRIPTION`` updates between two polls), every client
     gets ``resync`` and the server subscribes again."""
 
@@ -214,6 +211,8 @@ class StoreSource(Source):
             self.stats = self._mine.stats
         self._sub = store.subscribe(maxsize=self.SUBSCRIPTION)
         self._view = self._view_of(time.time())
+        self._base = self._view.version  # updates up to this version are in the first view already
+        self.fanout.reset_orders(self._view.orders)
         self.ready = True
 
     def _view_of(self, changed_at: float) -> View:
@@ -241,10 +240,16 @@ class StoreSource(Source):
             log.warning("posstate serve: fell behind the account store; every stream client is sent resync")
             self._store.unsubscribe(self._sub)
             self._sub = self._store.subscribe(maxsize=self.SUBSCRIPTION)
-            updates = [resync[-1]]
+            updates = []
         with self._lock:
+            if resync:
+                self._view = self._view_of(time.time())
+                self._base = self._view.version
+                self.fanout.reset_orders(self._view.orders)
+                self.fanout.resync_all(resync[-1].version)
+            updates = [u for u in updates if u.version > self._base]
             if updates:
-                self._feed.publish(updates)
+                self.fanout.publish(updates)
             if self._store.version != self._view.version:
                 self._view = self._view_of(time.time())
             elif self._manager is not None and self._manager.generation != self._view.generation:

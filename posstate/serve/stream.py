@@ -1,38 +1,41 @@
 """``/api/account/stream``: one WebSocket client.
 
-On connect the client gets ``{"topic": "snapshot", ...}``, then one message per change (``position.update``,
+On connect the client gets ``{"topic": "snapshot", ...}``, then the changes (``position.update``,
 ``order.update``, ``order.fill``, ``order.closed``, ``balance.update``, ``metadata.update``,
-``leverage.update``), each with the ``version`` it made. A filter narrows them: ``?topics=a,b&symbols=X,Y`` on
+``leverage.update``), each with the ``version`` it made, in ``{"topic": "batch", "version": v, "messages":
+[...]}`` messages: one per poll of the source, holding that poll's changes in order (encoded once for every
+client, serve/fanout.py). A filter narrows them (a batch it empties is not sent): ``?topics=a,b&symbols=X,Y`` on
 the URL, or a message ``{"type": "subscribe", "topics": [...], "symbols": [...]}`` at any time (answered with
 ``{"topic": "subscribed", ...}``). Heartbeats go both ways: the server sends ``{"topic": "heartbeat"}`` every
 ``heartbeat_interval`` seconds; a client that sends nothing (any message counts, ``{"type": "heartbeat"}`` is
 the usual one) for ``client_timeout`` seconds is closed with code 4408. Messages are JSON text: a binary message
 is answered with ``{"topic": "error"}`` and closed with code 1003.
 
-Backpressure is the account feed's policy: each client has a bounded queue the writer never waits for; when
-it is full the writer drops the client and queues ``resync`` last; the client is sent ``{"topic": "resync"}``
-and closed with code 4409 (reconnect for a fresh snapshot). A client that does not read its socket for
+Backpressure is the account feed's policy: each client may fall ``queue_size`` updates behind, and the writer
+never waits for it; past that the poll thread drops it; the client is sent ``{"topic": "resync"}`` and closed
+with code 4409 (reconnect for a fresh snapshot). A client that does not read its socket for
 ``send_timeout`` seconds is closed the same way without the message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import queue
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from posstate.account.types import AccountUpdate, Order
 from posstate.serve import options as _options
+from posstate.serve.fanout import Batch, Subscription, batch_text
 from posstate.serve.shapes import to_bytes
 from posstate.serve.sources import Source
-from posstate.serve.view import View, messages, symbol_of
+from posstate.serve.view import View, symbol_of
 
 CLOSE_HEARTBEAT = 4408
 CLOSE_RESYNC = 4409
@@ -54,19 +57,76 @@ class StreamOptions:
 
 
 class Wakeup:
-    """Wakes every stream task when the poll thread saw a change (set from the loop's thread only)."""
+    """Wakes every stream task when the poll thread saw a change, and every *tick* seconds for the heartbeats
+    and timeouts (used from the loop's thread only).
 
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
+    Each task waits on a future of its own (no task and no timer per client per wake-up, as ``wait_for``
+    made). The tasks are woken SLICE at a time with GAP seconds between two slices: the server runs in the
+    bot's process, and while the loop's thread sends to every client in one go the bot's thread, back from a
+    system call (an fsync), waits for the interpreter lock behind it; in the pause the loop's thread blocks
+    in its selector, so a waiting bot thread gets the lock after at most one slice."""
+
+    #: Tasks woken (so clients sent to) between two pauses.
+    SLICE = 4
+    #: The pause between two slices, in seconds (the selector's resolution is a millisecond).
+    GAP = 0.001
+
+    def __init__(self, tick: float = 1.0) -> None:
+        self.tick = tick
+        self._waiters: list[asyncio.Future[None]] = []
+        self._waking: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._slicing = False
+
+    @classmethod
+    def for_options(cls, options: StreamOptions) -> Wakeup:
+        """Ticks often enough that a heartbeat or a timeout is at most a quarter of its period late."""
+        return cls(min(1.0, options.heartbeat_interval / 4, options.client_timeout / 4, options.send_timeout / 4))
 
     def notify(self) -> None:
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+        """Wake every task waiting now (a slice now, the others after pauses)."""
+        self._waking.extend(self._waiters)
+        self._waiters = []
+        if not self._slicing:
+            self._slice()
 
-    async def wait(self, timeout: float) -> None:
-        event = self._event
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), max(timeout, 0.0))
+    def _slice(self) -> None:
+        woken = 0
+        while self._waking and woken < self.SLICE:
+            future = self._waking.popleft()
+            if not future.done():
+                future.set_result(None)
+                woken += 1
+        self._slicing = bool(self._waking)
+        if self._slicing:
+            # after the woken tasks ran (they were scheduled first), then a real pause
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_later, self.GAP, self._slice)
+
+    def _on_tick(self) -> None:
+        self._timer = None
+        self.notify()
+
+    async def wait(self) -> None:
+        """Until the next change or tick."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiters.append(future)
+        if self._timer is None:
+            self._timer = loop.call_later(self.tick, self._on_tick)
+        await future
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(seconds: float, coro: Awaitable[None]) -> None:
+        async with asyncio.timeout(seconds):  # no task per call (wait_for makes one before 3.12)
+            await coro
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _within(seconds: float, coro: Awaitable[None]) -> None:
+        await asyncio.wait_for(coro, seconds)
 
 
 @dataclass
@@ -75,13 +135,18 @@ class _Filter:
     symbols: frozenset[str] | None = None
 
     def passes(self, message: dict[str, Any]) -> bool:
-        topic = message["topic"]
+        return self.passes_topic(message["topic"], symbol_of(message))
+
+    def passes_topic(self, topic: str, symbol: str | None) -> bool:
         if topic in _ALWAYS:
             return True
         if self.topics is not None and topic not in self.topics:
             return False
-        symbol = symbol_of(message)
         return self.symbols is None or symbol is None or symbol in self.symbols
+
+    @property
+    def everything(self) -> bool:
+        return self.topics is None and self.symbols is None
 
 
 def _names(value: Any) -> frozenset[str] | None:
@@ -106,11 +171,26 @@ class _Client:
         self.gone = False
         #: The close code the reader decided on (None: the client went away, or nothing to say).
         self.close_code: int | None = None
-        self.orders: dict[str, Order] = {}
 
     async def send(self, message: dict[str, Any]) -> None:
         if self.filter.passes(message):
-            await asyncio.wait_for(self.ws.send_text(to_bytes(message).decode("utf-8")), self.options.send_timeout)
+            await self.send_text(to_bytes(message).decode("utf-8"))
+
+    async def send_text(self, text: str) -> None:
+        await _within(self.options.send_timeout, self.ws.send_text(text))
+
+    def batch(self, batch: Batch, start: int) -> str | None:
+        """*batch* as this client sees it: the shared text when nothing is left out, else the items that
+        pass its filter and are newer than its snapshot (*start*); None when none is left."""
+        f = self.filter
+        if not batch.items:
+            return None
+        if batch.items[0][0] > start and f.everything:
+            return batch.text
+        parts = [data for version, topic, symbol, data in batch.items if version > start and f.passes_topic(topic, symbol)]
+        if len(parts) == len(batch.items):
+            return batch.text
+        return batch_text(batch.version, parts) if parts else None
 
     async def receive(self) -> None:
         """Read the client's messages: any message is a heartbeat; ``subscribe`` sets the filter; a binary
@@ -120,8 +200,7 @@ class _Client:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
-                self.heard = time.monotonic()
-                self.wakeup.notify()
+                self.heard = time.monotonic()  # the pump checks it at its next wake-up
                 text = message.get("text")
                 if text is None:
                     await self.send({"topic": "error", "reason": "binary messages are not accepted: send JSON text"})
@@ -146,23 +225,26 @@ class _Client:
         f = self.filter
         return {"topics": sorted(f.topics) if f.topics else None, "symbols": sorted(f.symbols) if f.symbols else None}
 
-    async def pump(self, q: queue.Queue[AccountUpdate], start: int) -> int | None:
-        """Send what is queued and the heartbeats until the client goes; returns the close code to send."""
+    async def pump(self, sub: Subscription, start: int) -> int | None:
+        """Send the batches not sent yet and the heartbeats until the client goes; returns the close code to send."""
         opts = self.options
+        fanout = self.source.fanout
         beat = time.monotonic()
         while not self.gone:
-            while True:
-                try:
-                    update = q.get_nowait()
-                except queue.Empty:
-                    break
-                if update.kind == "resync":
-                    await self.send({"topic": "resync", "version": update.version, "reason": "fell behind; reconnect"})
-                    return CLOSE_RESYNC
-                if update.version <= start:
-                    continue  # already in the snapshot
-                for message in messages(update, self.orders):
-                    await self.send(message)
+            batches = fanout.read(sub)
+            while batches and sub.resync is None:  # read again after sending: more may have come meanwhile
+                for batch in batches:
+                    if sub.resync is not None:
+                        break
+                    if batch.version > start:
+                        text = self.batch(batch, start)
+                        if text is not None:
+                            await self.send_text(text)
+                    sub.seq = batch.end
+                batches = fanout.read(sub)
+            if sub.resync is not None:
+                await self.send({"topic": "resync", "version": sub.resync, "reason": "fell behind; reconnect"})
+                return CLOSE_RESYNC
             now = time.monotonic()
             if now - self.heard > opts.client_timeout:
                 self.source.stats.heartbeat_timeouts += 1
@@ -170,7 +252,7 @@ class _Client:
             if now - beat >= opts.heartbeat_interval:
                 beat = now
                 await self.send({"topic": "heartbeat", "version": self.source.view().version, "time": time.time()})
-            await self.wakeup.wait(min(opts.heartbeat_interval - (now - beat), opts.client_timeout - (now - self.heard)))
+            await self.wakeup.wait()
         return self.close_code
 
 
@@ -191,8 +273,7 @@ async def run_stream(
     except ValueError:
         client.filter = _Filter()
     await ws.accept()
-    q, view = source.open_stream(options.queue_size)
-    client.orders = dict(view.orders)
+    sub, view = source.open_stream(options.queue_size)
     reader = asyncio.ensure_future(client.receive())
     code: int | None = None
     try:
@@ -201,14 +282,14 @@ async def run_stream(
             await asyncio.wait_for(ws.send_text(text), options.send_timeout)
         else:
             await client.send({"topic": "snapshot", **view.snapshot_json(symbols=client.filter.symbols)})
-        code = await client.pump(q, view.version)
+        code = await client.pump(sub, view.version)
     except asyncio.TimeoutError:  # the client stopped reading: dropped like a full queue, without the message
         source.stats.send_timeouts += 1
         code = CLOSE_RESYNC
     except (WebSocketDisconnect, RuntimeError, OSError):
         code = None
     finally:
-        source.close_stream(q)
+        source.close_stream(sub)
         reader.cancel()
         with contextlib.suppress(BaseException):
             await reader

@@ -70,21 +70,31 @@
     renderPositions(); renderOrders(); renderMetadata();
   }
 
-  function apply(m) {
+  // One change into the state; returns what to redraw ("positions", "orders", "metadata").
+  function change(m, redraw) {
     switch (m.topic) {
-      case "snapshot": applySnapshot(m); return;
       case "position.update":
         if (m.position) state.positions.set(m.key, m.position); else state.positions.delete(m.key);
-        renderPositions(m.key); break;
-      case "order.update": state.orders.set(m.id, m.order); renderOrders(); break;
-      case "order.closed": state.orders.delete(m.id); renderOrders(); break;
+        redraw.positions = m.key; break;
+      case "order.update": state.orders.set(m.id, m.order); redraw.orders = true; break;
+      case "order.closed": state.orders.delete(m.id); redraw.orders = true; break;
       case "metadata.update":
         if (m.data) state.metadata.set(m.symbol, m.data); else state.metadata.delete(m.symbol);
-        renderMetadata(); break;
+        redraw.metadata = true; break;
       case "balance.update": if (m.name === "wallet") setBalance(m.balance); break;
-      case "resync": return; // the server closes; we reconnect and get a fresh snapshot
       default: break;
     }
+  }
+
+  function apply(m) {
+    if (m.topic === "snapshot") { applySnapshot(m); return; }
+    if (m.topic === "resync") return; // the server closes; we reconnect and get a fresh snapshot
+    // changes arrive in batches (one per poll of the server, in order): apply all, then redraw once
+    const redraw = {};
+    (m.topic === "batch" ? m.messages : [m]).forEach((x) => change(x, redraw));
+    if (redraw.positions !== undefined) renderPositions(redraw.positions);
+    if (redraw.orders) renderOrders();
+    if (redraw.metadata) renderMetadata();
     if (typeof m.version === "number") setVersion(m.version);
   }
 
