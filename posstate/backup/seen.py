@@ -36,12 +36,15 @@ class _Copy(Protocol):
     generation: int | None
     verdict: str
     max_rev: int
+    covered: int
 
 
 def lost(newest_gen: int | None, best: _Copy) -> int | None:
     """Generations known above the recovered copy (None: nothing tells): the damaged file's claim, newer
-    copies, and journal records the copy does not hold, against what it holds with its journal replayed."""
-    return None if newest_gen is None else max(0, newest_gen - max(best.generation or 0, best.max_rev))
+    copies, and journal records the copy does not hold, against what it holds with its journal replayed
+    (a generation its journal's fold record shows it holds in full included, issue 15.4)."""
+    held = max(best.generation or 0, best.max_rev, best.covered)
+    return None if newest_gen is None else max(0, newest_gen - held)
 
 
 def main_header(path: Path, skew: float) -> tuple[int, int] | None:
@@ -84,10 +87,10 @@ def journal_max_rev(path: Path, options: _statefile.ReadOptions) -> int:
     except (OSError, _jformat.JournalProblem, _jformat.JournalTooNew):
         return 0
     probe = StateData(journal={"id": header.id_hex, "seq": header.base_seq})
-    _, max_rev, _ = _records.replay_prefix(
-        path, keyring=options.keyring, state=probe, require_encryption=options.require_encryption
+    r = _records.replay_detail(
+        [path], keyring=options.keyring, state=probe, require_encryption=options.require_encryption, chain=False, folds=True
     )
-    return max_rev
+    return max(r.max_rev, r.seen)  # a fold record names a generation a durable save had (issue 15.4)
 
 
 def quarantined_max(cfg: StateConfig, options: _statefile.ReadOptions, *, trusted: int, slack: int) -> int:

@@ -140,7 +140,8 @@ def record_times(*paths: Path | None) -> dict[int, int]:
         except (OSError, jf.JournalProblem):
             continue
         for rec in jf.scan(data, header).records:
-            times[rec.seq] = max(rec.time_ms, times.get(rec.seq, 0))
+            if rec.kind != jf.KIND_FOLD:  # a fold record is not a change (journal/fold.py)
+                times[rec.seq] = max(rec.time_ms, times.get(rec.seq, 0))
     return times
 
 

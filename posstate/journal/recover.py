@@ -195,7 +195,7 @@ class JournalRecover(JournalRotation):
         """Apply to *st* the records after the snapshot's sequence number *snap_seq*; returns the highest
         revision seen and the first sequence number applied (each carried over from *max_rev*, *first*)."""
         for rec, ops in records:
-            if rec.seq <= snap_seq:
+            if rec.seq <= snap_seq or not ops:  # not ops: a fold record, no change (journal/fold.py)
                 continue
             for op in ops:
                 jops.apply(st, {}, op)
