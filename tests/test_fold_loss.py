@@ -202,3 +202,33 @@ def test_repair_and_last_recovery_agree_on_a_lost_fold(tmp_path: Path, key: byte
             m.load_positions()
             assert m.last_recovery is not None
             assert f"{m.last_recovery.generations_lost} generations lost" == want
+
+
+def test_readers_skip_a_fold_record_that_is_not_last(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 15.4: .bak copied over the state file after a save makes the journal ending with the fold record
+    the live one again: a load, `show`, `history` and `validate` skip the fold record (no change, no damage),
+    the bot goes on writing after it, and never under the generation the fold record names."""
+    cfg = StateConfig.in_dir(tmp_path / "state")
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos(1))
+        m.save()
+        m.set_position(pos(2))
+        folded = m.save()
+    as_if_killed(cfg)
+    assert _records(cfg.journal_path)[1][-1].kind == jf.KIND_FOLD
+    shutil.copy(cfg.bak_path, cfg.state_path)
+    with PositionStateManager(cfg, key=key) as m:
+        assert m.get_position("A", "long") == pos(2)
+        assert m.last_recovery is None
+        m.set_position(pos(3))
+        assert m.generation > folded  # the folded save's number is never given to A=3
+    kinds = [r.kind for r in _records(cfg.journal_path)[1]]
+    assert jf.KIND_FOLD in kinds[:-1], kinds  # continued after the fold record
+    base = ["--state-dir", str(cfg.state_path.parent), "--key-file", str(key_file)]
+    runner = CliRunner()
+    for command in (["show"], ["history"], ["validate"]):
+        r = runner.invoke(cli, [*base, *command])
+        assert r.exit_code == 0, (command, r.output)
+    with PositionStateManager(cfg, key=key) as m:
+        assert m.get_position("A", "long") == pos(3)
+        assert m.last_recovery is None

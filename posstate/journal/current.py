@@ -150,7 +150,7 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
             # An older journal the snapshot holds in full: normal between a save and the next change.
             return Current(loaded=loaded, state=state)
         for rec, ops in records:
-            if rec.seq <= snap_seq:
+            if rec.seq <= snap_seq or not ops:  # not ops: a fold record, no change (journal/fold.py)
                 continue
             for op in ops:
                 jops.apply(state, {}, op)

@@ -76,12 +76,18 @@ def _journal_error(path: Path, reason: str) -> CorruptStateError:
 
 
 def read_records(
-    data: bytes, *, path: Path, keyring: Keyring | None, require_encryption: bool = False
+    data: bytes,
+    *,
+    path: Path,
+    keyring: Keyring | None,
+    require_encryption: bool = False,
+    folds: list[tuple[int, int]] | None = None,
 ) -> tuple[jf.JournalHeader, list[tuple[jf.RawRecord, list[Op]]], jf.Scan]:
     """Parse, authenticate and validate a whole journal. Damage before the last record raises
     CorruptStateError(kind="journal"); a torn last record is reported in the returned Scan, not raised.
     With *require_encryption* (encryption on) a plaintext journal is WrongKeyError, as a plaintext state
-    file is: anyone can write one, so its records are never trusted."""
+    file is: anyone can write one, so its records are never trusted. A fold record comes with no operation;
+    *folds* gets (sequence number, generation it names) of each."""
     try:
         header = jf.parse_header(data)
     except jf.JournalTooNew as exc:
@@ -110,6 +116,8 @@ def read_records(
                 "copy of this journal); replay stopped there",
             )
         out.append((rec, decode(plain, rec, path=path)))
+        if folds is not None and rec.kind == jf.KIND_FOLD and (fold := _fold.decode_fold(plain)) is not None:
+            folds.append((rec.seq, fold[0]))
     return header, out, sc
 
 

@@ -53,6 +53,7 @@ class JournalRecover(JournalRotation):
         self.rotating = False
         self._pre = None
         self.fold_needed = False
+        self.fold_seen = 0
         snap = st.journal or {}
         chain = segment_chain(self.path, self._legacy, st.journal)
         src = chain[0]
@@ -70,10 +71,12 @@ class JournalRecover(JournalRotation):
             return 0
         except OSError as exc:
             raise PersistenceError(src, operation="read journal", cause=exc) from exc
+        folds: list[tuple[int, int]] = []
         header, records, sc = read_records(
-            data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None
+            data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None, folds=folds
         )
         last = records[-1][0].seq if records else header.base_seq
+        self._saw_folds(folds, snap_seq)
         if header.id_hex != snap.get("id"):
             if last > snap_seq:
                 raise _journal_error(
@@ -154,10 +157,12 @@ class JournalRecover(JournalRotation):
                 raise PersistenceError(src, operation="read journal segment", cause=FileNotFoundError(2, "missing")) from None
             except OSError as exc:
                 raise PersistenceError(src, operation="read journal", cause=exc) from exc
+            folds: list[tuple[int, int]] = []
             header, records, sc = read_records(
-                data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None
+                data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None, folds=folds
             )
             last = records[-1][0].seq if records else header.base_seq
+            self._saw_folds(folds, snap_seq)
             ours = ours or header.id_hex == snap.get("id")
             if not ours and last > snap_seq:
                 raise _journal_error(
@@ -190,6 +195,11 @@ class JournalRecover(JournalRotation):
         self.fold_needed = self.active
         log.info("%s: replayed %d journal segments of an unfinished compaction; the load folds them", self.path, len(chain))
         return max_rev
+
+    def _saw_folds(self, folds: list[tuple[int, int]], snap_seq: int) -> None:
+        """Fold records past the snapshot (its .bak put back over it by hand): the generations they name were
+        durable saves; no later number may name another content (issue 15.4), so the load keeps them seen."""
+        self.fold_seen = max([self.fold_seen] + [g for q, g in folds if q > snap_seq])
 
     def _apply_after(self, st: StateData, records: Any, snap_seq: int, max_rev: int, first: int) -> tuple[int, int]:
         """Apply to *st* the records after the snapshot's sequence number *snap_seq*; returns the highest
