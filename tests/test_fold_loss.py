@@ -40,15 +40,23 @@ def as_if_killed(cfg: StateConfig) -> None:
     shutil.rmtree(cfg.backup_path, ignore_errors=True)
 
 
-def journaled_then_saved(cfg: StateConfig, key: bytes, *, replace: bool) -> int:
-    """A=1 saved (the .bak to be); A=2 and B=3 journaled; then save() (a fold) or save_positions() (replaces
-    the positions). Returns the generation of that last save."""
+def journaled_then_saved(cfg: StateConfig, key: bytes, *, replace: bool, writer: str = "save_positions") -> int:
+    """A=1 saved (the .bak to be); A=2 and B=3 journaled; then save() (a fold) or, *replace*, a snapshot write
+    that changes more than the journal holds (*writer*). Returns the generation of that last save."""
     with PositionStateManager(cfg, key=key) as m:
         m.set_position(pos(1))
         m.save()
         m.set_position(pos(2))
         m.set_position(pos(3, "B"))
-        last = m.save_positions([pos(9, "C")]) if replace else m.save()
+        if not replace:
+            last = m.save()
+        elif writer == "save_positions":
+            last = m.save_positions([pos(9, "C")])
+        elif writer == "batch_save_positions":
+            last = m.batch_save_positions([pos(9, "C")])
+        else:  # the first bot metadata is written as a snapshot, never only journaled (docs/JOURNAL.md)
+            m.set_bot_metadata({"step": 1})
+            last = m.generation
     as_if_killed(cfg)
     return last
 
@@ -96,16 +104,18 @@ def test_lost_background_compaction_is_not_counted(cfg: StateConfig, key: bytes,
         assert report.new_generation > last
 
 
+@pytest.mark.parametrize("writer", ["save_positions", "batch_save_positions", "set_bot_metadata"])
 @pytest.mark.parametrize("durability", ["sync", "group"])
 @pytest.mark.parametrize("where", ["payload", "zeroed"])
-def test_lost_save_positions_is_counted(cfg: StateConfig, key: bytes, durability: str, where: str) -> None:
-    """issue 15.4: save_positions() replaced the positions; its snapshot is lost (header readable or not):
-    at least that save is reported lost, never 0, and its number is never reused."""
+def test_lost_save_positions_is_counted(cfg: StateConfig, key: bytes, durability: str, where: str, writer: str) -> None:
+    """issue 15.4: a snapshot write that changed more than the journal holds (save_positions(), a batch, the
+    first bot metadata) is lost (header readable or not): at least that save is reported lost, never 0, and
+    its number is never reused."""
     cfg = cfg.replace(durability=durability)
-    last = journaled_then_saved(cfg, key, replace=True)
+    last = journaled_then_saved(cfg, key, replace=True, writer=writer)
     damage(cfg.state_path, where)
     with PositionStateManager(cfg, key=key) as m:
-        assert m.get_position("C", "long") is None  # the replacement is really gone
+        assert m.get_position("C", "long") is None and m.get_bot_metadata() is None  # the write is really gone
         report = m.last_recovery
         assert report is not None and report.generations_lost is not None
         assert report.generations_lost >= 1, report
