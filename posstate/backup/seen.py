@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from posstate.core.config import StateConfig
+from posstate.journal import files as _jfiles
 from posstate.journal import format as _jformat
 from posstate.journal import records as _records
 from posstate.model.document import StateData
@@ -71,7 +72,10 @@ def blind(copies: Iterable[_Copy], cfg: StateConfig, claimed: tuple[int, int] | 
 
 def journal_rev(cfg: StateConfig, options: _statefile.ReadOptions) -> int:
     """The highest revision of an authenticated record in the journal files on disk (any snapshot's)."""
-    paths = [cfg.journal_path] + ([cfg.legacy_journal_path] if cfg.legacy_journal_path is not None else [])
+    # The ``.next`` segment of a pending background compaction holds acknowledged records too (issue 15 attack:
+    # with the snapshot's own journal missing, no copy can replay them, and they must still be counted).
+    paths = [cfg.journal_path, _jfiles.next_path(cfg.journal_path)]
+    paths += [cfg.legacy_journal_path] if cfg.legacy_journal_path is not None else []
     # Without a key a record only carries a checksum: one planted with a revision no save can reach must not
     # push the next generation past what a journal can start at (it would brick every later save).
     return max((rev for p in paths if (rev := journal_max_rev(p, options)) <= _jformat.MAX_BASE), default=0)

@@ -22,6 +22,7 @@ from posstate.core.errors import (
 )
 from posstate.journal import fold as _fold
 from posstate.journal import format as jf
+from posstate.journal.files import gap_after_missing
 from posstate.model import ops as jops
 from posstate.model.document import StateData
 from posstate.model.ops import Op
@@ -232,6 +233,10 @@ def _replay_one(
     except jf.JournalProblem as exc:
         return 0, 0, f"journal header damaged ({exc})", None
     snap = state.journal or {}
+    if segment and isinstance(after, bytes):  # the snapshot's journal has no file: the segment must start at the snapshot
+        gap = gap_after_missing(snap, path, header.base_seq)
+        if gap is not None:
+            return 0, 0, gap, None
     if segment:  # a later segment: it must continue the one replayed before it
         linked = (
             header.follows(after)

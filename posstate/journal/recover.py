@@ -15,7 +15,7 @@ from posstate.core.errors import (
     PersistenceError,
 )
 from posstate.journal import format as jf
-from posstate.journal.files import _header_id, _temp_seq, next_path, segment_chain
+from posstate.journal.files import _header_id, _temp_seq, gap_after_missing, next_path, segment_chain
 from posstate.journal.records import _journal_error, read_records
 from posstate.journal.rotation import JournalRotation
 from posstate.model import ops as jops
@@ -144,14 +144,14 @@ class JournalRecover(JournalRotation):
         max_rev = 0
         first = 0
         prev_last: int | None = None
-        ours = False
+        ours = missing = False
         replayed_here = False
         for i, src in enumerate(chain):
             try:
                 data = fs.read_file(src)
             except FileNotFoundError:
                 if i == 0:
-                    ours = True  # the snapshot's journal has no file (no record after it): its successor is ours
+                    ours = missing = True  # the snapshot's journal has no file: its successor is ours
                     prev_last = snap_seq
                     continue
                 raise PersistenceError(src, operation="read journal segment", cause=FileNotFoundError(2, "missing")) from None
@@ -163,6 +163,8 @@ class JournalRecover(JournalRotation):
             )
             last = records[-1][0].seq if records else header.base_seq
             self._saw_folds(folds, snap_seq)
+            if missing and i == 1 and (gap := gap_after_missing(snap, src, header.base_seq)) is not None:
+                raise _journal_error(src, gap)  # never replayed over the hole: recovery reports what is lost
             ours = ours or header.id_hex == snap.get("id")
             if not ours and last > snap_seq:
                 raise _journal_error(
