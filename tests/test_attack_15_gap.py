@@ -116,3 +116,13 @@ def test_load_recovers_and_counts_the_records_it_cannot_replay(gap: Path) -> Non
     assert report.generations_lost is not None and report.generations_lost > 0
     assert any("next" in p.name for p in cfg.quarantine_dir.iterdir())
     assert json.dumps(report.to_dict())
+
+
+def test_replica_lag_counts_the_segment_it_cannot_ship(gap: Path) -> None:
+    """issue 15 attack (missing journal): the shipper cannot ship .next without the journal it continues, so
+    `replica status` counts its records as behind (never "0 behind" while acknowledged records wait)."""
+    from posstate.replica import local as _local
+
+    cfg = _cfg(gap)
+    local = _local.read_local(cfg.state_path, cfg.journal_path)
+    assert _local.compare(local, [], []).records_behind == 4
