@@ -202,7 +202,7 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         cands.append(mem)
     cands += _file_candidates(cfg, files.read, files.check_account)
     journal_rev = _journal_rev(cfg, files.read)
-    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=journal_rev)
+    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=journal_rev, options=files.read)
     if best is None:
         raise UnrecoverableStateError(path, listing)
     blind = _blind(cands, cfg, main_header(path, cfg.clock_skew))  # before the damaged file is moved
@@ -309,7 +309,7 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
 
 
 def _select(
-    cands: list[_Candidate], cfg: StateConfig, reason: str, *, journal_rev: int = 0
+    cands: list[_Candidate], cfg: StateConfig, reason: str, *, journal_rev: int = 0, options: _statefile.ReadOptions | None = None
 ) -> tuple[_Candidate | None, list[tuple[str, str]], int | None]:
     """The copy recovery uses (None: none eligible), every candidate with its verdict, the newest generation known.
 
@@ -334,8 +334,7 @@ def _select(
     # counts whether or not any copy can replay it; so does the generation a fold record names.
     revs = [max(c.max_rev, c.fold_seen) for c in cands] + [journal_rev]
     if _blind(cands, cfg, claimed):
-        # No generation told, but it replaced .bak after every record of .bak's journal: one above both.
-        revs += [max(g, c.first_rev) + 1 for c in cands if c.path == cfg.bak_path and (g := c.generation) is not None]
+        revs.append(_seen.blind_floor(cands, cfg, options, known=max([*revs, newest_gen or 0])))
     if max(revs) > (newest_gen or 0):
         newest_gen = max(revs)
     valid = [c for c in cands if c.state is not None]
@@ -404,7 +403,7 @@ def plan(
     takes no lock, moves and writes nothing. *check* refuses another account's state (as the manager does).
     """
     cands = _file_candidates(cfg, options, check or (lambda _state: None))
-    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=_journal_rev(cfg, options))
+    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=_journal_rev(cfg, options), options=options)
     if best is None or best.state is None:
         return RecoveryPlan(reason, None, None, None, None, tuple(listing))
     lost = _lost(newest_gen, best)

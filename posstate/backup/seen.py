@@ -24,7 +24,7 @@ from posstate.storage import container as _format
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 
-__all__ = ["CLAIM_SLACK", "blind", "journal_max_rev", "journal_rev", "lost", "main_header", "quarantined_max"]
+__all__ = ["CLAIM_SLACK", "blind", "blind_floor", "journal_max_rev", "journal_rev", "lost", "main_header", "quarantined_max"]
 
 #: How far beyond the newest trustworthy copy a damaged state file's claimed generation may be and still be
 #: believed (2**32 saves: more than any bot makes between two copies).
@@ -38,6 +38,7 @@ class _Copy(Protocol):
     verdict: str
     max_rev: int
     covered: int
+    first_rev: int
 
 
 def lost(newest_gen: int | None, best: _Copy) -> int | None:
@@ -97,9 +98,24 @@ def journal_max_rev(path: Path, options: _statefile.ReadOptions) -> int:
     return max(r.max_rev, r.seen)  # a fold record names a generation a durable save had (issue 15.4)
 
 
-def quarantined_max(cfg: StateConfig, options: _statefile.ReadOptions, *, trusted: int, slack: int) -> int:
+def blind_floor(copies: Iterable[_Copy], cfg: StateConfig, options: _statefile.ReadOptions | None, *, known: int) -> int:
+    """The lowest generation a damaged state file whose header tells none can have had: it replaced .bak after
+    every record of .bak's journal (one above both), and every state-file copy in quarantine (each was replaced
+    by a later save or recovery; a save that finds the file damaged quarantines it and leaves .bak older, whose
+    journal's fold record then names only the quarantined generation: issue 15.4 attack)."""
+    floor = max(
+        (max(g, c.first_rev) + 1 for c in copies if c.path == cfg.bak_path and (g := c.generation) is not None), default=0
+    )
+    if options is not None:
+        q = quarantined_max(cfg, options, trusted=max(known, floor), slack=CLAIM_SLACK, journals=False)
+        floor = max(floor, q + 1 if q else 0)
+    return floor
+
+
+def quarantined_max(cfg: StateConfig, options: _statefile.ReadOptions, *, trusted: int, slack: int, journals: bool = True) -> int:
     """The highest generation (state-file copies' headers) or revision (journal copies' records) in the
-    state file's quarantine folder; a header above *trusted* + *slack* is not believed."""
+    state file's quarantine folder; a header above *trusted* + *slack* is not believed. *journals* False:
+    state-file copies only (each was replaced by a later save or recovery, so the state file is above it)."""
     qdir = cfg.quarantine_dir
     try:
         names = fs.listdir(qdir)
@@ -115,6 +131,8 @@ def quarantined_max(cfg: StateConfig, options: _statefile.ReadOptions, *, truste
             continue
         path = qdir / name
         if name.startswith(journal_prefix):
+            if not journals:
+                continue
             rev = journal_max_rev(path, options)
             if rev <= min(trusted + slack, _jformat.MAX_BASE):  # as for headers below (a keyless planted record)
                 best = max(best, rev)
