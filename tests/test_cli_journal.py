@@ -78,6 +78,10 @@ def journaled_state(state_dir: Path, key: bytes) -> None:
             m.set_symbol_metadata("A", {"n": 2})
 
 
+#: The first record of that journal: A=1 and B=2 were records 1 and 2, the save's fold record 3 (issue 15.4).
+FIRST_RECORD = 4
+
+
 @pytest.fixture
 def state(tmp_path: Path, key: bytes) -> Path:
     journaled_state(tmp_path / "state", key)
@@ -162,7 +166,7 @@ def test_show_refuses_a_damaged_journal(state: Path, key_file: Path) -> None:
     r = run([*keyed(state, key_file), "show"])
     assert r.exit_code == 1
     line = err_line(r)
-    assert line.startswith(f"Error: {journal}: record 3 at byte {jf.HEADER_SIZE} is damaged")
+    assert line.startswith(f"Error: {journal}: record {FIRST_RECORD} at byte {jf.HEADER_SIZE} is damaged")
     assert "`posstate repair --dry-run`" in line and "--snapshot-only" in line
     assert run([*keyed(state, key_file), "export", "--out", "-"]).exit_code == 1
     src = _import_doc(state.parent)
@@ -220,7 +224,9 @@ def test_validate_damaged_middle_exit_1(state: Path, key_file: Path) -> None:
     assert any(x.startswith("  FAIL  journal") for x in r.stdout.splitlines())
     assert r.stdout.splitlines()[-1] == "INVALID"
     line = err_line(r)
-    assert line.startswith(f"Error: {state / 'positions.json.journal'}: record 3 at byte {jf.HEADER_SIZE} is damaged")
+    assert line.startswith(
+        f"Error: {state / 'positions.json.journal'}: record {FIRST_RECORD} at byte {jf.HEADER_SIZE} is damaged"
+    )
     assert line.endswith("see what it would choose with `posstate repair --dry-run`")
     j = json.loads(run([*keyed(state, key_file), "validate", "--json"]).stdout)
     assert j["valid"] is False and j["checks"][-1]["ok"] is False
@@ -468,7 +474,9 @@ def test_history_without_journal_and_damaged(tmp_path: Path, key: bytes, key_fil
     flip_middle_record(state / "positions.json.journal")
     bad = run([*keyed(state, key_file), "history"])
     assert bad.exit_code == 1
-    assert err_line(bad).startswith(f"Error: {state / 'positions.json.journal'}: record 3 at byte {jf.HEADER_SIZE} is damaged")
+    assert err_line(bad).startswith(
+        f"Error: {state / 'positions.json.journal'}: record {FIRST_RECORD} at byte {jf.HEADER_SIZE} is damaged"
+    )
 
 
 # ------------------------------------------------------------------------------------------ doctor

@@ -103,6 +103,9 @@ class _Candidate:
     checksum: str | None = None
     max_rev: int = 0
     changed_ms: int | None = None  # time of the newest journal record replayed onto it, if any
+    first_rev: int = 0  # the highest revision replayed from the journal its snapshot names (not later segments)
+    covered: int = 0  # the newest generation a fold record shows this copy holds in full (issue 15.4)
+    fold_seen: int = 0  # the newest generation a fold record of its journal names (held or not)
 
     @property
     def newest_ms(self) -> int | None:
@@ -199,7 +202,7 @@ def _attempt(files: StateFiles, error: PosStateError, attempts: int) -> Recovery
         cands.append(mem)
     cands += _file_candidates(cfg, files.read, files.check_account)
     journal_rev = _journal_rev(cfg, files.read)
-    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=journal_rev)
+    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=journal_rev, options=files.read)
     if best is None:
         raise UnrecoverableStateError(path, listing)
     blind = _blind(cands, cfg, main_header(path, cfg.clock_skew))  # before the damaged file is moved
@@ -291,20 +294,22 @@ def _with_journal(cand: _Candidate, cfg: StateConfig, options: _statefile.ReadOp
     chain = _jfiles.segment_chain(cfg.journal_path, cfg.legacy_journal_path, cand.state.journal)  # issue 14: segments
     if not any(fs.exists(p) for p in chain):
         return cand
-    applied, max_rev, stopped = _records.replay_chain(
-        chain, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption
+    r = _records.replay_detail(
+        chain, keyring=options.keyring, state=cand.state, require_encryption=options.require_encryption, folds=True
     )
-    if applied:  # records are applied in sequence from the one after the snapshot's, without gaps
+    cand.first_rev, cand.covered, cand.fold_seen = r.first_rev, r.covered, r.seen
+    if r.applied:  # records are applied in sequence from the one after the snapshot's, without gaps
         first = int(cand.state.journal.get("seq", 0)) + 1
-        cand.changed_ms = max((times[q] for q in range(first, first + applied) if q in times), default=None)
-    if applied or stopped.startswith(("byte", "record")):
-        cand.rank, cand.max_rev = applied, max_rev
-        cand.name = f"{cand.name} + {applied} journal records" + (f" (replay stopped at {stopped})" if stopped else "")
+        cand.changed_ms = max((times[q] for q in range(first, first + r.applied) if q in times), default=None)
+    if r.applied or r.stopped.startswith(("byte", "record")):
+        cand.rank, cand.max_rev = r.applied, r.max_rev
+        cand.name = f"{cand.name} + {r.applied} journal records" + (f" (replay stopped at {r.stopped})" if r.stopped else "")
+    cand.name += f" (all of generation {cand.covered}, its fold record shows)" if cand.covered else ""
     return cand
 
 
 def _select(
-    cands: list[_Candidate], cfg: StateConfig, reason: str, *, journal_rev: int = 0
+    cands: list[_Candidate], cfg: StateConfig, reason: str, *, journal_rev: int = 0, options: _statefile.ReadOptions | None = None
 ) -> tuple[_Candidate | None, list[tuple[str, str]], int | None]:
     """The copy recovery uses (None: none eligible), every candidate with its verdict, the newest generation known.
 
@@ -326,11 +331,10 @@ def _select(
         known.append(claimed)
     newest_gen = max((g for g, _ in known), default=None)
     # Journal records are acknowledged changes, each at its own revision (issue 15.4): the newest one known
-    # counts whether or not any copy can replay it.
-    revs = [c.max_rev for c in cands] + [journal_rev]
+    # counts whether or not any copy can replay it; so does the generation a fold record names.
+    revs = [max(c.max_rev, c.fold_seen) for c in cands] + [journal_rev]
     if _blind(cands, cfg, claimed):
-        # The damaged state file tells no generation, but it replaced its .bak: it was at least one above it.
-        revs += [g + 1 for c in cands if c.path == cfg.bak_path and (g := c.generation) is not None]
+        revs.append(_seen.blind_floor(cands, cfg, options, known=max([*revs, newest_gen or 0])))
     if max(revs) > (newest_gen or 0):
         newest_gen = max(revs)
     valid = [c for c in cands if c.state is not None]
@@ -338,10 +342,10 @@ def _select(
         return None, [(c.name, c.verdict or "not usable") for c in cands], newest_gen
     best = max(valid, key=lambda c: (c.generation or 0, c.rank, c.path == path, c.name != cfg.bak_path.name))
     best_ms = best.newest_ms
-    # What choosing *best* would lose: every newer generation known, and every journal record after the last
-    # one it holds (sequence numbers go on across journals). Memory holds every acknowledged change.
-    lost_ms = [ms for g, ms in known if g > (best.generation or 0)]
-    if claimed is not None and claimed[0] >= (best.generation or 0) and best.path != path:
+    # What choosing *best* would lose: every newer generation known that no fold record shows it holds, and every
+    # journal record after the last one it holds (sequence numbers go on across journals). Memory holds all.
+    lost_ms = [ms for g, ms in known if g > max(best.generation or 0, best.covered)]
+    if claimed is not None and claimed[0] >= (best.generation or 0) and claimed[0] > best.covered and best.path != path:
         lost_ms.append(claimed[1])  # the damaged file is at least as new as the copy that replaces it
     if best.name != "memory" and best.state is not None:
         held = int((best.state.journal or {}).get("seq", 0)) + (best.rank if best.changed_ms is not None else 0)
@@ -399,7 +403,7 @@ def plan(
     takes no lock, moves and writes nothing. *check* refuses another account's state (as the manager does).
     """
     cands = _file_candidates(cfg, options, check or (lambda _state: None))
-    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=_journal_rev(cfg, options))
+    best, listing, newest_gen = _select(cands, cfg, reason, journal_rev=_journal_rev(cfg, options), options=options)
     if best is None or best.state is None:
         return RecoveryPlan(reason, None, None, None, None, tuple(listing))
     lost = _lost(newest_gen, best)

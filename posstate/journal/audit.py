@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError, StateNotFoundError
 from posstate.journal import format as jf
+from posstate.journal.files import gap_after_missing
 from posstate.journal.records import read_records
 from posstate.model import ops as jops
 from posstate.model.document import StateData
@@ -101,11 +102,13 @@ def history(
     paths = list(segments) if segments else [config.journal_path if path is None else path]
     header: jf.JournalHeader | None = None
     records: list[Any] = []
+    gap_base: int | None = None  # the snapshot's journal has no file: where the segment after it starts
     for i, seg in enumerate(paths):  # the snapshot's journal, then a segment linked to it (issue 14)
         try:
             data = fs.read_file(seg)
         except FileNotFoundError:
             if i == 0 and len(paths) > 1:
+                gap_base = -1
                 continue
             break
         except OSError as exc:  # a FIFO, a directory, a device planted as the journal; a read error
@@ -113,6 +116,7 @@ def history(
                 seg, operation="read journal", cause=exc, outcome="nothing was changed", next_step=_UNREADABLE_JOURNAL
             ) from exc
         h, recs, _ = read_records(data, path=seg, keyring=keyring, require_encryption=require_encryption)
+        gap_base = h.base_seq if gap_base == -1 else gap_base
         header = header or h
         records.extend(recs)
     if header is None:
@@ -129,11 +133,16 @@ def history(
                 require_encryption=require_encryption,
             ),
         )
+        gap = gap_after_missing(loaded.state.journal, paths[1], gap_base) if gap_base is not None else None
         if loaded.state.journal is not None and loaded.state.journal.get("id") == header.id_hex:
             st = loaded.state
             snap_seq = int(loaded.state.journal["seq"])
     except (StateNotFoundError, CorruptStateError, SchemaValidationError):
-        pass  # no usable snapshot: the changes are still listed, with old values unknown
+        gap = None  # no usable snapshot: the changes are still listed, with old values unknown
+    if gap is not None:  # issue 15 attack: the snapshot's journal is missing and the segment starts past it
+        raise CorruptStateError(
+            paths[1], gap, next_step="see what a load would recover with `posstate repair --dry-run`", kind="journal"
+        )
     out: list[HistoryEntry] = []
     for rec, ops in records:
         known = st is not None and rec.seq > snap_seq

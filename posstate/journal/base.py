@@ -115,6 +115,9 @@ class JournalBase:
         self.rotating = False
         self._pre: dict[tuple[str, Any], Undo] | None = None
         self.fold_needed = False
+        #: The highest generation a fold record past the snapshot names (journal/fold.py; 0: none): a load
+        #: keeps every later generation above it.
+        self.fold_seen = 0
 
     @property
     def journal_id(self) -> str | None:

@@ -26,7 +26,7 @@ from posstate.core.errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
-from posstate.journal.files import segment_chain
+from posstate.journal.files import gap_after_missing, segment_chain
 from posstate.journal.records import read_records, replay_chain
 from posstate.model import document as _document
 from posstate.model import ops as jops
@@ -110,12 +110,14 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
     last_applied: int | None = None
     last_journal: str | None = None
     notes: tuple[str, ...] = ()
+    missing = False
     for i, path in enumerate(chain):
         try:
             data = fs.read_file(path)
         except FileNotFoundError:
             if len(chain) > 1 and i == 0:
-                continue  # the snapshot's journal had no record past it; the next segment links to its id
+                missing = True
+                continue  # the snapshot's journal has no file; the next segment links to its id
             return Current(
                 loaded=loaded, state=state, applied=applied, last_seq=last_applied, max_rev=max_rev, last_journal=last_journal
             )
@@ -136,6 +138,15 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
             )
             return Current(loaded=loaded, state=state, applied=a, max_rev=r, error=exc)
         last = records[-1][0].seq if records else header.base_seq
+        if missing and i == 1 and (gap := gap_after_missing(snap, path, header.base_seq)) is not None:
+            err = CorruptStateError(
+                path,
+                gap,
+                next_step="a load moves the segment to quarantine and recovers; see what it would choose with "
+                "`posstate repair --dry-run`",
+                kind="journal",
+            )
+            return Current(loaded=loaded, state=state, error=err)
         if i == 0 and header.id_hex != snap.get("id"):
             if last > snap_seq:
                 err = CorruptStateError(
@@ -150,7 +161,7 @@ def read_current(config: StateConfig, options: _statefile.ReadOptions) -> Curren
             # An older journal the snapshot holds in full: normal between a save and the next change.
             return Current(loaded=loaded, state=state)
         for rec, ops in records:
-            if rec.seq <= snap_seq:
+            if rec.seq <= snap_seq or not ops:  # not ops: a fold record, no change (journal/fold.py)
                 continue
             for op in ops:
                 jops.apply(state, {}, op)

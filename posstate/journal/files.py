@@ -93,6 +93,21 @@ def segment_chain(path: Path, legacy: Path | None, snapshot_journal: dict[str, A
     return [first]
 
 
+def gap_after_missing(snapshot_journal: dict[str, Any] | None, segment: Path, base_seq: int) -> str | None:
+    """The snapshot's own journal file is missing and *segment* (linked to its id) starts at *base_seq*: the
+    reason to report when that is past the snapshot's sequence number (the missing file held acknowledged
+    records the segment does not), else None. Replaying the segment onto the snapshot would skip them."""
+    snap = snapshot_journal or {}
+    snap_seq = int(snap.get("seq", 0))
+    if base_seq <= snap_seq:
+        return None
+    span = f"record {snap_seq + 1}" if base_seq == snap_seq + 1 else f"records {snap_seq + 1}-{base_seq}"
+    return (
+        f"the snapshot's journal {snap.get('id')} is missing, and segment {segment.name} starts after record "
+        f"{base_seq}: {span} (acknowledged) are missing"
+    )
+
+
 def journal_files_of(path: Path, legacy: Path | None, snapshot_journals: Sequence[dict[str, Any] | None]) -> list[Path]:
     """The journal files on disk that belong to this state file, for moving aside (recovery, repair, restore):
     *path* if it exists, and the old name *legacy* when :func:`journal_file` picks it for any of
@@ -140,7 +155,8 @@ def record_times(*paths: Path | None) -> dict[int, int]:
         except (OSError, jf.JournalProblem):
             continue
         for rec in jf.scan(data, header).records:
-            times[rec.seq] = max(rec.time_ms, times.get(rec.seq, 0))
+            if rec.kind != jf.KIND_FOLD:  # a fold record is not a change (journal/fold.py)
+                times[rec.seq] = max(rec.time_ms, times.get(rec.seq, 0))
     return times
 
 

@@ -62,8 +62,8 @@ MAX_BASE = (MAX_COUNTER + 1) // 2
 FLAG_ENCRYPTED = 0x01
 FLAG_PASSPHRASE = 0x02
 FLAG_LINKED = 0x04  # version 4 only: the header names the segment before this one
-KIND_OP = 1
-KIND_TRANSACTION = 2
+KIND_OP, KIND_TRANSACTION = 1, 2
+KIND_FOLD = 3  # not a change: what a durable save's snapshot holds (journal/fold.py, issue 15.4)
 _SUBKEY_LABEL = b"posstate/journal-key/v1"
 _HEAD = struct.Struct(">6sHHBB4s16s8s16sQQQ8x")  # 88 bytes, then 8 bytes of checksum
 _LENGTH = struct.Struct(">II")  # length, crc32(length field): the same in both versions
@@ -351,7 +351,7 @@ def _frame_at(data: bytes, off: int, head: int) -> tuple[RawRecord | None, str, 
     if not intact:
         return None, _LENGTH_OK[1], False
     seq, gen, t, kind = _BODY.unpack_from(body, 0)
-    if kind not in (KIND_OP, KIND_TRANSACTION):
+    if kind not in (KIND_OP, KIND_TRANSACTION, KIND_FOLD):
         return None, f"unknown record kind {kind}", True
     return (
         RawRecord(

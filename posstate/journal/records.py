@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,9 @@ from posstate.core.errors import (
     UnsupportedVersionError,
     WrongKeyError,
 )
+from posstate.journal import fold as _fold
 from posstate.journal import format as jf
+from posstate.journal.files import gap_after_missing
 from posstate.model import ops as jops
 from posstate.model.document import StateData
 from posstate.model.ops import Op
@@ -47,7 +50,11 @@ def encode(ops: Sequence[Op]) -> tuple[int, bytes]:
 
 def decode(plain: bytes, rec: jf.RawRecord, *, path: Path) -> list[Op]:
     """The operations of a record's authenticated payload *plain*; CorruptStateError(kind="journal") when it
-    is not a valid operation list (what :func:`encode` writes)."""
+    is not a valid operation list (what :func:`encode` writes). A fold record (journal/fold.py) holds none."""
+    if rec.kind == jf.KIND_FOLD:
+        if _fold.decode_fold(plain) is None:
+            raise _journal_error(path, f"record {rec.seq} is not a valid fold record")
+        return []
     try:
         raw_ops = orjson.loads(plain)
     except orjson.JSONDecodeError:
@@ -70,12 +77,18 @@ def _journal_error(path: Path, reason: str) -> CorruptStateError:
 
 
 def read_records(
-    data: bytes, *, path: Path, keyring: Keyring | None, require_encryption: bool = False
+    data: bytes,
+    *,
+    path: Path,
+    keyring: Keyring | None,
+    require_encryption: bool = False,
+    folds: list[tuple[int, int]] | None = None,
 ) -> tuple[jf.JournalHeader, list[tuple[jf.RawRecord, list[Op]]], jf.Scan]:
     """Parse, authenticate and validate a whole journal. Damage before the last record raises
     CorruptStateError(kind="journal"); a torn last record is reported in the returned Scan, not raised.
     With *require_encryption* (encryption on) a plaintext journal is WrongKeyError, as a plaintext state
-    file is: anyone can write one, so its records are never trusted."""
+    file is: anyone can write one, so its records are never trusted. A fold record comes with no operation;
+    *folds* gets (sequence number, generation it names) of each."""
     try:
         header = jf.parse_header(data)
     except jf.JournalTooNew as exc:
@@ -104,7 +117,36 @@ def read_records(
                 "copy of this journal); replay stopped there",
             )
         out.append((rec, decode(plain, rec, path=path)))
+        if folds is not None and rec.kind == jf.KIND_FOLD and (fold := _fold.decode_fold(plain)) is not None:
+            folds.append((rec.seq, fold[0]))
     return header, out, sc
+
+
+#: Fold records a read-only replay checks against the state it built (each costs a digest of the whole state).
+MAX_FOLD_CHECKS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a read-only replay did: records applied, the highest revision applied (all segments, and the
+    first segment alone), what stopped it ("" for nothing), and each fold record it reached after the
+    snapshot (journal/fold.py): (generation, True when the state replayed so far has the digest it names)."""
+
+    applied: int = 0
+    max_rev: int = 0
+    stopped: str = ""
+    first_rev: int = 0
+    folds: tuple[tuple[int, bool], ...] = ()
+
+    @property
+    def covered(self) -> int:
+        """The highest generation a fold record shows the replayed state holds in full (0: none)."""
+        return max((g for g, same in self.folds if same), default=0)
+
+    @property
+    def seen(self) -> int:
+        """The highest generation a fold record names, whether or not the replay holds it (0: none)."""
+        return max((g for g, _ in self.folds), default=0)
 
 
 def replay_prefix(
@@ -117,8 +159,8 @@ def replay_prefix(
     another snapshot, its header cannot be read, or (*require_encryption*) it is not encrypted. A record is
     applied whole or not at all.
     """
-    applied, max_rev, stopped, _ = _replay_one(path, keyring=keyring, state=state, require_encryption=require_encryption)
-    return applied, max_rev, stopped
+    r = replay_detail([path], keyring=keyring, state=state, require_encryption=require_encryption, chain=False)
+    return r.applied, r.max_rev, r.stopped
 
 
 def replay_chain(
@@ -128,22 +170,48 @@ def replay_chain(
     file is the snapshot's journal, each later one must link to the one before it (format 4 header) and
     is replayed only when the one before it was replayed to its end. A first file missing (the snapshot's
     journal had no record past it) is skipped when the next one links to the snapshot's journal id."""
-    applied = max_rev = 0
+    r = replay_detail(paths, keyring=keyring, state=state, require_encryption=require_encryption)
+    return r.applied, r.max_rev, r.stopped
+
+
+def replay_detail(
+    paths: Sequence[Path],
+    *,
+    keyring: Keyring | None,
+    state: StateData,
+    require_encryption: bool = False,
+    chain: bool = True,
+    folds: bool = False,
+) -> Replay:
+    """:func:`replay_chain` (or, *chain* False, :func:`replay_prefix` of ``paths[0]``) with what it did in
+    full. With *folds*, each fold record reached is checked against the state replayed so far (O(state)
+    once per fold record: recovery only); without, fold records are skipped."""
+    applied = max_rev = first_rev = 0
+    found: list[tuple[int, bool]] = []
     prev: jf.JournalHeader | bytes | None = None
     for i, path in enumerate(paths):
-        if i == 0 and len(paths) > 1 and not fs.exists(path):
+        if chain and i == 0 and len(paths) > 1 and not fs.exists(path):
             want = (state.journal or {}).get("id")
             prev = bytes.fromhex(want) if isinstance(want, str) else None
             continue
         a, r, stopped, header = _replay_one(
-            path, keyring=keyring, state=state, require_encryption=require_encryption, after=prev, segment=i > 0
+            path,
+            keyring=keyring,
+            state=state,
+            require_encryption=require_encryption,
+            after=prev,
+            segment=i > 0,
+            folds=found if folds else None,
         )
         applied += a
         max_rev = max(max_rev, r)
+        if i == 0:
+            first_rev = r
         if stopped:
-            return applied, max_rev, stopped + (f" (segment {path.name})" if i > 0 else "")
+            where = f" (segment {path.name})" if i > 0 else ""
+            return Replay(applied, max_rev, stopped + where, first_rev, tuple(found))
         prev = header
-    return applied, max_rev, ""
+    return Replay(applied, max_rev, "", first_rev, tuple(found))
 
 
 def _replay_one(
@@ -154,6 +222,7 @@ def _replay_one(
     require_encryption: bool,
     after: jf.JournalHeader | bytes | None = None,
     segment: bool = False,
+    folds: list[tuple[int, bool]] | None = None,
 ) -> tuple[int, int, str, jf.JournalHeader | None]:
     try:
         data = fs.read_file(path)
@@ -168,6 +237,10 @@ def _replay_one(
     except jf.JournalProblem as exc:
         return 0, 0, f"journal header damaged ({exc})", None
     snap = state.journal or {}
+    if segment and isinstance(after, bytes):  # the snapshot's journal has no file: the segment must start at the snapshot
+        gap = gap_after_missing(snap, path, header.base_seq)
+        if gap is not None:
+            return 0, 0, gap, None
     if segment:  # a later segment: it must continue the one replayed before it
         linked = (
             header.follows(after)
@@ -190,6 +263,17 @@ def _replay_one(
         plain = sealer.open(rec)
         if plain is None:
             return applied, max_rev, f"record {rec.seq} fails authentication", header
+        if rec.kind == jf.KIND_FOLD:  # not a change: what the next snapshot held (journal/fold.py)
+            fold = _fold.decode_fold(plain)
+            if fold is None:
+                return applied, max_rev, f"record {rec.seq} is not a valid fold record", header
+            if folds is not None and rec.seq > snap_seq:
+                # One digest is O(state): a genuine journal holds one or two fold records past a snapshot, a
+                # planted plaintext one could hold thousands. Past the bound a fold record only names its
+                # generation (seen, never "held": the count errs on the high side).
+                held = len(folds) < MAX_FOLD_CHECKS and _fold.state_digest(state) == fold[1]
+                folds.append((fold[0], held))
+            continue
         try:
             raw_ops = orjson.loads(plain)
             if type(raw_ops) is not list or not raw_ops:

@@ -15,7 +15,7 @@ from posstate.core.errors import (
     PersistenceError,
 )
 from posstate.journal import format as jf
-from posstate.journal.files import _header_id, _temp_seq, next_path, segment_chain
+from posstate.journal.files import _header_id, _temp_seq, gap_after_missing, next_path, segment_chain
 from posstate.journal.records import _journal_error, read_records
 from posstate.journal.rotation import JournalRotation
 from posstate.model import ops as jops
@@ -53,6 +53,7 @@ class JournalRecover(JournalRotation):
         self.rotating = False
         self._pre = None
         self.fold_needed = False
+        self.fold_seen = 0
         snap = st.journal or {}
         chain = segment_chain(self.path, self._legacy, st.journal)
         src = chain[0]
@@ -70,10 +71,12 @@ class JournalRecover(JournalRotation):
             return 0
         except OSError as exc:
             raise PersistenceError(src, operation="read journal", cause=exc) from exc
+        folds: list[tuple[int, int]] = []
         header, records, sc = read_records(
-            data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None
+            data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None, folds=folds
         )
         last = records[-1][0].seq if records else header.base_seq
+        self._saw_folds(folds, snap_seq)
         if header.id_hex != snap.get("id"):
             if last > snap_seq:
                 raise _journal_error(
@@ -141,23 +144,27 @@ class JournalRecover(JournalRotation):
         max_rev = 0
         first = 0
         prev_last: int | None = None
-        ours = False
+        ours = missing = False
         replayed_here = False
         for i, src in enumerate(chain):
             try:
                 data = fs.read_file(src)
             except FileNotFoundError:
                 if i == 0:
-                    ours = True  # the snapshot's journal has no file (no record after it): its successor is ours
+                    ours = missing = True  # the snapshot's journal has no file: its successor is ours
                     prev_last = snap_seq
                     continue
                 raise PersistenceError(src, operation="read journal segment", cause=FileNotFoundError(2, "missing")) from None
             except OSError as exc:
                 raise PersistenceError(src, operation="read journal", cause=exc) from exc
+            folds: list[tuple[int, int]] = []
             header, records, sc = read_records(
-                data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None
+                data, path=src, keyring=self._read_keyring, require_encryption=self._write_keyring is not None, folds=folds
             )
             last = records[-1][0].seq if records else header.base_seq
+            self._saw_folds(folds, snap_seq)
+            if missing and i == 1 and (gap := gap_after_missing(snap, src, header.base_seq)) is not None:
+                raise _journal_error(src, gap)  # never replayed over the hole: recovery reports what is lost
             ours = ours or header.id_hex == snap.get("id")
             if not ours and last > snap_seq:
                 raise _journal_error(
@@ -191,11 +198,16 @@ class JournalRecover(JournalRotation):
         log.info("%s: replayed %d journal segments of an unfinished compaction; the load folds them", self.path, len(chain))
         return max_rev
 
+    def _saw_folds(self, folds: list[tuple[int, int]], snap_seq: int) -> None:
+        """Fold records past the snapshot (its .bak put back over it by hand): the generations they name were
+        durable saves; no later number may name another content (issue 15.4), so the load keeps them seen."""
+        self.fold_seen = max([self.fold_seen] + [g for q, g in folds if q > snap_seq])
+
     def _apply_after(self, st: StateData, records: Any, snap_seq: int, max_rev: int, first: int) -> tuple[int, int]:
         """Apply to *st* the records after the snapshot's sequence number *snap_seq*; returns the highest
         revision seen and the first sequence number applied (each carried over from *max_rev*, *first*)."""
         for rec, ops in records:
-            if rec.seq <= snap_seq:
+            if rec.seq <= snap_seq or not ops:  # not ops: a fold record, no change (journal/fold.py)
                 continue
             for op in ops:
                 jops.apply(st, {}, op)

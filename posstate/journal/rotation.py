@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
 from posstate.core.errors import (
     PersistenceError,
+    PosStateError,
 )
+from posstate.journal import fold as _fold
 from posstate.journal import format as jf
 from posstate.journal.files import next_path
 from posstate.journal.groupsync import JournalGroupSync
@@ -30,11 +33,27 @@ _FIRST_PAD = 64 * 1024  # zeros written with a new journal's first record (see J
 
 
 class Rotation:
-    """A compaction in progress: the snapshot being written names the next journal (*header*)."""
+    """A compaction in progress: the snapshot being written names the next journal (*header*). With
+    *fold_seq*, the journal it folds in gets a fold record of that number once it is durable (journal/fold.py):
+    the save hands over the document it encodes (:meth:`observe`) for the record's digest."""
 
-    def __init__(self, journal: JournalRotation, header: jf.JournalHeader | None) -> None:
+    def __init__(
+        self, journal: JournalRotation, header: jf.JournalHeader | None, *, fold_seq: int = 0, generation: int = 0
+    ) -> None:
         self._journal = journal
         self._header = header
+        self._fold_seq = fold_seq
+        self._generation = generation
+        self._digest: str | None = None
+
+    @property
+    def wants_document(self) -> bool:
+        """True when :meth:`observe` should be given the document the snapshot is encoded from."""
+        return self._fold_seq > 0
+
+    def observe(self, doc: dict[str, Any]) -> None:
+        """The document the snapshot is encoded from (``build_document``): its digest goes into the fold record."""
+        self._digest = _fold.content_digest(doc)
 
     def abort(self) -> None:
         """The snapshot write failed. It may still have been renamed into place (a failed directory fsync
@@ -43,6 +62,8 @@ class Rotation:
 
     def finish(self) -> None:
         """Called once the snapshot is durable. Never raises."""
+        if self._fold_seq and self._digest is not None:
+            self._journal._write_fold(self._fold_seq, self._generation, self._digest)
         self._journal._install(self._header)
 
 
@@ -63,9 +84,54 @@ class JournalRotation(JournalGroupSync):
             st.journal = {"id": self._header.id_hex, "seq": self._last_seq}
             return Rotation(self, None)
         self.drain()
+        fold_seq = 0
+        if self._can_fold():
+            # The fold record's number is handed out now, so the snapshot holds it (every record of the old
+            # journal stays at or below the snapshot's sequence number) and the next journal starts after it.
+            fold_seq = self._last_seq = self._last_seq + 1
         header = self._header_for(None, st.generation)
         st.journal = {"id": header.id_hex, "seq": self._last_seq}
-        return Rotation(self, header)
+        return Rotation(self, header, fold_seq=fold_seq, generation=st.generation)
+
+    def _can_fold(self) -> bool:
+        """May a fold record be appended to the open journal after this save? Only to a journal this manager
+        appends to and that nothing made unusable (a failed write or sync, a group sync failure), that is the
+        journal's own file (not a ``.next`` segment, which the save removes) and whose records are chained."""
+        header = self._header
+        return (
+            self._fd is not None
+            and self._sealer is not None
+            and header is not None
+            and header.appendable
+            and not self._needs_rotation
+            and self._next_header is None
+            and self._target == self.path
+            and not self.rotating
+            and self._failure is None
+        )
+
+    def _write_fold(self, seq: int, generation: int, digest: str) -> None:
+        """Append the fold record *seq* (journal/fold.py), without a sync of its own: a save costs the syncs
+        it did before, and the page cache writes the record back within seconds. Never raises: without the
+        record (a failed write, or a power cut before the write-back, leaves none or a torn tail, which readers
+        cut) a recovery only counts the save as lost, as before: the error is on the safe side."""
+        fd, sealer, header = self._fd, self._sealer, self._header
+        if fd is None or sealer is None or header is None:
+            return
+        try:
+            with self._cond:
+                if self.guard is not None:
+                    self.guard()
+                frame = sealer.frame(
+                    seq=seq,
+                    generation=header.base_generation,
+                    time_ms=int(time.time() * 1000),
+                    kind=jf.KIND_FOLD,
+                    payload=_fold.encode_fold(generation, digest),
+                )
+                fs.pwrite_all(fd, frame, self._end)
+        except (OSError, PosStateError) as exc:
+            log.warning("%s: could not write the fold record of generation %s (%s)", self.path, generation, exc)
 
     def rotate(self, generation: int) -> dict[str, Any] | None:
         """Start a new segment (issue 14): the next record creates ``<journal>.next``, whose header links to

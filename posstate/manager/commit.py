@@ -150,6 +150,7 @@ class DurableCommit(StateLoading):
                 keyring=self._write_keyring,
                 compression_level=self.config.compression_level if self.config.compression else None,
                 entries=entries,
+                on_document=rotation.observe if rotation is not None and rotation.wants_document else None,
             )
             self._highest_generation = generation
             saved = st

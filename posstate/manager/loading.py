@@ -162,7 +162,7 @@ class StateLoading(ManagerCore):
         self._adopt(loaded.state, loaded.checksum)
         # Journal records replayed: memory is ahead of the snapshot, and later generations must exceed their revs.
         self._dirty = replayed_rev > 0
-        self._highest_generation = max(self._highest_generation, replayed_rev - 1)
+        self._highest_generation = max(self._highest_generation, replayed_rev - 1, self._journal.fold_seen)
         return loaded.state
 
     def _recovered(self, exc: PosStateError, started: float) -> StateData:

@@ -60,6 +60,23 @@ def _following(journal_path: Path, header: jf.JournalHeader) -> Segment | None:
     return Segment(data, nh, tuple(jf.scan(data, nh).records))
 
 
+def _orphan(journal_path: Path, generation: int | None) -> Segment | None:
+    """A ``.next`` segment of a later generation while the journal it continues is missing (issue 15 attack):
+    its records were acknowledged, but shipping them without the records before would leave a hole in the
+    replica. Never shipped; returned so that the lag counts them (``replica status``, ``replicaLagging``); the
+    bot's next load reports the damage."""
+    if generation is None or fs.exists(journal_path):
+        return None
+    try:
+        data = fs.read_file(next_path(journal_path), max_size=None)
+        nh = jf.parse_header(data)
+    except (OSError, jf.JournalProblem):
+        return None
+    if nh.base_generation <= generation:
+        return None
+    return Segment(data, nh, tuple(jf.scan(data, nh).records))
+
+
 def read_local(state_path: Path, journal_path: Path) -> LocalFiles:
     """Read the state file, then its journal; a journal of another generation than the snapshot is left out
     (an older one is folded into the snapshot; a newer one means a save ran between the two reads)."""
@@ -85,7 +102,7 @@ def read_local(state_path: Path, journal_path: Path) -> LocalFiles:
             return LocalFiles(snap, gen, data, header, jf.scan(data, header).records)
         break
     else:
-        return LocalFiles(snap, gen, None, None, ())
+        return LocalFiles(snap, gen, None, None, (), _orphan(journal_path, gen))
     return LocalFiles(snap, gen, data, header, jf.scan(data, header).records, _following(journal_path, header))
 
 

@@ -154,9 +154,12 @@ def encode(
     entries: dict[Any, Any] | None = None,
     now_ms: int | None = None,
     pause: Callable[[], None] | None = None,
+    on_document: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[StateData, _codec.Encoded]:
     """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes.
-    *pause*: serialize a slice of positions at a time and call it between slices (the same bytes; issue 14.3)."""
+    *pause*: serialize a slice of positions at a time and call it between slices (the same bytes; issue 14.3).
+    *on_document* (not with *pause*): called with the document dict before it is serialized (issue 15.4: a
+    save's fold record digests it)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     state.written_at = _document.utc_text(now_ms)
     import socket  # loaded on the first save, not when posstate is imported
@@ -169,7 +172,10 @@ def encode(
         # meanwhile, as for a load: these objects hold no cycle and are freed by reference counting, but a
         # collection triggered while they are made would walk the whole state in memory for nothing.
         with _document.pause_gc():
-            text = _document.dumps(_document.build_document(state, entries))
+            doc = _document.build_document(state, entries)
+            if on_document is not None:
+                on_document(doc)
+            text = _document.dumps(doc)
     encoded = _codec.encode(
         text,
         generation=state.generation,
