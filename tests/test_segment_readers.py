@@ -50,6 +50,9 @@ def image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     live, img = tmp_path / "live", tmp_path / "image"
     with held(monkeypatch) as gate, PositionStateManager(cfg_of(live), key=KEY) as m:
         m.save()
+        # The first save's backup is taken in the background: wait for it, so the image always holds it (the
+        # restore test picks the oldest backup; copying while it was being written left none, 1 run in ~4).
+        assert m.wait_for_backups(60)
         for i in range(5):
             m.set_position(pos(f"S{i}", i + 1))
         m.set_position(pos("S0", 100))  # the threshold is passed: rotates; this record opens .next
