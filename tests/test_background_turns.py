@@ -220,3 +220,60 @@ def test_compaction_and_prune_share_the_turn_and_both_finish(tmp_path: Path) -> 
     assert _turns._turns.issued == _turns._turns.serving
     with PositionStateManager(cfg, key=KEY) as m2:
         assert m2.load_positions() == want
+
+
+def _memory_backup_dir(d: Path) -> PositionStateManager:
+    cfg = StateConfig.in_dir(d, durability="sync", backup_interval=1e9)
+    m = PositionStateManager(cfg, key=KEY)
+    m.save_positions([pos(i) for i in range(200)])
+    assert m.wait_for_backups(30)
+    for i in range(3):
+        m.set_position(pos(i, 40 + i))  # acknowledged in the journal only: the backup is taken from memory
+    return m
+
+
+def _listing(d: Path) -> list[str]:
+    return sorted(p.name for p in (d / "backups").iterdir())
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["once", "persistent"])
+def test_fault_at_each_operation_of_a_sliced_backup_of_memory(tmp_path: Path, persistent: bool) -> None:
+    """issue 14 tail: EIO at every operation of a background backup of memory (encoded and verified in
+    slices), once and persistent: the state file and journal are untouched, backupFailed or a whole backup,
+    nothing invalid listed, no temp left after the next backup, and every acknowledged change loads."""
+    from posstate.backup import background as _background
+    from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps
+    from posstate.storage import fileops as fs
+
+    m = _memory_backup_dir(tmp_path / "probe")
+    counting = HarnessOps(ignore_threads=frozenset())
+    with fs.use(counting):
+        assert _background.service(m._files)._from_memory("backup") is not None
+    m.close()
+    total = sum(1 for op in counting.ops if op.name in MUTATING_AND_READS)
+    assert total > 5
+    outcomes = set()
+    for k in range(1, total + 1):
+        d = tmp_path / f"k{k}"
+        m = _memory_backup_dir(d)
+        want = m.get_positions()
+        state, journal, before = m.path.read_bytes(), m.config.journal_path.read_bytes(), _listing(d)
+        events: list[dict[str, Any]] = []
+        m.on("backupFailed", events.append)
+        m.on("backupCreated", events.append)
+        ops = HarnessOps(fault=Fault(at=k, persistent=persistent, ops=MUTATING_AND_READS), ignore_threads=frozenset())
+        with fs.use(ops):
+            _background.service(m._files)._from_memory("backup")
+        assert ops.fired >= 1 and events, k
+        outcomes.add(events[-1]["event"])
+        assert m.path.read_bytes() == state and m.config.journal_path.read_bytes() == journal, k
+        for b in m.list_backups():
+            assert b.valid and m.validate_backup(b.id).valid, (k, b.id)
+        if events[-1]["event"] == "backupFailed" and not persistent:
+            assert [n for n in _listing(d) if not n.startswith(".")] == [n for n in before if not n.startswith(".")], k
+        m.create_backup()  # the next backup sweeps a temp the failed one left
+        assert not [n for n in _listing(d) if n.startswith(".")], k
+        m.close()
+        with PositionStateManager(m.config, key=KEY) as again:
+            assert again.load_positions() == want, k
+    assert "backupFailed" in outcomes
