@@ -37,6 +37,7 @@ class _Turns:
         with self.cond:
             ticket = self.issued
             self.issued += 1
+            self.cond.notify_all()  # a holder (or a test) waiting to see someone queue
             while self.serving != ticket:
                 self.cond.wait()
 
