@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -158,9 +159,10 @@ def online(
     )
 
 
-def from_memory(files: StateFiles, *, now: float | None = None) -> BackupInfo | None:
+def from_memory(files: StateFiles, *, now: float | None = None, pause: Callable[[], None] | None = None) -> BackupInfo | None:
     """A new verified backup of the acknowledged state the owner holds in memory (None: nothing loaded, or
-    memory may hold an unacknowledged change). The owner's lock is held only to copy the state."""
+    memory may hold an unacknowledged change). The owner's lock is held only to copy the state. *pause*
+    (the background thread): encode and verify a slice of positions at a time (issue 14.3)."""
     state = files.acknowledged()
     if state is None:
         return None
@@ -172,4 +174,5 @@ def from_memory(files: StateFiles, *, now: float | None = None) -> BackupInfo | 
         compression_level=cfg.compression_level if cfg.compression else None,
         options=files.read,
         now=time.time() if now is None else now,
+        pause=pause,
     )

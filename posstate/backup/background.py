@@ -37,6 +37,7 @@ from posstate.backup import acked as _acked
 from posstate.backup import snapcopy as _snapcopy
 from posstate.backup.verified import VerifiedCache
 from posstate.core.errors import PosStateError
+from posstate.storage import turns as _turns
 
 if TYPE_CHECKING:
     from posstate.backup.backups import BackupInfo
@@ -53,8 +54,9 @@ _create_lock = threading.Lock()
 
 
 def _yield_gil() -> None:
-    """Between two slices of a full check: let the bot's threads take the GIL (issue 14.3)."""
-    time.sleep(0)
+    """Between two slices of a full check or a backup of memory: let the bot's threads take the GIL, and a
+    background compaction waiting for the background turn have it (posstate/storage/turns.py; issue 14.3)."""
+    _turns.pause()
 
 
 def service(files: StateFiles) -> BackupService:
@@ -283,7 +285,9 @@ class BackupService:
     def _from_memory(self, operation: str) -> BackupInfo | None:
         files = self._files
         try:
-            info = _acked.from_memory(files, now=self.clock())
+            # In slices on the backup thread; the close() backup runs on the closing thread: in one go.
+            pause = None if operation == "close" else _yield_gil
+            info = _acked.from_memory(files, now=self.clock(), pause=pause)
         except (PosStateError, OSError) as exc:
             self._failed(exc, "close" if operation == "close" else getattr(exc, "operation", operation))
             return None

@@ -34,6 +34,7 @@ from posstate.storage import codec as _codec
 from posstate.storage import fileops as fs
 from posstate.storage import sliced as _sliced
 from posstate.storage import statefile as _statefile
+from posstate.storage import turns as _turns
 from posstate.storage.crypto import Keyring
 
 log = logging.getLogger("posstate")
@@ -183,7 +184,9 @@ def full_check(
     loaded: _statefile.Loaded | None = None
     try:
         if pause is not None:
-            with _document.pause_gc():  # every slice is freed before the next: no collector pass over the heap
+            # One background turn in the process (posstate/storage/turns.py); every slice is freed before the
+            # next: no collector pass over the heap.
+            with _turns.turn(), _document.pause_gc():
                 _sliced.check_in_slices(info.path, options=options, pause=pause)
         else:
             loaded = _statefile.read(info.path, options=options, what="backup")
@@ -295,6 +298,7 @@ def write_backup(
     now: float | None = None,
     written_at_ms: int | None = None,
     online: bool = False,
+    pause: Callable[[], None] | None = None,
 ) -> BackupInfo:
     """Write *state* as a new timestamped backup, read it back and validate it; return its info.
 
@@ -303,6 +307,8 @@ def write_backup(
     ``written_at`` is *written_at_ms* (when the state was saved) if given; the name records *now*.
     *online*: written without the writer lock (``posstate backups create`` while a bot runs): its temp file
     is named so that the lock holder's sweep leaves it alone while it is young (:func:`sweep_temps`).
+    *pause* (a background thread, issue 14.3): serialize and verify a slice of positions at a time, calling
+    it between slices (the same bytes, the same verdict), never one O(state) call holding the GIL.
     """
     now = time.time() if now is None else now
     now_ms = int(now * 1000)
@@ -312,9 +318,17 @@ def write_backup(
     except OSError as exc:
         raise PersistenceError(backup_dir, operation="create backup directory", cause=exc) from exc
     stamp_ms = now_ms if written_at_ms is None else min(written_at_ms, now_ms)
-    _, encoded = _statefile.encode(state.copy(), keyring=keyring, compression_level=compression_level, now_ms=stamp_ms)
+    if pause is None:
+        _, encoded = _statefile.encode(state.copy(), keyring=keyring, compression_level=compression_level, now_ms=stamp_ms)
+    else:  # only written_at and writer are stamped: a shallow copy keeps *state* as it is, with no O(state) copy
+        with _turns.turn(), _document.pause_gc():
+            _, encoded = _statefile.encode(
+                replace(state), keyring=keyring, compression_level=compression_level, now_ms=stamp_ms, pause=pause
+            )
     try:
-        return _write_verified(encoded, stamp=stamp, stamp_ms=stamp_ms, backup_dir=backup_dir, options=options, online=online)
+        return _write_verified(
+            encoded, stamp=stamp, stamp_ms=stamp_ms, backup_dir=backup_dir, options=options, online=online, pause=pause
+        )
     except PersistenceError:
         raise
     except OSError as exc:
@@ -332,6 +346,7 @@ def _write_verified(
     backup_dir: Path,
     options: _statefile.ReadOptions,
     online: bool = False,
+    pause: Callable[[], None] | None = None,
 ) -> BackupInfo:
     for backup_id in fresh_ids(backup_dir, stamp):
         candidate = backup_dir / file_name(backup_id)
@@ -354,7 +369,11 @@ def _write_verified(
         data = fs.read_file(target)
         if data != encoded.data:
             raise OSError(5, "backup read back differs from what was written")
-        _statefile.parse(data, path=target, options=options)
+        if pause is None:
+            _statefile.parse(data, path=target, options=options)
+        else:
+            with _turns.turn(), _document.pause_gc():
+                _sliced.check_bytes_in_slices(data, path=target, options=options, pause=pause)
     except (OSError, PosStateError) as exc:
         _atomic.quiet_unlink(target)  # our own copy of a state still in memory: redundant by construction
         cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))

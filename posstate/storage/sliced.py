@@ -31,7 +31,7 @@ from posstate.storage import codec as _codec
 from posstate.storage.container import Header
 from posstate.storage.statefile import ReadOptions, read_bytes
 
-__all__ = ["check_in_slices"]
+__all__ = ["check_bytes_in_slices", "check_in_slices"]
 
 _WS = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
 
@@ -52,6 +52,13 @@ def check_in_slices(
     """Verify the state file or backup at *path* as :func:`~posstate.storage.statefile.read` would (the same
     typed errors), a slice of *size* positions at a time, calling *pause* between slices. Returns its header."""
     data = read_bytes(path, what="backup", max_size=options.max_file_bytes)
+    return check_bytes_in_slices(data, path=path, options=options, pause=pause, size=size)
+
+
+def check_bytes_in_slices(
+    data: bytes, *, path: Path, options: ReadOptions, pause: Callable[[], None] = lambda: time.sleep(0), size: int = 16
+) -> Header:
+    """:func:`check_in_slices` of the bytes *data* read from *path* (a backup just written and read back)."""
     header, payload = _codec.decode(data, keyring=options.keyring, path=path, max_document_bytes=options.max_document_bytes)
     if options.require_encryption and not header.encrypted:
         raise WrongKeyError(path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
