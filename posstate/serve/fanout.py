@@ -27,6 +27,12 @@ from posstate.account.types import AccountUpdate, Order
 from posstate.serve.shapes import json_default
 from posstate.serve.view import messages, symbol_of
 
+#: The most message bytes in one batch: a poll's changes past it are sent as several batches (each whole
+#: updates, in order). The websockets client's default ``max_size`` is 1 MiB and a frame over it closes the
+#: connection (1009): one batch per poll would make it up to ``queue_size`` large changes. A single larger change
+#: is a batch of its own, as big as the change.
+MAX_BATCH_BYTES = 512 * 1024
+
 #: One message of a batch: (version, topic, symbol or None, its JSON).
 Item = tuple[int, str, "str | None", bytes]
 
@@ -47,6 +53,11 @@ def batch_text(version: int, parts: Iterable[bytes]) -> str:
     """The ``batch`` message holding the already encoded *parts*."""
     body = b'{"topic":"batch","version":%d,"messages":[%b]}' % (version, b",".join(parts))
     return body.decode("utf-8")
+
+
+def _batch(start: int, end: int, items: list[Item]) -> Batch:
+    version = items[-1][0]
+    return Batch(start, end, version, tuple(items), batch_text(version, (i[3] for i in items)))
 
 
 class Subscription:
@@ -114,15 +125,24 @@ class Fanout:
                         self._orders[str(u.key)] = u.value
             self._end += len(ups)
             return
+        batches: list[Batch] = []
         items: list[Item] = []
-        for u in ups:
-            for message in messages(u, self._orders):
-                items.append((u.version, message["topic"], symbol_of(message), orjson.dumps(message, default=json_default)))
+        size = start = 0
+        for n, u in enumerate(ups):
+            mine = [
+                (u.version, m["topic"], symbol_of(m), orjson.dumps(m, default=json_default)) for m in messages(u, self._orders)
+            ]
+            grown = sum(len(i[3]) + 1 for i in mine)
+            if items and size + grown > MAX_BATCH_BYTES:  # a frame a default client accepts: split between updates
+                batches.append(_batch(self._end + start, self._end + n, items))
+                items, size, start = [], 0, n
+            items.extend(mine)
+            size += grown
+        batches.append(_batch(self._end + start, self._end + len(ups), items))
         version = ups[-1].version
-        batch = Batch(self._end, self._end + len(ups), version, tuple(items), batch_text(version, (i[3] for i in items)))
         with self._lock:
-            self._log.append(batch)
-            self._end = batch.end
+            self._log.extend(batches)
+            self._end = batches[-1].end
             late = [s for s in self._subs if self._end - s.seq > s.maxsize]
             if late:
                 self._subs = tuple(s for s in self._subs if s not in late)
