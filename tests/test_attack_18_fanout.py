@@ -1,0 +1,227 @@
+"""Issue 18 attack on the batched fan-out (serve/fanout.py, serve/stream.py): frame sizes, gaps and duplicates
+for a client connecting during a burst, the log's memory, and the manager's lock on an idle poll."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from posstate import AccountStateStore, StateConfig
+from tests.serve_support import pos, require, run, serving, ws_url
+
+require("starlette", "uvicorn", "prometheus_client", "httpx", "websockets")
+
+from websockets.asyncio.client import connect  # noqa: E402
+
+from posstate.account.types import AccountUpdate  # noqa: E402
+from posstate.serve import fanout as _fanout  # noqa: E402
+from posstate.serve.fanout import Fanout  # noqa: E402
+from posstate.serve.stream import StreamOptions  # noqa: E402
+
+HAND_POLLED: dict[str, Any] = {"poll_interval": 3600.0, "stream": StreamOptions(heartbeat_interval=0.2, queue_size=4096)}
+
+
+async def _next(ws: Any) -> dict[str, Any]:
+    """The next message that is not a heartbeat (a hang guard of 20 s, not a timing assertion)."""
+    while True:
+        msg: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 20))
+        if msg["topic"] != "heartbeat":
+            return msg
+
+
+def test_a_poll_of_big_changes_is_split_into_frames_a_default_client_accepts(manager: Any) -> None:
+    """issue 18.3 attack: one poll of many large metadata changes is sent as several ``batch`` frames, each under
+    the 1 MiB a default WebSocket client accepts (one frame per poll was 2.4 MB and closed it with 1009)."""
+    m = manager()
+    m.load_positions()
+    blob = "x" * 200_000
+    with serving(m, **HAND_POLLED) as server:
+
+        async def watch() -> tuple[list[int], list[dict[str, Any]]]:
+            async with connect(ws_url(server), max_size=2**20) as ws:  # the websockets default, said aloud
+                await _next(ws)
+                for i in range(12):
+                    m.set_symbol_metadata(f"S{i}/USDT", {"blob": blob, "i": i})
+                server.source.poll()
+                sizes: list[int] = []
+                got: list[dict[str, Any]] = []
+                while len(got) < 12:
+                    raw = await asyncio.wait_for(ws.recv(), 20)
+                    msg = json.loads(raw)
+                    if msg["topic"] == "batch":
+                        sizes.append(len(raw))
+                        got.extend(msg["messages"])
+                return sizes, got
+
+        sizes, got = run(watch())
+    assert len(sizes) > 1 and max(sizes) < 2**20
+    assert sorted(x["data"]["i"] for x in got) == list(range(12))
+
+
+def test_a_change_bigger_than_a_frame_still_arrives_alone() -> None:
+    """issue 18.3 attack: a single message larger than the batch cap is its own batch (never dropped, never
+    merged with others), and the batches cover every update once, in order."""
+    fan = Fanout()
+    sub = fan.add(100)
+    big = {"blob": "y" * (_fanout.MAX_BATCH_BYTES + 10)}
+    fan.publish(
+        [
+            AccountUpdate("balance", 1, "balance", Decimal(1)),
+            AccountUpdate("metadata", 2, "S/USDT", big),
+            AccountUpdate("balance", 3, "balance", Decimal(3)),
+        ]
+    )
+    batches = fan.read(sub)
+    assert [[i[0] for i in b.items] for b in batches] == [[1], [2], [3]]
+    assert [(b.start, b.end) for b in batches] == [(0, 1), (1, 2), (2, 3)]
+    assert [json.loads(b.text)["version"] for b in batches] == [1, 2, 3]
+
+
+def _apply(state: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+    for msg in messages:
+        if msg["topic"] == "position.update":
+            if msg["position"] is None:
+                state.pop(msg["key"], None)
+            else:
+                state[msg["key"]] = msg["position"]["contracts"]
+
+
+def test_clients_connecting_during_a_burst_end_with_exactly_the_stores_state() -> None:
+    """issue 18.3 attack: clients that connect while a bot thread writes and the poll thread publishes each end
+    with the store's state (snapshot plus batches, no change missed or applied twice: versions strictly rise)."""
+    store = AccountStateStore()
+    stop = threading.Event()
+
+    def bot() -> None:
+        i = 0
+        while not stop.is_set() and i < 30_000:  # never the 65536 the server's subscription holds
+            i += 1
+            store.set_active_position(pos(f"S{i % 37}/USDT", i))
+            if i % 5 == 0:
+                store.delete_active_position(f"S{(i * 7) % 37}/USDT", "long")
+
+    with serving(store, poll_interval=0.001, stream=StreamOptions(queue_size=100_000)) as server:
+
+        async def one(final: asyncio.Event) -> dict[str, Any]:
+            async with connect(ws_url(server)) as ws:
+                snap = await _next(ws)
+                state = {k: v["position"]["contracts"] for k, v in snap["positions"].items()}
+                last = snap["version"]
+                while True:
+                    msg = await _next(ws)
+                    assert msg["topic"] == "batch", msg
+                    versions = [x["version"] for x in msg["messages"]]
+                    assert versions == sorted(versions) and versions[0] > last, (last, versions)
+                    last = versions[-1]
+                    _apply(state, msg["messages"])
+                    if final.is_set() and last >= store.version:
+                        return state
+
+        async def scenario() -> list[dict[str, Any]]:
+            final = asyncio.Event()
+            tasks = []
+            for _ in range(8):
+                tasks.append(asyncio.ensure_future(one(final)))
+                await asyncio.sleep(0)  # let it connect while the bot writes (ordering, not a race guard)
+                await asyncio.wait_for(_until(lambda: len(server.source.streams()) >= len(tasks)), 20)
+            stop.set()
+            writer.join(20)
+            final.set()
+            # a final, no-op change so every client wakes once more after the last write (its version is the last)
+            store.set_wallet_balance("1")
+            return await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+        writer = threading.Thread(target=bot)
+        writer.start()
+        try:
+            states = run(scenario())
+        finally:
+            stop.set()
+            writer.join(20)
+    expected = {f"{s}|{side}": str(p.contracts) for (s, side), p in store.get_positions().items()}
+    assert states and all(s == expected for s in states)
+
+
+async def _until(cond: Any) -> None:
+    while not cond():
+        await asyncio.sleep(0.005)
+
+
+def test_a_client_that_never_reads_does_not_keep_the_log_growing() -> None:
+    """issue 18.3 attack: a subscription that never reads holds at most its queue_size updates of the log; past
+    that it is dropped and the log trimmed to what the reading client still needs."""
+    fan = Fanout()
+    idle = fan.add(50)
+    busy = fan.add(10_000)
+    for v in range(1, 1001):
+        fan.publish([AccountUpdate("balance", v, "balance", Decimal(v))])
+        for b in fan.read(busy):
+            busy.seq = b.end
+        assert sum(b.end - b.start for b in fan._log) <= 51
+    assert idle.resync is not None and fan.subscriptions() == (busy,)
+    assert len(fan._log) <= 1
+
+
+def test_an_idle_poll_of_a_snapshot_mode_manager_copies_nothing_under_its_lock(
+    cfg: StateConfig, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 18.1 attack: with durability="snapshot" the server's poll copied the whole state under the
+    manager's lock every poll, changed or not (the bot waits on O(state) work); now an idle poll copies nothing,
+    and a change (saved or not) is still seen."""
+    from posstate import PositionStateManager
+    from posstate.model.document import StateData
+    from posstate.serve.sources import ManagerSource
+
+    m = PositionStateManager(dataclasses.replace(cfg, durability="snapshot"), key=key)
+    try:
+        m.load_positions()
+        for i in range(200):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        copies: list[int] = []
+        real = StateData.copy
+        counting = threading.local()
+
+        def counted(self: StateData) -> StateData:
+            if getattr(counting, "on", False):
+                copies.append(len(self.positions))
+            return real(self)
+
+        monkeypatch.setattr(StateData, "copy", counted)
+        src = ManagerSource(m)
+
+        def poll() -> int:
+            """Copies of the state the poll made."""
+            before = len(copies)
+            counting.on = True
+            try:
+                src.poll()
+            finally:
+                counting.on = False
+            return len(copies) - before
+
+        assert poll() == 1 and src.view().positions[("S5/USDT", "long")].contracts == 6
+        assert [poll() for _ in range(5)] == [0] * 5  # idle: nothing copied under the bot's lock
+        m.set_position(pos("S5/USDT", 99))  # unsaved change in snapshot mode: generation and dirty stay
+        assert poll() == 1 and src.view().positions[("S5/USDT", "long")].contracts == 99
+        m.set_position(pos("S5/USDT", 100))  # a second unsaved change (the case the old key missed)
+        assert poll() == 1 and src.view().positions[("S5/USDT", "long")].contracts == 100
+        m.save()
+        assert poll() == 1 and src.view().generation == m.generation
+        assert poll() == 0
+        with m.transaction():
+            m.set_position(pos("S6/USDT", 42))
+        assert poll() == 1 and src.view().positions[("S6/USDT", "long")].contracts == 42
+        with pytest.raises(KeyError), m.transaction():  # a change undone is a change too: still 42
+            m.set_position(pos("S6/USDT", 43))
+            raise KeyError("undo")
+        poll()
+        assert src.view().positions[("S6/USDT", "long")].contracts == 42
+        src.close()
+    finally:
+        m.close()
