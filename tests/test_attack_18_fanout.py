@@ -225,3 +225,69 @@ def test_an_idle_poll_of_a_snapshot_mode_manager_copies_nothing_under_its_lock(
         src.close()
     finally:
         m.close()
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        pytest.param({"timestamp": 2**70}, id="timestamp-past-64-bits"),
+        pytest.param({"client_order_id": "cid-\ud800"}, id="lone-surrogate"),
+    ],
+)
+def test_an_order_orjson_cannot_encode_neither_gaps_the_stream_nor_fails_the_snapshot(order: dict[str, Any]) -> None:
+    """issue 18.3 attack: an order the account store accepts but orjson cannot encode (an integer past 64 bits,
+    a lone surrogate) made the poll thread's publish raise: the client silently missed that poll's changes and
+    the snapshot answered 500. Now it is encoded (stdlib JSON) and arrives with the rest of the batch."""
+    import httpx
+
+    from posstate import Order
+
+    store = AccountStateStore()
+    with serving(store, **HAND_POLLED) as server:
+
+        async def watch() -> list[dict[str, Any]]:
+            async with connect(ws_url(server)) as ws:
+                await _next(ws)
+                store.upsert_active_order(
+                    Order(id="o1", symbol="BTC/USDT", side="buy", type="limit", status="NEW", amount=Decimal(1), **order)
+                )
+                store.set_active_position(pos("BTC/USDT", 3))
+                server.source.poll()
+                msg = await _next(ws)
+                return list(msg["messages"])
+
+        got = run(watch())
+        snap = httpx.get(server.url + "/api/account/snapshot", timeout=20)
+    assert [m["topic"] for m in got] == ["order.update", "position.update"]
+    assert snap.status_code == 200 and "o1" in snap.json()["orders"]
+
+
+def test_a_publish_that_fails_sends_every_client_resync_never_a_silent_gap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.3 attack: if building a poll's messages fails (any bug), the clients that would miss them are
+    sent ``resync`` (a fresh snapshot holding the changes), never left with a silent gap; the next poll works."""
+    from posstate.serve.sources import StoreSource
+
+    store = AccountStateStore()
+    src = StoreSource(store)
+    fan = src.fanout
+    sub = fan.add(100)
+    real = _fanout.messages
+
+    def broken(update: AccountUpdate, orders: Any) -> Any:
+        if update.kind == "balance":
+            raise RuntimeError("a bug")
+        return real(update, orders)
+
+    monkeypatch.setattr(_fanout, "messages", broken)
+    store.set_active_position(pos("BTC/USDT", 1))
+    store.set_wallet_balance("5")
+    with pytest.raises(RuntimeError):
+        src.poll()
+    assert sub.resync == store.version and fan.subscriptions() == ()
+    assert src.view().version == store.version and src.view().balance == Decimal(5)
+    monkeypatch.setattr(_fanout, "messages", real)
+    late = fan.add(100)
+    store.set_active_position(pos("BTC/USDT", 2))
+    src.poll()
+    assert [i[0] for b in fan.read(late) for i in b.items] == [store.version]
+    src.close()

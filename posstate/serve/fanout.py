@@ -21,10 +21,8 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import orjson
-
 from posstate.account.types import AccountUpdate, Order
-from posstate.serve.shapes import json_default
+from posstate.serve.shapes import to_bytes
 from posstate.serve.view import messages, symbol_of
 
 #: The most message bytes in one batch: a poll's changes past it are sent as several batches (each whole
@@ -125,21 +123,14 @@ class Fanout:
                         self._orders[str(u.key)] = u.value
             self._end += len(ups)
             return
-        batches: list[Batch] = []
-        items: list[Item] = []
-        size = start = 0
-        for n, u in enumerate(ups):
-            mine = [
-                (u.version, m["topic"], symbol_of(m), orjson.dumps(m, default=json_default)) for m in messages(u, self._orders)
-            ]
-            grown = sum(len(i[3]) + 1 for i in mine)
-            if items and size + grown > MAX_BATCH_BYTES:  # a frame a default client accepts: split between updates
-                batches.append(_batch(self._end + start, self._end + n, items))
-                items, size, start = [], 0, n
-            items.extend(mine)
-            size += grown
-        batches.append(_batch(self._end + start, self._end + len(ups), items))
         version = ups[-1].version
+        try:
+            batches = self._build(ups)
+        except BaseException:
+            # Never a silent gap: a client that missed these changes is sent resync (a fresh snapshot).
+            self._end += len(ups)
+            self.resync_all(version)
+            raise
         with self._lock:
             self._log.extend(batches)
             self._end = batches[-1].end
@@ -150,6 +141,22 @@ class Fanout:
                 s.resync = version
             self.dropped_count += len(late)
             self._trim()
+
+    def _build(self, ups: tuple[AccountUpdate, ...]) -> list[Batch]:
+        """The batches of *ups*: one, or several of whole updates when one would pass MAX_BATCH_BYTES."""
+        batches: list[Batch] = []
+        items: list[Item] = []
+        size = start = 0
+        for n, u in enumerate(ups):
+            mine = [(u.version, m["topic"], symbol_of(m), to_bytes(m)) for m in messages(u, self._orders)]
+            grown = sum(len(i[3]) + 1 for i in mine)
+            if items and size + grown > MAX_BATCH_BYTES:  # a frame a default client accepts: split between updates
+                batches.append(_batch(self._end + start, self._end + n, items))
+                items, size, start = [], 0, n
+            items.extend(mine)
+            size += grown
+        batches.append(_batch(self._end + start, self._end + len(ups), items))
+        return batches
 
     def resync_all(self, version: int) -> None:
         """Drop every client (the source itself lost updates): each is sent ``resync``."""

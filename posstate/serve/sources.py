@@ -247,8 +247,14 @@ class StoreSource(Source):
                 self.fanout.reset_orders(self._view.orders)
                 self.fanout.resync_all(resync[-1].version)
             updates = [u for u in updates if u.version > self._base]
-            if updates:
-                self.fanout.publish(updates)
+            try:
+                if updates:
+                    self.fanout.publish(updates)
+            except Exception:  # every client was sent resync: they reconnect to a view with these changes
+                self._view = self._view_of(time.time())
+                self._base = self._view.version
+                self.fanout.reset_orders(self._view.orders)
+                raise
             if self._store.version != self._view.version:
                 self._view = self._view_of(time.time())
             elif self._manager is not None and self._manager.generation != self._view.generation:
