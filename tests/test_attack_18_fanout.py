@@ -291,3 +291,24 @@ def test_a_publish_that_fails_sends_every_client_resync_never_a_silent_gap(monke
     src.poll()
     assert [i[0] for b in fan.read(late) for i in b.items] == [store.version]
     src.close()
+
+
+def test_a_storm_every_client_would_be_dropped_for_is_not_encoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.3 attack: a poll with more changes than any client may fall behind (10,000 in one poll, queue_size
+    256) sends every client ``resync`` without encoding a message of it (no 10,000 encodings in the bot's
+    process, no giant frame); the open orders it made are still known (no false order.fill after it)."""
+    from posstate import Order
+
+    encoded: list[Any] = []
+    real = _fanout.to_bytes
+    monkeypatch.setattr(_fanout, "to_bytes", lambda obj: encoded.append(obj) or real(obj))
+    fan = Fanout()
+    subs = [fan.add(256) for _ in range(3)]
+    order = Order(id="o1", symbol="S/USDT", side="buy", type="limit", status="NEW", amount=Decimal(2), filled=Decimal(1))
+    storm = [AccountUpdate("balance", v, "balance", Decimal(v)) for v in range(1, 10_001)]
+    fan.publish([*storm, AccountUpdate("order", 10_001, "o1", order)])
+    assert encoded == [] and all(s.resync == 10_001 for s in subs) and fan.subscriptions() == ()
+    assert fan.dropped_count == 3 and len(fan._log) == 0
+    late = fan.add(256)
+    fan.publish([AccountUpdate("order", 10_002, "o1", dataclasses.replace(order, status="PARTIALLY_FILLED"))])
+    assert [i[1] for b in fan.read(late) for i in b.items] == ["order.update"]  # filled did not grow: no order.fill

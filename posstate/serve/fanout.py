@@ -114,6 +114,12 @@ class Fanout:
         ups = tuple(updates)
         if not ups:
             return
+        end = self._end + len(ups)
+        if self._subs and all(end - s.seq > s.maxsize for s in self._subs):
+            # A storm (more changes in one poll than any client may fall behind): every client is dropped with
+            # resync, so none of these messages would be sent; the poll thread, in the bot's process, does not
+            # encode them (10,000 changes were 10,000 encodings, then all thrown away).
+            self.resync_all(ups[-1].version)
         if not self._subs:
             for u in ups:  # keep the open orders current for the next client's order.fill
                 if u.kind == "order":
