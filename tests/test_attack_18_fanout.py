@@ -312,3 +312,62 @@ def test_a_storm_every_client_would_be_dropped_for_is_not_encoded(monkeypatch: p
     late = fan.add(256)
     fan.publish([AccountUpdate("order", 10_002, "o1", dataclasses.replace(order, status="PARTIALLY_FILLED"))])
     assert [i[1] for b in fan.read(late) for i in b.items] == ["order.update"]  # filled did not grow: no order.fill
+
+
+class _StuckSocket:
+    """A WebSocket whose peer stopped reading: the snapshot is sent, every later send waits forever."""
+
+    def __init__(self) -> None:
+        self.query_params: dict[str, str] = {}
+        self.sent: list[str] = []
+        self.stuck = asyncio.Event()
+        self.closed: int | None = None
+
+    async def accept(self) -> None:
+        return None
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+        if len(self.sent) > 1:
+            self.stuck.set()
+            await asyncio.Event().wait()
+
+    async def receive(self) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def close(self, code: int = 1000) -> None:
+        self.closed = code
+
+
+def test_a_client_dropped_while_its_send_hangs_is_counted_as_one_drop() -> None:
+    """issue 18.3 attack: a client whose socket stopped taking data is dropped by the poll thread (too far
+    behind) while a send to it hangs, then that send times out: one client, so posstate_stream_drops_total must
+    grow by 1 (it grew by 2: the poll thread's drop and the send timeout were both counted)."""
+    from posstate.serve.sources import StoreSource
+    from posstate.serve.stream import CLOSE_RESYNC, Wakeup, run_stream
+
+    store = AccountStateStore()
+    source = StoreSource(store)
+    options = StreamOptions(queue_size=2, send_timeout=0.2)
+
+    async def scenario() -> _StuckSocket:
+        ws = _StuckSocket()
+        wakeup = Wakeup.for_options(options)
+        task = asyncio.ensure_future(run_stream(ws, source, options, wakeup))  # type: ignore[arg-type]
+        await _until(lambda: len(ws.sent) == 1 and source.streams())
+        store.set_active_position(pos("BTC/USDT", 1))
+        source.poll()
+        wakeup.notify()
+        await asyncio.wait_for(ws.stuck.wait(), 20)  # the pump is inside the hanging send
+        for i in range(3):
+            store.set_active_position(pos("BTC/USDT", i + 2))
+        source.poll()  # 3 behind a queue_size of 2: dropped with resync
+        assert source.fanout.dropped_count == 1
+        await asyncio.wait_for(task, 20)
+        return ws
+
+    ws = run(scenario())
+    assert ws.closed == CLOSE_RESYNC
+    assert source.dropped == 1
+    source.close()
