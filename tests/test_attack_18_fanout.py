@@ -128,12 +128,11 @@ def test_clients_connecting_during_a_burst_end_with_exactly_the_stores_state() -
             tasks = []
             for _ in range(8):
                 tasks.append(asyncio.ensure_future(one(final)))
-                await asyncio.sleep(0)  # let it connect while the bot writes (ordering, not a race guard)
                 await asyncio.wait_for(_until(lambda: len(server.source.streams()) >= len(tasks)), 20)
             stop.set()
-            writer.join(20)
+            await asyncio.to_thread(writer.join, 20)
             final.set()
-            # a final, no-op change so every client wakes once more after the last write (its version is the last)
+            # one more change after the last write, so every client wakes once more (its version is the last)
             store.set_wallet_balance("1")
             return await asyncio.wait_for(asyncio.gather(*tasks), 30)
 
@@ -146,6 +145,62 @@ def test_clients_connecting_during_a_burst_end_with_exactly_the_stores_state() -
             writer.join(20)
     expected = {f"{s}|{side}": str(p.contracts) for (s, side), p in store.get_positions().items()}
     assert states and all(s == expected for s in states)
+
+
+def test_clients_connecting_during_a_burst_end_with_exactly_the_managers_state(cfg: StateConfig, key: bytes) -> None:
+    """issue 18.3 attack: the same against a live manager (``durability="snapshot"``, read through its change
+    mark): clients that connect while the bot writes each end with the manager's positions."""
+    from posstate import PositionStateManager
+
+    m = PositionStateManager(dataclasses.replace(cfg, durability="snapshot"), key=key)
+    m.load_positions()
+    stop = threading.Event()
+
+    def bot() -> None:
+        i = 0
+        while not stop.is_set() and i < 30_000:
+            i += 1
+            m.set_position(pos(f"S{i % 37}/USDT", i))
+            if i % 5 == 0:
+                m.delete_position(f"S{(i * 7) % 37}/USDT", "long")
+
+    try:
+        with serving(m, poll_interval=0.001, stream=StreamOptions(queue_size=100_000)) as server:
+
+            async def one() -> dict[str, Any]:
+                async with connect(ws_url(server)) as ws:
+                    snap = await _next(ws)
+                    state = {k: v["position"]["contracts"] for k, v in snap["positions"].items()}
+                    last = snap["version"]
+                    while "END/USDT|long" not in state:
+                        msg = await _next(ws)
+                        assert msg["topic"] == "batch", msg
+                        assert msg["version"] > last, (last, msg["version"])
+                        last = msg["version"]
+                        _apply(state, msg["messages"])
+                    return state
+
+            async def scenario() -> list[dict[str, Any]]:
+                tasks = []
+                for _ in range(8):
+                    tasks.append(asyncio.ensure_future(one()))
+                    await asyncio.wait_for(_until(lambda: len(server.source.streams()) >= len(tasks)), 20)
+                stop.set()
+                await asyncio.to_thread(writer.join, 20)
+                m.set_position(pos("END/USDT", 1))  # the last change: every client stops once it has it
+                return await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+            writer = threading.Thread(target=bot)
+            writer.start()
+            try:
+                states = run(scenario())
+            finally:
+                stop.set()
+                writer.join(20)
+        expected = {f"{s}|{side}": str(p.contracts) for (s, side), p in m.get_positions().items()}
+        assert states and all(s == expected for s in states)
+    finally:
+        m.close()
 
 
 async def _until(cond: Any) -> None:
