@@ -262,6 +262,21 @@ def test_an_idle_poll_of_a_snapshot_mode_manager_copies_nothing_under_its_lock(
 
         assert poll() == 1 and src.view().positions[("S5/USDT", "long")].contracts == 6
         assert [poll() for _ in range(5)] == [0] * 5  # idle: nothing copied under the bot's lock
+        real_lock, locked = m._lock, []
+
+        class _Counted:
+            def __enter__(self) -> None:
+                locked.append(1)
+                real_lock.acquire()
+
+            def __exit__(self, *exc: object) -> None:
+                real_lock.release()
+
+        m._lock = _Counted()
+        try:
+            assert poll() == 0 and locked == []  # an idle poll does not even take the bot's lock
+        finally:
+            m._lock = real_lock
         m.set_position(pos("S5/USDT", 99))  # unsaved change in snapshot mode: generation and dirty stay
         assert poll() == 1 and src.view().positions[("S5/USDT", "long")].contracts == 99
         m.set_position(pos("S5/USDT", 100))  # a second unsaved change (the case the old key missed)

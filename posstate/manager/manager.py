@@ -27,6 +27,11 @@ class PositionStateManager(AsyncChanges, Servable):
         with self._lock:
             return self._state.copy() if self._loaded and not self._closed else None
 
+    @property
+    def change_mark(self) -> int:
+        """The state's change mark (moved by every change in memory), read without the lock."""
+        return self._changes
+
     def state_copy_since(self, seen: int | None) -> tuple[int, StateData | None]:
         """``(mark, copy)``: the state's change mark and a private copy of the state, the copy None when the
         mark is still *seen* (nothing changed since that copy: no O(state) work under the lock) or before the

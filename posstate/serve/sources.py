@@ -174,7 +174,9 @@ class ManagerSource(Source):
             self.problem = "the manager is closed"
             return
         # The manager's change mark moves with every change in memory (the generation and ``dirty`` do not in
-        # ``durability="snapshot"``): an idle poll holds the bot's lock for a compare, never for a copy.
+        # ``durability="snapshot"``): an idle poll takes no lock at all, and a copy is made only after a change.
+        if self.ready and m.change_mark == self._seen:
+            return
         mark, st = m.state_copy_since(self._seen if self.ready else None)
         if st is None:
             return  # nothing changed, or not loaded yet (the bot's first call loads it)
