@@ -30,7 +30,7 @@ class PositionStateManager(AsyncChanges, Servable):
     @property
     def change_mark(self) -> int:
         """The state's change mark (moved by every change in memory), read without the lock."""
-        return self._changes
+        return self._change_mark
 
     def state_copy_since(self, seen: int | None) -> tuple[int, StateData | None]:
         """``(mark, copy)``: the state's change mark and a private copy of the state, the copy None when the
@@ -38,7 +38,7 @@ class PositionStateManager(AsyncChanges, Servable):
         first load. For a reader polling from another thread (``serve()`` with ``durability="snapshot"``,
         where neither the generation nor ``dirty`` moves with each change)."""
         with self._lock:
-            mark = self._changes
+            mark = self._change_mark
             if mark == seen or not self._loaded or self._closed:
                 return mark, None
             return mark, self._state.copy()
