@@ -1,5 +1,6 @@
 """The stream's fan-out: each change is turned into its message and encoded once, whatever the number of
-clients, and each client is sent one ``batch`` message per poll.
+clients, and each client is sent one ``batch`` message per poll (several when a poll's messages pass
+MAX_BATCH_BYTES).
 
 The server runs in the bot's process, so every microsecond it spends holding the interpreter lock is one the
 bot's thread may wait for (a write back from ``fdatasync`` needs the lock again). With one queue per client
