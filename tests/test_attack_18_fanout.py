@@ -11,6 +11,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from posstate import AccountStateStore, StateConfig
 from tests.serve_support import pos, require, run, serving, ws_url
@@ -441,3 +443,53 @@ def test_a_client_dropped_while_its_send_hangs_is_counted_as_one_drop() -> None:
     assert ws.closed == CLOSE_RESYNC
     assert source.dropped == 1
     source.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(1, 8)),
+            st.tuples(st.just("publish"), st.integers(1, 12)),
+            st.tuples(st.just("read"), st.integers(0, 7)),
+            st.tuples(st.just("remove"), st.integers(0, 7)),
+        ),
+        max_size=60,
+    )
+)
+def test_every_subscription_reads_each_update_once_in_order_or_gets_resync(ops: list[tuple[str, int]]) -> None:
+    """issue 18.3 attack (property): whatever the interleaving of clients joining, leaving, reading and the poll
+    thread publishing, a subscription reads every update after it joined exactly once and in order, until it is
+    sent resync (only when more than its maxsize behind); after a publish the log holds no more than the
+    furthest-behind live subscription still needs."""
+    fan = Fanout()
+    version = 0
+    live: list[tuple[Any, list[int], int]] = []  # (subscription, versions read, version when added)
+    for op, n in ops:
+        if op == "add":
+            live.append((fan.add(n), [], version))
+        elif op == "publish":
+            ups = [AccountUpdate("balance", version + i + 1, "balance", Decimal(version + i + 1)) for i in range(n)]
+            version += n
+            fan.publish(ups)
+        elif live:
+            sub, got, _ = live[n % len(live)]
+            if op == "read" and sub.resync is None:
+                for b in fan.read(sub):
+                    got.extend(i[0] for i in b.items)
+                    sub.seq = b.end
+            elif op == "remove":
+                fan.remove(sub)
+                live.pop(n % len(live))
+        for sub, got, start in live:
+            if sub.resync is None:
+                assert got == list(range(start + 1, start + 1 + len(got)))
+                assert fan._end - sub.seq <= sub.maxsize
+        if op in ("publish", "remove"):  # the log is trimmed then (a read only moves the reader's place)
+            behind = [fan._end - s.seq for s in fan.subscriptions()]
+            assert sum(b.end - b.start for b in fan._log) <= max(behind, default=0)
+    for sub, got, start in live:
+        if sub.resync is None:
+            for b in fan.read(sub):
+                got.extend(i[0] for i in b.items)
+            assert got == list(range(start + 1, version + 1))
