@@ -91,3 +91,50 @@ def test_status_page_shows_positions_and_follows_the_bot(manager: Any, cfg: Stat
     assert requests and all(u.startswith(server.url) or u.startswith(server.url.replace("http", "ws")) for u in requests), (
         requests
     )
+
+
+def test_status_page_after_a_resync_and_a_batch_shows_the_stores_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18.3 attack: in headless chromium, a batch of several changes (one deleted position among them) is
+    applied whole, and after a ``resync`` (the server fell behind the store) the page reconnects and shows the
+    store's state from the fresh snapshot."""
+    from playwright.sync_api import sync_playwright
+
+    from posstate import AccountStateStore
+    from posstate.serve.sources import StoreSource
+    from posstate.serve.stream import StreamOptions
+
+    executable = _chromium()
+    monkeypatch.setattr(StoreSource, "SUBSCRIPTION", 4)
+    store = AccountStateStore()
+    store.set_active_position(pos("BTC/USDT", 1))
+    store.set_active_position(pos("XRP/USDT", 1))
+
+    def cell(key: str) -> str:
+        return f"document.querySelector('#positions tr[data-key=\"{key}\"] td:nth-child(3)')"
+
+    with (
+        serving(store, poll_interval=3600.0, stream=StreamOptions(heartbeat_interval=0.2)) as server,
+        sync_playwright() as p,
+    ):
+        browser = p.chromium.launch(executable_path=executable, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.locator("#conn[data-state=live]").wait_for()
+            page.wait_for_function(f"() => {cell('XRP/USDT|long')}?.textContent === '1'")
+            store.set_active_position(pos("BTC/USDT", 2))
+            store.delete_active_position("XRP/USDT", "long")
+            store.set_active_position(pos("ETH/USDT", 3))
+            server.source.poll()  # one batch of three changes (the subscription holds 4)
+            page.wait_for_function(
+                f"() => {cell('BTC/USDT|long')}?.textContent === '2' && {cell('ETH/USDT|long')}?.textContent === '3'"
+                f" && {cell('XRP/USDT|long')} === null"
+            )
+            for i in range(10):  # more than the server's subscription holds: every client gets resync
+                store.set_active_position(pos("SOL/USDT", i + 1))
+            server.source.poll()
+            assert server.source.dropped >= 1
+            page.wait_for_function(f"() => {cell('SOL/USDT|long')}?.textContent === '10'")
+            page.locator("#conn[data-state=live]").wait_for()
+        finally:
+            browser.close()

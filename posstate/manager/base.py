@@ -97,6 +97,9 @@ class ManagerCore:
         self._entries: _jops.Entries = {}
         self._loaded = False
         self._dirty = False
+        #: Moved on (under the lock) by every change to the state in memory, undone ones too: a reader in
+        #: another thread (``serve()``) copies the state only when it moved (state_copy(since=...)).
+        self._change_mark = 0
         # Trailer checksums the main file may legitimately have (None: no file). Anything else on disk at
         # save time was written by someone who bypassed the lock.
         self._expected_on_disk: set[str | None] = set()

@@ -55,6 +55,7 @@ class InMemoryChanges(BackgroundCompaction):
             ):
                 return
             op = _jops.set_position(position, self._next_rev())
+            self._change_mark += 1
             if self._txn is None and self._journal.append_now(self._state, self._entries, op):
                 self._dirty = True
                 self._state.generation = op.json["rev"]  # an acknowledged change moves the generation
@@ -129,6 +130,7 @@ class InMemoryChanges(BackgroundCompaction):
 
     def _change(self, op: _jops.Op) -> int | None:
         """Apply *op* in memory and (journal modes) record it durably; all or nothing. Lock held."""
+        self._change_mark += 1
         if self._txn is not None:
             self._check_txn_owner()
             self._journal.remember(self._state, self._entries, op)
@@ -138,6 +140,7 @@ class InMemoryChanges(BackgroundCompaction):
         return self._record([op])
 
     def _record(self, ops: list[_jops.Op]) -> int | None:
+        self._change_mark += 1
         first_bot_metadata = self._state.bot_metadata is None and self._journal.active
         if first_bot_metadata and any(op.json["op"] == _jops.SET_BOT_METADATA for op in ops):
             self._record_as_snapshot(ops)
@@ -160,6 +163,7 @@ class InMemoryChanges(BackgroundCompaction):
 
     def _rollback_journal(self) -> None:
         with self._lock:
+            self._change_mark += 1
             self._journal.rollback(self._state, self._entries)
 
     @contextlib.contextmanager
@@ -176,6 +180,7 @@ class InMemoryChanges(BackgroundCompaction):
                 try:
                     yield
                 except BaseException:
+                    self._change_mark += 1
                     for _, u in reversed(self._txn[mark:]):
                         _jops.undo(self._state, self._entries, u)
                     del self._txn[mark:]
@@ -186,6 +191,7 @@ class InMemoryChanges(BackgroundCompaction):
             try:
                 yield
             except BaseException:
+                self._change_mark += 1
                 done, self._txn = self._txn, None
                 for _, u in reversed(done):
                     _jops.undo(self._state, self._entries, u)

@@ -164,6 +164,7 @@ class DurableCommit(StateLoading):
         if rotation is not None:
             rotation.finish()
         self._state = st
+        self._change_mark += 1
         self._entries = entries  # filled by build_document, and only for a small state (bounded, issue 14.4)
         self._expected_on_disk = {encoded.checksum}
         self._dirty = False

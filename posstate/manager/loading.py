@@ -224,6 +224,7 @@ class StateLoading(ManagerCore):
 
     def _adopt(self, state: StateData, checksum: str | None) -> None:
         self._state = state
+        self._change_mark += 1
         self._entries = {}  # a new state: the next save builds every entry (and keeps them if the state is small)
         self._expected_on_disk = {checksum}
         self._highest_generation = max(self._highest_generation, state.generation)

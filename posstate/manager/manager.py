@@ -26,3 +26,19 @@ class PositionStateManager(AsyncChanges, Servable):
         Holds the manager's lock only to copy the maps; for readers in other threads (``serve()``)."""
         with self._lock:
             return self._state.copy() if self._loaded and not self._closed else None
+
+    @property
+    def change_mark(self) -> int:
+        """The state's change mark (moved by every change in memory), read without the lock."""
+        return self._change_mark
+
+    def state_copy_since(self, seen: int | None) -> tuple[int, StateData | None]:
+        """``(mark, copy)``: the state's change mark and a private copy of the state, the copy None when the
+        mark is still *seen* (nothing changed since that copy: no O(state) work under the lock) or before the
+        first load. For a reader polling from another thread (``serve()`` with ``durability="snapshot"``,
+        where neither the generation nor ``dirty`` moves with each change)."""
+        with self._lock:
+            mark = self._change_mark
+            if mark == seen or not self._loaded or self._closed:
+                return mark, None
+            return mark, self._state.copy()

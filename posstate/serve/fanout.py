@@ -1,5 +1,6 @@
 """The stream's fan-out: each change is turned into its message and encoded once, whatever the number of
-clients, and each client is sent one ``batch`` message per poll.
+clients, and each client is sent one ``batch`` message per poll (several when a poll's messages pass
+MAX_BATCH_BYTES).
 
 The server runs in the bot's process, so every microsecond it spends holding the interpreter lock is one the
 bot's thread may wait for (a write back from ``fdatasync`` needs the lock again). With one queue per client
@@ -21,11 +22,15 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import orjson
-
 from posstate.account.types import AccountUpdate, Order
-from posstate.serve.shapes import json_default
+from posstate.serve.shapes import to_bytes
 from posstate.serve.view import messages, symbol_of
+
+#: The most message bytes in one batch: a poll's changes past it are sent as several batches (each whole
+#: updates, in order). The websockets client's default ``max_size`` is 1 MiB and a frame over it closes the
+#: connection (1009): one batch per poll would make it up to ``queue_size`` large changes. A single larger change
+#: is a batch of its own, as big as the change.
+MAX_BATCH_BYTES = 512 * 1024
 
 #: One message of a batch: (version, topic, symbol or None, its JSON).
 Item = tuple[int, str, "str | None", bytes]
@@ -47,6 +52,11 @@ def batch_text(version: int, parts: Iterable[bytes]) -> str:
     """The ``batch`` message holding the already encoded *parts*."""
     body = b'{"topic":"batch","version":%d,"messages":[%b]}' % (version, b",".join(parts))
     return body.decode("utf-8")
+
+
+def _batch(start: int, end: int, items: list[Item]) -> Batch:
+    version = items[-1][0]
+    return Batch(start, end, version, tuple(items), batch_text(version, (i[3] for i in items)))
 
 
 class Subscription:
@@ -105,6 +115,12 @@ class Fanout:
         ups = tuple(updates)
         if not ups:
             return
+        end = self._end + len(ups)
+        if self._subs and all(end - s.seq > s.maxsize for s in self._subs):
+            # A storm (more changes in one poll than any client may fall behind): every client is dropped with
+            # resync, so none of these messages would be sent; the poll thread, in the bot's process, does not
+            # encode them (10,000 changes were 10,000 encodings, then all thrown away).
+            self.resync_all(ups[-1].version)
         if not self._subs:
             for u in ups:  # keep the open orders current for the next client's order.fill
                 if u.kind == "order":
@@ -114,15 +130,17 @@ class Fanout:
                         self._orders[str(u.key)] = u.value
             self._end += len(ups)
             return
-        items: list[Item] = []
-        for u in ups:
-            for message in messages(u, self._orders):
-                items.append((u.version, message["topic"], symbol_of(message), orjson.dumps(message, default=json_default)))
         version = ups[-1].version
-        batch = Batch(self._end, self._end + len(ups), version, tuple(items), batch_text(version, (i[3] for i in items)))
+        try:
+            batches = self._build(ups)
+        except BaseException:
+            # Never a silent gap: a client that missed these changes is sent resync (a fresh snapshot).
+            self._end += len(ups)
+            self.resync_all(version)
+            raise
         with self._lock:
-            self._log.append(batch)
-            self._end = batch.end
+            self._log.extend(batches)
+            self._end = batches[-1].end
             late = [s for s in self._subs if self._end - s.seq > s.maxsize]
             if late:
                 self._subs = tuple(s for s in self._subs if s not in late)
@@ -130,6 +148,22 @@ class Fanout:
                 s.resync = version
             self.dropped_count += len(late)
             self._trim()
+
+    def _build(self, ups: tuple[AccountUpdate, ...]) -> list[Batch]:
+        """The batches of *ups*: one, or several of whole updates when one would pass MAX_BATCH_BYTES."""
+        batches: list[Batch] = []
+        items: list[Item] = []
+        size = start = 0
+        for n, u in enumerate(ups):
+            mine = [(u.version, m["topic"], symbol_of(m), to_bytes(m)) for m in messages(u, self._orders)]
+            grown = sum(len(i[3]) + 1 for i in mine)
+            if items and size + grown > MAX_BATCH_BYTES:  # a frame a default client accepts: split between updates
+                batches.append(_batch(self._end + start, self._end + n, items))
+                items, size, start = [], 0, n
+            items.extend(mine)
+            size += grown
+        batches.append(_batch(self._end + start, self._end + len(ups), items))
+        return batches
 
     def resync_all(self, version: int) -> None:
         """Drop every client (the source itself lost updates): each is sent ``resync``."""

@@ -9,6 +9,7 @@ strings. No third-party import but orjson (the CLI loads this module).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -69,8 +70,14 @@ def _default(value: Any) -> Any:
 
 
 def to_bytes(data: Any) -> bytes:
-    """Compact JSON (the API's bodies and stream messages)."""
-    return orjson.dumps(data, default=json_default)
+    """Compact JSON (the API's bodies and stream messages). What orjson refuses but the account store accepts
+    (an integer past 64 bits such as an order's ``timestamp``, a string holding a lone surrogate) is written by
+    the standard library instead (lone surrogates as ``\\udXXX`` escapes): one such value must neither fail the
+    snapshot nor stop the stream's poll (the clients would miss that poll's changes)."""
+    try:
+        return orjson.dumps(data, default=json_default)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(data, default=json_default, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def positions_json(positions: Mapping[PositionKey, Position], revs: Mapping[PositionKey, int] | None = None) -> dict[str, Any]:

@@ -5,9 +5,9 @@ The bot's thread never waits for the server. An account store already has a boun
 feed (:mod:`posstate.account.feed`): each stream client subscribes to it. A manager and a directory have none,
 so the server's poll thread compares what it reads with the last view every ``poll_interval`` and publishes the
 differences on an :class:`~posstate.account.feed.UpdateFeed` of its own, with the same policy. Reading a
-manager copies its state under its lock (a few microseconds for a few hundred positions) and only when its
-generation moved (``durability="snapshot"``: every poll); reading a directory re-reads the files when their
-size or time changed, takes no lock and never writes.
+manager copies its state under its lock (a few microseconds for a few hundred positions) and only when it
+changed since the last copy (the manager's change mark, :meth:`~posstate.PositionStateManager.state_copy_since`);
+reading a directory re-reads the files when their size or time changed, takes no lock and never writes.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class ManagerSource(Source):
     def __init__(self, manager: PositionStateManager) -> None:
         super().__init__(manager.config)
         self._m = manager
-        self._seen: tuple[int, bool] | None = None
+        self._seen: int | None = None
         self._handlers: list[tuple[str, Callable[[dict[str, Any]], object]]] = []
         for event in _MANAGER_EVENTS:
             handler = self._handler(event)
@@ -173,13 +173,14 @@ class ManagerSource(Source):
         if m.closed:
             self.problem = "the manager is closed"
             return
-        key = (m.generation, m.dirty)
-        if key == self._seen and self.ready and m.config.durability != "snapshot":
+        # The manager's change mark moves with every change in memory (the generation and ``dirty`` do not in
+        # ``durability="snapshot"``): an idle poll takes no lock at all, and a copy is made only after a change.
+        if self.ready and m.change_mark == self._seen:
             return
-        st = m.state_copy()
+        mark, st = m.state_copy_since(self._seen if self.ready else None)
         if st is None:
-            return  # not loaded yet: the bot's first call loads it
-        self._seen = key
+            return  # nothing changed, or not loaded yet (the bot's first call loads it)
+        self._seen = mark
         self._publish(_view_of_state("manager", st))
 
     def close(self) -> None:
@@ -248,8 +249,14 @@ class StoreSource(Source):
                 self.fanout.reset_orders(self._view.orders)
                 self.fanout.resync_all(resync[-1].version)
             updates = [u for u in updates if u.version > self._base]
-            if updates:
-                self.fanout.publish(updates)
+            try:
+                if updates:
+                    self.fanout.publish(updates)
+            except Exception:  # every client was sent resync: they reconnect to a view with these changes
+                self._view = self._view_of(time.time())
+                self._base = self._view.version
+                self.fanout.reset_orders(self._view.orders)
+                raise
             if self._store.version != self._view.version:
                 self._view = self._view_of(time.time())
             elif self._manager is not None and self._manager.generation != self._view.generation:

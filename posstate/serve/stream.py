@@ -284,7 +284,8 @@ async def run_stream(
             await client.send({"topic": "snapshot", **view.snapshot_json(symbols=client.filter.symbols)})
         code = await client.pump(sub, view.version)
     except asyncio.TimeoutError:  # the client stopped reading: dropped like a full queue, without the message
-        source.stats.send_timeouts += 1
+        if sub.resync is None:  # else the poll thread dropped it already, and counted it
+            source.stats.send_timeouts += 1
         code = CLOSE_RESYNC
     except (WebSocketDisconnect, RuntimeError, OSError):
         code = None
