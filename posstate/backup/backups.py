@@ -184,10 +184,13 @@ def full_check(
     loaded: _statefile.Loaded | None = None
     try:
         if pause is not None:
-            # One background turn in the process (posstate/storage/turns.py); every slice is freed before the
-            # next: no collector pass over the heap.
+            # Read before the turn is taken: a read stuck on a hung disk must not stop every other manager's
+            # background work in the process. One background turn (posstate/storage/turns.py) for the O(state)
+            # check; every slice is freed before the next: no collector pass over the heap.
+            data = _statefile.read_bytes(info.path, what="backup", max_size=options.max_file_bytes)
             with _turns.turn(), _document.pause_gc():
-                _sliced.check_in_slices(info.path, options=options, pause=pause)
+                _sliced.check_bytes_in_slices(data, path=info.path, options=options, pause=pause)
+            del data
         else:
             loaded = _statefile.read(info.path, options=options, what="backup")
     except CorruptStateError as exc:

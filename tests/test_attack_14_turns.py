@@ -1,0 +1,180 @@
+"""Issue 14 attack (the background turn, posstate/storage/turns.py): a holder stuck in a file read, and a wait
+for the turn (or a pause) interrupted by an exception, must not stop every other manager's background work."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from posstate import Position, PositionStateManager, StateConfig
+from posstate.backup import backups as _backups
+from posstate.storage import fileops as fs
+from posstate.storage import turns as _turns
+
+KEY = bytes(range(32))
+
+
+def pos(i: int, contracts: int = 1) -> Position:
+    return Position(symbol=f"S{i:05d}", side="long", contracts=Decimal(contracts), entry_price=Decimal("10.5"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_turns(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test gets its own turn object: a leaked ticket (the bug) must not hang the rest of the suite."""
+    monkeypatch.setattr(_turns, "_turns", _turns._Turns())
+    yield
+
+
+class _StuckReads(fs.FileOps):
+    """A disk on which reading one folder's files hangs (a dead NFS mount) until *release* is set."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def read_file(self, path: fs.StrPath, limit: int | None = None, max_size: int | None = fs.DEFAULT_MAX_READ_BYTES) -> bytes:
+        if Path(path).parent == self.folder:
+            self.entered.set()
+            assert self.release.wait(60)
+        return super().read_file(path, limit, max_size=max_size)
+
+
+def test_a_backup_check_stuck_in_a_read_does_not_hold_the_turn(tmp_path: Path) -> None:
+    """issue 14.3 attack: one manager's background full check stuck reading its backup (a hung disk) keeps
+    no turn, so another manager's compaction in the same process still finishes (its journal stays bounded)."""
+    other = StateConfig.in_dir(tmp_path / "b", durability="sync", backup_interval=1e9)
+    with PositionStateManager(other, key=KEY) as mb:
+        mb.save_positions([pos(i) for i in range(50)])
+        mb.create_backup()
+        info = mb.list_backups()[0]
+        options = mb._read
+    cfg = StateConfig.in_dir(tmp_path / "a", durability="sync", backup_interval=1e9)
+    stuck = _StuckReads(other.backup_path)
+    with PositionStateManager(cfg, key=KEY) as m, fs.use(stuck):
+        m.save_positions([pos(i) for i in range(100)])
+        checker = threading.Thread(target=_backups.full_check, args=(info,), kwargs={"options": options, "pause": _turns.pause})
+        checker.start()
+        try:
+            assert stuck.entered.wait(30)
+            for i in range(5):
+                m.set_position(pos(i, 9))
+            assert m.compact(wait=True, timeout=20)  # was False: the stuck reader held the turn
+        finally:
+            stuck.release.set()
+            checker.join(30)
+        want = m.get_positions()
+    with PositionStateManager(cfg, key=KEY) as again:
+        assert again.load_positions() == want
+
+
+class _Stop(BaseException):
+    """A KeyboardInterrupt-like exception delivered to the main thread by a signal."""
+
+
+def _interrupt_main_when(pred: object, first: threading.Event | None = None) -> threading.Thread:
+    """A thread that waits for *first*, then (on the turn's condition) until *pred* holds, then signals the
+    main thread."""
+    turns = _turns._turns
+
+    def run() -> None:
+        assert first is None or first.wait(30)
+        with turns.cond:
+            assert turns.cond.wait_for(pred, 30)  # type: ignore[arg-type]
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture
+def stop_on_sigusr1() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise _Stop
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def _holder() -> tuple[threading.Thread, threading.Event, threading.Event]:
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _turns.turn():
+            inside.set()
+            assert release.wait(30)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert inside.wait(30)
+    return t, inside, release
+
+
+def _can_take_turn() -> bool:
+    got = threading.Event()
+
+    def take() -> None:
+        with _turns.turn():
+            got.set()
+
+    threading.Thread(target=take, daemon=True).start()
+    return got.wait(20)
+
+
+@pytest.mark.usefixtures("stop_on_sigusr1")
+def test_an_interrupted_wait_for_the_turn_leaks_no_ticket() -> None:
+    """issue 14.3 attack: a caller's main thread interrupted (Ctrl-C) while it waits for the turn (an
+    explicit prune_old_backups) gives up its place: the next background job still gets the turn."""
+    turns = _turns._turns
+    holder, _, release = _holder()
+    _interrupt_main_when(lambda: turns.issued >= turns.serving + 2)
+    with pytest.raises(_Stop), _turns.turn():
+        pytest.fail("the turn was taken while another thread held it")
+    release.set()
+    holder.join(30)
+    assert _can_take_turn()  # was False: serving stopped at the abandoned ticket for ever
+
+
+@pytest.mark.usefixtures("stop_on_sigusr1")
+def test_an_interrupted_pause_gives_no_second_turn() -> None:
+    """issue 14.3 attack: an exception while a pause waits to take the turn back neither hands the turn to a
+    second thread while the first holds it, nor leaks the interrupted thread's place."""
+    turns = _turns._turns
+    other_in, other_release = threading.Event(), threading.Event()
+    third_in = threading.Event()
+
+    def other() -> None:
+        with _turns.turn():
+            other_in.set()
+            assert other_release.wait(30)
+
+    def third() -> None:
+        with _turns.turn():
+            third_in.set()
+
+    with pytest.raises(_Stop), _turns.turn():
+        threading.Thread(target=other, daemon=True).start()
+        with turns.cond:
+            assert turns.cond.wait_for(lambda: turns.issued >= 2, 30)
+        threading.Thread(target=third, daemon=True).start()
+        with turns.cond:
+            assert turns.cond.wait_for(lambda: turns.issued >= 3, 30)
+        # the pause hands the turn to `other`, then waits behind `third`: interrupted there
+        _interrupt_main_when(lambda: turns.issued >= 4, first=other_in)
+        _turns.pause()
+    assert other_in.is_set()
+    assert not third_in.is_set()
+    with turns.cond:
+        assert turns.serving == 1  # `other` still holds the turn (was 2: `third` let in beside it)
+    other_release.set()
+    assert third_in.wait(20)
+    assert _can_take_turn()
