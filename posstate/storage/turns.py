@@ -25,12 +25,16 @@ __all__ = ["pause", "turn"]
 
 
 class _Turns:
-    """A FIFO ticket lock: ``serving`` is the ticket that holds the turn; tickets below ``issued`` wait."""
+    """A FIFO ticket lock: ``serving`` is the ticket that holds the turn; tickets below ``issued`` wait.
+
+    A wait interrupted by an exception (a KeyboardInterrupt on a caller's main thread) gives its ticket up:
+    ``abandoned`` tickets are skipped when the turn moves on, so no one waits for a ticket nobody holds."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.issued = 0
         self.serving = 0
+        self.abandoned: set[int] = set()
         self.local = threading.local()
 
     def take(self) -> None:
@@ -38,16 +42,29 @@ class _Turns:
             ticket = self.issued
             self.issued += 1
             self.cond.notify_all()  # a holder (or a test) waiting to see someone queue
-            while self.serving != ticket:
-                self.cond.wait()
+            try:
+                while self.serving != ticket:
+                    self.cond.wait()
+            except BaseException:  # Condition.wait re-took the lock: this ticket is given up, never left behind
+                if self.serving == ticket:
+                    self._next()
+                else:
+                    self.abandoned.add(ticket)
+                raise
 
     def give(self) -> None:
         with self.cond:
+            self._next()
+
+    def _next(self) -> None:
+        self.serving += 1
+        while self.serving in self.abandoned:
+            self.abandoned.discard(self.serving)
             self.serving += 1
-            self.cond.notify_all()
+        self.cond.notify_all()
 
     def others_wait(self) -> bool:
-        return self.issued > self.serving + 1
+        return self.issued > self.serving + 1 + len(self.abandoned)
 
 
 _turns = _Turns()
@@ -67,15 +84,18 @@ if hasattr(os, "register_at_fork"):
 def turn() -> Iterator[None]:
     """Hold the process's one background turn inside the block (re-entrant in one thread)."""
     turns = _turns
-    depth = getattr(turns.local, "depth", 0)
+    local = turns.local
+    depth = getattr(local, "depth", 0)
     if depth == 0:
         turns.take()
-    turns.local.depth = depth + 1
+        local.held = True
+    local.depth = depth + 1
     try:
         yield
     finally:
-        turns.local.depth = depth
-        if depth == 0:
+        local.depth = depth
+        if depth == 0 and local.held:  # a pause interrupted while it took the turn back holds none
+            local.held = False
             turns.give()
 
 
@@ -83,8 +103,11 @@ def pause() -> None:
     """Between two slices of background work: let the GIL go, and hand the turn over when another
     background thread waits for it (then wait for it again, behind that one)."""
     turns = _turns
-    if getattr(turns.local, "depth", 0) and turns.others_wait():
+    local = turns.local
+    if getattr(local, "depth", 0) and getattr(local, "held", False) and turns.others_wait():
+        local.held = False
         turns.give()
-        turns.take()
+        turns.take()  # an exception here gave its ticket up: the block ends holding nothing
+        local.held = True
     else:
         time.sleep(0)
