@@ -178,3 +178,39 @@ def test_an_interrupted_pause_gives_no_second_turn() -> None:
     other_release.set()
     assert third_in.wait(20)
     assert _can_take_turn()
+
+
+def test_a_backup_of_memory_cancelled_by_close_adds_no_backup_after_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2 attack: close() that gives up on a background backup of memory (here waiting for the turn
+    behind another job) and reports "cancelled ... no backup was added" is right: no backup appears after
+    the writer lock is released."""
+    from posstate.backup import background as _background
+
+    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=0.05)
+    m = PositionStateManager(cfg, key=KEY)
+    m.save_positions([pos(i) for i in range(100)])
+    assert m.wait_for_backups(30)
+    turns = _turns._turns
+    holder, _, release = _holder()  # another manager's long job holds the turn
+    try:
+        m.set_position(pos(1, 9))  # acknowledged in the journal: the timer backs memory up, in slices
+        with turns.cond:  # the backup thread waits for the turn
+            assert turns.cond.wait_for(lambda: turns.issued >= turns.serving + 2, 30)
+        svc = _background.service(m._files)
+        worker = svc._thread
+        before = sorted(p.name for p in cfg.backup_path.iterdir())
+        failed: list[dict[str, object]] = []
+        m.on("backupFailed", failed.append)
+        monkeypatch.setattr(_background, "CLOSE_TIMEOUT", 0.2)
+        m.close()
+    finally:
+        release.set()
+        holder.join(30)
+    assert worker is not None
+    worker.join(30)
+    assert not worker.is_alive()
+    said = [str(e.get("reason")) for e in failed]
+    assert any("no backup was added" in s for s in said), said
+    assert sorted(p.name for p in cfg.backup_path.iterdir()) == before, said  # one appeared after close

@@ -287,7 +287,9 @@ class BackupService:
         try:
             # In slices on the backup thread; the close() backup runs on the closing thread: in one go.
             pause = None if operation == "close" else _yield_gil
-            info = _acked.from_memory(files, now=self.clock(), pause=pause)
+            info = _acked.from_memory(files, now=self.clock(), pause=pause, gate=self._gate, cancelled=lambda: self._cancelled)
+        except _snapcopy.Cancelled:
+            return None  # close() gave it up before its name and said so
         except (PosStateError, OSError) as exc:
             self._failed(exc, "close" if operation == "close" else getattr(exc, "operation", operation))
             return None

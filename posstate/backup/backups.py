@@ -7,8 +7,10 @@ in ``backup_dir``, with ``_2``, ``_3``... when several fall in one second. Its i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -291,6 +293,10 @@ def fresh_ids(backup_dir: Path, stamp: str) -> Iterator[str]:
         yield stamp if seq == 1 else f"{stamp}_{seq}"
 
 
+class Cancelled(Exception):
+    """The owner closed while this backup ran: it stopped before giving the backup its name."""
+
+
 def write_backup(
     state: StateData,
     *,
@@ -302,6 +308,8 @@ def write_backup(
     written_at_ms: int | None = None,
     online: bool = False,
     pause: Callable[[], None] | None = None,
+    gate: threading.Lock | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> BackupInfo:
     """Write *state* as a new timestamped backup, read it back and validate it; return its info.
 
@@ -312,6 +320,8 @@ def write_backup(
     is named so that the lock holder's sweep leaves it alone while it is young (:func:`sweep_temps`).
     *pause* (a background thread, issue 14.3): serialize and verify a slice of positions at a time, calling
     it between slices (the same bytes, the same verdict), never one O(state) call holding the GIL.
+    *gate*/*cancelled* (the backup thread): the name is given under *gate* and only if not *cancelled*
+    (:class:`Cancelled`), so a close() that gave up on this backup never sees one added after it.
     """
     now = time.time() if now is None else now
     now_ms = int(now * 1000)
@@ -330,7 +340,15 @@ def write_backup(
             )
     try:
         return _write_verified(
-            encoded, stamp=stamp, stamp_ms=stamp_ms, backup_dir=backup_dir, options=options, online=online, pause=pause
+            encoded,
+            stamp=stamp,
+            stamp_ms=stamp_ms,
+            backup_dir=backup_dir,
+            options=options,
+            online=online,
+            pause=pause,
+            gate=gate,
+            cancelled=cancelled,
         )
     except PersistenceError:
         raise
@@ -350,6 +368,8 @@ def _write_verified(
     options: _statefile.ReadOptions,
     online: bool = False,
     pause: Callable[[], None] | None = None,
+    gate: threading.Lock | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> BackupInfo:
     for backup_id in fresh_ids(backup_dir, stamp):
         candidate = backup_dir / file_name(backup_id)
@@ -357,7 +377,10 @@ def _write_verified(
             continue
         try:
             temp_for = backup_dir / f"{ONLINE_TEMP_PREFIX}{candidate.name}" if online else None
-            _atomic.write_new_file(candidate, encoded.data, temp_for=temp_for)
+            with gate if gate is not None else contextlib.nullcontext():
+                if cancelled():
+                    raise Cancelled(str(candidate))
+                _atomic.write_new_file(candidate, encoded.data, temp_for=temp_for)
         except _atomic.WriteFailed as wf:
             if wf.step == "link" and isinstance(wf.cause, FileExistsError):
                 continue  # another name in the same second appeared meanwhile
