@@ -3,6 +3,7 @@ for the turn (or a pause) interrupted by an exception, must not stop every other
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 from collections.abc import Iterator
@@ -214,3 +215,53 @@ def test_a_backup_of_memory_cancelled_by_close_adds_no_backup_after_close(
     said = [str(e.get("reason")) for e in failed]
     assert any("no backup was added" in s for s in said), said
     assert sorted(p.name for p in cfg.backup_path.iterdir()) == before, said  # one appeared after close
+
+
+def test_a_planted_backups_scrypt_does_not_block_the_bots_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14.3 attack: a backup planted with its own salt makes the background check derive a key with
+    scrypt (up to 2**17, ~0.4 s); the bot's save (or a journal rotation) needs the keyring too and must not
+    wait for that derivation."""
+    from posstate.storage import crypto as _crypto
+    from posstate.storage.crypto import Keyring
+
+    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9)
+    with PositionStateManager(cfg, passphrase="correct horse") as m:
+        m.save_positions([pos(i) for i in range(20)])
+        attacker = Keyring(passphrase="attacker", log2_n=10)
+        planted = _backups.write_backup(
+            m._state.copy(),
+            backup_dir=cfg.backup_path,
+            keyring=attacker,
+            compression_level=None,
+            options=dataclasses.replace(m._read, keyring=attacker),
+            now=1_700_000_000,
+        )
+        ours = m._write_keyring.write_material()[1]
+        entered, release = threading.Event(), threading.Event()
+        real = _crypto.derive_key
+
+        def slow_scrypt(passphrase: str, salt: bytes, log2_n: int = 15) -> bytes:
+            if salt != ours:  # the planted salt: a long derivation
+                entered.set()
+                assert release.wait(60)
+            return real(passphrase, salt, log2_n)
+
+        monkeypatch.setattr(_crypto, "derive_key", slow_scrypt)
+        checker = threading.Thread(
+            target=_backups.full_check, args=(planted,), kwargs={"options": m._read, "pause": _turns.pause}, daemon=True
+        )
+        checker.start()
+        saved = threading.Event()
+
+        def bot() -> None:
+            m.set_position(pos(1, 5))
+            m.save()
+            saved.set()
+
+        try:
+            assert entered.wait(30)
+            threading.Thread(target=bot, daemon=True).start()
+            assert saved.wait(20)  # was blocked on the keyring's lock until the planted derivation ended
+        finally:
+            release.set()
+            checker.join(30)
