@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -265,3 +266,49 @@ def test_a_planted_backups_scrypt_does_not_block_the_bots_save(tmp_path: Path, m
         finally:
             release.set()
             checker.join(30)
+
+
+def test_close_from_a_background_backup_event_handler_closes(tmp_path: Path) -> None:
+    """issue 14.2 attack: a bot that closes its manager from a backupCreated handler (run on the backup
+    thread) gets a closed manager and a released lock, not RuntimeError("cannot join current thread") with
+    the writer lock still held; the backup thread then prunes nothing in a directory it no longer owns."""
+    from posstate.backup import prune as _prune
+
+    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=0.05)
+    m = PositionStateManager(cfg, key=KEY)
+    m.save_positions([pos(i) for i in range(10)])
+    assert m.wait_for_backups(30)
+    done = threading.Event()
+    errors: list[str] = []
+    prunes: list[bool] = []
+    real_prune = _prune.prune_backups
+
+    def counting_prune(files: Any, **kw: Any) -> Any:
+        prunes.append(m.closed)
+        return real_prune(files, **kw)
+
+    def handler(event: dict[str, Any]) -> None:
+        if event.get("background") and threading.current_thread().name == "posstate-backup":
+            try:
+                m.close()
+            except BaseException as exc:  # what the bot would see
+                errors.append(repr(exc))
+            done.set()
+
+    m.on("backupCreated", handler)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_prune, "prune_backups", counting_prune)
+        m.set_position(pos(1, 5))  # acknowledged in the journal: the timer backs memory up
+        assert done.wait(30)
+        worker = _background_thread(m)
+        if worker is not None:
+            worker.join(30)
+    assert errors == [] and m.closed
+    assert True not in prunes  # no prune after the manager closed
+    with PositionStateManager(cfg, key=KEY) as again:  # the writer lock was released
+        assert again.load_positions()[pos(1).key].contracts == 5
+
+
+def _background_thread(m: PositionStateManager) -> threading.Thread | None:
+    svc = m._files.backups
+    return None if svc is None else svc._thread
