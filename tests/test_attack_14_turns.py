@@ -312,3 +312,32 @@ def test_close_from_a_background_backup_event_handler_closes(tmp_path: Path) -> 
 def _background_thread(m: PositionStateManager) -> threading.Thread | None:
     svc = m._files.backups
     return None if svc is None else svc._thread
+
+
+def test_a_backup_of_memory_is_not_checked_again_by_the_prune_after_it(tmp_path: Path) -> None:
+    """issue 14.2 attack: a timed backup of memory is fully verified once, as it is written (in slices); the
+    prune that follows takes that verdict from the cache instead of decrypting and validating it again."""
+    from posstate.backup import background as _background
+
+    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=0.05)
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([pos(i) for i in range(200)])
+        assert m.wait_for_backups(30)
+        m.prune_old_backups()  # every backup on disk is in the cache now
+        cache = _background.service(m._files).cache
+        before = cache.full_checks
+        created: list[dict[str, Any]] = []
+        done = threading.Event()
+
+        def seen(e: dict[str, Any]) -> None:
+            if e.get("acknowledged"):
+                created.append(e)
+                done.set()
+
+        m.on("backupCreated", seen)
+        m.set_position(pos(1, 5))  # in the journal only: the timer backs memory up
+        assert done.wait(30)
+        assert m.wait_for_backups(30)
+        assert cache.full_checks == before  # was before + 1: the new backup decrypted and validated twice
+        assert m.prune_old_backups().kept
+        assert cache.full_checks == before

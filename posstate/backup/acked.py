@@ -176,6 +176,7 @@ def from_memory(
     if state is None:
         return None
     cfg = files.config
+    svc = files.backups  # its verified-backup cache keeps this backup's verdict: the prune after it checks it no more
     return _backups.write_backup(
         state,
         backup_dir=cfg.backup_path,
@@ -186,4 +187,5 @@ def from_memory(
         pause=pause,
         gate=gate,
         cancelled=cancelled,
+        remember=svc.cache.before_check if svc is not None else None,
     )

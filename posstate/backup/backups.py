@@ -310,6 +310,7 @@ def write_backup(
     pause: Callable[[], None] | None = None,
     gate: threading.Lock | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    remember: Callable[[Path], Callable[[BackupInfo], None]] | None = None,
 ) -> BackupInfo:
     """Write *state* as a new timestamped backup, read it back and validate it; return its info.
 
@@ -321,7 +322,8 @@ def write_backup(
     *pause* (a background thread, issue 14.3): serialize and verify a slice of positions at a time, calling
     it between slices (the same bytes, the same verdict), never one O(state) call holding the GIL.
     *gate*/*cancelled* (the backup thread): the name is given under *gate* and only if not *cancelled*
-    (:class:`Cancelled`), so a close() that gave up on this backup never sees one added after it.
+    (:class:`Cancelled`), so a close() that gave up on this backup never sees one added after it. *remember*
+    (a verified-backup cache's ``before_check``): probes the backup before its read-back; its verdict is kept.
     """
     now = time.time() if now is None else now
     now_ms = int(now * 1000)
@@ -339,17 +341,7 @@ def write_backup(
                 replace(state), keyring=keyring, compression_level=compression_level, now_ms=stamp_ms, pause=pause
             )
     try:
-        return _write_verified(
-            encoded,
-            stamp=stamp,
-            stamp_ms=stamp_ms,
-            backup_dir=backup_dir,
-            options=options,
-            online=online,
-            pause=pause,
-            gate=gate,
-            cancelled=cancelled,
-        )
+        return _write_verified(encoded, stamp, stamp_ms, backup_dir, options, online, pause, gate, cancelled, remember)
     except PersistenceError:
         raise
     except OSError as exc:
@@ -361,15 +353,15 @@ def write_backup(
 
 def _write_verified(
     encoded: _codec.Encoded,
-    *,
     stamp: str,
     stamp_ms: int,
     backup_dir: Path,
     options: _statefile.ReadOptions,
-    online: bool = False,
-    pause: Callable[[], None] | None = None,
-    gate: threading.Lock | None = None,
-    cancelled: Callable[[], bool] = lambda: False,
+    online: bool,
+    pause: Callable[[], None] | None,
+    gate: threading.Lock | None,
+    cancelled: Callable[[], bool],
+    remember: Callable[[Path], Callable[[BackupInfo], None]] | None,
 ) -> BackupInfo:
     for backup_id in fresh_ids(backup_dir, stamp):
         candidate = backup_dir / file_name(backup_id)
@@ -392,6 +384,7 @@ def _write_verified(
     else:  # pragma: no cover - ten thousand backups in one second
         raise PersistenceError(backup_dir, operation="backup name", reason="no free backup name in this second")
     try:
+        verified = remember(target) if remember is not None else None  # before the read-back
         data = fs.read_file(target)
         if data != encoded.data:
             raise OSError(5, "backup read back differs from what was written")
@@ -404,7 +397,7 @@ def _write_verified(
         _atomic.quiet_unlink(target)  # our own copy of a state still in memory: redundant by construction
         cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
         raise PersistenceError(target, operation="verify backup", cause=cause) from exc
-    return BackupInfo(
+    info = BackupInfo(
         id=backup_id,
         path=target,
         created_at=datetime.strptime(backup_id[:15], _STAMP).replace(tzinfo=timezone.utc),
@@ -415,3 +408,6 @@ def _write_verified(
         valid=True,
         written_at=_ms_to_dt(stamp_ms),
     )
+    if verified is not None:
+        verified(info)
+    return info
