@@ -341,3 +341,79 @@ def test_a_backup_of_memory_is_not_checked_again_by_the_prune_after_it(tmp_path:
         assert cache.full_checks == before  # was before + 1: the new backup decrypted and validated twice
         assert m.prune_old_backups().kept
         assert cache.full_checks == before
+
+
+def test_save_gives_up_a_compaction_waiting_for_the_turn_at_once(tmp_path: Path) -> None:
+    """issue 14.3 attack: save() (manager lock held) gives up a pending background compaction; one that waits
+    for the turn behind another job is dropped at once instead of the bot waiting for that job, then for the
+    compaction's whole O(state) encode, only to throw it away."""
+    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9)
+    turns = _turns._turns
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([pos(i) for i in range(100)])
+        holder, _, release = _holder()  # another manager's long job holds the turn
+        saved = threading.Event()
+        try:
+            m.set_position(pos(1, 4))
+            assert m.compact(wait=False)  # rotates; the compaction thread queues for the turn
+            with turns.cond:
+                assert turns.cond.wait_for(lambda: turns.issued >= turns.serving + 2, 30)
+
+            def bot() -> None:
+                m.set_position(pos(2, 6))
+                m.save()
+                saved.set()
+
+            threading.Thread(target=bot, daemon=True).start()
+            assert saved.wait(20)  # was blocked until the other job gave the turn back
+        finally:
+            release.set()
+            holder.join(30)
+        assert m.compact(wait=True, timeout=30)
+        want = m.get_positions()
+    assert _can_take_turn()
+    with PositionStateManager(cfg, key=KEY) as again:
+        assert again.load_positions() == want
+
+
+def test_a_compaction_given_up_stops_at_its_next_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14.3 attack: a save() that gives up a background compaction in the middle of its O(state) work
+    waits for one slice of it, not for the rest of the view and encode (which would be thrown away)."""
+    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9)
+    turns = _turns._turns
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([pos(i) for i in range(20_000)])
+        in_work, go = threading.Event(), threading.Event()
+        after: list[int] = []
+        real_pause = _turns.pause
+
+        def pause() -> None:
+            if threading.current_thread().name.startswith("posstate-compact"):
+                if not in_work.is_set():
+                    in_work.set()
+                    assert go.wait(30)
+                else:
+                    after.append(1)
+            real_pause()
+
+        monkeypatch.setattr(_turns, "pause", pause)
+        m.set_position(pos(1, 4))
+        assert m.compact(wait=False)
+        assert in_work.wait(30)
+        job = m._bg_job
+        assert job is not None
+        saved = threading.Event()
+
+        def bot() -> None:
+            m.save()
+            saved.set()
+
+        threading.Thread(target=bot, daemon=True).start()
+        with turns.cond:  # the save set the job's cancelled flag (and woke the turn's waiters)
+            assert turns.cond.wait_for(lambda: job.cancelled, 30)
+        go.set()
+        assert saved.wait(30)
+        assert after == []  # was one per remaining slice of the view and the encode
+        want = m.get_positions()
+    with PositionStateManager(cfg, key=KEY) as again:
+        assert again.load_positions() == want

@@ -19,9 +19,13 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["pause", "turn"]
+__all__ = ["Abandoned", "pause", "turn", "wake"]
+
+
+class Abandoned(Exception):
+    """The job waiting for its turn was given up meanwhile (``abandon()`` became true): it never ran."""
 
 
 class _Turns:
@@ -37,13 +41,15 @@ class _Turns:
         self.abandoned: set[int] = set()
         self.local = threading.local()
 
-    def take(self) -> None:
+    def take(self, abandon: Callable[[], bool] | None = None) -> None:
         with self.cond:
             ticket = self.issued
             self.issued += 1
             self.cond.notify_all()  # a holder (or a test) waiting to see someone queue
             try:
                 while self.serving != ticket:
+                    if abandon is not None and abandon():
+                        raise Abandoned
                     self.cond.wait()
             except BaseException:  # Condition.wait re-took the lock: this ticket is given up, never left behind
                 if self.serving == ticket:
@@ -81,13 +87,14 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def turn() -> Iterator[None]:
-    """Hold the process's one background turn inside the block (re-entrant in one thread)."""
+def turn(abandon: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Hold the process's one background turn inside the block (re-entrant in one thread). *abandon*: while
+    it waits, give its place up and raise :class:`Abandoned` once this is true (checked at each :func:`wake`)."""
     turns = _turns
     local = turns.local
     depth = getattr(local, "depth", 0)
     if depth == 0:
-        turns.take()
+        turns.take(abandon)
         local.held = True
     local.depth = depth + 1
     try:
@@ -111,3 +118,10 @@ def pause() -> None:
         local.held = True
     else:
         time.sleep(0)
+
+
+def wake() -> None:
+    """Make every thread waiting for its turn check its *abandon* (a job was just given up)."""
+    turns = _turns
+    with turns.cond:
+        turns.cond.notify_all()
