@@ -79,16 +79,23 @@ class _Stop(BaseException):
     """A KeyboardInterrupt-like exception delivered to the main thread by a signal."""
 
 
+_fired = threading.Event()
+
+
 def _interrupt_main_when(pred: object, first: threading.Event | None = None) -> threading.Thread:
     """A thread that waits for *first*, then (on the turn's condition) until *pred* holds, then signals the
-    main thread."""
+    main thread until its handler has run (a signal that lands just before the main thread blocks in a lock
+    wait does not interrupt that wait: it is sent again)."""
     turns = _turns._turns
 
     def run() -> None:
         assert first is None or first.wait(30)
         with turns.cond:
             assert turns.cond.wait_for(pred, 30)  # type: ignore[arg-type]
-        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+        for _ in range(300):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+            if _fired.wait(0.1):
+                return
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
@@ -97,8 +104,13 @@ def _interrupt_main_when(pred: object, first: threading.Event | None = None) -> 
 
 @pytest.fixture
 def stop_on_sigusr1() -> Iterator[None]:
+    """SIGUSR1 raises _Stop in the main thread, once (a signal sent again after that is ignored)."""
+    _fired.clear()
+
     def handler(signum: int, frame: object) -> None:
-        raise _Stop
+        if not _fired.is_set():
+            _fired.set()
+            raise _Stop
 
     old = signal.signal(signal.SIGUSR1, handler)
     try:
@@ -228,6 +240,7 @@ def test_a_planted_backups_scrypt_does_not_block_the_bots_save(tmp_path: Path, m
     cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9)
     with PositionStateManager(cfg, passphrase="correct horse") as m:
         m.save_positions([pos(i) for i in range(20)])
+        assert m.wait_for_backups(30)  # the first backup's prune is over: the planted file is checked below only
         attacker = Keyring(passphrase="attacker", log2_n=10)
         planted = _backups.write_backup(
             m._state.copy(),

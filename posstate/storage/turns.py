@@ -42,24 +42,29 @@ class _Turns:
         self.local = threading.local()
 
     def take(self, abandon: Callable[[], bool] | None = None) -> None:
+        """Wait for the turn; the calling thread then holds it (``local.held``) until :meth:`give`."""
         with self.cond:
             ticket = self.issued
-            self.issued += 1
-            self.cond.notify_all()  # a holder (or a test) waiting to see someone queue
             try:
+                self.issued = ticket + 1
+                self.cond.notify_all()  # a holder (or a test) waiting to see someone queue
                 while self.serving != ticket:
                     if abandon is not None and abandon():
                         raise Abandoned
                     self.cond.wait()
+                self.local.held = True
             except BaseException:  # Condition.wait re-took the lock: this ticket is given up, never left behind
-                if self.serving == ticket:
-                    self._next()
-                else:
-                    self.abandoned.add(ticket)
+                if self.issued > ticket:
+                    if self.serving == ticket:
+                        self.local.held = False
+                        self._next()
+                    else:
+                        self.abandoned.add(ticket)
                 raise
 
     def give(self) -> None:
         with self.cond:
+            self.local.held = False
             self._next()
 
     def _next(self) -> None:
@@ -93,16 +98,14 @@ def turn(abandon: Callable[[], bool] | None = None) -> Iterator[None]:
     turns = _turns
     local = turns.local
     depth = getattr(local, "depth", 0)
-    if depth == 0:
-        turns.take(abandon)
-        local.held = True
-    local.depth = depth + 1
-    try:
+    try:  # an exception anywhere (a KeyboardInterrupt) gives back exactly what this thread holds
+        if depth == 0:
+            turns.take(abandon)
+        local.depth = depth + 1
         yield
     finally:
         local.depth = depth
-        if depth == 0 and local.held:  # a pause interrupted while it took the turn back holds none
-            local.held = False
+        if depth == 0 and getattr(local, "held", False):
             turns.give()
 
 
@@ -112,10 +115,8 @@ def pause() -> None:
     turns = _turns
     local = turns.local
     if getattr(local, "depth", 0) and getattr(local, "held", False) and turns.others_wait():
-        local.held = False
         turns.give()
         turns.take()  # an exception here gave its ticket up: the block ends holding nothing
-        local.held = True
     else:
         time.sleep(0)
 
