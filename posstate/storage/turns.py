@@ -10,7 +10,10 @@ writers then wait for a processor as well as for the GIL: measured with four wri
 :func:`turn` gives the calling thread the one turn (FIFO among background threads, in this process);
 :func:`pause`, called between slices, hands the turn to the next waiting thread if there is one (else it
 only lets the GIL go with ``time.sleep(0)``) and takes it back in order. A thread waiting for its turn is
-blocked on a condition: it uses no processor and never takes the GIL. The bot's own threads never wait here.
+blocked on a condition: it uses no processor and never takes the GIL. The bot's writers never wait here (an
+explicit ``prune_old_backups()``/``create_backup()`` does its full checks in a turn on the calling thread).
+Only CPU work is done in a turn (a file is read before it is taken), so every holder reaches its next pause;
+a wait ended by an exception, or given up (*abandon*, :func:`wake`), leaves no ticket behind.
 """
 
 from __future__ import annotations
