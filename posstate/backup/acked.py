@@ -22,6 +22,7 @@ backup, and a kill leaves no backup or a whole one.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -159,14 +160,23 @@ def online(
     )
 
 
-def from_memory(files: StateFiles, *, now: float | None = None, pause: Callable[[], None] | None = None) -> BackupInfo | None:
+def from_memory(
+    files: StateFiles,
+    *,
+    now: float | None = None,
+    pause: Callable[[], None] | None = None,
+    gate: threading.Lock | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> BackupInfo | None:
     """A new verified backup of the acknowledged state the owner holds in memory (None: nothing loaded, or
     memory may hold an unacknowledged change). The owner's lock is held only to copy the state. *pause*
-    (the background thread): encode and verify a slice of positions at a time (issue 14.3)."""
+    (the background thread): encode and verify a slice of positions at a time (issue 14.3); *gate* and
+    *cancelled*: as :func:`~posstate.backup.backups.write_backup` (close() gave it up: Cancelled)."""
     state = files.acknowledged()
     if state is None:
         return None
     cfg = files.config
+    svc = files.backups  # its verified-backup cache keeps this backup's verdict: the prune after it checks it no more
     return _backups.write_backup(
         state,
         backup_dir=cfg.backup_path,
@@ -175,4 +185,7 @@ def from_memory(files: StateFiles, *, now: float | None = None, pause: Callable[
         options=files.read,
         now=time.time() if now is None else now,
         pause=pause,
+        gate=gate,
+        cancelled=cancelled,
+        remember=svc.cache.before_check if svc is not None else None,
     )

@@ -1,26 +1,25 @@
 """Timed backups on a background thread: the caller of a save or compaction never waits for a backup.
 
-One :class:`BackupService` per manager (created on its first save). A save or compaction whose snapshot is
-durable calls :func:`posstate.backup.ops.after_save`, which notes the snapshot's generation and, when the
-newest backup is older than ``backup_interval``, asks the service for a backup: a flag under a condition,
-and a thread started if none runs. That is all the caller pays. The thread (one at a time; requests made
-while it runs fold into one) takes the service's folder lock, copies the newest durable snapshot (the state
-file) into the backup folder, verified (:mod:`posstate.backup.snapcopy`), then applies retention with the
-verified-backup cache (:mod:`posstate.backup.verified`). Explicit backup operations (create, prune, restore,
-recovery, repair) take the same folder lock first, so they never interleave with a background backup.
+One :class:`BackupService` per manager (created on its first save). A save or compaction whose snapshot is durable calls
+:func:`posstate.backup.ops.after_save`, which notes the snapshot's generation and, when the newest backup is older than
+``backup_interval``, asks the service for a backup: a flag under a condition, and a thread started if none runs. That is
+all the caller pays. The thread (one at a time; requests made while it runs fold into one) takes the service's folder
+lock, copies the newest durable snapshot (the state file) into the backup folder, verified
+(:mod:`posstate.backup.snapcopy`), then applies retention with the verified-backup cache
+(:mod:`posstate.backup.verified`). Explicit backup operations (create, prune, restore, recovery, repair) take the same
+folder lock first, so they never interleave with a background backup.
 
-In the journal modes a change is acknowledged long before a compaction puts it into a snapshot, so the thread
-also keeps a timer (issue 15.2): when ``backup_interval`` has passed since the newest backup and memory holds
-acknowledged changes no backup holds, it backs up the acknowledged state from memory
-(:func:`posstate.backup.acked.from_memory`: the owner's lock only while the state is copied), and so does a
-clean :meth:`BackupService.final_backup` from the manager's close(). ``backup_interval=0`` keeps the old
-meaning (a backup at every snapshot) and runs no timer.
+In the journal modes a change is acknowledged long before a compaction puts it into a snapshot, so the thread also keeps
+a timer (issue 15.2): when ``backup_interval`` has passed since the newest backup and memory holds acknowledged changes
+no backup holds, it backs up the acknowledged state from memory (:func:`posstate.backup.acked.from_memory`: the owner's
+lock only while the state is copied), and so does a clean :meth:`BackupService.final_backup` from the manager's close().
+``backup_interval=0`` keeps the old meaning (a backup at every snapshot) and runs no timer.
 
 A failure is reported (``backupFailed`` event, a warning in the log) and retried at the first snapshot after
-``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) lets a running
-backup finish for a bounded time; past it the backup is cancelled before it gets its name, and close() says
-so in the log and in a ``backupFailed`` event. A SIGKILL at any step leaves no new backup or a whole,
-verified one; a temp file is swept by the next backup (docs/RECOVERY.md, docs/JOURNAL.md).
+``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) lets a running backup finish
+for a bounded time; past it the backup is cancelled before it gets its name, and close() says so in the log and in a
+``backupFailed`` event. A SIGKILL at any step leaves no new backup or a whole, verified one; a temp file is swept by the
+next backup (docs/RECOVERY.md, docs/JOURNAL.md).
 """
 
 from __future__ import annotations
@@ -47,8 +46,7 @@ log = logging.getLogger("posstate")
 
 #: How long close() waits for a running background backup before cancelling it (seconds).
 CLOSE_TIMEOUT = 30.0
-#: The longest single wait of the timer (seconds).
-_MAX_TIMER_WAIT = 86400.0
+_MAX_TIMER_WAIT = 86400.0  # the longest single wait of the timer (seconds)
 
 _create_lock = threading.Lock()
 
@@ -172,7 +170,7 @@ class BackupService:
             self._closing = True  # no new request; one already asked for still runs (within the timeout)
             self._cond.notify_all()
             thread = self._thread
-        if thread is None:
+        if thread is None or thread is threading.current_thread():  # from an event handler of this backup
             return None
         thread.join(timeout)
         if not thread.is_alive():
@@ -287,7 +285,9 @@ class BackupService:
         try:
             # In slices on the backup thread; the close() backup runs on the closing thread: in one go.
             pause = None if operation == "close" else _yield_gil
-            info = _acked.from_memory(files, now=self.clock(), pause=pause)
+            info = _acked.from_memory(files, now=self.clock(), pause=pause, gate=self._gate, cancelled=lambda: self._cancelled)
+        except _snapcopy.Cancelled:
+            return None  # close() gave it up before its name and said so
         except (PosStateError, OSError) as exc:
             self._failed(exc, "close" if operation == "close" else getattr(exc, "operation", operation))
             return None
@@ -317,6 +317,8 @@ class BackupService:
         )
         from posstate.backup.prune import prune_backups
 
+        if self._closing and threading.current_thread() is self._thread:
+            return  # closed from an event handler of this backup: the directory may be another process's now
         try:
             prune_backups(files, dry_run=False, cache=self.cache)
         except (PosStateError, OSError) as exc:

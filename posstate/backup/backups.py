@@ -7,8 +7,10 @@ in ``backup_dir``, with ``_2``, ``_3``... when several fall in one second. Its i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -184,10 +186,13 @@ def full_check(
     loaded: _statefile.Loaded | None = None
     try:
         if pause is not None:
-            # One background turn in the process (posstate/storage/turns.py); every slice is freed before the
-            # next: no collector pass over the heap.
+            # Read before the turn is taken: a read stuck on a hung disk must not stop every other manager's
+            # background work in the process. One background turn (posstate/storage/turns.py) for the O(state)
+            # check; every slice is freed before the next: no collector pass over the heap.
+            data = _statefile.read_bytes(info.path, what="backup", max_size=options.max_file_bytes)
             with _turns.turn(), _document.pause_gc():
-                _sliced.check_in_slices(info.path, options=options, pause=pause)
+                _sliced.check_bytes_in_slices(data, path=info.path, options=options, pause=pause)
+            del data
         else:
             loaded = _statefile.read(info.path, options=options, what="backup")
     except CorruptStateError as exc:
@@ -288,6 +293,10 @@ def fresh_ids(backup_dir: Path, stamp: str) -> Iterator[str]:
         yield stamp if seq == 1 else f"{stamp}_{seq}"
 
 
+class Cancelled(Exception):
+    """The owner closed while this backup ran: it stopped before giving the backup its name."""
+
+
 def write_backup(
     state: StateData,
     *,
@@ -299,6 +308,9 @@ def write_backup(
     written_at_ms: int | None = None,
     online: bool = False,
     pause: Callable[[], None] | None = None,
+    gate: threading.Lock | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+    remember: Callable[[Path], Callable[[BackupInfo], None]] | None = None,
 ) -> BackupInfo:
     """Write *state* as a new timestamped backup, read it back and validate it; return its info.
 
@@ -309,6 +321,9 @@ def write_backup(
     is named so that the lock holder's sweep leaves it alone while it is young (:func:`sweep_temps`).
     *pause* (a background thread, issue 14.3): serialize and verify a slice of positions at a time, calling
     it between slices (the same bytes, the same verdict), never one O(state) call holding the GIL.
+    *gate*/*cancelled* (the backup thread): the name is given under *gate* and only if not *cancelled*
+    (:class:`Cancelled`), so a close() that gave up on this backup never sees one added after it. *remember*
+    (a verified-backup cache's ``before_check``): probes the backup before its read-back; its verdict is kept.
     """
     now = time.time() if now is None else now
     now_ms = int(now * 1000)
@@ -326,9 +341,7 @@ def write_backup(
                 replace(state), keyring=keyring, compression_level=compression_level, now_ms=stamp_ms, pause=pause
             )
     try:
-        return _write_verified(
-            encoded, stamp=stamp, stamp_ms=stamp_ms, backup_dir=backup_dir, options=options, online=online, pause=pause
-        )
+        return _write_verified(encoded, stamp, stamp_ms, backup_dir, options, online, pause, gate, cancelled, remember)
     except PersistenceError:
         raise
     except OSError as exc:
@@ -340,13 +353,15 @@ def write_backup(
 
 def _write_verified(
     encoded: _codec.Encoded,
-    *,
     stamp: str,
     stamp_ms: int,
     backup_dir: Path,
     options: _statefile.ReadOptions,
-    online: bool = False,
-    pause: Callable[[], None] | None = None,
+    online: bool,
+    pause: Callable[[], None] | None,
+    gate: threading.Lock | None,
+    cancelled: Callable[[], bool],
+    remember: Callable[[Path], Callable[[BackupInfo], None]] | None,
 ) -> BackupInfo:
     for backup_id in fresh_ids(backup_dir, stamp):
         candidate = backup_dir / file_name(backup_id)
@@ -354,7 +369,10 @@ def _write_verified(
             continue
         try:
             temp_for = backup_dir / f"{ONLINE_TEMP_PREFIX}{candidate.name}" if online else None
-            _atomic.write_new_file(candidate, encoded.data, temp_for=temp_for)
+            with gate if gate is not None else contextlib.nullcontext():
+                if cancelled():
+                    raise Cancelled(str(candidate))
+                _atomic.write_new_file(candidate, encoded.data, temp_for=temp_for)
         except _atomic.WriteFailed as wf:
             if wf.step == "link" and isinstance(wf.cause, FileExistsError):
                 continue  # another name in the same second appeared meanwhile
@@ -366,6 +384,7 @@ def _write_verified(
     else:  # pragma: no cover - ten thousand backups in one second
         raise PersistenceError(backup_dir, operation="backup name", reason="no free backup name in this second")
     try:
+        verified = remember(target) if remember is not None else None  # before the read-back
         data = fs.read_file(target)
         if data != encoded.data:
             raise OSError(5, "backup read back differs from what was written")
@@ -378,7 +397,7 @@ def _write_verified(
         _atomic.quiet_unlink(target)  # our own copy of a state still in memory: redundant by construction
         cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
         raise PersistenceError(target, operation="verify backup", cause=cause) from exc
-    return BackupInfo(
+    info = BackupInfo(
         id=backup_id,
         path=target,
         created_at=datetime.strptime(backup_id[:15], _STAMP).replace(tzinfo=timezone.utc),
@@ -389,3 +408,6 @@ def _write_verified(
         valid=True,
         written_at=_ms_to_dt(stamp_ms),
     )
+    if verified is not None:
+        verified(info)
+    return info

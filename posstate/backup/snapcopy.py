@@ -28,9 +28,8 @@ from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.container import checksum_of
 
-
-class Cancelled(Exception):
-    """The owner closed while this backup ran: it stopped before giving the backup its name."""
+#: The owner closed while this backup ran: it stopped before giving the backup its name.
+Cancelled = _backups.Cancelled
 
 
 class Newer(Exception):

@@ -85,6 +85,17 @@ class VerifiedCache:
             return None
         return entry[1]
 
+    def before_check(self, path: Path) -> Callable[[BackupInfo], None]:
+        """Probe *path* before a check of a backup just written reads it back; the function returned
+        remembers that check's verdict, bound to what the probe saw (a later change is never trusted)."""
+        seen = probe(path)
+
+        def verified(info: BackupInfo) -> None:
+            if seen is not None:
+                self.remember(path.name, seen, info)
+
+        return verified
+
     def forget(self, name: str) -> None:
         self._entries.pop(name, None)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from posstate.core.errors import PosStateError
@@ -52,7 +53,7 @@ _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 
-def _copy(d: dict[_K, _V], size: int = 4096) -> dict[_K, _V]:
+def _copy(d: dict[_K, _V], size: int = 4096, pause: Callable[[], None] = _pause) -> dict[_K, _V]:
     """A copy of *d*, which other threads may change meanwhile, *size* keys at a time with the GIL handed
     back between slices. Each value is what its key held at some moment after the rotation: the caller puts
     the pre-images back over it."""
@@ -65,7 +66,7 @@ def _copy(d: dict[_K, _V], size: int = 4096) -> dict[_K, _V]:
             v = d.get(k, _MISSING)
             if v is not _MISSING:
                 out[k] = v  # type: ignore[assignment]
-        _pause()
+        pause()
     return out
 
 
@@ -181,6 +182,7 @@ class BackgroundCompaction(DurableCommit):
             if job is None:
                 return True
             job.cancelled = True
+            _turns.wake()  # an attempt waiting for the background turn gives up at once
             while self._bg_busy:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -232,7 +234,7 @@ class BackgroundCompaction(DurableCommit):
             saved: tuple[StateData, Any] | None = None
             try:
                 saved = self._bg_attempt(job)
-            except _Cancelled:
+            except (_Cancelled, _turns.Abandoned):
                 pass
             except BaseException as exc:  # reported and retried; never lost: the segments hold every record
                 err = exc
@@ -284,13 +286,21 @@ class BackgroundCompaction(DurableCommit):
         """One attempt: build the view (first attempt only), encode, write the snapshot, retire the segment."""
         if job.cancelled:
             raise _Cancelled
+
         # The O(state) part holds the process's one background turn: a backup's full check waits asleep
         # meanwhile instead of competing for the processor and the GIL (posstate/storage/turns.py). Each slice
         # is freed before the next: no collector pass over the heap (with the collector on, the slices'
         # survivors start full passes over the whole state, 80 ms at 100,000 positions, on any thread).
-        with _turns.turn(), _document.pause_gc():
+        # A save, load or close that gives the job up stops it while it waits for the turn
+        # (turns.Abandoned) or at its next slice, never after the whole O(state) encode.
+        def pause() -> None:
+            if job.cancelled:
+                raise _Cancelled
+            _pause()
+
+        with _turns.turn(abandon=lambda: job.cancelled), _document.pause_gc():
             if job.view is None:
-                job.view = self._bg_view(job)
+                job.view = self._bg_view(job, pause)
             st, entries = job.view
             if self._files.tombstone_floor is not None:
                 from posstate.model import merge as _merge
@@ -301,7 +311,7 @@ class BackgroundCompaction(DurableCommit):
                 keyring=self._write_keyring,
                 compression_level=self.config.compression_level if self.config.compression else None,
                 entries=entries,
-                pause=_pause,
+                pause=pause,
             )
         if job.cancelled:
             raise _Cancelled
@@ -313,7 +323,7 @@ class BackgroundCompaction(DurableCommit):
         self._journal.retire_segment()
         return st, encoded
 
-    def _bg_view(self, job: Job) -> tuple[StateData, Entries]:
+    def _bg_view(self, job: Job, pause: Callable[[], None] = _pause) -> tuple[StateData, Entries]:
         live = job.live
         # The dicts are copied a slice of keys at a time with the GIL handed back between slices (issue 14.3),
         # without the manager's lock, while writers go on: the pre-images put back every key changed since
@@ -323,19 +333,19 @@ class BackgroundCompaction(DurableCommit):
             written_at=live.written_at,
             writer=dict(live.writer),
             account=dict(live.account) if live.account is not None else None,
-            positions=_copy(live.positions),
-            position_revs=_copy(live.position_revs),
-            metadata=_copy(live.metadata),
-            metadata_revs=_copy(live.metadata_revs),
-            position_tombstones=_copy(live.position_tombstones),
-            metadata_tombstones=_copy(live.metadata_tombstones),
+            positions=_copy(live.positions, pause=pause),
+            position_revs=_copy(live.position_revs, pause=pause),
+            metadata=_copy(live.metadata, pause=pause),
+            metadata_revs=_copy(live.metadata_revs, pause=pause),
+            position_tombstones=_copy(live.position_tombstones, pause=pause),
+            metadata_tombstones=_copy(live.metadata_tombstones, pause=pause),
             journal=dict(job.journal),
             # Issue 15.7: replaced whole by set_bot_metadata (never changed in place); a change since the
             # rotation is put back by its pre-image below, with its revision.
             bot_metadata=live.bot_metadata,
             bot_metadata_rev=live.bot_metadata_rev,
         )
-        entries = _copy(job.entries)
+        entries = _copy(job.entries, pause=pause)
         pre: list[Undo] = self._journal.stop_capture()
         for undo in pre:
             _jops.undo(view, entries, undo)

@@ -220,9 +220,13 @@ class Keyring:
         cache_key = salt + bytes([log2_n])
         with self._lock:
             found = self._derived.get(cache_key)
-            if found is None:
-                found = derive_key(self._passphrase, salt, log2_n)
-                self._derived[cache_key] = found
+        if found is None:
+            # scrypt runs outside the lock: a file planted with its own salt (up to 2**17, ~0.4 s) must not make
+            # the bot's save or journal rotation, which need this keyring's own key, wait for it. Two threads
+            # may derive the same key once; the first stored is kept.
+            derived = derive_key(self._passphrase, salt, log2_n)
+            with self._lock:
+                found = self._derived.setdefault(cache_key, derived)
         return found
 
     @property

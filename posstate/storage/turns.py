@@ -10,7 +10,10 @@ writers then wait for a processor as well as for the GIL: measured with four wri
 :func:`turn` gives the calling thread the one turn (FIFO among background threads, in this process);
 :func:`pause`, called between slices, hands the turn to the next waiting thread if there is one (else it
 only lets the GIL go with ``time.sleep(0)``) and takes it back in order. A thread waiting for its turn is
-blocked on a condition: it uses no processor and never takes the GIL. The bot's own threads never wait here.
+blocked on a condition: it uses no processor and never takes the GIL. The bot's writers never wait here (an
+explicit ``prune_old_backups()``/``create_backup()`` does its full checks in a turn on the calling thread).
+Only CPU work is done in a turn (a file is read before it is taken), so every holder reaches its next pause;
+a wait ended by an exception, or given up (*abandon*, :func:`wake`), leaves no ticket behind.
 """
 
 from __future__ import annotations
@@ -19,35 +22,63 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["pause", "turn"]
+__all__ = ["Abandoned", "pause", "turn", "wake"]
+
+
+class Abandoned(Exception):
+    """The job waiting for its turn was given up meanwhile (``abandon()`` became true): it never ran."""
 
 
 class _Turns:
-    """A FIFO ticket lock: ``serving`` is the ticket that holds the turn; tickets below ``issued`` wait."""
+    """A FIFO ticket lock: ``serving`` is the ticket that holds the turn; tickets below ``issued`` wait.
+
+    A wait interrupted by an exception (a KeyboardInterrupt on a caller's main thread) gives its ticket up:
+    ``abandoned`` tickets are skipped when the turn moves on, so no one waits for a ticket nobody holds."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.issued = 0
         self.serving = 0
+        self.abandoned: set[int] = set()
         self.local = threading.local()
 
-    def take(self) -> None:
+    def take(self, abandon: Callable[[], bool] | None = None) -> None:
+        """Wait for the turn; the calling thread then holds it (``local.held``) until :meth:`give`."""
         with self.cond:
             ticket = self.issued
-            self.issued += 1
-            self.cond.notify_all()  # a holder (or a test) waiting to see someone queue
-            while self.serving != ticket:
-                self.cond.wait()
+            try:
+                self.issued = ticket + 1
+                self.cond.notify_all()  # a holder (or a test) waiting to see someone queue
+                while self.serving != ticket:
+                    if abandon is not None and abandon():
+                        raise Abandoned
+                    self.cond.wait()
+                self.local.held = True
+            except BaseException:  # Condition.wait re-took the lock: this ticket is given up, never left behind
+                if self.issued > ticket:
+                    if self.serving == ticket:
+                        self.local.held = False
+                        self._next()
+                    else:
+                        self.abandoned.add(ticket)
+                raise
 
     def give(self) -> None:
         with self.cond:
+            self.local.held = False
+            self._next()
+
+    def _next(self) -> None:
+        self.serving += 1
+        while self.serving in self.abandoned:
+            self.abandoned.discard(self.serving)
             self.serving += 1
-            self.cond.notify_all()
+        self.cond.notify_all()
 
     def others_wait(self) -> bool:
-        return self.issued > self.serving + 1
+        return self.issued > self.serving + 1 + len(self.abandoned)
 
 
 _turns = _Turns()
@@ -64,18 +95,20 @@ if hasattr(os, "register_at_fork"):
 
 
 @contextlib.contextmanager
-def turn() -> Iterator[None]:
-    """Hold the process's one background turn inside the block (re-entrant in one thread)."""
+def turn(abandon: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Hold the process's one background turn inside the block (re-entrant in one thread). *abandon*: while
+    it waits, give its place up and raise :class:`Abandoned` once this is true (checked at each :func:`wake`)."""
     turns = _turns
-    depth = getattr(turns.local, "depth", 0)
-    if depth == 0:
-        turns.take()
-    turns.local.depth = depth + 1
-    try:
+    local = turns.local
+    depth = getattr(local, "depth", 0)
+    try:  # an exception anywhere (a KeyboardInterrupt) gives back exactly what this thread holds
+        if depth == 0:
+            turns.take(abandon)
+        local.depth = depth + 1
         yield
     finally:
-        turns.local.depth = depth
-        if depth == 0:
+        local.depth = depth
+        if depth == 0 and getattr(local, "held", False):
             turns.give()
 
 
@@ -83,8 +116,16 @@ def pause() -> None:
     """Between two slices of background work: let the GIL go, and hand the turn over when another
     background thread waits for it (then wait for it again, behind that one)."""
     turns = _turns
-    if getattr(turns.local, "depth", 0) and turns.others_wait():
+    local = turns.local
+    if getattr(local, "depth", 0) and getattr(local, "held", False) and turns.others_wait():
         turns.give()
-        turns.take()
+        turns.take()  # an exception here gave its ticket up: the block ends holding nothing
     else:
         time.sleep(0)
+
+
+def wake() -> None:
+    """Make every thread waiting for its turn check its *abandon* (a job was just given up)."""
+    turns = _turns
+    with turns.cond:
+        turns.cond.notify_all()
