@@ -10,7 +10,10 @@ writers then wait for a processor as well as for the GIL: measured with four wri
 :func:`turn` gives the calling thread the one turn (FIFO among background threads, in this process);
 :func:`pause`, called between slices, hands the turn to the next waiting thread if there is one (else it
 only lets the GIL go with ``time.sleep(0)``) and takes it back in order. A thread waiting for its turn is
-blocked on a condition: it uses no processor and never takes the GIL. The bot's own threads never wait here.
+blocked on a condition: it uses no processor and never takes the GIL. The bot's threads wait here only in
+``create_backup()`` and ``prune_old_backups()`` (their full checks use the backup service's cache, sliced
+like the background thread's), at most a slice per job ahead of them. A wait that ends in an exception
+(Ctrl-C, the CLI's SIGTERM) gives its ticket up, so no later job waits for ever behind it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,17 @@ __all__ = ["pause", "turn"]
 
 
 class _Turns:
-    """A FIFO ticket lock: ``serving`` is the ticket that holds the turn; tickets below ``issued`` wait."""
+    """A FIFO ticket lock: ``serving`` is the ticket that holds the turn; tickets below ``issued`` wait.
+
+    A wait for the turn can end in an exception (KeyboardInterrupt, or the CLI's SIGTERM handler, on a caller's
+    thread that checks backups): its ticket is then given up (``abandoned``, skipped when its time comes), so
+    no later ticket waits for ever behind it."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.issued = 0
         self.serving = 0
+        self.abandoned: set[int] = set()
         self.local = threading.local()
 
     def take(self) -> None:
@@ -38,16 +46,37 @@ class _Turns:
             ticket = self.issued
             self.issued += 1
             self.cond.notify_all()  # a holder (or a test) waiting to see someone queue
-            while self.serving != ticket:
-                self.cond.wait()
+            try:
+                while self.serving != ticket:
+                    self.cond.wait()
+            except BaseException:
+                if self.serving == ticket:
+                    self._advance()  # served meanwhile: hand it on at once
+                else:
+                    self.abandoned.add(ticket)
+                raise
+            self.local.held = True  # set before the lock is let go: no exception can fall in between
 
     def give(self) -> None:
+        """Hand the turn on, if this thread holds it."""
         with self.cond:
+            if getattr(self.local, "held", False):
+                self.local.held = False
+                self._advance()
+
+    def holds(self) -> bool:
+        return bool(getattr(self.local, "held", False))
+
+    def _advance(self) -> None:
+        """Under the condition: the turn goes to the next ticket still waiting for it."""
+        self.serving += 1
+        while self.serving in self.abandoned:
+            self.abandoned.discard(self.serving)
             self.serving += 1
-            self.cond.notify_all()
+        self.cond.notify_all()
 
     def others_wait(self) -> bool:
-        return self.issued > self.serving + 1
+        return self.issued - len(self.abandoned) > self.serving + 1
 
 
 _turns = _Turns()
@@ -67,23 +96,25 @@ if hasattr(os, "register_at_fork"):
 def turn() -> Iterator[None]:
     """Hold the process's one background turn inside the block (re-entrant in one thread)."""
     turns = _turns
-    depth = getattr(turns.local, "depth", 0)
-    if depth == 0:
-        turns.take()
-    turns.local.depth = depth + 1
+    local = turns.local
+    depth = getattr(local, "depth", 0)
+    local.depth = depth + 1
     try:
+        if depth == 0:
+            turns.take()
         yield
     finally:
-        turns.local.depth = depth
+        local.depth = depth
         if depth == 0:
-            turns.give()
+            turns.give()  # only if held: a pause whose take-back was interrupted holds nothing
 
 
 def pause() -> None:
     """Between two slices of background work: let the GIL go, and hand the turn over when another
     background thread waits for it (then wait for it again, behind that one)."""
     turns = _turns
-    if getattr(turns.local, "depth", 0) and turns.others_wait():
+    local = turns.local
+    if getattr(local, "depth", 0) and turns.holds() and turns.others_wait():
         turns.give()
         turns.take()
     else:
