@@ -75,7 +75,9 @@ def test_torn_last_record_cut_at_every_length(tmp_path: Path) -> None:
     snap, journal, ends = _three_records(tmp_path)
     cfg = StateConfig.in_dir(tmp_path)
     cases = [journal[:n] for n in range(ends[1] + 1, ends[2])]
-    cases += [journal[:n] + bytes(4096) for n in range(ends[1] + 1, ends[2])]
+    # A record whose sealed bytes end in zeros is whole again once zeros follow its cut (the same bytes as
+    # the record and the space written ahead; 1 run in 256 or so, the tag being random): not a torn case.
+    cases += [journal[:n] + bytes(4096) for n in range(ends[1] + 1, ends[2]) if any(journal[n : ends[2]])]
     # Only a later sector of the record reached the disk: a zero length field, then non-zero bytes.
     cases.append(journal[: ends[1]] + bytes(ends[2] - ends[1] - 40) + journal[ends[2] - 40 : ends[2]] + bytes(100))
     torn_cases = 0

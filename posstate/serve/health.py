@@ -15,6 +15,7 @@ from typing import Any
 
 from posstate.backup.backups import BackupInfo, full_check, names_only, scan
 from posstate.core.errors import PosStateError
+from posstate.journal.files import next_path
 from posstate.serve import options as _options
 from posstate.serve.shapes import backup_json
 from posstate.serve.sources import Source
@@ -96,7 +97,8 @@ def report(source: Source, backups: BackupCache, limits: HealthLimits, *, client
             st = fs.stat_(cfg.state_path)
             last_save = max(last_save or 0.0, st.st_mtime)
         journal_bytes = 0
-        for path in (cfg.journal_path, cfg.legacy_journal_path):
+        # The .next segment of a pending background compaction holds acknowledged records too (issue 14).
+        for path in (cfg.journal_path, next_path(cfg.journal_path), cfg.legacy_journal_path):
             if path is not None:
                 with contextlib.suppress(OSError):
                     journal_bytes += fs.stat_(path).st_size

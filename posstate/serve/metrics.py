@@ -60,7 +60,7 @@ class _SourceCollector(Collector):
             ("generation", view.generation, "Generation of the state being served"),
             ("healthy", 1 if healthy else 0, "1 when /api/health answers 200"),
             ("last_save_age_seconds", body["last_save"]["age_seconds"], "Seconds since the state file was written"),
-            ("journal_bytes", body["journal"]["bytes"], "Size of the journal file"),
+            ("journal_bytes", body["journal"]["bytes"], "Size of the journal files (.next included)"),
             ("backups_count", body["backups"], "Backups in the backup directory"),
         ]
         newest = body["newest_backup"]
