@@ -15,7 +15,7 @@ MAX_SECONDS = 7 * 24 * 3600.0
 
 def seconds(name: str, value: Any, *, zero_ok: bool = False) -> float:
     """*value* as seconds: a finite number, > 0 (>= 0 with *zero_ok*), at most MAX_SECONDS."""
-    low = "0" if zero_ok else "more than 0"
+    low = "at least 0" if zero_ok else "more than 0"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ServeError(f"{name} must be a number of seconds, got {type(value).__name__}", next_step=f"give {name} in seconds")
     v = float(value)
