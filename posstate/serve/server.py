@@ -354,7 +354,11 @@ def source_for(target: Any, *, read: _statefile.ReadOptions | None = None) -> So
         return ManagerSource(target)
     if isinstance(target, StateConfig):
         options = read or _statefile.ReadOptions(
-            keyring=None, max_document_bytes=target.max_document_bytes, clock_skew=target.clock_skew
+            # the environment's key (POSSTATE_KEY, POSSTATE_KEY_FILE, POSSTATE_PASSPHRASE), as a manager of this
+            # config would find it; None: health says the key is missing
+            keyring=Keyring.resolve(),
+            max_document_bytes=target.max_document_bytes,
+            clock_skew=target.clock_skew,
         )
         return DirectorySource(target, options)
     raise TypeError(f"cannot serve a {type(target).__name__}: give a PositionStateManager, an AccountStateStore or a StateConfig")
