@@ -36,6 +36,11 @@ def register(factory: Callable[..., RunningServer]) -> None:
 class Servable:
     """Adds :meth:`serve` to the manager and the account store."""
 
+    def _serving_keyring(self) -> object | None:
+        """The keyring this object's state is encrypted with, which the server refuses as a bearer token
+        (every client would send it in clear); None when it has none. Never leaves the process."""
+        return None
+
     def serve(
         self,
         *,

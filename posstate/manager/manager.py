@@ -21,6 +21,9 @@ class PositionStateManager(AsyncChanges, Servable):
     intact and the in-memory state unchanged. All methods are thread-safe.
     """
 
+    def _serving_keyring(self) -> object | None:
+        return self._keyring
+
     def state_copy(self) -> StateData | None:
         """A private copy of the state in memory, or None before the first load (this never loads it).
         Holds the manager's lock only to copy the maps; for readers in other threads (``serve()``)."""

@@ -379,4 +379,17 @@ def serve_state(
     if token_file is not None:
         token = read_token(token_file)
     read = options.pop("read", None)
-    return StateServer(source_for(target, read=read), host=host, port=port, token=token, **options).start()
+    passphrase = os.environ.get("POSSTATE_PASSPHRASE") or None
+    if token is not None:  # before the source subscribes to the manager or store
+        refuse_the_key_as_token(token, _keyring_of(target), passphrase=passphrase)
+    source = source_for(target, read=read)
+    if token is not None and source.backup_read is not None:  # a directory: the key it reads with
+        refuse_the_key_as_token(token, source.backup_read.keyring, passphrase=passphrase)
+    return StateServer(source, host=host, port=port, token=token, **options).start()
+
+
+def _keyring_of(target: Any) -> Keyring | None:
+    """The keyring of a manager, or of the manager behind a persisted account store."""
+    manager = target if isinstance(target, PositionStateManager) else getattr(target, "manager", None)
+    keyring = manager._serving_keyring() if isinstance(manager, PositionStateManager) else None
+    return keyring if isinstance(keyring, Keyring) else None
