@@ -81,8 +81,8 @@ def test_load_key_reads_a_key_file(tmp_path: Path, cfg: StateConfig) -> None:
         pytest.param(b"x" * 33, "33 bytes", id="long-bytes"),
         pytest.param("not base64 at all", "base64", id="bad-text"),
         pytest.param(base64.b64encode(b"k" * 16).decode(), "16 bytes", id="text-of-16"),
-        pytest.param(12345, "int", id="int"),
-        pytest.param(["k"], "list", id="list"),
+        pytest.param(12345, "got int;", id="int"),
+        pytest.param(["k"], "got list;", id="list"),
     ],
 )
 def test_bad_key_is_a_config_error_naming_the_argument(cfg: StateConfig, bad: object, said: str) -> None:

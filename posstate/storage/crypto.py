@@ -127,7 +127,7 @@ def coerce_key(key: object, *, argument: str = "key=") -> bytes:
             raise ConfigError(f"{argument} base64 text decodes to {len(raw)} bytes, expected {KEY_SIZE}")
         return raw
     raise ConfigError(
-        f"{argument} must be {KEY_SIZE} raw bytes or the base64 text of a key, got a {type(key).__name__}; "
+        f"{argument} must be {KEY_SIZE} raw bytes or the base64 text of a key, got {type(key).__name__}; "
         "read a key file with posstate.load_key(path)"
     )
 
