@@ -16,9 +16,10 @@ lock only while the state is copied), and so does a clean :meth:`BackupService.f
 ``backup_interval=0`` keeps the old meaning (a backup at every snapshot) and runs no timer.
 
 A failure is reported (``backupFailed`` event, a warning in the log) and retried at the first snapshot after
-``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) lets a running backup finish
-for a bounded time; past it the backup is cancelled before it gets its name, and close() says so in the log and in a
-``backupFailed`` event. A SIGKILL at any step leaves no new backup or a whole, verified one; a temp file is swept by the
+``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) stops a prune's full checks
+at their next slice (a verification only) and lets a running backup finish for a bounded time; past it the backup is
+cancelled before it gets its name, and close() says so in the log and in a ``backupFailed`` event
+(:mod:`posstate.backup.closing`). A SIGKILL at any step leaves no new backup or a whole, verified one; a temp file is swept by the
 next backup (docs/RECOVERY.md, docs/JOURNAL.md).
 """
 
@@ -33,7 +34,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from posstate.backup import acked as _acked
+from posstate.backup import closing as _closing
 from posstate.backup import snapcopy as _snapcopy
+from posstate.backup.closing import ChecksStopped
 from posstate.backup.verified import VerifiedCache
 from posstate.core.errors import PosStateError
 from posstate.storage import turns as _turns
@@ -75,7 +78,7 @@ class BackupService:
         self._files = files
         #: Held by the background backup and by every explicit backup operation (taken before the manager's lock).
         self.folder_lock = threading.RLock()
-        self.cache = VerifiedCache(pause=_yield_gil)  # full checks in slices (issue 14.3)
+        self.cache = VerifiedCache(pause=self._pause_check)  # full checks in slices (issue 14.3)
         #: The clock timed backups compare with (tests replace it).
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()
@@ -85,6 +88,11 @@ class BackupService:
         self._durable_generation = 0
         self._closing = False
         self._cancelled = False
+        #: Set by close(): the full checks of a prune on this service's thread, or of the close backup's own
+        #: prune, stop at their next slice (ChecksStopped).
+        self._stop_checks = False
+        self.checks_stoppable_in: threading.Thread | None = None
+        self._close_deadline: float | None = None
         self._gate = threading.Lock()
         self._retry_at = float("-inf")
         #: Generation of the newest backup this service took (memory or snapshot): the timer's "nothing new".
@@ -152,6 +160,22 @@ class BackupService:
         weakref.finalize(self, _wake, self._cond, os.getpid())
         return None
 
+    def _pause_check(self) -> None:
+        """Between two slices of a prune's full check: stop it when close() asked (only on the backup thread
+        or in the close backup's prune: an explicit prune on a caller's thread runs to its end)."""
+        if self._stop_checks and threading.current_thread() in (self._thread, self.checks_stoppable_in):
+            raise ChecksStopped
+        _yield_gil()
+        if self._stop_checks and threading.current_thread() in (self._thread, self.checks_stoppable_in):
+            raise ChecksStopped  # asked while the turn was handed over
+
+    def _stop_verifying(self, timeout: float) -> float:
+        """close(): stop the prune's full checks at their next slice; the one deadline of close() (monotonic)."""
+        self._stop_checks = True
+        if self._close_deadline is None:
+            self._close_deadline = time.monotonic() + timeout
+        return self._close_deadline
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no background backup runs or is asked for; False if *timeout* passed first."""
         with self._cond:
@@ -163,33 +187,12 @@ class BackupService:
         return self._busy
 
     def close(self, timeout: float | None = None) -> str | None:
-        """Refuse new backups; wait up to *timeout* (default :data:`CLOSE_TIMEOUT`) for a running one.
-        Returns what was left behind (also logged and emitted as ``backupFailed``), or None."""
+        """Refuse new backups; stop a prune's full checks at their next slice (a verification is redundant);
+        wait for a running backup until *timeout* (default :data:`CLOSE_TIMEOUT`) after close() began (one
+        deadline with :meth:`final_backup`; :mod:`posstate.backup.closing`). Returns what was left behind
+        (also logged and emitted as ``backupFailed``), or None."""
         timeout = CLOSE_TIMEOUT if timeout is None else timeout
-        with self._cond:
-            self._closing = True  # no new request; one already asked for still runs (within the timeout)
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is None or thread is threading.current_thread():  # from an event handler of this backup
-            return None
-        thread.join(timeout)
-        if not thread.is_alive():
-            return None
-        if self._gate.acquire(timeout=max(timeout, 0.001)):
-            self._cancelled = True
-            self._gate.release()
-            left = (
-                f"a background backup was still running after {timeout:g} s and was cancelled before it got its "
-                "name: no backup was added; its temp file, if any, is removed by the next backup"
-            )
-        else:
-            left = (
-                f"a background backup was still running after {timeout:g} s and could not be cancelled (a file "
-                "operation is stuck): it may still add a backup, which is whole and verified if it appears"
-            )
-        log.warning("%s: close: %s", self._files.config.backup_path, left)
-        self._files.emit("backupFailed", {"path": str(self._files.config.backup_path), "reason": left, "operation": "close"})
-        return left
+        return _closing.stop(self, timeout, self._stop_verifying(timeout))
 
     # ------------------------------------------------------------------ the thread
     def _next(self) -> bool:
@@ -250,35 +253,12 @@ class BackupService:
 
     def final_backup(self, timeout: float | None = None) -> BackupInfo | None:
         """From a clean close(), before :meth:`close` (journal modes): back up the acknowledged state in memory
-        when no backup holds it (issue 15.2). Never raises (close() must still release the lock): a
-        failure is reported as ever. A background backup holding the folder past *timeout* (default
-        :data:`CLOSE_TIMEOUT`; a stuck disk) makes it give up and say so, as close() does."""
+        when no backup holds it (issue 15.2), after stopping a prune's full checks at their next slice. Never
+        raises (close() must still release the lock): a failure is reported as ever. A background backup
+        holding the folder past *timeout* (default :data:`CLOSE_TIMEOUT`; a stuck disk) makes it give up and
+        say so, as close() does."""
         timeout = CLOSE_TIMEOUT if timeout is None else timeout
-        try:
-            # Whatever holds it (the journal, or a snapshot written since the newest backup: a save, a
-            # compaction), an acknowledged state no backup holds gets one.
-            st = self._files.snapshot()
-            if self._files.config.durability == "snapshot" or st is None or self._files.journal.failed:
-                return None
-            if st.generation <= self.backed_generation:
-                return None
-            if not self.folder_lock.acquire(timeout=max(timeout, 0.001)):
-                left = (
-                    f"a background backup still ran after {timeout:g} s, so the backup of the acknowledged state at "
-                    "close was not taken (the state file and its journal hold every acknowledged change)"
-                )
-                where = str(self._files.config.backup_path)
-                log.warning("%s: close: %s", where, left)
-                self._files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
-                return None
-            try:
-                return self._from_memory("close")
-            finally:
-                self.folder_lock.release()
-        except Exception as exc:  # a bug must not keep close() from releasing the writer lock
-            log.exception("the backup at close failed unexpectedly")
-            self._failed(exc, "close")
-            return None
+        return _closing.final_backup(self, timeout, self._stop_verifying(timeout))
 
     def _from_memory(self, operation: str) -> BackupInfo | None:
         files = self._files
@@ -321,6 +301,8 @@ class BackupService:
             return  # closed from an event handler of this backup: the directory may be another process's now
         try:
             prune_backups(files, dry_run=False, cache=self.cache)
+        except ChecksStopped:  # close(): the next prune checks the rest; retention waits until then
+            log.debug("%s: prune stopped by close() before its full checks ended", files.config.backup_path)
         except (PosStateError, OSError) as exc:
             files.emit("error", {"context": "prune after background backup", "error": str(exc)})
             log.warning("pruning after a background backup failed: %s", exc)

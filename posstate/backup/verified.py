@@ -129,6 +129,8 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
         if cached is not None:
             out.append(cached)
             continue
+        if cache.pause is not None:  # before the read too: a background check given up stops here
+            cache.pause()
         info, _ = _backups.full_check(_backups.inspect_file(path, parsed[0], parsed[1]), options=options, pause=cache.pause)
         cache.full_checks += 1
         if seen is not None and not info.unreadable:

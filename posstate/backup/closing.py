@@ -1,0 +1,89 @@
+"""What a manager's close() does to its backup service: one deadline, and no wait for a verification.
+
+close() first takes the backup of the acknowledged state in memory (:func:`final_backup`, journal modes),
+then stops the backup thread (:func:`stop`). Both share one deadline (``CLOSE_TIMEOUT`` after close() began),
+so close() never waits twice. A prune on the backup thread that is still fully checking backups this process
+never verified is stopped at its next slice (:class:`ChecksStopped`): a verification only, nothing is lost by
+not finishing it, and the next prune checks the rest. A backup that is being written is not stopped there: it
+is finished, or, past the deadline, cancelled before it gets its name (its temp file is removed); no backup
+is named after close() returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from posstate.backup.background import BackupService
+    from posstate.backup.backups import BackupInfo
+
+log = logging.getLogger("posstate")
+
+
+class ChecksStopped(Exception):
+    """close() stopped a prune's full check between two slices: a verification only, nothing is lost."""
+
+
+def final_backup(svc: BackupService, timeout: float, deadline: float) -> BackupInfo | None:
+    """See :meth:`BackupService.final_backup`."""
+    files = svc._files
+    try:
+        # Whatever holds it (the journal, or a snapshot written since the newest backup: a save, a
+        # compaction), an acknowledged state no backup holds gets one.
+        st = files.snapshot()
+        if files.config.durability == "snapshot" or st is None or files.journal.failed:
+            return None
+        if st.generation <= svc.backed_generation:
+            return None
+        if not svc.folder_lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
+            left = (
+                f"a background backup still ran after {timeout:g} s, so the backup of the acknowledged state at "
+                "close was not taken (the state file and its journal hold every acknowledged change)"
+            )
+            where = str(files.config.backup_path)
+            log.warning("%s: close: %s", where, left)
+            files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
+            return None
+        svc.checks_stoppable_in = threading.current_thread()  # its prune verifies nothing new at close
+        try:
+            return svc._from_memory("close")
+        finally:
+            svc.checks_stoppable_in = None
+            svc.folder_lock.release()
+    except Exception as exc:  # a bug must not keep close() from releasing the writer lock
+        log.exception("the backup at close failed unexpectedly")
+        svc._failed(exc, "close")
+        return None
+
+
+def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
+    """See :meth:`BackupService.close`."""
+    with svc._cond:
+        svc._closing = True  # no new request; one already asked for still runs (within the deadline)
+        svc._cond.notify_all()
+        thread = svc._thread
+    if thread is None or thread is threading.current_thread():  # from an event handler of this backup
+        return None
+    thread.join(max(deadline - time.monotonic(), 0.0))
+    if not thread.is_alive():
+        return None
+    # A name being linked holds the gate for one file operation: a short grace, not a second timeout.
+    if svc._gate.acquire(timeout=min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001))):
+        svc._cancelled = True
+        svc._gate.release()
+        left = (
+            f"a background backup was still running after {timeout:g} s and was cancelled before it got its "
+            "name: no backup was added; its temp file, if any, is removed by the next backup"
+        )
+    else:
+        left = (
+            f"a background backup was still running after {timeout:g} s and could not be cancelled (a file "
+            "operation is stuck): it may still add a backup, which is whole and verified if it appears"
+        )
+    where = str(svc._files.config.backup_path)
+    log.warning("%s: close: %s", where, left)
+    svc._files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
+    return left
