@@ -109,3 +109,27 @@ def test_explicit_prune_from_a_background_backup_handler_during_close_is_not_sto
         m.close()
     assert len(out) == 1, out
     assert not (isinstance(out[0], tuple) and out[0][0] == "escaped"), out
+
+
+def test_close_from_the_close_backups_handler_prunes_nothing_after_the_lock_is_released(tmp_path: Path) -> None:
+    """issue 14 leftovers (attack): close() from the close backup's own handler: no prune after the writer lock went."""
+    cfg = StateConfig.in_dir(tmp_path, durability="group", backup_interval=3600, max_backups=1)
+    m = PositionStateManager(cfg, key=KEY)
+    pruned_while: list[bool] = []
+    try:
+        m.save_positions([pos(i) for i in range(20)])
+        assert m.wait_for_backups(30)
+        m.create_backup()  # verified by this process: a prune needs no full check to remove the older one
+        m.set_position(pos(1, 5))  # only the close backup holds it
+
+        def created(e: dict[str, Any]) -> None:
+            if e.get("operation") == "close":
+                m.close()  # closes the manager (releases the writer lock) before the close backup's prune
+
+        m.on("backupCreated", created)
+        m.on("backupPruned", lambda e: pruned_while.append(m._writer_lock.held))
+        m.close()
+    finally:
+        m.close()
+    assert m.closed
+    assert False not in pruned_while, pruned_while  # nothing pruned by a manager that no longer holds the lock

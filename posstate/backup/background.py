@@ -311,8 +311,8 @@ class BackupService:
         )
         from posstate.backup.prune import prune_backups
 
-        if self._closing and threading.current_thread() is self._thread:
-            return  # closed from an event handler of this backup: the directory may be another process's now
+        if self._closing:  # close() stopped the service (maybe from a handler of this very backup, any thread):
+            return  # the writer lock may be released and the directory another process's now; no prune
         before = self._stoppable()
         self._own_prune.active = True
         try:
