@@ -25,12 +25,13 @@ next backup (docs/RECOVERY.md, docs/JOURNAL.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from posstate.backup import acked as _acked
@@ -88,10 +89,10 @@ class BackupService:
         self._durable_generation = 0
         self._closing = False
         self._cancelled = False
-        #: Set by close(): the full checks of a prune on this service's thread, or of the close backup's own
-        #: prune, stop at their next slice (ChecksStopped).
+        #: Set by close(): the full checks of this service's own prune after a backup (on its thread, or the
+        #: close backup's) stop at their next slice (ChecksStopped); an explicit operation's never do.
         self._stop_checks = False
-        self.checks_stoppable_in: threading.Thread | None = None
+        self._own_prune = threading.local()  # .active: this thread runs the service's own prune (not nested API)
         self._close_deadline: float | None = None
         self._gate = threading.Lock()
         self._retry_at = float("-inf")
@@ -161,13 +162,26 @@ class BackupService:
         return None
 
     def _pause_check(self) -> None:
-        """Between two slices of a prune's full check: stop it when close() asked (only on the backup thread
-        or in the close backup's prune: an explicit prune on a caller's thread runs to its end)."""
-        if self._stop_checks and threading.current_thread() in (self._thread, self.checks_stoppable_in):
+        """Between two slices of a prune's full check: stop it when close() asked (only in the service's own
+        prune after a backup: an explicit prune or backup, even from an event handler, runs to its end)."""
+        if self._stop_checks and self._stoppable():
             raise ChecksStopped
         _yield_gil()
-        if self._stop_checks and threading.current_thread() in (self._thread, self.checks_stoppable_in):
+        if self._stop_checks and self._stoppable():
             raise ChecksStopped  # asked while the turn was handed over
+
+    def _stoppable(self) -> bool:
+        return bool(getattr(self._own_prune, "active", False))
+
+    @contextlib.contextmanager
+    def explicit(self) -> Iterator[None]:
+        """An explicit create/prune on this thread: close() never stops its checks (even from an event handler)."""
+        before = self._stoppable()
+        self._own_prune.active = False
+        try:
+            yield
+        finally:
+            self._own_prune.active = before
 
     def _stop_verifying(self, timeout: float) -> float:
         """close(): stop the prune's full checks at their next slice; the one deadline of close() (monotonic)."""
@@ -297,8 +311,10 @@ class BackupService:
         )
         from posstate.backup.prune import prune_backups
 
-        if self._closing and threading.current_thread() is self._thread:
-            return  # closed from an event handler of this backup: the directory may be another process's now
+        if self._closing:  # close() stopped the service (maybe from a handler of this very backup, any thread):
+            return  # the writer lock may be released and the directory another process's now; no prune
+        before = self._stoppable()
+        self._own_prune.active = True
         try:
             prune_backups(files, dry_run=False, cache=self.cache)
         except ChecksStopped:  # close(): the next prune checks the rest; retention waits until then
@@ -306,6 +322,8 @@ class BackupService:
         except (PosStateError, OSError) as exc:
             files.emit("error", {"context": "prune after background backup", "error": str(exc)})
             log.warning("pruning after a background backup failed: %s", exc)
+        finally:
+            self._own_prune.active = before
 
     def _once(self) -> None:
         files = self._files

@@ -47,11 +47,9 @@ def final_backup(svc: BackupService, timeout: float, deadline: float) -> BackupI
             log.warning("%s: close: %s", where, left)
             files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
             return None
-        svc.checks_stoppable_in = threading.current_thread()  # its prune verifies nothing new at close
         try:
-            return svc._from_memory("close")
+            return svc._from_memory("close")  # its own prune verifies nothing new at close (ChecksStopped)
         finally:
-            svc.checks_stoppable_in = None
             svc.folder_lock.release()
     except Exception as exc:  # a bug must not keep close() from releasing the writer lock
         log.exception("the backup at close failed unexpectedly")

@@ -95,7 +95,7 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
     """
     cfg = files.config
     svc = _background.service(files)
-    with svc.folder_lock:
+    with svc.folder_lock, svc.explicit():  # close() never stops its prune's checks (posstate/backup/closing.py)
         try:
             info = _create_now(files, svc.cache)
         except (PosStateError, OSError) as exc:
@@ -207,7 +207,9 @@ def list_all(files: StateFiles) -> list[BackupInfo]:
 def prune_backups(files: StateFiles, *, dry_run: bool) -> _retention.PruneResult:
     """Apply retention with this owner's verified-backup cache (a backup unchanged since its last full
     check is not decrypted again); damaged backups go to quarantine."""
-    return _prune.prune_backups(files, dry_run=dry_run, cache=_background.service(files).cache)
+    svc = _background.service(files)
+    with svc.explicit():  # run to its end, even from an event handler while close() stops the service's own prune
+        return _prune.prune_backups(files, dry_run=dry_run, cache=svc.cache)
 
 
 def validate(files: StateFiles, backup_id: str) -> ValidationReport:
