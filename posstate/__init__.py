@@ -126,7 +126,7 @@ if not _typing.TYPE_CHECKING:
 
 def _serve(target: object, **options: _typing.Any) -> _typing.Any:
     """``manager.serve()`` / ``store.serve()`` (posstate/core/serving.py): the server loads on first use."""
-    return _importlib.import_module("posstate.serve.server").serve_state(target, **options)
+    return _importlib.import_module("posstate.serve.process").serve(target, **options)
 
 
 _serving.register(_serve)

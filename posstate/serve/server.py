@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
-import hmac
-import ipaddress
 import logging
 import os
 import signal
 import socket
-import stat
 import threading
 import weakref
 from collections.abc import Iterator
@@ -29,22 +25,28 @@ import uvicorn
 
 from posstate.account.store import AccountStateStore
 from posstate.core.config import StateConfig
-from posstate.core.errors import PosStateError, ServeError
+from posstate.core.errors import ServeError
 from posstate.manager.manager import PositionStateManager
 from posstate.serve import options as _options
 from posstate.serve.app import AppState, build_app
 from posstate.serve.health import HealthLimits
 from posstate.serve.sources import DirectorySource, ManagerSource, Source, StoreSource
 from posstate.serve.stream import StreamOptions
-from posstate.storage import crypto as _crypto
+from posstate.serve.tokens import (  # noqa: F401 (re-exported: posstate.serve.server's names since issue 18)
+    MIN_TOKEN_CHARS,
+    _keyring_of,
+    check_token,
+    is_loopback,
+    loopback_hosts,
+    read_token,
+    refuse_the_key_as_token,
+)
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
 
 log = logging.getLogger("posstate")
 DEFAULT_PORT = 8787
-#: A shorter token is refused: it could be guessed over the network.
-MIN_TOKEN_CHARS = 16
 #: Open connections (HTTP and WebSocket) past which a new one is closed at once: the server runs in the bot's
 #: process, and its file descriptors are the bot's (a local process opening thousands of idle connections
 #: made the bot's saves fail with EMFILE).
@@ -94,76 +96,6 @@ class _Server(uvicorn.Server):
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def loopback_hosts(host: str, port: int) -> frozenset[str]:
-    """The ``Host`` headers a loopback server answers to: its loopback names with the port, and without it
-    on port 80 (browsers leave the default port out)."""
-    shown = f"[{host.strip('[]')}]" if ":" in host else host
-    names = ("127.0.0.1", "localhost", "[::1]", shown)
-    return frozenset({f"{h}:{port}" for h in names} | (set(names) if port == 80 else set()))
-
-
-def read_token(path: str | Path) -> str:
-    """The bearer token in *path* (surrounding whitespace ignored). Refused: a missing, empty or short token,
-    or a file other users may read."""
-    p = Path(path)
-    try:
-        text = fs.read_file(p, max_size=4096).decode("utf-8").strip()
-        mode = fs.stat_(p).st_mode
-    except UnicodeDecodeError:
-        raise ServeError("the token file is not UTF-8 text", next_step="write the token as text", path=p) from None
-    except OSError as exc:
-        if isinstance(exc, (fs.NotRegularFileError, fs.FileTooLargeError)):
-            why = exc.strerror  # "is a FIFO, not a regular file", "is N bytes, over the 4096-byte cap"
-        elif exc.errno == errno.ELOOP:
-            why = "is a symbolic link, which posstate never follows"
-        elif exc.errno == errno.ENOENT:
-            why = "does not exist"
-        else:
-            why = f"cannot be read ({exc.strerror or type(exc).__name__})"
-        raise ServeError(f"the token file {why}", next_step="give --token-file the path of a regular 0600 file", path=p) from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ServeError("the token file is readable by other users", next_step=f"run `chmod 600 {p}`", path=p)
-    return check_token(text, path=p)
-
-
-def check_token(text: str, *, path: Path | None = None) -> str:
-    """*text* if it is a usable bearer token: one word of at least MIN_TOKEN_CHARS printable ASCII characters
-    (what an HTTP header carries as is)."""
-    if len(text) < MIN_TOKEN_CHARS or not all(c.isascii() and c.isprintable() and not c.isspace() for c in text):
-        raise ServeError(
-            f"the token must be one word of at least {MIN_TOKEN_CHARS} printable ASCII characters",
-            next_step="write one, e.g. `(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)`",
-            path=path,
-        )
-    return text
-
-
-def refuse_the_key_as_token(token: str, keyring: Keyring | None, *, passphrase: str | None = None) -> None:
-    """ServeError when *token* is the state's key (its base64 text, as in a key file) or *passphrase*:
-    every client would send it in clear in each request. Compared by key id and in constant time."""
-    if keyring is None:
-        return
-    same = passphrase is not None and hmac.compare_digest(token.encode(), passphrase.encode())
-    if not same and not keyring.uses_passphrase:
-        with contextlib.suppress(PosStateError):
-            same = _crypto.key_id(_crypto.decode_key_text(token, source="the token")) == keyring.key_id
-    if same:
-        raise ServeError(
-            "the token file holds the state's key: every client would send the key in each request",
-            next_step="make a separate token, e.g. `(umask 077; python3 -c 'import secrets; "
-            "print(secrets.token_urlsafe(32))' > api.token)`",
-        )
 
 
 def _close_in_child(ref: weakref.ref[StateServer]) -> None:
@@ -278,6 +210,21 @@ class StateServer:
     def _set_loop(self, loop: Any) -> None:
         self._loop = loop
 
+    def wake(self) -> None:
+        """Wake the stream tasks now (the source changed outside the poll thread: serve/child.py)."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed (stopping)
+                loop.call_soon_threadsafe(self._state.wakeup.notify)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (from any thread); it stops as on SIGTERM."""
+        self._server.should_exit = True
+
+    def observe_fsync(self, seconds: float) -> None:
+        """Count a sync the bot made in its own process in /metrics' fsync histogram (serve/child.py)."""
+        self._state.metrics.fsync.observe(seconds)
+
     def _poll_loop(self) -> None:
         last = self.source.view().version
         while not self._stop.wait(self._poll_interval):
@@ -386,10 +333,3 @@ def serve_state(
     if token is not None and source.backup_read is not None:  # a directory: the key it reads with
         refuse_the_key_as_token(token, source.backup_read.keyring, passphrase=passphrase)
     return StateServer(source, host=host, port=port, token=token, **options).start()
-
-
-def _keyring_of(target: Any) -> Keyring | None:
-    """The keyring of a manager, or of the manager behind a persisted account store."""
-    manager = target if isinstance(target, PositionStateManager) else getattr(target, "manager", None)
-    keyring = manager._serving_keyring() if isinstance(manager, PositionStateManager) else None
-    return keyring if isinstance(keyring, Keyring) else None

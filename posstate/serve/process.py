@@ -1,0 +1,366 @@
+"""``manager.serve()`` / ``store.serve()`` from a server process of its own (the default): the bot's process
+keeps only a feeder thread; uvicorn, the stream's fan-out and the status page run in a fresh interpreter
+(``python -m posstate.serve.child``), which never shares the bot's interpreter lock.
+
+In process, the server's event loop and fan-out (about 5% of a core with 50 stream clients) held the lock
+whenever the bot's thread came back from an ``fdatasync``, and the bot waited for it. The feeder does the
+polling the server's poll thread did (the same :class:`~posstate.serve.sources.ManagerSource` or
+:class:`~posstate.serve.sources.StoreSource`, so the same updates with the same versions) and, every poll
+that changed something, writes one frame to the server process's stdin (serve/pipe.py): the updates, the
+view's delta, the counters /metrics shows and the bot's fsync latencies. The pipe is non-blocking: when the
+server process falls a pipe's worth behind, the feeder drops what it cannot write and, once the pipe drains,
+sends the whole view with ``resync`` for every client (the slow-client policy, one level up).
+
+The server process gets no key (nor the bot's environment's POSSTATE_KEY*, nor any of its descriptors): its
+/api/health checks backups by header and checksum, as the in-process server of a manager did. It exits when
+its stdin ends (the bot stopped it, or the bot died, even by SIGKILL). A server process that dies while the bot
+runs is logged (``posstate serve: the server process ... exited``), shown by :attr:`ChildServer.exit_code`,
+and ``serve()`` may be called again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from posstate.account.store import AccountStateStore
+from posstate.account.types import AccountUpdate, Order
+from posstate.core.errors import ServeError
+from posstate.manager.manager import PositionStateManager
+from posstate.serve import options as _options
+from posstate.serve import pipe
+from posstate.serve.fanout import Fanout
+from posstate.serve.sources import ManagerSource, Source, StoreSource
+from posstate.serve.tokens import _keyring_of, check_token, is_loopback, read_token, refuse_the_key_as_token
+from posstate.storage import fileops as fs
+
+log = logging.getLogger("posstate")
+#: Seconds the server process may take to import its modules and bind.
+START_TIMEOUT = 60.0
+#: Seconds stop() waits for the server process to finish its streams before killing it.
+STOP_TIMEOUT = 10.0
+#: The pipe's size asked of Linux (F_SETPIPE_SZ); the default is 64 KiB.
+PIPE_BYTES = 1024 * 1024
+#: Environment variables the server process never inherits (docs/SECURITY.md: it gets no key).
+SECRET_ENV = ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE")
+_STATS = ("saves", "updates", "compactions", "backups", "recoveries", "last_save")
+
+
+class Tap(Fanout):
+    """The bot-side source's fan-out: it builds no message, it records what the source published for the
+    next frame (the server process's real fan-out replays it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, Any]] = []
+
+    def reset_orders(self, orders: Mapping[str, Order]) -> None:
+        self.ops.append(("reset_orders", dict(orders)))
+
+    def publish(self, updates: Iterable[AccountUpdate]) -> None:
+        ups = tuple(updates)
+        if ups:
+            self.ops.append(("publish", ups))
+
+    def resync_all(self, version: int) -> None:
+        self.ops.append(("resync_all", version))
+
+    def take(self) -> list[tuple[str, Any]]:
+        ops, self.ops = self.ops, []
+        return ops
+
+
+def _close_in_child(ref: weakref.ref[ChildServer]) -> None:
+    """In a process forked from the bot: close its copy of the pipe, else the server process would never see
+    the end of its stdin when the bot dies."""
+    server = ref()
+    if server is not None and server._fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(server._fd)
+        server._fd = -1
+
+
+class ChildServer:
+    """A server process fed by a thread of the bot's process. ``url`` is known once the constructor returns
+    (the server process bound it); :meth:`stop` (or the context manager) ends both."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        host: str,
+        port: int,
+        token: str | None,
+        poll_interval: float = 0.05,
+        **server_options: Any,
+    ) -> None:
+        self.source = source
+        self._interval = _options.seconds("poll_interval", poll_interval)
+        if "max_connections" in server_options:
+            _options.count("max_connections", server_options["max_connections"])
+        self._tap = Tap()
+        source.fanout = self._tap
+        self._syncs: deque[float] = deque(maxlen=65536)
+        self._stop_observing = fs.observe_syncs(self._syncs.append)
+        #: Frames the feeder could not write (the server process fell a pipe's worth behind): each made
+        #: every stream client reconnect (resync).
+        self.resyncs = 0
+        #: The server process's exit code once it ended by itself (None: running, or stopped by stop()).
+        self.exit_code: int | None = None
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._pending = b""
+        self._behind = False
+        self._fd = -1
+        try:
+            source.poll()  # the first view before anyone connects
+            self._sent = source.view()
+            self._sent_stats = self._stats()
+            init = {
+                "kind": source.kind,
+                "config": source.config,
+                "view": self._sent,
+                "orders": dict(self._sent.orders),
+                "stats": self._sent_stats,
+                "host": host,
+                "port": port,
+                "token": token,
+                "options": server_options,
+            }
+            self._tap.take()
+            self._proc = _spawn()
+        except BaseException:
+            self._stop_observing()
+            source.close()
+            raise
+        try:
+            self.host, self.port = host, self._handshake(pipe.encode(init))
+        except BaseException:
+            self._kill()
+            self._stop_observing()
+            source.close()
+            raise
+        os.register_at_fork(after_in_child=functools.partial(_close_in_child, weakref.ref(self)))
+        self._feeder = threading.Thread(target=self._feed, name="posstate-serve-feed", daemon=True)
+        self._feeder.start()
+
+    # ---------------------------------------------------------------------------------------- start
+    def _handshake(self, init: bytes) -> int:
+        proc = self._proc
+        assert proc.stdin is not None and proc.stdout is not None
+        with contextlib.suppress(BrokenPipeError):  # it died at once: its exit code says so below
+            proc.stdin.write(init)
+            proc.stdin.flush()
+        self._fd = proc.stdin.fileno()
+        os.set_blocking(self._fd, False)  # from now on the feeder never waits for the server process
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: the default pipe size
+            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+        line = proc.stdout.readline() if ready else b""
+        try:
+            reply = json.loads(line) if line else {}
+        except ValueError:
+            reply = {}
+        if "port" in reply:
+            return int(reply["port"])
+        if "reason" in reply:
+            message, reason = str(reply.get("message", "")), str(reply["reason"])
+            raise ServeError(reason, next_step=message[len(reason) + 2 :] or "see the log for the cause")
+        code = proc.poll()
+        raise ServeError(
+            "the server process " + (f"exited with code {code}" if code is not None else "did not start") + " while starting",
+            next_step="see its error output (stderr) for the cause, or serve in process with process=False",
+        )
+
+    @property
+    def url(self) -> str:
+        shown = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
+        return f"http://{shown}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        """The server process's id."""
+        return self._proc.pid
+
+    # ---------------------------------------------------------------------------------------- feeding
+    def _stats(self) -> dict[str, Any]:
+        st = self.source.stats
+        out: dict[str, Any] = {name: getattr(st, name) for name in _STATS}
+        out["problem"] = self.source.problem
+        out["ready"] = self.source.ready
+        return out
+
+    def _feed(self) -> None:
+        while not self._stopping.wait(self._interval):
+            code = self._proc.poll()
+            if code is not None:
+                self._ended(code)
+                return
+            try:
+                self.source.poll()
+                frame = self._frame()
+                if frame is not None:
+                    self._send(frame)
+            except BrokenPipeError:
+                continue  # it is ending: the next turn reads its exit code
+            except Exception:  # the feeder must outlive any one bad read
+                log.exception("posstate serve: feeding the server process failed")
+
+    def _frame(self) -> bytes | None:
+        """The next frame (None: nothing changed). After frames were dropped: the whole view and a resync."""
+        ops = self._tap.take()
+        view = self.source.view()
+        stats = self._stats()
+        syncs = [self._syncs.popleft() for _ in range(len(self._syncs))]
+        msg: dict[str, Any] = {}
+        if self._behind:
+            self._behind = False
+            msg["reset"] = (view, dict(view.orders))
+        else:
+            if ops:
+                msg["ops"] = ops
+            if view is not self._sent:
+                delta = pipe.view_delta(self._sent, view)
+                if delta:
+                    msg["delta"] = delta
+        if stats != self._sent_stats:
+            msg["stats"] = stats
+        if syncs:
+            msg["fsync"] = syncs
+        if not msg:
+            return None
+        self._sent, self._sent_stats = view, stats
+        return pipe.encode(msg)
+
+    def _send(self, frame: bytes) -> None:
+        """Write *frame* with one write, or drop it (and resync later) when the pipe still holds an earlier
+        frame's end. A frame written in part is finished before any other."""
+        if self._pending:
+            self._pending = self._pending[self._write(self._pending) :]
+        if self._pending:
+            self._behind = True
+            self.resyncs += 1
+            return
+        self._pending = frame[self._write(frame) :]
+
+    def _write(self, data: bytes) -> int:
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+
+    def _ended(self, code: int) -> None:
+        self.exit_code = code
+        log.error(
+            "posstate serve: the server process %d exited with code %s while the bot runs; nothing is served "
+            "now (call serve() again to restart it)",
+            self._proc.pid,
+            code,
+        )
+        self._release()
+
+    # ---------------------------------------------------------------------------------------- stopping
+    def _release(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()  # type: ignore[union-attr]
+            self._fd = -1
+        self._stop_observing()
+        self.source.close()
+
+    def _kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self._proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(STOP_TIMEOUT)
+        for f in (self._proc.stdin, self._proc.stdout):
+            with contextlib.suppress(OSError):
+                if f is not None:
+                    f.close()
+
+    def stop(self) -> None:
+        """Stop the feeder, end the server process's stdin (it closes every stream and exits), and kill it
+        if it has not exited after STOP_TIMEOUT seconds. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self._feeder is not threading.current_thread():
+            self._feeder.join(timeout=STOP_TIMEOUT)
+        if self.exit_code is None:
+            self._release()
+            try:
+                self._proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("posstate serve: the server process %d did not stop; killing it", self._proc.pid)
+        self._kill()
+
+    def __enter__(self) -> ChildServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _spawn() -> subprocess.Popen[bytes]:
+    """``python -m posstate.serve.child`` in a new session (a Ctrl-C meant for the bot's terminal does not stop
+    it), with no descriptor of the bot's but its pipes, and without the key variables."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "posstate.serve.child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+            start_new_session=True,
+            env=env,
+        )
+    except OSError as exc:
+        raise ServeError(
+            f"cannot start the server process ({exc.strerror or exc})", next_step="serve in process with process=False"
+        ) from None
+
+
+def serve(
+    target: Any,
+    *,
+    process: bool = True,
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    token_file: str | Path | None = None,
+    token: str | None = None,
+    **options: Any,
+) -> Any:
+    """``manager.serve()`` / ``store.serve()``: from a server process (*process*, the default) or from
+    background threads of this process (``process=False``, :func:`posstate.serve.server.serve_state`)."""
+    if not process or not isinstance(target, (PositionStateManager, AccountStateStore)):
+        from posstate.serve.server import serve_state
+
+        return serve_state(target, host=host, port=port, token_file=token_file, token=token, **options)
+    if token_file is not None:
+        token = read_token(token_file)
+    if not is_loopback(host) and token is None:
+        raise ServeError(
+            f"refusing to listen on {host} without a token: only 127.0.0.1 (this machine) is served openly",
+            next_step="pass --token-file FILE (token_file=) or bind 127.0.0.1",
+        )
+    if token is not None:
+        token = check_token(token)
+        refuse_the_key_as_token(token, _keyring_of(target), passphrase=os.environ.get("POSSTATE_PASSPHRASE") or None)
+    source: Source = StoreSource(target) if isinstance(target, AccountStateStore) else ManagerSource(target)
+    return ChildServer(source, host=host, port=port, token=token, **options)
