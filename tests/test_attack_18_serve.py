@@ -644,7 +644,7 @@ def test_manager_closed_while_serving_then_stopped_with_a_client_connected(manag
     m: PositionStateManager = manager()
     m.load_positions()
     m.set_position(pos("BTC/USDT", 1))
-    server: Any = m.serve(port=0, poll_interval=0.01)
+    server: Any = m.serve(port=0, poll_interval=0.01, process=False)
     try:
 
         async def scenario() -> int | None:
@@ -757,7 +757,7 @@ def test_a_server_that_fails_to_start_frees_its_port_and_the_bots_hooks(manager:
         port = free.getsockname()[1]
     monkeypatch.setattr(uvicorn.Server, "startup", failing_startup)
     with pytest.raises(ServeError, match="stopped while starting"):
-        m.serve(port=port)
+        m.serve(port=port, process=False)
     assert {event: list(handlers) for event, handlers in m._events._handlers.items() if handlers} == {
         e: h for e, h in before.items() if h
     }

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import sys
-import threading
 from typing import IO, Any
 
 from posstate.core.errors import ServeError
@@ -84,8 +84,8 @@ def _read(stdin: IO[bytes], source: MirrorSource, server: StateServer) -> None:
             for seconds in msg.get("fsync", ()):
                 server.observe_fsync(seconds)
             server.wake()
-    finally:
-        server.request_stop()  # the bot's process stopped serving or is gone
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError):  # a broken pipe or a torn frame: the bot's process is gone
+        log.warning("posstate serve: the pipe from the bot broke; stopping")
 
 
 def main() -> int:
@@ -101,11 +101,11 @@ def main() -> int:
             host=init["host"],
             port=init["port"],
             token=init["token"],
-            poll_interval=1.0,  # the reader thread wakes the streams; the poll thread has nothing to read
+            poll_interval=1.0,  # the reader wakes the streams at each frame; the poll thread has nothing to read
             stream=options.get("stream") or StreamOptions(),
             limits=options.get("limits") or HealthLimits(),
             **{k: v for k, v in options.items() if k not in ("stream", "limits")},
-        )
+        ).start()
     except ServeError as exc:
         _reply(stdout, {"reason": exc.reason, "message": str(exc)})
         return 2
@@ -114,8 +114,10 @@ def main() -> int:
         return 2
     del init  # the token stays only in the guard
     _reply(stdout, {"port": server.port})
-    threading.Thread(target=_read, args=(stdin, source, server), name="posstate-serve-pipe", daemon=True).start()
-    server.serve_forever()
+    try:
+        _read(stdin, source, server)  # until the bot's process stops serving or is gone
+    finally:
+        server.stop()
     return 0
 
 

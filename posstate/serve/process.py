@@ -191,6 +191,11 @@ class ChildServer:
         return f"http://{shown}:{self.port}"
 
     @property
+    def backlog(self) -> int:
+        """Bytes of a frame the pipe has not taken yet (the server process is behind)."""
+        return len(self._pending)
+
+    @property
     def pid(self) -> int:
         """The server process's id."""
         return self._proc.pid
@@ -211,9 +216,7 @@ class ChildServer:
                 return
             try:
                 self.source.poll()
-                frame = self._frame()
-                if frame is not None:
-                    self._send(frame)
+                self._send()
             except BrokenPipeError:
                 continue  # it is ending: the next turn reads its exit code
             except Exception:  # the feeder must outlive any one bad read
@@ -245,16 +248,20 @@ class ChildServer:
         self._sent, self._sent_stats = view, stats
         return pipe.encode(msg)
 
-    def _send(self, frame: bytes) -> None:
-        """Write *frame* with one write, or drop it (and resync later) when the pipe still holds an earlier
-        frame's end. A frame written in part is finished before any other."""
+    def _send(self) -> None:
+        """Finish the frame the pipe took in part, then write the next one with one write. While the pipe
+        is still full, changes are dropped (nothing is encoded) and the next frame is the whole view with a
+        resync for every client."""
         if self._pending:
             self._pending = self._pending[self._write(self._pending) :]
         if self._pending:
-            self._behind = True
-            self.resyncs += 1
+            if self._tap.take() or self.source.view() is not self._sent:
+                self.resyncs += 0 if self._behind else 1
+                self._behind = True
             return
-        self._pending = frame[self._write(frame) :]
+        frame = self._frame()
+        if frame is not None:
+            self._pending = frame[self._write(frame) :]
 
     def _write(self, data: bytes) -> int:
         try:

@@ -217,10 +217,6 @@ class StateServer:
             with contextlib.suppress(RuntimeError):  # the loop closed (stopping)
                 loop.call_soon_threadsafe(self._state.wakeup.notify)
 
-    def request_stop(self) -> None:
-        """Ask :meth:`serve_forever` to return (from any thread); it stops as on SIGTERM."""
-        self._server.should_exit = True
-
     def observe_fsync(self, seconds: float) -> None:
         """Count a sync the bot made in its own process in /metrics' fsync histogram (serve/child.py)."""
         self._state.metrics.fsync.observe(seconds)
