@@ -1,7 +1,10 @@
 """The cost of serving (issue 18): the bot's write latency with 0 and with 50 connected stream clients, and
 the delivery lag to the clients.
 
-Two bots, each served from inside its own process (``serve()``, background threads):
+Two bots, each served by ``serve()``: from a server process of its own (the default, ``--mode process``) or
+from background threads of the bot's process (``--mode thread``, ``serve(process=False)``); ``--mode both``
+interleaves the two in one run (ROUNDS rounds, each running both modes one after the other, CALLS/ROUNDS
+writes per row each time) so a busy machine affects both alike:
 
 * manager -- ``PositionStateManager.set_position`` (``durability="sync"``: one fdatasync per call), served by
   the poll thread (``poll_interval`` 0.05 s by default);
@@ -18,7 +21,7 @@ changes between two polls, so the manager's clients may see fewer updates than w
 Prints median and p99 (ms) of each, and the issue's target: with N clients within 5% of 0 clients at the
 median and p99 (``met`` or ``MISSED``; this script never fails).
 
-Run: ``PYTHONPATH=. python benchmarks/bench_serve.py`` (``--quick``: 500 calls).
+Run: ``PYTHONPATH=. python benchmarks/bench_serve.py`` (``--quick``: 500 calls; ``--mode both``: compare).
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def run_writes(write: Callable[[Position], object], calls: int, offset: int) -> 
     return took, done
 
 
-def scenario(bot: str, calls: int, clients: int, root: Path, poll: float) -> dict[str, Any]:
+def scenario(bot: str, calls: int, clients: int, root: Path, poll: float, process: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if bot == "manager":
         m = PositionStateManager(StateConfig.in_dir(root / "state", durability="sync"), key=KEY)
@@ -137,7 +140,7 @@ def scenario(bot: str, calls: int, clients: int, root: Path, poll: float) -> dic
         offset += 100
         out["no server"], _ = run_writes(write, calls, offset)
         offset += calls
-        with target.serve(port=0, poll_interval=poll, stream=_stream_options()) as server:
+        with target.serve(port=0, poll_interval=poll, stream=_stream_options(), process=process) as server:
             out["0 clients"], _ = run_writes(write, calls, offset)
             offset += calls
             url = server.url.replace("http://", "ws://") + "/api/account/stream"
@@ -162,6 +165,23 @@ def _stream_options() -> Any:
     return StreamOptions(queue_size=4096)
 
 
+def report(bot: str, res: dict[str, Any], clients: int, calls: int) -> None:
+    print(f"\n{bot}: write latency (ms)")
+    print(f"  {'':<12} {'median':>9} {'p99':>9}")
+    for row in ("no server", "0 clients", f"{clients} clients"):
+        print(f"  {row:<12} {statistics.median(res[row]):>9.4f} {pct(res[row], 0.99):>9.4f}")
+    base, loaded = res["0 clients"], res[f"{clients} clients"]
+    for q, name in ((0.5, "median"), (0.99, "p99")):
+        a, b = (statistics.median(base), statistics.median(loaded)) if q == 0.5 else (pct(base, q), pct(loaded, q))
+        verdict = "met" if b <= a * 1.05 else "MISSED"
+        print(f"  target {name}: {clients} clients within 5% of 0 clients: {b / a:.3f}x {verdict}")
+    lag = res["lag"]
+    print(
+        f"  delivery lag (ms): median {statistics.median(lag):.2f}, p99 {pct(lag, 0.99):.2f}, max {max(lag):.2f}; "
+        f"updates seen per client {res['seen']:.0f} of {calls}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     global RATE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -171,28 +191,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=RATE, help="writes per second (0: as fast as possible)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--bot", choices=["manager", "store", "both"], default="both")
+    ap.add_argument("--mode", choices=["process", "thread", "both"], default="process", help="where the server runs")
+    ap.add_argument("--rounds", type=int, default=2, help="with --mode both: rounds, each running both modes")
     args = ap.parse_args(argv)
     RATE = args.rate
     calls = 500 if args.quick else args.calls
     pace = f"{RATE:g} writes/s" if RATE else "as fast as possible"
-    print(f"{calls} writes per row ({pace}), {args.clients} stream clients in another process, poll_interval {args.poll} s")
+    modes = ("thread", "process") if args.mode == "both" else (args.mode,)
+    rounds = max(1, args.rounds) if args.mode == "both" else 1
+    per = max(1, calls // rounds)
+    print(
+        f"{calls} writes per row ({pace}), {args.clients} stream clients in another process, poll_interval {args.poll} s, "
+        f"server: {' and '.join(modes)}" + (f" (interleaved: {rounds} rounds of {per} writes per row)" if rounds > 1 else "")
+    )
     for bot in ("manager", "store") if args.bot == "both" else (args.bot,):
-        with tempfile.TemporaryDirectory(dir=os.environ.get("POSSTATE_BENCH_DIR")) as d:
-            res = scenario(bot, calls, args.clients, Path(d), args.poll)
-        print(f"\n{bot}: write latency (ms)")
-        print(f"  {'':<12} {'median':>9} {'p99':>9}")
-        for row in ("no server", "0 clients", f"{args.clients} clients"):
-            print(f"  {row:<12} {statistics.median(res[row]):>9.4f} {pct(res[row], 0.99):>9.4f}")
-        base, loaded = res["0 clients"], res[f"{args.clients} clients"]
-        for q, name in ((0.5, "median"), (0.99, "p99")):
-            a, b = (statistics.median(base), statistics.median(loaded)) if q == 0.5 else (pct(base, q), pct(loaded, q))
-            verdict = "met" if b <= a * 1.05 else "MISSED"
-            print(f"  target {name}: {args.clients} clients within 5% of 0 clients: {b / a:.3f}x {verdict}")
-        lag = res["lag"]
-        print(
-            f"  delivery lag (ms): median {statistics.median(lag):.2f}, p99 {pct(lag, 0.99):.2f}, max {max(lag):.2f}; "
-            f"updates seen per client {res['seen']:.0f} of {calls}"
-        )
+        merged: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
+        for _ in range(rounds):
+            for mode in modes:
+                with tempfile.TemporaryDirectory(dir=os.environ.get("POSSTATE_BENCH_DIR")) as d:
+                    res = scenario(bot, per, args.clients, Path(d), args.poll, process=mode == "process")
+                into = merged[mode]
+                for k, v in res.items():
+                    if isinstance(v, list):
+                        into.setdefault(k, []).extend(v)
+                    else:
+                        into.setdefault("_seen", []).append(v)
+        for mode in modes:
+            res = merged[mode]
+            res["seen"] = statistics.mean(res.pop("_seen"))
+            report(
+                f"{bot}, server {'in a child process' if mode == 'process' else 'in threads of the bot'}", res, args.clients, per
+            )
     return 0
 
 
