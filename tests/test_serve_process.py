@@ -293,3 +293,29 @@ def test_in_process_mode_is_still_available(manager: Any) -> None:
     with m.serve(port=0, process=False) as server:
         assert "posstate-serve" in [t.name for t in threading.enumerate()]
         assert httpx.get(server.url + "/api/health").status_code == 200
+
+
+def test_a_view_delta_rebuilds_the_view_exactly() -> None:
+    """issue 18 speed: the pipe's view delta (entries set and removed, maps that become None, frozen store
+    maps) applied to the old view gives the new one, through a frame."""
+    import io
+    from types import MappingProxyType
+
+    from posstate.serve import pipe
+    from posstate.serve.view import View
+
+    a = pos("A/USDT", 1)
+    old = View("store", 3, positions={("A/USDT", "long"): a, ("B/USDT", "long"): pos("B/USDT", 2)}, account={"x": "1"})
+    new = View(
+        "store",
+        4,
+        positions={("A/USDT", "long"): a, ("C/USDT", "short"): pos("C/USDT", 3, side="short")},
+        metadata=MappingProxyType({"A/USDT": MappingProxyType({"grid": (1, 2)})}),
+        account=None,
+        balance=Decimal("5"),
+        changed_at=old.changed_at + 1,
+    )
+    frame = pipe.encode(pipe.view_delta(old, new))
+    delta = pipe.read_frame(io.BytesIO(frame))
+    assert pipe.apply_delta(old, delta) == new
+    assert pipe.read_frame(io.BytesIO(frame[:-1])) is None  # a torn frame is the end of the pipe

@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 
 class RunningServer(Protocol):
-    """What ``serve()`` returns: a server running in a background thread until :meth:`stop`."""
+    """What ``serve()`` returns: a server running (in its own process, or in background threads) until
+    :meth:`stop`."""
 
     @property
     def url(self) -> str: ...
@@ -49,8 +50,9 @@ class Servable:
         token_file: str | Path | None = None,
         **options: Any,
     ) -> RunningServer:
-        """Serve this object's live state read-only over HTTP and WebSocket (docs/SERVE.md) from a background
-        thread; returns once the server listens (``port=0``: any free port, see ``.url``). Needs the
+        """Serve this object's live state read-only over HTTP and WebSocket (docs/SERVE.md) from a server
+        process of its own fed by one thread of this process (``process=False``: from background threads of
+        this process); returns once the server listens (``port=0``: any free port, see ``.url``). Needs the
         ``serve`` extra (``pip install posstate[serve]``). Any *host* but a loopback address needs
         *token_file*. Call ``.stop()`` before closing the manager or store."""
         if _factory is None:  # pragma: no cover - the package root registers it on import
