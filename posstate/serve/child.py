@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import sys
 from typing import IO, Any
@@ -114,6 +115,7 @@ def main() -> int:
         return 2
     del init  # the token stays only in the guard
     _reply(stdout, {"port": server.port})
+    os.dup2(2, 1)  # anything printed later goes to stderr, never into the pipe the bot stopped reading
     try:
         _read(stdin, source, server)  # until the bot's process stops serving or is gone
     finally:

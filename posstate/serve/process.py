@@ -109,6 +109,9 @@ class ChildServer:
     ) -> None:
         self.source = source
         self._interval = _options.seconds("poll_interval", poll_interval)
+        unknown = set(server_options) - {"stream", "limits", "max_connections"}
+        if unknown:
+            raise TypeError(f"serve() got unexpected options: {', '.join(sorted(unknown))}")
         if "max_connections" in server_options:
             _options.count("max_connections", server_options["max_connections"])
         self._tap = Tap()
@@ -161,13 +164,13 @@ class ChildServer:
     def _handshake(self, init: bytes) -> int:
         proc = self._proc
         assert proc.stdin is not None and proc.stdout is not None
+        self._fd = proc.stdin.fileno()
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: the default pipe size
+            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         with contextlib.suppress(BrokenPipeError):  # it died at once: its exit code says so below
             proc.stdin.write(init)
             proc.stdin.flush()
-        self._fd = proc.stdin.fileno()
         os.set_blocking(self._fd, False)  # from now on the feeder never waits for the server process
-        with contextlib.suppress(OSError, AttributeError):  # not Linux: the default pipe size
-            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
         line = proc.stdout.readline() if ready else b""
         try:
@@ -175,6 +178,7 @@ class ChildServer:
         except ValueError:
             reply = {}
         if "port" in reply:
+            proc.stdout.close()  # nothing more comes this way (the server process writes to stderr)
             return int(reply["port"])
         if "reason" in reply:
             message, reason = str(reply.get("message", "")), str(reply["reason"])
