@@ -11,6 +11,7 @@ stops as on SIGTERM and the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -95,6 +96,9 @@ def main() -> int:
     if init is None:
         return 0
     source = MirrorSource(init)
+    if init.get("niceness"):
+        with contextlib.suppress(OSError):  # not permitted: serve at the bot's priority
+            os.nice(init["niceness"])
     options: dict[str, Any] = dict(init["options"])
     try:
         server = StateServer(

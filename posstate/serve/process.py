@@ -97,6 +97,10 @@ class ChildServer:
     """A server process fed by a thread of the bot's process. ``url`` is known once the constructor returns
     (the server process bound it); :meth:`stop` (or the context manager) ends both."""
 
+    #: Added to the server process's nice value: on a busy machine the scheduler runs the bot's thread,
+    #: back from an fdatasync, before the server's sends (a dashboard's update waits a little instead).
+    NICENESS = 10
+
     def __init__(
         self,
         source: Source,
@@ -142,6 +146,7 @@ class ChildServer:
                 "port": port,
                 "token": token,
                 "options": server_options,
+                "niceness": self.NICENESS,
             }
             self._tap.take()
             self._proc = _spawn()
