@@ -206,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     for bot in ("manager", "store") if args.bot == "both" else (args.bot,):
         merged: dict[str, dict[str, Any]] = {mode: {} for mode in modes}
+        ratios: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
         for _ in range(rounds):
             for mode in modes:
                 with tempfile.TemporaryDirectory(dir=os.environ.get("POSSTATE_BENCH_DIR")) as d:
                     res = scenario(bot, per, args.clients, Path(d), args.poll, process=mode == "process")
+                base, loaded = res["0 clients"], res[f"{args.clients} clients"]
+                ratios[mode].append((statistics.median(loaded) / statistics.median(base), pct(loaded, 0.99) / pct(base, 0.99)))
                 into = merged[mode]
                 for k, v in res.items():
                     if isinstance(v, list):
@@ -222,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             report(
                 f"{bot}, server {'in a child process' if mode == 'process' else 'in threads of the bot'}", res, args.clients, per
             )
+            if rounds > 1:
+                meds, p99s = zip(*ratios[mode], strict=True)
+                print(
+                    f"  per round, {args.clients} vs 0 clients: median "
+                    + " ".join(f"{r:.2f}x" for r in meds)
+                    + f" (median {statistics.median(meds):.3f}x); p99 "
+                    + " ".join(f"{r:.2f}x" for r in p99s)
+                    + f" (median {statistics.median(p99s):.3f}x)"
+                )
     return 0
 
 
