@@ -34,12 +34,14 @@ def pos(symbol: str, contracts: int | str = 1, side: str = "long", entry: str = 
 
 
 @contextmanager
-def serving(target: Any, **options: Any) -> Iterator[Any]:
-    """A real uvicorn server on a free 127.0.0.1 port for *target*, stopped at the end."""
-    from posstate.serve.server import serve_state
+def serving(target: Any, *, process: bool = False, **options: Any) -> Iterator[Any]:
+    """A real uvicorn server on a free 127.0.0.1 port for *target*, stopped at the end: in threads of this
+    process (``server.source`` is the one the server reads), or with *process* in a server process of its own
+    (what ``manager.serve()``/``store.serve()`` start by default)."""
+    from posstate.serve.process import serve
 
     options.setdefault("poll_interval", 0.01)
-    server = serve_state(target, host=options.pop("host", "127.0.0.1"), port=0, **options)
+    server = serve(target, process=process, host=options.pop("host", "127.0.0.1"), port=0, **options)
     try:
         yield server
     finally:

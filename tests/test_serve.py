@@ -34,6 +34,9 @@ from posstate.serve.server import read_token  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "t0ken-" + "x" * 26
 
+#: Both places the server runs (issue 18 speed): threads of this process, and a server process of its own.
+MODES = [pytest.param(False, id="threads"), pytest.param(True, id="process")]
+
 
 def _files(d: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
@@ -206,15 +209,16 @@ def test_health_is_503_with_the_reason_on_a_damaged_state_file(manager: Any, cfg
         assert httpx.get(server.url + "/api/health").status_code == 200
 
 
-def test_health_limits_and_not_yet_loaded(manager: Any) -> None:
+@pytest.mark.parametrize("process", MODES)
+def test_health_limits_and_not_yet_loaded(manager: Any, process: bool) -> None:
     """issue 18.2: before the bot loads its state the health is 503 (not ready); an age limit gives 503 with its reason."""
     m = manager()
-    with serving(m) as server:
+    with serving(m, process=process) as server:
         first = httpx.get(server.url + "/api/health")
         assert first.status_code == 503 and "not been read" in " ".join(first.json()["reasons"])
     m.load_positions()
     m.save()
-    with serving(m, limits=HealthLimits(max_backup_age=0.0)) as server:
+    with serving(m, limits=HealthLimits(max_backup_age=0.0), process=process) as server:
         aged = httpx.get(server.url + "/api/health").json()
     assert any("newest backup older than" in r for r in aged["reasons"])
 
@@ -276,14 +280,15 @@ def test_token_files_that_are_refused(tmp_path: Path) -> None:
         read_token(loose)
 
 
+@pytest.mark.parametrize("process", MODES)
 @pytest.mark.parametrize("host", [pytest.param("127.0.0.1", id="loopback"), pytest.param("0.0.0.0", id="all-addresses")])
-def test_the_token_is_required_on_every_route_and_the_websocket(tmp_path: Path, host: str) -> None:
+def test_the_token_is_required_on_every_route_and_the_websocket(tmp_path: Path, host: str, process: bool) -> None:
     """issue 18.4: with a token (required off localhost) every route and the WebSocket refuse a request without it."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     good = {"Authorization": f"Bearer {TOKEN}"}
-    with serving(_store(), host=host, token_file=token_file) as server:
+    with serving(_store(), host=host, token_file=token_file, process=process) as server:
         url = f"http://127.0.0.1:{server.port}"
         for path in (
             "/",
@@ -315,10 +320,11 @@ def test_the_token_is_required_on_every_route_and_the_websocket(tmp_path: Path, 
         assert run(accepted()) == "snapshot"
 
 
-def test_loopback_refuses_a_rebound_host_and_a_cross_site_websocket() -> None:
+@pytest.mark.parametrize("process", MODES)
+def test_loopback_refuses_a_rebound_host_and_a_cross_site_websocket(process: bool) -> None:
     """issue 18.4: on 127.0.0.1 a request naming another Host (DNS rebinding) and a WebSocket from another
     site's page (its Origin) are refused: a web page cannot read the state through the operator's browser."""
-    with serving(_store()) as server:
+    with serving(_store(), process=process) as server:
         r = httpx.get(server.url + "/api/account/snapshot", headers={"Host": "evil.example:80"})
         assert r.status_code == 403 and "BTC" not in r.text
 
@@ -336,14 +342,15 @@ def test_loopback_refuses_a_rebound_host_and_a_cross_site_websocket() -> None:
         assert run(same_site()) == "snapshot"
 
 
-def test_no_key_is_ever_served(manager: Any, key: bytes) -> None:
+@pytest.mark.parametrize("process", MODES)
+def test_no_key_is_ever_served(manager: Any, key: bytes, process: bool) -> None:
     """issue 18.4: the key appears in no response: routes, page, metrics, stream (raw, base64, hex)."""
     m = manager()
     m.load_positions()
     m.set_position(pos("BTC/USDT", 1))
     m.save()
     forms = [base64.b64encode(key).decode(), key.hex(), base64.urlsafe_b64encode(key).decode().rstrip("=")]
-    with serving(m) as server:
+    with serving(m, process=process) as server:
         bodies = [
             httpx.get(server.url + p).content
             for p in (

@@ -319,3 +319,17 @@ def test_a_view_delta_rebuilds_the_view_exactly() -> None:
     delta = pipe.read_frame(io.BytesIO(frame))
     assert pipe.apply_delta(old, delta) == new
     assert pipe.read_frame(io.BytesIO(frame[:-1])) is None  # a torn frame is the end of the pipe
+
+
+def test_the_bots_problems_reach_the_server_processs_health(manager: Any) -> None:
+    """issue 18 speed / 18.2: readiness and the bot's problems (here its manager closed) travel over the pipe:
+    the server process's /api/health turns 503 with the reason."""
+    m: PositionStateManager = manager()
+    with m.serve(port=0, poll_interval=0.01) as server:
+        first = httpx.get(server.url + "/api/health")
+        assert first.status_code == 503 and "not been read" in " ".join(first.json()["reasons"])
+        m.load_positions()
+        assert _until(lambda: httpx.get(server.url + "/api/health").status_code == 200)
+        m.close()
+        assert _until(lambda: "closed" in " ".join(httpx.get(server.url + "/api/health").json()["reasons"]))
+        assert httpx.get(server.url + "/api/health").status_code == 503

@@ -13,17 +13,23 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from posstate import AccountStateStore, Order, StateConfig
 from tests.serve_support import pos, read_until, require, run, serving, ws_url
 
 require("starlette", "uvicorn", "prometheus_client", "httpx", "websockets")
 
+import httpx  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 from posstate.serve.stream import CLOSE_HEARTBEAT, CLOSE_RESYNC, StreamOptions  # noqa: E402
 from posstate.storage.crypto import Keyring  # noqa: E402
 from posstate.storage.statefile import ReadOptions  # noqa: E402
+
+#: Both places the server runs (issue 18 speed): threads of this process, and a server process of its own.
+MODES = [pytest.param(False, id="threads"), pytest.param(True, id="process")]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,11 +98,12 @@ def _orders_store() -> AccountStateStore:
     return store
 
 
-def test_store_stream_topics_order_fill_and_close() -> None:
+@pytest.mark.parametrize("process", MODES)
+def test_store_stream_topics_order_fill_and_close(process: bool) -> None:
     """issue 18.3: a store's changes become balance.update, position.update, order.update, order.fill,
     order.closed and metadata.update, in the store's version order."""
     store = _orders_store()
-    with serving(store) as server:
+    with serving(store, process=process) as server:
 
         async def watch() -> list[dict[str, Any]]:
             async with connect(ws_url(server)) as ws:
@@ -148,11 +155,12 @@ def test_store_stream_topics_order_fill_and_close() -> None:
     assert [m["version"] for m in got] == sorted(m["version"] for m in got)
 
 
-def test_filters_by_topic_and_symbol_on_the_url_and_by_message() -> None:
+@pytest.mark.parametrize("process", MODES)
+def test_filters_by_topic_and_symbol_on_the_url_and_by_message(process: bool) -> None:
     """issue 18.3: ?topics=&symbols= filters the snapshot and the updates; a subscribe message changes the filter."""
     store = _orders_store()
     store.set_active_position(pos("ETH/USDT", 1))
-    with serving(store) as server:
+    with serving(store, process=process) as server:
 
         async def watch() -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
             async with connect(ws_url(server, "topics=position.update&symbols=BTC/USDT")) as ws:
@@ -175,10 +183,11 @@ def test_filters_by_topic_and_symbol_on_the_url_and_by_message() -> None:
     assert [(m["topic"], m["balance"]) for m in rest[1:]] == [("balance.update", "2")]
 
 
-def test_heartbeats_both_ways_and_a_silent_client_is_dropped() -> None:
+@pytest.mark.parametrize("process", MODES)
+def test_heartbeats_both_ways_and_a_silent_client_is_dropped(process: bool) -> None:
     """issue 18.3: the server sends heartbeats; a client that answers stays; one that sends nothing is closed (4408)."""
     options = StreamOptions(heartbeat_interval=0.05, client_timeout=1.0)
-    with serving(_orders_store(), stream=options) as server:
+    with serving(_orders_store(), stream=options, process=process) as server:
 
         async def talkative() -> int:
             beats = 0
@@ -202,7 +211,10 @@ def test_heartbeats_both_ways_and_a_silent_client_is_dropped() -> None:
 
         assert run(talkative()) == 45
         assert run(silent()) == CLOSE_HEARTBEAT
-        assert server.source.stats.heartbeat_timeouts == 1
+        if process:  # the counter lives in the server process: read it from /metrics
+            assert "posstate_stream_heartbeat_timeouts_total 1.0" in httpx.get(server.url + "/metrics").text
+        else:
+            assert server.source.stats.heartbeat_timeouts == 1
 
 
 def test_a_slow_client_gets_resync_and_is_dropped_without_blocking_the_writer() -> None:
