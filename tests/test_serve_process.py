@@ -333,3 +333,28 @@ def test_the_bots_problems_reach_the_server_processs_health(manager: Any) -> Non
         m.close()
         assert _until(lambda: "closed" in " ".join(httpx.get(server.url + "/api/health").json()["reasons"]))
         assert httpx.get(server.url + "/api/health").status_code == 503
+
+
+def test_a_forked_worker_does_not_keep_the_server_process_alive() -> None:
+    """issue 18 speed: a worker the bot forks while serving closes its copy of the pipe, so stop() ends the
+    server process's stdin and it exits by itself (code 0), not killed after the stop timeout."""
+    import warnings
+
+    store = AccountStateStore()
+    server = store.serve(port=0, poll_interval=0.01)
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running (Python 3.12+)
+        pid = os.fork()
+    if pid == 0:  # the worker: waits until the parent is done, never touches the server
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        proc = server._proc
+        server.stop()
+        assert proc.returncode == 0
+    finally:
+        os.close(w)
+        os.waitpid(pid, 0)
