@@ -3,10 +3,11 @@ posstate.serve.child``, fed by the bot's process over its stdin.
 
 The first frame names what to serve and how (kind, config, the first view, host, port, token, options);
 this process binds (a :class:`~posstate.serve.server.StateServer` over a :class:`MirrorSource`) and answers
-one JSON line on stdout, ``{"port": N}`` or ``{"reason": ..., "message": ...}``. Then a reader thread applies
-each frame to the mirror (under the source's lock, so a new stream client sees a view and a place in the log
-that agree) and wakes the stream tasks. At the end of stdin (the bot stopped serving, or died) the server
-stops as on SIGTERM and the process exits.
+one JSON line on stdout, ``{"port": N}`` or ``{"reason": ..., "message": ...}``, once uvicorn accepts
+connections (in a background thread). Then the main thread applies each frame to the mirror (under the
+source's lock, so a new stream client sees a view and a place in the log that agree) and wakes the stream
+tasks. At the end of stdin (the bot stopped serving, or died) the server stops (streams closed with 1012) and
+the process exits 0.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ class MirrorSource(Source):
         self._view = init["view"]
         self.fanout.reset_orders(init["orders"])
         self._stats(init["stats"])
-        self.fsync: list[float] = []
 
     def _stats(self, stats: dict[str, Any]) -> None:
         for name in _BOT_STATS:
