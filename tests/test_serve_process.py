@@ -126,10 +126,15 @@ def test_the_server_process_exits_when_the_bot_is_sigkilled(tmp_path: Path) -> N
             bot.stdout.close()
 
 
-def test_a_full_pipe_never_blocks_the_bot_and_ends_in_resync(manager: Any, cfg: StateConfig) -> None:
+def test_a_full_pipe_never_blocks_the_bot_and_ends_in_resync(
+    manager: Any, cfg: StateConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """issue 18 speed: a server process that stops reading (SIGSTOP) never blocks set_position; the feeder
-    drops what the pipe cannot take and, once it drains, every client is sent resync and a new snapshot
-    shows the bot's state."""
+    keeps at most HELD_UPDATES for the next frame, drops the rest and, once the pipe drains, every client is
+    sent resync and a new snapshot shows the bot's state."""
+    from posstate.serve.process import ChildServer
+
+    monkeypatch.setattr(ChildServer, "HELD_UPDATES", 10)
     m: PositionStateManager = manager(dataclasses.replace(cfg, durability="snapshot"))
     m.load_positions()
     m.set_position(pos("BTC/USDT", 1))

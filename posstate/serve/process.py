@@ -7,9 +7,10 @@ whenever the bot's thread came back from an ``fdatasync``, and the bot waited fo
 polling the server's poll thread did (the same :class:`~posstate.serve.sources.ManagerSource` or
 :class:`~posstate.serve.sources.StoreSource`, so the same updates with the same versions) and, every poll
 that changed something, writes one frame to the server process's stdin (serve/pipe.py): the updates, the
-view's delta, the counters /metrics shows and the bot's fsync latencies. The pipe is non-blocking: when the
-server process falls a pipe's worth behind, the feeder drops what it cannot write and, once the pipe drains,
-sends the whole view with ``resync`` for every client (the slow-client policy, one level up).
+view's delta, the counters /metrics shows and the bot's fsync latencies. The pipe is non-blocking: while the
+pipe holds part of a frame (a frame larger than the pipe, or a server process that fell behind), changes wait
+for the next frame; past ``HELD_UPDATES`` of them the feeder drops them and, once the pipe drains, sends the
+whole view with ``resync`` for every client (the slow-client policy, one level up).
 
 The server process gets no key (nor the bot's environment's POSSTATE_KEY*, nor any of its descriptors): its
 /api/health checks backups by header and checksum, as the in-process server of a manager did. It exits when
@@ -21,14 +22,10 @@ and ``serve()`` may be called again.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
-import json
 import logging
 import os
-import select
 import subprocess
-import sys
 import threading
 import weakref
 from collections import deque
@@ -41,7 +38,7 @@ from posstate.account.types import AccountUpdate, Order
 from posstate.core.errors import ServeError
 from posstate.manager.manager import PositionStateManager
 from posstate.serve import options as _options
-from posstate.serve import pipe
+from posstate.serve import pipe, spawn
 from posstate.serve.fanout import Fanout
 from posstate.serve.sources import ManagerSource, Source, StoreSource
 from posstate.serve.tokens import _keyring_of, check_token, is_loopback, read_token, refuse_the_key_as_token
@@ -52,10 +49,8 @@ log = logging.getLogger("posstate")
 START_TIMEOUT = 60.0
 #: Seconds stop() waits for the server process to finish its streams before killing it.
 STOP_TIMEOUT = 10.0
-#: The pipe's size asked of Linux (F_SETPIPE_SZ); the default is 64 KiB.
-PIPE_BYTES = 1024 * 1024
-#: Environment variables the server process never inherits (docs/SECURITY.md: it gets no key).
-SECRET_ENV = ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE")
+PIPE_BYTES = spawn.PIPE_BYTES
+SECRET_ENV = spawn.SECRET_ENV
 _STATS = ("saves", "updates", "compactions", "backups", "recoveries", "last_save")
 
 
@@ -66,20 +61,25 @@ class Tap(Fanout):
     def __init__(self) -> None:
         super().__init__()
         self.ops: list[tuple[str, Any]] = []
+        #: Updates (and other operations) recorded since the last take().
+        self.count = 0
 
     def reset_orders(self, orders: Mapping[str, Order]) -> None:
         self.ops.append(("reset_orders", dict(orders)))
+        self.count += 1
 
     def publish(self, updates: Iterable[AccountUpdate]) -> None:
         ups = tuple(updates)
         if ups:
             self.ops.append(("publish", ups))
+            self.count += len(ups)
 
     def resync_all(self, version: int) -> None:
         self.ops.append(("resync_all", version))
+        self.count += 1
 
     def take(self) -> list[tuple[str, Any]]:
-        ops, self.ops = self.ops, []
+        ops, self.ops, self.count = self.ops, [], 0
         return ops
 
 
@@ -100,6 +100,9 @@ class ChildServer:
     #: Added to the server process's nice value: on a busy machine the scheduler runs the bot's thread,
     #: back from an fdatasync, before the server's sends (a dashboard's update waits a little instead).
     NICENESS = 10
+    #: Updates kept for the next frame while the pipe still holds part of one (a frame larger than the pipe,
+    #: or a server process that stopped reading); past this many they are dropped for a resync.
+    HELD_UPDATES = 65536
 
     def __init__(
         self,
@@ -125,6 +128,8 @@ class ChildServer:
         #: Frames the feeder could not write (the server process fell a pipe's worth behind): each made
         #: every stream client reconnect (resync).
         self.resyncs = 0
+        #: The feeder's turns so far (a test waits on it).
+        self.polls = 0
         #: The server process's exit code once it ended by itself (None: running, or stopped by stop()).
         self.exit_code: int | None = None
         self._stopping = threading.Event()
@@ -149,13 +154,14 @@ class ChildServer:
                 "niceness": self.NICENESS,
             }
             self._tap.take()
-            self._proc = _spawn()
+            self._proc = spawn.spawn()
         except BaseException:
             self._stop_observing()
             source.close()
             raise
         try:
             self.host, self.port = host, self._handshake(pipe.encode(init))
+            del init  # the token stays only in the server process
         except BaseException:
             self._kill()
             self._stop_observing()
@@ -167,32 +173,8 @@ class ChildServer:
 
     # ---------------------------------------------------------------------------------------- start
     def _handshake(self, init: bytes) -> int:
-        proc = self._proc
-        assert proc.stdin is not None and proc.stdout is not None
-        self._fd = proc.stdin.fileno()
-        with contextlib.suppress(OSError, AttributeError):  # not Linux: the default pipe size
-            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        with contextlib.suppress(BrokenPipeError):  # it died at once: its exit code says so below
-            proc.stdin.write(init)
-            proc.stdin.flush()
-        os.set_blocking(self._fd, False)  # from now on the feeder never waits for the server process
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
-        line = proc.stdout.readline() if ready else b""
-        try:
-            reply = json.loads(line) if line else {}
-        except ValueError:
-            reply = {}
-        if "port" in reply:
-            proc.stdout.close()  # nothing more comes this way (the server process writes to stderr)
-            return int(reply["port"])
-        if "reason" in reply:
-            message, reason = str(reply.get("message", "")), str(reply["reason"])
-            raise ServeError(reason, next_step=message[len(reason) + 2 :] or "see the log for the cause")
-        code = proc.poll()
-        raise ServeError(
-            "the server process " + (f"exited with code {code}" if code is not None else "did not start") + " while starting",
-            next_step="see its error output (stderr) for the cause, or serve in process with process=False",
-        )
+        self._fd = self._proc.stdin.fileno()  # type: ignore[union-attr]
+        return spawn.handshake(self._proc, init, timeout=START_TIMEOUT)
 
     @property
     def url(self) -> str:
@@ -218,6 +200,7 @@ class ChildServer:
         return out
 
     def _feed(self) -> None:
+        spawn.block_sigpipe()  # a bot that set SIGPIPE back to its default is not ended by a closed pipe
         while not self._stopping.wait(self._interval):
             code = self._proc.poll()
             if code is not None:
@@ -226,10 +209,16 @@ class ChildServer:
             try:
                 self.source.poll()
                 self._send()
-            except BrokenPipeError:
-                continue  # it is ending: the next turn reads its exit code
+            except BrokenPipeError:  # it closed its end: it is ending, or it no longer reads (then kill it)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(1.0)
+                if self._proc.poll() is None:
+                    self._proc.kill()
+                self._ended(self._proc.wait())
+                return
             except Exception:  # the feeder must outlive any one bad read
                 log.exception("posstate serve: feeding the server process failed")
+            self.polls += 1
 
     def _frame(self) -> bytes | None:
         """The next frame (None: nothing changed). After frames were dropped: the whole view and a resync."""
@@ -264,7 +253,10 @@ class ChildServer:
         if self._pending:
             self._pending = self._pending[self._write(self._pending) :]
         if self._pending:
-            if self._tap.take() or self.source.view() is not self._sent:
+            # Changes wait for the next frame (its delta is against the view of the frame in the pipe): a
+            # frame larger than the pipe takes a few turns, and a busy bot must not turn each into a resync.
+            if self._tap.count > self.HELD_UPDATES:
+                self._tap.take()
                 self.resyncs += 0 if self._behind else 1
                 self._behind = True
             return
@@ -329,27 +321,6 @@ class ChildServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _spawn() -> subprocess.Popen[bytes]:
-    """``python -m posstate.serve.child`` in a new session (a Ctrl-C meant for the bot's terminal does not stop
-    it), with no descriptor of the bot's but its pipes, and without the key variables."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "posstate.serve.child"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-            start_new_session=True,
-            env=env,
-        )
-    except OSError as exc:
-        raise ServeError(
-            f"cannot start the server process ({exc.strerror or exc})", next_step="serve in process with process=False"
-        ) from None
 
 
 def serve(

@@ -1,0 +1,147 @@
+"""Starting the server process of serve/process.py: its command and environment, and the handshake (the
+first frame in, one JSON line out) within a deadline, whatever the process does (exits, answers garbage,
+never answers, never reads), and without SIGPIPE killing a bot that restored its default action."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from posstate.core.errors import ServeError
+
+#: The pipe's size asked of Linux (F_SETPIPE_SZ); the default is 64 KiB.
+PIPE_BYTES = 1024 * 1024
+#: Environment variables the server process never inherits (docs/SECURITY.md: it gets no key).
+SECRET_ENV = ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE")
+#: The longest answer line read from the server process (its port, or why it could not bind).
+MAX_REPLY = 64 * 1024
+_FALLBACK = "serve in process with process=False"
+
+
+def spawn() -> subprocess.Popen[bytes]:
+    """``python -m posstate.serve.child`` in a new session (a Ctrl-C meant for the bot's terminal does not stop
+    it), with no descriptor of the bot's but its pipes, and without the key variables."""
+    if getattr(sys, "frozen", False) or not sys.executable:
+        # PyInstaller and the like: sys.executable is the bot itself, and `-m` would start a second bot
+        raise ServeError(
+            "this program has no Python interpreter to start the server process with (a frozen application: "
+            "its executable is the program itself)",
+            next_step=_FALLBACK,
+        )
+    root = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "posstate.serve.child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+            start_new_session=True,
+            env=env,
+        )
+    except OSError as exc:
+        raise ServeError(f"cannot start the server process ({exc.strerror or exc})", next_step=_FALLBACK) from None
+
+
+@contextlib.contextmanager
+def no_sigpipe() -> Iterator[None]:
+    """SIGPIPE blocked on this thread: a write to a pipe whose reader is gone fails with BrokenPipeError even in
+    a program that set SIGPIPE back to its default action (which ends the process). A SIGPIPE raised meanwhile
+    is taken before the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        yield
+    finally:
+        if signal.SIGPIPE not in old:
+            with contextlib.suppress(OSError):
+                while signal.sigtimedwait([signal.SIGPIPE], 0) is not None:
+                    pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def block_sigpipe() -> None:
+    """For a thread that only writes pipes (the feeder): SIGPIPE blocked for its whole life."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+
+
+def handshake(proc: subprocess.Popen[bytes], init: bytes, *, timeout: float) -> int:
+    """Write the first frame *init* to the server process and read its one JSON line, within *timeout*
+    seconds in all; the port it bound, or ServeError (the caller kills the process). The pipe to it is left
+    non-blocking: from now on the feeder never waits for it."""
+    assert proc.stdin is not None and proc.stdout is not None
+    wfd, rfd = proc.stdin.fileno(), proc.stdout.fileno()
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the default pipe size
+        fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    os.set_blocking(wfd, False)
+    os.set_blocking(rfd, False)
+    deadline = time.monotonic() + timeout
+    rest, line, ended = memoryview(init), b"", False
+    with no_sigpipe():
+        while b"\n" not in line and not ended and len(line) <= MAX_REPLY:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            readable, writable, _ = select.select([rfd], [wfd] if rest else [], [], left)
+            if writable:
+                try:
+                    rest = rest[os.write(wfd, rest) :]
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:  # it exited: its exit code says why
+                    rest = rest[:0]
+            if readable:
+                with contextlib.suppress(BlockingIOError):
+                    chunk = os.read(rfd, 4096)
+                    ended = not chunk
+                    line += chunk
+    reply = _parse(line.partition(b"\n")[0]) if b"\n" in line and not rest else None
+    if reply is not None and "port" in reply:
+        proc.stdout.close()  # nothing more comes this way (the server process writes to stderr)
+        return int(reply["port"])
+    if reply is not None:
+        message, reason = str(reply.get("message", "")), str(reply["reason"])
+        raise ServeError(reason, next_step=message[len(reason) + 2 :] or "see the log for the cause")
+    code = None
+    if ended or b"\n" in line:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            code = proc.wait(min(5.0, max(timeout, 0.1)))
+    if code is not None:
+        what = f"exited with code {code} while starting"
+    elif b"\n" in line or len(line) > MAX_REPLY:
+        what = f"answered something other than its port ({len(line)} bytes) while starting"
+    elif line:
+        what = f"wrote {len(line)} bytes but no line within {timeout:g} s of starting"
+    else:
+        what = f"did not answer within {timeout:g} s of starting"
+    raise ServeError(f"the server process {what}", next_step=f"see its error output (stderr) for the cause, or {_FALLBACK}")
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    """The answer if it is one: ``{"port": N}`` (0 < N < 65536) or ``{"reason": str, ...}``."""
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(reply, dict):
+        return None
+    port = reply.get("port")
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        return {"port": port}
+    if isinstance(reply.get("reason"), str):
+        return reply
+    return None

@@ -1,0 +1,235 @@
+"""Issue 18 attack (the server process of ``manager.serve()`` / ``store.serve()``): a server process that
+answers garbage, never answers or never reads; a bot that restored SIGPIPE's default action; a frozen bot
+(its ``sys.executable`` is the bot itself); a server process that falls behind with a state larger than the
+pipe while the bot keeps writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from posstate import AccountStateStore
+from tests.serve_support import read_until, require, run, ws_url
+
+require("starlette", "uvicorn", "prometheus_client", "httpx", "websockets")
+
+from websockets.asyncio.client import connect  # noqa: E402
+
+from posstate.core.errors import ServeError  # noqa: E402
+from posstate.serve import process as _process  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _until(check: Any, timeout: float = 30.0) -> bool:
+    """Wait for *check()* (a hang guard: each turn waits on a fresh event with a short timeout)."""
+    deadline = time.monotonic() + timeout
+    tick = threading.Event()
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        tick.wait(0.01)
+    return True
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _big_store() -> AccountStateStore:
+    """A store whose first frame (about 3 MB) is larger than the 1 MiB pipe."""
+    store = AccountStateStore()
+    for n in range(3000):
+        store.set_symbol_metadata(f"S{n}", {"blob": "x" * 1000})
+    return store
+
+
+def _fake_python(tmp_path: Path, body: str) -> tuple[Path, Path]:
+    """An executable standing in for ``python -m posstate.serve.child``: it writes its pid, then runs *body*."""
+    pid_file = tmp_path / "fake.pid"
+    exe = tmp_path / "fake-python"
+    exe.write_text(f"#!/bin/sh\necho $$ > {pid_file}\n{body}\n")
+    exe.chmod(0o700)
+    return exe, pid_file
+
+
+_FAKES = [
+    pytest.param("echo 42; exec sleep 120", id="a-json-line-that-is-not-an-object"),
+    pytest.param('echo \'{"port": "http"}\'; exec sleep 120', id="a-port-that-is-not-a-number"),
+    pytest.param("printf x; exec sleep 120", id="garbage-without-a-newline"),
+    pytest.param("exec sleep 120", id="never-reads-its-stdin-nor-answers"),
+]
+
+
+@pytest.mark.parametrize("body", _FAKES)
+def test_a_server_process_that_answers_garbage_or_nothing_is_a_serve_error_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str
+) -> None:
+    """issue 18 attack: whatever the server process does at start (a line that is not the JSON object, bytes
+    without a newline, never reading a first frame larger than the pipe), serve() raises ServeError with the
+    next step within START_TIMEOUT and leaves no process behind (before: TypeError, or a hang for ever)."""
+    exe, pid_file = _fake_python(tmp_path, body)
+    store = _big_store()
+    monkeypatch.setattr(sys, "executable", str(exe))
+    monkeypatch.setattr(_process, "START_TIMEOUT", 1.0)
+    outcome: list[BaseException | object] = []
+
+    def start() -> None:
+        try:
+            outcome.append(store.serve(port=0))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=start, daemon=True)
+    t.start()
+    t.join(30)
+    try:
+        assert not t.is_alive(), "serve() hung on a server process that never answered"
+        assert len(outcome) == 1 and isinstance(outcome[0], ServeError), outcome
+        assert "server process" in str(outcome[0]) and "process=False" in str(outcome[0])
+        assert _until(lambda: _gone(int(pid_file.read_text()))), "the server process was left running"
+    finally:
+        if pid_file.exists():
+            pid = int(pid_file.read_text())
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+_SIGPIPE_BOT = """
+import signal, sys
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a bot piped into `head` may do
+from posstate import AccountStateStore
+from posstate.core.errors import ServeError
+sys.executable = sys.argv[1]
+store = AccountStateStore()
+for n in range(3000):
+    store.set_symbol_metadata(f"S{n}", {"blob": "x" * 1000})
+try:
+    store.serve(port=0)
+except ServeError as exc:
+    print("ServeError:", exc, flush=True)
+"""
+
+_CLOSES_ITS_STDIN = """
+import os, sys
+head = os.read(0, 4)
+size = int.from_bytes(head, "big")
+while size:
+    size -= len(os.read(0, min(size, 65536)))
+print('{"port": 1}', flush=True)
+os.close(0)
+import time
+time.sleep(120)
+"""
+
+_SIGPIPE_FEEDER_BOT = """
+import signal, sys, threading
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+from posstate import AccountStateStore
+sys.executable = sys.argv[1]
+store = AccountStateStore()
+server = store.serve(port=0, poll_interval=0.01)
+deadline = threading.Event()
+for n in range(3000):
+    store.set_wallet_balance(str(n))
+    if server.exit_code is not None:
+        break
+    deadline.wait(0.01)
+print("exit_code", server.exit_code, flush=True)
+server.stop()
+"""
+
+
+def test_a_bot_with_sigpipe_default_survives_a_server_process_that_dies_at_start(tmp_path: Path) -> None:
+    """issue 18 attack: a bot that set SIGPIPE back to its default action gets ServeError when the server
+    process exits before reading its first frame (before: the bot was killed by SIGPIPE in serve())."""
+    exe, _ = _fake_python(tmp_path, "exit 3")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGPIPE_BOT, str(exe)], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.startswith("ServeError: the server process exited with code 3")
+
+
+def test_a_bot_with_sigpipe_default_survives_a_server_process_that_closes_its_pipe(tmp_path: Path) -> None:
+    """issue 18 attack: a server process that closes its end of the pipe but lives on is stopped and reported
+    (exit_code) by the feeder; a bot with SIGPIPE's default action is not killed (before: killed by SIGPIPE
+    at the feeder's next write)."""
+    script = tmp_path / "closes.py"
+    script.write_text(_CLOSES_ITS_STDIN)
+    exe, pid_file = _fake_python(tmp_path, f"exec {sys.executable} {script}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        with (tmp_path / "stderr").open("w") as err:  # not a pipe: the server process inherits the bot's stderr
+            done = subprocess.run(
+                [sys.executable, "-c", _SIGPIPE_FEEDER_BOT, str(exe)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+                timeout=120,
+                check=False,
+            )
+        assert done.returncode == 0, (done.returncode, (tmp_path / "stderr").read_text()[-2000:])
+        assert done.stdout.startswith("exit_code ") and done.stdout.split()[1] != "None"
+        assert _until(lambda: _gone(int(pid_file.read_text())))
+    finally:
+        if pid_file.exists() and not _gone(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_frozen_bot_refuses_to_start_itself_as_the_server_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18 attack: in a frozen application (PyInstaller and the like) sys.executable is the bot itself:
+    ``-m posstate.serve.child`` would start a second bot. serve() refuses with ServeError naming
+    process=False, before starting anything."""
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+
+    def no_spawn(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_spawn)
+    store = AccountStateStore()
+    with pytest.raises(ServeError, match="process=False"):
+        store.serve(port=0)
+
+
+def test_a_state_larger_than_the_pipe_catches_up_without_resync_while_the_bot_writes() -> None:
+    """issue 18 attack: while a frame larger than the pipe is still being written, a change of the bot is
+    kept for the next frame, not a resync for every client (before: with a state over the pipe's size and a
+    bot writing faster than a whole-view frame drains, every client was sent resync again and again)."""
+    store = AccountStateStore()
+    store.set_wallet_balance("1")
+    with store.serve(port=0, poll_interval=0.01) as server:
+
+        async def scenario() -> list[dict[str, Any]]:
+            async with connect(ws_url(server), max_size=None) as ws:
+                assert json.loads(await ws.recv())["topic"] == "snapshot"
+                os.kill(server.pid, signal.SIGSTOP)
+                try:
+                    store.set_symbol_metadata("BIG", {"blob": "x" * (3 * 1024 * 1024)})  # one frame > the pipe
+                    assert _until(lambda: server.backlog > 0)
+                    store.set_wallet_balance("2")
+                    polls = server.polls
+                    assert _until(lambda: server.polls >= polls + 2)
+                    assert server.resyncs == 0
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
+                return await read_until(ws, lambda g: any(x["topic"] == "balance.update" for x in g), timeout=60)
+
+        got = run(scenario())
+        assert [x["topic"] for x in got] == ["metadata.update", "balance.update"]
+        assert server.resyncs == 0
