@@ -233,3 +233,16 @@ def test_a_state_larger_than_the_pipe_catches_up_without_resync_while_the_bot_wr
         got = run(scenario())
         assert [x["topic"] for x in got] == ["metadata.update", "balance.update"]
         assert server.resyncs == 0
+
+
+def test_a_missing_serve_extra_in_the_server_process_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18 attack: when the server process cannot import the web stack (the serve extra is missing where
+    it runs), serve() raises ServeError naming ``pip install 'posstate[serve]'`` (before: "exited with code 1",
+    and a next step, process=False, that fails the same way)."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "uvicorn.py").write_text("raise ModuleNotFoundError(\"No module named 'uvicorn'\", name='uvicorn')\n")
+    monkeypatch.setenv("PYTHONPATH", str(shadow))
+    store = AccountStateStore()
+    with pytest.raises(ServeError, match=r"uvicorn is missing.*pip install 'posstate\[serve\]'"):
+        store.serve(port=0)

@@ -18,14 +18,14 @@ import logging
 import os
 import pickle
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from posstate.core.errors import ServeError
 from posstate.serve import pipe
-from posstate.serve.health import HealthLimits
-from posstate.serve.server import StateServer
 from posstate.serve.sources import Source
-from posstate.serve.stream import StreamOptions
+
+if TYPE_CHECKING:
+    from posstate.serve.server import StateServer
 
 log = logging.getLogger("posstate")
 #: The counters the bot's process owns (the stream's own ones are counted here).
@@ -92,6 +92,14 @@ def _read(stdin: IO[bytes], source: MirrorSource, server: StateServer) -> None:
 
 def main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    try:  # the web stack first: without it, the answer names the extra to install (not a traceback)
+        from posstate.serve.health import HealthLimits
+        from posstate.serve.server import StateServer
+        from posstate.serve.stream import StreamOptions
+    except ImportError as exc:
+        reason = f"the serve extra is not installed ({exc.name} is missing)"
+        _reply(stdout, {"reason": reason, "message": f"{reason}; pip install 'posstate[serve]'"})
+        return 2
     init = pipe.read_frame(stdin)
     if init is None:
         return 0

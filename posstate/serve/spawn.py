@@ -109,11 +109,11 @@ def handshake(proc: subprocess.Popen[bytes], init: bytes, *, timeout: float) -> 
                     chunk = os.read(rfd, 4096)
                     ended = not chunk
                     line += chunk
-    reply = _parse(line.partition(b"\n")[0]) if b"\n" in line and not rest else None
-    if reply is not None and "port" in reply:
+    reply = _parse(line.partition(b"\n")[0]) if b"\n" in line else None
+    if reply is not None and "port" in reply and not rest:  # bound, and it read the whole first frame
         proc.stdout.close()  # nothing more comes this way (the server process writes to stderr)
         return int(reply["port"])
-    if reply is not None:
+    if reply is not None and "reason" in reply:
         message, reason = str(reply.get("message", "")), str(reply["reason"])
         raise ServeError(reason, next_step=message[len(reason) + 2 :] or "see the log for the cause")
     code = None
