@@ -246,3 +246,32 @@ def test_a_missing_serve_extra_in_the_server_process_names_the_extra(tmp_path: P
     store = AccountStateStore()
     with pytest.raises(ServeError, match=r"uvicorn is missing.*pip install 'posstate\[serve\]'"):
         store.serve(port=0)
+
+
+@pytest.mark.parametrize("process", [pytest.param(True, id="process"), pytest.param(False, id="threads")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"port": 70000}, id="port-70000"),
+        pytest.param({"port": -1}, id="port-negative"),
+        pytest.param({"port": "8787"}, id="port-text"),
+        pytest.param({"port": 8787.5}, id="port-float"),
+        pytest.param({"port": True}, id="port-true-would-bind-1"),
+        pytest.param({"host": None, "port": 0}, id="host-none"),
+    ],
+)
+def test_a_bad_port_or_host_is_a_serve_error_before_anything_starts(
+    monkeypatch: pytest.MonkeyPatch, process: bool, options: dict[str, Any]
+) -> None:
+    """issue 18 attack: a port outside 0-65535, not a whole number, or True (port 1), or a host that is not
+    text, is ServeError in the bot before a server process starts (before: OverflowError/TypeError/
+    AttributeError in process, a traceback on stderr and "exited with code 1" from the server process, and
+    True served on port 1)."""
+
+    def no_spawn(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a server process was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_spawn)
+    store = AccountStateStore()
+    with pytest.raises(ServeError, match=r"(port|host) must be"):
+        store.serve(process=process, **options)

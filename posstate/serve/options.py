@@ -26,6 +26,21 @@ def seconds(name: str, value: Any, *, zero_ok: bool = False) -> float:
     return v
 
 
+def port(value: Any) -> int:
+    """*value* as a TCP port, 0 (any free port) to 65535; a bool, a float or a string is refused (True would
+    bind port 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ServeError(f"port must be a whole number from 0 to 65535, got {value!r}", next_step="give port=0 for any free port")
+    return value
+
+
+def host(value: Any) -> str:
+    """*value* as an address to bind: a string."""
+    if not isinstance(value, str):
+        raise ServeError(f"host must be an address as text, got {type(value).__name__}", next_step='give host="127.0.0.1"')
+    return value
+
+
 def count(name: str, value: Any) -> int:
     """*value* as a count of at least 1 (0 would mean "unbounded" to a queue)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

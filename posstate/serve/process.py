@@ -335,6 +335,7 @@ def serve(
 ) -> Any:
     """``manager.serve()`` / ``store.serve()``: from a server process (*process*, the default) or from
     background threads of this process (``process=False``, :func:`posstate.serve.server.serve_state`)."""
+    host, port = _options.host(host), _options.port(port)
     if not process or not isinstance(target, (PositionStateManager, AccountStateStore)):
         from posstate.serve.server import serve_state
 

@@ -139,6 +139,7 @@ class StateServer:
         limits: HealthLimits | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        host, port = _options.host(host), _options.port(port)
         loopback = is_loopback(host)
         if not loopback and token is None:
             raise ServeError(
