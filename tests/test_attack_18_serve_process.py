@@ -275,3 +275,69 @@ def test_a_bad_port_or_host_is_a_serve_error_before_anything_starts(
     store = AccountStateStore()
     with pytest.raises(ServeError, match=r"(port|host) must be"):
         store.serve(process=process, **options)
+
+
+def test_a_crashed_server_process_is_started_again_on_the_same_port_with_the_bots_state() -> None:
+    """issue 18 attack: a server process killed under the bot (the OOM killer, a crash) is started again by
+    the feeder, on the same port, from the bot's current state (a change made while none ran included), and
+    counted in ``restarts`` (before: nothing was served until the bot itself called serve() again)."""
+    import httpx
+
+    store = AccountStateStore()
+    store.set_wallet_balance("1")
+    with store.serve(port=0, poll_interval=0.01) as server:
+        port, first = server.port, server.pid
+        os.kill(first, signal.SIGKILL)
+        assert _until(lambda: server.exit_code is not None)
+        store.set_wallet_balance("2")  # while no server process runs
+        assert _until(lambda: server.restarts == 1, timeout=60), "the server process was not started again"
+        assert server.pid != first and server.port == port and server.exit_code == -signal.SIGKILL
+        url = f"http://127.0.0.1:{port}/api/account/snapshot"
+        assert httpx.get(url).json()["balances"]["wallet"] == "2"
+        store.set_wallet_balance("3")
+        assert _until(lambda: httpx.get(url).json()["balances"]["wallet"] == "3")
+        second = server.pid
+    assert _until(lambda: _gone(second)) and _gone(first)
+
+
+def test_a_restart_that_cannot_bind_is_retried_and_stop_ends_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """issue 18 attack: when the port was taken meanwhile, starting the server process again fails with the
+    reason logged and is retried (with a growing delay) until the port is free; stop() leaves no process."""
+    import logging
+    import socket
+
+    import httpx
+
+    from posstate.serve.process import ChildServer
+
+    monkeypatch.setattr(ChildServer, "RESTART_DELAY", 0.05)
+    store = AccountStateStore()
+    store.set_wallet_balance("1")
+    server = store.serve(port=0, poll_interval=0.01)
+    try:
+        port, first = server.port, server.pid
+        taker = socket.socket()
+        with caplog.at_level(logging.ERROR, logger="posstate"):
+            os.kill(first, signal.SIGKILL)
+            assert _until(lambda: server.exit_code is not None)
+            assert _until(lambda: _bind(taker, port)), "the port was not freed by the killed server process"
+            assert _until(lambda: any("again failed" in r.getMessage() for r in caplog.records))
+        assert any("cannot listen" in r.getMessage() for r in caplog.records)
+        assert server.restarts == 0
+        taker.close()
+        assert _until(lambda: server.restarts == 1)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/account/snapshot").json()["balances"]["wallet"] == "1"
+    finally:
+        server.stop()
+    assert _until(lambda: _gone(server.pid))
+
+
+def _bind(sock: Any, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1)
+    except OSError:
+        return False
+    return True

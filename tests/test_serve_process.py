@@ -222,7 +222,7 @@ def test_a_crash_of_the_server_process_is_reported_and_serve_can_start_again(
             os.kill(server.pid, signal.SIGKILL)
             assert _until(lambda: server.exit_code is not None)
         assert server.exit_code == -signal.SIGKILL
-        assert any("exited with code" in r.getMessage() and "serve() again" in r.getMessage() for r in caplog.records)
+        assert any("exited with code" in r.getMessage() and "a new one starts" in r.getMessage() for r in caplog.records)
     finally:
         server.stop()
     with m.serve(port=port, poll_interval=0.01) as again:

@@ -16,7 +16,7 @@ The server process gets no key (nor the bot's environment's POSSTATE_KEY*, nor a
 /api/health checks backups by header and checksum, as the in-process server of a manager did. It exits when
 its stdin ends (the bot stopped it, or the bot died, even by SIGKILL). A server process that dies while the bot
 runs is logged (``posstate serve: the server process ... exited``), shown by :attr:`ChildServer.exit_code`,
-and ``serve()`` may be called again.
+and started again by the feeder on the same port (:attr:`ChildServer.restarts`), with a growing delay.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -103,6 +104,10 @@ class ChildServer:
     #: Updates kept for the next frame while the pipe still holds part of one (a frame larger than the pipe,
     #: or a server process that stopped reading); past this many they are dropped for a resync.
     HELD_UPDATES = 65536
+    #: Seconds before a server process that died under the bot is started again; doubled after each start
+    #: that ran less than RESTART_MAX seconds (a crash loop), up to RESTART_MAX.
+    RESTART_DELAY = 1.0
+    RESTART_MAX = 60.0
 
     def __init__(
         self,
@@ -130,48 +135,50 @@ class ChildServer:
         self.resyncs = 0
         #: The feeder's turns so far (a test waits on it).
         self.polls = 0
-        #: The server process's exit code once it ended by itself (None: running, or stopped by stop()).
+        #: The exit code of the last server process that ended by itself (None: none did); the feeder starts
+        #: a new one on the same port (``restarts`` counts them).
         self.exit_code: int | None = None
+        self.restarts = 0
         self._stopping = threading.Event()
-        self._stopped = False
+        self._lock = threading.Lock()  # the current process, between the feeder's restart and stop()
+        self._stopped = self._released = self._restarting = False
         self._pending = b""
         self._behind = False
         self._fd = -1
+        self._delay = self.RESTART_DELAY
+        self._launch = {"host": host, "port": port, "token": token, "options": server_options}
         try:
             source.poll()  # the first view before anyone connects
-            self._sent = source.view()
-            self._sent_stats = self._stats()
-            init = {
-                "kind": source.kind,
-                "config": source.config,
-                "view": self._sent,
-                "orders": dict(self._sent.orders),
-                "stats": self._sent_stats,
-                "host": host,
-                "port": port,
-                "token": token,
-                "options": server_options,
-                "niceness": self.NICENESS,
-            }
-            self._tap.take()
+            init = self._init_frame()
             self._proc = spawn.spawn()
         except BaseException:
             self._stop_observing()
             source.close()
             raise
         try:
-            self.host, self.port = host, self._handshake(pipe.encode(init))
-            del init  # the token stays only in the server process
+            self.host, self.port = host, self._handshake(init)
+            del init  # the token stays only in the server process (and in _launch, for a restart)
         except BaseException:
             self._kill()
             self._stop_observing()
             source.close()
             raise
+        self._launch["port"] = self.port
+        self._started = time.monotonic()
         os.register_at_fork(after_in_child=functools.partial(_close_in_child, weakref.ref(self)))
         self._feeder = threading.Thread(target=self._feed, name="posstate-serve-feed", daemon=True)
         self._feeder.start()
 
     # ---------------------------------------------------------------------------------------- start
+    def _init_frame(self) -> bytes:
+        """The first frame of a server process: what it serves (the whole view now) and how."""
+        self._tap.take()
+        self._sent, self._sent_stats = self.source.view(), self._stats()
+        self._pending, self._behind = b"", False
+        source = self.source
+        init = {"kind": source.kind, "config": source.config, "view": self._sent, "orders": dict(self._sent.orders)}
+        return pipe.encode({**init, "stats": self._sent_stats, **self._launch, "niceness": self.NICENESS})
+
     def _handshake(self, init: bytes) -> int:
         self._fd = self._proc.stdin.fileno()  # type: ignore[union-attr]
         return spawn.handshake(self._proc, init, timeout=START_TIMEOUT)
@@ -204,8 +211,9 @@ class ChildServer:
         while not self._stopping.wait(self._interval):
             code = self._proc.poll()
             if code is not None:
-                self._ended(code)
-                return
+                if not self._restart(code):
+                    return
+                continue
             try:
                 self.source.poll()
                 self._send()
@@ -214,8 +222,8 @@ class ChildServer:
                     self._proc.wait(1.0)
                 if self._proc.poll() is None:
                     self._proc.kill()
-                self._ended(self._proc.wait())
-                return
+                self._proc.wait()
+                continue  # the next turn starts a new one
             except Exception:  # the feeder must outlive any one bad read
                 log.exception("posstate serve: feeding the server process failed")
             self.polls += 1
@@ -270,18 +278,47 @@ class ChildServer:
         except BlockingIOError:
             return 0
 
-    def _ended(self, code: int) -> None:
+    def _restart(self, code: int) -> bool:
+        """Start a new server process, on the same port, after one ended with *code* under the bot; retried
+        with a growing delay. False once stop() was called."""
         self.exit_code = code
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()  # type: ignore[union-attr]
+        self._fd = -1
+        if time.monotonic() - self._started >= self.RESTART_MAX:
+            self._delay = self.RESTART_DELAY
+        delay, self._delay = self._delay, min(self._delay * 2, self.RESTART_MAX)
         log.error(
             "posstate serve: the server process %d exited with code %s while the bot runs; nothing is served "
-            "now (call serve() again to restart it)",
+            "until a new one starts in %g s",
             self._proc.pid,
             code,
+            delay,
         )
-        self._release()
+        while not self._stopping.wait(delay):
+            try:
+                with self._lock:
+                    if self._stopping.is_set():
+                        return False
+                    self._proc, self._restarting = spawn.spawn(), True
+                self._handshake(self._init_frame())
+                self.restarts += 1
+                self._started = time.monotonic()
+                log.warning("posstate serve: server process %d serves on port %d again", self._proc.pid, self.port)
+                return True
+            except ServeError as exc:
+                self._kill()
+                delay, self._delay = self._delay, min(self._delay * 2, self.RESTART_MAX)
+                log.error("posstate serve: starting the server process again failed (%s); next try in %g s", exc, delay)
+            finally:
+                self._restarting = False
+        return False
 
     # ---------------------------------------------------------------------------------------- stopping
     def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 self._proc.stdin.close()  # type: ignore[union-attr]
@@ -290,6 +327,7 @@ class ChildServer:
         self.source.close()
 
     def _kill(self) -> None:
+        self._fd = -1
         with contextlib.suppress(OSError):
             self._proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -306,10 +344,14 @@ class ChildServer:
             return
         self._stopped = True
         self._stopping.set()
+        with self._lock:
+            if self._restarting:  # a new process mid-start: killing it ends the feeder's handshake at once
+                with contextlib.suppress(OSError):
+                    self._proc.kill()
         if self._feeder is not threading.current_thread():
             self._feeder.join(timeout=STOP_TIMEOUT)
-        if self.exit_code is None:
-            self._release()
+        self._release()
+        if self._proc.poll() is None:
             try:
                 self._proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
