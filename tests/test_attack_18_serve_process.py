@@ -341,3 +341,50 @@ def _bind(sock: Any, port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_frame_the_server_process_cannot_apply_ends_it_for_a_fresh_start(tmp_path: Path) -> None:
+    """issue 18 attack: a frame the server process cannot apply (here a malformed view delta) ends it with an
+    error code and the reason on stderr, so the bot's feeder starts a new one from the whole view (before: it
+    logged, kept serving a view that had silently stopped following the bot's, and every later delta was
+    applied on top of it)."""
+    from posstate.serve import pipe
+    from posstate.serve.view import View
+
+    stats = {"saves": 0, "updates": 0, "compactions": 0, "backups": 0, "recoveries": 0, "last_save": None}
+    init = {
+        "kind": "store",
+        "config": None,
+        "view": View("store", 1, balance=None),
+        "orders": {},
+        "stats": {**stats, "problem": None, "ready": True},
+        "host": "127.0.0.1",
+        "port": 0,
+        "token": None,
+        "options": {},
+        "niceness": 0,
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with (tmp_path / "stderr").open("w+") as err:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "posstate.serve.child"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env
+        )
+        try:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(pipe.encode(init))
+            child.stdin.flush()
+            assert "port" in json.loads(child.stdout.readline())
+            child.stdin.write(pipe.encode({"delta": {"positions": 5}}))
+            child.stdin.flush()
+            try:
+                code = child.wait(30)
+            except subprocess.TimeoutExpired:
+                code = None
+            assert code not in (None, 0), "the server process kept serving a view it could not update"
+        finally:
+            child.kill()
+            child.wait()
+            for f in (child.stdin, child.stdout):
+                if f is not None:
+                    f.close()
+    assert "applying a frame from the bot failed" in (tmp_path / "stderr").read_text()

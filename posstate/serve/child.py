@@ -75,19 +75,24 @@ def _reply(out: IO[bytes], body: dict[str, Any]) -> None:
     out.flush()
 
 
-def _read(stdin: IO[bytes], source: MirrorSource, server: StateServer) -> None:
+def _read(stdin: IO[bytes], source: MirrorSource, server: StateServer) -> int:
+    """Apply frames until the pipe ends (0), or until one cannot be applied (3): the mirror no longer follows
+    the bot's view and later deltas would build on it, so this process ends and the bot's feeder starts a
+    new one from the whole view (every client is sent resync meanwhile)."""
     try:
         while (msg := pipe.read_frame(stdin)) is not None:
             try:
                 source.apply(msg)
-            except Exception:  # one bad frame must not stop the stream (the clients of that poll get resync)
-                log.exception("posstate serve: applying a frame from the bot failed")
+            except Exception:
+                log.exception("posstate serve: applying a frame from the bot failed; exiting for a fresh start")
                 source.fanout.resync_all(source.view().version)
+                return 3
             for seconds in msg.get("fsync", ()):
                 server.observe_fsync(seconds)
             server.wake()
     except (OSError, ValueError, EOFError, pickle.UnpicklingError):  # a broken pipe or a torn frame: the bot's process is gone
         log.warning("posstate serve: the pipe from the bot broke; stopping")
+    return 0
 
 
 def main() -> int:
@@ -129,10 +134,9 @@ def main() -> int:
     _reply(stdout, {"port": server.port})
     os.dup2(2, 1)  # anything printed later goes to stderr, never into the pipe the bot stopped reading
     try:
-        _read(stdin, source, server)  # until the bot's process stops serving or is gone
+        return _read(stdin, source, server)  # until the bot's process stops serving or is gone
     finally:
         server.stop()
-    return 0
 
 
 if __name__ == "__main__":
