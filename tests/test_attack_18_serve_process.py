@@ -388,3 +388,22 @@ def test_a_frame_the_server_process_cannot_apply_ends_it_for_a_fresh_start(tmp_p
                 if f is not None:
                     f.close()
     assert "applying a frame from the bot failed" in (tmp_path / "stderr").read_text()
+
+
+def test_stop_ends_a_stopped_server_process_cleanly() -> None:
+    """issue 18 attack: stop() on a server process stopped by SIGSTOP (a debugger, an operator) continues it so
+    it reads the end of its pipe and exits by itself with 0 (before: the bot's stop() waited STOP_TIMEOUT,
+    10 s, then killed it)."""
+    store = AccountStateStore()
+    store.set_wallet_balance("1")
+    server = store.serve(port=0, poll_interval=0.01)
+    proc = server._proc
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        store.set_wallet_balance("2")
+        server.stop()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -352,6 +353,8 @@ class ChildServer:
             self._feeder.join(timeout=STOP_TIMEOUT)
         self._release()
         if self._proc.poll() is None:
+            with contextlib.suppress(OSError):  # stopped (SIGSTOP): let it read the end of its pipe and exit
+                self._proc.send_signal(signal.SIGCONT)
             try:
                 self._proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
