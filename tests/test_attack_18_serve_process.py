@@ -407,3 +407,34 @@ def test_stop_ends_a_stopped_server_process_cleanly() -> None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0
+
+
+def test_stop_in_a_forked_child_never_closes_a_descriptor_the_child_reused() -> None:
+    """issue 18 attack: a child forked inside ``with store.serve():`` that leaves the block (stop() in the
+    child) does not close whatever now holds the number of the pipe its fork hook closed (before: the hook
+    closed the raw descriptor, and stop() closed the same number again through the pipe's file object)."""
+    import warnings
+
+    store = AccountStateStore()
+    server = store.serve(port=0, poll_interval=0.01)
+    try:
+        number = server._proc.stdin.fileno()  # type: ignore[union-attr]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running (Python 3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child: its own file on that number, then leave the block
+            code = 1
+            try:
+                mine = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(mine, number)
+                server.stop()
+                os.fstat(number)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "stop() in the child closed a descriptor it did not own"
+        store.set_wallet_balance("2")  # the parent's server is untouched
+        assert _until(lambda: server.polls > 0 and server.exit_code is None)
+    finally:
+        server.stop()

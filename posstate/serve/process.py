@@ -89,10 +89,12 @@ def _close_in_child(ref: weakref.ref[ChildServer]) -> None:
     """In a process forked from the bot: close its copy of the pipe, else the server process would never see
     the end of its stdin when the bot dies."""
     server = ref()
-    if server is not None and server._fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(server._fd)
+    if server is not None:
         server._fd = -1
+        # through its file object, which then knows it is closed (closing the number alone left the object
+        # to close it again later, by then another file of the child's); also mid-restart, before _fd is set
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            server._proc.stdin.close()  # type: ignore[union-attr]
 
 
 class ChildServer:
