@@ -438,3 +438,24 @@ def test_stop_in_a_forked_child_never_closes_a_descriptor_the_child_reused() -> 
         assert _until(lambda: server.polls > 0 and server.exit_code is None)
     finally:
         server.stop()
+
+
+def test_a_module_planted_in_the_bots_working_directory_is_never_imported_by_the_server_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 18 attack: ``python -m`` puts the working directory first on sys.path; a bot whose working
+    directory others can write (its state directory, say) must not run their ``json.py`` or ``uvicorn.py`` in
+    the server process (before: the server process imported them, as the bot's user)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    marker = tmp_path / "ran"
+    for name in ("json", "uvicorn", "starlette", "posstate"):
+        (cwd / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write({name!r} + '\\n')\nraise ImportError('planted')\n")
+    monkeypatch.chdir(cwd)
+    store = AccountStateStore()
+    store.set_wallet_balance("1")
+    with store.serve(port=0) as server:
+        import httpx
+
+        assert httpx.get(server.url + "/api/account/snapshot").json()["balances"]["wallet"] == "1"
+    assert not marker.exists(), marker.read_text()

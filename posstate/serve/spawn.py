@@ -26,10 +26,20 @@ SECRET_ENV = ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE")
 #: The longest answer line read from the server process (its port, or why it could not bind).
 MAX_REPLY = 64 * 1024
 _FALLBACK = "serve in process with process=False"
+#: ``python -m posstate.serve.child`` without the working directory on sys.path: ``-m`` (and ``-c``) put it
+#: first, and a ``json.py`` or ``uvicorn.py`` someone else wrote in the bot's working directory (its state
+#: directory, say) would run in the server process. (The working directory itself stays the bot's: a
+#: StateConfig may hold relative paths.)
+COMMAND = (
+    "import sys\n"
+    "if sys.path and sys.path[0] == '': del sys.path[0]\n"
+    "from posstate.serve.child import main\n"
+    "sys.exit(main())\n"
+)
 
 
 def spawn() -> subprocess.Popen[bytes]:
-    """``python -m posstate.serve.child`` in a new session (a Ctrl-C meant for the bot's terminal does not stop
+    """``python -m posstate.serve.child`` (:data:`COMMAND`) in a new session (a Ctrl-C meant for the bot's terminal does not stop
     it), with no descriptor of the bot's but its pipes, and without the key variables."""
     if getattr(sys, "frozen", False) or not sys.executable:
         # PyInstaller and the like: sys.executable is the bot itself, and `-m` would start a second bot
@@ -43,7 +53,7 @@ def spawn() -> subprocess.Popen[bytes]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "posstate.serve.child"],
+            [sys.executable, "-c", COMMAND],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
