@@ -31,10 +31,7 @@ _FALLBACK = "serve in process with process=False"
 #: directory, say) would run in the server process. (The working directory itself stays the bot's: a
 #: StateConfig may hold relative paths.)
 COMMAND = (
-    "import sys\n"
-    "if sys.path and sys.path[0] == '': del sys.path[0]\n"
-    "from posstate.serve.child import main\n"
-    "sys.exit(main())\n"
+    "import sys\nif sys.path and sys.path[0] == '': del sys.path[0]\nfrom posstate.serve.child import main\nsys.exit(main())\n"
 )
 
 
