@@ -459,3 +459,16 @@ def test_a_module_planted_in_the_bots_working_directory_is_never_imported_by_the
 
         assert httpx.get(server.url + "/api/account/snapshot").json()["balances"]["wallet"] == "1"
     assert not marker.exists(), marker.read_text()
+
+
+def test_an_installed_posstate_does_not_put_site_packages_before_the_standard_library() -> None:
+    """issue 18 attack: when posstate runs from a site-packages folder (installed), the server process's
+    PYTHONPATH does not get that folder first (it would come before the standard library there, and a stray
+    ``pathlib.py`` from PyPI would replace the standard one); from a checkout it does (the bot's code)."""
+    from posstate.serve import spawn
+
+    site_dir = "/venv/lib/python3/site-packages"
+    env = spawn.child_env({"PYTHONPATH": "/mine", "POSSTATE_KEY": "k", "HOME": "/h"}, site_dir, [site_dir])
+    assert env == {"PYTHONPATH": "/mine", "HOME": "/h"}
+    env = spawn.child_env({"PYTHONPATH": "/mine"}, "/src/checkout", [site_dir])
+    assert env["PYTHONPATH"] == os.pathsep.join(["/src/checkout", "/mine"])

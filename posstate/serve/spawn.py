@@ -10,10 +10,11 @@ import json
 import os
 import select
 import signal
+import site
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ COMMAND = (
 
 
 def spawn() -> subprocess.Popen[bytes]:
-    """``python -m posstate.serve.child`` (:data:`COMMAND`) in a new session (a Ctrl-C meant for the bot's terminal does not stop
-    it), with no descriptor of the bot's but its pipes, and without the key variables."""
+    """``python -m posstate.serve.child`` (:data:`COMMAND`) in a new session (a Ctrl-C meant for the bot's
+    terminal does not stop it), with no descriptor of the bot's but its pipes, and without the key variables."""
     if getattr(sys, "frozen", False) or not sys.executable:
         # PyInstaller and the like: sys.executable is the bot itself, and `-m` would start a second bot
         raise ServeError(
@@ -45,9 +46,7 @@ def spawn() -> subprocess.Popen[bytes]:
             "its executable is the program itself)",
             next_step=_FALLBACK,
         )
-    root = str(Path(__file__).resolve().parents[2])
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = child_env(os.environ, str(Path(__file__).resolve().parents[2]), _site_dirs())
     try:
         return subprocess.Popen(
             [sys.executable, "-c", COMMAND],
@@ -59,6 +58,25 @@ def spawn() -> subprocess.Popen[bytes]:
         )
     except OSError as exc:
         raise ServeError(f"cannot start the server process ({exc.strerror or exc})", next_step=_FALLBACK) from None
+
+
+def child_env(environ: Mapping[str, str], root: str, site_dirs: Collection[str]) -> dict[str, str]:
+    """The server process's environment: *environ* without the key variables, and the folder holding this
+    ``posstate`` (*root*) first on PYTHONPATH, so it runs the bot's code, unless *root* is a site-packages
+    folder, on the path already: first on PYTHONPATH it would come before the standard library, and a stray
+    ``pathlib.py`` or ``enum.py`` installed there from PyPI would replace the standard one in the server
+    process only."""
+    env = {k: v for k, v in environ.items() if k not in SECRET_ENV}
+    if os.path.normcase(os.path.realpath(root)) not in {os.path.normcase(os.path.realpath(d)) for d in site_dirs}:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _site_dirs() -> list[str]:
+    dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    with contextlib.suppress(Exception):
+        dirs.append(site.getusersitepackages())
+    return dirs
 
 
 @contextlib.contextmanager
