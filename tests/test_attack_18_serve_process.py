@@ -472,3 +472,26 @@ def test_an_installed_posstate_does_not_put_site_packages_before_the_standard_li
     assert env == {"PYTHONPATH": "/mine", "HOME": "/h"}
     env = spawn.child_env({"PYTHONPATH": "/mine"}, "/src/checkout", [site_dir])
     assert env["PYTHONPATH"] == os.pathsep.join(["/src/checkout", "/mine"])
+
+
+def test_stop_during_a_restart_ends_the_process_being_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18 attack: stop() while the feeder waits for a new server process that never answers kills that
+    process, so the feeder ends at once (not after START_TIMEOUT) and nothing is left running."""
+    from posstate.serve.process import ChildServer
+
+    monkeypatch.setattr(ChildServer, "RESTART_DELAY", 0.01)
+    store = AccountStateStore()
+    server = store.serve(port=0, poll_interval=0.01)
+    exe, pid_file = _fake_python(tmp_path, "exec sleep 120")
+    try:
+        monkeypatch.setattr(sys, "executable", str(exe))  # the next start never answers
+        os.kill(server.pid, signal.SIGKILL)
+        assert _until(lambda: pid_file.exists() and server._restarting)
+        server.stop()
+        assert not server._feeder.is_alive()
+        assert _until(lambda: _gone(int(pid_file.read_text())))
+        assert server.restarts == 0
+    finally:
+        server.stop()
+        if pid_file.exists() and not _gone(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

@@ -311,6 +311,8 @@ class ChildServer:
                 return True
             except ServeError as exc:
                 self._kill()
+                if self._stopping.is_set():  # stop() killed it mid-start
+                    return False
                 delay, self._delay = self._delay, min(self._delay * 2, self.RESTART_MAX)
                 log.error("posstate serve: starting the server process again failed (%s); next try in %g s", exc, delay)
             finally:
