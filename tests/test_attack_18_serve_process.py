@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from posstate import AccountStateStore
-from tests.serve_support import read_until, require, run, ws_url
+from posstate import AccountStateStore, PositionStateManager
+from tests.serve_support import pos, read_until, require, run, ws_url
 
 require("starlette", "uvicorn", "prometheus_client", "httpx", "websockets")
 
@@ -111,7 +111,7 @@ def test_a_server_process_that_answers_garbage_or_nothing_is_a_serve_error_not_a
 _SIGPIPE_BOT = """
 import signal, sys
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a bot piped into `head` may do
-from posstate import AccountStateStore
+from posstate import AccountStateStore, PositionStateManager
 from posstate.core.errors import ServeError
 sys.executable = sys.argv[1]
 store = AccountStateStore()
@@ -138,7 +138,7 @@ time.sleep(120)
 _SIGPIPE_FEEDER_BOT = """
 import signal, sys, threading
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-from posstate import AccountStateStore
+from posstate import AccountStateStore, PositionStateManager
 sys.executable = sys.argv[1]
 store = AccountStateStore()
 server = store.serve(port=0, poll_interval=0.01)
@@ -495,3 +495,25 @@ def test_stop_during_a_restart_ends_the_process_being_started(tmp_path: Path, mo
         server.stop()
         if pid_file.exists() and not _gone(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_value_replaced_by_an_equal_one_of_another_type_reaches_the_server_process(manager: Any) -> None:
+    """issue 18 attack: metadata changed from 1 to true (or 1 to 1.0: equal in Python, not in JSON) is in the
+    server process's snapshot as in the in-process server's (before: the view's delta compared with ==, left
+    the entry out, and the server process served 1 for ever)."""
+    import httpx
+
+    m: PositionStateManager = manager()
+    m.load_positions()
+    m.set_symbol_metadata("A/USDT", {"flag": 1, "n": 1})
+    with m.serve(port=0, poll_interval=0.01) as server, m.serve(port=0, poll_interval=0.01, process=False) as threads:
+        m.set_symbol_metadata("A/USDT", {"flag": True, "n": 1.0})
+
+        def data(s: Any) -> Any:
+            return httpx.get(s.url + "/api/account/snapshot").json()["symbol_metadata"]["A/USDT"]["data"]
+
+        assert _until(lambda: data(threads) == {"flag": True, "n": 1.0} and type(data(threads)["flag"]) is bool)
+        m.set_position(pos("B/USDT", 1))  # a later change, so the server process has surely had the frame
+        assert _until(lambda: "B/USDT|long" in httpx.get(server.url + "/api/positions").json()["positions"])
+        got = data(server)
+        assert got == {"flag": True, "n": 1.0} and type(got["flag"]) is bool and type(got["n"]) is float
