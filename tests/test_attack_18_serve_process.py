@@ -517,3 +517,25 @@ def test_a_value_replaced_by_an_equal_one_of_another_type_reaches_the_server_pro
         assert _until(lambda: "B/USDT|long" in httpx.get(server.url + "/api/positions").json()["positions"])
         got = data(server)
         assert got == {"flag": True, "n": 1.0} and type(got["flag"]) is bool and type(got["n"]) is float
+
+
+@pytest.mark.parametrize("process", [pytest.param(True, id="process"), pytest.param(False, id="threads")])
+def test_the_stream_sends_a_value_replaced_by_an_equal_one_of_another_type(manager: Any, process: bool) -> None:
+    """issue 18 attack: metadata changed from 1 to true is a ``metadata.update`` on the stream, in both modes
+    (before: the source compared entries with ==, 1 == True, and stream clients never heard of it while a
+    new snapshot showed true)."""
+    m: PositionStateManager = manager()
+    m.load_positions()
+    m.set_symbol_metadata("A/USDT", {"flag": 1})
+    with m.serve(port=0, poll_interval=0.01, process=process) as server:
+
+        async def watch() -> list[dict[str, Any]]:
+            async with connect(ws_url(server)) as ws:
+                assert json.loads(await ws.recv())["topic"] == "snapshot"
+                m.set_symbol_metadata("A/USDT", {"flag": True})
+                m.set_position(pos("B/USDT", 1))  # a later change: its update ends the wait either way
+                return await read_until(ws, lambda g: any(x["topic"] == "position.update" for x in g))
+
+        got = run(watch())
+    updates = [x for x in got if x["topic"] == "metadata.update"]
+    assert len(updates) == 1 and updates[0]["data"] == {"flag": True}, got

@@ -19,11 +19,10 @@ import io
 import pickle
 import struct
 from collections.abc import Mapping
-from decimal import Decimal
 from types import MappingProxyType
 from typing import IO, Any
 
-from posstate.serve.view import View
+from posstate.serve.view import View, same
 
 HEADER = struct.Struct(">I")
 #: The largest frame the server process accepts (a state of a few hundred thousand entries).
@@ -83,7 +82,7 @@ def view_delta(old: View, new: View) -> dict[str, Any]:
     mapping (``(None, None)``: the mapping itself became or stopped being None, given whole under ``name!``)."""
     out: dict[str, Any] = {}
     for name in _SCALARS:
-        if getattr(old, name) != getattr(new, name):
+        if not same(getattr(old, name), getattr(new, name)):
             out[name] = getattr(new, name)
     for name in _MAPS:
         a: Mapping[Any, Any] | None = getattr(old, name)
@@ -102,25 +101,6 @@ def view_delta(old: View, new: View) -> dict[str, Any]:
 
 
 _MISSING = object()
-
-
-def same(a: Any, b: Any) -> bool:
-    """*a* and *b* would be served alike: ``==`` and also of the same types, all the way down (``1 == True ==
-    1.0`` and ``Decimal("1.0") == Decimal("1.00")``, but each is shown differently in JSON). Called only for
-    entries that are not the same object (the bot's copies share every unchanged one)."""
-    if a is b:
-        return True
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, (dict, MappingProxyType)):
-        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, (float, Decimal)):
-        return repr(a) == repr(b)  # -0.0 and 0.0, "1.0" and "1.00" differ; NaN is NaN
-    if dataclasses.is_dataclass(a) and not isinstance(a, type):
-        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
-    return bool(a == b)
 
 
 def apply_delta(view: View, delta: Mapping[str, Any]) -> View:

@@ -8,10 +8,12 @@ give the same messages.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any, Literal
 
 from posstate.account.types import EMPTY, AccountUpdate, Order
@@ -80,9 +82,9 @@ def changes(old: View, new: View) -> Iterator[tuple[str, Any, Any]]:
     yield from _map_changes("metadata", old.metadata, new.metadata)
     yield from _map_changes("order", old.orders, new.orders)
     yield from _map_changes("leverage", old.leverage, new.leverage)
-    if old.balance != new.balance:
+    if not same(old.balance, new.balance):
         yield ("balance", "balance", new.balance)
-    if old.previous_balance != new.previous_balance:
+    if not same(old.previous_balance, new.previous_balance):
         yield ("balance", "previous_balance", new.previous_balance)
 
 
@@ -92,9 +94,31 @@ def _map_changes(kind: str, a: Mapping[Any, Any], b: Mapping[Any, Any]) -> Itera
     for k in a.keys() - b.keys():
         yield (kind, k, None)
     for k, v in b.items():
-        old = a.get(k)
-        if old is not v and old != v:
+        old = a.get(k, _MISSING)
+        if old is not v and not same(old, v):
             yield (kind, k, v)
+
+
+_MISSING = object()
+
+
+def same(a: Any, b: Any) -> bool:
+    """*a* and *b* would be served alike: ``==`` and also of the same types, all the way down (``1 == True ==
+    1.0`` and ``Decimal("1.0") == Decimal("1.00")``, but each is shown differently in JSON). Called only for
+    entries that are not the same object (the bot's copies share every unchanged one)."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (dict, MappingProxyType)):
+        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (float, Decimal)):
+        return repr(a) == repr(b)  # -0.0 and 0.0, "1.0" and "1.00" differ; NaN is NaN
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    return bool(a == b)
 
 
 # ------------------------------------------------------------------------------------------ stream topics
