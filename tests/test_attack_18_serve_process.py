@@ -539,3 +539,31 @@ def test_the_stream_sends_a_value_replaced_by_an_equal_one_of_another_type(manag
         got = run(watch())
     updates = [x for x in got if x["topic"] == "metadata.update"]
     assert len(updates) == 1 and updates[0]["data"] == {"flag": True}, got
+
+
+def test_a_frame_larger_than_the_pipe_is_never_copied_again_at_each_poll(monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 18 attack: the rest of a frame the pipe took in part is written from a view of that frame, not
+    a new copy of it at every poll (before: bytes slicing copied the rest each poll, in the bot's process and
+    under its interpreter lock: about 50 ms per poll for a 100 MB frame)."""
+    from posstate.serve.process import ChildServer
+
+    written: list[type] = []
+    real = ChildServer._write
+
+    def recording(self: ChildServer, data: Any) -> int:
+        written.append(type(data))
+        return real(self, data)
+
+    store = AccountStateStore()
+    with store.serve(port=0, poll_interval=0.01) as server:
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            monkeypatch.setattr(ChildServer, "_write", recording)
+            store.set_symbol_metadata("BIG", {"blob": "x" * (3 * 1024 * 1024)})  # one frame > the pipe
+            assert _until(lambda: server.backlog > 0)
+            polls = server.polls
+            assert _until(lambda: server.polls >= polls + 2)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert _until(lambda: server.backlog == 0)
+    assert len(written) >= 3 and all(t is memoryview for t in written[1:]), written

@@ -145,7 +145,9 @@ class ChildServer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # the current process, between the feeder's restart and stop()
         self._stopped = self._released = self._restarting = False
-        self._pending = b""
+        #: The rest of a frame the pipe took in part: a view of it (slicing bytes would copy the rest of a
+        #: frame of any size at every poll, under the bot's interpreter lock).
+        self._pending = memoryview(b"")
         self._behind = False
         self._fd = -1
         self._delay = self.RESTART_DELAY
@@ -177,7 +179,7 @@ class ChildServer:
         """The first frame of a server process: what it serves (the whole view now) and how."""
         self._tap.take()
         self._sent, self._sent_stats = self.source.view(), self._stats()
-        self._pending, self._behind = b"", False
+        self._pending, self._behind = memoryview(b""), False
         source = self.source
         init = {"kind": source.kind, "config": source.config, "view": self._sent, "orders": dict(self._sent.orders)}
         return pipe.encode({**init, "stats": self._sent_stats, **self._launch, "niceness": self.NICENESS})
@@ -273,9 +275,9 @@ class ChildServer:
             return
         frame = self._frame()
         if frame is not None:
-            self._pending = frame[self._write(frame) :]
+            self._pending = memoryview(frame)[self._write(frame) :]
 
-    def _write(self, data: bytes) -> int:
+    def _write(self, data: bytes | memoryview) -> int:
         try:
             return os.write(self._fd, data)
         except BlockingIOError:
