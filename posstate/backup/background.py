@@ -191,9 +191,18 @@ class BackupService:
         return self._close_deadline
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no background backup runs or is asked for; False if *timeout* passed first."""
+        """Wait until no background backup runs, is asked for or waits for a compaction; False on *timeout*."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._busy and not self._wanted, timeout)
+            return self._cond.wait_for(lambda: not self._busy and not self._wanted and not self._awaiting(), timeout)
+
+    def _awaiting(self) -> bool:  # a timed backup waits for its compaction (not for a retry after a failure)
+        return self.awaited is not None and not self._closing and self.clock() >= self._retry_at
+
+    def forget_awaited(self) -> None:
+        """An explicit backup was taken (folder lock held): no timed backup waits for a compaction any more."""
+        with self._cond:
+            self.awaited = None
+            self._cond.notify_all()
 
     @property
     def running(self) -> bool:
@@ -243,8 +252,7 @@ class BackupService:
 
     def timer_wait(self) -> float | None:
         """Seconds until the timer looks for acknowledged changes to back up (None: no timer). Once a backup
-        is due it looks every eighth of the interval, so a change is backed up at most ``backup_interval`` * 9/8
-        after the newest backup (or soon after the change itself, when that comes later)."""
+        is due it looks every eighth of the interval (and asks for a compaction, whose snapshot is the backup)."""
         interval = self._files.config.backup_interval
         if self._closing or interval <= 0 or self._files.config.durability == "snapshot":
             return None
@@ -256,8 +264,7 @@ class BackupService:
         return min(max(max(due_at, self._timer_at, self._retry_at) - now, 0.001), _MAX_TIMER_WAIT)
 
     def poll_in(self, seconds: float) -> None:
-        """The timer looks again in *seconds* (a refused rotation, issue 14.2), not an eighth of the interval."""
-        self._timer_at = min(self._timer_at, self.clock() + seconds)
+        self._timer_at = min(self._timer_at, self.clock() + seconds)  # a refused rotation: sooner than interval/8
 
     def timer_fired(self) -> None:
         """Under the condition: the timer ran out; ask for a backup when one is due and memory is ahead."""
@@ -324,12 +331,8 @@ class BackupService:
             if not self._due():  # an explicit backup may have been taken meanwhile
                 self.awaited = None
                 return
-            if self._journaled():  # memory holds acknowledged changes the snapshot lacks: a compaction's snapshot
-                step = _via.decide(self)
-                if step == "memory":  # compactions keep failing or are refused: the fallback
-                    self._from_memory("backup")
-                if step != "copy":
-                    return
+            if self._journaled() and not _via.ready(self):  # memory is ahead: wait for a compaction's snapshot
+                return
             try:
                 info = _snapcopy.copy_state_file(
                     cfg.state_path,
@@ -342,8 +345,7 @@ class BackupService:
                     cancelled=lambda: self._cancelled,
                     known=files.wrote,
                 )
-            except _snapcopy.Newer as newer:
-                # A save renamed a newer snapshot but has not returned: its own after_save asks again.
+            except _snapcopy.Newer as newer:  # a save renamed a newer snapshot, not returned yet: it asks again
                 log.debug("background backup skipped: generation %s is not durable yet", newer)
                 return
             except _snapcopy.Cancelled:
@@ -353,11 +355,9 @@ class BackupService:
                 return
             self._took(info, extra={})
 
-    def _failed(self, exc: BaseException, operation: str) -> None:
-        self.report(str(exc), operation)
-
-    def report(self, reason: str, operation: str) -> None:
+    def _failed(self, exc: BaseException | str, operation: str) -> None:
         """A failed background backup: ``backupFailed``, a warning, and a retry after ``backup_interval``."""
+        reason = str(exc)
         self.failed += 1
         cfg = self._files.config
         self._retry_at = self.clock() + cfg.backup_interval

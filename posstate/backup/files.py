@@ -35,13 +35,15 @@ class CompactionAsk:
     ``state``: ``"started"`` (a rotation began a background compaction now), ``"pending"`` (one was already
     pending or finishing: none started), ``"refused"`` (no rotation possible now; *reason* says why: ask
     again). ``generation``: the generation its snapshot will have (None: unknown, a finished one's after-save
-    hook is running). ``attempts``/``error``: its failed attempts so far and the last failure."""
+    hook is running). ``attempts``/``error``: its failed attempts so far and the last failure. ``again``
+    (refused): asking again at once may succeed (group mode: a writer appended while the journal synced)."""
 
     state: Literal["started", "pending", "refused"]
     generation: int | None = None
     attempts: int = 0
     error: str | None = None
     reason: str | None = None
+    again: bool = False
 
 
 class StateFiles(Protocol):

@@ -63,6 +63,15 @@ class Awaited:
     refused: int = 0  # refused rotations in a row
 
 
+def ready(svc: BackupService) -> bool:
+    """True: copy the durable snapshot now. False: the backup waits for a compaction, or memory was backed up
+    instead (the fallback; when nothing could be taken, e.g. a transaction is open, it is decided anew later)."""
+    step = decide(svc)
+    if step == "memory" and svc._from_memory("backup") is None:
+        svc.awaited = None
+    return step == "copy"
+
+
 def decide(svc: BackupService) -> Step:
     """On the backup thread, under the backup folder's lock, with a timed backup due and memory ahead of the
     durable snapshot: ``"copy"`` the durable snapshot now, ``"wait"`` for the compaction asked for (its
@@ -92,7 +101,7 @@ def decide(svc: BackupService) -> Step:
         reason = (
             f"the compaction this timed backup waits for failed (attempt {ask.attempts}, retried by the manager): {ask.error}"
         )
-        svc.report(reason, "compaction")
+        svc._failed(reason, "compaction")
         if ask.attempts >= FALLBACK_AFTER:
             return "memory"
     return "wait"
@@ -101,7 +110,7 @@ def decide(svc: BackupService) -> Step:
 def _ask(svc: BackupService) -> CompactionAsk:
     ask = svc._files.request_compaction()
     for _ in range(_QUICK_TRIES - 1):
-        if ask.state != "refused":
+        if not ask.again:  # a busy manager (a transaction may hold it and want the backup folder): not now
             break
         ask = svc._files.request_compaction()
     return ask

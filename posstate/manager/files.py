@@ -169,7 +169,7 @@ class ManagerFiles:
             m._rotate_journal()
             job = m._bg_job
             if job is None:
-                return CompactionAsk("refused", reason="the journal cannot rotate now (records wait for their sync)")
+                return CompactionAsk("refused", reason="the journal cannot rotate now (records wait for their sync)", again=True)
             return CompactionAsk("started", generation=job.generation)
         finally:
             m._lock.release()
