@@ -350,3 +350,69 @@ def test_close_while_the_asked_compaction_is_pending_takes_the_close_backup(
     assert sorted(os.listdir(cfg.backup_path)) == after_close
     with PositionStateManager(cfg, key=KEY) as again:
         assert again.load_positions() == want
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL
+
+_CHILD = """
+import sys
+from decimal import Decimal
+from posstate import Position, PositionStateManager, StateConfig
+from posstate.backup import background as _background
+from posstate.selftest.harness import Fault, HarnessOps, MUTATING_AND_READS
+from posstate.storage import fileops as fs
+
+d, at, when = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = StateConfig.in_dir(d, backup_interval=1e9, durability="sync", journal_max_records=1_000_000)
+m = PositionStateManager(cfg, key=bytes(range(32)))
+m.load_positions()
+for i in range(3):  # acknowledged (journal only) before the timed backup begins
+    m.set_position(Position(symbol=f"S{i:05d}", side="long", contracts=Decimal(50 + i), entry_price=Decimal("10.5")))
+fault = None if at == 0 else Fault(at=at, action="crash_" + when, ops=MUTATING_AND_READS)
+ops = HarnessOps(fault=fault, ignore_threads=frozenset())
+with fs.use(ops):
+    m._files.last_backup_at = float("-inf")
+    assert _background.service(m._files).request()
+    assert m.wait_for_backups(60)  # the compaction it asks for, then the copy of its snapshot
+print(sum(1 for op in ops.ops if op.name in MUTATING_AND_READS), flush=True)
+"""
+
+
+def test_sigkill_at_every_operation_of_a_timed_backup_through_a_compaction(tmp_path: Path) -> None:
+    """issue 14.2: a child killed (SIGKILL) before and after each operation of a journal-mode timed backup (the
+    compaction it asks for, then the copy of its snapshot) loads every acknowledged change, lists no backup
+    that does not validate fully, and the next backup sweeps a killed one's temp."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from posstate.selftest.harness import copy_tree
+
+    root = Path(__file__).resolve().parents[1]
+    seed = tmp_path / "seed"
+    with PositionStateManager(StateConfig.in_dir(seed, durability="sync", backup_interval=1e9), key=KEY) as m:
+        m.save_positions([pos(i) for i in range(20)])
+        m.create_backup()
+    env = dict(os.environ, PYTHONPATH=str(root))
+    probe = tmp_path / "probe"
+    copy_tree(seed, probe)
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(probe), "0", "before"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    total = int(out.stdout.strip())
+    assert total > 10
+    assert len(os.listdir(probe / "backups")) == 2  # the child's own copy was taken
+    for k in range(1, total + 1):
+        for when in ("before", "after"):
+            d = tmp_path / f"k{k}{when}"
+            copy_tree(seed, d)
+            run = subprocess.run([sys.executable, "-c", _CHILD, str(d), str(k), when], env=env, capture_output=True)
+            assert run.returncode == -signal.SIGKILL, (k, when, run.stderr)
+            with PositionStateManager(StateConfig.in_dir(d, durability="sync", backup_interval=1e9), key=KEY) as m:
+                got = m.load_positions()
+                assert [int(got[pos(i).key].contracts) for i in range(3)] == [50, 51, 52], (k, when)
+                listed = m.list_backups()
+                assert len(listed) in (1, 2) and all(b.valid and m.validate_backup(b.id).valid for b in listed), (k, when)
+                m.create_backup()  # the next backup sweeps a killed one's temp
+            assert not [n for n in os.listdir(d / "backups") if n.startswith(".")], (k, when)
+            shutil.rmtree(d)
