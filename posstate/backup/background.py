@@ -97,8 +97,9 @@ class BackupService:
         #: Generation of the newest backup this service took (memory or snapshot): the timer's "nothing new".
         self.backed_generation = 0
         self._timer_at = float("-inf")
-        #: A due timed backup waiting for a compaction's snapshot (journal modes, issue 14.2; backup thread only).
+        #: A due timed backup waiting for a compaction's snapshot, and when the newest durable one was noted (14.2).
         self.awaited: _via.Awaited | None = None
+        self.noted_at = float("-inf")
         #: Backups taken and failed in the background (for tests and the benchmark).
         self.taken = 0
         self.failed = 0
@@ -106,9 +107,7 @@ class BackupService:
 
     def _orphan(self) -> None:
         """In a forked child (see :func:`_after_fork_in_child`)."""
-        self.folder_lock = threading.RLock()
-        self._cond = threading.Condition()
-        self._gate = threading.Lock()
+        self.folder_lock, self._cond, self._gate = threading.RLock(), threading.Condition(), threading.Lock()
         self._thread = None
         self._busy = self._wanted = False
         self._closing = True
@@ -116,7 +115,7 @@ class BackupService:
     def note_snapshot(self, generation: int) -> None:
         """A snapshot of *generation* is durable (the state file holds it or a newer one)."""
         if generation > self._durable_generation:
-            self._durable_generation = generation
+            self._durable_generation, self.noted_at = generation, self.clock()
 
     def request(self) -> bool:
         """Ask for a timed backup; returns at once. False when closing or waiting to retry after a failure."""
@@ -195,7 +194,7 @@ class BackupService:
         with self._cond:
             return self._cond.wait_for(lambda: not self._busy and not self._wanted and not self._awaiting(), timeout)
 
-    def _awaiting(self) -> bool:  # a timed backup waits for its compaction (not for a retry after a failure)
+    def _awaiting(self) -> bool:  # waits for its compaction (not for a retry after a failure)
         return self.awaited is not None and not self._closing and self.clock() >= self._retry_at
 
     def forget_awaited(self) -> None:

@@ -12,8 +12,9 @@ bytes this process encoded needs no decrypt). So a timed backup costs at most on
 journal needs anyway, plus a file copy and a keyless read-back; it holds the state as of that compaction's
 rotation (docs/RECOVERY.md, "Backups", says how stale that can be).
 
-Any snapshot made durable after the backup fell due will do (a compaction already pending, a save, the next
-threshold's). Failure paths:
+Any snapshot made durable after the backup fell due will do (one noted since ``last_backup_at +
+backup_interval``: a threshold's compaction whose after-save hook found the backup due, a save; or one pending
+when the backup is asked for). Failure paths:
 
 * the journal refuses the rotation (group mode: records still wait for their sync, which the manager's side
   syncs first; a failed journal that the next change compacts on its own): asked again at once a few times,
@@ -79,6 +80,10 @@ def decide(svc: BackupService) -> Step:
     durable = svc._durable_generation
     awaited = svc.awaited
     if awaited is None:
+        last = svc._files.last_backup_at
+        fresh = last is not None and svc.noted_at >= last + svc._files.config.backup_interval
+        if fresh and durable > svc.backed_generation:
+            return "copy"  # made durable after the backup fell due (a threshold's compaction, a save): it will do
         awaited = svc.awaited = Awaited(min_generation=durable + 1)
     elif durable >= awaited.min_generation:
         return "copy"
