@@ -263,7 +263,7 @@ class BackupService:
         return min(max(max(due_at, self._timer_at, self._retry_at) - now, 0.001), _MAX_TIMER_WAIT)
 
     def poll_in(self, seconds: float) -> None:
-        self._timer_at = min(self._timer_at, self.clock() + seconds)  # a refused rotation: sooner than interval/8
+        self._timer_at = self.clock() + seconds  # a refused rotation: sooner than interval/8, never a busy loop
 
     def timer_fired(self) -> None:
         """Under the condition: the timer ran out; ask for a backup when one is due and memory is ahead."""
