@@ -46,8 +46,8 @@ log = logging.getLogger("posstate")
 
 #: Failed attempts of the compaction a timed backup waits for before memory is backed up instead.
 FALLBACK_AFTER = 3
-#: Refused rotations in a row (each after a few quick tries) before memory is backed up instead.
-REFUSED_LIMIT = 8
+#: Refused asks in a row (each a few quick tries, RETRY_REFUSED apart: about 2 s) before memory is backed up instead.
+REFUSED_LIMIT = 40
 #: At most this long (seconds) before asking again after a refused rotation.
 RETRY_REFUSED = 0.05
 _QUICK_TRIES = 3
