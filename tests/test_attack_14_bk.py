@@ -8,7 +8,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from posstate import Position, PositionStateManager, StateConfig
+from posstate.backup import acked as _acked
+from posstate.backup import background as _background
+from posstate.backup import viacompaction as _via
+from posstate.manager import files as _mfiles
+from posstate.manager.files import ManagerFiles
 from posstate.storage import fileops as fs
 
 KEY = bytes(range(32))
@@ -40,8 +47,9 @@ class SlowSync(fs.FileOps):
 class Writers:
     """Threads calling set_position until stopped (each writes its own keys)."""
 
-    def __init__(self, m: PositionStateManager, n: int) -> None:
+    def __init__(self, m: PositionStateManager, n: int, limit: int = 2_000) -> None:
         self.stop = threading.Event()
+        self.limit = limit
         self.count = 0
         self._m = m
         self.threads = [threading.Thread(target=self._run, args=(t,)) for t in range(n)]
@@ -49,7 +57,7 @@ class Writers:
 
     def _run(self, t: int) -> None:
         c = 2
-        while not self.stop.is_set() and c < 2_000:
+        while not self.stop.is_set() and c < self.limit:
             self._m.set_position(pos(t, c))
             c += 1
             self.count += 1
@@ -95,3 +103,118 @@ def test_drain_returns_while_group_writers_keep_writing(tmp_path: Path) -> None:
         th.join(60)
     finally:
         m.close()
+
+
+class Events:
+    """backupCreated / backupFailed events, waited for with a condition."""
+
+    def __init__(self, m: PositionStateManager) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        m.on("backupCreated", self._add)
+        m.on("backupFailed", self._add)
+
+    def _add(self, e: dict[str, Any]) -> None:
+        with self._cond:
+            self.seen.append(e)
+            self._cond.notify_all()
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self.seen), timeout)
+
+
+def _due_now(m: PositionStateManager) -> None:
+    """A timed backup falls due now and the backup thread's timer looks at once (backup_interval passed)."""
+    svc = _background.service(m._files)
+    with svc._cond:
+        m._files.last_backup_at = float("-inf")
+        svc._timer_at = float("-inf")
+        svc._cond.notify_all()
+
+
+def _memory_backups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The threads that took a backup of memory (the fallback; the close backup runs on close()'s thread)."""
+    threads: list[str] = []
+    real = _acked.from_memory
+
+    def from_memory(*a: Any, **kw: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_acked, "from_memory", from_memory)
+    return threads
+
+
+def test_busy_group_writers_rotate_for_a_timed_backup_instead_of_the_memory_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2 attack: with group writers always busy, the backup thread's own rotation finds records waiting
+    for their sync at every ask (82 refusals in a row measured with 4 writers and a 5 ms fdatasync); the ask now
+    leaves the rotation to the writers' next change (O(1), under the lock they hold anyway), so the backup is the
+    copy of a compaction's snapshot and the O(state) backup of memory never runs in normal operation."""
+    monkeypatch.setattr(_via, "REFUSED_LIMIT", 5)
+    m, _cfg = _open(tmp_path, "group", backup_interval=60.0)
+    memory = _memory_backups(monkeypatch)
+    real_rotate = m._journal.rotate
+
+    def rotate(generation: int) -> Any:
+        if threading.current_thread().name == "posstate-backup":
+            return None  # records of a writer always wait for their sync when the backup thread asks
+        return real_rotate(generation)
+
+    monkeypatch.setattr(m._journal, "rotate", rotate)
+    events = Events(m)
+    try:
+        with Writers(m, 2, limit=10**9):
+            _due_now(m)
+            assert events.wait(), "no timed backup while the writers ran"
+        assert m.wait_for_backups(30)
+    finally:
+        m.close()
+    first = events.seen[0]
+    assert first["event"] == "backupCreated" and first.get("background") and "acknowledged" not in first, events.seen
+    assert "posstate-backup" not in memory
+
+
+def test_a_bot_holding_the_manager_lock_never_waits_for_the_backup_threads_ask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2 attack: the timed backup's ask ran under the backup folder's lock and waited (up to 2 s) for the
+    manager's lock; a bot holding that lock (a transaction, an event handler of a save) that then called
+    prune_old_backups() or create_backup() (folder lock first) waited for it. The ask no longer waits for the
+    manager's lock: a busy manager rotates at its next change."""
+    monkeypatch.setattr(_mfiles, "_LOCK_WAIT", 120.0)  # the old wait, long enough to tell from a deadlock-free ask
+    m, _cfg = _open(tmp_path, "sync", backup_interval=60.0)
+    m.set_position(pos(1, 7))  # memory ahead of the durable snapshot: a due timed backup asks for a compaction
+    asked = threading.Event()
+    real_ask = ManagerFiles.request_compaction
+
+    def ask(files: ManagerFiles) -> Any:
+        asked.set()
+        return real_ask(files)
+
+    monkeypatch.setattr(ManagerFiles, "request_compaction", ask)
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def bot() -> None:
+        try:
+            with m.transaction():
+                m.set_position(pos(2, 7))
+                _due_now(m)
+                assert asked.wait(60)  # the backup thread holds the folder lock and asks
+                m.prune_old_backups(dry_run=True)  # the folder lock, then the manager's (held here)
+                done.set()
+        except BaseException as exc:  # pragma: no cover - reported below
+            failed.append(exc)
+
+    th = threading.Thread(target=bot)
+    th.start()
+    try:
+        ok = done.wait(30)
+    finally:
+        th.join(180)
+        m.close()
+    assert not failed, failed
+    assert ok, "the bot waited for the backup thread's ask while holding the manager's lock"

@@ -145,8 +145,11 @@ class ManagerFiles:
 
     def request_compaction(self) -> CompactionAsk:
         """Issue 14.2: the rotation the journal thresholds start (the snapshot is written by the background
-        compaction), unless one is pending or finishing. Group mode: records waiting for their sync are synced
-        first, outside the manager's lock (a rotation waits for none); the lock is held for the O(1) rotation."""
+        compaction), unless one is pending or finishing. The journal is told a rotation is wanted, so the next
+        change rotates under the lock it holds anyway (O(1)); when the manager is idle the rotation is made
+        here. Group mode: records waiting for their sync are synced first, outside the manager's lock. The
+        manager's lock is never waited for: the caller holds the backup folder, which a holder of the
+        manager's lock may want next (create_backup() from a transaction or an event handler)."""
         m = self._m
         pending = _pending(m)
         if pending is not None:  # without the manager's lock: a timer's poll costs the bot nothing
@@ -154,12 +157,13 @@ class ManagerFiles:
         journal = m._journal
         if not journal.active:
             return CompactionAsk("refused", reason="no journal")
+        journal.rotation_wanted = True  # busy writers rotate at their next change (group: whenever one can)
         try:
             journal.drain()
         except PosStateError as exc:
             return CompactionAsk("refused", reason=f"journal sync failed ({exc})")
-        if not m._lock.acquire(timeout=_LOCK_WAIT):
-            return CompactionAsk("refused", reason="the manager is busy")
+        if not m._lock.acquire(blocking=False):
+            return CompactionAsk("refused", reason="the manager is busy (its next change rotates)")
         try:
             if not m._loaded or m._closed or m._doubt is not None or m._txn is not None:
                 return CompactionAsk("refused", reason="no state to compact now")
