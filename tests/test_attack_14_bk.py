@@ -218,3 +218,35 @@ def test_a_bot_holding_the_manager_lock_never_waits_for_the_backup_threads_ask(
         m.close()
     assert not failed, failed
     assert ok, "the bot waited for the backup thread's ask while holding the manager's lock"
+
+
+@pytest.mark.parametrize("durability", ["sync", "group"])
+def test_a_timed_backup_never_copies_an_older_state_file_planted_after_the_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: str
+) -> None:
+    """issue 14.2 attack: an attacker without the key puts an older genuine state file (a copy kept from
+    earlier, or an old backup) in place of the snapshot a compaction made durable; the timed backup copied it
+    (it decrypts and validates) as the newest backup, so `backups restore latest` would bring the old state
+    back. It is refused now (backupFailed naming the state file) and no backup of it is listed."""
+    m, cfg = _open(tmp_path, durability)
+    events = Events(m)
+    try:
+        old = cfg.state_path.read_bytes()
+        old_generation = m.generation
+        m.set_position(pos(1, 9))
+        assert m.compact(wait=True)
+        assert m.wait_for_backups(30)
+        durable = _background.service(m._files)._durable_generation
+        assert durable > old_generation
+        before = {b.id for b in m.list_backups()}
+        cfg.state_path.write_bytes(old)  # planted behind the writer lock
+        _due_now(m)
+        assert _background.service(m._files).request()
+        assert events.wait()
+        assert m.wait_for_backups(30)
+        added = [b for b in m.list_backups() if b.id not in before]
+    finally:
+        m.close()
+    assert [b.generation for b in added if b.generation == old_generation] == [], added
+    failed = [e for e in events.seen if e["event"] == "backupFailed"]
+    assert failed and str(cfg.state_path) in failed[0]["reason"], events.seen

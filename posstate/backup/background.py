@@ -340,6 +340,7 @@ class BackupService:
                     cache=self.cache,
                     check_account=files.check_account,
                     max_generation=self._durable_generation,
+                    min_generation=self._durable_generation,  # an older file was planted (attack, issue 14.2)
                     gate=self._gate,
                     cancelled=lambda: self._cancelled,
                     known=files.wrote,
