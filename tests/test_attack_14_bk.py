@@ -17,6 +17,7 @@ from posstate.backup import viacompaction as _via
 from posstate.manager import files as _mfiles
 from posstate.manager.files import ManagerFiles
 from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
 
 KEY = bytes(range(32))
 
@@ -250,3 +251,36 @@ def test_a_timed_backup_never_copies_an_older_state_file_planted_after_the_snaps
     assert [b.generation for b in added if b.generation == old_generation] == [], added
     failed = [e for e in events.seen if e["event"] == "backupFailed"]
     assert failed and str(cfg.state_path) in failed[0]["reason"], events.seen
+
+
+def test_a_compaction_that_never_finishes_leaves_the_timed_backup_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2 attack: the compaction a timed backup waits for hangs (a stuck disk under the state file, or
+    a long job ahead of it for the background turn): before, no backup was taken and nothing said so, for ever
+    (the backup of memory used to be taken regardless). Now the overdue backup is reported (backupFailed,
+    operation "compaction") once max(backup_interval, STUCK_AFTER) has passed, and again each interval after."""
+    monkeypatch.setattr(_via, "STUCK_AFTER", 0.2, raising=False)
+    m, _cfg = _open(tmp_path, "sync", backup_interval=0.05)
+    reached, release = threading.Event(), threading.Event()
+    real_encode = _statefile.encode
+
+    def encode(*a: Any, **kw: Any) -> Any:
+        if threading.current_thread().name.startswith("posstate-compact"):
+            reached.set()
+            assert release.wait(120)
+        return real_encode(*a, **kw)
+
+    monkeypatch.setattr(_statefile, "encode", encode)
+    events = Events(m)
+    try:
+        m.set_position(pos(1, 9))
+        _due_now(m)
+        assert reached.wait(60)  # the compaction the backup asked for hangs
+        assert events.wait(30), "an overdue timed backup was never reported"
+        failed = [e for e in events.seen if e["event"] == "backupFailed"]
+        assert failed and failed[0]["operation"] == "compaction" and "not finished" in failed[0]["reason"], events.seen
+        assert [e for e in events.seen if e["event"] == "backupCreated"] == []
+    finally:
+        release.set()
+        m.close()

@@ -50,6 +50,9 @@ FALLBACK_AFTER = 3
 REFUSED_LIMIT = 40
 #: At most this long (seconds) before asking again after a refused rotation.
 RETRY_REFUSED = 0.05
+#: A timed backup waiting longer than max(backup_interval, this) for its compaction is reported as failed
+#: (seconds; a stuck disk, or a long job ahead of it for the background turn), and again each interval after.
+STUCK_AFTER = 120.0
 _QUICK_TRIES = 3
 
 Step = Literal["copy", "wait", "memory"]
@@ -60,6 +63,7 @@ class Awaited:
     """A due timed backup waiting for a snapshot: the first one durable at *min_generation* or above."""
 
     min_generation: int
+    since: float  # when it began waiting (the service's clock), or when it was last reported overdue
     reported: int = 0  # failed attempts of the compaction already reported as backupFailed
     refused: int = 0  # refused rotations in a row
 
@@ -84,7 +88,7 @@ def decide(svc: BackupService) -> Step:
         fresh = last is not None and svc.noted_at >= last + svc._files.config.backup_interval
         if fresh and durable > svc.backed_generation:
             return "copy"  # made durable after the backup fell due (a threshold's compaction, a save): it will do
-        awaited = svc.awaited = Awaited(min_generation=durable + 1)
+        awaited = svc.awaited = Awaited(min_generation=durable + 1, since=svc.clock())
     elif durable >= awaited.min_generation:
         return "copy"
     ask = _ask(svc)
@@ -109,6 +113,17 @@ def decide(svc: BackupService) -> Step:
         svc._failed(reason, "compaction")
         if ask.attempts >= FALLBACK_AFTER:
             return "memory"
+        return "wait"
+    now = svc.clock()
+    awaited.since = min(awaited.since, now)  # the clock was stepped back: count from now
+    waited = now - awaited.since
+    if waited >= max(svc._files.config.backup_interval, STUCK_AFTER):
+        awaited.since = now  # reported again an interval later (the failure's retry pause), not at each poll
+        svc._failed(
+            f"the compaction this timed backup waits for has not finished after {waited:.0f} s (a stuck disk under "
+            "the state file, or a long background job ahead of it); the backup stays due",
+            "compaction",
+        )
     return "wait"
 
 
