@@ -284,3 +284,56 @@ def test_a_compaction_that_never_finishes_leaves_the_timed_backup_reported(
     finally:
         release.set()
         m.close()
+
+
+def test_backup_interval_zero_never_asks_for_a_compaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14.2 attack: backup_interval=0 means a backup at every snapshot and no timer; a request folded into
+    a backup that already copied the newest snapshot (memory ahead by then) made the thread ask for a
+    compaction nobody needed, which could chain one compaction after another while the bot writes."""
+    m, _cfg = _open(tmp_path, "sync", backup_interval=0.0)
+    rotations: list[str] = []
+    real_rotate = m._rotate_journal
+
+    def rotate() -> None:
+        rotations.append(threading.current_thread().name)
+        real_rotate()
+
+    monkeypatch.setattr(m, "_rotate_journal", rotate)
+    try:
+        m.set_position(pos(1, 9))  # memory ahead of the snapshot the last backup copied
+        assert _background.service(m._files).request()  # e.g. a request folded into the running backup
+        assert m.wait_for_backups(30)
+        m.set_position(pos(2, 9))
+        assert rotations == []
+    finally:
+        m.close()
+
+
+def test_a_clock_stepped_back_never_passes_an_old_snapshot_off_as_fresh(tmp_path: Path) -> None:
+    """issue 14.2 attack: a snapshot noted before the clock was stepped back looked "made durable after the
+    backup fell due" (its time was later than the newest backup's, clamped to the new time), so the timed
+    backup copied it instead of asking for a compaction: it lacked every change since. Now a snapshot noted
+    in the future of the clock is not taken as fresh: the backup holds the changes made after the step."""
+    m, _cfg = _open(tmp_path, "sync", backup_interval=100.0)
+    svc = _background.service(m._files)
+    now = [svc.clock()]
+    svc.clock = lambda: now[0]
+    events = Events(m)
+    try:
+        m._files.last_backup_at = now[0]
+        m.set_position(pos(1, 9))
+        assert m.compact(wait=True)  # durable at "now"; no backup due
+        snapshot = svc._durable_generation
+        now[0] -= 10_000.0  # the clock is stepped back
+        m.set_position(pos(2, 9))  # acknowledged after the step
+        assert not _background.due(m._files, now[0])  # the newest backup's time is clamped to the new clock
+        now[0] += 101.0  # backup_interval passes on the new clock
+        with svc._cond:
+            svc._timer_at = float("-inf")
+            svc._cond.notify_all()
+        assert events.wait()
+        assert m.wait_for_backups(30)
+    finally:
+        m.close()
+    created = [e for e in events.seen if e["event"] == "backupCreated"]
+    assert created and created[0]["generation"] > snapshot, events.seen

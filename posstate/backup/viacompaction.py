@@ -55,7 +55,7 @@ RETRY_REFUSED = 0.05
 STUCK_AFTER = 120.0
 _QUICK_TRIES = 3
 
-Step = Literal["copy", "wait", "memory"]
+Step = Literal["copy", "wait", "memory", "skip"]
 
 
 @dataclass(slots=True)
@@ -72,7 +72,7 @@ def ready(svc: BackupService) -> bool:
     """True: copy the durable snapshot now. False: the backup waits for a compaction, or memory was backed up
     instead (the fallback; when nothing could be taken, e.g. a transaction is open, it is decided anew later)."""
     step = decide(svc)
-    if step == "memory" and svc._from_memory("backup") is None:
+    if (step == "memory" and svc._from_memory("backup") is None) or step == "skip":
         svc.awaited = None
     return step == "copy"
 
@@ -80,12 +80,17 @@ def ready(svc: BackupService) -> bool:
 def decide(svc: BackupService) -> Step:
     """On the backup thread, under the backup folder's lock, with a timed backup due and memory ahead of the
     durable snapshot: ``"copy"`` the durable snapshot now, ``"wait"`` for the compaction asked for (its
-    after-save hook asks again; the timer polls meanwhile), or back up ``"memory"`` instead (fallback)."""
+    after-save hook asks again; the timer polls meanwhile), or back up ``"memory"`` instead (fallback);
+    ``"skip"``: nothing to do (``backup_interval`` 0: the newest snapshot is backed up already)."""
     durable = svc._durable_generation
     awaited = svc.awaited
+    interval = svc._files.config.backup_interval
+    if interval <= 0:  # a backup at every snapshot, no timer: never a compaction of its own
+        return "copy" if durable > svc.backed_generation else "skip"
     if awaited is None:
         last = svc._files.last_backup_at
-        fresh = last is not None and svc.noted_at >= last + svc._files.config.backup_interval
+        # Noted after the backup fell due, and not in the clock's future (noted before it was stepped back).
+        fresh = last is not None and last + interval <= svc.noted_at <= svc.clock()
         if fresh and durable > svc.backed_generation:
             return "copy"  # made durable after the backup fell due (a threshold's compaction, a save): it will do
         awaited = svc.awaited = Awaited(min_generation=durable + 1, since=svc.clock())
