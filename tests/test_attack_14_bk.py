@@ -337,3 +337,29 @@ def test_a_clock_stepped_back_never_passes_an_old_snapshot_off_as_fresh(tmp_path
         m.close()
     created = [e for e in events.seen if e["event"] == "backupCreated"]
     assert created and created[0]["generation"] > snapshot, events.seen
+
+
+def test_compact_wait_from_a_background_stateSaved_handler_does_not_wait_for_itself(tmp_path: Path) -> None:
+    """issue 14 attack: a stateSaved handler of a background compaction runs on the compaction's thread; if it
+    called compact(wait=True) (no timeout), it waited for a snapshot that only its own thread could write: that
+    thread hung for ever, and with it every later compaction and the timed backups waiting for one. It returns
+    False now (started, not durable yet); the compaction it started runs once the handler returns."""
+    m, _cfg = _open(tmp_path, "sync")
+    got: list[object] = []
+    done = threading.Event()
+
+    def handler(e: dict[str, Any]) -> None:
+        if e.get("background") and not got:
+            m.set_position(pos(3, 11))  # something to compact again
+            got.append(m.compact(wait=True))
+            done.set()
+
+    m.on("stateSaved", handler)
+    try:
+        m.set_position(pos(1, 9))
+        assert m.compact(wait=False)
+        assert done.wait(30), "compact(wait=True) from the compaction's own thread waited for itself"
+        assert got == [False]
+        assert m.compact(wait=True, timeout=30)  # the compaction the handler started ran
+    finally:
+        m.close()
