@@ -363,3 +363,27 @@ def test_compact_wait_from_a_background_stateSaved_handler_does_not_wait_for_its
         assert m.compact(wait=True, timeout=30)  # the compaction the handler started ran
     finally:
         m.close()
+
+
+def test_wait_for_backups_from_a_background_backup_handler_does_not_wait_for_itself(tmp_path: Path) -> None:
+    """issue 14 attack: a backupCreated handler of a timed backup runs on the backup thread; wait_for_backups()
+    (no timeout) there waited for that very thread to be idle: it hung for ever, and no timed backup was taken
+    again. It returns False at once now (a backup is running: the caller's own)."""
+    m, _cfg = _open(tmp_path, "sync", backup_interval=0.0)
+    got: list[bool] = []
+    done = threading.Event()
+
+    def handler(e: dict[str, Any]) -> None:
+        if e.get("background") and not got:
+            got.append(m.wait_for_backups())
+            done.set()
+
+    m.on("backupCreated", handler)
+    try:
+        m.set_position(pos(1, 9))
+        assert m.compact(wait=True)  # its snapshot is backed up at once (backup_interval 0)
+        assert done.wait(30), "wait_for_backups() on the backup thread waited for itself"
+        assert got == [False]
+        assert m.wait_for_backups(30)
+    finally:
+        m.close()

@@ -190,7 +190,10 @@ class BackupService:
         return self._close_deadline
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no background backup runs, is asked for or waits for a compaction; False on *timeout*."""
+        """Wait until no background backup runs, is asked for or waits for a compaction; False on *timeout*,
+        or at once on the backup thread itself (an event handler of its backup cannot wait for itself)."""
+        if self._thread is threading.current_thread():
+            return False
         with self._cond:
             return self._cond.wait_for(lambda: not self._busy and not self._wanted and not self._awaiting(), timeout)
 
@@ -261,9 +264,6 @@ class BackupService:
         # At most a day at a time (the loop computes it again): an infinite or huge interval must not reach
         # Condition.wait, which raises OverflowError past the platform's time_t and would kill the thread.
         return min(max(max(due_at, self._timer_at, self._retry_at) - now, 0.001), _MAX_TIMER_WAIT)
-
-    def poll_in(self, seconds: float) -> None:
-        self._timer_at = self.clock() + seconds  # a refused rotation: sooner than interval/8, never a busy loop
 
     def timer_fired(self) -> None:
         """Under the condition: the timer ran out; ask for a backup when one is due and memory is ahead."""

@@ -107,7 +107,7 @@ def decide(svc: BackupService) -> Step:
                 ask.reason,
             )
             return "memory"
-        svc.poll_in(min(svc._files.config.backup_interval / 8, RETRY_REFUSED))
+        svc._timer_at = svc.clock() + min(interval / 8, RETRY_REFUSED)  # sooner than interval/8, never a busy loop
         return "wait"
     awaited.refused = 0
     if ask.attempts > awaited.reported:
