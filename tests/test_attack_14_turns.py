@@ -201,6 +201,7 @@ def test_a_backup_of_memory_cancelled_by_close_adds_no_backup_after_close(
     behind another job) and reports "cancelled ... no backup was added" is right: no backup appears after
     the writer lock is released."""
     from posstate.backup import background as _background
+    from posstate.backup import viacompaction as _via
 
     cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=0.05)
     m = PositionStateManager(cfg, key=KEY)
@@ -208,6 +209,8 @@ def test_a_backup_of_memory_cancelled_by_close_adds_no_backup_after_close(
     assert m.wait_for_backups(30)
     turns = _turns._turns
     holder, _, release = _holder()  # another manager's long job holds the turn
+    # Issue 14.2: a timed backup backs memory up only as the fallback when compactions keep failing.
+    monkeypatch.setattr(_via, "decide", lambda svc: "memory")
     try:
         m.set_position(pos(1, 9))  # acknowledged in the journal: the timer backs memory up, in slices
         with turns.cond:  # the backup thread waits for the turn
@@ -327,10 +330,14 @@ def _background_thread(m: PositionStateManager) -> threading.Thread | None:
     return None if svc is None else svc._thread
 
 
-def test_a_backup_of_memory_is_not_checked_again_by_the_prune_after_it(tmp_path: Path) -> None:
-    """issue 14.2 attack: a timed backup of memory is fully verified once, as it is written (in slices); the
-    prune that follows takes that verdict from the cache instead of decrypting and validating it again."""
+def test_a_backup_of_memory_is_not_checked_again_by_the_prune_after_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14.2 attack: a timed backup of memory (the fallback when compactions keep failing) is fully verified
+    once, as it is written (in slices); the prune that follows takes that verdict from the cache instead of
+    decrypting and validating it again."""
     from posstate.backup import background as _background
+    from posstate.backup import viacompaction as _via
+
+    monkeypatch.setattr(_via, "decide", lambda svc: "memory")
 
     cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=0.05)
     with PositionStateManager(cfg, key=KEY) as m:

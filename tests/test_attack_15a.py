@@ -494,12 +494,18 @@ def test_create_backup_inside_a_transaction_never_deadlocks_with_a_timed_backup(
     from posstate.manager.files import ManagerFiles
 
     real = ManagerFiles.acknowledged
+    real_ask = ManagerFiles.request_compaction
 
     def acknowledged(self: ManagerFiles) -> Any:
         wants_lock.set()
         return real(self)
 
+    def request_compaction(self: ManagerFiles) -> Any:  # issue 14.2: the timed backup asks for a compaction
+        wants_lock.set()
+        return real_ask(self)
+
     monkeypatch.setattr(ManagerFiles, "acknowledged", acknowledged)
+    monkeypatch.setattr(ManagerFiles, "request_compaction", request_compaction)
     outcome: list[object] = []
 
     def bot() -> None:
@@ -559,7 +565,7 @@ def test_infinite_backup_interval_never_kills_the_backup_thread(tmp_path: Path, 
             m._files.last_backup_at = float("-inf")
             taken = svc.taken
             assert svc.request()
-            assert m.wait_for_backups(30)
+            assert m.wait_for_backups(30)  # issue 14.2: and for the compaction it asked for, whose snapshot it copies
             assert svc.taken == taken + 1
             assert svc._thread is not None and svc._thread.is_alive()
     finally:

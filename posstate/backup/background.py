@@ -1,26 +1,24 @@
 """Timed backups on a background thread: the caller of a save or compaction never waits for a backup.
 
-One :class:`BackupService` per manager (created on its first save). A save or compaction whose snapshot is durable calls
-:func:`posstate.backup.ops.after_save`, which notes the snapshot's generation and, when the newest backup is older than
-``backup_interval``, asks the service for a backup: a flag under a condition, and a thread started if none runs. That is
-all the caller pays. The thread (one at a time; requests made while it runs fold into one) takes the service's folder
-lock, copies the newest durable snapshot (the state file) into the backup folder, verified
-(:mod:`posstate.backup.snapcopy`), then applies retention with the verified-backup cache
-(:mod:`posstate.backup.verified`). Explicit backup operations (create, prune, restore, recovery, repair) take the same
-folder lock first, so they never interleave with a background backup.
+One :class:`BackupService` per manager. A save or compaction whose snapshot is durable calls
+:func:`posstate.backup.ops.after_save`: it notes the snapshot's generation and, when the newest backup is older than
+``backup_interval``, sets a flag under a condition (that is all the caller pays). The thread (one at a time; requests
+made while it runs fold into one) takes the folder lock, copies the newest durable snapshot (the state file), verified
+(:mod:`posstate.backup.snapcopy`), then applies retention with the verified-backup cache (:mod:`posstate.backup.verified`).
+Explicit backup operations take the same folder lock first, so they never interleave with a background backup.
 
 In the journal modes a change is acknowledged long before a compaction puts it into a snapshot, so the thread also keeps
-a timer (issue 15.2): when ``backup_interval`` has passed since the newest backup and memory holds acknowledged changes
-no backup holds, it backs up the acknowledged state from memory (:func:`posstate.backup.acked.from_memory`: the owner's
-lock only while the state is copied), and so does a clean :meth:`BackupService.final_backup` from the manager's close().
-``backup_interval=0`` keeps the old meaning (a backup at every snapshot) and runs no timer.
+a timer (issue 15.2): once ``backup_interval`` has passed since the newest backup and memory holds acknowledged changes
+no backup holds, it asks the manager for a background compaction and copies that compaction's snapshot once it is
+durable (:mod:`posstate.backup.viacompaction`, issue 14.2: memory is never encoded again for a timed backup, except as
+the fallback when compactions keep failing). A clean close() backs up the acknowledged state in memory
+(:meth:`BackupService.final_backup`, :func:`posstate.backup.acked.from_memory`). ``backup_interval=0`` keeps the old
+meaning (a backup at every snapshot) and runs no timer.
 
-A failure is reported (``backupFailed`` event, a warning in the log) and retried at the first snapshot after
-``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) stops a prune's full checks
-at their next slice (a verification only) and lets a running backup finish for a bounded time; past it the backup is
-cancelled before it gets its name, and close() says so in the log and in a ``backupFailed`` event
-(:mod:`posstate.backup.closing`). A SIGKILL at any step leaves no new backup or a whole, verified one; a temp file is swept by the
-next backup (docs/RECOVERY.md, docs/JOURNAL.md).
+A failure is reported (``backupFailed``, a warning) and retried after ``backup_interval``. close() stops a prune's full
+checks at their next slice and lets a running backup finish for a bounded time, then cancels it before it gets its name
+(:mod:`posstate.backup.closing`). A SIGKILL at any step leaves no new backup or a whole, verified one; a temp file is
+swept by the next backup (docs/RECOVERY.md, docs/JOURNAL.md).
 """
 
 from __future__ import annotations
@@ -34,9 +32,9 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from posstate.backup import acked as _acked
 from posstate.backup import closing as _closing
 from posstate.backup import snapcopy as _snapcopy
+from posstate.backup import viacompaction as _via
 from posstate.backup.closing import ChecksStopped
 from posstate.backup.verified import VerifiedCache
 from posstate.core.errors import PosStateError
@@ -99,6 +97,9 @@ class BackupService:
         #: Generation of the newest backup this service took (memory or snapshot): the timer's "nothing new".
         self.backed_generation = 0
         self._timer_at = float("-inf")
+        #: A due timed backup waiting for a compaction's snapshot, and when the newest durable one was noted (14.2).
+        self.awaited: _via.Awaited | None = None
+        self.noted_at = float("-inf")
         #: Backups taken and failed in the background (for tests and the benchmark).
         self.taken = 0
         self.failed = 0
@@ -106,9 +107,7 @@ class BackupService:
 
     def _orphan(self) -> None:
         """In a forked child (see :func:`_after_fork_in_child`)."""
-        self.folder_lock = threading.RLock()
-        self._cond = threading.Condition()
-        self._gate = threading.Lock()
+        self.folder_lock, self._cond, self._gate = threading.RLock(), threading.Condition(), threading.Lock()
         self._thread = None
         self._busy = self._wanted = False
         self._closing = True
@@ -116,7 +115,7 @@ class BackupService:
     def note_snapshot(self, generation: int) -> None:
         """A snapshot of *generation* is durable (the state file holds it or a newer one)."""
         if generation > self._durable_generation:
-            self._durable_generation = generation
+            self._durable_generation, self.noted_at = generation, self.clock()
 
     def request(self) -> bool:
         """Ask for a timed backup; returns at once. False when closing or waiting to retry after a failure."""
@@ -191,9 +190,21 @@ class BackupService:
         return self._close_deadline
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no background backup runs or is asked for; False if *timeout* passed first."""
+        """Wait until no background backup runs, is asked for or waits for a compaction; False on *timeout*,
+        or at once on the backup thread itself (an event handler of its backup cannot wait for itself)."""
+        if self._thread is threading.current_thread():
+            return False
         with self._cond:
-            return self._cond.wait_for(lambda: not self._busy and not self._wanted, timeout)
+            return self._cond.wait_for(lambda: not self._busy and not self._wanted and not self._awaiting(), timeout)
+
+    def _awaiting(self) -> bool:  # waits for its compaction (not for a retry after a failure)
+        return self.awaited is not None and not self._closing and self.clock() >= self._retry_at
+
+    def forget_awaited(self) -> None:
+        """An explicit backup was taken (folder lock held): no timed backup waits for a compaction any more."""
+        with self._cond:
+            self.awaited = None
+            self._cond.notify_all()
 
     @property
     def running(self) -> bool:
@@ -234,8 +245,7 @@ class BackupService:
         return due(self._files, self.clock())
 
     def _journaled(self) -> int:
-        """The generation of memory when it holds acknowledged changes beyond the durable snapshot (journal
-        modes), else 0. Read without the owner's lock: only a hint; the copy itself is taken under it."""
+        """Memory's generation when it is ahead of the durable snapshot (journal modes), else 0 (a hint)."""
         if self._files.config.durability == "snapshot":
             return 0
         st = self._files.snapshot()
@@ -244,8 +254,7 @@ class BackupService:
 
     def timer_wait(self) -> float | None:
         """Seconds until the timer looks for acknowledged changes to back up (None: no timer). Once a backup
-        is due it looks every eighth of the interval, so a change is backed up at most ``backup_interval`` * 9/8
-        after the newest backup (or soon after the change itself, when that comes later)."""
+        is due it looks every eighth of the interval (and asks for a compaction, whose snapshot is the backup)."""
         interval = self._files.config.backup_interval
         if self._closing or interval <= 0 or self._files.config.durability == "snapshot":
             return None
@@ -275,24 +284,13 @@ class BackupService:
         return _closing.final_backup(self, timeout, self._stop_verifying(timeout))
 
     def _from_memory(self, operation: str) -> BackupInfo | None:
-        files = self._files
-        try:
-            # In slices on the backup thread; the close() backup runs on the closing thread: in one go.
-            pause = None if operation == "close" else _yield_gil
-            info = _acked.from_memory(files, now=self.clock(), pause=pause, gate=self._gate, cancelled=lambda: self._cancelled)
-        except _snapcopy.Cancelled:
-            return None  # close() gave it up before its name and said so
-        except (PosStateError, OSError) as exc:
-            self._failed(exc, "close" if operation == "close" else getattr(exc, "operation", operation))
-            return None
-        if info is None:
-            return None
-        self._took(info, extra={"acknowledged": True, "operation": operation})
-        return info
+        """The acknowledged state in memory as a backup: at close, or the fallback (:func:`_via.from_memory`)."""
+        return _via.from_memory(self, operation, pause=None if operation == "close" else _yield_gil)
 
     def _took(self, info: BackupInfo, *, extra: dict[str, object]) -> None:
         files = self._files
         self.taken += 1
+        self.awaited = None
         if info.generation is not None:
             self.backed_generation = max(self.backed_generation, info.generation)
         # The name's second may be later than now (the clock was stepped back): count the interval from now.
@@ -330,9 +328,9 @@ class BackupService:
         cfg = files.config
         with self.folder_lock:
             if not self._due():  # an explicit backup may have been taken meanwhile
+                self.awaited = None
                 return
-            if self._journaled():  # memory holds acknowledged changes the snapshot lacks: back those up
-                self._from_memory("backup")
+            if self._journaled() and not _via.ready(self):  # memory is ahead: wait for a compaction's snapshot
                 return
             try:
                 info = _snapcopy.copy_state_file(
@@ -342,12 +340,12 @@ class BackupService:
                     cache=self.cache,
                     check_account=files.check_account,
                     max_generation=self._durable_generation,
+                    min_generation=self._durable_generation,  # an older file was planted (attack, issue 14.2)
                     gate=self._gate,
                     cancelled=lambda: self._cancelled,
                     known=files.wrote,
                 )
-            except _snapcopy.Newer as newer:
-                # A save renamed a newer snapshot but has not returned: its own after_save asks again.
+            except _snapcopy.Newer as newer:  # a save renamed a newer snapshot, not returned yet: it asks again
                 log.debug("background backup skipped: generation %s is not durable yet", newer)
                 return
             except _snapcopy.Cancelled:
@@ -357,12 +355,14 @@ class BackupService:
                 return
             self._took(info, extra={})
 
-    def _failed(self, exc: BaseException, operation: str) -> None:
+    def _failed(self, exc: BaseException | str, operation: str) -> None:
+        """A failed background backup: ``backupFailed``, a warning, and a retry after ``backup_interval``."""
+        reason = str(exc)
         self.failed += 1
         cfg = self._files.config
         self._retry_at = self.clock() + cfg.backup_interval
-        self._files.emit("backupFailed", {"path": str(cfg.backup_path), "reason": str(exc), "operation": operation})
-        log.warning("background backup failed (retried at the first snapshot after %g s): %s", cfg.backup_interval, exc)
+        self._files.emit("backupFailed", {"path": str(cfg.backup_path), "reason": reason, "operation": operation})
+        log.warning("background backup failed (retried at the first snapshot after %g s): %s", cfg.backup_interval, reason)
 
 
 def due(files: StateFiles, now: float) -> bool:

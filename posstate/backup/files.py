@@ -12,7 +12,8 @@ Every method runs under the owner's lock: the owner's public methods hold it whi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from posstate.core.config import StateConfig
 from posstate.journal.journal import Journal
@@ -25,6 +26,24 @@ if TYPE_CHECKING:
     from posstate.backup.background import BackupService
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionAsk:
+    """What :meth:`StateFiles.request_compaction` did (issue 14.2: a timed backup waits for a compaction).
+
+    ``state``: ``"started"`` (a rotation began a background compaction now), ``"pending"`` (one was already
+    pending or finishing: none started), ``"refused"`` (no rotation possible now; *reason* says why: ask
+    again). ``generation``: the generation its snapshot will have (None: unknown, a finished one's after-save
+    hook is running). ``attempts``/``error``: its failed attempts so far and the last failure. ``again``
+    (refused): asking again at once may succeed (group mode: a writer appended while the journal synced)."""
+
+    state: Literal["started", "pending", "refused"]
+    generation: int | None = None
+    attempts: int = 0
+    error: str | None = None
+    reason: str | None = None
+    again: bool = False
 
 
 class StateFiles(Protocol):
@@ -99,6 +118,11 @@ class StateFiles(Protocol):
     def wrote(self, checksum: str) -> bool:
         """True when a state file with this trailer checksum holds bytes this manager encoded from its validated
         memory, or loaded and validated (issue 14.3: a background backup of it needs no decrypt and validate)."""
+
+    def request_compaction(self) -> CompactionAsk:
+        """Start a background compaction (the rotation the journal thresholds start) unless one is pending;
+        never on this thread and never O(state) under the owner's lock (journal modes; issue 14.2). Called
+        without the owner's lock, from the backup thread."""
 
     def expect_on_disk(self, checksum: str | None) -> None:
         """The state file on disk is ours with this trailer checksum (None: no file); anything else at the

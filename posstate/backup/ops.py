@@ -106,6 +106,7 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
             log.warning("backup failed: %s", exc)
             raise
         files.last_backup_at = min(info.created_at.timestamp(), svc.clock())  # a later name: the clock went back
+        svc.forget_awaited()  # a timed backup waiting for a compaction is not due any more (issue 14.2)
         if info.generation is not None:
             svc.backed_generation = max(svc.backed_generation, info.generation)
         files.emit(

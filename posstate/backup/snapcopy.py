@@ -20,7 +20,7 @@ from pathlib import Path
 from posstate.backup import backups as _backups
 from posstate.backup.backups import BackupInfo
 from posstate.backup.verified import VerifiedCache, probe
-from posstate.core.errors import PersistenceError, PosStateError
+from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
 from posstate.storage import codec as _codec
@@ -44,6 +44,7 @@ def copy_state_file(
     cache: VerifiedCache,
     check_account: Callable[[StateData], None],
     max_generation: int | None = None,
+    min_generation: int | None = None,
     gate: threading.Lock | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     now: float | None = None,
@@ -52,6 +53,8 @@ def copy_state_file(
     """Copy the state file into *backup_dir* as a new verified timestamped backup; return its info.
 
     *max_generation*: refuse (:class:`Newer`) a file of a higher generation (its save has not returned yet).
+    *min_generation*: the generation the owner made durable; an older file was put there behind the writer
+    lock (an old genuine copy planted: it would decrypt and validate) and is refused (CorruptStateError).
     *gate*/*cancelled*: the name is given under *gate* and only if not *cancelled* (:class:`Cancelled`).
     On failure nothing new is listed in *backup_dir* (PersistenceError names the step; a source that does
     not verify raises what reading it raises: CorruptStateError, WrongKeyError ...).
@@ -64,6 +67,14 @@ def copy_state_file(
     header = _codec.inspect(data, path=state_path)  # header + checksum, no key needed
     if max_generation is not None and header.generation > max_generation:
         raise Newer(header.generation)
+    if min_generation is not None and header.generation < min_generation:
+        raise CorruptStateError(
+            state_path,
+            f"holds generation {header.generation}, older than generation {min_generation} this process made "
+            "durable (replaced behind the writer lock); no backup of it was taken",
+            next_step="find what else writes to this directory; the state in memory is intact and the next save "
+            "rewrites the file",
+        )
     checksum = checksum_of(data)  # inspect() checked it against the bytes
     if checksum is None or not known(checksum):
         loaded = _statefile.parse(data, path=state_path, options=options)  # decrypt + validate, once

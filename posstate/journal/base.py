@@ -66,6 +66,9 @@ class JournalBase:
         self._write_keyring = write_keyring
         self._max_bytes = max_bytes
         self._max_records = max_records
+        #: Set (from any thread, no lock) when a rotation is wanted before the thresholds (a due timed
+        #: backup, issue 14.2): the next change rotates, under the lock it holds anyway. Cleared by a rotation.
+        self.rotation_wanted = False
         self._preallocate = preallocate
         self._emit = emit
         #: Called before each record is written and before each group sync; raises (StateLockedError)

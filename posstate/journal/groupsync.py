@@ -143,16 +143,19 @@ class JournalGroupSync(JournalBase):
             return self._failure is None and not self._syncing and self._durable_seq >= self._written_seq
 
     def drain(self) -> None:
-        """Make every record written so far durable (group mode), before a snapshot copies memory."""
+        """Make every record written before the call durable (group mode), before a snapshot copies memory.
+        Records written meanwhile are not waited for: busy writers would keep it waiting for ever."""
         if self.mode != "group":
             return
+        with self._cond:
+            goal = self._written_seq  # never chase records written after the call: busy writers would starve it
         while True:
             with self._cond:
                 while self._syncing:
                     self._cond.wait()
                 if self._failure is not None and any(p[0] > self._failure[0] for p in self._pending):
                     raise self._failure[1]
-                if self._durable_seq >= self._written_seq:
+                if self._durable_seq >= min(goal, self._written_seq):  # lower after a failed sync cut its records
                     return
                 self._syncing = True
                 target, fd = self._written_seq, self._fd

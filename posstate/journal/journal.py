@@ -60,7 +60,8 @@ class Journal(JournalRecover):
             self.rollback(st, entries)
         must = self._needs_rotation or (self._fd is None and self._next_header is None)
         due = self._end >= self._max_bytes or self._records >= self._max_records
-        if not must and not (due and self._records >= self._compact_retry_at):
+        wanted = self.rotation_wanted and rotate is not None  # a due timed backup asked (issue 14.2)
+        if not must and not (due and self._records >= self._compact_retry_at) and not wanted:
             return
         if not must and rotate is not None:
             if not self.rotating and self._next_header is None:
@@ -89,6 +90,7 @@ class Journal(JournalRecover):
             or self._sealer is None
             or self._next_header is not None
             or ((self._end >= self._max_bytes or self._records >= self._max_records) and not self.rotating)
+            or self.rotation_wanted
         ):
             return False
         if self._pre is not None:

@@ -150,6 +150,7 @@ class JournalRotation(JournalGroupSync):
         self._next_header = header
         self._target = next_path(self.path)
         self.rotating = True
+        self.rotation_wanted = False
         self._pre = {}
         return {"id": header.id_hex, "seq": self._last_seq}
 
@@ -188,6 +189,7 @@ class JournalRotation(JournalGroupSync):
     def _install(self, header: jf.JournalHeader | None) -> None:
         """The snapshot naming *header* is durable: the old journal is redundant; the next record creates
         the new one. Snapshot mode (*header* None): delete the replayed journal the snapshot now holds."""
+        self.rotation_wanted = False  # a snapshot of memory holds what a wanted rotation would have
         self._retire_legacy()
         self._retire_next()
         if header is None:

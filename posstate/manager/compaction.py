@@ -129,7 +129,9 @@ class BackgroundCompaction(DurableCommit):
 
         Starts a background compaction (or retries a pending one at once) and, with *wait*, returns once its
         snapshot is durable and the old segment retired: True, or False when *timeout* passed first. A
-        failure of that attempt is raised (the compaction stays pending and is retried later)."""
+        failure of that attempt is raised (the compaction stays pending and is retried later). From the
+        background compaction's own thread (a ``stateSaved`` handler) it cannot wait for itself: it starts the
+        compaction and returns False."""
         if not self._journal.active:
             with self._lock:
                 self._check_writable("compact")
@@ -153,6 +155,9 @@ class BackgroundCompaction(DurableCommit):
         if not wait:
             self._bg_wake.set()
             return True
+        if threading.current_thread() is self._bg_thread:  # a stateSaved handler: only this thread can write it
+            self._bg_wake.set()
+            return False
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._bg_cond:  # an attempt already in flight may have started before the call: wait for the next one
             while self._bg_busy:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from posstate.backup.files import CompactionAsk
 from posstate.core.config import StateConfig
 from posstate.core.errors import PosStateError
 from posstate.journal.journal import Journal
@@ -142,8 +143,58 @@ class ManagerFiles:
                 st.journal = {"id": jid, "seq": last_seq}
         return st
 
+    def request_compaction(self) -> CompactionAsk:
+        """Issue 14.2: the rotation the journal thresholds start (the snapshot is written by the background
+        compaction), unless one is pending or finishing. The journal is told a rotation is wanted, so the next
+        change rotates under the lock it holds anyway (O(1)); when the manager is idle the rotation is made
+        here. Group mode: records waiting for their sync are synced first, outside the manager's lock. The
+        manager's lock is never waited for: the caller holds the backup folder, which a holder of the
+        manager's lock may want next (create_backup() from a transaction or an event handler)."""
+        m = self._m
+        pending = _pending(m)
+        if pending is not None:  # without the manager's lock: a timer's poll costs the bot nothing
+            return pending
+        journal = m._journal
+        if not journal.active:
+            return CompactionAsk("refused", reason="no journal")
+        journal.rotation_wanted = True  # busy writers rotate at their next change (group: whenever one can)
+        try:
+            journal.drain()
+        except PosStateError as exc:
+            return CompactionAsk("refused", reason=f"journal sync failed ({exc})")
+        if not m._lock.acquire(blocking=False):
+            return CompactionAsk("refused", reason="the manager is busy (its next change rotates)")
+        try:
+            if not m._loaded or m._closed or m._doubt is not None or m._txn is not None:
+                return CompactionAsk("refused", reason="no state to compact now")
+            pending = _pending(m)
+            if pending is not None:
+                return pending
+            m._rotate_journal()
+            job = m._bg_job
+            if job is None:
+                return CompactionAsk("refused", reason="the journal cannot rotate now (records wait for their sync)", again=True)
+            return CompactionAsk("started", generation=job.generation)
+        finally:
+            m._lock.release()
+
     def wrote(self, checksum: str) -> bool:
         return checksum in self._m._expected_on_disk
 
     def expect_on_disk(self, checksum: str | None) -> None:
         self._m._expected_on_disk = {checksum}
+
+
+def _pending(m: PositionStateManager) -> CompactionAsk | None:
+    """The background compaction pending (or a finished one whose after-save hook still runs), or None."""
+    with m._bg_cond:
+        job = m._bg_job
+        finishing = job is None and m._bg_thread is not None
+    if job is not None:
+        return CompactionAsk(
+            "pending",
+            generation=job.generation,
+            attempts=job.attempts,
+            error=None if job.error is None else str(job.error),
+        )
+    return CompactionAsk("pending") if finishing else None
