@@ -388,3 +388,22 @@ def test_sigkill_at_each_step_of_the_spare_preparation(tmp_path: Path, when: str
             want = contracts(m)
         with make(d) as m:
             assert contracts(m) == want, k
+
+
+def test_replica_ships_no_spare_and_restores_over_a_blank_next(tmp_path: Path) -> None:
+    """issue 14.3: the replica shipper never ships a blank spare as a segment; a restore into a directory
+    holding only a blank .next (a crash's leftover) is allowed and loads every acknowledged change."""
+    from tests.replica_util import rcfg, restore_into
+
+    url = f"file://{tmp_path}/rep"
+    with PositionStateManager(rcfg(tmp_path / "bot", url, journal_max_records=MAX), key=KEY) as m:
+        fill_until_spare(m)
+        assert spare_ready(m)
+        assert m.flush_replica(30)
+        want = contracts(m)
+    new = tmp_path / "new"
+    new.mkdir(mode=0o700)
+    next_path(StateConfig.in_dir(new).journal_path).write_bytes(bytes(jf.HEADER_SIZE + 4096))
+    cfg, _ = restore_into(new, url, None, KEY)
+    with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=KEY) as m:
+        assert contracts(m) == want

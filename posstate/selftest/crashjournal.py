@@ -173,8 +173,7 @@ class Reported:
     acked: dict[int, int]
     pending: dict[int, int]
     ops: dict[int, list[str]]
-    #: The probed updates that started a new journal segment (issue 14.3: in the spare segment prepared ahead
-    #: of time, such an update's own operations are those of an append, so its names cannot tell).
+    #: Probed updates that started a segment (issue 14.3: in the spare, its operations are an append's).
     segments: frozenset[int] = frozenset()
 
 
@@ -259,8 +258,7 @@ def check_after_kill(
 
 
 def probe_updates(base: Path, work: Path, *, key: bytes, updates: int, max_records: int) -> Reported:
-    """The mutating operations of each update a child makes from a copy of *base* (deterministic), and which
-    updates started a new segment."""
+    """The mutating operations of each update a child makes from a copy of *base* (deterministic)."""
     d = work / "probe"
     copy_tree(base, d)
     _, rep = run_child(d, key=key, updates=updates, max_records=max_records, extra=("--probe",))
