@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from posstate import PositionStateManager, StateConfig
+from posstate import PositionStateManager, PosStateError, StateConfig
 from posstate.cli.main import cli
 from posstate.journal import format as jf
 from posstate.journal.files import is_blank, next_path
@@ -447,3 +447,39 @@ def test_each_sync_of_the_spare_preparation_under_power_loss(tmp_path: Path, k: 
     assert [op.name for op in skipped] == [("fsync", "fsync_dir")[k - 1]] and skipped[0].thread.startswith(SPARE_THREAD)
     lost = [o for o in rj.replay(rec, tmp_path / "w", key=key) if o.lost]
     assert bool(lost) == (k == 2), [(o.state.label, o.result, o.detail) for o in lost][:3]
+
+
+@pytest.mark.parametrize("after", ["rotation", "save"])
+def test_group_sync_failure_of_the_first_record_in_the_spare(tmp_path: Path, after: str) -> None:
+    """issue 14.3: in group mode the first record in the spare is made durable by the group's fdatasync; when
+    that fails the change fails, the file is cut back to the segment's header (never to an empty journal the
+    snapshot names), and the next change, a reload and validate lose nothing acknowledged."""
+    with make(tmp_path, durability="group") as m:
+        i = fill_until_spare(m)
+        assert spare_ready(m)
+        if after == "save":
+            m.save()
+        else:
+            while m._journal.records < MAX - 1:
+                m.set_position(pos(f"S{i % 4}", i + 1))
+                i += 1
+        ops = HarnessOps(fault=Fault(at=1, ops=frozenset({"fdatasync"})), skip_thread_prefix="posstate-compact")
+        with fs.use(ops), pytest.raises(PosStateError):
+            m.set_position(pos("S0", 5000))  # starts the segment in the spare; its group sync fails
+        assert ops.fired == 1
+        settle(m)
+        copy_tree(tmp_path, tmp_path.parent / f"{tmp_path.name}-image")  # as a crash now would leave it
+        before = contracts(m)
+        m.set_position(pos("S1", 5001))
+        assert m.compact(wait=True)
+        want = contracts(m)
+        assert want["S0"] != 5000 and want["S1"] == 5001
+    val = run([*keyed(tmp_path), "validate"])
+    assert val.exit_code == 0, val.stdout + val.stderr
+    with make(tmp_path, durability="group") as m:
+        assert contracts(m) == want
+    image = tmp_path.parent / f"{tmp_path.name}-image"
+    with make(image, durability="group") as m:
+        assert contracts(m) == before and m.last_recovery is None
+    val = run([*keyed(image), "validate"])
+    assert val.exit_code == 0, val.stdout + val.stderr

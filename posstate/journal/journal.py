@@ -208,9 +208,10 @@ class Journal(JournalRecover):
         return seq
 
     def _create(self, ops: Sequence[Op]) -> int:
-        """Create the journal the snapshot names, holding its header and this first record: a fsynced temp
-        renamed over the old (redundant) journal, then the directory fsynced. Under the group lock: a
-        background compaction retires a segment (renames it) only between two creations."""
+        """Start the journal (or segment) the snapshot or rotation names with this first record: in the spare
+        prepared ahead of time when there is one (:meth:`_adopt`), else a fsynced temp renamed over the old
+        (redundant) journal, then the directory fsynced. Under the group lock: a background compaction
+        retires a segment (renames it) only between two creations."""
         with self._cond:
             return self._create_locked(ops)
 
@@ -314,7 +315,9 @@ class Journal(JournalRecover):
             self._written_seq = self._durable_seq = seq
             self._durable_end = self._end
         else:
-            self._durable_end = 0  # nothing of the new file is durable before the group's sync
+            # A failed group sync cuts back to the header (a journal with no record: never continued, and what
+            # the snapshot's id names stays a journal file, not an empty one).
+            self._durable_end = jf.HEADER_SIZE
         self._arm_spare()
         if promote:
             self.want_spare()
