@@ -483,3 +483,27 @@ def test_group_sync_failure_of_the_first_record_in_the_spare(tmp_path: Path, aft
         assert contracts(m) == before and m.last_recovery is None
     val = run([*keyed(image), "validate"])
     assert val.exit_code == 0, val.stdout + val.stderr
+
+
+@pytest.mark.parametrize("mode", ["sync", "group"])
+def test_the_background_compaction_starts_after_the_rotations_first_record(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.3: the change that rotates writes (and syncs) the new segment's first record before the
+    background compaction does anything (its first slices hold the interpreter lock, and for a small state
+    its fsync would share the disk with that record's fdatasync)."""
+    from posstate.journal import spare as _spare
+
+    monkeypatch.setattr(_spare, "SEGMENT_START_WAIT", 60.0)  # the order, not the bound, is under test
+    with make(tmp_path, durability=mode) as m:
+        fill_until_spare(m)
+        assert spare_ready(m)
+        rec = HarnessOps(ignore_threads=frozenset())
+        with fs.use(rec):
+            while not m._journal.rotating:
+                m.set_position(pos("S0", m._journal.records + 100))
+            assert m.compact(wait=True)
+    syncs = [op.index for op in rec.ops if op.name == "fdatasync" and not op.thread.startswith("posstate-compact")]
+    background = [op.index for op in rec.ops if op.thread.startswith("posstate-compact-positions")]
+    assert syncs and background
+    assert max(syncs) < min(background), [(op.thread, op.name) for op in rec.ops]

@@ -69,6 +69,7 @@ class Journal(JournalRecover):
         if not must and rotate is not None:
             if not self.rotating and self._next_header is None:
                 rotate()
+                self._first_pending = self.rotating  # this change writes the new segment's first record
             return
         try:
             compact()
@@ -208,14 +209,22 @@ class Journal(JournalRecover):
         return seq
 
     def _create(self, ops: Sequence[Op]) -> int:
+        """:meth:`_create_locked` under the group lock; then (a rotation's first record, written or failed)
+        the background compaction waiting in ``wait_segment_start`` may go on."""
+        with self._cond:
+            seq = 0
+            try:
+                seq = self._create_locked(ops)
+            finally:
+                if self._first_pending:
+                    self._segment_started(seq)
+            return seq
+
+    def _create_locked(self, ops: Sequence[Op]) -> int:
         """Start the journal (or segment) the snapshot or rotation names with this first record: in the spare
         prepared ahead of time when there is one (:meth:`_adopt`), else a fsynced temp renamed over the old
         (redundant) journal, then the directory fsynced. Under the group lock: a background compaction
         retires a segment (renames it) only between two creations."""
-        with self._cond:
-            return self._create_locked(ops)
-
-    def _create_locked(self, ops: Sequence[Op]) -> int:
         header = self._next_header
         assert header is not None
         if self.guard is not None:

@@ -47,7 +47,7 @@ class JournalRecover(JournalRotation):
         """
         self.drain()  # a reload must not drop records still waiting for their group sync
         self._drop_spare(unlink=False)  # a blank ``.next`` is no segment: the load ignores it
-        self._promote = False
+        self._promote = self._first_pending = False
         self._spare_at = self._spare_bytes_at = NEVER
         self._detach()
         self._replace_ok = False

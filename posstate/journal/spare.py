@@ -43,6 +43,8 @@ NEVER = 1 << 62
 #: The thread that prepares the spare. It starts with the background compaction's prefix: the reliability
 #: harness counts it with the background work, never with the caller's operations.
 SPARE_THREAD = "posstate-compact-spare"
+#: How long a background compaction waits for the change that rotated to write its record (seconds).
+SEGMENT_START_WAIT = 0.05
 _FIRST_PAD = 64 * 1024  # zeros written with a new journal's first record (see JournalSpare._padding)
 
 
@@ -63,6 +65,10 @@ class JournalSpare(JournalGroupSync):
         self._spare_bytes_at = NEVER
         #: The last preparation's failure (None: none yet, or it succeeded since): tests and status read it.
         self.spare_error: BaseException | None = None
+        # The change that rotated has not written its record (the new segment's first) yet; then the
+        # sequence number of that record (group mode: the background waits for its sync too).
+        self._first_pending = False
+        self._first_seq = 0
 
     # ------------------------------------------------------------------------- the caller's side (O(1))
     def _arm_spare(self, retry: bool = False) -> None:
@@ -117,6 +123,27 @@ class JournalSpare(JournalGroupSync):
         """Wait until no preparation is in flight (at most *timeout* seconds). True when none is."""
         with self._cond:
             return self._cond.wait_for(lambda: not self._spare_busy, timeout)
+
+    def wait_segment_start(self, timeout: float | None = None) -> None:
+        """The background compaction's first step: wait (at most *timeout* seconds, default
+        :data:`SEGMENT_START_WAIT`; none when the compaction was not started by a change) until the change that
+        rotated has written the new segment's first record and (group mode) its sync returned. That record
+        is then one ``pwrite`` + ``fdatasync`` that competes with nothing the compaction starts (its first
+        slices hold the interpreter lock; for a small state its own fsync comes at once)."""
+
+        def started() -> bool:
+            if self._first_pending:
+                return False
+            return self.mode != "group" or self._failure is not None or self._durable_seq >= self._first_seq
+
+        with self._cond:
+            self._cond.wait_for(started, SEGMENT_START_WAIT if timeout is None else timeout)
+
+    def _segment_started(self, seq: int) -> None:
+        """The rotation's first record was written (or its write failed: *seq* 0). Caller holds ``_cond``."""
+        self._first_pending = False
+        self._first_seq = seq
+        self._cond.notify_all()
 
     @property
     def spare_ready(self) -> bool:
@@ -251,4 +278,4 @@ def _quiet_close(fd: int) -> None:
         fs.close(fd)
 
 
-__all__ = ["NEVER", "SPARE_FRACTION", "SPARE_THREAD", "JournalSpare"]
+__all__ = ["NEVER", "SEGMENT_START_WAIT", "SPARE_FRACTION", "SPARE_THREAD", "JournalSpare"]
