@@ -69,6 +69,7 @@ class JournalSpare(JournalGroupSync):
         # sequence number of that record (group mode: the background waits for its sync too).
         self._first_pending = False
         self._first_seq = 0
+        self._spare_made = False  # this journal created a spare file (close removes a blank one it left)
 
     # ------------------------------------------------------------------------- the caller's side (O(1))
     def _arm_spare(self, retry: bool = False) -> None:
@@ -178,13 +179,12 @@ class JournalSpare(JournalGroupSync):
         sync: if the removal is lost, a blank ``.next`` is harmless and the next preparation replaces it)."""
         self._spare_settle()
         fd, self._spare_fd = self._spare_fd, None
-        if fd is None:
-            return
-        _quiet_close(fd)
-        if unlink:
+        if fd is not None:
+            _quiet_close(fd)
+        if unlink and (fd is not None or self._spare_made):  # (a preparation close() cut short left one too)
             nxt = next_path(self.path)
             try:
-                if is_blank(fs.read_file(nxt, max_size=self._spare_size)):
+                if is_blank(fs.read_file(nxt, max_size=jf.HEADER_SIZE + _FIRST_PAD)):
                     fs.unlink(nxt)
             except OSError as exc:
                 log.info("%s: spare segment left in place (%s); it is blank and ignored", nxt, exc)
@@ -245,6 +245,7 @@ class JournalSpare(JournalGroupSync):
                 dest = _atomic.move_aside(nxt, self._quarantine, label="replaced")
                 log.warning("%s: not a segment of this journal; kept at %s", nxt, dest)
         size = jf.HEADER_SIZE + self._padding(0)
+        self._spare_made = True
         fd = fs.open_(nxt, fs.O_NEW, 0o600)
         try:
             fs.pwrite_all(fd, bytes(size), 0)
