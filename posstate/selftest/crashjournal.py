@@ -6,8 +6,8 @@ Run as ``python -m posstate.selftest.crashjournal DIR [--updates N] [--max-recor
 before the call and ``ack T I`` once it returns (T is the thread number, 0 in sync mode). A small
 ``journal_max_records`` makes compactions happen during the run. With ``--crash-at`` the child installs
 :class:`~posstate.selftest.harness.HarnessOps` during update *U* only and SIGKILLs itself before or after the *K*-th
-mutating file operation of that update (an append: write + fdatasync; a compaction: the snapshot save and
-the creation of the next journal). ``--probe`` prints the mutating operations of each update instead.
+mutating file operation of that update (an append: write + fdatasync; a compaction: the rotation, whose
+segment starts in the spare segment or is created). ``--probe`` prints the mutating operations of each update.
 
 The parent (:func:`journal_matrix`, :func:`journal_soak`) then opens a fresh manager and requires, for each
 thread, exactly the last acknowledged update or the one in flight: never older, never an error.
