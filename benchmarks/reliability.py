@@ -499,7 +499,7 @@ def family_journal_crash(work: Path, full: bool) -> list[Row]:
     matrix = journal_matrix(work / "matrix", key=key, only=picks)
     append = _crash_row("journal crash: SIGKILL before/after each op of an append", matrix["append"])
     compaction = _crash_row("journal crash: same, each op of a compaction", matrix["compaction"])
-    compaction.note = "snapshot save + creation of the next journal; every update acked before it must load"
+    compaction.note = "the rotation: the segment starts in the spare made in the background; every acked update loads"
     kills = 200 if full else 6
     soak_sync = _crash_row(
         "journal crash: SIGKILL at random, sync (soak)",

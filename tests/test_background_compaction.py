@@ -19,6 +19,7 @@ import pytest
 from posstate import PositionStateManager, PosStateError, StateConfig
 from posstate.journal import format as jf
 from posstate.journal.files import next_path
+from posstate.journal.spare import SPARE_THREAD
 from posstate.manager.compaction import BackgroundCompaction
 from posstate.model.position import Position
 from posstate.selftest.harness import MUTATING, Fault, HarnessOps, copy_tree
@@ -104,7 +105,7 @@ def test_threshold_rotates_to_a_linked_segment_and_the_snapshot_is_written_in_th
 
 def _bg_ops(d: Path) -> list[str]:
     """The mutating operations of one background compaction."""
-    probe = HarnessOps(thread_prefix=BG)
+    probe = HarnessOps(thread_prefix=BG, skip_thread_prefix=SPARE_THREAD)
     with make(d) as m:
         m.save()
         with fs.use(probe):
@@ -123,7 +124,10 @@ def test_fault_at_each_operation_of_a_background_compaction(tmp_path: Path, pers
     for k in range(1, len(names) + 1):
         d = tmp_path / f"k{k}"
         errors: list[dict[str, Any]] = []
-        ops = HarnessOps(fault=Fault(at=k, ops=MUTATING, persistent=persistent), thread_prefix=BG)
+        # The compaction's own operations: the spare segment's thread has its own fault tests (test_spare_segment.py).
+        ops = HarnessOps(
+            fault=Fault(at=k, ops=MUTATING, persistent=persistent), thread_prefix=BG, skip_thread_prefix=SPARE_THREAD
+        )
         with make(d) as m:
             m.on("error", errors.append)
             m.save()

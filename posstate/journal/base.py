@@ -1,7 +1,8 @@
 """The journal's state: its open file, header, sealer and sequence numbers; failure handling.
 
 The Journal class is a chain, one concern per module: JournalBase (here) -> JournalGroupSync (groupsync.py)
--> JournalRotation (rotation.py) -> JournalRecover (recover.py) -> Journal (journal.py, the append path).
+-> JournalSpare (spare.py) -> JournalRotation (rotation.py) -> JournalRecover (recover.py) -> Journal
+(journal.py, the append path).
 """
 
 from __future__ import annotations

@@ -64,6 +64,22 @@ def next_path(path: Path) -> Path:
     return path.with_name(path.name + ".next")
 
 
+def is_blank(data: bytes) -> bool:
+    """True when *data* (a ``.next`` file's bytes) is all zeros, or empty: a spare segment prepared ahead of time
+    and not used yet (posstate/journal/spare.py), or what a crash during its preparation left. No header parses,
+    so no reader takes it for a segment; it holds no record (the first record's ``pwrite`` writes the header too,
+    and its ``fdatasync`` makes both durable). Removed, never quarantined: there is nothing in it to keep."""
+    return data.count(0) == len(data)
+
+
+def blank_file(path: Path) -> bool:
+    """The file at *path* exists and :func:`is_blank` holds for it (False if it cannot be read)."""
+    try:
+        return is_blank(fs.read_file(path))
+    except OSError:
+        return False
+
+
 def header_of(path: Path) -> jf.JournalHeader | None:
     """The parsed header of the journal at *path* (None: missing, unreadable, or not a journal header)."""
     try:
@@ -110,9 +126,11 @@ def gap_after_missing(snapshot_journal: dict[str, Any] | None, segment: Path, ba
 
 def journal_files_of(path: Path, legacy: Path | None, snapshot_journals: Sequence[dict[str, Any] | None]) -> list[Path]:
     """The journal files on disk that belong to this state file, for moving aside (recovery, repair, restore):
-    *path* if it exists, and the old name *legacy* when :func:`journal_file` picks it for any of
-    *snapshot_journals* (only then is it ours, not another state file's)."""
+    *path* if it exists, the ``.next`` segment unless it is a blank spare (:func:`is_blank`), and the old name
+    *legacy* when :func:`journal_file` picks it for any of *snapshot_journals* (only then is it ours, not
+    another state file's)."""
     found = [p for p in (path, next_path(path)) if fs.exists(p)]
+    found = [p for p in found if p == path or not blank_file(p)]  # a blank spare holds nothing: it stays
     if legacy is not None and any(journal_file(path, legacy, j) == legacy for j in snapshot_journals if j is not None):
         found.append(legacy)
     return found

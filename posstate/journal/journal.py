@@ -10,6 +10,7 @@ journal (:meth:`Journal.begin_rotation`). docs/JOURNAL.md has the format and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from posstate.core.errors import (
 from posstate.journal import format as jf
 from posstate.journal import records as _records
 from posstate.journal.base import O_WRITE, Emit, Mode
+from posstate.journal.files import blank_file, next_path
 from posstate.journal.recover import JournalRecover
 from posstate.journal.rotation import Rotation
 from posstate.model import ops as jops
@@ -58,6 +60,8 @@ class Journal(JournalRecover):
             return
         if self._failure is not None:  # same test as rollback()'s fast path, without the call
             self.rollback(st, entries)
+        if self._records >= self._spare_at or self._end >= self._spare_bytes_at:
+            self.want_spare()  # half a threshold: the next segment's file is prepared in the background
         must = self._needs_rotation or (self._fd is None and self._next_header is None)
         due = self._end >= self._max_bytes or self._records >= self._max_records
         wanted = self.rotation_wanted and rotate is not None  # a due timed backup asked (issue 14.2)
@@ -66,6 +70,7 @@ class Journal(JournalRecover):
         if not must and rotate is not None:
             if not self.rotating and self._next_header is None:
                 rotate()
+                self._first_pending = self.rotating  # this change writes the new segment's first record
             return
         try:
             compact()
@@ -91,6 +96,8 @@ class Journal(JournalRecover):
             or self._next_header is not None
             or ((self._end >= self._max_bytes or self._records >= self._max_records) and not self.rotating)
             or self.rotation_wanted
+            or self._records >= self._spare_at
+            or self._end >= self._spare_bytes_at
         ):
             return False
         if self._pre is not None:
@@ -203,25 +210,23 @@ class Journal(JournalRecover):
         self.last_time_ms = now_ms
         return seq
 
-    def _padding(self, alloc: int) -> int:
-        """How many zero bytes to write after a record that goes past the file's end.
-
-        A record that overwrites bytes already on disk makes ``fdatasync`` flush only that data: the file's
-        size and block map do not change, so the file system has no metadata to commit (on ext4 that saves
-        the journal commit: about a third of an append's cost on the reference machine, docs/JOURNAL.md).
-        The space grows geometrically, 64 KiB first and then the file's size again, at most
-        ``journal_preallocate`` bytes at a time; 0 turns it off (every record then grows the file).
-        """
-        return min(self._preallocate, max(_FIRST_PAD, alloc))
-
     def _create(self, ops: Sequence[Op]) -> int:
-        """Create the journal the snapshot names, holding its header and this first record: a fsynced temp
-        renamed over the old (redundant) journal, then the directory fsynced. Under the group lock: a
-        background compaction retires a segment (renames it) only between two creations."""
+        """:meth:`_create_locked` under the group lock; then (a rotation's first record, written or failed)
+        the background compaction waiting in ``wait_segment_start`` may go on."""
         with self._cond:
-            return self._create_locked(ops)
+            seq = 0
+            try:
+                seq = self._create_locked(ops)
+            finally:
+                if self._first_pending:
+                    self._segment_started(seq)
+            return seq
 
     def _create_locked(self, ops: Sequence[Op]) -> int:
+        """Start the journal (or segment) the snapshot or rotation names with this first record: in the spare
+        prepared ahead of time when there is one (:meth:`_adopt`), else a fsynced temp renamed over the old
+        (redundant) journal, then the directory fsynced. Under the group lock: a background compaction
+        retires a segment (renames it) only between two creations."""
         header = self._next_header
         assert header is not None
         if self.guard is not None:
@@ -237,9 +242,12 @@ class Journal(JournalRecover):
         kind, payload = _records.encode(ops)
         now_ms = int(time.time() * 1000)
         frame = sealer.frame(seq=seq, generation=header.base_generation, time_ms=now_ms, kind=kind, payload=payload)
+        spare = self._take_spare()
+        if spare is not None:
+            return self._adopt(spare, header, sealer, frame, seq, now_ms)
         committed = False
         try:
-            if (target != self.path or not self._replace_ok) and fs.exists(target):
+            if (target != self.path or not self._replace_ok) and fs.exists(target) and not blank_file(target):
                 dest = _atomic.move_aside(target, self._quarantine, label="replaced")
                 log.warning("%s: journal not known to be folded into the snapshot; kept at %s", target, dest)
             if target == self.path:
@@ -268,4 +276,60 @@ class Journal(JournalRecover):
         with self._cond:
             self._written_seq = self._durable_seq = seq
             self._durable_end = self._end
+        self._arm_spare()
+        return seq
+
+    def _adopt(
+        self, spare: tuple[int, int], header: jf.JournalHeader, sealer: jf.Sealer, frame: bytes, seq: int, now_ms: int
+    ) -> int:
+        """The new segment starts in the spare (posstate/journal/spare.py): its header and this first record in
+        one ``pwrite`` at offset 0, then (sync mode) one ``fdatasync``; group mode leaves the sync to the group.
+        No file is created, renamed or synced on this thread. The caller holds the group lock.
+
+        After a save the segment belongs under the journal's own name: it starts in ``.next`` (which the
+        snapshot's id leads a load to) and the spare's thread renames it (``_promote``)."""
+        fd, alloc = spare
+        data = header.raw + frame
+        if len(data) > alloc:
+            pad = self._padding(alloc)
+            alloc = len(data) + pad
+            data += bytes(pad)
+        step = "journal write"
+        wrote = 0
+        try:
+            wrote = fs.pwrite(fd, data, 0)
+            if wrote != len(data):
+                fs.pwrite_all(fd, data[wrote:], wrote)
+            if self.mode == "sync":
+                step = "journal fdatasync"
+                fs.fdatasync(fd)
+        except OSError as exc:
+            cut = self._cut(fd, 0)  # back to an empty file: blank, no header, nothing a reader takes for a segment
+            with contextlib.suppress(OSError):
+                fs.close(fd)
+            if cut or wrote <= 0:
+                raise PersistenceError(self.path, operation=f"start journal segment ({step})", cause=exc) from exc
+            raise self._unknown_error(f"start journal segment ({step})", exc, seq, seq, header) from exc
+        nxt = next_path(self.path)
+        promote = self._target != nxt  # after a save: the segment moves to the journal's own name later
+        self._detach()
+        self._fd, self._header, self._sealer = fd, header, sealer
+        self._next_header = None
+        self._needs_rotation = False
+        self._target = nxt
+        self._promote = promote
+        self._end = jf.HEADER_SIZE + len(frame)
+        self._alloc = alloc
+        self._records = 1
+        self.last_time_ms = now_ms
+        if self.mode == "sync":
+            self._written_seq = self._durable_seq = seq
+            self._durable_end = self._end
+        else:
+            # A failed group sync cuts back to the header (a journal with no record: never continued, and what
+            # the snapshot's id names stays a journal file, not an empty one).
+            self._durable_end = jf.HEADER_SIZE
+        self._arm_spare()
+        if promote:
+            self.want_spare()
         return seq

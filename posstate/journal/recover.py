@@ -18,6 +18,7 @@ from posstate.journal import format as jf
 from posstate.journal.files import _header_id, _temp_seq, gap_after_missing, next_path, segment_chain
 from posstate.journal.records import _journal_error, read_records
 from posstate.journal.rotation import JournalRotation
+from posstate.journal.spare import NEVER
 from posstate.model import ops as jops
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
@@ -45,6 +46,9 @@ class JournalRecover(JournalRotation):
         holds is ignored (it is replaced at the next rotation).
         """
         self.drain()  # a reload must not drop records still waiting for their group sync
+        self._drop_spare(unlink=False)  # a blank ``.next`` is no segment: the load ignores it
+        self._promote = self._first_pending = False
+        self._spare_at = self._spare_bytes_at = NEVER
         self._detach()
         self._replace_ok = False
         self._legacy_read = None
@@ -134,6 +138,7 @@ class JournalRecover(JournalRotation):
             self._needs_rotation = False
             self._written_seq = self._durable_seq = self._last_seq
             self._durable_end = self._end
+            self._arm_spare()
         return max_rev
 
     def _recover_chain(self, st: StateData, chain: list[Path], snap: dict[str, Any], snap_seq: int) -> int:

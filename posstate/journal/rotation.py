@@ -15,7 +15,7 @@ from posstate.core.errors import (
 from posstate.journal import fold as _fold
 from posstate.journal import format as jf
 from posstate.journal.files import next_path
-from posstate.journal.groupsync import JournalGroupSync
+from posstate.journal.spare import JournalSpare
 from posstate.model.document import StateData
 from posstate.model.ops import Undo
 from posstate.storage import atomic as _atomic
@@ -67,7 +67,7 @@ class Rotation:
         self._journal._install(self._header)
 
 
-class JournalRotation(JournalGroupSync):
+class JournalRotation(JournalSpare):
     """begin_rotation / install of the next journal, and close."""
 
     def begin_rotation(self, st: StateData) -> Rotation | None:
@@ -134,18 +134,28 @@ class JournalRotation(JournalGroupSync):
             log.warning("%s: could not write the fold record of generation %s (%s)", self.path, generation, exc)
 
     def rotate(self, generation: int) -> dict[str, Any] | None:
-        """Start a new segment (issue 14): the next record creates ``<journal>.next``, whose header links to
-        the current segment, and pre-images of every key changed from now on are kept (:meth:`remember`).
+        """Start a new segment (issue 14): the next record starts ``<journal>.next`` (in the spare prepared
+        ahead of time, else it creates the file), whose header links to the current segment, and pre-images
+        of every key changed from now on are kept (:meth:`remember`).
         Returns the ``journal`` entry of the snapshot that will hold everything up to here (it names the new
         segment and the last sequence number written), or None when a rotation cannot start now: one is
-        pending, no segment is open, or (group mode) records still wait for their sync (never synced here:
-        the caller holds the manager's lock, and the next change tries again). O(1), no I/O."""
-        if self.rotating or self._fd is None or self._header is None or self._needs_rotation or self._next_header is not None:
+        pending, no segment is open, the live segment still waits for its rename, or (group mode) records
+        still wait for their sync (never synced here: the caller holds the manager's lock, and the next change
+        tries again). O(1), no I/O (if the spare's thread is preparing ``.next`` it waits for that step)."""
+        if (
+            self.rotating
+            or self._fd is None
+            or self._header is None
+            or self._needs_rotation
+            or self._next_header is not None
+            or self._promote
+        ):
             return None
-        if self.mode == "group":
-            with self._cond:
-                if self._syncing or self._written_seq > self._durable_seq or self._failure is not None:
-                    return None
+        with self._cond:
+            if self._spare_busy:  # a spare being prepared (started at half the threshold): milliseconds
+                self._cond.wait_for(lambda: not self._spare_busy)
+            if self.mode == "group" and (self._syncing or self._written_seq > self._durable_seq or self._failure is not None):
+                return None
         header = self._header_for(None, generation, prev_id=self._header.journal_id)
         self._next_header = header
         self._target = next_path(self.path)
@@ -168,10 +178,12 @@ class JournalRotation(JournalGroupSync):
             if self._target == nxt:
                 if self._next_header is not None:
                     # No record since the rotation: the segment has no file yet. The snapshot names it and
-                    # holds the old one, so it is created under the journal's own name, over the old one.
+                    # holds the old one, so it is created under the journal's own name, over the old one
+                    # (in the spare if one is ready, then renamed: posstate/journal/spare.py).
                     self._target = self.path
                     self._replace_ok = True
                     self.rotating = False
+                    self._arm_spare()
                     return
                 if fs.exists(nxt):
                     fs.replace(nxt, self.path)
@@ -179,6 +191,7 @@ class JournalRotation(JournalGroupSync):
                 self._replace_ok = True
         fs.fsync_dir(self.path.parent)
         self.rotating = False
+        self._arm_spare()  # ``.next`` is free again: the next segment's spare is wanted from half a threshold
 
     def cancel_rotation(self) -> None:
         """A pending background compaction is given up (a save of memory, a load, close): stop capturing.
@@ -206,6 +219,7 @@ class JournalRotation(JournalGroupSync):
         self._next_header = header
         self._needs_rotation = False
         self._compact_retry_at = 0
+        self._arm_spare()
         with self._cond:
             self._written_seq = self._durable_seq = self._last_seq
             self._durable_end = 0
@@ -216,9 +230,13 @@ class JournalRotation(JournalGroupSync):
     def _retire_next(self) -> None:
         """A durable snapshot of memory holds every segment: remove a ``.next`` segment (never raises; left in
         place it is harmless: its records are all at or below the snapshot's sequence number)."""
+        self._spare_settle()
         self._target = self.path
         self.rotating = False
+        self._promote = False
         self._pre = None
+        if self._spare_fd is not None:
+            return  # ``.next`` is the blank spare this journal prepared (kept for the next segment): no segment
         nxt = next_path(self.path)
         try:
             if fs.exists(nxt):
@@ -247,4 +265,7 @@ class JournalRotation(JournalGroupSync):
             self.drain()
         except PersistenceError as exc:
             log.warning("%s: journal sync at close failed (%s)", self.path, exc)
+        with self._cond:
+            self._spare_closed = True  # no new step of the spare's thread starts
+        self._drop_spare(unlink=True)
         self._detach()

@@ -291,6 +291,8 @@ class BackgroundCompaction(DurableCommit):
         """One attempt: build the view (first attempt only), encode, write the snapshot, retire the segment."""
         if job.cancelled:
             raise _Cancelled
+        if job.view is None:  # issue 14.3: the change that rotated first writes (and syncs) its record
+            self._journal.wait_segment_start()
 
         # The O(state) part holds the process's one background turn: a backup's full check waits asleep
         # meanwhile instead of competing for the processor and the GIL (posstate/storage/turns.py). Each slice

@@ -22,7 +22,7 @@ from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, StateNotFoundError
 from posstate.journal import format as jf
 from posstate.journal.current import read_current
-from posstate.journal.files import next_path
+from posstate.journal.files import blank_file, next_path
 from posstate.journal.records import read_records
 from posstate.replica import names as _names
 from posstate.replica.client import ReplicaClient
@@ -258,6 +258,7 @@ def restore(
     (``replace``: move them to quarantine first; the lease takeover does)."""
     nxt = next_path(config.journal_path)
     existing = [p for p in (config.state_path, config.journal_path, nxt, config.bak_path) if fs.exists(p)]
+    existing = [p for p in existing if p != nxt or not blank_file(p)]  # a blank spare (issue 14.3) holds nothing
     if existing and not replace:
         raise CorruptStateError(
             existing[0],

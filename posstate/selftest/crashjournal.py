@@ -6,8 +6,8 @@ Run as ``python -m posstate.selftest.crashjournal DIR [--updates N] [--max-recor
 before the call and ``ack T I`` once it returns (T is the thread number, 0 in sync mode). A small
 ``journal_max_records`` makes compactions happen during the run. With ``--crash-at`` the child installs
 :class:`~posstate.selftest.harness.HarnessOps` during update *U* only and SIGKILLs itself before or after the *K*-th
-mutating file operation of that update (an append: write + fdatasync; a compaction: the snapshot save and
-the creation of the next journal). ``--probe`` prints the mutating operations of each update instead.
+mutating file operation of that update (an append: write + fdatasync; a compaction: the rotation, whose
+segment starts in the spare segment or is created). ``--probe`` prints the mutating operations of each update.
 
 The parent (:func:`journal_matrix`, :func:`journal_soak`) then opens a fresh manager and requires, for each
 thread, exactly the last acknowledged update or the one in flight: never older, never an error.
@@ -129,9 +129,12 @@ def _updates(args: argparse.Namespace, out: Any, say: threading.Lock, ops: Harne
                     ops.counting = False
                 elif args.probe:
                     probe = HarnessOps(skip_thread_prefix=BG_THREAD)
+                    jid = m._journal.journal_id
                     with _fileops.use(probe):
                         m.set_position(update_position(t, i))
                     line(f"ops {n} " + ",".join(op.name for op in probe.ops if op.name in MUTATING))
+                    if m._journal.journal_id != jid:  # this update started a new segment (a rotation)
+                        line(f"segment {n}")
                 else:
                     m.set_position(update_position(t, i))
                 line(f"ack {t} {i}")
@@ -170,12 +173,15 @@ class Reported:
     acked: dict[int, int]
     pending: dict[int, int]
     ops: dict[int, list[str]]
+    #: Probed updates that started a segment (issue 14.3: in the spare, its operations are an append's).
+    segments: frozenset[int] = frozenset()
 
 
 def parse_lines(lines: list[str]) -> Reported:
     acked: dict[int, int] = {}
     pending: dict[int, int] = {}
     ops: dict[int, list[str]] = {}
+    segments: set[int] = set()
     for text in lines:
         parts = text.split()
         if len(parts) == 3 and parts[0] in ("ack", "pending"):
@@ -187,7 +193,9 @@ def parse_lines(lines: list[str]) -> Reported:
                 pending[t] = i
         elif len(parts) in (2, 3) and parts[0] == "ops":
             ops[int(parts[1])] = parts[2].split(",") if len(parts) == 3 else []
-    return Reported(acked, pending, ops)
+        elif len(parts) == 2 and parts[0] == "segment":
+            segments.add(int(parts[1]))
+    return Reported(acked, pending, ops, frozenset(segments))
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,13 +257,13 @@ def check_after_kill(
     return JournalCase(label, allowed, loaded, None, exact)
 
 
-def probe_updates(base: Path, work: Path, *, key: bytes, updates: int, max_records: int) -> dict[int, list[str]]:
+def probe_updates(base: Path, work: Path, *, key: bytes, updates: int, max_records: int) -> Reported:
     """The mutating operations of each update a child makes from a copy of *base* (deterministic)."""
     d = work / "probe"
     copy_tree(base, d)
     _, rep = run_child(d, key=key, updates=updates, max_records=max_records, extra=("--probe",))
     shutil.rmtree(d)
-    return rep.ops
+    return rep
 
 
 def journal_matrix(
@@ -277,10 +285,12 @@ def journal_matrix(
     run_child(base, key=key, updates=warmup, max_records=max_records)
     with PositionStateManager(config(base, max_records=max_records), key=key) as m:
         before = counters(m.load_positions())
-    probed = probe_updates(base, work, key=key, updates=max_records + 2, max_records=max_records)
+    rep = probe_updates(base, work, key=key, updates=max_records + 2, max_records=max_records)
+    probed = rep.ops
+    starts = rep.segments | {n for n, names in probed.items() if "replace" in names}
     picks = {
-        "append": next(n for n, names in sorted(probed.items()) if "replace" not in names),
-        "compaction": next(n for n, names in sorted(probed.items()) if "replace" in names),
+        "append": next(n for n in sorted(probed) if n not in starts),
+        "compaction": min(starts),
     }
     out: dict[str, list[JournalCase]] = {}
     if "background" in which:

@@ -1,0 +1,282 @@
+"""The spare segment (issue 14.3): ``<journal>.next`` created, zero-filled and made durable ahead of time on a
+background thread, so that the first record of a new segment costs one ``pwrite`` + ``fdatasync`` like any other.
+
+Creating a journal file costs an ``open(O_CREAT)``, its first bytes, an ``fsync`` of the file and one of the
+directory: 5-8 ms, on the caller's thread with the manager's lock held (every group thread waits). Instead,
+once the open journal holds half of either threshold (``journal_max_records``, ``journal_max_bytes``), a
+thread (``posstate-compact-spare-...``) creates ``.next`` holding nothing but zeros (the header's 96 bytes and
+the first stretch of zeros written ahead), fsyncs it and the directory, and keeps it open. The rotation then
+adopts it: the first record writes the segment's header and itself at offset 0 in one ``pwrite`` (the header
+is made only then: its id, base sequence number, generation and key are those of the rotation).
+
+A spare is *blank*: every byte zero (:func:`posstate.journal.files.is_blank`). No header parses, so every
+reader that looks for a segment sees none (a load, validate, history, recovery, the replica shipper, serve);
+nothing in it was ever acknowledged (a record's ``fdatasync`` also made the header durable, written by the same
+``pwrite``). A crash at any step of the preparation leaves no file, or a blank one (any length): harmless,
+removed by the next preparation. docs/JOURNAL.md, "The spare segment", has the lifecycle and the crash analysis.
+
+After a save (the journal the snapshot names is created under its own name) the first record goes into the
+spare too, and the thread then renames it over the journal's name (``_promote``), as a background compaction
+does with its segment; until then a load follows the snapshot's id to ``.next`` and no rotation starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+from posstate.core.errors import PosStateError
+from posstate.journal import format as jf
+from posstate.journal.files import is_blank, next_path
+from posstate.journal.groupsync import JournalGroupSync
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+
+log = logging.getLogger("posstate")
+
+#: The spare is prepared once the open journal holds 1/SPARE_FRACTION of either threshold.
+SPARE_FRACTION = 2
+#: "Never" for the record and byte marks (no spare wanted until something re-arms them).
+NEVER = 1 << 62
+#: The thread that prepares the spare. It starts with the background compaction's prefix: the reliability
+#: harness counts it with the background work, never with the caller's operations.
+SPARE_THREAD = "posstate-compact-spare"
+#: How long a background compaction waits for the change that rotated to write its record (seconds).
+SEGMENT_START_WAIT = 0.05
+_FIRST_PAD = 64 * 1024  # zeros written with a new journal's first record (see JournalSpare._padding)
+
+
+class JournalSpare(JournalGroupSync):
+    """The spare ``.next`` segment: prepared by a background thread, adopted by the first record of a segment."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._spare_fd: int | None = None  # open on the blank, durable ``.next`` this journal prepared
+        self._spare_size = 0
+        self._spare_busy = False  # the thread is preparing (or promoting): nothing else touches ``.next``
+        self._spare_closed = False
+        # True while the live journal is ``.next`` and no compaction will rename it (the first record after a
+        # save adopted the spare): the thread renames it over the journal's name; no rotation meanwhile.
+        self._promote = False
+        #: Record count and byte offset of the open journal at which a spare is wanted (NEVER: not now).
+        self._spare_at = NEVER
+        self._spare_bytes_at = NEVER
+        #: The last preparation's failure (None: none yet, or it succeeded since): tests and status read it.
+        self.spare_error: BaseException | None = None
+        # The change that rotated has not written its record (the new segment's first) yet; then the
+        # sequence number of that record (group mode: the background waits for its sync too).
+        self._first_pending = False
+        self._first_seq = 0
+        self._spare_made = False  # this journal created a spare file (close removes a blank one it left)
+
+    # ------------------------------------------------------------------------- the caller's side (O(1))
+    def _arm_spare(self, retry: bool = False) -> None:
+        """Want a spare once the open journal holds half of a threshold (*retry*: after a failure, a while on)."""
+        if not self.active:
+            return
+        if retry:
+            self._spare_at = self._records + max(16, self._max_records // 10)
+            self._spare_bytes_at = NEVER
+            return
+        self._spare_at = max(1, self._max_records // SPARE_FRACTION)
+        self._spare_bytes_at = max(1, self._max_bytes // SPARE_FRACTION)
+
+    def _spare_wanted(self) -> bool:
+        return self._records >= self._spare_at or self._end >= self._spare_bytes_at
+
+    def _spare_eligible(self) -> bool:
+        """May ``.next`` be (re)made a spare now? Only while the live journal is the file at the journal's name
+        and nothing else holds ``.next``: no rotation, no segment waiting for its rename, no spare yet."""
+        return (
+            self.active
+            and not self._spare_closed
+            and self._spare_fd is None
+            and self._fd is not None
+            and self._header is not None
+            and self._next_header is None
+            and not self._needs_rotation
+            and self._target == self.path
+            and not self.rotating
+            and not self._promote
+        )
+
+    def want_spare(self) -> None:
+        """The open journal passed half a threshold (or a segment waits for its rename): start the thread
+        that prepares the spare. O(1); the caller holds the manager's lock. Never raises."""
+        self._spare_at = self._spare_bytes_at = NEVER
+        if not (self._promote or self._spare_eligible()):
+            return
+        with self._cond:
+            if self._spare_busy or self._spare_closed:
+                return
+            self._spare_busy = True
+        try:
+            threading.Thread(target=self._spare_run, name=f"{SPARE_THREAD}-{self.path.name}", daemon=True).start()
+        except RuntimeError as exc:  # no thread can be started (interpreter shutting down, resources)
+            with self._cond:
+                self._spare_busy = False
+                self._cond.notify_all()
+            log.warning("%s: could not start the spare segment's thread (%s)", self.path, exc)
+
+    def wait_spare(self, timeout: float | None = None) -> bool:
+        """Wait until no preparation is in flight (at most *timeout* seconds). True when none is."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._spare_busy, timeout)
+
+    def wait_segment_start(self, timeout: float | None = None) -> None:
+        """The background compaction's first step: wait (at most *timeout* seconds, default
+        :data:`SEGMENT_START_WAIT`; none when the compaction was not started by a change) until the change that
+        rotated has written the new segment's first record and (group mode) its sync returned. That record
+        is then one ``pwrite`` + ``fdatasync`` that competes with nothing the compaction starts (its first
+        slices hold the interpreter lock; for a small state its own fsync comes at once)."""
+
+        def started() -> bool:
+            if self._first_pending:
+                return False
+            return self.mode != "group" or self._failure is not None or self._durable_seq >= self._first_seq
+
+        with self._cond:
+            self._cond.wait_for(started, SEGMENT_START_WAIT if timeout is None else timeout)
+
+    def _segment_started(self, seq: int) -> None:
+        """The rotation's first record was written (or its write failed: *seq* 0). Caller holds ``_cond``."""
+        self._first_pending = False
+        self._first_seq = seq
+        self._cond.notify_all()
+
+    @property
+    def spare_ready(self) -> bool:
+        """A blank, durable ``.next`` is prepared and held open for the next segment."""
+        return self._spare_fd is not None
+
+    def _take_spare(self) -> tuple[int, int] | None:
+        """The spare for the segment about to start (caller holds ``_cond``), or None. It is used only while
+        ``.next`` is still the file this journal prepared (two ``stat`` calls, no sync)."""
+        fd = self._spare_fd
+        if fd is None or self._spare_busy:
+            return None
+        self._spare_fd = None
+        try:
+            a, b = fs.fstat(fd), fs.lstat(next_path(self.path))
+            same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and a.st_size == self._spare_size
+        except OSError:
+            same = False
+        if not same:
+            log.warning("%s: the spare segment was replaced or changed on disk; creating the segment instead", self.path)
+            _quiet_close(fd)
+            return None
+        return fd, self._spare_size
+
+    def _spare_settle(self) -> None:
+        """Before a save's install, a load or close changes ``.next``: wait for the thread's step in flight."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._spare_busy)
+
+    def _drop_spare(self, *, unlink: bool) -> None:
+        """Forget the spare (a load, close): close it and, with *unlink*, remove the blank file (no directory
+        sync: if the removal is lost, a blank ``.next`` is harmless and the next preparation replaces it)."""
+        self._spare_settle()
+        fd, self._spare_fd = self._spare_fd, None
+        if fd is not None:
+            _quiet_close(fd)
+        if unlink and (fd is not None or self._spare_made):  # (a preparation close() cut short left one too)
+            nxt = next_path(self.path)
+            try:
+                if is_blank(fs.read_file(nxt, max_size=jf.HEADER_SIZE + _FIRST_PAD)):
+                    fs.unlink(nxt)
+            except OSError as exc:
+                log.info("%s: spare segment left in place (%s); it is blank and ignored", nxt, exc)
+
+    # ------------------------------------------------------------------------------- the spare's thread
+    def _spare_run(self) -> None:
+        try:
+            if self._promote:
+                self._promote_live()
+            self._make_spare()
+            self.spare_error = None
+        except (OSError, PosStateError) as exc:
+            self.spare_error = exc
+            self._arm_spare(retry=True)
+            log.warning("%s: preparing the next journal segment failed (%s); it is created when needed", self.path, exc)
+            if self._emit is not None:
+                with contextlib.suppress(Exception):  # an event handler's failure is not the journal's
+                    self._emit("error", {"context": "journal segment preparation", "error": str(exc)})
+        finally:
+            with self._cond:
+                self._spare_busy = False
+                self._cond.notify_all()
+
+    def _promote_live(self) -> None:
+        """The live journal is ``.next`` (it adopted the spare after a save): rename it over the journal's
+        name, then sync the directory. The snapshot names its id, so until the rename is durable a load
+        finds it as ``.next`` (journal/files.py segment_chain): nothing in between is lost."""
+        nxt = next_path(self.path)
+        with self._cond:  # _create() and retire_segment() run under it too
+            if not self._promote:
+                return
+            if self._target != nxt or self._fd is None:
+                self._promote = False
+                return
+            if not self._replace_ok and fs.exists(self.path):
+                dest = _atomic.move_aside(self.path, self._quarantine, label="replaced")
+                log.warning("%s: journal not known to be folded into the snapshot; kept at %s", self.path, dest)
+            fs.replace(nxt, self.path)
+            self._target = self.path
+            self._replace_ok = True
+            self._promote = False
+        fs.fsync_dir(self.path.parent)
+        self._arm_spare()
+
+    def _make_spare(self) -> None:
+        """Create the blank ``.next``: zeros for the header and the first stretch written ahead, synced, then
+        the directory synced; kept open. A ``.next`` left behind is replaced: a blank one is removed, anything
+        else (no load followed it: it is no segment of this snapshot) is moved to quarantine, as a segment
+        created on the caller's thread does with it."""
+        with self._cond:
+            if not self._spare_eligible():
+                return
+        nxt = next_path(self.path)
+        if fs.exists(nxt):
+            if is_blank(fs.read_file(nxt)):
+                fs.unlink(nxt)
+            else:
+                dest = _atomic.move_aside(nxt, self._quarantine, label="replaced")
+                log.warning("%s: not a segment of this journal; kept at %s", nxt, dest)
+        size = jf.HEADER_SIZE + self._padding(0)
+        self._spare_made = True
+        fd = fs.open_(nxt, fs.O_NEW, 0o600)
+        try:
+            fs.pwrite_all(fd, bytes(size), 0)
+            fs.fsync(fd)
+            fs.fsync_dir(self.path.parent)
+        except BaseException:
+            _quiet_close(fd)
+            with contextlib.suppress(OSError):
+                fs.unlink(nxt)  # blank: harmless if this fails too
+            raise
+        with self._cond:
+            if self._spare_eligible():
+                self._spare_fd, self._spare_size = fd, size
+                return
+        _quiet_close(fd)  # the journal moved on meanwhile (a save, a failure): the blank file stays harmless
+
+    def _padding(self, alloc: int) -> int:
+        """How many zero bytes to write after a record that goes past the file's end.
+
+        A record that overwrites bytes already on disk makes ``fdatasync`` flush only that data: the file's
+        size and block map do not change, so the file system has no metadata to commit (on ext4 that saves
+        the journal commit: about a third of an append's cost on the reference machine, docs/JOURNAL.md).
+        The space grows geometrically, 64 KiB first and then the file's size again, at most
+        ``journal_preallocate`` bytes at a time; 0 turns it off (every record then grows the file).
+        """
+        return min(self._preallocate, max(_FIRST_PAD, alloc))
+
+
+def _quiet_close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fs.close(fd)
+
+
+__all__ = ["NEVER", "SEGMENT_START_WAIT", "SPARE_FRACTION", "SPARE_THREAD", "JournalSpare"]
