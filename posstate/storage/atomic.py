@@ -57,9 +57,10 @@ def quiet_unlink(path: Path) -> None:
         fs.unlink(path)
 
 
-def write_temp(target: Path, data: bytes) -> Path:
-    """Write *data* to a new fsynced temp file beside *target*; on failure nothing is left behind."""
-    tmp = temp_name(target)
+def write_temp(target: Path, data: bytes, *, name: Path | None = None) -> Path:
+    """Write *data* to a new fsynced temp file beside *target*; on failure nothing is left behind. *name*: the
+    temp's name, made by :func:`temp_name` beforehand (a compaction worker writes the temp its parent named)."""
+    tmp = temp_name(target) if name is None else name
     step = "open"
     try:
         fd = fs.open_(tmp, fs.O_NEW, 0o600)
