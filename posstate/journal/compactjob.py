@@ -23,6 +23,7 @@ import gc
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,9 @@ from posstate.storage.crypto import Keyring
 
 #: The largest job or answer read from a pipe (bytes); anything longer is refused, never parsed.
 MAX_MESSAGE = 1024 * 1024
-#: TEST ONLY: ``<action>@<step>`` makes the worker SIGKILL itself (``kill``), hang until killed (``hang``) or
-#: answer garbage (``garbage``) at a step (``start``, ``read``, ``encoded``, ``written``, ``verified``).
+#: TEST ONLY: ``<action>@<step>`` makes the worker SIGKILL itself (``kill``), hang until killed (``hang``),
+#: answer garbage (``garbage``) or wait until its manager is gone (``orphan``) at a step (``start``, ``read``,
+#: ``encoded``, ``written``, ``verified``).
 #: The manager passes it to the worker only when it is set in its own environment (tests set it).
 TEST_HOOK = "POSSTATE_TEST_COMPACT_WORKER"
 
@@ -93,6 +95,12 @@ def _hook(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "hang":
         signal.pause()  # until the manager's timeout (or a save, load or close) kills this process
+    if action == "orphan":
+        parent = os.getppid()
+        for _ in range(12000):  # at most about 2 minutes
+            if os.getppid() != parent:
+                return
+            time.sleep(0.01)
     if action == "garbage":
         sys.stdout.buffer.write(b"\x00not json")
         sys.stdout.flush()

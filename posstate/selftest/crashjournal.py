@@ -312,14 +312,7 @@ def journal_matrix(
 
 
 def _background_cases(
-    base: Path,
-    work: Path,
-    *,
-    key: bytes,
-    before: dict[int, int],
-    max_records: int,
-    only: frozenset[int] | None,
-    how: str = "thread",
+    base: Path, work: Path, *, key: bytes, before: dict[int, int], max_records: int, only: frozenset[int] | None, how: str
 ) -> list[JournalCase]:
     """SIGKILL before and after every mutating operation of a background compaction (issue 14), while the
     child keeps updating (or, late operations, while close() waits for it). *how*: ``compaction=`` of the

@@ -89,6 +89,10 @@ def write_temp(target: Path, data: bytes, *, name: Path | None = None) -> Path:
 
 def keep_previous(path: Path, keep_as: Path) -> None:
     """Make *keep_as* hold what *path* holds now (a hard link; a fsynced copy where links are missing)."""
+    if same_file(path, keep_as):
+        # Already (a save that failed after this step is retried): a rename between two links of one file
+        # does nothing and would leave the new link's temp name behind.
+        return
     tmp = temp_name(keep_as)
     try:
         fs.link(path, tmp)
