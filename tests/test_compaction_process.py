@@ -539,3 +539,29 @@ def test_each_worker_snapshot_has_a_fresh_nonce(tmp_path: Path, monkeypatch: pyt
             nonces.append(_format.parse_header(m.path.read_bytes()).nonce)
     assert len(spy.installed) == 8 and spy.in_process == 0
     assert len(set(nonces)) == len(nonces) and all(len(n) == 12 for n in nonces)
+
+
+@pytest.mark.parametrize("how", ["no-executable", "spawn-fails"])
+def test_without_a_worker_process_the_compaction_runs_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """issue 14 (cause 2): with no Python executable to start (embedded, frozen) or a start that fails
+    (ENOENT, EAGAIN), compaction="process" compacts on the thread instead: never a failure for that alone."""
+    spy = Spy(monkeypatch)
+    if how == "no-executable":
+        monkeypatch.setattr(sys, "executable", "")
+    else:
+
+        def refuse(message: bytes) -> Any:
+            raise FileNotFoundError(2, "No such file or directory")
+
+        monkeypatch.setattr(_proc, "Worker", refuse)
+    with make(tmp_path) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}", i + 1))
+        assert m.compact(wait=True)
+        want = contracts(m)
+    assert spy.in_process == 1 and not spy.installed
+    with make(tmp_path) as m:
+        assert contracts(m) == want

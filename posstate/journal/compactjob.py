@@ -208,6 +208,20 @@ def _failure(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _yield_processor(nice: int) -> None:
+    """The bot's threads come first: SCHED_IDLE where there is one (Linux: this process runs on processor
+    time nobody else wants, and a thread waking from its ``fdatasync`` always preempts it), else *nice*."""
+    if not nice:
+        return
+    idle = getattr(os, "SCHED_IDLE", None)
+    if idle is not None and hasattr(os, "sched_setscheduler"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, idle, os.sched_param(0))
+            return
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+
+
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
     gc.disable()  # one short pass over the state: nothing for the collector to free
@@ -221,9 +235,7 @@ def main() -> int:
         material = msg.get("keys")
         del raw, msg
         keyring = Keyring.from_worker_material(material) if material is not None else None
-        if job.nice:
-            with contextlib.suppress(OSError):
-                os.nice(job.nice)  # the bot's threads come first on a busy machine
+        _yield_processor(job.nice)
         _hook("start")
         answer = compact(job, keyring)
         out = {"ok": True, "answer": asdict(answer)}

@@ -9,9 +9,10 @@ it as ``.bak``, rename, fsync the directory, a keyless read-back of the trailer'
 sealed segment. Never ``fork()``: the bot has threads, and a forked child would share the key's nonce state
 (docs/SECURITY.md, T4).
 
-A worker that refuses (the files are not what the rotation describes) makes the attempt compact in process
-as ``compaction="thread"`` does. A worker that dies, times out, answers garbage or too much, or whose temp
-file is not what it answered, fails the attempt: reported (``error`` event, log) and retried like any other.
+A worker that refuses (the files are not what the rotation describes), or cannot be started, makes the
+attempt compact in process as ``compaction="thread"`` does. A worker that dies, times out, answers garbage or
+too much, or whose temp file is not what it answered, fails the attempt: reported (``error`` event, log) and
+retried like any other.
 A save, a load or close() that gives the job up kills the worker (SIGKILL) and removes its temp; a temp left
 by a killed manager is set aside by the next open's sweep (docs/JOURNAL.md, "Background compaction").
 """
@@ -187,7 +188,11 @@ class ProcessCompaction(DurableCommit):
         try:
             message = orjson.dumps({"job": asdict(spec), "keys": keys})
             del keys
-            worker = Worker(message)
+            try:
+                worker = Worker(message)
+            except OSError as exc:  # no process to be had (the executable gone, EAGAIN, ENOMEM): compact here
+                log.warning("%s: could not start the compaction worker (%s); compacting in process", self._path, exc)
+                return None
             del message
             register(worker)
             try:
