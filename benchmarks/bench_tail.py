@@ -20,6 +20,10 @@ the slowest ``set_position`` at 100,000 positions within 2x the slowest floor op
 ``met`` or ``MISSED``. The group rows' ratios are to the one-thread floor (the issue's target) unless
 ``--fair`` (then to floor x4); a line compares group p99.9 with floor x4 either way.
 
+``--compaction process,thread`` runs the sync and group rows once per ``StateConfig(compaction=...)``,
+interleaved in the same run (rows ``sync/process``, ``sync/thread``, ...); the default is the default
+(``process``: the compaction's O(state) work in a worker process).
+
 Run: ``PYTHONPATH=. python benchmarks/bench_tail.py`` (``--quick``: 12,000 calls, enough for one compaction).
 """
 
@@ -54,9 +58,9 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def prepare(d: Path, n: int, mode: str, backup_interval: float) -> PositionStateManager:
+def prepare(d: Path, n: int, mode: str, backup_interval: float, compaction: str = "process") -> PositionStateManager:
     """A state of *n* positions with 24 backups already on disk (oldest first, an hour apart)."""
-    cfg = StateConfig.in_dir(d, durability=mode, backup_interval=backup_interval)  # type: ignore[arg-type]
+    cfg = StateConfig.in_dir(d, durability=mode, backup_interval=backup_interval, compaction=compaction)  # type: ignore[arg-type]
     m = PositionStateManager(cfg, key=KEY)
     m.save_positions([position(i, 1) for i in range(n)])
     m.wait_for_backups()  # the first timed backup runs in the background: let it finish before adding ours
@@ -200,7 +204,10 @@ def main() -> int:
     ap.add_argument("--backup-interval", type=float, default=None, help="seconds (default: a few backups fall due)")
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temp dir)")
     ap.add_argument("--fair", action="store_true", help=f"group x{THREADS} ratios against floor x{THREADS}")
+    ap.add_argument("--compaction", default="process", help="process,thread: the rows once per StateConfig(compaction=)")
     args = ap.parse_args()
+    hows = [h.strip() for h in args.compaction.split(",") if h.strip()]
+    tag = (lambda h: f"/{h}") if len(hows) > 1 else (lambda h: "")
     calls = args.calls or (12_000 if args.quick else 30_000)
     sizes = [int(s) for s in args.sizes.split(",")]
     root = Path(tempfile.mkdtemp(prefix="posstate-tail-", dir=args.dir))
@@ -215,24 +222,22 @@ def main() -> int:
             size = probe_record_bytes(root / f"probe-{n}")
             floor = run_floor(root / f"probe-{n}", calls, size)
             gfloor = run_group_floor(root / f"probe-{n}", calls, size)
-            ms = prepare(root / f"sync-{n}", n, "sync", interval)
-            ts = run_sync(ms, n, calls)
-            ms.close()
-            mg = prepare(root / f"group-{n}", n, "group", interval)
-            tg = run_group(mg, n, calls)
-            mg.close()
+            measured: list[tuple[str, list[float]]] = []
+            for mode in ("sync", "group"):
+                for how in hows:  # interleaved: both compactions measured under the same machine load
+                    m = prepare(root / f"{mode}-{how}-{n}", n, mode, interval, how)
+                    vals = run_sync(m, n, calls) if mode == "sync" else run_group(m, n, calls)
+                    m.close()
+                    shutil.rmtree(root / f"{mode}-{how}-{n}", ignore_errors=True)
+                    measured.append(((f"sync{tag(how)}" if mode == "sync" else f"group x{THREADS}{tag(how)}"), vals))
             fstat = stats(floor)
             gstat = stats(gfloor)
-            rows += [
-                (n, "floor", fstat),
-                (n, "sync", stats(ts)),
-                (n, f"floor x{THREADS}", gstat),
-                (n, f"group x{THREADS}", stats(tg)),
-            ]
+            rows += [(n, "floor", fstat), (n, f"floor x{THREADS}", gstat)]
+            rows += [(n, name, stats(vals)) for name, vals in measured]
             if n == max(sizes):
-                for name, vals in (("sync", ts), (f"group x{THREADS}", tg)):
+                for name, vals in measured:
                     st = stats(vals)
-                    if name != "sync":  # also against the fair floor: the same group commit with no state
+                    if name.startswith("group"):  # also against the fair floor: the same group commit with no state
                         targets.append(
                             (
                                 f"{name} @ {n:,}: p99.9 {st['p99.9'] * 1e3:.3f} ms <= 1.5x floor x{THREADS} p99.9 "
@@ -253,19 +258,17 @@ def main() -> int:
                         )
                     )
             shutil.rmtree(root / f"probe-{n}", ignore_errors=True)
-            shutil.rmtree(root / f"sync-{n}", ignore_errors=True)
-            shutil.rmtree(root / f"group-{n}", ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"set_position tail, {calls:,} calls per row (ms; ratio to the floor of the same size)")
-    print(f"{'positions':>10} {'method':<10} {'median':>15} {'p99':>15} {'p99.9':>15} {'max':>17}")
+    print(f"{'positions':>10} {'method':<18} {'median':>15} {'p99':>15} {'p99.9':>15} {'max':>17}")
     floors = {n: st for n, name, st in rows if name == "floor"}
     gfloors = {n: st for n, name, st in rows if name == f"floor x{THREADS}"}
     for n, name, st in rows:
-        f = gfloors[n] if name == f"group x{THREADS}" and args.fair else floors[n]
+        f = gfloors[n] if name.startswith(f"group x{THREADS}") and args.fair else floors[n]
         cells = [f"{st[k] * 1e3:8.3f} {st[k] / f[k]:5.2f}x" for k in ("median", "p99", "p99.9")]
         cells.append(f"{st['max'] * 1e3:9.2f} {st['max'] / f['max']:6.2f}x")
-        print(f"{n:>10,} {name:<10} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>17}")
+        print(f"{n:>10,} {name:<18} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>17}")
     print("targets (issue 14):")
     for text, ok in targets:
         print(f"  {'met   ' if ok else 'MISSED'} {text}")

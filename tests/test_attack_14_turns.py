@@ -367,7 +367,7 @@ def test_save_gives_up_a_compaction_waiting_for_the_turn_at_once(tmp_path: Path)
     """issue 14.3 attack: save() (manager lock held) gives up a pending background compaction; one that waits
     for the turn behind another job is dropped at once instead of the bot waiting for that job, then for the
     compaction's whole O(state) encode, only to throw it away."""
-    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9)
+    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9, compaction="thread")
     turns = _turns._turns
     with PositionStateManager(cfg, key=KEY) as m:
         m.save_positions([pos(i) for i in range(100)])
@@ -399,7 +399,7 @@ def test_save_gives_up_a_compaction_waiting_for_the_turn_at_once(tmp_path: Path)
 def test_a_compaction_given_up_stops_at_its_next_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """issue 14.3 attack: a save() that gives up a background compaction in the middle of its O(state) work
     waits for one slice of it, not for the rest of the view and encode (which would be thrown away)."""
-    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9)
+    cfg = StateConfig.in_dir(tmp_path, durability="sync", backup_interval=1e9, compaction="thread")
     turns = _turns._turns
     with PositionStateManager(cfg, key=KEY) as m:
         m.save_positions([pos(i) for i in range(20_000)])

@@ -35,6 +35,9 @@ def pos(symbol: str, contracts: int) -> Position:
 
 def make(d: Path, **kw: Any) -> PositionStateManager:
     kw.setdefault("journal_max_records", 5)
+    # These tests hold, fault and crash the in-process compaction's own steps (the worker process path has
+    # its equivalents in tests/test_compaction_process.py).
+    kw.setdefault("compaction", "thread")
     return PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9, **kw), key=KEY)
 
 

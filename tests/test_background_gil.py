@@ -64,7 +64,7 @@ def test_background_compaction_serializes_in_slices_on_its_thread(tmp_path: Path
     compaction thread, and the snapshot it writes loads back whole."""
     threads: list[str] = []
     monkeypatch.setattr(_compaction, "_pause", lambda: threads.append(threading.current_thread().name))
-    cfg = StateConfig.in_dir(tmp_path, backup_interval=1e9, journal_max_records=3)
+    cfg = StateConfig.in_dir(tmp_path, backup_interval=1e9, journal_max_records=3, compaction="thread")
     with PositionStateManager(cfg, key=KEY) as m:
         m.save_positions([pos(i) for i in range(1500)])
         for i in range(4):
@@ -143,7 +143,7 @@ def test_view_copied_in_slices_while_writers_change_it_is_the_state_at_the_rotat
 ) -> None:
     """issue 14.3: the view of 6,000 positions is copied a slice at a time while changes, deletes and new
     keys land between slices; the snapshot holds exactly the state at the rotation, and nothing is lost."""
-    cfg = StateConfig.in_dir(tmp_path, backup_interval=1e9, journal_max_records=3)
+    cfg = StateConfig.in_dir(tmp_path, backup_interval=1e9, journal_max_records=3, compaction="thread")
     m = PositionStateManager(cfg, key=KEY)
     m.save_positions([pos(i) for i in range(6000)])
     for i in range(3):

@@ -53,6 +53,16 @@ def test_kill_before_and_after_every_operation_of_a_background_compaction(tmp_pa
     assert [(c.label, c.loaded, c.allowed, c.error) for c in cases if not c.ok] == []
 
 
+def test_kill_before_and_after_every_install_step_of_a_worker_compaction(tmp_path: Path, key: bytes) -> None:
+    """issue 14.1 (compaction="process"): SIGKILL of the manager before/after each of its own operations
+    installing the snapshot its worker wrote (.bak link, rename, directory fsync, the segment's rename) while
+    updates go on: every ack survives, in order."""
+    cases = journal_matrix(tmp_path, key=key, which=("background-process",))["background-process"]
+    labels = " ".join(c.label for c in cases)
+    assert len(cases) >= 8 and "(replace)" in labels and "(fsync_dir)" in labels
+    assert [(c.label, c.loaded, c.allowed, c.error) for c in cases if not c.ok] == []
+
+
 def test_soak_sync_mode_with_compactions(tmp_path: Path, key: bytes) -> None:
     """Random kills of a sync-mode update loop (compaction every 6 updates): every ack survives."""
     cases = journal_soak(tmp_path / "s", key=key, kills=8, mode="sync", seed=5)

@@ -19,6 +19,7 @@ from posstate.core.errors import ConfigError
 from posstate.core.text import BAD_TEXT
 
 Durability = Literal["snapshot", "sync", "group"]
+Compaction = Literal["process", "thread"]
 #: The files that belong to one state file and sit beside it.
 Role = Literal["bak", "lock", "journal", "replica"]
 _ROLES: tuple[Role, ...] = ("bak", "lock", "journal", "replica")
@@ -105,6 +106,7 @@ class StateConfig:
     journal_max_bytes: int = 4 * 1024 * 1024
     journal_max_records: int = 10_000
     journal_preallocate: int = 1024 * 1024
+    compaction: Compaction = "process"  # background compaction in a worker process, or on a thread (docs/JOURNAL.md)
     exchange: str | None = None
     account_id: str | None = None
     account_mode: Literal["live", "paper"] | None = None
@@ -134,6 +136,8 @@ class StateConfig:
             raise ConfigError(f"journal_preallocate must be >= 0 bytes, got {self.journal_preallocate}")
         if self.durability not in ("snapshot", "sync", "group"):
             raise ConfigError(f"durability must be 'snapshot', 'sync' or 'group', got {self.durability!r}")
+        if self.compaction not in ("process", "thread"):
+            raise ConfigError(f"compaction must be 'process' or 'thread', got {self.compaction!r}")
         if self.account_mode not in (None, "live", "paper"):
             raise ConfigError(f"account_mode must be 'live' or 'paper', got {self.account_mode!r}")
         if (self.exchange is None) != (self.account_id is None):
@@ -320,7 +324,7 @@ def _check_types(cfg: StateConfig) -> None:
             continue
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise ConfigError(f"{name} must be a non-empty path, got {value!r}")
-    for name in ("exchange", "account_id", "account_mode", "durability", "replica_url", "replica_endpoint_url"):
+    for name in ("exchange", "account_id", "account_mode", "durability", "compaction", "replica_url", "replica_endpoint_url"):
         value = getattr(cfg, name)
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")

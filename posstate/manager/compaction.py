@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from posstate.core.errors import PosStateError
-from posstate.manager.commit import DurableCommit
+from posstate.manager import procompaction as _proc
 from posstate.model import document as _document
 from posstate.model import ops as _jops
 from posstate.model.document import StateData
@@ -77,9 +77,11 @@ class _Cancelled(Exception):
 class Job:
     """One background compaction: the live state it copies, the snapshot's journal entry and generation."""
 
-    __slots__ = ("attempts", "cancelled", "done", "entries", "error", "generation", "journal", "live", "view")
+    __slots__ = ("attempts", "cancelled", "done", "entries", "error", "generation", "journal", "live", "sealed", "view", "worker")
 
-    def __init__(self, live: StateData, entries: Entries, generation: int, journal: dict[str, Any]) -> None:
+    def __init__(
+        self, live: StateData, entries: Entries, generation: int, journal: dict[str, Any], sealed: str | None = None
+    ) -> None:
         self.live = live
         self.entries = entries
         self.generation = generation
@@ -89,9 +91,11 @@ class Job:
         self.cancelled = False
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.sealed = sealed  # the journal id of the sealed segment (what a compaction worker replays)
+        self.worker: _proc.Worker | None = None  # the worker process of the attempt in flight
 
 
-class BackgroundCompaction(DurableCommit):
+class BackgroundCompaction(_proc.ProcessCompaction):
     """rotate on the caller's thread, write the snapshot on a background thread; compact(wait=True)."""
 
     _bg_cond: threading.Condition
@@ -115,11 +119,12 @@ class BackgroundCompaction(DurableCommit):
     def _rotate_journal(self) -> None:
         """The journal passed a threshold: rotate to a new segment and hand the snapshot to the thread. O(1)."""
         generation = max(self._state.generation, self._highest_generation) + 1
+        sealed = self._journal.journal_id  # the segment being sealed (rotate() leaves it the current one)
         meta = self._journal.rotate(generation)
         if meta is None:
             return
         self._highest_generation = generation  # later changes get revisions above the snapshot's generation
-        job = Job(self._state, self._entries, generation, meta)
+        job = Job(self._state, self._entries, generation, meta, sealed)
         with self._bg_cond:
             self._bg_job = job
         self._bg_start()
@@ -187,6 +192,8 @@ class BackgroundCompaction(DurableCommit):
             if job is None:
                 return True
             job.cancelled = True
+            if job.worker is not None:
+                job.worker.kill()  # SIGKILL: its attempt ends at once, and removes the worker's temp
             _turns.wake()  # an attempt waiting for the background turn gives up at once
             while self._bg_busy:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -236,7 +243,7 @@ class BackgroundCompaction(DurableCommit):
                     return
                 self._bg_busy = True
             err: BaseException | None = None
-            saved: tuple[StateData, Any] | None = None
+            saved: tuple[StateData, int, int] | None = None
             try:
                 saved = self._bg_attempt(job)
             except (_Cancelled, _turns.Abandoned):
@@ -267,16 +274,10 @@ class BackgroundCompaction(DurableCommit):
             pause = None
             if finished and saved is not None:
                 job.done.set()
-                st, encoded = saved
+                st, count, size = saved
                 self._events.emit(
                     "stateSaved",
-                    {
-                        "path": str(self._path),
-                        "generation": st.generation,
-                        "positions": len(st.positions),
-                        "bytes": len(encoded.data),
-                        "background": True,
-                    },
+                    {"path": str(self._path), "generation": st.generation, "positions": count, "bytes": size, "background": True},
                 )
                 try:
                     self._after_save(st)
@@ -287,12 +288,29 @@ class BackgroundCompaction(DurableCommit):
                     self._bg_thread = None
                     return
 
-    def _bg_attempt(self, job: Job) -> tuple[StateData, Any]:
-        """One attempt: build the view (first attempt only), encode, write the snapshot, retire the segment."""
+    def _bg_attempt(self, job: Job) -> tuple[StateData, int, int]:
+        """One attempt: build the view (first attempt only), encode, write the snapshot, retire the segment.
+        With ``compaction="process"`` a worker process does the O(state) part (manager/procompaction.py);
+        when it refuses, this attempt does it here. Returns (the state saved, its positions, its bytes)."""
         if job.cancelled:
             raise _Cancelled
         if job.view is None:  # issue 14.3: the change that rotated first writes (and syncs) its record
             self._journal.wait_segment_start()
+
+        def check() -> None:
+            if job.cancelled:
+                raise _Cancelled
+
+        def register(worker: _proc.Worker | None) -> None:
+            with self._bg_cond:
+                if worker is not None and job.cancelled:
+                    worker.kill()
+                job.worker = worker
+
+        if job.view is None and self._proc_enabled():
+            done = self._proc_attempt(job, check, register)
+            if done is not None:
+                return done
 
         # The O(state) part holds the process's one background turn: a backup's full check waits asleep
         # meanwhile instead of competing for the processor and the GIL (posstate/storage/turns.py). Each slice
@@ -328,7 +346,7 @@ class BackgroundCompaction(DurableCommit):
         if job.cancelled:
             raise _Cancelled
         self._journal.retire_segment()
-        return st, encoded
+        return st, len(st.positions), len(encoded.data)
 
     def _bg_view(self, job: Job, pause: Callable[[], None] = _pause) -> tuple[StateData, Entries]:
         live = job.live

@@ -107,7 +107,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _updates(args: argparse.Namespace, out: Any, say: threading.Lock, ops: HarnessOps | None) -> None:
-    with PositionStateManager(config(args.dir, mode=args.mode, max_records=args.max_records)) as m:
+    cfg = config(args.dir, mode=args.mode, max_records=args.max_records, compaction=args.compaction)
+    with PositionStateManager(cfg) as m:
         start = counters(m.load_positions())
 
         def line(text: str) -> None:
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", action="store_true")
     parser.add_argument("--crash-bg", action="store_true", help="count --crash-at in the background compaction's operations")
     parser.add_argument("--probe-bg", action="store_true", help="print the background compaction's operations at the end")
+    parser.add_argument("--compaction", choices=("process", "thread"), default="process")
     return _run(parser.parse_args(argv))
 
 
@@ -293,9 +295,10 @@ def journal_matrix(
         "compaction": min(starts),
     }
     out: dict[str, list[JournalCase]] = {}
-    if "background" in which:
-        out["background"] = _background_cases(base, work, key=key, before=before, max_records=max_records, only=only)
-    for kind in (k for k in which if k != "background"):
+    for kind, how in (("background", "thread"), ("background-process", "process")):
+        if kind in which:  # the in-process compaction's steps, or the install steps of a worker's snapshot
+            out[kind] = _background_cases(base, work, key=key, before=before, max_records=max_records, only=only, how=how)
+    for kind in (k for k in which if not k.startswith("background")):
         u = picks[kind]
         n_ops = len(probed[u])
         cases: list[JournalCase] = []
@@ -319,14 +322,15 @@ def journal_matrix(
 
 
 def _background_cases(
-    base: Path, work: Path, *, key: bytes, before: dict[int, int], max_records: int, only: frozenset[int] | None
+    base: Path, work: Path, *, key: bytes, before: dict[int, int], max_records: int, only: frozenset[int] | None, how: str
 ) -> list[JournalCase]:
     """SIGKILL before and after every mutating operation of a background compaction (issue 14), while the
-    child keeps updating (or, late operations, while close() waits for it)."""
+    child keeps updating (or, late operations, while close() waits for it). *how*: ``compaction=`` of the
+    child (``"process"``: the manager's own steps, installing the snapshot its worker wrote)."""
     updates = max_records + 2
-    d = work / "probe-bg"
+    d = work / f"probe-bg-{how}"
     shutil.copytree(base, d)
-    _, rep = run_child(d, key=key, updates=updates, max_records=max_records, extra=("--probe-bg",))
+    _, rep = run_child(d, key=key, updates=updates, max_records=max_records, extra=("--probe-bg", "--compaction", how))
     shutil.rmtree(d)
     names = rep.ops.get(0, [])
     cases: list[JournalCase] = []
@@ -334,13 +338,13 @@ def _background_cases(
         if only is not None and k not in only:
             continue
         for when in ("before", "after"):
-            d = work / f"background-k{k}-{when}"
+            d = work / f"background-{how}-k{k}-{when}"
             shutil.copytree(base, d)
-            extra = ("--crash-bg", "--crash-at", str(k), "--crash-when", when)
+            extra = ("--crash-bg", "--crash-at", str(k), "--crash-when", when, "--compaction", how)
             rc, rep = run_child(d, key=key, updates=updates, max_records=max_records, extra=extra)
             if rc == 0:
                 raise RuntimeError(f"background compaction: operation {k} of {len(names)} was never reached")
-            label = f"background compaction: kill {when} op {k} ({names[k - 1]})"
+            label = f"background compaction ({how}): kill {when} op {k} ({names[k - 1]})"
             cases.append(check_after_kill(d, key=key, label=label, before=before, rep=rep, mode="sync", max_records=max_records))
             shutil.rmtree(d)
     return cases

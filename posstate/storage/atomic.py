@@ -57,9 +57,10 @@ def quiet_unlink(path: Path) -> None:
         fs.unlink(path)
 
 
-def write_temp(target: Path, data: bytes) -> Path:
-    """Write *data* to a new fsynced temp file beside *target*; on failure nothing is left behind."""
-    tmp = temp_name(target)
+def write_temp(target: Path, data: bytes, *, name: Path | None = None) -> Path:
+    """Write *data* to a new fsynced temp file beside *target*; on failure nothing is left behind. *name*: the
+    temp's name, made by :func:`temp_name` beforehand (a compaction worker writes the temp its parent named)."""
+    tmp = temp_name(target) if name is None else name
     step = "open"
     try:
         fd = fs.open_(tmp, fs.O_NEW, 0o600)
@@ -88,6 +89,10 @@ def write_temp(target: Path, data: bytes) -> Path:
 
 def keep_previous(path: Path, keep_as: Path) -> None:
     """Make *keep_as* hold what *path* holds now (a hard link; a fsynced copy where links are missing)."""
+    if same_file(path, keep_as):
+        # Already (a save that failed after this step is retried): a rename between two links of one file
+        # does nothing and would leave the new link's temp name behind.
+        return
     tmp = temp_name(keep_as)
     try:
         fs.link(path, tmp)

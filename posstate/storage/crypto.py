@@ -17,6 +17,7 @@ import stat
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -154,7 +155,7 @@ class Keyring:
     per salt, not once per save.
     """
 
-    __slots__ = ("_derived", "_key", "_lock", "_log2_n", "_passphrase", "_salt")
+    __slots__ = ("_derived", "_key", "_lock", "_log2_n", "_passphrase", "_salt", "_sealed_pass")
 
     def __init__(
         self, *, key: bytes | str | None = None, passphrase: str | None = None, log2_n: int = DEFAULT_SCRYPT_LOG2_N
@@ -181,6 +182,7 @@ class Keyring:
         self._lock = threading.Lock()
         self._log2_n = log2_n
         self._salt: bytes | None = None
+        self._sealed_pass = False  # a worker's copy of a passphrase keyring: derived keys only (for_worker)
 
     def __repr__(self) -> str:
         kind = "key" if self._key is not None else "passphrase"
@@ -193,7 +195,31 @@ class Keyring:
 
     @property
     def uses_passphrase(self) -> bool:
-        return self._passphrase is not None
+        return self._passphrase is not None or self._sealed_pass
+
+    def worker_material(self) -> dict[str, Any]:
+        """What a compaction worker process needs to read and write as this keyring does (issue 14): the raw
+        key, or for a passphrase the keys already derived (per salt and cost) and the write salt, never the
+        passphrase. Sent to the worker over its stdin pipe only (posstate/manager/procompaction.py)."""
+        if self._key is not None:
+            return {"key": self._key.hex()}
+        self.write_material()  # the write salt's key is derived here (once), not by the worker
+        with self._lock:
+            derived = {k.hex(): v.hex() for k, v in self._derived.items()}
+        assert self._salt is not None
+        return {"derived": derived, "salt": self._salt.hex(), "log2_n": self._log2_n}
+
+    @classmethod
+    def from_worker_material(cls, material: Mapping[str, Any]) -> Keyring:
+        """The keyring :meth:`worker_material` describes. With a passphrase it holds only the derived keys: a
+        file under another salt is MissingKeyError (the worker refuses; the parent compacts in process)."""
+        if "key" in material:
+            return cls(key=bytes.fromhex(str(material["key"])))
+        ring = cls(log2_n=int(material["log2_n"]))
+        ring._sealed_pass = True
+        ring._derived = {bytes.fromhex(k): bytes.fromhex(v) for k, v in dict(material["derived"]).items()}
+        ring._salt = bytes.fromhex(str(material["salt"]))
+        return ring
 
     @property
     def log2_n(self) -> int:
@@ -216,11 +242,13 @@ class Keyring:
         """The key to decrypt a file with *salt* (ignored for a raw key)."""
         if self._key is not None:
             return self._key
-        assert self._passphrase is not None
         cache_key = salt + bytes([log2_n])
         with self._lock:
             found = self._derived.get(cache_key)
+        if found is None and self._passphrase is None:
+            raise MissingKeyError(reason="no key derived for this file's salt in the compaction worker")
         if found is None:
+            assert self._passphrase is not None
             # scrypt runs outside the lock: a file planted with its own salt (up to 2**17, ~0.4 s) must not make
             # the bot's save or journal rotation, which need this keyring's own key, wait for it. Two threads
             # may derive the same key once; the first stored is kept.

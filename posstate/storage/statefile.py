@@ -155,16 +155,21 @@ def encode(
     now_ms: int | None = None,
     pause: Callable[[], None] | None = None,
     on_document: Callable[[dict[str, Any]], None] | None = None,
+    writer: dict[str, Any] | None = None,
 ) -> tuple[StateData, _codec.Encoded]:
     """Stamp *state* (written_at, writer) and encode it; returns the stamped state and the file bytes.
     *pause*: serialize a slice of positions at a time and call it between slices (the same bytes; issue 14.3).
     *on_document* (not with *pause*): called with the document dict before it is serialized (issue 15.4: a
-    save's fold record digests it)."""
+    save's fold record digests it). *writer*: the writer to stamp instead of this process (a compaction worker
+    writes for the manager's process)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     state.written_at = _document.utc_text(now_ms)
     import socket  # loaded on the first save, not when posstate is imported
 
-    state.writer = {"host": socket.gethostname()[:255], "pid": os.getpid(), "version": __version__}
+    if writer is not None:
+        state.writer = dict(writer)
+    else:
+        state.writer = {"host": socket.gethostname()[:255], "pid": os.getpid(), "version": __version__}
     if pause is not None:  # a background compaction: each slice is freed before the next is built
         text = _document.dumps_in_slices(state, entries, pause=pause)
     else:

@@ -1,0 +1,255 @@
+"""The compaction worker (issue 14): the O(state) half of a background compaction, in a process of its own,
+as a pure function of files.
+
+At a rotation the old segment is sealed: every record up to the rotation's sequence number S is durable in
+it, and the snapshot on disk names it. This worker reads that snapshot and that segment with the ordinary
+loader and replay code, checks that the replay ends exactly at S in the segment the rotation named (else it
+*refuses*, and the manager compacts in its own process instead), stamps what the manager's job says
+(generation, journal entry, writer, written_at, tombstone floor), encodes with the write key (fresh random
+nonces: this is a new interpreter, never a fork), writes an fsynced temp file beside the state file, reads
+it back, validates it in full and answers with the temp's name, trailer checksum, size and counts. It never
+renames, deletes or cuts anything but its own temp: installing the snapshot is the manager's
+(posstate/manager/procompaction.py, docs/JOURNAL.md "Background compaction").
+
+Run as ``python -m posstate.journal.compactjob``: one JSON job on stdin (with the key material, which is
+never in argv, the environment or a file), one JSON answer on stdout. Nothing secret is ever written to
+stdout or stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from posstate.core.errors import PosStateError
+from posstate.journal.records import read_records
+from posstate.model import merge as _merge
+from posstate.model import ops as jops
+from posstate.storage import atomic as _atomic
+from posstate.storage import fileops as fs
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
+
+#: The largest job or answer read from a pipe (bytes); anything longer is refused, never parsed.
+MAX_MESSAGE = 1024 * 1024
+#: TEST ONLY: ``<action>@<step>`` makes the worker SIGKILL itself (``kill``), hang until killed (``hang``),
+#: answer garbage (``garbage``) or wait until its manager is gone (``orphan``) at a step (``start``, ``read``,
+#: ``encoded``, ``written``, ``verified``).
+#: The manager passes it to the worker only when it is set in its own environment (tests set it).
+TEST_HOOK = "POSSTATE_TEST_COMPACT_WORKER"
+
+
+class Refused(Exception):
+    """The files are not what the rotation describes: the manager compacts in process instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompactJob:
+    """What the manager asks for: the files, the rotation they must end at, and what to stamp."""
+
+    state_path: str
+    journal_path: str
+    temp_path: str
+    expected_checksums: list[str]  # trailer checksums the state file may have (what the manager wrote or loaded)
+    segment_id: str  # the sealed segment (the journal id the snapshot on disk names)
+    last_seq: int  # S: the last record of the sealed segment
+    generation: int
+    journal: dict[str, Any]  # the new snapshot's journal entry (the new segment, S)
+    written_at_ms: int
+    writer: dict[str, Any]
+    tombstone_floor: int | None
+    compression_level: int | None
+    encrypt: bool
+    max_document_bytes: int
+    clock_skew: float
+    parent_pid: int
+    nice: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The worker's answer: the fsynced, verified temp file and what the manager checks before installing it."""
+
+    temp_path: str
+    checksum: str
+    size: int
+    generation: int
+    positions: int
+
+
+def _hook(step: str) -> None:
+    spec = os.environ.get(TEST_HOOK, "")
+    action, _, at = spec.partition("@")
+    if at != step:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "hang":
+        signal.pause()  # until the manager's timeout (or a save, load or close) kills this process
+    if action == "orphan":
+        parent = os.getppid()
+        for _ in range(12000):  # at most about 2 minutes
+            if os.getppid() != parent:
+                return
+            time.sleep(0.01)
+    if action == "garbage":
+        sys.stdout.buffer.write(b"\x00not json")
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def _orphaned(job: CompactJob, tmp: Path | None = None) -> None:
+    """The manager died (SIGKILL): nobody will install the snapshot. Remove the temp and stop."""
+    if os.getppid() != job.parent_pid:
+        if tmp is not None:
+            _atomic.quiet_unlink(tmp)
+        os._exit(3)
+
+
+def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
+    """Snapshot + sealed segment -> a verified temp file holding the state at the rotation (raises Refused)."""
+    options = _statefile.ReadOptions(
+        keyring=keyring,
+        max_document_bytes=job.max_document_bytes,
+        clock_skew=job.clock_skew,
+        require_encryption=job.encrypt,
+    )
+    state_path = Path(job.state_path)
+    try:
+        loaded = _statefile.read(state_path, options=options)
+    except PosStateError as exc:
+        raise Refused(f"the state file does not load ({exc})") from exc
+    if loaded.checksum not in job.expected_checksums:
+        raise Refused("the state file is not the one the manager wrote or loaded")
+    st = loaded.state
+    snap = st.journal or {}
+    if snap.get("id") != job.segment_id:
+        raise Refused("the snapshot on disk does not name the sealed segment")
+    snap_seq = int(snap.get("seq", 0))
+    jpath = Path(job.journal_path)
+    data = fs.read_file(jpath, max_size=options.max_file_bytes)
+    try:
+        header, records, sc = read_records(data, path=jpath, keyring=keyring, require_encryption=job.encrypt)
+    except PosStateError as exc:
+        raise Refused(f"the sealed segment does not read ({exc})") from exc
+    if header.id_hex != job.segment_id:
+        raise Refused("the journal file is not the sealed segment")
+    if sc.bad_offset is not None:
+        raise Refused("the sealed segment has a torn tail")
+    last = records[-1][0].seq if records else header.base_seq
+    if last != job.last_seq:
+        raise Refused(f"the sealed segment ends at record {last}, the rotation at {job.last_seq}")
+    expect = snap_seq + 1
+    for rec, ops in records:
+        if rec.seq <= snap_seq:
+            continue
+        if rec.seq != expect:
+            raise Refused(f"record {expect} is missing from the sealed segment")
+        expect += 1
+        for op in ops:  # a fold record has none (journal/fold.py)
+            jops.apply(st, {}, op)
+    if expect - 1 != job.last_seq:
+        raise Refused("the snapshot on disk is past the rotation")
+    _hook("read")
+    _orphaned(job)
+    st.generation = job.generation
+    st.journal = dict(job.journal)
+    if job.tombstone_floor is not None:
+        _merge.drop_old_tombstones(st, floor=job.tombstone_floor)
+    st, encoded = _statefile.encode(
+        st,
+        keyring=keyring if job.encrypt else None,
+        compression_level=job.compression_level,
+        now_ms=job.written_at_ms,
+        writer=job.writer,
+    )
+    del loaded, records, data
+    _hook("encoded")
+    _orphaned(job)
+    tmp = Path(job.temp_path)
+    _atomic.write_temp(state_path, encoded.data, name=tmp)
+    try:
+        _hook("written")
+        back = fs.read_file(tmp, max_size=options.max_file_bytes)
+        if back != encoded.data:
+            raise OSError(5, "temp file read back differs from what was written")
+        check = _statefile.parse(back, path=tmp, options=options)  # AES-GCM, zstd, schema: the full check
+        if check.state.generation != job.generation or len(check.state.positions) != len(st.positions):
+            raise OSError(5, "temp file read back does not hold the state encoded")
+        _hook("verified")
+        _orphaned(job, tmp)
+    except BaseException:
+        _atomic.quiet_unlink(tmp)
+        raise
+    return Answer(
+        temp_path=str(tmp),
+        checksum=encoded.checksum,
+        size=len(encoded.data),
+        generation=job.generation,
+        positions=len(st.positions),
+    )
+
+
+def _failure(exc: BaseException) -> str:
+    """A message for the manager's log: a posstate error's own text (never secret), else the type and errno."""
+    if isinstance(exc, PosStateError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__} (errno {exc.errno}: {exc.strerror})"
+    return type(exc).__name__
+
+
+def _yield_processor(nice: int) -> None:
+    """The bot's threads come first: SCHED_IDLE where there is one (Linux: this process runs on processor
+    time nobody else wants, and a thread waking from its ``fdatasync`` always preempts it), else *nice*."""
+    if not nice:
+        return
+    idle = getattr(os, "SCHED_IDLE", None)
+    if idle is not None and hasattr(os, "sched_setscheduler"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, idle, os.sched_param(0))
+            return
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
+    gc.disable()  # one short pass over the state: nothing for the collector to free
+    raw = sys.stdin.buffer.read(MAX_MESSAGE + 1)
+    out: dict[str, Any]
+    try:
+        if len(raw) > MAX_MESSAGE:
+            raise ValueError("job too large")
+        msg = orjson.loads(raw)
+        job = CompactJob(**msg["job"])
+        material = msg.get("keys")
+        del raw, msg
+        keyring = Keyring.from_worker_material(material) if material is not None else None
+        _yield_processor(job.nice)
+        _hook("start")
+        answer = compact(job, keyring)
+        out = {"ok": True, "answer": asdict(answer)}
+    except Refused as exc:
+        out = {"ok": False, "refused": str(exc)}
+    except Exception as exc:  # every failure is one line of the answer; the manager retries
+        out = {"ok": False, "error": _failure(exc)}
+    try:
+        sys.stdout.buffer.write(orjson.dumps(out))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the manager is gone: it will sweep the temp
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
