@@ -22,6 +22,7 @@ import pytest
 from posstate import ConfigError, PositionStateManager, PosStateError, StateConfig
 from posstate.journal import compactjob as _job
 from posstate.journal.files import next_path
+from posstate.journal.spare import SPARE_THREAD
 from posstate.manager import procompaction as _proc
 from posstate.manager.compaction import BackgroundCompaction
 from posstate.model.document import StateData
@@ -480,7 +481,7 @@ def test_sigkill_of_the_manager_while_its_worker_runs(tmp_path: Path) -> None:
 
 def _bg_ops(d: Path) -> list[str]:
     """The mutating operations of the manager's own steps in one worker compaction."""
-    probe = HarnessOps(thread_prefix=BG)
+    probe = HarnessOps(thread_prefix=BG, skip_thread_prefix=SPARE_THREAD)
     with make(d) as m:
         m.save()
         with fs.use(probe):
@@ -500,7 +501,9 @@ def test_fault_at_each_install_step_of_a_worker_compaction(tmp_path: Path, persi
     for k in range(1, len(names) + 1):
         d = tmp_path / f"k{k}"
         errors: list[dict[str, Any]] = []
-        ops = HarnessOps(fault=Fault(at=k, ops=MUTATING, persistent=persistent), thread_prefix=BG)
+        ops = HarnessOps(
+            fault=Fault(at=k, ops=MUTATING, persistent=persistent), thread_prefix=BG, skip_thread_prefix=SPARE_THREAD
+        )
         with make(d) as m:
             m.on("error", errors.append)
             m.save()

@@ -17,6 +17,7 @@ from posstate.backup import acked as _acked
 from posstate.backup import background as _background
 from posstate.backup import viacompaction as _via
 from posstate.manager import compaction as _compaction
+from posstate.manager import procompaction as _proc
 from posstate.manager.files import ManagerFiles
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
@@ -51,8 +52,16 @@ class Spy:
             self.memory.append(threading.current_thread().name)
             return real_memory(*a, **kw)
 
+        real_answer = _proc._answer
+
+        def answer(*a: Any, **kw: Any) -> Any:  # compaction="process": the worker encoded it, this thread installs it
+            got = real_answer(*a, **kw)
+            self.encodes.append((threading.current_thread().name, got.checksum))
+            return got
+
         monkeypatch.setattr(_statefile, "encode", encode)
         monkeypatch.setattr(_acked, "from_memory", from_memory)
+        monkeypatch.setattr(_proc, "_answer", answer)
 
     def snapshots(self) -> set[str]:
         """Trailer checksums of the snapshots background compactions wrote."""
@@ -202,7 +211,7 @@ def test_a_failing_compaction_leaves_the_backup_due_and_reported_then_falls_back
     monkeypatch.setattr(_compaction, "RETRY_FIRST", 0.01)
     monkeypatch.setattr(_compaction, "RETRY_MAX", 0.02)
     monkeypatch.setattr(_via, "FALLBACK_AFTER", 2)
-    m, _cfg = _start(tmp_path, "sync")
+    m, _cfg = _start(tmp_path, "sync", compaction="thread")  # its fault hooks are in-process
     try:
         base = m.generation
         last = m._files.last_backup_at
@@ -276,7 +285,7 @@ def test_interval_shorter_than_a_compaction_starts_one_compaction_at_a_time(
 ) -> None:
     """issue 14.2: with backup_interval far shorter than the compaction it waits for, the service keeps asking
     while it runs but starts no second one; once it is durable its snapshot is the backup."""
-    m, _cfg = _start(tmp_path, "sync", backup_interval=0.001)
+    m, _cfg = _start(tmp_path, "sync", backup_interval=0.001, compaction="thread")  # held in-process
     try:
         hold = HoldCompaction(monkeypatch)
         asks: list[str] = []
@@ -324,7 +333,7 @@ def test_close_while_the_asked_compaction_is_pending_takes_the_close_backup(
 ) -> None:
     """issue 14.2: close() while the compaction a timed backup waits for is still running: the close backup of
     the acknowledged state is taken (issue 15.2), nothing is named after close() returned, and every change loads."""
-    m, cfg = _start(tmp_path, "sync")
+    m, cfg = _start(tmp_path, "sync", compaction="thread")  # held in-process
     monkeypatch.setattr(m, "_close_wait", 0.2)
     hold = HoldCompaction(monkeypatch)
     watch = Watch(m)
