@@ -24,6 +24,7 @@ import click
 from posstate.backup import backups as _backups
 from posstate.cli import output as _out
 from posstate.cli.options import Env, common_options, env_of, log_scope
+from posstate.cli.prompt import signal_aware_prompts
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     AmbiguousBackupError,
@@ -304,7 +305,7 @@ def confirm(*, yes: bool, prompt: str, what: str) -> None:
     ctx = click.get_current_context(silent=True)
     env = ctx.find_object(Env) if ctx is not None else None
     try:
-        with _out.unquieted(env):  # --quiet drops notes, never a question
+        with _out.unquieted(env), signal_aware_prompts():  # --quiet drops notes, never a question
             agreed = click.confirm(prompt, err=True)
     except click.exceptions.Abort as exc:
         if _terminated(exc):
