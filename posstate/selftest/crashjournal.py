@@ -3,14 +3,12 @@
 Run as ``python -m posstate.selftest.crashjournal DIR [--updates N] [--max-records R] [--mode sync|group]
 [--threads T] [--crash-update U --crash-at K --crash-when before|after] [--probe]`` with the key in
 ``POSSTATE_KEY``. Update *i* sets one position (:func:`update_position`); the child prints ``pending T I``
-before the call and ``ack T I`` once it returns (T is the thread number, 0 in sync mode). A small
-``journal_max_records`` makes compactions happen during the run. With ``--crash-at`` the child installs
-:class:`~posstate.selftest.harness.HarnessOps` during update *U* only and SIGKILLs itself before or after the *K*-th
-mutating file operation of that update (an append: write + fdatasync; a compaction: the rotation, whose
-segment starts in the spare segment or is created). ``--probe`` prints the mutating operations of each update.
-
-The parent (:func:`journal_matrix`, :func:`journal_soak`) then opens a fresh manager and requires, for each
-thread, exactly the last acknowledged update or the one in flight: never older, never an error.
+before the call and ``ack T I`` once it returns (T: the thread number, 0 in sync mode). A small
+``journal_max_records`` makes compactions happen. With ``--crash-at`` the child installs ``HarnessOps``
+during update *U* only and SIGKILLs itself before or after the *K*-th mutating file operation of that update
+(an append: write + fdatasync; a rotation: its segment starts in the spare or is created). ``--probe`` prints
+the mutating operations of each update. The parent (:func:`journal_matrix`, :func:`journal_soak`) then opens a
+fresh manager and requires, for each thread, exactly the last acknowledged update or the one in flight.
 """
 
 from __future__ import annotations
@@ -107,8 +105,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _updates(args: argparse.Namespace, out: Any, say: threading.Lock, ops: HarnessOps | None) -> None:
-    cfg = config(args.dir, mode=args.mode, max_records=args.max_records, compaction=args.compaction)
-    with PositionStateManager(cfg) as m:
+    with PositionStateManager(config(args.dir, mode=args.mode, max_records=args.max_records, compaction=args.compaction)) as m:
         start = counters(m.load_positions())
 
         def line(text: str) -> None:
@@ -175,8 +172,7 @@ class Reported:
     acked: dict[int, int]
     pending: dict[int, int]
     ops: dict[int, list[str]]
-    #: Probed updates that started a segment (issue 14.3: in the spare, its operations are an append's).
-    segments: frozenset[int] = frozenset()
+    segments: frozenset[int] = frozenset()  # probed updates that started a segment (issue 14.3: spare = an append's ops)
 
 
 def parse_lines(lines: list[str]) -> Reported:
