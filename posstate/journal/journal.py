@@ -66,6 +66,8 @@ class Journal(JournalRecover):
         if not must and rotate is not None:
             if not self.rotating and self._next_header is None:
                 rotate()
+            elif self.rotating:  # the pending rotation's snapshot is the one a wish waits for: no second one
+                self.rotation_wanted = False
             return
         try:
             compact()
