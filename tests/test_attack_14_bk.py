@@ -387,3 +387,46 @@ def test_wait_for_backups_from_a_background_backup_handler_does_not_wait_for_its
         assert m.wait_for_backups(30)
     finally:
         m.close()
+
+
+def test_a_rotation_wanted_while_one_is_pending_starts_no_second_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2 attack: a timed backup's ask that sets rotation_wanted just as a threshold's rotation starts
+    (the ask found none pending a moment before) left the flag set while that compaction ran: every sync-mode
+    change took the slow path, and once it finished the next change started a second, needless compaction.
+    A pending rotation satisfies the wish now (its snapshot is newer than the one the backup waits past)."""
+    m, _cfg = _open(tmp_path, "sync")
+    reached, release = threading.Event(), threading.Event()
+    real_encode = _statefile.encode
+
+    def encode(*a: Any, **kw: Any) -> Any:
+        if threading.current_thread().name.startswith("posstate-compact"):
+            reached.set()
+            assert release.wait(60)
+        return real_encode(*a, **kw)
+
+    monkeypatch.setattr(_statefile, "encode", encode)
+    rotations: list[int] = []
+    real_rotate = m._rotate_journal
+
+    def rotate() -> None:
+        rotations.append(1)
+        real_rotate()
+
+    monkeypatch.setattr(m, "_rotate_journal", rotate)
+    try:
+        m.set_position(pos(1, 9))
+        assert m.compact(wait=False)
+        assert reached.wait(60)
+        job = m._bg_job
+        assert job is not None
+        m._journal.rotation_wanted = True  # the ask's flag lands while that rotation is pending
+        m.set_position(pos(2, 9))
+        release.set()
+        assert job.done.wait(60)
+        m.set_position(pos(3, 9))
+        assert len(rotations) == 1, rotations
+    finally:
+        release.set()
+        m.close()

@@ -71,6 +71,8 @@ class Journal(JournalRecover):
             if not self.rotating and self._next_header is None:
                 rotate()
                 self._first_pending = self.rotating  # this change writes the new segment's first record
+            elif self.rotating:  # the pending rotation's snapshot is the one a wish waits for: no second one
+                self.rotation_wanted = False
             return
         try:
             compact()
