@@ -19,6 +19,7 @@ from posstate.backup import viacompaction as _via
 from posstate.manager import compaction as _compaction
 from posstate.manager import procompaction as _proc
 from posstate.manager.files import ManagerFiles
+from posstate.selftest.harness import HarnessOps
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.container import checksum_of
@@ -425,3 +426,27 @@ def test_sigkill_at_every_operation_of_a_timed_backup_through_a_compaction(tmp_p
                 m.create_backup()  # the next backup sweeps a killed one's temp
             assert not [n for n in os.listdir(d / "backups") if n.startswith(".")], (k, when)
             shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("durability", ["sync", "group"])
+def test_a_timed_backups_rotation_starts_its_segment_in_a_prepared_spare(tmp_path: Path, durability: str) -> None:
+    """issue 14.2 + 14.3: the rotation a due timed backup asks for (on a journal far below its thresholds, so
+    no spare was prepared yet) waits for the spare segment: the bot's change that starts the new segment does
+    no file creation and no directory fsync on the bot's thread."""
+    m, _cfg = _start(tmp_path, durability)
+    try:
+        m.set_position(pos(0, 5))  # after a save the journal's own file is created by the first record
+        base = m.generation
+        watch = Watch(m)
+        ops = HarnessOps(thread_prefix="MainThread")
+        with fs.use(ops):
+            for s in range(1, 20_000):
+                m.set_position(pos(s % N, 5 + s // N))
+                if watch.created_after(base):
+                    break
+        assert watch.created_after(base), watch.events
+        assert m.wait_for_backups(30)
+    finally:
+        m.close()
+    names = [op.name for op in ops.ops]
+    assert "fsync_dir" not in names and "replace" not in names, names[:40]

@@ -65,6 +65,9 @@ class Journal(JournalRecover):
         must = self._needs_rotation or (self._fd is None and self._next_header is None)
         due = self._end >= self._max_bytes or self._records >= self._max_records
         wanted = self.rotation_wanted and rotate is not None  # a due timed backup asked (issue 14.2)
+        if wanted and not (must or due) and not self.spare_ready and self.spare_error is None:
+            self.want_spare()  # the wish rotates at a later change, once the segment's file is ready (14.3)
+            wanted = not self._spare_busy
         if not must and not (due and self._records >= self._compact_retry_at) and not wanted:
             return
         if not must and rotate is not None:

@@ -170,6 +170,10 @@ class ManagerFiles:
             pending = _pending(m)
             if pending is not None:
                 return pending
+            if not journal.spare_ready and journal.spare_error is None:
+                journal.want_spare()  # issue 14.3: the bot's next change must not create the segment's file
+                if journal._spare_busy:
+                    return CompactionAsk("refused", reason="the next segment's file is being prepared", again=True)
             m._rotate_journal()
             job = m._bg_job
             if job is None:
