@@ -133,8 +133,8 @@ class ChildServer:
         source.fanout = self._tap
         self._syncs: deque[float] = deque(maxlen=65536)
         self._stop_observing = fs.observe_syncs(self._syncs.append)
-        #: Frames the feeder could not write (the server process fell a pipe's worth behind): each made
-        #: every stream client reconnect (resync).
+        #: Times the feeder dropped changes (the server process fell HELD_UPDATES behind a frame in the pipe):
+        #: each made every stream client reconnect (resync).
         self.resyncs = 0
         #: The feeder's turns so far (a test waits on it).
         self.polls = 0
