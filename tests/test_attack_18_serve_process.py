@@ -567,3 +567,29 @@ def test_a_frame_larger_than_the_pipe_is_never_copied_again_at_each_poll(monkeyp
             os.kill(server.pid, signal.SIGCONT)
         assert _until(lambda: server.backlog == 0)
     assert written.count(memoryview) >= 2, written  # the rest, written from a view at each later poll
+
+
+def test_a_bot_with_more_than_1024_open_descriptors_can_serve() -> None:
+    """issue 18 attack: the pipes to the server process numbered above FD_SETSIZE (a bot holding a thousand
+    sockets or files) still start it (before: ``ValueError: filedescriptor out of range in select()``)."""
+    import resource
+
+    import httpx
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        if hard != resource.RLIM_INFINITY and hard < 1200:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is under 1,200")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        store = AccountStateStore()
+        store.set_wallet_balance("7")
+        with store.serve(port=0, poll_interval=0.01) as server:
+            assert server._fd > 1024
+            assert httpx.get(server.url + "/api/account/snapshot").json()["balances"]["wallet"] == "7"
+    finally:
+        for fd in held:
+            os.close(fd)
+        if soft < 1200:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
