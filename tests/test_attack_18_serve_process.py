@@ -593,3 +593,29 @@ def test_a_bot_with_more_than_1024_open_descriptors_can_serve() -> None:
             os.close(fd)
         if soft < 1200:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_stop_in_a_forked_child_does_not_wait_for_a_lock_held_at_the_fork() -> None:
+    """issue 18 attack: a child forked while the handle's lock was held (the feeder starting a new server
+    process) can still call stop() (before: it waited for ever on a lock no thread of the child would free)."""
+    import warnings
+
+    store = AccountStateStore()
+    server = store.serve(port=0, poll_interval=0.01)
+    try:
+        with server._lock:  # as the feeder holds it while it starts a server process
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running (Python 3.12+)
+                pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    signal.alarm(20)  # a hang ends the child (SIGALRM), not the test run
+                    server.stop()
+                    code = 0
+                finally:
+                    os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "stop() in the forked child hung on the inherited lock"
+    finally:
+        server.stop()

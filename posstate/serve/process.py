@@ -91,6 +91,7 @@ def _close_in_child(ref: weakref.ref[ChildServer]) -> None:
     server = ref()
     if server is not None:
         server._fd = -1
+        server._lock = threading.Lock()  # held by a thread of the parent at the fork, maybe (a restart)
         # through its file object, which then knows it is closed (closing the number alone left the object
         # to close it again later, by then another file of the child's); also mid-restart, before _fd is set
         with contextlib.suppress(OSError, ValueError, AttributeError):
