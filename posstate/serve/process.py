@@ -93,9 +93,11 @@ def _close_in_child(ref: weakref.ref[ChildServer]) -> None:
         server._fd = -1
         server._lock = threading.Lock()  # held by a thread of the parent at the fork, maybe (a restart)
         # through its file object, which then knows it is closed (closing the number alone left the object
-        # to close it again later, by then another file of the child's); also mid-restart, before _fd is set
+        # to close it again later, by then another file of the child's); also mid-restart, before _fd is set.
+        # The raw file: the buffered one's lock may have been held by a thread of the parent at the fork.
+        stdin = server._proc.stdin
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            server._proc.stdin.close()  # type: ignore[union-attr]
+            getattr(stdin, "raw", stdin).close()  # type: ignore[union-attr]
 
 
 class ChildServer:
