@@ -91,10 +91,13 @@ def _close_in_child(ref: weakref.ref[ChildServer]) -> None:
     server = ref()
     if server is not None:
         server._fd = -1
+        server._lock = threading.Lock()  # held by a thread of the parent at the fork, maybe (a restart)
         # through its file object, which then knows it is closed (closing the number alone left the object
-        # to close it again later, by then another file of the child's); also mid-restart, before _fd is set
+        # to close it again later, by then another file of the child's); also mid-restart, before _fd is set.
+        # The raw file: the buffered one's lock may have been held by a thread of the parent at the fork.
+        stdin = server._proc.stdin
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            server._proc.stdin.close()  # type: ignore[union-attr]
+            getattr(stdin, "raw", stdin).close()  # type: ignore[union-attr]
 
 
 class ChildServer:
@@ -133,8 +136,8 @@ class ChildServer:
         source.fanout = self._tap
         self._syncs: deque[float] = deque(maxlen=65536)
         self._stop_observing = fs.observe_syncs(self._syncs.append)
-        #: Frames the feeder could not write (the server process fell a pipe's worth behind): each made
-        #: every stream client reconnect (resync).
+        #: Times the feeder dropped changes (the server process fell HELD_UPDATES behind a frame in the pipe):
+        #: each made every stream client reconnect (resync).
         self.resyncs = 0
         #: The feeder's turns so far (a test waits on it).
         self.polls = 0

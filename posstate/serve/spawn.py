@@ -116,12 +116,20 @@ def handshake(proc: subprocess.Popen[bytes], init: bytes, *, timeout: float) -> 
     os.set_blocking(rfd, False)
     deadline = time.monotonic() + timeout
     rest, line, ended = memoryview(init), b"", False
+    # poll(), not select(): a bot with a thousand sockets open has pipes numbered above FD_SETSIZE
+    poller = select.poll()
+    poller.register(rfd, select.POLLIN)
+    poller.register(wfd, select.POLLOUT)
     with no_sigpipe():
         while b"\n" not in line and not ended and len(line) <= MAX_REPLY:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            readable, writable, _ = select.select([rfd], [wfd] if rest else [], [], left)
+            if not rest:
+                with contextlib.suppress(KeyError):
+                    poller.unregister(wfd)
+            events = dict(poller.poll(max(1, int(left * 1000))))
+            readable, writable = events.get(rfd, 0), events.get(wfd, 0)
             if writable:
                 try:
                     rest = rest[os.write(wfd, rest) :]
