@@ -619,3 +619,20 @@ def test_stop_in_a_forked_child_does_not_wait_for_a_lock_held_at_the_fork() -> N
         assert os.waitstatus_to_exitcode(status) == 0, "stop() in the forked child hung on the inherited lock"
     finally:
         server.stop()
+
+
+def test_the_server_process_inherits_none_of_the_bots_other_secrets() -> None:
+    """issue 18 (integration): the server process talks to the network, so it inherits only what it needs to
+    start (PATH, PYTHONPATH, locale, HOME, TMPDIR ...): never a replica's AWS credentials or an exchange's API
+    key the bot keeps in its environment, and never a posstate key variable."""
+    from posstate.serve import spawn
+
+    environ = {
+        "PATH": "/bin",
+        "LC_CTYPE": "C.UTF-8",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "EXCHANGE_API_SECRET": "x",
+        "POSSTATE_PASSPHRASE": "p",
+    }
+    env = spawn.child_env(environ, "/src/checkout", [])
+    assert env == {"PATH": "/bin", "LC_CTYPE": "C.UTF-8", "PYTHONPATH": "/src/checkout"}

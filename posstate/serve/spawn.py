@@ -24,6 +24,9 @@ from posstate.core.errors import ServeError
 PIPE_BYTES = 1024 * 1024
 #: Environment variables the server process never inherits (docs/SECURITY.md: it gets no key).
 SECRET_ENV = ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE")
+#: All the server process inherits (and ``LC_*``): it talks to the network, so it gets none of the bot's
+#: other secrets (a replica's AWS credentials, an exchange's API key in the environment).
+KEPT_ENV = frozenset({"PATH", "PYTHONPATH", "PYTHONHOME", "LANG", "TZ", "TMPDIR", "HOME", "SYSTEMROOT"})
 #: The longest answer line read from the server process (its port, or why it could not bind).
 MAX_REPLY = 64 * 1024
 _FALLBACK = "serve in process with process=False"
@@ -61,12 +64,13 @@ def spawn() -> subprocess.Popen[bytes]:
 
 
 def child_env(environ: Mapping[str, str], root: str, site_dirs: Collection[str]) -> dict[str, str]:
-    """The server process's environment: *environ* without the key variables, and the folder holding this
+    """The server process's environment: the few variables of :data:`KEPT_ENV` from *environ* (never a key
+    variable), and the folder holding this
     ``posstate`` (*root*) first on PYTHONPATH, so it runs the bot's code, unless *root* is a site-packages
     folder, on the path already: first on PYTHONPATH it would come before the standard library, and a stray
     ``pathlib.py`` or ``enum.py`` installed there from PyPI would replace the standard one in the server
     process only."""
-    env = {k: v for k, v in environ.items() if k not in SECRET_ENV}
+    env = {k: v for k, v in environ.items() if k not in SECRET_ENV and (k in KEPT_ENV or k.startswith("LC_"))}
     if os.path.normcase(os.path.realpath(root)) not in {os.path.normcase(os.path.realpath(d)) for d in site_dirs}:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
