@@ -51,12 +51,19 @@ def _read_line(text: str) -> str:
         os.close(w)
 
 
+def _terminal_fd() -> bool:
+    try:
+        return os.isatty(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor, or closed
+        return False
+
+
 @contextlib.contextmanager
 def signal_aware_prompts() -> Iterator[None]:
     """Inside the block, click's prompts read the terminal with :func:`_read_line` (main thread only: the
     wake-up pipe is per process and only the main thread runs signal handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or not _terminal_fd():
+        yield  # another thread, or a stdin that is no terminal descriptor (a test runner's): click's own input
         return
     before = click.termui.visible_prompt_func
     click.termui.visible_prompt_func = _read_line
