@@ -29,6 +29,7 @@ def pos(i: int, contracts: int = 1) -> Position:
 def _open(tmp_path: Path, durability: str, **kw: Any) -> tuple[PositionStateManager, StateConfig]:
     kw.setdefault("backup_interval", 1e9)
     kw.setdefault("journal_max_records", 1_000_000)  # no threshold compaction
+    kw.setdefault("compaction", "thread")  # these attacks hold or count the in-process encode
     cfg = StateConfig.in_dir(tmp_path, durability=durability, **kw)
     m = PositionStateManager(cfg, key=KEY)
     m.save_positions([pos(i) for i in range(50)])
@@ -327,6 +328,9 @@ def test_a_clock_stepped_back_never_passes_an_old_snapshot_off_as_fresh(tmp_path
         now[0] -= 10_000.0  # the clock is stepped back
         m.set_position(pos(2, 9))  # acknowledged after the step
         assert not _background.due(m._files, now[0])  # the newest backup's time is clamped to the new clock
+        with m._lock:  # the spare segment ready now: the ask is not refused for it (its retry needs the clock)
+            m._journal.want_spare()
+        assert m._journal.wait_spare(30) and m._journal.spare_ready
         now[0] += 101.0  # backup_interval passes on the new clock
         with svc._cond:
             svc._timer_at = float("-inf")

@@ -296,7 +296,7 @@ def test_interval_shorter_than_a_compaction_starts_one_compaction_at_a_time(
         def ask(files: ManagerFiles) -> Any:
             got = real_ask(files)
             asks.append(got.state)
-            if len(asks) >= 6:
+            if len([a for a in asks if a != "refused"]) >= 4:  # refused: while the spare segment is prepared
                 asked.set()
             return got
 
@@ -318,7 +318,8 @@ def test_interval_shorter_than_a_compaction_starts_one_compaction_at_a_time(
         for s in range(1, 4):
             m.set_position(pos(s, 5))
         assert asked.wait(60), asks
-        assert len(rotations) == 1 and asks[0] == "started" and set(asks[1:]) == {"pending"}, asks
+        after = [a for a in asks if a != "refused"]  # refused only until the spare segment is ready (issue 14.3)
+        assert len(rotations) == 1 and after[0] == "started" and set(after[1:]) == {"pending"}, asks
         assert watch.created_after(base) == []
         hold.release.set()
         assert watch.wait(lambda ev: bool(watch.created_after(base))), watch.events
