@@ -16,11 +16,10 @@ lock only while the state is copied), and so does a clean :meth:`BackupService.f
 ``backup_interval=0`` keeps the old meaning (a backup at every snapshot) and runs no timer.
 
 A failure is reported (``backupFailed`` event, a warning in the log) and retried at the first snapshot after
-``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) stops a prune's full checks
-at their next slice (a verification only) and lets a running backup finish for a bounded time; past it the backup is
-cancelled before it gets its name, and close() says so in the log and in a ``backupFailed`` event
-(:mod:`posstate.backup.closing`). A SIGKILL at any step leaves no new backup or a whole, verified one; a temp file is swept by the
-next backup (docs/RECOVERY.md, docs/JOURNAL.md).
+``backup_interval`` more seconds. :meth:`BackupService.close` (from the manager's close()) stops a prune's full checks at their
+next slice or kills the worker process running them, and lets a running backup finish for a bounded time; past it the backup is
+cancelled before it gets its name, and close() says so in the log and a ``backupFailed`` event (:mod:`posstate.backup.closing`).
+A SIGKILL at any step leaves no new backup or a whole, verified one; a temp is swept by the next backup (docs/RECOVERY.md).
 """
 
 from __future__ import annotations
@@ -79,7 +78,7 @@ class BackupService:
         self._files = files
         #: Held by the background backup and by every explicit backup operation (taken before the manager's lock).
         self.folder_lock = threading.RLock()
-        self.cache = VerifiedCache(pause=self._pause_check)  # full checks in slices (issue 14.3)
+        self.cache = VerifiedCache(pause=self._pause_check, remote=files.remote_checks(), stoppable=self._stoppable)
         #: The clock timed backups compare with (tests replace it).
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()
@@ -186,6 +185,7 @@ class BackupService:
     def _stop_verifying(self, timeout: float) -> float:
         """close(): stop the prune's full checks at their next slice; the one deadline of close() (monotonic)."""
         self._stop_checks = True
+        self.cache.stop_remote()  # a worker process running them is killed now (issue 14)
         if self._close_deadline is None:
             self._close_deadline = time.monotonic() + timeout
         return self._close_deadline

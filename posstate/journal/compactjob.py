@@ -46,7 +46,8 @@ from posstate.storage.crypto import Keyring
 MAX_MESSAGE = 1024 * 1024
 #: TEST ONLY: ``<action>@<step>`` makes the worker SIGKILL itself (``kill``), hang until killed (``hang``),
 #: answer garbage (``garbage``), wait until its manager is gone (``orphan``) or flip a byte of its temp file
-#: (``flip``, at ``written`` only) at a step (``start``, ``read``, ``encoded``, ``written``, ``verified``).
+#: (``flip``, at ``written`` only) at a step (``start``, ``read``, ``encoded``, ``written``, ``verified``; the
+#: backup-check worker, posstate/backup/checkjob.py: ``check`` before its first file, ``checked`` after each).
 #: The manager passes it to the worker only when it is set in its own environment (tests set it).
 TEST_HOOK = "POSSTATE_TEST_COMPACT_WORKER"
 

@@ -75,8 +75,8 @@ class WorkerFailed(Exception):
 class Worker:
     """One worker process running one job; :meth:`kill` from any thread ends it at once."""
 
-    def __init__(self, message: bytes) -> None:
-        cmd = [sys.executable, "-P", "-m", _MODULE] if sys.version_info >= (3, 11) else [sys.executable, "-m", _MODULE]
+    def __init__(self, message: bytes, module: str = _MODULE) -> None:
+        cmd = [sys.executable, "-P", "-m", module] if sys.version_info >= (3, 11) else [sys.executable, "-m", module]
         self._message = message
         self.killed = False
         self.proc = subprocess.Popen(
