@@ -86,6 +86,10 @@ class Answer:
     positions: int
 
 
+#: The process that started this worker (its manager): the test hook's ``orphan`` waits until it is gone.
+_started_by = os.getppid()
+
+
 def _hook(step: str) -> None:
     spec = os.environ.get(TEST_HOOK, "")
     action, _, at = spec.partition("@")
@@ -96,9 +100,8 @@ def _hook(step: str) -> None:
     if action == "hang":
         signal.pause()  # until the manager's timeout (or a save, load or close) kills this process
     if action == "orphan":
-        parent = os.getppid()
         for _ in range(12000):  # at most about 2 minutes
-            if os.getppid() != parent:
+            if os.getppid() != _started_by:  # (not the parent at this step: it may be gone already)
                 return
             time.sleep(0.01)
     if action == "garbage":
@@ -222,7 +225,19 @@ def _yield_processor(nice: int) -> None:
         os.nice(nice)
 
 
+def _no_core() -> None:
+    """This process will hold the key: a crash must never write it to a core file (its working directory is
+    the package's folder; issue 14 attack). Before the job is read."""
+    try:
+        import resource
+    except ImportError:  # not on a Unix
+        return
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def main() -> int:
+    _no_core()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
     gc.disable()  # one short pass over the state: nothing for the collector to free
     raw = sys.stdin.buffer.read(MAX_MESSAGE + 1)

@@ -46,6 +46,8 @@ log = logging.getLogger("posstate")
 
 #: The longest a worker may take before the attempt fails (it is killed, and retried later; seconds).
 WORKER_TIMEOUT = 600.0
+#: Attempts of one job that may fail in a worker; its later attempts compact in process.
+WORKER_TRIES = 2
 _MODULE = "posstate.journal.compactjob"
 #: The folder that holds the posstate package the manager runs: the worker imports the same code from it.
 _ROOT = Path(__file__).resolve().parents[2]
@@ -213,6 +215,11 @@ class ProcessCompaction(DurableCommit):
             self._proc_install(temp, answer)
         except WorkerFailed as exc:
             _atomic.quiet_unlink(temp)
+            # Whatever made this worker fail (it cannot import posstate in a fresh interpreter, an OOM killer
+            # takes it every time, sys.executable is no Python) may well make the next one fail too: after
+            # WORKER_TRIES, the retries of this job compact in process, so the journal is always compacted
+            # (issue 14 attack: before, the job was retried through a worker for ever).
+            job.proc_failed += 1
             raise PersistenceError(
                 self._path,
                 operation="background compaction worker",
