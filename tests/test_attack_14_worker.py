@@ -4,6 +4,7 @@ side that starts it and installs its snapshot (posstate/manager/procompaction.py
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from decimal import Decimal
@@ -96,3 +97,44 @@ def test_the_worker_never_dumps_core(tmp_path: Path, monkeypatch: pytest.MonkeyP
     finally:
         m._close_wait = 0.0
         m.close()
+
+
+_LOSE_ONE = """
+import sys
+if sys.argv[:1] == ["-m"]:  # the compaction worker (python -P -m posstate.journal.compactjob)
+    from posstate.storage import statefile as _sf
+    _real = _sf.encode
+    def encode(state, *a, **kw):
+        state.positions.pop(next(iter(state.positions)))  # a snapshot short of one position, all else consistent
+        return _real(state, *a, **kw)
+    _sf.encode = encode
+"""
+
+
+def test_a_worker_snapshot_missing_a_position_is_never_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14 (cause 2, attack): a worker whose snapshot is self-consistent (trailer, size, header, answer
+    all agree) but holds fewer positions than memory held at the rotation (here it drops one) is
+    an attempt failure: the manager compares the answer's count with the count it took, O(1), under the
+    lock at the rotation. Before, the snapshot was installed and the position lost from disk for good."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_LOSE_ONE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    errors: list[dict[str, Any]] = []
+    d = tmp_path / "d"
+    with make(d) as m:
+        m.on("error", errors.append)
+        m.save()
+        for i in range(5):
+            m.set_position(pos(f"S{i}", i + 1))
+        done = False
+        for _ in range(_proc.WORKER_TRIES + 1):
+            with contextlib.suppress(PosStateError):
+                done = m.compact(wait=True)
+            if done:
+                break
+        assert done
+        want = contracts(m)
+    assert errors and all("memory held 5 at the rotation" in e["error"] for e in errors)
+    with make(d, compaction="thread") as m:
+        assert contracts(m) == want and len(want) == 5

@@ -86,6 +86,7 @@ class Job:
         "generation",
         "journal",
         "live",
+        "positions",
         "proc_failed",
         "sealed",
         "view",
@@ -106,6 +107,7 @@ class Job:
         self.done = threading.Event()
         self.sealed = sealed  # the journal id of the sealed segment (what a compaction worker replays)
         self.worker: _proc.Worker | None = None  # the worker process of the attempt in flight
+        self.positions = len(live.positions)  # at the rotation (the lock is held): a worker's snapshot must agree
         self.proc_failed = 0  # attempts of this job a worker failed: from WORKER_TRIES on, they compact in process
 
 

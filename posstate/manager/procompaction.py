@@ -211,6 +211,10 @@ class ProcessCompaction(DurableCommit):
                     return None
                 raise WorkerFailed(str(reply.get("error", "failed"))[:500])
             answer = _answer(reply, temp=temp, generation=job.generation, max_size=self._read.max_file_bytes)
+            if answer.positions != job.positions:  # the header's count is checked against the answer at install
+                raise WorkerFailed(
+                    f"its snapshot holds {answer.positions} positions, memory held {job.positions} at the rotation"
+                )
             self._writer_lock.check()
             self._proc_install(temp, answer)
         except WorkerFailed as exc:
