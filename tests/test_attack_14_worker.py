@@ -138,3 +138,36 @@ def test_a_worker_snapshot_missing_a_position_is_never_installed(tmp_path: Path,
     assert errors and all("memory held 5 at the rotation" in e["error"] for e in errors)
     with make(d, compaction="thread") as m:
         assert contracts(m) == want and len(want) == 5
+
+
+def test_a_copy_of_the_workers_stdin_pipe_never_stalls_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14 (cause 2, attack): a process forked by the bot (multiprocessing's fork start method) while a
+    worker is being handed its job holds a copy of the write end of the worker's stdin pipe: the worker must
+    not wait for an end of file that only that process's exit brings. It reads a framed job (its length
+    first). Before, it waited until WORKER_TIMEOUT (600 s), and the attempt failed."""
+    held: list[int] = []
+    real = _proc.Worker
+
+    class Worker(real):  # type: ignore[misc, valid-type]
+        def __init__(self, message: bytes) -> None:
+            super().__init__(message)
+            assert self.proc.stdin is not None
+            held.append(os.dup(self.proc.stdin.fileno()))  # what a child forked at this instant holds
+
+    monkeypatch.setattr(_proc, "Worker", Worker)
+    monkeypatch.setattr(_proc, "WORKER_TIMEOUT", 20.0)
+    errors: list[dict[str, Any]] = []
+    try:
+        with make(tmp_path) as m:
+            m.on("error", errors.append)
+            m.save()
+            for i in range(6):
+                m.set_position(pos(f"S{i}", i + 1))
+            assert m.compact(wait=True)
+            want = contracts(m)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert held and errors == []
+    with make(tmp_path) as m:
+        assert contracts(m) == want

@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -202,6 +202,22 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
     )
 
 
+def frame(body: bytes) -> bytes:
+    """A job as it goes down the worker's stdin: its length in decimal and a newline, then its bytes."""
+    return b"%d\n" % len(body) + body
+
+
+def read_message(stream: BinaryIO) -> bytes:
+    """The job :func:`frame` wrote, read by its length: never until an end of file, which a copy of the pipe's
+    write end (in a process the bot forked meanwhile) would hold off until that process exits. Longer than
+    MAX_MESSAGE: MAX_MESSAGE + 1 bytes (refused)."""
+    head = stream.readline(24)
+    if not head.endswith(b"\n") or not head[:-1].isdigit():
+        return b""
+    size = int(head[:-1])
+    return stream.read(min(size, MAX_MESSAGE + 1))
+
+
 def _failure(exc: BaseException) -> str:
     """A message for the manager's log: a posstate error's own text (never secret), else the type and errno."""
     if isinstance(exc, PosStateError):
@@ -240,7 +256,7 @@ def main() -> int:
     _no_core()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
     gc.disable()  # one short pass over the state: nothing for the collector to free
-    raw = sys.stdin.buffer.read(MAX_MESSAGE + 1)
+    raw = read_message(sys.stdin.buffer)
     out: dict[str, Any]
     try:
         if len(raw) > MAX_MESSAGE:

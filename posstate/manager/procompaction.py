@@ -35,7 +35,7 @@ import orjson
 
 from posstate.core.errors import PersistenceError
 from posstate.core.version import __version__
-from posstate.journal.compactjob import MAX_MESSAGE, TEST_HOOK, Answer, CompactJob
+from posstate.journal.compactjob import MAX_MESSAGE, TEST_HOOK, Answer, CompactJob, frame
 from posstate.manager.commit import DurableCommit
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
@@ -188,7 +188,7 @@ class ProcessCompaction(DurableCommit):
         spec = self._proc_job(job.generation, job.journal, job.sealed, temp)
         keys = self._keyring.worker_material() if self._keyring is not None else None
         try:
-            message = orjson.dumps({"job": asdict(spec), "keys": keys})
+            message = frame(orjson.dumps({"job": asdict(spec), "keys": keys}))
             del keys
             try:
                 worker = Worker(message)
