@@ -64,9 +64,11 @@ def test_a_worker_that_fails_every_time_never_stops_compaction(tmp_path: Path, m
 
 
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="needs Linux /proc to read a process's limits")
-def test_the_worker_never_dumps_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_worker_never_dumps_core_and_is_the_oom_killers_first_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """issue 14 (cause 2, attack): the worker holds the key; a crash must not write it into a core file (its
-    working directory is the package's folder): it runs with RLIMIT_CORE 0 before it reads its job."""
+    working directory is the package's folder): it runs with RLIMIT_CORE 0 before it reads its job. And it
+    holds a second copy of the state: under a memory limit the kernel must kill it, never the bot (its
+    oom_score_adj is 1000; before, both scored alike and the bot could be the one killed)."""
     started: list[_proc.Worker] = []
     real = _proc.Worker
 
@@ -83,17 +85,19 @@ def test_the_worker_never_dumps_core(tmp_path: Path, monkeypatch: pytest.MonkeyP
         for i in range(6):
             m.set_position(pos(f"S{i}", i + 1))
         m.compact(wait=False)
-        limits = ""
+        limits = oom = ""
         for _ in range(6000):  # until the worker's main() began (it ignores SIGINT first thing), then hangs
             if started:
                 status = Path(f"/proc/{started[0].proc.pid}/status").read_text()
                 ignored = int(next(x for x in status.splitlines() if x.startswith("SigIgn:")).split()[1], 16)
                 if ignored & (1 << (signal.SIGINT - 1)):
                     limits = Path(f"/proc/{started[0].proc.pid}/limits").read_text()
+                    oom = Path(f"/proc/{started[0].proc.pid}/oom_score_adj").read_text().strip()
                     break
             threading.Event().wait(0.01)
         line = next(x for x in limits.splitlines() if x.startswith("Max core file size"))
         assert line.split()[4:6] == ["0", "0"], line
+        assert oom == "1000", oom  # the kernel's OOM killer takes the worker before the bot
     finally:
         m._close_wait = 0.0
         m.close()

@@ -252,8 +252,21 @@ def _no_core() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
+def _oom_first() -> None:
+    """This process holds a second copy of the state: under a memory limit the kernel's OOM killer must take
+    it (its attempt fails and the compaction is retried, in the bot's process after WORKER_TRIES), never the
+    bot. Linux: a process may always raise its own ``oom_score_adj``; elsewhere nothing to do."""
+    with contextlib.suppress(OSError):
+        fd = fs.open_("/proc/self/oom_score_adj", os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fs.write_all(fd, b"1000")
+        finally:
+            fs.close(fd)
+
+
 def main() -> int:
     _no_core()
+    _oom_first()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
     gc.disable()  # one short pass over the state: nothing for the collector to free
     raw = read_message(sys.stdin.buffer)
