@@ -24,7 +24,7 @@ import orjson
 
 from posstate.backup import backups as _backups
 from posstate.backup.verified import probe
-from posstate.journal.compactjob import MAX_MESSAGE, _failure, _hook, _yield_processor
+from posstate.journal.compactjob import MAX_MESSAGE, _failure, _hook, _no_core, _oom_first, _yield_processor, read_message
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
 
@@ -67,9 +67,11 @@ def check(job: dict[str, Any], keyring: Keyring | None) -> list[dict[str, Any]]:
 
 
 def main() -> int:
+    _no_core()  # before the keys are read, as the compaction worker
+    _oom_first()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
     gc.disable()  # one pass over each file: nothing for the collector to free
-    raw = sys.stdin.buffer.read(MAX_MESSAGE + 1)
+    raw = read_message(sys.stdin.buffer)
     out: dict[str, Any]
     try:
         if len(raw) > MAX_MESSAGE:

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -90,6 +90,10 @@ class Answer:
     positions: int
 
 
+#: The process that started this worker (its manager): the test hook's ``orphan`` waits until it is gone.
+_started_by = os.getppid()
+
+
 def _hook(step: str, path: Path | None = None) -> None:
     spec = os.environ.get(TEST_HOOK, "")
     action, _, at = spec.partition("@")
@@ -107,9 +111,8 @@ def _hook(step: str, path: Path | None = None) -> None:
     if action == "hang":
         signal.pause()  # until the manager's timeout (or a save, load or close) kills this process
     if action == "orphan":
-        parent = os.getppid()
         for _ in range(12000):  # at most about 2 minutes
-            if os.getppid() != parent:
+            if os.getppid() != _started_by:  # (not the parent at this step: it may be gone already)
                 return
             time.sleep(0.01)
     if action == "garbage":
@@ -276,6 +279,22 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
     )
 
 
+def frame(body: bytes) -> bytes:
+    """A job as it goes down the worker's stdin: its length in decimal and a newline, then its bytes."""
+    return b"%d\n" % len(body) + body
+
+
+def read_message(stream: BinaryIO) -> bytes:
+    """The job :func:`frame` wrote, read by its length: never until an end of file, which a copy of the pipe's
+    write end (in a process the bot forked meanwhile) would hold off until that process exits. Longer than
+    MAX_MESSAGE: MAX_MESSAGE + 1 bytes (refused)."""
+    head = stream.readline(24)
+    if not head.endswith(b"\n") or not head[:-1].isdigit():
+        return b""
+    size = int(head[:-1])
+    return stream.read(min(size, MAX_MESSAGE + 1))
+
+
 def _failure(exc: BaseException) -> str:
     """A message for the manager's log: a posstate error's own text (never secret), else the type and errno."""
     if isinstance(exc, PosStateError):
@@ -299,10 +318,35 @@ def _yield_processor(nice: int) -> None:
         os.nice(nice)
 
 
+def _no_core() -> None:
+    """This process will hold the key: a crash must never write it to a core file (its working directory is
+    the package's folder; issue 14 attack). Before the job is read."""
+    try:
+        import resource
+    except ImportError:  # not on a Unix
+        return
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _oom_first() -> None:
+    """This process holds a second copy of the state: under a memory limit the kernel's OOM killer must take
+    it (its attempt fails and the compaction is retried, in the bot's process after WORKER_TRIES), never the
+    bot. Linux: a process may always raise its own ``oom_score_adj``; elsewhere nothing to do."""
+    with contextlib.suppress(OSError):
+        fd = fs.open_("/proc/self/oom_score_adj", os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fs.write_all(fd, b"1000")
+        finally:
+            fs.close(fd)
+
+
 def main() -> int:
+    _no_core()
+    _oom_first()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
     gc.disable()  # one short pass over the state: nothing for the collector to free
-    raw = sys.stdin.buffer.read(MAX_MESSAGE + 1)
+    raw = read_message(sys.stdin.buffer)
     out: dict[str, Any]
     try:
         if len(raw) > MAX_MESSAGE:

@@ -19,6 +19,7 @@ import orjson
 from posstate.backup.verified import Probe
 from posstate.core.config import StateConfig
 from posstate.core.errors import PersistenceError
+from posstate.journal.compactjob import frame
 from posstate.manager.procompaction import WORKER_TIMEOUT, Worker, WorkerFailed, available
 from posstate.storage import container as _format
 from posstate.storage.statefile import ReadOptions
@@ -72,7 +73,7 @@ class WorkerChecks:
             "nice": 10,
         }
         keys = options.keyring.worker_material() if options.keyring is not None else None
-        message = orjson.dumps({"job": job, "keys": keys})
+        message = frame(orjson.dumps({"job": job, "keys": keys}))
         del keys
         try:
             worker = Worker(message, module=_MODULE)
