@@ -50,7 +50,7 @@ def test_close_stops_a_prune_held_at_a_slice_and_takes_the_close_backup(
                 pause()  # between two slices: where close() may stop it
         return real_check(data, path=path, options=options, pause=pause, size=size)
 
-    cfg = StateConfig.in_dir(tmp_path, durability=durability, backup_interval=0.05)
+    cfg = StateConfig.in_dir(tmp_path, durability=durability, backup_interval=0.05, compaction="thread")  # in-process slices
     events: list[dict[str, Any]] = []
     m = PositionStateManager(cfg, key=KEY)
     try:

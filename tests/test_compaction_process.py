@@ -25,6 +25,8 @@ from posstate.journal.files import next_path
 from posstate.journal.spare import SPARE_THREAD
 from posstate.manager import procompaction as _proc
 from posstate.manager.compaction import BackgroundCompaction
+from posstate.model import document as _document
+from posstate.model import merge as _merge
 from posstate.model.document import StateData
 from posstate.model.position import Position
 from posstate.selftest.harness import MUTATING, Fault, HarnessOps
@@ -566,5 +568,105 @@ def test_without_a_worker_process_the_compaction_runs_in_process(
         assert m.compact(wait=True)
         want = contracts(m)
     assert spy.in_process == 1 and not spy.installed
+    with make(tmp_path) as m:
+        assert contracts(m) == want
+
+
+def _tombstone_floor(m: PositionStateManager, floor: int | None) -> None:
+    m._files.tombstone_floor = floor
+
+
+def test_the_worker_replays_on_the_authenticated_document_without_rebuilding_positions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 (worker CPU): the worker replays the sealed segment on the snapshot's parsed document (no
+    schema validation nor Positions for it, no full re-parse of its read-back), and the snapshot it writes
+    is exactly the state in memory, every kind of change and the tombstone floor included."""
+    with make(tmp_path, journal_max_records=1000) as m:
+        for i in range(6):
+            m.set_position(pos(f"S{i}", i + 1))
+        m.set_symbol_metadata("S1", {"a": 1})
+        m.set_symbol_metadata("S2", {"b": 2})
+        m.delete_position("S0", "long")
+        m.save()
+        floor = m.generation  # S0's tombstone is at or below it and is dropped; S3's and S1's are kept
+        m.set_position(pos("S1", 11))
+        m.set_position(pos("N1", 5))
+        m.delete_position("S2", "long")
+        m.delete_position("S3", "long")
+        m.delete_symbol_metadata("S1")
+        m.set_symbol_metadata("S4", {"c": [1, "x"]})
+        m.set_bot_metadata({"risk": "low"})
+        m.set_position(pos("S2", 22))  # its tombstone goes again
+        _tombstone_floor(m, floor)
+        good = _format.checksum_of(m.path.read_bytes())
+        assert good is not None
+        job = _job_for(m, _atomic.temp_name(m.path), [good])
+        memory = m._state.copy()
+
+        def refused(*a: Any, **k: Any) -> Any:
+            raise AssertionError("the worker validated a document again")
+
+        with monkeypatch.context() as mp:
+            mp.setattr(_statefile, "parse", refused)
+            mp.setattr(_statefile, "read", refused)
+            mp.setattr(_document, "decode_document", refused)
+            answer = _job.compact(job, m._keyring)
+        loaded = _statefile.parse(Path(answer.temp_path).read_bytes(), path=Path(answer.temp_path), options=m._read)
+        fs.unlink(Path(answer.temp_path))
+    _merge.drop_old_tombstones(memory, floor=floor)
+    assert loaded.state.generation == job.generation and loaded.state.journal == job.journal
+    assert answer.positions == len(memory.positions) and loaded.checksum == answer.checksum
+    assert view(loaded.state) == view(memory)
+    assert list(loaded.state.positions) == list(memory.positions)  # the same order as an in-process save
+    assert ("S3", "long") in loaded.state.position_tombstones and ("S0", "long") not in loaded.state.position_tombstones
+
+
+def test_the_worker_refuses_an_unknown_or_tampered_snapshot_even_with_a_valid_trailer(tmp_path: Path) -> None:
+    """issue 14 (worker CPU): the snapshot is trusted without re-validation only as the bytes the manager
+    wrote: a checksum it was not told is refused, and a ciphertext changed under a recomputed trailer
+    (its checksum told to the worker) fails AES-GCM and is refused."""
+    with make(tmp_path) as m:
+        m.set_position(pos("A", 1))
+        m.save()
+        m.set_position(pos("B", 2))
+        data = m.path.read_bytes()
+        with pytest.raises(_job.Refused, match="not the one the manager wrote"):
+            _job.compact(_job_for(m, _atomic.temp_name(m.path), ["0" * 64]), m._keyring)
+        body = bytearray(data[: -_format.TRAILER_SIZE])
+        body[len(body) // 2] ^= 0x01
+        m.path.write_bytes(bytes(body) + _format.trailer_for(bytes(body)))
+        digest = _format.checksum_of(m.path.read_bytes())
+        assert digest is not None
+        with pytest.raises(_job.Refused, match="does not load"):
+            _job.compact(_job_for(m, _atomic.temp_name(m.path), [digest]), m._keyring)
+        m.path.write_bytes(data)
+        assert temps(m) == []
+
+
+def test_a_temp_changed_after_the_worker_wrote_it_is_caught_by_its_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 (worker CPU): the worker's read-back (the same bytes, and they decode, as an in-process save
+    checks its file) still catches a temp whose byte changed after the write: the attempt fails, reported
+    and retried, the temp removed and the state file untouched."""
+    errors: list[dict[str, Any]] = []
+    with make(tmp_path) as m:
+        m.on("error", errors.append)
+        m.save()
+        before = m.path.read_bytes()
+        for i in range(3):
+            m.set_position(pos(f"S{i}", i + 1))
+        monkeypatch.setenv(_job.TEST_HOOK, "flip@written")
+        with pytest.raises(OSError, match="read back differs"):
+            _job.compact(_job_for(m, _atomic.temp_name(m.path), sorted(c for c in m._expected_on_disk if c)), m._keyring)
+        assert temps(m) == []
+        with pytest.raises(PosStateError, match="read back differs"):
+            m.compact(wait=True)
+        assert m.path.read_bytes() == before and temps(m) == []
+        monkeypatch.delenv(_job.TEST_HOOK)
+        assert m.compact(wait=True)
+        want = contracts(m)
+    assert errors and "worker" in errors[0]["error"]
     with make(tmp_path) as m:
         assert contracts(m) == want

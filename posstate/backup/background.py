@@ -15,10 +15,10 @@ the fallback when compactions keep failing). A clean close() backs up the acknow
 (:meth:`BackupService.final_backup`, :func:`posstate.backup.acked.from_memory`). ``backup_interval=0`` keeps the old
 meaning (a backup at every snapshot) and runs no timer.
 
-A failure is reported (``backupFailed``, a warning) and retried after ``backup_interval``. close() stops a prune's full
-checks at their next slice and lets a running backup finish for a bounded time, then cancels it before it gets its name
-(:mod:`posstate.backup.closing`). A SIGKILL at any step leaves no new backup or a whole, verified one; a temp file is
-swept by the next backup (docs/RECOVERY.md, docs/JOURNAL.md).
+A failure is reported (``backupFailed``, a warning) and retried after ``backup_interval``. close() stops a prune's
+full checks at their next slice (or kills the worker process running them) and lets a running backup finish for a
+bounded time, then cancels it before it gets its name (:mod:`posstate.backup.closing`). A SIGKILL leaves no new backup
+or a whole, verified one; a temp is swept by the next backup (docs/RECOVERY.md).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class BackupService:
         self._files = files
         #: Held by the background backup and by every explicit backup operation (taken before the manager's lock).
         self.folder_lock = threading.RLock()
-        self.cache = VerifiedCache(pause=self._pause_check)  # full checks in slices (issue 14.3)
+        self.cache = VerifiedCache(pause=self._pause_check, remote=files.remote_checks(), stoppable=self._stoppable)
         #: The clock timed backups compare with (tests replace it).
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()
@@ -185,6 +185,7 @@ class BackupService:
     def _stop_verifying(self, timeout: float) -> float:
         """close(): stop the prune's full checks at their next slice; the one deadline of close() (monotonic)."""
         self._stop_checks = True
+        self.cache.stop_remote()  # a worker process running them is killed now (issue 14)
         if self._close_deadline is None:
             self._close_deadline = time.monotonic() + timeout
         return self._close_deadline

@@ -24,6 +24,7 @@ from posstate.storage.statefile import ReadOptions
 
 if TYPE_CHECKING:
     from posstate.backup.background import BackupService
+    from posstate.backup.verified import RemoteChecks
 
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -127,3 +128,6 @@ class StateFiles(Protocol):
     def expect_on_disk(self, checksum: str | None) -> None:
         """The state file on disk is ours with this trailer checksum (None: no file); anything else at the
         next save was written by someone who bypassed the lock."""
+
+    def remote_checks(self) -> RemoteChecks | None:
+        """Where a prune's full checks of backups run: a worker process (issue 14), or None for this process."""

@@ -2,17 +2,21 @@
 
 A manager passes its :class:`~posstate.backup.verified.VerifiedCache`, so a backup fully checked once is not
 decrypted again while its trailer, size, mtime, ctime and inode are unchanged; without a cache (``posstate
-backups prune --dry-run``, no manager) every backup is read and validated fully.
+backups prune --dry-run``, no manager) every backup is read and validated fully. The cache may take valid
+verdicts from a worker process (posstate/manager/procheck.py); a prune never removes a backup on those alone:
+the newest valid backup kept (the one that makes the others redundant) is checked in this process first when
+its verdict came from a worker, and a worker contradicted there is never asked again.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from posstate.backup import backups as _backups
 from posstate.backup import retention as _retention
-from posstate.backup.verified import VerifiedCache, check_all
+from posstate.backup.verified import VerifiedCache, check_all, probe
 from posstate.core.config import StateConfig
 from posstate.core.errors import PersistenceError
 from posstate.storage import atomic as _atomic
@@ -20,7 +24,10 @@ from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 
 if TYPE_CHECKING:
+    from posstate.backup.backups import BackupInfo
     from posstate.backup.files import StateFiles
+
+log = logging.getLogger("posstate")
 
 
 def _policy(c: StateConfig) -> _retention.Policy:
@@ -66,6 +73,8 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
         except OSError as exc:
             raise PersistenceError(d.backup.path, operation="quarantine damaged backup", cause=exc) from exc
     done_r: list[str] = []
+    if removed and newest is not None and cache is not None and cache.by_worker(newest.path.name):
+        _confirm(newest, files, cache)
     if removed:
         # Redundant only while the backups that make it so are still there.
         if newest is None or not fs.exists(newest.path):
@@ -87,3 +96,24 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
     if done_r or done_q:
         files.emit("backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)})
     return result
+
+
+def _confirm(newest: BackupInfo, files: StateFiles, cache: VerifiedCache) -> None:
+    """Check *newest* (its verdict came from a worker) in this process before anything is removed for it."""
+    seen = probe(newest.path)
+    if cache.pause is not None:
+        cache.pause()
+    info, _ = _backups.full_check(newest, options=files.read, pause=cache.pause)
+    cache.full_checks += 1
+    if info.valid and seen is not None:
+        cache.remember(newest.path.name, seen, info)
+        return
+    cache.distrust()
+    log.warning("%s: a backup-check worker's verdict was contradicted in process; checking here from now on", newest.path)
+    raise PersistenceError(
+        newest.path,
+        operation="prune",
+        reason="the check in the worker process and the check here disagree",
+        outcome="no backup was removed",
+        next_step="nothing to do: the next prune checks every backup in this process",
+    )

@@ -11,6 +11,15 @@ close); anything else, a rewrite, a bit flip that reset the mtime (the ctime mov
 The cache lives in memory, one per manager, and is never written to disk: nothing on disk can plant a
 verdict. Full verification always happens, cache or not, when a backup is created, on ``backups verify``,
 and before a backup is used to restore, recover or repair (those paths read and validate the file itself).
+
+With ``compaction="process"`` the manager gives the cache a :class:`RemoteChecks` (posstate/manager/procheck.py):
+the full checks a prune needs run in a worker process (``python -m posstate.backup.checkjob``), many files per
+job, so the bot's process does only the keyless part (probe, header and SHA-256). Only a *valid* verdict is
+taken from it, and only bound to the probe this process took before the job (the worker reports the probe it
+saw before reading, and nothing for a file that changed while it read it); every other file is checked here
+as before. A prune never removes a backup on a worker's say-so alone: the newest valid backup kept, the one
+that makes the others redundant, is checked in this process first when its verdict came from a worker
+(posstate/backup/prune.py).
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ import contextlib
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from posstate.backup import backups as _backups
 from posstate.backup.backups import BackupInfo
@@ -60,23 +70,70 @@ def probe(path: Path) -> Probe | None:
     return Probe(trailer=tail, size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
 
 
+class RemoteChecks(Protocol):
+    """Full checks of backups in another process (posstate/manager/procheck.py)."""
+
+    def check(
+        self, files: list[tuple[str, Path, Probe]], options: _statefile.ReadOptions, *, stoppable: bool
+    ) -> dict[str, Probe] | None:
+        """The names of *files* found valid, each with the probe taken before it was read ({}: no worker could
+        be started: check here). None when :meth:`stop` gave a *stoppable* check up. PersistenceError when
+        the worker failed (died, garbage): nothing is decided from it."""
+
+    def stop(self) -> None:
+        """close(): end a running stoppable check at once (SIGKILL) and refuse new ones."""
+
+
 class VerifiedCache:
     """Full verdicts by backup file name, each bound to the :class:`Probe` taken before its check.
 
     Not thread-safe on its own: the backup service uses it under its directory lock."""
 
-    __slots__ = ("_entries", "full_checks", "pause")
+    __slots__ = ("_by_worker", "_entries", "full_checks", "pause", "remote", "stoppable", "worker_checks")
 
-    def __init__(self, pause: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        pause: Callable[[], None] | None = None,
+        *,
+        remote: RemoteChecks | None = None,
+        stoppable: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._entries: dict[str, tuple[Probe, BackupInfo]] = {}
         #: How many full checks (decrypt + validate) this cache has run: tests and benchmarks read it.
         self.full_checks = 0
         #: Set by the background backup thread (issue 14.3): its full checks run a slice of positions at a
         #: time and call this between slices (``backups.full_check``), so the bot's threads get the GIL.
         self.pause = pause
+        #: Where prunes run their full checks: a worker process (issue 14), or None: in this process.
+        self.remote = remote
+        #: True on a thread whose checks close() may stop (the backup service's own prune).
+        self.stoppable = stoppable
+        self._by_worker: set[str] = set()
+        #: How many of full_checks a worker process ran.
+        self.worker_checks = 0
 
-    def remember(self, name: str, seen: Probe, info: BackupInfo) -> None:
+    def remember(self, name: str, seen: Probe, info: BackupInfo, *, by_worker: bool = False) -> None:
         self._entries[name] = (seen, info)
+        if by_worker:
+            self._by_worker.add(name)
+        else:
+            self._by_worker.discard(name)
+
+    def stop_remote(self) -> None:
+        """close(): a worker running a stoppable check is killed, and none is started for one again."""
+        if self.remote is not None:
+            self.remote.stop()
+
+    def by_worker(self, name: str) -> bool:
+        """True when the cached verdict of *name* came from a worker process, not from a check here."""
+        return name in self._by_worker
+
+    def distrust(self) -> None:
+        """A worker's verdict was contradicted here: forget all of them and check in this process from now on."""
+        for name in self._by_worker:
+            self._entries.pop(name, None)
+        self._by_worker.clear()
+        self.remote = None
 
     def lookup(self, name: str, seen: Probe | None) -> BackupInfo | None:
         """The cached verdict for *name*, only if the file still looks exactly as when it was checked."""
@@ -98,10 +155,12 @@ class VerifiedCache:
 
     def forget(self, name: str) -> None:
         self._entries.pop(name, None)
+        self._by_worker.discard(name)
 
     def keep_only(self, names: set[str]) -> None:
         for gone in [n for n in self._entries if n not in names]:
             del self._entries[gone]
+        self._by_worker &= names
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -109,7 +168,8 @@ class VerifiedCache:
 
 def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: VerifiedCache) -> list[BackupInfo]:
     """Every backup in *backup_dir*, newest first, each with its full verdict: from *cache* when the file is
-    unchanged since it was checked, else read, decrypted and validated now (and remembered)."""
+    unchanged since it was checked, else read, decrypted and validated now (in a worker process when the
+    cache has one: :class:`RemoteChecks`) and remembered."""
     try:
         names = fs.listdir(backup_dir)
     except FileNotFoundError:
@@ -118,6 +178,7 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
         raise PersistenceError(backup_dir, operation="list backups", cause=exc) from exc
     out: list[BackupInfo] = []
     present: set[str] = set()
+    pending: list[tuple[str, Probe | None, BackupInfo]] = []
     for name in names:
         parsed = _backups.parse_name(name)
         if parsed is None:
@@ -129,9 +190,19 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
         if cached is not None:
             out.append(cached)
             continue
+        pending.append((name, seen, _backups.inspect_file(path, parsed[0], parsed[1])))  # keyless: header, SHA-256
+    found = _remote(pending, options=options, cache=cache)
+    for name, seen, keyless in pending:
+        if seen is not None and found.get(name) == seen:
+            info = replace(keyless, valid=True, damaged=False, reason="")
+            cache.full_checks += 1
+            cache.worker_checks += 1
+            cache.remember(name, seen, info, by_worker=True)
+            out.append(info)
+            continue
         if cache.pause is not None:  # before the read too: a background check given up stops here
             cache.pause()
-        info, _ = _backups.full_check(_backups.inspect_file(path, parsed[0], parsed[1]), options=options, pause=cache.pause)
+        info, _ = _backups.full_check(keyless, options=options, pause=cache.pause)
         cache.full_checks += 1
         if seen is not None and not info.unreadable:
             cache.remember(name, seen, info)
@@ -141,3 +212,20 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
     cache.keep_only(present)
     out.sort(key=lambda b: b.sort_key, reverse=True)
     return out
+
+
+def _remote(
+    pending: list[tuple[str, Probe | None, BackupInfo]], *, options: _statefile.ReadOptions, cache: VerifiedCache
+) -> dict[str, Probe]:
+    """The worker's valid verdicts for the files whose keyless check holds ({} without a worker)."""
+    todo = [(name, info.path, seen) for name, seen, info in pending if seen is not None and info.valid]
+    if cache.remote is None or not todo:
+        return {}
+    if cache.pause is not None:
+        cache.pause()  # close() already asked: no worker is started
+    found = cache.remote.check(todo, options, stoppable=cache.stoppable())
+    if found is None:  # close() stopped it: the next pause raises ChecksStopped
+        if cache.pause is not None:
+            cache.pause()
+        return {}
+    return found

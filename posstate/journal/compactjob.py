@@ -2,14 +2,15 @@
 as a pure function of files.
 
 At a rotation the old segment is sealed: every record up to the rotation's sequence number S is durable in
-it, and the snapshot on disk names it. This worker reads that snapshot and that segment with the ordinary
-loader and replay code, checks that the replay ends exactly at S in the segment the rotation named (else it
-*refuses*, and the manager compacts in its own process instead), stamps what the manager's job says
-(generation, journal entry, writer, written_at, tombstone floor), encodes with the write key (fresh random
-nonces: this is a new interpreter, never a fork), writes an fsynced temp file beside the state file, reads
-it back, validates it in full and answers with the temp's name, trailer checksum, size and counts. It never
-renames, deletes or cuts anything but its own temp: installing the snapshot is the manager's
-(posstate/manager/procompaction.py, docs/JOURNAL.md "Background compaction").
+it, and the snapshot on disk names it. This worker reads that snapshot (authenticated, not validated again:
+see :func:`compact`) and that segment (every record validated), checks that the replay ends exactly at S in
+the segment the rotation named (else it *refuses*, and the manager compacts in its own process instead),
+stamps what the manager's job says (generation, journal entry, writer, written_at, tombstone floor), encodes
+with the write key (fresh random nonces: this is a new interpreter, never a fork), writes an fsynced temp
+file beside the state file, reads it back (the same bytes, and they decode) and answers with the temp's
+name, trailer checksum, size and counts. It never renames, deletes or cuts anything but its own temp:
+installing the snapshot is the manager's (posstate/manager/procompaction.py, docs/JOURNAL.md "Background
+compaction").
 
 Run as ``python -m posstate.journal.compactjob``: one JSON job on stdin (with the key material, which is
 never in argv, the environment or a file), one JSON answer on stdout. Nothing secret is ever written to
@@ -26,15 +27,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
-from posstate.core.errors import PosStateError
+from posstate.core.errors import PosStateError, WrongKeyError
 from posstate.journal.records import read_records
-from posstate.model import merge as _merge
 from posstate.model import ops as jops
+from posstate.model.state import SCHEMA_VERSION, SCHEMA_VERSION_PLAIN, utc_text
 from posstate.storage import atomic as _atomic
+from posstate.storage import codec as _codec
+from posstate.storage import container as _format
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
@@ -42,8 +45,9 @@ from posstate.storage.crypto import Keyring
 #: The largest job or answer read from a pipe (bytes); anything longer is refused, never parsed.
 MAX_MESSAGE = 1024 * 1024
 #: TEST ONLY: ``<action>@<step>`` makes the worker SIGKILL itself (``kill``), hang until killed (``hang``),
-#: answer garbage (``garbage``) or wait until its manager is gone (``orphan``) at a step (``start``, ``read``,
-#: ``encoded``, ``written``, ``verified``).
+#: answer garbage (``garbage``), wait until its manager is gone (``orphan``) or flip a byte of its temp file
+#: (``flip``, at ``written`` only) at a step (``start``, ``read``, ``encoded``, ``written``, ``verified``; the
+#: backup-check worker, posstate/backup/checkjob.py: ``check`` before its first file, ``checked`` after each).
 #: The manager passes it to the worker only when it is set in its own environment (tests set it).
 TEST_HOOK = "POSSTATE_TEST_COMPACT_WORKER"
 
@@ -86,19 +90,29 @@ class Answer:
     positions: int
 
 
-def _hook(step: str) -> None:
+#: The process that started this worker (its manager): the test hook's ``orphan`` waits until it is gone.
+_started_by = os.getppid()
+
+
+def _hook(step: str, path: Path | None = None) -> None:
     spec = os.environ.get(TEST_HOOK, "")
     action, _, at = spec.partition("@")
     if at != step:
         return
+    if action == "flip" and path is not None:  # one byte of the temp file changed on disk after its write
+        size = len(fs.read_file(path, max_size=None))
+        fd = fs.open_(path, os.O_RDWR)
+        try:
+            fs.pwrite_all(fd, bytes([fs.pread(fd, 1, size // 2)[0] ^ 0x01]), size // 2)
+        finally:
+            fs.close(fd)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action == "hang":
         signal.pause()  # until the manager's timeout (or a save, load or close) kills this process
     if action == "orphan":
-        parent = os.getppid()
         for _ in range(12000):  # at most about 2 minutes
-            if os.getppid() != parent:
+            if os.getppid() != _started_by:  # (not the parent at this step: it may be gone already)
                 return
             time.sleep(0.01)
     if action == "garbage":
@@ -115,8 +129,63 @@ def _orphaned(job: CompactJob, tmp: Path | None = None) -> None:
         os._exit(3)
 
 
+def _replay(doc: dict[str, Any], op: dict[str, Any]) -> None:
+    """Apply one validated journal operation to a snapshot's document, as :func:`posstate.model.ops.apply`
+    applies it to a StateData (the same dict semantics: a changed key keeps its place, a new one goes last)."""
+    name, rev = op["op"], op["rev"]
+    tombs = doc["tombstones"]
+    if name == jops.SET_POSITION:
+        p = op["position"]
+        text = f"{p['symbol']}|{p['side']}"
+        doc["positions"][text] = {"rev": rev, "position": p}
+        tombs["positions"].pop(text, None)
+    elif name == jops.DELETE_POSITION:
+        text = f"{op['symbol']}|{op['side']}"
+        doc["positions"].pop(text, None)
+        tombs["positions"][text] = rev
+    elif name == jops.SET_BOT_METADATA:
+        doc["bot_metadata"] = {"rev": rev, "data": op["data"]}
+    elif name == jops.SET_METADATA:
+        doc["symbol_metadata"][op["symbol"]] = {"rev": rev, "data": op["data"]}
+        tombs["symbol_metadata"].pop(op["symbol"], None)
+    else:
+        doc["symbol_metadata"].pop(op["symbol"], None)
+        tombs["symbol_metadata"][op["symbol"]] = rev
+
+
+def _stamp(doc: dict[str, Any], job: CompactJob) -> dict[str, Any]:
+    """The new snapshot's document: what the job stamps, old tombstones dropped, keys in the order
+    :func:`posstate.model.document.build_document` writes them."""
+    if job.tombstone_floor is not None:  # as merge.drop_old_tombstones does on a StateData
+        for kind in ("positions", "symbol_metadata"):
+            old = doc["tombstones"][kind]
+            doc["tombstones"][kind] = {k: r for k, r in old.items() if r > job.tombstone_floor}
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION if doc.get("bot_metadata") is not None else SCHEMA_VERSION_PLAIN,
+        "generation": job.generation,
+        "written_at": utc_text(job.written_at_ms),
+        "writer": dict(job.writer),
+    }
+    if doc.get("account") is not None:
+        out["account"] = doc["account"]
+    out["positions"] = doc["positions"]
+    out["symbol_metadata"] = doc["symbol_metadata"]
+    out["tombstones"] = doc["tombstones"]
+    out["journal"] = dict(job.journal)
+    if doc.get("bot_metadata") is not None:
+        out["bot_metadata"] = doc["bot_metadata"]
+    return out
+
+
 def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
-    """Snapshot + sealed segment -> a verified temp file holding the state at the rotation (raises Refused)."""
+    """Snapshot + sealed segment -> a verified temp file holding the state at the rotation (raises Refused).
+
+    The snapshot is never validated again nor turned into Positions: its bytes must carry a checksum the
+    manager wrote or loaded from validated memory (SHA-256 of the whole file, checked against the bytes),
+    and with encryption on AES-GCM authenticates them under the key, so they are that validated document.
+    The segment's records are authenticated and validated one by one (journal/records.py) and replayed on
+    the parsed document; the result is encoded from it (no Position is built), and read back as an
+    in-process save reads back its file: the same bytes, and they decode (manager/commit.py)."""
     options = _statefile.ReadOptions(
         keyring=keyring,
         max_document_bytes=job.max_document_bytes,
@@ -125,27 +194,35 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
     )
     state_path = Path(job.state_path)
     try:
-        loaded = _statefile.read(state_path, options=options)
-    except PosStateError as exc:
+        raw = _statefile.read_bytes(state_path, max_size=options.max_file_bytes)
+        _codec.inspect(raw, path=state_path)  # the trailer's SHA-256 holds for these bytes
+        if _format.checksum_of(raw) not in job.expected_checksums:
+            raise Refused("the state file is not the one the manager wrote or loaded")
+        header, payload = _codec.decode(raw, keyring=keyring, path=state_path, max_document_bytes=job.max_document_bytes)
+        if job.encrypt and not header.encrypted:
+            raise WrongKeyError(state_path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
+        del raw
+        doc = orjson.loads(payload)  # bytes the manager encoded from validated memory: parsed, not re-validated
+        del payload
+    except (PosStateError, orjson.JSONDecodeError) as exc:
         raise Refused(f"the state file does not load ({exc})") from exc
-    if loaded.checksum not in job.expected_checksums:
-        raise Refused("the state file is not the one the manager wrote or loaded")
-    st = loaded.state
-    snap = st.journal or {}
+    if not isinstance(doc, dict) or header.position_count != len(doc.get("positions", ())):
+        raise Refused("the state file does not hold the document its header describes")
+    snap = doc.get("journal") or {}
     if snap.get("id") != job.segment_id:
         raise Refused("the snapshot on disk does not name the sealed segment")
     snap_seq = int(snap.get("seq", 0))
     jpath = Path(job.journal_path)
     data = fs.read_file(jpath, max_size=options.max_file_bytes)
     try:
-        header, records, sc = read_records(data, path=jpath, keyring=keyring, require_encryption=job.encrypt)
+        jheader, records, sc = read_records(data, path=jpath, keyring=keyring, require_encryption=job.encrypt)
     except PosStateError as exc:
         raise Refused(f"the sealed segment does not read ({exc})") from exc
-    if header.id_hex != job.segment_id:
+    if jheader.id_hex != job.segment_id:
         raise Refused("the journal file is not the sealed segment")
     if sc.bad_offset is not None:
         raise Refused("the sealed segment has a torn tail")
-    last = records[-1][0].seq if records else header.base_seq
+    last = records[-1][0].seq if records else jheader.base_seq
     if last != job.last_seq:
         raise Refused(f"the sealed segment ends at record {last}, the rotation at {job.last_seq}")
     expect = snap_seq + 1
@@ -156,35 +233,38 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
             raise Refused(f"record {expect} is missing from the sealed segment")
         expect += 1
         for op in ops:  # a fold record has none (journal/fold.py)
-            jops.apply(st, {}, op)
+            _replay(doc, op.json)
     if expect - 1 != job.last_seq:
         raise Refused("the snapshot on disk is past the rotation")
+    del records, data
     _hook("read")
     _orphaned(job)
-    st.generation = job.generation
-    st.journal = dict(job.journal)
-    if job.tombstone_floor is not None:
-        _merge.drop_old_tombstones(st, floor=job.tombstone_floor)
-    st, encoded = _statefile.encode(
-        st,
-        keyring=keyring if job.encrypt else None,
+    doc = _stamp(doc, job)
+    positions = len(doc["positions"])
+    encoded = _codec.encode(
+        orjson.dumps(doc),
+        generation=job.generation,
+        written_at_ms=job.written_at_ms,
+        position_count=positions,
         compression_level=job.compression_level,
-        now_ms=job.written_at_ms,
-        writer=job.writer,
+        keyring=keyring if job.encrypt else None,
+        schema_version=doc["schema_version"],
     )
-    del loaded, records, data
+    del doc
     _hook("encoded")
     _orphaned(job)
     tmp = Path(job.temp_path)
     _atomic.write_temp(state_path, encoded.data, name=tmp)
     try:
-        _hook("written")
+        _hook("written", tmp)
         back = fs.read_file(tmp, max_size=options.max_file_bytes)
         if back != encoded.data:
             raise OSError(5, "temp file read back differs from what was written")
-        check = _statefile.parse(back, path=tmp, options=options)  # AES-GCM, zstd, schema: the full check
-        if check.state.generation != job.generation or len(check.state.positions) != len(st.positions):
-            raise OSError(5, "temp file read back does not hold the state encoded")
+        try:  # AES-GCM and zstd, as an in-process save checks its file (manager/commit.py, _verify_written)
+            _codec.decode(back, keyring=keyring, path=tmp, max_document_bytes=job.max_document_bytes)
+        except PosStateError as exc:
+            raise OSError(5, f"temp file read back does not decode ({exc})") from exc
+        del back
         _hook("verified")
         _orphaned(job, tmp)
     except BaseException:
@@ -195,8 +275,24 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
         checksum=encoded.checksum,
         size=len(encoded.data),
         generation=job.generation,
-        positions=len(st.positions),
+        positions=positions,
     )
+
+
+def frame(body: bytes) -> bytes:
+    """A job as it goes down the worker's stdin: its length in decimal and a newline, then its bytes."""
+    return b"%d\n" % len(body) + body
+
+
+def read_message(stream: BinaryIO) -> bytes:
+    """The job :func:`frame` wrote, read by its length: never until an end of file, which a copy of the pipe's
+    write end (in a process the bot forked meanwhile) would hold off until that process exits. Longer than
+    MAX_MESSAGE: MAX_MESSAGE + 1 bytes (refused)."""
+    head = stream.readline(24)
+    if not head.endswith(b"\n") or not head[:-1].isdigit():
+        return b""
+    size = int(head[:-1])
+    return stream.read(min(size, MAX_MESSAGE + 1))
 
 
 def _failure(exc: BaseException) -> str:
@@ -222,10 +318,35 @@ def _yield_processor(nice: int) -> None:
         os.nice(nice)
 
 
+def _no_core() -> None:
+    """This process will hold the key: a crash must never write it to a core file (its working directory is
+    the package's folder; issue 14 attack). Before the job is read."""
+    try:
+        import resource
+    except ImportError:  # not on a Unix
+        return
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _oom_first() -> None:
+    """This process holds a second copy of the state: under a memory limit the kernel's OOM killer must take
+    it (its attempt fails and the compaction is retried, in the bot's process after WORKER_TRIES), never the
+    bot. Linux: a process may always raise its own ``oom_score_adj``; elsewhere nothing to do."""
+    with contextlib.suppress(OSError):
+        fd = fs.open_("/proc/self/oom_score_adj", os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fs.write_all(fd, b"1000")
+        finally:
+            fs.close(fd)
+
+
 def main() -> int:
+    _no_core()
+    _oom_first()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
     gc.disable()  # one short pass over the state: nothing for the collector to free
-    raw = sys.stdin.buffer.read(MAX_MESSAGE + 1)
+    raw = read_message(sys.stdin.buffer)
     out: dict[str, Any]
     try:
         if len(raw) > MAX_MESSAGE:

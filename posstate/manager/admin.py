@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from posstate.backup.recovery import RecoveryReport
     from posstate.backup.repair import RepairReport
     from posstate.backup.retention import PruneResult
+    from posstate.backup.verified import RemoteChecks
     from posstate.model.merge import MergeResult
     from posstate.storage.validate import ValidationReport
 
@@ -158,6 +159,12 @@ class StateMaintenance(InMemoryChanges):
             first = report.errors[0] if report.errors else ValidationIssue("$", "contents not checked")
             self._events.emit("validationError", {"path": str(self._path), "json_path": first.path, "reason": first.message})
         return report
+
+    def _remote_checks(self) -> RemoteChecks | None:
+        """Where a prune's full checks of backups run: a worker process (issue 14), or None for this process."""
+        from posstate.manager import procheck
+
+        return procheck.for_config(self.config)
 
 
 def _backups_resolve(mgr: StateMaintenance, ident: str) -> BackupInfo:

@@ -77,7 +77,21 @@ class _Cancelled(Exception):
 class Job:
     """One background compaction: the live state it copies, the snapshot's journal entry and generation."""
 
-    __slots__ = ("attempts", "cancelled", "done", "entries", "error", "generation", "journal", "live", "sealed", "view", "worker")
+    __slots__ = (
+        "attempts",
+        "cancelled",
+        "done",
+        "entries",
+        "error",
+        "generation",
+        "journal",
+        "live",
+        "positions",
+        "proc_failed",
+        "sealed",
+        "view",
+        "worker",
+    )
 
     def __init__(
         self, live: StateData, entries: Entries, generation: int, journal: dict[str, Any], sealed: str | None = None
@@ -93,6 +107,8 @@ class Job:
         self.done = threading.Event()
         self.sealed = sealed  # the journal id of the sealed segment (what a compaction worker replays)
         self.worker: _proc.Worker | None = None  # the worker process of the attempt in flight
+        self.positions = len(live.positions)  # at the rotation (the lock is held): a worker's snapshot must agree
+        self.proc_failed = 0  # attempts of this job a worker failed: from WORKER_TRIES on, they compact in process
 
 
 class BackgroundCompaction(_proc.ProcessCompaction):
@@ -307,7 +323,7 @@ class BackgroundCompaction(_proc.ProcessCompaction):
                     worker.kill()
                 job.worker = worker
 
-        if job.view is None and self._proc_enabled():
+        if job.view is None and job.proc_failed < _proc.WORKER_TRIES and self._proc_enabled():
             done = self._proc_attempt(job, check, register)
             if done is not None:
                 return done

@@ -20,6 +20,7 @@ from posstate.storage.statefile import ReadOptions
 
 if TYPE_CHECKING:
     from posstate.backup.background import BackupService
+    from posstate.backup.verified import RemoteChecks
     from posstate.manager.manager import PositionStateManager
 
 
@@ -187,6 +188,9 @@ class ManagerFiles:
 
     def expect_on_disk(self, checksum: str | None) -> None:
         self._m._expected_on_disk = {checksum}
+
+    def remote_checks(self) -> RemoteChecks | None:
+        return self._m._remote_checks()
 
 
 def _pending(m: PositionStateManager) -> CompactionAsk | None:

@@ -35,7 +35,7 @@ import orjson
 
 from posstate.core.errors import PersistenceError
 from posstate.core.version import __version__
-from posstate.journal.compactjob import MAX_MESSAGE, TEST_HOOK, Answer, CompactJob
+from posstate.journal.compactjob import MAX_MESSAGE, TEST_HOOK, Answer, CompactJob, frame
 from posstate.manager.commit import DurableCommit
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
@@ -46,6 +46,8 @@ log = logging.getLogger("posstate")
 
 #: The longest a worker may take before the attempt fails (it is killed, and retried later; seconds).
 WORKER_TIMEOUT = 600.0
+#: Attempts of one job that may fail in a worker; its later attempts compact in process.
+WORKER_TRIES = 2
 _MODULE = "posstate.journal.compactjob"
 #: The folder that holds the posstate package the manager runs: the worker imports the same code from it.
 _ROOT = Path(__file__).resolve().parents[2]
@@ -75,8 +77,9 @@ class WorkerFailed(Exception):
 class Worker:
     """One worker process running one job; :meth:`kill` from any thread ends it at once."""
 
-    def __init__(self, message: bytes) -> None:
-        cmd = [sys.executable, "-P", "-m", _MODULE] if sys.version_info >= (3, 11) else [sys.executable, "-m", _MODULE]
+    def __init__(self, message: bytes, module: str | None = None) -> None:
+        module = module or _MODULE
+        cmd = [sys.executable, "-P", "-m", module] if sys.version_info >= (3, 11) else [sys.executable, "-m", module]
         self._message = message
         self.killed = False
         self.proc = subprocess.Popen(
@@ -186,7 +189,7 @@ class ProcessCompaction(DurableCommit):
         spec = self._proc_job(job.generation, job.journal, job.sealed, temp)
         keys = self._keyring.worker_material() if self._keyring is not None else None
         try:
-            message = orjson.dumps({"job": asdict(spec), "keys": keys})
+            message = frame(orjson.dumps({"job": asdict(spec), "keys": keys}))
             del keys
             try:
                 worker = Worker(message)
@@ -209,10 +212,19 @@ class ProcessCompaction(DurableCommit):
                     return None
                 raise WorkerFailed(str(reply.get("error", "failed"))[:500])
             answer = _answer(reply, temp=temp, generation=job.generation, max_size=self._read.max_file_bytes)
+            if answer.positions != job.positions:  # the header's count is checked against the answer at install
+                raise WorkerFailed(
+                    f"its snapshot holds {answer.positions} positions, memory held {job.positions} at the rotation"
+                )
             self._writer_lock.check()
             self._proc_install(temp, answer)
         except WorkerFailed as exc:
             _atomic.quiet_unlink(temp)
+            # Whatever made this worker fail (it cannot import posstate in a fresh interpreter, an OOM killer
+            # takes it every time, sys.executable is no Python) may well make the next one fail too: after
+            # WORKER_TRIES, the retries of this job compact in process, so the journal is always compacted
+            # (issue 14 attack: before, the job was retried through a worker for ever).
+            job.proc_failed += 1
             raise PersistenceError(
                 self._path,
                 operation="background compaction worker",
