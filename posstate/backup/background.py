@@ -54,8 +54,7 @@ _create_lock = threading.Lock()
 
 
 def _yield_gil() -> None:
-    """Between two slices of a full check or a backup of memory: let the bot's threads take the GIL, and a
-    background compaction waiting for the background turn have it (posstate/storage/turns.py; issue 14.3)."""
+    """Between two slices of a full check or backup of memory: the GIL and the background turn go round (14.3)."""
     _turns.pause()
 
 
