@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -179,3 +181,18 @@ def test_a_copy_of_the_workers_stdin_pipe_never_stalls_it(tmp_path: Path, monkey
     assert held and errors == []
     with make(tmp_path) as m:
         assert contracts(m) == want
+
+
+def test_the_worker_runs_at_the_lowest_share_never_in_the_idle_class(tmp_path: Path) -> None:
+    """issue 14 (integration): the workers yield the processor to the bot (nice 19) but are never put in the
+    SCHED_IDLE class, where a machine kept busy by other processes could starve a compaction for ever while
+    the journal grows."""
+    code = (
+        "import os, sys\n"
+        "from posstate.journal.compactjob import _yield_processor\n"
+        "_yield_processor(19)\n"
+        "print(os.sched_getscheduler(0) == os.SCHED_OTHER, os.nice(0))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["True", "19"], out.stdout + out.stderr

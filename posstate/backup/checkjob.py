@@ -4,7 +4,7 @@ on them.
 
 Run as ``python -m posstate.backup.checkjob`` by posstate/manager/procheck.py, with the compaction worker's
 plumbing (posstate/manager/procompaction.py: ``subprocess``, never ``fork()``; ``-P``; a minimal environment;
-the keys only in the job on its stdin pipe; ``SCHED_IDLE``; one JSON answer on stdout, nothing secret on
+the keys only in the job on its stdin pipe; nice 19; one JSON answer on stdout, nothing secret on
 stdout or stderr). For each file of the job, in order: its probe (trailer, size, mtime, ctime, inode:
 posstate/backup/verified.py), its full check (posstate/backup/backups.py ``full_check``, the check a prune
 runs in process), its probe again; the verdict is reported with the first probe, and nothing is reported for
@@ -81,7 +81,7 @@ def main() -> int:
         material = msg.get("keys")
         del raw, msg
         keyring = Keyring.from_worker_material(material) if material is not None else None
-        _yield_processor(int(job.get("nice", 10)))
+        _yield_processor(int(job.get("nice", 19)))
         _hook("check")
         out = {"ok": True, "verdicts": check(job, keyring)}
     except Exception as exc:  # one line of the answer: the prune fails and is retried

@@ -76,7 +76,7 @@ class CompactJob:
     max_document_bytes: int
     clock_skew: float
     parent_pid: int
-    nice: int = 10
+    nice: int = 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,15 +305,11 @@ def _failure(exc: BaseException) -> str:
 
 
 def _yield_processor(nice: int) -> None:
-    """The bot's threads come first: SCHED_IDLE where there is one (Linux: this process runs on processor
-    time nobody else wants, and a thread waking from its ``fdatasync`` always preempts it), else *nice*."""
+    """The bot's threads come first: the worker runs at *nice* (19: the lowest share; a bot's thread waking from
+    its ``fdatasync`` preempts it). Never ``SCHED_IDLE``: on a machine kept busy by other processes an idle-class
+    worker may never run, and the journal would grow while the compaction it waits for starves."""
     if not nice:
         return
-    idle = getattr(os, "SCHED_IDLE", None)
-    if idle is not None and hasattr(os, "sched_setscheduler"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, idle, os.sched_param(0))
-            return
     with contextlib.suppress(OSError):
         os.nice(nice)
 

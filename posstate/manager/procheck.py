@@ -70,7 +70,7 @@ class WorkerChecks:
             "clock_skew": options.clock_skew,
             "require_encryption": options.require_encryption,
             "parent_pid": os.getpid(),
-            "nice": 10,
+            "nice": 19,
         }
         keys = options.keyring.worker_material() if options.keyring is not None else None
         message = frame(orjson.dumps({"job": job, "keys": keys}))
