@@ -196,3 +196,16 @@ def test_the_worker_runs_at_the_lowest_share_never_in_the_idle_class(tmp_path: P
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["True", "19"], out.stdout + out.stderr
+
+
+def test_an_installed_posstate_does_not_put_site_packages_before_the_workers_standard_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 14 (integration): installed in site-packages, the compaction worker's PYTHONPATH does not get that
+    folder first (before the standard library: a stray ``pathlib.py`` there would run in the process holding
+    the key); from a checkout the checkout comes first (the worker runs the bot's code)."""
+    monkeypatch.setenv("PYTHONPATH", "/mine")
+    monkeypatch.setattr(_proc, "_site_dirs", lambda: {os.path.realpath(_proc._ROOT)})
+    assert _proc._env()["PYTHONPATH"] == "/mine"
+    monkeypatch.setattr(_proc, "_site_dirs", set)
+    assert _proc._env()["PYTHONPATH"] == os.pathsep.join([str(_proc._ROOT), "/mine"])

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import site
 import subprocess
 import sys
 import time
@@ -60,9 +61,20 @@ def available() -> bool:
     return bool(sys.executable) and not getattr(sys, "frozen", False) and os.path.isfile(sys.executable)
 
 
+def _site_dirs() -> set[str]:
+    dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    with contextlib.suppress(Exception):
+        dirs.append(site.getusersitepackages())
+    return {os.path.realpath(d) for d in dirs}
+
+
 def _env() -> dict[str, str]:
-    """The worker's whole environment: what it needs to start and import posstate, and nothing else."""
-    paths = [str(_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    """The worker's whole environment: what it needs to start and import posstate, and nothing else. The
+    folder holding this posstate goes first on PYTHONPATH (the worker runs the bot's code), unless it is a
+    site-packages folder, already on the path: first, it would come before the standard library, and a stray
+    ``pathlib.py`` installed there would replace the standard one in the process that holds the key."""
+    root = [] if os.path.realpath(_ROOT) in _site_dirs() else [str(_ROOT)]
+    paths = root + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
     for name in _ENV_KEPT:
         if name in os.environ:
