@@ -83,15 +83,16 @@ class _HoldGroupSync(fs.FileOps):
     """The real OS, except that the bot's fdatasync (the group sync) waits until the spare's thread renamed
     ``.next`` over the journal's name (or 20 s passed); records which thread synced what, and the rename."""
 
-    def __init__(self, journal: Path) -> None:
+    def __init__(self, journal: Path, only: str | None = None) -> None:
         self.journal = journal
+        self.only = only  # hold only this thread's fdatasync (default: every thread but the spare's)
         self.renamed = threading.Event()
         self.waiting = threading.Event()  # the spare's thread waits for this sync before it renames
         self.log: list[tuple[str, str, int]] = []  # (thread, operation, inode)
 
     def fdatasync(self, fd: int) -> None:
         name = threading.current_thread().name
-        if not name.startswith(SPARE_THREAD):
+        if (name == self.only) if self.only is not None else not name.startswith(SPARE_THREAD):
             for _ in range(2000):
                 if self.renamed.wait(0.01) or self.waiting.is_set():
                     break
@@ -137,6 +138,48 @@ def test_after_a_save_the_spare_is_renamed_over_the_journal_only_once_its_header
         with fs.use(hold):
             m.set_position(pos(f"S{i % 4}", 9999))  # adopts the spare; its group sync is held meanwhile
             settle(m)
+        assert hold.renamed.is_set(), hold.log
+        ino = next(op[2] for op in hold.log if op[1] == "replace")
+        at = next(k for k, op in enumerate(hold.log) if op[1] == "replace")
+        synced = [op for op in hold.log[:at] if op[2] == ino and op[1] in ("fdatasync", "fsync")]
+        assert synced, f"the segment was renamed over the journal before its header was synced: {hold.log}"
+        want = contracts(m)
+    with make(tmp_path, durability="group") as m:
+        assert contracts(m) == want and m.last_recovery is None
+
+
+def test_a_rotated_segment_in_the_spare_is_renamed_over_the_journal_only_once_its_header_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.3 attack (power loss, group mode): the background compaction renames the new segment (started
+    in the spare) over the journal's name once its snapshot is durable. If the group's fdatasync of the
+    segment's first record has not returned by then (its wait for that record is bounded), the rename must
+    wait for it: else a power loss leaves a blank file under the journal's name, which a load takes for a
+    damaged journal."""
+    from posstate.journal import spare as _spare
+
+    monkeypatch.setattr(_spare, "SEGMENT_START_WAIT", 0.0)  # the compaction does not wait for the record
+    with make(tmp_path, durability="group") as m:
+        i = fill_until_spare(m)
+        assert spare_ready(m)
+        while m._journal.records < m.config.journal_max_records:
+            m.set_position(pos(f"S{i % 4}", i + 1))
+            i += 1
+        hold = _HoldGroupSync(m.config.journal_path, only="MainThread")
+        durable = getattr(JournalSpare, "_segment_durable", None)
+        if durable is not None:
+
+            def seen(self: JournalSpare) -> bool:
+                ok = bool(durable(self))
+                if not ok:
+                    hold.waiting.set()
+                return ok
+
+            monkeypatch.setattr(JournalSpare, "_segment_durable", seen)
+        with fs.use(hold):
+            m.set_position(pos("S0", 9999))  # rotates into the spare; its group sync is held meanwhile
+            assert m._journal.rotating or hold.renamed.is_set()
+            assert m.compact(wait=True)
         assert hold.renamed.is_set(), hold.log
         ino = next(op[2] for op in hold.log if op[1] == "replace")
         at = next(k for k, op in enumerate(hold.log) if op[1] == "replace")

@@ -186,10 +186,15 @@ class JournalRotation(JournalSpare):
                     self.rotating = False
                     self._arm_spare()
                     return
-                if fs.exists(nxt):
-                    fs.replace(nxt, self.path)
-                self._target = self.path
-                self._replace_ok = True
+                # A segment started in the spare has its header on disk only once its first record's
+                # (group) sync returned: renamed before that, a power loss could leave a blank file under
+                # the journal's name (issue 14.3). Raises if not; the compaction retries.
+                self._header_durable_or_raise(nxt)
+                if self._target == nxt:  # (re-checked: the wait let go of the lock)
+                    if fs.exists(nxt):
+                        fs.replace(nxt, self.path)
+                    self._target = self.path
+                    self._replace_ok = True
         fs.fsync_dir(self.path.parent)
         self.rotating = False
         self._arm_spare()  # ``.next`` is free again: the next segment's spare is wanted from half a threshold

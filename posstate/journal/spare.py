@@ -73,7 +73,11 @@ class JournalSpare(JournalGroupSync):
         self._first_pending = False
         self._first_seq = 0
         self._spare_made = False  # this journal created a spare file (close removes a blank one it left)
-        self._promote_seq = 0  # the first record in the spare adopted after a save (renamed once it is durable)
+        self._promote_seq = 0  # the first record of a segment started in the spare (renamed only once durable)
+
+    def _detach(self) -> None:
+        self._promote_seq = 0  # the next segment's header is durable unless it too starts in a spare
+        super()._detach()
 
     # ------------------------------------------------------------------------- the caller's side (O(1))
     def _arm_spare(self, retry: bool = False) -> None:
@@ -228,8 +232,7 @@ class JournalSpare(JournalGroupSync):
             if self._target != nxt or self._fd is None:
                 self._promote = False
                 return
-            if self._durable_seq < self._promote_seq:  # its group sync failed: the header may be lost
-                raise _not_yet(nxt, "the group sync of its first record failed")
+            self._header_durable_or_raise(nxt)  # (its group sync failed: the header may be lost)
             if not self._replace_ok and fs.exists(self.path):
                 dest = _atomic.move_aside(self.path, self._quarantine, label="replaced")
                 log.warning("%s: journal not known to be folded into the snapshot; kept at %s", self.path, dest)
@@ -243,13 +246,29 @@ class JournalSpare(JournalGroupSync):
     def _promote_ready(self) -> bool:
         """May :meth:`_promote_live` go on: the first record in the adopted spare is durable (or the rename is
         no longer wanted, the journal failed or is closing). Caller holds ``_cond``."""
+        return not self._promote or self._segment_durable()
+
+    def _segment_durable(self) -> bool:
+        """The segment that started in the last adopted spare has its header on disk, or waiting for that is
+        over (the journal failed, is closing or closed): before a rename over the journal's name. Sync mode
+        synced the first record before the change returned; group mode waits for the group's fdatasync.
+        Caller holds ``_cond``."""
         return (
-            not self._promote
+            self.mode != "group"
             or self._durable_seq >= self._promote_seq
             or self._failure is not None
             or self._spare_closed
             or self._fd is None
         )
+
+    def _header_durable_or_raise(self, nxt: Any) -> None:
+        """Wait (releasing ``_cond``, at most :data:`PROMOTE_WAIT`) until :meth:`_segment_durable`; raise
+        (nothing renamed: a load finds the segment as ``.next``) if its header may still not be on disk.
+        Caller holds ``_cond``."""
+        if not self._cond.wait_for(self._segment_durable, PROMOTE_WAIT):
+            raise _not_yet(nxt, "its first record is not durable yet")
+        if self.mode == "group" and self._durable_seq < self._promote_seq:
+            raise _not_yet(nxt, "the group sync of its first record failed")
 
     def _make_spare(self) -> None:
         """Create the blank ``.next``: zeros for the header and the first stretch written ahead, synced, then
