@@ -72,10 +72,17 @@ def is_blank(data: bytes) -> bool:
     return data.count(0) == len(data)
 
 
+#: The largest blank spare a journal prepares or a crash during its preparation leaves: the header and the
+#: first stretch of zeros (``JournalSpare._padding(0)`` is at most that). A larger all-zero file is not one
+#: (and deciding so must not read up to a gigabyte, on the caller's thread at a rotation): it is kept aside.
+BLANK_MAX = jf.HEADER_SIZE + _FIRST_PAD
+
+
 def blank_file(path: Path) -> bool:
-    """The file at *path* exists and :func:`is_blank` holds for it (False if it cannot be read)."""
+    """The regular file at *path* is a blank spare: at most :data:`BLANK_MAX` bytes and :func:`is_blank`
+    (False if it is missing, larger, not a regular file, a symlink or unreadable: then it is no spare)."""
     try:
-        return is_blank(fs.read_file(path))
+        return is_blank(fs.read_file(path, max_size=BLANK_MAX))
     except OSError:
         return False
 

@@ -323,6 +323,7 @@ class Journal(JournalRecover):
         self._needs_rotation = False
         self._target = nxt
         self._promote = promote
+        self._promote_seq = seq
         self._end = jf.HEADER_SIZE + len(frame)
         self._alloc = alloc
         self._records = 1

@@ -27,9 +27,9 @@ import logging
 import threading
 from typing import Any
 
-from posstate.core.errors import PosStateError
+from posstate.core.errors import PersistenceError, PosStateError
 from posstate.journal import format as jf
-from posstate.journal.files import is_blank, next_path
+from posstate.journal.files import BLANK_MAX, blank_file, is_blank, next_path
 from posstate.journal.groupsync import JournalGroupSync
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
@@ -45,6 +45,9 @@ NEVER = 1 << 62
 SPARE_THREAD = "posstate-compact-spare"
 #: How long a background compaction waits for the change that rotated to write its record (seconds).
 SEGMENT_START_WAIT = 0.05
+#: How long the spare's thread waits for the group sync of the first record before it renames the segment
+#: after a save (seconds); then it gives up and tries again later (``error`` event).
+PROMOTE_WAIT = 30.0
 _FIRST_PAD = 64 * 1024  # zeros written with a new journal's first record (see JournalSpare._padding)
 
 
@@ -55,7 +58,7 @@ class JournalSpare(JournalGroupSync):
         super().__init__(*args, **kwargs)
         self._spare_fd: int | None = None  # open on the blank, durable ``.next`` this journal prepared
         self._spare_size = 0
-        self._spare_busy = False  # the thread is preparing (or promoting): nothing else touches ``.next``
+        self._spare_busy = False  # the thread is preparing (or promoting)
         self._spare_closed = False
         # True while the live journal is ``.next`` and no compaction will rename it (the first record after a
         # save adopted the spare): the thread renames it over the journal's name; no rotation meanwhile.
@@ -70,6 +73,11 @@ class JournalSpare(JournalGroupSync):
         self._first_pending = False
         self._first_seq = 0
         self._spare_made = False  # this journal created a spare file (close removes a blank one it left)
+        self._promote_seq = 0  # the first record of a segment started in the spare (renamed only once durable)
+
+    def _detach(self) -> None:
+        self._promote_seq = 0  # the next segment's header is durable unless it too starts in a spare
+        super()._detach()
 
     # ------------------------------------------------------------------------- the caller's side (O(1))
     def _arm_spare(self, retry: bool = False) -> None:
@@ -184,7 +192,7 @@ class JournalSpare(JournalGroupSync):
         if unlink and (fd is not None or self._spare_made):  # (a preparation close() cut short left one too)
             nxt = next_path(self.path)
             try:
-                if is_blank(fs.read_file(nxt, max_size=jf.HEADER_SIZE + _FIRST_PAD)):
+                if is_blank(fs.read_file(nxt, max_size=BLANK_MAX)):
                     fs.unlink(nxt)
             except OSError as exc:
                 log.info("%s: spare segment left in place (%s); it is blank and ignored", nxt, exc)
@@ -214,11 +222,17 @@ class JournalSpare(JournalGroupSync):
         finds it as ``.next`` (journal/files.py segment_chain): nothing in between is lost."""
         nxt = next_path(self.path)
         with self._cond:  # _create() and retire_segment() run under it too
+            # Group mode: the segment's header and first record are durable only once the group's fdatasync
+            # ran. Renamed (and the directory synced) before that, a power loss could leave a blank file under
+            # the journal's own name, which a load takes for a damaged journal. (wait_for lets go of the lock.)
+            if not self._cond.wait_for(self._promote_ready, PROMOTE_WAIT):
+                raise _not_yet(nxt, "its first record is not durable yet")
             if not self._promote:
                 return
             if self._target != nxt or self._fd is None:
                 self._promote = False
                 return
+            self._header_durable_or_raise(nxt)  # (its group sync failed: the header may be lost)
             if not self._replace_ok and fs.exists(self.path):
                 dest = _atomic.move_aside(self.path, self._quarantine, label="replaced")
                 log.warning("%s: journal not known to be folded into the snapshot; kept at %s", self.path, dest)
@@ -228,6 +242,33 @@ class JournalSpare(JournalGroupSync):
             self._promote = False
         fs.fsync_dir(self.path.parent)
         self._arm_spare()
+
+    def _promote_ready(self) -> bool:
+        """May :meth:`_promote_live` go on: the first record in the adopted spare is durable (or the rename is
+        no longer wanted, the journal failed or is closing). Caller holds ``_cond``."""
+        return not self._promote or self._segment_durable()
+
+    def _segment_durable(self) -> bool:
+        """The segment that started in the last adopted spare has its header on disk, or waiting for that is
+        over (the journal failed, is closing or closed): before a rename over the journal's name. Sync mode
+        synced the first record before the change returned; group mode waits for the group's fdatasync.
+        Caller holds ``_cond``."""
+        return (
+            self.mode != "group"
+            or self._durable_seq >= self._promote_seq
+            or self._failure is not None
+            or self._spare_closed
+            or self._fd is None
+        )
+
+    def _header_durable_or_raise(self, nxt: Any) -> None:
+        """Wait (releasing ``_cond``, at most :data:`PROMOTE_WAIT`) until :meth:`_segment_durable`; raise
+        (nothing renamed: a load finds the segment as ``.next``) if its header may still not be on disk.
+        Caller holds ``_cond``."""
+        if not self._cond.wait_for(self._segment_durable, PROMOTE_WAIT):
+            raise _not_yet(nxt, "its first record is not durable yet")
+        if self.mode == "group" and self._durable_seq < self._promote_seq:
+            raise _not_yet(nxt, "the group sync of its first record failed")
 
     def _make_spare(self) -> None:
         """Create the blank ``.next``: zeros for the header and the first stretch written ahead, synced, then
@@ -239,7 +280,7 @@ class JournalSpare(JournalGroupSync):
                 return
         nxt = next_path(self.path)
         if fs.exists(nxt):
-            if is_blank(fs.read_file(nxt)):
+            if blank_file(nxt):  # bounded read; a FIFO, symlink, directory or larger file is no spare
                 fs.unlink(nxt)
             else:
                 dest = _atomic.move_aside(nxt, self._quarantine, label="replaced")
@@ -252,15 +293,23 @@ class JournalSpare(JournalGroupSync):
             fs.fsync(fd)
             fs.fsync_dir(self.path.parent)
         except BaseException:
-            _quiet_close(fd)
-            with contextlib.suppress(OSError):
-                fs.unlink(nxt)  # blank: harmless if this fails too
+            self._unlink_own(fd, nxt)
             raise
         with self._cond:
-            if self._spare_eligible():
+            # (A rotation during the zeros and syncs may have created its segment over this file, and a
+            # compaction renamed that away since: then the name no longer holds this file.)
+            if self._spare_eligible() and _same_file(fd, nxt):
                 self._spare_fd, self._spare_size = fd, size
                 return
         _quiet_close(fd)  # the journal moved on meanwhile (a save, a failure): the blank file stays harmless
+
+    def _unlink_own(self, fd: int, nxt: Any) -> None:
+        """A failed preparation: remove ``.next`` only while it is still this blank file and no rotation has
+        started (a rotation may meanwhile have created its segment under that name: that is never removed)."""
+        with self._cond, contextlib.suppress(OSError):
+            if _same_file(fd, nxt) and self._spare_eligible():
+                fs.unlink(nxt)  # blank: harmless if this fails too
+        _quiet_close(fd)
 
     def _padding(self, alloc: int) -> int:
         """How many zero bytes to write after a record that goes past the file's end.
@@ -274,9 +323,28 @@ class JournalSpare(JournalGroupSync):
         return min(self._preallocate, max(_FIRST_PAD, alloc))
 
 
+def _not_yet(nxt: Any, reason: str) -> PersistenceError:
+    return PersistenceError(
+        nxt,
+        operation="rename the journal segment over the journal's name",
+        reason=reason,
+        outcome="nothing is lost: until the rename a load finds the segment under this name",
+        next_step="none: the rename is tried again a few records later (a save or compaction also ends it)",
+    )
+
+
+def _same_file(fd: int, path: Any) -> bool:
+    """*path* names the file open on *fd* (False when it names another or nothing)."""
+    try:
+        a, b = fs.fstat(fd), fs.lstat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _quiet_close(fd: int) -> None:
     with contextlib.suppress(OSError):
         fs.close(fd)
 
 
-__all__ = ["NEVER", "SEGMENT_START_WAIT", "SPARE_FRACTION", "SPARE_THREAD", "JournalSpare"]
+__all__ = ["NEVER", "PROMOTE_WAIT", "SEGMENT_START_WAIT", "SPARE_FRACTION", "SPARE_THREAD", "JournalSpare"]
