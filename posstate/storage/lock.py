@@ -58,6 +58,9 @@ def is_locked(lock_path: Path) -> bool:
     return False
 
 
+#: How long taking the lock waits, past its own timeout, when the lock's recorded holder is a dead process of
+#: this host: a child it forked holds a copy of the descriptor until its exec() (seconds).
+DEAD_HOLDER_GRACE = 2.0
 #: How many times taking the lock starts again because the file at the path was replaced meanwhile.
 _MAX_REOPENS = 100
 
@@ -110,6 +113,7 @@ class WriterLock:
                 outcome="nothing was written",
                 next_step="remove what is at the lock path (no writer can hold a lock there) and start again",
             )
+        graced = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,8 +123,15 @@ class WriterLock:
                     os.close(fd)
                     raise PersistenceError(lock_path, operation="lock", cause=exc) from exc
                 if time.monotonic() >= deadline:
-                    os.close(fd)
                     pid, host = read_holder(lock_path)
+                    if not graced and _gone(pid, host):
+                        # The holder is dead, yet the lock is held: by a child it forked that has not reached
+                        # exec() yet (a compaction worker being started), whose copy of the descriptor closes
+                        # in a moment. Wait that out once (issue 14 attack).
+                        graced = True
+                        deadline = time.monotonic() + DEAD_HOLDER_GRACE
+                        continue
+                    os.close(fd)
                     raise StateLockedError(self._state_path, pid=pid, host=host) from None
                 time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
@@ -206,6 +217,19 @@ def forked_error(state_path: Path, *, owner: int) -> StateLockedError:
         ),
         next_step="use a manager only in the process that created it (create managers after fork(), not before)",
     )
+
+
+def _gone(pid: int | None, host: str | None) -> bool:
+    """True when the lock file names a process of this host that no longer exists."""
+    if pid is None or pid <= 0 or pid == os.getpid() or host != _hostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists (another user's)
+        return False
+    return False
 
 
 def _hostname() -> str:
