@@ -13,9 +13,7 @@ a file that changed while it was read. It reads only; it never writes, renames o
 
 from __future__ import annotations
 
-import gc
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import orjson
 
 from posstate.backup import backups as _backups
 from posstate.backup.verified import probe
-from posstate.journal.compactjob import MAX_MESSAGE, _failure, _hook, _no_core, _oom_first, _yield_processor, read_message
+from posstate.journal.compactjob import _failure, _hook, _yield_processor, prepare_process, read_job
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
 
@@ -67,20 +65,10 @@ def check(job: dict[str, Any], keyring: Keyring | None) -> list[dict[str, Any]]:
 
 
 def main() -> int:
-    _no_core()  # before the keys are read, as the compaction worker
-    _oom_first()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
-    gc.disable()  # one pass over each file: nothing for the collector to free
-    raw = read_message(sys.stdin.buffer)
+    prepare_process()
     out: dict[str, Any]
     try:
-        if len(raw) > MAX_MESSAGE:
-            raise ValueError("job too large")
-        msg = orjson.loads(raw)
-        job = dict(msg["job"])
-        material = msg.get("keys")
-        del raw, msg
-        keyring = Keyring.from_worker_material(material) if material is not None else None
+        job, keyring = read_job(sys.stdin.buffer)
         _yield_processor(int(job.get("nice", 19)))
         _hook("check")
         out = {"ok": True, "verdicts": check(job, keyring)}

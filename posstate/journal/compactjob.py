@@ -337,21 +337,32 @@ def _oom_first() -> None:
             fs.close(fd)
 
 
-def main() -> int:
+def prepare_process() -> None:
+    """A worker's first steps, before it reads a key: no core file, the OOM killer's first choice, deaf to a
+    Ctrl-C meant for the bot (the bot decides; close() kills it), the collector off (one pass over the data)."""
     _no_core()
     _oom_first()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the bot: the bot decides (close kills us)
-    gc.disable()  # one short pass over the state: nothing for the collector to free
-    raw = read_message(sys.stdin.buffer)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    gc.disable()
+
+
+def read_job(stream: BinaryIO) -> tuple[dict[str, Any], Keyring | None]:
+    """The job and the keys from the bot's pipe (raises on anything else: the answer says it failed)."""
+    raw = read_message(stream)
+    if len(raw) > MAX_MESSAGE:
+        raise ValueError("job too large")
+    msg = orjson.loads(raw)
+    job, material = dict(msg["job"]), msg.get("keys")
+    del raw, msg
+    return job, Keyring.from_worker_material(material) if material is not None else None
+
+
+def main() -> int:
+    prepare_process()
     out: dict[str, Any]
     try:
-        if len(raw) > MAX_MESSAGE:
-            raise ValueError("job too large")
-        msg = orjson.loads(raw)
-        job = CompactJob(**msg["job"])
-        material = msg.get("keys")
-        del raw, msg
-        keyring = Keyring.from_worker_material(material) if material is not None else None
+        raw_job, keyring = read_job(sys.stdin.buffer)
+        job = CompactJob(**raw_job)
         _yield_processor(job.nice)
         _hook("start")
         answer = compact(job, keyring)
