@@ -8,6 +8,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from posstate.core.errors import (
@@ -190,10 +191,28 @@ class DurableCommit(StateLoading):
             self._replica.notify()  # the shipper's one hook: a durable snapshot to ship (never waits)
 
     def _write_main(self, encoded: Any, *, differs: Callable[[], bool] | None = None) -> None:
+        self._install_file(
+            lambda: _atomic.write_temp(self._path, encoded.data),
+            encoded.checksum,
+            lambda: self._verify_written(encoded),
+            differs=differs,
+        )
+
+    def _install_file(
+        self,
+        make_temp: Callable[[], Path],
+        checksum: str | None,
+        verify: Callable[[], None],
+        *,
+        differs: Callable[[], bool] | None = None,
+    ) -> None:
+        """Every snapshot's last steps: the temp (*make_temp*: written here, or by a compaction worker), the
+        ``.bak`` of the file it replaces, the rename and directory fsync, then *verify* (with
+        ``verify_after_write``). Failures are PersistenceError naming the step, as :meth:`_persistence_failed`."""
         path = self._path
         renamed = False
         try:
-            tmp = _atomic.write_temp(path, encoded.data)
+            tmp = make_temp()
             try:
                 self._prepare_replace()
             except BaseException:
@@ -203,13 +222,12 @@ class DurableCommit(StateLoading):
             renamed = True
             # From here the new file is (or may be) on disk: if verifying it fails, the next save must
             # still recognise it as our own, not as another writer's.
-            self._expected_on_disk.add(encoded.checksum)
+            self._expected_on_disk.add(checksum)
             if self.config.verify_after_write:
-                self._expected_on_disk.add(encoded.checksum)  # renamed: a failed read-back leaves this file on disk
-                self._verify_written(encoded)
+                verify()
         except _atomic.WriteFailed as wf:
             if wf.renamed:
-                self._expected_on_disk.add(encoded.checksum)
+                self._expected_on_disk.add(checksum)
             raise self._persistence_failed(wf.step, wf.cause, renamed=wf.renamed, differs=differs) from wf.cause
         except OSError as exc:
             raise self._persistence_failed("save", exc, renamed=renamed, differs=differs) from exc

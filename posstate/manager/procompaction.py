@@ -270,24 +270,10 @@ class ProcessCompaction(DurableCommit):
         ):
             raise WorkerFailed("its temp file is not the file it answered with (changed or planted)")
         del data
-        path = self._path
-        renamed = False
-        try:
-            try:
-                self._prepare_replace()
-            except BaseException:
-                _atomic.quiet_unlink(temp)
-                raise
-            _atomic.commit(temp, path)
-            renamed = True
-            self._expected_on_disk.add(answer.checksum)
-            if self.config.verify_after_write:
-                back = fs.read_file(path, max_size=self._read.max_file_bytes)
-                if len(back) != answer.size or not _intact(back, answer.checksum):
-                    raise OSError(5, "file read back differs from what the compaction worker wrote")
-        except _atomic.WriteFailed as wf:
-            if wf.renamed:
-                self._expected_on_disk.add(answer.checksum)
-            raise self._persistence_failed(wf.step, wf.cause, renamed=wf.renamed) from wf.cause
-        except OSError as exc:
-            raise self._persistence_failed("save", exc, renamed=renamed) from exc
+
+        def read_back() -> None:
+            back = fs.read_file(self._path, max_size=self._read.max_file_bytes)
+            if len(back) != answer.size or not _intact(back, answer.checksum):
+                raise OSError(5, "file read back differs from what the compaction worker wrote")
+
+        self._install_file(lambda: temp, answer.checksum, read_back)
