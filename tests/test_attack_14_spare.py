@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 
-from posstate.journal import format as jf
-from posstate.journal.files import next_path
+from posstate.journal.files import BLANK_MAX, next_path
 from posstate.journal.spare import SPARE_THREAD, JournalSpare
 from posstate.storage import fileops as fs
 from tests.test_spare_segment import contracts, fill_until_spare, make, pos, settle, spare_ready
 
-SPARE_MAX = jf.HEADER_SIZE + 64 * 1024  # the largest spare a journal prepares (header + the first stretch)
+SPARE_MAX = BLANK_MAX  # the largest spare a journal prepares (the header and the next segment's zeros)
 
 
 class _Reads(fs.FileOps):
@@ -39,7 +38,7 @@ class _Reads(fs.FileOps):
 def test_a_planted_huge_blank_next_is_not_read_into_memory(tmp_path: Path) -> None:
     """issue 14.3 attack: a blank (sparse) ``.next`` far larger than any spare is not read whole to decide
     it is blank (up to 1 GiB of memory and reading, on the spare's thread or the caller's): a spare is never
-    larger than the header and its first stretch, so it is no spare of ours and goes to quarantine, kept."""
+    larger than BLANK_MAX, so it is no spare of ours and goes to quarantine, kept."""
     with make(tmp_path) as m:
         m.set_position(pos("S0", 1))  # the state and its journal exist (a first save clears .next)
         nxt = next_path(m.config.journal_path)

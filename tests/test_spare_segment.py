@@ -409,15 +409,15 @@ def test_replica_ships_no_spare_and_restores_over_a_blank_next(tmp_path: Path) -
         assert contracts(m) == want
 
 
-def _record_rotation_with(d: Path, key: bytes, k: int) -> Any:
-    """Record the update that rotates into a spare prepared during it, with the k-th sync (of any thread: the
-    spare's come first, the rotation waits for them) made a no-op."""
+def _record_rotation_with(d: Path, key: bytes, name: str) -> Any:
+    """Record the update that rotates into a spare prepared during it, with the first sync called *name* (of
+    any thread: the spare's come first, the rotation waits for them) made a no-op."""
     from posstate.selftest import reljournal as rj
     from posstate.selftest.crashjournal import config, counters, expected_positions, update_position
     from posstate.selftest.replay import snapshot
 
     rj.warm(d, key=key, kind="compaction")
-    ops = HarnessOps(keep_data=True, fault=Fault(at=k, action="skip", ops=rj.SYNC_OPS), counting=False)
+    ops = HarnessOps(keep_data=True, fault=Fault(at=1, action="skip", ops=frozenset({name})), counting=False)
     with fs.use(ops), PositionStateManager(config(d), key=key) as m:
         old = m.load_positions()
         i = counters(old).get(0, 0) + 1
@@ -431,22 +431,22 @@ def _record_rotation_with(d: Path, key: bytes, k: int) -> Any:
     return rj.RecordedUpdate(d, before, recorded, open_fds, old, expected_positions(i), True)
 
 
-@pytest.mark.parametrize("k", [1, 2], ids=["fsync", "fsync_dir"])
-def test_each_sync_of_the_spare_preparation_under_power_loss(tmp_path: Path, k: int) -> None:
+@pytest.mark.parametrize("name", ["fdatasync", "fsync", "fsync_dir"])
+def test_each_sync_of_the_spare_preparation_under_power_loss(tmp_path: Path, name: str) -> None:
     """issue 14.3: power-loss replay (every subset of unsynced writes and directory operations) of a rotation
-    into a spare whose file fsync (k=1) or directory fsync (k=2) was made a no-op. Without the directory
-    fsync the acknowledged record can be lost with the spare's name: the replay notices. The file fsync is
-    not needed for durability (the record's fdatasync persists the blocks it needs) but for speed (that
-    fdatasync then commits no metadata); the replay loses nothing without it."""
+    into a spare whose first step's fdatasync, file fsync or directory fsync was made a no-op. Without the
+    directory fsync the acknowledged record can be lost with the spare's name: the replay notices. The
+    file's syncs are not needed for durability (the record's fdatasync persists the blocks it needs) but for
+    speed (that fdatasync then commits no metadata); the replay loses nothing without either."""
     from posstate import generate_key
     from posstate.selftest import reljournal as rj
 
     key = generate_key()
-    rec = _record_rotation_with(tmp_path / "s", key, k)
+    rec = _record_rotation_with(tmp_path / "s", key, name)
     skipped = [op for op in rec.ops if op.faulted == "skip"]
-    assert [op.name for op in skipped] == [("fsync", "fsync_dir")[k - 1]] and skipped[0].thread.startswith(SPARE_THREAD)
+    assert [op.name for op in skipped] == [name] and skipped[0].thread.startswith(SPARE_THREAD)
     lost = [o for o in rj.replay(rec, tmp_path / "w", key=key) if o.lost]
-    assert bool(lost) == (k == 2), [(o.state.label, o.result, o.detail) for o in lost][:3]
+    assert bool(lost) == (name == "fsync_dir"), [(o.state.label, o.result, o.detail) for o in lost][:3]
 
 
 @pytest.mark.parametrize("after", ["rotation", "save"])

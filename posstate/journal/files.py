@@ -72,10 +72,13 @@ def is_blank(data: bytes) -> bool:
     return data.count(0) == len(data)
 
 
-#: The largest blank spare a journal prepares or a crash during its preparation leaves: the header and the
-#: first stretch of zeros (``JournalSpare._padding(0)`` is at most that). A larger all-zero file is not one
-#: (and deciding so must not read up to a gigabyte, on the caller's thread at a rotation): it is kept aside.
-BLANK_MAX = jf.HEADER_SIZE + _FIRST_PAD
+#: The most zeros a spare holds after its header: room for the records of a segment of the default
+#: ``journal_max_bytes`` (4 MiB), so that no record of it writes zeros ahead on the caller's thread.
+SPARE_ZEROS_MAX = 4 * 1024 * 1024
+#: The largest blank spare a journal prepares or a crash during its preparation leaves: the header and at most
+#: :data:`SPARE_ZEROS_MAX` zeros (``JournalSpare._spare_zeros`` is at most that). A larger all-zero file is not
+#: one (and deciding so must not read up to a gigabyte, on the caller's thread at a rotation): it is kept aside.
+BLANK_MAX = jf.HEADER_SIZE + SPARE_ZEROS_MAX
 
 
 def blank_file(path: Path) -> bool:

@@ -29,7 +29,7 @@ from typing import Any
 
 from posstate.core.errors import PersistenceError, PosStateError
 from posstate.journal import format as jf
-from posstate.journal.files import BLANK_MAX, blank_file, is_blank, next_path
+from posstate.journal.files import BLANK_MAX, SPARE_ZEROS_MAX, blank_file, is_blank, next_path
 from posstate.journal.groupsync import JournalGroupSync
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
@@ -49,6 +49,8 @@ SEGMENT_START_WAIT = 0.05
 #: after a save (seconds); then it gives up and tries again later (``error`` event).
 PROMOTE_WAIT = 30.0
 _FIRST_PAD = 64 * 1024  # zeros written with a new journal's first record (see JournalSpare._padding)
+#: The spare's zeros are written and synced this many bytes at a time.
+SPARE_STEP = 256 * 1024
 
 
 class JournalSpare(JournalGroupSync):
@@ -285,11 +287,15 @@ class JournalSpare(JournalGroupSync):
             else:
                 dest = _atomic.move_aside(nxt, self._quarantine, label="replaced")
                 log.warning("%s: not a segment of this journal; kept at %s", nxt, dest)
-        size = jf.HEADER_SIZE + self._padding(0)
+        with self._cond:
+            size = jf.HEADER_SIZE + self._spare_zeros(self._end, self._records)
         self._spare_made = True
         fd = fs.open_(nxt, fs.O_NEW, 0o600)
         try:
-            fs.pwrite_all(fd, bytes(size), 0)
+            # In steps, each synced: one burst of megabytes would make the caller's next fdatasync wait for it.
+            for offset in range(0, size, SPARE_STEP):
+                fs.pwrite_all(fd, bytes(min(SPARE_STEP, size - offset)), offset)
+                fs.fdatasync(fd)
             fs.fsync(fd)
             fs.fsync_dir(self.path.parent)
         except BaseException:
@@ -310,6 +316,17 @@ class JournalSpare(JournalGroupSync):
             if _same_file(fd, nxt) and self._spare_eligible():
                 fs.unlink(nxt)  # blank: harmless if this fails too
         _quiet_close(fd)
+
+    def _spare_zeros(self, end: int, records: int) -> int:
+        """How many zeros the spare holds after its header: as many bytes as the next segment's records are
+        expected to take (this one's bytes per record, up to the thresholds), so that no record of it writes
+        zeros ahead on the caller's thread; at least the first stretch, at most :data:`SPARE_ZEROS_MAX`;
+        none when ``journal_preallocate`` is 0. Rounded up to 64 KiB."""
+        first = self._padding(0)
+        if first == 0 or records <= 0 or end <= jf.HEADER_SIZE:
+            return first
+        expected = min(self._max_bytes, (end - jf.HEADER_SIZE) * self._max_records // records) + _FIRST_PAD
+        return max(first, min(SPARE_ZEROS_MAX, -(-expected // _FIRST_PAD) * _FIRST_PAD))
 
     def _padding(self, alloc: int) -> int:
         """How many zero bytes to write after a record that goes past the file's end.
