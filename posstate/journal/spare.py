@@ -60,6 +60,7 @@ class JournalSpare(JournalGroupSync):
         super().__init__(*args, **kwargs)
         self._spare_fd: int | None = None  # open on the blank, durable ``.next`` this journal prepared
         self._spare_size = 0
+        self._spare_want = 0  # zeros after the header the next preparation writes (set by want_spare)
         self._spare_busy = False  # the thread is preparing (or promoting)
         self._spare_closed = False
         # True while the live journal is ``.next`` and no compaction will rename it (the first record after a
@@ -122,6 +123,9 @@ class JournalSpare(JournalGroupSync):
             if self._spare_busy or self._spare_closed:
                 return
             self._spare_busy = True
+            # Sized here, at the record that asked, not when the thread runs: the same changes always make
+            # the same spare (the crash harness replays the background's steps one by one).
+            self._spare_want = self._spare_zeros(self._end, self._records)
         try:
             threading.Thread(target=self._spare_run, name=f"{SPARE_THREAD}-{self.path.name}", daemon=True).start()
         except RuntimeError as exc:  # no thread can be started (interpreter shutting down, resources)
@@ -288,7 +292,7 @@ class JournalSpare(JournalGroupSync):
                 dest = _atomic.move_aside(nxt, self._quarantine, label="replaced")
                 log.warning("%s: not a segment of this journal; kept at %s", nxt, dest)
         with self._cond:
-            size = jf.HEADER_SIZE + self._spare_zeros(self._end, self._records)
+            size = jf.HEADER_SIZE + self._spare_want
         self._spare_made = True
         fd = fs.open_(nxt, fs.O_NEW, 0o600)
         try:
