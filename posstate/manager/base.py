@@ -283,7 +283,9 @@ class ManagerCore:
         return _unknown.record(self._path, entry)
 
     def _sweep_temps(self) -> None:
-        """Set aside temp files a crashed writer left (we hold the lock, so none is in use)."""
+        """Set aside temp files a crashed writer left. We hold the lock, so no manager writes one; but the
+        compaction worker of a bot killed with SIGKILL can outlive it, notice, and remove its own temp while
+        this runs: a temp gone meanwhile is no error (what was linked into quarantine stays there)."""
         for tmp in _atomic.stale_temps(self._path):
             try:
                 st = fs.lstat(tmp)
@@ -293,6 +295,8 @@ class ManagerCore:
                 else:
                     dest = _atomic.move_aside(tmp, self.config.quarantine_dir, label="leftover")
                     log.info("moved leftover temp file %s to %s", tmp, dest)
+            except FileNotFoundError:
+                log.info("leftover temp file %s was removed meanwhile (an orphaned compaction worker)", tmp)
             except OSError as exc:
                 raise PersistenceError(tmp, operation="clean up leftover temp file", cause=exc) from exc
 
