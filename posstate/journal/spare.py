@@ -61,6 +61,9 @@ class JournalSpare(JournalGroupSync):
         self._spare_fd: int | None = None  # open on the blank, durable ``.next`` this journal prepared
         self._spare_size = 0
         self._spare_busy = False  # the thread is preparing (or promoting)
+        # A caller waits for the preparation in flight (a rotation, a save, a load, close): its thread stops
+        # writing zeros after the step in flight and publishes the shorter spare (issue 14 attack).
+        self._spare_stop = False
         self._spare_closed = False
         # True while the live journal is ``.next`` and no compaction will rename it (the first record after a
         # save adopted the spare): the thread renames it over the journal's name; no rotation meanwhile.
@@ -182,6 +185,14 @@ class JournalSpare(JournalGroupSync):
     def _spare_settle(self) -> None:
         """Before a save's install, a load or close changes ``.next``: wait for the thread's step in flight."""
         with self._cond:
+            self._spare_wait_locked()
+
+    def _spare_wait_locked(self) -> None:
+        """Wait until no preparation is in flight, asking the one in flight to stop writing zeros: the caller
+        waits for at most the step in flight and the file's and directory's syncs, never for every remaining
+        step of a spare of megabytes. Caller holds ``_cond``."""
+        if self._spare_busy:
+            self._spare_stop = True
             self._cond.wait_for(lambda: not self._spare_busy)
 
     def _drop_spare(self, *, unlink: bool) -> None:
@@ -215,7 +226,7 @@ class JournalSpare(JournalGroupSync):
                     self._emit("error", {"context": "journal segment preparation", "error": str(exc)})
         finally:
             with self._cond:
-                self._spare_busy = False
+                self._spare_busy = self._spare_stop = False
                 self._cond.notify_all()
 
     def _promote_live(self) -> None:
@@ -293,7 +304,12 @@ class JournalSpare(JournalGroupSync):
         fd = fs.open_(nxt, fs.O_NEW, 0o600)
         try:
             # In steps, each synced: one burst of megabytes would make the caller's next fdatasync wait for it.
+            # A caller waiting for this preparation (a rotation, a save, close) cuts it short after the step in
+            # flight: the zeros written so far are the spare (the records past them write zeros ahead).
             for offset in range(0, size, SPARE_STEP):
+                if offset and self._spare_stop:
+                    size = offset
+                    break
                 fs.pwrite_all(fd, bytes(min(SPARE_STEP, size - offset)), offset)
                 fs.fdatasync(fd)
             fs.fsync(fd)
