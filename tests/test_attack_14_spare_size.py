@@ -117,3 +117,24 @@ def test_the_caller_waits_for_at_most_one_step_of_an_in_flight_spare(
     with make(tmp_path) as m2:
         assert contracts(m2) == want
     assert not spare_ready(m2)
+
+
+@pytest.mark.parametrize("prealloc", [1, 4096, 64 * 1024 - 1])
+def test_a_small_journal_preallocate_bounds_the_spare(tmp_path: Path, prealloc: int) -> None:
+    """issue 14 attack (spare size): ``journal_preallocate`` below the first stretch (64 KiB) asks for at most
+    that many zeros ahead of the records; the spare holds no more than that either (it held up to 4 MiB), and
+    the journal still works through the rotation and a reload."""
+    with make(tmp_path, journal_preallocate=prealloc) as m:
+        i = 0
+        while m._journal.records < MAX // 2 + 1:
+            m.set_symbol_metadata(f"S{i % 4}", {"note": "z" * 2000, "i": i})  # about 2 KB a record
+            i += 1
+        settle(m)
+        assert spare_ready(m)
+        assert next_path(m.config.journal_path).stat().st_size == jf.HEADER_SIZE + prealloc
+        for n in range(2 * MAX):
+            m.set_position(pos(f"P{n % 4}", n + 1))
+        assert m.compact(wait=True)
+        want = contracts(m)
+    with make(tmp_path, journal_preallocate=prealloc) as m:
+        assert contracts(m) == want

@@ -336,10 +336,11 @@ class JournalSpare(JournalGroupSync):
     def _spare_zeros(self, end: int, records: int) -> int:
         """How many zeros the spare holds after its header: as many bytes as the next segment's records are
         expected to take (this one's bytes per record, up to the thresholds), so that no record of it writes
-        zeros ahead on the caller's thread; at least the first stretch, at most :data:`SPARE_ZEROS_MAX`;
-        none when ``journal_preallocate`` is 0. Rounded up to 64 KiB."""
+        zeros ahead on the caller's thread; at least the first stretch, at most :data:`SPARE_ZEROS_MAX`.
+        Rounded up to 64 KiB. ``journal_preallocate`` below 64 KiB (0: none) asks for at most that many zeros
+        ahead of the records: the spare then holds exactly that many."""
         first = self._padding(0)
-        if first == 0 or records <= 0 or end <= jf.HEADER_SIZE:
+        if first < _FIRST_PAD or records <= 0 or end <= jf.HEADER_SIZE:
             return first
         expected = min(self._max_bytes, (end - jf.HEADER_SIZE) * self._max_records // records) + _FIRST_PAD
         return max(first, min(SPARE_ZEROS_MAX, -(-expected // _FIRST_PAD) * _FIRST_PAD))
