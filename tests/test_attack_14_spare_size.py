@@ -138,3 +138,43 @@ def test_a_small_journal_preallocate_bounds_the_spare(tmp_path: Path, prealloc: 
         want = contracts(m)
     with make(tmp_path, journal_preallocate=prealloc) as m:
         assert contracts(m) == want
+
+
+class _CountReads(fs.FileOps):
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = 0
+
+    def read_file(self, path: Any, limit: int | None = None, max_size: int | None = fs.DEFAULT_MAX_READ_BYTES) -> bytes:
+        data = super().read_file(path, limit, max_size=max_size)
+        self.read += len(data)
+        return data
+
+
+def test_deciding_that_a_segment_is_no_spare_reads_its_header_only(tmp_path: Path) -> None:
+    """issue 14 attack (spare size): BLANK_MAX grew from 96 B + 64 KiB to 96 B + 4 MiB, and a segment started in
+    a spare is now up to that size: deciding that a ``.next`` (or a journal) with a header is not blank (the
+    caller's thread at a segment's creation, recovery, repair, restore, the spare's thread) reads its header,
+    not up to 4 MiB; a blank file and one with a byte set far in are still told apart."""
+    from posstate.journal.files import BLANK_MAX, blank_file
+
+    with make(tmp_path) as m:
+        i = 0
+        while not m._journal.rotating:  # a segment starts in the spare: .next holds a header and records
+            m.set_position(pos(f"S{i % 4}", i + 1))
+            i += 1
+            if m._journal.records == MAX // 2 + 1:
+                settle(m)
+        nxt = next_path(m.config.journal_path)
+        size = nxt.stat().st_size
+        assert size > 64 * 1024
+        ops = _CountReads()
+        with fs.use(ops):
+            assert not blank_file(nxt)
+        assert ops.read <= jf.HEADER_SIZE, (ops.read, size)
+        assert m.compact(wait=True)
+    far = tmp_path / "far"
+    far.write_bytes(bytes(BLANK_MAX - 1) + b"\x01")
+    blank = tmp_path / "blank"
+    blank.write_bytes(bytes(BLANK_MAX))
+    assert not blank_file(far) and blank_file(blank)

@@ -29,7 +29,7 @@ from typing import Any
 
 from posstate.core.errors import PersistenceError, PosStateError
 from posstate.journal import format as jf
-from posstate.journal.files import BLANK_MAX, SPARE_ZEROS_MAX, blank_file, is_blank, next_path
+from posstate.journal.files import SPARE_ZEROS_MAX, blank_file, next_path
 from posstate.journal.groupsync import JournalGroupSync
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
@@ -205,7 +205,7 @@ class JournalSpare(JournalGroupSync):
         if unlink and (fd is not None or self._spare_made):  # (a preparation close() cut short left one too)
             nxt = next_path(self.path)
             try:
-                if is_blank(fs.read_file(nxt, max_size=BLANK_MAX)):
+                if blank_file(nxt):  # (a segment started in it is told apart by its header alone)
                     fs.unlink(nxt)
             except OSError as exc:
                 log.info("%s: spare segment left in place (%s); it is blank and ignored", nxt, exc)
