@@ -9,6 +9,7 @@ Nothing here sleeps or asserts a time: the threads wait on events (with a timeou
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from posstate.journal import spare as spare_mod
 from posstate.journal.files import next_path
 from posstate.journal.spare import SPARE_THREAD
 from posstate.storage import fileops as fs
-from tests.test_spare_segment import MAX, contracts, make, pos, settle, spare_ready
+from tests.test_spare_segment import MAX, contracts, keyed, make, pos, run, settle, spare_ready
 
 STEP = 16 * 1024  # a spare of 128 KiB + 96 B then takes 9 steps
 WAIT = 60.0
@@ -181,3 +182,111 @@ def test_deciding_that_a_segment_is_no_spare_reads_its_header_only(tmp_path: Pat
     blank = tmp_path / "blank"
     blank.write_bytes(bytes(BLANK_MAX))
     assert not blank_file(far) and blank_file(blank)
+
+
+class _SpareWrites(fs.FileOps):
+    """Counts the bytes the spare's thread writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        if threading.current_thread().name.startswith(SPARE_THREAD):
+            self.bytes += len(data)
+        return super().pwrite(fd, data, offset)
+
+
+def _until_spare(m: Any, meta: dict[str, Any], i: int, records: int) -> int:
+    while m._journal.records < records // 2 + 1:
+        m.set_symbol_metadata(f"S{i % 8}", {**meta, "i": i})
+        i += 1
+    settle(m)
+    return i
+
+
+def test_a_save_does_not_cost_a_spare_of_megabytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14 attack (spare size): the first record after a save adopts the spare, and the spare's thread at
+    once prepares the next one (for the next save's first record; the rotation is half a threshold away). Sized
+    from that one record, it was up to 4 MiB of synced zeros per save (1.8 MiB at bench_tail's records: 29x
+    the 64 KiB before), for a bot that saves often. That spare is now the first stretch, and it grows to the
+    next segment's expected size only at half a threshold, in place: the rotation still adopts a spare that
+    holds the next segment's records."""
+    monkeypatch.setattr(spare_mod, "SPARE_STEP", STEP)
+    records = 400
+    meta = {"note": "y" * 700}  # about 1 KB a record: the estimate is far above the first stretch
+    with make(tmp_path, journal_max_records=records) as m:
+        i = _until_spare(m, meta, 0, records)
+        assert spare_ready(m) and _size(m) > jf.HEADER_SIZE + 256 * 1024
+        ops = _SpareWrites()
+        saves = 5
+        with fs.use(ops):
+            for _ in range(saves):
+                m.save()
+                for _ in range(3):
+                    m.set_symbol_metadata(f"S{i % 8}", {**meta, "i": i})
+                    i += 1
+                settle(m)
+        assert ops.bytes <= saves * (jf.HEADER_SIZE + 64 * 1024), ops.bytes
+        assert spare_ready(m) and _size(m) == jf.HEADER_SIZE + 64 * 1024
+        i = _until_spare(m, meta, i, records)  # half a threshold: the spare grows to the expected size
+        per = (m._journal.size - jf.HEADER_SIZE) / m._journal.records
+        grown = _size(m)
+        assert grown >= jf.HEADER_SIZE + per * records
+        held = m._journal._spare_fd
+        while not m._journal.rotating:
+            m.set_symbol_metadata(f"S{i % 8}", {**meta, "i": i})
+            i += 1
+        assert m._journal._fd == held and _size(m) == grown  # the rotation adopted the grown spare
+        assert m.compact(wait=True)
+        want = {s: m.get_symbol_metadata(s) for s in (f"S{k}" for k in range(8))}
+    with make(tmp_path, journal_max_records=records) as m:
+        assert {s: m.get_symbol_metadata(s) for s in (f"S{k}" for k in range(8))} == want
+
+
+def _size(m: Any) -> int:
+    return next_path(m.config.journal_path).stat().st_size
+
+
+def _after_save_small_spare(m: Any, meta: dict[str, Any], records: int) -> int:
+    """A spare, a save, the first record after it: the spare now held is the first stretch."""
+    i = _until_spare(m, meta, 0, records)
+    m.save()
+    m.set_symbol_metadata("S0", {**meta, "i": i})
+    settle(m)
+    assert spare_ready(m) and _size(m) == jf.HEADER_SIZE + 64 * 1024
+    return i + 1
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["once", "persistent"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
+def test_a_fault_while_the_spare_grows_is_harmless(
+    tmp_path: Path, k: int, persistent: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 attack (spare size): ENOSPC at the k-th write or sync of the spare's growth in place (once, or
+    from then on): every update succeeds, the failure is reported, the rotation adopts the spare (whatever
+    length of zeros it reached) or creates the segment, validate passes and a reload holds every change."""
+    from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps
+
+    monkeypatch.setattr(spare_mod, "SPARE_STEP", STEP)
+    records = 100
+    meta = {"note": "y" * 2000}  # about 2 KB a record: the spare grows from 64 KiB to 256 KiB in 16 KiB steps
+    errors: list[dict[str, Any]] = []
+    with make(tmp_path, journal_max_records=records) as m:
+        m.on("error", errors.append)
+        i = _after_save_small_spare(m, meta, records)
+        fault = Fault(at=k, errno=errno.ENOSPC, persistent=persistent, ops=MUTATING_AND_READS)
+        ops = HarnessOps(fault=fault, thread_prefix=SPARE_THREAD)
+        with fs.use(ops):
+            i = _until_spare(m, meta, i, records)
+            for n in range(i, i + records):  # through a rotation
+                m.set_symbol_metadata(f"S{n % 8}", {**meta, "i": n})
+            settle(m)
+        assert [op.faulted for op in ops.ops if op.faulted], ops.ops
+        assert [e["context"] for e in errors][:1] == ["journal segment preparation"]
+        assert m.compact(wait=True)
+        want = {s: m.get_symbol_metadata(s) for s in (f"S{c}" for c in range(8))}
+    val = run([*keyed(tmp_path), "validate"])
+    assert val.exit_code == 0, val.stdout + val.stderr
+    with make(tmp_path, journal_max_records=records) as m:
+        assert {s: m.get_symbol_metadata(s) for s in (f"S{c}" for c in range(8))} == want

@@ -5,7 +5,8 @@ Creating a journal file costs an ``open(O_CREAT)``, its first bytes, an ``fsync`
 directory: 5-8 ms, on the caller's thread with the manager's lock held (every group thread waits). Instead,
 once the open journal holds half of either threshold (``journal_max_records``, ``journal_max_bytes``), a
 thread (``posstate-compact-spare-...``) creates ``.next`` holding nothing but zeros (the header's 96 bytes and
-the first stretch of zeros written ahead), fsyncs it and the directory, and keeps it open. The rotation then
+room for the next segment's records, at most 4 MiB, synced in steps; right after a save the first stretch,
+grown in place at half a threshold), fsyncs it and the directory, and keeps it open. The rotation then
 adopts it: the first record writes the segment's header and itself at offset 0 in one ``pwrite`` (the header
 is made only then: its id, base sequence number, generation and key are those of the rotation).
 
@@ -99,13 +100,14 @@ class JournalSpare(JournalGroupSync):
     def _spare_wanted(self) -> bool:
         return self._records >= self._spare_at or self._end >= self._spare_bytes_at
 
-    def _spare_eligible(self) -> bool:
+    def _spare_eligible(self, held: bool = False) -> bool:
         """May ``.next`` be (re)made a spare now? Only while the live journal is the file at the journal's name
-        and nothing else holds ``.next``: no rotation, no segment waiting for its rename, no spare yet."""
+        and nothing else holds ``.next``: no rotation, no segment waiting for its rename, no spare yet (*held*:
+        may the spare this journal holds be grown now, under the same conditions)."""
         return (
             self.active
             and not self._spare_closed
-            and self._spare_fd is None
+            and (self._spare_fd is not None) == held
             and self._fd is not None
             and self._header is not None
             and self._next_header is None
@@ -119,7 +121,8 @@ class JournalSpare(JournalGroupSync):
         """The open journal passed half a threshold (or a segment waits for its rename): start the thread
         that prepares the spare. O(1); the caller holds the manager's lock. Never raises."""
         self._spare_at = self._spare_bytes_at = NEVER
-        if not (self._promote or self._spare_eligible()):
+        short = self._spare_eligible(held=True) and self._spare_size < self._spare_want()
+        if not (self._promote or self._spare_eligible() or short):
             return
         with self._cond:
             if self._spare_busy or self._spare_closed:
@@ -213,9 +216,10 @@ class JournalSpare(JournalGroupSync):
     # ------------------------------------------------------------------------------- the spare's thread
     def _spare_run(self) -> None:
         try:
-            if self._promote:
+            early = self._promote  # the spare for the next save's first record: the rotation is far away
+            if early:
                 self._promote_live()
-            self._make_spare()
+            self._make_spare(early)
             self.spare_error = None
         except (OSError, PosStateError) as exc:
             self.spare_error = exc
@@ -283,14 +287,21 @@ class JournalSpare(JournalGroupSync):
         if self.mode == "group" and self._durable_seq < self._promote_seq:
             raise _not_yet(nxt, "the group sync of its first record failed")
 
-    def _make_spare(self) -> None:
-        """Create the blank ``.next``: zeros for the header and the first stretch written ahead, synced, then
-        the directory synced; kept open. A ``.next`` left behind is replaced: a blank one is removed, anything
-        else (no load followed it: it is no segment of this snapshot) is moved to quarantine, as a segment
-        created on the caller's thread does with it."""
+    def _make_spare(self, early: bool = False) -> None:
+        """Create the blank ``.next``: zeros for the header and the next segment's records (*early*, right
+        after a save: the first stretch only), synced, then the directory synced; kept open. A held spare
+        shorter than that is grown in place instead. A ``.next`` left behind is replaced: a blank one is
+        removed, anything else (no load followed it: it is no segment of this snapshot) is moved to
+        quarantine, as a segment created on the caller's thread does with it."""
         with self._cond:
-            if not self._spare_eligible():
+            grow = self._spare_eligible(held=True)
+            if not grow and not self._spare_eligible():
                 return
+            held, have, want = self._spare_fd, self._spare_size, self._spare_want()
+        if grow and held is not None:
+            if want > have:
+                self._grow_spare(held, have, want)
+            return
         nxt = next_path(self.path)
         if fs.exists(nxt):
             if blank_file(nxt):  # bounded read; a FIFO, symlink, directory or larger file is no spare
@@ -298,20 +309,11 @@ class JournalSpare(JournalGroupSync):
             else:
                 dest = _atomic.move_aside(nxt, self._quarantine, label="replaced")
                 log.warning("%s: not a segment of this journal; kept at %s", nxt, dest)
-        with self._cond:
-            size = jf.HEADER_SIZE + self._spare_zeros(self._end, self._records)
+        size = (jf.HEADER_SIZE + self._padding(0)) if early else want
         self._spare_made = True
         fd = fs.open_(nxt, fs.O_NEW, 0o600)
         try:
-            # In steps, each synced: one burst of megabytes would make the caller's next fdatasync wait for it.
-            # A caller waiting for this preparation (a rotation, a save, close) cuts it short after the step in
-            # flight: the zeros written so far are the spare (the records past them write zeros ahead).
-            for offset in range(0, size, SPARE_STEP):
-                if offset and self._spare_stop:
-                    size = offset
-                    break
-                fs.pwrite_all(fd, bytes(min(SPARE_STEP, size - offset)), offset)
-                fs.fdatasync(fd)
+            size = self._write_zeros(fd, 0, size)
             fs.fsync(fd)
             fs.fsync_dir(self.path.parent)
         except BaseException:
@@ -324,6 +326,36 @@ class JournalSpare(JournalGroupSync):
                 self._spare_fd, self._spare_size = fd, size
                 return
         _quiet_close(fd)  # the journal moved on meanwhile (a save, a failure): the blank file stays harmless
+
+    def _write_zeros(self, fd: int, start: int, size: int) -> int:
+        """Write zeros from *start* to *size* in steps, each synced (one burst of megabytes would make the
+        caller's next fdatasync wait for it); returns where they end. A caller waiting for this preparation (a
+        rotation, a save, close) cuts it short after the step in flight: the zeros written so far are the spare
+        (the records past them write zeros ahead)."""
+        for offset in range(start, size, SPARE_STEP):
+            if offset > start and self._spare_stop:
+                return offset
+            fs.pwrite_all(fd, bytes(min(SPARE_STEP, size - offset)), offset)
+            fs.fdatasync(fd)
+        return size
+
+    def _grow_spare(self, fd: int, have: int, size: int) -> None:
+        """Grow the held spare (the first stretch prepared after a save) in place to *size*, at half a
+        threshold. Its size is then what ``fstat`` says, after a failure too (zeros of any length: blank)."""
+        try:
+            self._write_zeros(fd, have, size)
+            fs.fsync(fd)
+        finally:
+            with self._cond:
+                if self._spare_fd == fd:
+                    try:
+                        self._spare_size = fs.fstat(fd).st_size
+                    except OSError:
+                        self._spare_fd = None  # (blank: close removes it, the next preparation replaces it)
+                        _quiet_close(fd)
+
+    def _spare_want(self) -> int:  # the size of the spare for the next segment (caller holds ``_cond``)
+        return jf.HEADER_SIZE + self._spare_zeros(self._end, self._records)
 
     def _unlink_own(self, fd: int, nxt: Any) -> None:
         """A failed preparation: remove ``.next`` only while it is still this blank file and no rotation has
