@@ -290,3 +290,30 @@ def test_a_fault_while_the_spare_grows_is_harmless(
     assert val.exit_code == 0, val.stdout + val.stderr
     with make(tmp_path, journal_max_records=records) as m:
         assert {s: m.get_symbol_metadata(s) for s in (f"S{c}" for c in range(8))} == want
+
+
+def test_the_replica_shipper_does_not_read_a_blank_spare_whole(tmp_path: Path) -> None:
+    """issue 14 attack (spare size): each shipping pass reads the journal files (``replica/local.py``); a blank
+    spare of up to 96 B + 4 MiB (64 KiB before) was read whole two or three times a pass just to find no
+    header in it. Its 96 header bytes are read instead; a segment there is still read and shipped."""
+    from posstate.journal.files import BLANK_MAX
+    from posstate.replica import local as replica_local
+
+    with make(tmp_path) as m:
+        m.set_position(pos("A", 1))
+        cfg = m.config
+    nxt = next_path(cfg.journal_path)
+    nxt.write_bytes(bytes(BLANK_MAX))
+
+    class _NextReads(_CountReads):
+        def read_file(self, path: Any, limit: int | None = None, max_size: int | None = fs.DEFAULT_MAX_READ_BYTES) -> bytes:
+            data = fs.FileOps.read_file(self, path, limit, max_size=max_size)
+            if Path(path) == nxt:
+                self.read += len(data)
+            return data
+
+    ops = _NextReads()
+    with fs.use(ops):
+        local = replica_local.read_local(cfg.state_path, cfg.journal_path)
+    assert local.records and local.following is None
+    assert ops.read <= 3 * jf.HEADER_SIZE, ops.read
