@@ -317,3 +317,19 @@ def test_the_replica_shipper_does_not_read_a_blank_spare_whole(tmp_path: Path) -
         local = replica_local.read_local(cfg.state_path, cfg.journal_path)
     assert local.records and local.following is None
     assert ops.read <= 3 * jf.HEADER_SIZE, ops.read
+
+
+def test_the_revision_floor_reads_a_blank_spares_header_only(tmp_path: Path) -> None:
+    """issue 14 attack (spare size): the revision floor (``backup/seen.py``, recovery) looks at ``.next`` and at
+    the journal files kept in quarantine; a blank spare of up to 96 B + 4 MiB was read whole to find that its
+    header does not parse. Its 96 header bytes are read instead."""
+    from posstate.backup.seen import journal_max_rev
+    from posstate.journal.files import BLANK_MAX
+    from posstate.storage.statefile import ReadOptions
+
+    spare = tmp_path / "positions.json.journal.next"
+    spare.write_bytes(bytes(BLANK_MAX))
+    ops = _CountReads()
+    with fs.use(ops):
+        assert journal_max_rev(spare, ReadOptions(keyring=None)) == 0
+    assert ops.read <= jf.HEADER_SIZE, ops.read
