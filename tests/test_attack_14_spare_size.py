@@ -333,3 +333,28 @@ def test_the_revision_floor_reads_a_blank_spares_header_only(tmp_path: Path) -> 
     with fs.use(ops):
         assert journal_max_rev(spare, ReadOptions(keyring=None)) == 0
     assert ops.read <= jf.HEADER_SIZE, ops.read
+
+
+def test_record_times_read_a_blank_spares_header_only(tmp_path: Path) -> None:
+    """issue 14 attack (spare size): the stale-backup guard and recovery's threshold read every record's time
+    from the journal files, ``.next`` included (``journal/files.py`` ``record_times``); a blank spare of up to
+    96 B + 4 MiB was read whole. Its 96 header bytes are read instead; the journal's records still count."""
+    from posstate.journal.files import BLANK_MAX, record_times
+
+    with make(tmp_path) as m:
+        m.set_position(pos("A", 1))
+        cfg = m.config
+    nxt = next_path(cfg.journal_path)
+    nxt.write_bytes(bytes(BLANK_MAX))
+    reads: list[tuple[str, int]] = []
+
+    class _Reads(fs.FileOps):
+        def read_file(self, path: Any, limit: int | None = None, max_size: int | None = fs.DEFAULT_MAX_READ_BYTES) -> bytes:
+            data = super().read_file(path, limit, max_size=max_size)
+            reads.append((Path(path).name, len(data)))
+            return data
+
+    with fs.use(_Reads()):
+        times = record_times(cfg.journal_path, cfg.legacy_journal_path)
+    assert times
+    assert sum(n for name, n in reads if name == nxt.name) <= jf.HEADER_SIZE, reads
