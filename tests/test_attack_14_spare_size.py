@@ -205,7 +205,8 @@ def _until_spare(m: Any, meta: dict[str, Any], i: int, records: int) -> int:
     return i
 
 
-def test_a_save_does_not_cost_a_spare_of_megabytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["sync", "group"])
+def test_a_save_does_not_cost_a_spare_of_megabytes(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """issue 14 attack (spare size): the first record after a save adopts the spare, and the spare's thread at
     once prepares the next one (for the next save's first record; the rotation is half a threshold away). Sized
     from that one record, it was up to 4 MiB of synced zeros per save (1.8 MiB at bench_tail's records: 29x
@@ -215,7 +216,7 @@ def test_a_save_does_not_cost_a_spare_of_megabytes(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(spare_mod, "SPARE_STEP", STEP)
     records = 400
     meta = {"note": "y" * 700}  # about 1 KB a record: the estimate is far above the first stretch
-    with make(tmp_path, journal_max_records=records) as m:
+    with make(tmp_path, journal_max_records=records, durability=mode) as m:
         i = _until_spare(m, meta, 0, records)
         assert spare_ready(m) and _size(m) > jf.HEADER_SIZE + 256 * 1024
         ops = _SpareWrites()
@@ -240,7 +241,7 @@ def test_a_save_does_not_cost_a_spare_of_megabytes(tmp_path: Path, monkeypatch: 
         assert m._journal._fd == held and _size(m) == grown  # the rotation adopted the grown spare
         assert m.compact(wait=True)
         want = {s: m.get_symbol_metadata(s) for s in (f"S{k}" for k in range(8))}
-    with make(tmp_path, journal_max_records=records) as m:
+    with make(tmp_path, journal_max_records=records, durability=mode) as m:
         assert {s: m.get_symbol_metadata(s) for s in (f"S{k}" for k in range(8))} == want
 
 
