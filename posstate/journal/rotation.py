@@ -141,9 +141,10 @@ class JournalRotation(JournalSpare):
         segment and the last sequence number written), or None when a rotation cannot start now: one is
         pending, no segment is open, the live segment still waits for its rename, or (group mode) records
         still wait for their sync (never synced here: the caller holds the manager's lock, and the next change
-        tries again). O(1), no I/O. If the spare's thread is preparing ``.next`` it waits for that step (so
-        that the name has one writer at a time): a few metadata operations, a read of at most 96 + 64 KiB,
-        and the same zeros and syncs the segment's creation here would cost."""
+        tries again). O(1), no I/O. If the spare's thread is preparing ``.next`` it waits for it (so that the
+        name has one writer at a time), asking it to stop after its step in flight: a few metadata
+        operations, a read of at most ``BLANK_MAX`` (only of a leftover), at most one step of zeros
+        (``SPARE_STEP``) and the syncs the segment's creation here would cost."""
         if (
             self.rotating
             or self._fd is None
@@ -154,8 +155,8 @@ class JournalRotation(JournalSpare):
         ):
             return None
         with self._cond:
-            if self._spare_busy:  # a spare being prepared (started at half the threshold): milliseconds
-                self._cond.wait_for(lambda: not self._spare_busy)
+            # A spare being prepared (started at half the threshold): it stops after its step in flight.
+            self._spare_wait_locked()
             if self.mode == "group" and (self._syncing or self._written_seq > self._durable_seq or self._failure is not None):
                 return None
         header = self._header_for(None, generation, prev_id=self._header.journal_id)

@@ -5,7 +5,8 @@ Creating a journal file costs an ``open(O_CREAT)``, its first bytes, an ``fsync`
 directory: 5-8 ms, on the caller's thread with the manager's lock held (every group thread waits). Instead,
 once the open journal holds half of either threshold (``journal_max_records``, ``journal_max_bytes``), a
 thread (``posstate-compact-spare-...``) creates ``.next`` holding nothing but zeros (the header's 96 bytes and
-the first stretch of zeros written ahead), fsyncs it and the directory, and keeps it open. The rotation then
+room for the next segment's records, at most 4 MiB, synced in steps; right after a save the first stretch,
+grown in place at half a threshold), fsyncs it and the directory, and keeps it open. The rotation then
 adopts it: the first record writes the segment's header and itself at offset 0 in one ``pwrite`` (the header
 is made only then: its id, base sequence number, generation and key are those of the rotation).
 
@@ -29,7 +30,7 @@ from typing import Any
 
 from posstate.core.errors import PersistenceError, PosStateError
 from posstate.journal import format as jf
-from posstate.journal.files import BLANK_MAX, SPARE_ZEROS_MAX, blank_file, is_blank, next_path
+from posstate.journal.files import SPARE_ZEROS_MAX, blank_file, next_path
 from posstate.journal.groupsync import JournalGroupSync
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
@@ -60,8 +61,11 @@ class JournalSpare(JournalGroupSync):
         super().__init__(*args, **kwargs)
         self._spare_fd: int | None = None  # open on the blank, durable ``.next`` this journal prepared
         self._spare_size = 0
-        self._spare_want = 0  # zeros after the header the next preparation writes (set by want_spare)
+        self._spare_target = 0  # the size of the spare for the next segment (set by want_spare)
         self._spare_busy = False  # the thread is preparing (or promoting)
+        # A caller waits for the preparation in flight (a rotation, a save, a load, close): its thread stops
+        # writing zeros after the step in flight and publishes the shorter spare (issue 14 attack).
+        self._spare_stop = False
         self._spare_closed = False
         # True while the live journal is ``.next`` and no compaction will rename it (the first record after a
         # save adopted the spare): the thread renames it over the journal's name; no rotation meanwhile.
@@ -97,13 +101,14 @@ class JournalSpare(JournalGroupSync):
     def _spare_wanted(self) -> bool:
         return self._records >= self._spare_at or self._end >= self._spare_bytes_at
 
-    def _spare_eligible(self) -> bool:
+    def _spare_eligible(self, held: bool = False) -> bool:
         """May ``.next`` be (re)made a spare now? Only while the live journal is the file at the journal's name
-        and nothing else holds ``.next``: no rotation, no segment waiting for its rename, no spare yet."""
+        and nothing else holds ``.next``: no rotation, no segment waiting for its rename, no spare yet (*held*:
+        may the spare this journal holds be grown now, under the same conditions)."""
         return (
             self.active
             and not self._spare_closed
-            and self._spare_fd is None
+            and (self._spare_fd is not None) == held
             and self._fd is not None
             and self._header is not None
             and self._next_header is None
@@ -117,15 +122,17 @@ class JournalSpare(JournalGroupSync):
         """The open journal passed half a threshold (or a segment waits for its rename): start the thread
         that prepares the spare. O(1); the caller holds the manager's lock. Never raises."""
         self._spare_at = self._spare_bytes_at = NEVER
-        if not (self._promote or self._spare_eligible()):
+        # Sized here, at the record that asked, not when the thread runs: the same changes always make the
+        # same spare (the crash harness replays the background's steps one by one).
+        target = jf.HEADER_SIZE + self._spare_zeros(self._end, self._records)
+        short = self._spare_eligible(held=True) and self._spare_size < target
+        if not (self._promote or self._spare_eligible() or short):
             return
         with self._cond:
             if self._spare_busy or self._spare_closed:
                 return
             self._spare_busy = True
-            # Sized here, at the record that asked, not when the thread runs: the same changes always make
-            # the same spare (the crash harness replays the background's steps one by one).
-            self._spare_want = self._spare_zeros(self._end, self._records)
+            self._spare_target = target
         try:
             threading.Thread(target=self._spare_run, name=f"{SPARE_THREAD}-{self.path.name}", daemon=True).start()
         except RuntimeError as exc:  # no thread can be started (interpreter shutting down, resources)
@@ -186,6 +193,14 @@ class JournalSpare(JournalGroupSync):
     def _spare_settle(self) -> None:
         """Before a save's install, a load or close changes ``.next``: wait for the thread's step in flight."""
         with self._cond:
+            self._spare_wait_locked()
+
+    def _spare_wait_locked(self) -> None:
+        """Wait until no preparation is in flight, asking the one in flight to stop writing zeros: the caller
+        waits for at most the step in flight and the file's and directory's syncs, never for every remaining
+        step of a spare of megabytes. Caller holds ``_cond``."""
+        if self._spare_busy:
+            self._spare_stop = True
             self._cond.wait_for(lambda: not self._spare_busy)
 
     def _drop_spare(self, *, unlink: bool) -> None:
@@ -198,7 +213,7 @@ class JournalSpare(JournalGroupSync):
         if unlink and (fd is not None or self._spare_made):  # (a preparation close() cut short left one too)
             nxt = next_path(self.path)
             try:
-                if is_blank(fs.read_file(nxt, max_size=BLANK_MAX)):
+                if blank_file(nxt):  # (a segment started in it is told apart by its header alone)
                     fs.unlink(nxt)
             except OSError as exc:
                 log.info("%s: spare segment left in place (%s); it is blank and ignored", nxt, exc)
@@ -206,9 +221,10 @@ class JournalSpare(JournalGroupSync):
     # ------------------------------------------------------------------------------- the spare's thread
     def _spare_run(self) -> None:
         try:
-            if self._promote:
+            early = self._promote  # the spare for the next save's first record: the rotation is far away
+            if early:
                 self._promote_live()
-            self._make_spare()
+            self._make_spare(early)
             self.spare_error = None
         except (OSError, PosStateError) as exc:
             self.spare_error = exc
@@ -219,7 +235,7 @@ class JournalSpare(JournalGroupSync):
                     self._emit("error", {"context": "journal segment preparation", "error": str(exc)})
         finally:
             with self._cond:
-                self._spare_busy = False
+                self._spare_busy = self._spare_stop = False
                 self._cond.notify_all()
 
     def _promote_live(self) -> None:
@@ -276,14 +292,22 @@ class JournalSpare(JournalGroupSync):
         if self.mode == "group" and self._durable_seq < self._promote_seq:
             raise _not_yet(nxt, "the group sync of its first record failed")
 
-    def _make_spare(self) -> None:
-        """Create the blank ``.next``: zeros for the header and the first stretch written ahead, synced, then
-        the directory synced; kept open. A ``.next`` left behind is replaced: a blank one is removed, anything
-        else (no load followed it: it is no segment of this snapshot) is moved to quarantine, as a segment
-        created on the caller's thread does with it."""
+    def _make_spare(self, early: bool = False) -> None:
+        """Create the blank ``.next``: zeros for the header and the next segment's records (*early*, right
+        after a save: the first stretch only), synced, then the directory synced; kept open. A held spare
+        shorter than that is grown in place instead. A ``.next`` left behind is replaced: a blank one is
+        removed, anything else (no load followed it: it is no segment of this snapshot) is moved to
+        quarantine, as a segment created on the caller's thread does with it."""
         with self._cond:
-            if not self._spare_eligible():
+            grow = self._spare_eligible(held=True)
+            if not grow and not self._spare_eligible():
                 return
+            want = self._spare_target or jf.HEADER_SIZE + self._spare_zeros(self._end, self._records)
+            held, have = self._spare_fd, self._spare_size
+        if grow and held is not None:
+            if want > have:
+                self._grow_spare(held, have, want)
+            return
         nxt = next_path(self.path)
         if fs.exists(nxt):
             if blank_file(nxt):  # bounded read; a FIFO, symlink, directory or larger file is no spare
@@ -291,15 +315,11 @@ class JournalSpare(JournalGroupSync):
             else:
                 dest = _atomic.move_aside(nxt, self._quarantine, label="replaced")
                 log.warning("%s: not a segment of this journal; kept at %s", nxt, dest)
-        with self._cond:
-            size = jf.HEADER_SIZE + self._spare_want
+        size = (jf.HEADER_SIZE + self._padding(0)) if early else want
         self._spare_made = True
         fd = fs.open_(nxt, fs.O_NEW, 0o600)
         try:
-            # In steps, each synced: one burst of megabytes would make the caller's next fdatasync wait for it.
-            for offset in range(0, size, SPARE_STEP):
-                fs.pwrite_all(fd, bytes(min(SPARE_STEP, size - offset)), offset)
-                fs.fdatasync(fd)
+            size = self._write_zeros(fd, 0, size)
             fs.fsync(fd)
             fs.fsync_dir(self.path.parent)
         except BaseException:
@@ -313,6 +333,33 @@ class JournalSpare(JournalGroupSync):
                 return
         _quiet_close(fd)  # the journal moved on meanwhile (a save, a failure): the blank file stays harmless
 
+    def _write_zeros(self, fd: int, start: int, size: int) -> int:
+        """Write zeros from *start* to *size* in steps, each synced (one burst of megabytes would make the
+        caller's next fdatasync wait for it); returns where they end. A caller waiting for this preparation (a
+        rotation, a save, close) cuts it short after the step in flight: the zeros written so far are the spare
+        (the records past them write zeros ahead)."""
+        for offset in range(start, size, SPARE_STEP):
+            if offset > start and self._spare_stop:
+                return offset
+            fs.pwrite_all(fd, bytes(min(SPARE_STEP, size - offset)), offset)
+            fs.fdatasync(fd)
+        return size
+
+    def _grow_spare(self, fd: int, have: int, size: int) -> None:
+        """Grow the held spare (the first stretch prepared after a save) in place to *size*, at half a
+        threshold. Its size is then what ``fstat`` says, after a failure too (zeros of any length: blank)."""
+        try:
+            self._write_zeros(fd, have, size)
+            fs.fsync(fd)
+        finally:
+            with self._cond:
+                if self._spare_fd == fd:
+                    try:
+                        self._spare_size = fs.fstat(fd).st_size
+                    except OSError:
+                        self._spare_fd = None  # (blank: close removes it, the next preparation replaces it)
+                        _quiet_close(fd)
+
     def _unlink_own(self, fd: int, nxt: Any) -> None:
         """A failed preparation: remove ``.next`` only while it is still this blank file and no rotation has
         started (a rotation may meanwhile have created its segment under that name: that is never removed)."""
@@ -324,10 +371,11 @@ class JournalSpare(JournalGroupSync):
     def _spare_zeros(self, end: int, records: int) -> int:
         """How many zeros the spare holds after its header: as many bytes as the next segment's records are
         expected to take (this one's bytes per record, up to the thresholds), so that no record of it writes
-        zeros ahead on the caller's thread; at least the first stretch, at most :data:`SPARE_ZEROS_MAX`;
-        none when ``journal_preallocate`` is 0. Rounded up to 64 KiB."""
+        zeros ahead on the caller's thread; at least the first stretch, at most :data:`SPARE_ZEROS_MAX`.
+        Rounded up to 64 KiB. ``journal_preallocate`` below 64 KiB (0: none) asks for at most that many zeros
+        ahead of the records: the spare then holds exactly that many."""
         first = self._padding(0)
-        if first == 0 or records <= 0 or end <= jf.HEADER_SIZE:
+        if first < _FIRST_PAD or records <= 0 or end <= jf.HEADER_SIZE:
             return first
         expected = min(self._max_bytes, (end - jf.HEADER_SIZE) * self._max_records // records) + _FIRST_PAD
         return max(first, min(SPARE_ZEROS_MAX, -(-expected // _FIRST_PAD) * _FIRST_PAD))
