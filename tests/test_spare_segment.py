@@ -25,6 +25,7 @@ from click.testing import CliRunner, Result
 from posstate import PositionStateManager, PosStateError, StateConfig
 from posstate.cli.main import cli
 from posstate.journal import format as jf
+from posstate.journal import spare as spare_mod
 from posstate.journal.files import is_blank, next_path
 from posstate.journal.spare import SPARE_THREAD, JournalSpare
 from posstate.model.position import Position
@@ -294,14 +295,21 @@ def _spare_ops(d: Path) -> list[str]:
     return [op.name for op in probe.ops if op.name in MUTATING_AND_READS]
 
 
+@pytest.mark.parametrize("step", [None, 16 * 1024], ids=["one-step", "stepped"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["once", "persistent"])
 @pytest.mark.parametrize("err", ["ENOSPC", "EIO"])
-def test_fault_at_each_step_of_the_spare_preparation(tmp_path: Path, err: str, persistent: bool) -> None:
+def test_fault_at_each_step_of_the_spare_preparation(
+    tmp_path: Path, err: str, persistent: bool, step: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """issue 14.3: ENOSPC/EIO at each step of the preparation (once, or from then on): every update succeeds
     (the rotation creates the segment itself), the failure is reported (``error`` event, ``spare_error``),
-    what the failure left is harmless, and a reload holds every change."""
+    what the failure left is harmless, and a reload holds every change. *stepped*: zeros written and synced
+    16 KiB at a time (``SPARE_STEP``), a fault at each write and sync of them."""
+    if step is not None:
+        monkeypatch.setattr(spare_mod, "SPARE_STEP", step)
     names = _spare_ops(tmp_path / "probe")
     assert {"open", "write", "fsync", "fsync_dir"} <= set(names), names
+    assert step is None or names.count("fdatasync") >= 4, names
     code = getattr(errno, err)
     for k in range(1, len(names) + 1):
         d = tmp_path / f"k{k}"

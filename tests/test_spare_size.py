@@ -2,12 +2,12 @@
 of that segment writes zeros ahead on the caller's thread; its zeros are written and synced in steps; a spare
 is never larger than ``BLANK_MAX``, the largest blank ``.next`` any reader takes for one.
 
-The failure paths come first: a fault at each step of a stepped preparation, then the bound, then the size.
+The failure paths come first (a fault at each step of a stepped preparation is in test_spare_segment.py's
+``test_fault_at_each_step_of_the_spare_preparation[stepped]``): the bound, then the size.
 """
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 from typing import Any
 
@@ -16,54 +16,15 @@ import pytest
 from posstate.journal import format as jf
 from posstate.journal import spare as spare_mod
 from posstate.journal.files import BLANK_MAX, SPARE_ZEROS_MAX, next_path
-from posstate.journal.spare import SPARE_THREAD
-from posstate.selftest.harness import MUTATING_AND_READS, Fault, HarnessOps
+from posstate.selftest.harness import HarnessOps
 from posstate.storage import fileops as fs
-from tests.test_spare_segment import MAX, contracts, fill_until_spare, keyed, make, pos, run, settle, spare_ready
+from tests.test_spare_segment import contracts, fill_until_spare, keyed, make, pos, run, settle, spare_ready
 
 SMALL_STEP = 16 * 1024  # makes a 128 KiB spare take 8 steps
 
 
 def _next_size(m: Any) -> int:
     return next_path(m.config.journal_path).stat().st_size
-
-
-def _stepped_ops(d: Path) -> list[str]:
-    probe = HarnessOps(thread_prefix=SPARE_THREAD)
-    with make(d) as m, fs.use(probe):
-        fill_until_spare(m)
-        assert spare_ready(m)
-    return [op.name for op in probe.ops if op.name in MUTATING_AND_READS]
-
-
-@pytest.mark.parametrize("persistent", [False, True], ids=["once", "persistent"])
-def test_fault_at_each_step_of_a_stepped_spare(tmp_path: Path, persistent: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ENOSPC at each write and sync of a spare written in several steps (once, or from then on): every update
-    succeeds, the failure is reported, what is left is harmless (validate passes, nothing the key wrote is
-    quarantined) and a reload holds every change."""
-    monkeypatch.setattr(spare_mod, "SPARE_STEP", SMALL_STEP)
-    names = _stepped_ops(tmp_path / "probe")
-    assert names.count("fdatasync") >= 4, names  # the zeros went out in steps, each synced
-    for k in range(1, len(names) + 1):
-        d = tmp_path / f"k{k}"
-        errors: list[dict[str, Any]] = []
-        fault = Fault(at=k, errno=errno.ENOSPC, persistent=persistent, ops=MUTATING_AND_READS)
-        ops = HarnessOps(fault=fault, thread_prefix=SPARE_THREAD)
-        with make(d) as m:
-            m.on("error", errors.append)
-            with fs.use(ops):
-                i = fill_until_spare(m)
-                assert not spare_ready(m), names[k - 1]
-                for n in range(i, i + 2 * MAX):  # through a rotation: the fallback creates the segment
-                    m.set_position(pos(f"S{n % 4}", n + 1))
-                settle(m)
-            assert m.compact(wait=True)
-            want = contracts(m)
-        assert [e["context"] for e in errors][:1] == ["journal segment preparation"], names[k - 1]
-        val = run([*keyed(d), "validate"])
-        assert val.exit_code == 0, (names[k - 1], val.stdout + val.stderr)
-        with make(d) as m:
-            assert contracts(m) == want, names[k - 1]
 
 
 def test_a_spare_is_never_larger_than_blank_max(tmp_path: Path) -> None:
