@@ -107,7 +107,7 @@ def test_the_worker_never_dumps_core_and_is_the_oom_killers_first_choice(tmp_pat
 
 _LOSE_ONE = """
 import sys
-if sys.argv[:1] == ["-m"]:  # the compaction worker (python -P -m posstate.journal.compactjob)
+if sys.argv[:1] in (["-m"], ["-c"]):  # the compaction worker (python -P -c <boot> posstate.journal.compactjob)
     from posstate.journal import records as _records
     _real = _records.read_records
     def read_records(*a, **kw):  # the worker replays on the snapshot's document: a replay short of one change
