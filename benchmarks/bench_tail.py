@@ -7,18 +7,24 @@ For states of 1,000 and 100,000 positions this runs, in one process:
   ``backup_interval`` (so several timed backups fall due) while 24 backups already exist;
 * group -- the same with ``durability="group"`` and 4 threads (each its own keys), every call timed in its
   own thread;
-* floor -- CALLS bare appends + ``fdatasync`` of as many bytes as one journal record, on an O_APPEND file on
-  the same file system, measured first, while no manager (and no background thread) exists: what one
-  durable change cannot go below;
+* floor -- a bare append + ``fdatasync`` of as many bytes as one journal record, on an O_APPEND file on the
+  same file system: what one durable change cannot go below. Each sync row is **paired** with it call by call
+  (one floor call beside each ``set_position``, which goes first alternating), so the disk's phase and the
+  background work fall on both alike;
 * floor x4 -- the same appends from 4 threads sharing each ``fdatasync`` as group commit does (leader and
-  followers), with no state: what a group-mode call cannot go below (it waits for a sync already running,
-  then its own, and shares the interpreter lock with three other threads).
+  followers), with no state: what a group-mode call cannot go below. Each group thread pairs its calls with it.
 
-Prints median, p99, p99.9 and max (ms) of each, their ratios to the floor, and the targets of issue 14:
-the slowest ``set_position`` at 100,000 positions within 2x the slowest floor operation, and p99.9 within
-1.5x the floor's p99.9 (both modes). Tests never assert times; this script does not fail either, it prints
-``met`` or ``MISSED``. The group rows' ratios are to the one-thread floor (the issue's target) unless
-``--fair`` (then to floor x4); a line compares group p99.9 with floor x4 either way.
+Both floors are also measured alone first, while no manager (and no background thread) exists: a paired floor's
+ratio to them shows what the machine did meanwhile.
+
+After each row's setup the script calls ``gc.freeze()`` (``--no-gc-freeze``: not), as the README advises a bot
+holding a large state, and prints the full garbage collections that fell in each row.
+
+Prints median, p99, p99.9 and max (ms) of each, a row's ratios to its paired floor, and the targets of issue
+14: the slowest ``set_position`` at 100,000 positions within 2x the slowest paired floor operation, and p99.9
+within 1.5x the paired floor's p99.9 (both modes; the group rows also against the sync row's one-thread floor,
+measured just before, not interleaved). Tests never assert times; this script does not fail either, it prints
+``met`` or ``MISSED``.
 
 ``--compaction process,thread`` runs the sync and group rows once per ``StateConfig(compaction=...)``,
 interleaved in the same run (rows ``sync/process``, ``sync/thread``, ...); the default is the default
@@ -30,6 +36,7 @@ Run: ``PYTHONPATH=. python benchmarks/bench_tail.py`` (``--quick``: 12,000 calls
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import statistics
@@ -227,6 +234,23 @@ def probe_record_bytes(d: Path) -> int:
         return record_bytes(m)
 
 
+class FullCollections:
+    """Count the interpreter's full garbage collections (generation 2) and their longest pause while a row runs:
+    one holds the interpreter lock for every thread, 40-180 ms at 100,000 positions, whatever the call."""
+
+    def __init__(self) -> None:
+        self.count, self.longest, self._t0 = 0, 0.0, 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.count += 1
+            self.longest = max(self.longest, time.perf_counter() - self._t0)
+
+
 def ms(v: float) -> str:
     return f"{v * 1e3:.3f}"
 
@@ -240,6 +264,11 @@ def main() -> int:
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temp dir)")
     ap.add_argument("--compaction", default="process", help="process,thread: the rows once per StateConfig(compaction=)")
     ap.add_argument("--modes", default="sync,group", help="sync,group: which durability modes to run")
+    ap.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="leave the state's objects to the collector (by default gc.freeze() after the setup, as docs advise a bot)",
+    )
     args = ap.parse_args()
     hows = [h.strip() for h in args.compaction.split(",") if h.strip()]
     modes = [x.strip() for x in args.modes.split(",") if x.strip()]
@@ -253,6 +282,7 @@ def main() -> int:
     # (size, row name, stats, the stats its ratios are to, or None)
     rows: list[tuple[int, str, dict[str, float], dict[str, float] | None]] = []
     targets: list[tuple[str, bool]] = []
+    collections: list[str] = []
     try:
         for n in sizes:
             interval = args.backup_interval if args.backup_interval is not None else 2.0
@@ -269,13 +299,21 @@ def main() -> int:
                     name = f"sync{tag(how)}" if mode == "sync" else f"group x{THREADS}{tag(how)}"
                     fname = "floor" if mode == "sync" else f"floor x{THREADS}"
                     floor = (Floor if mode == "sync" else GroupFloor)(root / f"probe-{n}" / f"floor-{mode}-{how}.bin", size)
+                    full = FullCollections()
+                    if not args.no_gc_freeze:  # what the README advises a bot holding a large state
+                        gc.collect()
+                        gc.freeze()
+                    gc.callbacks.append(full)
                     try:
                         run = run_sync if mode == "sync" else run_group
                         vals, fvals = run(m, n, calls, floor)
                     finally:
+                        gc.callbacks.remove(full)
+                        gc.unfreeze()
                         floor.close()
                         m.close()
                         shutil.rmtree(d, ignore_errors=True)
+                    collections.append(f"{name} @ {n:,}: {full.count} full collection(s), longest {full.longest * 1e3:.1f} ms")
                     st, fst = stats(vals), stats(fvals)
                     pname = f"  {fname}, paired"
                     rows += [(n, name, st, fst), (n, pname, fst, alone if mode == "sync" else galone)]
@@ -317,6 +355,9 @@ def main() -> int:
             r = f"{st[k] / f[k]:5.2f}x" if f else "      "
             cells.append(f"{st[k] * 1e3:8.3f} {r}")
         print(f"{n:>10,} {name:<22} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>17}")
+    print(f"full garbage collections during the rows ({'gc.freeze() off' if args.no_gc_freeze else 'after gc.freeze()'}):")
+    for line in collections:
+        print(f"  {line}")
     print("targets (issue 14; against the floor paired call by call, same run):")
     for text, ok in targets:
         print(f"  {'met   ' if ok else 'MISSED'} {text}")
