@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from posstate import Position, PositionStateManager, StateConfig
+from posstate.core.errors import PersistenceError
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
 
@@ -54,3 +55,29 @@ def test_a_leftover_temp_that_vanishes_during_the_sweep_does_not_fail_the_restar
     assert not tmp.exists()
     kept = list(cfg.quarantine_dir.iterdir()) if cfg.quarantine_dir.exists() else []
     assert len(kept) == (1 if after == "link" else 0)
+
+
+class _QuarantineGone(fs.FileOps):
+    """The real OS, where linking the temp into quarantine fails because the destination's folder is missing."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = str(tmp)
+
+    def link(self, src: Any, dst: Any) -> None:
+        if str(src) == self.tmp:
+            raise FileNotFoundError(2, "No such file or directory", str(dst))
+        super().link(src, dst)
+
+
+def test_a_missing_path_other_than_the_temp_is_still_an_error(tmp_path: Path) -> None:
+    """issue 14 (review): ENOENT about another path (the quarantine's) while the temp is still there is a real
+    failure, reported, never logged as a temp an orphaned worker removed."""
+    cfg = StateConfig.in_dir(tmp_path, backup_interval=1e9)
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([_pos(0)])
+    tmp = _atomic.temp_name(cfg.state_path)
+    tmp.write_bytes(b"a worker's half-written snapshot")
+    with fs.use(_QuarantineGone(tmp)), pytest.raises(PersistenceError) as err:
+        PositionStateManager(cfg, key=KEY)
+    assert "clean up leftover temp file" in str(err.value)
+    assert tmp.exists()

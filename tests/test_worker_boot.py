@@ -38,3 +38,19 @@ def test_the_worker_is_at_nice_19_before_it_imports_anything(tmp_path: Path) -> 
     release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
     if sys.platform.startswith("linux") and release >= (6, 12) and slice_ns != "none":
         assert slice_ns == "100000"  # the shortest slice: a woken bot thread preempts it at once
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or sys.version_info < (3, 11), reason="Linux scheduling policies")
+def test_an_operators_batch_policy_stays_for_the_worker(tmp_path: Path) -> None:
+    """issue 14 (review): a bot run under SCHED_BATCH (or SCHED_IDLE) keeps that policy for its worker; the
+    boot lowers the priority, it never raises the worker to the normal policy."""
+    (tmp_path / "probe_policy.py").write_text("import os\nprint(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))\n")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(tmp_path)}
+    outer = (
+        "import os, sys\n"
+        "os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n"
+        "os.execv(sys.executable, [sys.executable, '-P', '-c', sys.argv[1], 'probe_policy'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", outer, procompaction._BOOT], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(os.SCHED_BATCH), "19"]

@@ -295,7 +295,9 @@ class ManagerCore:
                 else:
                     dest = _atomic.move_aside(tmp, self.config.quarantine_dir, label="leftover")
                     log.info("moved leftover temp file %s to %s", tmp, dest)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                if fs.exists(tmp):  # another path is missing (the quarantine's, the directory): a real failure
+                    raise PersistenceError(tmp, operation="clean up leftover temp file", cause=exc) from exc
                 log.info("leftover temp file %s was removed meanwhile (an orphaned compaction worker)", tmp)
             except OSError as exc:
                 raise PersistenceError(tmp, operation="clean up leftover temp file", cause=exc) from exc

@@ -60,9 +60,11 @@ _BOOT = """import os, runpy, sys
 try:
     os.setpriority(os.PRIO_PROCESS, 0, 19)
     import ctypes, platform, struct
-    _nr = {"x86_64": 314, "aarch64": 274}.get(platform.machine())
+    _nr = {"x86_64": 314, "aarch64": 274}.get(platform.machine()) if struct.calcsize("P") == 8 else None
+    _pol = os.sched_getscheduler(0)  # an operator's batch or idle policy stays; any other becomes the normal one
+    _pol = _pol if _pol in (os.SCHED_BATCH, os.SCHED_IDLE) else os.SCHED_OTHER
     if sys.platform.startswith("linux") and _nr:
-        _attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, 0, 0, 19, 0, 100000, 0, 0, 0, 0))
+        _attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, _pol, 0, 19, 0, 100000, 0, 0, 0, 0))
         ctypes.CDLL(None).syscall(_nr, 0, _attr, 0)
 except Exception:
     pass
