@@ -362,7 +362,6 @@ def test_a_frame_the_server_process_cannot_apply_ends_it_for_a_fresh_start(tmp_p
         "port": 0,
         "token": None,
         "options": {},
-        "niceness": 0,
     }
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with (tmp_path / "stderr").open("w+") as err:

@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from posstate.core import priority
 from posstate.core.errors import PersistenceError
 from posstate.core.version import __version__
 from posstate.journal.compactjob import MAX_MESSAGE, TEST_HOOK, Answer, CompactJob, frame
@@ -50,26 +51,9 @@ WORKER_TIMEOUT = 600.0
 #: Attempts of one job that may fail in a worker; its later attempts compact in process.
 WORKER_TRIES = 2
 _MODULE = "posstate.journal.compactjob"
-#: The worker's first statements, before it imports anything: the lowest processor share (nice 19) and, on
-#: Linux 6.12 and later, the shortest scheduler slice (0.1 ms, ``sched_setattr``; older kernels keep their
-#: default), then the module runs as ``python -m`` would run it. Traced, a bot's thread woken from its
-#: ``fdatasync`` waited 3-5 ms while a worker finished its slice: first in the worker's interpreter start
-#: and imports (about 0.1 s of processor time, at the bot's own priority before), then at nice 19 too (the
-#: scheduler lets a running task finish its slice before a woken one preempts it).
-_BOOT = """import os, runpy, sys
-try:
-    os.setpriority(os.PRIO_PROCESS, 0, 19)
-    import ctypes, platform, struct
-    _nr = {"x86_64": 314, "aarch64": 274}.get(platform.machine()) if struct.calcsize("P") == 8 else None
-    _pol = os.sched_getscheduler(0)  # an operator's batch or idle policy stays; any other becomes the normal one
-    _pol = _pol if _pol in (os.SCHED_BATCH, os.SCHED_IDLE) else os.SCHED_OTHER
-    if sys.platform.startswith("linux") and _nr:
-        _attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, _pol, 0, 19, 0, 100000, 0, 0, 0, 0))
-        ctypes.CDLL(None).syscall(_nr, 0, _attr, 0)
-except Exception:
-    pass
-runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
-"""
+#: The worker's first statements, before it imports anything: nice 19 and the shortest scheduler slice
+#: (core/priority.py says why), then the module runs as ``python -m`` would run it.
+_BOOT = priority.boot(19) + "import runpy\nrunpy.run_module(sys.argv[1], run_name='__main__', alter_sys=True)\n"
 #: The folder that holds the posstate package the manager runs: the worker imports the same code from it.
 _ROOT = Path(__file__).resolve().parents[2]
 #: Passed on to the worker when set (no key variable is: the keys go over the pipe).

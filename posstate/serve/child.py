@@ -12,7 +12,6 @@ the process exits 0.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -109,9 +108,6 @@ def main() -> int:
     if init is None:
         return 0
     source = MirrorSource(init)
-    if init.get("niceness"):
-        with contextlib.suppress(OSError):  # not permitted: serve at the bot's priority
-            os.nice(init["niceness"])
     options: dict[str, Any] = dict(init["options"])
     try:
         server = StateServer(

@@ -37,6 +37,7 @@ from typing import Any
 
 from posstate.account.store import AccountStateStore
 from posstate.account.types import AccountUpdate, Order
+from posstate.core import priority
 from posstate.core.errors import ServeError
 from posstate.manager.manager import PositionStateManager
 from posstate.serve import options as _options
@@ -158,7 +159,7 @@ class ChildServer:
         try:
             source.poll()  # the first view before anyone connects
             init = self._init_frame()
-            self._proc = spawn.spawn()
+            self._proc = spawn.spawn(priority.target_nice(self.NICENESS))
         except BaseException:
             self._stop_observing()
             source.close()
@@ -185,7 +186,7 @@ class ChildServer:
         self._pending, self._behind = memoryview(b""), False
         source = self.source
         init = {"kind": source.kind, "config": source.config, "view": self._sent, "orders": dict(self._sent.orders)}
-        return pipe.encode({**init, "stats": self._sent_stats, **self._launch, "niceness": self.NICENESS})
+        return pipe.encode({**init, "stats": self._sent_stats, **self._launch})
 
     def _handshake(self, init: bytes) -> int:
         self._fd = self._proc.stdin.fileno()  # type: ignore[union-attr]
@@ -308,7 +309,7 @@ class ChildServer:
                 with self._lock:
                     if self._stopping.is_set():
                         return False
-                    self._proc, self._restarting = spawn.spawn(), True
+                    self._proc, self._restarting = spawn.spawn(priority.target_nice(self.NICENESS)), True
                 self._handshake(self._init_frame())
                 self.restarts += 1
                 self._started = time.monotonic()

@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from posstate.core import priority
 from posstate.core.errors import ServeError
 
 #: The pipe's size asked of Linux (F_SETPIPE_SZ); the default is 64 KiB.
@@ -34,13 +35,18 @@ _FALLBACK = "serve in process with process=False"
 #: first, and a ``json.py`` or ``uvicorn.py`` someone else wrote in the bot's working directory (its state
 #: directory, say) would run in the server process. (The working directory itself stays the bot's: a
 #: StateConfig may hold relative paths.)
-COMMAND = (
-    "import sys\nif sys.path and sys.path[0] == '': del sys.path[0]\nfrom posstate.serve.child import main\nsys.exit(main())\n"
-)
+_PATH = "import sys\nif sys.path and sys.path[0] == '': del sys.path[0]\n"
+_MAIN = "from posstate.serve.child import main\nsys.exit(main())\n"
 
 
-def spawn() -> subprocess.Popen[bytes]:
-    """``python -m posstate.serve.child`` (:data:`COMMAND`) in a new session (a Ctrl-C meant for the bot's
+def command(nice: int) -> str:
+    """The server process's ``-c`` program: the working directory off sys.path, then *nice* and the shortest
+    scheduler slice (core/priority.py), before anything is imported, then the child's ``main``."""
+    return _PATH + priority.boot(nice) + _MAIN
+
+
+def spawn(nice: int) -> subprocess.Popen[bytes]:
+    """``python -m posstate.serve.child`` (:func:`command`, at *nice*) in a new session (a Ctrl-C meant for the bot's
     terminal does not stop it), with no descriptor of the bot's but its pipes, and without the key variables."""
     if getattr(sys, "frozen", False) or not sys.executable:
         # PyInstaller and the like: sys.executable is the bot itself, and `-m` would start a second bot
@@ -52,7 +58,7 @@ def spawn() -> subprocess.Popen[bytes]:
     env = child_env(os.environ, str(Path(__file__).resolve().parents[2]), _site_dirs())
     try:
         return subprocess.Popen(
-            [sys.executable, "-c", COMMAND],
+            [sys.executable, "-c", command(nice)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,

@@ -1,0 +1,59 @@
+"""The processor share of posstate's helper processes (compaction and backup-check workers, the server process):
+the bot's threads come first.
+
+Traced on a 2-core machine (issue 14): a bot's thread woken from its ``fdatasync`` waited 3-5 ms for a
+processor while a helper process finished its scheduler slice, at nice 19 as well (the scheduler lets a running
+task finish its slice before a woken one preempts it). So a helper takes a low share (its nice value) *and*, on
+Linux 6.12 and later, the shortest slice (0.1 ms, ``sched_setattr``; older kernels ignore the request and keep
+their default), from its first statement: :func:`boot` is that statement, as source code run by ``python -c``
+before anything is imported (the interpreter start and imports cost about 0.1 s of processor time).
+
+An operator's ``SCHED_BATCH`` or ``SCHED_IDLE`` policy stays; any other policy becomes the normal one (never a
+real-time one inherited from the bot). Everything is best effort: where it is not permitted or not supported,
+the helper runs at the share it inherited. Standard library only: the boot runs before posstate is importable.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["SLICE_NS", "boot", "lower", "target_nice"]
+
+#: The scheduler slice asked for (nanoseconds): the shortest Linux accepts.
+SLICE_NS = 100_000
+
+#: The one copy of the code (NICE and SLICE are set by whoever runs it). ``sched_setattr`` sets the nice value
+#: too (``sched_nice``), so both come from the one call where it works, and ``setpriority`` covers the rest.
+_CODE = """import os, sys
+try:
+    os.setpriority(os.PRIO_PROCESS, 0, max(NICE, os.getpriority(os.PRIO_PROCESS, 0)))
+    import ctypes, platform, struct
+    _nr = {"x86_64": 314, "aarch64": 274}.get(platform.machine()) if struct.calcsize("P") == 8 else None
+    _pol = os.sched_getscheduler(0)
+    _pol = _pol if _pol in (os.SCHED_BATCH, os.SCHED_IDLE) else os.SCHED_OTHER
+    if sys.platform.startswith("linux") and _nr:
+        _nice = os.getpriority(os.PRIO_PROCESS, 0)
+        _attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, _pol, 0, _nice, 0, SLICE, 0, 0, 0, 0))
+        ctypes.CDLL(None).syscall(_nr, 0, _attr, 0)
+except Exception:
+    pass
+"""
+
+
+def target_nice(added: int) -> int:
+    """The nice value *added* above this process's own (at most 19, the lowest share)."""
+    try:
+        return min(19, os.getpriority(os.PRIO_PROCESS, 0) + added)
+    except (AttributeError, OSError):  # not on a Unix
+        return min(19, added)
+
+
+def boot(nice: int) -> str:
+    """Source code that gives the process running it nice *nice* (never a higher share than it has) and the
+    shortest slice; the first statements of a helper's ``python -c``."""
+    return f"NICE, SLICE = {int(nice)}, {SLICE_NS}\n" + _CODE
+
+
+def lower(nice: int) -> None:
+    """What :func:`boot` does, for a process already running (a benchmark's clients, say)."""
+    exec(_CODE, {"NICE": int(nice), "SLICE": SLICE_NS})  # noqa: S102 - a constant of this module
