@@ -15,7 +15,9 @@ For states of 1,000 and 100,000 positions this runs, in one process:
   followers), with no state: what a group-mode call cannot go below. Each group thread pairs its calls with it.
 
 Both floors are also measured alone first, while no manager (and no background thread) exists: a paired floor's
-ratio to them shows what the machine did meanwhile.
+ratio to them shows what the machine did meanwhile. So is ``floor x4 own syncs``: the issue's floor (an append +
+``fdatasync`` per call) taken literally by 4 threads, each call syncing for itself. Group commit's floor above is
+the stricter of the two for a group row; the one-thread floor is no floor for 4 threads at all.
 
 After each row's setup the script calls ``gc.freeze()`` (``--no-gc-freeze``: not), as the README advises a bot
 holding a large state, and prints the full garbage collections that fell in each row.
@@ -202,9 +204,10 @@ def run_floor(d: Path, calls: int, record_bytes: int) -> list[float]:
     return out
 
 
-def run_group_floor(d: Path, calls: int, record_bytes: int) -> list[float]:
-    """The group floor alone: THREADS threads, *calls* group-floor calls in all."""
-    floor = GroupFloor(d / "floor-group-alone.bin", record_bytes)
+def run_group_floor(d: Path, calls: int, record_bytes: int, *, shared: bool = True) -> list[float]:
+    """The group floor alone: THREADS threads, *calls* group-floor calls in all. ``shared=False``: the
+    issue's floor taken literally by THREADS threads, each call its own append + ``fdatasync``."""
+    floor = GroupFloor(d / "floor-group-alone.bin", record_bytes) if shared else Floor(d / "floor-own-alone.bin", record_bytes)
     results: list[list[float]] = [[] for _ in range(THREADS)]
     start = threading.Barrier(THREADS)
 
@@ -290,7 +293,9 @@ def main() -> int:
             size = probe_record_bytes(root / f"probe-{n}")
             alone = stats(run_floor(root / f"probe-{n}", calls, size))
             galone = stats(run_group_floor(root / f"probe-{n}", calls, size))
+            oalone = stats(run_group_floor(root / f"probe-{n}", calls, size, shared=False))
             rows += [(n, "floor alone", alone, None), (n, f"floor x{THREADS} alone", galone, None)]
+            rows += [(n, f"floor x{THREADS} own syncs alone", oalone, None)]
             sync_paired: dict[str, dict[str, float]] = {}
             for mode in modes:
                 for how in hows:
@@ -348,13 +353,13 @@ def main() -> int:
         shutil.rmtree(root, ignore_errors=True)
     print(f"set_position tail, {calls:,} calls per row (ms; a method's ratio is to the floor paired with it call by")
     print("call, a paired floor's ratio to the same floor measured alone before any manager existed)")
-    print(f"{'positions':>10} {'method':<22} {'median':>15} {'p99':>15} {'p99.9':>15} {'max':>17}")
+    print(f"{'positions':>10} {'method':<30} {'median':>15} {'p99':>15} {'p99.9':>15} {'max':>17}")
     for n, name, st, f in rows:
         cells = []
         for k in ("median", "p99", "p99.9", "max"):
             r = f"{st[k] / f[k]:5.2f}x" if f else "      "
             cells.append(f"{st[k] * 1e3:8.3f} {r}")
-        print(f"{n:>10,} {name:<22} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>17}")
+        print(f"{n:>10,} {name:<30} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>17}")
     print(f"full garbage collections during the rows ({'gc.freeze() off' if args.no_gc_freeze else 'after gc.freeze()'}):")
     for line in collections:
         print(f"  {line}")
