@@ -133,6 +133,11 @@ class RunQueue:
             return 0.0
         return int(os.pread(self._fd, 256, 0).split()[1]) / 1e6
 
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
 def queued_report(took: list[float], queued: list[float]) -> str:
     """The run-queue wait of the writes: its p99, and its median among the slowest 1% of the writes."""
@@ -163,6 +168,7 @@ def run_writes(
         if queued is not None:
             queued.append(rq() - q0)
         done[i + 1] = time.time()
+    rq.close()
     return took, done
 
 
@@ -261,6 +267,7 @@ def paired(bot: str, calls: int, clients: int, root: Path, poll: float, process:
     finally:
         close_a()
         close_b()
+        rq.close()
     out["seen"] = statistics.mean(out.pop("_seen"))
     out["no server"] = []
     return out

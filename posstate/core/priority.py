@@ -9,8 +9,9 @@ their default), from its first statement: :func:`boot` is that statement, as sou
 before anything is imported (the interpreter start and imports cost about 0.1 s of processor time).
 
 An operator's ``SCHED_BATCH`` or ``SCHED_IDLE`` policy stays; any other policy becomes the normal one (never a
-real-time one inherited from the bot). Everything is best effort: where it is not permitted or not supported,
-the helper runs at the share it inherited. Standard library only: the boot runs before posstate is importable.
+real-time one inherited from the bot: a helper that cannot leave it ends instead). Everything else is best
+effort: where it is not permitted or not supported, the helper runs at the share it inherited. Standard library
+only: the boot runs before posstate is importable.
 """
 
 from __future__ import annotations
@@ -24,9 +25,22 @@ SLICE_NS = 100_000
 
 #: The one copy of the code (NICE and SLICE are set by whoever runs it). ``sched_setattr`` sets the nice value
 #: too (``sched_nice``), so both come from the one call where it works, and ``setpriority`` covers the rest.
+#: Each step stands alone: a refused ``setpriority`` (a container's seccomp) must not skip leaving a
+#: real-time policy, and ``sched_setscheduler`` leaves it where the raw call has no number (32-bit, riscv64,
+#: ppc64le, s390x ...). ``_stuck`` ends true only when the process is still real-time after both.
 _CODE = """import os, sys
 try:
     os.setpriority(os.PRIO_PROCESS, 0, max(NICE, os.getpriority(os.PRIO_PROCESS, 0)))
+except Exception:
+    pass
+_rt = ()
+try:
+    _rt = (os.SCHED_FIFO, os.SCHED_RR)
+    if os.sched_getscheduler(0) in _rt:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+except Exception:
+    pass
+try:
     import ctypes, platform, struct
     _nr = {"x86_64": 314, "aarch64": 274}.get(platform.machine()) if struct.calcsize("P") == 8 else None
     _pol = os.sched_getscheduler(0)
@@ -34,9 +48,22 @@ try:
     if sys.platform.startswith("linux") and _nr:
         _nice = os.getpriority(os.PRIO_PROCESS, 0)
         _attr = ctypes.create_string_buffer(struct.pack("=IIQiIQQQII", 56, _pol, 0, _nice, 0, SLICE, 0, 0, 0, 0))
-        ctypes.CDLL(None).syscall(_nr, 0, _attr, 0)
+        ctypes.CDLL(None).syscall(ctypes.c_long(_nr), ctypes.c_long(0), _attr, ctypes.c_uint(0))
 except Exception:
     pass
+try:
+    _stuck = os.sched_getscheduler(0) in _rt
+except Exception:
+    _stuck = False
+"""
+#: A helper's first statement: ``python -c`` (on Python 3.10, where ``-P`` is missing) puts the working
+#: directory first on sys.path, and a ``ctypes.py`` or ``struct.py`` someone wrote there (the bot's working
+#: directory may be its state directory) would run in the helper; never in :func:`lower` (a running process).
+_PATH = "import sys\nif sys.path and sys.path[0] == '': del sys.path[0]\n"
+#: A helper that could not leave the bot's real-time policy ends (exit 1) before it imports anything.
+_REFUSE = """if _stuck:
+    sys.exit("posstate: this helper process cannot leave the bot's real-time scheduling policy and does not run at a "
+             "real-time priority beside it; start the bot with `chrt --reset-on-fork`, or allow sched_setscheduler")
 """
 
 
@@ -49,11 +76,17 @@ def target_nice(added: int) -> int:
 
 
 def boot(nice: int) -> str:
-    """Source code that gives the process running it nice *nice* (never a higher share than it has) and the
-    shortest slice; the first statements of a helper's ``python -c``."""
-    return f"NICE, SLICE = {int(nice)}, {SLICE_NS}\n" + _CODE
+    """Source code that gives the process running it nice *nice* (never a higher share than it has), the normal
+    policy in place of a real-time one (or ends it) and the shortest slice, with the working directory off
+    sys.path first; the first statements of a helper's ``python -c``."""
+    return f"NICE, SLICE = {int(nice)}, {SLICE_NS}\n" + _PATH + _CODE + _REFUSE
 
 
-def lower(nice: int) -> None:
-    """What :func:`boot` does, for a process already running (a benchmark's clients, say)."""
-    exec(_CODE, {"NICE": int(nice), "SLICE": SLICE_NS})  # noqa: S102 - a constant of this module
+def lower(nice: int) -> bool:
+    """What :func:`boot` does, for a process already running (a benchmark's clients, say). On Linux the nice
+    value, the policy and the slice are a thread's: this sets the calling thread's, and the threads it starts
+    later inherit them; call it before starting any. False when the thread is still under a real-time policy
+    (it could not leave it)."""
+    names: dict[str, object] = {"NICE": int(nice), "SLICE": SLICE_NS}
+    exec(_CODE, names)  # noqa: S102 - a constant of this module
+    return not names["_stuck"]

@@ -52,7 +52,8 @@ WORKER_TIMEOUT = 600.0
 WORKER_TRIES = 2
 _MODULE = "posstate.journal.compactjob"
 #: The worker's first statements, before it imports anything: nice 19 and the shortest scheduler slice
-#: (core/priority.py says why), then the module runs as ``python -m`` would run it.
+#: (core/priority.py says why), then the module runs as ``python -m`` would run it. On every Python: on 3.10
+#: (no ``-P``) the boot itself drops the working directory from sys.path.
 _BOOT = priority.boot(19) + "import runpy\nrunpy.run_module(sys.argv[1], run_name='__main__', alter_sys=True)\n"
 #: The folder that holds the posstate package the manager runs: the worker imports the same code from it.
 _ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +96,8 @@ class Worker:
 
     def __init__(self, message: bytes, module: str | None = None) -> None:
         module = module or _MODULE
-        cmd = [sys.executable, "-P", "-c", _BOOT, module] if sys.version_info >= (3, 11) else [sys.executable, "-m", module]
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+        cmd = [sys.executable, *safe_path, "-c", _BOOT, module]
         self._message = message
         self.killed = False
         self.proc = subprocess.Popen(

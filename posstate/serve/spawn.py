@@ -33,16 +33,15 @@ MAX_REPLY = 64 * 1024
 _FALLBACK = "serve in process with process=False"
 #: ``python -m posstate.serve.child`` without the working directory on sys.path: ``-m`` (and ``-c``) put it
 #: first, and a ``json.py`` or ``uvicorn.py`` someone else wrote in the bot's working directory (its state
-#: directory, say) would run in the server process. (The working directory itself stays the bot's: a
-#: StateConfig may hold relative paths.)
-_PATH = "import sys\nif sys.path and sys.path[0] == '': del sys.path[0]\n"
+#: directory, say) would run in the server process; the boot (core/priority.py) drops it before anything is
+#: imported. (The working directory itself stays the bot's: a StateConfig may hold relative paths.)
 _MAIN = "from posstate.serve.child import main\nsys.exit(main())\n"
 
 
 def command(nice: int) -> str:
     """The server process's ``-c`` program: the working directory off sys.path, then *nice* and the shortest
     scheduler slice (core/priority.py), before anything is imported, then the child's ``main``."""
-    return _PATH + priority.boot(nice) + _MAIN
+    return priority.boot(nice) + _MAIN
 
 
 def spawn(nice: int) -> subprocess.Popen[bytes]:
@@ -75,10 +74,15 @@ def child_env(environ: Mapping[str, str], root: str, site_dirs: Collection[str])
     ``posstate`` (*root*) first on PYTHONPATH, so it runs the bot's code, unless *root* is a site-packages
     folder, on the path already: first on PYTHONPATH it would come before the standard library, and a stray
     ``pathlib.py`` or ``enum.py`` installed there from PyPI would replace the standard one in the server
-    process only."""
+    process only. Of the bot's PYTHONPATH only absolute folders are passed on: an empty entry (``export
+    PYTHONPATH=$PYTHONPATH:/opt/bot`` with none set) or a relative one names the working directory, the one
+    :func:`command` keeps off sys.path (a ``sitecustomize.py`` there would run before the program; 18 attack)."""
     env = {k: v for k, v in environ.items() if k not in SECRET_ENV and (k in KEPT_ENV or k.startswith("LC_"))}
+    paths = [p for p in env.pop("PYTHONPATH", "").split(os.pathsep) if os.path.isabs(p)]
     if os.path.normcase(os.path.realpath(root)) not in {os.path.normcase(os.path.realpath(d)) for d in site_dirs}:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        paths.insert(0, root)
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
