@@ -7,6 +7,8 @@ For states of 1,000 and 100,000 positions this runs, in one process:
   ``backup_interval`` (so several timed backups fall due) while 24 backups already exist;
 * group -- the same with ``durability="group"`` and 4 threads (each its own keys), every call timed in its
   own thread;
+* group x4 in blocks -- the same group calls, and its floor x4, in alternating blocks (``--rounds``, 10) rather
+  than call by call; ``--modes`` picks among sync, group and blocks (all three by default);
 * floor -- a bare append + ``fdatasync`` of as many bytes as one journal record, on an O_APPEND file on the
   same file system: what one durable change cannot go below. Each sync row is **paired** with it call by call
   (one floor call beside each ``set_position``, which goes first alternating), so the disk's phase and the
