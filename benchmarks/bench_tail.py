@@ -71,9 +71,17 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def prepare(d: Path, n: int, mode: str, backup_interval: float, compaction: str = "process") -> PositionStateManager:
+#: ``--no-background``: journal thresholds no row reaches (no compaction) and no timed backup, so the rows
+#: show the tail without any background work: the control for what that work costs the calls.
+QUIET = {"journal_max_records": 10**7, "journal_max_bytes": 1 << 30}
+
+
+def prepare(
+    d: Path, n: int, mode: str, backup_interval: float, compaction: str = "process", quiet: bool = False
+) -> PositionStateManager:
     """A state of *n* positions with 24 backups already on disk (oldest first, an hour apart)."""
-    cfg = StateConfig.in_dir(d, durability=mode, backup_interval=backup_interval, compaction=compaction)
+    extra: dict[str, Any] = dict(QUIET) if quiet else {}
+    cfg = StateConfig.in_dir(d, durability=mode, backup_interval=backup_interval, compaction=compaction, **extra)
     m = PositionStateManager(cfg, key=KEY)
     m.save_positions([position(i, 1) for i in range(n)])
     m.wait_for_backups()  # the first timed backup runs in the background: let it finish before adding ours
@@ -314,6 +322,11 @@ def main() -> int:
     )
     ap.add_argument("--rounds", type=int, default=10, help="rounds of the blocks row")
     ap.add_argument(
+        "--no-background",
+        action="store_true",
+        help="the control: no compaction and no timed backup during the rows (what background work costs the calls)",
+    )
+    ap.add_argument(
         "--no-gc-freeze",
         action="store_true",
         help="leave the state's objects to the collector (by default gc.freeze() after the setup, as docs advise a bot)",
@@ -335,6 +348,7 @@ def main() -> int:
     try:
         for n in sizes:
             interval = args.backup_interval if args.backup_interval is not None else 2.0
+            interval = 1e9 if args.no_background else interval
             # The floors alone first, while no manager (and so no background thread) exists.
             size = probe_record_bytes(root / f"probe-{n}")
             alone = stats(run_floor(root / f"probe-{n}", calls, size))
@@ -346,7 +360,7 @@ def main() -> int:
             for mode in modes:
                 for how in hows:
                     d = root / f"{mode}-{how}-{n}"
-                    m = prepare(d, n, "sync" if mode == "sync" else "group", interval, how)
+                    m = prepare(d, n, "sync" if mode == "sync" else "group", interval, how, args.no_background)
                     blocks = " in blocks" if mode == "blocks" else ""
                     name = f"sync{tag(how)}" if mode == "sync" else f"group x{THREADS}{blocks}{tag(how)}"
                     fname = "floor" if mode == "sync" else f"floor x{THREADS}"
