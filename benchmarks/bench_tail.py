@@ -326,6 +326,7 @@ def main() -> int:
         action="store_true",
         help="the control: no compaction and no timed backup during the rows (what background work costs the calls)",
     )
+    ap.add_argument("--no-compaction", action="store_true", help="journal thresholds no row reaches (timed backups go on)")
     ap.add_argument(
         "--no-gc-freeze",
         action="store_true",
@@ -360,7 +361,8 @@ def main() -> int:
             for mode in modes:
                 for how in hows:
                     d = root / f"{mode}-{how}-{n}"
-                    m = prepare(d, n, "sync" if mode == "sync" else "group", interval, how, args.no_background)
+                    quiet = args.no_background or args.no_compaction
+                    m = prepare(d, n, "sync" if mode == "sync" else "group", interval, how, quiet)
                     blocks = " in blocks" if mode == "blocks" else ""
                     name = f"sync{tag(how)}" if mode == "sync" else f"group x{THREADS}{blocks}{tag(how)}"
                     fname = "floor" if mode == "sync" else f"floor x{THREADS}"
