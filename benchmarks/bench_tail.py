@@ -199,8 +199,8 @@ def run_group_blocks(m: PositionStateManager, n: int, calls: int, floor: Floor, 
     """``group`` mode with its floor in alternating blocks, not call by call: ROUNDS rounds of a block of
     group calls (THREADS threads) and a block of floor-x4 calls (which goes first alternates). Paired call by
     call, each thread's floor call waits behind the manager's syncs in flight and the other way round (8
-    calls in flight on one disk), which raises the paired floor x4's p99.9 several times over its value
-    alone; in blocks each side has the disk to itself, and the background work of the manager goes on in both."""
+    calls in flight on one disk); in blocks the two sides' calls never overlap, while the manager's background
+    work goes on in both (``--no-background`` shows that work's share of the tail)."""
     per = max(1, calls // rounds // THREADS)
     results: list[list[float]] = [[] for _ in range(THREADS)]
     fresults: list[list[float]] = [[] for _ in range(THREADS)]
