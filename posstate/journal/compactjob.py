@@ -121,6 +121,42 @@ def _hook(step: str, path: Path | None = None) -> None:
         os._exit(0)
 
 
+class _FaultyOps(fs.FileOps):
+    """Tests only (``fault@<op>:<errno>`` in TEST_HOOK): the worker's own write, fsync or read-back of its
+    temp fails with *errno*, as a full or failing disk would make it fail."""
+
+    def __init__(self, op: str, errno: int, temp: str) -> None:
+        self.op, self.errno, self.temp = op, errno, temp
+
+    def _fail(self) -> None:
+        raise OSError(self.errno, os.strerror(self.errno))
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if self.op == "write":
+            self._fail()
+        return super().write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        if self.op == "fsync":
+            self._fail()
+        super().fsync(fd)
+
+    def read_file(self, path: fs.StrPath, limit: int | None = None, max_size: int | None = fs.DEFAULT_MAX_READ_BYTES) -> bytes:
+        if self.op == "readback" and str(path) == self.temp:
+            self._fail()
+        return super().read_file(path, limit, max_size=max_size)
+
+
+def _faults(job: CompactJob) -> contextlib.AbstractContextManager[object]:
+    """The file operations the compaction runs under: the real ones, or under TEST_HOOK ``fault@op:errno``
+    (op: write, fsync or readback) ones that fail there."""
+    action, _, at = os.environ.get(TEST_HOOK, "").partition("@")
+    if action != "fault":
+        return contextlib.nullcontext()
+    op, _, errno = at.partition(":")
+    return fs.use(_FaultyOps(op, int(errno), job.temp_path))
+
+
 def _orphaned(job: CompactJob, tmp: Path | None = None) -> None:
     """The manager died (SIGKILL): nobody will install the snapshot. Remove the temp and stop."""
     if os.getppid() != job.parent_pid:
@@ -365,7 +401,8 @@ def main() -> int:
         job = CompactJob(**raw_job)
         _yield_processor(job.nice)
         _hook("start")
-        answer = compact(job, keyring)
+        with _faults(job):
+            answer = compact(job, keyring)
         out = {"ok": True, "answer": asdict(answer)}
     except Refused as exc:
         out = {"ok": False, "refused": str(exc)}
