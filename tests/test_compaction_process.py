@@ -229,15 +229,21 @@ def test_sigkill_of_the_worker_at_each_step_is_a_failure_that_is_retried(
 ) -> None:
     """issue 14 (cause 2): a worker killed (SIGKILL) at any of its steps fails the attempt: reported as an
     ``error`` event, its temp removed, the state file untouched; the retry compacts and no record is lost."""
+    failed_attempt_then_retry(tmp_path, monkeypatch, f"kill@{step}", "code -9")
+
+
+def failed_attempt_then_retry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hook: str, match: str) -> None:
+    """One attempt fails in the worker (TEST_HOOK *hook*, the error matching *match*): an ``error`` event, no
+    temp, the state file untouched, writers going on; the next attempt compacts and no record is lost."""
     errors: list[dict[str, Any]] = []
     with make(tmp_path) as m:
         m.on("error", errors.append)
         m.save()
         before = m.path.read_bytes()
-        monkeypatch.setenv(_job.TEST_HOOK, f"kill@{step}")
+        monkeypatch.setenv(_job.TEST_HOOK, hook)
         for i in range(6):
             m.set_position(pos(f"S{i}", i + 1))
-        with pytest.raises(PosStateError, match="code -9"):
+        with pytest.raises(PosStateError, match=match):
             m.compact(wait=True)
         assert m.path.read_bytes() == before and temps(m) == []
         m.set_position(pos("S1", 77))  # writers go on while the compaction is pending

@@ -15,7 +15,7 @@ from posstate import PosStateError
 from posstate.journal import compactjob as _job
 from posstate.journal.files import next_path
 from posstate.manager import procompaction as _proc
-from tests.test_compaction_process import contracts, make, pos, temps
+from tests.test_compaction_process import contracts, failed_attempt_then_retry, make, pos, temps
 
 FAULTS = [
     pytest.param("write:28", id="ENOSPC-write"),
@@ -31,26 +31,7 @@ def test_a_fault_once_in_the_workers_file_operations_fails_the_attempt_and_the_r
     """issue 14 (faults, once): the worker's temp write, fsync or read-back failing fails the attempt (an
     ``error`` event naming the worker), its temp removed and the state file untouched; writers go on, and
     the next attempt compacts with every record."""
-    errors: list[dict[str, Any]] = []
-    with make(tmp_path) as m:
-        m.on("error", errors.append)
-        m.save()
-        before = m.path.read_bytes()
-        monkeypatch.setenv(_job.TEST_HOOK, f"fault@{fault}")
-        for i in range(6):
-            m.set_position(pos(f"S{i}", i + 1))
-        with pytest.raises(PosStateError):
-            m.compact(wait=True)
-        assert m.path.read_bytes() == before and temps(m) == []
-        m.set_position(pos("S1", 77))  # writers go on while the compaction is pending
-        monkeypatch.delenv(_job.TEST_HOOK)
-        assert m.compact(wait=True)
-        assert not next_path(m.config.journal_path).exists() and temps(m) == []
-        want = contracts(m)
-    assert want["S1"] == 77 and len(want) == 6
-    assert errors and errors[0]["context"] == "background compaction" and "worker" in errors[0]["error"]
-    with make(tmp_path) as m:
-        assert contracts(m) == want
+    failed_attempt_then_retry(tmp_path, monkeypatch, f"fault@{fault}", "worker failed")
 
 
 @pytest.mark.parametrize("fault", FAULTS)
