@@ -47,6 +47,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from runqueue import RunQueue, queued_report
+
 from posstate import AccountStateStore, Position, PositionStateManager, StateConfig
 from posstate.core import priority
 
@@ -116,34 +118,6 @@ def start_clients(url: str, n: int, last: int) -> subprocess.Popen[str]:
 # ------------------------------------------------------------------------------------------ bots
 #: Writes per second (0: as fast as the writer goes). A bot writes at the exchange's pace, not in a loop.
 RATE = 200.0
-
-
-class RunQueue:
-    """Milliseconds the calling thread has waited for a processor so far (Linux ``/proc/thread-self/schedstat``,
-    its second field; 0.0 where there is none): the part of a slow write spent runnable but not running."""
-
-    def __init__(self) -> None:
-        try:
-            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        except OSError:
-            self._fd = None
-
-    def __call__(self) -> float:
-        if self._fd is None:
-            return 0.0
-        return int(os.pread(self._fd, 256, 0).split()[1]) / 1e6
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def queued_report(took: list[float], queued: list[float]) -> str:
-    """The run-queue wait of the writes: its p99, and its median among the slowest 1% of the writes."""
-    cut = pct(took, 0.99)
-    slow = [q for q, t in zip(queued, took, strict=True) if t >= cut]
-    return f"waited for a processor: p99 {pct(queued, 0.99):.3f} ms, slowest 1% of writes median {statistics.median(slow):.3f} ms"
 
 
 def run_writes(

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_journal import pct, position  # the same positions and percentiles as the journal benchmark
+from runqueue import RunQueue, queued_report
 
 from posstate import PositionStateManager, StateConfig
 from posstate.backup import backups as _backups
@@ -151,51 +152,94 @@ class GroupFloor(Floor):
 
 
 def timed_pairs(
-    ups: list[Any], set_position: Callable[[Any], object], floor: Floor | None, out: list[float], fout: list[float]
+    ups: list[Any],
+    set_position: Callable[[Any], object],
+    floor: Floor | None,
+    out: list[float],
+    fout: list[float],
+    waits: Waits | None = None,
 ) -> None:
     """Time each ``set_position`` and, when *floor* is given, one floor call beside it: the two alternate call
     by call (which goes first alternates too), so both see the same phase of the disk and the same background
-    work. The disk's ``fdatasync`` changes phase within seconds; rows measured one after another do not."""
+    work. The disk's ``fdatasync`` changes phase within seconds; rows measured one after another do not.
+    With *waits*, each call's run-queue wait (ms, read outside the timed call) goes to its list, in order."""
     clock = time.perf_counter
+    rq = RunQueue() if waits is not None else None
+
+    def floor_call() -> None:
+        q0 = rq() if rq else 0.0
+        t0 = clock()
+        floor.call()  # type: ignore[union-attr]
+        fout.append(clock() - t0)
+        if rq and waits is not None:
+            waits.floor.append(rq() - q0)
+
     for j, p in enumerate(ups):
         if floor is not None and j % 2 == 0:
-            t0 = clock()
-            floor.call()
-            fout.append(clock() - t0)
+            floor_call()
+        q0 = rq() if rq else 0.0
         t0 = clock()
         set_position(p)
         out.append(clock() - t0)
+        if rq and waits is not None:
+            waits.method.append(rq() - q0)
         if floor is not None and j % 2 == 1:
-            t0 = clock()
-            floor.call()
-            fout.append(clock() - t0)
+            floor_call()
+    if rq:
+        rq.close()
 
 
-def run_sync(m: PositionStateManager, n: int, calls: int, floor: Floor | None = None) -> tuple[list[float], list[float]]:
+class Waits:
+    """The run-queue waits (ms) of a row's calls and of its floor's, in the order of their timings."""
+
+    def __init__(self) -> None:
+        self.method: list[float] = []
+        self.floor: list[float] = []
+
+    @classmethod
+    def joined(cls, parts: list[Waits]) -> Waits:
+        out = cls()
+        for w in parts:
+            out.method += w.method
+            out.floor += w.floor
+        return out
+
+
+def run_sync(
+    m: PositionStateManager, n: int, calls: int, floor: Floor | None = None, waits: Waits | None = None
+) -> tuple[list[float], list[float]]:
     ups = [position(i % n, 2 + i // n) for i in range(calls)]
     out: list[float] = []
     fout: list[float] = []
-    timed_pairs(ups, m.set_position, floor, out, fout)
+    timed_pairs(ups, m.set_position, floor, out, fout, waits)
     return out, fout
 
 
-def run_group(m: PositionStateManager, n: int, calls: int, floor: Floor | None = None) -> tuple[list[float], list[float]]:
+def run_group(
+    m: PositionStateManager, n: int, calls: int, floor: Floor | None = None, waits: Waits | None = None
+) -> tuple[list[float], list[float]]:
     per = calls // THREADS
     results: list[list[float]] = [[] for _ in range(THREADS)]
     fresults: list[list[float]] = [[] for _ in range(THREADS)]
+    parts = [Waits() for _ in range(THREADS)]
     start = threading.Barrier(THREADS)
 
     def worker(t: int) -> None:
         keys = [i for i in range(n) if i % THREADS == t]
         ups = [position(keys[j % len(keys)], 2 + j // len(keys)) for j in range(per)]
         start.wait()
-        timed_pairs(ups, m.set_position, floor, results[t], fresults[t])
+        timed_pairs(ups, m.set_position, floor, results[t], fresults[t], parts[t] if waits is not None else None)
 
     run_threads(worker)
+    if waits is not None:
+        joined = Waits.joined(parts)
+        waits.method, waits.floor = joined.method, joined.floor
     return [x for r in results for x in r], [x for r in fresults for x in r]
 
 
-def run_group_blocks(m: PositionStateManager, n: int, calls: int, floor: Floor, rounds: int) -> tuple[list[float], list[float]]:
+def run_group_blocks(
+    m: PositionStateManager, n: int, calls: int, floor: Floor, rounds: int, waits: Waits | None = None
+) -> tuple[list[float], list[float]]:
     """``group`` mode with its floor in alternating blocks, not call by call: ROUNDS rounds of a block of
     group calls (THREADS threads) and a block of floor-x4 calls (which goes first alternates). Paired call by
     call, each thread's floor call waits behind the manager's syncs in flight and the other way round (8
@@ -205,6 +249,7 @@ def run_group_blocks(m: PositionStateManager, n: int, calls: int, floor: Floor, 
     results: list[list[float]] = [[] for _ in range(THREADS)]
     fresults: list[list[float]] = [[] for _ in range(THREADS)]
     done = [0] * THREADS
+    mparts, fparts = [Waits() for _ in range(THREADS)], [Waits() for _ in range(THREADS)]
     # Every thread's changes are built here, before any block: built after a block's barrier (O(n) per thread
     # at 100,000 positions, some 6 ms holding the interpreter lock), they delayed the calls of the threads
     # already timing, on the manager's side only.
@@ -223,14 +268,17 @@ def run_group_blocks(m: PositionStateManager, n: int, calls: int, floor: Floor, 
     def manager_block(t: int, k: int) -> None:
         ups = planned[t][done[t] : done[t] + k]
         done[t] += k
-        timed_pairs(ups, m.set_position, None, results[t], [])
+        timed_pairs(ups, m.set_position, None, results[t], [], mparts[t] if waits is not None else None)
 
     def floor_block(t: int, k: int) -> None:
-        timed_pairs([None] * k, lambda _: floor.call(), None, fresults[t], [])
+        timed_pairs([None] * k, lambda _: floor.call(), None, fresults[t], [], fparts[t] if waits is not None else None)
 
     for r in range(rounds):
         for fn in (manager_block, floor_block) if r % 2 == 0 else (floor_block, manager_block):
             block(fn)
+    if waits is not None:  # a floor block's calls are timed as "method" calls of timed_pairs
+        waits.method = Waits.joined(mparts).method
+        waits.floor = Waits.joined(fparts).method
     return [x for r in results for x in r], [x for r in fresults for x in r]
 
 
@@ -346,6 +394,7 @@ def main() -> int:
     rows: list[tuple[int, str, dict[str, float], dict[str, float] | None]] = []
     targets: list[tuple[str, bool]] = []
     collections: list[str] = []
+    waited: list[str] = []  # the run-queue wait of each row's calls (what part of a slow call was the scheduler)
     try:
         for n in sizes:
             interval = args.backup_interval if args.backup_interval is not None else 2.0
@@ -368,15 +417,16 @@ def main() -> int:
                     fname = "floor" if mode == "sync" else f"floor x{THREADS}"
                     floor = (Floor if mode == "sync" else GroupFloor)(root / f"probe-{n}" / f"floor-{mode}-{how}.bin", size)
                     full = FullCollections()
+                    waits = Waits()
                     if not args.no_gc_freeze:  # what the README advises a bot holding a large state
                         gc.collect()
                         gc.freeze()
                     gc.callbacks.append(full)
                     try:
                         if mode == "blocks":
-                            vals, fvals = run_group_blocks(m, n, calls, floor, max(1, args.rounds))
+                            vals, fvals = run_group_blocks(m, n, calls, floor, max(1, args.rounds), waits)
                         else:
-                            vals, fvals = (run_sync if mode == "sync" else run_group)(m, n, calls, floor)
+                            vals, fvals = (run_sync if mode == "sync" else run_group)(m, n, calls, floor, waits)
                     finally:
                         gc.callbacks.remove(full)
                         gc.unfreeze()
@@ -386,6 +436,10 @@ def main() -> int:
                     collections.append(f"{name} @ {n:,}: {full.count} full collection(s), longest {full.longest * 1e3:.1f} ms")
                     st, fst = stats(vals), stats(fvals)
                     pname = f"  {fname}, {'blocks' if blocks else 'paired'}"
+                    for who, took, queued in ((name, vals, waits.method), (pname.strip(), fvals, waits.floor)):
+                        if queued:
+                            report = queued_report([t * 1e3 for t in took], queued, 0.001, "calls")
+                            waited.append(f"{who} @ {n:,}: {report}")
                     rows += [(n, name, st, fst), (n, pname, fst, alone if mode == "sync" else galone)]
                     if mode == "sync":
                         sync_paired[how] = fst
@@ -428,6 +482,9 @@ def main() -> int:
         print(f"{n:>10,} {name:<30} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>17}")
     print(f"full garbage collections during the rows ({'gc.freeze() off' if args.no_gc_freeze else 'after gc.freeze()'}):")
     for line in collections:
+        print(f"  {line}")
+    print("run-queue wait (/proc/thread-self/schedstat: how long the slowest calls were runnable but not running):")
+    for line in waited:
         print(f"  {line}")
     print("targets (issue 14; against the floor of the same row: paired call by call, or in blocks for a blocks row):")
     for text, ok in targets:

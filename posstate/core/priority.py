@@ -6,7 +6,9 @@ processor while a helper process finished its scheduler slice, at nice 19 as wel
 task finish its slice before a woken one preempts it). So a helper takes a low share (its nice value) *and*, on
 Linux 6.12 and later, the shortest slice (0.1 ms, ``sched_setattr``; older kernels ignore the request and keep
 their default), from its first statement: :func:`boot` is that statement, as source code run by ``python -c``
-before anything is imported (the interpreter start and imports cost about 0.1 s of processor time).
+before anything is imported (the interpreter start and imports cost about 0.1 s of processor time), and
+:func:`start_lowered` starts the helper from a thread that already has that share, so the interpreter's own
+start (before its first statement) runs at it too.
 
 An operator's ``SCHED_BATCH`` or ``SCHED_IDLE`` policy stays; any other policy becomes the normal one (never a
 real-time one inherited from the bot: a helper that cannot leave it ends instead). Everything else is best
@@ -16,9 +18,17 @@ only: the boot runs before posstate is importable.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["SLICE_NS", "boot", "lower", "target_nice"]
+__all__ = ["SLICE_NS", "boot", "lower", "start_lowered", "target_nice"]
+
+_P = TypeVar("_P", bound="subprocess.Popen[Any]")
 
 #: The scheduler slice asked for (nanoseconds): the shortest Linux accepts.
 SLICE_NS = 100_000
@@ -90,3 +100,48 @@ def lower(nice: int) -> bool:
     names: dict[str, object] = {"NICE": int(nice), "SLICE": SLICE_NS}
     exec(_CODE, names)  # noqa: S102 - a constant of this module
     return not names["_stuck"]
+
+
+def start_lowered(nice: int, start: Callable[[], _P]) -> _P:
+    """``start()`` (which starts a helper process, its ``Popen``) run on a short-lived thread that first took nice *nice*, the
+    normal policy and the shortest slice (:func:`lower`), and its result; what it raises is raised here. When
+    the wait for it is interrupted (a ``KeyboardInterrupt`` on the main thread), the start is waited for
+    anyway and the process it started killed and reaped: no helper is left running unowned.
+
+    On Linux these are the calling thread's and a child inherits its parent thread's, so the helper's
+    interpreter start, ``site`` and ``.pth`` imports run at the low share too, not only what follows its boot:
+    traced at 100,000 positions (issue 14), about a seventh of the run-queue wait of the slowest ``"sync"``
+    calls was spent behind workers still at the bot's priority, before their boot. The caller's own thread
+    keeps its share. Elsewhere (``setpriority`` is a whole process's there) and where no thread can be started
+    (interpreter shutdown), ``start()`` runs on the calling thread and the helper lowers itself in its boot."""
+    if not sys.platform.startswith("linux"):
+        return start()
+    value: list[_P] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            lower(nice)
+            value.append(start())
+        except BaseException as exc:  # handed to the caller's thread and raised there
+            error.append(exc)
+
+    thread = threading.Thread(target=run, name="posstate-start-helper", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+        return start()
+    try:
+        thread.join()
+    except BaseException:
+        while thread.is_alive():  # a start takes milliseconds: see it through, then undo it
+            with contextlib.suppress(BaseException):
+                thread.join()
+        for proc in value:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+        raise
+    if error:
+        raise error[0]
+    return value[0]

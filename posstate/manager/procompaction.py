@@ -100,14 +100,19 @@ class Worker:
         cmd = [sys.executable, *safe_path, "-c", _BOOT, module]
         self._message = message
         self.killed = False
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=_env(),
-            cwd=str(_ROOT),
-            close_fds=True,
+        env = _env()
+        # Started from a thread already at nice 19 (core/priority.py): the interpreter's start runs low too.
+        self.proc = priority.start_lowered(
+            19,
+            lambda: subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=str(_ROOT),
+                close_fds=True,
+            ),
         )
 
     def result(self, timeout: float) -> dict[str, Any]:

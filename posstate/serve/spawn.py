@@ -56,13 +56,16 @@ def spawn(nice: int) -> subprocess.Popen[bytes]:
         )
     env = child_env(os.environ, str(Path(__file__).resolve().parents[2]), _site_dirs())
     try:
-        return subprocess.Popen(
-            [sys.executable, "-c", command(nice)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-            start_new_session=True,
-            env=env,
+        return priority.start_lowered(  # from a thread at *nice*: the interpreter's start runs low too
+            nice,
+            lambda: subprocess.Popen(
+                [sys.executable, "-c", command(nice)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+                start_new_session=True,
+                env=env,
+            ),
         )
     except OSError as exc:
         raise ServeError(f"cannot start the server process ({exc.strerror or exc})", next_step=_FALLBACK) from None
