@@ -56,7 +56,7 @@ def spawn(nice: int) -> subprocess.Popen[bytes]:
         )
     env = child_env(os.environ, str(Path(__file__).resolve().parents[2]), _site_dirs())
     try:
-        return priority.start_lowered(  # from a thread at *nice*: the interpreter's start runs low too
+        return priority.start_lowered(  # at *nice* once started: the interpreter's start runs low too
             nice,
             lambda: subprocess.Popen(
                 [sys.executable, "-c", command(nice)],
