@@ -56,3 +56,96 @@ def test_a_ctrl_c_while_the_helper_is_lowered_leaves_no_helper_running(monkeypat
     with pytest.raises(KeyboardInterrupt):
         priority.start_lowered(19, start)
     assert len(started) == 1 and started[0].returncode == -signal.SIGKILL
+
+
+def _first_statement_policy(policy: int) -> tuple[int, int]:
+    """The policy a helper started (``start_lowered(19, ...)``) by a thread under *policy*, pinned to one
+    processor, has at its first statement, and its nice value once started; skipped where that policy is not
+    permitted."""
+    probe = (
+        "import os, sys\nprint(os.sched_getscheduler(0), flush=True)\nsys.stdin.readline()\n"
+        "print(os.getpriority(os.PRIO_PROCESS, 0))\n"
+    )
+    box: list[object] = []
+
+    def run() -> None:
+        try:
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+            os.sched_setscheduler(0, policy, os.sched_param(1))
+        except PermissionError as exc:
+            box.append(exc)
+            return
+        try:
+            proc = priority.start_lowered(
+                19,
+                lambda: subprocess.Popen(
+                    [sys.executable, "-S", "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                ),
+            )
+            box.append(proc.communicate("\n", timeout=60)[0])
+            box.append(os.sched_getscheduler(0))
+        except BaseException as exc:
+            box.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if isinstance(box[0], PermissionError):
+        pytest.skip("setting a real-time policy is not permitted here (needs CAP_SYS_NICE or RLIMIT_RTPRIO)")
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    assert box[1] == policy  # the caller keeps its own policy
+    got, nice = str(box[0]).split()
+    return int(got), int(nice)
+
+
+@pytest.mark.parametrize("policy", ["SCHED_FIFO", "SCHED_RR"])
+def test_a_real_time_caller_starts_the_helper_under_the_normal_policy(policy: str) -> None:
+    """issue 14 attack: a bot thread under a real-time policy (pinned to one processor) starting a helper: the
+    helper's interpreter start runs under the normal policy, not the bot's (a real-time helper there kept an
+    equal-priority bot thread off the processor until its first statement lowered it), at nice 19 once
+    started, and the caller keeps its policy."""
+    assert _first_statement_policy(getattr(os, policy)) == (os.SCHED_OTHER, 19)
+
+
+@pytest.mark.parametrize("where", ["thread start", "wait"])
+def test_a_ctrl_c_during_a_real_time_callers_start_leaves_no_helper_running(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """issue 14 attack: a ``KeyboardInterrupt`` while a real-time caller's start thread is being started (its
+    ``start()`` waits for the thread to run: before, the thread then started the helper and nobody owned it)
+    or waited for: the thread kills and reaps the helper it starts, and the interrupt goes on at once."""
+    started: list[subprocess.Popen[bytes]] = []
+    go = threading.Event()
+
+    def start() -> subprocess.Popen[bytes]:
+        go.wait(timeout=60)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _WAIT], stdin=subprocess.PIPE, start_new_session=True)
+        started.append(proc)
+        return proc
+
+    real_start, real_wait = threading.Thread.start, threading.Event.wait
+    threads: list[threading.Thread] = []
+    starting = [False]
+
+    def recording_start(self: threading.Thread) -> None:
+        threads.append(self)
+        starting[0] = True
+        try:
+            real_start(self)
+        finally:
+            starting[0] = False
+        if where == "thread start":
+            raise KeyboardInterrupt
+
+    def interrupted_wait(self: threading.Event, timeout: float | None = None) -> bool:
+        if where == "wait" and self is not go and not starting[0]:
+            raise KeyboardInterrupt
+        return real_wait(self, timeout)
+
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", recording_start)
+        m.setattr(threading.Event, "wait", interrupted_wait)
+        with pytest.raises(KeyboardInterrupt):
+            priority._off_real_time(start)
+    go.set()
+    threads[0].join(timeout=60)
+    assert len(started) == 1 and started[0].returncode == -signal.SIGKILL

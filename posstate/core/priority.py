@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -113,13 +114,77 @@ def start_lowered(nice: int, start: Callable[[], _P]) -> _P:
     the vforked child's ``exec`` included, and a nice-19 thread that a busy machine preempts there keeps every
     thread of the bot waiting for that lock (measured, one processor shared with a busy process: stalls of
     155-175 ms of the bot's thread against 8 ms with the start at the caller's share). The instants between
-    the child's ``exec`` and the return of ``Popen`` run at the caller's share."""
-    proc = start()
+    the child's ``exec`` and the return of ``Popen`` run at the caller's share. A caller under a real-time
+    policy (``SCHED_FIFO``, ``SCHED_RR``) starts it from a short-lived thread that left that policy first (at
+    the caller's nice): a helper started real-time kept an equal-priority bot thread off its processor until
+    its boot ran (issue 14 attack); where no thread can start, from the calling thread."""
+    proc = _off_real_time(start) if _real_time() else start()
     try:
         if proc.pid > 0:  # never 0 (that would lower the caller's own thread for good)
             lower(nice, proc.pid)
     except BaseException:
-        with proc, contextlib.suppress(OSError):  # its pipes closed, and reaped
-            proc.kill()
+        _discard(proc)
         raise
     return proc
+
+
+def _real_time() -> bool:
+    """The calling thread is under a real-time policy."""
+    try:
+        return os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR)
+    except (AttributeError, OSError):  # not on Linux
+        return False
+
+
+def _off_real_time(start: Callable[[], _P]) -> _P:
+    """``start()`` on a short-lived thread under the normal policy (the calling thread's nice); an interrupt of
+    the caller (``KeyboardInterrupt`` at any point, the thread's start included) leaves the thread to kill and
+    reap what it starts (it is not a daemon: the interpreter's exit waits for it)."""
+    lock = threading.Lock()
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            proc = start()
+        except BaseException as exc:  # handed to the caller's thread and raised there
+            box["error"] = exc
+        else:
+            with lock:
+                box["proc"] = proc
+                gone = "abandoned" in box
+            if gone:
+                _discard(proc)
+        finally:
+            done.set()
+
+    def abandon() -> None:
+        with lock:
+            box["abandoned"] = True
+            proc = box.get("proc")
+        if proc is not None:
+            _discard(proc)
+
+    thread = threading.Thread(target=run, name="posstate-start-helper")
+    try:
+        thread.start()
+    except RuntimeError:  # no thread to be had (interpreter shutdown, a thread limit): at the caller's policy
+        return start()
+    except BaseException:
+        abandon()
+        raise
+    try:
+        done.wait()
+    except BaseException:
+        abandon()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["proc"]  # type: ignore[no-any-return]
+
+
+def _discard(proc: subprocess.Popen[Any]) -> None:
+    with proc, contextlib.suppress(OSError):  # its pipes closed, and reaped
+        proc.kill()
