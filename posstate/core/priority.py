@@ -19,10 +19,12 @@ only: the boot runs before posstate is importable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import threading
 from collections.abc import Callable
+from types import CodeType
 from typing import Any, TypeVar
 
 __all__ = ["SLICE_NS", "boot", "lower", "start_lowered", "target_nice"]
@@ -77,6 +79,13 @@ _REFUSE = """if _stuck:
 """
 
 
+@functools.cache
+def _compiled() -> CodeType:
+    """:data:`_CODE` compiled once: compiling it took 0.23 ms of the 0.35 ms a helper ran at the bot's share
+    between its ``exec`` and :func:`start_lowered` lowering it."""
+    return compile(_CODE, "<posstate.core.priority>", "exec")
+
+
 def target_nice(added: int) -> int:
     """The nice value *added* above this process's own (at most 19, the lowest share)."""
     try:
@@ -98,7 +107,7 @@ def lower(nice: int, pid: int = 0) -> bool:
     thread's (a *pid* names its main thread): the threads it starts later inherit them; call it before starting
     any. False when the thread is still under a real-time policy (it could not leave it)."""
     names: dict[str, object] = {"NICE": int(nice), "SLICE": SLICE_NS, "PID": int(pid)}
-    exec(_CODE, names)  # noqa: S102 - a constant of this module
+    exec(_compiled(), names)  # noqa: S102 - a constant of this module
     return not names["_stuck"]
 
 
