@@ -149,3 +149,52 @@ def test_a_ctrl_c_during_a_real_time_callers_start_leaves_no_helper_running(monk
     go.set()
     threads[0].join(timeout=60)
     assert len(started) == 1 and started[0].returncode == -signal.SIGKILL
+
+
+def _autogroup(pid: int | str) -> tuple[str, int] | None:
+    """(group, nice) of /proc/<pid>/autogroup: ``/autogroup-N nice K``; None without autogroup scheduling."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            group, _, nice = f.read().split()
+    except (OSError, ValueError):
+        return None
+    return group, int(nice)
+
+
+def test_the_server_process_in_its_own_session_yields_as_a_group_too() -> None:
+    """issue 18 attack (14): with autogroup scheduling (``CONFIG_SCHED_AUTOGROUP``, on by default in many
+    distributions) the server process's new session is a scheduling group of its own at nice 0, competing
+    with the bot's whole group as an equal whatever its own nice value (measured, one processor: a nice-19
+    busy child in a new session took 0.50 s of 1 s from a nice-0 bot, 0.01 s in the bot's session). Its group
+    now takes the server process's nice value."""
+    from posstate.serve import spawn
+
+    mine = _autogroup("self")
+    if mine is None:
+        pytest.skip("this kernel schedules without autogroups (no /proc/self/autogroup)")
+    nice = priority.target_nice(10)
+    server = spawn.spawn(nice)
+    try:
+        group = _autogroup(server.pid)
+        assert group is not None and group[0] != mine[0]  # a group of its own: its session's
+        assert group[1] == max(nice, mine[1])
+    finally:
+        server.kill()
+        server.communicate(timeout=60)
+
+
+def test_the_group_nice_never_lowers_the_bots_own_group() -> None:
+    """issue 18 attack (14): a process in the bot's own session (its scheduling group) keeps that group's nice
+    value: lowering it would lower the bot (and its terminal's other processes) with it."""
+    from posstate.serve import spawn
+
+    mine = _autogroup("self")
+    if mine is None:
+        pytest.skip("this kernel schedules without autogroups (no /proc/self/autogroup)")
+    proc = subprocess.Popen([sys.executable, "-S", "-c", _WAIT], stdin=subprocess.PIPE)
+    try:
+        spawn.group_nice(proc.pid, 19)
+        assert _autogroup(proc.pid) == mine
+        assert _autogroup("self") == mine
+    finally:
+        proc.communicate(b"\n", timeout=60)
