@@ -86,6 +86,14 @@ def _compiled() -> CodeType:
     return compile(_CODE, "<posstate.core.priority>", "exec")
 
 
+# What lower() imports and compiles, paid at import (about 2 ms) rather than by the first helper's start, on a
+# thread of the bot holding the interpreter lock (issue 14 attack: 2.8 ms for the first lower() of a pid).
+with contextlib.suppress(ImportError):
+    import ctypes  # noqa: F401
+    import platform  # noqa: F401
+_compiled()
+
+
 def target_nice(added: int) -> int:
     """The nice value *added* above this process's own (at most 19, the lowest share)."""
     try:
