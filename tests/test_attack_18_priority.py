@@ -137,6 +137,8 @@ def test_on_python_3_10_the_worker_boots_too(monkeypatch: pytest.MonkeyPatch) ->
     seen: list[list[str]] = []
 
     class _Popen:
+        pid = 0  # no process: nothing to lower
+
         def __init__(self, cmd: list[str], **kwargs: Any) -> None:
             seen.append(cmd)
 

@@ -90,7 +90,7 @@ def test_every_thread_of_the_server_process_runs_at_nice_10_with_the_shortest_sl
 
 
 _PROBE = (
-    "import os\nprint(os.getpriority(os.PRIO_PROCESS, 0))\n"
+    "import os, sys\nsys.stdin.readline()\nprint(os.getpriority(os.PRIO_PROCESS, 0))\n"
     "p = '/proc/thread-self/sched'\n"
     "lines = open(p).readlines() if os.path.exists(p) else []\n"
     "print(next((l.split(':')[1].strip() for l in lines if l.startswith('se.slice')), 'none'))\n"
@@ -98,15 +98,16 @@ _PROBE = (
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's nice value is Linux's")
-def test_a_helper_started_lowered_has_the_low_share_from_its_first_instruction() -> None:
-    """issue 14: ``start_lowered`` starts the process from a thread already at the low share, so even a
-    program that never lowers itself (no boot) runs at it from its first instruction (the interpreter's start,
-    ``site``), and the caller's own thread keeps its share."""
+def test_a_helper_started_lowered_has_the_low_share_once_started() -> None:
+    """issue 14: ``start_lowered`` gives the process the low share as soon as ``Popen`` returns, so even a
+    program that never lowers itself (no boot) runs its interpreter start and ``site`` at it (this one waits
+    for a line first: what it prints is its share once the call returned), and the caller keeps its share."""
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     proc = priority.start_lowered(
-        19, lambda: subprocess.Popen([sys.executable, "-S", "-c", _PROBE], stdout=subprocess.PIPE, text=True)
+        19,
+        lambda: subprocess.Popen([sys.executable, "-S", "-c", _PROBE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True),
     )
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate("\n", timeout=60)
     nice, slice_ns = out.split()
     assert nice == "19"
     if LINUX_6_12 and slice_ns != "none":
@@ -125,82 +126,26 @@ def test_start_lowered_raises_what_the_start_raised_on_the_callers_thread() -> N
         priority.start_lowered(19, start)
 
 
-def test_start_lowered_runs_on_the_calling_thread_where_no_thread_can_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    """issue 14: at interpreter shutdown (no new thread) or off Linux (where ``setpriority`` would lower the
-    whole bot), the start runs on the calling thread, unlowered: the helper's boot still lowers it."""
-    import threading
-
-    mine = os.getpriority(os.PRIO_PROCESS, 0)
-    caller = threading.get_ident()
-
-    def refuse(self: threading.Thread) -> None:
-        raise RuntimeError("can't create new thread at interpreter shutdown")
-
-    ran_on: list[int] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        ran_on.append(threading.get_ident())
-        return subprocess.Popen([sys.executable, "-c", ""])
-
-    with monkeypatch.context() as m:
-        m.setattr(threading.Thread, "start", refuse)
-        priority.start_lowered(19, start).wait(timeout=60)
-    with monkeypatch.context() as m:
-        m.setattr(sys, "platform", "darwin")
-        priority.start_lowered(19, start).wait(timeout=60)
-    assert ran_on == [caller, caller]
-    assert os.getpriority(os.PRIO_PROCESS, 0) == mine
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's nice value is Linux's")
-def test_the_compaction_worker_and_the_server_process_are_started_from_a_lowered_thread(
+def test_the_compaction_worker_and_the_server_process_are_lowered_as_they_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """issue 14: the compaction (and backup-check) worker is started by a thread at nice 19 and the server
-    process by one at the bot's nice + 10: what the child inherits before its first instruction (traced: a
-    worker's interpreter start at the bot's priority made the bot's thread wait for a processor)."""
+    """issue 14: the compaction (and backup-check) worker is given nice 19 and the server process the bot's
+    nice + 10 by ``start_lowered`` as soon as each is started, before their boot (traced: a worker's
+    interpreter start at the bot's priority made the bot's thread wait for a processor)."""
     from posstate.manager import procompaction
 
-    real = subprocess.Popen
-    seen: list[int] = []
+    real = priority.lower
+    seen: list[tuple[int, int]] = []
 
-    def recording(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
-        seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # the starting thread's: what the child inherits
-        return real(*args, **kwargs)  # type: ignore[call-overload, no-any-return]
+    def recording(nice: int, pid: int = 0) -> bool:
+        seen.append((nice, pid))
+        return real(nice, pid)
 
-    monkeypatch.setattr(subprocess, "Popen", recording)
+    monkeypatch.setattr(priority, "lower", recording)
     worker = procompaction.Worker(b"", module="posstate.core.version")
     worker.kill()
     worker.proc.communicate(timeout=60)
     server = spawn.spawn(priority.target_nice(10))
     server.kill()
     server.communicate(timeout=60)
-    assert seen == [19, priority.target_nice(10)]
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the thread start is Linux's")
-def test_an_interrupted_start_leaves_no_helper_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    """issue 14: a Ctrl-C (``KeyboardInterrupt``) while ``serve()`` waits for the start of its server process:
-    the process the start thread still created is killed and reaped, never left running unowned (it is in a
-    session of its own: the terminal's Ctrl-C never reaches it)."""
-    import signal
-    import threading
-
-    started: list[subprocess.Popen[bytes]] = []
-    real_join = threading.Thread.join
-
-    def interrupted(self: threading.Thread, timeout: float | None = None) -> None:
-        real_join(self, timeout)
-        if self.name == "posstate-start-helper" and not started[1:]:
-            started.append(started[0])  # interrupt once
-            raise KeyboardInterrupt
-
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-        started.append(proc)
-        return proc
-
-    monkeypatch.setattr(threading.Thread, "join", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        priority.start_lowered(19, start)
-    assert started[0].returncode == -signal.SIGKILL
+    assert seen == [(19, worker.proc.pid), (priority.target_nice(10), server.pid)]

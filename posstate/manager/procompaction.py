@@ -101,7 +101,7 @@ class Worker:
         self._message = message
         self.killed = False
         env = _env()
-        # Started from a thread already at nice 19 (core/priority.py): the interpreter's start runs low too.
+        # Given nice 19 as soon as it is started (core/priority.py): the interpreter's start runs low too.
         self.proc = priority.start_lowered(
             19,
             lambda: subprocess.Popen(
