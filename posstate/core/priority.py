@@ -123,8 +123,8 @@ def start_lowered(nice: int, start: Callable[[], _P]) -> _P:
     """``start()`` (which starts a helper process, its ``Popen``) on the calling thread, then the helper given
     nice *nice*, the normal policy and the shortest slice (:func:`lower` of its pid) at once, from outside:
     its interpreter start, ``site`` and ``.pth`` imports run at the low share, not only what follows its boot
-    (traced at 100,000 positions, issue 14: about a seventh of the run-queue wait of the slowest ``"sync"``
-    calls was spent behind workers still at the bot's priority, before their boot). What ``start()`` raises is
+    (traced at 100,000 positions, issue 14: 6 ms of the 65 ms the slowest ``"sync"`` calls waited for a
+    processor were spent behind workers still at the bot's priority, before their boot). What ``start()`` raises is
     raised here; an interrupt (``KeyboardInterrupt``) after the start kills and reaps the helper first.
 
     Never from a thread lowered first (issue 14 attack): ``Popen`` holds the bot's interpreter lock throughout,
