@@ -14,11 +14,12 @@ calls into:
   script also prints how long that worker waited for the processor and what ran meanwhile;
 * asleep otherwise (a lock, the interpreter lock).
 
-Needs Linux, root and tracefs (``/sys/kernel/tracing``); it enables the events it needs, and turns them off
-and empties the buffer at the end. Tracing adds a little to every call: compare runs of this script with each
-other (``--no-background``: the control with no compaction and no timed backup), not with bench_tail's figures.
+Needs Linux, root and tracefs (``/sys/kernel/tracing``); it enables the events it needs, and at the end turns
+them off, empties the buffer and gives back the buffer's size and ``tracing_on`` as they were. Tracing adds
+a little to every call: compare runs of this script with each other (``--no-background``: the control with
+no compaction and no timed backup), not with bench_tail's figures.
 
-Run: ``sudo PYTHONPATH=. python benchmarks/trace_tail.py`` (``--positions``, ``--calls``, ``--share``).
+Run: ``sudo PYTHONPATH=. .venv/bin/python benchmarks/trace_tail.py`` (``--positions``, ``--calls``, ``--share``).
 """
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ def record(positions: int, calls: int, background: bool) -> tuple[list[Event], i
     """Run the sync row with every call between two trace markers; the events, and the bot thread's id."""
     root = Path(tempfile.mkdtemp(prefix="posstate-trace-", dir=os.environ.get("TMPDIR")))
     me = threading.get_native_id()
+    buffer_kb = ""
     try:
         m = bt.prepare(root / "s", positions, "sync", 2.0 if background else 1e9, "process", not background)
         ups = [position(i % positions, 2 + i // positions) for i in range(calls)]
         gc.collect()
         gc.freeze()
         marker = os.open(TRACING / "trace_marker", os.O_WRONLY)
+        buffer_kb = (TRACING / "buffer_size_kb").read_text().split()[0]  # given back at the end
+        was_on = (TRACING / "tracing_on").read_text().strip()
         write("trace", "")
         write("buffer_size_kb", "262144")
         write("options/record-tgid", "1")
@@ -96,6 +100,9 @@ def record(positions: int, calls: int, background: bool) -> tuple[list[Event], i
     finally:
         write("trace", "")
         write("options/record-tgid", "0")
+        if buffer_kb:
+            write("buffer_size_kb", buffer_kb)  # 256 MiB a processor is not left allocated
+            write("tracing_on", was_on)
         gc.unfreeze()
         shutil.rmtree(root, ignore_errors=True)
     events = [Event(m) for m in map(_LINE.match, text.splitlines()) if m]
