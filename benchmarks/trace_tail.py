@@ -7,7 +7,7 @@ calls into:
 
 * running -- the bot's thread on a processor;
 * runnable -- woken, waiting for a processor, and what held the processors then (a compaction or check worker,
-  the bot's other threads, a kernel thread, an idle processor slow to wake);
+  the bot's other threads (by name), a kernel thread, an idle processor slow to wake);
 * asleep, own request in flight -- its record's write on the disk;
 * asleep in ``fdatasync``, no request in flight -- waiting for the disk's cache flush to be *issued*: the block
   layer issues it from a per-processor kernel worker (kblockd), which must get that processor first. The
@@ -39,6 +39,17 @@ import bench_tail as bt
 from bench_journal import position
 
 TRACING = Path("/sys/kernel/tracing")
+#: The Python name of each thread this process started (its native id -> name): a trace names only ids.
+THREAD_NAMES: dict[int, str] = {}
+_run = threading.Thread.run
+
+
+def _named_run(self: threading.Thread) -> None:
+    THREAD_NAMES[threading.get_native_id()] = self.name
+    _run(self)
+
+
+threading.Thread.run = _named_run  # type: ignore[method-assign]  # a benchmark's own process only
 EVENTS = ("sched/sched_switch", "sched/sched_wakeup", "block/block_rq_issue", "block/block_rq_complete")
 SYSCALLS = ("raw_syscalls/sys_enter", "raw_syscalls/sys_exit")  # filtered to the bot's thread
 _LINE = re.compile(r"\s*(.+?)-(\d+)\s+\(\s*([\d-]+)\)\s+\[(\d+)\].*?\s(\d+\.\d+): (\w+): (.*)")
@@ -113,7 +124,7 @@ def who(pid: int, prio: int, bot: int, tgids: dict[int, int]) -> str:
     if pid == 0:
         return "an idle processor"
     if tgids.get(pid) == bot:
-        return "the bot's other threads"
+        return "the bot's thread " + THREAD_NAMES.get(pid, "(not started by Python)")[:32]
     return f"another process at prio {prio} ({'a worker, nice 19' if prio == 139 else 'nice ' + str(prio - 120)})"
 
 
@@ -224,7 +235,7 @@ def analyse(events: list[Event], me: int, share: float) -> None:
             " when the bot's thread became runnable, shared among them):"
         )
         for k, t in most(behind):
-            print(f"    {k:<46} {t * 1e3:8.1f} ms")
+            print(f"    {k:<52} {t * 1e3:8.1f} ms")
     if flush_wait:
         flush_wait.sort()
         print(
@@ -233,7 +244,7 @@ def analyse(events: list[Event], me: int, share: float) -> None:
             f"max {flush_wait[-1] * 1e3:.3f} ms"
         )
         for k, t in most(flush_behind):
-            print(f"    behind {k:<39} {t * 1e3:8.1f} ms")
+            print(f"    behind {k:<45} {t * 1e3:8.1f} ms")
 
 
 def main() -> int:
