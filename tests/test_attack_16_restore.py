@@ -197,3 +197,30 @@ def test_a_chain_of_huge_ranges_is_refused_before_it_is_downloaded(
     with pytest.raises(CorruptStateError, match="more than a journal"):
         restore_into(tmp_path / "b", url, None, key)
     assert not [k for k in fetched if k.startswith("journal/")]
+
+
+def test_restore_at_the_generation_right_before_a_gap_succeeds(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3: `--at` the generation of the last record before a gap restores it (the gap's records come
+    later); before, it failed whenever the deleted range was the very next one (a CI run: the shipper had sent
+    the record before the save on its own, which moved the test above's victim one range earlier)."""
+    url = f"file://{tmp_path}/rep"
+    with PositionStateManager(rcfg(tmp_path / "a", url, replica_batch_bytes=1), key=key) as m:
+        m.set_position(pos("S0/USDT"))
+        assert m.flush_replica(30)  # this record shipped on its own, before the save: always the same ranges
+        m.save()
+        for i in range(4):
+            m.set_position(pos(f"R0-{i}/USDT"))
+            assert m.flush_replica(30)  # one range per record
+    c = client(url)
+    snaps, ranges, _ = _names.split(o.key for o in c.list())
+    gen = snaps[-1].generation
+    after = [r for r in ranges if r.journal_id == ranges[-1].journal_id]  # the newest snapshot's segment
+    assert len(after) == 4
+    c.delete([after[1].key])  # the range right after the first record past the snapshot (generation gen + 1)
+    cfg, result = restore_into(tmp_path / "b", url, None, key, at_generation=gen + 1)
+    assert result.generation == gen + 1
+    with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=key) as r:
+        assert {"S0/USDT", "R0-0/USDT"} <= set(held(r)) and "R0-1/USDT" not in held(r)
+    with pytest.raises(CorruptStateError, match="missing"):
+        restore_into(tmp_path / "c", url, None, key, at_generation=gen + 2)
+    assert not (tmp_path / "c" / "positions.json").exists()

@@ -213,6 +213,13 @@ def _cut(
     return data, kept, True
 
 
+def _reaches(records: list[tuple[jf.RawRecord, list[Any]]], at_generation: int | None) -> bool:
+    """The last of *records* makes exactly generation *at_generation*."""
+    if at_generation is None or not records:
+        return False
+    return max((int(op.json["rev"]) for op in records[-1][1]), default=0) == at_generation
+
+
 def choose(
     client: ReplicaClient, snaps: list[_names.Snapshot], *, at_generation: int | None, at_time: datetime | None
 ) -> _names.Snapshot:
@@ -300,7 +307,9 @@ def restore(
     kept = nkept = 0
     jbytes, kept, whole = _cut(jbytes, records, at_generation, at_time)
     if whole:
-        if gap is not None:  # --at a point the chain does not reach before its gap
+        # --at a point the chain does not reach before its gap. A chain whose last record is that very
+        # generation does reach it: what the gap holds comes later (generations only grow).
+        if gap is not None and not _reaches(records, at_generation):
             raise _gap_error(client, snap, gap)
         nbytes, nkept, _ = _cut(nbytes, nrecords, at_generation, at_time)
     fs.ensure_dir(config.state_dir)
