@@ -105,9 +105,10 @@ def _beyond(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_name
 
 
 def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> str | None:
-    """Why the chain of the snapshot's journal ends early (None: it does not): a range of that journal by a
-    writer no older than the chain's last one lies beyond its end, so one at the chain's end is missing
-    (deleted from the bucket, or not listed yet). Superseded ranges of older sessions are not a gap."""
+    """Why the chain ends early (None: it does not): a range of its journal by a writer no older than its last
+    one lies beyond its end, so one there is missing. Superseded ranges of older sessions are not a gap."""
+    if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0))) is not None:
+        return f"journal range at byte {skipped.start:016x} missing: a newer writer rewrote from there ({skipped.key})"
     end, _, after = _beyond(ranges, snap, chain, jid)
     if not after:
         return None
@@ -219,9 +220,8 @@ def _cut(
 
 
 def _reaches(records: list[tuple[jf.RawRecord, list[Any]]], at_generation: int | None, beyond: Any) -> bool:
-    """The last of *records* makes exactly generation *at_generation*, and every range past the gap (*beyond*,
-    from :func:`_beyond`) is the chain's last writer's: the missing ones continue its records. A newer writer
-    may have rewritten the journal from an offset the chain passed (session 10 attack)."""
+    """The last of *records* makes exactly generation *at_generation*, and every range past the gap (*beyond*) is
+    the chain's last writer's, so the missing ones continue its records (not a newer writer's rewrite)."""
     if at_generation is None or not records or any(r.writer != beyond[1] for r in beyond[2]):
         return False
     return max((int(op.json["rev"]) for op in records[-1][1]), default=0) == at_generation
@@ -243,7 +243,7 @@ def choose(
     if not cands:
         raise StateNotFoundError(
             client.url,
-            what="snapshot in the replica" + (" at or before that point" if at_generation or at_time else ""),
+            what="snapshot in the replica" + (" at or before that point" if at_generation is not None or at_time else ""),
             next_step="list what the replica holds with `posstate replica list`",
         )
     newest = max(s.order[0] for s in cands)  # the newest fencing epoch, then its newest generation
@@ -289,6 +289,7 @@ def restore(
     chain = journal_chain(ranges, snap, loaded)
     jid = (loaded.state.journal or {}).get("id")
     gap = gap_after(ranges, snap, chain, jid)
+    skipped = _names.rewritten(ranges, chain, floor=(snap.epoch, 0))  # a newer writer's history, its first range gone
     if gap is not None and at_generation is None and at_time is None:
         raise _gap_error(client, snap, gap)
     listed = sum(sizes.get(r.key, 0) for r in chain)
@@ -314,9 +315,9 @@ def restore(
     used = 1 + len(chain) + len(seg)
     kept = nkept = 0
     jbytes, kept, whole = _cut(jbytes, records, at_generation, at_time)
+    if skipped is not None and len(jbytes) > skipped.start:  # --at past where the newer writer's history began
+        raise _gap_error(client, snap, str(gap))
     if whole:
-        # --at a point the chain does not reach before its gap. A chain whose last record is that very
-        # generation does reach it: what the gap holds comes later (generations only grow).
         if gap is not None and not _reaches(records, at_generation, _beyond(ranges, snap, chain, jid)):
             raise _gap_error(client, snap, gap)
         nbytes, nkept, _ = _cut(nbytes, nrecords, at_generation, at_time)
