@@ -79,3 +79,42 @@ def test_restore_at_generation_0_names_the_point_in_its_error(tmp_path: Path, ke
         assert m.flush_replica(30)
     with pytest.raises(StateNotFoundError, match="at or before that point"):
         restore_into(tmp_path / "b", url, None, key, at_generation=0)
+
+
+def test_a_newer_sessions_range_renamed_to_the_older_session_never_restores_the_older_history(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: as above, and the newer session's later range renamed (same bytes) under the older
+    session's name: a range of the chain's own writer whose bytes differ from the chain's there is another
+    history; the restore refuses, with and without `--at`."""
+    import dataclasses
+
+    from posstate.journal import format as jf
+
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url, replica_batch_bytes=1)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+        data = cfg.journal_path.read_bytes()
+        cut = jf.scan(data, jf.parse_header(data)).good_end
+        for i in range(3):
+            m.set_position(pos(f"LOST{i}/USDT"))
+            assert m.flush_replica(30)
+    with cfg.journal_path.open("r+b") as fh:
+        fh.truncate(cut)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("B/USDT"))
+        gen = m.generation
+        assert m.flush_replica(30)
+        m.set_position(pos("C/USDT"))
+        assert m.flush_replica(30)
+    c = client(url)
+    _, ranges, _ = _names.split(o.key for o in c.list())
+    old, new = sorted((r for r in ranges if r.start == cut), key=lambda r: r.writer)
+    later = next(r for r in ranges if r.start == new.end and r.writer == new.writer)
+    c.put(dataclasses.replace(later, session=old.session).key, c.get(later.key))
+    c.delete([new.key, later.key])
+    with pytest.raises(CorruptStateError, match=r"missing|other bytes|another history"):
+        restore_into(tmp_path / "b", url, None, key)
+    with pytest.raises(CorruptStateError, match=r"missing|other bytes|another history"):
+        restore_into(tmp_path / "c", url, None, key, at_generation=gen)
+    assert not (tmp_path / "b" / "positions.json").exists() and not (tmp_path / "c" / "positions.json").exists()

@@ -289,7 +289,6 @@ def restore(
     chain = journal_chain(ranges, snap, loaded)
     jid = (loaded.state.journal or {}).get("id")
     gap = gap_after(ranges, snap, chain, jid)
-    skipped = _names.rewritten(ranges, chain, floor=(snap.epoch, 0))  # a newer writer's history, its first range gone
     if gap is not None and at_generation is None and at_time is None:
         raise _gap_error(client, snap, gap)
     listed = sum(sizes.get(r.key, 0) for r in chain)
@@ -300,6 +299,8 @@ def restore(
             next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
         )
     jbytes, records = load_journal(client, chain, loaded, options)
+    if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0), data=jbytes)) is not None and gap is None:
+        raise _gap_error(client, snap, f"journal range {skipped.key} holds other bytes than the chain there")
     seg = following_chain(client, ranges, snap, loaded, jbytes, sizes) if gap is None else []
     if newer is not None:
         rest = [r for r in ranges if r.journal_id not in {s.journal_id for s in seg}]
@@ -316,7 +317,7 @@ def restore(
     kept = nkept = 0
     jbytes, kept, whole = _cut(jbytes, records, at_generation, at_time)
     if skipped is not None and len(jbytes) > skipped.start:  # --at past where the newer writer's history began
-        raise _gap_error(client, snap, str(gap))
+        raise _gap_error(client, snap, f"journal range {skipped.key}: another history from there (its first range missing)")
     if whole:
         if gap is not None and not _reaches(records, at_generation, _beyond(ranges, snap, chain, jid)):
             raise _gap_error(client, snap, gap)
