@@ -118,3 +118,42 @@ def test_a_newer_sessions_range_renamed_to_the_older_session_never_restores_the_
     with pytest.raises(CorruptStateError, match=r"missing|other bytes|another history"):
         restore_into(tmp_path / "c", url, None, key, at_generation=gen)
     assert not (tmp_path / "b" / "positions.json").exists() and not (tmp_path / "c" / "positions.json").exists()
+
+
+def test_a_renamed_range_across_the_chains_end_never_lets_at_restore_the_older_record(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 attack: the newer session's range that starts inside the chain's last range and ends past it,
+    renamed under the chain's own writer (its bytes cannot be compared there): `--at` the generation of the
+    chain's last record refuses instead of restoring the record the newer session replaced."""
+    import dataclasses
+
+    from posstate.journal import format as jf
+
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url, replica_batch_bytes=1)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+        data = cfg.journal_path.read_bytes()
+        cut = jf.scan(data, jf.parse_header(data)).good_end
+        m.set_position(pos("LOST" + "X" * 60 + "/USDT"))
+        assert m.flush_replica(30)
+    with cfg.journal_path.open("r+b") as fh:
+        fh.truncate(cut)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("B/USDT"))
+        gen = m.generation
+        assert m.flush_replica(30)
+        m.set_position(pos("C" * 100 + "/USDT"))
+        assert m.flush_replica(30)
+    c = client(url)
+    _, ranges, _ = _names.split(o.key for o in c.list())
+    old, new = sorted((r for r in ranges if r.start == cut), key=lambda r: r.writer)
+    later = next(r for r in ranges if r.start == new.end and r.writer == new.writer)
+    assert new.end < old.end < later.end
+    c.put(dataclasses.replace(later, session=old.session).key, c.get(later.key))
+    c.delete([new.key, later.key])
+    with pytest.raises(CorruptStateError, match="missing"):
+        restore_into(tmp_path / "b", url, None, key)
+    with pytest.raises(CorruptStateError, match="missing"):
+        restore_into(tmp_path / "c", url, None, key, at_generation=gen)
+    assert not (tmp_path / "c" / "positions.json").exists()

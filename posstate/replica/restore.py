@@ -221,8 +221,8 @@ def _cut(
 
 def _reaches(records: list[tuple[jf.RawRecord, list[Any]]], at_generation: int | None, beyond: Any) -> bool:
     """The last of *records* makes exactly generation *at_generation*, and every range past the gap (*beyond*) is
-    the chain's last writer's, so the missing ones continue its records (not a newer writer's rewrite)."""
-    if at_generation is None or not records or any(r.writer != beyond[1] for r in beyond[2]):
+    the chain's last writer's and starts past its end, so the missing ones continue its records."""
+    if at_generation is None or not records or any(r.writer != beyond[1] or r.start < beyond[0] for r in beyond[2]):
         return False
     return max((int(op.json["rev"]) for op in records[-1][1]), default=0) == at_generation
 
