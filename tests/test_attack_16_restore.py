@@ -235,3 +235,43 @@ def test_restore_at_the_generation_right_before_a_gap_succeeds(tmp_path: Path, k
     with pytest.raises(CorruptStateError, match="missing"):
         restore_into(tmp_path / "c", url, None, key, at_generation=gen + 2)
     assert not (tmp_path / "c" / "positions.json").exists()
+
+
+def test_restore_at_the_boundary_never_uses_an_older_history_when_the_newer_ones_range_is_deleted(
+    tmp_path: Path, key: bytes
+) -> None:
+    """issue 16.3 attack (session 10): an older session's range at an offset a newer session rewrote (the local
+    record lost after shipping) is used once the newer one's range there is deleted; `--at` that generation must
+    not restore the older history's record as if it were the state at that generation."""
+    from posstate.journal import format as jf
+
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url, replica_batch_bytes=1)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+        data = cfg.journal_path.read_bytes()
+        cut = jf.scan(data, jf.parse_header(data)).good_end
+        m.set_position(pos("LOST/USDT"))
+        assert m.flush_replica(30)
+    with cfg.journal_path.open("r+b") as fh:  # the last record never reached the disk (or a restore --at before it)
+        fh.truncate(cut)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("B/USDT"))  # the same generation as LOST, another record
+        gen = m.generation
+        assert m.flush_replica(30)
+        m.set_position(pos("C" * 100 + "/USDT"))
+        assert m.flush_replica(30)
+    c = client(url)
+    _, ranges, _ = _names.split(o.key for o in c.list())
+    at_cut = sorted((r for r in ranges if r.start == cut), key=lambda r: r.writer)
+    assert len(at_cut) == 2 and at_cut[0].writer < at_cut[1].writer
+    c.delete([at_cut[1].key])  # the newer session's record at that offset
+    try:
+        restored, _ = restore_into(tmp_path / "b", url, None, key, at_generation=gen)
+    except CorruptStateError as exc:
+        assert "missing" in str(exc)
+        assert not (tmp_path / "b" / "positions.json").exists()
+        return
+    with PositionStateManager(StateConfig.in_dir(restored.state_dir), key=key) as r:
+        assert "LOST/USDT" not in held(r), "restored a record the newer session replaced"

@@ -180,7 +180,7 @@ def _iso(when: datetime | None) -> str | None:
 def _parse_at(at: str | None) -> tuple[int | None, datetime | None]:
     if at is None:
         return None, None
-    if at.isdigit():
+    if at.isascii() and at.isdigit() and len(at) <= 20:  # a name holds 20 digits; int() refuses "²" and 4,301
         return int(at), None
     try:
         when = datetime.fromisoformat(at.replace("Z", "+00:00"))

@@ -159,3 +159,32 @@ def chain(ranges: Sequence[Range], journal_id: str, *, floor: tuple[int, int] = 
         # copy never hides the ranges its original's writer shipped after it.
         low = min(r.writer for r in cands if r.end == best.end and r.digest == best.digest)
         off = best.end
+
+
+def rewritten(
+    ranges: Sequence[Range], used: Sequence[Range], *, floor: tuple[int, int] = (0, 0), data: bytes | None = None
+) -> Range | None:
+    """The first range (lowest offset) of the journal of *used* (a :func:`chain`) that a newer writer than the
+    chain's range holding its start shipped there, not a copy of a chain range: that writer rewrote the journal
+    from there (records the older one shipped were lost locally, or a restore --at came before them), so the
+    chain past its start is an older history, not the replica's newest (the range that began it is missing).
+    With *data* (the chain's bytes), also a range of the chain's own writer there whose bytes differ from
+    them (another history renamed under that writer's name)."""
+    if not used:
+        return None
+    same = {(r.start, r.end, r.digest) for r in used}
+    found = [
+        r
+        for r in ranges
+        if r.journal_id == used[0].journal_id
+        and r.base_generation == used[0].base_generation
+        and r.writer >= floor
+        and (r.start, r.end, r.digest) not in same
+        and any(u.start <= r.start < u.end and (r.writer > u.writer or _differs(r, u, data)) for u in used)
+    ]
+    return min(found, key=lambda r: r.start, default=None)
+
+
+def _differs(r: Range, u: Range, data: bytes | None) -> bool:
+    """*r*, of *u*'s writer, holds other bytes than the chain's *data* there."""
+    return data is not None and r.writer == u.writer and r.end <= len(data) and digest(data[r.start : r.end]) != r.digest

@@ -86,15 +86,12 @@ def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _st
     return [r for r in _names.chain(ranges, str(jid), floor=(snap.epoch, 0)) if r.base_generation == snap.generation]
 
 
-def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> str | None:
-    """Why the chain of the snapshot's journal ends early (None: it does not): a range of that journal by a
-    writer no older than the chain's last one lies beyond its end, so one at the chain's end is missing
-    (deleted from the bucket, or not listed yet). Superseded ranges of older sessions are not a gap."""
-    if not jid:
-        return None
+def _beyond(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> Any:
+    """The chain's end, the oldest writer of its last range's bytes, and its journal's ranges by a writer no
+    older than that one that end beyond it."""
     end = chain[-1].end if chain else 0
     low = (snap.epoch, 0)
-    if chain:  # the oldest writer of the last range's bytes (a copy under a higher name hides nothing)
+    if jid and chain:  # the oldest writer of the last range's bytes (a copy under a higher name hides nothing)
         last = chain[-1]
         low = min(
             r.writer
@@ -104,6 +101,15 @@ def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_na
     after = [
         r for r in ranges if r.journal_id == jid and r.base_generation == snap.generation and r.writer >= low and r.end > end
     ]
+    return end, low, (after if jid else [])
+
+
+def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> str | None:
+    """Why the chain ends early (None: it does not): a range of its journal by a writer no older than its last
+    one lies beyond its end, so one there is missing. Superseded ranges of older sessions are not a gap."""
+    if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0))) is not None:
+        return f"journal range at byte {skipped.start:016x} missing: a newer writer rewrote from there ({skipped.key})"
+    end, _, after = _beyond(ranges, snap, chain, jid)
     if not after:
         return None
     return f"journal range at byte {end:016x} missing: the replica holds later ranges ({after[0].key}) but none starting there"
@@ -213,9 +219,10 @@ def _cut(
     return data, kept, True
 
 
-def _reaches(records: list[tuple[jf.RawRecord, list[Any]]], at_generation: int | None) -> bool:
-    """The last of *records* makes exactly generation *at_generation*."""
-    if at_generation is None or not records:
+def _reaches(records: list[tuple[jf.RawRecord, list[Any]]], at_generation: int | None, beyond: Any) -> bool:
+    """The last of *records* makes exactly generation *at_generation*, and every range past the gap (*beyond*) is
+    the chain's last writer's and starts past its end, so the missing ones continue its records."""
+    if at_generation is None or not records or any(r.writer != beyond[1] or r.start < beyond[0] for r in beyond[2]):
         return False
     return max((int(op.json["rev"]) for op in records[-1][1]), default=0) == at_generation
 
@@ -236,7 +243,7 @@ def choose(
     if not cands:
         raise StateNotFoundError(
             client.url,
-            what="snapshot in the replica" + (" at or before that point" if at_generation or at_time else ""),
+            what="snapshot in the replica" + (" at or before that point" if at_generation is not None or at_time else ""),
             next_step="list what the replica holds with `posstate replica list`",
         )
     newest = max(s.order[0] for s in cands)  # the newest fencing epoch, then its newest generation
@@ -280,7 +287,8 @@ def restore(
     newer = newer_than(ranges, snap) if at_generation is None and at_time is None else None
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
-    gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
+    jid = (loaded.state.journal or {}).get("id")
+    gap = gap_after(ranges, snap, chain, jid)
     if gap is not None and at_generation is None and at_time is None:
         raise _gap_error(client, snap, gap)
     listed = sum(sizes.get(r.key, 0) for r in chain)
@@ -291,6 +299,8 @@ def restore(
             next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
         )
     jbytes, records = load_journal(client, chain, loaded, options)
+    if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0), data=jbytes)) is not None and gap is None:
+        raise _gap_error(client, snap, f"journal range {skipped.key} holds other bytes than the chain there")
     seg = following_chain(client, ranges, snap, loaded, jbytes, sizes) if gap is None else []
     if newer is not None:
         rest = [r for r in ranges if r.journal_id not in {s.journal_id for s in seg}]
@@ -306,10 +316,10 @@ def restore(
     used = 1 + len(chain) + len(seg)
     kept = nkept = 0
     jbytes, kept, whole = _cut(jbytes, records, at_generation, at_time)
+    if skipped is not None and len(jbytes) > skipped.start:  # --at past where the newer writer's history began
+        raise _gap_error(client, snap, f"journal range {skipped.key}: another history from there (its first range missing)")
     if whole:
-        # --at a point the chain does not reach before its gap. A chain whose last record is that very
-        # generation does reach it: what the gap holds comes later (generations only grow).
-        if gap is not None and not _reaches(records, at_generation):
+        if gap is not None and not _reaches(records, at_generation, _beyond(ranges, snap, chain, jid)):
             raise _gap_error(client, snap, gap)
         nbytes, nkept, _ = _cut(nbytes, nrecords, at_generation, at_time)
     fs.ensure_dir(config.state_dir)
