@@ -63,3 +63,29 @@ class Events:
     def names(self) -> list[str]:
         with self._cond:
             return [n for n, _ in self.seen]
+
+
+def two_histories(cfg: StateConfig, key: bytes, lost: list[str], new: list[str]) -> tuple[int, int]:
+    """Two histories of one journal from one offset: A/USDT, then *lost*, shipped one range per record; the local
+    journal cut back before *lost* (those records never reached the disk after shipping, or a restore --at came
+    before them); a second session writes *new* from there, one range per record. Returns the offset cut at and
+    the generation of *new*'s first record (that of *lost*'s first too)."""
+    from posstate.journal import format as jf
+
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+        data = cfg.journal_path.read_bytes()
+        cut = jf.scan(data, jf.parse_header(data)).good_end
+        for symbol in lost:
+            m.set_position(pos(symbol))
+            assert m.flush_replica(30)
+    with cfg.journal_path.open("r+b") as fh:
+        fh.truncate(cut)
+    generations = []
+    with PositionStateManager(cfg, key=key) as m:
+        for symbol in new:
+            m.set_position(pos(symbol))
+            generations.append(m.generation)
+            assert m.flush_replica(30)
+    return cut, generations[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from replica_util import client, held, options, pos, rcfg, restore_into
+from replica_util import client, held, options, pos, rcfg, restore_into, two_histories
 
 from posstate import CorruptStateError, PositionStateManager, StateConfig
 from posstate.replica import names as _names
@@ -16,26 +16,9 @@ from posstate.replica.restore import verify
 def test_a_deleted_range_of_a_newer_session_never_restores_the_older_sessions_history(tmp_path: Path, key: bytes) -> None:
     """issue 16.3 attack: the newer session's range at the offset it rewrote deleted, its later range listed (and
     ending before the older history's end): the restore refuses or gives the newer history, never the older one."""
-    from posstate.journal import format as jf
-
     url = f"file://{tmp_path}/rep"
     cfg = rcfg(tmp_path / "a", url, replica_batch_bytes=1)
-    with PositionStateManager(cfg, key=key) as m:
-        m.set_position(pos("A/USDT"))
-        assert m.flush_replica(30)
-        data = cfg.journal_path.read_bytes()
-        cut = jf.scan(data, jf.parse_header(data)).good_end
-        for i in range(3):
-            m.set_position(pos(f"LOST{i}/USDT"))
-            assert m.flush_replica(30)
-    with cfg.journal_path.open("r+b") as fh:  # the records never reached the disk (or a restore --at before them)
-        fh.truncate(cut)
-    with PositionStateManager(cfg, key=key) as m:
-        m.set_position(pos("B/USDT"))
-        gen = m.generation  # LOST0's generation too
-        assert m.flush_replica(30)
-        m.set_position(pos("C/USDT"))
-        assert m.flush_replica(30)
+    cut, gen = two_histories(cfg, key, [f"LOST{i}/USDT" for i in range(3)], ["B/USDT", "C/USDT"])
     c = client(url)
     _, ranges, _ = _names.split(o.key for o in c.list())
     at_cut = sorted((r for r in ranges if r.start == cut), key=lambda r: r.writer)
@@ -87,26 +70,9 @@ def test_a_newer_sessions_range_renamed_to_the_older_session_never_restores_the_
     history; the restore refuses, with and without `--at`."""
     import dataclasses
 
-    from posstate.journal import format as jf
-
     url = f"file://{tmp_path}/rep"
     cfg = rcfg(tmp_path / "a", url, replica_batch_bytes=1)
-    with PositionStateManager(cfg, key=key) as m:
-        m.set_position(pos("A/USDT"))
-        assert m.flush_replica(30)
-        data = cfg.journal_path.read_bytes()
-        cut = jf.scan(data, jf.parse_header(data)).good_end
-        for i in range(3):
-            m.set_position(pos(f"LOST{i}/USDT"))
-            assert m.flush_replica(30)
-    with cfg.journal_path.open("r+b") as fh:
-        fh.truncate(cut)
-    with PositionStateManager(cfg, key=key) as m:
-        m.set_position(pos("B/USDT"))
-        gen = m.generation
-        assert m.flush_replica(30)
-        m.set_position(pos("C/USDT"))
-        assert m.flush_replica(30)
+    cut, gen = two_histories(cfg, key, [f"LOST{i}/USDT" for i in range(3)], ["B/USDT", "C/USDT"])
     c = client(url)
     _, ranges, _ = _names.split(o.key for o in c.list())
     old, new = sorted((r for r in ranges if r.start == cut), key=lambda r: r.writer)
@@ -126,25 +92,9 @@ def test_a_renamed_range_across_the_chains_end_never_lets_at_restore_the_older_r
     chain's last record refuses instead of restoring the record the newer session replaced."""
     import dataclasses
 
-    from posstate.journal import format as jf
-
     url = f"file://{tmp_path}/rep"
     cfg = rcfg(tmp_path / "a", url, replica_batch_bytes=1)
-    with PositionStateManager(cfg, key=key) as m:
-        m.set_position(pos("A/USDT"))
-        assert m.flush_replica(30)
-        data = cfg.journal_path.read_bytes()
-        cut = jf.scan(data, jf.parse_header(data)).good_end
-        m.set_position(pos("LOST" + "X" * 60 + "/USDT"))
-        assert m.flush_replica(30)
-    with cfg.journal_path.open("r+b") as fh:
-        fh.truncate(cut)
-    with PositionStateManager(cfg, key=key) as m:
-        m.set_position(pos("B/USDT"))
-        gen = m.generation
-        assert m.flush_replica(30)
-        m.set_position(pos("C" * 100 + "/USDT"))
-        assert m.flush_replica(30)
+    cut, gen = two_histories(cfg, key, ["LOST" + "X" * 60 + "/USDT"], ["B/USDT", "C" * 100 + "/USDT"])
     c = client(url)
     _, ranges, _ = _names.split(o.key for o in c.list())
     old, new = sorted((r for r in ranges if r.start == cut), key=lambda r: r.writer)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from replica_util import client, held, pos, rcfg, restore_into
+from replica_util import client, held, pos, rcfg, restore_into, two_histories
 
 from posstate import CorruptStateError, PositionStateManager, StateConfig
 from posstate.replica import names as _names
@@ -243,25 +243,10 @@ def test_restore_at_the_boundary_never_uses_an_older_history_when_the_newer_ones
     """issue 16.3 attack (session 10): an older session's range at an offset a newer session rewrote (the local
     record lost after shipping) is used once the newer one's range there is deleted; `--at` that generation must
     not restore the older history's record as if it were the state at that generation."""
-    from posstate.journal import format as jf
-
     url = f"file://{tmp_path}/rep"
     cfg = rcfg(tmp_path / "a", url, replica_batch_bytes=1)
-    with PositionStateManager(cfg, key=key) as m:
-        m.set_position(pos("A/USDT"))
-        assert m.flush_replica(30)
-        data = cfg.journal_path.read_bytes()
-        cut = jf.scan(data, jf.parse_header(data)).good_end
-        m.set_position(pos("LOST/USDT"))
-        assert m.flush_replica(30)
-    with cfg.journal_path.open("r+b") as fh:  # the last record never reached the disk (or a restore --at before it)
-        fh.truncate(cut)
-    with PositionStateManager(cfg, key=key) as m:
-        m.set_position(pos("B/USDT"))  # the same generation as LOST, another record
-        gen = m.generation
-        assert m.flush_replica(30)
-        m.set_position(pos("C" * 100 + "/USDT"))
-        assert m.flush_replica(30)
+    # LOST never reached the local disk (or a restore --at came before it); B has its generation, another record
+    cut, gen = two_histories(cfg, key, ["LOST/USDT"], ["B/USDT", "C" * 100 + "/USDT"])
     c = client(url)
     _, ranges, _ = _names.split(o.key for o in c.list())
     at_cut = sorted((r for r in ranges if r.start == cut), key=lambda r: r.writer)
