@@ -1,0 +1,109 @@
+"""``replica verify``: read and check every object of a replica, like ``restic check --read-data``.
+
+Each snapshot is decrypted, the chain of its journal ranges and the segment after it (issue 14) replayed with
+the key, each other range checked against its digest. A snapshot's chain is checked with the functions the
+restore uses (:mod:`posstate.replica.restore`), so whatever makes ``replica restore`` refuse a chain is a
+not-ok row here, naming the object and what to do: a gap in the chain, a range of the chain's own writer with
+other bytes than the chain (another history renamed under its name), or, for the snapshot a restore would pick,
+journals newer than it (its successor deleted). Not replayed here: the records onto the snapshot (a restore
+reads back the directory it wrote).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posstate.core.errors import PosStateError
+from posstate.replica import names as _names
+from posstate.replica import restore as _restore
+from posstate.replica.client import ReplicaClient
+from posstate.storage import statefile as _statefile
+
+Row = dict[str, Any]
+
+
+class _Checker:
+    """One verify run over one listing: the rows so far and the ranges already reported."""
+
+    def __init__(self, client: ReplicaClient, options: _statefile.ReadOptions) -> None:
+        objects = client.list()
+        self.client, self.options = client, options
+        self.sizes = {o.key: o.size for o in objects}
+        self.snaps, self.ranges, self.other = _names.split(o.key for o in objects)
+        self.rows: list[Row] = []
+        self.used: set[str] = set()
+
+    def add(self, key: str, ok: bool, reason: str) -> None:
+        """One row; a range reported once is not reported again (as merely unused)."""
+        if key not in self.used:
+            self.rows.append({"key": key, "ok": ok, "reason": reason})
+            self.used.add(key)
+
+    def segment(self, snap: _names.Snapshot, loaded: _statefile.Loaded, jbytes: bytes) -> list[_names.Range]:
+        """The segment a restore of *snap* would replay after its journal (issue 14), replayed with the key."""
+        try:
+            seg = _restore.following_chain(self.client, self.ranges, snap, loaded, jbytes, self.sizes)
+            _, records = _restore.load_segment(self.client, seg, jbytes, loaded, self.options)
+        except PosStateError as exc:
+            self.rows.append({"key": snap.key, "ok": False, "reason": f"segment after its journal: {exc}"})
+            return []
+        for r in seg:
+            self.add(r.key, True, f"segment after the journal of generation {snap.generation}, {len(records)} records")
+        return seg
+
+    def refused(self, snap: _names.Snapshot, why: _restore.Refusal) -> None:
+        """A not-ok row for the snapshot (the restore's error: what is wrong, what to do) and one for the range
+        that shows it."""
+        self.rows.append({"key": snap.key, "ok": False, "reason": str(_restore.gap_error(self.client, snap, why.reason))})
+        reason = (
+            f"`posstate replica restore` of generation {snap.generation} refuses because of this range: {why.reason}; "
+            "to restore the state before it: `posstate replica restore --at GENERATION`"
+        )
+        self.add(why.culprit.key, False, reason)
+
+    def snapshot(self, snap: _names.Snapshot, picked: _names.Snapshot | None) -> None:
+        """*snap*, its journal's chain and the segment after it, checked as a restore of it checks them."""
+        try:
+            _, loaded = _restore.load_snapshot(self.client, snap, self.options)
+        except PosStateError as exc:
+            self.rows.append({"key": snap.key, "ok": False, "reason": str(exc)})
+            return
+        self.rows.append({"key": snap.key, "ok": True, "reason": f"generation {snap.generation}, epoch {snap.epoch}"})
+        chain = _restore.journal_chain(self.ranges, snap, loaded)
+        gap = _restore.gap_after(self.ranges, snap, chain, (loaded.state.journal or {}).get("id"))
+        if gap is not None:
+            self.refused(snap, gap)
+        try:
+            jbytes, records, differs = _restore.read_chain(
+                self.client, self.ranges, snap, chain, loaded, self.sizes, self.options
+            )
+            seg = self.segment(snap, loaded, jbytes)
+        except PosStateError as exc:
+            for r in chain:
+                self.add(r.key, False, str(exc))
+            return
+        if differs is not None and gap is None:
+            self.refused(snap, differs)
+        if snap == picked and (newer := _restore.newer_than(self.ranges, snap, seg)) is not None:
+            self.rows.append({"key": snap.key, "ok": False, "reason": str(_restore.orphan_error(self.client, newer, snap))})
+        for r in chain:
+            self.add(r.key, True, f"journal of generation {snap.generation}, {len(records)} records")
+
+
+def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[Row]:
+    """Read and check every object: each snapshot decrypted, each journal replayed; one row per object (a
+    snapshot whose chain a restore refuses also gets a not-ok row saying why)."""
+    check = _Checker(client, options)
+    picked = _restore.choose(client, check.snaps, at_generation=None, at_time=None) if check.snaps else None
+    for snap in check.snaps:
+        check.snapshot(snap, picked)
+    for r in check.ranges:
+        if r.key in check.used:
+            continue
+        try:
+            _restore.fetch(client, r.key, r.digest)
+            check.add(r.key, True, "not used by any restore (superseded, or its snapshot is gone)")
+        except PosStateError as exc:
+            check.add(r.key, False, str(exc))
+    check.rows.extend({"key": k, "ok": False, "reason": "not a name posstate writes (ignored by restore)"} for k in check.other)
+    return check.rows
