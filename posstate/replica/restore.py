@@ -216,6 +216,13 @@ def following_chain(
         prev: jf.JournalHeader | bytes = jf.parse_header(jbytes) if jbytes else bytes.fromhex(jid)
     except (jf.JournalProblem, ValueError):
         return []
+    # The segment starts after the last record of the journal (rotation): one starting later follows records
+    # the chain lacks (its last range deleted), and replaying it would skip them silently (session 11).
+    if isinstance(prev, jf.JournalHeader):
+        recs = jf.scan(jbytes, prev).records
+        last = recs[-1].seq if recs else prev.base_seq
+    else:
+        last = int((loaded.state.journal or {}).get("seq", 0))
     for cand in sorted({r.journal_id for r in ranges if r.base_generation > snap.generation and r.epoch >= snap.epoch}):
         if cand == jid:
             continue
@@ -235,7 +242,8 @@ def following_chain(
         except jf.JournalProblem:
             continue
         linked = head.follows(prev) if isinstance(prev, jf.JournalHeader) else head.prev_link == prev[: jf.LINK_SIZE]
-        if linked and head.id_hex == cand and all(r.base_generation == head.base_generation for r in seg):
+        ends = head.base_seq == last if isinstance(prev, jf.JournalHeader) else head.base_seq <= last
+        if linked and ends and head.id_hex == cand and all(r.base_generation == head.base_generation for r in seg):
             return seg
     return []
 

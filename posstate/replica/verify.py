@@ -94,7 +94,11 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[Ro
     """Read and check every object: each snapshot decrypted, each journal replayed; one row per object (a
     snapshot whose chain a restore refuses also gets a not-ok row saying why)."""
     check = _Checker(client, options)
-    picked = _restore.choose(client, check.snaps, at_generation=None, at_time=None) if check.snaps else None
+    picked: _names.Snapshot | None = None
+    try:  # no snapshot: a restore has nothing to restore from, so neither is this replica all ok
+        picked = _restore.choose(client, check.snaps, at_generation=None, at_time=None)
+    except PosStateError as exc:
+        check.rows.append({"key": _names.SNAPSHOTS, "ok": False, "reason": f"`posstate replica restore` refuses: {exc}"})
     for snap in check.snaps:
         check.snapshot(snap, picked)
     for r in check.ranges:

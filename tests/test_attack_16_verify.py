@@ -1,0 +1,76 @@
+"""Issue 16 attack (session 11): `replica verify` against `replica restore` on damaged replicas: a restore that
+refuses, or that silently restores less than the replica's newest state, while verify says all ok."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from replica_util import client, held, options, pos, rcfg, restore_into
+
+from posstate import PositionStateManager, PosStateError, StateConfig
+from posstate.replica import names as _names
+from posstate.replica.verify import verify
+
+
+def _one(tmp_path: Path, key: bytes) -> str:
+    url = f"file://{tmp_path}/rep"
+    with PositionStateManager(rcfg(tmp_path / "a", url, replica_batch_bytes=1), key=key) as m:
+        m.set_position(pos("A/USDT"))
+        assert m.flush_replica(30)
+        m.save()
+        for symbol in ("B/USDT", "C/USDT"):
+            m.set_position(pos(symbol))
+            assert m.flush_replica(30)
+    return url
+
+
+def test_verify_of_a_replica_without_a_snapshot_is_bad(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 16.3 (session 11 attack): every snapshot deleted (journal ranges left) or an empty replica: restore
+    has nothing to restore from, so verify says BAD (exit 1), not "N objects, 0 bad"."""
+    from test_cli import run
+
+    url = _one(tmp_path, key)
+    c = client(url)
+    c.delete([s.key for s in _names.split(o.key for o in c.list())[0]])
+    with pytest.raises(PosStateError, match="no such snapshot"):
+        restore_into(tmp_path / "b", url, None, key)
+    rows = verify(c, options=options(key))
+    assert any(not row["ok"] and "restore" in row["reason"] for row in rows), rows
+    r = run(["replica", "verify", url, "--key-file", str(key_file)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    c.delete([o.key for o in c.list()])
+    assert [row["ok"] for row in verify(c, options=options(key))] == [False]
+
+
+def test_a_range_deleted_before_a_pending_compactions_segment_fails_restore_and_verify(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.3 x 14.1 (session 11 attack): the last range of the snapshot's journal deleted while the segment
+    after it (a pending compaction's) is listed: restore used to replay the segment after the shortened journal
+    and silently drop the acknowledged change in between, and verify said all ok. Now restore refuses, verify
+    says BAD, and `--at` before the gap still restores the older state."""
+    from test_background_compaction import held as gated
+
+    url = f"file://{tmp_path}/rep"
+    cfg = rcfg(tmp_path / "a", url, journal_max_records=5, backup_interval=1e9, replica_batch_bytes=1)
+    with gated(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
+        m.save()
+        for i in range(6):
+            m.set_position(pos(f"S{i}/USDT", i + 1))
+        assert gate.entered.wait(60)
+        m.set_position(pos("S1/USDT", 201))
+        assert m.flush_replica(30)
+        c = client(url)
+        snaps, ranges, _ = _names.split(o.key for o in c.list())
+        own = sorted((r for r in ranges if r.base_generation == snaps[-1].generation), key=lambda r: r.start)
+        assert len(own) >= 3 and any(r.base_generation > snaps[-1].generation for r in ranges)  # a segment after it
+        c.delete([own[-1].key])
+        with pytest.raises(PosStateError):
+            restore_into(tmp_path / "b", url, None, key)
+        rows = verify(c, options=options(key))
+        gate.release.set()
+    assert any(not row["ok"] and row["key"] == snaps[-1].key for row in rows), rows
+    restore_into(tmp_path / "c", url, None, key, at_generation=snaps[-1].generation + 1)
+    with PositionStateManager(StateConfig.in_dir(tmp_path / "c"), key=key) as back:
+        assert held(back) == {"S0/USDT": 1}
