@@ -74,3 +74,22 @@ def test_a_range_deleted_before_a_pending_compactions_segment_fails_restore_and_
     restore_into(tmp_path / "c", url, None, key, at_generation=snaps[-1].generation + 1)
     with PositionStateManager(StateConfig.in_dir(tmp_path / "c"), key=key) as back:
         assert held(back) == {"S0/USDT": 1}
+
+
+def test_verify_flags_a_snapshot_whose_journal_was_shipped_only_under_older_epochs(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3/16.4 (session 11 attack): the newest snapshot's bytes under a higher epoch's name (renamed, or a
+    takeover that shipped the restored snapshot and stopped before its journal): restore uses no range of an
+    older epoch and gives the snapshot without the journal's acknowledged records; verify says so (BAD), not ok."""
+    import dataclasses
+
+    url = _one(tmp_path, key)
+    c = client(url)
+    snap = _names.split(o.key for o in c.list())[0][-1]
+    higher = dataclasses.replace(snap, epoch=snap.epoch + 3)
+    c.put(higher.key, c.get(snap.key))
+    c.delete([snap.key])
+    _, result = restore_into(tmp_path / "b", url, None, key)
+    assert result.records == 0  # B and C are not restored
+    rows = verify(c, options=options(key))
+    bad = [row["reason"] for row in rows if row["key"] == higher.key and not row["ok"]]
+    assert bad and "older epoch" in bad[0], rows

@@ -61,6 +61,23 @@ class _Checker:
         )
         self.add(why.culprit.key, False, reason)
 
+    def fenced(self, snap: _names.Snapshot, loaded: _statefile.Loaded, chain: list[_names.Range]) -> None:
+        """A not-ok row when *snap*'s own journal was shipped only under older epochs than its name's: a restore
+        of it uses none of those ranges (fencing) and gives it without their records. A takeover that shipped
+        the state it restored under its epoch and stopped before its journal leaves this, and so does a snapshot
+        renamed under a higher epoch; the files cannot tell those records from a stale writer's late ones."""
+        jid = (loaded.state.journal or {}).get("id")
+        old = [r for r in self.ranges if r.journal_id == jid and r.base_generation == snap.generation and r.epoch < snap.epoch]
+        if chain or not old:
+            return
+        reason = (
+            f"its journal's ranges were shipped only under an older epoch than its own ({snap.epoch}; {old[0].key}"
+            f"{f' and {len(old) - 1} more' if len(old) > 1 else ''}): a restore of it uses none of them and gives "
+            f"generation {snap.generation} without their records; find out whether the writer of epoch {snap.epoch} "
+            "stopped right after taking over (those records were acknowledged) or the snapshot was renamed"
+        )
+        self.rows.append({"key": snap.key, "ok": False, "reason": reason})
+
     def snapshot(self, snap: _names.Snapshot, picked: _names.Snapshot | None) -> None:
         """*snap*, its journal's chain and the segment after it, checked as a restore of it checks them."""
         try:
@@ -70,6 +87,7 @@ class _Checker:
             return
         self.rows.append({"key": snap.key, "ok": True, "reason": f"generation {snap.generation}, epoch {snap.epoch}"})
         chain = _restore.journal_chain(self.ranges, snap, loaded)
+        self.fenced(snap, loaded, chain)
         gap = _restore.gap_after(self.ranges, snap, chain, (loaded.state.journal or {}).get("id"))
         if gap is not None:
             self.refused(snap, gap)
