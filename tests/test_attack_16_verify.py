@@ -93,3 +93,28 @@ def test_verify_flags_a_snapshot_whose_journal_was_shipped_only_under_older_epoc
     rows = verify(c, options=options(key))
     bad = [row["reason"] for row in rows if row["key"] == higher.key and not row["ok"]]
     assert bad and "older epoch" in bad[0], rows
+
+
+def _last_range_of_newest(c: object) -> _names.Range:
+    snaps, ranges, _ = _names.split(o.key for o in c.list())  # type: ignore[attr-defined]
+    return max((r for r in ranges if r.base_generation == snaps[-1].generation), key=lambda r: r.start)
+
+
+@pytest.mark.parametrize("planted", ["zeros", "one-byte-longer"])
+def test_a_planted_range_of_other_length_or_zeros_never_cuts_the_restore_short(tmp_path: Path, key: bytes, planted: str) -> None:
+    """issue 16.3 (session 11 attack): under a higher session's name at the chain's last offset, a range of zeros
+    (a scan takes zeros for space written ahead: no record there) or the real bytes plus one byte (its size is
+    not the name's end - start): restore used to drop the last acknowledged record and verify said ok; now the
+    restore refuses naming the object and verify marks it BAD."""
+    import dataclasses
+
+    url = _one(tmp_path, key)
+    c = client(url)
+    last = _last_range_of_newest(c)
+    data = bytes(last.end - last.start) if planted == "zeros" else c.get(last.key) + b"\x00"
+    fake = dataclasses.replace(last, session=last.session + 1, digest=_names.digest(data))
+    c.put(fake.key, data)
+    with pytest.raises(PosStateError, match="record|bytes"):
+        restore_into(tmp_path / "b", url, None, key)
+    rows = verify(c, options=options(key))
+    assert any(row["key"] == fake.key and not row["ok"] for row in rows), rows

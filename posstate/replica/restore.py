@@ -65,6 +65,14 @@ def fetch(client: ReplicaClient, key: str, want: str) -> bytes:
     return data
 
 
+def fetch_range(client: ReplicaClient, r: _names.Range) -> bytes:
+    """A journal range, checked against its digest and against the size its name gives (end - start)."""
+    data = fetch(client, r.key, r.digest)
+    if len(data) != r.end - r.start:
+        raise CorruptStateError(_where(client, r.key), f"holds {len(data)} bytes, its name says {r.end - r.start}")
+    return data
+
+
 def load_snapshot(
     client: ReplicaClient, snap: _names.Snapshot, options: _statefile.ReadOptions
 ) -> tuple[bytes, _statefile.Loaded]:
@@ -263,12 +271,15 @@ def _read_ranges(
 ) -> tuple[bytes, jf.JournalHeader, list[tuple[jf.RawRecord, list[Any]]]]:
     """Download *ranges* (each checked against its digest), join them, authenticate every record; a damaged
     record is named by the object that holds it."""
-    data = b"".join(fetch(client, r.key, r.digest) for r in ranges)
+    data = b"".join(fetch_range(client, r) for r in ranges)
     where = Path(_where(client, ranges[0].folder))
     header, records, sc = read_records(data, path=where, keyring=options.keyring, require_encryption=options.require_encryption)
     if sc.bad_offset is not None:
         bad = next(r for r in ranges if r.start <= sc.bad_offset < r.end)
         raise CorruptStateError(_where(client, bad.key), f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason})")
+    if sc.good_end != len(data):  # ranges are cut at record ends: bytes past the last record (zeros) are planted
+        bad = next(r for r in ranges if r.start <= sc.good_end < r.end)
+        raise CorruptStateError(_where(client, bad.key), f"no whole record from byte {sc.good_end} to its end ({bad.end})")
     return data, header, records
 
 

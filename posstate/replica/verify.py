@@ -123,7 +123,7 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[Ro
         if r.key in check.used:
             continue
         try:
-            _restore.fetch(client, r.key, r.digest)
+            _restore.fetch_range(client, r)
             check.add(r.key, True, "not used by any restore (superseded, or its snapshot is gone)")
         except PosStateError as exc:
             check.add(r.key, False, str(exc))
