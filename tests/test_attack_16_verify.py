@@ -114,7 +114,7 @@ def test_a_planted_range_of_other_length_or_zeros_never_cuts_the_restore_short(t
     data = bytes(last.end - last.start) if planted == "zeros" else c.get(last.key) + b"\x00"
     fake = dataclasses.replace(last, session=last.session + 1, digest=_names.digest(data))
     c.put(fake.key, data)
-    with pytest.raises(PosStateError, match="record|bytes"):
+    with pytest.raises(PosStateError, match=r"record|bytes"):
         restore_into(tmp_path / "b", url, None, key)
     rows = verify(c, options=options(key))
     assert any(row["key"] == fake.key and not row["ok"] for row in rows), rows
