@@ -4,6 +4,7 @@ refuses, or that silently restores less than the replica's newest state, while v
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from replica_util import client, held, options, pos, rcfg, restore_into
@@ -118,3 +119,38 @@ def test_a_planted_range_of_other_length_or_zeros_never_cuts_the_restore_short(t
         restore_into(tmp_path / "b", url, None, key)
     rows = verify(c, options=options(key))
     assert any(row["key"] == fake.key and not row["ok"] for row in rows), rows
+
+
+def test_verify_reads_a_chain_once_however_many_copies_of_its_snapshot_are_planted(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 (session 11 attack): 30 copies of the newest snapshot under other sessions' names (a few bytes of
+    names each): verify downloads its journal chain once, not once per copy (a bucket attacker cannot multiply what
+    verify downloads beyond the objects listed)."""
+    import dataclasses
+
+    from posstate.replica.client import ReplicaClient
+
+    url = _one(tmp_path, key)
+    c = client(url)
+    snap = _names.split(o.key for o in c.list())[0][-1]
+    data = c.get(snap.key)
+    for session in range(snap.session + 1, snap.session + 31):
+        c.put(dataclasses.replace(snap, session=session).key, data)
+    read: list[str] = []
+
+    class Counting(ReplicaClient):
+        url = c.url
+
+        def list(self) -> Any:
+            return c.list()
+
+        def get(self, key: str) -> bytes:
+            read.append(key)
+            return c.get(key)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(c, name)
+
+    rows = verify(Counting(), options=options(key))
+    assert all(row["ok"] for row in rows), rows
+    ranges = [k for k in read if k.startswith(_names.JOURNAL)]
+    assert max(ranges.count(k) for k in ranges) <= 2, sorted(ranges)

@@ -11,7 +11,7 @@ reads back the directory it wrote).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from posstate.core.errors import PosStateError
 from posstate.replica import names as _names
@@ -20,6 +20,17 @@ from posstate.replica.client import ReplicaClient
 from posstate.storage import statefile as _statefile
 
 Row = dict[str, Any]
+
+
+class _Read(NamedTuple):
+    """What reading one snapshot's chain found (:meth:`_Checker.read`)."""
+
+    records: int  # records of the chain
+    differs: _restore.Refusal | None  # a range of its writer with other bytes (read_chain)
+    seg: list[_names.Range]  # the segment after it
+    seg_records: int
+    seg_error: str | None  # why the segment after it fails
+    error: str | None  # why the chain fails (then nothing else was read)
 
 
 class _Checker:
@@ -32,6 +43,7 @@ class _Checker:
         self.snaps, self.ranges, self.other = _names.split(o.key for o in objects)
         self.rows: list[Row] = []
         self.used: set[str] = set()
+        self._last: tuple[tuple[Any, ...], _Read] | None = None
 
     def add(self, key: str, ok: bool, reason: str) -> None:
         """One row; a range reported once is not reported again (as merely unused)."""
@@ -39,17 +51,29 @@ class _Checker:
             self.rows.append({"key": key, "ok": ok, "reason": reason})
             self.used.add(key)
 
-    def segment(self, snap: _names.Snapshot, loaded: _statefile.Loaded, jbytes: bytes) -> list[_names.Range]:
-        """The segment a restore of *snap* would replay after its journal (issue 14), replayed with the key."""
+    def read(self, snap: _names.Snapshot, loaded: _statefile.Loaded, chain: list[_names.Range]) -> _Read:
+        """*snap*'s chain and the segment after it (issue 14) downloaded and replayed with the key, as a restore
+        reads them; once for snapshots that share them (copies of one snapshot under other names, adjacent in
+        the listing's order), so planted names never make verify download a chain again and again."""
+        journal = loaded.state.journal or {}
+        key = (snap.generation, snap.epoch, repr(sorted(journal.items())), tuple(r.key for r in chain))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         try:
-            seg = _restore.following_chain(self.client, self.ranges, snap, loaded, jbytes, self.sizes)
-            _, records = _restore.load_segment(self.client, seg, jbytes, loaded, self.options)
+            jbytes, records, differs = _restore.read_chain(
+                self.client, self.ranges, snap, chain, loaded, self.sizes, self.options
+            )
         except PosStateError as exc:
-            self.rows.append({"key": snap.key, "ok": False, "reason": f"segment after its journal: {exc}"})
-            return []
-        for r in seg:
-            self.add(r.key, True, f"segment after the journal of generation {snap.generation}, {len(records)} records")
-        return seg
+            out = _Read(0, None, [], 0, None, str(exc))
+        else:
+            try:
+                seg = _restore.following_chain(self.client, self.ranges, snap, loaded, jbytes, self.sizes)
+                _, nrecords = _restore.load_segment(self.client, seg, jbytes, loaded, self.options)
+                out = _Read(len(records), differs, seg, len(nrecords), None, None)
+            except PosStateError as exc:
+                out = _Read(len(records), differs, [], 0, f"segment after its journal: {exc}", None)
+        self._last = (key, out)
+        return out
 
     def refused(self, snap: _names.Snapshot, why: _restore.Refusal) -> None:
         """A not-ok row for the snapshot (the restore's error: what is wrong, what to do) and one for the range
@@ -91,21 +115,21 @@ class _Checker:
         gap = _restore.gap_after(self.ranges, snap, chain, (loaded.state.journal or {}).get("id"))
         if gap is not None:
             self.refused(snap, gap)
-        try:
-            jbytes, records, differs = _restore.read_chain(
-                self.client, self.ranges, snap, chain, loaded, self.sizes, self.options
-            )
-            seg = self.segment(snap, loaded, jbytes)
-        except PosStateError as exc:
+        got = self.read(snap, loaded, chain)
+        if got.error is not None:
             for r in chain:
-                self.add(r.key, False, str(exc))
+                self.add(r.key, False, got.error)
             return
-        if differs is not None and gap is None:
-            self.refused(snap, differs)
-        if snap == picked and (newer := _restore.newer_than(self.ranges, snap, seg)) is not None:
+        if got.seg_error is not None:
+            self.rows.append({"key": snap.key, "ok": False, "reason": got.seg_error})
+        for r in got.seg:
+            self.add(r.key, True, f"segment after the journal of generation {snap.generation}, {got.seg_records} records")
+        if got.differs is not None and gap is None:
+            self.refused(snap, got.differs)
+        if snap == picked and (newer := _restore.newer_than(self.ranges, snap, got.seg)) is not None:
             self.rows.append({"key": snap.key, "ok": False, "reason": str(_restore.orphan_error(self.client, newer, snap))})
         for r in chain:
-            self.add(r.key, True, f"journal of generation {snap.generation}, {len(records)} records")
+            self.add(r.key, True, f"journal of generation {snap.generation}, {got.records} records")
 
 
 def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[Row]:
