@@ -154,3 +154,28 @@ def test_verify_reads_a_chain_once_however_many_copies_of_its_snapshot_are_plant
     assert all(row["ok"] for row in rows), rows
     ranges = [k for k in read if k.startswith(_names.JOURNAL)]
     assert max(ranges.count(k) for k in ranges) <= 2, sorted(ranges)
+
+
+def test_a_range_whose_name_spans_more_than_a_journal_is_refused_before_it_is_downloaded(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.3 (session 11 attack): a range named 0 to 2**40 under a higher session, listed small (a service
+    that lies about sizes): restore and verify refuse it from its name, never downloading it (each range must
+    hold end - start bytes, so the listing's size is not what bounds a chain)."""
+    import dataclasses
+
+    from posstate.replica.file import FileClient
+
+    url = _one(tmp_path, key)
+    c = client(url)
+    first = min(_names.split(o.key for o in c.list())[1], key=lambda r: (-r.base_generation, r.start))
+    fake = dataclasses.replace(first, end=2**40, session=first.session + 1, digest=_names.digest(b"small"))
+    c.put(fake.key, b"small")
+    fetched: list[str] = []
+    real = FileClient.get
+    monkeypatch.setattr(FileClient, "get", lambda self, k: fetched.append(k) or real(self, k))
+    with pytest.raises(PosStateError, match="more than a journal"):
+        restore_into(tmp_path / "b", url, None, key)
+    rows = verify(c, options=options(key))
+    assert any(row["key"] == fake.key and not row["ok"] for row in rows), rows
+    assert fake.key not in fetched

@@ -54,13 +54,16 @@ def _where(client: ReplicaClient, key: str) -> str:
     return f"{client.url.rstrip('/')}/{key}"
 
 
+_OLDER = "do not use this object; restore an older snapshot with `posstate replica restore --at GENERATION`"
+
+
 def fetch(client: ReplicaClient, key: str, want: str) -> bytes:
     data = client.get(key)
     if _names.digest(data) != want:
         raise CorruptStateError(
             _where(client, key),
             "content differs from the SHA-256 in its name (changed or damaged after upload)",
-            next_step="do not use this object; restore an older snapshot with `posstate replica restore --at GENERATION`",
+            next_step=_OLDER,
         )
     return data
 
@@ -69,7 +72,9 @@ def fetch_range(client: ReplicaClient, r: _names.Range) -> bytes:
     """A journal range, checked against its digest and against the size its name gives (end - start)."""
     data = fetch(client, r.key, r.digest)
     if len(data) != r.end - r.start:
-        raise CorruptStateError(_where(client, r.key), f"holds {len(data)} bytes, its name says {r.end - r.start}")
+        raise CorruptStateError(
+            _where(client, r.key), f"holds {len(data)} bytes, its name says {r.end - r.start}", next_step=_OLDER
+        )
     return data
 
 
@@ -176,7 +181,8 @@ def read_chain(
     downloaded into memory), each range checked, every record authenticated (errors name the object); and a
     range of its journal inside it whose bytes differ from the chain's there (another history renamed under
     its writer's name), which fails a restore unless :func:`gap_after` already refused it."""
-    listed = sum(sizes.get(r.key, 0) for r in chain)
+    # each range must hold end - start bytes (fetch_range): its name bounds it, whatever the listing says
+    listed = max(sum(sizes.get(r.key, 0) for r in chain), chain[-1].end if chain else 0)
     if listed > fs.DEFAULT_MAX_READ_BYTES:
         raise CorruptStateError(
             _where(client, chain[0].folder),
@@ -237,7 +243,7 @@ def following_chain(
         seg = _names.chain(ranges, cand, floor=(snap.epoch, 0))
         if not seg:
             continue
-        listed = len(jbytes) + sum(sizes.get(r.key, 0) for r in seg)
+        listed = len(jbytes) + max(sum(sizes.get(r.key, 0) for r in seg), seg[-1].end)
         if listed > fs.DEFAULT_MAX_READ_BYTES:
             raise CorruptStateError(
                 _where(client, seg[0].folder),
@@ -279,7 +285,9 @@ def _read_ranges(
         raise CorruptStateError(_where(client, bad.key), f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason})")
     if sc.good_end != len(data):  # ranges are cut at record ends: bytes past the last record (zeros) are planted
         bad = next(r for r in ranges if r.start <= sc.good_end < r.end)
-        raise CorruptStateError(_where(client, bad.key), f"no whole record from byte {sc.good_end} to its end ({bad.end})")
+        raise CorruptStateError(
+            _where(client, bad.key), f"no whole record from byte {sc.good_end} to its end ({bad.end})", next_step=_OLDER
+        )
     return data, header, records
 
 
