@@ -179,3 +179,43 @@ def test_a_range_whose_name_spans_more_than_a_journal_is_refused_before_it_is_do
     rows = verify(c, options=options(key))
     assert any(row["key"] == fake.key and not row["ok"] for row in rows), rows
     assert fake.key not in fetched
+
+
+def test_verify_is_all_ok_after_a_lease_takeover_and_a_stale_writers_late_range(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 x 16.4 (session 11 attack): the older-epoch check of verify raises no false alarm on a healthy
+    takeover: the new holder re-ships the restored snapshot and journal under its epoch; a stale writer's late
+    range of that journal (older epoch, past what was restored) is ignored by restore and not BAD in verify."""
+    from test_replica_lease import _open_when_free
+
+    from posstate.journal import format as jf
+
+    url = f"file://{tmp_path}/rep"
+    a = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=2.0, replica_interval=3600), key=key)
+    try:
+        a.set_position(pos("X/USDT"))
+        assert a.flush_replica(30)
+        a.set_position(pos("LATE/USDT"))  # acknowledged locally, not shipped yet (a long interval)
+        lease = a._replica.lease  # type: ignore[union-attr]
+        assert lease is not None
+        lease._stop.set()  # paused: no more renewals
+        b, _ = _open_when_free(rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=30.0), key)
+        b.close()
+        c = client(url)
+        mine = max((r for r in _names.split(o.key for o in c.list())[1] if r.epoch == 1), key=lambda r: r.end)
+        data = (tmp_path / "a" / "positions.json.journal").read_bytes()
+        late = data[mine.end : jf.scan(data, jf.parse_header(data)).good_end]
+        assert late
+        c.put(
+            _names.Range(
+                mine.base_generation, mine.journal_id, mine.end, mine.end + len(late), 1, mine.session, _names.digest(late)
+            ).key,
+            late,
+        )
+    finally:
+        a.close()
+    cfg, result = restore_into(tmp_path / "r", url, None, key)
+    assert result.epoch == 2
+    with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=key) as r:
+        assert set(held(r)) == {"X/USDT"}
+    rows = verify(client(url), options=options(key))
+    assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
