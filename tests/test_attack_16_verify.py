@@ -219,3 +219,17 @@ def test_verify_is_all_ok_after_a_lease_takeover_and_a_stale_writers_late_range(
         assert set(held(r)) == {"X/USDT"}
     rows = verify(client(url), options=options(key))
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
+
+
+def test_verify_names_the_orphan_range_when_the_newest_snapshot_is_deleted(tmp_path: Path, key: bytes) -> None:
+    """issue 16.3 (session 11 attack; docs/SECURITY.md says each refusal is a BAD row on the snapshot and one on
+    the range that shows it): the newest snapshot deleted, its journal's range is BAD too, not "ok, not used"."""
+    url = _one(tmp_path, key)
+    c = client(url)
+    snaps, ranges, _ = _names.split(o.key for o in c.list())
+    c.delete([snaps[-1].key])
+    with pytest.raises(PosStateError, match="without its snapshot"):
+        restore_into(tmp_path / "b", url, None, key)
+    rows = verify(c, options=options(key))
+    orphans = {r.key for r in ranges if r.base_generation == snaps[-1].generation}
+    assert any(row["key"] in orphans and not row["ok"] for row in rows), rows

@@ -128,6 +128,9 @@ class _Checker:
             self.refused(snap, got.differs)
         if snap == picked and (newer := _restore.newer_than(self.ranges, snap, got.seg)) is not None:
             self.rows.append({"key": snap.key, "ok": False, "reason": str(_restore.orphan_error(self.client, newer, snap))})
+            self.add(
+                newer.key, False, f"`posstate replica restore` refuses because of this range: {newer.folder} has no snapshot"
+            )
         for r in chain:
             self.add(r.key, True, f"journal of generation {snap.generation}, {got.records} records")
 
