@@ -233,3 +233,42 @@ def test_verify_names_the_orphan_range_when_the_newest_snapshot_is_deleted(tmp_p
     rows = verify(c, options=options(key))
     orphans = {r.key for r in ranges if r.base_generation == snaps[-1].generation}
     assert any(row["key"] in orphans and not row["ok"] for row in rows), rows
+
+
+def test_a_takeover_that_dies_before_shipping_its_journal_never_loses_the_restored_records(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.4 (session 11 attack): the new holder re-ships the state it restored under its epoch; when its
+    journal uploads fail (it dies right after the snapshot), a restore used to pick its snapshot (the newer epoch)
+    and ignore the older epoch's journal: the records acknowledged before the takeover were lost (verify now
+    says so, see above). The journal is shipped first when the replica already holds the snapshot's bytes, so
+    the replica never holds that snapshot without its journal."""
+    from test_replica_lease import _open_when_free
+
+    from posstate.replica.file import FileClient
+
+    url = f"file://{tmp_path}/rep"
+    a = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=2.0), key=key)
+    try:
+        for symbol in ("X/USDT", "Y/USDT"):
+            a.set_position(pos(symbol))
+        assert a.flush_replica(30)
+        a._replica.lease._stop.set()  # type: ignore[union-attr]  # paused: no more renewals
+        real = FileClient.put
+
+        def put(self: FileClient, k: str, data: bytes, **kw: Any) -> Any:
+            found = _names.parse(k)
+            if isinstance(found, _names.Range) and found.epoch == 2:
+                raise OSError(5, "the machine dies here")
+            return real(self, k, data, **kw)
+
+        monkeypatch.setattr(FileClient, "put", put)
+        b, _ = _open_when_free(rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=3.0), key)
+        b.close()
+        monkeypatch.setattr(FileClient, "put", real)
+    finally:
+        a.close()
+    cfg, _ = restore_into(tmp_path / "r", url, None, key)
+    with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=key) as r:
+        assert set(held(r)) == {"X/USDT", "Y/USDT"}
+    assert all(row["ok"] for row in verify(client(url), options=options(key)))
