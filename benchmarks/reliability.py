@@ -691,7 +691,8 @@ def family_replica(work: Path, full: bool) -> list[Row]:
     """Every object of a replica tampered with (each byte position class: header, middle, tail) is refused by
     restore; an upload failing at each file operation of the replica disk is shipped again and restores whole."""
     from posstate.replica.clients import open_client
-    from posstate.replica.restore import restore, verify
+    from posstate.replica.restore import restore
+    from posstate.replica.verify import verify
 
     key = generate_key()
     opts = ReadOptions(keyring=Keyring(key=key), require_encryption=True)

@@ -346,7 +346,7 @@ def test_replica_verify_authenticates_a_pending_compactions_segment(
 ) -> None:
     """issue 14.1 x 16.3: `posstate replica verify` replays the ranges of a pending compaction's segment with the key
     (a restore uses them), instead of calling them unused after a digest check only."""
-    from posstate.replica.restore import verify
+    from posstate.replica.verify import verify
     from tests.replica_util import client, options
 
     url = f"file://{tmp_path}/rep"

@@ -10,7 +10,7 @@ from replica_util import client, held, options, pos, rcfg, restore_into, two_his
 
 from posstate import CorruptStateError, PositionStateManager, StateConfig
 from posstate.replica import names as _names
-from posstate.replica.restore import verify
+from posstate.replica.verify import verify
 
 
 def test_a_deleted_range_of_a_newer_session_never_restores_the_older_sessions_history(tmp_path: Path, key: bytes) -> None:

@@ -156,7 +156,7 @@ def list_(ctx: click.Context, url: str | None, endpoint_url: str | None) -> None
 @click.pass_context
 def verify(ctx: click.Context, url: str | None, endpoint_url: str | None) -> None:
     """Read and check every object: digests, decryption, every journal record authenticated (needs the key)."""
-    from posstate.replica.restore import verify as _verify
+    from posstate.replica.verify import verify as _verify
 
     env = env_of(ctx)
     env.require_keyring()

@@ -1,5 +1,6 @@
-"""Restore anywhere: rebuild a state directory from a replica, verifying every object on the way, and
-``verify`` (every object read and checked, like ``restic check --read-data``).
+"""Restore anywhere: rebuild a state directory from a replica, verifying every object on the way. The checks
+that decide whether a snapshot's chain can be restored (:func:`gap_after`, :func:`read_chain`,
+:func:`newer_than`) are shared with ``verify.py``, so verify never passes a chain this module refuses.
 
 A restore takes the newest snapshot (the highest fencing epoch first, then the highest generation; or the
 newest at or before ``--at``), checks its bytes against the digest in its name and decrypts it with the key
@@ -16,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, StateNotFoundError
@@ -53,13 +54,26 @@ def _where(client: ReplicaClient, key: str) -> str:
     return f"{client.url.rstrip('/')}/{key}"
 
 
-def _fetch(client: ReplicaClient, key: str, want: str) -> bytes:
+_OLDER = "do not use this object; restore an older snapshot with `posstate replica restore --at GENERATION`"
+
+
+def fetch(client: ReplicaClient, key: str, want: str) -> bytes:
     data = client.get(key)
     if _names.digest(data) != want:
         raise CorruptStateError(
             _where(client, key),
             "content differs from the SHA-256 in its name (changed or damaged after upload)",
-            next_step="do not use this object; restore an older snapshot with `posstate replica restore --at GENERATION`",
+            next_step=_OLDER,
+        )
+    return data
+
+
+def fetch_range(client: ReplicaClient, r: _names.Range) -> bytes:
+    """A journal range, checked against its digest and against the size its name gives (end - start)."""
+    data = fetch(client, r.key, r.digest)
+    if len(data) != r.end - r.start:
+        raise CorruptStateError(
+            _where(client, r.key), f"holds {len(data)} bytes, its name says {r.end - r.start}", next_step=_OLDER
         )
     return data
 
@@ -68,7 +82,7 @@ def load_snapshot(
     client: ReplicaClient, snap: _names.Snapshot, options: _statefile.ReadOptions
 ) -> tuple[bytes, _statefile.Loaded]:
     """Download, check and decrypt one snapshot (WrongKeyError, CorruptStateError, ... name the object)."""
-    data = _fetch(client, snap.key, snap.digest)
+    data = fetch(client, snap.key, snap.digest)
     loaded = _statefile.parse(data, path=Path(_where(client, snap.key)), options=options)
     if loaded.state.generation != snap.generation:
         raise CorruptStateError(
@@ -86,7 +100,22 @@ def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _st
     return [r for r in _names.chain(ranges, str(jid), floor=(snap.epoch, 0)) if r.base_generation == snap.generation]
 
 
-def _beyond(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> Any:
+class Beyond(NamedTuple):
+    """What lies past a chain's end (:func:`_beyond`)."""
+
+    end: int  # the chain's end offset
+    low: tuple[int, int]  # the oldest writer (epoch, session) of its last range's bytes
+    after: list[_names.Range]  # its journal's ranges by a writer no older than *low* that end past *end*
+
+
+class Refusal(NamedTuple):
+    """Why a restore refuses a snapshot's chain, and the object that shows it (verify names both)."""
+
+    reason: str
+    culprit: _names.Range
+
+
+def _beyond(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> Beyond:
     """The chain's end, the oldest writer of its last range's bytes, and its journal's ranges by a writer no
     older than that one that end beyond it."""
     end = chain[-1].end if chain else 0
@@ -101,24 +130,69 @@ def _beyond(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_name
     after = [
         r for r in ranges if r.journal_id == jid and r.base_generation == snap.generation and r.writer >= low and r.end > end
     ]
-    return end, low, (after if jid else [])
+    return Beyond(end, low, after if jid else [])
 
 
-def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> str | None:
+def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> Refusal | None:
     """Why the chain ends early (None: it does not): a range of its journal by a writer no older than its last
     one lies beyond its end, so one there is missing. Superseded ranges of older sessions are not a gap."""
     if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0))) is not None:
-        return f"journal range at byte {skipped.start:016x} missing: a newer writer rewrote from there ({skipped.key})"
+        return Refusal(
+            f"journal range at byte {skipped.start:016x} missing: a newer writer rewrote from there ({skipped.key})", skipped
+        )
     end, _, after = _beyond(ranges, snap, chain, jid)
     if not after:
         return None
-    return f"journal range at byte {end:016x} missing: the replica holds later ranges ({after[0].key}) but none starting there"
+    return Refusal(
+        f"journal range at byte {end:016x} missing: the replica holds later ranges ({after[0].key}) but none starting there",
+        after[0],
+    )
 
 
-def newer_than(ranges: list[_names.Range], snap: _names.Snapshot) -> _names.Range | None:
-    """A journal range of a later generation than *snap* shipped under its epoch or later: the snapshot it
-    follows (shipped before it) is gone from the listing, so *snap* is not the newest state."""
-    return next((r for r in ranges if r.base_generation > snap.generation and r.epoch >= snap.epoch), None)
+def newer_than(ranges: list[_names.Range], snap: _names.Snapshot, seg: list[_names.Range]) -> _names.Range | None:
+    """A journal range of a later generation than *snap* shipped under its epoch or later, outside the segment
+    *seg* that continues its journal: the snapshot it follows (shipped before it) is gone from the listing, so
+    *snap* is not the newest state."""
+    skip = {s.journal_id for s in seg}
+    return next(
+        (r for r in ranges if r.journal_id not in skip and r.base_generation > snap.generation and r.epoch >= snap.epoch), None
+    )
+
+
+def orphan_error(client: ReplicaClient, newer: _names.Range, snap: _names.Snapshot) -> CorruptStateError:
+    return CorruptStateError(
+        _where(client, newer.folder),
+        f"journal of generation {newer.base_generation} without its snapshot (deleted, or not listed yet): "
+        f"the newest snapshot listed, generation {snap.generation}, is older than the replica's state",
+        next_step=f"retry later; to restore that older state anyway: `posstate replica restore --at {snap.generation}`",
+    )
+
+
+def read_chain(
+    client: ReplicaClient,
+    ranges: list[_names.Range],
+    snap: _names.Snapshot,
+    chain: list[_names.Range],
+    loaded: _statefile.Loaded,
+    sizes: dict[str, int],
+    options: _statefile.ReadOptions,
+) -> tuple[bytes, list[tuple[jf.RawRecord, list[Any]]], Refusal | None]:
+    """The chain read as a restore reads it: its listed size bounded (a chain of planted ranges is never
+    downloaded into memory), each range checked, every record authenticated (errors name the object); and a
+    range of its journal inside it whose bytes differ from the chain's there (another history renamed under
+    its writer's name), which fails a restore unless :func:`gap_after` already refused it."""
+    # each range must hold end - start bytes (fetch_range): its name bounds it, whatever the listing says
+    listed = max(sum(sizes.get(r.key, 0) for r in chain), chain[-1].end if chain else 0)
+    if listed > fs.DEFAULT_MAX_READ_BYTES:
+        raise CorruptStateError(
+            _where(client, chain[0].folder),
+            f"the journal's ranges hold {listed} bytes, more than a journal posstate reads ({fs.DEFAULT_MAX_READ_BYTES})",
+            next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
+        )
+    jbytes, records = load_journal(client, chain, loaded, options)
+    if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0), data=jbytes)) is None:
+        return jbytes, records, None
+    return jbytes, records, Refusal(f"journal range {skipped.key} holds other bytes than the chain there", skipped)
 
 
 def load_journal(
@@ -156,13 +230,20 @@ def following_chain(
         prev: jf.JournalHeader | bytes = jf.parse_header(jbytes) if jbytes else bytes.fromhex(jid)
     except (jf.JournalProblem, ValueError):
         return []
+    # The segment starts after the last record of the journal (rotation): one starting later follows records
+    # the chain lacks (its last range deleted), and replaying it would skip them silently (session 11).
+    if isinstance(prev, jf.JournalHeader):
+        recs = jf.scan(jbytes, prev).records
+        last = recs[-1].seq if recs else prev.base_seq
+    else:
+        last = int((loaded.state.journal or {}).get("seq", 0))
     for cand in sorted({r.journal_id for r in ranges if r.base_generation > snap.generation and r.epoch >= snap.epoch}):
         if cand == jid:
             continue
         seg = _names.chain(ranges, cand, floor=(snap.epoch, 0))
         if not seg:
             continue
-        listed = len(jbytes) + sum(sizes.get(r.key, 0) for r in seg)
+        listed = len(jbytes) + max(sum(sizes.get(r.key, 0) for r in seg), seg[-1].end)
         if listed > fs.DEFAULT_MAX_READ_BYTES:
             raise CorruptStateError(
                 _where(client, seg[0].folder),
@@ -171,11 +252,12 @@ def following_chain(
                 next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
             )
         try:
-            head = jf.parse_header(_fetch(client, seg[0].key, seg[0].digest)[: jf.HEADER_SIZE])
+            head = jf.parse_header(fetch(client, seg[0].key, seg[0].digest)[: jf.HEADER_SIZE])
         except jf.JournalProblem:
             continue
         linked = head.follows(prev) if isinstance(prev, jf.JournalHeader) else head.prev_link == prev[: jf.LINK_SIZE]
-        if linked and head.id_hex == cand and all(r.base_generation == head.base_generation for r in seg):
+        ends = head.base_seq == last if isinstance(prev, jf.JournalHeader) else head.base_seq <= last
+        if linked and ends and head.id_hex == cand and all(r.base_generation == head.base_generation for r in seg):
             return seg
     return []
 
@@ -195,12 +277,17 @@ def _read_ranges(
 ) -> tuple[bytes, jf.JournalHeader, list[tuple[jf.RawRecord, list[Any]]]]:
     """Download *ranges* (each checked against its digest), join them, authenticate every record; a damaged
     record is named by the object that holds it."""
-    data = b"".join(_fetch(client, r.key, r.digest) for r in ranges)
+    data = b"".join(fetch_range(client, r) for r in ranges)
     where = Path(_where(client, ranges[0].folder))
     header, records, sc = read_records(data, path=where, keyring=options.keyring, require_encryption=options.require_encryption)
     if sc.bad_offset is not None:
         bad = next(r for r in ranges if r.start <= sc.bad_offset < r.end)
         raise CorruptStateError(_where(client, bad.key), f"record at byte {sc.bad_offset} is damaged ({sc.bad_reason})")
+    if sc.good_end != len(data):  # ranges are cut at record ends: bytes past the last record (zeros) are planted
+        bad = next(r for r in ranges if r.start <= sc.good_end < r.end)
+        raise CorruptStateError(
+            _where(client, bad.key), f"no whole record from byte {sc.good_end} to its end ({bad.end})", next_step=_OLDER
+        )
     return data, header, records
 
 
@@ -219,10 +306,10 @@ def _cut(
     return data, kept, True
 
 
-def _reaches(records: list[tuple[jf.RawRecord, list[Any]]], at_generation: int | None, beyond: Any) -> bool:
+def _reaches(records: list[tuple[jf.RawRecord, list[Any]]], at_generation: int | None, beyond: Beyond) -> bool:
     """The last of *records* makes exactly generation *at_generation*, and every range past the gap (*beyond*) is
     the chain's last writer's and starts past its end, so the missing ones continue its records."""
-    if at_generation is None or not records or any(r.writer != beyond[1] or r.start < beyond[0] for r in beyond[2]):
+    if at_generation is None or not records or any(r.writer != beyond.low or r.start < beyond.end for r in beyond.after):
         return False
     return max((int(op.json["rev"]) for op in records[-1][1]), default=0) == at_generation
 
@@ -236,7 +323,7 @@ def choose(
 
         stamp = at_time.timestamp() * 1000
         for s in reversed(cands):
-            head = _container.parse_header(_fetch(client, s.key, s.digest))
+            head = _container.parse_header(fetch(client, s.key, s.digest))
             if head.written_at_ms <= stamp:
                 return s
         cands = []
@@ -250,7 +337,7 @@ def choose(
     return max((s for s in cands if s.epoch == newest), key=lambda s: (s.generation, s.session))
 
 
-def _gap_error(client: ReplicaClient, snap: _names.Snapshot, gap: str) -> CorruptStateError:
+def gap_error(client: ReplicaClient, snap: _names.Snapshot, gap: str) -> CorruptStateError:
     return CorruptStateError(
         _where(client, snap.key),
         gap,
@@ -284,43 +371,28 @@ def restore(
     sizes = {o.key: o.size for o in objects}
     snaps, ranges, _ = _names.split(sizes)
     snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
-    newer = newer_than(ranges, snap) if at_generation is None and at_time is None else None
+    latest = at_generation is None and at_time is None
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
     jid = (loaded.state.journal or {}).get("id")
     gap = gap_after(ranges, snap, chain, jid)
-    if gap is not None and at_generation is None and at_time is None:
-        raise _gap_error(client, snap, gap)
-    listed = sum(sizes.get(r.key, 0) for r in chain)
-    if listed > fs.DEFAULT_MAX_READ_BYTES:  # a chain of planted ranges must not be downloaded into memory
-        raise CorruptStateError(
-            _where(client, chain[0].folder),
-            f"the journal's ranges hold {listed} bytes, more than a journal posstate reads ({fs.DEFAULT_MAX_READ_BYTES})",
-            next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
-        )
-    jbytes, records = load_journal(client, chain, loaded, options)
-    if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0), data=jbytes)) is not None and gap is None:
-        raise _gap_error(client, snap, f"journal range {skipped.key} holds other bytes than the chain there")
+    if gap is not None and latest:
+        raise gap_error(client, snap, gap.reason)
+    jbytes, records, other = read_chain(client, ranges, snap, chain, loaded, sizes, options)
+    if other is not None and gap is None:
+        raise gap_error(client, snap, other.reason)
     seg = following_chain(client, ranges, snap, loaded, jbytes, sizes) if gap is None else []
-    if newer is not None:
-        rest = [r for r in ranges if r.journal_id not in {s.journal_id for s in seg}]
-        newer = newer_than(rest, snap)
-    if newer is not None:
-        raise CorruptStateError(
-            _where(client, newer.folder),
-            f"journal of generation {newer.base_generation} without its snapshot (deleted, or not listed yet): "
-            f"the newest snapshot listed, generation {snap.generation}, is older than the replica's state",
-            next_step=f"retry later; to restore that older state anyway: `posstate replica restore --at {snap.generation}`",
-        )
+    if latest and (newer := newer_than(ranges, snap, seg)) is not None:
+        raise orphan_error(client, newer, snap)
     nbytes, nrecords = load_segment(client, seg, jbytes, loaded, options)
     used = 1 + len(chain) + len(seg)
     kept = nkept = 0
     jbytes, kept, whole = _cut(jbytes, records, at_generation, at_time)
-    if skipped is not None and len(jbytes) > skipped.start:  # --at past where the newer writer's history began
-        raise _gap_error(client, snap, f"journal range {skipped.key}: another history from there (its first range missing)")
+    if other is not None and len(jbytes) > other.culprit.start:  # --at past where the newer writer's history began
+        raise gap_error(client, snap, f"journal range {other.culprit.key}: another history from there (its first range missing)")
     if whole:
         if gap is not None and not _reaches(records, at_generation, _beyond(ranges, snap, chain, jid)):
-            raise _gap_error(client, snap, gap)
+            raise gap_error(client, snap, gap.reason)
         nbytes, nkept, _ = _cut(nbytes, nrecords, at_generation, at_time)
     fs.ensure_dir(config.state_dir)
     for p in existing:
@@ -346,75 +418,3 @@ def restore(
         bytes=len(data) + (len(jbytes) if kept else 0) + (len(nbytes) if nkept else 0),
         epoch=snap.epoch,
     )
-
-
-def _verify_segment(
-    client: ReplicaClient,
-    ranges: list[_names.Range],
-    snap: _names.Snapshot,
-    loaded: _statefile.Loaded,
-    jbytes: bytes,
-    sizes: dict[str, int],
-    options: _statefile.ReadOptions,
-    rows: list[dict[str, Any]],
-    used: set[str],
-) -> None:
-    """The segment a restore of *snap* would replay after its journal (issue 14), replayed with the key."""
-    from posstate.core.errors import PosStateError
-
-    try:
-        seg = following_chain(client, ranges, snap, loaded, jbytes, sizes)
-        _, records = load_segment(client, seg, jbytes, loaded, options)
-    except PosStateError as exc:
-        rows.append({"key": snap.key, "ok": False, "reason": f"segment after its journal: {exc}"})
-        return
-    for r in seg:
-        if r.key not in used:
-            reason = f"segment after the journal of generation {snap.generation}, {len(records)} records"
-            rows.append({"key": r.key, "ok": True, "reason": reason})
-            used.add(r.key)
-
-
-def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[dict[str, Any]]:
-    """Read and check every object: each snapshot decrypted, each journal replayed; one row per object."""
-    from posstate.core.errors import PosStateError
-
-    objects = client.list()
-    sizes = {o.key: o.size for o in objects}
-    snaps, ranges, other = _names.split(o.key for o in objects)
-    rows: list[dict[str, Any]] = []
-    used: set[str] = set()
-    for snap in snaps:
-        try:
-            _, loaded = load_snapshot(client, snap, options)
-        except PosStateError as exc:
-            rows.append({"key": snap.key, "ok": False, "reason": str(exc)})
-            continue
-        rows.append({"key": snap.key, "ok": True, "reason": f"generation {snap.generation}, epoch {snap.epoch}"})
-        chain = journal_chain(ranges, snap, loaded)
-        gap = gap_after(ranges, snap, chain, (loaded.state.journal or {}).get("id"))
-        if gap is not None:
-            rows.append({"key": snap.key, "ok": False, "reason": gap})
-        try:
-            jbytes, records = load_journal(client, chain, loaded, options)
-            _verify_segment(client, ranges, snap, loaded, jbytes, sizes, options, rows, used)
-        except PosStateError as exc:
-            rows.extend({"key": r.key, "ok": False, "reason": str(exc)} for r in chain if r.key not in used)
-            used.update(r.key for r in chain)
-            continue
-        for r in chain:
-            if r.key not in used:
-                rows.append(
-                    {"key": r.key, "ok": True, "reason": f"journal of generation {snap.generation}, {len(records)} records"}
-                )
-                used.add(r.key)
-    for r in ranges:
-        if r.key in used:
-            continue
-        try:
-            _fetch(client, r.key, r.digest)
-            rows.append({"key": r.key, "ok": True, "reason": "not used by any restore (superseded, or its snapshot is gone)"})
-        except PosStateError as exc:
-            rows.append({"key": r.key, "ok": False, "reason": str(exc)})
-    rows.extend({"key": k, "ok": False, "reason": "not a name posstate writes (ignored by restore)"} for k in other)
-    return rows

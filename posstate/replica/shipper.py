@@ -72,6 +72,7 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self.session: int | None = None
         self._snap: _names.Snapshot | None = None
+        self._listed: set[tuple[int, str]] = set()  # (generation, digest) of every snapshot listed, any epoch
         self._jid: str | None = None
         self._joff = 0
         self._nid: str | None = None  # the ``.next`` segment of a pending background compaction (issue 14)
@@ -254,6 +255,7 @@ class Shipper:
             log.warning("replica %s: shipped objects are missing (%s); shipping them again", self.client.url, "; ".join(lost))
             self._emit("replicaReseeded", {"url": self.client.url, "missing": lost})
         self._snap = found.snapshot
+        self._listed = {(s.generation, s.digest) for s in snaps}
         self._jid, self._joff = jid, found.journal_offset
         self._nid, self._noff = nid, found.following_offset
         if self._policy is not None and found.snapshot is not None:
@@ -273,13 +275,13 @@ class Shipper:
             if local.snapshot is None or local.generation is None:
                 return
             d = _names.digest(local.snapshot)
-            if self._snap is None or self._snap.digest != d:
-                name = _names.Snapshot(local.generation, self.epoch, self.session, d)
-                self._guard()
-                self.client.put(name.key, local.snapshot)
-                self.requests += 1
-                self._snap = name
-                self._check_due = True  # retention, after a new snapshot
+            # The snapshot first, so its journal's ranges are never listed without it; but when the replica
+            # already lists these bytes (a takeover ships the state it restored under its own epoch), the journal
+            # first: a restore ignores an older epoch's ranges after this epoch's snapshot, so a writer dying
+            # between the two would leave the restored records out of every restore (session 11).
+            later = (local.generation, d) in self._listed and local.header is not None and local.journal is not None
+            if not later:
+                self._ship_snapshot(local.generation, local.snapshot, d)
             if local.header is None or local.journal is None:
                 if self._journal_newer(local.generation):
                     continue
@@ -294,7 +296,19 @@ class Shipper:
                 if seg.header.id_hex != self._nid:
                     self._nid, self._noff = seg.header.id_hex, 0
                 self._noff = self._ship_records(seg.journal, seg.header, seg.header.base_generation, seg.records, self._noff)
+            self._ship_snapshot(local.generation, local.snapshot, d)
             return
+
+    def _ship_snapshot(self, generation: int, data: bytes, d: str) -> None:
+        """Upload the snapshot under this writer's name unless it already did."""
+        assert self.session is not None
+        if self._snap is None or self._snap.digest != d:
+            name = _names.Snapshot(generation, self.epoch, self.session, d)
+            self._guard()
+            self.client.put(name.key, data)
+            self.requests += 1
+            self._snap = name
+            self._check_due = True  # retention, after a new snapshot
 
     def _journal_newer(self, generation: int) -> bool:
         from posstate.storage import fileops as fs
