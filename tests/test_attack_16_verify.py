@@ -40,6 +40,7 @@ def test_verify_of_a_replica_without_a_snapshot_is_bad(tmp_path: Path, key: byte
     assert any(not row["ok"] and "restore" in row["reason"] for row in rows), rows
     r = run(["replica", "verify", url, "--key-file", str(key_file)])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.splitlines()[-1].endswith(" bad; no snapshot"), r.output  # the summary says why
     c.delete([o.key for o in c.list()])
     assert [row["ok"] for row in verify(c, options=options(key))] == [False]
 

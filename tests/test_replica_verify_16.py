@@ -177,3 +177,17 @@ def test_cli_replica_verify_exits_1_on_a_renamed_range(tmp_path: Path, key: byte
     assert j.exit_code == 1, j.output
     doc = json.loads(j.output)
     assert doc["ok"] is False and any(o["key"] == renamed.key and not o["ok"] for o in doc["objects"])
+
+
+def test_cli_replica_verify_counts_objects_not_rows(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """issue 16.3 (session 11 attack): a refused snapshot has an ok row (it decrypts) and a BAD one (its
+    chain); the summary line counts the replica's objects and the bad ones, once each, not the rows."""
+    from test_cli import run
+
+    url, _ = _renamed_inside(tmp_path, key)
+    rows = verify(client(url), options=options(key))
+    listed = {o.key for o in client(url).list()}
+    bad = {row["key"] for row in rows if not row["ok"]}
+    assert len(rows) > len(listed)  # the case: more rows than objects
+    r = run(["replica", "verify", url, "--key-file", str(key_file)])
+    assert r.output.splitlines()[-1] == f"{len(listed)} objects, {len(bad & listed)} bad", r.output
