@@ -49,9 +49,7 @@ def keygen(ctx: click.Context, out: str | None) -> None:
 
 
 @cli.command()
-@click.option(
-    "--new-key-file", required=True, type=click.Path(dir_okay=False), help="File with the new base64 key (see keygen --out)."
-)
+@click.option("--new-key-file", required=True, type=click.Path(), help="File with the new base64 key (see keygen --out).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--dry-run", is_flag=True, help="Say what would be re-encrypted; change nothing.")
 @common_options()
