@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from posstate import Position, PositionStateManager, StateConfig
+from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring, generate_key
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -34,3 +41,46 @@ def test_key_file_that_is_a_directory_is_a_key_error(tmp_path: Path) -> None:
     assert json_run.returncode == 3 and '"MissingKeyError"' in json_run.stdout
     rekey = _cli("rekey", "--state-dir", str(d), "--new-key-file", str(key_dir), "--yes", cwd=tmp_path)
     assert rekey.returncode == 3, rekey.stderr
+
+
+def _same_generation_backups(tmp_path: Path, *, later_first: bool) -> tuple[StateConfig, bytes]:
+    """A damaged state file and two valid backups of its generation, one stamped 5 ms after the other (as a clean
+    close()'s backup of memory and the timed copy of the same snapshot are)."""
+    key = generate_key()
+    cfg = StateConfig.in_dir(tmp_path / "s", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.load_positions()
+        m.set_position(Position(symbol="BTC/USDT:USDT", side="long", contracts=1, entry_price=2))
+        m.save()
+    options = _statefile.ReadOptions(keyring=Keyring(key=key))
+    loaded = _statefile.read(cfg.state_path, options=options)
+    written_ms = int(loaded.header.written_at_ms)
+    _, later = _statefile.encode(loaded.state, keyring=Keyring(key=key), compression_level=3, now_ms=written_ms + 5)
+    backups = cfg.state_path.parent / "backups"
+    for old in backups.glob("positions_*.json"):
+        old.unlink()
+    copy_bytes = cfg.state_path.read_bytes()
+    newer_name, older_name = "positions_20300101_000001.json", "positions_20300101_000000.json"
+    (backups / (newer_name if later_first else older_name)).write_bytes(later.data)
+    (backups / (older_name if later_first else newer_name)).write_bytes(copy_bytes)
+    data = bytearray(copy_bytes)
+    data[len(data) // 2] ^= 0xFF
+    cfg.state_path.write_bytes(bytes(data))
+    return cfg, key
+
+
+@pytest.mark.parametrize("later_first", [pytest.param(True, id="later-named-newer"), pytest.param(False, id="later-named-older")])
+def test_recovery_does_not_call_a_same_generation_copy_older_or_the_clock_wrong(
+    tmp_path: Path, later_first: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """newcomer s11: after `posstate demo`, `repair` warned "lower generation but a later time; the clock moved"
+    about a backup of the chosen copy's own generation; an equal generation is neither older nor a clock step."""
+    cfg, key = _same_generation_backups(tmp_path, later_first=later_first)
+    with caplog.at_level(logging.WARNING, logger="posstate"), PositionStateManager(cfg, key=key) as m:
+        m.load_positions()
+        report = m.last_recovery
+    assert report is not None
+    verdicts = dict(report.candidates)
+    same = [v for name, v in verdicts.items() if name.startswith("backup ") and v != "chosen"]
+    assert same and all("clock" not in v and "older" not in v for v in same), verdicts
+    assert "the clock moved" not in caplog.text
