@@ -12,7 +12,7 @@ import pytest
 
 from posstate import Position, PositionStateManager, StateConfig
 from posstate.storage import statefile as _statefile
-from posstate.storage.crypto import Keyring, generate_key
+from posstate.storage.crypto import Keyring, encode_key_text, generate_key
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -84,3 +84,32 @@ def test_recovery_does_not_call_a_same_generation_copy_older_or_the_clock_wrong(
     same = [v for name, v in verdicts.items() if name.startswith("backup ") and v != "chosen"]
     assert same and all("clock" not in v and "older" not in v for v in same), verdicts
     assert "the clock moved" not in caplog.text
+
+
+def test_sigterm_without_a_terminal_is_exactly_one_error_line(tmp_path: Path) -> None:
+    """newcomer s11: SIGTERM with stderr in a file or pipe (a service manager) printed a blank line before the
+    one `Error: terminated (SIGTERM)` line (click's newline for a terminal's ^C echo); `head -1` read nothing."""
+    import signal
+
+    key = generate_key()
+    key_file = tmp_path / "k.key"
+    key_file.write_text(encode_key_text(key))
+    key_file.chmod(0o600)
+    config = tmp_path / "wait.toml"
+    config.write_text("lock_timeout = 30\n")  # a file you name may wait longer for the lock than the default
+    d = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["-v", "--state-dir", str(d), "--config", str(config), "--key-file", str(key_file), "repair", "--yes"]
+    with PositionStateManager(StateConfig.in_dir(d), key=key) as m:
+        m.load_positions()
+        m.save()
+        p = subprocess.Popen(
+            [sys.executable, "-m", "posstate", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert p.stderr is not None
+        first = p.stderr.readline()  # the --verbose line: the command runs, and waits for the bot's lock
+        assert first.startswith("info:"), first
+        p.send_signal(signal.SIGTERM)
+        _, rest = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 143
+    assert rest.splitlines() == [rest.splitlines()[0]] and rest.startswith("Error: terminated (SIGTERM)"), repr(rest)
