@@ -113,3 +113,22 @@ def test_sigterm_without_a_terminal_is_exactly_one_error_line(tmp_path: Path) ->
         _, rest = p.communicate(timeout=TIMEOUT)
     assert p.returncode == 143
     assert rest.splitlines() == [rest.splitlines()[0]] and rest.startswith("Error: terminated (SIGTERM)"), repr(rest)
+
+
+def test_history_shows_bot_metadata_changes(tmp_path: Path) -> None:
+    """newcomer s11: README's `set_bot_metadata({"step": 41})` is journaled, but `posstate history` listed it as
+    `(absent) -> (absent)` (JSON old/new null): the old and new bot metadata are shown like symbol metadata."""
+    from posstate.journal.audit import history
+
+    key = generate_key()
+    cfg = StateConfig.in_dir(tmp_path / "s", backup_interval=1e9)
+    m = PositionStateManager(cfg, key=key)
+    m.load_positions()
+    m.set_bot_metadata({"step": 41})
+    m.save()
+    m.set_bot_metadata({"step": 42})
+    m.set_bot_metadata({"step": 43})
+    entries = history(cfg, keyring=Keyring(key=key))
+    m.close()
+    bot = [(e.old, e.new) for e in entries if e.op == "set_bot_metadata"]
+    assert bot == [({"step": 41}, {"step": 42}), ({"step": 42}, {"step": 43})], entries
