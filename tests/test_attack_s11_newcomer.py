@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -132,3 +133,29 @@ def test_history_shows_bot_metadata_changes(tmp_path: Path) -> None:
     m.close()
     bot = [(e.old, e.new) for e in entries if e.op == "set_bot_metadata"]
     assert bot == [({"step": 41}, {"step": 42}), ({"step": 42}, {"step": 43})], entries
+
+
+def test_validate_summary_says_the_journal_is_replayed_on_top(tmp_path: Path) -> None:
+    """newcomer s11: after the README's embed example (changes durable by the journal), `posstate validate` ended
+    "VALID: generation 1, 0 positions" while `show` listed the position: the summary names the journal records."""
+    key = generate_key()
+    key_file = tmp_path / "k.key"
+    key_file.write_text(encode_key_text(key))
+    key_file.chmod(0o600)
+    d = tmp_path / "state"
+    m = PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key)
+    m.load_positions()
+    m.save()
+    m.set_position(Position(symbol="BTC/USDT:USDT", side="long", contracts=1, entry_price=2))
+    m.set_bot_metadata({"step": 41})
+    m.set_bot_metadata({"step": 42})
+    try:
+        out = _cli("validate", "--state-dir", str(d), "--key-file", str(key_file), cwd=tmp_path)
+        as_json = _cli("validate", "--json", "--state-dir", str(d), "--key-file", str(key_file), cwd=tmp_path)
+    finally:
+        m.close()
+    assert out.returncode == 0, out.stderr
+    applied = json.loads(as_json.stdout)["journal"]["applied"]
+    assert applied >= 1
+    last = out.stdout.splitlines()[-1]
+    assert last.startswith("VALID: generation ") and f"+ {applied} journal record" in last, last
