@@ -159,3 +159,13 @@ def test_validate_summary_says_the_journal_is_replayed_on_top(tmp_path: Path) ->
     assert applied >= 1
     last = out.stdout.splitlines()[-1]
     assert last.startswith("VALID: generation ") and f"+ {applied} journal record" in last, last
+
+
+def test_manager_signature_is_the_documented_one() -> None:
+    """newcomer s11: README's `PositionStateManager(config=None, *, key=None, passphrase=None, stats_logger=None)`;
+    help() and IDEs showed `(*args, **kwargs)` (a subclass's pass-through), and mypy let `passphrse=` through."""
+    import inspect
+
+    params = inspect.signature(PositionStateManager).parameters
+    assert list(params) == ["config", "key", "passphrase", "stats_logger"]
+    assert [p.kind for p in params.values()] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] + [inspect.Parameter.KEYWORD_ONLY] * 3
