@@ -169,3 +169,20 @@ def test_manager_signature_is_the_documented_one() -> None:
     params = inspect.signature(PositionStateManager).parameters
     assert list(params) == ["config", "key", "passphrase", "stats_logger"]
     assert [p.kind for p in params.values()] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] + [inspect.Parameter.KEYWORD_ONLY] * 3
+
+
+def test_history_of_an_unknown_order_names_the_next_step(tmp_path: Path) -> None:
+    """newcomer s11: `posstate history --orders --id X` for an unknown X said only "no order X in the ledger";
+    every message names the next step (docs/CLI.md: exit 1)."""
+    key = generate_key()
+    key_file = tmp_path / "k.key"
+    key_file.write_text(encode_key_text(key))
+    key_file.chmod(0o600)
+    d = tmp_path / "state"
+    with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key) as m:
+        m.load_positions()
+        m.save()
+    out = _cli("history", "--orders", "--id", "nope", "--state-dir", str(d), "--key-file", str(key_file), cwd=tmp_path)
+    assert out.returncode == 1
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("Error:") and "`posstate history --orders`" in line, line
