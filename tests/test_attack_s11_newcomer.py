@@ -186,3 +186,17 @@ def test_history_of_an_unknown_order_names_the_next_step(tmp_path: Path) -> None
     assert out.returncode == 1
     (line,) = out.stderr.splitlines()
     assert line.startswith("Error:") and "`posstate history --orders`" in line, line
+
+
+def test_error_line_escapes_undecodable_path_bytes_as_json_does(tmp_path: Path) -> None:
+    """newcomer s11: docs/CLI.md shows undecodable bytes of a path as `\\xNN` in the JSON; the `Error:` line
+    showed the same byte as `\\udcff` (Python's lone surrogate). Both now say `\\xff`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    bad = os.fsencode(tmp_path) + b"/bad\xff"
+    out = subprocess.run(
+        [sys.executable, "-m", "posstate", "--json", "show", "--state-dir", bad], env=env, capture_output=True, timeout=TIMEOUT
+    )
+    assert out.returncode == 6
+    assert b"bad\\\\xff" in out.stdout  # JSON escapes the backslash
+    (line,) = out.stderr.splitlines()
+    assert line.startswith(b"Error:") and b"bad\\xff/" in line and b"udcff" not in line, line
