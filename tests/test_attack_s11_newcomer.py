@@ -200,3 +200,28 @@ def test_error_line_escapes_undecodable_path_bytes_as_json_does(tmp_path: Path) 
     assert b"bad\\\\xff" in out.stdout  # JSON escapes the backslash
     (line,) = out.stderr.splitlines()
     assert line.startswith(b"Error:") and b"bad\\xff/" in line and b"udcff" not in line, line
+
+
+def test_import_of_a_newer_schema_version_is_exit_4(tmp_path: Path) -> None:
+    """newcomer s11: README exit 4 is "unsupported format or schema version (a newer posstate wrote it)"; an
+    exported document of a newer schema_version was exit 1 "99 is not one of [1, 2] (rule: enum)"."""
+    key = generate_key()
+    key_file = tmp_path / "k.key"
+    key_file.write_text(encode_key_text(key))
+    key_file.chmod(0o600)
+    d = tmp_path / "state"
+    with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key) as m:
+        m.load_positions()
+        m.save()
+    exported = tmp_path / "doc.json"
+    base = ["--state-dir", str(d), "--key-file", str(key_file)]
+    assert _cli("export", "--out", str(exported), *base, cwd=tmp_path).returncode == 0
+    doc = json.loads(exported.read_text())
+    doc["schema_version"] = 99
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps(doc))
+    out = _cli("import", str(newer), "--dry-run", "--json", *base, cwd=tmp_path)
+    assert out.returncode == 4, out.stderr
+    assert json.loads(out.stdout)["error"]["type"] == "UnsupportedVersionError"
+    (line,) = out.stderr.splitlines()
+    assert "schema version 99" in line and "upgrade posstate" in line, line
