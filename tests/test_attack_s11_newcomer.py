@@ -225,3 +225,20 @@ def test_import_of_a_newer_schema_version_is_exit_4(tmp_path: Path) -> None:
     assert json.loads(out.stdout)["error"]["type"] == "UnsupportedVersionError"
     (line,) = out.stderr.splitlines()
     assert "schema version 99" in line and "upgrade posstate" in line, line
+
+
+def test_reconcile_names_the_exchange_file_of_a_bad_value(tmp_path: Path) -> None:
+    """newcomer s11: `posstate reconcile --positions FILE` with a NaN in FILE said `<memory>: $[0].contracts ...
+    (nothing was stored)`; docs/ACCOUNT.md: the error names the entry, and the message names the file."""
+    from posstate import SchemaValidationError, reconcile_file
+
+    d = tmp_path / "state"
+    with PositionStateManager(StateConfig.in_dir(d, encryption=False, backup_interval=1e9)) as m:
+        m.load_positions()
+        m.save()
+    bad = tmp_path / "exchange.json"
+    bad.write_text('[{"symbol": "BTC/USDT:USDT", "side": "long", "contracts": NaN, "entryPrice": 1}]')
+    with pytest.raises(SchemaValidationError) as caught:
+        reconcile_file(StateConfig.in_dir(d, encryption=False), bad)
+    assert caught.value.json_path == "$[0].contracts"
+    assert str(caught.value).startswith(f"{bad}: $[0].contracts") and "<memory>" not in str(caught.value)
