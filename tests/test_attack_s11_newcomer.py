@@ -242,3 +242,24 @@ def test_reconcile_names_the_exchange_file_of_a_bad_value(tmp_path: Path) -> Non
         reconcile_file(StateConfig.in_dir(d, encryption=False), bad)
     assert caught.value.json_path == "$[0].contracts"
     assert str(caught.value).startswith(f"{bad}: $[0].contracts") and "<memory>" not in str(caught.value)
+
+
+def test_reconcile_names_the_orders_file_and_entry_of_a_bad_order(tmp_path: Path) -> None:
+    """newcomer s11: `posstate reconcile --orders FILE` with a NaN price said `<memory>: $.price`: which file,
+    which order? Now `FILE: $[1].price`, as a bad position is named."""
+    from posstate import SchemaValidationError, reconcile_file
+
+    d = tmp_path / "state"
+    with PositionStateManager(StateConfig.in_dir(d, encryption=False, backup_interval=1e9)) as m:
+        m.load_positions()
+        m.save()
+    positions = tmp_path / "positions.json"
+    positions.write_text("[]")
+    good = {"id": "1", "clientOrderId": "c1", "symbol": "A", "side": "buy", "type": "limit", "status": "open"}
+    orders = tmp_path / "orders.json"
+    text = json.dumps([{**good, "price": 1, "amount": 1}, {**good, "id": "2", "price": "__NAN__", "amount": 1}])
+    orders.write_text(text.replace('"__NAN__"', "NaN"))
+    with pytest.raises(SchemaValidationError) as caught:
+        reconcile_file(StateConfig.in_dir(d, encryption=False), positions, open_orders_path=orders)
+    assert caught.value.json_path == "$[1].price"
+    assert str(caught.value).startswith(f"{orders}: $[1].price"), str(caught.value)

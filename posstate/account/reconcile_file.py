@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -14,6 +14,7 @@ from posstate.account.exchange import ExchangeAccountStateStore
 from posstate.account.ingest import SyncReport
 from posstate.account.persist import PersistedAccountStateStore
 from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
+from posstate.account.types import Order
 from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError
 from posstate.manager.manager import PositionStateManager
@@ -104,8 +105,12 @@ def reconcile_file(
     config = state if isinstance(state, StateConfig) else StateConfig.in_dir(state)
     exchange = read_exchange_positions(exchange_json_path)
     if open_orders_path is not None:
-        opened = read_exchange_positions(open_orders_path, what="orders")
-        closed = read_exchange_positions(closed_orders_path, what="orders") if closed_orders_path is not None else None
+        opened = _orders(read_exchange_positions(open_orders_path, what="orders"), open_orders_path)
+        closed = (
+            _orders(read_exchange_positions(closed_orders_path, what="orders"), closed_orders_path)
+            if closed_orders_path is not None
+            else None
+        )
         return _with_orders(
             config, exchange, opened, closed, apply, tolerance, price_tolerance, key, passphrase, exchange_json_path
         )
@@ -132,6 +137,18 @@ def _in_file(path: str | Path) -> Iterator[None]:
         if exc.path is not None or not exc.json_path.startswith("$["):
             raise
         raise SchemaValidationError(Path(path), exc.json_path, exc.rule, exc.detail, errors=exc.errors) from None
+
+
+def _orders(items: list[Any], path: str | Path) -> list[Any]:
+    """Each ccxt order of the file as an :class:`Order`; a refused one named by file and index (``$[1].price``)."""
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(Order.from_ccxt(item) if isinstance(item, Mapping) else item)
+        except SchemaValidationError as exc:
+            where = f"$[{i}]{exc.json_path[1:]}" if exc.json_path.startswith("$") else f"$[{i}]"
+            raise SchemaValidationError(Path(path), where, exc.rule, exc.detail) from None
+    return out
 
 
 def _with_orders(
