@@ -263,3 +263,19 @@ def test_reconcile_names_the_orders_file_and_entry_of_a_bad_order(tmp_path: Path
         reconcile_file(StateConfig.in_dir(d, encryption=False), positions, open_orders_path=orders)
     assert caught.value.json_path == "$[1].price"
     assert str(caught.value).startswith(f"{orders}: $[1].price"), str(caught.value)
+
+
+@pytest.mark.parametrize("content", [pytest.param(None, id="missing"), pytest.param("short", id="short-token")])
+def test_token_file_errors_name_the_file(tmp_path: Path, content: str | None) -> None:
+    """newcomer s11: `posstate serve --token-file F` refused F with "the token must be one word ..." or "the
+    token file does not exist", naming no file; every message names the file it is about."""
+    from posstate import ServeError
+    from posstate.serve.tokens import read_token
+
+    token = tmp_path / "token"
+    if content is not None:
+        token.write_text(content)
+        token.chmod(0o600)
+    with pytest.raises(ServeError) as caught:
+        read_token(token)
+    assert str(caught.value).startswith(f"{token}: the token"), str(caught.value)

@@ -616,7 +616,8 @@ class ServeError(ConfigError):
 
     def __init__(self, reason: str, *, next_step: str, path: str | Path | None = None) -> None:
         self._reason = reason
-        PosStateError.__init__(self, f"{reason}; {next_step}", path=path)
+        where = f"{_show(path)}: " if path is not None else ""  # a token file: named, as every other file is
+        PosStateError.__init__(self, f"{where}{reason}; {next_step}", path=path)
 
     @property
     def reason(self) -> str:
