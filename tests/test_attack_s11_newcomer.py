@@ -279,3 +279,13 @@ def test_token_file_errors_name_the_file(tmp_path: Path, content: str | None) ->
     with pytest.raises(ServeError) as caught:
         read_token(token)
     assert str(caught.value).startswith(f"{token}: the token"), str(caught.value)
+
+
+def test_history_of_a_mistyped_state_dir_is_not_found(tmp_path: Path) -> None:
+    """newcomer s11: `posstate history --state-dir /typo` said "no changes recorded since the last snapshot", exit
+    0, where show, export, watch, repair and backups say "no such state directory", exit 6."""
+    out = _cli("history", "--state-dir", str(tmp_path / "typo"), cwd=tmp_path)
+    assert out.returncode == 6, out.stdout + out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("Error:") and "no such state directory" in line, line
+    assert not (tmp_path / "typo").exists()
