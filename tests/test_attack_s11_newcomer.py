@@ -289,3 +289,30 @@ def test_history_of_a_mistyped_state_dir_is_not_found(tmp_path: Path) -> None:
     (line,) = out.stderr.splitlines()
     assert line.startswith("Error:") and "no such state directory" in line, line
     assert not (tmp_path / "typo").exists()
+
+
+def test_bad_key_file_errors_name_the_file_and_the_option(tmp_path: Path) -> None:
+    """newcomer s11: a key file that is not base64 was `<memory>: key file K is not valid base64`; and a bad
+    `rekey --new-key-file` was told to "pass --key-file FILE" (the old key's option). Now each names its file and
+    the option to fix."""
+    key = generate_key()
+    key_file = tmp_path / "k.key"
+    key_file.write_text(encode_key_text(key))
+    key_file.chmod(0o600)
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a key at all\n")
+    garbage.chmod(0o600)
+    d = tmp_path / "state"
+    with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key) as m:
+        m.load_positions()
+        m.save()
+    shown = _cli("show", "--state-dir", str(d), "--key-file", str(garbage), cwd=tmp_path)
+    assert shown.returncode == 3
+    assert shown.stderr.startswith(f"Error: {garbage}: key file is not valid base64"), shown.stderr
+    for bad in (garbage, tmp_path / "missing.key", tmp_path):
+        rekey = _cli(
+            "rekey", "--state-dir", str(d), "--key-file", str(key_file), "--new-key-file", str(bad), "--yes", cwd=tmp_path
+        )
+        assert rekey.returncode == 3, rekey.stderr
+        (line,) = rekey.stderr.splitlines()
+        assert line.startswith(f"Error: {bad}: ") and "--new-key-file" in line and "pass --key-file" not in line, line
