@@ -316,3 +316,29 @@ def test_bad_key_file_errors_name_the_file_and_the_option(tmp_path: Path) -> Non
         assert rekey.returncode == 3, rekey.stderr
         (line,) = rekey.stderr.splitlines()
         assert line.startswith(f"Error: {bad}: ") and "--new-key-file" in line and "pass --key-file" not in line, line
+
+
+def test_import_dry_run_labels_the_current_state_as_the_import_does(tmp_path: Path) -> None:
+    """newcomer s11: with journal records after the snapshot, `import --dry-run` labelled the current state with
+    the snapshot's generation and the import itself with the generation after the replay (5, then 6)."""
+    key = generate_key()
+    key_file = tmp_path / "k.key"
+    key_file.write_text(encode_key_text(key))
+    key_file.chmod(0o600)
+    d = tmp_path / "state"
+    m = PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key)
+    m.load_positions()
+    m.save()
+    for step in range(3):
+        m.set_bot_metadata({"step": step})
+    m.close()
+    base = ["--state-dir", str(d), "--key-file", str(key_file)]
+    doc = tmp_path / "doc.json"
+    assert _cli("export", "--out", str(doc), *base, cwd=tmp_path).returncode == 0
+    edited = json.loads(doc.read_text())
+    edited["bot_metadata"]["data"] = {"step": 99}
+    doc.write_text(json.dumps(edited))
+    dry = _cli("import", str(doc), "--dry-run", *base, cwd=tmp_path)
+    real = _cli("import", str(doc), "--yes", *base, cwd=tmp_path)
+    assert dry.returncode == 0 and real.returncode == 0, dry.stderr + real.stderr
+    assert dry.stdout.splitlines()[0] == real.stdout.splitlines()[0], (dry.stdout, real.stdout)

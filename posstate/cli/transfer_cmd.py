@@ -127,6 +127,7 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
         cur = read_current(cfg, env.read_options())
         if cur.error is not None:
             raise journal_refusal(cur.error, cfg)
+        cur.state.generation = cur.generation  # as the manager reports it after the replay (the import's label)
         return cur.state
 
     if dry_run:
