@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -342,3 +343,25 @@ def test_import_dry_run_labels_the_current_state_as_the_import_does(tmp_path: Pa
     real = _cli("import", str(doc), "--yes", *base, cwd=tmp_path)
     assert dry.returncode == 0 and real.returncode == 0, dry.stderr + real.stderr
     assert dry.stdout.splitlines()[0] == real.stdout.splitlines()[0], (dry.stdout, real.stdout)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param({"PERSISTENCE": {"COMPRESSION": "false"}}, id="string-false-became-true"),
+        pytest.param({"VALIDATION": {"ENABLED": "no"}}, id="string-no-became-true"),
+        pytest.param({"PERSISTENCE": {"ENCRYPTION": {"ENABLED": "false"}}}, id="encryption-string"),
+        pytest.param({"PERSISTENCE": {"COMPRES": False}}, id="typo-in-a-section"),
+        pytest.param({"RECOVERY": {"BACKUP_TRESHOLD": 60000}}, id="typo-in-recovery"),
+        pytest.param({"MAX_BACKUPS": "5"}, id="string-number"),
+        pytest.param({"MAX_BACKUPS": 2.7}, id="fraction-truncated"),
+        pytest.param({"BACKUP_INTERVAL": True}, id="bool-as-number"),
+    ],
+)
+def test_reference_form_is_as_strict_as_the_flat_form(data: dict[str, Any]) -> None:
+    """newcomer s11: README's `StateConfig.from_mapping({"PERSISTENCE": {"COMPRESSION": ...}})` took "false" as
+    true (bool() of a string) and ignored a misspelt key inside a section; the flat form refuses both."""
+    from posstate import ConfigError
+
+    with pytest.raises(ConfigError):
+        StateConfig.from_mapping(data)
