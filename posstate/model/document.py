@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from posstate.core.errors import CorruptStateError, SchemaValidationError, UnsupportedVersionError
+from posstate.core.errors import CorruptStateError, SchemaValidationError
 from posstate.model.fastpath import _fast_decode, _Reject
 from posstate.model.position import (
     MAX_SYMBOL_LENGTH,
@@ -327,9 +327,6 @@ def decode_document(
     try:
         state = _fast_decode(doc)
     except _Reject:
-        found = doc.get("schema_version") if isinstance(doc, dict) else None
-        if type(found) is int and found > SCHEMA_VERSION:  # a newer posstate's document: not damage (exit 4)
-            raise UnsupportedVersionError(path, what="schema", found=found, supported=SCHEMA_VERSION) from None
         raise_for_schema(doc, path=path)
         state = _slow_decode(doc, path=path)
     problems = relationship_errors(doc, state, now=now, skew=skew)
