@@ -641,7 +641,7 @@ def test_bad_key_file_exit_3(state: Path, tmp_path: Path) -> None:
     r = run([*keyed(state, kf), "validate"])
     assert r.exit_code == 3
     assert err_line(r) == (
-        f"Error: <memory>: key file {kf} decodes to 11 bytes, expected 32; pass --key-file FILE, or set POSSTATE_KEY, "
+        f"Error: {kf}: key file decodes to 11 bytes, expected 32; pass --key-file FILE, or set POSSTATE_KEY, "
         "POSSTATE_KEY_FILE or POSSTATE_PASSPHRASE (make a key with `posstate keygen`)"
     )
     assert "c2VjcmV0" not in r.output

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -12,6 +14,7 @@ from posstate.account.exchange import ExchangeAccountStateStore
 from posstate.account.ingest import SyncReport
 from posstate.account.persist import PersistedAccountStateStore
 from posstate.account.reconcile import AppliedReconciliation, ReconciliationReport
+from posstate.account.types import Order
 from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, PersistenceError, SchemaValidationError, StateNotFoundError
 from posstate.manager.manager import PositionStateManager
@@ -102,12 +105,19 @@ def reconcile_file(
     config = state if isinstance(state, StateConfig) else StateConfig.in_dir(state)
     exchange = read_exchange_positions(exchange_json_path)
     if open_orders_path is not None:
-        opened = read_exchange_positions(open_orders_path, what="orders")
-        closed = read_exchange_positions(closed_orders_path, what="orders") if closed_orders_path is not None else None
-        return _with_orders(config, exchange, opened, closed, apply, tolerance, price_tolerance, key, passphrase)
+        opened = _orders(read_exchange_positions(open_orders_path, what="orders"), open_orders_path)
+        closed = (
+            _orders(read_exchange_positions(closed_orders_path, what="orders"), closed_orders_path)
+            if closed_orders_path is not None
+            else None
+        )
+        return _with_orders(
+            config, exchange, opened, closed, apply, tolerance, price_tolerance, key, passphrase, exchange_json_path
+        )
     with PositionStateManager(config, key=key, passphrase=passphrase) as manager:
         store = PersistedAccountStateStore(manager, write_through=False)
-        report = store.reconcile(exchange, tolerance=tolerance, price_tolerance=price_tolerance)
+        with _in_file(exchange_json_path):
+            report = store.reconcile(exchange, tolerance=tolerance, price_tolerance=price_tolerance)
         if not apply:
             return ReconcileFileResult(report, None, None)
         applied = store.apply_reconciliation(report)
@@ -116,6 +126,29 @@ def reconcile_file(
         # An operator's reconciliation ends in a snapshot of its own (in the journal modes the flush was one
         # durable record; this folds it in), so the generation reported is the one on disk.
         return ReconcileFileResult(report, applied, manager.save())
+
+
+@contextlib.contextmanager
+def _in_file(path: str | Path) -> Iterator[None]:
+    """A value the store refuses (``$[3].entry_price``) named with the file it came from, not ``<memory>``."""
+    try:
+        yield
+    except SchemaValidationError as exc:
+        if exc.path is not None or not exc.json_path.startswith("$["):
+            raise
+        raise SchemaValidationError(Path(path), exc.json_path, exc.rule, exc.detail, errors=exc.errors) from None
+
+
+def _orders(items: list[Any], path: str | Path) -> list[Any]:
+    """Each ccxt order of the file as an :class:`Order`; a refused one named by file and index (``$[1].price``)."""
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(Order.from_ccxt(item) if isinstance(item, Mapping) else item)
+        except SchemaValidationError as exc:
+            where = f"$[{i}]{exc.json_path[1:]}" if exc.json_path.startswith("$") else f"$[{i}]"
+            raise SchemaValidationError(Path(path), where, exc.rule, exc.detail) from None
+    return out
 
 
 def _with_orders(
@@ -128,14 +161,17 @@ def _with_orders(
     price_tolerance: Decimal | int | str | float,
     key: bytes | str | None,
     passphrase: str | None,
+    positions_path: str | Path,
 ) -> ReconcileFileResult:
     with PositionStateManager(config, key=key, passphrase=passphrase) as manager:
         if not apply:
             plan = _PlanOnly(manager, write_through=False)
-            report = plan.reconcile(exchange, tolerance=tolerance, price_tolerance=price_tolerance)
+            with _in_file(positions_path):
+                report = plan.reconcile(exchange, tolerance=tolerance, price_tolerance=price_tolerance)
             return ReconcileFileResult(report, None, None, plan.reconcile_open_orders(opened, closed_orders=closed))
         store = ExchangeAccountStateStore(manager, write_through=False)
-        report = store.reconcile(exchange, tolerance=tolerance, price_tolerance=price_tolerance)
+        with _in_file(positions_path):
+            report = store.reconcile(exchange, tolerance=tolerance, price_tolerance=price_tolerance)
         applied = store.apply_reconciliation(report)
         store.flush()
         orders = store.set_open_orders(opened, closed_orders=closed)

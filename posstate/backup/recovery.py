@@ -361,9 +361,10 @@ def _select(
                     f"the newest change known (backup_threshold {cfg.backup_threshold:.0f} s)"
                 )
             continue
-        c.verdict = f"valid, older than the chosen copy (generation {c.generation})"
+        same = c.generation == best.generation  # e.g. close()'s backup of memory, the timed copy of that snapshot
+        c.verdict = f"valid, {'the same generation as' if same else 'older than'} the chosen copy (generation {c.generation})"
         c_ms = c.newest_ms
-        if c_ms is not None and best_ms is not None and c_ms > best_ms:
+        if not same and c_ms is not None and best_ms is not None and c_ms > best_ms:
             # A lower generation written "later": the clock stepped back (or forward) between the saves.
             c.verdict += "; warning: its clock time is later than the chosen copy's (clock stepped?)"
             log.warning("%s: %s has a lower generation but a later time than %s; the clock moved", path, c.name, best.name)

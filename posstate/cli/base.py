@@ -148,6 +148,10 @@ class PosstateGroup(click.Group):
             raise click.exceptions.Exit(_out.closed_pipe()) from None
         except (click.exceptions.Abort, click.ClickException):
             raise
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: click's own handler adds a blank line even in a pipe
+            if sys.stderr.isatty():
+                click.echo(file=sys.stderr)  # after the terminal's ^C echo, the Error: line starts a line of its own
+            raise click.exceptions.Abort() from stop
         except (PosStateError, CliError) as exc:
             raise click.exceptions.Exit(_report(ctx, exc)) from None
         except Exception as exc:

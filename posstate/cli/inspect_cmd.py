@@ -57,7 +57,7 @@ def validate(ctx: click.Context, path: str | None) -> None:
             out["ledger_violations"] = violations
         json_out(out)
     else:
-        for line in validate_lines(report):
+        for line in validate_lines(report, replayed=int((verdict.data.get("applied") or 0) if verdict is not None else 0)):
             click.echo(paint(line))
     if report.valid:
         return

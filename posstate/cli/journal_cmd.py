@@ -322,6 +322,9 @@ def history(ctx: click.Context, symbol: str | None, orders: bool, order_id: str 
         got = read_state(env, cfg.state_path)
         print_order_history(env, got.state, path=cfg.state_path, order_id=order_id)
         return
+    from posstate.cli.backups_cmd import require_state_dir
+
+    require_state_dir(cfg)  # a mistyped --state-dir is exit 6, not "no changes recorded"
     _refuse_non_regular_state(cfg)
     path = journal_read_path(cfg, env.read_options())
     chain = journal_segments(cfg, env.read_options(), path)

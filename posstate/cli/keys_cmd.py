@@ -19,7 +19,7 @@ from posstate.cli.base import (
     writer_lock,
 )
 from posstate.cli.options import common_options, env_of
-from posstate.core.errors import StateNotFoundError
+from posstate.core.errors import MissingKeyError, StateNotFoundError
 from posstate.storage.crypto import Keyring, encode_key_text, generate_key, key_id, read_key_file
 
 
@@ -49,9 +49,7 @@ def keygen(ctx: click.Context, out: str | None) -> None:
 
 
 @cli.command()
-@click.option(
-    "--new-key-file", required=True, type=click.Path(dir_okay=False), help="File with the new base64 key (see keygen --out)."
-)
+@click.option("--new-key-file", required=True, type=click.Path(), help="File with the new base64 key (see keygen --out).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--dry-run", is_flag=True, help="Say what would be re-encrypted; change nothing.")
 @common_options()
@@ -67,7 +65,11 @@ def rekey(ctx: click.Context, new_key_file: str, yes: bool, dry_run: bool) -> No
     env = env_of(ctx)
     cfg = env.config()
     old = env.require_keyring(cfg.state_path)
-    new = Keyring(key=read_key_file(new_key_file))
+    try:
+        new = Keyring(key=read_key_file(new_key_file))
+    except MissingKeyError as exc:  # the new key's file: its own option to fix, not --key-file
+        step = "give --new-key-file the file `posstate keygen --out FILE` wrote"
+        raise MissingKeyError(exc.path, reason=exc.reason, next_step=step) from None
     if old.key_id == new.key_id:
         raise CliError(
             f"{new_key_file}: this is the key in use (key id {new.key_id}); make a new one with `posstate keygen --out FILE`"

@@ -58,7 +58,11 @@ def print_order_history(env: Env, state: StateData, *, path: Path, order_id: str
     """Every order event of the state (or of one order), oldest first per order."""
     events = ledgerformat.order_history(ledger_entries(state), order_id)
     if order_id is not None and not events:
-        raise CliError(f"{path}: no order {order_id!r} in the ledger (key, client order id or exchange id)", code=1)
+        raise CliError(
+            f"{path}: no order {order_id!r} in the ledger (key, client order id or exchange id); "
+            "list every order with `posstate history --orders`",
+            code=1,
+        )
     if env.json:
         json_out(events)
         return

@@ -265,7 +265,7 @@ def common_options(*, top: bool = False, hide: tuple[str, ...] = (), omit: tuple
             ),
             click.option(
                 "--key-file",
-                type=click.Path(dir_okay=False),
+                type=click.Path(),  # not dir_okay=False: a directory is a key problem (exit 3), as for POSSTATE_KEY_FILE
                 expose_value=False,
                 hidden="key-file" in hide,
                 callback=_setter("key_file"),

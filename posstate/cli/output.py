@@ -316,7 +316,15 @@ _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 def printable(text: str) -> str:
     """*text* with every control character escaped (``\\x1b``, ``\\u202e``): a file name the attacker chose
     (a planted ``quarantine/`` file, a path in an error) can then never drive the operator's terminal (retitle it,
-    clear it, hide a line). Colour is added after this, by :func:`paint` and :func:`error_prefix`."""
+    clear it, hide a line). Colour is added after this, by :func:`paint` and :func:`error_prefix`. Undecodable
+    bytes of a path (lone surrogates) read ``\\xff``, as in the JSON (:func:`posstate.serve.shapes.to_json`)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that is no escaped byte
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return _CONTROLS.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
 
 

@@ -128,8 +128,8 @@ def _verdict(ok: bool | None) -> str:
     return "ok" if ok else ("-" if ok is None else "FAIL")
 
 
-def validate_lines(report: ValidationReport) -> list[str]:
-    """Each check with its verdict, then one summary line."""
+def validate_lines(report: ValidationReport, *, replayed: int = 0) -> list[str]:
+    """Each check with its verdict, then one summary line (*replayed*: journal records a load adds to the file)."""
     lines = [report.path]
     width = max(len(c.name) for c in report.checks)
     for c in report.checks:
@@ -138,6 +138,8 @@ def validate_lines(report: ValidationReport) -> list[str]:
         lines.append(f"        also: {issue.path}: {issue.message}")
     if report.valid:
         extra = f", key id {report.key_id}" if report.key_id else ""
+        if replayed:  # the figures are the snapshot's; `show` lists the state a restart loads
+            extra += f"; the snapshot, + {replayed} journal record{'s' if replayed != 1 else ''} a load replays (`posstate show`)"
         lines.append(f"VALID: generation {report.generation}, {report.positions} positions{extra}")
     elif report.error is None and not report.contents_checked:
         lines.append("NOT CHECKED: header and checksum are fine, but without a key the contents were NOT checked")

@@ -21,7 +21,13 @@ from posstate.cli.options import PATH_ARG, SNAPSHOT_ONLY, Env, common_options, e
 from posstate.cli.output import echo_text
 from posstate.cli.render import diff_json, diff_lines, diff_states, to_json
 from posstate.core.config import StateConfig
-from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, SchemaValidationError
+from posstate.core.errors import (
+    CorruptStateError,
+    PersistenceError,
+    PosStateError,
+    SchemaValidationError,
+    UnsupportedVersionError,
+)
 from posstate.journal.current import read_current
 from posstate.model import document as _document
 from posstate.model.document import StateData
@@ -104,6 +110,9 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
         raise CorruptStateError(
             src, exc.reason, next_step="give a JSON document written by `posstate export`", kind="not-a-state-file"
         ) from None
+    found = doc.get("schema_version") if isinstance(doc, dict) else None
+    if type(found) is int and found > _document.SCHEMA_VERSION:  # a newer posstate's export: exit 4, not damage
+        raise UnsupportedVersionError(src, what="schema", found=found, supported=_document.SCHEMA_VERSION)
     incoming = _document.decode_document(doc, path=src, skew=cfg.clock_skew)
 
     def preview(current: StateData) -> bool:
@@ -127,6 +136,7 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
         cur = read_current(cfg, env.read_options())
         if cur.error is not None:
             raise journal_refusal(cur.error, cfg)
+        cur.state.generation = cur.generation  # as the manager reports it after the replay (the import's label)
         return cur.state
 
     if dry_run:

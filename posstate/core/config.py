@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from posstate.core.errors import ConfigError
+from posstate.core.refcheck import check_reference
 from posstate.core.text import BAD_TEXT
 
 Durability = Literal["snapshot", "sync", "group"]
@@ -229,6 +230,7 @@ class StateConfig:
             data = data["POSITION_STATE_MANAGER"]
         if any(k.isupper() for k in data):
             try:
+                check_reference(data)  # as strict as the flat form: types, and names inside each section
                 converted = _from_reference(data)
             except ConfigError:
                 raise

@@ -211,12 +211,21 @@ class WrongKeyError(PosStateError, ValueError):
 class MissingKeyError(PosStateError, LookupError):
     """Encryption is on, or a file is encrypted, and no key or passphrase was supplied."""
 
-    def __init__(self, path: str | Path | None = None, *, reason: str = "encryption is on but no key was supplied") -> None:
-        super().__init__(
-            f"{_show(path)}: {reason}; pass key= or passphrase=, or set POSSTATE_KEY, POSSTATE_KEY_FILE "
-            "or POSSTATE_PASSPHRASE (make a key with `posstate keygen`)",
-            path=path,
-        )
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        reason: str = "encryption is on but no key was supplied",
+        next_step: str = "pass key= or passphrase=, or set POSSTATE_KEY, POSSTATE_KEY_FILE "
+        "or POSSTATE_PASSPHRASE (make a key with `posstate keygen`)",
+    ) -> None:
+        self._reason = reason
+        super().__init__(f"{_show(path)}: {reason}; {next_step}", path=path)
+
+    @property
+    def reason(self) -> str:
+        """What is wrong with the key (``key file not found``), without the next step."""
+        return self._reason
 
 
 class UnsupportedVersionError(PosStateError, ValueError):
@@ -616,7 +625,8 @@ class ServeError(ConfigError):
 
     def __init__(self, reason: str, *, next_step: str, path: str | Path | None = None) -> None:
         self._reason = reason
-        PosStateError.__init__(self, f"{reason}; {next_step}", path=path)
+        where = f"{_show(path)}: " if path is not None else ""  # a token file: named, as every other file is
+        PosStateError.__init__(self, f"{where}{reason}; {next_step}", path=path)
 
     @property
     def reason(self) -> str:

@@ -69,7 +69,9 @@ class JournalCheck:
     newer_version: int | None = None  # the header is intact but of a journal format newer than this posstate
 
 
-def _value(st: StateData, symbol: str, side: str | None) -> dict[str, Any] | None:
+def _value(st: StateData, symbol: str, side: str | None, *, bot: bool = False) -> dict[str, Any] | None:
+    if bot:  # set_bot_metadata: key_of() gives ("", None)
+        return dict(st.bot_metadata) if st.bot_metadata is not None else None
     if side is None:
         found = st.metadata.get(symbol)
         return dict(found) if found is not None else None
@@ -148,14 +150,14 @@ def history(
         known = st is not None and rec.seq > snap_seq
         for op in ops:
             sym, side = jops.key_of(op)
-            old = _value(st, sym, side) if known and st is not None else None
+            name = op.json["op"]
+            old = _value(st, sym, side, bot=name == jops.SET_BOT_METADATA) if known and st is not None else None
             if known and st is not None:
                 jops.apply(st, {}, op)
-            name = op.json["op"]
             if name == jops.SET_POSITION:
                 assert op.position is not None
                 new: dict[str, Any] | None = dict(op.position.to_dict())
-            elif name == jops.SET_METADATA:
+            elif name in (jops.SET_METADATA, jops.SET_BOT_METADATA):
                 new = dict(op.json["data"])
             else:
                 new = None

@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from posstate.core.config import StateConfig
 from posstate.core.errors import PosStateError
+from posstate.core.events import StatsLogger
 from posstate.manager import procompaction as _proc
 from posstate.model import document as _document
 from posstate.model import ops as _jops
@@ -120,9 +122,16 @@ class BackgroundCompaction(_proc.ProcessCompaction):
     _bg_thread: threading.Thread | None
     _bg_wake: threading.Event
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: StateConfig | None = None,
+        *,
+        key: bytes | str | None = None,
+        passphrase: str | None = None,
+        stats_logger: StatsLogger | None = None,
+    ) -> None:  # the manager's documented signature, spelled out for help(), IDEs and mypy
         self._bg_init()
-        super().__init__(*args, **kwargs)
+        super().__init__(config, key=key, passphrase=passphrase, stats_logger=stats_logger)
 
     def _bg_init(self) -> None:
         self._bg_cond = threading.Condition()

@@ -63,14 +63,15 @@ def derive_key(passphrase: str, salt: bytes, log2_n: int = DEFAULT_SCRYPT_LOG2_N
     )
 
 
-def decode_key_text(text: str, *, source: str) -> bytes:
-    """Decode base64 key text (as written by ``posstate keygen``); never echo the text in an error."""
+def decode_key_text(text: str, *, source: str, path: Path | None = None) -> bytes:
+    """Decode base64 key text (as written by ``posstate keygen``); never echo the text in an error. *path*: the
+    key file the text came from, named by the error."""
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
-        raise MissingKeyError(reason=f"{source} is not valid base64") from None
+        raise MissingKeyError(path, reason=f"{source} is not valid base64") from None
     if len(raw) != KEY_SIZE:
-        raise MissingKeyError(reason=f"{source} decodes to {len(raw)} bytes, expected {KEY_SIZE}")
+        raise MissingKeyError(path, reason=f"{source} decodes to {len(raw)} bytes, expected {KEY_SIZE}")
     return raw
 
 
@@ -98,7 +99,7 @@ def read_key_file(path: str | os.PathLike[str]) -> bytes:
             log.warning("key file %s is readable by group or others (mode %o); chmod 600 it", p, mode & 0o777)
     except OSError:
         pass
-    return decode_key_text(text, source=f"key file {p}")
+    return decode_key_text(text, source="key file", path=p)
 
 
 def coerce_key(key: object, *, argument: str = "key=") -> bytes:
