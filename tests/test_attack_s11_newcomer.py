@@ -365,3 +365,15 @@ def test_reference_form_is_as_strict_as_the_flat_form(data: dict[str, Any]) -> N
 
     with pytest.raises(ConfigError):
         StateConfig.from_mapping(data)
+
+
+def test_a_key_put_where_the_encryption_flag_goes_is_never_echoed() -> None:
+    """newcomer s11 (review): `PERSISTENCE.ENCRYPTION` holding a key string by mistake is refused without the
+    string in the error (secrets never appear in an exception)."""
+    from posstate import ConfigError
+
+    secret = "c2VjcmV0LWtleS1tYXRlcmlhbC0xMjM0NTY3ODkwYWJjZGVm"
+    for data in ({"PERSISTENCE": {"ENCRYPTION": secret}}, {"PERSISTENCE": {"ENCRYPTION": {"ENABLED": secret}}}):
+        with pytest.raises(ConfigError) as err:
+            StateConfig.from_mapping(data)
+        assert secret not in str(err.value) and secret not in repr(err.value)

@@ -38,12 +38,11 @@ def check_reference(ref: Mapping[str, Any]) -> None:
 
 
 def _check(name: str, kind: str, value: Any) -> None:
-    if kind == "encryption":
-        if isinstance(value, Mapping):
-            if "ENABLED" in value:
-                _check(f"{name}.ENABLED", "flag", value["ENABLED"])
-            return
-        kind = "flag"
+    if kind == "encryption":  # a string here may be a key put in the wrong place: never echoed
+        value = value.get("ENABLED", False) if isinstance(value, Mapping) else value
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false (or a table with ENABLED), got a {type(value).__name__}")
+        return
     if kind == "flag" and not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
