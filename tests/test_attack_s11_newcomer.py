@@ -377,3 +377,26 @@ def test_a_key_put_where_the_encryption_flag_goes_is_never_echoed() -> None:
         with pytest.raises(ConfigError) as err:
             StateConfig.from_mapping(data)
         assert secret not in str(err.value) and secret not in repr(err.value)
+
+
+def test_a_call_with_an_argument_posstate_does_not_take_is_a_typed_error(tmp_path: Path) -> None:
+    """newcomer s11: an unknown event name, subscribe(maxsize=1), persist_interval=0 and an unknown stream-gap
+    subject raised a plain ValueError; each is an InvalidArgumentError (a PosStateError, still a ValueError)
+    that names the next step."""
+    from posstate import AccountStateStore, ExchangeAccountStateStore, InvalidArgumentError, PersistedAccountStateStore
+
+    m = PositionStateManager(StateConfig.in_dir(tmp_path / "s", encryption=False))
+    try:
+        calls = [
+            lambda: m.on("sved", lambda *a: None),
+            lambda: AccountStateStore().on("updatd", lambda *a: None),
+            lambda: AccountStateStore().subscribe(maxsize=1),
+            lambda: PersistedAccountStateStore(m, persist_interval=0),
+            lambda: ExchangeAccountStateStore(m).record_stream_gap(subjects=("ordrs",)),
+        ]
+        for call in calls:
+            with pytest.raises(InvalidArgumentError, match="; use one of|; give") as err:
+                call()
+            assert isinstance(err.value, ValueError)
+    finally:
+        m.close()

@@ -36,6 +36,7 @@ EXAMPLES: dict[str, Callable[[], errors.PosStateError]] = {
     "StaleBackupError": lambda: errors.StaleBackupError("/s/b", backup_id="b1", age=99.0, threshold=60.0),
     "TransactionError": lambda: errors.TransactionError("/s/p.json", "save inside a transaction"),
     "ConfigError": lambda: errors.ConfigError("backup_interval must be a number", path="/s/posstate.toml"),
+    "InvalidArgumentError": lambda: errors.InvalidArgumentError("unknown event 'sved'", next_step="use one of: saved"),
     "LeaseLostError": lambda: errors.LeaseLostError("/s/p.json", url="s3://b/p", epoch=7, reason="taken over"),
     "ReplicaError": lambda: errors.ReplicaError("s3://b/p", "403", key="snapshots/1"),
     "OrderTransitionError": lambda: errors.OrderTransitionError("o1", "filled -> open"),

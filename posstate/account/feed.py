@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterable
 
 from posstate.account.types import AccountUpdate
+from posstate.core.errors import InvalidArgumentError
 
 log = logging.getLogger("posstate")
 
@@ -56,7 +57,10 @@ class UpdateFeed:
 
     def add(self, maxsize: int, *, start_version: int) -> UpdateQueue:
         if maxsize < 2:
-            raise ValueError(f"maxsize must be >= 2 (room for one update and the resync message), got {maxsize}")
+            raise InvalidArgumentError(
+                f"maxsize must be >= 2 (room for one update and the resync message), got {maxsize}",
+                next_step="give subscribe() a maxsize of 2 or more",
+            )
         q = UpdateQueue(maxsize, start_version=start_version, feed=self)
         with self._lock:
             self._subscribers = (*self._subscribers, q)

@@ -23,6 +23,7 @@ from posstate.account.lifecycle import OrderRecord
 from posstate.account.persist import PersistedAccountStateStore
 from posstate.account.storebase import _proxy
 from posstate.core.errors import (
+    InvalidArgumentError,
     LedgerOwnershipError,
     MalformedLedgerEntryError,
     SchemaValidationError,
@@ -390,7 +391,7 @@ class LedgerCore(PersistedAccountStateStore):
         with self._ledger():
             for s in subjects:
                 if s not in SUBJECTS:
-                    raise ValueError(f"unknown subject {s!r}; known: {', '.join(SUBJECTS)}")
+                    raise InvalidArgumentError(f"unknown subject {s!r}", next_step=f"use one of: {', '.join(SUBJECTS)}")
                 self._blocked[s] = reason
 
     def _trust(self, subject: str) -> None:

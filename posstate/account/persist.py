@@ -24,7 +24,7 @@ from typing import Any
 
 from posstate.account.store import AccountStateStore
 from posstate.account.types import is_reserved
-from posstate.core.errors import PosStateError
+from posstate.core.errors import InvalidArgumentError, PosStateError
 from posstate.manager.manager import PositionStateManager
 
 log = logging.getLogger("posstate")
@@ -45,7 +45,10 @@ class PersistedAccountStateStore(AccountStateStore):
     ) -> None:
         super().__init__()
         if persist_interval is not None and persist_interval <= 0:
-            raise ValueError(f"persist_interval must be > 0 seconds, got {persist_interval}")
+            raise InvalidArgumentError(
+                f"persist_interval must be > 0 seconds, got {persist_interval}",
+                next_step="give a positive number of seconds, or None to persist every change at once",
+            )
         self._manager = manager
         self._write_through = write_through
         self._persist_lock = threading.Lock()

@@ -15,7 +15,7 @@ from typing import Any
 
 from posstate.account.feed import UpdateFeed, UpdateQueue
 from posstate.account.types import EMPTY, AccountSnapshot, AccountUpdate, PersistTicket, is_reserved, thaw_json
-from posstate.core.errors import SchemaValidationError
+from posstate.core.errors import InvalidArgumentError, SchemaValidationError
 
 log = logging.getLogger("posstate")
 
@@ -90,7 +90,8 @@ class StoreCore:
 
     def on(self, event: str, handler: StoreHandler) -> None:
         if event not in STORE_EVENTS:
-            raise ValueError(f"unknown store event {event!r}; known: {', '.join(sorted(STORE_EVENTS))}")
+            known = ", ".join(sorted(STORE_EVENTS))
+            raise InvalidArgumentError(f"unknown store event {event!r}", next_step=f"use one of: {known}")
         with self._lock:
             self._handlers.setdefault(event, []).append(handler)
 

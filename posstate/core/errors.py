@@ -503,6 +503,14 @@ class ConfigError(PosStateError, ValueError):
         super().__init__(f"{where}{message}; see the configuration table in README.md", path=path)
 
 
+class InvalidArgumentError(PosStateError, ValueError):
+    """A call was given an argument posstate does not take (an unknown event name, an interval that is not
+    positive): fix the call. A ``ValueError`` too, as before it had its own class."""
+
+    def __init__(self, message: str, *, next_step: str) -> None:
+        super().__init__(f"{message}; {next_step}")
+
+
 class LeaseLostError(PosStateError, RuntimeError):
     """This writer no longer holds the replica lease (another machine took it, or it could not renew it in
     time): it accepts no further change and never ships again (docs/REPLICATION.md, "One writer")."""

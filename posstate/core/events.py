@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from posstate.core.errors import InvalidArgumentError
+
 log = logging.getLogger("posstate")
 
 EVENTS: frozenset[str] = frozenset(
@@ -54,7 +56,7 @@ class EventBus:
 
     def on(self, event: str, handler: Handler) -> None:
         if event not in EVENTS:
-            raise ValueError(f"unknown event {event!r}; known events: {', '.join(sorted(EVENTS))}")
+            raise InvalidArgumentError(f"unknown event {event!r}", next_step=f"use one of: {', '.join(sorted(EVENTS))}")
         with self._lock:
             self._handlers.setdefault(event, []).append(handler)
 
