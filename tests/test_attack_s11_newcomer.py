@@ -400,3 +400,20 @@ def test_a_call_with_an_argument_posstate_does_not_take_is_a_typed_error(tmp_pat
             assert isinstance(err.value, ValueError)
     finally:
         m.close()
+
+
+def test_a_bad_posstate_key_is_named_without_a_memory_prefix(tmp_path: Path) -> None:
+    """newcomer s11: `POSSTATE_KEY=notbase64` was `Error: <memory>: POSSTATE_KEY is not valid base64 ...`; the
+    variable is the thing to fix, and the error names it alone (never its value)."""
+    env = {**os.environ, "POSSTATE_KEY": "not-base64!!"}
+    env.pop("POSSTATE_KEY_FILE", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "posstate", "show", "--state-dir", str(tmp_path / "s")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 3, out
+    assert out.stderr.startswith("Error: POSSTATE_KEY is not valid base64"), out.stderr
+    assert "not-base64!!" not in out.stderr

@@ -220,7 +220,8 @@ class MissingKeyError(PosStateError, LookupError):
         "or POSSTATE_PASSPHRASE (make a key with `posstate keygen`)",
     ) -> None:
         self._reason = reason
-        super().__init__(f"{_show(path)}: {reason}; {next_step}", path=path)
+        where = f"{path}: " if path is not None else ""  # a key from the environment has no file to name
+        super().__init__(f"{where}{reason}; {next_step}", path=path)
 
     @property
     def reason(self) -> str:
