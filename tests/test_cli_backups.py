@@ -154,7 +154,7 @@ def test_verify_all_valid_no_backups_and_no_key(state: Path, key_file: Path, tmp
     empty.mkdir()
     r = run(["--state-dir", str(empty), "backups", "verify"])
     assert r.exit_code == 6
-    assert err_line(r) == f"Error: {empty}/backups: no such backups; nothing to verify; make one with `posstate backups create`"
+    assert err_line(r) == f"Error: {empty}/backups: no such backup; nothing to verify; make one with `posstate backups create`"
 
 
 # ------------------------------------------------------------------------------------------ create

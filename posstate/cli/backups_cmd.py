@@ -352,7 +352,7 @@ def verify(ctx: click.Context) -> None:
     infos = _backups.scan(cfg.backup_path)
     if not infos:
         raise StateNotFoundError(
-            cfg.backup_path, what="backups", next_step="nothing to verify; make one with `posstate backups create`"
+            cfg.backup_path, what="backup", next_step="nothing to verify; make one with `posstate backups create`"
         )
     options = env.read_options()
     reports: list[ValidationReport] = []
@@ -370,7 +370,7 @@ def verify(ctx: click.Context) -> None:
         infos, reports = [b for b, _ in kept], [r for _, r in kept]
         if not infos:
             raise StateNotFoundError(
-                cfg.backup_path, what="backups", next_step="every one listed was removed meanwhile; run it again"
+                cfg.backup_path, what="backup", next_step="every one listed was removed meanwhile; run it again"
             )
     verdicts = [verify_verdict(r) for r in reports]
     if env.json:
