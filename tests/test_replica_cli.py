@@ -133,7 +133,8 @@ def test_verify_reads_every_object_and_names_a_damaged_one(s3_server: Any, tmp_p
 
 
 def test_status_and_list_show_the_lag_and_the_objects(s3_server: Any, tmp_path: Path, key: bytes) -> None:
-    """issue 16.3: `replica status` prints the records and seconds not yet shipped; `replica list` the objects."""
+    """issue 16.3: `replica status` prints the records and seconds not yet shipped; `replica list` the objects;
+    run where there is no state (newcomer s11: it said "generation None" and "snapshot: NOT shipped"), it says so."""
     url = s3_server.bucket()
     _ship(tmp_path, url, s3_server.url, key)
     base = ["--endpoint-url", s3_server.url, "--state-dir", str(tmp_path / "bot"), "--json"]
@@ -150,6 +151,8 @@ def test_status_and_list_show_the_lag_and_the_objects(s3_server: Any, tmp_path: 
     assert [s["generation"] for s in listing["snapshots"]] and listing["journals"]
     text = run(["replica", "status", url, "--endpoint-url", s3_server.url, "--state-dir", str(tmp_path / "bot")])
     assert "2 journal records" in text.stdout
+    elsewhere = run(["replica", "status", url, "--endpoint-url", s3_server.url, "--state-dir", str(tmp_path / "none")])
+    assert "local state:     none at" in elsewhere.stdout and "NOT shipped" not in elsewhere.stdout, elsewhere.stdout
 
 
 def test_prune_dry_run_lists_and_prune_removes(s3_server: Any, tmp_path: Path, key: bytes, key_file: Path) -> None:

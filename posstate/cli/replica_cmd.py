@@ -93,8 +93,12 @@ def status(ctx: click.Context, url: str | None, endpoint_url: str | None) -> Non
         json_out(out)
         return
     click.echo(f"replica:         {out['url']}")
-    click.echo(f"local state:     {out['state_file']} (generation {out['local_generation']})")
-    click.echo(f"snapshot:        {'shipped' if out['snapshot_shipped'] else 'NOT shipped'}")
+    if out["local_generation"] is None:  # nothing here to compare (run it where the bot's --state-dir is)
+        click.echo(f"local state:     none at {out['state_file']} (give the bot's --state-dir to compare)")
+        click.echo("snapshot:        not compared")
+    else:
+        click.echo(f"local state:     {out['state_file']} (generation {out['local_generation']})")
+        click.echo(f"snapshot:        {'shipped' if out['snapshot_shipped'] else 'NOT shipped'}")
     click.echo(f"lag:             {out['records_behind']} journal records, {out['seconds_behind']:.1f} s")
     click.echo(f"objects:         {out['snapshots']} snapshots, {out['journal_ranges']} journal ranges")
     lease = out["lease"]
