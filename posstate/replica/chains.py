@@ -1,0 +1,95 @@
+"""Which journal ranges make a snapshot's journal, beyond the names alone: a lease takeover's copy of the journal
+it restored (docs/REPLICATION.md, "Takeovers that stop midway").
+
+A writer that takes the lease restores the replica's journal and ships it again under its own epoch, byte for
+byte, cut where its own batches end (not where the old holder's did), then its snapshot. When it dies after
+some of those ranges, :func:`posstate.replica.names.chain` follows its newer epoch and stops where its copy
+stops: the old holder's ranges for the rest are older, exactly what a stale writer's late ones look like by
+name. Their bytes tell them apart: :func:`extend` uses the older epochs' chain instead when every range of a
+newer epoch in that journal holds the same bytes as it there (a verbatim copy of its start). A stale writer's
+late range begins where the new holder's own records begin in the journal, so a newer range there holds other
+bytes and the older chain is not used; and a bucket writer without the key gains nothing it lacks already (it
+can name a copy of any range under any epoch; every record is still authenticated and chained at restore).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from posstate.journal import format as jf
+from posstate.replica import names as _names
+from posstate.storage import statefile as _statefile
+
+Records = list[tuple[jf.RawRecord, list[Any]]]
+Load = Callable[[list[_names.Range]], tuple[bytes, Records]]
+
+
+def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _statefile.Loaded) -> list[_names.Range]:
+    """The ranges of the journal the snapshot names, shipped under its fencing epoch or later (a stale
+    writer's late objects of an older epoch are never used), as their names chain them."""
+    jid = (loaded.state.journal or {}).get("id")
+    if not jid:
+        return []
+    return [r for r in _names.chain(ranges, str(jid), floor=(snap.epoch, 0)) if r.base_generation == snap.generation]
+
+
+def newer_than(ranges: list[_names.Range], snap: _names.Snapshot, seg: list[_names.Range]) -> _names.Range | None:
+    """A journal range of a later generation than *snap* shipped under its epoch or later, outside the segment
+    *seg* that continues its journal: the snapshot it follows (shipped before it) is gone from the listing, so
+    *snap* is not the newest state."""
+    skip = {s.journal_id for s in seg}
+    return next(
+        (r for r in ranges if r.journal_id not in skip and r.base_generation > snap.generation and r.epoch >= snap.epoch), None
+    )
+
+
+def older(ranges: Sequence[_names.Range], used: Sequence[_names.Range], *, floor: tuple[int, int]) -> list[_names.Range]:
+    """The chain of *used*'s journal by the writers of epochs older than the newest in *used* (and no older
+    than *floor*), when it reaches past *used*'s end; else []."""
+    if not used:
+        return []
+    top = max(r.epoch for r in used)
+    jid, base = used[0].journal_id, used[0].base_generation
+    mine = [r for r in ranges if r.epoch < top and r.journal_id == jid and r.base_generation == base]
+    alt = _names.chain(mine, jid, floor=floor)
+    return alt if alt and alt[-1].end > used[-1].end else []
+
+
+def not_a_copy(
+    ranges: Sequence[_names.Range], used: Sequence[_names.Range], data: bytes, *, floor: tuple[int, int]
+) -> _names.Range | None:
+    """The first range of *used*'s journal, of an epoch newer than every range of *used*, whose bytes are not
+    *data*'s there (None: every such range is a copy of a part of *data*)."""
+    top = max(r.epoch for r in used)
+    jid, base = used[0].journal_id, used[0].base_generation
+    newer = [r for r in ranges if r.journal_id == jid and r.base_generation == base and r.writer >= floor and r.epoch > top]
+    return next(
+        (
+            r
+            for r in sorted(newer, key=lambda r: r.start)
+            if r.end > len(data) or _names.digest(data[r.start : r.end]) != r.digest
+        ),
+        None,
+    )
+
+
+def extend(
+    ranges: Sequence[_names.Range],
+    used: list[_names.Range],
+    data: bytes,
+    records: Records,
+    *,
+    floor: tuple[int, int],
+    load: Load,
+) -> tuple[list[_names.Range], bytes, Records]:
+    """*used* (a chain by names, read as *data* and *records*), or the older epochs' chain of its journal that
+    continues it: read with *load* (every record authenticated; its errors name the object, and stop the
+    restore), used when *data* is its start and every newer epoch's range of the journal is a copy of its bytes
+    (a takeover that stopped midway). Each step goes to strictly older epochs and strictly further."""
+    while alt := older(ranges, used, floor=floor):
+        more, recs = load(alt)
+        if not more.startswith(data) or not_a_copy(ranges, alt, more, floor=floor) is not None:
+            break  # another history from where they differ: the newer epoch's wins, the older one's stays out
+        used, data, records = alt, more, recs
+    return used, data, records
