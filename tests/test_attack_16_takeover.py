@@ -36,31 +36,39 @@ def _takeover_dies(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, 
     from test_replica_lease import _open_when_free
 
     url = f"file://{tmp_path}/rep"
+    real = FileClient.put
+    held_back = [True]  # A's journal uploads wait until *every* records are written: its ranges hold that many
+    shipped: list[str] = []
+
+    def put(self: FileClient, name: str, data: bytes, **kw: Any) -> Any:
+        found = _names.parse(name)
+        if isinstance(found, _names.Range) and found.epoch == 1 and held_back[0]:
+            raise OSError(5, "held back by the test")
+        if isinstance(found, _names.Range | _names.Snapshot) and found.epoch == 2:
+            if not isinstance(found, _names.Range) or len(shipped) >= k:
+                raise OSError(5, "the machine dies here")
+            shipped.append(name)
+        return real(self, name, data, **kw)
+
+    monkeypatch.setattr(FileClient, "put", put)
     a = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=2.0), key=key)
     try:
         for i, symbol in enumerate(SYMBOLS):
             a.set_position(pos(symbol))
             if (i + 1) % every == 0:
+                held_back[0] = False
                 assert a.flush_replica(30)
+                held_back[0] = True
+        held_back[0] = False
         assert a.flush_replica(30)
         a._replica.lease._stop.set()  # type: ignore[union-attr]  # paused: no more renewals
-        real = FileClient.put
-        shipped: list[str] = []
-
-        def put(self: FileClient, name: str, data: bytes, **kw: Any) -> Any:
-            found = _names.parse(name)
-            if isinstance(found, _names.Range | _names.Snapshot) and found.epoch == 2:
-                if not isinstance(found, _names.Range) or len(shipped) >= k:
-                    raise OSError(5, "the machine dies here")
-                shipped.append(name)
-            return real(self, name, data, **kw)
-
-        monkeypatch.setattr(FileClient, "put", put)
         cfg = rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=3.0, replica_batch_bytes=batch)
         b, _ = _open_when_free(cfg, key)
         b.close()
         monkeypatch.setattr(FileClient, "put", real)
         assert len(shipped) == k, shipped
+        ranges = _names.split(o.key for o in client(url).list())[1]
+        assert len([r for r in ranges if r.epoch == 1]) == len(SYMBOLS) // every  # A's cuts, as asked
     finally:
         a.close()
     return url
@@ -143,3 +151,27 @@ def test_a_stale_writers_late_ranges_stay_out_after_a_partial_copy(
     cfg2, _ = restore_into(tmp_path / "r", url, None, key)
     with PositionStateManager(StateConfig.in_dir(cfg2.state_dir), key=key) as r:
         assert set(held(r)) == {*SYMBOLS[:2], "B/USDT"}
+
+
+def test_an_old_range_missing_after_a_partial_copy_fails_restore_and_verify(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.4 (session 11): after a takeover's partial copy, the old holder's range that joins the copy to
+    the old holder's later ranges deleted: restore used to stop at the copy's end silently; now it refuses
+    naming the missing byte (a typed error), verify says BAD, and `--at` before the gap still restores."""
+    from posstate.core.errors import CorruptStateError
+
+    url = _takeover_dies(tmp_path, key, monkeypatch, every=2, batch=1, k=1)
+    c = client(url)
+    snaps, ranges, _ = _names.split(o.key for o in c.list())
+    copy_end = max(r.end for r in ranges if r.epoch == 2)
+    joining = [r for r in ranges if r.epoch == 1 and r.start < copy_end < r.end]
+    assert len(joining) == 1
+    c.delete([joining[0].key])
+    with pytest.raises(CorruptStateError, match=f"byte {copy_end:016x} missing"):
+        restore_into(tmp_path / "r", url, None, key)
+    rows = verify(c, options=options(key))
+    assert any(not row["ok"] and row["key"].startswith("snapshots/") for row in rows), rows
+    cfg, _ = restore_into(tmp_path / "r", url, None, key, at_generation=snaps[-1].generation + 1)
+    with PositionStateManager(StateConfig.in_dir(cfg.state_dir), key=key) as r:
+        assert set(held(r)) == {SYMBOLS[0]}

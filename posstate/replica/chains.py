@@ -74,6 +74,28 @@ def not_a_copy(
     )
 
 
+def stranded(
+    ranges: Sequence[_names.Range], used: Sequence[_names.Range], *, floor: tuple[int, int]
+) -> tuple[str, _names.Range] | None:
+    """Why *used* ends early, and the range that shows it: a range of its journal of an older epoch than the
+    newest in *used* (no older than *floor*) ends past its end while the older epochs' chain does not reach
+    there (the range that joins a takeover's copy to the old holder's later ranges is missing). None when the
+    older chain reaches past *used* (then :func:`extend` used it, or it is another history)."""
+    if not used or older(ranges, used, floor=floor):
+        return None
+    top, end = max(r.epoch for r in used), used[-1].end
+    jid, base = used[0].journal_id, used[0].base_generation
+    past = [
+        r
+        for r in ranges
+        if r.journal_id == jid and r.base_generation == base and r.writer >= floor and r.epoch < top and r.end > end
+    ]
+    if not past:
+        return None
+    lost = min(past, key=lambda r: r.start)
+    return f"journal range at byte {end:016x} missing: an older epoch's ranges continue the journal past it ({lost.key})", lost
+
+
 def extend(
     ranges: Sequence[_names.Range],
     used: list[_names.Range],

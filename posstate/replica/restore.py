@@ -133,6 +133,8 @@ def gap_after(
     """Why the chain ends early (None: it does not): a range of its journal by a writer no older than its last
     one lies beyond its end, so one there is missing. Superseded ranges of older sessions are not a gap; nor,
     with *data* (the chain's bytes), copies of them (:func:`posstate.replica.names.rewritten`)."""
+    if (lost := _chains.stranded(ranges, chain, floor=(snap.epoch, 0))) is not None:  # a takeover's copy cut off
+        return Refusal(*lost)
     if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0), data=data)) is not None:
         return Refusal(
             f"journal range at byte {skipped.start:016x} missing: a newer writer rewrote from there ({skipped.key})", skipped
