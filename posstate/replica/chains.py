@@ -17,12 +17,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from posstate.core.errors import CorruptStateError
 from posstate.journal import format as jf
 from posstate.replica import names as _names
 from posstate.storage import statefile as _statefile
 
 Records = list[tuple[jf.RawRecord, list[Any]]]
 Load = Callable[[list[_names.Range]], tuple[bytes, Records]]
+
+#: How many older epochs' chains :func:`extend` reads to continue one chain: a takeover that died midway
+#: leaves one each; copies planted under falling epochs, one record longer each, would make it one per record.
+MAX_OLDER_CHAINS = 8
 
 
 def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _statefile.Loaded) -> list[_names.Range]:
@@ -44,16 +49,23 @@ def newer_than(ranges: list[_names.Range], snap: _names.Snapshot, seg: list[_nam
     )
 
 
-def older(ranges: Sequence[_names.Range], used: Sequence[_names.Range], *, floor: tuple[int, int]) -> list[_names.Range]:
-    """The chain of *used*'s journal by the writers of epochs older than the newest in *used* (and no older
-    than *floor*), when it reaches past *used*'s end; else []."""
+def older(ranges: Sequence[_names.Range], used: Sequence[_names.Range], *, floor: tuple[int, int]) -> list[list[_names.Range]]:
+    """The chains of *used*'s journal by the writers of epochs older than the newest in *used* (and no older
+    than *floor*) that reach past *used*'s end: for each such epoch, newest first, the chain of the ranges of
+    that epoch and older ones (each chain once). One chain over all of them is not enough: a chain by names
+    never goes back to an older writer whose cuts differ, so a second takeover's partial copy (epoch 2, cut
+    elsewhere than the first holder's ranges) would hide the first holder's chain that goes further."""
     if not used:
         return []
-    top = max(r.epoch for r in used)
+    top, end = max(r.epoch for r in used), used[-1].end
     jid, base = used[0].journal_id, used[0].base_generation
-    mine = [r for r in ranges if r.epoch < top and r.journal_id == jid and r.base_generation == base]
-    alt = _names.chain(mine, jid, floor=floor)
-    return alt if alt and alt[-1].end > used[-1].end else []
+    mine = [r for r in ranges if r.epoch < top and r.journal_id == jid and r.base_generation == base and r.writer >= floor]
+    out: list[list[_names.Range]] = []
+    for epoch in sorted({r.epoch for r in mine}, reverse=True):
+        alt = _names.chain([r for r in mine if r.epoch <= epoch], jid, floor=floor)
+        if alt and alt[-1].end > end and alt not in out:
+            out.append(alt)
+    return out
 
 
 def not_a_copy(
@@ -104,14 +116,27 @@ def extend(
     *,
     floor: tuple[int, int],
     load: Load,
+    where: str,
 ) -> tuple[list[_names.Range], bytes, Records]:
     """*used* (a chain by names, read as *data* and *records*), or the older epochs' chain of its journal that
     continues it: read with *load* (every record authenticated; its errors name the object, and stop the
     restore), used when *data* is its start and every newer epoch's range of the journal is a copy of its bytes
-    (a takeover that stopped midway). Each step goes to strictly older epochs and strictly further."""
-    while alt := older(ranges, used, floor=floor):
-        more, recs = load(alt)
-        if not more.startswith(data) or not_a_copy(ranges, alt, more, floor=floor) is not None:
-            break  # another history from where they differ: the newer epoch's wins, the older one's stays out
-        used, data, records = alt, more, recs
-    return used, data, records
+    (a takeover that stopped midway). Each step goes to strictly older epochs and strictly further; at most
+    :data:`MAX_OLDER_CHAINS` chains are read (planted copies under many epochs, each a little longer, would make it
+    read the journal once per record)."""
+    loads = 0
+    while True:
+        for alt in older(ranges, used, floor=floor):
+            if (loads := loads + 1) > MAX_OLDER_CHAINS:
+                raise CorruptStateError(
+                    where,
+                    f"more than {MAX_OLDER_CHAINS} older epochs' chains of journal {alt[0].journal_id} continue its "
+                    "chain (takeovers that died midway leave one each; copies planted in the bucket, more)",
+                    next_step="`posstate replica verify` names the ranges; restore an older snapshot with --at GENERATION",
+                )
+            more, recs = load(alt)
+            if more.startswith(data) and not_a_copy(ranges, alt, more, floor=floor) is None:
+                used, data, records = alt, more, recs
+                break
+        else:  # none continues it (another history from where they differ: the newer epoch's wins)
+            return used, data, records

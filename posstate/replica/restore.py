@@ -185,7 +185,9 @@ def read_chain(
         return load_journal(client, used, loaded, options)
 
     jbytes, records = load(chain)
-    used, jbytes, records = _chains.extend(ranges, chain, jbytes, records, floor=(snap.epoch, 0), load=load)
+    used, jbytes, records = _chains.extend(
+        ranges, chain, jbytes, records, floor=(snap.epoch, 0), load=load, where=_where(client, snap.key)
+    )
     if used is not chain:  # the older epochs' chain: its own gaps, and ranges that are neither it nor a copy
         return used, jbytes, records, gap_after(ranges, snap, used, used[0].journal_id, data=jbytes)
     if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0), data=jbytes)) is None:
