@@ -86,3 +86,65 @@ def test_planted_copies_under_many_epochs_never_make_restore_read_the_journal_on
     assert got[0] <= (_chains.MAX_OLDER_CHAINS + 4) * len(data), (got[0], len(data))
     rows = verify(c, options=options(key))
     assert any(not row["ok"] and "older epochs' chains" in row["reason"] for row in rows)
+
+
+def test_a_stale_writers_late_snapshot_never_drops_the_new_holders_shipped_records(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.4 (session 11 attack): B takes the lease, ships A's journal and its own record under epoch 2 and
+    dies before its snapshot; A, paused inside its shipper, wakes and uploads its late snapshot (epoch 1, a later
+    generation: a save after B took over). The restore picked that snapshot (the newest generation of the
+    newest snapshot epoch) and silently dropped B's record, although B's epoch-2 ranges continue the older
+    snapshot's journal. Now the restore starts from that older snapshot (B's history; A's late one stays
+    out) and verify agrees."""
+    import shutil
+
+    from replica_util import pos, rcfg
+    from test_replica_lease import _open_when_free
+
+    from posstate.replica.file import FileClient
+
+    url = f"file://{tmp_path}/rep"
+    a = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=2.0), key=key)
+    try:
+        for symbol in SYMBOLS[:2]:
+            a.set_position(pos(symbol))
+        assert a.flush_replica(30)
+        shutil.copytree(tmp_path / "a", tmp_path / "late")  # the old holder as it goes on after a pause
+        a._replica.lease._stop.set()  # type: ignore[union-attr]  # paused: no more renewals
+        real = FileClient.put
+
+        def put(self: FileClient, name: str, data: bytes, **kw: object) -> object:
+            found = _names.parse(name)
+            if isinstance(found, _names.Snapshot) and found.epoch == 2:
+                raise OSError(5, "the machine dies here")
+            return real(self, name, data, **kw)
+
+        monkeypatch.setattr(FileClient, "put", put)
+        cfg = rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=3.0, replica_batch_bytes=1)
+        b, _ = _open_when_free(cfg, key)
+        try:
+            b.set_position(pos("B/USDT"))
+            assert not b.flush_replica(2)  # its journal is shipped, its snapshot never arrives
+        finally:
+            b.close()
+            monkeypatch.setattr(FileClient, "put", real)
+    finally:
+        a.close()
+    c = client(url)
+    snaps, _, _ = _names.split(o.key for o in c.list())
+    old = snaps[-1]
+    lcfg = StateConfig.in_dir(tmp_path / "late")
+    with PositionStateManager(lcfg, key=key) as m:  # the late save: a later generation, epoch 1
+        m.set_position(pos("LATE/USDT", 12345))
+        m.save()
+        gen = m.generation
+    body = lcfg.state_path.read_bytes()
+    late = _names.Snapshot(gen, old.epoch, old.session, _names.digest(body))
+    assert gen > old.generation
+    c.put(late.key, body)
+    cfg2, _ = restore_into(tmp_path / "r", url, None, key)
+    with PositionStateManager(StateConfig.in_dir(cfg2.state_dir), key=key) as r:
+        assert set(held(r)) == {*SYMBOLS[:2], "B/USDT"}, held(r)
+    rows = verify(c, options=options(key))
+    assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]

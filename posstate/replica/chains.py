@@ -40,13 +40,26 @@ def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _st
 
 
 def newer_than(ranges: list[_names.Range], snap: _names.Snapshot, seg: list[_names.Range]) -> _names.Range | None:
-    """A journal range of a later generation than *snap* shipped under its epoch or later, outside the segment
-    *seg* that continues its journal: the snapshot it follows (shipped before it) is gone from the listing, so
-    *snap* is not the newest state."""
+    """A journal range of a later generation than *snap* shipped under its epoch or later (and no older than
+    the newest epoch of any range: a stale writer's late journal after a takeover is not the replica's state),
+    outside the segment *seg* that continues its journal: the snapshot it follows (shipped before it) is gone
+    from the listing, so *snap* is not the newest state."""
     skip = {s.journal_id for s in seg}
-    return next(
-        (r for r in ranges if r.journal_id not in skip and r.base_generation > snap.generation and r.epoch >= snap.epoch), None
-    )
+    low = max([snap.epoch, *(r.epoch for r in ranges)])
+    return next((r for r in ranges if r.journal_id not in skip and r.base_generation > snap.generation and r.epoch >= low), None)
+
+
+def taken_over(snaps: Sequence[_names.Snapshot], ranges: Sequence[_names.Range]) -> _names.Snapshot | None:
+    """The snapshot a restore of the newest state starts from when journal ranges of a newer epoch than every
+    snapshot's exist (a takeover that died before shipping its snapshot): the newest, by epoch, of the
+    generation those ranges' journal follows. None when there are none (or no such snapshot). Picking the
+    newest snapshot by name instead would take a stale writer's late snapshot (an older epoch, a later
+    generation, saved after the takeover) over the new holder's shipped records."""
+    if not snaps or not (newer := [r for r in ranges if r.epoch > max(s.epoch for s in snaps)]):
+        return None
+    epoch = max(r.epoch for r in newer)
+    base = min(r.base_generation for r in newer if r.epoch == epoch)
+    return max((s for s in snaps if s.generation == base and s.epoch <= epoch), key=lambda s: s.order, default=None)
 
 
 def older(ranges: Sequence[_names.Range], used: Sequence[_names.Range], *, floor: tuple[int, int]) -> list[list[_names.Range]]:

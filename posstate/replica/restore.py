@@ -370,8 +370,8 @@ def restore(
     objects = client.list()
     sizes = {o.key: o.size for o in objects}
     snaps, ranges, _ = _names.split(sizes)
-    snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
-    latest = at_generation is None and at_time is None
+    latest = at_generation is None and at_time is None  # after a takeover that died: not a stale writer's late one
+    snap = (latest and _chains.taken_over(snaps, ranges)) or choose(client, snaps, at_generation=at_generation, at_time=at_time)
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
     jid = (loaded.state.journal or {}).get("id")

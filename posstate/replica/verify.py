@@ -143,7 +143,9 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[Ro
     check = _Checker(client, options)
     picked: _names.Snapshot | None = None
     try:  # no snapshot: a restore has nothing to restore from, so neither is this replica all ok
-        picked = _restore.choose(client, check.snaps, at_generation=None, at_time=None)
+        picked = _chains.taken_over(check.snaps, check.ranges) or _restore.choose(
+            client, check.snaps, at_generation=None, at_time=None
+        )
     except PosStateError as exc:
         check.rows.append({"key": _names.SNAPSHOTS, "ok": False, "reason": f"`posstate replica restore` refuses: {exc}"})
     for snap in check.snaps:
