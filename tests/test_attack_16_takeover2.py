@@ -148,3 +148,26 @@ def test_a_stale_writers_late_snapshot_never_drops_the_new_holders_shipped_recor
         assert set(held(r)) == {*SYMBOLS[:2], "B/USDT"}, held(r)
     rows = verify(c, options=options(key))
     assert all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
+
+
+def test_planted_ranges_under_thousands_of_epochs_cost_a_bounded_number_of_chain_walks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 16.4 (session 11 attack): the older epochs' chains were walked once per older epoch of the journal,
+    each walk a pass over every range: ranges planted under thousands of epochs made a restore (and verify)
+    quadratic in the listing, a hang at tens of thousands of objects; now at most MAX_OLDER_CHAINS + 1 walks."""
+    from posstate.replica import chains as _chains
+
+    jid = "a" * 32
+    used = [_names.Range(1, jid, 0, 100, 10_000, 1, "0" * 32)]
+    planted = [_names.Range(1, jid, 0, 50, e, 1, "1" * 32) for e in range(2, 2002)]
+    walks = [0]
+    real = _names.chain
+
+    def chain(*args: object, **kw: object) -> list[_names.Range]:
+        walks[0] += 1
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_chains._names, "chain", chain)
+    assert _chains.older([*planted, *used], used, floor=(1, 0)) == []
+    assert walks[0] <= _chains.MAX_OLDER_CHAINS + 1, walks[0]

@@ -67,14 +67,18 @@ def older(ranges: Sequence[_names.Range], used: Sequence[_names.Range], *, floor
     than *floor*) that reach past *used*'s end: for each such epoch, newest first, the chain of the ranges of
     that epoch and older ones (each chain once). One chain over all of them is not enough: a chain by names
     never goes back to an older writer whose cuts differ, so a second takeover's partial copy (epoch 2, cut
-    elsewhere than the first holder's ranges) would hide the first holder's chain that goes further."""
+    elsewhere than the first holder's ranges) would hide the first holder's chain that goes further. With more
+    than :data:`MAX_OLDER_CHAINS` older epochs, only the newest of them and the oldest are tried."""
     if not used:
         return []
     top, end = max(r.epoch for r in used), used[-1].end
     jid, base = used[0].journal_id, used[0].base_generation
     mine = [r for r in ranges if r.epoch < top and r.journal_id == jid and r.base_generation == base and r.writer >= floor]
     out: list[list[_names.Range]] = []
-    for epoch in sorted({r.epoch for r in mine}, reverse=True):
+    epochs = sorted({r.epoch for r in mine}, reverse=True)
+    # each epoch's chain costs a pass over the ranges: planted ranges under thousands of epochs would make it
+    # quadratic (a hang), so only the newest few and the oldest (the holder whose journal it is) are tried
+    for epoch in [*epochs[:MAX_OLDER_CHAINS], *epochs[-1:]] if len(epochs) > MAX_OLDER_CHAINS else epochs:
         alt = _names.chain([r for r in mine if r.epoch <= epoch], jid, floor=floor)
         if alt and alt[-1].end > end and alt not in out:
             out.append(alt)
