@@ -169,7 +169,8 @@ def rewritten(
     from there (records the older one shipped were lost locally, or a restore --at came before them), so the
     chain past its start is an older history, not the replica's newest (the range that began it is missing).
     With *data* (the chain's bytes), also a range of the chain's own writer there whose bytes differ from
-    them (another history renamed under that writer's name)."""
+    them (another history renamed under that writer's name); a range holding exactly the chain's bytes is a
+    copy, never a rewrite (a takeover's, cut where its own batches end: :mod:`posstate.replica.chains`)."""
     if not used:
         return None
     same = {(r.start, r.end, r.digest) for r in used}
@@ -181,6 +182,7 @@ def rewritten(
         and r.writer >= floor
         and (r.start, r.end, r.digest) not in same
         and any(u.start <= r.start < u.end and (r.writer > u.writer or _differs(r, u, data)) for u in used)
+        and not (data is not None and r.end <= len(data) and digest(data[r.start : r.end]) == r.digest)
     ]
     return min(found, key=lambda r: r.start, default=None)
 

@@ -1,6 +1,7 @@
 """Restore anywhere: rebuild a state directory from a replica, verifying every object on the way. The checks
 that decide whether a snapshot's chain can be restored (:func:`gap_after`, :func:`read_chain`,
-:func:`newer_than`) are shared with ``verify.py``, so verify never passes a chain this module refuses.
+:func:`posstate.replica.chains.newer_than`) are shared with ``verify.py``, so verify never passes a chain
+this module refuses.
 
 A restore takes the newest snapshot (the highest fencing epoch first, then the highest generation; or the
 newest at or before ``--at``), checks its bytes against the digest in its name and decrypts it with the key
@@ -25,7 +26,9 @@ from posstate.journal import format as jf
 from posstate.journal.current import read_current
 from posstate.journal.files import blank_file, next_path
 from posstate.journal.records import read_records
+from posstate.replica import chains as _chains
 from posstate.replica import names as _names
+from posstate.replica.chains import journal_chain, newer_than
 from posstate.replica.client import ReplicaClient
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
@@ -91,15 +94,6 @@ def load_snapshot(
     return data, loaded
 
 
-def journal_chain(ranges: list[_names.Range], snap: _names.Snapshot, loaded: _statefile.Loaded) -> list[_names.Range]:
-    """The ranges of the journal the snapshot names, shipped under its fencing epoch or later (a stale
-    writer's late objects of an older epoch are never used)."""
-    jid = (loaded.state.journal or {}).get("id")
-    if not jid:
-        return []
-    return [r for r in _names.chain(ranges, str(jid), floor=(snap.epoch, 0)) if r.base_generation == snap.generation]
-
-
 class Beyond(NamedTuple):
     """What lies past a chain's end (:func:`_beyond`)."""
 
@@ -133,10 +127,15 @@ def _beyond(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_name
     return Beyond(end, low, after if jid else [])
 
 
-def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None) -> Refusal | None:
+def gap_after(
+    ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_names.Range], jid: str | None, data: bytes | None = None
+) -> Refusal | None:
     """Why the chain ends early (None: it does not): a range of its journal by a writer no older than its last
-    one lies beyond its end, so one there is missing. Superseded ranges of older sessions are not a gap."""
-    if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0))) is not None:
+    one lies beyond its end, so one there is missing. Superseded ranges of older sessions are not a gap; nor,
+    with *data* (the chain's bytes), copies of them (:func:`posstate.replica.names.rewritten`)."""
+    if (lost := _chains.stranded(ranges, chain, floor=(snap.epoch, 0))) is not None:  # a takeover's copy cut off
+        return Refusal(*lost)
+    if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0), data=data)) is not None:
         return Refusal(
             f"journal range at byte {skipped.start:016x} missing: a newer writer rewrote from there ({skipped.key})", skipped
         )
@@ -146,16 +145,6 @@ def gap_after(ranges: list[_names.Range], snap: _names.Snapshot, chain: list[_na
     return Refusal(
         f"journal range at byte {end:016x} missing: the replica holds later ranges ({after[0].key}) but none starting there",
         after[0],
-    )
-
-
-def newer_than(ranges: list[_names.Range], snap: _names.Snapshot, seg: list[_names.Range]) -> _names.Range | None:
-    """A journal range of a later generation than *snap* shipped under its epoch or later, outside the segment
-    *seg* that continues its journal: the snapshot it follows (shipped before it) is gone from the listing, so
-    *snap* is not the newest state."""
-    skip = {s.journal_id for s in seg}
-    return next(
-        (r for r in ranges if r.journal_id not in skip and r.base_generation > snap.generation and r.epoch >= snap.epoch), None
     )
 
 
@@ -176,23 +165,34 @@ def read_chain(
     loaded: _statefile.Loaded,
     sizes: dict[str, int],
     options: _statefile.ReadOptions,
-) -> tuple[bytes, list[tuple[jf.RawRecord, list[Any]]], Refusal | None]:
+) -> tuple[list[_names.Range], bytes, list[tuple[jf.RawRecord, list[Any]]], Refusal | None]:
     """The chain read as a restore reads it: its listed size bounded (a chain of planted ranges is never
-    downloaded into memory), each range checked, every record authenticated (errors name the object); and a
-    range of its journal inside it whose bytes differ from the chain's there (another history renamed under
-    its writer's name), which fails a restore unless :func:`gap_after` already refused it."""
-    # each range must hold end - start bytes (fetch_range): its name bounds it, whatever the listing says
-    listed = max(sum(sizes.get(r.key, 0) for r in chain), chain[-1].end if chain else 0)
-    if listed > fs.DEFAULT_MAX_READ_BYTES:
-        raise CorruptStateError(
-            _where(client, chain[0].folder),
-            f"the journal's ranges hold {listed} bytes, more than a journal posstate reads ({fs.DEFAULT_MAX_READ_BYTES})",
-            next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
-        )
-    jbytes, records = load_journal(client, chain, loaded, options)
+    downloaded into memory), each range checked, every record authenticated (errors name the object); the
+    older epochs' chain instead when it continues a takeover's copy (:func:`posstate.replica.chains.extend`);
+    and a range of its journal inside it whose bytes differ from the chain's there (another history renamed
+    under its writer's name), or a gap in the older chain, which fails a restore unless :func:`gap_after`
+    already refused it. Returns the ranges used, their bytes, their records and that refusal."""
+
+    def load(used: list[_names.Range]) -> tuple[bytes, list[tuple[jf.RawRecord, list[Any]]]]:
+        # each range must hold end - start bytes (fetch_range): its name bounds it, whatever the listing says
+        listed = max(sum(sizes.get(r.key, 0) for r in used), used[-1].end if used else 0)
+        if listed > fs.DEFAULT_MAX_READ_BYTES:
+            raise CorruptStateError(
+                _where(client, used[0].folder),
+                f"the journal's ranges hold {listed} bytes, more than a journal posstate reads ({fs.DEFAULT_MAX_READ_BYTES})",
+                next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
+            )
+        return load_journal(client, used, loaded, options)
+
+    jbytes, records = load(chain)
+    used, jbytes, records = _chains.extend(
+        ranges, chain, jbytes, records, floor=(snap.epoch, 0), load=load, where=_where(client, snap.key)
+    )
+    if used is not chain:  # the older epochs' chain: its own gaps, and ranges that are neither it nor a copy
+        return used, jbytes, records, gap_after(ranges, snap, used, used[0].journal_id, data=jbytes)
     if (skipped := _names.rewritten(ranges, chain, floor=(snap.epoch, 0), data=jbytes)) is None:
-        return jbytes, records, None
-    return jbytes, records, Refusal(f"journal range {skipped.key} holds other bytes than the chain there", skipped)
+        return chain, jbytes, records, None
+    return chain, jbytes, records, Refusal(f"journal range {skipped.key} holds other bytes than the chain there", skipped)
 
 
 def load_journal(
@@ -370,15 +370,15 @@ def restore(
     objects = client.list()
     sizes = {o.key: o.size for o in objects}
     snaps, ranges, _ = _names.split(sizes)
-    snap = choose(client, snaps, at_generation=at_generation, at_time=at_time)
-    latest = at_generation is None and at_time is None
+    latest = at_generation is None and at_time is None  # after a takeover that died: not a stale writer's late one
+    snap = (latest and _chains.taken_over(snaps, ranges)) or choose(client, snaps, at_generation=at_generation, at_time=at_time)
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
     jid = (loaded.state.journal or {}).get("id")
     gap = gap_after(ranges, snap, chain, jid)
     if gap is not None and latest:
         raise gap_error(client, snap, gap.reason)
-    jbytes, records, other = read_chain(client, ranges, snap, chain, loaded, sizes, options)
+    chain, jbytes, records, other = read_chain(client, ranges, snap, chain, loaded, sizes, options)
     if other is not None and gap is None:
         raise gap_error(client, snap, other.reason)
     seg = following_chain(client, ranges, snap, loaded, jbytes, sizes) if gap is None else []

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from posstate.core.errors import PosStateError
+from posstate.replica import chains as _chains
 from posstate.replica import names as _names
 from posstate.replica import restore as _restore
 from posstate.replica.client import ReplicaClient
@@ -31,6 +32,7 @@ class _Read(NamedTuple):
     seg_records: int
     seg_error: str | None  # why the segment after it fails
     error: str | None  # why the chain fails (then nothing else was read)
+    used: list[_names.Range]  # the ranges read: the chain, or the older epochs' chain that continues it
 
 
 class _Checker:
@@ -60,18 +62,18 @@ class _Checker:
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         try:
-            jbytes, records, differs = _restore.read_chain(
+            used, jbytes, records, differs = _restore.read_chain(
                 self.client, self.ranges, snap, chain, loaded, self.sizes, self.options
             )
         except PosStateError as exc:
-            out = _Read(0, None, [], 0, None, str(exc))
+            out = _Read(0, None, [], 0, None, str(exc), chain)
         else:
             try:
                 seg = _restore.following_chain(self.client, self.ranges, snap, loaded, jbytes, self.sizes)
                 _, nrecords = _restore.load_segment(self.client, seg, jbytes, loaded, self.options)
-                out = _Read(len(records), differs, seg, len(nrecords), None, None)
+                out = _Read(len(records), differs, seg, len(nrecords), None, None, used)
             except PosStateError as exc:
-                out = _Read(len(records), differs, [], 0, f"segment after its journal: {exc}", None)
+                out = _Read(len(records), differs, [], 0, f"segment after its journal: {exc}", None, used)
         self._last = (key, out)
         return out
 
@@ -110,7 +112,7 @@ class _Checker:
             self.rows.append({"key": snap.key, "ok": False, "reason": str(exc)})
             return
         self.rows.append({"key": snap.key, "ok": True, "reason": f"generation {snap.generation}, epoch {snap.epoch}"})
-        chain = _restore.journal_chain(self.ranges, snap, loaded)
+        chain = _chains.journal_chain(self.ranges, snap, loaded)
         self.fenced(snap, loaded, chain)
         gap = _restore.gap_after(self.ranges, snap, chain, (loaded.state.journal or {}).get("id"))
         if gap is not None:
@@ -126,12 +128,12 @@ class _Checker:
             self.add(r.key, True, f"segment after the journal of generation {snap.generation}, {got.seg_records} records")
         if got.differs is not None and gap is None:
             self.refused(snap, got.differs)
-        if snap == picked and (newer := _restore.newer_than(self.ranges, snap, got.seg)) is not None:
+        if snap == picked and (newer := _chains.newer_than(self.ranges, snap, got.seg)) is not None:
             self.rows.append({"key": snap.key, "ok": False, "reason": str(_restore.orphan_error(self.client, newer, snap))})
             self.add(
                 newer.key, False, f"`posstate replica restore` refuses because of this range: {newer.folder} has no snapshot"
             )
-        for r in chain:
+        for r in got.used:
             self.add(r.key, True, f"journal of generation {snap.generation}, {got.records} records")
 
 
@@ -141,7 +143,9 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[Ro
     check = _Checker(client, options)
     picked: _names.Snapshot | None = None
     try:  # no snapshot: a restore has nothing to restore from, so neither is this replica all ok
-        picked = _restore.choose(client, check.snaps, at_generation=None, at_time=None)
+        picked = _chains.taken_over(check.snaps, check.ranges) or _restore.choose(
+            client, check.snaps, at_generation=None, at_time=None
+        )
     except PosStateError as exc:
         check.rows.append({"key": _names.SNAPSHOTS, "ok": False, "reason": f"`posstate replica restore` refuses: {exc}"})
     for snap in check.snaps:
