@@ -97,12 +97,10 @@ def test_a_takeover_that_dies_after_reshipping_part_of_the_journal_loses_no_reco
     assert all(row["ok"] for row in rows), rows
 
 
-def test_a_stale_writers_late_ranges_stay_out_after_a_partial_copy(
-    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """issue 16.4 (session 11 attack): the old holder's ranges are used after the new holder's copy only when
-    every range of the new holder holds the same bytes there: a new holder's own record where the old holder
-    shipped a late one (two histories from one offset) keeps the old holder's range out of every restore."""
+def stale_and_new(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A (epoch 1) ships two records, is copied to ``late`` (the old holder as it goes on after a pause) and
+    paused; B takes the lease (epoch 2), ships its journal and its own record ``B/USDT`` and dies before its
+    snapshot. Returns the replica's URL."""
     import shutil
 
     from test_replica_lease import _open_when_free
@@ -134,6 +132,16 @@ def test_a_stale_writers_late_ranges_stay_out_after_a_partial_copy(
             monkeypatch.setattr(FileClient, "put", real)
     finally:
         a.close()
+    return url
+
+
+def test_a_stale_writers_late_ranges_stay_out_after_a_partial_copy(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 16.4 (session 11 attack): the old holder's ranges are used after the new holder's copy only when
+    every range of the new holder holds the same bytes there: a new holder's own record where the old holder
+    shipped a late one (two histories from one offset) keeps the old holder's range out of every restore."""
+    url = stale_and_new(tmp_path, key, monkeypatch)
     c = client(url)
     _, ranges, _ = _names.split(o.key for o in c.list())
     old = [r for r in ranges if r.epoch == 1]

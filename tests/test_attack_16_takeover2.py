@@ -97,40 +97,10 @@ def test_a_stale_writers_late_snapshot_never_drops_the_new_holders_shipped_recor
     newest snapshot epoch) and silently dropped B's record, although B's epoch-2 ranges continue the older
     snapshot's journal. Now the restore starts from that older snapshot (B's history; A's late one stays
     out) and verify agrees."""
-    import shutil
+    from replica_util import pos
+    from test_attack_16_takeover import stale_and_new
 
-    from replica_util import pos, rcfg
-    from test_replica_lease import _open_when_free
-
-    from posstate.replica.file import FileClient
-
-    url = f"file://{tmp_path}/rep"
-    a = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=2.0), key=key)
-    try:
-        for symbol in SYMBOLS[:2]:
-            a.set_position(pos(symbol))
-        assert a.flush_replica(30)
-        shutil.copytree(tmp_path / "a", tmp_path / "late")  # the old holder as it goes on after a pause
-        a._replica.lease._stop.set()  # type: ignore[union-attr]  # paused: no more renewals
-        real = FileClient.put
-
-        def put(self: FileClient, name: str, data: bytes, **kw: object) -> object:
-            found = _names.parse(name)
-            if isinstance(found, _names.Snapshot) and found.epoch == 2:
-                raise OSError(5, "the machine dies here")
-            return real(self, name, data, **kw)
-
-        monkeypatch.setattr(FileClient, "put", put)
-        cfg = rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=3.0, replica_batch_bytes=1)
-        b, _ = _open_when_free(cfg, key)
-        try:
-            b.set_position(pos("B/USDT"))
-            assert not b.flush_replica(2)  # its journal is shipped, its snapshot never arrives
-        finally:
-            b.close()
-            monkeypatch.setattr(FileClient, "put", real)
-    finally:
-        a.close()
+    url = stale_and_new(tmp_path, key, monkeypatch)
     c = client(url)
     snaps, _, _ = _names.split(o.key for o in c.list())
     old = snaps[-1]

@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 
 
+def _key_file(tmp_path: Path) -> tuple[bytes, Path]:
+    """A new key and the 0600 file holding it, as `posstate keygen --out` writes it."""
+    key = generate_key()
+    key_file = tmp_path / "k.key"
+    key_file.write_text(encode_key_text(key))
+    key_file.chmod(0o600)
+    return key, key_file
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for name in ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE", "POSSTATE_DIR", "POSSTATE_CONFIG"):
@@ -93,10 +102,7 @@ def test_sigterm_without_a_terminal_is_exactly_one_error_line(tmp_path: Path) ->
     one `Error: terminated (SIGTERM)` line (click's newline for a terminal's ^C echo); `head -1` read nothing."""
     import signal
 
-    key = generate_key()
-    key_file = tmp_path / "k.key"
-    key_file.write_text(encode_key_text(key))
-    key_file.chmod(0o600)
+    key, key_file = _key_file(tmp_path)
     config = tmp_path / "wait.toml"
     config.write_text("lock_timeout = 30\n")  # a file you name may wait longer for the lock than the default
     d = tmp_path / "state"
@@ -139,10 +145,7 @@ def test_history_shows_bot_metadata_changes(tmp_path: Path) -> None:
 def test_validate_summary_says_the_journal_is_replayed_on_top(tmp_path: Path) -> None:
     """newcomer s11: after the README's embed example (changes durable by the journal), `posstate validate` ended
     "VALID: generation 1, 0 positions" while `show` listed the position: the summary names the journal records."""
-    key = generate_key()
-    key_file = tmp_path / "k.key"
-    key_file.write_text(encode_key_text(key))
-    key_file.chmod(0o600)
+    key, key_file = _key_file(tmp_path)
     d = tmp_path / "state"
     m = PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key)
     m.load_positions()
@@ -175,10 +178,7 @@ def test_manager_signature_is_the_documented_one() -> None:
 def test_history_of_an_unknown_order_names_the_next_step(tmp_path: Path) -> None:
     """newcomer s11: `posstate history --orders --id X` for an unknown X said only "no order X in the ledger";
     every message names the next step (docs/CLI.md: exit 1)."""
-    key = generate_key()
-    key_file = tmp_path / "k.key"
-    key_file.write_text(encode_key_text(key))
-    key_file.chmod(0o600)
+    key, key_file = _key_file(tmp_path)
     d = tmp_path / "state"
     with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key) as m:
         m.load_positions()
@@ -206,10 +206,7 @@ def test_error_line_escapes_undecodable_path_bytes_as_json_does(tmp_path: Path) 
 def test_import_of_a_newer_schema_version_is_exit_4(tmp_path: Path) -> None:
     """newcomer s11: README exit 4 is "unsupported format or schema version (a newer posstate wrote it)"; an
     exported document of a newer schema_version was exit 1 "99 is not one of [1, 2] (rule: enum)"."""
-    key = generate_key()
-    key_file = tmp_path / "k.key"
-    key_file.write_text(encode_key_text(key))
-    key_file.chmod(0o600)
+    key, key_file = _key_file(tmp_path)
     d = tmp_path / "state"
     with PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key) as m:
         m.load_positions()
@@ -296,10 +293,7 @@ def test_bad_key_file_errors_name_the_file_and_the_option(tmp_path: Path) -> Non
     """newcomer s11: a key file that is not base64 was `<memory>: key file K is not valid base64`; and a bad
     `rekey --new-key-file` was told to "pass --key-file FILE" (the old key's option). Now each names its file and
     the option to fix."""
-    key = generate_key()
-    key_file = tmp_path / "k.key"
-    key_file.write_text(encode_key_text(key))
-    key_file.chmod(0o600)
+    key, key_file = _key_file(tmp_path)
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key at all\n")
     garbage.chmod(0o600)
@@ -322,10 +316,7 @@ def test_bad_key_file_errors_name_the_file_and_the_option(tmp_path: Path) -> Non
 def test_import_dry_run_labels_the_current_state_as_the_import_does(tmp_path: Path) -> None:
     """newcomer s11: with journal records after the snapshot, `import --dry-run` labelled the current state with
     the snapshot's generation and the import itself with the generation after the replay (5, then 6)."""
-    key = generate_key()
-    key_file = tmp_path / "k.key"
-    key_file.write_text(encode_key_text(key))
-    key_file.chmod(0o600)
+    key, key_file = _key_file(tmp_path)
     d = tmp_path / "state"
     m = PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9), key=key)
     m.load_positions()
@@ -395,7 +386,7 @@ def test_a_call_with_an_argument_posstate_does_not_take_is_a_typed_error(tmp_pat
             lambda: ExchangeAccountStateStore(m).record_stream_gap(subjects=("ordrs",)),
         ]
         for call in calls:
-            with pytest.raises(InvalidArgumentError, match="; use one of|; give") as err:
+            with pytest.raises(InvalidArgumentError, match=r"; use one of|; give") as err:
                 call()
             assert isinstance(err.value, ValueError)
     finally:
