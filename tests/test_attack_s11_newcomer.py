@@ -29,6 +29,14 @@ def _key_file(tmp_path: Path) -> tuple[bytes, Path]:
     return key, key_file
 
 
+def _saved_empty(d: Path) -> Path:
+    """An unencrypted state directory holding one saved, empty state."""
+    with PositionStateManager(StateConfig.in_dir(d, encryption=False, backup_interval=1e9)) as m:
+        m.load_positions()
+        m.save()
+    return d
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for name in ("POSSTATE_KEY", "POSSTATE_KEY_FILE", "POSSTATE_PASSPHRASE", "POSSTATE_DIR", "POSSTATE_CONFIG"):
@@ -230,10 +238,7 @@ def test_reconcile_names_the_exchange_file_of_a_bad_value(tmp_path: Path) -> Non
     (nothing was stored)`; docs/ACCOUNT.md: the error names the entry, and the message names the file."""
     from posstate import SchemaValidationError, reconcile_file
 
-    d = tmp_path / "state"
-    with PositionStateManager(StateConfig.in_dir(d, encryption=False, backup_interval=1e9)) as m:
-        m.load_positions()
-        m.save()
+    d = _saved_empty(tmp_path / "state")
     bad = tmp_path / "exchange.json"
     bad.write_text('[{"symbol": "BTC/USDT:USDT", "side": "long", "contracts": NaN, "entryPrice": 1}]')
     with pytest.raises(SchemaValidationError) as caught:
@@ -247,10 +252,7 @@ def test_reconcile_names_the_orders_file_and_entry_of_a_bad_order(tmp_path: Path
     which order? Now `FILE: $[1].price`, as a bad position is named."""
     from posstate import SchemaValidationError, reconcile_file
 
-    d = tmp_path / "state"
-    with PositionStateManager(StateConfig.in_dir(d, encryption=False, backup_interval=1e9)) as m:
-        m.load_positions()
-        m.save()
+    d = _saved_empty(tmp_path / "state")
     positions = tmp_path / "positions.json"
     positions.write_text("[]")
     good = {"id": "1", "clientOrderId": "c1", "symbol": "A", "side": "buy", "type": "limit", "status": "open"}
