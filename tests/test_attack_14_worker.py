@@ -19,6 +19,7 @@ from posstate import PositionStateManager, PosStateError, StateConfig
 from posstate.journal import compactjob as _job
 from posstate.journal.files import next_path
 from posstate.manager import procompaction as _proc
+from posstate.manager import workers as _workers
 from posstate.model.position import Position
 from posstate.storage import atomic as _atomic
 
@@ -44,7 +45,7 @@ def test_a_worker_that_fails_every_time_never_stops_compaction(tmp_path: Path, m
     interpreter, a cgroup's OOM killer taking it every time, sys.executable not a Python) fails one attempt,
     reported; the retry compacts in process. Before, every retry started a worker that failed the same way:
     the journal was never compacted again and grew for ever."""
-    monkeypatch.setattr(_proc, "_MODULE", "posstate.no_such_module")
+    monkeypatch.setattr(_workers, "_MODULE", "posstate.no_such_module")
     errors: list[dict[str, Any]] = []
     with make(tmp_path) as m:
         m.on("error", errors.append)
@@ -205,10 +206,10 @@ def test_an_installed_posstate_does_not_put_site_packages_before_the_workers_sta
     folder first (before the standard library: a stray ``pathlib.py`` there would run in the process holding
     the key); from a checkout the checkout comes first (the worker runs the bot's code)."""
     monkeypatch.setenv("PYTHONPATH", "/mine")
-    monkeypatch.setattr(_proc, "_site_dirs", lambda: {os.path.realpath(_proc._ROOT)})
-    assert _proc._env()["PYTHONPATH"] == "/mine"
-    monkeypatch.setattr(_proc, "_site_dirs", set)
-    assert _proc._env()["PYTHONPATH"] == os.pathsep.join([str(_proc._ROOT), "/mine"])
+    monkeypatch.setattr(_workers, "_site_dirs", lambda: {os.path.realpath(_workers._ROOT)})
+    assert _workers._env()["PYTHONPATH"] == "/mine"
+    monkeypatch.setattr(_workers, "_site_dirs", set)
+    assert _workers._env()["PYTHONPATH"] == os.pathsep.join([str(_workers._ROOT), "/mine"])
 
 
 _KILLED_MID_SPAWN = """

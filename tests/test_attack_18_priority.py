@@ -138,11 +138,18 @@ def test_on_python_3_10_the_worker_boots_too(monkeypatch: pytest.MonkeyPatch) ->
 
     class _Popen:
         pid = 0  # no process: nothing to lower
+        stdin = stdout = stderr = None
 
         def __init__(self, cmd: list[str], **kwargs: Any) -> None:
             seen.append(cmd)
 
-    monkeypatch.setattr(procompaction.subprocess, "Popen", _Popen)
+        def kill(self) -> None:  # the worker handle's reaper, when it is dropped
+            pass
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", _Popen)
     monkeypatch.setattr(sys, "version_info", (3, 10, 13, "final", 0))
     procompaction.Worker(b"")
     monkeypatch.undo()

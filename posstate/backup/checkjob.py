@@ -4,7 +4,7 @@ on them.
 
 Run as ``python -m posstate.backup.checkjob`` by posstate/manager/procheck.py, with the compaction worker's
 plumbing (posstate/manager/procompaction.py: ``subprocess``, never ``fork()``; ``-P``; a minimal environment;
-the keys only in the job on its stdin pipe; nice 19; one JSON answer on stdout, nothing secret on
+the keys only in the job on its stdin pipe; nice 19; one framed JSON answer on stdout, nothing secret on
 stdout or stderr). For each file of the job, in order: its probe (trailer, size, mtime, ctime, inode:
 posstate/backup/verified.py), its full check (posstate/backup/backups.py ``full_check``, the check a prune
 runs in process), its probe again; the verdict is reported with the first probe, and nothing is reported for
@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from posstate.backup import backups as _backups
 from posstate.backup.verified import probe
-from posstate.journal.compactjob import _failure, _hook, _yield_processor, prepare_process, read_job
+from posstate.journal.compactjob import _hook
+from posstate.journal.jobpipe import answer, failure, prepare_process, read_job, yield_processor
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
 
@@ -69,17 +68,12 @@ def main() -> int:
     out: dict[str, Any]
     try:
         job, keyring = read_job(sys.stdin.buffer)
-        _yield_processor(int(job.get("nice", 19)))
+        yield_processor(int(job.get("nice", 19)))
         _hook("check")
         out = {"ok": True, "verdicts": check(job, keyring)}
     except Exception as exc:  # one line of the answer: the prune fails and is retried
-        out = {"ok": False, "error": _failure(exc)}
-    try:
-        sys.stdout.buffer.write(orjson.dumps(out))
-        sys.stdout.flush()
-    except BrokenPipeError:
-        return 3
-    return 0
+        out = {"ok": False, "error": failure(exc)}
+    return 0 if answer(out) else 3
 
 
 if __name__ == "__main__":

@@ -20,18 +20,28 @@ stdout or stderr.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import orjson
 
 from posstate.core.errors import PosStateError, WrongKeyError
+from posstate.journal.jobpipe import (
+    MAX_MESSAGE,
+    Inbox,
+    answer,
+    failure,
+    frame,
+    parse_job,
+    prepare_process,
+    read_job,
+    yield_processor,
+)
 from posstate.journal.records import read_records
 from posstate.model import ops as jops
 from posstate.model.state import SCHEMA_VERSION, SCHEMA_VERSION_PLAIN, utc_text
@@ -42,8 +52,9 @@ from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
 
-#: The largest job or answer read from a pipe (bytes); anything longer is refused, never parsed.
-MAX_MESSAGE = 1024 * 1024
+# Names other workers and the manager import from here (posstate/journal/jobpipe.py holds them now).
+__all__ = ["MAX_MESSAGE", "Answer", "CompactJob", "Kept", "Refused", "compact", "frame", "prepare_process", "read_job"]
+_failure, _yield_processor = failure, yield_processor
 #: TEST ONLY: ``<action>@<step>`` makes the worker SIGKILL itself (``kill``), hang until killed (``hang``),
 #: answer garbage (``garbage``), wait until its manager is gone (``orphan``) or flip a byte of its temp file
 #: (``flip``, at ``written`` only) at a step (``start``, ``read``, ``encoded``, ``written``, ``verified``; the
@@ -77,6 +88,7 @@ class CompactJob:
     clock_skew: float
     parent_pid: int
     nice: int = 19
+    idle_s: float = 0.0  # a kept worker waits this long for its next job, then exits (0: after this job)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +100,29 @@ class Answer:
     size: int
     generation: int
     positions: int
+    kept: bool = False  # started from the document this (kept) worker remembered, not from the file
+
+
+class Kept:
+    """What a kept worker remembers between jobs: the document of the last snapshot it wrote, by that file's
+    trailer checksum (the SHA-256 of its bytes). A state file on disk with that checksum, whose bytes hash to
+    it, is byte for byte the file this worker encoded from that document: its next job starts from the
+    document instead of decrypting, decompressing and parsing the file again. Taken out before it is changed,
+    put back only once a new snapshot is written and verified: a job that fails or refuses leaves nothing."""
+
+    __slots__ = ("_entry",)
+
+    def __init__(self) -> None:
+        self._entry: tuple[str, str, bool, dict[str, Any]] | None = None
+
+    def take(self, state_path: str, checksum: str, *, encrypted: bool) -> dict[str, Any] | None:
+        entry, self._entry = self._entry, None
+        if entry is None or entry[:2] != (state_path, checksum) or (encrypted and not entry[2]):
+            return None
+        return entry[3]
+
+    def put(self, state_path: str, checksum: str, *, encrypted: bool, doc: dict[str, Any]) -> None:
+        self._entry = (state_path, checksum, encrypted, doc)
 
 
 #: The process that started this worker (its manager): the test hook's ``orphan`` waits until it is gone.
@@ -213,7 +248,20 @@ def _stamp(doc: dict[str, Any], job: CompactJob) -> dict[str, Any]:
     return out
 
 
-def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
+def _parse(raw: bytes, job: CompactJob, keyring: Keyring | None, state_path: Path) -> dict[str, Any]:
+    """The document of the state file's bytes: authenticated and decompressed, parsed, not re-validated (bytes
+    the manager encoded from validated memory)."""
+    header, payload = _codec.decode(raw, keyring=keyring, path=state_path, max_document_bytes=job.max_document_bytes)
+    if job.encrypt and not header.encrypted:
+        raise WrongKeyError(state_path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
+    doc = orjson.loads(payload)
+    del payload
+    if not isinstance(doc, dict) or header.position_count != len(doc.get("positions", ())):
+        raise Refused("the state file does not hold the document its header describes")
+    return doc
+
+
+def compact(job: CompactJob, keyring: Keyring | None, kept: Kept | None = None) -> Answer:
     """Snapshot + sealed segment -> a verified temp file holding the state at the rotation (raises Refused).
 
     The snapshot is never validated again nor turned into Positions: its bytes must carry a checksum the
@@ -221,7 +269,9 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
     and with encryption on AES-GCM authenticates them under the key, so they are that validated document.
     The segment's records are authenticated and validated one by one (journal/records.py) and replayed on
     the parsed document; the result is encoded from it (no Position is built), and read back as an
-    in-process save reads back its file: the same bytes, and they decode (manager/commit.py)."""
+    in-process save reads back its file: the same bytes, and they decode (manager/commit.py). With *kept*
+    (a kept worker), the document of a state file this worker wrote itself is not read again (:class:`Kept`),
+    and the new snapshot's document is remembered."""
     options = _statefile.ReadOptions(
         keyring=keyring,
         max_document_bytes=job.max_document_bytes,
@@ -232,18 +282,16 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
     try:
         raw = _statefile.read_bytes(state_path, max_size=options.max_file_bytes)
         _codec.inspect(raw, path=state_path)  # the trailer's SHA-256 holds for these bytes
-        if _format.checksum_of(raw) not in job.expected_checksums:
+        checksum = _format.checksum_of(raw)
+        if checksum not in job.expected_checksums:
             raise Refused("the state file is not the one the manager wrote or loaded")
-        header, payload = _codec.decode(raw, keyring=keyring, path=state_path, max_document_bytes=job.max_document_bytes)
-        if job.encrypt and not header.encrypted:
-            raise WrongKeyError(state_path, file_key_id=header.key_id, our_key_id=None, downgrade=True)
+        doc = kept.take(job.state_path, checksum, encrypted=job.encrypt) if kept is not None else None
+        remembered = doc is not None
+        if doc is None:
+            doc = _parse(raw, job, keyring, state_path)
         del raw
-        doc = orjson.loads(payload)  # bytes the manager encoded from validated memory: parsed, not re-validated
-        del payload
     except (PosStateError, orjson.JSONDecodeError) as exc:
         raise Refused(f"the state file does not load ({exc})") from exc
-    if not isinstance(doc, dict) or header.position_count != len(doc.get("positions", ())):
-        raise Refused("the state file does not hold the document its header describes")
     snap = doc.get("journal") or {}
     if snap.get("id") != job.segment_id:
         raise Refused("the snapshot on disk does not name the sealed segment")
@@ -286,7 +334,6 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
         keyring=keyring if job.encrypt else None,
         schema_version=doc["schema_version"],
     )
-    del doc
     _hook("encoded")
     _orphaned(job)
     tmp = Path(job.temp_path)
@@ -306,114 +353,56 @@ def compact(job: CompactJob, keyring: Keyring | None) -> Answer:
     except BaseException:
         _atomic.quiet_unlink(tmp)
         raise
+    if kept is not None:
+        kept.put(job.state_path, encoded.checksum, encrypted=job.encrypt, doc=doc)
+    del doc
     return Answer(
         temp_path=str(tmp),
         checksum=encoded.checksum,
         size=len(encoded.data),
         generation=job.generation,
         positions=positions,
+        kept=remembered,
     )
 
 
-def frame(body: bytes) -> bytes:
-    """A job as it goes down the worker's stdin: its length in decimal and a newline, then its bytes."""
-    return b"%d\n" % len(body) + body
-
-
-def read_message(stream: BinaryIO) -> bytes:
-    """The job :func:`frame` wrote, read by its length: never until an end of file, which a copy of the pipe's
-    write end (in a process the bot forked meanwhile) would hold off until that process exits. Longer than
-    MAX_MESSAGE: MAX_MESSAGE + 1 bytes (refused)."""
-    head = stream.readline(24)
-    if not head.endswith(b"\n") or not head[:-1].isdigit():
-        return b""
-    size = int(head[:-1])
-    return stream.read(min(size, MAX_MESSAGE + 1))
-
-
-def _failure(exc: BaseException) -> str:
-    """A message for the manager's log: a posstate error's own text (never secret), else the type and errno."""
-    if isinstance(exc, PosStateError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        return f"{type(exc).__name__} (errno {exc.errno}: {exc.strerror})"
-    return type(exc).__name__
-
-
-def _yield_processor(nice: int) -> None:
-    """The bot's threads come first: the worker runs at *nice* (19: the lowest share; a bot's thread waking from
-    its ``fdatasync`` preempts it). Never ``SCHED_IDLE``: on a machine kept busy by other processes an idle-class
-    worker may never run, and the journal would grow while the compaction it waits for starves."""
-    if not nice:
-        return
-    with contextlib.suppress(OSError):
-        os.nice(nice)
-
-
-def _no_core() -> None:
-    """This process will hold the key: a crash must never write it to a core file (its working directory is
-    the package's folder; issue 14 attack). Before the job is read."""
+def _run(raw: bytes, kept: Kept) -> tuple[dict[str, Any], float]:
+    """One job: its answer, and how long to wait for the next one (0: exit)."""
+    idle = 0.0
     try:
-        import resource
-    except ImportError:  # not on a Unix
-        return
-    with contextlib.suppress(OSError, ValueError):
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
-def _oom_first() -> None:
-    """This process holds a second copy of the state: under a memory limit the kernel's OOM killer must take
-    it (its attempt fails and the compaction is retried, in the bot's process after WORKER_TRIES), never the
-    bot. Linux: a process may always raise its own ``oom_score_adj``; elsewhere nothing to do."""
-    with contextlib.suppress(OSError):
-        fd = fs.open_("/proc/self/oom_score_adj", os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            fs.write_all(fd, b"1000")
-        finally:
-            fs.close(fd)
-
-
-def prepare_process() -> None:
-    """A worker's first steps, before it reads a key: no core file, the OOM killer's first choice, deaf to a
-    Ctrl-C meant for the bot (the bot decides; close() kills it), the collector off (one pass over the data)."""
-    _no_core()
-    _oom_first()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    gc.disable()
-
-
-def read_job(stream: BinaryIO) -> tuple[dict[str, Any], Keyring | None]:
-    """The job and the keys from the bot's pipe (raises on anything else: the answer says it failed)."""
-    raw = read_message(stream)
-    if len(raw) > MAX_MESSAGE:
-        raise ValueError("job too large")
-    msg = orjson.loads(raw)
-    job, material = dict(msg["job"]), msg.get("keys")
-    del raw, msg
-    return job, Keyring.from_worker_material(material) if material is not None else None
+        raw_job, keyring = parse_job(raw)
+        job = CompactJob(**raw_job)
+        idle = job.idle_s
+        _hook("start")
+        with _faults(job):
+            done = compact(job, keyring, kept)
+        return {"ok": True, "answer": asdict(done)}, idle
+    except Refused as exc:
+        return {"ok": False, "refused": str(exc)}, idle
+    except Exception as exc:  # every failure is one line of the answer; the manager retries
+        return {"ok": False, "error": _failure(exc)}, idle
 
 
 def main() -> int:
+    """Jobs one after another, each answered, while the manager keeps this worker (the job's ``idle_s``):
+    exits at an end of file, when the manager is gone, or after ``idle_s`` seconds without a job
+    (posstate/journal/jobpipe.py)."""
     prepare_process()
-    out: dict[str, Any]
-    try:
-        raw_job, keyring = read_job(sys.stdin.buffer)
-        job = CompactJob(**raw_job)
-        _yield_processor(job.nice)
-        _hook("start")
-        with _faults(job):
-            answer = compact(job, keyring)
-        out = {"ok": True, "answer": asdict(answer)}
-    except Refused as exc:
-        out = {"ok": False, "refused": str(exc)}
-    except Exception as exc:  # every failure is one line of the answer; the manager retries
-        out = {"ok": False, "error": _failure(exc)}
-    try:
-        sys.stdout.buffer.write(orjson.dumps(out))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the manager is gone: it will sweep the temp
-        return 3
-    return 0
+    _yield_processor(19)  # the boot lowered it already where it could; never raised again
+    inbox, kept, idle = Inbox(sys.stdin.fileno(), _started_by), Kept(), 600.0
+    while True:
+        try:
+            raw = inbox.next(idle)
+        except ValueError as exc:  # not a framed job: the stream cannot be trusted past it
+            answer({"ok": False, "error": str(exc)})
+            return 0
+        if isinstance(raw, int):
+            return raw
+        out, idle = _run(raw, kept)
+        if not answer(out):
+            return 3  # the manager is gone: it will sweep the temp
+        if idle <= 0:
+            return 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from posstate.core.config import StateConfig
 from posstate.core.errors import PosStateError
 from posstate.core.events import StatsLogger
 from posstate.manager import procompaction as _proc
+from posstate.manager.workers import Worker
 from posstate.model import document as _document
 from posstate.model import ops as _jops
 from posstate.model.document import StateData
@@ -108,7 +109,7 @@ class Job:
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.sealed = sealed  # the journal id of the sealed segment (what a compaction worker replays)
-        self.worker: _proc.Worker | None = None  # the worker process of the attempt in flight
+        self.worker: Worker | None = None  # the worker process of the attempt in flight
         self.positions = len(live.positions)  # at the rotation (the lock is held): a worker's snapshot must agree
         self.proc_failed = 0  # attempts of this job a worker failed: from WORKER_TRIES on, they compact in process
 
@@ -139,6 +140,7 @@ class BackgroundCompaction(_proc.ProcessCompaction):
         self._bg_busy = False
         self._bg_thread = None
         self._bg_wake = threading.Event()
+        self._kept = None
 
     # ------------------------------------------------------------------ caller's thread (manager lock held)
     def _rotate_journal(self) -> None:
@@ -232,8 +234,15 @@ class BackgroundCompaction(_proc.ProcessCompaction):
         return True
 
     def _finish_compaction(self, *, timeout: float) -> bool:
-        """close(): wake a pending compaction and wait for it, at most *timeout* seconds in all; then stop it.
-        False when an attempt was still writing at the deadline (the segments stay; a load replays them)."""
+        """close(): wake a pending compaction and wait for it, at most *timeout* seconds in all; then stop it,
+        and the kept worker. False when an attempt was still writing at the deadline (the segments stay; a
+        load replays them)."""
+        try:
+            return self._finish_pending(timeout=timeout)
+        finally:
+            self._drop_kept()
+
+    def _finish_pending(self, *, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         job = self._bg_job
         if job is not None and job.attempts == 0:
@@ -326,7 +335,7 @@ class BackgroundCompaction(_proc.ProcessCompaction):
             if job.cancelled:
                 raise _Cancelled
 
-        def register(worker: _proc.Worker | None) -> None:
+        def register(worker: Worker | None) -> None:
             with self._bg_cond:
                 if worker is not None and job.cancelled:
                     worker.kill()

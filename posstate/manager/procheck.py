@@ -19,8 +19,9 @@ import orjson
 from posstate.backup.verified import Probe
 from posstate.core.config import StateConfig
 from posstate.core.errors import PersistenceError
-from posstate.journal.compactjob import frame
-from posstate.manager.procompaction import WORKER_TIMEOUT, Worker, WorkerFailed, available
+from posstate.journal.jobpipe import frame
+from posstate.manager.procompaction import WORKER_TIMEOUT
+from posstate.manager.workers import Worker, WorkerFailed, available
 from posstate.storage import container as _format
 from posstate.storage.statefile import ReadOptions
 

@@ -1,9 +1,11 @@
 """Background compaction in a worker process (issue 14, ``StateConfig(compaction="process")``, the default).
 
 The O(state) work of a compaction (decode the snapshot, replay the sealed segment, encode, compress,
-encrypt, verify) runs in a fresh interpreter, ``python -m posstate.journal.compactjob``: a pure function of
+encrypt, verify) runs in another interpreter, ``python -m posstate.journal.compactjob``: a pure function of
 files that writes and verifies a temp file beside the state file. The bot's process does only I/O and O(1)
-Python for it: spawn the worker, hand it the job and the keys over its stdin pipe, wait for its answer on the
+Python for it: start the worker (or hand the job to the one kept since the last compaction, which may
+remember the document of the snapshot on disk: posstate/journal/compactjob.py ``Kept``), hand it the job and
+the keys over its stdin pipe, wait for its answer on the
 background thread, then install the temp with the same steps as every save (check the file in place, keep
 it as ``.bak``, rename, fsync the directory, a keyless read-back of the trailer's SHA-256) and retire the
 sealed segment. Never ``fork()``: the bot has threads, and a forked child would share the key's nonce state
@@ -19,13 +21,10 @@ by a killed manager is set aside by the next open's sweep (docs/JOURNAL.md, "Bac
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import site
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,11 +33,23 @@ from typing import Any
 
 import orjson
 
-from posstate.core import priority
 from posstate.core.errors import PersistenceError
 from posstate.core.version import __version__
-from posstate.journal.compactjob import MAX_MESSAGE, TEST_HOOK, Answer, CompactJob, frame
+from posstate.journal.compactjob import Answer, CompactJob
+from posstate.journal.jobpipe import frame
 from posstate.manager.commit import DurableCommit
+from posstate.manager.workers import (  # noqa: F401  (the names tests and procheck use from here)
+    _BOOT,
+    _ENV_KEPT,
+    _MODULE,
+    _ROOT,
+    Worker,
+    WorkerFailed,
+    WorkerIdle,
+    _env,
+    _site_dirs,
+    available,
+)
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
 from posstate.storage import container as _format
@@ -50,107 +61,17 @@ log = logging.getLogger("posstate")
 WORKER_TIMEOUT = 600.0
 #: Attempts of one job that may fail in a worker; its later attempts compact in process.
 WORKER_TRIES = 2
-_MODULE = "posstate.journal.compactjob"
-#: The worker's first statements, before it imports anything: nice 19 and the shortest scheduler slice
-#: (core/priority.py says why), then the module runs as ``python -m`` would run it. On every Python: on 3.10
-#: (no ``-P``) the boot itself drops the working directory from sys.path.
-_BOOT = priority.boot(19) + "import runpy\nrunpy.run_module(sys.argv[1], run_name='__main__', alter_sys=True)\n"
-#: The folder that holds the posstate package the manager runs: the worker imports the same code from it.
-_ROOT = Path(__file__).resolve().parents[2]
-#: Passed on to the worker when set (no key variable is: the keys go over the pipe).
-_ENV_KEPT = ("PATH", "PYTHONHOME", "SYSTEMROOT", "LANG", "LC_ALL", "TMPDIR", TEST_HOOK)
-
-
-def available() -> bool:
-    """A Python executable to start the worker with (not in an embedded or frozen interpreter)."""
-    return bool(sys.executable) and not getattr(sys, "frozen", False) and os.path.isfile(sys.executable)
-
-
-def _site_dirs() -> set[str]:
-    dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
-    with contextlib.suppress(Exception):
-        dirs.append(site.getusersitepackages())
-    return {os.path.realpath(d) for d in dirs}
-
-
-def _env() -> dict[str, str]:
-    """The worker's whole environment: what it needs to start and import posstate, and nothing else. The
-    folder holding this posstate goes first on PYTHONPATH (the worker runs the bot's code), unless it is a
-    site-packages folder, already on the path: first, it would come before the standard library, and a stray
-    ``pathlib.py`` installed there would replace the standard one in the process that holds the key."""
-    root = [] if os.path.realpath(_ROOT) in _site_dirs() else [str(_ROOT)]
-    paths = root + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-    for name in _ENV_KEPT:
-        if name in os.environ:
-            env[name] = os.environ[name]
-    return env
-
-
-class WorkerFailed(Exception):
-    """The worker did not produce a usable answer (its reason, never its stderr)."""
-
-
-class Worker:
-    """One worker process running one job; :meth:`kill` from any thread ends it at once."""
-
-    def __init__(self, message: bytes, module: str | None = None) -> None:
-        module = module or _MODULE
-        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-        cmd = [sys.executable, *safe_path, "-c", _BOOT, module]
-        self._message = message
-        self.killed = False
-        env = _env()
-        # Given nice 19 as soon as it is started (core/priority.py): the interpreter's start runs low too.
-        self.proc = priority.start_lowered(
-            19,
-            lambda: subprocess.Popen(
-                cmd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=str(_ROOT),
-                close_fds=True,
-            ),
-        )
-
-    def result(self, timeout: float) -> dict[str, Any]:
-        """The worker's answer (a dict), or WorkerFailed; waits at most *timeout* seconds, then kills it."""
-        try:
-            out, err = self.proc.communicate(self._message, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self.proc.communicate()
-            raise WorkerFailed(f"no answer within {timeout:.0f} s (killed)") from None
-        finally:
-            self._message = b""
-        code = self.proc.returncode
-        if self.killed:
-            raise WorkerFailed("killed")
-        if code != 0:
-            # Its stderr is captured and only counted: a traceback there is never echoed into a log or event.
-            raise WorkerFailed(f"exited with code {code} ({len(err)} bytes on stderr, not shown)")
-        if len(out) > MAX_MESSAGE:
-            raise WorkerFailed(f"answer of {len(out)} bytes is too large")
-        try:
-            reply = orjson.loads(out)
-        except orjson.JSONDecodeError:
-            raise WorkerFailed("answer is not JSON") from None
-        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
-            raise WorkerFailed("answer has no verdict")
-        return reply
-
-    def kill(self) -> None:
-        self.killed = True
-        with contextlib.suppress(OSError):  # already gone
-            self.proc.kill()
+#: How long the compaction worker waits for the next compaction, holding the document of the snapshot it
+#: wrote, before it exits and gives its memory back (seconds; docs/JOURNAL.md "The kept worker").
+WORKER_IDLE = 60.0
 
 
 def _answer(reply: dict[str, Any], *, temp: Path, generation: int, max_size: int) -> Answer:
     """The worker's answer, checked field by field (a worker is never trusted further than its files)."""
     raw = reply.get("answer")
-    if not isinstance(raw, dict) or set(raw) != {"temp_path", "checksum", "size", "generation", "positions"}:
+    if not isinstance(raw, dict) or set(raw) != {"temp_path", "checksum", "size", "generation", "positions", "kept"}:
+        raise WorkerFailed("answer is malformed")
+    if type(raw["kept"]) is not bool:
         raise WorkerFailed("answer is malformed")
     checksum, size, positions = raw["checksum"], raw["size"], raw["positions"]
     if raw["temp_path"] != str(temp):
@@ -161,7 +82,7 @@ def _answer(reply: dict[str, Any], *, temp: Path, generation: int, max_size: int
         raise WorkerFailed("answer has an impossible size or count")
     if raw["generation"] != generation:
         raise WorkerFailed("answer is for another generation")
-    return Answer(temp_path=str(temp), checksum=checksum, size=size, generation=generation, positions=positions)
+    return Answer(temp_path=str(temp), checksum=checksum, size=size, generation=generation, positions=positions, kept=raw["kept"])
 
 
 def _intact(data: bytes, checksum: str) -> bool:
@@ -173,6 +94,9 @@ def _intact(data: bytes, checksum: str) -> bool:
 
 class ProcessCompaction(DurableCommit):
     """The worker-process attempt of a background compaction (the caller is BackgroundCompaction)."""
+
+    _bg_cond: threading.Condition
+    _kept: Worker | None  # the compaction worker kept between compactions (set up by BackgroundCompaction)
 
     def _proc_enabled(self) -> bool:
         return self.config.compaction == "process" and available()
@@ -198,7 +122,32 @@ class ProcessCompaction(DurableCommit):
             max_document_bytes=cfg.max_document_bytes,
             clock_skew=cfg.clock_skew,
             parent_pid=os.getpid(),
+            idle_s=WORKER_IDLE,
         )
+
+    def _kept_for(self, message: bytes) -> Worker:
+        """The kept compaction worker, handed *message*: the last compaction's while it is alive (it may hold
+        the document of the snapshot on disk), else a new one. Raises OSError when none can be started."""
+        with self._bg_cond:
+            old, self._kept = self._kept, None
+        if old is not None and old.reuse(message):
+            fresh = old
+        else:
+            if old is not None:
+                old.discard()
+            fresh = Worker(message)
+        with self._bg_cond:
+            self._kept = fresh
+        return fresh
+
+    def _drop_kept(self, worker: Worker | None = None) -> None:
+        """Kill and reap the kept worker (*worker*: only if it is still the kept one). close(), a failure."""
+        with self._bg_cond:
+            old = self._kept
+            if old is None or (worker is not None and old is not worker):
+                return
+            self._kept = None
+        old.discard()
 
     def _proc_attempt(
         self, job: Any, check: Callable[[], None], register: Callable[[Worker | None], None]
@@ -214,20 +163,25 @@ class ProcessCompaction(DurableCommit):
         try:
             message = frame(orjson.dumps({"job": asdict(spec), "keys": keys}))
             del keys
-            try:
-                worker = Worker(message)
-            except OSError as exc:  # no process to be had (the executable gone, EAGAIN, ENOMEM): compact here
-                log.warning("%s: could not start the compaction worker (%s); compacting in process", self._path, exc)
-                return None
+            reply: dict[str, Any] | None = None
+            while reply is None:
+                try:
+                    worker = self._kept_for(message)
+                except OSError as exc:  # no process to be had (the executable gone, EAGAIN, ENOMEM): compact here
+                    log.warning("%s: could not start the compaction worker (%s); compacting in process", self._path, exc)
+                    return None
+                register(worker)
+                try:
+                    reply = worker.result(WORKER_TIMEOUT, keep=True)
+                except WorkerIdle:  # it left just as the job was written: a fresh one takes it
+                    self._drop_kept(worker)
+                except WorkerFailed:
+                    self._drop_kept(worker)
+                    check()  # killed because the job was given up: that is not a failure
+                    raise
+                finally:
+                    register(None)
             del message
-            register(worker)
-            try:
-                reply = worker.result(WORKER_TIMEOUT)
-            except WorkerFailed:
-                check()  # killed because the job was given up: that is not a failure
-                raise
-            finally:
-                register(None)
             check()
             if not reply["ok"]:
                 if isinstance(reply.get("refused"), str):
@@ -242,6 +196,7 @@ class ProcessCompaction(DurableCommit):
             self._writer_lock.check()
             self._proc_install(temp, answer)
         except WorkerFailed as exc:
+            self._drop_kept()  # a worker that answered wrongly is not kept
             _atomic.quiet_unlink(temp)
             # Whatever made this worker fail (it cannot import posstate in a fresh interpreter, an OOM killer
             # takes it every time, sys.executable is no Python) may well make the next one fail too: after

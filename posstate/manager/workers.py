@@ -1,0 +1,224 @@
+"""The bot's side of its worker processes (issue 14): start one (``subprocess``, never ``fork()``: the bot has
+threads, and a forked child would share the key's nonce state), hand it a framed job over its stdin pipe and
+read its framed answer (posstate/journal/jobpipe.py), kill it from any thread, keep it between jobs.
+
+Used by the compaction worker (posstate/manager/procompaction.py, kept between compactions) and the
+backup-check worker (posstate/manager/procheck.py, one job each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import site
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from posstate.core import priority
+from posstate.journal.compactjob import TEST_HOOK
+from posstate.journal.jobpipe import IDLE_EXIT, MAX_MESSAGE, take_frame
+
+_MODULE = "posstate.journal.compactjob"
+#: The worker's first statements, before it imports anything: nice 19 and the shortest scheduler slice
+#: (core/priority.py says why), then the module runs as ``python -m`` would run it. On every Python: on 3.10
+#: (no ``-P``) the boot itself drops the working directory from sys.path.
+_BOOT = priority.boot(19) + "import runpy\nrunpy.run_module(sys.argv[1], run_name='__main__', alter_sys=True)\n"
+#: The folder that holds the posstate package the manager runs: the worker imports the same code from it.
+_ROOT = Path(__file__).resolve().parents[2]
+#: Passed on to the worker when set (no key variable is: the keys go over the pipe).
+_ENV_KEPT = ("PATH", "PYTHONHOME", "SYSTEMROOT", "LANG", "LC_ALL", "TMPDIR", TEST_HOOK)
+
+
+def available() -> bool:
+    """A Python executable to start the worker with (not in an embedded or frozen interpreter)."""
+    return bool(sys.executable) and not getattr(sys, "frozen", False) and os.path.isfile(sys.executable)
+
+
+def _site_dirs() -> set[str]:
+    dirs = list(site.getsitepackages()) if hasattr(site, "getsitepackages") else []
+    with contextlib.suppress(Exception):
+        dirs.append(site.getusersitepackages())
+    return {os.path.realpath(d) for d in dirs}
+
+
+def _env() -> dict[str, str]:
+    """The worker's whole environment: what it needs to start and import posstate, and nothing else. The
+    folder holding this posstate goes first on PYTHONPATH (the worker runs the bot's code), unless it is a
+    site-packages folder, already on the path: first, it would come before the standard library, and a stray
+    ``pathlib.py`` installed there would replace the standard one in the process that holds the key."""
+    root = [] if os.path.realpath(_ROOT) in _site_dirs() else [str(_ROOT)]
+    paths = root + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    for name in _ENV_KEPT:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+class WorkerFailed(Exception):
+    """The worker did not produce a usable answer (its reason, never its stderr)."""
+
+
+class WorkerIdle(WorkerFailed):
+    """A kept worker left (its idle time passed) just as a job was written: no answer, start a fresh one."""
+
+
+def _reap(proc: subprocess.Popen[bytes], owner: int) -> None:
+    """A worker whose handle is dropped, or at the bot's exit: SIGKILL and reaped. Never from a process the
+    bot forked (the worker is its parent's: a child must not kill it)."""
+    if os.getpid() != owner:
+        return
+    with contextlib.suppress(OSError):
+        proc.kill()
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        proc.wait(5)
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+class Worker:
+    """One worker process: :meth:`result` hands it a job and reads its framed answer (posstate/journal/
+    jobpipe.py). Kept (``result(keep=True)``), it waits for the next job (:meth:`reuse`). :meth:`kill` from any
+    thread ends it at once."""
+
+    def __init__(self, message: bytes, module: str | None = None) -> None:
+        module = module or _MODULE
+        safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+        cmd = [sys.executable, *safe_path, "-c", _BOOT, module]
+        self._message = message
+        self.killed = False
+        self.jobs = 0  # jobs handed to this process
+        env = _env()
+        # Given nice 19 as soon as it is started (core/priority.py): the interpreter's start runs low too.
+        self.proc = priority.start_lowered(
+            19,
+            lambda: subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=str(_ROOT),
+                close_fds=True,
+            ),
+        )
+        self._reaper = weakref.finalize(self, _reap, self.proc, os.getpid())
+
+    def reuse(self, message: bytes) -> bool:
+        """Hand the next job to this kept process: False when it is gone (killed, failed, or left idle)."""
+        if self.killed or self.proc.poll() is not None:
+            return False
+        self._message = message
+        return True
+
+    def result(self, timeout: float, *, keep: bool = False) -> dict[str, Any]:
+        """The worker's answer (a dict), or WorkerFailed; waits at most *timeout* seconds, then kills it. Not
+        *keep*: its stdin is closed after the job and it must exit with status 0."""
+        deadline = time.monotonic() + timeout
+        message, self._message = self._message, b""
+        self.jobs += 1
+        try:
+            body, err = _exchange(self.proc, message, deadline, close_after=not keep)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise WorkerFailed(f"no answer within {timeout:.0f} s (killed)") from None
+        finally:
+            del message
+        if self.killed:
+            raise WorkerFailed("killed")
+        if body is None or not keep:
+            try:
+                code = self.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise WorkerFailed(f"did not exit within {timeout:.0f} s (killed)") from None
+            if self.killed:
+                raise WorkerFailed("killed")
+            if body is None and code == IDLE_EXIT and self.jobs > 1:
+                raise WorkerIdle("left idle as its job was written")
+            if code != 0 or body is None:
+                # Its stderr is captured and only counted: a traceback there is never echoed into a log or event.
+                raise WorkerFailed(f"exited with code {code} ({err} bytes on stderr, not shown)")
+        if len(body) > MAX_MESSAGE:
+            raise WorkerFailed(f"answer of {len(body)} bytes is too large")
+        try:
+            reply = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise WorkerFailed("answer is not JSON") from None
+        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+            raise WorkerFailed("answer has no verdict")
+        return reply
+
+    def kill(self) -> None:
+        self.killed = True
+        with contextlib.suppress(OSError):  # already gone
+            self.proc.kill()
+
+    def discard(self) -> None:
+        """Killed and reaped now (a kept worker no longer wanted: close(), a failure)."""
+        self.kill()
+        self._reaper()
+
+
+def _exchange(proc: subprocess.Popen[bytes], message: bytes, deadline: float, *, close_after: bool) -> tuple[bytes | None, int]:
+    """Write *message* down the worker's stdin and read one framed answer from its stdout, counting (never
+    keeping) what it writes on stderr. Returns (the answer's body, or None when the worker closed its stdout
+    first or sent no framed message, and the bytes seen on stderr). Raises subprocess.TimeoutExpired."""
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out_fd, err_fd, in_fd = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
+    for fd in (out_fd, err_fd, in_fd):
+        os.set_blocking(fd, False)
+    pending, buf, err = memoryview(message), bytearray(), 0
+    with selectors.DefaultSelector() as sel:
+        sel.register(out_fd, selectors.EVENT_READ)
+        sel.register(err_fd, selectors.EVENT_READ)
+        if pending:
+            sel.register(in_fd, selectors.EVENT_WRITE)
+        elif close_after:
+            proc.stdin.close()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, 0)
+            for key, _ in sel.select(left):
+                fd = key.fd
+                if fd == in_fd:
+                    try:
+                        pending = pending[os.write(in_fd, pending) :]
+                    except BlockingIOError:
+                        continue
+                    except OSError:  # the worker is gone (EPIPE): its exit says why
+                        pending = pending[len(pending) :]
+                    if not pending:
+                        sel.unregister(in_fd)
+                        if close_after:
+                            proc.stdin.close()
+                    continue
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if fd == err_fd:
+                    err += len(chunk)
+                    if not chunk:
+                        sel.unregister(err_fd)
+                    continue
+                if not chunk:
+                    return None, err
+                buf += chunk
+                try:
+                    body = take_frame(buf)
+                except ValueError as exc:  # not framed, or too long to read: nothing past it can be trusted
+                    text = str(exc)
+                    raise WorkerFailed(f"answer {text[8:]}" if text.startswith("message ") else "answer is not JSON") from None
+                if body is not None:
+                    return body, err
