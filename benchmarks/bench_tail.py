@@ -205,6 +205,14 @@ class Waits:
         return out
 
 
+def children_cpu() -> float:
+    """Processor seconds of this process's reaped children (the compaction and backup-check workers)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def run_sync(
     m: PositionStateManager, n: int, calls: int, floor: Floor | None = None, waits: Waits | None = None
 ) -> tuple[list[float], list[float]]:
@@ -394,6 +402,7 @@ def main() -> int:
     rows: list[tuple[int, str, dict[str, float], dict[str, float] | None]] = []
     targets: list[tuple[str, bool]] = []
     collections: list[str] = []
+    background: list[str] = []
     waited: list[str] = []  # the run-queue wait of each row's calls (what part of a slow call was the scheduler)
     try:
         for n in sizes:
@@ -418,6 +427,7 @@ def main() -> int:
                     floor = (Floor if mode == "sync" else GroupFloor)(root / f"probe-{n}" / f"floor-{mode}-{how}.bin", size)
                     full = FullCollections()
                     waits = Waits()
+                    kids = children_cpu()
                     if not args.no_gc_freeze:  # what the README advises a bot holding a large state
                         gc.collect()
                         gc.freeze()
@@ -431,8 +441,9 @@ def main() -> int:
                         gc.callbacks.remove(full)
                         gc.unfreeze()
                         floor.close()
-                        m.close()
+                        m.close()  # reaps the kept compaction worker: its time is counted below
                         shutil.rmtree(d, ignore_errors=True)
+                    background.append(f"{name} @ {n:,}: {children_cpu() - kids:.2f} s of the workers' processor time")
                     collections.append(f"{name} @ {n:,}: {full.count} full collection(s), longest {full.longest * 1e3:.1f} ms")
                     st, fst = stats(vals), stats(fvals)
                     pname = f"  {fname}, {'blocks' if blocks else 'paired'}"
@@ -482,6 +493,9 @@ def main() -> int:
         print(f"{n:>10,} {name:<30} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>17}")
     print(f"full garbage collections during the rows ({'gc.freeze() off' if args.no_gc_freeze else 'after gc.freeze()'}):")
     for line in collections:
+        print(f"  {line}")
+    print("background work (the worker processes' processor time per row, reaped at close):")
+    for line in background:
         print(f"  {line}")
     print("run-queue wait (/proc/thread-self/schedstat: how long the slowest calls were runnable but not running):")
     for line in waited:
