@@ -428,6 +428,12 @@ def main() -> int:
                     full = FullCollections()
                     waits = Waits()
                     kids = children_cpu()
+                    counts = {"compactions": 0, "backups": 0}
+                    m.on(
+                        "stateSaved",
+                        lambda e, c=counts: c.__setitem__("compactions", c["compactions"] + bool(e.get("background"))),
+                    )
+                    m.on("backupCreated", lambda e, c=counts: c.__setitem__("backups", c["backups"] + 1))
                     if not args.no_gc_freeze:  # what the README advises a bot holding a large state
                         gc.collect()
                         gc.freeze()
@@ -443,7 +449,10 @@ def main() -> int:
                         floor.close()
                         m.close()  # reaps the kept compaction worker: its time is counted below
                         shutil.rmtree(d, ignore_errors=True)
-                    background.append(f"{name} @ {n:,}: {children_cpu() - kids:.2f} s of the workers' processor time")
+                    background.append(
+                        f"{name} @ {n:,}: {children_cpu() - kids:.2f} s of the workers' processor time "
+                        f"({counts['compactions']} background compactions, {counts['backups']} backups)"
+                    )
                     collections.append(f"{name} @ {n:,}: {full.count} full collection(s), longest {full.longest * 1e3:.1f} ms")
                     st, fst = stats(vals), stats(fvals)
                     pname = f"  {fname}, {'blocks' if blocks else 'paired'}"
