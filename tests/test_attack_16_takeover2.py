@@ -70,7 +70,11 @@ def test_planted_copies_under_many_epochs_never_make_restore_read_the_journal_on
         assert m.flush_replica(30)
     like, data, ends = _journal(url, tmp_path / "probe", key)
     c = client(url)
-    for i, end in enumerate(ends):
+    _, genuine, _ = _names.split(o.key for o in c.list())
+    # A copy ending where a genuine range ends would let the genuine ranges continue it directly (no older
+    # chain needed: a correct restore then succeeds); the shipper's batches decide where those are.
+    cuts = {r.end for r in genuine} - {ends[-1]}
+    for i, end in enumerate(e for e in ends if e not in cuts):
         _copy(c, like, data, 0, end, 1000 - i)
     got = [0]
     real = FileClient.get
