@@ -14,6 +14,7 @@ import selectors
 import site
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -97,6 +98,11 @@ class Worker:
         self._message = message
         self.killed = False
         self.jobs = 0  # jobs handed to this process
+        # discard() while another thread is in result(): the pipes are closed by that thread once it is done
+        # with them, never under it (issue 14 attack: a descriptor number closed under a select is reused).
+        self._guard = threading.Lock()
+        self._reading = False
+        self._discarded = False
         env = _env()
         # Given nice 19 as soon as it is started (core/priority.py): the interpreter's start runs low too.
         self.proc = priority.start_lowered(
@@ -123,6 +129,20 @@ class Worker:
     def result(self, timeout: float, *, keep: bool = False) -> dict[str, Any]:
         """The worker's answer (a dict), or WorkerFailed; waits at most *timeout* seconds, then kills it. Not
         *keep*: its stdin is closed after the job and it must exit with status 0."""
+        with self._guard:
+            if self._discarded:
+                raise WorkerFailed("killed")
+            self._reading = True
+        try:
+            return self._result(timeout, keep=keep)
+        finally:
+            with self._guard:
+                self._reading = False
+                reap = self._discarded
+            if reap:
+                self._reaper()
+
+    def _result(self, timeout: float, *, keep: bool) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         message, self._message = self._message, b""
         self.jobs += 1
@@ -164,8 +184,13 @@ class Worker:
             self.proc.kill()
 
     def discard(self) -> None:
-        """Killed and reaped now (a kept worker no longer wanted: close(), a failure)."""
+        """Killed, and reaped now (a kept worker no longer wanted: close(), a failure); if another thread is in
+        :meth:`result`, by that thread as it returns (its pipes are closed only once it is done with them)."""
         self.kill()
+        with self._guard:
+            self._discarded = True
+            if self._reading:
+                return
         self._reaper()
 
 
