@@ -3,15 +3,20 @@ between compactions and the framed pipes to it. Failure paths only; each test fa
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from test_compaction_process import contracts, make, pos
 
 from posstate.journal import compactjob as _job
+from posstate.journal.jobpipe import frame
 from posstate.manager import workers as _workers
 from posstate.storage import fileops as fs
 
@@ -71,3 +76,108 @@ def test_close_past_its_deadline_never_closes_the_pipes_the_compaction_thread_re
     monkeypatch.delenv(_job.TEST_HOOK)
     with make(tmp_path) as m2:
         assert contracts(m2) == {f"S{i}": i + 1 for i in range(6)}
+
+
+_IDLE_DRIVER = """
+import sys, threading
+from posstate.journal import compactjob as cj
+
+MARK = sys.argv.pop(1)
+answered = threading.Event()
+real_answer = cj.answer
+
+
+def answer(out):
+    ok = real_answer(out)
+    answered.set()
+    return ok
+
+
+cj.answer = answer
+main = threading.get_ident()
+
+
+def holds(value):
+    if isinstance(value, (bytes, bytearray)):
+        return MARK.encode() in value
+    if isinstance(value, str):
+        return MARK in value
+    if isinstance(value, (list, tuple)):
+        return any(holds(v) for v in value)
+    if isinstance(value, dict):
+        return any(holds(k) or holds(v) for k, v in value.items())
+    return False
+
+
+def watch():
+    answered.wait(60)
+    for _ in range(6000):  # until the main thread waits for the next job
+        frame = sys._current_frames()[main]
+        if frame.f_code.co_name == "next":
+            break
+        answered.wait(0.01)
+    found = []
+    while frame is not None and frame.f_code.co_name != "<module>":  # (this driver's own globals hold MARK)
+        for name, value in frame.f_locals.items():
+            if holds(value) or holds(getattr(value, "__dict__", None)):
+                found.append(f"{frame.f_code.co_name}.{name}")
+        frame = frame.f_back
+    sys.stderr.write("held: " + ",".join(found) + "\\n")
+    sys.stderr.flush()
+    import os
+    os._exit(0)
+
+
+threading.Thread(target=watch, daemon=True).start()
+sys.exit(cj.main())
+"""
+
+
+def test_the_kept_worker_holds_no_job_bytes_while_it_waits_for_the_next_job(tmp_path: Path) -> None:
+    """issue 14 attack (kept worker, secrets): once a job is answered, nothing the kept worker still
+    references while it waits (up to WORKER_IDLE) holds that job's key material (before: the job's bytes,
+    keys included, stayed bound in its main loop until the next job arrived)."""
+    mark = bytes(range(32)).hex()
+    spec = _job.CompactJob(
+        state_path=str(tmp_path / "none.json"),  # no such file: the job is refused, and the worker waits on
+        journal_path=str(tmp_path / "none.json.journal"),
+        temp_path=str(tmp_path / "none.json.tmp"),
+        expected_checksums=[],
+        segment_id="00" * 16,
+        last_seq=1,
+        generation=2,
+        journal={"id": "11" * 16, "seq": 1},
+        written_at_ms=0,
+        writer={},
+        tombstone_floor=None,
+        compression_level=None,
+        encrypt=True,
+        max_document_bytes=1 << 20,
+        clock_skew=300.0,
+        parent_pid=os.getpid(),
+        idle_s=60.0,
+    )
+    job = frame(orjson.dumps({"job": dataclasses.asdict(spec), "keys": {"key": mark}}))
+    env = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _IDLE_DRIVER, mark],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(job)  # and left open: the worker answers, then waits for the next job
+        proc.stdin.flush()
+        err = proc.stderr.read()  # the driver ends the worker once it has looked
+        out = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(60)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()
+    assert orjson.loads(out[out.index(b"\n") + 1 :])["ok"] is False  # one answer: refused
+    held = err.decode().strip().splitlines()[-1]
+    assert held == "held:", held

@@ -399,6 +399,7 @@ def main() -> int:
         if isinstance(raw, int):
             return raw
         out, idle = _run(raw, kept)
+        del raw  # the job's bytes hold its keys: not kept while this worker waits for the next job
         if not answer(out):
             return 3  # the manager is gone: it will sweep the temp
         if idle <= 0:
