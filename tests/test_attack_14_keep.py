@@ -181,3 +181,31 @@ def test_the_kept_worker_holds_no_job_bytes_while_it_waits_for_the_next_job(tmp_
     assert orjson.loads(out[out.index(b"\n") + 1 :])["ok"] is False  # one answer: refused
     held = err.decode().strip().splitlines()[-1]
     assert held == "held:", held
+
+
+_SIGPIPE_BOT = """
+import signal, sys
+from posstate.journal.jobpipe import frame
+from posstate.manager.workers import Worker, WorkerFailed
+
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as many command-line programs do
+# A job larger than the pipe: the worker's end is closed (it died) before the rest of it is written.
+worker = Worker(frame(b"x" * (1 << 20)), module="closes_its_stdin")
+try:
+    worker.result(60, keep=True)
+except WorkerFailed as exc:
+    print("WorkerFailed:", exc, flush=True)
+worker.discard()
+print("alive", flush=True)
+"""
+
+
+def test_a_bot_with_sigpipe_default_survives_a_worker_gone_while_its_job_is_written(tmp_path: Path) -> None:
+    """issue 14 attack (worker pipes, EPIPE): a bot that set SIGPIPE back to its default action gets
+    WorkerFailed when a worker's end of the pipe closes while its job is being written (before: the write
+    raised SIGPIPE on the compaction thread and the signal ended the whole bot)."""
+    (tmp_path / "closes_its_stdin.py").write_text("import os, time\nos.close(0)\ntime.sleep(2)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    done = subprocess.run([sys.executable, "-c", _SIGPIPE_BOT], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.splitlines() == ["WorkerFailed: exited with code 0 (0 bytes on stderr, not shown)", "alive"]

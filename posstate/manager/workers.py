@@ -24,7 +24,7 @@ import orjson
 
 from posstate.core import priority
 from posstate.journal.compactjob import TEST_HOOK
-from posstate.journal.jobpipe import IDLE_EXIT, MAX_MESSAGE, take_frame
+from posstate.journal.jobpipe import IDLE_EXIT, MAX_MESSAGE, no_sigpipe, take_frame
 
 _MODULE = "posstate.journal.compactjob"
 #: The worker's first statements, before it imports anything: nice 19 and the shortest scheduler slice
@@ -147,7 +147,10 @@ class Worker:
         message, self._message = self._message, b""
         self.jobs += 1
         try:
-            body, err = _exchange(self.proc, message, deadline, close_after=not keep)
+            # SIGPIPE blocked: a bot that set it back to its default action is not ended by a worker gone as its
+            # job is written (issue 14 attack); the write fails with EPIPE, and the worker's exit says why.
+            with no_sigpipe():
+                body, err = _exchange(self.proc, message, deadline, close_after=not keep)
         except subprocess.TimeoutExpired:
             self.kill()
             raise WorkerFailed(f"no answer within {timeout:.0f} s (killed)") from None
