@@ -131,6 +131,7 @@ class Worker:
         *keep*: its stdin is closed after the job and it must exit with status 0."""
         with self._guard:
             if self._discarded:
+                self._message = b""  # (it holds the job's keys)
                 raise WorkerFailed("killed")
             self._reading = True
         try:
