@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -209,3 +210,23 @@ def test_a_bot_with_sigpipe_default_survives_a_worker_gone_while_its_job_is_writ
     done = subprocess.run([sys.executable, "-c", _SIGPIPE_BOT], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.splitlines() == ["WorkerFailed: exited with code 0 (0 bytes on stderr, not shown)", "alive"]
+
+
+def test_the_pipe_writers_sigpipe_guard_works_where_sigtimedwait_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 attack (worker pipes, macOS): where the signal module has no ``sigtimedwait`` (macOS), the
+    SIGPIPE guard still restores the thread's mask and a worker gone mid-job is WorkerFailed (before: every
+    exchange with a worker raised AttributeError, which is no worker failure, so the job was retried through
+    a worker for ever and the journal never compacted)."""
+    (tmp_path / "closes_its_stdin.py").write_text("import os, time\nos.close(0)\ntime.sleep(2)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(tmp_path)]))
+    monkeypatch.delattr(signal, "sigtimedwait", raising=False)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    worker = _workers.Worker(frame(b"x" * (1 << 20)), module="closes_its_stdin")
+    try:
+        with pytest.raises(_workers.WorkerFailed, match="exited with code 0"):
+            worker.result(60, keep=True)
+    finally:
+        worker.discard()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
