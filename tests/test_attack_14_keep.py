@@ -14,11 +14,13 @@ from typing import Any
 
 import orjson
 import pytest
-from test_compaction_process import contracts, make, pos
+from test_compaction_process import _job_for, contracts, make, pos
 
 from posstate.journal import compactjob as _job
 from posstate.journal.jobpipe import frame
 from posstate.manager import workers as _workers
+from posstate.storage import atomic as _atomic
+from posstate.storage import container as _format
 from posstate.storage import fileops as fs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,3 +232,28 @@ def test_the_pipe_writers_sigpipe_guard_works_where_sigtimedwait_is_missing(
     finally:
         worker.discard()
     assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
+
+
+def test_the_remembered_snapshot_put_back_behind_the_managers_back_is_refused(tmp_path: Path) -> None:
+    """issue 14 attack (kept worker, guard; it passes on s12-keep): a state file that is byte for byte the
+    snapshot the kept worker remembers (a backup or `.bak` of it copied back while the manager moved on) is
+    refused unless the manager wrote or loaded it: the remembered document never stands in for a file the
+    manager does not expect (the expected-checksum check comes before the remembered document)."""
+    with make(tmp_path) as m:
+        m.save()
+        for i in range(3):
+            m.set_position(pos(f"S{i}", i + 1))
+        ring = m._keyring
+        assert ring is not None
+        mine = m.path.read_bytes()
+        good = _format.checksum_of(mine)
+        assert good is not None
+        kept = _job.Kept()
+        first = _job.compact(_job_for(m, _atomic.temp_name(m.path), [good]), ring, kept)
+        remembered = Path(first.temp_path).read_bytes()
+        fs.unlink(Path(first.temp_path))
+        m.path.write_bytes(remembered)  # put in place behind the manager's back
+        with pytest.raises(_job.Refused, match="not the one the manager wrote or loaded"):
+            _job.compact(_job_for(m, _atomic.temp_name(m.path), [good]), ring, kept)
+        assert _atomic.stale_temps(m.path) == []
+        m.path.write_bytes(mine)  # the manager's own file back before close()
