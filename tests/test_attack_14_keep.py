@@ -257,3 +257,49 @@ def test_the_remembered_snapshot_put_back_behind_the_managers_back_is_refused(tm
             _job.compact(_job_for(m, _atomic.temp_name(m.path), [good]), ring, kept)
         assert _atomic.stale_temps(m.path) == []
         m.path.write_bytes(mine)  # the manager's own file back before close()
+
+
+def _settled(m: Any) -> None:
+    """Test-only: the segment a save started in the spare is renamed (else compact() compacts in process)."""
+    j = m._journal
+    with j._cond:
+        assert j._cond.wait_for(lambda: not j._promote and not j._spare_busy, 60)
+
+
+def test_an_unexpected_error_while_waiting_for_the_answer_leaves_no_worker_busy_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 attack (kept worker): an error that is no worker failure while the thread waits for the
+    answer (here a MemoryError once the job is written) ends the kept worker before its temp is removed:
+    no worker goes on with a job nobody waits for (before: it wrote its temp after the manager had removed
+    it, a leftover, and its stale answer failed the next compaction with an `error` event)."""
+    real = _workers._exchange
+    calls: list[int] = []
+
+    def failing(proc: Any, message: bytes, deadline: float, *, close_after: bool) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the second job: handed to the kept worker, then the thread fails
+            fs.write_all(proc.stdin.fileno(), message)
+            raise MemoryError
+        return real(proc, message, deadline, close_after=close_after)
+
+    monkeypatch.setattr(_workers, "_exchange", failing)
+    errors: list[dict[str, Any]] = []
+    with make(tmp_path) as m:
+        m.on("error", errors.append)
+        m.save()
+        for tag in "ABC":
+            for i in range(3):
+                m.set_position(pos(f"{tag}{i}", i + 1))
+            _settled(m)
+            try:
+                m.compact(wait=True)
+            except MemoryError:
+                assert tag == "B"
+        m.compact(wait=True)
+        want = contracts(m)
+        left = _atomic.stale_temps(m.path)
+    assert left == []
+    assert len(errors) == 1, errors  # the attempt that failed; none for a stale answer
+    with make(tmp_path) as m2:
+        assert contracts(m2) == want
