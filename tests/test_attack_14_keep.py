@@ -114,11 +114,12 @@ def holds(value):
 
 def watch():
     answered.wait(60)
+    pause = threading.Event()  # never set: a 10 ms wait between looks
     for _ in range(6000):  # until the main thread waits for the next job
         frame = sys._current_frames()[main]
         if frame.f_code.co_name == "next":
             break
-        answered.wait(0.01)
+        pause.wait(0.01)
     found = []
     while frame is not None and frame.f_code.co_name != "<module>":  # (this driver's own globals hold MARK)
         for name, value in frame.f_locals.items():
