@@ -548,7 +548,10 @@ def test_each_worker_snapshot_has_a_fresh_nonce(tmp_path: Path, monkeypatch: pyt
                 m.set_position(pos(f"S{i}", round_))  # the same content each round but the values
             assert m.compact(wait=True)
             nonces.append(_format.parse_header(m.path.read_bytes()).nonce)
-    assert len(spy.installed) == 8 and spy.in_process == 0
+    # At least one worker snapshot per round: a round's threshold compaction that finished before its
+    # compact() call makes that call compact its last change too (the kept worker is fast enough for that
+    # in most runs; before, the count was asserted to be exactly 8 and failed 4 runs in 6).
+    assert len(spy.installed) >= 8 and spy.in_process == 0
     assert len(set(nonces)) == len(nonces) and all(len(n) == 12 for n in nonces)
 
 
