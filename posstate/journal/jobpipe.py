@@ -51,11 +51,13 @@ def no_sigpipe() -> Iterator[None]:
         yield
     finally:
         if signal.SIGPIPE not in old:
-            # Taken with sigwait only when pending (it returns at once then): macOS has no sigtimedwait, and
-            # an AttributeError here failed every exchange with a worker there (issue 14 attack).
             with contextlib.suppress(OSError):
-                while signal.SIGPIPE in signal.sigpending():
-                    signal.sigwait([signal.SIGPIPE])
+                if hasattr(signal, "sigtimedwait"):
+                    while signal.sigtimedwait([signal.SIGPIPE], 0) is not None:
+                        pass
+                else:  # macOS: no sigtimedwait (an AttributeError here failed every exchange; issue 14 attack)
+                    while signal.SIGPIPE in signal.sigpending():  # sigwait returns at once: it is pending
+                        signal.sigwait([signal.SIGPIPE])
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
