@@ -12,9 +12,10 @@ name, trailer checksum, size and counts. It never renames, deletes or cuts anyth
 installing the snapshot is the manager's (posstate/manager/procompaction.py, docs/JOURNAL.md "Background
 compaction").
 
-Run as ``python -m posstate.journal.compactjob``: one JSON job on stdin (with the key material, which is
-never in argv, the environment or a file), one JSON answer on stdout. Nothing secret is ever written to
-stdout or stderr.
+Run as ``python -m posstate.journal.compactjob``: framed JSON jobs on stdin, one after another while the
+manager keeps it (each with the key material, which is never in argv, the environment or a file, and not
+referenced once its job is answered), one framed JSON answer per job on stdout (posstate/journal/jobpipe.py).
+Nothing secret is ever written to stdout or stderr.
 """
 
 from __future__ import annotations
@@ -399,6 +400,7 @@ def main() -> int:
         if isinstance(raw, int):
             return raw
         out, idle = _run(raw, kept)
+        del raw  # the job's bytes hold its keys: not kept while this worker waits for the next job
         if not answer(out):
             return 3  # the manager is gone: it will sweep the temp
         if idle <= 0:

@@ -17,6 +17,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import orjson
@@ -34,6 +35,30 @@ IDLE_EXIT = 4
 #: The exit status of a worker whose manager is gone (it never answers; its temp is removed).
 ORPHAN_EXIT = 3
 _HEAD = 24  # the longest length line read (digits and the newline)
+
+
+@contextlib.contextmanager
+def no_sigpipe() -> Iterator[None]:
+    """SIGPIPE blocked on this thread: a write to a pipe whose reader is gone fails with BrokenPipeError even in
+    a program that set SIGPIPE back to its default action (which ends the process). A SIGPIPE raised meanwhile
+    is taken before the mask is restored. For the bot's threads that write to its helper processes (a worker's
+    job, posstate/manager/workers.py; the server process's frames, posstate/serve/spawn.py)."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    try:
+        yield
+    finally:
+        if signal.SIGPIPE not in old:
+            with contextlib.suppress(OSError):
+                if hasattr(signal, "sigtimedwait"):
+                    while signal.sigtimedwait([signal.SIGPIPE], 0) is not None:
+                        pass
+                else:  # macOS: no sigtimedwait (an AttributeError here failed every exchange; issue 14 attack)
+                    while signal.SIGPIPE in signal.sigpending():  # sigwait returns at once: it is pending
+                        signal.sigwait([signal.SIGPIPE])
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def frame(body: bytes) -> bytes:

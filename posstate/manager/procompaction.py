@@ -179,6 +179,9 @@ class ProcessCompaction(DurableCommit):
                     self._drop_kept(worker)
                     check()  # killed because the job was given up: that is not a failure
                     raise
+                except BaseException:  # not the worker's failure, but it may still be working on the job: ended
+                    self._drop_kept(worker)  # before its temp is removed (issue 14 attack: it wrote it after)
+                    raise
                 finally:
                     register(None)
             del message

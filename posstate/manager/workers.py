@@ -14,6 +14,7 @@ import selectors
 import site
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -23,7 +24,7 @@ import orjson
 
 from posstate.core import priority
 from posstate.journal.compactjob import TEST_HOOK
-from posstate.journal.jobpipe import IDLE_EXIT, MAX_MESSAGE, take_frame
+from posstate.journal.jobpipe import IDLE_EXIT, MAX_MESSAGE, no_sigpipe, take_frame
 
 _MODULE = "posstate.journal.compactjob"
 #: The worker's first statements, before it imports anything: nice 19 and the shortest scheduler slice
@@ -97,6 +98,11 @@ class Worker:
         self._message = message
         self.killed = False
         self.jobs = 0  # jobs handed to this process
+        # discard() while another thread is in result(): the pipes are closed by that thread once it is done
+        # with them, never under it (issue 14 attack: a descriptor number closed under a select is reused).
+        self._guard = threading.Lock()
+        self._reading = False
+        self._discarded = False
         env = _env()
         # Given nice 19 as soon as it is started (core/priority.py): the interpreter's start runs low too.
         self.proc = priority.start_lowered(
@@ -123,11 +129,29 @@ class Worker:
     def result(self, timeout: float, *, keep: bool = False) -> dict[str, Any]:
         """The worker's answer (a dict), or WorkerFailed; waits at most *timeout* seconds, then kills it. Not
         *keep*: its stdin is closed after the job and it must exit with status 0."""
+        with self._guard:
+            if self._discarded:
+                self._message = b""  # (it holds the job's keys)
+                raise WorkerFailed("killed")
+            self._reading = True
+        try:
+            return self._result(timeout, keep=keep)
+        finally:
+            with self._guard:
+                self._reading = False
+                reap = self._discarded
+            if reap:
+                self._reaper()
+
+    def _result(self, timeout: float, *, keep: bool) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         message, self._message = self._message, b""
         self.jobs += 1
         try:
-            body, err = _exchange(self.proc, message, deadline, close_after=not keep)
+            # SIGPIPE blocked: a bot that set it back to its default action is not ended by a worker gone as its
+            # job is written (issue 14 attack); the write fails with EPIPE, and the worker's exit says why.
+            with no_sigpipe():
+                body, err = _exchange(self.proc, message, deadline, close_after=not keep)
         except subprocess.TimeoutExpired:
             self.kill()
             raise WorkerFailed(f"no answer within {timeout:.0f} s (killed)") from None
@@ -164,8 +188,13 @@ class Worker:
             self.proc.kill()
 
     def discard(self) -> None:
-        """Killed and reaped now (a kept worker no longer wanted: close(), a failure)."""
+        """Killed, and reaped now (a kept worker no longer wanted: close(), a failure); if another thread is in
+        :meth:`result`, by that thread as it returns (its pipes are closed only once it is done with them)."""
         self.kill()
+        with self._guard:
+            self._discarded = True
+            if self._reading:
+                return
         self._reaper()
 
 

@@ -14,12 +14,13 @@ import site
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from posstate.core import priority
 from posstate.core.errors import ServeError
+from posstate.journal.jobpipe import no_sigpipe
 from posstate.storage import fileops as fs
 
 #: The pipe's size asked of Linux (F_SETPIPE_SZ); the default is 64 KiB.
@@ -127,25 +128,6 @@ def _site_dirs() -> list[str]:
     with contextlib.suppress(Exception):
         dirs.append(site.getusersitepackages())
     return dirs
-
-
-@contextlib.contextmanager
-def no_sigpipe() -> Iterator[None]:
-    """SIGPIPE blocked on this thread: a write to a pipe whose reader is gone fails with BrokenPipeError even in
-    a program that set SIGPIPE back to its default action (which ends the process). A SIGPIPE raised meanwhile
-    is taken before the mask is restored."""
-    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not POSIX
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
-    try:
-        yield
-    finally:
-        if signal.SIGPIPE not in old:
-            with contextlib.suppress(OSError):
-                while signal.sigtimedwait([signal.SIGPIPE], 0) is not None:
-                    pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def block_sigpipe() -> None:
