@@ -31,7 +31,7 @@ from posstate.replica.lease import Lease
 
 
 class LeaseTime:
-    """Real time plus an offset that only grows; the leases built while it is installed."""
+    """Real time plus an offset that only grows; the leases that started renewing while it is installed."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -50,7 +50,7 @@ class LeaseTime:
             self.offset += seconds
 
     def holder(self, epoch: int) -> Lease:
-        """The lease that took *epoch*."""
+        """The lease that took *epoch* (and started renewing it: an attempt refused on the way named it too)."""
         return next(lease for lease in self.leases if lease.epoch == epoch)
 
     def die(self, epoch: int) -> None:
@@ -82,11 +82,11 @@ def lease_time(monkeypatch: pytest.MonkeyPatch) -> LeaseTime:
         def __init__(self, client: ReplicaClient, **kw: Any) -> None:
             super().__init__(client, clock=clock.time, monotonic=clock.monotonic, **kw)
             self._stop = _Stop(clock)
-            clock.leases.append(self)
 
         def start(self) -> None:
             assert isinstance(self._stop, _Stop)
             self._stop.instant = False
+            clock.leases.append(self)
             super().start()
 
     monkeypatch.setattr(attach, "Lease", FastLease)
