@@ -32,9 +32,12 @@ def _used(cfg: StateConfig) -> bytes:
 def _takeover_dies(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, *, every: int, batch: int, k: int) -> str:
     """Holder A (epoch 1) ships SYMBOLS, flushing after every *every* changes (its ranges hold that many
     records); B takes the lease with ``replica_batch_bytes`` *batch*, restores, re-ships *k* journal ranges
-    under epoch 2 and dies (every later upload of epoch 2 fails)."""
+    under epoch 2 and dies (its next upload of epoch 2 fails and it never ships, renews or releases again). A stays
+    paused for one TTL in virtual time (tests/lease_time.py), not in real time."""
+    from lease_time import lease_time
     from test_replica_lease import _open_when_free
 
+    clock = lease_time(monkeypatch)
     url = f"file://{tmp_path}/rep"
     real = FileClient.put
     # A's journal uploads wait until *every* records are written: its ranges hold that many. Decided on the
@@ -48,6 +51,7 @@ def _takeover_dies(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, 
             raise OSError(5, "held back by the test")
         if isinstance(found, _names.Range | _names.Snapshot) and found.epoch == 2:
             if not isinstance(found, _names.Range) or len(shipped) >= k:
+                clock.die(2)
                 raise OSError(5, "the machine dies here")
             shipped.append(name)
         return real(self, name, data, **kw)
@@ -62,7 +66,10 @@ def _takeover_dies(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, 
                 assert a.flush_replica(30)
         ends.add(len(_used(a.config)))
         assert a.flush_replica(30)
-        a._replica.lease._stop.set()  # type: ignore[union-attr]  # paused: no more renewals
+        a_lease = a._replica.lease  # type: ignore[union-attr]
+        assert a_lease is not None
+        a_lease._stop.set()  # paused: no more renewals
+        clock.skip(2.0)  # ... for one TTL
         cfg = rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=3.0, replica_batch_bytes=batch)
         b, _ = _open_when_free(cfg, key)
         b.close()
@@ -70,6 +77,7 @@ def _takeover_dies(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, 
         assert len(shipped) == k, shipped
         ranges = _names.split(o.key for o in client(url).list())[1]
         assert len([r for r in ranges if r.epoch == 1]) == len(SYMBOLS) // every  # A's cuts, as asked
+        assert a_lease.renew() is False and a_lease.lost  # A wakes: B's lease refuses its renewal, for good
     finally:
         a.close()
     return url
@@ -99,12 +107,15 @@ def test_a_takeover_that_dies_after_reshipping_part_of_the_journal_loses_no_reco
 
 def stale_and_new(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch) -> str:
     """A (epoch 1) ships two records, is copied to ``late`` (the old holder as it goes on after a pause) and
-    paused; B takes the lease (epoch 2), ships its journal and its own record ``B/USDT`` and dies before its
-    snapshot. Returns the replica's URL."""
+    paused (for one TTL, in virtual time: tests/lease_time.py); B takes the lease (epoch 2), ships its journal and
+    its own record ``B/USDT`` and dies before its snapshot. Returns the replica's URL."""
     import shutil
+    import threading
 
+    from lease_time import lease_time
     from test_replica_lease import _open_when_free
 
+    clock = lease_time(monkeypatch)
     url = f"file://{tmp_path}/rep"
     a = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=2.0), key=key)
     try:
@@ -112,24 +123,39 @@ def stale_and_new(tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch) -
             a.set_position(pos(symbol))
         assert a.flush_replica(30)
         shutil.copytree(tmp_path / "a", tmp_path / "late")  # the old holder as it goes on after a pause
-        a._replica.lease._stop.set()  # type: ignore[union-attr]  # paused: no more renewals
+        a_lease = a._replica.lease  # type: ignore[union-attr]
+        assert a_lease is not None
+        a_lease._stop.set()  # paused: no more renewals
+        clock.skip(2.0)  # ... for one TTL
         real = FileClient.put
+        ends: list[int] = []  # of B's ranges shipped
+        shipping = threading.Condition()
 
         def put(self: FileClient, name: str, data: bytes, **kw: Any) -> Any:
             found = _names.parse(name)
             if isinstance(found, _names.Snapshot) and found.epoch == 2:
-                raise OSError(5, "the machine dies here")
-            return real(self, name, data, **kw)
+                raise OSError(5, "the machine dies before this")
+            out = real(self, name, data, **kw)
+            if isinstance(found, _names.Range) and found.epoch == 2:
+                with shipping:
+                    ends.append(found.end)
+                    shipping.notify_all()
+            return out
 
         monkeypatch.setattr(FileClient, "put", put)
         cfg = rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=3.0, replica_batch_bytes=1)
         b, _ = _open_when_free(cfg, key)
         try:
             b.set_position(pos("B/USDT"))
-            assert not b.flush_replica(2)  # its journal is shipped, its snapshot never arrives
+            end = len(_used(cfg))
+            with shipping:  # its journal is shipped, its snapshot never arrives
+                assert shipping.wait_for(lambda: end in ends, 30), (end, ends)
+            assert not b.replica_status()["snapshot_shipped"]  # type: ignore[index]
+            clock.die(2)
         finally:
             b.close()
             monkeypatch.setattr(FileClient, "put", real)
+        assert a_lease.renew() is False and a_lease.lost  # A wakes: B's lease refuses its renewal, for good
     finally:
         a.close()
     return url

@@ -182,14 +182,19 @@ def test_a_range_whose_name_spans_more_than_a_journal_is_refused_before_it_is_do
     assert fake.key not in fetched
 
 
-def test_verify_is_all_ok_after_a_lease_takeover_and_a_stale_writers_late_range(tmp_path: Path, key: bytes) -> None:
+def test_verify_is_all_ok_after_a_lease_takeover_and_a_stale_writers_late_range(
+    tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """issue 16.3 x 16.4 (session 11 attack): the older-epoch check of verify raises no false alarm on a healthy
     takeover: the new holder re-ships the restored snapshot and journal under its epoch; a stale writer's late
-    range of that journal (older epoch, past what was restored) is ignored by restore and not BAD in verify."""
+    range of that journal (older epoch, past what was restored) is ignored by restore and not BAD in verify.
+    (A's pause lasts one TTL in virtual time, tests/lease_time.py.)"""
+    from lease_time import lease_time
     from test_replica_lease import _open_when_free
 
     from posstate.journal import format as jf
 
+    clock = lease_time(monkeypatch)
     url = f"file://{tmp_path}/rep"
     a = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=2.0, replica_interval=3600), key=key)
     try:
@@ -199,8 +204,10 @@ def test_verify_is_all_ok_after_a_lease_takeover_and_a_stale_writers_late_range(
         lease = a._replica.lease  # type: ignore[union-attr]
         assert lease is not None
         lease._stop.set()  # paused: no more renewals
+        clock.skip(2.0)  # ... for one TTL
         b, _ = _open_when_free(rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=30.0), key)
         b.close()
+        assert lease.renew() is False and lease.lost  # A wakes: B's lease refuses its renewal, for good
         c = client(url)
         mine = max((r for r in _names.split(o.key for o in c.list())[1] if r.epoch == 1), key=lambda r: r.end)
         data = (tmp_path / "a" / "positions.json.journal").read_bytes()
@@ -243,23 +250,30 @@ def test_a_takeover_that_dies_before_shipping_its_journal_never_loses_the_restor
     journal uploads fail (it dies right after the snapshot), a restore used to pick its snapshot (the newer epoch)
     and ignore the older epoch's journal: the records acknowledged before the takeover were lost (verify now
     says so, see above). The journal is shipped first when the replica already holds the snapshot's bytes, so
-    the replica never holds that snapshot without its journal."""
+    the replica never holds that snapshot without its journal. (A's pause lasts one TTL in virtual time,
+    tests/lease_time.py; B dies at its first refused upload: it never ships, renews or releases again.)"""
+    from lease_time import lease_time
     from test_replica_lease import _open_when_free
 
     from posstate.replica.file import FileClient
 
+    clock = lease_time(monkeypatch)
     url = f"file://{tmp_path}/rep"
     a = PositionStateManager(rcfg(tmp_path / "a", url, replica_lease=True, replica_lease_ttl=2.0), key=key)
     try:
         for symbol in ("X/USDT", "Y/USDT"):
             a.set_position(pos(symbol))
         assert a.flush_replica(30)
-        a._replica.lease._stop.set()  # type: ignore[union-attr]  # paused: no more renewals
+        a_lease = a._replica.lease  # type: ignore[union-attr]
+        assert a_lease is not None
+        a_lease._stop.set()  # paused: no more renewals
+        clock.skip(2.0)  # ... for one TTL
         real = FileClient.put
 
         def put(self: FileClient, k: str, data: bytes, **kw: Any) -> Any:
             found = _names.parse(k)
             if isinstance(found, _names.Range) and found.epoch == 2:
+                clock.die(2)
                 raise OSError(5, "the machine dies here")
             return real(self, k, data, **kw)
 
@@ -267,6 +281,7 @@ def test_a_takeover_that_dies_before_shipping_its_journal_never_loses_the_restor
         b, _ = _open_when_free(rcfg(tmp_path / "b", url, replica_lease=True, replica_lease_ttl=3.0), key)
         b.close()
         monkeypatch.setattr(FileClient, "put", real)
+        assert a_lease.renew() is False and a_lease.lost  # A wakes: B's lease refuses its renewal, for good
     finally:
         a.close()
     cfg, _ = restore_into(tmp_path / "r", url, None, key)

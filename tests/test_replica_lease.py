@@ -133,9 +133,15 @@ def test_takeover_after_the_ttl_restores_and_takes_the_next_epoch(s3_server: Any
         assert "NEW/USDT" in held(r) and len(held(r)) == 6
 
 
-def test_a_stale_writer_raises_lease_lost_and_its_late_objects_are_ignored(s3_server: Any, tmp_path: Path, key: bytes) -> None:
+def test_a_stale_writer_raises_lease_lost_and_its_late_objects_are_ignored(
+    s3_server: Any, tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """issue 16.4: a writer whose renewals stopped (a paused process) raises LeaseLostError on its next change once
-    another machine took the lease; a journal object it uploads late (older epoch) is never used by restore."""
+    another machine took the lease; a journal object it uploads late (older epoch) is never used by restore. (The
+    pause lasts one TTL in virtual time, tests/lease_time.py: the takeover's timing is tested above.)"""
+    from lease_time import lease_time
+
+    clock = lease_time(monkeypatch)
     url = s3_server.bucket()
     a = PositionStateManager(lcfg(tmp_path / "a", url, s3_server.url, ttl=3, replica_interval=3600), key=key)
     b = None
@@ -146,6 +152,7 @@ def test_a_stale_writer_raises_lease_lost_and_its_late_objects_are_ignored(s3_se
         lease = a._replica.lease  # type: ignore[union-attr]
         assert lease is not None
         lease._stop.set()  # the process "pauses": no more renewals
+        clock.skip(3)  # ... for one TTL
         b, _ = _open_when_free(lcfg(tmp_path / "b", url, s3_server.url, ttl=30), key)
         with pytest.raises(LeaseLostError):
             a.set_position(pos("NOPE/USDT"))
@@ -164,6 +171,7 @@ def test_a_stale_writer_raises_lease_lost_and_its_late_objects_are_ignored(s3_se
         c.put(_names.Range(mine.base_generation, mine.journal_id, mine.end, end, 1, mine.session, _names.digest(late)).key, late)
         b.set_position(pos("B/USDT"))
         assert b.flush_replica(30)
+        assert lease.renew() is False and lease.lost  # A wakes: B's lease refuses its renewal, for good
     finally:
         a.close()
         if b is not None:
