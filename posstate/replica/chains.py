@@ -49,17 +49,34 @@ def newer_than(ranges: list[_names.Range], snap: _names.Snapshot, seg: list[_nam
     return next((r for r in ranges if r.journal_id not in skip and r.base_generation > snap.generation and r.epoch >= low), None)
 
 
+def _takeover(snaps: Sequence[_names.Snapshot], ranges: Sequence[_names.Range]) -> tuple[int, int] | None:
+    """(epoch, generation) of a takeover that died before shipping its snapshot: the newest epoch of journal
+    ranges newer than every snapshot, and the generation its ranges follow. None when there are none."""
+    if not snaps or not (newer := [r for r in ranges if r.epoch > max(s.epoch for s in snaps)]):
+        return None
+    epoch = max(r.epoch for r in newer)
+    return epoch, min(r.base_generation for r in newer if r.epoch == epoch)
+
+
 def taken_over(snaps: Sequence[_names.Snapshot], ranges: Sequence[_names.Range]) -> _names.Snapshot | None:
     """The snapshot a restore of the newest state starts from when journal ranges of a newer epoch than every
     snapshot's exist (a takeover that died before shipping its snapshot): the newest, by epoch, of the
     generation those ranges' journal follows. None when there are none (or no such snapshot). Picking the
     newest snapshot by name instead would take a stale writer's late snapshot (an older epoch, a later
     generation, saved after the takeover) over the new holder's shipped records."""
-    if not snaps or not (newer := [r for r in ranges if r.epoch > max(s.epoch for s in snaps)]):
+    if (found := _takeover(snaps, ranges)) is None:
         return None
-    epoch = max(r.epoch for r in newer)
-    base = min(r.base_generation for r in newer if r.epoch == epoch)
+    epoch, base = found
     return max((s for s in snaps if s.generation == base and s.epoch <= epoch), key=lambda s: s.order, default=None)
+
+
+def before_takeover(snaps: Sequence[_names.Snapshot], ranges: Sequence[_names.Range]) -> list[_names.Snapshot]:
+    """The snapshots a restore ``--at`` may pick: after a takeover that died before shipping its snapshot, not
+    those of a later generation than the one its journal follows (a stale writer's late snapshots, saved after
+    the takeover: picked by name, ``--at`` at or past one gave the old holder's history instead of the new
+    holder's shipped records, session 12)."""
+    found = _takeover(snaps, ranges)
+    return [s for s in snaps if found is None or s.generation <= found[1]]
 
 
 def older(ranges: Sequence[_names.Range], used: Sequence[_names.Range], *, floor: tuple[int, int]) -> list[list[_names.Range]]:

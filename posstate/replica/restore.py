@@ -28,6 +28,7 @@ from posstate.journal.files import blank_file, next_path
 from posstate.journal.records import read_records
 from posstate.replica import chains as _chains
 from posstate.replica import names as _names
+from posstate.replica import segment as _segment
 from posstate.replica.chains import journal_chain, newer_than
 from posstate.replica.client import ReplicaClient
 from posstate.storage import atomic as _atomic
@@ -217,49 +218,17 @@ def following_chain(
     jbytes: bytes,
     sizes: dict[str, int],
 ) -> list[_names.Range]:
-    """The ranges of the segment that continues the snapshot's journal (issue 14: the ``.next`` segment of a
-    background compaction whose snapshot never reached the replica), or []: a journal of a later generation,
-    shipped under the snapshot's epoch or later, whose header (in its first range) links to the snapshot's
-    journal. Only the first range of each candidate is downloaded here, and only when the candidate's ranges
-    and the journal before it are listed at no more than a journal posstate reads (planted huge ranges are
-    refused before any byte of them is downloaded)."""
-    jid = (loaded.state.journal or {}).get("id")
-    if not isinstance(jid, str):
-        return []
-    try:
-        prev: jf.JournalHeader | bytes = jf.parse_header(jbytes) if jbytes else bytes.fromhex(jid)
-    except (jf.JournalProblem, ValueError):
-        return []
-    # The segment starts after the last record of the journal (rotation): one starting later follows records
-    # the chain lacks (its last range deleted), and replaying it would skip them silently (session 11).
-    if isinstance(prev, jf.JournalHeader):
-        recs = jf.scan(jbytes, prev).records
-        last = recs[-1].seq if recs else prev.base_seq
-    else:
-        last = int((loaded.state.journal or {}).get("seq", 0))
-    for cand in sorted({r.journal_id for r in ranges if r.base_generation > snap.generation and r.epoch >= snap.epoch}):
-        if cand == jid:
-            continue
-        seg = _names.chain(ranges, cand, floor=(snap.epoch, 0))
-        if not seg:
-            continue
-        listed = len(jbytes) + max(sum(sizes.get(r.key, 0) for r in seg), seg[-1].end)
-        if listed > fs.DEFAULT_MAX_READ_BYTES:
-            raise CorruptStateError(
-                _where(client, seg[0].folder),
-                f"the journal's ranges and the segment after it hold {listed} bytes, more than a journal posstate "
-                f"reads ({fs.DEFAULT_MAX_READ_BYTES})",
-                next_step="`posstate replica verify` names the objects; restore an older snapshot with --at GENERATION",
-            )
-        try:
-            head = jf.parse_header(fetch(client, seg[0].key, seg[0].digest)[: jf.HEADER_SIZE])
-        except jf.JournalProblem:
-            continue
-        linked = head.follows(prev) if isinstance(prev, jf.JournalHeader) else head.prev_link == prev[: jf.LINK_SIZE]
-        ends = head.base_seq == last if isinstance(prev, jf.JournalHeader) else head.base_seq <= last
-        if linked and ends and head.id_hex == cand and all(r.base_generation == head.base_generation for r in seg):
-            return seg
-    return []
+    """The ranges of the segment that continues the snapshot's journal, or [] (:func:`posstate.replica.segment.following`:
+    issue 14's ``.next`` segment; never a stale writer's late one after a takeover, session 12)."""
+    return _segment.following(
+        ranges,
+        snap,
+        loaded.state.journal or {},
+        jbytes,
+        sizes,
+        head=lambda r: fetch(client, r.key, r.digest),
+        where=lambda key: _where(client, key),
+    )
 
 
 def load_segment(
@@ -371,7 +340,9 @@ def restore(
     sizes = {o.key: o.size for o in objects}
     snaps, ranges, _ = _names.split(sizes)
     latest = at_generation is None and at_time is None  # after a takeover that died: not a stale writer's late one
-    snap = (latest and _chains.taken_over(snaps, ranges)) or choose(client, snaps, at_generation=at_generation, at_time=at_time)
+    snap = (latest and _chains.taken_over(snaps, ranges)) or choose(
+        client, _chains.before_takeover(snaps, ranges), at_generation=at_generation, at_time=at_time
+    )
     data, loaded = load_snapshot(client, snap, options)
     chain = journal_chain(ranges, snap, loaded)
     jid = (loaded.state.journal or {}).get("id")

@@ -144,7 +144,7 @@ def verify(client: ReplicaClient, *, options: _statefile.ReadOptions) -> list[Ro
     picked: _names.Snapshot | None = None
     try:  # no snapshot: a restore has nothing to restore from, so neither is this replica all ok
         picked = _chains.taken_over(check.snaps, check.ranges) or _restore.choose(
-            client, check.snaps, at_generation=None, at_time=None
+            client, _chains.before_takeover(check.snaps, check.ranges), at_generation=None, at_time=None
         )
     except PosStateError as exc:
         check.rows.append({"key": _names.SNAPSHOTS, "ok": False, "reason": f"`posstate replica restore` refuses: {exc}"})
