@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from test_compaction_process import _job_for, contracts, make, pos
+from test_kept_worker import three_changes
 
 from posstate.journal import compactjob as _job
 from posstate.journal.jobpipe import frame
@@ -241,11 +242,7 @@ def test_the_remembered_snapshot_put_back_behind_the_managers_back_is_refused(tm
     refused unless the manager wrote or loaded it: the remembered document never stands in for a file the
     manager does not expect (the expected-checksum check comes before the remembered document)."""
     with make(tmp_path) as m:
-        m.save()
-        for i in range(3):
-            m.set_position(pos(f"S{i}", i + 1))
-        ring = m._keyring
-        assert ring is not None
+        ring = three_changes(m)
         mine = m.path.read_bytes()
         good = _format.checksum_of(mine)
         assert good is not None

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,27 @@ class Spy:
         monkeypatch.setattr(BackgroundCompaction, "_bg_view", _view)
 
 
+def four_writers(m: PositionStateManager, enough: Callable[[], bool]) -> None:
+    """Test-only: four threads set, delete and tag positions, at least 200 changes each, then on until
+    *enough()* (or 20,000 changes each)."""
+
+    def writer(t: int) -> None:
+        i = 0
+        while i < 200 or (not enough() and i < 20000):
+            i += 1
+            m.set_position(pos(f"T{t}-{i % 7}", i))
+            if i % 5 == 0:
+                m.delete_position(f"T{t}-{(i + 3) % 7}", "long")
+            if i % 9 == 0:
+                m.set_symbol_metadata(f"T{t}-{i % 7}", {"i": i})
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
 class Spawned:
     """Test-only: every worker the manager starts (and the job message it was handed)."""
 
@@ -153,21 +175,7 @@ def test_worker_snapshot_is_the_state_at_the_rotation_under_concurrent_writers(
         m.on("stateSaved", saved.append)
         m.save()
 
-        def writer(t: int) -> None:
-            i = 0
-            while i < 200 or (len(spy.installed) < 3 and i < 20000):  # through at least three worker compactions
-                i += 1
-                m.set_position(pos(f"T{t}-{i % 7}", i))
-                if i % 5 == 0:
-                    m.delete_position(f"T{t}-{(i + 3) % 7}", "long")
-                if i % 9 == 0:
-                    m.set_symbol_metadata(f"T{t}-{i % 7}", {"i": i})
-
-        threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        four_writers(m, lambda: len(spy.installed) >= 3)  # through at least three worker compactions
         assert m.compact(wait=True)
         want = contracts(m)
         want_meta = m.get_all_symbol_metadata()

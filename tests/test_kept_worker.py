@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_compaction_process import Spy, _job_for, contracts, make, pos, view
+from test_compaction_process import Spy, _job_for, contracts, four_writers, make, pos, view
 
 from posstate.journal import compactjob as _job
 from posstate.journal.jobpipe import IDLE_EXIT
@@ -27,6 +27,7 @@ from posstate.storage import atomic as _atomic
 from posstate.storage import container as _format
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
+from posstate.storage.crypto import Keyring
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +55,16 @@ class Answers:
         monkeypatch.setattr(_proc, "Worker", Worker)
 
 
+def three_changes(m: Any) -> Keyring:
+    """Test-only: a saved state, then three journaled changes (S0..S2); returns the manager's keyring."""
+    m.save()
+    for i in range(3):
+        m.set_position(pos(f"S{i}", i + 1))
+    ring = m._keyring
+    assert ring is not None
+    return ring  # type: ignore[no-any-return]
+
+
 def _compact_once(m: Any, tag: str, n: int = 3) -> None:
     for i in range(n):
         m.set_position(pos(f"{tag}{i}", i + 1))
@@ -78,13 +89,10 @@ def test_a_job_that_fails_after_taking_the_document_leaves_nothing_remembered(
     fails after that (here its temp's write) leaves nothing remembered, so the next job reads the file
     (before the take, a half-replayed document would have been used again)."""
     with make(tmp_path) as m:
-        m.save()
-        for i in range(3):
-            m.set_position(pos(f"S{i}", i + 1))
-        ring = m._keyring
+        ring = three_changes(m)
         snap = _statefile.read(m.path, options=m._read).state.journal  # the sealed segment, at the snapshot's seq
         good = _format.checksum_of(m.path.read_bytes())
-        assert good is not None and ring is not None
+        assert good is not None
         kept = _job.Kept()
         job = _job.CompactJob(**{**_job.asdict(_job_for(m, _atomic.temp_name(m.path), [good])), "journal": dict(snap)})
         first = _job.compact(job, ring, kept)
@@ -114,11 +122,7 @@ def test_a_refused_job_leaves_nothing_remembered_and_another_file_is_read(tmp_pa
     """issue 14 (kept worker): a job refused after the take (the snapshot names another segment) leaves nothing
     remembered; a state file with another checksum (not the worker's own snapshot) is never matched to it."""
     with make(tmp_path) as m:
-        m.save()
-        for i in range(3):
-            m.set_position(pos(f"S{i}", i + 1))
-        ring = m._keyring
-        assert ring is not None
+        ring = three_changes(m)
         good = _format.checksum_of(m.path.read_bytes())
         assert good is not None
         kept = _job.Kept()
@@ -143,21 +147,7 @@ def test_the_next_compaction_starts_from_the_kept_document_and_writes_the_state_
     with make(tmp_path, journal_max_records=40) as m:
         m.save()
 
-        def writer(t: int) -> None:
-            i = 0
-            while i < 200 or (len(spy.installed) < 4 and i < 20000):
-                i += 1
-                m.set_position(pos(f"T{t}-{i % 7}", i))
-                if i % 5 == 0:
-                    m.delete_position(f"T{t}-{(i + 3) % 7}", "long")
-                if i % 9 == 0:
-                    m.set_symbol_metadata(f"T{t}-{i % 7}", {"i": i})
-
-        threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
+        four_writers(m, lambda: len(spy.installed) >= 4)
         assert m.compact(wait=True)
         want = contracts(m)
     assert len(spy.installed) >= 4 and spy.in_process == 0
