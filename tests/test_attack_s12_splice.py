@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,28 @@ def replica(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str | 
     return s3.bucket(), s3.url
 
 
+def _shipped_to(cfg: StateConfig) -> tuple[str, int]:
+    """The journal B's last record is in (the ``.next`` segment when its change rotated) and where it ends."""
+    from posstate.replica.local import read_local
+
+    local = read_local(cfg.state_path, cfg.journal_path)
+    if local.following is not None and local.following.records:
+        return local.following.header.id_hex, local.following.records[-1].end
+    assert local.header is not None and local.records
+    return local.header.id_hex, local.records[-1].end
+
+
 def _takeover_dies(
     tmp_path: Path, key: bytes, monkeypatch: pytest.MonkeyPatch, url: str, endpoint: str | None, *, b_rotates: bool = False
 ) -> None:
     """A (epoch 1) ships S0 and S1, is copied to ``late`` (the old holder as it goes on after a pause) and
-    paused; B takes the lease (epoch 2), ships A's journal again and writes ``B/USDT``, into that journal or
-    (*b_rotates*) into the ``.next`` segment its first change rotates to, ships it and dies before its
-    snapshot (every epoch-2 snapshot upload fails)."""
+    paused (for one TTL, in virtual time: tests/lease_time.py); B takes the lease (epoch 2), ships A's journal
+    again and writes ``B/USDT``, into that journal or (*b_rotates*) into the ``.next`` segment its first change
+    rotates to, ships it and dies before its snapshot (every epoch-2 snapshot upload fails)."""
+    from lease_time import lease_time
     from test_replica_lease import _open_when_free
 
+    clock = lease_time(monkeypatch)
     kind = type(client(url, endpoint))
     a = PositionStateManager(rcfg(tmp_path / "a", url, endpoint, replica_lease=True, replica_lease_ttl=2.0), key=key)
     try:
@@ -54,14 +68,24 @@ def _takeover_dies(
             a.set_position(pos(symbol))
         assert a.flush_replica(30)
         shutil.copytree(tmp_path / "a", tmp_path / "late")
-        a._replica.lease._stop.set()  # type: ignore[union-attr]  # paused: no more renewals
+        a_lease = a._replica.lease  # type: ignore[union-attr]
+        assert a_lease is not None
+        a_lease._stop.set()  # paused: no more renewals
+        clock.skip(2.0)  # ... for one TTL
         real = kind.put
+        shipped: list[tuple[str, int]] = []  # (journal, end) of B's ranges
+        shipping = threading.Condition()
 
         def put(self: Any, name: str, data: bytes, **kw: Any) -> Any:
             found = _names.parse(name)
             if isinstance(found, _names.Snapshot) and found.epoch == 2:
                 raise OSError(5, "the machine dies here")
-            return real(self, name, data, **kw)
+            out = real(self, name, data, **kw)
+            if isinstance(found, _names.Range) and found.epoch == 2:
+                with shipping:
+                    shipped.append((found.journal_id, found.end))
+                    shipping.notify_all()
+            return out
 
         monkeypatch.setattr(kind, "put", put)
         more = {"journal_max_records": 2} if b_rotates else {}
@@ -71,11 +95,16 @@ def _takeover_dies(
             try:
                 b.set_position(pos("B/USDT"))
                 assert next_path(cfg.journal_path).exists() == b_rotates
-                assert not b.flush_replica(2)  # its journal (and segment) shipped, its snapshot never arrives
+                last = _shipped_to(cfg)
+                with shipping:  # its journal (and segment) shipped, its snapshot never arrives
+                    assert shipping.wait_for(lambda: last in shipped, 30), (last, shipped)
+                assert not b.replica_status()["snapshot_shipped"]  # type: ignore[index]
+                clock.die(2)
             finally:
                 gate.release.set()
                 b.close()
         monkeypatch.setattr(kind, "put", real)
+        assert a_lease.renew() is False and a_lease.lost  # A wakes: B's lease refuses its renewal, for good
     finally:
         a.close()
 
@@ -101,7 +130,10 @@ def _late(
             shipper.close(5)
 
     with gate_held(monkeypatch) as gate, PositionStateManager(cfg, key=key) as m:
-        yield m, ship, gate
+        try:
+            yield m, ship, gate
+        finally:  # the late passes are over: its compaction may finish (close waits up to 30 s for a held one)
+            gate.release.set()
 
 
 def _restored(tmp_path: Path, url: str, endpoint: str | None, key: bytes, name: str = "r", **kw: Any) -> dict[str, int]:
