@@ -585,3 +585,20 @@ def test_validate_without_key_checks_the_journal_framing(state: Path) -> None:
     bad = run(["--state-dir", str(state), "validate"])
     assert bad.exit_code == 1 and any(x.startswith("  FAIL  journal") for x in bad.stdout.splitlines())
     assert err_line(bad).startswith(f"Error: {state / 'positions.json.journal'}: damage at byte {jf.HEADER_SIZE}")
+
+
+def test_validate_and_history_count_the_same_records_after_a_save(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """newcomer leftovers 1: after a save, validate splits its record count (changes, fold) as history counts them."""
+    with PositionStateManager(config(tmp_path / "s"), key=key) as m:
+        m.set_position(pos("A", "1"))
+        m.set_position(pos("B", "2"))
+        m.save()  # records 1 and 2 are changes, record 3 the save's fold record
+    v = run([*keyed(tmp_path / "s", key_file), "validate"])
+    assert v.exit_code == 0, v.stderr
+    assert (
+        "  ok    journal        3 records (2 change records, 1 fold record) of an older journal, all held by the "
+        "snapshot (ignored; replaced by the next change)" in v.stdout.splitlines()
+    )
+    assert json.loads(run([*keyed(tmp_path / "s", key_file), "validate", "--json"]).stdout)["journal"]["folds"] == 1
+    h = run([*keyed(tmp_path / "s", key_file), "history"])
+    assert h.stdout.strip().endswith("since the last snapshot (2 older change records already in the snapshot)"), h.stdout
