@@ -267,7 +267,9 @@ class _FenceAfterArm:
         return None if self.calls == 1 else "the lease was taken over by epoch 2"
 
 
-def test_a_fenced_writer_logs_lease_lost_not_missing_objects(tmp_path: Path, key: bytes, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_fenced_writer_logs_lease_lost_not_missing_objects(
+    tmp_path: Path, key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
     """newcomer leftovers 5: a writer whose lease was taken over while it listed a replica that no longer holds its
     objects logs that it is fenced (lease lost), never "shipped objects are missing; shipping them again"."""
     import logging

@@ -370,12 +370,11 @@ def write_new_output(out: Path, data: bytes) -> None:
         if isinstance(wf.cause, FileExistsError) and not _regular_or_absent(out):
             kind = fs.file_kind(fs.stat_(out).st_mode)
             raise CliError(f"{out}: is {kind}, not a path for a new file; choose a regular file path") from None
-        if isinstance(wf.cause, FileExistsError):
+        # /proc/version: the temp file's create fails with ENOENT, yet the target exists
+        if isinstance(wf.cause, FileExistsError) or (isinstance(wf.cause, FileNotFoundError) and _there(out)):
             raise CliError(
                 f"{out}: already exists; refusing to overwrite it; choose another path or move it away first"
             ) from None
-        if isinstance(wf.cause, FileNotFoundError) and _there(out):  # /proc/version: ENOENT for the temp file
-            raise CliError(f"{out}: already exists; refusing to overwrite it; choose another path or move it away first") from None
         if isinstance(wf.cause, FileNotFoundError) and _there(out.parent) is False:
             raise StateNotFoundError(out.parent, what="directory", next_step="create it first or choose another path") from None
         if isinstance(wf.cause, FileNotFoundError):  # the directory is there but refuses a create (/proc, /sys)
