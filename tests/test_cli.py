@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import socket
 import stat
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -38,6 +40,7 @@ from posstate.core.errors import (
 )
 from posstate.manager.manager import PositionStateManager
 from posstate.model.position import Position
+from posstate.storage import fileops as _fileops
 from posstate.storage import statefile as _statefile
 from posstate.storage.container import TRAILER_SIZE, parse_header, trailer_for
 from posstate.storage.crypto import Keyring, encode_key_text, generate_key, key_id
@@ -435,6 +438,47 @@ def test_export_writes_plain_0600_json(state: Path, key: bytes, key_file: Path, 
     assert err_line(r) == f"Error: {out}: already exists; refusing to overwrite it; choose another path or move it away first"
     r = run([*keyed(state, key_file), "export", "--out", "-"])
     assert json.loads(r.stdout) == doc
+
+
+class _NoNewFiles(_fileops.FileOps):
+    """A directory that takes no new files, as /proc answers (ENOENT for a create in a directory that exists)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def open(self, path: Any, flags: int, mode: int = 0o600) -> int:
+        if flags & os.O_CREAT and Path(path).parent == self.directory:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return super().open(path, flags, mode)
+
+
+def test_export_into_a_directory_that_takes_no_new_files(state: Path, key_file: Path, tmp_path: Path) -> None:
+    """newcomer leftovers 3: --out in a directory that exists but refuses a create (/proc) never says "no such
+    directory": an existing target is "already exists" (exit 2), a new one the failed create (exit 1)."""
+    odd = tmp_path / "procfs"
+    odd.mkdir()
+    (odd / "version").write_text("Linux\n")
+    with _fileops.use(_NoNewFiles(odd)):
+        r = run([*keyed(state, key_file), "export", "--out", str(odd / "version")])
+        assert r.exit_code == 2
+        assert err_line(r) == (
+            f"Error: {odd}/version: already exists; refusing to overwrite it; choose another path or move it away first"
+        )
+        r = run([*keyed(state, key_file), "export", "--out", str(odd / "new.json")])
+    assert r.exit_code == 1
+    assert err_line(r) == (
+        f"Error: {odd}/new.json: create failed (ENOENT: No such file or directory); nothing was written; "
+        f"{odd} exists but takes no new file (a virtual file system such as /proc?); choose a path on a disk"
+    )
+    assert sorted(p.name for p in odd.iterdir()) == ["version"]
+
+
+@pytest.mark.skipif(not Path("/proc/version").is_file(), reason="no /proc (not Linux)")
+def test_export_out_proc_version_is_not_no_such_directory(state: Path, key_file: Path) -> None:
+    """newcomer leftovers 3: `export --out /proc/version`: the target exists (exit 2), not "/proc: no such directory"."""
+    r = run([*keyed(state, key_file), "export", "--out", "/proc/version"])
+    assert r.exit_code == 2
+    assert "no such directory" not in r.stderr and "already exists" in err_line(r)
 
 
 def test_export_edit_import_round_trip(state: Path, key: bytes, key_file: Path, tmp_path: Path) -> None:

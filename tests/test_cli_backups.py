@@ -128,9 +128,10 @@ def test_damaged_backup_is_listed_as_damaged_and_verify_exits_1(state: Path, key
     assert [i["damaged"] for i in json.loads(run([*keyed(state, key_file), "backups", "list", "--json"]).stdout)] == [False, True]
     r = run([*keyed(state, key_file), "backups", "verify"])
     assert r.exit_code == 1
+    w = max(len(newest), len(older))  # the id column is as wide as the longest id (a `_2` one)
     assert r.stdout.splitlines() == [
-        f"  ok           {newest}  generation 2, 2 positions",
-        f"  DAMAGED      {older}  checksum mismatch (file damaged on disk)",
+        f"  ok           {newest:<{w}}  generation 2, 2 positions",
+        f"  DAMAGED      {older:<{w}}  checksum mismatch (file damaged on disk)",
         "1 of 2 backups valid",
     ]
     assert err_line(r) == (
@@ -416,9 +417,10 @@ def test_prune_dry_run_removes_nothing_then_prune_removes(state: Path, key: byte
     before = snapshot(state)
     r = run([*args, "--dry-run"])
     assert r.exit_code == 0, r.stderr
+    w = max(len(i) for i in (newest, *rest))  # the id column is as wide as the longest id (a `_2` one)
     assert r.stdout.splitlines() == [
-        f"  keep         {newest}  newest valid backup (never pruned)",
-        *[f"  remove       {i}  redundant: not selected by any retention rule (max_backups=1)" for i in rest],
+        f"  keep         {newest:<{w}}  newest valid backup (never pruned)",
+        *[f"  remove       {i:<{w}}  redundant: not selected by any retention rule (max_backups=1)" for i in rest],
         f"dry run: would leave 1 kept, {len(rest)} removed, 0 quarantined; nothing was changed",
     ]
     assert snapshot(state) == before
@@ -432,6 +434,30 @@ def test_prune_dry_run_removes_nothing_then_prune_removes(state: Path, key: byte
     assert ids(state) == [newest]
 
 
+def test_prune_and_verify_columns_align_with_a_same_second_suffix(state: Path, key_file: Path, tmp_path: Path) -> None:
+    """newcomer leftovers 4: a `_2` id (two backups in one second) does not shift the reason/detail column of
+    `backups prune` or `backups verify`; `backups list` stays aligned too."""
+    backups = state / "backups"
+    older, newer = sorted(backups.iterdir())  # generation 1, generation 2
+    older.rename(backups / "positions_20261201_033000.json")
+    newer.rename(backups / "positions_20261201_033000_2.json")
+    args = [*keyed(state, key_file), "--config", str(_keep_one(tmp_path)), "backups"]
+    r = run([*args, "prune", "--dry-run"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == [
+        "  keep         20261201_033000_2  newest valid backup (never pruned)",
+        "  remove       20261201_033000    redundant: not selected by any retention rule (max_backups=1)",
+    ]
+    r = run([*args, "verify"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.splitlines()[:2] == [
+        "  ok           20261201_033000_2  generation 2, 2 positions",
+        "  ok           20261201_033000    generation 1, 1 positions",
+    ]
+    listed = run([*args, "list"]).stdout.splitlines()
+    assert len({line.index("  ", len("20261201_033000_2")) for line in listed if line.startswith("2026")}) == 1
+
+
 def test_prune_on_a_terminal_shows_the_plan_and_asks(
     state: Path, key: bytes, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -442,9 +468,10 @@ def test_prune_on_a_terminal_shows_the_plan_and_asks(
     r = run([*keyed(state, key_file), "--config", str(_keep_one(tmp_path)), "backups", "prune"], input="n\n")
     assert r.exit_code == 1
     err = r.stderr.splitlines()
+    w = max(len(newest), len(older))
     assert err[:2] == [
-        f"  keep         {newest}  newest valid backup (never pruned)",
-        f"  remove       {older}  redundant: not selected by any retention rule (max_backups=1)",
+        f"  keep         {newest:<{w}}  newest valid backup (never pruned)",
+        f"  remove       {older:<{w}}  redundant: not selected by any retention rule (max_backups=1)",
     ]
     assert err[-1] == "Error: prune not confirmed; nothing was changed"
     assert snapshot(state) == before

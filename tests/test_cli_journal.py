@@ -585,3 +585,52 @@ def test_validate_without_key_checks_the_journal_framing(state: Path) -> None:
     bad = run(["--state-dir", str(state), "validate"])
     assert bad.exit_code == 1 and any(x.startswith("  FAIL  journal") for x in bad.stdout.splitlines())
     assert err_line(bad).startswith(f"Error: {state / 'positions.json.journal'}: damage at byte {jf.HEADER_SIZE}")
+
+
+def test_validate_and_history_count_the_same_records_after_a_save(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """newcomer leftovers 1: after a save, validate splits its record count (changes, fold) as history counts them."""
+    with PositionStateManager(config(tmp_path / "s"), key=key) as m:
+        m.set_position(pos("A", "1"))
+        m.set_position(pos("B", "2"))
+        m.save()  # records 1 and 2 are changes, record 3 the save's fold record
+    v = run([*keyed(tmp_path / "s", key_file), "validate"])
+    assert v.exit_code == 0, v.stderr
+    assert (
+        "  ok    journal        3 records (2 change records, 1 fold record) of an older journal, all held by the "
+        "snapshot (ignored; replaced by the next change)" in v.stdout.splitlines()
+    )
+    assert json.loads(run([*keyed(tmp_path / "s", key_file), "validate", "--json"]).stdout)["journal"]["folds"] == 1
+    h = run([*keyed(tmp_path / "s", key_file), "history"])
+    assert h.stdout.strip().endswith("since the last snapshot (2 older change records already in the snapshot)"), h.stdout
+
+
+def test_import_says_what_it_does_with_bot_metadata(tmp_path: Path, key: bytes, key_file: Path) -> None:
+    """newcomer leftovers 2: import's --help and result line name the bot metadata: taken from the document,
+    or cleared (loudly) when the document holds none while the state does; never dropped silently."""
+    assert "bot metadata" in " ".join(run(["import", "--help"]).stdout.split())
+    state = tmp_path / "s"
+    with PositionStateManager(config(state), key=key) as m:
+        m.set_position(pos("A", "1"))
+        m.set_symbol_metadata("A", {"entries": 2, "trail": "0.5", "first_open_ms": 1})
+        m.set_bot_metadata({"step": 41, "regime": "trend"})
+    out = tmp_path / "e.json"
+    assert run([*keyed(state, key_file), "export", "--out", str(out)]).exit_code == 0
+    with PositionStateManager(config(state), key=key) as m:
+        m.set_bot_metadata({"step": 0})
+        m.set_symbol_metadata("A", {"entries": 0})
+    r = run([*keyed(state, key_file), "import", str(out), "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert "imported 1 positions, metadata for 1 symbols and the bot metadata (2 keys) into" in r.stderr
+    with PositionStateManager(config(state), key=key) as m:
+        assert m.get_bot_metadata() == {"step": 41, "regime": "trend"}
+        assert m.get_symbol_metadata("A") == {"entries": 2, "trail": "0.5", "first_open_ms": 1}
+    doc = json.loads(out.read_text())
+    del doc["bot_metadata"]
+    doc["schema_version"] = 1
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(doc))
+    r = run([*keyed(state, key_file), "import", str(bare), "--yes"])
+    assert r.exit_code == 0, r.stderr
+    assert "warning: the document holds no bot metadata: the state's bot metadata (2 keys) is cleared" in r.stderr
+    with PositionStateManager(config(state), key=key) as m:
+        assert not m.get_bot_metadata()

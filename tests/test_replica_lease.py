@@ -247,3 +247,65 @@ def test_a_restart_on_the_same_directory_takes_the_lease_at_once(s3_server: Any,
         assert m.replica_status()["epoch"] == 2  # type: ignore[index]
         assert len(held(m)) == 3
         assert m._replica.restored is None  # type: ignore[union-attr]
+
+
+class _FenceAfterArm:
+    """A lease lost while a listing runs: after :meth:`arm` the first call (the loop's check) still sees the lease
+    held, every later one (the listing's and the uploads' guard) sees it lost."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed, self.calls = True, 0
+
+    def __call__(self) -> str | None:
+        if not self.armed:
+            return None
+        self.calls += 1
+        return None if self.calls == 1 else "the lease was taken over by epoch 2"
+
+
+def test_a_fenced_writer_logs_lease_lost_not_missing_objects(
+    tmp_path: Path, key: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """newcomer leftovers 5: a writer whose lease was taken over while it listed a replica that no longer holds its
+    objects logs that it is fenced (lease lost), never "shipped objects are missing; shipping them again"."""
+    import logging
+
+    from posstate.replica.file import FileClient
+    from posstate.replica.shipper import Shipper
+
+    cfg = StateConfig.in_dir(tmp_path / "s", backup_interval=1e9)
+    with PositionStateManager(cfg, key=key) as m:
+        m.set_position(pos("A"))
+        m.save()
+        m.set_position(pos("B"))
+    root = tmp_path / "rep"
+    events: list[str] = []
+    fence = _FenceAfterArm()
+    shipper = Shipper(
+        FileClient(f"file://{root}"),
+        state_path=cfg.state_path,
+        journal_path=cfg.journal_path,
+        emit=lambda name, _data: events.append(name),
+        fence=fence,
+    )
+    shipper.start()
+    try:
+        assert shipper.flush(30.0)
+        for p in root.rglob("*"):  # the new holder's retention removed what this writer shipped
+            if p.is_file():
+                p.unlink()
+        fence.arm()
+        with caplog.at_level(logging.WARNING, logger="posstate"):
+            assert not shipper.flush(30.0)
+    finally:
+        shipper.close(5.0)
+    text = [r.getMessage() for r in caplog.records]
+    assert shipper.fenced == "the lease was taken over by epoch 2"
+    assert not any("shipped objects are missing" in t for t in text), text
+    assert any("lease lost (the lease was taken over by epoch 2)" in t and "ships nothing" in t for t in text), text
+    assert "replicaReseeded" not in events
+    assert not [p for p in root.rglob("*") if p.is_file()]  # nothing shipped again

@@ -22,7 +22,7 @@ from posstate.cli import base as _cli_base
 from posstate.cli.base import EXIT_INVALID, EXIT_KEY, EXIT_VERSION, CliError, cli, confirm, json_out, refuse_if_locked
 from posstate.cli.ledger_cmd import keep_newer_orders
 from posstate.cli.options import Env, common_options, env_of
-from posstate.cli.render import backup_json, backups_table, prune_lines, validate_lines, verify_verdict
+from posstate.cli.render import backup_json, backups_table, prune_lines, validate_lines, verdict_lines, verify_verdict
 from posstate.cli.restore_preview import show_restore_preview
 from posstate.core.config import StateConfig
 from posstate.core.errors import PosStateError, StaleBackupError, StateLockedError, StateNotFoundError
@@ -384,8 +384,8 @@ def verify(ctx: click.Context) -> None:
             }
         )
     else:
-        for b, (v, d) in zip(infos, verdicts, strict=True):
-            click.echo(f"  {v:<11}  {b.id}  {d}")
+        for line in verdict_lines([(v, b.id, d) for b, (v, d) in zip(infos, verdicts, strict=True)]):
+            click.echo(line)
         ok = sum(1 for v, _ in verdicts if v == "ok")
         click.echo(f"{ok} of {len(infos)} backups valid")
     for verdict, code, what in (

@@ -370,13 +370,31 @@ def write_new_output(out: Path, data: bytes) -> None:
         if isinstance(wf.cause, FileExistsError) and not _regular_or_absent(out):
             kind = fs.file_kind(fs.stat_(out).st_mode)
             raise CliError(f"{out}: is {kind}, not a path for a new file; choose a regular file path") from None
-        if isinstance(wf.cause, FileExistsError):
+        # /proc/version: the temp file's create fails with ENOENT, yet the target exists
+        if isinstance(wf.cause, FileExistsError) or (isinstance(wf.cause, FileNotFoundError) and _there(out)):
             raise CliError(
                 f"{out}: already exists; refusing to overwrite it; choose another path or move it away first"
             ) from None
-        if isinstance(wf.cause, FileNotFoundError):
+        if isinstance(wf.cause, FileNotFoundError) and _there(out.parent) is False:
             raise StateNotFoundError(out.parent, what="directory", next_step="create it first or choose another path") from None
+        if isinstance(wf.cause, FileNotFoundError):  # the directory is there but refuses a create (/proc, /sys)
+            raise PersistenceError(
+                out,
+                operation="create",
+                cause=wf.cause,
+                outcome="nothing was written",
+                next_step=f"{out.parent} exists but takes no new file (a virtual file system such as /proc?); "
+                "choose a path on a disk",
+            ) from wf.cause
         raise PersistenceError(out, operation=wf.step, cause=wf.cause) from wf.cause
+
+
+def _there(path: Path) -> bool | None:
+    """Whether a directory entry exists at *path* (None: it cannot be told, e.g. a parent not searchable)."""
+    try:
+        return fs.exists(path)
+    except OSError:
+        return None
 
 
 def _regular_or_absent(path: Path) -> bool:

@@ -224,19 +224,20 @@ def journal_check(env: Env, cfg: StateConfig, *, snapshot_valid: bool) -> Journa
         data["valid"] = False
         data["problem"] = str(error)
         return JournalVerdict(Check("journal", False, _first(str(error))), data, error)
+    counted = jc.counted
     if not jc.contents_checked:
         return JournalVerdict(
-            Check("journal", None, f"{jc.records} records, framing and checksums ok; contents NOT checked (no key){torn}"),
+            Check("journal", None, f"{counted}, framing and checksums ok; contents NOT checked (no key){torn}"),
             data,
             None,
         )
     if cur is None:
-        detail = f"{jc.records} records intact (not matched: the snapshot did not validate){torn}"
+        detail = f"{counted} intact (not matched: the snapshot did not validate){torn}"
         return JournalVerdict(Check("journal", True, detail), data, None)
     if jc.matches_snapshot is False:
-        detail = f"{jc.records} records of an older journal, all held by the snapshot (ignored; replaced by the next change)"
+        detail = f"{counted} of an older journal, all held by the snapshot (ignored; replaced by the next change)"
     else:
-        detail = f"{jc.records} records{seg_text}, {cur.applied} after the snapshot (replayed on load){torn}"
+        detail = f"{counted}{seg_text}, {cur.applied} after the snapshot (replayed on load){torn}"
     return JournalVerdict(Check("journal", True, detail), data, None)
 
 
@@ -366,7 +367,7 @@ def history(ctx: click.Context, symbol: str | None, orders: bool, order_id: str 
         )
         return
     if not entries:
-        already = f" ({held} older record{'s' if held != 1 else ''} already in the snapshot)" if held else ""
+        already = f" ({held} older change record{'s' if held != 1 else ''} already in the snapshot)" if held else ""
         click.echo(f"{path}: no changes recorded" + (f" for {symbol}" if symbol else "") + f" since the last snapshot{already}")
         return
     rows = [

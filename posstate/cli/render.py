@@ -302,11 +302,18 @@ def backups_table(infos: Sequence[BackupInfo]) -> list[str]:
     return table(("id", "created_at (UTC)", "generation", "positions", "size", "valid", "note"), rows, right=frozenset({2, 3, 4}))
 
 
+def verdict_lines(rows: Sequence[tuple[str, str, str]]) -> list[str]:
+    """``  verdict  id  detail`` lines with the id column as wide as the longest id: a ``_2`` id (two backups
+    in one second) does not shift the detail column (newcomer leftovers 4)."""
+    width = max((len(i) for _, i, _ in rows), default=0)
+    return [f"  {v:<11}  {i:<{width}}  {d}" for v, i, d in rows]
+
+
 def prune_lines(result: PruneResult) -> list[str]:
     """Every backup with what retention does (or would do) with it, and why; then a summary line."""
     dry = result.dry_run
     verbs = {"keep": "keep", "remove": "remove" if dry else "removed", "quarantine": "quarantine" if dry else "quarantined"}
-    lines = [f"  {verbs[d.action]:<11}  {d.backup.id}  {d.reason}" for d in result.decisions]
+    lines = verdict_lines([(verbs[d.action], d.backup.id, d.reason) for d in result.decisions])
     counts = f"{len(result.kept)} kept, {len(result.removed)} removed, {len(result.quarantined)} quarantined"
     lines.append(f"dry run: would leave {counts}; nothing was changed" if dry else counts)
     return lines

@@ -92,6 +92,10 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
 
     The document is checked strictly (duplicate keys refused, schema, relationships), then written through
     the normal atomic save as the next generation. Refused while a bot holds the writer lock.
+
+    The document replaces the positions, the symbol metadata (per-symbol data such as entry counts or
+    trailing-stop state) and the bot metadata; a document without bot metadata clears the state's, with a
+    warning. Order-ledger entries the document lacks or holds older are kept.
     """
     from posstate.manager.manager import PositionStateManager
 
@@ -178,8 +182,15 @@ def import_(ctx: click.Context, file: str, yes: bool, dry_run: bool) -> None:
         except PersistenceError as exc:
             raise _import_failed(exc, env, cfg, incoming) from exc
     how = "encrypted" if cfg.encryption else "NOT encrypted (encryption is off in the config)"
+    bot = f"the bot metadata ({len(incoming.bot_metadata)} keys)" if incoming.bot_metadata else "no bot metadata"
+    if not incoming.bot_metadata and current.bot_metadata:  # newcomer leftovers 2: never a silent drop
+        click.echo(
+            f"warning: the document holds no bot metadata: the state's bot metadata ({len(current.bot_metadata)} "
+            "keys) is cleared",
+            err=True,
+        )
     click.echo(
-        f"imported {len(incoming.positions)} positions and metadata for {len(incoming.metadata)} symbols "
+        f"imported {len(incoming.positions)} positions, metadata for {len(incoming.metadata)} symbols and {bot} "
         f"into {cfg.state_path} as generation {generation} ({how})",
         err=True,
     )

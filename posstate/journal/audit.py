@@ -62,11 +62,24 @@ class JournalCheck:
     base_generation: int | None = None
     base_seq: int | None = None
     records: int = 0
+    folds: int = 0  # of ``records``, the fold records a durable save wrote (not changes; history leaves them out)
     last_seq: int | None = None
     torn_bytes: int = 0
     matches_snapshot: bool | None = None
     problem: str = ""
     newer_version: int | None = None  # the header is intact but of a journal format newer than this posstate
+
+    @property
+    def counted(self) -> str:
+        """The record count in words, split when fold records are among it: a save's fold record is not a
+        change, and ``history`` counts only change records (newcomer leftovers 1: validate said 3, history 2)."""
+        if not self.folds:
+            return f"{self.records} records"
+        changes = self.records - self.folds
+        return (
+            f"{self.records} records ({changes} change record{'s' if changes != 1 else ''}, "
+            f"{self.folds} fold record{'s' if self.folds != 1 else ''})"
+        )
 
 
 def _value(st: StateData, symbol: str, side: str | None, *, bot: bool = False) -> dict[str, Any] | None:
@@ -207,6 +220,7 @@ def check(
         *, valid: bool, checked: bool, sc: jf.Scan | None, records: int, last: int | None, problem: str = ""
     ) -> JournalCheck:
         torn = sc.torn_bytes if sc is not None and sc.bad_offset is not None and sc.bad_is_tail else 0
+        folds = sum(1 for r in sc.records if r.kind == jf.KIND_FOLD) if sc is not None and records else 0
         return JournalCheck(
             path=str(path),
             exists=True,
@@ -216,6 +230,7 @@ def check(
             base_generation=header.base_generation,
             base_seq=header.base_seq,
             records=records,
+            folds=folds,
             last_seq=last,
             torn_bytes=torn,
             matches_snapshot=matches,

@@ -196,6 +196,9 @@ class Shipper:
                     self._check()
                 self._pass()
             except ReplicaError as exc:
+                if self.fenced is not None:  # _guard: the lease is lost, a stop and not a failure to retry
+                    log.warning("replica %s: shipping stopped (%s)", self.client.url, self.fenced)
+                    return
                 self._failed(exc)
                 pause = min(max(self._interval, 0.5), 2 * pause + 0.5) if pause else 0.5
                 continue
@@ -251,6 +254,16 @@ class Shipper:
         nid = local.following.header.id_hex if local.following is not None else None
         if nid is not None and nid == self._nid and found.following_offset < self._noff:
             lost.append(f"journal {nid} bytes {found.following_offset}..{self._noff}")
+        fenced = self._fence() if lost and self._fence is not None else None
+        if fenced is not None:  # newcomer leftovers 5: a fenced writer ships nothing again (_guard raises)
+            log.warning(
+                "replica %s: lease lost (%s): this writer is fenced and ships nothing; what it shipped is no longer "
+                "in the replica (%s), as after a takeover",
+                self.client.url,
+                fenced,
+                "; ".join(lost),
+            )
+            self._guard()
         if lost:
             log.warning("replica %s: shipped objects are missing (%s); shipping them again", self.client.url, "; ".join(lost))
             self._emit("replicaReseeded", {"url": self.client.url, "missing": lost})
