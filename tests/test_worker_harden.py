@@ -8,11 +8,15 @@ processes throughout; nothing here sleeps to wait for another thread or asserts 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from test_compaction_process import contracts, make, pos
+from test_kept_worker import Answers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +70,50 @@ def test_another_process_of_the_same_user_cannot_read_a_workers_memory(module: s
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "denied"
+
+
+def _proc_state(pid: int) -> str:
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    return raw[raw.rfind(b")") + 2 :][:1].decode()
+
+
+def _compact(m: Any, tag: str, *, timeout: float = 120.0) -> bool:
+    """Three changes, then a compaction waited for at most *timeout* seconds (True: done)."""
+    for i in range(3):
+        m.set_position(pos(f"{tag}{i}", i + 1))
+    j = m._journal  # after a save, no rotation until the spare is promoted (test_kept_worker._compact_once)
+    with j._cond:
+        assert j._cond.wait_for(lambda: not j._promote and not j._spare_busy, 60)
+    return bool(m.compact(wait=True, timeout=timeout))
+
+
+@linux_only
+def test_a_kept_worker_stopped_while_it_waits_is_replaced_not_handed_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 (session 13, point 4): a kept worker stopped while it waits (SIGSTOP, a debugger) would answer
+    only once resumed, and its compaction would wait WORKER_TIMEOUT (600 s) before it is retried: its state is
+    read before the job is handed over (/proc/<pid>/stat), and a stopped one is killed, reaped and replaced."""
+    seen = Answers(monkeypatch)
+    errors: list[dict[str, Any]] = []
+    m = make(tmp_path)
+    first = None
+    try:
+        m.on("error", errors.append)
+        m.save()
+        assert _compact(m, "A")
+        first = seen.started[0]
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        while _proc_state(first.proc.pid) != "T":
+            os.sched_yield()
+        assert _compact(m, "B", timeout=60)  # before: False (the stopped worker had the job)
+        assert len(seen.started) == 2 and first.proc.returncode == -signal.SIGKILL  # killed and reaped
+        want = contracts(m)
+    finally:
+        if first is not None and first.proc.poll() is None:
+            os.kill(first.proc.pid, signal.SIGCONT)
+        m._close_wait = 0.0
+        m.close()
+    assert errors == []
+    with make(tmp_path) as m:
+        assert contracts(m) == want

@@ -25,6 +25,7 @@ import orjson
 from posstate.core import priority
 from posstate.journal.compactjob import TEST_HOOK
 from posstate.journal.jobpipe import IDLE_EXIT, MAX_MESSAGE, no_sigpipe, take_frame
+from posstate.storage import fileops as fs
 
 _MODULE = "posstate.journal.compactjob"
 #: The worker's first statements, before it imports anything: nice 19 and the shortest scheduler slice
@@ -61,6 +62,24 @@ def _env() -> dict[str, str]:
         if name in os.environ:
             env[name] = os.environ[name]
     return env
+
+
+def stopped(pid: int) -> bool:
+    """Linux: the process is stopped (SIGSTOP, SIGTSTP, a debugger's trace stop): a job handed to it would be
+    answered only once it is resumed, and its attempt would wait the whole timeout (600 s). Its state is read
+    from ``/proc/<pid>/stat`` (the field after the command's closing parenthesis; the command may hold any
+    character). False when unknown (not Linux, no ``/proc``): then only the timeout notices."""
+    try:
+        fd = fs.open_(f"/proc/{pid}/stat", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        raw = fs.pread(fd, 4096, 0)
+    except OSError:
+        return False
+    finally:
+        fs.close(fd)
+    return raw[raw.rfind(b")") + 2 :][:1] in (b"T", b"t")
 
 
 class WorkerFailed(Exception):
@@ -120,8 +139,10 @@ class Worker:
         self._reaper = weakref.finalize(self, _reap, self.proc, os.getpid())
 
     def reuse(self, message: bytes) -> bool:
-        """Hand the next job to this kept process: False when it is gone (killed, failed, or left idle)."""
-        if self.killed or self.proc.poll() is not None:
+        """Hand the next job to this kept process: False when it is gone (killed, failed, or left idle) or
+        stopped (SIGSTOP while it waited: the caller discards it, and SIGKILL ends a stopped process too).
+        A process not yet reaped keeps its pid: the state read is this worker's."""
+        if self.killed or self.proc.poll() is not None or stopped(self.proc.pid):
             return False
         self._message = message
         return True
