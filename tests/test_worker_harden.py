@@ -117,3 +117,56 @@ def test_a_kept_worker_stopped_while_it_waits_is_replaced_not_handed_the_job(
     assert errors == []
     with make(tmp_path) as m:
         assert contracts(m) == want
+
+
+def test_a_prune_checks_thousands_of_backups_in_workers_within_the_answer_limit(tmp_path: Path) -> None:
+    """issue 14 (session 13, point 3): a check worker's answer is read only up to MAX_MESSAGE (1 MiB); one
+    job for every backup a bot never verified made it too large from about 3,500 backups (and the worker
+    checked only its first 4,096 files), so every prune after a restart failed. The files go in jobs of
+    CHECK_CHUNK, each answer bounded: 4,500 backups (hard links of one small backup) all get a worker's
+    verdict, none is checked in the bot's process."""
+    from posstate.backup import verified as _verified
+    from posstate.manager import procheck as _procheck
+
+    folder = tmp_path / "backups"
+    with make(tmp_path, durability="snapshot", max_backups=10) as m:
+        m.save_positions([pos("A", 1)])
+        assert m.wait_for_backups(30)
+        options = m._read
+    (one,) = sorted(folder.glob("positions_*.json"))
+    n = 4500
+    for i in range(2, n + 1):
+        os.link(one, folder / f"{one.name[:-5]}_{i}.json")
+    checks = _procheck.WorkerChecks()
+    cache = _verified.VerifiedCache(remote=checks)
+    infos = _verified.check_all(folder, options=options, cache=cache)
+    assert len(infos) == n and all(i.valid for i in infos)
+    assert cache.worker_checks == n and cache.full_checks == n  # every verdict came from a worker
+    assert checks.jobs == -(-n // _procheck.CHECK_CHUNK)
+
+
+def test_a_check_jobs_worst_answer_and_its_paths_fit_the_message_limit(tmp_path: Path) -> None:
+    """issue 14 (session 13, point 3): the bound CHECK_CHUNK relies on: CHECK_CHUNK verdicts of the longest
+    backup name and the largest probe fit MAX_MESSAGE; and long paths cut a job before its paths reach half
+    of it."""
+    import orjson
+
+    from posstate.backup.verified import Probe
+    from posstate.journal.jobpipe import MAX_MESSAGE, frame
+    from posstate.manager import procheck as _procheck
+    from posstate.storage import container as _format
+
+    big = 2**63 - 1
+    worst = {"name": "positions_20260101_000000_999999.json", "valid": True}
+    worst["probe"] = ["ff" * _format.TRAILER_SIZE, big, big, big, big]
+    answer = frame(orjson.dumps({"ok": True, "verdicts": [worst] * _procheck.CHECK_CHUNK}))
+    assert len(answer) <= MAX_MESSAGE
+    seen = Probe(trailer=b"\0" * _format.TRAILER_SIZE, size=1, mtime_ns=1, ctime_ns=1, inode=1)
+    deep = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 200)
+    files = [(f"positions_20260101_000000_{i}.json", deep / f"positions_20260101_000000_{i}.json", seen) for i in range(2, 3002)]
+    parts = _procheck.chunks(files)
+    assert [x for p in parts for x in p] == files
+    for part in parts:
+        assert len(part) <= _procheck.CHECK_CHUNK
+        assert len(orjson.dumps([str(p) for _, p, _ in part])) <= MAX_MESSAGE // 2
+    assert len(parts) > -(-len(files) // _procheck.CHECK_CHUNK)  # cut by the paths' bytes, not only by count
