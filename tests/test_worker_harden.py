@@ -170,3 +170,66 @@ def test_a_check_jobs_worst_answer_and_its_paths_fit_the_message_limit(tmp_path:
         assert len(part) <= _procheck.CHECK_CHUNK
         assert len(orjson.dumps([str(p) for _, p, _ in part])) <= MAX_MESSAGE // 2
     assert len(parts) > -(-len(files) // _procheck.CHECK_CHUNK)  # cut by the paths' bytes, not only by count
+
+
+def test_a_kept_worker_that_left_idle_is_reaped_and_its_pipes_closed_before_the_next_compaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 (session 13, point 2): a kept worker that exits after WORKER_IDLE is reaped, and its three
+    pipes closed in the bot, by the one watcher thread of the process (posstate/manager/idlewatch.py), not
+    at the next compaction or close() (before: a zombie, with three descriptors open, for as long as the bot
+    made no compaction); the next compaction starts a new worker with no error."""
+    from posstate.journal.jobpipe import IDLE_EXIT
+    from posstate.manager import procompaction as _proc
+
+    monkeypatch.setattr(_proc, "WORKER_IDLE", 0.2)
+    seen = Answers(monkeypatch)
+    errors: list[dict[str, Any]] = []
+    with make(tmp_path) as m:
+        m.on("error", errors.append)
+        m.save()
+        assert _compact(m, "A")
+        first = seen.started[0]
+        assert _until(lambda: first.proc.returncode is not None, 60)  # reaped by someone else than this test
+        assert first.proc.returncode == IDLE_EXIT
+        streams = (first.proc.stdin, first.proc.stdout, first.proc.stderr)
+        assert _until(lambda: all(s is not None and s.closed for s in streams), 60)
+        assert _compact(m, "B")
+        want = contracts(m)
+    assert errors == [] and len(seen.started) == 2
+    from posstate.manager import idlewatch
+
+    assert _until(lambda: idlewatch._thread is None, 60)  # closed: nothing to watch, and the thread ended
+    with make(tmp_path) as m:
+        assert contracts(m) == want
+
+
+def test_the_watchers_event_for_a_worker_handed_a_job_since_is_ignored() -> None:
+    """issue 14 (session 13, point 2): the watcher's event names the job the worker answered last; once the
+    next job is handed over (reuse) an event seen before is stale and never reaps the worker under the job
+    (its pipes stay open for the thread that reads its answer)."""
+    from posstate.manager import workers as _workers
+
+    w = _workers.Worker(b"")
+    try:
+        stale = w._token
+        assert w.reuse(b"")
+        w.left_idle(stale)
+        assert w.proc.poll() is None and not w.killed
+        assert w.proc.stdout is not None and not w.proc.stdout.closed
+    finally:
+        w.discard()
+    assert w.proc.returncode is not None and w.proc.stdout.closed
+
+
+def _until(cond: Any, timeout: float) -> bool:
+    """Test-only: *cond()* became true within *timeout* seconds (checked every 10 ms; no time is asserted)."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.01)
+    return True
