@@ -180,12 +180,29 @@ def _oom_first() -> None:
             fs.close(fd)
 
 
+def _not_dumpable() -> None:
+    """Linux: ``prctl(PR_SET_DUMPABLE, 0)``. A kept worker's heap holds freed copies of its last job's keys for
+    as long as it lives: another process of the same user (without ``CAP_SYS_PTRACE``) can then neither open
+    its ``/proc/<pid>/mem`` nor attach to it, and no core file is written whatever handles cores. After
+    :func:`_oom_first`: a process that is not dumpable cannot open its own ``/proc/self`` files for writing
+    unless it is root (they become root's). Best effort, and nothing elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):  # no libc to be had (a static interpreter): the rest still holds
+        return
+
+
 def prepare_process() -> None:
-    """A worker's first steps, before it reads a key: no core file, the OOM killer's first choice, deaf to a
-    Ctrl-C meant for the bot (the bot decides; close() kills it), the collector off (one pass over the data;
-    a kept worker's jobs make no reference cycles of any size)."""
+    """A worker's first steps, before it reads a key: no core file, the OOM killer's first choice, not
+    dumpable (Linux), deaf to a Ctrl-C meant for the bot (the bot decides; close() kills it), the collector
+    off (one pass over the data; a kept worker's jobs make no reference cycles of any size)."""
     _no_core()
     _oom_first()
+    _not_dumpable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     gc.disable()
 

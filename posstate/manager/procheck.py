@@ -19,7 +19,7 @@ import orjson
 from posstate.backup.verified import Probe
 from posstate.core.config import StateConfig
 from posstate.core.errors import PersistenceError
-from posstate.journal.jobpipe import frame
+from posstate.journal.jobpipe import MAX_MESSAGE, frame
 from posstate.manager.procompaction import WORKER_TIMEOUT
 from posstate.manager.workers import Worker, WorkerFailed, available
 from posstate.storage import container as _format
@@ -28,6 +28,31 @@ from posstate.storage.statefile import ReadOptions
 log = logging.getLogger("posstate")
 
 _MODULE = "posstate.backup.checkjob"
+#: The most files one check job names. A job's answer is read up to MAX_MESSAGE (1 MiB): one verdict is at
+#: most about 330 bytes (a backup's name, 37 characters at most; its probe: the trailer in hex and four
+#: integers), so 1,024 of them stay under a third of it. One job for every backup not yet verified (all of
+#: them after a restart) went over the limit from about 3,500 backups, and every prune failed (session 13).
+CHECK_CHUNK = 1024
+#: The most bytes of paths one job names (the job itself is read up to MAX_MESSAGE too; a path may be long).
+_CHUNK_PATH_BYTES = MAX_MESSAGE // 2
+
+
+def chunks(files: list[tuple[str, Path, Probe]]) -> list[list[tuple[str, Path, Probe]]]:
+    """*files* cut into jobs of at most CHECK_CHUNK files and _CHUNK_PATH_BYTES of paths, in order."""
+    out: list[list[tuple[str, Path, Probe]]] = [[]]
+    size = 0
+    for item in files:
+        cost = len(os.fsencode(item[1])) + 8  # its quotes, comma and escapes' slack
+        if out[-1] and (len(out[-1]) >= CHECK_CHUNK or size + cost > _CHUNK_PATH_BYTES):
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += cost
+    return [c for c in out if c]
+
+
+class _NoWorker(Exception):
+    """No check worker could be started: the files are checked in the bot's process."""
 
 
 def for_config(config: StateConfig) -> WorkerChecks | None:
@@ -61,6 +86,19 @@ class WorkerChecks:
         self.jobs = 0
 
     def check(self, files: list[tuple[str, Path, Probe]], options: ReadOptions, *, stoppable: bool) -> dict[str, Probe] | None:
+        """One job per :func:`chunks` of *files*, one after another (each in a process of its own)."""
+        found: dict[str, Probe] = {}
+        for part in chunks(files):
+            try:
+                got = self._check(part, options, stoppable=stoppable)
+            except _NoWorker:  # what is not found is checked in the bot's process
+                return found
+            if got is None:
+                return None
+            found.update(got)
+        return found
+
+    def _check(self, files: list[tuple[str, Path, Probe]], options: ReadOptions, *, stoppable: bool) -> dict[str, Probe] | None:
         with self._lock:
             if self._stopped and stoppable:
                 return None
@@ -80,7 +118,7 @@ class WorkerChecks:
             worker = Worker(message, module=_MODULE)
         except OSError as exc:  # no process to be had: the prune checks in this process
             log.warning("%s: could not start the backup-check worker (%s); checking in process", folder, exc)
-            return {}
+            raise _NoWorker from None
         del message
         self.jobs += 1
         with self._lock:

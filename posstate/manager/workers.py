@@ -25,6 +25,8 @@ import orjson
 from posstate.core import priority
 from posstate.journal.compactjob import TEST_HOOK
 from posstate.journal.jobpipe import IDLE_EXIT, MAX_MESSAGE, no_sigpipe, take_frame
+from posstate.manager import idlewatch
+from posstate.storage import fileops as fs
 
 _MODULE = "posstate.journal.compactjob"
 #: The worker's first statements, before it imports anything: nice 19 and the shortest scheduler slice
@@ -63,6 +65,24 @@ def _env() -> dict[str, str]:
     return env
 
 
+def stopped(pid: int) -> bool:
+    """Linux: the process is stopped (SIGSTOP, SIGTSTP, a debugger's trace stop): a job handed to it would be
+    answered only once it is resumed, and its attempt would wait the whole timeout (600 s). Its state is read
+    from ``/proc/<pid>/stat`` (the field after the command's closing parenthesis; the command may hold any
+    character). False when unknown (not Linux, no ``/proc``): then only the timeout notices."""
+    try:
+        fd = fs.open_(f"/proc/{pid}/stat", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        raw = fs.pread(fd, 4096, 0)
+    except OSError:
+        return False
+    finally:
+        fs.close(fd)
+    return raw[raw.rfind(b")") + 2 :][:1] in (b"T", b"t")
+
+
 class WorkerFailed(Exception):
     """The worker did not produce a usable answer (its reason, never its stderr)."""
 
@@ -76,6 +96,7 @@ def _reap(proc: subprocess.Popen[bytes], owner: int) -> None:
     bot forked (the worker is its parent's: a child must not kill it)."""
     if os.getpid() != owner:
         return
+    idlewatch.forget(proc)  # before its pipes are closed (their numbers may be reused at once)
     with contextlib.suppress(OSError):
         proc.kill()
     with contextlib.suppress(OSError, subprocess.TimeoutExpired):
@@ -103,6 +124,8 @@ class Worker:
         self._guard = threading.Lock()
         self._reading = False
         self._discarded = False
+        self._left = False  # reaped by the watcher after it left while it waited (idlewatch.py)
+        self._token = 0  # the jobs handed over by reuse(): the watcher's event for an older one is stale
         env = _env()
         # Given nice 19 as soon as it is started (core/priority.py): the interpreter's start runs low too.
         self.proc = priority.start_lowered(
@@ -120,8 +143,14 @@ class Worker:
         self._reaper = weakref.finalize(self, _reap, self.proc, os.getpid())
 
     def reuse(self, message: bytes) -> bool:
-        """Hand the next job to this kept process: False when it is gone (killed, failed, or left idle)."""
-        if self.killed or self.proc.poll() is not None:
+        """Hand the next job to this kept process: False when it is gone (killed, failed, or left idle) or
+        stopped (SIGSTOP while it waited: the caller discards it, and SIGKILL ends a stopped process too).
+        A process not yet reaped keeps its pid: the state read is this worker's."""
+        with self._guard:
+            self._token += 1
+            gone = self._discarded
+        idlewatch.forget(self.proc)
+        if gone or self.killed or self.proc.poll() is not None or stopped(self.proc.pid):
             return False
         self._message = message
         return True
@@ -132,16 +161,34 @@ class Worker:
         with self._guard:
             if self._discarded:
                 self._message = b""  # (it holds the job's keys)
-                raise WorkerFailed("killed")
+                raise WorkerIdle("left while it waited") if self._left else WorkerFailed("killed")
             self._reading = True
+        answered = False
         try:
-            return self._result(timeout, keep=keep)
+            reply = self._result(timeout, keep=keep)
+            answered = True
+            return reply
         finally:
             with self._guard:
                 self._reading = False
                 reap = self._discarded
+                if answered and keep and not reap:  # it waits for its next job: reaped if it leaves meanwhile
+                    idlewatch.watch(self, self.proc, self._token)
             if reap:
                 self._reaper()
+
+    def left_idle(self, token: int) -> None:
+        """The watcher (posstate/manager/idlewatch.py) saw this kept worker's stdout readable while it waited:
+        it exited (idle, killed) or wrote out of turn. Reaped (killed first if it is still running after a
+        short wait) and its pipes closed, unless a job was handed to it since (*token*) or it is in use."""
+        with self._guard:
+            if token != self._token or self._reading or self._discarded:
+                return
+            self._discarded = self._left = True
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)  # it is exiting: its status (IDLE_EXIT) is kept
+        self.kill()
+        self._reaper()
 
     def _result(self, timeout: float, *, keep: bool) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
