@@ -1,0 +1,247 @@
+"""The verdict file: the verified-backup cache kept across restarts, authenticated under the key (issue 14).
+
+A prune needs every backup's full verdict. The :class:`~posstate.backup.verified.VerifiedCache` remembers
+them in memory, so a bot that restarts checked every backup again at its first prune (at 100,000 positions
+and 24 backups, 6.8 processor-seconds in the check worker while the bot's calls wait for a processor). With
+a key, the cache also keeps its *valid* verdicts in ``positions.json.verdicts`` beside the state file, and
+the next manager starts from them.
+
+What makes that safe:
+
+- **Authenticated.** The file ends with an HMAC-SHA256 over everything before it, under a key derived from
+  the state's key (``HMAC(key, "posstate/verdict-key/v1")``: never the key itself, no nonce to repeat). A
+  file without the key's tag (planted, damaged, written under another key or passphrase salt) is moved to
+  quarantine and the prune checks every backup as before. Without a key there is no file (memory only).
+- **Bound to the file, not to its name.** A verdict holds the backup's probe: its keyless SHA-256 trailer,
+  size, mtime, ctime and inode. It is used only while all five still match, exactly as in memory. A backup
+  rewritten, renamed over, restored from elsewhere or copied with its folder has a new inode or ctime and
+  is checked again. A replayed older verdict file vouches only for backups that are still byte-identical
+  in the metadata to what was checked.
+- **Bound to its folder.** A file whose folder is not this configuration's backup folder is not used.
+- **Never the only word for a removal.** Verdicts read from the file count as not checked in this process:
+  a prune that removes backups first checks the newest valid one it keeps in process when its verdict came
+  from here (:func:`posstate.backup.prune._confirm`), as for a worker's.
+- **Only a cache.** A lost, stale or unreadable file costs checks, never a wrong decision: the file is
+  written (temp, fsync, rename) after a prune whose verdicts changed; a write that fails is logged and the
+  next prune tries again. A file found changed since this manager read or wrote it (someone else's) is
+  moved to quarantine before it is replaced, never overwritten unread.
+
+Full verification still happens when a backup is created, on ``backups verify``, and before a backup is used
+to restore, recover or repair; those paths never read this file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from posstate.backup import backups as _backups
+from posstate.backup.backups import BackupInfo
+from posstate.backup.verified import Probe, VerifiedCache
+from posstate.storage import atomic as _atomic
+from posstate.storage import container as _format
+from posstate.storage import fileops as fs
+from posstate.storage.crypto import Keyring
+
+if TYPE_CHECKING:
+    from posstate.backup.files import StateFiles
+
+log = logging.getLogger("posstate")
+
+MAGIC = b"posstate-verdicts/v1\n"
+_LABEL = b"posstate/verdict-key/v1"
+_TAG = 32
+#: The largest verdict file read (about 300 bytes a backup: thousands of backups fit).
+MAX_BYTES = 4 << 20
+_INT_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode")
+
+Verdicts = dict[str, tuple[Probe, BackupInfo]]
+
+
+def cache_for(files: StateFiles, *, pause: Callable[[], None], stoppable: Callable[[], bool]) -> VerifiedCache:
+    """A manager's verified-backup cache: its checks in a worker when it has one, its verdicts kept in the verdict
+    file when it has a key (memory only without one)."""
+    keyring, cfg = files.write_keyring, files.config
+    kept = None
+    if keyring is not None:
+        kept = VerdictFile(
+            cfg.verdicts_path, folder=cfg.backup_path, keyring=keyring, quarantine_dir=cfg.quarantine_dir, emit=files.emit
+        )
+    return VerifiedCache(pause=pause, remote=files.remote_checks(), stoppable=stoppable, ledger=kept)
+
+
+class Untrusted(Exception):
+    """The verdict file is not one this key wrote for this folder (the reason, no secret)."""
+
+
+class VerdictFile:
+    """Reads and writes one state file's verdict file (used under the backup folder lock)."""
+
+    __slots__ = ("_emit", "_folder", "_keyring", "_ours", "path", "quarantine_dir")
+
+    def __init__(
+        self, path: Path, *, folder: Path, keyring: Keyring, quarantine_dir: Path, emit: Callable[[str, dict[str, Any]], None]
+    ) -> None:
+        self.path = path
+        self.quarantine_dir = quarantine_dir
+        self._folder = folder
+        self._keyring = keyring
+        self._emit = emit
+        #: (inode, size, mtime_ns) of the file as this manager last read it verified or wrote it (None: none).
+        self._ours: tuple[int, int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"VerdictFile({str(self.path)!r})"
+
+    def _mac_key(self) -> bytes:
+        key, _salt = self._keyring.write_material()
+        return hmac.new(key, _LABEL, hashlib.sha256).digest()
+
+    def load(self) -> Verdicts:
+        """The verdicts the file holds for this folder ({}: none, or not trusted and moved to quarantine)."""
+        try:
+            return self._load()
+        except OSError:  # it could not be moved to quarantine (logged): not used, and never replaced
+            return {}
+
+    def _load(self) -> Verdicts:
+        self._sweep_temps()
+        try:
+            st = fs.lstat(self.path)
+            raw = fs.read_file(self.path, max_size=MAX_BYTES)
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:  # too large, not a regular file, an I/O error: every backup is checked again
+            self._set_aside(f"cannot be read ({exc.strerror or exc})")
+            return {}
+        try:
+            doc = self._open(raw)
+        except Untrusted as exc:
+            self._set_aside(str(exc))
+            return {}
+        self._ours = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if doc.get("folder") != str(self._folder):
+            return {}  # written for another backup folder (the configuration changed): nothing to use
+        try:
+            return _entries(doc, self._folder)
+        except (KeyError, TypeError, ValueError) as exc:  # authenticated, yet malformed: a bug, not an attack
+            log.warning("%s: verdicts not used (%s)", self.path, exc)
+            return {}
+
+    def _open(self, raw: bytes) -> dict[str, Any]:
+        if len(raw) < len(MAGIC) + _TAG or not raw.startswith(MAGIC):
+            raise Untrusted("not a verdict file")
+        body, tag = raw[:-_TAG], raw[-_TAG:]
+        if not hmac.compare_digest(hmac.new(self._mac_key(), body, hashlib.sha256).digest(), tag):
+            raise Untrusted("its tag does not match this key (planted, damaged, or written under another key)")
+        try:
+            doc = orjson.loads(body[len(MAGIC) :])
+        except orjson.JSONDecodeError as exc:
+            raise Untrusted(f"authenticated but not JSON ({exc})") from None
+        if not isinstance(doc, dict):
+            raise Untrusted("authenticated but not an object")
+        return doc
+
+    def save(self, verdicts: Verdicts) -> None:
+        """Write *verdicts* (valid ones) as the file; a failure is logged and left to the next prune."""
+        entries = [_entry(name, seen, info) for name, (seen, info) in sorted(verdicts.items()) if info.valid]
+        body = MAGIC + orjson.dumps({"folder": str(self._folder), "entries": entries})
+        data = body + hmac.new(self._mac_key(), body, hashlib.sha256).digest()
+        try:
+            self._unless_ours()
+            _atomic.write_file(self.path, data)
+            st = fs.lstat(self.path)
+        except (OSError, _atomic.WriteFailed) as exc:
+            self._ours = None
+            log.warning("%s: backup verdicts not written (%s); the next prune tries again", self.path, exc)
+            return
+        self._ours = (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _unless_ours(self) -> None:
+        """A file there that this manager did not read verified or write is set aside before it is replaced."""
+        try:
+            st = fs.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._ours:
+            self._set_aside("changed since this manager read or wrote it")
+
+    def _set_aside(self, why: str) -> None:
+        """Move the file to quarantine (OSError when that fails: it stays, unused, and is never replaced)."""
+        try:
+            dest = _atomic.move_aside(self.path, self.quarantine_dir, label="untrusted-verdicts")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("%s: backup verdicts not used (%s); it could not be moved to quarantine: %s", self.path, why, exc)
+            raise
+        log.warning("%s: backup verdicts not used (%s); moved to %s, every backup is checked again", self.path, why, dest)
+        self._emit("error", {"context": "backup verdicts", "error": f"{self.path}: {why}; moved to {dest}"})
+
+    def _sweep_temps(self) -> None:
+        """Temps of this file a killed writer left: a cache's temp is never renamed after its writer died."""
+        try:
+            names = fs.listdir(self.path.parent)
+        except OSError:
+            return
+        for name in names:
+            if _atomic.is_temp_of(name, self.path):
+                with contextlib.suppress(OSError):
+                    fs.unlink(self.path.parent / name)
+
+
+def _entry(name: str, seen: Probe, info: BackupInfo) -> dict[str, Any]:
+    return {
+        "name": name,
+        "trailer": seen.trailer.hex(),
+        "size": seen.size,
+        "mtime_ns": seen.mtime_ns,
+        "ctime_ns": seen.ctime_ns,
+        "inode": seen.inode,
+        "generation": info.generation,
+        "positions": info.position_count,
+        "key_id": info.key_id,
+        "written_at": info.written_at.isoformat() if info.written_at is not None else None,
+    }
+
+
+def _entries(doc: Mapping[str, Any], folder: Path) -> Verdicts:
+    out: Verdicts = {}
+    for e in doc["entries"]:
+        name = e["name"]
+        parsed = _backups.parse_name(name) if isinstance(name, str) else None
+        if parsed is None or os.sep in name:
+            raise ValueError(f"not a backup name: {name!r}")
+        ints = [e[k] for k in _INT_FIELDS]
+        if not all(type(v) is int and v >= 0 for v in ints):
+            raise ValueError(f"{name}: bad probe")
+        trailer = bytes.fromhex(e["trailer"])
+        if len(trailer) != _format.TRAILER_SIZE:
+            raise ValueError(f"{name}: bad trailer")
+        for k in ("generation", "positions"):
+            if e[k] is not None and (type(e[k]) is not int or e[k] < 0):
+                raise ValueError(f"{name}: bad {k}")
+        written = datetime.fromisoformat(e["written_at"]) if e["written_at"] is not None else None
+        seen = Probe(trailer=trailer, size=ints[0], mtime_ns=ints[1], ctime_ns=ints[2], inode=ints[3])
+        info = BackupInfo(
+            id=parsed[0],
+            path=folder / name,
+            created_at=parsed[1],
+            generation=e["generation"],
+            size=ints[0],
+            position_count=e["positions"],
+            key_id=e["key_id"] if isinstance(e["key_id"], str) else None,
+            valid=True,
+            written_at=written,
+        )
+        out[name] = (seen, info)
+    return out
