@@ -252,9 +252,7 @@ class FailVerdictWrites(fs.FileOps):
 
 
 @pytest.mark.parametrize("at", ["open", "write", "replace"])
-def test_a_failed_verdict_write_costs_checks_never_the_prune(
-    tmp_path: Path, at: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_failed_verdict_write_costs_checks_never_the_prune(tmp_path: Path, at: str, caplog: pytest.LogCaptureFixture) -> None:
     with PositionStateManager(cfg_in(tmp_path), key=KEY) as m:
         for i in range(2):
             m.save_positions([pos("A", i + 1)])

@@ -47,6 +47,7 @@ import orjson
 from posstate.backup import backups as _backups
 from posstate.backup.backups import BackupInfo
 from posstate.backup.verified import Probe, VerifiedCache
+from posstate.core.config import state_file_path
 from posstate.storage import atomic as _atomic
 from posstate.storage import container as _format
 from posstate.storage import fileops as fs
@@ -74,7 +75,11 @@ def cache_for(files: StateFiles, *, pause: Callable[[], None], stoppable: Callab
     kept = None
     if keyring is not None:
         kept = VerdictFile(
-            cfg.verdicts_path, folder=cfg.backup_path, keyring=keyring, quarantine_dir=cfg.quarantine_dir, emit=files.emit
+            state_file_path(cfg.state_path, "verdicts"),
+            folder=cfg.backup_path,
+            keyring=keyring,
+            quarantine_dir=cfg.quarantine_dir,
+            emit=files.emit,
         )
     return VerifiedCache(pause=pause, remote=files.remote_checks(), stoppable=stoppable, ledger=kept)
 

@@ -158,8 +158,7 @@ class StateConfig:
         companion = name.endswith(tuple(f".{r}" for r in _ROLES)) or name.endswith(".tmp")
         if companion or not name.strip(".") or _BACKUP_NAME.fullmatch(name):
             raise ConfigError(
-                f"state_file {name!r}: a name ending in .bak, .lock, .journal, .replica, .verdicts or .tmp, or named like a "
-                "backup, "
+                f"state_file {name!r}: a name ending in .tmp or .{', .'.join(_ROLES)}, or named like a backup, "
                 "would be taken for another state file's companion; choose another name"
             )
         if name in _FOLDERS:
@@ -196,11 +195,6 @@ class StateConfig:
     def replica_marker_path(self) -> Path:
         """The replica marker (``positions.json.replica``): which lease epoch this directory last held."""
         return state_file_path(self.state_path, "replica")
-
-    @property
-    def verdicts_path(self) -> Path:
-        """The verdict file (``positions.json.verdicts``): the backups' full verdicts, kept under the key."""
-        return state_file_path(self.state_path, "verdicts")
 
     @property
     def legacy_journal_path(self) -> Path | None:
