@@ -288,3 +288,19 @@ def test_the_ledger_is_never_read_or_written_on_the_thread_of_set_position(tmp_p
     finally:
         mp.undo()
     assert threads and set(threads) == {"posstate-backup"}
+
+
+def test_a_failed_verdict_write_is_retried_by_the_next_prune_even_when_nothing_changed(tmp_path: Path) -> None:
+    """issue 14.2: the save after a prune fails (ENOSPC); the next prune finds every verdict unchanged in memory
+    and must still write them (the last prune before close is often such a one), not leave the file stale."""
+    with PositionStateManager(cfg_in(tmp_path), key=KEY) as m:
+        for i in range(2):
+            m.save_positions([pos("A", i + 1)])
+            assert m.wait_for_backups(30)
+        m.prune_old_backups()
+        with fs.use(FailOnce(2, errno.ENOSPC)):  # the temp's open
+            m.save_positions([pos("A", 3)])
+            assert m.wait_for_backups(30)  # a third backup; its verdict is not written
+        m.prune_old_backups()  # nothing changed since: the verdicts are written now
+    checks, errors = restart_prune(tmp_path, load=True, key=KEY)
+    assert (checks, errors) == (0, [])

@@ -199,8 +199,9 @@ class VerdictFile:
             self._salt = salt
         return doc
 
-    def save(self, verdicts: Verdicts) -> None:
-        """Write *verdicts* (valid ones) as the file; a failure is logged and left to the next prune."""
+    def save(self, verdicts: Verdicts) -> bool:
+        """Write *verdicts* (valid ones) as the file; False when that failed (logged: the next prune tries again,
+        changed or not)."""
         entries = [_entry(name, seen, info) for name, (seen, info) in sorted(verdicts.items()) if info.valid]
         salt, log2_n = self._write_salt()
         doc = {"salt": salt.hex(), "log2_n": log2_n, "folder": str(self._folder), "entries": entries}
@@ -211,19 +212,20 @@ class VerdictFile:
             self._unless_ours()
         except OSError as exc:
             log.warning("%s: backup verdicts not written (%s); the next prune tries again", self.path, exc)
-            return
+            return False
         # From here the file may become these bytes even when a step fails (after the rename): still ours.
         self._mine = (*self._mine[-1:], digest)
         try:
             _atomic.write_file(self.path, data)
         except (OSError, _atomic.WriteFailed) as exc:
             log.warning("%s: backup verdicts not written (%s); the next prune tries again", self.path, exc)
-            return
+            return False
         self._mine = (digest,)
         try:
             self._ours = _identity(fs.lstat(self.path))
         except OSError:
             self._ours = None  # the next save reads the file to know it is ours
+        return True
 
     def _unless_ours(self) -> None:
         """A file there that this manager did not read verified or write is set aside before it is replaced

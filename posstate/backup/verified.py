@@ -93,8 +93,8 @@ class Ledger(Protocol):
     def load(self) -> dict[str, tuple[Probe, BackupInfo]]:
         """The verdicts kept ({}: none that can be trusted)."""
 
-    def save(self, verdicts: dict[str, tuple[Probe, BackupInfo]]) -> None:
-        """Keep *verdicts* (their valid ones); a failure is logged, never raised."""
+    def save(self, verdicts: dict[str, tuple[Probe, BackupInfo]]) -> bool:
+        """Keep *verdicts* (their valid ones); a failure is logged, never raised (False: the next check tries again)."""
 
 
 class VerifiedCache:
@@ -179,10 +179,10 @@ class VerifiedCache:
                 self._by_worker.add(name)
 
     def keep(self) -> None:
-        """Write the verdicts to the verdict file if they changed since it was read or written."""
+        """Write the verdicts to the verdict file if they changed since it was read or written (or its last
+        write failed: retried at the next check even when nothing changed since)."""
         if self.ledger is not None and self._changed:
-            self._changed = False
-            self.ledger.save(dict(self._entries))
+            self._changed = not self.ledger.save(dict(self._entries))
 
     def lookup(self, name: str, seen: Probe | None) -> BackupInfo | None:
         """The cached verdict for *name*, only if the file still looks exactly as when it was checked."""
