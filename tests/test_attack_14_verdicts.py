@@ -304,3 +304,16 @@ def test_a_failed_verdict_write_is_retried_by_the_next_prune_even_when_nothing_c
         m.prune_old_backups()  # nothing changed since: the verdicts are written now
     checks, errors = restart_prune(tmp_path, load=True, key=KEY)
     assert (checks, errors) == (0, [])
+
+
+def test_verdicts_of_more_backups_than_the_file_may_hold_keep_the_newest_and_stay_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2: a verdict file over MAX_BYTES is refused at the next load (quarantine, an error event, every
+    backup checked, at every start); the writer keeps only the newest verdicts that fit instead."""
+    monkeypatch.setattr(_ledger, "MAX_BYTES", 1500)  # four or five entries
+    with_backups(tmp_path, 8)
+    assert verdicts(tmp_path).stat().st_size <= 1500
+    checks, errors = restart_prune(tmp_path, load=True, key=KEY)
+    assert (errors, quarantined(tmp_path)) == ([], [])
+    assert 0 < checks < 8  # the oldest ones did not fit: checked; the newest were not

@@ -202,9 +202,18 @@ class VerdictFile:
     def save(self, verdicts: Verdicts) -> bool:
         """Write *verdicts* (valid ones) as the file; False when that failed (logged: the next prune tries again,
         changed or not)."""
-        entries = [_entry(name, seen, info) for name, (seen, info) in sorted(verdicts.items()) if info.valid]
         salt, log2_n = self._write_salt()
-        doc = {"salt": salt.hex(), "log2_n": log2_n, "folder": str(self._folder), "entries": entries}
+        doc: dict[str, Any] = {"salt": salt.hex(), "log2_n": log2_n, "folder": str(self._folder), "entries": []}
+        room = MAX_BYTES - len(MAGIC) - len(orjson.dumps(doc)) - _TAG
+        entries = []
+        valid = sorted((info.sort_key, name) for name, (_seen, info) in verdicts.items() if info.valid)
+        for _order, name in reversed(valid):  # newest first: more than a file may hold keeps the newest
+            entry = _entry(name, *verdicts[name])
+            room -= len(orjson.dumps(entry)) + 1
+            if room < 0:  # read back, a larger file would be refused (the rest are checked at the next start)
+                break
+            entries.append(entry)
+        doc["entries"] = entries
         body = MAGIC + orjson.dumps(doc)
         data = body + hmac.new(self._mac_key(salt, log2_n), body, hashlib.sha256).digest()
         digest = hashlib.sha256(data).digest()
