@@ -317,3 +317,51 @@ def test_verdicts_of_more_backups_than_the_file_may_hold_keep_the_newest_and_sta
     checks, errors = restart_prune(tmp_path, load=True, key=KEY)
     assert (errors, quarantined(tmp_path)) == ([], [])
     assert 0 < checks < 8  # the oldest ones did not fit: checked; the newest were not
+
+
+def _vouch_for_damage(d: Path) -> Path:
+    """What a backup changed under its probe looks like (a FAT folder, a lying disk): the newest backup's ciphertext
+    changed under a recomputed trailer, and the verdict file (sealed here: the test holds the key) vouching for the
+    changed file's probe. Returns the backup."""
+    from posstate.backup.verified import probe
+    from posstate.storage import container as _format
+    from posstate.storage.crypto import Keyring
+
+    kept = _ledger.VerdictFile(
+        verdicts(d), folder=d / "backups", keyring=Keyring(key=KEY), quarantine_dir=d / "quarantine", emit=lambda *a: None
+    )
+    entries = kept.load()
+    newest = max((d / "backups").iterdir())
+    data = newest.read_bytes()
+    body = bytearray(data[: -_format.TRAILER_SIZE])
+    body[_format.HEADER_SIZE + 5] ^= 0x01
+    newest.write_bytes(bytes(body) + _format.trailer_for(bytes(body)))
+    seen = probe(newest)
+    assert seen is not None
+    entries[newest.name] = (seen, entries[newest.name][1])
+    assert kept.save(entries)
+    return newest
+
+
+def test_a_contradicted_verdict_from_the_file_is_reported_as_such_and_dropped_from_the_file(tmp_path: Path) -> None:
+    """issue 14.2: a verdict read from the verdict file that the in-process check contradicts is named as the
+    file's (not a worker's), the worker is not given up for it, and the file no longer vouches for that backup (the
+    next start does not fail its first prune again)."""
+    with_backups(tmp_path, 3, compaction="process")
+    changed = _vouch_for_damage(tmp_path)
+    from posstate import PersistenceError
+
+    with PositionStateManager(cfg_in(tmp_path, max_backups=1, compaction="process"), key=KEY) as m:
+        m.load_positions()
+        remote = cache(m).remote
+        with pytest.raises(PersistenceError) as err:
+            m.prune_old_backups()
+        assert "worker" not in str(err.value) and "verdict file" in str(err.value)
+        assert cache(m).remote is remote
+    assert len(list((tmp_path / "backups").iterdir())) == 3  # nothing removed
+    with PositionStateManager(cfg_in(tmp_path, max_backups=1), key=KEY) as m:
+        m.load_positions()
+        result = m.prune_old_backups()  # checks the changed backup itself (it fills no slot); no error
+        assert [d.backup.path for d in result.kept if d.backup.valid] == [
+            max(d.backup.path for d in result.removed + result.kept if d.backup.path != changed)
+        ]

@@ -106,6 +106,7 @@ class VerifiedCache:
         "_by_worker",
         "_changed",
         "_entries",
+        "_from_file",
         "_loaded",
         "full_checks",
         "ledger",
@@ -139,12 +140,15 @@ class VerifiedCache:
         #: True on a thread whose checks close() may stop (the backup service's own prune).
         self.stoppable = stoppable
         self._by_worker: set[str] = set()
+        #: Those of _by_worker read from the verdict file (the others are a worker process's).
+        self._from_file: set[str] = set()
         #: How many of full_checks a worker process ran.
         self.worker_checks = 0
 
     def remember(self, name: str, seen: Probe, info: BackupInfo, *, by_worker: bool = False) -> None:
         self._entries[name] = (seen, info)
         self._changed = True
+        self._from_file.discard(name)
         if by_worker:
             self._by_worker.add(name)
         else:
@@ -160,12 +164,19 @@ class VerifiedCache:
         from the verdict file."""
         return name in self._by_worker
 
-    def distrust(self) -> None:
-        """A verdict not made here was contradicted here: forget all of them and check in this process from now on."""
+    def from_file(self, name: str) -> bool:
+        """True when the cached verdict of *name* was read from the verdict file (not checked in this process)."""
+        return name in self._from_file
+
+    def distrust(self, *, worker: bool = True) -> None:
+        """A verdict not made here was contradicted here: forget all of them (the verdict file's too, at the next
+        :meth:`keep`); *worker*: it was a worker's, so check in this process from now on."""
         for name in self._by_worker:
             self._entries.pop(name, None)
         self._by_worker.clear()
-        self.remote = None
+        self._from_file.clear()
+        if worker:
+            self.remote = None
         self._changed = True
 
     def load_kept(self) -> None:
@@ -177,6 +188,7 @@ class VerifiedCache:
             if name not in self._entries:
                 self._entries[name] = entry
                 self._by_worker.add(name)
+                self._from_file.add(name)
 
     def keep(self) -> None:
         """Write the verdicts to the verdict file if they changed since it was read or written (or its last
@@ -206,12 +218,14 @@ class VerifiedCache:
         if self._entries.pop(name, None) is not None:
             self._changed = True
         self._by_worker.discard(name)
+        self._from_file.discard(name)
 
     def keep_only(self, names: set[str]) -> None:
         for gone in [n for n in self._entries if n not in names]:
             del self._entries[gone]
             self._changed = True
         self._by_worker &= names
+        self._from_file &= names
 
     def __len__(self) -> int:
         return len(self._entries)
