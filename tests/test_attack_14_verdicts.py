@@ -83,6 +83,19 @@ def test_a_passphrase_prune_before_any_load_trusts_the_verdict_file(tmp_path: Pa
     assert (checks, errors, quarantined(tmp_path)) == (0, [], [])
 
 
+def test_cli_backups_prune_with_a_passphrase_keeps_the_bots_verdict_file(tmp_path: Path) -> None:
+    """issue 14.2: ``posstate backups prune --yes`` (POSSTATE_PASSPHRASE, the bot stopped) neither sets the bot's
+    verdict file aside nor leaves one the bot's next start sets aside."""
+    from test_cli import run
+
+    with_backups(tmp_path, 3, passphrase=PASS)
+    r = run(["--state-dir", str(tmp_path), "backups", "prune", "--yes"], env={"POSSTATE_PASSPHRASE": PASS})
+    assert r.exit_code == 0, r.stderr
+    assert quarantined(tmp_path) == []
+    checks, errors = restart_prune(tmp_path, load=True, passphrase=PASS)
+    assert (checks, errors, quarantined(tmp_path)) == (0, [], [])
+
+
 def test_a_passphrase_verdict_file_outlives_a_change_of_the_write_salt(tmp_path: Path) -> None:
     """issue 14.2: the write salt of a passphrase keyring follows the last file loaded (here a restore of a backup
     written under another salt, by a manager that took no backup after it); verdicts kept under the old salt are
@@ -365,3 +378,76 @@ def test_a_contradicted_verdict_from_the_file_is_reported_as_such_and_dropped_fr
         assert [d.backup.path for d in result.kept if d.backup.valid] == [
             max(d.backup.path for d in result.removed + result.kept if d.backup.path != changed)
         ]
+
+
+_KILL_CHILD = r"""
+import os, sys
+from decimal import Decimal
+from pathlib import Path
+from posstate import Position, PositionStateManager, StateConfig
+from posstate.storage import fileops as fs
+
+d, at = Path(sys.argv[1]), int(sys.argv[2])
+fds = set()
+seen = [0]
+
+def hit(*paths):
+    if any(".verdicts" in str(p) for p in paths):
+        seen[0] += 1
+        if seen[0] == at:
+            os._exit(9)  # as SIGKILL: nothing after this operation runs
+
+class Kill(fs.FileOps):
+    def open(self, path, flags, mode=0o600):
+        hit(path)
+        fd = super().open(path, flags, mode)
+        if ".verdicts" in str(path):
+            fds.add(fd)
+        return fd
+    def write(self, fd, data):
+        if fd in fds:
+            hit(".verdicts")
+        return super().write(fd, data)
+    def fsync(self, fd):
+        if fd in fds:
+            hit(".verdicts")
+        super().fsync(fd)
+    def replace(self, src, dst):
+        hit(src, dst)
+        super().replace(src, dst)
+    def lstat(self, path):
+        hit(path)
+        return super().lstat(path)
+
+cfg = StateConfig.in_dir(d, backup_interval=0.0, durability="snapshot", max_backups=20)
+with PositionStateManager(cfg, key=bytes(range(32))) as m:
+    m.load_positions()
+    with fs.use(Kill()):
+        m.save_positions([Position(symbol="K", side="long", contracts=Decimal(1), entry_price=Decimal(10))])
+        assert m.wait_for_backups(30)
+print("ran", seen[0])
+"""
+
+
+def test_a_kill_at_each_operation_of_a_verdict_write_leaves_an_authentic_file_and_no_temp(tmp_path: Path) -> None:
+    """issue 14.2: a process killed at any operation of the verdict file's save (its lstat, the temp's open, write,
+    fsync, rename, the lstat after it): the next start reports nothing, sets nothing aside, leaves no temp, and
+    checks at most the backup whose verdict was being written."""
+    import subprocess
+    import sys
+
+    at = 0
+    while True:
+        at += 1
+        d = tmp_path / f"k{at}"
+        with_backups(d, 2)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        r = subprocess.run([sys.executable, "-c", _KILL_CHILD, str(d), str(at)], env=env, capture_output=True, timeout=120)
+        if r.returncode == 0:
+            assert r.stdout.decode().startswith("ran ") and at > 5, r.stdout
+            break
+        assert r.returncode == 9, r.stderr.decode()[-2000:]
+        checks, errors = restart_prune(d, load=True, key=KEY)
+        assert (errors, quarantined(d)) == ([], []), at
+        assert checks <= 1, at
+        assert not [n for n in os.listdir(d) if n.endswith(".tmp")], at
