@@ -451,3 +451,33 @@ def test_a_kill_at_each_operation_of_a_verdict_write_leaves_an_authentic_file_an
         assert (errors, quarantined(d)) == ([], []), at
         assert checks <= 1, at
         assert not [n for n in os.listdir(d) if n.endswith(".tmp")], at
+
+
+def test_verdicts_checked_before_close_stopped_a_prune_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14.2: close() stops the first prune after a restart half way (a bot restarted by its supervisor, or
+    in a crash loop); the backups it did check are in the verdict file, so the next start does not check them
+    again (else a bot that never lives through one whole first prune checks every backup at every start)."""
+    from posstate.backup import backups as _backups
+
+    with_backups(tmp_path, 4)
+    verdicts(tmp_path).unlink()  # none kept: every old backup is checked by the first prune
+    real = _backups.full_check
+    done: list[str] = []
+    with PositionStateManager(cfg_in(tmp_path, compaction="thread"), key=KEY) as m:
+        svc = _background.service(m._files)
+
+        def counted(info: Any, **kw: Any) -> Any:
+            out = real(info, **kw)
+            done.append(info.path.name)
+            if len(done) == 2:
+                svc._stop_checks = True  # what close() sets: the prune's checks stop at their next slice
+            return out
+
+        monkeypatch.setattr(_backups, "full_check", counted)
+        m.load_positions()
+        m.save_positions([pos("Z")])
+        assert m.wait_for_backups(30)
+        monkeypatch.setattr(_backups, "full_check", real)
+        assert len(done) == 2
+    checks, errors = restart_prune(tmp_path, load=True, key=KEY)
+    assert (checks, errors) == (2, [])  # the two the stopped prune never reached

@@ -257,6 +257,25 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
             out.append(cached)
             continue
         pending.append((name, seen, _backups.inspect_file(path, parsed[0], parsed[1])))  # keyless: header, SHA-256
+    try:
+        _check_pending(pending, out, options=options, cache=cache)
+    except BaseException:  # close() stopped the checks (ChecksStopped), a worker failed: keep what was checked
+        cache.keep()
+        raise
+    cache.keep_only(present)
+    cache.keep()
+    out.sort(key=lambda b: b.sort_key, reverse=True)
+    return out
+
+
+def _check_pending(
+    pending: list[tuple[str, Probe | None, BackupInfo]],
+    out: list[BackupInfo],
+    *,
+    options: _statefile.ReadOptions,
+    cache: VerifiedCache,
+) -> None:
+    """The full verdicts of *pending* (a worker's valid ones, else checked here), appended to *out*, remembered."""
     found = _remote(pending, options=options, cache=cache)
     for name, seen, keyless in pending:
         if seen is not None and found.get(name) == seen:
@@ -275,10 +294,6 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
         else:
             cache.forget(name)
         out.append(info)
-    cache.keep_only(present)
-    cache.keep()
-    out.sort(key=lambda b: b.sort_key, reverse=True)
-    return out
 
 
 def _remote(
