@@ -250,13 +250,13 @@ def test_without_a_worker_the_prune_checks_in_process(tmp_path: Path, monkeypatc
         m.prune_old_backups()
         assert cache(m).remote is None and cache(m).worker_checks == 0
     assert sorted(spy.paths) == old
-    (tmp_path / "positions.json.verdicts").unlink()  # the next manager has verified none of them either
 
     def no_process(*a: Any, **k: Any) -> Any:
         raise OSError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(_procheck, "Worker", no_process)
     spy.paths.clear()
+    (tmp_path / "positions.json.verdicts").unlink()  # the first manager kept its verdicts: none here
     with make(tmp_path) as m:
         m.prune_old_backups()
         assert cache(m).worker_checks == 0 and cache(m).full_checks == 2

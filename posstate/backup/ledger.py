@@ -9,9 +9,14 @@ the next manager starts from them.
 What makes that safe:
 
 - **Authenticated.** The file ends with an HMAC-SHA256 over everything before it, under a key derived from
-  the state's key (``HMAC(key, "posstate/verdict-key/v1")``: never the key itself, no nonce to repeat). A
-  file without the key's tag (planted, damaged, written under another key or passphrase salt) is moved to
-  quarantine and the prune checks every backup as before. Without a key there is no file (memory only).
+  the state's key (``HMAC(key, "posstate/verdict-key/v1")``: never the key itself, no nonce to repeat). With a
+  passphrase that key is the one of the salt (and scrypt cost) the file names in its body: the keyring's write
+  salt follows the last file it loaded, and a prune may run before any load (``posstate backups prune``), so
+  the salt of the moment is not the file's. A named cost above the keyring's own, or a salt of the wrong size,
+  is refused before any derivation (a planted file cannot make scrypt run at a cost of its choosing; at most
+  one derivation at the keyring's own cost, on the backup thread). A file without the key's tag (planted,
+  damaged, written under another key) is moved to quarantine and the prune checks every backup as before.
+  Without a key there is no file (memory only).
 - **Bound to the file, not to its name.** A verdict holds the backup's probe: its keyless SHA-256 trailer,
   size, mtime, ctime and inode. It is used only while all five still match, exactly as in memory. A backup
   rewritten, renamed over, restored from elsewhere or copied with its folder has a new inode or ctime and
@@ -24,7 +29,11 @@ What makes that safe:
 - **Only a cache.** A lost, stale or unreadable file costs checks, never a wrong decision: the file is
   written (temp, fsync, rename) after a prune whose verdicts changed; a write that fails is logged and the
   next prune tries again. A file found changed since this manager read or wrote it (someone else's) is
-  moved to quarantine before it is replaced, never overwritten unread.
+  moved to quarantine before it is replaced, never overwritten unread. "Ours" is decided by the bytes (a
+  SHA-256 of what this manager last read verified, wrote, or tried to write), the metadata only as the
+  shortcut: a write that failed half way (after its rename, at the directory fsync, at the stat after it)
+  leaves a file that is still ours, never reported as planted. A file that cannot be moved to quarantine
+  is left alone until it changes (not linked into quarantine again at every prune).
 
 Full verification still happens when a backup is created, on ``backups verify``, and before a backup is used
 to restore, recover or repair; those paths never read this file.
@@ -33,10 +42,12 @@ to restore, recover or repair; those paths never read this file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import hmac
 import logging
 import os
+import stat
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -51,7 +62,7 @@ from posstate.core.config import state_file_path
 from posstate.storage import atomic as _atomic
 from posstate.storage import container as _format
 from posstate.storage import fileops as fs
-from posstate.storage.crypto import Keyring
+from posstate.storage.crypto import SALT_SIZE, Keyring, scrypt_cost_ok
 
 if TYPE_CHECKING:
     from posstate.backup.files import StateFiles
@@ -66,6 +77,7 @@ MAX_BYTES = 4 << 20
 _INT_FIELDS = ("size", "mtime_ns", "ctime_ns", "inode")
 
 Verdicts = dict[str, tuple[Probe, BackupInfo]]
+_Identity = tuple[int, int, int]
 
 
 def cache_for(files: StateFiles, *, pause: Callable[[], None], stoppable: Callable[[], bool]) -> VerifiedCache:
@@ -91,7 +103,7 @@ class Untrusted(Exception):
 class VerdictFile:
     """Reads and writes one state file's verdict file (used under the backup folder lock)."""
 
-    __slots__ = ("_emit", "_folder", "_keyring", "_ours", "path", "quarantine_dir")
+    __slots__ = ("_emit", "_folder", "_keyring", "_mine", "_ours", "_salt", "_stuck", "path", "quarantine_dir")
 
     def __init__(
         self, path: Path, *, folder: Path, keyring: Keyring, quarantine_dir: Path, emit: Callable[[str, dict[str, Any]], None]
@@ -102,14 +114,46 @@ class VerdictFile:
         self._keyring = keyring
         self._emit = emit
         #: (inode, size, mtime_ns) of the file as this manager last read it verified or wrote it (None: none).
-        self._ours: tuple[int, int, int] | None = None
+        self._ours: _Identity | None = None
+        #: SHA-256 of the bytes this manager last read verified or wrote, and of a write that may have failed
+        #: after its rename: a file holding one of them is ours whatever its metadata says.
+        self._mine: tuple[bytes, ...] = ()
+        #: The (salt, scrypt cost) of the trusted file read (a passphrase): later writes use it again.
+        self._salt: tuple[bytes, int] | None = None
+        #: The identity of a file that could not be moved to quarantine: left alone until it changes.
+        self._stuck: _Identity | None = None
 
     def __repr__(self) -> str:
         return f"VerdictFile({str(self.path)!r})"
 
-    def _mac_key(self) -> bytes:
-        key, _salt = self._keyring.write_material()
+    def _mac_key(self, salt: bytes, log2_n: int) -> bytes:
+        key = self._keyring.key_for(salt, log2_n)
         return hmac.new(key, _LABEL, hashlib.sha256).digest()
+
+    def _write_salt(self) -> tuple[bytes, int]:
+        """The salt and cost a new file is tagged under: the trusted file's (its key is derived), else the
+        keyring's write salt (b"" and 0 for a raw key)."""
+        if self._salt is not None:
+            return self._salt
+        _key, salt = self._keyring.write_material()
+        return salt, self._keyring.log2_n if salt else 0
+
+    def _salt_of(self, doc: Mapping[str, Any]) -> tuple[bytes, int]:
+        """The salt and cost an unauthenticated body names, refused before any key derivation when this
+        keyring never writes them (a raw key: none; a passphrase: SALT_SIZE bytes, a cost up to its own)."""
+        salt_hex, log2_n = doc.get("salt"), doc.get("log2_n")
+        if not isinstance(salt_hex, str) or type(log2_n) is not int:
+            raise Untrusted("no salt and scrypt cost")
+        try:
+            salt = bytes.fromhex(salt_hex)
+        except ValueError:
+            raise Untrusted("its salt is not hex") from None
+        if not self._keyring.uses_passphrase:
+            if salt or log2_n:
+                raise Untrusted("it names a passphrase salt, and this key is not a passphrase")
+        elif len(salt) != SALT_SIZE or not scrypt_cost_ok(log2_n) or log2_n > self._keyring.log2_n:
+            raise Untrusted("it names a salt or scrypt cost this passphrase keyring never writes")
+        return salt, log2_n
 
     def load(self) -> Verdicts:
         """The verdicts the file holds for this folder ({}: none, or not trusted and moved to quarantine)."""
@@ -120,20 +164,21 @@ class VerdictFile:
 
     def _load(self) -> Verdicts:
         self._sweep_temps()
+        st: os.stat_result | None = None
         try:
             st = fs.lstat(self.path)
             raw = fs.read_file(self.path, max_size=MAX_BYTES)
         except FileNotFoundError:
             return {}
         except OSError as exc:  # too large, not a regular file, an I/O error: every backup is checked again
-            self._set_aside(f"cannot be read ({exc.strerror or exc})")
+            self._set_aside(f"cannot be read ({exc.strerror or exc})", st)
             return {}
         try:
             doc = self._open(raw)
         except Untrusted as exc:
-            self._set_aside(str(exc))
+            self._set_aside(str(exc), st)
             return {}
-        self._ours = (st.st_ino, st.st_size, st.st_mtime_ns)
+        self._ours, self._mine = _identity(st), (hashlib.sha256(raw).digest(),)
         if doc.get("folder") != str(self._folder):
             return {}  # written for another backup folder (the configuration changed): nothing to use
         try:
@@ -146,47 +191,85 @@ class VerdictFile:
         if len(raw) < len(MAGIC) + _TAG or not raw.startswith(MAGIC):
             raise Untrusted("not a verdict file")
         body, tag = raw[:-_TAG], raw[-_TAG:]
-        if not hmac.compare_digest(hmac.new(self._mac_key(), body, hashlib.sha256).digest(), tag):
-            raise Untrusted("its tag does not match this key (planted, damaged, or written under another key)")
-        try:
+        try:  # parsed before it is authenticated (orjson, at most MAX_BYTES): the tag's key needs its salt
             doc = orjson.loads(body[len(MAGIC) :])
-        except orjson.JSONDecodeError as exc:
-            raise Untrusted(f"authenticated but not JSON ({exc})") from None
+        except orjson.JSONDecodeError:
+            raise Untrusted("not a verdict file (its body is not JSON)") from None
         if not isinstance(doc, dict):
-            raise Untrusted("authenticated but not an object")
+            raise Untrusted("not a verdict file (its body is not an object)")
+        salt = self._salt_of(doc)
+        if not hmac.compare_digest(hmac.new(self._mac_key(*salt), body, hashlib.sha256).digest(), tag):
+            raise Untrusted("its tag does not match this key (planted, damaged, or written under another key)")
+        if self._keyring.uses_passphrase:
+            self._salt = salt
         return doc
 
-    def save(self, verdicts: Verdicts) -> None:
-        """Write *verdicts* (valid ones) as the file; a failure is logged and left to the next prune."""
-        entries = [_entry(name, seen, info) for name, (seen, info) in sorted(verdicts.items()) if info.valid]
-        body = MAGIC + orjson.dumps({"folder": str(self._folder), "entries": entries})
-        data = body + hmac.new(self._mac_key(), body, hashlib.sha256).digest()
+    def save(self, verdicts: Verdicts) -> bool:
+        """Write *verdicts* (valid ones) as the file; False when that failed (logged: the next prune tries again,
+        changed or not)."""
+        salt, log2_n = self._write_salt()
+        doc: dict[str, Any] = {"salt": salt.hex(), "log2_n": log2_n, "folder": str(self._folder), "entries": []}
+        room = MAX_BYTES - len(MAGIC) - len(orjson.dumps(doc)) - _TAG
+        entries = []
+        valid = sorted((info.sort_key, name) for name, (_seen, info) in verdicts.items() if info.valid)
+        for _order, name in reversed(valid):  # newest first: more than a file may hold keeps the newest
+            entry = _entry(name, *verdicts[name])
+            room -= len(orjson.dumps(entry)) + 1
+            if room < 0:  # read back, a larger file would be refused (the rest are checked at the next start)
+                break
+            entries.append(entry)
+        doc["entries"] = entries
+        body = MAGIC + orjson.dumps(doc)
+        data = body + hmac.new(self._mac_key(salt, log2_n), body, hashlib.sha256).digest()
+        digest = hashlib.sha256(data).digest()
         try:
             self._unless_ours()
-            _atomic.write_file(self.path, data)
-            st = fs.lstat(self.path)
-        except (OSError, _atomic.WriteFailed) as exc:
-            self._ours = None
+        except OSError as exc:
             log.warning("%s: backup verdicts not written (%s); the next prune tries again", self.path, exc)
-            return
-        self._ours = (st.st_ino, st.st_size, st.st_mtime_ns)
+            return False
+        # From here the file may become these bytes even when a step fails (after the rename): still ours.
+        self._mine = (*self._mine[-1:], digest)
+        try:
+            _atomic.write_file(self.path, data)
+        except (OSError, _atomic.WriteFailed) as exc:
+            log.warning("%s: backup verdicts not written (%s); the next prune tries again", self.path, exc)
+            return False
+        self._mine = (digest,)
+        try:
+            self._ours = _identity(fs.lstat(self.path))
+        except OSError:
+            self._ours = None  # the next save reads the file to know it is ours
+        return True
 
     def _unless_ours(self) -> None:
-        """A file there that this manager did not read verified or write is set aside before it is replaced."""
+        """A file there that this manager did not read verified or write is set aside before it is replaced
+        (OSError: it could not be told or moved; nothing is written)."""
         try:
             st = fs.lstat(self.path)
         except FileNotFoundError:
             return
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._ours:
-            self._set_aside("changed since this manager read or wrote it")
+        if _identity(st) == self._ours:
+            return
+        if _identity(st) == self._stuck:
+            raise OSError(errno.EEXIST, "a file there could not be moved to quarantine", str(self.path))
+        if self._mine and stat.S_ISREG(st.st_mode) and st.st_size <= MAX_BYTES:
+            try:
+                raw = fs.read_file(self.path, max_size=MAX_BYTES)
+            except FileNotFoundError:
+                return
+            if hashlib.sha256(raw).digest() in self._mine:
+                return  # ours (a write that failed after its rename, or a stat that failed after it)
+        self._set_aside("changed since this manager read or wrote it", st)
 
-    def _set_aside(self, why: str) -> None:
-        """Move the file to quarantine (OSError when that fails: it stays, unused, and is never replaced)."""
+    def _set_aside(self, why: str, st: os.stat_result | None) -> None:
+        """Move the file to quarantine (OSError when that fails: it stays, unused, and is never replaced; a
+        file whose move failed is not tried again until it changes)."""
         try:
             dest = _atomic.move_aside(self.path, self.quarantine_dir, label="untrusted-verdicts")
         except FileNotFoundError:
             return
         except OSError as exc:
+            self._stuck = _identity(st) if st is not None else None
             log.warning("%s: backup verdicts not used (%s); it could not be moved to quarantine: %s", self.path, why, exc)
             raise
         log.warning("%s: backup verdicts not used (%s); moved to %s, every backup is checked again", self.path, why, dest)
@@ -202,6 +285,10 @@ class VerdictFile:
             if _atomic.is_temp_of(name, self.path):
                 with contextlib.suppress(OSError):
                     fs.unlink(self.path.parent / name)
+
+
+def _identity(st: os.stat_result) -> _Identity:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _entry(name: str, seen: Probe, info: BackupInfo) -> dict[str, Any]:

@@ -93,8 +93,8 @@ class Ledger(Protocol):
     def load(self) -> dict[str, tuple[Probe, BackupInfo]]:
         """The verdicts kept ({}: none that can be trusted)."""
 
-    def save(self, verdicts: dict[str, tuple[Probe, BackupInfo]]) -> None:
-        """Keep *verdicts* (their valid ones); a failure is logged, never raised."""
+    def save(self, verdicts: dict[str, tuple[Probe, BackupInfo]]) -> bool:
+        """Keep *verdicts* (their valid ones); a failure is logged, never raised (False: the next check tries again)."""
 
 
 class VerifiedCache:
@@ -106,6 +106,7 @@ class VerifiedCache:
         "_by_worker",
         "_changed",
         "_entries",
+        "_from_file",
         "_loaded",
         "full_checks",
         "ledger",
@@ -139,12 +140,15 @@ class VerifiedCache:
         #: True on a thread whose checks close() may stop (the backup service's own prune).
         self.stoppable = stoppable
         self._by_worker: set[str] = set()
+        #: Those of _by_worker read from the verdict file (the others are a worker process's).
+        self._from_file: set[str] = set()
         #: How many of full_checks a worker process ran.
         self.worker_checks = 0
 
     def remember(self, name: str, seen: Probe, info: BackupInfo, *, by_worker: bool = False) -> None:
         self._entries[name] = (seen, info)
         self._changed = True
+        self._from_file.discard(name)
         if by_worker:
             self._by_worker.add(name)
         else:
@@ -160,12 +164,19 @@ class VerifiedCache:
         from the verdict file."""
         return name in self._by_worker
 
-    def distrust(self) -> None:
-        """A verdict not made here was contradicted here: forget all of them and check in this process from now on."""
+    def from_file(self, name: str) -> bool:
+        """True when the cached verdict of *name* was read from the verdict file (not checked in this process)."""
+        return name in self._from_file
+
+    def distrust(self, *, worker: bool = True) -> None:
+        """A verdict not made here was contradicted here: forget all of them (the verdict file's too, at the next
+        :meth:`keep`); *worker*: it was a worker's, so check in this process from now on."""
         for name in self._by_worker:
             self._entries.pop(name, None)
         self._by_worker.clear()
-        self.remote = None
+        self._from_file.clear()
+        if worker:
+            self.remote = None
         self._changed = True
 
     def load_kept(self) -> None:
@@ -177,12 +188,13 @@ class VerifiedCache:
             if name not in self._entries:
                 self._entries[name] = entry
                 self._by_worker.add(name)
+                self._from_file.add(name)
 
     def keep(self) -> None:
-        """Write the verdicts to the verdict file if they changed since it was read or written."""
+        """Write the verdicts to the verdict file if they changed since it was read or written (or its last
+        write failed: retried at the next check even when nothing changed since)."""
         if self.ledger is not None and self._changed:
-            self._changed = False
-            self.ledger.save(dict(self._entries))
+            self._changed = not self.ledger.save(dict(self._entries))
 
     def lookup(self, name: str, seen: Probe | None) -> BackupInfo | None:
         """The cached verdict for *name*, only if the file still looks exactly as when it was checked."""
@@ -206,12 +218,14 @@ class VerifiedCache:
         if self._entries.pop(name, None) is not None:
             self._changed = True
         self._by_worker.discard(name)
+        self._from_file.discard(name)
 
     def keep_only(self, names: set[str]) -> None:
         for gone in [n for n in self._entries if n not in names]:
             del self._entries[gone]
             self._changed = True
         self._by_worker &= names
+        self._from_file &= names
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -243,6 +257,25 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
             out.append(cached)
             continue
         pending.append((name, seen, _backups.inspect_file(path, parsed[0], parsed[1])))  # keyless: header, SHA-256
+    try:
+        _check_pending(pending, out, options=options, cache=cache)
+    except BaseException:  # close() stopped the checks (ChecksStopped), a worker failed: keep what was checked
+        cache.keep()
+        raise
+    cache.keep_only(present)
+    cache.keep()
+    out.sort(key=lambda b: b.sort_key, reverse=True)
+    return out
+
+
+def _check_pending(
+    pending: list[tuple[str, Probe | None, BackupInfo]],
+    out: list[BackupInfo],
+    *,
+    options: _statefile.ReadOptions,
+    cache: VerifiedCache,
+) -> None:
+    """The full verdicts of *pending* (a worker's valid ones, else checked here), appended to *out*, remembered."""
     found = _remote(pending, options=options, cache=cache)
     for name, seen, keyless in pending:
         if seen is not None and found.get(name) == seen:
@@ -261,10 +294,6 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
         else:
             cache.forget(name)
         out.append(info)
-    cache.keep_only(present)
-    cache.keep()
-    out.sort(key=lambda b: b.sort_key, reverse=True)
-    return out
 
 
 def _remote(
