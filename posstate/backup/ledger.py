@@ -66,6 +66,7 @@ from posstate.storage.crypto import SALT_SIZE, Keyring, scrypt_cost_ok
 
 if TYPE_CHECKING:
     from posstate.backup.files import StateFiles
+    from posstate.core.config import StateConfig
 
 log = logging.getLogger("posstate")
 
@@ -80,6 +81,11 @@ Verdicts = dict[str, tuple[Probe, BackupInfo]]
 _Identity = tuple[int, int, int]
 
 
+def verdicts_path(cfg: StateConfig) -> Path:
+    """The verdict file of *cfg*'s state file (``positions.json.verdicts``)."""
+    return state_file_path(cfg.state_path, "verdicts")
+
+
 def cache_for(files: StateFiles, *, pause: Callable[[], None], stoppable: Callable[[], bool]) -> VerifiedCache:
     """A manager's verified-backup cache: its checks in a worker when it has one, its verdicts kept in the verdict
     file when it has a key (memory only without one)."""
@@ -87,7 +93,7 @@ def cache_for(files: StateFiles, *, pause: Callable[[], None], stoppable: Callab
     kept = None
     if keyring is not None:
         kept = VerdictFile(
-            state_file_path(cfg.state_path, "verdicts"),
+            verdicts_path(cfg),
             folder=cfg.backup_path,
             keyring=keyring,
             quarantine_dir=cfg.quarantine_dir,

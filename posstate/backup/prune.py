@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from posstate.backup import backups as _backups
 from posstate.backup import retention as _retention
+from posstate.backup.ledger import verdicts_path
 from posstate.backup.verified import VerifiedCache, check_all, probe
 from posstate.core.config import StateConfig
 from posstate.core.errors import PersistenceError
@@ -116,7 +117,7 @@ def _confirm(newest: BackupInfo, files: StateFiles, cache: VerifiedCache) -> Non
         cache.distrust(worker=False)
         cache.keep()
         log.warning("%s: the verdict file's verdict was contradicted in process; its verdicts are not used", newest.path)
-        reason = f"the verdict file ({files.config.verdicts_path.name}) said valid and the check here says not"
+        reason = f"the verdict file ({verdicts_path(files.config).name}) said valid and the check here says not"
         step = "nothing to do: the next prune checks every backup again; if it recurs, check the disk"
     else:
         cache.distrust()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from posstate.backup.ledger import verdicts_path
 from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, WrongKeyError
 from posstate.journal.current import read_current
@@ -135,12 +136,12 @@ def run(
 def drop_verdicts(cfg: StateConfig) -> None:
     """Remove the verdict file tagged under the old key (a failure is logged: the bot then sets it aside)."""
     try:
-        fs.unlink(cfg.verdicts_path)
+        fs.unlink(verdicts_path(cfg))
     except FileNotFoundError:
         return
     except OSError as exc:
         log.warning(
-            "%s: not removed after rekey (%s); the next prune sets it aside and checks every backup", cfg.verdicts_path, exc
+            "%s: not removed after rekey (%s); the next prune sets it aside and checks every backup", verdicts_path(cfg), exc
         )
 
 
