@@ -304,3 +304,34 @@ def test_passphrase_state_keeps_its_verdicts_across_a_restart(tmp_path: Path) ->
         m.load_positions()
         m.prune_old_backups()
         assert cache(m).full_checks == 0
+
+
+def test_keeping_verdicts_before_the_first_check_reads_the_file_first(tmp_path: Path) -> None:
+    """session 13 attack: a manager that remembers a backup and keeps its verdicts before any prune read the
+    verdict file merges with it (the bot's own file is not set aside as unread)."""
+    from posstate.backup.verified import probe
+
+    with_backups(tmp_path, 2)
+    with PositionStateManager(cfg_in(tmp_path), key=KEY) as m:
+        m.load_positions()
+        newest = m.list_backups()[0]
+        c = cache(m)
+        seen = probe(newest.path)
+        assert seen is not None
+        c.remember(newest.path.name, seen, newest)
+        c.keep()
+        assert not quarantined(tmp_path)
+    checks, errors = first_prune_checks(tmp_path)
+    assert checks == 0 and not errors
+
+
+def test_the_backup_taken_at_close_is_in_the_verdict_file(tmp_path: Path) -> None:
+    """session 13 (guard): the journal modes' backup of the acknowledged state at close() keeps its verdict
+    (checked when written), so the next start does not check it again."""
+    with_backups(tmp_path, 2)
+    with PositionStateManager(cfg_in(tmp_path, durability="sync", backup_interval=3600), key=KEY) as m:
+        m.load_positions()
+        m.set_position(pos("C", 3))  # acknowledged, in no backup: close() backs it up
+    assert len(os.listdir(tmp_path / "backups")) == 3
+    checks, errors = first_prune_checks(tmp_path)
+    assert checks == 0 and not errors

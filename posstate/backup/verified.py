@@ -192,8 +192,10 @@ class VerifiedCache:
 
     def keep(self) -> None:
         """Write the verdicts to the verdict file if they changed since it was read or written (or its last
-        write failed: retried at the next check even when nothing changed since)."""
+        write failed: retried at the next check even when nothing changed since). The file is read first if it
+        was not yet: a file this manager never read is never replaced unread."""
         if self.ledger is not None and self._changed:
+            self.load_kept()
             self._changed = not self.ledger.save(dict(self._entries))
 
     def lookup(self, name: str, seen: Probe | None) -> BackupInfo | None:
