@@ -56,6 +56,7 @@ from bench_journal import pct, position  # the same positions and percentiles as
 from runqueue import RunQueue, queued_report
 
 from posstate import PositionStateManager, StateConfig
+from posstate.backup import background as _background
 from posstate.backup import backups as _backups
 from posstate.storage import fileops as fs
 
@@ -78,25 +79,38 @@ QUIET = {"journal_max_records": 10**7, "journal_max_bytes": 1 << 30}
 
 
 def prepare(
-    d: Path, n: int, mode: str, backup_interval: float, compaction: str = "process", quiet: bool = False
+    d: Path,
+    n: int,
+    mode: str,
+    backup_interval: float,
+    compaction: str = "process",
+    quiet: bool = False,
+    unverified: bool = False,
 ) -> PositionStateManager:
-    """A state of *n* positions with 24 backups already on disk (oldest first, an hour apart)."""
+    """A state of *n* positions with 24 backups already on disk (oldest first, an hour apart), made and verified
+    by the bot before it restarted (its verdict file holds them); *unverified*: backups it never checked (copied
+    in), so its first prune checks all 24."""
     extra: dict[str, Any] = dict(QUIET) if quiet else {}
     cfg = StateConfig.in_dir(d, durability=mode, backup_interval=backup_interval, compaction=compaction, **extra)
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.save_positions([position(i, 1) for i in range(n)])
+        m.wait_for_backups()  # the first timed backup runs in the background: let it finish before adding ours
+        state = m._state.copy()
+        cache = _background.service(m._files).cache
+        now = time.time()
+        for k in range(24):
+            _backups.write_backup(
+                state,
+                backup_dir=cfg.backup_path,
+                keyring=m._write_keyring,
+                compression_level=cfg.compression_level,
+                options=m._read,
+                now=now - 3600 * (24 - k),
+                remember=None if unverified else cache.before_check,
+            )
+        cache.keep()  # what the prune after each of them would have written
     m = PositionStateManager(cfg, key=KEY)
-    m.save_positions([position(i, 1) for i in range(n)])
-    m.wait_for_backups()  # the first timed backup runs in the background: let it finish before adding ours
-    state = m._state.copy()
-    now = time.time()
-    for k in range(24):
-        _backups.write_backup(
-            state,
-            backup_dir=cfg.backup_path,
-            keyring=m._write_keyring,
-            compression_level=cfg.compression_level,
-            options=m._read,
-            now=now - 3600 * (24 - k),
-        )
+    m.load_positions()
     m._files.last_backup_at = None
     return m
 
@@ -382,6 +396,11 @@ def main() -> int:
         action="store_true",
         help="the control: no compaction and no timed backup during the rows (what background work costs the calls)",
     )
+    ap.add_argument(
+        "--unverified-backups",
+        action="store_true",
+        help="the 24 backups were never checked by the bot (copied in): its first prune checks them all",
+    )
     ap.add_argument("--no-compaction", action="store_true", help="journal thresholds no row reaches (timed backups go on)")
     ap.add_argument(
         "--no-gc-freeze",
@@ -420,7 +439,7 @@ def main() -> int:
                 for how in hows:
                     d = root / f"{mode}-{how}-{n}"
                     quiet = args.no_background or args.no_compaction
-                    m = prepare(d, n, "sync" if mode == "sync" else "group", interval, how, quiet)
+                    m = prepare(d, n, "sync" if mode == "sync" else "group", interval, how, quiet, args.unverified_backups)
                     blocks = " in blocks" if mode == "blocks" else ""
                     name = f"sync{tag(how)}" if mode == "sync" else f"group x{THREADS}{blocks}{tag(how)}"
                     fname = "floor" if mode == "sync" else f"floor x{THREADS}"

@@ -44,11 +44,13 @@ def backups(d: Path) -> list[Path]:
 
 
 def with_backups(d: Path, n: int, **kw: Any) -> list[Path]:
-    """*n* backups taken by a manager that is then closed: a new manager has verified none of them."""
+    """*n* backups taken by a manager that is then closed, its verdict file removed: a new manager has verified
+    none of them (backups copied in, or a lost verdict file; tests/test_verdict_file.py covers the kept ones)."""
     with make(d, **kw) as m:
         for i in range(n):
             m.save_positions([pos("A", i + 1), pos("B", 2)])
             assert m.wait_for_backups(30)
+    (d / "positions.json.verdicts").unlink(missing_ok=True)
     found = backups(d)
     assert len(found) == n
     return found
@@ -254,6 +256,7 @@ def test_without_a_worker_the_prune_checks_in_process(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(_procheck, "Worker", no_process)
     spy.paths.clear()
+    (tmp_path / "positions.json.verdicts").unlink()  # the first manager kept its verdicts: none here
     with make(tmp_path) as m:
         m.prune_old_backups()
         assert cache(m).worker_checks == 0 and cache(m).full_checks == 2

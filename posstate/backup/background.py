@@ -33,10 +33,10 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from posstate.backup import closing as _closing
+from posstate.backup import ledger as _ledger
 from posstate.backup import snapcopy as _snapcopy
 from posstate.backup import viacompaction as _via
 from posstate.backup.closing import ChecksStopped
-from posstate.backup.verified import VerifiedCache
 from posstate.core.errors import PosStateError
 from posstate.storage import turns as _turns
 
@@ -76,7 +76,7 @@ class BackupService:
         self._files = files
         #: Held by the background backup and by every explicit backup operation (taken before the manager's lock).
         self.folder_lock = threading.RLock()
-        self.cache = VerifiedCache(pause=self._pause_check, remote=files.remote_checks(), stoppable=self._stoppable)
+        self.cache = _ledger.cache_for(files, pause=self._pause_check, stoppable=self._stoppable)
         #: The clock timed backups compare with (tests replace it).
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from posstate.backup import backups as _backups
 from posstate.backup import retention as _retention
+from posstate.backup.ledger import verdicts_path
 from posstate.backup.verified import VerifiedCache, check_all, probe
 from posstate.core.config import StateConfig
 from posstate.core.errors import PersistenceError
@@ -99,7 +100,8 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
 
 
 def _confirm(newest: BackupInfo, files: StateFiles, cache: VerifiedCache) -> None:
-    """Check *newest* (its verdict came from a worker) in this process before anything is removed for it."""
+    """Check *newest* (its verdict came from a worker or the verdict file) in this process before anything is
+    removed for it."""
     seen = probe(newest.path)
     if cache.pause is not None:
         cache.pause()
@@ -108,12 +110,18 @@ def _confirm(newest: BackupInfo, files: StateFiles, cache: VerifiedCache) -> Non
     if info.valid and seen is not None:
         cache.remember(newest.path.name, seen, info)
         return
-    cache.distrust()
-    log.warning("%s: a backup-check worker's verdict was contradicted in process; checking here from now on", newest.path)
-    raise PersistenceError(
-        newest.path,
-        operation="prune",
-        reason="the check in the worker process and the check here disagree",
-        outcome="no backup was removed",
-        next_step="nothing to do: the next prune checks every backup in this process",
-    )
+    if cache.from_file(newest.path.name):
+        # The verdict file vouched for a backup that changed without its size, times or inode changing (a file
+        # system without real ctimes or inodes, a disk returning other bytes): none of its verdicts is used,
+        # and the file is written without them now (the next start does not fail its first prune again).
+        cache.distrust(worker=False)
+        cache.keep()
+        log.warning("%s: the verdict file's verdict was contradicted in process; its verdicts are not used", newest.path)
+        reason = f"the verdict file ({verdicts_path(files.config).name}) said valid and the check here says not"
+        step = "nothing to do: the next prune checks every backup again; if it recurs, check the disk"
+    else:
+        cache.distrust()
+        log.warning("%s: a backup-check worker's verdict was contradicted in process; checking here from now on", newest.path)
+        reason = "the check in the worker process and the check here disagree"
+        step = "nothing to do: the next prune checks every backup in this process"
+    raise PersistenceError(newest.path, operation="prune", reason=reason, outcome="no backup was removed", next_step=step)

@@ -8,9 +8,12 @@ the verdict only while all five still match (four syscalls per backup: open, fst
 close); anything else, a rewrite, a bit flip that reset the mtime (the ctime moves), a file renamed over it
 (the inode changes), is checked fully again.
 
-The cache lives in memory, one per manager, and is never written to disk: nothing on disk can plant a
-verdict. Full verification always happens, cache or not, when a backup is created, on ``backups verify``,
-and before a backup is used to restore, recover or repair (those paths read and validate the file itself).
+The cache lives in memory, one per manager. With a key it also keeps its valid verdicts in the state's verdict
+file, authenticated under the key (:mod:`posstate.backup.ledger`), so a restarted bot does not check every
+backup again; nothing on disk without the key's tag can plant a verdict, and a verdict read from that file
+counts as not checked in this process (below). Full verification always happens, cache or not, when a backup
+is created, on ``backups verify``, and before a backup is used to restore, recover or repair (those paths read
+and validate the file itself).
 
 With ``compaction="process"`` the manager gives the cache a :class:`RemoteChecks` (posstate/manager/procheck.py):
 the full checks a prune needs run in a worker process (``python -m posstate.backup.checkjob``), many files per
@@ -19,7 +22,7 @@ taken from it, and only bound to the probe this process took before the job (the
 saw before reading, and nothing for a file that changed while it read it); every other file is checked here
 as before. A prune never removes a backup on a worker's say-so alone: the newest valid backup kept, the one
 that makes the others redundant, is checked in this process first when its verdict came from a worker
-(posstate/backup/prune.py).
+(posstate/backup/prune.py). The same holds for a verdict read from the verdict file.
 """
 
 from __future__ import annotations
@@ -84,12 +87,34 @@ class RemoteChecks(Protocol):
         """close(): end a running stoppable check at once (SIGKILL) and refuse new ones."""
 
 
+class Ledger(Protocol):
+    """Where the cache keeps its valid verdicts across restarts (posstate/backup/ledger.py)."""
+
+    def load(self) -> dict[str, tuple[Probe, BackupInfo]]:
+        """The verdicts kept ({}: none that can be trusted)."""
+
+    def save(self, verdicts: dict[str, tuple[Probe, BackupInfo]]) -> bool:
+        """Keep *verdicts* (their valid ones); a failure is logged, never raised (False: the next check tries again)."""
+
+
 class VerifiedCache:
     """Full verdicts by backup file name, each bound to the :class:`Probe` taken before its check.
 
     Not thread-safe on its own: the backup service uses it under its directory lock."""
 
-    __slots__ = ("_by_worker", "_entries", "full_checks", "pause", "remote", "stoppable", "worker_checks")
+    __slots__ = (
+        "_by_worker",
+        "_changed",
+        "_entries",
+        "_from_file",
+        "_loaded",
+        "full_checks",
+        "ledger",
+        "pause",
+        "remote",
+        "stoppable",
+        "worker_checks",
+    )
 
     def __init__(
         self,
@@ -97,8 +122,14 @@ class VerifiedCache:
         *,
         remote: RemoteChecks | None = None,
         stoppable: Callable[[], bool] = lambda: False,
+        ledger: Ledger | None = None,
     ) -> None:
         self._entries: dict[str, tuple[Probe, BackupInfo]] = {}
+        #: The verdict file (None: memory only, as without a key); read at the first check, written after one
+        #: whose verdicts changed.
+        self.ledger = ledger
+        self._loaded = False
+        self._changed = False
         #: How many full checks (decrypt + validate) this cache has run: tests and benchmarks read it.
         self.full_checks = 0
         #: Set by the background backup thread (issue 14.3): its full checks run a slice of positions at a
@@ -109,11 +140,15 @@ class VerifiedCache:
         #: True on a thread whose checks close() may stop (the backup service's own prune).
         self.stoppable = stoppable
         self._by_worker: set[str] = set()
+        #: Those of _by_worker read from the verdict file (the others are a worker process's).
+        self._from_file: set[str] = set()
         #: How many of full_checks a worker process ran.
         self.worker_checks = 0
 
     def remember(self, name: str, seen: Probe, info: BackupInfo, *, by_worker: bool = False) -> None:
         self._entries[name] = (seen, info)
+        self._changed = True
+        self._from_file.discard(name)
         if by_worker:
             self._by_worker.add(name)
         else:
@@ -125,15 +160,43 @@ class VerifiedCache:
             self.remote.stop()
 
     def by_worker(self, name: str) -> bool:
-        """True when the cached verdict of *name* came from a worker process, not from a check here."""
+        """True when the cached verdict of *name* was not made by a check here: a worker process's, or one read
+        from the verdict file."""
         return name in self._by_worker
 
-    def distrust(self) -> None:
-        """A worker's verdict was contradicted here: forget all of them and check in this process from now on."""
+    def from_file(self, name: str) -> bool:
+        """True when the cached verdict of *name* was read from the verdict file (not checked in this process)."""
+        return name in self._from_file
+
+    def distrust(self, *, worker: bool = True) -> None:
+        """A verdict not made here was contradicted here: forget all of them (the verdict file's too, at the next
+        :meth:`keep`); *worker*: it was a worker's, so check in this process from now on."""
         for name in self._by_worker:
             self._entries.pop(name, None)
         self._by_worker.clear()
-        self.remote = None
+        self._from_file.clear()
+        if worker:
+            self.remote = None
+        self._changed = True
+
+    def load_kept(self) -> None:
+        """Once: start from the verdict file's verdicts (each still bound to its probe; never over one of ours)."""
+        if self._loaded or self.ledger is None:
+            return
+        self._loaded = True
+        for name, entry in self.ledger.load().items():
+            if name not in self._entries:
+                self._entries[name] = entry
+                self._by_worker.add(name)
+                self._from_file.add(name)
+
+    def keep(self) -> None:
+        """Write the verdicts to the verdict file if they changed since it was read or written (or its last
+        write failed: retried at the next check even when nothing changed since). The file is read first if it
+        was not yet: a file this manager never read is never replaced unread."""
+        if self.ledger is not None and self._changed:
+            self.load_kept()
+            self._changed = not self.ledger.save(dict(self._entries))
 
     def lookup(self, name: str, seen: Probe | None) -> BackupInfo | None:
         """The cached verdict for *name*, only if the file still looks exactly as when it was checked."""
@@ -154,13 +217,17 @@ class VerifiedCache:
         return verified
 
     def forget(self, name: str) -> None:
-        self._entries.pop(name, None)
+        if self._entries.pop(name, None) is not None:
+            self._changed = True
         self._by_worker.discard(name)
+        self._from_file.discard(name)
 
     def keep_only(self, names: set[str]) -> None:
         for gone in [n for n in self._entries if n not in names]:
             del self._entries[gone]
+            self._changed = True
         self._by_worker &= names
+        self._from_file &= names
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -176,6 +243,7 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
         return []
     except OSError as exc:
         raise PersistenceError(backup_dir, operation="list backups", cause=exc) from exc
+    cache.load_kept()
     out: list[BackupInfo] = []
     present: set[str] = set()
     pending: list[tuple[str, Probe | None, BackupInfo]] = []
@@ -191,6 +259,25 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
             out.append(cached)
             continue
         pending.append((name, seen, _backups.inspect_file(path, parsed[0], parsed[1])))  # keyless: header, SHA-256
+    try:
+        _check_pending(pending, out, options=options, cache=cache)
+    except BaseException:  # close() stopped the checks (ChecksStopped), a worker failed: keep what was checked
+        cache.keep()
+        raise
+    cache.keep_only(present)
+    cache.keep()
+    out.sort(key=lambda b: b.sort_key, reverse=True)
+    return out
+
+
+def _check_pending(
+    pending: list[tuple[str, Probe | None, BackupInfo]],
+    out: list[BackupInfo],
+    *,
+    options: _statefile.ReadOptions,
+    cache: VerifiedCache,
+) -> None:
+    """The full verdicts of *pending* (a worker's valid ones, else checked here), appended to *out*, remembered."""
     found = _remote(pending, options=options, cache=cache)
     for name, seen, keyless in pending:
         if seen is not None and found.get(name) == seen:
@@ -209,9 +296,6 @@ def check_all(backup_dir: Path, *, options: _statefile.ReadOptions, cache: Verif
         else:
             cache.forget(name)
         out.append(info)
-    cache.keep_only(present)
-    out.sort(key=lambda b: b.sort_key, reverse=True)
-    return out
 
 
 def _remote(

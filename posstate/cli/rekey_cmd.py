@@ -10,11 +10,13 @@ The caller holds the writer lock. No click here.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from posstate.backup.ledger import verdicts_path
 from posstate.core.config import StateConfig
 from posstate.core.errors import CorruptStateError, PersistenceError, PosStateError, WrongKeyError
 from posstate.journal.current import read_current
@@ -23,6 +25,8 @@ from posstate.storage import codec as _codec
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.crypto import Keyring
+
+log = logging.getLogger("posstate")
 
 Action = Literal["rekey", "already", "plain", "unreadable"]
 
@@ -116,14 +120,29 @@ def run(
     cfg: StateConfig,
     progress: Callable[[RekeyItem], None] = lambda item: None,
 ) -> int:
-    """Rekey every item marked ``rekey``; returns how many files were rewritten."""
+    """Rekey every item marked ``rekey``; returns how many files were rewritten. The backups' verdict file
+    (posstate/backup/ledger.py) is tagged under the old key: it is removed (a cache: the next prune checks
+    every backup once), so the first start under the new key does not report it as planted."""
     done = 0
     for item in items:
         if item.action == "rekey":
             rekey_file(item.path, old=old, new=new, cfg=cfg)
             done += 1
         progress(item)
+    drop_verdicts(cfg)
     return done
+
+
+def drop_verdicts(cfg: StateConfig) -> None:
+    """Remove the verdict file tagged under the old key (a failure is logged: the bot then sets it aside)."""
+    try:
+        fs.unlink(verdicts_path(cfg))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning(
+            "%s: not removed after rekey (%s); the next prune sets it aside and checks every backup", verdicts_path(cfg), exc
+        )
 
 
 JournalAction = Literal["none", "fold", "set aside"]

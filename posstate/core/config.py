@@ -22,8 +22,8 @@ from posstate.core.text import BAD_TEXT
 Durability = Literal["snapshot", "sync", "group"]
 Compaction = Literal["process", "thread"]
 #: The files that belong to one state file and sit beside it.
-Role = Literal["bak", "lock", "journal", "replica"]
-_ROLES: tuple[Role, ...] = ("bak", "lock", "journal", "replica")
+Role = Literal["bak", "lock", "journal", "replica", "verdicts"]
+_ROLES: tuple[Role, ...] = ("bak", "lock", "journal", "replica", "verdicts")
 #: Folders of the state directory (``StateConfig.in_dir``'s backups, every state file's quarantine): no state
 #: file may take their names.
 _FOLDERS = ("backups", "quarantine")
@@ -158,7 +158,7 @@ class StateConfig:
         companion = name.endswith(tuple(f".{r}" for r in _ROLES)) or name.endswith(".tmp")
         if companion or not name.strip(".") or _BACKUP_NAME.fullmatch(name):
             raise ConfigError(
-                f"state_file {name!r}: a name ending in .bak, .lock, .journal, .replica or .tmp, or named like a backup, "
+                f"state_file {name!r}: a name ending in .tmp or .{', .'.join(_ROLES)}, or named like a backup, "
                 "would be taken for another state file's companion; choose another name"
             )
         if name in _FOLDERS:
