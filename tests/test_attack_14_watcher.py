@@ -1,0 +1,132 @@
+"""Issue 14 attack (session 13): the one watcher thread of the process that reaps kept workers which left while
+they waited (posstate/manager/idlewatch.py). It must survive whatever one worker's reaping raises, and a
+watcher that cannot be started must never cost the compaction whose answer was already read."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_compaction_process import contracts, make
+from test_kept_worker import Answers
+from test_worker_harden import _compact
+
+from posstate.manager import idlewatch
+
+
+class _Fake:
+    """Test-only: a watched worker whose left_idle records the call (and raises when told to)."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.called = threading.Event()
+
+    def left_idle(self, token: int) -> None:
+        self.called.set()
+        if self.fail:
+            raise RuntimeError("unexpected")
+
+
+def _exited() -> subprocess.Popen[bytes]:
+    """A process whose stdout is at its end of file as soon as it exits (readable for the watcher)."""
+    return subprocess.Popen([sys.executable, "-c", "pass"], stdout=subprocess.PIPE)
+
+
+def test_the_watcher_goes_on_after_one_workers_reaping_raises(caplog: pytest.LogCaptureFixture) -> None:
+    """issue 14 attack (session 13, point 2): an exception out of one worker's reaping ended the watcher thread
+    (a traceback on stderr) and left it registered as running: no worker of the process was reaped again
+    until it exited. It is logged, and the next worker to leave is reaped."""
+    first, second = _Fake(fail=True), _Fake(fail=False)
+    procs = [_exited(), _exited()]
+    try:
+        idlewatch.watch(first, procs[0], 0)
+        assert first.called.wait(30)
+        idlewatch.watch(second, procs[1], 0)
+        assert second.called.wait(30)  # before: never (the thread had died)
+    finally:
+        for p in procs:
+            idlewatch.forget(p)
+            p.wait(30)
+            assert p.stdout is not None
+            p.stdout.close()
+    assert any("idle worker" in r.getMessage() for r in caplog.records)
+
+
+def test_a_watcher_thread_that_cannot_start_never_fails_the_compaction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """issue 14 attack (session 13, point 2): a watcher thread that cannot be started (RuntimeError: can't start
+    new thread, under a thread or memory limit) raised out of the worker's result() after its answer was read:
+    the compaction failed, and the watcher stayed marked as started for the life of the process. The answer is
+    used, and the next worker to wait starts the watcher."""
+    real = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "posstate-idle-workers":
+            raise RuntimeError("can't start new thread")
+        real(self)
+
+    Answers(monkeypatch)
+    errors: list[dict[str, Any]] = []
+    with make(tmp_path) as m:
+        m.on("error", errors.append)
+        m.save()
+        monkeypatch.setattr(threading.Thread, "start", start)
+        assert _compact(m, "A")  # before: False (the compaction failed with the RuntimeError)
+        monkeypatch.setattr(threading.Thread, "start", real)
+        assert _compact(m, "B")
+        assert idlewatch.watched() == 1 and idlewatch._thread is not None and idlewatch._thread.is_alive()
+        want = contracts(m)
+    assert errors == []
+    with make(tmp_path) as m:
+        assert contracts(m) == want
+
+
+def test_a_watcher_whose_poll_fails_is_started_again(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """issue 14 attack (session 13, point 2): the watcher's poll() failing (ENOMEM) ended the thread with a
+    traceback and left it marked as running for the life of the process. It is logged, and the next worker
+    to wait starts a new watcher that reaps it."""
+    import errno
+    import select
+
+    real = select.poll
+    failed = threading.Event()
+
+    class _Poll:
+        def __init__(self) -> None:
+            self.inner = real()
+
+        def register(self, fd: int, mask: int) -> None:
+            self.inner.register(fd, mask)
+
+        def poll(self) -> list[tuple[int, int]]:
+            if not failed.is_set():
+                failed.set()
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            return self.inner.poll()
+
+    class _Select:
+        POLLIN = select.POLLIN
+        poll = _Poll
+
+    monkeypatch.setattr(idlewatch, "select", _Select)
+    first, second = _Fake(fail=False), _Fake(fail=False)
+    procs = [_exited(), _exited()]
+    try:
+        idlewatch.watch(first, procs[0], 0)
+        assert failed.wait(30)
+        old = idlewatch._thread
+        if old is not None:
+            old.join(30)
+        idlewatch.forget(procs[0])
+        idlewatch.watch(second, procs[1], 0)
+        assert second.called.wait(30)  # before: never (a dead thread stayed registered)
+    finally:
+        for p in procs:
+            idlewatch.forget(p)
+            p.wait(30)
+            assert p.stdout is not None
+            p.stdout.close()
+    assert any("watcher stopped (OSError, errno 12)" in r.getMessage() for r in caplog.records)
