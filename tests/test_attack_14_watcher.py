@@ -130,3 +130,47 @@ def test_a_watcher_whose_poll_fails_is_started_again(monkeypatch: pytest.MonkeyP
             assert p.stdout is not None
             p.stdout.close()
     assert any("watcher stopped (OSError, errno 12)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_kept_worker_stopped_just_after_its_check_is_killed_not_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 attack (session 13, point 4): a kept worker stopped (SIGSTOP) just after reuse() found it
+    running was handed the job and waited on for the whole WORKER_TIMEOUT (600 s), the journal growing. While
+    a job waits for its answer the worker's state is read again: stopped at two reads in a row, it is killed
+    and the job goes to a fresh worker (no error)."""
+    import os
+    import signal
+
+    from posstate.manager import workers as _workers
+
+    seen = Answers(monkeypatch)
+    real = _workers.stopped
+    hit: list[int] = []
+
+    def stopped(pid: int) -> bool:
+        was = real(pid)
+        if not hit:  # the check of reuse(): it found the worker running, then it is stopped
+            hit.append(pid)
+            os.kill(pid, signal.SIGSTOP)
+        return was
+
+    errors: list[dict[str, Any]] = []
+    m = make(tmp_path)
+    try:
+        m.on("error", errors.append)
+        m.save()
+        assert _compact(m, "A")
+        monkeypatch.setattr(_workers, "stopped", stopped)
+        assert _compact(m, "B", timeout=60)  # before: False (the stopped worker held the job for 600 s)
+        assert hit == [seen.started[0].proc.pid] and seen.started[0].proc.returncode == -signal.SIGKILL
+        want = contracts(m)
+    finally:
+        for w in seen.started:
+            if w.proc.poll() is None:
+                os.kill(w.proc.pid, signal.SIGCONT)
+        m._close_wait = 0.0
+        m.close()
+    assert errors == []  # replaced like a worker that left idle: not a failure
+    with make(tmp_path) as m:
+        assert contracts(m) == want
