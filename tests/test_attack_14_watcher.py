@@ -4,6 +4,7 @@ watcher that cannot be started must never cost the compaction whose answer was a
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from test_compaction_process import contracts, make
 from test_kept_worker import Answers
-from test_worker_harden import _compact
+from test_worker_harden import _compact, _until
 
 from posstate.manager import idlewatch
 
@@ -139,7 +140,6 @@ def test_a_kept_worker_stopped_just_after_its_check_is_killed_not_waited_on(
     running was handed the job and waited on for the whole WORKER_TIMEOUT (600 s), the journal growing. While
     a job waits for its answer the worker's state is read again: stopped at two reads in a row, it is killed
     and the job goes to a fresh worker (no error)."""
-    import os
     import signal
 
     from posstate.manager import workers as _workers
@@ -174,3 +174,41 @@ def test_a_kept_worker_stopped_just_after_its_check_is_killed_not_waited_on(
     assert errors == []  # replaced like a worker that left idle: not a failure
     with make(tmp_path) as m:
         assert contracts(m) == want
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_a_child_forked_while_the_watcher_polls_reaps_its_own_idle_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 attack (session 13, point 2): a child forked (no exec) while the parent's watcher waits in its
+    poll has no watcher and none of the parent's workers; a kept worker of a manager it opens itself is still
+    reaped by a watcher of its own when it leaves idle, and the parent's worker is untouched."""
+    from posstate.journal.jobpipe import IDLE_EXIT
+    from posstate.manager import procompaction as _proc
+
+    seen = Answers(monkeypatch)
+    with make(tmp_path / "parent") as m:
+        m.save()
+        assert _compact(m, "A")
+        assert idlewatch.watched() == 1 and idlewatch._thread is not None
+        parent_worker = seen.started[0]
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                _proc.WORKER_IDLE = 0.2
+                assert idlewatch.watched() == 0 and idlewatch._thread is None
+                with make(tmp_path / "child") as c:
+                    c.save()
+                    assert _compact(c, "C")
+                    mine = seen.started[-1]
+                    assert mine is not parent_worker
+                    assert _until(lambda: mine.proc.returncode is not None, 60)
+                    assert mine.proc.returncode == IDLE_EXIT and mine.proc.stdout is not None
+                    assert _until(lambda: mine.proc.stdout.closed, 60)  # type: ignore[union-attr]
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert parent_worker.proc.poll() is None and idlewatch.watched() == 1
