@@ -142,7 +142,7 @@ def test_a_lying_worker_cannot_make_the_prune_remove_the_last_valid_backup(
     tamper_authenticated(old[-1])
     real = _procheck.WorkerChecks.check
 
-    def lying(self: Any, files: list[tuple[str, Path, Probe]], options: Any, *, stoppable: bool) -> Any:
+    def lying(self: Any, files: list[tuple[str, Path, Probe]], options: Any, *, stoppable: bool, answered: Any = None) -> Any:
         real(self, files, options, stoppable=stoppable)  # a real worker runs; its answer is replaced
         return {name: seen for name, _, seen in files}
 

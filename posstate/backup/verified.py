@@ -77,11 +77,17 @@ class RemoteChecks(Protocol):
     """Full checks of backups in another process (posstate/manager/procheck.py)."""
 
     def check(
-        self, files: list[tuple[str, Path, Probe]], options: _statefile.ReadOptions, *, stoppable: bool
+        self,
+        files: list[tuple[str, Path, Probe]],
+        options: _statefile.ReadOptions,
+        *,
+        stoppable: bool,
+        answered: Callable[[dict[str, Probe]], None] | None = None,
     ) -> dict[str, Probe] | None:
         """The names of *files* found valid, each with the probe taken before it was read ({}: no worker could
         be started: check here). None when :meth:`stop` gave a *stoppable* check up. PersistenceError when
-        the worker failed (died, garbage): nothing is decided from it."""
+        a worker failed (died, garbage): nothing is decided from its job; *answered* was handed the valid
+        verdicts of each job answered before it (they are remembered even so)."""
 
     def stop(self) -> None:
         """close(): end a running stoppable check at once (SIGKILL) and refuse new ones."""
@@ -278,14 +284,17 @@ def _check_pending(
     cache: VerifiedCache,
 ) -> None:
     """The full verdicts of *pending* (a worker's valid ones, else checked here), appended to *out*, remembered."""
-    found = _remote(pending, options=options, cache=cache)
+    answered: dict[str, Probe] = {}
+    try:
+        found = _remote(pending, options=options, cache=cache, answered=answered.update)
+    except BaseException:  # a failed job, close() stopping them: the jobs answered before are not checked again
+        for name, seen, keyless in pending:
+            if seen is not None and answered.get(name) == seen:
+                _worker_verdict(cache, name, seen, keyless)
+        raise
     for name, seen, keyless in pending:
         if seen is not None and found.get(name) == seen:
-            info = replace(keyless, valid=True, damaged=False, reason="")
-            cache.full_checks += 1
-            cache.worker_checks += 1
-            cache.remember(name, seen, info, by_worker=True)
-            out.append(info)
+            out.append(_worker_verdict(cache, name, seen, keyless))
             continue
         if cache.pause is not None:  # before the read too: a background check given up stops here
             cache.pause()
@@ -298,8 +307,20 @@ def _check_pending(
         out.append(info)
 
 
+def _worker_verdict(cache: VerifiedCache, name: str, seen: Probe, keyless: BackupInfo) -> BackupInfo:
+    info = replace(keyless, valid=True, damaged=False, reason="")
+    cache.full_checks += 1
+    cache.worker_checks += 1
+    cache.remember(name, seen, info, by_worker=True)
+    return info
+
+
 def _remote(
-    pending: list[tuple[str, Probe | None, BackupInfo]], *, options: _statefile.ReadOptions, cache: VerifiedCache
+    pending: list[tuple[str, Probe | None, BackupInfo]],
+    *,
+    options: _statefile.ReadOptions,
+    cache: VerifiedCache,
+    answered: Callable[[dict[str, Probe]], None],
 ) -> dict[str, Probe]:
     """The worker's valid verdicts for the files whose keyless check holds ({} without a worker)."""
     todo = [(name, info.path, seen) for name, seen, info in pending if seen is not None and info.valid]
@@ -307,7 +328,7 @@ def _remote(
         return {}
     if cache.pause is not None:
         cache.pause()  # close() already asked: no worker is started
-    found = cache.remote.check(todo, options, stoppable=cache.stoppable())
+    found = cache.remote.check(todo, options, stoppable=cache.stoppable(), answered=answered)
     if found is None:  # close() stopped it: the next pause raises ChecksStopped
         if cache.pause is not None:
             cache.pause()

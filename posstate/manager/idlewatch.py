@@ -18,11 +18,14 @@ poll so that it starts again from the entries as they are.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import threading
 import weakref
 from typing import Any, Protocol
+
+log = logging.getLogger("posstate")
 
 
 class Watched(Protocol):
@@ -59,8 +62,15 @@ def watch(worker: Watched, proc: Any, token: int) -> None:
         _entries[stdout.fileno()] = _Entry(worker, proc, token)
         _poke()
         if _thread is None:
-            _thread = threading.Thread(target=_loop, name="posstate-idle-workers", daemon=True)
-            _thread.start()
+            thread = threading.Thread(target=_loop, name="posstate-idle-workers", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:  # no thread to be had (a thread or memory limit): the worker is reaped at
+                # its next job or close(), as before the watcher; the next worker to wait tries again. Never
+                # raised into result(): its answer was read (issue 14 attack, session 13).
+                log.warning("could not start the idle workers' watcher (%s); they are reaped at their next job", exc)
+                return
+            _thread = thread
 
 
 def forget(proc: Any) -> None:
@@ -89,6 +99,26 @@ def _poke() -> None:
 
 
 def _loop() -> None:
+    """The thread's body. Whatever it raises ends it as if nothing were left to watch (the next watch() starts
+    another), logged; one worker's reaping that raises is logged and the others are still watched (issue 14
+    attack, session 13: an exception ended the thread, left marked as running, and no worker was reaped
+    again for the life of the process)."""
+    global _thread
+    try:
+        _watch_all()
+    except Exception as exc:
+        log.warning("the idle workers' watcher stopped (%s); the next kept worker to wait starts it again", _name(exc))
+    finally:
+        with _lock:
+            if _thread is threading.current_thread():
+                _thread = None
+
+
+def _name(exc: BaseException) -> str:
+    return f"{type(exc).__name__}, errno {exc.errno}" if isinstance(exc, OSError) else type(exc).__name__
+
+
+def _watch_all() -> None:
     global _thread
     while True:
         with _lock:
@@ -116,7 +146,10 @@ def _loop() -> None:
         for entry in gone:
             worker = entry.worker()
             if worker is not None:
-                worker.left_idle(entry.token)
+                try:
+                    worker.left_idle(entry.token)
+                except Exception as exc:  # that worker is reaped at its next job or close(); the others still are
+                    log.warning("reaping an idle worker failed (%s); it is reaped at its next job", _name(exc))
 
 
 def _forked() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,16 @@ class WorkerChecks:
         #: Jobs started (tests and the benchmark read it).
         self.jobs = 0
 
-    def check(self, files: list[tuple[str, Path, Probe]], options: ReadOptions, *, stoppable: bool) -> dict[str, Probe] | None:
-        """One job per :func:`chunks` of *files*, one after another (each in a process of its own)."""
+    def check(
+        self,
+        files: list[tuple[str, Path, Probe]],
+        options: ReadOptions,
+        *,
+        stoppable: bool,
+        answered: Callable[[dict[str, Probe]], None] | None = None,
+    ) -> dict[str, Probe] | None:
+        """One job per :func:`chunks` of *files*, one after another (each in a process of its own); *answered*
+        gets each job's valid verdicts as it answers (kept when a later job fails: RemoteChecks)."""
         found: dict[str, Probe] = {}
         for part in chunks(files):
             try:
@@ -96,6 +105,8 @@ class WorkerChecks:
             if got is None:
                 return None
             found.update(got)
+            if answered is not None:
+                answered(got)
         return found
 
     def _check(self, files: list[tuple[str, Path, Probe]], options: ReadOptions, *, stoppable: bool) -> dict[str, Probe] | None:

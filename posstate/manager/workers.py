@@ -83,12 +83,20 @@ def stopped(pid: int) -> bool:
     return raw[raw.rfind(b")") + 2 :][:1] in (b"T", b"t")
 
 
+#: Seconds without a byte from a worker with a job before its state is read again (:func:`stopped`).
+_STOP_CHECK = 1.0
+
+
 class WorkerFailed(Exception):
     """The worker did not produce a usable answer (its reason, never its stderr)."""
 
 
 class WorkerIdle(WorkerFailed):
     """A kept worker left (its idle time passed) just as a job was written: no answer, start a fresh one."""
+
+
+class _Stopped(WorkerFailed):
+    """The worker was found stopped twice in a row while its job waited for an answer."""
 
 
 def _reap(proc: subprocess.Popen[bytes], owner: int) -> None:
@@ -202,6 +210,9 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.kill()
             raise WorkerFailed(f"no answer within {timeout:.0f} s (killed)") from None
+        except _Stopped as exc:  # a kept one: replaced like one that left idle (a fresh one is never retried)
+            self.kill()
+            raise (WorkerIdle if self.jobs > 1 else WorkerFailed)(f"{exc} (killed)") from None
         finally:
             del message
         if self.killed:
@@ -254,6 +265,7 @@ def _exchange(proc: subprocess.Popen[bytes], message: bytes, deadline: float, *,
     for fd in (out_fd, err_fd, in_fd):
         os.set_blocking(fd, False)
     pending, buf, err = memoryview(message), bytearray(), 0
+    still = 0  # the consecutive quiet seconds the worker was found stopped
     with selectors.DefaultSelector() as sel:
         sel.register(out_fd, selectors.EVENT_READ)
         sel.register(err_fd, selectors.EVENT_READ)
@@ -265,7 +277,17 @@ def _exchange(proc: subprocess.Popen[bytes], message: bytes, deadline: float, *,
             left = deadline - time.monotonic()
             if left <= 0:
                 raise subprocess.TimeoutExpired(proc.args, 0)
-            for key, _ in sel.select(left):
+            ready = sel.select(min(left, _STOP_CHECK))
+            if not ready:
+                # Stopped with its job (SIGSTOP just after reuse() found it running, a debugger): it would
+                # answer only once resumed, the job waiting the whole timeout (issue 14 attack, session 13).
+                # Twice in a row: a stop of the bot's whole process group resumed by one SIGCONT is not one.
+                # Its pid is its own: it is reaped only once this exchange is over.
+                still = still + 1 if stopped(proc.pid) else 0
+                if still >= 2:
+                    raise _Stopped("stopped (SIGSTOP or a debugger) with its job")
+                continue
+            for key, _ in ready:
                 fd = key.fd
                 if fd == in_fd:
                     try:

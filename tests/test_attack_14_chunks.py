@@ -1,0 +1,56 @@
+"""Issue 14 attack (session 13, point 3): a prune's checks in chunks. A chunk that fails fails the prune (no
+backup removed on a worker's say), but the verdicts of the chunks answered before it are kept: a chunk that
+fails every time must not make every prune check every backup again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_compaction_process import make, pos
+
+from posstate.core.errors import PersistenceError
+
+
+def test_a_failing_chunk_keeps_the_verdicts_of_the_chunks_answered_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14 attack (session 13, point 3): the third of three check jobs failed (its worker died) and the
+    prune failed, as it must; but the verdicts of the two jobs answered were thrown away, so a chunk that fails
+    every time (a worker the OOM killer takes on one backup) made every prune decrypt every backup again. They
+    are remembered; the next prune sends only the failed chunk's files, and nothing is removed meanwhile."""
+    from posstate.backup import verified as _verified
+    from posstate.manager import procheck as _procheck
+
+    folder = tmp_path / "backups"
+    with make(tmp_path, durability="snapshot", max_backups=10) as m:
+        m.save_positions([pos("A", 1)])
+        assert m.wait_for_backups(30)
+        options = m._read
+    (one,) = sorted(folder.glob("positions_*.json"))
+    for i in range(2, 6):
+        os.link(one, folder / f"{one.name[:-5]}_{i}.json")
+    monkeypatch.setattr(_procheck, "CHECK_CHUNK", 2)
+    checks = _procheck.WorkerChecks()
+    real = _procheck.WorkerChecks._check
+    sent: list[int] = []
+
+    def check(self: Any, files: list[Any], *a: Any, **kw: Any) -> Any:
+        sent.append(len(files))
+        if len(sent) == 3:
+            raise _procheck._failed(folder, "exited with code -9 (0 bytes on stderr, not shown)")
+        return real(self, files, *a, **kw)
+
+    monkeypatch.setattr(_procheck.WorkerChecks, "_check", check)
+    cache = _verified.VerifiedCache(remote=checks)
+    with pytest.raises(PersistenceError):
+        _verified.check_all(folder, options=options, cache=cache)
+    assert sent == [2, 2, 1]
+    assert len(cache) == 4  # before: 0 (the answered chunks' verdicts were lost with the failure)
+    assert all(cache.by_worker(n) for n in os.listdir(folder) if cache.lookup(n, _verified.probe(folder / n)))
+    sent.clear()
+    infos = _verified.check_all(folder, options=options, cache=cache)
+    assert sent == [1] and len(infos) == 5 and all(i.valid for i in infos)
+    assert len(list(folder.glob("positions_*.json"))) == 5
