@@ -54,3 +54,43 @@ def test_a_failing_chunk_keeps_the_verdicts_of_the_chunks_answered_before_it(
     infos = _verified.check_all(folder, options=options, cache=cache)
     assert sent == [1] and len(infos) == 5 and all(i.valid for i in infos)
     assert len(list(folder.glob("positions_*.json"))) == 5
+
+
+def test_checks_stopped_by_close_between_chunks_keep_the_chunks_answered_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """session 13: close() stops a prune's checks between two check jobs (the third finds the service
+    stopped); the verdicts of the two jobs answered before are remembered, not thrown away with the stop."""
+    from posstate.backup import verified as _verified
+    from posstate.backup.closing import ChecksStopped
+    from posstate.manager import procheck as _procheck
+
+    folder = tmp_path / "backups"
+    with make(tmp_path, durability="snapshot", max_backups=10) as m:
+        m.save_positions([pos("A", 1)])
+        assert m.wait_for_backups(30)
+        options = m._read
+    (one,) = sorted(folder.glob("positions_*.json"))
+    for i in range(2, 6):
+        os.link(one, folder / f"{one.name[:-5]}_{i}.json")
+    monkeypatch.setattr(_procheck, "CHECK_CHUNK", 2)
+    checks = _procheck.WorkerChecks()
+    real = _procheck.WorkerChecks._check
+    sent: list[int] = []
+
+    def check(self: Any, files: list[Any], *a: Any, **kw: Any) -> Any:
+        sent.append(len(files))
+        if len(sent) == 3:
+            self.stop()  # close(): this job and any later one are not started
+        return real(self, files, *a, **kw)
+
+    def pause() -> None:
+        if checks._stopped:
+            raise ChecksStopped
+
+    monkeypatch.setattr(_procheck.WorkerChecks, "_check", check)
+    cache = _verified.VerifiedCache(remote=checks, pause=pause, stoppable=lambda: True)
+    with pytest.raises(ChecksStopped):
+        _verified.check_all(folder, options=options, cache=cache)
+    assert sent == [2, 2, 1]
+    assert len(cache) == 4  # before: 0 (the answered chunks' verdicts were lost with the stop)
