@@ -278,6 +278,7 @@ def test_failed_save_changes_nothing(manager: Factory, cfg: StateConfig) -> None
     m.save_positions([pos("A")])
     m.set_symbol_metadata("A", {"n": 1})
     saved = m.save()
+    assert m.wait_for_backups(30)  # the timed backup and its prune (which writes the verdict file) finished
     before = cfg.state_path.read_bytes()
     events: list[dict[str, Any]] = []
     m.on("persistenceError", events.append)
@@ -287,6 +288,7 @@ def test_failed_save_changes_nothing(manager: Factory, cfg: StateConfig) -> None
     assert cfg.state_path.read_bytes() == before
     assert set(m.get_positions()) == {("A", "long")} and m.generation == saved
     listing = ["backups", "positions.json", "positions.json.bak", "positions.json.journal", "positions.json.lock"]
+    listing.append("positions.json.verdicts")
     assert sorted(os.listdir(cfg.state_dir)) == listing  # the journal of the sync-mode metadata change; no temp
     assert events and events[0]["operation"] == "fsync"
     assert m.save_positions([pos("B")]) > saved + 1  # a failed attempt's generation is never reused

@@ -64,7 +64,8 @@ def test_serve_reads_a_locked_directory_without_the_lock_and_writes_nothing(
     m.load_positions()
     m.set_position(pos("BTC/USDT", 1))
     m.save()
-    assert backed_up.wait(30)  # the bot's own timed backup after its first save, finished
+    assert backed_up.wait(30)  # the bot's own timed backup after its first save
+    assert m.wait_for_backups(30)  # and its prune, which writes the verdict file, finished
     before = _files(cfg.state_dir)
     key_file = write_key(tmp_path / "k.key", key)
     proc = subprocess.Popen(
