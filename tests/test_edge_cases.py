@@ -30,7 +30,8 @@ class _FailFirstStateTemp(fs.FileOps):
 
     def open(self, path: Any, flags: int, mode: int = 0o600) -> int:
         p = str(path)
-        if not self.hit and p.endswith(".tmp") and "/.positions.json." in p:
+        verdicts = "/.positions.json.verdicts." in p  # a background prune's verdict file, not the state
+        if not self.hit and p.endswith(".tmp") and "/.positions.json." in p and not verdicts:
             self.hit = True
             raise OSError(errno.ENOSPC, "No space left on device")
         return super().open(path, flags, mode)

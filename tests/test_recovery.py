@@ -259,7 +259,8 @@ class _FailStateWrites(fs.FileOps):
 
     def open(self, path: fs.StrPath, flags: int, mode: int = 0o600) -> int:
         p = Path(path)
-        if p.parent == self.state_dir and p.name.startswith(".positions.json.") and p.name.endswith(".tmp"):
+        verdicts = p.name.startswith(".positions.json.verdicts.")  # a background prune's verdict file, not the state
+        if p.parent == self.state_dir and p.name.startswith(".positions.json.") and p.name.endswith(".tmp") and not verdicts:
             self.attempts += 1
             raise OSError(28, "injected ENOSPC")
         return super().open(path, flags, mode)
