@@ -292,10 +292,13 @@ def _check_pending(
             if seen is not None and answered.get(name) == seen:
                 _worker_verdict(cache, name, seen, keyless)
         raise
-    for name, seen, keyless in pending:
+    local = []
+    for name, seen, keyless in pending:  # every worker verdict first: a check here stopped later keeps them all
         if seen is not None and found.get(name) == seen:
             out.append(_worker_verdict(cache, name, seen, keyless))
-            continue
+        else:
+            local.append((name, seen, keyless))
+    for name, seen, keyless in local:
         if cache.pause is not None:  # before the read too: a background check given up stops here
             cache.pause()
         info, _ = _backups.full_check(keyless, options=options, pause=cache.pause)

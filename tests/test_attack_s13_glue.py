@@ -1,0 +1,61 @@
+"""Session 13 attack on the glue between the verdict file, the chunked worker checks and the prune."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_compaction_process import make, pos
+
+
+def test_a_local_check_stopped_after_the_workers_answer_keeps_every_worker_verdict(tmp_path: Path) -> None:
+    """issue 14.2 attack (session 13 glue): the worker answered every job, then close() stopped the prune in the
+    first file it checks here (one the worker did not find valid); the worker's verdicts for the files listed
+    after it were thrown away with the stop (a bot restarted then checked them all again in the worker)."""
+    from posstate.backup import verified as _verified
+    from posstate.backup.closing import ChecksStopped
+
+    folder = tmp_path / "backups"
+    with make(tmp_path, durability="snapshot", max_backups=10) as m:
+        m.save_positions([pos("A", 1)])
+        assert m.wait_for_backups(30)
+        options = m._read
+    (one,) = sorted(folder.glob("positions_*.json"))
+    for i in range(2, 6):
+        os.link(one, folder / f"{one.name[:-5]}_{i}.json")
+    first = os.listdir(folder)[0]  # check_all's order: the first file listed is the one checked here
+    answered_all: list[bool] = []
+
+    class Remote:
+        def check(
+            self,
+            files: list[tuple[str, Path, _verified.Probe]],
+            options: Any,
+            *,
+            stoppable: bool,
+            answered: Callable[[dict[str, _verified.Probe]], None] | None = None,
+        ) -> dict[str, _verified.Probe]:
+            found = {name: seen for name, _path, seen in files if name != first}
+            if answered is not None:
+                answered(found)
+            answered_all.append(True)
+            return found
+
+        def stop(self) -> None:
+            pass
+
+    def pause() -> None:
+        if answered_all:
+            raise ChecksStopped
+
+    cache = _verified.VerifiedCache(pause, remote=Remote())
+    with pytest.raises(ChecksStopped):
+        _verified.check_all(folder, options=options, cache=cache)
+    named = [n for n in os.listdir(folder) if n != first]
+    assert all(cache.lookup(n, _verified.probe(folder / n)) is not None for n in named)  # before: none of them
+    assert all(cache.by_worker(n) for n in named)
+    assert cache.lookup(first, _verified.probe(folder / first)) is None
+
