@@ -59,3 +59,40 @@ def test_a_local_check_stopped_after_the_workers_answer_keeps_every_worker_verdi
     assert all(cache.by_worker(n) for n in named)
     assert cache.lookup(first, _verified.probe(folder / first)) is None
 
+
+def test_a_verdict_file_read_that_raised_is_read_again_not_set_aside_as_planted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2 attack (session 13 glue): reading the verdict file raised something other than OSError (a
+    MemoryError in the passphrase's key derivation, a KeyboardInterrupt); the cache counted the file as read,
+    so the next prune's write found a file this manager 'never read' and moved the bot's own file to quarantine
+    as planted (an error event, every verdict lost). The next prune reads it again and trusts it."""
+    from test_verdict_file import KEY, cfg_in, with_backups
+
+    from posstate import PositionStateManager
+    from posstate.backup import ledger as _ledger
+
+    with_backups(tmp_path, 3)
+    verdicts = _ledger.verdicts_path(cfg_in(tmp_path))
+    before = verdicts.read_bytes()
+    real = _ledger.VerdictFile._mac_key
+    calls: list[int] = []
+
+    def mac_key(self: Any, salt: bytes, log2_n: int) -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryError
+        return real(self, salt, log2_n)
+
+    monkeypatch.setattr(_ledger.VerdictFile, "_mac_key", mac_key)
+    with PositionStateManager(cfg_in(tmp_path, backup_interval=1e9), key=KEY) as m:
+        errors: list[dict[str, Any]] = []
+        m.on("error", errors.append)
+        with pytest.raises(MemoryError):
+            m.prune_old_backups()
+        m.prune_old_backups()
+        assert errors == []  # before: "changed since this manager read or wrote it; moved to quarantine"
+    quarantine = tmp_path / "quarantine"
+    assert not (quarantine.exists() and any("verdicts" in n for n in os.listdir(quarantine)))
+    assert verdicts.read_bytes() == before
+

@@ -189,8 +189,9 @@ class VerifiedCache:
         """Once: start from the verdict file's verdicts (each still bound to its probe; never over one of ours)."""
         if self._loaded or self.ledger is None:
             return
+        kept = self.ledger.load()  # read only once it returned: one that raised is read again, never replaced unread
         self._loaded = True
-        for name, entry in self.ledger.load().items():
+        for name, entry in kept.items():
             if name not in self._entries:
                 self._entries[name] = entry
                 self._by_worker.add(name)
