@@ -96,3 +96,37 @@ def test_a_verdict_file_read_that_raised_is_read_again_not_set_aside_as_planted(
     assert not (quarantine.exists() and any("verdicts" in n for n in os.listdir(quarantine)))
     assert verdicts.read_bytes() == before
 
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_of_a_bot_never_prunes_nor_writes_the_verdict_file(tmp_path: Path) -> None:
+    """issue 14.2 attack (session 13 glue): a child forked from a bot (no exec) calls prune_old_backups, real
+    and dry run: both are refused (the manager is the parent's) and the parent's verdict file is untouched."""
+    from test_verdict_file import KEY, cfg_in, with_backups
+
+    from posstate import PositionStateManager, StateLockedError
+    from posstate.backup import ledger as _ledger
+
+    with_backups(tmp_path, 3)  # the manager below (max_backups=1): a prune would remove two backups
+    verdicts = _ledger.verdicts_path(cfg_in(tmp_path))
+    with PositionStateManager(cfg_in(tmp_path, backup_interval=1e9, max_backups=1), key=KEY) as m:
+        m.load_positions()
+        before = (verdicts.read_bytes(), os.stat(verdicts).st_ino, os.stat(verdicts).st_mtime_ns)
+        backups = sorted(os.listdir(tmp_path / "backups"))
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 0
+            for dry_run in (True, False):
+                try:
+                    m.prune_old_backups(dry_run=dry_run)
+                    code = 1
+                except StateLockedError:
+                    pass
+                except BaseException:
+                    code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert (verdicts.read_bytes(), os.stat(verdicts).st_ino, os.stat(verdicts).st_mtime_ns) == before
+        assert sorted(os.listdir(tmp_path / "backups")) == backups
+        assert len(m.prune_old_backups().removed) == 2  # the parent's prune does remove them
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(verdicts.name) and n != verdicts.name]
