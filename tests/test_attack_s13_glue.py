@@ -130,3 +130,61 @@ def test_a_forked_child_of_a_bot_never_prunes_nor_writes_the_verdict_file(tmp_pa
         assert sorted(os.listdir(tmp_path / "backups")) == backups
         assert len(m.prune_old_backups().removed) == 2  # the parent's prune does remove them
     assert not [n for n in os.listdir(tmp_path) if n.startswith(verdicts.name) and n != verdicts.name]
+
+
+def test_a_prune_left_running_by_close_never_writes_the_next_bots_verdict_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2 attack (session 13 glue): close() gave up waiting for a background prune stuck in a file
+    operation and released the writer lock; the next bot wrote its verdict file; when the old prune went on, it
+    was stopped (ChecksStopped) and its keep() moved the new bot's file to quarantine as planted and wrote its
+    own. A prune left running by close() writes no verdict file."""
+    import threading
+
+    from test_verdict_file import KEY, cfg_in, pos, with_backups
+
+    from posstate import PositionStateManager
+    from posstate.backup import background as _background
+    from posstate.backup import backups as _backups
+    from posstate.backup import ledger as _ledger
+
+    with_backups(tmp_path, 2)
+    verdicts = _ledger.verdicts_path(cfg_in(tmp_path))
+    real = _backups.inspect_file
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def inspect_file(*a: Any, **kw: Any) -> Any:
+        if armed.is_set() and threading.current_thread() is not threading.main_thread():
+            entered.set()
+            release.wait(60)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_backups, "inspect_file", inspect_file)
+    monkeypatch.setattr(_background, "CLOSE_TIMEOUT", 0.05)
+    old = PositionStateManager(cfg_in(tmp_path), key=KEY)
+    old.load_positions()
+    svc = _background.service(old._files)
+    old.prune_old_backups()
+    one = sorted((tmp_path / "backups").glob("positions_*.json"))[0]
+    os.link(one, one.with_name(f"{one.name[:-5]}_9.json"))  # a backup no check has seen: the prune checks it
+    armed.set()
+    old.save_positions([pos("B", 1)])  # a timed backup (interval 0), then its prune: stuck in inspect_file
+    assert entered.wait(60)
+    thread = svc._thread
+    old.close()  # gives up waiting (its deadline passed), releases the writer lock
+    armed.clear()
+    with PositionStateManager(cfg_in(tmp_path, backup_interval=1e9), key=KEY) as new:
+        errors: list[dict[str, Any]] = []
+        new.on("error", errors.append)
+        new.load_positions()
+        new.prune_old_backups()
+        mine = verdicts.read_bytes()
+        release.set()
+        assert thread is not None
+        thread.join(60)
+        assert not thread.is_alive()
+        assert verdicts.read_bytes() == mine  # before: the old prune quarantined it and wrote its own
+        new.prune_old_backups()
+        assert errors == []
+    quarantine = tmp_path / "quarantine"
+    assert not (quarantine.exists() and any("verdicts" in n for n in os.listdir(quarantine)))
