@@ -188,3 +188,36 @@ def test_a_prune_left_running_by_close_never_writes_the_next_bots_verdict_file(
         assert errors == []
     quarantine = tmp_path / "quarantine"
     assert not (quarantine.exists() and any("verdicts" in n for n in os.listdir(quarantine)))
+
+
+def test_read_only_commands_and_a_refused_prune_never_write_the_verdict_file(tmp_path: Path) -> None:
+    """issue 14.2 attack (session 13 glue): validate, backups verify, backups list and a dry-run prune (the bot
+    stopped), and backups prune while the bot runs (refused), with a passphrase: none of them writes, replaces
+    or quarantines the verdict file."""
+    from test_attack_14_verdicts import PASS, with_backups
+    from test_cli import run
+    from test_verdict_file import cfg_in
+
+    from posstate import PositionStateManager
+    from posstate.backup import ledger as _ledger
+
+    with_backups(tmp_path, 3, passphrase=PASS)
+    verdicts = _ledger.verdicts_path(cfg_in(tmp_path))
+
+    def seen() -> tuple[bytes, int, int]:
+        st = os.stat(verdicts)
+        return verdicts.read_bytes(), st.st_ino, st.st_mtime_ns
+
+    before = seen()
+    env: dict[str, str | None] = {"POSSTATE_PASSPHRASE": PASS}
+    base = ["--state-dir", str(tmp_path)]
+    for args in (["validate"], ["backups", "verify"], ["backups", "list"], ["backups", "prune", "--dry-run"]):
+        r = run(base + args, env=env)
+        assert r.exit_code == 0, (args, r.stderr)
+        assert seen() == before, args
+    with PositionStateManager(cfg_in(tmp_path, backup_interval=1e9), passphrase=PASS) as m:
+        m.load_positions()
+        r = run([*base, "backups", "prune", "--yes"], env=env)
+        assert r.exit_code != 0 and "Error:" in r.stderr
+        assert seen() == before
+    assert not (tmp_path / "quarantine").exists() or not os.listdir(tmp_path / "quarantine")
