@@ -221,3 +221,48 @@ def test_read_only_commands_and_a_refused_prune_never_write_the_verdict_file(tmp
         assert r.exit_code != 0 and "Error:" in r.stderr
         assert seen() == before
     assert not (tmp_path / "quarantine").exists() or not os.listdir(tmp_path / "quarantine")
+
+
+def test_a_prune_left_running_by_close_removes_no_backup_after_the_lock_is_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14.2 attack (session 13 glue): close() gave up waiting for a background prune stuck in a file
+    operation (every verdict cached: no check left for close() to stop) and released the writer lock; the
+    prune then went on and removed backups, a write without the writer lock while the next bot runs."""
+    import threading
+
+    from test_verdict_file import KEY, cfg_in, pos, with_backups
+
+    from posstate import PositionStateManager
+    from posstate.backup import background as _background
+    from posstate.backup import verified as _verified
+
+    with_backups(tmp_path, 3)
+    real = _verified.probe
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def probe(path: Path) -> Any:
+        if armed.is_set() and threading.current_thread() is not threading.main_thread():
+            armed.clear()
+            entered.set()
+            release.wait(60)
+        return real(path)
+
+    monkeypatch.setattr(_verified, "probe", probe)
+    monkeypatch.setattr(_background, "CLOSE_TIMEOUT", 0.05)
+    old = PositionStateManager(cfg_in(tmp_path, max_backups=2), key=KEY)
+    old.load_positions()
+    svc = _background.service(old._files)
+    armed.set()
+    old.save_positions([pos("B", 1)])  # a timed backup (interval 0), then its prune: stuck in probe
+    assert entered.wait(60)
+    thread = svc._thread
+    old.close()  # gives up waiting (its deadline passed), releases the writer lock
+    folder = tmp_path / "backups"
+    left = sorted(os.listdir(folder))
+    assert len(left) > 2  # the prune would remove some
+    release.set()
+    assert thread is not None
+    thread.join(60)
+    assert not thread.is_alive()
+    assert sorted(os.listdir(folder)) == left  # before: the old prune removed backups after close()

@@ -157,6 +157,11 @@ class VerifiedCache:
         self._writing = threading.Lock()
         self._abandoned = False
 
+    @property
+    def abandoned(self) -> bool:
+        """True once close() left a prune using this cache running (the writer lock is released): it writes nothing."""
+        return self._abandoned
+
     def abandon(self, timeout: float) -> None:
         """close() left a prune running and releases the writer lock: this cache never writes the verdict file
         again (the next bot's may already be there). Waits up to *timeout* for a write under way."""
