@@ -68,6 +68,7 @@ def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
     thread.join(max(deadline - time.monotonic(), 0.0))
     if not thread.is_alive():
         return None
+    svc.cache.abandon(min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001)))  # the lock goes
     # A name being linked holds the gate for one file operation: a short grace, not a second timeout.
     if svc._gate.acquire(timeout=min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001))):
         svc._cancelled = True

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from posstate.backup import backups as _backups
 from posstate.backup import retention as _retention
+from posstate.backup.closing import ChecksStopped
 from posstate.backup.ledger import verdicts_path
 from posstate.backup.verified import VerifiedCache, check_all, probe
 from posstate.core.config import StateConfig
@@ -68,6 +69,7 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
     newest = next((d.backup for d in kept if d.backup.valid), None)
     done_q: list[str] = []
     for d in quarantined:
+        _still_ours(cache)
         try:
             _atomic.move_aside(d.backup.path, cfg.quarantine_dir, label="damaged-backup")
             done_q.append(d.backup.id)
@@ -81,6 +83,7 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
         if newest is None or not fs.exists(newest.path):
             raise PersistenceError(cfg.backup_path, operation="prune", reason="the newest valid backup vanished; nothing removed")
         for d in removed:
+            _still_ours(cache)
             try:
                 fs.unlink(d.backup.path)
             except FileNotFoundError:
@@ -97,6 +100,13 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
     if done_r or done_q:
         files.emit("backupPruned", {"path": str(cfg.backup_path), "removed": done_r, "quarantined": done_q, "kept": len(kept)})
     return result
+
+
+def _still_ours(cache: VerifiedCache | None) -> None:
+    """Before each removal: close() left this (background) prune running and released the writer lock, so the
+    next bot may be running: nothing more is removed or quarantined (the next prune decides again)."""
+    if cache is not None and cache.abandoned:
+        raise ChecksStopped
 
 
 def _confirm(newest: BackupInfo, files: StateFiles, cache: VerifiedCache) -> None:

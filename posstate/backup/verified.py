@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -109,11 +110,13 @@ class VerifiedCache:
     Not thread-safe on its own: the backup service uses it under its directory lock."""
 
     __slots__ = (
+        "_abandoned",
         "_by_worker",
         "_changed",
         "_entries",
         "_from_file",
         "_loaded",
+        "_writing",
         "full_checks",
         "ledger",
         "pause",
@@ -150,6 +153,22 @@ class VerifiedCache:
         self._from_file: set[str] = set()
         #: How many of full_checks a worker process ran.
         self.worker_checks = 0
+        #: Held while the verdict file is written; :meth:`abandon` takes it (close() left a prune running).
+        self._writing = threading.Lock()
+        self._abandoned = False
+
+    @property
+    def abandoned(self) -> bool:
+        """True once close() left a prune using this cache running (the writer lock is released): it writes nothing."""
+        return self._abandoned
+
+    def abandon(self, timeout: float) -> None:
+        """close() left a prune running and releases the writer lock: this cache never writes the verdict file
+        again (the next bot's may already be there). Waits up to *timeout* for a write under way."""
+        got = self._writing.acquire(timeout=max(timeout, 0.0))
+        self._abandoned = True
+        if got:
+            self._writing.release()
 
     def remember(self, name: str, seen: Probe, info: BackupInfo, *, by_worker: bool = False) -> None:
         self._entries[name] = (seen, info)
@@ -187,10 +206,11 @@ class VerifiedCache:
 
     def load_kept(self) -> None:
         """Once: start from the verdict file's verdicts (each still bound to its probe; never over one of ours)."""
-        if self._loaded or self.ledger is None:
+        if self._loaded or self.ledger is None or self._abandoned:
             return
+        kept = self.ledger.load()  # read only once it returned: one that raised is read again, never replaced unread
         self._loaded = True
-        for name, entry in self.ledger.load().items():
+        for name, entry in kept.items():
             if name not in self._entries:
                 self._entries[name] = entry
                 self._by_worker.add(name)
@@ -199,10 +219,13 @@ class VerifiedCache:
     def keep(self) -> None:
         """Write the verdicts to the verdict file if they changed since it was read or written (or its last
         write failed: retried at the next check even when nothing changed since). The file is read first if it
-        was not yet: a file this manager never read is never replaced unread."""
-        if self.ledger is not None and self._changed:
-            self.load_kept()
-            self._changed = not self.ledger.save(dict(self._entries))
+        was not yet: a file this manager never read is never replaced unread. Nothing after :meth:`abandon`."""
+        if self.ledger is None or not self._changed:
+            return
+        with self._writing:
+            if not self._abandoned:
+                self.load_kept()
+                self._changed = not self.ledger.save(dict(self._entries))
 
     def lookup(self, name: str, seen: Probe | None) -> BackupInfo | None:
         """The cached verdict for *name*, only if the file still looks exactly as when it was checked."""
@@ -292,10 +315,13 @@ def _check_pending(
             if seen is not None and answered.get(name) == seen:
                 _worker_verdict(cache, name, seen, keyless)
         raise
-    for name, seen, keyless in pending:
+    local = []
+    for name, seen, keyless in pending:  # every worker verdict first: a check here stopped later keeps them all
         if seen is not None and found.get(name) == seen:
             out.append(_worker_verdict(cache, name, seen, keyless))
-            continue
+        else:
+            local.append((name, seen, keyless))
+    for name, seen, keyless in local:
         if cache.pause is not None:  # before the read too: a background check given up stops here
             cache.pause()
         info, _ = _backups.full_check(keyless, options=options, pause=cache.pause)
