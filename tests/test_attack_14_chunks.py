@@ -9,9 +9,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_compaction_process import make, pos
+from backup_links import linked_backups
 
 from posstate.core.errors import PersistenceError
+
+
+def jobs_of_two(monkeypatch: pytest.MonkeyPatch, *, at_third: Any) -> tuple[Any, list[int]]:
+    """Worker checks in jobs of two files; *at_third* runs on the checks before the third job is sent. Returns
+    the checks and the size of each job sent."""
+    from posstate.manager import procheck as _procheck
+
+    monkeypatch.setattr(_procheck, "CHECK_CHUNK", 2)
+    real = _procheck.WorkerChecks._check
+    sent: list[int] = []
+
+    def check(self: Any, files: list[Any], *a: Any, **kw: Any) -> Any:
+        sent.append(len(files))
+        if len(sent) == 3:
+            at_third(self)
+        return real(self, files, *a, **kw)
+
+    monkeypatch.setattr(_procheck.WorkerChecks, "_check", check)
+    return _procheck.WorkerChecks(), sent
 
 
 def test_a_failing_chunk_keeps_the_verdicts_of_the_chunks_answered_before_it(
@@ -24,26 +43,12 @@ def test_a_failing_chunk_keeps_the_verdicts_of_the_chunks_answered_before_it(
     from posstate.backup import verified as _verified
     from posstate.manager import procheck as _procheck
 
-    folder = tmp_path / "backups"
-    with make(tmp_path, durability="snapshot", max_backups=10) as m:
-        m.save_positions([pos("A", 1)])
-        assert m.wait_for_backups(30)
-        options = m._read
-    (one,) = sorted(folder.glob("positions_*.json"))
-    for i in range(2, 6):
-        os.link(one, folder / f"{one.name[:-5]}_{i}.json")
-    monkeypatch.setattr(_procheck, "CHECK_CHUNK", 2)
-    checks = _procheck.WorkerChecks()
-    real = _procheck.WorkerChecks._check
-    sent: list[int] = []
+    folder, options = linked_backups(tmp_path, 5)
 
-    def check(self: Any, files: list[Any], *a: Any, **kw: Any) -> Any:
-        sent.append(len(files))
-        if len(sent) == 3:
-            raise _procheck._failed(folder, "exited with code -9 (0 bytes on stderr, not shown)")
-        return real(self, files, *a, **kw)
+    def died(_checks: Any) -> None:
+        raise _procheck._failed(folder, "exited with code -9 (0 bytes on stderr, not shown)")
 
-    monkeypatch.setattr(_procheck.WorkerChecks, "_check", check)
+    checks, sent = jobs_of_two(monkeypatch, at_third=died)
     cache = _verified.VerifiedCache(remote=checks)
     with pytest.raises(PersistenceError):
         _verified.check_all(folder, options=options, cache=cache)
@@ -63,32 +68,15 @@ def test_checks_stopped_by_close_between_chunks_keep_the_chunks_answered_before(
     stopped); the verdicts of the two jobs answered before are remembered, not thrown away with the stop."""
     from posstate.backup import verified as _verified
     from posstate.backup.closing import ChecksStopped
-    from posstate.manager import procheck as _procheck
 
-    folder = tmp_path / "backups"
-    with make(tmp_path, durability="snapshot", max_backups=10) as m:
-        m.save_positions([pos("A", 1)])
-        assert m.wait_for_backups(30)
-        options = m._read
-    (one,) = sorted(folder.glob("positions_*.json"))
-    for i in range(2, 6):
-        os.link(one, folder / f"{one.name[:-5]}_{i}.json")
-    monkeypatch.setattr(_procheck, "CHECK_CHUNK", 2)
-    checks = _procheck.WorkerChecks()
-    real = _procheck.WorkerChecks._check
-    sent: list[int] = []
-
-    def check(self: Any, files: list[Any], *a: Any, **kw: Any) -> Any:
-        sent.append(len(files))
-        if len(sent) == 3:
-            self.stop()  # close(): this job and any later one are not started
-        return real(self, files, *a, **kw)
+    folder, options = linked_backups(tmp_path, 5)
+    # close(): this job and any later one are not started
+    checks, sent = jobs_of_two(monkeypatch, at_third=lambda c: c.stop())
 
     def pause() -> None:
         if checks._stopped:
             raise ChecksStopped
 
-    monkeypatch.setattr(_procheck.WorkerChecks, "_check", check)
     cache = _verified.VerifiedCache(remote=checks, pause=pause, stoppable=lambda: True)
     with pytest.raises(ChecksStopped):
         _verified.check_all(folder, options=options, cache=cache)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_compaction_process import make, pos
+from backup_links import linked_backups
 
 
 def test_a_local_check_stopped_after_the_workers_answer_keeps_every_worker_verdict(tmp_path: Path) -> None:
@@ -18,14 +18,7 @@ def test_a_local_check_stopped_after_the_workers_answer_keeps_every_worker_verdi
     from posstate.backup import verified as _verified
     from posstate.backup.closing import ChecksStopped
 
-    folder = tmp_path / "backups"
-    with make(tmp_path, durability="snapshot", max_backups=10) as m:
-        m.save_positions([pos("A", 1)])
-        assert m.wait_for_backups(30)
-        options = m._read
-    (one,) = sorted(folder.glob("positions_*.json"))
-    for i in range(2, 6):
-        os.link(one, folder / f"{one.name[:-5]}_{i}.json")
+    folder, options = linked_backups(tmp_path, 5)
     first = os.listdir(folder)[0]  # check_all's order: the first file listed is the one checked here
     answered_all: list[bool] = []
 

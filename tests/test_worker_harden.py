@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from backup_links import linked_backups
 from test_compaction_process import contracts, make, pos
 from test_kept_worker import Answers
 
@@ -128,15 +129,8 @@ def test_a_prune_checks_thousands_of_backups_in_workers_within_the_answer_limit(
     from posstate.backup import verified as _verified
     from posstate.manager import procheck as _procheck
 
-    folder = tmp_path / "backups"
-    with make(tmp_path, durability="snapshot", max_backups=10) as m:
-        m.save_positions([pos("A", 1)])
-        assert m.wait_for_backups(30)
-        options = m._read
-    (one,) = sorted(folder.glob("positions_*.json"))
     n = 4500
-    for i in range(2, n + 1):
-        os.link(one, folder / f"{one.name[:-5]}_{i}.json")
+    folder, options = linked_backups(tmp_path, n)
     checks = _procheck.WorkerChecks()
     cache = _verified.VerifiedCache(remote=checks)
     infos = _verified.check_all(folder, options=options, cache=cache)
