@@ -37,6 +37,15 @@ def _exited() -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", "pass"], stdout=subprocess.PIPE)
 
 
+def _release(procs: list[Any]) -> None:
+    """No longer watched, reaped, their stdout closed."""
+    for p in procs:
+        idlewatch.forget(p)
+        p.wait(30)
+        assert p.stdout is not None
+        p.stdout.close()
+
+
 def test_the_watcher_goes_on_after_one_workers_reaping_raises(caplog: pytest.LogCaptureFixture) -> None:
     """issue 14 attack (session 13, point 2): an exception out of one worker's reaping ended the watcher thread
     (a traceback on stderr) and left it registered as running: no worker of the process was reaped again
@@ -49,11 +58,7 @@ def test_the_watcher_goes_on_after_one_workers_reaping_raises(caplog: pytest.Log
         idlewatch.watch(second, procs[1], 0)
         assert second.called.wait(30)  # before: never (the thread had died)
     finally:
-        for p in procs:
-            idlewatch.forget(p)
-            p.wait(30)
-            assert p.stdout is not None
-            p.stdout.close()
+        _release(procs)
     assert any("idle worker" in r.getMessage() for r in caplog.records)
 
 
@@ -125,11 +130,7 @@ def test_a_watcher_whose_poll_fails_is_started_again(monkeypatch: pytest.MonkeyP
         idlewatch.watch(second, procs[1], 0)
         assert second.called.wait(30)  # before: never (a dead thread stayed registered)
     finally:
-        for p in procs:
-            idlewatch.forget(p)
-            p.wait(30)
-            assert p.stdout is not None
-            p.stdout.close()
+        _release(procs)
     assert any("watcher stopped (OSError, errno 12)" in r.getMessage() for r in caplog.records)
 
 
