@@ -6,7 +6,8 @@ commit a generation). The manager implements this protocol (``posstate.manager.f
 calls these modules with it; they never see the manager itself, so the layers stay one way
 (manager -> backup -> journal -> storage).
 
-Every method runs under the owner's lock: the owner's public methods hold it while they delegate here.
+Every method runs under the owner's lock (the owner's public methods hold it while they delegate here), except
+where its docstring says otherwise.
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ class StateFiles(Protocol):
 
     def save(self) -> int:
         """Write memory as the next generation (folds the journal into a snapshot); returns it."""
+
+    def fold_journal(self) -> None:
+        """Journal modes, without the owner's lock (issue 14.3): make every change acknowledged before the call
+        durable in a snapshot (the state file), by a background compaction this call waits for; raises what a
+        failed attempt raised. Loads the state first if needed. A caller holding the owner's lock (an event
+        handler) saves under it instead."""
 
     def read_current(self) -> StateData:
         """Read the state file and replay its journal, exactly as a load does, and adopt the result."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posstate.backup import acked as _acked
 from posstate.backup import background as _background
 from posstate.backup import backups as _backups
 from posstate.backup import prune as _prune
@@ -21,7 +22,6 @@ from posstate.backup import snapcopy as _snapcopy
 from posstate.backup.backups import BackupInfo
 from posstate.backup.prune import plan_prune
 from posstate.backup.seen import main_header
-from posstate.backup.verified import VerifiedCache
 from posstate.core.config import StateConfig
 from posstate.core.errors import (
     CorruptStateError,
@@ -97,7 +97,7 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
     svc = _background.service(files)
     with svc.folder_lock, svc.explicit():  # close() never stops its prune's checks (posstate/backup/closing.py)
         try:
-            info = _create_now(files, svc.cache)
+            info = _create_now(files, svc)
         except (PosStateError, OSError) as exc:
             files.emit(
                 "backupFailed",
@@ -128,19 +128,33 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
     return info
 
 
-def _create_now(files: StateFiles, cache: VerifiedCache) -> BackupInfo:
-    """The last durable state as a new backup: in the journal modes, fold the journal into a snapshot first."""
+def _create_now(files: StateFiles, svc: _background.BackupService) -> BackupInfo:
+    """The last durable state as a new backup: in the journal modes, fold the journal into a snapshot first
+    (without the owner's lock: other threads change the state meanwhile, issue 14.3)."""
     cfg = files.config
-    files.ensure_loaded()
-    if files.unsaved() and cfg.durability != "snapshot":
-        files.save()
+    if cfg.durability == "snapshot":
+        files.ensure_loaded()  # under the owner's lock
+    else:
+        files.fold_journal()  # without it (issue 14.3)
     try:
         return _snapcopy.copy_state_file(
-            cfg.state_path, cfg.backup_path, options=files.read, cache=cache, check_account=files.check_account
+            cfg.state_path,
+            cfg.backup_path,
+            options=files.read,
+            cache=svc.cache,
+            check_account=files.check_account,
+            min_generation=svc._durable_generation,  # an older file was put there behind the writer lock
+            known=files.wrote,
         )
     except StateNotFoundError:
         raise StateNotFoundError(cfg.state_path, what="saved state", next_step="save the state before backing it up") from None
     except (CorruptStateError, SchemaValidationError):
+        if cfg.durability != "snapshot":  # without the owner's lock: its acknowledged state, copied under it
+            acked = _acked.from_memory(files)
+            if acked is None:
+                raise
+            log.warning("%s does not verify; backing up the acknowledged state in memory instead", cfg.state_path)
+            return acked
         memory = files.snapshot()
         if files.unsaved() or memory is None or memory.generation == 0:
             raise

@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from posstate.core.errors import (
+    ManagerClosedError,
     SchemaValidationError,
 )
 from posstate.manager.changes import InMemoryChanges
@@ -36,12 +39,37 @@ class StateMaintenance(InMemoryChanges):
     """
 
     def create_backup(self) -> BackupInfo:
-        """Write a verified timestamped backup of the last saved state now (then apply retention)."""
+        """Write a verified timestamped backup of the last saved state now (then apply retention).
+
+        In the journal modes the journal is folded into a snapshot first (a background compaction this call
+        waits for) and the manager's lock is held only to check it is open: other threads go on changing the
+        state while the snapshot is copied and verified (issue 14.3). The backup holds every change
+        acknowledged before the call."""
         from posstate.backup import ops as _backup_ops
 
-        with _backup_ops.exclusive(self._files), self._lock:  # the folder first: a background backup may run
-            self._check_writable("create_backup")  # in the journal modes it saves first
+        if self.config.durability == "snapshot":
+            with _backup_ops.exclusive(self._files), self._lock:  # the folder first: a background backup may run
+                self._check_writable("create_backup")  # in the journal modes it saves first
+                return _backup_ops.create(self._files)
+        self._ops.check(self._refuse_closed)
+        with _backup_ops.exclusive(self._files), self._outside_lock(self._ready_to_back_up):
             return _backup_ops.create(self._files)
+
+    def _ready_to_back_up(self) -> None:
+        self._check_writable("create_backup")
+        self._ensure_loaded()
+
+    @contextlib.contextmanager
+    def _outside_lock(self, check: Callable[[], None]) -> Iterator[None]:
+        """An explicit operation whose O(state) part runs without the manager's lock (issue 14.3): counted by
+        the gate close() waits on (posstate/manager/opgate.py), then checked under the lock."""
+        with self._ops.running(self._refuse_closed):
+            with self._lock:
+                check()
+            yield
+
+    def _refuse_closed(self) -> None:
+        raise ManagerClosedError(self._path)
 
     def wait_for_backups(self, timeout: float | None = None) -> bool:
         """Wait until no timed backup runs in the background; False if *timeout* seconds passed first.
@@ -68,14 +96,14 @@ class StateMaintenance(InMemoryChanges):
             return _backup_ops.validate(self._files, backup_id)
 
     def prune_old_backups(self, *, dry_run: bool = False) -> PruneResult:
-        """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones."""
+        """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones.
+
+        The full checks of backups not verified yet run without the manager's lock (issue 14.3)."""
         from posstate.backup import ops as _backup_ops
 
-        with _backup_ops.exclusive(self._files), self._lock:
-            if dry_run:
-                self._check_open()
-            else:
-                self._check_writable()
+        check = self._check_open if dry_run else self._check_writable
+        self._ops.check(self._refuse_closed)  # the gate itself is passed with the folder held (opgate.py)
+        with _backup_ops.exclusive(self._files), self._outside_lock(check):
             return _backup_ops.prune_backups(self._files, dry_run=dry_run)
 
     def restore_from_backup(self, backup_id: str, *, accept_older: bool = False) -> RestoreResult:

@@ -7,11 +7,12 @@ its own except the two backup bookkeeping values the backup layer owns.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from posstate.backup.files import CompactionAsk
 from posstate.core.config import StateConfig
-from posstate.core.errors import PosStateError
+from posstate.core.errors import PersistenceError, PosStateError
 from posstate.journal.journal import Journal
 from posstate.model.document import StateData
 from posstate.model.ops import Entries
@@ -75,6 +76,36 @@ class ManagerFiles:
 
     def save(self) -> int:
         return self._m.save()
+
+    def fold_journal(self) -> None:
+        m = self._m
+        owned = getattr(m._lock, "_is_owned", None)
+        if (owned is not None and owned()) or threading.current_thread() is m._bg_thread:
+            with m._lock:  # an event handler of a locked call, or of the compaction thread: a save, as before
+                m._ensure_loaded()
+                if m._dirty:
+                    m.save()
+            return
+        with m._lock:
+            m._ensure_loaded()
+            if not m._dirty:
+                return
+            # A compaction pending now rotated before this call's last changes: wait for it, then for one of
+            # our own (a rotation after the call: its snapshot holds every change acknowledged before it).
+            rounds = 2 if _pending(m) is not None else 1
+        for _ in range(rounds):
+            try:
+                m.compact(wait=True)  # raises what its attempt raised (the compaction stays pending and retried)
+            except PosStateError:
+                raise
+            except OSError as exc:
+                raise PersistenceError(
+                    m.path,
+                    operation="fold the journal into a snapshot before a backup",
+                    cause=exc,
+                    outcome="the state file and the journal segments are intact; the compaction is retried",
+                    next_step="fix the disk (space, permissions) and call create_backup() again",
+                ) from exc
 
     def read_current(self) -> StateData:
         return self._m._read_current()
