@@ -245,3 +245,21 @@ def test_from_a_handler_of_a_background_compaction_the_backup_still_holds_every_
         m.set_position(pos(f"S{i}", i + 1))
     assert done.wait(WAIT)
     assert {"S0", "S1", "S2"} <= backup_symbols(m, taken[0].path)
+
+
+@pytest.mark.parametrize("durability", ["sync", "group"])
+def test_restoring_a_timed_backup_of_a_background_compaction_is_not_taken_for_a_wrong_clock(
+    tmp_path: Path, durability: str
+) -> None:
+    """Memory's written_at dates the last save or load only: a background compaction's snapshot is newer, and
+    a change journaled since moves memory's generation on. Pairing the two made a timed backup of that
+    snapshot look older than a save of a higher generation dated before it (StaleBackupError, clock wrong)."""
+    cfg = StateConfig.in_dir(tmp_path, backup_interval=0, durability=durability, compaction="thread")
+    with PositionStateManager(cfg, key=KEY) as m:
+        m.set_position(pos("A", 1))
+        assert m.compact(wait=True)  # in the background: its snapshot, dated now, gets a timed backup
+        assert m.wait_for_backups(WAIT)
+        newest = m.list_backups()[0]
+        m.set_position(pos("B", 2))
+        m.restore_from_backup(newest.id)
+        assert {k[0] for k in m.get_positions()} == {"A"}

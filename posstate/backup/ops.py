@@ -10,7 +10,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posstate.backup import acked as _acked
@@ -20,28 +19,37 @@ from posstate.backup import prune as _prune
 from posstate.backup import retention as _retention
 from posstate.backup import snapcopy as _snapcopy
 from posstate.backup.backups import BackupInfo
+from posstate.backup.freshness import backup_age, check_fresh, known_saves
+from posstate.backup.freshness import header_of as _header_of
 from posstate.backup.prune import plan_prune
-from posstate.backup.seen import main_header
-from posstate.core.config import StateConfig
 from posstate.core.errors import (
     CorruptStateError,
     PersistenceError,
     PosStateError,
     SchemaValidationError,
-    StaleBackupError,
     StateNotFoundError,
 )
 from posstate.journal import files as _jfiles
-from posstate.journal import format as _jformat
 from posstate.model import document as _document
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
-from posstate.storage import codec as _codec
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.validate import ValidationReport, validate_file
 
-__all__ = ["RestoreResult", "after_save", "create", "exclusive", "plan_prune", "prune_backups", "restore", "validate"]
+__all__ = [
+    "RestoreResult",
+    "after_save",
+    "backup_age",
+    "check_fresh",
+    "create",
+    "exclusive",
+    "known_saves",
+    "plan_prune",
+    "prune_backups",
+    "restore",
+    "validate",
+]
 
 if TYPE_CHECKING:
     from posstate.backup.files import StateFiles
@@ -232,15 +240,6 @@ def validate(files: StateFiles, backup_id: str) -> ValidationReport:
     return validate_file(info.path, options=files.read)
 
 
-def _header_of(path: Path) -> tuple[int, int] | None:
-    """(generation, written_at ms) of a file whose checksum holds, else None."""
-    try:
-        h = _codec.inspect(fs.read_file(path), path=path)
-    except (OSError, PosStateError):
-        return None
-    return (h.generation, h.written_at_ms)
-
-
 def _link_as_backup(files: StateFiles) -> str | None:
     """Keep the state file about to be replaced as a timestamped backup (a hard link; it is intact)."""
     path = files.config.state_path
@@ -260,60 +259,6 @@ def _link_as_backup(files: StateFiles) -> str | None:
         fs.fsync_dir(bdir)
         return bid
     raise PersistenceError(bdir, operation="pre-restore backup", reason="no free backup name")  # pragma: no cover
-
-
-def known_saves(cfg: StateConfig, backups: list[BackupInfo]) -> list[tuple[int, int]]:
-    """(generation, written ms) of every copy whose header can be trusted: the state file, its ``.bak``, what
-    a damaged state file's header claims, every backup, and the newest journal record (generation 0: a
-    record names no generation of its own). Reads headers and record frames only."""
-    known = [h for h in (_header_of(cfg.state_path), _header_of(cfg.bak_path)) if h is not None]
-    claimed = main_header(cfg.state_path, cfg.clock_skew)  # a damaged state file still tells when it was written
-    if claimed is not None:
-        known.append(claimed)
-    known += [
-        (b.generation, int(b.written_at.timestamp() * 1000))
-        for b in backups
-        if b.valid and b.generation is not None and b.written_at
-    ]
-    # Journaled changes are acknowledged saves too (issue 12.11): the newest record's time counts.
-    times = _jfiles.record_times(cfg.journal_path, cfg.legacy_journal_path)
-    if times:
-        known.append((0, max(times.values())))
-    # Headers read without the key are not authenticated: a generation no save can reach (a flipped bit, a
-    # planted file) must not become the number the next save is written above.
-    return [(g, ms) for g, ms in known if g <= _jformat.MAX_BASE]
-
-
-def backup_age(cfg: StateConfig, backups: list[BackupInfo], written_at_ms: int) -> float:
-    """Seconds between a backup written at *written_at_ms* and the last save known on disk: what
-    :func:`restore` compares with ``backup_threshold`` (for dry runs; no lock, no writes)."""
-    last_save_ms = max((ms for _, ms in known_saves(cfg, backups)), default=written_at_ms)
-    return (last_save_ms - written_at_ms) / 1000
-
-
-def check_fresh(
-    known: list[tuple[int, int]],
-    *,
-    path: Path,
-    backup_id: str,
-    generation: int,
-    written_ms: int,
-    threshold: float,
-    accept_older: bool = False,
-) -> float:
-    """The age of a backup (*generation*, written at *written_ms*) against the newest of *known* (generation,
-    ms) saves and changes; raise StaleBackupError when it is over *threshold*, or when a save of a higher
-    generation is dated before the backup (the clock was wrong when one of them was written: how much the
-    backup would lose cannot be told from the times, issue 12.11/12.12)."""
-    last_ms = max((ms for _, ms in known), default=written_ms)
-    age = (last_ms - written_ms) / 1000
-    if accept_older:
-        return age
-    if age > threshold:
-        raise StaleBackupError(path, backup_id=backup_id, age=age, threshold=threshold)
-    if any(g > generation and ms < written_ms for g, ms in known):
-        raise StaleBackupError(path, backup_id=backup_id, age=age, threshold=threshold, clock_wrong=True)
-    return age
 
 
 def _settle_journal(files: StateFiles, backup_journal: dict[str, Any] | None) -> None:
@@ -354,14 +299,15 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
     files.check_account(loaded.state)
     known = known_saves(cfg, backups)
     memory = files.snapshot()
-    if memory is not None and memory.generation > 0:
-        ms = _state_ms(memory)
-        if ms is not None:
-            known.append((memory.generation, ms))
-        if files.journal.last_time_ms:  # the newest change this manager journaled or replayed (12.10: its generation)
-            known.append((memory.generation, files.journal.last_time_ms))
-    elif files.journal.last_time_ms:
-        known.append((0, files.journal.last_time_ms))
+    generation = memory.generation if memory is not None else 0
+    # Memory's written_at is its last save's or load's: it dates memory's generation only while no journaled
+    # change moved that on (a background compaction's snapshot, newer, does not touch it). The newest change
+    # this manager journaled or replayed dates the rest (12.10: its generation).
+    ms = _state_ms(memory) if memory is not None and (cfg.durability == "snapshot" or not files.unsaved()) else None
+    if generation > 0 and ms is not None:
+        known.append((generation, ms))
+    if files.journal.last_time_ms:
+        known.append((generation, files.journal.last_time_ms))
     age = check_fresh(
         known,
         path=info.path,
