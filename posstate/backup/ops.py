@@ -94,24 +94,20 @@ def exclusive(files: StateFiles) -> threading.RLock:
     return _background.service(files).folder_lock
 
 
-def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
+def create(files: StateFiles, *, prune: bool = True, least_generation: int | None = None) -> BackupInfo:
     """Write a verified backup of the last saved state now; emit backupCreated or backupFailed.
 
-    In the journal modes the journal is first folded into a snapshot, so the backup holds every
-    acknowledged change. The backup is a verified copy of the state file (never encoded again); if the state
-    file does not verify but memory holds exactly the last save, memory is encoded instead.
+    In the journal modes the journal is first folded into a snapshot (by the caller, which passes the
+    *least_generation* ``fold_journal()`` returned), so the backup holds every acknowledged change. It is a
+    verified copy of the state file (never encoded again); if that does not verify (or is older than that
+    generation), the acknowledged state in memory is encoded instead.
     """
-    cfg = files.config
     svc = _background.service(files)
     with svc.folder_lock, svc.explicit():  # close() never stops its prune's checks (posstate/backup/closing.py)
         try:
-            info = _create_now(files, svc)
+            info = _create_now(files, svc, least_generation)
         except (PosStateError, OSError) as exc:
-            files.emit(
-                "backupFailed",
-                {"path": str(cfg.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")},
-            )
-            log.warning("backup failed: %s", exc)
+            _failed(files, exc)
             raise
         files.last_backup_at = min(info.created_at.timestamp(), svc.clock())  # a later name: the clock went back
         svc.forget_awaited()  # a timed backup waiting for a compaction is not due any more (issue 14.2)
@@ -127,7 +123,7 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
                 "bytes": info.size,
             },
         )
-        if prune:
+        if prune and not svc._closing:  # close() from its backupCreated handler released the writer lock
             try:
                 prune_backups(files, dry_run=False)
             except (PosStateError, OSError) as exc:
@@ -136,14 +132,31 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
     return info
 
 
-def _create_now(files: StateFiles, svc: _background.BackupService) -> BackupInfo:
-    """The last durable state as a new backup: in the journal modes, fold the journal into a snapshot first
+def fold(files: StateFiles) -> int:
+    """The journal folded into a snapshot for :func:`create` (journal modes), by a caller holding neither the
+    owner's lock nor the backup folder (issue 14.3); its *least_generation*, or backupFailed and the error."""
+    try:
+        return files.fold_journal()
+    except (PosStateError, OSError) as exc:
+        _failed(files, exc)
+        raise
+
+
+def _failed(files: StateFiles, exc: BaseException) -> None:
+    reason = {"path": str(files.config.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")}
+    files.emit("backupFailed", reason)
+    log.warning("backup failed: %s", exc)
+
+
+def _create_now(files: StateFiles, svc: _background.BackupService, least: int | None) -> BackupInfo:
+    """The last durable state as a new backup: in the journal modes, the journal folded into a snapshot first
     (without the owner's lock: other threads change the state meanwhile, issue 14.3)."""
     cfg = files.config
     if cfg.durability == "snapshot":
         files.ensure_loaded()  # under the owner's lock
-    else:
-        files.fold_journal()  # without it (issue 14.3)
+        least = 0
+    elif least is None:
+        least = files.fold_journal()  # without it (issue 14.3)
     try:
         return _snapcopy.copy_state_file(
             cfg.state_path,
@@ -151,8 +164,9 @@ def _create_now(files: StateFiles, svc: _background.BackupService) -> BackupInfo
             options=files.read,
             cache=svc.cache,
             check_account=files.check_account,
-            min_generation=svc._durable_generation,  # an older file was put there behind the writer lock
+            min_generation=max(svc._durable_generation, least),  # older: put there behind the writer lock
             known=files.wrote,
+            confirm=None if cfg.durability == "snapshot" else files.confirm_copy,  # not under the owner's lock
         )
     except StateNotFoundError:
         raise StateNotFoundError(cfg.state_path, what="saved state", next_step="save the state before backing it up") from None

@@ -206,7 +206,7 @@ class ManagerCore:
         if not self._writer_lock.held:  # a fork the at-fork hook did not see (forked from C)
             self._orphan()
             return
-        self._ops.shut(self._path)  # create_backup()/prune_old_backups() running outside the lock end first
+        self._ops.shut(self._path)  # create_backup()/prune_old_backups() past the gate (outside the lock) end first
         if self._files.backups is not None:  # before the lock: a backup's event handler may need it
             if self._loaded and self._doubt is None:
                 self._files.backups.final_backup()  # journaled changes no backup holds yet (issue 15.2)

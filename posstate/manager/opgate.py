@@ -1,13 +1,17 @@
 """Explicit operations that run outside the manager's lock, and close() waiting for them (issue 14.3).
 
-In the journal modes ``create_backup()`` and ``prune_old_backups()`` hold the manager's lock only to check that
-the manager is open (and, for a backup, that its state is loaded); their O(state) part (folding the journal
-into a snapshot, copying and verifying it, fully checking every backup) runs without it, so the bot's other
-threads go on changing the state meanwhile. close() used to be kept from releasing the writer lock under them
-by that very lock. Now it is kept by this gate: close() shuts it (every operation that starts later is refused
-with ManagerClosedError) and waits for the operations running on other threads to end. An operation on
-close()'s own thread (close() from one of its event handlers) is not waited for: it cannot end before close()
-returns.
+In the journal modes ``create_backup()`` first folds the journal into a snapshot (a background compaction it
+waits for, holding no lock: close() gives that compaction up, so it needs no gate), then copies and verifies
+the snapshot; ``prune_old_backups()`` (every mode) fully checks the backups. Those parts hold the backup
+folder's lock but not the manager's, so the bot's other threads go on changing the state meanwhile. close()
+used to be kept from releasing the writer lock under them by the manager's lock; now it is kept by this gate,
+which they pass with the folder held: close() shuts it (every operation that comes later is refused with
+ManagerClosedError) and waits for the operations running on other threads to end.
+
+Nothing that runs behind the gate waits for the manager's lock without a bound (a holder of it may be closing
+the manager from an event handler, and waiting here), and no event handler runs there: the operation's events
+go out once it left the gate and the folder (``ManagerFiles.deferred_events``). An operation on close()'s own
+thread is not waited for: it could not end before close() returns.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ class OpGate:
         self._shut = False
         #: Threads waiting in :meth:`shut` (for tests: close() is waiting).
         self.waiting = 0
+
+    @property
+    def closing(self) -> bool:
+        """close() has begun."""
+        return self._shut
 
     def check(self, refuse: Callable[[], None]) -> None:
         """Before waiting for the backup folder: *refuse* raises at once when close() has begun (:meth:`running`
