@@ -75,8 +75,9 @@ def copy_state_file(
             state_path,
             f"holds generation {header.generation}, older than generation {min_generation} this process made "
             "durable (replaced behind the writer lock); no backup of it was taken",
-            next_step="find what else writes to this directory; the state in memory is intact and the next save "
-            "rewrites the file",
+            next_step="find what else writes to this directory and stop it; the state in memory is intact, but the "
+            "next save refuses to replace a file it did not write (ConcurrentModificationError): check the directory "
+            "with `posstate validate` before the bot is restarted",
         )
     checksum = checksum_of(data)  # inspect() checked it against the bytes
     if checksum is None or not known(checksum):
