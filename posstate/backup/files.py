@@ -6,12 +6,14 @@ commit a generation). The manager implements this protocol (``posstate.manager.f
 calls these modules with it; they never see the manager itself, so the layers stay one way
 (manager -> backup -> journal -> storage).
 
-Every method runs under the owner's lock: the owner's public methods hold it while they delegate here.
+Every method runs under the owner's lock (the owner's public methods hold it while they delegate here), except
+where its docstring says otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -91,6 +93,24 @@ class StateFiles(Protocol):
 
     def save(self) -> int:
         """Write memory as the next generation (folds the journal into a snapshot); returns it."""
+
+    def fold_journal(self) -> int:
+        """Journal modes, without the owner's lock and without the backup folder (issue 14.3): make every change
+        acknowledged before the call durable in a snapshot (the state file), by a background compaction this
+        call waits for; raises what a failed attempt raised. Returns the least generation a state file holding
+        them has (an older one is not the owner's: it was put there behind the writer lock). Loads the state
+        first if needed. A caller that cannot wait for a compaction (an event handler: of a call holding the
+        owner's lock, of the compaction thread, or of the backup thread, which holds the folder) saves under
+        the owner's lock instead."""
+
+    def confirm_copy(self) -> None:
+        """Journal modes, without the owner's lock (issue 14.3): the state file just read for a backup may be
+        backed up: no save is in flight and no change's outcome is in doubt (a save that renamed its file
+        and then failed), else raise (OutcomeUnknownError; StateLockedError: the owner's lock stayed busy).
+        Takes the owner's lock for a moment (a bounded wait)."""
+
+    def deferred_events(self) -> AbstractContextManager[None]:
+        """Events this thread emits (:meth:`emit`) inside the block go out, in order, when it ends."""
 
     def read_current(self) -> StateData:
         """Read the state file and replay its journal, exactly as a load does, and adopt the result."""

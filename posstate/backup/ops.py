@@ -10,38 +10,46 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posstate.backup import acked as _acked
 from posstate.backup import background as _background
 from posstate.backup import backups as _backups
 from posstate.backup import prune as _prune
 from posstate.backup import retention as _retention
 from posstate.backup import snapcopy as _snapcopy
 from posstate.backup.backups import BackupInfo
+from posstate.backup.freshness import backup_age, check_fresh, known_saves
+from posstate.backup.freshness import header_of as _header_of
 from posstate.backup.prune import plan_prune
-from posstate.backup.seen import main_header
-from posstate.backup.verified import VerifiedCache
-from posstate.core.config import StateConfig
 from posstate.core.errors import (
     CorruptStateError,
     PersistenceError,
     PosStateError,
     SchemaValidationError,
-    StaleBackupError,
     StateNotFoundError,
 )
 from posstate.journal import files as _jfiles
-from posstate.journal import format as _jformat
 from posstate.model import document as _document
 from posstate.model.document import StateData
 from posstate.storage import atomic as _atomic
-from posstate.storage import codec as _codec
 from posstate.storage import fileops as fs
 from posstate.storage import statefile as _statefile
 from posstate.storage.validate import ValidationReport, validate_file
 
-__all__ = ["RestoreResult", "after_save", "create", "exclusive", "plan_prune", "prune_backups", "restore", "validate"]
+__all__ = [
+    "RestoreResult",
+    "after_save",
+    "backup_age",
+    "check_fresh",
+    "create",
+    "exclusive",
+    "known_saves",
+    "plan_prune",
+    "prune_backups",
+    "restore",
+    "validate",
+]
 
 if TYPE_CHECKING:
     from posstate.backup.files import StateFiles
@@ -86,24 +94,20 @@ def exclusive(files: StateFiles) -> threading.RLock:
     return _background.service(files).folder_lock
 
 
-def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
+def create(files: StateFiles, *, prune: bool = True, least_generation: int | None = None) -> BackupInfo:
     """Write a verified backup of the last saved state now; emit backupCreated or backupFailed.
 
-    In the journal modes the journal is first folded into a snapshot, so the backup holds every
-    acknowledged change. The backup is a verified copy of the state file (never encoded again); if the state
-    file does not verify but memory holds exactly the last save, memory is encoded instead.
+    In the journal modes the journal is first folded into a snapshot (by the caller, which passes the
+    *least_generation* ``fold_journal()`` returned), so the backup holds every acknowledged change. It is a
+    verified copy of the state file (never encoded again); if that does not verify (or is older than that
+    generation), the acknowledged state in memory is encoded instead.
     """
-    cfg = files.config
     svc = _background.service(files)
     with svc.folder_lock, svc.explicit():  # close() never stops its prune's checks (posstate/backup/closing.py)
         try:
-            info = _create_now(files, svc.cache)
+            info = _create_now(files, svc, least_generation)
         except (PosStateError, OSError) as exc:
-            files.emit(
-                "backupFailed",
-                {"path": str(cfg.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")},
-            )
-            log.warning("backup failed: %s", exc)
+            _failed(files, exc)
             raise
         files.last_backup_at = min(info.created_at.timestamp(), svc.clock())  # a later name: the clock went back
         svc.forget_awaited()  # a timed backup waiting for a compaction is not due any more (issue 14.2)
@@ -119,7 +123,7 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
                 "bytes": info.size,
             },
         )
-        if prune:
+        if prune and not svc._closing:  # close() from its backupCreated handler released the writer lock
             try:
                 prune_backups(files, dry_run=False)
             except (PosStateError, OSError) as exc:
@@ -128,19 +132,51 @@ def create(files: StateFiles, *, prune: bool = True) -> BackupInfo:
     return info
 
 
-def _create_now(files: StateFiles, cache: VerifiedCache) -> BackupInfo:
-    """The last durable state as a new backup: in the journal modes, fold the journal into a snapshot first."""
+def fold(files: StateFiles) -> int:
+    """The journal folded into a snapshot for :func:`create` (journal modes), by a caller holding neither the
+    owner's lock nor the backup folder (issue 14.3); its *least_generation*, or backupFailed and the error."""
+    try:
+        return files.fold_journal()
+    except (PosStateError, OSError) as exc:
+        _failed(files, exc)
+        raise
+
+
+def _failed(files: StateFiles, exc: BaseException) -> None:
+    reason = {"path": str(files.config.backup_path), "reason": str(exc), "operation": getattr(exc, "operation", "backup")}
+    files.emit("backupFailed", reason)
+    log.warning("backup failed: %s", exc)
+
+
+def _create_now(files: StateFiles, svc: _background.BackupService, least: int | None) -> BackupInfo:
+    """The last durable state as a new backup: in the journal modes, the journal folded into a snapshot first
+    (without the owner's lock: other threads change the state meanwhile, issue 14.3)."""
     cfg = files.config
-    files.ensure_loaded()
-    if files.unsaved() and cfg.durability != "snapshot":
-        files.save()
+    if cfg.durability == "snapshot":
+        files.ensure_loaded()  # under the owner's lock
+        least = 0
+    elif least is None:
+        least = files.fold_journal()  # without it (issue 14.3)
     try:
         return _snapcopy.copy_state_file(
-            cfg.state_path, cfg.backup_path, options=files.read, cache=cache, check_account=files.check_account
+            cfg.state_path,
+            cfg.backup_path,
+            options=files.read,
+            cache=svc.cache,
+            check_account=files.check_account,
+            min_generation=max(svc._durable_generation, least),  # older: put there behind the writer lock
+            known=files.wrote,
+            confirm=None if cfg.durability == "snapshot" else files.confirm_copy,  # not under the owner's lock
         )
     except StateNotFoundError:
         raise StateNotFoundError(cfg.state_path, what="saved state", next_step="save the state before backing it up") from None
     except (CorruptStateError, SchemaValidationError):
+        if cfg.durability != "snapshot":  # without the owner's lock: its acknowledged state, copied under it
+            acked = _acked.from_memory(files)
+            if acked is None:
+                raise
+            log.warning("%s does not verify; backing up the acknowledged state in memory instead", cfg.state_path)
+            return acked
         memory = files.snapshot()
         if files.unsaved() or memory is None or memory.generation == 0:
             raise
@@ -218,15 +254,6 @@ def validate(files: StateFiles, backup_id: str) -> ValidationReport:
     return validate_file(info.path, options=files.read)
 
 
-def _header_of(path: Path) -> tuple[int, int] | None:
-    """(generation, written_at ms) of a file whose checksum holds, else None."""
-    try:
-        h = _codec.inspect(fs.read_file(path), path=path)
-    except (OSError, PosStateError):
-        return None
-    return (h.generation, h.written_at_ms)
-
-
 def _link_as_backup(files: StateFiles) -> str | None:
     """Keep the state file about to be replaced as a timestamped backup (a hard link; it is intact)."""
     path = files.config.state_path
@@ -246,60 +273,6 @@ def _link_as_backup(files: StateFiles) -> str | None:
         fs.fsync_dir(bdir)
         return bid
     raise PersistenceError(bdir, operation="pre-restore backup", reason="no free backup name")  # pragma: no cover
-
-
-def known_saves(cfg: StateConfig, backups: list[BackupInfo]) -> list[tuple[int, int]]:
-    """(generation, written ms) of every copy whose header can be trusted: the state file, its ``.bak``, what
-    a damaged state file's header claims, every backup, and the newest journal record (generation 0: a
-    record names no generation of its own). Reads headers and record frames only."""
-    known = [h for h in (_header_of(cfg.state_path), _header_of(cfg.bak_path)) if h is not None]
-    claimed = main_header(cfg.state_path, cfg.clock_skew)  # a damaged state file still tells when it was written
-    if claimed is not None:
-        known.append(claimed)
-    known += [
-        (b.generation, int(b.written_at.timestamp() * 1000))
-        for b in backups
-        if b.valid and b.generation is not None and b.written_at
-    ]
-    # Journaled changes are acknowledged saves too (issue 12.11): the newest record's time counts.
-    times = _jfiles.record_times(cfg.journal_path, cfg.legacy_journal_path)
-    if times:
-        known.append((0, max(times.values())))
-    # Headers read without the key are not authenticated: a generation no save can reach (a flipped bit, a
-    # planted file) must not become the number the next save is written above.
-    return [(g, ms) for g, ms in known if g <= _jformat.MAX_BASE]
-
-
-def backup_age(cfg: StateConfig, backups: list[BackupInfo], written_at_ms: int) -> float:
-    """Seconds between a backup written at *written_at_ms* and the last save known on disk: what
-    :func:`restore` compares with ``backup_threshold`` (for dry runs; no lock, no writes)."""
-    last_save_ms = max((ms for _, ms in known_saves(cfg, backups)), default=written_at_ms)
-    return (last_save_ms - written_at_ms) / 1000
-
-
-def check_fresh(
-    known: list[tuple[int, int]],
-    *,
-    path: Path,
-    backup_id: str,
-    generation: int,
-    written_ms: int,
-    threshold: float,
-    accept_older: bool = False,
-) -> float:
-    """The age of a backup (*generation*, written at *written_ms*) against the newest of *known* (generation,
-    ms) saves and changes; raise StaleBackupError when it is over *threshold*, or when a save of a higher
-    generation is dated before the backup (the clock was wrong when one of them was written: how much the
-    backup would lose cannot be told from the times, issue 12.11/12.12)."""
-    last_ms = max((ms for _, ms in known), default=written_ms)
-    age = (last_ms - written_ms) / 1000
-    if accept_older:
-        return age
-    if age > threshold:
-        raise StaleBackupError(path, backup_id=backup_id, age=age, threshold=threshold)
-    if any(g > generation and ms < written_ms for g, ms in known):
-        raise StaleBackupError(path, backup_id=backup_id, age=age, threshold=threshold, clock_wrong=True)
-    return age
 
 
 def _settle_journal(files: StateFiles, backup_journal: dict[str, Any] | None) -> None:
@@ -340,14 +313,15 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
     files.check_account(loaded.state)
     known = known_saves(cfg, backups)
     memory = files.snapshot()
-    if memory is not None and memory.generation > 0:
-        ms = _state_ms(memory)
-        if ms is not None:
-            known.append((memory.generation, ms))
-        if files.journal.last_time_ms:  # the newest change this manager journaled or replayed (12.10: its generation)
-            known.append((memory.generation, files.journal.last_time_ms))
-    elif files.journal.last_time_ms:
-        known.append((0, files.journal.last_time_ms))
+    generation = memory.generation if memory is not None else 0
+    # Memory's written_at is its last save's or load's: it dates memory's generation only while no journaled
+    # change moved that on (a background compaction's snapshot, newer, does not touch it). The newest change
+    # this manager journaled or replayed dates the rest (12.10: its generation).
+    ms = _state_ms(memory) if memory is not None and (cfg.durability == "snapshot" or not files.unsaved()) else None
+    if generation > 0 and ms is not None:
+        known.append((generation, ms))
+    if files.journal.last_time_ms:
+        known.append((generation, files.journal.last_time_ms))
     age = check_fresh(
         known,
         path=info.path,

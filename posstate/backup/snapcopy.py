@@ -49,6 +49,7 @@ def copy_state_file(
     cancelled: Callable[[], bool] = lambda: False,
     now: float | None = None,
     known: Callable[[str], bool] = lambda checksum: False,
+    confirm: Callable[[], None] | None = None,
 ) -> BackupInfo:
     """Copy the state file into *backup_dir* as a new verified timestamped backup; return its info.
 
@@ -61,6 +62,8 @@ def copy_state_file(
     *known*: True for a trailer checksum of bytes the owner encoded from its validated memory (or loaded and
     validated): such a file, its trailer holding, is those very bytes (SHA-256), so it is not decrypted and
     validated again (issue 14.3: that is O(state) work that would hold the GIL in one C call).
+    *confirm*: called once the bytes read verified, before anything is written; it raises to refuse them (an
+    explicit backup outside the owner's lock: a save may have renamed them into place and failed since, 14.3).
     """
     _backups.sweep_temps(backup_dir)
     data = _statefile.read_bytes(state_path, what="saved state", max_size=options.max_file_bytes)
@@ -72,13 +75,16 @@ def copy_state_file(
             state_path,
             f"holds generation {header.generation}, older than generation {min_generation} this process made "
             "durable (replaced behind the writer lock); no backup of it was taken",
-            next_step="find what else writes to this directory; the state in memory is intact and the next save "
-            "rewrites the file",
+            next_step="find what else writes to this directory and stop it; the state in memory is intact, but the "
+            "next save refuses to replace a file it did not write (ConcurrentModificationError): check the directory "
+            "with `posstate validate` before the bot is restarted",
         )
     checksum = checksum_of(data)  # inspect() checked it against the bytes
     if checksum is None or not known(checksum):
         loaded = _statefile.parse(data, path=state_path, options=options)  # decrypt + validate, once
         check_account(loaded.state)
+    if confirm is not None:
+        confirm()
     now = time.time() if now is None else now
     stamp = _backups.stamp_at(now)
     try:

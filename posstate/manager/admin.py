@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from posstate.core.errors import (
+    ManagerClosedError,
     SchemaValidationError,
 )
 from posstate.manager.changes import InMemoryChanges
@@ -36,12 +39,44 @@ class StateMaintenance(InMemoryChanges):
     """
 
     def create_backup(self) -> BackupInfo:
-        """Write a verified timestamped backup of the last saved state now (then apply retention)."""
+        """Write a verified timestamped backup of the last saved state now (then apply retention).
+
+        In the journal modes the journal is first folded into a snapshot (a background compaction this call
+        waits for, holding no lock), then that snapshot is copied and verified holding the backup folder but
+        not the manager's lock, which is held only for short checks: other threads go on changing the state
+        meanwhile (issue 14.3). The backup holds every change acknowledged before the call (unless a restore,
+        recovery or repair replaced the state meanwhile: then it holds that state). Its events
+        (backupCreated, backupPruned ...) are emitted once the folder is released."""
         from posstate.backup import ops as _backup_ops
 
-        with _backup_ops.exclusive(self._files), self._lock:  # the folder first: a background backup may run
-            self._check_writable("create_backup")  # in the journal modes it saves first
-            return _backup_ops.create(self._files)
+        if self.config.durability == "snapshot":
+            with _backup_ops.exclusive(self._files), self._lock:  # the folder first: a background backup may run
+                self._check_writable("create_backup")
+                return _backup_ops.create(self._files)
+        self._ops.check(self._refuse_closed)
+        with self._lock:
+            self._check_writable("create_backup")
+            self._ensure_loaded()
+        least = _backup_ops.fold(self._files)  # no folder held: its compaction's handlers may want it (opgate.py)
+        with self._explicit():
+            return _backup_ops.create(self._files, least_generation=least)
+
+    @contextlib.contextmanager
+    def _explicit(self) -> Iterator[None]:
+        """The part of an explicit operation that runs outside the manager's lock and holds the backup folder
+        (issue 14.3): counted by the gate close() waits on (posstate/manager/opgate.py). It never waits for the
+        manager's lock without a bound (a holder of it may be waiting for the folder, or for this operation in
+        close()), and its events are emitted after it (ManagerFiles.deferred_events)."""
+        from posstate.backup import ops as _backup_ops
+
+        with self._files.deferred_events(), _backup_ops.exclusive(self._files), self._ops.running(self._refuse_closed):
+            if self._closed:  # a forked child (a fresh gate): refused without the lock; close() shuts the gate first
+                self._refuse_closed()
+            yield
+
+    def _refuse_closed(self) -> None:
+        self._check_open()
+        raise ManagerClosedError(self._path)
 
     def wait_for_backups(self, timeout: float | None = None) -> bool:
         """Wait until no timed backup runs in the background; False if *timeout* seconds passed first.
@@ -68,14 +103,18 @@ class StateMaintenance(InMemoryChanges):
             return _backup_ops.validate(self._files, backup_id)
 
     def prune_old_backups(self, *, dry_run: bool = False) -> PruneResult:
-        """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones."""
+        """Apply retention (docs/RECOVERY.md): remove redundant backups, quarantine damaged ones.
+
+        The full checks of backups not verified yet run without the manager's lock (issue 14.3)."""
         from posstate.backup import ops as _backup_ops
 
-        with _backup_ops.exclusive(self._files), self._lock:
+        self._ops.check(self._refuse_closed)  # the gate itself is passed with the folder held (opgate.py)
+        with self._lock:
             if dry_run:
                 self._check_open()
             else:
                 self._check_writable()
+        with self._explicit():
             return _backup_ops.prune_backups(self._files, dry_run=dry_run)
 
     def restore_from_backup(self, backup_id: str, *, accept_older: bool = False) -> RestoreResult:

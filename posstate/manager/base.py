@@ -30,6 +30,7 @@ from posstate.core.events import EventBus, Handler, StatsLogger
 from posstate.journal import journal as _journal
 from posstate.manager import periodic as _periodic
 from posstate.manager.files import ManagerFiles
+from posstate.manager.opgate import OpGate
 from posstate.model import ops as _jops
 from posstate.model.document import StateData
 from posstate.model.position import Position
@@ -92,6 +93,7 @@ class ManagerCore:
         )
         self._events = EventBus(stats_logger)
         self._lock = threading.RLock()
+        self._ops = OpGate()  # explicit backups and prunes outside the lock: close() waits for them (issue 14.3)
         self._closed = False
         self._state = StateData()
         self._entries: _jops.Entries = {}
@@ -204,6 +206,7 @@ class ManagerCore:
         if not self._writer_lock.held:  # a fork the at-fork hook did not see (forked from C)
             self._orphan()
             return
+        self._ops.shut(self._path)  # create_backup()/prune_old_backups() past the gate (outside the lock) end first
         if self._files.backups is not None:  # before the lock: a backup's event handler may need it
             if self._loaded and self._doubt is None:
                 self._files.backups.final_backup()  # journaled changes no backup holds yet (issue 15.2)
@@ -264,6 +267,7 @@ class ManagerCore:
         """In a forked child: refuse every call from now on, and never touch the files or the lock (flock is
         shared with the parent; closing the child's copies of the descriptors leaves it held)."""
         self._lock = threading.RLock()  # another thread of the parent may have held it at fork()
+        self._ops = OpGate()
         self._forked = True
         self._closed = True
 

@@ -190,7 +190,11 @@ class BackgroundCompaction(_proc.ProcessCompaction):
         if threading.current_thread() is self._bg_thread:  # a stateSaved handler: only this thread can write it
             self._bg_wake.set()
             return False
-        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._await_job(job, None if timeout is None else time.monotonic() + timeout)
+
+    def _await_job(self, job: Job, deadline: float | None = None) -> bool:
+        """Without the manager's lock: wait for *job*'s next attempt. True once it finished or was given up
+        (a save, a load, close), False at *deadline* (monotonic); raises what a failed attempt raised."""
         with self._bg_cond:  # an attempt already in flight may have started before the call: wait for the next one
             while self._bg_busy:
                 left = None if deadline is None else deadline - time.monotonic()
@@ -245,8 +249,8 @@ class BackgroundCompaction(_proc.ProcessCompaction):
     def _finish_pending(self, *, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         job = self._bg_job
-        if job is not None and job.attempts == 0:
-            self._bg_wake.set()
+        if job is not None and job.attempts == 0 and threading.current_thread() is not self._bg_thread:
+            self._bg_wake.set()  # (from a handler on the compaction thread it cannot run: given up at once)
             job.done.wait(timeout)
         if not self._halt_compaction(timeout=max(0.0, deadline - time.monotonic())):
             return False

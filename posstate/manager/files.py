@@ -7,11 +7,20 @@ its own except the two backup bookkeeping values the backup layer owns.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from posstate.backup.files import CompactionAsk
 from posstate.core.config import StateConfig
-from posstate.core.errors import PosStateError
+from posstate.core.errors import (
+    ManagerClosedError,
+    OutcomeUnknownError,
+    PersistenceError,
+    PosStateError,
+    StateLockedError,
+)
 from posstate.journal.journal import Journal
 from posstate.model.document import StateData
 from posstate.model.ops import Entries
@@ -26,17 +35,21 @@ if TYPE_CHECKING:
 
 #: How often acknowledged() drains the group journal outside the manager's lock before it drains under it.
 _SETTLE_TRIES = 3
-#: How long acknowledged() waits for the manager's lock before the backup gives up its turn (seconds).
+#: How often fold_journal() syncs the group journal outside the manager's lock before its rotation syncs under it.
+_FOLD_TRIES = 20
+#: How long acknowledged() and confirm_copy() wait for the manager's lock before giving up (seconds).
 _LOCK_WAIT = 2.0
 
 
 class ManagerFiles:
-    """Implements StateFiles for one manager; every call runs under the manager's lock."""
+    """Implements StateFiles for one manager; every call runs under the manager's lock, except those whose
+    docstring (here or in StateFiles) says otherwise."""
 
-    __slots__ = ("_m", "backups", "last_backup_at", "tombstone_floor")
+    __slots__ = ("_deferred", "_m", "backups", "last_backup_at", "tombstone_floor")
 
     def __init__(self, manager: PositionStateManager) -> None:
         self._m = manager
+        self._deferred = threading.local()  # .events: this thread's events held back (deferred_events)
         self.last_backup_at: float | None = None  # creation time of the newest backup (None: not looked yet)
         self.tombstone_floor: int | None = None  # generation of the oldest backup kept (None: unknown)
         self.backups: BackupService | None = None  # the background backup thread (started on the first save)
@@ -62,7 +75,29 @@ class ManagerFiles:
         return self._m._highest_generation
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
+        held: list[tuple[str, dict[str, Any]]] | None = getattr(self._deferred, "events", None)
+        if held is not None:
+            held.append((event, data))
+            return
         self._m._events.emit(event, data)
+
+    @contextlib.contextmanager
+    def deferred_events(self) -> Iterator[None]:
+        """The events this thread emits through these files wait until the block ends, then go out in order
+        (issue 14.3): an explicit operation outside the manager's lock runs no handler while it holds the
+        backup folder or is counted by close()'s gate, so a handler that takes the manager's lock, asks for
+        a backup or closes the manager never waits for the operation it runs in (nor prunes after close())."""
+        if getattr(self._deferred, "events", None) is not None:
+            yield  # nested: the outer block sends them
+            return
+        held: list[tuple[str, dict[str, Any]]] = []
+        self._deferred.events = held
+        try:
+            yield
+        finally:
+            self._deferred.events = None
+            for event, data in held:
+                self._m._events.emit(event, data)
 
     def snapshot(self) -> StateData | None:
         return self._m._state if self._m._loaded else None
@@ -75,6 +110,89 @@ class ManagerFiles:
 
     def save(self) -> int:
         return self._m.save()
+
+    def fold_journal(self) -> int:
+        m = self._m
+        if _owned(m._lock) or threading.current_thread() is m._bg_thread or _owned(getattr(self.backups, "folder_lock", None)):
+            # An event handler of a locked call, of the compaction thread, or of the backup thread (which holds
+            # the folder a compaction thread's handler may wait for): it cannot wait for a compaction. A save.
+            with m._lock:
+                m._ensure_loaded()
+                if m._dirty:
+                    m.save()
+                return m._state.generation
+        with m._lock:
+            m._check_writable("create_backup")
+            m._ensure_loaded()
+            if not m._dirty:
+                return m._state.generation  # the state file holds memory (the last save or load)
+            # Every change acknowledged so far has a revision at or below memory's generation, and a snapshot
+            # holds exactly the changes made before its rotation, whose generation is above all of them.
+            least = m._state.generation + 1
+        try:
+            self._fold_from(least)
+        except OSError as exc:
+            raise PersistenceError(
+                m.path,
+                operation="fold the journal into a snapshot before a backup",
+                cause=exc,
+                outcome="the state file and the journal segments are intact; the compaction is retried",
+                next_step="fix the disk (space, permissions) and call create_backup() again",
+            ) from exc
+        return least
+
+    def _fold_from(self, least: int) -> None:
+        """Until a snapshot of generation *least* or above is durable (or memory was saved): rotate when no
+        compaction is pending, wait for the pending one without any lock. Group mode: a rotation waits for
+        the records written before it; they are synced outside the manager's lock (a few tries, then under
+        it: one sync, bounded), never a snapshot of memory written under it."""
+        m = self._m
+        journal = m._journal
+        tries = 0
+        while True:
+            journal.drain()  # group mode: records written so far become durable, without the manager's lock
+            with m._lock:
+                m._check_writable("create_backup")  # closed meanwhile (close() gave the compaction up), doubt
+                if not m._dirty:
+                    return  # saved (a snapshot above *least*) or reloaded since: the copy checks the file
+                job = m._bg_job
+                if job is None:
+                    if journal.records == 0 and not journal.failed:
+                        return  # nothing after the last rotation, whose snapshot is durable and holds the call's changes
+                    if not journal.settled() and not journal.failed and tries < _FOLD_TRIES:
+                        tries += 1
+                        journal.rotation_wanted = True  # a writer that finds the journal settled rotates first
+                        continue
+                    journal.drain()  # the last try: one sync under the lock, so no writer appends meanwhile
+                    m._rotate_journal()
+                    job = m._bg_job
+                    if job is None:  # no rotation possible (no open segment, a failed journal): as compact() does
+                        m._commit(m._state.copy(), dict(m._entries))
+                        return
+            m._await_job(job)  # raises what a failed attempt raised (the compaction stays pending, retried)
+            if job.generation >= least:
+                return  # its snapshot is durable (or a save, a load or close gave it up: checked above, then by the copy)
+
+    def confirm_copy(self) -> None:
+        m = self._m
+        # Bounded: the caller holds the backup folder and is counted by close()'s gate, which a holder of the
+        # manager's lock may be waiting for (a handler that asks for a backup, or closes the manager).
+        if not m._lock.acquire(timeout=_LOCK_WAIT):
+            if m._ops.closing:  # close() from a handler of a call that holds the lock, waiting for this backup
+                raise ManagerClosedError(m.path)
+            raise StateLockedError(
+                m.path,
+                pid=None,
+                host=None,
+                reason=f"the manager's lock stayed busy for {_LOCK_WAIT:g} s while a backup confirmed the snapshot it "
+                "copied (a long transaction, or close()); no backup was taken",
+                next_step="call create_backup() again",
+            )
+        try:  # no save is in flight now: one that renamed its file and then failed left its outcome in doubt
+            if m._doubt is not None:
+                raise OutcomeUnknownError(m.path, operation=m._doubt)
+        finally:
+            m._lock.release()
 
     def read_current(self) -> StateData:
         return self._m._read_current()
@@ -191,6 +309,12 @@ class ManagerFiles:
 
     def remote_checks(self) -> RemoteChecks | None:
         return self._m._remote_checks()
+
+
+def _owned(lock: object) -> bool:
+    """This thread holds *lock* (an RLock)."""
+    owned = getattr(lock, "_is_owned", None)
+    return bool(owned is not None and owned())
 
 
 def _pending(m: PositionStateManager) -> CompactionAsk | None:
