@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import shutil
 import statistics
@@ -111,7 +112,7 @@ def _measure(w: Writer, op: Callable[[], object]) -> tuple[float, float, int]:
     return took, max(calls, default=0.0), len(calls)
 
 
-def run(positions: int, rounds: int) -> dict[tuple[str, str], list[tuple[float, float, int, float]]]:
+def run(positions: int, rounds: int, *, freeze: bool = True) -> dict[tuple[str, str], list[tuple[float, float, int, float]]]:
     rows: dict[tuple[str, str], list[tuple[float, float, int, float]]] = {}
     d = Path(tempfile.mkdtemp(prefix="posstate-bench-explicit-"))
     try:
@@ -122,6 +123,8 @@ def run(positions: int, rounds: int) -> dict[tuple[str, str], list[tuple[float, 
             for way in ("held", "outside"):
                 m = _open(d)
                 m.load_positions()
+                if freeze:
+                    gc.freeze()  # as README, Speed, advises a bot holding a large state (bench_tail does the same)
                 w = Writer(m, positions)
                 try:
                     ops: list[tuple[str, Callable[[], object]]] = [
@@ -136,6 +139,7 @@ def run(positions: int, rounds: int) -> dict[tuple[str, str], list[tuple[float, 
                 finally:
                     w.stop()
                     m.close()
+                    gc.unfreeze()
                 for extra in sorted(m.config.backup_path.glob("positions_*.json"))[BACKUPS:]:
                     extra.unlink()  # the next round starts from the same 24 backups
                 verdicts_path(m.config).unlink(missing_ok=True)  # a cold cache again
@@ -156,8 +160,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--positions", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-gc-freeze", action="store_true", help="leave gc.freeze() out after each load")
     args = ap.parse_args()
-    rows = run(args.positions, args.rounds)
+    rows = run(args.positions, args.rounds, freeze=not args.no_gc_freeze)
     print(f"{args.positions:,} positions, sync, {args.rounds} rounds (medians); the writer's slowest call vs its floor")
     print(f"{'operation':<18} {'way':<8} {'op ms':>9} {'writer calls':>12} {'slowest ms':>11} {'floor ms':>9} {'ratio':>7}")
     for (name, way), got in rows.items():

@@ -6,52 +6,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from test_explicit_outside_lock import KEY, Held, backup_symbols, in_thread, make, pos
 
-from posstate import ManagerClosedError, PersistenceError, Position, PositionStateManager, StateConfig
+from posstate import ManagerClosedError, PersistenceError, PositionStateManager, StateConfig
 from posstate.backup import background as _background
 from posstate.backup import prune as _prune
 from posstate.backup import snapcopy as _snapcopy
 from posstate.core.errors import OutcomeUnknownError, TransactionError
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
-from posstate.storage import statefile as _statefile
 
-KEY = bytes(range(32))
 WAIT = 30.0  # a bound for a thread that would deadlock, never a measured time
-
-
-def pos(symbol: str, contracts: int) -> Position:
-    return Position(symbol=symbol, side="long", contracts=Decimal(contracts), entry_price=Decimal("100"))
-
-
-def make(d: Path, **kw: Any) -> PositionStateManager:
-    kw.setdefault("durability", "sync")
-    kw.setdefault("journal_max_records", 1000)
-    kw.setdefault("compaction", "thread")
-    return PositionStateManager(StateConfig.in_dir(d, backup_interval=1e9, **kw), key=KEY)
-
-
-def backup_symbols(m: PositionStateManager, path: Path) -> set[str]:
-    return {k[0] for k in _statefile.read(path, options=m._read, what="backup").state.positions}
-
-
-def in_thread(fn: Callable[[], Any], name: str | None = None) -> tuple[threading.Thread, list[Any]]:
-    out: list[Any] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as exc:
-            out.append(exc)
-
-    t = threading.Thread(target=run, daemon=True, name=name)
-    t.start()
-    return t, out
 
 
 def until(cond: Callable[[], bool]) -> bool:
@@ -302,15 +271,8 @@ def test_a_snapshot_whose_outcome_is_unknown_is_not_backed_up_by_an_explicit_bac
     m = make(tmp_path)
     m.set_position(pos("A", 1))
     m.save()
-    entered, release = threading.Event(), threading.Event()
-    real_copy = _snapcopy.copy_state_file
-
-    def held(*a: Any, **k: Any) -> Any:
-        entered.set()
-        assert release.wait(WAIT)
-        return real_copy(*a, **k)
-
-    monkeypatch.setattr(_snapcopy, "copy_state_file", held)
+    hold = Held(monkeypatch, _snapcopy, "copy_state_file")
+    entered, release = hold.entered, hold.release
     backup, result = in_thread(m.create_backup, name="explicit-backup")
     assert entered.wait(WAIT)  # the journal folded, the state file not read yet
     real_commit = _atomic.commit
@@ -339,15 +301,8 @@ def test_close_under_the_lock_waits_for_a_backup_past_the_gate_and_the_backup_na
 ) -> None:
     m = make(tmp_path)
     m.set_position(pos("A", 1))
-    entered, release = threading.Event(), threading.Event()
-    real_copy = _snapcopy.copy_state_file
-
-    def held(*a: Any, **k: Any) -> Any:
-        entered.set()
-        assert release.wait(WAIT)
-        return real_copy(*a, **k)
-
-    monkeypatch.setattr(_snapcopy, "copy_state_file", held)
+    hold = Held(monkeypatch, _snapcopy, "copy_state_file")
+    entered, release = hold.entered, hold.release
     backup, result = in_thread(m.create_backup, name="explicit-backup")
     assert entered.wait(WAIT)  # past the gate, the backup folder held
     named: list[dict[str, Any]] = []

@@ -55,7 +55,7 @@ class Held:
         monkeypatch.setattr(module, name, held)
 
 
-def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+def in_thread(fn: Callable[[], Any], name: str | None = None) -> tuple[threading.Thread, list[Any]]:
     out: list[Any] = []
 
     def run() -> None:
@@ -64,7 +64,7 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
         except BaseException as exc:
             out.append(exc)
 
-    t = threading.Thread(target=run, daemon=True)
+    t = threading.Thread(target=run, daemon=True, name=name)
     t.start()
     return t, out
 
