@@ -310,6 +310,8 @@ class BackgroundCompaction(_proc.ProcessCompaction):
                 failed_done.set()  # compact(wait=True) learns of the failure; the job stays pending
                 continue
             pause = None
+            if job.cancelled:  # given up (close() past its deadline): a waiter (create_backup) must not wait for ever
+                job.done.set()
             if finished and saved is not None:
                 job.done.set()
                 st, count, size = saved
