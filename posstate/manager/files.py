@@ -185,7 +185,7 @@ class ManagerFiles:
                 pid=None,
                 host=None,
                 reason=f"the manager's lock stayed busy for {_LOCK_WAIT:g} s while a backup confirmed the snapshot it "
-                "copied (a long transaction, or close()); no backup was taken",
+                "copied (a long transaction, or an event handler that holds it); no backup was taken",
                 next_step="call create_backup() again",
             )
         try:  # no save is in flight now: one that renamed its file and then failed left its outcome in doubt
