@@ -36,6 +36,14 @@ class Newer(Exception):
     """The state file holds a snapshot newer than the newest one known durable (a save in progress)."""
 
 
+class Older(CorruptStateError):
+    """The state file holds a generation older than *min_generation* (its :attr:`generation`)."""
+
+    def __init__(self, path: Path, generation: int, reason: str, *, next_step: str) -> None:
+        super().__init__(path, reason, next_step=next_step)
+        self.generation = generation
+
+
 def copy_state_file(
     state_path: Path,
     backup_dir: Path,
@@ -71,8 +79,9 @@ def copy_state_file(
     if max_generation is not None and header.generation > max_generation:
         raise Newer(header.generation)
     if min_generation is not None and header.generation < min_generation:
-        raise CorruptStateError(
+        raise Older(
             state_path,
+            header.generation,
             f"holds generation {header.generation}, older than generation {min_generation} this process made "
             "durable (replaced behind the writer lock); no backup of it was taken",
             next_step="find what else writes to this directory and stop it; the state in memory is intact, but the "
