@@ -232,8 +232,8 @@ class BackupService:
 
     def _run_one(self) -> None:
         try:
-            with self._files.deferred_events():  # its handlers run once the folder is released (a handler that
-                self._once()  # takes the manager's lock never waits while its holder waits for the folder)
+            with self._files.deferred_events():  # handlers after the folder's release (docs/ARCHITECTURE.md)
+                self._once()
         except BaseException as exc:  # a bug must not kill the thread silently  # pragma: no cover
             log.exception("background backup failed unexpectedly")
             self._failed(exc, "backup")
