@@ -186,3 +186,20 @@ def test_a_timed_backups_handler_taking_the_lock_does_not_deadlock_with_a_lock_h
     assert got and not folder._is_owned()
     assert m.get_position("H", "long") is not None
     m.close()
+
+
+def test_a_handler_holding_the_folder_is_told_at_once_that_the_backups_cannot_be_waited_for(tmp_path: Path) -> None:
+    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
+    m.set_position(pos("A", 1))
+    m.save()
+    assert m.wait_for_backups(WAIT)
+    m.set_position(pos("B", 2))
+    idle: list[bool] = []
+    # A restore's commit runs its stateSaved handlers holding the folder; its timed backup waits for that folder.
+    m.on("stateSaved", lambda e: idle.append(m.wait_for_backups()) if not e.get("background") else None)
+    restore, result = in_thread(lambda: m.restore_from_backup("latest", accept_older=True))
+    restore.join(WAIT)
+    assert not restore.is_alive(), "wait_for_backups() in a handler holding the folder waited for ever"
+    assert idle and not any(idle) and not isinstance(result[0], BaseException), (idle, result)
+    assert m.wait_for_backups(WAIT)
+    m.close()

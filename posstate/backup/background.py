@@ -5,7 +5,7 @@ One :class:`BackupService` per manager. A save or compaction whose snapshot is d
 ``backup_interval``, sets a flag under a condition (that is all the caller pays). The thread (one at a time; requests
 made while it runs fold into one) takes the folder lock, copies the newest durable snapshot (the state file), verified
 (:mod:`posstate.backup.snapcopy`), then applies retention with the verified-backup cache (:mod:`posstate.backup.verified`).
-Explicit backup operations take the same folder lock first, so they never interleave with a background backup.
+Explicit backup operations take the same folder lock, so they never interleave; its events go out after the folder.
 
 In the journal modes a change is acknowledged long before a compaction puts it into a snapshot, so the thread also keeps
 a timer (issue 15.2): once ``backup_interval`` has passed since the newest backup and memory holds acknowledged changes
@@ -190,9 +190,9 @@ class BackupService:
         return self._close_deadline
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no background backup runs, is asked for or waits for a compaction; False on *timeout*,
-        or at once on the backup thread itself (an event handler of its backup cannot wait for itself)."""
-        if self._thread is threading.current_thread():
+        """Wait until no backup runs, is asked for or awaits a compaction (False: *timeout*, or asked by a handler on the
+        backup thread or holding the folder, which cannot wait for it)."""
+        if self._thread is threading.current_thread() or getattr(self.folder_lock, "_is_owned", lambda: False)():
             return False
         with self._cond:
             return self._cond.wait_for(lambda: not self._busy and not self._wanted and not self._awaiting(), timeout)
@@ -254,8 +254,7 @@ class BackupService:
         return generation if generation > self._durable_generation else 0
 
     def timer_wait(self) -> float | None:
-        """Seconds until the timer looks for acknowledged changes to back up (None: no timer). Once a backup
-        is due it looks every eighth of the interval (and asks for a compaction, whose snapshot is the backup)."""
+        """Seconds until the timer looks for acknowledged changes to back up (None: no timer); once due, every eighth."""
         interval = self._files.config.backup_interval
         if self._closing or interval <= 0 or self._files.config.durability == "snapshot":
             return None

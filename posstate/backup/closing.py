@@ -47,10 +47,11 @@ def final_backup(svc: BackupService, timeout: float, deadline: float) -> BackupI
             log.warning("%s: close: %s", where, left)
             files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
             return None
-        try:
-            return svc._from_memory("close")  # its own prune verifies nothing new at close (ChecksStopped)
-        finally:
-            svc.folder_lock.release()
+        with files.deferred_events():  # its handlers run once the folder is released (docs/ARCHITECTURE.md)
+            try:
+                return svc._from_memory("close")  # its own prune verifies nothing new at close (ChecksStopped)
+            finally:
+                svc.folder_lock.release()
     except Exception as exc:  # a bug must not keep close() from releasing the writer lock
         log.exception("the backup at close failed unexpectedly")
         svc._failed(exc, "close")

@@ -86,20 +86,21 @@ class StateMaintenance(InMemoryChanges):
         from posstate.backup import ops as _backup_ops
 
         folder = _backup_ops.exclusive(self._files)
-        if owned(self._lock):  # this thread holds the lock already: it may wait for the folder, whose holders
-            with folder:  # never wait for the manager's lock without a bound
-                yield
-            return
-        while True:
-            with folder:
-                if self._lock.acquire(timeout=_TRY_LOCK):
-                    try:
-                        yield
-                    finally:
-                        self._lock.release()
-                    return
-            with self._lock:  # its holder goes on (it may have been waiting for the folder), then both again
-                pass
+        with self._files.deferred_events():  # no handler of its events runs while the folder is held
+            if owned(self._lock):  # this thread holds the lock already: it may wait for the folder, whose
+                with folder:  # holders never wait for the manager's lock without a bound
+                    yield
+                return
+            while True:
+                with folder:
+                    if self._lock.acquire(timeout=_TRY_LOCK):
+                        try:
+                            yield
+                        finally:
+                            self._lock.release()
+                        return
+                with self._lock:  # its holder goes on (it may have been waiting for the folder), then both again
+                    pass
 
     def _refuse_closed(self) -> None:
         self._check_open()

@@ -313,8 +313,9 @@ class BackgroundCompaction(_proc.ProcessCompaction):
             if job.cancelled:  # given up (close() past its deadline): a waiter (create_backup) must not wait for ever
                 job.done.set()
             if finished and saved is not None:
-                job.done.set()
                 st, count, size = saved
+                self._note_durable(st.generation)  # before its waiters go on: a backup's fold reads it (15 attack)
+                job.done.set()
                 self._events.emit(
                     "stateSaved",
                     {"path": str(self._path), "generation": st.generation, "positions": count, "bytes": size, "background": True},
