@@ -136,24 +136,15 @@ def test_a_rolled_back_state_file_with_memory_busy_is_not_reported_as_call_again
             inside.set()
             assert end.wait(WAIT)
 
-    real_after = m._after_save
-    noted = threading.Event()
+    noted = _plant_in_the_window(m, monkeypatch, old)
+    planted = _snapcopy.copy_state_file
 
-    def late(st: Any) -> None:  # in the window: a transaction opens (memory cannot be copied), then hold
-        if threading.current_thread() is m._bg_thread:
-            in_thread(txn)
-            assert inside.wait(WAIT)
-            noted.wait(WAIT)
-        real_after(st)
+    def busy(*a: Any, **k: Any) -> Any:  # after the fold, memory busy (a transaction), then the old file back
+        in_thread(txn)
+        assert inside.wait(WAIT)
+        return planted(*a, **k)
 
-    m._after_save = late  # type: ignore[method-assign]
-    real_copy = _snapcopy.copy_state_file
-
-    def planted(*a: Any, **k: Any) -> Any:
-        m.path.write_bytes(old)
-        return real_copy(*a, **k)
-
-    monkeypatch.setattr(_snapcopy, "copy_state_file", planted)
+    monkeypatch.setattr(_snapcopy, "copy_state_file", busy)
     try:
         with pytest.raises((PersistenceError, CorruptStateError)) as caught:
             m.create_backup()

@@ -66,6 +66,9 @@ def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
         thread = svc._thread
     if thread is None or thread is threading.current_thread():  # from an event handler of this backup
         return None
+    if getattr(svc.folder_lock, "_is_owned", lambda: False)():  # a handler holding the folder: the thread can
+        svc._cancelled = True  # name nothing without it, and waits for it (a restore's handler closing, 15)
+        return None
     thread.join(max(deadline - time.monotonic(), 0.0))
     if not thread.is_alive():
         return None

@@ -291,7 +291,8 @@ class BackgroundCompaction(_proc.ProcessCompaction):
             with self._bg_cond:
                 self._bg_busy = False
                 finished = saved is not None and self._bg_job is job
-                if finished:
+                if finished and saved is not None:
+                    self._note_durable(saved[0].generation)  # before any waiter wakes: a backup's fold reads it (15)
                     self._bg_job = None
                 job.error = err
                 failed_done = job.done
@@ -314,7 +315,6 @@ class BackgroundCompaction(_proc.ProcessCompaction):
                 job.done.set()
             if finished and saved is not None:
                 st, count, size = saved
-                self._note_durable(st.generation)  # before its waiters go on: a backup's fold reads it (15 attack)
                 job.done.set()
                 self._events.emit(
                     "stateSaved",
