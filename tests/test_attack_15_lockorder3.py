@@ -158,3 +158,41 @@ def test_close_from_a_restore_handler_does_not_wait_out_a_compaction_handler_wai
         "close() from a handler holding the folder joined the compaction thread, whose stateSaved handler waits "
         f"for that folder or the manager's lock: it waited out its deadline and reported a compaction still writing ({caplog.text!r})"
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. docs/RECOVERY.md, "The backup at close()": "a restore counts as held by the backup it restored" (ops.restore
+#    raises backed_generation after its commit "so 'latest' stays the backup just restored or the pre-restore
+#    one"). close() from the restore's stateSaved handler — the case session 15 made legal (it no longer waits
+#    for the backup thread) — runs before that line: the close backup copies the restored state once more and
+#    becomes "latest".
+# --------------------------------------------------------------------------------------------------------------
+def test_close_from_a_restore_handler_adds_no_close_backup_of_the_restored_state(tmp_path: Path) -> None:
+    m = make(tmp_path)
+    m.set_position(pos("A", 1))
+    m.save()
+    first = m.create_backup()
+    m.set_position(pos("B", 2))
+    m.save()
+    before = {b.id for b in m.list_backups()}
+    inside = threading.Event()
+    saves: list[int] = []
+
+    def on_saved(e: dict[str, Any]) -> None:
+        if not inside.is_set() or e.get("background"):
+            return
+        saves.append(int(e["generation"]))
+        if e.get("positions") == 1:  # the restore's commit (the backup holds A only): both locks held
+            m.close()
+
+    m.on("stateSaved", on_saved)
+    inside.set()
+    result = m.restore_from_backup(first.id, accept_older=True)
+    assert m.closed
+    m2 = make(tmp_path)
+    try:
+        added = {b.id for b in m2.list_backups()} - before
+        expected = {result.pre_restore_backup} if result.pre_restore_backup is not None else set()
+        assert added <= expected, f"close() from the restore's handler backed up the restored state again: {added - expected}"
+    finally:
+        m2.close()
