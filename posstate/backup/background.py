@@ -327,8 +327,8 @@ class BackupService:
         files = self._files
         cfg = files.config
         with self.folder_lock:
-            if not self._due():  # an explicit backup may have been taken meanwhile
-                self.awaited = None
+            if self._cancelled or not self._due():  # close() gave it up (the writer lock may be another's); or an
+                self.awaited = None  # explicit backup was taken meanwhile
                 return
             if self._journaled() and not _via.ready(self):  # memory is ahead: wait for a compaction's snapshot
                 return

@@ -66,9 +66,18 @@ def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
         thread = svc._thread
     if thread is None or thread is threading.current_thread():  # from an event handler of this backup
         return None
-    if getattr(svc.folder_lock, "_is_owned", lambda: False)():  # a handler holding the folder: the thread can
-        svc._cancelled = True  # name nothing without it, and waits for it (a restore's handler closing, 15)
-        return None
+    if getattr(svc.folder_lock, "_is_owned", lambda: False)():  # a handler holding the folder (a restore's,
+        svc._cancelled = True  # closing): the thread waits for it, and then touches nothing in the folder (15)
+        if not svc._busy and not svc._wanted:
+            return None
+        left = (
+            "close() was called from an event handler holding the backup folder: the timed backup asked for was not "
+            "taken (the state file and its journal hold every acknowledged change)"
+        )
+        where = str(svc._files.config.backup_path)
+        log.warning("%s: close: %s", where, left)
+        svc._files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
+        return left
     thread.join(max(deadline - time.monotonic(), 0.0))
     if not thread.is_alive():
         return None

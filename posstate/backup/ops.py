@@ -385,11 +385,18 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
     if st.bot_metadata is not None:
         st.bot_metadata_rev = rev
     files.raise_generation(highest)
-    generation = files.commit(st, {})  # every entry built anew (the commit keeps them if the state is small)
-    files.set_loaded(True)
     # What was restored is what that backup holds: no backup at close() for it (issue 15.2), so "latest" stays
-    # the backup just restored or the pre-restore one, as an operator expects.
+    # the backup just restored or the pre-restore one, as an operator expects. Counted before the commit, whose
+    # stateSaved handlers may close the manager (15 attack); the folder is held, so no backup changes it meanwhile.
     svc = _background.service(files)
+    before = svc.backed_generation
+    svc.backed_generation = max(before, max(st.generation, files.highest_generation) + 1)  # the commit's generation
+    try:
+        generation = files.commit(st, {})  # every entry built anew (the commit keeps them if the state is small)
+    except BaseException:
+        svc.backed_generation = before
+        raise
+    files.set_loaded(True)
     svc.backed_generation = max(svc.backed_generation, generation)
     result = RestoreResult(
         backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre

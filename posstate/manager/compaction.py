@@ -257,7 +257,7 @@ class BackgroundCompaction(_proc.ProcessCompaction):
         thread = self._bg_thread  # still running the after-save hook of a finished compaction: let it end
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
-            return not thread.is_alive()
+            return not thread.is_alive() or self._bg_job is None  # no job: its handlers run on (they may want the lock)
         return True
 
     # ----------------------------------------------------------------------------------- background thread
