@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from test_explicit_outside_lock import KEY, Held, backup_symbols, in_thread, make, pos
+from test_lock_order import WatchedRLock, until
 
 from posstate import ManagerClosedError, PersistenceError, PositionStateManager, StateConfig
 from posstate.backup import background as _background
@@ -21,15 +22,6 @@ from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
 
 WAIT = 30.0  # a bound for a thread that would deadlock, never a measured time
-
-
-def until(cond: Callable[[], bool]) -> bool:
-    """Poll *cond* (a state another thread reaches) for at most WAIT seconds."""
-    for _ in range(int(WAIT * 100)):
-        if cond():
-            return True
-        threading.Event().wait(0.01)
-    return cond()
 
 
 class HoldOn:
@@ -321,34 +313,6 @@ def test_close_under_the_lock_waits_for_a_backup_past_the_gate_and_the_backup_na
         assert isinstance(result[0], ManagerClosedError) and named == []
     else:
         assert "A" in backup_symbols(m, result[0].path)
-
-
-class WatchedRLock:
-    """The backup folder's lock, telling when a thread waits for it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()
-        self.waiting: set[str] = set()
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        name = threading.current_thread().name
-        self.waiting.add(name)
-        try:
-            return self._lock.acquire(blocking, timeout)
-        finally:
-            self.waiting.discard(name)
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def _is_owned(self) -> bool:
-        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
-
-    def __enter__(self) -> bool:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def test_a_backup_from_a_background_backups_handler_does_not_wait_for_a_compaction_holding_the_folder(

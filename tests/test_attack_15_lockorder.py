@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_explicit_outside_lock import KEY, backup_symbols, in_thread, make, pos
-from test_lock_order import until, watched
+from test_explicit_outside_lock import backup_symbols, in_thread, make, pos
+from test_lock_order import journaled_after_a_timed_backup, open_a_transaction, until, watched
 
-from posstate import CorruptStateError, PersistenceError, PositionStateManager, StateConfig
+from posstate import CorruptStateError, PersistenceError
 from posstate.backup import snapcopy as _snapcopy
 
 WAIT = 20.0  # a bound for a thread that would deadlock, never a measured time
@@ -129,19 +129,13 @@ def test_a_rolled_back_state_file_with_memory_busy_is_not_reported_as_call_again
     m.save()
     old = m.path.read_bytes()
     m.set_position(pos("B", 2))
-    inside, end = threading.Event(), threading.Event()
-
-    def txn() -> None:
-        with m.transaction():
-            inside.set()
-            assert end.wait(WAIT)
-
     noted = _plant_in_the_window(m, monkeypatch, old)
     planted = _snapcopy.copy_state_file
 
+    ends: list[threading.Event] = []
+
     def busy(*a: Any, **k: Any) -> Any:  # after the fold, memory busy (a transaction), then the old file back
-        in_thread(txn)
-        assert inside.wait(WAIT)
+        ends.append(open_a_transaction(m))
         return planted(*a, **k)
 
     monkeypatch.setattr(_snapcopy, "copy_state_file", busy)
@@ -149,7 +143,8 @@ def test_a_rolled_back_state_file_with_memory_busy_is_not_reported_as_call_again
         with pytest.raises((PersistenceError, CorruptStateError)) as caught:
             m.create_backup()
     finally:
-        end.set()
+        for end in ends:
+            end.set()
         noted.set()
     monkeypatch.undo()
     text = str(caught.value)
@@ -168,11 +163,7 @@ def test_a_rolled_back_state_file_with_memory_busy_is_not_reported_as_call_again
 def test_a_restore_handler_waiting_for_the_backups_does_not_wait_for_a_backup_waiting_for_its_folder(
     tmp_path: Path,
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    m.set_position(pos("B", 2))
+    m = journaled_after_a_timed_backup(tmp_path)
     idle: list[bool] = []
     m.on("backupRestored", lambda e: idle.append(m.wait_for_backups(WAIT)))
     m.restore_from_backup("latest", accept_older=True)

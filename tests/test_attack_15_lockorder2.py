@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_explicit_outside_lock import KEY, backup_symbols, in_thread, make, pos
+from test_explicit_outside_lock import backup_symbols, in_thread, make, pos
 
-from posstate import PositionStateManager, StateConfig
 from posstate.backup import background as _background
 from posstate.backup import snapcopy as _snapcopy
 
@@ -107,30 +106,19 @@ def test_a_fold_woken_by_the_end_of_the_attempt_in_flight_does_not_read_a_stale_
 def test_close_from_a_restore_handler_does_not_wait_out_a_backup_waiting_for_its_own_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_lock_order import until, watched
+    from test_lock_order import at_the_restores_commit, journaled_after_a_timed_backup, until, watched
 
     monkeypatch.setattr(_background, "CLOSE_TIMEOUT", 3.0)  # a bound for the wait below, not a measured time
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
+    m = journaled_after_a_timed_backup(tmp_path)
     _, folder = watched(m)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    m.set_position(pos("B", 2))  # journaled: the restore's settle save writes it and asks for a timed backup
     failed: list[str] = []
     m.on("backupFailed", lambda e: failed.append(str(e.get("reason"))))
-    inside = threading.Event()
-    saves: list[int] = []
 
-    def on_saved(e: dict[str, Any]) -> None:
-        if not inside.is_set() or e.get("background"):
-            return
-        saves.append(int(e["generation"]))
-        if len(saves) == 2:  # the restore's commit (both locks held); the settle save's backup waits for the folder
-            assert until(lambda: "posstate-backup" in folder.waiting)
-            m.close()
+    def close() -> None:  # the restore's commit (both locks held); the settle save's backup waits for the folder
+        assert until(lambda: "posstate-backup" in folder.waiting)
+        m.close()
 
-    m.on("stateSaved", on_saved)
-    inside.set()
+    at_the_restores_commit(m, close).set()
     m.restore_from_backup("latest", accept_older=True)
     assert m.closed
     stuck = [r for r in failed if "still running" in r]

@@ -31,14 +31,10 @@ WAIT = 20.0  # a bound for a thread that would deadlock, never a measured time
 def test_close_from_a_restore_handler_leaves_no_backup_thread_touching_the_folder_a_next_bot_owns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from test_lock_order import until, watched
+    from test_lock_order import at_the_restores_commit, journaled_after_a_timed_backup, until, watched
 
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
+    m = journaled_after_a_timed_backup(tmp_path)
     _, folder = watched(m)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    m.set_position(pos("B", 2))  # journaled: the restore's settle save asks for a timed backup
     svc = _background.service(m._files)
     old_thread = svc._thread
     assert old_thread is not None
@@ -51,19 +47,12 @@ def test_close_from_a_restore_handler_leaves_no_backup_thread_touching_the_folde
         return real_copy(*a, **k)
 
     monkeypatch.setattr(_snapcopy, "copy_state_file", held_copy)
-    inside = threading.Event()
-    saves: list[int] = []
 
-    def on_saved(e: dict[str, Any]) -> None:
-        if not inside.is_set() or e.get("background"):
-            return
-        saves.append(int(e["generation"]))
-        if len(saves) == 2:  # the restore's commit; the settle save's backup waits for the folder
-            assert until(lambda: "posstate-backup" in folder.waiting)
-            m.close()
+    def close() -> None:  # the restore's commit; the settle save's backup waits for the folder
+        assert until(lambda: "posstate-backup" in folder.waiting)
+        m.close()
 
-    m.on("stateSaved", on_saved)
-    inside.set()
+    at_the_restores_commit(m, close).set()
     m.restore_from_backup("latest", accept_older=True)
     assert m.closed  # close() returned: the writer lock is released, the directory is free
 

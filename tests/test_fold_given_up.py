@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_explicit_outside_lock import backup_symbols, in_thread, make, pos
+from test_explicit_outside_lock import backup_symbols, make, pos
+from test_lock_order import open_a_transaction
 
 from posstate import CorruptStateError, PersistenceError, PositionStateManager
 from posstate.manager.files import ManagerFiles
@@ -50,21 +51,11 @@ def test_a_given_up_fold_with_memory_busy_tells_the_caller_to_call_again(tmp_pat
     m.set_position(pos("A", 1))
     m.save()
     m.set_position(pos("B", 2))
-    inside, end = threading.Event(), threading.Event()
-
-    def txn() -> None:
-        with m.transaction():
-            inside.set()
-            assert end.wait(WAIT)
-
-    def open_a_transaction() -> None:
-        in_thread(txn)
-        assert inside.wait(WAIT)
-
-    fold_given_up(monkeypatch, m, then=open_a_transaction)
+    ends: list[threading.Event] = []
+    fold_given_up(monkeypatch, m, then=lambda: ends.append(open_a_transaction(m)))
     with pytest.raises(PersistenceError) as caught:
         m.create_backup()
-    end.set()
+    ends[0].set()
     assert not isinstance(caught.value, CorruptStateError)
     text = str(caught.value)
     assert "call create_backup() again" in text and "behind the writer lock" not in text

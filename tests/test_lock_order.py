@@ -67,6 +67,47 @@ def watched(m: PositionStateManager) -> tuple[WatchedRLock, WatchedRLock]:
     return lock, folder
 
 
+def journaled_after_a_timed_backup(tmp_path: Path) -> PositionStateManager:
+    """backup_interval=0 (a timed backup at each snapshot): A saved and backed up, then B journaled, so a
+    restore's settle save writes B and asks the backup thread for a backup (which waits for the folder)."""
+    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
+    m.set_position(pos("A", 1))
+    m.save()
+    assert m.wait_for_backups(WAIT)
+    m.set_position(pos("B", 2))
+    return m
+
+
+def at_the_restores_commit(m: PositionStateManager, then: Callable[[], None]) -> threading.Event:
+    """Run *then* in the stateSaved handler of a restore's commit (the second save once the returned event is
+    set: the settle save, then the commit; both locks held there)."""
+    armed = threading.Event()
+    saves: list[int] = []
+
+    def on_saved(e: dict[str, Any]) -> None:
+        if armed.is_set() and not e.get("background"):
+            saves.append(int(e["generation"]))
+            if len(saves) == 2:
+                then()
+
+    m.on("stateSaved", on_saved)
+    return armed
+
+
+def open_a_transaction(m: PositionStateManager) -> threading.Event:
+    """Another thread holds m.transaction() (the manager's lock) until the returned event is set."""
+    inside, end = threading.Event(), threading.Event()
+
+    def txn() -> None:
+        with m.transaction():
+            inside.set()
+            assert end.wait(WAIT)
+
+    in_thread(txn)
+    assert inside.wait(WAIT)
+    return end
+
+
 def holder_call(m: PositionStateManager, name: str) -> Any:
     if name == "restore_from_backup":
         return m.restore_from_backup("latest", accept_older=True)
@@ -189,11 +230,7 @@ def test_a_timed_backups_handler_taking_the_lock_does_not_deadlock_with_a_lock_h
 
 
 def test_a_handler_holding_the_folder_is_told_at_once_that_the_backups_cannot_be_waited_for(tmp_path: Path) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    m.set_position(pos("B", 2))
+    m = journaled_after_a_timed_backup(tmp_path)
     idle: list[bool] = []
     # A restore's commit runs its stateSaved handlers holding the folder; its timed backup waits for that folder.
     m.on("stateSaved", lambda e: idle.append(m.wait_for_backups()) if not e.get("background") else None)
