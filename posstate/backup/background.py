@@ -81,11 +81,9 @@ class BackupService:
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._wanted = False
-        self._busy = False
+        self._wanted = self._busy = self._ran = False  # _ran: its backup done, only its handlers left (closing.stop)
         self._durable_generation = 0
-        self._closing = False
-        self._cancelled = False
+        self._closing = self._cancelled = False
         #: Set by close(): the full checks of this service's own prune after a backup (on its thread, or the
         #: close backup's) stop at their next slice (ChecksStopped); an explicit operation's never do.
         self._stop_checks = False
@@ -100,8 +98,7 @@ class BackupService:
         self.awaited: _via.Awaited | None = None
         self.noted_at = float("-inf")
         #: Backups taken and failed in the background (for tests and the benchmark).
-        self.taken = 0
-        self.failed = 0
+        self.taken = self.failed = 0
         _services.add(self)
 
     def _orphan(self) -> None:
@@ -234,12 +231,13 @@ class BackupService:
         try:
             with self._files.deferred_events():  # handlers after the folder's release (docs/ARCHITECTURE.md)
                 self._once()
+                self._ran = True
         except BaseException as exc:  # a bug must not kill the thread silently  # pragma: no cover
             log.exception("background backup failed unexpectedly")
             self._failed(exc, "backup")
         finally:
             with self._cond:
-                self._busy = False
+                self._busy = self._ran = False
                 self._cond.notify_all()
 
     def _due(self) -> bool:

@@ -247,6 +247,13 @@ ONLINE_TEMP_PREFIX = "online-"
 ONLINE_TEMP_MAX_AGE = 3600.0
 
 
+def sweep_uncancelled(backup_dir: Path, gate: threading.Lock | None, cancelled: Callable[[], bool]) -> None:
+    """:func:`sweep_temps` under *gate*, unless close() gave the backup up (the writer lock may be another's now)."""
+    with gate if gate is not None else contextlib.nullcontext():
+        if not cancelled():
+            sweep_temps(backup_dir)
+
+
 def sweep_temps(backup_dir: Path) -> None:
     """Remove temp files a failed or crashed backup left (the caller holds the writer lock). An online
     backup's temp (written without the lock, maybe now) is removed only once its time is over an hour from now
@@ -348,7 +355,7 @@ def write_backup(
         raise PersistenceError(backup_dir, operation="backup", cause=exc) from exc
     finally:
         if not online:  # without the lock a sweep could remove another writer's temp in use
-            sweep_temps(backup_dir)
+            sweep_uncancelled(backup_dir, gate, cancelled)
 
 
 def _write_verified(

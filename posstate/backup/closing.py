@@ -68,7 +68,7 @@ def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
         return None
     if getattr(svc.folder_lock, "_is_owned", lambda: False)():  # a handler holding the folder (a restore's,
         svc._cancelled = True  # closing): the thread waits for it, and then touches nothing in the folder (15)
-        if not svc._busy and not svc._wanted:
+        if not svc._wanted and (not svc._busy or svc._ran):  # nothing asked for, or taken: its handlers run on
             return None
         left = (
             "close() was called from an event handler holding the backup folder: the timed backup asked for was not "
