@@ -288,6 +288,7 @@ class BackupService:
     def _took(self, info: BackupInfo, *, extra: dict[str, object]) -> None:
         files = self._files
         self.taken += 1
+        self._ran = self._ran or threading.current_thread() is self._thread  # named: close() must not say "not added"
         self.awaited = None
         if info.generation is not None:
             self.backed_generation = max(self.backed_generation, info.generation)

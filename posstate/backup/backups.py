@@ -247,17 +247,11 @@ ONLINE_TEMP_PREFIX = "online-"
 ONLINE_TEMP_MAX_AGE = 3600.0
 
 
-def sweep_uncancelled(backup_dir: Path, gate: threading.Lock | None, cancelled: Callable[[], bool]) -> None:
-    """:func:`sweep_temps` under *gate*, unless close() gave the backup up (the writer lock may be another's now)."""
-    with gate if gate is not None else contextlib.nullcontext():
-        if not cancelled():
-            sweep_temps(backup_dir)
-
-
-def sweep_temps(backup_dir: Path) -> None:
+def sweep_temps(backup_dir: Path, gate: threading.Lock | None = None, cancelled: Callable[[], bool] = lambda: False) -> None:
     """Remove temp files a failed or crashed backup left (the caller holds the writer lock). An online
     backup's temp (written without the lock, maybe now) is removed only once its time is over an hour from now
-    (either way)."""
+    (either way). The backup thread passes *gate*/*cancelled*: each removal is decided under the gate, none once
+    close() gave the backup up (the writer lock may be another's now, and a temp there its backup in progress)."""
     try:
         names = fs.listdir(backup_dir)
     except OSError:
@@ -273,10 +267,13 @@ def sweep_temps(backup_dir: Path) -> None:
                 continue
         elif not (n.startswith(".positions_") and n.endswith(_atomic.TEMP_SUFFIX)):
             continue
-        try:
-            fs.unlink(backup_dir / n)
-        except OSError as exc:
-            log.warning("cannot remove leftover backup temp %s: %s", n, exc)
+        with gate if gate is not None else contextlib.nullcontext():
+            if cancelled():
+                return
+            try:
+                fs.unlink(backup_dir / n)
+            except OSError as exc:
+                log.warning("cannot remove leftover backup temp %s: %s", n, exc)
 
 
 def stamp_at(now: float) -> str:
@@ -355,7 +352,7 @@ def write_backup(
         raise PersistenceError(backup_dir, operation="backup", cause=exc) from exc
     finally:
         if not online:  # without the lock a sweep could remove another writer's temp in use
-            sweep_uncancelled(backup_dir, gate, cancelled)
+            sweep_temps(backup_dir, gate, cancelled)
 
 
 def _write_verified(

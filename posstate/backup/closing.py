@@ -67,24 +67,29 @@ def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
     if thread is None or thread is threading.current_thread():  # from an event handler of this backup
         return None
     if getattr(svc.folder_lock, "_is_owned", lambda: False)():  # a handler holding the folder (a restore's,
-        svc._cancelled = True  # closing): the thread waits for it, and then touches nothing in the folder (15)
-        if not svc._wanted and (not svc._busy or svc._ran):  # nothing asked for, or taken: its handlers run on
+        with svc._cond:  # closing): the thread waits for it, and then touches nothing in the folder (15)
+            svc._cancelled = True
+            dropped = svc._wanted or (svc._busy and not svc._ran)  # asked for, and not taken yet
+        if not dropped:
             return None
-        left = (
+        return _report(
+            svc,
             "close() was called from an event handler holding the backup folder: the timed backup asked for was not "
-            "taken (the state file and its journal hold every acknowledged change)"
+            "taken (the state file and its journal hold every acknowledged change)",
         )
-        where = str(svc._files.config.backup_path)
-        log.warning("%s: close: %s", where, left)
-        svc._files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
-        return left
     thread.join(max(deadline - time.monotonic(), 0.0))
     if not thread.is_alive():
         return None
     svc.cache.abandon(min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001)))  # the lock goes
+    with svc._cond:  # first: no sweep and no name after this, even if the gate stays busy (15 attack)
+        svc._cancelled = True
+        taken = svc._ran
+    if taken:  # its backup has its name: only its prune (stopped at its next slice) or its handlers run on
+        left = f"a background backup's prune or event handlers still ran after {timeout:g} s (its backup was taken)"
+        log.warning("%s: close: %s", svc._files.config.backup_path, left)
+        return left
     # A name being linked holds the gate for one file operation: a short grace, not a second timeout.
     if svc._gate.acquire(timeout=min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001))):
-        svc._cancelled = True
         svc._gate.release()
         left = (
             f"a background backup was still running after {timeout:g} s and was cancelled before it got its "
@@ -95,6 +100,10 @@ def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
             f"a background backup was still running after {timeout:g} s and could not be cancelled (a file "
             "operation is stuck): it may still add a backup, which is whole and verified if it appears"
         )
+    return _report(svc, left)
+
+
+def _report(svc: BackupService, left: str) -> str:
     where = str(svc._files.config.backup_path)
     log.warning("%s: close: %s", where, left)
     svc._files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})

@@ -73,7 +73,7 @@ def copy_state_file(
     *confirm*: called once the bytes read verified, before anything is written; it raises to refuse them (an
     explicit backup outside the owner's lock: a save may have renamed them into place and failed since, 14.3).
     """
-    _backups.sweep_uncancelled(backup_dir, gate, cancelled)
+    _backups.sweep_temps(backup_dir, gate, cancelled)
     data = _statefile.read_bytes(state_path, what="saved state", max_size=options.max_file_bytes)
     header = _codec.inspect(data, path=state_path)  # header + checksum, no key needed
     if max_generation is not None and header.generation > max_generation:
@@ -103,7 +103,7 @@ def copy_state_file(
     try:
         target, backup_id = _place(data, backup_dir, stamp, gate=gate, cancelled=cancelled)
     finally:
-        _backups.sweep_uncancelled(backup_dir, gate, cancelled)  # a temp whose removal failed (the backup may be in)
+        _backups.sweep_temps(backup_dir, gate, cancelled)  # a temp whose removal failed (the backup may be in)
     try:
         seen = probe(target)  # before the read-back: a change after it is never trusted from the cache
         back = fs.read_file(target, max_size=options.max_file_bytes)
