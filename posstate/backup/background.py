@@ -81,11 +81,10 @@ class BackupService:
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._wanted = self._busy = self._ran = False  # _ran: its backup done, only its handlers left (closing.stop)
+        self._wanted = self._busy = self._ran = self._named = False  # _ran: _once returned; _named: it named one
         self._durable_generation = 0
         self._closing = self._cancelled = False
-        #: Set by close(): the full checks of this service's own prune after a backup (on its thread, or the
-        #: close backup's) stop at their next slice (ChecksStopped); an explicit operation's never do.
+        #: Set by close(): the full checks of its own prunes stop at their next slice (an explicit one's never do).
         self._stop_checks = False
         self._own_prune = threading.local()  # .active: this thread runs the service's own prune (not nested API)
         self._close_deadline: float | None = None
@@ -97,8 +96,7 @@ class BackupService:
         #: A due timed backup waiting for a compaction's snapshot, and when the newest durable one was noted (14.2).
         self.awaited: _via.Awaited | None = None
         self.noted_at = float("-inf")
-        #: Backups taken and failed in the background (for tests and the benchmark).
-        self.taken = self.failed = 0
+        self.taken = self.failed = 0  # backups taken and failed in the background (tests, the benchmark)
         _services.add(self)
 
     def _orphan(self) -> None:
@@ -237,8 +235,11 @@ class BackupService:
             self._failed(exc, "backup")
         finally:
             with self._cond:
-                self._busy = self._ran = False
+                self._busy = self._ran = self._named = False
                 self._cond.notify_all()
+
+    def _name_given(self) -> None:  # under the gate: this thread's run gave a backup its name (closing.stop)
+        self._named = self._named or threading.current_thread() is self._thread
 
     def _due(self) -> bool:
         return due(self._files, self.clock())
@@ -288,7 +289,6 @@ class BackupService:
     def _took(self, info: BackupInfo, *, extra: dict[str, object]) -> None:
         files = self._files
         self.taken += 1
-        self._ran = self._ran or threading.current_thread() is self._thread  # named: close() must not say "not added"
         self.awaited = None
         if info.generation is not None:
             self.backed_generation = max(self.backed_generation, info.generation)
@@ -342,6 +342,7 @@ class BackupService:
                     min_generation=self._durable_generation,  # an older file was planted (attack, issue 14.2)
                     gate=self._gate,
                     cancelled=lambda: self._cancelled,
+                    named=self._name_given,
                     known=files.wrote,
                 )
             except _snapcopy.Newer as newer:  # a save renamed a newer snapshot, not returned yet: it asks again

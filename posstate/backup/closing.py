@@ -83,24 +83,29 @@ def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
     svc.cache.abandon(min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001)))  # the lock goes
     with svc._cond:  # first: no sweep and no name after this, even if the gate stays busy (15 attack)
         svc._cancelled = True
-        taken = svc._ran
-    if taken:  # its backup has its name: only its prune (stopped at its next slice) or its handlers run on
-        left = f"a background backup's prune or event handlers still ran after {timeout:g} s (its backup was taken)"
+        done = svc._ran and not svc._named
+    if done:  # its backup ended (not taken, and said so, or skipped): only its event handlers run on
+        left = f"a background backup's event handlers still ran after {timeout:g} s (it names no backup now)"
         log.warning("%s: close: %s", svc._files.config.backup_path, left)
         return left
-    # A name being linked holds the gate for one file operation: a short grace, not a second timeout.
-    if svc._gate.acquire(timeout=min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001))):
-        svc._gate.release()
-        left = (
-            f"a background backup was still running after {timeout:g} s and was cancelled before it got its "
-            "name: no backup was added; its temp file, if any, is removed by the next backup"
-        )
-    else:
-        left = (
+    # A name being given holds the gate for one file operation: a short grace, not a second timeout. Once it is
+    # taken, _named (set under it) says for sure whether this run gave a backup its name.
+    if not svc._gate.acquire(timeout=min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001))):
+        return _report(
+            svc,
             f"a background backup was still running after {timeout:g} s and could not be cancelled (a file "
-            "operation is stuck): it may still add a backup, which is whole and verified if it appears"
+            "operation is stuck): it may still add a backup, which is whole and verified if it appears",
         )
-    return _report(svc, left)
+    svc._gate.release()
+    if svc._named:  # its check, prune or handlers run on; a backup that fails its check is removed, and reported
+        left = f"a background backup named before close() still ran its check, prune or event handlers after {timeout:g} s"
+        log.warning("%s: close: %s", svc._files.config.backup_path, left)
+        return left
+    return _report(
+        svc,
+        f"a background backup was still running after {timeout:g} s and was cancelled before it got its name: no "
+        "backup was added; its temp file, if any, is removed by the next backup",
+    )
 
 
 def _report(svc: BackupService, left: str) -> str:

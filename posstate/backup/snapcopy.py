@@ -55,6 +55,7 @@ def copy_state_file(
     min_generation: int | None = None,
     gate: threading.Lock | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    named: Callable[[], None] = lambda: None,
     now: float | None = None,
     known: Callable[[str], bool] = lambda checksum: False,
     confirm: Callable[[], None] | None = None,
@@ -101,7 +102,7 @@ def copy_state_file(
     except OSError as exc:
         raise PersistenceError(backup_dir, operation="create backup directory", cause=exc) from exc
     try:
-        target, backup_id = _place(data, backup_dir, stamp, gate=gate, cancelled=cancelled)
+        target, backup_id = _place(data, backup_dir, stamp, gate=gate, cancelled=cancelled, named=named)
     finally:
         _backups.sweep_temps(backup_dir, gate, cancelled)  # a temp whose removal failed (the backup may be in)
     try:
@@ -133,11 +134,19 @@ def copy_state_file(
 
 
 def _place(
-    data: bytes, backup_dir: Path, stamp: str, *, gate: threading.Lock | None, cancelled: Callable[[], bool]
+    data: bytes,
+    backup_dir: Path,
+    stamp: str,
+    *,
+    gate: threading.Lock | None,
+    cancelled: Callable[[], bool],
+    named: Callable[[], None],
 ) -> tuple[Path, str]:
-    """Write *data* to an fsynced temp, link it to the first free name of *stamp*, drop the temp, fsync the
-    folder. Returns the backup's path and id."""
+    """Write *data* to an fsynced temp, link it to the first free name of *stamp* (then call *named*, under
+    *gate*), drop the temp, fsync the folder. Returns the backup's path and id."""
     first = backup_dir / _backups.file_name(stamp)
+    if cancelled():  # close() gave it up: not even a temp in a folder that may be another bot's now
+        raise Cancelled(str(first))
     try:
         tmp = _atomic.write_temp(first, data)
     except _atomic.WriteFailed as wf:
@@ -156,6 +165,7 @@ def _place(
                     if exc.errno not in _atomic._NO_LINKS:
                         raise PersistenceError(target, operation="backup link", cause=exc) from exc
                     _atomic.commit(tmp, target)  # no hard links here: rename (we hold the folder)
+                named()
             break
         else:  # pragma: no cover - ten thousand backups in one second
             raise PersistenceError(backup_dir, operation="backup name", reason="no free backup name in this second")
