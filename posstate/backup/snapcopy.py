@@ -112,9 +112,11 @@ def copy_state_file(
             raise OSError(5, "backup read back differs from the verified state file")
         _codec.inspect(back, path=target)
     except (OSError, PosStateError) as exc:
-        _atomic.quiet_unlink(target)  # a copy of a file still in place: redundant by construction
-        with contextlib.suppress(OSError):
-            fs.fsync_dir(backup_dir)
+        with gate if gate is not None else contextlib.nullcontext():
+            if not cancelled():  # else the folder may be another bot's: its prune checks this backup in full
+                _atomic.quiet_unlink(target)  # a copy of a file still in place: redundant by construction
+                with contextlib.suppress(OSError):
+                    fs.fsync_dir(backup_dir)
         cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
         raise PersistenceError(target, operation="verify backup", cause=cause) from exc
     info = BackupInfo(
@@ -147,7 +149,7 @@ def _place(
     first = backup_dir / _backups.file_name(stamp)
     if cancelled():  # close() gave it up: not even a temp in a folder that may be another bot's now
         raise Cancelled(str(first))
-    try:
+    try:  # (a write under way when close() gives up is finished, then its temp removed by name: never named)
         tmp = _atomic.write_temp(first, data)
     except _atomic.WriteFailed as wf:
         raise PersistenceError(first, operation=f"backup {wf.step}", cause=wf.cause) from wf.cause
