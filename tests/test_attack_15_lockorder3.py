@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 from test_explicit_outside_lock import KEY, backup_symbols, in_thread, make, pos
+from test_lock_order import the_backup_thread
 
 from posstate import PositionStateManager, StateConfig
-from posstate.backup import background as _background
 from posstate.backup import snapcopy as _snapcopy
 from posstate.storage import atomic as _atomic
 
@@ -35,9 +35,7 @@ def test_close_from_a_restore_handler_leaves_no_backup_thread_touching_the_folde
 
     m = journaled_after_a_timed_backup(tmp_path)
     _, folder = watched(m)
-    svc = _background.service(m._files)
-    old_thread = svc._thread
-    assert old_thread is not None
+    _svc, old_thread = the_backup_thread(m)
     go = threading.Event()
     real_copy = _snapcopy.copy_state_file
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from test_explicit_outside_lock import KEY, backup_symbols, pos
+from test_lock_order import saved_with_a_timed_backup, the_backup_thread
 
 from posstate import PositionStateManager, StateConfig
 from posstate.backup import background as _background
@@ -31,13 +32,8 @@ WAIT = 20.0  # a bound for a thread that would deadlock, never a measured time
 def test_a_backup_cancelled_past_closes_deadline_does_not_sweep_a_next_bots_backup_temp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    svc = _background.service(m._files)
-    old_thread = svc._thread
-    assert old_thread is not None
+    m = saved_with_a_timed_backup(tmp_path)
+    _svc, old_thread = the_backup_thread(m)
     backup_dir = m.config.backup_path
     entered, go = threading.Event(), threading.Event()
     me = threading.current_thread()

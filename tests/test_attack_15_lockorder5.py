@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from test_explicit_outside_lock import KEY, backup_symbols, pos
+from test_lock_order import saved_with_a_timed_backup, the_backup_thread
 
 from posstate import PositionStateManager, StateConfig
 from posstate.backup import background as _background
@@ -34,13 +35,8 @@ HOOK_WAIT = 5.0
 def test_a_backup_close_could_not_cancel_in_a_stuck_sweep_does_not_sweep_a_next_bots_backup_temp(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    svc = _background.service(m._files)
-    old_thread = svc._thread
-    assert old_thread is not None
+    m = saved_with_a_timed_backup(tmp_path)
+    _svc, old_thread = the_backup_thread(m)
     backup_dir = m.config.backup_path
     planted = backup_dir / ".positions_leftover.tmp"  # a temp a killed backup left (or one of many planted)
     planted.write_bytes(b"x")
@@ -110,13 +106,8 @@ def test_a_backup_close_could_not_cancel_in_a_stuck_sweep_does_not_sweep_a_next_
 def test_close_past_its_deadline_does_not_report_a_taken_timed_backup_as_not_added(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    m = saved_with_a_timed_backup(tmp_path)
+    _svc, thread = the_backup_thread(m)
     armed, created, release = threading.Event(), threading.Event(), threading.Event()
     taken: list[str] = []
 
@@ -160,14 +151,9 @@ def test_close_past_its_deadline_does_not_report_a_taken_timed_backup_as_not_add
 def test_close_from_a_restore_handler_reports_a_timed_backup_taken_up_while_it_reads_the_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
+    m = saved_with_a_timed_backup(tmp_path)
     first = m.list_backups()[0]
-    svc = _background.service(m._files)
-    backup_thread = svc._thread
-    assert backup_thread is not None
+    svc, backup_thread = the_backup_thread(m)
     me = threading.current_thread()
     armed, created = threading.Event(), threading.Event()
     closing_set, in_next, cancelled_set, wanted_lowered, busy_read = (threading.Event() for _ in range(5))

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_explicit_outside_lock import KEY, pos
+from test_explicit_outside_lock import pos
+from test_lock_order import saved_with_a_timed_backup, the_backup_thread
 
-from posstate import PositionStateManager, StateConfig
+from posstate import PositionStateManager
 from posstate.backup import background as _background
 from posstate.backup import snapcopy as _snapcopy
 from posstate.backup import viacompaction as _via
@@ -35,14 +36,9 @@ def _names(m: PositionStateManager) -> set[str]:
 def test_close_past_its_deadline_does_not_report_a_backup_named_before_its_read_back_as_not_added(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
+    m = saved_with_a_timed_backup(tmp_path)
     before = _names(m)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    _svc, thread = the_backup_thread(m)
     named, release = threading.Event(), threading.Event()
     real_probe = _snapcopy.probe
 
@@ -81,14 +77,9 @@ def test_close_past_its_deadline_does_not_report_a_backup_named_before_its_read_
 def test_close_past_its_deadline_does_not_report_a_memory_fallback_backup_being_verified_as_not_added(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
+    m = saved_with_a_timed_backup(tmp_path)
     before = _names(m)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    svc, thread = the_backup_thread(m)
     backup_dir = m.config.backup_path
     named, release = threading.Event(), threading.Event()
     real_read = fs.read_file
@@ -132,13 +123,8 @@ def test_close_past_its_deadline_does_not_report_a_memory_fallback_backup_being_
 def test_close_past_its_deadline_does_not_report_a_failed_timed_backup_as_taken(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    m = saved_with_a_timed_backup(tmp_path)
+    _svc, thread = the_backup_thread(m)
     backup_dir = m.config.backup_path
     real_link = fs.link
 
@@ -190,13 +176,8 @@ def test_a_backup_cancelled_while_it_reads_the_state_file_writes_nothing_in_the_
     from posstate.storage import atomic as _atomic
     from posstate.storage import statefile as _statefile
 
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    m = saved_with_a_timed_backup(tmp_path)
+    _svc, thread = the_backup_thread(m)
     backup_dir = m.config.backup_path
     reading, closed = threading.Event(), threading.Event()
     written_after_close: list[str] = []

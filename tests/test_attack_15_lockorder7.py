@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_explicit_outside_lock import KEY, pos
+from test_explicit_outside_lock import pos
+from test_lock_order import saved_with_a_timed_backup, the_backup_thread
 
-from posstate import PositionStateManager, StateConfig
+from posstate import PositionStateManager
 from posstate.backup import background as _background
 from posstate.backup import snapcopy as _snapcopy
 from posstate.storage import atomic as _atomic
@@ -55,14 +56,9 @@ class _Gate:
 def test_close_does_not_report_a_named_backup_as_not_added_when_its_run_ends_before_close_reads_the_flag(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
+    m = saved_with_a_timed_backup(tmp_path)
     before = _names(m)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    svc, thread = the_backup_thread(m)
     in_handler, release = threading.Event(), threading.Event()
 
     def on_created(e: dict[str, Any]) -> None:
@@ -108,13 +104,8 @@ def test_close_does_not_report_a_named_backup_as_not_added_when_its_run_ends_bef
 def test_a_backup_cancelled_while_it_writes_its_temp_leaves_nothing_and_names_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    m = saved_with_a_timed_backup(tmp_path)
+    _svc, thread = the_backup_thread(m)
     backup_dir = m.config.backup_path
     before = _names(m)
     entered, closed = threading.Event(), threading.Event()
@@ -163,13 +154,8 @@ def test_a_backup_cancelled_while_it_writes_its_temp_leaves_nothing_and_names_no
 def test_a_prune_left_running_by_close_removes_no_backup_after_close_returned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync", max_backups=1), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    m = saved_with_a_timed_backup(tmp_path, max_backups=1)
+    svc, thread = the_backup_thread(m)
     removing, abandoning, closed = threading.Event(), threading.Event(), threading.Event()
     real_abandon = type(svc.cache).abandon
 
@@ -215,14 +201,9 @@ def test_a_prune_left_running_by_close_removes_no_backup_after_close_returned(
 def test_a_named_backup_whose_read_back_fails_after_close_is_not_removed_after_close_returned(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
-    m.set_position(pos("A", 1))
-    m.save()
-    assert m.wait_for_backups(WAIT)
+    m = saved_with_a_timed_backup(tmp_path)
     before = _names(m)
-    svc = _background.service(m._files)
-    thread = svc._thread
-    assert thread is not None
+    _svc, thread = the_backup_thread(m)
     backup_dir = m.config.backup_path
     named, closed = threading.Event(), threading.Event()
     real_probe = _snapcopy.probe

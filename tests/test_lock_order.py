@@ -67,13 +67,27 @@ def watched(m: PositionStateManager) -> tuple[WatchedRLock, WatchedRLock]:
     return lock, folder
 
 
-def journaled_after_a_timed_backup(tmp_path: Path) -> PositionStateManager:
-    """backup_interval=0 (a timed backup at each snapshot): A saved and backed up, then B journaled, so a
-    restore's settle save writes B and asks the backup thread for a backup (which waits for the folder)."""
-    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync"), key=KEY)
+def saved_with_a_timed_backup(tmp_path: Path, **kw: Any) -> PositionStateManager:
+    """backup_interval=0 (a timed backup at each snapshot), "sync": A saved, and its timed backup taken."""
+    m = PositionStateManager(StateConfig.in_dir(tmp_path, backup_interval=0, durability="sync", **kw), key=KEY)
     m.set_position(pos("A", 1))
     m.save()
     assert m.wait_for_backups(WAIT)
+    return m
+
+
+def the_backup_thread(m: PositionStateManager) -> tuple[_background.BackupService, threading.Thread]:
+    """The manager's backup service and its running thread."""
+    svc = _background.service(m._files)
+    thread = svc._thread
+    assert thread is not None
+    return svc, thread
+
+
+def journaled_after_a_timed_backup(tmp_path: Path) -> PositionStateManager:
+    """A saved and backed up, then B journaled, so a restore's settle save writes B and asks the backup thread
+    for a backup (which waits for the folder)."""
+    m = saved_with_a_timed_backup(tmp_path)
     m.set_position(pos("B", 2))
     return m
 
