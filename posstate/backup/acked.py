@@ -167,11 +167,12 @@ def from_memory(
     pause: Callable[[], None] | None = None,
     gate: threading.Lock | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    named: Callable[[], None] = lambda: None,
 ) -> BackupInfo | None:
     """A new verified backup of the acknowledged state the owner holds in memory (None: nothing loaded, or
     memory may hold an unacknowledged change). The owner's lock is held only to copy the state. *pause*
     (the background thread): encode and verify a slice of positions at a time (issue 14.3); *gate* and
-    *cancelled*: as :func:`~posstate.backup.backups.write_backup` (close() gave it up: Cancelled)."""
+    *cancelled*, *named*: as :func:`~posstate.backup.backups.write_backup` (close() gave it up: Cancelled)."""
     state = files.acknowledged()
     if state is None:
         return None
@@ -187,5 +188,6 @@ def from_memory(
         pause=pause,
         gate=gate,
         cancelled=cancelled,
+        named=named,
         remember=svc.cache.before_check if svc is not None else None,
     )

@@ -5,7 +5,7 @@ One :class:`BackupService` per manager. A save or compaction whose snapshot is d
 ``backup_interval``, sets a flag under a condition (that is all the caller pays). The thread (one at a time; requests
 made while it runs fold into one) takes the folder lock, copies the newest durable snapshot (the state file), verified
 (:mod:`posstate.backup.snapcopy`), then applies retention with the verified-backup cache (:mod:`posstate.backup.verified`).
-Explicit backup operations take the same folder lock first, so they never interleave with a background backup.
+Explicit backup operations take the same folder lock, so they never interleave; its events go out after the folder.
 
 In the journal modes a change is acknowledged long before a compaction puts it into a snapshot, so the thread also keeps
 a timer (issue 15.2): once ``backup_interval`` has passed since the newest backup and memory holds acknowledged changes
@@ -81,13 +81,10 @@ class BackupService:
         self.clock: Callable[[], float] = time.time
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._wanted = False
-        self._busy = False
+        self._wanted = self._busy = self._ran = self._named = False  # _ran: _once returned; _named: it named one
         self._durable_generation = 0
-        self._closing = False
-        self._cancelled = False
-        #: Set by close(): the full checks of this service's own prune after a backup (on its thread, or the
-        #: close backup's) stop at their next slice (ChecksStopped); an explicit operation's never do.
+        self._closing = self._cancelled = False
+        #: Set by close(): the full checks of its own prunes stop at their next slice (an explicit one's never do).
         self._stop_checks = False
         self._own_prune = threading.local()  # .active: this thread runs the service's own prune (not nested API)
         self._close_deadline: float | None = None
@@ -99,9 +96,7 @@ class BackupService:
         #: A due timed backup waiting for a compaction's snapshot, and when the newest durable one was noted (14.2).
         self.awaited: _via.Awaited | None = None
         self.noted_at = float("-inf")
-        #: Backups taken and failed in the background (for tests and the benchmark).
-        self.taken = 0
-        self.failed = 0
+        self.taken = self.failed = 0  # backups taken and failed in the background (tests, the benchmark)
         _services.add(self)
 
     def _orphan(self) -> None:
@@ -190,9 +185,9 @@ class BackupService:
         return self._close_deadline
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Wait until no background backup runs, is asked for or waits for a compaction; False on *timeout*,
-        or at once on the backup thread itself (an event handler of its backup cannot wait for itself)."""
-        if self._thread is threading.current_thread():
+        """Wait until no backup runs, is asked for or awaits a compaction (False: *timeout*, or asked by a handler on the
+        backup thread or holding the folder, which cannot wait for it)."""
+        if self._thread is threading.current_thread() or getattr(self.folder_lock, "_is_owned", lambda: False)():
             return False
         with self._cond:
             return self._cond.wait_for(lambda: not self._busy and not self._wanted and not self._awaiting(), timeout)
@@ -227,12 +222,14 @@ class BackupService:
             self._cond.notify_all()
             return False
         self._wanted = False
-        self._busy = True
+        self._busy, self._ran, self._named = True, False, False  # reset as a run starts: close() reads them after it
         return True
 
     def _run_one(self) -> None:
         try:
-            self._once()
+            with self._files.deferred_events():  # handlers after the folder's release (docs/ARCHITECTURE.md)
+                self._once()
+                self._ran = True
         except BaseException as exc:  # a bug must not kill the thread silently  # pragma: no cover
             log.exception("background backup failed unexpectedly")
             self._failed(exc, "backup")
@@ -240,6 +237,9 @@ class BackupService:
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
+
+    def _name_given(self) -> None:  # under the gate: this thread's run gave a backup its name (closing.stop)
+        self._named = self._named or threading.current_thread() is self._thread
 
     def _due(self) -> bool:
         return due(self._files, self.clock())
@@ -253,8 +253,7 @@ class BackupService:
         return generation if generation > self._durable_generation else 0
 
     def timer_wait(self) -> float | None:
-        """Seconds until the timer looks for acknowledged changes to back up (None: no timer). Once a backup
-        is due it looks every eighth of the interval (and asks for a compaction, whose snapshot is the backup)."""
+        """Seconds until the timer looks for acknowledged changes to back up (None: no timer); once due, every eighth."""
         interval = self._files.config.backup_interval
         if self._closing or interval <= 0 or self._files.config.durability == "snapshot":
             return None
@@ -327,8 +326,8 @@ class BackupService:
         files = self._files
         cfg = files.config
         with self.folder_lock:
-            if not self._due():  # an explicit backup may have been taken meanwhile
-                self.awaited = None
+            if self._cancelled or not self._due():  # close() gave it up (the writer lock may be another's); or an
+                self.awaited = None  # explicit backup was taken meanwhile
                 return
             if self._journaled() and not _via.ready(self):  # memory is ahead: wait for a compaction's snapshot
                 return
@@ -343,6 +342,7 @@ class BackupService:
                     min_generation=self._durable_generation,  # an older file was planted (attack, issue 14.2)
                     gate=self._gate,
                     cancelled=lambda: self._cancelled,
+                    named=self._name_given,
                     known=files.wrote,
                 )
             except _snapcopy.Newer as newer:  # a save renamed a newer snapshot, not returned yet: it asks again

@@ -186,9 +186,8 @@ def full_check(
     loaded: _statefile.Loaded | None = None
     try:
         if pause is not None:
-            # Read before the turn is taken: a read stuck on a hung disk must not stop every other manager's
-            # background work in the process. One background turn (posstate/storage/turns.py) for the O(state)
-            # check; every slice is freed before the next: no collector pass over the heap.
+            # Read before the turn is taken (a read stuck on a hung disk must not stop the process's other
+            # background work); one turn (storage/turns.py) for the O(state) check, each slice freed before the next.
             data = _statefile.read_bytes(info.path, what="backup", max_size=options.max_file_bytes)
             with _turns.turn(), _document.pause_gc():
                 _sliced.check_bytes_in_slices(data, path=info.path, options=options, pause=pause)
@@ -247,10 +246,10 @@ ONLINE_TEMP_PREFIX = "online-"
 ONLINE_TEMP_MAX_AGE = 3600.0
 
 
-def sweep_temps(backup_dir: Path) -> None:
-    """Remove temp files a failed or crashed backup left (the caller holds the writer lock). An online
-    backup's temp (written without the lock, maybe now) is removed only once its time is over an hour from now
-    (either way)."""
+def sweep_temps(backup_dir: Path, gate: threading.Lock | None = None, cancelled: Callable[[], bool] = lambda: False) -> None:
+    """Remove temp files a failed or crashed backup left (the caller holds the writer lock); an online backup's temp
+    (written without the lock, maybe now) only once its time is over an hour from now either way. *gate*/*cancelled*
+    (the backup thread): each removal under the gate, none once close() gave it up (the lock may be another's)."""
     try:
         names = fs.listdir(backup_dir)
     except OSError:
@@ -266,10 +265,13 @@ def sweep_temps(backup_dir: Path) -> None:
                 continue
         elif not (n.startswith(".positions_") and n.endswith(_atomic.TEMP_SUFFIX)):
             continue
-        try:
-            fs.unlink(backup_dir / n)
-        except OSError as exc:
-            log.warning("cannot remove leftover backup temp %s: %s", n, exc)
+        with gate if gate is not None else contextlib.nullcontext():
+            if cancelled():
+                return
+            try:
+                fs.unlink(backup_dir / n)
+            except OSError as exc:
+                log.warning("cannot remove leftover backup temp %s: %s", n, exc)
 
 
 def stamp_at(now: float) -> str:
@@ -311,20 +313,21 @@ def write_backup(
     gate: threading.Lock | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     remember: Callable[[Path], Callable[[BackupInfo], None]] | None = None,
+    named: Callable[[], None] = lambda: None,
 ) -> BackupInfo:
     """Write *state* as a new timestamped backup, read it back and validate it; return its info.
 
-    On any failure nothing is left in *backup_dir* (no temp, no partial or unverified backup) and a
-    :class:`PersistenceError` says which step failed. *state* itself is not modified. The header's
-    ``written_at`` is *written_at_ms* (when the state was saved) if given; the name records *now*.
-    *online*: written without the writer lock (``posstate backups create`` while a bot runs): its temp file
-    is named so that the lock holder's sweep leaves it alone while it is young (:func:`sweep_temps`).
-    *pause* (a background thread, issue 14.3): serialize and verify a slice of positions at a time, calling
-    it between slices (the same bytes, the same verdict), never one O(state) call holding the GIL.
-    *gate*/*cancelled* (the backup thread): the name is given under *gate* and only if not *cancelled*
-    (:class:`Cancelled`), so a close() that gave up on this backup never sees one added after it. *remember*
-    (a verified-backup cache's ``before_check``): probes the backup before its read-back; its verdict is kept.
+    On any failure nothing is left in *backup_dir* (no temp, no partial or unverified backup; once *cancelled*, a
+    backup that fails its read-back is left for the next prune) and a :class:`PersistenceError` says which step
+    failed. *state* is not modified. The header's ``written_at`` is *written_at_ms* if given; the name records *now*.
+    *online*: written without the writer lock (``posstate backups create`` while a bot runs): its temp file is
+    named so that the lock holder's sweep leaves it alone while it is young (:func:`sweep_temps`). *pause* (a
+    background thread, 14.3): serialize and verify a slice of positions at a time, calling it between slices.
+    *gate*/*cancelled*/*named* (the backup thread): named under *gate* only if not *cancelled* (also checked before
+    the encode), then *named* is called. *remember* (a cache's ``before_check``): probes it before its read-back.
     """
+    if cancelled():
+        raise Cancelled(str(backup_dir))
     now = time.time() if now is None else now
     now_ms = int(now * 1000)
     stamp = stamp_at(now)
@@ -341,14 +344,14 @@ def write_backup(
                 replace(state), keyring=keyring, compression_level=compression_level, now_ms=stamp_ms, pause=pause
             )
     try:
-        return _write_verified(encoded, stamp, stamp_ms, backup_dir, options, online, pause, gate, cancelled, remember)
+        return _write_verified(encoded, stamp, stamp_ms, backup_dir, options, online, pause, gate, (cancelled, named), remember)
     except PersistenceError:
         raise
     except OSError as exc:
         raise PersistenceError(backup_dir, operation="backup", cause=exc) from exc
     finally:
         if not online:  # without the lock a sweep could remove another writer's temp in use
-            sweep_temps(backup_dir)
+            sweep_temps(backup_dir, gate, cancelled)
 
 
 def _write_verified(
@@ -360,9 +363,10 @@ def _write_verified(
     online: bool,
     pause: Callable[[], None] | None,
     gate: threading.Lock | None,
-    cancelled: Callable[[], bool],
+    close_calls: tuple[Callable[[], bool], Callable[[], None]],  # (cancelled, named)
     remember: Callable[[Path], Callable[[BackupInfo], None]] | None,
 ) -> BackupInfo:
+    cancelled, named = close_calls
     for backup_id in fresh_ids(backup_dir, stamp):
         candidate = backup_dir / file_name(backup_id)
         if fs.exists(candidate):
@@ -373,6 +377,7 @@ def _write_verified(
                 if cancelled():
                     raise Cancelled(str(candidate))
                 _atomic.write_new_file(candidate, encoded.data, temp_for=temp_for)
+                named()
         except _atomic.WriteFailed as wf:
             if wf.step == "link" and isinstance(wf.cause, FileExistsError):
                 continue  # another name in the same second appeared meanwhile
@@ -394,7 +399,9 @@ def _write_verified(
             with _turns.turn(), _document.pause_gc():
                 _sliced.check_bytes_in_slices(data, path=target, options=options, pause=pause)
     except (OSError, PosStateError) as exc:
-        _atomic.quiet_unlink(target)  # our own copy of a state still in memory: redundant by construction
+        with gate if gate is not None else contextlib.nullcontext():
+            if not cancelled():  # else the folder may be another bot's (its prune checks this backup in full)
+                _atomic.quiet_unlink(target)  # our own copy of a state still in memory: redundant by construction
         cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
         raise PersistenceError(target, operation="verify backup", cause=cause) from exc
     info = BackupInfo(

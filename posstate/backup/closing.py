@@ -47,10 +47,11 @@ def final_backup(svc: BackupService, timeout: float, deadline: float) -> BackupI
             log.warning("%s: close: %s", where, left)
             files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})
             return None
-        try:
-            return svc._from_memory("close")  # its own prune verifies nothing new at close (ChecksStopped)
-        finally:
-            svc.folder_lock.release()
+        with files.deferred_events():  # its handlers run once the folder is released (docs/ARCHITECTURE.md)
+            try:
+                return svc._from_memory("close")  # its own prune verifies nothing new at close (ChecksStopped)
+            finally:
+                svc.folder_lock.release()
     except Exception as exc:  # a bug must not keep close() from releasing the writer lock
         log.exception("the backup at close failed unexpectedly")
         svc._failed(exc, "close")
@@ -65,23 +66,49 @@ def stop(svc: BackupService, timeout: float, deadline: float) -> str | None:
         thread = svc._thread
     if thread is None or thread is threading.current_thread():  # from an event handler of this backup
         return None
+    if getattr(svc.folder_lock, "_is_owned", lambda: False)():  # a handler holding the folder (a restore's,
+        with svc._cond:  # closing): the thread waits for it, and then touches nothing in the folder (15)
+            svc._cancelled = True
+            dropped = svc._wanted or (svc._busy and not svc._ran)  # asked for, and not taken yet
+        if not dropped:
+            return None
+        return _report(
+            svc,
+            "close() was called from an event handler holding the backup folder: the timed backup asked for was not "
+            "taken (the state file and its journal hold every acknowledged change)",
+        )
     thread.join(max(deadline - time.monotonic(), 0.0))
     if not thread.is_alive():
         return None
     svc.cache.abandon(min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001)))  # the lock goes
-    # A name being linked holds the gate for one file operation: a short grace, not a second timeout.
-    if svc._gate.acquire(timeout=min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001))):
+    with svc._cond:  # first: no sweep and no name after this, even if the gate stays busy (15 attack)
         svc._cancelled = True
-        svc._gate.release()
-        left = (
-            f"a background backup was still running after {timeout:g} s and was cancelled before it got its "
-            "name: no backup was added; its temp file, if any, is removed by the next backup"
-        )
-    else:
-        left = (
+        done = svc._ran and not svc._named
+    if done:  # its backup ended (not taken, and said so, or skipped): only its event handlers run on
+        left = f"a background backup's event handlers still ran after {timeout:g} s (it names no backup now)"
+        log.warning("%s: close: %s", svc._files.config.backup_path, left)
+        return left
+    # A name being given holds the gate for one file operation: a short grace, not a second timeout. Once it is
+    # taken, _named (set under it) says for sure whether this run gave a backup its name.
+    if not svc._gate.acquire(timeout=min(max(deadline - time.monotonic(), 0.0) + 1.0, max(timeout, 0.001))):
+        return _report(
+            svc,
             f"a background backup was still running after {timeout:g} s and could not be cancelled (a file "
-            "operation is stuck): it may still add a backup, which is whole and verified if it appears"
+            "operation is stuck): it may still add a backup, which is whole and verified if it appears",
         )
+    svc._gate.release()
+    if svc._named:  # its check, prune or handlers run on; a backup that fails its check is removed, and reported
+        left = f"a background backup named before close() still ran its check, prune or event handlers after {timeout:g} s"
+        log.warning("%s: close: %s", svc._files.config.backup_path, left)
+        return left
+    return _report(
+        svc,
+        f"a background backup was still running after {timeout:g} s and was cancelled before it got its name: no "
+        "backup was added; its temp file, if any, is removed by the next backup",
+    )
+
+
+def _report(svc: BackupService, left: str) -> str:
     where = str(svc._files.config.backup_path)
     log.warning("%s: close: %s", where, left)
     svc._files.emit("backupFailed", {"path": where, "reason": left, "operation": "close"})

@@ -100,8 +100,8 @@ class StateFiles(Protocol):
         call waits for; raises what a failed attempt raised. Returns the least generation a state file holding
         them has (an older one is not the owner's: it was put there behind the writer lock). Loads the state
         first if needed. A caller that cannot wait for a compaction (an event handler: of a call holding the
-        owner's lock, of the compaction thread, or of the backup thread, which holds the folder) saves under
-        the owner's lock instead."""
+        owner's lock, of the compaction thread, or one that holds the backup folder) saves under the owner's
+        lock instead."""
 
     def confirm_copy(self) -> None:
         """Journal modes, without the owner's lock (issue 14.3): the state file just read for a backup may be

@@ -157,6 +157,7 @@ def _create_now(files: StateFiles, svc: _background.BackupService, least: int | 
         least = 0
     elif least is None:
         least = files.fold_journal()  # without it (issue 14.3)
+    durable = svc._durable_generation
     try:
         return _snapcopy.copy_state_file(
             cfg.state_path,
@@ -164,18 +165,25 @@ def _create_now(files: StateFiles, svc: _background.BackupService, least: int | 
             options=files.read,
             cache=svc.cache,
             check_account=files.check_account,
-            min_generation=max(svc._durable_generation, least),  # older: put there behind the writer lock
+            min_generation=max(durable, least),  # older than durable: put there behind the writer lock
             known=files.wrote,
             confirm=None if cfg.durability == "snapshot" else files.confirm_copy,  # not under the owner's lock
         )
     except StateNotFoundError:
         raise StateNotFoundError(cfg.state_path, what="saved state", next_step="save the state before backing it up") from None
-    except (CorruptStateError, SchemaValidationError):
+    except (CorruptStateError, SchemaValidationError) as exc:
         if cfg.durability != "snapshot":  # without the owner's lock: its acknowledged state, copied under it
+            older = exc.generation if isinstance(exc, _snapcopy.Older) else None
+            given_up = older is not None and older >= durable
             acked = _acked.from_memory(files)
+            if acked is None and older is not None and given_up:
+                raise _given_up(files, older, least) from exc
             if acked is None:
                 raise
-            log.warning("%s does not verify; backing up the acknowledged state in memory instead", cfg.state_path)
+            if given_up:
+                log.info("%s: the snapshot this backup waited for was given up; backing up memory", cfg.state_path)
+            else:
+                log.warning("%s does not verify; backing up the acknowledged state in memory instead", cfg.state_path)
             return acked
         memory = files.snapshot()
         if files.unsaved() or memory is None or memory.generation == 0:
@@ -190,6 +198,20 @@ def _create_now(files: StateFiles, svc: _background.BackupService, least: int | 
             now=time.time(),
             written_at_ms=_state_ms(memory),
         )
+
+
+def _given_up(files: StateFiles, generation: int, least: int) -> PersistenceError:
+    """The fold's snapshot (generation *least* or above) never became durable: a save gave its compaction up
+    and then failed, leaving the genuine state file of *generation*; memory could not be copied instead."""
+    return PersistenceError(
+        files.config.state_path,
+        operation="back up the journal folded into a snapshot",
+        reason=f"the state file holds generation {generation}, not the snapshot of generation {least} or above this "
+        "backup waited for (a save replaced that compaction and failed), and the acknowledged state in memory could "
+        "not be copied instead (a transaction open, or a failed sync)",
+        outcome="no backup was taken; the state file and its journal hold every acknowledged change",
+        next_step="call create_backup() again",
+    )
 
 
 def after_save(files: StateFiles, state: StateData) -> None:
@@ -363,11 +385,18 @@ def restore(files: StateFiles, backup_id: str, *, accept_older: bool) -> Restore
     if st.bot_metadata is not None:
         st.bot_metadata_rev = rev
     files.raise_generation(highest)
-    generation = files.commit(st, {})  # every entry built anew (the commit keeps them if the state is small)
-    files.set_loaded(True)
     # What was restored is what that backup holds: no backup at close() for it (issue 15.2), so "latest" stays
-    # the backup just restored or the pre-restore one, as an operator expects.
+    # the backup just restored or the pre-restore one, as an operator expects. Counted before the commit, whose
+    # stateSaved handlers may close the manager (15 attack); the folder is held, so no backup changes it meanwhile.
     svc = _background.service(files)
+    before = svc.backed_generation
+    svc.backed_generation = max(before, max(st.generation, files.highest_generation) + 1)  # the commit's generation
+    try:
+        generation = files.commit(st, {})  # every entry built anew (the commit keeps them if the state is small)
+    except BaseException:
+        svc.backed_generation = before
+        raise
+    files.set_loaded(True)
     svc.backed_generation = max(svc.backed_generation, generation)
     result = RestoreResult(
         backup=info, generation=generation, source_generation=loaded.state.generation, age=age, pre_restore_backup=pre

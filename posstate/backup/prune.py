@@ -10,7 +10,9 @@ its verdict came from a worker, and a worker contradicted there is never asked a
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -69,12 +71,12 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
     newest = next((d.backup for d in kept if d.backup.valid), None)
     done_q: list[str] = []
     for d in quarantined:
-        _still_ours(cache)
-        try:
-            _atomic.move_aside(d.backup.path, cfg.quarantine_dir, label="damaged-backup")
-            done_q.append(d.backup.id)
-        except OSError as exc:
-            raise PersistenceError(d.backup.path, operation="quarantine damaged backup", cause=exc) from exc
+        with _ours(cache):
+            try:
+                _atomic.move_aside(d.backup.path, cfg.quarantine_dir, label="damaged-backup")
+                done_q.append(d.backup.id)
+            except OSError as exc:
+                raise PersistenceError(d.backup.path, operation="quarantine damaged backup", cause=exc) from exc
     done_r: list[str] = []
     if removed and newest is not None and cache is not None and cache.by_worker(newest.path.name):
         _confirm(newest, files, cache)
@@ -83,14 +85,14 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
         if newest is None or not fs.exists(newest.path):
             raise PersistenceError(cfg.backup_path, operation="prune", reason="the newest valid backup vanished; nothing removed")
         for d in removed:
-            _still_ours(cache)
-            try:
-                fs.unlink(d.backup.path)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise PersistenceError(d.backup.path, operation="remove redundant backup", cause=exc) from exc
-            done_r.append(d.backup.id)
+            with _ours(cache):
+                try:
+                    fs.unlink(d.backup.path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise PersistenceError(d.backup.path, operation="remove redundant backup", cause=exc) from exc
+                done_r.append(d.backup.id)
         try:
             fs.fsync_dir(cfg.backup_path)
         except OSError as exc:
@@ -102,11 +104,17 @@ def prune_backups(files: StateFiles, *, dry_run: bool, cache: VerifiedCache | No
     return result
 
 
-def _still_ours(cache: VerifiedCache | None) -> None:
-    """Before each removal: close() left this (background) prune running and released the writer lock, so the
-    next bot may be running: nothing more is removed or quarantined (the next prune decides again)."""
-    if cache is not None and cache.abandoned:
-        raise ChecksStopped
+@contextlib.contextmanager
+def _ours(cache: VerifiedCache | None) -> Iterator[None]:
+    """Around each removal: once close() left this (background) prune running and released the writer lock (the
+    next bot may be running), nothing more is removed or quarantined (the next prune decides again)."""
+    if cache is None:
+        yield
+        return
+    with cache.ours() as ours:
+        if not ours:
+            raise ChecksStopped
+        yield
 
 
 def _confirm(newest: BackupInfo, files: StateFiles, cache: VerifiedCache) -> None:

@@ -36,6 +36,14 @@ class Newer(Exception):
     """The state file holds a snapshot newer than the newest one known durable (a save in progress)."""
 
 
+class Older(CorruptStateError):
+    """The state file holds a generation older than *min_generation* (its :attr:`generation`)."""
+
+    def __init__(self, path: Path, generation: int, reason: str, *, next_step: str) -> None:
+        super().__init__(path, reason, next_step=next_step)
+        self.generation = generation
+
+
 def copy_state_file(
     state_path: Path,
     backup_dir: Path,
@@ -47,6 +55,7 @@ def copy_state_file(
     min_generation: int | None = None,
     gate: threading.Lock | None = None,
     cancelled: Callable[[], bool] = lambda: False,
+    named: Callable[[], None] = lambda: None,
     now: float | None = None,
     known: Callable[[str], bool] = lambda checksum: False,
     confirm: Callable[[], None] | None = None,
@@ -65,14 +74,15 @@ def copy_state_file(
     *confirm*: called once the bytes read verified, before anything is written; it raises to refuse them (an
     explicit backup outside the owner's lock: a save may have renamed them into place and failed since, 14.3).
     """
-    _backups.sweep_temps(backup_dir)
+    _backups.sweep_temps(backup_dir, gate, cancelled)
     data = _statefile.read_bytes(state_path, what="saved state", max_size=options.max_file_bytes)
     header = _codec.inspect(data, path=state_path)  # header + checksum, no key needed
     if max_generation is not None and header.generation > max_generation:
         raise Newer(header.generation)
     if min_generation is not None and header.generation < min_generation:
-        raise CorruptStateError(
+        raise Older(
             state_path,
+            header.generation,
             f"holds generation {header.generation}, older than generation {min_generation} this process made "
             "durable (replaced behind the writer lock); no backup of it was taken",
             next_step="find what else writes to this directory and stop it; the state in memory is intact, but the "
@@ -92,9 +102,9 @@ def copy_state_file(
     except OSError as exc:
         raise PersistenceError(backup_dir, operation="create backup directory", cause=exc) from exc
     try:
-        target, backup_id = _place(data, backup_dir, stamp, gate=gate, cancelled=cancelled)
+        target, backup_id = _place(data, backup_dir, stamp, gate=gate, cancelled=cancelled, named=named)
     finally:
-        _backups.sweep_temps(backup_dir)  # a temp whose removal failed (the backup itself may be in place)
+        _backups.sweep_temps(backup_dir, gate, cancelled)  # a temp whose removal failed (the backup may be in)
     try:
         seen = probe(target)  # before the read-back: a change after it is never trusted from the cache
         back = fs.read_file(target, max_size=options.max_file_bytes)
@@ -102,9 +112,11 @@ def copy_state_file(
             raise OSError(5, "backup read back differs from the verified state file")
         _codec.inspect(back, path=target)
     except (OSError, PosStateError) as exc:
-        _atomic.quiet_unlink(target)  # a copy of a file still in place: redundant by construction
-        with contextlib.suppress(OSError):
-            fs.fsync_dir(backup_dir)
+        with gate if gate is not None else contextlib.nullcontext():
+            if not cancelled():  # else the folder may be another bot's: its prune checks this backup in full
+                _atomic.quiet_unlink(target)  # a copy of a file still in place: redundant by construction
+                with contextlib.suppress(OSError):
+                    fs.fsync_dir(backup_dir)
         cause = exc if isinstance(exc, OSError) else OSError(5, str(exc))
         raise PersistenceError(target, operation="verify backup", cause=cause) from exc
     info = BackupInfo(
@@ -124,12 +136,20 @@ def copy_state_file(
 
 
 def _place(
-    data: bytes, backup_dir: Path, stamp: str, *, gate: threading.Lock | None, cancelled: Callable[[], bool]
+    data: bytes,
+    backup_dir: Path,
+    stamp: str,
+    *,
+    gate: threading.Lock | None,
+    cancelled: Callable[[], bool],
+    named: Callable[[], None],
 ) -> tuple[Path, str]:
-    """Write *data* to an fsynced temp, link it to the first free name of *stamp*, drop the temp, fsync the
-    folder. Returns the backup's path and id."""
+    """Write *data* to an fsynced temp, link it to the first free name of *stamp* (then call *named*, under
+    *gate*), drop the temp, fsync the folder. Returns the backup's path and id."""
     first = backup_dir / _backups.file_name(stamp)
-    try:
+    if cancelled():  # close() gave it up: not even a temp in a folder that may be another bot's now
+        raise Cancelled(str(first))
+    try:  # (a write under way when close() gives up is finished, then its temp removed by name: never named)
         tmp = _atomic.write_temp(first, data)
     except _atomic.WriteFailed as wf:
         raise PersistenceError(first, operation=f"backup {wf.step}", cause=wf.cause) from wf.cause
@@ -147,6 +167,7 @@ def _place(
                     if exc.errno not in _atomic._NO_LINKS:
                         raise PersistenceError(target, operation="backup link", cause=exc) from exc
                     _atomic.commit(tmp, target)  # no hard links here: rename (we hold the folder)
+                named()
             break
         else:  # pragma: no cover - ten thousand backups in one second
             raise PersistenceError(backup_dir, operation="backup name", reason="no free backup name in this second")

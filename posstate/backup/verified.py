@@ -31,7 +31,7 @@ import contextlib
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -161,6 +161,13 @@ class VerifiedCache:
     def abandoned(self) -> bool:
         """True once close() left a prune using this cache running (the writer lock is released): it writes nothing."""
         return self._abandoned
+
+    @contextlib.contextmanager
+    def ours(self) -> Iterator[bool]:
+        """One removal by a prune using this cache: True unless abandoned, decided under the lock :meth:`abandon`
+        takes, so nothing is removed once close() let the writer lock go (a removal under way is waited for)."""
+        with self._writing:
+            yield not self._abandoned
 
     def abandon(self, timeout: float) -> None:
         """close() left a prune running and releases the writer lock: this cache never writes the verdict file

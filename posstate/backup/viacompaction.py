@@ -146,7 +146,9 @@ def from_memory(svc: BackupService, operation: str, *, pause: Callable[[], None]
     (*operation* ``"close"``, on the closing thread, in one go) or as the fallback above (in slices, *pause*).
     A failure is reported (``backupFailed``); None when nothing was taken."""
     try:
-        info = _acked.from_memory(svc._files, now=svc.clock(), pause=pause, gate=svc._gate, cancelled=lambda: svc._cancelled)
+        info = _acked.from_memory(
+            svc._files, now=svc.clock(), pause=pause, gate=svc._gate, cancelled=lambda: svc._cancelled, named=svc._name_given
+        )
     except _snapcopy.Cancelled:
         return None  # close() gave it up before its name and said so
     except (PosStateError, OSError) as exc:

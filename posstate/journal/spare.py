@@ -220,6 +220,7 @@ class JournalSpare(JournalGroupSync):
 
     # ------------------------------------------------------------------------------- the spare's thread
     def _spare_run(self) -> None:
+        failed: BaseException | None = None
         try:
             early = self._promote  # the spare for the next save's first record: the rotation is far away
             if early:
@@ -227,16 +228,16 @@ class JournalSpare(JournalGroupSync):
             self._make_spare(early)
             self.spare_error = None
         except (OSError, PosStateError) as exc:
-            self.spare_error = exc
+            self.spare_error = failed = exc
             self._arm_spare(retry=True)
             log.warning("%s: preparing the next journal segment failed (%s); it is created when needed", self.path, exc)
-            if self._emit is not None:
-                with contextlib.suppress(Exception):  # an event handler's failure is not the journal's
-                    self._emit("error", {"context": "journal segment preparation", "error": str(exc)})
         finally:
             with self._cond:
                 self._spare_busy = self._spare_stop = False
                 self._cond.notify_all()
+        if failed is not None and self._emit is not None:  # once a save may go on: its handler may save, prune (15)
+            with contextlib.suppress(Exception):  # an event handler's failure is not the journal's
+                self._emit("error", {"context": "journal segment preparation", "error": str(failed)})
 
     def _promote_live(self) -> None:
         """The live journal is ``.next`` (it adopted the spare after a save): rename it over the journal's

@@ -15,6 +15,7 @@ from posstate.core.errors import (
 )
 from posstate.manager.changes import InMemoryChanges
 from posstate.manager.commit import PositionsInput, _normalize
+from posstate.manager.files import owned
 from posstate.model.document import StateData
 from posstate.storage import statefile as _statefile
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from posstate.storage.validate import ValidationReport
 
 log = logging.getLogger("posstate")
+
+_TRY_LOCK = 0.05  # seconds an operation holding the backup folder waits for the manager's lock before it lets go
 
 
 class StateMaintenance(InMemoryChanges):
@@ -50,7 +53,7 @@ class StateMaintenance(InMemoryChanges):
         from posstate.backup import ops as _backup_ops
 
         if self.config.durability == "snapshot":
-            with _backup_ops.exclusive(self._files), self._lock:  # the folder first: a background backup may run
+            with self._folder_then_lock():  # the folder first: a background backup may run
                 self._check_writable("create_backup")
                 return _backup_ops.create(self._files)
         self._ops.check(self._refuse_closed)
@@ -73,6 +76,31 @@ class StateMaintenance(InMemoryChanges):
             if self._closed:  # a forked child (a fresh gate): refused without the lock; close() shuts the gate first
                 self._refuse_closed()
             yield
+
+    @contextlib.contextmanager
+    def _folder_then_lock(self) -> Iterator[None]:
+        """The backup folder, then the manager's lock (restore, recovery, repair, a "snapshot" backup), never
+        waiting for the manager's lock without a bound while holding the folder: a holder of that lock (a
+        transaction, a handler of a locked call) may be waiting for the folder (a prune, a restore). Past a
+        short wait the folder is given back and the lock is waited for without it; then both again."""
+        from posstate.backup import ops as _backup_ops
+
+        folder = _backup_ops.exclusive(self._files)
+        with self._files.deferred_events():  # no handler of its events runs while the folder is held
+            if owned(self._lock):  # this thread holds the lock already: it may wait for the folder, whose
+                with folder:  # holders never wait for the manager's lock without a bound
+                    yield
+                return
+            while True:
+                with folder:
+                    if self._lock.acquire(timeout=_TRY_LOCK):
+                        try:
+                            yield
+                        finally:
+                            self._lock.release()
+                        return
+                with self._lock:  # its holder goes on (it may have been waiting for the folder), then both again
+                    pass
 
     def _refuse_closed(self) -> None:
         self._check_open()
@@ -125,7 +153,7 @@ class StateMaintenance(InMemoryChanges):
         """
         from posstate.backup import ops as _backup_ops
 
-        with _backup_ops.exclusive(self._files), self._lock:
+        with self._folder_then_lock():
             self._check_writable("restore_from_backup")
             return _backup_ops.restore(self._files, backup_id, accept_older=accept_older)
 
@@ -134,9 +162,8 @@ class StateMaintenance(InMemoryChanges):
 
         Returns the recovery report, or None when the state file was fine. Unsaved changes are discarded.
         """
-        from posstate.backup import ops as _backup_ops
 
-        with _backup_ops.exclusive(self._files), self._lock:
+        with self._folder_then_lock():
             self._check_writable("attempt_recovery")
             before = self.last_recovery
             self._load_main()
@@ -144,10 +171,9 @@ class StateMaintenance(InMemoryChanges):
 
     def repair_state(self) -> RepairReport:
         """Repair a state file that decrypts but fails validation, entry by entry (docs/RECOVERY.md)."""
-        from posstate.backup import ops as _backup_ops
         from posstate.backup import repair as _repair
 
-        with _backup_ops.exclusive(self._files), self._lock:
+        with self._folder_then_lock():
             self._check_writable("repair_state")
             return _repair.repair(self._files)
 

@@ -190,6 +190,12 @@ class DurableCommit(StateLoading):
         if self._replica is not None:
             self._replica.notify()  # the shipper's one hook: a durable snapshot to ship (never waits)
 
+    def _note_durable(self, generation: int) -> None:
+        """A snapshot of *generation* is durable (told to the backup service before the hook above runs)."""
+        from posstate.backup import background as _background
+
+        _background.service(self._files).note_snapshot(generation)
+
     def _write_main(self, encoded: Any, *, differs: Callable[[], bool] | None = None) -> None:
         self._install_file(
             lambda: _atomic.write_temp(self._path, encoded.data),

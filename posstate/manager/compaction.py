@@ -257,7 +257,7 @@ class BackgroundCompaction(_proc.ProcessCompaction):
         thread = self._bg_thread  # still running the after-save hook of a finished compaction: let it end
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
-            return not thread.is_alive()
+            return not thread.is_alive() or self._bg_job is None  # no job: its handlers run on (they may want the lock)
         return True
 
     # ----------------------------------------------------------------------------------- background thread
@@ -291,7 +291,8 @@ class BackgroundCompaction(_proc.ProcessCompaction):
             with self._bg_cond:
                 self._bg_busy = False
                 finished = saved is not None and self._bg_job is job
-                if finished:
+                if finished and saved is not None:
+                    self._note_durable(saved[0].generation)  # before any waiter wakes: a backup's fold reads it (15)
                     self._bg_job = None
                 job.error = err
                 failed_done = job.done
@@ -313,8 +314,8 @@ class BackgroundCompaction(_proc.ProcessCompaction):
             if job.cancelled:  # given up (close() past its deadline): a waiter (create_backup) must not wait for ever
                 job.done.set()
             if finished and saved is not None:
-                job.done.set()
                 st, count, size = saved
+                job.done.set()
                 self._events.emit(
                     "stateSaved",
                     {"path": str(self._path), "generation": st.generation, "positions": count, "bytes": size, "background": True},

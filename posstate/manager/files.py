@@ -113,7 +113,7 @@ class ManagerFiles:
 
     def fold_journal(self) -> int:
         m = self._m
-        if _owned(m._lock) or threading.current_thread() is m._bg_thread or _owned(getattr(self.backups, "folder_lock", None)):
+        if owned(m._lock) or threading.current_thread() is m._bg_thread or owned(getattr(self.backups, "folder_lock", None)):
             # An event handler of a locked call, of the compaction thread, or of the backup thread (which holds
             # the folder a compaction thread's handler may wait for): it cannot wait for a compaction. A save.
             with m._lock:
@@ -311,10 +311,10 @@ class ManagerFiles:
         return self._m._remote_checks()
 
 
-def _owned(lock: object) -> bool:
+def owned(lock: object) -> bool:
     """This thread holds *lock* (an RLock)."""
-    owned = getattr(lock, "_is_owned", None)
-    return bool(owned is not None and owned())
+    is_owned = getattr(lock, "_is_owned", None)
+    return bool(is_owned is not None and is_owned())
 
 
 def _pending(m: PositionStateManager) -> CompactionAsk | None:
